@@ -1,0 +1,192 @@
+"""One exception root for the whole bridge.
+
+Every error carries a stable ``code``, the HTTP status and HL7 ACK code to answer
+with, a ``location`` (data element identifier, HL7 segment/field, JSON path, TOML
+key) and a ``fault`` that says who broke the contract: ``"peer"`` errors are the
+sender's to fix and are never retried, ``"local"`` errors are ours, and
+``"transient"`` errors may succeed when tried again.
+
+Messages name *where* something is wrong, never the value found there: errors are
+logged and sent to partners, and must not carry health data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+Fault = Literal["peer", "local", "transient"]
+
+
+class BridgeError(Exception):
+    """Root of every error the bridge raises on purpose."""
+
+    code: ClassVar[str] = "bridge-error"
+    http_status: ClassVar[int] = 500
+    ack_code: ClassVar[str] = "AE"
+    fault: ClassVar[Fault] = "local"
+    # FHIR OperationOutcome.issue.code (http://hl7.org/fhir/issue-type).
+    issue_type: ClassVar[str] = "exception"
+
+    def __init__(self, message: str, *, location: str | None = None, **detail: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.location = location
+        self.detail = detail
+
+    def __str__(self) -> str:
+        if self.location:
+            return f"{self.message} (at {self.location})"
+        return self.message
+
+    def to_operation_outcome(self) -> dict[str, Any]:
+        """Render as a FHIR R4 OperationOutcome (no health data, only locations)."""
+        issue: dict[str, Any] = {
+            "severity": "error",
+            "code": self.issue_type,
+            "details": {
+                "coding": [{"system": "urn:ws-fhir-bridge:error", "code": self.code}],
+                "text": self.message,
+            },
+        }
+        if self.location:
+            issue["expression"] = [self.location]
+        return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+# --- configuration and data files -------------------------------------------------
+
+
+class ConfigError(BridgeError):
+    """A configuration file is missing, unreadable or names something wrong."""
+
+    code = "config-invalid"
+
+
+class LoadError(BridgeError):
+    """A mapping, value-set, profile or catalog file in ``mappings/`` is invalid."""
+
+    code = "mapping-file-invalid"
+
+
+# --- input --------------------------------------------------------------------------
+
+
+class ParseError(BridgeError):
+    """Input could not be read at all (malformed JSON, broken HL7 framing, encoding)."""
+
+    code = "parse-error"
+    http_status = 400
+    ack_code = "AR"
+    fault = "peer"
+    issue_type = "structure"
+
+
+class MappingError(BridgeError):
+    """Input was readable but cannot be mapped: unknown element, bad code, missing required."""
+
+    code = "mapping-error"
+    http_status = 422
+    ack_code = "AE"
+    fault = "peer"
+    issue_type = "invalid"
+
+
+class ValidationError(MappingError):
+    """A FHIR resource does not validate as FHIR R4."""
+
+    code = "fhir-invalid"
+
+
+# --- policy -------------------------------------------------------------------------
+
+
+class PolicyError(BridgeError):
+    """Disclosure is not permitted."""
+
+    code = "policy-denied"
+    http_status = 403
+    ack_code = "AR"
+    fault = "peer"
+    issue_type = "forbidden"
+
+
+class ConsentDenied(PolicyError):
+    """No active consent permits this disclosure (deny by default)."""
+
+    code = "consent-denied"
+
+
+class ProfileError(PolicyError):
+    """The link's minimum-necessary profile does not allow this message."""
+
+    code = "profile-denied"
+
+
+# --- trust --------------------------------------------------------------------------
+
+
+class TrustError(BridgeError):
+    """Authentication, signature or replay failure."""
+
+    code = "trust-failure"
+    http_status = 403
+    ack_code = "AR"
+    fault = "peer"
+    issue_type = "security"
+
+
+class UnknownPartner(TrustError):
+    """A valid certificate that maps to no registered partner (or not to this link)."""
+
+    code = "unknown-partner"
+    http_status = 401
+
+
+class SignatureError(TrustError):
+    """A signature is missing, malformed, made with an unknown key, or does not verify."""
+
+    code = "signature-invalid"
+
+
+class ReplayError(TrustError):
+    """A signed message outside the time window, or addressed to someone else."""
+
+    code = "replay-rejected"
+
+
+# --- exchange -----------------------------------------------------------------------
+
+
+class ConflictError(BridgeError):
+    """A message identity reused with different content."""
+
+    code = "message-id-conflict"
+    http_status = 422
+    fault = "peer"
+    issue_type = "conflict"
+
+
+class TransportError(BridgeError):
+    """The partner could not be reached or answered with a transient failure."""
+
+    code = "transport-error"
+    http_status = 503
+    fault = "transient"
+    issue_type = "transient"
+
+
+class PartnerRejected(BridgeError):
+    """The partner answered with a definitive rejection; retrying will not help."""
+
+    code = "partner-rejected"
+    http_status = 502
+    fault = "peer"
+
+
+class StoreError(BridgeError):
+    """The durable store failed; nothing was acknowledged."""
+
+    code = "store-error"
+    http_status = 503
+    fault = "transient"
+    issue_type = "transient"
