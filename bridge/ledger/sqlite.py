@@ -1,0 +1,707 @@
+"""The ledger on SQLite: outbox, inbox, consents and the audit chain in one file.
+
+Durability: WAL journal with ``synchronous=FULL``, so every commit is on disk before
+the method returns, which is what allows the caller to acknowledge afterwards.
+Every method that changes state appends its audit entry in the same transaction
+(``BEGIN IMMEDIATE`` ... ``COMMIT``): either both are written or neither is.
+
+Threading: the store is synchronous. One connection is opened with
+``check_same_thread=False`` and every method holds a ``threading.Lock`` for its whole
+transaction, so the async layer may call it from a dedicated worker thread (or a
+few; they serialise on the lock). ``BEGIN IMMEDIATE`` takes SQLite's write lock up
+front, so two processes on one file serialise too, waiting up to ``busy_timeout``.
+
+Payloads are stored as plain BLOBs. Encryption at rest (DESIGN §6) is not done here
+yet; until it is, protect the file with the filesystem (owner-only permissions on
+an encrypted volume).
+
+Times are taken as aware datetimes and stored as fixed-width UTC ISO strings, which
+sort in time order, so ``next_attempt <= now`` is a string comparison in SQL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+from bridge.errors import ConflictError, StoreError
+from bridge.ledger.audit import (
+    GENESIS_HASH,
+    AuditEntry,
+    AuditRecord,
+    ChainReport,
+    chain_entry,
+    format_time,
+    parse_time,
+    verify_chain,
+)
+from bridge.ledger.errors import TransitionError, UnknownMessage
+from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
+
+_SENDING = frozenset({OutboxState.SENDING})
+_PENDING = frozenset({OutboxState.QUEUED, OutboxState.SENDING})
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+
+CREATE TABLE outbox (
+    message_id   TEXT PRIMARY KEY,
+    link         TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    partner      TEXT NOT NULL,
+    payload      BLOB NOT NULL,
+    digest       TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt TEXT NOT NULL,
+    lease_until  TEXT,
+    last_error   TEXT,
+    receipt      BLOB,
+    created      TEXT NOT NULL,
+    updated      TEXT NOT NULL,
+    UNIQUE (link, seq)
+);
+CREATE INDEX outbox_due ON outbox (link, state, next_attempt);
+
+CREATE TABLE inbox (
+    id          INTEGER PRIMARY KEY,
+    sender      TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    payload     BLOB NOT NULL,
+    receipt     BLOB NOT NULL,
+    audit_seq   INTEGER NOT NULL,
+    received    TEXT NOT NULL
+);
+CREATE UNIQUE INDEX inbox_identity ON inbox (sender, message_id);
+
+CREATE TABLE consent (
+    consent_id  TEXT PRIMARY KEY,
+    status      TEXT NOT NULL,
+    resource    BLOB NOT NULL,
+    updated     TEXT NOT NULL
+);
+CREATE TABLE consent_patient (
+    consent_id  TEXT NOT NULL REFERENCES consent (consent_id),
+    patient_key TEXT NOT NULL,
+    PRIMARY KEY (consent_id, patient_key)
+);
+CREATE INDEX consent_patient_key ON consent_patient (patient_key);
+CREATE TABLE consent_history (
+    id           INTEGER PRIMARY KEY,
+    consent_id   TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    resource     BLOB NOT NULL,
+    patient_keys TEXT NOT NULL,
+    changed      TEXT NOT NULL,
+    audit_seq    INTEGER NOT NULL
+);
+
+-- seq is the rowid, so stored order and chain order are the same thing.
+CREATE TABLE audit (
+    seq        INTEGER PRIMARY KEY,
+    time       TEXT NOT NULL,
+    actor      TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    partner    TEXT,
+    patient    TEXT,
+    categories TEXT NOT NULL,
+    outcome    TEXT NOT NULL,
+    detail     TEXT,
+    digest     TEXT,
+    prev_hash  TEXT NOT NULL,
+    hash       TEXT NOT NULL
+);
+CREATE INDEX audit_patient ON audit (patient);
+CREATE INDEX audit_subject ON audit (subject);
+-- Guards against accidents, not attackers: anyone who can write the file can drop
+-- these triggers. The hash chain and the partner's cosigned head catch that case.
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One message waiting to be, being, or having been delivered."""
+
+    message_id: str
+    link: str
+    seq: int
+    partner: str
+    payload: bytes
+    digest: str
+    state: OutboxState
+    attempts: int
+    next_attempt: datetime
+    lease_until: datetime | None
+    last_error: str | None
+    receipt: bytes | None
+    created: datetime
+    updated: datetime
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    """One message received and stored, with the receipt that was answered for it."""
+
+    sender: str
+    message_id: str
+    digest: str
+    payload: bytes
+    receipt: bytes
+    audit_seq: int
+    received: datetime
+
+
+@dataclass(frozen=True)
+class ConsentRow:
+    """The current version of a consent as last put."""
+
+    consent_id: str
+    status: str
+    resource: bytes
+    patient_keys: tuple[str, ...]
+    updated: datetime
+
+
+_OUTBOX_COLS = (
+    "message_id, link, seq, partner, payload, digest, state, attempts, next_attempt,"
+    " lease_until, last_error, receipt, created, updated"
+)
+_INBOX_COLS = "sender, message_id, digest, payload, receipt, audit_seq, received"
+_AUDIT_COLS = (
+    "seq, time, actor, action, subject, partner, patient, categories, outcome, detail,"
+    " digest, prev_hash, hash"
+)
+
+
+def _outbox_row(r: tuple[Any, ...]) -> OutboxRow:
+    return OutboxRow(
+        message_id=r[0], link=r[1], seq=r[2], partner=r[3], payload=bytes(r[4]),
+        digest=r[5], state=OutboxState(r[6]), attempts=r[7],
+        next_attempt=parse_time(r[8]),
+        lease_until=parse_time(r[9]) if r[9] is not None else None,
+        last_error=r[10], receipt=bytes(r[11]) if r[11] is not None else None,
+        created=parse_time(r[12]), updated=parse_time(r[13]),
+    )
+
+
+def _inbox_row(r: tuple[Any, ...]) -> InboxRow:
+    return InboxRow(sender=r[0], message_id=r[1], digest=r[2], payload=bytes(r[3]),
+                    receipt=bytes(r[4]), audit_seq=r[5], received=parse_time(r[6]))
+
+
+def _audit_entry(r: tuple[Any, ...]) -> AuditEntry:
+    record = AuditRecord(
+        time=parse_time(r[1]), actor=r[2], action=r[3], subject=r[4], partner=r[5],
+        patient=r[6], categories=tuple(orjson.loads(r[7])), outcome=r[8], detail=r[9],
+        digest=r[10],
+    )
+    return AuditEntry(seq=r[0], record=record, prev_hash=r[11], hash=r[12])
+
+
+class SQLiteStore:
+    """Outbox, inbox, consents and audit chain in one SQLite file (see module docstring)."""
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
+        """Open (creating if needed) the store at ``path`` and bring its schema up."""
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the module
+            # never opens a transaction behind our back.
+            self._conn: sqlite3.Connection | None = sqlite3.connect(
+                str(self.path), timeout=busy_timeout, isolation_level=None,
+                check_same_thread=False,
+            )
+            conn = self._conn
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError("store could not switch to WAL journal", location=str(self.path))
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store ({type(exc).__name__})",
+                             location=str(self.path)) from exc
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            exists = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+            ).fetchone()
+            if exists is None:
+                for statement in _split_script(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            else:
+                version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+                if version != SCHEMA_VERSION:
+                    raise StoreError(
+                        f"store schema version {version} is not {SCHEMA_VERSION}",
+                        location=f"{self.path}:schema_version",
+                    )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _tx(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and a write transaction; commit on success, roll back on any error.
+
+        SQLite errors become :class:`StoreError` naming the operation only.
+        """
+        with self._lock:
+            conn = self._require_open()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store busy or failing in {what} ({type(exc).__name__})",
+                                 location=str(self.path)) from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"store failed in {what} ({type(exc).__name__})",
+                                     location=str(self.path)) from exc
+                raise
+
+    @contextmanager
+    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._require_open()
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise StoreError(f"store failed in {what} ({type(exc).__name__})",
+                                 location=str(self.path)) from exc
+
+    def _require_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("store is closed", location=str(self.path))
+        return self._conn
+
+    @staticmethod
+    def _append(conn: sqlite3.Connection, record: AuditRecord) -> AuditEntry:
+        head = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        prev_seq, prev_hash = (head[0], head[1]) if head is not None else (0, GENESIS_HASH)
+        entry = chain_entry(prev_hash, prev_seq + 1, record)
+        j = record.to_json_dict()
+        conn.execute(
+            f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (entry.seq, j["time"], j["actor"], j["action"], j["subject"], j["partner"],
+             j["patient"], orjson.dumps(j["categories"]).decode(), j["outcome"], j["detail"],
+             j["digest"], entry.prev_hash, entry.hash),
+        )
+        return entry
+
+    @staticmethod
+    def _get_outbox(conn: sqlite3.Connection, message_id: str) -> OutboxRow | None:
+        r = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE message_id=?",
+                         (message_id,)).fetchone()
+        return _outbox_row(r) if r is not None else None
+
+    def _transition(
+        self,
+        what: str,
+        message_id: str,
+        to_state: OutboxState,
+        *,
+        now: datetime,
+        audit: AuditRecord | None,
+        sets: dict[str, Any],
+        allowed_from: frozenset[OutboxState],
+    ) -> OutboxRow:
+        """Move one row to ``to_state``; audit in the same transaction.
+
+        ``allowed_from`` narrows the table to the states this operation starts from
+        (a retry and a requeue both end in ``queued`` but start from different states).
+        """
+        with self._tx(what) as conn:
+            row = self._get_outbox(conn, message_id)
+            if row is None:
+                raise UnknownMessage(f"{what}: no outbox row for this message id",
+                                     location=f"outbox[{message_id}]")
+            if row.state not in allowed_from:
+                raise TransitionError(
+                    f"{what} is not allowed from state {row.state.value}",
+                    location=f"outbox[{message_id}].state",
+                )
+            check_transition(row.state, to_state)
+            cols = {"state": to_state.value, "updated": format_time(now), **sets}
+            assignments = ", ".join(f"{c}=?" for c in cols)
+            conn.execute(f"UPDATE outbox SET {assignments} WHERE message_id=?",
+                         (*cols.values(), message_id))
+            if audit is not None:
+                self._append(conn, audit)
+            updated = self._get_outbox(conn, message_id)
+            assert updated is not None
+            return updated
+
+    # --- outbox ---------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        *,
+        message_id: str,
+        link: str,
+        partner: str,
+        payload: bytes,
+        digest: str,
+        audit: AuditRecord,
+        now: datetime,
+    ) -> OutboxRow:
+        """Store a signed message for delivery on ``link``; it is due immediately.
+
+        Assigns the next sequence number of the link (1, 2, 3, ...). Enqueuing the same
+        ``message_id`` again with the same ``digest`` returns the existing row and
+        writes nothing (safe to retry after a crash); with a different digest it raises
+        :class:`bridge.errors.ConflictError`. ``digest`` is stored as given; it is the
+        caller's digest of ``payload``.
+        """
+        with self._tx("enqueue") as conn:
+            existing = self._get_outbox(conn, message_id)
+            if existing is not None:
+                if existing.digest != digest:
+                    raise ConflictError("message id already enqueued with different content",
+                                        location=f"outbox[{message_id}]")
+                return existing
+            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox WHERE link=?",
+                               (link,)).fetchone()[0]
+            t = format_time(now)
+            conn.execute(
+                f"INSERT INTO outbox ({_OUTBOX_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (message_id, link, seq, partner, payload, digest, OutboxState.QUEUED.value, 0,
+                 t, None, None, None, t, t),
+            )
+            self._append(conn, audit)
+            row = self._get_outbox(conn, message_id)
+            assert row is not None
+            return row
+
+    def claim_due(
+        self,
+        link: str,
+        *,
+        now: datetime,
+        limit: int = 64,
+        lease: timedelta = timedelta(seconds=30),
+    ) -> list[OutboxRow]:
+        """Atomically take up to ``limit`` due rows of ``link`` for sending, in seq order.
+
+        Due means ``queued`` with ``next_attempt <= now``, or ``sending`` with an expired
+        lease (its worker crashed or hung: crash recovery). Each claimed row becomes
+        ``sending`` with ``attempts + 1`` and ``lease_until = now + lease``. The claim
+        is not audited: it is an internal lease, and the outcome of the attempt is
+        audited by the ``mark_*`` call that ends it.
+        """
+        t = format_time(now)
+        until = format_time(now + lease)
+        with self._tx("claim_due") as conn:
+            ids = [r[0] for r in conn.execute(
+                "SELECT message_id FROM outbox WHERE link=? AND ("
+                " (state='queued' AND next_attempt<=?) OR (state='sending' AND lease_until<=?))"
+                " ORDER BY seq LIMIT ?", (link, t, t, limit))]
+            conn.executemany(
+                "UPDATE outbox SET state='sending', attempts=attempts+1, lease_until=?,"
+                " updated=? WHERE message_id=?", [(until, t, m) for m in ids])
+            rows = [self._get_outbox(conn, m) for m in ids]
+            return [r for r in rows if r is not None]
+
+    def mark_acked(self, message_id: str, *, receipt: bytes, now: datetime,
+                   audit: AuditRecord) -> OutboxRow:
+        """Record the partner's signed receipt: ``sending -> acked`` (final)."""
+        return self._transition("mark_acked", message_id, OutboxState.ACKED,
+                                allowed_from=_SENDING, now=now, audit=audit,
+                                sets={"receipt": receipt, "lease_until": None})
+
+    def mark_retry(self, message_id: str, *, next_attempt: datetime, error: str, now: datetime,
+                   audit: AuditRecord | None) -> OutboxRow:
+        """A transient failure: ``sending -> queued``, due again at ``next_attempt``.
+
+        ``error`` is an error code (no values). ``audit`` may be None to keep routine
+        retries out of the log; the final outcome is audited either way.
+        """
+        return self._transition("mark_retry", message_id, OutboxState.QUEUED,
+                                allowed_from=_SENDING, now=now, audit=audit,
+                                sets={"next_attempt": format_time(next_attempt),
+                                      "last_error": error, "lease_until": None})
+
+    def mark_rejected(self, message_id: str, *, error: str, receipt: bytes | None, now: datetime,
+                      audit: AuditRecord) -> OutboxRow:
+        """The partner refused definitively: ``sending -> rejected``; never retried automatically."""
+        return self._transition("mark_rejected", message_id, OutboxState.REJECTED,
+                                allowed_from=_SENDING, now=now,
+                                audit=audit, sets={"last_error": error, "receipt": receipt,
+                                                   "lease_until": None})
+
+    def mark_refused(self, message_id: str, *, error: str, now: datetime,
+                     audit: AuditRecord) -> OutboxRow:
+        """Our consent check said no at dispatch: ``queued|sending -> refused`` (final)."""
+        return self._transition("mark_refused", message_id, OutboxState.REFUSED,
+                                allowed_from=_PENDING, now=now,
+                                audit=audit, sets={"last_error": error, "lease_until": None})
+
+    def mark_dead(self, message_id: str, *, error: str, now: datetime,
+                  audit: AuditRecord) -> OutboxRow:
+        """Retries exhausted: ``sending -> dead``; waits for an operator's requeue."""
+        return self._transition("mark_dead", message_id, OutboxState.DEAD,
+                                allowed_from=_SENDING, now=now, audit=audit,
+                                sets={"last_error": error, "lease_until": None})
+
+    def requeue(self, message_id: str, *, now: datetime, audit: AuditRecord) -> OutboxRow:
+        """Operator's resend of a ``dead`` or ``rejected`` message: back to ``queued``, due now.
+
+        Keeps the same message id and sequence number, so the receiver deduplicates it
+        if it did in fact hold it. Attempts restart from zero.
+        """
+        return self._transition("requeue", message_id, OutboxState.QUEUED, now=now, audit=audit,
+                                allowed_from=REQUEUEABLE,
+                                sets={"next_attempt": format_time(now), "attempts": 0,
+                                      "lease_until": None})
+
+    def get_outbox(self, message_id: str) -> OutboxRow | None:
+        """The outbox row for ``message_id``, or None."""
+        with self._read("get_outbox") as conn:
+            return self._get_outbox(conn, message_id)
+
+    def outbox_counts(self, link: str | None = None) -> dict[str, int]:
+        """Number of rows per state (every state present, zeros included)."""
+        counts = {s.value: 0 for s in OutboxState}
+        with self._read("outbox_counts") as conn:
+            if link is None:
+                cur = conn.execute("SELECT state, count(*) FROM outbox GROUP BY state")
+            else:
+                cur = conn.execute("SELECT state, count(*) FROM outbox WHERE link=? GROUP BY state",
+                                   (link,))
+            for state, n in cur:
+                counts[state] = n
+        return counts
+
+    def list_outbox(self, link: str, state: str | None = None, limit: int = 100) -> list[OutboxRow]:
+        """Rows of ``link`` in seq order, optionally only those in ``state``."""
+        with self._read("list_outbox") as conn:
+            if state is None:
+                cur = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE link=?"
+                                   " ORDER BY seq LIMIT ?", (link, limit))
+            else:
+                cur = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE link=? AND state=?"
+                                   " ORDER BY seq LIMIT ?", (link, OutboxState(state).value, limit))
+            return [_outbox_row(r) for r in cur]
+
+    def highest_contiguous_acked(self, link: str) -> int:
+        """Largest n such that seqs 1..n of ``link`` are all acked (0 if seq 1 is not)."""
+        with self._read("highest_contiguous_acked") as conn:
+            r = conn.execute(
+                "SELECT MIN(seq) FROM outbox WHERE link=? AND state!='acked'", (link,)).fetchone()
+            if r[0] is not None:
+                return int(r[0]) - 1
+            r = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE link=?",
+                             (link,)).fetchone()
+            return int(r[0])
+
+    # --- inbox ----------------------------------------------------------------------
+
+    def inbox_lookup(self, sender: str, message_id: str) -> InboxRow | None:
+        """The stored message ``(sender, message_id)``, or None."""
+        with self._read("inbox_lookup") as conn:
+            r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=? AND message_id=?",
+                             (sender, message_id)).fetchone()
+            return _inbox_row(r) if r is not None else None
+
+    def inbox_accept(
+        self,
+        *,
+        sender: str,
+        message_id: str,
+        digest: str,
+        payload: bytes,
+        audit: AuditRecord,
+        make_receipt: Callable[[AuditEntry], bytes],
+        now: datetime,
+    ) -> tuple[InboxRow, bool]:
+        """Store a received message once and issue its receipt, in one transaction.
+
+        - New ``(sender, message_id)``: appends ``audit``, calls ``make_receipt`` with the
+          new audit entry (so the signed receipt can name it), stores the message with
+          that receipt, commits, and returns ``(row, True)``.
+        - Already held with the same ``digest``: writes nothing and returns
+          ``(existing, False)``; answer with ``existing.receipt``.
+        - Already held with a different ``digest``: raises
+          :class:`bridge.errors.ConflictError` and writes nothing (the caller audits the
+          rejection with :meth:`append_audit` if it wishes).
+
+        If ``make_receipt`` raises, the transaction is rolled back: no audit entry and no
+        inbox row exist afterwards, and the exception propagates unchanged. It runs with
+        the store's lock held, so it must be quick (a signature, not a network call).
+        """
+        with self._tx("inbox_accept") as conn:
+            r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=? AND message_id=?",
+                             (sender, message_id)).fetchone()
+            if r is not None:
+                existing = _inbox_row(r)
+                if existing.digest != digest:
+                    raise ConflictError("message id already received with different content",
+                                        location=f"inbox[{sender}/{message_id}]")
+                return existing, False
+            entry = self._append(conn, audit)
+            receipt = make_receipt(entry)
+            conn.execute(
+                f"INSERT INTO inbox ({_INBOX_COLS}) VALUES (?,?,?,?,?,?,?)",
+                (sender, message_id, digest, payload, receipt, entry.seq, format_time(now)),
+            )
+            return InboxRow(sender=sender, message_id=message_id, digest=digest,
+                            payload=bytes(payload), receipt=bytes(receipt), audit_seq=entry.seq,
+                            received=parse_time(format_time(now))), True
+
+    # --- audit ----------------------------------------------------------------------
+
+    def append_audit(self, record: AuditRecord) -> AuditEntry:
+        """Append one entry on its own (refusals, TLS failures, anything without a row)."""
+        with self._tx("append_audit") as conn:
+            return self._append(conn, record)
+
+    def audit_entries(self, *, since_seq: int = 0) -> list[AuditEntry]:
+        """Entries with ``seq > since_seq`` in chain order."""
+        with self._read("audit_entries") as conn:
+            return [_audit_entry(r) for r in conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>? ORDER BY seq", (since_seq,))]
+
+    def audit_by_patient(self, patient: str) -> list[AuditEntry]:
+        """Entries about one patient pseudonym (``patient_pseudonym(...)``), in chain order."""
+        with self._read("audit_by_patient") as conn:
+            return [_audit_entry(r) for r in conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE patient=? ORDER BY seq", (patient,))]
+
+    def verify_audit(self) -> ChainReport:
+        """Verify the whole chain from genesis (see :func:`bridge.ledger.audit.verify_chain`)."""
+        return verify_chain(self.audit_entries())
+
+    def audit_head(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the last entry; ``(0, 64 zeros)`` for an empty log."""
+        with self._read("audit_head") as conn:
+            r = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            return (int(r[0]), str(r[1])) if r is not None else (0, GENESIS_HASH)
+
+    # --- consents -------------------------------------------------------------------
+
+    def put_consent(self, *, consent_id: str, patient_keys: list[str], status: str,
+                    resource: bytes, now: datetime, audit: AuditRecord) -> ConsentRow:
+        """Insert or replace a consent; the previous versions stay in ``consent_history``.
+
+        ``patient_keys`` are the lookup keys the policy room uses for the patient
+        (pseudonyms or identifier keys); ``resource`` is the FHIR Consent JSON as received.
+        """
+        t = format_time(now)
+        keys = tuple(dict.fromkeys(patient_keys))
+        with self._tx("put_consent") as conn:
+            entry = self._append(conn, audit)
+            conn.execute(
+                "INSERT INTO consent (consent_id, status, resource, updated) VALUES (?,?,?,?)"
+                " ON CONFLICT (consent_id) DO UPDATE SET status=excluded.status,"
+                " resource=excluded.resource, updated=excluded.updated",
+                (consent_id, status, resource, t))
+            conn.execute("DELETE FROM consent_patient WHERE consent_id=?", (consent_id,))
+            conn.executemany("INSERT INTO consent_patient (consent_id, patient_key) VALUES (?,?)",
+                             [(consent_id, k) for k in keys])
+            conn.execute(
+                "INSERT INTO consent_history (consent_id, status, resource, patient_keys, changed,"
+                " audit_seq) VALUES (?,?,?,?,?,?)",
+                (consent_id, status, resource, orjson.dumps(list(keys)).decode(), t, entry.seq))
+            return ConsentRow(consent_id, status, bytes(resource), keys, parse_time(t))
+
+    def _consent(self, conn: sqlite3.Connection, consent_id: str) -> ConsentRow | None:
+        r = conn.execute("SELECT consent_id, status, resource, updated FROM consent"
+                         " WHERE consent_id=?", (consent_id,)).fetchone()
+        if r is None:
+            return None
+        keys = tuple(k for (k,) in conn.execute(
+            "SELECT patient_key FROM consent_patient WHERE consent_id=? ORDER BY patient_key",
+            (consent_id,)))
+        return ConsentRow(r[0], r[1], bytes(r[2]), keys, parse_time(r[3]))
+
+    def get_consent(self, consent_id: str) -> ConsentRow | None:
+        """The current version of one consent, or None."""
+        with self._read("get_consent") as conn:
+            return self._consent(conn, consent_id)
+
+    def list_consents(self) -> list[tuple[str, str, bytes]]:
+        """``(consent_id, status, resource)`` of every current consent, by id."""
+        with self._read("list_consents") as conn:
+            return [(r[0], r[1], bytes(r[2])) for r in conn.execute(
+                "SELECT consent_id, status, resource FROM consent ORDER BY consent_id")]
+
+    def consents_for_patient(self, patient_key: str) -> list[ConsentRow]:
+        """Current consents that name ``patient_key``."""
+        with self._read("consents_for_patient") as conn:
+            ids = [i for (i,) in conn.execute(
+                "SELECT consent_id FROM consent_patient WHERE patient_key=? ORDER BY consent_id",
+                (patient_key,))]
+            rows = [self._consent(conn, i) for i in ids]
+            return [r for r in rows if r is not None]
+
+    def consent_history(self, consent_id: str) -> list[tuple[str, bytes, datetime, int]]:
+        """Every version put of ``consent_id``: ``(status, resource, changed, audit_seq)``."""
+        with self._read("consent_history") as conn:
+            return [(r[0], bytes(r[1]), parse_time(r[2]), int(r[3])) for r in conn.execute(
+                "SELECT status, resource, changed, audit_seq FROM consent_history"
+                " WHERE consent_id=? ORDER BY id", (consent_id,))]
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection; further calls raise :class:`StoreError`. Idempotent."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _split_script(script: str) -> list[str]:
+    """Split the schema into statements (triggers contain ``;`` inside BEGIN ... END).
+
+    ``executescript`` would be simpler but commits any open transaction first, which
+    would let two processes race to create the schema.
+    """
+    statements: list[str] = []
+    buf: list[str] = []
+    for line in script.splitlines():
+        if not line.strip() or line.strip().startswith("--"):
+            continue
+        buf.append(line)
+        text = "\n".join(buf)
+        if sqlite3.complete_statement(text):
+            statements.append(text)
+            buf = []
+    return statements
