@@ -1,0 +1,190 @@
+"""TLS contexts for bridge links, and the identity inside a peer certificate.
+
+This is the only trust module that imports :mod:`ssl`. One function per direction:
+:func:`server_context` for the listener, :func:`client_context` for outbound
+deliveries. Both require mutual authentication against the bridge's own CA bundle
+(never the system trust store), TLS 1.2 at least, and the Mozilla "intermediate"
+cipher list for TLS 1.2 (ECDHE with AES-GCM or ChaCha20-Poly1305 only). TLS 1.3
+suites are OpenSSL's defaults, which are all AEAD.
+
+Limits of Python's :mod:`ssl` that an operator should know:
+
+* Key-exchange groups can only be restricted where ``SSLContext.set_groups`` exists
+  (newer Pythons); on Python 3.11 OpenSSL 3's default group list applies (it includes
+  X25519, P-256 and P-384, and also X448, P-521 and FFDHE groups that Mozilla's
+  profile leaves out). Restrict them with an OpenSSL configuration file if needed.
+* CRLs are read once: reloading a CRL means building a new context.
+* There is no OCSP.
+
+With TLS 1.3 a client learns that the server refused its certificate only on its
+first read, not in the handshake: senders must treat such failures as configuration
+faults (pause the link, alert), not as transient errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from bridge.errors import ConfigError, TrustError
+from bridge.trust.pki import PARTNER_URI_PREFIX
+
+#: Mozilla "intermediate" TLS 1.2 suites (server-side ECDHE only, AEAD only).
+INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+#: Mozilla "intermediate" key-exchange groups, applied where Python can set them.
+INTERMEDIATE_GROUPS = ("X25519", "prime256v1", "secp384r1")
+
+Pathish = str | os.PathLike[str]
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    set_groups = getattr(ctx, "set_groups", None)
+    if set_groups is not None:
+        set_groups(":".join(INTERMEDIATE_GROUPS))
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # Strict RFC 5280 checks: the certificates of the development PKI satisfy them, and
+    # an operator's CA should too.
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+
+
+def _load_chain(ctx: ssl.SSLContext, cert_file: Pathish, key_file: Pathish) -> None:
+    for path, what in ((cert_file, "certificate"), (key_file, "private key")):
+        if not os.path.isfile(path):
+            raise ConfigError(f"TLS {what} file not found", location=os.fspath(path))
+    try:
+        ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file))
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"TLS certificate and key cannot be loaded together ({exc.reason or 'invalid'})",
+            location=f"{os.fspath(cert_file)}, {os.fspath(key_file)}",
+        ) from None
+
+
+def _load_verify(ctx: ssl.SSLContext, path: Pathish, what: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} file not found", location=os.fspath(path))
+    try:
+        ctx.load_verify_locations(cafile=os.fspath(path))
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"{what} file cannot be loaded ({exc.reason or 'invalid'})", location=os.fspath(path)
+        ) from None
+
+
+def server_context(
+    cert_file: Pathish, key_file: Pathish, ca_file: Pathish, *, crl_file: Pathish | None = None
+) -> ssl.SSLContext:
+    """Listener context: mutual TLS ≥ 1.2, client certificate required, no session tickets.
+
+    ``ca_file`` holds the CAs whose client certificates are accepted. With
+    ``crl_file`` (PEM CRLs of those CAs) the leaf certificate is also checked for
+    revocation; every CA in ``ca_file`` then needs a CRL in that file.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    # Python's asyncio clients cannot resume sessions; issuing tickets costs time.
+    ctx.num_tickets = 0
+    _load_chain(ctx, cert_file, key_file)
+    _load_verify(ctx, ca_file, "CA bundle")
+    if crl_file is not None:
+        _load_verify(ctx, crl_file, "CRL")
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ctx
+
+
+def client_context(cert_file: Pathish, key_file: Pathish, ca_file: Pathish) -> ssl.SSLContext:
+    """Outbound context: mutual TLS ≥ 1.2 with hostname checking against ``ca_file`` only."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx)
+    ctx.check_hostname = True
+    _load_chain(ctx, cert_file, key_file)
+    _load_verify(ctx, ca_file, "CA bundle")
+    return ctx
+
+
+# --- peer identity ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertIdentity:
+    """What the bridge reads from a (TLS-verified) peer certificate."""
+
+    fingerprint_sha256: str  # hex, lowercase, of the DER certificate
+    common_name: str | None
+    dns_names: tuple[str, ...]
+    uri_sans: tuple[str, ...]
+    partner_id: str | None  # from the ``urn:ws-fhir-bridge:partner:<id>`` URI SAN
+    not_after: datetime  # timezone-aware UTC
+
+
+def fingerprint_sha256(der: bytes) -> str:
+    """Lowercase hex SHA-256 of a DER certificate (the registry's fingerprint format)."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def certificate_identity(der: bytes) -> CertIdentity:
+    """Read the identity of a DER certificate.
+
+    Raises :class:`TrustError` when the bytes are not a certificate or when the
+    certificate names more than one partner.
+    """
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise TrustError("peer certificate is not valid DER", location="tls.peer_certificate") from None
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = str(cns[0].value) if cns else None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = tuple(san.get_values_for_type(x509.DNSName))
+        uri_sans = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        dns_names, uri_sans = (), ()
+    partner_ids = {u[len(PARTNER_URI_PREFIX) :] for u in uri_sans if u.startswith(PARTNER_URI_PREFIX)}
+    partner_ids.discard("")
+    if len(partner_ids) > 1:
+        raise TrustError(
+            "peer certificate names more than one partner", location="tls.peer_certificate.SAN"
+        )
+    return CertIdentity(
+        fingerprint_sha256=fingerprint_sha256(der),
+        common_name=common_name,
+        dns_names=dns_names,
+        uri_sans=uri_sans,
+        partner_id=next(iter(partner_ids), None),
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def peer_certificate_der(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> bytes:
+    """DER of the verified peer certificate of a finished handshake.
+
+    With aiohttp on the server: ``request.transport.get_extra_info("ssl_object")``.
+    Raises :class:`TrustError` when there is no TLS or no peer certificate (which the
+    contexts above never allow, so this means a misconfigured listener).
+    """
+    if ssl_object is None:
+        raise TrustError("connection is not TLS", location="tls")
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        raise TrustError("peer presented no certificate", location="tls.peer_certificate")
+    return der
