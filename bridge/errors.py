@@ -81,6 +81,21 @@ class ParseError(BridgeError):
     issue_type = "structure"
 
 
+class UnsupportedMediaType(ParseError):
+    """The request body is not declared as FHIR JSON."""
+
+    code = "unsupported-media-type"
+    http_status = 415
+
+
+class PayloadTooLarge(ParseError):
+    """The request body is larger than the bridge accepts."""
+
+    code = "payload-too-large"
+    http_status = 413
+    issue_type = "too-costly"
+
+
 class MappingError(BridgeError):
     """Input was readable but cannot be mapped: unknown element, bad code, missing required."""
 
@@ -163,6 +178,15 @@ class ConflictError(BridgeError):
     code = "message-id-conflict"
     http_status = 422
     fault = "peer"
+    issue_type = "conflict"
+
+
+class InFlightError(BridgeError):
+    """The same message identity is being processed right now; try again shortly."""
+
+    code = "message-in-progress"
+    http_status = 409
+    fault = "transient"
     issue_type = "conflict"
 
 

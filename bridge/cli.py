@@ -1,0 +1,309 @@
+"""Command line: ``bridge demo|serve|push|map|certs|consent|audit|outbox``.
+
+Exit codes: 0 success, 1 the operation ran and found a problem (an audit chain that
+does not verify, a message lost in the demo), 2 bad input or configuration (the error
+names the file, key, element or path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bridge.errors import BridgeError
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _fail(exc: BridgeError) -> int:
+    sys.stderr.write(f"error [{exc.code}]: {exc}\n")
+    return 2
+
+
+# --- map ------------------------------------------------------------------------------
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from bridge.mapping import map_record, read_record
+
+    if args.source != "ws445":
+        sys.stderr.write(f"error: --from {args.source} is not supported yet (supported: ws445)\n")
+        return 2
+    path = Path(args.file)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot read {path}: {exc.strerror}\n")
+        return 2
+    try:
+        record = read_record(data, source=str(path))
+        bundle = map_record(record)
+    except BridgeError as exc:
+        return _fail(exc)
+    if not args.check:
+        _print_json(bundle)
+    return 0
+
+
+# --- certs ------------------------------------------------------------------------------
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from bridge.trust.pki import init_dev_pki
+
+    try:
+        pki = init_dev_pki(Path(args.directory), args.controllers, force=args.force)
+    except BridgeError as exc:
+        return _fail(exc)
+    sys.stdout.write(f"development PKI written to {args.directory}\n")
+    sys.stdout.write(f"{pki}\n")
+    sys.stdout.write("These keys are unencrypted and for development only.\n")
+    return 0
+
+
+# --- serve / push -------------------------------------------------------------------------
+
+
+def _controller(config_path: str) -> Any:
+    from bridge.config import load_config
+    from bridge.link.node import Controller
+
+    return Controller(load_config(config_path))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge.link.service import BridgeService
+
+    logging.basicConfig(
+        level=logging.INFO if not args.verbose else logging.DEBUG,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def run() -> None:
+        service = BridgeService(_controller(args.config))
+        await service.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        sys.stdout.write(f"ready {service.controller.id} port={service.port}\n")
+        sys.stdout.flush()
+        await stop.wait()
+        await service.stop()
+
+    try:
+        asyncio.run(run())
+    except BridgeError as exc:
+        return _fail(exc)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from bridge.mapping import read_record
+
+    async def run() -> int:
+        controller = _controller(args.config)
+        try:
+            record = read_record(Path(args.file).read_bytes(), source=args.file)
+            submitted = await controller.submit(record, args.link)
+        finally:
+            await controller.close()
+        state = "queued" if submitted.created else "already queued (duplicate suppressed)"
+        sys.stdout.write(f"{submitted.message_id} {state} on link {submitted.link}\n")
+        if submitted.held_back:
+            sys.stdout.write(f"held back (not covered by consent): {', '.join(submitted.held_back)}\n")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except BridgeError as exc:
+        return _fail(exc)
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot read {args.file}: {exc.strerror}\n")
+        return 2
+
+
+# --- consent ----------------------------------------------------------------------------
+
+
+def cmd_consent_add(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        controller = _controller(args.config)
+        try:
+            try:
+                resource = orjson.loads(Path(args.file).read_bytes())
+            except orjson.JSONDecodeError as exc:
+                sys.stderr.write(f"error [parse-error]: malformed JSON at byte {exc.pos} of {args.file}\n")
+                return 2
+            consent_id = await controller.put_consent(resource, source="cli")
+        finally:
+            await controller.close()
+        sys.stdout.write(f"consent {consent_id} recorded\n")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except BridgeError as exc:
+        return _fail(exc)
+
+
+def cmd_consent_list(args: argparse.Namespace) -> int:
+    from bridge.config import load_config
+    from bridge.ledger.sqlite import SQLiteStore
+
+    config = load_config(args.config)
+    with SQLiteStore(config.store.path) as store:
+        for consent_id, status, _resource in store.list_consents():
+            sys.stdout.write(f"{consent_id}\t{status}\n")
+    return 0
+
+
+# --- audit / outbox -----------------------------------------------------------------------
+
+
+def _store_path(args: argparse.Namespace) -> Path:
+    if args.store:
+        return Path(args.store)
+    from bridge.config import load_config
+
+    return load_config(args.config).store.path
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from bridge.ledger.sqlite import SQLiteStore
+
+    try:
+        path = _store_path(args)
+    except BridgeError as exc:
+        return _fail(exc)
+    if not path.exists():
+        sys.stderr.write(f"error: no store at {path}\n")
+        return 2
+    with SQLiteStore(path) as store:
+        report = store.verify_audit()
+    if report.ok:
+        sys.stdout.write(f"audit chain verified: {report.count} entries, head {report.head_hash}\n")
+        return 0
+    sys.stdout.write(
+        f"audit chain BROKEN at entry {report.first_bad_seq}: {report.reason} "
+        f"({report.count} entries checked)\n"
+    )
+    return 1
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from bridge.ledger.sqlite import SQLiteStore
+
+    try:
+        path = _store_path(args)
+    except BridgeError as exc:
+        return _fail(exc)
+    with SQLiteStore(path) as store:
+        counts = store.outbox_counts()
+    for state, n in sorted(counts.items()):
+        sys.stdout.write(f"{state}\t{n}\n")
+    return 0
+
+
+# --- demo -------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bridge.demo import run_demo
+
+    try:
+        return run_demo(
+            claims=args.claims,
+            workdir=Path(args.workdir) if args.workdir else None,
+            seed=args.seed,
+            rate=args.rate,
+            quiet=args.quiet,
+        )
+    except BridgeError as exc:
+        return _fail(exc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bridge", description="ws-fhir-bridge: health record exchange")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="two controllers on loopback exchanging claims over mutual TLS")
+    d.add_argument("--claims", type=int, default=200, help="number of claims to push (default 200)")
+    d.add_argument("--workdir", help="keep PKI, configs and stores here (default: a temporary folder)")
+    d.add_argument("--seed", type=int, default=7, help="seed for the sample records")
+    d.add_argument("--rate", type=float, default=0.0, help="offered claims per second (0 = as fast as possible)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="run one controller")
+    s.add_argument("--config", required=True)
+    s.add_argument("--verbose", action="store_true")
+    s.set_defaults(func=cmd_serve)
+
+    pu = sub.add_parser("push", help="enqueue one WS 445 record as a claim")
+    pu.add_argument("--config", required=True)
+    pu.add_argument("--link", required=True)
+    pu.add_argument("file")
+    pu.set_defaults(func=cmd_push)
+
+    m = sub.add_parser("map", help="map one record to FHIR and print it")
+    m.add_argument("--from", dest="source", choices=["ws445", "hl7v2"], required=True)
+    m.add_argument("--check", action="store_true", help="validate only, print nothing")
+    m.add_argument("file")
+    m.set_defaults(func=cmd_map)
+
+    c = sub.add_parser("certs", help="development PKI")
+    csub = c.add_subparsers(dest="certs_command", required=True)
+    ci = csub.add_parser("init", help="create a CA and certificates for controllers")
+    ci.add_argument("directory")
+    ci.add_argument("--controllers", nargs="+", default=["hospital-a", "insurer-b"])
+    ci.add_argument("--force", action="store_true", help="overwrite an existing CA")
+    ci.set_defaults(func=cmd_certs_init)
+
+    co = sub.add_parser("consent", help="consent registry")
+    cosub = co.add_subparsers(dest="consent_command", required=True)
+    ca = cosub.add_parser("add", help="register, amend or revoke a FHIR Consent")
+    ca.add_argument("--config", required=True)
+    ca.add_argument("file")
+    ca.set_defaults(func=cmd_consent_add)
+    cl = cosub.add_parser("list", help="list consents")
+    cl.add_argument("--config", required=True)
+    cl.set_defaults(func=cmd_consent_list)
+
+    a = sub.add_parser("audit", help="audit trail")
+    asub = a.add_subparsers(dest="audit_command", required=True)
+    av = asub.add_parser("verify", help="check the audit hash chain")
+    g = av.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config")
+    g.add_argument("--store", help="path of a store file")
+    av.set_defaults(func=cmd_audit_verify)
+
+    o = sub.add_parser("outbox", help="outbox counts per state")
+    g2 = o.add_mutually_exclusive_group(required=True)
+    g2.add_argument("--config")
+    g2.add_argument("--store")
+    o.set_defaults(func=cmd_outbox)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BridgeError as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

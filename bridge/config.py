@@ -1,0 +1,199 @@
+"""Controller configuration: one TOML file per controller, parsed into typed models.
+
+Relative paths in the file are resolved against the file's own folder, so a
+configuration and its PKI can be moved together. An error names the file and the
+key that is wrong.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bridge.errors import ConfigError
+
+_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ControllerConfig(_Strict):
+    """Who this bridge speaks for."""
+
+    id: str = Field(pattern=_ID_PATTERN, description="short controller id, e.g. hospital-a")
+    name: str = Field(min_length=1, description="organisation name for humans")
+    organization_code: str | None = Field(
+        default=None, description="organisation code (WS/T 500 OID 2.16.156.10011.1.5)"
+    )
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    base_path: str = "/fhir"
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=1024)
+    public_url: str | None = Field(
+        default=None, description="base URL partners use; defaults to https://host:port/base_path"
+    )
+
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        return f"https://{self.host}:{self.port}{self.base_path}"
+
+
+class TLSConfig(_Strict):
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path | None = None
+
+
+class SigningConfig(_Strict):
+    cert: Path
+    key: Path
+    algorithm: Literal["ES256", "EdDSA"] = "ES256"
+
+
+class StoreConfig(_Strict):
+    kind: Literal["sqlite"] = "sqlite"
+    path: Path = Path("bridge.sqlite")
+
+
+class AuditConfig(_Strict):
+    pseudonym_key_file: Path = Path("audit-pseudonym.key")
+
+
+class PartnerConfig(_Strict):
+    id: str = Field(pattern=_ID_PATTERN)
+    name: str = ""
+    base_url: str | None = Field(default=None, description="required for outbound links")
+    signing_certs: list[Path] = Field(min_length=1)
+    tls_fingerprints: list[str] = Field(
+        default_factory=list, description="SHA-256 hex fingerprints; empty = trust the URI SAN"
+    )
+
+    @field_validator("tls_fingerprints")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [v.lower().replace(":", "") for v in value]
+
+
+class LinkConfig(_Strict):
+    id: str = Field(pattern=_ID_PATTERN)
+    partner: str = Field(pattern=_ID_PATTERN)
+    direction: Literal["outbound", "inbound"]
+    profile: str = "commercial-insurance"
+    purpose: str = "HPAYMT"
+    max_attempts: int = Field(default=8, ge=1, le=1000)
+    concurrency: int = Field(default=16, ge=1, le=256)
+    batch: int = Field(default=64, ge=1, le=1000)
+    retry_base_seconds: float = Field(default=0.5, gt=0)
+    retry_cap_seconds: float = Field(default=300.0, gt=0)
+    request_timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class BridgeConfig(_Strict):
+    controller: ControllerConfig
+    server: ServerConfig = ServerConfig()
+    tls: TLSConfig
+    signing: SigningConfig
+    store: StoreConfig = StoreConfig()
+    audit: AuditConfig = AuditConfig()
+    partners: list[PartnerConfig] = Field(default_factory=list)
+    links: list[LinkConfig] = Field(default_factory=list)
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> BridgeConfig:
+        partner_ids = [p.id for p in self.partners]
+        if len(set(partner_ids)) != len(partner_ids):
+            raise ValueError("partners: duplicate partner id")
+        seen_links: set[str] = set()
+        for i, link in enumerate(self.links):
+            if link.id in seen_links:
+                raise ValueError(f"links[{i}].id: duplicate link id")
+            seen_links.add(link.id)
+            if link.partner not in partner_ids:
+                raise ValueError(f"links[{i}].partner: no partner with that id")
+            partner = next(p for p in self.partners if p.id == link.partner)
+            if link.direction == "outbound" and not partner.base_url:
+                raise ValueError(f"partners.{partner.id}.base_url: needed by outbound link")
+        return self
+
+    def partner(self, partner_id: str) -> PartnerConfig:
+        for p in self.partners:
+            if p.id == partner_id:
+                return p
+        raise ConfigError("no such partner", location=f"partners.{partner_id}")
+
+    def link(self, link_id: str) -> LinkConfig:
+        for link in self.links:
+            if link.id == link_id:
+                return link
+        raise ConfigError("no such link", location=f"links.{link_id}")
+
+    def store_path(self) -> Path:
+        return self.store.path
+
+
+def _resolve(data: dict[str, object], base: Path) -> None:
+    """Make the file paths of a parsed config absolute relative to its folder."""
+
+    def fix(section: object, keys: tuple[str, ...]) -> None:
+        if not isinstance(section, dict):
+            return
+        for key in keys:
+            value = section.get(key)
+            if isinstance(value, str):
+                section[key] = str((base / value).resolve()) if not Path(value).is_absolute() else value
+            elif isinstance(value, list):
+                section[key] = [
+                    str((base / v).resolve()) if isinstance(v, str) and not Path(v).is_absolute() else v
+                    for v in value
+                ]
+
+    fix(data.get("tls"), ("ca", "cert", "key", "crl"))
+    fix(data.get("signing"), ("cert", "key"))
+    store = data.setdefault("store", {})
+    if isinstance(store, dict):
+        store.setdefault("path", "bridge.sqlite")
+    fix(store, ("path",))
+    audit = data.setdefault("audit", {})
+    if isinstance(audit, dict):
+        audit.setdefault("pseudonym_key_file", "audit-pseudonym.key")
+    fix(audit, ("pseudonym_key_file",))
+    for partner in data.get("partners", []) or []:
+        fix(partner, ("signing_certs",))
+
+
+def load_config(path: str | Path) -> BridgeConfig:
+    """Read and validate a controller configuration file."""
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file: {exc.strerror}", location=str(file)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("configuration file is not UTF-8", location=str(file)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", location=str(file)) from None
+    _resolve(data, file.resolve().parent)
+    data["source"] = str(file.resolve())
+    try:
+        return BridgeConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        key = ".".join(str(p) for p in first.get("loc", ()))
+        msg = first.get("msg", "invalid value")
+        if not key and msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ")
+            key, _, msg = msg.partition(": ")
+        raise ConfigError(msg.removeprefix("Value error, "), location=f"{file}: {key}") from None

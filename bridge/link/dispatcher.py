@@ -1,0 +1,370 @@
+"""The sending side: drain an outbound link's outbox over mutual TLS.
+
+For every due outbox row the dispatcher asks the consent question again (a consent
+can be revoked while a message waits), POSTs the signed message, verifies the signed
+receipt and only then marks the row acknowledged. Failures are classified before
+anything is retried:
+
+* a definitive rejection (4xx other than 409/429) is recorded and never retried;
+* a transient failure (connection refused or reset, timeout, 409, 429, 5xx) is
+  retried a few times at once with tenacity, then rescheduled in the outbox with
+  exponential backoff and jitter, until the link's attempt limit sends it to dead;
+* a certificate problem (our certificate refused, theirs not trusted) is a
+  configuration fault, not a blip: the link pauses and an operator is told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from bridge.config import LinkConfig
+from bridge.errors import (
+    BridgeError,
+    ConsentDenied,
+    PartnerRejected,
+    PolicyError,
+    TransportError,
+    TrustError,
+)
+from bridge.ledger.states import next_attempt
+from bridge.link.node import Controller, resource_types
+from bridge.trust.receipts import verify_receipt
+from bridge.trust.tls import client_context
+
+log = logging.getLogger("bridge.dispatcher")
+
+
+class CertificateFault(TransportError):
+    """A TLS certificate problem between the two bridges; retrying will not fix it."""
+
+    code = "tls-certificate-fault"
+    fault = "local"
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLError):
+            return cur
+        inner = getattr(cur, "os_error", None) or getattr(cur, "certificate_error", None)
+        if isinstance(inner, ssl.SSLError):
+            return inner
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def classify_exception(exc: BaseException) -> BridgeError:
+    """Map an aiohttp/ssl exception to a bridge error that says whether to retry."""
+    if isinstance(exc, BridgeError):
+        return exc
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return CertificateFault(f"TLS certificate fault: {type(exc).__name__}", location="TLS")
+    cause = _ssl_cause(exc)
+    if cause is not None and cause.reason and (
+        "CERTIFICATE" in cause.reason.upper() or "ALERT" in cause.reason.upper()
+    ):
+        return CertificateFault(f"TLS certificate fault: {cause.reason}", location="TLS")
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return TransportError("partner did not answer in time", location="HTTP")
+    return TransportError(f"partner unreachable: {type(exc).__name__}", location="HTTP")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, BridgeError) and exc.fault == "transient" and not isinstance(
+        exc, CertificateFault
+    )
+
+
+@dataclass
+class LinkStats:
+    """Counters for one outbound link, shown by the demo and ``bridge status``."""
+
+    acked: int = 0
+    rejected: int = 0
+    refused: int = 0
+    dead: int = 0
+    retried: int = 0
+    signature_failures: int = 0
+    certificate_faults: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+class Dispatcher:
+    """Drains one outbound link."""
+
+    def __init__(
+        self,
+        controller: Controller,
+        link: LinkConfig,
+        *,
+        poll_interval: float = 1.0,
+        quick_retries: int = 3,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.c = controller
+        self.link = link
+        partner = controller.config.partner(link.partner)
+        if not partner.base_url:
+            raise BridgeError("outbound link has no partner base_url", location=f"links.{link.id}")
+        self.url = partner.base_url.rstrip("/") + "/$process-message"
+        self.poll_interval = poll_interval
+        self.quick_retries = quick_retries
+        self.rng = rng or random.Random()
+        self.stats = LinkStats()
+        self.paused_reason: str | None = None
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sem = asyncio.Semaphore(link.concurrency)
+        self._sending: set[asyncio.Task[None]] = set()
+        self._enqueued_at: dict[str, float] = {}
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        tls = self.c.config.tls
+        ctx = client_context(tls.cert, tls.key, tls.ca)
+        connector = aiohttp.TCPConnector(ssl=ctx, limit=self.link.concurrency)
+        timeout = aiohttp.ClientTimeout(total=self.link.request_timeout_seconds)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        self._task = asyncio.create_task(self._run(), name=f"dispatch:{self.link.id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def wake(self, message_id: str | None = None) -> None:
+        """Tell the dispatcher new work is due (enqueue or resend)."""
+        if message_id is not None:
+            self._enqueued_at.setdefault(message_id, asyncio.get_running_loop().time())
+        self._wake.set()
+
+    def resume(self) -> None:
+        self.paused_reason = None
+        self._wake.set()
+
+    # --- the loop ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if self.paused_reason is not None:
+                await self._sleep(self.poll_interval * 5)
+                continue
+            free = self.link.concurrency - len(self._sending)
+            if free <= 0:
+                await asyncio.wait(self._sending, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                rows = await self.c.db.claim_due(
+                    self.link.id, now=self.c.clock(), limit=min(free, self.link.batch)
+                )
+            except Exception:
+                log.exception("outbox read failed on link %s", self.link.id)
+                await self._sleep(self.poll_interval)
+                continue
+            if not rows:
+                await self._sleep(self.poll_interval)
+                continue
+            for row in rows:
+                task = asyncio.create_task(self._deliver(row))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _deliver(self, row: Any) -> None:
+        c = self.c
+        message_id = row.message_id
+        try:
+            payload = orjson.loads(row.payload)
+            try:
+                c.recheck_consent(payload, self.link)
+            except PolicyError as exc:
+                self.stats.refused += 1
+                await c.db.mark_refused(
+                    message_id,
+                    error=exc.code,
+                    now=c.clock(),
+                    audit=c.audit(
+                        "claim.refused",
+                        subject=message_id,
+                        outcome="denied",
+                        partner=self.link.partner,
+                        detail=f"dispatch:{exc.code}",
+                    ),
+                )
+                return
+            receipt_bytes = await self._post(row.payload)
+            receipt = orjson.loads(receipt_bytes)
+            try:
+                verified = verify_receipt(
+                    receipt,
+                    c.keyring,
+                    expected_issuer=self.link.partner,
+                    expected_audience=c.id,
+                    request_message_id=message_id,
+                    request_digest=None,
+                    now=c.clock(),
+                    check_time=False,
+                )
+            except TrustError as exc:
+                self.stats.signature_failures += 1
+                raise TransportError(
+                    f"receipt failed verification: {exc.code}", location="receipt"
+                ) from None
+            now = c.clock()
+            await c.db.mark_acked(
+                message_id,
+                receipt=receipt_bytes,
+                now=now,
+                audit=c.audit(
+                    "claim.ack",
+                    subject=message_id,
+                    partner=self.link.partner,
+                    categories=resource_types(payload),
+                    digest_value=row.digest,
+                    detail=f"receipt audit seq {verified.audit_seq}",
+                    now=now,
+                ),
+            )
+            self.stats.acked += 1
+            started = self._enqueued_at.pop(message_id, None)
+            if started is not None:
+                self.stats.latencies.append(asyncio.get_running_loop().time() - started)
+        except PartnerRejected as exc:
+            self.stats.rejected += 1
+            if exc.detail.get("status") == 403 and "signature" in str(exc.detail.get("remote_code")):
+                self.stats.signature_failures += 1
+            await c.db.mark_rejected(
+                message_id,
+                error=str(exc.detail.get("remote_code") or exc.code),
+                receipt=exc.detail.get("body"),
+                now=c.clock(),
+                audit=c.audit(
+                    "claim.rejected",
+                    subject=message_id,
+                    outcome="failure",
+                    partner=self.link.partner,
+                    detail=str(exc.detail.get("remote_code") or exc.code),
+                ),
+            )
+        except Exception as raw:
+            exc2 = classify_exception(raw)
+            if not isinstance(raw, BridgeError):
+                log.debug("delivery of %s failed", message_id, exc_info=raw)
+            await self._reschedule(row, exc2)
+
+    async def _reschedule(self, row: Any, exc: BridgeError) -> None:
+        c = self.c
+        now = c.clock()
+        if isinstance(exc, CertificateFault):
+            self.stats.certificate_faults += 1
+            if self.paused_reason is None:
+                log.error(
+                    "link %s paused: %s. Check the partner's CA and our certificate; "
+                    "resume with a restart once fixed.",
+                    self.link.id,
+                    exc,
+                )
+            self.paused_reason = exc.message
+        if row.attempts >= self.link.max_attempts:
+            self.stats.dead += 1
+            await c.db.mark_dead(
+                row.message_id,
+                error=exc.code,
+                now=now,
+                audit=c.audit(
+                    "claim.dead",
+                    subject=row.message_id,
+                    outcome="failure",
+                    partner=self.link.partner,
+                    detail=exc.code,
+                ),
+            )
+            return
+        self.stats.retried += 1
+        due = next_attempt(
+            row.attempts,
+            now=now,
+            base=self.link.retry_base_seconds,
+            cap=self.link.retry_cap_seconds,
+            rng=self.rng,
+        )
+        await c.db.mark_retry(row.message_id, next_attempt=due, error=exc.code, now=now, audit=None)
+
+    async def _post(self, payload: bytes) -> bytes:
+        """POST once, with a few immediate retries for transient failures."""
+        assert self._session is not None
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.quick_retries),
+            wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
+            retry=retry_if_exception(_is_transient),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._post_once(payload)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _post_once(self, payload: bytes) -> bytes:
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                self.url, data=payload, headers={"Content-Type": "application/fhir+json"}
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+        except Exception as exc:
+            raise classify_exception(exc) from None
+        if status == 200:
+            return body
+        remote_code = _remote_code(body)
+        if status in (409, 429) or status >= 500:
+            raise TransportError(f"partner answered {status}", location="HTTP", status=status)
+        raise PartnerRejected(
+            f"partner rejected the message with {status}",
+            location="HTTP",
+            status=status,
+            remote_code=remote_code,
+            body=body,
+        )
+
+
+def _remote_code(body: bytes) -> str | None:
+    try:
+        outcome = orjson.loads(body)
+        return str(outcome["issue"][0]["details"]["coding"][0]["code"])
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return None
+
+
+__all__ = ["CertificateFault", "Dispatcher", "LinkStats", "classify_exception"]

@@ -1,0 +1,307 @@
+"""One controller's bridge at run time: its store, keys, partners, consents and links.
+
+The :class:`Controller` is the place where the pure rooms (mapping, policy, trust,
+ledger) meet the network. It is used by ``bridge serve``, by ``bridge push`` (which
+only enqueues) and by the demo, which runs two of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bridge.config import BridgeConfig, LinkConfig
+from bridge.errors import ConfigError, ConsentDenied, PolicyError
+from bridge.ledger.audit import AuditRecord, patient_pseudonym
+from bridge.ledger.sqlite import SQLiteStore
+from bridge.link.store import AsyncStore
+from bridge.mapping import map_record, patient_identifiers
+from bridge.messages import message_id_for, wrap_message
+from bridge.policy.consent import ConsentRegistry
+from bridge.policy.engine import apply_policy
+from bridge.policy.profile import LinkProfile
+from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
+from bridge.trust.registry import Partner, PartnerRegistry
+
+log = logging.getLogger("bridge.controller")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What happened to one record handed to :meth:`Controller.submit`."""
+
+    message_id: str
+    link: str
+    created: bool  # False when the same claim was already in the outbox (duplicate suppressed)
+    removed: tuple[str, ...]
+    held_back: tuple[str, ...]
+
+
+def _load_pseudonym_key(path: Path) -> bytes:
+    """The key that turns patient identifiers into audit pseudonyms; made on first use."""
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key.hex())
+        return key
+    except ValueError:
+        raise ConfigError("audit pseudonym key file is not hex", location=str(path)) from None
+
+
+def resource_types(bundle: dict[str, Any]) -> list[str]:
+    return sorted(
+        {
+            str(e["resource"]["resourceType"])
+            for e in bundle.get("entry", [])
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        }
+    )
+
+
+class Controller:
+    """A controller's bridge: everything except the sockets."""
+
+    def __init__(self, config: BridgeConfig, *, clock: Any = utcnow) -> None:
+        self.config = config
+        self.id = config.controller.id
+        self.clock = clock
+        config.store.path.parent.mkdir(parents=True, exist_ok=True)
+        self.store = SQLiteStore(config.store.path)
+        self.db = AsyncStore(self.store)
+        self.signer = Signer.from_files(config.signing.key, config.signing.cert)
+        self.keyring = KeyRing()
+        partners: list[Partner] = []
+        for p in config.partners:
+            for cert in p.signing_certs:
+                self.keyring.add_certificate(p.id, cert)
+            partners.append(
+                Partner(
+                    id=p.id,
+                    name=p.name or p.id,
+                    base_url=p.base_url,
+                    tls_fingerprints=frozenset(p.tls_fingerprints),
+                    links=frozenset(link.id for link in config.links if link.partner == p.id),
+                )
+            )
+        self.partners = PartnerRegistry(partners)
+        self.pseudonym_key = _load_pseudonym_key(config.audit.pseudonym_key_file)
+        self.consents = ConsentRegistry()
+        for _consent_id, _status, resource in self.store.list_consents():
+            self.consents.put(orjson.loads(resource), now=self.clock())
+        self.profiles: dict[str, LinkProfile] = {
+            link.id: LinkProfile.load(link.profile) for link in config.links
+        }
+
+    # --- helpers -------------------------------------------------------------------
+
+    def audit(
+        self,
+        action: str,
+        *,
+        subject: str,
+        outcome: str = "success",
+        partner: str | None = None,
+        patient: str | None = None,
+        categories: list[str] | None = None,
+        detail: str | None = None,
+        digest_value: str | None = None,
+        now: datetime | None = None,
+    ) -> AuditRecord:
+        return AuditRecord(
+            time=now or self.clock(),
+            actor=self.id,
+            action=action,
+            subject=subject,
+            partner=partner,
+            patient=patient,
+            categories=categories or [],
+            outcome=outcome,
+            detail=detail,
+            digest=digest_value,
+        )
+
+    def pseudonym(self, identifiers: list[tuple[str, str]]) -> str | None:
+        """A keyed pseudonym of the patient's first (most specific) identifier."""
+        if not identifiers:
+            return None
+        system, value = sorted(identifiers)[0]
+        return patient_pseudonym(self.pseudonym_key, system, value)
+
+    def outbound_link(self, link_id: str) -> LinkConfig:
+        link = self.config.link(link_id)
+        if link.direction != "outbound":
+            raise ConfigError("link is not outbound", location=f"links.{link_id}.direction")
+        return link
+
+    def inbound_link_for(self, partner_id: str) -> LinkConfig | None:
+        for link in self.config.links:
+            if link.direction == "inbound" and link.partner == partner_id:
+                return link
+        return None
+
+    # --- consents ---------------------------------------------------------------------
+
+    async def put_consent(self, resource: dict[str, Any], *, source: str = "local") -> str:
+        """Register, amend or revoke (status ``inactive``) a consent; durable before it counts."""
+        now = self.clock()
+        record = self.consents.parse(resource)
+        patient_keys = [f"{s}|{v}" for s, v in record.patient_identifiers]
+        entry = self.audit(
+            "consent.put",
+            subject=record.id,
+            patient=self.pseudonym(list(record.patient_identifiers)),
+            detail=f"{source}:{record.status}",
+            now=now,
+        )
+        await self.db.put_consent(
+            consent_id=record.id,
+            patient_keys=patient_keys,
+            status=record.status,
+            resource=orjson.dumps(resource),
+            now=now,
+            audit=entry,
+        )
+        self.consents.put(resource, now=now)
+        return record.id
+
+    # --- sending ----------------------------------------------------------------------
+
+    def prepare(self, record: dict[str, Any], link_id: str) -> tuple[dict[str, Any], Submitted]:
+        """Map, authorise, minimise and sign one record (CPU only; nothing stored)."""
+        link = self.outbound_link(link_id)
+        partner = self.config.partner(link.partner)
+        now = self.clock()
+        collection = map_record(record, now=now)
+        result = apply_policy(
+            collection,
+            registry=self.consents,
+            profile=self.profiles[link.id],
+            recipient=partner.id,
+            purpose=link.purpose,
+            now=now,
+        )
+        source_key = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        message_id = message_id_for(self.id, link.id, source_key)
+        message = wrap_message(
+            result.bundle,
+            message_id=message_id,
+            event="claim-submit",
+            sender=self.id,
+            receiver=partner.id,
+            source_endpoint=self.config.server.base_url(),
+            destination_endpoint=str(partner.base_url),
+            now=now,
+        )
+        signed = sign_bundle(
+            message, self.signer, issuer=self.id, audience=partner.id, message_id=message_id, now=now
+        )
+        return signed, Submitted(
+            message_id=message_id,
+            link=link.id,
+            created=True,
+            removed=tuple(result.removed),
+            held_back=tuple(result.held_back),
+        )
+
+    async def submit(self, record: dict[str, Any], link_id: str) -> Submitted:
+        """Enqueue one WS 445 record as a claim on an outbound link.
+
+        Raises ConsentDenied (after auditing the refusal) when no consent permits it,
+        and MappingError/ParseError for bad input; nothing is stored in either case.
+        """
+        link = self.outbound_link(link_id)
+        try:
+            signed, submitted = self.prepare(record, link_id)
+        except PolicyError as exc:
+            now = self.clock()
+            ids = _record_patient_ids(record)
+            await self.db.append_audit(
+                self.audit(
+                    "claim.refused",
+                    subject=f"record:{_record_key(record)}",
+                    outcome="denied",
+                    partner=link.partner,
+                    patient=self.pseudonym(ids),
+                    detail=exc.code,
+                    now=now,
+                )
+            )
+            raise
+        payload = orjson.dumps(signed)
+        payload_digest = digest(payload)
+        now = self.clock()
+        ids = patient_identifiers(signed)
+        row = await self.db.enqueue(
+            message_id=submitted.message_id,
+            link=link.id,
+            partner=link.partner,
+            payload=payload,
+            digest=payload_digest,
+            audit=self.audit(
+                "claim.enqueue",
+                subject=submitted.message_id,
+                partner=link.partner,
+                patient=self.pseudonym(ids),
+                categories=resource_types(signed),
+                digest_value=payload_digest,
+                detail=f"removed={len(submitted.removed)} held_back={len(submitted.held_back)}",
+                now=now,
+            ),
+            now=now,
+        )
+        created = row.digest == payload_digest and row.created_at == now.isoformat() if hasattr(
+            row, "created_at"
+        ) else True
+        return Submitted(
+            message_id=submitted.message_id,
+            link=link.id,
+            created=bool(created),
+            removed=submitted.removed,
+            held_back=submitted.held_back,
+        )
+
+    def recheck_consent(self, payload: dict[str, Any], link: LinkConfig) -> None:
+        """Ask the consent question again at dispatch; raises ConsentDenied."""
+        ids = patient_identifiers(payload)
+        if not ids:
+            raise ConsentDenied("message names no patient identifier", location="Patient.identifier")
+        self.consents.require_consent(
+            patient_identifiers=ids,
+            recipient=link.partner,
+            purpose=link.purpose,
+            resource_types=set(resource_types(payload)) - {"MessageHeader"},
+            data_period=None,
+            now=self.clock(),
+        )
+
+    async def close(self) -> None:
+        self.db.close()
+
+
+def _record_key(record: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def _record_patient_ids(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """Patient identifiers straight from a DE record, for auditing a refusal."""
+    elements = record.get("elements") if isinstance(record, dict) else None
+    if not isinstance(elements, dict):
+        return []
+    value = elements.get("HDSD00.11.048")
+    return [("urn:oid:2.16.156.10011.1.3", str(value))] if value else []

@@ -1,0 +1,251 @@
+"""The receiving side: an aiohttp application behind a mutual-TLS listener.
+
+Request path for ``POST [base]/$process-message``:
+
+1. the TLS handshake already proved a certificate from our CA (``tlsgate``);
+2. the certificate must map to a registered partner with an inbound link (401/403);
+3. media type, size and JSON shape are checked (415, 413, 400);
+4. the signature must verify, be made by that same partner and be addressed to us,
+   inside the replay window (403);
+5. a message identity seen before gets the original receipt back, or 422 if the
+   content differs; one still being processed gets 409;
+6. the content must be valid FHIR and hold only what the link's profile allows (422/403);
+7. the inbox row, the audit entry and the signed receipt are committed together,
+   and only then is the receipt returned.
+
+Every refusal is audited. No health data appears in an error or a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from bridge.errors import (
+    BridgeError,
+    ConflictError,
+    InFlightError,
+    ParseError,
+    PayloadTooLarge,
+    PolicyError,
+    ProfileError,
+    TrustError,
+    UnknownPartner,
+    UnsupportedMediaType,
+)
+from bridge.link.node import Controller, resource_types
+from bridge.mapping import patient_identifiers
+from bridge.messages import collection_of, header_event, message_identity
+from bridge.records.fhir import validate_resource
+from bridge.resources import conformance_dir
+from bridge.trust.jws import verify_bundle
+from bridge.trust.receipts import make_receipt
+from bridge.trust.registry import Partner
+
+log = logging.getLogger("bridge.server")
+
+FHIR_JSON = "application/fhir+json"
+_ACCEPTED_TYPES = {FHIR_JSON, "application/json"}
+
+
+def outcome_response(exc: BridgeError) -> web.Response:
+    return web.Response(
+        status=exc.http_status,
+        body=orjson.dumps(exc.to_operation_outcome()),
+        content_type=FHIR_JSON,
+    )
+
+
+class ReceiverApp:
+    """HTTP handlers of one controller."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+        self._in_flight: set[tuple[str, str]] = set()
+        self.stats: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0}
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=self.c.config.server.max_body_bytes)
+        base = self.c.config.server.base_path.rstrip("/")
+        app.router.add_post(f"{base}/$process-message", self.process_message)
+        app.router.add_get(f"{base}/metadata", self.metadata)
+        return app
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _peer_partner(self, request: web.Request) -> Partner:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            raise UnknownPartner("no client certificate on this connection", location="TLS")
+        return self.c.partners.identify(der)
+
+    async def _refuse(
+        self, exc: BridgeError, *, partner: str | None, subject: str, patient: str | None = None
+    ) -> web.Response:
+        self.stats["rejected"] += 1
+        await self.c.db.append_audit(
+            self.c.audit(
+                "message.reject",
+                subject=subject,
+                outcome="denied" if isinstance(exc, (TrustError, PolicyError)) else "failure",
+                partner=partner,
+                patient=patient,
+                detail=f"{exc.code}@{exc.location or '-'}",
+            )
+        )
+        log.info("refused %s from %s: %s", subject, partner or "unknown partner", exc)
+        return outcome_response(exc)
+
+    # --- handlers ---------------------------------------------------------------------
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        body = (conformance_dir() / "CapabilityStatement.json").read_bytes()
+        return web.Response(body=body, content_type=FHIR_JSON)
+
+    async def process_message(self, request: web.Request) -> web.Response:
+        try:
+            partner = self._peer_partner(request)
+        except UnknownPartner as exc:
+            return await self._refuse(exc, partner=None, subject="connection")
+        link = self.c.inbound_link_for(partner.id)
+        if link is None:
+            return await self._refuse(
+                UnknownPartner("partner has no inbound link here", location="links"),
+                partner=partner.id,
+                subject="connection",
+            )
+        if request.content_type not in _ACCEPTED_TYPES:
+            return await self._refuse(
+                UnsupportedMediaType("media type must be application/fhir+json", location="Content-Type"),
+                partner=partner.id,
+                subject="request",
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return await self._refuse(
+                PayloadTooLarge("message larger than this bridge accepts", location="body"),
+                partner=partner.id,
+                subject="request",
+            )
+        try:
+            bundle = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return await self._refuse(
+                ParseError(f"malformed JSON at byte {exc.pos}", location=f"body[{exc.pos}]"),
+                partner=partner.id,
+                subject="request",
+            )
+        try:
+            message_id, header = message_identity(bundle)
+        except BridgeError as exc:
+            return await self._refuse(exc, partner=partner.id, subject="request")
+
+        key = (partner.id, message_id)
+        if key in self._in_flight:
+            return outcome_response(InFlightError("message is still being processed", location="Bundle.identifier"))
+        self._in_flight.add(key)
+        try:
+            return await self._accept(bundle, body, message_id, header, partner, link.profile)
+        finally:
+            self._in_flight.discard(key)
+
+    async def _accept(
+        self,
+        bundle: dict[str, Any],
+        body: bytes,
+        message_id: str,
+        header: dict[str, Any],
+        partner: Partner,
+        profile_name: str,
+    ) -> web.Response:
+        c = self.c
+        now = c.clock()
+        # The signer must be the partner the TLS handshake authenticated.
+        try:
+            claims = verify_bundle(
+                bundle, c.keyring, expected_issuer=partner.id, expected_audience=c.id, now=now
+            )
+        except TrustError as exc:
+            return await self._refuse(exc, partner=partner.id, subject=message_id)
+        existing = await c.db.inbox_lookup(partner.id, message_id)
+        if existing is not None:
+            if existing.digest != claims.payload_digest:
+                return await self._refuse(
+                    ConflictError("message identity reused with different content", location="Bundle.identifier"),
+                    partner=partner.id,
+                    subject=message_id,
+                )
+            self.stats["duplicates"] += 1
+            await c.db.append_audit(
+                c.audit(
+                    "message.duplicate",
+                    subject=message_id,
+                    partner=partner.id,
+                    digest_value=claims.payload_digest,
+                )
+            )
+            return web.Response(body=existing.receipt, content_type=FHIR_JSON)
+
+        ids = patient_identifiers(bundle)
+        patient = c.pseudonym(ids)
+        try:
+            header_event(header)
+            validate_resource(bundle)
+            profile = c.profiles.get(_inbound_link_id(c, partner.id))
+            if profile is not None:
+                minimized = profile.minimize(collection_of(bundle))
+                if minimized.removed:
+                    raise ProfileError(
+                        "message carries elements outside the link profile",
+                        location=minimized.removed[0],
+                    )
+        except BridgeError as exc:
+            return await self._refuse(exc, partner=partner.id, subject=message_id, patient=patient)
+
+        def build_receipt(entry: Any) -> bytes:
+            receipt = make_receipt(
+                request_message_id=message_id,
+                request_digest=claims.payload_digest,
+                outcome="ok",
+                receiver=c.id,
+                sender=partner.id,
+                audit_seq=entry.seq,
+                audit_hash=entry.hash,
+                signer=c.signer,
+                now=now,
+            )
+            return orjson.dumps(receipt)
+
+        row, created = await c.db.inbox_accept(
+            sender=partner.id,
+            message_id=message_id,
+            digest=claims.payload_digest,
+            payload=body,
+            audit=c.audit(
+                "message.receive",
+                subject=message_id,
+                partner=partner.id,
+                patient=patient,
+                categories=resource_types(bundle),
+                digest_value=claims.payload_digest,
+                now=now,
+            ),
+            make_receipt=build_receipt,
+            now=now,
+        )
+        if created:
+            self.stats["accepted"] += 1
+        else:
+            self.stats["duplicates"] += 1
+        return web.Response(body=row.receipt, content_type=FHIR_JSON)
+
+
+def _inbound_link_id(c: Controller, partner_id: str) -> str:
+    link = c.inbound_link_for(partner_id)
+    return link.id if link else ""
+

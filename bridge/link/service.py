@@ -1,0 +1,77 @@
+"""Run one controller: the mutual-TLS listener, the HTTP handlers and the dispatchers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from bridge.link.dispatcher import Dispatcher
+from bridge.link.node import Controller, Submitted
+from bridge.link.server import ReceiverApp
+from bridge.link.tlsgate import TLSListener
+from bridge.trust.tls import server_context
+
+log = logging.getLogger("bridge.service")
+
+
+class BridgeService:
+    """A running bridge. ``await start()``; ``await stop()`` drains and closes."""
+
+    def __init__(self, controller: Controller, *, poll_interval: float = 1.0) -> None:
+        self.controller = controller
+        self.receiver = ReceiverApp(controller)
+        self.dispatchers: dict[str, Dispatcher] = {
+            link.id: Dispatcher(controller, link, poll_interval=poll_interval)
+            for link in controller.config.links
+            if link.direction == "outbound"
+        }
+        self._runner: web.AppRunner | None = None
+        self._listener: TLSListener | None = None
+        self.port: int | None = None
+
+    async def start(self, *, serve: bool = True) -> None:
+        c = self.controller
+        if serve:
+            tls = c.config.tls
+            ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
+            self._runner = web.AppRunner(self.receiver.build(), access_log=None)
+            await self._runner.setup()
+            server = self._runner.server
+            assert server is not None
+            self._listener = TLSListener(server, ctx, on_refused=self._tls_refused)
+            self.port = await self._listener.start(c.config.server.host, c.config.server.port)
+            log.info("%s listening on %s:%s (mutual TLS)", c.id, c.config.server.host, self.port)
+        for dispatcher in self.dispatchers.values():
+            await dispatcher.start()
+
+    async def _tls_refused(self, address: str, reason: str) -> None:
+        c = self.controller
+        await c.db.append_audit(
+            c.audit("tls.refused", subject=f"peer:{address}", outcome="denied", detail=reason)
+        )
+
+    async def submit(self, record: dict[str, Any], link_id: str) -> Submitted:
+        submitted = await self.controller.submit(record, link_id)
+        dispatcher = self.dispatchers.get(link_id)
+        if dispatcher is not None:
+            dispatcher.wake(submitted.message_id)
+        return submitted
+
+    async def stop(self) -> None:
+        for dispatcher in self.dispatchers.values():
+            await dispatcher.stop()
+        if self._listener is not None:
+            await self._listener.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.controller.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
