@@ -12,7 +12,8 @@ the bridge depends on.
 
 from __future__ import annotations
 
-from typing import Any
+import typing
+from typing import Any, NamedTuple
 
 import pydantic
 from fhir.resources.R4B import get_fhir_model_class
@@ -99,3 +100,61 @@ def _check_codes(resource: dict[str, Any], prefix: str) -> None:
             inner = entry.get("resource")
             if isinstance(inner, dict):
                 _check_codes(inner, f"{prefix}.entry[{i}].resource")
+
+
+class ElementSpec(NamedTuple):
+    """What the model knows about one element: its complex type (None for primitives),
+    whether it is required (min cardinality 1), and, for one alternative of a required
+    choice element such as ``diagnosis[x]``, the choice's name (``"diagnosis"``)."""
+
+    type_name: str | None
+    required: bool
+    required_choice: str | None = None
+
+
+_ELEMENTS_CACHE: dict[str, dict[str, ElementSpec]] = {}
+
+
+def element_specs(type_name: str) -> dict[str, ElementSpec]:
+    """Return the FHIR elements of a resource, backbone element or datatype model.
+
+    Keys are the JSON element names (``class``, ``performedDateTime``), without the
+    ``_element`` primitive-extension siblings. Raises ``KeyError`` for an unknown type.
+    """
+    cached = _ELEMENTS_CACHE.get(type_name)
+    if cached is not None:
+        return cached
+    try:
+        model = get_fhir_model_class(type_name)
+    except (ValueError, AttributeError) as exc:
+        raise KeyError(type_name) from exc
+    specs: dict[str, ElementSpec] = {}
+    for field_name, field in model.model_fields.items():
+        name = field.alias or field_name
+        if name.startswith("_") or name == "fhir_comments" or name == "resourceType":
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        required = field.is_required() or bool(extra.get("element_required"))
+        choice = extra.get("one_of_many") if extra.get("one_of_many_required") is True else None
+        specs[name] = ElementSpec(_complex_type(field.annotation), required, choice)
+    _ELEMENTS_CACHE[type_name] = specs
+    return specs
+
+
+def element_names(type_name: str) -> frozenset[str]:
+    """The JSON element names of a FHIR resource or datatype (see :func:`element_specs`)."""
+    return frozenset(element_specs(type_name))
+
+
+def _complex_type(annotation: Any) -> str | None:
+    # Annotations look like ``abc.AddressType | None`` or ``List[abc.AddressType]``; the
+    # abc placeholder knows its model class. Primitives are plain Python types.
+    stack = [annotation]
+    while stack:
+        current = stack.pop()
+        klass_getter = getattr(current, "get_model_klass", None)
+        if callable(klass_getter):
+            klass = klass_getter()
+            return str(getattr(klass, "__resource_type__", None) or klass.__name__)
+        stack.extend(typing.get_args(current))
+    return None
