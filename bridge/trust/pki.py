@@ -36,6 +36,9 @@ from bridge.errors import ConfigError
 #: URI SAN prefix that names the controller a certificate belongs to.
 PARTNER_URI_PREFIX = "urn:ws-fhir-bridge:partner:"
 
+#: id-kp-documentSigning (RFC 9336), the extended key usage of signing certificates.
+DOCUMENT_SIGNING = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36")
+
 #: Organisation name written into every certificate subject of the development PKI.
 DEV_ORGANISATION = "ws-fhir-bridge development PKI"
 
@@ -135,7 +138,8 @@ def issue_certificate(
     ``urn:ws-fhir-bridge:partner:<partner_id>`` that the partner registry reads.
 
     ``purpose="signing"``: key usage digitalSignature and contentCommitment
-    (non-repudiation), no TLS extended key usage, and only the partner URI in the SAN.
+    (non-repudiation), extended key usage documentSigning only (so the key cannot
+    authenticate a TLS connection), and only the partner URI in the SAN.
     ``key_algorithm`` selects ES256 (EC P-256, the default) or Ed25519 for signing keys.
     """
     now = _require_aware(now)
@@ -187,10 +191,12 @@ def issue_certificate(
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     if purpose == "tls":
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    else:
+        # Without any extended key usage a certificate is valid for every purpose,
+        # TLS included; documentSigning (RFC 9336) keeps signing keys out of handshakes.
+        usages = [DOCUMENT_SIGNING]
+    builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     return builder.sign(ca_key, hashes.SHA256()), key
 
 

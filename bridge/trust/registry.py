@@ -1,0 +1,126 @@
+"""Partner registry: who a TLS peer is, which keys sign for it, which links it may use.
+
+The TLS handshake has already checked the peer's chain, validity and (optionally)
+revocation against the bridge's CA bundle; the registry answers the next question:
+*which registered partner is this, and may it use this link?*
+
+Identity modes:
+
+``"san"`` (default)
+    The certificate's URI SAN ``urn:ws-fhir-bridge:partner:<id>`` must name a
+    registered partner; if that partner lists TLS fingerprints, the certificate's
+    SHA-256 fingerprint must be one of them as well (pinning).
+``"fingerprint"``
+    The SHA-256 fingerprint alone selects the partner, for operator CAs that cannot
+    issue the URI SAN. A URI SAN naming a *different* partner is still refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bridge.errors import ConfigError, UnknownPartner
+from bridge.trust.jws import KeyRing
+from bridge.trust.tls import certificate_identity
+
+IdentityMode = Literal["san", "fingerprint"]
+_LOC = "tls.peer_certificate"
+
+
+def _normalise_fingerprint(value: str) -> str:
+    # Accept the common "AB:CD:…" notation in configuration files.
+    hexed = value.replace(":", "").strip().lower()
+    if len(hexed) != 64 or any(ch not in "0123456789abcdef" for ch in hexed):
+        raise ConfigError("TLS fingerprint must be 64 hex digits (SHA-256)", location="partners.tls_fingerprints")
+    return hexed
+
+
+@dataclass(frozen=True)
+class Partner:
+    """A registered partner controller."""
+
+    id: str
+    name: str
+    base_url: str
+    tls_fingerprints: frozenset[str] = field(default_factory=frozenset)
+    signing_certificates: tuple[str | os.PathLike[str] | bytes, ...] = ()
+    links: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "tls_fingerprints", frozenset(_normalise_fingerprint(f) for f in self.tls_fingerprints)
+        )
+        object.__setattr__(self, "links", frozenset(self.links))
+        object.__setattr__(self, "signing_certificates", tuple(self.signing_certificates))
+
+
+class PartnerRegistry:
+    """Registered partners, looked up by peer certificate."""
+
+    def __init__(self, partners: Iterable[Partner], *, identity: IdentityMode = "san") -> None:
+        if identity not in ("san", "fingerprint"):
+            raise ConfigError("identity mode must be 'san' or 'fingerprint'", location="registry.identity")
+        self.identity: IdentityMode = identity
+        self._partners: dict[str, Partner] = {}
+        self._by_fingerprint: dict[str, Partner] = {}
+        for partner in partners:
+            if partner.id in self._partners:
+                raise ConfigError("partner id registered twice", location=f"partners.{partner.id}")
+            self._partners[partner.id] = partner
+            for fp in partner.tls_fingerprints:
+                if fp in self._by_fingerprint:
+                    raise ConfigError("TLS fingerprint registered for two partners", location=f"partners.{partner.id}")
+                self._by_fingerprint[fp] = partner
+        if identity == "fingerprint":
+            unpinned = [p.id for p in self._partners.values() if not p.tls_fingerprints]
+            if unpinned:
+                raise ConfigError(
+                    "fingerprint identity needs tls_fingerprints for every partner",
+                    location=f"partners.{unpinned[0]}.tls_fingerprints",
+                )
+
+    def get(self, partner_id: str) -> Partner:
+        """The partner with ``partner_id``; raises :class:`UnknownPartner`."""
+        partner = self._partners.get(partner_id)
+        if partner is None:
+            raise UnknownPartner("partner is not registered", location="partner_id")
+        return partner
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._partners.values())
+
+    def identify(self, peer_cert_der: bytes, *, link: str | None = None) -> Partner:
+        """The partner a verified peer certificate belongs to, or raise :class:`UnknownPartner`.
+
+        With ``link`` the partner must also be configured for that link.
+        """
+        ident = certificate_identity(peer_cert_der)
+        if self.identity == "fingerprint":
+            partner = self._by_fingerprint.get(ident.fingerprint_sha256)
+            if partner is None:
+                raise UnknownPartner("certificate fingerprint matches no partner", location=_LOC)
+            if ident.partner_id is not None and ident.partner_id != partner.id:
+                raise UnknownPartner("certificate names another partner than its fingerprint", location=f"{_LOC}.SAN")
+        else:
+            if ident.partner_id is None:
+                raise UnknownPartner("certificate carries no partner URI SAN", location=f"{_LOC}.SAN")
+            found = self._partners.get(ident.partner_id)
+            if found is None:
+                raise UnknownPartner("certificate names no registered partner", location=f"{_LOC}.SAN")
+            if found.tls_fingerprints and ident.fingerprint_sha256 not in found.tls_fingerprints:
+                raise UnknownPartner("certificate is not one pinned for this partner", location=_LOC)
+            partner = found
+        if link is not None and link not in partner.links:
+            raise UnknownPartner("partner is not configured for this link", location="link")
+        return partner
+
+    def keyring(self) -> KeyRing:
+        """A key ring holding every partner's signing certificates (current and next)."""
+        ring = KeyRing()
+        for partner in self._partners.values():
+            for cert in partner.signing_certificates:
+                ring.add_certificate(partner.id, cert)
+        return ring
