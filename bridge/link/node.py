@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from bridge.config import BridgeConfig, LinkConfig
-from bridge.errors import ConfigError, ConsentDenied, PolicyError
+from bridge.errors import ConfigError, ConflictError, ConsentDenied, PolicyError
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
 from bridge.ledger.sqlite import SQLiteStore
 from bridge.link.store import AsyncStore
@@ -196,8 +196,7 @@ class Controller:
             purpose=link.purpose,
             now=now,
         )
-        source_key = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        message_id = message_id_for(self.id, link.id, source_key)
+        message_id = message_id_for(self.id, link.id, _record_digest(record))
         message = wrap_message(
             result.bundle,
             message_id=message_id,
@@ -226,6 +225,10 @@ class Controller:
         and MappingError/ParseError for bad input; nothing is stored in either case.
         """
         link = self.outbound_link(link_id)
+        message_id = message_id_for(self.id, link.id, _record_digest(record))
+        if await self.db.get_outbox(message_id) is not None:
+            # The same record was submitted before: one claim, however often a HIS retries.
+            return Submitted(message_id=message_id, link=link.id, created=False, removed=(), held_back=())
         try:
             signed, submitted = self.prepare(record, link_id)
         except PolicyError as exc:
@@ -247,7 +250,8 @@ class Controller:
         payload_digest = digest(payload)
         now = self.clock()
         ids = patient_identifiers(signed)
-        row = await self.db.enqueue(
+        try:
+            await self.db.enqueue(
             message_id=submitted.message_id,
             link=link.id,
             partner=link.partner,
@@ -264,14 +268,14 @@ class Controller:
                 now=now,
             ),
             now=now,
-        )
-        created = row.digest == payload_digest and row.created_at == now.isoformat() if hasattr(
-            row, "created_at"
-        ) else True
+            )
+        except ConflictError:
+            # A concurrent submission of the same record won the race.
+            return Submitted(message_id=message_id, link=link.id, created=False, removed=(), held_back=())
         return Submitted(
             message_id=submitted.message_id,
             link=link.id,
-            created=bool(created),
+            created=True,
             removed=submitted.removed,
             held_back=submitted.held_back,
         )
@@ -294,8 +298,12 @@ class Controller:
         self.db.close()
 
 
+def _record_digest(record: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 def _record_key(record: dict[str, Any]) -> str:
-    return hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return _record_digest(record)[:16]
 
 
 def _record_patient_ids(record: dict[str, Any]) -> list[tuple[str, str]]:

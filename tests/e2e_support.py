@@ -1,0 +1,99 @@
+"""Two real bridges on loopback for end-to-end tests: a hospital and an insurer.
+
+Both run in the test's event loop, each with its own SQLite store and its own
+mutual-TLS listener, configured through real TOML files and a real development PKI.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bridge.config import load_config
+from bridge.demo import HOSPITAL, INSURER, LINK_OUT, free_port, write_configs
+from bridge.link.node import Controller
+from bridge.link.service import BridgeService
+from bridge.mapping import map_record, patient_identifiers
+from bridge.policy.engine import build_consent
+from bridge.trust.pki import init_dev_pki
+
+ID_CARD = "urn:oid:2.16.156.10011.1.3"
+ALL_CLASSES = (
+    "sexual-reproductive", "infectious", "mental", "malignant", "genetic", "anal", "rare", "incurable",
+)
+
+
+@dataclass
+class Pair:
+    root: Path
+    hospital_cfg: Path
+    insurer_cfg: Path
+    hospital: BridgeService
+    insurer: BridgeService
+
+    @property
+    def insurer_url(self) -> str:
+        return f"https://127.0.0.1:{self.insurer.port}/fhir"
+
+    async def stop(self) -> None:
+        await self.hospital.stop()
+        await self.insurer.stop()
+
+
+def make_workdir(root: Path) -> tuple[Path, Path]:
+    init_dev_pki(root / "pki", [HOSPITAL, INSURER, "clinic-x"])
+    return write_configs(root, free_port(), free_port())
+
+
+async def start_pair(root: Path, *, start_dispatch: bool = True) -> Pair:
+    hospital_cfg, insurer_cfg = make_workdir(root)
+    insurer = BridgeService(Controller(load_config(insurer_cfg)), poll_interval=0.05)
+    await insurer.start()
+    hospital = BridgeService(Controller(load_config(hospital_cfg)), poll_interval=0.05)
+    if start_dispatch:
+        await hospital.start()
+    return Pair(root, hospital_cfg, insurer_cfg, hospital, insurer)
+
+
+def patient_id(record: dict[str, Any]) -> str:
+    ids = patient_identifiers(map_record(record, now=datetime.now(UTC)))
+    return next(v for s, v in ids if s == ID_CARD)
+
+
+def consent_for(
+    record: dict[str, Any],
+    *,
+    consent_id: str = "c-1",
+    recipient: str = INSURER,
+    purposes: tuple[str, ...] = ("HPAYMT",),
+    sensitive: tuple[str, ...] = ALL_CLASSES,
+    status: str = "active",
+) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    consent = build_consent(
+        consent_id=consent_id,
+        patient_system=ID_CARD,
+        patient_value=patient_id(record),
+        recipient=recipient,
+        purposes=list(purposes),
+        start=now - timedelta(days=1),
+        end=now + timedelta(days=30),
+        sensitive_classes=sensitive,
+        hospital_partner_id=HOSPITAL,
+    )
+    consent["status"] = status
+    return consent
+
+
+def client_ssl(root: Path, who: str | None, *, ca: Path | None = None) -> ssl.SSLContext:
+    """A client context presenting ``who``'s TLS certificate (or none at all)."""
+    ctx = ssl.create_default_context(cafile=str(ca or root / "pki" / "ca.pem"))
+    if who is not None:
+        ctx.load_cert_chain(root / "pki" / who / "tls.pem", root / "pki" / who / "tls.key")
+    return ctx
+
+
+__all__ = ["LINK_OUT", "Pair", "client_ssl", "consent_for", "start_pair"]
