@@ -42,6 +42,7 @@ from bridge.errors import (
 )
 from bridge.ledger.states import next_attempt
 from bridge.link.node import Controller, resource_types
+from bridge.trust.jws import digest, signed_payload
 from bridge.trust.receipts import verify_receipt
 from bridge.trust.tls import client_context
 
@@ -232,7 +233,7 @@ class Dispatcher:
                     expected_issuer=self.link.partner,
                     expected_audience=c.id,
                     request_message_id=message_id,
-                    request_digest=None,
+                    request_digest=digest(signed_payload(payload)),
                     now=c.clock(),
                     check_time=False,
                 )

@@ -94,7 +94,7 @@ class Controller:
                 Partner(
                     id=p.id,
                     name=p.name or p.id,
-                    base_url=p.base_url,
+                    base_url=p.base_url or "",
                     tls_fingerprints=frozenset(p.tls_fingerprints),
                     links=frozenset(link.id for link in config.links if link.partner == p.id),
                 )
