@@ -68,8 +68,8 @@ def test_same_instant_in_another_zone_hashes_the_same() -> None:
 
 def test_edited_entry_is_named() -> None:
     entries = chain(6)
-    entries[3] = dataclasses.replace(entries[3],
-                                     record=dataclasses.replace(entries[3].record, outcome="denied"))
+    edited = dataclasses.replace(entries[3].record, outcome="denied")
+    entries[3] = dataclasses.replace(entries[3], record=edited)
     report = verify_chain(entries)
     assert not report.ok and report.first_bad_seq == 4 and "hash" in (report.reason or "")
     assert report.count == 3 and report.head_hash == entries[2].hash

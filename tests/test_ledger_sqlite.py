@@ -152,8 +152,22 @@ def test_enqueue_is_idempotent_and_detects_conflict(store: SQLiteStore) -> None:
     assert again.seq == 1 and len(store.audit_entries()) == 1
     with pytest.raises(ConflictError):
         enqueue(store, "m1", b"two")
+    with pytest.raises(ConflictError):
+        enqueue(store, "m1", b"one", link="a-to-c")
     assert store.get_outbox("m1").payload == b"one"  # type: ignore[union-attr]
     assert len(store.audit_entries()) == 1 and store.outbox_counts()["queued"] == 1
+
+
+def test_highest_contiguous_acked_stops_at_first_gap(store: SQLiteStore) -> None:
+    for i in range(1, 5):
+        enqueue(store, f"m{i}")
+    store.claim_due("a-to-b", now=T0)
+    for m in ("m1", "m2", "m4"):
+        store.mark_acked(m, receipt=b"r", now=T0, audit=rec("claim.ack", m))
+    assert store.highest_contiguous_acked("a-to-b") == 2
+    store.mark_acked("m3", receipt=b"r", now=T0, audit=rec("claim.ack", "m3"))
+    assert store.highest_contiguous_acked("a-to-b") == 4
+    assert store.highest_contiguous_acked("a-to-c") == 0
 
 
 def test_seq_is_per_link(store: SQLiteStore) -> None:
@@ -351,6 +365,7 @@ def test_crash_loses_nothing_committed(tmp_path: Path) -> None:
         assert s.outbox_counts() == {"queued": 3, "sending": 2, "acked": 0, "rejected": 0,
                                      "dead": 0, "refused": 0}
         t = datetime(2026, 3, 1, tzinfo=UTC) + timedelta(minutes=1)
-        assert [r.message_id for r in s.claim_due("a-to-b", now=t)] == [f"m{i}" for i in range(1, 6)]
+        recovered = s.claim_due("a-to-b", now=t)
+        assert [r.message_id for r in recovered] == [f"m{i}" for i in range(1, 6)]
         report = s.verify_audit()
         assert report.ok and report.count == 5

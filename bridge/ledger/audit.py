@@ -9,7 +9,7 @@ this happens.
 
 A chain alone is tamper-evident only against a head hash someone else holds: whoever
 can rewrite the store can recompute every hash. The partner's cosigned checkpoints
-of :func:`ChainReport.head_hash` close that gap (DESIGN §6).
+of the head (``ChainReport.head_hash``) close that gap (DESIGN §6).
 
 Records never hold a patient identifier in clear. :func:`patient_pseudonym` turns an
 identifier into a keyed pseudonym, so the log can still answer "who received what
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -54,7 +54,8 @@ class AuditRecord:
 
     ``patient`` is a keyed pseudonym from :func:`patient_pseudonym` (``"pp:..."``) or
     None; an identifier in clear is refused. ``categories`` are the data categories
-    disclosed or received (DESIGN §2 classify); any iterable is stored as a tuple.
+    disclosed or received (DESIGN §2 classify); a list is accepted and stored as a
+    tuple, so records stay immutable and compare equal after a round trip.
     ``detail`` is an error code, never an error text that could carry values.
     """
 
@@ -64,7 +65,7 @@ class AuditRecord:
     subject: str
     partner: str | None = None
     patient: str | None = None
-    categories: tuple[str, ...] = field(default_factory=tuple)
+    categories: Sequence[str] = field(default_factory=tuple)
     outcome: Outcome = "success"
     detail: str | None = None
     digest: str | None = None

@@ -73,6 +73,7 @@ CREATE TABLE outbox (
     UNIQUE (link, seq)
 );
 CREATE INDEX outbox_due ON outbox (link, state, next_attempt);
+CREATE INDEX outbox_lease ON outbox (link, state, lease_until);
 
 CREATE TABLE inbox (
     id          INTEGER PRIMARY KEY,
@@ -379,14 +380,15 @@ class SQLiteStore:
 
         Assigns the next sequence number of the link (1, 2, 3, ...). Enqueuing the same
         ``message_id`` again with the same ``digest`` returns the existing row and
-        writes nothing (safe to retry after a crash); with a different digest it raises
+        writes nothing (safe to retry after a crash); with a different digest, link or
+        partner it raises
         :class:`bridge.errors.ConflictError`. ``digest`` is stored as given; it is the
         caller's digest of ``payload``.
         """
         with self._tx("enqueue") as conn:
             existing = self._get_outbox(conn, message_id)
             if existing is not None:
-                if existing.digest != digest:
+                if (existing.digest, existing.link, existing.partner) != (digest, link, partner):
                     raise ConflictError("message id already enqueued with different content",
                                         location=f"outbox[{message_id}]")
                 return existing
@@ -422,10 +424,15 @@ class SQLiteStore:
         t = format_time(now)
         until = format_time(now + lease)
         with self._tx("claim_due") as conn:
-            ids = [r[0] for r in conn.execute(
-                "SELECT message_id FROM outbox WHERE link=? AND ("
-                " (state='queued' AND next_attempt<=?) OR (state='sending' AND lease_until<=?))"
-                " ORDER BY seq LIMIT ?", (link, t, t, limit))]
+            # Two indexed queries rather than one with OR: the OR form makes SQLite walk
+            # every row of the link, acked ones included, which grows without bound.
+            due = conn.execute(
+                "SELECT seq, message_id FROM outbox WHERE link=? AND state='queued'"
+                " AND next_attempt<=? ORDER BY seq LIMIT ?", (link, t, limit)).fetchall()
+            due += conn.execute(
+                "SELECT seq, message_id FROM outbox WHERE link=? AND state='sending'"
+                " AND lease_until<=? ORDER BY seq LIMIT ?", (link, t, limit)).fetchall()
+            ids = [m for _seq, m in sorted(due)[:limit]]
             conn.executemany(
                 "UPDATE outbox SET state='sending', attempts=attempts+1, lease_until=?,"
                 " updated=? WHERE message_id=?", [(until, t, m) for m in ids])
@@ -453,7 +460,7 @@ class SQLiteStore:
 
     def mark_rejected(self, message_id: str, *, error: str, receipt: bytes | None, now: datetime,
                       audit: AuditRecord) -> OutboxRow:
-        """The partner refused definitively: ``sending -> rejected``; never retried automatically."""
+        """The partner refused definitively: ``sending -> rejected``; never retried by itself."""
         return self._transition("mark_rejected", message_id, OutboxState.REJECTED,
                                 allowed_from=_SENDING, now=now,
                                 audit=audit, sets={"last_error": error, "receipt": receipt,
