@@ -24,7 +24,7 @@ from typing import Literal
 
 from bridge.errors import ConfigError, UnknownPartner
 from bridge.trust.jws import KeyRing
-from bridge.trust.tls import certificate_identity
+from bridge.trust.identity import certificate_identity
 
 IdentityMode = Literal["san", "fingerprint"]
 _LOC = "tls.peer_certificate"

@@ -23,17 +23,25 @@ faults (pause the link, alert), not as transient errors.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import ssl
-from dataclasses import dataclass
-from datetime import datetime
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from bridge.errors import ConfigError, TrustError
-from bridge.trust.pki import PARTNER_URI_PREFIX
+
+# Peer identity lives in an ssl-free module so the registry can use it; it is
+# re-exported here because it is read from what the handshake delivers.
+from bridge.trust.identity import CertIdentity, certificate_identity, fingerprint_sha256
+
+__all__ = [
+    "INTERMEDIATE_CIPHERS",
+    "INTERMEDIATE_GROUPS",
+    "CertIdentity",
+    "certificate_identity",
+    "client_context",
+    "fingerprint_sha256",
+    "peer_certificate_der",
+    "server_context",
+]
 
 #: Mozilla "intermediate" TLS 1.2 suites (server-side ECDHE only, AEAD only).
 INTERMEDIATE_CIPHERS = ":".join(
@@ -122,57 +130,6 @@ def client_context(cert_file: Pathish, key_file: Pathish, ca_file: Pathish) -> s
 
 
 # --- peer identity ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CertIdentity:
-    """What the bridge reads from a (TLS-verified) peer certificate."""
-
-    fingerprint_sha256: str  # hex, lowercase, of the DER certificate
-    common_name: str | None
-    dns_names: tuple[str, ...]
-    uri_sans: tuple[str, ...]
-    partner_id: str | None  # from the ``urn:ws-fhir-bridge:partner:<id>`` URI SAN
-    not_after: datetime  # timezone-aware UTC
-
-
-def fingerprint_sha256(der: bytes) -> str:
-    """Lowercase hex SHA-256 of a DER certificate (the registry's fingerprint format)."""
-    return hashlib.sha256(der).hexdigest()
-
-
-def certificate_identity(der: bytes) -> CertIdentity:
-    """Read the identity of a DER certificate.
-
-    Raises :class:`TrustError` when the bytes are not a certificate or when the
-    certificate names more than one partner.
-    """
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        raise TrustError("peer certificate is not valid DER", location="tls.peer_certificate") from None
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    common_name = str(cns[0].value) if cns else None
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns_names = tuple(san.get_values_for_type(x509.DNSName))
-        uri_sans = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
-    except x509.ExtensionNotFound:
-        dns_names, uri_sans = (), ()
-    partner_ids = {u[len(PARTNER_URI_PREFIX) :] for u in uri_sans if u.startswith(PARTNER_URI_PREFIX)}
-    partner_ids.discard("")
-    if len(partner_ids) > 1:
-        raise TrustError(
-            "peer certificate names more than one partner", location="tls.peer_certificate.SAN"
-        )
-    return CertIdentity(
-        fingerprint_sha256=fingerprint_sha256(der),
-        common_name=common_name,
-        dns_names=dns_names,
-        uri_sans=uri_sans,
-        partner_id=next(iter(partner_ids), None),
-        not_after=cert.not_valid_after_utc,
-    )
 
 
 def peer_certificate_der(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> bytes:
