@@ -540,6 +540,15 @@ class SQLiteStore:
                              (sender, message_id)).fetchone()
             return _inbox_row(r) if r is not None else None
 
+    def inbox_count(self, sender: str | None = None) -> int:
+        """How many messages the inbox holds (from ``sender``, or from everyone)."""
+        with self._read("inbox_count") as conn:
+            if sender is None:
+                return int(conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0])
+            return int(
+                conn.execute("SELECT COUNT(*) FROM inbox WHERE sender=?", (sender,)).fetchone()[0]
+            )
+
     def inbox_accept(
         self,
         *,

@@ -322,6 +322,54 @@ class Dispatcher:
         )
         await c.db.mark_retry(row.message_id, next_attempt=due, error=exc.code, now=now, audit=None)
 
+    async def resend(self, message_id: str) -> bytes:
+        """Send a delivered claim again and return the receipt the partner answers with.
+
+        Used when the partner says it is missing a message, and to show that a resend
+        creates nothing new: the partner must answer with its original receipt. The
+        outbox row stays ``acked`` with its first receipt; the resend and whether the
+        receipt matched are audited. A ``dead`` or ``rejected`` claim is requeued
+        instead, and goes through the ordinary path.
+        """
+        c = self.c
+        row = await c.db.get_outbox(message_id)
+        if row is None:
+            raise BridgeError("no such message in the outbox", location=f"outbox[{message_id}]")
+        if row.state in ("dead", "rejected"):
+            await c.db.requeue(
+                message_id,
+                now=c.clock(),
+                audit=c.audit("claim.requeue", subject=message_id, partner=self.link.partner),
+            )
+            self.wake(message_id)
+            return b""
+        if row.state != "acked":
+            raise BridgeError("message is not delivered yet", location=f"outbox[{message_id}].state")
+        payload = orjson.loads(row.payload)
+        c.recheck_consent(payload, self.link)
+        receipt_bytes = await self._post(row.payload)
+        verify_receipt(
+            orjson.loads(receipt_bytes),
+            c.keyring,
+            expected_issuer=self.link.partner,
+            expected_audience=c.id,
+            request_message_id=message_id,
+            request_digest=digest(signed_payload(payload)),
+            now=c.clock(),
+            check_time=False,
+        )
+        same = receipt_bytes == row.receipt
+        await c.db.append_audit(
+            c.audit(
+                "claim.resend",
+                subject=message_id,
+                partner=self.link.partner,
+                digest_value=digest(receipt_bytes),
+                detail="original-receipt" if same else "new-receipt",
+            )
+        )
+        return receipt_bytes
+
     async def _post(self, payload: bytes) -> bytes:
         """POST once, with a few immediate retries for transient failures."""
         assert self._session is not None
