@@ -235,7 +235,8 @@ def _clean(
 def _item_ok(
     item: dict[str, Any], type_name: str, path: str, dropped: set[str], removed: list[str]
 ) -> bool:
-    if type_name == "Reference" and item.get("reference") in dropped:
+    target = item.get("reference")
+    if type_name == "Reference" and isinstance(target, str) and target in dropped:
         return False
     return _clean(item, type_name, path, dropped, removed)
 
