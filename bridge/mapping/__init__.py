@@ -1,1 +1,134 @@
+"""Mapping room: DE records (WS 445 data sets) to FHIR R4, driven by files in ``mappings/``.
 
+Public API:
+
+- :func:`read_record` parses and shape-checks a DE record from JSON.
+- :func:`map_record` turns a DE record into a FHIR R4 ``collection`` Bundle.
+- :func:`patient_identifiers` lists the Patient's identifiers in such a Bundle.
+- :func:`mapping_for` / :func:`load_mapping` give the loaded mapping (coverage, header).
+
+Errors never carry the values of the record, only where the problem is.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from bridge.errors import LoadError, MappingError, ParseError
+from bridge.mapping.engine import map_with
+from bridge.mapping.spec import MappingSpec, load_mapping
+from bridge.mapping.valuesets import shipped_valuesets
+from bridge.resources import mappings_dir
+
+__all__ = [
+    "MappingSpec",
+    "load_mapping",
+    "map_record",
+    "mapping_for",
+    "patient_identifiers",
+    "read_record",
+]
+
+_TOP_KEYS = frozenset({"dataset", "elements", "groups"})
+
+
+@lru_cache(maxsize=1)
+def _shipped() -> dict[str, MappingSpec]:
+    valuesets = shipped_valuesets()
+    specs: dict[str, MappingSpec] = {}
+    for path in sorted((mappings_dir() / "ws445").glob("*.yaml")):
+        spec = load_mapping(path, valuesets)
+        if spec.dataset in specs:
+            raise LoadError("two mapping files for one data set", location=str(path))
+        specs[spec.dataset] = spec
+    return specs
+
+
+def mapping_for(dataset: str) -> MappingSpec:
+    """The shipped mapping for a data set code (``WS445.10``)."""
+    spec = _shipped().get(dataset)
+    if spec is None:
+        raise MappingError("no mapping for this data set", location="$.dataset")
+    return spec
+
+
+def read_record(data: bytes | str, *, source: str = "<input>") -> dict[str, Any]:
+    """Parse a DE record from JSON and check its shape.
+
+    Malformed JSON raises :class:`ParseError` naming ``source:line:column``; a wrong
+    shape raises it naming the JSON path (``$.groups.diagnoses[2]``). Element values
+    are checked later, by :func:`map_record`, against the data set's declared formats.
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise ParseError("input is not UTF-8", location=f"{source}@byte {exc.start}") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ParseError(f"malformed JSON: {exc.msg}",
+                         location=f"{source}:{exc.lineno}:{exc.colno}") from None
+    check_shape(record, source=source)
+    return record  # type: ignore[no-any-return]
+
+
+def check_shape(record: Any, *, source: str = "<input>") -> None:
+    """Raise :class:`ParseError` naming the path if ``record`` is not a DE record."""
+    if not isinstance(record, dict):
+        raise ParseError("a DE record is a JSON object", location=f"{source} $")
+    for key in record:
+        if key not in _TOP_KEYS:
+            raise ParseError("unknown key in DE record", location=f"{source} $.{key}")
+    if not isinstance(record.get("dataset"), str):
+        raise ParseError("dataset must be a string", location=f"{source} $.dataset")
+    elements = record.get("elements")
+    if not isinstance(elements, dict):
+        raise ParseError("elements must be an object", location=f"{source} $.elements")
+    for key, value in elements.items():
+        _check_value(value, f"{source} $.elements.{key}")
+    groups = record.get("groups", {})
+    if not isinstance(groups, dict):
+        raise ParseError("groups must be an object", location=f"{source} $.groups")
+    for name, items in groups.items():
+        if not isinstance(items, list):
+            raise ParseError("a group is a list of objects", location=f"{source} $.groups.{name}")
+        for i, item in enumerate(items):
+            where = f"{source} $.groups.{name}[{i}]"
+            if not isinstance(item, dict):
+                raise ParseError("a group item is an object", location=where)
+            for key, value in item.items():
+                _check_value(value, f"{where}.{key}")
+
+
+def _check_value(value: Any, where: str) -> None:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return
+    raise ParseError("element values are strings, numbers or booleans", location=where)
+
+
+def map_record(record: dict[str, Any], *, now: datetime | None = None) -> dict[str, Any]:
+    """Map a DE record to a FHIR R4 ``collection`` Bundle and validate it.
+
+    Resource ids are uuid5 values of the source identifiers, so the same record gives
+    the same Bundle. ``now`` (timezone-aware) becomes ``Claim.created``; without it the
+    discharge time is used. Raises :class:`MappingError` naming the data element
+    (unknown, over-length, impossible date, code not in its value set, required but
+    missing) or :class:`~bridge.errors.ValidationError` naming the FHIR path.
+    """
+    if now is not None and (now.tzinfo is None or now.utcoffset() is None):
+        raise ValueError("now must be timezone-aware")
+    check_shape(record)
+    return map_with(mapping_for(record["dataset"]), record, now)
+
+
+def patient_identifiers(bundle: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(system, value)`` of every identifier of the Patient in a collection Bundle."""
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "Patient":
+            return [(i["system"], i["value"]) for i in resource.get("identifier", [])
+                    if "system" in i and "value" in i]
+    raise MappingError("bundle holds no Patient", location="Bundle.entry")

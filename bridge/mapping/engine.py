@@ -1,0 +1,342 @@
+"""Apply a loaded mapping to a DE record and produce a FHIR R4 collection Bundle.
+
+The engine knows nothing about WS 445: which resources exist, where each value goes and
+how it is converted is read from the mapping file. What lives here is the generic
+machinery: checking the record against the data-set catalog, deterministic ids,
+references, element paths, and validation of the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from bridge.errors import MappingError
+from bridge.mapping.spec import APPEND, Condition, GroupSpec, MappingSpec, ResourceSpec, Rule, RuleSet
+from bridge.mapping.transforms import NOTHING, REGISTRY
+from bridge.mapping.valuesets import ValueSetMap
+from bridge.records.fhir import validate_resource
+
+# Resource ids are uuid5 values in this namespace, named by the resource type and the
+# source identifiers, so the same record always yields the same ids.
+ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ws-fhir-bridge:resource-id")
+
+# Digests of resources that already validated. Identical content (the hospital's
+# Organization, a recurring Practitioner) is validated once per process.
+_VALIDATED: set[bytes] = set()
+_VALIDATED_MAX = 50_000
+
+
+@dataclass(slots=True)
+class RuleContext:
+    """What a transform may see: the record's values, value sets, clock and position."""
+
+    values: dict[str, str]
+    item: dict[str, str] | None
+    valuesets: dict[str, ValueSetMap]
+    now: datetime | None
+    location: str = ""
+    seq: int = 1
+    target_list: list[Any] | None = None
+
+    def lookup(self, element_id: str) -> str | None:
+        if self.item is not None and element_id in self.item:
+            return self.item[element_id]
+        return self.values.get(element_id)
+
+    def valueset(self, vs_id: str) -> ValueSetMap:
+        return self.valuesets[vs_id]
+
+
+@dataclass(slots=True)
+class _Built:
+    spec: ResourceSpec
+    resource: dict[str, Any]
+    item: dict[str, str] | None
+    item_location: str | None
+    local: dict[str, str]
+
+
+def check_record(spec: MappingSpec, record: dict[str, Any]) -> tuple[dict[str, str], dict[str, list[dict[str, str]]]]:
+    """Check every element against the catalog and the mapping; return normalised values."""
+    if record.get("dataset") != spec.dataset:
+        raise MappingError(f"record is not a {spec.dataset} record", location="$.dataset")
+    catalog = spec.catalog
+    values: dict[str, str] = {}
+    for eid, raw in record.get("elements", {}).items():
+        element = catalog.get(eid)
+        if eid not in spec.top_level_elements:
+            raise MappingError("data element does not belong at the top level of this mapping "
+                               "(it is part of a group)", location=eid)
+        if raw is None or raw == "":
+            continue
+        values[eid] = element.check(raw)
+    groups: dict[str, list[dict[str, str]]] = {}
+    for name, items in (record.get("groups") or {}).items():
+        group = spec.groups.get(name)
+        if group is None:
+            raise MappingError("unknown repeating group", location=f"$.groups.{name}")
+        checked: list[dict[str, str]] = []
+        for i, item in enumerate(items):
+            out: dict[str, str] = {}
+            for eid, raw in item.items():
+                element = catalog.get(eid)
+                if eid not in group.elements:
+                    raise MappingError(f"data element is not part of group {name}", location=eid)
+                if raw is None or raw == "":
+                    continue
+                out[eid] = element.check(raw)
+            if group.one_of:
+                present = [e for e in group.one_of if e in out]
+                if len(present) != 1:
+                    raise MappingError("item needs exactly one of " + ", ".join(group.one_of),
+                                       location=f"$.groups.{name}[{i}]")
+            checked.append(out)
+        groups[name] = checked
+    for name, group in spec.groups.items():
+        if len(groups.get(name, [])) < group.min_items:
+            raise MappingError(f"group needs at least {group.min_items} item(s)",
+                               location=f"$.groups.{name}")
+    return values, groups
+
+
+def _holds(cond: Condition | None, ctx: RuleContext) -> bool:
+    if cond is None:
+        return True
+    if cond.any_present:
+        return any(ctx.lookup(e) is not None for e in cond.any_present)
+    assert cond.source is not None
+    value = ctx.lookup(cond.source)
+    if cond.present is not None:
+        return (value is not None) is cond.present
+    if value is None:
+        return False
+    if cond.within is not None:
+        return value in cond.within
+    assert cond.not_within is not None
+    return value not in cond.not_within
+
+
+def _resource_id(spec: ResourceSpec, ctx: RuleContext, prefix: str, index: int | None,
+                 item_location: str | None) -> str:
+    parts = [spec.type]
+    if prefix:
+        parts.append(prefix)
+    for eid in spec.id_from:
+        if eid == "$index":
+            parts.append(str(index))
+            continue
+        value = ctx.lookup(eid)
+        if value is None:
+            raise MappingError(f"identifying data element missing for {spec.type}",
+                               location=f"{item_location} {eid}" if item_location else eid)
+        parts.append(value)
+    return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
+
+
+class _Mapper:
+    def __init__(self, spec: MappingSpec, values: dict[str, str],
+                 groups: dict[str, list[dict[str, str]]], now: datetime | None) -> None:
+        self.spec = spec
+        self.values = values
+        self.groups = groups
+        self.now = now
+        self.top: dict[str, dict[str, Any]] = {}
+        self.built: list[_Built] = []
+
+    def ctx(self, item: dict[str, str] | None) -> RuleContext:
+        return RuleContext(values=self.values, item=item, valuesets=self.spec.valuesets,
+                           now=self.now)
+
+    def run(self) -> list[dict[str, Any]]:
+        # Ids first, so that any rule can refer to any resource.
+        for rspec in self.spec.resources:
+            ctx = self.ctx(None)
+            if not _holds(rspec.when, ctx):
+                continue
+            rid = _resource_id(rspec, ctx, "", None, None)
+            resource = {"resourceType": rspec.type, "id": rid}
+            self.top[rspec.type] = resource
+            self.built.append(_Built(rspec, resource, None, None, {}))
+        for gspec in self.spec.groups.values():
+            self.prepare_group(gspec)
+        for built in self.built:
+            self.apply(built)
+        # A resource named by the same identifiers twice (one surgeon, two operations)
+        # is one resource.
+        seen: set[str] = set()
+        out: list[dict[str, Any]] = []
+        for built in self.built:
+            rid = built.resource["id"]
+            if rid in seen:
+                continue
+            seen.add(rid)
+            out.append(built.resource)
+        return out
+
+    def prepare_group(self, gspec: GroupSpec) -> None:
+        for index, item in enumerate(self.groups.get(gspec.name, []), start=1):
+            location = f"$.groups.{gspec.name}[{index - 1}]"
+            ctx = self.ctx(item)
+            local: dict[str, str] = {}
+            group_built: list[_Built] = []
+            for rspec in gspec.resources:
+                if not _holds(rspec.when, ctx):
+                    continue
+                prefix = ""
+                if rspec.id_within is not None:
+                    parent = self.top.get(rspec.id_within)
+                    if parent is None:  # pragma: no cover - checked by the mapping's own rules
+                        raise MappingError("parent resource missing", location=location)
+                    prefix = parent["id"]
+                rid = _resource_id(rspec, ctx, prefix, index, location)
+                resource = {"resourceType": rspec.type, "id": rid}
+                local[rspec.type] = rid
+                group_built.append(_Built(rspec, resource, item, location, local))
+            self.built.extend(group_built)
+
+    def ref(self, name: str, built: _Built) -> dict[str, str]:
+        if name == "this":
+            return {"reference": f"urn:uuid:{built.resource['id']}"}
+        if name in built.local:
+            return {"reference": f"urn:uuid:{built.local[name]}"}
+        target = self.top.get(name)
+        if target is None:
+            raise MappingError(f"referenced {name} was not created (its data is missing)",
+                               location=built.item_location or built.spec.where)
+        return {"reference": f"urn:uuid:{target['id']}"}
+
+    def target(self, rs: RuleSet, built: _Built) -> dict[str, Any]:
+        t = rs.target_type
+        if t is None or t == built.spec.type:
+            return built.resource
+        if t in built.local:
+            for other in self.built:
+                if other.resource["id"] == built.local[t]:
+                    return other.resource
+        resource = self.top.get(t)
+        if resource is None:
+            raise MappingError(f"{t} was not created (its data is missing)",
+                               location=built.item_location or rs.where)
+        return resource
+
+    def apply(self, built: _Built) -> None:
+        ctx = self.ctx(built.item)
+        for rs in built.spec.rules:
+            self.apply_ruleset(rs, self.target(rs, built), ctx, built)
+
+    def apply_ruleset(self, rs: RuleSet, obj: dict[str, Any], ctx: RuleContext,
+                      built: _Built) -> None:
+        if rs.appends:
+            for rule in rs.rules:
+                holder = _container(obj, rs.segments)
+                ctx.seq = len(holder) + 1
+                ctx.target_list = holder
+                value = self.evaluate(rule, ctx, built)
+                if value is not NOTHING:
+                    holder.append(value)
+            return
+        for rule in rs.rules:
+            value = self.evaluate(rule, ctx, built)
+            if value is not NOTHING:
+                _assign(obj, rs.segments, value)
+                return
+
+    def evaluate(self, rule: Rule, ctx: RuleContext, built: _Built) -> Any:
+        if rule.required and rule.source is not None and ctx.lookup(rule.source) is None:
+            where = (f"{built.item_location} {rule.source}" if built.item_location
+                     else rule.source)
+            raise MappingError("required data element missing", location=where)
+        if not _holds(rule.when, ctx):
+            return NOTHING
+        if rule.has_value:
+            return _copy(rule.value)
+        if rule.ref is not None:
+            return self.ref(rule.ref, built)
+        if rule.obj is not None:
+            seq, target_list = ctx.seq, ctx.target_list
+            result: dict[str, Any] = {}
+            for sub in rule.obj:
+                ctx.seq, ctx.target_list = seq, target_list
+                self.apply_ruleset(sub, result, ctx, built)
+            return result
+        assert rule.transform is not None
+        tdef = REGISTRY[rule.transform]
+        raw: str | None = None
+        if rule.source is not None:
+            raw = ctx.lookup(rule.source)
+            if raw is None:
+                return NOTHING
+            ctx.location = (f"{built.item_location} {rule.source}" if built.item_location
+                            else rule.source)
+        return tdef.fn(raw, rule, ctx)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _step(obj: Any, name: str, index: int | None, last: bool) -> Any:
+    if index is None:
+        if last:
+            return obj
+        return obj.setdefault(name, {})
+    lst = obj.setdefault(name, [])
+    if index == APPEND:
+        return lst
+    while len(lst) <= index:
+        lst.append({})
+    return lst[index]
+
+
+def _container(obj: dict[str, Any], segments: list[tuple[str, int | None]]) -> list[Any]:
+    for name, index in segments[:-1]:
+        obj = _step(obj, name, index, False)
+    name, _ = segments[-1]
+    lst: list[Any] = obj.setdefault(name, [])
+    return lst
+
+
+def _assign(obj: dict[str, Any], segments: list[tuple[str, int | None]], value: Any) -> None:
+    for name, index in segments[:-1]:
+        obj = _step(obj, name, index, False)
+    name, index = segments[-1]
+    if index is None:
+        obj[name] = value
+        return
+    lst = obj.setdefault(name, [])
+    while len(lst) <= index:
+        lst.append({})
+    lst[index] = value
+
+
+def validate_cached(resource: dict[str, Any], path: str) -> None:
+    """Validate a resource unless identical content has validated before."""
+    digest = hashlib.blake2b(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS),
+                             digest_size=20).digest()
+    if digest in _VALIDATED:
+        return
+    validate_resource(resource, path=path)
+    if len(_VALIDATED) >= _VALIDATED_MAX:
+        _VALIDATED.clear()
+    _VALIDATED.add(digest)
+
+
+def map_with(spec: MappingSpec, record: dict[str, Any], now: datetime | None) -> dict[str, Any]:
+    """Map a shape-checked DE record with ``spec``; see :func:`bridge.mapping.map_record`."""
+    values, groups = check_record(spec, record)
+    resources = _Mapper(spec, values, groups, now).run()
+    entries = []
+    for i, resource in enumerate(resources):
+        validate_cached(resource, f"Bundle.entry[{i}].resource")
+        entries.append({"fullUrl": f"urn:uuid:{resource['id']}", "resource": resource})
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
