@@ -13,7 +13,15 @@ import orjson
 import pytest
 
 from bridge.errors import ConfigError, ReplayError, SignatureError
-from bridge.trust.jws import KeyRing, Signer, SigningError, canonical_json, digest, sign_bundle, verify_bundle
+from bridge.trust.jws import (
+    KeyRing,
+    Signer,
+    SigningError,
+    canonical_json,
+    digest,
+    sign_bundle,
+    verify_bundle,
+)
 from bridge.trust.pki import DevPKI, generate_ca, init_dev_pki, issue_certificate
 
 NOW = datetime(2026, 3, 1, 0, 30, tzinfo=UTC)
@@ -22,7 +30,9 @@ MSG = "urn:uuid:5d1c0f4e-8a8b-5c44-9a57-1f3c7f5d2b10"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPKI:
-    return init_dev_pki(tmp_path_factory.mktemp("pki"), ["hospital-a", "insurer-b", "platform-c"], now=NOW)
+    return init_dev_pki(
+        tmp_path_factory.mktemp("pki"), ["hospital-a", "insurer-b", "platform-c"], now=NOW
+    )
 
 
 def signer(pki: DevPKI, who: str) -> Signer:
@@ -67,13 +77,22 @@ def message() -> dict[str, Any]:
 
 
 def signed(pki: DevPKI, **kw: Any) -> dict[str, Any]:
-    args: dict[str, Any] = {"issuer": "hospital-a", "audience": "insurer-b", "message_id": MSG, "now": NOW}
+    args: dict[str, Any] = {
+        "issuer": "hospital-a",
+        "audience": "insurer-b",
+        "message_id": MSG,
+        "now": NOW,
+    }
     args.update(kw)
     return sign_bundle(message(), signer(pki, args.pop("signer", "hospital-a")), **args)
 
 
 def verify(bundle: dict[str, Any], keyring: KeyRing, **kw: Any) -> Any:
-    args: dict[str, Any] = {"expected_issuer": "hospital-a", "expected_audience": "insurer-b", "now": NOW}
+    args: dict[str, Any] = {
+        "expected_issuer": "hospital-a",
+        "expected_audience": "insurer-b",
+        "now": NOW,
+    }
     args.update(kw)
     return verify_bundle(bundle, keyring, **args)
 
@@ -96,8 +115,14 @@ def test_round_trip_over_reencoded_json(pki: DevPKI, keyring: KeyRing) -> None:
     assert claims.payload_digest == digest(canonical_json(without))
     sig = bundle["signature"]
     assert sig["sigFormat"] == "application/jose"
-    assert sig["type"][0] == {"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.5"}
-    assert sig["who"]["identifier"] == {"system": "urn:ws-fhir-bridge:partner", "value": "hospital-a"}
+    assert sig["type"][0] == {
+        "system": "urn:iso-astm:E1762-95:2013",
+        "code": "1.2.840.10065.1.12.1.5",
+    }
+    assert sig["who"]["identifier"] == {
+        "system": "urn:ws-fhir-bridge:partner",
+        "value": "hospital-a",
+    }
     header_b64, payload_b64, _ = base64.b64decode(sig["data"]).split(b".")
     assert payload_b64 == b""  # detached
     header = json.loads(base64.urlsafe_b64decode(header_b64 + b"=" * (-len(header_b64) % 4)))
@@ -113,9 +138,13 @@ def test_round_trip_over_reencoded_json(pki: DevPKI, keyring: KeyRing) -> None:
 
 def test_canonical_json_is_sorted_compact_utf8() -> None:
     assert canonical_json({"b": [1, 2.5], "a": "张"}) == '{"a":"张","b":[1,2.5]}'.encode()
-    assert canonical_json(orjson.loads(b'{"v": 250.10}')) == canonical_json(json.loads('{"v":250.1}'))
-    with pytest.raises(SignatureError):
-        canonical_json({"v": float("nan")})
+    assert canonical_json(orjson.loads(b'{"v": 250.10}')) == canonical_json(
+        json.loads('{"v":250.1}')
+    )
+    assert canonical_json({"a": None}) == b'{"a":null}'
+    with pytest.raises(SignatureError) as err:
+        canonical_json({"a": None, "v": [float("nan")]})
+    assert err.value.location == "$.v[0]"
 
 
 def test_tampered_name_is_refused(pki: DevPKI, keyring: KeyRing) -> None:
@@ -140,7 +169,11 @@ def test_missing_and_malformed_signatures(pki: DevPKI, keyring: KeyRing) -> None
     with pytest.raises(SignatureError) as err:
         verify(message(), keyring)
     assert err.value.location == "Bundle.signature"
-    for data in ("not base64!", base64.b64encode(b"a.b").decode(), base64.b64encode(b"e30.payload.sig").decode()):
+    for data in (
+        "not base64!",
+        base64.b64encode(b"a.b").decode(),
+        base64.b64encode(b"e30.payload.sig").decode(),
+    ):
         bundle = signed(pki)
         bundle["signature"]["data"] = data
         with pytest.raises(SignatureError) as err:
@@ -185,8 +218,12 @@ def test_wrong_audience_is_refused(pki: DevPKI, keyring: KeyRing) -> None:
 def test_sender_cannot_sign_a_message_id_other_than_the_identifier(pki: DevPKI) -> None:
     with pytest.raises(SigningError) as err:
         sign_bundle(
-            message(), signer(pki, "hospital-a"), issuer="hospital-a", audience="insurer-b",
-            message_id="urn:uuid:other", now=NOW,
+            message(),
+            signer(pki, "hospital-a"),
+            issuer="hospital-a",
+            audience="insurer-b",
+            message_id="urn:uuid:other",
+            now=NOW,
         )
     assert err.value.location == "Bundle.identifier.value"
 
@@ -197,7 +234,15 @@ def test_signed_msgid_differing_from_identifier_is_refused(pki: DevPKI, keyring:
     bundle = message()
     from bridge.trust.jws import signed_payload
 
-    data = s.sign_detached({"iss": "hospital-a", "aud": "insurer-b", "iat": int(NOW.timestamp()), "msgid": "urn:uuid:x"}, signed_payload(bundle))
+    data = s.sign_detached(
+        {
+            "iss": "hospital-a",
+            "aud": "insurer-b",
+            "iat": int(NOW.timestamp()),
+            "msgid": "urn:uuid:x",
+        },
+        signed_payload(bundle),
+    )
     bundle["signature"] = {
         "sigFormat": "application/jose",
         "who": {"identifier": {"system": "urn:ws-fhir-bridge:partner", "value": "hospital-a"}},
@@ -209,14 +254,18 @@ def test_signed_msgid_differing_from_identifier_is_refused(pki: DevPKI, keyring:
 
 
 def test_key_rotation_keeps_old_and_new_keys(tmp_path: Path, pki: DevPKI, keyring: KeyRing) -> None:
-    ring = copy.copy(keyring)
-    ring._entries = dict(keyring._entries)  # noqa: SLF001 - isolate from the shared ring
+    ring = KeyRing()
+    ring.add_certificate("hospital-a", pki.controllers["hospital-a"].sign_cert)
     ca, ca_key = generate_ca("rotation CA", now=NOW)
-    cert, key = issue_certificate(ca, ca_key, "hospital-a next", purpose="signing", now=NOW, partner_id="hospital-a")
+    cert, key = issue_certificate(
+        ca, ca_key, "hospital-a next", purpose="signing", now=NOW, partner_id="hospital-a"
+    )
     ring.add_certificate("hospital-a", cert)
     assert len(ring.kids_for("hospital-a")) == 2
     new = Signer.from_certificate(key, cert)
-    bundle = sign_bundle(message(), new, issuer="hospital-a", audience="insurer-b", message_id=MSG, now=NOW)
+    bundle = sign_bundle(
+        message(), new, issuer="hospital-a", audience="insurer-b", message_id=MSG, now=NOW
+    )
     verify(bundle, ring)
     verify(signed(pki), ring)
     with pytest.raises(ConfigError):
@@ -226,20 +275,48 @@ def test_key_rotation_keeps_old_and_new_keys(tmp_path: Path, pki: DevPKI, keyrin
 def test_ed25519_signatures(pki: DevPKI) -> None:
     ca, ca_key = generate_ca("ed CA", now=NOW)
     cert, key = issue_certificate(
-        ca, ca_key, "ed", purpose="signing", now=NOW, partner_id="hospital-a", key_algorithm="Ed25519"
+        ca,
+        ca_key,
+        "ed",
+        purpose="signing",
+        now=NOW,
+        partner_id="hospital-a",
+        key_algorithm="Ed25519",
     )
     ring = KeyRing()
     ring.add_certificate("hospital-a", cert)
-    bundle = sign_bundle(message(), Signer.from_certificate(key, cert), issuer="hospital-a", audience="insurer-b", message_id=MSG, now=NOW)
+    bundle = sign_bundle(
+        message(),
+        Signer.from_certificate(key, cert),
+        issuer="hospital-a",
+        audience="insurer-b",
+        message_id=MSG,
+        now=NOW,
+    )
     assert verify(wire(bundle), ring).algorithm == "Ed25519"
 
 
 def test_signature_after_signing_certificate_expired_is_refused(pki: DevPKI) -> None:
     ca, ca_key = generate_ca("short CA", now=NOW - timedelta(days=20))
-    cert, key = issue_certificate(ca, ca_key, "short", purpose="signing", now=NOW - timedelta(days=20), days=10, partner_id="hospital-a")
+    cert, key = issue_certificate(
+        ca,
+        ca_key,
+        "short",
+        purpose="signing",
+        now=NOW - timedelta(days=20),
+        days=10,
+        partner_id="hospital-a",
+    )
     ring = KeyRing()
     ring.add_certificate("hospital-a", cert)
-    bundle = sign_bundle(message(), Signer.from_certificate(key, cert), issuer="hospital-a", audience="insurer-b", message_id=MSG, now=NOW)
+    bundle = sign_bundle(
+        message(),
+        Signer.from_certificate(key, cert),
+        issuer="hospital-a",
+        audience="insurer-b",
+        message_id=MSG,
+        now=NOW,
+    )
     with pytest.raises(SignatureError, match="not valid at the signing time"):
         verify(bundle, ring)
 
@@ -253,6 +330,13 @@ def test_signer_rejects_mismatched_key_and_certificate(pki: DevPKI) -> None:
 def test_large_bundle_signs_and_verifies(pki: DevPKI, keyring: KeyRing) -> None:
     bundle = message()
     bundle["entry"].extend(copy.deepcopy(bundle["entry"][0]) for _ in range(3000))
-    big = sign_bundle(bundle, signer(pki, "hospital-a"), issuer="hospital-a", audience="insurer-b", message_id=MSG, now=NOW)
+    big = sign_bundle(
+        bundle,
+        signer(pki, "hospital-a"),
+        issuer="hospital-a",
+        audience="insurer-b",
+        message_id=MSG,
+        now=NOW,
+    )
     assert len(orjson.dumps(big)) > 300_000
     verify(wire(big), keyring)

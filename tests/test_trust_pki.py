@@ -26,7 +26,9 @@ NOW = datetime(2026, 3, 1, 8, 30, tzinfo=UTC)
 
 def test_dev_pki_layout_and_private_key_modes(tmp_path: Path) -> None:
     pki = init_dev_pki(tmp_path / "certs", ["hospital-a", "insurer-b"], now=NOW)
-    written = sorted(str(p.relative_to(pki.directory)) for p in pki.directory.rglob("*") if p.is_file())
+    written = sorted(
+        str(p.relative_to(pki.directory)) for p in pki.directory.rglob("*") if p.is_file()
+    )
     assert written == [
         "ca.key",
         "ca.pem",
@@ -77,7 +79,9 @@ def test_tls_certificate_passes_cryptography_server_and_client_verification(tmp_
     builder = PolicyBuilder().store(Store([ca])).time(NOW + timedelta(days=1))
     chain = builder.build_server_verifier(x509.DNSName("localhost")).verify(leaf, [])
     assert chain[-1] == ca
-    ip_chain = builder.build_server_verifier(x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))).verify(leaf, [])
+    ip_chain = builder.build_server_verifier(
+        x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))
+    ).verify(leaf, [])
     assert ip_chain[0] == leaf
     client = builder.build_client_verifier().verify(leaf, [])
     assert "urn:ws-fhir-bridge:partner:hospital-a" in [
@@ -104,7 +108,9 @@ def test_expired_certificate_fails_verification() -> None:
         ca, ca_key, "old", purpose="tls", now=NOW - timedelta(days=400), days=30, partner_id="old"
     )
     with pytest.raises(VerificationError):
-        PolicyBuilder().store(Store([ca])).time(NOW).build_server_verifier(x509.DNSName("localhost")).verify(leaf, [])
+        PolicyBuilder().store(Store([ca])).time(NOW).build_server_verifier(
+            x509.DNSName("localhost")
+        ).verify(leaf, [])
 
 
 def test_load_errors_name_the_file_not_the_content(tmp_path: Path) -> None:

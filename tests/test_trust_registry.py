@@ -20,7 +20,9 @@ NOW = datetime(2026, 3, 1, 0, 30, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPKI:
-    return init_dev_pki(tmp_path_factory.mktemp("pki"), ["hospital-a", "insurer-b", "platform-c"], now=NOW)
+    return init_dev_pki(
+        tmp_path_factory.mktemp("pki"), ["hospital-a", "insurer-b", "platform-c"], now=NOW
+    )
 
 
 def der(pki: DevPKI, who: str) -> bytes:
@@ -67,7 +69,14 @@ def test_pinned_fingerprint_must_match(pki: DevPKI) -> None:
     ca = load_certificate(pki.ca_cert)
     from bridge.trust.pki import load_private_key
 
-    other, _ = issue_certificate(ca, load_private_key(pki.ca_key), "hospital-a", purpose="tls", now=NOW, partner_id="hospital-a")  # type: ignore[arg-type]
+    other, _ = issue_certificate(
+        ca,
+        load_private_key(pki.ca_key),
+        "hospital-a",
+        purpose="tls",
+        now=NOW,
+        partner_id="hospital-a",
+    )  # type: ignore[arg-type]
     with pytest.raises(UnknownPartner):
         reg.identify(other.public_bytes(Encoding.DER))
 
@@ -86,7 +95,9 @@ def test_certificate_without_partner_uri(pki: DevPKI) -> None:
 
 def test_fingerprint_mode_refuses_contradicting_san(pki: DevPKI) -> None:
     c_der = der(pki, "platform-c")
-    reg = PartnerRegistry([hospital(pki, tls_fingerprints={fingerprint_sha256(c_der)})], identity="fingerprint")
+    reg = PartnerRegistry(
+        [hospital(pki, tls_fingerprints={fingerprint_sha256(c_der)})], identity="fingerprint"
+    )
     with pytest.raises(UnknownPartner):
         reg.identify(c_der)
     with pytest.raises(ConfigError):
@@ -104,9 +115,21 @@ def test_registry_keyring_verifies_the_partners_signatures(pki: DevPKI) -> None:
     reg = PartnerRegistry([hospital(pki)])
     files = pki.controllers["hospital-a"]
     bundle = {"resourceType": "Bundle", "type": "message", "identifier": {"value": "urn:uuid:1"}}
-    signed = sign_bundle(bundle, Signer.from_files(files.sign_key, files.sign_cert), issuer="hospital-a", audience="insurer-b", message_id="urn:uuid:1", now=NOW)
+    signed = sign_bundle(
+        bundle,
+        Signer.from_files(files.sign_key, files.sign_cert),
+        issuer="hospital-a",
+        audience="insurer-b",
+        message_id="urn:uuid:1",
+        now=NOW,
+    )
     peer = reg.identify(der(pki, "hospital-a"))
-    assert verify_bundle(signed, reg.keyring(), expected_issuer=peer.id, expected_audience="insurer-b", now=NOW).issuer == "hospital-a"
+    assert (
+        verify_bundle(
+            signed, reg.keyring(), expected_issuer=peer.id, expected_audience="insurer-b", now=NOW
+        ).issuer
+        == "hospital-a"
+    )
 
 
 def test_duplicate_partner_ids_are_a_config_error(pki: DevPKI) -> None:

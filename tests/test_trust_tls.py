@@ -50,7 +50,9 @@ class Outcome:
     echoed: bytes | None = None
 
 
-def exchange(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, host: str = "localhost") -> Outcome:
+def exchange(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, host: str = "localhost"
+) -> Outcome:
     """One connection through a tiny threaded TLS echo server."""
     out = Outcome()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -72,11 +74,13 @@ def exchange(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, host: str =
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with client_ctx.wrap_socket(raw, server_hostname=host) as tls:
-                tls.sendall(b"ping")
-                # Under TLS 1.3 a refused client certificate surfaces only on this read.
-                out.echoed = tls.recv(64) or None
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            client_ctx.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            tls.sendall(b"ping")
+            # Under TLS 1.3 a refused client certificate surfaces only on this read.
+            out.echoed = tls.recv(64) or None
     except (ssl.SSLError, OSError) as exc:
         out.client_error = exc
     thread.join(5)
@@ -118,7 +122,10 @@ def test_mutual_handshake_and_peer_identity(pki: DevPKI) -> None:
     assert ident.common_name == "hospital-a"
     assert ident.dns_names == ("localhost",)
     expected = load_certificate(pki.controllers["hospital-a"].tls_cert)
-    assert ident.fingerprint_sha256 == __import__("hashlib").sha256(expected.public_bytes(Encoding.DER)).hexdigest()
+    assert (
+        ident.fingerprint_sha256
+        == __import__("hashlib").sha256(expected.public_bytes(Encoding.DER)).hexdigest()
+    )
     assert ident.not_after == expected.not_valid_after_utc
 
 
@@ -148,7 +155,9 @@ def test_client_without_certificate_is_refused(pki: DevPKI) -> None:
 
 def test_certificate_from_another_ca_is_refused(pki: DevPKI, tmp_path: Path) -> None:
     ca, ca_key = generate_ca("rogue CA", now=NOW)
-    cert, key = issue_certificate(ca, ca_key, "hospital-a", purpose="tls", now=NOW, partner_id="hospital-a")
+    cert, key = issue_certificate(
+        ca, ca_key, "hospital-a", purpose="tls", now=NOW, partner_id="hospital-a"
+    )
     cert_path, key_path = write_pair(tmp_path, "rogue", cert, key)
     out = exchange(server(pki), client_context(cert_path, key_path, pki.ca_cert))
     assert isinstance(out.server_error, ssl.SSLError)
@@ -160,7 +169,13 @@ def test_expired_client_certificate_is_refused(pki: DevPKI, tmp_path: Path) -> N
     ca = load_certificate(pki.ca_cert)
     ca_key = load_private_key(pki.ca_key)
     cert, key = issue_certificate(
-        ca, ca_key, "hospital-a", purpose="tls", now=NOW - timedelta(days=60), days=30, partner_id="hospital-a"  # type: ignore[arg-type]
+        ca,
+        ca_key,
+        "hospital-a",
+        purpose="tls",
+        now=NOW - timedelta(days=60),
+        days=30,
+        partner_id="hospital-a",  # type: ignore[arg-type]
     )
     cert_path, key_path = write_pair(tmp_path, "expired", cert, key)
     out = exchange(server(pki), client_context(cert_path, key_path, pki.ca_cert))
@@ -203,7 +218,9 @@ def test_revoked_client_certificate_is_refused_with_a_crl(pki: DevPKI, tmp_path:
     ca_key = load_private_key(pki.ca_key)
     revoked = load_certificate(pki.controllers["hospital-a"].tls_cert)
     crl_file = tmp_path / "crl.pem"
-    crl_file.write_bytes(issue_crl(ca, ca_key, [revoked.serial_number], now=NOW).public_bytes(Encoding.PEM))  # type: ignore[arg-type]
+    crl_file.write_bytes(
+        issue_crl(ca, ca_key, [revoked.serial_number], now=NOW).public_bytes(Encoding.PEM)
+    )  # type: ignore[arg-type]
     out = exchange(server(pki, crl_file=crl_file), client(pki))
     assert isinstance(out.server_error, ssl.SSLError)
     assert "revoked" in str(out.server_error).lower()

@@ -39,7 +39,9 @@ def certificate_identity(der: bytes) -> CertIdentity:
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
-        raise TrustError("peer certificate is not valid DER", location="tls.peer_certificate") from None
+        raise TrustError(
+            "peer certificate is not valid DER", location="tls.peer_certificate"
+        ) from None
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     common_name = str(cns[0].value) if cns else None
     try:
@@ -48,7 +50,9 @@ def certificate_identity(der: bytes) -> CertIdentity:
         uri_sans = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
     except x509.ExtensionNotFound:
         dns_names, uri_sans = (), ()
-    partner_ids = {u[len(PARTNER_URI_PREFIX) :] for u in uri_sans if u.startswith(PARTNER_URI_PREFIX)}
+    partner_ids = {
+        u[len(PARTNER_URI_PREFIX) :] for u in uri_sans if u.startswith(PARTNER_URI_PREFIX)
+    }
     partner_ids.discard("")
     if len(partner_ids) > 1:
         raise TrustError(

@@ -44,7 +44,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey
 from joserfc.registry import HeaderParameter
 
-from bridge.errors import ConfigError, SignatureError, TrustError, ReplayError
+from bridge.errors import BridgeError, ConfigError, ReplayError, SignatureError
 from bridge.trust.pki import PrivateKey, load_certificate, load_private_key
 
 SIGNATURE_TYPE_SYSTEM = "urn:iso-astm:E1762-95:2013"
@@ -59,7 +59,7 @@ _SIG_LOC = "Bundle.signature"
 _DATA_LOC = "Bundle.signature.data"
 
 
-class SigningError(TrustError):
+class SigningError(BridgeError):
     """The bridge itself cannot sign (bad input or key); the peer is not at fault."""
 
     code = "signing-failed"
@@ -113,11 +113,15 @@ def canonical_json(obj: Any) -> bytes:
     standard JSON parser produces it. Raises :class:`SignatureError` for values that
     have no JSON form (``Decimal``, ``datetime``, non-string keys, NaN).
     """
-    _reject_non_finite(obj, "$")
     try:
-        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        out = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
     except TypeError:
         raise SignatureError("value has no canonical JSON form", location="$") from None
+    # NaN and Infinity come out as null; FHIR JSON rarely holds a real null, so the
+    # (slower) walk that finds them runs only when a null is present.
+    if b"null" in out:
+        _reject_non_finite(obj, "$")
+    return out
 
 
 def signed_payload(bundle: dict[str, Any]) -> bytes:
@@ -132,9 +136,10 @@ def certificate_kid(cert: x509.Certificate) -> str:
 
 
 def _algorithm_for(key: Any) -> str:
-    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
-        if isinstance(key.curve, ec.SECP256R1):
-            return "ES256"
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and isinstance(
+        key.curve, ec.SECP256R1
+    ):
+        return "ES256"
     if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
         return "Ed25519"
     raise ValueError("only EC P-256 and Ed25519 keys sign bundles")
@@ -147,7 +152,11 @@ def _jose_key(key: Any) -> ECKey | OKPKey:
 
 
 def _public_bytes(key: Any) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -171,11 +180,15 @@ class Signer:
     def from_certificate(cls, private_key: PrivateKey, cert: x509.Certificate) -> Signer:
         """Signer whose kid is the thumbprint of ``cert``; the key must match the certificate."""
         if _public_bytes(private_key.public_key()) != _public_bytes(cert.public_key()):
-            raise ConfigError("signing key does not match the signing certificate", location="signer")
+            raise ConfigError(
+                "signing key does not match the signing certificate", location="signer"
+            )
         return cls(private_key=private_key, kid=certificate_kid(cert))
 
     @classmethod
-    def from_files(cls, key_file: str | os.PathLike[str], cert_file: str | os.PathLike[str]) -> Signer:
+    def from_files(
+        cls, key_file: str | os.PathLike[str], cert_file: str | os.PathLike[str]
+    ) -> Signer:
         """Load a signer from PEM files (the dev PKI's ``<id>/sign.key`` and ``sign.pem``)."""
         key = load_private_key(key_file)
         cert = load_certificate(cert_file)
@@ -190,7 +203,7 @@ class Signer:
         """Compact JWS of ``payload`` with the content detached (``header..signature``)."""
         protected = {**header, "alg": self.algorithm, "kid": self.kid}
         compact = jws.serialize_compact(protected, payload, self._jose, registry=_REGISTRY)
-        return jws.detach_content(compact)  # type: ignore[no-any-return]
+        return str(jws.detach_content(compact))
 
 
 # --- key ring ------------------------------------------------------------------------------
@@ -227,9 +240,13 @@ class KeyRing:
         location = f"partners.{partner_id}.signing_certificates"
         if isinstance(cert, x509.Certificate):
             certificate = cert
-        elif isinstance(cert, bytes) or (isinstance(cert, str) and cert.lstrip().startswith("-----BEGIN")):
+        elif isinstance(cert, bytes) or (
+            isinstance(cert, str) and cert.lstrip().startswith("-----BEGIN")
+        ):
             try:
-                certificate = x509.load_pem_x509_certificate(cert.encode() if isinstance(cert, str) else cert)
+                certificate = x509.load_pem_x509_certificate(
+                    cert.encode() if isinstance(cert, str) else cert
+                )
             except ValueError:
                 raise ConfigError("not a PEM certificate", location=location) from None
         else:
@@ -239,7 +256,9 @@ class KeyRing:
         try:
             algorithm = _algorithm_for(public_key)
         except ValueError:
-            raise ConfigError("signing certificate key must be EC P-256 or Ed25519", location=location) from None
+            raise ConfigError(
+                "signing certificate key must be EC P-256 or Ed25519", location=location
+            ) from None
         try:
             usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
             if not usage.digital_signature:
@@ -327,13 +346,17 @@ def sign_bundle(
     _aware(now)
     identifier = bundle.get("identifier")
     if not isinstance(identifier, dict) or identifier.get("value") != message_id:
-        raise SigningError("message id must equal Bundle.identifier.value", location="Bundle.identifier.value")
+        raise SigningError(
+            "message id must equal Bundle.identifier.value", location="Bundle.identifier.value"
+        )
     try:
         payload = signed_payload(bundle)
     except SignatureError as exc:
         raise SigningError(exc.message, location=exc.location) from None
     iat = int(now.timestamp())
-    data = signer.sign_detached({"iss": issuer, "aud": audience, "iat": iat, "msgid": message_id}, payload)
+    data = signer.sign_detached(
+        {"iss": issuer, "aud": audience, "iat": iat, "msgid": message_id}, payload
+    )
     signature = {
         "type": [{"system": SIGNATURE_TYPE_SYSTEM, "code": SIGNATURE_TYPES[role]}],
         "when": _instant(datetime.fromtimestamp(iat, UTC)),
@@ -372,7 +395,9 @@ def verify_bundle(
     if not isinstance(signature, dict):
         raise SignatureError("bundle is not signed", location=_SIG_LOC)
     if signature.get("sigFormat") != SIG_FORMAT:
-        raise SignatureError("signature format must be application/jose", location=f"{_SIG_LOC}.sigFormat")
+        raise SignatureError(
+            "signature format must be application/jose", location=f"{_SIG_LOC}.sigFormat"
+        )
     data = signature.get("data")
     if not isinstance(data, str):
         raise SignatureError("signature data missing", location=_DATA_LOC)
@@ -380,7 +405,9 @@ def verify_bundle(
         compact = base64.b64decode(data, validate=True)
         compact.decode("ascii")
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise SignatureError("signature data is not base64 of a compact JWS", location=_DATA_LOC) from None
+        raise SignatureError(
+            "signature data is not base64 of a compact JWS", location=_DATA_LOC
+        ) from None
     parts = compact.split(b".")
     if len(parts) != 3 or parts[1] != b"":
         raise SignatureError("signature is not a detached compact JWS", location=_DATA_LOC)
@@ -399,7 +426,9 @@ def verify_bundle(
     if entry.partner_id != expected_issuer:
         raise SignatureError("signing key belongs to another partner", location=f"{_DATA_LOC}#kid")
     if header.get("alg") != entry.algorithm:
-        raise SignatureError("signature algorithm does not match the key", location=f"{_DATA_LOC}#alg")
+        raise SignatureError(
+            "signature algorithm does not match the key", location=f"{_DATA_LOC}#alg"
+        )
     try:
         valid = jws.validate_compact(obj, entry.jose_key, [entry.algorithm], _REGISTRY)
     except (JoseError, ValueError):
@@ -409,21 +438,30 @@ def verify_bundle(
 
     # From here on the header is authentic.
     if header["iss"] != expected_issuer:
-        raise SignatureError("signed issuer is not the expected partner", location=f"{_DATA_LOC}#iss")
+        raise SignatureError(
+            "signed issuer is not the expected partner", location=f"{_DATA_LOC}#iss"
+        )
     who = signature.get("who")
     who_value = who.get("identifier", {}).get("value") if isinstance(who, dict) else None
     if who_value != header["iss"]:
         raise SignatureError("Signature.who does not name the signer", location=f"{_SIG_LOC}.who")
     identifier = bundle.get("identifier")
     if not isinstance(identifier, dict) or identifier.get("value") != header["msgid"]:
-        raise SignatureError("signed message id differs from the bundle identifier", location="Bundle.identifier.value")
+        raise SignatureError(
+            "signed message id differs from the bundle identifier",
+            location="Bundle.identifier.value",
+        )
     if header["aud"] != expected_audience:
         raise ReplayError("bundle is addressed to another partner", location=f"{_DATA_LOC}#aud")
     issued_at = datetime.fromtimestamp(header["iat"], UTC)
     if not (entry.not_before <= issued_at <= entry.not_after):
-        raise SignatureError("signing certificate was not valid at the signing time", location=f"{_DATA_LOC}#kid")
+        raise SignatureError(
+            "signing certificate was not valid at the signing time", location=f"{_DATA_LOC}#kid"
+        )
     if check_time and abs(now - issued_at) > window:
-        raise ReplayError("signature time is outside the accepted window", location=f"{_DATA_LOC}#iat")
+        raise ReplayError(
+            "signature time is outside the accepted window", location=f"{_DATA_LOC}#iat"
+        )
     return SignedClaims(
         kid=kid,
         issuer=header["iss"],

@@ -76,7 +76,8 @@ def _response_identifier(request_message_id: str) -> str:
     bare = request_message_id.removeprefix("urn:uuid:")
     if not _FHIR_ID.fullmatch(bare):
         raise SigningError(
-            "request message id cannot be expressed as a FHIR id", location="MessageHeader.response.identifier"
+            "request message id cannot be expressed as a FHIR id",
+            location="MessageHeader.response.identifier",
         )
     return bare
 
@@ -134,7 +135,11 @@ def make_receipt(
         entries.append(
             {
                 "fullUrl": f"urn:uuid:{outcome_id}",
-                "resource": {"resourceType": "OperationOutcome", "id": outcome_id, "issue": list(issues)},
+                "resource": {
+                    "resourceType": "OperationOutcome",
+                    "id": outcome_id,
+                    "issue": list(issues),
+                },
             }
         )
         header["response"]["details"] = {"reference": f"urn:uuid:{outcome_id}"}
@@ -201,7 +206,11 @@ def verify_receipt(
     if claims.message_id != receipt_id(request_message_id, expected_issuer):
         raise _bad("receipt identity does not belong to this request", "Bundle.identifier.value")
     entries = receipt.get("entry")
-    header = entries[0].get("resource") if isinstance(entries, list) and entries and isinstance(entries[0], dict) else None
+    header = (
+        entries[0].get("resource")
+        if isinstance(entries, list) and entries and isinstance(entries[0], dict)
+        else None
+    )
     if not isinstance(header, dict) or header.get("resourceType") != "MessageHeader":
         raise _bad("receipt does not start with a MessageHeader", _MH)
     event = header.get("eventCoding") or {}
@@ -229,7 +238,7 @@ def verify_receipt(
     if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(audit_hash, str):
         raise _bad("receipt lacks the receiver's audit entry", f"{_MH}.extension({EXT_AUDIT_SEQ})")
     issues: tuple[dict[str, Any], ...] = ()
-    for entry in entries[1:]:
+    for entry in entries[1:] if isinstance(entries, list) else ():
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome":
             issues = tuple(resource.get("issue") or ())

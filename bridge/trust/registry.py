@@ -18,13 +18,13 @@ Identity modes:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from bridge.errors import ConfigError, UnknownPartner
-from bridge.trust.jws import KeyRing
 from bridge.trust.identity import certificate_identity
+from bridge.trust.jws import KeyRing
 
 IdentityMode = Literal["san", "fingerprint"]
 _LOC = "tls.peer_certificate"
@@ -34,7 +34,9 @@ def _normalise_fingerprint(value: str) -> str:
     # Accept the common "AB:CD:…" notation in configuration files.
     hexed = value.replace(":", "").strip().lower()
     if len(hexed) != 64 or any(ch not in "0123456789abcdef" for ch in hexed):
-        raise ConfigError("TLS fingerprint must be 64 hex digits (SHA-256)", location="partners.tls_fingerprints")
+        raise ConfigError(
+            "TLS fingerprint must be 64 hex digits (SHA-256)", location="partners.tls_fingerprints"
+        )
     return hexed
 
 
@@ -51,7 +53,9 @@ class Partner:
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "tls_fingerprints", frozenset(_normalise_fingerprint(f) for f in self.tls_fingerprints)
+            self,
+            "tls_fingerprints",
+            frozenset(_normalise_fingerprint(f) for f in self.tls_fingerprints),
         )
         object.__setattr__(self, "links", frozenset(self.links))
         object.__setattr__(self, "signing_certificates", tuple(self.signing_certificates))
@@ -62,7 +66,9 @@ class PartnerRegistry:
 
     def __init__(self, partners: Iterable[Partner], *, identity: IdentityMode = "san") -> None:
         if identity not in ("san", "fingerprint"):
-            raise ConfigError("identity mode must be 'san' or 'fingerprint'", location="registry.identity")
+            raise ConfigError(
+                "identity mode must be 'san' or 'fingerprint'", location="registry.identity"
+            )
         self.identity: IdentityMode = identity
         self._partners: dict[str, Partner] = {}
         self._by_fingerprint: dict[str, Partner] = {}
@@ -72,7 +78,10 @@ class PartnerRegistry:
             self._partners[partner.id] = partner
             for fp in partner.tls_fingerprints:
                 if fp in self._by_fingerprint:
-                    raise ConfigError("TLS fingerprint registered for two partners", location=f"partners.{partner.id}")
+                    raise ConfigError(
+                        "TLS fingerprint registered for two partners",
+                        location=f"partners.{partner.id}",
+                    )
                 self._by_fingerprint[fp] = partner
         if identity == "fingerprint":
             unpinned = [p.id for p in self._partners.values() if not p.tls_fingerprints]
@@ -89,7 +98,7 @@ class PartnerRegistry:
             raise UnknownPartner("partner is not registered", location="partner_id")
         return partner
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Partner]:
         return iter(self._partners.values())
 
     def identify(self, peer_cert_der: bytes, *, link: str | None = None) -> Partner:
@@ -103,15 +112,23 @@ class PartnerRegistry:
             if partner is None:
                 raise UnknownPartner("certificate fingerprint matches no partner", location=_LOC)
             if ident.partner_id is not None and ident.partner_id != partner.id:
-                raise UnknownPartner("certificate names another partner than its fingerprint", location=f"{_LOC}.SAN")
+                raise UnknownPartner(
+                    "certificate names another partner than its fingerprint", location=f"{_LOC}.SAN"
+                )
         else:
             if ident.partner_id is None:
-                raise UnknownPartner("certificate carries no partner URI SAN", location=f"{_LOC}.SAN")
+                raise UnknownPartner(
+                    "certificate carries no partner URI SAN", location=f"{_LOC}.SAN"
+                )
             found = self._partners.get(ident.partner_id)
             if found is None:
-                raise UnknownPartner("certificate names no registered partner", location=f"{_LOC}.SAN")
+                raise UnknownPartner(
+                    "certificate names no registered partner", location=f"{_LOC}.SAN"
+                )
             if found.tls_fingerprints and ident.fingerprint_sha256 not in found.tls_fingerprints:
-                raise UnknownPartner("certificate is not one pinned for this partner", location=_LOC)
+                raise UnknownPartner(
+                    "certificate is not one pinned for this partner", location=_LOC
+                )
             partner = found
         if link is not None and link not in partner.links:
             raise UnknownPartner("partner is not configured for this link", location="link")
