@@ -453,7 +453,12 @@ def verify_bundle(
         )
     if header["aud"] != expected_audience:
         raise ReplayError("bundle is addressed to another partner", location=f"{_DATA_LOC}#aud")
-    issued_at = datetime.fromtimestamp(header["iat"], UTC)
+    try:
+        issued_at = datetime.fromtimestamp(header["iat"], UTC)
+    except (OverflowError, OSError, ValueError):
+        raise SignatureError(
+            "signature time is out of range", location=f"{_DATA_LOC}#iat"
+        ) from None
     if not (entry.not_before <= issued_at <= entry.not_after):
         raise SignatureError(
             "signing certificate was not valid at the signing time", location=f"{_DATA_LOC}#kid"
