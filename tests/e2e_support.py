@@ -44,7 +44,9 @@ class Pair:
 
 
 def make_workdir(root: Path) -> tuple[Path, Path]:
-    init_dev_pki(root / "pki", [HOSPITAL, INSURER, "clinic-x"])
+    # The PKI was made a day ago, as in real life: signatures from half an hour ago
+    # are then made with a valid key and fail only on freshness.
+    init_dev_pki(root / "pki", [HOSPITAL, INSURER, "clinic-x"], now=datetime.now(UTC) - timedelta(days=1))
     return write_configs(root, free_port(), free_port())
 
 

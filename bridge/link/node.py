@@ -25,9 +25,11 @@ from bridge.ledger.sqlite import SQLiteStore
 from bridge.link.store import AsyncStore
 from bridge.mapping import map_record, patient_identifiers
 from bridge.messages import message_id_for, wrap_message
-from bridge.policy.consent import ConsentRegistry
-from bridge.policy.engine import apply_policy
-from bridge.policy.profile import LinkProfile
+from bridge.messages import collection_of
+from bridge.policy.consent import ConsentRegistry, parse_consent
+from bridge.policy.engine import apply_policy, data_period
+from bridge.policy.engine import patient_identifiers as policy_patient_identifiers
+from bridge.policy.profile import LinkProfile, load_link_profile
 from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
 from bridge.trust.registry import Partner, PartnerRegistry
 
@@ -105,7 +107,7 @@ class Controller:
         for _consent_id, _status, resource in self.store.list_consents():
             self.consents.put(orjson.loads(resource), now=self.clock())
         self.profiles: dict[str, LinkProfile] = {
-            link.id: LinkProfile.load(link.profile) for link in config.links
+            link.id: load_link_profile(link.profile) for link in config.links
         }
 
     # --- helpers -------------------------------------------------------------------
@@ -160,12 +162,12 @@ class Controller:
     async def put_consent(self, resource: dict[str, Any], *, source: str = "local") -> str:
         """Register, amend or revoke (status ``inactive``) a consent; durable before it counts."""
         now = self.clock()
-        record = self.consents.parse(resource)
-        patient_keys = [f"{s}|{v}" for s, v in record.patient_identifiers]
+        record = parse_consent(resource)
+        patient_keys = ["|".join(record.patient)]
         entry = self.audit(
             "consent.put",
             subject=record.id,
-            patient=self.pseudonym(list(record.patient_identifiers)),
+            patient=self.pseudonym([record.patient]),
             detail=f"{source}:{record.status}",
             now=now,
         )
@@ -281,16 +283,19 @@ class Controller:
         )
 
     def recheck_consent(self, payload: dict[str, Any], link: LinkConfig) -> None:
-        """Ask the consent question again at dispatch; raises ConsentDenied."""
-        ids = patient_identifiers(payload)
-        if not ids:
-            raise ConsentDenied("message names no patient identifier", location="Patient.identifier")
+        """Ask the consent question again at dispatch; raises ConsentDenied.
+
+        The question is rebuilt from the signed payload itself (its patient, its
+        resource types, the span of care it describes), so it is the same question
+        whether the message waited a second or a week, and survives a restart.
+        """
+        collection = collection_of(payload)
         self.consents.require_consent(
-            patient_identifiers=ids,
+            patient_identifiers=list(policy_patient_identifiers(collection)),
             recipient=link.partner,
             purpose=link.purpose,
-            resource_types=set(resource_types(payload)) - {"MessageHeader"},
-            data_period=None,
+            resource_types=set(resource_types(collection)),
+            data_period=data_period(collection),
             now=self.clock(),
         )
 
