@@ -234,12 +234,12 @@ class _Mapper:
                       built: _Built) -> None:
         if rs.appends:
             for rule in rs.rules:
-                holder = _container(obj, rs.segments)
-                ctx.seq = len(holder) + 1
-                ctx.target_list = holder
+                existing = _peek(obj, rs.segments)
+                ctx.seq = len(existing) + 1 if existing is not None else 1
+                ctx.target_list = existing
                 value = self.evaluate(rule, ctx, built)
                 if value is not NOTHING:
-                    holder.append(value)
+                    _container(obj, rs.segments).append(value)
             return
         for rule in rs.rules:
             value = self.evaluate(rule, ctx, built)
@@ -296,6 +296,20 @@ def _step(obj: Any, name: str, index: int | None, last: bool) -> Any:
     while len(lst) <= index:
         lst.append({})
     return lst[index]
+
+
+def _peek(obj: Any, segments: list[tuple[str, int | None]]) -> list[Any] | None:
+    """The list an appending path points at, if it exists; creates nothing."""
+    for name, index in segments[:-1]:
+        obj = obj.get(name) if isinstance(obj, dict) else None
+        if obj is None:
+            return None
+        if index is not None:
+            if not isinstance(obj, list) or index == APPEND or index >= len(obj):
+                return None
+            obj = obj[index]
+    found = obj.get(segments[-1][0]) if isinstance(obj, dict) else None
+    return found if isinstance(found, list) else None
 
 
 def _container(obj: dict[str, Any], segments: list[tuple[str, int | None]]) -> list[Any]:
