@@ -212,7 +212,9 @@ async def _run(claims: int, workdir: Path, seed: int, rate: float, console: Cons
             if kind == "none":
                 continue
             ids = patient_identifiers(map_record(record, now=now))
-            system, value = next((s, v) for s, v in ids if s == "urn:oid:2.16.156.10011.1.3")
+            # Consents name the patient by ID card number where there is one, otherwise by
+            # the first identifier the hospital holds (passport, inpatient number, ...).
+            system, value = next(((s, v) for s, v in ids if s == "urn:oid:2.16.156.10011.1.3"), ids[0])
             consent = build_consent(
                 consent_id=f"demo-consent-{n:05d}",
                 patient_system=system,

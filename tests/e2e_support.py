@@ -60,9 +60,9 @@ async def start_pair(root: Path, *, start_dispatch: bool = True) -> Pair:
     return Pair(root, hospital_cfg, insurer_cfg, hospital, insurer)
 
 
-def patient_id(record: dict[str, Any]) -> str:
+def patient_id(record: dict[str, Any]) -> tuple[str, str]:
     ids = patient_identifiers(map_record(record, now=datetime.now(UTC)))
-    return next(v for s, v in ids if s == ID_CARD)
+    return next(((s, v) for s, v in ids if s == ID_CARD), ids[0])
 
 
 def consent_for(
@@ -75,10 +75,11 @@ def consent_for(
     status: str = "active",
 ) -> dict[str, Any]:
     now = datetime.now(UTC)
+    system, value = patient_id(record)
     consent = build_consent(
         consent_id=consent_id,
-        patient_system=ID_CARD,
-        patient_value=patient_id(record),
+        patient_system=system,
+        patient_value=value,
         recipient=recipient,
         purposes=list(purposes),
         start=now - timedelta(days=1),
