@@ -94,8 +94,8 @@ def check_record(spec: MappingSpec, record: dict[str, Any]) -> tuple[dict[str, s
             if group.one_of:
                 present = [e for e in group.one_of if e in out]
                 if len(present) != 1:
-                    raise MappingError("item needs exactly one of " + ", ".join(group.one_of),
-                                       location=f"$.groups.{name}[{i}]")
+                    raise MappingError("item needs exactly one of these data elements",
+                                       location=f"$.groups.{name}[{i}] " + "|".join(group.one_of))
             checked.append(out)
         groups[name] = checked
     for name, group in spec.groups.items():
