@@ -569,3 +569,55 @@ def test_shipped_valuesets_are_consistent() -> None:
     assert {c.code: c.target for c in sex.concepts.values()} == {
         "0": "unknown", "1": "male", "2": "female", "9": "unknown"}
     assert all(len(code) == 2 for code in valuesets["cv07-10-005-payment-method"].concepts)
+
+
+# --- validation cache -----------------------------------------------------------------
+
+
+def _patient(**changes: Any) -> dict[str, Any]:
+    patient: dict[str, Any] = {
+        "resourceType": "Patient", "id": "0b9c2f8e-0000-5000-8000-000000000001",
+        "identifier": [{"system": "urn:oid:2.16.156.10011.1.3", "value": "11010519491231002X"}],
+        "name": [{"use": "official", "text": "张三"}], "gender": "male",
+        "birthDate": "1949-12-31",
+    }
+    patient.update(changes)
+    return patient
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"gender": "bogus"},                      # a code checked against its required binding
+     {"birthDate": "1949-02-30"},              # same shape as a valid date, impossible day
+     {"birthDate": "1949-12-31T10:00:00"},     # a dateTime where a date belongs
+     {"name": [{"use": "official", "text": ""}]},
+     {"id": "not an id with spaces"},
+     {"identifier": [{"system": "urn:oid:2.16.156.10011.1.3", "value": ""}]}],
+)
+def test_validation_cache_never_passes_what_full_validation_refuses(changes: dict[str, Any]) -> None:
+    from bridge.errors import ValidationError
+    from bridge.mapping.engine import validate_cached
+
+    validate_cached(_patient(), "Bundle.entry[1].resource")
+    validate_cached(_patient(name=[{"use": "official", "text": "李四"}]), "Bundle.entry[1].resource")
+    with pytest.raises(ValidationError):
+        validate_cached(_patient(**changes), "Bundle.entry[1].resource")
+
+
+def test_identical_resources_are_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.mapping import engine
+
+    calls: list[str] = []
+    real = engine.validate_resource
+
+    def counting(resource: dict[str, Any], *, path: str | None = None) -> None:
+        calls.append(resource["resourceType"])
+        real(resource, path=path)
+
+    monkeypatch.setattr(engine, "validate_resource", counting)
+    monkeypatch.setattr(engine, "_VALIDATED", set())
+    monkeypatch.setattr(engine, "_VALID_SHAPES", set())
+    for rec in inpatient_records(30, seed=21):
+        map_record(rec, now=NOW)
+    assert calls.count("Organization") == 1
+    assert calls.count("Patient") < 30
