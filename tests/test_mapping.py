@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from bridge.errors import LoadError, MappingError, ParseError
-from bridge.mapping import load_mapping, map_record, mapping_for, patient_identifiers, read_record
+from bridge.mapping import (
+    load_mapping,
+    map_record,
+    mapping_for,
+    patient_identifiers,
+    read_record,
+    unused_elements,
+)
 from bridge.mapping.valuesets import load_valueset, shipped_valuesets
 from bridge.resources import mappings_dir
 from bridge.samples import id_check_digit, inpatient_records
@@ -361,6 +368,11 @@ def test_missing_required_element_is_named(record: dict[str, Any], eid: str) -> 
     assert eid in (_mapping_error(record).location or "")
 
 
+def test_identity_number_without_its_type_is_refused(record: dict[str, Any]) -> None:
+    del record["elements"]["HDSD00.11.049"]
+    assert _mapping_error(record, record["elements"]["HDSD00.11.048"]).location == "HDSD00.11.049"
+
+
 def test_empty_string_counts_as_missing(record: dict[str, Any]) -> None:
     record["elements"]["HDSD00.11.110"] = ""
     assert _mapping_error(record).location == "HDSD00.11.110"
@@ -469,6 +481,16 @@ def test_read_record_shape_errors_name_the_path(doc: str, where: str) -> None:
 
 
 # --- mapping files ----------------------------------------------------------------------
+
+
+def test_unused_elements_are_reported_with_reasons(record: dict[str, Any]) -> None:
+    unused = dict(unused_elements(record))
+    assert "HDSD00.11.141" in unused          # resident physician signature
+    assert "HDSD00.11.074" in unused          # anaesthetist, inside the operations group
+    assert "HDSD00.11.110" not in unused
+    assert all(reason for reason in unused.values())
+    bundle_text = str(map_record(record, now=NOW))
+    assert record["elements"]["HDSD00.11.141"] not in bundle_text
 
 
 def test_shipped_mapping_header_and_coverage() -> None:

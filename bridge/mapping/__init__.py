@@ -5,6 +5,7 @@ Public API:
 - :func:`read_record` parses and shape-checks a DE record from JSON.
 - :func:`map_record` turns a DE record into a FHIR R4 ``collection`` Bundle.
 - :func:`patient_identifiers` lists the Patient's identifiers in such a Bundle.
+- :func:`unused_elements` lists what a record carried that the mapping holds back, and why.
 - :func:`mapping_for` / :func:`load_mapping` give the loaded mapping (coverage, header).
 
 Errors never carry the values of the record, only where the problem is.
@@ -30,6 +31,7 @@ __all__ = [
     "mapping_for",
     "patient_identifiers",
     "read_record",
+    "unused_elements",
 ]
 
 _TOP_KEYS = frozenset({"dataset", "elements", "groups"})
@@ -132,3 +134,18 @@ def patient_identifiers(bundle: dict[str, Any]) -> list[tuple[str, str]]:
             return [(i["system"], i["value"]) for i in resource.get("identifier", [])
                     if "system" in i and "value" in i]
     raise MappingError("bundle holds no Patient", location="Bundle.entry")
+
+
+def unused_elements(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(HDSD id, reason)`` for every filled element of ``record`` the mapping does not carry.
+
+    This is the trace of what stays at the source: useful to find a gap in a mapping and
+    to explain to an auditor what was held back. Group items are included.
+    """
+    check_shape(record)
+    spec = mapping_for(record["dataset"])
+    present = {k for k, v in record["elements"].items() if v not in (None, "")}
+    for items in (record.get("groups") or {}).values():
+        for item in items:
+            present |= {k for k, v in item.items() if v not in (None, "")}
+    return [(eid, spec.unmapped[eid]) for eid in sorted(present) if eid in spec.unmapped]

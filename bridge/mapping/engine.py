@@ -118,12 +118,11 @@ def _holds(cond: Condition | None, ctx: RuleContext) -> bool:
     value = ctx.lookup(cond.source)
     if cond.present is not None:
         return (value is not None) is cond.present
-    if value is None:
-        return False
     if cond.within is not None:
-        return value in cond.within
+        return value is not None and value in cond.within
     assert cond.not_within is not None
-    return value not in cond.not_within
+    # An absent value is not in the list: the rule applies and reports what it misses.
+    return value is None or value not in cond.not_within
 
 
 def _resource_id(spec: ResourceSpec, ctx: RuleContext, prefix: str, index: int | None,

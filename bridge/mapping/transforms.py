@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -213,8 +212,3 @@ REGISTRY: dict[str, TransformDef] = {
     "sequence": TransformDef(_sequence, False),
     "now": TransformDef(_now, False),
 }
-
-
-def now_utc_text(now: datetime) -> str:
-    """Format an aware clock value as a FHIR dateTime."""
-    return now.isoformat(timespec="seconds")

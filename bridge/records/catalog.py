@@ -24,8 +24,6 @@ from pathlib import Path
 from bridge.errors import LoadError, MappingError
 from bridge.resources import mappings_dir
 
-Value = str | int | float | bool
-
 # A (alphabetic), AN (alphanumeric) or N (numeric), optional minimum, ``..`` and maximum,
 # optional decimal scale: ``A..50``, ``AN10``, ``N1..3``, ``N..10,2``.
 _FORMAT = re.compile(r"^(?P<kind>AN|A|N)(?P<min>\d+)?(?:\.\.(?P<max>\d+))?(?:,(?P<scale>\d+))?$")
