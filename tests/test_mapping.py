@@ -532,6 +532,11 @@ def _broken(tmp_path: Path, old: str, new: str) -> tuple[Path, int]:
       "is"),
      ("system: \"urn:oid:2.16.156.10011.1.5\"", "system: \"not a uri\"", "system"),
      ("id_from: [HDSD00.11.119]", "id_from: []", "id_from"),
+     ("Encounter.hospitalization.admitSource:", "Encounter.hospitalisation.admitSource:",
+      "Encounter.hospitalisation.admitSource"),
+     ("          valueMoney: {source: HDSD00.11.143", "          valueMony: {source: HDSD00.11.143",
+      "valueMony"),
+     ("Patient.birthDate: {source", "Patient.birthDate.year: {source", "Patient.birthDate.year"),
      ("required: true}\n      Patient.telecom", "required: yes-please}\n      Patient.telecom",
       "required")],
 )
@@ -643,3 +648,16 @@ def test_identical_resources_are_validated_once(monkeypatch: pytest.MonkeyPatch)
         map_record(rec, now=NOW)
     assert calls.count("Organization") == 1
     assert calls.count("Patient") < 30
+
+
+def test_mapping_room_is_free_of_io_libraries() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import bridge.mapping, bridge.samples; "
+            "from bridge.mapping import map_record; from bridge.samples import inpatient_records; "
+            "map_record(inpatient_records(1)[0]); "
+            "print(sorted(m for m in ('aiohttp', 'asyncio', 'ssl', 'sqlite3') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"

@@ -19,6 +19,7 @@ from bridge.mapping.transforms import CODE_OUTPUTS, REGISTRY
 from bridge.mapping.valuesets import ValueSetMap
 from bridge.mapping.yamlsrc import SourceList, SourceMap, load_yaml
 from bridge.records.catalog import DatasetCatalog, load_catalog
+from bridge.records.fhir import element_specs
 
 APPEND = -1
 _SEGMENT = re.compile(r"^(?P<name>_?[a-zA-Z][A-Za-z0-9]*)(?:\[(?P<index>\d*)\])?$")
@@ -360,8 +361,30 @@ class _Loader:
         rules_raw = self.mapping(raw, "rules")
         rules = [self.ruleset(key, value, rules_raw.where(key), rtype, top=True)
                  for key, value in rules_raw.items()]
+        for rs in rules:
+            self.check_path(rs, rs.target_type or rtype)
         return ResourceSpec(type=rtype, where=raw.where("type"), id_from=id_from,
                             id_within=id_within, when=when, rules=rules)
+
+    def check_path(self, rs: RuleSet, base: str | None) -> None:
+        """Every segment must be an element of the FHIR type it is applied to."""
+        current = base
+        for name, _ in rs.segments:
+            if current is None:
+                raise LoadError("a primitive element has no child elements", location=rs.where)
+            if name.startswith("_"):
+                # ``_gender``: the primitive's extension holder (an Element).
+                if name[1:] not in element_specs(current):
+                    raise LoadError(f"{current} has no element {name[1:]}", location=rs.where)
+                current = "Element"
+                continue
+            specs = element_specs(current)
+            if name not in specs:
+                raise LoadError(f"{current} has no element {name}", location=rs.where)
+            current = specs[name].type_name
+        for rule in rs.rules:
+            for sub in rule.obj or []:
+                self.check_path(sub, current)
 
     def ruleset(self, key: str, value: Any, where: str, rtype: str, *, top: bool) -> RuleSet:
         target_type, segments = parse_path(key, where)
