@@ -21,7 +21,6 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import orjson
 from rich.console import Console
@@ -42,7 +41,11 @@ def run_once(claims: int, rate: float, seed: int) -> tuple[float, float, float]:
     if result.lost:
         raise SystemExit(f"benchmark run lost {result.lost} claims")
     throughput = result.delivered / result.elapsed
-    return throughput, statistics.median(result.latencies) * 1000, _pct(result.latencies, 0.99) * 1000
+    return (
+        throughput,
+        statistics.median(result.latencies) * 1000,
+        _pct(result.latencies, 0.99) * 1000,
+    )
 
 
 def stage_costs(samples: int = 300) -> dict[str, float]:
@@ -51,7 +54,7 @@ def stage_costs(samples: int = 300) -> dict[str, float]:
     from bridge.messages import collection_of, wrap_message
     from bridge.policy.consent import ConsentRegistry
     from bridge.policy.engine import apply_policy, build_consent
-    from bridge.policy.profile import LinkProfile
+    from bridge.policy.profile import load_link_profile
     from bridge.records.fhir import validate_resource
     from bridge.samples import inpatient_records
     from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle, verify_bundle
@@ -62,18 +65,31 @@ def stage_costs(samples: int = 300) -> dict[str, float]:
     registry = ConsentRegistry()
     for i, record in enumerate(records):
         ids = patient_identifiers(map_record(record, now=now))
-        system, value = next((s, v) for s, v in ids if s.endswith(".1.3"))
+        system, value = next(((s, v) for s, v in ids if s.endswith(".1.3")), ids[0])
         registry.put(
             build_consent(
-                consent_id=f"b-{i}", patient_system=system, patient_value=value, recipient="insurer-b",
-                purposes=["HPAYMT"], start=now - timedelta(days=1), end=now + timedelta(days=1),
-                sensitive_classes=("sexual-reproductive", "infectious", "mental", "malignant",
-                                   "genetic", "anal", "rare", "incurable"),
+                consent_id=f"b-{i}",
+                patient_system=system,
+                patient_value=value,
+                recipient="insurer-b",
+                purposes=["HPAYMT"],
+                start=now - timedelta(days=1),
+                end=now + timedelta(days=1),
+                sensitive_classes=(
+                    "sexual-reproductive",
+                    "infectious",
+                    "mental",
+                    "malignant",
+                    "genetic",
+                    "anal",
+                    "rare",
+                    "incurable",
+                ),
                 hospital_partner_id="hospital-a",
             ),
             now=now,
         )
-    profile = LinkProfile.load("commercial-insurance")
+    profile = load_link_profile("commercial-insurance")
     with tempfile.TemporaryDirectory() as tmp:
         pki = init_dev_pki(Path(tmp), ["hospital-a"])
         files = pki.controllers["hospital-a"]
@@ -81,43 +97,73 @@ def stage_costs(samples: int = 300) -> dict[str, float]:
         ring = KeyRing()
         ring.add_certificate("hospital-a", files.sign_cert)
 
-    timings: dict[str, list[float]] = {k: [] for k in (
-        "map+validate (sender)", "policy (classify, consent, minimise)", "wrap+sign",
-        "serialise (orjson)", "verify signature (receiver)", "validate (receiver)",
-        "profile check (receiver)")}
+    timings: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "map+validate (sender)",
+            "policy (classify, consent, minimise)",
+            "wrap+sign",
+            "serialise (orjson)",
+            "verify signature (receiver)",
+            "validate (receiver)",
+            "profile check (receiver)",
+        )
+    }
     for n, record in enumerate(records):
         t0 = time.perf_counter()
         collection = map_record(record, now=now)
         t1 = time.perf_counter()
-        result = apply_policy(collection, registry=registry, profile=profile, recipient="insurer-b",
-                              purpose="HPAYMT", now=now)
+        result = apply_policy(
+            collection,
+            registry=registry,
+            profile=profile,
+            recipient="insurer-b",
+            purpose="HPAYMT",
+            now=now,
+        )
         t2 = time.perf_counter()
         mid = f"urn:uuid:00000000-0000-4000-8000-{n:012d}"
-        message = wrap_message(result.bundle, message_id=mid, event="claim-submit", sender="hospital-a",
-                               receiver="insurer-b", source_endpoint="https://a/fhir",
-                               destination_endpoint="https://b/fhir", now=now)
-        signed = sign_bundle(message, signer, issuer="hospital-a", audience="insurer-b",
-                             message_id=mid, now=now)
+        message = wrap_message(
+            result.bundle,
+            message_id=mid,
+            event="claim-submit",
+            sender="hospital-a",
+            receiver="insurer-b",
+            source_endpoint="https://a/fhir",
+            destination_endpoint="https://b/fhir",
+            now=now,
+        )
+        signed = sign_bundle(
+            message, signer, issuer="hospital-a", audience="insurer-b", message_id=mid, now=now
+        )
         t3 = time.perf_counter()
         body = orjson.dumps(signed)
         digest(body)
         t4 = time.perf_counter()
         received = orjson.loads(body)
-        verify_bundle(received, ring, expected_issuer="hospital-a", expected_audience="insurer-b", now=now)
+        verify_bundle(
+            received, ring, expected_issuer="hospital-a", expected_audience="insurer-b", now=now
+        )
         t5 = time.perf_counter()
         validate_resource(received)
         t6 = time.perf_counter()
         profile.minimize(collection_of(received))
         t7 = time.perf_counter()
-        for key, a, b in zip(timings, (t0, t1, t2, t3, t4, t5, t6), (t1, t2, t3, t4, t5, t6, t7), strict=True):
+        for key, a, b in zip(
+            timings, (t0, t1, t2, t3, t4, t5, t6), (t1, t2, t3, t4, t5, t6, t7), strict=True
+        ):
             timings[key].append((b - a) * 1000)
     return {k: statistics.median(v[20:]) for k, v in timings.items()}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--claims", type=int, default=2000)
-    parser.add_argument("--rate", type=float, default=100.0, help="offered rate for the latency run")
+    parser.add_argument(
+        "--rate", type=float, default=100.0, help="offered rate for the latency run"
+    )
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
@@ -130,7 +176,9 @@ def main() -> None:
 
     sat = [run_once(args.claims, 0.0, seed) for seed in range(args.runs)]
     print(f"\nsaturated, {args.claims} claims x {args.runs} runs:")
-    print(f"  claims/s        median {statistics.median(s[0] for s in sat):7.0f}   runs {[round(s[0]) for s in sat]}")
+    print(
+        f"  claims/s        median {statistics.median(s[0] for s in sat):7.0f}   runs {[round(s[0]) for s in sat]}"
+    )
     print(f"  latency median  median {statistics.median(s[1] for s in sat):7.1f} ms")
     print(f"  latency p99     median {statistics.median(s[2] for s in sat):7.1f} ms")
 
@@ -138,7 +186,9 @@ def main() -> None:
     fixed = [run_once(n, args.rate, seed) for seed in range(args.runs)]
     print(f"\noffered {args.rate:.0f} claims/s, {n} claims x {args.runs} runs:")
     print(f"  latency median  median {statistics.median(s[1] for s in fixed):7.1f} ms")
-    print(f"  latency p99     median {statistics.median(s[2] for s in fixed):7.1f} ms   runs {[round(s[2], 1) for s in fixed]}")
+    print(
+        f"  latency p99     median {statistics.median(s[2] for s in fixed):7.1f} ms   runs {[round(s[2], 1) for s in fixed]}"
+    )
 
 
 if __name__ == "__main__":

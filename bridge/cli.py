@@ -120,7 +120,9 @@ def cmd_push(args: argparse.Namespace) -> int:
         state = "queued" if submitted.created else "already queued (duplicate suppressed)"
         sys.stdout.write(f"{submitted.message_id} {state} on link {submitted.link}\n")
         if submitted.held_back:
-            sys.stdout.write(f"held back (not covered by consent): {', '.join(submitted.held_back)}\n")
+            sys.stdout.write(
+                f"held back (not covered by consent): {', '.join(submitted.held_back)}\n"
+            )
         return 0
 
     try:
@@ -142,7 +144,9 @@ def cmd_consent_add(args: argparse.Namespace) -> int:
             try:
                 resource = orjson.loads(Path(args.file).read_bytes())
             except orjson.JSONDecodeError as exc:
-                sys.stderr.write(f"error [parse-error]: malformed JSON at byte {exc.pos} of {args.file}\n")
+                sys.stderr.write(
+                    f"error [parse-error]: malformed JSON at byte {exc.pos} of {args.file}\n"
+                )
                 return 2
             consent_id = await controller.put_consent(resource, source="cli")
         finally:
@@ -238,9 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="two controllers on loopback exchanging claims over mutual TLS")
     d.add_argument("--claims", type=int, default=200, help="number of claims to push (default 200)")
-    d.add_argument("--workdir", help="keep PKI, configs and stores here (default: a temporary folder)")
+    d.add_argument(
+        "--workdir", help="keep PKI, configs and stores here (default: a temporary folder)"
+    )
     d.add_argument("--seed", type=int, default=7, help="seed for the sample records")
-    d.add_argument("--rate", type=float, default=0.0, help="offered claims per second (0 = as fast as possible)")
+    d.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="offered claims per second (0 = as fast as possible)",
+    )
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
 

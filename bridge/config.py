@@ -151,10 +151,14 @@ def _resolve(data: dict[str, object], base: Path) -> None:
         for key in keys:
             value = section.get(key)
             if isinstance(value, str):
-                section[key] = str((base / value).resolve()) if not Path(value).is_absolute() else value
+                section[key] = (
+                    str((base / value).resolve()) if not Path(value).is_absolute() else value
+                )
             elif isinstance(value, list):
                 section[key] = [
-                    str((base / v).resolve()) if isinstance(v, str) and not Path(v).is_absolute() else v
+                    str((base / v).resolve())
+                    if isinstance(v, str) and not Path(v).is_absolute()
+                    else v
                     for v in value
                 ]
 
@@ -168,8 +172,10 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     if isinstance(audit, dict):
         audit.setdefault("pseudonym_key_file", "audit-pseudonym.key")
     fix(audit, ("pseudonym_key_file",))
-    for partner in data.get("partners", []) or []:
-        fix(partner, ("signing_certs",))
+    partners = data.get("partners")
+    if isinstance(partners, list):
+        for partner in partners:
+            fix(partner, ("signing_certs",))
 
 
 def load_config(path: str | Path) -> BridgeConfig:
@@ -178,7 +184,9 @@ def load_config(path: str | Path) -> BridgeConfig:
     try:
         raw = file.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read configuration file: {exc.strerror}", location=str(file)) from None
+        raise ConfigError(
+            f"cannot read configuration file: {exc.strerror}", location=str(file)
+        ) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -160,11 +160,15 @@ def _consent_plan(records: list[dict[str, Any]], rng: random.Random) -> list[str
     return plan
 
 
-async def _wait_ready(url_host: str, port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+async def _wait_ready(
+    url_host: str, port: int, proc: asyncio.subprocess.Process, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BridgeError("the insurer's bridge exited during start-up", location="bridge serve")
+        if proc.returncode is not None:
+            raise BridgeError(
+                "the insurer's bridge exited during start-up", location="bridge serve"
+            )
         try:
             _r, w = await asyncio.open_connection(url_host, port)
             w.close()
@@ -174,7 +178,9 @@ async def _wait_ready(url_host: str, port: int, proc: subprocess.Popen[bytes], t
     raise BridgeError("the insurer's bridge did not start in time", location="bridge serve")
 
 
-async def _run(claims: int, workdir: Path, seed: int, rate: float, console: Console, quiet: bool) -> DemoResult:
+async def _run(
+    claims: int, workdir: Path, seed: int, rate: float, console: Console, quiet: bool
+) -> DemoResult:
     from bridge.config import load_config
     from bridge.ledger.sqlite import SQLiteStore
     from bridge.link.node import Controller
@@ -190,13 +196,23 @@ async def _run(claims: int, workdir: Path, seed: int, rate: float, console: Cons
     insurer_port = load_config(insurer_cfg).server.port
 
     env = dict(os.environ)
-    log_file = open(workdir / "insurer.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "serve", "--config", str(insurer_cfg)],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    # The insurer runs in its own process, as it would on its own premises; its log
+    # goes to insurer.log in the work folder.
+    log_fd = os.open(workdir / "insurer.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bridge",
+            "serve",
+            "--config",
+            str(insurer_cfg),
+            stdout=log_fd,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    finally:
+        os.close(log_fd)
     service: BridgeService | None = None
     try:
         await _wait_ready("127.0.0.1", insurer_port, proc, timeout=60)
@@ -214,7 +230,9 @@ async def _run(claims: int, workdir: Path, seed: int, rate: float, console: Cons
             ids = patient_identifiers(map_record(record, now=now))
             # Consents name the patient by ID card number where there is one, otherwise by
             # the first identifier the hospital holds (passport, inpatient number, ...).
-            system, value = next(((s, v) for s, v in ids if s == "urn:oid:2.16.156.10011.1.3"), ids[0])
+            system, value = next(
+                ((s, v) for s, v in ids if s == "urn:oid:2.16.156.10011.1.3"), ids[0]
+            )
             consent = build_consent(
                 consent_id=f"demo-consent-{n:05d}",
                 patient_system=system,
@@ -224,8 +242,18 @@ async def _run(claims: int, workdir: Path, seed: int, rate: float, console: Cons
                 start=now - timedelta(days=30),
                 end=now + timedelta(days=365),
                 sensitive_classes=(
-                    ("sexual-reproductive", "infectious", "mental", "malignant", "genetic",
-                     "anal", "rare", "incurable") if kind == "full" else ()
+                    (
+                        "sexual-reproductive",
+                        "infectious",
+                        "mental",
+                        "malignant",
+                        "genetic",
+                        "anal",
+                        "rare",
+                        "incurable",
+                    )
+                    if kind == "full"
+                    else ()
                 ),
                 hospital_partner_id=HOSPITAL,
             )
@@ -302,12 +330,13 @@ async def _run(claims: int, workdir: Path, seed: int, rate: float, console: Cons
     finally:
         if service is not None:
             await service.stop()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log_file.close()
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
     hospital_store = load_config(hospital_cfg).store.path
     insurer_store = load_config(insurer_cfg).store.path
@@ -315,8 +344,12 @@ async def _run(claims: int, workdir: Path, seed: int, rate: float, console: Cons
         h_report = hs.verify_audit()
         i_report = ins.verify_audit()
         result.insurer_inbox = ins.inbox_count(HOSPITAL)
-    result.hospital_chain = f"{h_report.count} entries" + ("" if h_report.ok else f", BROKEN at {h_report.first_bad_seq}")
-    result.insurer_chain = f"{i_report.count} entries" + ("" if i_report.ok else f", BROKEN at {i_report.first_bad_seq}")
+    result.hospital_chain = f"{h_report.count} entries" + (
+        "" if h_report.ok else f", BROKEN at {h_report.first_bad_seq}"
+    )
+    result.insurer_chain = f"{i_report.count} entries" + (
+        "" if i_report.ok else f", BROKEN at {i_report.first_bad_seq}"
+    )
     result.chains_ok = h_report.ok and i_report.ok
     accounted = result.delivered + result.rejected + result.refused_at_dispatch + result.dead
     result.lost += (result.enqueued - accounted) + abs(result.insurer_inbox - result.delivered)
@@ -324,7 +357,9 @@ async def _run(claims: int, workdir: Path, seed: int, rate: float, console: Cons
 
 
 def render(result: DemoResult, console: Console) -> None:
-    table = Table(title="ws-fhir-bridge demo: hospital-a → insurer-b over mutual TLS", show_header=False)
+    table = Table(
+        title="ws-fhir-bridge demo: hospital-a → insurer-b over mutual TLS", show_header=False
+    )
     table.add_column("what", style="bold")
     table.add_column("count", justify="right")
     rate = result.delivered / result.elapsed if result.elapsed else 0.0
@@ -347,7 +382,10 @@ def render(result: DemoResult, console: Console) -> None:
         ("dead-lettered", result.dead),
         ("signature failures", result.signature_failures),
         ("claims in the insurer's inbox", result.insurer_inbox),
-        ("hospital audit chain", ("verified, " if result.chains_ok else "") + result.hospital_chain),
+        (
+            "hospital audit chain",
+            ("verified, " if result.chains_ok else "") + result.hospital_chain,
+        ),
         ("insurer audit chain", ("verified, " if result.chains_ok else "") + result.insurer_chain),
         ("claims per second", f"{rate:.0f}"),
         ("median latency (enqueue → receipt)", f"{median:.1f} ms"),
@@ -360,7 +398,12 @@ def render(result: DemoResult, console: Console) -> None:
 
 
 def run_demo(
-    *, claims: int = 200, workdir: Path | None = None, seed: int = 7, rate: float = 0.0, quiet: bool = False
+    *,
+    claims: int = 200,
+    workdir: Path | None = None,
+    seed: int = 7,
+    rate: float = 0.0,
+    quiet: bool = False,
 ) -> int:
     console = Console(stderr=False)
     temp = workdir is None

@@ -22,7 +22,14 @@ from bridge.trust.pki import init_dev_pki
 
 ID_CARD = "urn:oid:2.16.156.10011.1.3"
 ALL_CLASSES = (
-    "sexual-reproductive", "infectious", "mental", "malignant", "genetic", "anal", "rare", "incurable",
+    "sexual-reproductive",
+    "infectious",
+    "mental",
+    "malignant",
+    "genetic",
+    "anal",
+    "rare",
+    "incurable",
 )
 
 
@@ -46,7 +53,9 @@ class Pair:
 def make_workdir(root: Path) -> tuple[Path, Path]:
     # The PKI was made a day ago, as in real life: signatures from half an hour ago
     # are then made with a valid key and fail only on freshness.
-    init_dev_pki(root / "pki", [HOSPITAL, INSURER, "clinic-x"], now=datetime.now(UTC) - timedelta(days=1))
+    init_dev_pki(
+        root / "pki", [HOSPITAL, INSURER, "clinic-x"], now=datetime.now(UTC) - timedelta(days=1)
+    )
     return write_configs(root, free_port(), free_port())
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from e2e_support import LINK_OUT, Pair, client_ssl, consent_for, start_pair
 
 from bridge.cli import main as cli_main
 from bridge.errors import ConsentDenied
@@ -31,7 +32,6 @@ from bridge.trust.pki import (
     load_private_key,
     private_key_pem,
 )
-from e2e_support import LINK_OUT, Pair, client_ssl, consent_for, start_pair
 
 FINAL = {"acked", "rejected", "refused", "dead"}
 
@@ -93,7 +93,9 @@ def store_of(pair: Pair, who: str) -> Path:
 # --- the happy path ----------------------------------------------------------------------
 
 
-async def test_consented_claim_arrives_minimised_signed_and_receipted(pair: Pair, records: list) -> None:
+async def test_consented_claim_arrives_minimised_signed_and_receipted(
+    pair: Pair, records: list
+) -> None:
     record = records[0]
     await pair.hospital.controller.put_consent(consent_for(record))
     sub = await pair.hospital.submit(record, LINK_OUT)
@@ -106,8 +108,12 @@ async def test_consented_claim_arrives_minimised_signed_and_receipted(pair: Pair
     payload = orjson.loads(stored.payload)
     # The signature the insurer holds verifies against the hospital's key, years later too.
     claims = verify_bundle(
-        payload, insurer.keyring, expected_issuer="hospital-a", expected_audience="insurer-b",
-        now=datetime.now(UTC) + timedelta(days=400), check_time=False,
+        payload,
+        insurer.keyring,
+        expected_issuer="hospital-a",
+        expected_audience="insurer-b",
+        now=datetime.now(UTC) + timedelta(days=400),
+        check_time=False,
     )
     assert claims.message_id == sub.message_id
     # Nothing outside the commercial-insurance profile is on the wire.
@@ -115,7 +121,9 @@ async def test_consented_claim_arrives_minimised_signed_and_receipted(pair: Pair
     assert profile.minimize(collection_of(payload)).removed == []
     types = {e["resource"]["resourceType"] for e in payload["entry"]}
     assert {"MessageHeader", "Patient", "Claim", "Encounter"} <= types
-    patient = next(e["resource"] for e in payload["entry"] if e["resource"]["resourceType"] == "Patient")
+    patient = next(
+        e["resource"] for e in payload["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
     for address in patient.get("address", []):
         assert "line" not in address  # street and house number stay at the hospital
     # The hospital holds the insurer's signed receipt naming the insurer's audit entry.
@@ -124,7 +132,9 @@ async def test_consented_claim_arrives_minimised_signed_and_receipted(pair: Pair
     assert receipt == orjson.loads(stored.receipt)
 
 
-async def test_claim_without_consent_is_refused_and_audited_by_sender(pair: Pair, records: list) -> None:
+async def test_claim_without_consent_is_refused_and_audited_by_sender(
+    pair: Pair, records: list
+) -> None:
     with pytest.raises(ConsentDenied):
         await pair.hospital.submit(records[1], LINK_OUT)
     actions = audit_actions(store_of(pair, "hospital"))
@@ -169,8 +179,10 @@ async def test_revoked_consent_stops_a_queued_claim(tmp_path: Path, records: lis
         row = await wait_final(pair, sub.message_id)
         assert row.state == "refused"
         assert inbox_count(store_of(pair, "insurer")) == 0
-        assert any(a == "claim.refused" and d and d.startswith("dispatch:") for a, _, d in
-                   audit_actions(store_of(pair, "hospital")))
+        assert any(
+            a == "claim.refused" and d and d.startswith("dispatch:")
+            for a, _, d in audit_actions(store_of(pair, "hospital"))
+        )
     finally:
         await pair.stop()
 
@@ -178,16 +190,27 @@ async def test_revoked_consent_stops_a_queued_claim(tmp_path: Path, records: lis
 # --- attacks from outside --------------------------------------------------------------------
 
 
-async def _post(pair: Pair, body: bytes, *, who: str | None = "hospital-a",
-                content_type: str = "application/fhir+json", ca: Path | None = None,
-                cert: tuple[Path, Path] | None = None) -> tuple[int, dict[str, Any]]:
+async def _post(
+    pair: Pair,
+    body: bytes,
+    *,
+    who: str | None = "hospital-a",
+    content_type: str = "application/fhir+json",
+    ca: Path | None = None,
+    cert: tuple[Path, Path] | None = None,
+) -> tuple[int, dict[str, Any]]:
     ctx = client_ssl(pair.root, who if cert is None else None, ca=ca)
     if cert is not None:
         ctx.load_cert_chain(*cert)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
-        async with session.post(f"{pair.insurer_url}/$process-message", data=body,
-                                headers={"Content-Type": content_type}) as resp:
-            return resp.status, orjson.loads(await resp.read())
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
+        session.post(
+            f"{pair.insurer_url}/$process-message",
+            data=body,
+            headers={"Content-Type": content_type},
+        ) as resp,
+    ):
+        return resp.status, orjson.loads(await resp.read())
 
 
 async def test_tampered_payload_is_rejected_and_audited(pair: Pair, records: list) -> None:
@@ -195,7 +218,9 @@ async def test_tampered_payload_is_rejected_and_audited(pair: Pair, records: lis
     await pair.hospital.controller.put_consent(consent_for(record))
     signed, _ = pair.hospital.controller.prepare(record, LINK_OUT)
     tampered = copy.deepcopy(signed)
-    claim = next(e["resource"] for e in tampered["entry"] if e["resource"]["resourceType"] == "Claim")
+    claim = next(
+        e["resource"] for e in tampered["entry"] if e["resource"]["resourceType"] == "Claim"
+    )
     claim["total"]["value"] = claim["total"]["value"] + 10000
     status, outcome = await _post(pair, orjson.dumps(tampered))
     assert status == 403
@@ -227,7 +252,9 @@ async def test_malformed_json_and_wrong_media_type(pair: Pair) -> None:
     assert status == 400 and outcome["issue"][0]["expression"][0].startswith("body[")
     status, outcome = await _post(pair, b"{}", content_type="text/plain")
     assert status == 415
-    status, outcome = await _post(pair, orjson.dumps({"resourceType": "Bundle", "type": "collection"}))
+    status, outcome = await _post(
+        pair, orjson.dumps({"resourceType": "Bundle", "type": "collection"})
+    )
     assert status == 400 and outcome["issue"][0]["expression"] == ["Bundle.type"]
     assert inbox_count(store_of(pair, "insurer")) == 0
 
@@ -263,8 +290,13 @@ async def test_expired_certificate_is_refused(pair: Pair, tmp_path: Path) -> Non
     pki = pair.root / "pki"
     ca_cert, ca_key = load_certificate(pki / "ca.pem"), load_private_key(pki / "ca.key")
     cert, key = issue_certificate(
-        ca_cert, ca_key, "hospital-a", purpose="tls",
-        now=datetime.now(UTC) - timedelta(days=400), days=30, partner_id="hospital-a",
+        ca_cert,
+        ca_key,
+        "hospital-a",
+        purpose="tls",
+        now=datetime.now(UTC) - timedelta(days=400),
+        days=30,
+        partner_id="hospital-a",
     )
     cert_file, key_file = tmp_path / "expired.pem", tmp_path / "expired.key"
     cert_file.write_bytes(certificate_pem(cert))

@@ -34,7 +34,6 @@ from tenacity import (
 from bridge.config import LinkConfig
 from bridge.errors import (
     BridgeError,
-    ConsentDenied,
     PartnerRejected,
     PolicyError,
     TransportError,
@@ -49,10 +48,11 @@ from bridge.trust.tls import client_context
 log = logging.getLogger("bridge.dispatcher")
 
 
-class CertificateFault(TransportError):
+class CertificateFault(BridgeError):
     """A TLS certificate problem between the two bridges; retrying will not fix it."""
 
     code = "tls-certificate-fault"
+    http_status = 502
     fault = "local"
 
 
@@ -77,8 +77,10 @@ def classify_exception(exc: BaseException) -> BridgeError:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return CertificateFault(f"TLS certificate fault: {type(exc).__name__}", location="TLS")
     cause = _ssl_cause(exc)
-    if cause is not None and cause.reason and (
-        "CERTIFICATE" in cause.reason.upper() or "ALERT" in cause.reason.upper()
+    if (
+        cause is not None
+        and cause.reason
+        and ("CERTIFICATE" in cause.reason.upper() or "ALERT" in cause.reason.upper())
     ):
         return CertificateFault(f"TLS certificate fault: {cause.reason}", location="TLS")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
@@ -87,8 +89,10 @@ def classify_exception(exc: BaseException) -> BridgeError:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, BridgeError) and exc.fault == "transient" and not isinstance(
-        exc, CertificateFault
+    return (
+        isinstance(exc, BridgeError)
+        and exc.fault == "transient"
+        and not isinstance(exc, CertificateFault)
     )
 
 
@@ -129,6 +133,7 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.stats = LinkStats()
         self.paused_reason: str | None = None
+        self._paused_until = 0.0
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -173,8 +178,12 @@ class Dispatcher:
     async def _run(self) -> None:
         while True:
             if self.paused_reason is not None:
-                await self._sleep(self.poll_interval * 5)
-                continue
+                if asyncio.get_running_loop().time() < self._paused_until:
+                    await self._sleep(self.poll_interval * 5)
+                    continue
+                # Probe again: the partner may have renewed its certificate meanwhile.
+                log.warning("link %s: retrying after a certificate fault", self.link.id)
+                self.paused_reason = None
             free = self.link.concurrency - len(self._sending)
             if free <= 0:
                 await asyncio.wait(self._sending, return_when=asyncio.FIRST_COMPLETED)
@@ -263,7 +272,9 @@ class Dispatcher:
                 self.stats.latencies.append(asyncio.get_running_loop().time() - started)
         except PartnerRejected as exc:
             self.stats.rejected += 1
-            if exc.detail.get("status") == 403 and "signature" in str(exc.detail.get("remote_code")):
+            if exc.detail.get("status") == 403 and "signature" in str(
+                exc.detail.get("remote_code")
+            ):
                 self.stats.signature_failures += 1
             await c.db.mark_rejected(
                 message_id,
@@ -291,12 +302,13 @@ class Dispatcher:
             self.stats.certificate_faults += 1
             if self.paused_reason is None:
                 log.error(
-                    "link %s paused: %s. Check the partner's CA and our certificate; "
-                    "resume with a restart once fixed.",
+                    "link %s paused for %.0f s: %s. Check the partner's CA and our certificate.",
                     self.link.id,
+                    self.link.retry_cap_seconds,
                     exc,
                 )
             self.paused_reason = exc.message
+            self._paused_until = asyncio.get_running_loop().time() + self.link.retry_cap_seconds
         if row.attempts >= self.link.max_attempts:
             self.stats.dead += 1
             await c.db.mark_dead(
@@ -344,7 +356,9 @@ class Dispatcher:
             self.wake(message_id)
             return b""
         if row.state != "acked":
-            raise BridgeError("message is not delivered yet", location=f"outbox[{message_id}].state")
+            raise BridgeError(
+                "message is not delivered yet", location=f"outbox[{message_id}].state"
+            )
         payload = orjson.loads(row.payload)
         c.recheck_consent(payload, self.link)
         receipt_bytes = await self._post(row.payload)
@@ -392,7 +406,7 @@ class Dispatcher:
             ) as resp:
                 body = await resp.read()
                 status = resp.status
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is classified, none is swallowed
             raise classify_exception(exc) from None
         if status == 200:
             return body

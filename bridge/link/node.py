@@ -14,18 +14,17 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from bridge.config import BridgeConfig, LinkConfig
-from bridge.errors import ConfigError, ConflictError, ConsentDenied, PolicyError
+from bridge.errors import ConfigError, ConflictError, PolicyError
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
 from bridge.ledger.sqlite import SQLiteStore
 from bridge.link.store import AsyncStore
 from bridge.mapping import map_record, patient_identifiers
-from bridge.messages import message_id_for, wrap_message
-from bridge.messages import collection_of
+from bridge.messages import collection_of, message_id_for, wrap_message
 from bridge.policy.consent import ConsentRegistry, parse_consent
 from bridge.policy.engine import apply_policy, data_period
 from bridge.policy.engine import patient_identifiers as policy_patient_identifiers
@@ -117,7 +116,7 @@ class Controller:
         action: str,
         *,
         subject: str,
-        outcome: str = "success",
+        outcome: Literal["success", "failure", "denied"] = "success",
         partner: str | None = None,
         patient: str | None = None,
         categories: list[str] | None = None,
@@ -139,10 +138,16 @@ class Controller:
         )
 
     def pseudonym(self, identifiers: list[tuple[str, str]]) -> str | None:
-        """A keyed pseudonym of the patient's first (most specific) identifier."""
+        """A keyed pseudonym of the patient's most stable identifier.
+
+        The same person must get the same pseudonym in every audit entry (consent,
+        enqueue, delivery), whichever identifiers each step happens to hold, so the
+        identifier is chosen by a fixed preference: national ID card, health card,
+        other ID document, then the hospital's own numbers.
+        """
         if not identifiers:
             return None
-        system, value = sorted(identifiers)[0]
+        system, value = min(identifiers, key=_identifier_rank)
         return patient_pseudonym(self.pseudonym_key, system, value)
 
     def outbound_link(self, link_id: str) -> LinkConfig:
@@ -210,7 +215,12 @@ class Controller:
             now=now,
         )
         signed = sign_bundle(
-            message, self.signer, issuer=self.id, audience=partner.id, message_id=message_id, now=now
+            message,
+            self.signer,
+            issuer=self.id,
+            audience=partner.id,
+            message_id=message_id,
+            now=now,
         )
         return signed, Submitted(
             message_id=message_id,
@@ -230,7 +240,9 @@ class Controller:
         message_id = message_id_for(self.id, link.id, _record_digest(record))
         if await self.db.get_outbox(message_id) is not None:
             # The same record was submitted before: one claim, however often a HIS retries.
-            return Submitted(message_id=message_id, link=link.id, created=False, removed=(), held_back=())
+            return Submitted(
+                message_id=message_id, link=link.id, created=False, removed=(), held_back=()
+            )
         try:
             signed, submitted = self.prepare(record, link_id)
         except PolicyError as exc:
@@ -254,26 +266,28 @@ class Controller:
         ids = patient_identifiers(signed)
         try:
             await self.db.enqueue(
-            message_id=submitted.message_id,
-            link=link.id,
-            partner=link.partner,
-            payload=payload,
-            digest=payload_digest,
-            audit=self.audit(
-                "claim.enqueue",
-                subject=submitted.message_id,
+                message_id=submitted.message_id,
+                link=link.id,
                 partner=link.partner,
-                patient=self.pseudonym(ids),
-                categories=resource_types(signed),
-                digest_value=payload_digest,
-                detail=f"removed={len(submitted.removed)} held_back={len(submitted.held_back)}",
+                payload=payload,
+                digest=payload_digest,
+                audit=self.audit(
+                    "claim.enqueue",
+                    subject=submitted.message_id,
+                    partner=link.partner,
+                    patient=self.pseudonym(ids),
+                    categories=resource_types(signed),
+                    digest_value=payload_digest,
+                    detail=f"removed={len(submitted.removed)} held_back={len(submitted.held_back)}",
+                    now=now,
+                ),
                 now=now,
-            ),
-            now=now,
             )
         except ConflictError:
             # A concurrent submission of the same record won the race.
-            return Submitted(message_id=message_id, link=link.id, created=False, removed=(), held_back=())
+            return Submitted(
+                message_id=message_id, link=link.id, created=False, removed=(), held_back=()
+            )
         return Submitted(
             message_id=submitted.message_id,
             link=link.id,
@@ -301,6 +315,24 @@ class Controller:
 
     async def close(self) -> None:
         self.db.close()
+
+
+_IDENTIFIER_PREFERENCE = (
+    "urn:oid:2.16.156.10011.1.3",  # resident ID card
+    "urn:oid:2.16.156.10011.1.19",  # health card
+    "urn:ws-fhir-bridge:id-document",  # passport and other ID documents
+    "urn:oid:2.16.156.10011.1.13",  # medical record number
+    "urn:oid:2.16.156.10011.1.12",  # inpatient number
+)
+
+
+def _identifier_rank(identifier: tuple[str, str]) -> tuple[int, str, str]:
+    system, value = identifier
+    try:
+        rank = _IDENTIFIER_PREFERENCE.index(system)
+    except ValueError:
+        rank = len(_IDENTIFIER_PREFERENCE)
+    return (rank, system, value)
 
 
 def _record_digest(record: dict[str, Any]) -> str:

@@ -120,7 +120,9 @@ class ReceiverApp:
             )
         if request.content_type not in _ACCEPTED_TYPES:
             return await self._refuse(
-                UnsupportedMediaType("media type must be application/fhir+json", location="Content-Type"),
+                UnsupportedMediaType(
+                    "media type must be application/fhir+json", location="Content-Type"
+                ),
                 partner=partner.id,
                 subject="request",
             )
@@ -147,7 +149,9 @@ class ReceiverApp:
 
         key = (partner.id, message_id)
         if key in self._in_flight:
-            return outcome_response(InFlightError("message is still being processed", location="Bundle.identifier"))
+            return outcome_response(
+                InFlightError("message is still being processed", location="Bundle.identifier")
+            )
         self._in_flight.add(key)
         try:
             return await self._accept(bundle, body, message_id, header, partner, link.profile)
@@ -176,7 +180,10 @@ class ReceiverApp:
         if existing is not None:
             if existing.digest != claims.payload_digest:
                 return await self._refuse(
-                    ConflictError("message identity reused with different content", location="Bundle.identifier"),
+                    ConflictError(
+                        "message identity reused with different content",
+                        location="Bundle.identifier",
+                    ),
                     partner=partner.id,
                     subject=message_id,
                 )
@@ -248,4 +255,3 @@ class ReceiverApp:
 def _inbound_link_id(c: Controller, partner_id: str) -> str:
     link = c.inbound_link_for(partner_id)
     return link.id if link else ""
-
