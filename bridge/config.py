@@ -88,7 +88,10 @@ class LinkConfig(_Strict):
     id: str = Field(pattern=_ID_PATTERN)
     partner: str = Field(pattern=_ID_PATTERN)
     direction: Literal["outbound", "inbound"]
-    profile: str = "commercial-insurance"
+    profile: str = Field(
+        default="commercial-insurance",
+        description="a shipped profile name (mappings/links/<name>.yaml) or a path to a .yaml file",
+    )
     purpose: str = "HPAYMT"
     max_attempts: int = Field(default=8, ge=1, le=1000)
     concurrency: int = Field(default=16, ge=1, le=256)
@@ -172,6 +175,12 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     if isinstance(audit, dict):
         audit.setdefault("pseudonym_key_file", "audit-pseudonym.key")
     fix(audit, ("pseudonym_key_file",))
+    links = data.get("links")
+    if isinstance(links, list):
+        for link in links:
+            # A profile is a shipped name (commercial-insurance) or an operator's own file.
+            if isinstance(link, dict) and str(link.get("profile", "")).endswith((".yaml", ".yml")):
+                fix(link, ("profile",))
     partners = data.get("partners")
     if isinstance(partners, list):
         for partner in partners:

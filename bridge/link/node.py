@@ -28,7 +28,7 @@ from bridge.messages import collection_of, message_id_for, wrap_message
 from bridge.policy.consent import ConsentRegistry, parse_consent
 from bridge.policy.engine import apply_policy, data_period
 from bridge.policy.engine import patient_identifiers as policy_patient_identifiers
-from bridge.policy.profile import LinkProfile, load_link_profile
+from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
 from bridge.trust.registry import Partner, PartnerRegistry
 
@@ -106,7 +106,7 @@ class Controller:
         for _consent_id, _status, resource in self.store.list_consents():
             self.consents.put(orjson.loads(resource), now=self.clock())
         self.profiles: dict[str, LinkProfile] = {
-            link.id: load_link_profile(link.profile) for link in config.links
+            link.id: _profile_for(link.profile) for link in config.links
         }
 
     # --- helpers -------------------------------------------------------------------
@@ -315,6 +315,12 @@ class Controller:
 
     async def close(self) -> None:
         self.db.close()
+
+
+def _profile_for(name: str) -> LinkProfile:
+    if name.endswith((".yaml", ".yml")):
+        return load_profile(Path(name))
+    return load_link_profile(name)
 
 
 _IDENTIFIER_PREFERENCE = (
