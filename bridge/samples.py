@@ -30,11 +30,10 @@ def hospital_name() -> str:
 
 
 _SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董潘袁蔡蒋余于杜叶程魏苏吕丁任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦付方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃武戴莫孔向汤"
-_GIVEN = [
-    "伟", "芳", "娜", "秀英", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟",
-    "涛", "明", "超", "秀兰", "霞", "平", "刚", "桂英", "建华", "志强", "海燕", "晓东", "红梅",
-    "国平", "玉兰", "文博", "子涵", "雨萱", "浩然", "思远", "欣怡", "俊杰", "佳怡", "宇轩", "梓萱",
-]
+_GIVEN_MALE = ["伟", "强", "磊", "军", "洋", "勇", "杰", "涛", "明", "超", "刚", "平", "建华", "志强",
+               "晓东", "国平", "文博", "浩然", "思远", "俊杰", "宇轩", "建国", "海涛", "子豪"]
+_GIVEN_FEMALE = ["芳", "娜", "秀英", "敏", "静", "丽", "艳", "娟", "秀兰", "霞", "桂英", "海燕",
+                 "红梅", "玉兰", "子涵", "雨萱", "欣怡", "佳怡", "梓萱", "婷", "慧敏", "晓燕"]
 
 # (province, city, district, postcode, administrative division code used in ID numbers)
 _PLACES = [
@@ -94,8 +93,18 @@ def id_check_digit(first17: str) -> str:
     return _ID_CHECK[total % 11]
 
 
-def _name(rng: random.Random) -> str:
-    return rng.choice(_SURNAMES) + rng.choice(_GIVEN)
+def _name(rng: random.Random, sex: str | None = None) -> str:
+    if sex is None:
+        sex = rng.choice("12")
+    return rng.choice(_SURNAMES) + rng.choice(_GIVEN_MALE if sex == "1" else _GIVEN_FEMALE)
+
+
+def _marital(rng: random.Random, age: int) -> str:
+    if age < 25 and rng.random() < 0.8:
+        return "10"
+    if age >= 60 and rng.random() < 0.2:
+        return "30"
+    return rng.choice(["20", "20", "20", "20", "10", "40"])
 
 
 def _money(cents: int) -> str:
@@ -169,7 +178,7 @@ def _record(seed: int, i: int) -> dict[str, Any]:
         "HDSD00.11.139": str(rng.randint(1, 3)),
         "HDSD00.11.140": inpatient_no,
         "HDSD00.11.006": record_no,
-        "HDSD00.11.110": _name(rng),
+        "HDSD00.11.110": _name(rng, sex),
         "HDSD00.11.109": sex,
         "HDSD00.11.014": f"{birth:%Y%m%d}",
         "HDSD00.11.079": age - (1 if (admitted.month, admitted.day) < (birth.month, birth.day) else 0),
@@ -177,7 +186,7 @@ def _record(seed: int, i: int) -> dict[str, Any]:
         "HDSD00.11.077": rng.choice(_ETHNICITIES),
         "HDSD00.11.049": "01",
         "HDSD00.11.048": id_number,
-        "HDSD00.11.050": "10" if age < 25 and rng.random() < 0.8 else rng.choice(["20", "20", "20", "30", "40"]),
+        "HDSD00.11.050": _marital(rng, age),
         "HDSD00.11.125": "80" if age >= 62 else rng.choice(_OCCUPATIONS),
         "HDSD00.11.026": f"1{rng.choice('3578')}{rng.randint(0, 9)}{rng.randint(10**7, 10**8 - 1)}",
         "HDSD00.11.102": province,

@@ -419,6 +419,17 @@ def test_impossible_or_malformed_dates_are_refused(record: dict[str, Any], eid: 
     assert _mapping_error(record, bad).location == eid
 
 
+def test_discharge_before_admission_and_birth_after_admission_are_refused(
+    record: dict[str, Any],
+) -> None:
+    bad = copy.deepcopy(record)
+    bad["elements"]["HDSD00.11.019"] = "20200101T080000"
+    assert _mapping_error(bad, "20200101").location == "HDSD00.11.019"
+    bad = copy.deepcopy(record)
+    bad["elements"]["HDSD00.11.014"] = "20991231"
+    assert _mapping_error(bad, "20991231").location == "HDSD00.11.085"
+
+
 def test_fee_part_without_its_row_is_refused(record: dict[str, Any]) -> None:
     record["elements"]["HDSD00.11.129"] = "0.00"
     assert _mapping_error(record).location == "HDSD00.11.130"

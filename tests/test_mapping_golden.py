@@ -26,19 +26,23 @@ def _dump(data: object) -> str:
 
 
 def _write_inputs() -> None:
+    """Pick five distinct sample records covering the cases worth pinning down."""
     GOLDEN.mkdir(parents=True, exist_ok=True)
     records = inpatient_records(400, seed=7)
-    chosen = [
-        next(r for r in records if len(r["groups"].get("operations", [])) == 2),
-        next(r for r in records if r["groups"]["diagnoses"][0].get("HDSD00.11.023", "")[:3]
-             in ("B20", "F32", "C34") or r["groups"]["diagnoses"][-1].get("HDSD00.11.023", "")[:3]
-             in ("B20", "F32", "C34")),
-        next(r for r in records if r["elements"]["HDSD00.11.049"] == "03"),
-        next(r for r in records if r["elements"]["HDSD00.11.117"] == "07"),
-        next(r for r in records if "operations" not in r["groups"]),
+    sensitive = ("B20", "F32", "C34")
+    wanted = [
+        lambda r: len(r["groups"].get("operations", [])) == 2,   # two operations
+        lambda r: any(d.get("HDSD00.11.023", "")[:3] in sensitive  # sensitive main diagnosis
+                      for d in r["groups"]["diagnoses"]),
+        lambda r: r["elements"]["HDSD00.11.049"] == "03",         # passport holder
+        lambda r: r["elements"]["HDSD00.11.117"] == "07",         # self-paying
+        lambda r: "operations" not in r["groups"],                # plain medical stay
     ]
-    for name, record in zip(CASES, chosen, strict=True):
-        (GOLDEN / f"{name}.input.json").write_text(_dump(record), encoding="utf-8")
+    chosen: list[int] = []
+    for test in wanted:
+        chosen.append(next(i for i, r in enumerate(records) if i not in chosen and test(r)))
+    for name, index in zip(CASES, chosen, strict=True):
+        (GOLDEN / f"{name}.input.json").write_text(_dump(records[index]), encoding="utf-8")
 
 
 @pytest.mark.parametrize("name", CASES)

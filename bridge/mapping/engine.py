@@ -80,6 +80,13 @@ def check_record(spec: MappingSpec, record: dict[str, Any]) -> tuple[dict[str, s
         if raw is None or raw == "":
             continue
         values[eid] = element.check(raw)
+    for earlier, later in spec.ordered:
+        a, b = values.get(earlier), values.get(later)
+        # D8 against DT15 compares the dates; two DT15 values compare to the second.
+        if a is not None and b is not None:
+            width = min(len(a), len(b))
+            if a[:width] > b[:width]:
+                raise MappingError(f"date is before {earlier}", location=later)
     groups: dict[str, list[dict[str, str]]] = {}
     for name, items in (record.get("groups") or {}).items():
         group = spec.groups.get(name)

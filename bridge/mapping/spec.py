@@ -27,7 +27,9 @@ _RESOURCE_TYPES = frozenset(
     {"Patient", "Encounter", "Condition", "Procedure", "Coverage", "Claim", "Organization",
      "Practitioner"}
 )
-_TOP_KEYS = frozenset({"mapping", "source", "target", "purpose", "resources", "groups", "unmapped"})
+_TOP_KEYS = frozenset(
+    {"mapping", "source", "target", "purpose", "resources", "groups", "ordered", "unmapped"}
+)
 _RESOURCE_KEYS = frozenset({"type", "id_from", "id_within", "when", "rules"})
 _GROUP_KEYS = frozenset({"name", "elements", "one_of", "min_items", "resources"})
 _RULE_KEYS = frozenset({"source", "transform", "value", "ref", "object", "when", "required"})
@@ -116,6 +118,7 @@ class MappingSpec:
     unmapped: dict[str, str]
     top_level_elements: frozenset[str]
     used_elements: frozenset[str]
+    ordered: list[tuple[str, str]] = field(default_factory=list)
 
     def coverage(self) -> dict[str, list[tuple[str, str]]]:
         """Data-set elements the mapping uses and those it leaves out (with the reason)."""
@@ -243,6 +246,23 @@ class _Loader:
                                 location=r.where)
         self.check_targets(resources, groups)
 
+        ordered: list[tuple[str, str]] = []
+        raw_ordered = data.get("ordered", SourceList())
+        if not isinstance(raw_ordered, list):
+            raise LoadError("ordered must be a list of [earlier, later] pairs",
+                            location=data.where("ordered"))
+        for pair in raw_ordered:
+            where = data.where("ordered")
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise LoadError("ordered must be a list of [earlier, later] pairs", location=where)
+            for eid in pair:
+                self.element(eid, where, use=False)
+                assert self.catalog is not None
+                if self.catalog.elements[eid].format not in ("D8", "DT15"):
+                    raise LoadError("ordered names only D8 or DT15 elements", location=where)
+                if eid in group_elements:
+                    raise LoadError("ordered names only record-level elements", location=where)
+            ordered.append((pair[0], pair[1]))
         unmapped_raw = data.get("unmapped", SourceMap())
         if not isinstance(unmapped_raw, SourceMap):
             raise LoadError("unmapped must be a mapping", location=data.where("unmapped"))
@@ -275,7 +295,7 @@ class _Loader:
             id=mapping_id, file=str(self.path), header=header, dataset=dataset,
             catalog=self.catalog, valuesets=self.valuesets, resources=resources,
             groups=groups, unmapped=unmapped, top_level_elements=top_level,
-            used_elements=frozenset(self.used - set(unmapped)),
+            used_elements=frozenset(self.used - set(unmapped)), ordered=ordered,
         )
 
     def check_targets(self, resources: list[ResourceSpec], groups: dict[str, GroupSpec]) -> None:
