@@ -208,7 +208,8 @@ def load_config(path: str | Path) -> BridgeConfig:
         return BridgeConfig.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        key = ".".join(str(p) for p in first.get("loc", ()))
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.get("loc", ()))
+        key = key.lstrip(".")
         msg = first.get("msg", "invalid value")
         if not key and msg.startswith("Value error, "):
             msg = msg.removeprefix("Value error, ")

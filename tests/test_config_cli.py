@@ -1,0 +1,154 @@
+"""Configuration files and the command line, as an operator meets them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+from e2e_support import consent_for, make_workdir
+
+from bridge.cli import main
+from bridge.config import load_config
+from bridge.errors import ConfigError
+from bridge.samples import inpatient_records
+
+
+@pytest.fixture
+def configs(tmp_path: Path) -> tuple[Path, Path]:
+    return make_workdir(tmp_path)
+
+
+def test_demo_configuration_loads_with_paths_resolved(configs: tuple[Path, Path]) -> None:
+    hospital_cfg, _ = configs
+    config = load_config(hospital_cfg)
+    assert config.controller.id == "hospital-a"
+    assert config.tls.cert.is_absolute() and config.tls.cert.exists()
+    assert config.store.path.parent == hospital_cfg.parent / "hospital-a"
+    assert config.link("claims-to-insurer-b").partner == "insurer-b"
+
+
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        (lambda t: t.replace('cert = "pki/hospital-a/tls.pem"\n', ""), "tls.cert"),
+        (lambda t: t.replace("[server]\n", "[server]\nbogus = 1\n"), "server.bogus"),
+        (lambda t: t.replace('partner = "insurer-b"', 'partner = "nobody"'), "links[0].partner"),
+        (lambda t: t.replace("port = ", "port = -"), "server.port"),
+        (
+            lambda t: t.replace('direction = "outbound"', 'direction = "sideways"'),
+            "links[0].direction",
+        ),
+    ],
+)
+def test_configuration_errors_name_file_and_key(
+    configs: tuple[Path, Path], edit, where: str
+) -> None:
+    hospital_cfg, _ = configs
+    hospital_cfg.write_text(edit(hospital_cfg.read_text(encoding="utf-8")), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(hospital_cfg)
+    assert str(hospital_cfg) in str(err.value)
+    assert where in str(err.value)
+
+
+def test_unreadable_and_malformed_configuration(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[controller\nid = 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_map_prints_a_valid_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    record_file = tmp_path / "record.json"
+    record_file.write_text(
+        json.dumps(inpatient_records(1, seed=2)[0], ensure_ascii=False), encoding="utf-8"
+    )
+    assert main(["map", "--from", "ws445", str(record_file)]) == 0
+    bundle = json.loads(capsys.readouterr().out)
+    assert bundle["resourceType"] == "Bundle"
+    assert {"Patient", "Claim", "Encounter"} <= {
+        e["resource"]["resourceType"] for e in bundle["entry"]
+    }
+    assert main(["map", "--from", "ws445", "--check", str(record_file)]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_map_errors_name_the_element_not_the_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = inpatient_records(1, seed=2)[0]
+    record["elements"]["HDSD00.11.109"] = "7"  # not a GB/T 2261.1 sex code
+    record_file = tmp_path / "record.json"
+    record_file.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    assert main(["map", "--from", "ws445", str(record_file)]) == 2
+    err = capsys.readouterr().err
+    assert "HDSD00.11.109" in err
+
+    record = inpatient_records(1, seed=2)[0]
+    name = record["elements"]["HDSD00.11.110"]
+    record["elements"]["HDSD00.11.999"] = name
+    record_file.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    assert main(["map", "--from", "ws445", str(record_file)]) == 2
+    err = capsys.readouterr().err
+    assert "HDSD00.11.999" in err and name not in err
+
+    record_file.write_text('{"dataset": "WS445.10", "elements": {', encoding="utf-8")
+    assert main(["map", "--from", "ws445", str(record_file)]) == 2
+    assert "error [parse-error]" in capsys.readouterr().err
+
+
+def test_certs_init_refuses_to_overwrite_a_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = tmp_path / "pki"
+    assert main(["certs", "init", str(pki), "--controllers", "hospital-a", "insurer-b"]) == 0
+    assert (pki / "ca.pem").exists() and (pki / "insurer-b" / "sign.key").exists()
+    assert (pki / "hospital-a" / "tls.key").stat().st_mode & 0o077 == 0
+    before = (pki / "ca.pem").read_bytes()
+    assert main(["certs", "init", str(pki)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (pki / "ca.pem").read_bytes() == before
+
+
+def test_consent_and_push_from_the_command_line(
+    configs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital_cfg, _ = configs
+    record = inpatient_records(3, seed=5)[2]
+    record_file = tmp_path / "claim.json"
+    record_file.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    push = [
+        "push",
+        "--config",
+        str(hospital_cfg),
+        "--link",
+        "claims-to-insurer-b",
+        str(record_file),
+    ]
+
+    assert main(push) == 2  # no consent yet: refused, nothing queued
+    assert "consent-denied" in capsys.readouterr().err
+
+    consent_file = tmp_path / "consent.json"
+    consent_file.write_bytes(orjson.dumps(consent_for(record, consent_id="cli-1")))
+    assert main(["consent", "add", "--config", str(hospital_cfg), str(consent_file)]) == 0
+    assert main(["consent", "list", "--config", str(hospital_cfg)]) == 0
+    assert "cli-1\tactive" in capsys.readouterr().out
+
+    assert main(push) == 0
+    first = capsys.readouterr().out
+    assert " queued on link claims-to-insurer-b" in first
+    assert main(push) == 0
+    assert "duplicate suppressed" in capsys.readouterr().out
+    assert main(["outbox", "--config", str(hospital_cfg)]) == 0
+    assert "queued\t1" in capsys.readouterr().out
+    assert main(["audit", "verify", "--config", str(hospital_cfg)]) == 0
+
+
+def test_audit_verify_without_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "verify", "--store", str(tmp_path / "none.sqlite")]) == 2
+    assert "no store" in capsys.readouterr().err
