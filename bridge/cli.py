@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from bridge.cli_mapping import add_mapping_commands
 from bridge.errors import BridgeError
 
 
@@ -27,31 +28,6 @@ def _print_json(obj: Any) -> None:
 def _fail(exc: BridgeError) -> int:
     sys.stderr.write(f"error [{exc.code}]: {exc}\n")
     return 2
-
-
-# --- map ------------------------------------------------------------------------------
-
-
-def cmd_map(args: argparse.Namespace) -> int:
-    from bridge.mapping import map_record, read_record
-
-    if args.source != "ws445":
-        sys.stderr.write(f"error: --from {args.source} is not supported yet (supported: ws445)\n")
-        return 2
-    path = Path(args.file)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        sys.stderr.write(f"error: cannot read {path}: {exc.strerror}\n")
-        return 2
-    try:
-        record = read_record(data, source=str(path))
-        bundle = map_record(record)
-    except BridgeError as exc:
-        return _fail(exc)
-    if not args.check:
-        _print_json(bundle)
-    return 0
 
 
 # --- certs ------------------------------------------------------------------------------
@@ -266,11 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("file")
     pu.set_defaults(func=cmd_push)
 
-    m = sub.add_parser("map", help="map one record to FHIR and print it")
-    m.add_argument("--from", dest="source", choices=["ws445", "hl7v2"], required=True)
-    m.add_argument("--check", action="store_true", help="validate only, print nothing")
-    m.add_argument("file")
-    m.set_defaults(func=cmd_map)
+    add_mapping_commands(sub)
 
     c = sub.add_parser("certs", help="development PKI")
     csub = c.add_subparsers(dest="certs_command", required=True)
