@@ -101,6 +101,34 @@ class LinkConfig(_Strict):
     request_timeout_seconds: float = Field(default=30.0, gt=0)
 
 
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class MLLPConfig(_Strict):
+    """The HL7 v2 listener (MLLP). Absent section: no listener.
+
+    With ``tls = true`` (the default) the listener uses this controller's ``[tls]``
+    files and requires a client certificate from its CA, like the HTTP listener.
+    ``tls = false`` is allowed only on a loopback address (a local integration
+    engine or a TLS terminator on the same host): no plaintext port faces the network.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=2575, ge=0, le=65535, description="0 picks a free port")
+    tls: bool = True
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    allowed_facilities: list[str] = Field(
+        default_factory=list,
+        description="MSH-4 values (whole field or its first component) accepted; empty = any",
+    )
+
+    @model_validator(mode="after")
+    def _no_public_plaintext(self) -> MLLPConfig:
+        if not self.tls and self.host not in _LOOPBACK_HOSTS:
+            raise ValueError("tls = false is allowed only on a loopback host")
+        return self
+
+
 class BridgeConfig(_Strict):
     controller: ControllerConfig
     server: ServerConfig = ServerConfig()
@@ -110,6 +138,7 @@ class BridgeConfig(_Strict):
     audit: AuditConfig = AuditConfig()
     partners: list[PartnerConfig] = Field(default_factory=list)
     links: list[LinkConfig] = Field(default_factory=list)
+    mllp: MLLPConfig | None = None
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")

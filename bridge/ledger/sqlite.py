@@ -135,6 +135,24 @@ CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 """
 
+# Tables added after schema version 1. They are created when missing, on every open,
+# so a store made by an older bridge gains them without a version change (nothing
+# existing is altered).
+_ADDITIVE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hl7_inbox (
+    id          INTEGER PRIMARY KEY,
+    sender      TEXT NOT NULL,
+    control_id  TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    message     BLOB NOT NULL,
+    record      BLOB,
+    ack         BLOB NOT NULL,
+    audit_seq   INTEGER NOT NULL,
+    received    TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS hl7_inbox_identity ON hl7_inbox (sender, control_id);
+"""
+
 
 @dataclass(frozen=True)
 class OutboxRow:
@@ -170,6 +188,25 @@ class InboxRow:
 
 
 @dataclass(frozen=True)
+class HL7InboxRow:
+    """One HL7 v2 message received over MLLP and stored, with the ACK answered for it.
+
+    ``sender`` is the sending system's key (MSH-3 and MSH-4), ``control_id`` its
+    MSH-10; ``message`` the bytes exactly as framed; ``record`` the DE record mapped
+    from it as JSON, or None when the message was stored without mapping.
+    """
+
+    sender: str
+    control_id: str
+    digest: str
+    message: bytes
+    record: bytes | None
+    ack: bytes
+    audit_seq: int
+    received: datetime
+
+
+@dataclass(frozen=True)
 class ConsentRow:
     """The current version of a consent as last put."""
 
@@ -185,6 +222,7 @@ _OUTBOX_COLS = (
     " lease_until, last_error, receipt, created, updated"
 )
 _INBOX_COLS = "sender, message_id, digest, payload, receipt, audit_seq, received"
+_HL7_COLS = "sender, control_id, digest, message, record, ack, audit_seq, received"
 _AUDIT_COLS = (
     "seq, time, actor, action, subject, partner, patient, categories, outcome, detail,"
     " digest, prev_hash, hash"
@@ -205,6 +243,12 @@ def _outbox_row(r: tuple[Any, ...]) -> OutboxRow:
 def _inbox_row(r: tuple[Any, ...]) -> InboxRow:
     return InboxRow(sender=r[0], message_id=r[1], digest=r[2], payload=bytes(r[3]),
                     receipt=bytes(r[4]), audit_seq=r[5], received=parse_time(r[6]))
+
+
+def _hl7_row(r: tuple[Any, ...]) -> HL7InboxRow:
+    return HL7InboxRow(sender=r[0], control_id=r[1], digest=r[2], message=bytes(r[3]),
+                       record=bytes(r[4]) if r[4] is not None else None, ack=bytes(r[5]),
+                       audit_seq=r[6], received=parse_time(r[7]))
 
 
 def _audit_entry(r: tuple[Any, ...]) -> AuditEntry:
@@ -260,6 +304,8 @@ class SQLiteStore:
                         f"store schema version {version} is not {SCHEMA_VERSION}",
                         location=f"{self.path}:schema_version",
                     )
+            for statement in _split_script(_ADDITIVE_SCHEMA):
+                conn.execute(statement)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -593,6 +639,70 @@ class SQLiteStore:
             return InboxRow(sender=sender, message_id=message_id, digest=digest,
                             payload=bytes(payload), receipt=bytes(receipt), audit_seq=entry.seq,
                             received=parse_time(format_time(now))), True
+
+    # --- HL7 v2 inbox ---------------------------------------------------------------
+
+    def hl7_lookup(self, sender: str, control_id: str) -> HL7InboxRow | None:
+        """The stored HL7 message ``(sender, control_id)``, or None."""
+        with self._read("hl7_lookup") as conn:
+            r = conn.execute(f"SELECT {_HL7_COLS} FROM hl7_inbox WHERE sender=? AND control_id=?",
+                             (sender, control_id)).fetchone()
+            return _hl7_row(r) if r is not None else None
+
+    def hl7_count(self, sender: str | None = None) -> int:
+        """How many HL7 messages are stored (from ``sender``, or from everyone)."""
+        with self._read("hl7_count") as conn:
+            if sender is None:
+                return int(conn.execute("SELECT COUNT(*) FROM hl7_inbox").fetchone()[0])
+            return int(conn.execute("SELECT COUNT(*) FROM hl7_inbox WHERE sender=?",
+                                    (sender,)).fetchone()[0])
+
+    def hl7_accept(
+        self,
+        *,
+        sender: str,
+        control_id: str,
+        digest: str,
+        message: bytes,
+        record: bytes | None,
+        audit: AuditRecord,
+        make_ack: Callable[[AuditEntry], bytes],
+        now: datetime,
+    ) -> tuple[HL7InboxRow, bool]:
+        """Store an HL7 message once with the ACK answered for it, in one transaction.
+
+        The same contract as :meth:`inbox_accept`, keyed by ``(sender, control_id)``:
+
+        - new: appends ``audit``, calls ``make_ack`` with the new entry, stores message,
+          record and ACK, commits (``synchronous=FULL``: on disk when this returns) and
+          returns ``(row, True)``; only then may the caller send the ACK;
+        - held with the same ``digest``: writes nothing, returns ``(existing, False)``;
+          answer with ``existing.ack``, byte for byte;
+        - held with another ``digest``: raises :class:`bridge.errors.ConflictError`,
+          writes nothing.
+
+        If ``make_ack`` raises, nothing is written and the exception propagates.
+        """
+        with self._tx("hl7_accept") as conn:
+            r = conn.execute(f"SELECT {_HL7_COLS} FROM hl7_inbox WHERE sender=? AND control_id=?",
+                             (sender, control_id)).fetchone()
+            if r is not None:
+                existing = _hl7_row(r)
+                if existing.digest != digest:
+                    raise ConflictError("duplicate control id with different content",
+                                        location="MSH-10")
+                return existing, False
+            entry = self._append(conn, audit)
+            ack = make_ack(entry)
+            conn.execute(
+                f"INSERT INTO hl7_inbox ({_HL7_COLS}) VALUES (?,?,?,?,?,?,?,?)",
+                (sender, control_id, digest, message, record, ack, entry.seq, format_time(now)),
+            )
+            return HL7InboxRow(sender=sender, control_id=control_id, digest=digest,
+                               message=bytes(message),
+                               record=bytes(record) if record is not None else None,
+                               ack=bytes(ack), audit_seq=entry.seq,
+                               received=parse_time(format_time(now))), True
 
     # --- audit ----------------------------------------------------------------------
 
