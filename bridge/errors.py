@@ -96,6 +96,15 @@ class PayloadTooLarge(ParseError):
     issue_type = "too-costly"
 
 
+class NotFound(BridgeError):
+    """The requested resource does not exist here."""
+
+    code = "not-found"
+    http_status = 404
+    fault = "peer"
+    issue_type = "not-found"
+
+
 class MappingError(BridgeError):
     """Input was readable but cannot be mapped: unknown element, bad code, missing required."""
 

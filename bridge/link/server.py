@@ -19,6 +19,7 @@ Every refusal is audited. No health data appears in an error or a log line.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 import orjson
@@ -28,10 +29,12 @@ from bridge.errors import (
     BridgeError,
     ConflictError,
     InFlightError,
+    NotFound,
     ParseError,
     PayloadTooLarge,
     PolicyError,
     ProfileError,
+    SignatureError,
     TrustError,
     UnknownPartner,
     UnsupportedMediaType,
@@ -39,9 +42,11 @@ from bridge.errors import (
 from bridge.link.node import Controller, resource_types
 from bridge.mapping import patient_identifiers
 from bridge.messages import collection_of, header_event, message_identity
+from bridge.policy.consent import parse_consent
 from bridge.records.fhir import validate_resource
 from bridge.resources import conformance_dir
-from bridge.trust.jws import verify_bundle
+from bridge.trust.identity import certificate_identity
+from bridge.trust.jws import verify_bundle, verify_detached_bytes
 from bridge.trust.receipts import make_receipt
 from bridge.trust.registry import Partner
 
@@ -72,6 +77,10 @@ class ReceiverApp:
         base = self.c.config.server.base_path.rstrip("/")
         app.router.add_post(f"{base}/$process-message", self.process_message)
         app.router.add_get(f"{base}/metadata", self.metadata)
+        consents = ConsentAPI(self)
+        app.router.add_post(f"{base}/Consent", consents.create)
+        app.router.add_put(f"{base}/Consent/{{id}}", consents.update)
+        app.router.add_get(f"{base}/Consent/{{id}}", consents.read)
         return app
 
     # --- helpers ----------------------------------------------------------------------
@@ -99,6 +108,21 @@ class ReceiverApp:
         )
         log.info("refused %s from %s: %s", subject, partner or "unknown partner", exc)
         return outcome_response(exc)
+
+    def _caller(self, request: web.Request) -> str | None:
+        """``None`` for this controller's own systems, else the partner id of the peer.
+
+        The controller's own systems (its HIS, its patient app back end) connect with a
+        client certificate issued to the controller itself; anything else must be a
+        registered partner.
+        """
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            raise UnknownPartner("no client certificate on this connection", location="TLS")
+        if certificate_identity(der).partner_id == self.c.id:
+            return None
+        return self.c.partners.identify(der).id
 
     # --- handlers ---------------------------------------------------------------------
 
@@ -255,3 +279,126 @@ class ReceiverApp:
 def _inbound_link_id(c: Controller, partner_id: str) -> str:
     link = c.inbound_link_for(partner_id)
     return link.id if link else ""
+
+
+# --- consents ----------------------------------------------------------------------------
+
+
+class ConsentAPI:
+    """``POST/PUT/GET [base]/Consent``: register, amend, revoke and read consents.
+
+    The controller's own systems may write any consent. A partner may submit a consent
+    it collected (GB/T 39725 §11.7.4.1 b 2) only when it is signed by that partner
+    (``X-Signature``: a detached JWS over the exact body, ``msgid`` = ``Consent/<id>``)
+    and names that partner, and no one else, as recipient; it is recorded as
+    partner-submitted. Every write and every refusal is audited.
+    """
+
+    def __init__(self, receiver: ReceiverApp) -> None:
+        self.r = receiver
+        self.c = receiver.c
+
+    async def _read_consent(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+        if request.content_type not in _ACCEPTED_TYPES:
+            raise UnsupportedMediaType(
+                "media type must be application/fhir+json", location="Content-Type"
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(
+                "consent larger than this bridge accepts", location="body"
+            ) from None
+        try:
+            resource = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ParseError(
+                f"malformed JSON at byte {exc.pos}", location=f"body[{exc.pos}]"
+            ) from None
+        if not isinstance(resource, dict) or resource.get("resourceType") != "Consent":
+            raise ParseError("body is not a FHIR Consent", location="Consent.resourceType")
+        return body, resource
+
+    def _check_partner_submission(
+        self, request: web.Request, partner: str, body: bytes, resource: dict[str, Any]
+    ) -> str:
+        signature = request.headers.get("X-Signature")
+        if not signature:
+            raise SignatureError(
+                "a partner-submitted consent must be signed", location="X-Signature"
+            )
+        claims = verify_detached_bytes(
+            signature,
+            body,
+            self.c.keyring,
+            expected_issuer=partner,
+            expected_audience=self.c.id,
+            now=self.c.clock(),
+        )
+        if claims.message_id != f"Consent/{resource.get('id')}":
+            raise SignatureError("signature is for another consent", location="X-Signature#msgid")
+        record = parse_consent(resource)
+        recipients = _permit_recipients(record.provision)
+        if recipients != {partner}:
+            raise PolicyError(
+                "a partner may only submit consents that name itself as the only recipient",
+                location="Consent.provision.actor",
+            )
+        return signature
+
+    async def _write(self, request: web.Request, *, consent_id: str | None) -> web.Response:
+        c = self.c
+        try:
+            caller = self.r._caller(request)
+        except UnknownPartner as exc:
+            return await self.r._refuse(exc, partner=None, subject="consent")
+        subject = f"Consent/{consent_id}" if consent_id else "Consent"
+        try:
+            body, resource = await self._read_consent(request)
+            if consent_id is None:
+                resource.setdefault("id", uuid.uuid4().hex)
+            elif resource.get("id") != consent_id:
+                raise ParseError("Consent.id differs from the id in the URL", location="Consent.id")
+            subject = f"Consent/{resource['id']}"
+            source = "local"
+            if caller is not None:
+                signature = self._check_partner_submission(request, caller, body, resource)
+                source = f"partner:{caller} jws:{signature}"
+            stored_id = await c.put_consent(resource, source=source)
+        except BridgeError as exc:
+            return await self.r._refuse(exc, partner=caller, subject=subject)
+        status = 201 if consent_id is None else 200
+        location = f"{c.config.server.base_path.rstrip('/')}/Consent/{stored_id}"
+        return web.Response(
+            status=status,
+            body=orjson.dumps(resource),
+            content_type=FHIR_JSON,
+            headers={"Location": location},
+        )
+
+    async def create(self, request: web.Request) -> web.Response:
+        return await self._write(request, consent_id=None)
+
+    async def update(self, request: web.Request) -> web.Response:
+        return await self._write(request, consent_id=request.match_info["id"])
+
+    async def read(self, request: web.Request) -> web.Response:
+        try:
+            caller = self.r._caller(request)
+            if caller is not None:
+                raise PolicyError(
+                    "consents are readable by this controller only", location="Consent"
+                )
+        except BridgeError as exc:
+            return await self.r._refuse(exc, partner=None, subject="Consent")
+        row = await self.c.db.get_consent(request.match_info["id"])
+        if row is None:
+            return outcome_response(NotFound("no such consent", location="Consent.id"))
+        return web.Response(body=row.resource, content_type=FHIR_JSON)
+
+
+def _permit_recipients(provision: Any) -> set[str]:
+    found: set[str] = set(provision.recipients) if provision.type == "permit" else set()
+    for child in provision.children:
+        found |= _permit_recipients(child)
+    return found

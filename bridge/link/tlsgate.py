@@ -34,6 +34,10 @@ class _Gate(asyncio.Protocol):
     def __init__(self, listener: TLSListener) -> None:
         self._listener = listener
         self._transport: asyncio.Transport | None = None
+        # Application data can arrive with the client's last handshake flight and be
+        # decrypted before the application protocol takes over: keep it for that protocol.
+        self._early: list[bytes] = []
+        self._early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -44,9 +48,15 @@ class _Gate(asyncio.Protocol):
         self._listener._tasks.add(task)
         task.add_done_callback(self._listener._tasks.discard)
 
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-        if self._transport is not None:
-            self._transport.close()
+    # Until the application protocol takes over (set_protocol), the TLS transport
+    # reports to this gate; afterwards it reports to the application directly.
+
+    def data_received(self, data: bytes) -> None:
+        self._early.append(data)
+
+    def eof_received(self) -> bool | None:
+        self._early_eof = True
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -78,6 +88,11 @@ class _Gate(asyncio.Protocol):
         protocol = self._listener.protocol_factory()
         tls_transport.set_protocol(protocol)
         protocol.connection_made(tls_transport)
+        for chunk in self._early:
+            protocol.data_received(chunk)
+        self._early.clear()
+        if self._early_eof:
+            protocol.eof_received()
 
 
 class TLSListener:
