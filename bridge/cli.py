@@ -147,6 +147,46 @@ def cmd_consent_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consent_revoke(args: argparse.Namespace) -> int:
+    """Revoke a consent: the stored resource with status ``inactive``, effective at once."""
+
+    async def run() -> int:
+        controller = _controller(args.config)
+        try:
+            row = await controller.db.get_consent(args.consent_id)
+            if row is None:
+                sys.stderr.write(f"error [not-found]: no consent {args.consent_id}\n")
+                return 2
+            resource = orjson.loads(row.resource)
+            resource["status"] = "inactive"
+            await controller.put_consent(resource, source="cli-revoke")
+        finally:
+            await controller.close()
+        sys.stdout.write(
+            f"consent {args.consent_id} revoked; queued claims it covered are refused at dispatch\n"
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_consent_show(args: argparse.Namespace) -> int:
+    from bridge.config import load_config
+    from bridge.ledger.sqlite import SQLiteStore
+
+    config = load_config(args.config)
+    with SQLiteStore(config.store.path) as store:
+        row = store.get_consent(args.consent_id)
+        history = store.consent_history(args.consent_id) if row is not None else []
+    if row is None:
+        sys.stderr.write(f"error [not-found]: no consent {args.consent_id}\n")
+        return 2
+    _print_json(orjson.loads(row.resource))
+    for status, _resource, changed, audit_seq in history:
+        sys.stderr.write(f"{changed}\t{status}\taudit entry {audit_seq}\n")
+    return 0
+
+
 # --- audit / outbox -----------------------------------------------------------------------
 
 
@@ -261,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl = cosub.add_parser("list", help="list consents")
     cl.add_argument("--config", required=True)
     cl.set_defaults(func=cmd_consent_list)
+    cr = cosub.add_parser("revoke", help="revoke a consent (status inactive)")
+    cr.add_argument("--config", required=True)
+    cr.add_argument("consent_id")
+    cr.set_defaults(func=cmd_consent_revoke)
+    cs = cosub.add_parser("show", help="print a consent and its history")
+    cs.add_argument("--config", required=True)
+    cs.add_argument("consent_id")
+    cs.set_defaults(func=cmd_consent_show)
 
     a = sub.add_parser("audit", help="audit trail")
     asub = a.add_subparsers(dest="audit_command", required=True)

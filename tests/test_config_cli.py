@@ -152,3 +152,25 @@ def test_consent_and_push_from_the_command_line(
 def test_audit_verify_without_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["audit", "verify", "--store", str(tmp_path / "none.sqlite")]) == 2
     assert "no store" in capsys.readouterr().err
+
+
+def test_consent_revoke_and_show(
+    configs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital_cfg, _ = configs
+    record = inpatient_records(4, seed=5)[3]
+    consent_file = tmp_path / "consent.json"
+    consent_file.write_bytes(orjson.dumps(consent_for(record, consent_id="cli-2")))
+    assert main(["consent", "add", "--config", str(hospital_cfg), str(consent_file)]) == 0
+    assert main(["consent", "revoke", "--config", str(hospital_cfg), "cli-2"]) == 0
+    assert main(["consent", "show", "--config", str(hospital_cfg), "cli-2"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out[out.out.index("{") :])["status"] == "inactive"
+    assert "\tactive\t" in out.err and "\tinactive\t" in out.err
+
+    record_file = tmp_path / "claim.json"
+    record_file.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    link = "claims-to-insurer-b"
+    assert main(["push", "--config", str(hospital_cfg), "--link", link, str(record_file)]) == 2
+    assert "consent-denied" in capsys.readouterr().err
+    assert main(["consent", "revoke", "--config", str(hospital_cfg), "nope"]) == 2
