@@ -1,4 +1,5 @@
-"""Run one controller: the mutual-TLS listener, the HTTP handlers and the dispatchers."""
+"""Run one controller: the mutual-TLS listener, the HTTP handlers, the dispatchers and,
+when ``[mllp]`` is configured, the HL7 v2 listener."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge.link.dispatcher import Dispatcher
+from bridge.link.mllp import MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
 from bridge.link.tlsgate import TLSListener
@@ -31,6 +33,8 @@ class BridgeService:
         self._runner: web.AppRunner | None = None
         self._listener: TLSListener | None = None
         self.port: int | None = None
+        self.mllp: MLLPListener | None = None
+        self.mllp_port: int | None = None
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
@@ -44,6 +48,12 @@ class BridgeService:
             self._listener = TLSListener(server, ctx, on_refused=self._tls_refused)
             self.port = await self._listener.start(c.config.server.host, c.config.server.port)
             log.info("%s listening on %s:%s (mutual TLS)", c.id, c.config.server.host, self.port)
+            mllp = c.config.mllp
+            if mllp is not None:
+                self.mllp = MLLPListener(
+                    c, mllp, ssl_context=ctx if mllp.tls else None, on_refused=self._tls_refused
+                )
+                self.mllp_port = await self.mllp.start()
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
 
@@ -63,6 +73,8 @@ class BridgeService:
     async def stop(self) -> None:
         for dispatcher in self.dispatchers.values():
             await dispatcher.stop()
+        if self.mllp is not None:
+            await self.mllp.close()
         if self._listener is not None:
             await self._listener.close()
         if self._runner is not None:

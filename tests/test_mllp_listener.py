@@ -1,0 +1,352 @@
+"""The MLLP listener of a running bridge: real sockets on 127.0.0.1, real TLS, real SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sqlite3
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from e2e_support import client_ssl, make_workdir
+
+from bridge.config import load_config
+from bridge.demo import HOSPITAL
+from bridge.errors import ConfigError, MappingError
+from bridge.ledger.sqlite import SQLiteStore
+from bridge.link.mllp import HeaderOnlyHandler, Prepared
+from bridge.link.mllp_framer import MLLPFramer, MSHHeader, frame
+from bridge.link.node import Controller
+from bridge.link.service import BridgeService
+from bridge.trust.pki import init_dev_pki
+
+ADT = (
+    "MSH|^~\\&|HIS|HOSP-A|BRIDGE|HOSP-A|20260301083000+0800||ADT^A01^ADT_A01|MSG00001|P|2.5"
+    "||||||UNICODE UTF-8\r"
+    "EVN|A01|20260301083000+0800\r"
+    "PID|1||1234567^^^HOSP-A^MR||张^三||19800101|M\r"
+    "PV1|1|I|W01^101^1\r"
+).encode()
+
+
+def adt(control_id: str, *, facility: str = "HOSP-A", extra: str = "") -> bytes:
+    return (
+        ADT.replace(b"MSG00001", control_id.encode())
+        .replace(b"|HIS|HOSP-A|", f"|HIS|{facility}|".encode())
+        + extra.encode()
+    )
+
+
+@dataclass
+class Bridge:
+    root: Path
+    service: BridgeService
+
+    @property
+    def port(self) -> int:
+        assert self.service.mllp_port is not None
+        return self.service.mllp_port
+
+    @property
+    def store(self) -> SQLiteStore:
+        return self.service.controller.store
+
+    def actions(self) -> list[str]:
+        return [e.record.action for e in self.store.audit_entries()]
+
+
+async def start_bridge(root: Path, mllp: str | None) -> Bridge:
+    hospital_cfg, _ = make_workdir(root)
+    if mllp is not None:
+        with hospital_cfg.open("a", encoding="utf-8") as fh:
+            fh.write("\n[mllp]\n" + mllp)
+    service = BridgeService(Controller(load_config(hospital_cfg)), poll_interval=0.05)
+    await service.start()
+    return Bridge(root, service)
+
+
+PLAIN = 'host = "127.0.0.1"\nport = 0\ntls = false\nmax_message_bytes = 4096\n'
+
+
+@pytest.fixture
+async def bridge(tmp_path: Path) -> AsyncIterator[Bridge]:
+    b = await start_bridge(tmp_path, PLAIN)
+    try:
+        yield b
+    finally:
+        await b.service.stop()
+
+
+async def exchange(
+    port: int,
+    chunks: list[bytes],
+    expect: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    pause: float = 0.0,
+) -> list[bytes]:
+    """Write ``chunks`` as separate TCP writes; read until ``expect`` ACK frames arrived."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_context)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+            if pause:
+                await asyncio.sleep(pause)
+        framer = MLLPFramer()
+        acks: list[bytes] = []
+        while len(acks) < expect:
+            data = await asyncio.wait_for(reader.read(65536), timeout=10)
+            if not data:
+                break
+            acks += framer.feed(data)
+        return acks
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, ssl.SSLError):
+            pass
+
+
+def seg(ack: bytes, name: str) -> list[str]:
+    for s in ack.decode().split("\r"):
+        if s.startswith(name + "|"):
+            return s.split("|")
+    raise AssertionError(f"no {name} segment in ACK")
+
+
+async def test_message_is_acknowledged_after_it_is_stored(bridge: Bridge) -> None:
+    [ack] = await exchange(bridge.port, [frame(ADT)], 1)
+    assert seg(ack, "MSA")[1:3] == ["AA", "MSG00001"]
+    row = bridge.store.hl7_lookup("HIS|HOSP-A", "MSG00001")
+    assert row is not None and row.message == ADT and row.ack == ack
+    assert bridge.store.hl7_count() == 1
+    receive = [e for e in bridge.store.audit_entries() if e.record.action == "hl7.receive"]
+    assert len(receive) == 1 and receive[0].seq == row.audit_seq
+    assert bridge.store.verify_audit().ok
+
+
+async def test_repeat_gets_the_original_ack_byte_for_byte_and_is_stored_once(bridge: Bridge) -> None:
+    [first] = await exchange(bridge.port, [frame(ADT)], 1)
+    await asyncio.sleep(0.01)  # a later clock: a freshly built ACK would differ
+    [again] = await exchange(bridge.port, [frame(ADT)], 1)
+    assert again == first
+    assert bridge.store.hl7_count() == 1
+    assert bridge.actions().count("hl7.duplicate") == 1
+
+
+async def test_same_control_id_with_other_content_is_refused(bridge: Bridge) -> None:
+    await exchange(bridge.port, [frame(ADT)], 1)
+    [ack] = await exchange(bridge.port, [frame(adt("MSG00001", extra="PV2|1\r"))], 1)
+    assert seg(ack, "MSA")[1:3] == ["AE", "MSG00001"]
+    err = seg(ack, "ERR")
+    assert err[2] == "MSH^1^10^1" and err[3].startswith("205^")
+    assert "different content" in err[8]
+    assert bridge.store.hl7_count() == 1
+    row = bridge.store.hl7_lookup("HIS|HOSP-A", "MSG00001")
+    assert row is not None and row.message == ADT
+
+
+async def test_same_control_id_from_another_sender_is_another_message(bridge: Bridge) -> None:
+    acks = await exchange(bridge.port, [frame(ADT) + frame(adt("MSG00001", facility="HOSP-B"))], 2)
+    assert [seg(a, "MSA")[1] for a in acks] == ["AA", "AA"]
+    assert bridge.store.hl7_count() == 2
+
+
+async def test_unparseable_bytes_get_ar_with_err_and_nothing_is_stored(bridge: Bridge) -> None:
+    [ack] = await exchange(bridge.port, [frame(b"this is not HL7 at all")], 1)
+    assert seg(ack, "MSA")[1] == "AR"
+    err = seg(ack, "ERR")
+    assert err[3].startswith("100^") and "MSH" in err[8]
+    assert "not HL7" not in ack.decode()
+    [ack] = await exchange(bridge.port, [frame(adt(""))], 1)
+    assert seg(ack, "MSA")[1] == "AR" and seg(ack, "ERR")[2] == "MSH^1^10^1"
+    assert bridge.store.hl7_count() == 0
+    assert bridge.actions() == ["hl7.reject", "hl7.reject"]
+
+
+async def test_message_split_over_many_tcp_writes(bridge: Bridge) -> None:
+    wire = frame(adt("SPLIT-1"))
+    chunks = [wire[i : i + 7] for i in range(0, len(wire), 7)]
+    [ack] = await exchange(bridge.port, chunks, 1, pause=0.002)
+    assert seg(ack, "MSA")[1:3] == ["AA", "SPLIT-1"]
+    stored = bridge.store.hl7_lookup("HIS|HOSP-A", "SPLIT-1")
+    assert stored is not None and stored.message == adt("SPLIT-1")
+
+
+async def test_two_messages_in_one_write_get_two_acks_in_order(bridge: Bridge) -> None:
+    wire = b"".join(frame(adt(f"ORDER-{i}")) for i in range(5))
+    acks = await exchange(bridge.port, [wire], 5)
+    assert [seg(a, "MSA")[2] for a in acks] == [f"ORDER-{i}" for i in range(5)]
+    assert bridge.store.hl7_count() == 5
+
+
+async def test_half_closed_client_still_gets_its_acks(bridge: Bridge) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    writer.write(frame(adt("EOF-1")) + frame(adt("EOF-2")))
+    writer.write_eof()
+    data = await asyncio.wait_for(reader.read(), timeout=10)  # until the bridge closes
+    writer.close()
+    acks = MLLPFramer().feed(data)
+    assert [seg(a, "MSA")[1:3] for a in acks] == [["AA", "EOF-1"], ["AA", "EOF-2"]]
+
+
+async def test_oversized_frame_gets_ar_and_the_connection_carries_on(bridge: Bridge) -> None:
+    big = adt("BIG-1", extra="NTE|1||" + "x" * 5000 + "\r")
+    acks = await exchange(bridge.port, [frame(big) + frame(adt("SMALL-1"))], 2)
+    assert seg(acks[0], "MSA")[1:3] == ["AR", "BIG-1"]
+    assert seg(acks[1], "MSA")[1:3] == ["AA", "SMALL-1"]
+    assert bridge.store.hl7_count() == 1
+
+
+async def test_store_that_cannot_commit_gets_no_aa(bridge: Bridge) -> None:
+    # The commit itself fails (after the audit append and the ACK were built).
+    raw = sqlite3.connect(bridge.store.path)
+    raw.execute("CREATE TRIGGER hl7_full BEFORE INSERT ON hl7_inbox"
+                " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    raw.commit()
+    raw.close()
+    [ack] = await exchange(bridge.port, [frame(adt("LOST-1"))], 1)
+    assert seg(ack, "MSA")[1] == "AE" and seg(ack, "ERR")[3].startswith("207^")
+    assert bridge.store.hl7_count() == 0
+    assert "hl7.receive" not in bridge.actions()  # rolled back with the row
+
+
+async def test_closed_store_gets_no_aa(bridge: Bridge) -> None:
+    bridge.store.close()
+    [ack] = await exchange(bridge.port, [frame(adt("LOST-2"))], 1)
+    assert seg(ack, "MSA")[1] == "AE" and seg(ack, "ERR")[3].startswith("207^")
+    with SQLiteStore(bridge.store.path) as reopened:
+        assert reopened.hl7_count() == 0
+
+
+class _MappingFails(HeaderOnlyHandler):
+    def prepare(self, message: bytes, header: MSHHeader) -> Prepared:
+        raise MappingError("date of birth is not a valid date", location="PID-7")
+
+
+async def test_mapping_error_gives_ae_naming_the_field_without_its_value(bridge: Bridge) -> None:
+    assert bridge.service.mllp is not None
+    bridge.service.mllp.handler = _MappingFails()
+    [ack] = await exchange(bridge.port, [frame(ADT)], 1)
+    assert seg(ack, "MSA")[1:3] == ["AE", "MSG00001"]
+    err = seg(ack, "ERR")
+    assert err[2] == "PID^1^7^1" and "PID-7" in err[8]
+    assert "19800101" not in ack.decode() and "张" not in ack.decode()
+    assert bridge.store.hl7_count() == 0
+
+
+class _Explodes(HeaderOnlyHandler):
+    def prepare(self, message: bytes, header: MSHHeader) -> Prepared:
+        raise KeyError("PID-5 value 张三")
+
+
+async def test_handler_bug_gives_ae_207_and_no_value(bridge: Bridge) -> None:
+    assert bridge.service.mllp is not None
+    bridge.service.mllp.handler = _Explodes()
+    [ack] = await exchange(bridge.port, [frame(ADT)], 1)
+    assert seg(ack, "MSA")[1] == "AE" and seg(ack, "ERR")[3].startswith("207^")
+    assert "张" not in ack.decode()
+    assert bridge.store.hl7_count() == 0
+
+
+async def test_facility_outside_the_allow_list_gets_ar(tmp_path: Path) -> None:
+    b = await start_bridge(tmp_path, PLAIN + 'allowed_facilities = ["HOSP-A"]\n')
+    try:
+        other = adt("FAC-1", facility="CLINIC-X^1.2.3^ISO")
+        mine = adt("FAC-2", facility="HOSP-A^2.16.156.10011.1.5^ISO")
+        acks = await exchange(b.port, [frame(other) + frame(mine)], 2)
+        assert seg(acks[0], "MSA")[1] == "AR" and seg(acks[0], "ERR")[2] == "MSH^1^4^1"
+        assert seg(acks[1], "MSA")[1] == "AA"
+        assert b.store.hl7_count() == 1
+        reject = [e for e in b.store.audit_entries() if e.record.action == "hl7.reject"]
+        assert reject[0].record.outcome == "denied"
+    finally:
+        await b.service.stop()
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+TLS = 'host = "127.0.0.1"\nport = 0\ntls = true\n'
+
+
+@pytest.fixture
+async def tls_bridge(tmp_path: Path) -> AsyncIterator[Bridge]:
+    b = await start_bridge(tmp_path, TLS)
+    try:
+        yield b
+    finally:
+        await b.service.stop()
+
+
+async def test_tls_client_with_a_valid_certificate_is_acknowledged(tls_bridge: Bridge) -> None:
+    ctx = client_ssl(tls_bridge.root, "clinic-x")
+    [ack] = await exchange(tls_bridge.port, [frame(ADT)], 1, ssl_context=ctx)
+    assert seg(ack, "MSA")[1:3] == ["AA", "MSG00001"]
+    assert tls_bridge.store.hl7_count() == 1
+
+
+async def _refused(bridge: Bridge, ctx: ssl.SSLContext) -> None:
+    try:
+        acks = await exchange(bridge.port, [frame(ADT)], 1, ssl_context=ctx)
+    except (ConnectionError, ssl.SSLError, OSError):
+        acks = []
+    assert acks == []
+    for _ in range(200):
+        if "tls.refused" in bridge.actions():
+            break
+        await asyncio.sleep(0.02)
+    refusals = [e for e in bridge.store.audit_entries() if e.record.action == "tls.refused"]
+    assert refusals and refusals[0].record.outcome == "denied"
+    assert bridge.store.hl7_count() == 0
+
+
+async def test_tls_client_without_certificate_is_refused_and_audited(tls_bridge: Bridge) -> None:
+    await _refused(tls_bridge, client_ssl(tls_bridge.root, None))
+
+
+async def test_tls_client_from_another_ca_is_refused_and_audited(
+    tls_bridge: Bridge, tmp_path: Path
+) -> None:
+    other = init_dev_pki(tmp_path / "other-pki", [HOSPITAL])
+    ctx = ssl.create_default_context(cafile=str(tls_bridge.root / "pki" / "ca.pem"))
+    files = other.controllers[HOSPITAL]
+    ctx.load_cert_chain(files.tls_cert, files.tls_key)
+    await _refused(tls_bridge, ctx)
+
+
+async def test_plain_client_on_the_tls_port_gets_nothing(tls_bridge: Bridge) -> None:
+    try:
+        acks = await exchange(tls_bridge.port, [frame(ADT)], 1)
+    except (ConnectionError, OSError):
+        acks = []
+    assert acks == []
+    assert tls_bridge.store.hl7_count() == 0
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+async def test_without_an_mllp_section_nothing_else_listens(tmp_path: Path) -> None:
+    b = await start_bridge(tmp_path, None)
+    try:
+        assert b.service.mllp is None and b.service.mllp_port is None
+        assert b.service.controller.config.mllp is None
+    finally:
+        await b.service.stop()
+
+
+def test_plaintext_mllp_on_a_public_address_is_a_config_error(tmp_path: Path) -> None:
+    hospital_cfg, _ = make_workdir(tmp_path)
+    with hospital_cfg.open("a", encoding="utf-8") as fh:
+        fh.write('\n[mllp]\nhost = "0.0.0.0"\ntls = false\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(hospital_cfg)
+    assert "mllp" in str(info.value.location)
