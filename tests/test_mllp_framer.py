@@ -226,6 +226,12 @@ def test_fallback_ack_without_any_header() -> None:
     assert er[3].startswith("100^")
 
 
+def test_explicit_hl7_code_wins() -> None:
+    err = MappingError("code not in table", location="PV1[1]-2", hl7_code="103")
+    er = segments(build_fallback_ack(read_msh(ORU), "AE", error=err, now=NOW))[2]
+    assert er[3] == "103^Table value not found^HL70357" and er[2] == "PV1^1^2^1"
+
+
 def test_conflict_is_205_and_delimiters_in_text_are_escaped() -> None:
     err = ConflictError("duplicate control id with different content | again", location="MSH-10")
     ack = build_fallback_ack(read_msh(ORU), "AE", error=err, now=NOW)
@@ -236,5 +242,7 @@ def test_conflict_is_205_and_delimiters_in_text_are_escaped() -> None:
 def test_error_location_forms() -> None:
     assert error_location("PID-5.1") == "PID^1^5^1^1"
     assert error_location("OBX[2]-5") == "OBX^2^5^1"
+    assert error_location("PID[1]-5[2].1") == "PID^1^5^2^1"
+    assert error_location("MSH") == "MSH^1"
     assert error_location("HDSD00.11.023") == ""
     assert error_location(None) == ""

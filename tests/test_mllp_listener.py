@@ -10,15 +10,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 from e2e_support import client_ssl, make_workdir
 
 from bridge.config import load_config
 from bridge.demo import HOSPITAL
-from bridge.errors import ConfigError, MappingError
+from bridge.errors import ConfigError, MappingError, ParseError
 from bridge.ledger.sqlite import SQLiteStore
-from bridge.link.mllp import HeaderOnlyHandler, Prepared
-from bridge.link.mllp_framer import MLLPFramer, MSHHeader, frame
+from bridge.link.mllp import HeaderOnlyHandler, HL7v2Handler, Prepared, default_handler
+from bridge.link.mllp_framer import MLLPFramer, MSHHeader, frame, read_msh
 from bridge.link.node import Controller
 from bridge.link.service import BridgeService
 from bridge.trust.pki import init_dev_pki
@@ -350,3 +351,59 @@ def test_plaintext_mllp_on_a_public_address_is_a_config_error(tmp_path: Path) ->
     with pytest.raises(ConfigError) as info:
         load_config(hospital_cfg)
     assert "mllp" in str(info.value.location)
+
+
+# --- wiring to the HL7 v2 room -----------------------------------------------------------------
+
+
+class _FakeHL7v2:
+    """Stands in for bridge.mapping.hl7v2: same three functions, same error conventions."""
+
+    def __init__(self) -> None:
+        self.ack_calls: list[tuple[object, str]] = []
+
+    def parse_hl7(self, data: bytes) -> dict[str, str]:
+        if b"PID|" not in data:
+            raise ParseError("required segment missing", location="PID", hl7_code="100")
+        return {"control_id": read_msh(data).control_id}
+
+    def hl7_to_record(self, msg: dict[str, str]) -> dict[str, object]:
+        return {"dataset": "WS445.10", "elements": {"HDSD00.11.048": "110101198001010011"}}
+
+    def build_ack(self, msg: object, code: str, *, error: object = None, now: object = None) -> bytes:
+        self.ack_calls.append((msg, code))
+        if isinstance(msg, bytes):
+            raise ParseError("cannot read", location="MSH")
+        return f"MSH|^~\\&|BRIDGE|HOSP-A|HIS|HOSP-A|||ACK|X|P|2.5\rMSA|{code}|{msg['control_id']}\r".encode()  # type: ignore[index]
+
+
+async def test_hl7v2_handler_stores_the_record_and_uses_the_rooms_ack(bridge: Bridge) -> None:
+    fake = _FakeHL7v2()
+    assert bridge.service.mllp is not None
+    bridge.service.mllp.handler = HL7v2Handler(fake)
+    no_pid = adt("NOPID-1").replace(b"PID|1||1234567^^^HOSP-A^MR||\xe5\xbc\xa0^\xe4\xb8\x89||19800101|M\r", b"")
+    acks = await exchange(bridge.port, [frame(ADT) + frame(no_pid)], 2)
+    assert acks[0] == b"MSH|^~\\&|BRIDGE|HOSP-A|HIS|HOSP-A|||ACK|X|P|2.5\rMSA|AA|MSG00001\r"
+    row = bridge.store.hl7_lookup("HIS|HOSP-A", "MSG00001")
+    assert row is not None and row.record is not None
+    assert orjson.loads(row.record)["dataset"] == "WS445.10"
+    [receive] = [e for e in bridge.store.audit_entries() if e.record.action == "hl7.receive"]
+    assert receive.record.patient is not None and receive.record.patient.startswith("pp:")
+    assert "WS445.10" in receive.record.categories
+    # Unparseable for the room's parser: its ACK builder cannot help, the minimal one answers.
+    assert seg(acks[1], "MSA")[1:3] == ["AR", "NOPID-1"]
+    assert seg(acks[1], "ERR")[2] == "PID^1" and seg(acks[1], "ERR")[3].startswith("100^")
+    assert bridge.store.hl7_count() == 1
+
+
+def test_default_handler_is_header_only_until_the_hl7v2_room_exists() -> None:
+    handler = default_handler()
+    try:
+        import bridge.mapping.hl7v2 as room
+    except ImportError:
+        assert isinstance(handler, HeaderOnlyHandler)
+        return
+    if all(hasattr(room, n) for n in ("parse_hl7", "hl7_to_record", "build_ack")):
+        assert isinstance(handler, HL7v2Handler)
+    else:
+        assert isinstance(handler, HeaderOnlyHandler)

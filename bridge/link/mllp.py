@@ -315,7 +315,7 @@ class MLLPListener:
             # Only the type: third-party exception texts can carry field values.
             log.error("HL7 handler failed on %s: %s", subject, type(exc).__name__)
             failure = HandlerFailure("message could not be processed", location="MSH",
-                                     hl7_error="207")
+                                     hl7_code="207")
             return await self._refuse(failure, message, header, peer, now)
         record = prepared.record
         categories = [f"HL7v2:{header.message_type}"]
@@ -351,7 +351,7 @@ class MLLPListener:
         except Exception as exc:  # noqa: BLE001 - answered AE 207, logged by type
             log.error("HL7 ACK could not be built for %s: %s", subject, type(exc).__name__)
             failure = HandlerFailure("acknowledgement could not be built", location="MSH",
-                                     hl7_error="207")
+                                     hl7_code="207")
             return await self._failed(failure, message, header, prepared, now)
         self.stats["accepted" if created else "duplicates"] += 1
         return bytes(row.ack)

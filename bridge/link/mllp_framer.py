@@ -236,10 +236,15 @@ CHARSETS: dict[str, str] = {
     "ASCII": "ascii",
     "UNICODE UTF-8": "utf-8",
     "UTF-8": "utf-8",
+    "UTF8": "utf-8",
     "8859/1": "latin-1",
     "GB 18030-2000": "gb18030",
+    "GB 18030": "gb18030",
     "GB18030": "gb18030",
+    "GB18030-2000": "gb18030",
     "GBK": "gbk",
+    "GB 2312": "gb2312",
+    "GB2312": "gb2312",
     "CNS 11643-1992": "big5",
     "BIG-5": "big5",
 }
@@ -380,12 +385,15 @@ HL7_ERROR_TEXT: dict[str, str] = {
 }
 
 CHINA_STANDARD_TIME = timezone(timedelta(hours=8))
-_LOCATION = re.compile(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?-(\d+)(?:\.(\d+))?(?:\.(\d+))?$")
+# ``PID-5.1``, ``OBX[2]-5`` and the parser's ``PID[1]-5[1].1`` (field repetition in brackets).
+_LOCATION = re.compile(
+    r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+))?(?:\.(\d+))?)?$"
+)
 
 
 def hl7_error_code(error: BridgeError) -> str:
-    """The HL7 table 0357 code for an error (``detail['hl7_error']`` wins when given)."""
-    explicit = error.detail.get("hl7_error")
+    """The HL7 table 0357 code for an error (``detail['hl7_code']`` wins when given)."""
+    explicit = error.detail.get("hl7_code")
     if isinstance(explicit, str) and explicit:
         return explicit
     if isinstance(error, ConflictError):
@@ -398,18 +406,25 @@ def hl7_error_code(error: BridgeError) -> str:
 
 
 def error_location(location: str | None) -> str:
-    """An HL7 location like ``PID-5.1`` or ``OBX[2]-5`` as an ERR-2 (ERL) value; else empty."""
+    """An HL7 location (``PID-5.1``, ``OBX[2]-5``, ``PID[1]-5[1].1``) as an ERR-2 (ERL) value.
+
+    ERL is segment ^ segment repetition ^ field ^ field repetition ^ component ^
+    subcomponent. Anything that is not an HL7 location (a data element id, a JSON
+    path) gives an empty string; it is still named in ERR-8.
+    """
     if not location:
         return ""
     m = _LOCATION.match(location.strip())
     if m is None:
         return ""
-    seg, rep, fld, comp, sub = m.groups()
-    parts = [seg, rep or "1", fld, "1"]
-    if comp:
-        parts.append(comp)
-        if sub:
-            parts.append(sub)
+    seg, seg_rep, fld, fld_rep, comp, sub = m.groups()
+    parts = [seg, seg_rep or "1"]
+    if fld:
+        parts += [fld, fld_rep or "1"]
+        if comp:
+            parts.append(comp)
+            if sub:
+                parts.append(sub)
     return "^".join(parts)
 
 
