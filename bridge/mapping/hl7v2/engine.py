@@ -1,0 +1,322 @@
+"""Applying a message mapping: HL7 v2 message -> DE record.
+
+Values are read lazily from the split message, transformed by the closed registry of
+:data:`~bridge.mapping.hl7v2.spec.TRANSFORMS`, and checked against the target data set's
+declared formats. Every refusal names the HL7 location (``PID[1]-7``), never the value.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from bridge.errors import MappingError
+from bridge.mapping.hl7v2.message import HL7Message, Loc, Segment, hl7_error
+from bridge.mapping.hl7v2.schema import check_dtm, segment_spec
+from bridge.mapping.hl7v2.spec import (
+    ElementRules,
+    MessageMapping,
+    Path_,
+    Rule,
+    SumSpec,
+    When,
+)
+from bridge.records.catalog import DatasetCatalog
+
+CST = timezone(timedelta(hours=8))
+
+
+def _repeats(version: str, segment: str, field: int) -> bool:
+    spec = segment_spec(version, segment)
+    if spec is None or field > len(spec.fields):
+        return False
+    return spec.fields[field - 1].repeats
+
+
+class _Ctx:
+    """The message being mapped and, inside a group, the current segment."""
+
+    __slots__ = ("msg", "version", "segment")
+
+    def __init__(self, msg: HL7Message, segment: Segment | None = None) -> None:
+        self.msg = msg
+        self.version = msg.version
+        self.segment = segment
+
+    def loc(self, seg: Segment | None, path: Path_, rep: int) -> Loc:
+        name = seg.name if seg is not None else path.segment
+        seg_rep = seg.rep if seg is not None else 1
+        field_rep = rep if _repeats(self.version, path.segment, path.field) else 0
+        return Loc(name, seg_rep, path.field, field_rep, path.component, path.subcomponent)
+
+    def segments(self, name: str) -> list[Segment]:
+        if self.segment is not None and self.segment.name == name:
+            return [self.segment]
+        return self.msg.segment_list(name)
+
+    def read(self, path: Path_, seg: Segment | None = None, rep: int = 1) -> tuple[str, Loc]:
+        """The value at ``path`` (first segment repetition unless ``seg``) and its location."""
+        if seg is None:
+            segs = self.segments(path.segment)
+            seg = segs[0] if segs else None
+        if seg is None:
+            return "", self.loc(None, path, rep)
+        value = seg.value(path.field, rep, path.component or 1, path.subcomponent or 1)
+        if value == '""':  # HL7 "explicitly null"
+            value = ""
+        return value.strip(), self.loc(seg, path, rep)
+
+    def locate(self, rule: Rule) -> tuple[Segment | None, int]:
+        """The segment repetition and field repetition a rule reads (after ``select``)."""
+        path = rule.paths[0]
+        segs = self.segments(path.segment)
+        if not segs:
+            return None, 1
+        sel = rule.select
+        if sel is None:
+            return segs[0], 1
+        if sel.path.field == path.field:
+            for seg in segs:
+                for rep in range(1, len(seg.repetitions(path.field)) + 1):
+                    value = seg.value(sel.path.field, rep, sel.path.component or 1,
+                                      sel.path.subcomponent or 1)
+                    if value in sel.values:
+                        return seg, rep
+                if self.segment is not None:
+                    break
+            return None, 1
+        for seg in segs:
+            value = seg.value(sel.path.field, 1, sel.path.component or 1, sel.path.subcomponent or 1)
+            if value in sel.values:
+                return seg, 1
+        return None, 1
+
+
+def _holds(when: When | None, ctx: _Ctx) -> bool:
+    if when is None:
+        return True
+    # A condition holds if any repetition of the field satisfies it.
+    segs = ctx.segments(when.path.segment)
+    seg = segs[0] if segs else None
+    count = len(seg.repetitions(when.path.field)) if seg is not None else 0
+    if count > 1:
+        return any(_test(when, ctx.read(when.path, seg, r)[0]) for r in range(1, count + 1))
+    return _test(when, ctx.read(when.path)[0])
+
+
+def _test(when: When, value: str) -> bool:
+    if when.present is not None:
+        return bool(value) == when.present
+    if when.within is not None:
+        return value in when.within
+    assert when.not_within is not None
+    return bool(value) and value not in when.not_within
+
+
+def _dt15(value: str, loc: Loc) -> str:
+    if not check_dtm(value) or len(value.split("+")[0].split("-")[0].split(".")[0]) < 12:
+        raise hl7_error(MappingError, "date/time needs at least YYYYMMDDHHMM", loc, "102")
+    local = _local(value)
+    return local.strftime("%Y%m%dT%H%M%S")
+
+
+def _local(value: str) -> datetime:
+    """An HL7 TS as a naive China Standard Time ``datetime``."""
+    offset = None
+    body = value
+    for sign in ("+", "-"):
+        if sign in value[4:]:
+            body, _, zone = value.rpartition(sign)
+            minutes = int(zone[:2]) * 60 + int(zone[2:4])
+            offset = timezone(timedelta(minutes=minutes if sign == "+" else -minutes))
+            break
+    body = body.split(".")[0]
+    parts = [int(body[:4]), int(body[4:6] or 1), int(body[6:8] or 1),
+             int(body[8:10] or 0), int(body[10:12] or 0), int(body[12:14] or 0)]
+    moment = datetime(*parts)  # type: ignore[misc]
+    if offset is not None:
+        moment = moment.replace(tzinfo=offset).astimezone(CST).replace(tzinfo=None)
+    return moment
+
+
+def _d8(value: str, loc: Loc) -> str:
+    if not check_dtm(value) or len(value) < 8 or not value[:8].isdigit():
+        raise hl7_error(MappingError, "date needs YYYYMMDD", loc, "102")
+    return value[:8]
+
+
+def _apply(rule: Rule, ctx: _Ctx) -> tuple[str | None, Loc | None]:
+    """Run one rule: the value it yields (``None`` when it yields nothing) and where from."""
+    if not _holds(rule.when, ctx):
+        return None, None
+    if rule.value is not None:
+        return rule.value, None
+    seg, rep = ctx.locate(rule)
+    if rule.select is not None and seg is None:
+        return None, ctx.loc(None, rule.paths[0], 1)
+    if rule.transform == "concat":
+        parts = [ctx.read(p, seg, rep) for p in rule.paths]
+        text = "".join(v for v, _ in parts)
+        return (text or None), parts[0][1]
+    value, loc = ctx.read(rule.paths[0], seg, rep)
+    if not value:
+        return None, loc
+    t = rule.transform
+    if t == "string":
+        return value, loc
+    if t == "ts_to_dt15":
+        return _dt15(value, loc), loc
+    if t == "ts_to_d8":
+        return _d8(value, loc), loc
+    if t == "decimal":
+        try:
+            number = Decimal(value)
+        except InvalidOperation:
+            raise hl7_error(MappingError, "not a number", loc, "102") from None
+        if not number.is_finite():
+            raise hl7_error(MappingError, "not a number", loc, "102")
+        return format(number.normalize() if number == number.to_integral_value()
+                      else number, "f"), loc
+    if t == "code":
+        assert rule.valueset is not None
+        concept = rule.valueset.concepts.get(value)
+        if concept is None:
+            try:
+                concept = rule.valueset.lookup(value, location=str(loc))
+            except MappingError:
+                raise hl7_error(MappingError, f"code not in value set {rule.valueset.id}",
+                                loc, "103") from None
+        return (concept.target or concept.code), loc
+    if t == "age_years":
+        birth = _d8(value, loc)
+        at_value = ""
+        at_loc = loc
+        for p in rule.at:
+            at_value, at_loc = ctx.read(p)
+            if at_value:
+                break
+        if not at_value:
+            return None, loc
+        when = _d8(at_value, at_loc)
+        b = date(int(birth[:4]), int(birth[4:6]), int(birth[6:]))
+        w = date(int(when[:4]), int(when[4:6]), int(when[6:]))
+        years = w.year - b.year - ((w.month, w.day) < (b.month, b.day))
+        if years < 0:
+            raise hl7_error(MappingError, "birth date after the reference date", loc, "102")
+        return str(years), loc
+    if t == "stay_days":
+        end = _local(_dt15_checked(value, loc))
+        start_value, start_loc = "", loc
+        for p in rule.at:
+            start_value, start_loc = ctx.read(p)
+            if start_value:
+                break
+        if not start_value:
+            return None, loc
+        start = _local(_dt15_checked(start_value, start_loc))
+        days = (end.date() - start.date()).days
+        if days < 0:
+            raise hl7_error(MappingError, "discharge before admission", loc, "102")
+        # A stay that begins and ends on one day counts as one day.
+        return str(max(days, 1)), loc
+    raise AssertionError(f"transform {t} not implemented")  # pragma: no cover - load checks
+
+
+def _dt15_checked(value: str, loc: Loc) -> str:
+    _dt15(value, loc)
+    return value
+
+
+def _element(er: ElementRules, ctx: _Ctx, catalog: DatasetCatalog) -> str | None:
+    first_loc: Loc | None = None
+    for rule in er.rules:
+        value, loc = _apply(rule, ctx)
+        if first_loc is None and loc is not None:
+            first_loc = loc
+        if value is None or value == "":
+            continue
+        try:
+            return catalog.elements[er.element].check(value, location=er.element)
+        except MappingError as exc:
+            raise hl7_error(MappingError, f"{exc.message} for {er.element}",
+                            loc if loc is not None else Loc("MSH"), "102") from None
+    if er.required:
+        where = first_loc or ctx.loc(None, next(r for r in er.rules if r.paths).paths[0], 1)
+        raise hl7_error(MappingError, f"required for {er.element} but missing", where, "101")
+    return None
+
+
+def _sums(spec: SumSpec, ctx: _Ctx, catalog: DatasetCatalog) -> dict[str, str]:
+    totals: dict[str, Decimal] = {}
+    grand = Decimal(0)
+    for seg in ctx.msg.segment_list(spec.segment):
+        inner = _Ctx(ctx.msg, seg)
+        if not _holds(spec.when, inner):
+            continue
+        code, cloc = inner.read(spec.category, seg)
+        amount_text, aloc = inner.read(spec.amount, seg)
+        if not code:
+            raise hl7_error(MappingError, "fee category missing", cloc, "101")
+        if not amount_text:
+            raise hl7_error(MappingError, "amount missing", aloc, "101")
+        concept = spec.valueset.concepts.get(code)
+        if concept is None:
+            raise hl7_error(MappingError, f"code not in value set {spec.valueset.id}", cloc, "103")
+        try:
+            amount = Decimal(amount_text)
+        except InvalidOperation:
+            raise hl7_error(MappingError, "amount is not a number", aloc, "102") from None
+        if not amount.is_finite():
+            raise hl7_error(MappingError, "amount is not a number", aloc, "102")
+        target = concept.target or concept.code
+        totals[target] = totals.get(target, Decimal(0)) + amount
+        parent = spec.within.get(target)
+        if parent is not None:
+            totals[parent] = totals.get(parent, Decimal(0)) + amount
+        else:
+            grand += amount
+    if not totals:
+        return {}
+    if spec.total:
+        totals[spec.total] = grand
+    out: dict[str, str] = {}
+    for element, total in totals.items():
+        text = format(total.quantize(Decimal("0.01")), "f")
+        try:
+            out[element] = catalog.elements[element].check(text, location=element)
+        except MappingError as exc:
+            raise hl7_error(MappingError, f"{exc.message} for the sum of {element}",
+                            Loc(spec.segment), "102") from None
+    return out
+
+
+def map_message(spec: MessageMapping, msg: HL7Message) -> dict[str, Any]:
+    """Map a validated message with ``spec`` (not a dispatching one) to a DE record."""
+    assert spec.catalog is not None and spec.dataset is not None
+    catalog = spec.catalog
+    ctx = _Ctx(msg)
+    elements: dict[str, Any] = {}
+    for er in spec.elements:
+        value = _element(er, ctx, catalog)
+        if value is not None:
+            elements[er.element] = value
+    if spec.sums is not None:
+        elements.update(_sums(spec.sums, ctx, catalog))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for group in spec.groups:
+        items: list[dict[str, Any]] = []
+        for seg in msg.segment_list(group.segment):
+            inner = _Ctx(msg, seg)
+            if not _holds(group.when, inner):
+                continue
+            item: dict[str, Any] = {}
+            for er in group.elements:
+                value = _element(er, inner, catalog)
+                if value is not None:
+                    item[er.element] = value
+            if item:
+                items.append(item)
+        if items:
+            groups[group.name] = items
+    return {"dataset": spec.dataset, "elements": elements, "groups": groups}

@@ -1,0 +1,305 @@
+"""What each HL7 v2 field may hold, compiled once from hl7apy's reference tables.
+
+hl7apy knows, per version, every message structure (which segments and groups are
+required), every segment's fields (data type, required, repeating) and the data types'
+components down to the base types, whose maximum lengths it declares (ST 199, IS 20,
+NM 16 digits, SI 4, TX/FT 65536). Parsing with hl7apy builds an object per element and
+costs about 10 ms per ADT^A01; reading the same tables once into tuples and checking the
+split message against them costs a few tens of microseconds.
+
+Checks (each raises :class:`~bridge.errors.MappingError` naming the HL7 location and the
+HL7 table 0357 error code an ACK reports):
+
+- required segments of the message structure present (100), MSH first;
+- segments known to the declared version (Z-segments are passed over) (100);
+- required fields present (101);
+- non-repeating fields not repeated, no components beyond the data type's (102);
+- base-type lengths (102), numbers in NM/SI (102), dates and times in DT/DTM/TS as real
+  calendar dates and times (102); OBX-5 by the type OBX-2 declares.
+
+hl7apy does not check table values, dates or segment order; code values are checked by
+the mapping files' value sets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+from functools import lru_cache
+from typing import Any
+
+import hl7apy
+
+from bridge.errors import MappingError
+from bridge.mapping.hl7v2.message import HL7Message, Loc, Segment, hl7_error
+
+SUPPORTED_VERSIONS = frozenset({"2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6"})
+
+# Kinds of leaf check.
+TEXT, DT, DTM, NM, SI, VARIES, ANY = range(7)
+
+_DTM = re.compile(
+    r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,4})?)?)?)?)?)?"
+    r"(?:[+-](\d{2})(\d{2}))?$"
+)
+_DT = re.compile(r"^(\d{4})(?:(\d{2})(\d{2})?)?$")
+_NM = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)$")
+_SI = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A data type: a leaf with a check and maximum length, or components."""
+
+    kind: int
+    max_length: int | None
+    children: tuple[Node, ...] = ()
+    table: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One field of a segment as the version defines it."""
+
+    number: int
+    datatype: str
+    required: bool
+    repeats: bool
+    node: Node
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSpec:
+    name: str
+    fields: tuple[FieldSpec, ...]  # fields[n - 1] is field n
+    required: tuple[int, ...]
+
+
+def check_dtm(text: str) -> bool:
+    """True for a real HL7 DTM/TS time: ``YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]``."""
+    m = _DTM.match(text)
+    if m is None:
+        return False
+    y, mo, d, h, mi, s, zh, zm = m.groups()
+    try:
+        date(int(y), int(mo or 1), int(d or 1))
+    except ValueError:
+        return False
+    if (h and int(h) > 23) or (mi and int(mi) > 59) or (s and int(s) > 59):
+        return False
+    return not (zh and (int(zh) > 14 or int(zm) > 59))
+
+
+def check_dt(text: str) -> bool:
+    """True for a real HL7 DT date: ``YYYY[MM[DD]]``."""
+    m = _DT.match(text)
+    if m is None:
+        return False
+    y, mo, d = m.groups()
+    try:
+        date(int(y), int(mo or 1), int(d or 1))
+    except ValueError:
+        return False
+    return True
+
+
+def _base_lengths(lib: Any) -> dict[str, int | None]:
+    lengths: dict[str, int | None] = {}
+    for name, cls in lib.get_base_datatypes().items():
+        if name in ("DT", "DTM", "TM"):
+            continue
+        try:
+            inst = cls(None) if name in ("NM", "SI") else cls("")
+        except Exception:  # noqa: BLE001 - a base type we cannot probe gets no limit
+            continue
+        lengths[name] = inst.max_length
+    return lengths
+
+
+def _leaf(name: str, datatype: str, table: str | None, lengths: dict[str, int | None]) -> Node:
+    # In v2.4 TS.1 is typed ST although it carries the time; v2.5 types it DTM.
+    if datatype in ("DTM", "TS") or name == "TS_1":
+        return Node(DTM, None, table=table)
+    if datatype == "DT":
+        return Node(DT, None, table=table)
+    if datatype == "NM":
+        return Node(NM, lengths.get("NM"), table=table)
+    if datatype == "SI":
+        return Node(SI, lengths.get("SI"), table=table)
+    if datatype == "varies":
+        return Node(VARIES, None, table=table)
+    if datatype in lengths:
+        return Node(TEXT, lengths[datatype], table=table)
+    return Node(ANY, None, table=table)
+
+
+def _node(name: str, ref: Any, lengths: dict[str, int | None]) -> Node:
+    kind, children, datatype = ref[0], ref[1], ref[2]
+    table = ref[4] if len(ref) > 4 else None
+    if kind == "leaf" or not children:
+        return _leaf(name, datatype, table, lengths)
+    subs = tuple(_node(child[0], child[1], lengths) for child in children)
+    return Node(ANY, None, subs, table)
+
+
+@lru_cache(maxsize=16)
+def _library(version: str) -> tuple[Any, dict[str, int | None]]:
+    lib = hl7apy.load_library(version)
+    return lib, _base_lengths(lib)
+
+
+@lru_cache(maxsize=1024)
+def segment_spec(version: str, name: str) -> SegmentSpec | None:
+    """The segment's fields in this version, or ``None`` if the version has no such segment."""
+    lib, lengths = _library(version)
+    try:
+        ref = lib.SEGMENTS[name]
+    except KeyError:
+        return None
+    fields = []
+    for number, child in enumerate(ref[1], start=1):
+        fname, fref, (lo, hi), _ = child
+        fields.append(FieldSpec(number, fref[2], lo >= 1, hi != 1, _node(fname, fref, lengths)))
+    required = tuple(f.number for f in fields if f.required and not (name == "MSH" and f.number <= 2))
+    return SegmentSpec(name, tuple(fields), required)
+
+
+def _required_in(children: Any) -> set[str]:
+    found: set[str] = set()
+    for child in children:
+        cname, cref, (lo, _), kind = child
+        if lo < 1:
+            continue
+        if kind == "SEG":
+            found.add(cname)
+        elif kind == "GRP":
+            found |= _required_in(cref[1])
+    return found
+
+
+@lru_cache(maxsize=256)
+def required_segments(version: str, structure: str) -> frozenset[str] | None:
+    """Segments the message structure requires (inside required groups too)."""
+    lib, _ = _library(version)
+    ref = lib.MESSAGES.get(structure)
+    if ref is None:
+        return None
+    return frozenset(_required_in(ref[1]))
+
+
+def check_version(version: str) -> None:
+    """Refuse versions the bridge does not read (HL7 error 203)."""
+    if version not in SUPPORTED_VERSIONS:
+        raise hl7_error(MappingError, "unsupported HL7 version", Loc("MSH", 1, 12), "203")
+
+
+def validate(msg: HL7Message, structure: str | None) -> None:
+    """Check ``msg`` against its version's definitions; raise naming the first problem."""
+    version = msg.version
+    check_version(version)
+    if structure:
+        needed = required_segments(version, structure)
+        if needed is None:
+            raise hl7_error(MappingError, "message structure unknown to this HL7 version",
+                            Loc("MSH", 1, 9, 0, 3), "100")
+        for seg_name in sorted(needed):
+            if seg_name not in msg.by_name:
+                raise hl7_error(MappingError, "required segment missing", Loc(seg_name), "100")
+    for seg in msg.segments:
+        spec = segment_spec(version, seg.name)
+        if spec is None:
+            if seg.name.startswith("Z"):
+                continue
+            raise hl7_error(MappingError, "segment not defined in this HL7 version",
+                            Loc(seg.name, seg.rep), "100")
+        _check_segment(msg, seg, spec)
+
+
+def _check_segment(msg: HL7Message, seg: Segment, spec: SegmentSpec) -> None:
+    raw = seg.raw_fields
+    nfields = len(spec.fields)
+    for number in spec.required:
+        if number >= len(raw) or not raw[number] or raw[number] == '""':
+            raise hl7_error(MappingError, "required field missing",
+                            Loc(seg.name, seg.rep, number), "101")
+    d = msg.delimiters
+    start = 3 if seg.name == "MSH" else 1
+    for number in range(start, len(raw)):
+        text = raw[number]
+        if not text:
+            continue
+        if number > nfields:
+            raise hl7_error(MappingError, "field not defined for this segment in this version",
+                            Loc(seg.name, seg.rep, number), "102")
+        fspec = spec.fields[number - 1]
+        reps = text.split(d.repetition)
+        if len(reps) > 1 and not fspec.repeats:
+            raise hl7_error(MappingError, "field does not repeat",
+                            Loc(seg.name, seg.rep, number, 2), "102")
+        node = fspec.node
+        if node.kind == VARIES and seg.name == "OBX" and number == 5:
+            node = _obx_value_node(seg)
+        for r, rep_text in enumerate(reps, start=1):
+            if rep_text:
+                _check_node(node, rep_text, d, 0,
+                            (seg.name, seg.rep, number, r if fspec.repeats else 0))
+
+
+def _obx_value_node(seg: Segment) -> Node:
+    value_type = seg.value(2)
+    if value_type in ("NM",):
+        return Node(NM, 16)
+    if value_type in ("DT",):
+        return Node(DT, None)
+    if value_type in ("TS", "DTM"):
+        return Node(DTM, None)
+    return Node(ANY, None)
+
+
+def _check_node(node: Node, text: str, d: Any, depth: int, where: tuple[Any, ...]) -> None:
+    if node.children and depth >= 2:
+        # ER7 has no separator below subcomponents: a composite there is read as its first part.
+        node = node.children[0]
+        while node.children:
+            node = node.children[0]
+    if node.children:
+        sep = d.component if depth == 0 else d.subcomponent
+        parts = text.split(sep) if sep in text else [text]
+        if len(parts) > len(node.children):
+            raise hl7_error(MappingError, "more components than the data type has",
+                            Loc(*where, len(node.children) + 1), "102")
+        for i, part in enumerate(parts):
+            if part:
+                child_where = where + (i + 1,)
+                _check_node(node.children[i], part, d, depth + 1, child_where)
+        return
+    if depth == 0 and d.component in text and node.kind != ANY:
+        # A leaf field written with components: only the first is the value.
+        raise hl7_error(MappingError, "components in a field that has none",
+                        Loc(*where), "102")
+    if depth == 1 and d.subcomponent in text and node.kind != ANY:
+        raise hl7_error(MappingError, "subcomponents in a component that has none",
+                        Loc(*where), "102")
+    if d.escape in text:
+        text = d.unescape(text)
+    if text == '""':
+        return
+    kind = node.kind
+    if kind == TEXT:
+        if node.max_length is not None and len(text) > node.max_length:
+            raise hl7_error(MappingError,
+                            f"longer than the {node.max_length} characters the data type allows",
+                            Loc(*where), "102")
+    elif kind == DTM:
+        if not check_dtm(text):
+            raise hl7_error(MappingError, "not a valid HL7 date/time (DTM)", Loc(*where), "102")
+    elif kind == DT:
+        if not check_dt(text):
+            raise hl7_error(MappingError, "not a valid HL7 date (DT)", Loc(*where), "102")
+    elif kind == NM:
+        if not _NM.match(text) or len(text.lstrip("+-").replace(".", "")) > (node.max_length or 16):
+            raise hl7_error(MappingError, "not a number (NM)", Loc(*where), "102")
+    elif kind == SI:
+        if not _SI.match(text) or len(text) > (node.max_length or 4):
+            raise hl7_error(MappingError, "not a sequence number (SI)", Loc(*where), "102")

@@ -1,0 +1,465 @@
+"""Loading and checking the HL7 v2 message mapping files (``mappings/hl7v2/messages/*.yaml``).
+
+One file per message type maps HL7 paths to the data elements of one WS 445 data set.
+The format is documented key by key in ``mappings/hl7v2/README.md``. Everything a file
+says is checked when it is loaded — unknown keys, malformed HL7 paths, unknown
+transforms and parameters, value sets that do not exist, data-element ids that are not in
+the target data set — and every mistake raises :class:`~bridge.errors.LoadError` naming
+``file:line key``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import LoadError
+from bridge.mapping.valuesets import ValueSetMap, load_valuesets, shipped_valuesets
+from bridge.mapping.yamlsrc import SourceMap, load_yaml
+from bridge.records.catalog import DatasetCatalog, load_catalog
+from bridge.resources import mappings_dir
+
+_PATH = re.compile(r"^(?P<seg>[A-Z][A-Z0-9]{2})-(?P<field>[1-9]\d*)"
+                   r"(?:\.(?P<comp>[1-9]\d*)(?:\.(?P<sub>[1-9]\d*))?)?$")
+_TOP_KEYS = frozenset({"mapping", "source", "target", "purpose", "required_segments",
+                       "elements", "groups", "sums", "dispatch", "unused"})
+_SOURCE_KEYS = frozenset({"standard", "versions", "message", "structure"})
+_TARGET_KEYS = frozenset({"standard", "dataset", "subset", "catalog"})
+_RULE_KEYS = frozenset({"path", "select", "transform", "valueset", "at", "from", "value",
+                        "when", "required"})
+_GROUP_KEYS = frozenset({"segment", "when", "elements"})
+_SUMS_KEYS = frozenset({"segment", "category", "amount", "total", "within", "when"})
+_WHEN_KEYS = frozenset({"path", "present", "in", "not_in"})
+_SELECT_KEYS = frozenset({"path", "in"})
+
+# The closed registry of transforms: name -> (parameters it requires, parameters allowed).
+TRANSFORMS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "string": (frozenset(), frozenset()),
+    "concat": (frozenset(), frozenset()),
+    "ts_to_dt15": (frozenset(), frozenset()),
+    "ts_to_d8": (frozenset(), frozenset()),
+    "decimal": (frozenset(), frozenset()),
+    "code": (frozenset({"valueset"}), frozenset({"valueset"})),
+    "age_years": (frozenset({"at"}), frozenset({"at"})),
+    "stay_days": (frozenset({"from"}), frozenset({"from"})),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Path_:
+    """An HL7 path ``SEG-field[.component[.subcomponent]]``."""
+
+    segment: str
+    field: int
+    component: int = 0
+    subcomponent: int = 0
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Select:
+    """Pick the first repetition whose ``path`` value is one of ``values``."""
+
+    path: Path_
+    values: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class When:
+    """A condition on a value of the message."""
+
+    path: Path_
+    present: bool | None = None
+    within: frozenset[str] | None = None
+    not_within: frozenset[str] | None = None
+
+
+@dataclass(slots=True)
+class Rule:
+    """One way to obtain a data element's value from the message."""
+
+    where: str
+    paths: tuple[Path_, ...] = ()
+    select: Select | None = None
+    transform: str | None = None
+    valueset: ValueSetMap | None = None
+    at: tuple[Path_, ...] = ()
+    value: str | None = None
+    when: When | None = None
+    required: bool = False
+
+
+@dataclass(slots=True)
+class ElementRules:
+    """A data element and its alternatives (the first rule that yields a value wins)."""
+
+    element: str
+    where: str
+    rules: list[Rule]
+
+    @property
+    def required(self) -> bool:
+        return any(r.required for r in self.rules)
+
+
+@dataclass(slots=True)
+class GroupSpec:
+    """A repeating segment whose repetitions become items of a DE record group."""
+
+    name: str
+    where: str
+    segment: str
+    when: When | None
+    elements: list[ElementRules]
+
+
+@dataclass(slots=True)
+class SumSpec:
+    """Amounts of a repeating segment summed per category into data elements."""
+
+    where: str
+    segment: str
+    category: Path_
+    valueset: ValueSetMap
+    amount: Path_
+    total: str | None
+    within: dict[str, str]
+    when: When | None
+
+
+@dataclass(slots=True)
+class MessageMapping:
+    """A loaded message mapping file."""
+
+    id: str
+    file: str
+    header: dict[str, Any]
+    message_type: str
+    structure: str
+    versions: frozenset[str]
+    dataset: str | None
+    catalog: DatasetCatalog | None
+    required_segments: tuple[str, ...] = ()
+    elements: list[ElementRules] = field(default_factory=list)
+    groups: list[GroupSpec] = field(default_factory=list)
+    sums: SumSpec | None = None
+    dispatch: tuple[Path_, dict[str, str]] | None = None
+    unused: dict[str, str] = field(default_factory=dict)
+
+    def filled(self) -> dict[str, list[str]]:
+        """Data-element ids this mapping can fill: record level and per group."""
+        out: dict[str, list[str]] = {"elements": [e.element for e in self.elements]}
+        for g in self.groups:
+            out[f"groups.{g.name}"] = [e.element for e in g.elements]
+        if self.sums is not None:
+            ids = sorted({c.target or c.code for c in self.sums.valueset.concepts.values()}
+                         | set(self.sums.within.values()))
+            out["elements"] += [i for i in ids if i not in out["elements"]]
+            if self.sums.total:
+                out["elements"].append(self.sums.total)
+        return out
+
+
+def parse_path(text: Any, where: str) -> Path_:
+    """Parse ``PID-5.1`` (segment, field, component, subcomponent)."""
+    if not isinstance(text, str):
+        raise LoadError("an HL7 path is a string like PID-5.1", location=where)
+    m = _PATH.match(text)
+    if m is None:
+        raise LoadError("malformed HL7 path (expected SEG-field[.component[.sub]])",
+                        location=where)
+    return Path_(m["seg"], int(m["field"]), int(m["comp"] or 0), int(m["sub"] or 0), text)
+
+
+def _where(data: SourceMap, key: str) -> str:
+    return data.where(key) if key in data else f"{data.where()} {key}"
+
+
+def _keys(data: SourceMap, allowed: frozenset[str]) -> None:
+    for key in data:
+        if key not in allowed:
+            raise LoadError("unknown key", location=data.where(key))
+
+
+def _text(data: SourceMap, key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise LoadError("must be a non-empty string", location=_where(data, key))
+    return value
+
+
+def _mapping(data: SourceMap, key: str) -> SourceMap:
+    value = data.get(key)
+    if not isinstance(value, SourceMap):
+        raise LoadError("must be a mapping", location=_where(data, key))
+    return value
+
+
+def _codes(value: Any, where: str) -> frozenset[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise LoadError("must be a non-empty list of quoted codes", location=where)
+    return frozenset(value)
+
+
+def target_catalog(dataset: str, subset: str | None, where: str) -> DatasetCatalog:
+    """The element catalog of a target data set.
+
+    The WS 445 catalogs in ``mappings/ws445/`` are preferred; for data sets that have none
+    yet, the extracts in ``mappings/hl7v2/catalogs/`` (same columns) are used.
+    """
+    part = dataset.removeprefix("WS")
+    shared = mappings_dir() / "ws445" / f"ws{part}-elements.csv"
+    own = mappings_dir() / "hl7v2" / "catalogs" / f"ws{part}-elements.csv"
+    for path in (shared, own):
+        if path.is_file():
+            return load_catalog(path, dataset)
+    raise LoadError("no element catalog for the target data set", location=where)
+
+
+class _Loader:
+    def __init__(self, path: Path, valuesets: dict[str, ValueSetMap]) -> None:
+        self.path = path
+        self.valuesets = valuesets
+        self.catalog: DatasetCatalog | None = None
+
+    def element_id(self, value: Any, where: str) -> str:
+        assert self.catalog is not None
+        if not isinstance(value, str) or value not in self.catalog.elements:
+            raise LoadError(f"not an element of data set {self.catalog.dataset}", location=where)
+        return value
+
+    def when(self, data: Any, where: str, segment: str | None = None) -> When:
+        if not isinstance(data, SourceMap):
+            raise LoadError("when must be a mapping", location=where)
+        _keys(data, _WHEN_KEYS)
+        path = parse_path(data.get("path"), _where(data, "path"))
+        if segment is not None and path.segment != segment:
+            raise LoadError("a group condition reads the group's own segment",
+                            location=_where(data, "path"))
+        tests = [k for k in ("present", "in", "not_in") if k in data]
+        if len(tests) != 1:
+            raise LoadError("when takes exactly one of present, in, not_in", location=where)
+        if "present" in data:
+            if not isinstance(data["present"], bool):
+                raise LoadError("present must be true or false", location=data.where("present"))
+            return When(path, present=data["present"])
+        if "in" in data:
+            return When(path, within=_codes(data["in"], data.where("in")))
+        return When(path, not_within=_codes(data["not_in"], data.where("not_in")))
+
+    def rule(self, data: Any, where: str, group_segment: str | None) -> Rule:
+        if not isinstance(data, SourceMap):
+            raise LoadError("a rule must be a mapping", location=where)
+        _keys(data, _RULE_KEYS)
+        rule = Rule(where=data.where())
+        if "value" in data:
+            if not isinstance(data["value"], str) or "path" in data or "transform" in data:
+                raise LoadError("value is a quoted constant and takes no path or transform",
+                                location=data.where("value"))
+            rule.value = data["value"]
+        else:
+            raw = data.get("path")
+            transform = _text(data, "transform")
+            if transform not in TRANSFORMS:
+                raise LoadError("unknown transform", location=data.where("transform"))
+            rule.transform = transform
+            if transform == "concat":
+                if not isinstance(raw, list) or len(raw) < 2:
+                    raise LoadError("concat takes a list of at least two paths",
+                                    location=_where(data, "path"))
+                rule.paths = tuple(parse_path(p, _where(data, "path")) for p in raw)
+            else:
+                rule.paths = (parse_path(raw, _where(data, "path")),)
+            required, allowed = TRANSFORMS[transform]
+            for param in ("valueset", "at", "from"):
+                if param in data and param not in allowed:
+                    raise LoadError(f"transform {transform} takes no parameter {param}",
+                                    location=data.where(param))
+            for param in required:
+                if param not in data:
+                    raise LoadError(f"transform {transform} needs {param}",
+                                    location=data.where("transform"))
+            if "valueset" in data:
+                vs = self.valuesets.get(data["valueset"])
+                if vs is None:
+                    raise LoadError("unknown value set", location=data.where("valueset"))
+                rule.valueset = vs
+            for param in ("at", "from"):
+                if param in data:
+                    items = data[param] if isinstance(data[param], list) else [data[param]]
+                    rule.at = tuple(parse_path(p, data.where(param)) for p in items)
+        if group_segment is not None:
+            for p in rule.paths:
+                if p.segment != group_segment:
+                    raise LoadError("a group rule reads the group's own segment",
+                                    location=_where(data, "path"))
+        if "select" in data:
+            sel = data["select"]
+            if not isinstance(sel, SourceMap):
+                raise LoadError("select must be a mapping", location=data.where("select"))
+            _keys(sel, _SELECT_KEYS)
+            spath = parse_path(sel.get("path"), _where(sel, "path"))
+            if not rule.paths or spath.segment != rule.paths[0].segment or (
+                    group_segment is not None and spath.field != rule.paths[0].field):
+                raise LoadError("select reads the rule's own segment (its own field in a group)",
+                                location=data.where("select"))
+            rule.select = Select(spath, _codes(sel.get("in"), _where(sel, "in")))
+        if "when" in data:
+            rule.when = self.when(data["when"], data.where("when"), group_segment)
+        if "required" in data:
+            if not isinstance(data["required"], bool):
+                raise LoadError("required must be true or false", location=data.where("required"))
+            rule.required = data["required"]
+        return rule
+
+    def element_rules(self, data: Any, where: str,
+                      group_segment: str | None = None) -> list[ElementRules]:
+        if not isinstance(data, SourceMap) or not data:
+            raise LoadError("elements must be a non-empty mapping", location=where)
+        out = []
+        for key, value in data.items():
+            eid = self.element_id(key, data.where(key))
+            items = value if isinstance(value, list) else [value]
+            if not items:
+                raise LoadError("no rule given", location=data.where(key))
+            rules = [self.rule(v, data.where(key), group_segment) for v in items]
+            out.append(ElementRules(eid, data.where(key), rules))
+        return out
+
+    def load(self) -> MessageMapping:
+        data = load_yaml(self.path)
+        if not isinstance(data, SourceMap):
+            raise LoadError("mapping file must be a mapping", location=str(self.path))
+        _keys(data, _TOP_KEYS)
+        mapping_id = _text(data, "mapping")
+        source = _mapping(data, "source")
+        _keys(source, _SOURCE_KEYS)
+        _text(source, "standard")
+        message_type = _text(source, "message")
+        if not re.fullmatch(r"[A-Z]{3}\^[A-Z0-9]{3}", message_type):
+            raise LoadError("message must look like ADT^A01", location=source.where("message"))
+        structure = _text(source, "structure")
+        versions = _codes(source.get("versions"), _where(source, "versions"))
+        if self.path.stem != message_type.replace("^", "_"):
+            raise LoadError("file name must be the message type (ADT_A01.yaml)",
+                            location=source.where("message"))
+        _text(data, "purpose")
+        header = {"mapping": mapping_id, "source": dict(source), "purpose": data["purpose"]}
+        spec = MessageMapping(id=mapping_id, file=str(self.path), header=header,
+                              message_type=message_type, structure=structure,
+                              versions=versions, dataset=None, catalog=None)
+        if "dispatch" in data:
+            disp = _mapping(data, "dispatch")
+            _keys(disp, frozenset({"path", "cases"}))
+            cases = _mapping(disp, "cases")
+            if not cases or not all(isinstance(v, str) and v for v in cases.values()):
+                raise LoadError("cases map codes to mapping ids", location=disp.where("cases"))
+            spec.dispatch = (parse_path(disp.get("path"), _where(disp, "path")), dict(cases))
+            for key in ("target", "elements", "groups", "sums"):
+                if key in data:
+                    raise LoadError("a dispatching file maps nothing itself", location=data.where(key))
+            header["dispatch"] = dict(cases)
+            return spec
+        target = _mapping(data, "target")
+        _keys(target, _TARGET_KEYS)
+        _text(target, "standard")
+        spec.dataset = _text(target, "dataset")
+        subset = target.get("subset")
+        self.catalog = target_catalog(spec.dataset, subset, _where(target, "dataset"))
+        spec.catalog = self.catalog
+        header["target"] = dict(target)
+        if "required_segments" in data:
+            segs = data["required_segments"]
+            if not isinstance(segs, list) or not all(
+                    isinstance(s, str) and re.fullmatch(r"[A-Z][A-Z0-9]{2}", s) for s in segs):
+                raise LoadError("required_segments is a list of segment ids",
+                                location=data.where("required_segments"))
+            spec.required_segments = tuple(segs)
+        spec.elements = self.element_rules(data.get("elements"), _where(data, "elements"))
+        groups = data.get("groups", SourceMap())
+        if not isinstance(groups, SourceMap):
+            raise LoadError("groups must be a mapping", location=data.where("groups"))
+        for name, gdata in groups.items():
+            if not isinstance(gdata, SourceMap):
+                raise LoadError("a group must be a mapping", location=groups.where(name))
+            _keys(gdata, _GROUP_KEYS)
+            seg = _text(gdata, "segment")
+            when = self.when(gdata["when"], gdata.where("when"), seg) if "when" in gdata else None
+            spec.groups.append(GroupSpec(
+                name, groups.where(name), seg, when,
+                self.element_rules(gdata.get("elements"), _where(gdata, "elements"), seg)))
+        if "sums" in data:
+            spec.sums = self.sums(_mapping(data, "sums"))
+        if "unused" in data:
+            unused = _mapping(data, "unused")
+            for key, reason in unused.items():
+                self.element_id(key, unused.where(key))
+                if not isinstance(reason, str) or not reason:
+                    raise LoadError("give the reason as a string", location=unused.where(key))
+            spec.unused = dict(unused)
+        return spec
+
+    def sums(self, data: SourceMap) -> SumSpec:
+        _keys(data, _SUMS_KEYS)
+        seg = _text(data, "segment")
+        cat = _mapping(data, "category")
+        _keys(cat, frozenset({"path", "valueset"}))
+        category = parse_path(cat.get("path"), _where(cat, "path"))
+        vs = self.valuesets.get(cat.get("valueset"))  # type: ignore[arg-type]
+        if vs is None:
+            raise LoadError("unknown value set", location=_where(cat, "valueset"))
+        for concept in vs.concepts.values():
+            self.element_id(concept.target, _where(cat, "valueset"))
+        amount = parse_path(data.get("amount"), _where(data, "amount"))
+        if category.segment != seg or amount.segment != seg:
+            raise LoadError("sums read their own segment", location=data.where("segment"))
+        total = self.element_id(data["total"], data.where("total")) if "total" in data else None
+        within: dict[str, str] = {}
+        if "within" in data:
+            raw = _mapping(data, "within")
+            for child, parent in raw.items():
+                within[self.element_id(child, raw.where(child))] = self.element_id(
+                    parent, raw.where(child))
+        when = self.when(data["when"], data.where("when"), seg) if "when" in data else None
+        return SumSpec(data.where(), seg, category, vs, amount, total, within, when)
+
+
+def hl7_valuesets() -> dict[str, ValueSetMap]:
+    """Shared value sets plus the HL7 table maps in ``mappings/hl7v2/valuesets``."""
+    shared = dict(shipped_valuesets())
+    own = load_valuesets(mappings_dir() / "hl7v2" / "valuesets")
+    for key, vs in own.items():
+        if key in shared:
+            raise LoadError("value set id also used in mappings/valuesets",
+                            location=f"mappings/hl7v2/valuesets/{key}.yaml")
+        shared[key] = vs
+    return shared
+
+
+def load_message_mapping(path: Path, valuesets: dict[str, ValueSetMap]) -> MessageMapping:
+    """Load and check one message mapping file."""
+    return _Loader(path, valuesets).load()
+
+
+@lru_cache(maxsize=1)
+def shipped_mappings() -> dict[str, MessageMapping]:
+    """Every file in ``mappings/hl7v2/messages``, keyed by message type (``ADT^A01``)."""
+    valuesets = hl7_valuesets()
+    by_type: dict[str, MessageMapping] = {}
+    for path in sorted((mappings_dir() / "hl7v2" / "messages").glob("*.yaml")):
+        spec = load_message_mapping(path, valuesets)
+        by_type[spec.message_type] = spec
+    ids = {s.id for s in by_type.values()}
+    for spec in by_type.values():
+        if spec.dispatch is not None:
+            for code, target in spec.dispatch[1].items():
+                if target not in ids:
+                    raise LoadError("dispatch names an unknown mapping id",
+                                    location=f"{spec.file} dispatch.cases.{code}")
+    return by_type
+
+
+__all__ = ["MessageMapping", "load_message_mapping", "shipped_mappings"]
