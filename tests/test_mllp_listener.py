@@ -75,6 +75,10 @@ PLAIN = 'host = "127.0.0.1"\nport = 0\ntls = false\nmax_message_bytes = 4096\n'
 @pytest.fixture
 async def bridge(tmp_path: Path) -> AsyncIterator[Bridge]:
     b = await start_bridge(tmp_path, PLAIN)
+    # Listener semantics, whichever message types the HL7 v2 room maps: the messages
+    # are stored unmapped. The room itself is exercised by the tests at the end.
+    assert b.service.mllp is not None
+    b.service.mllp.handler = HeaderOnlyHandler()
     try:
         yield b
     finally:
@@ -260,6 +264,8 @@ async def test_handler_bug_gives_ae_207_and_no_value(bridge: Bridge) -> None:
 
 async def test_facility_outside_the_allow_list_gets_ar(tmp_path: Path) -> None:
     b = await start_bridge(tmp_path, PLAIN + 'allowed_facilities = ["HOSP-A"]\n')
+    assert b.service.mllp is not None
+    b.service.mllp.handler = HeaderOnlyHandler()
     try:
         other = adt("FAC-1", facility="CLINIC-X^1.2.3^ISO")
         mine = adt("FAC-2", facility="HOSP-A^2.16.156.10011.1.5^ISO")
@@ -281,6 +287,8 @@ TLS = 'host = "127.0.0.1"\nport = 0\ntls = true\n'
 @pytest.fixture
 async def tls_bridge(tmp_path: Path) -> AsyncIterator[Bridge]:
     b = await start_bridge(tmp_path, TLS)
+    assert b.service.mllp is not None
+    b.service.mllp.handler = HeaderOnlyHandler()
     try:
         yield b
     finally:
@@ -396,14 +404,34 @@ async def test_hl7v2_handler_stores_the_record_and_uses_the_rooms_ack(bridge: Br
     assert bridge.store.hl7_count() == 1
 
 
-def test_default_handler_is_header_only_until_the_hl7v2_room_exists() -> None:
-    handler = default_handler()
+def test_the_default_handler_is_the_hl7v2_room() -> None:
+    assert isinstance(default_handler(), HL7v2Handler)
+
+
+async def test_real_room_unsupported_message_type_gets_ar_200_naming_msh9(tmp_path: Path) -> None:
+    b = await start_bridge(tmp_path, PLAIN)
     try:
-        import bridge.mapping.hl7v2 as room
-    except ImportError:
-        assert isinstance(handler, HeaderOnlyHandler)
-        return
-    if all(hasattr(room, n) for n in ("parse_hl7", "hl7_to_record", "build_ack")):
-        assert isinstance(handler, HL7v2Handler)
-    else:
-        assert isinstance(handler, HeaderOnlyHandler)
+        zzz = adt("ZZZ-1").replace(b"ADT^A01^ADT_A01", b"ZZZ^Z99")
+        [ack] = await exchange(b.port, [frame(zzz)], 1)
+        assert seg(ack, "MSA")[1:3] == ["AR", "ZZZ-1"]
+        err = seg(ack, "ERR")
+        assert err[2].startswith("MSH^1^9") and err[3].startswith("200^")
+        assert "张" not in ack.decode() and "19800101" not in ack.decode()
+        assert b.store.hl7_count() == 0
+        [reject] = [e for e in b.store.audit_entries() if e.record.action == "hl7.reject"]
+        assert reject.record.detail is not None and reject.record.detail.startswith("mapping-error@MSH")
+    finally:
+        await b.service.stop()
+
+
+async def test_real_room_unreadable_message_gets_ar(tmp_path: Path) -> None:
+    b = await start_bridge(tmp_path, PLAIN)
+    try:
+        broken = b"MSH|^~\\&|HIS|HOSP-A|B|C|2026||ADT^A01|BAD-1|P|2.5||||||GB 18030-2000\rPID|1||"
+        [ack] = await exchange(b.port, [frame(broken + b"\xff\xff\r")], 1)
+        assert seg(ack, "MSA")[1:3] == ["AR", "BAD-1"]
+        err = seg(ack, "ERR")
+        assert err[2].startswith("PID^1^3") and err[3].endswith("^HL70357")
+        assert b.store.hl7_count() == 0
+    finally:
+        await b.service.stop()

@@ -20,7 +20,9 @@ ACK rule (original acknowledgement mode). The code is the error's ``ack_code``:
 * **AR** — the message as such is refused and resending the same bytes cannot
   change that: unreadable (no MSH, MSH-9/MSH-10 missing, unknown MSH-18 character
   set), rejected by the full parser (``ParseError``), larger than
-  ``max_message_bytes``, or from a sending facility not allowed.
+  ``max_message_bytes``, from a sending facility not allowed, or of a message type,
+  event, processing id or version not supported (HL7 errors 200-203, whatever the
+  error class: HL7 v2 answers those with AR).
 * **AE** — the message was read but not accepted: mapping failed
   (``MappingError``), the control id was already used for different content
   (ERR-3 ``205``), or the bridge failed (store or handler failure, ERR-3 ``207``;
@@ -180,6 +182,18 @@ class HL7v2Handler:
         return build_fallback_ack(header, code, error=error, now=now)
 
 
+#: HL7 table 0357 codes that mean "this kind of message is not taken here": answered AR,
+#: as HL7 v2 prescribes for an unsupported MSH-9, MSH-11 or MSH-12.
+_UNSUPPORTED = frozenset({"200", "201", "202", "203"})
+
+
+def ack_code_for(error: BridgeError) -> str:
+    """AE or AR for a refusal (see the module docstring for the rule)."""
+    if error.detail.get("hl7_code") in _UNSUPPORTED:
+        return "AR"
+    return error.ack_code if error.ack_code in ("AE", "AR") else "AE"
+
+
 def default_handler() -> MessageHandler:
     """The HL7 v2 room's parser and mapper when installed, else :class:`HeaderOnlyHandler`."""
     try:
@@ -310,7 +324,7 @@ class MLLPListener:
         try:
             prepared = await asyncio.to_thread(self.handler.prepare, message, header)
         except BridgeError as exc:
-            return await self._refuse(exc, message, header, peer, now)
+            return await self._refuse(exc, message, header, peer, now, by_handler=True)
         except Exception as exc:  # noqa: BLE001 - answered AE 207, logged by type
             # Only the type: third-party exception texts can carry field values.
             log.error("HL7 handler failed on %s: %s", subject, type(exc).__name__)
@@ -370,8 +384,12 @@ class MLLPListener:
         return bytes(existing.ack)
 
     async def _refuse(
-        self, exc: BridgeError, message: bytes, header: MSHHeader | None, peer: str, now: datetime
+        self, exc: BridgeError, message: bytes, header: MSHHeader | None, peer: str, now: datetime,
+        *, by_handler: bool = False,
     ) -> bytes:
+        """Audit and answer a refusal. Errors found by the handler (its parser and mapper)
+        are answered by the handler's ACK builder, which knows their HL7 locations; errors
+        the listener found itself by the minimal builder, which names their MSH field."""
         self.stats["rejected"] += 1
         subject = f"hl7:{header.sender}/{header.control_id}" if header else f"peer:{peer}"
         log.info("HL7 message refused (%s): %s", subject, exc)
@@ -384,7 +402,9 @@ class MLLPListener:
                 now=now,
             )
         )
-        return self._ack(message, header, None, exc, now)
+        if by_handler:
+            return self._ack(message, header, None, exc, now)
+        return build_fallback_ack(header, ack_code_for(exc), error=exc, now=now)
 
     async def _failed(
         self, exc: BridgeError, message: bytes, header: MSHHeader, prepared: Prepared | None,
@@ -397,13 +417,15 @@ class MLLPListener:
             self.c.audit("hl7.reject", subject=f"hl7:{header.sender}/{header.control_id}",
                          outcome="failure", detail=f"{exc.code}@{exc.location or '-'}", now=now)
         )
-        return self._ack(message, header, prepared, exc, now, code="AE")
+        # The ACK says what the sender needs (not stored, send again), not our file paths.
+        answer = StoreError("message could not be stored; send it again", hl7_code="207")
+        return self._ack(message, header, prepared, answer, now)
 
     def _ack(
         self, message: bytes, header: MSHHeader | None, prepared: Prepared | None,
         error: BridgeError, now: datetime, *, code: str | None = None,
     ) -> bytes:
-        code = code or (error.ack_code if error.ack_code in ("AE", "AR") else "AE")
+        code = code or ack_code_for(error)
         try:
             return self.handler.ack(message, header, prepared, code, error=error, now=now)
         except Exception as exc:  # noqa: BLE001 - the minimal ACK still goes out
