@@ -271,11 +271,11 @@ def _sums(spec: SumSpec, ctx: _Ctx, catalog: DatasetCatalog) -> dict[str, str]:
             raise hl7_error(MappingError, "amount is not a number", aloc, "102")
         target = concept.target or concept.code
         totals[target] = totals.get(target, Decimal(0)) + amount
+        # An "of which" row is part of its parent row; both show it, the total counts it once.
         parent = spec.within.get(target)
         if parent is not None:
             totals[parent] = totals.get(parent, Decimal(0)) + amount
-        else:
-            grand += amount
+        grand += amount
     if not totals:
         return {}
     if spec.total:
