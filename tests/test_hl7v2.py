@@ -1,0 +1,306 @@
+"""HL7 v2 ingest: framing, character sets, validation, refusals without values, ACKs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bridge.errors import LoadError, MappingError, ParseError
+from bridge.mapping.hl7v2 import build_ack, hl7_to_record, parse_hl7, read_hl7
+from bridge.mapping.hl7v2.spec import hl7_valuesets, load_message_mapping
+
+GOLDEN = Path(__file__).parent / "golden" / "hl7v2"
+NOW = datetime(2026, 3, 1, 0, 30, tzinfo=UTC)
+ADT = (GOLDEN / "adt_a01-01.hl7").read_bytes()
+
+
+def _segments(data: bytes = ADT) -> list[bytes]:
+    return [s for s in data.split(b"\r") if s]
+
+
+def _replace(segment: str, field: int, value: str, data: bytes = ADT) -> bytes:
+    """``data`` with field ``field`` of the first ``segment`` set to ``value`` (UTF-8)."""
+    out = []
+    done = False
+    for seg in _segments(data):
+        text = seg.decode("utf-8")
+        if not done and text.startswith(segment + "|"):
+            fields = text.split("|")
+            index = field - 1 if segment == "MSH" else field
+            fields += [""] * (index + 1 - len(fields))
+            fields[index] = value
+            text = "|".join(fields)
+            done = True
+        out.append(text.encode("utf-8"))
+    return b"\r".join(out) + b"\r"
+
+
+def _refusal(data: bytes) -> MappingError | ParseError:
+    with pytest.raises((MappingError, ParseError)) as info:
+        read_hl7(data)
+    return info.value
+
+
+# --- framing and character sets -------------------------------------------------------
+
+
+@pytest.mark.parametrize("sep", [b"\r", b"\n", b"\r\n"])
+def test_segment_separators_give_the_same_record(sep: bytes) -> None:
+    assert read_hl7(sep.join(_segments())) == read_hl7(ADT)
+
+
+def test_message_in_mllp_frame_and_as_text() -> None:
+    assert read_hl7(b"\x0b" + ADT + b"\x1c\r") == read_hl7(ADT)
+    assert read_hl7(ADT.decode("utf-8")) == read_hl7(ADT)
+
+
+def test_header_fields() -> None:
+    msg = parse_hl7(ADT)
+    assert (msg.message_type, msg.version, msg.control_id, msg.charset) == (
+        "ADT^A01", "2.5", "A0100001", "UNICODE UTF-8")
+    assert msg.sending_application == "HIS"
+    assert msg.sending_facility == "杭州市滨江区第一人民医院"
+    assert [s.name for s in msg.segments][:4] == ["MSH", "EVN", "PID", "PV1"]
+
+
+def test_gbk_message_declared_gb18030_decodes() -> None:
+    text = ADT.decode("utf-8").replace("UNICODE UTF-8", "GB 18030")
+    record = read_hl7(text.encode("gbk"))
+    assert record == read_hl7(ADT)
+    assert parse_hl7(text.encode("gbk")).charset == "GB 18030"
+
+
+def test_gbk_bytes_declared_utf8_name_msh18_and_field() -> None:
+    data = ADT.decode("utf-8").encode("gbk")  # MSH-18 still says UNICODE UTF-8
+    err = _refusal(data)
+    assert isinstance(err, ParseError)
+    assert "MSH-18" in str(err)
+    # The first Chinese byte is in MSH-4 (the hospital's name).
+    assert err.location == "MSH[1]-4"
+
+
+def test_utf8_bytes_declared_gbk_are_refused_naming_the_field() -> None:
+    text = ADT.decode("utf-8").replace("UNICODE UTF-8", "GBK")
+    head, _, rest = text.partition("\r")
+    # Keep MSH decodable in both so that the failure is in PID.
+    head = head.replace("杭州市滨江区第一人民医院", "HZBJ1")
+    data = (head + "\r").encode("utf-8") + rest.replace("王", "\U0001f600").encode("utf-8")
+    err = _refusal(data)
+    assert isinstance(err, ParseError) and "MSH-18" in str(err)
+    assert err.location is not None and err.location.startswith("PID[1]-")
+
+
+def test_unknown_charset_and_missing_msh() -> None:
+    assert isinstance(_refusal(_replace("MSH", 18, "KOI8-R")), ParseError)
+    err = _refusal(b"\r".join(_segments()[1:]))
+    assert isinstance(err, ParseError) and err.location == "MSH"
+    assert isinstance(_refusal(b"MSH"), ParseError)
+
+
+# --- validation and mapping refusals --------------------------------------------------
+
+
+def test_missing_pid_names_pid() -> None:
+    data = b"\r".join(s for s in _segments() if not s.startswith(b"PID"))
+    err = _refusal(data)
+    assert isinstance(err, MappingError)
+    assert err.location == "PID[1]" and err.detail["hl7_code"] == "100"
+
+
+def test_required_field_missing() -> None:
+    err = _refusal(_replace("PV1", 2, ""))
+    assert err.location == "PV1[1]-2" and err.detail["hl7_code"] == "101"
+
+
+def test_over_length_field_names_component() -> None:
+    err = _refusal(_replace("PV1", 10, "心" * 21))  # IS: at most 20 characters
+    assert err.location == "PV1[1]-10" and err.detail["hl7_code"] == "102"
+    name = "^".join(["王" * 200, "建国"])
+    err = _refusal(_replace("PID", 5, name))  # ST: at most 199
+    assert err.location == "PID[1]-5[1].1.1"
+
+
+def test_impossible_date_is_refused() -> None:
+    err = _refusal(_replace("PID", 7, "20260230"))
+    assert err.location == "PID[1]-7.1" and err.detail["hl7_code"] == "102"
+    assert "20260230" not in str(err)
+
+
+def test_unknown_sex_code() -> None:
+    err = _refusal(_replace("PID", 8, "X"))
+    assert err.location == "PID[1]-8" and err.detail["hl7_code"] == "103"
+    assert "hl70001-sex" in str(err)
+
+
+def test_unknown_diagnosis_code_names_the_repetition() -> None:
+    data = ADT.replace(b"I10.x00^", b"NOTICD^")
+    err = _refusal(data)
+    assert err.location == "DG1[2]-3.1"
+
+
+def test_target_format_is_enforced() -> None:
+    # 病房号 (HDSD00.13.002) is AN..10: an 11-character room passes HL7 (IS 20) but not WS 445.
+    data = _replace("PV1", 3, "心内科一病区^0501050105A^12")
+    err = _refusal(data)
+    assert err.location == "PV1[1]-3.2" and "HDSD00.13.002" in str(err)
+
+
+@pytest.mark.parametrize("data,value", [
+    (_replace("PID", 7, "20260230"), "20260230"),
+    (_replace("PID", 8, "X"), None),
+    (_replace("PV1", 10, "心" * 21), "心" * 21),
+    (ADT.decode("utf-8").encode("gbk"), None),
+    (_replace("PID", 5, "王" * 200 + "^建国"), "王" * 200),
+])
+def test_errors_never_carry_the_value(data: bytes, value: str | None) -> None:
+    err = _refusal(data)
+    text = str(err) + repr(err.to_operation_outcome())
+    for secret in ("王建国", "330106198503124518", "13905710001", "文三路", value or "王建国"):
+        assert secret not in text
+
+
+def test_unsupported_type_and_version() -> None:
+    err = _refusal(_replace("MSH", 9, "ADT^A40^ADT_A39"))
+    assert err.detail["hl7_code"] == "200"
+    err = _refusal(_replace("MSH", 12, "2.8"))
+    assert err.detail["hl7_code"] == "203"
+
+
+def test_a08_follows_the_patient_class() -> None:
+    inpatient = read_hl7((GOLDEN / "adt_a08-01.hl7").read_bytes())
+    outpatient = read_hl7((GOLDEN / "adt_a08-02.hl7").read_bytes())
+    assert (inpatient["dataset"], outpatient["dataset"]) == ("WS445.12", "WS445.2")
+    data = _replace("PV1", 2, "X", (GOLDEN / "adt_a08-01.hl7").read_bytes())
+    assert _refusal(data).location == "PV1[1]-2"
+
+
+def test_fee_rows_sum_per_category() -> None:
+    record = read_hl7((GOLDEN / "dft_p03-01.hl7").read_bytes())["elements"]
+    assert record["HDSD00.11.131"] == "9800.00"  # 麻醉 1200 + 手术 8600, both "of which"
+    assert record["HDSD00.11.132"] == "1200.00" and record["HDSD00.11.133"] == "8600.00"
+    assert record["HDSD00.11.099"] == "420.00" and record["HDSD00.11.098"] == "2280.50"
+    assert record["HDSD00.11.142"] == "23020.50"
+
+
+def test_parse_then_map_equals_read() -> None:
+    assert hl7_to_record(parse_hl7(ADT)) == read_hl7(ADT)
+
+
+# --- ACKs -----------------------------------------------------------------------------
+
+
+def test_ack_accept_v25() -> None:
+    ack = build_ack(parse_hl7(ADT), "AA", now=NOW).decode("utf-8").split("\r")
+    assert ack[0].startswith("MSH|^~\\&|FHIRBRIDGE|BRIDGE|HIS|杭州市滨江区第一人民医院^47011235-6^L|"
+                              "20260301083000+0800||ACK^A01^ACK|ACKA0100001|P|2.5|")
+    assert ack[0].endswith("|UNICODE UTF-8")
+    assert ack[1] == "MSA|AA|A0100001"
+
+
+def test_ack_error_v25_has_err_location_and_code() -> None:
+    data = _replace("PID", 8, "X")
+    err = _refusal(data)
+    ack = build_ack(data, "AE", error=err, now=NOW).decode("utf-8").split("\r")
+    assert ack[1] == "MSA|AE|A0100001"
+    fields = ack[2].split("|")
+    assert fields[2] == "PID^1^8^1"
+    assert fields[3] == "103^Table value not found^HL70357"
+    assert "X" not in fields[8].split()
+
+
+def test_ack_error_v24_uses_err1_and_gbk() -> None:
+    data = (GOLDEN / "adt_a01-02.hl7").read_bytes().decode("utf-8")
+    data = data.replace("UNICODE UTF-8", "GB 18030").replace("|F|||", "|Q|||", 1)
+    raw = data.encode("gb18030")
+    err = _refusal(raw)
+    ack = build_ack(raw, "AE", error=err, now=NOW)
+    text = ack.decode("gb18030").split("\r")
+    assert "|2.4|" in text[0] and text[0].endswith("|GB 18030")
+    assert text[2] == "ERR|PID^1^8^103&Table value not found&HL70357"
+    with pytest.raises(UnicodeDecodeError):
+        ack.decode("utf-8")  # the hospital name in MSH-5 is GB 18030, as received
+
+
+def test_ack_for_unparseable_bytes() -> None:
+    data = ADT.decode("utf-8").encode("gbk")
+    err = _refusal(data)
+    ack = build_ack(data, "AR", error=err, now=NOW).decode("utf-8", "replace").split("\r")
+    assert ack[1] == "MSA|AR|A0100001"
+    assert ack[2].split("|")[2] == "MSH^1^4^1"
+
+
+def test_ack_requires_aware_clock() -> None:
+    with pytest.raises(ValueError):
+        build_ack(ADT, "AA", now=datetime(2026, 3, 1))
+
+
+# --- mapping files --------------------------------------------------------------------
+
+
+def test_mapping_file_errors_name_file_line_and_key(tmp_path: Path) -> None:
+    good = (Path(__file__).parents[1] / "mappings/hl7v2/messages/ADT_A01.yaml").read_text(
+        encoding="utf-8")
+    cases = {
+        "HDSD00.13.039: {path: [PID-5.1, PID-5.2]": "HDSD00.13.039: {path: [PID-5.1, PID-5.2], bogus: 1",
+        "transform: ts_to_dt15}\n    - {path: EVN-2": "transform: ts_to_dt16}\n    - {path: EVN-2",
+        "valueset: hl70001-sex": "valueset: no-such-set",
+        "HDSD00.13.045: {path: PV1-10": "HDSD00.13.045: {path: PV1.10",
+        "HDSD00.13.003:": "HDSD00.99.003:",
+    }
+    for old, new in cases.items():
+        assert old in good
+        path = tmp_path / "ADT_A01.yaml"
+        path.write_text(good.replace(old, new), encoding="utf-8")
+        with pytest.raises(LoadError) as info:
+            load_message_mapping(path, hl7_valuesets())
+        line = next(i for i, text in enumerate(good.replace(old, new).splitlines(), 1)
+                    if new.split("\n")[0] in text)
+        assert info.value.location is not None
+        assert info.value.location.startswith(f"{path}:{line} "), (old, info.value.location)
+
+
+def test_core_imports_no_asyncio() -> None:
+    code = ("import sys, bridge.mapping.hl7v2 as m; m.read_hl7(open(sys.argv[1],'rb').read());"
+            "print(sorted(k for k in ('asyncio','aiohttp','ssl') if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(GOLDEN / "adt_a01-01.hl7")],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+# --- properties -----------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_raise_only_bridge_errors(data: bytes) -> None:
+    for candidate in (data, b"MSH|^~\\&|" + data):
+        try:
+            read_hl7(candidate)
+        except (ParseError, MappingError):
+            pass
+
+
+_MESSAGES = [p.read_bytes() for p in sorted(GOLDEN.glob("*.hl7"))]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(_MESSAGES), st.lists(
+    st.tuples(st.integers(0, 4000), st.integers(0, 8), st.binary(max_size=6)), max_size=4))
+def test_mutated_messages_raise_only_bridge_errors(
+        message: bytes, edits: list[tuple[int, int, bytes]]) -> None:
+    data = bytearray(message)
+    for pos, cut, insert in edits:
+        pos %= len(data) + 1
+        data[pos:pos + cut] = insert
+    try:
+        record = read_hl7(bytes(data))
+    except (ParseError, MappingError) as exc:
+        assert exc.location is None or len(exc.location) < 80
+        return
+    assert set(record) == {"dataset", "elements", "groups"}
