@@ -43,7 +43,7 @@ from bridge.link.node import Controller, resource_types
 from bridge.mapping import patient_identifiers
 from bridge.messages import collection_of, header_event, message_identity
 from bridge.policy.consent import parse_consent
-from bridge.records.fhir import validate_resource
+from bridge.records.fhir import validate_resource, validate_resource_cached
 from bridge.resources import conformance_dir
 from bridge.trust.identity import certificate_identity
 from bridge.trust.jws import verify_bundle, verify_detached_bytes
@@ -226,7 +226,7 @@ class ReceiverApp:
         patient = c.pseudonym(ids)
         try:
             header_event(header)
-            validate_resource(bundle)
+            validate_message(bundle)
             profile = c.profiles.get(_inbound_link_id(c, partner.id))
             if profile is not None:
                 minimized = profile.minimize(collection_of(bundle))
@@ -274,6 +274,28 @@ class ReceiverApp:
         else:
             self.stats["duplicates"] += 1
         return web.Response(body=row.receipt, content_type=FHIR_JSON)
+
+
+def validate_message(bundle: dict[str, Any]) -> None:
+    """Validate a received message bundle as FHIR R4, resource by resource.
+
+    Each entry's resource goes through the shared validation cache, which proves an
+    element valid once and recognises it when it recurs (the hospital's Organization,
+    the same fee category codings), with the same verdict as full validation; the
+    envelope is validated on its own. Errors name ``Bundle.entry[i].resource...``.
+    """
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        raise ParseError("message has no entries", location="Bundle.entry")
+    shell_entries: list[Any] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ParseError("entry is not an object", location=f"Bundle.entry[{i}]")
+        resource = entry.get("resource")
+        if isinstance(resource, dict):
+            validate_resource_cached(resource, path=f"Bundle.entry[{i}].resource")
+        shell_entries.append({k: v for k, v in entry.items() if k != "resource"})
+    validate_resource({**bundle, "entry": shell_entries})
 
 
 def _inbound_link_id(c: Controller, partner_id: str) -> str:
