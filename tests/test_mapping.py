@@ -642,23 +642,16 @@ def test_validation_cache_never_passes_what_full_validation_refuses(changes: dic
         validate_cached(_patient(**changes), "Bundle.entry[1].resource")
 
 
-def test_identical_resources_are_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bridge.mapping import engine
+def test_identical_resources_are_validated_once() -> None:
+    from bridge.records.fhir import ValidationCache
 
-    calls: list[str] = []
-    real = engine.validate_resource
-
-    def counting(resource: dict[str, Any], *, path: str | None = None) -> None:
-        calls.append(resource["resourceType"])
-        real(resource, path=path)
-
-    monkeypatch.setattr(engine, "validate_resource", counting)
-    monkeypatch.setattr(engine, "_VALIDATED", set())
-    monkeypatch.setattr(engine, "_VALID_SHAPES", set())
-    for rec in inpatient_records(30, seed=21):
-        map_record(rec, now=NOW)
-    assert calls.count("Organization") == 1
-    assert calls.count("Patient") < 30
+    cache = ValidationCache()
+    org = {"resourceType": "Organization", "identifier": [
+        {"system": "urn:oid:2.16.156.10011.1.5", "value": "47011235-6"}], "name": "医院"}
+    cache.validate(org)
+    size = len(cache)
+    cache.validate(copy.deepcopy(org))
+    assert len(cache) == size
 
 
 def test_mapping_room_is_free_of_io_libraries() -> None:

@@ -8,33 +8,20 @@ references, element paths, and validation of the output.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import uuid
-from collections.abc import Hashable
 from dataclasses import dataclass
-from datetime import date, datetime
-from functools import lru_cache
+from datetime import datetime
 from typing import Any
-
-import orjson
 
 from bridge.errors import MappingError
 from bridge.mapping.spec import APPEND, Condition, GroupSpec, MappingSpec, ResourceSpec, Rule, RuleSet
 from bridge.mapping.transforms import NOTHING, REGISTRY
 from bridge.mapping.valuesets import ValueSetMap
-from bridge.records.fhir import validate_resource
+from bridge.records.fhir import validate_resource_cached
 
 # Resource ids are uuid5 values in this namespace, named by the resource type and the
 # source identifiers, so the same record always yields the same ids.
 ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ws-fhir-bridge:resource-id")
-
-# Digests of resources that already validated. Identical content (the hospital's
-# Organization, a recurring Practitioner) is validated once per process.
-_VALIDATED: set[bytes] = set()
-_VALID_SHAPES: set[Hashable] = set()
-_VALIDATED_MAX = 50_000
-
 
 @dataclass(slots=True)
 class RuleContext:
@@ -343,100 +330,10 @@ def _assign(obj: dict[str, Any], segments: list[tuple[str, int | None]], value: 
     lst[index] = value
 
 
-# Strings at these keys are compared literally in shapes: they carry codes whose
-# allowed values validate_resource checks (status, gender, use, Bundle.type ...).
-_LITERAL_KEYS = frozenset({"resourceType", "status", "gender", "use", "type", "intent", "mode"})
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_CODE = re.compile(r"^[^\s]+( [^\s]+)*$")
-_DATE = re.compile(r"^\d{4}(-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01]))?)?$")
-_DATETIME = re.compile(
-    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)"
-    r"(\.\d+)?(Z|[+-]((0\d|1[0-3]):[0-5]\d|14:00))$"
-)
-
-
-class _Uncacheable(Exception):
-    """A value whose validity a shape cannot vouch for; validate the resource in full."""
-
-
-@lru_cache(maxsize=65_536)
-def _string_class(text: str) -> tuple[bool, ...] | None:
-    """What a string is valid as, for every FHIR primitive the mappings emit.
-
-    Two strings with the same class are valid or invalid together for each of string,
-    code, id, uri, date and dateTime; that is what makes a validated shape reusable.
-    ``None`` means no class vouches for it (odd whitespace, an impossible date).
-    """
-    if not text or text != text.strip() or any(ord(c) < 32 for c in text):
-        return None
-    as_date = bool(_DATE.match(text))
-    if as_date and len(text) == 10:
-        try:
-            date.fromisoformat(text)
-        except ValueError:
-            return None
-    as_datetime = bool(_DATETIME.match(text))
-    if as_datetime:
-        try:
-            datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-    return (as_date, as_datetime, bool(_ID.match(text)), bool(_CODE.match(text)),
-            " " not in text)
-
-
-def _shape(node: Any, key: str = "") -> Hashable:
-    """The structure of a resource with each leaf replaced by its validity class.
-
-    Lists become sets of their items' shapes: FHIR JSON arrays are unbounded, so their
-    length and order never decide validity.
-    """
-    if isinstance(node, dict):
-        return tuple([(k, _shape(v, k)) for k, v in node.items()])
-    if isinstance(node, list):
-        return ("[]", frozenset(_shape(v, key) for v in node))
-    if isinstance(node, bool):
-        return "bool"
-    if isinstance(node, int):
-        return "int+" if node > 0 else ("int0" if node == 0 else "int-")
-    if isinstance(node, float):
-        return "dec"
-    if isinstance(node, str):
-        if key in _LITERAL_KEYS:
-            return ("lit", node)
-        cls = _string_class(node)
-        if cls is None:
-            raise _Uncacheable
-        return cls
-    raise _Uncacheable
-
-
 def validate_cached(resource: dict[str, Any], path: str) -> None:
-    """Validate a resource with :func:`validate_resource`, once per distinct shape.
-
-    Identical content (the hospital's Organization) is recognised by digest. Beyond that,
-    a resource whose shape (elements present, leaf validity classes, literal codes) was
-    validated before is valid too; anything a shape cannot vouch for (odd whitespace,
-    control characters, impossible dates) is validated in full.
-    """
-    digest = hashlib.blake2b(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS),
-                             digest_size=20).digest()
-    if digest in _VALIDATED:
-        return
-    try:
-        shape: Hashable | None = _shape(resource)
-    except _Uncacheable:
-        shape = None
-    if shape is not None and shape in _VALID_SHAPES:
-        return
-    validate_resource(resource, path=path)
-    if len(_VALIDATED) >= _VALIDATED_MAX:
-        _VALIDATED.clear()
-    _VALIDATED.add(digest)
-    if shape is not None:
-        if len(_VALID_SHAPES) >= _VALIDATED_MAX:
-            _VALID_SHAPES.clear()
-        _VALID_SHAPES.add(shape)
+    """Validate one output resource; identical content and recurring elements are proven
+    once (see :class:`bridge.records.fhir.ValidationCache`)."""
+    validate_resource_cached(resource, path=path)
 
 
 def map_with(spec: MappingSpec, record: dict[str, Any], now: datetime | None) -> dict[str, Any]:
