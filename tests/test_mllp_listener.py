@@ -435,3 +435,29 @@ async def test_real_room_unreadable_message_gets_ar(tmp_path: Path) -> None:
         assert b.store.hl7_count() == 0
     finally:
         await b.service.stop()
+
+
+GOLDEN = Path(__file__).parent / "golden" / "hl7v2"
+
+
+async def test_real_room_maps_stores_and_refuses_a_bad_field_without_its_value(tmp_path: Path) -> None:
+    raw = (GOLDEN / "adt_a01-01.hl7").read_bytes()
+    expected = orjson.loads((GOLDEN / "adt_a01-01.expected.json").read_bytes())
+    pid = next(line for line in raw.replace(b"\r\n", b"\r").split(b"\r") if line.startswith(b"PID|"))
+    birth = pid.split(b"|")[7]
+    header = read_msh(raw)
+    bad = raw.replace(pid, pid.replace(b"|" + birth + b"|", b"|" + birth[:4] + b"XX|"), 1)
+    bad = bad.replace(f"|{header.control_id}|".encode(), b"|BAD-DOB|", 1)
+    b = await start_bridge(tmp_path, PLAIN.replace("4096", "1048576"))
+    try:
+        ok, refused = await exchange(b.port, [frame(raw) + frame(bad)], 2)
+        assert seg(ok, "MSA")[1:3] == ["AA", header.control_id]
+        row = b.store.hl7_lookup(header.sender, header.control_id)
+        assert row is not None and row.record is not None and orjson.loads(row.record) == expected
+        assert seg(refused, "MSA")[1:3] == ["AE", "BAD-DOB"]
+        err = seg(refused, "ERR")
+        assert err[2].startswith("PID^1^7") and err[3].startswith("102^")
+        assert birth[:4] + b"XX" not in refused
+        assert b.store.hl7_count() == 1
+    finally:
+        await b.service.stop()
