@@ -55,17 +55,21 @@ class _Ctx:
             return [self.segment]
         return self.msg.segment_list(name)
 
-    def read(self, path: Path_, seg: Segment | None = None, rep: int = 1) -> tuple[str, Loc]:
-        """The value at ``path`` (first segment repetition unless ``seg``) and its location."""
+    def read(self, path: Path_, seg: Segment | None = None, rep: int = 1) -> tuple[str, _Where]:
+        """The value at ``path`` (first segment repetition unless ``seg``) and where it is.
+
+        The location is kept as a lazy :class:`_Where`; a :class:`Loc` is only built when
+        an error names it.
+        """
         if seg is None:
             segs = self.segments(path.segment)
             seg = segs[0] if segs else None
         if seg is None:
-            return "", self.loc(None, path, rep)
+            return "", _Where(self, None, path, rep)
         value = seg.value(path.field, rep, path.component or 1, path.subcomponent or 1)
         if value == '""':  # HL7 "explicitly null"
             value = ""
-        return value.strip(), self.loc(seg, path, rep)
+        return value.strip(), _Where(self, seg, path, rep)
 
     def locate(self, rule: Rule) -> tuple[Segment | None, int]:
         """The segment repetition and field repetition a rule reads (after ``select``)."""
@@ -93,6 +97,18 @@ class _Ctx:
         return None, 1
 
 
+class _Where:
+    """Where a value was read; becomes a :class:`Loc` only when an error needs it."""
+
+    __slots__ = ("ctx", "seg", "path", "rep")
+
+    def __init__(self, ctx: _Ctx, seg: Segment | None, path: Path_, rep: int) -> None:
+        self.ctx, self.seg, self.path, self.rep = ctx, seg, path, rep
+
+    def loc(self) -> Loc:
+        return self.ctx.loc(self.seg, self.path, self.rep)
+
+
 def _holds(when: When | None, ctx: _Ctx) -> bool:
     if when is None:
         return True
@@ -114,9 +130,9 @@ def _test(when: When, value: str) -> bool:
     return bool(value) and value not in when.not_within
 
 
-def _dt15(value: str, loc: Loc) -> str:
+def _dt15(value: str, loc: _Where) -> str:
     if not check_dtm(value) or len(value.split("+")[0].split("-")[0].split(".")[0]) < 12:
-        raise hl7_error(MappingError, "date/time needs at least YYYYMMDDHHMM", loc, "102")
+        raise hl7_error(MappingError, "date/time needs at least YYYYMMDDHHMM", loc.loc(), "102")
     local = _local(value)
     return local.strftime("%Y%m%dT%H%M%S")
 
@@ -140,13 +156,13 @@ def _local(value: str) -> datetime:
     return moment
 
 
-def _d8(value: str, loc: Loc) -> str:
+def _d8(value: str, loc: _Where) -> str:
     if not check_dtm(value) or len(value) < 8 or not value[:8].isdigit():
-        raise hl7_error(MappingError, "date needs YYYYMMDD", loc, "102")
+        raise hl7_error(MappingError, "date needs YYYYMMDD", loc.loc(), "102")
     return value[:8]
 
 
-def _apply(rule: Rule, ctx: _Ctx) -> tuple[str | None, Loc | None]:
+def _apply(rule: Rule, ctx: _Ctx) -> tuple[str | None, _Where | None]:
     """Run one rule: the value it yields (``None`` when it yields nothing) and where from."""
     if not _holds(rule.when, ctx):
         return None, None
@@ -154,7 +170,7 @@ def _apply(rule: Rule, ctx: _Ctx) -> tuple[str | None, Loc | None]:
         return rule.value, None
     seg, rep = ctx.locate(rule)
     if rule.select is not None and seg is None:
-        return None, ctx.loc(None, rule.paths[0], 1)
+        return None, _Where(ctx, None, rule.paths[0], 1)
     if rule.transform == "concat":
         parts = [ctx.read(p, seg, rep) for p in rule.paths]
         text = "".join(v for v, _ in parts)
@@ -173,9 +189,9 @@ def _apply(rule: Rule, ctx: _Ctx) -> tuple[str | None, Loc | None]:
         try:
             number = Decimal(value)
         except InvalidOperation:
-            raise hl7_error(MappingError, "not a number", loc, "102") from None
+            raise hl7_error(MappingError, "not a number", loc.loc(), "102") from None
         if not number.is_finite():
-            raise hl7_error(MappingError, "not a number", loc, "102")
+            raise hl7_error(MappingError, "not a number", loc.loc(), "102")
         return format(number.normalize() if number == number.to_integral_value()
                       else number, "f"), loc
     if t == "code":
@@ -183,10 +199,10 @@ def _apply(rule: Rule, ctx: _Ctx) -> tuple[str | None, Loc | None]:
         concept = rule.valueset.concepts.get(value)
         if concept is None:
             try:
-                concept = rule.valueset.lookup(value, location=str(loc))
+                concept = rule.valueset.lookup(value, location=rule.where)
             except MappingError:
                 raise hl7_error(MappingError, f"code not in value set {rule.valueset.id}",
-                                loc, "103") from None
+                                loc.loc(), "103") from None
         return (concept.target or concept.code), loc
     if t == "age_years":
         birth = _d8(value, loc)
@@ -203,7 +219,7 @@ def _apply(rule: Rule, ctx: _Ctx) -> tuple[str | None, Loc | None]:
         w = date(int(when[:4]), int(when[4:6]), int(when[6:]))
         years = w.year - b.year - ((w.month, w.day) < (b.month, b.day))
         if years < 0:
-            raise hl7_error(MappingError, "birth date after the reference date", loc, "102")
+            raise hl7_error(MappingError, "birth date after the reference date", loc.loc(), "102")
         return str(years), loc
     if t == "stay_days":
         end = _local(_dt15_checked(value, loc))
@@ -217,19 +233,19 @@ def _apply(rule: Rule, ctx: _Ctx) -> tuple[str | None, Loc | None]:
         start = _local(_dt15_checked(start_value, start_loc))
         days = (end.date() - start.date()).days
         if days < 0:
-            raise hl7_error(MappingError, "discharge before admission", loc, "102")
+            raise hl7_error(MappingError, "discharge before admission", loc.loc(), "102")
         # A stay that begins and ends on one day counts as one day.
         return str(max(days, 1)), loc
     raise AssertionError(f"transform {t} not implemented")  # pragma: no cover - load checks
 
 
-def _dt15_checked(value: str, loc: Loc) -> str:
+def _dt15_checked(value: str, loc: _Where) -> str:
     _dt15(value, loc)
     return value
 
 
 def _element(er: ElementRules, ctx: _Ctx, catalog: DatasetCatalog) -> str | None:
-    first_loc: Loc | None = None
+    first_loc: _Where | None = None
     for rule in er.rules:
         value, loc = _apply(rule, ctx)
         if first_loc is None and loc is not None:
@@ -240,9 +256,10 @@ def _element(er: ElementRules, ctx: _Ctx, catalog: DatasetCatalog) -> str | None
             return catalog.elements[er.element].check(value, location=er.element)
         except MappingError as exc:
             raise hl7_error(MappingError, f"{exc.message} for {er.element}",
-                            loc if loc is not None else Loc("MSH"), "102") from None
+                            loc.loc() if loc is not None else Loc("MSH"), "102") from None
     if er.required:
-        where = first_loc or ctx.loc(None, next(r for r in er.rules if r.paths).paths[0], 1)
+        where = first_loc.loc() if first_loc is not None else ctx.loc(
+            None, next(r for r in er.rules if r.paths).paths[0], 1)
         raise hl7_error(MappingError, f"required for {er.element} but missing", where, "101")
     return None
 
@@ -257,18 +274,18 @@ def _sums(spec: SumSpec, ctx: _Ctx, catalog: DatasetCatalog) -> dict[str, str]:
         code, cloc = inner.read(spec.category, seg)
         amount_text, aloc = inner.read(spec.amount, seg)
         if not code:
-            raise hl7_error(MappingError, "fee category missing", cloc, "101")
+            raise hl7_error(MappingError, "fee category missing", cloc.loc(), "101")
         if not amount_text:
-            raise hl7_error(MappingError, "amount missing", aloc, "101")
+            raise hl7_error(MappingError, "amount missing", aloc.loc(), "101")
         concept = spec.valueset.concepts.get(code)
         if concept is None:
-            raise hl7_error(MappingError, f"code not in value set {spec.valueset.id}", cloc, "103")
+            raise hl7_error(MappingError, f"code not in value set {spec.valueset.id}", cloc.loc(), "103")
         try:
             amount = Decimal(amount_text)
         except InvalidOperation:
-            raise hl7_error(MappingError, "amount is not a number", aloc, "102") from None
+            raise hl7_error(MappingError, "amount is not a number", aloc.loc(), "102") from None
         if not amount.is_finite():
-            raise hl7_error(MappingError, "amount is not a number", aloc, "102")
+            raise hl7_error(MappingError, "amount is not a number", aloc.loc(), "102")
         target = concept.target or concept.code
         totals[target] = totals.get(target, Decimal(0)) + amount
         # An "of which" row is part of its parent row; both show it, the total counts it once.
