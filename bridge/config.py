@@ -11,7 +11,15 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from bridge.errors import ConfigError
 
@@ -61,8 +69,35 @@ class SigningConfig(_Strict):
 
 
 class StoreConfig(_Strict):
-    kind: Literal["sqlite"] = "sqlite"
+    """Where the ledger lives.
+
+    ``kind = "sqlite"`` (default): one embedded file at ``path``, for one bridge process.
+    ``kind = "postgresql"``: a PostgreSQL database at ``dsn`` (a libpq connection string
+    or URI; keep any password in ``PGPASSWORD`` or ``~/.pgpass`` rather than here), shared
+    by several bridge processes of this controller; the tables live in ``schema``, so
+    several controllers may share one database in separate schemas. ``path`` is
+    ignored for PostgreSQL.
+    """
+
+    # The TOML key is ``schema``; the attribute is ``db_schema`` because pydantic's
+    # BaseModel already has a ``schema`` attribute.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True,
+                              validate_by_alias=True)
+
+    kind: Literal["sqlite", "postgresql"] = "sqlite"
     path: Path = Path("bridge.sqlite")
+    dsn: str | None = Field(default=None, validate_default=True, repr=False,
+                            description="PostgreSQL connection string; required for postgresql")
+    db_schema: str = Field(default="bridge", alias="schema",
+                           pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+                           description="PostgreSQL schema holding this controller's tables")
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_for_postgresql(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("kind") == "postgresql" and not (value and value.strip()):
+            raise ValueError("required when kind is postgresql")
+        return value
 
 
 class AuditConfig(_Strict):

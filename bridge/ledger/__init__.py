@@ -1,4 +1,104 @@
 """The ledger: outbox, inbox, consents and the hash-chained audit log.
 
-``states`` and ``audit`` are pure; ``sqlite`` is the durable store behind them.
+``states`` and ``audit`` are pure; ``sqlite`` (the default, embedded) and ``postgres``
+(several bridge processes sharing one database) are the durable stores behind them.
+Both implement :class:`Store`; :func:`open_store` opens the one a configuration names.
+
+The PostgreSQL module is imported only when a configuration asks for it, so a bridge
+on SQLite never loads the driver.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from bridge.config import StoreConfig
+    from bridge.ledger.audit import AuditEntry, AuditRecord, ChainReport
+    from bridge.ledger.sqlite import ConsentRow, HL7InboxRow, InboxRow, OutboxRow
+
+__all__ = ["Store", "open_store"]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the bridge needs from a ledger store; see :class:`bridge.ledger.sqlite.SQLiteStore`
+    for the meaning of each method. Every method is synchronous, commits before it
+    returns, and raises :class:`bridge.errors.StoreError` when the store fails.
+    """
+
+    # outbox
+    def enqueue(self, *, message_id: str, link: str, partner: str, payload: bytes,
+                digest: str, audit: AuditRecord, now: datetime) -> OutboxRow: ...
+    def claim_due(self, link: str, *, now: datetime, limit: int = 64,
+                  lease: timedelta = timedelta(seconds=30)) -> list[OutboxRow]: ...
+    def mark_acked(self, message_id: str, *, receipt: bytes, now: datetime,
+                   audit: AuditRecord) -> OutboxRow: ...
+    def mark_retry(self, message_id: str, *, next_attempt: datetime, error: str, now: datetime,
+                   audit: AuditRecord | None) -> OutboxRow: ...
+    def mark_rejected(self, message_id: str, *, error: str, receipt: bytes | None,
+                      now: datetime, audit: AuditRecord) -> OutboxRow: ...
+    def mark_refused(self, message_id: str, *, error: str, now: datetime,
+                     audit: AuditRecord) -> OutboxRow: ...
+    def mark_dead(self, message_id: str, *, error: str, now: datetime,
+                  audit: AuditRecord) -> OutboxRow: ...
+    def requeue(self, message_id: str, *, now: datetime, audit: AuditRecord) -> OutboxRow: ...
+    def get_outbox(self, message_id: str) -> OutboxRow | None: ...
+    def outbox_counts(self, link: str | None = None) -> dict[str, int]: ...
+    def list_outbox(self, link: str, state: str | None = None,
+                    limit: int = 100) -> list[OutboxRow]: ...
+    def highest_contiguous_acked(self, link: str) -> int: ...
+
+    # inbox
+    def inbox_lookup(self, sender: str, message_id: str) -> InboxRow | None: ...
+    def inbox_count(self, sender: str | None = None) -> int: ...
+    def inbox_accept(self, *, sender: str, message_id: str, digest: str, payload: bytes,
+                     audit: AuditRecord, make_receipt: Callable[[AuditEntry], bytes],
+                     now: datetime) -> tuple[InboxRow, bool]: ...
+
+    # HL7 v2 inbox
+    def hl7_lookup(self, sender: str, control_id: str) -> HL7InboxRow | None: ...
+    def hl7_count(self, sender: str | None = None) -> int: ...
+    def hl7_accept(self, *, sender: str, control_id: str, digest: str, message: bytes,
+                   record: bytes | None, audit: AuditRecord,
+                   make_ack: Callable[[AuditEntry], bytes],
+                   now: datetime) -> tuple[HL7InboxRow, bool]: ...
+
+    # audit
+    def append_audit(self, record: AuditRecord) -> AuditEntry: ...
+    def audit_entries(self, *, since_seq: int = 0) -> list[AuditEntry]: ...
+    def audit_by_patient(self, patient: str) -> list[AuditEntry]: ...
+    def verify_audit(self) -> ChainReport: ...
+    def audit_head(self) -> tuple[int, str]: ...
+
+    # consents
+    def put_consent(self, *, consent_id: str, patient_keys: list[str], status: str,
+                    resource: bytes, now: datetime, audit: AuditRecord) -> ConsentRow: ...
+    def get_consent(self, consent_id: str) -> ConsentRow | None: ...
+    def list_consents(self) -> list[tuple[str, str, bytes]]: ...
+    def consents_for_patient(self, patient_key: str) -> list[ConsentRow]: ...
+    def consent_history(self, consent_id: str) -> list[tuple[str, bytes, datetime, int]]: ...
+
+    # lifecycle
+    def close(self) -> None: ...
+    def __enter__(self) -> Store: ...
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+
+def open_store(config: StoreConfig) -> Store:
+    """Open the store ``config`` names: ``kind = "sqlite"`` (``path``) or
+    ``kind = "postgresql"`` (``dsn``, ``schema``). Creates the file or schema if needed.
+    """
+    if config.kind == "postgresql":
+        from bridge.ledger.postgres import PostgresStore
+
+        assert config.dsn is not None  # StoreConfig refuses postgresql without a dsn
+        return PostgresStore(config.dsn, schema=config.db_schema)
+    from bridge.ledger.sqlite import SQLiteStore
+
+    config.path.parent.mkdir(parents=True, exist_ok=True)
+    return SQLiteStore(config.path)

@@ -20,8 +20,8 @@ import orjson
 
 from bridge.config import BridgeConfig, LinkConfig
 from bridge.errors import ConfigError, ConflictError, PolicyError
+from bridge.ledger import open_store
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
-from bridge.ledger.sqlite import SQLiteStore
 from bridge.link.store import AsyncStore
 from bridge.mapping import map_record, patient_identifiers
 from bridge.messages import collection_of, message_id_for, wrap_message
@@ -83,7 +83,7 @@ class Controller:
         self.id = config.controller.id
         self.clock = clock
         config.store.path.parent.mkdir(parents=True, exist_ok=True)
-        self.store = SQLiteStore(config.store.path)
+        self.store = open_store(config.store)
         self.db = AsyncStore(self.store)
         self.signer = Signer.from_files(config.signing.key, config.signing.cert)
         self.keyring = KeyRing()

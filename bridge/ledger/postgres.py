@@ -1,0 +1,967 @@
+"""The ledger on PostgreSQL: the same store as :mod:`bridge.ledger.sqlite`, shared by processes.
+
+:class:`PostgresStore` has the public API and the semantics of
+:class:`~bridge.ledger.sqlite.SQLiteStore` method for method (the contract tests run one
+suite against both). It exists for the case SQLite cannot serve: several bridge
+processes, on one host or several, working from one database. Each controller keeps
+its tables in its own schema (``schema=``, default ``bridge``), so controllers may
+share a database without seeing each other's rows.
+
+Transactions and durability
+    The connection runs in autocommit mode and every method wraps its work in one
+    explicit transaction, committed before the method returns. The session sets
+    ``synchronous_commit = on`` itself (whatever the server default), so a commit is
+    flushed to the server's WAL before the caller is told: it may acknowledge
+    afterwards. Reads run in a transaction too, so a multi-statement read sees one
+    consistent state. Isolation is PostgreSQL's default, READ COMMITTED; the choices
+    below are what makes that enough.
+
+Claims across processes: ``FOR UPDATE SKIP LOCKED``
+    :meth:`PostgresStore.claim_due` selects due rows with ``FOR UPDATE SKIP LOCKED``
+    and turns them to ``sending`` in the same statement. A row another worker is
+    claiming is skipped rather than waited for, and a row another worker has just
+    claimed and committed fails the re-check of the ``WHERE`` clause that PostgreSQL
+    applies to the newest row version, so two dispatchers never take the same row
+    while its lease runs. The worker that claimed a row is recorded in
+    ``outbox.claimed_by`` (``worker_id``) for operators; the lease, not the name,
+    decides who may claim next, exactly as in SQLite.
+
+Gapless sequence numbers: a counter row per link
+    A PostgreSQL ``SEQUENCE`` is not transactional (a rolled-back insert leaves a hole)
+    and ``max(seq) + 1`` races between processes. ``enqueue`` instead increments
+    ``outbox_link.last_seq`` with ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` in
+    the transaction that inserts the row. The update locks the link's counter row
+    until commit, so concurrent enqueues on one link take turns, and a rollback
+    returns the number: sequence numbers are unique and gapless per link.
+
+One audit chain: a head row locked for update
+    ``audit_head`` holds one row, the ``(seq, hash)`` of the last entry. Every append
+    reads it with ``SELECT ... FOR UPDATE``, inserts the next entry and moves the head,
+    all in the caller's transaction. The row lock serialises appends from every
+    process until commit (a waiter re-reads the committed head), so entries form a
+    single chain without forks or duplicate numbers, and a rolled-back append leaves
+    no gap. The head row also remembers the chain's length independently of the
+    ``audit`` table: if the last entries are deleted, the next append still links to
+    the deleted head and verification reports the gap.
+
+Exactly-once inbox: unique identity, re-checked under the chain lock
+    ``inbox (sender, message_id)`` and ``hl7_inbox (sender, control_id)`` are unique.
+    ``inbox_accept`` looks for the message, then takes the chain lock (every accept
+    appends an audit entry, so accepts are serialised by it) and looks again: a
+    duplicate committed by another process meanwhile is found there, before any
+    receipt is signed. The insert itself is ``ON CONFLICT DO NOTHING``; should it ever
+    find the identity taken, the whole transaction is rolled back and the existing
+    row is returned (or the conflict raised), so two concurrent deliveries of one
+    message store one row and both callers get the same receipt.
+
+Lock order
+    Every transaction takes its row locks (a link counter, an outbox row, an inbox
+    identity) before the chain head and nothing after it, except ``put_consent``,
+    whose later locks are only ever contended by other holders of the head. There is
+    therefore no lock cycle and no deadlock between the store's own transactions.
+
+Append-only audit
+    ``BEFORE UPDATE``, ``BEFORE DELETE`` and ``BEFORE TRUNCATE`` triggers on ``audit``
+    raise, as the SQLite triggers do. They guard against accidents, not attackers
+    (an owner can drop them); the hash chain and the partner's cosigned head catch
+    the rest.
+
+Schema creation
+    The first open of a schema creates it under a transaction-scoped advisory lock
+    named after the schema, so several processes starting together create it once.
+    ``schema_version`` is checked as in SQLite.
+
+Threading and connections
+    One synchronous connection per store, guarded by a ``threading.Lock`` held for a
+    whole transaction (the async layer calls the store from one worker thread per
+    process). A broken connection (server restart, network cut) makes the current
+    call fail with :class:`~bridge.errors.StoreError` (transient); the next call
+    connects again. Several processes each open their own store on the same DSN.
+
+Errors never carry values: PostgreSQL's messages can quote key values, so a
+:class:`~bridge.errors.StoreError` names only the operation, the error class and the
+schema; the DSN (which may hold a password) is never included.
+
+psycopg itself imports ``asyncio`` (for its async connection classes); this module
+uses none of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from bridge.errors import ConflictError, StoreError
+from bridge.ledger.audit import (
+    GENESIS_HASH,
+    AuditEntry,
+    AuditRecord,
+    ChainReport,
+    chain_entry,
+    verify_chain,
+)
+from bridge.ledger.errors import TransitionError, UnknownMessage
+from bridge.ledger.sqlite import ConsentRow, HL7InboxRow, InboxRow, OutboxRow
+from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+_SENDING = frozenset({OutboxState.SENDING})
+_PENDING = frozenset({OutboxState.QUEUED, OutboxState.SENDING})
+
+SCHEMA_VERSION = 1
+
+# A schema name is an SQL identifier chosen by the operator; keep it to a plain,
+# unquoted-safe form so it reads the same in psql and in the configuration.
+SCHEMA_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+
+# How many times a transaction that lost a race on a unique identity is run again.
+# The second run always sees the winner's committed row, so one retry suffices; the
+# margin covers a winner that is itself rolled back.
+_RACE_RETRIES = 5
+
+_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+
+CREATE TABLE outbox (
+    message_id   TEXT PRIMARY KEY,
+    link         TEXT NOT NULL,
+    seq          BIGINT NOT NULL,
+    partner      TEXT NOT NULL,
+    payload      BYTEA NOT NULL,
+    digest       TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt TIMESTAMPTZ NOT NULL,
+    lease_until  TIMESTAMPTZ,
+    last_error   TEXT,
+    receipt      BYTEA,
+    created      TIMESTAMPTZ NOT NULL,
+    updated      TIMESTAMPTZ NOT NULL,
+    claimed_by   TEXT,
+    UNIQUE (link, seq)
+);
+-- Only pending rows are ever claimed; a partial index keeps claim_due independent of
+-- how many acknowledged rows the link has accumulated.
+CREATE INDEX outbox_pending ON outbox (link, seq) WHERE state IN ('queued', 'sending');
+CREATE INDEX outbox_state ON outbox (link, state);
+
+-- The last sequence number handed out per link (see the module docstring).
+CREATE TABLE outbox_link (
+    link     TEXT PRIMARY KEY,
+    last_seq BIGINT NOT NULL
+);
+
+CREATE TABLE inbox (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sender      TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    payload     BYTEA NOT NULL,
+    receipt     BYTEA NOT NULL,
+    audit_seq   BIGINT NOT NULL,
+    received    TIMESTAMPTZ NOT NULL,
+    UNIQUE (sender, message_id)
+);
+
+CREATE TABLE consent (
+    consent_id  TEXT PRIMARY KEY,
+    status      TEXT NOT NULL,
+    resource    BYTEA NOT NULL,
+    updated     TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE consent_patient (
+    consent_id  TEXT NOT NULL REFERENCES consent (consent_id),
+    patient_key TEXT NOT NULL,
+    PRIMARY KEY (consent_id, patient_key)
+);
+CREATE INDEX consent_patient_key ON consent_patient (patient_key);
+CREATE TABLE consent_history (
+    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    consent_id   TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    resource     BYTEA NOT NULL,
+    patient_keys JSONB NOT NULL,
+    changed      TIMESTAMPTZ NOT NULL,
+    audit_seq    BIGINT NOT NULL
+);
+CREATE INDEX consent_history_id ON consent_history (consent_id, id);
+
+CREATE TABLE audit (
+    seq        BIGINT PRIMARY KEY,
+    time       TIMESTAMPTZ NOT NULL,
+    actor      TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    partner    TEXT,
+    patient    TEXT,
+    categories JSONB NOT NULL,
+    outcome    TEXT NOT NULL,
+    detail     TEXT,
+    digest     TEXT,
+    prev_hash  TEXT NOT NULL,
+    hash       TEXT NOT NULL
+);
+CREATE INDEX audit_patient ON audit (patient);
+CREATE INDEX audit_subject ON audit (subject);
+
+-- The chain head: exactly one row, locked by every append (see the module docstring).
+CREATE TABLE audit_head (
+    id   BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (id),
+    seq  BIGINT NOT NULL,
+    hash TEXT NOT NULL
+);
+INSERT INTO audit_head (id, seq, hash) VALUES (TRUE, 0, '{genesis}');
+
+-- Guards against accidents, not attackers: the owner can drop these triggers. The
+-- hash chain and the partner's cosigned head catch that case.
+CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit log is append-only';
+END;
+$$;
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+""".replace("{genesis}", GENESIS_HASH)
+
+# Tables added after schema version 1, created when missing on every open (as in
+# SQLite): a store made by an older bridge gains them without a version change.
+_ADDITIVE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hl7_inbox (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sender      TEXT NOT NULL,
+    control_id  TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    message     BYTEA NOT NULL,
+    record      BYTEA,
+    ack         BYTEA NOT NULL,
+    audit_seq   BIGINT NOT NULL,
+    received    TIMESTAMPTZ NOT NULL,
+    UNIQUE (sender, control_id)
+);
+"""
+
+_OUTBOX_COLS = (
+    "message_id, link, seq, partner, payload, digest, state, attempts, next_attempt,"
+    " lease_until, last_error, receipt, created, updated"
+)
+_INBOX_COLS = "sender, message_id, digest, payload, receipt, audit_seq, received"
+_HL7_COLS = "sender, control_id, digest, message, record, ack, audit_seq, received"
+_AUDIT_COLS = (
+    "seq, time, actor, action, subject, partner, patient, categories, outcome, detail,"
+    " digest, prev_hash, hash"
+)
+
+
+class _Raced(Exception):
+    """A concurrent transaction took a unique identity first; roll back and run again."""
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+def _opt_bytes(value: Any) -> bytes | None:
+    return bytes(value) if value is not None else None
+
+
+def _outbox_row(r: tuple[Any, ...]) -> OutboxRow:
+    return OutboxRow(
+        message_id=r[0], link=r[1], seq=int(r[2]), partner=r[3], payload=bytes(r[4]),
+        digest=r[5], state=OutboxState(r[6]), attempts=int(r[7]), next_attempt=_utc(r[8]),
+        lease_until=_utc(r[9]) if r[9] is not None else None, last_error=r[10],
+        receipt=_opt_bytes(r[11]), created=_utc(r[12]), updated=_utc(r[13]),
+    )
+
+
+def _inbox_row(r: tuple[Any, ...]) -> InboxRow:
+    return InboxRow(sender=r[0], message_id=r[1], digest=r[2], payload=bytes(r[3]),
+                    receipt=bytes(r[4]), audit_seq=int(r[5]), received=_utc(r[6]))
+
+
+def _hl7_row(r: tuple[Any, ...]) -> HL7InboxRow:
+    return HL7InboxRow(sender=r[0], control_id=r[1], digest=r[2], message=bytes(r[3]),
+                       record=_opt_bytes(r[4]), ack=bytes(r[5]), audit_seq=int(r[6]),
+                       received=_utc(r[7]))
+
+
+def _audit_entry(r: tuple[Any, ...]) -> AuditEntry:
+    record = AuditRecord(
+        time=_utc(r[1]), actor=r[2], action=r[3], subject=r[4], partner=r[5], patient=r[6],
+        categories=tuple(r[7]), outcome=r[8], detail=r[9], digest=r[10],
+    )
+    return AuditEntry(seq=int(r[0]), record=record, prev_hash=r[11], hash=r[12])
+
+
+def _require_aware(value: datetime, name: str) -> datetime:
+    # SQLite's store formats times with audit.format_time, which refuses naive values;
+    # refuse them here too rather than let the server guess a zone.
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware")
+    return value
+
+
+def default_worker_id() -> str:
+    """``host:pid:random`` — unique per store instance, readable in ``pg_stat_activity``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class PostgresStore:
+    """Outbox, inbox, consents and audit chain in one PostgreSQL schema (see module docstring).
+
+    ``dsn`` is a libpq connection string or URI; a password is better kept out of it
+    (``PGPASSWORD``, ``~/.pgpass`` or a client certificate). ``schema`` is created on
+    first open. ``worker_id`` names this process in ``outbox.claimed_by`` and in the
+    server's ``application_name``; by default ``host:pid:random``.
+    """
+
+    def __init__(self, dsn: str, *, schema: str = "bridge", worker_id: str | None = None,
+                 connect_timeout: float = 10.0) -> None:
+        """Connect and bring the schema up (creating it if needed)."""
+        if not re.match(SCHEMA_PATTERN, schema):
+            raise StoreError("schema name must match " + SCHEMA_PATTERN,
+                             location="store.schema")
+        self.dsn = dsn
+        self.schema = schema
+        self.worker_id = worker_id or default_worker_id()
+        self.location = f"postgresql schema {schema}"
+        self._connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._closed = False
+        self._conn: psycopg.Connection[Any] | None = None
+        with self._lock:
+            conn = self._connection()
+            try:
+                self._migrate(conn)
+            except psycopg.Error as exc:
+                self._drop_connection()
+                raise StoreError(f"cannot prepare store schema ({type(exc).__name__})",
+                                 location=self.location) from exc
+            except BaseException:
+                self._drop_connection()
+                raise
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The open connection, connecting (again) if there is none or it broke."""
+        if self._closed:
+            raise StoreError("store is closed", location=self.location)
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        self._drop_connection()
+        try:
+            conn = psycopg.connect(
+                self.dsn, autocommit=True, connect_timeout=max(1, round(self._connect_timeout)),
+                application_name=f"ws-fhir-bridge {self.worker_id}"[:63],
+            )
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL ({type(exc).__name__})",
+                             location=self.location) from exc
+        try:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+            conn.execute("SET TIME ZONE 'UTC'")
+            # Durability must not depend on the server's default: a commit returns only
+            # once it is flushed, so the caller may acknowledge after it.
+            conn.execute("SET synchronous_commit TO on")
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot set up the session ({type(exc).__name__})",
+                             location=self.location) from exc
+        self._conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction():
+            # Processes starting together would race to create the schema; the advisory
+            # lock (released at commit) lets the first create it and the others find it.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                         (f"ws-fhir-bridge schema {self.schema}",))
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                sql.Identifier(self.schema)))
+            exists = conn.execute("SELECT to_regclass('schema_version')").fetchone()
+            if exists is None or exists[0] is None:
+                conn.execute(_SCHEMA)  # type: ignore[arg-type]  # trusted constant
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
+                             (SCHEMA_VERSION,))
+            else:
+                version = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+                if version is None or version[0] != SCHEMA_VERSION:
+                    raise StoreError(
+                        f"store schema version {version[0] if version else None}"
+                        f" is not {SCHEMA_VERSION}",
+                        location=f"{self.location}: schema_version",
+                    )
+            conn.execute(_ADDITIVE_SCHEMA)  # type: ignore[arg-type]  # trusted constant
+
+    @contextmanager
+    def _tx(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        """Hold the lock and one transaction; commit on success, roll back on any error.
+
+        psycopg errors become :class:`StoreError` naming the operation only; any other
+        exception (a failing ``make_receipt``, a conflict) propagates unchanged after the
+        rollback.
+        """
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction():
+                    yield conn
+            except psycopg.Error as exc:
+                if conn.broken:
+                    self._drop_connection()
+                raise StoreError(f"store failed in {what} ({type(exc).__name__})",
+                                 location=self.location) from exc
+
+    # Reads take the same path: one transaction, so a read made of several statements
+    # sees one state, and nothing stays "idle in transaction" afterwards.
+    _read = _tx
+
+    def _append(self, conn: psycopg.Connection[Any], record: AuditRecord) -> AuditEntry:
+        head = conn.execute("SELECT seq, hash FROM audit_head FOR UPDATE").fetchone()
+        if head is None:
+            raise StoreError("audit chain head row is missing", location=f"{self.location}: "
+                             "audit_head")
+        entry = chain_entry(str(head[1]), int(head[0]) + 1, record)
+        j = record.to_json_dict()
+        conn.execute(
+            f"INSERT INTO audit ({_AUDIT_COLS}) VALUES"
+            " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            (entry.seq, record.time, j["actor"], j["action"], j["subject"], j["partner"],
+             j["patient"], Jsonb(j["categories"]), j["outcome"], j["detail"], j["digest"],
+             entry.prev_hash, entry.hash),
+        )
+        conn.execute("UPDATE audit_head SET seq=%s, hash=%s", (entry.seq, entry.hash))
+        return entry
+
+    def _lock_chain(self, conn: psycopg.Connection[Any]) -> None:
+        """Take the chain head lock now (it is held until commit; ``_append`` re-reads it)."""
+        conn.execute("SELECT seq FROM audit_head FOR UPDATE")
+
+    @staticmethod
+    def _get_outbox(conn: psycopg.Connection[Any], message_id: str, *,
+                    for_update: bool = False) -> OutboxRow | None:
+        lock = " FOR UPDATE" if for_update else ""
+        r = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE message_id=%s{lock}",
+                         (message_id,)).fetchone()
+        return _outbox_row(r) if r is not None else None
+
+    def _transition(
+        self,
+        what: str,
+        message_id: str,
+        to_state: OutboxState,
+        *,
+        now: datetime,
+        audit: AuditRecord | None,
+        sets: dict[str, Any],
+        allowed_from: frozenset[OutboxState],
+    ) -> OutboxRow:
+        """Move one row to ``to_state``; audit in the same transaction.
+
+        The row is locked first (``FOR UPDATE``), so the state checked is the state
+        changed even when another process works on the same row.
+        """
+        _require_aware(now, "now")
+        with self._tx(what) as conn:
+            row = self._get_outbox(conn, message_id, for_update=True)
+            if row is None:
+                raise UnknownMessage(f"{what}: no outbox row for this message id",
+                                     location=f"outbox[{message_id}]")
+            if row.state not in allowed_from:
+                raise TransitionError(
+                    f"{what} is not allowed from state {row.state.value}",
+                    location=f"outbox[{message_id}].state",
+                )
+            check_transition(row.state, to_state)
+            cols = {"state": to_state.value, "updated": now, **sets}
+            assignments = sql.SQL(", ").join(
+                sql.SQL("{}=%s").format(sql.Identifier(c)) for c in cols)
+            r = conn.execute(
+                sql.SQL("UPDATE outbox SET {} WHERE message_id=%s RETURNING {}").format(
+                    assignments, sql.SQL(_OUTBOX_COLS)),
+                (*cols.values(), message_id)).fetchone()
+            assert r is not None
+            if audit is not None:
+                self._append(conn, audit)
+            return _outbox_row(r)
+
+    # --- outbox ---------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        *,
+        message_id: str,
+        link: str,
+        partner: str,
+        payload: bytes,
+        digest: str,
+        audit: AuditRecord,
+        now: datetime,
+    ) -> OutboxRow:
+        """Store a signed message for delivery on ``link``; it is due immediately.
+
+        Assigns the next sequence number of the link (1, 2, 3, ...), gapless and unique
+        across processes. Enqueuing the same ``message_id`` again with the same
+        ``digest`` returns the existing row and writes nothing (safe to retry after a
+        crash); with a different digest, link or partner it raises
+        :class:`bridge.errors.ConflictError`. ``digest`` is stored as given.
+        """
+        _require_aware(now, "now")
+        for _ in range(_RACE_RETRIES):
+            try:
+                with self._tx("enqueue") as conn:
+                    existing = self._get_outbox(conn, message_id)
+                    if existing is not None:
+                        if (existing.digest, existing.link, existing.partner) != (
+                                digest, link, partner):
+                            raise ConflictError(
+                                "message id already enqueued with different content",
+                                location=f"outbox[{message_id}]")
+                        return existing
+                    counter = conn.execute(
+                        "INSERT INTO outbox_link (link, last_seq) VALUES (%s, 1)"
+                        " ON CONFLICT (link) DO UPDATE SET last_seq = outbox_link.last_seq + 1"
+                        " RETURNING last_seq", (link,)).fetchone()
+                    assert counter is not None
+                    r = conn.execute(
+                        f"INSERT INTO outbox ({_OUTBOX_COLS}, claimed_by) VALUES"
+                        " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                        f" ON CONFLICT (message_id) DO NOTHING RETURNING {_OUTBOX_COLS}",
+                        (message_id, link, int(counter[0]), partner, payload, digest,
+                         OutboxState.QUEUED.value, 0, now, None, None, None, now, now, None),
+                    ).fetchone()
+                    if r is None:
+                        # Another process enqueued this id since our look-up: undo the
+                        # counter increment and answer from its committed row.
+                        raise _Raced
+                    self._append(conn, audit)
+                    return _outbox_row(r)
+            except _Raced:
+                continue
+        raise StoreError("enqueue kept racing with concurrent writers",
+                         location=f"outbox[{message_id}]")
+
+    def claim_due(
+        self,
+        link: str,
+        *,
+        now: datetime,
+        limit: int = 64,
+        lease: timedelta = timedelta(seconds=30),
+    ) -> list[OutboxRow]:
+        """Atomically take up to ``limit`` due rows of ``link`` for sending, in seq order.
+
+        Due means ``queued`` with ``next_attempt <= now``, or ``sending`` with an expired
+        lease (its worker crashed or hung: crash recovery). Each claimed row becomes
+        ``sending`` with ``attempts + 1`` and ``lease_until = now + lease``. Rows that
+        another process is claiming at this moment are skipped, never waited for nor
+        taken twice. The claim is not audited (see :class:`SQLiteStore`).
+        """
+        _require_aware(now, "now")
+        until = now + lease
+        with self._tx("claim_due") as conn:
+            rows = conn.execute(
+                "WITH due AS ("
+                "  SELECT message_id FROM outbox"
+                "   WHERE link=%(link)s AND state IN ('queued', 'sending')"
+                "     AND ((state='queued' AND next_attempt<=%(now)s)"
+                "       OR (state='sending' AND lease_until<=%(now)s))"
+                "   ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                " UPDATE outbox AS o SET state='sending', attempts=o.attempts+1,"
+                "   lease_until=%(until)s, updated=%(now)s, claimed_by=%(worker)s"
+                "  FROM due WHERE o.message_id=due.message_id"
+                f" RETURNING {', '.join('o.' + c.strip() for c in _OUTBOX_COLS.split(','))}",
+                {"link": link, "now": now, "limit": limit, "until": until,
+                 "worker": self.worker_id}).fetchall()
+            return sorted((_outbox_row(r) for r in rows), key=lambda row: row.seq)
+
+    def mark_acked(self, message_id: str, *, receipt: bytes, now: datetime,
+                   audit: AuditRecord) -> OutboxRow:
+        """Record the partner's signed receipt: ``sending -> acked`` (final)."""
+        return self._transition("mark_acked", message_id, OutboxState.ACKED,
+                                allowed_from=_SENDING, now=now, audit=audit,
+                                sets={"receipt": receipt, "lease_until": None})
+
+    def mark_retry(self, message_id: str, *, next_attempt: datetime, error: str, now: datetime,
+                   audit: AuditRecord | None) -> OutboxRow:
+        """A transient failure: ``sending -> queued``, due again at ``next_attempt``.
+
+        ``error`` is an error code (no values). ``audit`` may be None to keep routine
+        retries out of the log.
+        """
+        _require_aware(next_attempt, "next_attempt")
+        return self._transition("mark_retry", message_id, OutboxState.QUEUED,
+                                allowed_from=_SENDING, now=now, audit=audit,
+                                sets={"next_attempt": next_attempt, "last_error": error,
+                                      "lease_until": None})
+
+    def mark_rejected(self, message_id: str, *, error: str, receipt: bytes | None, now: datetime,
+                      audit: AuditRecord) -> OutboxRow:
+        """The partner refused definitively: ``sending -> rejected``; never retried by itself."""
+        return self._transition("mark_rejected", message_id, OutboxState.REJECTED,
+                                allowed_from=_SENDING, now=now, audit=audit,
+                                sets={"last_error": error, "receipt": receipt,
+                                      "lease_until": None})
+
+    def mark_refused(self, message_id: str, *, error: str, now: datetime,
+                     audit: AuditRecord) -> OutboxRow:
+        """Our consent check said no at dispatch: ``queued|sending -> refused`` (final)."""
+        return self._transition("mark_refused", message_id, OutboxState.REFUSED,
+                                allowed_from=_PENDING, now=now, audit=audit,
+                                sets={"last_error": error, "lease_until": None})
+
+    def mark_dead(self, message_id: str, *, error: str, now: datetime,
+                  audit: AuditRecord) -> OutboxRow:
+        """Retries exhausted: ``sending -> dead``; waits for an operator's requeue."""
+        return self._transition("mark_dead", message_id, OutboxState.DEAD,
+                                allowed_from=_SENDING, now=now, audit=audit,
+                                sets={"last_error": error, "lease_until": None})
+
+    def requeue(self, message_id: str, *, now: datetime, audit: AuditRecord) -> OutboxRow:
+        """Operator's resend of a ``dead`` or ``rejected`` message: back to ``queued``, due now.
+
+        Keeps the same message id and sequence number; attempts restart from zero.
+        """
+        return self._transition("requeue", message_id, OutboxState.QUEUED, now=now,
+                                audit=audit, allowed_from=REQUEUEABLE,
+                                sets={"next_attempt": now, "attempts": 0, "lease_until": None})
+
+    def get_outbox(self, message_id: str) -> OutboxRow | None:
+        """The outbox row for ``message_id``, or None."""
+        with self._read("get_outbox") as conn:
+            return self._get_outbox(conn, message_id)
+
+    def outbox_counts(self, link: str | None = None) -> dict[str, int]:
+        """Number of rows per state (every state present, zeros included)."""
+        counts = {s.value: 0 for s in OutboxState}
+        with self._read("outbox_counts") as conn:
+            if link is None:
+                cur = conn.execute("SELECT state, count(*) FROM outbox GROUP BY state")
+            else:
+                cur = conn.execute("SELECT state, count(*) FROM outbox WHERE link=%s"
+                                   " GROUP BY state", (link,))
+            for state, n in cur:
+                counts[state] = int(n)
+        return counts
+
+    def list_outbox(self, link: str, state: str | None = None, limit: int = 100) -> list[OutboxRow]:
+        """Rows of ``link`` in seq order, optionally only those in ``state``."""
+        with self._read("list_outbox") as conn:
+            if state is None:
+                cur = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE link=%s"
+                                   " ORDER BY seq LIMIT %s", (link, limit))
+            else:
+                cur = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE link=%s"
+                                   " AND state=%s ORDER BY seq LIMIT %s",
+                                   (link, OutboxState(state).value, limit))
+            return [_outbox_row(r) for r in cur]
+
+    def highest_contiguous_acked(self, link: str) -> int:
+        """Largest n such that seqs 1..n of ``link`` are all acked (0 if seq 1 is not)."""
+        with self._read("highest_contiguous_acked") as conn:
+            r = conn.execute("SELECT min(seq) FROM outbox WHERE link=%s AND state<>'acked'",
+                             (link,)).fetchone()
+            if r is not None and r[0] is not None:
+                return int(r[0]) - 1
+            r = conn.execute("SELECT coalesce(max(seq), 0) FROM outbox WHERE link=%s",
+                             (link,)).fetchone()
+            return int(r[0]) if r is not None else 0
+
+    # --- inbox ----------------------------------------------------------------------
+
+    def inbox_lookup(self, sender: str, message_id: str) -> InboxRow | None:
+        """The stored message ``(sender, message_id)``, or None."""
+        with self._read("inbox_lookup") as conn:
+            return self._inbox(conn, sender, message_id)
+
+    @staticmethod
+    def _inbox(conn: psycopg.Connection[Any], sender: str, message_id: str) -> InboxRow | None:
+        r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=%s AND message_id=%s",
+                         (sender, message_id)).fetchone()
+        return _inbox_row(r) if r is not None else None
+
+    def inbox_count(self, sender: str | None = None) -> int:
+        """How many messages the inbox holds (from ``sender``, or from everyone)."""
+        with self._read("inbox_count") as conn:
+            if sender is None:
+                r = conn.execute("SELECT count(*) FROM inbox").fetchone()
+            else:
+                r = conn.execute("SELECT count(*) FROM inbox WHERE sender=%s",
+                                 (sender,)).fetchone()
+            return int(r[0]) if r is not None else 0
+
+    def inbox_accept(
+        self,
+        *,
+        sender: str,
+        message_id: str,
+        digest: str,
+        payload: bytes,
+        audit: AuditRecord,
+        make_receipt: Callable[[AuditEntry], bytes],
+        now: datetime,
+    ) -> tuple[InboxRow, bool]:
+        """Store a received message once and issue its receipt, in one transaction.
+
+        - New ``(sender, message_id)``: appends ``audit``, calls ``make_receipt`` with the
+          new audit entry, stores the message with that receipt, commits, and returns
+          ``(row, True)``.
+        - Already held with the same ``digest`` (by this or any other process): writes
+          nothing and returns ``(existing, False)``; answer with ``existing.receipt``.
+        - Already held with a different ``digest``: raises
+          :class:`bridge.errors.ConflictError` and writes nothing.
+
+        If ``make_receipt`` raises, the transaction is rolled back: no audit entry and no
+        inbox row exist afterwards, and the exception propagates unchanged. It runs while
+        the audit chain is locked for every process, so it must be quick.
+        """
+        _require_aware(now, "now")
+
+        def answer(existing: InboxRow) -> tuple[InboxRow, bool]:
+            if existing.digest != digest:
+                raise ConflictError("message id already received with different content",
+                                    location=f"inbox[{sender}/{message_id}]")
+            return existing, False
+
+        for _ in range(_RACE_RETRIES):
+            try:
+                with self._tx("inbox_accept") as conn:
+                    existing = self._inbox(conn, sender, message_id)
+                    if existing is not None:
+                        return answer(existing)
+                    # Accepts are serialised by the chain lock; look again under it so a
+                    # duplicate committed meanwhile is answered before anything is signed.
+                    self._lock_chain(conn)
+                    existing = self._inbox(conn, sender, message_id)
+                    if existing is not None:
+                        return answer(existing)
+                    entry = self._append(conn, audit)
+                    receipt = make_receipt(entry)
+                    r = conn.execute(
+                        f"INSERT INTO inbox ({_INBOX_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s)"
+                        f" ON CONFLICT (sender, message_id) DO NOTHING RETURNING {_INBOX_COLS}",
+                        (sender, message_id, digest, payload, receipt, entry.seq, now),
+                    ).fetchone()
+                    if r is None:
+                        raise _Raced
+                    return _inbox_row(r), True
+            except _Raced:
+                continue
+        raise StoreError("inbox_accept kept racing with concurrent writers",
+                         location=f"inbox[{sender}/{message_id}]")
+
+    # --- HL7 v2 inbox ---------------------------------------------------------------
+
+    @staticmethod
+    def _hl7(conn: psycopg.Connection[Any], sender: str, control_id: str) -> HL7InboxRow | None:
+        r = conn.execute(f"SELECT {_HL7_COLS} FROM hl7_inbox WHERE sender=%s AND control_id=%s",
+                         (sender, control_id)).fetchone()
+        return _hl7_row(r) if r is not None else None
+
+    def hl7_lookup(self, sender: str, control_id: str) -> HL7InboxRow | None:
+        """The stored HL7 message ``(sender, control_id)``, or None."""
+        with self._read("hl7_lookup") as conn:
+            return self._hl7(conn, sender, control_id)
+
+    def hl7_count(self, sender: str | None = None) -> int:
+        """How many HL7 messages are stored (from ``sender``, or from everyone)."""
+        with self._read("hl7_count") as conn:
+            if sender is None:
+                r = conn.execute("SELECT count(*) FROM hl7_inbox").fetchone()
+            else:
+                r = conn.execute("SELECT count(*) FROM hl7_inbox WHERE sender=%s",
+                                 (sender,)).fetchone()
+            return int(r[0]) if r is not None else 0
+
+    def hl7_accept(
+        self,
+        *,
+        sender: str,
+        control_id: str,
+        digest: str,
+        message: bytes,
+        record: bytes | None,
+        audit: AuditRecord,
+        make_ack: Callable[[AuditEntry], bytes],
+        now: datetime,
+    ) -> tuple[HL7InboxRow, bool]:
+        """Store an HL7 message once with the ACK answered for it, in one transaction.
+
+        The same contract as :meth:`inbox_accept`, keyed by ``(sender, control_id)``:
+        new → ``(row, True)`` after commit (only then may the caller send the ACK);
+        held with the same ``digest`` → ``(existing, False)``, answer with
+        ``existing.ack`` byte for byte; held with another digest →
+        :class:`bridge.errors.ConflictError` (location ``MSH-10``), nothing written. If
+        ``make_ack`` raises, nothing is written and the exception propagates.
+        """
+        _require_aware(now, "now")
+
+        def answer(existing: HL7InboxRow) -> tuple[HL7InboxRow, bool]:
+            if existing.digest != digest:
+                raise ConflictError("duplicate control id with different content",
+                                    location="MSH-10")
+            return existing, False
+
+        for _ in range(_RACE_RETRIES):
+            try:
+                with self._tx("hl7_accept") as conn:
+                    existing = self._hl7(conn, sender, control_id)
+                    if existing is not None:
+                        return answer(existing)
+                    self._lock_chain(conn)
+                    existing = self._hl7(conn, sender, control_id)
+                    if existing is not None:
+                        return answer(existing)
+                    entry = self._append(conn, audit)
+                    ack = make_ack(entry)
+                    r = conn.execute(
+                        f"INSERT INTO hl7_inbox ({_HL7_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
+                        f" ON CONFLICT (sender, control_id) DO NOTHING RETURNING {_HL7_COLS}",
+                        (sender, control_id, digest, message, record, ack, entry.seq, now),
+                    ).fetchone()
+                    if r is None:
+                        raise _Raced
+                    return _hl7_row(r), True
+            except _Raced:
+                continue
+        raise StoreError("hl7_accept kept racing with concurrent writers", location="MSH-10")
+
+    # --- audit ----------------------------------------------------------------------
+
+    def append_audit(self, record: AuditRecord) -> AuditEntry:
+        """Append one entry on its own (refusals, TLS failures, anything without a row)."""
+        with self._tx("append_audit") as conn:
+            return self._append(conn, record)
+
+    def audit_entries(self, *, since_seq: int = 0) -> list[AuditEntry]:
+        """Entries with ``seq > since_seq`` in chain order."""
+        with self._read("audit_entries") as conn:
+            return [_audit_entry(r) for r in conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (since_seq,))]
+
+    def audit_by_patient(self, patient: str) -> list[AuditEntry]:
+        """Entries about one patient pseudonym (``patient_pseudonym(...)``), in chain order."""
+        with self._read("audit_by_patient") as conn:
+            return [_audit_entry(r) for r in conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE patient=%s ORDER BY seq", (patient,))]
+
+    def verify_audit(self) -> ChainReport:
+        """Verify the whole chain from genesis (see :func:`bridge.ledger.audit.verify_chain`)."""
+        return verify_chain(self.audit_entries())
+
+    def audit_head(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the last entry; ``(0, 64 zeros)`` for an empty log."""
+        with self._read("audit_head") as conn:
+            r = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            return (int(r[0]), str(r[1])) if r is not None else (0, GENESIS_HASH)
+
+    # --- consents -------------------------------------------------------------------
+
+    def put_consent(self, *, consent_id: str, patient_keys: list[str], status: str,
+                    resource: bytes, now: datetime, audit: AuditRecord) -> ConsentRow:
+        """Insert or replace a consent; the previous versions stay in ``consent_history``.
+
+        ``patient_keys`` are the lookup keys the policy room uses for the patient;
+        ``resource`` is the FHIR Consent JSON as received.
+        """
+        _require_aware(now, "now")
+        keys = tuple(dict.fromkeys(patient_keys))
+        with self._tx("put_consent") as conn:
+            entry = self._append(conn, audit)
+            conn.execute(
+                "INSERT INTO consent (consent_id, status, resource, updated)"
+                " VALUES (%s,%s,%s,%s) ON CONFLICT (consent_id) DO UPDATE SET"
+                " status=excluded.status, resource=excluded.resource, updated=excluded.updated",
+                (consent_id, status, resource, now))
+            conn.execute("DELETE FROM consent_patient WHERE consent_id=%s", (consent_id,))
+            if keys:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO consent_patient (consent_id, patient_key) VALUES (%s,%s)",
+                        [(consent_id, k) for k in keys])
+            conn.execute(
+                "INSERT INTO consent_history (consent_id, status, resource, patient_keys,"
+                " changed, audit_seq) VALUES (%s,%s,%s,%s,%s,%s)",
+                (consent_id, status, resource, Jsonb(list(keys)), now, entry.seq))
+            return ConsentRow(consent_id, status, bytes(resource), keys, _utc(now))
+
+    @staticmethod
+    def _consent(conn: psycopg.Connection[Any], consent_id: str) -> ConsentRow | None:
+        r = conn.execute("SELECT consent_id, status, resource, updated FROM consent"
+                         " WHERE consent_id=%s", (consent_id,)).fetchone()
+        if r is None:
+            return None
+        keys = tuple(str(k) for (k,) in conn.execute(
+            "SELECT patient_key FROM consent_patient WHERE consent_id=%s"
+            " ORDER BY patient_key COLLATE \"C\"", (consent_id,)))
+        return ConsentRow(r[0], r[1], bytes(r[2]), keys, _utc(r[3]))
+
+    def get_consent(self, consent_id: str) -> ConsentRow | None:
+        """The current version of one consent, or None."""
+        with self._read("get_consent") as conn:
+            return self._consent(conn, consent_id)
+
+    def list_consents(self) -> list[tuple[str, str, bytes]]:
+        """``(consent_id, status, resource)`` of every current consent, by id."""
+        with self._read("list_consents") as conn:
+            return [(r[0], r[1], bytes(r[2])) for r in conn.execute(
+                "SELECT consent_id, status, resource FROM consent"
+                " ORDER BY consent_id COLLATE \"C\"")]
+
+    def consents_for_patient(self, patient_key: str) -> list[ConsentRow]:
+        """Current consents that name ``patient_key``."""
+        with self._read("consents_for_patient") as conn:
+            ids = [str(i) for (i,) in conn.execute(
+                "SELECT consent_id FROM consent_patient WHERE patient_key=%s"
+                " ORDER BY consent_id COLLATE \"C\"", (patient_key,))]
+            rows = [self._consent(conn, i) for i in ids]
+            return [r for r in rows if r is not None]
+
+    def consent_history(self, consent_id: str) -> list[tuple[str, bytes, datetime, int]]:
+        """Every version put of ``consent_id``: ``(status, resource, changed, audit_seq)``."""
+        with self._read("consent_history") as conn:
+            return [(r[0], bytes(r[1]), _utc(r[2]), int(r[3])) for r in conn.execute(
+                "SELECT status, resource, changed, audit_seq FROM consent_history"
+                " WHERE consent_id=%s ORDER BY id", (consent_id,))]
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection; further calls raise :class:`StoreError`. Idempotent."""
+        with self._lock:
+            self._closed = True
+            self._drop_connection()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
