@@ -304,3 +304,9 @@ def test_mutated_messages_raise_only_bridge_errors(
         assert exc.location is None or len(exc.location) < 80
         return
     assert set(record) == {"dataset", "elements", "groups"}
+
+
+def test_ack_for_an_error_raised_outside_the_room() -> None:
+    err = MappingError("value not accepted here", location="OBX-5.1")
+    ack = build_ack(ADT, "AE", error=err, now=NOW).decode("utf-8").split("\r")
+    assert ack[2].split("|")[2:4] == ["OBX^1^5^1^1", "102^Data type error^HL70357"]

@@ -10,6 +10,7 @@ ERR-1 (ELD). The error text names locations only, never values.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
@@ -80,26 +81,27 @@ def build_ack(msg_or_bytes: HL7Message | bytes | str,
     d = Delimiters()
     if isinstance(msg_or_bytes, HL7Message):
         msg = msg_or_bytes
-        src = msg.msh
-        fields = [src.raw(i) for i in range(len(src.raw_fields))]
-        get = lambda n, c=1: src.value(n, 1, c)  # noqa: E731
+        fields = list(msg.msh.raw_fields)
+        comp, rep, unescape = (msg.delimiters.component, msg.delimiters.repetition,
+                               msg.delimiters.unescape)
         codec = msg.encoding
-        charset_field = src.raw(18)
     else:
         try:
-            msg = parse_hl7(msg_or_bytes)
-            return build_ack(msg, code, error=error, now=now)
+            return build_ack(parse_hl7(msg_or_bytes), code, error=error, now=now)
         except ParseError:
             pass
         fields, codec = _header_from_bytes(msg_or_bytes)
-        raw_comp = fields[2][:1] if len(fields) > 2 and fields[2] else "^"
+        comp = fields[2][:1] if len(fields) > 2 and fields[2] else "^"
+        rep = fields[2][1:2] if len(fields) > 2 and len(fields[2]) > 1 else "~"
+        unescape = Delimiters(field=fields[1] if len(fields) > 1 else "|", component=comp).unescape
 
-        def get(n: int, c: int = 1) -> str:
-            if n >= len(fields):
-                return ""
-            value = fields[n].split("~")[0].split(raw_comp)
-            return value[c - 1] if c <= len(value) else ""
-        charset_field = fields[18] if len(fields) > 18 else ""
+    def get(n: int, c: int = 1) -> str:
+        if n >= len(fields) or n < 3:
+            return ""
+        parts = fields[n].split(rep)[0].split(comp)
+        return unescape(parts[c - 1]) if c <= len(parts) else ""
+
+    charset_field = fields[18].split(rep)[0] if len(fields) > 18 else ""
     version = get(12) or "2.5"
     event = get(9, 2)
     control = get(10)
@@ -125,7 +127,7 @@ def build_ack(msg_or_bytes: HL7Message | bytes | str,
         err_code = _error_code(error)
         loc = error.detail.get("hl7_location")
         if not isinstance(loc, Loc):
-            loc = None
+            loc = _loc_from_text(error.location)
         if _old_version(version):
             where = [esc(loc.segment), str(loc.seg_rep), str(loc.field or "")] if loc else ["", "", ""]
             eld = "^".join(where + [f"{err_code}&{ERROR_TEXT[err_code]}&HL70357"])
@@ -144,6 +146,20 @@ def build_ack(msg_or_bytes: HL7Message | bytes | str,
         return text.encode(codec)
     except (UnicodeEncodeError, LookupError):
         return text.encode("utf-8")
+
+
+_LOC_TEXT = re.compile(
+    r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+))?(?:\.(\d+))?)?$")
+
+
+def _loc_from_text(text: str | None) -> Loc | None:
+    """A location written as ``PID[1]-5[1].1`` or ``PID-5.1`` (errors raised elsewhere)."""
+    m = _LOC_TEXT.match(text.strip()) if text else None
+    if m is None:
+        return None
+    seg, seg_rep, fld, fld_rep, comp, sub = m.groups()
+    return Loc(seg, int(seg_rep or 1), int(fld or 0), int(fld_rep or 0), int(comp or 0),
+               int(sub or 0))
 
 
 def _old_version(version: str) -> bool:

@@ -37,7 +37,7 @@ def _repeats(version: str, segment: str, field: int) -> bool:
 class _Ctx:
     """The message being mapped and, inside a group, the current segment."""
 
-    __slots__ = ("msg", "version", "segment")
+    __slots__ = ("msg", "segment", "version")
 
     def __init__(self, msg: HL7Message, segment: Segment | None = None) -> None:
         self.msg = msg
@@ -100,7 +100,7 @@ class _Ctx:
 class _Where:
     """Where a value was read; becomes a :class:`Loc` only when an error needs it."""
 
-    __slots__ = ("ctx", "seg", "path", "rep")
+    __slots__ = ("ctx", "path", "rep", "seg")
 
     def __init__(self, ctx: _Ctx, seg: Segment | None, path: Path_, rep: int) -> None:
         self.ctx, self.seg, self.path, self.rep = ctx, seg, path, rep
@@ -150,7 +150,7 @@ def _local(value: str) -> datetime:
     body = body.split(".")[0]
     parts = [int(body[:4]), int(body[4:6] or 1), int(body[6:8] or 1),
              int(body[8:10] or 0), int(body[10:12] or 0), int(body[12:14] or 0)]
-    moment = datetime(*parts)  # type: ignore[misc]
+    moment = datetime(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5])
     if offset is not None:
         moment = moment.replace(tzinfo=offset).astimezone(CST).replace(tzinfo=None)
     return moment

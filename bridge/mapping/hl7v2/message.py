@@ -72,7 +72,7 @@ class Loc(NamedTuple):
         return text
 
 
-def hl7_error(cls: type[ParseError] | type[MappingError], message: str, loc: Loc | str,
+def hl7_error(cls: type[ParseError | MappingError], message: str, loc: Loc | str,
               code: str) -> ParseError | MappingError:
     """An error naming an HL7 location, with the table 0357 code an ACK should carry."""
     if isinstance(loc, Loc):
@@ -125,7 +125,7 @@ class Segment:
     repetitions, components and subcomponents on demand.
     """
 
-    __slots__ = ("name", "rep", "index", "raw_fields", "_delims")
+    __slots__ = ("_delims", "index", "name", "raw_fields", "rep")
 
     def __init__(self, name: str, rep: int, index: int, raw_fields: list[str],
                  delims: Delimiters) -> None:
@@ -198,7 +198,7 @@ class HL7Message:
     ``segments`` (in message order) and :meth:`segment_list` / :meth:`get` for access.
     """
 
-    __slots__ = ("segments", "delimiters", "charset", "encoding", "by_name", "_validated")
+    __slots__ = ("_validated", "by_name", "charset", "delimiters", "encoding", "segments")
 
     def __init__(self, segments: list[Segment], delimiters: Delimiters, charset: str,
                  encoding: str) -> None:

@@ -29,7 +29,7 @@ from datetime import date
 from functools import lru_cache
 from typing import Any
 
-import hl7apy
+import hl7apy  # type: ignore[import-untyped]
 
 from bridge.errors import MappingError
 from bridge.mapping.hl7v2.message import HL7Message, Loc, Segment, hl7_error
@@ -111,7 +111,7 @@ def _base_lengths(lib: Any) -> dict[str, int | None]:
             continue
         try:
             inst = cls(None) if name in ("NM", "SI") else cls("")
-        except Exception:  # noqa: BLE001 - a base type we cannot probe gets no limit
+        except Exception:  # noqa: BLE001, S112 - a base type we cannot probe gets no limit
             continue
         lengths[name] = inst.max_length
     return lengths
@@ -236,7 +236,7 @@ def _check_segment(msg: HL7Message, seg: Segment, spec: SegmentSpec) -> None:
         reps = text.split(d.repetition)
         if len(reps) > 1 and not fspec.repeats:
             raise hl7_error(MappingError, "field does not repeat",
-                            Loc(seg.name, seg.rep, number, 2), "102")
+                            Loc(seg.name, seg.rep, number, 2), "102")  # the second repetition
         node = fspec.node
         if node.kind == VARIES and seg.name == "OBX" and number == 5:
             node = _obx_value_node(seg)
@@ -268,7 +268,7 @@ def _check_node(node: Node, text: str, d: Any, depth: int, where: tuple[Any, ...
         parts = text.split(sep) if sep in text else [text]
         if len(parts) > len(node.children):
             raise hl7_error(MappingError, "more components than the data type has",
-                            Loc(*where, len(node.children) + 1), "102")
+                            Loc(*(where + (len(node.children) + 1,))), "102")
         for i, part in enumerate(parts):
             if part:
                 child_where = where + (i + 1,)
@@ -300,6 +300,5 @@ def _check_node(node: Node, text: str, d: Any, depth: int, where: tuple[Any, ...
     elif kind == NM:
         if not _NM.match(text) or len(text.lstrip("+-").replace(".", "")) > (node.max_length or 16):
             raise hl7_error(MappingError, "not a number (NM)", Loc(*where), "102")
-    elif kind == SI:
-        if not _SI.match(text) or len(text) > (node.max_length or 4):
-            raise hl7_error(MappingError, "not a sequence number (SI)", Loc(*where), "102")
+    elif kind == SI and (not _SI.match(text) or len(text) > (node.max_length or 4)):
+        raise hl7_error(MappingError, "not a sequence number (SI)", Loc(*where), "102")
