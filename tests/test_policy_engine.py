@@ -12,6 +12,7 @@ from bridge.errors import ConsentDenied, LoadError
 from bridge.policy.classify import (
     CATEGORY_SYSTEM,
     CONFIDENTIALITY_SYSTEM,
+    GRADE_SYSTEM,
     SENSITIVITY_SYSTEM,
     classify,
     load_sensitive_codes,
@@ -85,7 +86,13 @@ def test_classify_labels_category_confidentiality_and_class() -> None:
     assert security(hiv, SENSITIVITY_SYSTEM) == ["infectious"]
     assert security(hiv, CONFIDENTIALITY_SYSTEM) == ["V"]
     assert security(pneumonia, SENSITIVITY_SYSTEM) == []
-    assert security(resources(out, "Claim")[0], CATEGORY_SYSTEM) == ["health-payment"]
+    # A claim's diagnoses and procedures are health status and medical application data.
+    assert security(resources(out, "Claim")[0], CATEGORY_SYSTEM) == [
+        "health-payment", "health-status", "medical-application"]
+    # Its diagnoses point at Conditions instead of naming codes: grade 3, not 5.
+    assert security(resources(out, "Claim")[0], GRADE_SYSTEM) == ["3"]
+    assert security(patient, GRADE_SYSTEM) == ["4"]
+
     assert security(resources(out, "Organization")[0], CONFIDENTIALITY_SYSTEM) == ["N"]
     assert [label.grade for label in result.sensitive()] == [5]
     assert "meta" not in bundle["entry"][0]["resource"]  # the input is not changed

@@ -1,32 +1,50 @@
 """Consent registry: FHIR R4 Consent resources, and the one question they answer.
 
-``ConsentRegistry.require_consent`` asks: may this controller disclose these resource
-types of this patient's data to that recipient, for that purpose, now? It returns a
-:class:`ConsentDecision` or raises :class:`~bridge.errors.ConsentDenied`. No consent
-means no (GB/T 39725-2020 §7 a: use and disclosure must not exceed the subject's
-authorisation, which names the recipient, the purpose and the duration).
+*May this controller disclose this piece of this patient's data to that recipient, for
+that purpose, now?* No consent means no (GB/T 39725-2020 §7 a: use and disclosure must
+not exceed the subject's authorisation, which names the recipient, the purpose and the
+duration). The piece of data is an :class:`Item`: a resource type, its §6.1 data
+categories and its security labels (``meta.security``, written by classification).
 
-Evaluation follows the R4 Consent provision model:
+The rule, for one consent and one item (this is the specification the tests check
+against an independent evaluator):
 
-* The root ``Consent.provision`` is the base rule. A root ``type`` of ``permit`` (or no
-  type) permits what its conditions cover; ``deny`` denies everything by default and
-  nested permits carve out exceptions.
-* Nested ``provision.provision`` entries are exceptions to their parent. A nested rule
-  applies when all of its conditions match the request (an absent condition matches
-  anything); the deepest applying rule decides for a resource type, and among siblings
-  that apply, deny wins.
-* Conditions: ``actor`` (the recipient, role IRCP), ``purpose``, ``period`` (when the
-  rule is in force), ``dataPeriod`` (which period of care the data may come from),
-  ``class`` (resource types) and ``securityLabel`` (sensitivity labels the rule covers).
-  A permit rule's labels become the decision's ``allowed_labels``; a deny rule's labels
-  become ``denied_labels``, so the caller holds back resources carrying them instead of
-  refusing the whole disclosure.
+1. The consent says nothing (``none``) unless its status is ``active`` and its root
+   provision *matches*.
+2. A provision matches when each condition it has holds (an absent condition holds):
+   ``period`` contains now; ``actor`` (role IRCP) names the recipient; ``purpose``
+   names the purpose of use (v3 PurposeOfUse); ``action`` names the action
+   (``disclose``); ``dataPeriod`` — for a permit the requested data lies inside it,
+   for a deny it overlaps it or the data's dates are unknown; ``class`` names the
+   resource type or one of the item's data categories; and, for a deny only,
+   ``securityLabel`` shares a label with the item. A permit's ``securityLabel`` is not
+   a condition: it names the sensitive labels the permit explicitly covers.
+3. Walk down from the root through matching provisions. A maximal matching path ends at
+   a provision none of whose children match. If any maximal path ends at a ``deny``,
+   the consent denies (the first such path in document order decides); otherwise it
+   permits and the first maximal path decides. (Equivalently: each provision's outcome
+   is its own type unless a child matches, in which case any child denying makes it
+   deny, else it permits — deny overrides among siblings, the deepest rule decides.)
+4. A permit's *cover* is the union of the ``securityLabel`` of the permit provisions
+   on all its maximal paths. An item carrying special-disease classes (grade 5) is
+   permitted only when the cover names every class, or names confidentiality V;
+   otherwise the outcome is ``uncovered`` (the item is held back, §6.2 e).
+
+Across the patient's consents (by id order): any deny wins (a patient's restriction,
+§7 h, overrides every permit; lift it by amending or revoking the consent that carries
+it); else a permit (the most recently updated consent is recorded); else ``uncovered``;
+else ``none``.
+
+:meth:`ConsentRegistry.require_consent` asks this for each resource type of a
+disclosure (without labels) and raises :class:`~bridge.errors.ConsentDenied` unless
+every type is permitted; the policy engine then asks it for every labelled resource and
+item and holds back what is not permitted. An :class:`EmergencyOverride` (purpose
+ETREAT, a named actor and a reason, §7 b 2 and §7 h) permits without consent; it is
+never implied and the decision is marked as an override.
 
 Lookups go through an index from patient identifier (system|value) to consent ids, so
 the cost of a decision depends on how many consents that patient has, not on how many
-are registered.
-
-Errors name FHIR paths (``Consent.provision.period``) and never a value.
+are registered. Errors name FHIR paths (``Consent.provision.period``), never a value.
 """
 
 from __future__ import annotations
@@ -36,14 +54,21 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 
 from bridge.errors import ConsentDenied, MappingError
+from bridge.policy.classify import (
+    CATEGORY_SYSTEM,
+    CONFIDENTIALITY_SYSTEM,
+    SENSITIVITY_SYSTEM,
+    default_classification,
+)
 from bridge.records.fhir import validate_resource
 
 SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
 PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 PARTICIPATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+ACTION_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentaction"
 PARTNER_SYSTEM = "urn:ws-fhir-bridge:partner"
 RESOURCE_TYPES_SYSTEM = "http://hl7.org/fhir/resource-types"
 CONSENT_CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentcategorycodes"
@@ -67,11 +92,18 @@ SUPPORTED_PURPOSES: frozenset[str] = frozenset(
     }
 )
 
+#: Consent actions (http://terminology.hl7.org/CodeSystem/consentaction).
+SUPPORTED_ACTIONS: frozenset[str] = frozenset({"collect", "access", "use", "disclose", "correct"})
+
 RECIPIENT_ROLE = "IRCP"
+EMERGENCY_PURPOSE = "ETREAT"
 
 # China Standard Time: a consent date without a time is a calendar day in China.
 _CST = timezone(timedelta(hours=8))
 _DATETIME_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(T.+)?)?)?$")
+
+Span = tuple[datetime | None, datetime | None]
+Label = tuple[str, str]
 
 
 # --- records ------------------------------------------------------------------------
@@ -83,13 +115,14 @@ class Provision:
 
     path: str
     type: str  # "permit" or "deny"
-    period: tuple[datetime | None, datetime | None] | None
-    data_period: tuple[datetime | None, datetime | None] | None
+    period: Span | None
+    data_period: Span | None
     recipients: frozenset[str]
     purposes: frozenset[str]
     classes: frozenset[str]
-    security_labels: frozenset[tuple[str, str]]
+    security_labels: frozenset[Label]
     children: tuple[Provision, ...] = ()
+    actions: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -105,15 +138,38 @@ class ConsentRecord:
     resource: dict[str, Any] = field(repr=False, compare=False)
     registered_at: datetime | None = None
 
+    @property
+    def patient_key(self) -> str:
+        """``system|value`` of the consent's patient (the registry's index key)."""
+        return patient_key(*self.patient)
+
+
+def patient_key(system: str, value: str) -> str:
+    """The index key of a patient identifier: ``system|value``."""
+    return f"{system}|{value}"
+
+
+@dataclass(frozen=True)
+class EmergencyOverride:
+    """Disclosure for emergency treatment without a permitting consent (§7 b 2, §7 h).
+
+    Only honoured for purpose ETREAT, with the person who invokes it (``actor``, an
+    operator or clinician id) and a non-empty ``reason``; both go into the audit record.
+    """
+
+    actor: str
+    reason: str
+
 
 @dataclass(frozen=True)
 class ConsentDecision:
     """Why a disclosure is permitted: which consent, which version, which rule decided.
 
-    ``allowed_labels`` are the security labels (system, code) the permitting rules
-    explicitly cover; ``denied_labels`` those a matching deny rule excludes. Resources
-    carrying a label outside ``allowed_labels`` that needs explicit cover (the
-    special-disease classes) are held back by the caller.
+    ``allowed_labels`` are the security labels the permitting rules explicitly cover;
+    ``denied_labels`` those of deny rules that apply to this recipient and purpose when
+    the data carries the label. ``by_type`` records, per resource type, the consent and
+    provision that permitted it. ``override`` is set when an emergency override, not a
+    consent, permitted the disclosure (``consent_id`` is then empty).
     """
 
     consent_id: str
@@ -123,9 +179,57 @@ class ConsentDecision:
     recipient: str
     purpose: str
     resource_types: frozenset[str]
-    allowed_labels: frozenset[tuple[str, str]]
-    denied_labels: frozenset[tuple[str, str]]
+    allowed_labels: frozenset[Label]
+    denied_labels: frozenset[Label]
     decided_at: datetime
+    consent_ids: tuple[str, ...] = ()
+    by_type: tuple[tuple[str, str, str], ...] = ()
+    override: EmergencyOverride | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """The request-wide part of the consent question (``now`` in UTC)."""
+
+    recipient: str
+    purpose: str
+    now: datetime
+    data_period: tuple[datetime, datetime] | None = None
+    action: str = "disclose"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One piece of data a consent is asked about: a resource, or one entry of a
+    repeating element (``Claim.diagnosis[2]``), with its categories and labels."""
+
+    resource_type: str
+    categories: frozenset[str] = frozenset()
+    labels: frozenset[Label] = frozenset()
+
+    @property
+    def sensitive(self) -> frozenset[str]:
+        """The special-disease classes among the labels (need explicit cover)."""
+        return frozenset(code for system, code in self.labels if system == SENSITIVITY_SYSTEM)
+
+
+Outcome = Literal["permit", "deny", "uncovered", "none"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer for one item: ``outcome``, the consent and provision that decided (for
+    ``none``, the location of the condition that failed), and the permit's cover."""
+
+    outcome: Outcome
+    consent_id: str | None
+    provision_path: str
+    message: str
+    cover: frozenset[Label] = frozenset()
+
+    @property
+    def permitted(self) -> bool:
+        return self.outcome == "permit"
 
 
 # --- parsing ------------------------------------------------------------------------
@@ -166,9 +270,7 @@ def _parse_instant(value: Any, path: str, *, end: bool) -> datetime:
     return datetime.combine(start, time.min, _CST).astimezone(timezone.utc)
 
 
-def _parse_period(
-    raw: Any, path: str
-) -> tuple[datetime | None, datetime | None] | None:
+def _parse_period(raw: Any, path: str) -> Span | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
@@ -194,8 +296,17 @@ def _has_code(concepts: Iterable[Any], system: str, code: str) -> bool:
     )
 
 
+def _list(raw: dict[str, Any], key: str, path: str) -> list[Any]:
+    value = raw.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(f"{key} must be a list", f"{path}.{key}")
+    return value
+
+
 def _parse_provision(
-    raw: dict[str, Any], path: str, *, root: bool, scoped: bool = False
+    raw: Any, path: str, *, root: bool, scoped: bool = False
 ) -> Provision:
     """Parse one provision; ``scoped`` says an enclosing permit already names the
     recipient and purpose, which a nested permit then inherits."""
@@ -208,10 +319,17 @@ def _parse_provision(
         ptype = "permit"
     if ptype not in ("permit", "deny"):
         raise _bad("provision type must be permit or deny", f"{path}.type")
+    for unsupported in ("code", "data"):
+        # A condition the bridge cannot evaluate would silently widen a permit or
+        # narrow a deny; refuse the consent instead.
+        if raw.get(unsupported):
+            raise _bad(f"provision.{unsupported} is not supported", f"{path}.{unsupported}")
 
     recipients: set[str] = set()
-    for i, actor in enumerate(raw.get("actor") or []):
+    for i, actor in enumerate(_list(raw, "actor", path)):
         apath = f"{path}.actor[{i}]"
+        if not isinstance(actor, dict):
+            raise _bad("not an actor", apath)
         if not _has_code([actor.get("role")], PARTICIPATION_SYSTEM, RECIPIENT_ROLE):
             # Other roles (e.g. the disclosing custodian) do not name a recipient.
             continue
@@ -226,24 +344,46 @@ def _parse_provision(
         raise _bad("a permit provision needs a recipient actor (role IRCP)", f"{path}.actor")
 
     purposes: set[str] = set()
-    for i, coding in enumerate(raw.get("purpose") or []):
+    for i, coding in enumerate(_list(raw, "purpose", path)):
         ppath = f"{path}.purpose[{i}]"
-        if coding.get("system") != PURPOSE_SYSTEM or coding.get("code") not in SUPPORTED_PURPOSES:
+        if (
+            not isinstance(coding, dict)
+            or coding.get("system") != PURPOSE_SYSTEM
+            or coding.get("code") not in SUPPORTED_PURPOSES
+        ):
             raise _bad("purpose is not a supported v3 PurposeOfUse code", ppath)
         purposes.add(str(coding["code"]))
     if ptype == "permit" and not scoped and not purposes:
         # §7 a: an authorisation states the purpose; a permit without one permits nothing.
         raise _bad("a permit provision needs a purpose", f"{path}.purpose")
 
-    classes: set[str] = set()
-    for i, coding in enumerate(raw.get("class") or []):
-        if coding.get("system") != RESOURCE_TYPES_SYSTEM or not coding.get("code"):
-            raise _bad("class must be a FHIR resource type", f"{path}.class[{i}]")
-        classes.add(str(coding["code"]))
+    actions: set[str] = set()
+    for i, concept in enumerate(_list(raw, "action", path)):
+        codings = _codings(concept)
+        if not codings:
+            raise _bad("action needs a coding", f"{path}.action[{i}]")
+        for coding in codings:
+            if coding.get("system") != ACTION_SYSTEM or coding.get("code") not in SUPPORTED_ACTIONS:
+                raise _bad("action is not a consentaction code", f"{path}.action[{i}]")
+            actions.add(str(coding["code"]))
 
-    labels: set[tuple[str, str]] = set()
-    for i, coding in enumerate(raw.get("securityLabel") or []):
-        if not coding.get("system") or not coding.get("code"):
+    classes: set[str] = set()
+    categories = default_classification().categories
+    for i, coding in enumerate(_list(raw, "class", path)):
+        cpath = f"{path}.class[{i}]"
+        if not isinstance(coding, dict) or not coding.get("code"):
+            raise _bad("class must be a FHIR resource type or a data category", cpath)
+        system, code = coding.get("system"), str(coding["code"])
+        if system == CATEGORY_SYSTEM and code in categories:
+            classes.add(code)
+        elif system == RESOURCE_TYPES_SYSTEM and code[:1].isupper():
+            classes.add(code)
+        else:
+            raise _bad("class must be a FHIR resource type or a data category", cpath)
+
+    labels: set[Label] = set()
+    for i, coding in enumerate(_list(raw, "securityLabel", path)):
+        if not isinstance(coding, dict) or not coding.get("system") or not coding.get("code"):
             raise _bad("security label needs system and code", f"{path}.securityLabel[{i}]")
         labels.add((str(coding["system"]), str(coding["code"])))
 
@@ -251,7 +391,7 @@ def _parse_provision(
         _parse_provision(
             child, f"{path}.provision[{i}]", root=False, scoped=scoped or ptype == "permit"
         )
-        for i, child in enumerate(raw.get("provision") or [])
+        for i, child in enumerate(_list(raw, "provision", path))
     )
     return Provision(
         path=path,
@@ -263,22 +403,41 @@ def _parse_provision(
         classes=frozenset(classes),
         security_labels=frozenset(labels),
         children=children,
+        actions=frozenset(actions),
     )
 
 
-def parse_consent(resource: dict[str, Any]) -> ConsentRecord:
+def parse_consent(resource: dict[str, Any], *, trusted: bool = False) -> ConsentRecord:
     """Validate a FHIR R4 Consent and parse its rules.
 
     Raises :class:`~bridge.errors.MappingError` (422) naming the FHIR path of the first
     problem: not valid FHIR, scope other than patient-privacy, no category, a patient
     that is not a logical reference by identifier, a period ending before it starts,
-    an unsupported purpose, or a permit without a recipient (IRCP) actor.
+    an unsupported purpose or action, a provision using ``code`` or ``data``, or a
+    permit without a recipient (IRCP) actor.
+
+    ``trusted=True`` is for consents this bridge validated before and stored itself:
+    it skips the FHIR model validation (the costly part) and takes ownership of
+    ``resource`` instead of copying it. Every rule above is still checked, so a
+    damaged store row still fails with a located error.
     """
     if not isinstance(resource, dict) or resource.get("resourceType") != "Consent":
         raise _bad("not a Consent resource", "Consent.resourceType")
-    validate_resource(resource)
+    if not trusted:
+        validate_resource(resource)
+    try:
+        return _parse_checked(resource, trusted=trusted)
+    except (AttributeError, TypeError, KeyError):
+        # Only reachable on the trusted path, where the model did not check the shapes.
+        raise _bad("not a valid Consent", "Consent") from None
+
+
+def _parse_checked(resource: dict[str, Any], *, trusted: bool) -> ConsentRecord:
     if not resource.get("id"):
         raise _bad("a registered consent needs an id", "Consent.id")
+    status = resource.get("status")
+    if status not in ("draft", "proposed", "active", "rejected", "inactive", "entered-in-error"):
+        raise _bad("code not in the required value set", "Consent.status")
     if not _has_code([resource.get("scope")], SCOPE_SYSTEM, "patient-privacy"):
         raise _bad("scope must be patient-privacy", "Consent.scope")
     if not any(_codings(c) for c in resource.get("category") or []):
@@ -295,34 +454,26 @@ def parse_consent(resource: dict[str, Any]) -> ConsentRecord:
     meta = resource.get("meta") or {}
     return ConsentRecord(
         id=str(resource["id"]),
-        status=str(resource["status"]),
+        status=str(status),
         version=meta.get("versionId"),
         last_updated=meta.get("lastUpdated"),
         patient=(str(ident["system"]), str(ident["value"])),
         provision=provision,
-        resource=copy.deepcopy(resource),
+        resource=resource if trusted else copy.deepcopy(resource),
     )
 
 
 # --- evaluation ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Request:
-    recipient: str
-    purpose: str
-    data_period: tuple[datetime, datetime] | None
-    now: datetime
-
-
-def _within(now: datetime, period: tuple[datetime | None, datetime | None] | None) -> bool:
+def _within(now: datetime, period: Span | None) -> bool:
     if period is None:
         return True
     start, end = period
     return (start is None or start <= now) and (end is None or now <= end)
 
 
-def _data_period_ok(prov: Provision, req: _Request) -> bool:
+def _data_period_ok(prov: Provision, req: Request) -> bool:
     """Does a rule's dataPeriod condition hold for the requested data?
 
     For a permit the requested data must lie inside it (unknown data dates do not);
@@ -340,118 +491,143 @@ def _data_period_ok(prov: Provision, req: _Request) -> bool:
     return (lo is None or lo <= end) and (hi is None or start <= hi)
 
 
-def _applies(prov: Provision, req: _Request, rtype: str) -> bool:
-    """Do the request-wide and class conditions of one rule match (labels aside)?"""
-    return (
-        _within(req.now, prov.period)
-        and (not prov.recipients or req.recipient in prov.recipients)
-        and (not prov.purposes or req.purpose in prov.purposes)
-        and (not prov.classes or rtype in prov.classes)
-        and _data_period_ok(prov, req)
-    )
+# The order in which conditions are checked; the first that fails is the one reported.
+_MISMATCH_MESSAGES = {
+    "period": "consent is outside its period",
+    "actor": "consent does not name the recipient",
+    "purpose": "purpose is not permitted by the consent",
+    "action": "action is not permitted by the consent",
+    "dataPeriod": "data period is outside the consent",
+    "class": "resource type is not covered by the consent",
+    "securityLabel": "security labels do not match",
+}
 
 
-@dataclass
-class _Outcome:
-    permitted: bool
-    path: str
-    allowed: set[tuple[str, str]]
-    denied: set[tuple[str, str]]
+def _mismatch(prov: Provision, req: Request, item: Item) -> str | None:
+    """The first condition of ``prov`` that fails for this request and item, or None."""
+    if not _within(req.now, prov.period):
+        return "period"
+    if prov.recipients and req.recipient not in prov.recipients:
+        return "actor"
+    if prov.purposes and req.purpose not in prov.purposes:
+        return "purpose"
+    if prov.actions and req.action not in prov.actions:
+        return "action"
+    if not _data_period_ok(prov, req):
+        return "dataPeriod"
+    if prov.classes and item.resource_type not in prov.classes and not (
+        prov.classes & item.categories
+    ):
+        return "class"
+    if prov.type == "deny" and prov.security_labels and not (prov.security_labels & item.labels):
+        return "securityLabel"
+    return None
 
 
-def _decide(prov: Provision, req: _Request, rtype: str, inherited: _Outcome) -> _Outcome:
-    """Walk a rule's children: the deepest applying rule decides, deny wins among siblings."""
-    outcome = inherited
-    deny_outcome: _Outcome | None = None
-    permit_outcome: _Outcome | None = None
+def _walk(
+    prov: Provision, req: Request, item: Item, cover: frozenset[Label]
+) -> tuple[str, str, frozenset[Label]]:
+    """(outcome type, deciding path, cover) of a matching provision (rule 3 and 4)."""
+    if prov.type == "permit" and prov.security_labels:
+        cover = cover | prov.security_labels
+    permit: tuple[str, str, frozenset[Label]] | None = None
     for child in prov.children:
-        if not _applies(child, req, rtype):
+        if _mismatch(child, req, item) is not None:
             continue
-        if child.type == "deny" and child.security_labels:
-            # A deny limited to labels holds back the labelled resources only.
-            outcome.denied |= child.security_labels
-            continue
-        base = _Outcome(
-            permitted=child.type == "permit",
-            path=child.path,
-            allowed=set(outcome.allowed) | (set(child.security_labels) if child.type == "permit" else set()),
-            denied=set(outcome.denied),
-        )
-        result = _decide(child, req, rtype, base)
-        if not result.permitted and deny_outcome is None:
-            deny_outcome = result
-        elif result.permitted and permit_outcome is None:
-            permit_outcome = result
-        if result.permitted:
-            outcome.allowed |= result.allowed
-        outcome.denied |= result.denied
-    if deny_outcome is not None:
-        return deny_outcome
-    if permit_outcome is not None:
-        permit_outcome.allowed |= outcome.allowed
-        permit_outcome.denied |= outcome.denied
-        return permit_outcome
-    return outcome
+        result = _walk(child, req, item, cover)
+        if result[0] == "deny":
+            return result
+        permit = result if permit is None else (permit[0], permit[1], permit[2] | result[2])
+    if permit is not None:
+        return permit
+    return (prov.type, prov.path, cover)
 
 
-class _Denied(Exception):
-    def __init__(self, message: str, path: str, explicit: bool) -> None:
-        super().__init__(message)
-        self.message = message
-        self.path = path
-        self.explicit = explicit
+def covers(cover: frozenset[Label], classes: frozenset[str]) -> bool:
+    """Does a permit's cover name every special-disease class (or confidentiality V)?"""
+    if not classes or (CONFIDENTIALITY_SYSTEM, "V") in cover:
+        return True
+    return all((SENSITIVITY_SYSTEM, c) in cover for c in classes)
 
 
-def _evaluate(
-    record: ConsentRecord, req: _Request, resource_types: frozenset[str]
-) -> ConsentDecision:
-    root = record.provision
+def evaluate_consent(record: ConsentRecord, req: Request, item: Item) -> Verdict:
+    """The verdict of one consent for one item (rules 1-4 of the module docstring)."""
     if record.status != "active":
-        raise _Denied("consent is not active", "Consent.status", explicit=False)
-    if not _within(req.now, root.period):
-        raise _Denied("consent is outside its period", f"{root.path}.period", explicit=False)
-    if req.recipient not in root.recipients and root.type == "permit":
-        raise _Denied("consent does not name the recipient", f"{root.path}.actor", False)
-    if root.purposes and req.purpose not in root.purposes:
-        raise _Denied("purpose is not permitted by the consent", f"{root.path}.purpose", False)
-    if root.type == "permit" and not _data_period_ok(root, req):
-        raise _Denied("data period is outside the consent", f"{root.path}.dataPeriod", False)
-
-    allowed: set[tuple[str, str]] = set()
-    denied: set[tuple[str, str]] = set()
-    deciding = root.path
-    for rtype in sorted(resource_types):
-        root_applies = _applies(root, req, rtype)
-        base = _Outcome(
-            permitted=root.type == "permit" and root_applies,
-            path=root.path,
-            allowed=set(root.security_labels) if root.type == "permit" and root_applies else set(),
-            denied=set(),
+        return Verdict("none", record.id, "Consent.status", "consent is not active")
+    root = record.provision
+    failed = _mismatch(root, req, item)
+    if failed is not None:
+        return Verdict("none", record.id, f"{root.path}.{failed}", _MISMATCH_MESSAGES[failed])
+    outcome, path, cover = _walk(root, req, item, frozenset())
+    if outcome == "deny":
+        message = "a deny provision matches" if path != root.path else "the consent denies"
+        return Verdict("deny", record.id, path, message)
+    if not covers(cover, item.sensitive):
+        return Verdict(
+            "uncovered", record.id, path,
+            "special-disease data needs a consent that names its class", cover,
         )
-        # Exceptions nest inside the base rule: for a permit root they only apply
-        # within its scope; a deny root denies by default and its children may permit.
-        outcome = _decide(root, req, rtype, base) if (root_applies or root.type == "deny") else base
-        if not outcome.permitted:
-            if outcome.path != root.path:
-                raise _Denied("a deny provision matches", outcome.path, explicit=True)
-            if root.type == "permit" and not _applies(root, req, rtype):
-                raise _Denied("resource type is not covered by the consent", f"{root.path}.class", False)
-            raise _Denied("no provision permits this disclosure", root.path, explicit=False)
-        allowed |= outcome.allowed
-        denied |= outcome.denied
-        if outcome.path != root.path and deciding == root.path:
-            deciding = outcome.path
-    return ConsentDecision(
-        consent_id=record.id,
-        version=record.version,
-        last_updated=record.last_updated,
-        provision_path=deciding,
-        recipient=req.recipient,
-        purpose=req.purpose,
-        resource_types=resource_types,
-        allowed_labels=frozenset(allowed - denied),
-        denied_labels=frozenset(denied),
-        decided_at=req.now,
+    return Verdict("permit", record.id, path, "permitted", cover)
+
+
+def decide(records: Sequence[ConsentRecord], req: Request, item: Item) -> Verdict:
+    """Combine the verdicts of a patient's consents for one item (deny wins, then the
+    most recently updated permit, then uncovered, then none)."""
+    if not records:
+        return Verdict("none", None, "Consent", "no consent is registered for this patient")
+    ordered = sorted(records, key=lambda r: r.id)
+    verdicts = [(r, evaluate_consent(r, req, item)) for r in ordered]
+    for _, v in verdicts:
+        if v.outcome == "deny":
+            return v
+    for wanted in ("permit", "uncovered"):
+        found = [(r, v) for r, v in verdicts if v.outcome == wanted]
+        if found:
+            return max(found, key=lambda rv: (rv[0].last_updated or "", rv[0].id))[1]
+    return verdicts[0][1]
+
+
+def _label_denies(prov: Provision, req: Request, item: Item) -> set[Label]:
+    """Labels of deny rules that would apply to ``item`` if it carried them."""
+    out: set[Label] = set()
+    for child in prov.children:
+        probe = Item(item.resource_type, item.categories, child.security_labels)
+        if _mismatch(child, req, probe) is not None:
+            continue
+        if child.type == "deny":
+            out |= child.security_labels
+        out |= _label_denies(child, req, item)
+    return out
+
+
+def check_override(emergency: EmergencyOverride, purpose: str) -> None:
+    """Raise ConsentDenied unless the override is complete and the purpose is ETREAT."""
+    if purpose != EMERGENCY_PURPOSE:
+        raise ConsentDenied(
+            "an emergency override is only for emergency treatment (ETREAT)", location="purpose"
+        )
+    if not isinstance(emergency.actor, str) or not emergency.actor.strip():
+        raise ConsentDenied("an emergency override names who invokes it", location="emergency.actor")
+    if not isinstance(emergency.reason, str) or not emergency.reason.strip():
+        raise ConsentDenied("an emergency override states a reason", location="emergency.reason")
+
+
+def _utc(now: datetime) -> datetime:
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now.astimezone(timezone.utc)
+
+
+def data_instants(
+    data_period: tuple[date, date] | None,
+) -> tuple[datetime, datetime] | None:
+    """A span of calendar days (China Standard Time) as UTC instants."""
+    if data_period is None:
+        return None
+    start, end = data_period
+    return (
+        datetime.combine(start, time.min, _CST).astimezone(timezone.utc),
+        datetime.combine(end, time.max, _CST).astimezone(timezone.utc),
     )
 
 
@@ -462,17 +638,23 @@ class ConsentRegistry:
     """Consents by id, indexed by patient identifier for constant-cost lookups.
 
     ``put`` registers, amends (same id) or revokes (status ``inactive``) a consent; the
-    change takes effect for the next ``require_consent`` call, so a revocation stops
-    messages that are still waiting for dispatch.
+    change takes effect for the next question, so a revocation stops messages that are
+    still waiting for dispatch once they are asked again.
     """
 
     def __init__(self) -> None:
         self._by_id: dict[str, ConsentRecord] = {}
         self._by_patient: dict[tuple[str, str], set[str]] = {}
 
-    def put(self, resource: dict[str, Any], *, now: datetime) -> ConsentRecord:
-        """Register or replace the consent with this resource's id; return the parsed record."""
-        parsed = parse_consent(resource)
+    def put(
+        self, resource: dict[str, Any], *, now: datetime, trusted: bool = False
+    ) -> ConsentRecord:
+        """Register or replace the consent with this resource's id; return the parsed record.
+
+        ``trusted=True`` skips FHIR model validation for consents read back from the
+        bridge's own store (see :func:`parse_consent`).
+        """
+        parsed = parse_consent(resource, trusted=trusted)
         record = ConsentRecord(
             id=parsed.id,
             status=parsed.status,
@@ -494,6 +676,21 @@ class ConsentRegistry:
         self._by_patient.setdefault(record.patient, set()).add(record.id)
         return record
 
+    def put_many(
+        self, resources: Iterable[dict[str, Any]], *, now: datetime, trusted: bool = False
+    ) -> int:
+        """Register many consents (e.g. the store's at start-up); return how many.
+
+        With ``trusted=True`` (consents this bridge validated when they arrived) loading
+        100,000 consents takes a few seconds instead of most of a minute. The first
+        invalid consent raises, naming its path; the ones before it stay registered.
+        """
+        count = 0
+        for resource in resources:
+            self.put(resource, now=now, trusted=trusted)
+            count += 1
+        return count
+
     def get(self, consent_id: str) -> ConsentRecord | None:
         """The consent registered under this id, or None."""
         return self._by_id.get(consent_id)
@@ -501,6 +698,12 @@ class ConsentRegistry:
     def list(self) -> list[ConsentRecord]:
         """All registered consents (any status), in registration order."""
         return list(self._by_id.values())
+
+    def patient_keys(self, consent_id: str) -> frozenset[str]:
+        """``system|value`` keys of the patient a consent concerns (empty if unknown):
+        the messages to re-examine when that consent is amended or revoked."""
+        record = self._by_id.get(consent_id)
+        return frozenset({record.patient_key}) if record is not None else frozenset()
 
     def for_patient(self, patient_identifiers: Sequence[tuple[str, str]]) -> list[ConsentRecord]:
         """Consents whose patient matches any of these identifiers (index lookup)."""
@@ -513,6 +716,12 @@ class ConsentRegistry:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def evaluate(
+        self, patient_identifiers: Sequence[tuple[str, str]], req: Request, item: Item
+    ) -> Verdict:
+        """The verdict for one item of this patient's data (see :func:`decide`)."""
+        return decide(self.for_patient(patient_identifiers), req, item)
+
     def require_consent(
         self,
         *,
@@ -522,54 +731,82 @@ class ConsentRegistry:
         resource_types: set[str] | frozenset[str],
         data_period: tuple[date, date] | None,
         now: datetime,
+        action: str = "disclose",
+        emergency: EmergencyOverride | None = None,
     ) -> ConsentDecision:
-        """Return the decision of a consent that permits this disclosure, or raise.
+        """Return the decision that permits disclosing these resource types, or raise.
 
-        Raises :class:`~bridge.errors.ConsentDenied` when no consent of this patient
-        permits it: none registered, none active, outside the period, recipient not
-        named, purpose not allowed, a resource type not covered, or a matching deny
-        provision. A matching deny in any active consent wins over permits in others.
+        Raises :class:`~bridge.errors.ConsentDenied` when a type is not permitted: no
+        consent registered, none active, outside the period, recipient not named,
+        purpose or action not allowed, a resource type not covered, or a matching deny
+        provision (in any of the patient's consents). Each type is asked with its data
+        category (``class`` may name either).
+
+        ``emergency`` permits without consent — only for purpose ETREAT with an actor
+        and a reason (else ConsentDenied); the decision carries the override.
         """
-        if now.tzinfo is None:
-            raise ValueError("now must be timezone-aware")
-        req = _Request(
+        req = Request(recipient, purpose, _utc(now), data_instants(data_period), action)
+        types = frozenset(resource_types)
+        if emergency is not None:
+            check_override(emergency, purpose)
+            return ConsentDecision(
+                consent_id="",
+                version=None,
+                last_updated=None,
+                provision_path="",
+                recipient=recipient,
+                purpose=purpose,
+                resource_types=types,
+                allowed_labels=frozenset({(CONFIDENTIALITY_SYSTEM, "V")}),
+                denied_labels=frozenset(),
+                decided_at=req.now,
+                override=emergency,
+            )
+        records = self.for_patient(patient_identifiers)
+        scheme = default_classification()
+        verdicts: list[tuple[str, Verdict]] = []
+        for rtype in sorted(types):
+            category = scheme.of(rtype).category
+            item = Item(rtype, frozenset({category}) if category else frozenset())
+            verdicts.append((rtype, decide(records, req, item)))
+        for wanted in ("deny", "none", "uncovered"):
+            for _, v in verdicts:
+                if v.outcome == wanted:
+                    raise ConsentDenied(v.message, location=v.provision_path, consent_id=v.consent_id)
+        by_id = {r.id: r for r in records}
+        chosen = max(
+            (by_id[v.consent_id] for _, v in verdicts if v.consent_id),
+            key=lambda r: (r.last_updated or "", r.id),
+            default=None,
+        )
+        if chosen is None:
+            raise ConsentDenied("no consent is registered for this patient", location="Consent")
+        root = chosen.provision.path
+        deciding = next(
+            (v.provision_path for _, v in verdicts
+             if v.consent_id == chosen.id and v.provision_path != root),
+            root,
+        )
+        denied: set[Label] = set()
+        for record in records:
+            if record.status == "active":
+                for rtype in types:
+                    denied |= _label_denies(record.provision, req, Item(rtype))
+        allowed = frozenset().union(*(v.cover for _, v in verdicts))
+        return ConsentDecision(
+            consent_id=chosen.id,
+            version=chosen.version,
+            last_updated=chosen.last_updated,
+            provision_path=deciding,
             recipient=recipient,
             purpose=purpose,
-            data_period=_data_instants(data_period),
-            now=now.astimezone(timezone.utc),
+            resource_types=types,
+            allowed_labels=frozenset(allowed - denied),
+            denied_labels=frozenset(denied),
+            decided_at=req.now,
+            consent_ids=tuple(sorted({str(v.consent_id) for _, v in verdicts})),
+            by_type=tuple((t, str(v.consent_id), v.provision_path) for t, v in verdicts),
         )
-        types = frozenset(resource_types)
-        candidates = self.for_patient(patient_identifiers)
-        if not candidates:
-            raise ConsentDenied("no consent is registered for this patient", location="Consent")
-        permits: list[ConsentDecision] = []
-        refusals: list[tuple[ConsentRecord, _Denied]] = []
-        for record in candidates:
-            try:
-                permits.append(_evaluate(record, req, types))
-            except _Denied as denial:
-                refusals.append((record, denial))
-        explicit = [(r, d) for r, d in refusals if d.explicit]
-        if explicit:
-            record, denial = explicit[0]
-            raise ConsentDenied(denial.message, location=denial.path, consent_id=record.id)
-        if permits:
-            # Prefer the most recently updated permitting consent as the one recorded.
-            return max(permits, key=lambda d: (d.last_updated or "", d.consent_id))
-        record, denial = refusals[0]
-        raise ConsentDenied(denial.message, location=denial.path, consent_id=record.id)
-
-
-def _data_instants(
-    data_period: tuple[date, date] | None,
-) -> tuple[datetime, datetime] | None:
-    if data_period is None:
-        return None
-    start, end = data_period
-    return (
-        datetime.combine(start, time.min, _CST).astimezone(timezone.utc),
-        datetime.combine(end, time.max, _CST).astimezone(timezone.utc),
-    )
 
 
 # --- construction -------------------------------------------------------------------
@@ -588,12 +825,14 @@ def build_consent(
     sensitive_classes: Iterable[str] = (),
     hospital_partner_id: str,
     status: str = "active",
+    restrictions: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Build a valid R4 Consent permitting disclosure to ``recipient`` for ``purposes``.
 
     ``resource_types`` limits the permit to those types (provision.class);
     ``sensitive_classes`` (codes of ``urn:ws-fhir-bridge:sensitivity``) are the
-    special-disease classes the patient explicitly agrees to disclose.
+    special-disease classes the patient explicitly agrees to disclose;
+    ``restrictions`` are nested deny provisions (see :func:`deny_provision`).
     """
 
     def _iso(value: date | datetime | str) -> str:
@@ -619,6 +858,8 @@ def build_consent(
     ]
     if labels:
         provision["securityLabel"] = labels
+    if restrictions:
+        provision["provision"] = [dict(r) for r in restrictions]
     return {
         "resourceType": "Consent",
         "id": consent_id,
@@ -635,3 +876,44 @@ def build_consent(
         },
         "provision": provision,
     }
+
+
+def deny_provision(
+    *,
+    recipients: Iterable[str] = (),
+    purposes: Iterable[str] = (),
+    resource_types: Iterable[str] = (),
+    categories: Iterable[str] = (),
+    labels: Iterable[Label] = (),
+    period: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """A deny provision: a patient-requested restriction (§7 h) to nest in a consent.
+
+    Every argument narrows what it denies: ``recipients`` (partner ids), ``purposes``
+    (PurposeOfUse codes), ``resource_types`` and §6.1 ``categories`` (provision.class),
+    ``labels`` (security labels such as a special-disease class; only data carrying one
+    is denied) and ``period`` (ISO start and end of when the restriction holds).
+    """
+    out: dict[str, Any] = {"type": "deny"}
+    actors = [
+        {
+            "role": {"coding": [{"system": PARTICIPATION_SYSTEM, "code": RECIPIENT_ROLE}]},
+            "reference": {"identifier": {"system": PARTNER_SYSTEM, "value": r}},
+        }
+        for r in recipients
+    ]
+    if actors:
+        out["actor"] = actors
+    purpose = [{"system": PURPOSE_SYSTEM, "code": p} for p in purposes]
+    if purpose:
+        out["purpose"] = purpose
+    classes = [{"system": RESOURCE_TYPES_SYSTEM, "code": t} for t in resource_types]
+    classes += [{"system": CATEGORY_SYSTEM, "code": c} for c in categories]
+    if classes:
+        out["class"] = classes
+    security = [{"system": s, "code": c} for s, c in labels]
+    if security:
+        out["securityLabel"] = security
+    if period is not None:
+        out["period"] = {"start": period[0], "end": period[1]}
+    return out

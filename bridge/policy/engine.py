@@ -1,44 +1,133 @@
-"""The policy room's one entry point: what of this collection may go to that recipient.
+"""The policy room's entry points: what of this collection may go to that recipient, and why.
 
-``apply_policy`` runs classify → minimize → authorize → hold back:
+``apply_policy`` runs minimize → classify → authorize → hold back:
 
-1. classify: label each resource with its §6.1 category, confidentiality and
-   special-disease classes (``meta.security``);
-2. minimize: keep only what the link profile allows (§7 j, table 9 for insurers);
-3. authorize: ``require_consent`` for the patient, recipient, purpose and the resource
-   types that are still to be sent — no permitting consent, no disclosure;
-4. hold back: Conditions of a special-disease class (grade 5) leave only when the
-   permitting consent explicitly covers that class (its securityLabel lists the class
-   code, or confidentiality V covering every class); otherwise they are removed with
-   every reference to them. ``Claim.diagnosis`` entries that carry such a code inline
-   are held back the same way.
+1. minimize: keep only what the link profile allows (§7 j, table 9 for insurers) and
+   apply its de-identification transforms (§10.2, Appendix G);
+2. classify: label each resource with the grade, §6.1 categories, confidentiality and
+   special-disease classes of what it still contains (``meta.security``), so the labels
+   describe exactly what is sent;
+3. authorize: ``require_consent`` for the patient, recipient, purpose and every
+   resource type still to be sent — no permitting consent, no disclosure;
+4. hold back: every resource, and every entry of a repeating element judged on its own
+   (``Claim.diagnosis[2]``), is asked again with its labels. What a deny provision
+   matches (a patient's restriction, §7 h) or what is grade 5 without a consent naming
+   its class (§6.2 e) is removed with every reference to it; so is grade-5 data on a
+   link whose grades exclude 5. Holding back the Patient refuses the whole disclosure.
 
-The dispatcher asks the consent question again before sending (:func:`recheck`),
-because a consent may be revoked while a message waits.
+The result carries a :class:`Decision` for the audit log (ids, provision paths,
+removed, held-back and transformed paths — never values). :func:`explain` answers the
+same question element by element, and :func:`recheck` / :func:`recheck_collection`
+ask it again before dispatch, because a consent may be revoked while a message waits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Literal
 
 from bridge.errors import ConsentDenied
 from bridge.policy.classify import (
+    CATEGORY_SYSTEM,
     CONFIDENTIALITY_SYSTEM,
+    GRADE_SYSTEM,
     SENSITIVITY_SYSTEM,
+    ResourceLabel,
     SensitiveCodes,
-    classify,
+    confidentiality,
+    copy_json,
     default_sensitive_codes,
+    label_bundle,
 )
 from bridge.policy.consent import (
     ConsentDecision,
     ConsentRegistry,
+    EmergencyOverride,
+    Item,
+    Label,
+    Request,
+    Verdict,
     build_consent,
+    data_instants,
+    decide,
 )
-from bridge.policy.profile import LinkProfile, omit_entries
+from bridge.policy.profile import LinkProfile, omit_in_place
+from bridge.policy.transforms import DeidContext, pseudonymise_ids
 
-__all__ = ["PolicyResult", "apply_policy", "recheck", "build_consent"]
+__all__ = [
+    "Decision",
+    "ElementOutcome",
+    "Explanation",
+    "HeldBack",
+    "PolicyResult",
+    "apply_policy",
+    "build_consent",
+    "data_period",
+    "explain",
+    "patient_identifiers",
+    "recheck",
+    "recheck_collection",
+]
+
+
+@dataclass(frozen=True)
+class HeldBack:
+    """One thing consent (or the link's grades) kept back, and what decided it.
+
+    ``reason``: ``deny`` (a deny provision matched), ``uncovered`` (grade 5 without a
+    consent naming the class), ``grade`` (the link does not carry grade 5).
+    """
+
+    path: str
+    reason: str
+    consent_id: str | None
+    provision_path: str | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The audit record of one policy decision: identifiers and paths only, no values."""
+
+    outcome: Literal["permit", "override"]
+    recipient: str
+    purpose: str
+    action: str
+    profile: str
+    decided_at: datetime
+    consent_ids: tuple[str, ...]
+    consent_versions: tuple[tuple[str, str | None], ...]
+    provisions: tuple[tuple[str, str], ...]  # (consent id, provision path) that permitted
+    categories: tuple[str, ...]  # §6.1 categories sent
+    removed: tuple[str, ...]
+    held_back: tuple[HeldBack, ...]
+    transformed: tuple[str, ...]
+    override: EmergencyOverride | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form for the audit log."""
+        out: dict[str, Any] = {
+            "outcome": self.outcome,
+            "recipient": self.recipient,
+            "purpose": self.purpose,
+            "action": self.action,
+            "profile": self.profile,
+            "decided_at": self.decided_at.isoformat(),
+            "consents": [{"id": cid, "version": v} for cid, v in self.consent_versions],
+            "provisions": [{"consent": c, "path": p} for c, p in self.provisions],
+            "categories": list(self.categories),
+            "removed": list(self.removed),
+            "held_back": [
+                {"path": h.path, "reason": h.reason, "consent": h.consent_id,
+                 "provision": h.provision_path}
+                for h in self.held_back
+            ],
+            "transformed": list(self.transformed),
+        }
+        if self.override is not None:
+            out["override"] = {"actor": self.override.actor, "reason": self.override.reason}
+        return out
 
 
 @dataclass(frozen=True)
@@ -46,10 +135,10 @@ class PolicyResult:
     """What may be sent, why, and what was kept back.
 
     ``removed`` lists paths the link profile removed (and what went with them);
-    ``held_back`` lists special-disease resources and elements the consent does not
-    cover. Both hold FHIR paths only, never values. ``patient_identifiers``,
-    ``resource_types`` and ``data_period`` are the consent question, kept so the
-    dispatcher can ask it again.
+    ``held_back`` lists resources and elements consent did not permit. Both hold FHIR
+    paths only, never values. ``patient_identifiers``, ``resource_types`` and
+    ``data_period`` are the consent question, kept so the dispatcher can ask it again;
+    ``items`` are the labelled pieces that were asked about one by one.
     """
 
     bundle: dict[str, Any]
@@ -59,6 +148,10 @@ class PolicyResult:
     patient_identifiers: tuple[tuple[str, str], ...]
     resource_types: frozenset[str]
     data_period: tuple[date, date] | None
+    transformed: list[str] = field(default_factory=list)
+    record: Decision | None = None
+    items: tuple[Item, ...] = ()
+    action: str = "disclose"
 
 
 def patient_identifiers(collection: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -102,23 +195,217 @@ def data_period(collection: dict[str, Any]) -> tuple[date, date] | None:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict):
             continue
+        if resource.get("resourceType") not in ("Encounter", "Claim"):
+            continue
         for element in ("period", "billablePeriod"):
-            if resource.get("resourceType") in ("Encounter", "Claim"):
-                period = resource.get(element) or {}
+            period = resource.get(element)
+            if isinstance(period, dict):
                 days.extend(d for d in (_day(period.get("start")), _day(period.get("end"))) if d)
     if not days:
         return None
     return (min(days), max(days))
 
 
-def _covered(classes: frozenset[str], decision: ConsentDecision) -> bool:
-    denied = {code for system, code in decision.denied_labels if system == SENSITIVITY_SYSTEM}
-    if classes & denied or (CONFIDENTIALITY_SYSTEM, "V") in decision.denied_labels:
-        return False
-    if (CONFIDENTIALITY_SYSTEM, "V") in decision.allowed_labels:
-        return True
-    allowed = {code for system, code in decision.allowed_labels if system == SENSITIVITY_SYSTEM}
-    return classes <= allowed
+def _labels(categories: frozenset[str], sensitive: frozenset[str], grade: int) -> frozenset[Label]:
+    out: set[Label] = {(CATEGORY_SYSTEM, c) for c in categories}
+    out |= {(SENSITIVITY_SYSTEM, c) for c in sensitive}
+    out.add((CONFIDENTIALITY_SYSTEM, confidentiality(grade)))
+    out.add((GRADE_SYSTEM, str(grade)))
+    return frozenset(out)
+
+
+def _items_of(label: ResourceLabel) -> tuple[Item, list[tuple[str, int, Item]]]:
+    """The resource's own item and one item per judged entry (element, index, item)."""
+    own = Item(
+        label.resource_type,
+        label.own_categories,
+        _labels(label.own_categories, label.own_sensitive, label.own_grade),
+    )
+    entries = [
+        (
+            it.element,
+            it.index,
+            Item(label.resource_type, frozenset({it.category}) - {""},
+                 _labels(frozenset({it.category}) - {""}, it.sensitive_classes, it.grade)),
+        )
+        for it in label.items
+    ]
+    return own, entries
+
+
+@dataclass
+class _Trace:
+    """Per input entry (by resource id): what happened to it, for :func:`explain`."""
+
+    entry_fate: dict[str, HeldBack] = field(default_factory=dict)
+    item_fate: dict[tuple[str, str, int], HeldBack] = field(default_factory=dict)
+    sent_ids: set[str] = field(default_factory=set)
+
+
+def _run(
+    collection: dict[str, Any],
+    *,
+    registry: ConsentRegistry,
+    profile: LinkProfile,
+    recipient: str,
+    purpose: str,
+    now: datetime,
+    codes: SensitiveCodes | None,
+    key: bytes | None,
+    emergency: EmergencyOverride | None,
+    action: str,
+    trace: _Trace | None,
+) -> PolicyResult:
+    codes = codes or default_sensitive_codes()
+    identifiers = patient_identifiers(collection)
+    period = data_period(collection)
+    minimized = profile.minimize(collection, key=key, pseudonymise=False)
+    bundle = minimized.bundle
+    removed = list(minimized.removed)
+    labels = label_bundle(bundle, codes=codes, types=profile.classes)
+    types = frozenset(label.resource_type for label in labels)
+    decision = registry.require_consent(
+        patient_identifiers=list(identifiers),
+        recipient=recipient,
+        purpose=purpose,
+        resource_types=set(types),
+        data_period=period,
+        now=now,
+        action=action,
+        emergency=emergency,
+    )
+
+    req = Request(recipient, purpose, decision.decided_at, data_instants(period), action)
+    records = registry.for_patient(identifiers)
+    memo: dict[Item, Verdict] = {}
+
+    def verdict(item: Item) -> Verdict:
+        found = memo.get(item)
+        if found is None:
+            if decision.override is not None:
+                found = Verdict("permit", None, "", "emergency override", decision.allowed_labels)
+            else:
+                found = decide(records, req, item)
+            memo[item] = found
+        return found
+
+    held: list[HeldBack] = []
+    drop_entries: set[int] = set()
+    drop_items: dict[int, list[tuple[str, int]]] = {}
+    asked: list[Item] = []
+    permits: dict[tuple[str, str], None] = {}
+    entries = bundle["entry"]
+
+    def judge(item: Item, path: str, sensitive: frozenset[str]) -> HeldBack | None:
+        if sensitive and not profile.carries_sensitive:
+            return HeldBack(path, "grade", None, None)
+        asked.append(item)
+        v = verdict(item)
+        if v.permitted:
+            if v.consent_id:
+                permits[(v.consent_id, v.provision_path)] = None
+            return None
+        return HeldBack(path, v.outcome, v.consent_id, v.provision_path)
+
+    for label in labels:
+        own, entry_items = _items_of(label)
+        rid = str(entries[label.index]["resource"].get("id"))
+        fate = judge(own, label.resource_type, label.own_sensitive)
+        if fate is not None:
+            if label.resource_type == "Patient":
+                raise ConsentDenied(
+                    "the patient's own record is held back", location=fate.provision_path or "Patient",
+                    consent_id=fate.consent_id,
+                )
+            held.append(fate)
+            drop_entries.add(label.index)
+            if trace is not None:
+                trace.entry_fate[rid] = fate
+            continue
+        for element, index, item in entry_items:
+            sensitive = item.sensitive
+            fate = judge(item, f"{label.resource_type}.{element}", sensitive)
+            if fate is not None:
+                held.append(fate)
+                drop_items.setdefault(label.index, []).append((element, index))
+                if trace is not None:
+                    trace.item_fate[(rid, element, index)] = fate
+
+    held_paths: list[str] = []
+    for index, dropped in drop_items.items():
+        resource = entries[index]["resource"]
+        for element in {e for e, _ in dropped}:
+            gone = {i for e, i in dropped if e == element}
+            kept = [v for i, v in enumerate(resource.get(element) or []) if i not in gone]
+            if kept:
+                resource[element] = kept
+            else:
+                del resource[element]
+    grade_paths = [h.path for h in held if h.reason == "grade"]
+    if drop_entries or drop_items:
+        cascade = omit_in_place(bundle, drop_entries)
+        held_paths = [h.path for h in held if h.reason != "grade"]
+        # What went with a held-back resource (its references) was held back too.
+        extra = [p for p in cascade if p not in grade_paths]
+        held_paths.extend(extra)
+        label_bundle(bundle, codes=codes, types=profile.classes)
+    removed.extend(grade_paths)
+
+    if trace is not None:
+        trace.sent_ids = {str(e["resource"].get("id")) for e in bundle["entry"]}
+    if profile.ids == "pseudonym":
+        assert key is not None
+        pseudonymise_ids(bundle, DeidContext(key, _first_key(identifiers)))
+
+    final_types = frozenset(str(e["resource"].get("resourceType")) for e in bundle["entry"])
+    categories = sorted(
+        {
+            c["code"]
+            for e in bundle["entry"]
+            for c in e["resource"].get("meta", {}).get("security", ())
+            if c.get("system") == CATEGORY_SYSTEM
+        }
+    )
+    for t, cid, path in decision.by_type:
+        permits.setdefault((cid, path), None)
+    by_id = {r.id: r for r in records}
+    consent_ids = tuple(sorted({cid for cid, _ in permits if cid}))
+    record = Decision(
+        outcome="override" if decision.override is not None else "permit",
+        recipient=recipient,
+        purpose=purpose,
+        action=action,
+        profile=profile.qualified_name,
+        decided_at=decision.decided_at,
+        consent_ids=consent_ids,
+        consent_versions=tuple(
+            (cid, by_id[cid].version if cid in by_id else None) for cid in consent_ids
+        ),
+        provisions=tuple(sorted((c, p) for c, p in permits if c)),
+        categories=tuple(categories),
+        removed=tuple(dict.fromkeys(removed)),
+        held_back=tuple(held),
+        transformed=tuple(minimized.transformed),
+        override=decision.override,
+    )
+    return PolicyResult(
+        bundle=bundle,
+        decision=decision,
+        removed=list(dict.fromkeys(removed)),
+        held_back=list(dict.fromkeys(held_paths)),
+        patient_identifiers=identifiers,
+        resource_types=final_types,
+        data_period=period,
+        transformed=list(minimized.transformed),
+        record=record,
+        items=tuple(dict.fromkeys(i for i in asked if verdict(i).permitted)),
+        action=action,
+    )
+
+
+def _first_key(identifiers: Sequence[tuple[str, str]]) -> str:
+    system, value = sorted(identifiers)[0]
+    return f"{system}|{value}"
 
 
 def apply_policy(
@@ -130,70 +417,20 @@ def apply_policy(
     purpose: str,
     now: datetime,
     codes: SensitiveCodes | None = None,
+    key: bytes | None = None,
+    emergency: EmergencyOverride | None = None,
+    action: str = "disclose",
 ) -> PolicyResult:
     """Return the bundle that may be disclosed, or raise ConsentDenied.
 
-    The input is not changed. See the module docstring for the steps.
+    ``key`` is the controller's de-identification key, needed by profiles with keyed
+    transforms (ConfigError without it). ``emergency`` is an explicit, audited
+    override for purpose ETREAT (see :class:`~bridge.policy.consent.EmergencyOverride`);
+    it never applies by default. The input is not changed. See the module docstring.
     """
-    codes = codes or default_sensitive_codes()
-    identifiers = patient_identifiers(collection)
-    period = data_period(collection)
-    classified = classify(collection, codes=codes)
-    minimized = profile.minimize(classified.bundle)
-    bundle = minimized.bundle
-    types = frozenset(
-        str(e["resource"].get("resourceType")) for e in bundle.get("entry") or []
-    )
-    decision = registry.require_consent(
-        patient_identifiers=list(identifiers),
-        recipient=recipient,
-        purpose=purpose,
-        resource_types=set(types),
-        data_period=period,
-        now=now,
-    )
-
-    held_back: list[str] = []
-    hold: set[int] = set()
-    for index, entry in enumerate(bundle.get("entry") or []):
-        resource = entry["resource"]
-        if resource.get("resourceType") != "Condition":
-            continue
-        classes = codes.classes_of_concept(resource.get("code"))
-        if classes and not _covered(classes, decision):
-            hold.add(index)
-    if hold:
-        omitted = omit_entries(bundle, hold)
-        bundle = omitted.bundle
-        held_back.extend(omitted.removed)
-    # A diagnosis written inline on the claim reveals the same as a Condition would.
-    for entry in bundle.get("entry") or []:
-        resource = entry["resource"]
-        if resource.get("resourceType") != "Claim" or not resource.get("diagnosis"):
-            continue
-        kept = [
-            d
-            for d in resource["diagnosis"]
-            if _covered(codes.classes_of_concept(d.get("diagnosisCodeableConcept")), decision)
-        ]
-        if len(kept) != len(resource["diagnosis"]):
-            held_back.append("Claim.diagnosis")
-            if kept:
-                resource["diagnosis"] = kept
-            else:
-                del resource["diagnosis"]
-
-    final_types = frozenset(
-        str(e["resource"].get("resourceType")) for e in bundle.get("entry") or []
-    )
-    return PolicyResult(
-        bundle=bundle,
-        decision=decision,
-        removed=minimized.removed,
-        held_back=list(dict.fromkeys(held_back)),
-        patient_identifiers=identifiers,
-        resource_types=final_types,
-        data_period=period,
+    return _run(
+        collection, registry=registry, profile=profile, recipient=recipient, purpose=purpose,
+        now=now, codes=codes, key=key, emergency=emergency, action=action, trace=None,
     )
 
 
@@ -201,12 +438,251 @@ def recheck(
     result: PolicyResult, *, registry: ConsentRegistry, now: datetime
 ) -> ConsentDecision:
     """Ask the consent question of ``result`` again (at dispatch); raise ConsentDenied if
-    the consent was revoked, expired or narrowed since."""
-    return registry.require_consent(
+    the consent was revoked, expired or narrowed since — for any resource type or any
+    labelled piece of what is being sent. A message under an emergency override is
+    not rechecked against consents (the override was the decision)."""
+    decision = registry.require_consent(
         patient_identifiers=list(result.patient_identifiers),
         recipient=result.decision.recipient,
         purpose=result.decision.purpose,
         resource_types=set(result.resource_types),
         data_period=result.data_period,
         now=now,
+        action=result.action,
+        emergency=result.decision.override,
+    )
+    if decision.override is not None:
+        return decision
+    req = Request(
+        result.decision.recipient, result.decision.purpose, decision.decided_at,
+        data_instants(result.data_period), result.action,
+    )
+    records = registry.for_patient(result.patient_identifiers)
+    for item in result.items:
+        v = decide(records, req, item)
+        if not v.permitted:
+            raise ConsentDenied(
+                "consent no longer covers data in this message",
+                location=v.provision_path, consent_id=v.consent_id,
+            )
+    return decision
+
+
+def recheck_collection(
+    collection: dict[str, Any],
+    *,
+    registry: ConsentRegistry,
+    profile: LinkProfile,
+    recipient: str,
+    purpose: str,
+    now: datetime,
+    patient: Sequence[tuple[str, str]] | None = None,
+    codes: SensitiveCodes | None = None,
+    action: str = "disclose",
+) -> ConsentDecision:
+    """Ask the consent question again from a payload (e.g. a stored, signed message).
+
+    Classifies the payload as ``profile`` sends it and asks for every resource type and
+    every labelled resource and entry; raises ConsentDenied when any is no longer
+    permitted. ``patient`` gives the patient's identifiers when the payload does not
+    carry them (links that pseudonymise identifiers).
+    """
+    codes = codes or default_sensitive_codes()
+    identifiers = tuple(patient) if patient is not None else patient_identifiers(collection)
+    period = data_period(collection)
+    work = copy_json(collection)
+    labels = label_bundle(work, codes=codes, types=profile.classes)
+    decision = registry.require_consent(
+        patient_identifiers=list(identifiers),
+        recipient=recipient,
+        purpose=purpose,
+        resource_types={label.resource_type for label in labels},
+        data_period=period,
+        now=now,
+        action=action,
+    )
+    req = Request(recipient, purpose, decision.decided_at, data_instants(period), action)
+    records = registry.for_patient(identifiers)
+    for label in labels:
+        own, entry_items = _items_of(label)
+        for item in [own, *(i for _, _, i in entry_items)]:
+            if item.sensitive and not profile.carries_sensitive:
+                raise ConsentDenied("the link does not carry grade 5", location=label.resource_type)
+            v = decide(records, req, item)
+            if not v.permitted:
+                raise ConsentDenied(
+                    "consent no longer covers data in this message",
+                    location=v.provision_path, consent_id=v.consent_id,
+                )
+    return decision
+
+
+# --- explanation ----------------------------------------------------------------------
+
+ElementFate = Literal["sent", "removed-by-profile", "held-back-by-consent", "transformed"]
+
+
+@dataclass(frozen=True)
+class ElementOutcome:
+    """What happened to one element path of the input (``Patient[0].address.line``)."""
+
+    path: str
+    outcome: ElementFate
+    consent_id: str | None = None
+    provision_path: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The answer of :func:`explain`: the decision (or the refusal) and, per element
+    path of the input, whether it is sent, removed by the profile, held back by consent
+    or transformed — with the consent and provision that decided."""
+
+    permitted: bool
+    decision: Decision | None
+    refusal: ConsentDenied | None
+    elements: tuple[ElementOutcome, ...]
+
+    def lines(self) -> list[str]:
+        """Plain-text rows for a terminal (paths and ids only)."""
+        out: list[str] = []
+        if self.refusal is not None:
+            out.append(
+                f"REFUSED: {self.refusal.message} (at {self.refusal.location}; consent "
+                f"{self.refusal.detail.get('consent_id') or '-'})"
+            )
+        elif self.decision is not None and self.decision.override is not None:
+            out.append(f"EMERGENCY OVERRIDE by {self.decision.override.actor}")
+        for e in self.elements:
+            why = " ".join(
+                x for x in (
+                    f"consent={e.consent_id}" if e.consent_id else "",
+                    f"provision={e.provision_path}" if e.provision_path else "",
+                    e.detail or "",
+                ) if x
+            )
+            out.append(f"{e.path:<48} {e.outcome:<22} {why}".rstrip())
+        return out
+
+
+def _granular_paths(resource: dict[str, Any], profile: LinkProfile, rtype: str) -> list[str]:
+    """Element paths of ``resource`` at the granularity of the profile's allow tree."""
+    tree = profile.allowed.get(rtype) or {}
+    out: list[str] = []
+
+    def walk(obj: dict[str, Any], node: dict[str, Any] | None, prefix: str) -> None:
+        for key, value in obj.items():
+            if not prefix and key in ("resourceType", "id", "meta"):
+                continue
+            base = key[1:] if key.startswith("_") else key
+            sub = node.get(base) if node is not None else None
+            path = f"{prefix}{base}"
+            if sub and isinstance(value, (dict, list)):
+                values = value if isinstance(value, list) else [value]
+                for v in values:
+                    if isinstance(v, dict):
+                        walk(v, sub, f"{path}.")
+            elif path not in out:
+                out.append(path)
+
+    walk(resource, tree, "")
+    return list(dict.fromkeys(out))
+
+
+def _allowed(profile: LinkProfile, rtype: str, path: str) -> bool:
+    node: Any = profile.allowed.get(rtype)
+    for seg in path.split("."):
+        if node is None:
+            return True
+        if seg not in node:
+            return False
+        node = node[seg]
+    return True
+
+
+def explain(
+    collection: dict[str, Any],
+    *,
+    registry: ConsentRegistry,
+    profile: LinkProfile,
+    recipient: str,
+    purpose: str,
+    now: datetime,
+    key: bytes | None = None,
+    emergency: EmergencyOverride | None = None,
+    codes: SensitiveCodes | None = None,
+) -> Explanation:
+    """Explain, element path by element path, what :func:`apply_policy` would do.
+
+    Never raises ConsentDenied: a refusal is part of the explanation.
+    """
+    trace = _Trace()
+    refusal: ConsentDenied | None = None
+    result: PolicyResult | None = None
+    try:
+        result = _run(
+            collection, registry=registry, profile=profile, recipient=recipient,
+            purpose=purpose, now=now, codes=codes, key=key, emergency=emergency,
+            action="disclose", trace=trace,
+        )
+    except ConsentDenied as exc:
+        refusal = exc
+    rows: list[ElementOutcome] = []
+    counters: dict[str, int] = {}
+    for entry in collection.get("entry") or ():
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            continue
+        rtype = str(resource.get("resourceType"))
+        n = counters.get(rtype, 0)
+        counters[rtype] = n + 1
+        head = f"{rtype}[{n}]"
+        rid = str(resource.get("id"))
+        if refusal is not None:
+            rows.append(ElementOutcome(
+                head, "held-back-by-consent", refusal.detail.get("consent_id"),
+                refusal.location, "disclosure refused",
+            ))
+            continue
+        if not profile.allows_type(rtype):
+            rows.append(ElementOutcome(head, "removed-by-profile", detail="type not in profile"))
+            continue
+        fate = trace.entry_fate.get(rid)
+        if fate is not None:
+            outcome: ElementFate = (
+                "removed-by-profile" if fate.reason == "grade" else "held-back-by-consent"
+            )
+            rows.append(ElementOutcome(head, outcome, fate.consent_id, fate.provision_path, fate.reason))
+            continue
+        if rid not in trace.sent_ids:
+            rows.append(ElementOutcome(
+                head, "removed-by-profile", detail="incomplete after minimizing or held back with a reference",
+            ))
+            continue
+        for path in _granular_paths(resource, profile, rtype):
+            full = f"{rtype}.{path}"
+            if not _allowed(profile, rtype, path):
+                rows.append(ElementOutcome(f"{head}.{path}", "removed-by-profile"))
+            elif full in profile.transforms:
+                rows.append(ElementOutcome(
+                    f"{head}.{path}", "transformed", detail=profile.transforms[full]
+                ))
+            else:
+                items = sorted(
+                    (i, f) for (r, e, i), f in trace.item_fate.items() if r == rid and e == path
+                )
+                for i, f in items:
+                    outcome = "removed-by-profile" if f.reason == "grade" else "held-back-by-consent"
+                    rows.append(ElementOutcome(
+                        f"{head}.{path}[{i}]", outcome, f.consent_id, f.provision_path, f.reason
+                    ))
+                count = len(resource.get(path) or []) if isinstance(resource.get(path), list) else 1
+                if not items or len(items) < count:
+                    rows.append(ElementOutcome(f"{head}.{path}", "sent"))
+    return Explanation(
+        permitted=refusal is None,
+        decision=result.record if result is not None else None,
+        refusal=refusal,
+        elements=tuple(rows),
     )

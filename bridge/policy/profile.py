@@ -1,38 +1,63 @@
 """Link profiles: the minimum-necessary allow-list of a link (GB/T 39725-2020 §7 j).
 
 A profile is a YAML file in ``mappings/links/`` (format in ``mappings/links/README.md``)
-listing, per resource type, the element paths a recipient may receive. A path is an
-element name (``identifier``: the element and everything in it) or a dotted path into a
-complex element (``address.city``: only that child of each address). ``resourceType``,
-``id`` and ``meta`` (which carries the security labels) are always kept.
+listing, per resource type, the element paths a recipient may receive, the
+de-identification transform applied to some of them, and the grades (§6.2) the link may
+carry. A path is an element name (``identifier``: the element and everything in it) or
+a dotted path into a complex element (``address.city``: only that child of each
+address). ``resourceType``, ``id`` and ``meta`` (which carries the security labels) are
+always kept.
 
-Every path is checked against the FHIR model when the file is loaded, and so is the
-profile's own consistency: a resource type whose required elements are not allowed
-could never be sent intact, so that is a load error too.
+Everything is checked when the file is loaded, and a mistake names ``file:line key``:
+every path against the FHIR model, every transform against the closed registry of
+:mod:`bridge.policy.transforms` and the element's type, every allowed element's grade
+(from ``mappings/policy/classification.yaml``, after its transform) against the link's
+grades, and the profile's own consistency (a resource type whose required elements are
+not allowed could never be sent intact).
 
-:meth:`LinkProfile.minimize` keeps only allowed elements of allowed resource types and
-lists what it removed as FHIR paths (``Patient.address.line``, ``Practitioner``),
-never values. It never sends a broken resource: a resource that lacks a required
-element after minimizing is omitted whole, references to omitted resources are removed,
-and so are the repeating elements that such a removal leaves incomplete (a
+A profile may instead define *levels* (``regional-interoperability``: default, notify
+and authorise, §11.1.2.1), each with its own grades; loading it for a level keeps only
+the elements whose grade that level carries.
+
+:meth:`LinkProfile.minimize` keeps only allowed elements of allowed resource types,
+applies the transforms, and lists what it removed as FHIR paths (``Patient.address.line``,
+``Practitioner``), never values. It never sends a broken resource: a resource that lacks
+a required element after minimizing is omitted whole, references to omitted resources
+are removed, and so are the repeating elements that such a removal leaves incomplete (a
 ``Claim.diagnosis`` entry whose ``diagnosisReference`` pointed at an omitted Condition).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.errors import LoadError
-from bridge.policy._yaml import LocatedYAML, load_located
+from bridge.errors import ConfigError, LoadError
+from bridge.policy._yaml import Key, LocatedYAML, load_located
+from bridge.policy.classify import (
+    GRADES,
+    SENSITIVE_GRADE,
+    ClassificationScheme,
+    ElementClass,
+    TypeClass,
+    copy_json,
+    default_classification,
+)
+from bridge.policy.transforms import (
+    TRANSFORMS,
+    DeidContext,
+    TransformSpec,
+    check_key,
+    pseudonymise_ids,
+)
 from bridge.records.fhir import ElementSpec, element_specs
 from bridge.resources import mappings_dir
 
 ALWAYS_KEPT = frozenset({"resourceType", "id", "meta"})
 _BUNDLE_KEPT = frozenset({"resourceType", "id", "meta", "type", "identifier", "timestamp"})
+ALL_GRADES = frozenset(GRADES)
 
 # An allow tree maps an element name to None (the whole element) or to the allow tree
 # of its children.
@@ -41,20 +66,59 @@ AllowTree = dict[str, "AllowTree | None"]
 
 @dataclass(frozen=True)
 class MinimizeResult:
-    """A minimized bundle and the FHIR paths that were removed from it."""
+    """A minimized bundle, the FHIR paths removed from it and the paths transformed."""
 
     bundle: dict[str, Any]
     removed: list[str]
+    transformed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class KAnonymity:
+    """Batch release rule of a profile: ``k`` records must share the ``quasi`` values."""
+
+    k: int
+    quasi: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class LinkProfile:
-    """An allow-list of resource types and element paths for one kind of link."""
+    """An allow-list of resource types and element paths for one kind of link.
+
+    ``grades`` are the §6.2 grades the link carries (grade 5 — special diseases — only
+    when a consent names the class); ``transforms`` maps full element paths
+    (``Patient.birthDate``) to transform names; ``ids`` is ``keep`` or ``pseudonym``
+    (resource ids and references replaced by keyed stand-ins); ``classes`` is the
+    classification of each type as this link sees it (transformed elements regraded).
+    """
 
     name: str
     title: str
     source: str
     allowed: dict[str, AllowTree]
+    grades: frozenset[int] = ALL_GRADES
+    transforms: dict[str, str] = field(default_factory=dict)
+    ids: str = "keep"
+    level: str | None = None
+    k_anonymity: KAnonymity | None = None
+    classes: dict[str, TypeClass] = field(default_factory=dict, repr=False)
+
+    @property
+    def qualified_name(self) -> str:
+        """``name`` or ``name:level``."""
+        return f"{self.name}:{self.level}" if self.level else self.name
+
+    @property
+    def needs_key(self) -> bool:
+        """Does minimizing need the controller's de-identification key?"""
+        return self.ids == "pseudonym" or any(
+            TRANSFORMS[t].needs_key for t in self.transforms.values()
+        )
+
+    @property
+    def carries_sensitive(self) -> bool:
+        """May grade-5 data (named by a consent) travel on this link at all?"""
+        return SENSITIVE_GRADE in self.grades
 
     def allows_type(self, resource_type: str) -> bool:
         return resource_type in self.allowed
@@ -76,53 +140,107 @@ class LinkProfile:
             walk(tree, "")
         return frozenset(out)
 
-    def minimize(self, bundle: dict[str, Any]) -> MinimizeResult:
-        """Return a new bundle holding only what this profile allows, and what was removed."""
-        removed: list[str] = []
-        out: dict[str, Any] = {}
-        for key, value in bundle.items():
-            if key in _BUNDLE_KEPT:
-                out[key] = copy.deepcopy(value)
-            elif key != "entry":
-                removed.append(f"Bundle.{key}")
-        entries: list[dict[str, Any]] = []
-        dropped: list[dict[str, Any]] = []
-        for entry in bundle.get("entry") or []:
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            if not isinstance(resource, dict):
-                removed.append("Bundle.entry")
-                continue
-            rtype = str(resource.get("resourceType"))
-            tree = self.allowed.get(rtype)
-            if tree is None:
-                removed.append(rtype)
-                dropped.append(entry)
-                continue
-            for key in entry:
-                if key not in ("fullUrl", "resource"):
-                    removed.append(f"Bundle.entry.{key}")
-            new_entry: dict[str, Any] = {}
-            if "fullUrl" in entry:
-                new_entry["fullUrl"] = entry["fullUrl"]
-            new_entry["resource"] = _prune_resource(resource, tree, rtype, removed)
-            entries.append(new_entry)
-        out["entry"] = entries
-        out = _settle(out, _reference_keys(dropped), removed)
-        return MinimizeResult(out, _unique(removed))
+    def type_class(self, resource_type: str) -> TypeClass:
+        """Classification of a type as this link sends it."""
+        return self.classes.get(resource_type) or default_classification().of(resource_type)
+
+    def minimize(
+        self,
+        bundle: dict[str, Any],
+        *,
+        key: bytes | None = None,
+        copy: bool = True,
+        pseudonymise: bool = True,
+    ) -> MinimizeResult:
+        """Return a bundle holding only what this profile allows, transformed, and what
+        was removed. The input is not changed unless ``copy=False`` (then it is reused).
+
+        A profile with keyed transforms needs ``key`` (ConfigError otherwise): the
+        controller's de-identification key, never stored in the profile. With
+        ``pseudonymise=False`` resource ids are left for the caller to replace last.
+        """
+        ctx: DeidContext | None = None
+        if self.needs_key:
+            if key is None:
+                raise ConfigError(
+                    "this link profile needs the de-identification key",
+                    location=f"profile {self.qualified_name}",
+                )
+            ctx = DeidContext(check_key(key), _patient_key(bundle))
+        work = copy_json(bundle) if copy else bundle
+        result = _minimize(self, work, ctx, transforms=True)
+        if pseudonymise and self.ids == "pseudonym" and ctx is not None:
+            pseudonymise_ids(result.bundle, ctx)
+        return result
+
+    def check(self, bundle: dict[str, Any]) -> list[str]:
+        """Paths of ``bundle`` outside this profile (empty when it conforms).
+
+        For a receiver: nothing is transformed and no key is needed.
+        """
+        return _minimize(self, copy_json(bundle), None, transforms=False).removed
+
+
+def _patient_key(bundle: dict[str, Any]) -> str:
+    """A stable key of the bundle's patient for keyed transforms (first identifier)."""
+    for entry in bundle.get("entry") or ():
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
+            idents = sorted(
+                (str(i.get("system")), str(i.get("value")))
+                for i in resource.get("identifier") or ()
+                if isinstance(i, dict) and i.get("value")
+            )
+            if idents:
+                return f"{idents[0][0]}|{idents[0][1]}"
+            return f"Patient/{resource.get('id')}"
+    return ""
+
+
+def _minimize(
+    profile: LinkProfile, work: dict[str, Any], ctx: DeidContext | None, *, transforms: bool
+) -> MinimizeResult:
+    removed: list[str] = []
+    transformed: list[str] = []
+    out: dict[str, Any] = {}
+    for key, value in work.items():
+        if key in _BUNDLE_KEPT:
+            out[key] = value
+        elif key != "entry":
+            removed.append(f"Bundle.{key}")
+    tf: dict[str, TransformSpec] | None = None
+    if transforms and profile.transforms:
+        tf = {path: TRANSFORMS[name] for path, name in profile.transforms.items()}
+    entries: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    raw_entries = work.get("entry")
+    for entry in raw_entries if isinstance(raw_entries, list) else ():
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            removed.append("Bundle.entry")
+            continue
+        rtype = str(resource.get("resourceType"))
+        tree = profile.allowed.get(rtype)
+        if tree is None:
+            removed.append(rtype)
+            dropped.append(entry)
+            continue
+        for key in entry:
+            if key not in ("fullUrl", "resource"):
+                removed.append(f"Bundle.entry.{key}")
+        new_entry: dict[str, Any] = {}
+        if "fullUrl" in entry:
+            new_entry["fullUrl"] = entry["fullUrl"]
+        pruned: dict[str, Any] = {k: resource[k] for k in ALWAYS_KEPT if k in resource}
+        pruned.update(_prune(resource, tree, rtype, removed, transformed, tf, ctx, ALWAYS_KEPT))
+        new_entry["resource"] = pruned
+        entries.append(new_entry)
+    out["entry"] = entries
+    out = _settle(out, _reference_keys(dropped), removed)
+    return MinimizeResult(out, _unique(removed), _unique(transformed))
 
 
 # --- pruning and reference cleaning -------------------------------------------------
-
-
-def _prune_resource(
-    resource: dict[str, Any], tree: AllowTree, rtype: str, removed: list[str]
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in resource.items():
-        if key in ALWAYS_KEPT:
-            out[key] = copy.deepcopy(value)
-    out.update(_prune(resource, tree, rtype, removed, skip=ALWAYS_KEPT))
-    return out
 
 
 def _prune(
@@ -130,8 +248,12 @@ def _prune(
     tree: AllowTree,
     path: str,
     removed: list[str],
+    transformed: list[str],
+    tf: dict[str, TransformSpec] | None,
+    ctx: DeidContext | None,
     skip: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
+    """The allowed part of ``obj``. Values are shared, not copied: the caller owns them."""
     out: dict[str, Any] = {}
     for key, value in obj.items():
         if key in skip:
@@ -141,9 +263,24 @@ def _prune(
         if base not in tree:
             removed.append(f"{path}.{base}")
             continue
+        if tf is not None:
+            spec = tf.get(f"{path}.{base}")
+            if spec is not None:
+                full = f"{path}.{base}"
+                if key != base:
+                    # Extensions of a transformed primitive could carry the original.
+                    removed.append(f"{path}.{key}")
+                    continue
+                new = spec.fn(value, ctx)
+                if new is None:
+                    removed.append(full)
+                else:
+                    out[key] = new
+                    transformed.append(full)
+                continue
         sub = tree[base]
         if sub is None:
-            out[key] = copy.deepcopy(value)
+            out[key] = value
             continue
         if key != base:
             removed.append(f"{path}.{key}")
@@ -151,14 +288,16 @@ def _prune(
         child_path = f"{path}.{key}"
         if isinstance(value, list):
             items = [
-                _prune(item, sub, child_path, removed) for item in value if isinstance(item, dict)
+                _prune(item, sub, child_path, removed, transformed, tf, ctx)
+                for item in value
+                if isinstance(item, dict)
             ]
             # Items pruned to nothing go; their removed children are already listed.
             kept = [item for item in items if item]
             if kept:
                 out[key] = kept
         elif isinstance(value, dict):
-            pruned = _prune(value, sub, child_path, removed)
+            pruned = _prune(value, sub, child_path, removed, transformed, tf, ctx)
             if pruned:
                 out[key] = pruned
         else:
@@ -185,16 +324,62 @@ def _specs(type_name: str) -> dict[str, ElementSpec] | None:
         return None
 
 
-def _complete(obj: dict[str, Any], specs: dict[str, ElementSpec]) -> bool:
+_REQUIRES: dict[str, bool] = {}
+# Extensions are opaque to a profile (kept or removed whole); their own required url is
+# the sender's business, so the completeness walk does not descend into them.
+_OPAQUE = frozenset({"extension", "modifierExtension"})
+
+
+def _has_requirements(type_name: str) -> bool:
+    """Can an object of this type (or anything nested in it, extensions aside) lack a
+    required element?"""
+    known = _REQUIRES.get(type_name)
+    if known is not None:
+        return known
+    _REQUIRES[type_name] = False  # cycles (Identifier.assigner -> Reference) end here
+    specs = _specs(type_name) or {}
+    result = any(
+        spec.required or spec.required_choice is not None for spec in specs.values()
+    ) or any(
+        spec.type_name is not None
+        and spec.type_name != "Resource"
+        and name not in _OPAQUE
+        and _has_requirements(spec.type_name)
+        for name, spec in specs.items()
+    )
+    _REQUIRES[type_name] = result
+    return result
+
+
+_REQUIRED_CACHE: dict[str, tuple[tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]]] = {}
+
+
+def _required_of(type_name: str, specs: dict[str, ElementSpec]) -> tuple[
+    tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]
+]:
+    """(required element names, (choice name, its alternatives) ...) of a type, cached."""
+    found = _REQUIRED_CACHE.get(type_name)
+    if found is None:
+        required = tuple(n for n, s in specs.items() if s.required)
+        groups: dict[str, list[str]] = {}
+        for n, s in specs.items():
+            if s.required_choice is not None:
+                groups.setdefault(s.required_choice, []).append(n)
+        found = (required, tuple((g, tuple(ns)) for g, ns in groups.items()))
+        _REQUIRED_CACHE[type_name] = found
+    return found
+
+
+def _present(obj: dict[str, Any], name: str) -> bool:
+    return obj.get(name) not in (None, [], {}, "")
+
+
+def _complete(obj: dict[str, Any], type_name: str, specs: dict[str, ElementSpec]) -> bool:
     """Are all required elements and required choices of this object present?"""
-    choices: dict[str, bool] = {}
-    for name, spec in specs.items():
-        present = obj.get(name) not in (None, [], {}, "")
-        if spec.required and not present:
-            return False
-        if spec.required_choice is not None:
-            choices[spec.required_choice] = choices.get(spec.required_choice, False) or present
-    return all(choices.values())
+    required, choices = _required_of(type_name, specs)
+    return all(_present(obj, n) for n in required) and all(
+        any(_present(obj, n) for n in names) for _, names in choices
+    )
 
 
 def _clean(
@@ -202,7 +387,8 @@ def _clean(
 ) -> bool:
     """Remove references to dropped resources and the elements they leave incomplete.
 
-    Works in place; returns False when ``obj`` itself is left incomplete.
+    Works in place; returns False when ``obj`` itself is left incomplete. With nothing
+    dropped, only types that can be incomplete are visited.
     """
     specs = _specs(type_name)
     if specs is None:
@@ -210,6 +396,8 @@ def _clean(
     for key in list(obj):
         spec = specs.get(key)
         if spec is None or spec.type_name is None or spec.type_name == "Resource":
+            continue
+        if not dropped and (key in _OPAQUE or not _has_requirements(spec.type_name)):
             continue
         value = obj[key]
         if isinstance(value, list):
@@ -229,7 +417,7 @@ def _clean(
             if not _item_ok(value, spec.type_name, f"{path}.{key}", dropped, removed):
                 removed.append(f"{path}.{key}")
                 del obj[key]
-    return _complete(obj, specs)
+    return _complete(obj, type_name, specs)
 
 
 def _item_ok(
@@ -267,19 +455,26 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
     return bundle
 
 
+def omit_in_place(bundle: dict[str, Any], indices: set[int]) -> list[str]:
+    """Remove the entries at ``indices`` from ``bundle`` (in place), clean references to
+    them and omit what that leaves incomplete; return the removed paths."""
+    entries = bundle.get("entry") or []
+    gone = [e for i, e in enumerate(entries) if i in indices]
+    removed = [str((e.get("resource") or {}).get("resourceType")) for e in gone]
+    bundle["entry"] = [e for i, e in enumerate(entries) if i not in indices]
+    _settle(bundle, _reference_keys(gone), removed)
+    return _unique(removed)
+
+
 def omit_entries(bundle: dict[str, Any], indices: set[int]) -> MinimizeResult:
     """Return a copy of ``bundle`` without the entries at ``indices``, references cleaned.
 
     ``removed`` names the omitted resource types and every element path that had to go
     with them (for example ``Claim.diagnosis``).
     """
-    out = copy.deepcopy(bundle)
-    entries = out.get("entry") or []
-    gone = [e for i, e in enumerate(entries) if i in indices]
-    removed = [str((e.get("resource") or {}).get("resourceType")) for e in gone]
-    out["entry"] = [e for i, e in enumerate(entries) if i not in indices]
-    out = _settle(out, _reference_keys(gone), removed)
-    return MinimizeResult(out, _unique(removed))
+    out = copy_json(bundle)
+    removed = omit_in_place(out, indices)
+    return MinimizeResult(out, removed)
 
 
 def _unique(paths: list[str]) -> list[str]:
@@ -295,101 +490,280 @@ def _is_resource_type(name: str) -> bool:
     return specs is not None and "meta" in specs and "implicitRules" in specs
 
 
+def _resolve_path(doc: LocatedYAML, rtype: str, raw: str, key: Key) -> list[ElementSpec]:
+    """Check a dotted element path against the model; return the spec of each segment."""
+    out: list[ElementSpec] = []
+    type_name = rtype
+    segments = raw.split(".")
+    for depth, seg in enumerate(segments):
+        specs = element_specs(type_name)
+        if seg in ALWAYS_KEPT and depth == 0:
+            raise doc.error(f"{seg} is always kept; do not list it", key)
+        if seg not in specs:
+            raise doc.error(f"{'.'.join(segments[: depth + 1])} is not an element of {rtype}", key)
+        spec = specs[seg]
+        out.append(spec)
+        if depth < len(segments) - 1:
+            if spec.type_name is None:
+                raise doc.error(f"{'.'.join(segments[: depth + 1])} has no child elements", key)
+            type_name = spec.type_name
+    return out
+
+
 def _compile_paths(doc: LocatedYAML, rtype: str, paths: list[Any]) -> AllowTree:
     tree: AllowTree = {}
     for i, raw in enumerate(paths):
         key = ("resources", rtype, "elements", i)
         if not isinstance(raw, str) or not raw.strip():
             raise doc.error("an element path is a non-empty string", key)
-        node = tree
-        type_name = rtype
         segments = raw.strip().split(".")
+        _resolve_path(doc, rtype, raw.strip(), key)
+        node = tree
         for depth, seg in enumerate(segments):
-            specs = element_specs(type_name)
-            if seg in ALWAYS_KEPT and depth == 0:
-                raise doc.error(f"{seg} is always kept; do not list it", key)
-            if seg not in specs:
-                raise doc.error(
-                    f"{'.'.join(segments[: depth + 1])} is not an element of {rtype}", key
-                )
-            last = depth == len(segments) - 1
-            if last:
+            if depth == len(segments) - 1:
                 node[seg] = None
                 break
-            child_type = specs[seg].type_name
-            if child_type is None:
-                raise doc.error(f"{'.'.join(segments[: depth + 1])} has no child elements", key)
             existing = node.get(seg, {})
             if existing is None:
                 break  # the whole element is already allowed
             node[seg] = existing
             node = existing
-            type_name = child_type
     _check_required(doc, rtype, tree, rtype, ("resources", rtype, "elements"))
     return tree
 
 
-def _check_required(
-    doc: LocatedYAML, type_name: str, tree: AllowTree, path: str, key: tuple[str | int, ...]
-) -> None:
-    """A profile must allow every required element of what it allows, or it sends nothing."""
+def _missing_required(type_name: str, tree: AllowTree, path: str) -> str | None:
+    """The first required element (path) of what ``tree`` allows that it does not allow."""
     specs = element_specs(type_name)
     choices: dict[str, bool] = {}
     for name, spec in specs.items():
         if spec.required and name not in tree:
-            raise doc.error(f"required element {path}.{name} is not allowed", key)
+            return f"{path}.{name}"
         if spec.required_choice is not None:
             choices[spec.required_choice] = choices.get(spec.required_choice, False) or (
                 name in tree
             )
     for choice, ok in choices.items():
         if not ok:
-            raise doc.error(f"required element {path}.{choice}[x] is not allowed", key)
+            return f"{path}.{choice}[x]"
     for name, sub in tree.items():
         child_type = specs[name].type_name
         if sub is not None and child_type is not None:
-            _check_required(doc, child_type, sub, f"{path}.{name}", key)
+            found = _missing_required(child_type, sub, f"{path}.{name}")
+            if found:
+                return found
+    return None
 
 
-def load_profile(path: Path) -> LinkProfile:
-    """Load and check a link profile; any mistake raises LoadError naming file:line key."""
+def _check_required(
+    doc: LocatedYAML, type_name: str, tree: AllowTree, path: str, key: Key
+) -> None:
+    """A profile must allow every required element of what it allows, or it sends nothing."""
+    missing = _missing_required(type_name, tree, path)
+    if missing:
+        raise doc.error(f"required element {missing} is not allowed", key)
+
+
+def _max_grade(node: ElementClass) -> int:
+    return max([node.grade, *(_max_grade(c) for c in (node.children or {}).values())])
+
+
+def _cut(tree: AllowTree, ec: ElementClass, type_name: str, ceiling: int) -> AllowTree:
+    """The part of an allow tree whose elements are at most ``ceiling`` (for a level)."""
+    out: AllowTree = {}
+    specs = element_specs(type_name)
+    for name, sub in tree.items():
+        child = (ec.children or {}).get(name) or ElementClass(ec.grade, ec.category)
+        child_type = specs[name].type_name
+        if sub is None:
+            if _max_grade(child) <= ceiling:
+                out[name] = None
+                continue
+            if child_type is None or not child.children:
+                continue
+            # Mixed grades inside: keep the children this level may carry.
+            sub = {n: None for n in element_specs(child_type)}
+        if child_type is None:
+            continue
+        cut = _cut(sub, child, child_type, ceiling)
+        if cut:
+            out[name] = cut
+    return out
+
+
+def _parse_grades(doc: LocatedYAML, raw: Any, key: Key) -> frozenset[int]:
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or not all(isinstance(g, int) and not isinstance(g, bool) and g in GRADES for g in raw)
+    ):
+        raise doc.error("grades is a non-empty list of grades 1-5", key)
+    grades = frozenset(raw)
+    below = sorted(g for g in grades if g < SENSITIVE_GRADE)
+    if below != list(range(1, len(below) + 1)):
+        raise doc.error("grades below 5 run from 1 without gaps", key)
+    return grades
+
+
+def load_profile(
+    path: Path, *, level: str | None = None, scheme: ClassificationScheme | None = None
+) -> LinkProfile:
+    """Load and check a link profile; any mistake raises LoadError naming file:line key.
+
+    A profile with ``levels`` must be loaded for one of them (``level``).
+    """
     doc = load_located(path)
+    scheme = scheme or default_classification()
     data = doc.data
     if not isinstance(data, dict):
         raise doc.error("a profile is a mapping", ())
     for required in ("profile", "resources"):
         if required not in data:
             raise doc.error(f"missing key {required}", (required,))
-    unknown = set(data) - {"profile", "title", "source", "resources"}
+    unknown = set(data) - {
+        "profile", "title", "source", "resources", "grades", "levels", "ids", "k_anonymity"
+    }
     if unknown:
         raise doc.error("unknown key", (sorted(unknown)[0],))
     if not isinstance(data["profile"], str) or not data["profile"]:
         raise doc.error("profile must be a name", ("profile",))
+
+    levels = data.get("levels")
+    level_names: list[str] = []
+    if levels is not None:
+        if "grades" in data:
+            raise doc.error("a profile with levels gives grades per level", ("grades",))
+        if not isinstance(levels, dict) or not levels:
+            raise doc.error("levels maps level names to {grades}", ("levels",))
+        level_names = [str(n) for n in levels]
+        for name, body in levels.items():
+            if not isinstance(body, dict) or set(body) - {"grades", "note"} or "grades" not in body:
+                raise doc.error("a level has grades (and an optional note)", ("levels", name))
+            _parse_grades(doc, body["grades"], ("levels", name, "grades"))
+        if level is None:
+            raise doc.error("this profile has levels; load it for one of them", ("levels",))
+        if level not in levels:
+            raise doc.error(f"no level {level} in this profile", ("levels",))
+        grades = _parse_grades(doc, levels[level]["grades"], ("levels", level, "grades"))
+    else:
+        if level is not None:
+            raise doc.error("this profile has no levels", ("profile",))
+        grades = (
+            _parse_grades(doc, data["grades"], ("grades",)) if "grades" in data else ALL_GRADES
+        )
+    ceiling = max((g for g in grades if g < SENSITIVE_GRADE), default=0)
+
+    ids = data.get("ids", "keep")
+    if ids not in ("keep", "pseudonym"):
+        raise doc.error("ids is keep or pseudonym", ("ids",))
+
     resources = data["resources"]
     if not isinstance(resources, dict) or not resources:
         raise doc.error("resources must map resource types to element lists", ("resources",))
     allowed: dict[str, AllowTree] = {}
+    transforms: dict[str, str] = {}
+    classes: dict[str, TypeClass] = {}
     for rtype, body in resources.items():
-        key = ("resources", rtype)
-        if not _is_resource_type(str(rtype)):
+        key: Key = ("resources", rtype)
+        rtype = str(rtype)
+        if not _is_resource_type(rtype):
             raise doc.error(f"{rtype} is not a FHIR resource type", key)
-        if not isinstance(body, dict) or set(body) - {"elements", "note"}:
-            raise doc.error("a resource entry has elements (and an optional note)", key)
+        if not isinstance(body, dict) or set(body) - {"elements", "note", "transforms", "from_level"}:
+            raise doc.error(
+                "a resource entry has elements (and optional transforms, from_level, note)", key
+            )
         elements = body.get("elements")
         if not isinstance(elements, list) or not elements:
             raise doc.error("elements must be a non-empty list", (*key, "elements"))
-        allowed[str(rtype)] = _compile_paths(doc, str(rtype), elements)
+        tree = _compile_paths(doc, rtype, elements)
+        listed = [str(e).strip() for e in elements]
+
+        overrides: dict[str, int] = {}
+        raw_tf = body.get("transforms") or {}
+        if not isinstance(raw_tf, dict):
+            raise doc.error("transforms maps element paths to transform names", (*key, "transforms"))
+        for epath, name in raw_tf.items():
+            tkey = (*key, "transforms", str(epath))
+            if str(epath) not in listed:
+                raise doc.error("a transformed element must be listed in elements", tkey)
+            spec = TRANSFORMS.get(str(name)) if isinstance(name, str) else None
+            if spec is None:
+                raise doc.error(
+                    f"unknown transform (known: {', '.join(sorted(TRANSFORMS))})", tkey
+                )
+            last = _resolve_path(doc, rtype, str(epath), tkey)[-1]
+            if (last.type_name or last.primitive) not in spec.types:
+                raise doc.error(f"transform {name} does not apply to this element's type", tkey)
+            transforms[f"{rtype}.{epath}"] = spec.name
+            overrides[str(epath)] = spec.grade
+        tc = scheme.of(rtype).with_overrides(overrides)
+        classes[rtype] = tc
+
+        from_level = body.get("from_level")
+        if from_level is not None:
+            if from_level not in level_names:
+                raise doc.error("from_level names a level of this profile", (*key, "from_level"))
+            assert level is not None
+            if level_names.index(level) < level_names.index(str(from_level)):
+                continue
+        if levels is not None:
+            tree = _cut(tree, ElementClass(tc.grade, tc.category, tc.elements), rtype, ceiling)
+            if not tree or _missing_required(rtype, tree, rtype):
+                continue  # this level cannot carry the type intact
+        else:
+            for i, epath in enumerate(listed):
+                grade = _max_grade(tc.element(epath))
+                if grade > ceiling:
+                    raise doc.error(
+                        f"{rtype}.{epath} is grade {grade}; this link carries grades "
+                        f"{', '.join(map(str, sorted(grades)))}",
+                        (*key, "elements", i),
+                    )
+        allowed[rtype] = tree
+
+    k_anon: KAnonymity | None = None
+    raw_k = data.get("k_anonymity")
+    if raw_k is not None:
+        if not isinstance(raw_k, dict) or set(raw_k) != {"k", "quasi"}:
+            raise doc.error("k_anonymity has k and quasi", ("k_anonymity",))
+        k = raw_k["k"]
+        if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+            raise doc.error("k is an integer of at least 2", ("k_anonymity", "k"))
+        quasi = raw_k["quasi"]
+        if not isinstance(quasi, list) or not quasi:
+            raise doc.error("quasi is a non-empty list of FHIR paths", ("k_anonymity", "quasi"))
+        for i, qpath in enumerate(quasi):
+            qkey = ("k_anonymity", "quasi", i)
+            if not isinstance(qpath, str) or "." not in qpath:
+                raise doc.error("a quasi-identifier is a path like Patient.gender", qkey)
+            qtype, _, rest = qpath.partition(".")
+            if qtype not in resources:
+                raise doc.error(f"{qtype} is not a resource of this profile", qkey)
+            _resolve_path(doc, qtype, rest, qkey)
+        k_anon = KAnonymity(k, tuple(quasi))
+
     return LinkProfile(
         name=data["profile"],
         title=str(data.get("title") or data["profile"]),
         source=str(data.get("source") or ""),
         allowed=allowed,
+        grades=grades,
+        transforms=transforms,
+        ids=str(ids),
+        level=level,
+        k_anonymity=k_anon,
+        classes=classes,
     )
 
 
-def load_link_profile(name: str) -> LinkProfile:
-    """Load the installed profile ``mappings/links/<name>.yaml``."""
+def load_link_profile(name: str, *, level: str | None = None) -> LinkProfile:
+    """Load the installed profile ``mappings/links/<name>.yaml``.
+
+    ``name`` may carry the level after a colon (``regional-interoperability:notify``).
+    """
+    if ":" in name and level is None:
+        name, level = name.split(":", 1)
     path = mappings_dir() / "links" / f"{name}.yaml"
     if not path.is_file():
         raise LoadError("no such link profile", location=str(path))
-    return load_profile(path)
+    return load_profile(path, level=level)

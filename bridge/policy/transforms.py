@@ -1,0 +1,269 @@
+"""De-identification transforms for link profiles (GB/T 39725-2020 §10.2, Appendix G).
+
+A closed registry of named functions; a link profile names them per element
+(``transforms: {birthDate: year_only}``) and the loader checks that each name exists and
+fits the element's FHIR type. Keys never live in a profile file: the caller passes the
+controller's de-identification key (§10.2 f: parameters such as time-drift ranges and
+pseudonym rules stay confidential inside the controller), and everything keyed is
+derived from it with HMAC-SHA256, separated by purpose:
+
+* ``pseudonym`` (Identifier): each identifier becomes
+  ``{system: urn:ws-fhir-bridge:pseudonym, value: HMAC(key, system|value)}`` — the same
+  person gets the same pseudonym in every batch, so records can still be linked
+  (§10.2 e, table 6 "Number"), but the value cannot be reversed without the key;
+* ``date_shift`` (date, dateTime, instant, Period): every date of one patient moves by
+  the same keyed number of days (1-365, either direction), so intervals such as the
+  length of stay survive (table 6 "Date", time-shifting method);
+* ``year_only`` (same types): keep only the year (§10.2 b 3);
+* ``county_address`` (Address): keep country, province, city and county/district;
+  street, house number, postal code and free text go (table 6 "Contact", table G.1
+  DE02.01.009.04-06).
+
+Each transform declares the grade of what it produces (3: partially de-identified data
+that may still be re-identified, §6.2 c), which is what a link's ``grades`` are checked
+against.
+
+:func:`enforce_k_anonymity` works on a batch: it releases only records whose
+quasi-identifier values are shared by at least ``k`` records (§10.2 d: at least 5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from functools import cached_property
+from typing import Any
+
+PSEUDONYM_SYSTEM = "urn:ws-fhir-bridge:pseudonym"
+MAX_SHIFT_DAYS = 365
+MIN_KEY_BYTES = 16
+
+_DATE_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T.+)?)?)?$")
+
+
+@dataclass(frozen=True)
+class DeidContext:
+    """The controller's key and the patient a bundle is about."""
+
+    key: bytes
+    patient: str  # a stable key of the patient, e.g. "system|value" of an identifier
+
+    def _mac(self, purpose: str, text: str) -> bytes:
+        return hmac.new(self.key, f"{purpose}\x00{text}".encode(), hashlib.sha256).digest()
+
+    def pseudonym(self, text: str) -> str:
+        """A keyed, irreversible stand-in for ``text`` (hex, 128 bits)."""
+        return self._mac("pseudonym", text)[:16].hex()
+
+    def pseudonym_uuid(self, text: str) -> str:
+        """A keyed stand-in for a resource id, shaped as a UUID."""
+        return str(uuid.UUID(bytes=self._mac("id", text)[:16], version=4))
+
+    @cached_property
+    def shift_days(self) -> int:
+        """This patient's date offset: 1-365 days, earlier or later, fixed by the key."""
+        raw = int.from_bytes(self._mac("date-shift", self.patient)[:8], "big")
+        days = raw % MAX_SHIFT_DAYS + 1
+        return days if (raw >> 32) & 1 else -days
+
+
+Transform = Callable[[Any, DeidContext | None], Any]
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """A named transform, the FHIR types it applies to, and the grade of its output."""
+
+    name: str
+    fn: Transform
+    types: frozenset[str]  # complex type names and primitive type names
+    needs_key: bool
+    grade: int
+
+
+# --- the transforms --------------------------------------------------------------------
+
+
+def _pseudonym(value: Any, ctx: DeidContext | None) -> Any:
+    assert ctx is not None
+    if isinstance(value, list):
+        out = [_pseudonym(v, ctx) for v in value]
+        return [v for v in out if v is not None] or None
+    if not isinstance(value, dict) or not value.get("value"):
+        return None
+    source = f"{value.get('system') or ''}|{value['value']}"
+    return {"system": PSEUDONYM_SYSTEM, "value": ctx.pseudonym(source)}
+
+
+def _map_dates(value: Any, fn: Callable[[str], str | None]) -> Any:
+    if isinstance(value, str):
+        return fn(value) if _DATE_RE.match(value) else None
+    if isinstance(value, list):
+        out = [_map_dates(v, fn) for v in value]
+        return [v for v in out if v is not None] or None
+    if isinstance(value, dict):
+        # A Period: its start and end; anything else in it (extensions) goes.
+        kept = {k: _map_dates(value[k], fn) for k in ("start", "end") if k in value}
+        kept = {k: v for k, v in kept.items() if v is not None}
+        return kept or None
+    return None
+
+
+def _year(text: str) -> str | None:
+    return text[:4]
+
+
+def _shift(text: str, days: int) -> str | None:
+    try:
+        if "T" in text:
+            moved = datetime.fromisoformat(text.replace("Z", "+00:00")) + timedelta(days=days)
+            out = moved.isoformat()
+            return out.replace("+00:00", "Z") if text.endswith("Z") else out
+        parts = text.split("-")
+        first = date(int(parts[0]), int(parts[1]) if len(parts) > 1 else 1,
+                     int(parts[2]) if len(parts) > 2 else 1)
+        moved_day = first + timedelta(days=days)
+        return moved_day.isoformat()[: len(text)]
+    except ValueError:
+        return None
+
+
+def _year_only(value: Any, ctx: DeidContext | None) -> Any:
+    return _map_dates(value, _year)
+
+
+def _date_shift(value: Any, ctx: DeidContext | None) -> Any:
+    assert ctx is not None
+    days = ctx.shift_days
+    return _map_dates(value, lambda text: _shift(text, days))
+
+
+_COUNTY_KEEP = ("use", "type", "country", "state", "city", "district")
+
+
+def _county_address(value: Any, ctx: DeidContext | None) -> Any:
+    if isinstance(value, list):
+        out = [_county_address(v, ctx) for v in value]
+        return [v for v in out if v is not None] or None
+    if not isinstance(value, dict):
+        return None
+    kept = {k: value[k] for k in _COUNTY_KEEP if k in value and isinstance(value[k], str)}
+    return kept or None
+
+
+_DATE_TYPES = frozenset({"date", "dateTime", "instant", "Period"})
+
+TRANSFORMS: dict[str, TransformSpec] = {
+    spec.name: spec
+    for spec in (
+        TransformSpec("pseudonym", _pseudonym, frozenset({"Identifier"}), True, 3),
+        TransformSpec("date_shift", _date_shift, _DATE_TYPES, True, 3),
+        TransformSpec("year_only", _year_only, _DATE_TYPES, False, 3),
+        TransformSpec("county_address", _county_address, frozenset({"Address"}), False, 3),
+    )
+}
+
+
+def check_key(key: bytes | None) -> bytes:
+    """Return ``key`` if it is long enough to key HMAC-SHA256, else raise ValueError."""
+    if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"a de-identification key has at least {MIN_KEY_BYTES} bytes")
+    return key
+
+
+# --- resource ids --------------------------------------------------------------------
+
+
+def pseudonymise_ids(bundle: dict[str, Any], ctx: DeidContext) -> None:
+    """Replace every resource id, fullUrl and in-bundle reference with a keyed stand-in.
+
+    Resource ids are derived from source identifiers (uuid5 over the hospital code and
+    record number), so they would let anyone holding a record number confirm a match;
+    the stand-ins keep the references of one bundle resolving. Works in place.
+    """
+    mapping: dict[str, str] = {}
+    for entry in bundle.get("entry") or ():
+        resource = entry.get("resource") or {}
+        old = resource.get("id")
+        if not isinstance(old, str):
+            continue
+        new = ctx.pseudonym_uuid(old)
+        rtype = resource.get("resourceType")
+        mapping[f"urn:uuid:{old}"] = f"urn:uuid:{new}"
+        mapping[f"{rtype}/{old}"] = f"{rtype}/{new}"
+        if isinstance(entry.get("fullUrl"), str):
+            mapping.setdefault(entry["fullUrl"], f"urn:uuid:{new}")
+            entry["fullUrl"] = mapping[entry["fullUrl"]]
+        resource["id"] = new
+    for entry in bundle.get("entry") or ():
+        _rewrite_refs(entry.get("resource"), mapping)
+
+
+def _rewrite_refs(node: Any, mapping: dict[str, str]) -> None:
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and ref in mapping:
+            node["reference"] = mapping[ref]
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                _rewrite_refs(value, mapping)
+    elif isinstance(node, list):
+        for value in node:
+            _rewrite_refs(value, mapping)
+
+
+# --- k-anonymity ----------------------------------------------------------------------
+
+
+def path_values(bundle: dict[str, Any], path: str) -> tuple[str, ...]:
+    """Sorted string values at a FHIR path (``Patient.address.city``) across the bundle."""
+    rtype, *segs = path.split(".")
+    found: list[str] = []
+    for entry in bundle.get("entry") or ():
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
+            continue
+        current: list[Any] = [resource]
+        for seg in segs:
+            nxt: list[Any] = []
+            for value in current:
+                inner = value.get(seg) if isinstance(value, dict) else None
+                if isinstance(inner, list):
+                    nxt.extend(inner)
+                elif inner is not None:
+                    nxt.append(inner)
+            current = nxt
+        found.extend(str(v) for v in current if not isinstance(v, (dict, list)))
+    return tuple(sorted(found))
+
+
+def quasi_key(bundle: dict[str, Any], quasi: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """The combination of quasi-identifier values of one record (its equivalence class)."""
+    return tuple(path_values(bundle, path) for path in quasi)
+
+
+def enforce_k_anonymity(
+    bundles: Sequence[dict[str, Any]], *, k: int = 5, quasi: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split a batch into (released, suppressed) so that every released record shares its
+    quasi-identifier values with at least ``k - 1`` other released records.
+
+    Records in an equivalence class smaller than ``k`` are suppressed whole (§10.2 d);
+    nothing is generalised here — generalisation is the profile's transforms
+    (``year_only``, ``county_address``), applied before this step. Order is kept.
+    """
+    if k < 1:
+        raise ValueError("k is at least 1")
+    if not quasi:
+        raise ValueError("name at least one quasi-identifier path")
+    keys = [quasi_key(b, quasi) for b in bundles]
+    sizes = Counter(keys)
+    released = [b for b, key in zip(bundles, keys, strict=True) if sizes[key] >= k]
+    suppressed = [b for b, key in zip(bundles, keys, strict=True) if sizes[key] < k]
+    return released, suppressed
