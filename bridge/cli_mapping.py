@@ -24,35 +24,133 @@ def _fail(exc: BridgeError) -> int:
 # --- map ------------------------------------------------------------------------------
 
 
-def cmd_map(args: argparse.Namespace) -> int:
-    from bridge.mapping import map_record, read_record
+def _convert(source: str, target: str, data: bytes, name: str) -> dict[str, Any]:
+    """Read one input file and map it; raises BridgeError naming the location."""
+    from bridge.errors import ParseError
+    from bridge.mapping import map_record, read_record, unmap_bundle
 
-    if args.source != "ws445":
-        sys.stderr.write(f"error: --from {args.source} is not supported yet (supported: ws445)\n")
+    if source == "ws445":
+        record = read_record(data, source=name)
+    elif source == "hl7v2":
+        try:
+            from bridge.mapping.hl7v2 import read_hl7
+        except ImportError:
+            raise ParseError("HL7 v2 support is not installed (bridge.mapping.hl7v2)",
+                             location=name) from None
+        record = read_hl7(data)
+    else:
+        try:
+            bundle = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ParseError("malformed JSON", location=name) from None
+        record = unmap_bundle(bundle)
+        if target == "ws445":
+            return record
+    if target == "ws445":
+        return record
+    return map_record(record)
+
+
+def _targets(source: str, target: str | None) -> str:
+    if target is not None:
+        return target
+    return "ws445" if source == "fhir" else "fhir"
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    target = _targets(args.source, args.target)
+    if args.source == "fhir" and target == "fhir":
+        sys.stderr.write("error: --from fhir maps only --to ws445\n")
         return 2
     path = Path(args.file)
+    if path.is_dir():
+        return _map_folder(args.source, target, path, check=args.check)
     try:
         data = path.read_bytes()
     except OSError as exc:
         sys.stderr.write(f"error: cannot read {path}: {exc.strerror}\n")
         return 2
     try:
-        record = read_record(data, source=str(path))
-        bundle = map_record(record)
+        result = _convert(args.source, target, data, str(path))
     except BridgeError as exc:
         return _fail(exc)
     if not args.check:
-        _print_json(bundle)
+        _print_json(result)
+    return 0
+
+
+def _map_folder(source: str, target: str, folder: Path, *, check: bool) -> int:
+    """Map every file of a folder; print a summary (and the errors, never values)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import Progress
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    console = Console(stderr=True)
+    failures: list[tuple[str, BridgeError]] = []
+    ok = 0
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"mapping {source} -> {target}", total=len(files))
+        for path in files:
+            try:
+                result = _convert(source, target, path.read_bytes(), path.name)
+            except BridgeError as exc:
+                failures.append((path.name, exc))
+            except OSError as exc:
+                failures.append((path.name, BridgeError(f"cannot read: {exc.strerror}")))
+            else:
+                ok += 1
+                if not check:
+                    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+            progress.advance(task)
+    for name, exc in failures:
+        console.print(escape(f"{name}: [{exc.code}] {exc}"), highlight=False)
+    console.print(f"{len(files)} files: {ok} mapped, {len(failures)} refused", highlight=False)
+    return 0 if not failures else 1
+
+
+# --- mappings coverage ------------------------------------------------------------------
+
+
+def cmd_mappings_coverage(args: argparse.Namespace) -> int:
+    """Per data set: how many elements are mapped, which are not, and why."""
+    from bridge.mapping import shipped_mappings
+
+    report = []
+    for spec in shipped_mappings().values():
+        cov = spec.coverage()
+        total = len(cov["mapped"]) + len(cov["unmapped"])
+        report.append({"dataset": spec.dataset, "mapping": spec.id, "elements": total,
+                       "mapped": len(cov["mapped"]), "one_way": spec.one_way(),
+                       "unmapped": [{"id": eid, "name": spec.catalog.elements[eid].name,
+                                     "reason": reason} for eid, reason in cov["unmapped"]]})
+    if args.json:
+        _print_json(report)
+        return 0
+    for item in report:
+        sys.stdout.write(f"{item['dataset']} ({item['mapping']}): {item['mapped']} of "
+                         f"{item['elements']} data elements mapped\n")
+        if item["one_way"]:
+            sys.stdout.write(f"  one-way (FHIR cannot give them back): {', '.join(item['one_way'])}\n")
+        for row in item["unmapped"]:
+            sys.stdout.write(f"  {row['id']} {row['name']}: {row['reason']}\n")
     return 0
 
 
 def add_mapping_commands(sub: Any) -> None:
     """Register the mapping commands on the main parser's subcommands."""
-    m = sub.add_parser("map", help="map one record to FHIR and print it")
-    m.add_argument("--from", dest="source", choices=["ws445", "hl7v2"], required=True)
+    m = sub.add_parser("map", help="map a record or message (or a folder of them) and print it")
+    m.add_argument("--from", dest="source", choices=["ws445", "hl7v2", "fhir"], required=True)
+    m.add_argument("--to", dest="target", choices=["fhir", "ws445"], default=None,
+                   help="fhir (default for ws445 and hl7v2) or ws445 (default for fhir)")
     m.add_argument("--check", action="store_true", help="validate only, print nothing")
-    m.add_argument("file")
+    m.add_argument("file", help="a file, or a folder whose every file is mapped")
     m.set_defaults(func=cmd_map)
+    mp = sub.add_parser("mappings", help="inspect the shipped mapping files")
+    msub = mp.add_subparsers(dest="mappings_command", required=True)
+    cov = msub.add_parser("coverage", help="mapped and unmapped data elements per data set")
+    cov.add_argument("--json", action="store_true", help="print JSON")
+    cov.set_defaults(func=cmd_mappings_coverage)
 
 
 __all__ = ["add_mapping_commands"]

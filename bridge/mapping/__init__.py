@@ -6,6 +6,7 @@ Public API:
 - :func:`map_record` turns a DE record into a FHIR R4 ``collection`` Bundle.
 - :func:`patient_identifiers` lists the Patient's identifiers in such a Bundle.
 - :func:`unused_elements` lists what a record carried that the mapping holds back, and why.
+- :func:`unmap_bundle` reads such a Bundle back into a DE record (same mapping files).
 - :func:`mapping_for` / :func:`load_mapping` give the loaded mapping (coverage, header).
 
 Errors never carry the values of the record, only where the problem is.
@@ -31,6 +32,8 @@ __all__ = [
     "mapping_for",
     "patient_identifiers",
     "read_record",
+    "shipped_mappings",
+    "unmap_bundle",
     "unused_elements",
 ]
 
@@ -47,6 +50,11 @@ def _shipped() -> dict[str, MappingSpec]:
             raise LoadError("two mapping files for one data set", location=str(path))
         specs[spec.dataset] = spec
     return specs
+
+
+def shipped_mappings() -> dict[str, MappingSpec]:
+    """Every shipped WS 445 mapping, keyed by data set code."""
+    return dict(_shipped())
 
 
 def mapping_for(dataset: str) -> MappingSpec:
@@ -149,3 +157,26 @@ def unused_elements(record: dict[str, Any]) -> list[tuple[str, str]]:
         for item in items:
             present |= {k for k, v in item.items() if v not in (None, "")}
     return [(eid, spec.unmapped[eid]) for eid in sorted(present) if eid in spec.unmapped]
+
+
+def unmap_bundle(bundle: dict[str, Any], *, dataset: str | None = None) -> dict[str, Any]:
+    """Read a FHIR R4 collection Bundle back into a DE record (the reverse of :func:`map_record`).
+
+    The same mapping file drives both ways. Without ``dataset`` every shipped mapping is
+    tried. The record returned maps forward to the input's resources (one-way elements
+    such as ``Claim.created`` from the clock aside); otherwise :class:`MappingError`
+    names the first resource that cannot be read back.
+    """
+    from bridge.mapping.reverse import unmap_with
+
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise MappingError("expected a FHIR Bundle", location="$.resourceType")
+    specs = [mapping_for(dataset)] if dataset else list(_shipped().values())
+    first: MappingError | None = None
+    for spec in specs:
+        try:
+            return unmap_with(spec, bundle, lambda r, s=spec: map_with(s, r, None))
+        except MappingError as exc:
+            first = first or exc
+    assert first is not None
+    raise first

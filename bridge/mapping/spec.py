@@ -126,6 +126,33 @@ class MappingSpec:
         unmapped = [(eid, reason) for eid, reason in sorted(self.unmapped.items())]
         return {"mapped": mapped, "unmapped": unmapped}
 
+    def one_way(self) -> list[str]:
+        """Mapped elements that no invertible rule carries (FHIR cannot give them back).
+
+        ``target_code`` alone is one-way when several codes share a target; zero fee rows
+        are left out of the output and read back as absent.
+        """
+        invertible: set[str] = set()
+
+        def walk(rulesets: list[RuleSet]) -> None:
+            for rs in rulesets:
+                for rule in rs.rules:
+                    if rule.source is not None and not (
+                        rule.transform == "code" and rule.params.get("output") == "target_code"
+                    ):
+                        invertible.add(rule.source)
+                    for key in ("type_source", "display_from"):
+                        if key in rule.params:
+                            invertible.add(rule.params[key])
+                    if rule.when is not None and rule.when.source and rule.when.within \
+                            and len(rule.when.within) == 1:
+                        invertible.add(rule.when.source)
+                    walk(rule.obj or [])
+
+        for r in [*self.resources, *(x for g in self.groups.values() for x in g.resources)]:
+            walk(r.rules)
+        return sorted(self.used_elements - invertible)
+
 
 def parse_path(text: str, where: str) -> tuple[str | None, list[tuple[str, int | None]]]:
     """Split ``Patient.address[0].line[]`` into the resource type and segments."""
