@@ -75,8 +75,3 @@ def fresh_schema() -> Iterator[PGSchema]:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
                 sql.Identifier(schema)))
 
-
-@pytest.fixture
-def pg() -> Iterator[PGSchema]:
-    """A fresh, not yet created schema on the test server (dropped after the test)."""
-    yield from fresh_schema()
