@@ -238,7 +238,7 @@ def test_naive_times_are_refused(store: Store) -> None:
     with pytest.raises(ValueError):
         store.enqueue(message_id="m1", link="a-to-b", partner="insurer-b", payload=b"x",
                       digest="d", audit=rec("claim.enqueue", "m1"),
-                      now=datetime(2026, 3, 1))  # noqa: DTZ001 - the point of the test
+                      now=datetime(2026, 3, 1))  # naive on purpose
     assert store.get_outbox("m1") is None
 
 
@@ -306,9 +306,9 @@ def test_inbox_accept_once_and_duplicate_gets_original_receipt(store: Store) -> 
         return f"receipt for audit {entry.seq} {entry.hash}".encode()
 
     payload = b'{"resourceType":"Bundle","type":"message"}'
-    args: dict[str, Any] = dict(sender="hospital-a", message_id="urn:uuid:1",
-                                digest=digest(payload), payload=payload,
-                                make_receipt=make_receipt, now=T0)
+    args: dict[str, Any] = {"sender": "hospital-a", "message_id": "urn:uuid:1",
+                            "digest": digest(payload), "payload": payload,
+                            "make_receipt": make_receipt, "now": T0}
     row, fresh = store.inbox_accept(audit=rec("message.receive", "urn:uuid:1"), **args)
     assert fresh and row.audit_seq == 1 and row.receipt.startswith(b"receipt for audit 1 ")
     assert calls[0].hash.encode() in row.receipt and row.payload == payload

@@ -97,7 +97,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 from psycopg import sql
@@ -406,7 +406,7 @@ class PostgresStore:
                 sql.Identifier(self.schema)))
             exists = conn.execute("SELECT to_regclass('schema_version')").fetchone()
             if exists is None or exists[0] is None:
-                conn.execute(_SCHEMA)  # type: ignore[arg-type]  # trusted constant
+                conn.execute(_SCHEMA)
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
                              (SCHEMA_VERSION,))
             else:
@@ -417,7 +417,7 @@ class PostgresStore:
                         f" is not {SCHEMA_VERSION}",
                         location=f"{self.location}: schema_version",
                     )
-            conn.execute(_ADDITIVE_SCHEMA)  # type: ignore[arg-type]  # trusted constant
+            conn.execute(_ADDITIVE_SCHEMA)
 
     @contextmanager
     def _tx(self, what: str) -> Iterator[psycopg.Connection[Any]]:
@@ -449,14 +449,17 @@ class PostgresStore:
                              "audit_head")
         entry = chain_entry(str(head[1]), int(head[0]) + 1, record)
         j = record.to_json_dict()
+        # One statement moves the head and inserts the entry: the head lock is held for
+        # one round trip fewer, and every process's appends wait on that lock.
         conn.execute(
-            f"INSERT INTO audit ({_AUDIT_COLS}) VALUES"
+            "WITH head AS (UPDATE audit_head SET seq=%s, hash=%s)"
+            f" INSERT INTO audit ({_AUDIT_COLS}) VALUES"
             " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-            (entry.seq, record.time, j["actor"], j["action"], j["subject"], j["partner"],
+            (entry.seq, entry.hash,
+             entry.seq, record.time, j["actor"], j["action"], j["subject"], j["partner"],
              j["patient"], Jsonb(j["categories"]), j["outcome"], j["detail"], j["digest"],
              entry.prev_hash, entry.hash),
         )
-        conn.execute("UPDATE audit_head SET seq=%s, hash=%s", (entry.seq, entry.hash))
         return entry
 
     def _lock_chain(self, conn: psycopg.Connection[Any]) -> None:
@@ -533,32 +536,36 @@ class PostgresStore:
         :class:`bridge.errors.ConflictError`. ``digest`` is stored as given.
         """
         _require_aware(now, "now")
-        for _ in range(_RACE_RETRIES):
+        # The first attempt assumes the id is new (the usual case) and inserts at once;
+        # if the id is taken, the transaction is rolled back (returning the sequence
+        # number) and the next attempt answers from the existing row.
+        for attempt in range(_RACE_RETRIES):
             try:
                 with self._tx("enqueue") as conn:
-                    existing = self._get_outbox(conn, message_id)
-                    if existing is not None:
-                        if (existing.digest, existing.link, existing.partner) != (
-                                digest, link, partner):
-                            raise ConflictError(
-                                "message id already enqueued with different content",
-                                location=f"outbox[{message_id}]")
-                        return existing
-                    counter = conn.execute(
-                        "INSERT INTO outbox_link (link, last_seq) VALUES (%s, 1)"
-                        " ON CONFLICT (link) DO UPDATE SET last_seq = outbox_link.last_seq + 1"
-                        " RETURNING last_seq", (link,)).fetchone()
-                    assert counter is not None
+                    if attempt > 0:
+                        existing = self._get_outbox(conn, message_id)
+                        if existing is not None:
+                            if (existing.digest, existing.link, existing.partner) != (
+                                    digest, link, partner):
+                                raise ConflictError(
+                                    "message id already enqueued with different content",
+                                    location=f"outbox[{message_id}]")
+                            return existing
+                    # The counter row of the link is locked by the upsert until commit.
                     r = conn.execute(
-                        f"INSERT INTO outbox ({_OUTBOX_COLS}, claimed_by) VALUES"
-                        " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                        "WITH counter AS ("
+                        "  INSERT INTO outbox_link (link, last_seq) VALUES (%(link)s, 1)"
+                        "  ON CONFLICT (link) DO UPDATE SET last_seq = outbox_link.last_seq + 1"
+                        "  RETURNING last_seq)"
+                        f" INSERT INTO outbox ({_OUTBOX_COLS})"
+                        " SELECT %(mid)s, %(link)s, counter.last_seq, %(partner)s, %(payload)s,"
+                        "  %(digest)s, 'queued', 0, %(now)s, NULL, NULL, NULL, %(now)s, %(now)s"
+                        " FROM counter"
                         f" ON CONFLICT (message_id) DO NOTHING RETURNING {_OUTBOX_COLS}",
-                        (message_id, link, int(counter[0]), partner, payload, digest,
-                         OutboxState.QUEUED.value, 0, now, None, None, None, now, now, None),
+                        {"mid": message_id, "link": link, "partner": partner,
+                         "payload": payload, "digest": digest, "now": now},
                     ).fetchone()
                     if r is None:
-                        # Another process enqueued this id since our look-up: undo the
-                        # counter increment and answer from its committed row.
                         raise _Raced
                     self._append(conn, audit)
                     return _outbox_row(r)
@@ -958,7 +965,7 @@ class PostgresStore:
             self._closed = True
             self._drop_connection()
 
-    def __enter__(self) -> PostgresStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
