@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from bridge.cli_mapping import add_mapping_commands
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, NotFound
 
 
 def _print_json(obj: Any) -> None:
@@ -138,10 +138,10 @@ def cmd_consent_add(args: argparse.Namespace) -> int:
 
 def cmd_consent_list(args: argparse.Namespace) -> int:
     from bridge.config import load_config
-    from bridge.ledger.sqlite import SQLiteStore
+    from bridge.ledger import open_store
 
     config = load_config(args.config)
-    with SQLiteStore(config.store.path) as store:
+    with open_store(config.store) as store:
         for consent_id, status, _resource in store.list_consents():
             sys.stdout.write(f"{consent_id}\t{status}\n")
     return 0
@@ -172,10 +172,10 @@ def cmd_consent_revoke(args: argparse.Namespace) -> int:
 
 def cmd_consent_show(args: argparse.Namespace) -> int:
     from bridge.config import load_config
-    from bridge.ledger.sqlite import SQLiteStore
+    from bridge.ledger import open_store
 
     config = load_config(args.config)
-    with SQLiteStore(config.store.path) as store:
+    with open_store(config.store) as store:
         row = store.get_consent(args.consent_id)
         history = store.consent_history(args.consent_id) if row is not None else []
     if row is None:
@@ -190,25 +190,28 @@ def cmd_consent_show(args: argparse.Namespace) -> int:
 # --- audit / outbox -----------------------------------------------------------------------
 
 
-def _store_path(args: argparse.Namespace) -> Path:
-    if args.store:
-        return Path(args.store)
-    from bridge.config import load_config
+def _open_store(args: argparse.Namespace) -> Any:
+    """The store named by ``--store FILE`` (SQLite) or by ``--config`` (any kind)."""
+    from bridge.config import StoreConfig, load_config
+    from bridge.ledger import open_store
 
-    return load_config(args.config).store.path
+    if args.store:
+        path = Path(args.store)
+        if not path.exists():
+            raise NotFound("no store at this path", location=str(path))
+        return open_store(StoreConfig(kind="sqlite", path=path))
+    config = load_config(args.config)
+    if config.store.kind == "sqlite" and not config.store.path.exists():
+        raise NotFound("no store at this path yet", location=str(config.store.path))
+    return open_store(config.store)
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from bridge.ledger.sqlite import SQLiteStore
-
     try:
-        path = _store_path(args)
+        store = _open_store(args)
     except BridgeError as exc:
         return _fail(exc)
-    if not path.exists():
-        sys.stderr.write(f"error: no store at {path}\n")
-        return 2
-    with SQLiteStore(path) as store:
+    with store:
         report = store.verify_audit()
     if report.ok:
         sys.stdout.write(f"audit chain verified: {report.count} entries, head {report.head_hash}\n")
@@ -221,13 +224,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    from bridge.ledger.sqlite import SQLiteStore
-
     try:
-        path = _store_path(args)
+        store = _open_store(args)
     except BridgeError as exc:
         return _fail(exc)
-    with SQLiteStore(path) as store:
+    with store:
         counts = store.outbox_counts()
     for state, n in sorted(counts.items()):
         sys.stdout.write(f"{state}\t{n}\n")

@@ -182,7 +182,7 @@ async def _run(
     claims: int, workdir: Path, seed: int, rate: float, console: Console, quiet: bool
 ) -> DemoResult:
     from bridge.config import load_config
-    from bridge.ledger.sqlite import SQLiteStore
+    from bridge.ledger import open_store
     from bridge.link.node import Controller
     from bridge.link.service import BridgeService
     from bridge.mapping import map_record, patient_identifiers
@@ -338,9 +338,10 @@ async def _run(
                 proc.kill()
                 await proc.wait()
 
-    hospital_store = load_config(hospital_cfg).store.path
-    insurer_store = load_config(insurer_cfg).store.path
-    with SQLiteStore(hospital_store) as hs, SQLiteStore(insurer_store) as ins:
+    with (
+        open_store(load_config(hospital_cfg).store) as hs,
+        open_store(load_config(insurer_cfg).store) as ins,
+    ):
         h_report = hs.verify_audit()
         i_report = ins.verify_audit()
         result.insurer_inbox = ins.inbox_count(HOSPITAL)

@@ -151,7 +151,7 @@ def test_consent_and_push_from_the_command_line(
 
 def test_audit_verify_without_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["audit", "verify", "--store", str(tmp_path / "none.sqlite")]) == 2
-    assert "no store" in capsys.readouterr().err
+    assert "no store at this path" in capsys.readouterr().err
 
 
 def test_consent_revoke_and_show(

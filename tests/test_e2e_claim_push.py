@@ -335,3 +335,33 @@ async def test_both_audit_chains_verify_and_any_edit_is_detected(
         assert cli_main(["audit", "verify", "--store", str(store)]) == 1
         out = capsys.readouterr().out
         assert f"BROKEN at entry {victim}" in out
+
+
+async def test_revocation_through_another_process_stops_queued_claims(
+    tmp_path: Path, records: list
+) -> None:
+    """Two bridge processes share one store (the CLI, a second worker): a consent
+    revoked through one is honoured by the other at dispatch, without a restart."""
+    from bridge.config import load_config
+    from bridge.link.node import Controller
+
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        hospital = pair.hospital.controller
+        record = records[12]
+        await hospital.put_consent(consent_for(record, consent_id="c-shared"))
+        sub = await hospital.submit(record, LINK_OUT)
+
+        other = Controller(load_config(pair.hospital_cfg))
+        try:
+            assert other.consents.get("c-shared") is not None  # loaded from the store
+            await other.put_consent(consent_for(record, consent_id="c-shared", status="inactive"))
+        finally:
+            await other.close()
+
+        await pair.hospital.start()
+        row = await wait_final(pair, sub.message_id)
+        assert row.state == "refused"
+        assert inbox_count(store_of(pair, "insurer")) == 0
+    finally:
+        await pair.stop()

@@ -31,41 +31,85 @@ class Store(Protocol):
     """
 
     # outbox
-    def enqueue(self, *, message_id: str, link: str, partner: str, payload: bytes,
-                digest: str, audit: AuditRecord, now: datetime) -> OutboxRow: ...
-    def claim_due(self, link: str, *, now: datetime, limit: int = 64,
-                  lease: timedelta = timedelta(seconds=30)) -> list[OutboxRow]: ...
-    def mark_acked(self, message_id: str, *, receipt: bytes, now: datetime,
-                   audit: AuditRecord) -> OutboxRow: ...
-    def mark_retry(self, message_id: str, *, next_attempt: datetime, error: str, now: datetime,
-                   audit: AuditRecord | None) -> OutboxRow: ...
-    def mark_rejected(self, message_id: str, *, error: str, receipt: bytes | None,
-                      now: datetime, audit: AuditRecord) -> OutboxRow: ...
-    def mark_refused(self, message_id: str, *, error: str, now: datetime,
-                     audit: AuditRecord) -> OutboxRow: ...
-    def mark_dead(self, message_id: str, *, error: str, now: datetime,
-                  audit: AuditRecord) -> OutboxRow: ...
+    def enqueue(
+        self,
+        *,
+        message_id: str,
+        link: str,
+        partner: str,
+        payload: bytes,
+        digest: str,
+        audit: AuditRecord,
+        now: datetime,
+    ) -> OutboxRow: ...
+    def claim_due(
+        self, link: str, *, now: datetime, limit: int = 64, lease: timedelta = timedelta(seconds=30)
+    ) -> list[OutboxRow]: ...
+    def mark_acked(
+        self, message_id: str, *, receipt: bytes, now: datetime, audit: AuditRecord
+    ) -> OutboxRow: ...
+    def mark_retry(
+        self,
+        message_id: str,
+        *,
+        next_attempt: datetime,
+        error: str,
+        now: datetime,
+        audit: AuditRecord | None,
+    ) -> OutboxRow: ...
+    def mark_rejected(
+        self,
+        message_id: str,
+        *,
+        error: str,
+        receipt: bytes | None,
+        now: datetime,
+        audit: AuditRecord,
+    ) -> OutboxRow: ...
+    def mark_refused(
+        self, message_id: str, *, error: str, now: datetime, audit: AuditRecord
+    ) -> OutboxRow: ...
+    def mark_dead(
+        self, message_id: str, *, error: str, now: datetime, audit: AuditRecord
+    ) -> OutboxRow: ...
     def requeue(self, message_id: str, *, now: datetime, audit: AuditRecord) -> OutboxRow: ...
     def get_outbox(self, message_id: str) -> OutboxRow | None: ...
     def outbox_counts(self, link: str | None = None) -> dict[str, int]: ...
-    def list_outbox(self, link: str, state: str | None = None,
-                    limit: int = 100) -> list[OutboxRow]: ...
+    def list_outbox(
+        self, link: str, state: str | None = None, limit: int = 100
+    ) -> list[OutboxRow]: ...
     def highest_contiguous_acked(self, link: str) -> int: ...
 
     # inbox
     def inbox_lookup(self, sender: str, message_id: str) -> InboxRow | None: ...
     def inbox_count(self, sender: str | None = None) -> int: ...
-    def inbox_accept(self, *, sender: str, message_id: str, digest: str, payload: bytes,
-                     audit: AuditRecord, make_receipt: Callable[[AuditEntry], bytes],
-                     now: datetime) -> tuple[InboxRow, bool]: ...
+    def inbox_accept(
+        self,
+        *,
+        sender: str,
+        message_id: str,
+        digest: str,
+        payload: bytes,
+        audit: AuditRecord,
+        make_receipt: Callable[[AuditEntry], bytes],
+        now: datetime,
+    ) -> tuple[InboxRow, bool]: ...
 
     # HL7 v2 inbox
     def hl7_lookup(self, sender: str, control_id: str) -> HL7InboxRow | None: ...
     def hl7_count(self, sender: str | None = None) -> int: ...
-    def hl7_accept(self, *, sender: str, control_id: str, digest: str, message: bytes,
-                   record: bytes | None, audit: AuditRecord,
-                   make_ack: Callable[[AuditEntry], bytes],
-                   now: datetime) -> tuple[HL7InboxRow, bool]: ...
+    def hl7_accept(
+        self,
+        *,
+        sender: str,
+        control_id: str,
+        digest: str,
+        message: bytes,
+        record: bytes | None,
+        audit: AuditRecord,
+        make_ack: Callable[[AuditEntry], bytes],
+        now: datetime,
+    ) -> tuple[HL7InboxRow, bool]: ...
 
     # audit
     def append_audit(self, record: AuditRecord) -> AuditEntry: ...
@@ -75,18 +119,32 @@ class Store(Protocol):
     def audit_head(self) -> tuple[int, str]: ...
 
     # consents
-    def put_consent(self, *, consent_id: str, patient_keys: list[str], status: str,
-                    resource: bytes, now: datetime, audit: AuditRecord) -> ConsentRow: ...
+    def put_consent(
+        self,
+        *,
+        consent_id: str,
+        patient_keys: list[str],
+        status: str,
+        resource: bytes,
+        now: datetime,
+        audit: AuditRecord,
+    ) -> ConsentRow: ...
     def get_consent(self, consent_id: str) -> ConsentRow | None: ...
     def list_consents(self) -> list[tuple[str, str, bytes]]: ...
     def consents_for_patient(self, patient_key: str) -> list[ConsentRow]: ...
+
+    def consent_changes(self, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes]]: ...
     def consent_history(self, consent_id: str) -> list[tuple[str, bytes, datetime, int]]: ...
 
     # lifecycle
     def close(self) -> None: ...
     def __enter__(self) -> Self: ...
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 def open_store(config: StoreConfig) -> Store:

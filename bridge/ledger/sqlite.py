@@ -790,6 +790,18 @@ class SQLiteStore:
             rows = [self._consent(conn, i) for i in ids]
             return [r for r in rows if r is not None]
 
+    def consent_changes(self, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes]]:
+        """Consent versions put after change number ``after``, oldest first.
+
+        ``(change number, resource)``; replaying them in order gives the current state.
+        A process keeps the last number it saw and asks again, so a consent put or
+        revoked through another process sharing the store takes effect here too.
+        """
+        with self._read("consent_changes") as conn:
+            return [(int(r[0]), bytes(r[1])) for r in conn.execute(
+                "SELECT id, resource FROM consent_history WHERE id>? ORDER BY id LIMIT ?",
+                (after, limit))]
+
     def consent_history(self, consent_id: str) -> list[tuple[str, bytes, datetime, int]]:
         """Every version put of ``consent_id``: ``(status, resource, changed, audit_seq)``."""
         with self._read("consent_history") as conn:

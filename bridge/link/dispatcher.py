@@ -199,6 +199,8 @@ class Dispatcher:
             if not rows:
                 await self._sleep(self.poll_interval)
                 continue
+            # Consents may have changed in another process since the last batch.
+            await self.c.sync_consents()
             for row in rows:
                 task = asyncio.create_task(self._deliver(row))
                 self._sending.add(task)
@@ -360,6 +362,7 @@ class Dispatcher:
                 "message is not delivered yet", location=f"outbox[{message_id}].state"
             )
         payload = orjson.loads(row.payload)
+        await c.sync_consents()
         c.recheck_consent(payload, self.link)
         receipt_bytes = await self._post(row.payload)
         verify_receipt(

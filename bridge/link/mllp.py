@@ -267,7 +267,10 @@ class MLLPListener:
             self.port = int(self._server.sockets[0].getsockname()[1])
         log.info(
             "%s MLLP listening on %s:%s (%s)",
-            self.c.id, host, self.port, "mutual TLS" if self._tls else "plain TCP, loopback",
+            self.c.id,
+            host,
+            self.port,
+            "mutual TLS" if self._tls else "plain TCP, loopback",
         )
         return self.port
 
@@ -328,8 +331,9 @@ class MLLPListener:
         except Exception as exc:  # noqa: BLE001 - answered AE 207, logged by type
             # Only the type: third-party exception texts can carry field values.
             log.error("HL7 handler failed on %s: %s", subject, type(exc).__name__)
-            failure = HandlerFailure("message could not be processed", location="MSH",
-                                     hl7_code="207")
+            failure = HandlerFailure(
+                "message could not be processed", location="MSH", hl7_code="207"
+            )
             return await self._refuse(failure, message, header, peer, now)
         record = prepared.record
         categories = [f"HL7v2:{header.message_type}"]
@@ -353,7 +357,9 @@ class MLLPListener:
                 control_id=header.control_id,
                 digest=digest,
                 message=message,
-                record=orjson.dumps(record, option=orjson.OPT_SORT_KEYS) if record is not None else None,
+                record=orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+                if record is not None
+                else None,
                 audit=audit,
                 make_ack=make_ack,
                 now=now,
@@ -364,28 +370,47 @@ class MLLPListener:
             return await self._failed(exc, message, header, prepared, now)
         except Exception as exc:  # noqa: BLE001 - answered AE 207, logged by type
             log.error("HL7 ACK could not be built for %s: %s", subject, type(exc).__name__)
-            failure = HandlerFailure("acknowledgement could not be built", location="MSH",
-                                     hl7_code="207")
+            failure = HandlerFailure(
+                "acknowledgement could not be built", location="MSH", hl7_code="207"
+            )
             return await self._failed(failure, message, header, prepared, now)
         self.stats["accepted" if created else "duplicates"] += 1
         return bytes(row.ack)
 
     async def _answer_existing(
-        self, existing: Any, digest: str, message: bytes, header: MSHHeader, peer: str, now: datetime
+        self,
+        existing: Any,
+        digest: str,
+        message: bytes,
+        header: MSHHeader,
+        peer: str,
+        now: datetime,
     ) -> bytes:
         if existing.digest != digest:
-            conflict = ConflictError("duplicate control id with different content", location="MSH-10")
+            conflict = ConflictError(
+                "duplicate control id with different content", location="MSH-10"
+            )
             return await self._refuse(conflict, message, header, peer, now)
         self.stats["duplicates"] += 1
         await self._audit(
-            self.c.audit("hl7.duplicate", subject=f"hl7:{header.sender}/{header.control_id}",
-                         digest_value=digest, now=now)
+            self.c.audit(
+                "hl7.duplicate",
+                subject=f"hl7:{header.sender}/{header.control_id}",
+                digest_value=digest,
+                now=now,
+            )
         )
         return bytes(existing.ack)
 
     async def _refuse(
-        self, exc: BridgeError, message: bytes, header: MSHHeader | None, peer: str, now: datetime,
-        *, by_handler: bool = False,
+        self,
+        exc: BridgeError,
+        message: bytes,
+        header: MSHHeader | None,
+        peer: str,
+        now: datetime,
+        *,
+        by_handler: bool = False,
     ) -> bytes:
         """Audit and answer a refusal. Errors found by the handler (its parser and mapper)
         are answered by the handler's ACK builder, which knows their HL7 locations; errors
@@ -407,23 +432,38 @@ class MLLPListener:
         return build_fallback_ack(header, ack_code_for(exc), error=exc, now=now)
 
     async def _failed(
-        self, exc: BridgeError, message: bytes, header: MSHHeader, prepared: Prepared | None,
+        self,
+        exc: BridgeError,
+        message: bytes,
+        header: MSHHeader,
+        prepared: Prepared | None,
         now: datetime,
     ) -> bytes:
         """Our side failed (store, ACK builder): never AA; AE 207 so the sender tries again."""
         self.stats["failed"] += 1
         log.error("HL7 message %s not stored: %s", header.control_id, exc.code)
         await self._audit(
-            self.c.audit("hl7.reject", subject=f"hl7:{header.sender}/{header.control_id}",
-                         outcome="failure", detail=f"{exc.code}@{exc.location or '-'}", now=now)
+            self.c.audit(
+                "hl7.reject",
+                subject=f"hl7:{header.sender}/{header.control_id}",
+                outcome="failure",
+                detail=f"{exc.code}@{exc.location or '-'}",
+                now=now,
+            )
         )
         # The ACK says what the sender needs (not stored, send again), not our file paths.
         answer = StoreError("message could not be stored; send it again", hl7_code="207")
         return self._ack(message, header, prepared, answer, now)
 
     def _ack(
-        self, message: bytes, header: MSHHeader | None, prepared: Prepared | None,
-        error: BridgeError, now: datetime, *, code: str | None = None,
+        self,
+        message: bytes,
+        header: MSHHeader | None,
+        prepared: Prepared | None,
+        error: BridgeError,
+        now: datetime,
+        *,
+        code: str | None = None,
     ) -> bytes:
         code = code or ack_code_for(error)
         try:

@@ -342,8 +342,9 @@ def read_msh(message: bytes) -> MSHHeader:
         try:
             fields.append(raw.decode(codec))
         except UnicodeDecodeError:
-            raise ParseError("bytes not valid in the declared character set",
-                             location=f"MSH-{number}") from None
+            raise ParseError(
+                "bytes not valid in the declared character set", location=f"MSH-{number}"
+            ) from None
 
     def field(number: int) -> str:
         return fields[number] if number < len(fields) else ""
@@ -430,7 +431,7 @@ def error_location(location: str | None) -> str:
 
 def escape(text: str, field_separator: str = "|", encoding: str = "^~\\&") -> str:
     """Escape delimiter characters for use inside an HL7 field (``\\F\\``, ``\\S\\`` ...)."""
-    enc = (encoding + "^~\\&"[len(encoding):])[:4]
+    enc = (encoding + "^~\\&"[len(encoding) :])[:4]
     comp, rep, esc, sub = enc[0], enc[1], enc[2], enc[3]
     out = []
     for ch in text:
@@ -509,15 +510,19 @@ def build_fallback_ack(
         err_code = hl7_error_code(error)
         text = HL7_ERROR_TEXT.get(err_code, "")
         where = f" (at {error.location})" if error.location else ""
-        segments.append(sep.join([
-            "ERR",
-            "",
-            error_location(error.location).replace("^", comp),
-            comp.join([err_code, escape(text, sep, enc), "HL70357"]),
-            "E",
-            "",
-            "",
-            escape(error.code, sep, enc),
-            escape(error.message + where, sep, enc),
-        ]))
+        segments.append(
+            sep.join(
+                [
+                    "ERR",
+                    "",
+                    error_location(error.location).replace("^", comp),
+                    comp.join([err_code, escape(text, sep, enc), "HL70357"]),
+                    "E",
+                    "",
+                    "",
+                    escape(error.code, sep, enc),
+                    escape(error.message + where, sep, enc),
+                ]
+            )
+        )
     return ("\r".join(segments) + "\r").encode(codec, errors="replace")

@@ -103,8 +103,8 @@ class Controller:
         self.partners = PartnerRegistry(partners)
         self.pseudonym_key = _load_pseudonym_key(config.audit.pseudonym_key_file)
         self.consents = ConsentRegistry()
-        for _consent_id, _status, resource in self.store.list_consents():
-            self.consents.put(orjson.loads(resource), now=self.clock())
+        self._consent_cursor = 0
+        self._apply_consent_changes(self.store.consent_changes(0, limit=1_000_000_000))
         self.profiles: dict[str, LinkProfile] = {
             link.id: _profile_for(link.profile) for link in config.links
         }
@@ -164,6 +164,24 @@ class Controller:
 
     # --- consents ---------------------------------------------------------------------
 
+    def _apply_consent_changes(self, changes: list[tuple[int, bytes]]) -> None:
+        for number, resource in changes:
+            self.consents.put(orjson.loads(resource), now=self.clock())
+            self._consent_cursor = max(self._consent_cursor, number)
+
+    async def sync_consents(self) -> None:
+        """Take in consents put or revoked by any process sharing this store.
+
+        Called before every consent decision that matters (enqueue and dispatch), so a
+        revocation through another bridge process, the CLI or the API takes effect at
+        once everywhere, not at the next restart.
+        """
+        while True:
+            changes = await self.db.consent_changes(self._consent_cursor)
+            if not changes:
+                return
+            self._apply_consent_changes(changes)
+
     async def put_consent(self, resource: dict[str, Any], *, source: str = "local") -> str:
         """Register, amend or revoke (status ``inactive``) a consent; durable before it counts."""
         now = self.clock()
@@ -184,7 +202,7 @@ class Controller:
             now=now,
             audit=entry,
         )
-        self.consents.put(resource, now=now)
+        await self.sync_consents()
         return record.id
 
     # --- sending ----------------------------------------------------------------------
@@ -238,6 +256,7 @@ class Controller:
         """
         link = self.outbound_link(link_id)
         message_id = message_id_for(self.id, link.id, _record_digest(record))
+        await self.sync_consents()
         if await self.db.get_outbox(message_id) is not None:
             # The same record was submitted before: one claim, however often a HIS retries.
             return Submitted(
