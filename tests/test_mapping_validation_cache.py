@@ -34,8 +34,11 @@ _ODD_LEAVES = st.one_of(
                      "urn:uuid:5e0e8b6e-2c6a-5b0e-9d0a-000000000000", "x" * 70]),
     st.integers(min_value=-3, max_value=3), st.booleans(), st.none(),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.just({}), st.just([]), st.just({"text": "x"}), st.just([{"text": "x"}]),
-    st.just({"system": "urn:x", "code": "c"}), st.just({"value": 1, "currency": "CNY"}),
+    # Fresh containers for every example: a shared object mutated by a later step would
+    # make generation depend on earlier examples.
+    st.builds(dict), st.builds(list), st.builds(lambda: {"text": "x"}),
+    st.builds(lambda: [{"text": "x"}]), st.builds(lambda: {"system": "urn:x", "code": "c"}),
+    st.builds(lambda: {"value": 1, "currency": "CNY"}),
 )
 
 
