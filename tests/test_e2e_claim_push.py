@@ -101,6 +101,9 @@ async def test_consented_claim_arrives_minimised_signed_and_receipted(
     sub = await pair.hospital.submit(record, LINK_OUT)
     row = await wait_final(pair, sub.message_id)
     assert row.state == "acked"
+    # The hospital's audit names the consent and the rule that permitted the disclosure.
+    enqueued = [d for a, _, d in audit_actions(store_of(pair, "hospital")) if a == "claim.enqueue"]
+    assert enqueued and enqueued[0].startswith("permit c-1@Consent.provision")
 
     insurer = pair.insurer.controller
     stored = await insurer.db.inbox_lookup("hospital-a", sub.message_id)
@@ -138,7 +141,8 @@ async def test_claim_without_consent_is_refused_and_audited_by_sender(
     with pytest.raises(ConsentDenied):
         await pair.hospital.submit(records[1], LINK_OUT)
     actions = audit_actions(store_of(pair, "hospital"))
-    assert ("claim.refused", "denied", "consent-denied") in actions
+    refusals = [(o, d) for a, o, d in actions if a == "claim.refused"]
+    assert refusals == [("denied", "consent-denied -@Consent")]
     assert sum((await pair.hospital.controller.db.outbox_counts()).values()) == 0
     assert inbox_count(store_of(pair, "insurer")) == 0
 

@@ -40,7 +40,7 @@ from bridge.errors import (
     TrustError,
 )
 from bridge.ledger.states import next_attempt
-from bridge.link.node import Controller, resource_types
+from bridge.link.node import Controller, _decision_detail, resource_types
 from bridge.trust.jws import digest, signed_payload
 from bridge.trust.receipts import verify_receipt
 from bridge.trust.tls import client_context
@@ -231,7 +231,7 @@ class Dispatcher:
                         subject=message_id,
                         outcome="denied",
                         partner=self.link.partner,
-                        detail=f"dispatch:{exc.code}",
+                        detail=f"dispatch:{_decision_detail(exc)}",
                     ),
                 )
                 return

@@ -48,6 +48,7 @@ class Submitted:
     created: bool  # False when the same claim was already in the outbox (duplicate suppressed)
     removed: tuple[str, ...]
     held_back: tuple[str, ...]
+    decided_by: str = ""  # "consent-id@provision path" of the permitting rule
 
 
 def _load_pseudonym_key(path: Path) -> bytes:
@@ -246,6 +247,7 @@ class Controller:
             created=True,
             removed=tuple(result.removed),
             held_back=tuple(result.held_back),
+            decided_by=f"{result.decision.consent_id}@{result.decision.provision_path}",
         )
 
     async def submit(self, record: dict[str, Any], link_id: str) -> Submitted:
@@ -274,7 +276,7 @@ class Controller:
                     outcome="denied",
                     partner=link.partner,
                     patient=self.pseudonym(ids),
-                    detail=exc.code,
+                    detail=_decision_detail(exc),
                     now=now,
                 )
             )
@@ -297,7 +299,10 @@ class Controller:
                     patient=self.pseudonym(ids),
                     categories=resource_types(signed),
                     digest_value=payload_digest,
-                    detail=f"removed={len(submitted.removed)} held_back={len(submitted.held_back)}",
+                    detail=(
+                        f"permit {submitted.decided_by} removed={len(submitted.removed)}"
+                        f" held_back={len(submitted.held_back)}"
+                    ),
                     now=now,
                 ),
                 now=now,
@@ -313,6 +318,7 @@ class Controller:
             created=True,
             removed=submitted.removed,
             held_back=submitted.held_back,
+            decided_by=submitted.decided_by,
         )
 
     def recheck_consent(self, payload: dict[str, Any], link: LinkConfig) -> None:
@@ -334,6 +340,12 @@ class Controller:
 
     async def close(self) -> None:
         self.db.close()
+
+
+def _decision_detail(exc: PolicyError) -> str:
+    """The refusal as the audit records it: code, and the consent and rule that decided."""
+    consent = exc.detail.get("consent_id") or "-"
+    return f"{exc.code} {consent}@{exc.location or '-'}"
 
 
 def _profile_for(name: str) -> LinkProfile:
