@@ -34,6 +34,8 @@ class RuleContext:
     location: str = ""
     seq: int = 1
     target_list: list[Any] | None = None
+    # Group elements present in at least one item: ``any_present`` at record level sees them.
+    group_present: frozenset[str] = frozenset()
 
     def lookup(self, element_id: str) -> str | None:
         if self.item is not None and element_id in self.item:
@@ -107,7 +109,10 @@ def _holds(cond: Condition | None, ctx: RuleContext) -> bool:
     if cond is None:
         return True
     if cond.any_present:
-        return any(ctx.lookup(e) is not None for e in cond.any_present)
+        # At record level a group element is present when any item carries it (a
+        # discharge-diagnosis section exists when one diagnosis is a discharge diagnosis).
+        return any(ctx.lookup(e) is not None
+                   or (ctx.item is None and e in ctx.group_present) for e in cond.any_present)
     assert cond.source is not None
     value = ctx.lookup(cond.source)
     if cond.present is not None:
@@ -121,19 +126,39 @@ def _holds(cond: Condition | None, ctx: RuleContext) -> bool:
 
 def _resource_id(spec: ResourceSpec, ctx: RuleContext, prefix: str, index: int | None,
                  item_location: str | None) -> str:
-    parts = [spec.type]
-    if prefix:
-        parts.append(prefix)
-    for eid in spec.id_from:
-        if eid == "$index":
-            parts.append(str(index))
-            continue
-        value = ctx.lookup(eid)
-        if value is None:
-            raise MappingError(f"identifying data element missing for {spec.type}",
-                               location=f"{item_location} {eid}" if item_location else eid)
-        parts.append(value)
-    return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
+    """uuid5 of the type, the parent's id and the values of the first complete key.
+
+    ``id_from`` alternatives are tried in order; an entry with a ``:`` is a literal (an
+    identifier system) that keeps keys made of different identifiers apart. Named
+    resources of one type add their name, so two Observations of a record never clash.
+    """
+    first_missing: str | None = None
+    for id_from in spec.id_alternatives:
+        parts = [spec.type]
+        if spec.name != spec.type:
+            parts.append(spec.name)
+        if prefix:
+            parts.append(prefix)
+        complete = True
+        for eid in id_from:
+            if eid == "$index":
+                parts.append(str(index))
+                continue
+            if ":" in eid:
+                parts.append(eid)
+                continue
+            value = ctx.lookup(eid)
+            if value is None:
+                first_missing = first_missing or eid
+                complete = False
+                break
+            parts.append(value)
+        if complete:
+            return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
+    assert first_missing is not None
+    raise MappingError(f"identifying data element missing for {spec.type}",
+                       location=f"{item_location} {first_missing}" if item_location
+                       else first_missing)
 
 
 class _Mapper:
@@ -145,10 +170,13 @@ class _Mapper:
         self.now = now
         self.top: dict[str, dict[str, Any]] = {}
         self.built: list[_Built] = []
+        self.group_present = frozenset(
+            eid for items in groups.values() for item in items for eid in item)
+        self.group_built: dict[str, list[_Built]] = {}
 
     def ctx(self, item: dict[str, str] | None) -> RuleContext:
         return RuleContext(values=self.values, item=item, valuesets=self.spec.valuesets,
-                           now=self.now)
+                           now=self.now, group_present=self.group_present)
 
     def run(self) -> list[dict[str, Any]]:
         # Ids first, so that any rule can refer to any resource.
@@ -158,7 +186,7 @@ class _Mapper:
                 continue
             rid = _resource_id(rspec, ctx, "", None, None)
             resource = {"resourceType": rspec.type, "id": rid}
-            self.top[rspec.type] = resource
+            self.top[rspec.name] = resource
             self.built.append(_Built(rspec, resource, None, None, {}))
         for gspec in self.spec.groups.values():
             self.prepare_group(gspec)
@@ -177,6 +205,7 @@ class _Mapper:
         return out
 
     def prepare_group(self, gspec: GroupSpec) -> None:
+        self.group_built[gspec.name] = []
         for index, item in enumerate(self.groups.get(gspec.name, []), start=1):
             location = f"$.groups.{gspec.name}[{index - 1}]"
             ctx = self.ctx(item)
@@ -193,9 +222,10 @@ class _Mapper:
                     prefix = parent["id"]
                 rid = _resource_id(rspec, ctx, prefix, index, location)
                 resource = {"resourceType": rspec.type, "id": rid}
-                local[rspec.type] = rid
+                local[rspec.name] = rid
                 group_built.append(_Built(rspec, resource, item, location, local))
             self.built.extend(group_built)
+            self.group_built[gspec.name].extend(group_built)
 
     def ref(self, name: str, built: _Built) -> dict[str, str]:
         if name == "this":
@@ -218,6 +248,10 @@ class _Mapper:
                     return other.resource
         resource = self.top.get(t)
         if resource is None:
+            # A record-level resource with a name is still addressed by its type.
+            named = [b.resource for b in self.built if b.item is None and b.spec.type == t]
+            resource = named[0] if len(named) == 1 else None
+        if resource is None:
             raise MappingError(f"{t} was not created (its data is missing)",
                                location=built.item_location or rs.where)
         return resource
@@ -231,6 +265,9 @@ class _Mapper:
                       built: _Built) -> None:
         if rs.appends:
             for rule in rs.rules:
+                if rule.each is not None:
+                    self.apply_each(rule, rs, obj, ctx)
+                    continue
                 existing = _peek(obj, rs.segments)
                 ctx.seq = len(existing) + 1 if existing is not None else 1
                 ctx.target_list = existing
@@ -243,6 +280,25 @@ class _Mapper:
             if value is not NOTHING:
                 _assign(obj, rs.segments, value)
                 return
+
+    def apply_each(self, rule: Rule, rs: RuleSet, obj: dict[str, Any], ctx: RuleContext) -> None:
+        """``each: <group>``: the rule once per item of the group, in the item's context
+        (its ``when`` reads the item; ``ref`` names that item's resource)."""
+        assert rule.each is not None
+        seen: set[str] = set()
+        for member in self.group_built.get(rule.each, []):
+            if member.item_location in seen:
+                continue
+            if rule.ref is not None and member.spec.name != rule.ref:
+                continue
+            seen.add(member.item_location or "")
+            item_ctx = self.ctx(member.item)
+            existing = _peek(obj, rs.segments)
+            item_ctx.seq = len(existing) + 1 if existing is not None else 1
+            item_ctx.target_list = existing
+            value = self.evaluate(rule, item_ctx, member)
+            if value is not NOTHING:
+                _container(obj, rs.segments).append(value)
 
     def evaluate(self, rule: Rule, ctx: RuleContext, built: _Built) -> Any:
         if rule.required and rule.source is not None and ctx.lookup(rule.source) is None:
@@ -336,12 +392,29 @@ def validate_cached(resource: dict[str, Any], path: str) -> None:
     validate_resource_cached(resource, path=path)
 
 
+DOCUMENT_IDENTIFIER_SYSTEM = "urn:ietf:rfc:3986"
+
+
 def map_with(spec: MappingSpec, record: dict[str, Any], now: datetime | None) -> dict[str, Any]:
-    """Map a shape-checked DE record with ``spec``; see :func:`bridge.mapping.map_record`."""
+    """Map a shape-checked DE record with ``spec``; see :func:`bridge.mapping.map_record`.
+
+    A ``collection`` holds the resources in the file's order. A ``document`` (FHIR R4
+    bdl-9, bdl-10, bdl-11) starts with its Composition; ``Bundle.identifier`` is the
+    Composition's id as a urn:uuid and ``Bundle.timestamp`` its ``date``, so the same
+    record gives the same document.
+    """
     values, groups = check_record(spec, record)
     resources = _Mapper(spec, values, groups, now).run()
     entries = []
     for i, resource in enumerate(resources):
         validate_cached(resource, f"Bundle.entry[{i}].resource")
         entries.append({"fullUrl": f"urn:uuid:{resource['id']}", "resource": resource})
+    if spec.bundle_type == "document":
+        composition = resources[0]
+        if composition.get("resourceType") != "Composition":  # pragma: no cover - loader
+            raise MappingError("a document starts with its Composition", location="Bundle.entry[0]")
+        return {"resourceType": "Bundle",
+                "identifier": {"system": DOCUMENT_IDENTIFIER_SYSTEM,
+                               "value": f"urn:uuid:{composition['id']}"},
+                "type": "document", "timestamp": composition["date"], "entry": entries}
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}

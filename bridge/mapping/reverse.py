@@ -77,10 +77,16 @@ class _Reader:
             url = entry.get("fullUrl") or f"urn:uuid:{resource.get('id')}"
             self.by_url[url] = resource
         self.top: dict[str, dict[str, Any]] = {}
+        taken: set[int] = set()
         for rspec in spec.resources:
-            found = [r for r in self.resources if r.get("resourceType") == rspec.type]
+            # Record-level resources of one type (named vital-sign Observations) are told
+            # apart by their constants (the Observation.code each rule writes).
+            found = [r for r in self.resources if r.get("resourceType") == rspec.type
+                     and id(r) not in taken and _fits(rspec, r)]
             if found:
-                self.top[rspec.type] = found[0]
+                self.top[rspec.name] = found[0]
+                self.top.setdefault(rspec.type, found[0])
+                taken.add(id(found[0]))
         self.hints: set[str] = set()
         self.current: dict[str, str] = {}
         self.item_no = -1
@@ -136,6 +142,8 @@ class _Reader:
             if not isinstance(node, str):
                 raise _Miss
             return node
+        if t == "xhtml":
+            return _xhtml_text(node)
         if t == "date_d8":
             return _fhir_date(node, where)
         if t == "datetime_dt15":
@@ -296,6 +304,34 @@ class _Reader:
 
 
 _ABSENT = object()
+_DIV_OPEN = '<div xmlns="http://www.w3.org/1999/xhtml">'
+
+
+def _xhtml_text(node: Any) -> str:
+    """The free text a Narrative written by the ``xhtml`` transform holds."""
+    if not isinstance(node, dict) or node.get("status") != "generated":
+        raise _Miss
+    div = node.get("div")
+    if not isinstance(div, str) or not div.startswith(_DIV_OPEN) or not div.endswith("</div>"):
+        raise _Miss
+    body = div[len(_DIV_OPEN):-len("</div>")]
+    if "<" in body.replace("<br/>", ""):
+        raise _Miss
+    return (body.replace("<br/>", "\n").replace("&#13;", "\r").replace("&lt;", "<")
+            .replace("&gt;", ">").replace("&amp;", "&"))
+
+
+def _fits(rspec: ResourceSpec, resource: dict[str, Any]) -> bool:
+    """Whether the constants the resource's own rules write (at fixed paths) are there."""
+    for rs in rspec.rules:
+        if rs.target_type not in (None, rspec.type) or rs.appends:
+            continue
+        if not all(r.has_value and r.when is None for r in rs.rules):
+            continue
+        node = _walk(resource, rs.segments)
+        if node is _ABSENT or node not in [r.value for r in rs.rules]:
+            return False
+    return True
 
 
 def _distance(source: str | None, known: dict[str, str]) -> int:
@@ -361,12 +397,13 @@ def _read(spec: MappingSpec, bundle: dict[str, Any],
     for _ in range(2):  # the first pass gathers hints (``when: present``) for the second
         elements = {}
         for rspec in spec.resources:
-            resource = reader.top.get(rspec.type)
+            resource = reader.top.get(rspec.name)
             if resource is not None:
                 reader.resource_back(rspec, resource, elements, None)
     groups: dict[str, list[dict[str, str]]] = {}
     for gspec in spec.groups.values():
-        anchors = [r for r in gspec.resources if "$index" in r.id_from]
+        anchors = [r for r in gspec.resources
+                   if any("$index" in alt for alt in r.id_alternatives)]
         if not anchors:
             continue
         anchor_spec = anchors[0]

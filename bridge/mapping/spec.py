@@ -25,14 +25,19 @@ APPEND = -1
 _SEGMENT = re.compile(r"^(?P<name>_?[a-zA-Z][A-Za-z0-9]*)(?:\[(?P<index>\d*)\])?$")
 _RESOURCE_TYPES = frozenset(
     {"Patient", "Encounter", "Condition", "Procedure", "Coverage", "Claim", "Organization",
-     "Practitioner"}
+     "Practitioner", "Composition", "Observation", "AllergyIntolerance", "Immunization",
+     "ServiceRequest", "Location"}
 )
+BUNDLE_TYPES = frozenset({"collection", "document"})
 _TOP_KEYS = frozenset(
     {"mapping", "source", "target", "purpose", "resources", "groups", "ordered", "unmapped"}
 )
-_RESOURCE_KEYS = frozenset({"type", "id_from", "id_within", "when", "rules"})
+_RESOURCE_KEYS = frozenset({"type", "name", "id_from", "id_within", "when", "rules"})
+_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 _GROUP_KEYS = frozenset({"name", "elements", "one_of", "min_items", "resources"})
-_RULE_KEYS = frozenset({"source", "transform", "value", "ref", "object", "when", "required"})
+_RULE_KEYS = frozenset(
+    {"source", "transform", "value", "ref", "object", "when", "required", "each"}
+)
 _WHEN_KEYS = frozenset({"source", "present", "in", "not_in", "any_present"})
 _INDEX_TOKEN = "$index"
 
@@ -62,6 +67,7 @@ class Rule:
     obj: list[RuleSet] | None = None
     when: Condition | None = None
     required: bool = False
+    each: str | None = None
 
 
 @dataclass(slots=True)
@@ -89,6 +95,16 @@ class ResourceSpec:
     id_within: str | None
     when: Condition | None
     rules: list[RuleSet]
+    name: str = ""
+    # Alternatives to ``id_from``: the first whose elements are all present names the
+    # resource. ``id_from`` is the first alternative.
+    id_alternatives: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.type
+        if not self.id_alternatives:
+            self.id_alternatives = [self.id_from]
 
 
 @dataclass(slots=True)
@@ -119,6 +135,7 @@ class MappingSpec:
     top_level_elements: frozenset[str]
     used_elements: frozenset[str]
     ordered: list[tuple[str, str]] = field(default_factory=list)
+    bundle_type: str = "collection"
 
     def coverage(self) -> dict[str, list[tuple[str, str]]]:
         """Data-set elements the mapping uses and those it leaves out (with the reason)."""
@@ -237,6 +254,9 @@ class _Loader:
             self.text(target, key)
         if str(target["version"]) != "4.0.1":
             raise LoadError("target version must be FHIR R4 4.0.1", location=target.where("version"))
+        bundle_type = target.get("bundle", "collection")
+        if bundle_type not in BUNDLE_TYPES:
+            raise LoadError("bundle must be collection or document", location=target.where("bundle"))
         self.text(data, "purpose")
         dataset = self.text(source, "dataset")
         catalog_path = self.path.parent / self.text(source, "catalog")
@@ -266,11 +286,14 @@ class _Loader:
             raise LoadError("resources must be a non-empty list", location=data.where("resources")
                             if "resources" in data else f"{data.where()} resources")
         resources = [self.resource(raw, group=None) for raw in raw_resources]
-        types = [r.type for r in resources]
+        names = [r.name for r in resources]
         for r in resources:
-            if types.count(r.type) > 1:
-                raise LoadError("resource type created twice at record level",
+            if names.count(r.name) > 1:
+                raise LoadError("resource created twice at record level (give each a name)",
                                 location=r.where)
+        if bundle_type == "document" and resources[0].type != "Composition":
+            raise LoadError("a document starts with its Composition", location=resources[0].where)
+        self.check_each(resources, groups)
         self.check_targets(resources, groups)
 
         ordered: list[tuple[str, str]] = []
@@ -323,10 +346,30 @@ class _Loader:
             catalog=self.catalog, valuesets=self.valuesets, resources=resources,
             groups=groups, unmapped=unmapped, top_level_elements=top_level,
             used_elements=frozenset(self.used - set(unmapped)), ordered=ordered,
+            bundle_type=str(bundle_type),
         )
 
+    def check_each(self, resources: list[ResourceSpec], groups: dict[str, GroupSpec]) -> None:
+        """``each: <group>`` runs a rule once per item of a group, so the group must exist
+        and the rule must append to a list."""
+        def walk(rulesets: list[RuleSet]) -> None:
+            for rs in rulesets:
+                for rule in rs.rules:
+                    if rule.each is not None:
+                        if rule.each not in groups:
+                            raise LoadError("each names no group of this mapping", location=rule.where)
+                        if not rs.appends:
+                            raise LoadError("each needs an appending path ([])", location=rule.where)
+                        if rule.ref is not None and rule.ref not in {
+                                r.name for r in groups[rule.each].resources}:
+                            raise LoadError("each: ref names a resource of that group",
+                                            location=rule.where)
+                    walk(rule.obj or [])
+        for r in resources:
+            walk(r.rules)
+
     def check_targets(self, resources: list[ResourceSpec], groups: dict[str, GroupSpec]) -> None:
-        top = {r.type for r in resources}
+        top = {r.name for r in resources}
         for r in resources:
             for rs in r.rules:
                 if rs.target_type not in (None, r.type):
@@ -337,14 +380,15 @@ class _Loader:
             for r in g.resources:
                 for rs in r.rules:
                     t = rs.target_type
-                    if t not in (None, r.type) and t not in local and t not in top:
+                    if t not in (None, r.type) and t not in local and t not in top \
+                            and t not in {x.type for x in resources}:
                         raise LoadError("rule targets a resource the mapping does not create",
                                         location=rs.where)
         for r in [*resources, *(gr for g in groups.values() for gr in g.resources)]:
             for ref in self.refs(r.rules):
                 rtype, where = ref
                 if rtype != "this" and rtype not in top and not any(
-                    rtype in {x.type for x in g.resources} for g in groups.values()
+                    rtype in {x.name for x in g.resources} for g in groups.values()
                 ):
                     raise LoadError("reference to a resource the mapping does not create",
                                     location=where)
@@ -391,16 +435,36 @@ class _Loader:
         rtype = self.text(raw, "type")
         if rtype not in _RESOURCE_TYPES:
             raise LoadError("resource type not supported", location=raw.where("type"))
-        id_from = self.str_list(raw, "id_from")
-        if not id_from:
-            raise LoadError("id_from needs at least one element", location=raw.where("id_from"))
-        for eid in id_from:
-            if eid == _INDEX_TOKEN:
-                if group is None:
-                    raise LoadError("$index is only meaningful inside a group",
-                                    location=raw.where("id_from"))
-                continue
-            self.element(eid, raw.where("id_from"))
+        name = rtype
+        if "name" in raw:
+            name = self.text(raw, "name")
+            if not _NAME.match(name) or (name in _RESOURCE_TYPES and name != rtype):
+                raise LoadError("name is a capitalised word, not another resource type",
+                                location=raw.where("name"))
+        raw_ids = raw.get("id_from")
+        alternatives: list[list[str]]
+        if isinstance(raw_ids, list) and raw_ids and all(isinstance(a, list) for a in raw_ids):
+            alternatives = [[str(e) for e in a] if all(isinstance(e, str) for e in a)
+                            else self.str_list(raw, "id_from") for a in raw_ids]
+        else:
+            alternatives = [self.str_list(raw, "id_from")]
+        for id_from in alternatives:
+            if not id_from:
+                raise LoadError("id_from needs at least one element", location=raw.where("id_from"))
+            if all(":" in eid for eid in id_from):
+                raise LoadError("id_from needs at least one element besides literals",
+                                location=raw.where("id_from"))
+            for eid in id_from:
+                if eid == _INDEX_TOKEN:
+                    if group is None:
+                        raise LoadError("$index is only meaningful inside a group",
+                                        location=raw.where("id_from"))
+                    continue
+                if ":" in eid:
+                    # A literal (an identifier system URI) that tells apart keys made of
+                    # different identifiers with the same values.
+                    continue
+                self.element(eid, raw.where("id_from"))
         id_within = raw.get("id_within")
         if id_within is not None and id_within not in _RESOURCE_TYPES:
             raise LoadError("id_within must name a resource type", location=raw.where("id_within"))
@@ -410,8 +474,9 @@ class _Loader:
                  for key, value in rules_raw.items()]
         for rs in rules:
             self.check_path(rs, rs.target_type or rtype)
-        return ResourceSpec(type=rtype, where=raw.where("type"), id_from=id_from,
-                            id_within=id_within, when=when, rules=rules)
+        return ResourceSpec(type=rtype, where=raw.where("type"), id_from=alternatives[0],
+                            id_within=id_within, when=when, rules=rules, name=name,
+                            id_alternatives=alternatives)
 
     def check_path(self, rs: RuleSet, base: str | None) -> None:
         """Every segment must be an element of the FHIR type it is applied to."""
@@ -518,6 +583,12 @@ class _Loader:
             rule.obj = [self.ruleset(k, v, obj.where(k), "", top=False) for k, v in obj.items()]
         if "when" in raw:
             rule.when = self.condition(raw["when"], raw.where("when"))
+        if "each" in raw:
+            if not isinstance(raw["each"], str):
+                raise LoadError("each names a repeating group", location=raw.where("each"))
+            if rule.ref is None and rule.obj is None:
+                raise LoadError("each goes with ref or object", location=raw.where("each"))
+            rule.each = raw["each"]
         if "required" in raw:
             if not isinstance(raw["required"], bool):
                 raise LoadError("required must be true or false", location=raw.where("required"))

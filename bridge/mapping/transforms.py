@@ -8,6 +8,7 @@ load error, not a silent default.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -144,6 +145,26 @@ def _identifier(value: str | None, rule: Rule, ctx: RuleContext) -> Any:
     return ident
 
 
+XHTML_NS = "http://www.w3.org/1999/xhtml"
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def xhtml_div(text: str) -> str:
+    """Free text as the XHTML ``div`` of a FHIR Narrative: markup characters escaped,
+    line breaks as ``<br/>`` (a carriage return is kept as ``&#13;``)."""
+    escaped = (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+               .replace("\r", "&#13;").replace("\n", "<br/>"))
+    return f'<div xmlns="{XHTML_NS}">{escaped}</div>'
+
+
+def _xhtml(value: str | None, rule: Rule, ctx: RuleContext) -> Any:
+    """A free-text element as a Narrative (``section.text``): status ``generated``."""
+    assert value is not None
+    if _XML_FORBIDDEN.search(value):
+        raise MappingError("text holds characters XML does not allow", location=ctx.location)
+    return {"status": "generated", "div": xhtml_div(value)}
+
+
 def _sequence(value: str | None, rule: Rule, ctx: RuleContext) -> Any:
     return ctx.seq
 
@@ -209,6 +230,7 @@ REGISTRY: dict[str, TransformDef] = {
     "fee_item": TransformDef(
         _fee_item, True, frozenset({"valueset", "within"}), frozenset({"valueset"})
     ),
+    "xhtml": TransformDef(_xhtml, True),
     "sequence": TransformDef(_sequence, False),
     "now": TransformDef(_now, False),
 }
