@@ -8,13 +8,13 @@ nested permit/deny trees) and random requests must get the same verdict from bot
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import pytest
+from policy_bundles import HOSPITAL, NOW, claim_bundle
 
 from bridge.errors import ConsentDenied
 from bridge.policy.classify import CATEGORY_SYSTEM, CONFIDENTIALITY_SYSTEM, SENSITIVITY_SYSTEM
@@ -33,7 +33,6 @@ from bridge.policy.consent import (
 )
 from bridge.policy.engine import apply_policy, recheck
 from bridge.policy.profile import load_link_profile
-from policy_bundles import HOSPITAL, NOW, claim_bundle
 
 CST = timezone(timedelta(hours=8))
 PATIENT = ("urn:oid:2.16.156.10011.1.3", "110101199003071234")
@@ -59,7 +58,7 @@ LABELS = [
 
 
 def day_start(text: str) -> datetime:
-    return datetime.fromisoformat(text).replace(tzinfo=CST).astimezone(timezone.utc)
+    return datetime.fromisoformat(text).replace(tzinfo=CST).astimezone(UTC)
 
 
 def day_end(text: str) -> datetime:
@@ -352,11 +351,11 @@ def test_narrowing_a_consent_stops_a_message_carrying_what_it_no_longer_covers()
     profile = load_link_profile("commercial-insurance")
     bundle, ident = patient_bundle(1)
     registry = ConsentRegistry()
-    args: dict[str, Any] = dict(
-        consent_id="c", patient_system=ident[0], patient_value=ident[1], recipient="insurer-b",
-        purposes=["HPAYMT"], start=date(2026, 1, 1), end=date(2026, 12, 31),
-        hospital_partner_id=HOSPITAL,
-    )
+    args: dict[str, Any] = {
+        "consent_id": "c", "patient_system": ident[0], "patient_value": ident[1], "recipient": "insurer-b",
+        "purposes": ["HPAYMT"], "start": date(2026, 1, 1), "end": date(2026, 12, 31),
+        "hospital_partner_id": HOSPITAL,
+    }
     registry.put(build_consent(**args, sensitive_classes=("infectious",)), now=NOW)
     result = apply_policy(bundle, registry=registry, profile=profile, recipient="insurer-b",
                           purpose="HPAYMT", now=NOW)

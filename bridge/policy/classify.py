@@ -156,7 +156,7 @@ def default_sensitive_codes() -> SensitiveCodes:
     if unknown:
         raise LoadError(
             "class is not defined in sensitive-icd10.yaml",
-            location=f"{path} classes.{sorted(unknown)[0]}",
+            location=f"{path} classes.{min(unknown)}",
         )
     return diagnoses.merged(treatments)
 
@@ -306,7 +306,7 @@ def load_classification(path: Path | None = None) -> ClassificationScheme:
             raise doc.error("a resource entry is a mapping", key)
         unknown = set(body) - {"category", "grade", "elements", "items", "sensitive", "note"}
         if unknown:
-            raise doc.error("unknown key", (*key, sorted(unknown)[0]))
+            raise doc.error("unknown key", (*key, min(unknown)))
         category = _category(doc, body.get("category"), categories, (*key, "category"))
         grade = _grade(doc, body.get("grade"), (*key, "grade"))
         elements: dict[str, ElementClass] = {}
@@ -476,7 +476,7 @@ def _value_grade(node: ElementClass, value: Any, cats: set[str]) -> int:
         return node.grade
     grade = 0
     for key, sub in value.items():
-        base = key[1:] if key.startswith("_") else key
+        base = key.removeprefix("_")
         child = children.get(base)
         if child is None:
             cats.add(node.category)
@@ -519,7 +519,7 @@ def label_resource(
     for key, value in resource.items():
         if key in UNCLASSIFIED:
             continue
-        base = key[1:] if key.startswith("_") else key
+        base = key.removeprefix("_")
         node = elements.get(base) or ElementClass(tc.grade, tc.category)
         if base in tc.items and isinstance(value, list) and key == base:
             subpaths = tc.sensitive_items.get(base, ())

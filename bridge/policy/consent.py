@@ -49,11 +49,13 @@ are registered. Errors name FHIR paths (``Consent.provision.period``), never a v
 
 from __future__ import annotations
 
+import builtins
 import copy
+import gc
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any, Literal
 
 from bridge.errors import ConsentDenied, MappingError
@@ -249,10 +251,10 @@ def _parse_instant(value: Any, path: str, *, end: bool) -> datetime:
     year, month, day, rest = m.group(1), m.group(2), m.group(3), m.group(4)
     try:
         if rest:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            parsed = datetime.fromisoformat(value)
             if parsed.tzinfo is None:
                 raise _bad("a dateTime with a time needs a zone", path)
-            return parsed.astimezone(timezone.utc)
+            return parsed.astimezone(UTC)
         if day:
             start = date(int(year), int(month), int(day))
             last = start
@@ -266,8 +268,8 @@ def _parse_instant(value: Any, path: str, *, end: bool) -> datetime:
     except ValueError:
         raise _bad("not a FHIR dateTime", path) from None
     if end:
-        return datetime.combine(last, time.max, _CST).astimezone(timezone.utc)
-    return datetime.combine(start, time.min, _CST).astimezone(timezone.utc)
+        return datetime.combine(last, time.max, _CST).astimezone(UTC)
+    return datetime.combine(start, time.min, _CST).astimezone(UTC)
 
 
 def _parse_period(raw: Any, path: str) -> Span | None:
@@ -374,9 +376,9 @@ def _parse_provision(
         if not isinstance(coding, dict) or not coding.get("code"):
             raise _bad("class must be a FHIR resource type or a data category", cpath)
         system, code = coding.get("system"), str(coding["code"])
-        if system == CATEGORY_SYSTEM and code in categories:
-            classes.add(code)
-        elif system == RESOURCE_TYPES_SYSTEM and code[:1].isupper():
+        if (system == CATEGORY_SYSTEM and code in categories) or (
+            system == RESOURCE_TYPES_SYSTEM and code[:1].isupper()
+        ):
             classes.add(code)
         else:
             raise _bad("class must be a FHIR resource type or a data category", cpath)
@@ -615,7 +617,7 @@ def check_override(emergency: EmergencyOverride, purpose: str) -> None:
 def _utc(now: datetime) -> datetime:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    return now.astimezone(timezone.utc)
+    return now.astimezone(UTC)
 
 
 def data_instants(
@@ -626,8 +628,8 @@ def data_instants(
         return None
     start, end = data_period
     return (
-        datetime.combine(start, time.min, _CST).astimezone(timezone.utc),
-        datetime.combine(end, time.max, _CST).astimezone(timezone.utc),
+        datetime.combine(start, time.min, _CST).astimezone(UTC),
+        datetime.combine(end, time.max, _CST).astimezone(UTC),
     )
 
 
@@ -686,9 +688,18 @@ class ConsentRegistry:
         invalid consent raises, naming its path; the ones before it stay registered.
         """
         count = 0
-        for resource in resources:
-            self.put(resource, now=now, trusted=trusted)
-            count += 1
+        # Parsing allocates many small objects that live as long as the registry; the
+        # cyclic collector would rescan the growing registry again and again, so it
+        # waits until the load is done (nothing here creates reference cycles).
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for resource in resources:
+                self.put(resource, now=now, trusted=trusted)
+                count += 1
+        finally:
+            if enabled:
+                gc.enable()
         return count
 
     def get(self, consent_id: str) -> ConsentRecord | None:
@@ -705,7 +716,9 @@ class ConsentRegistry:
         record = self._by_id.get(consent_id)
         return frozenset({record.patient_key}) if record is not None else frozenset()
 
-    def for_patient(self, patient_identifiers: Sequence[tuple[str, str]]) -> list[ConsentRecord]:
+    def for_patient(
+        self, patient_identifiers: Sequence[tuple[str, str]]
+    ) -> builtins.list[ConsentRecord]:
         """Consents whose patient matches any of these identifiers (index lookup)."""
         seen: dict[str, ConsentRecord] = {}
         for ident in patient_identifiers:

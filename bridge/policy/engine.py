@@ -404,7 +404,7 @@ def _run(
 
 
 def _first_key(identifiers: Sequence[tuple[str, str]]) -> str:
-    system, value = sorted(identifiers)[0]
+    system, value = min(identifiers)
     return f"{system}|{value}"
 
 
@@ -575,7 +575,7 @@ def _granular_paths(resource: dict[str, Any], profile: LinkProfile, rtype: str) 
         for key, value in obj.items():
             if not prefix and key in ("resourceType", "id", "meta"):
                 continue
-            base = key[1:] if key.startswith("_") else key
+            base = key.removeprefix("_")
             sub = node.get(base) if node is not None else None
             path = f"{prefix}{base}"
             if sub and isinstance(value, (dict, list)):

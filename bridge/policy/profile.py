@@ -259,7 +259,7 @@ def _prune(
         if key in skip:
             continue
         # A primitive's extension sibling (``_birthDate``) follows its element.
-        base = key[1:] if key.startswith("_") else key
+        base = key.removeprefix("_")
         if base not in tree:
             removed.append(f"{path}.{base}")
             continue
@@ -624,7 +624,7 @@ def load_profile(
         "profile", "title", "source", "resources", "grades", "levels", "ids", "k_anonymity"
     }
     if unknown:
-        raise doc.error("unknown key", (sorted(unknown)[0],))
+        raise doc.error("unknown key", (min(unknown),))
     if not isinstance(data["profile"], str) or not data["profile"]:
         raise doc.error("profile must be a name", ("profile",))
 

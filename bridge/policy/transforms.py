@@ -122,7 +122,7 @@ def _year(text: str) -> str | None:
 def _shift(text: str, days: int) -> str | None:
     try:
         if "T" in text:
-            moved = datetime.fromisoformat(text.replace("Z", "+00:00")) + timedelta(days=days)
+            moved = datetime.fromisoformat(text) + timedelta(days=days)
             out = moved.isoformat()
             return out.replace("+00:00", "Z") if text.endswith("Z") else out
         parts = text.split("-")

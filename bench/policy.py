@@ -1,0 +1,146 @@
+"""Policy stage benchmark: classify + authorize + minimize per claim, against the number
+of consents registered, next to the cost of mapping the same record.
+
+For 10, 1,000 and 100,000 registered consents, prints the median cost per claim bundle
+of ``apply_policy`` on WS 445.10 sample records (commercial-insurance link), its parts
+measured alone (minimize, classify, consent), the cost of ``map_record`` for the same
+records, and the ratio policy / mapping. Then the cost of registering consents: the
+full path (FHIR model validation, for consents arriving from outside) and the trusted
+path (consents read back from the bridge's own store, already validated once).
+
+Prints figures only; asserts nothing about time. The machine is shared and noisy:
+figures are medians.
+
+    python bench/policy.py [--samples 300] [--max-consents 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from bridge.mapping import map_record, patient_identifiers
+from bridge.policy.classify import copy_json, default_sensitive_codes, label_bundle
+from bridge.policy.consent import ConsentRegistry, build_consent
+from bridge.policy.engine import apply_policy, data_period
+from bridge.policy.profile import load_link_profile
+from bridge.samples import inpatient_records
+
+NOW = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
+CLASSES = ("sexual-reproductive", "infectious", "mental", "malignant", "genetic", "anal",
+           "rare", "incurable")
+
+
+def _consent(i: int, system: str, value: str) -> dict[str, Any]:
+    return build_consent(
+        consent_id=f"c-{i}", patient_system=system, patient_value=value, recipient="insurer-b",
+        purposes=["HPAYMT"], start=NOW - timedelta(days=30), end=NOW + timedelta(days=300),
+        sensitive_classes=CLASSES if i % 2 else (), hospital_partner_id="hospital-a",
+    )
+
+
+def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--max-consents", type=int, default=100_000)
+    args = parser.parse_args()
+
+    records = inpatient_records(args.samples, seed=3)
+    collections = [map_record(r, now=NOW) for r in records]
+    keys = []
+    for c in collections:
+        ids = patient_identifiers(c)
+        keys.append(next(((s, v) for s, v in ids if s.endswith(".1.3")), ids[0]))
+    profile = load_link_profile("commercial-insurance")
+    codes = default_sensitive_codes()
+
+    # Mapping, for scale: the first call per record, because mapping validates through a
+    # content cache and a repeated record would measure the cache.
+    fresh = inpatient_records(args.samples, seed=97)
+    mapping = statistics.median(_median_ms(lambda r=r: map_record(r, now=NOW), 1) for r in fresh)
+
+    print(f"policy stage per claim bundle (WS 445.10 sample records, pool of {args.samples}, "
+          "commercial-insurance link), median ms:")
+    print(f"  {'consents':>9}  {'policy':>7}  {'minimize':>8}  {'classify':>8}  {'consent':>7}  "
+          f"{'policy/map':>10}")
+    sizes = [n for n in (10, 1_000, 100_000) if n <= args.max_consents]
+    print(f"  (the same {min(sizes[0], len(collections))} records at every size, 25 runs each)")
+    policy_figures = {}
+    for n in sizes:
+        registry = ConsentRegistry()
+        # The sample patients get consents first; the rest belong to other patients.
+        for i in range(n):
+            if i < len(keys):
+                system, value = keys[i]
+            else:
+                system, value = "urn:oid:2.16.156.10011.1.3", f"9{i:017d}"
+            registry.put(_consent(i, system, value), now=NOW, trusted=True)
+        # A long-lived registry should not be rescanned by every full collection; a bridge
+        # does the same after loading its store (gc.freeze). Without it the figures with
+        # many consents include the collector's scans of them, in every stage alike.
+        gc.collect()
+        gc.freeze()
+        # The same records at every size (the ones with a consent at the smallest size).
+        usable = collections[: min(sizes[0], len(collections))]
+        pol, mini, cls, con = [], [], [], []
+        for c in usable:
+            pol.append(_median_ms(lambda c=c, registry=registry: apply_policy(
+                c, registry=registry, profile=profile, recipient="insurer-b",
+                purpose="HPAYMT", now=NOW, codes=codes), 25))
+            m = profile.minimize(c)
+            mini.append(_median_ms(lambda c=c: profile.minimize(c), 25))
+            cls.append(_median_ms(lambda m=m: label_bundle(copy_json(m.bundle), codes=codes,
+                                                           types=profile.classes), 25))
+            types = {e["resource"]["resourceType"] for e in m.bundle["entry"]}
+            ids = list(patient_identifiers(c))
+            period = data_period(c)
+            con.append(_median_ms(lambda ids=ids, types=types, period=period, registry=registry: registry.require_consent(
+                patient_identifiers=ids, recipient="insurer-b", purpose="HPAYMT",
+                resource_types=types, data_period=period, now=NOW), 25))
+        gc.unfreeze()
+        p = statistics.median(pol)
+        policy_figures[n] = p
+        print(f"  {n:>9,}  {p:7.3f}  {statistics.median(mini):8.3f}  "
+              f"{statistics.median(cls):8.3f}  {statistics.median(con):7.3f}  {p / mapping:10.1%}")
+    print(f"  mapping (map_record, first call per record) per record: {mapping:.3f} ms")
+    if len(policy_figures) > 1:
+        lo, hi = policy_figures[sizes[0]], policy_figures[sizes[-1]]
+        print(f"  policy with {sizes[-1]:,} consents / with {sizes[0]:,}: {hi / lo:.2f}x")
+
+    print("\nconsent registration:")
+    sample = [_consent(i, "urn:oid:2.16.156.10011.1.3", f"8{i:017d}") for i in range(2_000)]
+    t0 = time.perf_counter()
+    full = ConsentRegistry()
+    full.put_many(sample, now=NOW)
+    per_full = (time.perf_counter() - t0) / len(sample) * 1000
+    print(f"  validated (FHIR model + rules), {len(sample):,} consents: {per_full:.3f} ms each "
+          f"-> {per_full * args.max_consents / 1000:.1f} s for {args.max_consents:,}")
+    rows = [orjson.dumps(_consent(i, "urn:oid:2.16.156.10011.1.3", f"7{i:017d}"))
+            for i in range(args.max_consents)]
+    t0 = time.perf_counter()
+    trusted = ConsentRegistry()
+    trusted.put_many((orjson.loads(r) for r in rows), now=NOW, trusted=True)
+    total = time.perf_counter() - t0
+    print(f"  trusted store load (JSON parse + rules), {args.max_consents:,} consents: "
+          f"{total:.1f} s ({total / args.max_consents * 1000:.3f} ms each, "
+          f"{per_full / (total / args.max_consents * 1000):.0f}x faster)")
+
+
+if __name__ == "__main__":
+    main()
