@@ -187,6 +187,58 @@ def cmd_consent_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consent_explain(args: argparse.Namespace) -> int:
+    """What would be sent on a link today for this record, and why, element by element."""
+    from bridge.mapping import map_record, read_record
+    from bridge.policy.engine import explain
+
+    async def run() -> int:
+        controller = _controller(args.config)
+        try:
+            await controller.sync_consents()
+            link = controller.outbound_link(args.link)
+            record = read_record(Path(args.file).read_bytes(), source=args.file)
+            now = controller.clock()
+            explanation = explain(
+                map_record(record, now=now),
+                registry=controller.consents,
+                profile=controller.profiles[link.id],
+                recipient=link.partner,
+                purpose=link.purpose,
+                now=now,
+            )
+        finally:
+            await controller.close()
+        if args.json:
+            _print_json(
+                {
+                    "permitted": explanation.permitted,
+                    "decision": explanation.decision.to_dict() if explanation.decision else None,
+                    "elements": [
+                        {
+                            "path": e.path,
+                            "outcome": e.outcome,
+                            "consent": e.consent_id,
+                            "provision": e.provision_path,
+                            "detail": e.detail,
+                        }
+                        for e in explanation.elements
+                    ],
+                }
+            )
+        else:
+            sys.stdout.write(f"link {link.id} → {link.partner}, purpose {link.purpose}\n")
+            for line in explanation.lines():
+                sys.stdout.write(line + "\n")
+        return 0 if explanation.permitted else 1
+
+    try:
+        return asyncio.run(run())
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot read {args.file}: {exc.strerror}\n")
+        return 2
+
+
 # --- audit / outbox -----------------------------------------------------------------------
 
 
@@ -310,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--config", required=True)
     cs.add_argument("consent_id")
     cs.set_defaults(func=cmd_consent_show)
+    ce = cosub.add_parser(
+        "explain", help="what a record would disclose on a link today, element by element, and why"
+    )
+    ce.add_argument("--config", required=True)
+    ce.add_argument("--link", required=True)
+    ce.add_argument("--json", action="store_true", help="machine-readable output")
+    ce.add_argument("file", help="a WS 445 record (JSON)")
+    ce.set_defaults(func=cmd_consent_explain)
 
     a = sub.add_parser("audit", help="audit trail")
     asub = a.add_subparsers(dest="audit_command", required=True)

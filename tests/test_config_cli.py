@@ -174,3 +174,52 @@ def test_consent_revoke_and_show(
     assert main(["push", "--config", str(hospital_cfg), "--link", link, str(record_file)]) == 2
     assert "consent-denied" in capsys.readouterr().err
     assert main(["consent", "revoke", "--config", str(hospital_cfg), "nope"]) == 2
+
+
+def test_consent_explain_shows_what_is_sent_and_held_back(
+    configs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital_cfg, _ = configs
+    from bridge.policy.classify import default_sensitive_codes
+
+    codes = default_sensitive_codes()
+    icd10 = "urn:oid:2.16.156.10011.2.3.3.11"
+    record = next(
+        r
+        for r in inpatient_records(200, seed=13)
+        if any(
+            codes.classes_of(icd10, d.get("HDSD00.11.020") or d.get("HDSD00.11.023"))
+            for d in r["groups"].get("diagnoses", [])
+        )
+    )
+    record_file = tmp_path / "record.json"
+    record_file.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    explain = [
+        "consent",
+        "explain",
+        "--config",
+        str(hospital_cfg),
+        "--link",
+        "claims-to-insurer-b",
+        str(record_file),
+    ]
+
+    assert main(explain) == 1  # no consent: refused, and the output says why
+    assert "REFUSED" in capsys.readouterr().out
+
+    consent_file = tmp_path / "consent.json"
+    consent_file.write_bytes(orjson.dumps(consent_for(record, consent_id="ex-1", sensitive=())))
+    assert main(["consent", "add", "--config", str(hospital_cfg), str(consent_file)]) == 0
+    capsys.readouterr()
+    assert main([*explain, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    outcomes = {e["outcome"] for e in report["elements"]}
+    assert {"sent", "removed-by-profile", "held-back-by-consent"} <= outcomes
+    held = [e for e in report["elements"] if e["outcome"] == "held-back-by-consent"]
+    assert all(e["path"].startswith(("Condition", "Claim")) for e in held)
+    sent = [e for e in report["elements"] if e["outcome"] == "sent"]
+    assert any(e["path"].startswith("Patient") for e in sent)
+    assert [c["id"] for c in report["decision"]["consents"]] == ["ex-1"]
+    assert report["decision"]["provisions"][0]["consent"] == "ex-1"
+    # Paths and ids only: the patient's name never appears in the explanation.
+    assert record["elements"]["HDSD00.11.110"] not in json.dumps(report, ensure_ascii=False)

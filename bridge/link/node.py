@@ -26,8 +26,7 @@ from bridge.link.store import AsyncStore
 from bridge.mapping import map_record, patient_identifiers
 from bridge.messages import collection_of, message_id_for, wrap_message
 from bridge.policy.consent import ConsentRegistry, parse_consent
-from bridge.policy.engine import apply_policy, data_period
-from bridge.policy.engine import patient_identifiers as policy_patient_identifiers
+from bridge.policy.engine import apply_policy, recheck_collection
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
 from bridge.trust.registry import Partner, PartnerRegistry
@@ -166,8 +165,10 @@ class Controller:
     # --- consents ---------------------------------------------------------------------
 
     def _apply_consent_changes(self, changes: list[tuple[int, bytes]]) -> None:
+        # Consents in the store were validated when they were put: load them without
+        # repeating the FHIR model validation (every rule is still parsed and checked).
         for number, resource in changes:
-            self.consents.put(orjson.loads(resource), now=self.clock())
+            self.consents.put(orjson.loads(resource), now=self.clock(), trusted=True)
             self._consent_cursor = max(self._consent_cursor, number)
 
     async def sync_consents(self) -> None:
@@ -324,17 +325,18 @@ class Controller:
     def recheck_consent(self, payload: dict[str, Any], link: LinkConfig) -> None:
         """Ask the consent question again at dispatch; raises ConsentDenied.
 
-        The question is rebuilt from the signed payload itself (its patient, its
-        resource types, the span of care it describes), so it is the same question
-        whether the message waited a second or a week, and survives a restart.
+        The question is rebuilt from the signed payload itself (its patient, every
+        resource and labelled entry it carries, the span of care it describes), so it
+        is the same question whether the message waited a second or a week, and it
+        survives a restart. A consent narrowed meanwhile to exclude a special-disease
+        class stops a message that carries that class.
         """
-        collection = collection_of(payload)
-        self.consents.require_consent(
-            patient_identifiers=list(policy_patient_identifiers(collection)),
+        recheck_collection(
+            collection_of(payload),
+            registry=self.consents,
+            profile=self.profiles[link.id],
             recipient=link.partner,
             purpose=link.purpose,
-            resource_types=set(resource_types(collection)),
-            data_period=data_period(collection),
             now=self.clock(),
         )
 

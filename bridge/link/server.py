@@ -229,11 +229,11 @@ class ReceiverApp:
             validate_message(bundle)
             profile = c.profiles.get(_inbound_link_id(c, partner.id))
             if profile is not None:
-                minimized = profile.minimize(collection_of(bundle))
-                if minimized.removed:
+                outside = profile.check(collection_of(bundle))
+                if outside:
                     raise ProfileError(
                         "message carries elements outside the link profile",
-                        location=minimized.removed[0],
+                        location=outside[0],
                     )
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject=message_id, patient=patient)
