@@ -58,6 +58,8 @@ def _mutants(draw: st.DrawFn) -> dict[str, Any]:
     resource = copy.deepcopy(draw(st.sampled_from(_RESOURCES)))
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
         paths = [p for p in _paths(resource) if p[0] not in ("resourceType",)]
+        if not paths:  # everything but resourceType was dropped already
+            break
         path = draw(st.sampled_from(paths))
         parent: Any = resource
         for step in path[:-1]:
