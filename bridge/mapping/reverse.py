@@ -463,6 +463,7 @@ def unmap_with(spec: MappingSpec, bundle: dict[str, Any],
     ``forward`` maps a record to a Bundle (the forward mapping); the record returned is
     the one whose forward mapping gives back the input's resources.
     """
+    _check_kind(spec, bundle)
     want = _comparable(spec, bundle)
     record, points = _read(spec, bundle, {})
     keys = sorted(points)
@@ -483,6 +484,28 @@ def unmap_with(spec: MappingSpec, bundle: dict[str, Any],
         first_error = first_error or _difference(got, want)
     raise first_error or MappingError("Bundle is not the output of this mapping",
                                       location="Bundle.entry")
+
+
+def _check_kind(spec: MappingSpec, bundle: dict[str, Any]) -> None:
+    """Refuse at once, naming the entry, a Bundle this mapping cannot have produced: a
+    document for a collection mapping (or the reverse), or a resource type it never writes."""
+    entries = bundle.get("entry") or []
+    first = (entries[0].get("resource") or {}) if entries and isinstance(entries[0], dict) else {}
+    if spec.bundle_type == "document" and (bundle.get("type") != "document"
+                                           or first.get("resourceType") != "Composition"):
+        raise MappingError(f"{spec.dataset} is read from a document that starts with its "
+                           "Composition", location="Bundle.entry[0].resource")
+    if spec.bundle_type != "document" and bundle.get("type") == "document":
+        raise MappingError(f"{spec.dataset} is not read from a document",
+                           location="Bundle.entry[0].resource")
+    types = {r.type for r in spec.resources} | {
+        r.type for g in spec.groups.values() for r in g.resources}
+    for i, entry in enumerate(entries):
+        rtype = ((entry or {}).get("resource") or {}).get("resourceType") \
+            if isinstance(entry, dict) else None
+        if rtype not in types:
+            raise MappingError(f"{spec.dataset} mapping writes no resource of this type",
+                               location=f"Bundle.entry[{i}].resource")
 
 
 def _comparable(spec: MappingSpec, bundle: dict[str, Any]) -> list[dict[str, Any]]:
