@@ -8,8 +8,10 @@ independent R4 validator, and read back from FHIR to the same mapped elements.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from bridge.mapping.hl7v2 import read_hl7
 ROOT = Path(__file__).resolve().parent.parent
 HL7 = Path(__file__).parent / "golden" / "hl7v2"
 # Message type -> the WS 445 data set its DE record belongs to.
-MESSAGES = {"adt_a04": "WS445.2"}
+MESSAGES = {"adt_a04": "WS445.2", "oru_r01": "WS445.4", "rde_o11": "WS445.3"}
 CASES = sorted(p.name.removesuffix(".hl7") for kind in MESSAGES for p in HL7.glob(f"{kind}-*.hl7"))
 
 
@@ -30,11 +32,22 @@ def _record(name: str) -> dict[str, Any]:
     return read_hl7((HL7 / f"{name}.hl7").read_bytes())
 
 
+_DECIMAL = re.compile(r"^-?\d+\.\d+$")
+
+
+def _same_number(value: Any) -> Any:
+    """Numbers compare by value: the HIS pads "0.50", FHIR carries 0.5."""
+    if isinstance(value, str) and _DECIMAL.match(value):
+        return format(Decimal(value).normalize(), "f")
+    return value
+
+
 def _mapped(record: dict[str, Any]) -> tuple[dict[str, str], dict[str, list[dict[str, str]]]]:
     spec = mapping_for(record["dataset"])
     values, groups = check_record(spec, record)
-    return ({k: v for k, v in values.items() if k in spec.used_elements},
-            {n: [{k: v for k, v in i.items() if k in spec.used_elements} for i in items]
+    return ({k: _same_number(v) for k, v in values.items() if k in spec.used_elements},
+            {n: [{k: _same_number(v) for k, v in i.items() if k in spec.used_elements}
+                 for i in items]
              for n, items in groups.items() if items})
 
 

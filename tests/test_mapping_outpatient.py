@@ -27,7 +27,7 @@ from bridge.cli import main
 from bridge.errors import MappingError
 from bridge.mapping import map_record, mapping_for, read_record, unmap_bundle, unused_elements
 from bridge.mapping.engine import check_record
-from bridge.samples_outpatient import outpatient_records
+from bridge.samples_outpatient import lab_records, outpatient_records, prescription_records
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +36,8 @@ GOLDEN = Path(__file__).parent / "golden" / "ws445"
 # Data set -> golden-file prefix and sample generator.
 DATASETS: dict[str, tuple[str, Callable[..., list[dict[str, Any]]]]] = {
     "WS445.2": ("outpatient", outpatient_records),
+    "WS445.3": ("prescription", prescription_records),
+    "WS445.4": ("lab", lab_records),
 }
 CASES = sorted(p.name.removesuffix(".input.json") for prefix, _ in DATASETS.values()
                for p in GOLDEN.glob(f"{prefix}-*.input.json"))

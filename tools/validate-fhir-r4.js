@@ -54,4 +54,5 @@ for (const file of files) {
   results.push({file: path.resolve(file), valid, messages});
 }
 process.stdout.write(JSON.stringify({validator: `fhir@${version}`, fhirVersion: 'R4', results}) + '\n');
-process.exit(allValid ? 0 : 1);
+// exitCode, not exit(): exit() would cut a large report short when stdout is a pipe.
+process.exitCode = allValid ? 0 : 1;

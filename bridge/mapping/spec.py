@@ -26,7 +26,8 @@ _SEGMENT = re.compile(r"^(?P<name>_?[a-zA-Z][A-Za-z0-9]*)(?:\[(?P<index>\d*)\])?
 _RESOURCE_TYPES = frozenset(
     {"Patient", "Encounter", "Condition", "Procedure", "Coverage", "Claim", "Organization",
      "Practitioner", "Composition", "Observation", "AllergyIntolerance", "Immunization",
-     "ServiceRequest", "Location"}
+     "ServiceRequest", "Location", "MedicationRequest", "Medication", "DiagnosticReport",
+     "Specimen"}
 )
 BUNDLE_TYPES = frozenset({"collection", "document"})
 _TOP_KEYS = frozenset(
