@@ -1,7 +1,14 @@
 """The ledger on SQLite: outbox, inbox, consents and the audit chain in one file.
 
-Durability: WAL journal with ``synchronous=FULL``, so every commit is on disk before
-the method returns, which is what allows the caller to acknowledge afterwards.
+Durability: WAL journal with ``synchronous=FULL``, so every commit that anyone is
+told about (an enqueue the HIS is answered for, an inbox row a receipt is signed for,
+a consent, an HL7 message that gets AA) is on disk before the method returns. The
+outbox's own bookkeeping (claiming rows for sending, recording a receipt, a retry, a
+rejection) commits with ``synchronous=NORMAL``: it is atomic and ordered like every
+commit, and it reaches the disk with the next synced commit or checkpoint. A power
+loss can undo such a step, and that is harmless by design: the claim is sent again
+and the partner answers with its original receipt. WAL replays commits as a prefix,
+so the audit chain stays whole either way.
 Every method that changes state appends its audit entry in the same transaction
 (``BEGIN IMMEDIATE`` ... ``COMMIT``): either both are written or neither is.
 
@@ -312,14 +319,18 @@ class SQLiteStore:
             raise
 
     @contextmanager
-    def _tx(self, what: str) -> Iterator[sqlite3.Connection]:
+    def _tx(self, what: str, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """Hold the lock and a write transaction; commit on success, roll back on any error.
 
-        SQLite errors become :class:`StoreError` naming the operation only.
+        ``durable=False`` commits without waiting for the disk (see the module
+        docstring for which steps may). SQLite errors become :class:`StoreError`
+        naming the operation only.
         """
         with self._lock:
             conn = self._require_open()
             try:
+                if not durable:
+                    conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise StoreError(f"store busy or failing in {what} ({type(exc).__name__})",
@@ -336,6 +347,9 @@ class SQLiteStore:
                     raise StoreError(f"store failed in {what} ({type(exc).__name__})",
                                      location=str(self.path)) from exc
                 raise
+            finally:
+                if not durable:
+                    conn.execute("PRAGMA synchronous=FULL")
 
     @contextmanager
     def _read(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -388,7 +402,9 @@ class SQLiteStore:
         ``allowed_from`` narrows the table to the states this operation starts from
         (a retry and a requeue both end in ``queued`` but start from different states).
         """
-        with self._tx(what) as conn:
+        # The outcome of a send attempt may be replayed after a power loss (see the
+        # module docstring); an operator's requeue is an instruction and is synced.
+        with self._tx(what, durable=what == "requeue") as conn:
             row = self._get_outbox(conn, message_id)
             if row is None:
                 raise UnknownMessage(f"{what}: no outbox row for this message id",
@@ -469,7 +485,7 @@ class SQLiteStore:
         """
         t = format_time(now)
         until = format_time(now + lease)
-        with self._tx("claim_due") as conn:
+        with self._tx("claim_due", durable=False) as conn:
             # Two indexed queries rather than one with OR: the OR form makes SQLite walk
             # every row of the link, acked ones included, which grows without bound.
             due = conn.execute(
