@@ -277,28 +277,41 @@ async def _run(
         dispatcher = service.dispatchers[LINK_OUT]
         with progress:
             task = progress.add_task("push", total=len(order), delivered=0)
-            for k, idx in enumerate(order):
-                if interval:
-                    target = started + k * interval
-                    delay = target - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                result.submitted += 1
+            # A HIS pushes from several interface threads at once: submissions overlap,
+            # and the outbox's sequence numbers still order them.
+            in_flight = asyncio.Semaphore(8)
+            pending_tasks: set[asyncio.Task[None]] = set()
+
+            async def push(idx: int) -> None:
                 try:
                     sub = await service.submit(records[idx], LINK_OUT)
                 except ConsentDenied:
                     result.refused_no_consent += 1
                 else:
-                    if sub.message_id in message_ids:
+                    if not sub.created:
                         result.duplicates_suppressed_sender += 1
                     else:
                         message_ids.add(sub.message_id)
                         result.enqueued += 1
                         if sub.held_back:
                             result.held_back_sensitive += 1
-                progress.update(task, advance=1, delivered=dispatcher.stats.acked)
-                if k % 16 == 0:
-                    await asyncio.sleep(0)
+                finally:
+                    in_flight.release()
+                    progress.update(task, advance=1, delivered=dispatcher.stats.acked)
+
+            for k, idx in enumerate(order):
+                if interval:
+                    target = started + k * interval
+                    delay = target - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                await in_flight.acquire()
+                result.submitted += 1
+                t = asyncio.create_task(push(idx))
+                pending_tasks.add(t)
+                t.add_done_callback(pending_tasks.discard)
+            if pending_tasks:
+                await asyncio.gather(*pending_tasks)
             # Wait for the outbox to drain.
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
