@@ -234,6 +234,27 @@ def test_enqueue_is_idempotent_and_detects_conflict(store: Store) -> None:
     assert [r.seq for r in store.list_outbox("a-to-c")] == [1]
 
 
+def test_enqueue_many_answers_each_request_as_enqueue_would(store: Store) -> None:
+    enqueue(store, "m1", b"one")
+
+    def req(mid: str, payload: bytes) -> dict[str, Any]:
+        return {"message_id": mid, "link": "a-to-b", "partner": "insurer-b", "payload": payload,
+                "digest": digest(payload), "audit": rec("claim.enqueue", mid), "now": T0}
+
+    answers = store.enqueue_many(
+        [req("m2", b"two"), req("m1", b"changed"), req("m3", b"three"), req("m1", b"one")]
+    )
+    assert [type(a).__name__ for a in answers] == [
+        "OutboxRow", "ConflictError", "OutboxRow", "OutboxRow"
+    ]
+    assert [a.seq for a in answers if not isinstance(a, Exception)] == [2, 3, 1]
+    # The refused request left nothing behind: no row change, no audit entry, no seq used.
+    assert store.get_outbox("m1").payload == b"one"  # type: ignore[union-attr]
+    assert [r.seq for r in store.list_outbox("a-to-b")] == [1, 2, 3]
+    assert len(store.audit_entries()) == 3
+    assert store.verify_audit().ok
+
+
 def test_naive_times_are_refused(store: Store) -> None:
     with pytest.raises(ValueError):
         store.enqueue(message_id="m1", link="a-to-b", partner="insurer-b", payload=b"x",

@@ -10,13 +10,14 @@ on SQLite never loads the driver.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 if TYPE_CHECKING:
     from bridge.config import StoreConfig
+    from bridge.errors import BridgeError
     from bridge.ledger.audit import AuditEntry, AuditRecord, ChainReport
     from bridge.ledger.sqlite import ConsentRow, HL7InboxRow, InboxRow, OutboxRow
 
@@ -42,6 +43,9 @@ class Store(Protocol):
         audit: AuditRecord,
         now: datetime,
     ) -> OutboxRow: ...
+    def enqueue_many(
+        self, requests: Sequence[Mapping[str, Any]]
+    ) -> list[OutboxRow | BridgeError]: ...
     def claim_due(
         self, link: str, *, now: datetime, limit: int = 64, lease: timedelta = timedelta(seconds=30)
     ) -> list[OutboxRow]: ...

@@ -93,7 +93,7 @@ import re
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -103,7 +103,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from bridge.errors import ConflictError, StoreError
+from bridge.errors import BridgeError, ConflictError, StoreError
 from bridge.ledger.audit import (
     GENESIS_HASH,
     AuditEntry,
@@ -573,6 +573,21 @@ class PostgresStore:
                 continue
         raise StoreError("enqueue kept racing with concurrent writers",
                          location=f"outbox[{message_id}]")
+
+    def enqueue_many(self, requests: Sequence[Mapping[str, Any]]) -> list[OutboxRow | BridgeError]:
+        """Several :meth:`enqueue` calls, answered in order (the row or the error).
+
+        On PostgreSQL each enqueue keeps its own transaction: its race handling with
+        other processes needs a rollback per attempt, and a commit here costs little
+        next to SQLite's flush, so there is no group commit to gain.
+        """
+        results: list[OutboxRow | BridgeError] = []
+        for request in requests:
+            try:
+                results.append(self.enqueue(**request))
+            except BridgeError as exc:
+                results.append(exc)
+        return results
 
     def claim_due(
         self,

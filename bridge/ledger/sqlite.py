@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import orjson
 
-from bridge.errors import ConflictError, StoreError
+from bridge.errors import BridgeError, ConflictError, StoreError
 from bridge.ledger.audit import (
     GENESIS_HASH,
     AuditEntry,
@@ -448,24 +448,61 @@ class SQLiteStore:
         caller's digest of ``payload``.
         """
         with self._tx("enqueue") as conn:
-            existing = self._get_outbox(conn, message_id)
-            if existing is not None:
-                if (existing.digest, existing.link, existing.partner) != (digest, link, partner):
-                    raise ConflictError("message id already enqueued with different content",
-                                        location=f"outbox[{message_id}]")
-                return existing
-            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox WHERE link=?",
-                               (link,)).fetchone()[0]
-            t = format_time(now)
-            conn.execute(
-                f"INSERT INTO outbox ({_OUTBOX_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (message_id, link, seq, partner, payload, digest, OutboxState.QUEUED.value, 0,
-                 t, None, None, None, t, t),
-            )
-            self._append(conn, audit)
-            row = self._get_outbox(conn, message_id)
-            assert row is not None
-            return row
+            return self._enqueue_in(conn, message_id=message_id, link=link, partner=partner,
+                                    payload=payload, digest=digest, audit=audit, now=now)
+
+    def enqueue_many(self, requests: Sequence[Mapping[str, Any]]) -> list[OutboxRow | BridgeError]:
+        """Several :meth:`enqueue` calls in one synced transaction (group commit).
+
+        Each request holds the keyword arguments of :meth:`enqueue`. Every request is
+        judged on its own, exactly as :meth:`enqueue` would judge it (a conflict undoes
+        that request only, through a savepoint), and the answers come back in order:
+        the row, or the error that request would have raised. One disk flush then
+        covers the whole group, which is what lets many concurrent submitters share
+        the cost of durability.
+        """
+        results: list[OutboxRow | BridgeError] = []
+        with self._tx("enqueue_many") as conn:
+            for i, request in enumerate(requests):
+                conn.execute(f"SAVEPOINT enqueue_{i}")
+                try:
+                    results.append(self._enqueue_in(conn, **request))
+                except BridgeError as exc:
+                    conn.execute(f"ROLLBACK TO enqueue_{i}")
+                    results.append(exc)
+                conn.execute(f"RELEASE enqueue_{i}")
+        return results
+
+    def _enqueue_in(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        message_id: str,
+        link: str,
+        partner: str,
+        payload: bytes,
+        digest: str,
+        audit: AuditRecord,
+        now: datetime,
+    ) -> OutboxRow:
+        existing = self._get_outbox(conn, message_id)
+        if existing is not None:
+            if (existing.digest, existing.link, existing.partner) != (digest, link, partner):
+                raise ConflictError("message id already enqueued with different content",
+                                    location=f"outbox[{message_id}]")
+            return existing
+        seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox WHERE link=?",
+                           (link,)).fetchone()[0]
+        t = format_time(now)
+        conn.execute(
+            f"INSERT INTO outbox ({_OUTBOX_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (message_id, link, seq, partner, payload, digest, OutboxState.QUEUED.value, 0,
+             t, None, None, None, t, t),
+        )
+        self._append(conn, audit)
+        row = self._get_outbox(conn, message_id)
+        assert row is not None
+        return row
 
     def claim_due(
         self,
@@ -834,7 +871,7 @@ class SQLiteStore:
                 self._conn.close()
                 self._conn = None
 
-    def __enter__(self) -> SQLiteStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
