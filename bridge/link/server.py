@@ -43,7 +43,7 @@ from bridge.link.node import Controller, resource_types
 from bridge.mapping import patient_identifiers
 from bridge.messages import collection_of, header_event, message_identity
 from bridge.policy.consent import parse_consent
-from bridge.records.fhir import validate_resource, validate_resource_cached
+from bridge.records.fhir import ValidationCache, validate_resource, validate_resource_cached
 from bridge.resources import conformance_dir
 from bridge.trust.identity import certificate_identity
 from bridge.trust.jws import verify_bundle, verify_detached_bytes
@@ -276,7 +276,7 @@ class ReceiverApp:
         return web.Response(body=row.receipt, content_type=FHIR_JSON)
 
 
-def validate_message(bundle: dict[str, Any]) -> None:
+def validate_message(bundle: dict[str, Any], *, cache: ValidationCache | None = None) -> None:
     """Validate a received message bundle as FHIR R4, resource by resource.
 
     Each entry's resource goes through the shared validation cache, which proves an
@@ -293,7 +293,10 @@ def validate_message(bundle: dict[str, Any]) -> None:
             raise ParseError("entry is not an object", location=f"Bundle.entry[{i}]")
         resource = entry.get("resource")
         if isinstance(resource, dict):
-            validate_resource_cached(resource, path=f"Bundle.entry[{i}].resource")
+            if cache is None:
+                validate_resource_cached(resource, path=f"Bundle.entry[{i}].resource")
+            else:
+                cache.validate(resource, path=f"Bundle.entry[{i}].resource")
         shell_entries.append({k: v for k, v in entry.items() if k != "resource"})
     validate_resource({**bundle, "entry": shell_entries})
 
