@@ -1,14 +1,22 @@
 """The validation cache accepts exactly what full validation accepts.
 
-Valid resources from mapped sample records are mutated at random (a leaf replaced by an
-odd value, an element dropped, an unknown or a second choice element added, a list
-emptied or given a null) and validated with a warm cache and without one: both must
-agree, and a refusal must name the same location.
+Valid resources, collections and message bundles mapped from sample records of several
+WS 445 datasets are mutated at random: a primitive replaced by an odd value of the same
+Python class (the case a structure cache must catch: the shape is unchanged) or of another
+kind, an element dropped, an unknown, choice, primitive-extension or resource-type key
+added, list items duplicated, shared or nulled, containers emptied. Each mutant is
+validated fully and through a warm cache: both must agree, and a refusal must be the same
+error with the same location. Then a variant of the mutant with the same shape but other
+primitive values is checked the same way, after the cache may have learnt the mutant's
+shape. CI runs a fixed number of examples with a fixed seed (tests/conftest.py); set
+``VALIDATION_CACHE_EXAMPLES`` to explore more locally.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,28 +26,71 @@ from hypothesis import strategies as st
 
 from bridge.errors import ValidationError
 from bridge.mapping import map_record
+from bridge.messages import wrap_message
 from bridge.records.fhir import ValidationCache, validate_resource
 from bridge.samples import inpatient_records
+from bridge.samples_documents import discharge_records, referral_records, summary_records
+from bridge.samples_outpatient import lab_records, outpatient_records, prescription_records
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
-_RESOURCES = [e["resource"] for r in inpatient_records(12, seed=8)
-              for e in map_record(r, now=NOW)["entry"]]
+EXAMPLES = int(os.environ.get("VALIDATION_CACHE_EXAMPLES", "250"))
+
+_COLLECTIONS = [map_record(r, now=NOW)
+                for records in (inpatient_records(8, seed=8), outpatient_records(3, seed=8),
+                                prescription_records(3, seed=8), lab_records(3, seed=8),
+                                summary_records(2, seed=8), discharge_records(2, seed=8),
+                                referral_records(2, seed=8))
+                for r in records]
+_MESSAGES = [wrap_message(c, message_id=f"urn:uuid:00000000-0000-4000-8000-{n:012d}",
+                          event="claim-submit", sender="hospital-a", receiver="insurer-b",
+                          source_endpoint="https://hospital-a.example/fhir",
+                          destination_endpoint="https://insurer-b.example/fhir", now=NOW)
+             for n, c in enumerate(_COLLECTIONS[:4])]
+_RESOURCES = [e["resource"] for c in _COLLECTIONS for e in c["entry"]]
+# Mostly single resources, as the engine and the receiver validate them; some whole bundles.
+_ORIGINALS = _RESOURCES + _COLLECTIONS[:6] + _MESSAGES
 _CACHE = ValidationCache()
-for _r in _RESOURCES:
+for _r in _ORIGINALS:
     _CACHE.validate(_r)
 
-_ODD_LEAVES = st.one_of(
-    st.sampled_from(["", " x", "bogus", "1949-02-30", "2026-03-01T08:00:00", "08:30:00",
-                     "urn:oid:1.2", "a b", "CNY", "male", "2026-03-01T08:00:00+08:00",
-                     "urn:uuid:5e0e8b6e-2c6a-5b0e-9d0a-000000000000", "x" * 70]),
-    st.integers(min_value=-3, max_value=3), st.booleans(), st.none(),
-    st.floats(allow_nan=True, allow_infinity=True),
-    # Fresh containers for every example: a shared object mutated by a later step would
-    # make generation depend on earlier examples.
-    st.builds(dict), st.builds(list), st.builds(lambda: {"text": "x"}),
-    st.builds(lambda: [{"text": "x"}]), st.builds(lambda: {"system": "urn:x", "code": "c"}),
-    st.builds(lambda: {"value": 1, "currency": "CNY"}),
-)
+_ODD_STRINGS = st.sampled_from([
+    "", " ", "  x", "x ", "a  b", "\t", "\n", "\x01", "x" * 64, "x" * 65, "x" * 300,
+    "1949-02-30", "2026-13-01", "2026-00", "2026", "2026-02", "2024-02-29", "2026-02-29",
+    "2026-03-01", "2026-03-01T08:00:00", "2026-03-01T08:00:00+08:00", "2026-03-01T08:00:00Z",
+    "2026-03-01T24:00:00+08:00", "2026-12-31T23:59:60+08:00", "2026-03-01T08:00:00+15:00",
+    "2026-03-01T08:00:00.123+08:00", "20260301T083000", "08:30:00", "urn:oid:1.2",
+    "urn:oid:1.02", "urn:uuid:5e0e8b6e-2c6a-5b0e-9d0a-000000000000", "http://x y",
+    "/Patient/1", "a b", "1.5", "-0", "01", "+1", "1e5", "inf", "NaN", "true", "null", "{}",
+    '{"text": "x"}', '{"reference": "x"}', "male", "bogus", "CNY", "Patient", "active",
+    "finished", "claim", "collection", "张三", "Coding", "Reference", "CodeableConcept",
+    "Identifier", "Money", "Period"])
+_ODD_FLOATS = st.sampled_from([float("inf"), float("-inf"), float("nan"), -0.0, 0.0, 1e400,
+                               1e308, 1.5, 1e-7, 1e20, 2.0, -3.25, 12.345678901234567])
+_ODD_INTS = st.sampled_from([0, -1, 1, 2, 7, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63,
+                             10**30, -(10**40)])
+_ODD_CONTAINERS = st.sampled_from([
+    {}, [], [{}], [None], [[]], {"text": "x"}, [{"text": "x"}], {"system": "urn:x", "code": "c"},
+    {"value": 1, "currency": "CNY"}, {"extension": []}, {"id": "a"}, {"fhir_comments": "c"},
+    {"extension": [{"url": "http://x", "valueString": "y"}]}, [{"reference": "x"}, None],
+    {"resourceType": "Patient"}, {"resourceType": "Bogus"}, {"resource_type": "Coding"},
+    {"reference": "x", "resourceType": "Reference"}, {"resourceType": "Patient", "gender": "M"},
+    {"resourceType": "Coding", "system": "urn:x", "code": "c"}, {"text": "x", "resource_type": "x"},
+    [{"resourceType": "Organization", "name": "x"}],
+    # Fresh containers for every example (the deepcopy below): a shared object mutated by a
+    # later step would make generation depend on earlier examples.
+]).map(copy.deepcopy)
+_SAME_CLASS: dict[type, st.SearchStrategy[Any]] = {
+    str: _ODD_STRINGS, float: _ODD_FLOATS, int: _ODD_INTS, bool: st.booleans()}
+_ODD_LEAVES = st.one_of(_ODD_STRINGS, _ODD_FLOATS, _ODD_INTS, st.booleans(), st.none(),
+                        _ODD_CONTAINERS)
+_EXTRA_KEYS = st.sampled_from([
+    "foo", "valueString", "valueQuantity", "performedPeriod", "onsetDateTime", "effectivePeriod",
+    "diagnosisCodeableConcept", "text", "id", "meta", "extension", "modifierExtension",
+    "contained", "class_fhir", "fhir_comments", "resourceType", "resource_type", "_status",
+    "_birthDate", "_gender", "_created", "_id"])
+_EXTENSIONS = st.sampled_from([
+    {"extension": [{"url": "http://x", "valueString": "y"}]}, {"extension": []}, {"id": "a"}, {},
+]).map(copy.deepcopy)
 
 
 def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -53,48 +104,82 @@ def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
-@st.composite
-def _mutants(draw: st.DrawFn) -> dict[str, Any]:
-    resource = copy.deepcopy(draw(st.sampled_from(_RESOURCES)))
+def _at(node: Any, path: tuple[Any, ...]) -> Any:
+    for step in path:
+        node = node[step]
+    return node
+
+
+def _mutate(draw: st.DrawFn, resource: dict[str, Any]) -> None:
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
-        paths = [p for p in _paths(resource) if p[0] not in ("resourceType",)]
-        if not paths:  # everything but resourceType was dropped already
-            break
+        paths = _paths(resource)
+        if not paths:  # everything was dropped already
+            return
         path = draw(st.sampled_from(paths))
-        parent: Any = resource
-        for step in path[:-1]:
-            parent = parent[step]
-        last = path[-1]
-        action = draw(st.sampled_from(["replace", "drop", "extra", "choice", "null-item"]))
-        if action == "replace":
+        parent, last = _at(resource, path[:-1]), path[-1]
+        current = parent[last]
+        action = draw(st.sampled_from(["same-class", "same-class", "replace", "drop", "extra",
+                                       "choice", "null-item", "extra-item", "shared-item",
+                                       "empty", "extension"]))
+        if action == "same-class" and type(current) in _SAME_CLASS:
+            parent[last] = draw(_SAME_CLASS[type(current)])
+        elif action in ("replace", "same-class"):
             parent[last] = draw(_ODD_LEAVES)
         elif action == "drop":
             del parent[last]
         elif action == "extra" and isinstance(parent, dict):
-            parent[draw(st.sampled_from(["foo", "valueString", "performedPeriod", "_status",
-                                         "onsetDateTime", "text"]))] = draw(_ODD_LEAVES)
+            parent[draw(_EXTRA_KEYS)] = draw(_ODD_LEAVES)
         elif action == "choice" and isinstance(parent, dict):
             parent["performedString"] = "x"
             parent["diagnosisCodeableConcept"] = {"text": "x"}
         elif action == "null-item" and isinstance(parent, list):
             parent.append(None)
-    return resource
+        elif action == "extra-item" and isinstance(parent, list):
+            parent.append(copy.deepcopy(draw(st.sampled_from(parent))))
+        elif action == "shared-item" and isinstance(parent, list):
+            parent.append(draw(st.sampled_from(parent)))  # one object in two places
+        elif action == "empty" and isinstance(current, (dict, list)):
+            current.clear()
+        elif action == "extension" and isinstance(last, str) and not last.startswith("_"):
+            parent["_" + last] = draw(_EXTENSIONS)
+            if draw(st.booleans()):
+                del parent[last]
 
 
-def _outcome(fn: Any, resource: dict[str, Any]) -> str | None:
+def _same_shape(draw: st.DrawFn, resource: dict[str, Any]) -> None:
+    """Replace some primitives by odd values of the same class: the shape is unchanged."""
+    leaves = [p for p in _paths(resource) if type(_at(resource, p)) in _SAME_CLASS]
+    for path in draw(st.lists(st.sampled_from(leaves), min_size=1, max_size=3)) if leaves else []:
+        parent = _at(resource, path[:-1])
+        parent[path[-1]] = draw(_SAME_CLASS[type(parent[path[-1]])])
+
+
+@st.composite
+def _mutants(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    resource = copy.deepcopy(draw(st.sampled_from(_ORIGINALS)))
+    _mutate(draw, resource)
+    twin = copy.deepcopy(resource)
+    _same_shape(draw, twin)
+    return resource, twin
+
+
+def _outcome(fn: Callable[..., None], resource: dict[str, Any]) -> tuple[str, ...] | None:
     try:
-        fn(resource, path="R")
+        fn(copy.deepcopy(resource), path="R")
     except ValidationError as exc:
-        return exc.location or "?"
+        return ("refused", exc.location or "?", str(exc))
+    except Exception as exc:  # noqa: BLE001 - the models raise bare errors on some inputs
+        return ("raised", type(exc).__name__)
     return None
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_mutants())
-def test_cached_and_uncached_validation_agree(resource: dict[str, Any]) -> None:
-    full = _outcome(validate_resource, copy.deepcopy(resource))
-    cached = _outcome(_CACHE.validate, copy.deepcopy(resource))
-    assert cached == full
+def test_cached_and_full_validation_agree(pair: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    mutant, twin = pair
+    assert _outcome(_CACHE.validate, mutant) == _outcome(validate_resource, mutant)
+    # The cache may have learnt the mutant's shape just now; the twin has that shape.
+    assert _outcome(_CACHE.validate, twin) == _outcome(validate_resource, twin)
 
 
 def test_infinite_amount_is_refused_after_a_valid_one() -> None:
@@ -106,8 +191,9 @@ def test_infinite_amount_is_refused_after_a_valid_one() -> None:
     cache.validate(good)
     bad = copy.deepcopy(good)
     bad["costToBeneficiary"][0]["valueMoney"]["value"] = float("inf")
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError) as caught:
         cache.validate(bad)
+    assert caught.value.location == "Coverage.costToBeneficiary[0].valueMoney.value"
 
 
 def test_recurring_content_is_not_validated_again() -> None:
