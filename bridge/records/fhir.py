@@ -235,11 +235,15 @@ def _primitive_type(annotation: Any) -> str | None:
 # field — and these validators are taken from the models' own core schemas, so the rules
 # are the library's.
 #
-# The cache holds shapes that full validation accepted, as small integers: each dict's
+# The checks :func:`validate_resource` makes before the models (a known resourceType, known
+# types in Bundle entries) are the same function, :func:`_model_for`, on both paths.
+# The cache holds shapes that the models accepted, as small integers: each dict's
 # shape refers to its children's shapes by number (hash consing), numbers are never
 # reused, so a number always means one shape. A resource whose shape is known is checked
-# with the primitive validators only. A resource with a new shape is validated by the
-# models with every child element whose shape is known (and not a primitive extension,
+# with the primitive validators only; a validator's verdict depends on the value alone, so
+# strings a validator has already passed (equal strings are the same value) are not run
+# through it again. A resource with a new shape is validated by the models with every
+# child element whose shape is known (and not a primitive extension,
 # whose content step 5 reads) replaced by an instance of its model class built without
 # validation: by step 4 that instance is accepted as it is, exactly as the validated child
 # would have been, and nothing else in the parent reads it; after success every shape in
@@ -259,11 +263,13 @@ class _Field(NamedTuple):
     # _PRIMITIVE: the field's validator; _COMPLEX: the element's model class; _RESOURCE: the
     # fhir_core type whose lookup chooses the model; _LITERAL: None.
     target: Any
-    # _COMPLEX: whether a known child may stand in as an unvalidated instance.
-    replaceable: bool = False
+    # _COMPLEX: whether a known child may stand in as an unvalidated instance (bool);
+    # _PRIMITIVE: the strings the validator has passed, at most _PASSED_MAX (set[str]).
+    extra: Any = None
 
 
 _TABLES: dict[type, dict[str, _Field]] = {}
+_PASSED_MAX = 4096
 
 
 def _fields(model: type) -> dict[str, _Field]:
@@ -314,7 +320,7 @@ def _classify(annotation: Any, schema: Any, config: Any) -> _Field | None:
     if not fhir_types:
         if not isinstance(schema, dict):
             return None
-        return _Field(_PRIMITIVE, SchemaValidator(schema, config))
+        return _Field(_PRIMITIVE, SchemaValidator(schema, config), set())
     if len(set(fhir_types)) != 1 or not _is_fhir_element_schema(schema):
         return None
     fhir_type = fhir_types[0]
@@ -440,9 +446,19 @@ class ValidationCache:
             field = table.get(key)
             if field is None:
                 raise _NoShape
-            kind, target, _ = field
+            kind, target, extra = field
             cls = type(value)
             if kind == _PRIMITIVE:
+                if cls is str:
+                    # A validator's verdict is a function of the value alone; equal
+                    # strings are the same value, so a passed string need not be re-run.
+                    if value not in extra:
+                        target.validate_python(value)
+                        if len(extra) >= _PASSED_MAX:
+                            extra.clear()
+                        extra.add(value)
+                    add(cls)
+                    continue
                 target.validate_python(value)
                 if cls is list:
                     add(_LIST)
@@ -504,7 +520,7 @@ class ValidationCache:
     def _stand_in(self, field: _Field, node: dict[str, Any],
                   shapes: dict[int, tuple[type, int]]) -> Any:
         model, shape = shapes[id(node)]
-        if shape in self._accepted and (field.kind == _RESOURCE or field.replaceable):
+        if shape in self._accepted and (field.kind == _RESOURCE or field.extra):
             return _placeholder(model)
         return self._skeleton(node, model, shapes)
 
