@@ -369,3 +369,35 @@ async def test_revocation_through_another_process_stops_queued_claims(
         assert inbox_count(store_of(pair, "insurer")) == 0
     finally:
         await pair.stop()
+
+
+async def test_signed_but_invalid_fhir_gets_422_naming_the_element(
+    pair: Pair, records: list
+) -> None:
+    """A correctly signed message whose content is not valid FHIR R4 is refused, and
+    the OperationOutcome names the element, not its value."""
+    from bridge.trust.jws import sign_bundle
+
+    hospital = pair.hospital.controller
+    record = records[13]
+    await hospital.put_consent(consent_for(record))
+    signed, _ = hospital.prepare(record, LINK_OUT)
+    message = copy.deepcopy(signed)
+    message.pop("signature")
+    index = next(
+        i for i, e in enumerate(message["entry"]) if e["resource"]["resourceType"] == "Patient"
+    )
+    message["entry"][index]["resource"]["birthDate"] = "1987-02-30"
+    resigned = sign_bundle(
+        message,
+        hospital.signer,
+        issuer="hospital-a",
+        audience="insurer-b",
+        message_id=message["identifier"]["value"],
+        now=datetime.now(UTC),
+    )
+    status, outcome = await _post(pair, orjson.dumps(resigned))
+    assert status == 422
+    assert outcome["issue"][0]["expression"] == [f"Bundle.entry[{index}].resource.birthDate"]
+    assert "1987-02-30" not in orjson.dumps(outcome).decode()
+    assert inbox_count(store_of(pair, "insurer")) == 0
