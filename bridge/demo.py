@@ -160,6 +160,45 @@ def _consent_plan(records: list[dict[str, Any]], rng: random.Random) -> list[str
     return plan
 
 
+REVOKING = 3
+ALL_CLASSES = (
+    "sexual-reproductive",
+    "infectious",
+    "mental",
+    "malignant",
+    "genetic",
+    "anal",
+    "rare",
+    "incurable",
+)
+
+
+def _full_consent(
+    record: dict[str, Any], consent_id: str, now: datetime, *, sensitive: bool = True
+) -> dict[str, Any]:
+    """A consent for the insurer to receive this patient's claims for payment.
+
+    Consents name the patient by ID card number where there is one, otherwise by the
+    first identifier the hospital holds (passport, inpatient number, ...).
+    """
+    from bridge.mapping import map_record, patient_identifiers
+    from bridge.policy.engine import build_consent
+
+    ids = patient_identifiers(map_record(record, now=now))
+    system, value = next(((s, v) for s, v in ids if s == "urn:oid:2.16.156.10011.1.3"), ids[0])
+    return build_consent(
+        consent_id=consent_id,
+        patient_system=system,
+        patient_value=value,
+        recipient=INSURER,
+        purposes=["HPAYMT"],
+        start=now - timedelta(days=30),
+        end=now + timedelta(days=365),
+        sensitive_classes=ALL_CLASSES if sensitive else (),
+        hospital_partner_id=HOSPITAL,
+    )
+
+
 async def _wait_ready(
     url_host: str, port: int, proc: asyncio.subprocess.Process, timeout: float
 ) -> None:
@@ -185,8 +224,6 @@ async def _run(
     from bridge.ledger import open_store
     from bridge.link.node import Controller
     from bridge.link.service import BridgeService
-    from bridge.mapping import map_record, patient_identifiers
-    from bridge.policy.engine import build_consent
     from bridge.samples import inpatient_records
     from bridge.trust.pki import init_dev_pki
 
@@ -218,46 +255,33 @@ async def _run(
         await _wait_ready("127.0.0.1", insurer_port, proc, timeout=60)
         controller = Controller(load_config(hospital_cfg))
         service = BridgeService(controller, poll_interval=0.2)
-        await service.start()
 
         rng = random.Random(seed)
-        records = inpatient_records(claims, seed=seed)
+        # Three more patients than claims: they consent, their claims are queued, and
+        # they revoke before the bridge sends anything (below).
+        records = inpatient_records(claims + REVOKING, seed=seed)
+        revoking = records[claims:]
+        records = records[:claims]
         plan = _consent_plan(records, rng)
         now = datetime.now(UTC)
         for n, (record, kind) in enumerate(zip(records, plan, strict=True)):
             if kind == "none":
                 continue
-            ids = patient_identifiers(map_record(record, now=now))
-            # Consents name the patient by ID card number where there is one, otherwise by
-            # the first identifier the hospital holds (passport, inpatient number, ...).
-            system, value = next(
-                ((s, v) for s, v in ids if s == "urn:oid:2.16.156.10011.1.3"), ids[0]
-            )
-            consent = build_consent(
-                consent_id=f"demo-consent-{n:05d}",
-                patient_system=system,
-                patient_value=value,
-                recipient=INSURER,
-                purposes=["HPAYMT"],
-                start=now - timedelta(days=30),
-                end=now + timedelta(days=365),
-                sensitive_classes=(
-                    (
-                        "sexual-reproductive",
-                        "infectious",
-                        "mental",
-                        "malignant",
-                        "genetic",
-                        "anal",
-                        "rare",
-                        "incurable",
-                    )
-                    if kind == "full"
-                    else ()
-                ),
-                hospital_partner_id=HOSPITAL,
-            )
+            consent = _full_consent(record, f"demo-consent-{n:05d}", now, sensitive=kind == "full")
             await controller.put_consent(consent, source="demo")
+
+        # Revocation takes effect for claims already queued: these are enqueued while the
+        # dispatcher is not yet running, their consents are revoked, and the dispatcher
+        # refuses them when it gets to them.
+        for n, record in enumerate(revoking):
+            consent_id = f"demo-revoked-{n}"
+            consent = _full_consent(record, consent_id, now)
+            await controller.put_consent(consent, source="demo")
+            await controller.submit(record, LINK_OUT)
+            result.submitted += 1
+            result.enqueued += 1
+            await controller.put_consent({**consent, "status": "inactive"}, source="demo")
+        await service.start()
 
         # A few records are submitted twice, as a HIS does after a timeout.
         resubmit = set(rng.sample(range(claims), k=max(1, claims // 20))) if claims else set()
