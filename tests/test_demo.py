@@ -1,0 +1,43 @@
+"""The README's first command: the demo runs end to end and accounts for every claim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_pushes_claims_and_loses_none(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "demo",
+            "--claims",
+            "30",
+            "--quiet",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in run.stdout.splitlines()
+        if line.count("│") == 3
+    }
+    assert rows["lost"] == "0"
+    assert rows["signature failures"] == "0"
+    assert rows["refused at dispatch (consent revoked)"] == "3"
+    assert rows["hospital audit chain"].startswith("verified")
+    assert rows["insurer audit chain"].startswith("verified")
+    assert int(rows["delivered, with signed receipt"]) == int(rows["claims in the insurer's inbox"])
+    assert int(rows["refused: no consent"]) > 0
+    # The work folder holds what an operator would need to look further.
+    assert (tmp_path / "hospital.toml").exists() and (tmp_path / "insurer.log").exists()
+    assert (tmp_path / "pki" / "ca.pem").exists()
