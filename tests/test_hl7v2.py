@@ -310,3 +310,26 @@ def test_ack_for_an_error_raised_outside_the_room() -> None:
     err = MappingError("value not accepted here", location="OBX-5.1")
     ack = build_ack(ADT, "AE", error=err, now=NOW).decode("utf-8").split("\r")
     assert ack[2].split("|")[2:4] == ["OBX^1^5^1^1", "102^Data type error^HL70357"]
+
+
+# --- outpatient visit time ------------------------------------------------------------
+
+
+def test_outpatient_visit_time_is_the_end_of_the_visit() -> None:
+    """就诊日期时间 (WS 445.2) is when the visit ended: PV1-45, never the registration PV1-44."""
+    data = (GOLDEN / "adt_a04-01.hl7").read_bytes()
+    record = read_hl7(data)
+    assert record["elements"]["HDSD00.03.023"] == "20260302T093500"
+    later = _replace("PV1", 45, "20260302114000", data)
+    assert read_hl7(later)["elements"]["HDSD00.03.023"] == "20260302T114000"
+
+
+@pytest.mark.parametrize("name", ["adt_a04-01", "adt_a08-02"])
+def test_registration_without_visit_end_is_refused_naming_pv1_45(name: str) -> None:
+    data = _replace("PV1", 45, "", (GOLDEN / f"{name}.hl7").read_bytes())
+    err = _refusal(data)
+    assert isinstance(err, MappingError)
+    assert err.location is not None and err.location.startswith("PV1[1]-45")
+    assert err.detail["hl7_code"] == "101"
+    assert "HDSD00.03.023" in str(err) and "finished visit" in str(err)
+    assert "20260302090500" not in str(err)

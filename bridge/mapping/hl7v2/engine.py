@@ -244,10 +244,35 @@ def _dt15_checked(value: str, loc: _Where) -> str:
     return value
 
 
+def _apply_in_every(rule: Rule, ctx: _Ctx, element: str) -> tuple[str | None, _Where | None]:
+    """Run a ``same_in_every`` rule on each repetition of its segment.
+
+    The data element holds one value for the whole record, while the message may say it
+    once per order or item (ORC-4 per order, RXR per drug). Equal values are that value;
+    a repetition that differs from the first (a value against none included) is refused
+    naming its location, rather than keeping the first one silently.
+    """
+    segment = rule.paths[0].segment
+    first: tuple[str | None, _Where | None] | None = None
+    for seg in ctx.msg.segment_list(segment):
+        value, loc = _apply(rule, _Ctx(ctx.msg, seg))
+        value = value or None
+        if first is None:
+            first = (value, loc)
+        elif value != first[0]:
+            where = loc.loc() if loc is not None else Loc(segment, seg.rep, rule.paths[0].field)
+            raise hl7_error(MappingError, f"differs between {segment} segments, but {element} "
+                            "holds one value for the whole record", where, "102")
+    return first if first is not None else (None, None)
+
+
 def _element(er: ElementRules, ctx: _Ctx, catalog: DatasetCatalog) -> str | None:
     first_loc: _Where | None = None
     for rule in er.rules:
-        value, loc = _apply(rule, ctx)
+        if rule.same_in_every:
+            value, loc = _apply_in_every(rule, ctx, er.element)
+        else:
+            value, loc = _apply(rule, ctx)
         if first_loc is None and loc is not None:
             first_loc = loc
         if value is None or value == "":
@@ -260,7 +285,8 @@ def _element(er: ElementRules, ctx: _Ctx, catalog: DatasetCatalog) -> str | None
     if er.required:
         where = first_loc.loc() if first_loc is not None else ctx.loc(
             None, next(r for r in er.rules if r.paths).paths[0], 1)
-        raise hl7_error(MappingError, f"required for {er.element} but missing", where, "101")
+        why = f": {er.why}" if er.why else ""
+        raise hl7_error(MappingError, f"required for {er.element} but missing{why}", where, "101")
     return None
 
 

@@ -29,7 +29,7 @@ _TOP_KEYS = frozenset({"mapping", "source", "target", "purpose", "required_segme
 _SOURCE_KEYS = frozenset({"standard", "versions", "message", "structure"})
 _TARGET_KEYS = frozenset({"standard", "dataset", "subset", "catalog"})
 _RULE_KEYS = frozenset({"path", "select", "transform", "valueset", "at", "from", "value",
-                        "when", "required"})
+                        "when", "required", "same_in_every"})
 _GROUP_KEYS = frozenset({"segment", "when", "elements"})
 _SUMS_KEYS = frozenset({"segment", "category", "amount", "total", "within", "when"})
 _WHEN_KEYS = frozenset({"path", "present", "in", "not_in"})
@@ -90,6 +90,11 @@ class Rule:
     value: str | None = None
     when: When | None = None
     required: bool = False
+    # Why the element cannot be left empty; the refusal says it (a constant of the file).
+    why: str | None = None
+    # Read from every repetition of the segment, which must all give the same value:
+    # for record-level elements that a message may carry once per order or item.
+    same_in_every: bool = False
 
 
 @dataclass(slots=True)
@@ -103,6 +108,11 @@ class ElementRules:
     @property
     def required(self) -> bool:
         return any(r.required for r in self.rules)
+
+    @property
+    def why(self) -> str | None:
+        """The explanation a refusal for a missing value gives, if the file states one."""
+        return next((r.why for r in self.rules if r.why), None)
 
 
 @dataclass(slots=True)
@@ -310,9 +320,26 @@ class _Loader:
         if "when" in data:
             rule.when = self.when(data["when"], data.where("when"), group_segment)
         if "required" in data:
-            if not isinstance(data["required"], bool):
-                raise LoadError("required must be true or false", location=data.where("required"))
-            rule.required = data["required"]
+            required_value = data["required"]
+            if isinstance(required_value, str) and required_value.strip():
+                rule.required, rule.why = True, required_value.strip()
+            elif isinstance(required_value, bool):
+                rule.required = required_value
+            else:
+                raise LoadError("required must be true, false or the reason as a string",
+                                location=data.where("required"))
+        if "same_in_every" in data:
+            if not isinstance(data["same_in_every"], bool):
+                raise LoadError("same_in_every must be true or false",
+                                location=data.where("same_in_every"))
+            if data["same_in_every"]:
+                if group_segment is not None or rule.value is not None or rule.select is not None:
+                    raise LoadError("same_in_every is for record-level rules reading a path "
+                                    "without select", location=data.where("same_in_every"))
+                if len({p.segment for p in rule.paths}) != 1:
+                    raise LoadError("same_in_every reads one segment",
+                                    location=data.where("same_in_every"))
+                rule.same_in_every = True
         return rule
 
     def element_rules(self, data: Any, where: str,
