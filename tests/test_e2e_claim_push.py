@@ -401,3 +401,26 @@ async def test_signed_but_invalid_fhir_gets_422_naming_the_element(
     assert outcome["issue"][0]["expression"] == [f"Bundle.entry[{index}].resource.birthDate"]
     assert "1987-02-30" not in orjson.dumps(outcome).decode()
     assert inbox_count(store_of(pair, "insurer")) == 0
+
+
+async def test_failures_are_answered_as_operation_outcomes(pair: Pair, records: list) -> None:
+    """An unknown path and a failing store both answer with an OperationOutcome; a store
+    failure is 503 (try again) and nothing is acknowledged."""
+    status, outcome = await _post(pair, b"{}")  # sanity: a real endpoint answers FHIR
+    assert outcome["resourceType"] == "OperationOutcome"
+
+    ctx = client_ssl(pair.root, "hospital-a")
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
+        session.get(f"{pair.insurer_url}/Nothing/here") as resp,
+    ):
+        assert resp.status == 404
+        assert orjson.loads(await resp.read())["resourceType"] == "OperationOutcome"
+
+    record = records[14]
+    await pair.hospital.controller.put_consent(consent_for(record))
+    signed, _ = pair.hospital.controller.prepare(record, LINK_OUT)
+    pair.insurer.controller.store.close()  # the insurer's disk is gone
+    status, outcome = await _post(pair, orjson.dumps(signed))
+    assert status == 503
+    assert outcome["issue"][0]["details"]["coding"][0]["code"] == "store-error"

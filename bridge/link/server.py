@@ -35,6 +35,7 @@ from bridge.errors import (
     PolicyError,
     ProfileError,
     SignatureError,
+    StoreError,
     TrustError,
     UnknownPartner,
     UnsupportedMediaType,
@@ -73,7 +74,9 @@ class ReceiverApp:
         self.stats: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0}
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=self.c.config.server.max_body_bytes)
+        app = web.Application(
+            client_max_size=self.c.config.server.max_body_bytes, middlewares=[_outcome_on_failure]
+        )
         base = self.c.config.server.base_path.rstrip("/")
         app.router.add_post(f"{base}/$process-message", self.process_message)
         app.router.add_get(f"{base}/metadata", self.metadata)
@@ -252,28 +255,61 @@ class ReceiverApp:
             )
             return orjson.dumps(receipt)
 
-        row, created = await c.db.inbox_accept(
-            sender=partner.id,
-            message_id=message_id,
-            digest=claims.payload_digest,
-            payload=body,
-            audit=c.audit(
-                "message.receive",
-                subject=message_id,
-                partner=partner.id,
-                patient=patient,
-                categories=resource_types(bundle),
-                digest_value=claims.payload_digest,
+        try:
+            row, created = await c.db.inbox_accept(
+                sender=partner.id,
+                message_id=message_id,
+                digest=claims.payload_digest,
+                payload=body,
+                audit=c.audit(
+                    "message.receive",
+                    subject=message_id,
+                    partner=partner.id,
+                    patient=patient,
+                    categories=resource_types(bundle),
+                    digest_value=claims.payload_digest,
+                    now=now,
+                ),
+                make_receipt=build_receipt,
                 now=now,
-            ),
-            make_receipt=build_receipt,
-            now=now,
-        )
+            )
+        except ConflictError as exc:
+            # Another process of this receiver stored the same identity meanwhile.
+            return await self._refuse(exc, partner=partner.id, subject=message_id, patient=patient)
+        except StoreError as exc:
+            # Nothing was stored and nothing is acknowledged: the sender retries.
+            log.error("store failed while accepting %s: %s", message_id, exc)
+            return outcome_response(exc)
         if created:
             self.stats["accepted"] += 1
         else:
             self.stats["duplicates"] += 1
         return web.Response(body=row.receipt, content_type=FHIR_JSON)
+
+
+@web.middleware
+async def _outcome_on_failure(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Answer every failure as a FHIR OperationOutcome, never as aiohttp's plain text.
+
+    Routing errors (404, 405) keep their status; an unexpected exception is logged
+    here with its traceback and answered 500 without any detail that could carry data.
+    """
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = BridgeError(exc.reason or "request refused", location=request.path)
+        return web.Response(
+            status=exc.status, body=orjson.dumps(err.to_operation_outcome()), content_type=FHIR_JSON
+        )
+    except BridgeError as exc:  # e.g. the store failing: 503, the sender retries later
+        log.error("%s %s failed: %s", request.method, request.path, exc)
+        return outcome_response(exc)
+    except Exception:
+        log.exception("unexpected failure handling %s %s", request.method, request.path)
+        err = BridgeError("internal error; nothing was stored", location=request.path)
+        return outcome_response(err)
 
 
 def validate_message(bundle: dict[str, Any], *, cache: ValidationCache | None = None) -> None:
