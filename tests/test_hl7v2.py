@@ -333,3 +333,74 @@ def test_registration_without_visit_end_is_refused_naming_pv1_45(name: str) -> N
     assert err.detail["hl7_code"] == "101"
     assert "HDSD00.03.023" in str(err) and "finished visit" in str(err)
     assert "20260302090500" not in str(err)
+
+
+# --- prescriptions: 处方编号 and route ---------------------------------------------------
+
+
+RDE_TWO = (GOLDEN / "rde_o11-02.hl7").read_bytes()  # two orders, no ORC-4, both routes PO
+
+
+def _set_nth(data: bytes, segment: str, nth: int, field: int, value: str) -> bytes:
+    """``data`` with field ``field`` of the ``nth`` ``segment`` set to ``value``."""
+    segs = _segments(data)
+    index = [i for i, s in enumerate(segs) if s.startswith(segment.encode() + b"|")][nth - 1]
+    fields = segs[index].decode("utf-8").split("|")
+    fields += [""] * (field + 1 - len(fields))
+    fields[field] = value
+    segs[index] = "|".join(fields).encode("utf-8")
+    return b"\r".join(segs) + b"\r"
+
+
+def test_prescription_number_from_placer_group_else_first_placer_order() -> None:
+    assert read_hl7(RDE_TWO)["elements"]["HDSD00.04.002"] == "202603020001"
+    grouped = _set_nth(_set_nth(RDE_TWO, "ORC", 1, 4, "88001"), "ORC", 2, 4, "88001")
+    assert read_hl7(grouped)["elements"]["HDSD00.04.002"] == "88001"
+    golden = read_hl7((GOLDEN / "rde_o11-06.hl7").read_bytes())["elements"]
+    assert golden["HDSD00.04.002"] == "2026032700416"
+
+
+@pytest.mark.parametrize("second", ["88002", ""])
+def test_orders_of_different_prescriptions_are_refused_naming_orc4(second: str) -> None:
+    data = _set_nth(_set_nth(RDE_TWO, "ORC", 1, 4, "88001"), "ORC", 2, 4, second)
+    err = _refusal(data)
+    assert err.location == "ORC[2]-4.1" and err.detail["hl7_code"] == "102"
+    assert "HDSD00.04.002" in str(err) and "88001" not in str(err)
+
+
+def test_route_is_kept_when_every_drug_has_the_same() -> None:
+    assert read_hl7(RDE_TWO)["elements"]["HDSD00.04.027"] == "1"
+    # The same route written differently (with or without its text) is the same route.
+    data = _set_nth(RDE_TWO, "RXR", 2, 1, "PO^口服^HL70162")
+    assert read_hl7(data)["elements"]["HDSD00.04.027"] == "1"
+
+
+def test_drugs_with_different_routes_are_refused_naming_rxr() -> None:
+    err = _refusal(_set_nth(RDE_TWO, "RXR", 2, 1, "IV^^HL70162"))
+    assert err.location == "RXR[2]-1.1" and err.detail["hl7_code"] == "102"
+    assert "HDSD00.04.027" in str(err)
+
+
+def test_drug_without_rxr_is_refused_naming_its_rxe() -> None:
+    segs = _segments(RDE_TWO)
+    last_rxr = max(i for i, s in enumerate(segs) if s.startswith(b"RXR|"))
+    err = _refusal(b"\r".join(segs[:last_rxr] + segs[last_rxr + 1:]) + b"\r")
+    assert err.location == "RXE[2]" and "HDSD00.04.027" in str(err)
+    assert err.detail["hl7_code"] == "100"
+
+
+def test_same_in_every_is_checked_when_loaded(tmp_path: Path) -> None:
+    good = (Path(__file__).parents[1] / "mappings/hl7v2/messages/RDE_O11.yaml").read_text(
+        encoding="utf-8")
+    bad = {
+        "    each: RXE\n": "    each: rxe\n",
+        "    same_in_every: true\n    each": "    same_in_every: false\n    each",
+        "HDSD00.04.023: {path: RXE-2.2, transform: string, required: true}":
+            "HDSD00.04.023: {path: RXE-2.2, transform: string, same_in_every: true}",
+    }
+    for old, new in bad.items():
+        assert old in good
+        path = tmp_path / "RDE_O11.yaml"
+        path.write_text(good.replace(old, new), encoding="utf-8")
+        with pytest.raises(LoadError):
+            load_message_mapping(path, hl7_valuesets())

@@ -254,16 +254,47 @@ def _apply_in_every(rule: Rule, ctx: _Ctx, element: str) -> tuple[str | None, _W
     """
     segment = rule.paths[0].segment
     first: tuple[str | None, _Where | None] | None = None
-    for seg in ctx.msg.segment_list(segment):
-        value, loc = _apply(rule, _Ctx(ctx.msg, seg))
-        value = value or None
+    for seg in _in_every(rule, ctx.msg):
+        if isinstance(seg, Loc):  # an ``each`` segment followed by none of the rule's
+            value, loc, where = None, None, seg
+        else:
+            value, loc = _apply(rule, _Ctx(ctx.msg, seg))
+            value = value or None
+            where = loc.loc() if loc is not None else Loc(segment, seg.rep, rule.paths[0].field)
         if first is None:
             first = (value, loc)
         elif value != first[0]:
-            where = loc.loc() if loc is not None else Loc(segment, seg.rep, rule.paths[0].field)
-            raise hl7_error(MappingError, f"differs between {segment} segments, but {element} "
-                            "holds one value for the whole record", where, "102")
+            what = (f"{where.segment}[{where.seg_rep}] has no {segment}"
+                    if isinstance(seg, Loc) else f"differs between {segment} segments")
+            raise hl7_error(MappingError, f"{what}, but {element} holds one value for the "
+                            "whole record", where, "100" if isinstance(seg, Loc) else "102")
     return first if first is not None else (None, None)
+
+
+def _in_every(rule: Rule, msg: HL7Message) -> list[Segment | Loc]:
+    """The segments a ``same_in_every`` rule reads, in message order.
+
+    With ``each``, the rule's segments that follow each repetition of that segment (up to
+    the next one or a segment in ``until``); an ``each`` segment followed by none stands
+    as its own location, so that a drug without RXR is not given another drug's route.
+    """
+    segment = rule.paths[0].segment
+    if rule.each is None:
+        return list(msg.segment_list(segment))
+    out: list[Segment | Loc] = []
+    current: Segment | None = None
+    found = False
+    for seg in msg.segments:
+        if seg.name == rule.each or seg.name in rule.until:
+            if current is not None and not found:
+                out.append(Loc(current.name, current.rep))
+            current, found = (seg if seg.name == rule.each else None), False
+        elif seg.name == segment and current is not None:
+            out.append(seg)
+            found = True
+    if current is not None and not found:
+        out.append(Loc(current.name, current.rep))
+    return out
 
 
 def _element(er: ElementRules, ctx: _Ctx, catalog: DatasetCatalog) -> str | None:

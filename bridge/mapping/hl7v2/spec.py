@@ -29,7 +29,7 @@ _TOP_KEYS = frozenset({"mapping", "source", "target", "purpose", "required_segme
 _SOURCE_KEYS = frozenset({"standard", "versions", "message", "structure"})
 _TARGET_KEYS = frozenset({"standard", "dataset", "subset", "catalog"})
 _RULE_KEYS = frozenset({"path", "select", "transform", "valueset", "at", "from", "value",
-                        "when", "required", "same_in_every"})
+                        "when", "required", "same_in_every", "each", "until"})
 _GROUP_KEYS = frozenset({"segment", "when", "elements"})
 _SUMS_KEYS = frozenset({"segment", "category", "amount", "total", "within", "when"})
 _WHEN_KEYS = frozenset({"path", "present", "in", "not_in"})
@@ -95,6 +95,10 @@ class Rule:
     # Read from every repetition of the segment, which must all give the same value:
     # for record-level elements that a message may carry once per order or item.
     same_in_every: bool = False
+    # With ``same_in_every``: every repetition of this segment must be followed by one
+    # (the rule's segments between it and the next one, or a segment in ``until``).
+    each: str | None = None
+    until: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -340,6 +344,22 @@ class _Loader:
                     raise LoadError("same_in_every reads one segment",
                                     location=data.where("same_in_every"))
                 rule.same_in_every = True
+        for key in ("each", "until"):
+            if key in data and not rule.same_in_every:
+                raise LoadError(f"{key} goes with same_in_every: true", location=data.where(key))
+        if "each" in data:
+            each = data["each"]
+            if not isinstance(each, str) or not re.fullmatch(r"[A-Z][A-Z0-9]{2}", each):
+                raise LoadError("each is a segment id", location=data.where("each"))
+            rule.each = each
+        if "until" in data:
+            if "each" not in data:
+                raise LoadError("until goes with each", location=data.where("until"))
+            until = data["until"]
+            if not isinstance(until, list) or not all(
+                    isinstance(u, str) and re.fullmatch(r"[A-Z][A-Z0-9]{2}", u) for u in until):
+                raise LoadError("until is a list of segment ids", location=data.where("until"))
+            rule.until = frozenset(until)
         return rule
 
     def element_rules(self, data: Any, where: str,
