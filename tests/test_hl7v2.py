@@ -161,7 +161,7 @@ def test_target_format_is_enforced() -> None:
 def test_errors_never_carry_the_value(data: bytes, value: str | None) -> None:
     err = _refusal(data)
     text = str(err) + repr(err.to_operation_outcome())
-    for secret in ("王建国", "330106198503124518", "13905710001", "文三路", value or "王建国"):
+    for secret in ("王建国", "330106198503124512", "13905710001", "文三路", value or "王建国"):
         assert secret not in text
 
 
@@ -197,7 +197,7 @@ def test_parse_then_map_equals_read() -> None:
 
 def test_ack_accept_v25() -> None:
     ack = build_ack(parse_hl7(ADT), "AA", now=NOW).decode("utf-8").split("\r")
-    assert ack[0].startswith("MSH|^~\\&|FHIRBRIDGE|BRIDGE|HIS|杭州市滨江区第一人民医院^47011235-6^L|"
+    assert ack[0].startswith("MSH|^~\\&|FHIRBRIDGE|BRIDGE|HIS|杭州市滨江区第一人民医院^47011235-7^L|"
                               "20260301083000+0800||ACK^A01^ACK|ACKA0100001|P|2.5|")
     assert ack[0].endswith("|UNICODE UTF-8")
     assert ack[1] == "MSA|AA|A0100001"
