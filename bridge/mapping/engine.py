@@ -14,7 +14,15 @@ from datetime import datetime
 from typing import Any
 
 from bridge.errors import MappingError
-from bridge.mapping.spec import APPEND, Condition, GroupSpec, MappingSpec, ResourceSpec, Rule, RuleSet
+from bridge.mapping.spec import (
+    APPEND,
+    Condition,
+    GroupSpec,
+    MappingSpec,
+    ResourceSpec,
+    Rule,
+    RuleSet,
+)
 from bridge.mapping.transforms import NOTHING, REGISTRY
 from bridge.mapping.valuesets import ValueSetMap
 from bridge.records.fhir import validate_resource_cached
