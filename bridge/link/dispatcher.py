@@ -20,6 +20,7 @@ import logging
 import random
 import ssl
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -41,7 +42,7 @@ from bridge.errors import (
 )
 from bridge.ledger.states import next_attempt
 from bridge.link.node import Controller, _decision_detail, resource_types
-from bridge.trust.jws import digest, signed_payload
+from bridge.trust.jws import digest, sign_bundle, signed_payload
 from bridge.trust.receipts import verify_receipt
 from bridge.trust.tls import client_context
 
@@ -190,7 +191,10 @@ class Dispatcher:
                 continue
             try:
                 rows = await self.c.db.claim_due(
-                    self.link.id, now=self.c.clock(), limit=min(free, self.link.batch)
+                    self.link.id,
+                    now=self.c.clock(),
+                    limit=min(free, self.link.batch),
+                    lease=self._lease(),
                 )
             except Exception:
                 log.exception("outbox read failed on link %s", self.link.id)
@@ -205,6 +209,31 @@ class Dispatcher:
                 task = asyncio.create_task(self._deliver(row))
                 self._sending.add(task)
                 task.add_done_callback(self._sending.discard)
+
+    def _lease(self) -> timedelta:
+        # A claimed row must stay ours for as long as its send can take (every quick
+        # retry running to the request timeout, plus their backoff); a shorter lease
+        # lets the next poll claim it again and send it twice in parallel.
+        send = (self.link.request_timeout_seconds + 1.0) * self.quick_retries
+        return max(timedelta(seconds=30), timedelta(seconds=send + 30))
+
+    def _signed_now(self, payload: dict[str, Any], message_id: str) -> bytes:
+        """The stored message with a signature made now.
+
+        The receiver only accepts signatures from the last few minutes, and a claim may
+        wait in the outbox far longer. The signed content (and so its digest, which the
+        receiver deduplicates on and the receipt names) is unchanged.
+        """
+        c = self.c
+        signed = sign_bundle(
+            payload,
+            c.signer,
+            issuer=c.id,
+            audience=self.link.partner,
+            message_id=message_id,
+            now=c.clock(),
+        )
+        return orjson.dumps(signed)
 
     async def _sleep(self, seconds: float) -> None:
         self._wake.clear()
@@ -235,7 +264,7 @@ class Dispatcher:
                     ),
                 )
                 return
-            receipt_bytes = await self._post(row.payload)
+            receipt_bytes = await self._post(self._signed_now(payload, message_id))
             receipt = orjson.loads(receipt_bytes)
             try:
                 verified = verify_receipt(
@@ -364,7 +393,7 @@ class Dispatcher:
         payload = orjson.loads(row.payload)
         await c.sync_consents()
         c.recheck_consent(payload, self.link)
-        receipt_bytes = await self._post(row.payload)
+        receipt_bytes = await self._post(self._signed_now(payload, message_id))
         verify_receipt(
             orjson.loads(receipt_bytes),
             c.keyring,

@@ -225,11 +225,13 @@ class ReceiverApp:
             )
             return web.Response(body=existing.receipt, content_type=FHIR_JSON)
 
-        ids = patient_identifiers(bundle)
-        patient = c.pseudonym(ids)
+        patient: str | None = None
         try:
             header_event(header)
             validate_message(bundle)
+            # Only a validated bundle is read for its patient: a malformed one is refused
+            # (and audited) as invalid FHIR, and one without a Patient as unmappable.
+            patient = c.pseudonym(patient_identifiers(bundle))
             profile = c.profiles.get(_inbound_link_id(c, partner.id))
             if profile is not None:
                 outside = profile.check(collection_of(bundle))
