@@ -413,6 +413,17 @@ class ConsentAPI:
             source = "local"
             if caller is not None:
                 signature = self._check_partner_submission(request, caller, body, resource)
+                # Reusing an id must not let a partner replace a consent given to
+                # someone else (or to several recipients, itself among them).
+                existing = await c.db.get_consent(resource["id"])
+                if existing is not None:
+                    held = parse_consent(orjson.loads(existing.resource))
+                    if _permit_recipients(held.provision) != {caller}:
+                        raise PolicyError(
+                            "a partner may only amend consents that name itself as the only"
+                            " recipient",
+                            location="Consent.id",
+                        )
                 source = f"partner:{caller} jws:{signature}"
             stored_id = await c.put_consent(resource, source=source)
         except BridgeError as exc:
