@@ -15,7 +15,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 HOSPITAL_NAME = "杭州市滨江区第一人民医院"
-HOSPITAL_ORG_CODE = "47011235-6"
+HOSPITAL_ORG_CODE = "47011235-7"
 DATASET = "WS445.10"
 
 

@@ -647,7 +647,7 @@ def test_identical_resources_are_validated_once() -> None:
 
     cache = ValidationCache()
     org = {"resourceType": "Organization", "identifier": [
-        {"system": "urn:oid:2.16.156.10011.1.5", "value": "47011235-6"}], "name": "医院"}
+        {"system": "urn:oid:2.16.156.10011.1.5", "value": "47011235-7"}], "name": "医院"}
     cache.validate(org)
     size = len(cache)
     cache.validate(copy.deepcopy(org))
