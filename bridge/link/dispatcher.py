@@ -42,6 +42,7 @@ from bridge.errors import (
 )
 from bridge.ledger.states import next_attempt
 from bridge.link.node import Controller, _decision_detail, resource_types
+from bridge.trust.identity import certificate_identity
 from bridge.trust.jws import digest, sign_bundle, signed_payload
 from bridge.trust.receipts import verify_receipt
 from bridge.trust.tls import client_context
@@ -55,6 +56,42 @@ class CertificateFault(BridgeError):
     code = "tls-certificate-fault"
     http_status = 502
     fault = "local"
+
+
+class PartnerConnector(aiohttp.TCPConnector):
+    """A connector that sends nothing to a server whose certificate is not the partner's.
+
+    The CA and the host name are checked by the TLS context; this adds the partner
+    binding of PROTOCOL §2: the server's certificate must name the link's partner in
+    its URI SAN (and match a pinned fingerprint when the partner has any). The check
+    runs on the finished handshake, before a byte of the request is written, so a
+    server that merely holds some certificate from a trusted CA never sees a claim.
+    """
+
+    def __init__(self, *, expected_partner: str, fingerprints: frozenset[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._expected_partner = expected_partner
+        self._fingerprints = fingerprints
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        try:
+            identity = certificate_identity(der) if der else None
+        except TrustError:
+            identity = None
+        if (
+            identity is None
+            or identity.partner_id != self._expected_partner
+            or (self._fingerprints and identity.fingerprint_sha256 not in self._fingerprints)
+        ):
+            transport.close()
+            raise CertificateFault(
+                "the server's certificate does not name the link's partner",
+                location="TLS.server-certificate",
+            )
+        return transport, protocol
 
 
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
@@ -147,7 +184,13 @@ class Dispatcher:
     async def start(self) -> None:
         tls = self.c.config.tls
         ctx = client_context(tls.cert, tls.key, tls.ca)
-        connector = aiohttp.TCPConnector(ssl=ctx, limit=self.link.concurrency)
+        partner = self.c.config.partner(self.link.partner)
+        connector = PartnerConnector(
+            expected_partner=partner.id,
+            fingerprints=frozenset(partner.tls_fingerprints),
+            ssl=ctx,
+            limit=self.link.concurrency,
+        )
         timeout = aiohttp.ClientTimeout(total=self.link.request_timeout_seconds)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         self._task = asyncio.create_task(self._run(), name=f"dispatch:{self.link.id}")
@@ -337,6 +380,16 @@ class Dispatcher:
                     self.link.id,
                     self.link.retry_cap_seconds,
                     exc,
+                )
+                await c.db.append_audit(
+                    c.audit(
+                        "link.paused",
+                        subject=f"link:{self.link.id}",
+                        outcome="failure",
+                        partner=self.link.partner,
+                        detail=f"{exc.code}@{exc.location or '-'}",
+                        now=now,
+                    )
                 )
             self.paused_reason = exc.message
             self._paused_until = asyncio.get_running_loop().time() + self.link.retry_cap_seconds
