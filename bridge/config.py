@@ -48,6 +48,19 @@ class ServerConfig(_Strict):
     public_url: str | None = Field(
         default=None, description="base URL partners use; defaults to https://host:port/base_path"
     )
+    local_client_fingerprints: list[str] = Field(
+        default_factory=list,
+        description=(
+            "SHA-256 fingerprints of the client certificates this controller's own systems "
+            "use (HIS, patient app back end); when set, a certificate naming this controller "
+            "is accepted only if pinned here"
+        ),
+    )
+
+    @field_validator("local_client_fingerprints")
+    @classmethod
+    def _normalise(cls, value: list[str]) -> list[str]:
+        return [v.lower().replace(":", "") for v in value]
 
     def base_url(self) -> str:
         if self.public_url:
@@ -63,9 +76,11 @@ class TLSConfig(_Strict):
 
 
 class SigningConfig(_Strict):
+    """The signing key and certificate; the algorithm follows the key (EC P-256 gives
+    ES256, Ed25519 gives the fully specified JOSE algorithm ``Ed25519``)."""
+
     cert: Path
     key: Path
-    algorithm: Literal["ES256", "EdDSA"] = "ES256"
 
 
 class StoreConfig(_Strict):

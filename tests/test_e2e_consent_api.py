@@ -188,3 +188,29 @@ async def test_metadata_is_served_over_mutual_tls(pair: Pair) -> None:
         assert status == 200
         assert capability["resourceType"] == "CapabilityStatement"
         assert capability["fhirVersion"] == "4.0.1"
+
+
+async def test_own_systems_can_be_pinned(tmp_path: Path, record: dict[str, Any]) -> None:
+    """With local client pins configured, a certificate that merely names this controller
+    (issued by any CA in the bundle) gets no access to the consent API."""
+    from e2e_support import make_workdir
+
+    from bridge.config import load_config
+    from bridge.link.node import Controller
+    from bridge.link.service import BridgeService
+
+    hospital_cfg, _ = make_workdir(tmp_path)
+    text = hospital_cfg.read_text(encoding="utf-8").replace(
+        "[server]\n", '[server]\nlocal_client_fingerprints = ["' + "ab" * 32 + '"]\n', 1
+    )
+    hospital_cfg.write_text(text, encoding="utf-8")
+    service = BridgeService(Controller(load_config(hospital_cfg)))
+    await service.start()
+    try:
+        pair = Pair(tmp_path, hospital_cfg, hospital_cfg, service, service)
+        status, outcome = await call(pair, "POST", "Consent", orjson.dumps(consent_for(record)))
+        assert status == 401
+        assert outcome["issue"][0]["expression"] == ["TLS.client-certificate"]
+        assert service.controller.store.get_consent("c-1") is None
+    finally:
+        await service.stop()

@@ -123,7 +123,14 @@ class ReceiverApp:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
             raise UnknownPartner("no client certificate on this connection", location="TLS")
-        if certificate_identity(der).partner_id == self.c.id:
+        identity = certificate_identity(der)
+        if identity.partner_id == self.c.id:
+            pins = self.c.config.server.local_client_fingerprints
+            if pins and identity.fingerprint_sha256 not in pins:
+                raise UnknownPartner(
+                    "certificate names this controller but is not a pinned local client",
+                    location="TLS.client-certificate",
+                )
             return None
         return self.c.partners.identify(der).id
 
@@ -136,7 +143,7 @@ class ReceiverApp:
     async def process_message(self, request: web.Request) -> web.Response:
         try:
             partner = self._peer_partner(request)
-        except UnknownPartner as exc:
+        except TrustError as exc:  # no certificate, no partner, or an ambiguous one
             return await self._refuse(exc, partner=None, subject="connection")
         link = self.c.inbound_link_for(partner.id)
         if link is None:
@@ -400,7 +407,7 @@ class ConsentAPI:
         c = self.c
         try:
             caller = self.r._caller(request)
-        except UnknownPartner as exc:
+        except TrustError as exc:  # no certificate, no partner, or an ambiguous one
             return await self.r._refuse(exc, partner=None, subject="consent")
         subject = f"Consent/{consent_id}" if consent_id else "Consent"
         try:
