@@ -97,14 +97,14 @@ def insurer_signer(pair: Pair) -> Signer:
 async def test_partner_submitted_consent_is_verified_and_recorded(
     pair: Pair, record: dict[str, Any]
 ) -> None:
-    consent = consent_for(record, consent_id="app-7")
+    consent = consent_for(record, consent_id="insurer-b.app-7")
     body = orjson.dumps(consent)
     signature = sign_detached_bytes(
         body,
         insurer_signer(pair),
         issuer="insurer-b",
         audience="hospital-a",
-        message_id="Consent/app-7",
+        message_id="Consent/insurer-b.app-7",
         now=datetime.now(UTC),
     )
     status, _ = await call(
@@ -116,7 +116,7 @@ async def test_partner_submitted_consent_is_verified_and_recorded(
     assert (await pair.hospital.submit(record, LINK_OUT)).created
 
     # A partner cannot read consents back.
-    status, _ = await call(pair, "GET", "Consent/app-7", who="insurer-b")
+    status, _ = await call(pair, "GET", "Consent/insurer-b.app-7", who="insurer-b")
     assert status == 403
 
 
@@ -124,7 +124,7 @@ async def test_partner_consent_without_valid_signature_or_beyond_scope(
     pair: Pair, record: dict[str, Any]
 ) -> None:
     now = datetime.now(UTC)
-    consent = consent_for(record, consent_id="app-8")
+    consent = consent_for(record, consent_id="insurer-b.app-8")
     body = orjson.dumps(consent)
 
     status, outcome = await call(pair, "POST", "Consent", body, who="insurer-b")
@@ -137,7 +137,7 @@ async def test_partner_consent_without_valid_signature_or_beyond_scope(
         insurer_signer(pair),
         issuer="insurer-b",
         audience="hospital-a",
-        message_id="Consent/app-8",
+        message_id="Consent/insurer-b.app-8",
         now=now,
     )
     tampered = body.replace(b'"active"', b'"draft"', 1)
@@ -147,14 +147,14 @@ async def test_partner_consent_without_valid_signature_or_beyond_scope(
     assert status == 403
 
     # A consent naming someone else as recipient is beyond what the partner may submit.
-    foreign = consent_for(record, consent_id="app-9", recipient="clinic-x")
+    foreign = consent_for(record, consent_id="insurer-b.app-9", recipient="clinic-x")
     body = orjson.dumps(foreign)
     signature = sign_detached_bytes(
         body,
         insurer_signer(pair),
         issuer="insurer-b",
         audience="hospital-a",
-        message_id="Consent/app-9",
+        message_id="Consent/insurer-b.app-9",
         now=now,
     )
     status, outcome = await call(
@@ -164,7 +164,10 @@ async def test_partner_consent_without_valid_signature_or_beyond_scope(
     assert outcome["issue"][0]["expression"] == ["Consent.provision.actor"]
 
     store = pair.hospital.controller.store
-    assert store.get_consent("app-8") is None and store.get_consent("app-9") is None
+    assert (
+        store.get_consent("insurer-b.app-8") is None
+        and store.get_consent("insurer-b.app-9") is None
+    )
     rejects = [e for e in store.audit_entries() if e.record.action == "message.reject"]
     assert len(rejects) == 3 and all(e.record.partner == "insurer-b" for e in rejects)
     with pytest.raises(ConsentDenied):
@@ -214,3 +217,27 @@ async def test_own_systems_can_be_pinned(tmp_path: Path, record: dict[str, Any])
         assert service.controller.store.get_consent("c-1") is None
     finally:
         await service.stop()
+
+
+async def test_partner_cannot_reactivate_a_consent_revoked_at_the_hospital(
+    pair: Pair, record: dict[str, Any]
+) -> None:
+    hospital = pair.hospital.controller
+    await hospital.put_consent(consent_for(record, consent_id="his-6", status="inactive"))
+    revived = orjson.dumps(consent_for(record, consent_id="his-6"))  # names insurer-b only
+    signature = sign_detached_bytes(
+        revived,
+        insurer_signer(pair),
+        issuer="insurer-b",
+        audience="hospital-a",
+        message_id="Consent/his-6",
+        now=datetime.now(UTC),
+    )
+    status, outcome = await call(
+        pair, "PUT", "Consent/his-6", revived, who="insurer-b", headers={"X-Signature": signature}
+    )
+    assert status == 403
+    assert outcome["issue"][0]["expression"] == ["Consent.id"]
+    assert hospital.consents.get("his-6").status == "inactive"
+    with pytest.raises(ConsentDenied):
+        await pair.hospital.submit(record, LINK_OUT)

@@ -394,6 +394,14 @@ class ConsentAPI:
         )
         if claims.message_id != f"Consent/{resource.get('id')}":
             raise SignatureError("signature is for another consent", location="X-Signature#msgid")
+        # Partner-submitted consents live in the partner's own id namespace, so a
+        # partner can never create or amend a consent this controller's systems wrote
+        # (such as one the patient revoked at the hospital).
+        if not str(resource.get("id", "")).startswith(f"{partner}."):
+            raise PolicyError(
+                "a partner-submitted consent's id starts with the partner id and a dot",
+                location="Consent.id",
+            )
         record = parse_consent(resource)
         recipients = _permit_recipients(record.provision)
         if recipients != {partner}:
