@@ -346,7 +346,7 @@ class Controller:
         )
 
     async def close(self) -> None:
-        self.db.close()
+        await self.db.aclose()
 
 
 def _decision_detail(exc: PolicyError) -> str:

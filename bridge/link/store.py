@@ -95,6 +95,12 @@ class AsyncStore:
 
         return bound
 
+    async def aclose(self) -> None:
+        """Close the store on its own thread without blocking the event loop."""
+        await self.call(self.sync.close)
+        self._executor.shutdown(wait=False)
+
     def close(self) -> None:
+        """Close from synchronous code (outside a running event loop)."""
         self._executor.submit(self.sync.close).result()
         self._executor.shutdown(wait=True)
