@@ -103,8 +103,8 @@ def _map_folder(source: str, target: str, folder: Path, *, check: bool) -> int:
                 if not check:
                     sys.stdout.write(orjson.dumps(result).decode() + "\n")
             progress.advance(task)
-    for name, exc in failures:
-        console.print(escape(f"{name}: [{exc.code}] {exc}"), highlight=False)
+    for name, failure in failures:
+        console.print(escape(f"{name}: [{failure.code}] {failure}"), highlight=False)
     console.print(f"{len(files)} files: {ok} mapped, {len(failures)} refused", highlight=False)
     return 0 if not failures else 1
 
@@ -116,7 +116,7 @@ def cmd_mappings_coverage(args: argparse.Namespace) -> int:
     """Per data set: how many elements are mapped, which are not, and why."""
     from bridge.mapping import shipped_mappings
 
-    report = []
+    report: list[dict[str, Any]] = []
     for spec in shipped_mappings().values():
         cov = spec.coverage()
         total = len(cov["mapped"]) + len(cov["unmapped"])

@@ -14,6 +14,7 @@ Errors never carry the values of the record, only where the problem is.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from functools import lru_cache
@@ -175,8 +176,13 @@ def unmap_bundle(bundle: dict[str, Any], *, dataset: str | None = None) -> dict[
     first: MappingError | None = None
     for spec in specs:
         try:
-            return unmap_with(spec, bundle, lambda r, s=spec: map_with(s, r, None))
+            return unmap_with(spec, bundle, functools.partial(_forward, spec))
         except MappingError as exc:
             first = first or exc
     assert first is not None
     raise first
+
+
+def _forward(spec: MappingSpec, record: dict[str, Any]) -> dict[str, Any]:
+    """Map a record forward with ``spec`` (the reverse checks its answer with it)."""
+    return map_with(spec, record, None)

@@ -263,14 +263,14 @@ class _Reader:
             return
         matches: list[tuple[Rule, dict[str, str]]] = []
         for rule in rs.rules:
-            local: dict[str, str] = {}
+            found: dict[str, str] = {}
             try:
-                self.invert(rule, node, where, local, anchor)
+                self.invert(rule, node, where, found, anchor)
             except _Miss:
                 continue
-            if not local and rule.source is not None and rule.transform not in ONE_WAY_TRANSFORMS:
+            if not found and rule.source is not None and rule.transform not in ONE_WAY_TRANSFORMS:
                 continue
-            matches.append((rule, local))
+            matches.append((rule, found))
         if matches:
             hinted = [m for m in matches if m[0].source in self.hints]
             if hinted:
