@@ -49,6 +49,10 @@ from bridge.trust.tls import client_context
 
 log = logging.getLogger("bridge.dispatcher")
 
+# A stored signature younger than this is sent as it is; the receiver's window is five
+# minutes, which leaves room for clock skew and a slow first attempt.
+_FRESH_SECONDS = 60.0
+
 
 class CertificateFault(BridgeError):
     """A TLS certificate problem between the two bridges; retrying will not fix it."""
@@ -260,14 +264,17 @@ class Dispatcher:
         send = (self.link.request_timeout_seconds + 1.0) * self.quick_retries
         return max(timedelta(seconds=30), timedelta(seconds=send + 30))
 
-    def _signed_now(self, payload: dict[str, Any], message_id: str) -> bytes:
-        """The stored message with a signature made now.
+    def _signed_now(self, payload: dict[str, Any], message_id: str, row: Any = None) -> bytes:
+        """The stored message with a signature the receiver will find fresh.
 
         The receiver only accepts signatures from the last few minutes, and a claim may
-        wait in the outbox far longer. The signed content (and so its digest, which the
-        receiver deduplicates on and the receipt names) is unchanged.
+        wait in the outbox far longer. A claim stored less than a minute ago goes as
+        stored; an older one is signed again now. The signed content (and so its digest,
+        which the receiver deduplicates on and the receipt names) is unchanged.
         """
         c = self.c
+        if row is not None and (c.clock() - row.created).total_seconds() < _FRESH_SECONDS:
+            return bytes(row.payload)
         signed = sign_bundle(
             payload,
             c.signer,
@@ -307,7 +314,7 @@ class Dispatcher:
                     ),
                 )
                 return
-            receipt_bytes = await self._post(self._signed_now(payload, message_id))
+            receipt_bytes = await self._post(self._signed_now(payload, message_id, row))
             receipt = orjson.loads(receipt_bytes)
             try:
                 verified = verify_receipt(
