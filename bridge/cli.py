@@ -288,6 +288,58 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Per outbound link: claims by state, how far delivery is contiguous, what is stuck."""
+    from bridge.config import load_config
+    from bridge.ledger import open_store
+
+    try:
+        config = load_config(args.config)
+    except BridgeError as exc:
+        return _fail(exc)
+    if config.store.kind == "sqlite" and not config.store.path.exists():
+        sys.stderr.write(f"error [not-found]: no store at {config.store.path} yet\n")
+        return 2
+    attention = False
+    with open_store(config.store) as store:
+        report = store.verify_audit()
+        sys.stdout.write(
+            f"{config.controller.id}: audit chain "
+            + ("verified" if report.ok else f"BROKEN at entry {report.first_bad_seq}")
+            + f", {report.count} entries; inbox {store.inbox_count()} messages\n"
+        )
+        attention = not report.ok
+        for link in config.links:
+            if link.direction != "outbound":
+                sys.stdout.write(f"  {link.id} (inbound from {link.partner})\n")
+                continue
+            counts = store.outbox_counts(link.id)
+            stuck = [
+                r
+                for state in ("rejected", "dead")
+                for r in store.list_outbox(link.id, state=state, limit=5)
+            ]
+            pending = [
+                r
+                for state in ("queued", "sending")
+                for r in store.list_outbox(link.id, state=state, limit=1)
+            ]
+            summary = ", ".join(f"{state} {n}" for state, n in counts.items() if n)
+            oldest = min((r.seq for r in pending), default=None)
+            progress = (
+                f"settled up to seq {oldest - 1}, oldest waiting seq {oldest}"
+                if oldest is not None
+                else "all settled"
+            )
+            sys.stdout.write(f"  {link.id} → {link.partner}: {summary or 'empty'}; {progress}\n")
+            for row in stuck:
+                attention = True
+                sys.stdout.write(
+                    f"    seq {row.seq} {row.state} ({row.last_error or '-'}): {row.message_id}\n"
+                )
+    return 1 if attention else 0
+
+
 # --- demo -------------------------------------------------------------------------------
 
 
@@ -379,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config")
     g.add_argument("--store", help="path of a store file")
     av.set_defaults(func=cmd_audit_verify)
+
+    st = sub.add_parser(
+        "status", help="per link: claims by state, contiguous delivery, what needs attention"
+    )
+    st.add_argument("--config", required=True)
+    st.set_defaults(func=cmd_status)
 
     o = sub.add_parser("outbox", help="outbox counts per state")
     g2 = o.add_mutually_exclusive_group(required=True)

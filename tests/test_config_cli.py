@@ -223,3 +223,49 @@ def test_consent_explain_shows_what_is_sent_and_held_back(
     assert report["decision"]["provisions"][0]["consent"] == "ex-1"
     # Paths and ids only: the patient's name never appears in the explanation.
     assert record["elements"]["HDSD00.11.110"] not in json.dumps(report, ensure_ascii=False)
+
+
+def test_status_reports_links_and_what_needs_attention(
+    configs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital_cfg, _ = configs
+    record = inpatient_records(6, seed=5)[5]
+    consent_file = tmp_path / "consent.json"
+    consent_file.write_bytes(orjson.dumps(consent_for(record, consent_id="st-1")))
+    record_file = tmp_path / "claim.json"
+    record_file.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    assert main(["consent", "add", "--config", str(hospital_cfg), str(consent_file)]) == 0
+    link = "claims-to-insurer-b"
+    assert main(["push", "--config", str(hospital_cfg), "--link", link, str(record_file)]) == 0
+    capsys.readouterr()
+
+    assert main(["status", "--config", str(hospital_cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "audit chain verified" in out
+    assert "claims-to-insurer-b → insurer-b: queued 1" in out and "oldest waiting seq 1" in out
+
+    # A dead-lettered claim is something an operator must see, and the exit code says so.
+    from bridge.config import load_config
+    from bridge.ledger import open_store
+    from bridge.ledger.audit import AuditRecord
+
+    config = load_config(hospital_cfg)
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    with open_store(config.store) as store:
+        (row,) = store.claim_due(link, now=now)
+        store.mark_dead(
+            row.message_id,
+            error="transport-error",
+            now=now,
+            audit=AuditRecord(
+                time=now,
+                actor="hospital-a",
+                action="claim.dead",
+                subject=row.message_id,
+                outcome="failure",
+            ),
+        )
+    assert main(["status", "--config", str(hospital_cfg)]) == 1
+    assert "seq 1 dead (transport-error)" in capsys.readouterr().out
