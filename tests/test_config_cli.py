@@ -269,3 +269,24 @@ def test_status_reports_links_and_what_needs_attention(
         )
     assert main(["status", "--config", str(hospital_cfg)]) == 1
     assert "seq 1 dead (transport-error)" in capsys.readouterr().out
+
+
+def test_a_record_without_a_claim_is_refused_on_a_claim_link(
+    configs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lab report has no place on the insurer's claim link: refused, nothing queued."""
+    hospital_cfg, _ = configs
+    golden = Path(__file__).parent / "golden" / "ws445"
+    lab = json.loads((golden / "lab-01.input.json").read_text(encoding="utf-8"))
+    record_file = tmp_path / "lab.json"
+    record_file.write_text(json.dumps(lab, ensure_ascii=False), encoding="utf-8")
+    consent_file = tmp_path / "consent.json"
+    consent_file.write_bytes(orjson.dumps(consent_for(lab, consent_id="lab-1")))
+    assert main(["consent", "add", "--config", str(hospital_cfg), str(consent_file)]) == 0
+    capsys.readouterr()
+    link = "claims-to-insurer-b"
+    assert main(["push", "--config", str(hospital_cfg), "--link", link, str(record_file)]) == 2
+    err = capsys.readouterr().err
+    assert "yields no Claim" in err and "$.dataset" in err
+    assert main(["outbox", "--config", str(hospital_cfg)]) == 0
+    assert "queued\t0" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import orjson
 
 from bridge.config import BridgeConfig, LinkConfig
-from bridge.errors import ConfigError, ConflictError, PolicyError
+from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
 from bridge.link.store import AsyncStore
@@ -228,6 +228,14 @@ class Controller:
             purpose=link.purpose,
             now=now,
         )
+        if not any(
+            e.get("resource", {}).get("resourceType") == "Claim" for e in result.bundle["entry"]
+        ):
+            # A claim link carries claims: a record that yields none (a lab report, a
+            # referral) has no business on it, whatever else it holds.
+            raise MappingError(
+                "this record yields no Claim to send on a claim link", location="$.dataset"
+            )
         message_id = message_id_for(self.id, link.id, _record_digest(record))
         message = wrap_message(
             result.bundle,
