@@ -171,6 +171,19 @@ class MLLPConfig(_Strict):
         default_factory=list,
         description="MSH-4 values (whole field or its first component) accepted; empty = any",
     )
+    allowed_client_fingerprints: list[str] = Field(
+        default_factory=list,
+        description=(
+            "SHA-256 fingerprints of further client certificates allowed to send HL7 over TLS "
+            "(an integration engine with a certificate of its own); certificates issued to "
+            "this controller are allowed as for [server] local_client_fingerprints"
+        ),
+    )
+
+    @field_validator("allowed_client_fingerprints")
+    @classmethod
+    def _normalise_pins(cls, value: list[str]) -> list[str]:
+        return [v.lower().replace(":", "") for v in value]
 
     @model_validator(mode="after")
     def _no_public_plaintext(self) -> MLLPConfig:

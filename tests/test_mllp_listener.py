@@ -35,8 +35,9 @@ ADT = (
 
 def adt(control_id: str, *, facility: str = "HOSP-A", extra: str = "") -> bytes:
     return (
-        ADT.replace(b"MSG00001", control_id.encode())
-        .replace(b"|HIS|HOSP-A|", f"|HIS|{facility}|".encode())
+        ADT.replace(b"MSG00001", control_id.encode()).replace(
+            b"|HIS|HOSP-A|", f"|HIS|{facility}|".encode()
+        )
         + extra.encode()
     )
 
@@ -138,7 +139,9 @@ async def test_message_is_acknowledged_after_it_is_stored(bridge: Bridge) -> Non
     assert bridge.store.verify_audit().ok
 
 
-async def test_repeat_gets_the_original_ack_byte_for_byte_and_is_stored_once(bridge: Bridge) -> None:
+async def test_repeat_gets_the_original_ack_byte_for_byte_and_is_stored_once(
+    bridge: Bridge,
+) -> None:
     [first] = await exchange(bridge.port, [frame(ADT)], 1)
     await asyncio.sleep(0.01)  # a later clock: a freshly built ACK would differ
     [again] = await exchange(bridge.port, [frame(ADT)], 1)
@@ -214,8 +217,10 @@ async def test_oversized_frame_gets_ar_and_the_connection_carries_on(bridge: Bri
 async def test_store_that_cannot_commit_gets_no_aa(bridge: Bridge) -> None:
     # The commit itself fails (after the audit append and the ACK were built).
     raw = sqlite3.connect(bridge.store.path)
-    raw.execute("CREATE TRIGGER hl7_full BEFORE INSERT ON hl7_inbox"
-                " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    raw.execute(
+        "CREATE TRIGGER hl7_full BEFORE INSERT ON hl7_inbox"
+        " BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    )
     raw.commit()
     raw.close()
     [ack] = await exchange(bridge.port, [frame(adt("LOST-1"))], 1)
@@ -296,10 +301,32 @@ async def tls_bridge(tmp_path: Path) -> AsyncIterator[Bridge]:
 
 
 async def test_tls_client_with_a_valid_certificate_is_acknowledged(tls_bridge: Bridge) -> None:
-    ctx = client_ssl(tls_bridge.root, "clinic-x")
+    ctx = client_ssl(tls_bridge.root, HOSPITAL)  # the hospital's own HIS
     [ack] = await exchange(tls_bridge.port, [frame(ADT)], 1, ssl_context=ctx)
     assert seg(ack, "MSA")[1:3] == ["AA", "MSG00001"]
     assert tls_bridge.store.hl7_count() == 1
+
+
+@pytest.mark.parametrize("who", ["insurer-b", "clinic-x"])
+async def test_a_partner_certificate_cannot_inject_hl7(tls_bridge: Bridge, who: str) -> None:
+    """A certificate from the trusted CA issued to someone else (a partner, an
+    unregistered party) gets no acknowledgement, nothing is stored, and it is audited."""
+    try:
+        acks = await exchange(
+            tls_bridge.port, [frame(ADT)], 1, ssl_context=client_ssl(tls_bridge.root, who)
+        )
+    except (ConnectionError, ssl.SSLError, OSError):
+        acks = []
+    assert acks == []
+    assert tls_bridge.store.hl7_count() == 0
+    for _ in range(200):
+        if "mllp.refused" in tls_bridge.actions():
+            break
+        await asyncio.sleep(0.02)
+    refused = [
+        e.record for e in tls_bridge.store.audit_entries() if e.record.action == "mllp.refused"
+    ]
+    assert refused and refused[0].outcome == "denied"
 
 
 async def _refused(bridge: Bridge, ctx: ssl.SSLContext) -> None:
@@ -378,7 +405,9 @@ class _FakeHL7v2:
     def hl7_to_record(self, msg: dict[str, str]) -> dict[str, object]:
         return {"dataset": "WS445.10", "elements": {"HDSD00.11.048": "110101198001010011"}}
 
-    def build_ack(self, msg: object, code: str, *, error: object = None, now: object = None) -> bytes:
+    def build_ack(
+        self, msg: object, code: str, *, error: object = None, now: object = None
+    ) -> bytes:
         self.ack_calls.append((msg, code))
         if isinstance(msg, bytes):
             raise ParseError("cannot read", location="MSH")
@@ -389,7 +418,9 @@ async def test_hl7v2_handler_stores_the_record_and_uses_the_rooms_ack(bridge: Br
     fake = _FakeHL7v2()
     assert bridge.service.mllp is not None
     bridge.service.mllp.handler = HL7v2Handler(fake)
-    no_pid = adt("NOPID-1").replace(b"PID|1||1234567^^^HOSP-A^MR||\xe5\xbc\xa0^\xe4\xb8\x89||19800101|M\r", b"")
+    no_pid = adt("NOPID-1").replace(
+        b"PID|1||1234567^^^HOSP-A^MR||\xe5\xbc\xa0^\xe4\xb8\x89||19800101|M\r", b""
+    )
     acks = await exchange(bridge.port, [frame(ADT) + frame(no_pid)], 2)
     assert acks[0] == b"MSH|^~\\&|BRIDGE|HOSP-A|HIS|HOSP-A|||ACK|X|P|2.5\rMSA|AA|MSG00001\r"
     row = bridge.store.hl7_lookup("HIS|HOSP-A", "MSG00001")
@@ -419,7 +450,9 @@ async def test_real_room_unsupported_message_type_gets_ar_200_naming_msh9(tmp_pa
         assert "张" not in ack.decode() and "19800101" not in ack.decode()
         assert b.store.hl7_count() == 0
         [reject] = [e for e in b.store.audit_entries() if e.record.action == "hl7.reject"]
-        assert reject.record.detail is not None and reject.record.detail.startswith("mapping-error@MSH")
+        assert reject.record.detail is not None and reject.record.detail.startswith(
+            "mapping-error@MSH"
+        )
     finally:
         await b.service.stop()
 
@@ -440,10 +473,14 @@ async def test_real_room_unreadable_message_gets_ar(tmp_path: Path) -> None:
 GOLDEN = Path(__file__).parent / "golden" / "hl7v2"
 
 
-async def test_real_room_maps_stores_and_refuses_a_bad_field_without_its_value(tmp_path: Path) -> None:
+async def test_real_room_maps_stores_and_refuses_a_bad_field_without_its_value(
+    tmp_path: Path,
+) -> None:
     raw = (GOLDEN / "adt_a01-01.hl7").read_bytes()
     expected = orjson.loads((GOLDEN / "adt_a01-01.expected.json").read_bytes())
-    pid = next(line for line in raw.replace(b"\r\n", b"\r").split(b"\r") if line.startswith(b"PID|"))
+    pid = next(
+        line for line in raw.replace(b"\r\n", b"\r").split(b"\r") if line.startswith(b"PID|")
+    )
     birth = pid.split(b"|")[7]
     header = read_msh(raw)
     bad = raw.replace(pid, pid.replace(b"|" + birth + b"|", b"|" + birth[:4] + b"XX|"), 1)

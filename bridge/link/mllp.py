@@ -66,6 +66,7 @@ from bridge.link.mllp_framer import (
     read_msh,
 )
 from bridge.link.tlsgate import TLSListener
+from bridge.trust.identity import certificate_identity
 
 if TYPE_CHECKING:
     from bridge.config import MLLPConfig
@@ -293,6 +294,28 @@ class MLLPListener:
 
     # --- one message --------------------------------------------------------------------
 
+    def client_allowed(self, der: bytes | None) -> bool:
+        """May this TLS client send HL7 here?
+
+        HL7 comes from this controller's own systems. A certificate from the trusted CA
+        issued to a partner (an insurer, a regional platform) must not be able to inject
+        messages into the hospital's inbox: the client certificate must name this
+        controller (and be pinned in ``[server] local_client_fingerprints`` when pins
+        are set), or be pinned in ``[mllp] allowed_client_fingerprints``.
+        """
+        if not der:
+            return False
+        try:
+            identity = certificate_identity(der)
+        except TrustError:
+            return False
+        if identity.fingerprint_sha256 in self.config.allowed_client_fingerprints:
+            return True
+        if identity.partner_id != self.c.id:
+            return False
+        pins = self.c.config.server.local_client_fingerprints
+        return not pins or identity.fingerprint_sha256 in pins
+
     def _facility_allowed(self, header: MSHHeader) -> bool:
         if not self._allowed:
             return True
@@ -497,6 +520,24 @@ class _MLLPConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown"
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and not self.listener.client_allowed(
+            ssl_object.getpeercert(binary_form=True)
+        ):
+            # Refused before a byte is read; the refusal is audited like a TLS refusal.
+            self._closing = True
+            transport.close()
+            asyncio.get_running_loop().create_task(
+                self.listener._audit(
+                    self.listener.c.audit(
+                        "mllp.refused",
+                        subject=f"peer:{self.peer}",
+                        outcome="denied",
+                        detail="client-not-allowed@TLS.client-certificate",
+                    )
+                )
+            )
+            return
         self.listener._connections.add(self)
         self.worker = asyncio.get_running_loop().create_task(self._run())
 
