@@ -276,6 +276,102 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+_DISCLOSURE_ACTIONS = {
+    # action -> (FHIR AuditEvent.action, what it records)
+    "consent.put": ("U", "consent registered, amended or revoked"),
+    "claim.enqueue": ("C", "claim queued for disclosure"),
+    "claim.refused": ("E", "disclosure refused"),
+    "claim.ack": ("E", "disclosed; the recipient's signed receipt is held"),
+    "claim.rejected": ("E", "the recipient refused the claim"),
+    "claim.dead": ("E", "delivery abandoned after retries"),
+    "claim.resend": ("E", "sent again; the recipient's receipt is held"),
+    "message.receive": ("C", "received from a partner"),
+}
+
+
+def _audit_event(entry: Any, controller: str) -> dict[str, Any]:
+    """One audit entry as a FHIR R4 AuditEvent (ids, codes and pseudonyms only)."""
+    record = entry.record
+    action, text = _DISCLOSURE_ACTIONS.get(record.action, ("E", record.action))
+    outcome = {"success": "0", "failure": "8", "denied": "4"}[record.outcome]
+    party = {"system": "urn:ws-fhir-bridge:partner", "value": controller}
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": f"audit-{entry.seq}",
+        "type": {"system": "urn:ws-fhir-bridge:audit-action", "code": record.action},
+        "action": action,
+        "recorded": record.time.isoformat(),
+        "outcome": outcome,
+        "outcomeDesc": text + (f" ({record.detail})" if record.detail else ""),
+        "agent": [{"who": {"identifier": party}, "requestor": True}],
+        "source": {"observer": {"identifier": party}},
+        "entity": [{"what": {"identifier": {"value": record.subject}}}],
+    }
+    if record.partner:
+        event["agent"].append(
+            {
+                "who": {
+                    "identifier": {"system": "urn:ws-fhir-bridge:partner", "value": record.partner}
+                },
+                "requestor": False,
+            }
+        )
+    if record.patient:
+        event["entity"].append(
+            {
+                "what": {
+                    "identifier": {
+                        "system": "urn:ws-fhir-bridge:patient-pseudonym",
+                        "value": record.patient,
+                    }
+                }
+            }
+        )
+    return event
+
+
+def cmd_audit_disclosures(args: argparse.Namespace) -> int:
+    """Who received what about one patient, and when (GB/T 39725 §7 g)."""
+    from bridge.config import load_config
+    from bridge.ledger.audit import patient_pseudonym
+    from bridge.link.node import _load_pseudonym_key
+
+    system, sep, value = args.patient.partition("|")
+    if not sep or not system or not value:
+        sys.stderr.write("error [parse-error]: --patient takes SYSTEM|VALUE (at --patient)\n")
+        return 2
+    try:
+        config = load_config(args.config)
+        store = _open_store(args)
+    except BridgeError as exc:
+        return _fail(exc)
+    key = _load_pseudonym_key(config.audit.pseudonym_key_file)
+    pseudonym = patient_pseudonym(key, system, value)
+    with store:
+        own = store.audit_by_patient(pseudonym)
+        subjects = {e.record.subject for e in own}
+        # Deliveries and resends name the message, not the patient: follow the message.
+        related = [e for e in store.audit_entries() if e.record.subject in subjects]
+    entries = sorted({e.seq: e for e in [*own, *related]}.values(), key=lambda e: e.seq)
+    if args.fhir:
+        _print_json(
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"resource": _audit_event(e, config.controller.id)} for e in entries],
+            }
+        )
+        return 0
+    sys.stdout.write(f"patient {pseudonym}: {len(entries)} audit entries\n")
+    for e in entries:
+        r = e.record
+        sys.stdout.write(
+            f"{e.seq}\t{r.time.isoformat(timespec='seconds')}\t{r.action}\t{r.partner or '-'}"
+            f"\t{r.outcome}\t{r.subject}\t{r.detail or ''}\n"
+        )
+    return 0
+
+
 def cmd_outbox(args: argparse.Namespace) -> int:
     try:
         store = _open_store(args)
@@ -431,6 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config")
     g.add_argument("--store", help="path of a store file")
     av.set_defaults(func=cmd_audit_verify)
+    ad = asub.add_parser(
+        "disclosures",
+        help="who received what about one patient, and when (table or FHIR AuditEvent)",
+    )
+    ad.add_argument("--config", required=True)
+    ad.add_argument(
+        "--patient", required=True, help="SYSTEM|VALUE of one of the patient's identifiers"
+    )
+    ad.add_argument("--fhir", action="store_true", help="print a Bundle of FHIR R4 AuditEvent")
+    ad.set_defaults(func=cmd_audit_disclosures, store=None)
 
     st = sub.add_parser(
         "status", help="per link: claims by state, contiguous delivery, what needs attention"

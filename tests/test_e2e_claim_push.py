@@ -424,3 +424,49 @@ async def test_failures_are_answered_as_operation_outcomes(pair: Pair, records: 
     status, outcome = await _post(pair, orjson.dumps(signed))
     assert status == 503
     assert outcome["issue"][0]["details"]["coding"][0]["code"] == "store-error"
+
+
+async def test_disclosure_history_of_one_patient(
+    tmp_path: Path, records: list, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GB/T 39725 §7 g: the hospital can say who received what about a patient and when,
+    from its audit trail, as a table or as FHIR AuditEvent resources."""
+    from e2e_support import patient_id
+
+    from bridge.records.fhir import validate_resource
+
+    pair = await start_pair(tmp_path)
+    try:
+        record = records[15]
+        await pair.hospital.controller.put_consent(consent_for(record))
+        sub = await pair.hospital.submit(record, LINK_OUT)
+        assert (await wait_final(pair, sub.message_id)).state == "acked"
+        other = records[16]
+        await pair.hospital.controller.put_consent(consent_for(other, consent_id="c-other"))
+        other_sub = await pair.hospital.submit(other, LINK_OUT)
+        assert (await wait_final(pair, other_sub.message_id)).state == "acked"
+    finally:
+        await pair.stop()
+    system, value = patient_id(record)
+    args = [
+        "audit",
+        "disclosures",
+        "--config",
+        str(pair.hospital_cfg),
+        "--patient",
+        f"{system}|{value}",
+    ]
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    table = capsys.readouterr().out
+    actions = [line.split("\t")[2] for line in table.splitlines()[1:]]
+    assert actions == ["consent.put", "claim.enqueue", "claim.ack"]
+    assert value not in table  # the identifier itself is never in the trail
+    assert cli_main([*args, "--fhir"]) == 0
+    bundle = orjson.loads(capsys.readouterr().out)
+    validate_resource(bundle)
+    ack = bundle["entry"][-1]["resource"]
+    assert ack["type"]["code"] == "claim.ack" and ack["outcome"] == "0"
+    assert {"system": "urn:ws-fhir-bridge:partner", "value": "insurer-b"} in [
+        a["who"]["identifier"] for a in ack["agent"]
+    ]
