@@ -553,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. This is the CLI's one error boundary: whatever a command raises
+    becomes one line on stderr and an exit status, never a traceback (set
+    ``BRIDGE_DEBUG=1`` to see one)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
@@ -560,11 +563,22 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # The reader went away (``bridge mappings coverage | head``): stop quietly.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
+        where = f" (at {exc.filename})" if exc.filename else ""
+        sys.stderr.write(f"error [os-error]: {exc.strerror or type(exc).__name__}{where}\n")
+        return 1
+    except Exception as exc:  # the boundary: report, never dump a traceback
+        if os.environ.get("BRIDGE_DEBUG"):
+            raise
+        sys.stderr.write(
+            f"error [internal]: {type(exc).__name__} in bridge {args.command};"
+            " set BRIDGE_DEBUG=1 to see where\n"
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -78,7 +78,9 @@ def test_store_made_before_the_hl7_table_gains_it_on_open(tmp_path: Path) -> Non
     with SQLiteStore(path):
         pass
     raw = sqlite3.connect(path)
+    # A store written before the HL7 inbox and before migrations were recorded.
     raw.execute("DROP TABLE hl7_inbox")
+    raw.execute("DROP TABLE schema_migrations")
     raw.commit()
     raw.close()
     with SQLiteStore(path) as store:

@@ -11,6 +11,7 @@ on SQLite never loads the driver.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from bridge.config import StoreConfig
     from bridge.errors import BridgeError
     from bridge.ledger.audit import AuditEntry, AuditRecord, ChainReport
+    from bridge.ledger.portable import Tx
+    from bridge.ledger.seal import Sealer
     from bridge.ledger.sqlite import ConsentRow, HL7InboxRow, InboxRow, OutboxRow
 
 __all__ = ["Store", "open_store"]
@@ -29,7 +32,19 @@ class Store(Protocol):
     """What the bridge needs from a ledger store; see :class:`bridge.ledger.sqlite.SQLiteStore`
     for the meaning of each method. Every method is synchronous, commits before it
     returns, and raises :class:`bridge.errors.StoreError` when the store fails.
+
+    Tables added after the base schema are reached through :meth:`transaction` and
+    :meth:`read` with SQL written once for both engines (:mod:`bridge.ledger.portable`)
+    and created by :mod:`bridge.ledger.migrations`.
     """
+
+    dialect: str
+    sealer: Sealer
+
+    # tables added by migrations
+    def transaction(self, what: str, *, durable: bool = True) -> AbstractContextManager[Tx]: ...
+    def read(self, what: str) -> AbstractContextManager[Tx]: ...
+    def applied_migrations(self) -> list[str]: ...
 
     # outbox
     def enqueue(
@@ -151,16 +166,17 @@ class Store(Protocol):
     ) -> None: ...
 
 
-def open_store(config: StoreConfig) -> Store:
+def open_store(config: StoreConfig, *, sealer: Sealer | None = None) -> Store:
     """Open the store ``config`` names: ``kind = "sqlite"`` (``path``) or
-    ``kind = "postgresql"`` (``dsn``, ``schema``). Creates the file or schema if needed.
+    ``kind = "postgresql"`` (``dsn``, ``schema``). Creates the file or schema if needed
+    and applies pending migrations. ``sealer`` seals health data at rest.
     """
     if config.kind == "postgresql":
         from bridge.ledger.postgres import PostgresStore
 
         assert config.dsn is not None  # StoreConfig refuses postgresql without a dsn
-        return PostgresStore(config.dsn, schema=config.db_schema)
+        return PostgresStore(config.dsn, schema=config.db_schema, sealer=sealer)
     from bridge.ledger.sqlite import SQLiteStore
 
     config.path.parent.mkdir(parents=True, exist_ok=True)
-    return SQLiteStore(config.path)
+    return SQLiteStore(config.path, sealer=sealer)

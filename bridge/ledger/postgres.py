@@ -113,6 +113,9 @@ from bridge.ledger.audit import (
     verify_chain,
 )
 from bridge.ledger.errors import TransitionError, UnknownMessage
+from bridge.ledger.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL
+from bridge.ledger.portable import Tx
+from bridge.ledger.seal import PlainSealer, Sealer
 from bridge.ledger.sqlite import ConsentRow, HL7InboxRow, InboxRow, OutboxRow
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
 
@@ -240,23 +243,6 @@ CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
 """.replace("{genesis}", GENESIS_HASH)
 
-# Tables added after schema version 1, created when missing on every open (as in
-# SQLite): a store made by an older bridge gains them without a version change.
-_ADDITIVE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS hl7_inbox (
-    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    sender      TEXT NOT NULL,
-    control_id  TEXT NOT NULL,
-    digest      TEXT NOT NULL,
-    message     BYTEA NOT NULL,
-    record      BYTEA,
-    ack         BYTEA NOT NULL,
-    audit_seq   BIGINT NOT NULL,
-    received    TIMESTAMPTZ NOT NULL,
-    UNIQUE (sender, control_id)
-);
-"""
-
 _OUTBOX_COLS = (
     "message_id, link, seq, partner, payload, digest, state, attempts, next_attempt,"
     " lease_until, last_error, receipt, created, updated"
@@ -331,9 +317,12 @@ class PostgresStore:
     server's ``application_name``; by default ``host:pid:random``.
     """
 
+    dialect = "postgresql"
+
     def __init__(self, dsn: str, *, schema: str = "bridge", worker_id: str | None = None,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, sealer: Sealer | None = None) -> None:
         """Connect and bring the schema up (creating it if needed)."""
+        self.sealer: Sealer = sealer or PlainSealer()
         if not re.match(SCHEMA_PATTERN, schema):
             raise StoreError("schema name must match " + SCHEMA_PATTERN,
                              location="store.schema")
@@ -417,7 +406,47 @@ class PostgresStore:
                         f" is not {SCHEMA_VERSION}",
                         location=f"{self.location}: schema_version",
                     )
-            conn.execute(_ADDITIVE_SCHEMA)
+            self._apply_migrations(conn)
+
+    def _apply_migrations(self, conn: psycopg.Connection[Any]) -> None:
+        """Apply, in name order, every migration this schema has not recorded (the caller
+        holds the schema's advisory lock)."""
+        conn.execute(SCHEMA_MIGRATIONS_DDL)
+        applied = {str(n) for (n,) in conn.execute("SELECT name FROM schema_migrations")}
+        unknown = sorted(applied - {m.name for m in MIGRATIONS})
+        if unknown:
+            raise StoreError(
+                f"store was upgraded by a newer bridge (migration {unknown[-1]});"
+                " run that version or restore a backup",
+                location=f"{self.location}: schema_migrations",
+            )
+        for migration in MIGRATIONS:
+            if migration.name in applied:
+                continue
+            conn.execute(migration.script("postgresql"))
+            conn.execute("INSERT INTO schema_migrations (name, applied) VALUES (%s, now()::text)",
+                         (migration.name,))
+
+    def applied_migrations(self) -> list[str]:
+        """Names of the migrations this schema has applied, in order."""
+        with self._read("applied_migrations") as conn:
+            return [str(n) for (n,) in conn.execute(
+                "SELECT name FROM schema_migrations ORDER BY name")]
+
+    @contextmanager
+    def transaction(self, what: str, *, durable: bool = True) -> Iterator[Tx]:
+        """A write transaction for code written once for both engines (see ``portable``).
+
+        ``durable`` is accepted for symmetry with SQLite; every commit here is flushed.
+        """
+        with self._tx(what) as conn:
+            yield Tx(conn, dialect="postgresql", store=self, sealer=self.sealer)
+
+    @contextmanager
+    def read(self, what: str) -> Iterator[Tx]:
+        """A read transaction for code written once for both engines (see ``portable``)."""
+        with self._read(what) as conn:
+            yield Tx(conn, dialect="postgresql", store=self, sealer=self.sealer)
 
     @contextmanager
     def _tx(self, what: str) -> Iterator[psycopg.Connection[Any]]:

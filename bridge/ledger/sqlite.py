@@ -52,6 +52,9 @@ from bridge.ledger.audit import (
     verify_chain,
 )
 from bridge.ledger.errors import TransitionError, UnknownMessage
+from bridge.ledger.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL
+from bridge.ledger.portable import Tx
+from bridge.ledger.seal import PlainSealer, Sealer
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
 
 _SENDING = frozenset({OutboxState.SENDING})
@@ -141,25 +144,6 @@ CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 """
-
-# Tables added after schema version 1. They are created when missing, on every open,
-# so a store made by an older bridge gains them without a version change (nothing
-# existing is altered).
-_ADDITIVE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS hl7_inbox (
-    id          INTEGER PRIMARY KEY,
-    sender      TEXT NOT NULL,
-    control_id  TEXT NOT NULL,
-    digest      TEXT NOT NULL,
-    message     BLOB NOT NULL,
-    record      BLOB,
-    ack         BLOB NOT NULL,
-    audit_seq   INTEGER NOT NULL,
-    received    TEXT NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS hl7_inbox_identity ON hl7_inbox (sender, control_id);
-"""
-
 
 @dataclass(frozen=True)
 class OutboxRow:
@@ -270,9 +254,13 @@ def _audit_entry(r: tuple[Any, ...]) -> AuditEntry:
 class SQLiteStore:
     """Outbox, inbox, consents and audit chain in one SQLite file (see module docstring)."""
 
-    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
+    dialect = "sqlite"
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0,
+                 sealer: Sealer | None = None) -> None:
         """Open (creating if needed) the store at ``path`` and bring its schema up."""
         self.path = Path(path)
+        self.sealer: Sealer = sealer or PlainSealer()
         self._lock = threading.Lock()
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the module
@@ -311,12 +299,52 @@ class SQLiteStore:
                         f"store schema version {version} is not {SCHEMA_VERSION}",
                         location=f"{self.path}:schema_version",
                     )
-            for statement in _split_script(_ADDITIVE_SCHEMA):
-                conn.execute(statement)
+            self._apply_migrations(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def _apply_migrations(self, conn: sqlite3.Connection) -> None:
+        """Apply, in name order, every migration this store has not recorded."""
+        conn.execute(SCHEMA_MIGRATIONS_DDL)
+        applied = {name for (name,) in conn.execute("SELECT name FROM schema_migrations")}
+        known = {m.name for m in MIGRATIONS}
+        unknown = sorted(applied - known)
+        if unknown:
+            raise StoreError(
+                f"store was upgraded by a newer bridge (migration {unknown[-1]});"
+                " run that version or restore a backup",
+                location=f"{self.path}:schema_migrations",
+            )
+        for migration in MIGRATIONS:
+            if migration.name in applied:
+                continue
+            for statement in _split_script(migration.script("sqlite")):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (name, applied) VALUES (?, datetime('now'))",
+                         (migration.name,))
+
+    def applied_migrations(self) -> list[str]:
+        """Names of the migrations this store has applied, in order."""
+        with self._read("applied_migrations") as conn:
+            return [n for (n,) in conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
+
+    @contextmanager
+    def transaction(self, what: str, *, durable: bool = True) -> Iterator[Tx]:
+        """A write transaction for code written once for both engines (see ``portable``)."""
+        with self._tx(what, durable=durable) as conn:
+            yield Tx(conn, dialect="sqlite", store=self, sealer=self.sealer)
+
+    @contextmanager
+    def read(self, what: str) -> Iterator[Tx]:
+        """A read for code written once for both engines (see ``portable``).
+
+        SQLite reads see one snapshot only inside a transaction; a read of several
+        statements that must agree should use :meth:`transaction`.
+        """
+        with self._read(what) as conn:
+            yield Tx(conn, dialect="sqlite", store=self, sealer=self.sealer)
 
     @contextmanager
     def _tx(self, what: str, *, durable: bool = True) -> Iterator[sqlite3.Connection]:

@@ -1,0 +1,122 @@
+"""Schema migrations for both stores: named steps applied once, in name order.
+
+The tables of schema version 1 (outbox, inbox, consents, audit) are created by each
+store's base schema. Everything added since is a :class:`Migration` listed in
+:data:`MIGRATIONS`. When a store opens, it applies, inside one transaction and in name
+order, every migration it has not recorded in its ``schema_migrations`` table, so a
+store written by an older bridge is brought up to date at start, and several processes
+starting together apply each step once (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an
+advisory lock). A store that records a migration this bridge does not know was
+written by a newer version and is refused, naming the step, rather than used by code
+that does not understand its tables.
+
+Writing a migration
+    ``name`` sorts in the order the steps must run: four digits, a dash, a short
+    description (``0700-visit-assembly``). The digits group steps by the part of the
+    bridge that owns them, so two parts never pick the same name.
+
+    ``ddl`` is one script for both engines. It may use these placeholders:
+
+    ============  ======================================  =======================
+    placeholder   SQLite                                  PostgreSQL
+    ============  ======================================  =======================
+    ``{blob}``    ``BLOB``                                ``BYTEA``
+    ``{bigint}``  ``INTEGER``                             ``BIGINT``
+    ``{autoid}``  ``INTEGER PRIMARY KEY``                 ``BIGINT GENERATED ALWAYS
+                                                          AS IDENTITY PRIMARY KEY``
+    ============  ======================================  =======================
+
+    Times in tables added by migrations are ``TEXT`` holding
+    :func:`bridge.ledger.audit.format_time` (fixed-width UTC ISO), on both engines, so
+    SQL written once through :class:`bridge.ledger.portable.Tx` compares them the same
+    way everywhere. ``sqlite`` or ``postgres`` replaces ``ddl`` for one engine when the
+    two must differ (altering a table of the base schema whose column types differ).
+
+    A migration is never edited once released: a change is a new migration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Dialect = Literal["sqlite", "postgresql"]
+
+_TYPES: dict[Dialect, dict[str, str]] = {
+    "sqlite": {"blob": "BLOB", "bigint": "INTEGER", "autoid": "INTEGER PRIMARY KEY"},
+    "postgresql": {
+        "blob": "BYTEA",
+        "bigint": "BIGINT",
+        "autoid": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    },
+}
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step (see the module docstring)."""
+
+    name: str
+    ddl: str = ""
+    sqlite: str | None = None
+    postgres: str | None = None
+
+    def script(self, dialect: Dialect) -> str:
+        """The DDL for ``dialect`` with the type placeholders filled in."""
+        own = self.sqlite if dialect == "sqlite" else self.postgres
+        text = own if own is not None else self.ddl
+        return text.format(**_TYPES[dialect])
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    # The HL7 v2 inbox predates this mechanism; IF NOT EXISTS lets a store that already
+    # has it record the step without change.
+    Migration(
+        name="0300-hl7-inbox",
+        sqlite="""
+CREATE TABLE IF NOT EXISTS hl7_inbox (
+    id          INTEGER PRIMARY KEY,
+    sender      TEXT NOT NULL,
+    control_id  TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    message     BLOB NOT NULL,
+    record      BLOB,
+    ack         BLOB NOT NULL,
+    audit_seq   INTEGER NOT NULL,
+    received    TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS hl7_inbox_identity ON hl7_inbox (sender, control_id);
+""",
+        postgres="""
+CREATE TABLE IF NOT EXISTS hl7_inbox (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sender      TEXT NOT NULL,
+    control_id  TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    message     BYTEA NOT NULL,
+    record      BYTEA,
+    ack         BYTEA NOT NULL,
+    audit_seq   BIGINT NOT NULL,
+    received    TIMESTAMPTZ NOT NULL,
+    UNIQUE (sender, control_id)
+);
+""",
+    ),
+)
+
+
+def check_names(migrations: tuple[Migration, ...] = MIGRATIONS) -> None:
+    """Raise ValueError unless names are unique and listed in the order they sort."""
+    names = [m.name for m in migrations]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate migration name")
+    if names != sorted(names):
+        raise ValueError("migrations must be listed in name order")
+
+
+check_names()
+
+SCHEMA_MIGRATIONS_DDL = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    " name TEXT PRIMARY KEY, applied TEXT NOT NULL)"
+)

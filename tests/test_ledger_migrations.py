@@ -1,0 +1,128 @@
+"""Schema migrations and the dialect-neutral transaction API, on both stores.
+
+A store made by an older bridge is brought up to date when it opens; one made by a
+newer bridge is refused with the step named; SQL written once through ``Tx`` runs the
+same on SQLite and PostgreSQL, commits with its audit entry or not at all.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from pg_support import PGSchema, fresh_schema
+
+from bridge.errors import StoreError
+from bridge.ledger import Store
+from bridge.ledger.audit import AuditRecord, format_time
+from bridge.ledger.migrations import MIGRATIONS, Migration, check_names
+from bridge.ledger.postgres import PostgresStore
+from bridge.ledger.sqlite import SQLiteStore
+
+NOW = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[PGSchema]:
+    yield from fresh_schema()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s: Store = SQLiteStore(tmp_path / "m.db")
+    else:
+        schema: PGSchema = request.getfixturevalue("pg_schema")
+        s = PostgresStore(schema.dsn, schema=schema.schema)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _audit(subject: str) -> AuditRecord:
+    return AuditRecord(time=NOW, actor="hospital-a", action="test.put", subject=subject)
+
+
+def test_a_new_store_records_every_migration(store: Store) -> None:
+    assert store.applied_migrations() == [m.name for m in MIGRATIONS]
+
+
+def test_sql_written_once_commits_with_its_audit_entry(store: Store) -> None:
+    with store.transaction("make") as tx:
+        tx.execute("CREATE TABLE IF NOT EXISTS scratch (k TEXT PRIMARY KEY, v "
+                   + ("BYTEA" if tx.dialect == "postgresql" else "BLOB") + ", t TEXT)")
+    with store.transaction("put") as tx:
+        entry = tx.append_audit(_audit("scratch:a"))
+        tx.execute("INSERT INTO scratch (k, v, t) VALUES (?,?,?)"
+                   " ON CONFLICT (k) DO UPDATE SET v=excluded.v",
+                   ("a", tx.seal(b"payload", context="scratch.v"), format_time(NOW)))
+    with store.read("get") as tx:
+        row = tx.one("SELECT v, t FROM scratch WHERE k=?", ("a",))
+        assert tx.unseal(row[0], context="scratch.v") == b"payload"
+        assert row[1] == format_time(NOW)
+    assert store.audit_head()[0] == entry.seq
+
+
+def test_a_failed_transaction_leaves_neither_row_nor_audit_entry(store: Store) -> None:
+    with store.transaction("make") as tx:
+        tx.execute("CREATE TABLE IF NOT EXISTS scratch2 (k TEXT PRIMARY KEY)")
+    head = store.audit_head()
+    with pytest.raises(RuntimeError), store.transaction("put") as tx:
+        tx.append_audit(_audit("scratch2:a"))
+        tx.execute("INSERT INTO scratch2 (k) VALUES (?)", ("a",))
+        raise RuntimeError("caller failed after writing")
+    assert store.audit_head() == head
+    with store.read("count") as tx:
+        assert tx.one("SELECT COUNT(*) FROM scratch2")[0] == 0
+
+
+def test_engine_errors_name_the_operation_not_the_values(store: Store) -> None:
+    with pytest.raises(StoreError) as info, store.transaction("bad-step") as tx:
+        tx.execute("INSERT INTO no_such_table (k) VALUES (?)", ("secret-value",))
+    assert "bad-step" in str(info.value)
+    assert "secret-value" not in str(info.value)
+
+
+def test_a_store_from_a_newer_bridge_is_refused_naming_the_step(tmp_path: Path) -> None:
+    path = tmp_path / "newer.db"
+    SQLiteStore(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("INSERT INTO schema_migrations (name, applied) VALUES ('9999-future', 'x')")
+    raw.commit()
+    raw.close()
+    with pytest.raises(StoreError) as info:
+        SQLiteStore(path)
+    assert "9999-future" in str(info.value)
+
+
+def test_a_newer_postgres_schema_is_refused_too(pg_schema: PGSchema) -> None:
+    PostgresStore(pg_schema.dsn, schema=pg_schema.schema).close()
+    with pg_schema.connect() as conn:
+        conn.execute("INSERT INTO schema_migrations (name, applied) VALUES ('9999-future', 'x')")
+    with pytest.raises(StoreError) as info:
+        PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
+    assert "9999-future" in str(info.value)
+
+
+def test_an_older_store_gains_a_later_migration_once(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "old.db"
+    SQLiteStore(path).close()
+    extra = Migration(name="9998-extra", ddl="CREATE TABLE extra (id {autoid}, body {blob})")
+    monkeypatch.setattr("bridge.ledger.sqlite.MIGRATIONS", (*MIGRATIONS, extra))
+    with SQLiteStore(path) as store:
+        assert store.applied_migrations()[-1] == "9998-extra"
+    with SQLiteStore(path) as store:  # a second open applies nothing again
+        assert store.applied_migrations().count("9998-extra") == 1
+
+
+def test_migration_names_must_be_unique_and_ordered() -> None:
+    check_names()
+    with pytest.raises(ValueError):
+        check_names((Migration("0002-b"), Migration("0001-a")))
+    with pytest.raises(ValueError):
+        check_names((Migration("0001-a"), Migration("0001-a")))
