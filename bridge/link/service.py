@@ -1,5 +1,6 @@
-"""Run one controller: the mutual-TLS listener, the HTTP handlers, the dispatchers and,
-when ``[mllp]`` is configured, the HL7 v2 listener."""
+"""Run one controller: the mutual-TLS listener, the HTTP handlers, the dispatchers,
+the hand-off workers of ``[[handoff]]`` destinations and, when ``[mllp]`` is
+configured, the HL7 v2 listener."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge.link.dispatcher import Dispatcher
+from bridge.link.handoff import HandoffService
 from bridge.link.mllp import MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
@@ -35,6 +37,7 @@ class BridgeService:
         self.port: int | None = None
         self.mllp: MLLPListener | None = None
         self.mllp_port: int | None = None
+        self.handoff = HandoffService(controller, poll_interval=min(poll_interval, 0.25))
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
@@ -56,6 +59,7 @@ class BridgeService:
                 self.mllp_port = await self.mllp.start()
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
+        await self.handoff.start()
 
     async def _tls_refused(self, address: str, reason: str) -> None:
         c = self.controller
@@ -71,6 +75,7 @@ class BridgeService:
         return submitted
 
     async def stop(self) -> None:
+        await self.handoff.stop()
         for dispatcher in self.dispatchers.values():
             await dispatcher.stop()
         if self.mllp is not None:
