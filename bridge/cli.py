@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from bridge.cli_inbox import add_inbox_commands, write_handoff_status
 from bridge.cli_mapping import add_mapping_commands
 from bridge.errors import BridgeError, NotFound
 
@@ -433,6 +434,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 sys.stdout.write(
                     f"    seq {row.seq} {row.state} ({row.last_error or '-'}): {row.message_id}\n"
                 )
+        attention = write_handoff_status(store, config, sys.stdout) or attention
     return 1 if attention else 0
 
 
@@ -485,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.set_defaults(func=cmd_push)
 
     add_mapping_commands(sub)
+    add_inbox_commands(sub)
 
     c = sub.add_parser("certs", help="development PKI")
     csub = c.add_subparsers(dest="certs_command", required=True)
