@@ -186,3 +186,148 @@ async def test_hand_off_resumes_after_the_endpoint_and_the_broker_go_away(
     with capsys.disabled():
         print(f"\n  raw deliveries for {len(ids)} claims after an outage: http"
               f" {len(endpoint.got.raw)}, amqp {len(consumer.got.raw)}")
+
+
+async def test_a_claim_the_system_refuses_is_dead_lettered_and_requeued_by_an_operator(
+    tmp_path: Path, records: list[dict[str, Any]], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The endpoint answers 422 past the give-up duration: the hand-off is dead with its
+    reason and the endpoint's answer; the claims behind it are not held up; the
+    operator lists, reads and requeues it, and it is handed over."""
+    hospital_cfg, insurer_cfg = make_workdir(tmp_path)
+    endpoint = ClaimEndpoint(free_port())
+    endpoint.fail_with = 422
+    await endpoint.start()
+    add_destinations(insurer_cfg, http_url=endpoint.url, extra="give_up_after_seconds = 0.3\n")
+    insurer = await start(insurer_cfg)
+    hospital = await start(hospital_cfg)
+    cfg = str(insurer_cfg)
+    try:
+        [dead] = await push(hospital, records[:1])
+        worker = insurer.handoff.workers["claims-http"]
+        await wait_for(lambda: worker.stats["dead"] == 1, 20, "the hand-off to die")
+        endpoint.fail_with = None
+        behind = await push(hospital, records[1:3])
+        await wait_for(lambda: endpoint.got.ids == set(behind), 20, "the claims behind it")
+
+        capsys.readouterr()
+        assert cli_main(["status", "--config", cfg]) == 1
+        out = capsys.readouterr().out
+        assert "dead 1" in out and f"dead seq 1 from hospital-a (http-422): {dead}" in out
+
+        assert cli_main(["inbox", "list", "--config", cfg, "--state", "dead", "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [e["messageId"] for e in listed] == [dead]
+        assert listed[0]["handoffs"][0] | {"nextAttempt": None} == {
+            "destination": "claims-http", "state": "dead", "sequence": 1,
+            "attempts": listed[0]["handoffs"][0]["attempts"], "lastError": "http-422",
+            "nextAttempt": None, "delivered": None}
+
+        assert cli_main(["inbox", "show", "--config", cfg, dead]) == 0
+        shown = capsys.readouterr().out
+        assert "hand-off claims-http: dead, sequence 1" in shown
+        assert "last answer: HTTP 422 Unprocessable" in shown
+        assert "--- message" in shown and "--- receipt" in shown
+
+        assert cli_main(["inbox", "requeue", "--config", cfg, "--destination", "claims-http"]) == 0
+        assert "1 hand-offs requeued" in capsys.readouterr().out
+        await wait_for(lambda: endpoint.got.ids == {dead, *behind}, 20, "the requeued claim")
+        assert endpoint.got.order[-1][1] == dead  # handed over late, with its own sequence
+        assert endpoint.got.order[-1][2] == 1
+        capsys.readouterr()
+        assert cli_main(["status", "--config", cfg]) == 0
+    finally:
+        await hospital.stop()
+        await insurer.stop()
+        await endpoint.stop()
+    actions = _actions(insurer_cfg)
+    assert actions.count("handoff.dead") == 1
+    assert actions.count("handoff.requeue") == 1
+    assert actions.count("handoff.delivered") == 3
+    assert actions.count("inbox.show") == 1
+
+
+def _actions(config: Path) -> list[str]:
+    from bridge.ledger.sqlite import SQLiteStore
+
+    with SQLiteStore(load_config(config).store.path) as store:
+        return [e.record.action for e in store.audit_entries()]
+
+
+async def test_operators_list_show_and_export_while_logs_and_lists_hold_no_health_data(
+    tmp_path: Path, records: list[dict[str, Any]], capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hospital_cfg, insurer_cfg = make_workdir(tmp_path)
+    endpoint = ClaimEndpoint(free_port())
+    await endpoint.start()
+    add_destinations(insurer_cfg, http_url=endpoint.url)
+    cfg = str(insurer_cfg)
+    caplog.set_level("DEBUG")
+    insurer = await start(insurer_cfg)
+    hospital = await start(hospital_cfg)
+    try:
+        ids = await push(hospital, records[3:6])
+        await wait_for(lambda: endpoint.got.ids == set(ids), 20, "the claims")
+        endpoint.fail_with = 503
+        more = await push(hospital, records[6:7])
+        await wait_for(lambda: insurer.handoff.workers["claims-http"].failing == "http-503", 20,
+                       "the endpoint to fail")
+    finally:
+        await hospital.stop()
+        await insurer.stop()
+        await endpoint.stop()
+    names = [_patient_name(r) for r in records[3:7]]
+    assert all(names)
+
+    capsys.readouterr()
+    assert cli_main(["inbox", "list", "--config", cfg]) == 0
+    listing = capsys.readouterr().out
+    assert [line.split("\t")[2] for line in listing.splitlines()] == ids + more
+    assert "claims-http=delivered" in listing and "claims-http=queued(http-503)" in listing
+    assert cli_main(["inbox", "list", "--config", cfg, "--state", "queued", "--json"]) == 0
+    assert [e["messageId"] for e in json.loads(capsys.readouterr().out)] == more
+    assert cli_main(["inbox", "list", "--config", cfg, "--sender", "clinic-x"]) == 0
+    assert capsys.readouterr().out == ""
+    assert cli_main(["inbox", "list", "--config", cfg, "--since", "2999-01-01"]) == 0
+    assert capsys.readouterr().out == ""
+    assert cli_main(["inbox", "list", "--config", cfg, "--until", "2999-01-01T00:00:00+08:00",
+                     "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+    assert cli_main(["inbox", "list", "--config", cfg, "--since", "last tuesday"]) == 2
+    assert "(at --since)" in capsys.readouterr().err
+
+    assert cli_main(["inbox", "show", "--config", cfg, ids[0], "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["message"]["identifier"]["value"] == ids[0]
+    assert shown["receipt"]["entry"][0]["resource"]["response"]["code"] == "ok"
+    assert cli_main(["inbox", "show", "--config", cfg, "urn:uuid:nothing-here"]) == 2
+    assert "no such message" in capsys.readouterr().err
+
+    folder = tmp_path / "export"
+    assert cli_main(["inbox", "export", "--config", cfg, "--to", str(folder)]) == 0
+    files = sorted(folder.iterdir())
+    assert len(files) == 4 and all(f.stat().st_mode & 0o077 == 0 for f in files)
+    exported = [json.loads(f.read_bytes()) for f in files]
+    assert {e["messageId"] for e in exported} == set(ids + more)
+    assert all(e["messageDigest"] == canonical_digest(e["message"]) for e in exported)
+    capsys.readouterr()
+    assert cli_main(["inbox", "export", "--config", cfg, "--message-id", ids[1]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["messageId"] == ids[1]
+
+    # Health data appears only where it was asked for, never in lists, status or logs.
+    capsys.readouterr()
+    cli_main(["status", "--config", cfg])
+    status = capsys.readouterr().out
+    for name in names:
+        assert name not in listing and name not in status
+        assert name not in caplog.text
+    assert any(name in json.dumps(e["message"], ensure_ascii=False) for e in exported
+               for name in names)
+    actions = _actions(insurer_cfg)
+    assert actions.count("inbox.show") == 1 and actions.count("inbox.export") == 5
+
+
+def _patient_name(record: dict[str, Any]) -> str:
+    return str(record["elements"]["HDSD00.11.110"])  # 患者姓名
