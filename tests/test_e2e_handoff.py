@@ -8,7 +8,6 @@ counted too: hand-off is at least once, so a resumed stream may repeat a claim.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator

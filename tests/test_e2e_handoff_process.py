@@ -54,14 +54,16 @@ class Serve:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
-        out = open(self.log, "ab")  # noqa: SIM115 - handed to the child process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "serve", "--config", str(self.config)],
-            stdout=subprocess.PIPE, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        out.close()
+        await asyncio.to_thread(self._start)
+
+    def _start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "serve", "--config", str(self.config)],
+                stdout=subprocess.PIPE, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         assert self.proc.stdout is not None
-        line = await asyncio.get_running_loop().run_in_executor(None, self.proc.stdout.readline)
+        line = self.proc.stdout.readline()
         assert line.startswith(b"ready "), self.log.read_text()
 
     def kill(self) -> None:

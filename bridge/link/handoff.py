@@ -160,6 +160,8 @@ class AMQPTransport:
         self._ssl = _client_ssl(dest, index, source) if url.scheme == "amqps" else None
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
+        # Lines of several senders publish concurrently; they share one connection.
+        self._connecting = asyncio.Lock()
         self.routing_key = dest.routing_key if dest.routing_key is not None else (dest.queue or "")
 
     async def _open(self) -> aio_pika.abc.AbstractExchange:
@@ -200,7 +202,8 @@ class AMQPTransport:
         return exchange
 
     async def send(self, body: bytes, facts: EnvelopeFacts) -> None:
-        exchange = await self._open()
+        async with self._connecting:
+            exchange = await self._open()
         message = aio_pika.Message(
             body,
             content_type="application/json",
