@@ -287,6 +287,11 @@ _DISCLOSURE_ACTIONS = {
     "claim.dead": ("E", "delivery abandoned after retries"),
     "claim.resend": ("E", "sent again; the recipient's receipt is held"),
     "message.receive": ("C", "received from a partner"),
+    "handoff.delivered": ("E", "handed to this controller's own system"),
+    "handoff.dead": ("E", "hand-off to this controller's own system abandoned"),
+    "handoff.requeue": ("E", "hand-off requeued by an operator"),
+    "inbox.show": ("R", "read by an operator"),
+    "inbox.export": ("R", "exported by an operator"),
 }
 
 
