@@ -157,17 +157,40 @@ def claim(
                 taken.append(row)
             if taken:
                 lines.append(taken)
-    out: list[list[Claimed]] = []
-    for taken in lines:
-        out.append([
+        held = {
+            (row.sender, row.message_id): row
+            for taken in lines for row in _inbox_rows(tx, taken[0].sender,
+                                                      [r.message_id for r in taken])
+        }
+    return [
+        [
             Claimed(
                 row=replace(row, state=HandoffState.SENDING, attempts=row.attempts + 1,
                             lease_until=parse_time(until)),
-                inbox=store.inbox_lookup(row.sender, row.message_id),
+                inbox=held.get((row.sender, row.message_id)),
             )
             for row in taken
-        ])
-    return out
+        ]
+        for taken in lines
+    ]
+
+
+def _inbox_rows(tx: Tx, sender: str, message_ids: list[str]) -> list[InboxRow]:
+    """The stored claims of one sender, read in the claiming transaction (one query per
+    line rather than a lookup per claim). The inbox's columns are read as the base
+    stores write them (``bridge.ledger.sqlite`` and ``postgres``): this must follow them
+    if they start sealing the payload."""
+    from bridge.ledger.sqlite import InboxRow
+
+    marks = ",".join("?" for _ in message_ids)
+    return [
+        InboxRow(sender=r[0], message_id=r[1], digest=r[2], payload=bytes(r[3]),
+                 receipt=bytes(r[4]), audit_seq=int(r[5]), received=_as_time(r[6]))
+        for r in tx.all(
+            "SELECT sender, message_id, digest, payload, receipt, audit_seq, received"
+            f" FROM inbox WHERE sender=? AND message_id IN ({marks})",
+            (sender, *message_ids))
+    ]
 
 
 def mark_delivered(
@@ -270,7 +293,8 @@ def requeue(
     states: Sequence[HandoffState] = (HandoffState.DEAD,),
 ) -> list[HandoffRow]:
     """Put the hand-offs ``f`` selects, in one of ``states``, back in their line, due now
-    and with a fresh give-up duration; each is audited. Returns the rows requeued."""
+    and with a fresh give-up duration; each is audited (the audit entry keeps the state
+    and error it leaves). Returns the rows as they were before."""
     wanted = [s.value for s in states if s in (HandoffState.DEAD, HandoffState.DELIVERED)]
     if not wanted:
         return []
@@ -284,7 +308,8 @@ def requeue(
         for row in rows:
             tx.execute(
                 "UPDATE handoff SET state='queued', attempts=0, due_since=?, next_attempt=?,"
-                " lease_until=NULL, updated=? WHERE id=?", (t, t, t, row.id))
+                " lease_until=NULL, last_error=NULL, last_answer=NULL, updated=? WHERE id=?",
+                (t, t, t, row.id))
             tx.append_audit(audit(row))
     return rows
 

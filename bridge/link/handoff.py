@@ -280,14 +280,16 @@ class HandoffWorker:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"handoff:{self.dest.id}")
 
-    async def stop(self) -> None:
-        """Finish the hand-off in progress (bounded by the timeout), give back the rest."""
+    async def stop(self, grace: float = 5.0) -> None:
+        """Finish the hand-off in progress and give back the rest. One that takes longer
+        than ``grace`` seconds (a broker that does not answer) is abandoned: its lease
+        expires and it goes again, so nothing is lost."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task),
-                                       timeout=self.dest.timeout_seconds + 2)
+                                       timeout=min(grace, self.dest.timeout_seconds + 2))
             except TimeoutError:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
