@@ -58,6 +58,36 @@ def canonical_digest(message: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def verify_signature(message: dict[str, Any], signing_cert: Path) -> None:
+    """PROTOCOL §5 with standard tools only: the detached ES256 JWS in
+    ``Bundle.signature.data`` over the canonical payload; raises if it does not verify."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    def b64url(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    compact = base64.b64decode(message["signature"]["data"]).decode()
+    header_b64, empty, sig_b64 = compact.split(".")
+    assert empty == "", "the payload must be detached"
+    header = json.loads(base64.urlsafe_b64decode(header_b64 + "=" * (-len(header_b64) % 4)))
+    assert header["alg"] == "ES256"
+    body = {k: v for k, v in message.items() if k != "signature"}
+    payload = json.dumps(body, sort_keys=True, separators=(",", ":"),
+                         ensure_ascii=False).encode()
+    raw = base64.urlsafe_b64decode(sig_b64 + "=" * (-len(sig_b64) % 4))
+    signature = encode_dss_signature(int.from_bytes(raw[:32], "big"),
+                                     int.from_bytes(raw[32:], "big"))
+    key = x509.load_pem_x509_certificate(signing_cert.read_bytes()).public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key.verify(signature, header_b64.encode() + b"." + b64url(payload),
+               ec.ECDSA(hashes.SHA256()))
+
+
 def receipt_extension(receipt: dict[str, Any], url: str) -> Any:
     header = receipt["entry"][0]["resource"]
     for ext in header.get("extension", []):
@@ -198,10 +228,10 @@ class FaultProxy:
 
 def add_destinations(config: Path, *, http_url: str | None = None,
                      amqp_url: str | None = None, queue: str | None = None,
-                     extra: str = "") -> None:
+                     extra: str = "", timeout: float = 2) -> None:
     """Append hand-off destinations to a controller's TOML file (fast retries)."""
     text = config.read_text(encoding="utf-8")
-    fast = ("retry_base_seconds = 0.05\nretry_cap_seconds = 0.3\ntimeout_seconds = 2\n"
+    fast = (f"retry_base_seconds = 0.05\nretry_cap_seconds = 0.3\ntimeout_seconds = {timeout}\n"
             + extra)
     if http_url is not None:
         text += f'\n[[handoff]]\nid = "claims-http"\nkind = "http"\nurl = "{http_url}"\n{fast}'

@@ -26,6 +26,7 @@ from handoff_support import (
     delete_queue,
     receipt_extension,
     unique_queue,
+    verify_signature,
     wait_for,
 )
 
@@ -67,9 +68,11 @@ def _cid(record: dict[str, Any]) -> str:
     return "c-" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def check_envelopes(got: Received, sender: str) -> None:
+def check_envelopes(got: Received, sender: str, pki: Path) -> None:
     """What the insurer's system can check on its own, from the README's description."""
     for (who, mid), env in got.first.items():
+        verify_signature(env["message"], pki / sender / "sign.pem")
+        verify_signature(env["receipt"], pki / "insurer-b" / "sign.pem")
         assert who == sender == env["sender"]
         assert env["envelope"] == "ws-fhir-bridge.handoff" and env["version"] == 1
         assert env["messageId"] == mid == env["message"]["identifier"]["value"]
@@ -89,8 +92,10 @@ async def test_every_claim_reaches_the_queue_and_the_endpoint_once_per_identity_
     hospital_cfg, insurer_cfg = make_workdir(tmp_path)
     endpoint = ClaimEndpoint(free_port())
     await endpoint.start()
+    # A generous timeout: on a loaded machine a slow answer must not count as a failure
+    # here, where the point is that a healthy path hands each claim over exactly once.
     add_destinations(insurer_cfg, http_url=endpoint.url,
-                     amqp_url="amqp://127.0.0.1:5672/", queue=queue_name)
+                     amqp_url="amqp://127.0.0.1:5672/", queue=queue_name, timeout=20)
     insurer = await start(insurer_cfg)
     hospital = await start(hospital_cfg)
     consumer = QueueConsumer(queue_name)
@@ -108,7 +113,7 @@ async def test_every_claim_reaches_the_queue_and_the_endpoint_once_per_identity_
     for got in (endpoint.got, consumer.got):
         assert got.in_order_per_sender()
         assert [seq for _, _, seq in got.order] == list(range(1, 11))
-        check_envelopes(got, "hospital-a")
+        check_envelopes(got, "hospital-a", tmp_path / "pki")
         # Nothing went wrong on the way, so nothing came twice.
         assert len(got.raw) == len(ids)
     # The claim system can deduplicate from the headers alone, before parsing.
