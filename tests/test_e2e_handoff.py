@@ -335,3 +335,32 @@ async def test_operators_list_show_and_export_while_logs_and_lists_hold_no_healt
 
 def _patient_name(record: dict[str, Any]) -> str:
     return str(record["elements"]["HDSD00.11.110"])  # 患者姓名
+
+
+async def test_a_destination_added_later_gets_the_claims_received_before_it(
+    tmp_path: Path, records: list[dict[str, Any]], capsys: pytest.CaptureFixture[str],
+) -> None:
+    hospital_cfg, insurer_cfg = make_workdir(tmp_path)
+    insurer = await start(insurer_cfg)
+    hospital = await start(hospital_cfg)
+    try:
+        early = await push(hospital, records[7:9])
+        await wait_for(lambda: insurer.controller.store.inbox_count() == 2, 20, "the claims")
+    finally:
+        await insurer.stop()
+    endpoint = ClaimEndpoint(free_port())
+    await endpoint.start()
+    add_destinations(insurer_cfg, http_url=endpoint.url)
+    capsys.readouterr()
+    assert cli_main(["inbox", "requeue", "--config", str(insurer_cfg), "--missing",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"requeued": [], "queued": 2}
+    insurer = await start(insurer_cfg)
+    try:
+        late = await push(hospital, records[9:10])
+        await wait_for(lambda: endpoint.got.ids == {*early, *late}, 20, "every claim")
+    finally:
+        await hospital.stop()
+        await insurer.stop()
+        await endpoint.stop()
+    assert [m for _, m, _ in endpoint.got.order] == [*early, *late]
