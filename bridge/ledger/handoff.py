@@ -142,19 +142,31 @@ def claim(
                 f"SELECT {_COLS} FROM handoff WHERE destination=? AND sender=?"
                 " AND state IN ('queued', 'sending') AND seq>=? ORDER BY seq LIMIT ?",
                 (destination, sender, head, limit))]
-            taken: list[HandoffRow] = []
+            due: list[HandoffRow] = []
             for row in rows:
-                # The conditional update is the lock: a concurrent worker that took the
-                # row first leaves it not due, and this line stops here.
-                cur = tx.execute(
-                    "UPDATE handoff SET state='sending', attempts=attempts+1, lease_until=?,"
-                    " updated=? WHERE id=? AND ((state='queued' AND next_attempt<=?)"
-                    " OR (state='sending' AND lease_until<=?))",
-                    (until, t, row.id, t, t),
-                )
-                if cur.rowcount != 1:
+                if not _due(row, now):
+                    break
+                due.append(row)
+            if not due:
+                continue
+            # The conditional update is the lock: a row a concurrent worker took first
+            # is no longer due, is not returned, and the line stops before it.
+            marks = ",".join("?" for _ in due)
+            got = {int(r[0]) for r in tx.all(
+                "UPDATE handoff SET state='sending', attempts=attempts+1, lease_until=?,"
+                f" updated=? WHERE id IN ({marks}) AND ((state='queued' AND next_attempt<=?)"
+                " OR (state='sending' AND lease_until<=?)) RETURNING id",
+                (until, t, *(row.id for row in due), t, t))}
+            taken: list[HandoffRow] = []
+            for row in due:
+                if row.id not in got:
                     break
                 taken.append(row)
+            beyond = [row.id for row in due[len(taken):] if row.id in got]
+            if beyond:
+                tx.execute(
+                    "UPDATE handoff SET state='queued', attempts=attempts-1, lease_until=NULL"
+                    f" WHERE id IN ({','.join('?' for _ in beyond)})", beyond)
             if taken:
                 lines.append(taken)
         held = {
@@ -173,6 +185,12 @@ def claim(
         ]
         for taken in lines
     ]
+
+
+def _due(row: HandoffRow, now: datetime) -> bool:
+    if row.state == HandoffState.QUEUED:
+        return row.next_attempt <= now
+    return row.lease_until is not None and row.lease_until <= now
 
 
 def _inbox_rows(tx: Tx, sender: str, message_ids: list[str]) -> list[InboxRow]:
@@ -201,19 +219,19 @@ def mark_delivered(
     Not synced to disk (a power loss can undo it; the claim is then handed over again
     and the destination recognises it). Returns how many rows were still ours.
     """
+    if not rows:
+        return 0
     t = format_time(now)
-    done = 0
+    marks = ",".join("?" for _ in rows)
     with store.transaction("handoff_delivered", durable=False) as tx:
+        ours = {int(r[0]) for r in tx.all(
+            "UPDATE handoff SET state='delivered', delivered=?, updated=?, lease_until=NULL,"
+            f" last_error=NULL, last_answer=NULL WHERE id IN ({marks}) AND state='sending'"
+            " RETURNING id", (t, t, *(row.id for row in rows)))}
         for row, audit in zip(rows, audits, strict=True):
-            cur = tx.execute(
-                "UPDATE handoff SET state='delivered', delivered=?, updated=?, lease_until=NULL,"
-                " last_error=NULL, last_answer=NULL WHERE id=? AND state='sending'",
-                (t, t, row.id),
-            )
-            if cur.rowcount == 1:
+            if row.id in ours:
                 tx.append_audit(audit)
-                done += 1
-    return done
+    return len(ours)
 
 
 def mark_failed(
