@@ -108,7 +108,7 @@ CREATE TABLE IF NOT EXISTS hl7_inbox (
     Migration(
         name="0750-handoff-queue",
         ddl="""
-CREATE TABLE handoff (
+CREATE TABLE IF NOT EXISTS handoff (
     id           {autoid},
     destination  TEXT NOT NULL,
     sender       TEXT NOT NULL,
@@ -129,8 +129,8 @@ CREATE TABLE handoff (
     UNIQUE (destination, sender, message_id),
     UNIQUE (destination, sender, seq)
 );
-CREATE INDEX handoff_line ON handoff (destination, state, sender, seq);
-CREATE INDEX handoff_claim ON handoff (sender, message_id);
+CREATE INDEX IF NOT EXISTS handoff_line ON handoff (destination, state, sender, seq);
+CREATE INDEX IF NOT EXISTS handoff_claim ON handoff (sender, message_id);
 """,
     ),
 )
