@@ -210,6 +210,7 @@ def render_status(view: StatusView) -> str:
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         f"<meta http-equiv='refresh' content='{view.refresh_seconds}; url=/'>"
         f"<meta name='operator-token' content='{_e(view.csrf_token)}'>"
+        "<link rel='icon' href='data:,'>"
         f"<title>{_e(view.controller)} — ws-fhir-bridge status</title>"
         f"<style>{_STYLE}</style></head><body>"
         f"<h1>{_e(view.controller)} <span class='muted'>{_e(view.name)}</span></h1>"
