@@ -107,7 +107,7 @@ def make_site(root: Path, *, fast_retries: bool = False) -> Site:
 def http(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
     req = urllib.request.Request(url, data=data, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=15) as resp:  # noqa: S310 - loopback test URL
+        with urllib.request.urlopen(req, timeout=15) as resp:
             return resp.status, resp.read().decode("utf-8")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode("utf-8")

@@ -76,8 +76,10 @@ CONTENTS = st.one_of(
             b'{"dataset": "WS445.10", "elements": {"HDSD00.11.999": "x"}}',
             b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5\r",
             b"[controller]\nid = 1\n",
-            b'[controller]\nid = "x"\nname = "y"\n[tls]\nca = "a"\ncert = "b"\nkey = "c"\n'
-            b'[signing]\ncert = "d"\nkey = "e"\n[server]\nport = "https"\n',
+            (
+                b'[controller]\nid = "x"\nname = "y"\n[tls]\nca = "a"\ncert = "b"\nkey = "c"\n'
+                b'[signing]\ncert = "d"\nkey = "e"\n[server]\nport = "https"\n'
+            ),
             b"\xff\xfe\x00bad",
         ]
     ),

@@ -58,12 +58,14 @@ def test_json_log_lines_for_retry_dead_letter_requeue_delivery_and_refusals(
 
         # A TLS client without a certificate is refused and the refusal logged.
         ctx = ssl.create_default_context(cafile=str(site.root / "pki" / "ca.pem"))
-        with socket.create_connection(("127.0.0.1", site.ports["hospital"])) as raw:
-            with pytest.raises((ssl.SSLError, ConnectionError)):
-                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-                    tls.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\n\r\n")
-                    if not tls.recv(1):
-                        raise ConnectionError("closed")
+        with (
+            socket.create_connection(("127.0.0.1", site.ports["hospital"])) as raw,
+            pytest.raises((ssl.SSLError, ConnectionError)),
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\n\r\n")
+            if not tls.recv(1):
+                raise ConnectionError("closed")
 
         # The operator starts the insurer and requeues from the status page.
         insurer = serve(site.insurer)
