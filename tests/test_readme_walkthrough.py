@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from bridge.demo import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -61,6 +63,7 @@ def _matches(expected: list[str], actual: str) -> bool:
     return got == expected
 
 
+@pytest.mark.battery  # about 20 s: seven subprocesses, two of them bridges
 def test_the_readme_walks_a_newcomer_to_an_exchange(tmp_path: Path) -> None:
     ports = {role: free_port() for role in PORTS.values()}
     steps = _blocks("init") + _blocks("exchange")
