@@ -30,6 +30,7 @@ from bridge.cli_common import (
 from bridge.cli_common import print_json as _print_json
 from bridge.cli_init import add_init_commands
 from bridge.cli_mapping import add_mapping_commands
+from bridge.cli_store import add_store_commands
 from bridge.errors import BridgeError, NotFound, ParseError
 
 
@@ -584,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.set_defaults(func=cmd_push)
 
     add_mapping_commands(sub)
+    add_store_commands(sub)
 
     c = sub.add_parser("certs", help="development PKI")
     csub = c.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")

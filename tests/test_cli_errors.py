@@ -216,3 +216,18 @@ def test_version_names_package_fhir_and_protocol(capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert version("ws-fhir-bridge") in out
     assert "FHIR 4.0.1" in out and "protocol" in out
+
+
+def test_store_status_and_migrate(configs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from bridge.ledger.migrations import MIGRATIONS
+
+    hospital_cfg, _ = configs
+    assert main(["store", "status", "--config", str(hospital_cfg)]) == 2
+    assert "no store at this path yet" in _one_line(capsys.readouterr().err)
+    assert main(["store", "migrate", "--config", str(hospital_cfg)]) == 0
+    assert "(up to date)" in capsys.readouterr().out
+    assert main(["store", "status", "--config", str(hospital_cfg), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["applied"] == [m.name for m in MIGRATIONS] and report["up_to_date"]
