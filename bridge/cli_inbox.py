@@ -16,13 +16,12 @@ from typing import IO, Any
 
 import orjson
 
-from bridge.errors import ConfigError, NotFound, ParseError
+from bridge.cli_common import add_json_option, folder_argument, non_negative_int
+from bridge.cli_common import print_json as _print_json
+from bridge.errors import ConfigError, NotFound, ParseError, UsageError
 
 _STATES = ("queued", "sending", "delivered", "dead")
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+_CONFIG_HELP = "the controller's configuration file (TOML)"
 
 
 def _when(text: str | None, option: str) -> datetime | None:
@@ -152,7 +151,7 @@ def _find_one(store: Any, args: argparse.Namespace) -> Any:
     if not entries:
         raise NotFound("no such message in the inbox", location=args.message_id)
     if len(entries) > 1:
-        raise ParseError("several senders used this message identity; name one with --sender",
+        raise UsageError("several senders used this message identity; name one with --sender",
                          location="--sender")
     return entries[0]
 
@@ -199,7 +198,7 @@ def cmd_inbox_export(args: argparse.Namespace) -> int:
     from bridge.ledger.handoff import list_inbox
 
     config, store = _open(args)
-    target = Path(args.to) if args.to else None
+    target = folder_argument(args.to, option="--to") if args.to else None
     if target is not None:
         target.mkdir(mode=0o700, parents=True, exist_ok=True)
     count = 0
@@ -292,43 +291,63 @@ def cmd_inbox_requeue(args: argparse.Namespace) -> int:
 # --- status -----------------------------------------------------------------------------------
 
 
-def write_handoff_status(store: Any, config: Any, out: IO[str]) -> bool:
-    """Per destination: depth, dead hand-offs, a failing destination. True when an
-    operator is needed (something dead, or a destination failing right now)."""
+def handoff_report(config: Any, store: Any) -> list[dict[str, Any]]:
+    """Per destination: depth, delivered, dead hand-offs (a few named), whether it is
+    failing right now, and whether an operator is needed (something dead or failing)."""
     from bridge.ledger.handoff import destination_status
 
-    attention = False
+    report: list[dict[str, Any]] = []
     for dest in config.handoff:
         s = destination_status(store, dest.id)
-        waiting = s.counts["queued"] + s.counts["sending"]
-        line = (f"  hand-off {dest.id} ({dest.kind}): waiting {waiting},"
-                f" delivered {s.counts['delivered']}, dead {s.counts['dead']}")
-        if s.oldest_waiting is not None:
-            line += f"; oldest waiting since {s.oldest_waiting.created.isoformat(timespec='seconds')}"
+        failing = s.failing
+        report.append({
+            "id": dest.id,
+            "kind": dest.kind,
+            "counts": dict(s.counts),
+            "waiting": s.counts["queued"] + s.counts["sending"],
+            "oldest_waiting_since": (s.oldest_waiting.created.isoformat()
+                                     if s.oldest_waiting is not None else None),
+            "failing": None if failing is None else {
+                "error": failing.last_error, "attempts": failing.attempts,
+                "seq": failing.seq, "sender": failing.sender,
+                "message_id": failing.message_id,
+            },
+            "dead": [{"seq": r.seq, "sender": r.sender, "error": r.last_error,
+                      "message_id": r.message_id} for r in s.dead],
+            "needs_operator": failing is not None or s.counts["dead"] > 0,
+        })
+    return report
+
+
+def print_handoff_status(report: list[dict[str, Any]], out: IO[str]) -> None:
+    """The text form of :func:`handoff_report` for ``bridge status``."""
+    for d in report:
+        counts = d["counts"]
+        line = (f"  hand-off {d['id']} ({d['kind']}): waiting {d['waiting']},"
+                f" delivered {counts['delivered']}, dead {counts['dead']}")
+        if d["oldest_waiting_since"] is not None:
+            line += f"; oldest waiting since {d['oldest_waiting_since'][:19]}"
         out.write(line + "\n")
-        if s.failing is not None:
-            attention = True
-            f = s.failing
-            out.write(f"    FAILING: {f.last_error} after {f.attempts} attempts"
-                      f" (seq {f.seq} from {f.sender}); retrying with backoff\n")
-        for row in s.dead:
-            attention = True
-            out.write(f"    dead seq {row.seq} from {row.sender} ({row.last_error or '-'}):"
-                      f" {row.message_id}\n")
-        if s.counts["dead"] > len(s.dead):
-            out.write(f"    ... and {s.counts['dead'] - len(s.dead)} more dead;"
+        f = d["failing"]
+        if f is not None:
+            out.write(f"    FAILING: {f['error']} after {f['attempts']} attempts"
+                      f" (seq {f['seq']} from {f['sender']}); retrying with backoff\n")
+        for row in d["dead"]:
+            out.write(f"    dead seq {row['seq']} from {row['sender']} ({row['error'] or '-'}):"
+                      f" {row['message_id']}\n")
+        if counts["dead"] > len(d["dead"]):
+            out.write(f"    ... and {counts['dead'] - len(d['dead'])} more dead;"
                       " bridge inbox list --state dead\n")
-    return attention
 
 
 def add_inbox_commands(sub: Any) -> None:
     """Register ``bridge inbox ...`` on the top-level subparsers."""
     p = sub.add_parser("inbox", help="received claims and their hand-off to this controller's"
                        " own systems")
-    isub = p.add_subparsers(dest="inbox_command", required=True)
+    isub = p.add_subparsers(dest="inbox_command", required=True, metavar="COMMAND")
 
     def common(q: argparse.ArgumentParser, *, state: bool = True) -> None:
-        q.add_argument("--config", required=True, help="the controller's TOML file")
+        q.add_argument("--config", required=True, help=_CONFIG_HELP)
         q.add_argument("--sender", help="only claims from this partner id")
         q.add_argument("--destination", help="only hand-offs to this destination id")
         if state:
@@ -339,15 +358,16 @@ def add_inbox_commands(sub: Any) -> None:
 
     ls = isub.add_parser("list", help="received claims with their hand-off states (no content)")
     common(ls)
-    ls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--limit", type=non_negative_int, default=100,
+                    help="at most this many (default 100)")
+    add_json_option(ls)
     ls.set_defaults(func=cmd_inbox_list)
 
     sh = isub.add_parser("show", help="print one stored message and its receipt (audited)")
-    sh.add_argument("--config", required=True, help="the controller's TOML file")
+    sh.add_argument("--config", required=True, help=_CONFIG_HELP)
     sh.add_argument("--sender", help="the sender, when several used this message identity")
     sh.add_argument("message_id", help="the message identity (urn:uuid:...)")
-    sh.add_argument("--json", action="store_true", help="one JSON document")
+    add_json_option(sh)
     sh.set_defaults(func=cmd_inbox_show)
 
     ex = isub.add_parser("export", help="write stored messages with their receipts as hand-off"
@@ -356,7 +376,8 @@ def add_inbox_commands(sub: Any) -> None:
     ex.add_argument("--message-id", help="only this message identity")
     ex.add_argument("--to", help="folder to write one file per claim (default: stdout, one"
                     " envelope per line)")
-    ex.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    ex.add_argument("--limit", type=non_negative_int, default=1000,
+                    help="at most this many (default 1000)")
     ex.set_defaults(func=cmd_inbox_export)
 
     rq = isub.add_parser("requeue", help="hand dead (or, with --delivered, delivered) claims"
@@ -368,8 +389,8 @@ def add_inbox_commands(sub: Any) -> None:
     rq.add_argument("--missing", action="store_true",
                     help="also queue stored claims that have no hand-off to a destination yet"
                     " (received before it was configured)")
-    rq.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_option(rq)
     rq.set_defaults(func=cmd_inbox_requeue, state=None)
 
 
-__all__ = ["add_inbox_commands", "write_handoff_status"]
+__all__ = ["add_inbox_commands", "handoff_report", "print_handoff_status"]
