@@ -52,6 +52,7 @@ class Serve:
         self.config = config
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready: list[str] = []
 
     async def start(self) -> None:
         await asyncio.to_thread(self._start)
@@ -65,6 +66,7 @@ class Serve:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line.startswith(b"ready "), self.log.read_text()
+        self.ready = line.decode().split()
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -161,6 +163,8 @@ async def test_a_refused_broker_connection_is_retried_and_shown_in_status(
     hospital_cfg, insurer_cfg = make_workdir(tmp_path)
     proxy = FaultProxy(free_port())  # not started yet: connection refused
     add_destinations(insurer_cfg, amqp_url=f"amqp://127.0.0.1:{proxy.port}/", queue=queue_name)
+    with insurer_cfg.open("a", encoding="utf-8") as fh:
+        fh.write("\n[operations]\nport = 0\n")
     insurer = Serve(insurer_cfg, tmp_path / "insurer.log")
     await insurer.start()
     hospital = BridgeService(Controller(load_config(hospital_cfg)), poll_interval=0.05)
@@ -181,6 +185,9 @@ async def test_a_refused_broker_connection_is_retried_and_shown_in_status(
             await asyncio.sleep(0.2)
         assert status.returncode == 1
         assert "hand-off claims-amqp (amqp): waiting 3, delivered 0, dead 0" in status.stdout
+        metrics = await _metrics(insurer)
+        assert 'bridge_handoff_pending{destination="claims-amqp"} 3.0' in metrics
+        assert 'bridge_handoff_failing{destination="claims-amqp"} 1.0' in metrics
         await proxy.start()
         await consumer.start()
         await wait_for(lambda: consumer.got.ids == set(ids), 30, "claims after the broker came")
@@ -192,8 +199,19 @@ async def test_a_refused_broker_connection_is_retried_and_shown_in_status(
         await consumer.stop()
         await proxy.stop()
     log = (tmp_path / "insurer.log").read_text()
-    assert "hand-off claims-amqp: amqp-unreachable (retrying with backoff)" in log
+    failing = [line for line in log.splitlines() if "handoff_failing" in line]
+    assert len(failing) == 1, log  # one line for the outage, not one per attempt
+    assert "destination=claims-amqp" in failing[0] and "code=amqp-unreachable" in failing[0]
+    assert "handoff_recovered" in log
     assert "Traceback" not in log
+
+
+async def _metrics(serve: Serve) -> str:
+    import aiohttp
+
+    ops = next(w.removeprefix("operations=") for w in serve.ready if w.startswith("operations="))
+    async with aiohttp.ClientSession() as session, session.get(f"{ops}/metrics") as resp:
+        return await resp.text()
 
 
 def _status(config: Path) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Protocol
 
@@ -33,6 +33,8 @@ import aio_pika
 import aio_pika.exceptions
 import aiohttp
 import aiormq.exceptions
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from yarl import URL
 
 from bridge.config import HandoffConfig
@@ -42,6 +44,8 @@ from bridge.ledger import handoff as queue
 from bridge.ledger.audit import AuditRecord, format_time
 from bridge.ledger.states import next_attempt
 from bridge.link.node import Controller
+from bridge.logs import event
+from bridge.ops.metrics import ScrapeContext, metric_source
 
 log = logging.getLogger("bridge.handoff")
 
@@ -355,7 +359,7 @@ class HandoffWorker:
                     detail=f"{self.dest.id} seq {item.row.seq}",
                 ))
                 if self.failing is not None:
-                    log.info("hand-off %s: destination takes claims again", self.dest.id)
+                    event("handoff_recovered", controller=c.id, destination=self.dest.id)
                     self.failing = None
         finally:
             await self._flush(delivered, audits)
@@ -392,13 +396,11 @@ class HandoffWorker:
         c = self.c
         now = c.clock()
         self.stats["failed"] += 1
-        if self.failing != failure.code:
-            log.warning("hand-off %s: %s (retrying with backoff)", self.dest.id, failure.code)
-            self.failing = failure.code
         if gives_up(row.due_since, now, self.dest.give_up_after_seconds):
             self.stats["dead"] += 1
-            log.error("hand-off %s: %s from %s dead-lettered after %s attempts (%s)",
-                      self.dest.id, row.message_id, row.sender, row.attempts, failure.code)
+            event("handoff_dead_letter", controller=c.id, destination=self.dest.id,
+                  partner=row.sender, message_id=row.message_id, seq=row.seq,
+                  attempt=row.attempts, code=failure.code)
             await c.db.call(
                 queue.mark_failed, c.store, row, error=failure.code, answer=failure.answer,
                 now=now, retry_at=None,
@@ -409,6 +411,13 @@ class HandoffWorker:
             return
         retry_at = next_attempt(row.attempts, now=now, base=self.dest.retry_base_seconds,
                                 cap=self.dest.retry_cap_seconds, rng=self.rng)
+        if self.failing != failure.code:
+            # Once per change, not once per attempt: an outage is one line, not thousands.
+            event("handoff_failing", controller=c.id, destination=self.dest.id,
+                  partner=row.sender, message_id=row.message_id, attempt=row.attempts,
+                  code=failure.code,
+                  retry_in_seconds=round((retry_at - now).total_seconds(), 3))
+            self.failing = failure.code
         await c.db.call(queue.mark_failed, c.store, row, error=failure.code,
                         answer=failure.answer, now=now, retry_at=retry_at, audit=None)
 
@@ -432,6 +441,29 @@ class HandoffService:
     def wake(self) -> None:
         for worker in self.workers.values():
             worker.wake()
+
+
+@metric_source
+def handoff_figures(ctx: ScrapeContext) -> Iterator[Metric]:
+    """Per destination: claims waiting, handed over and dead, read from the store."""
+    waiting = GaugeMetricFamily("bridge_handoff_pending",
+                                "Received claims waiting to be handed over",
+                                labels=["destination"])
+    delivered = GaugeMetricFamily("bridge_handoff_delivered",
+                                  "Received claims the destination took", labels=["destination"])
+    dead = GaugeMetricFamily("bridge_handoff_dead",
+                             "Hand-offs given up, waiting for bridge inbox requeue",
+                             labels=["destination"])
+    failing = GaugeMetricFamily("bridge_handoff_failing",
+                                "1 while a waiting hand-off to it has failed and is retried",
+                                labels=["destination"])
+    for dest in ctx.config.handoff:
+        counts = queue.destination_status(ctx.store, dest.id, dead_limit=0)
+        waiting.add_metric([dest.id], counts.counts["queued"] + counts.counts["sending"])
+        delivered.add_metric([dest.id], counts.counts["delivered"])
+        dead.add_metric([dest.id], counts.counts["dead"])
+        failing.add_metric([dest.id], 1 if counts.failing is not None else 0)
+    yield from (waiting, delivered, dead, failing)
 
 
 __all__ = ["AMQPTransport", "DeliveryFailed", "HTTPTransport", "HandoffService",
