@@ -32,7 +32,7 @@ from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_s
 from bridge.cli_init import add_init_commands
 from bridge.cli_mapping import add_mapping_commands
 from bridge.cli_store import add_store_commands
-from bridge.errors import BridgeError, NotFound, ParseError
+from bridge.errors import BridgeError, NotFound, ParseError, UsageError
 
 
 def _fail(exc: BridgeError) -> int:
@@ -262,7 +262,9 @@ def _open_store(args: argparse.Namespace) -> Any:
     from bridge.config import StoreConfig, load_config
     from bridge.ledger import open_store
 
-    if args.store:
+    if args.store is not None:
+        if not args.store.strip():
+            raise UsageError("--store needs the path of a store file", location="--store")
         path = Path(args.store)
         if not path.exists():
             raise NotFound("no store at this path", location=str(path))

@@ -231,3 +231,13 @@ def test_store_status_and_migrate(configs: tuple[Path, Path], capsys: pytest.Cap
     assert main(["store", "status", "--config", str(hospital_cfg), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["applied"] == [m.name for m in MIGRATIONS] and report["up_to_date"]
+
+
+@pytest.mark.parametrize("command", [["outbox"], ["audit", "verify"]])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_store_path_is_a_usage_error(
+    command: list[str], value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*command, "--store", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--store" in err and "internal" not in err
