@@ -113,3 +113,36 @@ async def test_stopping_gives_back_what_was_not_handed_over(tmp_path: Path) -> N
         await endpoint.stop()
         await c.close()
     assert [m for _, m, _ in endpoint.got.order] == ids
+
+
+@pytest.mark.battery
+async def test_a_store_that_fails_for_a_while_does_not_stop_the_hand_off(tmp_path: Path) -> None:
+    """Another process holds the store's write lock past the busy timeout while claims
+    are being handed over: recording fails, the worker carries on, and once the store
+    answers again every claim is handed over (some twice: at least once)."""
+    import asyncio
+    import sqlite3
+
+    from handoff_support import ClaimEndpoint
+
+    endpoint = ClaimEndpoint(free_port(), delay=0.1)
+    await endpoint.start()
+    c = controller_with_senders(tmp_path, http_url=endpoint.url)
+    ids = [accept(c, "hospital-a", n) for n in range(6)]
+    service = HandoffService(c, poll_interval=0.02)
+    await service.start()
+    blocker = sqlite3.connect(c.config.store.path, isolation_level=None)
+    try:
+        await wait_for(lambda: len(endpoint.got.ids) >= 1, 20, "the first hand-off")
+        blocker.execute("BEGIN IMMEDIATE")
+        await asyncio.sleep(6.5)  # longer than the store's 5 s busy timeout
+        blocker.execute("COMMIT")
+        await wait_for(lambda: endpoint.got.ids == set(ids), 40, "every claim afterwards")
+        worker = service.workers["claims-http"]
+        assert worker._task is not None and not worker._task.done()
+    finally:
+        blocker.close()
+        await service.stop()
+        await endpoint.stop()
+        await c.close()
+    assert endpoint.got.in_order_per_sender()

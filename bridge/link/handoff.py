@@ -326,7 +326,13 @@ class HandoffWorker:
                 await self._sleep(self.poll_interval)
                 continue
             claimed_at = asyncio.get_running_loop().time()
-            await asyncio.gather(*(self._hand_line(line, claimed_at) for line in lines))
+            try:
+                await asyncio.gather(*(self._hand_line(line, claimed_at) for line in lines))
+            except Exception as exc:  # noqa: BLE001 - e.g. the store failed while marking
+                # What was handed over but not recorded goes again when its lease expires.
+                log.warning("hand-off %s: round interrupted (%s); carrying on", self.dest.id,
+                            type(exc).__name__)
+                await self._sleep(self.poll_interval)
 
     async def _hand_line(self, line: Sequence[queue.Claimed], claimed_at: float) -> None:
         """Hand one sender's claims over in order; stop the line at the first failure."""
@@ -344,7 +350,7 @@ class HandoffWorker:
                     return
                 try:
                     facts, body = self._envelope(item)
-                    await self.transport.send(body, facts)
+                    await self._send(body, facts)
                 except DeliveryFailed as failure:
                     await self._flush(delivered, audits)
                     delivered, audits = [], []
@@ -363,6 +369,15 @@ class HandoffWorker:
                     self.failing = None
         finally:
             await self._flush(delivered, audits)
+
+    async def _send(self, body: bytes, facts: EnvelopeFacts) -> None:
+        try:
+            await self.transport.send(body, facts)
+        except DeliveryFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a client failure not classified above
+            await self.transport.close()  # its state is unknown: start afresh next time
+            raise DeliveryFailed(f"{self.dest.kind}-failed", type(exc).__name__.encode()) from None
 
     async def _flush(self, rows: list[queue.HandoffRow], audits: list[AuditRecord]) -> None:
         if not rows:
