@@ -111,7 +111,7 @@ class Controller:
         gc.collect()
         gc.freeze()
         self.profiles: dict[str, LinkProfile] = {
-            link.id: _profile_for(link.profile) for link in config.links
+            link.id: _profile_for(link.profile_ref()) for link in config.links
         }
 
     # --- helpers -------------------------------------------------------------------
