@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from bridge.cli_mapping import add_mapping_commands
+from bridge.cli_pull import add_pull_commands, pull_status
 from bridge.errors import BridgeError, NotFound
 
 
@@ -286,6 +287,8 @@ _DISCLOSURE_ACTIONS = {
     "claim.dead": ("E", "delivery abandoned after retries"),
     "claim.resend": ("E", "sent again; the recipient's receipt is held"),
     "message.receive": ("C", "received from a partner"),
+    "record.pull": ("R", "records released to (or refused) a partner's pull"),
+    "record.pull.receive": ("C", "records pulled from a partner; its signed page is held"),
 }
 
 
@@ -406,6 +409,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         attention = not report.ok
         for link in config.links:
+            if link.direction in ("pull", "pull-from"):
+                continue  # reported by pull_status below
             if link.direction != "outbound":
                 sys.stdout.write(f"  {link.id} (inbound from {link.partner})\n")
                 continue
@@ -433,6 +438,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 sys.stdout.write(
                     f"    seq {row.seq} {row.state} ({row.last_error or '-'}): {row.message_id}\n"
                 )
+        attention = pull_status(store, config, sys.stdout) or attention
     return 1 if attention else 0
 
 
@@ -485,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.set_defaults(func=cmd_push)
 
     add_mapping_commands(sub)
+    add_pull_commands(sub)
 
     c = sub.add_parser("certs", help="development PKI")
     csub = c.add_subparsers(dest="certs_command", required=True)

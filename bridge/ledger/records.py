@@ -52,8 +52,10 @@ __all__ = [
     "PutResult",
     "ReviewItem",
     "StoredResource",
+    "add_review",
     "find_person",
     "hl7_pending",
+    "mark_reviewed",
     "page",
     "person_exists",
     "put_record",
@@ -61,8 +63,6 @@ __all__ = [
     "received_pages",
     "record_received",
     "review_items",
-    "mark_reviewed",
-    "add_review",
     "snapshot",
 ]
 
@@ -131,7 +131,7 @@ class ReviewItem:
 
 
 def _patient_of(collection: dict[str, Any]) -> dict[str, Any]:
-    patients = [
+    patients: list[dict[str, Any]] = [
         e["resource"]
         for e in collection.get("entry") or ()
         if isinstance(e, dict) and isinstance(e.get("resource"), dict)
@@ -235,10 +235,11 @@ def _put(
 ) -> PutResult:
     digest = hashlib.sha256(record).hexdigest()
     keys = patient_keys(collection)
+    # The head row is the writers' lock: versions are numbered and committed in order.
+    head = int(tx.one("SELECT seq FROM pull_head WHERE id=1" + tx.for_update)[0])
     held = tx.one("SELECT person FROM pull_record WHERE digest=?", (digest,))
     if held is not None:
         return PutResult(str(held[0]), False, 0, tuple(keys))
-    head = int(tx.one("SELECT seq FROM pull_head WHERE id=1" + tx.for_update)[0])
     person = _choose_person(tx, keys, str(_patient_of(collection)["id"]))
     tx.executemany(
         "INSERT INTO pull_person_key (patient_key, person) VALUES (?,?)"
@@ -362,7 +363,8 @@ def index_hl7(
         last = max(i for i, _, _, _ in items)
         tx.execute(
             "INSERT INTO pull_cursor (name, position) VALUES ('hl7_inbox', ?)"
-            " ON CONFLICT (name) DO UPDATE SET position=excluded.position",
+            " ON CONFLICT (name) DO UPDATE SET position=CASE WHEN excluded.position>"
+            "pull_cursor.position THEN excluded.position ELSE pull_cursor.position END",
             (last,),
         )
     return kept

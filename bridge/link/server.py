@@ -40,12 +40,13 @@ from bridge.errors import (
     UnknownPartner,
     UnsupportedMediaType,
 )
+from bridge.link.capability import capability_statement
 from bridge.link.node import Controller, resource_types
+from bridge.link.pull import PullAPI
 from bridge.mapping import patient_identifiers
 from bridge.messages import collection_of, header_event, message_identity
 from bridge.policy.consent import parse_consent
 from bridge.records.fhir import ValidationCache, validation_cache
-from bridge.resources import conformance_dir
 from bridge.trust.identity import certificate_identity
 from bridge.trust.jws import verify_bundle, verify_detached_bytes
 from bridge.trust.receipts import make_receipt
@@ -84,6 +85,8 @@ class ReceiverApp:
         app.router.add_post(f"{base}/Consent", consents.create)
         app.router.add_put(f"{base}/Consent/{{id}}", consents.update)
         app.router.add_get(f"{base}/Consent/{{id}}", consents.read)
+        self.pull = PullAPI(self)
+        self.pull.register(app, base)
         return app
 
     # --- helpers ----------------------------------------------------------------------
@@ -137,8 +140,13 @@ class ReceiverApp:
     # --- handlers ---------------------------------------------------------------------
 
     async def metadata(self, request: web.Request) -> web.Response:
-        body = (conformance_dir() / "CapabilityStatement.json").read_bytes()
-        return web.Response(body=body, content_type=FHIR_JSON)
+        try:
+            caller = self._caller(request)
+        except TrustError as exc:
+            return await self._refuse(exc, partner=None, subject="metadata")
+        return web.Response(
+            body=orjson.dumps(capability_statement(self.c, caller)), content_type=FHIR_JSON
+        )
 
     async def process_message(self, request: web.Request) -> web.Response:
         try:
