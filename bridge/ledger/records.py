@@ -208,13 +208,17 @@ def _content_digest(resource: dict[str, Any]) -> str:
 
 
 def _merge_patient(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
-    """The newer Patient keeps every identifier the person was ever known by."""
+    """The person's Patient as records add to it: a newer record's elements replace the
+    older ones it carries, elements it lacks are kept (a lab report names the patient
+    but not the address), and every identifier the person was known by stays."""
+    merged = {k: v for k, v in old.items() if k != "meta"}
+    merged.update(new)
     seen = {(i.get("system"), i.get("value")) for i in new.get("identifier") or ()}
     extra = [i for i in old.get("identifier") or ()
              if (i.get("system"), i.get("value")) not in seen]
-    if not extra:
-        return new
-    return {**new, "identifier": [*(new.get("identifier") or []), *extra]}
+    if extra:
+        merged["identifier"] = [*(new.get("identifier") or []), *extra]
+    return merged
 
 
 # --- writing -------------------------------------------------------------------------------
