@@ -43,7 +43,7 @@ _PERSON = ("HDSD00.11.118", "HDSD00.11.119", "HDSD00.11.006", "HDSD00.11.110", "
 
 def hospital_toml(port: int, *, level: str = "notify", no_consent: str = "empty",
                   rate: float = 200.0, burst: int = 400, alarm: int = 200,
-                  max_count: int = 200) -> str:
+                  max_count: int = 200, override: bool = True) -> str:
     return f"""\
 [controller]
 id = "{HOSPITAL}"
@@ -94,7 +94,7 @@ purpose = "TREAT"
 [links.pull]
 purposes = ["TREAT", "PUBHLTH"]
 level = "{level}"
-override_allowed = true
+override_allowed = {"true" if override else "false"}
 no_consent = "{no_consent}"
 max_count = {max_count}
 default_count = {min(50, max_count)}
@@ -140,6 +140,9 @@ partner = "{HOSPITAL}"
 direction = "pull-from"
 profile = "regional-interoperability"
 purpose = "TREAT"
+
+[links.pull]
+level = "notify"
 """
 
 

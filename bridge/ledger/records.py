@@ -532,10 +532,21 @@ def add_review(
     actor: str | None,
     reason: str | None,
     audit: AuditRecord,
+    coalesce_since: str | None = None,
 ) -> AuditEntry:
-    """Record an override or an alarm for review, with its audit entry, in one transaction."""
+    """Record an override or an alarm for review, with its audit entry, in one transaction.
+
+    With ``coalesce_since`` (a :func:`format_time`), an item of the same link, partner,
+    kind and actor still pending since then covers this one: only the audit entry is
+    written (one emergency is one review, however many requests it takes)."""
     with store.transaction("pull_review") as tx:
         entry = tx.append_audit(audit)
+        if coalesce_since is not None and tx.one(
+            "SELECT 1 FROM pull_review WHERE link=? AND partner=? AND kind=?"
+            " AND COALESCE(actor, '')=? AND reviewed IS NULL AND time>=?",
+            (link, partner, kind, actor or "", coalesce_since),
+        ) is not None:
+            return entry
         tx.execute(
             "INSERT INTO pull_review (time, link, partner, kind, actor, reason, audit_seq)"
             " VALUES (?,?,?,?,?,?,?)",

@@ -38,6 +38,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlencode
 
@@ -48,7 +49,7 @@ from bridge.config import LinkConfig
 from bridge.errors import BridgeError, ConsentDenied, NotFound, ParseError, PolicyError, TrustError
 from bridge.errors import UnknownPartner as UnknownPartnerError
 from bridge.ledger import records as rec
-from bridge.ledger.audit import Outcome
+from bridge.ledger.audit import Outcome, format_time
 from bridge.ledger.records import StoredResource
 from bridge.link.pull_source import PullSource, StoreSource
 from bridge.policy.consent import EMERGENCY_PURPOSE, EmergencyOverride
@@ -622,7 +623,7 @@ class PullAPI:
             await c.db.call(
                 rec.add_review, c.store, link=pull.link.id, partner=pull.partner,
                 kind="override", actor=pull.emergency.actor, reason=pull.emergency.reason,
-                audit=entry,
+                audit=entry, coalesce_since=format_time(c.clock() - timedelta(hours=1)),
             )
         else:
             await c.db.append_audit(entry)

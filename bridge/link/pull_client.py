@@ -23,7 +23,14 @@ import aiohttp
 import orjson
 
 from bridge.config import LinkConfig
-from bridge.errors import BridgeError, ConfigError, ParseError, PartnerRejected, SignatureError
+from bridge.errors import (
+    BridgeError,
+    ConfigError,
+    ParseError,
+    PartnerRejected,
+    ProfileError,
+    SignatureError,
+)
 from bridge.ledger import records as rec
 from bridge.link.dispatcher import PartnerConnector, classify_exception
 from bridge.link.pull import ACTOR_HEADER, PURPOSE_HEADER, REASON_HEADER
@@ -110,7 +117,8 @@ async def pull_patient(
                 raise classify_exception(exc) from None
             if status != 200:
                 raise PartnerRejected(_refusal_text(status, body), location=f"HTTP {status}")
-            bundle = await _verify_and_keep(c, link, partner.id, body, pseudonym)
+            bundle = await _verify_and_keep(c, link, partner.id, body, pseudonym,
+                                            override=emergency is not None)
             report.pages += 1
             report.page_ids.append(str(bundle["identifier"]["value"]))
             if out is not None:
@@ -154,7 +162,8 @@ def _refusal_text(status: int, body: bytes) -> str:
 
 
 async def _verify_and_keep(
-    c: Controller, link: LinkConfig, partner: str, body: bytes, pseudonym: str | None
+    c: Controller, link: LinkConfig, partner: str, body: bytes, pseudonym: str | None,
+    *, override: bool = False,
 ) -> dict[str, Any]:
     now = c.clock()
     try:
@@ -170,6 +179,14 @@ async def _verify_and_keep(
             raise ParseError("a pull answer is a searchset Bundle", location="Bundle.type")
         claims = verify_bundle(bundle, c.keyring, expected_issuer=partner, expected_audience=c.id,
                                now=now)
+        # What the partner released must fit what this side agreed to receive.
+        outside = c.profiles[link.id].check({
+            "resourceType": "Bundle", "type": "collection",
+            "entry": [{"resource": e.get("resource")} for e in bundle.get("entry") or ()],
+        })
+        if outside:
+            raise ProfileError("the page carries elements outside the link profile",
+                               location=outside[0])
     except BridgeError as exc:
         await _audit_refusal(c, link, partner, exc, pseudonym)
         raise
@@ -181,7 +198,8 @@ async def _verify_and_keep(
         audit=c.audit(
             "record.pull.receive", subject=claims.message_id, partner=partner, patient=pseudonym,
             categories=types, digest_value=claims.payload_digest, now=now,
-            detail=f"{link.id} entries={len(bundle.get('entry') or ())}",
+            detail=f"{link.id} entries={len(bundle.get('entry') or ())}"
+            + (" override" if override else ""),
         ),
     )
     return bundle
