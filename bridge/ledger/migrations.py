@@ -103,15 +103,16 @@ CREATE TABLE IF NOT EXISTS hl7_inbox (
 """,
     ),
     # Record pull: the records store, review items, pages received (bridge.ledger.records).
+    # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
     Migration(
         name="1300-pull-records",
         ddl="""
-CREATE TABLE pull_head (
+CREATE TABLE IF NOT EXISTS pull_head (
     id   INTEGER PRIMARY KEY,
     seq  {bigint} NOT NULL
 );
-INSERT INTO pull_head (id, seq) VALUES (1, 0);
-CREATE TABLE pull_record (
+INSERT INTO pull_head (id, seq) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS pull_record (
     id        {autoid},
     digest    TEXT NOT NULL UNIQUE,
     source    TEXT NOT NULL,
@@ -120,12 +121,12 @@ CREATE TABLE pull_record (
     record    {blob} NOT NULL,
     received  TEXT NOT NULL
 );
-CREATE TABLE pull_person_key (
+CREATE TABLE IF NOT EXISTS pull_person_key (
     patient_key  TEXT PRIMARY KEY,
     person       TEXT NOT NULL
 );
-CREATE INDEX pull_person_key_person ON pull_person_key (person);
-CREATE TABLE pull_resource (
+CREATE INDEX IF NOT EXISTS pull_person_key_person ON pull_person_key (person);
+CREATE TABLE IF NOT EXISTS pull_resource (
     seq           {bigint} PRIMARY KEY,
     person        TEXT NOT NULL,
     rtype         TEXT NOT NULL,
@@ -138,14 +139,14 @@ CREATE TABLE pull_resource (
     record_id     {bigint} NOT NULL,
     superseded    {bigint}
 );
-CREATE INDEX pull_resource_person ON pull_resource (person, seq);
-CREATE INDEX pull_resource_type ON pull_resource (person, rtype, seq);
-CREATE INDEX pull_resource_current ON pull_resource (person, rtype, rid, superseded);
-CREATE TABLE pull_cursor (
+CREATE INDEX IF NOT EXISTS pull_resource_person ON pull_resource (person, seq);
+CREATE INDEX IF NOT EXISTS pull_resource_type ON pull_resource (person, rtype, seq);
+CREATE INDEX IF NOT EXISTS pull_resource_current ON pull_resource (person, rtype, rid, superseded);
+CREATE TABLE IF NOT EXISTS pull_cursor (
     name      TEXT PRIMARY KEY,
     position  {bigint} NOT NULL
 );
-CREATE TABLE pull_review (
+CREATE TABLE IF NOT EXISTS pull_review (
     id         {autoid},
     time       TEXT NOT NULL,
     link       TEXT NOT NULL,
@@ -156,7 +157,7 @@ CREATE TABLE pull_review (
     audit_seq  {bigint} NOT NULL,
     reviewed   TEXT
 );
-CREATE TABLE pull_received (
+CREATE TABLE IF NOT EXISTS pull_received (
     id         {autoid},
     link       TEXT NOT NULL,
     partner    TEXT NOT NULL,
