@@ -513,6 +513,59 @@ def read_refs(
     return sorted(out, key=lambda r: r.seq)
 
 
+@dataclass(frozen=True)
+class PatientView:
+    """A patient as one traversal sees it: the snapshot, the person id, the Patient
+    resource at that snapshot and every identifier the person is indexed under."""
+
+    snapshot: int
+    person: str
+    patient: StoredResource
+    identifiers: tuple[tuple[str, str], ...]
+
+
+def open_patient(
+    store: Store, *, key: str | None = None, person: str | None = None,
+    snapshot_seq: int | None = None,
+) -> tuple[int, PatientView | None]:
+    """In one read: the snapshot (the current head unless given) and the patient found by
+    identifier ``key`` (``system|value``) or by ``person`` id, or None when there is no
+    such patient or no Patient at that snapshot. Also says whether HL7 inbox rows wait
+    to be indexed, so a caller can catch up first: ``(-1, None)`` then."""
+    with store.read("open_patient") as tx:
+        if snapshot_seq is None:
+            cursor = tx.one("SELECT position FROM pull_cursor WHERE name='hl7_inbox'")
+            after = int(cursor[0]) if cursor else 0
+            if tx.one("SELECT 1 FROM hl7_inbox WHERE id>? LIMIT 1", (after,)) is not None:
+                return -1, None
+            snapshot_seq = int(tx.one("SELECT seq FROM pull_head WHERE id=1")[0])
+        if key is not None:
+            person = _choose_person(tx, [key], "") or None
+        if person is None:
+            return snapshot_seq, None
+        rows = tx.all("SELECT patient_key FROM pull_person_key WHERE person=?", (person,))
+        keys = sorted((str(r[0]) for r in rows), key=_rank)
+        if not keys:
+            return snapshot_seq, None
+        row = tx.one(
+            f"SELECT seq, rtype, rid, body FROM pull_resource WHERE person=? AND {_VISIBLE}"
+            " AND rtype='Patient' AND rid=?",
+            (person, snapshot_seq, snapshot_seq, person),
+        )
+        if row is None:
+            return snapshot_seq, None
+        patient = StoredResource(int(row[0]), str(row[1]), str(row[2]),
+                                 orjson.loads(tx.unseal(row[3], context=_RESOURCE_CTX) or b"{}"))
+        identifiers = tuple((k.partition("|")[0], k.partition("|")[2]) for k in keys)
+        return snapshot_seq, PatientView(snapshot_seq, person, patient, identifiers)
+
+
+def append_audits(store: Store, records: Sequence[AuditRecord]) -> list[AuditEntry]:
+    """Several audit entries in one durable transaction (group commit)."""
+    with store.transaction("pull_audit") as tx:
+        return [tx.append_audit(r) for r in records]
+
+
 def patient_keys_of(store: Store, person: str) -> list[str]:
     """Every ``system|value`` the person is indexed under, most stable first."""
     with store.read("pull_keys") as tx:

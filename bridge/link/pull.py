@@ -29,6 +29,7 @@ or header) for anything not understood. Refusals are audited without values.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -49,7 +50,7 @@ from bridge.config import LinkConfig
 from bridge.errors import BridgeError, ConsentDenied, NotFound, ParseError, PolicyError, TrustError
 from bridge.errors import UnknownPartner as UnknownPartnerError
 from bridge.ledger import records as rec
-from bridge.ledger.audit import Outcome, format_time
+from bridge.ledger.audit import AuditRecord, Outcome, format_time
 from bridge.ledger.records import StoredResource
 from bridge.link.pull_source import PullSource, StoreSource
 from bridge.policy.consent import EMERGENCY_PURPOSE, EmergencyOverride
@@ -193,6 +194,44 @@ class PullGuard:
         return None
 
 
+class AuditBatch:
+    """Audit entries of concurrent answers committed together (group commit): each
+    answer still waits for its own entry to be durable before it is sent."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+        self._pending: list[tuple[AuditRecord, asyncio.Future[Any]]] = []
+        self._running = False
+
+    async def append(self, record: AuditRecord) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((record, future))
+        if not self._running:
+            self._running = True
+            loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                group, self._pending = self._pending, []
+                try:
+                    entries = await self.c.db.call(
+                        rec.append_audits, self.c.store, [r for r, _ in group]
+                    )
+                except Exception as exc:  # noqa: BLE001 - every waiting answer hears why
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), entry in zip(group, entries, strict=True):
+                    if not future.done():
+                        future.set_result(entry)
+        finally:
+            self._running = False
+
+
 # --- the request ---------------------------------------------------------------------------
 
 
@@ -244,6 +283,7 @@ class PullAPI:
         self.guard = PullGuard()
         self._cursor_key = hmac.new(self.c.pseudonym_key, b"pull-cursor", hashlib.sha256).digest()
         self.stats: dict[str, int] = {"pages": 0, "refused": 0, "throttled": 0}
+        self.audits = AuditBatch(self.c)
 
     @property
     def serves(self) -> bool:
@@ -288,7 +328,7 @@ class PullAPI:
     ) -> web.Response:
         self.stats["refused"] += 1
         outcome: Outcome = "denied" if isinstance(exc, (TrustError, PolicyError)) else "failure"
-        await self.c.db.append_audit(
+        await self.audits.append(
             self.c.audit("pull.reject", subject=subject, outcome=outcome, partner=partner,
                          detail=f"{exc.code}@{exc.location or '-'}")
         )
@@ -399,36 +439,40 @@ class PullAPI:
                           partner=pull.partner, detail=f"bulk-query distinct={distinct}"),
         )
 
-    async def _person(self, query: SearchQuery) -> str | None:
-        if query.identifier is not None:
-            return await self.source.find_patient(query.identifier)
-        pid = query.ids[0] if query.ids else query.patient
-        if pid is not None and await self.source.patient_exists(pid):
-            return pid
-        return None
-
     async def _answer(
         self, pull: PullRequest, query: SearchQuery, position: tuple[int, int] | None
     ) -> Answer:
         c = self.c
         profile = c.profiles[pull.link.id]
         refused = Answer([], [], None, None, [], "refused", position is None)
-        person = await self._person(query)
-        if person is None:
+        pid = query.ids[0] if query.ids else query.patient
+        view = await self.source.open_patient(
+            identifier=query.identifier, patient_id=None if query.identifier else pid,
+            snapshot=position[0] if position is not None else None,
+        )
+        if view is None:
             return refused
-        snapshot, after = position if position is not None else (await self.source.snapshot(), 0)
-        found = await self.source.read(person, [("Patient", person)], snapshot=snapshot)
-        if not found:
-            return refused
-        patient = found[0]
-        identifiers = await self.source.patient_identifiers(person)
+        snapshot, after = view.snapshot, position[1] if position is not None else 0
+        patient, person = view.patient, view.person
+        identifiers = list(view.identifiers)
         refused.person, refused.identifiers = person, identifiers
         await c.sync_consents()
+        # The patient-wide question first (with what the Patient refers to): without a
+        # permit nothing else is looked at. For a Patient search it is the whole answer.
+        own = await self._closure(person, [patient], snapshot)
         try:
-            # The patient-wide question first: without it nothing else is looked at.
-            gate = self._release(pull, profile, patient, [])
+            gate = self._release(pull, profile, patient, own)
         except ConsentDenied:
             return refused
+        decision = "override" if pull.emergency is not None else (
+            f"permit {','.join(gate.record.consent_ids) if gate.record else '-'}")
+        if query.resource_type == "Patient" and query.operation != "everything" and not (
+            query.last_updated
+        ):
+            own_patient = [e["resource"] for e in gate.bundle["entry"]
+                           if e["resource"]["resourceType"] == "Patient"]
+            mine = own_patient if after < patient.seq else []
+            return Answer(mine, [], None, person, identifiers, decision, position is None)
         if query.operation == "everything":
             types = sorted(query.types if query.types is not None else profile.allowed)
         else:
@@ -472,8 +516,6 @@ class PullAPI:
                     includes.append(released_all[ref])
         cursor = (encode_cursor(self._cursor_key, query, snapshot=snapshot, after=last)
                   if more else None)
-        decision = "override" if pull.emergency is not None else (
-            f"permit {','.join(gate.record.consent_ids) if gate.record else '-'}")
         return Answer([r for _, r in matches], includes, cursor, person, identifiers, decision,
                       position is None)
 
@@ -626,4 +668,4 @@ class PullAPI:
                 audit=entry, coalesce_since=format_time(c.clock() - timedelta(hours=1)),
             )
         else:
-            await c.db.append_audit(entry)
+            await self.audits.append(entry)

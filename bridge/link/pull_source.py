@@ -4,17 +4,18 @@
 which answers from the bridge's own records store (``bridge.ledger.records``: records
 that arrived over MLLP, were pushed with ``bridge push`` or imported with ``bridge
 records import``). A hospital that already runs a FHIR server or a clinical data
-repository can answer from it instead by implementing the same six methods (see the
+repository can answer from it instead by implementing the same three methods (see the
 README, "Record pull"); whatever a source returns still goes through the link's
 policy, signing and audit, so a source only has to find data, never to filter it.
 
 A source's contract:
 
-- it speaks of a patient by one stable id (``patient``), the id its Patient resource
-  carries, and finds it by an identifier ``(system, value)``;
-- ``snapshot()`` returns a number that only grows; every resource has a position
-  (``StoredResource.seq``) and a traversal reads *as of* one snapshot, in position
-  order, so pages neither repeat nor skip a resource while data keeps arriving;
+- it speaks of a patient by one stable id, the id its Patient resource carries, and
+  finds it by an identifier ``(system, value)`` or that id (``open_patient``);
+- positions only grow: ``open_patient`` without a snapshot returns the current one in
+  its view; every resource has a position (``StoredResource.seq``) and a traversal
+  reads *as of* one snapshot, in position order, so pages neither repeat nor skip a
+  resource while data keeps arriving;
 - the resources of a patient are in the patient's compartment: references between them
   are ``Type/id``, and the Patient is among them;
 - date and lastUpdated filters are applied by the source (``DateFilter.matches`` gives
@@ -32,7 +33,7 @@ import orjson
 
 from bridge.errors import BridgeError
 from bridge.ledger import records as rec
-from bridge.ledger.records import StoredResource
+from bridge.ledger.records import PatientView, StoredResource
 from bridge.mapping import map_record
 from bridge.records.search import DateFilter
 
@@ -45,20 +46,17 @@ log = logging.getLogger("bridge.pull")
 class PullSource(Protocol):
     """The adapter interface of a pull link (see the module docstring)."""
 
-    async def snapshot(self) -> int:
-        """The current position: everything at or below it is visible and stays so."""
-        ...
-
-    async def find_patient(self, identifier: tuple[str, str]) -> str | None:
-        """The patient id holding this ``(system, value)``, or None."""
-        ...
-
-    async def patient_exists(self, patient: str) -> bool:
-        """Is there a patient with this id?"""
-        ...
-
-    async def patient_identifiers(self, patient: str) -> list[tuple[str, str]]:
-        """Every ``(system, value)`` of the patient, most stable first (consent and audit)."""
+    async def open_patient(
+        self,
+        *,
+        identifier: tuple[str, str] | None = None,
+        patient_id: str | None = None,
+        snapshot: int | None = None,
+    ) -> PatientView | None:
+        """The patient holding ``identifier`` ``(system, value)``, or with ``patient_id``,
+        as of ``snapshot`` (the current position when None, which the view then
+        carries): its id, its Patient resource and every ``(system, value)`` it is known
+        by, most stable first. None when there is no such patient."""
         ...
 
     async def resources(
@@ -160,19 +158,28 @@ class StoreSource:
 
     # --- the adapter interface ---------------------------------------------------------------
 
-    async def snapshot(self) -> int:
-        await self.catch_up()
-        return await self.c.db.call(rec.snapshot, self.c.store)
-
-    async def find_patient(self, identifier: tuple[str, str]) -> str | None:
-        return await self.c.db.call(rec.find_person, self.c.store, [f"{identifier[0]}|{identifier[1]}"])
-
-    async def patient_exists(self, patient: str) -> bool:
-        return await self.c.db.call(rec.person_exists, self.c.store, patient)
-
-    async def patient_identifiers(self, patient: str) -> list[tuple[str, str]]:
-        keys = await self.c.db.call(rec.patient_keys_of, self.c.store, patient)
-        return [(k.partition("|")[0], k.partition("|")[2]) for k in keys]
+    async def open_patient(
+        self,
+        *,
+        identifier: tuple[str, str] | None = None,
+        patient_id: str | None = None,
+        snapshot: int | None = None,
+    ) -> PatientView | None:
+        key = f"{identifier[0]}|{identifier[1]}" if identifier is not None else None
+        for _ in range(3):
+            head, view = await self.c.db.call(
+                rec.open_patient, self.c.store, key=key, person=patient_id,
+                snapshot_seq=snapshot,
+            )
+            if head >= 0:
+                return view
+            # HL7 inbox rows wait to be indexed: take them in before answering.
+            await self.catch_up()
+        head, view = await self.c.db.call(
+            rec.open_patient, self.c.store, key=key, person=patient_id,
+            snapshot_seq=await self.c.db.call(rec.snapshot, self.c.store),
+        )
+        return view
 
     async def resources(
         self,
