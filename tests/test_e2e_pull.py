@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,23 @@ async def test_fhirpy_searches_reads_and_pulls_everything_over_mutual_tls(site: 
 
     patient = await fhir_client(site).reference("Patient", pid).to_resource()
     assert patient["id"] == pid and "identifier" not in patient  # notify level: no identifiers
+    # A read is signed over its exact body in X-Signature (msgid = X-Correlation-Id).
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=site.ssl())) as session,
+        session.get(f"{site.base}/Patient/{pid}") as resp,
+    ):
+        body = await resp.read()
+        header_b64, empty, sig_b64 = resp.headers["X-Signature"].split(".")
+        claims = json.loads(_unb64url(header_b64))
+        cert = x509.load_pem_x509_certificate((site.root / "pki" / HOSPITAL / "sign.pem").read_bytes())
+        raw = _unb64url(sig_b64)
+        key = cert.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        key.verify(encode_dss_signature(int.from_bytes(raw[:32], "big"),
+                                        int.from_bytes(raw[32:], "big")),
+                   f"{header_b64}.{_b64url(body)}".encode(), ec.ECDSA(hashes.SHA256()))
+        assert empty == "" and claims["msgid"] == resp.headers["X-Correlation-Id"]
+        assert claims["aud"] == PLATFORM and orjson.loads(body)["id"] == pid
 
     client = fhir_client(site)
     encounters = await client.resources("Encounter").search(patient=pid).fetch_all()
@@ -175,6 +193,7 @@ async def test_pages_stay_stable_while_records_arrive(site: PullSite) -> None:
     await site.controller.put_consent(pull_consent(records[0]))
     pid = await find_patient(site, records[0])
     before = keys_of(await everything_pages(site, pid, count=200))
+    start = datetime.now(UTC)
 
     later = iter(records[8:])
 
@@ -189,6 +208,12 @@ async def test_pages_stay_stable_while_records_arrive(site: PullSite) -> None:
     assert set(during) == set(before), "the traversal skipped or gained resources"
     after = keys_of(await everything_pages(site, pid, count=200))
     assert set(after) > set(before)
+    # _since finds what changed after the first traversal began, and nothing older.
+    since = start.isoformat(timespec="microseconds")
+    changed = keys_of([await fhir_client(site).execute(
+        f"Patient/{pid}/$everything", method="get", params={"_since": since, "_count": 200})])
+    assert set(after) - set(before) <= set(changed) < set(after)
+    assert ("Patient", pid) in changed  # re-versioned by the new stays
 
 
 async def test_revoking_consent_between_pages_stops_the_next_page(site: PullSite) -> None:

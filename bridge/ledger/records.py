@@ -33,7 +33,7 @@ bulk-query alarms) and pages received by a pulling platform live here too.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from bridge.ledger.portable import Tx
 
 __all__ = [
+    "PatientView",
+    "append_audits",
+    "open_patient",
     "PutResult",
     "ReviewItem",
     "StoredResource",
@@ -57,7 +60,6 @@ __all__ = [
     "hl7_pending",
     "mark_reviewed",
     "page",
-    "person_exists",
     "put_record",
     "read_refs",
     "received_pages",
@@ -391,11 +393,6 @@ def find_person(store: Store, keys: Sequence[str]) -> str | None:
         return _choose_person(tx, keys, "") or None
 
 
-def person_exists(store: Store, person: str) -> bool:
-    with store.read("person_exists") as tx:
-        return tx.one("SELECT 1 FROM pull_person_key WHERE person=?", (person,)) is not None
-
-
 _VISIBLE = "seq<=? AND (superseded IS NULL OR superseded>?)"
 
 
@@ -566,13 +563,6 @@ def append_audits(store: Store, records: Sequence[AuditRecord]) -> list[AuditEnt
         return [tx.append_audit(r) for r in records]
 
 
-def patient_keys_of(store: Store, person: str) -> list[str]:
-    """Every ``system|value`` the person is indexed under, most stable first."""
-    with store.read("pull_keys") as tx:
-        rows = tx.all("SELECT patient_key FROM pull_person_key WHERE person=?", (person,))
-    return sorted((str(r[0]) for r in rows), key=_rank)
-
-
 # --- review items and received pages ------------------------------------------------------
 
 
@@ -677,5 +667,3 @@ def received_pages(store: Store, *, partner: str | None = None) -> list[tuple[st
         return [(str(r[0]), str(r[1]), tx.unseal(r[2], context=_RECEIVED_CTX) or b"")
                 for r in rows]
 
-
-Mapper = Callable[[dict[str, Any]], dict[str, Any]]
