@@ -50,15 +50,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PatientView",
-    "append_audits",
-    "open_patient",
     "PutResult",
     "ReviewItem",
     "StoredResource",
     "add_review",
+    "append_audits",
     "find_person",
     "hl7_pending",
     "mark_reviewed",
+    "open_patient",
     "page",
     "put_record",
     "read_refs",
