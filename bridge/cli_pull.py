@@ -189,26 +189,37 @@ def cmd_records_review(args: argparse.Namespace) -> int:
     return 0
 
 
-def pull_status(store: Any, config: Any, out: Any) -> bool:
-    """Lines of ``bridge status`` for pull links; True when something needs a review."""
+def pull_status_report(store: Any, config: Any) -> dict[str, Any]:
+    """The pull part of ``bridge status`` as data: pull links and pending review items."""
     from bridge.ledger.records import review_items
 
-    links = [link for link in config.links if link.direction in ("pull", "pull-from")]
-    if not links:
-        return False
-    for link in links:
-        if link.direction == "pull":
-            out.write(f"  {link.id} ← pulled by {link.partner} (profile "
-                      f"{link.profile_ref()}, purposes {', '.join(link.pull_purposes())}"
-                      f"{', override allowed' if link.pull.override_allowed else ''})\n")
+    links = [
+        {
+            "id": link.id, "partner": link.partner, "direction": link.direction,
+            "profile": link.profile_ref(), "purposes": link.pull_purposes(),
+            "override_allowed": link.pull.override_allowed,
+        }
+        for link in config.links if link.direction in ("pull", "pull-from")
+    ]
+    reviews = [item.__dict__ for item in review_items(store, pending_only=True)] if links else []
+    for item in reviews:
+        item.pop("reason", None)  # free text stays in the store; `bridge records review` shows it
+    return {"links": links, "reviews": reviews}
+
+
+def print_pull_status(report: dict[str, Any], out: Any) -> None:
+    """Lines of ``bridge status`` for pull links and what waits for review."""
+    for link in report["links"]:
+        if link["direction"] == "pull":
+            out.write(f"  {link['id']} ← pulled by {link['partner']} (profile {link['profile']}, "
+                      f"purposes {', '.join(link['purposes'])}"
+                      f"{', override allowed' if link['override_allowed'] else ''})\n")
         else:
-            out.write(f"  {link.id} → pulls from {link.partner}\n")
-    pending = review_items(store, pending_only=True)
-    for item in pending:
-        out.write(f"    review {item.id}: {item.kind} on {item.link} by {item.partner}"
-                  f"{' actor ' + item.actor if item.actor else ''} at {item.time[:19]}"
-                  f" (bridge records review --done {item.id})\n")
-    return bool(pending)
+            out.write(f"  {link['id']} → pulls from {link['partner']}\n")
+    for item in report["reviews"]:
+        out.write(f"    review {item['id']}: {item['kind']} on {item['link']} by {item['partner']}"
+                  f"{' actor ' + item['actor'] if item['actor'] else ''} at {item['time'][:19]}"
+                  f" (bridge records review --done {item['id']})\n")
 
 
 def add_pull_commands(sub: Any) -> None:

@@ -43,6 +43,7 @@ from bridge.errors import (
 from bridge.link.capability import capability_statement
 from bridge.link.node import Controller, resource_types
 from bridge.link.pull import PullAPI
+from bridge.logs import refusal_event
 from bridge.mapping import patient_identifiers
 from bridge.messages import collection_of, header_event, message_identity
 from bridge.policy.consent import parse_consent
@@ -113,6 +114,7 @@ class ReceiverApp:
             )
         )
         log.info("refused %s from %s: %s", subject, partner or "unknown partner", exc)
+        refusal_event(self.c, "receive", exc, partner=partner, subject=subject)
         return outcome_response(exc)
 
     def _caller(self, request: web.Request) -> str | None:
