@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge.link.dispatcher import Dispatcher
+from bridge.link.handshakes import HandshakeRecord
 from bridge.link.mllp import MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
@@ -41,11 +42,27 @@ class BridgeService:
         if serve:
             tls = c.config.tls
             ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
-            self._runner = web.AppRunner(self.receiver.build(), access_log=None)
+            self._runner = web.AppRunner(
+                self.receiver.build(),
+                access_log=None,
+                # A connection must deliver each request head within this time of its
+                # handshake or previous response; aiohttp's keep-alive timer counts
+                # from there and is not reset by a partial head, so it also cuts off
+                # clients that send headers slowly.
+                keepalive_timeout=c.config.server.header_timeout_seconds,
+                # Content-Encoding is refused (415), never decoded: no decompression
+                # of a body the receiver is about to refuse.
+                auto_decompress=False,
+            )
             await self._runner.setup()
             server = self._runner.server
             assert server is not None
-            self._listener = TLSListener(server, ctx, on_refused=self._tls_refused)
+            self._listener = TLSListener(
+                server,
+                ctx,
+                on_refused=self._tls_refused,
+                handshake_timeout=c.config.server.handshake_timeout_seconds,
+            )
             self.port = await self._listener.start(c.config.server.host, c.config.server.port)
             log.info("%s listening on %s:%s (mutual TLS)", c.id, c.config.server.host, self.port)
             mllp = c.config.mllp
@@ -57,10 +74,16 @@ class BridgeService:
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
 
-    async def _tls_refused(self, address: str, reason: str) -> None:
+    async def _tls_refused(self, record: HandshakeRecord) -> None:
         c = self.controller
         await c.db.append_audit(
-            c.audit("tls.refused", subject=f"peer:{address}", outcome="denied", detail=reason)
+            c.audit(
+                record.action,
+                subject=record.subject,
+                outcome="denied" if record.action == "tls.refused" else "failure",
+                detail=record.detail,
+                digest_value=record.digest,
+            )
         )
 
     async def submit(self, record: dict[str, Any], link_id: str) -> Submitted:
