@@ -70,8 +70,12 @@ def _libssl() -> Any:
 
 def _ssl_ctx_pointer(context: Any) -> int:
     """The ``SSL_CTX *`` inside an :class:`ssl.SSLContext`, checked before use."""
+    import _ssl
+
     if sys.implementation.name != "cpython":
         raise NativeTLSUnavailable("only CPython's ssl module layout is known")
+    if not isinstance(context, _ssl._SSLContext):
+        raise NativeTLSUnavailable("not an ssl.SSLContext")
     lib = _libssl()
     pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
     if not pointer:
