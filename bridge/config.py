@@ -65,6 +65,7 @@ class ServerConfig(_Strict):
     header_timeout_seconds: float = Field(
         default=20.0,
         gt=0,
+        le=60,
         description=(
             "a connection that has not sent a complete request head this long after its "
             "handshake or its previous response is closed (slow or idle clients)"

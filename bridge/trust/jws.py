@@ -29,10 +29,10 @@ id), ``aud`` (receiver partner id), ``iat`` (epoch seconds) and ``msgid``
 talked into another payload encoding or an extension it does not implement.
 
 Verification order (PROTOCOL §5.4): the envelope of the signature, the header's
-members, the key (known, of the TLS peer, of the header's algorithm), the signature,
-``iss``, ``Signature.who``, ``msgid``, the key's validity at ``iat`` — each a
-``signature-invalid`` — and only then ``aud`` and the time window
-(``replay-rejected``). An old ``iat`` under a retired key is therefore a bad signature,
+members (none but the six, all present, each of its type), the key (known, of the TLS
+peer, of the header's algorithm), the signature, ``iss``, ``Signature.who``,
+``msgid``, the key's validity at ``iat`` — each a ``signature-invalid`` — and only
+then ``aud`` and the time window (``replay-rejected``). An old ``iat`` under a retired key is therefore a bad signature,
 not a replay.
 """
 
@@ -590,8 +590,9 @@ def _protected_header(compact: bytes, loc: str) -> dict[str, Any]:
     for name in HEADER_MEMBERS:
         if name not in header:
             raise SignatureError("protected header member missing", location=f"{loc}#{name}")
-        value = header[name]
-        if type(value) is not _HEADER_TYPES[name]:
+    for name in HEADER_MEMBERS:
+        # ``type(...) is``: JSON true is not an integer, 1.7e9 is not one either.
+        if type(header[name]) is not _HEADER_TYPES[name]:
             raise SignatureError(
                 "protected header member has the wrong type", location=f"{loc}#{name}"
             )
