@@ -12,6 +12,7 @@ logged and sent to partners, and must not carry health data.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar, Literal
 
 Fault = Literal["peer", "local", "transient"]
@@ -26,6 +27,10 @@ class BridgeError(Exception):
     fault: ClassVar[Fault] = "local"
     # FHIR OperationOutcome.issue.code (http://hl7.org/fhir/issue-type).
     issue_type: ClassVar[str] = "exception"
+    # The command line's exit status: 2 for bad input or configuration (the user must
+    # change what they typed or wrote), 1 for a runtime failure (something outside the
+    # command did not work: a store, a partner, a port someone else holds).
+    exit_status: ClassVar[int] = 2
 
     def __init__(self, message: str, *, location: str | None = None, **detail: Any) -> None:
         super().__init__(message)
@@ -60,6 +65,39 @@ class ConfigError(BridgeError):
     """A configuration file is missing, unreadable or names something wrong."""
 
     code = "config-invalid"
+
+
+class UsageError(BridgeError):
+    """A command line that does not say what to do: a missing, unknown or malformed
+    option or argument."""
+
+    code = "usage"
+
+
+class RuntimeFailure(BridgeError):
+    """The command was well formed but could not be carried out (exit status 1)."""
+
+    code = "runtime-failure"
+    exit_status = 1
+
+
+class PortInUse(RuntimeFailure):
+    """A listening port is already held by another process."""
+
+    code = "port-in-use"
+
+
+def listen_error(exc: OSError, host: str, port: int, where: str) -> BridgeError:
+    """Why a listener could not open ``host:port``, naming the configuration key ``where``."""
+    if exc.errno == errno.EADDRINUSE:
+        return PortInUse(f"{host}:{port} is already in use by another process", location=where)
+    if exc.errno == errno.EACCES:
+        return RuntimeFailure(f"no permission to listen on {host}:{port}", location=where)
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+        return ConfigError(f"{host} is not an address of this machine", location=where)
+    return RuntimeFailure(
+        f"cannot listen on {host}:{port}: {exc.strerror or type(exc).__name__}", location=where
+    )
 
 
 class LoadError(BridgeError):
@@ -226,6 +264,7 @@ class InFlightError(BridgeError):
     http_status = 409
     fault = "transient"
     issue_type = "conflict"
+    exit_status = 1
 
 
 class RequestTimeout(BridgeError):
@@ -252,6 +291,7 @@ class TransportError(BridgeError):
     http_status = 503
     fault = "transient"
     issue_type = "transient"
+    exit_status = 1
 
 
 class PartnerRejected(BridgeError):
@@ -260,6 +300,7 @@ class PartnerRejected(BridgeError):
     code = "partner-rejected"
     http_status = 502
     fault = "peer"
+    exit_status = 1
 
 
 class StoreError(BridgeError):
@@ -269,3 +310,4 @@ class StoreError(BridgeError):
     http_status = 503
     fault = "transient"
     issue_type = "transient"
+    exit_status = 1

@@ -42,6 +42,7 @@ from bridge.errors import (
 )
 from bridge.ledger.states import next_attempt
 from bridge.link.node import Controller, _decision_detail, resource_types
+from bridge.logs import claim_event
 from bridge.trust.identity import certificate_identity
 from bridge.trust.jws import digest, payload_digests, sign_bundle
 from bridge.trust.receipts import verify_receipt
@@ -313,6 +314,7 @@ class Dispatcher:
                         detail=f"dispatch:{_decision_detail(exc)}",
                     ),
                 )
+                claim_event("refusal", c, self.link, row, code=exc.code, stage="dispatch")
                 return
             receipt_bytes = await self._post(self._signed_now(payload, message_id, row))
             receipt = orjson.loads(receipt_bytes)
@@ -348,6 +350,7 @@ class Dispatcher:
                 ),
             )
             self.stats.acked += 1
+            claim_event("delivery", c, self.link, row, now=now)
             started = self._enqueued_at.pop(message_id, None)
             if started is not None:
                 self.stats.latencies.append(asyncio.get_running_loop().time() - started)
@@ -370,6 +373,7 @@ class Dispatcher:
                     detail=str(exc.detail.get("remote_code") or exc.code),
                 ),
             )
+            claim_event("rejected", c, self.link, row, code=exc.detail.get("remote_code") or exc.code)
         except Exception as raw:
             exc2 = classify_exception(raw)
             if not isinstance(raw, BridgeError):
@@ -388,6 +392,7 @@ class Dispatcher:
                     self.link.retry_cap_seconds,
                     exc,
                 )
+                claim_event("certificate_refusal", c, self.link, row, code=exc.code)
                 await c.db.append_audit(
                     c.audit(
                         "link.paused",
@@ -414,6 +419,7 @@ class Dispatcher:
                     detail=exc.code,
                 ),
             )
+            claim_event("dead_letter", c, self.link, row, code=exc.code)
             return
         self.stats.retried += 1
         due = next_attempt(
@@ -424,6 +430,7 @@ class Dispatcher:
             rng=self.rng,
         )
         await c.db.mark_retry(row.message_id, next_attempt=due, error=exc.code, now=now, audit=None)
+        claim_event("retry", c, self.link, row, code=exc.code, now=now, retry_at=due)
 
     async def resend(self, message_id: str) -> bytes:
         """Send a delivered claim again and return the receipt the partner answers with.

@@ -59,6 +59,7 @@ from bridge.errors import (
     UnsupportedMediaType,
 )
 from bridge.link.node import Controller, resource_types
+from bridge.logs import refusal_event
 from bridge.mapping import patient_identifiers
 from bridge.messages import check_addressing, check_envelope, collection_of, read_json
 from bridge.policy.consent import parse_consent
@@ -226,6 +227,7 @@ class ReceiverApp:
             )
         )
         log.info("refused %s from %s: %s", subject, partner or "unknown partner", exc)
+        refusal_event(self.c, "receive", exc, partner=partner, subject=subject)
         return outcome_response(exc)
 
     # --- handlers ---------------------------------------------------------------------

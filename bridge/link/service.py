@@ -9,12 +9,14 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.errors import listen_error
 from bridge.link.dispatcher import Dispatcher
 from bridge.link.handshakes import HandshakeRecord
 from bridge.link.mllp import MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
 from bridge.link.tlsgate import TLSListener
+from bridge.logs import event
 from bridge.trust.tls import server_context
 
 log = logging.getLogger("bridge.service")
@@ -36,6 +38,7 @@ class BridgeService:
         self.port: int | None = None
         self.mllp: MLLPListener | None = None
         self.mllp_port: int | None = None
+        self.ops: Any = None  # bridge.ops.server.OpsServer when [operations] is configured
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
@@ -63,19 +66,46 @@ class BridgeService:
                 on_refused=self._tls_refused,
                 handshake_timeout=c.config.server.handshake_timeout_seconds,
             )
-            self.port = await self._listener.start(c.config.server.host, c.config.server.port)
+            host, port = c.config.server.host, c.config.server.port
+            try:
+                self.port = await self._listener.start(host, port)
+            except OSError as exc:
+                self._listener = None
+                raise listen_error(exc, host, port, self._key("server.port")) from None
             log.info("%s listening on %s:%s (mutual TLS)", c.id, c.config.server.host, self.port)
             mllp = c.config.mllp
             if mllp is not None:
                 self.mllp = MLLPListener(
                     c, mllp, ssl_context=ctx if mllp.tls else None, on_refused=self._tls_refused
                 )
-                self.mllp_port = await self.mllp.start()
+                try:
+                    self.mllp_port = await self.mllp.start()
+                except OSError as exc:
+                    self.mllp = None
+                    raise listen_error(exc, mllp.host, mllp.port, self._key("mllp.port")) from None
+            if c.config.operations is not None:
+                from bridge.ops.server import OpsServer
+
+                ops = OpsServer(self, c.config.operations)
+                await ops.start(where=self._key("operations.port"))
+                self.ops = ops
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
 
+    def _key(self, key: str) -> str:
+        source = self.controller.config.source
+        return f"{source}: {key}" if source else key
+
     async def _tls_refused(self, record: HandshakeRecord) -> None:
+        """Write one audit row about failed handshakes (bounded per minute by the listener)."""
         c = self.controller
+        if record.action == "tls.refused":
+            event(
+                "certificate_refusal",
+                controller=c.id,
+                peer=record.subject.removeprefix("peer:"),
+                reason=record.detail,
+            )
         await c.db.append_audit(
             c.audit(
                 record.action,
@@ -96,6 +126,8 @@ class BridgeService:
     async def stop(self) -> None:
         for dispatcher in self.dispatchers.values():
             await dispatcher.stop()
+        if self.ops is not None:
+            await self.ops.stop()
         if self.mllp is not None:
             await self.mllp.close()
         if self._listener is not None:
