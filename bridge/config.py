@@ -58,6 +58,26 @@ class ServerConfig(_Strict):
         ),
     )
 
+    handshake_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="a TLS handshake not finished this long after the connection opened is cut off",
+    )
+    header_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        le=60,
+        description=(
+            "a connection that has not sent a complete request head this long after its "
+            "handshake or its previous response is closed (slow or idle clients)"
+        ),
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="a request body not received within this long is answered 408",
+    )
+
     @field_validator("local_client_fingerprints")
     @classmethod
     def _normalise(cls, value: list[str]) -> list[str]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from bridge.conformance.protocol import PROTOCOL_VERSION
 from bridge.records.search import DATE_ELEMENTS, INCLUDES, SEARCH_PARAMS
 
 if TYPE_CHECKING:
     from bridge.config import LinkConfig
     from bridge.link.node import Controller
 
-PROTOCOL_VERSION = "1"
 PROTOCOL_VERSION_EXTENSION = "urn:ws-fhir-bridge:ext:protocol-version"
 
 _SEARCH_TYPES = {
@@ -111,15 +111,19 @@ def capability_statement(controller: Controller, caller: str | None) -> dict[str
     rest: dict[str, Any] = {
         "mode": "server",
         "documentation": (
-            "Mutual TLS (TLS 1.2 or later) with a client certificate issued to a registered "
-            "partner is required on every connection."
+            f"Exchange protocol version {PROTOCOL_VERSION} (PROTOCOL.md). Mutual TLS 1.2 or "
+            "1.3 with a client certificate issued to a registered partner is required on "
+            "every connection and checked again on every request, this endpoint included; "
+            "no session resumption; key-exchange groups X25519, P-256 and P-384."
         ),
         "security": {
             "cors": False,
             "description": (
                 "Mutual TLS; partner identity from the certificate's URI SAN "
-                "urn:ws-fhir-bridge:partner:<id>; messages and pull answers signed with a "
-                "detached JWS (Bundle.signature, or X-Signature on a read)."
+                "urn:ws-fhir-bridge:partner:<id> (and optionally its SHA-256 fingerprint); "
+                "messages and pull answers signed with a detached JWS (ES256 or Ed25519) over "
+                "the RFC 8785 canonical form in Bundle.signature (X-Signature on a read), "
+                "protected header alg, kid, iss, aud, iat and msgid only."
             ),
         },
         "resource": [],
