@@ -65,7 +65,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
         finally:
             await controller.close()
 
-    report = asyncio.run(run())
+    try:
+        report = asyncio.run(run())
+    except BridgeError as exc:
+        if exc.fault != "peer":
+            raise
+        # What the partner sent (a refusal, a page that fails verification) is a problem
+        # the pull found, not bad input to this command.
+        sys.stderr.write(f"error [{exc.code}]: {' '.join(str(exc).split())}\n")
+        return 1
     if args.json:
         _print_json({
             "link": report.link, "partner": report.partner, "patients": report.patient_ids,

@@ -113,7 +113,7 @@ async def test_a_page_not_signed_by_the_hospital_stops_the_pull(site: PullSite) 
     system, value = id_card(records[0])
     code, _, stderr = await bridge_cli("pull", "--config", str(site.platform_cfg), "--link",
                                        FROM_LINK, "--patient", f"{system}|{value}")
-    assert code == 2 and "signature-invalid" in stderr
+    assert code == 1 and "signature-invalid" in stderr
     refused = entries(site.root / PLATFORM / "bridge.sqlite", "record.pull.receive")
     assert [r.outcome for r in refused] == ["denied"]
     with SQLiteStore(site.root / PLATFORM / "bridge.sqlite") as store:
@@ -169,7 +169,7 @@ async def test_a_link_that_does_not_allow_overrides_refuses_them(tmp_path: Path)
             "pull", "--config", str(site.platform_cfg), "--link", FROM_LINK,
             "--patient", f"{system}|{value}", "--emergency-actor", "dr-li",
             "--emergency-reason", "unconscious")
-        assert code == 2 and "policy-denied at X-Purpose-Of-Use" in stderr
+        assert code == 1 and "policy-denied at X-Purpose-Of-Use" in stderr
         rejects = entries(site.root / HOSPITAL / "bridge.sqlite", "pull.reject")
         assert rejects[-1].detail == "policy-denied@X-Purpose-Of-Use"
     finally:
