@@ -30,6 +30,7 @@ from bridge.cli_common import (
 from bridge.cli_common import print_json as _print_json
 from bridge.cli_init import add_init_commands
 from bridge.cli_mapping import add_mapping_commands
+from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
 from bridge.cli_store import add_store_commands
 from bridge.errors import BridgeError, NotFound, ParseError, UsageError
 
@@ -308,6 +309,8 @@ _DISCLOSURE_ACTIONS = {
     "claim.dead": ("E", "delivery abandoned after retries"),
     "claim.resend": ("E", "sent again; the recipient's receipt is held"),
     "message.receive": ("C", "received from a partner"),
+    "record.pull": ("R", "records released to (or refused) a partner's pull"),
+    "record.pull.receive": ("C", "records pulled from a partner; its signed page is held"),
 }
 
 
@@ -481,6 +484,9 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
         ]
         if stuck:
             report["attention"] = True
+    report["pull"] = pull_status_report(store, config)
+    if report["pull"]["reviews"]:
+        report["attention"] = True
     return report
 
 
@@ -492,6 +498,8 @@ def _print_status(report: dict[str, Any]) -> None:
         + f", {audit['entries']} entries; inbox {report['inbox']} messages\n"
     )
     for link in report["links"]:
+        if link["direction"] in ("pull", "pull-from"):
+            continue  # print_pull_status below
         if link["direction"] != "outbound":
             sys.stdout.write(f"  {link['id']} (inbound from {link['partner']})\n")
             continue
@@ -510,6 +518,7 @@ def _print_status(report: dict[str, Any]) -> None:
                 f"    seq {row['seq']} {row['state']} ({row['error'] or '-'}):"
                 f" {row['message_id']}\n"
             )
+    print_pull_status(report["pull"], sys.stdout)
 
 
 # --- demo -------------------------------------------------------------------------------
@@ -588,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_mapping_commands(sub)
     add_store_commands(sub)
+    add_pull_commands(sub)
 
     c = sub.add_parser("certs", help="development PKI")
     csub = c.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
