@@ -59,6 +59,26 @@ class ServerConfig(_Strict):
         ),
     )
 
+    handshake_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="a TLS handshake not finished this long after the connection opened is cut off",
+    )
+    header_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        le=60,
+        description=(
+            "a connection that has not sent a complete request head this long after its "
+            "handshake or its previous response is closed (slow or idle clients)"
+        ),
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="a request body not received within this long is answered 408",
+    )
+
     @field_validator("local_client_fingerprints")
     @classmethod
     def _normalise(cls, value: list[str]) -> list[str]:
@@ -144,10 +164,73 @@ class PartnerConfig(_Strict):
         return [v.lower().replace(":", "") for v in value]
 
 
+#: Purposes a platform may state on a pull link (GB/T 39725 §11.1): treatment, healthcare
+#: operations, public health. Emergency treatment (ETREAT) is the override, not a purpose
+#: a link lists.
+PULL_PURPOSES = frozenset({"TREAT", "HOPERAT", "PUBHLTH"})
+
+
+class PullConfig(_Strict):
+    """How a pull link answers (``[links.pull]`` of a link with ``direction = "pull"``),
+    or how a ``pull-from`` link asks."""
+
+    purposes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "purposes of use (TREAT, HOPERAT, PUBHLTH) the partner may state; the link's "
+            "purpose when empty. On a pull-from link: the first is the one requests state"
+        ),
+    )
+    level: Literal["default", "notify", "authorise"] | None = Field(
+        default=None,
+        description="level of a profile with levels (regional-interoperability); default: default",
+    )
+    override_allowed: bool = Field(
+        default=False,
+        description="grant emergency override requests (purpose ETREAT with actor and reason)",
+    )
+    no_consent: Literal["empty", "forbidden"] = Field(
+        default="empty",
+        description=(
+            "answer to a request for a patient without a permitting consent: an empty "
+            "searchset, or 403 (both are given for unknown patients too)"
+        ),
+    )
+    max_count: int = Field(default=200, ge=1, le=1000, description="largest _count accepted")
+    default_count: int = Field(default=50, ge=1, le=1000, description="page size without _count")
+    rate_per_second: float = Field(
+        default=20.0, gt=0, description="requests per second per partner (token bucket)"
+    )
+    rate_burst: int = Field(default=40, ge=1, description="requests a partner may send at once")
+    bulk_alarm_patients: int = Field(
+        default=200, ge=1, description="distinct patients asked about in the window that alarm"
+    )
+    bulk_alarm_window_seconds: int = Field(default=3600, ge=1, description="alarm window")
+
+    @field_validator("purposes")
+    @classmethod
+    def _known_purposes(cls, value: list[str]) -> list[str]:
+        for purpose in value:
+            if purpose not in PULL_PURPOSES:
+                raise ValueError(f"{purpose!r} is not a pull purpose (TREAT, HOPERAT, PUBHLTH)")
+        return value
+
+    @model_validator(mode="after")
+    def _pages(self) -> PullConfig:
+        if self.default_count > self.max_count:
+            raise ValueError("default_count: larger than max_count")
+        return self
+
+
 class LinkConfig(_Strict):
     id: str = Field(pattern=_ID_PATTERN)
     partner: str = Field(pattern=_ID_PATTERN)
-    direction: Literal["outbound", "inbound"]
+    direction: Literal["outbound", "inbound", "pull", "pull-from"] = Field(
+        description=(
+            "outbound/inbound: claim push; pull: the partner pulls records from this "
+            "controller; pull-from: this controller pulls records from the partner"
+        )
+    )
     profile: str = Field(
         default="commercial-insurance",
         description="a shipped profile name (mappings/links/<name>.yaml) or a path to a .yaml file",
@@ -159,6 +242,20 @@ class LinkConfig(_Strict):
     retry_base_seconds: float = Field(default=0.5, gt=0)
     retry_cap_seconds: float = Field(default=300.0, gt=0)
     request_timeout_seconds: float = Field(default=30.0, gt=0)
+    pull: PullConfig = Field(default_factory=PullConfig, description="record pull settings")
+
+    def pull_purposes(self) -> list[str]:
+        """Purposes a request on this pull link may state."""
+        return list(self.pull.purposes) or [self.purpose]
+
+    def profile_ref(self) -> str:
+        """The profile as :func:`bridge.policy.profile.load_link_profile` takes it
+        (``name:level`` for a pull link of a profile with levels)."""
+        if self.pull.level and ":" not in self.profile and not self.profile.endswith(
+            (".yaml", ".yml")
+        ):
+            return f"{self.profile}:{self.pull.level}"
+        return self.profile
 
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -354,8 +451,13 @@ class BridgeConfig(_Strict):
             if link.partner not in partner_ids:
                 raise ValueError(f"links[{i}].partner: no partner with that id")
             partner = next(p for p in self.partners if p.id == link.partner)
-            if link.direction == "outbound" and not partner.base_url:
-                raise ValueError(f"partners.{partner.id}.base_url: needed by outbound link")
+            if link.direction in ("outbound", "pull-from") and not partner.base_url:
+                raise ValueError(f"partners.{partner.id}.base_url: needed by {link.direction} link")
+            if link.direction == "pull" and link.purpose not in PULL_PURPOSES and not (
+                link.pull.purposes
+            ):
+                raise ValueError(f"links[{i}].purpose: a pull link's purpose is TREAT, HOPERAT"
+                                 " or PUBHLTH (or list them in pull.purposes)")
         inbound = {link.id for link in self.links if link.direction == "inbound"}
         seen_destinations: set[str] = set()
         for i, dest in enumerate(self.handoff):

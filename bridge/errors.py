@@ -126,6 +126,12 @@ class UnsupportedMediaType(ParseError):
     http_status = 415
 
 
+class UnsupportedEvent(ParseError):
+    """The message carries an event this endpoint does not process."""
+
+    code = "unsupported-event"
+
+
 class PayloadTooLarge(ParseError):
     """The request body is larger than the bridge accepts."""
 
@@ -204,6 +210,29 @@ class UnknownPartner(TrustError):
     http_status = 401
 
 
+class CertificateRejected(TrustError):
+    """The connection's client certificate is no longer acceptable (expired, revoked...).
+
+    The handshake checked it; a connection can outlive its certificate, so every
+    request checks it again.
+    """
+
+    code = "certificate-rejected"
+    http_status = 401
+
+
+class SenderMismatch(TrustError):
+    """``MessageHeader.sender`` names someone other than the authenticated partner."""
+
+    code = "sender-mismatch"
+
+
+class WrongReceiver(TrustError):
+    """The message is addressed to another receiver than this bridge."""
+
+    code = "wrong-receiver"
+
+
 class SignatureError(TrustError):
     """A signature is missing, malformed, made with an unknown key, or does not verify."""
 
@@ -236,6 +265,23 @@ class InFlightError(BridgeError):
     fault = "transient"
     issue_type = "conflict"
     exit_status = 1
+
+
+class RequestTimeout(BridgeError):
+    """The request body did not arrive in time; the sender may send again."""
+
+    code = "request-timeout"
+    http_status = 408
+    fault = "transient"
+    issue_type = "timeout"
+
+
+class InternalError(BridgeError):
+    """An unexpected failure inside the bridge; nothing was stored."""
+
+    code = "internal-error"
+    http_status = 500
+    fault = "local"
 
 
 class TransportError(BridgeError):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import rfc8785
 from aiohttp import web
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -51,11 +52,14 @@ class Received:
         return True
 
 
+def canonical_payload(message: dict[str, Any]) -> bytes:
+    """PROTOCOL §5: the RFC 8785 form of the bundle without ``signature``."""
+    return rfc8785.dumps({k: v for k, v in message.items() if k != "signature"})
+
+
 def canonical_digest(message: dict[str, Any]) -> str:
-    """PROTOCOL §5: SHA-256 of the bundle without ``signature``, keys sorted, compact."""
-    body = {k: v for k, v in message.items() if k != "signature"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """PROTOCOL §5: SHA-256 of the signed payload."""
+    return "sha256:" + hashlib.sha256(canonical_payload(message)).hexdigest()
 
 
 def verify_signature(message: dict[str, Any], signing_cert: Path) -> None:
@@ -76,9 +80,7 @@ def verify_signature(message: dict[str, Any], signing_cert: Path) -> None:
     assert empty == "", "the payload must be detached"
     header = json.loads(base64.urlsafe_b64decode(header_b64 + "=" * (-len(header_b64) % 4)))
     assert header["alg"] == "ES256"
-    body = {k: v for k, v in message.items() if k != "signature"}
-    payload = json.dumps(body, sort_keys=True, separators=(",", ":"),
-                         ensure_ascii=False).encode()
+    payload = canonical_payload(message)
     raw = base64.urlsafe_b64decode(sig_b64 + "=" * (-len(sig_b64) % 4))
     signature = encode_dss_signature(int.from_bytes(raw[:32], "big"),
                                      int.from_bytes(raw[32:], "big"))

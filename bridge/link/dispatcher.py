@@ -5,8 +5,8 @@ can be revoked while a message waits), POSTs the signed message, verifies the si
 receipt and only then marks the row acknowledged. Failures are classified before
 anything is retried:
 
-* a definitive rejection (4xx other than 409/429) is recorded and never retried;
-* a transient failure (connection refused or reset, timeout, 409, 429, 5xx) is
+* a definitive rejection (4xx other than 408/409/429) is recorded and never retried;
+* a transient failure (connection refused or reset, timeout, 408, 409, 429, 5xx) is
   retried a few times at once with tenacity, then rescheduled in the outbox with
   exponential backoff and jitter, until the link's attempt limit sends it to dead;
 * a certificate problem (our certificate refused, theirs not trusted) is a
@@ -44,7 +44,7 @@ from bridge.ledger.states import next_attempt
 from bridge.link.node import Controller, _decision_detail, resource_types
 from bridge.logs import claim_event
 from bridge.trust.identity import certificate_identity
-from bridge.trust.jws import digest, sign_bundle, signed_payload
+from bridge.trust.jws import digest, payload_digests, sign_bundle
 from bridge.trust.receipts import verify_receipt
 from bridge.trust.tls import client_context
 
@@ -325,7 +325,7 @@ class Dispatcher:
                     expected_issuer=self.link.partner,
                     expected_audience=c.id,
                     request_message_id=message_id,
-                    request_digest=digest(signed_payload(payload)),
+                    request_digest=payload_digests(payload),
                     now=c.clock(),
                     check_time=False,
                 )
@@ -467,7 +467,7 @@ class Dispatcher:
             expected_issuer=self.link.partner,
             expected_audience=c.id,
             request_message_id=message_id,
-            request_digest=digest(signed_payload(payload)),
+            request_digest=payload_digests(payload),
             now=c.clock(),
             check_time=False,
         )
@@ -510,7 +510,7 @@ class Dispatcher:
         if status == 200:
             return body
         remote_code = _remote_code(body)
-        if status in (409, 429) or status >= 500:
+        if status in (408, 409, 429) or status >= 500:
             raise TransportError(f"partner answered {status}", location="HTTP", status=status)
         raise PartnerRejected(
             f"partner rejected the message with {status}",

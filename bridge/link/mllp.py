@@ -41,7 +41,6 @@ import hashlib
 import importlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -65,7 +64,7 @@ from bridge.link.mllp_framer import (
     frame,
     read_msh,
 )
-from bridge.link.tlsgate import TLSListener
+from bridge.link.tlsgate import RefusalHook, TLSListener
 from bridge.trust.identity import certificate_identity
 
 if TYPE_CHECKING:
@@ -78,8 +77,6 @@ log = logging.getLogger("bridge.mllp")
 # the high mark, so a client that does not wait for ACKs cannot fill memory.
 _HIGH_WATER = 64
 _LOW_WATER = 16
-
-RefusalHook = Callable[[str, str], Awaitable[None]]
 
 
 class FacilityNotAllowed(PolicyError):

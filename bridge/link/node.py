@@ -113,7 +113,7 @@ class Controller:
         gc.collect()
         gc.freeze()
         self.profiles: dict[str, LinkProfile] = {
-            link.id: _profile_for(link.profile) for link in config.links
+            link.id: _profile_for(link.profile_ref()) for link in config.links
         }
         # Which of this controller's own systems take the claims it receives.
         self.handoff_routes = routes(config.handoff)
@@ -277,6 +277,7 @@ class Controller:
         """
         link = self.outbound_link(link_id)
         message_id = message_id_for(self.id, link.id, _record_digest(record))
+        await self.keep_for_pull(record, source="push")
         await self.sync_consents()
         if await self.db.get_outbox(message_id) is not None:
             # The same record was submitted before: one claim, however often a HIS retries.
@@ -340,6 +341,22 @@ class Controller:
             held_back=submitted.held_back,
             decided_by=submitted.decided_by,
         )
+
+    async def keep_for_pull(self, record: dict[str, Any], *, source: str) -> bool:
+        """Keep a record in the records store a pull link answers from (only when this
+        controller serves record pull). True when it was new; MappingError for a record
+        that does not map or names no patient (nothing is kept then)."""
+        if not any(link.direction == "pull" for link in self.config.links):
+            return False
+        from bridge.ledger.records import put_record
+
+        raw = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+        collection = map_record(record, now=self.clock())
+        result = await self.db.call(
+            put_record, self.store, record=raw, dataset=str(record.get("dataset", "")),
+            source=source, collection=collection, now=self.clock(),
+        )
+        return result.created
 
     def recheck_consent(self, payload: dict[str, Any], link: LinkConfig) -> None:
         """Ask the consent question again at dispatch; raises ConsentDenied.

@@ -13,6 +13,7 @@ from aiohttp import web
 from bridge.errors import listen_error
 from bridge.link.dispatcher import Dispatcher
 from bridge.link.handoff import HandoffService
+from bridge.link.handshakes import HandshakeRecord
 from bridge.link.mllp import MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
@@ -47,11 +48,27 @@ class BridgeService:
         if serve:
             tls = c.config.tls
             ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
-            self._runner = web.AppRunner(self.receiver.build(), access_log=None)
+            self._runner = web.AppRunner(
+                self.receiver.build(),
+                access_log=None,
+                # A connection must deliver each request head within this time of its
+                # handshake or previous response; aiohttp's keep-alive timer counts
+                # from there and is not reset by a partial head, so it also cuts off
+                # clients that send headers slowly.
+                keepalive_timeout=c.config.server.header_timeout_seconds,
+                # Content-Encoding is refused (415), never decoded: no decompression
+                # of a body the receiver is about to refuse.
+                auto_decompress=False,
+            )
             await self._runner.setup()
             server = self._runner.server
             assert server is not None
-            self._listener = TLSListener(server, ctx, on_refused=self._tls_refused)
+            self._listener = TLSListener(
+                server,
+                ctx,
+                on_refused=self._tls_refused,
+                handshake_timeout=c.config.server.handshake_timeout_seconds,
+            )
             host, port = c.config.server.host, c.config.server.port
             try:
                 self.port = await self._listener.start(host, port)
@@ -83,11 +100,24 @@ class BridgeService:
         source = self.controller.config.source
         return f"{source}: {key}" if source else key
 
-    async def _tls_refused(self, address: str, reason: str) -> None:
+    async def _tls_refused(self, record: HandshakeRecord) -> None:
+        """Write one audit row about failed handshakes (bounded per minute by the listener)."""
         c = self.controller
-        event("certificate_refusal", controller=c.id, peer=address, reason=reason)
+        if record.action == "tls.refused":
+            event(
+                "certificate_refusal",
+                controller=c.id,
+                peer=record.subject.removeprefix("peer:"),
+                reason=record.detail,
+            )
         await c.db.append_audit(
-            c.audit("tls.refused", subject=f"peer:{address}", outcome="denied", detail=reason)
+            c.audit(
+                record.action,
+                subject=record.subject,
+                outcome="denied" if record.action == "tls.refused" else "failure",
+                detail=record.detail,
+                digest_value=record.digest,
+            )
         )
 
     async def submit(self, record: dict[str, Any], link_id: str) -> Submitted:
