@@ -21,6 +21,7 @@ import orjson
 
 from bridge.config import BridgeConfig, LinkConfig
 from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
+from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
 from bridge.link.store import AsyncStore
@@ -114,6 +115,8 @@ class Controller:
         self.profiles: dict[str, LinkProfile] = {
             link.id: _profile_for(link.profile_ref()) for link in config.links
         }
+        # Which of this controller's own systems take the claims it receives.
+        self.handoff_routes = routes(config.handoff)
 
     # --- helpers -------------------------------------------------------------------
 
