@@ -32,7 +32,7 @@ import base64
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
@@ -40,6 +40,7 @@ from typing import Any, Literal
 import orjson
 
 from bridge.errors import ParseError
+from bridge.instants import LATEST, shifted, utc
 
 __all__ = [
     "DATE_ELEMENTS",
@@ -152,10 +153,11 @@ Prefix = Literal["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"]
 # China Standard Time: a date or time without a zone is a hospital's local time.
 _CST = timezone(timedelta(hours=8))
 _FOREVER = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+# ASCII digits only: ``\d`` would also take other scripts' digits, which FHIR does not.
 _DATE_RE = re.compile(
-    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
-    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?P<f>\.\d{1,9})?)?"
-    r"(?P<z>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+    r"^(?P<y>[0-9]{4})(?:-(?P<m>[0-9]{2})(?:-(?P<d>[0-9]{2})"
+    r"(?:T(?P<H>[0-9]{2}):(?P<M>[0-9]{2})(?::(?P<S>[0-9]{2})(?P<f>\.[0-9]{1,9})?)?"
+    r"(?P<z>Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?$"
 )
 
 
@@ -243,7 +245,9 @@ def date_range(text: str, *, where: str) -> tuple[datetime, datetime]:
     """The half-open UTC range ``[lo, hi)`` a FHIR date, dateTime or instant denotes.
 
     A value without a zone is China Standard Time. Raises :class:`SearchError` naming
-    ``where`` for anything that is not such a value (never echoing it).
+    ``where`` for anything that is not such a value (never echoing it). A value at the
+    edge of the calendar (``0001``, ``9999-12-31``) is still a value: its range ends at
+    the first or last representable instant rather than past it.
     """
     m = _DATE_RE.match(text)
     if not m:
@@ -262,28 +266,35 @@ def date_range(text: str, *, where: str) -> tuple[datetime, datetime]:
         y = int(m.group("y"))
         if m.group("m") is None:
             lo = datetime(y, 1, 1, tzinfo=tz)
-            return lo.astimezone(UTC), datetime(y + 1, 1, 1, tzinfo=tz).astimezone(UTC)
+            return utc(lo), _end(lambda: datetime(y + 1, 1, 1, tzinfo=tz))
         mo = int(m.group("m"))
         if m.group("d") is None:
             lo = datetime(y, mo, 1, tzinfo=tz)
-            hi = datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=tz)
-            return lo.astimezone(UTC), hi.astimezone(UTC)
+            return utc(lo), _end(lambda: datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=tz))
         d = int(m.group("d"))
         if m.group("H") is None:
             lo = datetime(y, mo, d, tzinfo=tz)
-            return lo.astimezone(UTC), (lo + timedelta(days=1)).astimezone(UTC)
+            return utc(lo), shifted(lo, timedelta(days=1))
         hh, mm = int(m.group("H")), int(m.group("M"))
         if m.group("S") is None:
             lo = datetime(y, mo, d, hh, mm, tzinfo=tz)
-            return lo.astimezone(UTC), (lo + timedelta(minutes=1)).astimezone(UTC)
+            return utc(lo), shifted(lo, timedelta(minutes=1))
         ss = int(m.group("S"))
         frac = m.group("f")
         micro = int((frac[1:] + "000000")[:6]) if frac else 0
         lo = datetime(y, mo, d, hh, mm, ss, micro, tzinfo=tz)
         step = timedelta(microseconds=1) if frac else timedelta(seconds=1)
-        return lo.astimezone(UTC), (lo + step).astimezone(UTC)
+        return utc(lo), shifted(lo, step)
     except ValueError:
         raise SearchError("not a real calendar date or time", location=where) from None
+
+
+def _end(first_after: Callable[[], datetime]) -> datetime:
+    """The first instant after a year or month, in UTC; the calendar's end after 9999."""
+    try:
+        return utc(first_after())
+    except ValueError:  # the year after 9999
+        return LATEST
 
 
 def _value_range(value: Any) -> tuple[datetime, datetime] | None:
@@ -363,7 +374,7 @@ def _count(params: Sequence[tuple[str, str]], *, default: int, limit: int) -> in
     raw = _single(params, "_count")
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 6:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6:
         raise SearchError("_count must be a whole number", location="_count")
     count = int(raw)
     if count < 1:
@@ -492,7 +503,7 @@ def parse_everything(
     since = _single(params, "_since")
     last_updated: tuple[DateFilter, ...] = ()
     if since is not None:
-        if "T" not in since or not (since.endswith("Z") or re.search(r"[+-]\d{2}:\d{2}$", since)):
+        if "T" not in since or not (since.endswith("Z") or re.search(r"[+-][0-9]{2}:[0-9]{2}$", since)):
             raise SearchError("_since is an instant with a time zone", location="_since")
         last_updated = (_date_filter("_since", "ge" + since),)
         # ge on an instant: everything updated at or after it.
