@@ -258,6 +258,15 @@ class Answer:
     first_page: bool
 
 
+def _percent_decoded(request: web.Request, name: str) -> str:
+    """A header carrying percent-encoded UTF-8 text (PROTOCOL P-PULL-3), decoded; 400
+    naming the header when it is not that."""
+    try:
+        return unquote(request.headers.get(name, ""), errors="strict").strip()
+    except UnicodeDecodeError:
+        raise ParseError("header is not percent-encoded UTF-8", location=name) from None
+
+
 def _refs(value: Any, out: set[tuple[str, str]]) -> None:
     if isinstance(value, dict):
         ref = value.get("reference")
@@ -344,8 +353,8 @@ class PullAPI:
             if not link.pull.override_allowed:
                 raise PolicyError("this link does not grant emergency overrides",
                                   location=PURPOSE_HEADER)
-            actor = unquote(request.headers.get(ACTOR_HEADER, "")).strip()
-            reason = unquote(request.headers.get(REASON_HEADER, "")).strip()
+            actor = _percent_decoded(request, ACTOR_HEADER)
+            reason = _percent_decoded(request, REASON_HEADER)
             if not actor:
                 raise ParseError("an emergency override names who invokes it", location=ACTOR_HEADER)
             if not reason:
@@ -376,7 +385,8 @@ class PullAPI:
         if not profile.allows_type(rtype):
             raise UnsupportedParameter("resource type not served on this link", location=rtype)
         return parse_search(rtype, params, default_count=pull.default_count,
-                            max_count=pull.max_count, offered=offered_params(profile, rtype))
+                            max_count=pull.max_count, offered=offered_params(profile, rtype),
+                            base=self.c.config.server.base_url())
 
     # --- serving -------------------------------------------------------------------------------
 

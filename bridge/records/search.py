@@ -394,12 +394,21 @@ def _format(params: Sequence[tuple[str, str]]) -> None:
         raise SearchError("_pretty is true or false", location="_pretty")
 
 
-def patient_reference(raw: str, *, where: str) -> str:
-    """The Patient id of a reference search value (``Patient/ID``, ``ID`` or a URL)."""
+def patient_reference(raw: str, *, where: str, base: str | None = None) -> str:
+    """The Patient id of a reference search value (``Patient/ID``, ``ID`` or a URL).
+
+    An absolute URL is a reference to a resource on that server: with ``base`` (this
+    server's base URL) given, one on any other server is refused, since it names a
+    patient this server does not hold.
+    """
     value = raw.rstrip("/")
+    if "://" in value and base is not None and not value.startswith(base.rstrip("/") + "/"):
+        raise SearchError("the reference is to another server", location=where)
     if "/" in value:
         parts = value.split("/")
         if len(parts) < 2 or parts[-2] != "Patient":
+            raise SearchError("the reference must be to a Patient", location=where)
+        if "://" not in value and len(parts) != 2:
             raise SearchError("the reference must be to a Patient", location=where)
         value = parts[-1]
     if not _ID_RE.match(value):
@@ -439,11 +448,13 @@ def parse_search(
     default_count: int,
     max_count: int,
     offered: Iterable[str] | None = None,
+    base: str | None = None,
 ) -> SearchQuery:
     """Validate ``GET [base]/{rtype}?...``; raise :class:`SearchError` naming the parameter.
 
     ``offered`` narrows the declared parameters to those the link offers (a date
-    parameter whose element the link's profile withholds is not offered).
+    parameter whose element the link's profile withholds is not offered); ``base`` is
+    this server's base URL, the only one an absolute ``patient`` reference may name.
     """
     declared = SEARCH_PARAMS.get(rtype)
     if declared is None:
@@ -469,11 +480,16 @@ def parse_search(
         if identifier is None and not ids:
             raise SearchError("a Patient search names the patient (identifier or _id)",
                               location="identifier")
+        if identifier is not None and ids:
+            # Both would have to match (FHIR ANDs parameters): one patient, named once.
+            raise SearchError("a Patient search names the patient once: identifier or _id",
+                              location="_id")
         return SearchQuery(
             rtype, "search", count, identifier=identifier, ids=ids,
             last_updated=last_updated, cursor=cursor, params=tuple(params),
         )
-    patients = {patient_reference(v, where="patient") for k, v in params if k == "patient"}
+    patients = {patient_reference(v, where="patient", base=base)
+                for k, v in params if k == "patient"}
     if not patients:
         raise SearchError("a search names its patient (patient=Patient/ID)", location="patient")
     if len(patients) > 1:

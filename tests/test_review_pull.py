@@ -1,0 +1,180 @@
+"""Record pull under attack, from outside: crafted search values, cursors carried across
+partners and purposes, emergency overrides continued page by page, and special-disease
+data inside documents.
+
+The hospital's bridge runs with its real mutual-TLS listener; requests come from aiohttp
+with the partners' certificates, and what the operator sees is read with the ``bridge``
+command in its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from pull_support import (
+    PLATFORM,
+    PullSite,
+    id_card,
+    keep,
+    person_records,
+    pull_consent,
+    start_site,
+)
+
+ETREAT = {"X-Purpose-Of-Use": "ETREAT", "X-Emergency-Actor": "dr-li",
+          "X-Emergency-Reason": "unconscious"}
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> Any:
+    s = await start_site(tmp_path)
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+async def get(site: PullSite, path: str, params: Any = None, *, who: str = PLATFORM,
+              headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    url = path if path.startswith("https://") else f"{site.base}/{path}"
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=site.ssl(who))) as session,
+        session.get(url, params=params, headers=headers or {}) as resp,
+    ):
+        return resp.status, orjson.loads(await resp.read())
+
+
+async def bridge_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ},
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def patient_id(site: PullSite, record: dict[str, Any]) -> str:
+    system, value = id_card(record)
+    status, found = await get(site, "Patient", {"identifier": f"{system}|{value}"})
+    assert status == 200 and found["total"] == 1, found
+    return str(found["entry"][0]["resource"]["id"])
+
+
+def next_url(page: dict[str, Any]) -> str | None:
+    return next((lk["url"] for lk in page.get("link", []) if lk["relation"] == "next"), None)
+
+
+def failures(site: PullSite) -> list[Any]:
+    return [e.record for e in site.controller.store.audit_entries()
+            if e.record.action == "request.failed"]
+
+
+# --- crafted values never reach a 5xx -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "where"),
+    [
+        # A digit that is not an ASCII digit (superscript two, Arabic-Indic one).
+        ("Encounter", {"patient": "{pid}", "_count": "\u00b2"}, "_count"),
+        ("Encounter", {"patient": "{pid}", "_count": "\u0661"}, "_count"),
+        ("Encounter", {"patient": "{pid}", "date": "\u0662\u0660\u0662\u0664"}, "date"),
+        ("Patient/{pid}/$everything", {"_since": "2024-01-01T00:00:00+\u0660\u0668:00"},
+         "_since"),
+    ],
+)
+async def test_values_in_other_digits_are_400_naming_the_parameter(
+    site: PullSite, path: str, params: dict[str, str], where: str
+) -> None:
+    records = person_records(1)
+    await keep(site, records)
+    await site.controller.put_consent(pull_consent(records[0]))
+    pid = await patient_id(site, records[0])
+    status, body = await get(site, path.replace("{pid}", pid),
+                             {k: v.replace("{pid}", pid) for k, v in params.items()})
+    assert status == 400, body
+    assert body["issue"][0]["expression"] == [where]
+    assert failures(site) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "matches"),
+    [
+        # Dates at the edges of the calendar, in zones that take them past it in UTC:
+        # valid FHIR, compared like any other date.
+        ("Encounter", {"patient": "{pid}", "date": "0001"}, False),
+        ("Encounter", {"patient": "{pid}", "date": "9999-12-31"}, False),
+        ("Encounter", {"patient": "{pid}", "date": "ge0001-01-01T00:00:00+14:00"}, True),
+        ("Encounter", {"patient": "{pid}", "date": "lt9999"}, True),
+        ("Encounter", {"patient": "{pid}", "_lastUpdated": "le9999-12-31T23:59:59-12:00"}, True),
+        ("Patient/{pid}/$everything", {"_since": "0001-01-01T00:00:00+14:00"}, True),
+        ("Patient/{pid}/$everything", {"_since": "9999-12-31T23:59:59.999999-12:00"}, False),
+    ],
+)
+async def test_dates_at_the_edges_of_the_calendar_are_answered(
+    site: PullSite, path: str, params: dict[str, str], matches: bool
+) -> None:
+    records = person_records(1)
+    await keep(site, records)
+    await site.controller.put_consent(pull_consent(records[0]))
+    pid = await patient_id(site, records[0])
+    status, body = await get(site, path.replace("{pid}", pid),
+                             {k: v.replace("{pid}", pid) for k, v in params.items()})
+    assert status == 200, body
+    assert bool(body.get("entry")) is matches
+    assert failures(site) == []
+
+
+async def test_identifier_and_another_id_in_one_search_is_refused(site: PullSite) -> None:
+    records = person_records(1)
+    await keep(site, records)
+    await site.controller.put_consent(pull_consent(records[0]))
+    pid = await patient_id(site, records[0])
+    system, value = id_card(records[0])
+    # FHIR ANDs the two: a search naming the patient twice, differently, is one about
+    # two patients (P-PULL-4), never an answer about the first that ignores the second.
+    status, body = await get(site, "Patient", {"identifier": f"{system}|{value}",
+                                               "_id": "00000000-0000-5000-8000-000000000000"})
+    assert status == 400 and body["issue"][0]["expression"] == ["_id"]
+    status, body = await get(site, "Patient", {"identifier": f"{system}|{value}", "_id": pid})
+    assert status == 400 and body["issue"][0]["expression"] == ["_id"]
+
+
+async def test_a_patient_reference_on_another_server_is_refused(site: PullSite) -> None:
+    records = person_records(1)
+    await keep(site, records)
+    await site.controller.put_consent(pull_consent(records[0]))
+    pid = await patient_id(site, records[0])
+    status, body = await get(site, "Encounter", {"patient": f"https://elsewhere.example/fhir/Patient/{pid}"})
+    assert status == 400 and body["issue"][0]["expression"] == ["patient"]
+    status, body = await get(site, "Encounter", {"patient": f"{site.base}/Patient/{pid}"})
+    assert status == 200 and body["entry"]
+
+
+async def test_override_headers_that_are_not_percent_encoded_utf8_are_refused(
+    site: PullSite,
+) -> None:
+    records = person_records(1)
+    await keep(site, records)
+    pid = await patient_id_without_consent(site, records[0])
+    status, body = await get(site, f"Patient/{pid}/$everything",
+                             headers={**ETREAT, "X-Emergency-Actor": "%ff%fe"})
+    assert status == 400 and body["issue"][0]["expression"] == ["X-Emergency-Actor"]
+
+
+async def patient_id_without_consent(site: PullSite, record: dict[str, Any]) -> str:
+    system, value = id_card(record)
+    status, found = await get(site, "Patient", {"identifier": f"{system}|{value}"},
+                              headers=ETREAT)
+    assert status == 200 and found["total"] == 1, found
+    return str(found["entry"][0]["resource"]["id"])
+
+
