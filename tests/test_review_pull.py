@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 import pytest
 from pull_support import (
+    INSURER,
     PLATFORM,
     PullSite,
     id_card,
@@ -26,7 +27,12 @@ from pull_support import (
     person_records,
     pull_consent,
     start_site,
+    write_site,
 )
+
+from bridge.config import load_config
+from bridge.link.node import Controller
+from bridge.link.service import BridgeService
 
 ETREAT = {"X-Purpose-Of-Use": "ETREAT", "X-Emergency-Actor": "dr-li",
           "X-Emergency-Reason": "unconscious"}
@@ -178,3 +184,78 @@ async def patient_id_without_consent(site: PullSite, record: dict[str, Any]) -> 
     return str(found["entry"][0]["resource"]["id"])
 
 
+# --- cursors and overrides ---------------------------------------------------------------------
+
+
+async def test_a_traversal_begun_under_consent_cannot_continue_as_an_override(
+    site: PullSite,
+) -> None:
+    records = person_records(3)
+    await keep(site, records)
+    await site.controller.put_consent(pull_consent(records[0]))
+    pid = await patient_id(site, records[0])
+    status, first = await get(site, f"Patient/{pid}/$everything", {"_count": "2"},
+                              headers={"X-Purpose-Of-Use": "TREAT"})
+    url = next_url(first)
+    assert status == 200 and url is not None
+    status, body = await get(site, url, headers=ETREAT)
+    assert status == 400 and body["issue"][0]["expression"] == ["_cursor"]
+    # The same cursor, under the purpose it was issued for, still reads on.
+    status, _ = await get(site, url, headers={"X-Purpose-Of-Use": "TREAT"})
+    assert status == 200
+
+
+async def test_every_override_page_is_reported_for_review(site: PullSite) -> None:
+    records = person_records(3)
+    await keep(site, records)  # no consent: only an override releases anything
+    pid = await patient_id_without_consent(site, records[0])
+    code, listing, _ = await bridge_cli("records", "review", "--config", str(site.hospital_cfg),
+                                        "--json")
+    before = orjson.loads(listing)
+    status, first = await get(site, f"Patient/{pid}/$everything", {"_count": "2"},
+                              headers={**ETREAT, "X-Emergency-Actor": "dr-wang"})
+    url = next_url(first)
+    assert status == 200 and url is not None
+    # Another clinician reads on with the first one's cursor.
+    status, second = await get(site, url, headers={**ETREAT, "X-Emergency-Actor": "dr-zhao"})
+    assert status == 200 and second.get("entry")
+    code, listing, _ = await bridge_cli("records", "review", "--config", str(site.hospital_cfg),
+                                        "--json")
+    assert code == 0
+    actors = {item["actor"] for item in orjson.loads(listing)} - {
+        item["actor"] for item in before}
+    assert actors == {"dr-wang", "dr-zhao"}
+
+
+async def test_a_cursor_issued_to_one_partner_is_refused_to_another(tmp_path: Path) -> None:
+    h, _p, _port = write_site(tmp_path)
+    # The insurer gets a pull link of its own for the same patient.
+    h.write_text(h.read_text(encoding="utf-8") + f"""
+[[links]]
+id = "records-to-insurer"
+partner = "{INSURER}"
+direction = "pull"
+profile = "regional-interoperability"
+purpose = "TREAT"
+
+[links.pull]
+purposes = ["TREAT"]
+level = "notify"
+""", encoding="utf-8")
+    service = BridgeService(Controller(load_config(h)), poll_interval=0.05)
+    await service.start()
+    site = PullSite(tmp_path, h, _p, service)
+    try:
+        records = person_records(3)
+        await keep(site, records)
+        await site.controller.put_consent(pull_consent(records[0]))
+        await site.controller.put_consent(pull_consent(records[0], consent_id="pull-2",
+                                                       recipient=INSURER))
+        pid = await patient_id(site, records[0])
+        status, first = await get(site, f"Patient/{pid}/$everything", {"_count": "2"})
+        url = next_url(first)
+        assert status == 200 and url is not None
+        status, body = await get(site, url, who=INSURER)
+        assert status == 400 and body["issue"][0]["expression"] == ["_cursor"]
+    finally:
+        await site.stop()

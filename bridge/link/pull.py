@@ -258,6 +258,12 @@ class Answer:
     first_page: bool
 
 
+def _cursor_holder(partner: str, purpose: str) -> str:
+    """Whom a cursor is issued to: a traversal goes on for that partner and purpose only
+    (a traversal begun under consent cannot be read on as an emergency override)."""
+    return f"{partner} {purpose}"
+
+
 def _percent_decoded(request: web.Request, name: str) -> str:
     """A header carrying percent-encoded UTF-8 text (PROTOCOL P-PULL-3), decoded; 400
     naming the header when it is not that."""
@@ -419,7 +425,8 @@ class PullAPI:
         try:
             purpose, emergency = self._purpose(request, link)
             query = self._query(request, rtype, op, link)
-            position = decode_cursor(self._cursor_key, query)
+            position = decode_cursor(self._cursor_key, query,
+                                     holder=_cursor_holder(partner.id, purpose))
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject=subject)
         pull = PullRequest(link, partner.id, purpose, emergency)
@@ -524,7 +531,8 @@ class PullAPI:
             for ref in sorted(wanted - have):
                 if ref in released_all:
                     includes.append(released_all[ref])
-        cursor = (encode_cursor(self._cursor_key, query, snapshot=snapshot, after=last)
+        cursor = (encode_cursor(self._cursor_key, query, snapshot=snapshot, after=last,
+                                holder=_cursor_holder(pull.partner, pull.purpose))
                   if more else None)
         return Answer([r for _, r in matches], includes, cursor, person, identifiers, decision,
                       position is None)
@@ -671,7 +679,10 @@ class PullAPI:
             partner=pull.partner, patient=c.pseudonym(answer.identifiers),
             categories=types, detail=detail, digest_value=payload_digest,
         )
-        if pull.emergency is not None and answer.first_page and answer.decision == "override":
+        # Every page released under an override is reported for review (pages of one
+        # emergency by one actor within the hour make one item): a traversal read on by
+        # someone else is their override, not the first one's.
+        if pull.emergency is not None and answer.decision == "override":
             await c.db.call(
                 rec.add_review, c.store, link=pull.link.id, partner=pull.partner,
                 kind="override", actor=pull.emergency.actor, reason=pull.emergency.reason,

@@ -542,15 +542,17 @@ def parse_everything(
 # --- cursors -------------------------------------------------------------------------------
 
 
-def encode_cursor(key: bytes, query: SearchQuery, *, snapshot: int, after: int) -> str:
+def encode_cursor(key: bytes, query: SearchQuery, *, snapshot: int, after: int,
+                  holder: str = "") -> str:
     """An opaque, authenticated page cursor: the snapshot the traversal reads and the
-    position after which the next page starts, bound to this query."""
-    body = orjson.dumps({"s": snapshot, "a": after, "q": query.fingerprint})
+    position after which the next page starts, bound to this query and to ``holder``
+    (who asked and why: a traversal continues for the same partner and purpose only)."""
+    body = orjson.dumps({"s": snapshot, "a": after, "q": query.fingerprint, "h": holder})
     mac = hmac.new(key, body, hashlib.sha256).digest()[:16]
     return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode("ascii")
 
 
-def decode_cursor(key: bytes, query: SearchQuery) -> tuple[int, int] | None:
+def decode_cursor(key: bytes, query: SearchQuery, *, holder: str = "") -> tuple[int, int] | None:
     """``(snapshot, after)`` of the query's cursor (None on a first page), or SearchError."""
     token = query.cursor
     if token is None:
@@ -567,4 +569,6 @@ def decode_cursor(key: bytes, query: SearchQuery) -> tuple[int, int] | None:
     data = orjson.loads(body)
     if data.get("q") != query.fingerprint:
         raise SearchError("cursor belongs to another query", location="_cursor")
+    if data.get("h", "") != holder:
+        raise SearchError("cursor was issued for another partner or purpose", location="_cursor")
     return int(data["s"]), int(data["a"])
