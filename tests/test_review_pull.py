@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import aiohttp
 import orjson
 import pytest
 from pull_support import (
+    HOSPITAL,
     INSURER,
     PLATFORM,
     PullSite,
@@ -33,6 +35,8 @@ from pull_support import (
 from bridge.config import load_config
 from bridge.link.node import Controller
 from bridge.link.service import BridgeService
+from bridge.policy.engine import build_consent
+from bridge.samples_documents import discharge_records
 
 ETREAT = {"X-Purpose-Of-Use": "ETREAT", "X-Emergency-Actor": "dr-li",
           "X-Emergency-Reason": "unconscious"}
@@ -257,5 +261,60 @@ level = "notify"
         assert status == 200 and url is not None
         status, body = await get(site, url, who=INSURER)
         assert status == 400 and body["issue"][0]["expression"] == ["_cursor"]
+    finally:
+        await site.stop()
+
+
+# --- special-disease data inside documents -----------------------------------------------------
+
+
+def _psychiatric_discharge() -> dict[str, Any]:
+    record = discharge_records(1, seed=1)[0]
+    groups = dict(record["groups"])
+    groups["diagnoses"] = [{"HDSD00.16.032": "F20.000"}, {"HDSD00.16.008": "F20.000"}]
+    record = {**record, "groups": groups}
+    record["elements"] = dict(record["elements"], **{
+        "HDSD00.16.045": "诊断精神分裂症，予奥氮平治疗。",
+    })
+    return record
+
+
+def _consent(record: dict[str, Any], classes: tuple[str, ...]) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return build_consent(
+        consent_id="doc-1", patient_system="urn:oid:2.16.156.10011.1.19",
+        patient_value=record["elements"]["HDSD00.16.021"], recipient=PLATFORM,
+        purposes=["TREAT"], start=now - timedelta(days=1), end=now + timedelta(days=30),
+        sensitive_classes=classes, hospital_partner_id=HOSPITAL,
+    )
+
+
+async def test_a_document_about_a_special_disease_stay_needs_the_class_consent(
+    tmp_path: Path,
+) -> None:
+    site = await start_site(tmp_path, level="authorise")
+    try:
+        record = _psychiatric_discharge()
+        await keep(site, [record])
+        await site.controller.put_consent(_consent(record, ("infectious",)))
+        status, found = await get(site, "Patient", {
+            "identifier": f"urn:oid:2.16.156.10011.1.19|{record['elements']['HDSD00.16.021']}"})
+        assert status == 200 and found["total"] == 1
+        pid = found["entry"][0]["resource"]["id"]
+        for path, params in [(f"Patient/{pid}/$everything", {}),
+                             ("Composition", {"patient": pid})]:
+            status, page = await get(site, path, params)
+            assert status == 200
+            released = [e["resource"] for e in page.get("entry", [])]
+            text = orjson.dumps(released).decode()
+            assert "Composition" not in {r["resourceType"] for r in released}, path
+            assert "精神分裂症" not in text and "F20" not in text
+        # With the class named, the summary travels, labelled as what it is.
+        await site.controller.put_consent(_consent(record, ("mental",)))
+        status, page = await get(site, "Composition", {"patient": pid})
+        documents = [e["resource"] for e in page.get("entry", [])]
+        assert status == 200 and len(documents) == 1
+        labels = {(c["system"], c["code"]) for c in documents[0]["meta"]["security"]}
+        assert ("urn:ws-fhir-bridge:sensitivity", "mental") in labels
     finally:
         await site.stop()
