@@ -8,6 +8,9 @@ request itself is malformed); the bridge runs in the test's event loop.
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +96,92 @@ async def test_an_hl7_time_off_the_calendar_is_ae_naming_the_field(tmp_path: Pat
         assert bridge.store.hl7_count() == 0
     finally:
         await bridge.service.stop()
+
+
+# --- what is echoed, audited and logged ----------------------------------------------------
+
+
+def raw_exchange(site: PullSite, who: str, data: bytes) -> bytes:
+    """Send ``data`` as it is over a mutual-TLS connection; everything the bridge answers."""
+    ctx = site.ssl(who)
+    with (
+        socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock,
+        ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = tls.recv(65536)
+            except (TimeoutError, ssl.SSLError, ConnectionError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def split(response: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split(" ")[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+VALUE = "110101199003071234"  # shaped like a resident identity card number
+
+
+@pytest.mark.parametrize(
+    ("who", "request_line", "status"),
+    [
+        (PLATFORM, f"GET /fhir/{VALUE} HTTP/1.1", 404),
+        (PLATFORM, f"DELETE /fhir/Patient/{VALUE} HTTP/1.1", 405),
+        (PLATFORM, f"GET /fhir/Patient/{VALUE}/zz HTTP/1.1", 404),
+        ("clinic-x", f"GET /fhir/{VALUE} HTTP/1.1", 401),
+        ("clinic-x", f"GET /elsewhere/{VALUE}?identifier=x HTTP/1.1", 401),
+    ],
+)
+async def test_requests_outside_the_routes_echo_and_audit_no_part_of_the_path(
+    site: PullSite, who: str, request_line: str, status: int, caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = f"{request_line}\r\nHost: bridge\r\nConnection: close\r\n\r\n".encode()
+    got, headers, body = split(await asyncio.to_thread(raw_exchange, site, who, data))
+    assert got == status
+    assert headers["content-type"].startswith("application/fhir+json")
+    outcome = orjson.loads(body)
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert VALUE not in body.decode()
+    trail = orjson.dumps([e.__dict__ for e in audit(site)], default=str).decode()
+    assert VALUE not in trail
+    assert VALUE not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # A request line longer than the parser takes, the patient's identifier first.
+        (f"GET /fhir/Patient?identifier=urn:oid:2.16.156.10011.1.3%7C{VALUE}&x={'a' * 9000}"
+         " HTTP/1.1\r\nHost: bridge\r\n\r\n"),
+        # A header longer than the parser takes.
+        (f"GET /fhir/metadata HTTP/1.1\r\nHost: bridge\r\nX-Emergency-Reason: {VALUE}"
+         f"{'a' * 9000}\r\n\r\n"),
+        # Both a length and a chunked body: request smuggling shapes are refused.
+        ("POST /fhir/Consent HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/fhir+json\r\n"
+         f"Content-Length: 4\r\nTransfer-Encoding: chunked\r\nX-Patient: {VALUE}\r\n\r\n0\r\n\r\n"),
+        # Not a method.
+        f"G\x01T /fhir/{VALUE} HTTP/1.1\r\nHost: bridge\r\n\r\n",
+    ],
+)
+async def test_malformed_http_gets_an_outcome_and_no_value_in_the_logs(
+    site: PullSite, data: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    got, headers, body = split(await asyncio.to_thread(raw_exchange, site, PLATFORM,
+                                                       data.encode("latin-1")))
+    assert got == 400
+    assert headers["content-type"].startswith("application/fhir+json")
+    outcome = orjson.loads(body)
+    assert outcome["issue"][0]["details"]["coding"][0]["code"] == "parse-error"
+    assert VALUE not in body.decode()
+    assert VALUE not in caplog.text
+    assert audit(site, "request.failed") == []

@@ -442,11 +442,13 @@ def peer_gate(receiver: ReceiverApp) -> Any:
 
 
 def _route_name(request: web.Request) -> str:
-    """The route of a request without any value from its path (``Consent/{id}``)."""
+    """The route of a request without any value from its path (``Consent/{id}``);
+    ``unrouted`` for a path no route serves (it is whatever the client sent)."""
     resource = request.match_info.route.resource
-    canonical = resource.canonical if resource is not None else request.path
+    if resource is None:
+        return "unrouted"
     base = request.app.get(_BASE_PATH, "")
-    return canonical.removeprefix(base).lstrip("/") or "request"
+    return resource.canonical.removeprefix(base).lstrip("/") or "request"
 
 
 
@@ -478,19 +480,20 @@ def outcome_on_failure(receiver: ReceiverApp) -> Any:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            err = BridgeError(exc.reason or "request refused", location=request.path)
+            # The path is whatever the client sent: named by its route, never echoed.
+            err = BridgeError(exc.reason or "request refused", location=_route_name(request))
             return web.Response(
                 status=exc.status,
                 body=orjson.dumps(err.to_operation_outcome()),
                 content_type=FHIR_JSON,
             )
         except BridgeError as exc:  # e.g. the store failing: 503, the sender retries later
-            log.error("%s %s failed: %s", request.method, request.path, exc)
+            log.error("%s %s failed: %s", request.method, _route_name(request), exc)
             if exc.http_status >= 500:
                 await record_failure(request, exc.code)
             return outcome_response(exc)
         except Exception as exc:
-            log.exception("unexpected failure handling %s %s", request.method, request.path)
+            log.exception("unexpected failure handling %s %s", request.method, _route_name(request))
             await record_failure(request, type(exc).__name__)
             return outcome_response(
                 InternalError("internal error; nothing was stored", location=_route_name(request))

@@ -14,6 +14,7 @@ from bridge.errors import listen_error
 from bridge.link.dispatcher import Dispatcher
 from bridge.link.handoff import HandoffService
 from bridge.link.handshakes import HandshakeRecord
+from bridge.link.httperrors import answering_malformed_requests
 from bridge.link.mllp import MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
@@ -64,7 +65,7 @@ class BridgeService:
             server = self._runner.server
             assert server is not None
             self._listener = TLSListener(
-                server,
+                answering_malformed_requests(server),
                 ctx,
                 on_refused=self._tls_refused,
                 handshake_timeout=c.config.server.handshake_timeout_seconds,
