@@ -11,12 +11,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pull_support import (
     HOSPITAL,
     PLATFORM,
@@ -185,3 +190,72 @@ async def test_malformed_http_gets_an_outcome_and_no_value_in_the_logs(
     assert VALUE not in body.decode()
     assert VALUE not in caplog.text
     assert audit(site, "request.failed") == []
+
+
+# --- whom a certificate names ---------------------------------------------------------------
+
+
+def _client_certificate(site: PullSite, folder: Path, uris: list[str]) -> ssl.SSLContext:
+    """A TLS client certificate from the site's CA with exactly these URI SANs."""
+    pki = site.root / "pki"
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "two-names")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(u) for u in uris]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "c.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(folder / "c.pem", folder / "c.key")
+    return ctx
+
+
+@pytest.mark.parametrize(
+    "uris",
+    [
+        # Two partners in one certificate: it is neither.
+        ["urn:ws-fhir-bridge:partner:platform-r", "urn:ws-fhir-bridge:partner:insurer-b"],
+        # This controller and a partner: neither its own systems nor the partner.
+        ["urn:ws-fhir-bridge:partner:hospital-a", "urn:ws-fhir-bridge:partner:platform-r"],
+        # Partner ids are lower case; another spelling names nobody.
+        ["urn:ws-fhir-bridge:partner:Platform-R"],
+        ["urn:ws-fhir-bridge:partner:HOSPITAL-A"],
+    ],
+)
+async def test_a_certificate_naming_no_one_partner_is_401_unknown_partner(
+    site: PullSite, tmp_path: Path, uris: list[str]
+) -> None:
+    ctx = _client_certificate(site, tmp_path / "client", uris)
+    records = person_records(1)
+    await keep(site, records)
+    await site.controller.put_consent(pull_consent(records[0]))
+    system, value = id_card(records[0])
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
+        for method, path in [("GET", "metadata"), ("GET", f"Patient?identifier={system}|{value}"),
+                             ("GET", "Consent/pull-1"), ("POST", "Consent"),
+                             ("POST", "$process-message")]:
+            async with session.request(method, f"{site.base}/{path}", data=b"{}",
+                                       headers={"Content-Type": "application/fhir+json"}) as resp:
+                body = orjson.loads(await resp.read())
+            assert resp.status == 401, (path, body)
+            assert body["issue"][0]["details"]["coding"][0]["code"] == "unknown-partner"
