@@ -259,3 +259,60 @@ async def test_a_certificate_naming_no_one_partner_is_401_unknown_partner(
                 body = orjson.loads(await resp.read())
             assert resp.status == 401, (path, body)
             assert body["issue"][0]["details"]["coding"][0]["code"] == "unknown-partner"
+
+
+# --- bounded audit on requests from certificates that name no partner ------------------------
+
+
+async def test_requests_from_a_certificate_of_no_partner_write_bounded_audit_rows(
+    tmp_path: Path,
+) -> None:
+    """A certificate of the trusted CA that names no registered partner is refused on
+    every request; repeating it must not write one durable audit row per request (each
+    a synchronous commit), only a count."""
+    site = await start_site(tmp_path)
+    stopped = False
+    try:
+        requests = 150
+
+        def hammer() -> list[int]:
+            statuses = []
+            ctx = site.ssl("clinic-x")
+            sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", site.port)),
+                                   server_hostname="127.0.0.1")
+            try:
+                for _ in range(requests):
+                    try:
+                        sock.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: bridge\r\n\r\n")
+                        head = sock.recv(65536)
+                    except (ssl.SSLError, OSError):
+                        head = b""
+                    if not head:  # the bridge closed the connection: open another
+                        sock.close()
+                        sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", site.port)),
+                                               server_hostname="127.0.0.1")
+                        sock.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: bridge\r\n\r\n")
+                        head = sock.recv(65536)
+                    statuses.append(int(head.split(b" ")[1]))
+            finally:
+                sock.close()
+            return statuses
+
+        statuses = await asyncio.to_thread(hammer)
+        assert statuses == [401] * requests
+        rows = [r for r in audit(site) if (r.detail or "").startswith("unknown-partner")]
+        assert 1 <= len(rows) <= 2, len(rows)
+        assert rows[0].digest is not None and rows[0].digest.startswith("sha256:")
+        await site.stop()
+        stopped = True
+        # Every refusal is still counted in the trail when the window closes.
+        from bridge.ledger.sqlite import SQLiteStore
+
+        with SQLiteStore(site.root / HOSPITAL / "bridge.sqlite") as store:
+            details = [e.record.detail or "" for e in store.audit_entries()
+                       if (e.record.detail or "").startswith("unknown-partner")]
+        counted = 1 + sum(int(d.split("repeated=")[1]) for d in details if "repeated=" in d)
+        assert counted == requests, details
+    finally:
+        if not stopped:
+            await site.stop()

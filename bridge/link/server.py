@@ -30,8 +30,11 @@ No health data appears in an error or a log line.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -135,6 +138,72 @@ class _Flight:
     refused: int = 0
 
 
+class PeerRefusals:
+    """Requests refused for their certificate, audited a bounded number of times.
+
+    A certificate that names no registered partner (or one that expired since the
+    handshake) is refused on every request, and a client can repeat such a request as
+    fast as it likes. The first refusal per (certificate, error) in a window is audited
+    at once; repeats are counted and written as one entry, ``<code>@<where>
+    repeated=N``, when the window closes; past ``max_distinct`` keys a window writes one
+    ``other-refusals count=N`` entry (PROTOCOL §9.3). Every refusal is still counted.
+    """
+
+    def __init__(
+        self, write: Callable[[str, str | None, str], Awaitable[None]], *,
+        window: float = 60.0, max_distinct: int = 100, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._write = write  # (detail, fingerprint, subject) -> one audit entry
+        self.window = window
+        self._max_distinct = max_distinct
+        self._clock = clock
+        self._start = clock()
+        self._seen: dict[tuple[str, str | None], tuple[str, int]] = {}
+        self._overflow = 0
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def refused(self, detail: str, fingerprint: str | None, subject: str) -> bool:
+        """Count one refusal; True when it was written now (the first of its kind)."""
+        if self._clock() - self._start >= self.window:
+            await self.flush()
+        key = (detail, fingerprint)
+        seen = self._seen.get(key)
+        if seen is None and len(self._seen) < self._max_distinct:
+            self._seen[key] = (subject, 0)
+            await self._write(detail, fingerprint, subject)
+            return True
+        if seen is not None:
+            self._seen[key] = (seen[0], seen[1] + 1)
+        else:
+            self._overflow += 1
+        if self._flusher is None:
+            remaining = max(0.0, self.window - (self._clock() - self._start))
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later(remaining))
+        return False
+
+    async def _flush_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._flusher = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write what the window counted, and start a new window."""
+        seen, overflow = self._seen, self._overflow
+        self._seen, self._overflow, self._start = {}, 0, self._clock()
+        for (detail, fingerprint), (subject, repeated) in seen.items():
+            if repeated:
+                await self._write(f"{detail} repeated={repeated}", fingerprint, subject)
+        if overflow:
+            await self._write(f"other-refusals count={overflow}", None, "connection")
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        await self.flush()
+
+
 class ReceiverApp:
     """HTTP handlers of one controller."""
 
@@ -143,6 +212,7 @@ class ReceiverApp:
         self._in_flight: dict[tuple[str, str], _Flight] = {}
         self.stats: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0}
         self.peer_check = PeerCertificateCheck.from_crl_file(controller.config.tls.crl)
+        self.peer_refusals = PeerRefusals(self._audit_peer_refusal)
 
     def build(self) -> web.Application:
         app = web.Application(
@@ -159,6 +229,11 @@ class ReceiverApp:
         app.router.add_get(f"{base}/Consent/{{id}}", consents.read)
         self.pull = PullAPI(self)
         self.pull.register(app, base)
+
+        async def flush_refusals(_app: web.Application) -> None:
+            await self.peer_refusals.close()
+
+        app.on_cleanup.append(flush_refusals)
         return app
 
     # --- helpers ----------------------------------------------------------------------
@@ -233,6 +308,31 @@ class ReceiverApp:
         log.info("refused %s from %s: %s", subject, partner or "unknown partner", exc)
         refusal_event(self.c, "receive", exc, partner=partner, subject=subject)
         return outcome_response(exc)
+
+    async def _refuse_peer(self, exc: TrustError, request: web.Request) -> web.Response:
+        """401 for a request whose certificate is not (or no longer) a partner's, audited
+        within :class:`PeerRefusals`' bounds, and the connection closed: a certificate
+        refused once is refused on every request, so the client gets to try again only
+        with a new handshake."""
+        self.stats["rejected"] += 1
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        fingerprint = f"sha256:{hashlib.sha256(der).hexdigest()}" if der else None
+        subject = _route_name(request)
+        detail = f"{exc.code}@{exc.location or '-'}"
+        if await self.peer_refusals.refused(detail, fingerprint, subject):
+            # Logged as audited: once per certificate and error in a window.
+            log.info("refused %s from a certificate of no partner: %s", subject, exc)
+            refusal_event(self.c, "receive", exc, partner=None, subject=subject)
+        response = outcome_response(exc)
+        response.force_close()
+        return response
+
+    async def _audit_peer_refusal(self, detail: str, fingerprint: str | None, subject: str) -> None:
+        await self.c.db.append_audit(
+            self.c.audit("message.reject", subject=subject, outcome="denied", detail=detail,
+                         digest_value=fingerprint)
+        )
 
     # --- handlers ---------------------------------------------------------------------
 
@@ -435,7 +535,7 @@ def peer_gate(receiver: ReceiverApp) -> Any:
         try:
             request[PEER] = receiver.identify(request)
         except TrustError as exc:
-            return await receiver._refuse(exc, partner=None, subject=_route_name(request))
+            return await receiver._refuse_peer(exc, request)
         return await handler(request)  # type: ignore[no-any-return]
 
     return gate
