@@ -318,3 +318,21 @@ async def test_a_document_about_a_special_disease_stay_needs_the_class_consent(
         assert ("urn:ws-fhir-bridge:sensitivity", "mental") in labels
     finally:
         await site.stop()
+
+
+async def test_reads_get_404_alike_on_a_link_that_answers_403(tmp_path: Path) -> None:
+    """P-PULL-9: searches get 403 on such a link; a read of a patient that is unknown or
+    not permitted gets 404 either way, the same answer."""
+    site = await start_site(tmp_path, no_consent="forbidden")
+    try:
+        records = person_records(1, seed=8)
+        await keep(site, records)
+        from bridge.ledger.records import find_person
+
+        system, value = id_card(records[0])
+        hidden = find_person(site.controller.store, [f"{system}|{value}"])
+        s1, b1 = await get(site, f"Patient/{hidden}")
+        s2, b2 = await get(site, "Patient/00000000-0000-5000-8000-000000000000")
+        assert s1 == s2 == 404 and b1 == b2
+    finally:
+        await site.stop()

@@ -437,7 +437,9 @@ class PullAPI:
             if alarm is not None:
                 await self._alarm(pull, alarm)
         answer = await self._answer(pull, query, position)
-        if answer.decision == "refused" and link.pull.no_consent == "forbidden":
+        # A read answers 404 for a patient unknown or not permitted, whatever the link's
+        # choice for searches (PROTOCOL P-PULL-9).
+        if answer.decision == "refused" and link.pull.no_consent == "forbidden" and op != "read":
             forbidden = PolicyError("no disclosure is permitted for this request", location=(
                 "identifier" if query.identifier else "patient"))
             return await self._refuse(forbidden, partner=partner.id, subject=subject)
