@@ -10,6 +10,7 @@ command in its own process.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import sys
 from datetime import UTC, datetime, timedelta
@@ -336,3 +337,28 @@ async def test_reads_get_404_alike_on_a_link_that_answers_403(tmp_path: Path) ->
         assert s1 == s2 == 404 and b1 == b2
     finally:
         await site.stop()
+
+
+async def test_pages_reveal_nothing_of_other_patients_activity(site: PullSite) -> None:
+    """What one patient's pages carry (versions, cursors) does not count the records the
+    hospital keeps about anybody else."""
+    mine, others = person_records(2, seed=21), person_records(3, seed=22)
+    await keep(site, mine[:2])
+    await site.controller.put_consent(pull_consent(mine[0]))
+    pid = await patient_id(site, mine[0])
+    status, before = await get(site, f"Patient/{pid}/$everything", {"_count": "2"})
+    assert status == 200
+    await keep(site, others)  # another patient's stays arrive meanwhile
+    status, after = await get(site, f"Patient/{pid}/$everything", {"_count": "2"})
+    assert status == 200
+    # The same resources, the same versions, the same cursor length: nothing moved.
+    assert [e["resource"]["meta"].get("versionId") for e in before["entry"]] == [
+        e["resource"]["meta"].get("versionId") for e in after["entry"]]
+    assert all(e["resource"]["meta"].get("versionId") in (None, "1", "2")
+               for e in after["entry"]), [e["resource"]["meta"] for e in after["entry"]]
+    cursor = next_url(after)
+    assert cursor is not None
+    token = cursor.split("_cursor=")[1]
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    # An opaque cursor, not a readable one (four plaintext bytes in a row would be chance).
+    assert b'"s":' not in raw and b'"a":' not in raw and b'"q":' not in raw

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +38,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bridge.errors import ParseError
 from bridge.instants import LATEST, shifted, utc
@@ -546,10 +548,15 @@ def encode_cursor(key: bytes, query: SearchQuery, *, snapshot: int, after: int,
                   holder: str = "") -> str:
     """An opaque, authenticated page cursor: the snapshot the traversal reads and the
     position after which the next page starts, bound to this query and to ``holder``
-    (who asked and why: a traversal continues for the same partner and purpose only)."""
+    (who asked and why: a traversal continues for the same partner and purpose only).
+
+    Encrypted (AES-GCM under ``key``), not only authenticated: the snapshot is a position
+    in the whole store, and how it grows between two pulls would count what the source
+    keeps about other patients."""
     body = orjson.dumps({"s": snapshot, "a": after, "q": query.fingerprint, "h": holder})
-    mac = hmac.new(key, body, hashlib.sha256).digest()[:16]
-    return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode("ascii")
+    nonce = os.urandom(12)
+    sealed = AESGCM(_cursor_aead_key(key)).encrypt(nonce, body, b"pull-cursor")
+    return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
 
 
 def decode_cursor(key: bytes, query: SearchQuery, *, holder: str = "") -> tuple[int, int] | None:
@@ -561,14 +568,18 @@ def decode_cursor(key: bytes, query: SearchQuery, *, holder: str = "") -> tuple[
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (ValueError, TypeError):
         raise SearchError("malformed cursor", location="_cursor") from None
-    body, mac = raw[:-16], raw[-16:]
-    if len(raw) < 17 or not hmac.compare_digest(
-        mac, hmac.new(key, body, hashlib.sha256).digest()[:16]
-    ):
-        raise SearchError("cursor was not issued by this bridge", location="_cursor")
+    try:
+        body = AESGCM(_cursor_aead_key(key)).decrypt(raw[:12], raw[12:], b"pull-cursor")
+    except (InvalidTag, ValueError):
+        raise SearchError("cursor was not issued by this bridge", location="_cursor") from None
     data = orjson.loads(body)
     if data.get("q") != query.fingerprint:
         raise SearchError("cursor belongs to another query", location="_cursor")
     if data.get("h", "") != holder:
         raise SearchError("cursor was issued for another partner or purpose", location="_cursor")
     return int(data["s"]), int(data["a"])
+
+
+def _cursor_aead_key(key: bytes) -> bytes:
+    """A 256-bit AES key for cursors, derived from the bridge's cursor key."""
+    return hashlib.sha256(b"ws-fhir-bridge pull cursor\x00" + key).digest()
