@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pull_support import (
     HOSPITAL,
+    INSURER,
     PLATFORM,
     PullSite,
     id_card,
@@ -264,12 +265,24 @@ async def test_a_certificate_naming_no_one_partner_is_401_unknown_partner(
 # --- bounded audit on requests from certificates that name no partner ------------------------
 
 
-async def test_requests_from_a_certificate_of_no_partner_write_bounded_audit_rows(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("who", "sent"),
+    [
+        # A certificate of the trusted CA that names no registered partner.
+        ("clinic-x", b"GET /fhir/metadata HTTP/1.1\r\nHost: bridge\r\n\r\n"),
+        # A registered partner pulling without a pull link.
+        (INSURER, b"GET /fhir/Patient?identifier=a%7Cb HTTP/1.1\r\nHost: bridge\r\n\r\n"),
+        # A pull partner posting claims without an inbound link.
+        (PLATFORM, (b"POST /fhir/$process-message HTTP/1.1\r\nHost: bridge\r\n"
+                   b"Content-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}")),
+    ],
+)
+async def test_repeated_401_refusals_write_bounded_audit_rows(
+    tmp_path: Path, who: str, sent: bytes
 ) -> None:
-    """A certificate of the trusted CA that names no registered partner is refused on
-    every request; repeating it must not write one durable audit row per request (each
-    a synchronous commit), only a count."""
+    """A certificate refused for whom it names (nobody, or a partner without a link for
+    this route) is refused on every request; repeating it must not write one durable
+    audit row per request (each a synchronous commit), only a count."""
     site = await start_site(tmp_path)
     stopped = False
     try:
@@ -277,21 +290,24 @@ async def test_requests_from_a_certificate_of_no_partner_write_bounded_audit_row
 
         def hammer() -> list[int]:
             statuses = []
-            ctx = site.ssl("clinic-x")
-            sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", site.port)),
-                                   server_hostname="127.0.0.1")
+            ctx = site.ssl(who)
+
+            def connect() -> ssl.SSLSocket:
+                return ctx.wrap_socket(socket.create_connection(("127.0.0.1", site.port)),
+                                       server_hostname="127.0.0.1")
+
+            sock = connect()
             try:
                 for _ in range(requests):
                     try:
-                        sock.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: bridge\r\n\r\n")
+                        sock.sendall(sent)
                         head = sock.recv(65536)
                     except (ssl.SSLError, OSError):
                         head = b""
                     if not head:  # the bridge closed the connection: open another
                         sock.close()
-                        sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", site.port)),
-                                               server_hostname="127.0.0.1")
-                        sock.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: bridge\r\n\r\n")
+                        sock = connect()
+                        sock.sendall(sent)
                         head = sock.recv(65536)
                     statuses.append(int(head.split(b" ")[1]))
             finally:
@@ -303,6 +319,7 @@ async def test_requests_from_a_certificate_of_no_partner_write_bounded_audit_row
         rows = [r for r in audit(site) if (r.detail or "").startswith("unknown-partner")]
         assert 1 <= len(rows) <= 2, len(rows)
         assert rows[0].digest is not None and rows[0].digest.startswith("sha256:")
+        assert rows[0].partner == (None if who == "clinic-x" else who)
         await site.stop()
         stopped = True
         # Every refusal is still counted in the trail when the window closes.

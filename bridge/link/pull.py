@@ -404,9 +404,10 @@ class PullAPI:
             return await self._refuse(exc, partner=None, subject=subject)
         link = pull_link_for(self.c, partner.id)
         if link is None:
-            return await self._refuse(
+            # Bounded like every refusal of whom a certificate names (PROTOCOL §9.3).
+            return await self.r._refuse_peer(
                 UnknownPartnerError("partner has no pull link here", location="links"),
-                partner=partner.id, subject=subject,
+                request, partner=partner.id, subject=subject,
             )
         wait = self.guard.admit(link)
         if wait > 0:

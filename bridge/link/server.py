@@ -142,35 +142,37 @@ class PeerRefusals:
     """Requests refused for their certificate, audited a bounded number of times.
 
     A certificate that names no registered partner (or one that expired since the
-    handshake) is refused on every request, and a client can repeat such a request as
-    fast as it likes. The first refusal per (certificate, error) in a window is audited
+    handshake, or a partner's without a link for the route asked) is refused on every
+    request, and a client can repeat such a request as fast as it likes. The first refusal per (certificate, error) in a window is audited
     at once; repeats are counted and written as one entry, ``<code>@<where>
     repeated=N``, when the window closes; past ``max_distinct`` keys a window writes one
     ``other-refusals count=N`` entry (PROTOCOL §9.3). Every refusal is still counted.
     """
 
     def __init__(
-        self, write: Callable[[str, str | None, str], Awaitable[None]], *,
+        self, write: Callable[[str, str | None, str, str | None], Awaitable[None]], *,
         window: float = 60.0, max_distinct: int = 100, clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._write = write  # (detail, fingerprint, subject) -> one audit entry
+        self._write = write  # (detail, fingerprint, subject, partner) -> one audit entry
         self.window = window
         self._max_distinct = max_distinct
         self._clock = clock
         self._start = clock()
-        self._seen: dict[tuple[str, str | None], tuple[str, int]] = {}
+        self._seen: dict[tuple[str, str | None, str | None], tuple[str, int]] = {}
         self._overflow = 0
         self._flusher: asyncio.Task[None] | None = None
 
-    async def refused(self, detail: str, fingerprint: str | None, subject: str) -> bool:
+    async def refused(
+        self, detail: str, fingerprint: str | None, subject: str, partner: str | None = None
+    ) -> bool:
         """Count one refusal; True when it was written now (the first of its kind)."""
         if self._clock() - self._start >= self.window:
             await self.flush()
-        key = (detail, fingerprint)
+        key = (detail, fingerprint, partner)
         seen = self._seen.get(key)
         if seen is None and len(self._seen) < self._max_distinct:
             self._seen[key] = (subject, 0)
-            await self._write(detail, fingerprint, subject)
+            await self._write(detail, fingerprint, subject, partner)
             return True
         if seen is not None:
             self._seen[key] = (seen[0], seen[1] + 1)
@@ -190,11 +192,11 @@ class PeerRefusals:
         """Write what the window counted, and start a new window."""
         seen, overflow = self._seen, self._overflow
         self._seen, self._overflow, self._start = {}, 0, self._clock()
-        for (detail, fingerprint), (subject, repeated) in seen.items():
+        for (detail, fingerprint, partner), (subject, repeated) in seen.items():
             if repeated:
-                await self._write(f"{detail} repeated={repeated}", fingerprint, subject)
+                await self._write(f"{detail} repeated={repeated}", fingerprint, subject, partner)
         if overflow:
-            await self._write(f"other-refusals count={overflow}", None, "connection")
+            await self._write(f"other-refusals count={overflow}", None, "connection", None)
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -309,29 +311,36 @@ class ReceiverApp:
         refusal_event(self.c, "receive", exc, partner=partner, subject=subject)
         return outcome_response(exc)
 
-    async def _refuse_peer(self, exc: TrustError, request: web.Request) -> web.Response:
-        """401 for a request whose certificate is not (or no longer) a partner's, audited
-        within :class:`PeerRefusals`' bounds, and the connection closed: a certificate
-        refused once is refused on every request, so the client gets to try again only
-        with a new handshake."""
+    async def _refuse_peer(
+        self, exc: TrustError, request: web.Request, *, partner: str | None = None,
+        subject: str | None = None,
+    ) -> web.Response:
+        """401 for a request whose certificate is not (or no longer) a partner's, or is
+        a partner's without a link for this route: audited within
+        :class:`PeerRefusals`' bounds, and the connection closed. A certificate refused
+        once is refused on every request, so the client gets to try again only with a
+        new handshake."""
         self.stats["rejected"] += 1
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         fingerprint = f"sha256:{hashlib.sha256(der).hexdigest()}" if der else None
-        subject = _route_name(request)
+        subject = subject or _route_name(request)
         detail = f"{exc.code}@{exc.location or '-'}"
-        if await self.peer_refusals.refused(detail, fingerprint, subject):
+        if await self.peer_refusals.refused(detail, fingerprint, subject, partner):
             # Logged as audited: once per certificate and error in a window.
-            log.info("refused %s from a certificate of no partner: %s", subject, exc)
-            refusal_event(self.c, "receive", exc, partner=None, subject=subject)
+            log.info("refused %s from %s: %s", subject, partner or "a certificate of no partner",
+                     exc)
+            refusal_event(self.c, "receive", exc, partner=partner, subject=subject)
         response = outcome_response(exc)
         response.force_close()
         return response
 
-    async def _audit_peer_refusal(self, detail: str, fingerprint: str | None, subject: str) -> None:
+    async def _audit_peer_refusal(
+        self, detail: str, fingerprint: str | None, subject: str, partner: str | None
+    ) -> None:
         await self.c.db.append_audit(
-            self.c.audit("message.reject", subject=subject, outcome="denied", detail=detail,
-                         digest_value=fingerprint)
+            self.c.audit("message.reject", subject=subject, outcome="denied", partner=partner,
+                         detail=detail, digest_value=fingerprint)
         )
 
     # --- handlers ---------------------------------------------------------------------
@@ -352,10 +361,9 @@ class ReceiverApp:
             return await self._refuse(exc, partner=None, subject="connection")
         link = self.c.inbound_link_for(partner.id)
         if link is None:
-            return await self._refuse(
+            return await self._refuse_peer(
                 UnknownPartner("partner has no inbound link here", location="links"),
-                partner=partner.id,
-                subject="connection",
+                request, partner=partner.id, subject="connection",
             )
         subject = "request"
         try:
