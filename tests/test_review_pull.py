@@ -13,6 +13,7 @@ import asyncio
 import base64
 import os
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -362,3 +363,29 @@ async def test_pages_reveal_nothing_of_other_patients_activity(site: PullSite) -
     raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     # An opaque cursor, not a readable one (four plaintext bytes in a row would be chance).
     assert b'"s":' not in raw and b'"a":' not in raw and b'"q":' not in raw
+
+
+async def test_released_ids_do_not_give_away_withheld_identifiers(site: PullSite) -> None:
+    """At the notify level a Patient carries no identifier; its id (and every reference
+    to it) must not be one an outsider can compute from an identifier either (resource
+    ids are uuid5 of the hospital's code and the record number in the mapping)."""
+    records = person_records(1)
+    await keep(site, records)
+    await site.controller.put_consent(pull_consent(records[0]))
+    pid = await patient_id(site, records[0])
+    status, page = await get(site, f"Patient/{pid}/$everything")
+    assert status == 200
+    released = {(e["resource"]["resourceType"], e["resource"]["id"]) for e in page["entry"]}
+    assert all("identifier" not in r["resource"] for r in page["entry"]
+               if r["resource"]["resourceType"] == "Patient")
+    # What someone holding the hospital's code and a record number can compute.
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ws-fhir-bridge:resource-id")
+    el = records[0]["elements"]
+    guesses = {
+        ("Patient", str(uuid.uuid5(namespace, f"Patient|{el['HDSD00.11.119']}|{el['HDSD00.11.006']}"))),
+        ("Encounter", str(uuid.uuid5(namespace, "|".join(
+            ["Encounter", el["HDSD00.11.119"], el["HDSD00.11.140"], el["HDSD00.11.085"]])))),
+    }
+    assert not guesses & released
+    text = orjson.dumps(page).decode()
+    assert not any(g[1] in text for g in guesses)
