@@ -333,3 +333,19 @@ async def test_repeated_401_refusals_write_bounded_audit_rows(
     finally:
         if not stopped:
             await site.stop()
+
+
+async def test_a_partner_reading_a_consent_is_refused_and_named_in_the_audit(
+    site: PullSite,
+) -> None:
+    records = person_records(1)
+    await site.controller.put_consent(pull_consent(records[0]))
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=site.ssl(PLATFORM))) as s,
+        s.get(f"{site.base}/Consent/pull-1") as resp,
+    ):
+        body = orjson.loads(await resp.read())
+    assert resp.status == 403 and body["resourceType"] == "OperationOutcome"
+    assert "provision" not in orjson.dumps(body).decode()
+    refused = [r for r in audit(site, "message.reject") if r.subject == "Consent"]
+    assert refused and refused[-1].partner == PLATFORM

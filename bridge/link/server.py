@@ -112,7 +112,7 @@ PEER = web.RequestKey("bridge.peer", Peer)
 async def read_body(request: web.Request, server: ServerConfig) -> bytes:
     """The request body, or 415 (any Content-Encoding), 413 (too large), 408 (too slow).
 
-    Content codings are refused rather than decoded (PROTOCOL P-HTTP-3): a receiver
+    Content codings are refused rather than decoded (PROTOCOL P-HTTP-2): a receiver
     never inflates what a sender compressed. aiohttp's own decoding is off
     (``auto_decompress=False``), so a refused body is never decompressed either.
     """
@@ -738,14 +738,12 @@ class ConsentAPI:
         return await self._write(request, consent_id=request.match_info["id"])
 
     async def read(self, request: web.Request) -> web.Response:
-        try:
-            caller = self.r._caller(request)
-            if caller is not None:
-                raise PolicyError(
-                    "consents are readable by this controller only", location="Consent"
-                )
-        except BridgeError as exc:
-            return await self.r._refuse(exc, partner=None, subject="Consent")
+        caller = self.r._caller(request)
+        if caller is not None:
+            return await self.r._refuse(
+                PolicyError("consents are readable by this controller only", location="Consent"),
+                partner=caller, subject="Consent",
+            )
         row = await self.c.db.get_consent(request.match_info["id"])
         if row is None:
             return outcome_response(NotFound("no such consent", location="Consent.id"))
