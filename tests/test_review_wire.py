@@ -107,8 +107,9 @@ async def test_an_hl7_time_off_the_calendar_is_ae_naming_the_field(tmp_path: Pat
 # --- what is echoed, audited and logged ----------------------------------------------------
 
 
-def raw_exchange(site: PullSite, who: str, data: bytes) -> bytes:
-    """Send ``data`` as it is over a mutual-TLS connection; everything the bridge answers."""
+def raw_exchange(site: PullSite, who: str, data: bytes, *, first: bool = False) -> bytes:
+    """Send ``data`` as it is over a mutual-TLS connection; everything the bridge answers
+    until it closes (``first``: until the first complete response)."""
     ctx = site.ssl(who)
     with (
         socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock,
@@ -116,7 +117,7 @@ def raw_exchange(site: PullSite, who: str, data: bytes) -> bytes:
     ):
         tls.sendall(data)
         out = b""
-        while True:
+        while not (first and _complete(out)):
             try:
                 chunk = tls.recv(65536)
             except (TimeoutError, ssl.SSLError, ConnectionError):
@@ -125,6 +126,17 @@ def raw_exchange(site: PullSite, who: str, data: bytes) -> bytes:
                 break
             out += chunk
         return out
+
+
+def _complete(response: bytes) -> bool:
+    head, sep, body = response.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return False
 
 
 def split(response: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -349,3 +361,44 @@ async def test_a_partner_reading_a_consent_is_refused_and_named_in_the_audit(
     assert "provision" not in orjson.dumps(body).decode()
     refused = [r for r in audit(site, "message.reject") if r.subject == "Consent"]
     assert refused and refused[-1].partner == PLATFORM
+
+
+# --- bodies that never come ---------------------------------------------------------------
+
+
+async def test_a_declared_body_over_the_limit_is_413_at_once(site: PullSite) -> None:
+    data = (b"POST /fhir/Consent HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/fhir+json"
+            b"\r\nContent-Length: 99999999999\r\n\r\n{")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    got, headers, body = split(await asyncio.to_thread(raw_exchange, site, HOSPITAL, data,
+                                                       first=True))
+    assert got == 413 and loop.time() - started < 5
+    assert orjson.loads(body)["issue"][0]["details"]["coding"][0]["code"] == "payload-too-large"
+    assert headers.get("connection", "").lower() == "close"
+
+
+async def test_clients_that_go_away_mid_body_are_no_failure_of_the_receiver(
+    site: PullSite,
+) -> None:
+    """A client that hangs up before its body is complete has failed, not the bridge:
+    no ``request.failed`` entry (one each would be an audit row per dropped connection)."""
+
+    def hang_up() -> None:
+        ctx = site.ssl(PLATFORM)
+        with (
+            socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock,
+            ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"POST /fhir/Consent HTTP/1.1\r\nHost: bridge\r\n"
+                        b"Content-Type: application/fhir+json\r\nContent-Length: 1000\r\n\r\n{")
+
+    for _ in range(20):
+        await asyncio.to_thread(hang_up)
+    await asyncio.sleep(0.5)
+    assert audit(site, "request.failed") == []
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=site.ssl(PLATFORM))) as s,
+        s.get(f"{site.base}/metadata") as resp,
+    ):
+        assert resp.status == 200

@@ -122,6 +122,10 @@ async def read_body(request: web.Request, server: ServerConfig) -> bytes:
             "Content-Encoding is not accepted; send the body as it is",
             location="Content-Encoding",
         )
+    declared = request.content_length
+    if declared is not None and declared > server.max_body_bytes:
+        # Refused on what it announces, before waiting for a byte of it.
+        raise PayloadTooLarge("body larger than this bridge accepts", location="Content-Length")
     try:
         async with asyncio.timeout(server.body_timeout_seconds):
             return await request.read()
@@ -129,6 +133,15 @@ async def read_body(request: web.Request, server: ServerConfig) -> bytes:
         raise PayloadTooLarge("body larger than this bridge accepts", location="body") from None
     except TimeoutError:
         raise RequestTimeout("the request body did not arrive in time", location="body") from None
+    except ConnectionResetError:
+        # The client hung up mid-body: its failure, not the receiver's. Nobody is left
+        # to answer, and nothing is audited (a row per dropped connection would let any
+        # client write the trail).
+        raise ClientGone() from None
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was complete."""
 
 
 @dataclass
@@ -595,6 +608,12 @@ def outcome_on_failure(receiver: ReceiverApp) -> Any:
                 body=orjson.dumps(err.to_operation_outcome()),
                 content_type=FHIR_JSON,
             )
+        except ClientGone:
+            log.debug("%s %s: the client went away mid-request", request.method,
+                      _route_name(request))
+            response = web.Response(status=400)
+            response.force_close()
+            return response
         except BridgeError as exc:  # e.g. the store failing: 503, the sender retries later
             log.error("%s %s failed: %s", request.method, _route_name(request), exc)
             if exc.http_status >= 500:
