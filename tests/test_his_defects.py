@@ -118,7 +118,7 @@ def test_site_identifier_type_codes_give_the_visit_number(
     visit = InpatientVisit(pid3_visit_code="IN")
     message = visit.a03().replace(f"|{visit.visit}|01|".encode(), b"||01|")  # no PV1-19
     rc, _, err = bridge_map(tmp_path, message, "--to", "ws445", capsys=capsys)
-    assert rc == 2 and "PV1[1]-19" in err and "HDSD00.16.052" in err
+    assert rc == 2 and "PV1-19" in err and "HDSD00.16.052 住院号" in err
     site = tmp_path / "site" / "hl7v2" / "valuesets"
     site.mkdir(parents=True)
     shipped = (Path(__file__).parents[1] / "mappings" / "hl7v2" / "valuesets" /

@@ -10,7 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from bridge.link.dispatcher import Dispatcher
-from bridge.link.mllp import MLLPListener
+from bridge.link.intake import Router, site_reader
+from bridge.link.mllp import HL7Handler, MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
 from bridge.link.tlsgate import TLSListener
@@ -30,11 +31,13 @@ class BridgeService:
             for link in controller.config.links
             if link.direction == "outbound"
         }
+        self._poll = poll_interval
         self._runner: web.AppRunner | None = None
         self._listener: TLSListener | None = None
         self.port: int | None = None
         self.mllp: MLLPListener | None = None
         self.mllp_port: int | None = None
+        self.router: Router | None = None
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
@@ -50,10 +53,16 @@ class BridgeService:
             log.info("%s listening on %s:%s (mutual TLS)", c.id, c.config.server.host, self.port)
             mllp = c.config.mllp
             if mllp is not None:
+                # The site overlay is checked here, before anything listens: a broken
+                # file is a configuration error naming the file and key.
+                reader = site_reader(c.config)
+                self.router = Router(c, reader, submit=self.submit, poll_interval=self._poll)
                 self.mllp = MLLPListener(
-                    c, mllp, ssl_context=ctx if mllp.tls else None, on_refused=self._tls_refused
+                    c, mllp, handler=HL7Handler(reader), ssl_context=ctx if mllp.tls else None,
+                    on_refused=self._tls_refused, on_routable=self.router.wake,
                 )
                 self.mllp_port = await self.mllp.start()
+                await self.router.start()
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
 
@@ -63,18 +72,22 @@ class BridgeService:
             c.audit("tls.refused", subject=f"peer:{address}", outcome="denied", detail=reason)
         )
 
-    async def submit(self, record: dict[str, Any], link_id: str) -> Submitted:
-        submitted = await self.controller.submit(record, link_id)
+    async def submit(
+        self, record: dict[str, Any], link_id: str, *, replaces: str | None = None
+    ) -> Submitted:
+        submitted = await self.controller.submit(record, link_id, replaces=replaces)
         dispatcher = self.dispatchers.get(link_id)
         if dispatcher is not None:
             dispatcher.wake(submitted.message_id)
         return submitted
 
     async def stop(self) -> None:
-        for dispatcher in self.dispatchers.values():
-            await dispatcher.stop()
         if self.mllp is not None:
             await self.mllp.close()
+        if self.router is not None:
+            await self.router.stop()
+        for dispatcher in self.dispatchers.values():
+            await dispatcher.stop()
         if self._listener is not None:
             await self._listener.close()
         if self._runner is not None:

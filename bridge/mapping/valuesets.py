@@ -16,7 +16,7 @@ from typing import Any
 
 from bridge.errors import LoadError, MappingError
 from bridge.mapping.yamlsrc import SourceList, SourceMap, load_yaml
-from bridge.resources import mappings_dir
+from bridge.resources import MappingFiles, mappings_dir
 
 EQUIVALENCES = frozenset(
     {"relatedto", "equivalent", "equal", "wider", "subsumes", "narrower", "specializes",
@@ -165,12 +165,21 @@ def load_valueset(path: Path) -> ValueSetMap:
                        unmapped=unmapped, pattern=pattern, concepts=concepts)
 
 
-def load_valuesets(folder: Path) -> dict[str, ValueSetMap]:
-    """Load every ``*.yaml`` in ``folder``, keyed by id."""
-    return {vs.id: vs for vs in (load_valueset(p) for p in sorted(folder.glob("*.yaml")))}
+def load_valuesets(folder: Path | list[Path]) -> dict[str, ValueSetMap]:
+    """Load every ``*.yaml`` in ``folder`` (or the files listed), keyed by id."""
+    paths = sorted(folder.glob("*.yaml")) if isinstance(folder, Path) else folder
+    return {vs.id: vs for vs in (load_valueset(p) for p in paths)}
 
 
 @lru_cache(maxsize=4)
 def shipped_valuesets(folder: str | None = None) -> dict[str, ValueSetMap]:
     """The value sets in ``mappings/valuesets`` (cached)."""
     return load_valuesets(Path(folder) if folder else mappings_dir() / "valuesets")
+
+
+@lru_cache(maxsize=8)
+def valuesets_for(files: MappingFiles) -> dict[str, ValueSetMap]:
+    """The value sets in ``valuesets/`` with a site's overlay on top (cached per overlay)."""
+    if files.site is None:
+        return shipped_valuesets()
+    return load_valuesets(files.folder("valuesets"))

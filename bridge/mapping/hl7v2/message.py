@@ -25,22 +25,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from bridge.errors import MappingError, ParseError
+from bridge.mapping.hl7v2.header import CHARSETS
 
-# MSH-18 values (HL7 table 0211 and the spellings Chinese HIS use) -> Python codec.
-CHARSETS: dict[str, str] = {
-    "UNICODE UTF-8": "utf-8",
-    "UTF-8": "utf-8",
-    "UTF8": "utf-8",
-    "ASCII": "ascii",
-    "8859/1": "latin-1",
-    "GB 18030-2000": "gb18030",
-    "GB 18030": "gb18030",
-    "GB18030": "gb18030",
-    "GB18030-2000": "gb18030",
-    "GBK": "gbk",
-    "GB 2312": "gb2312",
-    "GB2312": "gb2312",
-}
 # Without MSH-18, HL7 assumes ASCII; Chinese feeds that omit it send UTF-8, which is a
 # superset of ASCII, so UTF-8 accepts both without guessing at GBK.
 DEFAULT_CHARSET = "UNICODE UTF-8"
