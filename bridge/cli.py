@@ -1,4 +1,4 @@
-"""Command line: ``bridge demo|serve|push|map|certs|consent|audit|outbox``.
+"""Command line: ``bridge demo|serve|push|map|mappings|intake|certs|consent|audit|outbox``.
 
 Exit codes: 0 success, 1 the operation ran and found a problem (an audit chain that
 does not verify, a message lost in the demo), 2 bad input or configuration (the error
@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from bridge.cli_intake import add_intake_commands
 from bridge.cli_mapping import add_mapping_commands
 from bridge.errors import BridgeError, NotFound
 
@@ -405,6 +406,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             + f", {report.count} entries; inbox {store.inbox_count()} messages\n"
         )
         attention = not report.ok
+        from bridge.ledger.intake import record_counts
+
+        intake = record_counts(store)
+        if intake:
+            sys.stdout.write(
+                "  intake: " + ", ".join(f"{state} {n}" for state, n in sorted(intake.items()))
+                + "\n"
+            )
+            # Unrouted records are kept by design (no rule names them); refused and
+            # incomplete ones need someone to look (bridge intake list).
+            attention = attention or bool(intake.get("refused") or intake.get("incomplete"))
         for link in config.links:
             if link.direction != "outbound":
                 sys.stdout.write(f"  {link.id} (inbound from {link.partner})\n")
@@ -485,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.set_defaults(func=cmd_push)
 
     add_mapping_commands(sub)
+    add_intake_commands(sub)
 
     c = sub.add_parser("certs", help="development PKI")
     csub = c.add_subparsers(dest="certs_command", required=True)
