@@ -200,23 +200,24 @@ def _file(tx: Tx, filing: Filing, stamp: str) -> bool:
                (visit_id, part.sender, part.control_id, part.message_type,
                 tx.seal(part.to_json(), context="visit_part.part"), stamp))
     source = f"visit:{visit_id}"
-    completing = [m for m in sorted(filing.spec.completed_by)] or [part.message_type]
-    if after.completed:
+    # A visit record is routed under the type of the message that completed it (ADT^A03;
+    # for an outpatient visit, whichever message carried the visit end).
+    completing = part.message_type if part.completes else (
+        min(filing.spec.completed_by) if filing.spec.completed_by else part.message_type)
+    existing = tx.one(f"SELECT id FROM intake_record WHERE source=?{tx.for_update}", (source,))
+    if existing is None:
         tx.execute(
             "INSERT INTO intake_record (source, kind, message_type, dataset, facility, state,"
-            " version, routed_version, created, updated) VALUES (?,?,?,?,?,?,1,0,?,?)"
-            " ON CONFLICT (source) DO UPDATE SET state='pending',"
-            " version=intake_record.version+1, updated=excluded.updated",
-            (source, "visit", completing[0] if filing.spec.completed_by else part.message_type,
-             filing.spec.dataset, part.facility, "pending", stamp, stamp))
-        return True
-    tx.execute(
-        "INSERT INTO intake_record (source, kind, message_type, dataset, facility, state,"
-        " version, routed_version, created, updated) VALUES (?,?,?,?,?,?,0,0,?,?)"
-        " ON CONFLICT (source) DO UPDATE SET updated=excluded.updated",
-        (source, "visit", completing[0], filing.spec.dataset, part.facility, "held",
-         stamp, stamp))
-    return False
+            " version, routed_version, created, updated) VALUES (?,?,?,?,?,?,?,0,?,?)",
+            (source, "visit", completing, filing.spec.dataset, part.facility,
+             "pending" if after.completed else "held", 1 if after.completed else 0,
+             stamp, stamp))
+    elif after.completed:
+        tx.execute(
+            "UPDATE intake_record SET state='pending', version=version+1, updated=?,"
+            " message_type=CASE WHEN ? = 1 THEN ? ELSE message_type END WHERE id=?",
+            (stamp, int(part.completes), part.message_type, existing[0]))
+    return after.completed
 
 
 # --- routing -----------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def _record_row(r: Any) -> RecordRow:
 
 
 def claim_pending(store: Store, *, now: datetime, limit: int = 16,
-                  lease: timedelta = timedelta(seconds=60)) -> list[RecordRow]:
+                  lease: timedelta = timedelta(seconds=10)) -> list[RecordRow]:
     """Take up to ``limit`` records with something to route, leased to the caller."""
     stamp = format_time(now)
     with store.transaction("intake_claim", durable=False) as tx:
