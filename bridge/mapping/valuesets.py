@@ -53,6 +53,16 @@ class ValueSetMap:
     unmapped: str
     pattern: re.Pattern[str] | None
     concepts: dict[str, Concept] = field(default_factory=dict)
+    # Where it was read from (a site's overlay or the shipped file), and each code's line:
+    # a mistake found by a file that uses the table is named here.
+    file: str = field(default="", compare=False)
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, code: str | None = None, key: str = "code") -> str:
+        """``file:line key`` of a concept (or the file) for errors found by its users."""
+        if code is None or code not in self.lines:
+            return self.file or self.id
+        return f"{self.file}:{self.lines[code]} {key}"
 
     def lookup(self, code: str, *, location: str) -> Concept:
         """Return the concept for ``code`` or raise naming ``location`` (never the code)."""
@@ -130,6 +140,7 @@ def load_valueset(path: Path) -> ValueSetMap:
             raise LoadError("pattern is not a valid regular expression",
                             location=data.where("pattern")) from None
     concepts: dict[str, Concept] = {}
+    lines: dict[str, int] = {}
     raw_concepts = data.get("concepts", SourceList())
     if not isinstance(raw_concepts, list):
         raise LoadError("concepts must be a list", location=data.where("concepts"))
@@ -153,6 +164,7 @@ def load_valueset(path: Path) -> ValueSetMap:
         if tgt is not None and target_system is None and "target_system" not in item:
             raise LoadError("target given but the map has no target system",
                             location=item.where("target"))
+        lines[code] = item.line
         concepts[code] = Concept(
             code=code, display=display, target=tgt,
             target_display=_text(item, "target_display", required=False),
@@ -162,7 +174,8 @@ def load_valueset(path: Path) -> ValueSetMap:
     title = _text(data, "title")
     assert title is not None
     return ValueSetMap(id=vs_id, title=title, system=system, target_system=target_system,
-                       unmapped=unmapped, pattern=pattern, concepts=concepts)
+                       unmapped=unmapped, pattern=pattern, concepts=concepts, file=str(path),
+                       lines=lines)
 
 
 def load_valuesets(folder: Path | list[Path]) -> dict[str, ValueSetMap]:

@@ -338,8 +338,8 @@ class _Loader:
         known = {c.target or c.code for c in vs.concepts.values()}
         unknown = sorted(codes - known)
         if unknown:
-            raise LoadError(f"not a target of value set {vs.id}: {', '.join(unknown)}",
-                            location=where)
+            raise LoadError(f"no code of the table has the target {', '.join(unknown)}, which "
+                            f"{where} selects by", location=vs.where())
 
     def rule(self, data: Any, where: str, group_segment: str | None) -> Rule:
         if not isinstance(data, SourceMap):
@@ -560,8 +560,9 @@ class _Loader:
                 self.element_id(concept.target, data.where("fee_class"))
             for concept in vs.concepts.values():
                 if (concept.target or concept.code) not in fee_class.concepts:
-                    raise LoadError(f"{vs.id} code {concept.code} names no fee class of "
-                                    f"{fee_class.id}", location=_where(cat, "valueset"))
+                    raise LoadError(f"the charge item names no fee class of {fee_class.id} "
+                                    f"(as {_where(cat, 'valueset')} reads it)",
+                                    location=vs.where(concept.code, "target"))
         else:
             for concept in vs.concepts.values():
                 self.element_id(concept.target, _where(cat, "valueset"))
@@ -574,9 +575,9 @@ class _Loader:
             tvs = self.valueset(tdata)
             for concept in tvs.concepts.values():
                 if (concept.target or concept.code) not in TRANSACTION_TYPES:
-                    raise LoadError(f"{tvs.id} code {concept.code} is not mapped to one of "
+                    raise LoadError("the transaction type is not mapped to one of "
                                     + ", ".join(TRANSACTION_TYPES),
-                                    location=_where(tdata, "valueset"))
+                                    location=tvs.where(concept.code, "target"))
             if transaction.segment != seg:
                 raise LoadError("sums read their own segment", location=_where(tdata, "path"))
         amount = parse_path(data.get("amount"), _where(data, "amount"))
