@@ -38,7 +38,12 @@ from bridge.mapping.hl7v2.header import MSHHeader, read_msh
 from bridge.mapping.hl7v2.message import HL7Message, Loc, hl7_error, parse_hl7
 from bridge.mapping.hl7v2.schema import check_version, validate
 from bridge.mapping.hl7v2.site import SiteContext, load_facilities
-from bridge.mapping.hl7v2.spec import MessageMapping, read_fields, shipped_mappings
+from bridge.mapping.hl7v2.spec import (
+    MessageMapping,
+    field_elements,
+    read_fields,
+    shipped_mappings,
+)
 from bridge.mapping.hl7v2.visit import VisitPart, VisitSpec, load_visits, make_part, member_of
 from bridge.resources import SHIPPED, MappingFiles
 
@@ -133,16 +138,39 @@ class HL7Reader:
 
     def check(self, msg: HL7Message, own: MessageMapping, visit: VisitSpec | None,
               warnings: list[str] | None) -> None:
-        """The message against its version's definitions (strict where it is read)."""
-        validate(msg, msg.structure or own.structure,
-                 read=self._read_set(msg, own, visit) if warnings is not None else None,
-                 warnings=warnings)
+        """The message against its version's definitions (strict where it is read); a
+        refusal of a field names the data elements the field is read for."""
+        try:
+            validate(msg, msg.structure or own.structure,
+                     read=self._read_set(msg, own, visit) if warnings is not None else None,
+                     warnings=warnings)
+        except MappingError as exc:
+            raise self._needed_for(exc, msg, own, visit) from None
         needed = list(own.required_segments)
         if visit is not None:
             needed += visit.parts[msg.message_type].required_segments
         for name in needed:
             if name not in msg.by_name:
                 raise hl7_error(MappingError, "required segment missing", Loc(name), "100")
+
+    def _needed_for(self, exc: MappingError, msg: HL7Message, own: MessageMapping,
+                    visit: VisitSpec | None) -> MappingError:
+        m = re.match(r"^([A-Z][A-Z0-9]{2})(?:\[\d+\])?-(\d+)", exc.location or "")
+        if m is None:
+            return exc
+        key = (m.group(1), int(m.group(2)))
+        specs = [own] + ([visit.parts[msg.message_type]] if visit is not None else [])
+        labels: list[str] = []
+        for spec in specs:
+            assert spec.catalog is not None
+            for element in field_elements(spec).get(key, []):
+                label = element_label(spec.catalog, element)
+                if label not in labels:
+                    labels.append(label)
+        if not labels:
+            return exc
+        return type(exc)(f"{exc.message}: needed for {', '.join(labels[:4])}",
+                         location=exc.location, **exc.detail)
 
     # --- mapping ------------------------------------------------------------------------------
 

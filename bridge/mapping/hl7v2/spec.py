@@ -650,6 +650,44 @@ def read_fields(spec: MessageMapping) -> frozenset[tuple[str, int]]:
     return frozenset(found)
 
 
+def field_elements(spec: MessageMapping) -> dict[tuple[str, int], list[str]]:
+    """For each ``(segment, field)`` the mapping reads, the data elements that need it
+    (a refusal of the field names them)."""
+    out: dict[tuple[str, int], list[str]] = {}
+
+    def add(p: Path_ | None, element: str) -> None:
+        if p is not None:
+            found = out.setdefault((p.segment, p.field), [])
+            if element not in found:
+                found.append(element)
+
+    def when(w: When | None, element: str) -> None:
+        if w is not None:
+            add(w.path, element)
+            for inner in w.all_of:
+                when(inner, element)
+
+    def rules(items: list[ElementRules]) -> None:
+        for er in items:
+            for rule in er.rules:
+                for p in (*rule.paths, *rule.at):
+                    add(p, er.element)
+                if rule.select is not None:
+                    add(rule.select.path, er.element)
+                when(rule.when, er.element)
+
+    rules(spec.elements)
+    for group in spec.groups:
+        rules(group.elements)
+    if spec.sums is not None:
+        classes = spec.sums.fee_class or spec.sums.valueset
+        rows = sorted({c.target or c.code for c in classes.concepts.values()})
+        for p in (spec.sums.category, spec.sums.amount, spec.sums.transaction):
+            for element in ([spec.sums.total] if spec.sums.total else rows[:1]):
+                add(p, element)
+    return out
+
+
 def load_message_mapping(path: Path, valuesets: dict[str, ValueSetMap], *,
                          part: bool = False) -> MessageMapping:
     """Load and check one message mapping file (``part``: a visit part, see visits/)."""
