@@ -141,39 +141,70 @@ def accept(store: Store, *, sender: str, control_id: str, digest: str, message: 
       visit) and the record to route are committed together, and only then may the
       caller send the AA.
     """
-    stamp = format_time(now)
     with store.transaction("hl7_accept") as tx:
         _lock_for_answer(tx)
-        row = tx.one("SELECT digest, ack FROM hl7_inbox WHERE sender=? AND control_id=?",
-                     (sender, control_id))
-        if row is not None:
-            if str(row[0]) != digest:
-                raise ConflictError("duplicate control id with different content",
-                                    location="MSH-10")
-            tx.append_audit(duplicate_audit)
-            return Accepted(bytes(row[1]), created=False, route=False)
-        route = False
-        if filing is not None:
-            route = _file(tx, filing, stamp)
-        if own is not None:
-            tx.execute(
-                "INSERT INTO intake_record (source, kind, message_type, dataset, facility,"
-                " state, record, version, routed_version, created, updated)"
-                " VALUES (?,?,?,?,?,?,?,1,0,?,?)",
-                (f"hl7:{sender}/{control_id}", "message", own.message_type, own.dataset,
-                 own.facility, own.state,
-                 tx.seal(own.record, context="intake_record.record"), stamp, stamp))
-            route = route or own.state == "pending"
-        entry = tx.append_audit(audit)
-        ack = make_ack(entry)
-        received: Any = stamp if tx.dialect == "sqlite" else now
+        return _accept_in(tx, sender=sender, control_id=control_id, digest=digest,
+                          message=message, record=record, warnings=warnings, audit=audit,
+                          duplicate_audit=duplicate_audit, make_ack=make_ack, filing=filing,
+                          own=own, now=now)
+
+
+def accept_many(store: Store, requests: list[dict[str, Any]]) -> list[Accepted | BaseException]:
+    """:func:`accept` for several messages in one transaction (group commit).
+
+    Each message is accepted inside a savepoint of its own: one that is refused (or
+    whose ACK cannot be built) is rolled back alone and its exception is returned in its
+    place; the others commit together, with one flush to disk for all of them.
+    """
+    out: list[Accepted | BaseException] = []
+    with store.transaction("hl7_accept") as tx:
+        _lock_for_answer(tx)
+        for i, request in enumerate(requests):
+            tx.execute(f"SAVEPOINT hl7_{i}")
+            try:
+                out.append(_accept_in(tx, **request))
+            except Exception as exc:  # noqa: BLE001 - handed to that message's caller
+                tx.execute(f"ROLLBACK TO SAVEPOINT hl7_{i}")
+                out.append(exc)
+            tx.execute(f"RELEASE SAVEPOINT hl7_{i}")
+    return out
+
+
+def _accept_in(tx: Tx, *, sender: str, control_id: str, digest: str, message: bytes,
+               record: bytes | None, warnings: list[str], audit: AuditRecord,
+               duplicate_audit: AuditRecord, make_ack: Callable[[AuditEntry], bytes],
+               filing: Filing | None, own: OwnRecord | None, now: datetime) -> Accepted:
+    stamp = format_time(now)
+    row = tx.one("SELECT digest, ack FROM hl7_inbox WHERE sender=? AND control_id=?",
+                 (sender, control_id))
+    if row is not None:
+        if str(row[0]) != digest:
+            raise ConflictError("duplicate control id with different content",
+                                location="MSH-10")
+        tx.append_audit(duplicate_audit)
+        return Accepted(bytes(row[1]), created=False, route=False)
+    route = False
+    if filing is not None:
+        route = _file(tx, filing, stamp)
+    if own is not None:
         tx.execute(
-            "INSERT INTO hl7_inbox (sender, control_id, digest, message, record, ack,"
-            " audit_seq, received, warnings) VALUES (?,?,?,?,?,?,?,?,?)",
-            (sender, control_id, digest, tx.seal(message, context="hl7_inbox.message"),
-             tx.seal(record, context="hl7_inbox.record") if record is not None else None,
-             ack, entry.seq, received, "\n".join(warnings) if warnings else None))
-        return Accepted(ack, created=True, route=route)
+            "INSERT INTO intake_record (source, kind, message_type, dataset, facility,"
+            " state, record, version, routed_version, created, updated)"
+            " VALUES (?,?,?,?,?,?,?,1,0,?,?)",
+            (f"hl7:{sender}/{control_id}", "message", own.message_type, own.dataset,
+             own.facility, own.state,
+             tx.seal(own.record, context="intake_record.record"), stamp, stamp))
+        route = route or own.state == "pending"
+    entry = tx.append_audit(audit)
+    ack = make_ack(entry)
+    received: Any = stamp if tx.dialect == "sqlite" else now
+    tx.execute(
+        "INSERT INTO hl7_inbox (sender, control_id, digest, message, record, ack,"
+        " audit_seq, received, warnings) VALUES (?,?,?,?,?,?,?,?,?)",
+        (sender, control_id, digest, tx.seal(message, context="hl7_inbox.message"),
+         tx.seal(record, context="hl7_inbox.record") if record is not None else None,
+         ack, entry.seq, received, "\n".join(warnings) if warnings else None))
+    return Accepted(ack, created=True, route=route)
 
 
 def _file(tx: Tx, filing: Filing, stamp: str) -> bool:

@@ -46,6 +46,7 @@ refused TLS handshakes are audited by the TLS gate as ``tls.refused``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import ssl
@@ -67,6 +68,7 @@ from bridge.errors import (
 from bridge.ledger import intake as intake_db
 from bridge.link.mllp_framer import Event, FrameTooLarge, MLLPFramer, frame
 from bridge.link.routing import Source, could_route
+from bridge.link.store import GroupCommit
 from bridge.link.tlsgate import TLSListener
 from bridge.mapping.hl7v2 import HL7Message, HL7Reader, Intake, ack_code_for, build_ack, read_msh
 from bridge.mapping.hl7v2.ack import tolerant_header
@@ -193,6 +195,10 @@ class MLLPListener:
         self._tls: TLSListener | None = None
         self._connections: set[_MLLPConnection] = set()
         self._allowed = frozenset(config.allowed_facilities)
+        # Messages arriving on several connections while one commit is being flushed
+        # are committed together: one flush to disk for the group, each its own answer.
+        self._commit: GroupCommit = GroupCommit(controller.db, functools.partial(intake_db.accept_many,
+                                                                    controller.store))
         self.port: int | None = None
         self.stats: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0, "failed": 0}
 
@@ -282,16 +288,13 @@ class MLLPListener:
         digest = hashlib.sha256(message).hexdigest()
         subject = f"hl7:{header.sender}/{header.control_id}"
         try:
-            existing = await c.db.call(intake_db.lookup, c.store, header.sender,
-                                       header.control_id)
-        except StoreError as exc:
-            return await self._failed(exc, header, now)
-        if existing is not None:
-            return await self._answer_existing(existing, digest, header, peer, now)
-        try:
             taken = self.handler.prepare(message, header)
         except BridgeError as exc:
-            return await self._refuse(exc, message, peer, now)
+            # A copy of a message accepted before keeps its answer, even if it would
+            # not be accepted today (a site overlay changed since).
+            answered = await self._answer_copy(message, digest, header, peer, now)
+            return answered if answered is not None else await self._refuse(
+                exc, message, peer, now)
         except Exception as exc:  # noqa: BLE001 - answered AE 207, logged by type
             # Only the type: third-party exception texts can carry field values.
             log.error("HL7 handler failed on %s: %s", subject, type(exc).__name__)
@@ -339,8 +342,8 @@ class MLLPListener:
         if taken.visit is not None and taken.part is not None:
             filing = intake_db.Filing(taken.visit, taken.part, c.config.intake.correction_days)
         try:
-            accepted = await c.db.call(
-                intake_db.accept, c.store, sender=header.sender,
+            accepted: intake_db.Accepted = await self._commit(
+                sender=header.sender,
                 control_id=header.control_id, digest=digest, message=message,
                 record=(record_bytes if record_bytes is not None
                         else taken.part.to_json() if taken.part is not None else None),
@@ -362,6 +365,19 @@ class MLLPListener:
         if accepted.route and self._on_routable is not None:
             self._on_routable()
         return accepted.ack
+
+    async def _answer_copy(self, message: bytes, digest: str, header: MSHHeader, peer: str,
+                           now: datetime) -> bytes | None:
+        """The answer to a message already accepted under this control id, or None."""
+        c = self.c
+        try:
+            existing = await c.db.call(intake_db.lookup, c.store, header.sender,
+                                       header.control_id)
+        except StoreError:
+            return None
+        if existing is None:
+            return None
+        return await self._answer_existing(existing, digest, header, peer, now)
 
     async def _answer_existing(
         self,

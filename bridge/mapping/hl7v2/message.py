@@ -111,15 +111,16 @@ class Segment:
     repetitions, components and subcomponents on demand.
     """
 
-    __slots__ = ("_delims", "index", "name", "raw_fields", "rep")
+    __slots__ = ("_delims", "index", "line", "name", "raw_fields", "rep")
 
     def __init__(self, name: str, rep: int, index: int, raw_fields: list[str],
-                 delims: Delimiters) -> None:
+                 delims: Delimiters, line: str = "") -> None:
         self.name = name
         self.rep = rep
         self.index = index  # position in the message, 0-based
         self.raw_fields = raw_fields  # raw_fields[n] is field n (MSH: shifted, see below)
         self._delims = delims
+        self.line = line  # the segment as received (for the validation cache)
 
     def __repr__(self) -> str:  # never shows values
         return f"<Segment {self.name}[{self.rep}] with {len(self.raw_fields) - 1} fields>"
@@ -361,7 +362,7 @@ def parse_hl7(data: bytes | str) -> HL7Message:
             fields = line.split(fsep)
         rep = counts.get(name, 0) + 1
         counts[name] = rep
-        segments.append(Segment(name, rep, index, fields, delims))
+        segments.append(Segment(name, rep, index, fields, delims, line))
     if not segments:
         raise hl7_error(ParseError, "empty message", "MSH", "100")
     return HL7Message(segments, delims, charset or DEFAULT_CHARSET, codec)

@@ -194,6 +194,10 @@ def check_version(version: str) -> None:
         raise hl7_error(MappingError, "unsupported HL7 version", Loc("MSH", 1, 12), "203")
 
 
+# Segment texts found faultless, oldest first (a bounded cache, see validate()).
+_CLEAN: dict[tuple[str, str, str], None] = {}
+_CLEAN_MAX = 4096
+
 #: Fields a mapping reads, as ``(segment id, field number)``; None = every field.
 ReadSet = frozenset[tuple[str, int]]
 
@@ -243,6 +247,7 @@ def validate(msg: HL7Message, structure: str | None, *, read: ReadSet | None = N
             if seg_name not in msg.by_name:
                 checker.problem(hl7_error(MappingError, "required segment missing",
                                           Loc(seg_name), "100"), seg_name)
+    delimiters = msg.delimiters.field + msg.delimiters.encoding_characters
     for seg in msg.segments:
         spec = segment_spec(version, seg.name)
         if spec is None:
@@ -251,7 +256,18 @@ def validate(msg: HL7Message, structure: str | None, *, read: ReadSet | None = N
             checker.problem(hl7_error(MappingError, "segment not defined in this HL7 version",
                                       Loc(seg.name, seg.rep), "100"), seg.name)
             continue
+        # A segment text already found faultless (the PID and PV1 an HIS repeats in every
+        # message of a stay) is faultless again: only its position differs, and no check
+        # depends on it.
+        key = (version, delimiters, seg.line) if seg.line else None
+        if key is not None and key in _CLEAN:
+            continue
+        before = len(checker.warnings) if checker.warnings is not None else 0
         _check_segment(msg, seg, spec, checker)
+        if key is not None and (checker.warnings is None or len(checker.warnings) == before):
+            if len(_CLEAN) >= _CLEAN_MAX:
+                del _CLEAN[next(iter(_CLEAN))]
+            _CLEAN[key] = None
 
 
 def _check_segment(msg: HL7Message, seg: Segment, spec: SegmentSpec, checker: _Checker) -> None:
