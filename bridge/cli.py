@@ -286,6 +286,7 @@ _DISCLOSURE_ACTIONS = {
     "claim.rejected": ("E", "the recipient refused the claim"),
     "claim.dead": ("E", "delivery abandoned after retries"),
     "claim.resend": ("E", "sent again; the recipient's receipt is held"),
+    "claim.correct": ("C", "corrected claim queued, naming the claim it replaces"),
     "message.receive": ("C", "received from a partner"),
 }
 
