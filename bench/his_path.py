@@ -31,7 +31,6 @@ import json
 import pstats
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

@@ -1,15 +1,14 @@
-"""Command line: ``bridge demo|serve|push|map|mappings|intake|certs|consent|audit|outbox``.
+"""Command line: ``bridge init|demo|serve|push|map|mappings|intake|store|certs|consent|audit|status|outbox``.
 
 Exit codes: 0 success, 1 the operation ran and found a problem (an audit chain that
-does not verify, a message lost in the demo), 2 bad input or configuration (the error
-names the file, key, element or path).
+does not verify, a message lost in the demo, a store or port that is not available),
+2 bad input, usage or configuration (the error names the file, key, element or path).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -18,18 +17,28 @@ from typing import Any
 
 import orjson
 
+from bridge.cli_common import (
+    Parser,
+    add_json_option,
+    folder_argument,
+    non_negative_float,
+    non_negative_int,
+    read_input,
+    read_json,
+    version_text,
+)
+from bridge.cli_common import print_json as _print_json
+from bridge.cli_init import add_init_commands
 from bridge.cli_intake import add_intake_commands
 from bridge.cli_mapping import add_mapping_commands
-from bridge.errors import BridgeError, NotFound
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+from bridge.cli_store import add_store_commands
+from bridge.errors import BridgeError, NotFound, ParseError, UsageError
 
 
 def _fail(exc: BridgeError) -> int:
-    sys.stderr.write(f"error [{exc.code}]: {exc}\n")
-    return 2
+    message = " ".join(str(exc).split())  # one line, whatever the message held
+    sys.stderr.write(f"error [{exc.code}]: {message}\n")
+    return exc.exit_status
 
 
 # --- certs ------------------------------------------------------------------------------
@@ -38,12 +47,15 @@ def _fail(exc: BridgeError) -> int:
 def cmd_certs_init(args: argparse.Namespace) -> int:
     from bridge.trust.pki import init_dev_pki
 
-    try:
-        pki = init_dev_pki(Path(args.directory), args.controllers, force=args.force)
-    except BridgeError as exc:
-        return _fail(exc)
-    sys.stdout.write(f"development PKI written to {args.directory}\n")
-    sys.stdout.write(f"{pki}\n")
+    directory = folder_argument(args.directory, option="DIRECTORY")
+    pki = init_dev_pki(directory, args.controllers, force=args.force)
+    sys.stdout.write(f"development PKI written to {directory}\n")
+    sys.stdout.write(f"  CA            {pki.ca_cert} (key {pki.ca_key.name})\n")
+    for controller_id, files in pki.controllers.items():
+        sys.stdout.write(
+            f"  {controller_id:<13} TLS {files.tls_cert.relative_to(directory)}"
+            f", signing {files.sign_cert.relative_to(directory)} (keys beside them)\n"
+        )
     sys.stdout.write("These keys are unencrypted and for development only.\n")
     return 0
 
@@ -59,39 +71,50 @@ def _controller(config_path: str) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge.config import load_config
+    from bridge.link.node import Controller
     from bridge.link.service import BridgeService
+    from bridge.logs import setup_logging
 
-    logging.basicConfig(
-        level=logging.INFO if not args.verbose else logging.DEBUG,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    config = load_config(args.config)
+    setup_logging(
+        fmt=args.log_format,
+        level="debug" if args.verbose else args.log_level,
+        static={"controller": config.controller.id},
     )
 
     async def run() -> None:
-        service = BridgeService(_controller(args.config))
-        await service.start()
+        service = BridgeService(Controller(config))
+        try:
+            await service.start()
+        except BaseException:
+            await service.stop()
+            raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        sys.stdout.write(f"ready {service.controller.id} port={service.port}\n")
+        ready = f"ready {service.controller.id} port={service.port}"
+        if service.ops is not None:
+            ready += f" operations={service.ops.url}"
+        sys.stdout.write(ready + "\n")
         sys.stdout.flush()
         await stop.wait()
         await service.stop()
 
-    try:
-        asyncio.run(run())
-    except BridgeError as exc:
-        return _fail(exc)
+    asyncio.run(run())
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     from bridge.mapping import read_record
 
+    data = read_input(args.file, what="record")
+
     async def run() -> int:
         controller = _controller(args.config)
         try:
-            record = read_record(Path(args.file).read_bytes(), source=args.file)
+            record = read_record(data, source=args.file)
             submitted = await controller.submit(record, args.link)
         finally:
             await controller.close()
@@ -103,39 +126,27 @@ def cmd_push(args: argparse.Namespace) -> int:
             )
         return 0
 
-    try:
-        return asyncio.run(run())
-    except BridgeError as exc:
-        return _fail(exc)
-    except OSError as exc:
-        sys.stderr.write(f"error: cannot read {args.file}: {exc.strerror}\n")
-        return 2
+    return asyncio.run(run())
 
 
 # --- consent ----------------------------------------------------------------------------
 
 
 def cmd_consent_add(args: argparse.Namespace) -> int:
+    resource = read_json(args.file, what="consent file")
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Consent":
+        raise ParseError("not a FHIR Consent resource", location=f"{args.file}: resourceType")
+
     async def run() -> int:
         controller = _controller(args.config)
         try:
-            try:
-                resource = orjson.loads(Path(args.file).read_bytes())
-            except orjson.JSONDecodeError as exc:
-                sys.stderr.write(
-                    f"error [parse-error]: malformed JSON at byte {exc.pos} of {args.file}\n"
-                )
-                return 2
             consent_id = await controller.put_consent(resource, source="cli")
         finally:
             await controller.close()
         sys.stdout.write(f"consent {consent_id} recorded\n")
         return 0
 
-    try:
-        return asyncio.run(run())
-    except BridgeError as exc:
-        return _fail(exc)
+    return asyncio.run(run())
 
 
 def cmd_consent_list(args: argparse.Namespace) -> int:
@@ -144,8 +155,12 @@ def cmd_consent_list(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     with open_store(config.store) as store:
-        for consent_id, status, _resource in store.list_consents():
-            sys.stdout.write(f"{consent_id}\t{status}\n")
+        consents = store.list_consents()
+    if args.json:
+        _print_json([{"id": cid, "status": status} for cid, status, _resource in consents])
+        return 0
+    for consent_id, status, _resource in consents:
+        sys.stdout.write(f"{consent_id}\t{status}\n")
     return 0
 
 
@@ -194,12 +209,14 @@ def cmd_consent_explain(args: argparse.Namespace) -> int:
     from bridge.mapping import map_record, read_record
     from bridge.policy.engine import explain
 
+    data = read_input(args.file, what="record")
+
     async def run() -> int:
         controller = _controller(args.config)
         try:
             await controller.sync_consents()
             link = controller.outbound_link(args.link)
-            record = read_record(Path(args.file).read_bytes(), source=args.file)
+            record = read_record(data, source=args.file)
             now = controller.clock()
             explanation = explain(
                 map_record(record, now=now),
@@ -234,11 +251,7 @@ def cmd_consent_explain(args: argparse.Namespace) -> int:
                 sys.stdout.write(line + "\n")
         return 0 if explanation.permitted else 1
 
-    try:
-        return asyncio.run(run())
-    except OSError as exc:
-        sys.stderr.write(f"error: cannot read {args.file}: {exc.strerror}\n")
-        return 2
+    return asyncio.run(run())
 
 
 # --- audit / outbox -----------------------------------------------------------------------
@@ -249,7 +262,9 @@ def _open_store(args: argparse.Namespace) -> Any:
     from bridge.config import StoreConfig, load_config
     from bridge.ledger import open_store
 
-    if args.store:
+    if args.store is not None:
+        if not args.store.strip():
+            raise UsageError("--store needs the path of a store file", location="--store")
         path = Path(args.store)
         if not path.exists():
             raise NotFound("no store at this path", location=str(path))
@@ -261,12 +276,19 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    try:
-        store = _open_store(args)
-    except BridgeError as exc:
-        return _fail(exc)
-    with store:
+    with _open_store(args) as store:
         report = store.verify_audit()
+    if args.json:
+        _print_json(
+            {
+                "ok": report.ok,
+                "entries": report.count,
+                "head": report.head_hash,
+                "first_bad_seq": report.first_bad_seq,
+                "reason": report.reason,
+            }
+        )
+        return 0 if report.ok else 1
     if report.ok:
         sys.stdout.write(f"audit chain verified: {report.count} entries, head {report.head_hash}\n")
         return 0
@@ -340,13 +362,9 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
 
     system, sep, value = args.patient.partition("|")
     if not sep or not system or not value:
-        sys.stderr.write("error [parse-error]: --patient takes SYSTEM|VALUE (at --patient)\n")
-        return 2
-    try:
-        config = load_config(args.config)
-        store = _open_store(args)
-    except BridgeError as exc:
-        return _fail(exc)
+        raise ParseError("--patient takes SYSTEM|VALUE", location="--patient")
+    config = load_config(args.config)
+    store = _open_store(args)
     key = _load_pseudonym_key(config.audit.pseudonym_key_file)
     pseudonym = patient_pseudonym(key, system, value)
     with store:
@@ -364,6 +382,25 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
             }
         )
         return 0
+    if args.json:
+        _print_json(
+            {
+                "patient": pseudonym,
+                "entries": [
+                    {
+                        "seq": e.seq,
+                        "time": e.record.time.isoformat(),
+                        "action": e.record.action,
+                        "partner": e.record.partner,
+                        "outcome": e.record.outcome,
+                        "subject": e.record.subject,
+                        "detail": e.record.detail,
+                    }
+                    for e in entries
+                ],
+            }
+        )
+        return 0
     sys.stdout.write(f"patient {pseudonym}: {len(entries)} audit entries\n")
     for e in entries:
         r = e.record
@@ -375,12 +412,11 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    try:
-        store = _open_store(args)
-    except BridgeError as exc:
-        return _fail(exc)
-    with store:
+    with _open_store(args) as store:
         counts = store.outbox_counts()
+    if args.json:
+        _print_json(dict(sorted(counts.items())))
+        return 0
     for state, n in sorted(counts.items()):
         sys.stdout.write(f"{state}\t{n}\n")
     return 0
@@ -391,62 +427,105 @@ def cmd_status(args: argparse.Namespace) -> int:
     from bridge.config import load_config
     from bridge.ledger import open_store
 
-    try:
-        config = load_config(args.config)
-    except BridgeError as exc:
-        return _fail(exc)
+    config = load_config(args.config)
     if config.store.kind == "sqlite" and not config.store.path.exists():
-        sys.stderr.write(f"error [not-found]: no store at {config.store.path} yet\n")
-        return 2
-    attention = False
+        raise NotFound("no store at this path yet", location=str(config.store.path))
     with open_store(config.store) as store:
-        report = store.verify_audit()
-        sys.stdout.write(
-            f"{config.controller.id}: audit chain "
-            + ("verified" if report.ok else f"BROKEN at entry {report.first_bad_seq}")
-            + f", {report.count} entries; inbox {store.inbox_count()} messages\n"
-        )
-        attention = not report.ok
-        from bridge.ledger.intake import record_counts
+        report = _status_report(config, store)
+    if args.json:
+        _print_json(report)
+    else:
+        _print_status(report)
+    return 1 if report["attention"] else 0
 
-        intake = record_counts(store)
-        if intake:
+
+def _status_report(config: Any, store: Any) -> dict[str, Any]:
+    """What ``bridge status`` shows, as data (the text and ``--json`` render this)."""
+    chain = store.verify_audit()
+    report: dict[str, Any] = {
+        "controller": config.controller.id,
+        "audit": {"ok": chain.ok, "entries": chain.count, "first_bad_seq": chain.first_bad_seq},
+        "inbox": store.inbox_count(),
+        "links": [],
+        "attention": not chain.ok,
+    }
+    for link in config.links:
+        item: dict[str, Any] = {
+            "id": link.id,
+            "partner": link.partner,
+            "direction": link.direction,
+        }
+        report["links"].append(item)
+        if link.direction != "outbound":
+            continue
+        counts = store.outbox_counts(link.id)
+        stuck = [
+            r
+            for state in ("rejected", "dead")
+            for r in store.list_outbox(link.id, state=state, limit=5)
+        ]
+        pending = [
+            r
+            for state in ("queued", "sending")
+            for r in store.list_outbox(link.id, state=state, limit=1)
+        ]
+        oldest = min((r.seq for r in pending), default=None)
+        item["counts"] = dict(counts)
+        item["oldest_waiting_seq"] = oldest
+        item["needs_attention"] = [
+            {
+                "seq": r.seq,
+                "state": r.state,
+                "error": r.last_error,
+                "message_id": r.message_id,
+            }
+            for r in stuck
+        ]
+        if stuck:
+            report["attention"] = True
+    from bridge.ledger.intake import record_counts
+
+    intake = record_counts(store)
+    if intake:
+        report["intake"] = dict(sorted(intake.items()))
+        # Unrouted records are kept by design (no rule names them); refused and
+        # incomplete ones need someone to look (bridge intake list).
+        if intake.get("refused") or intake.get("incomplete"):
+            report["attention"] = True
+    return report
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    audit = report["audit"]
+    sys.stdout.write(
+        f"{report['controller']}: audit chain "
+        + ("verified" if audit["ok"] else f"BROKEN at entry {audit['first_bad_seq']}")
+        + f", {audit['entries']} entries; inbox {report['inbox']} messages\n"
+    )
+    if report.get("intake"):
+        sys.stdout.write(
+            "  intake: " + ", ".join(f"{state} {n}" for state, n in report["intake"].items())
+            + "\n"
+        )
+    for link in report["links"]:
+        if link["direction"] != "outbound":
+            sys.stdout.write(f"  {link['id']} (inbound from {link['partner']})\n")
+            continue
+        summary = ", ".join(f"{state} {n}" for state, n in link["counts"].items() if n)
+        oldest = link["oldest_waiting_seq"]
+        progress = (
+            f"settled up to seq {oldest - 1}, oldest waiting seq {oldest}"
+            if oldest is not None
+            else "all settled"
+        )
+        sys.stdout.write(
+            f"  {link['id']} → {link['partner']}: {summary or 'empty'}; {progress}\n"
+        )
+        for row in link["needs_attention"]:
             sys.stdout.write(
-                "  intake: " + ", ".join(f"{state} {n}" for state, n in sorted(intake.items()))
-                + "\n"
+                f"    seq {row['seq']} {row['state']} ({row['error'] or '-'}):"
+                f" {row['message_id']}\n"
             )
-            # Unrouted records are kept by design (no rule names them); refused and
-            # incomplete ones need someone to look (bridge intake list).
-            attention = attention or bool(intake.get("refused") or intake.get("incomplete"))
-        for link in config.links:
-            if link.direction != "outbound":
-                sys.stdout.write(f"  {link.id} (inbound from {link.partner})\n")
-                continue
-            counts = store.outbox_counts(link.id)
-            stuck = [
-                r
-                for state in ("rejected", "dead")
-                for r in store.list_outbox(link.id, state=state, limit=5)
-            ]
-            pending = [
-                r
-                for state in ("queued", "sending")
-                for r in store.list_outbox(link.id, state=state, limit=1)
-            ]
-            summary = ", ".join(f"{state} {n}" for state, n in counts.items() if n)
-            oldest = min((r.seq for r in pending), default=None)
-            progress = (
-                f"settled up to seq {oldest - 1}, oldest waiting seq {oldest}"
-                if oldest is not None
-                else "all settled"
-            )
-            sys.stdout.write(f"  {link.id} → {link.partner}: {summary or 'empty'}; {progress}\n")
-            for row in stuck:
-                attention = True
-                sys.stdout.write(
-                    f"    seq {row.seq} {row.state} ({row.last_error or '-'}): {row.message_id}\n"
-                )
-    return 1 if attention else 0
 
 
 # --- demo -------------------------------------------------------------------------------
@@ -455,31 +534,45 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from bridge.demo import run_demo
 
-    try:
-        return run_demo(
-            claims=args.claims,
-            workdir=Path(args.workdir) if args.workdir else None,
-            seed=args.seed,
-            rate=args.rate,
-            quiet=args.quiet,
-        )
-    except BridgeError as exc:
-        return _fail(exc)
+    workdir = folder_argument(args.workdir, option="--workdir") if args.workdir else None
+    return run_demo(
+        claims=args.claims,
+        workdir=workdir,
+        seed=args.seed,
+        rate=args.rate,
+        quiet=args.quiet,
+    )
+
+
+_CONFIG_HELP = "the controller's configuration file (TOML)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bridge", description="ws-fhir-bridge: health record exchange")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="bridge", description="ws-fhir-bridge: health record exchange")
+    p.add_argument(
+        "--version",
+        action="version",
+        version=version_text(),
+        help="print the package, FHIR and protocol versions and exit",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    add_init_commands(sub)
 
     d = sub.add_parser("demo", help="two controllers on loopback exchanging claims over mutual TLS")
-    d.add_argument("--claims", type=int, default=200, help="number of claims to push (default 200)")
+    d.add_argument(
+        "--claims",
+        type=non_negative_int,
+        default=200,
+        help="number of claims to push (default 200)",
+    )
     d.add_argument(
         "--workdir", help="keep PKI, configs and stores here (default: a temporary folder)"
     )
     d.add_argument("--seed", type=int, default=7, help="seed for the sample records")
     d.add_argument(
         "--rate",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="offered claims per second (0 = as fast as possible)",
     )
@@ -487,81 +580,104 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("serve", help="run one controller")
-    s.add_argument("--config", required=True)
-    s.add_argument("--verbose", action="store_true")
+    s.add_argument("--config", required=True, help=_CONFIG_HELP)
+    s.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="log lines as text for a person or JSON for a log shipper (default text)",
+    )
+    s.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="least severe log lines written (default info)",
+    )
+    s.add_argument("--verbose", action="store_true", help="same as --log-level debug")
     s.set_defaults(func=cmd_serve)
 
     pu = sub.add_parser("push", help="enqueue one WS 445 record as a claim")
-    pu.add_argument("--config", required=True)
-    pu.add_argument("--link", required=True)
-    pu.add_argument("file")
+    pu.add_argument("--config", required=True, help=_CONFIG_HELP)
+    pu.add_argument("--link", required=True, help="id of an outbound link in the configuration")
+    pu.add_argument("file", help="a WS 445 record (JSON)")
     pu.set_defaults(func=cmd_push)
 
     add_mapping_commands(sub)
     add_intake_commands(sub)
+    add_store_commands(sub)
 
     c = sub.add_parser("certs", help="development PKI")
-    csub = c.add_subparsers(dest="certs_command", required=True)
+    csub = c.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
     ci = csub.add_parser("init", help="create a CA and certificates for controllers")
-    ci.add_argument("directory")
-    ci.add_argument("--controllers", nargs="+", default=["hospital-a", "insurer-b"])
+    ci.add_argument("directory", metavar="DIRECTORY", help="folder to write the PKI into")
+    ci.add_argument(
+        "--controllers",
+        nargs="+",
+        default=["hospital-a", "insurer-b"],
+        help="controller ids to issue certificates for (default hospital-a insurer-b)",
+    )
     ci.add_argument("--force", action="store_true", help="overwrite an existing CA")
     ci.set_defaults(func=cmd_certs_init)
 
     co = sub.add_parser("consent", help="consent registry")
-    cosub = co.add_subparsers(dest="consent_command", required=True)
+    cosub = co.add_subparsers(dest="consent_command", required=True, metavar="COMMAND")
     ca = cosub.add_parser("add", help="register, amend or revoke a FHIR Consent")
-    ca.add_argument("--config", required=True)
-    ca.add_argument("file")
+    ca.add_argument("--config", required=True, help=_CONFIG_HELP)
+    ca.add_argument("file", help="a FHIR R4 Consent (JSON)")
     ca.set_defaults(func=cmd_consent_add)
     cl = cosub.add_parser("list", help="list consents")
-    cl.add_argument("--config", required=True)
+    cl.add_argument("--config", required=True, help=_CONFIG_HELP)
+    add_json_option(cl)
     cl.set_defaults(func=cmd_consent_list)
     cr = cosub.add_parser("revoke", help="revoke a consent (status inactive)")
-    cr.add_argument("--config", required=True)
-    cr.add_argument("consent_id")
+    cr.add_argument("--config", required=True, help=_CONFIG_HELP)
+    cr.add_argument("consent_id", help="id of the consent")
     cr.set_defaults(func=cmd_consent_revoke)
     cs = cosub.add_parser("show", help="print a consent and its history")
-    cs.add_argument("--config", required=True)
-    cs.add_argument("consent_id")
+    cs.add_argument("--config", required=True, help=_CONFIG_HELP)
+    cs.add_argument("consent_id", help="id of the consent")
     cs.set_defaults(func=cmd_consent_show)
     ce = cosub.add_parser(
         "explain", help="what a record would disclose on a link today, element by element, and why"
     )
-    ce.add_argument("--config", required=True)
-    ce.add_argument("--link", required=True)
-    ce.add_argument("--json", action="store_true", help="machine-readable output")
+    ce.add_argument("--config", required=True, help=_CONFIG_HELP)
+    ce.add_argument("--link", required=True, help="id of an outbound link in the configuration")
+    add_json_option(ce)
     ce.add_argument("file", help="a WS 445 record (JSON)")
     ce.set_defaults(func=cmd_consent_explain)
 
     a = sub.add_parser("audit", help="audit trail")
-    asub = a.add_subparsers(dest="audit_command", required=True)
+    asub = a.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     av = asub.add_parser("verify", help="check the audit hash chain")
     g = av.add_mutually_exclusive_group(required=True)
-    g.add_argument("--config")
-    g.add_argument("--store", help="path of a store file")
+    g.add_argument("--config", help=_CONFIG_HELP)
+    g.add_argument("--store", help="path of a SQLite store file")
+    add_json_option(av)
     av.set_defaults(func=cmd_audit_verify)
     ad = asub.add_parser(
         "disclosures",
         help="who received what about one patient, and when (table or FHIR AuditEvent)",
     )
-    ad.add_argument("--config", required=True)
+    ad.add_argument("--config", required=True, help=_CONFIG_HELP)
     ad.add_argument(
         "--patient", required=True, help="SYSTEM|VALUE of one of the patient's identifiers"
     )
     ad.add_argument("--fhir", action="store_true", help="print a Bundle of FHIR R4 AuditEvent")
+    add_json_option(ad)
     ad.set_defaults(func=cmd_audit_disclosures, store=None)
 
     st = sub.add_parser(
         "status", help="per link: claims by state, contiguous delivery, what needs attention"
     )
-    st.add_argument("--config", required=True)
+    st.add_argument("--config", required=True, help=_CONFIG_HELP)
+    add_json_option(st)
     st.set_defaults(func=cmd_status)
 
     o = sub.add_parser("outbox", help="outbox counts per state")
     g2 = o.add_mutually_exclusive_group(required=True)
-    g2.add_argument("--config")
-    g2.add_argument("--store")
+    g2.add_argument("--config", help=_CONFIG_HELP)
+    g2.add_argument("--store", help="path of a SQLite store file")
+    add_json_option(o)
     o.set_defaults(func=cmd_outbox)
     return p
 
@@ -570,11 +686,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. This is the CLI's one error boundary: whatever a command raises
     becomes one line on stderr and an exit status, never a traceback (set
     ``BRIDGE_DEBUG=1`` to see one)."""
-    args = build_parser().parse_args(argv)
+    command = "bridge"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"bridge {args.command}"
         return int(args.func(args))
     except BridgeError as exc:
         return _fail(exc)
+    except SystemExit as exc:  # --help and --version print and stop
+        return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
@@ -583,13 +703,15 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
             return 141
         where = f" (at {exc.filename})" if exc.filename else ""
-        sys.stderr.write(f"error [os-error]: {exc.strerror or type(exc).__name__}{where}\n")
+        sys.stderr.write(
+            f"error [os-error]: {exc.strerror or type(exc).__name__}{where} in {command}\n"
+        )
         return 1
     except Exception as exc:  # the boundary: report, never dump a traceback
         if os.environ.get("BRIDGE_DEBUG"):
             raise
         sys.stderr.write(
-            f"error [internal]: {type(exc).__name__} in bridge {args.command};"
+            f"error [internal]: {type(exc).__name__} in {command};"
             " set BRIDGE_DEBUG=1 to see where\n"
         )
         return 1

@@ -13,11 +13,9 @@ from typing import Any
 
 import orjson
 
+from bridge.cli_common import add_json_option
+from bridge.cli_common import print_json as _print_json
 from bridge.errors import NotFound
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -118,12 +116,12 @@ def add_intake_commands(sub: Any) -> None:
     ls.add_argument("--state", choices=["held", "pending", "routed", "unrouted", "refused",
                                         "incomplete"], help="only records in this state")
     ls.add_argument("--limit", type=int, default=100, help="at most this many (newest first)")
-    ls.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(ls)
     ls.set_defaults(func=cmd_intake_list)
     vs = isub.add_parser("visits", help="visits being assembled, and their records")
     vs.add_argument("--config", required=True, help="the controller's configuration file")
     vs.add_argument("--limit", type=int, default=100, help="at most this many (newest first)")
-    vs.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(vs)
     vs.set_defaults(func=cmd_intake_visits)
     sh = isub.add_parser("show", help="one record and its deliveries (JSON)")
     sh.add_argument("--config", required=True, help="the controller's configuration file")

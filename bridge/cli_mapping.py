@@ -9,18 +9,10 @@ from typing import Any
 
 import orjson
 
-from bridge.errors import BridgeError
+from bridge.cli_common import add_json_option, read_input
+from bridge.cli_common import print_json as _print_json
+from bridge.errors import BridgeError, UsageError
 from bridge.resources import SHIPPED
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-def _fail(exc: BridgeError) -> int:
-    sys.stderr.write(f"error [{exc.code}]: {exc}\n")
-    return 2
-
 
 # --- map ------------------------------------------------------------------------------
 
@@ -79,21 +71,12 @@ def _targets(source: str, target: str | None) -> str:
 def cmd_map(args: argparse.Namespace) -> int:
     target = _targets(args.source, args.target)
     if args.source == "fhir" and target == "fhir":
-        sys.stderr.write("error: --from fhir maps only --to ws445\n")
-        return 2
+        raise UsageError("--from fhir maps only --to ws445", location="bridge map --to")
     path = Path(args.file)
     reader = _reader(args)
     if path.is_dir():
         return _map_folder(args.source, target, path, check=args.check, reader=reader)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        sys.stderr.write(f"error: cannot read {path}: {exc.strerror}\n")
-        return 2
-    try:
-        result = _convert(args.source, target, data, str(path), reader)
-    except BridgeError as exc:
-        return _fail(exc)
+    result = _convert(args.source, target, read_input(path, what="record"), str(path), reader)
     if not args.check:
         _print_json(result)
     return 0
@@ -183,7 +166,9 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
 def add_mapping_commands(sub: Any) -> None:
     """Register the mapping commands on the main parser's subcommands."""
     m = sub.add_parser("map", help="map a record or message (or a folder of them) and print it")
-    m.add_argument("--from", dest="source", choices=["ws445", "hl7v2", "fhir"], required=True)
+    m.add_argument("--from", dest="source", choices=["ws445", "hl7v2", "fhir"], required=True,
+                   help="what the input is: a WS 445 record (JSON), an HL7 v2 message, or a"
+                   " FHIR Bundle")
     m.add_argument("--to", dest="target", choices=["fhir", "ws445"], default=None,
                    help="fhir (default for ws445 and hl7v2) or ws445 (default for fhir)")
     m.add_argument("--check", action="store_true", help="validate only, print nothing")
@@ -196,11 +181,11 @@ def add_mapping_commands(sub: Any) -> None:
     mp = sub.add_parser("mappings", help="inspect the shipped mapping files")
     msub = mp.add_subparsers(dest="mappings_command", required=True)
     cov = msub.add_parser("coverage", help="mapped and unmapped data elements per data set")
-    cov.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(cov)
     cov.set_defaults(func=cmd_mappings_coverage)
     chk = msub.add_parser("check", help="validate a site overlay and print what it overrides")
     chk.add_argument("--site", required=True, help="the site directory")
-    chk.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(chk)
     chk.set_defaults(func=cmd_mappings_check)
 
 

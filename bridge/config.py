@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -55,6 +56,26 @@ class ServerConfig(_Strict):
             "use (HIS, patient app back end); when set, a certificate naming this controller "
             "is accepted only if pinned here"
         ),
+    )
+
+    handshake_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="a TLS handshake not finished this long after the connection opened is cut off",
+    )
+    header_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        le=60,
+        description=(
+            "a connection that has not sent a complete request head this long after its "
+            "handshake or its previous response is closed (slow or idle clients)"
+        ),
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="a request body not received within this long is answered 408",
     )
 
     @field_validator("local_client_fingerprints")
@@ -106,6 +127,14 @@ class StoreConfig(_Strict):
     db_schema: str = Field(default="bridge", alias="schema",
                            pattern=r"^[a-z_][a-z0-9_]{0,62}$",
                            description="PostgreSQL schema holding this controller's tables")
+
+    # The configuration file this section came from, so a store that cannot be opened
+    # is reported against the file and key (set by BridgeConfig; not a TOML key).
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     @field_validator("dsn")
     @classmethod
@@ -252,6 +281,43 @@ class RouteConfig(_Strict):
         return value
 
 
+class OperationsConfig(_Strict):
+    """The operations port: ``/healthz``, ``/readyz``, ``/metrics`` and the status page.
+
+    Plain HTTP without authentication, so it listens on a loopback address only: the
+    status page can requeue dead letters and the metrics describe the traffic. Binding
+    it elsewhere needs ``allow_remote = true``, for a host whose own reverse proxy
+    authenticates operators and terminates TLS in front of it. Requeueing is accepted
+    from a loopback peer only, whatever the binding.
+    """
+
+    # allow_remote comes first so that the check of host can see it.
+    allow_remote: bool = Field(
+        default=False, description="allow a non-loopback host (behind an authenticating proxy)"
+    )
+    host: str = Field(default="127.0.0.1", description="listen address; loopback unless allow_remote")
+    port: int = Field(default=9464, ge=0, le=65535, description="0 picks a free port")
+    sample_seconds: float = Field(
+        default=15.0, ge=0.05, le=600, description="how often queue depth is sampled for the chart"
+    )
+    certificate_warning_days: int = Field(
+        default=30, ge=1, le=3650, description="/readyz fails when a certificate expires sooner"
+    )
+    partner_timeout_seconds: float = Field(
+        default=3.0, gt=0, le=60, description="how long /readyz waits for each partner"
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_unless_allowed(cls, value: str, info: ValidationInfo) -> str:
+        if value not in _LOOPBACK_HOSTS and not info.data.get("allow_remote"):
+            raise ValueError(
+                "the operations port has no authentication and listens on loopback only;"
+                " set allow_remote = true to put it behind an authenticating proxy"
+            )
+        return value
+
+
 class BridgeConfig(_Strict):
     controller: ControllerConfig
     server: ServerConfig = ServerConfig()
@@ -264,10 +330,12 @@ class BridgeConfig(_Strict):
     mllp: MLLPConfig | None = None
     intake: IntakeConfig = IntakeConfig()
     routes: list[RouteConfig] = Field(default_factory=list)
+    operations: OperationsConfig | None = None
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
     def _cross_check(self) -> BridgeConfig:
+        self.store._source = self.source
         partner_ids = [p.id for p in self.partners]
         if len(set(partner_ids)) != len(partner_ids):
             raise ValueError("partners: duplicate partner id")

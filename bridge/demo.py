@@ -45,8 +45,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_configs(workdir: Path, hospital_port: int, insurer_port: int) -> tuple[Path, Path]:
-    """Write the two controllers' configuration files next to the PKI in ``workdir``."""
+def write_configs(
+    workdir: Path,
+    hospital_port: int,
+    insurer_port: int,
+    *,
+    ops_ports: tuple[int, int] | None = None,
+) -> tuple[Path, Path]:
+    """Write the two controllers' configuration files next to the PKI in ``workdir``.
+
+    With ``ops_ports`` (hospital, insurer) each also opens its operations port.
+    """
+    ops_h, ops_i = (
+        (f"\n[operations]\nport = {ops_ports[0]}\nsample_seconds = 1\n",
+         f"\n[operations]\nport = {ops_ports[1]}\nsample_seconds = 1\n")
+        if ops_ports
+        else ("", "")
+    )
     hospital = f"""\
 # Hospital A: pushes inpatient claims to Insurer B.
 [controller]
@@ -71,7 +86,7 @@ path = "{HOSPITAL}/bridge.sqlite"
 
 [audit]
 pseudonym_key_file = "{HOSPITAL}/audit-pseudonym.key"
-
+{ops_h}
 [[partners]]
 id = "{INSURER}"
 name = "示范商业保险股份有限公司"
@@ -109,7 +124,7 @@ path = "{INSURER}/bridge.sqlite"
 
 [audit]
 pseudonym_key_file = "{INSURER}/audit-pseudonym.key"
-
+{ops_i}
 [[partners]]
 id = "{HOSPITAL}"
 name = "示范市第一人民医院"
@@ -229,7 +244,9 @@ async def _run(
 
     result = DemoResult()
     init_dev_pki(workdir / "pki", [HOSPITAL, INSURER], force=True)
-    hospital_cfg, insurer_cfg = write_configs(workdir, free_port(), free_port())
+    hospital_cfg, insurer_cfg = write_configs(
+        workdir, free_port(), free_port(), ops_ports=(free_port(), free_port())
+    )
     insurer_port = load_config(insurer_cfg).server.port
 
     env = dict(os.environ)
@@ -282,6 +299,8 @@ async def _run(
             result.enqueued += 1
             await controller.put_consent({**consent, "status": "inactive"}, source="demo")
         await service.start()
+        if service.ops is not None and not quiet:
+            console.print(f"status page and /metrics of {HOSPITAL}: {service.ops.url}/")
 
         # A few records are submitted twice, as a HIS does after a timeout.
         resubmit = set(rng.sample(range(claims), k=max(1, claims // 20))) if claims else set()
@@ -300,7 +319,14 @@ async def _run(
         )
         dispatcher = service.dispatchers[LINK_OUT]
         with progress:
-            task = progress.add_task("push", total=len(order), delivered=0)
+            # The records queued before the push (for the patients who then revoke) count
+            # as submitted, here as in the summary.
+            task = progress.add_task(
+                "push",
+                total=len(order) + len(revoking),
+                completed=len(revoking),
+                delivered=0,
+            )
             # A HIS pushes from several interface threads at once: submissions overlap,
             # and the outbox's sequence numbers still order them.
             in_flight = asyncio.Semaphore(8)

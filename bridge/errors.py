@@ -12,6 +12,7 @@ logged and sent to partners, and must not carry health data.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar, Literal
 
 Fault = Literal["peer", "local", "transient"]
@@ -26,6 +27,10 @@ class BridgeError(Exception):
     fault: ClassVar[Fault] = "local"
     # FHIR OperationOutcome.issue.code (http://hl7.org/fhir/issue-type).
     issue_type: ClassVar[str] = "exception"
+    # The command line's exit status: 2 for bad input or configuration (the user must
+    # change what they typed or wrote), 1 for a runtime failure (something outside the
+    # command did not work: a store, a partner, a port someone else holds).
+    exit_status: ClassVar[int] = 2
 
     def __init__(self, message: str, *, location: str | None = None, **detail: Any) -> None:
         super().__init__(message)
@@ -62,6 +67,39 @@ class ConfigError(BridgeError):
     code = "config-invalid"
 
 
+class UsageError(BridgeError):
+    """A command line that does not say what to do: a missing, unknown or malformed
+    option or argument."""
+
+    code = "usage"
+
+
+class RuntimeFailure(BridgeError):
+    """The command was well formed but could not be carried out (exit status 1)."""
+
+    code = "runtime-failure"
+    exit_status = 1
+
+
+class PortInUse(RuntimeFailure):
+    """A listening port is already held by another process."""
+
+    code = "port-in-use"
+
+
+def listen_error(exc: OSError, host: str, port: int, where: str) -> BridgeError:
+    """Why a listener could not open ``host:port``, naming the configuration key ``where``."""
+    if exc.errno == errno.EADDRINUSE:
+        return PortInUse(f"{host}:{port} is already in use by another process", location=where)
+    if exc.errno == errno.EACCES:
+        return RuntimeFailure(f"no permission to listen on {host}:{port}", location=where)
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+        return ConfigError(f"{host} is not an address of this machine", location=where)
+    return RuntimeFailure(
+        f"cannot listen on {host}:{port}: {exc.strerror or type(exc).__name__}", location=where
+    )
+
+
 class LoadError(BridgeError):
     """A mapping, value-set, profile or catalog file in ``mappings/`` is invalid."""
 
@@ -86,6 +124,12 @@ class UnsupportedMediaType(ParseError):
 
     code = "unsupported-media-type"
     http_status = 415
+
+
+class UnsupportedEvent(ParseError):
+    """The message carries an event this endpoint does not process."""
+
+    code = "unsupported-event"
 
 
 class PayloadTooLarge(ParseError):
@@ -166,6 +210,29 @@ class UnknownPartner(TrustError):
     http_status = 401
 
 
+class CertificateRejected(TrustError):
+    """The connection's client certificate is no longer acceptable (expired, revoked...).
+
+    The handshake checked it; a connection can outlive its certificate, so every
+    request checks it again.
+    """
+
+    code = "certificate-rejected"
+    http_status = 401
+
+
+class SenderMismatch(TrustError):
+    """``MessageHeader.sender`` names someone other than the authenticated partner."""
+
+    code = "sender-mismatch"
+
+
+class WrongReceiver(TrustError):
+    """The message is addressed to another receiver than this bridge."""
+
+    code = "wrong-receiver"
+
+
 class SignatureError(TrustError):
     """A signature is missing, malformed, made with an unknown key, or does not verify."""
 
@@ -197,6 +264,24 @@ class InFlightError(BridgeError):
     http_status = 409
     fault = "transient"
     issue_type = "conflict"
+    exit_status = 1
+
+
+class RequestTimeout(BridgeError):
+    """The request body did not arrive in time; the sender may send again."""
+
+    code = "request-timeout"
+    http_status = 408
+    fault = "transient"
+    issue_type = "timeout"
+
+
+class InternalError(BridgeError):
+    """An unexpected failure inside the bridge; nothing was stored."""
+
+    code = "internal-error"
+    http_status = 500
+    fault = "local"
 
 
 class TransportError(BridgeError):
@@ -206,6 +291,7 @@ class TransportError(BridgeError):
     http_status = 503
     fault = "transient"
     issue_type = "transient"
+    exit_status = 1
 
 
 class PartnerRejected(BridgeError):
@@ -214,6 +300,7 @@ class PartnerRejected(BridgeError):
     code = "partner-rejected"
     http_status = 502
     fault = "peer"
+    exit_status = 1
 
 
 class StoreError(BridgeError):
@@ -223,3 +310,4 @@ class StoreError(BridgeError):
     http_status = 503
     fault = "transient"
     issue_type = "transient"
+    exit_status = 1

@@ -3,19 +3,48 @@
 A claim travels as a Bundle of type ``message``: ``MessageHeader`` first, then the
 resources of the minimised collection. The bundle's ``identifier`` is the message
 identity, which is also the idempotency key at the receiver.
+
+The receiver's first checks of a message are here, in the order PROTOCOL §4.3 gives
+them: :func:`read_json` (I-JSON, 400), :func:`check_envelope` (the message's shape,
+400) and :func:`check_addressing` (sender and receiver bound to the TLS peer and to
+this bridge, 403).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from bridge.errors import MappingError, ParseError
+import orjson
+
+from bridge.errors import (
+    MappingError,
+    ParseError,
+    SenderMismatch,
+    UnsupportedEvent,
+    WrongReceiver,
+)
 
 EVENT_SYSTEM = "urn:ws-fhir-bridge:event"
 PARTNER_SYSTEM = "urn:ws-fhir-bridge:partner"
 MESSAGE_NAMESPACE = uuid.UUID("4d0c7a0e-6b53-5d1f-9a57-2b1e1f0e6a10")
+IDENTIFIER_SYSTEM = "urn:ietf:rfc:3986"
+
+#: ``urn:uuid:`` and a UUID of RFC 4122 (versions 1-5, variant 10xx) in its canonical
+#: lower-case hyphenated form: the only message identity PROTOCOL §4.2 allows.
+MESSAGE_ID_PATTERN = re.compile(
+    r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[1-5][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+)
+#: Deepest nesting of arrays and objects a received document may have (§4.3).
+MAX_NESTING = 64
+#: Integers beyond this magnitude have no exact IEEE 754 form (I-JSON, RFC 7493 §2.2).
+MAX_SAFE_INTEGER = 2**53 - 1
+
+_MH = "Bundle.entry[0].resource"
 
 
 def message_id_for(sender: str, link: str, source_key: str) -> str:
@@ -69,6 +98,162 @@ def wrap_message(
         "timestamp": now.isoformat(timespec="seconds"),
         "entry": [{"fullUrl": f"urn:uuid:{header_id}", "resource": header}, *entries],
     }
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                # Member names are element names, not values: naming one is safe.
+                raise ParseError(
+                    "a member name appears twice in one object", location=f"body#{name[:64]}"
+                )
+            seen.add(name)
+    return result
+
+
+def read_json(body: bytes) -> Any:
+    """Parse a request body as I-JSON (RFC 7493), or raise :class:`ParseError` (400).
+
+    UTF-8 without lone surrogates, no member name twice in one object, nesting at most
+    :data:`MAX_NESTING`, integers within ±(2^53 - 1), no number beyond a double. These
+    are exactly the documents RFC 8785 canonicalises, so a message that passes here has
+    one signed form.
+    """
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ParseError(f"malformed JSON at byte {exc.pos}", location=f"body[{exc.pos}]") from None
+    if b'"' in body:  # objects or strings: member names could repeat
+        try:
+            json.loads(body, object_pairs_hook=_refuse_duplicates)
+        except RecursionError:
+            pass  # the depth check below names it
+        except ValueError as exc:  # only duplicates: orjson accepted the syntax
+            if isinstance(exc, ParseError):
+                raise
+            raise ParseError("malformed JSON", location="body") from None
+    _check_shape(value)
+    return value
+
+
+def _check_shape(value: Any) -> None:
+    # Iterative: a document nested deeper than Python's recursion limit is refused here
+    # with a 400, not failed later with a RecursionError.
+    stack: list[tuple[Any, str, int]] = [(value, "$", 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > MAX_NESTING:
+                raise ParseError(f"nested deeper than {MAX_NESTING} levels", location=path)
+            stack.extend((v, f"{path}.{k}", depth + 1) for k, v in node.items()
+                         if isinstance(v, (dict, list, int)))
+        elif isinstance(node, list):
+            if depth > MAX_NESTING:
+                raise ParseError(f"nested deeper than {MAX_NESTING} levels", location=path)
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node)
+                         if isinstance(v, (dict, list, int)))
+        elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > MAX_SAFE_INTEGER:
+            raise ParseError("integer beyond ±(2^53 - 1)", location=path)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the envelope of a received message says (checked by :func:`check_envelope`)."""
+
+    message_id: str
+    header: dict[str, Any]
+    event: str
+    sender: str
+    receiver: str
+
+
+def _partner_of(reference: Any) -> str | None:
+    identifier = reference.get("identifier") if isinstance(reference, dict) else None
+    if not isinstance(identifier, dict) or identifier.get("system") != PARTNER_SYSTEM:
+        return None
+    value = identifier.get("value")
+    return value if isinstance(value, str) and value else None
+
+
+def check_envelope(bundle: Any, *, accepted_events: frozenset[str]) -> Envelope:
+    """PROTOCOL §4.3: the checks a receiver makes of a message's shape, in order.
+
+    Raises :class:`ParseError` (400) naming the first element at fault, or
+    :class:`UnsupportedEvent` (400) for an event this endpoint does not accept.
+    """
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise ParseError("body is not a FHIR Bundle", location="Bundle.resourceType")
+    if bundle.get("type") != "message":
+        raise ParseError("Bundle.type must be 'message'", location="Bundle.type")
+    ident = bundle.get("identifier")
+    if not isinstance(ident, dict) or ident.get("system") != IDENTIFIER_SYSTEM:
+        raise ParseError(
+            f"Bundle.identifier.system must be {IDENTIFIER_SYSTEM}",
+            location="Bundle.identifier.system",
+        )
+    msg_id = ident.get("value")
+    if not isinstance(msg_id, str) or not MESSAGE_ID_PATTERN.fullmatch(msg_id):
+        raise ParseError(
+            "message identity must be urn:uuid: and a canonical RFC 4122 UUID",
+            location="Bundle.identifier.value",
+        )
+    entries = bundle.get("entry")
+    if not isinstance(entries, list) or not entries:
+        raise ParseError("message has no entries", location="Bundle.entry")
+    first = entries[0].get("resource") if isinstance(entries[0], dict) else None
+    if not isinstance(first, dict) or first.get("resourceType") != "MessageHeader":
+        raise ParseError("first entry must be a MessageHeader", location=_MH)
+    coding = first.get("eventCoding")
+    if (
+        not isinstance(coding, dict)
+        or coding.get("system") != EVENT_SYSTEM
+        or not isinstance(coding.get("code"), str)
+    ):
+        raise ParseError(
+            f"MessageHeader.eventCoding must be a code of {EVENT_SYSTEM}",
+            location=f"{_MH}.eventCoding",
+        )
+    event = str(coding["code"])
+    if event not in accepted_events:
+        raise UnsupportedEvent(
+            "this endpoint does not accept that message event", location=f"{_MH}.eventCoding.code"
+        )
+    sender = _partner_of(first.get("sender"))
+    if sender is None:
+        raise ParseError(
+            f"MessageHeader.sender must be an identifier of {PARTNER_SYSTEM}",
+            location=f"{_MH}.sender",
+        )
+    destinations = first.get("destination")
+    if not isinstance(destinations, list) or len(destinations) != 1:
+        raise ParseError(
+            "a message has exactly one destination", location=f"{_MH}.destination"
+        )
+    destination = destinations[0] if isinstance(destinations[0], dict) else {}
+    receiver = _partner_of(destination.get("receiver"))
+    if receiver is None:
+        raise ParseError(
+            f"MessageHeader.destination[0].receiver must be an identifier of {PARTNER_SYSTEM}",
+            location=f"{_MH}.destination[0].receiver",
+        )
+    return Envelope(msg_id, first, event, sender, receiver)
+
+
+def check_addressing(envelope: Envelope, *, peer: str, receiver: str) -> None:
+    """PROTOCOL §4.4: the message names the TLS peer as sender and this bridge as receiver."""
+    if envelope.sender != peer:
+        raise SenderMismatch(
+            "MessageHeader.sender is not the partner this connection authenticated",
+            location=f"{_MH}.sender",
+        )
+    if envelope.receiver != receiver:
+        raise WrongReceiver(
+            "the message is addressed to another receiver",
+            location=f"{_MH}.destination[0].receiver",
+        )
 
 
 def message_identity(bundle: Any) -> tuple[str, dict[str, Any]]:

@@ -59,8 +59,37 @@ def make_workdir(root: Path) -> tuple[Path, Path]:
     return write_configs(root, free_port(), free_port())
 
 
-async def start_pair(root: Path, *, start_dispatch: bool = True) -> Pair:
+def set_toml_keys(path: Path, table: str, values: dict[str, Any]) -> None:
+    """Add ``key = value`` lines to ``[table]`` of a configuration file written above."""
+    lines = "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+    text = path.read_text(encoding="utf-8")
+    header = f"[{table}]\n"
+    if header not in text:
+        raise ValueError(f"no [{table}] table in {path}")
+    path.write_text(text.replace(header, header + lines, 1), encoding="utf-8")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def start_pair(
+    root: Path,
+    *,
+    start_dispatch: bool = True,
+    insurer_config: dict[str, dict[str, Any]] | None = None,
+) -> Pair:
+    """Start the two bridges; ``insurer_config`` adds keys to tables of the insurer's file
+    (``{"server": {"header_timeout_seconds": 1}}``)."""
     hospital_cfg, insurer_cfg = make_workdir(root)
+    for table, values in (insurer_config or {}).items():
+        set_toml_keys(insurer_cfg, table, values)
     insurer = BridgeService(Controller(load_config(insurer_cfg)), poll_interval=0.05)
     await insurer.start()
     hospital = BridgeService(Controller(load_config(hospital_cfg)), poll_interval=0.05)

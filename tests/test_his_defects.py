@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hl7_feeds import Charge, InpatientVisit, OutpatientVisit, standard_charges
+from hl7_feeds import Charge, InpatientVisit, OutpatientVisit
 
 from bridge.cli import main
 

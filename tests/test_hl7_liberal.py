@@ -28,7 +28,7 @@ async def test_unread_fields_are_warnings_and_read_fields_are_strict(tmp_path: P
         lines = a01.split(b"\r")
         # PID-33 (last update, TS) and PV1-47 (total charges, NM), written as text: no
         # mapping reads them. A Z-segment and a free-text PV1-4 (admission type) too.
-        pid = lines[2] + b"|" * (33 - lines[2].count(b"|")) + "2026-03-01 08:30:00".encode()
+        pid = lines[2] + b"|" * (33 - lines[2].count(b"|")) + b"2026-03-01 08:30:00"
         pv1 = lines[3] + "||约12000元".encode()
         loose = b"\r".join([lines[0], lines[1], pid, pv1.replace(b"||||", "|急诊|||".encode(), 1),
                             *lines[4:-1], "ZPV|1|VIP|押金^5000".encode()]) + b"\r"

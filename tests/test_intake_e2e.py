@@ -251,9 +251,10 @@ links = ["claims-copy", "{LINK_OUT}"]
 
 
 async def _serve(config: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "bridge", "serve", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=config.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = await asyncio.to_thread(
+        subprocess.Popen, [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=config.parent,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=60)
     assert line.startswith("ready "), (line, proc.stderr.read() if proc.poll() else "")

@@ -20,10 +20,10 @@ from bridge.errors import ConfigError, MappingError, ParseError
 from bridge.ledger.sqlite import SQLiteStore
 from bridge.link.mllp import HeaderOnlyHandler, HL7Handler, default_handler
 from bridge.link.mllp_framer import MLLPFramer, frame
-from bridge.mapping.hl7v2 import Intake
-from bridge.mapping.hl7v2.header import MSHHeader, read_msh
 from bridge.link.node import Controller
 from bridge.link.service import BridgeService
+from bridge.mapping.hl7v2 import Intake
+from bridge.mapping.hl7v2.header import MSHHeader, read_msh
 from bridge.trust.pki import init_dev_pki
 
 ADT = (

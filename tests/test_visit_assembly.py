@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hl7_feeds import Charge, InpatientVisit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hl7_feeds import Charge, InpatientVisit
 
 from bridge.errors import MappingError
 from bridge.mapping import map_record

@@ -171,12 +171,20 @@ def open_store(config: StoreConfig, *, sealer: Sealer | None = None) -> Store:
     ``kind = "postgresql"`` (``dsn``, ``schema``). Creates the file or schema if needed
     and applies pending migrations. ``sealer`` seals health data at rest.
     """
-    if config.kind == "postgresql":
-        from bridge.ledger.postgres import PostgresStore
+    from bridge.errors import BridgeError
 
-        assert config.dsn is not None  # StoreConfig refuses postgresql without a dsn
-        return PostgresStore(config.dsn, schema=config.db_schema, sealer=sealer)
-    from bridge.ledger.sqlite import SQLiteStore
+    try:
+        if config.kind == "postgresql":
+            from bridge.ledger.postgres import PostgresStore
 
-    config.path.parent.mkdir(parents=True, exist_ok=True)
-    return SQLiteStore(config.path, sealer=sealer)
+            assert config.dsn is not None  # StoreConfig refuses postgresql without a dsn
+            return PostgresStore(config.dsn, schema=config.db_schema, sealer=sealer)
+        from bridge.ledger.sqlite import SQLiteStore
+
+        config.path.parent.mkdir(parents=True, exist_ok=True)
+        return SQLiteStore(config.path, sealer=sealer)
+    except BridgeError as exc:
+        # Name the configuration file beside the key, as configuration errors do.
+        if config.source is not None and (exc.location or "").startswith("store."):
+            exc.location = f"{config.source}: {exc.location}"
+        raise

@@ -103,7 +103,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from bridge.errors import BridgeError, ConflictError, StoreError
+from bridge.errors import BridgeError, ConfigError, ConflictError, StoreError
 from bridge.ledger.audit import (
     GENESIS_HASH,
     AuditEntry,
@@ -303,6 +303,26 @@ def _require_aware(value: datetime, name: str) -> datetime:
     return value
 
 
+def _dsn_problem(exc: psycopg.Error) -> str:
+    """What libpq disliked in a DSN, without echoing the DSN (it may hold a password)."""
+    found = re.search(r'invalid (?:connection option|URI query parameter) "([A-Za-z_]+)"', str(exc))
+    if found:
+        return f"unknown option {found.group(1)}"
+    return "expected key=value pairs or a postgresql:// URI"
+
+
+def _connect_problem(exc: psycopg.Error) -> str:
+    """libpq's reason for a failed connection, on one line (host, port, database and role
+    names; libpq never repeats a password)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    reason = lines[0]
+    for prefix in ("connection failed: ", "connection is bad: "):
+        reason = reason.removeprefix(prefix)
+    return re.sub(r"\s+", " ", reason.replace("FATAL:", "")).strip()
+
+
 def default_worker_id() -> str:
     """``host:pid:random`` — unique per store instance, readable in ``pg_stat_activity``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -361,9 +381,13 @@ class PostgresStore:
                 self.dsn, autocommit=True, connect_timeout=max(1, round(self._connect_timeout)),
                 application_name=f"ws-fhir-bridge {self.worker_id}"[:63],
             )
+        except psycopg.ProgrammingError as exc:
+            # libpq could not read the DSN: a configuration mistake, not an outage.
+            raise ConfigError(f"not a usable PostgreSQL connection string: {_dsn_problem(exc)}",
+                              location="store.dsn") from None
         except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to PostgreSQL ({type(exc).__name__})",
-                             location=self.location) from exc
+            raise StoreError(f"cannot connect to PostgreSQL: {_connect_problem(exc)}",
+                             location="store.dsn") from None
         try:
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
             conn.execute("SET TIME ZONE 'UTC'")

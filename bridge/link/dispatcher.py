@@ -5,8 +5,8 @@ can be revoked while a message waits), POSTs the signed message, verifies the si
 receipt and only then marks the row acknowledged. Failures are classified before
 anything is retried:
 
-* a definitive rejection (4xx other than 409/429) is recorded and never retried;
-* a transient failure (connection refused or reset, timeout, 409, 429, 5xx) is
+* a definitive rejection (4xx other than 408/409/429) is recorded and never retried;
+* a transient failure (connection refused or reset, timeout, 408, 409, 429, 5xx) is
   retried a few times at once with tenacity, then rescheduled in the outbox with
   exponential backoff and jitter, until the link's attempt limit sends it to dead;
 * a certificate problem (our certificate refused, theirs not trusted) is a
@@ -42,8 +42,9 @@ from bridge.errors import (
 )
 from bridge.ledger.states import next_attempt
 from bridge.link.node import Controller, _decision_detail, resource_types
+from bridge.logs import claim_event
 from bridge.trust.identity import certificate_identity
-from bridge.trust.jws import digest, sign_bundle, signed_payload
+from bridge.trust.jws import digest, payload_digests, sign_bundle
 from bridge.trust.receipts import verify_receipt
 from bridge.trust.tls import client_context
 
@@ -313,6 +314,7 @@ class Dispatcher:
                         detail=f"dispatch:{_decision_detail(exc)}",
                     ),
                 )
+                claim_event("refusal", c, self.link, row, code=exc.code, stage="dispatch")
                 return
             receipt_bytes = await self._post(self._signed_now(payload, message_id, row))
             receipt = orjson.loads(receipt_bytes)
@@ -323,7 +325,7 @@ class Dispatcher:
                     expected_issuer=self.link.partner,
                     expected_audience=c.id,
                     request_message_id=message_id,
-                    request_digest=digest(signed_payload(payload)),
+                    request_digest=payload_digests(payload),
                     now=c.clock(),
                     check_time=False,
                 )
@@ -348,6 +350,7 @@ class Dispatcher:
                 ),
             )
             self.stats.acked += 1
+            claim_event("delivery", c, self.link, row, now=now)
             started = self._enqueued_at.pop(message_id, None)
             if started is not None:
                 self.stats.latencies.append(asyncio.get_running_loop().time() - started)
@@ -370,6 +373,7 @@ class Dispatcher:
                     detail=str(exc.detail.get("remote_code") or exc.code),
                 ),
             )
+            claim_event("rejected", c, self.link, row, code=exc.detail.get("remote_code") or exc.code)
         except Exception as raw:
             exc2 = classify_exception(raw)
             if not isinstance(raw, BridgeError):
@@ -388,6 +392,7 @@ class Dispatcher:
                     self.link.retry_cap_seconds,
                     exc,
                 )
+                claim_event("certificate_refusal", c, self.link, row, code=exc.code)
                 await c.db.append_audit(
                     c.audit(
                         "link.paused",
@@ -414,6 +419,7 @@ class Dispatcher:
                     detail=exc.code,
                 ),
             )
+            claim_event("dead_letter", c, self.link, row, code=exc.code)
             return
         self.stats.retried += 1
         due = next_attempt(
@@ -424,6 +430,7 @@ class Dispatcher:
             rng=self.rng,
         )
         await c.db.mark_retry(row.message_id, next_attempt=due, error=exc.code, now=now, audit=None)
+        claim_event("retry", c, self.link, row, code=exc.code, now=now, retry_at=due)
 
     async def resend(self, message_id: str) -> bytes:
         """Send a delivered claim again and return the receipt the partner answers with.
@@ -460,7 +467,7 @@ class Dispatcher:
             expected_issuer=self.link.partner,
             expected_audience=c.id,
             request_message_id=message_id,
-            request_digest=digest(signed_payload(payload)),
+            request_digest=payload_digests(payload),
             now=c.clock(),
             check_time=False,
         )
@@ -503,7 +510,7 @@ class Dispatcher:
         if status == 200:
             return body
         remote_code = _remote_code(body)
-        if status in (409, 429) or status >= 500:
+        if status in (408, 409, 429) or status >= 500:
             raise TransportError(f"partner answered {status}", location="HTTP", status=status)
         raise PartnerRejected(
             f"partner rejected the message with {status}",

@@ -50,7 +50,7 @@ import functools
 import hashlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,7 +69,7 @@ from bridge.ledger import intake as intake_db
 from bridge.link.mllp_framer import Event, FrameTooLarge, MLLPFramer, frame
 from bridge.link.routing import Source, could_route
 from bridge.link.store import GroupCommit
-from bridge.link.tlsgate import TLSListener
+from bridge.link.tlsgate import RefusalHook, TLSListener
 from bridge.mapping.hl7v2 import HL7Message, HL7Reader, Intake, ack_code_for, build_ack, read_msh
 from bridge.mapping.hl7v2.ack import tolerant_header
 from bridge.mapping.hl7v2.header import MSHHeader
@@ -86,7 +86,6 @@ log = logging.getLogger("bridge.mllp")
 _HIGH_WATER = 64
 _LOW_WATER = 16
 
-RefusalHook = Callable[[str, str], Awaitable[None]]
 WakeHook = Callable[[], None]
 
 

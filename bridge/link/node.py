@@ -24,6 +24,7 @@ from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
 from bridge.link.store import AsyncStore
+from bridge.logs import event, refusal_event
 from bridge.mapping import map_record, patient_identifiers
 from bridge.messages import collection_of, message_id_for, wrap_message
 from bridge.policy.consent import ConsentRegistry, parse_consent
@@ -213,6 +214,7 @@ class Controller:
             now=now,
             audit=entry,
         )
+        event("consent_change", controller=self.id, consent_id=record.id, status=record.status, source=source)
         await self.sync_consents()
         return record.id
 
@@ -310,6 +312,7 @@ class Controller:
                     now=now,
                 )
             )
+            refusal_event(self, "enqueue", exc, partner=link.partner, subject=message_id)
             raise
         payload = orjson.dumps(signed)
         payload_digest = digest(payload)

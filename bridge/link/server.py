@@ -1,39 +1,57 @@
 """The receiving side: an aiohttp application behind a mutual-TLS listener.
 
-Request path for ``POST [base]/$process-message``:
+Every request, whatever its route, first passes :func:`peer_gate`: the connection's
+client certificate is checked again for this request (validity dates, CRL) and must
+belong to a registered partner or to this controller's own systems (401 otherwise).
+A handshake proves the certificate once; a connection can outlive it.
 
-1. the TLS handshake already proved a certificate from our CA (``tlsgate``);
-2. the certificate must map to a registered partner with an inbound link (401/403);
-3. media type, size and JSON shape are checked (415, 413, 400);
-4. the signature must verify, be made by that same partner and be addressed to us,
+Request path for ``POST [base]/$process-message`` (PROTOCOL §6.1, in this order):
+
+1. the certificate must map to a registered partner with an inbound link (401);
+2. media type and Content-Encoding (415), size (413), a body in time (408);
+3. the body must be I-JSON (400) and a message envelope the endpoint accepts (400):
+   :func:`bridge.messages.check_envelope`;
+4. the MessageHeader must name the TLS peer as sender and this bridge as receiver (403);
+5. the signature must verify, be made by that same partner and be addressed to us,
    inside the replay window (403);
-5. a message identity seen before gets the original receipt back, or 422 if the
-   content differs; one still being processed gets 409;
-6. the content must be valid FHIR and hold only what the link's profile allows (422/403);
-7. the inbox row, the audit entry and the signed receipt are committed together,
+6. an identity being processed right now gets 409, only now that the request is
+   known to be authentic, and that answer is audited;
+7. a message identity seen before gets the original receipt back, or 422 if the
+   content differs;
+8. the content must be valid FHIR and hold only what the link's profile allows (422/403);
+9. the inbox row, the audit entry and the signed receipt are committed together,
    and only then is the receipt returned.
 
-Every refusal is audited. No health data appears in an error or a log line.
+Every refusal is audited, and so is every unexpected failure (an audited 500): an
+answer that depends only on the request is never a 5xx, because senders retry those.
+No health data appears in an error or a log line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from bridge.config import ServerConfig
 from bridge.errors import (
     BridgeError,
+    CertificateRejected,
     ConflictError,
     InFlightError,
+    InternalError,
     NotFound,
     ParseError,
     PayloadTooLarge,
     PolicyError,
     ProfileError,
+    RequestTimeout,
     SignatureError,
     StoreError,
     TrustError,
@@ -41,13 +59,14 @@ from bridge.errors import (
     UnsupportedMediaType,
 )
 from bridge.link.node import Controller, resource_types
+from bridge.logs import refusal_event
 from bridge.mapping import patient_identifiers
-from bridge.messages import collection_of, header_event, message_identity
+from bridge.messages import check_addressing, check_envelope, collection_of, read_json
 from bridge.policy.consent import parse_consent
 from bridge.records.fhir import ValidationCache, validation_cache
 from bridge.resources import conformance_dir
-from bridge.trust.identity import certificate_identity
-from bridge.trust.jws import verify_bundle, verify_detached_bytes
+from bridge.trust.jws import SignedClaims, payload_digests, verify_bundle, verify_detached_bytes
+from bridge.trust.peercheck import PeerCertificateCheck
 from bridge.trust.receipts import make_receipt
 from bridge.trust.registry import Partner
 
@@ -55,14 +74,63 @@ log = logging.getLogger("bridge.server")
 
 FHIR_JSON = "application/fhir+json"
 _ACCEPTED_TYPES = {FHIR_JSON, "application/json"}
+#: Message events ``$process-message`` accepts (PROTOCOL §4.3): claims only. A receipt
+#: travels as an answer, never as a request.
+ACCEPTED_EVENTS = frozenset({"claim-submit"})
+_BASE_PATH = web.AppKey("base_path", str)
 
 
 def outcome_response(exc: BridgeError) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=exc.http_status,
         body=orjson.dumps(exc.to_operation_outcome()),
         content_type=FHIR_JSON,
     )
+    if isinstance(exc, (CertificateRejected, RequestTimeout, PayloadTooLarge)):
+        # The connection's certificate is no longer good, or its stream is mid-body.
+        response.force_close()
+    return response
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is at the other end of a request, as :func:`peer_gate` established."""
+
+    partner: Partner | None  # None: this controller's own systems
+    fingerprint: str
+
+
+#: Where the verified peer of a request is kept (see :func:`peer_gate`).
+PEER = web.RequestKey("bridge.peer", Peer)
+
+
+async def read_body(request: web.Request, server: ServerConfig) -> bytes:
+    """The request body, or 415 (any Content-Encoding), 413 (too large), 408 (too slow).
+
+    Content codings are refused rather than decoded (PROTOCOL P-HTTP-3): a receiver
+    never inflates what a sender compressed. aiohttp's own decoding is off
+    (``auto_decompress=False``), so a refused body is never decompressed either.
+    """
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            "Content-Encoding is not accepted; send the body as it is",
+            location="Content-Encoding",
+        )
+    try:
+        async with asyncio.timeout(server.body_timeout_seconds):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge("body larger than this bridge accepts", location="body") from None
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time", location="body") from None
+
+
+@dataclass
+class _Flight:
+    """A message identity being processed, and how many copies were told to wait."""
+
+    refused: int = 0
 
 
 class ReceiverApp:
@@ -70,14 +138,17 @@ class ReceiverApp:
 
     def __init__(self, controller: Controller) -> None:
         self.c = controller
-        self._in_flight: set[tuple[str, str]] = set()
+        self._in_flight: dict[tuple[str, str], _Flight] = {}
         self.stats: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0}
+        self.peer_check = PeerCertificateCheck.from_crl_file(controller.config.tls.crl)
 
     def build(self) -> web.Application:
         app = web.Application(
-            client_max_size=self.c.config.server.max_body_bytes, middlewares=[_outcome_on_failure]
+            client_max_size=self.c.config.server.max_body_bytes,
+            middlewares=[outcome_on_failure(self), peer_gate(self)],
         )
         base = self.c.config.server.base_path.rstrip("/")
+        app[_BASE_PATH] = base
         app.router.add_post(f"{base}/$process-message", self.process_message)
         app.router.add_get(f"{base}/metadata", self.metadata)
         consents = ConsentAPI(self)
@@ -88,29 +159,42 @@ class ReceiverApp:
 
     # --- helpers ----------------------------------------------------------------------
 
-    def _peer_partner(self, request: web.Request) -> Partner:
+    def _peer(self, request: web.Request) -> Peer:
+        """The peer :func:`peer_gate` verified for this request (checked again if absent)."""
+        if PEER in request:
+            return request[PEER]
+        return self.identify(request)
+
+    def identify(self, request: web.Request) -> Peer:
+        """Check the connection's client certificate for this request and say whose it is.
+
+        Raises :class:`CertificateRejected` (expired, not yet valid, revoked) or
+        :class:`UnknownPartner` (no certificate, or one that names no registered
+        partner and is not a pinned certificate of this controller's own systems).
+        """
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
             raise UnknownPartner("no client certificate on this connection", location="TLS")
-        return self.c.partners.identify(der)
+        identity = self.peer_check.check(der, self.c.clock())
+        if identity.partner_id == self.c.id:
+            pins = self.c.config.server.local_client_fingerprints
+            if pins and identity.fingerprint_sha256 not in pins:
+                raise UnknownPartner(
+                    "certificate names this controller but is not a pinned local client",
+                    location="TLS.client-certificate",
+                )
+            return Peer(None, identity.fingerprint_sha256)
+        return Peer(self.c.partners.identify(der), identity.fingerprint_sha256)
 
-    async def _refuse(
-        self, exc: BridgeError, *, partner: str | None, subject: str, patient: str | None = None
-    ) -> web.Response:
-        self.stats["rejected"] += 1
-        await self.c.db.append_audit(
-            self.c.audit(
-                "message.reject",
-                subject=subject,
-                outcome="denied" if isinstance(exc, (TrustError, PolicyError)) else "failure",
-                partner=partner,
-                patient=patient,
-                detail=f"{exc.code}@{exc.location or '-'}",
+    def _peer_partner(self, request: web.Request) -> Partner:
+        """The registered partner of this request; this controller's own systems are not one."""
+        partner = self._peer(request).partner
+        if partner is None:
+            raise UnknownPartner(
+                "certificate names this controller, not a partner", location="TLS.client-certificate"
             )
-        )
-        log.info("refused %s from %s: %s", subject, partner or "unknown partner", exc)
-        return outcome_response(exc)
+        return partner
 
     def _caller(self, request: web.Request) -> str | None:
         """``None`` for this controller's own systems, else the partner id of the peer.
@@ -119,20 +203,32 @@ class ReceiverApp:
         client certificate issued to the controller itself; anything else must be a
         registered partner.
         """
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        if not der:
-            raise UnknownPartner("no client certificate on this connection", location="TLS")
-        identity = certificate_identity(der)
-        if identity.partner_id == self.c.id:
-            pins = self.c.config.server.local_client_fingerprints
-            if pins and identity.fingerprint_sha256 not in pins:
-                raise UnknownPartner(
-                    "certificate names this controller but is not a pinned local client",
-                    location="TLS.client-certificate",
-                )
-            return None
-        return self.c.partners.identify(der).id
+        partner = self._peer(request).partner
+        return partner.id if partner is not None else None
+
+    async def _refuse(
+        self,
+        exc: BridgeError,
+        *,
+        partner: str | None,
+        subject: str,
+        patient: str | None = None,
+        action: str = "message.reject",
+    ) -> web.Response:
+        self.stats["rejected"] += 1
+        await self.c.db.append_audit(
+            self.c.audit(
+                action,
+                subject=subject,
+                outcome="denied" if isinstance(exc, (TrustError, PolicyError)) else "failure",
+                partner=partner,
+                patient=patient,
+                detail=f"{exc.code}@{exc.location or '-'}",
+            )
+        )
+        log.info("refused %s from %s: %s", subject, partner or "unknown partner", exc)
+        refusal_event(self.c, "receive", exc, partner=partner, subject=subject)
+        return outcome_response(exc)
 
     # --- handlers ---------------------------------------------------------------------
 
@@ -152,67 +248,80 @@ class ReceiverApp:
                 partner=partner.id,
                 subject="connection",
             )
-        if request.content_type not in _ACCEPTED_TYPES:
-            return await self._refuse(
-                UnsupportedMediaType(
+        subject = "request"
+        try:
+            if request.content_type not in _ACCEPTED_TYPES:
+                raise UnsupportedMediaType(
                     "media type must be application/fhir+json", location="Content-Type"
-                ),
-                partner=partner.id,
-                subject="request",
+                )
+            body = await read_body(request, self.c.config.server)
+            bundle = read_json(body)
+            envelope = check_envelope(bundle, accepted_events=ACCEPTED_EVENTS)
+            subject = envelope.message_id
+            check_addressing(envelope, peer=partner.id, receiver=self.c.id)
+            now = self.c.clock()
+            # The signer must be the partner the TLS handshake authenticated.
+            claims = verify_bundle(
+                bundle, self.c.keyring, expected_issuer=partner.id, expected_audience=self.c.id,
+                now=now,
             )
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return await self._refuse(
-                PayloadTooLarge("message larger than this bridge accepts", location="body"),
-                partner=partner.id,
-                subject="request",
-            )
-        try:
-            bundle = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            return await self._refuse(
-                ParseError(f"malformed JSON at byte {exc.pos}", location=f"body[{exc.pos}]"),
-                partner=partner.id,
-                subject="request",
-            )
-        try:
-            message_id, header = message_identity(bundle)
         except BridgeError as exc:
-            return await self._refuse(exc, partner=partner.id, subject="request")
+            return await self._refuse(exc, partner=partner.id, subject=subject)
 
-        key = (partner.id, message_id)
-        if key in self._in_flight:
-            return outcome_response(
-                InFlightError("message is still being processed", location="Bundle.identifier")
-            )
-        self._in_flight.add(key)
+        # Only an authentic request is told to come back later: a forged copy of a
+        # message in flight is refused for what it is.
+        key = (partner.id, envelope.message_id)
+        flight = self._in_flight.get(key)
+        if flight is not None:
+            return await self._in_progress(flight, partner.id, envelope.message_id)
+        flight = self._in_flight[key] = _Flight()
         try:
-            return await self._accept(bundle, body, message_id, header, partner, link.profile)
+            return await self._accept(
+                bundle, body, envelope.message_id, partner, link.profile, claims, now
+            )
         finally:
-            self._in_flight.discard(key)
+            del self._in_flight[key]
+            if flight.refused > 1:
+                await self._audit_in_progress(partner.id, envelope.message_id, flight.refused - 1)
+
+    async def _in_progress(self, flight: _Flight, partner: str, message_id: str) -> web.Response:
+        """409, audited: the first copy gets its own entry; the rest are counted and
+        recorded in one entry when the message in flight is done."""
+        flight.refused += 1
+        if flight.refused == 1:
+            await self._audit_in_progress(partner, message_id, 1)
+        return outcome_response(
+            InFlightError("message is still being processed", location="Bundle.identifier")
+        )
+
+    async def _audit_in_progress(self, partner: str, message_id: str, count: int) -> None:
+        await self.c.db.append_audit(
+            self.c.audit(
+                "message.in-progress",
+                subject=message_id,
+                outcome="failure",
+                partner=partner,
+                detail=f"message-in-progress@Bundle.identifier count={count}",
+            )
+        )
 
     async def _accept(
         self,
         bundle: dict[str, Any],
         body: bytes,
         message_id: str,
-        header: dict[str, Any],
         partner: Partner,
         profile_name: str,
+        claims: SignedClaims,
+        now: datetime,
     ) -> web.Response:
         c = self.c
-        now = c.clock()
-        # The signer must be the partner the TLS handshake authenticated.
-        try:
-            claims = verify_bundle(
-                bundle, c.keyring, expected_issuer=partner.id, expected_audience=c.id, now=now
-            )
-        except TrustError as exc:
-            return await self._refuse(exc, partner=partner.id, subject=message_id)
         existing = await c.db.inbox_lookup(partner.id, message_id)
         if existing is not None:
-            if existing.digest != claims.payload_digest:
+            # The same content whichever protocol version signed it (PROTOCOL §6.3).
+            if existing.digest != claims.payload_digest and existing.digest not in (
+                payload_digests(bundle)
+            ):
                 return await self._refuse(
                     ConflictError(
                         "message identity reused with different content",
@@ -234,7 +343,6 @@ class ReceiverApp:
 
         patient: str | None = None
         try:
-            header_event(header)
             validate_message(bundle)
             # Only a validated bundle is read for its patient: a malformed one is refused
             # (and audited) as invalid FHIR, and one without a Patient as unmappable.
@@ -296,29 +404,84 @@ class ReceiverApp:
         return web.Response(body=row.receipt, content_type=FHIR_JSON)
 
 
-@web.middleware
-async def _outcome_on_failure(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Answer every failure as a FHIR OperationOutcome, never as aiohttp's plain text.
+def peer_gate(receiver: ReceiverApp) -> Any:
+    """Middleware: every request's client certificate is checked again (PROTOCOL P-TLS-7).
 
-    Routing errors (404, 405) keep their status; an unexpected exception is logged
-    here with its traceback and answered 500 without any detail that could carry data.
+    Whatever the route, a request whose connection certificate has expired, is not yet
+    valid or has been revoked since the handshake gets 401 ``certificate-rejected`` and
+    the connection is closed; one whose certificate names no registered partner (and is
+    not a pinned certificate of this controller's own systems) gets 401
+    ``unknown-partner``. Both are audited. Handlers read the verified peer from
+    ``request[PEER]``.
     """
-    try:
+
+    @web.middleware
+    async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            request[PEER] = receiver.identify(request)
+        except TrustError as exc:
+            return await receiver._refuse(exc, partner=None, subject=_route_name(request))
         return await handler(request)  # type: ignore[no-any-return]
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        err = BridgeError(exc.reason or "request refused", location=request.path)
-        return web.Response(
-            status=exc.status, body=orjson.dumps(err.to_operation_outcome()), content_type=FHIR_JSON
-        )
-    except BridgeError as exc:  # e.g. the store failing: 503, the sender retries later
-        log.error("%s %s failed: %s", request.method, request.path, exc)
-        return outcome_response(exc)
-    except Exception:
-        log.exception("unexpected failure handling %s %s", request.method, request.path)
-        err = BridgeError("internal error; nothing was stored", location=request.path)
-        return outcome_response(err)
+
+    return gate
+
+
+def _route_name(request: web.Request) -> str:
+    """The route of a request without any value from its path (``Consent/{id}``)."""
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else request.path
+    base = request.app.get(_BASE_PATH, "")
+    return canonical.removeprefix(base).lstrip("/") or "request"
+
+
+
+def outcome_on_failure(receiver: ReceiverApp) -> Any:
+    """Middleware: answer every failure as a FHIR OperationOutcome, never as plain text.
+
+    Routing errors (404, 405) keep their status. A failure the handlers did not turn
+    into an answer is logged with its traceback and answered 5xx without any detail
+    that could carry data, and audited as ``request.failed``: no 5xx goes unrecorded.
+    """
+
+    async def record_failure(request: web.Request, code: str) -> None:
+        try:
+            await receiver.c.db.append_audit(
+                receiver.c.audit(
+                    "request.failed",
+                    subject=_route_name(request),
+                    outcome="failure",
+                    detail=f"{code}@{request.method}",
+                )
+            )
+        except Exception:  # the store itself may be what failed
+            log.exception("could not record a failed request")
+
+    @web.middleware
+    async def outcomes(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            err = BridgeError(exc.reason or "request refused", location=request.path)
+            return web.Response(
+                status=exc.status,
+                body=orjson.dumps(err.to_operation_outcome()),
+                content_type=FHIR_JSON,
+            )
+        except BridgeError as exc:  # e.g. the store failing: 503, the sender retries later
+            log.error("%s %s failed: %s", request.method, request.path, exc)
+            if exc.http_status >= 500:
+                await record_failure(request, exc.code)
+            return outcome_response(exc)
+        except Exception as exc:
+            log.exception("unexpected failure handling %s %s", request.method, request.path)
+            await record_failure(request, type(exc).__name__)
+            return outcome_response(
+                InternalError("internal error; nothing was stored", location=_route_name(request))
+            )
+
+    return outcomes
 
 
 def validate_message(bundle: dict[str, Any], *, cache: ValidationCache | None = None) -> None:
@@ -360,18 +523,8 @@ class ConsentAPI:
             raise UnsupportedMediaType(
                 "media type must be application/fhir+json", location="Content-Type"
             )
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(
-                "consent larger than this bridge accepts", location="body"
-            ) from None
-        try:
-            resource = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise ParseError(
-                f"malformed JSON at byte {exc.pos}", location=f"body[{exc.pos}]"
-            ) from None
+        body = await read_body(request, self.c.config.server)
+        resource = read_json(body)
         if not isinstance(resource, dict) or resource.get("resourceType") != "Consent":
             raise ParseError("body is not a FHIR Consent", location="Consent.resourceType")
         return body, resource

@@ -9,12 +9,15 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.errors import listen_error
 from bridge.link.dispatcher import Dispatcher
+from bridge.link.handshakes import HandshakeRecord
 from bridge.link.intake import Router, site_reader
 from bridge.link.mllp import HL7Handler, MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
 from bridge.link.tlsgate import TLSListener
+from bridge.logs import event
 from bridge.trust.tls import server_context
 
 log = logging.getLogger("bridge.service")
@@ -38,18 +41,40 @@ class BridgeService:
         self.mllp: MLLPListener | None = None
         self.mllp_port: int | None = None
         self.router: Router | None = None
+        self.ops: Any = None  # bridge.ops.server.OpsServer when [operations] is configured
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
         if serve:
             tls = c.config.tls
             ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
-            self._runner = web.AppRunner(self.receiver.build(), access_log=None)
+            self._runner = web.AppRunner(
+                self.receiver.build(),
+                access_log=None,
+                # A connection must deliver each request head within this time of its
+                # handshake or previous response; aiohttp's keep-alive timer counts
+                # from there and is not reset by a partial head, so it also cuts off
+                # clients that send headers slowly.
+                keepalive_timeout=c.config.server.header_timeout_seconds,
+                # Content-Encoding is refused (415), never decoded: no decompression
+                # of a body the receiver is about to refuse.
+                auto_decompress=False,
+            )
             await self._runner.setup()
             server = self._runner.server
             assert server is not None
-            self._listener = TLSListener(server, ctx, on_refused=self._tls_refused)
-            self.port = await self._listener.start(c.config.server.host, c.config.server.port)
+            self._listener = TLSListener(
+                server,
+                ctx,
+                on_refused=self._tls_refused,
+                handshake_timeout=c.config.server.handshake_timeout_seconds,
+            )
+            host, port = c.config.server.host, c.config.server.port
+            try:
+                self.port = await self._listener.start(host, port)
+            except OSError as exc:
+                self._listener = None
+                raise listen_error(exc, host, port, self._key("server.port")) from None
             log.info("%s listening on %s:%s (mutual TLS)", c.id, c.config.server.host, self.port)
             mllp = c.config.mllp
             if mllp is not None:
@@ -61,15 +86,43 @@ class BridgeService:
                     c, mllp, handler=HL7Handler(reader), ssl_context=ctx if mllp.tls else None,
                     on_refused=self._tls_refused, on_routable=self.router.wake,
                 )
-                self.mllp_port = await self.mllp.start()
+                try:
+                    self.mllp_port = await self.mllp.start()
+                except OSError as exc:
+                    self.mllp = None
+                    raise listen_error(exc, mllp.host, mllp.port, self._key("mllp.port")) from None
                 await self.router.start()
+            if c.config.operations is not None:
+                from bridge.ops.server import OpsServer
+
+                ops = OpsServer(self, c.config.operations)
+                await ops.start(where=self._key("operations.port"))
+                self.ops = ops
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
 
-    async def _tls_refused(self, address: str, reason: str) -> None:
+    def _key(self, key: str) -> str:
+        source = self.controller.config.source
+        return f"{source}: {key}" if source else key
+
+    async def _tls_refused(self, record: HandshakeRecord) -> None:
+        """Write one audit row about failed handshakes (bounded per minute by the listener)."""
         c = self.controller
+        if record.action == "tls.refused":
+            event(
+                "certificate_refusal",
+                controller=c.id,
+                peer=record.subject.removeprefix("peer:"),
+                reason=record.detail,
+            )
         await c.db.append_audit(
-            c.audit("tls.refused", subject=f"peer:{address}", outcome="denied", detail=reason)
+            c.audit(
+                record.action,
+                subject=record.subject,
+                outcome="denied" if record.action == "tls.refused" else "failure",
+                detail=record.detail,
+                digest_value=record.digest,
+            )
         )
 
     async def submit(
@@ -82,6 +135,8 @@ class BridgeService:
         return submitted
 
     async def stop(self) -> None:
+        if self.ops is not None:
+            await self.ops.stop()
         if self.mllp is not None:
             await self.mllp.close()
         if self.router is not None:

@@ -6,28 +6,94 @@ hearing of it. Every refusal must leave an audit record, so this listener accept
 TCP connection, runs ``loop.start_tls`` itself, reports a failed handshake to a
 callback, and only gives a connection whose handshake succeeded to the HTTP (or
 MLLP) protocol. No byte reaches the application before the handshake completes.
+
+Failed handshakes are sorted and audited by :mod:`bridge.link.handshakes`: refusals
+with their reason and the fingerprint of the certificate the client presented, stalls
+and drops as bounded counts. The fingerprint is read from the client's Certificate
+message as OpenSSL processes it (the context's message callback), because a refused
+handshake leaves no peer certificate to ask for afterwards; it works alike for TLS 1.2
+and 1.3, whose handshake messages the callback sees decrypted.
 """
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
+import contextlib
+import hashlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
+
+from bridge.link.handshakes import HandshakeAudit, HandshakeHook, classify
 
 log = logging.getLogger("bridge.link.tls")
 
-RefusalHook = Callable[[str, str], Awaitable[None]]
+#: What the listener calls to write one audit row about failed handshakes.
+RefusalHook = HandshakeHook
+
+_HANDSHAKE = 22  # TLS content type
+_CERTIFICATE = 11  # handshake message type
 
 
-def handshake_reason(exc: BaseException) -> str:
-    """A short, value-free reason for a failed handshake (OpenSSL's reason code)."""
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or type(exc).__name__
-    if isinstance(exc, TimeoutError):
-        return "HANDSHAKE_TIMEOUT"
-    return type(exc).__name__
+def _first_certificate(body: bytes) -> bytes | None:
+    """The DER of the first certificate in a Certificate handshake message body.
+
+    TLS 1.3 prefixes the list with a request context and gives each entry extensions;
+    TLS 1.2 does neither. The layout whose lengths add up is the one used.
+    """
+
+    def u24(data: bytes, at: int) -> int:
+        return int.from_bytes(data[at : at + 3], "big")
+
+    context_len = body[0] if body else 0
+    at13 = 1 + context_len
+    if len(body) >= at13 + 3 and at13 + 3 + u24(body, at13) == len(body):  # TLS 1.3
+        start = at13 + 3
+    elif len(body) >= 3 and 3 + u24(body, 0) == len(body):  # TLS 1.2
+        start = 3
+    else:
+        return None
+    if len(body) < start + 3:
+        return None  # an empty list: no certificate
+    size = u24(body, start)
+    der = body[start + 3 : start + 3 + size]
+    return der if len(der) == size and size else None
+
+
+def _note_certificate(
+    conn: Any, direction: str, version: int, content_type: int, msg_type: int, data: bytes
+) -> None:
+    if direction != "read" or content_type != _HANDSHAKE or msg_type != _CERTIFICATE:
+        return
+    with contextlib.suppress(IndexError, TypeError, AttributeError):
+        der = _first_certificate(bytes(data[4:]))  # after the 4-byte handshake header
+        if der is not None:
+            conn._presented_sha256 = "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+class _ProbedSSLObject(ssl.SSLObject):
+    """Carries the presented certificate's fingerprint on a failed handshake's error."""
+
+    _presented_sha256: str | None = None
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            exc.presented_sha256 = self._presented_sha256  # type: ignore[attr-defined]
+            raise
+
+
+def probe_presented_certificates(ctx: ssl.SSLContext) -> None:
+    """Make failed handshakes on ``ctx`` report the presented certificate's fingerprint."""
+    ctx.sslobject_class = _ProbedSSLObject
+    # The C-level setter takes the raw integers; ssl.py's wrapper would convert every
+    # record's fields to enums first, for every record of every connection.
+    _ssl._SSLContext._msg_callback.__set__(ctx, _note_certificate)  # type: ignore[attr-defined]
 
 
 class _Gate(asyncio.Protocol):
@@ -75,15 +141,11 @@ class _Gate(asyncio.Protocol):
             )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             transport.abort()
-            reason = handshake_reason(exc)
-            log.warning("TLS handshake refused from %s: %s", address, reason)
-            if self._listener.on_refused is not None:
-                try:
-                    await self._listener.on_refused(address, reason)
-                except Exception:  # the refusal stands even if recording it fails
-                    log.exception("could not record a refused handshake")
+            fingerprint = getattr(exc, "presented_sha256", None)
+            await self._listener.audit.failed(classify(exc, address, fingerprint))
             return
         if tls_transport is None:  # connection closed during the handshake
+            await self._listener.audit.failed(classify(None, address, None))
             return
         protocol = self._listener.protocol_factory()
         tls_transport.set_protocol(protocol)
@@ -105,19 +167,35 @@ class TLSListener:
         *,
         on_refused: RefusalHook | None = None,
         handshake_timeout: float = 10.0,
+        audit_window: float = 60.0,
     ) -> None:
+        """``on_refused`` writes the audit rows about failed handshakes, at most a
+        bounded number per ``audit_window`` seconds (:class:`HandshakeAudit`)."""
         self.protocol_factory = protocol_factory
         self.ssl_context = ssl_context
+        probe_presented_certificates(ssl_context)
         self.on_refused = on_refused
         self.handshake_timeout = handshake_timeout
+        self.audit = HandshakeAudit(on_refused, listener="tls-listener", window=audit_window)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Gate(self), host, port, reuse_address=True)
         sock = self._server.sockets[0]
-        return int(sock.getsockname()[1])
+        bound = int(sock.getsockname()[1])
+        self.audit = HandshakeAudit(
+            self.on_refused, listener=f"tls-listener:{bound}", window=self.audit.window
+        )
+        self._flusher = loop.create_task(self._flush_periodically())
+        return bound
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.audit.window)
+            await self.audit.flush()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -126,3 +204,10 @@ class TLSListener:
             self._server = None
         for task in list(self._tasks):
             task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        await self.audit.flush()

@@ -53,7 +53,7 @@ def _fhir_datetime(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise MappingError("not a FHIR dateTime", location=where)
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value)
     except ValueError:
         raise MappingError("not a FHIR dateTime", location=where) from None
     if moment.tzinfo is None:

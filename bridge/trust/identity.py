@@ -23,6 +23,9 @@ class CertIdentity:
     uri_sans: tuple[str, ...]
     partner_id: str | None  # from the ``urn:ws-fhir-bridge:partner:<id>`` URI SAN
     not_after: datetime  # timezone-aware UTC
+    not_before: datetime | None = None  # timezone-aware UTC
+    serial_number: int | None = None
+    issuer: str | None = None  # the issuer's name, RFC 4514 (to match a CRL)
 
 
 def fingerprint_sha256(der: bytes) -> str:
@@ -65,4 +68,7 @@ def certificate_identity(der: bytes) -> CertIdentity:
         uri_sans=uri_sans,
         partner_id=next(iter(partner_ids), None),
         not_after=cert.not_valid_after_utc,
+        not_before=cert.not_valid_before_utc,
+        serial_number=cert.serial_number,
+        issuer=cert.issuer.rfc4514_string(),
     )

@@ -377,7 +377,7 @@ def add_controller(
     existing = [p for p in vars(files).values() if p.exists()]
     if existing and not force:
         raise ConfigError(
-            "controller certificates already exist; pass force=True to replace them",
+            "controller certificates already exist; `bridge certs init --force` replaces them",
             location=str(existing[0]),
         )
     ca_cert = load_certificate(directory / "ca.pem")
@@ -431,7 +431,8 @@ def init_dev_pki(
     for path in (ca_pem, ca_key_path):
         if path.exists() and not force:
             raise ConfigError(
-                "a CA already exists here; pass force=True to replace it", location=str(path)
+                "a CA already exists here; `bridge certs init --force` replaces it",
+                location=str(path),
             )
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = generate_ca("ws-fhir-bridge development CA", now=when)

@@ -2,8 +2,10 @@
 
 A receipt is a FHIR R4 ``Bundle`` of type ``message`` (a response message):
 
-* ``Bundle.identifier.value`` = ``urn:uuid:<uuid5(request message id, receiver)>``, so
-  one request has exactly one receipt identity at a given receiver.
+* ``Bundle.identifier.value`` = ``urn:uuid:<uuid5(RECEIPT_NAMESPACE, request message id
+  + U+0000 + receiver)>``, so one request has exactly one receipt identity at a given
+  receiver. ``RECEIPT_NAMESPACE`` is ``3d3b185e-0ea4-5090-8cf1-41374f3bbbe3``, itself
+  uuid5 of the URL namespace and ``urn:ws-fhir-bridge:receipt`` (PROTOCOL §6.2).
 * ``entry[0]`` is a ``MessageHeader`` with ``eventCoding`` ``urn:ws-fhir-bridge:event``
   ``receipt``; ``source.endpoint`` the receiver (its base URL, or its partner URN);
   ``destination[0].receiver`` and ``sender`` name the controllers by
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -179,7 +182,7 @@ def verify_receipt(
     expected_issuer: str,
     expected_audience: str,
     request_message_id: str,
-    request_digest: str | None,
+    request_digest: str | Collection[str] | None,
     now: datetime,
     window: timedelta = timedelta(minutes=5),
     check_time: bool = True,
@@ -188,7 +191,8 @@ def verify_receipt(
 
     ``expected_issuer`` is the receiver that should have signed it, and
     ``expected_audience`` ourselves. ``request_digest`` None skips the digest
-    comparison (when the sender no longer holds it). Pass ``check_time=False`` for
+    comparison (when the sender no longer holds it); several digests (the request under
+    each accepted signed form, :func:`bridge.trust.jws.payload_digests`) accept any. Pass ``check_time=False`` for
     receipts returned to a resend or read back from storage.
     Raises :class:`SignatureError` or :class:`ReplayError`.
     """
@@ -232,7 +236,8 @@ def verify_receipt(
     got_digest = ext.get(EXT_REQUEST_DIGEST)
     if not isinstance(got_digest, str):
         raise _bad("receipt lacks the request digest", f"{_MH}.extension({EXT_REQUEST_DIGEST})")
-    if request_digest is not None and got_digest != request_digest:
+    expected = {request_digest} if isinstance(request_digest, str) else request_digest
+    if expected is not None and got_digest not in expected:
         raise _bad("receipt covers different content", f"{_MH}.extension({EXT_REQUEST_DIGEST})")
     seq, audit_hash = ext.get(EXT_AUDIT_SEQ), ext.get(EXT_AUDIT_HASH)
     if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(audit_hash, str):

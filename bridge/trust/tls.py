@@ -5,14 +5,17 @@ This is the only trust module that imports :mod:`ssl`. One function per directio
 deliveries. Both require mutual authentication against the bridge's own CA bundle
 (never the system trust store), TLS 1.2 at least, and the Mozilla "intermediate"
 cipher list for TLS 1.2 (ECDHE with AES-GCM or ChaCha20-Poly1305 only). TLS 1.3
-suites are OpenSSL's defaults, which are all AEAD.
+suites are OpenSSL's defaults, which are all AEAD. Key-exchange groups are Mozilla's
+intermediate ones (X25519, P-256, P-384), set through :mod:`bridge.trust.openssl`
+because Python 3.11 has no call for it.
+
+The listener never resumes a session: no TLS 1.3 tickets (``num_tickets = 0``), no
+TLS 1.2 tickets (``OP_NO_TICKET``) and no session-id cache. A resumed session would
+skip certificate verification, and the certificate must be checked on every
+connection (and, by the server, on every request: :mod:`bridge.trust.peercheck`).
 
 Limits of Python's :mod:`ssl` that an operator should know:
 
-* Key-exchange groups can only be restricted where ``SSLContext.set_groups`` exists
-  (newer Pythons); on Python 3.11 OpenSSL 3's default group list applies (it includes
-  X25519, P-256 and P-384, and also X448, P-521 and FFDHE groups that Mozilla's
-  profile leaves out). Restrict them with an OpenSSL configuration file if needed.
 * CRLs are read once: reloading a CRL means building a new context.
 * There is no OCSP.
 
@@ -25,12 +28,14 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Callable
 
 from bridge.errors import ConfigError, TrustError
 
 # Peer identity lives in an ssl-free module so the registry can use it; it is
 # re-exported here because it is read from what the handshake delivers.
 from bridge.trust.identity import CertIdentity, certificate_identity, fingerprint_sha256
+from bridge.trust.openssl import NativeTLSUnavailable, disable_session_cache, set_groups
 
 __all__ = [
     "INTERMEDIATE_CIPHERS",
@@ -50,7 +55,7 @@ INTERMEDIATE_CIPHERS = (
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 
-#: Mozilla "intermediate" key-exchange groups, applied where Python can set them.
+#: Mozilla "intermediate" key-exchange groups (OpenSSL names).
 INTERMEDIATE_GROUPS = ("X25519", "prime256v1", "secp384r1")
 
 Pathish = str | os.PathLike[str]
@@ -59,14 +64,20 @@ Pathish = str | os.PathLike[str]
 def _harden(ctx: ssl.SSLContext) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
-    set_groups = getattr(ctx, "set_groups", None)
-    if set_groups is not None:
-        set_groups(":".join(INTERMEDIATE_GROUPS))
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.verify_mode = ssl.CERT_REQUIRED
     # Strict RFC 5280 checks: the certificates of the development PKI satisfy them, and
     # an operator's CA should too.
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    _native(set_groups, ctx, ":".join(INTERMEDIATE_GROUPS))
+
+
+def _native(setting: Callable[..., None], ctx: ssl.SSLContext, *args: object) -> None:
+    try:
+        setting(ctx, *args)
+    except NativeTLSUnavailable as exc:
+        # Starting with weaker TLS than PROTOCOL §2 promises is worse than not starting.
+        raise ConfigError(f"TLS cannot be configured as required: {exc}", location="tls") from None
 
 
 def _load_chain(ctx: ssl.SSLContext, cert_file: Pathish, key_file: Pathish) -> None:
@@ -96,7 +107,7 @@ def _load_verify(ctx: ssl.SSLContext, path: Pathish, what: str) -> None:
 def server_context(
     cert_file: Pathish, key_file: Pathish, ca_file: Pathish, *, crl_file: Pathish | None = None
 ) -> ssl.SSLContext:
-    """Listener context: mutual TLS ≥ 1.2, client certificate required, no session tickets.
+    """Listener context: mutual TLS ≥ 1.2, client certificate required, no resumption.
 
     ``ca_file`` holds the CAs whose client certificates are accepted. With
     ``crl_file`` (PEM CRLs of those CAs) the leaf certificate is also checked for
@@ -104,8 +115,11 @@ def server_context(
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
-    # Python's asyncio clients cannot resume sessions; issuing tickets costs time.
+    # No resumption of any kind (PROTOCOL P-TLS-6): TLS 1.3 tickets, TLS 1.2 tickets,
+    # TLS 1.2 session ids.
     ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
+    _native(disable_session_cache, ctx)
     _load_chain(ctx, cert_file, key_file)
     _load_verify(ctx, ca_file, "CA bundle")
     if crl_file is not None:

@@ -1,0 +1,121 @@
+"""What every command module shares: the parser that reports usage errors on one line,
+reading input files with errors that name the file, JSON output, and argument types.
+
+Commands raise :class:`bridge.errors.BridgeError` subclasses; :func:`bridge.cli.main`
+turns them into one line on stderr and the error's exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+
+from bridge.errors import BridgeError, NotFound, ParseError, UsageError
+
+PROTOCOL_VERSION = "1"
+FHIR_VERSION = "4.0.1"
+
+
+def version_text() -> str:
+    """``bridge --version``: the package, the FHIR release it speaks, the wire protocol."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("ws-fhir-bridge")
+    except PackageNotFoundError:  # a source tree without an install
+        from bridge import __version__ as package
+    return f"ws-fhir-bridge {package} (FHIR {FHIR_VERSION}, protocol version {PROTOCOL_VERSION})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line naming the command."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see {self.prog} --help", location=self.prog)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def read_input(path: str | Path, *, what: str = "input file") -> bytes:
+    """The bytes of a file the user named, or an error naming the file and what is wrong."""
+    file = Path(path)
+    try:
+        return file.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"{what}: no such file", location=str(file)) from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} is a folder, not a file", location=str(file)) from None
+    except PermissionError:
+        raise UsageError(f"{what}: permission denied", location=str(file)) from None
+    except OSError as exc:
+        raise UsageError(
+            f"{what}: cannot read ({exc.strerror or type(exc).__name__})", location=str(file)
+        ) from None
+
+
+def read_json(path: str | Path, *, what: str = "input file") -> Any:
+    """A JSON document from a file the user named; malformed JSON names the byte."""
+    data = read_input(path, what=what)
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ParseError(
+            f"{what}: malformed JSON at byte {exc.pos}", location=f"{path}[{exc.pos}]"
+        ) from None
+
+
+def folder_argument(path: str | Path, *, option: str) -> Path:
+    """A folder the command may create; refuses a path that names a file."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} is not a folder", location=str(folder))
+    return folder
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of zero or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number of zero or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of zero or more, got {text}")
+    return value
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--json`` flag every listing command takes."""
+    parser.add_argument(
+        "--json", action="store_true", help="machine-readable output: one JSON document"
+    )
+
+
+__all__ = [
+    "BridgeError",
+    "Parser",
+    "add_json_option",
+    "folder_argument",
+    "non_negative_float",
+    "non_negative_int",
+    "print_json",
+    "read_input",
+    "read_json",
+    "version_text",
+]

@@ -1,0 +1,65 @@
+"""``bridge store status|migrate``: which schema steps a store has, and bringing it up to date.
+
+Opening a store applies the steps it lacks (``bridge serve`` does so at start); these
+commands let an operator see and do it before starting, for example after an upgrade.
+A store written by a newer bridge is refused, naming the step this version does not know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from bridge.cli_common import add_json_option, print_json
+from bridge.errors import NotFound
+
+
+def _report(args: argparse.Namespace, *, migrate: bool) -> int:
+    from bridge.config import load_config
+    from bridge.ledger import open_store
+    from bridge.ledger.migrations import MIGRATIONS
+
+    config = load_config(args.config)
+    if not migrate and config.store.kind == "sqlite" and not config.store.path.exists():
+        raise NotFound("no store at this path yet", location=str(config.store.path))
+    with open_store(config.store) as store:
+        applied = store.applied_migrations()
+    known = [m.name for m in MIGRATIONS]
+    where = str(config.store.path) if config.store.kind == "sqlite" else (
+        f"postgresql schema {config.store.db_schema}"
+    )
+    if args.json:
+        print_json({"store": where, "kind": config.store.kind, "applied": applied,
+                    "known": known, "up_to_date": applied == known})
+        return 0
+    sys.stdout.write(f"{where}: {len(applied)} of {len(known)} schema steps applied"
+                     + (" (up to date)\n" if applied == known else "\n"))
+    for name in known:
+        sys.stdout.write(f"  {'applied' if name in applied else 'pending'}  {name}\n")
+    return 0
+
+
+def cmd_store_status(args: argparse.Namespace) -> int:
+    return _report(args, migrate=False)
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    return _report(args, migrate=True)
+
+
+def add_store_commands(sub: Any) -> None:
+    """Register ``bridge store`` on the main parser's subcommands."""
+    p = sub.add_parser("store", help="the store's schema steps (migrations)")
+    ssub = p.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
+    for name, func, text in (
+        ("status", cmd_store_status, "list the schema steps applied and pending"),
+        ("migrate", cmd_store_migrate, "apply pending schema steps (creates the store if new)"),
+    ):
+        c = ssub.add_parser(name, help=text)
+        c.add_argument("--config", required=True, help="the controller's configuration file (TOML)")
+        add_json_option(c)
+        c.set_defaults(func=func)
+
+
+__all__ = ["add_store_commands"]

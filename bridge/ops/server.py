@@ -1,0 +1,381 @@
+"""The operations port of one running bridge (plain HTTP on loopback).
+
+======================  ==================================================================
+``GET /healthz``        200 while the process answers
+``GET /readyz``         200 when the store answers, every configured certificate is valid
+                        and not within ``certificate_warning_days`` of expiry, and every
+                        partner with a ``base_url`` answers ``GET [base]/metadata`` over
+                        mutual TLS with its own certificate; else 503. JSON either way,
+                        one entry per check.
+``GET /metrics``        Prometheus text format (:mod:`bridge.ops.metrics`)
+``GET /``               the status page (:mod:`bridge.ops.page`)
+``POST /requeue``       put one dead or rejected claim back in the queue (form fields
+                        ``message_id`` and ``token``); loopback peers only, audited
+======================  ==================================================================
+
+The requeue form carries a token made when the port opens, and the request's ``Host``
+must be this port on a loopback name: a web page from elsewhere that the operator's
+browser happens to show cannot post to it, even through a DNS name that resolves to
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from bridge.config import OperationsConfig
+from bridge.errors import BridgeError, listen_error
+from bridge.logs import event
+from bridge.ops.certs import CertificateInfo, configured_certificates
+from bridge.ops.history import DepthHistory
+from bridge.ops.metrics import BridgeMetrics
+from bridge.ops.page import DeadLetterView, LinkView, StatusView, render_status
+
+log = logging.getLogger("bridge.ops")
+
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _is_loopback(address: str | None) -> bool:
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class OpsServer:
+    """Serve the operations endpoints of ``service`` (a :class:`BridgeService`)."""
+
+    def __init__(self, service: Any, config: OperationsConfig) -> None:
+        self.service = service
+        self.controller = service.controller
+        self.config = config
+        self.metrics = BridgeMetrics(
+            self.controller.config, self.controller.store, service=service,
+            clock=self.controller.clock,
+        )
+        self.history = DepthHistory()
+        self.token = secrets.token_urlsafe(24)
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._sampler: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"http://{host}:{self.port}"
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/", self.status_page)
+        app.router.add_post("/requeue", self.requeue)
+        return app
+
+    async def start(self, *, where: str = "operations.port") -> None:
+        self._runner = web.AppRunner(self.build(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise listen_error(exc, self.config.host, self.config.port, where) from None
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        self._sampler = asyncio.create_task(self._sample_forever(), name="ops:sampler")
+        log.info("operations port on %s", self.url)
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            try:
+                await self._sampler
+            except asyncio.CancelledError:
+                pass
+            self._sampler = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.metrics.close()
+
+    # --- queue depth history ----------------------------------------------------------------
+
+    def _depths(self) -> dict[str, int]:
+        store = self.controller.store
+        depths: dict[str, int] = {}
+        for link in self.controller.config.links:
+            if link.direction == "outbound":
+                counts = store.outbox_counts(link.id)
+                depths[link.id] = counts.get("queued", 0) + counts.get("sending", 0)
+        return depths
+
+    async def sample(self) -> None:
+        """Record the current queue depth of every outbound link."""
+        try:
+            depths = await self.controller.db.call(self._depths)
+        except BridgeError as exc:
+            log.warning("queue depth sample failed: %s", exc.code)
+            return
+        self.history.add(time.monotonic(), depths)
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await self.sample()
+            await asyncio.sleep(self.config.sample_seconds)
+
+    # --- endpoints ----------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "up", "controller": self.controller.id})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        body = await self.controller.db.call(self.metrics.render)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        checks = [await self._check_store(), *self._check_certificates()]
+        checks.extend(await asyncio.gather(*self._check_partners()))
+        ready = all(c["ok"] for c in checks)
+        return web.Response(
+            status=200 if ready else 503,
+            body=orjson.dumps({"ready": ready, "checks": checks}, option=orjson.OPT_INDENT_2),
+            content_type="application/json",
+        )
+
+    async def _check_store(self) -> dict[str, Any]:
+        try:
+            seq, _hash = await asyncio.wait_for(
+                self.controller.db.call(self.controller.store.audit_head), timeout=5
+            )
+        except (BridgeError, TimeoutError) as exc:
+            code = exc.code if isinstance(exc, BridgeError) else "timeout"
+            return {"check": "store", "ok": False, "detail": f"store not reachable: {code}"}
+        return {"check": "store", "ok": True, "detail": f"audit chain at entry {seq}"}
+
+    def _check_certificates(self) -> list[dict[str, Any]]:
+        now = datetime.now(UTC)
+        results = []
+        for cert in configured_certificates(self.controller.config):
+            results.append(self._certificate_check(cert, now))
+        return results
+
+    def _certificate_check(self, cert: CertificateInfo, now: datetime) -> dict[str, Any]:
+        name = f"certificate:{cert.name}"
+        if cert.problem is not None:
+            return {"check": name, "ok": False, "detail": f"{cert.problem} ({cert.path})"}
+        if not cert.valid_at(now):
+            return {"check": name, "ok": False, "detail": "not valid now"}
+        days = cert.days_left(now) or 0.0
+        ok = days >= self.config.certificate_warning_days
+        detail = f"expires {cert.not_after.isoformat() if cert.not_after else '-'}"
+        if not ok:
+            detail += f", within {self.config.certificate_warning_days} days"
+        return {"check": name, "ok": ok, "detail": detail, "days_left": round(days, 1)}
+
+    def _check_partners(self) -> list[Any]:
+        return [
+            self._check_partner(p.id, p.base_url, frozenset(p.tls_fingerprints))
+            for p in self.controller.config.partners
+            if p.base_url
+        ]
+
+    async def _check_partner(
+        self, partner_id: str, base_url: str, fingerprints: frozenset[str]
+    ) -> dict[str, Any]:
+        from bridge.link.dispatcher import PartnerConnector, classify_exception
+        from bridge.trust.tls import client_context
+
+        name = f"partner:{partner_id}"
+        tls = self.controller.config.tls
+        try:
+            ctx = client_context(tls.cert, tls.key, tls.ca)
+        except (BridgeError, OSError) as exc:
+            return {"check": name, "ok": False, "detail": f"cannot build TLS context: {exc}"}
+        connector = PartnerConnector(
+            expected_partner=partner_id, fingerprints=fingerprints, ssl=ctx, limit=1
+        )
+        timeout = aiohttp.ClientTimeout(total=self.config.partner_timeout_seconds)
+        url = base_url.rstrip("/") + "/metadata"
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                session.get(url) as resp,
+            ):
+                await resp.read()
+                status = resp.status
+        except Exception as exc:  # noqa: BLE001 - every failure is a not-ready answer
+            err = classify_exception(exc)
+            return {"check": name, "ok": False, "detail": f"{err.code}: {err.message}"}
+        if status != 200:
+            return {"check": name, "ok": False, "detail": f"metadata answered {status}"}
+        return {"check": name, "ok": True, "detail": "answers over mutual TLS"}
+
+    # --- the status page --------------------------------------------------------------------
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything the page shows from the store (runs on the ledger thread)."""
+        store = self.controller.store
+        out: dict[str, Any] = {"links": {}, "dead": [], "received": {}, "store_ok": True}
+        try:
+            for link in self.controller.config.links:
+                if link.direction == "outbound":
+                    out["links"][link.id] = (
+                        store.outbox_counts(link.id),
+                        store.highest_contiguous_acked(link.id),
+                    )
+                    for state in ("dead", "rejected"):
+                        out["dead"].extend(store.list_outbox(link.id, state=state, limit=100))
+                else:
+                    out["received"][link.id] = store.inbox_count(link.partner)
+            out["audit"] = store.audit_head()[0]
+        except BridgeError as exc:
+            log.warning("status page could not read the store: %s", exc.code)
+            out["store_ok"] = False
+            out["audit"] = 0
+        return out
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        snap = await self.controller.db.call(self._snapshot)
+        now = datetime.now(UTC)
+        links: list[LinkView] = []
+        dispatchers = getattr(self.service, "dispatchers", {})
+        for link in self.controller.config.links:
+            if link.direction == "outbound":
+                counts, settled = snap["links"].get(link.id, ({}, 0))
+                paused = getattr(dispatchers.get(link.id), "paused_reason", None)
+                links.append(
+                    LinkView(
+                        id=link.id,
+                        partner=link.partner,
+                        direction="outbound",
+                        state=f"paused: {paused}" if paused else "running",
+                        counts=counts,
+                        settled_seq=settled,
+                        series=self.history.series(link.id),
+                    )
+                )
+            else:
+                links.append(
+                    LinkView(
+                        id=link.id,
+                        partner=link.partner,
+                        direction="inbound",
+                        state="receiving",
+                        received=snap["received"].get(link.id, 0),
+                    )
+                )
+        dead = [
+            DeadLetterView(
+                link=r.link,
+                seq=r.seq,
+                message_id=r.message_id,
+                state=str(r.state),
+                error=r.last_error,
+                updated=r.updated,
+            )
+            for r in sorted(snap["dead"], key=lambda r: (r.link, r.seq))
+        ]
+        view = StatusView(
+            controller=self.controller.id,
+            name=self.controller.config.controller.name,
+            version=_version(),
+            now=now,
+            clock_now=time.monotonic(),
+            window=self.history.window,
+            store_ok=snap["store_ok"],
+            audit_entries=snap["audit"],
+            links=links,
+            dead_letters=dead,
+            certificates=configured_certificates(self.controller.config),
+            warning_days=self.config.certificate_warning_days,
+            csrf_token=self.token,
+            notice=_notice(request.query.get("requeued"), request.query.get("refused")),
+        )
+        return web.Response(text=render_status(view), content_type="text/html", charset="utf-8")
+
+    # --- requeue ------------------------------------------------------------------------------
+
+    def _local_request(self, request: web.Request) -> bool:
+        if not _is_loopback(request.remote):
+            return False
+        host = request.headers.get("Host", "")
+        return host in {f"{name}:{self.port}" for name in _LOOPBACK_NAMES}
+
+    async def requeue(self, request: web.Request) -> web.StreamResponse:
+        if not self._local_request(request):
+            return web.Response(status=403, text="requeue is for a local operator only\n")
+        form = await request.post()
+        token = str(form.get("token", ""))
+        message_id = str(form.get("message_id", ""))
+        if not hmac.compare_digest(token.encode(), self.token.encode()):
+            return web.Response(status=403, text="stale or missing form token; reload the page\n")
+        c = self.controller
+        row = await c.db.get_outbox(message_id) if message_id else None
+        if row is None:
+            raise web.HTTPSeeOther("/?refused=unknown-message")
+        try:
+            await c.db.requeue(
+                message_id,
+                now=c.clock(),
+                audit=c.audit(
+                    "claim.requeue",
+                    subject=message_id,
+                    partner=row.partner,
+                    detail=f"operator status page from {request.remote}",
+                ),
+            )
+        except BridgeError as exc:
+            raise web.HTTPSeeOther(f"/?refused={exc.code}") from None
+        event(
+            "requeue",
+            controller=c.id,
+            link=row.link,
+            partner=row.partner,
+            message_id=message_id,
+            seq=row.seq,
+            source="operator",
+            operator=request.remote,
+        )
+        dispatcher = getattr(self.service, "dispatchers", {}).get(row.link)
+        if dispatcher is not None:
+            dispatcher.wake(message_id)
+        raise web.HTTPSeeOther(f"/?requeued={row.seq}")
+
+
+def _notice(requeued: str | None, refused: str | None) -> str | None:
+    if requeued and requeued.isdigit():
+        return f"Claim seq {requeued} requeued; the dispatcher sends it again now."
+    if refused:
+        code = "".join(ch for ch in refused if ch.isalnum() or ch == "-")[:60]
+        return f"Requeue refused: {code}."
+    return None
+
+
+def _version() -> str:
+    from bridge.cli_common import version_text
+
+    return version_text().removeprefix("ws-fhir-bridge ")
+
+
+__all__ = ["OpsServer"]

@@ -1,0 +1,107 @@
+"""The two small APIs other parts of the bridge call: log events and metric sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_support import make_workdir
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.config import load_config
+from bridge.ledger import open_store
+from bridge.logs import event, setup_logging, subscribe
+from bridge.ops import metrics as ops_metrics
+from bridge.ops.metrics import BridgeMetrics, ScrapeContext, metric_source
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = setup_logging(fmt="json", level="info", stream=stream, static={"controller": "x"})
+    try:
+        yield stream
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def test_an_event_is_one_json_line_with_its_fields(json_log: io.StringIO) -> None:
+    event("consent_change", controller="hospital-a", consent_id="c-1", status="inactive")
+    (line,) = json_log.getvalue().splitlines()
+    data = json.loads(line)
+    assert data["event"] == "consent_change" and data["consent_id"] == "c-1"
+    assert data["level"] == "info" and data["time"].endswith("Z")
+
+
+def test_an_event_refuses_fields_outside_the_vocabulary_and_non_scalars() -> None:
+    with pytest.raises(ValueError, match="patient_name"):
+        event("delivery", patient_name="张三")
+    with pytest.raises(TypeError, match="path"):
+        event("refusal", path={"HDSD00.11.110": "张三"})
+
+
+def test_an_exception_is_logged_without_its_message(json_log: io.StringIO) -> None:
+    try:
+        raise ValueError("王小明 110101199003074512")
+    except ValueError:
+        logging.getLogger("bridge.test").exception("mapping failed")
+    data = json.loads(json_log.getvalue().splitlines()[-1])
+    assert data["error_type"] == "ValueError" and data["stack"]
+    assert "王小明" not in json_log.getvalue() and "110101199003074512" not in json_log.getvalue()
+
+
+def test_listeners_hear_events_even_when_the_log_is_quiet() -> None:
+    heard: list[str] = []
+    unsubscribe = subscribe(lambda name, fields: heard.append(name))
+    try:
+        event("retry", controller="a", link="l")
+    finally:
+        unsubscribe()
+    event("retry", controller="a", link="l")
+    assert heard == ["retry"]
+
+
+def test_a_registered_source_is_scraped_and_a_broken_one_is_counted(tmp_path: Path) -> None:
+    hospital_cfg, _ = make_workdir(tmp_path)
+    config = load_config(hospital_cfg)
+
+    def queue_depth(ctx: ScrapeContext) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("bridge_test_handoff_pending", "pending hand-offs", labels=["to"])
+        g.add_metric(["claims-system"], len(ctx.config.links) + 2)
+        yield g
+
+    def broken(ctx: ScrapeContext) -> Iterator[GaugeMetricFamily]:
+        raise RuntimeError("boom")
+        yield  # pragma: no cover
+
+    metric_source(queue_depth)
+    metric_source(broken)
+    try:
+        with open_store(config.store) as store:
+            metrics = BridgeMetrics(config, store)
+            try:
+                event("delivery", controller="hospital-a", link="claims-to-insurer-b",
+                      seconds=0.2)
+                event("delivery", controller="someone-else", link="claims-to-insurer-b",
+                      seconds=9.0)
+                text = metrics.render().decode()
+            finally:
+                metrics.close()
+    finally:
+        ops_metrics._SOURCES.remove(queue_depth)
+        ops_metrics._SOURCES.remove(broken)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert samples[("bridge_test_handoff_pending", (("to", "claims-system"),))] == 3
+    assert samples[("bridge_metrics_source_errors_total", (("source", "broken"),))] == 1
+    # Only this controller's events count.
+    assert samples[("bridge_deliveries_total", (("link", "claims-to-insurer-b"),))] == 1
+    assert samples[("bridge_store_up", ())] == 1
