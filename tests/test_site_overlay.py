@@ -107,4 +107,6 @@ def test_serve_refuses_to_start_with_a_broken_overlay(tmp_path: Path,
         fh.write('\n[mllp]\nhost = "127.0.0.1"\nport = 0\ntls = false\n[intake]\nsite = "site"\n')
     assert main(["serve", "--config", str(hospital_cfg)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error [config-invalid]: ") and f"{broken}:2 GZZS" in err
+    assert "listening" not in err  # refused before anything listens
+    [line] = [x for x in err.splitlines() if x.startswith("error [")]
+    assert line.startswith("error [config-invalid]: ") and f"{broken}:2 GZZS" in line

@@ -45,6 +45,9 @@ class BridgeService:
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
+        # The site overlay is checked first, before anything listens: a broken file is
+        # a configuration error naming the file and key.
+        reader = site_reader(c.config) if serve and c.config.mllp is not None else None
         if serve:
             tls = c.config.tls
             ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
@@ -78,9 +81,7 @@ class BridgeService:
             log.info("%s listening on %s:%s (mutual TLS)", c.id, c.config.server.host, self.port)
             mllp = c.config.mllp
             if mllp is not None:
-                # The site overlay is checked here, before anything listens: a broken
-                # file is a configuration error naming the file and key.
-                reader = site_reader(c.config)
+                assert reader is not None
                 self.router = Router(c, reader, submit=self.submit, poll_interval=self._poll)
                 self.mllp = MLLPListener(
                     c, mllp, handler=HL7Handler(reader), ssl_context=ctx if mllp.tls else None,
