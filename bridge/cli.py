@@ -28,9 +28,11 @@ from bridge.cli_common import (
     version_text,
 )
 from bridge.cli_common import print_json as _print_json
+from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_status
 from bridge.cli_init import add_init_commands
 from bridge.cli_intake import add_intake_commands
 from bridge.cli_mapping import add_mapping_commands
+from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
 from bridge.cli_store import add_store_commands
 from bridge.errors import BridgeError, NotFound, ParseError, UsageError
 
@@ -310,6 +312,13 @@ _DISCLOSURE_ACTIONS = {
     "claim.resend": ("E", "sent again; the recipient's receipt is held"),
     "claim.correct": ("C", "corrected claim queued, naming the claim it replaces"),
     "message.receive": ("C", "received from a partner"),
+    "handoff.delivered": ("E", "handed to this controller's own system"),
+    "handoff.dead": ("E", "hand-off to this controller's own system abandoned"),
+    "handoff.requeue": ("E", "hand-off requeued by an operator"),
+    "inbox.show": ("R", "read by an operator"),
+    "inbox.export": ("R", "exported by an operator"),
+    "record.pull": ("R", "records released to (or refused) a partner's pull"),
+    "record.pull.receive": ("C", "records pulled from a partner; its signed page is held"),
 }
 
 
@@ -492,6 +501,12 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
         # incomplete ones need someone to look (bridge intake list).
         if intake.get("refused") or intake.get("incomplete"):
             report["attention"] = True
+    report["handoff"] = handoff_report(config, store)
+    if any(d["needs_operator"] for d in report["handoff"]):
+        report["attention"] = True
+    report["pull"] = pull_status_report(store, config)
+    if report["pull"]["reviews"]:
+        report["attention"] = True
     return report
 
 
@@ -508,6 +523,8 @@ def _print_status(report: dict[str, Any]) -> None:
             + "\n"
         )
     for link in report["links"]:
+        if link["direction"] in ("pull", "pull-from"):
+            continue  # print_pull_status below
         if link["direction"] != "outbound":
             sys.stdout.write(f"  {link['id']} (inbound from {link['partner']})\n")
             continue
@@ -526,6 +543,8 @@ def _print_status(report: dict[str, Any]) -> None:
                 f"    seq {row['seq']} {row['state']} ({row['error'] or '-'}):"
                 f" {row['message_id']}\n"
             )
+    print_pull_status(report["pull"], sys.stdout)
+    print_handoff_status(report["handoff"], sys.stdout)
 
 
 # --- demo -------------------------------------------------------------------------------
@@ -605,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_mapping_commands(sub)
     add_intake_commands(sub)
     add_store_commands(sub)
+    add_pull_commands(sub)
+    add_inbox_commands(sub)
 
     c = sub.add_parser("certs", help="development PKI")
     csub = c.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")

@@ -7,6 +7,7 @@ key that is wrong.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -163,10 +164,73 @@ class PartnerConfig(_Strict):
         return [v.lower().replace(":", "") for v in value]
 
 
+#: Purposes a platform may state on a pull link (GB/T 39725 §11.1): treatment, healthcare
+#: operations, public health. Emergency treatment (ETREAT) is the override, not a purpose
+#: a link lists.
+PULL_PURPOSES = frozenset({"TREAT", "HOPERAT", "PUBHLTH"})
+
+
+class PullConfig(_Strict):
+    """How a pull link answers (``[links.pull]`` of a link with ``direction = "pull"``),
+    or how a ``pull-from`` link asks."""
+
+    purposes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "purposes of use (TREAT, HOPERAT, PUBHLTH) the partner may state; the link's "
+            "purpose when empty. On a pull-from link: the first is the one requests state"
+        ),
+    )
+    level: Literal["default", "notify", "authorise"] | None = Field(
+        default=None,
+        description="level of a profile with levels (regional-interoperability); default: default",
+    )
+    override_allowed: bool = Field(
+        default=False,
+        description="grant emergency override requests (purpose ETREAT with actor and reason)",
+    )
+    no_consent: Literal["empty", "forbidden"] = Field(
+        default="empty",
+        description=(
+            "answer to a request for a patient without a permitting consent: an empty "
+            "searchset, or 403 (both are given for unknown patients too)"
+        ),
+    )
+    max_count: int = Field(default=200, ge=1, le=1000, description="largest _count accepted")
+    default_count: int = Field(default=50, ge=1, le=1000, description="page size without _count")
+    rate_per_second: float = Field(
+        default=20.0, gt=0, description="requests per second per partner (token bucket)"
+    )
+    rate_burst: int = Field(default=40, ge=1, description="requests a partner may send at once")
+    bulk_alarm_patients: int = Field(
+        default=200, ge=1, description="distinct patients asked about in the window that alarm"
+    )
+    bulk_alarm_window_seconds: int = Field(default=3600, ge=1, description="alarm window")
+
+    @field_validator("purposes")
+    @classmethod
+    def _known_purposes(cls, value: list[str]) -> list[str]:
+        for purpose in value:
+            if purpose not in PULL_PURPOSES:
+                raise ValueError(f"{purpose!r} is not a pull purpose (TREAT, HOPERAT, PUBHLTH)")
+        return value
+
+    @model_validator(mode="after")
+    def _pages(self) -> PullConfig:
+        if self.default_count > self.max_count:
+            raise ValueError("default_count: larger than max_count")
+        return self
+
+
 class LinkConfig(_Strict):
     id: str = Field(pattern=_ID_PATTERN)
     partner: str = Field(pattern=_ID_PATTERN)
-    direction: Literal["outbound", "inbound"]
+    direction: Literal["outbound", "inbound", "pull", "pull-from"] = Field(
+        description=(
+            "outbound/inbound: claim push; pull: the partner pulls records from this "
+            "controller; pull-from: this controller pulls records from the partner"
+        )
+    )
     profile: str = Field(
         default="commercial-insurance",
         description="a shipped profile name (mappings/links/<name>.yaml) or a path to a .yaml file",
@@ -178,6 +242,20 @@ class LinkConfig(_Strict):
     retry_base_seconds: float = Field(default=0.5, gt=0)
     retry_cap_seconds: float = Field(default=300.0, gt=0)
     request_timeout_seconds: float = Field(default=30.0, gt=0)
+    pull: PullConfig = Field(default_factory=PullConfig, description="record pull settings")
+
+    def pull_purposes(self) -> list[str]:
+        """Purposes a request on this pull link may state."""
+        return list(self.pull.purposes) or [self.purpose]
+
+    def profile_ref(self) -> str:
+        """The profile as :func:`bridge.policy.profile.load_link_profile` takes it
+        (``name:level`` for a pull link of a profile with levels)."""
+        if self.pull.level and ":" not in self.profile and not self.profile.endswith(
+            (".yaml", ".yml")
+        ):
+            return f"{self.profile}:{self.pull.level}"
+        return self.profile
 
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -281,6 +359,93 @@ class RouteConfig(_Strict):
         return value
 
 
+class HandoffConfig(_Strict):
+    """One destination in this controller's own systems that received claims are handed to.
+
+    Every claim accepted from a partner (and acknowledged with a signed receipt) is
+    queued, in the same transaction as the inbox row, for each destination whose
+    ``senders`` and ``links`` take it, and handed over at least once, in the order it
+    was accepted per sender: ``kind = "http"`` POSTs to ``url`` until it answers 2xx;
+    ``kind = "amqp"`` publishes a persistent message to RabbitMQ with publisher
+    confirms. Secrets stay out of this file: a password or token is read from the
+    environment variable or file named here, never written in the URL.
+    """
+
+    id: str = Field(pattern=_ID_PATTERN, description="destination id, shown by status and inbox")
+    kind: Literal["http", "amqp"] = Field(description="http (POST) or amqp (RabbitMQ)")
+    url: str = Field(
+        description="http(s)://... endpoint, or amqp(s)://host:port/vhost (no password in it)"
+    )
+    senders: list[str] = Field(
+        default_factory=list, description="partner ids whose claims it takes; empty = every sender"
+    )
+    links: list[str] = Field(
+        default_factory=list, description="inbound link ids it takes; empty = every inbound link"
+    )
+    retry_base_seconds: float = Field(default=0.5, gt=0, description="first backoff ceiling")
+    retry_cap_seconds: float = Field(default=60.0, gt=0, description="largest backoff ceiling")
+    give_up_after_seconds: float = Field(
+        default=86400.0, gt=0,
+        description="a claim not taken within this long of being queued (or requeued) is dead",
+    )
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600,
+                                   description="one POST or publish-and-confirm")
+    batch: int = Field(default=32, ge=1, le=1000, description="hand-offs taken per round")
+    # HTTP
+    ca: Path | None = Field(default=None, description="CA bundle for an https endpoint")
+    client_cert: Path | None = Field(default=None, description="client certificate (PEM)")
+    client_key: Path | None = Field(default=None, description="its private key (PEM)")
+    token_env: str | None = Field(
+        default=None, description="environment variable holding a bearer token"
+    )
+    token_file: Path | None = Field(default=None, description="file holding a bearer token")
+    # AMQP
+    username: str | None = Field(default=None, description="AMQP user (default: from the URL)")
+    password_env: str | None = Field(
+        default=None, description="environment variable holding the AMQP password"
+    )
+    password_file: Path | None = Field(default=None, description="file holding the AMQP password")
+    exchange: str = Field(default="", description='exchange to publish to; "" = default exchange')
+    exchange_type: Literal["direct", "fanout", "topic", "headers"] = "direct"
+    queue: str | None = Field(default=None, description="durable queue declared and bound")
+    routing_key: str | None = Field(default=None, description="default: the queue name")
+    queue_arguments: dict[str, str | int] = Field(
+        default_factory=dict, description='queue arguments, e.g. {"x-queue-type" = "quorum"}'
+    )
+    declare: bool = Field(
+        default=True, description="declare the exchange and queue (durable) on connect"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_fits_kind(cls, value: str, info: ValidationInfo) -> str:
+        from urllib.parse import urlsplit
+
+        kind = info.data.get("kind")
+        parts = urlsplit(value)
+        schemes = {"http": ("http", "https"), "amqp": ("amqp", "amqps")}.get(str(kind), ())
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"must be a {' or '.join(schemes)} URL with a host for kind {kind}")
+        if parts.password is not None:
+            raise ValueError(
+                "must not hold a password; name it with password_env, password_file,"
+                " token_env or token_file"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> HandoffConfig:
+        if self.kind == "amqp" and not self.queue and not self.exchange:
+            raise ValueError("queue: an amqp destination needs a queue or an exchange")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_key: client_cert and client_key go together")
+        if self.token_env and self.token_file:
+            raise ValueError("token_file: give token_env or token_file, not both")
+        if self.password_env and self.password_file:
+            raise ValueError("password_file: give password_env or password_file, not both")
+        return self
+
+
 class OperationsConfig(_Strict):
     """The operations port: ``/healthz``, ``/readyz``, ``/metrics`` and the status page.
 
@@ -330,6 +495,7 @@ class BridgeConfig(_Strict):
     mllp: MLLPConfig | None = None
     intake: IntakeConfig = IntakeConfig()
     routes: list[RouteConfig] = Field(default_factory=list)
+    handoff: list[HandoffConfig] = Field(default_factory=list)
     operations: OperationsConfig | None = None
     source: Path | None = Field(default=None, exclude=True)
 
@@ -347,8 +513,25 @@ class BridgeConfig(_Strict):
             if link.partner not in partner_ids:
                 raise ValueError(f"links[{i}].partner: no partner with that id")
             partner = next(p for p in self.partners if p.id == link.partner)
-            if link.direction == "outbound" and not partner.base_url:
-                raise ValueError(f"partners.{partner.id}.base_url: needed by outbound link")
+            if link.direction in ("outbound", "pull-from") and not partner.base_url:
+                raise ValueError(f"partners.{partner.id}.base_url: needed by {link.direction} link")
+            if link.direction == "pull" and link.purpose not in PULL_PURPOSES and not (
+                link.pull.purposes
+            ):
+                raise ValueError(f"links[{i}].purpose: a pull link's purpose is TREAT, HOPERAT"
+                                 " or PUBHLTH (or list them in pull.purposes)")
+        inbound = {link.id for link in self.links if link.direction == "inbound"}
+        seen_destinations: set[str] = set()
+        for i, dest in enumerate(self.handoff):
+            if dest.id in seen_destinations:
+                raise ValueError(f"handoff[{i}].id: duplicate destination id")
+            seen_destinations.add(dest.id)
+            for j, sender in enumerate(dest.senders):
+                if sender not in partner_ids:
+                    raise ValueError(f"handoff[{i}].senders[{j}]: no partner with that id")
+            for j, link_id in enumerate(dest.links):
+                if link_id not in inbound:
+                    raise ValueError(f"handoff[{i}].links[{j}]: no inbound link with that id")
         outbound = {link.id for link in self.links if link.direction == "outbound"}
         for i, route in enumerate(self.routes):
             for j, link_id in enumerate(route.links):
@@ -413,6 +596,10 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     if isinstance(partners, list):
         for partner in partners:
             fix(partner, ("signing_certs",))
+    handoff = data.get("handoff")
+    if isinstance(handoff, list):
+        for dest in handoff:
+            fix(dest, ("ca", "client_cert", "client_key", "token_file", "password_file"))
 
 
 def load_config(path: str | Path) -> BridgeConfig:
@@ -439,7 +626,9 @@ def load_config(path: str | Path) -> BridgeConfig:
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.get("loc", ()))
         key = key.lstrip(".")
         msg = first.get("msg", "invalid value")
-        if not key and msg.startswith("Value error, "):
-            msg = msg.removeprefix("Value error, ")
-            key, _, msg = msg.partition(": ")
+        if msg.startswith("Value error, "):
+            # A model-level check names the key it is about as "key: message".
+            head, sep, rest = msg.removeprefix("Value error, ").partition(": ")
+            if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", head):
+                key, msg = (f"{key}.{head}" if key else head), rest
         raise ConfigError(msg.removeprefix("Value error, "), location=f"{file}: {key}") from None

@@ -5,8 +5,9 @@ Written once for SQLite and PostgreSQL against :class:`~bridge.ledger.portable.T
 records, visit parts, what filing knows of a visit) is sealed.
 
 Tables
-    ``hl7_inbox`` (base schema; ``warnings`` added here): one row per accepted message,
-    with the ACK answered for it.
+    ``hl7_inbox`` (base schema): one row per accepted message, with its own DE record
+    (none for a message that is only a part of a visit) and the ACK answered for it.
+    ``hl7_warning``: the warnings about fields no mapping reads, per message.
     ``visit``: one row per visit, keyed by a digest of kind, organisation and visit
     number; ``summary`` is what filing checks need (sealed).
     ``visit_part``: what each message contributed to its visit, once per (sender,
@@ -200,10 +201,13 @@ def _accept_in(tx: Tx, *, sender: str, control_id: str, digest: str, message: by
     received: Any = stamp if tx.dialect == "sqlite" else now
     tx.execute(
         "INSERT INTO hl7_inbox (sender, control_id, digest, message, record, ack,"
-        " audit_seq, received, warnings) VALUES (?,?,?,?,?,?,?,?,?)",
+        " audit_seq, received) VALUES (?,?,?,?,?,?,?,?)",
         (sender, control_id, digest, tx.seal(message, context="hl7_inbox.message"),
          tx.seal(record, context="hl7_inbox.record") if record is not None else None,
-         ack, entry.seq, received, "\n".join(warnings) if warnings else None))
+         ack, entry.seq, received))
+    if warnings:
+        tx.execute("INSERT INTO hl7_warning (sender, control_id, warnings) VALUES (?,?,?)",
+                   (sender, control_id, "\n".join(warnings)))
     return Accepted(ack, created=True, route=route)
 
 
@@ -422,6 +426,6 @@ def list_visits(store: Store, *, limit: int = 100) -> list[VisitRow]:
 def warnings_of(store: Store, sender: str, control_id: str) -> list[str]:
     """The warnings recorded with an accepted message (fields no mapping reads)."""
     with store.read("hl7_warnings") as tx:
-        row = tx.one("SELECT warnings FROM hl7_inbox WHERE sender=? AND control_id=?",
+        row = tx.one("SELECT warnings FROM hl7_warning WHERE sender=? AND control_id=?",
                      (sender, control_id))
     return str(row[0]).split("\n") if row is not None and row[0] else []

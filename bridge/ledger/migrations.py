@@ -156,7 +156,111 @@ CREATE TABLE IF NOT EXISTS intake_delivery (
     created     TEXT NOT NULL,
     PRIMARY KEY (record_id, link, revision)
 );
-ALTER TABLE hl7_inbox ADD COLUMN warnings TEXT;
+CREATE TABLE IF NOT EXISTS hl7_warning (
+    sender      TEXT NOT NULL,
+    control_id  TEXT NOT NULL,
+    warnings    TEXT NOT NULL,
+    PRIMARY KEY (sender, control_id)
+);
+""",
+    ),
+    # Received claims waiting to be handed to the receiver's own systems, one row per
+    # (destination, claim). The claim itself stays in the inbox; ``seq`` orders the
+    # hand-offs of one sender to one destination in the order they were accepted.
+    Migration(
+        name="0750-handoff-queue",
+        ddl="""
+CREATE TABLE IF NOT EXISTS handoff (
+    id           {autoid},
+    destination  TEXT NOT NULL,
+    sender       TEXT NOT NULL,
+    message_id   TEXT NOT NULL,
+    link         TEXT NOT NULL,
+    seq          {bigint} NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    due_since    TEXT NOT NULL,
+    next_attempt TEXT NOT NULL,
+    lease_until  TEXT,
+    last_error   TEXT,
+    last_answer  {blob},
+    received     TEXT NOT NULL,
+    created      TEXT NOT NULL,
+    updated      TEXT NOT NULL,
+    delivered    TEXT,
+    UNIQUE (destination, sender, message_id),
+    UNIQUE (destination, sender, seq)
+);
+CREATE INDEX IF NOT EXISTS handoff_line ON handoff (destination, state, sender, seq);
+CREATE INDEX IF NOT EXISTS handoff_claim ON handoff (sender, message_id);
+""",
+    ),
+    # Record pull: the records store, review items, pages received (bridge.ledger.records).
+    # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
+    Migration(
+        name="1300-pull-records",
+        ddl="""
+CREATE TABLE IF NOT EXISTS pull_head (
+    id   INTEGER PRIMARY KEY,
+    seq  {bigint} NOT NULL
+);
+INSERT INTO pull_head (id, seq) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS pull_record (
+    id        {autoid},
+    digest    TEXT NOT NULL UNIQUE,
+    source    TEXT NOT NULL,
+    dataset   TEXT NOT NULL,
+    person    TEXT NOT NULL,
+    record    {blob} NOT NULL,
+    received  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pull_person_key (
+    patient_key  TEXT PRIMARY KEY,
+    person       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pull_person_key_person ON pull_person_key (person);
+CREATE TABLE IF NOT EXISTS pull_resource (
+    seq           {bigint} PRIMARY KEY,
+    person        TEXT NOT NULL,
+    rtype         TEXT NOT NULL,
+    rid           TEXT NOT NULL,
+    date_lo       TEXT,
+    date_hi       TEXT,
+    last_updated  TEXT NOT NULL,
+    digest        TEXT NOT NULL,
+    body          {blob} NOT NULL,
+    record_id     {bigint} NOT NULL,
+    superseded    {bigint}
+);
+CREATE INDEX IF NOT EXISTS pull_resource_person ON pull_resource (person, seq);
+CREATE INDEX IF NOT EXISTS pull_resource_type ON pull_resource (person, rtype, seq);
+CREATE INDEX IF NOT EXISTS pull_resource_current ON pull_resource (person, rtype, rid, superseded);
+CREATE TABLE IF NOT EXISTS pull_cursor (
+    name      TEXT PRIMARY KEY,
+    position  {bigint} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pull_review (
+    id         {autoid},
+    time       TEXT NOT NULL,
+    link       TEXT NOT NULL,
+    partner    TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    actor      TEXT,
+    reason     {blob},
+    audit_seq  {bigint} NOT NULL,
+    reviewed   TEXT
+);
+CREATE TABLE IF NOT EXISTS pull_received (
+    id         {autoid},
+    link       TEXT NOT NULL,
+    partner    TEXT NOT NULL,
+    page_id    TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    body       {blob} NOT NULL,
+    received   TEXT NOT NULL,
+    audit_seq  {bigint} NOT NULL,
+    UNIQUE (partner, page_id)
+);
 """,
     ),
 )

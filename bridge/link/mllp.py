@@ -344,8 +344,7 @@ class MLLPListener:
             accepted: intake_db.Accepted = await self._commit(
                 sender=header.sender,
                 control_id=header.control_id, digest=digest, message=message,
-                record=(record_bytes if record_bytes is not None
-                        else taken.part.to_json() if taken.part is not None else None),
+                record=record_bytes,
                 warnings=taken.warnings, audit=audit, duplicate_audit=duplicate,
                 make_ack=make_ack, filing=filing, own=own, now=now)
         except (ConflictError, MappingError) as exc:

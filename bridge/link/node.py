@@ -21,6 +21,7 @@ import orjson
 
 from bridge.config import BridgeConfig, LinkConfig
 from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
+from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
 from bridge.link.store import AsyncStore
@@ -113,11 +114,13 @@ class Controller:
         gc.collect()
         gc.freeze()
         self.profiles: dict[str, LinkProfile] = {
-            link.id: _profile_for(link.profile) for link in config.links
+            link.id: _profile_for(link.profile_ref()) for link in config.links
         }
         # The site's overlay of the mapping files (value sets the FHIR mapping reads too).
         site = config.intake.site
         self.mapping_files = MappingFiles(site.resolve() if site is not None else None)
+        # Which of this controller's own systems take the claims it receives.
+        self.handoff_routes = routes(config.handoff)
 
     # --- helpers -------------------------------------------------------------------
 
@@ -290,6 +293,7 @@ class Controller:
         """
         link = self.outbound_link(link_id)
         message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
+        await self.keep_for_pull(record, source="push")
         await self.sync_consents()
         if await self.db.get_outbox(message_id) is not None:
             # The same record was submitted before: one claim, however often a HIS retries.
@@ -353,6 +357,22 @@ class Controller:
             held_back=submitted.held_back,
             decided_by=submitted.decided_by,
         )
+
+    async def keep_for_pull(self, record: dict[str, Any], *, source: str) -> bool:
+        """Keep a record in the records store a pull link answers from (only when this
+        controller serves record pull). True when it was new; MappingError for a record
+        that does not map or names no patient (nothing is kept then)."""
+        if not any(link.direction == "pull" for link in self.config.links):
+            return False
+        from bridge.ledger.records import put_record
+
+        raw = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+        collection = map_record(record, now=self.clock(), files=self.mapping_files)
+        result = await self.db.call(
+            put_record, self.store, record=raw, dataset=str(record.get("dataset", "")),
+            source=source, collection=collection, now=self.clock(),
+        )
+        return result.created
 
     def recheck_consent(self, payload: dict[str, Any], link: LinkConfig) -> None:
         """Ask the consent question again at dispatch; raises ConsentDenied.

@@ -58,13 +58,15 @@ from bridge.errors import (
     UnknownPartner,
     UnsupportedMediaType,
 )
+from bridge.ledger.handoff import queue_hook
+from bridge.link.capability import capability_statement
 from bridge.link.node import Controller, resource_types
+from bridge.link.pull import PullAPI
 from bridge.logs import refusal_event
 from bridge.mapping import patient_identifiers
 from bridge.messages import check_addressing, check_envelope, collection_of, read_json
 from bridge.policy.consent import parse_consent
 from bridge.records.fhir import ValidationCache, validation_cache
-from bridge.resources import conformance_dir
 from bridge.trust.jws import SignedClaims, payload_digests, verify_bundle, verify_detached_bytes
 from bridge.trust.peercheck import PeerCertificateCheck
 from bridge.trust.receipts import make_receipt
@@ -155,6 +157,8 @@ class ReceiverApp:
         app.router.add_post(f"{base}/Consent", consents.create)
         app.router.add_put(f"{base}/Consent/{{id}}", consents.update)
         app.router.add_get(f"{base}/Consent/{{id}}", consents.read)
+        self.pull = PullAPI(self)
+        self.pull.register(app, base)
         return app
 
     # --- helpers ----------------------------------------------------------------------
@@ -233,8 +237,13 @@ class ReceiverApp:
     # --- handlers ---------------------------------------------------------------------
 
     async def metadata(self, request: web.Request) -> web.Response:
-        body = (conformance_dir() / "CapabilityStatement.json").read_bytes()
-        return web.Response(body=body, content_type=FHIR_JSON)
+        try:
+            caller = self._caller(request)
+        except TrustError as exc:
+            return await self._refuse(exc, partner=None, subject="metadata")
+        return web.Response(
+            body=orjson.dumps(capability_statement(self.c, caller)), content_type=FHIR_JSON
+        )
 
     async def process_message(self, request: web.Request) -> web.Response:
         try:
@@ -389,6 +398,12 @@ class ReceiverApp:
                 ),
                 make_receipt=build_receipt,
                 now=now,
+                # Queued for hand-off to this controller's own systems in the same
+                # transaction: a claim acknowledged with a receipt is always queued.
+                within=queue_hook(
+                    c.handoff_routes, sender=partner.id, link=_inbound_link_id(c, partner.id),
+                    now=now,
+                ),
             )
         except ConflictError as exc:
             # Another process of this receiver stored the same identity meanwhile.

@@ -1,5 +1,6 @@
-"""Run one controller: the mutual-TLS listener, the HTTP handlers, the dispatchers and,
-when ``[mllp]`` is configured, the HL7 v2 listener."""
+"""Run one controller: the mutual-TLS listener, the HTTP handlers, the dispatchers,
+the hand-off workers of ``[[handoff]]`` destinations and, when ``[mllp]`` is
+configured, the HL7 v2 listener."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from aiohttp import web
 
 from bridge.errors import listen_error
 from bridge.link.dispatcher import Dispatcher
+from bridge.link.handoff import HandoffService
 from bridge.link.handshakes import HandshakeRecord
 from bridge.link.intake import Router, site_reader
 from bridge.link.mllp import HL7Handler, MLLPListener
@@ -41,6 +43,7 @@ class BridgeService:
         self.mllp: MLLPListener | None = None
         self.mllp_port: int | None = None
         self.router: Router | None = None
+        self.handoff = HandoffService(controller, poll_interval=min(poll_interval, 0.25))
         self.ops: Any = None  # bridge.ops.server.OpsServer when [operations] is configured
 
     async def start(self, *, serve: bool = True) -> None:
@@ -101,6 +104,7 @@ class BridgeService:
                 self.ops = ops
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
+        await self.handoff.start()
 
     def _key(self, key: str) -> str:
         source = self.controller.config.source
@@ -136,6 +140,7 @@ class BridgeService:
         return submitted
 
     async def stop(self) -> None:
+        await self.handoff.stop()
         if self.ops is not None:
             await self.ops.stop()
         if self.mllp is not None:

@@ -1,0 +1,543 @@
+"""FHIR R4 search parameters for record pull: parsing, validation and date ranges.
+
+Plain synchronous code over plain data (no I/O). The HTTP layer hands the query string
+as ``(name, value)`` pairs; :func:`parse_search` and :func:`parse_everything` return a
+:class:`SearchQuery` or raise :class:`SearchError` naming the parameter.
+
+What is supported is declared in :data:`SEARCH_PARAMS` (per resource type) and
+:data:`EVERYTHING_PARAMS`; the CapabilityStatement is generated from the same tables.
+Everything else is refused with 400 — a parameter that was silently ignored would
+widen the result, which for a disclosure is the wrong way to fail. Modifiers
+(``date:missing``), chains (``patient.identifier``) and ``_revinclude`` are refused;
+``_include`` is accepted only for the pairs in :data:`INCLUDES`.
+
+Types (FHIR R4 §3.1.1.4 "Search"):
+
+- **token** ``identifier=SYSTEM|VALUE``: both parts required (one patient per request);
+- **reference** ``patient=Patient/ID`` (``ID`` or an absolute URL ending in
+  ``Patient/ID`` are accepted);
+- **date** with the prefixes ``eq ne gt lt ge le sa eb`` (``ap`` is refused): the
+  value is a range at its precision (``2024`` is the whole year, ``2024-03-05`` the
+  whole day, in China Standard Time when no zone is given) and the comparisons are
+  those of R4, on the target's range (a Period, or an instant at its precision).
+
+Date ranges are half-open ``[lo, hi)`` instants in UTC, written with
+:func:`bridge.ledger.audit.format_time`-compatible text so a store compares them as
+strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Literal
+
+import orjson
+
+from bridge.errors import ParseError
+
+__all__ = [
+    "DATE_ELEMENTS",
+    "EVERYTHING_PARAMS",
+    "INCLUDES",
+    "SEARCH_PARAMS",
+    "SERVED_TYPES",
+    "DateFilter",
+    "SearchError",
+    "SearchQuery",
+    "UnsupportedParameter",
+    "date_range",
+    "decode_cursor",
+    "encode_cursor",
+    "parse_everything",
+    "parse_search",
+    "resource_date_range",
+]
+
+
+class SearchError(ParseError):
+    """A search parameter with a value this bridge cannot accept (400)."""
+
+    code = "search-invalid"
+    issue_type = "invalid"
+
+
+class UnsupportedParameter(SearchError):
+    """A search parameter, modifier or include this bridge does not serve (400)."""
+
+    code = "search-unsupported"
+    issue_type = "not-supported"
+
+
+ParamKind = Literal["token", "reference", "date", "number", "string", "special"]
+
+#: Resource types a pull link may serve (the link's profile narrows them further).
+SERVED_TYPES: tuple[str, ...] = (
+    "Patient",
+    "Encounter",
+    "Condition",
+    "Observation",
+    "DiagnosticReport",
+    "MedicationRequest",
+    "Procedure",
+    "Composition",
+    "DocumentReference",
+)
+
+#: Per type, the date search parameter and the elements behind it (first present wins).
+DATE_ELEMENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Encounter": ("date", ("period",)),
+    "Condition": ("onset-date", ("onsetDateTime", "onsetPeriod")),
+    "Observation": ("date", ("effectiveDateTime", "effectivePeriod", "effectiveInstant")),
+    "DiagnosticReport": ("date", ("effectiveDateTime", "effectivePeriod")),
+    "MedicationRequest": ("authoredon", ("authoredOn",)),
+    "Procedure": ("date", ("performedDateTime", "performedPeriod")),
+    "Composition": ("date", ("date",)),
+    "DocumentReference": ("date", ("date",)),
+}
+
+_COMMON: dict[str, ParamKind] = {
+    "_lastUpdated": "date",
+    "_count": "number",
+    "_cursor": "string",
+    "_format": "special",
+    "_pretty": "special",
+}
+
+
+def _type_params(rtype: str) -> dict[str, ParamKind]:
+    params: dict[str, ParamKind] = dict(_COMMON)
+    if rtype == "Patient":
+        params.update({"identifier": "token", "_id": "token"})
+        return params
+    params["patient"] = "reference"
+    params[DATE_ELEMENTS[rtype][0]] = "date"
+    if any(src == rtype for src, _ in INCLUDES):
+        params["_include"] = "special"
+    return params
+
+
+#: ``_include`` values served: (source type, search parameter) -> target type.
+INCLUDES: dict[tuple[str, str], str] = {
+    ("Condition", "encounter"): "Encounter",
+    ("Observation", "encounter"): "Encounter",
+    ("DiagnosticReport", "encounter"): "Encounter",
+    ("Procedure", "encounter"): "Encounter",
+    ("Composition", "encounter"): "Encounter",
+    ("MedicationRequest", "encounter"): "Encounter",
+}
+
+#: Supported parameters per resource type and their kind.
+SEARCH_PARAMS: dict[str, dict[str, ParamKind]] = {t: _type_params(t) for t in SERVED_TYPES}
+
+#: Parameters of ``Patient/{id}/$everything``.
+EVERYTHING_PARAMS: dict[str, ParamKind] = {
+    "_since": "date",
+    "_type": "token",
+    "_count": "number",
+    "_cursor": "string",
+    "_format": "special",
+    "_pretty": "special",
+}
+
+_FORMATS = frozenset({"json", "application/json", "application/fhir+json"})
+_PREFIXES = frozenset({"eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"})
+Prefix = Literal["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"]
+
+# China Standard Time: a date or time without a zone is a hospital's local time.
+_CST = timezone(timedelta(hours=8))
+_FOREVER = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+_DATE_RE = re.compile(
+    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?P<f>\.\d{1,9})?)?"
+    r"(?P<z>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+
+
+def _text(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class DateFilter:
+    """One date comparison: ``prefix`` applied to the search range ``[lo, hi)``."""
+
+    param: str
+    prefix: Prefix
+    lo: str
+    hi: str
+
+    def matches(self, target: tuple[str, str] | None) -> bool:
+        """Does a target range ``[tl, th)`` (None: no date) satisfy this filter (R4)?"""
+        if target is None:
+            return False
+        tl, th = target
+        inside = tl >= self.lo and th <= self.hi
+        match self.prefix:
+            case "eq":
+                return inside
+            case "ne":
+                return not inside
+            case "gt":
+                return th > self.hi
+            case "lt":
+                return tl < self.lo
+            case "ge":
+                return th > self.hi or inside
+            case "le":
+                return tl < self.lo or inside
+            case "sa":
+                return tl >= self.hi
+            case "eb":
+                return th <= self.lo
+        return False  # pragma: no cover - Prefix is closed
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """A validated request: what to find, how many per page, where to resume.
+
+    ``patient`` is a Patient id (from ``patient=`` or the ``$everything`` path);
+    ``identifier`` a ``(system, value)`` for ``Patient?identifier=``. ``dates`` filter on
+    the type's clinical date, ``last_updated`` on ``meta.lastUpdated`` (``_since`` is
+    ``ge`` on it). ``types`` limits ``$everything``. ``fingerprint`` identifies the query
+    apart from the cursor, so a cursor cannot be replayed against another query.
+    """
+
+    resource_type: str
+    operation: Literal["search", "read", "everything"]
+    count: int
+    patient: str | None = None
+    identifier: tuple[str, str] | None = None
+    ids: tuple[str, ...] = ()
+    dates: tuple[DateFilter, ...] = ()
+    last_updated: tuple[DateFilter, ...] = ()
+    types: frozenset[str] | None = None
+    includes: tuple[tuple[str, str], ...] = ()
+    cursor: str | None = None
+    params: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        kept = (f"{k}={v}" for k, v in self.params if k != "_cursor")
+        body = [self.resource_type, self.operation, str(self.patient), *kept]
+        return hashlib.sha256("\x1f".join(body).encode()).hexdigest()[:32]
+
+    def page_params(self, cursor: str | None) -> list[tuple[str, str]]:
+        """The query string of this query at ``cursor`` (for ``Bundle.link``)."""
+        out = [(k, v) for k, v in self.params if k != "_cursor"]
+        if cursor is not None:
+            out.append(("_cursor", cursor))
+        return out
+
+
+# --- dates ---------------------------------------------------------------------------------
+
+
+def date_range(text: str, *, where: str) -> tuple[datetime, datetime]:
+    """The half-open UTC range ``[lo, hi)`` a FHIR date, dateTime or instant denotes.
+
+    A value without a zone is China Standard Time. Raises :class:`SearchError` naming
+    ``where`` for anything that is not such a value (never echoing it).
+    """
+    m = _DATE_RE.match(text)
+    if not m:
+        raise SearchError("not a FHIR date or dateTime", location=where)
+    tz = _CST
+    z = m.group("z")
+    if z == "Z":
+        tz = UTC
+    elif z:
+        sign = 1 if z[0] == "+" else -1
+        hours, minutes = int(z[1:3]), int(z[4:6])
+        if hours > 14 or minutes > 59:
+            raise SearchError("time zone offset out of range", location=where)
+        tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
+    try:
+        y = int(m.group("y"))
+        if m.group("m") is None:
+            lo = datetime(y, 1, 1, tzinfo=tz)
+            return lo.astimezone(UTC), datetime(y + 1, 1, 1, tzinfo=tz).astimezone(UTC)
+        mo = int(m.group("m"))
+        if m.group("d") is None:
+            lo = datetime(y, mo, 1, tzinfo=tz)
+            hi = datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=tz)
+            return lo.astimezone(UTC), hi.astimezone(UTC)
+        d = int(m.group("d"))
+        if m.group("H") is None:
+            lo = datetime(y, mo, d, tzinfo=tz)
+            return lo.astimezone(UTC), (lo + timedelta(days=1)).astimezone(UTC)
+        hh, mm = int(m.group("H")), int(m.group("M"))
+        if m.group("S") is None:
+            lo = datetime(y, mo, d, hh, mm, tzinfo=tz)
+            return lo.astimezone(UTC), (lo + timedelta(minutes=1)).astimezone(UTC)
+        ss = int(m.group("S"))
+        frac = m.group("f")
+        micro = int((frac[1:] + "000000")[:6]) if frac else 0
+        lo = datetime(y, mo, d, hh, mm, ss, micro, tzinfo=tz)
+        step = timedelta(microseconds=1) if frac else timedelta(seconds=1)
+        return lo.astimezone(UTC), (lo + step).astimezone(UTC)
+    except ValueError:
+        raise SearchError("not a real calendar date or time", location=where) from None
+
+
+def _value_range(value: Any) -> tuple[datetime, datetime] | None:
+    if isinstance(value, str):
+        try:
+            return date_range(value, where="-")
+        except SearchError:
+            return None
+    if isinstance(value, dict):  # a Period
+        start = _value_range(value.get("start")) if value.get("start") else None
+        end = _value_range(value.get("end")) if value.get("end") else None
+        if start is None and end is None:
+            return None
+        lo = start[0] if start else datetime(1, 1, 1, tzinfo=UTC)
+        hi = end[1] if end else _FOREVER
+        return lo, max(hi, lo)
+    return None
+
+
+def resource_date_range(resource: dict[str, Any]) -> tuple[str, str] | None:
+    """``[lo, hi)`` of the element behind the type's date parameter, as stored text."""
+    spec = DATE_ELEMENTS.get(str(resource.get("resourceType")))
+    if spec is None:
+        return None
+    for element in spec[1]:
+        found = _value_range(resource.get(element))
+        if found is not None:
+            return _text(found[0]), _text(found[1])
+    return None
+
+
+def _date_filter(name: str, raw: str) -> DateFilter:
+    prefix = raw[:2]
+    if prefix.isalpha():
+        if prefix == "ap":
+            raise UnsupportedParameter("the ap (approximately) prefix is not supported",
+                                       location=name)
+        if prefix not in _PREFIXES:
+            raise SearchError("unknown date prefix", location=name)
+        value = raw[2:]
+    else:
+        prefix, value = "eq", raw
+    lo, hi = date_range(value, where=name)
+    return DateFilter(name, prefix, _text(lo), _text(hi))  # type: ignore[arg-type]
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def _check_names(
+    params: Sequence[tuple[str, str]], allowed: dict[str, ParamKind], rtype: str
+) -> None:
+    for name, _ in params:
+        base, colon, _modifier = name.partition(":")
+        if base == "_revinclude":
+            raise UnsupportedParameter("_revinclude is not supported", location=name)
+        if colon:
+            raise UnsupportedParameter("search modifiers are not supported", location=name)
+        if "." in base:
+            raise UnsupportedParameter("chained search is not supported", location=name)
+        if base not in allowed:
+            raise UnsupportedParameter(
+                f"search parameter not supported for {rtype}", location=name
+            )
+
+
+def _single(params: Sequence[tuple[str, str]], name: str) -> str | None:
+    values = [v for k, v in params if k == name]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise SearchError("parameter given more than once", location=name)
+    return values[0]
+
+
+def _count(params: Sequence[tuple[str, str]], *, default: int, limit: int) -> int:
+    raw = _single(params, "_count")
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 6:
+        raise SearchError("_count must be a whole number", location="_count")
+    count = int(raw)
+    if count < 1:
+        raise SearchError("_count must be at least 1 (totals are not offered)",
+                          location="_count")
+    if count > limit:
+        raise SearchError(f"_count may be at most {limit}", location="_count")
+    return count
+
+
+def _format(params: Sequence[tuple[str, str]]) -> None:
+    fmt = _single(params, "_format")
+    if fmt is not None and fmt not in _FORMATS:
+        raise SearchError("only JSON is served", location="_format")
+    pretty = _single(params, "_pretty")
+    if pretty is not None and pretty not in ("true", "false"):
+        raise SearchError("_pretty is true or false", location="_pretty")
+
+
+def patient_reference(raw: str, *, where: str) -> str:
+    """The Patient id of a reference search value (``Patient/ID``, ``ID`` or a URL)."""
+    value = raw.rstrip("/")
+    if "/" in value:
+        parts = value.split("/")
+        if len(parts) < 2 or parts[-2] != "Patient":
+            raise SearchError("the reference must be to a Patient", location=where)
+        value = parts[-1]
+    if not _ID_RE.match(value):
+        raise SearchError("not a FHIR id", location=where)
+    return value
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+
+def check_id(raw: str, *, where: str) -> str:
+    """A FHIR id, or SearchError naming ``where``."""
+    if not _ID_RE.match(raw):
+        raise SearchError("not a FHIR id", location=where)
+    return raw
+
+
+def _includes(rtype: str, params: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    for name, value in params:
+        if name != "_include":
+            continue
+        source, _, rest = value.partition(":")
+        param, _, target = rest.partition(":")
+        if source != rtype or (source, param) not in INCLUDES or (
+            target and target != INCLUDES[(source, param)]
+        ):
+            raise UnsupportedParameter("this _include is not supported", location="_include")
+        out.append((source, param))
+    return tuple(dict.fromkeys(out))
+
+
+def parse_search(
+    rtype: str,
+    params: Sequence[tuple[str, str]],
+    *,
+    default_count: int,
+    max_count: int,
+    offered: Iterable[str] | None = None,
+) -> SearchQuery:
+    """Validate ``GET [base]/{rtype}?...``; raise :class:`SearchError` naming the parameter.
+
+    ``offered`` narrows the declared parameters to those the link offers (a date
+    parameter whose element the link's profile withholds is not offered).
+    """
+    declared = SEARCH_PARAMS.get(rtype)
+    if declared is None:
+        raise UnsupportedParameter("resource type not served", location=rtype)
+    allowed = {k: v for k, v in declared.items() if offered is None or k in set(offered)}
+    _check_names(params, allowed, rtype)
+    _format(params)
+    count = _count(params, default=default_count, limit=max_count)
+    cursor = _single(params, "_cursor")
+    last_updated = tuple(_date_filter("_lastUpdated", v) for k, v in params if k == "_lastUpdated")
+    if rtype == "Patient":
+        identifier: tuple[str, str] | None = None
+        raw = _single(params, "identifier")
+        if raw is not None:
+            system, bar, value = raw.partition("|")
+            if not bar or not system or not value or "," in raw:
+                raise SearchError("identifier takes one SYSTEM|VALUE", location="identifier")
+            identifier = (system, value)
+        ids: tuple[str, ...] = ()
+        raw_id = _single(params, "_id")
+        if raw_id is not None:
+            ids = (check_id(raw_id, where="_id"),)
+        if identifier is None and not ids:
+            raise SearchError("a Patient search names the patient (identifier or _id)",
+                              location="identifier")
+        return SearchQuery(
+            rtype, "search", count, identifier=identifier, ids=ids,
+            last_updated=last_updated, cursor=cursor, params=tuple(params),
+        )
+    patients = {patient_reference(v, where="patient") for k, v in params if k == "patient"}
+    if not patients:
+        raise SearchError("a search names its patient (patient=Patient/ID)", location="patient")
+    if len(patients) > 1:
+        raise SearchError("a search concerns one patient", location="patient")
+    date_name = DATE_ELEMENTS[rtype][0]
+    dates = tuple(_date_filter(date_name, v) for k, v in params if k == date_name)
+    return SearchQuery(
+        rtype, "search", count, patient=patients.pop(), dates=dates,
+        last_updated=last_updated, includes=_includes(rtype, params), cursor=cursor,
+        params=tuple(params),
+    )
+
+
+def parse_everything(
+    patient_id: str,
+    params: Sequence[tuple[str, str]],
+    *,
+    default_count: int,
+    max_count: int,
+    types: Iterable[str],
+) -> SearchQuery:
+    """Validate ``GET [base]/Patient/{id}/$everything?...`` (``types``: what the link serves)."""
+    served = set(types)
+    _check_names(params, EVERYTHING_PARAMS, "Patient/$everything")
+    _format(params)
+    count = _count(params, default=default_count, limit=max_count)
+    since = _single(params, "_since")
+    last_updated: tuple[DateFilter, ...] = ()
+    if since is not None:
+        if "T" not in since or not (since.endswith("Z") or re.search(r"[+-]\d{2}:\d{2}$", since)):
+            raise SearchError("_since is an instant with a time zone", location="_since")
+        last_updated = (_date_filter("_since", "ge" + since),)
+        # ge on an instant: everything updated at or after it.
+        last_updated = (DateFilter("_since", "ge", last_updated[0].lo, last_updated[0].lo),)
+    wanted: frozenset[str] | None = None
+    raw_types = [v for k, v in params if k == "_type"]
+    if raw_types:
+        names = {t.strip() for raw in raw_types for t in raw.split(",")}
+        for name in sorted(names):
+            if name not in SERVED_TYPES:
+                raise SearchError("_type names a type that is not served", location="_type")
+        wanted = frozenset(names & served)
+    return SearchQuery(
+        "Patient", "everything", count, patient=check_id(patient_id, where="Patient.id"),
+        last_updated=last_updated, types=wanted, cursor=_single(params, "_cursor"),
+        params=tuple(params),
+    )
+
+
+# --- cursors -------------------------------------------------------------------------------
+
+
+def encode_cursor(key: bytes, query: SearchQuery, *, snapshot: int, after: int) -> str:
+    """An opaque, authenticated page cursor: the snapshot the traversal reads and the
+    position after which the next page starts, bound to this query."""
+    body = orjson.dumps({"s": snapshot, "a": after, "q": query.fingerprint})
+    mac = hmac.new(key, body, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(key: bytes, query: SearchQuery) -> tuple[int, int] | None:
+    """``(snapshot, after)`` of the query's cursor (None on a first page), or SearchError."""
+    token = query.cursor
+    if token is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (ValueError, TypeError):
+        raise SearchError("malformed cursor", location="_cursor") from None
+    body, mac = raw[:-16], raw[-16:]
+    if len(raw) < 17 or not hmac.compare_digest(
+        mac, hmac.new(key, body, hashlib.sha256).digest()[:16]
+    ):
+        raise SearchError("cursor was not issued by this bridge", location="_cursor")
+    data = orjson.loads(body)
+    if data.get("q") != query.fingerprint:
+        raise SearchError("cursor belongs to another query", location="_cursor")
+    return int(data["s"]), int(data["a"])
