@@ -298,7 +298,7 @@ async def test_repeated_401_refusals_write_bounded_audit_rows(
     site = await start_site(tmp_path)
     stopped = False
     try:
-        requests = 150
+        requests = 60
 
         def hammer() -> list[int]:
             statuses = []
