@@ -220,7 +220,7 @@ def cmd_consent_explain(args: argparse.Namespace) -> int:
             now = controller.clock()
             explanation = explain(
                 map_record(record, now=now),
-                registry=controller.consents,
+                registry=controller.consents_for(link),
                 profile=controller.profiles[link.id],
                 recipient=link.partner,
                 purpose=link.purpose,
