@@ -30,6 +30,7 @@ from bridge.cli_common import (
 from bridge.cli_common import print_json as _print_json
 from bridge.cli_init import add_init_commands
 from bridge.cli_mapping import add_mapping_commands
+from bridge.cli_operators import add_operators_commands, guard_commands
 from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
 from bridge.cli_store import add_store_commands
 from bridge.errors import BridgeError, NotFound, ParseError, UsageError
@@ -672,6 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     g2.add_argument("--store", help="path of a SQLite store file")
     add_json_option(o)
     o.set_defaults(func=cmd_outbox)
+    add_operators_commands(sub)
+    guard_commands(p)
     return p
 
 
