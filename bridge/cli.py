@@ -28,6 +28,7 @@ from bridge.cli_common import (
     version_text,
 )
 from bridge.cli_common import print_json as _print_json
+from bridge.cli_compliance import add_compliance_commands
 from bridge.cli_init import add_init_commands
 from bridge.cli_mapping import add_mapping_commands
 from bridge.cli_operators import add_operators_commands, guard_commands
@@ -674,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_json_option(o)
     o.set_defaults(func=cmd_outbox)
     add_operators_commands(sub)
+    add_compliance_commands(sub)
     guard_commands(p)
     return p
 

@@ -24,7 +24,8 @@ the host sets it to ``os:<user>``, a request on the operations port to
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,9 +100,13 @@ def acting_as(label: str | None) -> Iterator[None]:
 
 
 def host_user() -> str:
-    """The host account running this process, as audit entries may record it."""
-    user = getpass.getuser()
-    return user if _USER.match(user) else "unnamed"
+    """The host account running this process (its effective user id, not the
+    environment's ``USER``, which the caller can set to anything)."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid{os.geteuid()}"
+    return user if _USER.match(user) else f"uid{os.geteuid()}"
 
 
 def host_operator(config: BridgeConfig, user: str | None = None) -> Operator:
