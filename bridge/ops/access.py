@@ -37,6 +37,7 @@ from bridge.compliance.operators import (
     ACTING_OPERATOR,
     Operator,
     OperatorForbidden,
+    acting_as,
     certificate_operator,
     require,
 )
@@ -147,10 +148,15 @@ class OperatorGate:
                 return web.Response(status=429, text="too many refused attempts; try later\n",
                                     headers={"Retry-After": str(int(self.ops.lockout_seconds))})
             try:
-                operator, _fingerprint = self._identify(request)
-                require(operator, ROUTE_ACTIONS.get(key) or "claim.requeue")
+                operator, fingerprint = self._identify(request)
             except OperatorForbidden as exc:
                 return await self._refused(request, exc)
+            try:
+                require(operator, ROUTE_ACTIONS.get(key) or "claim.requeue")
+            except OperatorForbidden as exc:
+                exc.detail["fingerprint"] = fingerprint
+                with acting_as(operator.label):
+                    return await self._refused(request, exc)
             request[OPERATOR] = operator
             token = ACTING_OPERATOR.set(operator.label)
             try:
