@@ -28,6 +28,7 @@ from bridge.cli_common import (
     version_text,
 )
 from bridge.cli_common import print_json as _print_json
+from bridge.cli_agreements import add_agreements_commands
 from bridge.cli_compliance import add_compliance_commands
 from bridge.cli_init import add_init_commands
 from bridge.cli_mapping import add_mapping_commands
@@ -676,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_outbox)
     add_operators_commands(sub)
     add_compliance_commands(sub)
+    add_agreements_commands(sub)
     guard_commands(p)
     return p
 

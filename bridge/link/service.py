@@ -39,6 +39,7 @@ class BridgeService:
         self.mllp: MLLPListener | None = None
         self.mllp_port: int | None = None
         self.ops: Any = None  # bridge.ops.server.OpsServer when [operations] is configured
+        self._destroyer: asyncio.Task[None] | None = None  # destruction after retention
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
@@ -91,6 +92,11 @@ class BridgeService:
                 self.ops = ops
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
+        if any(link.agreement and link.direction in ("inbound", "pull-from")
+               for link in c.config.links):
+            from bridge.link.destruction import destroy_periodically
+
+            self._destroyer = asyncio.create_task(destroy_periodically(c), name="destruction")
 
     def _key(self, key: str) -> str:
         source = self.controller.config.source
@@ -124,6 +130,10 @@ class BridgeService:
         return submitted
 
     async def stop(self) -> None:
+        if self._destroyer is not None:
+            self._destroyer.cancel()
+            await asyncio.gather(self._destroyer, return_exceptions=True)
+            self._destroyer = None
         for dispatcher in self.dispatchers.values():
             await dispatcher.stop()
         if self.ops is not None:
