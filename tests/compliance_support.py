@@ -9,9 +9,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from ops_support import Site
+
 from bridge.config import load_config
 from bridge.ledger import open_store
-from ops_support import Site
 
 CST = timezone(timedelta(hours=8))
 

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from compliance_support import (
     audit_entries,
     bind_agreement,

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from compliance_support import another_claim, audit_entries, inbox_count, samples
 from ops_support import Site, bridge, make_site, serve, wait_for
 from pg_support import PGSchema, fresh_schema

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from compliance_support import another_claim, audit_entries, outbox_states, samples
 from ops_support import bridge, make_site
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from compliance_support import audit_entries, bind_agreement, inbox_count, samples
+from ops_support import bridge, make_site, serve, wait_for
 
 from bridge.config import load_config
 from bridge.ledger import open_store
 from bridge.link.destruction import destroy_expired
-from compliance_support import audit_entries, bind_agreement, inbox_count, samples
-from ops_support import bridge, make_site, serve, wait_for
 
 
 @pytest.mark.control("U10", "T17")

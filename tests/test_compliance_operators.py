@@ -10,10 +10,10 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-
-from bridge.compliance.operators import host_user
 from compliance_support import append, audit_entries, outbox_states, samples
 from ops_support import Site, bridge, make_site, serve, wait_for
+
+from bridge.compliance.operators import host_user
 
 ME = host_user()
 
