@@ -30,6 +30,7 @@ from bridge.cli_common import (
 from bridge.cli_common import print_json as _print_json
 from bridge.cli_agreements import add_agreements_commands
 from bridge.cli_compliance import add_compliance_commands
+from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_status
 from bridge.cli_init import add_init_commands
 from bridge.cli_mapping import add_mapping_commands
 from bridge.cli_operators import add_operators_commands, guard_commands
@@ -312,6 +313,11 @@ _DISCLOSURE_ACTIONS = {
     "claim.dead": ("E", "delivery abandoned after retries"),
     "claim.resend": ("E", "sent again; the recipient's receipt is held"),
     "message.receive": ("C", "received from a partner"),
+    "handoff.delivered": ("E", "handed to this controller's own system"),
+    "handoff.dead": ("E", "hand-off to this controller's own system abandoned"),
+    "handoff.requeue": ("E", "hand-off requeued by an operator"),
+    "inbox.show": ("R", "read by an operator"),
+    "inbox.export": ("R", "exported by an operator"),
     "record.pull": ("R", "records released to (or refused) a partner's pull"),
     "record.pull.receive": ("C", "records pulled from a partner; its signed page is held"),
 }
@@ -487,6 +493,9 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
         ]
         if stuck:
             report["attention"] = True
+    report["handoff"] = handoff_report(config, store)
+    if any(d["needs_operator"] for d in report["handoff"]):
+        report["attention"] = True
     report["pull"] = pull_status_report(store, config)
     if report["pull"]["reviews"]:
         report["attention"] = True
@@ -522,6 +531,7 @@ def _print_status(report: dict[str, Any]) -> None:
                 f" {row['message_id']}\n"
             )
     print_pull_status(report["pull"], sys.stdout)
+    print_handoff_status(report["handoff"], sys.stdout)
 
 
 # --- demo -------------------------------------------------------------------------------
@@ -601,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mapping_commands(sub)
     add_store_commands(sub)
     add_pull_commands(sub)
+    add_inbox_commands(sub)
 
     c = sub.add_parser("certs", help="development PKI")
     csub = c.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")

@@ -60,7 +60,6 @@ AUDITED_READS: dict[tuple[str, str], str] = {
     ("consent", "show"): "consent.read",
     ("consent", "explain"): "consent.explain",
     ("audit", "disclosures"): "disclosures.read",
-    ("inbox", "show"): "inbox.read",
 }
 #: Commands that never need an operator (they read no store, or start the service).
 UNGUARDED = frozenset({"init", "demo", "serve", "map", "mappings"})

@@ -7,6 +7,7 @@ key that is wrong.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
@@ -435,6 +436,93 @@ class MLLPConfig(_Strict):
         return self
 
 
+class HandoffConfig(_Strict):
+    """One destination in this controller's own systems that received claims are handed to.
+
+    Every claim accepted from a partner (and acknowledged with a signed receipt) is
+    queued, in the same transaction as the inbox row, for each destination whose
+    ``senders`` and ``links`` take it, and handed over at least once, in the order it
+    was accepted per sender: ``kind = "http"`` POSTs to ``url`` until it answers 2xx;
+    ``kind = "amqp"`` publishes a persistent message to RabbitMQ with publisher
+    confirms. Secrets stay out of this file: a password or token is read from the
+    environment variable or file named here, never written in the URL.
+    """
+
+    id: str = Field(pattern=_ID_PATTERN, description="destination id, shown by status and inbox")
+    kind: Literal["http", "amqp"] = Field(description="http (POST) or amqp (RabbitMQ)")
+    url: str = Field(
+        description="http(s)://... endpoint, or amqp(s)://host:port/vhost (no password in it)"
+    )
+    senders: list[str] = Field(
+        default_factory=list, description="partner ids whose claims it takes; empty = every sender"
+    )
+    links: list[str] = Field(
+        default_factory=list, description="inbound link ids it takes; empty = every inbound link"
+    )
+    retry_base_seconds: float = Field(default=0.5, gt=0, description="first backoff ceiling")
+    retry_cap_seconds: float = Field(default=60.0, gt=0, description="largest backoff ceiling")
+    give_up_after_seconds: float = Field(
+        default=86400.0, gt=0,
+        description="a claim not taken within this long of being queued (or requeued) is dead",
+    )
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600,
+                                   description="one POST or publish-and-confirm")
+    batch: int = Field(default=32, ge=1, le=1000, description="hand-offs taken per round")
+    # HTTP
+    ca: Path | None = Field(default=None, description="CA bundle for an https endpoint")
+    client_cert: Path | None = Field(default=None, description="client certificate (PEM)")
+    client_key: Path | None = Field(default=None, description="its private key (PEM)")
+    token_env: str | None = Field(
+        default=None, description="environment variable holding a bearer token"
+    )
+    token_file: Path | None = Field(default=None, description="file holding a bearer token")
+    # AMQP
+    username: str | None = Field(default=None, description="AMQP user (default: from the URL)")
+    password_env: str | None = Field(
+        default=None, description="environment variable holding the AMQP password"
+    )
+    password_file: Path | None = Field(default=None, description="file holding the AMQP password")
+    exchange: str = Field(default="", description='exchange to publish to; "" = default exchange')
+    exchange_type: Literal["direct", "fanout", "topic", "headers"] = "direct"
+    queue: str | None = Field(default=None, description="durable queue declared and bound")
+    routing_key: str | None = Field(default=None, description="default: the queue name")
+    queue_arguments: dict[str, str | int] = Field(
+        default_factory=dict, description='queue arguments, e.g. {"x-queue-type" = "quorum"}'
+    )
+    declare: bool = Field(
+        default=True, description="declare the exchange and queue (durable) on connect"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_fits_kind(cls, value: str, info: ValidationInfo) -> str:
+        from urllib.parse import urlsplit
+
+        kind = info.data.get("kind")
+        parts = urlsplit(value)
+        schemes = {"http": ("http", "https"), "amqp": ("amqp", "amqps")}.get(str(kind), ())
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"must be a {' or '.join(schemes)} URL with a host for kind {kind}")
+        if parts.password is not None:
+            raise ValueError(
+                "must not hold a password; name it with password_env, password_file,"
+                " token_env or token_file"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> HandoffConfig:
+        if self.kind == "amqp" and not self.queue and not self.exchange:
+            raise ValueError("queue: an amqp destination needs a queue or an exchange")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_key: client_cert and client_key go together")
+        if self.token_env and self.token_file:
+            raise ValueError("token_file: give token_env or token_file, not both")
+        if self.password_env and self.password_file:
+            raise ValueError("password_file: give password_env or password_file, not both")
+        return self
+
+
 class OperationsConfig(_Strict):
     """The operations port: ``/healthz``, ``/readyz``, ``/metrics`` and the status page.
 
@@ -503,6 +591,7 @@ class BridgeConfig(_Strict):
     partners: list[PartnerConfig] = Field(default_factory=list)
     links: list[LinkConfig] = Field(default_factory=list)
     mllp: MLLPConfig | None = None
+    handoff: list[HandoffConfig] = Field(default_factory=list)
     operations: OperationsConfig | None = None
     agreements: list[AgreementConfig] = Field(
         default_factory=list, description="data-use agreements links carry"
@@ -544,6 +633,18 @@ class BridgeConfig(_Strict):
             if link.agreement is not None:
                 self._check_agreement(i, link)
         self._check_operators()
+        inbound = {link.id for link in self.links if link.direction == "inbound"}
+        seen_destinations: set[str] = set()
+        for i, dest in enumerate(self.handoff):
+            if dest.id in seen_destinations:
+                raise ValueError(f"handoff[{i}].id: duplicate destination id")
+            seen_destinations.add(dest.id)
+            for j, sender in enumerate(dest.senders):
+                if sender not in partner_ids:
+                    raise ValueError(f"handoff[{i}].senders[{j}]: no partner with that id")
+            for j, link_id in enumerate(dest.links):
+                if link_id not in inbound:
+                    raise ValueError(f"handoff[{i}].links[{j}]: no inbound link with that id")
         return self
 
     def _check_agreement(self, i: int, link: LinkConfig) -> None:
@@ -647,6 +748,10 @@ def _resolve(data: dict[str, object], base: Path) -> None:
         for partner in partners:
             fix(partner, ("signing_certs",))
     fix(data.get("operations"), ("operator_ca",))
+    handoff = data.get("handoff")
+    if isinstance(handoff, list):
+        for dest in handoff:
+            fix(dest, ("ca", "client_cert", "client_key", "token_file", "password_file"))
 
 
 def load_config(path: str | Path) -> BridgeConfig:
@@ -673,7 +778,9 @@ def load_config(path: str | Path) -> BridgeConfig:
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.get("loc", ()))
         key = key.lstrip(".")
         msg = first.get("msg", "invalid value")
-        if not key and msg.startswith("Value error, "):
-            msg = msg.removeprefix("Value error, ")
-            key, _, msg = msg.partition(": ")
+        if msg.startswith("Value error, "):
+            # A model-level check names the key it is about as "key: message".
+            head, sep, rest = msg.removeprefix("Value error, ").partition(": ")
+            if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", head):
+                key, msg = (f"{key}.{head}" if key else head), rest
         raise ConfigError(msg.removeprefix("Value error, "), location=f"{file}: {key}") from None

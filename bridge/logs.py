@@ -42,7 +42,8 @@ FIELDS: dict[str, str] = {
     "link": "link id",
     "partner": "partner id",
     "message_id": "message identity (Bundle.identifier), or the subject of a refusal",
-    "seq": "outbox sequence number on the link",
+    "seq": "outbox sequence number on the link, or a hand-off's sequence per sender",
+    "destination": "hand-off destination id ([[handoff]]): one of this controller's systems",
     "attempt": "delivery attempts made so far",
     "state": "outbox state",
     "code": "error code (bridge.errors) or the partner's OperationOutcome code",
@@ -71,7 +72,8 @@ _LEVELS: dict[str, int] = {
 
 #: Events that an operator must act on are written at WARNING; the rest at INFO.
 _WARNING_EVENTS = frozenset(
-    {"dead_letter", "rejected", "refusal", "certificate_refusal", "link_paused"}
+    {"dead_letter", "rejected", "refusal", "certificate_refusal", "link_paused",
+     "handoff_failing", "handoff_dead_letter"}
 )
 
 _listeners: list[Listener] = []

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from dependency_audit import classify_npm_audit, classify_pip_audit  # noqa: E402
+from dependency_audit import classify_npm_audit, classify_pip_audit
 
 
 @pytest.mark.control("T14")

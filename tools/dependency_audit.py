@@ -37,8 +37,8 @@ class Findings:
     unreachable: str | None = None
 
     def lines(self) -> list[str]:
-        out = [f"{self.ecosystem}: {self.audited} packages audited, "
-               f"{len(self.vulnerable)} with a fixable vulnerability"]
+        out = [(f"{self.ecosystem}: {self.audited} packages audited, "
+                f"{len(self.vulnerable)} with a fixable vulnerability")]
         out += [f"  VULNERABLE {v}" for v in self.vulnerable]
         out += [f"  known, no fix yet: {v}" for v in self.unfixed]
         if self.unreachable:

@@ -29,11 +29,11 @@ import pwd
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bridge.errors import PolicyError
+from bridge.ledger.audit import ACTING_OPERATOR
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
@@ -57,9 +57,6 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "keys.manage": frozenset({"key-admin"}),
 }
 
-#: Who is acting in this task (``cert:<name>``, ``os:<user>``), or None for the bridge
-#: itself. :meth:`bridge.link.node.Controller.audit` records it in every entry.
-ACTING_OPERATOR: ContextVar[str | None] = ContextVar("acting_operator", default=None)
 
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 

@@ -112,6 +112,7 @@ class Store(Protocol):
         audit: AuditRecord,
         make_receipt: Callable[[AuditEntry], bytes],
         now: datetime,
+        within: Callable[[Tx, InboxRow], None] | None = None,
     ) -> tuple[InboxRow, bool]: ...
 
     # HL7 v2 inbox

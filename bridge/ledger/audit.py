@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -37,6 +38,15 @@ Outcome = Literal["success", "failure", "denied"]
 OUTCOMES: frozenset[str] = frozenset({"success", "failure", "denied"})
 # Who acted: an operator certificate's name or a host user, never free text.
 _OPERATOR = re.compile(r"^(cert|os):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+#: The operator acting in the current task (``cert:<name>``, ``os:<user>``), or None for
+#: the bridge itself. A record made without an explicit ``operator`` takes it from here,
+#: so every entry a command or an operations request causes names the person.
+ACTING_OPERATOR: ContextVar[str | None] = ContextVar("acting_operator", default=None)
+
+
+def _acting_operator() -> str | None:
+    return ACTING_OPERATOR.get()
 
 
 def format_time(value: datetime) -> str:
@@ -64,6 +74,8 @@ class AuditRecord:
     (``cert:<name>`` for an operator certificate, ``os:<user>`` for a command run on the
     host); None for what the bridge does by itself. It is left out of the hashed form
     when None, so entries written before operators were recorded keep their hashes.
+    Left out, it is the operator acting in the current task (:data:`ACTING_OPERATOR`);
+    code that rebuilds a stored record passes the stored value, None included.
     """
 
     time: datetime
@@ -76,7 +88,7 @@ class AuditRecord:
     outcome: Outcome = "success"
     detail: str | None = None
     digest: str | None = None
-    operator: str | None = None
+    operator: str | None = field(default_factory=_acting_operator)
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None or self.time.utcoffset() is None:

@@ -121,7 +121,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         for key in ("controller", "kind", "taken", "file", "sha256"):
-            manifest[key]  # noqa: B018 - presence check
+            manifest[key]
     except FileNotFoundError:
         raise NotFound("no backup manifest here", location=str(path)) from None
     except (ValueError, KeyError, TypeError):

@@ -102,6 +102,37 @@ CREATE TABLE IF NOT EXISTS hl7_inbox (
 );
 """,
     ),
+    # Received claims waiting to be handed to the receiver's own systems, one row per
+    # (destination, claim). The claim itself stays in the inbox; ``seq`` orders the
+    # hand-offs of one sender to one destination in the order they were accepted.
+    Migration(
+        name="0750-handoff-queue",
+        ddl="""
+CREATE TABLE IF NOT EXISTS handoff (
+    id           {autoid},
+    destination  TEXT NOT NULL,
+    sender       TEXT NOT NULL,
+    message_id   TEXT NOT NULL,
+    link         TEXT NOT NULL,
+    seq          {bigint} NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    due_since    TEXT NOT NULL,
+    next_attempt TEXT NOT NULL,
+    lease_until  TEXT,
+    last_error   TEXT,
+    last_answer  {blob},
+    received     TEXT NOT NULL,
+    created      TEXT NOT NULL,
+    updated      TEXT NOT NULL,
+    delivered    TEXT,
+    UNIQUE (destination, sender, message_id),
+    UNIQUE (destination, sender, seq)
+);
+CREATE INDEX IF NOT EXISTS handoff_line ON handoff (destination, state, sender, seq);
+CREATE INDEX IF NOT EXISTS handoff_claim ON handoff (sender, message_id);
+""",
+    ),
     # Record pull: the records store, review items, pages received (bridge.ledger.records).
     # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
     Migration(

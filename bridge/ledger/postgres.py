@@ -801,6 +801,7 @@ class PostgresStore:
         audit: AuditRecord,
         make_receipt: Callable[[AuditEntry], bytes],
         now: datetime,
+        within: Callable[[Tx, InboxRow], None] | None = None,
     ) -> tuple[InboxRow, bool]:
         """Store a received message once and issue its receipt, in one transaction.
 
@@ -815,6 +816,10 @@ class PostgresStore:
         If ``make_receipt`` raises, the transaction is rolled back: no audit entry and no
         inbox row exist afterwards, and the exception propagates unchanged. It runs while
         the audit chain is locked for every process, so it must be quick.
+
+        ``within``, when given, runs after the new row is inserted, in the same
+        transaction (written against :class:`Tx`): what it writes commits with the row
+        or, if it raises, nothing does (the hand-off queue is filled this way).
         """
         _require_aware(now, "now")
 
@@ -845,7 +850,11 @@ class PostgresStore:
                     ).fetchone()
                     if r is None:
                         raise _Raced
-                    return _inbox_row(r), True
+                    row = _inbox_row(r)
+                    if within is not None:
+                        within(Tx(conn, dialect="postgresql", store=self, sealer=self.sealer),
+                               row)
+                    return row, True
             except _Raced:
                 continue
         raise StoreError("inbox_accept kept racing with concurrent writers",

@@ -686,6 +686,7 @@ class SQLiteStore:
         audit: AuditRecord,
         make_receipt: Callable[[AuditEntry], bytes],
         now: datetime,
+        within: Callable[[Tx, InboxRow], None] | None = None,
     ) -> tuple[InboxRow, bool]:
         """Store a received message once and issue its receipt, in one transaction.
 
@@ -701,6 +702,10 @@ class SQLiteStore:
         If ``make_receipt`` raises, the transaction is rolled back: no audit entry and no
         inbox row exist afterwards, and the exception propagates unchanged. It runs with
         the store's lock held, so it must be quick (a signature, not a network call).
+
+        ``within``, when given, runs after the new row is inserted, in the same
+        transaction (written against :class:`Tx`): what it writes commits with the row
+        or, if it raises, nothing does (the hand-off queue is filled this way).
         """
         with self._tx("inbox_accept") as conn:
             r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=? AND message_id=?",
@@ -717,9 +722,12 @@ class SQLiteStore:
                 f"INSERT INTO inbox ({_INBOX_COLS}) VALUES (?,?,?,?,?,?,?)",
                 (sender, message_id, digest, payload, receipt, entry.seq, format_time(now)),
             )
-            return InboxRow(sender=sender, message_id=message_id, digest=digest,
-                            payload=bytes(payload), receipt=bytes(receipt), audit_seq=entry.seq,
-                            received=parse_time(format_time(now))), True
+            row = InboxRow(sender=sender, message_id=message_id, digest=digest,
+                           payload=bytes(payload), receipt=bytes(receipt), audit_seq=entry.seq,
+                           received=parse_time(format_time(now)))
+            if within is not None:
+                within(Tx(conn, dialect="sqlite", store=self, sealer=self.sealer), row)
+            return row, True
 
     # --- HL7 v2 inbox ---------------------------------------------------------------
 

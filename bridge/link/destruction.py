@@ -61,7 +61,7 @@ async def destroy_periodically(controller: Controller,
                 if d.items:
                     log.info("destroyed %d received payloads on %s (agreement %s)",
                              d.items, d.link, d.agreement)
-        except Exception:  # noqa: BLE001 - the next round tries again
+        except Exception:
             log.exception("destruction of expired data failed")
         await asyncio.sleep(interval)
 

@@ -23,6 +23,7 @@ from bridge.compliance.agreements import CrossBorderRefused, check_agreement, ch
 from bridge.compliance.operators import acting_operator
 from bridge.config import BridgeConfig, LinkConfig
 from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
+from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
 from bridge.link.store import AsyncStore
@@ -123,6 +124,8 @@ class Controller:
                                      cap_days=link.consent_cap_days)
             for link in config.links
         }
+        # Which of this controller's own systems take the claims it receives.
+        self.handoff_routes = routes(config.handoff)
 
     # --- helpers -------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ from bridge.errors import (
     UnknownPartner,
     UnsupportedMediaType,
 )
+from bridge.ledger.handoff import queue_hook
 from bridge.link.capability import capability_statement
 from bridge.link.node import Controller, resource_types
 from bridge.link.pull import PullAPI
@@ -400,6 +401,12 @@ class ReceiverApp:
                 ),
                 make_receipt=build_receipt,
                 now=now,
+                # Queued for hand-off to this controller's own systems in the same
+                # transaction: a claim acknowledged with a receipt is always queued.
+                within=queue_hook(
+                    c.handoff_routes, sender=partner.id, link=_inbound_link_id(c, partner.id),
+                    now=now,
+                ),
             )
         except ConflictError as exc:
             # Another process of this receiver stored the same identity meanwhile.

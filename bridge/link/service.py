@@ -1,5 +1,6 @@
-"""Run one controller: the mutual-TLS listener, the HTTP handlers, the dispatchers and,
-when ``[mllp]`` is configured, the HL7 v2 listener."""
+"""Run one controller: the mutual-TLS listener, the HTTP handlers, the dispatchers,
+the hand-off workers of ``[[handoff]]`` destinations and, when ``[mllp]`` is
+configured, the HL7 v2 listener."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from aiohttp import web
 
 from bridge.errors import listen_error
 from bridge.link.dispatcher import Dispatcher
+from bridge.link.handoff import HandoffService
 from bridge.link.handshakes import HandshakeRecord
 from bridge.link.mllp import MLLPListener
 from bridge.link.node import Controller, Submitted
@@ -38,6 +40,7 @@ class BridgeService:
         self.port: int | None = None
         self.mllp: MLLPListener | None = None
         self.mllp_port: int | None = None
+        self.handoff = HandoffService(controller, poll_interval=min(poll_interval, 0.25))
         self.ops: Any = None  # bridge.ops.server.OpsServer when [operations] is configured
         self._destroyer: asyncio.Task[None] | None = None  # destruction after retention
 
@@ -97,6 +100,7 @@ class BridgeService:
             from bridge.link.destruction import destroy_periodically
 
             self._destroyer = asyncio.create_task(destroy_periodically(c), name="destruction")
+        await self.handoff.start()
 
     def _key(self, key: str) -> str:
         source = self.controller.config.source
@@ -134,6 +138,7 @@ class BridgeService:
             self._destroyer.cancel()
             await asyncio.gather(self._destroyer, return_exceptions=True)
             self._destroyer = None
+        await self.handoff.stop()
         for dispatcher in self.dispatchers.values():
             await dispatcher.stop()
         if self.ops is not None:
