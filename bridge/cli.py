@@ -382,7 +382,10 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
         subjects = {e.record.subject for e in own}
         # Deliveries and resends name the message, not the patient: follow the message.
         related = [e for e in store.audit_entries() if e.record.subject in subjects]
-    entries = sorted({e.seq: e for e in [*own, *related]}.values(), key=lambda e: e.seq)
+    # Looking up the history is itself audited (disclosures.read), but is not a use or
+    # disclosure of the patient's data: it is not listed in the history.
+    entries = sorted({e.seq: e for e in [*own, *related]
+                      if e.record.action != "disclosures.read"}.values(), key=lambda e: e.seq)
     if args.fhir:
         _print_json(
             {
