@@ -24,6 +24,7 @@ def _consent(site) -> None:  # type: ignore[no-untyped-def]
     assert run.returncode == 0, run.stderr
 
 
+@pytest.mark.battery
 @pytest.mark.control("U9", "D2")
 def test_a_claim_queued_before_the_agreement_ended_is_not_sent_after(tmp_path: Path) -> None:
     site = make_site(tmp_path)

@@ -38,6 +38,7 @@ def _push(site: Site, claim: Path) -> None:
     assert run.returncode == 0, run.stderr
 
 
+@pytest.mark.battery
 @pytest.mark.control("T16", "T10")
 def test_restore_drill_back_to_a_backup_taken_while_serving(
     tmp_path: Path, store_kind: PGSchema | None

@@ -67,6 +67,7 @@ def _dead_letter(site: Site) -> str:
     return push.stdout.split()[0]
 
 
+@pytest.mark.battery
 @pytest.mark.control("T3", "T4", "T5", "T6", "T12")
 def test_a_viewer_certificate_cannot_requeue_and_refusals_lock_an_address_out(
     tmp_path: Path,
