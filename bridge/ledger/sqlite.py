@@ -321,7 +321,13 @@ class SQLiteStore:
             if migration.name in applied:
                 continue
             for statement in _split_script(migration.script("sqlite")):
-                conn.execute(statement)
+                try:
+                    conn.execute(statement)
+                except sqlite3.OperationalError as exc:
+                    # SQLite has no ADD COLUMN IF NOT EXISTS: a column already there (a
+                    # store whose migration record was lost) is the step already done.
+                    if not str(exc).startswith("duplicate column name"):
+                        raise
             conn.execute("INSERT INTO schema_migrations (name, applied) VALUES (?, datetime('now'))",
                          (migration.name,))
 
