@@ -53,7 +53,7 @@ def _fhir_datetime(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise MappingError("not a FHIR dateTime", location=where)
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value)
     except ValueError:
         raise MappingError("not a FHIR dateTime", location=where) from None
     if moment.tzinfo is None:
@@ -127,6 +127,10 @@ class _Reader:
         self.implied(rule.when, out)
 
     def implied(self, cond: Condition | None, out: dict[str, str]) -> None:
+        if cond is not None and cond.all_of:
+            for part in cond.all_of:
+                self.implied(part, out)
+            return
         if cond is None or not cond.source:
             return
         if cond.within and len(cond.within) == 1:
