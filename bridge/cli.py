@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from bridge.cli_agreements import add_agreements_commands
 from bridge.cli_common import (
     Parser,
     add_json_option,
@@ -28,7 +29,6 @@ from bridge.cli_common import (
     version_text,
 )
 from bridge.cli_common import print_json as _print_json
-from bridge.cli_agreements import add_agreements_commands
 from bridge.cli_compliance import add_compliance_commands
 from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_status
 from bridge.cli_init import add_init_commands
