@@ -100,7 +100,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_records_import(args: argparse.Namespace) -> int:
-    from bridge.mapping import map_record, read_record
+    from bridge.mapping import read_record
 
     folder = Path(args.directory)
     if not folder.is_dir():
@@ -136,7 +136,7 @@ def cmd_records_import(args: argparse.Namespace) -> int:
                 name = str(path.relative_to(folder))
                 try:
                     record = read_record(path.read_bytes(), source=name)
-                    collection = map_record(record, now=controller.clock())
+                    collection = controller.pull_collection(record)
                     from bridge.ledger.records import patient_keys
 
                     patient_keys(collection)

@@ -360,6 +360,14 @@ def verify_signed_bundle(
     missing = [h for h in P.JWS_HEADERS if h not in header]
     if missing:
         raise PeerCheckFailed(f"protected header lacks {missing[0]!r}")
+    for name in P.JWS_HEADERS:  # §5.2 types, in the table's order (§5.4 step 8)
+        value = header[name]
+        typed = (isinstance(value, int) and not isinstance(value, bool)) if name == "iat" else (
+            isinstance(value, str))
+        if not typed:
+            raise PeerCheckFailed(f"protected header member {name!r} is not of its §5.2 type")
+    if header["alg"] not in P.JWS_ALGORITHMS:
+        raise PeerCheckFailed("alg is not one §5.2 allows")
     if header["kid"] != certificate_kid(signer_certificate):
         raise PeerCheckFailed("kid is not the signer's certificate")
     forms = [signed_payload(bundle)]
@@ -391,6 +399,15 @@ def v1_canonical(value: Any) -> bytes:
     return bytes(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
 
 
+def _party(reference: Any) -> str | None:
+    """The partner id a MessageHeader reference names by identifier (§1), else None."""
+    identifier = reference.get("identifier") if isinstance(reference, dict) else None
+    if not isinstance(identifier, dict) or identifier.get("system") != P.PARTNER_SYSTEM:
+        return None
+    value = identifier.get("value")
+    return value if isinstance(value, str) else None
+
+
 def verify_receipt(
     receipt: Mapping[str, Any],
     receiver_signing_certificate: x509.Certificate,
@@ -415,6 +432,16 @@ def verify_receipt(
         raise PeerCheckFailed("receipt does not start with a MessageHeader")
     if mh.get("eventCoding") != {"system": P.EVENT_SYSTEM, "code": P.RECEIPT_EVENT}:
         raise PeerCheckFailed("receipt event is not urn:ws-fhir-bridge:event|receipt")
+    # The receipt goes from the receiver back to the sender (§6.2), and says so.
+    if _party(mh.get("sender")) != receiver:
+        raise PeerCheckFailed("receipt MessageHeader.sender is not the receiver")
+    destinations = mh.get("destination")
+    if not isinstance(destinations, list) or len(destinations) != 1 or not isinstance(
+        destinations[0], dict
+    ):
+        raise PeerCheckFailed("receipt MessageHeader has not exactly one destination")
+    if _party(destinations[0].get("receiver")) != sender:
+        raise PeerCheckFailed("receipt destination[0].receiver is not the original sender")
     response = mh.get("response") or {}
     if response.get("identifier") != request_message_id.removeprefix("urn:uuid:"):
         raise PeerCheckFailed("response.identifier names another request")

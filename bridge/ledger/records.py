@@ -276,7 +276,13 @@ def _put(
         head += 1
         versions += 1
         meta = dict(resource.get("meta") or {})
-        meta["versionId"] = str(head)
+        # The resource's own version number, never the store-wide position: a version
+        # released to a partner must not count what the store keeps about others.
+        held = 0
+        if current is not None:
+            held = int(tx.one("SELECT COUNT(*) FROM pull_resource WHERE person=? AND rtype=?"
+                              " AND rid=?", (person, rtype, rid))[0])
+        meta["versionId"] = str(held + 1)
         meta["lastUpdated"] = stamp
         stored = {**resource, "meta": meta}
         span = resource_date_range(stored)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -34,6 +35,7 @@ from bridge.policy.consent import ConsentRegistry, parse_consent
 from bridge.policy.consent_rules import LinkConsentView, check_registration, recipients_of
 from bridge.policy.engine import apply_policy, recheck_collection
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
+from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
 from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
 from bridge.trust.registry import Partner, PartnerRegistry
@@ -109,6 +111,8 @@ class Controller:
             )
         self.partners = PartnerRegistry(partners)
         self.pseudonym_key = _load_pseudonym_key(config.audit.pseudonym_key_file)
+        #: Key of the records store's resource ids (see :meth:`pull_collection`).
+        self.pull_id_key = hmac.new(self.pseudonym_key, b"pull-resource-id", hashlib.sha256).digest()
         self.consents = ConsentRegistry()
         self._consent_cursor = 0
         self._apply_consent_changes(self.store.consent_changes(0, limit=1_000_000_000))
@@ -380,6 +384,20 @@ class Controller:
             decided_by=submitted.decided_by,
         )
 
+    def pull_collection(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A DE record mapped as the records store keeps it for pull links: resource ids
+        (and the references between them) replaced by keyed stand-ins.
+
+        The mapping derives ids from source identifiers (uuid5 of the hospital's code and
+        a record number), so an id released to a platform would let anyone holding the
+        hospital's code recover a record number the link's level withholds, or confirm a
+        guess. The stand-ins are stable (the same record keeps its ids), differ from the
+        research links' pseudonyms (another key), and cannot be computed without this
+        controller's key. MappingError for a record that does not map."""
+        collection = map_record(record, now=self.clock(), files=self.mapping_files)
+        pseudonymise_ids(collection, DeidContext(self.pull_id_key, ""))
+        return collection
+
     async def count_abroad(self, link: LinkConfig, subject: str,
                            payload: dict[str, Any] | None = None) -> None:
         """Count one item sent to a partner outside the mainland against its approval's
@@ -416,7 +434,7 @@ class Controller:
         from bridge.ledger.records import put_record
 
         raw = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-        collection = map_record(record, now=self.clock(), files=self.mapping_files)
+        collection = self.pull_collection(record)
         result = await self.db.call(
             put_record, self.store, record=raw, dataset=str(record.get("dataset", "")),
             source=source, collection=collection, now=self.clock(),

@@ -259,6 +259,21 @@ class Answer:
     first_page: bool
 
 
+def _cursor_holder(partner: str, purpose: str) -> str:
+    """Whom a cursor is issued to: a traversal goes on for that partner and purpose only
+    (a traversal begun under consent cannot be read on as an emergency override)."""
+    return f"{partner} {purpose}"
+
+
+def _percent_decoded(request: web.Request, name: str) -> str:
+    """A header carrying percent-encoded UTF-8 text (PROTOCOL P-PULL-3), decoded; 400
+    naming the header when it is not that."""
+    try:
+        return unquote(request.headers.get(name, ""), errors="strict").strip()
+    except UnicodeDecodeError:
+        raise ParseError("header is not percent-encoded UTF-8", location=name) from None
+
+
 def _refs(value: Any, out: set[tuple[str, str]]) -> None:
     if isinstance(value, dict):
         ref = value.get("reference")
@@ -345,8 +360,8 @@ class PullAPI:
             if not link.pull.override_allowed:
                 raise PolicyError("this link does not grant emergency overrides",
                                   location=PURPOSE_HEADER)
-            actor = unquote(request.headers.get(ACTOR_HEADER, "")).strip()
-            reason = unquote(request.headers.get(REASON_HEADER, "")).strip()
+            actor = _percent_decoded(request, ACTOR_HEADER)
+            reason = _percent_decoded(request, REASON_HEADER)
             if not actor:
                 raise ParseError("an emergency override names who invokes it", location=ACTOR_HEADER)
             if not reason:
@@ -377,7 +392,8 @@ class PullAPI:
         if not profile.allows_type(rtype):
             raise UnsupportedParameter("resource type not served on this link", location=rtype)
         return parse_search(rtype, params, default_count=pull.default_count,
-                            max_count=pull.max_count, offered=offered_params(profile, rtype))
+                            max_count=pull.max_count, offered=offered_params(profile, rtype),
+                            base=self.c.config.server.base_url())
 
     # --- serving -------------------------------------------------------------------------------
 
@@ -389,9 +405,10 @@ class PullAPI:
             return await self._refuse(exc, partner=None, subject=subject)
         link = pull_link_for(self.c, partner.id)
         if link is None:
-            return await self._refuse(
+            # Bounded like every refusal of whom a certificate names (PROTOCOL §9.3).
+            return await self.r._refuse_peer(
                 UnknownPartnerError("partner has no pull link here", location="links"),
-                partner=partner.id, subject=subject,
+                request, partner=partner.id, subject=subject,
             )
         wait = self.guard.admit(link)
         if wait > 0:
@@ -412,7 +429,8 @@ class PullAPI:
             check_link(self.c.config, link, self.c.clock())
             purpose, emergency = self._purpose(request, link)
             query = self._query(request, rtype, op, link)
-            position = decode_cursor(self._cursor_key, query)
+            position = decode_cursor(self._cursor_key, query,
+                                     holder=_cursor_holder(partner.id, purpose))
             await self.c.count_abroad(link, f"pull:{uuid.uuid4()}")
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject=subject)
@@ -424,7 +442,9 @@ class PullAPI:
             if alarm is not None:
                 await self._alarm(pull, alarm)
         answer = await self._answer(pull, query, position)
-        if answer.decision == "refused" and link.pull.no_consent == "forbidden":
+        # A read answers 404 for a patient unknown or not permitted, whatever the link's
+        # choice for searches (PROTOCOL P-PULL-9).
+        if answer.decision == "refused" and link.pull.no_consent == "forbidden" and op != "read":
             forbidden = PolicyError("no disclosure is permitted for this request", location=(
                 "identifier" if query.identifier else "patient"))
             return await self._refuse(forbidden, partner=partner.id, subject=subject)
@@ -518,7 +538,8 @@ class PullAPI:
             for ref in sorted(wanted - have):
                 if ref in released_all:
                     includes.append(released_all[ref])
-        cursor = (encode_cursor(self._cursor_key, query, snapshot=snapshot, after=last)
+        cursor = (encode_cursor(self._cursor_key, query, snapshot=snapshot, after=last,
+                                holder=_cursor_holder(pull.partner, pull.purpose))
                   if more else None)
         return Answer([r for _, r in matches], includes, cursor, person, identifiers, decision,
                       position is None)
@@ -665,7 +686,10 @@ class PullAPI:
             partner=pull.partner, patient=c.pseudonym(answer.identifiers),
             categories=types, detail=detail, digest_value=payload_digest,
         )
-        if pull.emergency is not None and answer.first_page and answer.decision == "override":
+        # Every page released under an override is reported for review (pages of one
+        # emergency by one actor within the hour make one item): a traversal read on by
+        # someone else is their override, not the first one's.
+        if pull.emergency is not None and answer.decision == "override":
             await c.db.call(
                 rec.add_review, c.store, link=pull.link.id, partner=pull.partner,
                 kind="override", actor=pull.emergency.actor, reason=pull.emergency.reason,

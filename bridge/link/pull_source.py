@@ -34,7 +34,6 @@ import orjson
 from bridge.errors import BridgeError
 from bridge.ledger import records as rec
 from bridge.ledger.records import PatientView, StoredResource
-from bridge.mapping import map_record
 from bridge.records.search import DateFilter
 
 if TYPE_CHECKING:
@@ -122,7 +121,7 @@ class StoreSource:
         if not record:
             return None
         try:
-            collection = map_record(orjson.loads(record), now=self.c.clock())
+            collection = self.c.pull_collection(orjson.loads(record))
             rec.patient_keys(collection)
         except (BridgeError, ValueError) as exc:
             # A stored record that does not map or names no patient is not pullable; the

@@ -30,8 +30,11 @@ No health data appears in an error or a log line.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -110,7 +113,7 @@ PEER = web.RequestKey("bridge.peer", Peer)
 async def read_body(request: web.Request, server: ServerConfig) -> bytes:
     """The request body, or 415 (any Content-Encoding), 413 (too large), 408 (too slow).
 
-    Content codings are refused rather than decoded (PROTOCOL P-HTTP-3): a receiver
+    Content codings are refused rather than decoded (PROTOCOL P-HTTP-2): a receiver
     never inflates what a sender compressed. aiohttp's own decoding is off
     (``auto_decompress=False``), so a refused body is never decompressed either.
     """
@@ -120,6 +123,10 @@ async def read_body(request: web.Request, server: ServerConfig) -> bytes:
             "Content-Encoding is not accepted; send the body as it is",
             location="Content-Encoding",
         )
+    declared = request.content_length
+    if declared is not None and declared > server.max_body_bytes:
+        # Refused on what it announces, before waiting for a byte of it.
+        raise PayloadTooLarge("body larger than this bridge accepts", location="Content-Length")
     try:
         async with asyncio.timeout(server.body_timeout_seconds):
             return await request.read()
@@ -127,6 +134,15 @@ async def read_body(request: web.Request, server: ServerConfig) -> bytes:
         raise PayloadTooLarge("body larger than this bridge accepts", location="body") from None
     except TimeoutError:
         raise RequestTimeout("the request body did not arrive in time", location="body") from None
+    except ConnectionResetError:
+        # The client hung up mid-body: its failure, not the receiver's. Nobody is left
+        # to answer, and nothing is audited (a row per dropped connection would let any
+        # client write the trail).
+        raise ClientGone() from None
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was complete."""
 
 
 @dataclass
@@ -134,6 +150,74 @@ class _Flight:
     """A message identity being processed, and how many copies were told to wait."""
 
     refused: int = 0
+
+
+class PeerRefusals:
+    """Requests refused for their certificate, audited a bounded number of times.
+
+    A certificate that names no registered partner (or one that expired since the
+    handshake, or a partner's without a link for the route asked) is refused on every
+    request, and a client can repeat such a request as fast as it likes. The first refusal per (certificate, error) in a window is audited
+    at once; repeats are counted and written as one entry, ``<code>@<where>
+    repeated=N``, when the window closes; past ``max_distinct`` keys a window writes one
+    ``other-refusals count=N`` entry (PROTOCOL §9.3). Every refusal is still counted.
+    """
+
+    def __init__(
+        self, write: Callable[[str, str | None, str, str | None], Awaitable[None]], *,
+        window: float = 60.0, max_distinct: int = 100, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._write = write  # (detail, fingerprint, subject, partner) -> one audit entry
+        self.window = window
+        self._max_distinct = max_distinct
+        self._clock = clock
+        self._start = clock()
+        self._seen: dict[tuple[str, str | None, str | None], tuple[str, int]] = {}
+        self._overflow = 0
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def refused(
+        self, detail: str, fingerprint: str | None, subject: str, partner: str | None = None
+    ) -> bool:
+        """Count one refusal; True when it was written now (the first of its kind)."""
+        if self._clock() - self._start >= self.window:
+            await self.flush()
+        key = (detail, fingerprint, partner)
+        seen = self._seen.get(key)
+        if seen is None and len(self._seen) < self._max_distinct:
+            self._seen[key] = (subject, 0)
+            await self._write(detail, fingerprint, subject, partner)
+            return True
+        if seen is not None:
+            self._seen[key] = (seen[0], seen[1] + 1)
+        else:
+            self._overflow += 1
+        if self._flusher is None:
+            remaining = max(0.0, self.window - (self._clock() - self._start))
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later(remaining))
+        return False
+
+    async def _flush_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._flusher = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write what the window counted, and start a new window."""
+        seen, overflow = self._seen, self._overflow
+        self._seen, self._overflow, self._start = {}, 0, self._clock()
+        for (detail, fingerprint, partner), (subject, repeated) in seen.items():
+            if repeated:
+                await self._write(f"{detail} repeated={repeated}", fingerprint, subject, partner)
+        if overflow:
+            await self._write(f"other-refusals count={overflow}", None, "connection", None)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        await self.flush()
 
 
 class ReceiverApp:
@@ -144,6 +228,7 @@ class ReceiverApp:
         self._in_flight: dict[tuple[str, str], _Flight] = {}
         self.stats: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0}
         self.peer_check = PeerCertificateCheck.from_crl_file(controller.config.tls.crl)
+        self.peer_refusals = PeerRefusals(self._audit_peer_refusal)
 
     def build(self) -> web.Application:
         app = web.Application(
@@ -160,6 +245,11 @@ class ReceiverApp:
         app.router.add_get(f"{base}/Consent/{{id}}", consents.read)
         self.pull = PullAPI(self)
         self.pull.register(app, base)
+
+        async def flush_refusals(_app: web.Application) -> None:
+            await self.peer_refusals.close()
+
+        app.on_cleanup.append(flush_refusals)
         return app
 
     # --- helpers ----------------------------------------------------------------------
@@ -235,6 +325,38 @@ class ReceiverApp:
         refusal_event(self.c, "receive", exc, partner=partner, subject=subject)
         return outcome_response(exc)
 
+    async def _refuse_peer(
+        self, exc: TrustError, request: web.Request, *, partner: str | None = None,
+        subject: str | None = None,
+    ) -> web.Response:
+        """401 for a request whose certificate is not (or no longer) a partner's, or is
+        a partner's without a link for this route: audited within
+        :class:`PeerRefusals`' bounds, and the connection closed. A certificate refused
+        once is refused on every request, so the client gets to try again only with a
+        new handshake."""
+        self.stats["rejected"] += 1
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        fingerprint = f"sha256:{hashlib.sha256(der).hexdigest()}" if der else None
+        subject = subject or _route_name(request)
+        detail = f"{exc.code}@{exc.location or '-'}"
+        if await self.peer_refusals.refused(detail, fingerprint, subject, partner):
+            # Logged as audited: once per certificate and error in a window.
+            log.info("refused %s from %s: %s", subject, partner or "a certificate of no partner",
+                     exc)
+            refusal_event(self.c, "receive", exc, partner=partner, subject=subject)
+        response = outcome_response(exc)
+        response.force_close()
+        return response
+
+    async def _audit_peer_refusal(
+        self, detail: str, fingerprint: str | None, subject: str, partner: str | None
+    ) -> None:
+        await self.c.db.append_audit(
+            self.c.audit("message.reject", subject=subject, outcome="denied", partner=partner,
+                         detail=detail, digest_value=fingerprint)
+        )
+
     # --- handlers ---------------------------------------------------------------------
 
     async def metadata(self, request: web.Request) -> web.Response:
@@ -253,10 +375,9 @@ class ReceiverApp:
             return await self._refuse(exc, partner=None, subject="connection")
         link = self.c.inbound_link_for(partner.id)
         if link is None:
-            return await self._refuse(
+            return await self._refuse_peer(
                 UnknownPartner("partner has no inbound link here", location="links"),
-                partner=partner.id,
-                subject="connection",
+                request, partner=partner.id, subject="connection",
             )
         subject = "request"
         try:
@@ -438,18 +559,20 @@ def peer_gate(receiver: ReceiverApp) -> Any:
         try:
             request[PEER] = receiver.identify(request)
         except TrustError as exc:
-            return await receiver._refuse(exc, partner=None, subject=_route_name(request))
+            return await receiver._refuse_peer(exc, request)
         return await handler(request)  # type: ignore[no-any-return]
 
     return gate
 
 
 def _route_name(request: web.Request) -> str:
-    """The route of a request without any value from its path (``Consent/{id}``)."""
+    """The route of a request without any value from its path (``Consent/{id}``);
+    ``unrouted`` for a path no route serves (it is whatever the client sent)."""
     resource = request.match_info.route.resource
-    canonical = resource.canonical if resource is not None else request.path
+    if resource is None:
+        return "unrouted"
     base = request.app.get(_BASE_PATH, "")
-    return canonical.removeprefix(base).lstrip("/") or "request"
+    return resource.canonical.removeprefix(base).lstrip("/") or "request"
 
 
 
@@ -481,19 +604,26 @@ def outcome_on_failure(receiver: ReceiverApp) -> Any:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            err = BridgeError(exc.reason or "request refused", location=request.path)
+            # The path is whatever the client sent: named by its route, never echoed.
+            err = BridgeError(exc.reason or "request refused", location=_route_name(request))
             return web.Response(
                 status=exc.status,
                 body=orjson.dumps(err.to_operation_outcome()),
                 content_type=FHIR_JSON,
             )
+        except ClientGone:
+            log.debug("%s %s: the client went away mid-request", request.method,
+                      _route_name(request))
+            response = web.Response(status=400)
+            response.force_close()
+            return response
         except BridgeError as exc:  # e.g. the store failing: 503, the sender retries later
-            log.error("%s %s failed: %s", request.method, request.path, exc)
+            log.error("%s %s failed: %s", request.method, _route_name(request), exc)
             if exc.http_status >= 500:
                 await record_failure(request, exc.code)
             return outcome_response(exc)
         except Exception as exc:
-            log.exception("unexpected failure handling %s %s", request.method, request.path)
+            log.exception("unexpected failure handling %s %s", request.method, _route_name(request))
             await record_failure(request, type(exc).__name__)
             return outcome_response(
                 InternalError("internal error; nothing was stored", location=_route_name(request))
@@ -630,14 +760,12 @@ class ConsentAPI:
         return await self._write(request, consent_id=request.match_info["id"])
 
     async def read(self, request: web.Request) -> web.Response:
-        try:
-            caller = self.r._caller(request)
-            if caller is not None:
-                raise PolicyError(
-                    "consents are readable by this controller only", location="Consent"
-                )
-        except BridgeError as exc:
-            return await self.r._refuse(exc, partner=None, subject="Consent")
+        caller = self.r._caller(request)
+        if caller is not None:
+            return await self.r._refuse(
+                PolicyError("consents are readable by this controller only", location="Consent"),
+                partner=caller, subject="Consent",
+            )
         row = await self.c.db.get_consent(request.match_info["id"])
         if row is None:
             return outcome_response(NotFound("no such consent", location="Consent.id"))

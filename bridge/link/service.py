@@ -14,6 +14,7 @@ from bridge.errors import listen_error
 from bridge.link.dispatcher import Dispatcher
 from bridge.link.handoff import HandoffService
 from bridge.link.handshakes import HandshakeRecord
+from bridge.link.httperrors import answering_malformed_requests
 from bridge.link.intake import Router, site_reader
 from bridge.link.mllp import HL7Handler, MLLPListener
 from bridge.link.node import Controller, Submitted
@@ -71,7 +72,7 @@ class BridgeService:
             server = self._runner.server
             assert server is not None
             self._listener = TLSListener(
-                server,
+                answering_malformed_requests(server),
                 ctx,
                 on_refused=self._tls_refused,
                 handshake_timeout=c.config.server.handshake_timeout_seconds,

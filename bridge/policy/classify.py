@@ -508,9 +508,13 @@ def label_resource(
     *,
     index: int = 0,
     write: bool = True,
+    inherited: frozenset[str] = frozenset(),
 ) -> ResourceLabel:
     """Classify one resource; with ``write`` replace its labels in ``meta.security``
-    (codings of other systems are kept). The resource is changed in place."""
+    (codings of other systems are kept). The resource is changed in place.
+
+    ``inherited``: special-disease classes the resource carries because of what it
+    summarises (a document's sections, see :func:`label_bundle`), judged as its own."""
     top = 0
     own_top = 0
     own_cats: set[str] = set()
@@ -537,7 +541,7 @@ def label_resource(
             continue
         g = _value_grade(node, value, own_cats)
         own_top = max(own_top, g)
-    own_sensitive: frozenset[str] = frozenset()
+    own_sensitive: frozenset[str] = inherited
     for name in tc.sensitive_resource:
         own_sensitive = own_sensitive | codes.classes_of_concept(resource.get(name))
     if own_sensitive:
@@ -585,10 +589,17 @@ def label_bundle(
     types: dict[str, TypeClass] | None = None,
 ) -> tuple[ResourceLabel, ...]:
     """Label every resource of a Bundle in place; ``types`` overrides the scheme per type
-    (a link profile's view, with transformed elements regraded)."""
+    (a link profile's view, with transformed elements regraded).
+
+    A document (a resource with ``section``s, such as a discharge summary's Composition)
+    is labelled with the special-disease classes of every resource its sections list:
+    its narrative tells what those resources code (the course of a psychiatric stay), so
+    it is special-disease data of the same classes, released only as they are.
+    """
     codes = codes or default_sensitive_codes()
     scheme = scheme or default_classification()
     labels: list[ResourceLabel] = []
+    documents: list[tuple[int, dict[str, Any], TypeClass]] = []
     for index, entry in enumerate(bundle.get("entry") or ()):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict):
@@ -596,7 +607,55 @@ def label_bundle(
         rtype = str(resource.get("resourceType"))
         tc = (types or {}).get(rtype) or scheme.of(rtype)
         labels.append(label_resource(resource, tc, codes, index=index))
+        if isinstance(resource.get("section"), list):
+            documents.append((len(labels) - 1, resource, tc))
+    if documents:
+        by_ref = _labels_by_reference(bundle, labels)
+        for at, resource, tc in documents:
+            classes: frozenset[str] = frozenset()
+            for ref in _section_references(resource.get("section")):
+                found = by_ref.get(ref) or by_ref.get("/".join(ref.rsplit("/", 2)[-2:]))
+                if found is not None:
+                    classes |= found.sensitive_classes
+            if classes - labels[at].own_sensitive:
+                labels[at] = label_resource(resource, tc, codes, index=labels[at].index,
+                                            inherited=classes)
     return tuple(labels)
+
+
+def _labels_by_reference(
+    bundle: dict[str, Any], labels: list[ResourceLabel]
+) -> dict[str, ResourceLabel]:
+    """Each label under the ways a reference can name its resource: the entry's
+    ``fullUrl`` and ``Type/id``."""
+    entries = bundle.get("entry") or []
+    out: dict[str, ResourceLabel] = {}
+    for label in labels:
+        entry = entries[label.index]
+        full = entry.get("fullUrl")
+        if isinstance(full, str):
+            out[full] = label
+        if label.id is not None:
+            out[f"{label.resource_type}/{label.id}"] = label
+    return out
+
+
+def _section_references(sections: Any) -> list[str]:
+    """The references of ``section[].entry[]`` (and of nested sections)."""
+    out: list[str] = []
+    stack = [sections]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, list):
+            continue
+        for section in node:
+            if not isinstance(section, dict):
+                continue
+            for item in section.get("entry") or ():
+                if isinstance(item, dict) and isinstance(item.get("reference"), str):
+                    out.append(item["reference"])
+            stack.append(section.get("section"))
+    return out
 
 
 def copy_json(value: Any) -> Any:

@@ -59,6 +59,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any, Literal
 
 from bridge.errors import ConsentDenied, MappingError
+from bridge.instants import utc
 from bridge.policy.classify import (
     CATEGORY_SYSTEM,
     CONFIDENTIALITY_SYSTEM,
@@ -102,7 +103,7 @@ EMERGENCY_PURPOSE = "ETREAT"
 
 # China Standard Time: a consent date without a time is a calendar day in China.
 _CST = timezone(timedelta(hours=8))
-_DATETIME_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(T.+)?)?)?$")
+_DATETIME_RE = re.compile(r"^([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2})(T.+)?)?)?$")
 
 Span = tuple[datetime | None, datetime | None]
 Label = tuple[str, str]
@@ -254,7 +255,7 @@ def _parse_instant(value: Any, path: str, *, end: bool) -> datetime:
             parsed = datetime.fromisoformat(value)
             if parsed.tzinfo is None:
                 raise _bad("a dateTime with a time needs a zone", path)
-            return parsed.astimezone(UTC)
+            return utc(parsed)
         if day:
             start = date(int(year), int(month), int(day))
             last = start
@@ -267,9 +268,10 @@ def _parse_instant(value: Any, path: str, *, end: bool) -> datetime:
             last = date(int(year), 12, 31)
     except ValueError:
         raise _bad("not a FHIR dateTime", path) from None
+    # A date at the edge of the calendar keeps its meaning (from always, until ever).
     if end:
-        return datetime.combine(last, time.max, _CST).astimezone(UTC)
-    return datetime.combine(start, time.min, _CST).astimezone(UTC)
+        return utc(datetime.combine(last, time.max, _CST))
+    return utc(datetime.combine(start, time.min, _CST))
 
 
 def _parse_period(raw: Any, path: str) -> Span | None:
@@ -628,8 +630,8 @@ def data_instants(
         return None
     start, end = data_period
     return (
-        datetime.combine(start, time.min, _CST).astimezone(UTC),
-        datetime.combine(end, time.max, _CST).astimezone(UTC),
+        utc(datetime.combine(start, time.min, _CST)),
+        utc(datetime.combine(end, time.max, _CST)),
     )
 
 

@@ -30,16 +30,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bridge.errors import ParseError
+from bridge.instants import LATEST, shifted, utc
 
 __all__ = [
     "DATE_ELEMENTS",
@@ -152,10 +155,11 @@ Prefix = Literal["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"]
 # China Standard Time: a date or time without a zone is a hospital's local time.
 _CST = timezone(timedelta(hours=8))
 _FOREVER = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+# ASCII digits only: ``\d`` would also take other scripts' digits, which FHIR does not.
 _DATE_RE = re.compile(
-    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
-    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?P<f>\.\d{1,9})?)?"
-    r"(?P<z>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+    r"^(?P<y>[0-9]{4})(?:-(?P<m>[0-9]{2})(?:-(?P<d>[0-9]{2})"
+    r"(?:T(?P<H>[0-9]{2}):(?P<M>[0-9]{2})(?::(?P<S>[0-9]{2})(?P<f>\.[0-9]{1,9})?)?"
+    r"(?P<z>Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?$"
 )
 
 
@@ -243,7 +247,9 @@ def date_range(text: str, *, where: str) -> tuple[datetime, datetime]:
     """The half-open UTC range ``[lo, hi)`` a FHIR date, dateTime or instant denotes.
 
     A value without a zone is China Standard Time. Raises :class:`SearchError` naming
-    ``where`` for anything that is not such a value (never echoing it).
+    ``where`` for anything that is not such a value (never echoing it). A value at the
+    edge of the calendar (``0001``, ``9999-12-31``) is still a value: its range ends at
+    the first or last representable instant rather than past it.
     """
     m = _DATE_RE.match(text)
     if not m:
@@ -262,28 +268,35 @@ def date_range(text: str, *, where: str) -> tuple[datetime, datetime]:
         y = int(m.group("y"))
         if m.group("m") is None:
             lo = datetime(y, 1, 1, tzinfo=tz)
-            return lo.astimezone(UTC), datetime(y + 1, 1, 1, tzinfo=tz).astimezone(UTC)
+            return utc(lo), _end(lambda: datetime(y + 1, 1, 1, tzinfo=tz))
         mo = int(m.group("m"))
         if m.group("d") is None:
             lo = datetime(y, mo, 1, tzinfo=tz)
-            hi = datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=tz)
-            return lo.astimezone(UTC), hi.astimezone(UTC)
+            return utc(lo), _end(lambda: datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=tz))
         d = int(m.group("d"))
         if m.group("H") is None:
             lo = datetime(y, mo, d, tzinfo=tz)
-            return lo.astimezone(UTC), (lo + timedelta(days=1)).astimezone(UTC)
+            return utc(lo), shifted(lo, timedelta(days=1))
         hh, mm = int(m.group("H")), int(m.group("M"))
         if m.group("S") is None:
             lo = datetime(y, mo, d, hh, mm, tzinfo=tz)
-            return lo.astimezone(UTC), (lo + timedelta(minutes=1)).astimezone(UTC)
+            return utc(lo), shifted(lo, timedelta(minutes=1))
         ss = int(m.group("S"))
         frac = m.group("f")
         micro = int((frac[1:] + "000000")[:6]) if frac else 0
         lo = datetime(y, mo, d, hh, mm, ss, micro, tzinfo=tz)
         step = timedelta(microseconds=1) if frac else timedelta(seconds=1)
-        return lo.astimezone(UTC), (lo + step).astimezone(UTC)
+        return utc(lo), shifted(lo, step)
     except ValueError:
         raise SearchError("not a real calendar date or time", location=where) from None
+
+
+def _end(first_after: Callable[[], datetime]) -> datetime:
+    """The first instant after a year or month, in UTC; the calendar's end after 9999."""
+    try:
+        return utc(first_after())
+    except ValueError:  # the year after 9999
+        return LATEST
 
 
 def _value_range(value: Any) -> tuple[datetime, datetime] | None:
@@ -363,7 +376,7 @@ def _count(params: Sequence[tuple[str, str]], *, default: int, limit: int) -> in
     raw = _single(params, "_count")
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 6:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6:
         raise SearchError("_count must be a whole number", location="_count")
     count = int(raw)
     if count < 1:
@@ -383,12 +396,21 @@ def _format(params: Sequence[tuple[str, str]]) -> None:
         raise SearchError("_pretty is true or false", location="_pretty")
 
 
-def patient_reference(raw: str, *, where: str) -> str:
-    """The Patient id of a reference search value (``Patient/ID``, ``ID`` or a URL)."""
+def patient_reference(raw: str, *, where: str, base: str | None = None) -> str:
+    """The Patient id of a reference search value (``Patient/ID``, ``ID`` or a URL).
+
+    An absolute URL is a reference to a resource on that server: with ``base`` (this
+    server's base URL) given, one on any other server is refused, since it names a
+    patient this server does not hold.
+    """
     value = raw.rstrip("/")
+    if "://" in value and base is not None and not value.startswith(base.rstrip("/") + "/"):
+        raise SearchError("the reference is to another server", location=where)
     if "/" in value:
         parts = value.split("/")
         if len(parts) < 2 or parts[-2] != "Patient":
+            raise SearchError("the reference must be to a Patient", location=where)
+        if "://" not in value and len(parts) != 2:
             raise SearchError("the reference must be to a Patient", location=where)
         value = parts[-1]
     if not _ID_RE.match(value):
@@ -428,11 +450,13 @@ def parse_search(
     default_count: int,
     max_count: int,
     offered: Iterable[str] | None = None,
+    base: str | None = None,
 ) -> SearchQuery:
     """Validate ``GET [base]/{rtype}?...``; raise :class:`SearchError` naming the parameter.
 
     ``offered`` narrows the declared parameters to those the link offers (a date
-    parameter whose element the link's profile withholds is not offered).
+    parameter whose element the link's profile withholds is not offered); ``base`` is
+    this server's base URL, the only one an absolute ``patient`` reference may name.
     """
     declared = SEARCH_PARAMS.get(rtype)
     if declared is None:
@@ -458,11 +482,16 @@ def parse_search(
         if identifier is None and not ids:
             raise SearchError("a Patient search names the patient (identifier or _id)",
                               location="identifier")
+        if identifier is not None and ids:
+            # Both would have to match (FHIR ANDs parameters): one patient, named once.
+            raise SearchError("a Patient search names the patient once: identifier or _id",
+                              location="_id")
         return SearchQuery(
             rtype, "search", count, identifier=identifier, ids=ids,
             last_updated=last_updated, cursor=cursor, params=tuple(params),
         )
-    patients = {patient_reference(v, where="patient") for k, v in params if k == "patient"}
+    patients = {patient_reference(v, where="patient", base=base)
+                for k, v in params if k == "patient"}
     if not patients:
         raise SearchError("a search names its patient (patient=Patient/ID)", location="patient")
     if len(patients) > 1:
@@ -492,7 +521,7 @@ def parse_everything(
     since = _single(params, "_since")
     last_updated: tuple[DateFilter, ...] = ()
     if since is not None:
-        if "T" not in since or not (since.endswith("Z") or re.search(r"[+-]\d{2}:\d{2}$", since)):
+        if "T" not in since or not (since.endswith("Z") or re.search(r"[+-][0-9]{2}:[0-9]{2}$", since)):
             raise SearchError("_since is an instant with a time zone", location="_since")
         last_updated = (_date_filter("_since", "ge" + since),)
         # ge on an instant: everything updated at or after it.
@@ -515,15 +544,22 @@ def parse_everything(
 # --- cursors -------------------------------------------------------------------------------
 
 
-def encode_cursor(key: bytes, query: SearchQuery, *, snapshot: int, after: int) -> str:
+def encode_cursor(key: bytes, query: SearchQuery, *, snapshot: int, after: int,
+                  holder: str = "") -> str:
     """An opaque, authenticated page cursor: the snapshot the traversal reads and the
-    position after which the next page starts, bound to this query."""
-    body = orjson.dumps({"s": snapshot, "a": after, "q": query.fingerprint})
-    mac = hmac.new(key, body, hashlib.sha256).digest()[:16]
-    return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode("ascii")
+    position after which the next page starts, bound to this query and to ``holder``
+    (who asked and why: a traversal continues for the same partner and purpose only).
+
+    Encrypted (AES-GCM under ``key``), not only authenticated: the snapshot is a position
+    in the whole store, and how it grows between two pulls would count what the source
+    keeps about other patients."""
+    body = orjson.dumps({"s": snapshot, "a": after, "q": query.fingerprint, "h": holder})
+    nonce = os.urandom(12)
+    sealed = AESGCM(_cursor_aead_key(key)).encrypt(nonce, body, b"pull-cursor")
+    return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
 
 
-def decode_cursor(key: bytes, query: SearchQuery) -> tuple[int, int] | None:
+def decode_cursor(key: bytes, query: SearchQuery, *, holder: str = "") -> tuple[int, int] | None:
     """``(snapshot, after)`` of the query's cursor (None on a first page), or SearchError."""
     token = query.cursor
     if token is None:
@@ -532,12 +568,18 @@ def decode_cursor(key: bytes, query: SearchQuery) -> tuple[int, int] | None:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (ValueError, TypeError):
         raise SearchError("malformed cursor", location="_cursor") from None
-    body, mac = raw[:-16], raw[-16:]
-    if len(raw) < 17 or not hmac.compare_digest(
-        mac, hmac.new(key, body, hashlib.sha256).digest()[:16]
-    ):
-        raise SearchError("cursor was not issued by this bridge", location="_cursor")
+    try:
+        body = AESGCM(_cursor_aead_key(key)).decrypt(raw[:12], raw[12:], b"pull-cursor")
+    except (InvalidTag, ValueError):
+        raise SearchError("cursor was not issued by this bridge", location="_cursor") from None
     data = orjson.loads(body)
     if data.get("q") != query.fingerprint:
         raise SearchError("cursor belongs to another query", location="_cursor")
+    if data.get("h", "") != holder:
+        raise SearchError("cursor was issued for another partner or purpose", location="_cursor")
     return int(data["s"]), int(data["a"])
+
+
+def _cursor_aead_key(key: bytes) -> bytes:
+    """A 256-bit AES key for cursors, derived from the bridge's cursor key."""
+    return hashlib.sha256(b"ws-fhir-bridge pull cursor\x00" + key).digest()

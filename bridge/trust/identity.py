@@ -9,7 +9,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from bridge.errors import TrustError
+from bridge.errors import TrustError, UnknownPartner
 from bridge.trust.pki import PARTNER_URI_PREFIX
 
 
@@ -36,8 +36,8 @@ def fingerprint_sha256(der: bytes) -> str:
 def certificate_identity(der: bytes) -> CertIdentity:
     """Read the identity of a DER certificate.
 
-    Raises :class:`TrustError` when the bytes are not a certificate or when the
-    certificate names more than one partner.
+    Raises :class:`TrustError` when the bytes are not a certificate, and
+    :class:`UnknownPartner` when the certificate names more than one partner.
     """
     try:
         cert = x509.load_der_x509_certificate(der)
@@ -58,7 +58,8 @@ def certificate_identity(der: bytes) -> CertIdentity:
     }
     partner_ids.discard("")
     if len(partner_ids) > 1:
-        raise TrustError(
+        # Ambiguous is nobody: the certificate maps to no one partner (401 on the wire).
+        raise UnknownPartner(
             "peer certificate names more than one partner", location="tls.peer_certificate.SAN"
         )
     return CertIdentity(

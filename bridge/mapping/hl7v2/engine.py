@@ -150,7 +150,11 @@ def _test(when: When, value: str) -> bool:
 def _dt15(value: str, loc: _Where) -> str:
     if not check_dtm(value) or len(value.split("+")[0].split("-")[0].split(".")[0]) < 12:
         raise hl7_error(MappingError, "date/time needs at least YYYYMMDDHHMM", loc.loc(), "102")
-    local = _local(value)
+    try:
+        local = _local(value)
+    except OverflowError:  # year 1 or 9999 in a zone that moves it off the calendar
+        raise hl7_error(MappingError, "date/time falls outside the calendar in China Standard"
+                        " Time", loc.loc(), "102") from None
     return local.strftime("%Y%m%dT%H%M%S")
 
 
