@@ -33,19 +33,26 @@ def _when(text: str | None, option: str) -> datetime | None:
             moment = datetime.combine(date.fromisoformat(text), time(0), tzinfo=UTC)
         else:
             moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ParseError("not an ISO 8601 date or date-time", location=option) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        # In UTC here, where an instant beyond year 1 or 9999 in UTC is still an input
+        # error (the store compares UTC times).
+        return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+                ).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ParseError("not an ISO 8601 date or date-time between years 1 and 9999 UTC",
+                         location=option) from None
 
 
-def _open(args: argparse.Namespace) -> tuple[Any, Any]:
+def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The configuration, the store and the command's filter (checked before the store
+    is opened: bad input is named as such whatever state the store is in)."""
     from bridge.config import load_config
     from bridge.ledger import open_store
 
     config = load_config(args.config)
+    f = _filter(args, config)
     if config.store.kind == "sqlite" and not config.store.path.exists():
         raise NotFound("no store at this path yet", location=str(config.store.path))
-    return config, open_store(config.store)
+    return config, open_store(config.store), f
 
 
 def _filter(args: argparse.Namespace, config: Any) -> Any:
@@ -94,9 +101,9 @@ def _entry_json(entry: Any) -> dict[str, Any]:
 def cmd_inbox_list(args: argparse.Namespace) -> int:
     from bridge.ledger.handoff import list_inbox
 
-    config, store = _open(args)
+    _config, store, f = _open(args)
     with store:
-        entries = list_inbox(store, _filter(args, config), limit=args.limit)
+        entries = list_inbox(store, f, limit=args.limit)
     if args.json:
         _print_json([_entry_json(e) for e in entries])
         return 0
@@ -159,7 +166,7 @@ def _find_one(store: Any, args: argparse.Namespace) -> Any:
 def cmd_inbox_show(args: argparse.Namespace) -> int:
     from bridge.ledger.handoff import last_answer
 
-    config, store = _open(args)
+    config, store, _f = _open(args)
     with store:
         entry = _find_one(store, args)
         row = store.inbox_lookup(entry.sender, entry.message_id)
@@ -197,13 +204,13 @@ def cmd_inbox_export(args: argparse.Namespace) -> int:
     from bridge.ledger.audit import format_time
     from bridge.ledger.handoff import list_inbox
 
-    config, store = _open(args)
+    config, store, f = _open(args)
     target = folder_argument(args.to, option="--to") if args.to else None
     if target is not None:
         target.mkdir(mode=0o700, parents=True, exist_ok=True)
     count = 0
     with store:
-        entries = list_inbox(store, _filter(args, config), limit=args.limit)
+        entries = list_inbox(store, f, limit=args.limit)
         rows = [store.inbox_lookup(e.sender, e.message_id) for e in entries]
         rows = [r for r in rows if r is not None]
         _audit_read(store, config, "inbox.export", rows,
@@ -247,8 +254,7 @@ def cmd_inbox_requeue(args: argparse.Namespace) -> int:
     from bridge.ledger.audit import AuditRecord
     from bridge.ledger.handoff import queue_missing, requeue
 
-    config, store = _open(args)
-    f = _filter(args, config)
+    config, store, f = _open(args)
     now = datetime.now(UTC)
     me = config.controller.id
     states = [HandoffState.DEAD] + ([HandoffState.DELIVERED] if args.delivered else [])

@@ -53,12 +53,16 @@ def _fhir_datetime(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise MappingError("not a FHIR dateTime", location=where)
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value)
     except ValueError:
         raise MappingError("not a FHIR dateTime", location=where) from None
     if moment.tzinfo is None:
         raise MappingError("dateTime without a time zone", location=where)
-    return moment.astimezone(_CST).strftime("%Y%m%dT%H%M%S")
+    try:
+        return moment.astimezone(_CST).strftime("%Y%m%dT%H%M%S")
+    except OverflowError:  # beyond year 9999 in China Standard Time
+        raise MappingError("dateTime beyond the year 9999 in China Standard Time",
+                           location=where) from None
 
 
 class _Reader:

@@ -265,11 +265,11 @@ def _parse_instant(value: Any, path: str, *, end: bool) -> datetime:
         else:
             start = date(int(year), 1, 1)
             last = date(int(year), 12, 31)
-    except ValueError:
-        raise _bad("not a FHIR dateTime", path) from None
-    if end:
-        return datetime.combine(last, time.max, _CST).astimezone(UTC)
-    return datetime.combine(start, time.min, _CST).astimezone(UTC)
+        if end:
+            return datetime.combine(last, time.max, _CST).astimezone(UTC)
+        return datetime.combine(start, time.min, _CST).astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: beyond year 1 or 9999 in UTC
+        raise _bad("not a FHIR dateTime between years 1 and 9999 (UTC)", path) from None
 
 
 def _parse_period(raw: Any, path: str) -> Span | None:
