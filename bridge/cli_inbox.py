@@ -52,20 +52,31 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     f = _filter(args, config)
     if config.store.kind == "sqlite" and not config.store.path.exists():
         raise NotFound("no store at this path yet", location=str(config.store.path))
-    return config, open_store(config.store), f
+    store = open_store(config.store)
+    if f.destination is not None and f.destination not in {d.id for d in config.handoff}:
+        # A destination since removed from the configuration may still hold claims.
+        from bridge.ledger.handoff import destinations_held
+
+        try:
+            held = destinations_held(store)
+        except BaseException:
+            store.close()
+            raise
+        if f.destination not in held:
+            store.close()
+            raise ConfigError("no hand-off destination with that id, configured or"
+                              " holding claims in the store",
+                              location=f"{config.source}: handoff")
+    return config, store, f
 
 
 def _filter(args: argparse.Namespace, config: Any) -> Any:
     from bridge.ledger.handoff import Filter
 
-    destination = getattr(args, "destination", None)
-    if destination is not None and destination not in {d.id for d in config.handoff}:
-        raise ConfigError("no hand-off destination with that id",
-                          location=f"{config.source}: handoff")
     return Filter(
         sender=getattr(args, "sender", None),
         message_id=getattr(args, "message_id", None),
-        destination=destination,
+        destination=getattr(args, "destination", None),
         state=getattr(args, "state", None),
         since=_when(getattr(args, "since", None), "--since"),
         until=_when(getattr(args, "until", None), "--until"),
@@ -300,17 +311,22 @@ def cmd_inbox_requeue(args: argparse.Namespace) -> int:
 def handoff_report(config: Any, store: Any) -> list[dict[str, Any]]:
     """Per destination: depth, delivered, dead hand-offs (a few named), whether it is
     failing right now, and whether an operator is needed (something dead or failing)."""
-    from bridge.ledger.handoff import destination_status
+    from bridge.ledger.handoff import destination_status, destinations_held
 
     report: list[dict[str, Any]] = []
-    for dest in config.handoff:
-        s = destination_status(store, dest.id)
+    configured = {dest.id: dest.kind for dest in config.handoff}
+    stranded = [d for d in destinations_held(store) if d not in configured]
+    for dest_id, kind in [*configured.items(), *((d, None) for d in stranded)]:
+        s = destination_status(store, dest_id)
         failing = s.failing
+        waiting = s.counts["queued"] + s.counts["sending"]
         report.append({
-            "id": dest.id,
-            "kind": dest.kind,
+            "id": dest_id,
+            "kind": kind,
+            # Not configured (renamed or removed): its claims are handed to no one.
+            "configured": kind is not None,
             "counts": dict(s.counts),
-            "waiting": s.counts["queued"] + s.counts["sending"],
+            "waiting": waiting,
             "oldest_waiting_since": (s.oldest_waiting.created.isoformat()
                                      if s.oldest_waiting is not None else None),
             "failing": None if failing is None else {
@@ -320,7 +336,8 @@ def handoff_report(config: Any, store: Any) -> list[dict[str, Any]]:
             },
             "dead": [{"seq": r.seq, "sender": r.sender, "error": r.last_error,
                       "message_id": r.message_id} for r in s.dead],
-            "needs_operator": failing is not None or s.counts["dead"] > 0,
+            "needs_operator": failing is not None or s.counts["dead"] > 0
+            or (kind is None and waiting > 0),
         })
     return report
 
@@ -329,11 +346,16 @@ def print_handoff_status(report: list[dict[str, Any]], out: IO[str]) -> None:
     """The text form of :func:`handoff_report` for ``bridge status``."""
     for d in report:
         counts = d["counts"]
-        line = (f"  hand-off {d['id']} ({d['kind']}): waiting {d['waiting']},"
+        kind = d["kind"] if d["configured"] else "no longer configured"
+        line = (f"  hand-off {d['id']} ({kind}): waiting {d['waiting']},"
                 f" delivered {counts['delivered']}, dead {counts['dead']}")
         if d["oldest_waiting_since"] is not None:
             line += f"; oldest waiting since {d['oldest_waiting_since'][:19]}"
         out.write(line + "\n")
+        if not d["configured"] and d["waiting"]:
+            out.write("    NOT HANDED OVER: no [[handoff]] has this id any more; configure it"
+                      " again, or give its claims to another destination with"
+                      " bridge inbox requeue --missing --destination ID\n")
         f = d["failing"]
         if f is not None:
             out.write(f"    FAILING: {f['error']} after {f['attempts']} attempts"

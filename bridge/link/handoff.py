@@ -496,12 +496,16 @@ def handoff_figures(ctx: ScrapeContext) -> Iterator[Metric]:
     failing = GaugeMetricFamily("bridge_handoff_failing",
                                 "1 while a waiting hand-off to it has failed and is retried",
                                 labels=["destination"])
-    for dest in ctx.config.handoff:
-        counts = queue.destination_status(ctx.store, dest.id, dead_limit=0)
-        waiting.add_metric([dest.id], counts.counts["queued"] + counts.counts["sending"])
-        delivered.add_metric([dest.id], counts.counts["delivered"])
-        dead.add_metric([dest.id], counts.counts["dead"])
-        failing.add_metric([dest.id], 1 if counts.failing is not None else 0)
+    configured = [dest.id for dest in ctx.config.handoff]
+    # A destination removed from the configuration keeps its series while the store
+    # holds claims waiting for it (handed to no one) or dead ones.
+    held = [d for d in queue.destinations_held(ctx.store) if d not in configured]
+    for dest_id in (*configured, *held):
+        counts = queue.destination_status(ctx.store, dest_id, dead_limit=0)
+        waiting.add_metric([dest_id], counts.counts["queued"] + counts.counts["sending"])
+        delivered.add_metric([dest_id], counts.counts["delivered"])
+        dead.add_metric([dest_id], counts.counts["dead"])
+        failing.add_metric([dest_id], 1 if counts.failing is not None else 0)
     yield from (waiting, delivered, dead, failing)
 
 
