@@ -8,6 +8,7 @@ written only by ``export``, each read recorded in the audit trail.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from datetime import UTC, date, datetime, time
@@ -226,10 +227,13 @@ def cmd_inbox_export(args: argparse.Namespace) -> int:
         rows = [r for r in rows if r is not None]
         _audit_read(store, config, "inbox.export", rows,
                     f"cli export to {'folder' if target else 'stdout'}")
+    inbound = {link.partner: link.id for link in reversed(config.links)
+               if link.direction == "inbound"}
     for entry, row in zip(entries, rows, strict=True):
         facts = EnvelopeFacts(
             destination="export", receiver=config.controller.id, sender=row.sender,
-            link=next((h.link for h in entry.handoffs), ""), message_id=row.message_id,
+            link=next((h.link for h in entry.handoffs), inbound.get(row.sender, "")),
+            message_id=row.message_id,
             sequence=0, received=format_time(row.received), audit_seq=row.audit_seq,
             message_digest=row.digest, receipt_digest=receipt_digest(row.receipt),
         )
@@ -252,9 +256,21 @@ def _safe(name: str) -> str:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    """Write ``data`` as ``path``, readable by its owner only. Written to a new file
+    beside it and renamed over the name: whatever held the name before (a file with a
+    looser mode, a symbolic link planted in a shared folder) is replaced, never written
+    through, and no half-written file is left under the name."""
+    import tempfile
+
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".export-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:  # mkstemp creates it with mode 600
+            fh.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
 
 
 # --- requeue ----------------------------------------------------------------------------------
