@@ -8,11 +8,8 @@ written only by ``export``, each read recorded in the audit trail.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from datetime import UTC, date, datetime, time
-from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -20,6 +17,7 @@ import orjson
 from bridge.cli_common import add_json_option, folder_argument, non_negative_int
 from bridge.cli_common import print_json as _print_json
 from bridge.errors import ConfigError, NotFound, ParseError, UsageError
+from bridge.files import private_folder, write_private
 
 _STATES = ("queued", "sending", "delivered", "dead")
 _CONFIG_HELP = "the controller's configuration file (TOML)"
@@ -219,7 +217,7 @@ def cmd_inbox_export(args: argparse.Namespace) -> int:
     config, store, f = _open(args)
     target = folder_argument(args.to, option="--to") if args.to else None
     if target is not None:
-        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(target)
     count = 0
     with store:
         entries = list_inbox(store, f, limit=args.limit)
@@ -242,7 +240,7 @@ def cmd_inbox_export(args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(body + b"\n")
         else:
             name = f"{row.sender}_{row.message_id.removeprefix('urn:uuid:')}.json"
-            _write_private(target / _safe(name), body)
+            write_private(target / _safe(name), body)
         count += 1
     if target is not None:
         sys.stderr.write(f"{count} messages written to {target}\n")
@@ -253,24 +251,6 @@ def cmd_inbox_export(args: argparse.Namespace) -> int:
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` as ``path``, readable by its owner only. Written to a new file
-    beside it and renamed over the name: whatever held the name before (a file with a
-    looser mode, a symbolic link planted in a shared folder) is replaced, never written
-    through, and no half-written file is left under the name."""
-    import tempfile
-
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".export-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:  # mkstemp creates it with mode 600
-            fh.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 # --- requeue ----------------------------------------------------------------------------------

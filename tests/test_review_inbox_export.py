@@ -65,3 +65,35 @@ async def test_export_over_existing_files_and_planted_links(tmp_path: Path) -> N
         assert envelope["messageId"] == message_id
         assert envelope["link"] == "claims-from-hospital-a"  # even with no hand-off row
     assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temporary left
+
+
+async def test_pull_out_writes_private_files_and_replaces_planted_links(tmp_path: Path) -> None:
+    """``bridge pull --out DIR`` writes a patient's records: the same rules."""
+    from pull_support import FROM_LINK, id_card, keep, person_records, pull_consent, start_site
+
+    site = await start_site(tmp_path)
+    try:
+        records = person_records(1)
+        await keep(site, records)
+        await site.controller.put_consent(pull_consent(records[0]))
+        system, value = id_card(records[0])
+        out = tmp_path / "pulled"
+        (out / "pages").mkdir(parents=True)
+        elsewhere = tmp_path / "elsewhere.json"
+        elsewhere.write_text("not yours", encoding="utf-8")
+        (out / "pages" / "page-00001.json").symlink_to(elsewhere)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "pull", "--config", str(site.platform_cfg),
+            "--link", FROM_LINK, "--patient", f"{system}|{value}", "--out", str(out),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+    finally:
+        await site.stop()
+    assert elsewhere.read_text(encoding="utf-8") == "not yours"
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) > 2
+    for path in written:
+        assert not path.is_symlink()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert json.loads((out / "pages" / "page-00001.json").read_bytes())["type"] == "searchset"
