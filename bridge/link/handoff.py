@@ -246,8 +246,12 @@ class AMQPTransport:
             await exchange.publish(message, routing_key=self.routing_key, mandatory=True,
                                    timeout=self.dest.timeout_seconds)
         except aio_pika.exceptions.PublishError as exc:
+            # Returned: the queue (or binding) is gone under a live connection. The next
+            # attempt connects afresh, and so declares them again.
+            await self.close()
             raise DeliveryFailed("amqp-unroutable", _amqp_answer(exc)) from None
         except aio_pika.exceptions.DeliveryError as exc:
+            await self.close()
             raise DeliveryFailed("amqp-nack", _amqp_answer(exc)) from None
         except TimeoutError:
             await self.close()
