@@ -262,9 +262,12 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
 class Serve:
     """``bridge serve --config FILE`` in its own process, its log kept in a file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *args: str,
+                 env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log = log
+        self.args = args
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready: list[str] = []
 
@@ -274,8 +277,10 @@ class Serve:
     def _start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "serve", "--config", str(self.config)],
-                stdout=subprocess.PIPE, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                [sys.executable, "-m", "bridge", "serve", "--config", str(self.config),
+                 *self.args],
+                stdout=subprocess.PIPE, stderr=out,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
