@@ -83,6 +83,7 @@ class OpsServer:
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
+        app.on_response_prepare.append(_protect)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
@@ -361,6 +362,24 @@ class OpsServer:
         if dispatcher is not None:
             dispatcher.wake(message_id)
         raise web.HTTPSeeOther(f"/?requeued={row.seq}")
+
+
+# The page is never shown inside another site's frame (where a disguised page could
+# make the operator press "requeue"), loads nothing but itself (styles and charts are
+# inline), posts only to this port, and is not kept in caches.
+_PAGE_POLICY = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:;"
+                               " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+async def _protect(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in _PAGE_POLICY.items():
+        response.headers.setdefault(name, value)
 
 
 def _notice(requeued: str | None, refused: str | None) -> str | None:
