@@ -46,6 +46,8 @@ from bridge.ops.page import DeadLetterView, LinkView, StatusView, render_status
 log = logging.getLogger("bridge.ops")
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+#: How long a page or a scrape waits for the store before saying it does not answer.
+_STORE_WAIT_SECONDS = 5.0
 
 
 def _is_loopback(address: str | None) -> bool:
@@ -151,7 +153,14 @@ class OpsServer:
         return web.json_response({"status": "up", "controller": self.controller.id})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        body = await self.controller.db.call(self.metrics.render)
+        try:
+            body = await asyncio.wait_for(self.controller.db.call(self.metrics.render),
+                                          timeout=_STORE_WAIT_SECONDS)
+        except TimeoutError:
+            # The figures are read from the store; a store that does not answer makes
+            # the scrape fail at once (the target shows as down), not hang.
+            return web.Response(status=503, text="the store did not answer within"
+                                f" {_STORE_WAIT_SECONDS:.0f} s; the figures are read from it\n")
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def readyz(self, request: web.Request) -> web.Response:
@@ -167,7 +176,8 @@ class OpsServer:
     async def _check_store(self) -> dict[str, Any]:
         try:
             seq, _hash = await asyncio.wait_for(
-                self.controller.db.call(self.controller.store.audit_head), timeout=5
+                self.controller.db.call(self.controller.store.audit_head),
+                timeout=_STORE_WAIT_SECONDS,
             )
         except (BridgeError, TimeoutError) as exc:
             code = exc.code if isinstance(exc, BridgeError) else "timeout"
@@ -257,7 +267,13 @@ class OpsServer:
         return out
 
     async def status_page(self, request: web.Request) -> web.Response:
-        snap = await self.controller.db.call(self._snapshot)
+        try:
+            snap = await asyncio.wait_for(self.controller.db.call(self._snapshot),
+                                          timeout=_STORE_WAIT_SECONDS)
+        except TimeoutError:
+            log.warning("status page: the store did not answer within %.0f s",
+                        _STORE_WAIT_SECONDS)
+            snap = {"links": {}, "dead": [], "received": {}, "store_ok": False, "audit": 0}
         now = datetime.now(UTC)
         links: list[LinkView] = []
         dispatchers = getattr(self.service, "dispatchers", {})
