@@ -92,3 +92,40 @@ def test_the_status_page_cannot_be_framed_by_another_origin(
     finally:
         server.shutdown()
         hospital.stop()
+
+
+def test_the_insurer_page_shows_where_received_claims_are_going(
+    tmp_path: Path, browser: webdriver.Chrome
+) -> None:
+    """The insurer's operator sees on the page whether received claims reach the claim
+    system: per destination, waiting, delivered, dead and the failure going on now."""
+    from ops_support import bridge, wait_for
+
+    site = make_site(tmp_path)
+    with site.insurer.open("a", encoding="utf-8") as fh:
+        fh.write(f'\n[[handoff]]\nid = "claims-system"\nkind = "http"\n'
+                 f'url = "http://127.0.0.1:{free_port()}/intake"\n'
+                 "retry_base_seconds = 0.05\nretry_cap_seconds = 0.3\ntimeout_seconds = 2\n")
+    samples = site.root / "hospital-a" / "samples"
+    assert bridge("consent", "add", "--config", str(site.hospital),
+                  str(samples / "consent.json")).returncode == 0
+    insurer = serve(site.insurer)
+    hospital = serve(site.hospital)
+    try:
+        assert bridge("push", "--config", str(site.hospital), "--link", "claims-to-insurer-b",
+                      str(samples / "claim-1.json")).returncode == 0
+
+        def failing_row() -> bool:
+            browser.get(site.ops("insurer") + "/")
+            rows = browser.find_elements(By.CSS_SELECTOR, "tr[data-destination='claims-system']")
+            return bool(rows) and "failing" in rows[0].text
+
+        wait_for(failing_row, what="the hand-off failing on the insurer's page")
+        row = browser.find_element(By.CSS_SELECTOR, "tr[data-destination='claims-system']")
+        state = row.find_element(By.CSS_SELECTOR, "[data-field='state']").text
+        assert state == "failing: http-unreachable"
+        assert row.find_element(By.CSS_SELECTOR, "[data-field='waiting']").text == "1"
+        assert row.find_element(By.CSS_SELECTOR, "[data-field='delivered']").text == "0"
+    finally:
+        hospital.stop()
+        insurer.stop()

@@ -41,7 +41,7 @@ from bridge.logs import event
 from bridge.ops.certs import CertificateInfo, configured_certificates
 from bridge.ops.history import DepthHistory
 from bridge.ops.metrics import BridgeMetrics
-from bridge.ops.page import DeadLetterView, LinkView, StatusView, render_status
+from bridge.ops.page import DeadLetterView, HandoffView, LinkView, StatusView, render_status
 
 log = logging.getLogger("bridge.ops")
 
@@ -260,11 +260,32 @@ class OpsServer:
                 else:
                     out["received"][link.id] = store.inbox_count(link.partner)
             out["audit"] = store.audit_head()[0]
+            out["handoff"] = self._handoff_snapshot()
         except BridgeError as exc:
             log.warning("status page could not read the store: %s", exc.code)
             out["store_ok"] = False
             out["audit"] = 0
         return out
+
+    def _handoff_snapshot(self) -> list[HandoffView]:
+        """Each destination configured, and any no longer configured that still holds
+        claims (runs on the ledger thread)."""
+        from bridge.ledger.handoff import destination_status, destinations_held
+
+        store = self.controller.store
+        kinds: dict[str, str | None] = {d.id: d.kind for d in self.controller.config.handoff}
+        for held in destinations_held(store):
+            kinds.setdefault(held, None)
+        views = []
+        for dest_id, kind in kinds.items():
+            s = destination_status(store, dest_id, dead_limit=0)
+            views.append(HandoffView(
+                id=dest_id, kind=kind, waiting=s.counts["queued"] + s.counts["sending"],
+                delivered=s.counts["delivered"], dead=s.counts["dead"],
+                failing=s.failing.last_error if s.failing is not None else None,
+                oldest_waiting=s.oldest_waiting.created if s.oldest_waiting else None,
+            ))
+        return views
 
     async def status_page(self, request: web.Request) -> web.Response:
         try:
@@ -328,6 +349,7 @@ class OpsServer:
             warning_days=self.config.certificate_warning_days,
             csrf_token=self.token,
             notice=_notice(request.query.get("requeued"), request.query.get("refused")),
+            handoffs=snap.get("handoff", []),
         )
         return web.Response(text=render_status(view), content_type="text/html", charset="utf-8")
 
