@@ -1,4 +1,4 @@
-"""Command line: ``bridge init|demo|serve|push|map|certs|consent|audit|status|outbox``.
+"""Command line: ``bridge init|demo|serve|push|map|mappings|intake|store|certs|consent|audit|status|outbox``.
 
 Exit codes: 0 success, 1 the operation ran and found a problem (an audit chain that
 does not verify, a message lost in the demo, a store or port that is not available),
@@ -30,6 +30,7 @@ from bridge.cli_common import (
 from bridge.cli_common import print_json as _print_json
 from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_status
 from bridge.cli_init import add_init_commands
+from bridge.cli_intake import add_intake_commands
 from bridge.cli_mapping import add_mapping_commands
 from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
 from bridge.cli_store import add_store_commands
@@ -309,6 +310,7 @@ _DISCLOSURE_ACTIONS = {
     "claim.rejected": ("E", "the recipient refused the claim"),
     "claim.dead": ("E", "delivery abandoned after retries"),
     "claim.resend": ("E", "sent again; the recipient's receipt is held"),
+    "claim.correct": ("C", "corrected claim queued, naming the claim it replaces"),
     "message.receive": ("C", "received from a partner"),
     "handoff.delivered": ("E", "handed to this controller's own system"),
     "handoff.dead": ("E", "hand-off to this controller's own system abandoned"),
@@ -490,6 +492,15 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
         ]
         if stuck:
             report["attention"] = True
+    from bridge.ledger.intake import record_counts
+
+    intake = record_counts(store)
+    if intake:
+        report["intake"] = dict(sorted(intake.items()))
+        # Unrouted records are kept by design (no rule names them); refused and
+        # incomplete ones need someone to look (bridge intake list).
+        if intake.get("refused") or intake.get("incomplete"):
+            report["attention"] = True
     report["handoff"] = handoff_report(config, store)
     if any(d["needs_operator"] for d in report["handoff"]):
         report["attention"] = True
@@ -506,6 +517,11 @@ def _print_status(report: dict[str, Any]) -> None:
         + ("verified" if audit["ok"] else f"BROKEN at entry {audit['first_bad_seq']}")
         + f", {audit['entries']} entries; inbox {report['inbox']} messages\n"
     )
+    if report.get("intake"):
+        sys.stdout.write(
+            "  intake: " + ", ".join(f"{state} {n}" for state, n in report["intake"].items())
+            + "\n"
+        )
     for link in report["links"]:
         if link["direction"] in ("pull", "pull-from"):
             continue  # print_pull_status below
@@ -606,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.set_defaults(func=cmd_push)
 
     add_mapping_commands(sub)
+    add_intake_commands(sub)
     add_store_commands(sub)
     add_pull_commands(sub)
     add_inbox_commands(sub)

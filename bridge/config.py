@@ -300,6 +300,66 @@ class MLLPConfig(_Strict):
         return self
 
 
+_MESSAGE_TYPE = r"^[A-Z]{3}\^[A-Z0-9]{3}$"
+_DATASET = r"^WS445\.[0-9]{1,2}$"
+
+
+class IntakeConfig(_Strict):
+    """How HL7 v2 from the HIS becomes records: the site's overlay, visit assembly."""
+
+    site: Path | None = Field(
+        default=None,
+        description=(
+            "a site directory overlaying the shipped mappings/ files one by one (value sets, "
+            "identifier type codes, HL7 message mappings, visit files, charge items, "
+            "facilities); relative to the configuration file"
+        ),
+    )
+    correction_days: int = Field(
+        default=30, ge=0, le=3650,
+        description=(
+            "days after a visit's discharge during which corrections (ADT^A08, DFT^P03) "
+            "still produce a corrected claim; later messages for the visit are refused"
+        ),
+    )
+
+
+class RouteConfig(_Strict):
+    """One routing rule: records from a source go to links. Empty lists match anything."""
+
+    id: str = Field(default="", description="a name shown by bridge intake list")
+    message: list[str] = Field(
+        default_factory=list,
+        description="MSH-9 types (ADT^A03); for a visit record, the message that completes it",
+    )
+    dataset: list[str] = Field(default_factory=list, description="data sets (WS445.10)")
+    facility: list[str] = Field(
+        default_factory=list,
+        description="sending organisations: organisation code, or MSH-4.1 as sent",
+    )
+    links: list[str] = Field(min_length=1, description="outbound links the record goes to")
+
+    @field_validator("message")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        import re
+
+        for item in value:
+            if not re.match(_MESSAGE_TYPE, item):
+                raise ValueError("message types look like ADT^A03")
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _datasets(cls, value: list[str]) -> list[str]:
+        import re
+
+        for item in value:
+            if not re.match(_DATASET, item):
+                raise ValueError("data sets look like WS445.10")
+        return value
+
+
 class HandoffConfig(_Strict):
     """One destination in this controller's own systems that received claims are handed to.
 
@@ -434,6 +494,8 @@ class BridgeConfig(_Strict):
     partners: list[PartnerConfig] = Field(default_factory=list)
     links: list[LinkConfig] = Field(default_factory=list)
     mllp: MLLPConfig | None = None
+    intake: IntakeConfig = IntakeConfig()
+    routes: list[RouteConfig] = Field(default_factory=list)
     handoff: list[HandoffConfig] = Field(default_factory=list)
     operations: OperationsConfig | None = None
     source: Path | None = Field(default=None, exclude=True)
@@ -471,6 +533,11 @@ class BridgeConfig(_Strict):
             for j, link_id in enumerate(dest.links):
                 if link_id not in inbound:
                     raise ValueError(f"handoff[{i}].links[{j}]: no inbound link with that id")
+        outbound = {link.id for link in self.links if link.direction == "outbound"}
+        for i, route in enumerate(self.routes):
+            for j, link_id in enumerate(route.links):
+                if link_id not in outbound:
+                    raise ValueError(f"routes[{i}].links[{j}]: no outbound link with that id")
         return self
 
     def partner(self, partner_id: str) -> PartnerConfig:
@@ -519,6 +586,7 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     if isinstance(audit, dict):
         audit.setdefault("pseudonym_key_file", "audit-pseudonym.key")
     fix(audit, ("pseudonym_key_file",))
+    fix(data.get("intake"), ("site",))
     links = data.get("links")
     if isinstance(links, list):
         for link in links:

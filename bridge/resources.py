@@ -6,6 +6,7 @@ they are the top-level folders of the repository.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -25,3 +26,90 @@ def mappings_dir() -> Path:
 
 def conformance_dir() -> Path:
     return data_dir("conformance")
+
+
+# --- site overlays -----------------------------------------------------------------------------
+
+#: Files of ``mappings/`` a site directory may overlay: (folder, file name pattern).
+OVERLAYABLE: tuple[tuple[str, str], ...] = (
+    ("valuesets", "*.yaml"),
+    ("hl7v2/valuesets", "*.yaml"),
+    ("hl7v2/messages", "*.yaml"),
+    ("hl7v2/visits", "*.yaml"),
+    ("hl7v2", "facilities.yaml"),
+)
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """One file of a site directory and what it does to the shipped set."""
+
+    relative: str  # path under mappings/, e.g. ``hl7v2/valuesets/his-charge-item.yaml``
+    path: Path  # the site's file
+    action: str  # ``overrides`` (a shipped file of that name exists) or ``adds``
+
+
+@dataclass(frozen=True)
+class MappingFiles:
+    """The mapping files in effect: the shipped ``mappings/`` with a site's overlay on top.
+
+    A site directory mirrors the layout of ``mappings/``; each of its files replaces the
+    shipped file at the same relative path, or adds one, file by file. Only the files in
+    :data:`OVERLAYABLE` may be overlaid; the installed package is never edited. Loaders
+    take a ``MappingFiles`` and cache per instance, so one process can hold the shipped
+    set and a site's set side by side.
+    """
+
+    site: Path | None = None
+
+    @property
+    def shipped(self) -> Path:
+        return mappings_dir()
+
+    def file(self, relative: str) -> Path:
+        """The site's file when it has one, else the shipped one."""
+        if self.site is not None:
+            own = self.site / relative
+            if own.is_file():
+                return own
+        return self.shipped / relative
+
+    def folder(self, relative: str, pattern: str = "*.yaml") -> list[Path]:
+        """Files of one folder, by name: the site's replace the shipped ones of that name."""
+        found = {p.name: p for p in sorted((self.shipped / relative).glob(pattern))}
+        if self.site is not None:
+            found.update({p.name: p for p in sorted((self.site / relative).glob(pattern))
+                          if p.is_file()})
+        return [found[name] for name in sorted(found)]
+
+    def overlays(self) -> list[Overlay]:
+        """Every file of the site directory and whether it overrides or adds.
+
+        Raises :class:`~bridge.errors.ConfigError` naming a file the site may not overlay
+        (a catalog, a WS 445 mapping, a link profile, a misspelt folder). Hidden files and
+        ``*.md`` notes are ignored.
+        """
+        from bridge.errors import ConfigError
+
+        if self.site is None:
+            return []
+        if not self.site.is_dir():
+            raise ConfigError("site directory does not exist", location=str(self.site))
+        out: list[Overlay] = []
+        for path in sorted(p for p in self.site.rglob("*") if p.is_file()):
+            relative = path.relative_to(self.site).as_posix()
+            if any(part.startswith(".") for part in relative.split("/")) \
+                    or relative.endswith(".md"):
+                continue
+            folder, _, name = relative.rpartition("/")
+            if not any(folder == f and Path(name).match(pattern) for f, pattern in OVERLAYABLE):
+                raise ConfigError(
+                    "not a file a site may overlay (value sets, identifier type codes, HL7 "
+                    "message mappings, visit assembly, charge items, facilities)",
+                    location=str(path))
+            action = "overrides" if (self.shipped / relative).is_file() else "adds"
+            out.append(Overlay(relative, path, action))
+        return out
+
+
+SHIPPED = MappingFiles()

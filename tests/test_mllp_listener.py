@@ -18,10 +18,12 @@ from bridge.config import load_config
 from bridge.demo import HOSPITAL
 from bridge.errors import ConfigError, MappingError, ParseError
 from bridge.ledger.sqlite import SQLiteStore
-from bridge.link.mllp import HeaderOnlyHandler, HL7v2Handler, Prepared, default_handler
-from bridge.link.mllp_framer import MLLPFramer, MSHHeader, frame, read_msh
+from bridge.link.mllp import HeaderOnlyHandler, HL7Handler, default_handler
+from bridge.link.mllp_framer import MLLPFramer, frame
 from bridge.link.node import Controller
 from bridge.link.service import BridgeService
+from bridge.mapping.hl7v2 import Intake
+from bridge.mapping.hl7v2.header import MSHHeader, read_msh
 from bridge.trust.pki import init_dev_pki
 
 ADT = (
@@ -238,7 +240,7 @@ async def test_closed_store_gets_no_aa(bridge: Bridge) -> None:
 
 
 class _MappingFails(HeaderOnlyHandler):
-    def prepare(self, message: bytes, header: MSHHeader) -> Prepared:
+    def prepare(self, message: bytes, header: MSHHeader) -> Intake:
         raise MappingError("date of birth is not a valid date", location="PID-7")
 
 
@@ -254,7 +256,7 @@ async def test_mapping_error_gives_ae_naming_the_field_without_its_value(bridge:
 
 
 class _Explodes(HeaderOnlyHandler):
-    def prepare(self, message: bytes, header: MSHHeader) -> Prepared:
+    def prepare(self, message: bytes, header: MSHHeader) -> Intake:
         raise KeyError("PID-5 value 张三")
 
 
@@ -391,52 +393,40 @@ def test_plaintext_mllp_on_a_public_address_is_a_config_error(tmp_path: Path) ->
 # --- wiring to the HL7 v2 room -----------------------------------------------------------------
 
 
-class _FakeHL7v2:
-    """Stands in for bridge.mapping.hl7v2: same three functions, same error conventions."""
+class _RecordHandler(HeaderOnlyHandler):
+    """Maps every message to a fixed front-sheet record; refuses one without PID."""
 
-    def __init__(self) -> None:
-        self.ack_calls: list[tuple[object, str]] = []
-
-    def parse_hl7(self, data: bytes) -> dict[str, str]:
-        if b"PID|" not in data:
+    def prepare(self, message: bytes, header: MSHHeader) -> Intake:
+        if b"PID|" not in message:
             raise ParseError("required segment missing", location="PID", hl7_code="100")
-        return {"control_id": read_msh(data).control_id}
-
-    def hl7_to_record(self, msg: dict[str, str]) -> dict[str, object]:
-        return {"dataset": "WS445.10", "elements": {"HDSD00.11.048": "110101198001010011"}}
-
-    def build_ack(
-        self, msg: object, code: str, *, error: object = None, now: object = None
-    ) -> bytes:
-        self.ack_calls.append((msg, code))
-        if isinstance(msg, bytes):
-            raise ParseError("cannot read", location="MSH")
-        return f"MSH|^~\\&|BRIDGE|HOSP-A|HIS|HOSP-A|||ACK|X|P|2.5\rMSA|{code}|{msg['control_id']}\r".encode()  # type: ignore[index]
+        return Intake(message=None, message_type=header.type_and_event,
+                      record={"dataset": "WS445.10",
+                              "elements": {"HDSD00.11.048": "110101198001010011"}},
+                      visit=None, part=None, facility=header.facility_id)
 
 
-async def test_hl7v2_handler_stores_the_record_and_uses_the_rooms_ack(bridge: Bridge) -> None:
-    fake = _FakeHL7v2()
+async def test_handler_record_is_stored_and_audited_with_a_pseudonym(bridge: Bridge) -> None:
     assert bridge.service.mllp is not None
-    bridge.service.mllp.handler = HL7v2Handler(fake)
+    bridge.service.mllp.handler = _RecordHandler()
     no_pid = adt("NOPID-1").replace(
         b"PID|1||1234567^^^HOSP-A^MR||\xe5\xbc\xa0^\xe4\xb8\x89||19800101|M\r", b""
     )
     acks = await exchange(bridge.port, [frame(ADT) + frame(no_pid)], 2)
-    assert acks[0] == b"MSH|^~\\&|BRIDGE|HOSP-A|HIS|HOSP-A|||ACK|X|P|2.5\rMSA|AA|MSG00001\r"
+    assert seg(acks[0], "MSA")[1:3] == ["AA", "MSG00001"]
     row = bridge.store.hl7_lookup("HIS|HOSP-A", "MSG00001")
     assert row is not None and row.record is not None
     assert orjson.loads(row.record)["dataset"] == "WS445.10"
     [receive] = [e for e in bridge.store.audit_entries() if e.record.action == "hl7.receive"]
     assert receive.record.patient is not None and receive.record.patient.startswith("pp:")
     assert "WS445.10" in receive.record.categories
-    # Unparseable for the room's parser: its ACK builder cannot help, the minimal one answers.
+    # Refused by the handler's parser: answered from what MSH says, naming the segment.
     assert seg(acks[1], "MSA")[1:3] == ["AR", "NOPID-1"]
     assert seg(acks[1], "ERR")[2] == "PID^1" and seg(acks[1], "ERR")[3].startswith("100^")
     assert bridge.store.hl7_count() == 1
 
 
 def test_the_default_handler_is_the_hl7v2_room() -> None:
-    assert isinstance(default_handler(), HL7v2Handler)
+    assert isinstance(default_handler(), HL7Handler)
 
 
 async def test_real_room_unsupported_message_type_gets_ar_200_naming_msh9(tmp_path: Path) -> None:

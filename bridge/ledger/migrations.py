@@ -102,6 +102,68 @@ CREATE TABLE IF NOT EXISTS hl7_inbox (
 );
 """,
     ),
+    # HL7 v2 intake: visits and their parts, records to route and their deliveries
+    # (bridge/ledger/intake.py); warnings about fields no mapping reads.
+    Migration(
+        name="0700-intake",
+        ddl="""
+CREATE TABLE IF NOT EXISTS visit (
+    id          {autoid},
+    key_digest  TEXT NOT NULL UNIQUE,
+    kind        TEXT NOT NULL,
+    facility    TEXT NOT NULL,
+    summary     {blob} NOT NULL,
+    completed   INTEGER NOT NULL DEFAULT 0,
+    parts       INTEGER NOT NULL DEFAULT 0,
+    created     TEXT NOT NULL,
+    updated     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS visit_part (
+    visit_id     {bigint} NOT NULL,
+    sender       TEXT NOT NULL,
+    control_id   TEXT NOT NULL,
+    message_type TEXT NOT NULL,
+    part         {blob} NOT NULL,
+    received     TEXT NOT NULL,
+    PRIMARY KEY (visit_id, sender, control_id)
+);
+CREATE TABLE IF NOT EXISTS intake_record (
+    id             {autoid},
+    source         TEXT NOT NULL UNIQUE,
+    kind           TEXT NOT NULL,
+    message_type   TEXT NOT NULL,
+    dataset        TEXT NOT NULL,
+    facility       TEXT NOT NULL,
+    state          TEXT NOT NULL,
+    detail         TEXT,
+    record         {blob},
+    version        {bigint} NOT NULL DEFAULT 1,
+    routed_version {bigint} NOT NULL DEFAULT 0,
+    lease_until    TEXT,
+    created        TEXT NOT NULL,
+    updated        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS intake_record_state ON intake_record (state, id);
+CREATE TABLE IF NOT EXISTS intake_delivery (
+    record_id   {bigint} NOT NULL,
+    link        TEXT NOT NULL,
+    revision    INTEGER NOT NULL,
+    message_id  TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    replaces    TEXT,
+    state       TEXT NOT NULL,
+    detail      TEXT,
+    created     TEXT NOT NULL,
+    PRIMARY KEY (record_id, link, revision)
+);
+CREATE TABLE IF NOT EXISTS hl7_warning (
+    sender      TEXT NOT NULL,
+    control_id  TEXT NOT NULL,
+    warnings    TEXT NOT NULL,
+    PRIMARY KEY (sender, control_id)
+);
+""",
+    ),
     # Received claims waiting to be handed to the receiver's own systems, one row per
     # (destination, claim). The claim itself stays in the inbox; ``seq`` orders the
     # hand-offs of one sender to one destination in the order they were accepted.

@@ -5,14 +5,20 @@ One connection is one :class:`asyncio.Protocol`. Received bytes go through the p
 single task per connection handles them one after another, so ACKs leave in the
 order the messages arrived. Each message goes:
 
-1. MSH is read by the listener's own reader (no parser needed to answer);
+1. MSH is read on its own (:func:`~bridge.mapping.hl7v2.header.read_msh`), so even a
+   message the parser cannot read is answered;
 2. the sending facility (MSH-4) must be allowed, if the configuration lists any;
 3. a control id (MSH-10) already stored for this sender (MSH-3|MSH-4) is answered
-   with the ACK stored for it, byte for byte; with other content it is refused;
-4. the :class:`MessageHandler` parses and maps it (in a worker thread: hl7apy takes
-   tens of milliseconds per message);
-5. message, DE record, ACK and audit entry are committed in one SQLite transaction
-   (``synchronous=FULL``), and only then is the AA sent.
+   with the ACK stored for it, byte for byte, and audited; with other content it is
+   refused;
+4. the :class:`MessageHandler` (the HL7 v2 room's reader, with the site's overlay)
+   parses, checks and maps it: its own record, its part of a visit, and warnings
+   about fields no mapping reads (a few hundred microseconds, on the event loop);
+5. message, record, visit part, the record to route, ACK and audit entry are
+   committed in one transaction (:func:`bridge.ledger.intake.accept`; SQLite
+   ``synchronous=FULL``), and only then is the AA sent; a copy that raced with it
+   on another connection gets the same ACK and an audit entry of its own;
+6. when something became routable, the router is woken (:mod:`bridge.link.intake`).
 
 ACK rule (original acknowledgement mode). The code is the error's ``ack_code``:
 
@@ -23,13 +29,16 @@ ACK rule (original acknowledgement mode). The code is the error's ``ack_code``:
   ``max_message_bytes``, from a sending facility not allowed, or of a message type,
   event, processing id or version not supported (HL7 errors 200-203, whatever the
   error class: HL7 v2 answers those with AR).
-* **AE** — the message was read but not accepted: mapping failed
-  (``MappingError``), the control id was already used for different content
-  (ERR-3 ``205``), or the bridge failed (store or handler failure, ERR-3 ``207``;
-  nothing was stored and the same message may be sent again).
+* **AE** — the message was read but not accepted: a field a mapping reads is wrong
+  (``MappingError``), the message cannot belong to its visit (another patient, a
+  discharge before the admission, a visit closed), the control id was already used
+  for different content (ERR-3 ``205``), or the bridge failed (store or handler
+  failure, ERR-3 ``207``; nothing was stored and the same message may be sent again).
 
 Every AE/AR carries an ERR segment naming the location (ERR-2 for an HL7 location,
-ERR-8 text) and an HL7 table 0357 code (ERR-3), never a value from the message.
+ERR-8 text naming the data element it was needed for) and an HL7 table 0357 code
+(ERR-3), never a value from the message. An AA may carry ERR segments of severity W
+for fields no mapping reads that break their data type (from v2.5 on).
 Every outcome is audited (``hl7.receive``, ``hl7.duplicate``, ``hl7.reject``);
 refused TLS handshakes are audited by the TLS gate as ``tls.refused``.
 """
@@ -37,11 +46,11 @@ refused TLS handshakes are audited by the TLS gate as ``tls.refused``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
-import importlib
 import logging
 import ssl
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,21 +59,20 @@ import orjson
 from bridge.errors import (
     BridgeError,
     ConflictError,
+    MappingError,
     ParseError,
     PolicyError,
     StoreError,
     TrustError,
 )
-from bridge.link.mllp_framer import (
-    Event,
-    FrameTooLarge,
-    MLLPFramer,
-    MSHHeader,
-    build_fallback_ack,
-    frame,
-    read_msh,
-)
+from bridge.ledger import intake as intake_db
+from bridge.link.mllp_framer import Event, FrameTooLarge, MLLPFramer, frame
+from bridge.link.routing import Source, could_route
+from bridge.link.store import GroupCommit
 from bridge.link.tlsgate import RefusalHook, TLSListener
+from bridge.mapping.hl7v2 import HL7Message, HL7Reader, Intake, ack_code_for, build_ack, read_msh
+from bridge.mapping.hl7v2.ack import tolerant_header
+from bridge.mapping.hl7v2.header import MSHHeader
 from bridge.trust.identity import certificate_identity
 
 if TYPE_CHECKING:
@@ -77,6 +85,8 @@ log = logging.getLogger("bridge.mllp")
 # the high mark, so a client that does not wait for ACKs cannot fill memory.
 _HIGH_WATER = 64
 _LOW_WATER = 16
+
+WakeHook = Callable[[], None]
 
 
 class FacilityNotAllowed(PolicyError):
@@ -97,127 +107,62 @@ class HandlerFailure(BridgeError):
 # --- what the listener needs from the HL7 v2 room ------------------------------------------
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A message the handler has parsed and mapped, ready to be stored."""
-
-    parsed: Any  # the handler's own parsed form, handed back to its ``ack``
-    record: dict[str, Any] | None  # the DE record, or None when stored unmapped
-
-
 class MessageHandler(Protocol):
-    """Parse, map and acknowledge HL7 v2 messages (synchronous; called from a thread)."""
+    """Read HL7 v2 messages (synchronous, CPU only)."""
 
-    def prepare(self, message: bytes, header: MSHHeader) -> Prepared:
-        """Parse and map ``message``; raise ``ParseError`` (AR) or ``MappingError`` (AE)."""
-        ...
-
-    def ack(
-        self,
-        message: bytes,
-        header: MSHHeader | None,
-        prepared: Prepared | None,
-        code: str,
-        *,
-        error: BridgeError | None,
-        now: datetime,
-    ) -> bytes:
-        """The ACK for ``message`` (``prepared`` is None when it could not be prepared)."""
+    def prepare(self, message: bytes, header: MSHHeader) -> Intake:
+        """Parse, check and map ``message``; raise ``ParseError`` (AR) or
+        ``MappingError`` (AE) naming the HL7 location."""
         ...
 
 
 class HeaderOnlyHandler:
-    """Stores messages whose MSH is readable, unmapped; ACKs from the minimal builder."""
+    """Takes any message whose MSH is readable, maps nothing (listener tests, or a
+    bridge that only stores what it receives)."""
 
-    def prepare(self, message: bytes, header: MSHHeader) -> Prepared:
-        return Prepared(parsed=header, record=None)
-
-    def ack(
-        self,
-        message: bytes,
-        header: MSHHeader | None,
-        prepared: Prepared | None,
-        code: str,
-        *,
-        error: BridgeError | None,
-        now: datetime,
-    ) -> bytes:
-        return build_fallback_ack(header, code, error=error, now=now)
+    def prepare(self, message: bytes, header: MSHHeader) -> Intake:
+        return Intake(message=None, message_type=header.type_and_event, record=None,
+                      visit=None, part=None, facility=header.facility_id)
 
 
-class HL7v2Handler:
-    """Parse with ``bridge.mapping.hl7v2.parse_hl7``, map with ``hl7_to_record``, ACK with ``build_ack``.
+class HL7Handler:
+    """The HL7 v2 room's reader: the site's mappings, visits and warnings."""
 
-    When the parser's ACK builder cannot answer (the message did not parse at all),
-    the minimal ACK of :func:`build_fallback_ack` is sent instead.
-    """
+    def __init__(self, reader: HL7Reader) -> None:
+        self.reader = reader
 
-    def __init__(self, module: Any) -> None:
-        self._parse = module.parse_hl7
-        self._to_record = module.hl7_to_record
-        self._build_ack = module.build_ack
-
-    def prepare(self, message: bytes, header: MSHHeader) -> Prepared:
-        parsed = self._parse(message)
-        return Prepared(parsed=parsed, record=self._to_record(parsed))
-
-    def ack(
-        self,
-        message: bytes,
-        header: MSHHeader | None,
-        prepared: Prepared | None,
-        code: str,
-        *,
-        error: BridgeError | None,
-        now: datetime,
-    ) -> bytes:
-        if header is not None:
-            try:
-                target = prepared.parsed if prepared is not None else message
-                return bytes(self._build_ack(target, code, error=error, now=now))
-            except Exception as exc:  # noqa: BLE001 - the ACK must go out even if the parser cannot
-                log.debug("HL7 ACK builder fell back (%s)", type(exc).__name__)
-        return build_fallback_ack(header, code, error=error, now=now)
+    def prepare(self, message: bytes, header: MSHHeader) -> Intake:
+        return self.reader.intake(message, sender=header.sender)
 
 
-#: HL7 table 0357 codes that mean "this kind of message is not taken here": answered AR,
-#: as HL7 v2 prescribes for an unsupported MSH-9, MSH-11 or MSH-12.
-_UNSUPPORTED = frozenset({"200", "201", "202", "203"})
+def default_handler(controller: Controller | None = None) -> MessageHandler:
+    """The HL7 v2 room for ``controller`` (its site overlay and organisation)."""
+    from bridge.link.intake import site_reader
 
-
-def ack_code_for(error: BridgeError) -> str:
-    """AE or AR for a refusal (see the module docstring for the rule)."""
-    if error.detail.get("hl7_code") in _UNSUPPORTED:
-        return "AR"
-    return error.ack_code if error.ack_code in ("AE", "AR") else "AE"
-
-
-def default_handler() -> MessageHandler:
-    """The HL7 v2 room's parser and mapper when installed, else :class:`HeaderOnlyHandler`."""
-    try:
-        module = importlib.import_module("bridge.mapping.hl7v2")
-    except ImportError:
-        return HeaderOnlyHandler()
-    if all(hasattr(module, name) for name in ("parse_hl7", "hl7_to_record", "build_ack")):
-        return HL7v2Handler(module)
-    return HeaderOnlyHandler()
+    return HL7Handler(site_reader(controller.config if controller is not None else None))
 
 
 # --- the listener ----------------------------------------------------------------------------
 
 _ID_SYSTEMS = (
     ("HDSD00.11.048", "urn:oid:2.16.156.10011.1.3"),
-    ("HDSD00.11.140", "urn:oid:2.16.156.10011.1.12"),
-    ("HDSD00.11.006", "urn:oid:2.16.156.10011.1.13"),
     ("HDSD00.11.053", "urn:oid:2.16.156.10011.1.19"),
+    ("HDSD00.11.006", "urn:oid:2.16.156.10011.1.13"),
+    ("HDSD00.11.140", "urn:oid:2.16.156.10011.1.12"),
+    ("HDSD00.16.021", "urn:oid:2.16.156.10011.1.19"),
+    ("HDSD00.16.052", "urn:oid:2.16.156.10011.1.12"),
+    ("HDSD00.13.116", "urn:oid:2.16.156.10011.1.12"),
+    ("HDSD00.03.025", "urn:oid:2.16.156.10011.1.11"),
 )
 
 
-def _patient_ids(record: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """Patient identifiers of a WS 445.10 DE record, for the audit pseudonym."""
-    elements = record.get("elements") if isinstance(record, dict) else None
-    if not isinstance(elements, dict):
-        return []
+def _patient_ids(taken: Intake) -> list[tuple[str, str]]:
+    """Patient identifiers of what was read, for the audit pseudonym."""
+    elements: dict[str, Any] = {}
+    if taken.part is not None:
+        elements.update(taken.part.elements)
+    if isinstance(taken.record, dict) and isinstance(taken.record.get("elements"), dict):
+        elements.update(taken.record["elements"])
     return [(system, str(elements[de])) for de, system in _ID_SYSTEMS if elements.get(de)]
 
 
@@ -232,20 +177,27 @@ class MLLPListener:
         handler: MessageHandler | None = None,
         ssl_context: ssl.SSLContext | None = None,
         on_refused: RefusalHook | None = None,
+        on_routable: WakeHook | None = None,
     ) -> None:
         """``ssl_context`` is required when ``config.tls`` is true (a server context
-        requiring client certificates); ``on_refused`` audits failed handshakes."""
+        requiring client certificates); ``on_refused`` audits failed handshakes;
+        ``on_routable`` is called after a commit that left something to route."""
         if config.tls and ssl_context is None:
             raise ValueError("an MLLP listener with tls needs an ssl_context")
         self.c = controller
         self.config = config
-        self.handler = handler if handler is not None else default_handler()
+        self.handler = handler if handler is not None else default_handler(controller)
         self._ssl_context = ssl_context if config.tls else None
         self._on_refused = on_refused
+        self._on_routable = on_routable
         self._server: asyncio.base_events.Server | None = None
         self._tls: TLSListener | None = None
         self._connections: set[_MLLPConnection] = set()
         self._allowed = frozenset(config.allowed_facilities)
+        # Messages arriving on several connections while one commit is being flushed
+        # are committed together: one flush to disk for the group, each its own answer.
+        self._commit: GroupCommit = GroupCommit(controller.db, functools.partial(intake_db.accept_many,
+                                                                    controller.store))
         self.port: int | None = None
         self.stats: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0, "failed": 0}
 
@@ -323,85 +275,112 @@ class MLLPListener:
         c = self.c
         now = c.clock()
         if isinstance(event, FrameTooLarge):
-            try:
-                head_header: MSHHeader | None = read_msh(event.head)
-            except ParseError:
-                head_header = None
-            return await self._refuse(event, event.head, head_header, peer, now)
+            return await self._refuse(event, tolerant_header(event.head), peer, now)
         message = event
         try:
             header = read_msh(message)
         except ParseError as exc:
-            return await self._refuse(exc, message, None, peer, now)
+            return await self._refuse(exc, message, peer, now)
         if not self._facility_allowed(header):
             exc2 = FacilityNotAllowed("sending facility is not allowed here", location="MSH-4")
-            return await self._refuse(exc2, message, header, peer, now)
+            return await self._refuse(exc2, header, peer, now)
         digest = hashlib.sha256(message).hexdigest()
         subject = f"hl7:{header.sender}/{header.control_id}"
         try:
-            existing = await c.db.hl7_lookup(header.sender, header.control_id)
-        except StoreError as exc:
-            return await self._failed(exc, message, header, None, now)
-        if existing is not None:
-            return await self._answer_existing(existing, digest, message, header, peer, now)
-        try:
-            prepared = await asyncio.to_thread(self.handler.prepare, message, header)
+            taken = self.handler.prepare(message, header)
         except BridgeError as exc:
-            return await self._refuse(exc, message, header, peer, now, by_handler=True)
+            # A copy of a message accepted before keeps its answer, even if it would
+            # not be accepted today (a site overlay changed since).
+            answered = await self._answer_copy(message, digest, header, peer, now)
+            return answered if answered is not None else await self._refuse(
+                exc, message, peer, now)
         except Exception as exc:  # noqa: BLE001 - answered AE 207, logged by type
             # Only the type: third-party exception texts can carry field values.
             log.error("HL7 handler failed on %s: %s", subject, type(exc).__name__)
             failure = HandlerFailure(
                 "message could not be processed", location="MSH", hl7_code="207"
             )
-            return await self._refuse(failure, message, header, peer, now)
-        record = prepared.record
-        categories = [f"HL7v2:{header.message_type}"]
-        if isinstance(record, dict) and isinstance(record.get("dataset"), str):
-            categories.append(str(record["dataset"]))
+            return await self._refuse(failure, header, peer, now)
+        return await self._accept(taken, message, header, digest, peer, now)
+
+    async def _accept(self, taken: Intake, message: bytes, header: MSHHeader, digest: str,
+                      peer: str, now: datetime) -> bytes:
+        c = self.c
+        subject = f"hl7:{header.sender}/{header.control_id}"
+        record = taken.record
+        categories = [f"HL7v2:{taken.message_type}"]
+        if taken.dataset:
+            categories.append(taken.dataset)
+        if taken.visit is not None:
+            categories.append(f"visit:{taken.visit.kind}")
+        patient = c.pseudonym(_patient_ids(taken))
         audit = c.audit(
             "hl7.receive",
             subject=subject,
-            patient=c.pseudonym(_patient_ids(record)),
+            patient=patient,
             categories=categories,
             digest_value=digest,
+            detail=f"warnings={len(taken.warnings)}" if taken.warnings else None,
             now=now,
         )
+        duplicate = c.audit("hl7.duplicate", subject=subject, digest_value=digest, now=now)
+        source = taken.message if taken.message is not None else header
 
         def make_ack(entry: Any) -> bytes:
-            return self.handler.ack(message, header, prepared, "AA", error=None, now=now)
+            return build_ack(source, "AA", now=now, warnings=taken.warnings)
 
+        record_bytes = (orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+                        if record is not None else None)
+        own = None
+        if record is not None and record_bytes is not None and taken.dataset:
+            routable = could_route(c.config.routes,
+                                   Source(taken.message_type, taken.dataset, taken.facility))
+            own = intake_db.OwnRecord(taken.message_type, taken.dataset, taken.facility,
+                                      record_bytes, "pending" if routable else "unrouted")
+        filing = None
+        if taken.visit is not None and taken.part is not None:
+            filing = intake_db.Filing(taken.visit, taken.part, c.config.intake.correction_days)
         try:
-            row, created = await c.db.hl7_accept(
+            accepted: intake_db.Accepted = await self._commit(
                 sender=header.sender,
-                control_id=header.control_id,
-                digest=digest,
-                message=message,
-                record=orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-                if record is not None
-                else None,
-                audit=audit,
-                make_ack=make_ack,
-                now=now,
-            )
-        except ConflictError as exc:  # another connection stored other content first
-            return await self._refuse(exc, message, header, peer, now)
+                control_id=header.control_id, digest=digest, message=message,
+                record=record_bytes,
+                warnings=taken.warnings, audit=audit, duplicate_audit=duplicate,
+                make_ack=make_ack, filing=filing, own=own, now=now)
+        except (ConflictError, MappingError) as exc:
+            # Another connection stored other content first, or the message cannot
+            # belong to its visit: refused, nothing written.
+            return await self._refuse(exc, source, peer, now)
         except BridgeError as exc:
-            return await self._failed(exc, message, header, prepared, now)
+            return await self._failed(exc, header, now)
         except Exception as exc:  # noqa: BLE001 - answered AE 207, logged by type
-            log.error("HL7 ACK could not be built for %s: %s", subject, type(exc).__name__)
+            log.error("HL7 message %s could not be stored: %s", subject, type(exc).__name__)
             failure = HandlerFailure(
                 "acknowledgement could not be built", location="MSH", hl7_code="207"
             )
-            return await self._failed(failure, message, header, prepared, now)
-        self.stats["accepted" if created else "duplicates"] += 1
-        return bytes(row.ack)
+            return await self._failed(failure, header, now)
+        self.stats["accepted" if accepted.created else "duplicates"] += 1
+        if accepted.route and self._on_routable is not None:
+            self._on_routable()
+        return accepted.ack
+
+    async def _answer_copy(self, message: bytes, digest: str, header: MSHHeader, peer: str,
+                           now: datetime) -> bytes | None:
+        """The answer to a message already accepted under this control id, or None."""
+        c = self.c
+        try:
+            existing = await c.db.call(intake_db.lookup, c.store, header.sender,
+                                       header.control_id)
+        except StoreError:
+            return None
+        if existing is None:
+            return None
+        return await self._answer_existing(existing, digest, header, peer, now)
 
     async def _answer_existing(
         self,
-        existing: Any,
+        existing: intake_db.Stored,
         digest: str,
-        message: bytes,
         header: MSHHeader,
         peer: str,
         now: datetime,
@@ -410,7 +389,7 @@ class MLLPListener:
             conflict = ConflictError(
                 "duplicate control id with different content", location="MSH-10"
             )
-            return await self._refuse(conflict, message, header, peer, now)
+            return await self._refuse(conflict, header, peer, now)
         self.stats["duplicates"] += 1
         await self._audit(
             self.c.audit(
@@ -420,23 +399,24 @@ class MLLPListener:
                 now=now,
             )
         )
-        return bytes(existing.ack)
+        return existing.ack
 
     async def _refuse(
         self,
         exc: BridgeError,
-        message: bytes,
-        header: MSHHeader | None,
+        source: MSHHeader | HL7Message | bytes | None,
         peer: str,
         now: datetime,
-        *,
-        by_handler: bool = False,
     ) -> bytes:
-        """Audit and answer a refusal. Errors found by the handler (its parser and mapper)
-        are answered by the handler's ACK builder, which knows their HL7 locations; errors
-        the listener found itself by the minimal builder, which names their MSH field."""
+        """Audit and answer a refusal (AE or AR by :func:`ack_code_for`), naming where."""
         self.stats["rejected"] += 1
-        subject = f"hl7:{header.sender}/{header.control_id}" if header else f"peer:{peer}"
+        if isinstance(source, (bytes, bytearray)):
+            source = tolerant_header(bytes(source)) or None
+        subject = f"peer:{peer}"
+        if isinstance(source, MSHHeader):
+            subject = f"hl7:{source.sender}/{source.control_id}"
+        elif source is not None:
+            subject = f"hl7:{_sender_of(source)}"
         log.info("HL7 message refused (%s): %s", subject, exc)
         await self._audit(
             self.c.audit(
@@ -447,18 +427,9 @@ class MLLPListener:
                 now=now,
             )
         )
-        if by_handler:
-            return self._ack(message, header, None, exc, now)
-        return build_fallback_ack(header, ack_code_for(exc), error=exc, now=now)
+        return build_ack(source, ack_code_for(exc), error=exc, now=now)
 
-    async def _failed(
-        self,
-        exc: BridgeError,
-        message: bytes,
-        header: MSHHeader,
-        prepared: Prepared | None,
-        now: datetime,
-    ) -> bytes:
+    async def _failed(self, exc: BridgeError, header: MSHHeader, now: datetime) -> bytes:
         """Our side failed (store, ACK builder): never AA; AE 207 so the sender tries again."""
         self.stats["failed"] += 1
         log.error("HL7 message %s not stored: %s", header.control_id, exc.code)
@@ -473,30 +444,20 @@ class MLLPListener:
         )
         # The ACK says what the sender needs (not stored, send again), not our file paths.
         answer = StoreError("message could not be stored; send it again", hl7_code="207")
-        return self._ack(message, header, prepared, answer, now)
-
-    def _ack(
-        self,
-        message: bytes,
-        header: MSHHeader | None,
-        prepared: Prepared | None,
-        error: BridgeError,
-        now: datetime,
-        *,
-        code: str | None = None,
-    ) -> bytes:
-        code = code or ack_code_for(error)
-        try:
-            return self.handler.ack(message, header, prepared, code, error=error, now=now)
-        except Exception as exc:  # noqa: BLE001 - the minimal ACK still goes out
-            log.debug("handler ACK failed (%s); minimal ACK sent", type(exc).__name__)
-            return build_fallback_ack(header, code, error=error, now=now)
+        return build_ack(header, "AE", error=answer, now=now)
 
     async def _audit(self, record: Any) -> None:
         try:
             await self.c.db.append_audit(record)
         except BridgeError as exc:  # the answer stands even if the log cannot take it
             log.error("could not audit an HL7 outcome: %s", exc.code)
+
+
+def _sender_of(source: Any) -> str:
+    msh = getattr(source, "msh", None)
+    if msh is None:
+        return "-"
+    return f"{msh.raw(3)}|{msh.raw(4)}/{msh.raw(10)}"
 
 
 class _MLLPConnection(asyncio.Protocol):

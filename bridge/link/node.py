@@ -31,6 +31,7 @@ from bridge.messages import collection_of, message_id_for, wrap_message
 from bridge.policy.consent import ConsentRegistry, parse_consent
 from bridge.policy.engine import apply_policy, recheck_collection
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
+from bridge.resources import MappingFiles
 from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
 from bridge.trust.registry import Partner, PartnerRegistry
 
@@ -115,6 +116,9 @@ class Controller:
         self.profiles: dict[str, LinkProfile] = {
             link.id: _profile_for(link.profile_ref()) for link in config.links
         }
+        # The site's overlay of the mapping files (value sets the FHIR mapping reads too).
+        site = config.intake.site
+        self.mapping_files = MappingFiles(site.resolve() if site is not None else None)
         # Which of this controller's own systems take the claims it receives.
         self.handoff_routes = routes(config.handoff)
 
@@ -219,12 +223,20 @@ class Controller:
 
     # --- sending ----------------------------------------------------------------------
 
-    def prepare(self, record: dict[str, Any], link_id: str) -> tuple[dict[str, Any], Submitted]:
-        """Map, authorise, minimise and sign one record (CPU only; nothing stored)."""
+    def prepare(
+        self, record: dict[str, Any], link_id: str, *, replaces: str | None = None
+    ) -> tuple[dict[str, Any], Submitted]:
+        """Map, authorise, minimise and sign one record (CPU only; nothing stored).
+
+        ``replaces`` is the message identity of a claim this one corrects: the Claim
+        then names it in ``Claim.related`` (conformance/PROTOCOL.md, corrected claims).
+        """
         link = self.outbound_link(link_id)
         partner = self.config.partner(link.partner)
         now = self.clock()
-        collection = map_record(record, now=now)
+        collection = map_record(record, now=now, files=self.mapping_files)
+        if replaces is not None:
+            mark_replacing(collection, replaces)
         result = apply_policy(
             collection,
             registry=self.consents,
@@ -241,7 +253,7 @@ class Controller:
             raise MappingError(
                 "this record yields no Claim to send on a claim link", location="$.dataset"
             )
-        message_id = message_id_for(self.id, link.id, _record_digest(record))
+        message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
         message = wrap_message(
             result.bundle,
             message_id=message_id,
@@ -269,14 +281,18 @@ class Controller:
             decided_by=f"{result.decision.consent_id}@{result.decision.provision_path}",
         )
 
-    async def submit(self, record: dict[str, Any], link_id: str) -> Submitted:
+    async def submit(
+        self, record: dict[str, Any], link_id: str, *, replaces: str | None = None
+    ) -> Submitted:
         """Enqueue one WS 445 record as a claim on an outbound link.
 
         Raises ConsentDenied (after auditing the refusal) when no consent permits it,
         and MappingError/ParseError for bad input; nothing is stored in either case.
+        ``replaces`` makes it a corrected claim (see :meth:`prepare`); its message
+        identity then depends on the claim it replaces as well as on the record.
         """
         link = self.outbound_link(link_id)
-        message_id = message_id_for(self.id, link.id, _record_digest(record))
+        message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
         await self.keep_for_pull(record, source="push")
         await self.sync_consents()
         if await self.db.get_outbox(message_id) is not None:
@@ -285,7 +301,7 @@ class Controller:
                 message_id=message_id, link=link.id, created=False, removed=(), held_back=()
             )
         try:
-            signed, submitted = self.prepare(record, link_id)
+            signed, submitted = self.prepare(record, link_id, replaces=replaces)
         except PolicyError as exc:
             now = self.clock()
             ids = _record_patient_ids(record)
@@ -351,7 +367,7 @@ class Controller:
         from bridge.ledger.records import put_record
 
         raw = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-        collection = map_record(record, now=self.clock())
+        collection = map_record(record, now=self.clock(), files=self.mapping_files)
         result = await self.db.call(
             put_record, self.store, record=raw, dataset=str(record.get("dataset", "")),
             source=source, collection=collection, now=self.clock(),
@@ -412,6 +428,38 @@ def _identifier_rank(identifier: tuple[str, str]) -> tuple[int, str, str]:
 
 def _record_digest(record: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _source_key(record: dict[str, Any], replaces: str | None) -> str:
+    # A corrected claim's identity depends on the claim it replaces too: a correction
+    # that brings a record back to an earlier content is still a new message.
+    digest = _record_digest(record)
+    return digest if replaces is None else f"{digest}|replaces={replaces}"
+
+
+RELATED_CLAIM_SYSTEM = "http://terminology.hl7.org/CodeSystem/ex-relatedclaimrelationship"
+
+
+def mark_replacing(collection: dict[str, Any], replaces: str) -> None:
+    """Make the Claim of a mapped collection a correction of the claim sent as ``replaces``.
+
+    ``Claim.related`` names the replaced claim by the message identity it travelled
+    under (``Bundle.identifier``, system ``urn:ietf:rfc:3986``) with relationship
+    ``prior`` (conformance/PROTOCOL.md, "Corrected claims").
+    """
+    for entry in collection.get("entry", []):
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "Claim":
+            resource["related"] = [
+                {
+                    "claim": {"identifier": {"system": "urn:ietf:rfc:3986", "value": replaces}},
+                    "relationship": {
+                        "coding": [
+                            {"system": RELATED_CLAIM_SYSTEM, "code": "prior", "display": "Prior Claim"}
+                        ]
+                    },
+                }
+            ]
 
 
 def _record_key(record: dict[str, Any]) -> str:

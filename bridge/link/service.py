@@ -14,7 +14,8 @@ from bridge.errors import listen_error
 from bridge.link.dispatcher import Dispatcher
 from bridge.link.handoff import HandoffService
 from bridge.link.handshakes import HandshakeRecord
-from bridge.link.mllp import MLLPListener
+from bridge.link.intake import Router, site_reader
+from bridge.link.mllp import HL7Handler, MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
 from bridge.link.tlsgate import TLSListener
@@ -35,16 +36,21 @@ class BridgeService:
             for link in controller.config.links
             if link.direction == "outbound"
         }
+        self._poll = poll_interval
         self._runner: web.AppRunner | None = None
         self._listener: TLSListener | None = None
         self.port: int | None = None
         self.mllp: MLLPListener | None = None
         self.mllp_port: int | None = None
+        self.router: Router | None = None
         self.handoff = HandoffService(controller, poll_interval=min(poll_interval, 0.25))
         self.ops: Any = None  # bridge.ops.server.OpsServer when [operations] is configured
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
+        # The site overlay is checked first, before anything listens: a broken file is
+        # a configuration error naming the file and key.
+        reader = site_reader(c.config) if serve and c.config.mllp is not None else None
         if serve:
             tls = c.config.tls
             ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
@@ -78,14 +84,18 @@ class BridgeService:
             log.info("%s listening on %s:%s (mutual TLS)", c.id, c.config.server.host, self.port)
             mllp = c.config.mllp
             if mllp is not None:
+                assert reader is not None
+                self.router = Router(c, reader, submit=self.submit, poll_interval=self._poll)
                 self.mllp = MLLPListener(
-                    c, mllp, ssl_context=ctx if mllp.tls else None, on_refused=self._tls_refused
+                    c, mllp, handler=HL7Handler(reader), ssl_context=ctx if mllp.tls else None,
+                    on_refused=self._tls_refused, on_routable=self.router.wake,
                 )
                 try:
                     self.mllp_port = await self.mllp.start()
                 except OSError as exc:
                     self.mllp = None
                     raise listen_error(exc, mllp.host, mllp.port, self._key("mllp.port")) from None
+                await self.router.start()
             if c.config.operations is not None:
                 from bridge.ops.server import OpsServer
 
@@ -120,8 +130,10 @@ class BridgeService:
             )
         )
 
-    async def submit(self, record: dict[str, Any], link_id: str) -> Submitted:
-        submitted = await self.controller.submit(record, link_id)
+    async def submit(
+        self, record: dict[str, Any], link_id: str, *, replaces: str | None = None
+    ) -> Submitted:
+        submitted = await self.controller.submit(record, link_id, replaces=replaces)
         dispatcher = self.dispatchers.get(link_id)
         if dispatcher is not None:
             dispatcher.wake(submitted.message_id)
@@ -129,12 +141,14 @@ class BridgeService:
 
     async def stop(self) -> None:
         await self.handoff.stop()
-        for dispatcher in self.dispatchers.values():
-            await dispatcher.stop()
         if self.ops is not None:
             await self.ops.stop()
         if self.mllp is not None:
             await self.mllp.close()
+        if self.router is not None:
+            await self.router.stop()
+        for dispatcher in self.dispatchers.values():
+            await dispatcher.stop()
         if self._listener is not None:
             await self._listener.close()
         if self._runner is not None:

@@ -63,6 +63,10 @@ class _GroupCommit:
             self._running = False
 
 
+#: For callers that batch a store function of their own (``fn_many(store, requests)``).
+GroupCommit = _GroupCommit
+
+
 class AsyncStore:
     """Every store method, awaitable; ``enqueue`` with group commit when offered."""
 

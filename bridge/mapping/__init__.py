@@ -23,8 +23,8 @@ from typing import Any
 from bridge.errors import LoadError, MappingError, ParseError
 from bridge.mapping.engine import map_with
 from bridge.mapping.spec import MappingSpec, load_mapping
-from bridge.mapping.valuesets import shipped_valuesets
-from bridge.resources import mappings_dir
+from bridge.mapping.valuesets import valuesets_for
+from bridge.resources import SHIPPED, MappingFiles, mappings_dir
 
 __all__ = [
     "MappingSpec",
@@ -41,9 +41,9 @@ __all__ = [
 _TOP_KEYS = frozenset({"dataset", "elements", "groups"})
 
 
-@lru_cache(maxsize=1)
-def _shipped() -> dict[str, MappingSpec]:
-    valuesets = shipped_valuesets()
+@lru_cache(maxsize=8)
+def _shipped(files: MappingFiles = SHIPPED) -> dict[str, MappingSpec]:
+    valuesets = valuesets_for(files)
     specs: dict[str, MappingSpec] = {}
     for path in sorted((mappings_dir() / "ws445").glob("*.yaml")):
         spec = load_mapping(path, valuesets)
@@ -53,14 +53,14 @@ def _shipped() -> dict[str, MappingSpec]:
     return specs
 
 
-def shipped_mappings() -> dict[str, MappingSpec]:
-    """Every shipped WS 445 mapping, keyed by data set code."""
-    return dict(_shipped())
+def shipped_mappings(files: MappingFiles = SHIPPED) -> dict[str, MappingSpec]:
+    """Every WS 445 mapping, keyed by data set code (value sets as a site overlays them)."""
+    return dict(_shipped(files))
 
 
-def mapping_for(dataset: str) -> MappingSpec:
-    """The shipped mapping for a data set code (``WS445.10``)."""
-    spec = _shipped().get(dataset)
+def mapping_for(dataset: str, files: MappingFiles = SHIPPED) -> MappingSpec:
+    """The mapping for a data set code (``WS445.10``)."""
+    spec = _shipped(files).get(dataset)
     if spec is None:
         raise MappingError("no mapping for this data set", location="$.dataset")
     return spec
@@ -120,19 +120,20 @@ def _check_value(value: Any, where: str) -> None:
     raise ParseError("element values are strings, numbers or booleans", location=where)
 
 
-def map_record(record: dict[str, Any], *, now: datetime | None = None) -> dict[str, Any]:
+def map_record(record: dict[str, Any], *, now: datetime | None = None,
+               files: MappingFiles = SHIPPED) -> dict[str, Any]:
     """Map a DE record to a FHIR R4 ``collection`` Bundle and validate it.
 
     Resource ids are uuid5 values of the source identifiers, so the same record gives
     the same Bundle. ``now`` (timezone-aware) becomes ``Claim.created``; without it the
-    discharge time is used. Raises :class:`MappingError` naming the data element
+    discharge time is used. ``files`` names a site's overlay of the value sets. Raises :class:`MappingError` naming the data element
     (unknown, over-length, impossible date, code not in its value set, required but
     missing) or :class:`~bridge.errors.ValidationError` naming the FHIR path.
     """
     if now is not None and (now.tzinfo is None or now.utcoffset() is None):
         raise ValueError("now must be timezone-aware")
     check_shape(record)
-    return map_with(mapping_for(record["dataset"]), record, now)
+    return map_with(mapping_for(record["dataset"], files), record, now)
 
 
 def patient_identifiers(bundle: dict[str, Any]) -> list[tuple[str, str]]:

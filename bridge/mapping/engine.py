@@ -116,6 +116,11 @@ def check_record(spec: MappingSpec, record: dict[str, Any]) -> tuple[dict[str, s
 def _holds(cond: Condition | None, ctx: RuleContext) -> bool:
     if cond is None:
         return True
+    if cond.all_of:
+        return all(_holds(c, ctx) for c in cond.all_of)
+    if cond.none_present:
+        return not any(ctx.lookup(e) is not None
+                       or (ctx.item is None and e in ctx.group_present) for e in cond.none_present)
     if cond.any_present:
         # At record level a group element is present when any item carries it (a
         # discharge-diagnosis section exists when one diagnosis is a discharge diagnosis).
@@ -415,7 +420,13 @@ def map_with(spec: MappingSpec, record: dict[str, Any], now: datetime | None) ->
     resources = _Mapper(spec, values, groups, now).run()
     entries = []
     for i, resource in enumerate(resources):
-        validate_cached(resource, f"Bundle.entry[{i}].resource")
+        try:
+            validate_cached(resource, f"Bundle.entry[{i}].resource")
+        except MappingError as exc:
+            # Callers that speak another language than FHIR (HL7 v2) translate the
+            # failure back to their own terms from the resource type.
+            exc.detail.setdefault("resource_type", resource.get("resourceType"))
+            raise
         entries.append({"fullUrl": f"urn:uuid:{resource['id']}", "resource": resource})
     if spec.bundle_type == "document":
         composition = resources[0]

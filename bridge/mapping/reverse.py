@@ -131,6 +131,10 @@ class _Reader:
         self.implied(rule.when, out)
 
     def implied(self, cond: Condition | None, out: dict[str, str]) -> None:
+        if cond is not None and cond.all_of:
+            for part in cond.all_of:
+                self.implied(part, out)
+            return
         if cond is None or not cond.source:
             return
         if cond.within and len(cond.within) == 1:

@@ -39,7 +39,7 @@ _GROUP_KEYS = frozenset({"name", "elements", "one_of", "min_items", "resources"}
 _RULE_KEYS = frozenset(
     {"source", "transform", "value", "ref", "object", "when", "required", "each"}
 )
-_WHEN_KEYS = frozenset({"source", "present", "in", "not_in", "any_present"})
+_WHEN_KEYS = frozenset({"source", "present", "in", "not_in", "any_present", "none_present"})
 _INDEX_TOKEN = "$index"
 
 
@@ -52,6 +52,10 @@ class Condition:
     within: frozenset[str] | None = None
     not_within: frozenset[str] | None = None
     any_present: tuple[str, ...] = ()
+    # Holds when none of these elements is present (a fallback for when nothing else is).
+    none_present: tuple[str, ...] = ()
+    # A list of conditions in the file: all must hold.
+    all_of: tuple[Condition, ...] = ()
 
 
 @dataclass(slots=True)
@@ -515,15 +519,20 @@ class _Loader:
                        rules=rules)
 
     def condition(self, raw: Any, where: str) -> Condition:
+        if isinstance(raw, list):
+            if not raw:
+                raise LoadError("a list of conditions must not be empty", location=where)
+            return Condition(all_of=tuple(self.condition(item, where) for item in raw))
         if not isinstance(raw, SourceMap):
-            raise LoadError("when must be a mapping", location=where)
+            raise LoadError("when must be a mapping or a list of them", location=where)
         self.keys(raw, _WHEN_KEYS)
-        if "any_present" in raw:
-            ids = tuple(self.element(e, raw.where("any_present"))
-                        for e in self.str_list(raw, "any_present"))
-            if len(raw) != 1:
-                raise LoadError("any_present stands alone", location=raw.where("any_present"))
-            return Condition(any_present=ids)
+        for key in ("any_present", "none_present"):
+            if key in raw:
+                ids = tuple(self.element(e, raw.where(key)) for e in self.str_list(raw, key))
+                if len(raw) != 1:
+                    raise LoadError(f"{key} stands alone", location=raw.where(key))
+                return Condition(any_present=ids) if key == "any_present" \
+                    else Condition(none_present=ids)
         source = self.element(raw.get("source"), raw.where("source") if "source" in raw
                               else f"{raw.where()} source")
         tests = [k for k in ("present", "in", "not_in") if k in raw]

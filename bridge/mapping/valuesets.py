@@ -16,7 +16,7 @@ from typing import Any
 
 from bridge.errors import LoadError, MappingError
 from bridge.mapping.yamlsrc import SourceList, SourceMap, load_yaml
-from bridge.resources import mappings_dir
+from bridge.resources import MappingFiles, mappings_dir
 
 EQUIVALENCES = frozenset(
     {"relatedto", "equivalent", "equal", "wider", "subsumes", "narrower", "specializes",
@@ -53,6 +53,16 @@ class ValueSetMap:
     unmapped: str
     pattern: re.Pattern[str] | None
     concepts: dict[str, Concept] = field(default_factory=dict)
+    # Where it was read from (a site's overlay or the shipped file), and each code's line:
+    # a mistake found by a file that uses the table is named here.
+    file: str = field(default="", compare=False)
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, code: str | None = None, key: str = "code") -> str:
+        """``file:line key`` of a concept (or the file) for errors found by its users."""
+        if code is None or code not in self.lines:
+            return self.file or self.id
+        return f"{self.file}:{self.lines[code]} {key}"
 
     def lookup(self, code: str, *, location: str) -> Concept:
         """Return the concept for ``code`` or raise naming ``location`` (never the code)."""
@@ -130,6 +140,7 @@ def load_valueset(path: Path) -> ValueSetMap:
             raise LoadError("pattern is not a valid regular expression",
                             location=data.where("pattern")) from None
     concepts: dict[str, Concept] = {}
+    lines: dict[str, int] = {}
     raw_concepts = data.get("concepts", SourceList())
     if not isinstance(raw_concepts, list):
         raise LoadError("concepts must be a list", location=data.where("concepts"))
@@ -153,6 +164,7 @@ def load_valueset(path: Path) -> ValueSetMap:
         if tgt is not None and target_system is None and "target_system" not in item:
             raise LoadError("target given but the map has no target system",
                             location=item.where("target"))
+        lines[code] = item.line
         concepts[code] = Concept(
             code=code, display=display, target=tgt,
             target_display=_text(item, "target_display", required=False),
@@ -162,15 +174,25 @@ def load_valueset(path: Path) -> ValueSetMap:
     title = _text(data, "title")
     assert title is not None
     return ValueSetMap(id=vs_id, title=title, system=system, target_system=target_system,
-                       unmapped=unmapped, pattern=pattern, concepts=concepts)
+                       unmapped=unmapped, pattern=pattern, concepts=concepts, file=str(path),
+                       lines=lines)
 
 
-def load_valuesets(folder: Path) -> dict[str, ValueSetMap]:
-    """Load every ``*.yaml`` in ``folder``, keyed by id."""
-    return {vs.id: vs for vs in (load_valueset(p) for p in sorted(folder.glob("*.yaml")))}
+def load_valuesets(folder: Path | list[Path]) -> dict[str, ValueSetMap]:
+    """Load every ``*.yaml`` in ``folder`` (or the files listed), keyed by id."""
+    paths = sorted(folder.glob("*.yaml")) if isinstance(folder, Path) else folder
+    return {vs.id: vs for vs in (load_valueset(p) for p in paths)}
 
 
 @lru_cache(maxsize=4)
 def shipped_valuesets(folder: str | None = None) -> dict[str, ValueSetMap]:
     """The value sets in ``mappings/valuesets`` (cached)."""
     return load_valuesets(Path(folder) if folder else mappings_dir() / "valuesets")
+
+
+@lru_cache(maxsize=8)
+def valuesets_for(files: MappingFiles) -> dict[str, ValueSetMap]:
+    """The value sets in ``valuesets/`` with a site's overlay on top (cached per overlay)."""
+    if files.site is None:
+        return shipped_valuesets()
+    return load_valuesets(files.folder("valuesets"))

@@ -76,7 +76,7 @@ def load_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise LoadError(f"file cannot be read: {type(exc).__name__}", location=name) from None
     try:
-        return yaml.load(text, Loader=_loader_for(name))  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_loader_for(name))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0

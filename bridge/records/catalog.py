@@ -158,8 +158,46 @@ class DatasetCatalog:
             ) from None
 
 
+@lru_cache(maxsize=1)
+def format_deviations() -> dict[str, dict[str, str]]:
+    """``mappings/catalog-deviations.yaml``: per data set, element -> the format accepted.
+
+    WS 445 (2014) declares some formats that newer national code editions outgrow (the
+    ICD-9-CM-3 operation code is ``AN..5``); the file widens them, each with its reason,
+    while the catalogs stay as the standard prints them.
+    """
+    import yaml
+
+    path = mappings_dir() / "catalog-deviations.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, yaml.YAMLError):
+        raise LoadError("catalog deviations cannot be read", location=str(path)) from None
+    out: dict[str, dict[str, str]] = {}
+    if not isinstance(data, dict):
+        raise LoadError("must be a mapping of data sets", location=str(path))
+    for dataset, elements in data.items():
+        if not isinstance(elements, dict):
+            raise LoadError("must map element ids", location=f"{path} {dataset}")
+        for element, entry in elements.items():
+            fmt = entry.get("format") if isinstance(entry, dict) else None
+            if not isinstance(fmt, str) or not _FORMAT.match(fmt) \
+                    or not isinstance(entry.get("why"), str):
+                raise LoadError("each entry needs a format and why",
+                                location=f"{path} {dataset}.{element}")
+            out.setdefault(str(dataset), {})[str(element)] = fmt
+    return out
+
+
 def load_catalog(path: Path, dataset: str) -> DatasetCatalog:
-    """Read a catalog CSV (``internal_id,data_element_id,name_zh,data_type,format,...``)."""
+    """Read a catalog CSV (``internal_id,data_element_id,name_zh,data_type,format,...``).
+
+    Formats listed for the data set in ``mappings/catalog-deviations.yaml`` replace the
+    declared ones.
+    """
+    deviations = format_deviations().get(dataset, {})
     elements: dict[str, DataElement] = {}
     try:
         with path.open(encoding="utf-8", newline="") as fh:
@@ -168,7 +206,8 @@ def load_catalog(path: Path, dataset: str) -> DatasetCatalog:
                 try:
                     element = DataElement(
                         id=row["internal_id"], de_id=row["data_element_id"], name=row["name_zh"],
-                        data_type=row["data_type"], format=row["format"],
+                        data_type=row["data_type"],
+                        format=deviations.get(row["internal_id"], row["format"]),
                     )
                 except KeyError as exc:
                     raise LoadError(f"catalog column {exc.args[0]} missing",

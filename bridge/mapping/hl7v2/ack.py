@@ -1,165 +1,149 @@
-"""HL7 v2 acknowledgements (ACK) for a received message, in its version and character set.
+"""HL7 v2 acknowledgements (original mode): one builder for every answer the bridge gives.
 
 ``AA`` accepts; ``AE`` (application error) and ``AR`` (reject) carry an ERR segment that
-says where the problem is and which HL7 table 0357 code applies: 100 segment sequence
-error, 101 required field missing, 102 data type error, 103 table value not found,
-200 unsupported message type, 203 unsupported version id, 207 application internal error.
-From v2.5 on the location is ERR-2 (ERL) and the code ERR-3; v2.4 and earlier carry both in
-ERR-1 (ELD). The error text names locations only, never values.
+says where the problem is and which HL7 table 0357 code applies. The same builder
+answers a parsed message, a message whose MSH alone could be read, and bytes that are
+not HL7 at all (then MSA-2 is empty), so every listener path answers the same way.
+
+ERR layout: from v2.5 on, ERR-2 (ERL) is the location
+``segment^segment repetition^field^field repetition^component^subcomponent``, ERR-3 the
+table 0357 code, ERR-4 the severity, ERR-7 the bridge's own error code and ERR-8 the
+text, which names the location and the data element the field was needed for. Up to
+v2.4 the location and code share ERR-1 (ELD) and MSA-3 carries the text. The ACK is
+written with the message's own delimiters and encoded in its MSH-18 character set. No
+ACK ever carries a value from the message other than MSH's own routing fields.
+
+Which code answers an error (:func:`ack_code_for`): AR when the message as such cannot
+be taken here (unreadable, unsupported type, event, processing id or version: table
+0357 codes 200-203, or an error class whose ``ack_code`` is AR), AE otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from bridge.errors import BridgeError, MappingError, ParseError
-from bridge.mapping.hl7v2.message import CHARSETS, Delimiters, HL7Message, Loc, parse_hl7
+from bridge.errors import BridgeError, ConflictError, MappingError, ParseError
+from bridge.mapping.hl7v2.header import MSHHeader, codec_for, header_from_fields, read_msh
 
-CST = timezone(timedelta(hours=8))
+if TYPE_CHECKING:
+    from bridge.mapping.hl7v2.message import HL7Message
 
-ERROR_TEXT = {
+CHINA_STANDARD_TIME = timezone(timedelta(hours=8))
+
+#: HL7 table 0357 (message error condition codes).
+ERROR_TEXT: dict[str, str] = {
+    "0": "Message accepted",
     "100": "Segment sequence error",
     "101": "Required field missing",
     "102": "Data type error",
     "103": "Table value not found",
     "200": "Unsupported message type",
     "201": "Unsupported event code",
+    "202": "Unsupported processing id",
     "203": "Unsupported version id",
+    "204": "Unknown key identifier",
+    "205": "Duplicate key identifier",
+    "206": "Application record locked",
     "207": "Application internal error",
 }
 
+#: Codes that mean "this kind of message is not taken here": answered AR.
+UNSUPPORTED = frozenset({"200", "201", "202", "203"})
 
-def _error_code(error: BridgeError) -> str:
-    code = error.detail.get("hl7_code")
-    if isinstance(code, str) and code in ERROR_TEXT:
-        return code
-    if isinstance(error, ParseError):
-        return "100"
+_LOCATION = re.compile(
+    r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+))?(?:\.(\d+))?)?$"
+)
+
+
+def error_code(error: BridgeError) -> str:
+    """The table 0357 code for an error (``detail['hl7_code']`` wins when given)."""
+    explicit = error.detail.get("hl7_code")
+    if isinstance(explicit, str) and explicit in ERROR_TEXT:
+        return explicit
+    if isinstance(error, ConflictError):
+        return "205"
     if isinstance(error, MappingError):
         return "102"
+    if isinstance(error, ParseError):
+        return "100"
     return "207"
 
 
-def _header_from_bytes(data: bytes | str) -> tuple[list[str], str]:
-    """Best-effort MSH fields of a message that could not be parsed, and its codec."""
-    text = data.decode("latin-1") if isinstance(data, (bytes, bytearray)) else data
-    text = text.lstrip("\x0b\r\n \t")
-    first = text.replace("\r\n", "\r").replace("\n", "\r").split("\r", 1)[0]
-    if not first.startswith("MSH") or len(first) < 4:
-        return [], "utf-8"
-    fsep = first[3]
-    fields = ["MSH", fsep] + first[4:].split(fsep)
-    charset = fields[18].split("~")[0].strip().upper() if len(fields) > 18 else ""
-    codec = CHARSETS.get(charset, "utf-8")
-    if isinstance(data, (bytes, bytearray)):
-        # Re-read the header in its declared character set (names in MSH-4 may be Chinese).
-        try:
-            head = bytes(data).lstrip(b"\x0b\r\n \t").split(b"\r")[0].split(b"\n")[0]
-            decoded = head.decode(codec)
-            fields = ["MSH", fsep] + decoded[4:].split(fsep)
-        except (UnicodeDecodeError, LookupError):
-            codec = "utf-8"
-    return fields, codec
+def ack_code_for(error: BridgeError) -> Literal["AE", "AR"]:
+    """AE or AR for a refusal (see the module docstring)."""
+    if error.detail.get("hl7_code") in UNSUPPORTED:
+        return "AR"
+    return "AR" if error.ack_code == "AR" else "AE"
 
 
-def build_ack(msg_or_bytes: HL7Message | bytes | str,
-              code: Literal["AA", "AE", "AR"], *, error: BridgeError | None = None,
-              now: datetime) -> bytes:
-    """An HL7 ACK answering ``msg_or_bytes``, encoded in the message's character set.
-
-    ``now`` (timezone-aware) becomes MSH-7 in China Standard Time. For ``AE``/``AR`` pass
-    the :class:`~bridge.errors.BridgeError` that caused the refusal: its HL7 location and
-    table 0357 code go into ERR. Works on bytes that could not be parsed too, using what
-    can be read of their MSH.
-    """
-    if code not in ("AA", "AE", "AR"):
-        raise ValueError("code must be AA, AE or AR")
-    if now.tzinfo is None or now.utcoffset() is None:
-        raise ValueError("now must be timezone-aware")
-    d = Delimiters()
-    if isinstance(msg_or_bytes, HL7Message):
-        msg = msg_or_bytes
-        fields = list(msg.msh.raw_fields)
-        comp, rep, unescape = (msg.delimiters.component, msg.delimiters.repetition,
-                               msg.delimiters.unescape)
-        codec = msg.encoding
-    else:
-        try:
-            return build_ack(parse_hl7(msg_or_bytes), code, error=error, now=now)
-        except ParseError:
-            pass
-        fields, codec = _header_from_bytes(msg_or_bytes)
-        comp = fields[2][:1] if len(fields) > 2 and fields[2] else "^"
-        rep = fields[2][1:2] if len(fields) > 2 and len(fields[2]) > 1 else "~"
-        unescape = Delimiters(field=fields[1] if len(fields) > 1 else "|", component=comp).unescape
-
-    def get(n: int, c: int = 1) -> str:
-        if n >= len(fields) or n < 3:
-            return ""
-        parts = fields[n].split(rep)[0].split(comp)
-        return unescape(parts[c - 1]) if c <= len(parts) else ""
-
-    charset_field = fields[18].split(rep)[0] if len(fields) > 18 else ""
-    version = get(12) or "2.5"
-    event = get(9, 2)
-    control = get(10)
-    esc = d.escape_text
-
-    def hd(n: int) -> str:
-        return "^".join(esc(get(n, c)) for c in (1, 2, 3)).rstrip("^")
-
-    stamp = now.astimezone(CST).strftime("%Y%m%d%H%M%S") + "+0800"
-    ack_id = ("ACK" + control)[:20] if control else "ACK"
-    msh = ["MSH", "^~\\&", hd(5), hd(6), hd(3), hd(4), stamp, "",
-           f"ACK^{esc(event)}^ACK" if event else "ACK", esc(ack_id), esc(get(11)) or "P",
-           esc(version), "", "", "", "", "", esc(charset_field.split("~")[0])]
-    while msh and msh[-1] == "":
-        msh.pop()
-    segments = ["MSH|" + "|".join(msh[1:])]
-    text_message = error.message if error is not None else ""
-    msa = ["MSA", code, esc(control)]
-    if error is not None and _old_version(version):
-        msa.append(esc(text_message))
-    segments.append("|".join(msa))
-    if error is not None:
-        err_code = _error_code(error)
-        loc = error.detail.get("hl7_location")
-        if not isinstance(loc, Loc):
-            loc = _loc_from_text(error.location)
-        if _old_version(version):
-            where = [esc(loc.segment), str(loc.seg_rep), str(loc.field or "")] if loc else ["", "", ""]
-            eld = "^".join(where + [f"{err_code}&{ERROR_TEXT[err_code]}&HL70357"])
-            segments.append(f"ERR|{eld}")
-        else:
-            erl = ""
-            if loc is not None:
-                erl = "^".join([esc(loc.segment), str(loc.seg_rep), str(loc.field or ""),
-                                str(loc.field_rep or (1 if loc.field else "")),
-                                str(loc.component or ""), str(loc.subcomponent or "")]).rstrip("^")
-            severity = "E"
-            segments.append("|".join(["ERR", "", erl, f"{err_code}^{ERROR_TEXT[err_code]}^HL70357",
-                                      severity, "", "", "", esc(text_message)]))
-    text = "\r".join(segments) + "\r"
-    try:
-        return text.encode(codec)
-    except (UnicodeEncodeError, LookupError):
-        return text.encode("utf-8")
-
-
-_LOC_TEXT = re.compile(
-    r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+))?(?:\.(\d+))?)?$")
-
-
-def _loc_from_text(text: str | None) -> Loc | None:
-    """A location written as ``PID[1]-5[1].1`` or ``PID-5.1`` (errors raised elsewhere)."""
-    m = _LOC_TEXT.match(text.strip()) if text else None
+def _location_parts(location: str | None) -> tuple[str, str, str, str, str, str] | None:
+    if not location:
+        return None
+    m = _LOCATION.match(location.strip())
     if m is None:
         return None
     seg, seg_rep, fld, fld_rep, comp, sub = m.groups()
-    return Loc(seg, int(seg_rep or 1), int(fld or 0), int(fld_rep or 0), int(comp or 0),
-               int(sub or 0))
+    return (seg, seg_rep or "1", fld or "", (fld_rep or "1") if fld else "",
+            comp or "", sub or "")
+
+
+def error_location(location: str | None) -> str:
+    """An HL7 location (``PID-5.1``, ``OBX[2]-5``, ``PID[1]-5[1].1``) as an ERR-2 (ERL) value.
+
+    Anything that is not an HL7 location (a data element id, a JSON path) gives an
+    empty string; the ERR-8 text still names it.
+    """
+    parts = _location_parts(location)
+    if parts is None:
+        return ""
+    return "^".join(parts).rstrip("^")
+
+
+def escape(text: str, field_separator: str = "|", encoding: str = "^~\\&") -> str:
+    """Escape delimiter characters for use inside an HL7 field (``\\F\\``, ``\\S\\`` ...)."""
+    enc = (encoding + "^~\\&"[len(encoding):])[:4]
+    comp, rep, esc, sub = enc[0], enc[1], enc[2], enc[3]
+    table = {esc: f"{esc}E{esc}", field_separator: f"{esc}F{esc}", comp: f"{esc}S{esc}",
+             rep: f"{esc}R{esc}", sub: f"{esc}T{esc}", "\r": " ", "\n": " "}
+    return "".join(table.get(ch, ch) for ch in text)
+
+
+def ack_control_id(original_control_id: str) -> str:
+    """MSH-10 of the ACK: ``ACK`` + the original id, or a digest of it when too long."""
+    if len(original_control_id) <= 17:
+        return "ACK" + original_control_id
+    return "ACK" + hashlib.sha256(original_control_id.encode()).hexdigest()[:17].upper()
+
+
+def tolerant_header(data: bytes | str) -> MSHHeader | None:
+    """MSH of bytes the full reader may refuse: what can be read safely, or None.
+
+    When MSH itself does not decode in its declared character set, the fields that are
+    plain ASCII are kept (MSH-9, MSH-10, MSH-12 usually are) and the others left empty,
+    so the answer names the message without echoing bytes it could not read.
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    try:
+        return read_msh(raw)
+    except ParseError:
+        pass
+    first = raw.lstrip(b"\x0b\r\n \t").replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    first = first.split(b"\r", 1)[0]
+    if not first.startswith(b"MSH") or len(first) < 8 or first[3] > 0x7F \
+            or chr(first[3]).isalnum():
+        return None
+    sep = first[3:4]
+    parts = first.split(sep)
+    fields = ["MSH", sep.decode("ascii")]
+    for raw_field in parts[1:]:
+        fields.append(raw_field.decode("ascii") if raw_field.isascii() else "")
+    if len(fields) < 3 or not 2 <= len(fields[2]) <= 5:
+        return None
+    return header_from_fields(fields, "")
 
 
 def _old_version(version: str) -> bool:
@@ -168,3 +152,97 @@ def _old_version(version: str) -> bool:
     except ValueError:
         return False
     return parts < (2, 5)
+
+
+_WARNING = re.compile(r"^(\S+) (\d{3}): (.*)$")
+
+
+def build_ack(source: HL7Message | MSHHeader | bytes | str | None,
+              code: Literal["AA", "AE", "AR"] | str, *, error: BridgeError | None = None,
+              now: datetime, warnings: Sequence[str] = ()) -> bytes:
+    """The ACK answering ``source``, in its version, delimiters and character set.
+
+    ``now`` (timezone-aware) becomes MSH-7 in China Standard Time. For AE/AR pass the
+    :class:`~bridge.errors.BridgeError` that caused the refusal: its HL7 location and
+    table 0357 code go into ERR. ``source`` may be a parsed message, an MSH read on its
+    own, raw bytes (whatever of MSH can be read is used) or None (nothing readable).
+    ``warnings`` (``location code: text``, problems in fields no mapping reads) go into
+    an AA as ERR segments of severity W, from v2.5 on, where ERR can say so.
+    """
+    if code not in ("AA", "AE", "AR"):
+        raise ValueError("ACK code must be AA, AE or AR")
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must be timezone-aware")
+    header: MSHHeader | None
+    if source is None or isinstance(source, MSHHeader):
+        header = source
+    elif isinstance(source, (bytes, bytearray, str)):
+        header = tolerant_header(source)
+    else:
+        header = header_from_fields(list(source.msh.raw_fields), source.charset)
+    sep = header.field_separator if header else "|"
+    enc = header.encoding_characters if header else "^~\\&"
+    comp = enc[:1] or "^"
+    sub = enc[3:4] or "&"
+    version = (header.version_id if header else "") or "2.5"
+    charset = header.charset if header else ""
+    try:
+        codec = codec_for(charset)
+    except ParseError:
+        codec, charset = "utf-8", ""
+    control_id = header.control_id if header else ""
+    stamp = now.astimezone(CHINA_STANDARD_TIME).strftime("%Y%m%d%H%M%S") + "+0800"
+    trigger = header.trigger_event if header else ""
+    msh = ["MSH", enc,
+           header.receiving_application if header else "",
+           header.receiving_facility if header else "",
+           header.sending_application if header else "",
+           header.sending_facility if header else "",
+           stamp, "",
+           comp.join(["ACK", trigger, "ACK"]) if trigger else "ACK",
+           escape(ack_control_id(control_id), sep, enc),
+           (header.processing_id if header else "") or "P",
+           version]
+    if charset:
+        msh += [""] * 5 + [charset]
+    segments = [sep.join(msh)]
+    old = _old_version(version)
+    msa = ["MSA", code, control_id]
+    if error is not None and code != "AA" and old:
+        msa.append(escape(_text(error), sep, enc))
+    segments.append(sep.join(msa))
+    if error is not None and code != "AA":
+        err_code = error_code(error)
+        parts = _location_parts(_location_of(error))
+        if old:
+            where = [escape(p, sep, enc) for p in parts[:3]] if parts else ["", "", ""]
+            eld = comp.join(where + [sub.join([err_code, ERROR_TEXT[err_code], "HL70357"])])
+            segments.append(sep.join(["ERR", eld]))
+        else:
+            erl = comp.join(escape(p, sep, enc) for p in parts).rstrip(comp) if parts else ""
+            segments.append(sep.join([
+                "ERR", "", erl,
+                comp.join([err_code, escape(ERROR_TEXT[err_code], sep, enc), "HL70357"]),
+                "E", "", "", escape(error.code, sep, enc), escape(_text(error), sep, enc)]))
+    if code == "AA" and not old:
+        for warning in warnings:
+            m = _WARNING.match(warning)
+            if m is None or m.group(2) not in ERROR_TEXT:
+                continue
+            parts = _location_parts(m.group(1))
+            erl = comp.join(escape(p, sep, enc) for p in parts).rstrip(comp) if parts else ""
+            segments.append(sep.join([
+                "ERR", "", erl,
+                comp.join([m.group(2), escape(ERROR_TEXT[m.group(2)], sep, enc), "HL70357"]),
+                "W", "", "", "field-not-read", escape(m.group(3), sep, enc)]))
+    return ("\r".join(segments) + "\r").encode(codec, errors="replace")
+
+
+def _location_of(error: BridgeError) -> str | None:
+    loc = error.detail.get("hl7_location")
+    return str(loc) if loc is not None else error.location
+
+
+def _text(error: BridgeError) -> str:
+    where = f" (at {error.location})" if error.location else ""
+    return error.message + where

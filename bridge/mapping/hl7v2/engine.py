@@ -35,14 +35,27 @@ def _repeats(version: str, segment: str, field: int) -> bool:
 
 
 class _Ctx:
-    """The message being mapped and, inside a group, the current segment."""
+    """The message being mapped and, inside a group, the current segment.
 
-    __slots__ = ("msg", "segment", "version")
+    ``context`` holds the values ``{context: ...}`` rules take from the caller;
+    ``trace`` (when given) collects, per data element, the HL7 location its value was
+    read from or, when it stayed empty, the first place it was looked for, so that a
+    later refusal about the element can name the HL7 field.
+    """
 
-    def __init__(self, msg: HL7Message, segment: Segment | None = None) -> None:
+    __slots__ = ("context", "msg", "segment", "trace", "version")
+
+    def __init__(self, msg: HL7Message, segment: Segment | None = None,
+                 context: dict[str, str] | None = None,
+                 trace: dict[str, str] | None = None) -> None:
         self.msg = msg
         self.version = msg.version
         self.segment = segment
+        self.context = context or {}
+        self.trace = trace
+
+    def inner(self, segment: Segment) -> _Ctx:
+        return _Ctx(self.msg, segment, self.context, self.trace)
 
     def loc(self, seg: Segment | None, path: Path_, rep: int) -> Loc:
         name = seg.name if seg is not None else path.segment
@@ -110,24 +123,28 @@ class _Where:
 
 
 def _holds(when: When | None, ctx: _Ctx) -> bool:
+    """Whether a condition holds: ``in``/``present`` if any repetition of the field
+    satisfies it, ``not_in`` if none of its values is listed (an absent field included),
+    a list of conditions if every one holds."""
     if when is None:
         return True
-    # A condition holds if any repetition of the field satisfies it.
+    if when.all_of:
+        return all(_holds(w, ctx) for w in when.all_of)
     segs = ctx.segments(when.path.segment)
     seg = segs[0] if segs else None
     count = len(seg.repetitions(when.path.field)) if seg is not None else 0
-    if count > 1:
-        return any(_test(when, ctx.read(when.path, seg, r)[0]) for r in range(1, count + 1))
-    return _test(when, ctx.read(when.path)[0])
+    values = ([ctx.read(when.path, seg, r)[0] for r in range(1, count + 1)] if count > 1
+              else [ctx.read(when.path)[0]])
+    if when.not_within is not None:
+        return not any(v in when.not_within for v in values if v)
+    return any(_test(when, v) for v in values)
 
 
 def _test(when: When, value: str) -> bool:
     if when.present is not None:
         return bool(value) == when.present
-    if when.within is not None:
-        return value in when.within
-    assert when.not_within is not None
-    return bool(value) and value not in when.not_within
+    assert when.within is not None
+    return value in when.within
 
 
 def _dt15(value: str, loc: _Where) -> str:
@@ -166,6 +183,8 @@ def _apply(rule: Rule, ctx: _Ctx) -> tuple[str | None, _Where | None]:
     """Run one rule: the value it yields (``None`` when it yields nothing) and where from."""
     if not _holds(rule.when, ctx):
         return None, None
+    if rule.context is not None:
+        return ctx.context.get(rule.context) or None, None
     if rule.value is not None:
         return rule.value, None
     seg, rep = ctx.locate(rule)
@@ -258,7 +277,7 @@ def _apply_in_every(rule: Rule, ctx: _Ctx, element: str) -> tuple[str | None, _W
         if isinstance(seg, Loc):  # an ``each`` segment followed by none of the rule's
             value, loc, where = None, None, seg
         else:
-            value, loc = _apply(rule, _Ctx(ctx.msg, seg))
+            value, loc = _apply(rule, ctx.inner(seg))
             value = value or None
             where = loc.loc() if loc is not None else Loc(segment, seg.rep, rule.paths[0].field)
         if first is None:
@@ -297,7 +316,19 @@ def _in_every(rule: Rule, msg: HL7Message) -> list[Segment | Loc]:
     return out
 
 
-def _element(er: ElementRules, ctx: _Ctx, catalog: DatasetCatalog) -> str | None:
+def element_label(catalog: DatasetCatalog, element: str) -> str:
+    """``HDSD00.11.140 住院号``: the element id with its name, for refusals."""
+    found = catalog.elements.get(element)
+    return f"{element} {found.name}" if found is not None else element
+
+
+def _first_path_loc(er: ElementRules, ctx: _Ctx) -> Loc | None:
+    rule = next((r for r in er.rules if r.paths), None)
+    return ctx.loc(None, rule.paths[0], 1) if rule is not None else None
+
+
+def _element(er: ElementRules, ctx: _Ctx, catalog: DatasetCatalog,
+             key: str | None = None) -> str | None:
     first_loc: _Where | None = None
     for rule in er.rules:
         if rule.same_in_every:
@@ -308,49 +339,94 @@ def _element(er: ElementRules, ctx: _Ctx, catalog: DatasetCatalog) -> str | None
             first_loc = loc
         if value is None or value == "":
             continue
+        if ctx.trace is not None:
+            where = loc.loc() if loc is not None else _first_path_loc(er, ctx)
+            ctx.trace[key or er.element] = str(where) if where is not None else "MSH"
         try:
             return catalog.elements[er.element].check(value, location=er.element)
         except MappingError as exc:
-            raise hl7_error(MappingError, f"{exc.message} for {er.element}",
+            raise hl7_error(MappingError,
+                            f"{exc.message} for {element_label(catalog, er.element)}",
                             loc.loc() if loc is not None else Loc("MSH"), "102") from None
+    where = first_loc.loc() if first_loc is not None else _first_path_loc(er, ctx)
+    if ctx.trace is not None and where is not None:
+        ctx.trace.setdefault(key or er.element, str(where))
     if er.required:
-        where = first_loc.loc() if first_loc is not None else ctx.loc(
-            None, next(r for r in er.rules if r.paths).paths[0], 1)
         why = f": {er.why}" if er.why else ""
-        raise hl7_error(MappingError, f"required for {er.element} but missing{why}", where, "101")
+        looked = [r.paths[0].text for r in er.rules if r.paths and r.paths[0].text]
+        at = f" (looked for at {', '.join(dict.fromkeys(looked))})" if len(looked) > 1 else ""
+        raise hl7_error(MappingError,
+                        f"required for {element_label(catalog, er.element)} but missing"
+                        f"{at}{why}", where or Loc("MSH"), "101")
     return None
 
 
-def _sums(spec: SumSpec, ctx: _Ctx, catalog: DatasetCatalog) -> dict[str, str]:
+def fee_sums(spec: SumSpec, ctx: _Ctx) -> tuple[dict[str, Decimal], Decimal, int]:
+    """Signed sums per data element of one message's fee segments, its grand total, and
+    how many segments were counted.
+
+    The fee class comes from the category (``FT1-7.1``, the charge item) through the
+    charge-item table and the fee-class table; the transaction type (``FT1-6``, HL7 table
+    0017) decides the sign: a charge adds, a credit subtracts its amount whatever sign it
+    was sent with, an adjustment adds as signed, a payment is not a charge. An "of
+    which" row also adds to its parent row; the grand total counts each amount once.
+    """
     totals: dict[str, Decimal] = {}
     grand = Decimal(0)
+    counted = 0
     for seg in ctx.msg.segment_list(spec.segment):
-        inner = _Ctx(ctx.msg, seg)
+        inner = ctx.inner(seg)
         if not _holds(spec.when, inner):
             continue
+        kind = "CG"
+        if spec.transaction is not None:
+            code, tloc = inner.read(spec.transaction, seg)
+            if not code:
+                raise hl7_error(MappingError, "transaction type (HL7 table 0017) missing: "
+                                "needed to add or subtract the amount", tloc.loc(), "101")
+            assert spec.transaction_valueset is not None
+            tconcept = spec.transaction_valueset.concepts.get(code)
+            if tconcept is None:
+                raise hl7_error(MappingError, "transaction type not in value set "
+                                f"{spec.transaction_valueset.id} (CG, CD, AJ, PY)",
+                                tloc.loc(), "103")
+            kind = tconcept.target or tconcept.code
+            if kind == "PY":
+                continue
         code, cloc = inner.read(spec.category, seg)
         amount_text, aloc = inner.read(spec.amount, seg)
         if not code:
-            raise hl7_error(MappingError, "fee category missing", cloc.loc(), "101")
+            raise hl7_error(MappingError, "charge item missing: needed for the fee class of "
+                            "the front sheet's fee rows", cloc.loc(), "101")
         if not amount_text:
-            raise hl7_error(MappingError, "amount missing", aloc.loc(), "101")
+            raise hl7_error(MappingError, "amount missing: needed for the fee rows",
+                            aloc.loc(), "101")
         concept = spec.valueset.concepts.get(code)
-        if concept is None:
-            raise hl7_error(MappingError, f"code not in value set {spec.valueset.id}", cloc.loc(), "103")
+        element = spec.element_for(concept.target or concept.code) if concept else None
+        if element is None:
+            raise hl7_error(MappingError, f"charge item not in value set {spec.valueset.id}: "
+                            "its fee class (and front-sheet fee row) is unknown",
+                            cloc.loc(), "103")
         try:
             amount = Decimal(amount_text)
         except InvalidOperation:
             raise hl7_error(MappingError, "amount is not a number", aloc.loc(), "102") from None
         if not amount.is_finite():
             raise hl7_error(MappingError, "amount is not a number", aloc.loc(), "102")
-        target = concept.target or concept.code
-        totals[target] = totals.get(target, Decimal(0)) + amount
-        # An "of which" row is part of its parent row; both show it, the total counts it once.
-        parent = spec.within.get(target)
+        if kind == "CD":
+            amount = -abs(amount)
+        totals[element] = totals.get(element, Decimal(0)) + amount
+        parent = spec.within.get(element)
         if parent is not None:
             totals[parent] = totals.get(parent, Decimal(0)) + amount
         grand += amount
-    if not totals:
+        counted += 1
+    return totals, grand, counted
+
+
+def _sums(spec: SumSpec, ctx: _Ctx, catalog: DatasetCatalog) -> dict[str, str]:
+    totals, grand, counted = fee_sums(spec, ctx)
+    if not counted:
         return {}
     if spec.total:
         totals[spec.total] = grand
@@ -360,33 +436,42 @@ def _sums(spec: SumSpec, ctx: _Ctx, catalog: DatasetCatalog) -> dict[str, str]:
         try:
             out[element] = catalog.elements[element].check(text, location=element)
         except MappingError as exc:
-            raise hl7_error(MappingError, f"{exc.message} for the sum of {element}",
+            raise hl7_error(MappingError, f"{exc.message} for the sum of "
+                            f"{element_label(catalog, element)}",
                             Loc(spec.segment), "102") from None
     return out
 
 
-def map_message(spec: MessageMapping, msg: HL7Message) -> dict[str, Any]:
-    """Map a validated message with ``spec`` (not a dispatching one) to a DE record."""
+def map_message(spec: MessageMapping, msg: HL7Message, *,
+                context: dict[str, str] | None = None, trace: dict[str, str] | None = None,
+                sums: bool = True) -> dict[str, Any]:
+    """Map a validated message with ``spec`` (not a dispatching one) to a DE record.
+
+    ``context`` supplies the values of ``{context: ...}`` rules; ``trace`` collects where
+    each element came from (keys: element id, or ``$.groups.<name>[i] <element>``).
+    ``sums=False`` leaves the fee sums out (a visit part keeps them signed instead).
+    """
     assert spec.catalog is not None and spec.dataset is not None
     catalog = spec.catalog
-    ctx = _Ctx(msg)
+    ctx = _Ctx(msg, None, context, trace)
     elements: dict[str, Any] = {}
     for er in spec.elements:
         value = _element(er, ctx, catalog)
         if value is not None:
             elements[er.element] = value
-    if spec.sums is not None:
+    if spec.sums is not None and sums:
         elements.update(_sums(spec.sums, ctx, catalog))
     groups: dict[str, list[dict[str, Any]]] = {}
     for group in spec.groups:
         items: list[dict[str, Any]] = []
         for seg in msg.segment_list(group.segment):
-            inner = _Ctx(msg, seg)
+            inner = ctx.inner(seg)
             if not _holds(group.when, inner):
                 continue
             item: dict[str, Any] = {}
+            index = len(items)
             for er in group.elements:
-                value = _element(er, inner, catalog)
+                value = _element(er, inner, catalog, f"$.groups.{group.name}[{index}] {er.element}")
                 if value is not None:
                     item[er.element] = value
             if item:
@@ -394,3 +479,10 @@ def map_message(spec: MessageMapping, msg: HL7Message) -> dict[str, Any]:
         if items:
             groups[group.name] = items
     return {"dataset": spec.dataset, "elements": elements, "groups": groups}
+
+
+
+#: Public names for the visit assembler, which maps parts and reads conditions too.
+MappingContext = _Ctx
+holds = _holds
+local_time = _local

@@ -25,22 +25,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from bridge.errors import MappingError, ParseError
+from bridge.mapping.hl7v2.header import CHARSETS
 
-# MSH-18 values (HL7 table 0211 and the spellings Chinese HIS use) -> Python codec.
-CHARSETS: dict[str, str] = {
-    "UNICODE UTF-8": "utf-8",
-    "UTF-8": "utf-8",
-    "UTF8": "utf-8",
-    "ASCII": "ascii",
-    "8859/1": "latin-1",
-    "GB 18030-2000": "gb18030",
-    "GB 18030": "gb18030",
-    "GB18030": "gb18030",
-    "GB18030-2000": "gb18030",
-    "GBK": "gbk",
-    "GB 2312": "gb2312",
-    "GB2312": "gb2312",
-}
 # Without MSH-18, HL7 assumes ASCII; Chinese feeds that omit it send UTF-8, which is a
 # superset of ASCII, so UTF-8 accepts both without guessing at GBK.
 DEFAULT_CHARSET = "UNICODE UTF-8"
@@ -125,15 +111,16 @@ class Segment:
     repetitions, components and subcomponents on demand.
     """
 
-    __slots__ = ("_delims", "index", "name", "raw_fields", "rep")
+    __slots__ = ("_delims", "index", "line", "name", "raw_fields", "rep")
 
     def __init__(self, name: str, rep: int, index: int, raw_fields: list[str],
-                 delims: Delimiters) -> None:
+                 delims: Delimiters, line: str = "") -> None:
         self.name = name
         self.rep = rep
         self.index = index  # position in the message, 0-based
         self.raw_fields = raw_fields  # raw_fields[n] is field n (MSH: shifted, see below)
         self._delims = delims
+        self.line = line  # the segment as received (for the validation cache)
 
     def __repr__(self) -> str:  # never shows values
         return f"<Segment {self.name}[{self.rep}] with {len(self.raw_fields) - 1} fields>"
@@ -375,7 +362,7 @@ def parse_hl7(data: bytes | str) -> HL7Message:
             fields = line.split(fsep)
         rep = counts.get(name, 0) + 1
         counts[name] = rep
-        segments.append(Segment(name, rep, index, fields, delims))
+        segments.append(Segment(name, rep, index, fields, delims, line))
     if not segments:
         raise hl7_error(ParseError, "empty message", "MSH", "100")
     return HL7Message(segments, delims, charset or DEFAULT_CHARSET, codec)

@@ -31,7 +31,7 @@ from typing import Any
 
 import hl7apy  # type: ignore[import-untyped]
 
-from bridge.errors import MappingError
+from bridge.errors import BridgeError, MappingError
 from bridge.mapping.hl7v2.message import HL7Message, Loc, Segment, hl7_error
 
 SUPPORTED_VERSIONS = frozenset({"2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6"})
@@ -194,10 +194,50 @@ def check_version(version: str) -> None:
         raise hl7_error(MappingError, "unsupported HL7 version", Loc("MSH", 1, 12), "203")
 
 
-def validate(msg: HL7Message, structure: str | None) -> None:
-    """Check ``msg`` against its version's definitions; raise naming the first problem."""
+# Segment texts found faultless, oldest first (a bounded cache, see validate()).
+_CLEAN: dict[tuple[str, str, str], None] = {}
+_CLEAN_MAX = 4096
+
+#: Fields a mapping reads, as ``(segment id, field number)``; None = every field.
+ReadSet = frozenset[tuple[str, int]]
+
+
+class _Checker:
+    """Raise for problems in fields a mapping reads; record the others as warnings."""
+
+    __slots__ = ("read", "warnings")
+
+    def __init__(self, read: ReadSet | None, warnings: list[str] | None) -> None:
+        self.read = read
+        self.warnings = warnings
+
+    def strict(self, segment: str, field: int | None = None) -> bool:
+        if self.read is None or self.warnings is None:
+            return True
+        if field is None:
+            return any(name == segment for name, _ in self.read)
+        return (segment, field) in self.read
+
+    def problem(self, exc: BridgeError, segment: str, field: int | None = None) -> None:
+        if self.strict(segment, field):
+            raise exc
+        assert self.warnings is not None
+        self.warnings.append(f"{exc.location} {exc.detail.get('hl7_code', '102')}: {exc.message}")
+
+
+def validate(msg: HL7Message, structure: str | None, *, read: ReadSet | None = None,
+             warnings: list[str] | None = None) -> None:
+    """Check ``msg`` against its version's definitions; raise naming the first problem.
+
+    With ``read`` and ``warnings``, only the fields a mapping reads (and the segments it
+    reads from) are checked strictly: a problem anywhere else (a data type broken in a
+    field nobody maps, a required field or segment no mapping needs, an unknown
+    segment) is appended to ``warnings`` as ``location code: text`` instead, so a
+    message is refused only for what the bridge actually uses.
+    """
     version = msg.version
     check_version(version)
+    checker = _Checker(read, warnings)
     if structure:
         needed = required_segments(version, structure)
         if needed is None:
@@ -205,45 +245,62 @@ def validate(msg: HL7Message, structure: str | None) -> None:
                             Loc("MSH", 1, 9, 0, 3), "100")
         for seg_name in sorted(needed):
             if seg_name not in msg.by_name:
-                raise hl7_error(MappingError, "required segment missing", Loc(seg_name), "100")
+                checker.problem(hl7_error(MappingError, "required segment missing",
+                                          Loc(seg_name), "100"), seg_name)
+    delimiters = msg.delimiters.field + msg.delimiters.encoding_characters
     for seg in msg.segments:
         spec = segment_spec(version, seg.name)
         if spec is None:
             if seg.name.startswith("Z"):
                 continue
-            raise hl7_error(MappingError, "segment not defined in this HL7 version",
-                            Loc(seg.name, seg.rep), "100")
-        _check_segment(msg, seg, spec)
+            checker.problem(hl7_error(MappingError, "segment not defined in this HL7 version",
+                                      Loc(seg.name, seg.rep), "100"), seg.name)
+            continue
+        # A segment text already found faultless (the PID and PV1 an HIS repeats in every
+        # message of a stay) is faultless again: only its position differs, and no check
+        # depends on it.
+        key = (version, delimiters, seg.line) if seg.line else None
+        if key is not None and key in _CLEAN:
+            continue
+        before = len(checker.warnings) if checker.warnings is not None else 0
+        _check_segment(msg, seg, spec, checker)
+        if key is not None and (checker.warnings is None or len(checker.warnings) == before):
+            if len(_CLEAN) >= _CLEAN_MAX:
+                del _CLEAN[next(iter(_CLEAN))]
+            _CLEAN[key] = None
 
 
-def _check_segment(msg: HL7Message, seg: Segment, spec: SegmentSpec) -> None:
+def _check_segment(msg: HL7Message, seg: Segment, spec: SegmentSpec, checker: _Checker) -> None:
     raw = seg.raw_fields
     nfields = len(spec.fields)
     for number in spec.required:
         if number >= len(raw) or not raw[number] or raw[number] == '""':
-            raise hl7_error(MappingError, "required field missing",
-                            Loc(seg.name, seg.rep, number), "101")
+            checker.problem(hl7_error(MappingError, "required field missing",
+                                      Loc(seg.name, seg.rep, number), "101"), seg.name, number)
     d = msg.delimiters
     start = 3 if seg.name == "MSH" else 1
     for number in range(start, len(raw)):
         text = raw[number]
         if not text:
             continue
-        if number > nfields:
-            raise hl7_error(MappingError, "field not defined for this segment in this version",
-                            Loc(seg.name, seg.rep, number), "102")
-        fspec = spec.fields[number - 1]
-        reps = text.split(d.repetition)
-        if len(reps) > 1 and not fspec.repeats:
-            raise hl7_error(MappingError, "field does not repeat",
-                            Loc(seg.name, seg.rep, number, 2), "102")  # the second repetition
-        node = fspec.node
-        if node.kind == VARIES and seg.name == "OBX" and number == 5:
-            node = _obx_value_node(seg)
-        for r, rep_text in enumerate(reps, start=1):
-            if rep_text:
-                _check_node(node, rep_text, d, 0,
-                            (seg.name, seg.rep, number, r if fspec.repeats else 0))
+        try:
+            if number > nfields:
+                raise hl7_error(MappingError, "field not defined for this segment in this version",
+                                Loc(seg.name, seg.rep, number), "102")
+            fspec = spec.fields[number - 1]
+            reps = text.split(d.repetition)
+            if len(reps) > 1 and not fspec.repeats:
+                raise hl7_error(MappingError, "field does not repeat",
+                                Loc(seg.name, seg.rep, number, 2), "102")  # the second repetition
+            node = fspec.node
+            if node.kind == VARIES and seg.name == "OBX" and number == 5:
+                node = _obx_value_node(seg)
+            for r, rep_text in enumerate(reps, start=1):
+                if rep_text:
+                    _check_node(node, rep_text, d, 0,
+                                (seg.name, seg.rep, number, r if fspec.repeats else 0))
+        except MappingError as exc:
+            checker.problem(exc, seg.name, number)
 
 
 def _obx_value_node(seg: Segment) -> Node:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from bridge.errors import LoadError
-from bridge.mapping.valuesets import ValueSetMap, load_valuesets, shipped_valuesets
+from bridge.mapping.valuesets import ValueSetMap, load_valuesets, valuesets_for
 from bridge.mapping.yamlsrc import SourceMap, load_yaml
 from bridge.records.catalog import DatasetCatalog, load_catalog
-from bridge.resources import mappings_dir
+from bridge.resources import SHIPPED, MappingFiles, mappings_dir
 
 _PATH = re.compile(r"^(?P<seg>[A-Z][A-Z0-9]{2})-(?P<field>[1-9]\d*)"
                    r"(?:\.(?P<comp>[1-9]\d*)(?:\.(?P<sub>[1-9]\d*))?)?$")
@@ -29,11 +29,20 @@ _TOP_KEYS = frozenset({"mapping", "source", "target", "purpose", "required_segme
 _SOURCE_KEYS = frozenset({"standard", "versions", "message", "structure"})
 _TARGET_KEYS = frozenset({"standard", "dataset", "subset", "catalog"})
 _RULE_KEYS = frozenset({"path", "select", "transform", "valueset", "at", "from", "value",
-                        "when", "required", "same_in_every", "each", "until"})
+                        "when", "required", "same_in_every", "each", "until", "context"})
 _GROUP_KEYS = frozenset({"segment", "when", "elements"})
-_SUMS_KEYS = frozenset({"segment", "category", "amount", "total", "within", "when"})
-_WHEN_KEYS = frozenset({"path", "present", "in", "not_in"})
-_SELECT_KEYS = frozenset({"path", "in"})
+_SUMS_KEYS = frozenset({"segment", "transaction", "category", "fee_class", "amount", "total",
+                        "within", "when"})
+_WHEN_KEYS = frozenset({"path", "present", "in", "not_in", "valueset"})
+_SELECT_KEYS = frozenset({"path", "in", "valueset"})
+
+#: Values a rule may take from the caller instead of the message (``{context: ...}``):
+#: what the controller's configuration and the site's facility table say about the
+#: sending facility, for messages whose MSH-4 does not carry it.
+CONTEXT_KEYS = frozenset({"organization_code", "organization_name"})
+
+#: HL7 table 0017 transaction types and what each does to a fee sum.
+TRANSACTION_TYPES = {"CG": "charge", "CD": "credit", "AJ": "adjustment", "PY": "payment"}
 
 # The closed registry of transforms: name -> (parameters it requires, parameters allowed).
 TRANSFORMS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -59,22 +68,39 @@ class Path_:
     text: str = ""
 
 
+def _codes_of(valueset: ValueSetMap | None, targets: frozenset[str]) -> frozenset[str]:
+    """The source codes of ``valueset`` whose target is one of ``targets`` (or ``targets``)."""
+    if valueset is None:
+        return targets
+    return frozenset(c.code for c in valueset.concepts.values()
+                     if (c.target or c.code) in targets)
+
+
 @dataclass(frozen=True, slots=True)
 class Select:
-    """Pick the first repetition whose ``path`` value is one of ``values``."""
+    """Pick the first repetition whose ``path`` value is one of ``values``.
+
+    With ``valueset``, ``values`` are the codes of that table whose target is listed in
+    the file's ``in`` (``in: [inpatient-number]`` through ``hl70203-identifier-type``), so
+    a site that overlays the table with its own codes changes what is selected.
+    """
 
     path: Path_
     values: frozenset[str]
+    valueset: ValueSetMap | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class When:
-    """A condition on a value of the message."""
+    """A condition on a value of the message (codes through ``valueset`` as for select)."""
 
     path: Path_
     present: bool | None = None
     within: frozenset[str] | None = None
     not_within: frozenset[str] | None = None
+    valueset: ValueSetMap | None = None
+    # A list of conditions in the file: every one must hold (``path`` is the first's).
+    all_of: tuple[When, ...] = ()
 
 
 @dataclass(slots=True)
@@ -95,6 +121,8 @@ class Rule:
     # Read from every repetition of the segment, which must all give the same value:
     # for record-level elements that a message may carry once per order or item.
     same_in_every: bool = False
+    # A value the caller supplies (CONTEXT_KEYS) instead of one read from the message.
+    context: str | None = None
     # With ``same_in_every``: every repetition of this segment must be followed by one
     # (the rule's segments between it and the next one, or a segment in ``until``).
     each: str | None = None
@@ -132,7 +160,14 @@ class GroupSpec:
 
 @dataclass(slots=True)
 class SumSpec:
-    """Amounts of a repeating segment summed per category into data elements."""
+    """Amounts of a repeating segment summed per category into data elements.
+
+    ``valueset`` maps the category code (``FT1-7.1``, the charge item) to a fee class;
+    ``fee_class`` maps the fee class to the data element (without ``fee_class`` the
+    category's targets are the elements themselves). ``transaction`` reads the HL7 table
+    0017 type (``FT1-6``): charges add, credits subtract, adjustments add as signed,
+    payments are not charges and are left out.
+    """
 
     where: str
     segment: str
@@ -142,6 +177,16 @@ class SumSpec:
     total: str | None
     within: dict[str, str]
     when: When | None
+    fee_class: ValueSetMap | None = None
+    transaction: Path_ | None = None
+    transaction_valueset: ValueSetMap | None = None
+
+    def element_for(self, concept_target: str) -> str | None:
+        """The data element a category's target adds to (through ``fee_class``)."""
+        if self.fee_class is None:
+            return concept_target
+        fee = self.fee_class.concepts.get(concept_target)
+        return (fee.target or fee.code) if fee is not None else None
 
 
 @dataclass(slots=True)
@@ -162,6 +207,8 @@ class MessageMapping:
     sums: SumSpec | None = None
     dispatch: tuple[Path_, dict[str, str]] | None = None
     unused: dict[str, str] = field(default_factory=dict)
+    # Every message type the file maps (a visit part may serve several).
+    message_types: tuple[str, ...] = ()
 
     def filled(self) -> dict[str, list[str]]:
         """Data-element ids this mapping can fill: record level and per group."""
@@ -169,7 +216,8 @@ class MessageMapping:
         for g in self.groups:
             out[f"groups.{g.name}"] = [e.element for e in g.elements]
         if self.sums is not None:
-            ids = sorted({c.target or c.code for c in self.sums.valueset.concepts.values()}
+            classes = self.sums.fee_class or self.sums.valueset
+            ids = sorted({c.target or c.code for c in classes.concepts.values()}
                          | set(self.sums.within.values()))
             out["elements"] += [i for i in ids if i not in out["elements"]]
             if self.sums.total:
@@ -234,10 +282,19 @@ def target_catalog(dataset: str, subset: str | None, where: str) -> DatasetCatal
 
 
 class _Loader:
-    def __init__(self, path: Path, valuesets: dict[str, ValueSetMap]) -> None:
+    def __init__(self, path: Path, valuesets: dict[str, ValueSetMap], *,
+                 part: bool = False) -> None:
         self.path = path
         self.valuesets = valuesets
         self.catalog: DatasetCatalog | None = None
+        # A part of a visit assembly (``hl7v2/visits/``): may serve several message types.
+        self.part = part
+
+    def valueset(self, data: SourceMap, key: str = "valueset") -> ValueSetMap:
+        vs = self.valuesets.get(data.get(key))  # type: ignore[arg-type]
+        if vs is None:
+            raise LoadError("unknown value set", location=_where(data, key))
+        return vs
 
     def element_id(self, value: Any, where: str) -> str:
         assert self.catalog is not None
@@ -246,8 +303,13 @@ class _Loader:
         return value
 
     def when(self, data: Any, where: str, segment: str | None = None) -> When:
+        if isinstance(data, list):
+            if not data:
+                raise LoadError("a list of conditions must not be empty", location=where)
+            conditions = tuple(self.when(item, where, segment) for item in data)
+            return When(conditions[0].path, all_of=conditions)
         if not isinstance(data, SourceMap):
-            raise LoadError("when must be a mapping", location=where)
+            raise LoadError("when must be a mapping or a list of them", location=where)
         _keys(data, _WHEN_KEYS)
         path = parse_path(data.get("path"), _where(data, "path"))
         if segment is not None and path.segment != segment:
@@ -257,19 +319,41 @@ class _Loader:
         if len(tests) != 1:
             raise LoadError("when takes exactly one of present, in, not_in", location=where)
         if "present" in data:
-            if not isinstance(data["present"], bool):
-                raise LoadError("present must be true or false", location=data.where("present"))
+            if not isinstance(data["present"], bool) or "valueset" in data:
+                raise LoadError("present must be true or false (and takes no valueset)",
+                                location=data.where("present"))
             return When(path, present=data["present"])
-        if "in" in data:
-            return When(path, within=_codes(data["in"], data.where("in")))
-        return When(path, not_within=_codes(data["not_in"], data.where("not_in")))
+        vs = self.valueset(data) if "valueset" in data else None
+        key = "in" if "in" in data else "not_in"
+        codes = _codes(data[key], data.where(key))
+        if vs is not None:
+            self.check_targets(vs, codes, data.where(key))
+            codes = _codes_of(vs, codes)
+        if key == "in":
+            return When(path, within=codes, valueset=vs)
+        return When(path, not_within=codes, valueset=vs)
+
+    @staticmethod
+    def check_targets(vs: ValueSetMap, codes: frozenset[str], where: str) -> None:
+        known = {c.target or c.code for c in vs.concepts.values()}
+        unknown = sorted(codes - known)
+        if unknown:
+            raise LoadError(f"no code of the table has the target {', '.join(unknown)}, which "
+                            f"{where} selects by", location=vs.where())
 
     def rule(self, data: Any, where: str, group_segment: str | None) -> Rule:
         if not isinstance(data, SourceMap):
             raise LoadError("a rule must be a mapping", location=where)
         _keys(data, _RULE_KEYS)
         rule = Rule(where=data.where())
-        if "value" in data:
+        if "context" in data:
+            if data["context"] not in CONTEXT_KEYS or any(
+                    k in data for k in ("path", "transform", "value", "select")):
+                raise LoadError(f"context is one of {', '.join(sorted(CONTEXT_KEYS))} and "
+                                "takes no path, transform or value",
+                                location=data.where("context"))
+            rule.context = data["context"]
+        elif "value" in data:
             if not isinstance(data["value"], str) or "path" in data or "transform" in data:
                 raise LoadError("value is a quoted constant and takes no path or transform",
                                 location=data.where("value"))
@@ -320,7 +404,12 @@ class _Loader:
                     group_segment is not None and spath.field != rule.paths[0].field):
                 raise LoadError("select reads the rule's own segment (its own field in a group)",
                                 location=data.where("select"))
-            rule.select = Select(spath, _codes(sel.get("in"), _where(sel, "in")))
+            codes = _codes(sel.get("in"), _where(sel, "in"))
+            svs = self.valueset(sel) if "valueset" in sel else None
+            if svs is not None:
+                self.check_targets(svs, codes, sel.where("in"))
+                codes = _codes_of(svs, codes)
+            rule.select = Select(spath, codes, svs)
         if "when" in data:
             rule.when = self.when(data["when"], data.where("when"), group_segment)
         if "required" in data:
@@ -385,19 +474,25 @@ class _Loader:
         source = _mapping(data, "source")
         _keys(source, _SOURCE_KEYS)
         _text(source, "standard")
-        message_type = _text(source, "message")
-        if not re.fullmatch(r"[A-Z]{3}\^[A-Z0-9]{3}", message_type):
-            raise LoadError("message must look like ADT^A01", location=source.where("message"))
+        raw_types = source.get("message")
+        types = raw_types if self.part and isinstance(raw_types, list) else [raw_types]
+        for candidate in types:
+            if not isinstance(candidate, str) or not re.fullmatch(r"[A-Z]{3}\^[A-Z0-9]{3}",
+                                                                  candidate):
+                raise LoadError("message must look like ADT^A01 (a part may list several)",
+                                location=_where(source, "message"))
+        message_type = str(types[0])
         structure = _text(source, "structure")
         versions = _codes(source.get("versions"), _where(source, "versions"))
-        if self.path.stem != message_type.replace("^", "_"):
+        if not self.part and self.path.stem != message_type.replace("^", "_"):
             raise LoadError("file name must be the message type (ADT_A01.yaml)",
                             location=source.where("message"))
         _text(data, "purpose")
         header = {"mapping": mapping_id, "source": dict(source), "purpose": data["purpose"]}
         spec = MessageMapping(id=mapping_id, file=str(self.path), header=header,
                               message_type=message_type, structure=structure,
-                              versions=versions, dataset=None, catalog=None)
+                              versions=versions, dataset=None, catalog=None,
+                              message_types=tuple(str(t) for t in types))
         if "dispatch" in data:
             disp = _mapping(data, "dispatch")
             _keys(disp, frozenset({"path", "cases"}))
@@ -455,11 +550,36 @@ class _Loader:
         cat = _mapping(data, "category")
         _keys(cat, frozenset({"path", "valueset"}))
         category = parse_path(cat.get("path"), _where(cat, "path"))
-        vs = self.valuesets.get(cat.get("valueset"))  # type: ignore[arg-type]
-        if vs is None:
-            raise LoadError("unknown value set", location=_where(cat, "valueset"))
-        for concept in vs.concepts.values():
-            self.element_id(concept.target, _where(cat, "valueset"))
+        vs = self.valueset(cat)
+        fee_class: ValueSetMap | None = None
+        if "fee_class" in data:
+            fee_class = self.valuesets.get(data["fee_class"])
+            if fee_class is None:
+                raise LoadError("unknown value set", location=data.where("fee_class"))
+            for concept in fee_class.concepts.values():
+                self.element_id(concept.target, data.where("fee_class"))
+            for concept in vs.concepts.values():
+                if (concept.target or concept.code) not in fee_class.concepts:
+                    raise LoadError(f"the charge item names no fee class of {fee_class.id} "
+                                    f"(as {_where(cat, 'valueset')} reads it)",
+                                    location=vs.where(concept.code, "target"))
+        else:
+            for concept in vs.concepts.values():
+                self.element_id(concept.target, _where(cat, "valueset"))
+        transaction: Path_ | None = None
+        tvs: ValueSetMap | None = None
+        if "transaction" in data:
+            tdata = _mapping(data, "transaction")
+            _keys(tdata, frozenset({"path", "valueset"}))
+            transaction = parse_path(tdata.get("path"), _where(tdata, "path"))
+            tvs = self.valueset(tdata)
+            for concept in tvs.concepts.values():
+                if (concept.target or concept.code) not in TRANSACTION_TYPES:
+                    raise LoadError("the transaction type is not mapped to one of "
+                                    + ", ".join(TRANSACTION_TYPES),
+                                    location=tvs.where(concept.code, "target"))
+            if transaction.segment != seg:
+                raise LoadError("sums read their own segment", location=_where(tdata, "path"))
         amount = parse_path(data.get("amount"), _where(data, "amount"))
         if category.segment != seg or amount.segment != seg:
             raise LoadError("sums read their own segment", location=data.where("segment"))
@@ -471,32 +591,115 @@ class _Loader:
                 within[self.element_id(child, raw.where(child))] = self.element_id(
                     parent, raw.where(child))
         when = self.when(data["when"], data.where("when"), seg) if "when" in data else None
-        return SumSpec(data.where(), seg, category, vs, amount, total, within, when)
+        return SumSpec(data.where(), seg, category, vs, amount, total, within, when,
+                       fee_class=fee_class, transaction=transaction, transaction_valueset=tvs)
 
 
-def hl7_valuesets() -> dict[str, ValueSetMap]:
-    """Shared value sets plus the HL7 table maps in ``mappings/hl7v2/valuesets``."""
-    shared = dict(shipped_valuesets())
-    own = load_valuesets(mappings_dir() / "hl7v2" / "valuesets")
+@lru_cache(maxsize=8)
+def hl7_valuesets(files: MappingFiles = SHIPPED) -> dict[str, ValueSetMap]:
+    """Shared value sets plus the HL7 table maps in ``hl7v2/valuesets`` (a site's on top)."""
+    shared = dict(valuesets_for(files))
+    own = load_valuesets(files.folder("hl7v2/valuesets"))
     for key, vs in own.items():
         if key in shared:
             raise LoadError("value set id also used in mappings/valuesets",
-                            location=f"mappings/hl7v2/valuesets/{key}.yaml")
+                            location=str(files.file(f"hl7v2/valuesets/{key}.yaml")))
         shared[key] = vs
     return shared
 
 
-def load_message_mapping(path: Path, valuesets: dict[str, ValueSetMap]) -> MessageMapping:
-    """Load and check one message mapping file."""
-    return _Loader(path, valuesets).load()
+def condition_loader(path: Path, valuesets: dict[str, ValueSetMap]) -> _Loader:
+    """A loader whose ``when(data, where)`` reads conditions in another file's format
+    (the visit files use the message files' conditions)."""
+    return _Loader(path, valuesets, part=True)
 
 
-@lru_cache(maxsize=1)
-def shipped_mappings() -> dict[str, MessageMapping]:
-    """Every file in ``mappings/hl7v2/messages``, keyed by message type (``ADT^A01``)."""
-    valuesets = hl7_valuesets()
+def read_fields(spec: MessageMapping) -> frozenset[tuple[str, int]]:
+    """Every ``(segment, field)`` the mapping reads: rules, selects, conditions, sums."""
+    found: set[tuple[str, int]] = set()
+
+    def path(p: Path_ | None) -> None:
+        if p is not None:
+            found.add((p.segment, p.field))
+
+    def when(w: When | None) -> None:
+        if w is not None:
+            path(w.path)
+            for inner in w.all_of:
+                when(inner)
+
+    def rules(items: list[ElementRules]) -> None:
+        for er in items:
+            for rule in er.rules:
+                for p in (*rule.paths, *rule.at):
+                    path(p)
+                if rule.select is not None:
+                    path(rule.select.path)
+                when(rule.when)
+
+    rules(spec.elements)
+    for group in spec.groups:
+        when(group.when)
+        rules(group.elements)
+    if spec.sums is not None:
+        for p in (spec.sums.category, spec.sums.amount, spec.sums.transaction):
+            path(p)
+        when(spec.sums.when)
+    if spec.dispatch is not None:
+        path(spec.dispatch[0])
+    return frozenset(found)
+
+
+def field_elements(spec: MessageMapping) -> dict[tuple[str, int], list[str]]:
+    """For each ``(segment, field)`` the mapping reads, the data elements that need it
+    (a refusal of the field names them)."""
+    out: dict[tuple[str, int], list[str]] = {}
+
+    def add(p: Path_ | None, element: str) -> None:
+        if p is not None:
+            found = out.setdefault((p.segment, p.field), [])
+            if element not in found:
+                found.append(element)
+
+    def when(w: When | None, element: str) -> None:
+        if w is not None:
+            add(w.path, element)
+            for inner in w.all_of:
+                when(inner, element)
+
+    def rules(items: list[ElementRules]) -> None:
+        for er in items:
+            for rule in er.rules:
+                for p in (*rule.paths, *rule.at):
+                    add(p, er.element)
+                if rule.select is not None:
+                    add(rule.select.path, er.element)
+                when(rule.when, er.element)
+
+    rules(spec.elements)
+    for group in spec.groups:
+        rules(group.elements)
+    if spec.sums is not None:
+        classes = spec.sums.fee_class or spec.sums.valueset
+        rows = sorted({c.target or c.code for c in classes.concepts.values()})
+        for p in (spec.sums.category, spec.sums.amount, spec.sums.transaction):
+            for element in ([spec.sums.total] if spec.sums.total else rows[:1]):
+                add(p, element)
+    return out
+
+
+def load_message_mapping(path: Path, valuesets: dict[str, ValueSetMap], *,
+                         part: bool = False) -> MessageMapping:
+    """Load and check one message mapping file (``part``: a visit part, see visits/)."""
+    return _Loader(path, valuesets, part=part).load()
+
+
+@lru_cache(maxsize=8)
+def shipped_mappings(files: MappingFiles = SHIPPED) -> dict[str, MessageMapping]:
+    """Every file in ``hl7v2/messages`` (a site's on top), keyed by message type (``ADT^A01``)."""
+    valuesets = hl7_valuesets(files)
     by_type: dict[str, MessageMapping] = {}
-    for path in sorted((mappings_dir() / "hl7v2" / "messages").glob("*.yaml")):
+    for path in files.folder("hl7v2/messages"):
         spec = load_message_mapping(path, valuesets)
         by_type[spec.message_type] = spec
     ids = {s.id for s in by_type.values()}

@@ -1,0 +1,184 @@
+"""The MSH segment, read without the full parser, and the character sets HL7 v2 names.
+
+A listener must answer every message, even one the parser cannot read: MSH says who
+sent it (MSH-3, MSH-4), what it is (MSH-9), its control id (MSH-10), its version
+(MSH-12) and how its bytes are encoded (MSH-18). :func:`read_msh` reads exactly that,
+decoding each field with the declared character set, and raises
+:class:`~bridge.errors.ParseError` naming the MSH field at fault, never its value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from bridge.errors import ParseError
+
+#: HL7 table 0211 character sets -> Python codecs (with the spellings Chinese HIS use).
+#: Without MSH-18, HL7 assumes ASCII; Chinese feeds that omit it send UTF-8, which is a
+#: superset of ASCII, so UTF-8 reads both without guessing at GBK.
+CHARSETS: dict[str, str] = {
+    "": "utf-8",
+    "ASCII": "ascii",
+    "UNICODE UTF-8": "utf-8",
+    "UTF-8": "utf-8",
+    "UTF8": "utf-8",
+    "8859/1": "latin-1",
+    "GB 18030-2000": "gb18030",
+    "GB 18030": "gb18030",
+    "GB18030": "gb18030",
+    "GB18030-2000": "gb18030",
+    "GBK": "gbk",
+    "GB 2312": "gb2312",
+    "GB2312": "gb2312",
+    "CNS 11643-1992": "big5",
+    "BIG-5": "big5",
+}
+
+
+def codec_for(charset: str) -> str:
+    """Python codec for an MSH-18 value; raises ParseError for one the bridge does not read."""
+    try:
+        return CHARSETS[charset.strip().upper()]
+    except KeyError:
+        raise ParseError("MSH-18 names a character set the bridge does not read",
+                         location="MSH-18", hl7_code="103") from None
+
+
+@dataclass(frozen=True)
+class MSHHeader:
+    """What an answer needs from MSH, before (or without) the full parser.
+
+    Fields are decoded with the MSH-18 character set and kept as sent, components
+    included (``"HIS^2.16.156.10011.1.5^ISO"``). ``raw_fields`` holds every MSH field by
+    number (``raw_fields[3]`` is MSH-3); MSH-1 is the field separator itself.
+    """
+
+    field_separator: str
+    encoding_characters: str
+    sending_application: str
+    sending_facility: str
+    receiving_application: str
+    receiving_facility: str
+    message_type: str
+    control_id: str
+    processing_id: str
+    version: str
+    charset: str
+    raw_fields: tuple[str, ...]
+
+    @property
+    def component_separator(self) -> str:
+        return self.encoding_characters[:1] or "^"
+
+    @property
+    def sender(self) -> str:
+        """The deduplication key of the sending system: ``MSH-3|MSH-4``."""
+        return f"{self.sending_application}|{self.sending_facility}"
+
+    @property
+    def facility_id(self) -> str:
+        """MSH-4's first component (HD namespace id), e.g. ``HOSP-A`` of ``HOSP-A^1.2.3^ISO``."""
+        return self.sending_facility.split(self.component_separator, 1)[0]
+
+    @property
+    def trigger_event(self) -> str:
+        """MSH-9.2, e.g. ``A01``; empty when absent."""
+        parts = self.message_type.split(self.component_separator)
+        return parts[1] if len(parts) > 1 else ""
+
+    @property
+    def type_and_event(self) -> str:
+        """MSH-9.1^MSH-9.2, e.g. ``ADT^A01`` (what mappings and routing rules name)."""
+        parts = self.message_type.split(self.component_separator)
+        return "^".join(parts[:2]) if len(parts) > 1 else parts[0]
+
+    @property
+    def version_id(self) -> str:
+        """MSH-12.1 (MSH-12 may carry components after the version)."""
+        return self.version.split(self.component_separator, 1)[0]
+
+    @property
+    def codec(self) -> str:
+        """The Python codec of MSH-18."""
+        return codec_for(self.charset)
+
+
+_SEGMENT_SPLIT = re.compile(rb"\r\n|\r|\n")
+
+
+def first_segment(message: bytes) -> bytes:
+    """The first segment of a message; CR, LF and CRLF all end a segment."""
+    return _SEGMENT_SPLIT.split(message, 1)[0]
+
+
+def read_msh(message: bytes) -> MSHHeader:
+    """Read MSH of ``message`` without the full parser.
+
+    Raises :class:`bridge.errors.ParseError` naming the MSH field at fault (never its
+    value) when the message does not start with a usable MSH segment or lacks MSH-9
+    or MSH-10.
+    """
+    seg = first_segment(message.lstrip(b"\x0b\r\n \t"))
+    if not seg.startswith(b"MSH") or len(seg) < 8:
+        raise ParseError("message does not start with an MSH segment", location="MSH",
+                         hl7_code="100")
+    sep = seg[3:4]
+    if sep.isalnum() or sep in (b"\r", b"\n", b" ") or sep[0] > 0x7F:
+        raise ParseError("unusable field separator", location="MSH-1", hl7_code="102")
+    parts = seg.split(sep)
+    encoding = parts[1]
+    if not 2 <= len(encoding) <= 5 or sep in encoding or not encoding.isascii():
+        raise ParseError("unusable encoding characters", location="MSH-2", hl7_code="102")
+    # MSH-18 is read first, as bytes, because it says how to decode the rest.
+    # MSH-18 may repeat; the first repetition is the character set of the message.
+    rep, comp = encoding[1:2] or b"~", encoding[:1]
+    charset_raw = parts[17].split(rep)[0].split(comp)[0] if len(parts) > 17 else b""
+    if not charset_raw.isascii():
+        raise ParseError("unusable character set", location="MSH-18", hl7_code="103")
+    charset = charset_raw.decode("ascii")
+    codec = codec_for(charset)
+    fields: list[str] = ["MSH", sep.decode("ascii")]
+    for number, raw in enumerate(parts[1:], start=2):
+        try:
+            fields.append(raw.decode(codec))
+        except UnicodeDecodeError:
+            raise ParseError("bytes not valid in the declared character set",
+                             location=f"MSH-{number}", hl7_code="102") from None
+
+    def field(number: int) -> str:
+        return fields[number] if number < len(fields) else ""
+
+    header = MSHHeader(
+        field_separator=fields[1],
+        encoding_characters=fields[2],
+        sending_application=field(3),
+        sending_facility=field(4),
+        receiving_application=field(5),
+        receiving_facility=field(6),
+        message_type=field(9),
+        control_id=field(10),
+        processing_id=field(11),
+        version=field(12),
+        charset=charset,
+        raw_fields=tuple(fields),
+    )
+    if not header.message_type:
+        raise ParseError("message type is missing", location="MSH-9", hl7_code="101")
+    if not header.control_id:
+        raise ParseError("message control id is missing", location="MSH-10", hl7_code="101")
+    return header
+
+
+def header_from_fields(fields: list[str] | tuple[str, ...], charset: str) -> MSHHeader:
+    """An :class:`MSHHeader` from MSH fields already split (``fields[n]`` is MSH-n)."""
+
+    def field(number: int) -> str:
+        return fields[number] if number < len(fields) else ""
+
+    return MSHHeader(
+        field_separator=field(1) or "|", encoding_characters=field(2) or "^~\\&",
+        sending_application=field(3), sending_facility=field(4),
+        receiving_application=field(5), receiving_facility=field(6),
+        message_type=field(9), control_id=field(10), processing_id=field(11),
+        version=field(12), charset=charset, raw_fields=tuple(fields))

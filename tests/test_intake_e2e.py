@@ -1,0 +1,302 @@
+"""End to end over real sockets: HIS -> MLLP over TLS -> hospital bridge (routing, visit
+assembly) -> mutual TLS -> insurer bridge's inbox.
+
+The HIS is a plain asyncio client presenting the hospital's own certificate; the two
+bridges are real (in-process services, or a ``bridge serve`` subprocess killed with
+SIGKILL); what arrives is read from the insurer's store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hl7_feeds import Charge, InpatientVisit, OutpatientVisit, standard_charges
+from intake_support import (
+    CLAIMS_ROUTE,
+    IntakePair,
+    consent,
+    err,
+    eventually,
+    mllp_exchange,
+    msa,
+    start_intake_pair,
+)
+
+from bridge.cli import main
+from bridge.config import load_config
+from bridge.demo import LINK_OUT, free_port
+from bridge.ledger import intake as intake_db
+from bridge.link.node import Controller
+from bridge.link.service import BridgeService
+
+ROOT = Path(__file__).parents[1]
+
+
+def claims_at(pair: IntakePair) -> list[dict[str, Any]]:
+    store = pair.insurer.controller.store
+    with store.read("inbox") as tx:
+        return [orjson.loads(bytes(p)) for (p,) in tx.all("SELECT payload FROM inbox")]
+
+
+def claim_of(message: dict[str, Any]) -> dict[str, Any]:
+    return next(e["resource"] for e in message["entry"]
+                if e["resource"]["resourceType"] == "Claim")
+
+
+def validate_r4(tmp_path: Path, bundles: list[dict[str, Any]]) -> list[Any]:
+    node = shutil.which("node")
+    assert node is not None, "node is required (Node.js 20) for the R4 validator"
+    files = []
+    for i, bundle in enumerate(bundles):
+        path = tmp_path / f"claim-{i}.json"
+        path.write_text(json.dumps(bundle, ensure_ascii=False), encoding="utf-8")
+        files.append(str(path))
+    run = subprocess.run([node, str(ROOT / "tools" / "validate-fhir-r4.js"), *files],
+                         capture_output=True, text=True, timeout=300, check=False)
+    report = json.loads(run.stdout)
+    return [(Path(r["file"]).name, m) for r in report["results"] for m in r["messages"]
+            if m["severity"] in ("error", "fatal")]
+
+
+async def test_a_stay_sent_over_mllp_arrives_at_the_insurer_as_one_claim(tmp_path: Path) -> None:
+    pair = await start_intake_pair(tmp_path)
+    try:
+        visit = InpatientVisit()
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        credit = [Charge("13", "-60.50", kind="CD")]
+        sequence = [visit.a01(), visit.dft("D1", standard_charges()),
+                    visit.dft("D2", credit, ts="20260308120000"), visit.a03()]
+        acks = await pair.send(sequence)
+        assert [msa(a)[1] for a in acks] == ["AA"] * 4
+        # The HIS resends what it did not see acknowledged: nothing changes.
+        again = await pair.send([visit.a03(), visit.dft("D2", credit, ts="20260308120000")])
+        assert again == [acks[3], acks[2]]
+        await eventually(lambda: len(claims_at(pair)) == 1)
+        await asyncio.sleep(0.5)
+        [message] = claims_at(pair)
+        claim = claim_of(message)
+        assert claim["total"] == {"value": 21480.0, "currency": "CNY"}
+        assert "related" not in claim
+        assert validate_r4(tmp_path, [message]) == []
+        [record] = [r for r in intake_db.list_records(pair.hospital.controller.store)
+                    if r.kind == "visit"]
+        assert record.state == "routed"
+        [delivery] = intake_db.deliveries(pair.hospital.controller.store, record.id)
+        assert delivery.message_id == message["identifier"]["value"]
+    finally:
+        await pair.stop()
+
+
+async def test_a_correction_after_discharge_is_a_new_claim_naming_the_one_it_replaces(
+        tmp_path: Path) -> None:
+    pair = await start_intake_pair(tmp_path)
+    try:
+        visit = InpatientVisit()
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        await pair.send([visit.a01(), visit.dft("D1", standard_charges()), visit.a03()])
+        await eventually(lambda: len(claims_at(pair)) == 1)
+        first = claims_at(pair)[0]
+        update = visit.a08("U1", "20260310090000", family="李", discharged=True)
+        visit.family = "李"  # the HIS's later messages carry the corrected name
+        acks = await pair.send([
+            update, visit.dft("D9", [Charge("13", "-100.00", kind="CD")], ts="20260311080000")])
+        assert [msa(a)[1] for a in acks] == ["AA", "AA"]
+        await eventually(lambda: len(claims_at(pair)) >= 2)
+        await asyncio.sleep(0.5)
+        messages = claims_at(pair)
+        by_id = {m["identifier"]["value"]: m for m in messages}
+        chain = [first["identifier"]["value"]]
+        while True:  # follow Claim.related from the first claim to the latest
+            successors = [m for m in messages if any(
+                r["claim"]["identifier"]["value"] == chain[-1]
+                for r in claim_of(m).get("related", []))]
+            if not successors:
+                break
+            assert len(successors) == 1
+            chain.append(successors[0]["identifier"]["value"])
+        assert len(chain) == len(messages) >= 2
+        latest = claim_of(by_id[chain[-1]])
+        assert latest["related"][0]["relationship"]["coding"][0]["code"] == "prior"
+        assert latest["total"]["value"] == claim_of(first)["total"]["value"] - 100
+        patient = next(e["resource"] for e in by_id[chain[-1]]["entry"]
+                       if e["resource"]["resourceType"] == "Patient")
+        assert patient["name"][0]["text"] == "李建国"
+        assert validate_r4(tmp_path, messages) == []
+    finally:
+        await pair.stop()
+
+
+async def test_bad_input_gets_precise_acks_is_audited_and_leaves_no_half_visit(
+        tmp_path: Path) -> None:
+    pair = await start_intake_pair(tmp_path)
+    try:
+        visit = InpatientVisit()
+        await pair.send([visit.a01(), visit.a03()])
+        store = pair.hospital.controller.store
+        [before] = intake_db.list_visits(store)
+        no_number = InpatientVisit(pid3_visit_code="XX").dft("BAD-1", [Charge("01", "1.00")])
+        no_number = no_number.replace(f"|{visit.visit}|01|".encode(), b"||01|")
+        early = InpatientVisit(admitted="20260201080000", discharged="20260205080000")
+        closed = visit.dft("BAD-3", [Charge("01", "1.00")], ts="20260601080000")
+        other = InpatientVisit(mrn="BA7777777").dft("BAD-4", [Charge("01", "1.00")])
+        changed = visit.a01().replace(b"I21.000^", b"I22.000^")  # same MSH-10, other content
+        acks = await pair.send([no_number, early.a03("BAD-2"), closed, other, changed])
+        answers = [(msa(a)[1], err(a)[2], err(a)[3].split("^")[0]) for a in acks]
+        assert answers == [("AE", "PID^1^3^1^1", "101"), ("AE", "PV1^1^45^1", "102"),
+                           ("AE", "MSH^1^7^1", "102"), ("AE", "PID^1^3^3^1", "204"),
+                           ("AE", "MSH^1^10^1", "205")]
+        texts = [err(a)[8] for a in acks]
+        assert "HDSD00.11.140 住院号" in texts[0] and "HDSD00.11.019" in texts[1]
+        assert "HDSD00.11.006 病案号" in texts[3]
+        assert not any("BA7777777" in a.decode() or "20260201" in a.decode() for a in acks)
+        rejects = [e.record for e in store.audit_entries() if e.record.action == "hl7.reject"]
+        assert len(rejects) == 5
+        [after] = intake_db.list_visits(store)
+        assert after.parts == before.parts == 2
+        assert store.hl7_count() == 2
+    finally:
+        await pair.stop()
+
+
+async def test_a_registration_is_held_until_the_visit_ends(tmp_path: Path) -> None:
+    routes = f'''
+[[routes]]
+dataset = ["WS445.2"]
+links = ["{LINK_OUT}"]
+'''
+    pair = await start_intake_pair(tmp_path, routes=routes)
+    try:
+        visit = OutpatientVisit()
+        [ack] = await pair.send([visit.registration()])
+        assert msa(ack)[1] == "AA"
+        store = pair.hospital.controller.store
+        [record] = intake_db.list_records(store)
+        assert record.state == "held" and record.dataset == "WS445.2"
+        await pair.send([visit.end()])
+        # Routed under the message that ended the visit; the link refuses it (no consent
+        # names this patient's outpatient number), and the refusal is kept and said.
+        await eventually(lambda: intake_db.list_records(store)[0].state == "refused")
+        [record] = intake_db.list_records(store)
+        assert record.message_type == "ADT^A08"
+        assert record.detail == f"{LINK_OUT}: consent-denied"
+    finally:
+        await pair.stop()
+
+
+async def test_records_no_rule_matches_are_kept_and_listed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pair = await start_intake_pair(tmp_path, routes="")
+    try:
+        visit = InpatientVisit()
+        await pair.send([visit.a01(), visit.dft("D1", standard_charges()), visit.a03()])
+        store = pair.hospital.controller.store
+        await eventually(lambda: all(r.state == "unrouted" for r in intake_db.list_records(store)))
+        config = str(pair.hospital.controller.config.source)
+        assert main(["intake", "list", "--config", config, "--state", "unrouted", "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert sorted(r["dataset"] for r in listed["records"]) == ["WS445.10", "WS445.12",
+                                                                    "WS445.15"]
+        assert listed["counts"] == {"unrouted": 3}
+        assert main(["status", "--config", config]) == 0
+        assert "intake: unrouted 3" in capsys.readouterr().out
+        assert main(["intake", "visits", "--config", config, "--json"]) == 0
+        [v] = json.loads(capsys.readouterr().out)
+        assert v["number"] == visit.visit and v["parts"] == 3 and v["state"] == "unrouted"
+        unrouted = [e for e in store.audit_entries() if e.record.action == "intake.unrouted"]
+        assert len(unrouted) == 1
+    finally:
+        await pair.stop()
+
+
+async def test_one_record_feeds_every_link_a_rule_names(tmp_path: Path) -> None:
+    routes = f'''
+[[links]]
+id = "claims-copy"
+partner = "insurer-b"
+direction = "outbound"
+profile = "commercial-insurance"
+purpose = "HPAYMT"
+{CLAIMS_ROUTE}
+[[routes]]
+id = "copy"
+dataset = ["WS445.10"]
+links = ["claims-copy", "{LINK_OUT}"]
+'''
+    pair = await start_intake_pair(tmp_path, routes=routes)
+    try:
+        visit = InpatientVisit()
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        await pair.send([visit.a01(), visit.dft("D1", standard_charges()), visit.a03()])
+        await eventually(lambda: len(claims_at(pair)) == 2)
+        [record] = [r for r in intake_db.list_records(pair.hospital.controller.store)
+                    if r.kind == "visit"]
+        links = sorted(d.link for d in intake_db.deliveries(pair.hospital.controller.store,
+                                                            record.id))
+        assert links == ["claims-copy", LINK_OUT]
+    finally:
+        await pair.stop()
+
+
+# --- a bridge process killed mid-visit --------------------------------------------------------
+
+
+async def _serve(config: Path) -> subprocess.Popen[str]:
+    proc = await asyncio.to_thread(
+        subprocess.Popen, [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=config.parent,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=60)
+    assert line.startswith("ready "), (line, proc.stderr.read() if proc.poll() else "")
+    return proc
+
+
+@pytest.mark.battery
+async def test_a_visit_survives_kill_9_of_the_hospital_bridge(tmp_path: Path) -> None:
+    from e2e_support import client_ssl, make_workdir
+
+    hospital_cfg, insurer_cfg = make_workdir(tmp_path)
+    port = free_port()
+    with hospital_cfg.open("a", encoding="utf-8") as fh:
+        fh.write(f'\n[mllp]\nhost = "127.0.0.1"\nport = {port}\ntls = true\n{CLAIMS_ROUTE}')
+    insurer = BridgeService(Controller(load_config(insurer_cfg)), poll_interval=0.05)
+    await insurer.start()
+    visit = InpatientVisit()
+    controller = Controller(load_config(hospital_cfg))
+    await controller.put_consent(consent(visit.id_card))
+    await controller.close()
+    his = client_ssl(tmp_path, "hospital-a")
+    proc = await _serve(hospital_cfg)
+    try:
+        acks = await mllp_exchange(port, [visit.a01(), visit.dft("D1", standard_charges())], his)
+        assert [msa(a)[1] for a in acks] == ["AA", "AA"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc = await _serve(hospital_cfg)
+        acks = await mllp_exchange(port, [visit.dft("D1", standard_charges()), visit.a03()], his)
+        assert [msa(a)[1] for a in acks] == ["AA", "AA"]  # the repeat gets its first ACK
+        proc.send_signal(signal.SIGKILL)  # perhaps before the claim was routed
+        proc.wait(timeout=10)
+        proc = await _serve(hospital_cfg)
+        store = insurer.controller.store
+        await eventually(lambda: store.inbox_count() >= 1, timeout=30)
+        await asyncio.sleep(1.0)
+        assert store.inbox_count() == 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await insurer.stop()

@@ -1,0 +1,112 @@
+"""Site overlays: a site directory replaces shipped mapping files one by one.
+
+Checked from the outside, through the commands an operator runs: ``bridge mappings
+check --site``, ``bridge map --site`` and ``bridge serve`` with ``[intake] site``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from e2e_support import make_workdir
+from hl7_feeds import InpatientVisit
+
+from bridge.cli import main
+
+ROOT = Path(__file__).parents[1]
+VENDOR_SITE = Path(__file__).parent / "vendors" / "site"
+
+
+def _shipped_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "mappings").rglob("*")):
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_check_lists_what_the_overlay_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    before = _shipped_digest()
+    assert main(["mappings", "check", "--site", str(VENDOR_SITE), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["valid"] is True
+    assert {(f["file"], f["action"]) for f in report["files"]} == {
+        ("hl7v2/facilities.yaml", "overrides"),
+        ("hl7v2/valuesets/his-charge-item.yaml", "overrides"),
+        ("hl7v2/valuesets/hl70064-financial-class.yaml", "overrides"),
+        ("hl7v2/valuesets/hl70203-identifier-type.yaml", "overrides"),
+    }
+    assert report["facilities"] == ["GZZS"]
+    assert main(["mappings", "check", "--site", str(VENDOR_SITE)]) == 0
+    assert "overrides hl7v2/valuesets/his-charge-item.yaml" in capsys.readouterr().out
+    assert _shipped_digest() == before  # the installed files are never edited
+
+
+@pytest.mark.parametrize(("file", "old", "new", "key"), [
+    ("hl7v2/valuesets/his-charge-item.yaml", 'target: "13"', 'target: "99"', "valueset"),
+    ("hl7v2/valuesets/his-charge-item.yaml", "  - {code: \"XY0001\"",
+     "  - {cost: \"XY0001\"", "cost"),
+    ("hl7v2/facilities.yaml", 'code: "45557890-9"', 'code: "45557890-9 and more"', "code"),
+    ("hl7v2/valuesets/hl70203-identifier-type.yaml", "target: inpatient-number",
+     "target: ward-number", "in"),
+])
+def test_a_broken_overlay_is_a_config_error_naming_the_file_and_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, old: str, new: str,
+        key: str) -> None:
+    site = tmp_path / "site"
+    shutil.copytree(VENDOR_SITE, site)
+    text = (site / file).read_text(encoding="utf-8")
+    assert old in text
+    (site / file).write_text(text.replace(old, new), encoding="utf-8")
+    assert main(["mappings", "check", "--site", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error [config-invalid]: ")
+    assert key in err and str(site / file) in err
+
+
+def test_a_file_a_site_may_not_overlay_is_named(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    site = tmp_path / "site"
+    (site / "ws445").mkdir(parents=True)
+    (site / "ws445" / "inpatient-front-sheet.yaml").write_text("mapping: x\n", encoding="utf-8")
+    assert main(["mappings", "check", "--site", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert "not a file a site may overlay" in err
+    assert str(site / "ws445" / "inpatient-front-sheet.yaml") in err
+
+
+def test_an_overlaid_value_set_reaches_the_fhir_mapping(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = tmp_path / "site" / "valuesets"
+    site.mkdir(parents=True)
+    text = (ROOT / "mappings" / "valuesets" / "icd9cm3.yaml").read_text(encoding="utf-8")
+    narrowed = text.replace("pattern: '^[0-9]{2}(\\.[0-9]{1,2}|\\.[0-9]{4}|\\.[0-9]{4}x[0-9]{3})?$'",
+                            "pattern: '^[0-9]{2}\\.[0-9]{4}$'")
+    assert narrowed != text
+    (site / "icd9cm3.yaml").write_text(narrowed, encoding="utf-8")
+    message = tmp_path / "a03.hl7"
+    message.write_bytes(InpatientVisit().a03(operation="47.0100x001"))
+    assert main(["map", "--from", "hl7v2", str(message)]) == 0
+    capsys.readouterr()
+    assert main(["map", "--from", "hl7v2", "--site", str(tmp_path / "site"), str(message)]) == 2
+    assert "PR1[1]-3.1" in capsys.readouterr().err
+
+
+def test_serve_refuses_to_start_with_a_broken_overlay(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    hospital_cfg, _ = make_workdir(tmp_path)
+    site = tmp_path / "site"
+    shutil.copytree(VENDOR_SITE, site)
+    broken = site / "hl7v2" / "facilities.yaml"
+    broken.write_text("facilities:\n  GZZS: {code: 45557890-9}\n", encoding="utf-8")
+    with hospital_cfg.open("a", encoding="utf-8") as fh:
+        fh.write('\n[mllp]\nhost = "127.0.0.1"\nport = 0\ntls = false\n[intake]\nsite = "site"\n')
+    assert main(["serve", "--config", str(hospital_cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "listening" not in err  # refused before anything listens
+    [line] = [x for x in err.splitlines() if x.startswith("error [")]
+    assert line.startswith("error [config-invalid]: ") and f"{broken}:2 GZZS" in line
