@@ -53,3 +53,20 @@ def test_a_configuration_that_is_not_one_is_refused_at_once(site: Path, name: st
     run = bridge("status", "--config", name, cwd=site)
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith("error [config-invalid]: configuration file:"), run.stderr
+
+
+def test_a_pipe_or_huge_file_in_a_folder_is_named_and_skipped(site: Path) -> None:
+    folder = site / "folder"
+    folder.mkdir()
+    os.mkfifo(folder / "a-pipe.json")
+    os.link(site / "big.json", folder / "big.json")
+    run = bridge("map", "--from", "ws445", "--check", str(folder), cwd=site)
+    assert run.returncode == 1, run.stderr
+    # map reads the folder's files (a pipe is not one) and names the one it refused
+    assert "big.json: [usage] larger than 64 MiB" in " ".join(run.stderr.split())
+    from pull_support import write_site
+
+    hospital, _, _ = write_site(site / "pull")
+    run = bridge("records", "import", "--config", str(hospital), str(folder), cwd=site)
+    assert run.returncode == 2, run.stderr
+    assert "a-pipe.json" in run.stderr and "big.json" in run.stderr
