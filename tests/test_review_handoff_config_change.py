@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from e2e_support import LINK_OUT, consent_for, make_workdir
 from handoff_support import ClaimEndpoint, Serve, fast_hospital, wait_for
 
@@ -37,6 +38,7 @@ def destination(dest_id: str, url: str) -> str:
             "retry_base_seconds = 0.05\nretry_cap_seconds = 0.3\ntimeout_seconds = 2\n")
 
 
+@pytest.mark.battery  # two runs of bridge serve, one after the other
 async def test_claims_left_for_a_destination_no_longer_configured_are_reported(
     tmp_path: Path,
 ) -> None:

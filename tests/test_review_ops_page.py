@@ -94,6 +94,7 @@ def test_the_status_page_cannot_be_framed_by_another_origin(
         hospital.stop()
 
 
+@pytest.mark.battery  # two bridge serve processes and a browser: about 25 s
 def test_the_insurer_page_shows_where_received_claims_are_going(
     tmp_path: Path, browser: webdriver.Chrome
 ) -> None:
