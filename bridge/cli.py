@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from bridge.cli_agreements import add_agreements_commands
 from bridge.cli_common import (
     Parser,
     add_json_option,
@@ -28,10 +29,12 @@ from bridge.cli_common import (
     version_text,
 )
 from bridge.cli_common import print_json as _print_json
+from bridge.cli_compliance import add_compliance_commands
 from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_status
 from bridge.cli_init import add_init_commands
 from bridge.cli_intake import add_intake_commands
 from bridge.cli_mapping import add_mapping_commands
+from bridge.cli_operators import add_operators_commands, guard_commands
 from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
 from bridge.cli_store import add_store_commands
 from bridge.errors import BridgeError, NotFound, ParseError, UsageError
@@ -222,7 +225,7 @@ def cmd_consent_explain(args: argparse.Namespace) -> int:
             now = controller.clock()
             explanation = explain(
                 map_record(record, now=now),
-                registry=controller.consents,
+                registry=controller.consents_for(link),
                 profile=controller.profiles[link.id],
                 recipient=link.partner,
                 purpose=link.purpose,
@@ -381,7 +384,10 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
         subjects = {e.record.subject for e in own}
         # Deliveries and resends name the message, not the patient: follow the message.
         related = [e for e in store.audit_entries() if e.record.subject in subjects]
-    entries = sorted({e.seq: e for e in [*own, *related]}.values(), key=lambda e: e.seq)
+    # Looking up the history is itself audited (disclosures.read), but is not a use or
+    # disclosure of the patient's data: it is not listed in the history.
+    entries = sorted({e.seq: e for e in [*own, *related]
+                      if e.record.action != "disclosures.read"}.values(), key=lambda e: e.seq)
     if args.fhir:
         _print_json(
             {
@@ -700,6 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
     g2.add_argument("--store", help="path of a SQLite store file")
     add_json_option(o)
     o.set_defaults(func=cmd_outbox)
+    add_operators_commands(sub)
+    add_compliance_commands(sub)
+    add_agreements_commands(sub)
+    guard_commands(p)
     return p
 
 

@@ -173,6 +173,7 @@ def cmd_records_import(args: argparse.Namespace) -> int:
 
 
 def cmd_records_review(args: argparse.Namespace) -> int:
+    from bridge.compliance.operators import acting_operator
     from bridge.config import load_config
     from bridge.ledger import open_store
     from bridge.ledger.audit import AuditRecord
@@ -184,7 +185,7 @@ def cmd_records_review(args: argparse.Namespace) -> int:
         if args.done is not None:
             done = mark_reviewed(store, args.done, audit=AuditRecord(
                 time=utcnow(), actor=config.controller.id, action="pull.reviewed",
-                subject=f"review:{args.done}",
+                subject=f"review:{args.done}", operator=acting_operator(),
             ))
             if not done:
                 raise NotFound("no pending review item with this id", location="--done")

@@ -60,6 +60,9 @@ def add_store_commands(sub: Any) -> None:
         c.add_argument("--config", required=True, help="the controller's configuration file (TOML)")
         add_json_option(c)
         c.set_defaults(func=func)
+    from bridge.cli_backup import add_backup_commands
+
+    add_backup_commands(ssub)
 
 
 __all__ = ["add_store_commands"]

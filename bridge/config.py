@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -150,6 +151,54 @@ class AuditConfig(_Strict):
     pseudonym_key_file: Path = Path("audit-pseudonym.key")
 
 
+#: Mainland China. A partner elsewhere (Hong Kong, Macao and Taiwan included) is across
+#: the border for data export (GB/T 39725 §7 o-q).
+MAINLAND = "CN"
+#: Items a data security committee may approve for transfer abroad; more needs the
+#: relevant authority (GB/T 39725 §7 o and p).
+COMMITTEE_ITEM_CAP = 250
+# Dates in the configuration are calendar days in China (UTC+8).
+_CST = timezone(timedelta(hours=8))
+
+
+def day_start(value: date | datetime) -> datetime:
+    """The instant a configured date or date-time begins (a date: 00:00 China time)."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=_CST)
+    return datetime.combine(value, time(0), tzinfo=_CST)
+
+
+def day_end(value: date | datetime) -> datetime:
+    """The instant a configured date or date-time ends (a date: the following midnight)."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=_CST)
+    return datetime.combine(value, time(0), tzinfo=_CST) + timedelta(days=1)
+
+
+class CrossBorderApproval(_Strict):
+    """The approval under which data may go to a partner outside the mainland.
+
+    A data security committee may approve at most 250 items in all (GB/T 39725 §7 o,
+    p); a larger cap needs the approval of the relevant authority (``regulator``).
+    """
+
+    reference: str = Field(min_length=1, description="the approval document's reference")
+    authority: Literal["committee", "regulator"] = Field(
+        description="who approved: the data security committee, or the relevant authority"
+    )
+    item_cap: int = Field(ge=1, description="items that may be sent under it, in all")
+    expires: date | datetime = Field(description="last day (or instant) the approval holds")
+
+    @model_validator(mode="after")
+    def _committee_cap(self) -> CrossBorderApproval:
+        if self.authority == "committee" and self.item_cap > COMMITTEE_ITEM_CAP:
+            raise ValueError(
+                f"item_cap: a committee approval covers at most {COMMITTEE_ITEM_CAP} items"
+                " (GB/T 39725 §7 p); more needs authority = \"regulator\""
+            )
+        return self
+
+
 class PartnerConfig(_Strict):
     id: str = Field(pattern=_ID_PATTERN)
     name: str = ""
@@ -159,9 +208,84 @@ class PartnerConfig(_Strict):
         default_factory=list, description="SHA-256 hex fingerprints; empty = trust the URI SAN"
     )
 
+    jurisdiction: str = Field(
+        default=MAINLAND, pattern=r"^[A-Z]{2}$",
+        description="ISO 3166 code of where the partner keeps data; CN = mainland China",
+    )
+    cross_border: CrossBorderApproval | None = Field(
+        default=None, description="approval for sending to a partner outside the mainland"
+    )
+
     @field_validator("tls_fingerprints")
     @classmethod
     def _lower(cls, value: list[str]) -> list[str]:
+        return [v.lower().replace(":", "") for v in value]
+
+    @property
+    def abroad(self) -> bool:
+        return self.jurisdiction != MAINLAND
+
+
+class AgreementConfig(_Strict):
+    """A data-use agreement between this controller and a partner (GB/T 39725 §7 m,
+    §11.7.4.1 a 2 and a 4, Appendix F): what a link may carry, for what, until when,
+    and how long the recipient keeps it."""
+
+    id: str = Field(pattern=_ID_PATTERN, description="the agreement's id (named in refusals)")
+    reference: str = Field(default="", description="where the signed agreement is filed")
+    parties: list[str] = Field(min_length=2, description="controller ids bound by it")
+    purposes: list[str] = Field(min_length=1, description="purposes of use (v3 PurposeOfUse)")
+    permitted_data: list[str] = Field(
+        min_length=1, description="FHIR resource types the agreement lets the link carry"
+    )
+    duties: list[str] = Field(default_factory=list, description="the recipient's duties")
+    valid_from: date | datetime = Field(description="first day (or instant) it holds")
+    valid_to: date | datetime = Field(description="last day (or instant) it holds")
+    retention_days: int = Field(
+        ge=1, le=36500,
+        description="days the recipient keeps received data before it is destroyed",
+    )
+
+    @model_validator(mode="after")
+    def _span(self) -> AgreementConfig:
+        if day_end(self.valid_to) <= day_start(self.valid_from):
+            raise ValueError("valid_to: ends before valid_from")
+        return self
+
+    def starts(self) -> datetime:
+        return day_start(self.valid_from)
+
+    def ends(self) -> datetime:
+        return day_end(self.valid_to)
+
+
+#: Operator roles, least privilege first (see :mod:`bridge.compliance.operators`).
+ROLES = ("viewer", "operator", "consent-admin", "key-admin")
+
+
+class OperatorConfig(_Strict):
+    """A person who runs this bridge: a name, one role, and how they are recognised.
+
+    ``name`` is what the operator certificate names (``bridge operators issue``) and
+    what audit entries record (``cert:<name>``); ``os_users`` are the host accounts that
+    act as this operator when they run ``bridge`` commands on the host.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="operator name")
+    role: Literal["viewer", "operator", "consent-admin", "key-admin"] = Field(
+        description="viewer, operator (data import and requeue), consent-admin or key-admin"
+    )
+    os_users: list[str] = Field(
+        default_factory=list, description="host user names that act as this operator"
+    )
+    fingerprints: list[str] = Field(
+        default_factory=list,
+        description="SHA-256 pins of this operator's certificates; empty = any issued to the name",
+    )
+
+    @field_validator("fingerprints")
+    @classmethod
+    def _pins(cls, value: list[str]) -> list[str]:
         return [v.lower().replace(":", "") for v in value]
 
 
@@ -244,6 +368,19 @@ class LinkConfig(_Strict):
     retry_cap_seconds: float = Field(default=300.0, gt=0)
     request_timeout_seconds: float = Field(default=30.0, gt=0)
     pull: PullConfig = Field(default_factory=PullConfig, description="record pull settings")
+    agreement: str | None = Field(
+        default=None, description="id of the data-use agreement ([[agreements]]) the link carries"
+    )
+    consent_without_end: Literal["refuse", "cap"] = Field(
+        default="cap",
+        description=(
+            "a consent whose period has no end: refused on this link, or counted as ending"
+            " consent_cap_days after its start (or its dateTime)"
+        ),
+    )
+    consent_cap_days: int = Field(
+        default=365, ge=1, le=3650, description="life of a consent without an end, on this link"
+    )
 
     def pull_purposes(self) -> list[str]:
         """Purposes a request on this pull link may state."""
@@ -472,6 +609,27 @@ class OperationsConfig(_Strict):
     partner_timeout_seconds: float = Field(
         default=3.0, gt=0, le=60, description="how long /readyz waits for each partner"
     )
+    auth: Literal["loopback", "certificate"] = Field(
+        default="loopback",
+        description=(
+            "loopback: plain HTTP, no login (requeue from loopback with the form token);"
+            " certificate: HTTPS with an operator certificate and the role each page needs"
+        ),
+    )
+    operator_ca: Path | None = Field(
+        default=None, description="CA bundle operator certificates chain to; default [tls] ca"
+    )
+    max_failed_attempts: int = Field(
+        default=5, ge=1, le=1000,
+        description="refused requests from one address within failure_window_seconds that lock it out",
+    )
+    failure_window_seconds: float = Field(default=300.0, gt=0, description="window for failures")
+    lockout_seconds: float = Field(
+        default=900.0, gt=0, description="how long a locked-out address is refused"
+    )
+    idle_timeout_seconds: float = Field(
+        default=300.0, gt=0, le=3600, description="an idle operator connection is closed after this"
+    )
 
     @field_validator("host")
     @classmethod
@@ -498,6 +656,12 @@ class BridgeConfig(_Strict):
     routes: list[RouteConfig] = Field(default_factory=list)
     handoff: list[HandoffConfig] = Field(default_factory=list)
     operations: OperationsConfig | None = None
+    agreements: list[AgreementConfig] = Field(
+        default_factory=list, description="data-use agreements links carry"
+    )
+    operators: list[OperatorConfig] = Field(
+        default_factory=list, description="the people who run this bridge, with their roles"
+    )
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -521,6 +685,17 @@ class BridgeConfig(_Strict):
             ):
                 raise ValueError(f"links[{i}].purpose: a pull link's purpose is TREAT, HOPERAT"
                                  " or PUBHLTH (or list them in pull.purposes)")
+            if link.direction in ("outbound", "pull") and partner.abroad and not (
+                partner.cross_border
+            ):
+                raise ValueError(
+                    f"partners.{partner.id}.cross_border: the partner is outside the mainland"
+                    f" (jurisdiction {partner.jurisdiction}); link {link.id} sends to it only"
+                    " under an approval (reference, authority, item_cap, expires)"
+                )
+            if link.agreement is not None:
+                self._check_agreement(i, link)
+        self._check_operators()
         inbound = {link.id for link in self.links if link.direction == "inbound"}
         seen_destinations: set[str] = set()
         for i, dest in enumerate(self.handoff):
@@ -539,6 +714,50 @@ class BridgeConfig(_Strict):
                 if link_id not in outbound:
                     raise ValueError(f"routes[{i}].links[{j}]: no outbound link with that id")
         return self
+
+    def _check_agreement(self, i: int, link: LinkConfig) -> None:
+        agreement = next((a for a in self.agreements if a.id == link.agreement), None)
+        if agreement is None:
+            raise ValueError(f"links[{i}].agreement: no agreement with that id")
+        for party in (self.controller.id, link.partner):
+            if party not in agreement.parties:
+                raise ValueError(f"agreements.{agreement.id}.parties: does not name {party},"
+                                 f" a party of link {link.id}")
+        purposes = link.pull_purposes() if link.direction == "pull" else [link.purpose]
+        for purpose in purposes:
+            if purpose not in agreement.purposes:
+                raise ValueError(f"agreements.{agreement.id}.purposes: does not cover {purpose},"
+                                 f" the purpose of link {link.id}")
+
+    def _check_operators(self) -> None:
+        ids = [a.id for a in self.agreements]
+        if len(set(ids)) != len(ids):
+            raise ValueError("agreements: duplicate agreement id")
+        names = [o.name for o in self.operators]
+        if len(set(names)) != len(names):
+            raise ValueError("operators: duplicate operator name")
+        roles: dict[str, set[str]] = {}
+        for op in self.operators:
+            for user in op.os_users:
+                roles.setdefault(user, set()).add(op.role)
+        for user, held in roles.items():
+            duties = held - {"viewer"}
+            if len(duties) > 1:
+                # §11.7.4.2 a 5: access control, key management and data import are
+                # held by different people.
+                raise ValueError(
+                    f"operators: host user {user} would hold {' and '.join(sorted(duties))};"
+                    " these duties are separated (GB/T 39725 §11.7.4.2 a 5)"
+                )
+
+    def agreement(self, agreement_id: str) -> AgreementConfig:
+        for a in self.agreements:
+            if a.id == agreement_id:
+                return a
+        raise ConfigError("no such agreement", location=f"agreements.{agreement_id}")
+
+    def operator(self, name: str) -> OperatorConfig | None:
+        return next((o for o in self.operators if o.name == name), None)
 
     def partner(self, partner_id: str) -> PartnerConfig:
         for p in self.partners:
@@ -597,6 +816,7 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     if isinstance(partners, list):
         for partner in partners:
             fix(partner, ("signing_certs",))
+    fix(data.get("operations"), ("operator_ca",))
     handoff = data.get("handoff")
     if isinstance(handoff, list):
         for dest in handoff:

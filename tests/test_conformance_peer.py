@@ -225,6 +225,8 @@ def _recompute_chain(rows: list[sqlite3.Row]) -> list[str]:
             "detail": row["detail"],
             "digest": row["digest"],
         }
+        if row["operator"] is not None:  # present only when a person caused the entry
+            entry["operator"] = row["operator"]
         digest = hashlib.sha256(rfc8785.dumps(entry)).hexdigest()
         hashes.append(digest)
         prev = digest

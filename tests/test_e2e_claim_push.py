@@ -93,6 +93,7 @@ def store_of(pair: Pair, who: str) -> Path:
 # --- the happy path ----------------------------------------------------------------------
 
 
+@pytest.mark.control("U14", "T2", "T15")
 async def test_consented_claim_arrives_minimised_signed_and_receipted(
     pair: Pair, records: list
 ) -> None:
@@ -135,6 +136,7 @@ async def test_consented_claim_arrives_minimised_signed_and_receipted(
     assert receipt == orjson.loads(stored.receipt)
 
 
+@pytest.mark.control("U1", "U4")
 async def test_claim_without_consent_is_refused_and_audited_by_sender(
     pair: Pair, records: list
 ) -> None:
@@ -147,6 +149,7 @@ async def test_claim_without_consent_is_refused_and_audited_by_sender(
     assert inbox_count(store_of(pair, "insurer")) == 0
 
 
+@pytest.mark.control("U3")
 async def test_consent_for_another_recipient_does_not_permit(pair: Pair, records: list) -> None:
     await pair.hospital.controller.put_consent(consent_for(records[2], recipient="clinic-x"))
     with pytest.raises(ConsentDenied):
@@ -171,6 +174,7 @@ async def test_resend_yields_original_receipt_and_one_inbox_row(pair: Pair, reco
     assert await wait_audit(pair, "message.duplicate")
 
 
+@pytest.mark.control("U1", "U4")
 async def test_revoked_consent_stops_a_queued_claim(tmp_path: Path, records: list) -> None:
     pair = await start_pair(tmp_path, start_dispatch=False)
     try:
@@ -217,6 +221,7 @@ async def _post(
         return resp.status, orjson.loads(await resp.read())
 
 
+@pytest.mark.control("T15")
 async def test_tampered_payload_is_rejected_and_audited(pair: Pair, records: list) -> None:
     record = records[5]
     await pair.hospital.controller.put_consent(consent_for(record))
@@ -263,6 +268,7 @@ async def test_malformed_json_and_wrong_media_type(pair: Pair) -> None:
     assert inbox_count(store_of(pair, "insurer")) == 0
 
 
+@pytest.mark.control("T18", "T3")
 async def test_certificate_of_unregistered_partner_gets_401(pair: Pair) -> None:
     body = orjson.dumps({"resourceType": "Bundle", "type": "message"})
     status, outcome = await _post(pair, body, who="clinic-x")
@@ -280,6 +286,7 @@ async def _expect_handshake_refused(pair: Pair, **kwargs: Any) -> None:
     assert inbox_count(store_of(pair, "insurer")) == 0
 
 
+@pytest.mark.control("U14", "T11")
 async def test_client_without_certificate_cannot_connect(pair: Pair) -> None:
     await _expect_handshake_refused(pair, who=None)
 
@@ -311,6 +318,7 @@ async def test_expired_certificate_is_refused(pair: Pair, tmp_path: Path) -> Non
 # --- audit -------------------------------------------------------------------------------------
 
 
+@pytest.mark.control("T10")
 async def test_both_audit_chains_verify_and_any_edit_is_detected(
     tmp_path: Path, records: list, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -371,6 +379,7 @@ async def test_revocation_through_another_process_stops_queued_claims(
         await pair.stop()
 
 
+@pytest.mark.control("T13")
 async def test_signed_but_invalid_fhir_gets_422_naming_the_element(
     pair: Pair, records: list
 ) -> None:
@@ -426,6 +435,7 @@ async def test_failures_are_answered_as_operation_outcomes(pair: Pair, records: 
     assert outcome["issue"][0]["details"]["coding"][0]["code"] == "store-error"
 
 
+@pytest.mark.control("U7")
 async def test_disclosure_history_of_one_patient(
     tmp_path: Path, records: list, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -235,6 +235,7 @@ async def test_revoking_consent_between_pages_stops_the_next_page(site: PullSite
     assert denied and denied[-1].subject == second["identifier"]["value"]
 
 
+@pytest.mark.control("T18")
 async def test_unknown_and_unconsented_patients_get_the_same_answer(site: PullSite) -> None:
     consented, unconsented = person_records(1, seed=5), person_records(1, seed=6)
     await keep(site, consented + unconsented)
@@ -327,6 +328,7 @@ async def test_bad_requests_are_refused_naming_the_parameter_and_audited(
     assert pid not in text and id_card(records[0])[1] not in text
 
 
+@pytest.mark.control("T18")
 @pytest.mark.parametrize("who", [INSURER, STRANGER, HOSPITAL])
 async def test_a_certificate_without_a_pull_link_gets_401(site: PullSite, who: str) -> None:
     status, body, _ = await get(site, "Patient", {"identifier": "a|b"}, who=who)

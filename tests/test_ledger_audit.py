@@ -51,7 +51,8 @@ def test_every_field_is_covered_by_the_hash() -> None:
     h = entry_hash(GENESIS_HASH, 1, base)
     changes = {"time": T0 + timedelta(microseconds=1), "actor": "x", "action": "claim.ack",
                "subject": "s", "partner": None, "patient": "pp:00", "categories": ["x"],
-               "outcome": "failure", "detail": "timeout", "digest": None}
+               "outcome": "failure", "detail": "timeout", "digest": None,
+               "operator": "os:someone"}
     assert set(changes) == {f.name for f in dataclasses.fields(AuditRecord)}
     for name, value in changes.items():
         assert entry_hash(GENESIS_HASH, 1, dataclasses.replace(base, **{name: value})) != h, name

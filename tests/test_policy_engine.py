@@ -75,6 +75,7 @@ def test_other_code_systems_are_not_matched_as_icd10() -> None:
     assert load_sensitive_codes().classes_of("urn:oid:2.16.156.10011.2.3.3.12", "C34") == set()
 
 
+@pytest.mark.control("T1")
 def test_classify_labels_category_confidentiality_and_class() -> None:
     bundle = claim_bundle()
     result = classify(bundle)
@@ -177,6 +178,7 @@ def test_inline_claim_diagnosis_code_is_held_back_too(insurer: LinkProfile) -> N
     assert "Claim.diagnosis" in result.held_back
 
 
+@pytest.mark.control("T2")
 def test_profile_removals_are_reported_and_output_is_valid(insurer: LinkProfile) -> None:
     registry = ConsentRegistry()
     registry.put(consent(), now=NOW)
@@ -189,6 +191,7 @@ def test_profile_removals_are_reported_and_output_is_valid(insurer: LinkProfile)
         assert security(entry["resource"], CONFIDENTIALITY_SYSTEM)
 
 
+@pytest.mark.control("U3")
 def test_wrong_purpose_or_recipient_denies_whole_disclosure(insurer: LinkProfile) -> None:
     registry = ConsentRegistry()
     registry.put(consent(), now=NOW)

@@ -122,6 +122,7 @@ def test_grade_5_never_travels_on_a_link_without_grade_5(tmp_path: Path) -> None
 # --- patient restrictions (deny provisions, §7 h) ------------------------------------------
 
 
+@pytest.mark.control("U8")
 def test_restriction_on_a_data_category_holds_back_diagnoses_everywhere() -> None:
     insurer = load_link_profile("commercial-insurance")
     restricted = consent()
@@ -166,6 +167,7 @@ def test_holding_back_the_patient_refuses_everything() -> None:
 # --- emergency override -------------------------------------------------------------------
 
 
+@pytest.mark.control("U8")
 def test_emergency_override_is_explicit_audited_and_only_for_etreat() -> None:
     regional = load_link_profile("regional-interoperability:authorise")
     override = EmergencyOverride(actor="dr-wang", reason="unconscious patient, ED admission")
@@ -296,6 +298,7 @@ def research() -> LinkProfile:
     return load_link_profile("research-limited-data-set")
 
 
+@pytest.mark.control("D3", "D5")
 def test_no_direct_identifier_of_appendix_g_survives(research: LinkProfile) -> None:
     for collection, registry in research_batch(40):
         collection["entry"][1]["resource"].setdefault("contact", [{"name": {"text": "联系人甲"},
@@ -321,6 +324,7 @@ def _at(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+@pytest.mark.control("D4")
 def test_date_shift_keeps_intervals_and_is_per_patient(research: LinkProfile) -> None:
     shifts = set()
     for collection, registry in research_batch(12):
@@ -345,6 +349,7 @@ def test_date_shift_keeps_intervals_and_is_per_patient(research: LinkProfile) ->
     assert len(shifts) > 1
 
 
+@pytest.mark.control("D7")
 def test_research_profile_needs_the_key(research: LinkProfile) -> None:
     collection, registry = research_batch(1)[0]
     with pytest.raises(ConfigError):
@@ -353,6 +358,7 @@ def test_research_profile_needs_the_key(research: LinkProfile) -> None:
         run(research, registry, collection, recipient="research-c", purpose="HRESCH", key=b"short")
 
 
+@pytest.mark.control("D6")
 def test_k_anonymity_releases_only_groups_of_at_least_k(research: LinkProfile) -> None:
     assert research.k_anonymity is not None and research.k_anonymity.k == 5
     outputs = []

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -34,6 +36,17 @@ PSEUDONYM_PREFIX = "pp:"
 
 Outcome = Literal["success", "failure", "denied"]
 OUTCOMES: frozenset[str] = frozenset({"success", "failure", "denied"})
+# Who acted: an operator certificate's name or a host user, never free text.
+_OPERATOR = re.compile(r"^(cert|os):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+#: The operator acting in the current task (``cert:<name>``, ``os:<user>``), or None for
+#: the bridge itself. A record made without an explicit ``operator`` takes it from here,
+#: so every entry a command or an operations request causes names the person.
+ACTING_OPERATOR: ContextVar[str | None] = ContextVar("acting_operator", default=None)
+
+
+def _acting_operator() -> str | None:
+    return ACTING_OPERATOR.get()
 
 
 def format_time(value: datetime) -> str:
@@ -57,6 +70,12 @@ class AuditRecord:
     disclosed or received (DESIGN §2 classify); a list is accepted and stored as a
     tuple, so records stay immutable and compare equal after a round trip.
     ``detail`` is an error code, never an error text that could carry values.
+    ``operator`` names the person whose command or request caused the entry
+    (``cert:<name>`` for an operator certificate, ``os:<user>`` for a command run on the
+    host); None for what the bridge does by itself. It is left out of the hashed form
+    when None, so entries written before operators were recorded keep their hashes.
+    Left out, it is the operator acting in the current task (:data:`ACTING_OPERATOR`);
+    code that rebuilds a stored record passes the stored value, None included.
     """
 
     time: datetime
@@ -69,6 +88,7 @@ class AuditRecord:
     outcome: Outcome = "success"
     detail: str | None = None
     digest: str | None = None
+    operator: str | None = field(default_factory=_acting_operator)
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None or self.time.utcoffset() is None:
@@ -85,10 +105,16 @@ class AuditRecord:
         if isinstance(cats, str):
             raise ValueError("AuditRecord.categories must be a list of strings, not a string")
         object.__setattr__(self, "categories", tuple(cats))
+        if self.operator is not None and not _OPERATOR.match(self.operator):
+            raise ValueError("AuditRecord.operator must be cert:<name> or os:<user>")
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The record as JSON-ready values (time as a UTC ISO string)."""
-        return {
+        """The record as JSON-ready values (time as a UTC ISO string).
+
+        ``operator`` is present only when set: the hashed form of an entry without one
+        is exactly what it was before operators were recorded.
+        """
+        body: dict[str, Any] = {
             "time": format_time(self.time),
             "actor": self.actor,
             "action": self.action,
@@ -100,6 +126,9 @@ class AuditRecord:
             "detail": self.detail,
             "digest": self.digest,
         }
+        if self.operator is not None:
+            body["operator"] = self.operator
+        return body
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,42 @@ CREATE TABLE IF NOT EXISTS pull_received (
 );
 """,
     ),
+    # Who acted: the operator (certificate or host user) behind an audit entry. NULL for
+    # what the bridge does by itself, and for every entry written before this step.
+    Migration(
+        name="1500-audit-operator",
+        sqlite="ALTER TABLE audit ADD COLUMN operator TEXT;",
+        postgres="ALTER TABLE audit ADD COLUMN IF NOT EXISTS operator TEXT;",
+    ),
+    # Items sent abroad under each cross-border approval, and restores waiting for
+    # reconciliation with the partners (bridge.ledger.compliance).
+    Migration(
+        name="1501-compliance",
+        ddl="""
+CREATE TABLE IF NOT EXISTS crossborder_count (
+    approval  TEXT NOT NULL,
+    partner   TEXT NOT NULL,
+    items     {bigint} NOT NULL,
+    PRIMARY KEY (approval, partner)
+);
+CREATE TABLE IF NOT EXISTS crossborder_item (
+    approval   TEXT NOT NULL,
+    partner    TEXT NOT NULL,
+    link       TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    time       TEXT NOT NULL,
+    audit_seq  {bigint} NOT NULL,
+    PRIMARY KEY (approval, partner, subject)
+);
+CREATE TABLE IF NOT EXISTS store_restore (
+    id          {autoid},
+    restored    TEXT NOT NULL,
+    backup      TEXT NOT NULL,
+    audit_seq   {bigint} NOT NULL,
+    reconciled  TEXT
+);
+""",
+    ),
 )
 
 

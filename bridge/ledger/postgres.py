@@ -251,7 +251,7 @@ _INBOX_COLS = "sender, message_id, digest, payload, receipt, audit_seq, received
 _HL7_COLS = "sender, control_id, digest, message, record, ack, audit_seq, received"
 _AUDIT_COLS = (
     "seq, time, actor, action, subject, partner, patient, categories, outcome, detail,"
-    " digest, prev_hash, hash"
+    " digest, prev_hash, hash, operator"
 )
 
 
@@ -290,7 +290,7 @@ def _hl7_row(r: tuple[Any, ...]) -> HL7InboxRow:
 def _audit_entry(r: tuple[Any, ...]) -> AuditEntry:
     record = AuditRecord(
         time=_utc(r[1]), actor=r[2], action=r[3], subject=r[4], partner=r[5], patient=r[6],
-        categories=tuple(r[7]), outcome=r[8], detail=r[9], digest=r[10],
+        categories=tuple(r[7]), outcome=r[8], detail=r[9], digest=r[10], operator=r[13],
     )
     return AuditEntry(seq=int(r[0]), record=record, prev_hash=r[11], hash=r[12])
 
@@ -507,11 +507,11 @@ class PostgresStore:
         conn.execute(
             "WITH head AS (UPDATE audit_head SET seq=%s, hash=%s)"
             f" INSERT INTO audit ({_AUDIT_COLS}) VALUES"
-            " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
             (entry.seq, entry.hash,
              entry.seq, record.time, j["actor"], j["action"], j["subject"], j["partner"],
              j["patient"], Jsonb(j["categories"]), j["outcome"], j["detail"], j["digest"],
-             entry.prev_hash, entry.hash),
+             entry.prev_hash, entry.hash, record.operator),
         )
         return entry
 

@@ -216,7 +216,7 @@ _INBOX_COLS = "sender, message_id, digest, payload, receipt, audit_seq, received
 _HL7_COLS = "sender, control_id, digest, message, record, ack, audit_seq, received"
 _AUDIT_COLS = (
     "seq, time, actor, action, subject, partner, patient, categories, outcome, detail,"
-    " digest, prev_hash, hash"
+    " digest, prev_hash, hash, operator"
 )
 
 
@@ -246,7 +246,7 @@ def _audit_entry(r: tuple[Any, ...]) -> AuditEntry:
     record = AuditRecord(
         time=parse_time(r[1]), actor=r[2], action=r[3], subject=r[4], partner=r[5],
         patient=r[6], categories=tuple(orjson.loads(r[7])), outcome=r[8], detail=r[9],
-        digest=r[10],
+        digest=r[10], operator=r[13],
     )
     return AuditEntry(seq=r[0], record=record, prev_hash=r[11], hash=r[12])
 
@@ -344,7 +344,13 @@ class SQLiteStore:
             if migration.name in applied:
                 continue
             for statement in _split_script(migration.script("sqlite")):
-                conn.execute(statement)
+                try:
+                    conn.execute(statement)
+                except sqlite3.OperationalError as exc:
+                    # SQLite has no ADD COLUMN IF NOT EXISTS: a column already there (a
+                    # store whose migration record was lost) is the step already done.
+                    if not str(exc).startswith("duplicate column name"):
+                        raise
             conn.execute("INSERT INTO schema_migrations (name, applied) VALUES (?, datetime('now'))",
                          (migration.name,))
 
@@ -424,10 +430,10 @@ class SQLiteStore:
         entry = chain_entry(prev_hash, prev_seq + 1, record)
         j = record.to_json_dict()
         conn.execute(
-            f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (entry.seq, j["time"], j["actor"], j["action"], j["subject"], j["partner"],
              j["patient"], orjson.dumps(j["categories"]).decode(), j["outcome"], j["detail"],
-             j["digest"], entry.prev_hash, entry.hash),
+             j["digest"], entry.prev_hash, entry.hash, record.operator),
         )
         return entry
 

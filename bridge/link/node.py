@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import orjson
 
+from bridge.compliance.agreements import CrossBorderRefused, check_agreement, check_link
+from bridge.compliance.operators import acting_operator
 from bridge.config import BridgeConfig, LinkConfig
 from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
 from bridge.handoff import routes
@@ -29,6 +31,7 @@ from bridge.logs import event, refusal_event
 from bridge.mapping import map_record, patient_identifiers
 from bridge.messages import collection_of, message_id_for, wrap_message
 from bridge.policy.consent import ConsentRegistry, parse_consent
+from bridge.policy.consent_rules import LinkConsentView, check_registration, recipients_of
 from bridge.policy.engine import apply_policy, recheck_collection
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.resources import MappingFiles
@@ -116,6 +119,12 @@ class Controller:
         self.profiles: dict[str, LinkProfile] = {
             link.id: _profile_for(link.profile_ref()) for link in config.links
         }
+        # Each link counts consents by its own rules on expiry (consent_rules).
+        self.link_consents: dict[str, ConsentRegistry] = {
+            link.id: LinkConsentView(self.consents, without_end=link.consent_without_end,
+                                     cap_days=link.consent_cap_days)
+            for link in config.links
+        }
         # The site's overlay of the mapping files (value sets the FHIR mapping reads too).
         site = config.intake.site
         self.mapping_files = MappingFiles(site.resolve() if site is not None else None)
@@ -148,7 +157,12 @@ class Controller:
             outcome=outcome,
             detail=detail,
             digest=digest_value,
+            operator=acting_operator(),
         )
+
+    def consents_for(self, link: LinkConfig) -> ConsentRegistry:
+        """The consent registry as ``link`` counts it (expiry and marketing rules)."""
+        return self.link_consents.get(link.id, self.consents)
 
     def pseudonym(self, identifiers: list[tuple[str, str]]) -> str | None:
         """A keyed pseudonym of the patient's most stable identifier.
@@ -201,6 +215,11 @@ class Controller:
         """Register, amend or revoke (status ``inactive``) a consent; durable before it counts."""
         now = self.clock()
         record = parse_consent(resource)
+        recipients = recipients_of(record.provision)
+        check_registration(record, refusing_links=[
+            link.id for link in self.config.links
+            if link.partner in recipients and link.consent_without_end == "refuse"
+        ])
         patient_keys = ["|".join(record.patient)]
         entry = self.audit(
             "consent.put",
@@ -234,12 +253,13 @@ class Controller:
         link = self.outbound_link(link_id)
         partner = self.config.partner(link.partner)
         now = self.clock()
+        check_link(self.config, link, now)
         collection = map_record(record, now=now, files=self.mapping_files)
         if replaces is not None:
             mark_replacing(collection, replaces)
         result = apply_policy(
             collection,
-            registry=self.consents,
+            registry=self.consents_for(link),
             profile=self.profiles[link.id],
             recipient=partner.id,
             purpose=link.purpose,
@@ -253,6 +273,7 @@ class Controller:
             raise MappingError(
                 "this record yields no Claim to send on a claim link", location="$.dataset"
             )
+        check_agreement(self.config, link, now, resource_types=resource_types(result.bundle))
         message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
         message = wrap_message(
             result.bundle,
@@ -302,6 +323,7 @@ class Controller:
             )
         try:
             signed, submitted = self.prepare(record, link_id, replaces=replaces)
+            await self.count_abroad(link, submitted.message_id, signed)
         except PolicyError as exc:
             now = self.clock()
             ids = _record_patient_ids(record)
@@ -358,6 +380,33 @@ class Controller:
             decided_by=submitted.decided_by,
         )
 
+    async def count_abroad(self, link: LinkConfig, subject: str,
+                           payload: dict[str, Any] | None = None) -> None:
+        """Count one item sent to a partner outside the mainland against its approval's
+        cap (audited as ``crossborder.item``); raise CrossBorderRefused at the cap."""
+        partner = self.config.partner(link.partner)
+        approval = partner.cross_border
+        if not partner.abroad or approval is None:
+            return
+        from bridge.ledger.compliance import count_cross_border
+
+        counted = await self.db.call(
+            count_cross_border, self.store, approval=approval.reference, partner=partner.id,
+            link=link.id, subject=subject, cap=approval.item_cap,
+            audit=self.audit(
+                "crossborder.item", subject=subject, partner=partner.id,
+                categories=resource_types(payload) if payload else None,
+                detail=f"approval={approval.reference} jurisdiction={partner.jurisdiction}",
+            ),
+        )
+        if not counted.allowed:
+            raise CrossBorderRefused(
+                f"cross-border approval {approval.reference} allows {approval.item_cap} items,"
+                " all of them sent",
+                location=f"partners.{partner.id}.cross_border.item_cap",
+                approval=approval.reference,
+            )
+
     async def keep_for_pull(self, record: dict[str, Any], *, source: str) -> bool:
         """Keep a record in the records store a pull link answers from (only when this
         controller serves record pull). True when it was new; MappingError for a record
@@ -383,9 +432,10 @@ class Controller:
         survives a restart. A consent narrowed meanwhile to exclude a special-disease
         class stops a message that carries that class.
         """
+        check_link(self.config, link, self.clock(), resource_types=resource_types(payload))
         recheck_collection(
             collection_of(payload),
-            registry=self.consents,
+            registry=self.consents_for(link),
             profile=self.profiles[link.id],
             recipient=link.partner,
             purpose=link.purpose,

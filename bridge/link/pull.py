@@ -46,6 +46,7 @@ from urllib.parse import unquote, urlencode
 import orjson
 from aiohttp import web
 
+from bridge.compliance.agreements import check_link
 from bridge.config import LinkConfig
 from bridge.errors import BridgeError, ConsentDenied, NotFound, ParseError, PolicyError, TrustError
 from bridge.errors import UnknownPartner as UnknownPartnerError
@@ -407,9 +408,12 @@ class PullAPI:
                                 content_type=FHIR_JSON,
                                 headers={"Retry-After": str(max(1, math.ceil(wait)))})
         try:
+            # Nothing is answered outside the link's agreement or cross-border approval.
+            check_link(self.c.config, link, self.c.clock())
             purpose, emergency = self._purpose(request, link)
             query = self._query(request, rtype, op, link)
             position = decode_cursor(self._cursor_key, query)
+            await self.c.count_abroad(link, f"pull:{uuid.uuid4()}")
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject=subject)
         pull = PullRequest(link, partner.id, purpose, emergency)
@@ -532,7 +536,7 @@ class PullAPI:
         ]
         collection = {"resourceType": "Bundle", "type": "collection", "entry": entries}
         return apply_policy(
-            collection, registry=self.c.consents, profile=profile, recipient=pull.partner,
+            collection, registry=self.c.consents_for(pull.link), profile=profile, recipient=pull.partner,
             purpose=pull.purpose, now=self.c.clock(), emergency=pull.emergency,
         )
 

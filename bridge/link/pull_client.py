@@ -22,6 +22,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from bridge.compliance.agreements import check_agreement
 from bridge.config import LinkConfig
 from bridge.errors import (
     BridgeError,
@@ -88,6 +89,8 @@ async def pull_patient(
     """Pull one patient's released records from the link's partner (see the module)."""
     c = controller
     link = pull_from_link(c, link_id)
+    # Nothing is pulled outside this side's data-use agreement.
+    check_agreement(c.config, link, c.clock())
     partner = c.config.partner(link.partner)
     base = str(partner.base_url).rstrip("/")
     stated = EMERGENCY_PURPOSE if emergency is not None else (purpose or link.pull_purposes()[0])

@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from bridge.compliance.agreements import check_link
 from bridge.config import ServerConfig
 from bridge.errors import (
     BridgeError,
@@ -274,6 +275,8 @@ class ReceiverApp:
                 bundle, self.c.keyring, expected_issuer=partner.id, expected_audience=self.c.id,
                 now=now,
             )
+            # Nothing is accepted outside this side's data-use agreement.
+            check_link(self.c.config, link, now, resource_types=resource_types(bundle))
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject=subject)
 

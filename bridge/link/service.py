@@ -45,6 +45,7 @@ class BridgeService:
         self.router: Router | None = None
         self.handoff = HandoffService(controller, poll_interval=min(poll_interval, 0.25))
         self.ops: Any = None  # bridge.ops.server.OpsServer when [operations] is configured
+        self._destroyer: asyncio.Task[None] | None = None  # destruction after retention
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
@@ -104,6 +105,11 @@ class BridgeService:
                 self.ops = ops
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
+        if any(link.agreement and link.direction in ("inbound", "pull-from")
+               for link in c.config.links):
+            from bridge.link.destruction import destroy_periodically
+
+            self._destroyer = asyncio.create_task(destroy_periodically(c), name="destruction")
         await self.handoff.start()
 
     def _key(self, key: str) -> str:
@@ -140,6 +146,10 @@ class BridgeService:
         return submitted
 
     async def stop(self) -> None:
+        if self._destroyer is not None:
+            self._destroyer.cancel()
+            await asyncio.gather(self._destroyer, return_exceptions=True)
+            self._destroyer = None
         await self.handoff.stop()
         if self.ops is not None:
             await self.ops.stop()

@@ -75,16 +75,23 @@ class OpsServer:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self._tls: Any = None  # the TLS listener with auth = "certificate"
 
     @property
     def url(self) -> str:
         host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.config.auth == "certificate" else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     # --- lifecycle ----------------------------------------------------------------------
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+        middlewares = []
+        if self.config.auth == "certificate":
+            from bridge.ops.access import OperatorGate
+
+            middlewares.append(OperatorGate(self.controller, self.config).middleware())
+        app = web.Application(client_max_size=64 * 1024, middlewares=middlewares)
         app.on_response_prepare.append(_protect)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -94,6 +101,9 @@ class OpsServer:
         return app
 
     async def start(self, *, where: str = "operations.port") -> None:
+        if self.config.auth == "certificate":
+            await self._start_tls(where)
+            return
         self._runner = web.AppRunner(self.build(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
@@ -109,7 +119,31 @@ class OpsServer:
         self._sampler = asyncio.create_task(self._sample_forever(), name="ops:sampler")
         log.info("operations port on %s", self.url)
 
+    async def _start_tls(self, where: str) -> None:
+        """HTTPS for operator certificates (bridge.ops.access), through the same TLS
+        listener as the partner port, so failed handshakes are audited alike."""
+        from bridge.link.tlsgate import TLSListener
+        from bridge.ops.access import operator_context
+
+        ctx = operator_context(self.controller.config, self.config)
+        self._runner = web.AppRunner(self.build(), access_log=None,
+                                     keepalive_timeout=self.config.idle_timeout_seconds)
+        await self._runner.setup()
+        assert self._runner.server is not None
+        self._tls = TLSListener(self._runner.server, ctx, on_refused=self.service._tls_refused)
+        try:
+            self.port = await self._tls.start(self.config.host, self.config.port)
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise listen_error(exc, self.config.host, self.config.port, where) from None
+        self._sampler = asyncio.create_task(self._sample_forever(), name="ops:sampler")
+        log.info("operations port on %s (operator certificates)", self.url)
+
     async def stop(self) -> None:
+        if self._tls is not None:
+            await self._tls.close()
+            self._tls = None
         if self._sampler is not None:
             self._sampler.cancel()
             try:
@@ -356,6 +390,9 @@ class OpsServer:
     # --- requeue ------------------------------------------------------------------------------
 
     def _local_request(self, request: web.Request) -> bool:
+        if self.config.auth == "certificate":
+            # The operator certificate and its role were checked (bridge.ops.access).
+            return True
         if not _is_loopback(request.remote):
             return False
         host = request.headers.get("Host", "")

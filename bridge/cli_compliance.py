@@ -1,0 +1,51 @@
+"""``bridge compliance report``: GB/T 39725 Appendix F, item by item (see
+:mod:`bridge.compliance.report`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from bridge.cli_common import add_json_option, print_json
+
+
+def cmd_compliance_report(args: argparse.Namespace) -> int:
+    from bridge.compliance.report import (
+        build_report,
+        default_evidence_path,
+        load_evidence,
+        render_html,
+        render_text,
+    )
+    from bridge.config import load_config
+
+    config = load_config(args.config)
+    path = Path(args.evidence) if args.evidence else default_evidence_path()
+    report = build_report(config, load_evidence(path))
+    if args.html:
+        Path(args.html).write_text(render_html(report), encoding="utf-8")
+    if args.json:
+        print_json(report)
+    elif not args.html:
+        sys.stdout.write(render_text(report))
+    else:
+        sys.stdout.write(f"report written to {args.html}\n")
+    return 0
+
+
+def add_compliance_commands(sub: Any) -> None:
+    """Register ``bridge compliance`` on the main parser's subcommands."""
+    p = sub.add_parser("compliance", help="GB/T 39725 Appendix F: status, features and tests")
+    csub = p.add_subparsers(dest="compliance_command", required=True, metavar="COMMAND")
+    r = csub.add_parser("report", help="every Appendix F item for this configuration")
+    r.add_argument("--config", required=True, help="the controller's configuration file (TOML)")
+    r.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
+    r.add_argument("--evidence", metavar="FILE",
+                   help="the test run's control evidence (default .compliance/evidence.json)")
+    add_json_option(r)
+    r.set_defaults(func=cmd_compliance_report)
+
+
+__all__ = ["add_compliance_commands"]

@@ -1,0 +1,96 @@
+"""Restore drills from outside: ``bridge store backup`` of a store while its ``bridge
+serve`` keeps receiving, then ``bridge store restore`` into the state of the backup,
+on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from compliance_support import another_claim, audit_entries, inbox_count, samples
+from ops_support import Site, bridge, make_site, serve, wait_for
+from pg_support import PGSchema, fresh_schema
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_kind(request: pytest.FixtureRequest) -> Iterator[PGSchema | None]:
+    if request.param == "sqlite":
+        yield None
+    else:
+        yield from fresh_schema()
+
+
+def _insurer_on(site: Site, pg: PGSchema | None) -> None:
+    if pg is None:
+        return
+    text = site.insurer.read_text(encoding="utf-8")
+    old = 'path = "insurer-b/bridge.sqlite"'
+    assert old in text
+    site.insurer.write_text(text.replace(
+        old, f'kind = "postgresql"\ndsn = "{pg.dsn}"\nschema = "{pg.schema}"'), encoding="utf-8")
+
+
+def _push(site: Site, claim: Path) -> None:
+    run = bridge("push", "--config", str(site.hospital), "--link", "claims-to-insurer-b",
+                 str(claim))
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.battery
+@pytest.mark.control("T16", "T10")
+def test_restore_drill_back_to_a_backup_taken_while_serving(
+    tmp_path: Path, store_kind: PGSchema | None
+) -> None:
+    site = make_site(tmp_path)
+    _insurer_on(site, store_kind)
+    assert bridge("consent", "add", "--config", str(site.hospital),
+                  str(samples(site) / "consent.json")).returncode == 0
+    insurer = serve(site.insurer)
+    hospital = serve(site.hospital)
+    backup = tmp_path / "backup"
+    try:
+        _push(site, samples(site) / "claim-1.json")
+        wait_for(lambda: inbox_count(site.insurer) == 1, what="first claim received")
+        run = bridge("store", "backup", "--config", str(site.insurer), str(backup), "--json")
+        assert run.returncode == 0, run.stderr
+        taken = json.loads(run.stdout)
+        _push(site, another_claim(site, 2))
+        wait_for(lambda: inbox_count(site.insurer) == 2, what="second claim received")
+    finally:
+        hospital.stop()
+        insurer.stop()
+    before = len(audit_entries(site.insurer))
+    assert taken["audit_seq"] < before
+
+    restored = bridge("store", "restore", "--config", str(site.insurer), str(backup))
+    assert restored.returncode == 0, restored.stderr
+    assert "audit chain verified" in restored.stdout
+    assert "reconciliation" in restored.stdout
+    assert inbox_count(site.insurer) == 1
+    entries = audit_entries(site.insurer)
+    assert entries[-1].record.action == "store.restore"
+    assert entries[-1].record.digest == f"sha256:{taken['sha256']}"
+    assert entries[-2].seq == taken["audit_seq"] and entries[-2].hash == taken["audit_hash"]
+    assert bridge("audit", "verify", "--config", str(site.insurer)).returncode == 0
+
+    # The restored store serves again.
+    insurer = serve(site.insurer)
+    insurer.stop()
+
+
+def test_a_backup_that_does_not_match_its_manifest_is_not_restored(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    assert bridge("consent", "add", "--config", str(site.hospital),
+                  str(samples(site) / "consent.json")).returncode == 0
+    backup = tmp_path / "backup"
+    assert bridge("store", "backup", "--config", str(site.hospital), str(backup)).returncode == 0
+    copy = backup / "store.sqlite"
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+    assert run.returncode != 0
+    assert "does not match its manifest" in run.stderr and "store.sqlite" in run.stderr
+    assert len(audit_entries(site.hospital, "consent.put")) == 1
