@@ -1,5 +1,3 @@
-import sys
+from bridge.entry import run
 
-from bridge.cli import main
-
-sys.exit(main())
+run()

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import orjson
 
 from bridge.errors import BridgeError, NotFound, ParseError, UsageError
+from bridge.files import read_bounded
 
 PROTOCOL_VERSION = "1"
 FHIR_VERSION = "4.0.1"
@@ -42,11 +43,18 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
+#: The largest file a command reads whole (a record, a consent, a message): far above any
+#: real one, and a bound on what a wrong file name (a log, a disk image) costs.
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+
 def read_input(path: str | Path, *, what: str = "input file") -> bytes:
     """The bytes of a file the user named, or an error naming the file and what is wrong."""
     file = Path(path)
     try:
-        return file.read_bytes()
+        return read_bounded(file, MAX_INPUT_BYTES)
+    except UsageError as exc:
+        raise UsageError(f"{what}: {exc.message}", location=exc.location) from None
     except FileNotFoundError:
         raise NotFound(f"{what}: no such file", location=str(file)) from None
     except IsADirectoryError:

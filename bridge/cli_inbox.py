@@ -8,10 +8,8 @@ written only by ``export``, each read recorded in the audit trail.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from datetime import UTC, date, datetime, time
-from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -19,6 +17,7 @@ import orjson
 from bridge.cli_common import add_json_option, folder_argument, non_negative_int
 from bridge.cli_common import print_json as _print_json
 from bridge.errors import ConfigError, NotFound, ParseError, UsageError
+from bridge.files import private_folder, write_private
 
 _STATES = ("queued", "sending", "delivered", "dead")
 _CONFIG_HELP = "the controller's configuration file (TOML)"
@@ -33,32 +32,50 @@ def _when(text: str | None, option: str) -> datetime | None:
             moment = datetime.combine(date.fromisoformat(text), time(0), tzinfo=UTC)
         else:
             moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ParseError("not an ISO 8601 date or date-time", location=option) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        # In UTC here, where an instant beyond year 1 or 9999 in UTC is still an input
+        # error (the store compares UTC times).
+        return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+                ).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ParseError("not an ISO 8601 date or date-time between years 1 and 9999 UTC",
+                         location=option) from None
 
 
-def _open(args: argparse.Namespace) -> tuple[Any, Any]:
+def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The configuration, the store and the command's filter (checked before the store
+    is opened: bad input is named as such whatever state the store is in)."""
     from bridge.config import load_config
     from bridge.ledger import open_store
 
     config = load_config(args.config)
+    f = _filter(args, config)
     if config.store.kind == "sqlite" and not config.store.path.exists():
         raise NotFound("no store at this path yet", location=str(config.store.path))
-    return config, open_store(config.store)
+    store = open_store(config.store)
+    if f.destination is not None and f.destination not in {d.id for d in config.handoff}:
+        # A destination since removed from the configuration may still hold claims.
+        from bridge.ledger.handoff import destinations_held
+
+        try:
+            held = destinations_held(store)
+        except BaseException:
+            store.close()
+            raise
+        if f.destination not in held:
+            store.close()
+            raise ConfigError("no hand-off destination with that id, configured or"
+                              " holding claims in the store",
+                              location=f"{config.source}: handoff")
+    return config, store, f
 
 
 def _filter(args: argparse.Namespace, config: Any) -> Any:
     from bridge.ledger.handoff import Filter
 
-    destination = getattr(args, "destination", None)
-    if destination is not None and destination not in {d.id for d in config.handoff}:
-        raise ConfigError("no hand-off destination with that id",
-                          location=f"{config.source}: handoff")
     return Filter(
         sender=getattr(args, "sender", None),
         message_id=getattr(args, "message_id", None),
-        destination=destination,
+        destination=getattr(args, "destination", None),
         state=getattr(args, "state", None),
         since=_when(getattr(args, "since", None), "--since"),
         until=_when(getattr(args, "until", None), "--until"),
@@ -94,9 +111,9 @@ def _entry_json(entry: Any) -> dict[str, Any]:
 def cmd_inbox_list(args: argparse.Namespace) -> int:
     from bridge.ledger.handoff import list_inbox
 
-    config, store = _open(args)
+    _config, store, f = _open(args)
     with store:
-        entries = list_inbox(store, _filter(args, config), limit=args.limit)
+        entries = list_inbox(store, f, limit=args.limit)
     if args.json:
         _print_json([_entry_json(e) for e in entries])
         return 0
@@ -159,7 +176,7 @@ def _find_one(store: Any, args: argparse.Namespace) -> Any:
 def cmd_inbox_show(args: argparse.Namespace) -> int:
     from bridge.ledger.handoff import last_answer
 
-    config, store = _open(args)
+    config, store, _f = _open(args)
     with store:
         entry = _find_one(store, args)
         row = store.inbox_lookup(entry.sender, entry.message_id)
@@ -197,21 +214,24 @@ def cmd_inbox_export(args: argparse.Namespace) -> int:
     from bridge.ledger.audit import format_time
     from bridge.ledger.handoff import list_inbox
 
-    config, store = _open(args)
+    config, store, f = _open(args)
     target = folder_argument(args.to, option="--to") if args.to else None
     if target is not None:
-        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(target)
     count = 0
     with store:
-        entries = list_inbox(store, _filter(args, config), limit=args.limit)
+        entries = list_inbox(store, f, limit=args.limit)
         rows = [store.inbox_lookup(e.sender, e.message_id) for e in entries]
         rows = [r for r in rows if r is not None]
         _audit_read(store, config, "inbox.export", rows,
                     f"cli export to {'folder' if target else 'stdout'}")
+    inbound = {link.partner: link.id for link in reversed(config.links)
+               if link.direction == "inbound"}
     for entry, row in zip(entries, rows, strict=True):
         facts = EnvelopeFacts(
             destination="export", receiver=config.controller.id, sender=row.sender,
-            link=next((h.link for h in entry.handoffs), ""), message_id=row.message_id,
+            link=next((h.link for h in entry.handoffs), inbound.get(row.sender, "")),
+            message_id=row.message_id,
             sequence=0, received=format_time(row.received), audit_seq=row.audit_seq,
             message_digest=row.digest, receipt_digest=receipt_digest(row.receipt),
         )
@@ -220,7 +240,7 @@ def cmd_inbox_export(args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(body + b"\n")
         else:
             name = f"{row.sender}_{row.message_id.removeprefix('urn:uuid:')}.json"
-            _write_private(target / _safe(name), body)
+            write_private(target / _safe(name), body)
         count += 1
     if target is not None:
         sys.stderr.write(f"{count} messages written to {target}\n")
@@ -233,12 +253,6 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-
-
 # --- requeue ----------------------------------------------------------------------------------
 
 
@@ -247,8 +261,7 @@ def cmd_inbox_requeue(args: argparse.Namespace) -> int:
     from bridge.ledger.audit import AuditRecord
     from bridge.ledger.handoff import queue_missing, requeue
 
-    config, store = _open(args)
-    f = _filter(args, config)
+    config, store, f = _open(args)
     now = datetime.now(UTC)
     me = config.controller.id
     states = [HandoffState.DEAD] + ([HandoffState.DELIVERED] if args.delivered else [])
@@ -294,17 +307,22 @@ def cmd_inbox_requeue(args: argparse.Namespace) -> int:
 def handoff_report(config: Any, store: Any) -> list[dict[str, Any]]:
     """Per destination: depth, delivered, dead hand-offs (a few named), whether it is
     failing right now, and whether an operator is needed (something dead or failing)."""
-    from bridge.ledger.handoff import destination_status
+    from bridge.ledger.handoff import destination_status, destinations_held
 
     report: list[dict[str, Any]] = []
-    for dest in config.handoff:
-        s = destination_status(store, dest.id)
+    configured = {dest.id: dest.kind for dest in config.handoff}
+    stranded = [d for d in destinations_held(store) if d not in configured]
+    for dest_id, kind in [*configured.items(), *((d, None) for d in stranded)]:
+        s = destination_status(store, dest_id)
         failing = s.failing
+        waiting = s.counts["queued"] + s.counts["sending"]
         report.append({
-            "id": dest.id,
-            "kind": dest.kind,
+            "id": dest_id,
+            "kind": kind,
+            # Not configured (renamed or removed): its claims are handed to no one.
+            "configured": kind is not None,
             "counts": dict(s.counts),
-            "waiting": s.counts["queued"] + s.counts["sending"],
+            "waiting": waiting,
             "oldest_waiting_since": (s.oldest_waiting.created.isoformat()
                                      if s.oldest_waiting is not None else None),
             "failing": None if failing is None else {
@@ -314,7 +332,8 @@ def handoff_report(config: Any, store: Any) -> list[dict[str, Any]]:
             },
             "dead": [{"seq": r.seq, "sender": r.sender, "error": r.last_error,
                       "message_id": r.message_id} for r in s.dead],
-            "needs_operator": failing is not None or s.counts["dead"] > 0,
+            "needs_operator": failing is not None or s.counts["dead"] > 0
+            or (kind is None and waiting > 0),
         })
     return report
 
@@ -323,11 +342,16 @@ def print_handoff_status(report: list[dict[str, Any]], out: IO[str]) -> None:
     """The text form of :func:`handoff_report` for ``bridge status``."""
     for d in report:
         counts = d["counts"]
-        line = (f"  hand-off {d['id']} ({d['kind']}): waiting {d['waiting']},"
+        kind = d["kind"] if d["configured"] else "no longer configured"
+        line = (f"  hand-off {d['id']} ({kind}): waiting {d['waiting']},"
                 f" delivered {counts['delivered']}, dead {counts['dead']}")
         if d["oldest_waiting_since"] is not None:
             line += f"; oldest waiting since {d['oldest_waiting_since'][:19]}"
         out.write(line + "\n")
+        if not d["configured"] and d["waiting"]:
+            out.write("    NOT HANDED OVER: no [[handoff]] has this id any more; configure it"
+                      " again, or give its claims to another destination with"
+                      " bridge inbox requeue --missing --destination ID\n")
         f = d["failing"]
         if f is not None:
             out.write(f"    FAILING: {f['error']} after {f['attempts']} attempts"

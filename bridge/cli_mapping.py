@@ -9,9 +9,10 @@ from typing import Any
 
 import orjson
 
-from bridge.cli_common import add_json_option, read_input
+from bridge.cli_common import MAX_INPUT_BYTES, add_json_option, read_input
 from bridge.cli_common import print_json as _print_json
 from bridge.errors import BridgeError, UsageError
+from bridge.files import read_bounded
 from bridge.resources import SHIPPED
 
 # --- map ------------------------------------------------------------------------------
@@ -97,7 +98,8 @@ def _map_folder(source: str, target: str, folder: Path, *, check: bool,
         task = progress.add_task(f"mapping {source} -> {target}", total=len(files))
         for path in files:
             try:
-                result = _convert(source, target, path.read_bytes(), path.name, reader)
+                result = _convert(source, target, read_bounded(path, MAX_INPUT_BYTES), path.name,
+                                  reader)
             except BridgeError as exc:
                 failures.append((path.name, exc))
             except OSError as exc:

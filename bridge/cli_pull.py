@@ -18,7 +18,9 @@ from typing import Any
 
 import orjson
 
-from bridge.errors import BridgeError, NotFound, ParseError
+from bridge.cli_common import MAX_INPUT_BYTES
+from bridge.errors import BridgeError, NotFound, ParseError, UsageError
+from bridge.files import read_bounded
 
 
 def _print_json(obj: Any) -> None:
@@ -135,7 +137,11 @@ def cmd_records_import(args: argparse.Namespace) -> int:
             for path in files:
                 name = str(path.relative_to(folder))
                 try:
-                    record = read_record(path.read_bytes(), source=name)
+                    try:
+                        data = read_bounded(path, MAX_INPUT_BYTES)
+                    except OSError as exc:
+                        raise UsageError(f"cannot read: {exc.strerror}", location=name) from None
+                    record = read_record(data, source=name)
                     collection = controller.pull_collection(record)
                     from bridge.ledger.records import patient_keys
 

@@ -24,7 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.errors import ConfigError
+from bridge.errors import BridgeError, ConfigError
+from bridge.files import read_bounded
 
 _ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
@@ -822,15 +823,21 @@ def _resolve(data: dict[str, object], base: Path) -> None:
             fix(dest, ("ca", "client_cert", "client_key", "token_file", "password_file"))
 
 
+#: A configuration is a few kilobytes; a file far larger is the wrong file.
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
 def load_config(path: str | Path) -> BridgeConfig:
     """Read and validate a controller configuration file."""
     file = Path(path)
     try:
-        raw = file.read_bytes()
+        raw = read_bounded(file, _MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError(
             f"cannot read configuration file: {exc.strerror}", location=str(file)
         ) from None
+    except BridgeError as exc:  # a device, a pipe, a file far larger than any configuration
+        raise ConfigError(f"configuration file: {exc.message}", location=str(file)) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -7,7 +7,9 @@ link)::
 
 and :func:`setup_logging` decides how it is written: ``json`` (one JSON object per line,
 for a log shipper) or ``text`` (``time level event key=value ...``, for a person).
-Ordinary ``logging`` calls elsewhere in the bridge go through the same formatter.
+Ordinary ``logging`` calls elsewhere in the bridge go through the same formatter. The
+level chosen applies to the bridge's own loggers (``bridge.*``); other libraries' lines
+are written only from WARNING up, because at debug they dump what they carry.
 
 What may appear in a line is a closed vocabulary, :data:`FIELDS`: identities (message,
 consent, link, partner, controller), codes, element paths, counts and durations, never
@@ -275,9 +277,20 @@ def setup_logging(
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JSONFormatter(static) if fmt == "json" else TextFormatter())
+    handler.addFilter(_own_lines_or_warnings)
     root.addHandler(handler)
-    root.setLevel(_LEVELS[level])
+    # ``level`` is the bridge's own lines; the libraries under it (AMQP and HTTP clients,
+    # the database driver) say only warnings and errors, whatever ``level`` is: at debug
+    # they write the frames and bodies they carry, claims included.
+    root.setLevel(max(_LEVELS[level], logging.WARNING))
+    logging.getLogger("bridge").setLevel(_LEVELS[level])
     return handler
+
+
+def _own_lines_or_warnings(record: logging.LogRecord) -> bool:
+    """A library's logger set to a lower level by hand still says nothing below WARNING."""
+    return record.levelno >= logging.WARNING or record.name == "bridge" \
+        or record.name.startswith("bridge.")
 
 
 __all__ = [

@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,3 +257,51 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
             await asyncio.sleep(0.05)
 
     return waiter()
+
+
+class Serve:
+    """``bridge serve --config FILE`` in its own process, its log kept in a file."""
+
+    def __init__(self, config: Path, log: Path, *args: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.args = args
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready: list[str] = []
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._start)
+
+    def _start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "serve", "--config", str(self.config),
+                 *self.args],
+                stdout=subprocess.PIPE, stderr=out,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith(b"ready "), self.log.read_text()
+        self.ready = line.decode().split()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+def fast_hospital(config: Path) -> None:
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace(
+        'purpose = "HPAYMT"\n',
+        'purpose = "HPAYMT"\nretry_base_seconds = 0.05\nretry_cap_seconds = 0.3\n'
+        "max_attempts = 1000\nrequest_timeout_seconds = 2\n", 1), encoding="utf-8")

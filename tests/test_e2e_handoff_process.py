@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -20,8 +19,10 @@ from handoff_support import (
     ClaimEndpoint,
     FaultProxy,
     QueueConsumer,
+    Serve,
     add_destinations,
     delete_queue,
+    fast_hospital,
     unique_queue,
     wait_for,
 )
@@ -43,49 +44,6 @@ async def queue_name() -> AsyncIterator[str]:
     name = unique_queue()
     yield name
     await delete_queue(name)
-
-
-class Serve:
-    """``bridge serve --config FILE`` in its own process, its log kept in a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ready: list[str] = []
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self._start)
-
-    def _start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "serve", "--config", str(self.config)],
-                stdout=subprocess.PIPE, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith(b"ready "), self.log.read_text()
-        self.ready = line.decode().split()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-
-def fast_hospital(config: Path) -> None:
-    text = config.read_text(encoding="utf-8")
-    config.write_text(text.replace(
-        'purpose = "HPAYMT"\n',
-        'purpose = "HPAYMT"\nretry_base_seconds = 0.05\nretry_cap_seconds = 0.3\n'
-        "max_attempts = 1000\nrequest_timeout_seconds = 2\n", 1), encoding="utf-8")
 
 
 def inbox_ids(store: Path) -> list[str]:

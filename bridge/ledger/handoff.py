@@ -445,6 +445,15 @@ def last_answer(store: Store, row_id: int) -> bytes | None:
         return tx.unseal(r[0], context=_ANSWER_CONTEXT)
 
 
+def destinations_held(store: Store) -> list[str]:
+    """Every destination the queue holds waiting or dead hand-offs for, configured or
+    not (a destination renamed or removed from the configuration leaves its rows)."""
+    with store.read("handoff_destinations") as tx:
+        return sorted(str(r[0]) for r in tx.all(
+            "SELECT DISTINCT destination FROM handoff"
+            " WHERE state IN ('queued', 'sending', 'dead')"))
+
+
 @dataclass(frozen=True)
 class DestinationStatus:
     """How one destination is doing, for ``bridge status``."""
@@ -489,6 +498,7 @@ __all__ = [
     "InboxEntry",
     "claim",
     "destination_status",
+    "destinations_held",
     "last_answer",
     "list_inbox",
     "mark_delivered",

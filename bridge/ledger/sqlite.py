@@ -251,6 +251,29 @@ def _audit_entry(r: tuple[Any, ...]) -> AuditEntry:
     return AuditEntry(seq=r[0], record=record, prev_hash=r[11], hash=r[12])
 
 
+
+#: What an SQLite result code means to an operator (SQLite's own fixed texts say less).
+_SQLITE_PROBLEMS = {
+    "SQLITE_BUSY": "another process holds the store locked; try again when it is done",
+    "SQLITE_LOCKED": "another process holds the store locked; try again when it is done",
+    "SQLITE_CANTOPEN": "the file cannot be opened (missing folder, or not a file)",
+    "SQLITE_NOTADB": "the file is not an SQLite database",
+    "SQLITE_CORRUPT": "the database file is corrupt",
+    "SQLITE_READONLY": "the store is read-only for this user",
+    "SQLITE_PERM": "permission denied",
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_IOERR": "the disk failed to read or write",
+}
+
+
+def sqlite_problem(exc: sqlite3.Error) -> str:
+    """What went wrong, by SQLite's result code (never a value: codes only)."""
+    name = str(getattr(exc, "sqlite_errorname", "") or "")
+    base = name.split("_", 2)
+    primary = "_".join(base[:2]) if len(base) >= 2 else name
+    problem = _SQLITE_PROBLEMS.get(primary)
+    return f"{problem} ({name})" if problem else f"{type(exc).__name__} {name}".strip()
+
 class SQLiteStore:
     """Outbox, inbox, consents and audit chain in one SQLite file (see module docstring)."""
 
@@ -277,7 +300,7 @@ class SQLiteStore:
             conn.execute("PRAGMA foreign_keys=ON")
             self._migrate(conn)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store ({type(exc).__name__})",
+            raise StoreError(f"cannot open store: {sqlite_problem(exc)}",
                              location=str(self.path)) from exc
 
     # --- plumbing -------------------------------------------------------------------
@@ -367,7 +390,7 @@ class SQLiteStore:
                     conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise StoreError(f"store busy or failing in {what} ({type(exc).__name__})",
+                raise StoreError(f"store busy or failing in {what}: {sqlite_problem(exc)}",
                                  location=str(self.path)) from exc
             try:
                 yield conn
@@ -378,7 +401,7 @@ class SQLiteStore:
                 except sqlite3.Error:
                     pass
                 if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"store failed in {what} ({type(exc).__name__})",
+                    raise StoreError(f"store failed in {what}: {sqlite_problem(exc)}",
                                      location=str(self.path)) from exc
                 raise
             finally:

@@ -122,9 +122,14 @@ class HTTPTransport:
         session = self._open()
         headers = {"Content-Type": "application/json", **facts.headers(), **self._auth}
         try:
-            async with session.post(self.dest.url, data=body, headers=headers) as resp:
-                answer = await resp.read()
+            # Redirects are not followed: a 301/302/303 would turn the POST into a
+            # bodiless GET that something else answers 2xx, a 307/308 would carry the
+            # claim to wherever the Location names. A 3xx is a failed hand-off.
+            async with session.post(self.dest.url, data=body, headers=headers,
+                                    allow_redirects=False) as resp:
                 status, reason = resp.status, resp.reason or ""
+                location = resp.headers.get("Location")
+                answer = await _read_at_most(resp, _ANSWER_LIMIT)
         except TimeoutError:
             raise DeliveryFailed("http-timeout", b"no answer in time") from None
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
@@ -136,13 +141,32 @@ class HTTPTransport:
         except (aiohttp.ClientError, OSError) as exc:
             raise DeliveryFailed("http-failed", type(exc).__name__.encode()) from None
         if not 200 <= status < 300:
-            raise DeliveryFailed(f"http-{status}",
-                                 f"HTTP {status} {reason}\n".encode() + answer)
+            head = f"HTTP {status} {reason}\n"
+            if location is not None and 300 <= status < 400:
+                head += f"Location: {location}\n"
+            raise DeliveryFailed(f"http-{status}", head.encode() + answer)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The first ``limit`` bytes of the answer's body. An answer longer than that is not
+    read on: its connection is closed, so an endpoint answering with hundreds of
+    megabytes costs a few kilobytes, not its size in memory."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        part = await resp.content.read(limit - size)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        size += len(part)
+    if not resp.content.at_eof():
+        resp.close()
+    return b"".join(parts)
 
 
 class AMQPTransport:
@@ -222,8 +246,12 @@ class AMQPTransport:
             await exchange.publish(message, routing_key=self.routing_key, mandatory=True,
                                    timeout=self.dest.timeout_seconds)
         except aio_pika.exceptions.PublishError as exc:
+            # Returned: the queue (or binding) is gone under a live connection. The next
+            # attempt connects afresh, and so declares them again.
+            await self.close()
             raise DeliveryFailed("amqp-unroutable", _amqp_answer(exc)) from None
         except aio_pika.exceptions.DeliveryError as exc:
+            await self.close()
             raise DeliveryFailed("amqp-nack", _amqp_answer(exc)) from None
         except TimeoutError:
             await self.close()
@@ -472,12 +500,16 @@ def handoff_figures(ctx: ScrapeContext) -> Iterator[Metric]:
     failing = GaugeMetricFamily("bridge_handoff_failing",
                                 "1 while a waiting hand-off to it has failed and is retried",
                                 labels=["destination"])
-    for dest in ctx.config.handoff:
-        counts = queue.destination_status(ctx.store, dest.id, dead_limit=0)
-        waiting.add_metric([dest.id], counts.counts["queued"] + counts.counts["sending"])
-        delivered.add_metric([dest.id], counts.counts["delivered"])
-        dead.add_metric([dest.id], counts.counts["dead"])
-        failing.add_metric([dest.id], 1 if counts.failing is not None else 0)
+    configured = [dest.id for dest in ctx.config.handoff]
+    # A destination removed from the configuration keeps its series while the store
+    # holds claims waiting for it (handed to no one) or dead ones.
+    held = [d for d in queue.destinations_held(ctx.store) if d not in configured]
+    for dest_id in (*configured, *held):
+        counts = queue.destination_status(ctx.store, dest_id, dead_limit=0)
+        waiting.add_metric([dest_id], counts.counts["queued"] + counts.counts["sending"])
+        delivered.add_metric([dest_id], counts.counts["delivered"])
+        dead.add_metric([dest_id], counts.counts["dead"])
+        failing.add_metric([dest_id], 1 if counts.failing is not None else 0)
     yield from (waiting, delivered, dead, failing)
 
 

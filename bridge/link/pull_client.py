@@ -32,6 +32,7 @@ from bridge.errors import (
     ProfileError,
     SignatureError,
 )
+from bridge.files import private_folder, write_private
 from bridge.ledger import records as rec
 from bridge.link.dispatcher import PartnerConnector, classify_exception
 from bridge.link.pull import ACTOR_HEADER, PURPOSE_HEADER, REASON_HEADER
@@ -218,17 +219,16 @@ async def _audit_refusal(
 
 
 def _write_page(out: Path, number: int, body: bytes) -> None:
-    pages = out / "pages"
-    pages.mkdir(parents=True, exist_ok=True)
-    (pages / f"page-{number:05d}.json").write_bytes(body)
+    pages = private_folder(out / "pages")
+    write_private(pages / f"page-{number:05d}.json", body)
 
 
 def _write_resources(out: Path, resources: dict[str, dict[str, Any]]) -> list[str]:
-    out.mkdir(parents=True, exist_ok=True)
+    private_folder(out)
     written: list[str] = []
     for key, resource in sorted(resources.items()):
         rtype, _, rid = key.partition("/")
         name = f"{_SAFE.sub('_', rtype)}-{_SAFE.sub('_', rid)}.json"
-        (out / name).write_bytes(orjson.dumps(resource, option=orjson.OPT_INDENT_2))
+        write_private(out / name, orjson.dumps(resource, option=orjson.OPT_INDENT_2))
         written.append(name)
     return written

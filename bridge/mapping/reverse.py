@@ -58,7 +58,11 @@ def _fhir_datetime(value: Any, where: str) -> str:
         raise MappingError("not a FHIR dateTime", location=where) from None
     if moment.tzinfo is None:
         raise MappingError("dateTime without a time zone", location=where)
-    return moment.astimezone(_CST).strftime("%Y%m%dT%H%M%S")
+    try:
+        return moment.astimezone(_CST).strftime("%Y%m%dT%H%M%S")
+    except OverflowError:  # beyond year 9999 in China Standard Time
+        raise MappingError("dateTime beyond the year 9999 in China Standard Time",
+                           location=where) from None
 
 
 class _Reader:

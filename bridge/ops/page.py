@@ -38,6 +38,19 @@ class DeadLetterView:
 
 
 @dataclass(frozen=True)
+class HandoffView:
+    """One hand-off destination: claims received here on their way to our own systems."""
+
+    id: str
+    kind: str | None  # None: no longer configured, its claims go nowhere
+    waiting: int
+    delivered: int
+    dead: int
+    failing: str | None  # the error code while a waiting hand-off keeps failing
+    oldest_waiting: datetime | None
+
+
+@dataclass(frozen=True)
 class StatusView:
     controller: str
     name: str
@@ -54,6 +67,7 @@ class StatusView:
     csrf_token: str
     notice: str | None = None
     refresh_seconds: int = 30
+    handoffs: Sequence[HandoffView] = ()
 
 
 _STYLE = """
@@ -173,6 +187,36 @@ def _dead_letters(view: StatusView) -> str:
     )
 
 
+def _handoffs(view: StatusView) -> str:
+    if not view.handoffs:
+        return ""
+    rows = []
+    for h in view.handoffs:
+        if h.kind is None:
+            state, cls = "not configured: handed to no one", "bad" if h.waiting else "muted"
+        elif h.failing is not None:
+            state, cls = f"failing: {h.failing}", "bad"
+        else:
+            state, cls = "handing over", "ok"
+        since = h.oldest_waiting.isoformat(timespec="seconds") if h.oldest_waiting else "-"
+        rows.append(
+            f"<tr data-destination='{_e(h.id)}'><td><code>{_e(h.id)}</code></td>"
+            f"<td>{_e(h.kind or '-')}</td>"
+            f"<td class='{cls}' data-field='state'>{_e(state)}</td>"
+            f"<td class='n' data-field='waiting'>{h.waiting}</td>"
+            f"<td class='n' data-field='delivered'>{h.delivered}</td>"
+            f"<td class='n{' bad' if h.dead else ''}' data-field='dead'>{h.dead}</td>"
+            f"<td>{_e(since)}</td></tr>"
+        )
+    return (
+        "<h2>Hand-off</h2><table id='handoff'><tr><th>destination</th><th>kind</th>"
+        "<th>state</th><th>waiting</th><th>delivered</th><th>dead</th>"
+        "<th>oldest waiting since</th></tr>" + "".join(rows) + "</table>"
+        "<p class='muted'>Claims received here, on their way to this controller's own"
+        " systems. Dead hand-offs go again with <code>bridge inbox requeue</code>.</p>"
+    )
+
+
 def _certificates(view: StatusView) -> str:
     rows = []
     for cert in view.certificates:
@@ -217,7 +261,7 @@ def render_status(view: StatusView) -> str:
         f"<p class='muted'>ws-fhir-bridge {_e(view.version)} · "
         f"{_e(view.now.isoformat(timespec='seconds'))} · {store}</p>"
         f"{notice}<h2>Links</h2>{_links_table(view)}"
-        f"<h2>Dead letters</h2>{_dead_letters(view)}"
+        f"<h2>Dead letters</h2>{_dead_letters(view)}{_handoffs(view)}"
         f"<h2>Certificates</h2>{_certificates(view)}"
         "<p class='muted'>Also here: <a href='/readyz'>/readyz</a> ·"
         " <a href='/metrics'>/metrics</a> · <a href='/healthz'>/healthz</a></p>"
@@ -225,4 +269,4 @@ def render_status(view: StatusView) -> str:
     )
 
 
-__all__ = ["DeadLetterView", "LinkView", "StatusView", "depth_chart", "render_status"]
+__all__ = ["DeadLetterView", "HandoffView", "LinkView", "StatusView", "depth_chart", "render_status"]

@@ -41,11 +41,13 @@ from bridge.logs import event
 from bridge.ops.certs import CertificateInfo, configured_certificates
 from bridge.ops.history import DepthHistory
 from bridge.ops.metrics import BridgeMetrics
-from bridge.ops.page import DeadLetterView, LinkView, StatusView, render_status
+from bridge.ops.page import DeadLetterView, HandoffView, LinkView, StatusView, render_status
 
 log = logging.getLogger("bridge.ops")
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+#: How long a page or a scrape waits for the store before saying it does not answer.
+_STORE_WAIT_SECONDS = 5.0
 
 
 def _is_loopback(address: str | None) -> bool:
@@ -90,6 +92,7 @@ class OpsServer:
 
             middlewares.append(OperatorGate(self.controller, self.config).middleware())
         app = web.Application(client_max_size=64 * 1024, middlewares=middlewares)
+        app.on_response_prepare.append(_protect)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
@@ -184,7 +187,14 @@ class OpsServer:
         return web.json_response({"status": "up", "controller": self.controller.id})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        body = await self.controller.db.call(self.metrics.render)
+        try:
+            body = await asyncio.wait_for(self.controller.db.call(self.metrics.render),
+                                          timeout=_STORE_WAIT_SECONDS)
+        except TimeoutError:
+            # The figures are read from the store; a store that does not answer makes
+            # the scrape fail at once (the target shows as down), not hang.
+            return web.Response(status=503, text="the store did not answer within"
+                                f" {_STORE_WAIT_SECONDS:.0f} s; the figures are read from it\n")
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def readyz(self, request: web.Request) -> web.Response:
@@ -200,7 +210,8 @@ class OpsServer:
     async def _check_store(self) -> dict[str, Any]:
         try:
             seq, _hash = await asyncio.wait_for(
-                self.controller.db.call(self.controller.store.audit_head), timeout=5
+                self.controller.db.call(self.controller.store.audit_head),
+                timeout=_STORE_WAIT_SECONDS,
             )
         except (BridgeError, TimeoutError) as exc:
             code = exc.code if isinstance(exc, BridgeError) else "timeout"
@@ -283,14 +294,41 @@ class OpsServer:
                 else:
                     out["received"][link.id] = store.inbox_count(link.partner)
             out["audit"] = store.audit_head()[0]
+            out["handoff"] = self._handoff_snapshot()
         except BridgeError as exc:
             log.warning("status page could not read the store: %s", exc.code)
             out["store_ok"] = False
             out["audit"] = 0
         return out
 
+    def _handoff_snapshot(self) -> list[HandoffView]:
+        """Each destination configured, and any no longer configured that still holds
+        claims (runs on the ledger thread)."""
+        from bridge.ledger.handoff import destination_status, destinations_held
+
+        store = self.controller.store
+        kinds: dict[str, str | None] = {d.id: d.kind for d in self.controller.config.handoff}
+        for held in destinations_held(store):
+            kinds.setdefault(held, None)
+        views = []
+        for dest_id, kind in kinds.items():
+            s = destination_status(store, dest_id, dead_limit=0)
+            views.append(HandoffView(
+                id=dest_id, kind=kind, waiting=s.counts["queued"] + s.counts["sending"],
+                delivered=s.counts["delivered"], dead=s.counts["dead"],
+                failing=s.failing.last_error if s.failing is not None else None,
+                oldest_waiting=s.oldest_waiting.created if s.oldest_waiting else None,
+            ))
+        return views
+
     async def status_page(self, request: web.Request) -> web.Response:
-        snap = await self.controller.db.call(self._snapshot)
+        try:
+            snap = await asyncio.wait_for(self.controller.db.call(self._snapshot),
+                                          timeout=_STORE_WAIT_SECONDS)
+        except TimeoutError:
+            log.warning("status page: the store did not answer within %.0f s",
+                        _STORE_WAIT_SECONDS)
+            snap = {"links": {}, "dead": [], "received": {}, "store_ok": False, "audit": 0}
         now = datetime.now(UTC)
         links: list[LinkView] = []
         dispatchers = getattr(self.service, "dispatchers", {})
@@ -345,6 +383,7 @@ class OpsServer:
             warning_days=self.config.certificate_warning_days,
             csrf_token=self.token,
             notice=_notice(request.query.get("requeued"), request.query.get("refused")),
+            handoffs=snap.get("handoff", []),
         )
         return web.Response(text=render_status(view), content_type="text/html", charset="utf-8")
 
@@ -398,6 +437,24 @@ class OpsServer:
         if dispatcher is not None:
             dispatcher.wake(message_id)
         raise web.HTTPSeeOther(f"/?requeued={row.seq}")
+
+
+# The page is never shown inside another site's frame (where a disguised page could
+# make the operator press "requeue"), loads nothing but itself (styles and charts are
+# inline), posts only to this port, and is not kept in caches.
+_PAGE_POLICY = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:;"
+                               " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+async def _protect(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in _PAGE_POLICY.items():
+        response.headers.setdefault(name, value)
 
 
 def _notice(requeued: str | None, refused: str | None) -> str | None:

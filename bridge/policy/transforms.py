@@ -130,7 +130,7 @@ def _shift(text: str, days: int) -> str | None:
                      int(parts[2]) if len(parts) > 2 else 1)
         moved_day = first + timedelta(days=days)
         return moved_day.isoformat()[: len(text)]
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: shifted beyond year 1 or 9999
         return None
 
 

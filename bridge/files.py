@@ -1,0 +1,60 @@
+"""Files the bridge reads and writes where an operator names them.
+
+:func:`read_bounded` reads a file the operator named, refusing a device, a pipe or a
+file far larger than what the command reads.
+
+:func:`write_private` writes one file readable by its owner only, and
+:func:`private_folder` makes the folder such files go into. What held the name before
+(a file with a looser mode, or a symbolic link someone else planted in a shared
+folder) is replaced, never written through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from bridge.errors import UsageError
+
+
+def read_bounded(file: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes. Raises ``OSError`` as
+    opening and reading do, and :class:`UsageError` for anything else (a device, a
+    pipe, a file over the limit), naming the file."""
+    # Non-blocking open: a named pipe with no writer would otherwise hang the command
+    # before it could be told apart from a file (regular files ignore the flag).
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError("not a regular file", location=str(file))
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise UsageError(f"larger than {limit // (1024 * 1024)} MiB; not read",
+                         location=str(file))
+    return data
+
+
+def private_folder(path: Path) -> Path:
+    """Make ``path`` (and its parents) if missing; a new folder is the owner's only."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` as ``path`` with mode 600: to a new file beside it, renamed over
+    the name, so no half-written file is ever left under it."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".bridge-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:  # mkstemp creates the file with mode 600
+            fh.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+__all__ = ["private_folder", "read_bounded", "write_private"]
