@@ -145,9 +145,11 @@ def command_lines(draw: st.DrawFn, files: dict[str, Path]) -> list[str]:
     return argv
 
 
-def _run(argv: list[str]) -> tuple[int, str, str]:
+def _run(argv: list[str], cwd: Path) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    # Relative paths the fuzz draws (a PKI folder, a report file) land in a scratch
+    # folder, never in the checkout the tests run from.
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = main(argv)
     return status, out.getvalue(), err.getvalue()
 
@@ -171,7 +173,9 @@ def _check(argv: list[str], status: int, stdout: str, stderr: str) -> None:
 @given(data=st.data())
 def test_no_command_line_gives_a_traceback(files: dict[str, Path], data: st.DataObject) -> None:
     argv = data.draw(command_lines(files))
-    status, stdout, stderr = _run(argv)
+    scratch = files["root"] / "cwd"
+    scratch.mkdir(exist_ok=True)
+    status, stdout, stderr = _run(argv, scratch)
     _check(argv, status, stdout, stderr)
 
 
@@ -197,6 +201,7 @@ def test_a_few_as_a_user_runs_them(files: dict[str, Path], make_argv) -> None:  
     argv = make_argv(files)
     run = subprocess.run(
         [sys.executable, "-m", "bridge", *argv],
+        cwd=files["root"],
         capture_output=True,
         text=True,
         timeout=60,

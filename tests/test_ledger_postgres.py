@@ -367,3 +367,15 @@ async def test_bridge_serve_and_two_dispatching_processes_on_postgresql(
             rows = [hospital.get_outbox(m) for m in ids]
             assert all(r is not None and r.state == "acked" and r.attempts == 1 for r in rows)
             assert insurer.verify_audit().ok and hospital.verify_audit().ok
+
+
+def test_connections_carry_network_timeouts_and_the_dsn_keeps_its_own() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from bridge.ledger.postgres import _with_network_defaults
+
+    chosen = conninfo_to_dict(_with_network_defaults("host=db.example keepalives_idle=5"))
+    assert chosen["keepalives_idle"] == "5"  # the operator's value wins
+    assert chosen["keepalives"] == "1" and chosen["tcp_user_timeout"] == "60000"
+    uri = conninfo_to_dict(_with_network_defaults("postgresql://bridge@db.example/b"))
+    assert uri["host"] == "db.example" and uri["keepalives_count"] == "3"

@@ -259,6 +259,22 @@ class _Raced(Exception):
     """A concurrent transaction took a unique identity first; roll back and run again."""
 
 
+# A network partition must fail a store call within about a minute, not stall the ledger
+# thread until the kernel gives up on the connection (hours): idle connections are probed
+# and unacknowledged writes are bounded. A key the operator sets in the DSN wins.
+_NETWORK_DEFAULTS = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+                     "keepalives_count": "3", "tcp_user_timeout": "60000"}
+
+
+def _with_network_defaults(dsn: str) -> str:
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return dsn  # connect() itself reports the malformed DSN
+    extra = {k: v for k, v in _NETWORK_DEFAULTS.items() if k not in given}
+    return psycopg.conninfo.make_conninfo(dsn, **extra)
+
+
 def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
@@ -378,7 +394,7 @@ class PostgresStore:
         self._drop_connection()
         try:
             conn = psycopg.connect(
-                self.dsn, autocommit=True, connect_timeout=max(1, round(self._connect_timeout)),
+                _with_network_defaults(self.dsn), autocommit=True, connect_timeout=max(1, round(self._connect_timeout)),
                 application_name=f"ws-fhir-bridge {self.worker_id}"[:63],
             )
         except psycopg.ProgrammingError as exc:
