@@ -30,6 +30,7 @@ from bridge.cli_common import (
 )
 from bridge.cli_common import print_json as _print_json
 from bridge.cli_compliance import add_compliance_commands
+from bridge.cli_conformance import add_conformance_commands
 from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_status
 from bridge.cli_init import add_init_commands
 from bridge.cli_intake import add_intake_commands
@@ -709,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_operators_commands(sub)
     add_compliance_commands(sub)
     add_agreements_commands(sub)
+    add_conformance_commands(sub)
     guard_commands(p)
     return p
 
