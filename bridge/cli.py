@@ -12,12 +12,14 @@ import asyncio
 import os
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from bridge.cli_agreements import add_agreements_commands
+from bridge.cli_certs import add_certs_lifecycle_commands
 from bridge.cli_common import (
     Parser,
     add_json_option,
@@ -100,6 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: load the TLS certificate, key, CA bundle, CRL and signing key again.
+        loop.add_signal_handler(signal.SIGHUP, service.reload_certificates)
         ready = f"ready {service.controller.id} port={service.port}"
         if service.ops is not None:
             ready += f" operations={service.ops.url}"
@@ -514,6 +518,11 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
     report["pull"] = pull_status_report(store, config)
     if report["pull"]["reviews"]:
         report["attention"] = True
+    from bridge.trust.lifecycle import expiring
+
+    report["certificates"] = expiring(config, now=datetime.now(UTC))
+    if report["certificates"]:
+        report["attention"] = True
     return report
 
 
@@ -552,6 +561,10 @@ def _print_status(report: dict[str, Any]) -> None:
             )
     print_pull_status(report["pull"], sys.stdout)
     print_handoff_status(report["handoff"], sys.stdout)
+    for cert in report.get("certificates", []):
+        state = "EXPIRED" if cert["expired"] else f"expires in {cert['days_left']} days"
+        sys.stdout.write(f"  certificate {cert['role']} ({cert['file']}): {state},"
+                         f" not after {cert['not_after']}\n")
 
 
 # --- demo -------------------------------------------------------------------------------
@@ -646,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ci.add_argument("--force", action="store_true", help="overwrite an existing CA")
     ci.set_defaults(func=cmd_certs_init)
+    add_certs_lifecycle_commands(csub)
 
     co = sub.add_parser("consent", help="consent registry")
     cosub = co.add_subparsers(dest="consent_command", required=True, metavar="COMMAND")
