@@ -83,6 +83,40 @@ def cmd_conformance_run(args: argparse.Namespace) -> int:
     return 0 if kit.conformant(results) else 1
 
 
+def cmd_conformance_listen(args: argparse.Namespace) -> int:
+    from bridge.conformance import kit
+    from bridge.conformance.report import write_html, write_junit, write_table
+    from bridge.conformance.sender_role import ReceiverConfig
+
+    signing_key = _file(args.signing_key, "--signing-key")
+    config = ReceiverConfig(
+        cert=_file(args.cert, "--cert"), key=_file(args.key, "--key"), ca=_file(args.ca, "--ca"),
+        signing_key=signing_key,
+        signing_cert=_file(args.signing_cert or str(signing_key.with_suffix(".pem")),
+                           "--signing-cert"),
+        sender_signing_cert=_file(args.sender_signing_cert, "--sender-signing-cert"),
+        receiver_id=args.partner_id, host=args.host, port=args.port, stall=args.stall,
+        wait=args.wait,
+    )
+
+    def ready(port: int) -> None:
+        sys.stderr.write(f"listening on https://{args.host}:{port}/fhir: point the sender's "
+                         "link here and send two claims\n")
+        sys.stderr.flush()
+
+    try:
+        results = kit.run_sender(config, kit.select_cases(role="sender"), ready=ready)
+    except ValueError as exc:
+        raise UsageError(str(exc), location="--cert") from None
+    where = f"sender at {args.host}:{args.port}"
+    write_table(results, sys.stdout, target=where)
+    if args.junit:
+        write_junit(results, Path(args.junit), target=where)
+    if args.html:
+        write_html(results, kit.load_requirements(), Path(args.html), target=where)
+    return 0 if kit.conformant(results) else 1
+
+
 def cmd_conformance_requirements(args: argparse.Namespace) -> int:
     from bridge.conformance import kit
     from bridge.conformance.report import write_requirements
@@ -138,6 +172,26 @@ def add_conformance_commands(sub: Any) -> None:
     r.add_argument("--html", help="write a self-contained HTML report here")
     r.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     r.set_defaults(func=cmd_conformance_run)
+    li = csub.add_parser("listen", help="play the receiver: check what a sender sends and "
+                         "how it retries")
+    li.add_argument("--cert", required=True, help="the kit's TLS certificate (PEM), naming the "
+                    "partner the sender delivers to")
+    li.add_argument("--key", required=True, help="its private key (PEM)")
+    li.add_argument("--ca", required=True, help="CA bundle the sender's certificate chains to")
+    li.add_argument("--signing-key", required=True, help="the kit's signing key, for receipts")
+    li.add_argument("--signing-cert", help="its certificate (default: --signing-key with .pem)")
+    li.add_argument("--sender-signing-cert", required=True,
+                    help="the sender's signing certificate, to verify its claims")
+    li.add_argument("--partner-id", help="the kit's partner id (default: from --cert)")
+    li.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    li.add_argument("--port", type=int, default=8443, help="port to listen on (default 8443)")
+    li.add_argument("--stall", type=non_negative_float, default=35.0,
+                    help="seconds to hold one answer, past the sender's timeout (default 35)")
+    li.add_argument("--wait", type=non_negative_float, default=180.0,
+                    help="seconds to wait for the sender (default 180)")
+    li.add_argument("--junit", help="write a JUnit XML report here")
+    li.add_argument("--html", help="write a self-contained HTML report here")
+    li.set_defaults(func=cmd_conformance_listen)
     q = csub.add_parser("requirements", help="list requirements and the cases covering each")
     q.set_defaults(func=cmd_conformance_requirements)
     k = csub.add_parser("cases", help="list the cases")

@@ -100,7 +100,7 @@ class Case:
     title: str
     family: str
     requirements: tuple[str, ...]
-    run: Callable[[Context], None]
+    run: Callable[[Any], None]  # takes a Context (receiver role) or a SenderContext
     role: str = "receiver"  # the target's role: the kit plays the other one
     required: bool = True  # False for SHOULD-level checks
 
@@ -120,10 +120,10 @@ def case(
     requirements: Sequence[str],
     required: bool = True,
     role: str = "receiver",
-) -> Callable[[Callable[[Context], None]], Callable[[Context], None]]:
+) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
     """Register a case (the function's docstring is its description)."""
 
-    def register(fn: Callable[[Context], None]) -> Callable[[Context], None]:
+    def register(fn: Callable[[Any], None]) -> Callable[[Any], None]:
         if any(c.id == id for c in CASES):
             raise ValueError(f"case id {id!r} registered twice")
         CASES.append(Case(id, title, family, tuple(requirements), fn, role, required))
@@ -495,12 +495,12 @@ def _matches(c: Case, w: str) -> bool:
 
 def all_cases() -> list[Case]:
     # Importing the case modules registers their cases.
-    from bridge.conformance import cases_receiver  # noqa: F401
+    from bridge.conformance import cases_receiver, sender_role  # noqa: F401
 
     return list(CASES)
 
 
-def run_case(c: Case, ctx: Context) -> Result:
+def run_case(c: Case, ctx: Any) -> Result:
     ctx.evidence, ctx.measures = [], {}
     started = time.monotonic()
     try:
@@ -533,6 +533,35 @@ def run(
                 progress(result)
     finally:
         ctx.close()
+    return results
+
+
+def run_sender(
+    config: Any,
+    cases: Sequence[Case],
+    *,
+    ready: Callable[[int], None] | None = None,
+    progress: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """Listen as a receiver (``sender_role.ReceiverConfig``), wait for the sender's
+    messages, then judge them with the sender-role cases."""
+    from bridge.conformance.sender_role import KitReceiver, SenderContext
+
+    receiver = KitReceiver(config)
+    receiver.start()
+    try:
+        if ready is not None:
+            ready(receiver.port)
+        receiver.wait()
+    finally:
+        receiver.stop()
+    ctx = SenderContext(receiver.observation)
+    results = []
+    for c in cases:
+        result = run_case(c, ctx)
+        results.append(result)
+        if progress is not None:
+            progress(result)
     return results
 
 
