@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+
 import pytest
 from e2e_support import LINK_OUT, consent_for
 from peer_support import call
