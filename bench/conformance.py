@@ -33,13 +33,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from e2e_support import set_toml_keys  # noqa: E402
+from e2e_support import set_toml_keys
 
-from bridge.conformance import kit  # noqa: E402
-from bridge.conformance.envelope import SigningKey  # noqa: E402
-from bridge.conformance.peer import Peer, TLSOptions  # noqa: E402
-from bridge.demo import free_port, write_configs  # noqa: E402
-from bridge.trust.pki import init_dev_pki  # noqa: E402
+from bridge.conformance import kit
+from bridge.conformance.envelope import SigningKey
+from bridge.conformance.peer import Peer, TLSOptions
+from bridge.demo import free_port, write_configs
+from bridge.trust.pki import init_dev_pki
 
 TICK = os.sysconf("SC_CLK_TCK")
 
