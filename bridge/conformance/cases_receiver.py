@@ -418,11 +418,19 @@ def id_signer(ctx: Context) -> None:
 def sig_valid(ctx: Context) -> None:
     """Sends the sample claim (RFC 8785 signed payload, the six §5.2 header members); the
     target answers 200 with a receipt whose identity, parties, request digest and
-    signature verify (needs --receiver-signing-cert for the receipt)."""
+    signature verify, and a second claim's receipt names a later audit entry (needs
+    --receiver-signing-cert for the receipt)."""
     if ctx.receiver_signing is None:
         raise Skip("needs --receiver-signing-cert to check the receipt")
     answer = ctx.post("valid claim", ctx.signed())
     ctx.expect_accepted(answer)
+    later = ctx.post("another claim", ctx.signed())
+    ctx.expect_accepted(later)
+    assert answer.receipt is not None and later.receipt is not None
+    ctx.expect(later.receipt.audit_seq > answer.receipt.audit_seq,
+               "a later receipt names an earlier audit entry (audit-seq must grow)")
+    ctx.expect(later.receipt.audit_hash != answer.receipt.audit_hash,
+               "two receipts name the same audit hash")
 
 
 @case("sig-version-1-form", "A signature over the version 1 form verifies", family="signatures",
