@@ -43,6 +43,8 @@ def _config(args: argparse.Namespace) -> Any:
         ),
         ca_key=_file(args.ca_key, "--ca-key") if args.ca_key else None,
         content=_file(args.content, "--content") if args.content else None,
+        revoked_cert=_file(args.revoked_cert, "--revoked-cert") if args.revoked_cert else None,
+        revoked_key=_file(args.revoked_key, "--revoked-key") if args.revoked_key else None,
         profile=args.profile,
         server_name=args.server_name,
         header_timeout=args.header_timeout,
@@ -154,6 +156,9 @@ def add_conformance_commands(sub: Any) -> None:
                    help="the target's signing certificate, to verify receipts")
     r.add_argument("--ca-key",
                    help="the CA's key, to mint the certificate matrix (expired, unregistered...)")
+    r.add_argument("--revoked-cert", help="a certificate of the kit's partner that the "
+                   "target's CRL lists (for the revocation case)")
+    r.add_argument("--revoked-key", help="its private key")
     r.add_argument("--profile", default="commercial-insurance", choices=["commercial-insurance"],
                    help="the link profile the sample claim is built for")
     r.add_argument("--content", help="a FHIR collection Bundle to send as claim content")

@@ -20,7 +20,15 @@ from peer_support import call
 
 from bridge.conformance import kit
 from bridge.demo import free_port, write_configs
-from bridge.trust.pki import init_dev_pki
+from bridge.trust.lifecycle import revoke
+from bridge.trust.pki import (
+    certificate_pem,
+    init_dev_pki,
+    issue_certificate,
+    load_certificate,
+    load_private_key,
+    private_key_pem,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"header_timeout_seconds": 2.0, "body_timeout_seconds": 2.0,
@@ -40,7 +48,7 @@ def test_the_kit_imports_nothing_of_the_bridge_outside_its_room() -> None:
     ours = [m for m in modules if m.startswith("bridge")]
     assert "bridge.conformance.cases_receiver" in ours
     assert [m for m in ours if m != "bridge" and not m.startswith("bridge.conformance")] == []
-    assert not {"aiohttp", "joserfc", "ssl"} & set(modules) - {"ssl"}
+    assert not {"aiohttp", "joserfc"} & set(modules)
 
 
 def test_every_case_traces_to_requirements_and_has_a_description() -> None:
@@ -83,8 +91,18 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A receiving bridge as an operator runs it: ``bridge serve`` in its own process."""
     init_dev_pki(tmp_path / "pki", ["hospital-a", "insurer-b"],
                  now=datetime.now(UTC) - timedelta(days=1))
+    # A hospital certificate on the CRL, for the revocation case.
+    pki = tmp_path / "pki"
+    cert, key = issue_certificate(
+        load_certificate(pki / "ca.pem"), load_private_key(pki / "ca.key"),  # type: ignore[arg-type]
+        "hospital-a", purpose="tls", now=datetime.now(UTC), partner_id="hospital-a",
+    )
+    (pki / "revoked.pem").write_bytes(certificate_pem(cert))
+    (pki / "revoked.key").write_bytes(private_key_pem(key))
+    revoke(pki, pki / "revoked.pem", now=datetime.now(UTC))
     _, insurer_cfg = write_configs(tmp_path, free_port(), free_port())
     set_toml_keys(insurer_cfg, "server", FAST)
+    set_toml_keys(insurer_cfg, "tls", {"crl": "pki/crl.pem"})
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge", "serve", "--config", str(insurer_cfg)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path,
@@ -109,6 +127,7 @@ def _kit_args(root: Path, target: str) -> list[str]:
         "--receiver-signing-cert", str(pki / "insurer-b" / "sign.pem"),
         "--ca-key", str(pki / "ca.key"),
         "--header-timeout", "2", "--body-timeout", "2", "--handshake-timeout", "2",
+        "--revoked-cert", str(pki / "revoked.pem"), "--revoked-key", str(pki / "revoked.key"),
     ]
 
 

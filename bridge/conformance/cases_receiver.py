@@ -233,6 +233,21 @@ def tls_not_yet_valid(ctx: Context) -> None:
     ctx.expect(status == "refused", f"a certificate not yet valid got {status}")
 
 
+@case("tls-revoked", "A revoked certificate is refused", family="tls",
+      requirements=["P-TLS-2"], required=False)
+def tls_revoked(ctx: Context) -> None:
+    """Presents a certificate of the kit's partner that the target's CRL lists
+    (--revoked-cert and --revoked-key; only for a target configured with a CRL)."""
+    if ctx.config.revoked_cert is None or ctx.config.revoked_key is None:
+        raise Skip("needs --revoked-cert and --revoked-key (a certificate the target's CRL "
+                   "lists)")
+    for version in ("1.2", "1.3"):
+        status = _metadata_status(ctx, f"revoked, TLS {version}", cert=ctx.config.revoked_cert,
+                                  key=ctx.config.revoked_key, min_version=version,
+                                  max_version=version)
+        ctx.expect(status == "refused", f"a revoked certificate got {status} (TLS {version})")
+
+
 @case("tls-unregistered-partner", "A trusted certificate of no registered partner gets 401",
       family="identity", requirements=["P-TLS-8"])
 def tls_unregistered(ctx: Context) -> None:

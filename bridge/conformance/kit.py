@@ -150,6 +150,8 @@ class KitConfig:
     receiver_signing_cert: Path | None = None  # to check receipts (§6.2)
     ca_key: Path | None = None  # to mint the certificate matrix (expired, unregistered...)
     content: Path | None = None  # a collection Bundle to send instead of the sample claim
+    revoked_cert: Path | None = None  # a certificate of the kit's partner the target's CRL
+    revoked_key: Path | None = None  # lists, with its key
     profile: str = "commercial-insurance"
     server_name: str | None = None  # default: the target's host
     header_timeout: float = 60.0  # the longest the target may wait for a request head
