@@ -730,6 +730,23 @@ def content_profile(ctx: Context) -> None:
     ctx.expect_refusal(ctx.post("Patient.photo", ctx.signed(message)), 403, "profile-denied")
 
 
+@case("corr-unknown-prior", "A corrected claim whose replaced claim is unknown is accepted",
+      family="content", requirements=["P-CORR-5", "P-CORR-1"])
+def corr_unknown_prior(ctx: Context) -> None:
+    """A claim whose Claim.related names, as prior, a message identity the target never
+    received (the original was lost or is in flight); it must be accepted like any
+    claim."""
+    message = ctx.claim()
+    _resource(message, "Claim")["related"] = [{
+        "claim": {"identifier": {"system": P.IDENTIFIER_SYSTEM,
+                                 "value": f"urn:uuid:{uuid.uuid4()}"}},
+        "relationship": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/ex-relatedclaimrelationship",
+            "code": "prior", "display": "Prior Claim"}]},
+    }]
+    ctx.expect_accepted(ctx.post("correction of an unknown claim", ctx.signed(message)))
+
+
 @case("err-no-5xx", "No request the kit can make is answered 5xx", family="content",
       requirements=["P-RCV-6", "P-ERR-1", "P-ERR-2"])
 def err_no_5xx(ctx: Context) -> None:
