@@ -67,6 +67,10 @@ class BridgeService:
                 # Content-Encoding is refused (415), never decoded: no decompression
                 # of a body the receiver is about to refuse.
                 auto_decompress=False,
+                # After a 413 or 408 the rest of an unread body is drained for at most
+                # this long before the connection closes (aiohttp's default is 10 s, a
+                # connection held per refused request).
+                lingering_time=2.0,
             )
             await self._runner.setup()
             server = self._runner.server
