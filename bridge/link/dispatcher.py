@@ -179,6 +179,9 @@ class Dispatcher:
         self._paused_until = 0.0
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        # Reloaded in place on SIGHUP (BridgeService.reload_certificates): connections
+        # opened afterwards present the new certificate.
+        self.client_context: Any = None
         self._task: asyncio.Task[None] | None = None
         self._sem = asyncio.Semaphore(link.concurrency)
         self._sending: set[asyncio.Task[None]] = set()
@@ -188,7 +191,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         tls = self.c.config.tls
-        ctx = client_context(tls.cert, tls.key, tls.ca)
+        ctx = self.client_context = client_context(tls.cert, tls.key, tls.ca)
         partner = self.c.config.partner(self.link.partner)
         connector = PartnerConnector(
             expected_partner=partner.id,

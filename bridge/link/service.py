@@ -120,7 +120,8 @@ class BridgeService:
     def reload_certificates(self) -> None:
         """Load the TLS certificate, key, CA bundle and CRL, and the signing key, again
         from the configured files (after ``bridge certs rotate`` or ``revoke``): new
-        connections get the new context, every request is checked against the new CRL.
+        connections, inbound (HTTPS and HL7) and outbound, get the new certificate, and
+        every request is checked against the new CRL.
         A file that cannot be loaded leaves everything as it was, and is logged."""
         from bridge.errors import BridgeError
         from bridge.link.tlsgate import probe_presented_certificates
@@ -136,9 +137,18 @@ class BridgeService:
         except (BridgeError, OSError, ValueError) as exc:
             log.error("certificates not reloaded: %s", exc)
             return
+        try:
+            for dispatcher in self.dispatchers.values():
+                if dispatcher.client_context is not None:
+                    dispatcher.client_context.load_cert_chain(tls.cert, tls.key)
+                    dispatcher.client_context.load_verify_locations(cafile=str(tls.ca))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("outbound certificates not reloaded: %s", exc)
         probe_presented_certificates(ctx)
         if self._listener is not None:
             self._listener.ssl_context = ctx
+        if self.mllp is not None:
+            self.mllp.use_context(ctx)
         self.receiver.peer_check = check
         c.signer = signer
         log.info("%s reloaded its certificates, CRL and signing key", c.id)
