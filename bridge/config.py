@@ -381,6 +381,13 @@ class LinkConfig(_Strict):
     consent_cap_days: int = Field(
         default=365, ge=1, le=3650, description="life of a consent without an end, on this link"
     )
+    partner_consent_purposes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "purposes for which the link's partner may itself submit consents naming it as"
+            " recipient (consent API); empty: its consents authorise nothing on this link"
+        ),
+    )
 
     def pull_purposes(self) -> list[str]:
         """Purposes a request on this pull link may state."""

@@ -126,7 +126,8 @@ class Controller:
         # Each link counts consents by its own rules on expiry (consent_rules).
         self.link_consents: dict[str, ConsentRegistry] = {
             link.id: LinkConsentView(self.consents, without_end=link.consent_without_end,
-                                     cap_days=link.consent_cap_days)
+                                     cap_days=link.consent_cap_days, partner=link.partner,
+                                     partner_purposes=link.partner_consent_purposes)
             for link in config.links
         }
         # The site's overlay of the mapping files (value sets the FHIR mapping reads too).
@@ -166,7 +167,13 @@ class Controller:
 
     def consents_for(self, link: LinkConfig) -> ConsentRegistry:
         """The consent registry as ``link`` counts it (expiry and marketing rules)."""
-        return self.link_consents.get(link.id, self.consents)
+        view = self.link_consents.get(link.id)
+        if view is None:  # a link built after start: the same rules, never the bare registry
+            view = self.link_consents[link.id] = LinkConsentView(
+                self.consents, without_end=link.consent_without_end,
+                cap_days=link.consent_cap_days, partner=link.partner,
+                partner_purposes=link.partner_consent_purposes)
+        return view
 
     def pseudonym(self, identifiers: list[tuple[str, str]]) -> str | None:
         """A keyed pseudonym of the patient's most stable identifier.

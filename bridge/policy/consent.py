@@ -99,6 +99,8 @@ SUPPORTED_PURPOSES: frozenset[str] = frozenset(
 SUPPORTED_ACTIONS: frozenset[str] = frozenset({"collect", "access", "use", "disclose", "correct"})
 
 RECIPIENT_ROLE = "IRCP"
+#: ``meta.source`` of a consent a partner submitted, followed by the partner's id.
+PARTNER_SOURCE = "urn:ws-fhir-bridge:partner:"
 EMERGENCY_PURPOSE = "ETREAT"
 
 # China Standard Time: a consent date without a time is a calendar day in China.
@@ -140,6 +142,9 @@ class ConsentRecord:
     provision: Provision
     resource: dict[str, Any] = field(repr=False, compare=False)
     registered_at: datetime | None = None
+    #: The partner that submitted this consent through the consent API (its
+    #: ``meta.source`` is :data:`PARTNER_SOURCE` + the partner id), or None.
+    submitted_by: str | None = None
 
     @property
     def patient_key(self) -> str:
@@ -456,6 +461,11 @@ def _parse_checked(resource: dict[str, Any], *, trusted: bool) -> ConsentRecord:
         raise _bad("a consent without provision permits nothing", "Consent.provision")
     provision = _parse_provision(raw_provision, "Consent.provision", root=True)
     meta = resource.get("meta") or {}
+    source = meta.get("source")
+    submitted_by = (
+        source.removeprefix(PARTNER_SOURCE)
+        if isinstance(source, str) and source.startswith(PARTNER_SOURCE) else None
+    )
     return ConsentRecord(
         id=str(resource["id"]),
         status=str(status),
@@ -464,6 +474,7 @@ def _parse_checked(resource: dict[str, Any], *, trusted: bool) -> ConsentRecord:
         patient=(str(ident["system"]), str(ident["value"])),
         provision=provision,
         resource=resource if trusted else copy.deepcopy(resource),
+        submitted_by=submitted_by,
     )
 
 
@@ -668,6 +679,7 @@ class ConsentRegistry:
             provision=parsed.provision,
             resource=parsed.resource,
             registered_at=now,
+            submitted_by=parsed.submitted_by,
         )
         old = self._by_id.get(record.id)
         if old is not None and old.patient != record.patient:
