@@ -207,6 +207,14 @@ class PartnerConfig(_Strict):
     tls_fingerprints: list[str] = Field(
         default_factory=list, description="SHA-256 hex fingerprints; empty = trust the URI SAN"
     )
+    tls_ca: Path | None = Field(
+        default=None,
+        description=(
+            "PEM file of the CA certificate(s) that issue this partner's TLS certificates;"
+            " required when [tls] ca holds more than one CA (unless tls_fingerprints pin"
+            " the partner's certificates)"
+        ),
+    )
 
     jurisdiction: str = Field(
         default=MAINLAND, pattern=r"^[A-Z]{2}$",
@@ -822,7 +830,7 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     partners = data.get("partners")
     if isinstance(partners, list):
         for partner in partners:
-            fix(partner, ("signing_certs",))
+            fix(partner, ("signing_certs", "tls_ca"))
     fix(data.get("operations"), ("operator_ca",))
     handoff = data.get("handoff")
     if isinstance(handoff, list):
