@@ -9,6 +9,7 @@ one is refused at start, naming the key.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from pull_support import INSURER, PLATFORM, write_site
+from pull_support import HOSPITAL, INSURER, PLATFORM, write_site
 
 from bridge.config import load_config
 from bridge.errors import ConfigError
@@ -86,3 +87,40 @@ def test_several_trusted_cas_need_every_partner_bound(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         Controller(load_config(cfg))
     assert caught.value.location == f"partners.{PLATFORM}.tls_ca"
+
+
+async def test_a_sender_accepts_the_partners_server_only_from_the_partners_ca(
+    tmp_path: Path,
+) -> None:
+    from e2e_support import LINK_OUT, consent_for, make_workdir
+
+    from bridge.samples import inpatient_records
+
+    hospital_cfg, insurer_cfg = make_workdir(tmp_path)
+    # The hospital binds the insurer to a CA that did not issue the insurer's server
+    # certificate (the insurer's real certificate comes from the shared CA, which the
+    # hospital's bundle still trusts).
+    init_dev_pki(tmp_path / "pki-other", [INSURER], now=datetime.now(UTC) - timedelta(days=1))
+    text = hospital_cfg.read_text(encoding="utf-8")
+    hospital_cfg.write_text(text.replace(
+        f'id = "{INSURER}"\n', f'id = "{INSURER}"\ntls_ca = "pki-other/ca.pem"\n', 1),
+        encoding="utf-8")
+    insurer = BridgeService(Controller(load_config(insurer_cfg)), poll_interval=0.05)
+    await insurer.start()
+    hospital = BridgeService(Controller(load_config(hospital_cfg)), poll_interval=0.05)
+    await hospital.start()
+    try:
+        record = inpatient_records(1, seed=84)[0]
+        await hospital.controller.put_consent(consent_for(record))
+        mid = (await hospital.submit(record, LINK_OUT)).message_id
+        dispatcher = hospital.dispatchers[LINK_OUT]
+        for _ in range(100):
+            if dispatcher.stats.certificate_faults:
+                break
+            await asyncio.sleep(0.05)
+        assert dispatcher.stats.certificate_faults >= 1
+        assert (await hospital.controller.db.get_outbox(mid)).state != "acked"
+        assert await insurer.controller.db.inbox_lookup(HOSPITAL, mid) is None
+    finally:
+        await hospital.stop()
+        await insurer.stop()

@@ -11,7 +11,7 @@ answer with :func:`read_answer`:
   followed redirect would carry a claim, or the pulling side's certificate, to
   wherever the ``Location`` header points;
 * an answer is read up to a size limit, and one announcing or sending more is refused
-  without being read on (its connection is closed), so a partner cannot make this
+  without being read on (its connection is aborted), so a partner cannot make this
   bridge hold an answer of any size in memory;
 * an answer with a ``Content-Encoding`` is refused rather than inflated (answers are
   sent as they are, PROTOCOL P-HTTP-2), so a small compressed answer cannot expand.
@@ -62,13 +62,23 @@ def partner_session(
     )
 
 
+def _drop(resp: aiohttp.ClientResponse) -> None:
+    """Close the answer's connection at once: aborted rather than shut down politely,
+    so nothing more of the answer is waited for or read."""
+    connection = resp.connection
+    transport = connection.transport if connection is not None else None
+    if transport is not None:
+        transport.abort()
+    resp.close()
+
+
 async def read_answer(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body of a partner's answer, or :class:`PartnerAnswerRefused`.
 
     Call with a request made with ``allow_redirects=False``."""
     status = resp.status
     if 300 <= status < 400:
-        resp.close()
+        _drop(resp)
         raise PartnerAnswerRefused(
             f"partner answered {status}, a redirect; redirects are not followed"
             " (check the partner's base_url)",
@@ -76,14 +86,14 @@ async def read_answer(resp: aiohttp.ClientResponse, limit: int) -> bytes:
         )
     coding = resp.headers.get("Content-Encoding", "identity").strip().lower()
     if coding not in ("", "identity"):
-        resp.close()
+        _drop(resp)
         raise PartnerAnswerRefused(
             "partner answered with a Content-Encoding; answers are read only as sent",
             location="Content-Encoding", status=status,
         )
     declared = resp.content_length
     if declared is not None and declared > limit:
-        resp.close()
+        _drop(resp)
         raise PartnerAnswerRefused(
             f"partner's answer is larger than {limit} bytes", location="Content-Length",
             status=status,
@@ -97,7 +107,7 @@ async def read_answer(resp: aiohttp.ClientResponse, limit: int) -> bytes:
         parts.append(part)
         size += len(part)
         if size > limit:
-            resp.close()
+            _drop(resp)
             raise PartnerAnswerRefused(
                 f"partner's answer is larger than {limit} bytes", location="body",
                 status=status,
