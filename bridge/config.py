@@ -339,6 +339,10 @@ class PullConfig(_Strict):
         default=200, ge=1, description="distinct patients asked about in the window that alarm"
     )
     bulk_alarm_window_seconds: int = Field(default=3600, ge=1, description="alarm window")
+    cursor_ttl_seconds: int = Field(
+        default=3600, ge=1, le=86400,
+        description="life of a page cursor; a later next link gets 410 cursor-expired",
+    )
 
     @field_validator("purposes")
     @classmethod

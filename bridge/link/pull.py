@@ -430,7 +430,8 @@ class PullAPI:
             purpose, emergency = self._purpose(request, link)
             query = self._query(request, rtype, op, link)
             position = decode_cursor(self._cursor_key, query,
-                                     holder=_cursor_holder(partner.id, purpose))
+                                     holder=_cursor_holder(partner.id, purpose),
+                                     now=self.c.clock().timestamp())
             await self.c.count_abroad(link, f"pull:{uuid.uuid4()}")
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject=subject)
@@ -538,8 +539,10 @@ class PullAPI:
             for ref in sorted(wanted - have):
                 if ref in released_all:
                     includes.append(released_all[ref])
+        expires = c.clock().timestamp() + pull.link.pull.cursor_ttl_seconds
         cursor = (encode_cursor(self._cursor_key, query, snapshot=snapshot, after=last,
-                                holder=_cursor_holder(pull.partner, pull.purpose))
+                                holder=_cursor_holder(pull.partner, pull.purpose),
+                                expires=expires)
                   if more else None)
         return Answer([r for _, r in matches], includes, cursor, person, identifiers, decision,
                       position is None)

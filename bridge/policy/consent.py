@@ -602,6 +602,34 @@ def decide(records: Sequence[ConsentRecord], req: Request, item: Item) -> Verdic
     return verdicts[0][1]
 
 
+def override_deny(records: Sequence[ConsentRecord], req: Request, item: Item) -> Verdict | None:
+    """The deny provision that holds against an emergency override for this item, or None.
+
+    An override stands in for a missing permit, never against a refusal the patient
+    recorded. Every deny provision of the patient's active consents, at any depth,
+    holds when its own conditions match (recipient, purpose if it names one, class,
+    labels, action, data period) within its consent's period: a deny nested in a
+    permit for treatment ("but never my observations") still holds when the override's
+    purpose, emergency treatment, is not the permit's."""
+    for record in sorted(records, key=lambda r: r.id):
+        if record.status != "active" or not _within(req.now, record.provision.period):
+            continue
+        found = _deny_matching(record.provision, req, item)
+        if found is not None:
+            return Verdict("deny", record.id, found, "a deny provision matches")
+    return None
+
+
+def _deny_matching(prov: Provision, req: Request, item: Item) -> str | None:
+    if prov.type == "deny" and _mismatch(prov, req, item) is None:
+        return prov.path
+    for child in prov.children:
+        found = _deny_matching(child, req, item)
+        if found is not None:
+            return found
+    return None
+
+
 def _label_denies(prov: Provision, req: Request, item: Item) -> set[Label]:
     """Labels of deny rules that would apply to ``item`` if it carried them."""
     out: set[Label] = set()
@@ -776,6 +804,22 @@ class ConsentRegistry:
         types = frozenset(resource_types)
         if emergency is not None:
             check_override(emergency, purpose)
+            # An override stands in for a missing permit, never against a refusal the
+            # patient recorded: deny provisions hold (GB/T 39725 §7 b 2).
+            records = self.for_patient(patient_identifiers)
+            scheme = default_classification()
+            for rtype in sorted(types):
+                category = scheme.of(rtype).category
+                item = Item(rtype, frozenset({category}) if category else frozenset())
+                verdict = override_deny(records, req, item)
+                if verdict is not None:
+                    raise ConsentDenied(verdict.message, location=verdict.provision_path,
+                                        consent_id=verdict.consent_id)
+            denied_labels: set[Label] = set()
+            for record in records:
+                if record.status == "active":
+                    for rtype in types:
+                        denied_labels |= _label_denies(record.provision, req, Item(rtype))
             return ConsentDecision(
                 consent_id="",
                 version=None,
@@ -785,7 +829,7 @@ class ConsentRegistry:
                 purpose=purpose,
                 resource_types=types,
                 allowed_labels=frozenset({(CONFIDENTIALITY_SYSTEM, "V")}),
-                denied_labels=frozenset(),
+                denied_labels=frozenset(denied_labels),
                 decided_at=req.now,
                 override=emergency,
             )
