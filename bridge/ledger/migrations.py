@@ -195,6 +195,22 @@ CREATE INDEX IF NOT EXISTS handoff_line ON handoff (destination, state, sender, 
 CREATE INDEX IF NOT EXISTS handoff_claim ON handoff (sender, message_id);
 """,
     ),
+    # Delivery outcomes: whether a claim may have reached the partner without an answer
+    # (its fate is unknown, so it is never given up), what the partner last answered,
+    # and when the give-up clock started (enqueue, or the last requeue).
+    Migration(
+        name="1000-delivery-outcome",
+        sqlite="""
+ALTER TABLE outbox ADD COLUMN fate_unknown INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN last_answer TEXT;
+ALTER TABLE outbox ADD COLUMN since TEXT;
+""",
+        postgres="""
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS fate_unknown INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS last_answer TEXT;
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS since TIMESTAMPTZ;
+""",
+    ),
     # Record pull: the records store, review items, pages received (bridge.ledger.records).
     # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
     Migration(
