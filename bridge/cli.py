@@ -38,6 +38,7 @@ from bridge.cli_operators import add_operators_commands, guard_commands
 from bridge.cli_outbox import add_outbox_commands
 from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
 from bridge.cli_store import add_store_commands
+from bridge.cli_sync import add_sync_commands
 from bridge.errors import BridgeError, NotFound, ParseError, UsageError
 
 
@@ -744,6 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_operators_commands(sub)
     add_compliance_commands(sub)
     add_agreements_commands(sub)
+    add_sync_commands(sub)
     guard_commands(p)
     return p
 

@@ -50,6 +50,7 @@ COMMAND_ACTIONS: dict[tuple[str, str], str] = {
     ("operators", "issue"): "keys.manage",
     ("operators", "list"): "status.read",
     ("compliance", "*"): "compliance.report",
+    ("sync", "status"): "status.read",
     ("sync", "*"): "data.import",
 }
 #: Commands not listed need the operator role: a command that changes data must be

@@ -394,6 +394,14 @@ class LinkConfig(_Strict):
         gt=0,
         description="longest wait between two probes of a partner that is down",
     )
+    reconcile_interval_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description=(
+            "how often a running bridge asks the partner which acknowledged claims it holds"
+            " and resends what it lacks; 0 turns it off"
+        ),
+    )
     concurrency: int = Field(default=16, ge=1, le=256)
     batch: int = Field(default=64, ge=1, le=1000)
     retry_base_seconds: float = Field(default=0.5, gt=0)

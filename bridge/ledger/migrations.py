@@ -211,6 +211,32 @@ ALTER TABLE outbox ADD COLUMN IF NOT EXISTS last_answer TEXT;
 ALTER TABLE outbox ADD COLUMN IF NOT EXISTS since TIMESTAMPTZ;
 """,
     ),
+    # Sync tracking: the sequence numbers each sender's streams carried into this inbox
+    # (gaps show what never arrived), and per outbound link the partner's last signed
+    # summary of what it holds (bridge.ledger.sync).
+    Migration(
+        name="1001-sync",
+        ddl="""
+CREATE TABLE IF NOT EXISTS sync_inbound (
+    sender      TEXT NOT NULL,
+    stream      TEXT NOT NULL,
+    seq         {bigint} NOT NULL,
+    message_id  TEXT NOT NULL,
+    received    TEXT NOT NULL,
+    PRIMARY KEY (sender, stream, seq)
+);
+CREATE TABLE IF NOT EXISTS sync_outbound (
+    link           TEXT PRIMARY KEY,
+    confirmed_seq  {bigint} NOT NULL,
+    checked        TEXT NOT NULL,
+    compared       {bigint} NOT NULL,
+    missing        {bigint} NOT NULL,
+    resent         {bigint} NOT NULL,
+    mismatched     {bigint} NOT NULL,
+    detail         TEXT
+);
+""",
+    ),
     # Record pull: the records store, review items, pages received (bridge.ledger.records).
     # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
     Migration(

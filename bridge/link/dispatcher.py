@@ -252,6 +252,18 @@ class Dispatcher:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the link's HTTP session and start draining the outbox."""
+        await self.open()
+        self._task = asyncio.create_task(self._run(), name=f"dispatch:{self.link.id}")
+
+    def session(self) -> aiohttp.ClientSession:
+        """The link's HTTP session (mutual TLS, partner-bound); :meth:`open` first."""
+        if self._session is None:
+            raise BridgeError("link is not open", location=f"links.{self.link.id}")
+        return self._session
+
+    async def open(self) -> None:
+        """Open the HTTP session only (resends and reconciliation without draining)."""
         tls = self.c.config.tls
         ctx = client_context(tls.cert, tls.key, tls.ca)
         partner = self.c.config.partner(self.link.partner)
@@ -263,7 +275,6 @@ class Dispatcher:
         )
         timeout = aiohttp.ClientTimeout(total=self.link.request_timeout_seconds)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
-        self._task = asyncio.create_task(self._run(), name=f"dispatch:{self.link.id}")
 
     async def stop(self) -> None:
         """Stop at once: claims in flight are released for the next start to resend.
@@ -417,7 +428,7 @@ class Dispatcher:
                 claim_event("refusal", c, self.link, row, code=exc.code, stage="dispatch")
                 return
             receipt_bytes = await self._post(
-                self._signed_now(payload, message_id, row), single=probe
+                self._signed_now(payload, message_id, row), single=probe, seq=row.seq
             )
             self._link_answered()
             receipt = orjson.loads(receipt_bytes)
@@ -614,7 +625,7 @@ class Dispatcher:
         payload = orjson.loads(row.payload)
         await c.sync_consents()
         c.recheck_consent(payload, self.link)
-        receipt_bytes = await self._post(self._signed_now(payload, message_id))
+        receipt_bytes = await self._post(self._signed_now(payload, message_id), seq=row.seq)
         verify_receipt(
             orjson.loads(receipt_bytes),
             c.keyring,
@@ -637,7 +648,7 @@ class Dispatcher:
         )
         return receipt_bytes
 
-    async def _post(self, payload: bytes, *, single: bool = False) -> bytes:
+    async def _post(self, payload: bytes, *, single: bool = False, seq: int | None = None) -> bytes:
         """POST once, with a few immediate retries for transient failures.
 
         ``single`` (a probe of a partner that is down, or the circuit not closed): one
@@ -657,7 +668,7 @@ class Dispatcher:
             async for attempt in retrying:
                 with attempt:
                     try:
-                        return await self._post_once(payload)
+                        return await self._post_once(payload, seq)
                     except BridgeError as exc:
                         maybe_sent = maybe_sent or bool(exc.detail.get("maybe_sent"))
                         raise
@@ -667,13 +678,17 @@ class Dispatcher:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _post_once(self, payload: bytes) -> bytes:
+    async def _post_once(self, payload: bytes, seq: int | None = None) -> bytes:
         assert self._session is not None
         self.stats.requests += 1
+        headers = {"Content-Type": "application/fhir+json"}
+        if seq is not None:
+            # The claim's place in the link's sequence (PROTOCOL §8a): the receiver
+            # records it and so sees gaps.
+            headers["Bridge-Stream"] = self.link.id
+            headers["Bridge-Sequence"] = str(seq)
         try:
-            async with self._session.post(
-                self.url, data=payload, headers={"Content-Type": "application/fhir+json"}
-            ) as resp:
+            async with self._session.post(self.url, data=payload, headers=headers) as resp:
                 body = await resp.read()
                 status = resp.status
                 retry_after = retry_after_seconds(
