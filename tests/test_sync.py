@@ -220,3 +220,36 @@ async def test_a_restored_sender_reconciles_its_links_after_the_restore(
         assert actions[-3:] == ["store.restore", "sync.reconcile", "sync.reconciled"]
     finally:
         await insurer.stop()
+
+
+async def test_a_peer_from_the_protocol_sends_with_and_without_sequence_headers(
+    tmp_path: Path,
+) -> None:
+    """P-SYNC-1/2/3 from outside: the conformance peer (which shares no code with the
+    bridge) sends a version 1.1 claim without headers, one with a stream and number, and
+    one with half a pair."""
+    from e2e_support import start_pair
+    from peer_support import call, make_peer
+
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        peer = make_peer(pair)
+        plain = await call(peer.send, peer.signed_claim())
+        assert plain.response.status == 200 and plain.receipt is not None
+        numbered = await call(
+            peer.send,
+            peer.signed_claim(),
+            headers={"Bridge-Stream": "peer-link", "Bridge-Sequence": "7"},
+        )
+        assert numbered.response.status == 200 and numbered.receipt is not None
+        half = await call(peer.send, peer.signed_claim(), headers={"Bridge-Stream": "peer-link"})
+        assert half.response.status == 400
+        assert half.outcome is not None
+        assert half.outcome.code == "sync-invalid"
+        assert half.outcome.expression == ("Bridge-Sequence",)
+        [stream] = await pair.insurer.controller.db.call(
+            inbound_streams, pair.insurer.controller.store
+        )
+        assert (stream.stream, stream.highest, stream.gaps) == ("peer-link", 7, ((1, 6),))
+    finally:
+        await pair.stop()
