@@ -30,6 +30,20 @@ from bridge.files import read_bounded
 _ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> object:
+    """``"72h"``, ``"30m"``, ``"3d"``, ``"90s"`` as seconds; numbers pass unchanged."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m is None:
+            raise ValueError('a duration is seconds or a number with s, m, h or d ("72h")')
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -373,7 +387,33 @@ class LinkConfig(_Strict):
         description="a shipped profile name (mappings/links/<name>.yaml) or a path to a .yaml file",
     )
     purpose: str = "HPAYMT"
-    max_attempts: int = Field(default=8, ge=1, le=1000)
+    max_attempts: int | None = Field(
+        default=None,
+        ge=1,
+        description="no longer used: a claim is given up by give_up_after, never by a count",
+    )
+    give_up_after: float = Field(
+        default=72 * 3600.0,
+        gt=0,
+        description=(
+            "how long a claim is retried before it is dead-lettered: seconds, or a"
+            ' duration such as "72h", "30m", "3d"; a claim the partner may hold is never'
+            " given up"
+        ),
+    )
+    probe_cap_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="longest wait between two probes of a partner that is down",
+    )
+    reconcile_interval_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description=(
+            "how often a running bridge asks the partner which acknowledged claims it holds"
+            " and resends what it lacks; 0 turns it off"
+        ),
+    )
     concurrency: int = Field(default=16, ge=1, le=256)
     batch: int = Field(default=64, ge=1, le=1000)
     retry_base_seconds: float = Field(default=0.5, gt=0)
@@ -400,6 +440,11 @@ class LinkConfig(_Strict):
             " recipient (consent API); empty: its consents authorise nothing on this link"
         ),
     )
+
+    @field_validator("give_up_after", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value)
 
     def pull_purposes(self) -> list[str]:
         """Purposes a request on this pull link may state."""

@@ -106,6 +106,13 @@ class BridgeService:
                 self.ops = ops
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
+        from bridge.link.sync import reconcile_periodically
+
+        self._reconcilers = [
+            asyncio.create_task(reconcile_periodically(d), name=f"reconcile:{d.link.id}")
+            for d in self.dispatchers.values()
+            if d.link.reconcile_interval_seconds > 0
+        ]
         if any(link.agreement and link.direction in ("inbound", "pull-from")
                for link in c.config.links):
             from bridge.link.destruction import destroy_periodically
@@ -151,6 +158,9 @@ class BridgeService:
             self._destroyer.cancel()
             await asyncio.gather(self._destroyer, return_exceptions=True)
             self._destroyer = None
+        for task in getattr(self, "_reconcilers", []):
+            task.cancel()
+        await asyncio.gather(*getattr(self, "_reconcilers", []), return_exceptions=True)
         await self.handoff.stop()
         if self.ops is not None:
             await self.ops.stop()
