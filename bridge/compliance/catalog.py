@@ -218,6 +218,15 @@ def _t19(f: Facts) -> Assessment:
     return "partial", "mutual TLS in transit; the store is not encrypted"
 
 
+def _t20(f: Facts) -> Assessment:
+    chosen = [f"{link.id}: {link.signature_algorithm}" for link in f.config.links
+              if link.signature_algorithm is not None]
+    links = "; ".join(chosen) if chosen else "every link: the algorithm of [signing]'s key"
+    return "not met", ("no SM2 signer or TLCP (GB/T 38636) suite is available to the stack;"
+                       " signatures use the algorithm chosen per link (" + links + "), and"
+                       " the verifier accepts only those, so an SM2 signer plugs in by name")
+
+
 def _research(what: str) -> Callable[[Facts], Assessment]:
     def assess(f: Facts) -> Assessment:
         links = f.research_links()
@@ -369,9 +378,8 @@ ITEMS: tuple[Item, ...] = (
          "mutual TLS; AES-256-GCM encryption at rest", _t19),
     Item("T20", 4272, "密码技术使用是否符合国家密码管理相关要求？",
          "cryptography meets national requirements",
-         "none yet: see the README's national cryptography section",
-         _always("not met", "SM2 signatures and TLCP (GB/T 38636) are not offered by the stack;"
-                 " the signature algorithm is pluggable for when they are")),
+         "signature algorithms registered by JWS alg, chosen per link, verified against the"
+         " link's choice; SM2 and TLCP not offered (README: National cryptography)", _t20),
     Item("D1", 4280, "去标识化数据是否只应用于受控公开共享或领地公开共享？",
          "de-identified data only in controlled or enclave sharing",
          "research profile on a mutual-TLS link bound to an agreement", _d2),

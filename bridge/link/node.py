@@ -74,6 +74,44 @@ def _load_pseudonym_key(path: Path) -> bytes:
         raise ConfigError("audit pseudonym key file is not hex", location=str(path)) from None
 
 
+def signers_of(config: BridgeConfig) -> tuple[Signer, dict[str, Signer]]:
+    """The [signing] signer and every configured signer by algorithm (``signing.keys``)."""
+    default = Signer.from_files(config.signing.key, config.signing.cert)
+    signers = {default.algorithm: default}
+    for i, extra in enumerate(config.signing.keys):
+        signer = Signer.from_files(extra.key, extra.cert)
+        if signer.algorithm in signers:
+            raise ConfigError(f"a second signing key for {signer.algorithm}",
+                              location=f"signing.keys[{i}]")
+        signers[signer.algorithm] = signer
+    return default, signers
+
+
+def accept_configured_algorithms(config: BridgeConfig, partner_id: str, keyring: KeyRing,
+                                 signers: dict[str, Signer]) -> None:
+    """Narrow what ``partner_id``'s signatures are accepted under to its links' algorithms.
+
+    A link that names an algorithm needs a key of it here and a signing certificate of
+    it from the partner, or nothing on the link could be signed or verified.
+    """
+    chosen: set[str] = set()
+    for link in config.links:
+        alg = link.signature_algorithm
+        if link.partner != partner_id or alg is None:
+            continue
+        location = f"links.{link.id}.signature_algorithm"
+        if alg not in signers:
+            raise ConfigError(f"no signing key for {alg} in [signing] or [[signing.keys]]",
+                              location=location)
+        if not any(keyring.get(kid).algorithm == alg  # type: ignore[union-attr]
+                   for kid in keyring.kids_for(partner_id)):
+            raise ConfigError(f"partner {partner_id} has no {alg} signing certificate",
+                              location=location)
+        chosen.add(alg)
+    if chosen:
+        keyring.accept(partner_id, chosen)
+
+
 def resource_types(bundle: dict[str, Any]) -> list[str]:
     return sorted(
         {
@@ -94,12 +132,13 @@ class Controller:
         config.store.path.parent.mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store)
         self.db = AsyncStore(self.store)
-        self.signer = Signer.from_files(config.signing.key, config.signing.cert)
+        self.signer, self.signers = signers_of(config)
         self.keyring = KeyRing()
         partners: list[Partner] = []
         for p in config.partners:
             for cert in p.signing_certs:
                 self.keyring.add_certificate(p.id, cert)
+            accept_configured_algorithms(config, p.id, self.keyring, self.signers)
             partners.append(
                 Partner(
                     id=p.id,
@@ -163,6 +202,14 @@ class Controller:
             digest=digest_value,
             operator=acting_operator(),
         )
+
+    def signer_for(self, link_id: str | None) -> Signer:
+        """The signer of ``link_id``: its ``signature_algorithm``'s key, else [signing]'s."""
+        if link_id:
+            chosen = self.config.link(link_id).signature_algorithm
+            if chosen is not None:
+                return self.signers[chosen]
+        return self.signer
 
     def consents_for(self, link: LinkConfig) -> ConsentRegistry:
         """The consent registry as ``link`` counts it (expiry and marketing rules)."""
@@ -291,7 +338,7 @@ class Controller:
         )
         signed = sign_bundle(
             message,
-            self.signer,
+            self.signer_for(link.id),
             issuer=self.id,
             audience=partner.id,
             message_id=message_id,
