@@ -490,6 +490,13 @@ class IntakeConfig(_Strict):
             "still produce a corrected claim; later messages for the visit are refused"
         ),
     )
+    biometric_key_file: Path = Field(
+        default=Path("biometric.key"),
+        description=(
+            "key (64 hex digits) of the digests that replace elements a mapping marks"
+            " biometric; made (mode 600) when first needed; relative to the configuration file"
+        ),
+    )
 
 
 class RouteConfig(_Strict):
@@ -847,7 +854,10 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     if isinstance(audit, dict):
         audit.setdefault("pseudonym_key_file", "audit-pseudonym.key")
     fix(audit, ("pseudonym_key_file",))
-    fix(data.get("intake"), ("site",))
+    intake = data.setdefault("intake", {})
+    if isinstance(intake, dict):
+        intake.setdefault("biometric_key_file", "biometric.key")
+    fix(intake, ("site", "biometric_key_file"))
     links = data.get("links")
     if isinstance(links, list):
         for link in links:

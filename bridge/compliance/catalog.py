@@ -209,6 +209,21 @@ def _t17(f: Facts) -> Assessment:
     return "met", "profiles are checked on receipt; " + why
 
 
+def _u13(f: Facts) -> Assessment:
+    from bridge.errors import BridgeError
+    from bridge.link.intake import site_reader
+
+    try:
+        paths = site_reader(f.config).biometric_paths
+    except BridgeError as exc:
+        return "not met", f"the mapping files in effect do not load: {exc.location}"
+    if not paths:
+        return "not applicable", ("no mapping in effect marks a biometric element (WS 445"
+                                  " defines none); a site overlay marks one biometric: true")
+    return "met", ("replaced by HMAC-SHA-256 digests (intake.biometric_key_file) before any"
+                   " store or link sees them: " + ", ".join(p.text for p in paths))
+
+
 def _t19(f: Facts) -> Assessment:
     encryption = getattr(f.config.store, "encryption", None)
     if encryption is not None:
@@ -301,9 +316,8 @@ ITEMS: tuple[Item, ...] = (
          "partner jurisdiction declared; sending abroad refused without an approval", _u12),
     Item("U13", 4163, "生物识别信息的存储是否经过了处理，例如只存储了摘要？",
          "biometric data stored only as digests",
-         "none: no mapped data set (WS 445) carries a biometric element",
-         _always("not applicable", "no mapped data set carries a biometric element; a mapping"
-                 " cannot yet mark one")),
+         "elements a mapping marks biometric: true are replaced by a keyed digest before"
+         " the message is stored, mapped or sent", _u13),
     Item("U14", 4165, "健康医疗数据的传输是否进行了加密处理？",
          "transmission encrypted",
          "mutual TLS on every listener that carries health data",

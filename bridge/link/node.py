@@ -11,8 +11,6 @@ import gc
 import hashlib
 import hmac
 import logging
-import os
-import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +22,7 @@ from bridge.compliance.agreements import CrossBorderRefused, check_agreement, ch
 from bridge.compliance.operators import acting_operator
 from bridge.config import BridgeConfig, LinkConfig
 from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
+from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
@@ -61,17 +60,7 @@ class Submitted:
 
 def _load_pseudonym_key(path: Path) -> bytes:
     """The key that turns patient identifiers into audit pseudonyms; made on first use."""
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key.hex())
-        return key
-    except ValueError:
-        raise ConfigError("audit pseudonym key file is not hex", location=str(path)) from None
+    return load_or_make_key(path, what="audit pseudonym key")
 
 
 def signers_of(config: BridgeConfig) -> tuple[Signer, dict[str, Signer]]:
