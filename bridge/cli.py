@@ -513,6 +513,11 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
     report["pull"] = pull_status_report(store, config)
     if report["pull"]["reviews"]:
         report["attention"] = True
+    from bridge.ops.certs import certificate_report
+
+    report["certificates"] = certificate_report(config)
+    if any(not c["ok"] for c in report["certificates"]):
+        report["attention"] = True
     return report
 
 
@@ -551,6 +556,9 @@ def _print_status(report: dict[str, Any]) -> None:
             )
     print_pull_status(report["pull"], sys.stdout)
     print_handoff_status(report["handoff"], sys.stdout)
+    for cert in report["certificates"]:
+        if not cert["ok"]:
+            sys.stdout.write(f"  certificate {cert['certificate']}: {cert['detail']}\n")
 
 
 # --- demo -------------------------------------------------------------------------------
