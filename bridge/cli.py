@@ -119,7 +119,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     async def run() -> int:
         controller = _controller(args.config)
         try:
-            record = read_record(data, source=args.file)
+            record = controller.protect_record(read_record(data, source=args.file))
             submitted = await controller.submit(record, args.link)
         finally:
             await controller.close()

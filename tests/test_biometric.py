@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,21 @@ def test_the_reader_collects_the_marked_paths_of_every_mapping(
     assert HL7Reader().biometric_paths == ()
     assert main(["mappings", "check", "--site", str(site)]) == 0
     assert "biometric PID-11.4: kept and sent as a keyed digest only" in capsys.readouterr().out
+
+
+def test_a_json_record_has_marked_elements_digested_at_record_and_group_level() -> None:
+    from bridge.mapping.hl7v2.biometric import protect_record
+
+    record = {"dataset": "WS445.10", "elements": {"HDSD00.11.102": TEMPLATE, "X": "kept"},
+              "groups": {"diagnoses": [{"HDSD00.11.024": "T2"}, {"HDSD00.11.024": ""}]}}
+    marked = {"WS445.10": frozenset({"HDSD00.11.102", "HDSD00.11.024"})}
+    out = protect_record(record, marked, KEY)
+    assert out["elements"] == {"HDSD00.11.102": expected_digest(KEY, TEMPLATE), "X": "kept"}
+    assert out["groups"]["diagnoses"] == [{"HDSD00.11.024": expected_digest(KEY, "T2")},
+                                          {"HDSD00.11.024": ""}]
+    assert record["elements"]["HDSD00.11.102"] == TEMPLATE  # the input is not changed
+    assert protect_record({**record, "dataset": "WS445.1"}, marked, KEY) == {
+        **record, "dataset": "WS445.1"}
 
 
 # --- what a mapping may mark ---------------------------------------------------------------
@@ -245,3 +261,40 @@ def test_the_compliance_report_reads_the_marks_from_the_site_in_effect(tmp_path:
         fh.write(f'\n[intake]\nsite = "{site}"\n')
     row = u13()
     assert row["status"] == "met" and "PID-11.4" in row["why"]
+
+
+@pytest.mark.control("U13")
+def test_a_record_pushed_as_json_has_the_marked_element_digested_too(tmp_path: Path) -> None:
+    """The same data element is biometric however it arrives: a WS 445 record given to
+    ``bridge push`` is digested before it is queued, as an HL7 message is on intake."""
+    from compliance_support import samples
+    from ops_support import bridge, make_site
+
+    from bridge.config import load_config
+    from bridge.ledger import open_store
+
+    site_dir = overlay(tmp_path)
+    site = make_site(tmp_path / "pair")
+    with site.hospital.open("a", encoding="utf-8") as fh:
+        fh.write(f'\n[intake]\nsite = "{site_dir}"\n')
+    record = json.loads((samples(site) / "claim-1.json").read_text(encoding="utf-8"))
+    record["elements"]["HDSD00.11.102"] = TEMPLATE
+    pushed = tmp_path / "claim-template.json"
+    pushed.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    run = bridge("consent", "add", "--config", str(site.hospital),
+                 str(samples(site) / "consent.json"))
+    assert run.returncode == 0, run.stderr
+    run = bridge("push", "--config", str(site.hospital), "--link", "claims-to-insurer-b",
+                 str(pushed))
+    assert run.returncode == 0, run.stderr
+    pushed.unlink()  # the operator's own file is not the bridge's to search
+    key = bytes.fromhex((site.root / "biometric.key").read_text().strip())
+    with open_store(load_config(site.hospital).store) as store, store.read("outbox") as tx:
+        [(payload,)] = tx.all("SELECT payload FROM outbox")
+    message = json.loads(bytes(payload))
+    patient = next(e["resource"] for e in message["entry"]
+                   if e["resource"]["resourceType"] == "Patient")
+    assert patient["address"][0]["state"] == expected_digest(key, TEMPLATE)
+    leaked = [str(p) for p in tmp_path.rglob("*") if p.is_file()
+              and TEMPLATE.encode() in p.read_bytes()]
+    assert leaked == []

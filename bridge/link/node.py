@@ -11,6 +11,7 @@ import gc
 import hashlib
 import hmac
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,6 +163,7 @@ class Controller:
         self.mapping_files = MappingFiles(site.resolve() if site is not None else None)
         # Which of this controller's own systems take the claims it receives.
         self.handoff_routes = routes(config.handoff)
+        self._biometric: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     # --- helpers -------------------------------------------------------------------
 
@@ -191,6 +193,24 @@ class Controller:
             digest=digest_value,
             operator=acting_operator(),
         )
+
+    def protect_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A DE record that arrived as JSON with the elements the site's mappings mark
+        biometric replaced by their keyed digest (HL7 v2 messages are digested on intake).
+
+        The shipped mappings mark nothing: without a site overlay there is nothing to do.
+        """
+        if self.config.intake.site is None:
+            return record
+        if self._biometric is None:
+            from bridge.link.intake import site_reader
+            from bridge.mapping.hl7v2.biometric import protect_record
+
+            marked = site_reader(self.config).biometric_elements
+            key = load_or_make_key(self.config.intake.biometric_key_file,
+                                   what="biometric key") if marked else b""
+            self._biometric = lambda r: protect_record(r, marked, key) if marked else r
+        return self._biometric(record)
 
     def signer_for(self, link_id: str | None) -> Signer:
         """The signer of ``link_id``: its ``signature_algorithm``'s key, else [signing]'s."""

@@ -87,6 +87,18 @@ class HL7Reader:
                                 load_facilities(files))
         self._read: dict[tuple[str, str], frozenset[tuple[str, int]]] = {}
         self.biometric_paths = self._biometric_paths()
+        #: Data set code -> element ids marked biometric (for records that arrive as JSON).
+        self.biometric_elements = self._biometric_elements()
+
+    def _biometric_elements(self) -> dict[str, frozenset[str]]:
+        found: dict[str, set[str]] = {}
+        specs = list(self.mappings.values()) + [
+            part for visit in self.visits.values() for part in visit.parts.values()]
+        for spec in specs:
+            for element in list(spec.elements) + [e for g in spec.groups for e in g.elements]:
+                if element.biometric and spec.dataset is not None:
+                    found.setdefault(spec.dataset, set()).add(element.element)
+        return {dataset: frozenset(ids) for dataset, ids in found.items()}
 
     def _biometric_paths(self) -> tuple[Path_, ...]:
         """The paths of every element any mapping marks biometric (message files, those

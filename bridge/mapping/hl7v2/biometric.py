@@ -22,8 +22,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from bridge.mapping.hl7v2.message import Delimiters, HL7Message, parse_hl7
 
@@ -101,4 +101,33 @@ def _encode(msg: HL7Message) -> bytes:
     return ("\r".join(lines) + "\r").encode(msg.encoding)
 
 
-__all__ = ["DIGEST_CHARS", "biometric_digest", "protect"]
+def protect_record(record: dict[str, Any], elements: Mapping[str, frozenset[str]],
+                   key: bytes) -> dict[str, Any]:
+    """A WS 445 DE record (JSON, not from HL7) with its biometric elements digested.
+
+    ``elements`` maps a data set code to the element ids marked biometric for it (by the
+    HL7 rules that fill them: the same data element is biometric however it arrives).
+    Record-level elements and group items alike; other values are left as they are.
+    """
+    marked = elements.get(str(record.get("dataset")), frozenset())
+    if not marked:
+        return record
+
+    def digested(values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return {eid: biometric_digest(key, str(value))
+                if eid in marked and value not in (None, "") else value
+                for eid, value in values.items()}
+
+    out = dict(record)
+    out["elements"] = digested(record.get("elements"))
+    groups = record.get("groups")
+    if isinstance(groups, dict):
+        out["groups"] = {name: [digested(item) for item in items]
+                         if isinstance(items, list) else items
+                         for name, items in groups.items()}
+    return out
+
+
+__all__ = ["DIGEST_CHARS", "biometric_digest", "protect", "protect_record"]
