@@ -152,6 +152,11 @@ def test_a_partner_narrowed_to_ed25519_is_refused_under_its_es256_key(
     assert refused.value.location == "Bundle.signature.data#alg"
     assert "not one configured for this partner" in refused.value.message
     assert verify(sign(ed_cert, ed_key), ring).algorithm == "Ed25519"
+    # Evidence signed before the link changed algorithm (a receipt returned to a resend)
+    # is held to the algorithm of the key that made it.
+    old = json.loads(json.dumps(sign(es_cert, es_key)))
+    assert verify_bundle(old, ring, expected_issuer="hospital-a", expected_audience="insurer-b",
+                         now=NOW, check_time=False).algorithm == "ES256"
     # An Ed25519 header over the ES256 key is a key mismatch, whatever is accepted.
     with pytest.raises(SignatureError, match="does not match the key"):
         verify(forged(sign(es_cert, es_key), "Ed25519", lambda data: b"x" * 64), ring)

@@ -506,7 +506,7 @@ def verify_bundle(
             "signature data is not base64 of a compact JWS", location=_DATA_LOC
         ) from None
     header = _protected_header(compact, _DATA_LOC)
-    entry = _signing_key(header, keyring, expected_issuer, _DATA_LOC)
+    entry = _signing_key(header, keyring, expected_issuer, _DATA_LOC, check_time)
     payload = _verified_payload(
         compact, signed_payload_forms(bundle), entry, expected_issuer, header, _DATA_LOC
     )
@@ -564,7 +564,7 @@ def verify_detached_bytes(
     except (UnicodeEncodeError, AttributeError):
         raise SignatureError("signature is not a compact JWS", location=location) from None
     header = _protected_header(raw, location)
-    entry = _signing_key(header, keyring, expected_issuer, location)
+    entry = _signing_key(header, keyring, expected_issuer, location, check_time)
     _verified_payload(raw, (payload,), entry, expected_issuer, header, location)
     return _claims(header, entry, payload, expected_audience, now, window, check_time, location)
 
@@ -614,10 +614,12 @@ def _protected_header(compact: bytes, loc: str) -> dict[str, Any]:
 
 
 def _signing_key(
-    header: dict[str, Any], keyring: KeyRing, expected_issuer: str, loc: str
+    header: dict[str, Any], keyring: KeyRing, expected_issuer: str, loc: str, fresh: bool
 ) -> KeyEntry:
     """PROTOCOL §5.4 steps 10-12: a known key of the expected partner, of the header's
-    alg, an algorithm the configuration accepts from that partner."""
+    alg, and for a new message (``fresh``) an algorithm the configuration accepts from
+    that partner. Evidence checked later (a stored or resent receipt) may predate a
+    change of the link's algorithm: it is held to the algorithm of the key that made it."""
     entry = keyring.get(header["kid"])
     if entry is None:
         raise SignatureError("signing key id is not in the key ring", location=f"{loc}#kid")
@@ -626,7 +628,7 @@ def _signing_key(
     if header["alg"] != entry.algorithm:
         raise SignatureError("signature algorithm does not match the key", location=f"{loc}#alg")
     accepted = keyring.accepted(expected_issuer)
-    if accepted is not None and entry.algorithm not in accepted:
+    if fresh and accepted is not None and entry.algorithm not in accepted:
         raise SignatureError(
             "signature algorithm is not one configured for this partner", location=f"{loc}#alg"
         )
