@@ -153,10 +153,14 @@ def test_a_partner_narrowed_to_ed25519_is_refused_under_its_es256_key(
     assert "not one configured for this partner" in refused.value.message
     assert verify(sign(ed_cert, ed_key), ring).algorithm == "Ed25519"
     # Evidence signed before the link changed algorithm (a receipt returned to a resend)
-    # is held to the algorithm of the key that made it.
+    # is held to the algorithm of the key that made it; a fresh receipt is not.
     old = json.loads(json.dumps(sign(es_cert, es_key)))
+    with pytest.raises(SignatureError, match="not one configured"):
+        verify_bundle(old, ring, expected_issuer="hospital-a", expected_audience="insurer-b",
+                      now=NOW, check_time=False)
+    later = NOW + timedelta(minutes=6)
     assert verify_bundle(old, ring, expected_issuer="hospital-a", expected_audience="insurer-b",
-                         now=NOW, check_time=False).algorithm == "ES256"
+                         now=later, check_time=False).algorithm == "ES256"
     # An Ed25519 header over the ES256 key is a key mismatch, whatever is accepted.
     with pytest.raises(SignatureError, match="does not match the key"):
         verify(forged(sign(es_cert, es_key), "Ed25519", lambda data: b"x" * 64), ring)

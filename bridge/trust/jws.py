@@ -506,7 +506,8 @@ def verify_bundle(
             "signature data is not base64 of a compact JWS", location=_DATA_LOC
         ) from None
     header = _protected_header(compact, _DATA_LOC)
-    entry = _signing_key(header, keyring, expected_issuer, _DATA_LOC, check_time)
+    entry = _signing_key(header, keyring, expected_issuer, _DATA_LOC,
+                         check_time or _recent(header, now, window))
     payload = _verified_payload(
         compact, signed_payload_forms(bundle), entry, expected_issuer, header, _DATA_LOC
     )
@@ -564,7 +565,8 @@ def verify_detached_bytes(
     except (UnicodeEncodeError, AttributeError):
         raise SignatureError("signature is not a compact JWS", location=location) from None
     header = _protected_header(raw, location)
-    entry = _signing_key(header, keyring, expected_issuer, location, check_time)
+    entry = _signing_key(header, keyring, expected_issuer, location,
+                         check_time or _recent(header, now, window))
     _verified_payload(raw, (payload,), entry, expected_issuer, header, location)
     return _claims(header, entry, payload, expected_audience, now, window, check_time, location)
 
@@ -613,13 +615,20 @@ def _protected_header(compact: bytes, loc: str) -> dict[str, Any]:
     return header
 
 
+def _recent(header: dict[str, Any], now: datetime, window: timedelta) -> bool:
+    """Whether the (not yet verified) ``iat`` is within ``window`` of ``now``."""
+    return abs(now.timestamp() - header["iat"]) <= window.total_seconds()
+
+
 def _signing_key(
     header: dict[str, Any], keyring: KeyRing, expected_issuer: str, loc: str, fresh: bool
 ) -> KeyEntry:
     """PROTOCOL §5.4 steps 10-12: a known key of the expected partner, of the header's
-    alg, and for a new message (``fresh``) an algorithm the configuration accepts from
-    that partner. Evidence checked later (a stored or resent receipt) may predate a
-    change of the link's algorithm: it is held to the algorithm of the key that made it."""
+    alg, and for a new signature (``fresh``: a new message, or evidence signed within
+    the window) an algorithm the configuration accepts from that partner. Older evidence
+    (the original receipt returned to a resend) may predate a change of the link's
+    algorithm: it is held to the algorithm of the key that made it. ``iat`` is not yet
+    verified here; a changed ``iat`` fails the signature at the next step."""
     entry = keyring.get(header["kid"])
     if entry is None:
         raise SignatureError("signing key id is not in the key ring", location=f"{loc}#kid")
