@@ -617,7 +617,7 @@ def _protected_header(compact: bytes, loc: str) -> dict[str, Any]:
 
 def _recent(header: dict[str, Any], now: datetime, window: timedelta) -> bool:
     """Whether the (not yet verified) ``iat`` is within ``window`` of ``now``."""
-    return abs(now.timestamp() - header["iat"]) <= window.total_seconds()
+    return bool(abs(now.timestamp() - header["iat"]) <= window.total_seconds())
 
 
 def _signing_key(
