@@ -219,6 +219,14 @@ class PartnerConfig(_Strict):
     tls_fingerprints: list[str] = Field(
         default_factory=list, description="SHA-256 hex fingerprints; empty = trust the URI SAN"
     )
+    tls_ca: Path | None = Field(
+        default=None,
+        description=(
+            "PEM file of the CA certificate(s) that issue this partner's TLS certificates;"
+            " required when [tls] ca holds more than one CA (unless tls_fingerprints pin"
+            " the partner's certificates)"
+        ),
+    )
 
     jurisdiction: str = Field(
         default=MAINLAND, pattern=r"^[A-Z]{2}$",
@@ -343,6 +351,10 @@ class PullConfig(_Strict):
         default=200, ge=1, description="distinct patients asked about in the window that alarm"
     )
     bulk_alarm_window_seconds: int = Field(default=3600, ge=1, description="alarm window")
+    cursor_ttl_seconds: int = Field(
+        default=3600, ge=1, le=86400,
+        description="life of a page cursor; a later next link gets 410 cursor-expired",
+    )
 
     @field_validator("purposes")
     @classmethod
@@ -392,6 +404,13 @@ class LinkConfig(_Strict):
     )
     consent_cap_days: int = Field(
         default=365, ge=1, le=3650, description="life of a consent without an end, on this link"
+    )
+    partner_consent_purposes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "purposes for which the link's partner may itself submit consents naming it as"
+            " recipient (consent API); empty: its consents authorise nothing on this link"
+        ),
     )
     signature_algorithm: str | None = Field(
         default=None,
@@ -867,7 +886,7 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     partners = data.get("partners")
     if isinstance(partners, list):
         for partner in partners:
-            fix(partner, ("signing_certs",))
+            fix(partner, ("signing_certs", "tls_ca"))
     fix(data.get("operations"), ("operator_ca",))
     handoff = data.get("handoff")
     if isinstance(handoff, list):

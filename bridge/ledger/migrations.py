@@ -197,6 +197,25 @@ CREATE INDEX IF NOT EXISTS handoff_claim ON handoff (sender, message_id);
     ),
     # Record pull: the records store, review items, pages received (bridge.ledger.records).
     # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
+    # Token buckets shared by every process of a store (bridge.ledger.ratelimit): a
+    # partner's request rate is limited across processes, not per process.
+    Migration(
+        name="0860-rate-buckets",
+        sqlite="""
+CREATE TABLE IF NOT EXISTS rate_bucket (
+    bucket  TEXT PRIMARY KEY,
+    tokens  REAL NOT NULL,
+    stamp   REAL NOT NULL
+);
+""",
+        postgres="""
+CREATE TABLE IF NOT EXISTS rate_bucket (
+    bucket  TEXT PRIMARY KEY,
+    tokens  DOUBLE PRECISION NOT NULL,
+    stamp   DOUBLE PRECISION NOT NULL
+);
+""",
+    ),
     Migration(
         name="1300-pull-records",
         ddl="""

@@ -42,11 +42,11 @@ from bridge.errors import (
 )
 from bridge.ledger.states import next_attempt
 from bridge.link.node import Controller, _decision_detail, resource_types
+from bridge.link.partner_http import RECEIPT_LIMIT, partner_session, read_answer
 from bridge.logs import claim_event
 from bridge.trust.identity import certificate_identity
 from bridge.trust.jws import digest, payload_digests, sign_bundle
 from bridge.trust.receipts import verify_receipt
-from bridge.trust.tls import client_context
 
 log = logging.getLogger("bridge.dispatcher")
 
@@ -187,17 +187,10 @@ class Dispatcher:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        tls = self.c.config.tls
-        ctx = client_context(tls.cert, tls.key, tls.ca)
-        partner = self.c.config.partner(self.link.partner)
-        connector = PartnerConnector(
-            expected_partner=partner.id,
-            fingerprints=frozenset(partner.tls_fingerprints),
-            ssl=ctx,
+        self._session = partner_session(
+            self.c.config, self.link.partner, timeout=self.link.request_timeout_seconds,
             limit=self.link.concurrency,
         )
-        timeout = aiohttp.ClientTimeout(total=self.link.request_timeout_seconds)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         self._task = asyncio.create_task(self._run(), name=f"dispatch:{self.link.id}")
 
     async def stop(self) -> None:
@@ -501,9 +494,10 @@ class Dispatcher:
         assert self._session is not None
         try:
             async with self._session.post(
-                self.url, data=payload, headers={"Content-Type": "application/fhir+json"}
+                self.url, data=payload, headers={"Content-Type": "application/fhir+json"},
+                allow_redirects=False,
             ) as resp:
-                body = await resp.read()
+                body = await read_answer(resp, RECEIPT_LIMIT)  # a 3xx or an oversize: refused
                 status = resp.status
         except Exception as exc:  # noqa: BLE001 - every failure is classified, none is swallowed
             raise classify_exception(exc) from None

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from bridge.compliance.agreements import CrossBorderRefused, check_agreement, check_link
 from bridge.compliance.operators import acting_operator
-from bridge.config import BridgeConfig, LinkConfig
+from bridge.config import BridgeConfig, LinkConfig, PartnerConfig
 from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
 from bridge.files import load_or_make_key
 from bridge.handoff import routes
@@ -38,6 +40,7 @@ from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
 from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
+from bridge.trust.pki import load_certificates
 from bridge.trust.registry import Partner, PartnerRegistry
 
 log = logging.getLogger("bridge.controller")
@@ -57,6 +60,39 @@ class Submitted:
     removed: tuple[str, ...]
     held_back: tuple[str, ...]
     decided_by: str = ""  # "consent-id@provision path" of the permitting rule
+
+
+def _ca_certificates(path: Path) -> list[x509.Certificate]:
+    """The CA certificates of a PEM bundle (certificates without CA rights skipped)."""
+    found = []
+    for cert in load_certificates(path):
+        try:
+            ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            ca = False
+        if ca:
+            found.append(cert)
+    return found
+
+
+def _partner_issuers(partner: PartnerConfig, several_cas: bool) -> frozenset[bytes]:
+    """DER of the CAs a partner's TLS certificates must come from (``partners.tls_ca``).
+
+    When the trusted bundle holds several CAs, a partner bound to none of them could be
+    impersonated by a certificate from another partner's CA: every partner then needs
+    ``tls_ca`` (or fingerprint pins)."""
+    if partner.tls_ca is None:
+        if several_cas and not partner.tls_fingerprints:
+            raise ConfigError(
+                "[tls] ca holds several CAs: name the CA that issues this partner's"
+                " certificates (or pin them with tls_fingerprints)",
+                location=f"partners.{partner.id}.tls_ca",
+            )
+        return frozenset()
+    cas = _ca_certificates(partner.tls_ca)
+    if not cas:
+        raise ConfigError("file holds no CA certificate", location=f"partners.{partner.id}.tls_ca")
+    return frozenset(c.public_bytes(serialization.Encoding.DER) for c in cas)
 
 
 def _load_pseudonym_key(path: Path) -> bytes:
@@ -125,6 +161,8 @@ class Controller:
         self.signer, self.signers = signers_of(config)
         self.keyring = KeyRing()
         partners: list[Partner] = []
+        several_cas = any(p.tls_ca is None and not p.tls_fingerprints for p in config.partners) and (
+            len(_ca_certificates(config.tls.ca)) > 1)
         for p in config.partners:
             for cert in p.signing_certs:
                 self.keyring.add_certificate(p.id, cert)
@@ -135,6 +173,7 @@ class Controller:
                     name=p.name or p.id,
                     base_url=p.base_url or "",
                     tls_fingerprints=frozenset(p.tls_fingerprints),
+                    tls_issuers=_partner_issuers(p, several_cas),
                     links=frozenset(link.id for link in config.links if link.partner == p.id),
                 )
             )
@@ -155,7 +194,8 @@ class Controller:
         # Each link counts consents by its own rules on expiry (consent_rules).
         self.link_consents: dict[str, ConsentRegistry] = {
             link.id: LinkConsentView(self.consents, without_end=link.consent_without_end,
-                                     cap_days=link.consent_cap_days)
+                                     cap_days=link.consent_cap_days, partner=link.partner,
+                                     partner_purposes=link.partner_consent_purposes)
             for link in config.links
         }
         # The site's overlay of the mapping files (value sets the FHIR mapping reads too).
@@ -222,7 +262,13 @@ class Controller:
 
     def consents_for(self, link: LinkConfig) -> ConsentRegistry:
         """The consent registry as ``link`` counts it (expiry and marketing rules)."""
-        return self.link_consents.get(link.id, self.consents)
+        view = self.link_consents.get(link.id)
+        if view is None:  # a link built after start: the same rules, never the bare registry
+            view = self.link_consents[link.id] = LinkConsentView(
+                self.consents, without_end=link.consent_without_end,
+                cap_days=link.consent_cap_days, partner=link.partner,
+                partner_purposes=link.partner_consent_purposes)
+        return view
 
     def pseudonym(self, identifiers: list[tuple[str, str]]) -> str | None:
         """A keyed pseudonym of the patient's most stable identifier.

@@ -30,7 +30,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -244,26 +243,19 @@ class OpsServer:
     async def _check_partner(
         self, partner_id: str, base_url: str, fingerprints: frozenset[str]
     ) -> dict[str, Any]:
-        from bridge.link.dispatcher import PartnerConnector, classify_exception
-        from bridge.trust.tls import client_context
+        from bridge.link.dispatcher import classify_exception
+        from bridge.link.partner_http import RECEIPT_LIMIT, partner_session, read_answer
 
         name = f"partner:{partner_id}"
-        tls = self.controller.config.tls
         try:
-            ctx = client_context(tls.cert, tls.key, tls.ca)
+            session = partner_session(self.controller.config, partner_id,
+                                      timeout=self.config.partner_timeout_seconds)
         except (BridgeError, OSError) as exc:
             return {"check": name, "ok": False, "detail": f"cannot build TLS context: {exc}"}
-        connector = PartnerConnector(
-            expected_partner=partner_id, fingerprints=fingerprints, ssl=ctx, limit=1
-        )
-        timeout = aiohttp.ClientTimeout(total=self.config.partner_timeout_seconds)
         url = base_url.rstrip("/") + "/metadata"
         try:
-            async with (
-                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-                session.get(url) as resp,
-            ):
-                await resp.read()
+            async with session, session.get(url, allow_redirects=False) as resp:
+                await read_answer(resp, RECEIPT_LIMIT)
                 status = resp.status
         except Exception as exc:  # noqa: BLE001 - every failure is a not-ready answer
             err = classify_exception(exc)

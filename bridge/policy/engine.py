@@ -52,6 +52,7 @@ from bridge.policy.consent import (
     build_consent,
     data_instants,
     decide,
+    override_deny,
 )
 from bridge.policy.profile import LinkProfile, omit_in_place
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
@@ -283,7 +284,9 @@ def _run(
         found = memo.get(item)
         if found is None:
             if decision.override is not None:
-                found = Verdict("permit", None, "", "emergency override", decision.allowed_labels)
+                # The override permits what no consent does, except what one denies.
+                found = override_deny(records, req, item) or Verdict(
+                    "permit", None, "", "emergency override", decision.allowed_labels)
             else:
                 found = decide(records, req, item)
             memo[item] = found
@@ -439,8 +442,8 @@ def recheck(
 ) -> ConsentDecision:
     """Ask the consent question of ``result`` again (at dispatch); raise ConsentDenied if
     the consent was revoked, expired or narrowed since — for any resource type or any
-    labelled piece of what is being sent. A message under an emergency override is
-    not rechecked against consents (the override was the decision)."""
+    labelled piece of what is being sent. A message under an emergency override needs
+    no permit (the override was the decision) but is stopped by a deny provision."""
     decision = registry.require_consent(
         patient_identifiers=list(result.patient_identifiers),
         recipient=result.decision.recipient,
@@ -451,16 +454,16 @@ def recheck(
         action=result.action,
         emergency=result.decision.override,
     )
-    if decision.override is not None:
-        return decision
     req = Request(
         result.decision.recipient, result.decision.purpose, decision.decided_at,
         data_instants(result.data_period), result.action,
     )
     records = registry.for_patient(result.patient_identifiers)
     for item in result.items:
-        v = decide(records, req, item)
-        if not v.permitted:
+        # Under an override only a deny recorded since stops the message.
+        denied = override_deny(records, req, item) if decision.override is not None else None
+        v = denied or decide(records, req, item)
+        if denied is not None or (decision.override is None and not v.permitted):
             raise ConsentDenied(
                 "consent no longer covers data in this message",
                 location=v.provision_path, consent_id=v.consent_id,
