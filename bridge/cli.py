@@ -121,7 +121,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     async def run() -> int:
         controller = _controller(args.config)
         try:
-            record = read_record(data, source=args.file)
+            record = controller.protect_record(read_record(data, source=args.file))
             submitted = await controller.submit(record, args.link)
         finally:
             await controller.close()
@@ -504,6 +504,11 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
     report["pull"] = pull_status_report(store, config)
     if report["pull"]["reviews"]:
         report["attention"] = True
+    from bridge.ops.certs import certificate_report
+
+    report["certificates"] = certificate_report(config)
+    if any(not c["ok"] for c in report["certificates"]):
+        report["attention"] = True
     return report
 
 
@@ -586,6 +591,9 @@ def _print_status(report: dict[str, Any]) -> None:
             )
     print_pull_status(report["pull"], sys.stdout)
     print_handoff_status(report["handoff"], sys.stdout)
+    for cert in report["certificates"]:
+        if not cert["ok"]:
+            sys.stdout.write(f"  certificate {cert['certificate']}: {cert['detail']}\n")
 
 
 # --- demo -------------------------------------------------------------------------------

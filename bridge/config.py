@@ -113,12 +113,24 @@ class TLSConfig(_Strict):
     crl: Path | None = None
 
 
-class SigningConfig(_Strict):
-    """The signing key and certificate; the algorithm follows the key (EC P-256 gives
-    ES256, Ed25519 gives the fully specified JOSE algorithm ``Ed25519``)."""
+class SigningKeyConfig(_Strict):
+    """A further signing key, for links that choose its algorithm."""
 
     cert: Path
     key: Path
+
+
+class SigningConfig(_Strict):
+    """The signing key and certificate; the algorithm follows the key (EC P-256 gives
+    ES256, Ed25519 gives the fully specified JOSE algorithm ``Ed25519``). ``keys`` adds
+    keys of other algorithms, one per algorithm, for links whose
+    ``signature_algorithm`` names them."""
+
+    cert: Path
+    key: Path
+    keys: list[SigningKeyConfig] = Field(
+        default_factory=list, description="further signing keys (cert, key), one per algorithm"
+    )
 
 
 class StoreConfig(_Strict):
@@ -440,6 +452,25 @@ class LinkConfig(_Strict):
             " recipient (consent API); empty: its consents authorise nothing on this link"
         ),
     )
+    signature_algorithm: str | None = Field(
+        default=None,
+        description=(
+            "JWS alg this controller signs with on the link and the only one (with those of"
+            " its other links with the partner) it accepts from the partner; default: the"
+            " algorithm of [signing]'s key, accepting any of the partner's signing keys"
+        ),
+    )
+
+    @field_validator("signature_algorithm")
+    @classmethod
+    def _registered_algorithm(cls, value: str | None) -> str | None:
+        from bridge.trust import algorithms
+
+        if value is not None and algorithms.get(value) is None:
+            raise ValueError(
+                f"{value!r} is not a signature algorithm (one of {', '.join(algorithms.names())})"
+            )
+        return value
 
     @field_validator("give_up_after", mode="before")
     @classmethod
@@ -521,6 +552,13 @@ class IntakeConfig(_Strict):
         description=(
             "days after a visit's discharge during which corrections (ADT^A08, DFT^P03) "
             "still produce a corrected claim; later messages for the visit are refused"
+        ),
+    )
+    biometric_key_file: Path = Field(
+        default=Path("biometric.key"),
+        description=(
+            "key (64 hex digits) of the digests that replace elements a mapping marks"
+            " biometric; made (mode 600) when first needed; relative to the configuration file"
         ),
     )
 
@@ -759,6 +797,13 @@ class BridgeConfig(_Strict):
                 )
             if link.agreement is not None:
                 self._check_agreement(i, link)
+            if any(other.partner == link.partner and (other.signature_algorithm is None) != (
+                    link.signature_algorithm is None) for other in self.links):
+                # What the partner's signatures are accepted under is one list.
+                raise ValueError(
+                    f"links[{i}].signature_algorithm: name one on every link with partner"
+                    f" {link.partner}, or on none"
+                )
         self._check_operators()
         inbound = {link.id for link in self.links if link.direction == "inbound"}
         seen_destinations: set[str] = set()
@@ -860,7 +905,11 @@ def _resolve(data: dict[str, object], base: Path) -> None:
                 ]
 
     fix(data.get("tls"), ("ca", "cert", "key", "crl"))
-    fix(data.get("signing"), ("cert", "key"))
+    signing = data.get("signing")
+    fix(signing, ("cert", "key"))
+    if isinstance(signing, dict) and isinstance(signing.get("keys"), list):
+        for extra in signing["keys"]:
+            fix(extra, ("cert", "key"))
     store = data.setdefault("store", {})
     if isinstance(store, dict):
         store.setdefault("path", "bridge.sqlite")
@@ -869,7 +918,10 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     if isinstance(audit, dict):
         audit.setdefault("pseudonym_key_file", "audit-pseudonym.key")
     fix(audit, ("pseudonym_key_file",))
-    fix(data.get("intake"), ("site",))
+    intake = data.setdefault("intake", {})
+    if isinstance(intake, dict):
+        intake.setdefault("biometric_key_file", "biometric.key")
+    fix(intake, ("site", "biometric_key_file"))
     links = data.get("links")
     if isinstance(links, list):
         for link in links:

@@ -364,7 +364,7 @@ class Dispatcher:
             return bytes(row.payload)
         signed = sign_bundle(
             payload,
-            c.signer,
+            c.signer_for(self.link.id),
             issuer=c.id,
             audience=self.link.partner,
             message_id=message_id,

@@ -519,7 +519,7 @@ class ReceiverApp:
                 sender=partner.id,
                 audit_seq=entry.seq,
                 audit_hash=entry.hash,
-                signer=c.signer,
+                signer=c.signer_for(_inbound_link_id(c, partner.id)),
                 now=now,
             )
             return orjson.dumps(receipt)

@@ -89,7 +89,9 @@ class BridgeService:
                 assert reader is not None
                 self.router = Router(c, reader, submit=self.submit, poll_interval=self._poll)
                 self.mllp = MLLPListener(
-                    c, mllp, handler=HL7Handler(reader), ssl_context=ctx if mllp.tls else None,
+                    c, mllp, handler=HL7Handler(
+                        reader, biometric_key_file=c.config.intake.biometric_key_file),
+                    ssl_context=ctx if mllp.tls else None,
                     on_refused=self._tls_refused, on_routable=self.router.wake,
                 )
                 try:
