@@ -53,7 +53,7 @@ from bridge.policy.consent import (
     data_instants,
     decide,
 )
-from bridge.policy.profile import LinkProfile, omit_in_place
+from bridge.policy.profile import LinkProfile, drop_unreferenced, omit_in_place
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 
 __all__ = [
@@ -70,6 +70,10 @@ __all__ = [
     "recheck",
     "recheck_collection",
 ]
+
+
+#: Elements of an Encounter that name the department or ward of the stay.
+DEPARTMENT_ELEMENTS = ("location", "serviceType")
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,7 @@ class _Trace:
 
     entry_fate: dict[str, HeldBack] = field(default_factory=dict)
     item_fate: dict[tuple[str, str, int], HeldBack] = field(default_factory=dict)
+    element_fate: dict[tuple[str, str], HeldBack] = field(default_factory=dict)
     sent_ids: set[str] = field(default_factory=set)
 
 
@@ -296,16 +301,23 @@ def _run(
     permits: dict[tuple[str, str], None] = {}
     entries = bundle["entry"]
 
+    special: list[HeldBack] = []
+
     def judge(item: Item, path: str, sensitive: frozenset[str]) -> HeldBack | None:
         if sensitive and not profile.carries_sensitive:
-            return HeldBack(path, "grade", None, None)
+            fate = HeldBack(path, "grade", None, None)
+            special.append(fate)
+            return fate
         asked.append(item)
         v = verdict(item)
         if v.permitted:
             if v.consent_id:
                 permits[(v.consent_id, v.provision_path)] = None
             return None
-        return HeldBack(path, v.outcome, v.consent_id, v.provision_path)
+        fate = HeldBack(path, v.outcome, v.consent_id, v.provision_path)
+        if sensitive:
+            special.append(fate)
+        return fate
 
     for label in labels:
         own, entry_items = _items_of(label)
@@ -331,6 +343,25 @@ def _run(
                 if trace is not None:
                     trace.item_fate[(rid, element, index)] = fate
 
+    if special:
+        # The ward or department of a stay whose special-disease data was held back
+        # (感染科, 精神科) tells the disease: it is special-disease data at the summary
+        # level (§11.1.2.3 b 1) and is held back with it, by the same provision.
+        first = special[0]
+        for i, entry in enumerate(entries):
+            resource = entry["resource"]
+            if i in drop_entries or resource.get("resourceType") != "Encounter":
+                continue
+            for element in DEPARTMENT_ELEMENTS:
+                if element in resource:
+                    del resource[element]
+                    fate = HeldBack(f"Encounter.{element}", first.reason, first.consent_id,
+                                    first.provision_path)
+                    held.append(fate)
+                    drop_items.setdefault(i, [])
+                    if trace is not None:
+                        trace.element_fate[(str(resource.get("id")), element)] = fate
+
     held_paths: list[str] = []
     for index, dropped in drop_items.items():
         resource = entries[index]["resource"]
@@ -344,6 +375,9 @@ def _run(
     grade_paths = [h.path for h in held if h.reason == "grade"]
     if drop_entries or drop_items:
         cascade = omit_in_place(bundle, drop_entries)
+        # A resource only what was held back referred to (the surgeon of a held-back
+        # operation) goes with it.
+        cascade.extend(drop_unreferenced(bundle, profile.focus))
         held_paths = [h.path for h in held if h.reason != "grade"]
         # What went with a held-back resource (its references) was held back too.
         extra = [p for p in cascade if p not in grade_paths]
