@@ -264,6 +264,8 @@ def _run(
     codes = codes or default_sensitive_codes()
     identifiers = patient_identifiers(collection)
     period = data_period(collection)
+    special_in = _special_classes(
+        [e.get("resource") for e in collection.get("entry") or () if isinstance(e, dict)], codes)
     minimized = profile.minimize(collection, key=key, pseudonymise=False)
     bundle = minimized.bundle
     removed = list(minimized.removed)
@@ -343,11 +345,14 @@ def _run(
                 if trace is not None:
                     trace.item_fate[(rid, element, index)] = fate
 
-    if special:
-        # The ward or department of a stay whose special-disease data was held back
-        # (感染科, 精神科) tells the disease: it is special-disease data at the summary
-        # level (§11.1.2.3 b 1) and is held back with it, by the same provision.
-        first = special[0]
+    if special_in and not special_in <= _special_classes(
+            [None if i in drop_entries else e["resource"] for i, e in enumerate(entries)],
+            codes, skip=drop_items):
+        # The ward or department of a stay whose special-disease data does not travel
+        # (held back by consent, or not carried by this link) tells the disease (感染科,
+        # 精神科): it is special-disease data at the summary level (§11.1.2.3 b 1) and is
+        # held back with it, by the same provision.
+        first = special[0] if special else HeldBack("", "special", None, None)
         for i, entry in enumerate(entries):
             resource = entry["resource"]
             if i in drop_entries or resource.get("resourceType") != "Encounter":
@@ -435,6 +440,35 @@ def _run(
         items=tuple(dict.fromkeys(i for i in asked if verdict(i).permitted)),
         action=action,
     )
+
+
+def _special_classes(
+    resources: Sequence[Any],
+    codes: SensitiveCodes,
+    skip: dict[int, list[tuple[str, int]]] | None = None,
+) -> frozenset[str]:
+    """Special-disease classes named by any coding anywhere in ``resources`` (with
+    ``skip``: leaving out the entries about to be held back, by resource index)."""
+    found: set[str] = set()
+    for index, resource in enumerate(resources):
+        gone = (skip or {}).get(index, [])
+        stack: list[Any] = [resource]
+        if gone and isinstance(resource, dict):
+            stack = [
+                [v for n, v in enumerate(value) if (key, n) not in gone]
+                if isinstance(value, list) else value
+                for key, value in resource.items()
+            ]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                system, code = node.get("system"), node.get("code")
+                if isinstance(system, str) and isinstance(code, str):
+                    found |= codes.classes_of(system, code)
+                stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+            elif isinstance(node, list):
+                stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return frozenset(found)
 
 
 def _first_key(identifiers: Sequence[tuple[str, str]]) -> str:
