@@ -36,6 +36,7 @@ from bridge.cli_intake import add_intake_commands
 from bridge.cli_mapping import add_mapping_commands
 from bridge.cli_operators import add_operators_commands, guard_commands
 from bridge.cli_outbox import add_outbox_commands
+from bridge.cli_profile import add_profile_commands
 from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
 from bridge.cli_store import add_store_commands
 from bridge.cli_sync import add_sync_commands
@@ -754,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compliance_commands(sub)
     add_agreements_commands(sub)
     add_sync_commands(sub)
+    add_profile_commands(sub)
     guard_commands(p)
     return p
 
