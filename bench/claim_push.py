@@ -29,6 +29,8 @@ import contextlib
 import json
 import os
 import pstats
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +43,7 @@ from typing import Any
 
 import orjson
 
+PY_SPY = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PATIENTS = 200
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -208,7 +211,7 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
         asyncio.run(consents())
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         insurer_cmd = [sys.executable, "-m", "bridge", "serve", "--config", str(insurer_cfg)]
-        if profile:
+        if profile and not PY_SPY:
             insurer_cmd[1:1] = ["-m", "cProfile", "-o", str(profile / "receiver.prof")]
         logs = contextlib.ExitStack()
         insurer = subprocess.Popen(insurer_cmd, stdout=subprocess.PIPE,
@@ -223,7 +226,7 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
             for i in range(senders):
                 cmd = [sys.executable, __file__, "--sender", str(hospital_cfg),
                        str(records_file), str(i), str(senders), str(rate)]
-                if profile:
+                if profile and not PY_SPY:
                     cmd.append(str(profile / f"sender-{i}.prof"))
                 procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                               stdout=subprocess.PIPE, text=True, env=env,
@@ -235,6 +238,16 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
                     raise SystemExit((root / "sender-0.log").read_text())
             hs = open_store(load_config(hospital_cfg).store)
             pids = {"sender": [p.pid for p in procs], "receiver": [insurer.pid]}
+            spies = []
+            if profile and PY_SPY:
+                for side, ps in pids.items():
+                    for k, pid in enumerate(ps):
+                        spies.append(subprocess.Popen(
+                            [PY_SPY, "record", "--pid", str(pid), "--format", "raw",
+                             "--rate", "250", "--nonblocking", "--threads",
+                             "-o", str(profile / f"{side}-{k}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                time.sleep(1.0)
             cpu0 = {side: sum(cpu_seconds(pid) for pid in ps) for side, ps in pids.items()}
             rss: list[dict[str, float]] = []
             started = time.perf_counter()
@@ -257,6 +270,9 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
                     step += soak_every
                 time.sleep(0.05)
             elapsed = time.perf_counter() - started
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
             cpu = {side: sum(cpu_seconds(pid) for pid in ps) - cpu0[side]
                    for side, ps in pids.items()}
             rss_end = {side: sum(rss_mib(pid) for pid in ps) for side, ps in pids.items()}
@@ -420,6 +436,26 @@ def stage_costs(samples: int = 300) -> dict[str, float]:
 
 
 
+def top_sampled(path: Path, n: int = 15) -> list[str]:
+    """The ``n`` functions most often on top of the stack in a py-spy raw profile (samples
+    of threads on CPU only: own time, every thread of the process)."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        func, _, where = leaf.partition(" (")
+        where = where.rstrip(")").rsplit(":", 1)[0]
+        where = where.split("site-packages/")[-1].split("/wt/chain/")[-1].split("lib/python3")[-1]
+        key = f"{func} ({where})"
+        own[key] = own.get(key, 0) + int(count)
+        total += int(count)
+    rows = sorted(own.items(), key=lambda kv: -kv[1])[:n]
+    return [f"{c / max(total, 1):6.1%}  {k}" for k, c in rows]
+
+
 def top_functions(path: Path, n: int = 15) -> list[str]:
     """The ``n`` functions with the most own time in a cProfile dump."""
     stats = pstats.Stats(str(path))
@@ -506,8 +542,12 @@ def main() -> None:
         run_once(args.claims, 0.0, 99, store=args.store, senders=args.senders,
                  profile=args.profile)
         for name in sorted(p.name for p in args.profile.glob("*.prof")):
-            print(f"\n  top 15 by own time, {name} (share of profiled time, calls):")
+            print(f"\n  top 15 by own time, {name} (cProfile; share of profiled time, calls):")
             for row in top_functions(args.profile / name):
+                print("    " + row)
+        for name in sorted(p.name for p in args.profile.glob("*.txt")):
+            print(f"\n  top 15 by own time, {name} (py-spy samples on CPU, all threads):")
+            for row in top_sampled(args.profile / name):
                 print("    " + row)
     if args.rate:
         n = int(args.rate * 10)
