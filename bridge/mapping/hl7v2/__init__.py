@@ -55,6 +55,8 @@ __all__ = ["HL7Message", "HL7Reader", "Intake", "MSHHeader", "SiteContext", "ack
 _ALWAYS_READ = frozenset({("MSH", 3), ("MSH", 4), ("MSH", 7), ("MSH", 9), ("MSH", 10),
                           ("MSH", 11), ("MSH", 12), ("MSH", 18)})
 _ELEMENT = re.compile(r"HDSD\d{2}\.\d{2}\.\d{3}")
+#: MSH-11.1 (HL7 table 0103) of the messages intake takes: production data only.
+PRODUCTION = "P"
 
 
 @dataclass
@@ -269,6 +271,11 @@ class HL7Reader:
         checked for structure only: problems there become ``warnings``.
         """
         msg = data if isinstance(data, HL7Message) else parse_hl7(data)
+        if msg.msh.value(11, 1, 1) != PRODUCTION:
+            # A training or debugging message (an HIS test system pointed here) must
+            # never become a claim: refused as a message this listener does not take.
+            raise hl7_error(MappingError, "processing id is not P (production)",
+                            Loc("MSH", 1, 11), "202")
         message_type = msg.message_type
         own = self.mapping_for(msg)
         visit = member_of(self.visits, message_type, msg)
