@@ -208,12 +208,12 @@ def test_status_warns_30_days_before_a_certificate_expires(tmp_path: Path) -> No
         pass
     calm = bridge("status", "--config", str(insurer_cfg), "--json", cwd=tmp_path)
     assert calm.returncode == 0, calm.stdout + calm.stderr
-    assert json.loads(calm.stdout)["certificates"] == []
+    assert all(c["ok"] for c in json.loads(calm.stdout)["certificates"])
     assert bridge("certs", "issue", "pki", "insurer-b", "--tls-only", "--days", "20", "--force",
                   cwd=tmp_path).returncode == 0
     warned = bridge("status", "--config", str(insurer_cfg), cwd=tmp_path)
     assert warned.returncode == 1
-    assert re.search(r"certificate tls \(.*insurer-b/tls.pem\): expires in 1[89] days",
+    assert re.search(r"certificate tls \(.*insurer-b/tls.pem\): expires in (19|20) days",
                      warned.stdout), warned.stdout
 
 

@@ -93,7 +93,9 @@ class BridgeService:
                 assert reader is not None
                 self.router = Router(c, reader, submit=self.submit, poll_interval=self._poll)
                 self.mllp = MLLPListener(
-                    c, mllp, handler=HL7Handler(reader), ssl_context=ctx if mllp.tls else None,
+                    c, mllp, handler=HL7Handler(
+                        reader, biometric_key_file=c.config.intake.biometric_key_file),
+                    ssl_context=ctx if mllp.tls else None,
                     on_refused=self._tls_refused, on_routable=self.router.wake,
                 )
                 try:
@@ -110,6 +112,13 @@ class BridgeService:
                 self.ops = ops
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
+        from bridge.link.sync import reconcile_periodically
+
+        self._reconcilers = [
+            asyncio.create_task(reconcile_periodically(d), name=f"reconcile:{d.link.id}")
+            for d in self.dispatchers.values()
+            if d.link.reconcile_interval_seconds > 0
+        ]
         if any(link.agreement and link.direction in ("inbound", "pull-from")
                for link in c.config.links):
             from bridge.link.destruction import destroy_periodically
@@ -139,9 +148,7 @@ class BridgeService:
             return
         try:
             for dispatcher in self.dispatchers.values():
-                if dispatcher.client_context is not None:
-                    dispatcher.client_context.load_cert_chain(tls.cert, tls.key)
-                    dispatcher.client_context.load_verify_locations(cafile=str(tls.ca))
+                dispatcher.reload_tls()
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             log.error("outbound certificates not reloaded: %s", exc)
         probe_presented_certificates(ctx)
@@ -191,6 +198,9 @@ class BridgeService:
             self._destroyer.cancel()
             await asyncio.gather(self._destroyer, return_exceptions=True)
             self._destroyer = None
+        for task in getattr(self, "_reconcilers", []):
+            task.cancel()
+        await asyncio.gather(*getattr(self, "_reconcilers", []), return_exceptions=True)
         await self.handoff.stop()
         if self.ops is not None:
             await self.ops.stop()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -238,24 +237,3 @@ def inspect(path: Path, *, now: datetime) -> list[dict[str, Any]]:
             "out_of_date": bool(crl.next_update_utc and crl.next_update_utc < now),
         }]
     return [describe(c, now=now) for c in load_certificates(path)]
-
-
-def expiring(config: Any, *, now: datetime) -> list[dict[str, Any]]:
-    """The certificates a configuration uses (own TLS and signing, CA, partners' signing)
-    that have expired or expire within :data:`EXPIRY_WARNING_DAYS`."""
-    found: list[tuple[str, Path]] = [
-        ("tls", Path(config.tls.cert)), ("signing", Path(config.signing.cert)),
-        ("ca", Path(config.tls.ca)),
-    ]
-    found += [(f"signing certificate of {p.id}", Path(path))
-              for p in config.partners for path in p.signing_certs]
-    out: list[dict[str, Any]] = []
-    for role, path in found:
-        if not os.path.isfile(path):
-            continue
-        for cert in load_certificates(path):
-            info = describe(cert, now=now)
-            if info["expired"] or info["expires_soon"]:
-                out.append({"role": role, "file": str(path), "not_after": info["not_after"],
-                            "days_left": info["days_left"], "expired": info["expired"]})
-    return out
