@@ -707,8 +707,8 @@ def http_media(ctx: Context) -> None:
 @case("content-invalid-fhir", "A claim that is not valid FHIR R4 gets 422 fhir-invalid",
       family="content", requirements=["P-RCV-1", "P-HTTP-1"])
 def content_invalid(ctx: Context) -> None:
-    """Signed claims with a birth date off the calendar and an element R4 does not have;
-    each 422 fhir-invalid."""
+    """Signed claims with a birth date off the calendar, an element R4 does not have, and
+    an entry whose resource has no resourceType; each 422 fhir-invalid."""
     for label, element, value in (
         ("birthDate 1990-13-45", "birthDate", "1990-13-45"),
         ("element R4 lacks", "kitUnknownElement", True),
@@ -716,6 +716,10 @@ def content_invalid(ctx: Context) -> None:
         message = ctx.claim()
         _resource(message, "Patient")[element] = value
         ctx.expect_refusal(ctx.post(label, ctx.signed(message)), 422, "fhir-invalid")
+    message = ctx.claim()
+    message["entry"][-1]["resource"] = {"reference": "#x"}
+    ctx.expect_refusal(ctx.post("an entry whose resource has no type", ctx.signed(message)),
+                       422, "fhir-invalid")
 
 
 @case("content-profile", "Elements outside the link profile get 403 profile-denied",

@@ -139,11 +139,17 @@ def accept_configured_algorithms(config: BridgeConfig, partner_id: str, keyring:
 
 
 def resource_types(bundle: dict[str, Any]) -> list[str]:
+    """The resource types a bundle's entries name. An entry without one (a malformed
+    message, which FHIR validation refuses) names none: this is asked before that
+    validation, of whatever a sender posted."""
+    entries = bundle.get("entry")
     return sorted(
         {
-            str(e["resource"]["resourceType"])
-            for e in bundle.get("entry", [])
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            e["resource"]["resourceType"]
+            for e in (entries if isinstance(entries, list) else [])
+            if isinstance(e, dict)
+            and isinstance(e.get("resource"), dict)
+            and isinstance(e["resource"].get("resourceType"), str)
         }
     )
 
