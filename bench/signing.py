@@ -25,12 +25,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bridge.mapping.hl7v2 import HL7Reader  # noqa: E402
-from bridge.mapping.hl7v2.biometric import protect  # noqa: E402
-from bridge.resources import MappingFiles, mappings_dir  # noqa: E402
-from bridge.trust import algorithms  # noqa: E402
-from bridge.trust.jws import KeyRing, Signer, sign_bundle, verify_bundle  # noqa: E402
-from bridge.trust.pki import generate_ca, issue_certificate  # noqa: E402
+from bridge.mapping.hl7v2 import HL7Reader
+from bridge.mapping.hl7v2.biometric import protect
+from bridge.resources import MappingFiles, mappings_dir
+from bridge.trust import algorithms
+from bridge.trust.jws import KeyRing, Signer, sign_bundle, verify_bundle
+from bridge.trust.pki import generate_ca, issue_certificate
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 MSG = "urn:uuid:0d5e8f6a-1b2c-5d3e-8f4a-5b6c7d8e9f01"
