@@ -165,3 +165,10 @@ def test_everything_sent_to_the_partner_is_signed_under_its_links_algorithm(
         assert insurer.keyring.accepted("hospital-a") == frozenset({"Ed25519"})
     finally:
         insurer.store.close()
+    # The compliance report reads the choice from the live configuration.
+    from bridge.compliance.report import build_report, evidence_from_tests
+
+    report = build_report(load_config(site.insurer), evidence_from_tests([]))
+    t20 = next(row for row in report["items"] if row["id"] == "T20")
+    assert t20["status"] == "not met"  # no SM2: the stack cannot offer it
+    assert "claims-from-hospital-a: Ed25519" in t20["why"]
