@@ -168,6 +168,12 @@ def canonical_bytes(prev_hash: str, seq: int, record: AuditRecord) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
+def leaf_of(entry: AuditEntry) -> bytes:
+    """The entry's Merkle leaf hash: SHA-256(0x00 || E(n)) (PROTOCOL §9.5)."""
+    return hashlib.sha256(
+        b"\x00" + canonical_bytes(entry.prev_hash, entry.seq, entry.record)).digest()
+
+
 def entry_hash(prev_hash: str, seq: int, record: AuditRecord) -> str:
     """SHA-256 hex of the canonical JSON of ``record`` with ``seq`` and ``prev_hash``."""
     return hashlib.sha256(canonical_bytes(prev_hash, seq, record)).hexdigest()
