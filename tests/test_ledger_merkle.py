@@ -79,7 +79,7 @@ def test_every_proof_verifies_and_any_changed_byte_fails(subjects: list[str],
         proof = merkle.inclusion_proof(i, leaves)
         assert merkle.verify_inclusion(i, n, leaves[i], proof, head)
         assert not merkle.verify_inclusion(i, n, merkle.leaf_hash(b"other"), proof, head)
-    for m in range(0, n + 1):
+    for m in range(n + 1):
         proof = merkle.consistency_proof(m, leaves)
         assert merkle.verify_consistency(m, n, merkle.root(leaves[:m]), head, proof)
         if 0 < m < n:

@@ -161,7 +161,7 @@ class Frontier:
     ``size`` leaves have been added; :meth:`root` equals ``root(all leaves)``.
     """
 
-    __slots__ = ("size", "_nodes")
+    __slots__ = ("_nodes", "size")
 
     def __init__(self) -> None:
         self.size = 0
