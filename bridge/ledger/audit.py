@@ -139,6 +139,8 @@ class AuditEntry:
     record: AuditRecord
     prev_hash: str
     hash: str
+    #: Root of the tree of entries 1..seq, when the store computed it on append.
+    root: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,42 @@ CREATE INDEX IF NOT EXISTS handoff_line ON handoff (destination, state, sender, 
 CREATE INDEX IF NOT EXISTS handoff_claim ON handoff (sender, message_id);
 """,
     ),
+    # The audit tree's checkpoints: issued, cosigned by partners, and partners' ones
+    # witnessed or refused (bridge.ledger.tree).
+    Migration(
+        name="1100-audit-checkpoints",
+        ddl="""
+CREATE TABLE IF NOT EXISTS audit_checkpoint (
+    size     {bigint} PRIMARY KEY,
+    root     TEXT NOT NULL,
+    issued   TEXT NOT NULL,
+    note     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_cosigned (
+    id        {autoid},
+    cosigner  TEXT NOT NULL,
+    size      {bigint} NOT NULL,
+    note      TEXT NOT NULL,
+    received  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_cosigned_size ON audit_cosigned (cosigner, size);
+CREATE TABLE IF NOT EXISTS audit_witness (
+    partner   TEXT NOT NULL,
+    size      {bigint} NOT NULL,
+    root      TEXT NOT NULL,
+    note      TEXT NOT NULL,
+    cosigned  TEXT NOT NULL,
+    PRIMARY KEY (partner, size)
+);
+CREATE TABLE IF NOT EXISTS audit_witness_fault (
+    id        {autoid},
+    partner   TEXT NOT NULL,
+    note      TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    seen      TEXT NOT NULL
+);
+""",
+    ),
     # Record pull: the records store, review items, pages received (bridge.ledger.records).
     # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
     Migration(

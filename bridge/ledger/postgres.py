@@ -88,6 +88,7 @@ uses none of it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -118,6 +119,7 @@ from bridge.ledger.portable import Tx
 from bridge.ledger.seal import PlainSealer, Sealer
 from bridge.ledger.sqlite import ConsentRow, HL7InboxRow, InboxRow, OutboxRow
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
+from bridge.ledger.tree import cache_of
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -517,6 +519,12 @@ class PostgresStore:
             raise StoreError("audit chain head row is missing", location=f"{self.location}: "
                              "audit_head")
         entry = chain_entry(str(head[1]), int(head[0]) + 1, record)
+
+        def fetch(after: int) -> list[AuditEntry]:
+            return [_audit_entry(r) for r in conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (after,))]
+
+        entry = dataclasses.replace(entry, root=cache_of(self).on_append(entry, fetch))
         j = record.to_json_dict()
         # One statement moves the head and inserts the entry: the head lock is held for
         # one round trip fewer, and every process's appends wait on that lock.

@@ -28,6 +28,7 @@ sort in time order, so ``next_attempt <= now`` is a string comparison in SQL.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -56,6 +57,7 @@ from bridge.ledger.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL
 from bridge.ledger.portable import Tx
 from bridge.ledger.seal import PlainSealer, Sealer
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
+from bridge.ledger.tree import cache_of
 
 _SENDING = frozenset({OutboxState.SENDING})
 _PENDING = frozenset({OutboxState.QUEUED, OutboxState.SENDING})
@@ -423,11 +425,16 @@ class SQLiteStore:
             raise StoreError("store is closed", location=str(self.path))
         return self._conn
 
-    @staticmethod
-    def _append(conn: sqlite3.Connection, record: AuditRecord) -> AuditEntry:
+    def _append(self, conn: sqlite3.Connection, record: AuditRecord) -> AuditEntry:
         head = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         prev_seq, prev_hash = (head[0], head[1]) if head is not None else (0, GENESIS_HASH)
         entry = chain_entry(prev_hash, prev_seq + 1, record)
+
+        def fetch(after: int) -> list[AuditEntry]:
+            return [_audit_entry(r) for r in conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>? ORDER BY seq", (after,))]
+
+        entry = dataclasses.replace(entry, root=cache_of(self).on_append(entry, fetch))
         j = record.to_json_dict()
         conn.execute(
             f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
