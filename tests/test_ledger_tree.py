@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import test_ledger_contract
 from cryptography.hazmat.primitives.asymmetric import ec
-from test_ledger_contract import Backend, backend, rec  # noqa: F401  (fixture)
+from test_ledger_contract import Backend, rec
 
 from bridge.ledger import merkle, tree
 from bridge.ledger.audit import leaf_of
@@ -14,6 +15,9 @@ from bridge.trust.checkpoint import origin_for, sign_checkpoint, verify_checkpoi
 
 T0 = datetime(2026, 12, 5, tzinfo=UTC)
 KEY = ec.generate_private_key(ec.SECP256R1())
+
+# Both engines, as the store contract tests run them.
+backend = test_ledger_contract.backend
 
 
 def signer(size: int, root: bytes, now: datetime) -> str:
