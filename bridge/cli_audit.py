@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -185,7 +186,7 @@ def cmd_audit_check_proof(args: argparse.Namespace) -> int:
     if orjson.loads(entry).get("seq") != seq:
         sys.stdout.write(f"proof FAILED: the entry is not entry {seq}\n")
         return 1
-    leaf = merkle.leaf_hash(entry.encode())
+    leaf = merkle.leaf_hash(hashlib.sha256(entry.encode()).digest())
     if not merkle.verify_inclusion(seq - 1, cp.size, leaf, proof, cp.root):
         sys.stdout.write(f"proof FAILED: entry {seq} is not in checkpoint {cp.name}\n")
         return 1

@@ -34,6 +34,7 @@ def test_every_append_knows_the_root_of_its_tree(backend: Backend) -> None:
         leaves = [leaf_of(e) for e in a.audit_entries()]
         for e in entries:
             assert e.root == merkle.root(leaves[:e.seq]), e.seq
+            assert merkle.verify_inclusion(e.seq - 1, e.seq, leaves[e.seq - 1], e.path, e.root)
         # A transaction that rolls back leaves no trace in the tree that follows.
         with pytest.raises(RuntimeError), a.transaction("t") as tx:
             tx.append_audit(rec("message.receive", "rolled-back"))

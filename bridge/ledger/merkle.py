@@ -1,7 +1,7 @@
 """The audit log as a Merkle tree (RFC 9162 §2.1): pure functions over leaf hashes.
 
 Leaf ``i`` (0-based) of a controller's tree is audit entry ``i + 1``. Its hash is
-``SHA-256(0x00 || E(n))`` where ``E(n)`` is the entry's canonical serialisation
+``SHA-256(0x00 || SHA-256(E(n)))`` where ``E(n)`` is the entry's canonical serialisation
 (:func:`bridge.ledger.audit.canonical_bytes`, PROTOCOL §9.2); an interior node is
 ``SHA-256(0x01 || left || right)`` and the tree over ``n`` leaves splits at the
 largest power of two below ``n``. A root names the exact content of the first ``n``
@@ -182,6 +182,13 @@ class Frontier:
         for _, h in reversed(self._nodes[:-1]):
             acc = node_hash(h, acc)
         return acc
+
+    def path_for_next(self) -> list[bytes]:
+        """Inclusion proof of the leaf appended next, in the tree it will end.
+
+        The perfect subtrees to its left are exactly its siblings, nearest first.
+        """
+        return [h for _, h in reversed(self._nodes)]
 
     def copy(self) -> Frontier:
         other = Frontier()

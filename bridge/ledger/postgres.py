@@ -88,7 +88,6 @@ uses none of it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import socket
@@ -524,7 +523,7 @@ class PostgresStore:
             return [_audit_entry(r) for r in conn.execute(
                 f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (after,))]
 
-        entry = dataclasses.replace(entry, root=cache_of(self).on_append(entry, fetch))
+        entry = cache_of(self).on_append(entry, fetch)
         j = record.to_json_dict()
         # One statement moves the head and inserts the entry: the head lock is held for
         # one round trip fewer, and every process's appends wait on that lock.

@@ -28,7 +28,6 @@ sort in time order, so ``next_attempt <= now`` is a string comparison in SQL.
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -434,7 +433,7 @@ class SQLiteStore:
             return [_audit_entry(r) for r in conn.execute(
                 f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>? ORDER BY seq", (after,))]
 
-        entry = dataclasses.replace(entry, root=cache_of(self).on_append(entry, fetch))
+        entry = cache_of(self).on_append(entry, fetch)
         j = record.to_json_dict()
         conn.execute(
             f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",

@@ -19,6 +19,7 @@ The tables added here (migration ``1100-audit-checkpoints``):
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -115,13 +116,18 @@ class TreeCache:
         rows = [e for e in fetch(0) if e.seq < before]
         return self._extend(0, merkle.Frontier(), rows)
 
-    def on_append(self, entry: AuditEntry, fetch: Fetch) -> bytes:
-        """Root of the tree ending with ``entry`` (called inside the appending transaction)."""
+    def on_append(self, entry: AuditEntry, fetch: Fetch) -> AuditEntry:
+        """``entry`` with the root of the tree it ends and its inclusion proof in that tree.
+
+        Called inside the appending transaction.
+        """
         with self._lock:
             frontier = self._linkable(entry.seq - 1, entry.prev_hash)
             if frontier is None:
                 frontier = self._catch_up(entry.seq, entry.prev_hash, fetch)
-            return self._extend(entry.seq - 1, frontier, [entry]).root()
+            path = tuple(frontier.path_for_next())
+            root = self._extend(entry.seq - 1, frontier, [entry]).root()
+        return dataclasses.replace(entry, root=root, path=path)
 
     def sync(self, store: Any) -> tuple[int, bytes, Leaves]:
         """Bring the cache up to the store's committed log: ``(size, root, leaves)``.
