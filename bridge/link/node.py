@@ -26,7 +26,7 @@ from bridge.config import BridgeConfig, LinkConfig
 from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
 from bridge.handoff import routes
 from bridge.ledger import open_store
-from bridge.ledger.audit import AuditRecord, patient_pseudonym
+from bridge.ledger.audit import AuditEntry, AuditRecord, patient_pseudonym
 from bridge.link.store import AsyncStore
 from bridge.logs import event, refusal_event
 from bridge.mapping import map_record, patient_identifiers
@@ -37,6 +37,7 @@ from bridge.policy.engine import apply_policy, recheck_collection
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
+from bridge.trust.checkpoint import origin_for, sign_checkpoint
 from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
 from bridge.trust.registry import Partner, PartnerRegistry
 
@@ -163,6 +164,14 @@ class Controller:
             digest=digest_value,
             operator=acting_operator(),
         )
+
+    def receipt_checkpoint(self, entry: AuditEntry, now: datetime) -> dict[str, Any]:
+        """A signed checkpoint of the log ending at ``entry``, and the entry's proof in it."""
+        if entry.root is None:
+            return {}
+        cp = sign_checkpoint(self.signer.private_key, self.id, origin_for(self.id), entry.seq,
+                             entry.root, now)
+        return {"audit_checkpoint": cp.note, "audit_proof": entry.path}
 
     def consents_for(self, link: LinkConfig) -> ConsentRegistry:
         """The consent registry as ``link`` counts it (expiry and marketing rules)."""

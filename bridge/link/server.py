@@ -502,6 +502,7 @@ class ReceiverApp:
                 audit_hash=entry.hash,
                 signer=c.signer,
                 now=now,
+                **c.receipt_checkpoint(entry, now),
             )
             return orjson.dumps(receipt)
 
