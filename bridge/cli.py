@@ -34,6 +34,7 @@ from bridge.cli_compliance import add_compliance_commands
 from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_status
 from bridge.cli_init import add_init_commands
 from bridge.cli_intake import add_intake_commands
+from bridge.cli_keys import add_keys_commands
 from bridge.cli_mapping import add_mapping_commands
 from bridge.cli_operators import add_operators_commands, guard_commands
 from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
@@ -607,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mapping_commands(sub)
     add_intake_commands(sub)
     add_store_commands(sub)
+    add_keys_commands(sub)
     add_pull_commands(sub)
     add_inbox_commands(sub)
 

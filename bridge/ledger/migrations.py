@@ -231,6 +231,19 @@ CREATE TABLE IF NOT EXISTS audit_witness_fault (
 );
 """,
     ),
+    # Data keys of encryption at rest, wrapped under the key-encryption key
+    # (bridge.ledger.seal).
+    Migration(
+        name="1101-data-keys",
+        ddl="""
+CREATE TABLE IF NOT EXISTS data_key (
+    id       {bigint} PRIMARY KEY,
+    wrapped  {blob} NOT NULL,
+    kek      TEXT NOT NULL,
+    created  TEXT NOT NULL
+);
+""",
+    ),
     # Record pull: the records store, review items, pages received (bridge.ledger.records).
     # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
     Migration(

@@ -111,4 +111,11 @@ class Tx:
         """The plain bytes of a value stored with :meth:`seal` (None stays None)."""
         if data is None:
             return None
-        return self._sealer.unseal(bytes(data), context=context)
+        from bridge.ledger.seal import UnknownDataKey
+
+        try:
+            return self._sealer.unseal(bytes(data), context=context)
+        except UnknownDataKey:
+            # Sealed under a data key added since this process loaded its keys.
+            self._sealer.load(self, create=False)  # type: ignore[attr-defined]
+            return self._sealer.unseal(bytes(data), context=context)

@@ -184,10 +184,11 @@ def _receipt_checkpoint(store: Any, partner: str) -> Checkpoint | None:
     with store.read("receipt_checkpoint") as tx:
         r = tx.one("SELECT receipt FROM outbox WHERE partner=? AND state='acked'"
                    " AND receipt IS NOT NULL ORDER BY updated DESC LIMIT 1", (partner,))
-    if r is None:
+        data = tx.unseal(r[0], context="outbox.receipt") if r is not None else None
+    if data is None:
         return None
     try:
-        receipt = orjson.loads(bytes(r[0]))
+        receipt = orjson.loads(data)
         for ext in receipt["entry"][0]["resource"].get("extension", []):
             if ext.get("url") == EXT_AUDIT_CHECKPOINT:
                 return parse_checkpoint(ext["valueString"])
