@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from bridge.cli_common import add_json_option, print_json
-from bridge.errors import NotFound, ParseError, RuntimeFailure
+from bridge.errors import NotFound, ParseError, RuntimeFailure, UsageError
 
 _CONFIG_HELP = "the controller's configuration file (TOML)"
 
@@ -194,6 +194,116 @@ def cmd_audit_check_proof(args: argparse.Namespace) -> int:
     return 0
 
 
+_DCM = "http://dicom.nema.org/resources/ontology/DCM"
+#: What an action is in BALP terms: (DICOM event type, AuditEvent.action, our side's role).
+_BALP: dict[str, tuple[tuple[str, str], str, str]] = {
+    "claim.ack": (("110106", "Export"), "R", "source"),
+    "claim.resend": (("110106", "Export"), "R", "source"),
+    "record.pull": (("110106", "Export"), "R", "source"),
+    "message.receive": (("110107", "Import"), "C", "destination"),
+    "record.pull.receive": (("110107", "Import"), "C", "destination"),
+}
+_ROLE = {"source": ("110153", "Source Role ID"), "destination": ("110152", "Destination Role ID")}
+
+
+def balp_event(entry: Any, controller: str) -> dict[str, Any]:
+    """One audit entry as an IHE BALP-style FHIR R4 AuditEvent.
+
+    A disclosure at the source (``claim.ack``) is a DICOM *Export* with this controller
+    in the source role; its receipt at the recipient (``message.receive``) an *Import*
+    with the recipient in the destination role. Both name the message identity as an
+    entity (system ``urn:ietf:rfc:3986``), so the two sides' events pair up by it; the
+    entry's sequence number and hash ride in ``entity.detail``.
+    """
+    import uuid
+
+    record = entry.record
+    (code, display), action, role = _BALP.get(
+        record.action, (("110100", "Application Activity"), "E", "source"))
+    party = {"system": "urn:ws-fhir-bridge:partner", "value": controller}
+    other_role = "destination" if role == "source" else "source"
+    agents: list[dict[str, Any]] = [{
+        "type": {"coding": [{"system": _DCM, "code": _ROLE[role][0],
+                             "display": _ROLE[role][1]}]},
+        "who": {"identifier": party}, "requestor": record.operator is None,
+    }]
+    if record.partner:
+        agents.append({
+            "type": {"coding": [{"system": _DCM, "code": _ROLE[other_role][0],
+                                 "display": _ROLE[other_role][1]}]},
+            "who": {"identifier": {"system": "urn:ws-fhir-bridge:partner",
+                                   "value": record.partner}},
+            "requestor": False,
+        })
+    if record.operator:
+        agents.append({"who": {"identifier": {"system": "urn:ws-fhir-bridge:operator",
+                                              "value": record.operator}},
+                       "requestor": True})
+    entities: list[dict[str, Any]] = [{
+        "what": {"identifier": {"system": "urn:ietf:rfc:3986" if record.subject.startswith(
+            "urn:") else "urn:ws-fhir-bridge:subject", "value": record.subject}},
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                 "code": "2", "display": "System Object"},
+        "detail": [{"type": "audit-seq", "valueString": str(entry.seq)},
+                   {"type": "audit-hash", "valueString": entry.hash}]
+        + ([{"type": "digest", "valueString": record.digest}] if record.digest else []),
+    }]
+    if record.patient:
+        entities.append({
+            "what": {"identifier": {"system": "urn:ws-fhir-bridge:patient-pseudonym",
+                                    "value": record.patient}},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                     "code": "1", "display": "Person"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
+                     "code": "1", "display": "Patient"},
+        })
+    return {
+        "resourceType": "AuditEvent",
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:ws-fhir-bridge:audit:{controller}:"
+                                                 f"{entry.seq}")),
+        "type": {"system": _DCM, "code": code, "display": display},
+        "subtype": [{"system": "urn:ws-fhir-bridge:audit-action", "code": record.action}],
+        "action": action,
+        "recorded": record.time.isoformat(),
+        "outcome": {"success": "0", "failure": "8", "denied": "4"}[record.outcome],
+        **({"outcomeDesc": record.detail} if record.detail else {}),
+        "agent": agents,
+        "source": {"observer": {"identifier": party},
+                   "type": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                       "security-source-type", "code": "4",
+                             "display": "Application Server"}]},
+        "entity": entities,
+    }
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from bridge.records.fhir import validate_resource
+
+    if not args.fhir:
+        raise UsageError("only --fhir export is offered", location="--fhir")
+    store, config = _open(args)
+    with store:
+        entries = store.audit_entries(since_seq=args.since)
+        controller = config.controller.id if config else (
+            entries[0].record.actor if entries else "")
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"fullUrl": f"urn:uuid:{ev['id']}", "resource": ev}
+                  for ev in (balp_event(e, controller) for e in entries)],
+    }
+    validate_resource(bundle)
+    data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n"
+    if args.out:
+        from bridge.files import write_private
+
+        write_private(Path(args.out), data)
+        sys.stdout.write(f"{len(entries)} AuditEvents written to {args.out}\n")
+    else:
+        sys.stdout.write(data.decode())
+    return 0
+
+
 def add_audit_commands(asub: Any) -> None:
     """Add ``checkpoint``, ``prove`` and ``check-proof`` to ``bridge audit``."""
     c = asub.add_parser("checkpoint", help="sign a checkpoint of the audit log now and print it")
@@ -211,3 +321,11 @@ def add_audit_commands(asub: Any) -> None:
     k.add_argument("file", help="the JSON printed by 'bridge audit prove'")
     k.add_argument("--cert", required=True, help="the controller's signing certificate (PEM)")
     k.set_defaults(func=cmd_audit_check_proof)
+    e = asub.add_parser("export", help="the audit log as IHE BALP-style FHIR R4 AuditEvents")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", help=_CONFIG_HELP)
+    g.add_argument("--store", help="path of a SQLite store file")
+    e.add_argument("--fhir", action="store_true", help="a Bundle of FHIR R4 AuditEvent")
+    e.add_argument("--since", type=int, default=0, help="only entries after this number")
+    e.add_argument("--out", help="write to this file (owner-only) instead of standard output")
+    e.set_defaults(func=cmd_audit_export)

@@ -91,7 +91,7 @@ async def test_checkpoints_are_cosigned_and_a_restored_older_store_is_caught(
                                      poll_interval=0.05)
         await pair.insurer.start()
         # ... more claims, cosigned as the log grows ...
-        await deliver(pair, records[3:6], "b")
+        later = await deliver(pair, records[3:6], "b")
         grown = await pair.hospital.witness.run_once()
         assert grown[0].cosigned and grown[0].fault is None
         witnessed = tree.last_witnessed(hs, "insurer-b")
@@ -119,3 +119,20 @@ async def test_checkpoints_are_cosigned_and_a_restored_older_store_is_caught(
         await pair.stop()
     assert cli_main(["audit", "verify", "--config", str(pair.hospital_cfg)]) == 0
     assert "1 cosignatures match" in capsys.readouterr().out
+
+    # BALP-style export: the hospital's Export of each claim pairs with the insurer's
+    # Import by the message identity (the export validates against R4 as it is written).
+    events = {}
+    for who, cfg in (("hospital", pair.hospital_cfg), ("insurer", pair.insurer_cfg)):
+        assert cli_main(["audit", "export", "--fhir", "--config", str(cfg)]) == 0
+        bundle = orjson.loads(capsys.readouterr().out)
+        events[who] = {
+            (ev["type"]["code"], ent["what"]["identifier"]["value"])
+            for ev in (e["resource"] for e in bundle["entry"])
+            for ent in ev["entity"] if ent["type"]["code"] == "2"}
+    exported = {mid for code, mid in events["hospital"] if code == "110106"}
+    imported = {mid for code, mid in events["insurer"] if code == "110107"}
+    assert set(ids) <= exported and set(ids) <= imported
+    # The claims received after the copy was taken are gone from the restored insurer's
+    # log; the hospital's Export events still name them.
+    assert set(later) <= exported and not set(later) & imported
