@@ -124,3 +124,82 @@ def test_a_forged_checkpoint_signature_is_named(hospital: Path,
     con.close()
     assert main(["audit", "verify", "--config", str(hospital)]) == 1
     assert "FAILED: checkpoint ws-fhir-bridge/audit/hospital-a@2" in capsys.readouterr().out
+
+
+def test_an_entry_deleted_in_the_middle_is_named(hospital: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    fill(hospital, 10)
+    assert main(["audit", "checkpoint", "--config", str(hospital)]) == 0
+    capsys.readouterr()
+    con = sqlite3.connect(load_config(hospital).store.path)
+    con.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+    con.execute("DELETE FROM audit WHERE seq = 6")
+    con.commit()
+    con.close()
+    assert main(["audit", "verify", "--config", str(hospital)]) == 1
+    assert "BROKEN at entry 6: entry 6 missing" in capsys.readouterr().out
+
+
+def test_a_fork_is_named_by_the_partners_cosignature(hospital: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The log holds a partner's cosignature on a checkpoint of one continuation while the
+    entries now form another (history rewritten after entry 4 and rehashed)."""
+    from bridge.ledger import tree
+    from bridge.trust.checkpoint import cosign, parse_checkpoint
+    from bridge.trust.jws import Signer
+
+    fill(hospital, 8)
+    assert main(["audit", "checkpoint", "--config", str(hospital)]) == 0
+    note = capsys.readouterr().out
+    pki = Path(load_config(hospital).signing.cert).parents[1]
+    insurer = Signer.from_files(pki / "insurer-b" / "sign.key", pki / "insurer-b" / "sign.pem")
+    cosigned = cosign(parse_checkpoint(note), insurer.private_key, "insurer-b", T0)
+    with open_store(load_config(hospital).store) as store:
+        tree.keep_cosigned(store, "insurer-b", 8, cosigned, T0)
+    assert main(["audit", "verify", "--config", str(hospital)]) == 0
+    assert "1 cosignatures match" in capsys.readouterr().out
+    db = load_config(hospital).store.path
+    con = sqlite3.connect(db)
+    con.execute("DROP TRIGGER IF EXISTS audit_no_update")
+    con.commit()
+    con.close()
+    rewrite_chain_from(db, 5, "failure")
+    # Also drop the own checkpoint, as someone covering tracks would: the partner's
+    # cosignature still names the continuation it saw.
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM audit_checkpoint")
+    con.commit()
+    con.close()
+    assert main(["audit", "verify", "--config", str(hospital)]) == 1
+    out = capsys.readouterr().out
+    assert "hospital-a@8" in out and "cosigned by insurer-b does not match the log" in out
+
+
+def test_evidence_still_verifies_after_payloads_are_destroyed(
+        hospital: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bridge.ledger.compliance import destroy_received
+
+    config = load_config(hospital)
+    with open_store(config.store) as store:
+        for i in range(3):
+            store.inbox_accept(sender="insurer-b", message_id=f"urn:uuid:{i}",
+                               digest=f"sha256:{i:064x}", payload=b'{"resourceType":"Bundle"}',
+                               audit=AuditRecord(time=T0, actor="hospital-a",
+                                                 action="message.receive",
+                                                 subject=f"urn:uuid:{i}", partner="insurer-b",
+                                                 digest=f"sha256:{i:064x}"),
+                               make_receipt=lambda e: b"{}", now=T0)
+    assert main(["audit", "checkpoint", "--config", str(hospital)]) == 0
+    with open_store(config.store) as store:
+        done = destroy_received(store, link="in", partner="insurer-b", direction="inbound",
+                                agreement="a1", retention_days=30, now=T0 + timedelta(days=31),
+                                audit=AuditRecord(time=T0 + timedelta(days=31),
+                                                  actor="hospital-a", action="data.destroy",
+                                                  subject="link:in"))
+        assert done.items == 3
+        row = store.inbox_lookup("insurer-b", "urn:uuid:1")
+        assert row is not None and row.payload == b"" and row.digest == f"sha256:{1:064x}"
+    capsys.readouterr()
+    # The audit entries (with the digests) and the checkpoint still verify.
+    assert main(["audit", "verify", "--config", str(hospital)]) == 0
+    assert "4 entries" in capsys.readouterr().out  # three receipts and the destruction
