@@ -175,3 +175,21 @@ def test_rotated_data_key_is_picked_up_by_a_running_store(tmp_path: Path, kek_en
         # key of the patient did not change with the rotation.
         assert [c.consent_id for c in running.consents_for_patient(PATIENT_KEY)] == ["c1", "c2"]
         assert running.get_consent("c2").resource == CONSENT  # type: ignore[union-attr]
+
+
+def test_records_kept_for_pull_show_no_identifier(tmp_path: Path, kek_env: str) -> None:
+    import orjson
+    from pull_support import id_card, person_records
+
+    from bridge.ledger import records as rec
+    from bridge.mapping import map_record
+
+    config = StoreConfig(path=tmp_path / "r.sqlite", data_key_env=kek_env)
+    (stay,) = person_records(1, labs=False)
+    system, value = id_card(stay)
+    with open_store(config) as store:
+        put = rec.put_record(store, record=orjson.dumps(stay), dataset=stay["dataset"],
+                             source="test", collection=map_record(stay, now=T0), now=T0)
+        assert rec.find_person(store, [f"{system}|{value}"]) == put.person
+    data = b"".join(f.read_bytes() for f in tmp_path.glob("r.sqlite*"))
+    assert value.encode() not in data and b"resourceType" not in data

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bridge.ledger import merkle
-from bridge.ledger.audit import AuditEntry, leaf_of, verify_chain
+from bridge.ledger.audit import AuditEntry, leaf_from_hash, verify_chain
 from bridge.trust.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -61,7 +61,9 @@ def verify_log(
     if not chain.ok:
         return LogReport(False, chain.count, chain.head_hash, b"", first_bad_seq=chain.first_bad_seq,
                          reason=chain.reason)
-    leaves = [leaf_of(e) for e in entries]
+    # The chain check recomputed every hash from the content: the stored one now stands
+    # for it, and the leaf is taken from it rather than hashed a second time.
+    leaves = [leaf_from_hash(e.hash) for e in entries]
     n = len(leaves)
     parsed: list[Checkpoint] = []
     for note in checkpoints:

@@ -244,6 +244,26 @@ CREATE TABLE IF NOT EXISTS data_key (
 );
 """,
     ),
+    # With encryption at rest a person's lookup key is stored keyed (HMAC) and sealed
+    # beside it; rows written before keep their key in clear and no sealed copy. The
+    # table is created here when 1300 has not run yet (a new store), as 1300 makes it.
+    Migration(
+        name="1102-sealed-person-key",
+        sqlite="""
+CREATE TABLE IF NOT EXISTS pull_person_key (
+    patient_key  TEXT PRIMARY KEY,
+    person       TEXT NOT NULL
+);
+ALTER TABLE pull_person_key ADD COLUMN sealed_key BLOB;
+""",
+        postgres="""
+CREATE TABLE IF NOT EXISTS pull_person_key (
+    patient_key  TEXT PRIMARY KEY,
+    person       TEXT NOT NULL
+);
+ALTER TABLE pull_person_key ADD COLUMN IF NOT EXISTS sealed_key BYTEA;
+""",
+    ),
     # Record pull: the records store, review items, pages received (bridge.ledger.records).
     # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
     Migration(
