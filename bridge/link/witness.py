@@ -113,9 +113,15 @@ def keys_of(c: Controller, name: str) -> list[Any]:
 
 
 def checkpoint_answer(store: Any, sign: Any, now: Any, from_size: int) -> bytes:
-    """The body of ``GET $audit-checkpoint?from=M`` (sync; runs in the store's thread)."""
-    tree.issue_checkpoint(store, sign, now)
+    """The body of ``GET $audit-checkpoint?from=M`` (sync; runs in the store's thread).
+
+    A new checkpoint is signed only when one is due, or when the caller already holds a
+    larger one (from a receipt): asking often does not make the store write more.
+    """
     latest = tree.latest_checkpoint(store)
+    if tree.checkpoint_due(store, now) or latest is None or latest[0] < from_size:
+        tree.issue_checkpoint(store, sign, now)
+        latest = tree.latest_checkpoint(store)
     if latest is None:
         raise PartnerRejected("the audit log is empty", location="$audit-checkpoint")
     size, _, _, note = latest
