@@ -1,9 +1,10 @@
-"""An outsider holding only PROTOCOL.md checks the bridge's audit evidence: a receipt's
-checkpoint and inclusion proof, a consistency proof between checkpoints fetched over the
+"""An outsider holding only PROTOCOL.md checks the bridge's audit evidence: the
+checkpoint and inclusion proof of receipts the insurer returned, a consistency proof between checkpoints fetched over the
 link, and a cosignature the bridge takes or refuses (§6.2, §9.5-9.7)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -12,23 +13,40 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import Pair, start_pair
+from e2e_support import LINK_OUT, Pair, consent_for, start_pair
 from peer_support import call, make_peer
 
 from bridge.conformance import auditlog as A
 from bridge.conformance import protocol as P
 from bridge.ledger import tree
+from bridge.samples import inpatient_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> Any:
-    p = await start_pair(tmp_path, start_dispatch=False)
+    p = await start_pair(tmp_path)
     try:
         yield p
     finally:
         await p.stop()
+
+
+async def delivered_receipts(pair: Pair, n: int) -> list[dict[str, Any]]:
+    """Receipts the insurer returned for ``n`` claims the hospital sent (as received)."""
+    out = []
+    for i, record in enumerate(inpatient_records(n, seed=9)):
+        await pair.hospital.controller.put_consent(consent_for(record, consent_id=f"k-{i}"))
+        mid = (await pair.hospital.submit(record, LINK_OUT)).message_id
+        for _ in range(400):
+            row = await pair.hospital.controller.db.get_outbox(mid)
+            if row is not None and row.state == "acked":
+                break
+            await asyncio.sleep(0.05)
+        assert row is not None and row.receipt is not None
+        out.append(json.loads(row.receipt))
+    return out
 
 
 def test_the_outside_verifier_imports_nothing_of_the_bridge() -> None:
@@ -43,11 +61,7 @@ async def test_receipts_prove_inclusion_and_checkpoints_extend(pair: Pair) -> No
     peer = make_peer(pair)
     cert = peer.receiver_signing_certificate
     assert cert is not None
-    trees = []
-    for _ in range(3):
-        answer = await call(peer.send, peer.signed_claim())
-        assert answer.receipt is not None, answer.receipt_error
-        trees.append(A.receipt_tree(answer.response.json(), "insurer-b", cert))
+    trees = [A.receipt_tree(r, "insurer-b", cert) for r in await delivered_receipts(pair, 3)]
     assert [t.size for t in trees] == sorted({t.size for t in trees})
 
     def fetch(after: int) -> Any:
