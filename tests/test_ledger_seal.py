@@ -193,3 +193,33 @@ def test_records_kept_for_pull_show_no_identifier(tmp_path: Path, kek_env: str) 
         assert rec.find_person(store, [f"{system}|{value}"]) == put.person
     data = b"".join(f.read_bytes() for f in tmp_path.glob("r.sqlite*"))
     assert value.encode() not in data and b"resourceType" not in data
+
+
+def test_rotate_data_key_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from e2e_support import make_workdir, set_toml_keys
+
+    from bridge.cli import main
+    from bridge.config import load_config
+
+    hospital, _ = make_workdir(tmp_path)
+    # Without a key-encryption key named there is nothing to rotate: said with the place.
+    assert main(["keys", "rotate-data-key", "--config", str(hospital)]) == 2
+    assert "data_key_file" in capsys.readouterr().err
+    kek = tmp_path / "kek"
+    kek.write_text(secrets.token_hex(32))
+    set_toml_keys(hospital, "store", {"data_key_file": str(kek)})
+    config = load_config(hospital)
+    with open_store(config.store) as store:
+        store.put_consent(consent_id="c1", patient_keys=[PATIENT_KEY], status="active",
+                          resource=CONSENT, now=T0, audit=rec("consent.put", "c1"))
+    assert main(["keys", "rotate-data-key", "--config", str(hospital), "--json"]) == 0
+    assert '"data_key": 2' in capsys.readouterr().out
+    with open_store(config.store) as store:
+        assert isinstance(store.sealer, AESGCMSealer) and store.sealer.active_key == 2
+        store.put_consent(consent_id="c2", patient_keys=[PATIENT_KEY], status="active",
+                          resource=CONSENT, now=T0, audit=rec("consent.put", "c2"))
+        # Values sealed under either key open; the key of each is the one it names.
+        assert [c.resource for c in store.consents_for_patient(PATIENT_KEY)] == [CONSENT] * 2
+        raw = sqlite3.connect(config.store.path).execute(
+            "SELECT resource FROM consent ORDER BY consent_id").fetchall()
+        assert [bytes(r[0])[5:9] for r in raw] == [b"\x00\x00\x00\x01", b"\x00\x00\x00\x02"]
