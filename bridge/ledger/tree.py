@@ -26,7 +26,14 @@ from datetime import datetime, timedelta
 from typing import Any, overload
 
 from bridge.ledger import merkle
-from bridge.ledger.audit import GENESIS_HASH, AuditEntry, format_time, leaf_of, parse_time
+from bridge.ledger.audit import (
+    GENESIS_HASH,
+    AuditEntry,
+    format_time,
+    leaf_from_hash,
+    leaf_of,
+    parse_time,
+)
 
 #: Issue a checkpoint once this many entries are not covered by one ...
 CHECKPOINT_ENTRIES = 100
@@ -80,11 +87,11 @@ class TreeCache:
                                                                       merkle.Frontier())}
 
     def _remember(self, size: int, entry_hash: str, frontier: merkle.Frontier) -> None:
+        self._recent.pop(size, None)  # re-inserted last: the dict's order is recency
         self._recent[size] = (entry_hash, frontier)
         if len(self._recent) > _RECENT:
-            for old in sorted(self._recent)[: len(self._recent) - _RECENT]:
-                if old != 0:
-                    del self._recent[old]
+            oldest = next(k for k in self._recent if k != 0)
+            del self._recent[oldest]
 
     def _linkable(self, size: int, prev_hash: str) -> merkle.Frontier | None:
         known = self._recent.get(size)
@@ -93,11 +100,16 @@ class TreeCache:
         return None
 
     def _extend(self, start: int, frontier: merkle.Frontier,
-                entries: Sequence[AuditEntry]) -> merkle.Frontier:
+                entries: Sequence[AuditEntry], *, fresh: bool = False) -> merkle.Frontier:
+        """Leaves after ``start`` replaced by ``entries``'.
+
+        ``fresh``: the entries were just built from their content (their hash is the
+        content's), so the leaf comes from the hash without hashing the content again.
+        """
         self.leaves.truncate(start)
         f = frontier.copy()
         for e in entries:
-            leaf = leaf_of(e)
+            leaf = leaf_from_hash(e.hash) if fresh else leaf_of(e)
             f.append(leaf)
             self.leaves.append(leaf)
             self._remember(e.seq, e.hash, f.copy())
@@ -119,14 +131,15 @@ class TreeCache:
     def on_append(self, entry: AuditEntry, fetch: Fetch) -> AuditEntry:
         """``entry`` with the root of the tree it ends and its inclusion proof in that tree.
 
-        Called inside the appending transaction.
+        Called inside the appending transaction, with the entry just made by
+        :func:`bridge.ledger.audit.chain_entry` (its hash is its content's).
         """
         with self._lock:
             frontier = self._linkable(entry.seq - 1, entry.prev_hash)
             if frontier is None:
                 frontier = self._catch_up(entry.seq, entry.prev_hash, fetch)
             path = tuple(frontier.path_for_next())
-            root = self._extend(entry.seq - 1, frontier, [entry]).root()
+            root = self._extend(entry.seq - 1, frontier, [entry], fresh=True).root()
         return dataclasses.replace(entry, root=root, path=path)
 
     def sync(self, store: Any) -> tuple[int, bytes, Leaves]:
