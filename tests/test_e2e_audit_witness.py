@@ -18,6 +18,8 @@ from bridge.config import load_config
 from bridge.ledger import tree
 from bridge.link.node import Controller
 from bridge.link.service import BridgeService
+from bridge.link.witness import audit_evidence
+from bridge.ops.metrics import ScrapeContext
 from bridge.samples import inpatient_records
 from bridge.trust.receipts import verify_receipt
 
@@ -115,6 +117,13 @@ async def test_checkpoints_are_cosigned_and_a_restored_older_store_is_caught(
         alarm = [e for e in entries if e.record.action == "audit.partner-inconsistent"]
         assert len(alarm) == 1 and alarm[0].record.partner == "insurer-b"
         assert alarm[0].record.detail and alarm[0].record.detail.startswith("checkpoint-invalid@")
+        # The operations metrics show it.
+        metrics = {m.name: {tuple(x.labels.values()): x.value for x in m.samples}
+                   for m in audit_evidence(ScrapeContext(
+                       config=pair.hospital.controller.config, store=hs,
+                       now=pair.hospital.controller.clock()))}
+        assert metrics["bridge_audit_partner_inconsistent"][("insurer-b",)] == 1
+        assert metrics["bridge_audit_partner_cosigned_size"][("insurer-b",)] == witnessed[0]
     finally:
         await pair.stop()
     assert cli_main(["audit", "verify", "--config", str(pair.hospital_cfg)]) == 0

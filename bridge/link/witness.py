@@ -26,15 +26,18 @@ import asyncio
 import base64
 import binascii
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from bridge.errors import BridgeError, ParseError, PartnerRejected
 from bridge.ledger import merkle, tree
+from bridge.ops.metrics import ScrapeContext, metric_source
 from bridge.trust.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -333,3 +336,29 @@ class AuditWitness:
         await c.db.append_audit(c.audit(
             "audit.partner-inconsistent", subject=where.removeprefix("checkpoint "),
             partner=partner, outcome="failure", detail=f"{exc.code}@{where}"))
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+@metric_source
+def audit_evidence(ctx: ScrapeContext) -> Iterator[Metric]:
+    """Own checkpoints, what each partner's log was last cosigned at, and refusals."""
+    own = GaugeMetricFamily("bridge_audit_checkpoint_size",
+                            "Entries covered by this controller's newest signed checkpoint")
+    latest = tree.latest_checkpoint(ctx.store)
+    own.add_metric([], latest[0] if latest else 0)
+    witnessed = GaugeMetricFamily("bridge_audit_partner_cosigned_size",
+                                  "Size of the partner's newest checkpoint cosigned here",
+                                  labels=["partner"])
+    refused = CounterMetricFamily("bridge_audit_partner_inconsistent",
+                                  "Partner checkpoints refused: the partner's log no longer"
+                                  " extends the one cosigned before", labels=["partner"])
+    with ctx.store.read("audit_evidence_metrics") as tx:
+        faults = {str(p): int(n) for p, n in tx.all(
+            "SELECT partner, COUNT(*) FROM audit_witness_fault GROUP BY partner")}
+    for p in ctx.config.partners:
+        last = tree.last_witnessed(ctx.store, p.id)
+        witnessed.add_metric([p.id], last[0] if last else 0)
+        refused.add_metric([p.id], faults.get(p.id, 0))
+    yield from (own, witnessed, refused)
