@@ -300,8 +300,34 @@ def test_expired_lease_recovers_crashed_sending_row(store: Store) -> None:
     store.claim_due("a-to-b", now=T0, lease=timedelta(seconds=30))
     assert store.claim_due("a-to-b", now=T0 + timedelta(seconds=29)) == []
     rows = store.claim_due("a-to-b", now=T0 + timedelta(seconds=30))
-    assert [(r.message_id, r.state, r.attempts) for r in rows] == [
-        ("m1", "sending", 2), ("m2", "sending", 2)]
+    # Taking over a crashed sender's lease is not an attempt (nothing failed), but the
+    # crashed sender may have sent the claim: its fate is unknown from now on.
+    assert [(r.message_id, r.state, r.attempts, r.fate_unknown) for r in rows] == [
+        ("m1", "sending", 1, True), ("m2", "sending", 1, True)]
+
+
+def test_crashes_do_not_spend_attempts_and_unknown_fate_is_kept_until_settled(
+        store: Store) -> None:
+    enqueue(store, "m1")
+    t = T0
+    for _crash in range(5):
+        [row] = store.claim_due("a-to-b", now=t, lease=timedelta(seconds=30))
+        t += timedelta(seconds=30)
+    assert row.attempts == 1 and row.fate_unknown
+    row = store.mark_retry("m1", next_attempt=t, error="transport-error", now=t, audit=None,
+                           answer="HTTP 503")
+    # A later answer that says nothing about the first send does not settle its fate.
+    assert row.fate_unknown and row.last_answer == "HTTP 503" and row.attempts == 1
+    [row] = store.claim_due("a-to-b", now=t)
+    assert row.attempts == 2
+    row = store.mark_dead("m1", error="gave-up", now=t, answer="no answer: refused",
+                          audit=rec("claim.dead", "m1", t, outcome="failure"))
+    assert (row.state, row.last_error, row.last_answer) == ("dead", "gave-up",
+                                                             "no answer: refused")
+    later = t + timedelta(hours=1)
+    row = store.requeue("m1", now=later, audit=rec("claim.requeue", "m1", later))
+    assert row.since == later and row.pending_since == later and row.created == T0
+    assert store.get_outbox("m1") == row
 
 
 def test_expired_leases_and_due_retries_are_claimed_together_in_seq_order(store: Store) -> None:
