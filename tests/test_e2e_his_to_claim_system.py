@@ -105,13 +105,11 @@ def as_sent_by_the_his(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def sent(visit: InpatientVisit, total: float) -> dict[str, Any]:
-    """The same elements as the HIS wrote them in its HL7 messages (hl7_feeds), as far
-    as the link carries them."""
+    """The same elements as the HIS wrote them in its HL7 messages (hl7_feeds)."""
     return {
         "HDSD00.11.110 姓名 (PID-5)": visit.family + visit.given,
         "HDSD00.11.048 患者身份证件号码 (PID-3 NNCHN)": visit.id_card,
-        # The record number stays at the hospital: the link's profile (minimum necessary
-        # for a commercial insurer) does not carry that identifier system.
+        # The 病案号 is not in table 9: the commercial-insurance profile keeps it home.
         "HDSD00.11.006 病案号 (PID-3 MR)": None,
         "HDSD00.11.140 住院号 (PID-3 IPN)": [visit.visit],
         "HDSD00.11.085 入院日期时间 (PV1-44)": "2026-03-01T08:30:00+08:00",
