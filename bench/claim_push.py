@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import pstats
+import re
 import shutil
 import signal
 import statistics
@@ -247,7 +248,13 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
             if not line.startswith(b"ready"):
                 raise SystemExit((root / "insurer.log").read_text())
             for i in range(senders):
-                cmd = [sys.executable, __file__, "--sender", str(hospital_cfg),
+                config = hospital_cfg
+                if i:  # another process of the same controller: its own listening port
+                    config = root / f"hospital-{i}.toml"
+                    config.write_text(re.sub(r"(?m)^port = \d+$", f"port = {free_port()}",
+                                             hospital_cfg.read_text(encoding="utf-8"), count=1),
+                                      encoding="utf-8")
+                cmd = [sys.executable, __file__, "--sender", str(config),
                        str(records_file), str(i), str(senders), str(rate)]
                 if profile and not PY_SPY:
                     cmd.append(str(profile / f"sender-{i}.prof"))
