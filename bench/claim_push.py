@@ -33,6 +33,7 @@ import json
 import os
 import pstats
 import re
+import select
 import shutil
 import signal
 import statistics
@@ -291,16 +292,18 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
                 assert p.stdin is not None
                 p.stdin.write("go\n")
                 p.stdin.flush()
-            for p in procs:
-                assert p.stdout is not None
-                p.stdout.readline()  # enqueued
+            enqueuing = {p.stdout.fileno(): p for p in procs if p.stdout is not None}
             step = soak_every
             while True:
+                # Senders say "enqueued" when they have queued their share.
+                ready, _, _ = select.select(list(enqueuing), [], [], 0)
+                for fd in ready:
+                    enqueuing.pop(fd).stdout.readline()  # type: ignore[union-attr]
                 counts = hs.outbox_counts(LINK_OUT)
-                if counts.get("queued", 0) + counts.get("sending", 0) == 0:
+                if not enqueuing and counts.get("queued", 0) + counts.get("sending", 0) == 0:
                     break
-                if soak_every and counts.get("acked", 0) - warm >= step:
-                    rss.append({"claims": counts["acked"],
+                while soak_every and counts.get("acked", 0) - warm >= step:
+                    rss.append({"claims": counts["acked"] - warm,
                                 **{side: sum(rss_mib(pid) for pid in ps)
                                    for side, ps in pids.items()}})
                     step += soak_every
