@@ -260,6 +260,14 @@ class Controller:
                 return self.signers[chosen]
         return self.signer
 
+    def signer_for_partner(self, partner_id: str) -> Signer:
+        """The signer of what goes to ``partner_id`` outside any one link (sync answers):
+        the algorithm its links name (all of them, or none, name one), else [signing]'s."""
+        for link in self.config.links:
+            if link.partner == partner_id and link.signature_algorithm is not None:
+                return self.signers[link.signature_algorithm]
+        return self.signer
+
     def consents_for(self, link: LinkConfig) -> ConsentRegistry:
         """The consent registry as ``link`` counts it (expiry and marketing rules)."""
         view = self.link_consents.get(link.id)

@@ -128,8 +128,8 @@ class BridgeService:
         connections get the new context, every request is checked against the new CRL.
         A file that cannot be loaded leaves everything as it was, and is logged."""
         from bridge.errors import BridgeError
+        from bridge.link.node import signers_of
         from bridge.link.tlsgate import probe_presented_certificates
-        from bridge.trust.jws import Signer
         from bridge.trust.peercheck import PeerCertificateCheck
 
         c = self.controller
@@ -137,7 +137,7 @@ class BridgeService:
         try:
             ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
             check = PeerCertificateCheck.from_crl_file(tls.crl)
-            signer = Signer.from_files(c.config.signing.key, c.config.signing.cert)
+            signer, signers = signers_of(c.config)
         except (BridgeError, OSError, ValueError) as exc:
             log.error("certificates not reloaded: %s", exc)
             return
@@ -145,7 +145,7 @@ class BridgeService:
         if self._listener is not None:
             self._listener.ssl_context = ctx
         self.receiver.peer_check = check
-        c.signer = signer
+        c.signer, c.signers = signer, signers
         log.info("%s reloaded its certificates, CRL and signing key", c.id)
 
     def _key(self, key: str) -> str:
