@@ -73,7 +73,7 @@ from bridge.link.tlsgate import RefusalHook, TLSListener
 from bridge.mapping.hl7v2 import HL7Message, HL7Reader, Intake, ack_code_for, build_ack, read_msh
 from bridge.mapping.hl7v2.ack import tolerant_header
 from bridge.mapping.hl7v2.header import MSHHeader
-from bridge.trust.identity import certificate_identity
+from bridge.trust.identity import certificate_identity, pinned
 
 if TYPE_CHECKING:
     from bridge.config import MLLPConfig
@@ -258,12 +258,12 @@ class MLLPListener:
             identity = certificate_identity(der)
         except TrustError:
             return False
-        if identity.fingerprint_sha256 in self.config.allowed_client_fingerprints:
+        if pinned(identity.fingerprint_sha256, self.config.allowed_client_fingerprints):
             return True
         if identity.partner_id != self.c.id:
             return False
         pins = self.c.config.server.local_client_fingerprints
-        return not pins or identity.fingerprint_sha256 in pins
+        return not pins or pinned(identity.fingerprint_sha256, pins)
 
     def _facility_allowed(self, header: MSHHeader) -> bool:
         if not self._allowed:

@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -494,7 +495,8 @@ def verify_bundle(
             "signature data is not base64 of a compact JWS", location=_DATA_LOC
         ) from None
     header = _protected_header(compact, _DATA_LOC)
-    entry = _signing_key(header, keyring, expected_issuer, _DATA_LOC)
+    entry = _key_or_decoy(header, keyring, expected_issuer, _DATA_LOC, compact,
+                          lambda: signed_payload_forms(bundle))
     payload = _verified_payload(
         compact, signed_payload_forms(bundle), entry, expected_issuer, header, _DATA_LOC
     )
@@ -552,7 +554,7 @@ def verify_detached_bytes(
     except (UnicodeEncodeError, AttributeError):
         raise SignatureError("signature is not a compact JWS", location=location) from None
     header = _protected_header(raw, location)
-    entry = _signing_key(header, keyring, expected_issuer, location)
+    entry = _key_or_decoy(header, keyring, expected_issuer, location, raw, lambda: (payload,))
     _verified_payload(raw, (payload,), entry, expected_issuer, header, location)
     return _claims(header, entry, payload, expected_audience, now, window, check_time, location)
 
@@ -613,6 +615,40 @@ def _signing_key(
     if header["alg"] != entry.algorithm:
         raise SignatureError("signature algorithm does not match the key", location=f"{loc}#alg")
     return entry
+
+
+_DECOYS: dict[str, ECKey | OKPKey] = {}
+
+
+def _key_or_decoy(
+    header: dict[str, Any], keyring: KeyRing, expected_issuer: str, loc: str,
+    compact: bytes, payloads: Callable[[], tuple[bytes, ...]],
+) -> KeyEntry:
+    """:func:`_signing_key`, taking as long when it fails as when it succeeds.
+
+    A key id that is unknown, or another partner's, is refused only after the same
+    signature verification a known key gets (against a throwaway key of the header's
+    algorithm): the time of a refusal does not tell which key ids are registered, nor
+    for whom. The refusal itself is the one §5.4 fixes."""
+    try:
+        return _signing_key(header, keyring, expected_issuer, loc)
+    except SignatureError:
+        decoy = _DECOYS.get(header["alg"])
+        if decoy is None:
+            decoy = _DECOYS[header["alg"]] = (
+                ECKey.generate_key("P-256") if header["alg"] == "ES256"
+                else OKPKey.generate_key("Ed25519"))
+        try:
+            forms = payloads()
+        except SignatureError:
+            forms = ()
+        for payload in forms:
+            try:
+                obj = jws.extract_compact(compact, payload, _REGISTRY)
+                jws.validate_compact(obj, decoy, [header["alg"]], _REGISTRY)
+            except (JoseError, ValueError, TypeError):
+                pass
+        raise
 
 
 def _verified_payload(
