@@ -11,8 +11,7 @@ import gc
 import hashlib
 import hmac
 import logging
-import os
-import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from bridge.compliance.agreements import CrossBorderRefused, check_agreement, ch
 from bridge.compliance.operators import acting_operator
 from bridge.config import BridgeConfig, LinkConfig, PartnerConfig
 from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
+from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
@@ -97,17 +97,45 @@ def _partner_issuers(partner: PartnerConfig, several_cas: bool) -> frozenset[byt
 
 def _load_pseudonym_key(path: Path) -> bytes:
     """The key that turns patient identifiers into audit pseudonyms; made on first use."""
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key.hex())
-        return key
-    except ValueError:
-        raise ConfigError("audit pseudonym key file is not hex", location=str(path)) from None
+    return load_or_make_key(path, what="audit pseudonym key")
+
+
+def signers_of(config: BridgeConfig) -> tuple[Signer, dict[str, Signer]]:
+    """The [signing] signer and every configured signer by algorithm (``signing.keys``)."""
+    default = Signer.from_files(config.signing.key, config.signing.cert)
+    signers = {default.algorithm: default}
+    for i, extra in enumerate(config.signing.keys):
+        signer = Signer.from_files(extra.key, extra.cert)
+        if signer.algorithm in signers:
+            raise ConfigError(f"a second signing key for {signer.algorithm}",
+                              location=f"signing.keys[{i}]")
+        signers[signer.algorithm] = signer
+    return default, signers
+
+
+def accept_configured_algorithms(config: BridgeConfig, partner_id: str, keyring: KeyRing,
+                                 signers: dict[str, Signer]) -> None:
+    """Narrow what ``partner_id``'s signatures are accepted under to its links' algorithms.
+
+    A link that names an algorithm needs a key of it here and a signing certificate of
+    it from the partner, or nothing on the link could be signed or verified.
+    """
+    chosen: set[str] = set()
+    for link in config.links:
+        alg = link.signature_algorithm
+        if link.partner != partner_id or alg is None:
+            continue
+        location = f"links.{link.id}.signature_algorithm"
+        if alg not in signers:
+            raise ConfigError(f"no signing key for {alg} in [signing] or [[signing.keys]]",
+                              location=location)
+        if not any(keyring.get(kid).algorithm == alg  # type: ignore[union-attr]
+                   for kid in keyring.kids_for(partner_id)):
+            raise ConfigError(f"partner {partner_id} has no {alg} signing certificate",
+                              location=location)
+        chosen.add(alg)
+    if chosen:
+        keyring.accept(partner_id, chosen)
 
 
 def resource_types(bundle: dict[str, Any]) -> list[str]:
@@ -130,7 +158,7 @@ class Controller:
         config.store.path.parent.mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store)
         self.db = AsyncStore(self.store)
-        self.signer = Signer.from_files(config.signing.key, config.signing.cert)
+        self.signer, self.signers = signers_of(config)
         self.keyring = KeyRing()
         partners: list[Partner] = []
         several_cas = any(p.tls_ca is None and not p.tls_fingerprints for p in config.partners) and (
@@ -138,6 +166,7 @@ class Controller:
         for p in config.partners:
             for cert in p.signing_certs:
                 self.keyring.add_certificate(p.id, cert)
+            accept_configured_algorithms(config, p.id, self.keyring, self.signers)
             partners.append(
                 Partner(
                     id=p.id,
@@ -174,6 +203,7 @@ class Controller:
         self.mapping_files = MappingFiles(site.resolve() if site is not None else None)
         # Which of this controller's own systems take the claims it receives.
         self.handoff_routes = routes(config.handoff)
+        self._biometric: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     # --- helpers -------------------------------------------------------------------
 
@@ -203,6 +233,32 @@ class Controller:
             digest=digest_value,
             operator=acting_operator(),
         )
+
+    def protect_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A DE record that arrived as JSON with the elements the site's mappings mark
+        biometric replaced by their keyed digest (HL7 v2 messages are digested on intake).
+
+        The shipped mappings mark nothing: without a site overlay there is nothing to do.
+        """
+        if self.config.intake.site is None:
+            return record
+        if self._biometric is None:
+            from bridge.link.intake import site_reader
+            from bridge.mapping.hl7v2.biometric import protect_record
+
+            marked = site_reader(self.config).biometric_elements
+            key = load_or_make_key(self.config.intake.biometric_key_file,
+                                   what="biometric key") if marked else b""
+            self._biometric = lambda r: protect_record(r, marked, key) if marked else r
+        return self._biometric(record)
+
+    def signer_for(self, link_id: str | None) -> Signer:
+        """The signer of ``link_id``: its ``signature_algorithm``'s key, else [signing]'s."""
+        if link_id:
+            chosen = self.config.link(link_id).signature_algorithm
+            if chosen is not None:
+                return self.signers[chosen]
+        return self.signer
 
     def consents_for(self, link: LinkConfig) -> ConsentRegistry:
         """The consent registry as ``link`` counts it (expiry and marketing rules)."""
@@ -337,7 +393,7 @@ class Controller:
         )
         signed = sign_bundle(
             message,
-            self.signer,
+            self.signer_for(link.id),
             issuer=self.id,
             audience=partner.id,
             message_id=message_id,

@@ -666,7 +666,7 @@ class PullAPI:
         bundle["link"] = links
         if entries:
             bundle["entry"] = entries
-        signed = sign_bundle(bundle, c.signer, issuer=c.id, audience=pull.partner,
+        signed = sign_bundle(bundle, c.signer_for(pull.link.id), issuer=c.id, audience=pull.partner,
                              message_id=identity, now=now)
         body = orjson.dumps(signed)
         await self._audit(pull, query, answer, identity, digest(signed_payload(signed)))
@@ -682,7 +682,8 @@ class PullAPI:
             return web.Response(status=404, body=orjson.dumps(exc.to_operation_outcome()),
                                 content_type=FHIR_JSON, headers={CORRELATION_HEADER: identity})
         body = orjson.dumps(answer.matches[0])
-        signature = sign_detached_bytes(body, c.signer, issuer=c.id, audience=pull.partner,
+        signature = sign_detached_bytes(body, c.signer_for(pull.link.id), issuer=c.id,
+                                        audience=pull.partner,
                                         message_id=identity, now=c.clock())
         await self._audit(pull, query, answer, identity, digest(body))
         return web.Response(body=body, content_type=FHIR_JSON,

@@ -247,6 +247,9 @@ class ReceiverApp:
         app.router.add_get(f"{base}/Consent/{{id}}", consents.read)
         self.pull = PullAPI(self)
         self.pull.register(app, base)
+        from bridge.link.sync import SyncAPI
+
+        SyncAPI(self).register(app, base)
 
         async def flush_refusals(_app: web.Application) -> None:
             await self.peer_refusals.close()
@@ -383,6 +386,9 @@ class ReceiverApp:
             )
         subject = "request"
         try:
+            from bridge.link.sync import read_sequence
+
+            sequence = read_sequence(request.headers)
             if request.content_type not in _ACCEPTED_TYPES:
                 raise UnsupportedMediaType(
                     "media type must be application/fhir+json", location="Content-Type"
@@ -412,7 +418,8 @@ class ReceiverApp:
         flight = self._in_flight[key] = _Flight()
         try:
             return await self._accept(
-                bundle, body, envelope.message_id, partner, link.profile, claims, now
+                bundle, body, envelope.message_id, partner, link.profile, claims, now,
+                sequence=sequence,
             )
         finally:
             del self._in_flight[key]
@@ -449,9 +456,18 @@ class ReceiverApp:
         profile_name: str,
         claims: SignedClaims,
         now: datetime,
+        *,
+        sequence: tuple[str, int] | None = None,
     ) -> web.Response:
         c = self.c
         existing = await c.db.inbox_lookup(partner.id, message_id)
+        if existing is not None and sequence is not None:
+            from bridge.ledger.sync import note_received
+
+            await c.db.call(
+                note_received, c.db.sync, sender=partner.id, stream=sequence[0],
+                seq=sequence[1], message_id=message_id, now=now,
+            )
         if existing is not None:
             # The same content whichever protocol version signed it (PROTOCOL §6.3).
             if existing.digest != claims.payload_digest and existing.digest not in (
@@ -493,6 +509,8 @@ class ReceiverApp:
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject=message_id, patient=patient)
 
+        from bridge.link.sync import recording_hook
+
         def build_receipt(entry: Any) -> bytes:
             receipt = make_receipt(
                 request_message_id=message_id,
@@ -502,7 +520,7 @@ class ReceiverApp:
                 sender=partner.id,
                 audit_seq=entry.seq,
                 audit_hash=entry.hash,
-                signer=c.signer,
+                signer=c.signer_for(_inbound_link_id(c, partner.id)),
                 now=now,
             )
             return orjson.dumps(receipt)
@@ -526,9 +544,12 @@ class ReceiverApp:
                 now=now,
                 # Queued for hand-off to this controller's own systems in the same
                 # transaction: a claim acknowledged with a receipt is always queued.
-                within=queue_hook(
-                    c.handoff_routes, sender=partner.id, link=_inbound_link_id(c, partner.id),
-                    now=now,
+                within=recording_hook(
+                    sequence, sender=partner.id, now=now,
+                    also=queue_hook(
+                        c.handoff_routes, sender=partner.id,
+                        link=_inbound_link_id(c, partner.id), now=now,
+                    ),
                 ),
             )
         except ConflictError as exc:

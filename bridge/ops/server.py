@@ -38,6 +38,7 @@ from bridge.config import OperationsConfig
 from bridge.errors import BridgeError, listen_error
 from bridge.logs import event
 from bridge.ops.certs import CertificateInfo, configured_certificates
+from bridge.ops.certs import check as check_certificate
 from bridge.ops.history import DepthHistory
 from bridge.ops.metrics import BridgeMetrics
 from bridge.ops.page import DeadLetterView, HandoffView, LinkView, StatusView, render_status
@@ -225,17 +226,12 @@ class OpsServer:
         return results
 
     def _certificate_check(self, cert: CertificateInfo, now: datetime) -> dict[str, Any]:
-        name = f"certificate:{cert.name}"
-        if cert.problem is not None:
-            return {"check": name, "ok": False, "detail": f"{cert.problem} ({cert.path})"}
-        if not cert.valid_at(now):
-            return {"check": name, "ok": False, "detail": "not valid now"}
-        days = cert.days_left(now) or 0.0
-        ok = days >= self.config.certificate_warning_days
-        detail = f"expires {cert.not_after.isoformat() if cert.not_after else '-'}"
-        if not ok:
-            detail += f", within {self.config.certificate_warning_days} days"
-        return {"check": name, "ok": ok, "detail": detail, "days_left": round(days, 1)}
+        verdict = check_certificate(cert, now, self.config.certificate_warning_days)
+        result: dict[str, Any] = {"check": f"certificate:{cert.name}", "ok": verdict.ok,
+                                  "detail": verdict.detail}
+        if verdict.days_left is not None:
+            result["days_left"] = verdict.days_left
+        return result
 
     def _check_partners(self) -> list[Any]:
         return [

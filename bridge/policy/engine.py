@@ -54,7 +54,7 @@ from bridge.policy.consent import (
     decide,
     override_deny,
 )
-from bridge.policy.profile import LinkProfile, omit_in_place
+from bridge.policy.profile import LinkProfile, drop_unreferenced, omit_in_place
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 
 __all__ = [
@@ -71,6 +71,10 @@ __all__ = [
     "recheck",
     "recheck_collection",
 ]
+
+
+#: Elements of an Encounter that name the department or ward of the stay.
+DEPARTMENT_ELEMENTS = ("location", "serviceType")
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,7 @@ class _Trace:
 
     entry_fate: dict[str, HeldBack] = field(default_factory=dict)
     item_fate: dict[tuple[str, str, int], HeldBack] = field(default_factory=dict)
+    element_fate: dict[tuple[str, str], HeldBack] = field(default_factory=dict)
     sent_ids: set[str] = field(default_factory=set)
 
 
@@ -260,6 +265,8 @@ def _run(
     codes = codes or default_sensitive_codes()
     identifiers = patient_identifiers(collection)
     period = data_period(collection)
+    special_in = _special_classes(
+        [e.get("resource") for e in collection.get("entry") or () if isinstance(e, dict)], codes)
     minimized = profile.minimize(collection, key=key, pseudonymise=False)
     bundle = minimized.bundle
     removed = list(minimized.removed)
@@ -299,16 +306,23 @@ def _run(
     permits: dict[tuple[str, str], None] = {}
     entries = bundle["entry"]
 
+    special: list[HeldBack] = []
+
     def judge(item: Item, path: str, sensitive: frozenset[str]) -> HeldBack | None:
         if sensitive and not profile.carries_sensitive:
-            return HeldBack(path, "grade", None, None)
+            fate = HeldBack(path, "grade", None, None)
+            special.append(fate)
+            return fate
         asked.append(item)
         v = verdict(item)
         if v.permitted:
             if v.consent_id:
                 permits[(v.consent_id, v.provision_path)] = None
             return None
-        return HeldBack(path, v.outcome, v.consent_id, v.provision_path)
+        fate = HeldBack(path, v.outcome, v.consent_id, v.provision_path)
+        if sensitive:
+            special.append(fate)
+        return fate
 
     for label in labels:
         own, entry_items = _items_of(label)
@@ -334,6 +348,28 @@ def _run(
                 if trace is not None:
                     trace.item_fate[(rid, element, index)] = fate
 
+    if special_in and not special_in <= _special_classes(
+            [None if i in drop_entries else e["resource"] for i, e in enumerate(entries)],
+            codes, skip=drop_items):
+        # The ward or department of a stay whose special-disease data does not travel
+        # (held back by consent, or not carried by this link) tells the disease (感染科,
+        # 精神科): it is special-disease data at the summary level (§11.1.2.3 b 1) and is
+        # held back with it, by the same provision.
+        first = special[0] if special else HeldBack("", "special", None, None)
+        for i, entry in enumerate(entries):
+            resource = entry["resource"]
+            if i in drop_entries or resource.get("resourceType") != "Encounter":
+                continue
+            for element in DEPARTMENT_ELEMENTS:
+                if element in resource:
+                    del resource[element]
+                    fate = HeldBack(f"Encounter.{element}", first.reason, first.consent_id,
+                                    first.provision_path)
+                    held.append(fate)
+                    drop_items.setdefault(i, [])
+                    if trace is not None:
+                        trace.element_fate[(str(resource.get("id")), element)] = fate
+
     held_paths: list[str] = []
     for index, dropped in drop_items.items():
         resource = entries[index]["resource"]
@@ -347,6 +383,9 @@ def _run(
     grade_paths = [h.path for h in held if h.reason == "grade"]
     if drop_entries or drop_items:
         cascade = omit_in_place(bundle, drop_entries)
+        # A resource only what was held back referred to (the surgeon of a held-back
+        # operation) goes with it.
+        cascade.extend(drop_unreferenced(bundle, profile.focus))
         held_paths = [h.path for h in held if h.reason != "grade"]
         # What went with a held-back resource (its references) was held back too.
         extra = [p for p in cascade if p not in grade_paths]
@@ -404,6 +443,35 @@ def _run(
         items=tuple(dict.fromkeys(i for i in asked if verdict(i).permitted)),
         action=action,
     )
+
+
+def _special_classes(
+    resources: Sequence[Any],
+    codes: SensitiveCodes,
+    skip: dict[int, list[tuple[str, int]]] | None = None,
+) -> frozenset[str]:
+    """Special-disease classes named by any coding anywhere in ``resources`` (with
+    ``skip``: leaving out the entries about to be held back, by resource index)."""
+    found: set[str] = set()
+    for index, resource in enumerate(resources):
+        gone = (skip or {}).get(index, [])
+        stack: list[Any] = [resource]
+        if gone and isinstance(resource, dict):
+            stack = [
+                [v for n, v in enumerate(value) if (key, n) not in gone]
+                if isinstance(value, list) else value
+                for key, value in resource.items()
+            ]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                system, code = node.get("system"), node.get("code")
+                if isinstance(system, str) and isinstance(code, str):
+                    found |= codes.classes_of(system, code)
+                stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+            elif isinstance(node, list):
+                stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return frozenset(found)
 
 
 def _first_key(identifiers: Sequence[tuple[str, str]]) -> str:
