@@ -139,11 +139,15 @@ def accept_configured_algorithms(config: BridgeConfig, partner_id: str, keyring:
 
 
 def resource_types(bundle: dict[str, Any]) -> list[str]:
+    """The resource types a bundle's entries name (entries that name none are skipped:
+    they are refused by validation, which runs later for a received message)."""
+    entries = bundle.get("entry")
     return sorted(
         {
-            str(e["resource"]["resourceType"])
-            for e in bundle.get("entry", [])
+            e["resource"]["resourceType"]
+            for e in (entries if isinstance(entries, list) else [])
             if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            and isinstance(e["resource"].get("resourceType"), str)
         }
     )
 
