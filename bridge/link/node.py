@@ -139,14 +139,16 @@ def accept_configured_algorithms(config: BridgeConfig, partner_id: str, keyring:
 
 
 def resource_types(bundle: dict[str, Any]) -> list[str]:
-    """The resource types a bundle's entries name (entries that name none are skipped:
-    they are refused by validation, which runs later for a received message)."""
+    """The resource types a bundle's entries name. An entry without one (a malformed
+    message, which FHIR validation refuses) names none: this is asked before that
+    validation, of whatever a sender posted."""
     entries = bundle.get("entry")
     return sorted(
         {
             e["resource"]["resourceType"]
             for e in (entries if isinstance(entries, list) else [])
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            if isinstance(e, dict)
+            and isinstance(e.get("resource"), dict)
             and isinstance(e["resource"].get("resourceType"), str)
         }
     )
@@ -262,6 +264,14 @@ class Controller:
             chosen = self.config.link(link_id).signature_algorithm
             if chosen is not None:
                 return self.signers[chosen]
+        return self.signer
+
+    def signer_for_partner(self, partner_id: str) -> Signer:
+        """The signer of what goes to ``partner_id`` outside any one link (sync answers):
+        the algorithm its links name (all of them, or none, name one), else [signing]'s."""
+        for link in self.config.links:
+            if link.partner == partner_id and link.signature_algorithm is not None:
+                return self.signers[link.signature_algorithm]
         return self.signer
 
     def consents_for(self, link: LinkConfig) -> ConsentRegistry:

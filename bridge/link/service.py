@@ -67,6 +67,10 @@ class BridgeService:
                 # Content-Encoding is refused (415), never decoded: no decompression
                 # of a body the receiver is about to refuse.
                 auto_decompress=False,
+                # After a 413 or 408 the rest of an unread body is drained for at most
+                # this long before the connection closes (aiohttp's default is 10 s, a
+                # connection held per refused request).
+                lingering_time=2.0,
             )
             await self._runner.setup()
             server = self._runner.server
@@ -125,11 +129,12 @@ class BridgeService:
     def reload_certificates(self) -> None:
         """Load the TLS certificate, key, CA bundle and CRL, and the signing key, again
         from the configured files (after ``bridge certs rotate`` or ``revoke``): new
-        connections get the new context, every request is checked against the new CRL.
+        connections, inbound (HTTPS and HL7) and outbound, get the new certificate, and
+        every request is checked against the new CRL.
         A file that cannot be loaded leaves everything as it was, and is logged."""
         from bridge.errors import BridgeError
+        from bridge.link.node import signers_of
         from bridge.link.tlsgate import probe_presented_certificates
-        from bridge.trust.jws import Signer
         from bridge.trust.peercheck import PeerCertificateCheck
 
         c = self.controller
@@ -137,15 +142,22 @@ class BridgeService:
         try:
             ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
             check = PeerCertificateCheck.from_crl_file(tls.crl)
-            signer = Signer.from_files(c.config.signing.key, c.config.signing.cert)
+            signer, signers = signers_of(c.config)
         except (BridgeError, OSError, ValueError) as exc:
             log.error("certificates not reloaded: %s", exc)
             return
+        try:
+            for dispatcher in self.dispatchers.values():
+                dispatcher.reload_tls()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("outbound certificates not reloaded: %s", exc)
         probe_presented_certificates(ctx)
         if self._listener is not None:
             self._listener.ssl_context = ctx
+        if self.mllp is not None:
+            self.mllp.use_context(ctx)
         self.receiver.peer_check = check
-        c.signer = signer
+        c.signer, c.signers = signer, signers
         log.info("%s reloaded its certificates, CRL and signing key", c.id)
 
     def _key(self, key: str) -> str:
