@@ -423,6 +423,30 @@ def id_signer(ctx: Context) -> None:
     ctx.expect_refusal(answer, 403, "signature-invalid", "Bundle.signature.who")
 
 
+@case("audit-receipt-checkpoint", "Receipts prove their audit entry under a signed checkpoint",
+      family="receipts", requirements=["P-RCP-4", "P-AUD-5", "P-AUD-6"], required=False)
+def audit_receipt_checkpoint(ctx: Context) -> None:
+    """Sends two claims; each receipt carries the target's signed checkpoint of its log
+    ending at the receipt's audit entry, and an inclusion proof of that entry's leaf
+    (SHA-256(0x00 || audit-hash)) under it (RFC 9162); the second checkpoint is larger
+    (needs --receiver-signing-cert)."""
+    from bridge.conformance import auditlog
+    from bridge.conformance.envelope import PeerCheckFailed
+
+    if ctx.receiver_signing is None:
+        raise Skip("needs --receiver-signing-cert to check the checkpoint")
+    trees = []
+    for label in ("first claim", "second claim"):
+        answer = ctx.post(label, ctx.signed())
+        ctx.expect_accepted(answer)
+        try:
+            trees.append(auditlog.receipt_tree(answer.response.json(), ctx.receiver_id,
+                                               ctx.receiver_signing))
+        except (PeerCheckFailed, KeyError, IndexError, ValueError, TypeError) as exc:
+            raise CaseFailed(f"{label}: {exc}") from None
+    ctx.expect(trees[1].size > trees[0].size, "the later receipt's checkpoint is not larger")
+
+
 # --- signatures ---------------------------------------------------------------------------
 
 

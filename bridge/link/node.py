@@ -28,7 +28,7 @@ from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
 from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
-from bridge.ledger.audit import AuditRecord, patient_pseudonym
+from bridge.ledger.audit import AuditEntry, AuditRecord, patient_pseudonym
 from bridge.link.store import AsyncStore
 from bridge.logs import event, refusal_event
 from bridge.mapping import map_record, patient_identifiers
@@ -39,6 +39,7 @@ from bridge.policy.engine import apply_policy, recheck_collection
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
+from bridge.trust.checkpoint import origin_for, sign_checkpoint
 from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
 from bridge.trust.pki import load_certificates
 from bridge.trust.registry import Partner, PartnerRegistry
@@ -239,6 +240,14 @@ class Controller:
             digest=digest_value,
             operator=acting_operator(),
         )
+
+    def receipt_checkpoint(self, entry: AuditEntry, now: datetime) -> dict[str, Any]:
+        """A signed checkpoint of the log ending at ``entry``, and the entry's proof in it."""
+        if entry.root is None:
+            return {}
+        cp = sign_checkpoint(self.signer.private_key, self.id, origin_for(self.id), entry.seq,
+                             entry.root, now)
+        return {"audit_checkpoint": cp.note, "audit_proof": entry.path}
 
     def protect_record(self, record: dict[str, Any]) -> dict[str, Any]:
         """A DE record that arrived as JSON with the elements the site's mappings mark

@@ -20,6 +20,7 @@ from bridge.link.mllp import HL7Handler, MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
 from bridge.link.tlsgate import TLSListener
+from bridge.link.witness import AuditWitness
 from bridge.logs import event
 from bridge.trust.tls import server_context
 
@@ -47,6 +48,7 @@ class BridgeService:
         self.handoff = HandoffService(controller, poll_interval=min(poll_interval, 0.25))
         self.ops: Any = None  # bridge.ops.server.OpsServer when [operations] is configured
         self._destroyer: asyncio.Task[None] | None = None  # destruction after retention
+        self.witness = AuditWitness(controller)  # checkpoints exchanged with partners
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
@@ -125,6 +127,7 @@ class BridgeService:
 
             self._destroyer = asyncio.create_task(destroy_periodically(c), name="destruction")
         await self.handoff.start()
+        await self.witness.start()
 
     def reload_certificates(self) -> None:
         """Load the TLS certificate, key, CA bundle and CRL, and the signing key, again
@@ -194,6 +197,7 @@ class BridgeService:
         return submitted
 
     async def stop(self) -> None:
+        await self.witness.stop()
         if self._destroyer is not None:
             self._destroyer.cancel()
             await asyncio.gather(self._destroyer, return_exceptions=True)
