@@ -1,0 +1,266 @@
+"""Reliability scenarios with real ``bridge serve`` processes and a byte-level fault proxy.
+
+The hospital and the insurer each run as ``bridge serve`` in their own process; the
+hospital's claims go through :class:`delivery_support.FaultProxy` running in this
+process. Claims are enqueued by a controller in this process on the hospital's store
+(as ``bridge push`` does), and the outcome is read from both stores with SQL, so what
+is measured is what the two processes did. Used by the battery tests (small sizes)
+and by ``bench/reliability.py`` (large ones).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from delivery_support import FaultProxy, link_settings, point_partner_at
+from e2e_support import LINK_OUT, consent_for, make_workdir
+from ops_support import Serve, serve
+
+from bridge.config import load_config
+from bridge.link.node import Controller
+from bridge.samples import inpatient_records
+
+
+def _rows(store: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    con = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
+    try:
+        return list(con.execute(sql, params))
+    finally:
+        con.close()
+
+
+def outbox_states(store: Path) -> dict[str, str]:
+    return dict(_rows(store, "SELECT message_id, state FROM outbox"))  # type: ignore[arg-type]
+
+
+def inbox_ids(store: Path) -> list[str]:
+    return [r[0] for r in _rows(store, "SELECT message_id FROM inbox")]
+
+
+def receptions(store: Path) -> dict[str, int]:
+    """Audited receptions per claim: more than one would be a claim processed twice."""
+    return dict(
+        _rows(  # type: ignore[arg-type]
+            store,
+            "SELECT subject, count(*) FROM audit WHERE action='message.receive' GROUP BY subject",
+        )
+    )
+
+
+async def enqueue(config: Path, count: int, *, seed: int, first: int = 0) -> list[str]:
+    """Enqueue ``count`` claims on the hospital's store from this process; their ids."""
+    controller = Controller(load_config(config))
+    try:
+        ids = []
+        for i, record in enumerate(inpatient_records(count, seed=seed)):
+            await controller.put_consent(consent_for(record, consent_id=f"r-{first + i}"))
+            ids.append((await controller.submit(record, LINK_OUT)).message_id)
+        return ids
+    finally:
+        await controller.close()
+
+
+async def wait_settled(store: Path, ids: list[str], *, timeout: float) -> float:
+    """Wait until every claim is in a final state; the time it took."""
+    started = time.monotonic()
+    wanted = set(ids)
+    while time.monotonic() - started < timeout:
+        states = outbox_states(store)
+        if all(states.get(m) in ("acked", "dead", "rejected", "refused") for m in wanted):
+            break
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+@dataclass
+class Site:
+    root: Path
+    hospital_cfg: Path
+    insurer_cfg: Path
+    hospital_store: Path
+    insurer_store: Path
+    proxy: FaultProxy
+
+
+async def make_site(root: Path, **link: Any) -> Site:
+    hospital_cfg, insurer_cfg = make_workdir(root)
+    insurer_port = load_config(insurer_cfg).server.port
+    proxy = FaultProxy(insurer_port)
+    await proxy.start()
+    point_partner_at(hospital_cfg, proxy.port)
+    link_settings(hospital_cfg, **link)
+    return Site(
+        root,
+        hospital_cfg,
+        insurer_cfg,
+        load_config(hospital_cfg).store.path,
+        load_config(insurer_cfg).store.path,
+        proxy,
+    )
+
+
+async def start(config: Path) -> Serve:
+    return await asyncio.to_thread(serve, config)
+
+
+async def stop(process: Serve) -> None:
+    await asyncio.to_thread(process.stop)
+
+
+@dataclass
+class OutageResult:
+    claims: int
+    lost: int
+    duplicated: int
+    dead: int
+    refuse_seconds: float
+    blackhole_seconds: float
+    attempts_during_blackhole: int
+    drain_seconds: float
+
+    @property
+    def attempts_per_second(self) -> float:
+        return self.attempts_during_blackhole / self.blackhole_seconds
+
+
+async def partner_outage(
+    root: Path, *, claims: int, refuse_seconds: float, blackhole_seconds: float, seed: int = 5
+) -> OutageResult:
+    """The insurer unreachable (port refusing, then accepting and never answering)
+    while claims keep coming; then back. Half the claims are enqueued before the
+    outage, half during it."""
+    site = await make_site(
+        root, probe_cap_seconds=2.0, request_timeout_seconds=3.0, retry_base_seconds=0.2
+    )
+    insurer = await start(site.insurer_cfg)
+    hospital = await start(site.hospital_cfg)
+    try:
+        ids = await enqueue(site.hospital_cfg, claims // 2, seed=seed)
+        await site.proxy.set_mode("refuse")
+        outage = time.monotonic()
+        ids += await enqueue(site.hospital_cfg, claims - claims // 2, seed=seed + 1, first=claims)
+        await asyncio.sleep(max(0.0, refuse_seconds - (time.monotonic() - outage)))
+        await site.proxy.set_mode("blackhole")
+        hole = time.monotonic()
+        await asyncio.sleep(blackhole_seconds)
+        attempts = site.proxy.attempts_between(hole, time.monotonic())
+        await site.proxy.set_mode("pass")
+        drain = await wait_settled(site.hospital_store, ids, timeout=600)
+        states = outbox_states(site.hospital_store)
+        held = set(inbox_ids(site.insurer_store))
+        return OutageResult(
+            claims=len(ids),
+            lost=sum(1 for m in ids if m not in held),
+            duplicated=sum(n - 1 for n in receptions(site.insurer_store).values() if n > 1),
+            dead=sum(1 for m in ids if states.get(m) == "dead"),
+            refuse_seconds=refuse_seconds,
+            blackhole_seconds=blackhole_seconds,
+            attempts_during_blackhole=attempts,
+            drain_seconds=drain,
+        )
+    finally:
+        await stop(hospital)
+        await stop(insurer)
+        await site.proxy.stop()
+
+
+@dataclass
+class RestoreResult:
+    claims: int
+    lost_after_restore: int
+    missing_found: int
+    resent: int
+    mismatched_receipts: int
+    lost_at_end: int
+    duplicated: int
+    reconcile_seconds: float
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1800,
+    )
+
+
+async def receiver_restored(
+    root: Path, *, before: int, after: int, periodic: float = 0.0, seed: int = 9
+) -> RestoreResult:
+    """The insurer is backed up after ``before`` claims, receives ``after`` more, and is
+    restored from the backup. Reconciliation (``bridge sync reconcile``, or the running
+    hospital's periodic one when ``periodic`` > 0) refills the gap."""
+    import json
+
+    site = await make_site(root, reconcile_interval_seconds=periodic, request_timeout_seconds=10.0)
+    insurer = await start(site.insurer_cfg)
+    hospital = await start(site.hospital_cfg)
+    try:
+        ids = await enqueue(site.hospital_cfg, before, seed=seed)
+        await wait_settled(site.hospital_store, ids, timeout=600)
+        await stop(insurer)
+        backup = root / "insurer-backup"
+        run = _cli("store", "backup", "--config", str(site.insurer_cfg), str(backup))
+        assert run.returncode == 0, run.stderr
+        insurer = await start(site.insurer_cfg)
+        ids += await enqueue(site.hospital_cfg, after, seed=seed + 1, first=before)
+        await wait_settled(site.hospital_store, ids, timeout=1800)
+        await stop(insurer)
+        run = _cli("store", "restore", "--config", str(site.insurer_cfg), str(backup))
+        assert run.returncode == 0, run.stderr
+        lost_after_restore = sum(1 for m in ids if m not in set(inbox_ids(site.insurer_store)))
+        insurer = await start(site.insurer_cfg)
+        started = time.monotonic()
+        if periodic > 0:
+            while time.monotonic() - started < 600:
+                if len(set(inbox_ids(site.insurer_store)) & set(ids)) == len(ids):
+                    break
+                await asyncio.sleep(0.5)
+            # The pass that refilled the gap has recorded what it found.
+            while time.monotonic() - started < 600:
+                if _rows(site.hospital_store, "SELECT 1 FROM sync_outbound WHERE resent > 0"):
+                    break
+                await asyncio.sleep(0.2)
+            seconds = time.monotonic() - started
+            missing, resent, mismatched = _rows(
+                site.hospital_store, "SELECT missing, resent, mismatched FROM sync_outbound"
+            )[0]
+        else:
+            run = _cli(
+                "sync",
+                "reconcile",
+                "--config",
+                str(site.hospital_cfg),
+                "--link",
+                LINK_OUT,
+                "--json",
+            )
+            seconds = time.monotonic() - started
+            assert run.returncode == 0, run.stderr
+            report = json.loads(run.stdout)
+            missing, resent = report["missing"], report["resent"]
+            mismatched = report["receipts_naming_absent_audit_entries"]
+        held = set(inbox_ids(site.insurer_store))
+        return RestoreResult(
+            claims=len(ids),
+            lost_after_restore=lost_after_restore,
+            missing_found=int(missing),
+            resent=int(resent),
+            mismatched_receipts=int(mismatched),
+            lost_at_end=sum(1 for m in ids if m not in held),
+            duplicated=sum(n - 1 for n in receptions(site.insurer_store).values() if n > 1),
+            reconcile_seconds=seconds,
+        )
+    finally:
+        await stop(hospital)
+        await stop(insurer)
+        await site.proxy.stop()
