@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from reliability_support import partner_outage, receiver_restored  # noqa: E402
+from reliability_support import partner_outage, receiver_restored
 
 
 async def main(args: argparse.Namespace) -> None:
