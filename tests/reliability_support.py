@@ -201,7 +201,7 @@ async def receiver_restored(
     hospital's periodic one when ``periodic`` > 0) refills the gap."""
     import json
 
-    site = await make_site(root, reconcile_interval_seconds=periodic, request_timeout_seconds=10.0)
+    site = await make_site(root, reconcile_interval_seconds=periodic, request_timeout_seconds=30.0)
     insurer = await start(site.insurer_cfg)
     hospital = await start(site.hospital_cfg)
     try:

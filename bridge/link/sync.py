@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -304,19 +305,32 @@ async def ask_held(
         ],
     }
     url = dispatcher.url.rsplit("/", 1)[0] + "/$sync-held"
-    try:
-        async with session.post(
-            url,
-            data=orjson.dumps(query),
-            headers={"Content-Type": "application/fhir+json", CORRELATION_HEADER: correlation},
-        ) as resp:
-            body = await resp.read()
-            status = resp.status
-            signature = resp.headers.get(SIGNATURE_HEADER, "")
-    except Exception as exc:  # noqa: BLE001 - classified, never swallowed
-        from bridge.link.dispatcher import classify_exception
+    # A receiver busy with the resends of the previous range may answer slowly: wait
+    # longer than for a claim, and ask again a couple of times before giving up.
+    timeout = aiohttp.ClientTimeout(total=max(60.0, dispatcher.link.request_timeout_seconds))
+    for attempt in range(3):
+        try:
+            async with session.post(
+                url,
+                data=orjson.dumps(query),
+                timeout=timeout,
+                headers={"Content-Type": "application/fhir+json", CORRELATION_HEADER: correlation},
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+                signature = resp.headers.get(SIGNATURE_HEADER, "")
+        except Exception as exc:  # noqa: BLE001 - classified, never swallowed
+            from bridge.link.dispatcher import classify_exception
 
-        raise classify_exception(exc) from None
+            failure = classify_exception(exc)
+            if failure.fault != "transient" or attempt == 2:
+                raise failure from None
+            await asyncio.sleep(1.0 + attempt)
+            continue
+        if (status in (408, 429) or status >= 500) and attempt < 2:
+            await asyncio.sleep(1.0 + attempt)
+            continue
+        break
     if status != 200:
         raise TransportError(
             f"partner answered {status} to the sync question",
@@ -353,7 +367,9 @@ async def reconcile(dispatcher: Dispatcher, *, chunk: int = 500) -> ReconcileRep
     c = dispatcher.c
     link = dispatcher.link.id
     report = ReconcileReport(link)
-    sem = asyncio.Semaphore(max(1, dispatcher.link.concurrency))
+    # Resends go a few at a time: the receiver verifies and stores each one, and a
+    # restored receiver is usually serving new claims meanwhile.
+    sem = asyncio.Semaphore(max(1, min(dispatcher.link.concurrency, 4)))
     after = 0
 
     async def resend(seq: int, mid: str) -> None:
