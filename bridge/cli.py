@@ -12,12 +12,14 @@ import asyncio
 import os
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from bridge.cli_agreements import add_agreements_commands
+from bridge.cli_certs import add_certs_lifecycle_commands
 from bridge.cli_common import (
     Parser,
     add_json_option,
@@ -30,12 +32,14 @@ from bridge.cli_common import (
 )
 from bridge.cli_common import print_json as _print_json
 from bridge.cli_compliance import add_compliance_commands
+from bridge.cli_conformance import add_conformance_commands
 from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_status
 from bridge.cli_init import add_init_commands
 from bridge.cli_intake import add_intake_commands
 from bridge.cli_mapping import add_mapping_commands
 from bridge.cli_operators import add_operators_commands, guard_commands
 from bridge.cli_outbox import add_outbox_commands
+from bridge.cli_profile import add_profile_commands
 from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
 from bridge.cli_store import add_store_commands
 from bridge.cli_sync import add_sync_commands
@@ -101,6 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: load the TLS certificate, key, CA bundle, CRL and signing key again.
+        loop.add_signal_handler(signal.SIGHUP, service.reload_certificates)
         ready = f"ready {service.controller.id} port={service.port}"
         if service.ops is not None:
             ready += f" operations={service.ops.url}"
@@ -121,7 +127,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     async def run() -> int:
         controller = _controller(args.config)
         try:
-            record = read_record(data, source=args.file)
+            record = controller.protect_record(read_record(data, source=args.file))
             submitted = await controller.submit(record, args.link)
             row = None if submitted.created else await controller.db.get_outbox(
                 submitted.message_id
@@ -522,13 +528,17 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
     report["pull"] = pull_status_report(store, config)
     if report["pull"]["reviews"]:
         report["attention"] = True
+    from bridge.ops.certs import certificate_report
+
+    report["certificates"] = certificate_report(config)
+    if any(not c["ok"] for c in report["certificates"]):
+        report["attention"] = True
     return report
 
 
 def _claims_needing_attention(store: Any, link: str) -> list[dict[str, Any]]:
     """Every rejected or dead claim of ``link``, and every pending one that keeps failing,
     each with its reason, last answer and age."""
-    from datetime import UTC, datetime
 
     from bridge.ledger.delivery import list_claims, problem_claims
 
@@ -604,6 +614,12 @@ def _print_status(report: dict[str, Any]) -> None:
             )
     print_pull_status(report["pull"], sys.stdout)
     print_handoff_status(report["handoff"], sys.stdout)
+    for cert in report["certificates"]:
+        if not cert["ok"]:
+            days = cert.get("days_left")
+            state = (f"expires in {int(days)} days, not after {cert['not_after']}"
+                     if days is not None and days >= 0 else cert["detail"])
+            sys.stdout.write(f"  certificate {cert['certificate']} ({cert['path']}): {state}\n")
 
 
 # --- demo -------------------------------------------------------------------------------
@@ -698,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ci.add_argument("--force", action="store_true", help="overwrite an existing CA")
     ci.set_defaults(func=cmd_certs_init)
+    add_certs_lifecycle_commands(csub)
 
     co = sub.add_parser("consent", help="consent registry")
     cosub = co.add_subparsers(dest="consent_command", required=True, metavar="COMMAND")
@@ -764,6 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_compliance_commands(sub)
     add_agreements_commands(sub)
     add_sync_commands(sub)
+    add_profile_commands(sub)
+    add_conformance_commands(sub)
     guard_commands(p)
     return p
 

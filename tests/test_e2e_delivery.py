@@ -7,6 +7,7 @@ insurer's bridge or to the hospital's process in between.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ async def test_definitive_rejection_is_not_retried(tmp_path: Path, records: list
 def _drop_patient_telecom(profile_yaml: str) -> str:
     head, patient, rest = profile_yaml.partition("  Patient:\n")
     assert patient, "the commercial-insurance profile lists Patient elements"
-    narrowed = rest.replace("      - telecom\n", "", 1)
+    narrowed = re.sub(r"      - (\{path: )?telecom\b[^\n]*\n", "", rest, count=1)
     assert narrowed != rest
     return head + patient + narrowed
 

@@ -396,6 +396,44 @@ def test_failing_receipt_leaves_nothing_written(store: Store) -> None:
     assert row.audit_seq == head[0] + 1 and store.verify_audit().ok
 
 
+def test_inbox_accept_many_answers_each_request_as_inbox_accept_would(store: Store) -> None:
+    """One transaction for a group of received messages; each is judged on its own: a
+    conflict, a failing receipt or a failing hand-off hook undoes that message only
+    (its audit entry too), and the chain stays whole."""
+    store.inbox_accept(sender="hospital-a", message_id="urn:uuid:1", digest="d1", payload=b"1",
+                       audit=rec("message.receive", "urn:uuid:1"),
+                       make_receipt=lambda e: f"r{e.seq}".encode(), now=T0)
+
+    def boom(entry: AuditEntry) -> bytes:
+        raise RuntimeError("signing key unavailable")
+
+    def hook_fails(tx: Any, row: Any) -> None:
+        tx.append_audit(rec("handoff.queue", row.message_id))
+        raise ValueError("hand-off queue refused it")
+
+    def req(mid: str, dig: str, **kw: Any) -> dict[str, Any]:
+        return {"sender": "hospital-a", "message_id": mid, "digest": dig,
+                "payload": dig.encode(), "audit": rec("message.receive", mid),
+                "make_receipt": lambda e: f"r{e.seq}".encode(), "now": T0, **kw}
+
+    answers = store.inbox_accept_many([
+        req("urn:uuid:2", "d2"), req("urn:uuid:1", "changed"), req("urn:uuid:3", "d3",
+                                                                   make_receipt=boom),
+        req("urn:uuid:1", "d1"), req("urn:uuid:4", "d4", within=hook_fails),
+        req("urn:uuid:5", "d5"),
+    ])
+    kinds = [type(a).__name__ for a in answers]
+    assert kinds == ["tuple", "ConflictError", "RuntimeError", "tuple", "ValueError", "tuple"]
+    new2, dup1, new5 = (a for a in answers if isinstance(a, tuple))
+    assert new2[1] and not dup1[1] and new5[1]
+    assert (new2[0].audit_seq, new2[0].receipt, new5[0].audit_seq, new5[0].receipt) == (
+        2, b"r2", 3, b"r3")  # the undone ones used no audit entry
+    assert store.inbox_count() == 3 and store.inbox_lookup("hospital-a", "urn:uuid:4") is None
+    assert [e.record.subject for e in store.audit_entries()] == [
+        "urn:uuid:1", "urn:uuid:2", "urn:uuid:5"]
+    assert store.verify_audit().ok
+
+
 def _hl7_accept(store: Store, message: bytes = HL7, record: bytes | None = b'{"dataset":"x"}',
                 ack: bytes = b"MSH|ACK\rMSA|AA|M1\r") -> tuple[Any, bool]:
     return store.hl7_accept(sender="HIS|HOSP-A", control_id="M1",

@@ -184,7 +184,9 @@ def test_profile_removals_are_reported_and_output_is_valid(insurer: LinkProfile)
     registry.put(consent(), now=NOW)
     result = run(registry, insurer)
     assert "Patient.address.line" in result.removed
-    assert "Practitioner.telecom" in result.removed
+    # Table 9 names neither the practitioners' contact details nor the surgeon.
+    assert "Practitioner" in result.removed
+    assert not resources(result.bundle, "Practitioner")
     assert result.data_period is not None
     validate_resource(result.bundle)
     for entry in result.bundle["entry"]:

@@ -195,6 +195,25 @@ CREATE INDEX IF NOT EXISTS handoff_line ON handoff (destination, state, sender, 
 CREATE INDEX IF NOT EXISTS handoff_claim ON handoff (sender, message_id);
 """,
     ),
+    # Token buckets shared by every process of a store (bridge.ledger.ratelimit): a
+    # partner's request rate is limited across processes, not per process.
+    Migration(
+        name="0860-rate-buckets",
+        sqlite="""
+CREATE TABLE IF NOT EXISTS rate_bucket (
+    bucket  TEXT PRIMARY KEY,
+    tokens  REAL NOT NULL,
+    stamp   REAL NOT NULL
+);
+""",
+        postgres="""
+CREATE TABLE IF NOT EXISTS rate_bucket (
+    bucket  TEXT PRIMARY KEY,
+    tokens  DOUBLE PRECISION NOT NULL,
+    stamp   DOUBLE PRECISION NOT NULL
+);
+""",
+    ),
     # Delivery outcomes: whether a claim may have reached the partner without an answer
     # (its fate is unknown, so it is never given up), what the partner last answered,
     # and when the give-up clock started (enqueue, or the last requeue).

@@ -891,6 +891,24 @@ class PostgresStore:
         raise StoreError("inbox_accept kept racing with concurrent writers",
                          location=f"inbox[{sender}/{message_id}]")
 
+    def inbox_accept_many(
+        self, requests: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[InboxRow, bool] | Exception]:
+        """Several :meth:`inbox_accept` calls, answered in order (the answer or the
+        exception that request would have raised).
+
+        On PostgreSQL each accept keeps its own transaction, as enqueues do: the chain
+        lock and the race handling with other processes are per message, and a commit
+        costs little next to SQLite's flush.
+        """
+        results: list[tuple[InboxRow, bool] | Exception] = []
+        for request in requests:
+            try:
+                results.append(self.inbox_accept(**request))
+            except Exception as exc:  # noqa: BLE001 - that request's own answer
+                results.append(exc)
+        return results
+
     # --- HL7 v2 inbox ---------------------------------------------------------------
 
     @staticmethod

@@ -775,26 +775,69 @@ class SQLiteStore:
         or, if it raises, nothing does (the hand-off queue is filled this way).
         """
         with self._tx("inbox_accept") as conn:
-            r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=? AND message_id=?",
-                             (sender, message_id)).fetchone()
-            if r is not None:
-                existing = _inbox_row(r)
-                if existing.digest != digest:
-                    raise ConflictError("message id already received with different content",
-                                        location=f"inbox[{sender}/{message_id}]")
-                return existing, False
-            entry = self._append(conn, audit)
-            receipt = make_receipt(entry)
-            conn.execute(
-                f"INSERT INTO inbox ({_INBOX_COLS}) VALUES (?,?,?,?,?,?,?)",
-                (sender, message_id, digest, payload, receipt, entry.seq, format_time(now)),
-            )
-            row = InboxRow(sender=sender, message_id=message_id, digest=digest,
-                           payload=bytes(payload), receipt=bytes(receipt), audit_seq=entry.seq,
-                           received=parse_time(format_time(now)))
-            if within is not None:
-                within(Tx(conn, dialect="sqlite", store=self, sealer=self.sealer), row)
-            return row, True
+            return self._inbox_accept_in(
+                conn, sender=sender, message_id=message_id, digest=digest, payload=payload,
+                audit=audit, make_receipt=make_receipt, now=now, within=within)
+
+    def inbox_accept_many(
+        self, requests: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[InboxRow, bool] | Exception]:
+        """Several :meth:`inbox_accept` calls in one synced transaction (group commit).
+
+        Each request holds the keyword arguments of :meth:`inbox_accept` and is judged
+        on its own, exactly as :meth:`inbox_accept` would judge it: a conflict, or a
+        ``make_receipt`` or ``within`` that raises, undoes that request only (its audit
+        entry too, through a savepoint) and its answer is that exception. Answers come
+        back in order. One disk flush covers the group; a failure of the store itself
+        fails the whole group, and nothing of it is kept.
+        """
+        results: list[tuple[InboxRow, bool] | Exception] = []
+        with self._tx("inbox_accept_many") as conn:
+            for i, request in enumerate(requests):
+                conn.execute(f"SAVEPOINT accept_{i}")
+                try:
+                    results.append(self._inbox_accept_in(conn, **request))
+                except sqlite3.Error:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - that request's own answer
+                    conn.execute(f"ROLLBACK TO accept_{i}")
+                    results.append(exc)
+                conn.execute(f"RELEASE accept_{i}")
+        return results
+
+    def _inbox_accept_in(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        sender: str,
+        message_id: str,
+        digest: str,
+        payload: bytes,
+        audit: AuditRecord,
+        make_receipt: Callable[[AuditEntry], bytes],
+        now: datetime,
+        within: Callable[[Tx, InboxRow], None] | None = None,
+    ) -> tuple[InboxRow, bool]:
+        r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=? AND message_id=?",
+                         (sender, message_id)).fetchone()
+        if r is not None:
+            existing = _inbox_row(r)
+            if existing.digest != digest:
+                raise ConflictError("message id already received with different content",
+                                    location=f"inbox[{sender}/{message_id}]")
+            return existing, False
+        entry = self._append(conn, audit)
+        receipt = make_receipt(entry)
+        conn.execute(
+            f"INSERT INTO inbox ({_INBOX_COLS}) VALUES (?,?,?,?,?,?,?)",
+            (sender, message_id, digest, payload, receipt, entry.seq, format_time(now)),
+        )
+        row = InboxRow(sender=sender, message_id=message_id, digest=digest,
+                       payload=bytes(payload), receipt=bytes(receipt), audit_seq=entry.seq,
+                       received=parse_time(format_time(now)))
+        if within is not None:
+            within(Tx(conn, dialect="sqlite", store=self, sealer=self.sealer), row)
+        return row, True
 
     # --- HL7 v2 inbox ---------------------------------------------------------------
 

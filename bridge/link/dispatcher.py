@@ -54,11 +54,11 @@ from bridge.ledger.errors import TransitionError
 from bridge.ledger.states import next_attempt, should_give_up
 from bridge.link.circuit import Circuit, CircuitState
 from bridge.link.node import Controller, _decision_detail, resource_types
+from bridge.link.partner_http import RECEIPT_LIMIT, partner_session, read_answer
 from bridge.logs import claim_event
 from bridge.trust.identity import certificate_identity
 from bridge.trust.jws import digest, payload_digests, sign_bundle
 from bridge.trust.receipts import verify_receipt
-from bridge.trust.tls import client_context
 
 log = logging.getLogger("bridge.dispatcher")
 
@@ -265,17 +265,10 @@ class Dispatcher:
 
     async def open(self) -> None:
         """Open the HTTP session only (resends and reconciliation without draining)."""
-        tls = self.c.config.tls
-        ctx = client_context(tls.cert, tls.key, tls.ca)
-        partner = self.c.config.partner(self.link.partner)
-        connector = PartnerConnector(
-            expected_partner=partner.id,
-            fingerprints=frozenset(partner.tls_fingerprints),
-            ssl=ctx,
+        self._session = partner_session(
+            self.c.config, self.link.partner, timeout=self.link.request_timeout_seconds,
             limit=self.link.concurrency,
         )
-        timeout = aiohttp.ClientTimeout(total=self.link.request_timeout_seconds)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
 
     async def stop(self) -> None:
         """Stop at once: claims in flight are released for the next start to resend.
@@ -372,7 +365,7 @@ class Dispatcher:
             return bytes(row.payload)
         signed = sign_bundle(
             payload,
-            c.signer,
+            c.signer_for(self.link.id),
             issuer=c.id,
             audience=self.link.partner,
             message_id=message_id,
@@ -695,8 +688,10 @@ class Dispatcher:
             headers["Bridge-Stream"] = self.link.id
             headers["Bridge-Sequence"] = str(seq)
         try:
-            async with self._session.post(self.url, data=payload, headers=headers) as resp:
-                body = await resp.read()
+            async with self._session.post(
+                self.url, data=payload, headers=headers, allow_redirects=False,
+            ) as resp:
+                body = await read_answer(resp, RECEIPT_LIMIT)  # a 3xx or an oversize: refused
                 status = resp.status
                 retry_after = retry_after_seconds(
                     resp.headers.get("Retry-After"), now=self.c.clock()

@@ -69,7 +69,8 @@ from bridge.link.pull import PullAPI
 from bridge.logs import refusal_event
 from bridge.mapping import patient_identifiers
 from bridge.messages import check_addressing, check_envelope, collection_of, read_json
-from bridge.policy.consent import parse_consent
+from bridge.policy.consent import PARTNER_SOURCE, parse_consent
+from bridge.policy.consent_rules import unbounded_permit
 from bridge.records.fhir import ValidationCache, validation_cache
 from bridge.trust.jws import SignedClaims, payload_digests, verify_bundle, verify_detached_bytes
 from bridge.trust.peercheck import PeerCertificateCheck
@@ -518,7 +519,7 @@ class ReceiverApp:
                 sender=partner.id,
                 audit_seq=entry.seq,
                 audit_hash=entry.hash,
-                signer=c.signer,
+                signer=c.signer_for(_inbound_link_id(c, partner.id)),
                 now=now,
             )
             return orjson.dumps(receipt)
@@ -731,6 +732,26 @@ class ConsentAPI:
                 "a partner may only submit consents that name itself as the only recipient",
                 location="Consent.provision.actor",
             )
+        # A partner's word is consent for disclosures to itself only where a link says
+        # it collects consents, and only for the purposes the link names (PROTOCOL
+        # P-CON-6).
+        purposes = frozenset(
+            p for link in self.c.config.links if link.partner == partner
+            for p in link.partner_consent_purposes
+        )
+        if not purposes:
+            raise PolicyError(
+                "this controller takes no consents from this partner"
+                " (links.partner_consent_purposes)",
+                location="Consent",
+            )
+        unbounded = unbounded_permit(record.provision, purposes)
+        if unbounded is not None:
+            raise PolicyError(
+                "a partner-submitted consent permits only purposes its links take consents"
+                " for, and names them",
+                location=unbounded,
+            )
         return signature
 
     async def _write(self, request: web.Request, *, consent_id: str | None) -> web.Response:
@@ -762,6 +783,11 @@ class ConsentAPI:
                             location="Consent.id",
                         )
                 source = f"partner:{caller} jws:{signature}"
+                # Marked as the partner's: it counts only where the partner's links
+                # take its consents (bridge.policy.consent_rules).
+                meta = resource.get("meta")
+                resource["meta"] = {**(meta if isinstance(meta, dict) else {}),
+                                    "source": f"{PARTNER_SOURCE}{caller}"}
             stored_id = await c.put_consent(resource, source=source)
         except BridgeError as exc:
             return await self.r._refuse(exc, partner=caller, subject=subject)

@@ -89,7 +89,9 @@ class BridgeService:
                 assert reader is not None
                 self.router = Router(c, reader, submit=self.submit, poll_interval=self._poll)
                 self.mllp = MLLPListener(
-                    c, mllp, handler=HL7Handler(reader), ssl_context=ctx if mllp.tls else None,
+                    c, mllp, handler=HL7Handler(
+                        reader, biometric_key_file=c.config.intake.biometric_key_file),
+                    ssl_context=ctx if mllp.tls else None,
                     on_refused=self._tls_refused, on_routable=self.router.wake,
                 )
                 try:
@@ -119,6 +121,32 @@ class BridgeService:
 
             self._destroyer = asyncio.create_task(destroy_periodically(c), name="destruction")
         await self.handoff.start()
+
+    def reload_certificates(self) -> None:
+        """Load the TLS certificate, key, CA bundle and CRL, and the signing key, again
+        from the configured files (after ``bridge certs rotate`` or ``revoke``): new
+        connections get the new context, every request is checked against the new CRL.
+        A file that cannot be loaded leaves everything as it was, and is logged."""
+        from bridge.errors import BridgeError
+        from bridge.link.tlsgate import probe_presented_certificates
+        from bridge.trust.jws import Signer
+        from bridge.trust.peercheck import PeerCertificateCheck
+
+        c = self.controller
+        tls = c.config.tls
+        try:
+            ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
+            check = PeerCertificateCheck.from_crl_file(tls.crl)
+            signer = Signer.from_files(c.config.signing.key, c.config.signing.cert)
+        except (BridgeError, OSError, ValueError) as exc:
+            log.error("certificates not reloaded: %s", exc)
+            return
+        probe_presented_certificates(ctx)
+        if self._listener is not None:
+            self._listener.ssl_context = ctx
+        self.receiver.peer_check = check
+        c.signer = signer
+        log.info("%s reloaded its certificates, CRL and signing key", c.id)
 
     def _key(self, key: str) -> str:
         source = self.controller.config.source

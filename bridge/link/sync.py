@@ -39,6 +39,7 @@ from bridge.ledger.sync import (
     save_outbound,
     stream_contiguous,
 )
+from bridge.link.partner_http import PAGE_LIMIT, read_answer
 from bridge.trust.jws import sign_detached_bytes, verify_detached_bytes
 
 if TYPE_CHECKING:
@@ -315,8 +316,9 @@ async def ask_held(
                 data=orjson.dumps(query),
                 timeout=timeout,
                 headers={"Content-Type": "application/fhir+json", CORRELATION_HEADER: correlation},
+                allow_redirects=False,
             ) as resp:
-                body = await resp.read()
+                body = await read_answer(resp, PAGE_LIMIT)  # a 3xx or an oversize: refused
                 status = resp.status
                 signature = resp.headers.get(SIGNATURE_HEADER, "")
         except Exception as exc:  # noqa: BLE001 - classified, never swallowed

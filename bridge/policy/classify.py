@@ -127,10 +127,23 @@ def load_sensitive_codes(path: Path | None = None) -> SensitiveCodes:
     ranges: list[tuple[str, str, str]] = []
     titles: dict[str, str] = {}
     for cls, body in classes.items():
-        if not isinstance(body, dict) or not isinstance(body.get("ranges"), list):
-            raise doc.error("a class needs a list of ranges", ("classes", cls, "ranges"))
+        if not isinstance(body, dict) or not (
+            isinstance(body.get("ranges"), list) or isinstance(body.get("codes"), list)
+        ):
+            raise doc.error("a class needs a list of ranges or codes", ("classes", cls, "ranges"))
+        unknown = set(body) - {"title", "ranges", "codes"}
+        if unknown:
+            raise doc.error("unknown key", ("classes", cls, min(unknown)))
         titles[cls] = str(body.get("title") or cls)
-        for i, item in enumerate(body["ranges"]):
+        for i, item in enumerate(body.get("codes") or []):
+            key = ("classes", cls, "codes", i)
+            if not isinstance(item, str) or not item.strip():
+                raise doc.error("a code is a quoted string", key)
+            code = _normalise(item)
+            # Matched whole: a high bound one NUL past the code admits the code itself
+            # but nothing longer that starts with it.
+            ranges.append((str(cls), code, code + "\x00"))
+        for i, item in enumerate(body.get("ranges") or []):
             key = ("classes", cls, "ranges", i)
             if not isinstance(item, str) or not item.strip():
                 raise doc.error("a range is a quoted code or LOW-HIGH", key)
@@ -144,21 +157,24 @@ def load_sensitive_codes(path: Path | None = None) -> SensitiveCodes:
 
 @lru_cache(maxsize=1)
 def default_sensitive_codes() -> SensitiveCodes:
-    """The installed diagnosis and treatment range files, merged (loaded once).
+    """The installed diagnosis, treatment and laboratory-test files, merged (loaded once).
 
-    The treatment file may only use classes the diagnosis file defines, so both name
-    the same eight classes.
+    The treatment and test files may only use classes the diagnosis file defines, so
+    all name the same eight classes.
     """
     diagnoses = load_sensitive_codes()
-    path = mappings_dir() / "policy" / "sensitive-icd9cm3.yaml"
-    treatments = load_sensitive_codes(path)
-    unknown = set(treatments.titles) - set(diagnoses.titles)
-    if unknown:
-        raise LoadError(
-            "class is not defined in sensitive-icd10.yaml",
-            location=f"{path} classes.{min(unknown)}",
-        )
-    return diagnoses.merged(treatments)
+    merged = diagnoses
+    for name in ("sensitive-icd9cm3.yaml", "sensitive-loinc.yaml"):
+        path = mappings_dir() / "policy" / name
+        other = load_sensitive_codes(path)
+        unknown = set(other.titles) - set(diagnoses.titles)
+        if unknown:
+            raise LoadError(
+                "class is not defined in sensitive-icd10.yaml",
+                location=f"{path} classes.{min(unknown)}",
+            )
+        merged = merged.merged(other)
+    return merged
 
 
 # --- the classification scheme -------------------------------------------------------

@@ -52,8 +52,9 @@ from bridge.policy.consent import (
     build_consent,
     data_instants,
     decide,
+    override_deny,
 )
-from bridge.policy.profile import LinkProfile, omit_in_place
+from bridge.policy.profile import LinkProfile, drop_unreferenced, omit_in_place
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 
 __all__ = [
@@ -70,6 +71,10 @@ __all__ = [
     "recheck",
     "recheck_collection",
 ]
+
+
+#: Elements of an Encounter that name the department or ward of the stay.
+DEPARTMENT_ELEMENTS = ("location", "serviceType")
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,7 @@ class _Trace:
 
     entry_fate: dict[str, HeldBack] = field(default_factory=dict)
     item_fate: dict[tuple[str, str, int], HeldBack] = field(default_factory=dict)
+    element_fate: dict[tuple[str, str], HeldBack] = field(default_factory=dict)
     sent_ids: set[str] = field(default_factory=set)
 
 
@@ -259,6 +265,8 @@ def _run(
     codes = codes or default_sensitive_codes()
     identifiers = patient_identifiers(collection)
     period = data_period(collection)
+    special_in = _special_classes(
+        [e.get("resource") for e in collection.get("entry") or () if isinstance(e, dict)], codes)
     minimized = profile.minimize(collection, key=key, pseudonymise=False)
     bundle = minimized.bundle
     removed = list(minimized.removed)
@@ -283,7 +291,9 @@ def _run(
         found = memo.get(item)
         if found is None:
             if decision.override is not None:
-                found = Verdict("permit", None, "", "emergency override", decision.allowed_labels)
+                # The override permits what no consent does, except what one denies.
+                found = override_deny(records, req, item) or Verdict(
+                    "permit", None, "", "emergency override", decision.allowed_labels)
             else:
                 found = decide(records, req, item)
             memo[item] = found
@@ -296,16 +306,23 @@ def _run(
     permits: dict[tuple[str, str], None] = {}
     entries = bundle["entry"]
 
+    special: list[HeldBack] = []
+
     def judge(item: Item, path: str, sensitive: frozenset[str]) -> HeldBack | None:
         if sensitive and not profile.carries_sensitive:
-            return HeldBack(path, "grade", None, None)
+            fate = HeldBack(path, "grade", None, None)
+            special.append(fate)
+            return fate
         asked.append(item)
         v = verdict(item)
         if v.permitted:
             if v.consent_id:
                 permits[(v.consent_id, v.provision_path)] = None
             return None
-        return HeldBack(path, v.outcome, v.consent_id, v.provision_path)
+        fate = HeldBack(path, v.outcome, v.consent_id, v.provision_path)
+        if sensitive:
+            special.append(fate)
+        return fate
 
     for label in labels:
         own, entry_items = _items_of(label)
@@ -331,6 +348,28 @@ def _run(
                 if trace is not None:
                     trace.item_fate[(rid, element, index)] = fate
 
+    if special_in and not special_in <= _special_classes(
+            [None if i in drop_entries else e["resource"] for i, e in enumerate(entries)],
+            codes, skip=drop_items):
+        # The ward or department of a stay whose special-disease data does not travel
+        # (held back by consent, or not carried by this link) tells the disease (感染科,
+        # 精神科): it is special-disease data at the summary level (§11.1.2.3 b 1) and is
+        # held back with it, by the same provision.
+        first = special[0] if special else HeldBack("", "special", None, None)
+        for i, entry in enumerate(entries):
+            resource = entry["resource"]
+            if i in drop_entries or resource.get("resourceType") != "Encounter":
+                continue
+            for element in DEPARTMENT_ELEMENTS:
+                if element in resource:
+                    del resource[element]
+                    fate = HeldBack(f"Encounter.{element}", first.reason, first.consent_id,
+                                    first.provision_path)
+                    held.append(fate)
+                    drop_items.setdefault(i, [])
+                    if trace is not None:
+                        trace.element_fate[(str(resource.get("id")), element)] = fate
+
     held_paths: list[str] = []
     for index, dropped in drop_items.items():
         resource = entries[index]["resource"]
@@ -344,6 +383,9 @@ def _run(
     grade_paths = [h.path for h in held if h.reason == "grade"]
     if drop_entries or drop_items:
         cascade = omit_in_place(bundle, drop_entries)
+        # A resource only what was held back referred to (the surgeon of a held-back
+        # operation) goes with it.
+        cascade.extend(drop_unreferenced(bundle, profile.focus))
         held_paths = [h.path for h in held if h.reason != "grade"]
         # What went with a held-back resource (its references) was held back too.
         extra = [p for p in cascade if p not in grade_paths]
@@ -403,6 +445,35 @@ def _run(
     )
 
 
+def _special_classes(
+    resources: Sequence[Any],
+    codes: SensitiveCodes,
+    skip: dict[int, list[tuple[str, int]]] | None = None,
+) -> frozenset[str]:
+    """Special-disease classes named by any coding anywhere in ``resources`` (with
+    ``skip``: leaving out the entries about to be held back, by resource index)."""
+    found: set[str] = set()
+    for index, resource in enumerate(resources):
+        gone = (skip or {}).get(index, [])
+        stack: list[Any] = [resource]
+        if gone and isinstance(resource, dict):
+            stack = [
+                [v for n, v in enumerate(value) if (key, n) not in gone]
+                if isinstance(value, list) else value
+                for key, value in resource.items()
+            ]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                system, code = node.get("system"), node.get("code")
+                if isinstance(system, str) and isinstance(code, str):
+                    found |= codes.classes_of(system, code)
+                stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+            elif isinstance(node, list):
+                stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return frozenset(found)
+
+
 def _first_key(identifiers: Sequence[tuple[str, str]]) -> str:
     system, value = min(identifiers)
     return f"{system}|{value}"
@@ -439,8 +510,8 @@ def recheck(
 ) -> ConsentDecision:
     """Ask the consent question of ``result`` again (at dispatch); raise ConsentDenied if
     the consent was revoked, expired or narrowed since — for any resource type or any
-    labelled piece of what is being sent. A message under an emergency override is
-    not rechecked against consents (the override was the decision)."""
+    labelled piece of what is being sent. A message under an emergency override needs
+    no permit (the override was the decision) but is stopped by a deny provision."""
     decision = registry.require_consent(
         patient_identifiers=list(result.patient_identifiers),
         recipient=result.decision.recipient,
@@ -451,16 +522,16 @@ def recheck(
         action=result.action,
         emergency=result.decision.override,
     )
-    if decision.override is not None:
-        return decision
     req = Request(
         result.decision.recipient, result.decision.purpose, decision.decided_at,
         data_instants(result.data_period), result.action,
     )
     records = registry.for_patient(result.patient_identifiers)
     for item in result.items:
-        v = decide(records, req, item)
-        if not v.permitted:
+        # Under an override only a deny recorded since stops the message.
+        denied = override_deny(records, req, item) if decision.override is not None else None
+        v = denied or decide(records, req, item)
+        if denied is not None or (decision.override is None and not v.permitted):
             raise ConsentDenied(
                 "consent no longer covers data in this message",
                 location=v.provision_path, consent_id=v.consent_id,

@@ -82,6 +82,21 @@ class KAnonymity:
 
 
 @dataclass(frozen=True)
+class Match:
+    """Which entries of a repeating element a profile allows: those whose child
+    ``field`` (``system`` of an Identifier or ContactPoint, ``url`` of an Extension) has
+    one of ``values``. Selecting identifiers by system, not the element whole, is what
+    keeps a medical-record or health-card number off a link that needs only the
+    identity document."""
+
+    field: str
+    values: frozenset[str]
+
+    def admits(self, entry: Any) -> bool:
+        return isinstance(entry, dict) and entry.get(self.field) in self.values
+
+
+@dataclass(frozen=True)
 class LinkProfile:
     """An allow-list of resource types and element paths for one kind of link.
 
@@ -90,6 +105,10 @@ class LinkProfile:
     (``Patient.birthDate``) to transform names; ``ids`` is ``keep`` or ``pseudonym``
     (resource ids and references replaced by keyed stand-ins); ``classes`` is the
     classification of each type as this link sees it (transformed elements regraded).
+    ``matches`` selects entries of repeating elements by a child's value (full path ->
+    :class:`Match`); ``rows`` gives, per allowed full path, the rows of the source
+    table (``cites``) that justify it; ``focus`` names the resource types everything
+    sent must be reachable from by references (empty: the Patient's connected part).
     """
 
     name: str
@@ -102,6 +121,10 @@ class LinkProfile:
     level: str | None = None
     k_anonymity: KAnonymity | None = None
     classes: dict[str, TypeClass] = field(default_factory=dict, repr=False)
+    matches: dict[str, Match] = field(default_factory=dict)
+    rows: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    focus: tuple[str, ...] = ()
+    cites: str = ""
 
     @property
     def qualified_name(self) -> str:
@@ -139,6 +162,28 @@ class LinkProfile:
         if tree is not None:
             walk(tree, "")
         return frozenset(out)
+
+    def table(self) -> list[tuple[str, str, str, str]]:
+        """(full path, selection, transform, cited rows) of every allowed element path,
+        in profile order: the profile as a reviewer reads it against its source."""
+        out: list[tuple[str, str, str, str]] = []
+        for rtype in self.allowed:
+            for path in self._listed.get(rtype, sorted(self.allowed_paths(rtype))):
+                full = f"{rtype}.{path}"
+                m = self.matches.get(full)
+                selection = f"{m.field} in {', '.join(sorted(m.values))}" if m else ""
+                out.append((full, selection, self.transforms.get(full, ""),
+                            "; ".join(self.rows.get(full, ()))))
+        return out
+
+    @property
+    def _listed(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for full in self.rows:
+            rtype, _, path = full.partition(".")
+            if path in self.allowed_paths(rtype):
+                out.setdefault(rtype, []).append(path)
+        return out
 
     def type_class(self, resource_type: str) -> TypeClass:
         """Classification of a type as this link sends it."""
@@ -232,11 +277,13 @@ def _minimize(
         if "fullUrl" in entry:
             new_entry["fullUrl"] = entry["fullUrl"]
         pruned: dict[str, Any] = {k: resource[k] for k in ALWAYS_KEPT if k in resource}
-        pruned.update(_prune(resource, tree, rtype, removed, transformed, tf, ctx, ALWAYS_KEPT))
+        pruned.update(_prune(resource, tree, rtype, removed, transformed, tf, ctx, ALWAYS_KEPT,
+                             profile.matches))
         new_entry["resource"] = pruned
         entries.append(new_entry)
     out["entry"] = entries
     out = _settle(out, _reference_keys(dropped), removed)
+    removed.extend(drop_unreferenced(out, profile.focus))
     return MinimizeResult(out, _unique(removed), _unique(transformed))
 
 
@@ -252,6 +299,7 @@ def _prune(
     tf: dict[str, TransformSpec] | None,
     ctx: DeidContext | None,
     skip: frozenset[str] = frozenset(),
+    matches: dict[str, Match] | None = None,
 ) -> dict[str, Any]:
     """The allowed part of ``obj``. Values are shared, not copied: the caller owns them."""
     out: dict[str, Any] = {}
@@ -263,6 +311,17 @@ def _prune(
         if base not in tree:
             removed.append(f"{path}.{base}")
             continue
+        match = matches.get(f"{path}.{base}") if matches else None
+        if match is not None and key == base:
+            entries = value if isinstance(value, list) else [value]
+            admitted = [e for e in entries if match.admits(e)]
+            for e in entries:
+                if not match.admits(e):
+                    what = e.get(match.field) if isinstance(e, dict) else None
+                    removed.append(f"{path}.{base}[{match.field}={what}]")
+            if not admitted:
+                continue
+            value = admitted if isinstance(value, list) else admitted[0]
         if tf is not None:
             spec = tf.get(f"{path}.{base}")
             if spec is not None:
@@ -288,7 +347,7 @@ def _prune(
         child_path = f"{path}.{key}"
         if isinstance(value, list):
             items = [
-                _prune(item, sub, child_path, removed, transformed, tf, ctx)
+                _prune(item, sub, child_path, removed, transformed, tf, ctx, matches=matches)
                 for item in value
                 if isinstance(item, dict)
             ]
@@ -297,7 +356,8 @@ def _prune(
             if kept:
                 out[key] = kept
         elif isinstance(value, dict):
-            pruned = _prune(value, sub, child_path, removed, transformed, tf, ctx)
+            pruned = _prune(value, sub, child_path, removed, transformed, tf, ctx,
+                            matches=matches)
             if pruned:
                 out[key] = pruned
         else:
@@ -455,6 +515,78 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
     return bundle
 
 
+def _references(node: Any, out: list[str]) -> None:
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, dict):
+            ref = cur.get("reference")
+            if isinstance(ref, str):
+                out.append(ref)
+            stack.extend(v for v in cur.values() if isinstance(v, (dict, list)))
+        elif isinstance(cur, list):
+            stack.extend(v for v in cur if isinstance(v, (dict, list)))
+
+
+def reachable(bundle: dict[str, Any], focus: Iterable[str] = ()) -> set[int] | None:
+    """Indices of the entries reachable from the focus by references.
+
+    With ``focus`` types, references are followed from the entries of those types
+    (a Claim and what it names, and what they name); without, the part connected to
+    the Patient in either direction (a pull collection whose Observations name the
+    Patient). None when the bundle holds no focus (nothing to judge from).
+    """
+    entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+    index: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        for k in _reference_keys([entry]):
+            index[k] = i
+    edges: list[list[int]] = []
+    for entry in entries:
+        refs: list[str] = []
+        _references(entry.get("resource"), refs)
+        edges.append([index[r] for r in refs if r in index])
+    focus = tuple(focus)
+    directed = bool(focus)
+    types = set(focus) if focus else {"Patient"}
+    roots = [
+        i for i, e in enumerate(entries)
+        if isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") in types
+    ]
+    if not roots:
+        return None
+    if not directed:
+        back: list[list[int]] = [[] for _ in entries]
+        for i, targets in enumerate(edges):
+            for t in targets:
+                back[t].append(i)
+        edges = [a + b for a, b in zip(edges, back)]
+    seen = set(roots)
+    stack = list(roots)
+    while stack:
+        for t in edges[stack.pop()]:
+            if t not in seen:
+                seen.add(t)
+                stack.append(t)
+    return seen
+
+
+def drop_unreferenced(bundle: dict[str, Any], focus: Iterable[str] = ()) -> list[str]:
+    """Remove (in place) the entries nothing reachable from the focus refers to — a
+    surgeon's Practitioner once the Procedure naming the surgeon was removed — and
+    return their resource types."""
+    keep = reachable(bundle, focus)
+    entries = bundle.get("entry") or []
+    if keep is None or len(keep) == len(entries):
+        return []
+    gone = [
+        str((e.get("resource") or {}).get("resourceType"))
+        for i, e in enumerate(entries) if i not in keep
+    ]
+    bundle["entry"] = [e for i, e in enumerate(entries) if i in keep]
+    return gone
+
+
 def omit_in_place(bundle: dict[str, Any], indices: set[int]) -> list[str]:
     """Remove the entries at ``indices`` from ``bundle`` (in place), clean references to
     them and omit what that leaves incomplete; return the removed paths."""
@@ -507,6 +639,78 @@ def _resolve_path(doc: LocatedYAML, rtype: str, raw: str, key: Key) -> list[Elem
             if spec.type_name is None:
                 raise doc.error(f"{'.'.join(segments[: depth + 1])} has no child elements", key)
             type_name = spec.type_name
+    return out
+
+
+_MATCH_FIELDS = {"Identifier": "system", "ContactPoint": "system", "Extension": "url"}
+
+
+def _parse_elements(
+    doc: LocatedYAML,
+    rtype: str,
+    raw: list[Any],
+    cites: str,
+    matches: dict[str, Match],
+    rows: dict[str, tuple[str, ...]],
+) -> list[Any]:
+    """The element paths of one resource entry; entries written as mappings
+    (``{path, systems | urls, row}``) add a selection and the cited table row.
+
+    With ``cites`` set, every entry must cite its row. The same path may be listed
+    more than once with different selections (the identity document on one row, the
+    inpatient number on another): the selections are joined.
+    """
+    out: list[Any] = []
+    for i, item in enumerate(raw):
+        key: Key = ("resources", rtype, "elements", i)
+        if not isinstance(item, dict):
+            if cites:
+                raise doc.error(f"every element cites its row of {cites}: {{path, row}}", key)
+            out.append(item)
+            continue
+        unknown = set(item) - {"path", "row", "systems", "urls", "note"}
+        if unknown:
+            raise doc.error("unknown key", (*key, min(unknown)))
+        path = item.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise doc.error("an element entry needs a path", (*key, "path"))
+        path = path.strip()
+        row = item.get("row")
+        if cites and (not isinstance(row, str) or not row.strip()):
+            raise doc.error(f"every element cites its row of {cites}", (*key, "row"))
+        full = f"{rtype}.{path}"
+        if isinstance(row, str) and row.strip():
+            rows[full] = (*rows.get(full, ()), row.strip())
+        else:
+            rows.setdefault(full, ())
+        selectors = [k for k in ("systems", "urls") if k in item]
+        if len(selectors) > 1:
+            raise doc.error("an element selects by systems or by urls, not both", key)
+        if selectors:
+            sel = selectors[0]
+            values = item[sel]
+            skey = (*key, sel)
+            if not isinstance(values, list) or not values or not all(
+                isinstance(v, str) and v for v in values
+            ):
+                raise doc.error(f"{sel} is a non-empty list of URIs", skey)
+            last = _resolve_path(doc, rtype, path, (*key, "path"))[-1]
+            fieldname = _MATCH_FIELDS.get(last.type_name or "")
+            if fieldname is None or fieldname != sel[:-1]:
+                raise doc.error(
+                    f"{sel} selects entries of "
+                    + ("an Extension" if sel == "urls" else "an Identifier or ContactPoint"),
+                    skey,
+                )
+            previous = matches.get(full)
+            if previous is None and any(str(e).strip() == path for e in out):
+                raise doc.error("this path is already allowed whole", key)
+            matches[full] = Match(fieldname, frozenset(values) | (
+                previous.values if previous else frozenset()))
+        elif full in matches:
+            raise doc.error("this path is already allowed for some entries only", key)
+        if path not in out:
+            out.append(path)
     return out
 
 
@@ -621,7 +825,8 @@ def load_profile(
         if required not in data:
             raise doc.error(f"missing key {required}", (required,))
     unknown = set(data) - {
-        "profile", "title", "source", "resources", "grades", "levels", "ids", "k_anonymity"
+        "profile", "title", "source", "resources", "grades", "levels", "ids", "k_anonymity",
+        "cites", "focus",
     }
     if unknown:
         raise doc.error("unknown key", (min(unknown),))
@@ -657,6 +862,20 @@ def load_profile(
     if ids not in ("keep", "pseudonym"):
         raise doc.error("ids is keep or pseudonym", ("ids",))
 
+    cites = data.get("cites", "")
+    if not isinstance(cites, str):
+        raise doc.error("cites names the table the rows come from", ("cites",))
+    focus = data.get("focus", [])
+    if isinstance(focus, str):
+        focus = [focus]
+    if not isinstance(focus, list) or not all(isinstance(f, str) for f in focus):
+        raise doc.error("focus is a resource type or a list of them", ("focus",))
+    for i, f in enumerate(focus):
+        if f not in (data.get("resources") or {}):
+            raise doc.error(f"focus {f} is not a resource of this profile", ("focus", i))
+    matches: dict[str, Match] = {}
+    rows: dict[str, tuple[str, ...]] = {}
+
     resources = data["resources"]
     if not isinstance(resources, dict) or not resources:
         raise doc.error("resources must map resource types to element lists", ("resources",))
@@ -672,9 +891,10 @@ def load_profile(
             raise doc.error(
                 "a resource entry has elements (and optional transforms, from_level, note)", key
             )
-        elements = body.get("elements")
-        if not isinstance(elements, list) or not elements:
+        raw_elements = body.get("elements")
+        if not isinstance(raw_elements, list) or not raw_elements:
             raise doc.error("elements must be a non-empty list", (*key, "elements"))
+        elements = _parse_elements(doc, rtype, raw_elements, cites, matches, rows)
         tree = _compile_paths(doc, rtype, elements)
         listed = [str(e).strip() for e in elements]
 
@@ -753,6 +973,10 @@ def load_profile(
         level=level,
         k_anonymity=k_anon,
         classes=classes,
+        matches=matches,
+        rows=rows,
+        focus=tuple(focus),
+        cites=cites,
     )
 
 
