@@ -362,10 +362,18 @@ async def ask_held(
     return found, int(contiguous or 0)
 
 
-async def reconcile(dispatcher: Dispatcher, *, chunk: int = 500) -> ReconcileReport:
-    """Compare every acknowledged claim of the link with what the partner holds,
+async def reconcile(
+    dispatcher: Dispatcher, *, chunk: int = 500, full: bool = False
+) -> ReconcileReport:
+    """Compare the acknowledged claims of the link with what the partner holds,
     resend what it lacks, report receipts naming audit entries it no longer holds,
-    and keep the partner's summary for ``bridge sync status``."""
+    and keep the partner's summary for ``bridge sync status``.
+
+    By default only the claims past the partner's own summary are compared (it holds
+    every claim up to ``contiguous`` by its signed word; a partner restored from an
+    older backup says a lower number), so a periodic pass costs little however long
+    the link's history. ``full`` compares every acknowledged claim, receipts included.
+    """
     c = dispatcher.c
     link = dispatcher.link.id
     report = ReconcileReport(link)
@@ -373,6 +381,9 @@ async def reconcile(dispatcher: Dispatcher, *, chunk: int = 500) -> ReconcileRep
     # restored receiver is usually serving new claims meanwhile.
     sem = asyncio.Semaphore(max(1, min(dispatcher.link.concurrency, 4)))
     after = 0
+    if not full:
+        _found, after = await ask_held(dispatcher, 1, 1, [])
+        report.confirmed_seq = after
 
     async def resend(seq: int, mid: str) -> None:
         async with sem:
