@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from reliability_support import partner_outage, receiver_restored
+from reliability_support import crash_consistency, partner_outage, receiver_restored
 
 
 @pytest.mark.battery
@@ -41,3 +41,15 @@ async def test_a_receiver_restored_from_backup_is_refilled_by_periodic_reconcili
     assert result.missing_found == 40 and result.resent == 40
     assert result.mismatched_receipts == 40
     assert (result.lost_at_end, result.duplicated) == (0, 0)
+
+
+@pytest.mark.battery
+async def test_kills_of_either_side_lose_nothing_and_duplicate_nothing(tmp_path: Path) -> None:
+    result = await crash_consistency(tmp_path, claims=300, kills_each=3)
+    print(
+        f"\ncrashes: {result.claims} claims, {result.kills} kill -9, lost {result.lost},"
+        f" duplicated {result.duplicated}, dead {result.dead}, settled"
+        f" {result.settle_seconds:.1f} s after the last kill"
+    )
+    assert (result.lost, result.duplicated, result.dead) == (0, 0, 0)
+    assert result.chains_verify
