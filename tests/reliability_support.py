@@ -67,12 +67,20 @@ async def enqueue(config: Path, count: int, *, seed: int, first: int = 0) -> lis
         await controller.close()
 
 
-async def wait_settled(store: Path, ids: list[str], *, timeout: float) -> float:
-    """Wait until every claim is in a final state; the time it took."""
+def pg_outbox_states(pg: Any) -> dict[str, str]:
+    """The outbox of a hospital whose store is the PostgreSQL schema ``pg``."""
+    with pg.connect() as conn:
+        return dict(conn.execute("SELECT message_id, state FROM outbox").fetchall())
+
+
+async def wait_settled(store: Path | Any, ids: list[str], *, timeout: float) -> float:
+    """Wait until every claim is in a final state; the time it took. ``store`` is an
+    SQLite file or a PostgreSQL schema (``pg_support.PGSchema``)."""
     started = time.monotonic()
     wanted = set(ids)
+    read = outbox_states if isinstance(store, Path) else pg_outbox_states
     while time.monotonic() - started < timeout:
-        states = outbox_states(store)
+        states = read(store)
         if all(states.get(m) in ("acked", "dead", "rejected", "refused") for m in wanted):
             break
         await asyncio.sleep(0.2)
@@ -235,7 +243,9 @@ async def receiver_restored(
                 site.hospital_store, "SELECT missing, resent, mismatched FROM sync_outbound"
             )[0]
         else:
-            run = _cli(
+            # In a thread: the fault proxy runs on this event loop and must keep relaying.
+            run = await asyncio.to_thread(
+                _cli,
                 "sync",
                 "reconcile",
                 "--config",
@@ -277,18 +287,50 @@ class CrashResult:
     settle_seconds: float
 
 
+def _on_postgres(config: Path, pg: Any) -> None:
+    text = config.read_text(encoding="utf-8")
+    old = next(
+        line for line in text.splitlines() if line.startswith("path = ") and "sqlite" in line
+    )
+    config.write_text(
+        text.replace(old, f'kind = "postgresql"\ndsn = "{pg.dsn}"\nschema = "{pg.schema}"', 1),
+        encoding="utf-8",
+    )
+
+
+def _second_sender(config: Path) -> Path:
+    """Another hospital process on the same store: the same file but its own port."""
+    from bridge.demo import free_port
+
+    second = config.with_name("hospital-2.toml")
+    text = config.read_text(encoding="utf-8")
+    port_line = next(line for line in text.splitlines() if line.startswith("port = "))
+    second.write_text(text.replace(port_line, f"port = {free_port()}", 1), encoding="utf-8")
+    return second
+
+
 async def crash_consistency(
-    root: Path, *, claims: int, kills_each: int, every: float = 1.5, seed: int = 13
+    root: Path,
+    *,
+    claims: int,
+    kills_each: int,
+    every: float = 1.5,
+    seed: int = 13,
+    pg: Any = None,
 ) -> CrashResult:
     """``kill -9`` of the hospital and of the insurer, in turn, while claims are being
     delivered; each is restarted at once. Every claim acknowledged at enqueue must end
     in the insurer's inbox exactly once, with nothing dead-lettered, and both audit
-    chains must verify."""
+    chains must verify. With ``pg`` (a ``pg_support.PGSchema``) the hospital's store is
+    PostgreSQL and two hospital processes send from the one outbox."""
     site = await make_site(
         root, request_timeout_seconds=2.0, retry_base_seconds=0.1, probe_cap_seconds=1.0
     )
+    if pg is not None:
+        _on_postgres(site.hospital_cfg, pg)
+    senders = [site.hospital_cfg] + ([_second_sender(site.hospital_cfg)] if pg else [])
     insurer = await start(site.insurer_cfg)
-    hospital = await start(site.hospital_cfg)
+    hospitals = [await start(cfg) for cfg in senders]
     kills = 0
     try:
         # Claims keep coming while the two sides are killed (as a HIS keeps sending).
@@ -296,17 +338,19 @@ async def crash_consistency(
         for i in range(kills_each * 2):
             await asyncio.sleep(every)
             if i % 2 == 0:
-                hospital.proc.kill()
-                hospital.proc.wait()
-                hospital = await start(site.hospital_cfg)
+                which = (i // 2) % len(hospitals)
+                hospitals[which].proc.kill()
+                hospitals[which].proc.wait()
+                hospitals[which] = await start(senders[which])
             else:
                 insurer.proc.kill()
                 insurer.proc.wait()
                 insurer = await start(site.insurer_cfg)
             kills += 1
         ids = await enqueuing
-        settle = await wait_settled(site.hospital_store, ids, timeout=600)
-        states = outbox_states(site.hospital_store)
+        hospital_store = site.hospital_store if pg is None else pg
+        settle = await wait_settled(hospital_store, ids, timeout=600)
+        states = outbox_states(site.hospital_store) if pg is None else pg_outbox_states(pg)
         held = set(inbox_ids(site.insurer_store))
         chains = all(
             _cli("audit", "verify", "--config", str(cfg)).returncode == 0
@@ -322,6 +366,7 @@ async def crash_consistency(
             settle_seconds=settle,
         )
     finally:
-        await stop(hospital)
+        for process in hospitals:
+            await stop(process)
         await stop(insurer)
         await site.proxy.stop()

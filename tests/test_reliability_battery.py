@@ -53,3 +53,20 @@ async def test_kills_of_either_side_lose_nothing_and_duplicate_nothing(tmp_path:
     )
     assert (result.lost, result.duplicated, result.dead) == (0, 0, 0)
     assert result.chains_verify
+
+
+@pytest.mark.battery
+async def test_two_senders_on_one_postgresql_outbox_under_kills(tmp_path: Path) -> None:
+    """Two hospital processes share one PostgreSQL outbox; each and the insurer are
+    killed in turn. Before, reclaimed leases spent the attempt budget and this
+    dead-lettered claims; now nothing is lost, duplicated or dead-lettered."""
+    from pg_support import fresh_schema
+
+    for pg in fresh_schema():
+        result = await crash_consistency(tmp_path, claims=300, kills_each=4, pg=pg)
+    print(
+        f"\npostgresql, two senders: {result.claims} claims, {result.kills} kill -9, lost"
+        f" {result.lost}, duplicated {result.duplicated}, dead {result.dead}"
+    )
+    assert (result.lost, result.duplicated, result.dead) == (0, 0, 0)
+    assert result.chains_verify
