@@ -7,12 +7,15 @@ through a byte-level fault proxy, the outcome read from both stores with SQL. Pr
 - partner outage (port refusing, then accepting and never answering, while claims keep
   coming): claims lost, duplicated, dead-lettered; connection attempts per second
   while black-holed; time to drain the backlog once the partner is back;
+- with ``--kills N``: claims lost, duplicated and dead-lettered when each side is
+  killed (``kill -9``) N times while claims keep coming, and whether the audit chains
+  verify;
 - receiver restored from a backup: claims the restore lost, found and resent by
   ``bridge sync reconcile``, receipts naming audit entries the receiver no longer
   holds, claims lost at the end, and the time reconciliation took.
 
     python bench/reliability.py [--claims 1000] [--refuse 60] [--blackhole 60]
-                                [--gap 2000] [--skip-outage] [--skip-restore]
+                                [--gap 2000] [--kills N] [--skip-outage] [--skip-restore]
 
 The issue's sizes are ``--refuse 150 --blackhole 150 --gap 10000`` (long: the gap's
 claims are enqueued and delivered first). The machine is shared; times are one run.
@@ -29,32 +32,51 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from reliability_support import partner_outage, receiver_restored
+from reliability_support import crash_consistency, partner_outage, receiver_restored
 
 
 async def main(args: argparse.Namespace) -> None:
+    if args.kills:
+        with tempfile.TemporaryDirectory() as tmp:
+            c = await crash_consistency(Path(tmp), claims=args.claims, kills_each=args.kills)
+        print(f"crashes: {c.claims} claims, {c.kills} kill -9 (hospital and insurer in turn)")
+        print(
+            f"  lost {c.lost}, duplicated {c.duplicated}, dead-lettered {c.dead}; audit chains"
+            f" {'verify' if c.chains_verify else 'DO NOT verify'}; settled"
+            f" {c.settle_seconds:.1f} s after the last kill"
+        )
     if not args.skip_outage:
         with tempfile.TemporaryDirectory() as tmp:
             r = await partner_outage(
-                Path(tmp), claims=args.claims, refuse_seconds=args.refuse,
+                Path(tmp),
+                claims=args.claims,
+                refuse_seconds=args.refuse,
                 blackhole_seconds=args.blackhole,
             )
-        print(f"partner outage: {r.claims} claims, refused {r.refuse_seconds:.0f} s then"
-              f" black-holed {r.blackhole_seconds:.0f} s")
+        print(
+            f"partner outage: {r.claims} claims, refused {r.refuse_seconds:.0f} s then"
+            f" black-holed {r.blackhole_seconds:.0f} s"
+        )
         print(f"  lost {r.lost}, duplicated {r.duplicated}, dead-lettered {r.dead}")
-        print(f"  connection attempts while black-holed: {r.attempts_during_blackhole}"
-              f" ({r.attempts_per_second:.2f}/s)")
+        print(
+            f"  connection attempts while black-holed: {r.attempts_during_blackhole}"
+            f" ({r.attempts_per_second:.2f}/s)"
+        )
         print(f"  backlog drained {r.drain_seconds:.1f} s after the partner came back")
     if not args.skip_restore:
         with tempfile.TemporaryDirectory() as tmp:
             before = max(args.gap // 10, 10)
             r2 = await receiver_restored(Path(tmp), before=before, after=args.gap)
         print(f"receiver restored: {r2.claims} claims, {r2.lost_after_restore} lost by the restore")
-        print(f"  reconcile found {r2.missing_found}, resent {r2.resent}, receipts naming absent"
-              f" audit entries {r2.mismatched_receipts}; lost at the end {r2.lost_at_end},"
-              f" duplicated {r2.duplicated}")
-        print(f"  reconcile took {r2.reconcile_seconds:.1f} s"
-              f" ({r2.resent / max(r2.reconcile_seconds, 1e-9):.0f} claims/s resent)")
+        print(
+            f"  reconcile found {r2.missing_found}, resent {r2.resent}, receipts naming absent"
+            f" audit entries {r2.mismatched_receipts}; lost at the end {r2.lost_at_end},"
+            f" duplicated {r2.duplicated}"
+        )
+        print(
+            f"  reconcile took {r2.reconcile_seconds:.1f} s"
+            f" ({r2.resent / max(r2.reconcile_seconds, 1e-9):.0f} claims/s resent)"
+        )
 
 
 if __name__ == "__main__":
@@ -63,6 +85,12 @@ if __name__ == "__main__":
     p.add_argument("--refuse", type=float, default=60.0)
     p.add_argument("--blackhole", type=float, default=60.0)
     p.add_argument("--gap", type=int, default=2000)
+    p.add_argument(
+        "--kills",
+        type=int,
+        default=0,
+        help="also kill -9 each side this many times while --claims are delivered",
+    )
     p.add_argument("--skip-outage", action="store_true")
     p.add_argument("--skip-restore", action="store_true")
     asyncio.run(main(p.parse_args()))
