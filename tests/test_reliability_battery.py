@@ -45,7 +45,7 @@ async def test_a_receiver_restored_from_backup_is_refilled_by_periodic_reconcili
 
 @pytest.mark.battery
 async def test_kills_of_either_side_lose_nothing_and_duplicate_nothing(tmp_path: Path) -> None:
-    result = await crash_consistency(tmp_path, claims=300, kills_each=3)
+    result = await crash_consistency(tmp_path, claims=200, kills_each=2)
     print(
         f"\ncrashes: {result.claims} claims, {result.kills} kill -9, lost {result.lost},"
         f" duplicated {result.duplicated}, dead {result.dead}, settled"
@@ -63,7 +63,7 @@ async def test_two_senders_on_one_postgresql_outbox_under_kills(tmp_path: Path) 
     from pg_support import fresh_schema
 
     for pg in fresh_schema():
-        result = await crash_consistency(tmp_path, claims=300, kills_each=4, pg=pg)
+        result = await crash_consistency(tmp_path, claims=200, kills_each=2, pg=pg)
     print(
         f"\npostgresql, two senders: {result.claims} claims, {result.kills} kill -9, lost"
         f" {result.lost}, duplicated {result.duplicated}, dead {result.dead}"
