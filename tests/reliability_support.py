@@ -370,3 +370,55 @@ async def crash_consistency(
             await stop(process)
         await stop(insurer)
         await site.proxy.stop()
+
+
+@dataclass
+class LostResponsesResult:
+    claims: int
+    cuts: int
+    lost: int
+    duplicated: int
+    dead: int
+    receipts_differing: int
+
+
+def _receipts(store: Path, table: str) -> dict[str, bytes]:
+    return {
+        m: bytes(r)
+        for m, r in _rows(store, f"SELECT message_id, receipt FROM {table}")
+        if r is not None
+    }
+
+
+async def lost_responses(
+    root: Path, *, claims: int, ratio: float = 0.1, seed: int = 17
+) -> LostResponsesResult:
+    """The insurer answers but a share of the answers never arrive (the connection is cut
+    after the request went through): every claim must be stored once, and the receipt
+    the hospital ends up with must be the one the insurer signed first."""
+    site = await make_site(
+        root, request_timeout_seconds=3.0, retry_base_seconds=0.1, probe_cap_seconds=1.0
+    )
+    site.proxy.cut_ratio = ratio
+    await site.proxy.set_mode("cut_responses")
+    insurer = await start(site.insurer_cfg)
+    hospital = await start(site.hospital_cfg)
+    try:
+        ids = await enqueue(site.hospital_cfg, claims, seed=seed)
+        await wait_settled(site.hospital_store, ids, timeout=600)
+        states = outbox_states(site.hospital_store)
+        held = set(inbox_ids(site.insurer_store))
+        sent = _receipts(site.hospital_store, "outbox")
+        signed = _receipts(site.insurer_store, "inbox")
+        return LostResponsesResult(
+            claims=len(ids),
+            cuts=site.proxy.cuts,
+            lost=sum(1 for m in ids if m not in held),
+            duplicated=sum(n - 1 for n in receptions(site.insurer_store).values() if n > 1),
+            dead=sum(1 for m in ids if states.get(m) == "dead"),
+            receipts_differing=sum(1 for m in ids if sent.get(m) != signed.get(m)),
+        )
+    finally:
+        await stop(hospital)
+        await stop(insurer)
+        await site.proxy.stop()

@@ -7,7 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from reliability_support import crash_consistency, partner_outage, receiver_restored
+from reliability_support import (
+    crash_consistency,
+    lost_responses,
+    partner_outage,
+    receiver_restored,
+)
 
 
 @pytest.mark.battery
@@ -70,3 +75,15 @@ async def test_two_senders_on_one_postgresql_outbox_under_kills(tmp_path: Path) 
     )
     assert (result.lost, result.duplicated, result.dead) == (0, 0, 0)
     assert result.chains_verify
+
+
+@pytest.mark.battery
+async def test_lost_answers_duplicate_nothing_and_keep_the_first_receipt(tmp_path: Path) -> None:
+    result = await lost_responses(tmp_path, claims=150, ratio=0.1)
+    print(
+        f"\nlost answers: {result.claims} claims, {result.cuts} answers cut, lost"
+        f" {result.lost}, duplicated {result.duplicated}, receipts differing"
+        f" {result.receipts_differing}"
+    )
+    assert result.cuts > 0
+    assert (result.lost, result.duplicated, result.dead, result.receipts_differing) == (0, 0, 0, 0)
