@@ -10,12 +10,15 @@ through a byte-level fault proxy, the outcome read from both stores with SQL. Pr
 - with ``--kills N``: claims lost, duplicated and dead-lettered when each side is
   killed (``kill -9``) N times while claims keep coming, and whether the audit chains
   verify;
+- with ``--cut 0.1``: the same when a tenth of the answers are cut after the request
+  went through, and how many receipts differ from the one the insurer signed;
 - receiver restored from a backup: claims the restore lost, found and resent by
   ``bridge sync reconcile``, receipts naming audit entries the receiver no longer
   holds, claims lost at the end, and the time reconciliation took.
 
     python bench/reliability.py [--claims 1000] [--refuse 60] [--blackhole 60]
-                                [--gap 2000] [--kills N] [--skip-outage] [--skip-restore]
+                                [--gap 2000] [--kills N] [--cut 0.1]
+                                [--skip-outage] [--skip-restore]
 
 The issue's sizes are ``--refuse 150 --blackhole 150 --gap 10000`` (long: the gap's
 claims are enqueued and delivered first). The machine is shared; times are one run.
@@ -32,7 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from reliability_support import crash_consistency, partner_outage, receiver_restored
+from reliability_support import (
+    crash_consistency,
+    lost_responses,
+    partner_outage,
+    receiver_restored,
+)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -63,6 +71,14 @@ async def main(args: argparse.Namespace) -> None:
             f" ({r.attempts_per_second:.2f}/s)"
         )
         print(f"  backlog drained {r.drain_seconds:.1f} s after the partner came back")
+    if args.cut:
+        with tempfile.TemporaryDirectory() as tmp:
+            lr = await lost_responses(Path(tmp), claims=args.claims, ratio=args.cut)
+        print(f"lost answers: {lr.claims} claims, {lr.cuts} answers cut after the request")
+        print(
+            f"  lost {lr.lost}, duplicated {lr.duplicated}, dead-lettered {lr.dead},"
+            f" receipts differing from the insurer's {lr.receipts_differing}"
+        )
     if not args.skip_restore:
         with tempfile.TemporaryDirectory() as tmp:
             before = max(args.gap // 10, 10)
@@ -90,6 +106,12 @@ if __name__ == "__main__":
         type=int,
         default=0,
         help="also kill -9 each side this many times while --claims are delivered",
+    )
+    p.add_argument(
+        "--cut",
+        type=float,
+        default=0.0,
+        help="also cut this share of the insurer's answers (0.1) for --claims",
     )
     p.add_argument("--skip-outage", action="store_true")
     p.add_argument("--skip-restore", action="store_true")
