@@ -147,9 +147,10 @@ def cmd_push(args: argparse.Namespace) -> int:
                     else ""
                 )
             )
+        elif row is not None and row.state.value == "acked":
+            state = "already delivered (duplicate suppressed)"
         else:
-            current = row.state.value if row is not None else "queued"
-            state = f"already in the outbox ({current}; duplicate suppressed)"
+            state = "already queued (duplicate suppressed)"
         sys.stdout.write(f"{submitted.message_id} {state} on link {submitted.link}\n")
         if submitted.held_back:
             sys.stdout.write(

@@ -173,7 +173,7 @@ def test_pushing_a_dead_claim_again_says_so_and_how_to_requeue(
         main(["push", "--config", str(hospital), "--link", LINK, str(tmp_path / "claim-7.json")])
         == 0
     )
-    assert "already in the outbox (queued; duplicate suppressed)" in capsys.readouterr().out
+    assert "already queued (duplicate suppressed)" in capsys.readouterr().out
 
 
 def test_requeue_needs_a_selection(hospital: Path, capsys: pytest.CaptureFixture[str]) -> None:

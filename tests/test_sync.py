@@ -256,3 +256,24 @@ async def test_a_peer_from_the_protocol_sends_with_and_without_sequence_headers(
         assert (stream.stream, stream.highest, stream.gaps) == ("peer-link", 7, ((1, 6),))
     finally:
         await pair.stop()
+
+
+def test_sequence_headers_are_read_strictly() -> None:
+    from bridge.link.sync import SyncError, read_sequence
+
+    assert read_sequence({}) is None
+    assert read_sequence({"Bridge-Stream": "claims-to-b", "Bridge-Sequence": "12"}) == (
+        "claims-to-b",
+        12,
+    )
+    for stream, seq, where in [
+        ("claims-to-b", "²", "Bridge-Sequence"),  # a digit, but not an ASCII one
+        ("claims-to-b", "0", "Bridge-Sequence"),
+        ("claims-to-b", str(2**62), "Bridge-Sequence"),
+        ("Claims To B", "1", "Bridge-Stream"),
+        (None, "1", "Bridge-Stream"),
+    ]:
+        headers = {"Bridge-Sequence": seq} | ({"Bridge-Stream": stream} if stream else {})
+        with pytest.raises(SyncError) as info:
+            read_sequence(headers)
+        assert info.value.location == where

@@ -78,7 +78,7 @@ def read_sequence(headers: Any) -> tuple[str, int] | None:
         return None
     if stream is None or not _STREAM.match(stream):
         raise SyncError("stream must be a link id", location=STREAM_HEADER)
-    if raw is None or not raw.isdigit() or not 0 < int(raw) < _MAX_SEQ:
+    if raw is None or not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < _MAX_SEQ:
         raise SyncError("sequence must be a positive integer", location=SEQUENCE_HEADER)
     return stream, int(raw)
 
