@@ -197,6 +197,22 @@ CREATE INDEX IF NOT EXISTS handoff_claim ON handoff (sender, message_id);
     ),
     # Record pull: the records store, review items, pages received (bridge.ledger.records).
     # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
+    # One patient across identifiers: pairs of patient pseudonyms the hospital's own
+    # records state belong to one person (bridge.ledger.identity). Append-only, so every
+    # process can follow the links by sequence number.
+    Migration(
+        name="0900-patient-links",
+        ddl="""
+CREATE TABLE IF NOT EXISTS patient_link (
+    seq     {autoid},
+    a       TEXT NOT NULL,
+    b       TEXT NOT NULL,
+    linked  TEXT NOT NULL,
+    UNIQUE (a, b)
+);
+CREATE INDEX IF NOT EXISTS patient_link_b ON patient_link (b);
+""",
+    ),
     Migration(
         name="1300-pull-records",
         ddl="""
