@@ -1,31 +1,76 @@
-"""Claim push benchmark: the demo path with everything on.
+"""Claim push benchmark: hospital bridge(s) -> mutual TLS -> insurer bridge, everything on.
 
-Two bridges on this host (the insurer in its own process), mutual TLS, FHIR
-validation on both sides, consent and minimisation, ES256 signatures and receipts,
-SQLite commits with synchronous=FULL, and both audit chains.
+Every bridge runs in its own process (``bridge serve`` for the insurer; a small sender
+process per hospital bridge that enqueues its share of the claims through the
+controller's submit path and runs the dispatcher): mutual TLS, FHIR validation on both
+sides, consent and minimisation, ES256 signatures and receipts, durable commits
+(SQLite synchronous=FULL, or PostgreSQL), both audit chains. This process only
+orchestrates and measures, so each side's CPU time is its processes' own
+(``/proc/PID/stat``, user + system).
 
-Prints, for a saturated run, claims per second and median/p99 latency (enqueue to
-verified receipt); for a run at a fixed offered rate, the same latencies; and the
-median cost of each stage of one claim, measured in isolation, to show which one
-dominates. Figures are medians of repeated runs; the machine is shared and noisy.
+Prints, per side, CPU milliseconds per claim (the headline figure: it does not depend
+on how busy the machine is) with a breakdown into the stages (each measured in
+isolation, no sockets) and what is spent around them (event loop, HTTP, TLS, store,
+bookkeeping); claims per second of a saturated run; p50/p99 latency (enqueue to
+verified receipt, from the outbox's own timestamps) at a fixed offered rate; the
+machine's load average before and after.
 
-    python bench/claim_push.py [--claims 2000] [--rate 100] [--runs 3]
+    python bench/claim_push.py [--claims 2000] [--rate 100] [--runs 1]
+    python bench/claim_push.py --store postgres --senders 2     # scale-out on one outbox
+    python bench/claim_push.py --soak 100000                    # resident size over a long run
+    python bench/claim_push.py --profile DIR                    # cProfile each side, top 15
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import os
+import pstats
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
-from rich.console import Console
 
-from bridge.demo import _run
+PY_SPY = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+PATIENTS = 200
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SENDER_STAGES = ("map+validate (sender)", "policy (classify, consent, minimise)", "wrap+sign",
+                 "serialise (orjson)")
+RECEIVER_STAGES = ("verify signature (receiver)", "validate (receiver)",
+                   "profile check (receiver)")
+
+
+# --- measuring other processes -----------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -35,17 +80,240 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def run_once(claims: int, rate: float, seed: int) -> tuple[float, float, float]:
+# --- the sender process -----------------------------------------------------------------------
+
+
+async def sender(config: Path, records_file: Path, share: int, of: int, rate: float,
+                 profile: Path | None) -> None:
+    """One hospital bridge: start, say ``ready``; on ``go`` enqueue every ``of``-th record
+    from ``share`` (paced at ``rate`` per second, or as fast as 8 in flight allow) while
+    the dispatcher delivers; on ``stop`` shut down and print what it did as JSON."""
+    import cProfile
+
+    from bridge.config import load_config
+    from bridge.demo import LINK_OUT
+    from bridge.errors import PolicyError
+    from bridge.link.node import Controller
+    from bridge.link.service import BridgeService
+
+    records = [r for i, r in enumerate(orjson.loads(records_file.read_bytes()))
+               if i % of == share]
+    service = BridgeService(Controller(load_config(config)), poll_interval=0.2)
+    await service.start()
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+    loop.add_reader(sys.stdin.fileno(), lambda: lines.put_nowait(sys.stdin.readline()))
+    print("ready", flush=True)
+    assert (await lines.get()).strip() == "go"
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    done = {"created": 0, "duplicate": 0, "refused": 0}
+    in_flight = asyncio.Semaphore(8)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def push(record: dict[str, Any]) -> None:
+        try:
+            sub = await service.submit(record, LINK_OUT)
+            done["created" if sub.created else "duplicate"] += 1
+        except PolicyError:
+            done["refused"] += 1
+        finally:
+            in_flight.release()
+
+    interval = of / rate if rate else 0.0
+    started = loop.time()
+    for k, record in enumerate(records):
+        if interval:
+            delay = started + k * interval - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await in_flight.acquire()
+        task = loop.create_task(push(record))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    print("enqueued", flush=True)
+    assert (await lines.get()).strip() == "stop"
+    if prof:
+        prof.disable()
+        prof.dump_stats(str(profile))
+    await service.stop()
+    print(json.dumps(done), flush=True)
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+
+def _records(claims: int, seed: int) -> list[dict[str, Any]]:
+    """``claims`` distinct inpatient claims of ``PATIENTS`` patients (consents are per
+    patient: one each, registered before the run)."""
+    from bridge.samples import inpatient_records
+
+    out: list[dict[str, Any]] = []
+    chunk = 0
+    while len(out) < claims:
+        out += inpatient_records(min(5000, claims - len(out)), seed=seed * 1000 + chunk)
+        chunk += 1
+    cards = [r["elements"]["HDSD00.11.048"] for r in out[:PATIENTS]]
+    for i, r in enumerate(out):
+        r["elements"]["HDSD00.11.048"] = cards[i % len(cards)]
+        r["elements"]["HDSD00.11.140"] = f"ZY{seed:03d}{i:09d}"  # one claim per visit
+    return out
+
+
+def _use_postgres(config: Path, schema: str) -> None:
+    text = config.read_text(encoding="utf-8")
+    start = text.index("[store]\n")
+    end = text.index("\n[", start + 1)
+    config.write_text(text[:start] + f'[store]\nkind = "postgresql"\ndsn = "{PG_DSN}"\n'
+                      f'schema = "{schema}"\n' + text[end:], encoding="utf-8")
+
+
+def _drop_schemas(schemas: list[str]) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        for schema in schemas:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", senders: int = 1,
+             profile: Path | None = None, soak_every: int = 0) -> dict[str, Any]:
+    from bridge.config import load_config
+    from bridge.demo import HOSPITAL, INSURER, LINK_OUT, _full_consent, free_port, write_configs
+    from bridge.ledger import open_store
+    from bridge.link.node import Controller
+    from bridge.trust.pki import init_dev_pki
+
     with tempfile.TemporaryDirectory(prefix="bench-claim-push-") as tmp:
-        result = asyncio.run(_run(claims, Path(tmp), seed, rate, Console(quiet=True), True))
-    if result.lost:
-        raise SystemExit(f"benchmark run lost {result.lost} claims")
-    throughput = result.delivered / result.elapsed
-    return (
-        throughput,
-        statistics.median(result.latencies) * 1000,
-        _pct(result.latencies, 0.99) * 1000,
-    )
+        root = Path(tmp)
+        init_dev_pki(root / "pki", [HOSPITAL, INSURER])
+        hospital_cfg, insurer_cfg = write_configs(root, free_port(), free_port())
+        schemas: list[str] = []
+        if store == "postgres":
+            tag = uuid.uuid4().hex[:8]
+            schemas = [f"bench_h_{tag}", f"bench_i_{tag}"]
+            _use_postgres(hospital_cfg, schemas[0])
+            _use_postgres(insurer_cfg, schemas[1])
+        records = _records(claims, seed)
+        records_file = root / "records.json"
+        records_file.write_bytes(orjson.dumps(records))
+
+        async def consents() -> None:
+            controller = Controller(load_config(hospital_cfg))
+            now = datetime.now(UTC)
+            for n, record in enumerate(records[:PATIENTS]):
+                await controller.put_consent(_full_consent(record, f"bench-{n}", now))
+            await controller.close()
+
+        asyncio.run(consents())
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        insurer_cmd = [sys.executable, "-m", "bridge", "serve", "--config", str(insurer_cfg)]
+        if profile and not PY_SPY:
+            insurer_cmd[1:1] = ["-m", "cProfile", "-o", str(profile / "receiver.prof")]
+        logs = contextlib.ExitStack()
+        insurer = subprocess.Popen(insurer_cmd, stdout=subprocess.PIPE,
+                                   stderr=logs.enter_context(open(root / "insurer.log", "wb")),  # noqa: SIM115
+                                   env=env)
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            assert insurer.stdout is not None
+            line = insurer.stdout.readline()
+            if not line.startswith(b"ready"):
+                raise SystemExit((root / "insurer.log").read_text())
+            for i in range(senders):
+                cmd = [sys.executable, __file__, "--sender", str(hospital_cfg),
+                       str(records_file), str(i), str(senders), str(rate)]
+                if profile and not PY_SPY:
+                    cmd.append(str(profile / f"sender-{i}.prof"))
+                procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, text=True, env=env,
+                                              stderr=logs.enter_context(
+                                                  open(root / f"sender-{i}.log", "wb"))))  # noqa: SIM115
+            for p in procs:
+                assert p.stdout is not None
+                if p.stdout.readline().strip() != "ready":
+                    raise SystemExit((root / "sender-0.log").read_text())
+            hs = open_store(load_config(hospital_cfg).store)
+            pids = {"sender": [p.pid for p in procs], "receiver": [insurer.pid]}
+            spies = []
+            if profile and PY_SPY:
+                for side, ps in pids.items():
+                    for k, pid in enumerate(ps):
+                        spies.append(subprocess.Popen(
+                            [PY_SPY, "record", "--pid", str(pid), "--format", "raw",
+                             "--rate", "250", "--nonblocking", "--threads",
+                             "-o", str(profile / f"{side}-{k}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                time.sleep(1.0)
+            cpu0 = {side: sum(cpu_seconds(pid) for pid in ps) for side, ps in pids.items()}
+            rss: list[dict[str, float]] = []
+            started = time.perf_counter()
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            for p in procs:
+                assert p.stdout is not None
+                p.stdout.readline()  # enqueued
+            step = soak_every
+            while True:
+                counts = hs.outbox_counts(LINK_OUT)
+                if counts.get("queued", 0) + counts.get("sending", 0) == 0:
+                    break
+                if soak_every and counts.get("acked", 0) >= step:
+                    rss.append({"claims": counts["acked"],
+                                **{side: sum(rss_mib(pid) for pid in ps)
+                                   for side, ps in pids.items()}})
+                    step += soak_every
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - started
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
+            cpu = {side: sum(cpu_seconds(pid) for pid in ps) - cpu0[side]
+                   for side, ps in pids.items()}
+            rss_end = {side: sum(rss_mib(pid) for pid in ps) for side, ps in pids.items()}
+            with hs.read("bench") as tx:
+                rows = tx.all("SELECT created, updated FROM outbox WHERE state = 'acked'")
+            counts = hs.outbox_counts(LINK_OUT)
+            hs.close()
+            done = []
+            for p in procs:
+                assert p.stdin is not None and p.stdout is not None
+                p.stdin.write("stop\n")
+                p.stdin.flush()
+                done.append(json.loads(p.stdout.readline()))
+                p.wait(timeout=60)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            insurer.terminate()
+            insurer.wait(timeout=60)
+            logs.close()
+        with open_store(load_config(insurer_cfg).store) as ins:
+            inbox = ins.inbox_count(HOSPITAL)
+            dups = sum(1 for e in ins.audit_entries() if e.record.action == "message.duplicate")
+        if schemas:
+            _drop_schemas(schemas)
+    acked = counts.get("acked", 0)
+    latencies = [(_instant(u) - _instant(c)).total_seconds() for c, u in rows]
+    return {"claims": claims, "acked": acked, "inbox": inbox, "duplicates": dups,
+            "lost": claims - acked - counts.get("refused", 0) - counts.get("rejected", 0)
+            - sum(d["refused"] for d in done),
+            "elapsed": elapsed, "rate": acked / elapsed if elapsed else 0.0,
+            "cpu_ms": {side: cpu[side] * 1000 / max(acked, 1) for side in cpu},
+            "p50": _pct(latencies, 0.5) * 1000, "p99": _pct(latencies, 0.99) * 1000,
+            "rss": rss, "rss_end": rss_end, "senders": done}
+
+
+def _instant(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
 
 
 def stage_costs(samples: int = 300) -> dict[str, float]:
@@ -166,39 +434,132 @@ def stage_costs(samples: int = 300) -> dict[str, float]:
     return {k: statistics.median(v[20:]) for k, v in timings.items()}
 
 
+
+
+def top_sampled(path: Path, n: int = 15) -> list[str]:
+    """The ``n`` functions most often on top of the stack in a py-spy raw profile (samples
+    of threads on CPU only: own time, every thread of the process)."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        func, _, where = leaf.partition(" (")
+        where = where.rstrip(")").rsplit(":", 1)[0]
+        where = where.split("site-packages/")[-1].split("/wt/chain/")[-1].split("lib/python3")[-1]
+        key = f"{func} ({where})"
+        own[key] = own.get(key, 0) + int(count)
+        total += int(count)
+    rows = sorted(own.items(), key=lambda kv: -kv[1])[:n]
+    return [f"{c / max(total, 1):6.1%}  {k}" for k, c in rows]
+
+
+def top_functions(path: Path, n: int = 15) -> list[str]:
+    """The ``n`` functions with the most own time in a cProfile dump."""
+    stats = pstats.Stats(str(path))
+    # Waiting in epoll is idle time, not work: left out of the ranking and the total.
+    busy = {k: v for k, v in stats.stats.items()  # type: ignore[attr-defined]
+            if "select.epoll" not in k[2] and "uv_run" not in k[2]}
+    total = sum(v[2] for v in busy.values()) or 1.0
+    rows = sorted(busy.items(), key=lambda kv: -kv[1][2])[:n]
+    out = []
+    for (file, line, func), (_cc, calls, tottime, _ct, _callers) in rows:
+        where = file.split("site-packages/")[-1].split("/wt/chain/")[-1]
+        out.append(f"{tottime / total:6.1%}  {calls:>9}  {func} ({where}:{line})")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--claims", type=int, default=2000)
-    parser.add_argument(
-        "--rate", type=float, default=100.0, help="offered rate for the latency run"
-    )
-    parser.add_argument("--runs", type=int, default=3)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--claims", type=int, default=2000, help="claims of the saturated run")
+    parser.add_argument("--rate", type=float, default=100.0,
+                        help="offered rate (claims/s) for the latency run; 0 skips it")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--senders", type=int, default=1,
+                        help="hospital bridge processes on one outbox (PostgreSQL store)")
+    parser.add_argument("--soak", type=int, default=0, metavar="N",
+                        help="one saturated run of N claims, resident size sampled")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="cProfile each side of the saturated run; print top 15 each")
+    parser.add_argument("--no-stages", action="store_true", help="skip the stage costs")
+    parser.add_argument("--sender", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sender:
+        cfg, records, share, of, rate, *prof = args.sender
+        asyncio.run(sender(Path(cfg), Path(records), int(share), int(of), float(rate),
+                           Path(prof[0]) if prof else None))
+        return
+    if args.senders > 1 and args.store != "postgres":
+        parser.error("--senders above 1 needs --store postgres (one outbox, several processes)")
 
-    print("stage costs, median ms per claim (one core, no sockets):")
-    costs = stage_costs()
-    total = sum(costs.values())
-    for name, ms in sorted(costs.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<40} {ms:7.3f} ms  {ms / total:5.1%}")
-    print(f"  {'sum':<40} {total:7.3f} ms")
+    print(f"load average before: {load()}  ({os.cpu_count()} cores)")
+    costs = {} if args.no_stages else stage_costs()
+    if args.soak:
+        r = run_once(args.soak, 0.0, 1, store=args.store, senders=args.senders,
+                     soak_every=max(1, args.soak // 20))
+        print(f"soak: {r['acked']} claims in {r['elapsed']:.0f} s, lost {r['lost']};"
+              f" CPU ms/claim sender {r['cpu_ms']['sender']:.2f},"
+              f" receiver {r['cpu_ms']['receiver']:.2f}")
+        print("  claims      sender RSS MiB   receiver RSS MiB")
+        for s in r["rss"]:
+            print(f"  {s['claims']:>8}   {s['sender']:10.1f}   {s['receiver']:10.1f}")
+        first = r["rss"][len(r["rss"]) // 10] if r["rss"] else None
+        if first:
+            for side in ("sender", "receiver"):
+                print(f"  {side}: {first[side]:.1f} MiB at {first['claims']} claims -> "
+                      f"{r['rss_end'][side]:.1f} MiB at the end "
+                      f"({r['rss_end'][side] / first[side] - 1:+.1%})")
+        print(f"load average after: {load()}")
+        return
 
-    sat = [run_once(args.claims, 0.0, seed) for seed in range(args.runs)]
-    print(f"\nsaturated, {args.claims} claims x {args.runs} runs:")
-    print(
-        f"  claims/s        median {statistics.median(s[0] for s in sat):7.0f}   runs {[round(s[0]) for s in sat]}"
-    )
-    print(f"  latency median  median {statistics.median(s[1] for s in sat):7.1f} ms")
-    print(f"  latency p99     median {statistics.median(s[2] for s in sat):7.1f} ms")
-
-    n = int(args.rate * 10)
-    fixed = [run_once(n, args.rate, seed) for seed in range(args.runs)]
-    print(f"\noffered {args.rate:.0f} claims/s, {n} claims x {args.runs} runs:")
-    print(f"  latency median  median {statistics.median(s[1] for s in fixed):7.1f} ms")
-    print(
-        f"  latency p99     median {statistics.median(s[2] for s in fixed):7.1f} ms   runs {[round(s[2], 1) for s in fixed]}"
-    )
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    sat = [run_once(args.claims, 0.0, seed, store=args.store, senders=args.senders)
+           for seed in range(args.runs)]
+    med = statistics.median
+    print(f"\nsaturated: {args.claims} claims x {args.runs} runs, store {args.store}, "
+          f"{args.senders} sender process(es)")
+    print(f"  per sender: {[s['senders'] for s in sat]}")
+    print(f"  claims/s  {med(s['rate'] for s in sat):7.1f}   runs "
+          f"{[round(s['rate']) for s in sat]};  lost {sum(s['lost'] for s in sat)}, "
+          f"duplicates at the receiver {sum(s['duplicates'] for s in sat)}, "
+          f"inbox {[s['inbox'] for s in sat]}")
+    for side, stages in (("sender", SENDER_STAGES), ("receiver", RECEIVER_STAGES)):
+        cpu = med(s["cpu_ms"][side] for s in sat)
+        print(f"  {side}: CPU {cpu:6.2f} ms/claim  runs "
+              f"{[round(s['cpu_ms'][side], 2) for s in sat]}")
+        if costs:
+            staged = sum(costs[k] for k in stages)
+            for k in stages:
+                print(f"      {k:<40} {costs[k]:6.3f} ms")
+            print(f"      {'around the stages':<40} {cpu - staged:6.3f} ms"
+                  f"  ({(cpu - staged) / cpu:.0%})")
+    if args.profile:  # one more saturated run, profiled (its CPU figures are not quoted)
+        run_once(args.claims, 0.0, 99, store=args.store, senders=args.senders,
+                 profile=args.profile)
+        for name in sorted(p.name for p in args.profile.glob("*.prof")):
+            print(f"\n  top 15 by own time, {name} (cProfile; share of profiled time, calls):")
+            for row in top_functions(args.profile / name):
+                print("    " + row)
+        for name in sorted(p.name for p in args.profile.glob("*.txt")):
+            print(f"\n  top 15 by own time, {name} (py-spy samples on CPU, all threads):")
+            for row in top_sampled(args.profile / name):
+                print("    " + row)
+    if args.rate:
+        n = int(args.rate * 10)
+        fixed = [run_once(n, args.rate, 10 + seed, store=args.store, senders=args.senders)
+                 for seed in range(args.runs)]
+        print(f"\noffered {args.rate:.0f} claims/s, {n} claims x {args.runs} runs:")
+        print(f"  latency p50 {med(s['p50'] for s in fixed):7.1f} ms   p99 "
+              f"{med(s['p99'] for s in fixed):7.1f} ms   runs "
+              f"{[round(s['p99'], 1) for s in fixed]}")
+        for side in ("sender", "receiver"):
+            print(f"  {side}: CPU {med(s['cpu_ms'][side] for s in fixed):6.2f} ms/claim")
+    print(f"\nload average after: {load()}")
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ STAGES = [
     ("FHIR mapping and validation", ("mapping/engine", "records/fhir", "fhir_core",
                                      "fhir/resources", "pydantic")),
     ("consent, minimisation (policy)", ("bridge/policy/",)),
-    ("signing (JWS, ES256)", ("trust/jws", "joserfc", "cryptography")),
+    ("signing (JWS, ES256)", ("trust/jws", "trust/algorithms", "cryptography")),
     ("store: SQLite statements and commits", ("sqlite3", "ledger/")),
     ("audit records and hash chain", ("ledger/audit",)),
     ("event loop, sockets, threads", ("asyncio", "selectors", "socket", "threading",

@@ -12,12 +12,14 @@ import asyncio
 import os
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from bridge.cli_agreements import add_agreements_commands
+from bridge.cli_certs import add_certs_lifecycle_commands
 from bridge.cli_common import (
     Parser,
     add_json_option,
@@ -30,15 +32,18 @@ from bridge.cli_common import (
 )
 from bridge.cli_common import print_json as _print_json
 from bridge.cli_compliance import add_compliance_commands
+from bridge.cli_conformance import add_conformance_commands
 from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_status
 from bridge.cli_init import add_init_commands
 from bridge.cli_intake import add_intake_commands
 from bridge.cli_mapping import add_mapping_commands
 from bridge.cli_operators import add_operators_commands, guard_commands
+from bridge.cli_outbox import add_outbox_commands
 from bridge.cli_profile import add_profile_commands
 from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
 from bridge.cli_research import add_research_commands
 from bridge.cli_store import add_store_commands
+from bridge.cli_sync import add_sync_commands
 from bridge.errors import BridgeError, NotFound, ParseError, UsageError
 
 
@@ -101,6 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: load the TLS certificate, key, CA bundle, CRL and signing key again.
+        loop.add_signal_handler(signal.SIGHUP, service.reload_certificates)
         ready = f"ready {service.controller.id} port={service.port}"
         if service.ops is not None:
             ready += f" operations={service.ops.url}"
@@ -121,7 +128,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     async def run() -> int:
         controller = _controller(args.config)
         try:
-            record = read_record(data, source=args.file)
+            record = controller.protect_record(read_record(data, source=args.file))
             submitted = await controller.submit(record, args.link)
         finally:
             await controller.close()
@@ -470,6 +477,8 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
+    if args.config is None and args.store is None:
+        raise UsageError("one of --config or --store is required", location="bridge outbox")
     with _open_store(args) as store:
         counts = store.outbox_counts()
     if args.json:
@@ -517,11 +526,6 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
         if link.direction != "outbound":
             continue
         counts = store.outbox_counts(link.id)
-        stuck = [
-            r
-            for state in ("rejected", "dead")
-            for r in store.list_outbox(link.id, state=state, limit=5)
-        ]
         pending = [
             r
             for state in ("queued", "sending")
@@ -530,16 +534,8 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
         oldest = min((r.seq for r in pending), default=None)
         item["counts"] = dict(counts)
         item["oldest_waiting_seq"] = oldest
-        item["needs_attention"] = [
-            {
-                "seq": r.seq,
-                "state": r.state,
-                "error": r.last_error,
-                "message_id": r.message_id,
-            }
-            for r in stuck
-        ]
-        if stuck:
+        item["needs_attention"] = _claims_needing_attention(store, link.id)
+        if item["needs_attention"]:
             report["attention"] = True
     from bridge.ledger.intake import record_counts
 
@@ -556,7 +552,46 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
     report["pull"] = pull_status_report(store, config)
     if report["pull"]["reviews"]:
         report["attention"] = True
+    from bridge.ops.certs import certificate_report
+
+    report["certificates"] = certificate_report(config)
+    if any(not c["ok"] for c in report["certificates"]):
+        report["attention"] = True
     return report
+
+
+def _claims_needing_attention(store: Any, link: str) -> list[dict[str, Any]]:
+    """Every rejected or dead claim of ``link``, and every pending one that keeps failing,
+    each with its reason, last answer and age."""
+
+    from bridge.ledger.delivery import list_claims, problem_claims
+
+    now = datetime.now(UTC)
+    claims = list_claims(store, link=link, states=("rejected",)) + [
+        c for c in problem_claims(store, now=now) if c.link == link
+    ]
+    return [
+        {
+            "seq": c.seq,
+            "state": c.state,
+            "error": c.last_error,
+            "last_answer": c.last_answer,
+            "fate_unknown": c.fate_unknown,
+            "age_seconds": round(c.age_seconds(now), 1),
+            "message_id": c.message_id,
+        }
+        for c in sorted(claims, key=lambda c: c.seq)
+    ]
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
 
 
 def _print_status(report: dict[str, Any]) -> None:
@@ -582,18 +617,33 @@ def _print_status(report: dict[str, Any]) -> None:
         progress = (
             f"settled up to seq {oldest - 1}, oldest waiting seq {oldest}"
             if oldest is not None
+            else "nothing waiting"
+            if link["needs_attention"]
             else "all settled"
         )
         sys.stdout.write(
             f"  {link['id']} → {link['partner']}: {summary or 'empty'}; {progress}\n"
         )
-        for row in link["needs_attention"]:
+        if link["needs_attention"]:
             sys.stdout.write(
-                f"    seq {row['seq']} {row['state']} ({row['error'] or '-'}):"
-                f" {row['message_id']}\n"
+                f"    {len(link['needs_attention'])} claims need an operator"
+                " (bridge outbox requeue --id ID puts one back):\n"
+            )
+        for row in link["needs_attention"]:
+            answer = f"; last answer {row['last_answer']}" if row["last_answer"] else ""
+            unknown = "; may be held by the partner" if row["fate_unknown"] else ""
+            sys.stdout.write(
+                f"    seq {row['seq']} {row['state']} ({row['error'] or '-'}{answer}{unknown}),"
+                f" {_age(row['age_seconds'])} old: {row['message_id']}\n"
             )
     print_pull_status(report["pull"], sys.stdout)
     print_handoff_status(report["handoff"], sys.stdout)
+    for cert in report["certificates"]:
+        if not cert["ok"]:
+            days = cert.get("days_left")
+            state = (f"expires in {int(days)} days, not after {cert['not_after']}"
+                     if days is not None and days >= 0 else cert["detail"])
+            sys.stdout.write(f"  certificate {cert['certificate']} ({cert['path']}): {state}\n")
 
 
 # --- demo -------------------------------------------------------------------------------
@@ -688,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ci.add_argument("--force", action="store_true", help="overwrite an existing CA")
     ci.set_defaults(func=cmd_certs_init)
+    add_certs_lifecycle_commands(csub)
 
     co = sub.add_parser("consent", help="consent registry")
     cosub = co.add_subparsers(dest="consent_command", required=True, metavar="COMMAND")
@@ -743,17 +794,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_json_option(st)
     st.set_defaults(func=cmd_status)
 
-    o = sub.add_parser("outbox", help="outbox counts per state")
-    g2 = o.add_mutually_exclusive_group(required=True)
+    o = sub.add_parser("outbox", help="outbox counts per state; list, requeue claims")
+    g2 = o.add_mutually_exclusive_group()
     g2.add_argument("--config", help=_CONFIG_HELP)
     g2.add_argument("--store", help="path of a SQLite store file")
     add_json_option(o)
     o.set_defaults(func=cmd_outbox)
+    add_outbox_commands(o)
     add_operators_commands(sub)
     add_compliance_commands(sub)
     add_agreements_commands(sub)
+    add_sync_commands(sub)
     add_profile_commands(sub)
     add_research_commands(sub)
+    add_conformance_commands(sub)
     guard_commands(p)
     return p
 

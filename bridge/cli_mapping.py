@@ -155,13 +155,16 @@ def cmd_mappings_check(args: argparse.Namespace) -> int:
     report = {"site": str(site), "valid": True,
               "files": [{"file": o.relative, "action": o.action} for o in overlays],
               "visits": sorted(reader.visits), "message_types": sorted(reader.mappings),
-              "facilities": sorted(reader.site.facilities)}
+              "facilities": sorted(reader.site.facilities),
+              "biometric": [p.text for p in reader.biometric_paths]}
     if args.json:
         _print_json(report)
         return 0
     sys.stdout.write(f"site {site}: valid, {len(overlays)} file(s)\n")
     for o in overlays:
         sys.stdout.write(f"  {o.action:9} {o.relative}\n")
+    for path in reader.biometric_paths:
+        sys.stdout.write(f"  biometric {path.text}: kept and sent as a keyed digest only\n")
     return 0
 
 

@@ -35,6 +35,7 @@ COMMAND_ACTIONS: dict[tuple[str, str], str] = {
     ("audit", "*"): "status.read",
     ("status", ""): "status.read",
     ("outbox", ""): "status.read",
+    ("outbox", "list"): "status.read",
     ("outbox", "requeue"): "claim.requeue",
     ("inbox", "*"): "inbox.read",
     ("store", "status"): "status.read",
@@ -49,6 +50,7 @@ COMMAND_ACTIONS: dict[tuple[str, str], str] = {
     ("operators", "issue"): "keys.manage",
     ("operators", "list"): "status.read",
     ("compliance", "*"): "compliance.report",
+    ("sync", "status"): "status.read",
     ("sync", "*"): "data.import",
 }
 #: Commands not listed need the operator role: a command that changes data must be
@@ -132,7 +134,9 @@ def guard_commands(parser: argparse.ArgumentParser) -> None:
         if command in UNGUARDED:
             continue
         subs = _choices(cparser)
-        targets = subs.items() if subs else [("", cparser)]
+        targets = list(subs.items())
+        if not subs or cparser.get_default("func") is not None:
+            targets.append(("", cparser))  # the command alone does something too
         for sub, sparser in targets:
             func = sparser.get_default("func")
             if func is not None:

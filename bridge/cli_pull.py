@@ -141,7 +141,7 @@ def cmd_records_import(args: argparse.Namespace) -> int:
                         data = read_bounded(path, MAX_INPUT_BYTES)
                     except OSError as exc:
                         raise UsageError(f"cannot read: {exc.strerror}", location=name) from None
-                    record = read_record(data, source=name)
+                    record = controller.protect_record(read_record(data, source=name))
                     collection = controller.pull_collection(record)
                     from bridge.ledger.records import patient_keys
 

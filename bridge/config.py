@@ -30,6 +30,20 @@ from bridge.files import read_bounded
 _ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> object:
+    """``"72h"``, ``"30m"``, ``"3d"``, ``"90s"`` as seconds; numbers pass unchanged."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m is None:
+            raise ValueError('a duration is seconds or a number with s, m, h or d ("72h")')
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -99,12 +113,24 @@ class TLSConfig(_Strict):
     crl: Path | None = None
 
 
-class SigningConfig(_Strict):
-    """The signing key and certificate; the algorithm follows the key (EC P-256 gives
-    ES256, Ed25519 gives the fully specified JOSE algorithm ``Ed25519``)."""
+class SigningKeyConfig(_Strict):
+    """A further signing key, for links that choose its algorithm."""
 
     cert: Path
     key: Path
+
+
+class SigningConfig(_Strict):
+    """The signing key and certificate; the algorithm follows the key (EC P-256 gives
+    ES256, Ed25519 gives the fully specified JOSE algorithm ``Ed25519``). ``keys`` adds
+    keys of other algorithms, one per algorithm, for links whose
+    ``signature_algorithm`` names them."""
+
+    cert: Path
+    key: Path
+    keys: list[SigningKeyConfig] = Field(
+        default_factory=list, description="further signing keys (cert, key), one per algorithm"
+    )
 
 
 class StoreConfig(_Strict):
@@ -206,6 +232,14 @@ class PartnerConfig(_Strict):
     signing_certs: list[Path] = Field(min_length=1)
     tls_fingerprints: list[str] = Field(
         default_factory=list, description="SHA-256 hex fingerprints; empty = trust the URI SAN"
+    )
+    tls_ca: Path | None = Field(
+        default=None,
+        description=(
+            "PEM file of the CA certificate(s) that issue this partner's TLS certificates;"
+            " required when [tls] ca holds more than one CA (unless tls_fingerprints pin"
+            " the partner's certificates)"
+        ),
     )
 
     jurisdiction: str = Field(
@@ -331,6 +365,10 @@ class PullConfig(_Strict):
         default=200, ge=1, description="distinct patients asked about in the window that alarm"
     )
     bulk_alarm_window_seconds: int = Field(default=3600, ge=1, description="alarm window")
+    cursor_ttl_seconds: int = Field(
+        default=3600, ge=1, le=86400,
+        description="life of a page cursor; a later next link gets 410 cursor-expired",
+    )
 
     @field_validator("purposes")
     @classmethod
@@ -361,7 +399,33 @@ class LinkConfig(_Strict):
         description="a shipped profile name (mappings/links/<name>.yaml) or a path to a .yaml file",
     )
     purpose: str = "HPAYMT"
-    max_attempts: int = Field(default=8, ge=1, le=1000)
+    max_attempts: int | None = Field(
+        default=None,
+        ge=1,
+        description="no longer used: a claim is given up by give_up_after, never by a count",
+    )
+    give_up_after: float = Field(
+        default=72 * 3600.0,
+        gt=0,
+        description=(
+            "how long a claim is retried before it is dead-lettered: seconds, or a"
+            ' duration such as "72h", "30m", "3d"; a claim the partner may hold is never'
+            " given up"
+        ),
+    )
+    probe_cap_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="longest wait between two probes of a partner that is down",
+    )
+    reconcile_interval_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description=(
+            "how often a running bridge asks the partner which acknowledged claims it holds"
+            " and resends what it lacks; 0 turns it off"
+        ),
+    )
     concurrency: int = Field(default=16, ge=1, le=256)
     batch: int = Field(default=64, ge=1, le=1000)
     retry_base_seconds: float = Field(default=0.5, gt=0)
@@ -390,6 +454,37 @@ class LinkConfig(_Strict):
         default=None, pattern=r"^[A-Z_][A-Z0-9_]{0,63}$",
         description="environment variable holding this link's de-identification key (hex)",
     )
+    partner_consent_purposes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "purposes for which the link's partner may itself submit consents naming it as"
+            " recipient (consent API); empty: its consents authorise nothing on this link"
+        ),
+    )
+    signature_algorithm: str | None = Field(
+        default=None,
+        description=(
+            "JWS alg this controller signs with on the link and the only one (with those of"
+            " its other links with the partner) it accepts from the partner; default: the"
+            " algorithm of [signing]'s key, accepting any of the partner's signing keys"
+        ),
+    )
+
+    @field_validator("signature_algorithm")
+    @classmethod
+    def _registered_algorithm(cls, value: str | None) -> str | None:
+        from bridge.trust import algorithms
+
+        if value is not None and algorithms.get(value) is None:
+            raise ValueError(
+                f"{value!r} is not a signature algorithm (one of {', '.join(algorithms.names())})"
+            )
+        return value
+
+    @field_validator("give_up_after", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value)
 
     def pull_purposes(self) -> list[str]:
         """Purposes a request on this pull link may state."""
@@ -466,6 +561,13 @@ class IntakeConfig(_Strict):
         description=(
             "days after a visit's discharge during which corrections (ADT^A08, DFT^P03) "
             "still produce a corrected claim; later messages for the visit are refused"
+        ),
+    )
+    biometric_key_file: Path = Field(
+        default=Path("biometric.key"),
+        description=(
+            "key (64 hex digits) of the digests that replace elements a mapping marks"
+            " biometric; made (mode 600) when first needed; relative to the configuration file"
         ),
     )
 
@@ -704,6 +806,13 @@ class BridgeConfig(_Strict):
                 )
             if link.agreement is not None:
                 self._check_agreement(i, link)
+            if any(other.partner == link.partner and (other.signature_algorithm is None) != (
+                    link.signature_algorithm is None) for other in self.links):
+                # What the partner's signatures are accepted under is one list.
+                raise ValueError(
+                    f"links[{i}].signature_algorithm: name one on every link with partner"
+                    f" {link.partner}, or on none"
+                )
         self._check_operators()
         inbound = {link.id for link in self.links if link.direction == "inbound"}
         seen_destinations: set[str] = set()
@@ -805,7 +914,11 @@ def _resolve(data: dict[str, object], base: Path) -> None:
                 ]
 
     fix(data.get("tls"), ("ca", "cert", "key", "crl"))
-    fix(data.get("signing"), ("cert", "key"))
+    signing = data.get("signing")
+    fix(signing, ("cert", "key"))
+    if isinstance(signing, dict) and isinstance(signing.get("keys"), list):
+        for extra in signing["keys"]:
+            fix(extra, ("cert", "key"))
     store = data.setdefault("store", {})
     if isinstance(store, dict):
         store.setdefault("path", "bridge.sqlite")
@@ -814,7 +927,10 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     if isinstance(audit, dict):
         audit.setdefault("pseudonym_key_file", "audit-pseudonym.key")
     fix(audit, ("pseudonym_key_file",))
-    fix(data.get("intake"), ("site",))
+    intake = data.setdefault("intake", {})
+    if isinstance(intake, dict):
+        intake.setdefault("biometric_key_file", "biometric.key")
+    fix(intake, ("site", "biometric_key_file"))
     links = data.get("links")
     if isinstance(links, list):
         for link in links:
@@ -825,7 +941,7 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     partners = data.get("partners")
     if isinstance(partners, list):
         for partner in partners:
-            fix(partner, ("signing_certs",))
+            fix(partner, ("signing_certs", "tls_ca"))
     fix(data.get("operations"), ("operator_ca",))
     handoff = data.get("handoff")
     if isinstance(handoff, list):

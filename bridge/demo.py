@@ -99,6 +99,8 @@ partner = "{INSURER}"
 direction = "outbound"
 profile = "commercial-insurance"
 purpose = "HPAYMT"
+# The insurer collects patients' payment authorisations and submits them (consent API).
+partner_consent_purposes = ["HPAYMT"]
 """
     insurer = f"""\
 # Insurer B: receives claims from Hospital A.

@@ -7,17 +7,20 @@ file far larger than what the command reads.
 :func:`private_folder` makes the folder such files go into. What held the name before
 (a file with a looser mode, or a symbolic link someone else planted in a shared
 folder) is replaced, never written through.
+
+:func:`load_or_make_key` reads a secret key kept as hex in a file, making it on first use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 import tempfile
 from pathlib import Path
 
-from bridge.errors import UsageError
+from bridge.errors import ConfigError, UsageError
 
 
 def read_bounded(file: Path, limit: int) -> bytes:
@@ -57,4 +60,23 @@ def write_private(path: Path, data: bytes) -> None:
         raise
 
 
-__all__ = ["private_folder", "read_bounded", "write_private"]
+def load_or_make_key(path: Path, *, what: str = "key") -> bytes:
+    """The 32-byte key kept as hex in ``path``; a missing file is made (mode 600) with a
+    new random key. Two processes making it at once agree: the second reads the first's."""
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_or_make_key(path, what=what)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key.hex())
+        return key
+    except ValueError:
+        raise ConfigError(f"{what} file is not hex", location=str(path)) from None
+
+
+__all__ = ["load_or_make_key", "private_folder", "read_bounded", "write_private"]

@@ -97,7 +97,7 @@ def make_site(root: Path, *, fast_retries: bool = False) -> Site:
         text = hospital.read_text(encoding="utf-8")
         text = text.replace(
             'purpose = "HPAYMT"\n',
-            'purpose = "HPAYMT"\nmax_attempts = 2\nretry_base_seconds = 0.05\n'
+            'purpose = "HPAYMT"\ngive_up_after = "1s"\nretry_base_seconds = 0.05\n'
             "retry_cap_seconds = 0.1\nrequest_timeout_seconds = 2\n",
         )
         hospital.write_text(text, encoding="utf-8")

@@ -28,13 +28,14 @@ def records() -> list[dict[str, Any]]:
     return inpatient_records(12, seed=23)
 
 
-def fast_retries(config_file: Path, *, max_attempts: int = 8) -> None:
+def fast_retries(config_file: Path, *, give_up_after: str = "72h") -> None:
     """Make the hospital's link retry quickly so outages can be tested in seconds."""
     text = config_file.read_text(encoding="utf-8")
     text = text.replace(
         'purpose = "HPAYMT"\n',
         'purpose = "HPAYMT"\nretry_base_seconds = 0.05\nretry_cap_seconds = 0.2\n'
-        f"max_attempts = {max_attempts}\nrequest_timeout_seconds = 2\n",
+        f'probe_cap_seconds = 0.2\ngive_up_after = "{give_up_after}"\n'
+        "request_timeout_seconds = 2\n",
         1,
     )
     config_file.write_text(text, encoding="utf-8")
@@ -65,7 +66,7 @@ def inbox_ids(store: Path) -> list[str]:
 
 async def test_claims_survive_an_insurer_outage(tmp_path: Path, records: list) -> None:
     hospital_cfg, insurer_cfg = make_workdir(tmp_path)
-    fast_retries(hospital_cfg, max_attempts=1000)
+    fast_retries(hospital_cfg)
     hospital = BridgeService(Controller(load_config(hospital_cfg)), poll_interval=0.05)
     await hospital.start()
     insurer: BridgeService | None = None
@@ -95,7 +96,7 @@ async def test_retries_end_in_dead_letter_and_requeue_delivers(
     tmp_path: Path, records: list
 ) -> None:
     hospital_cfg, insurer_cfg = make_workdir(tmp_path)
-    fast_retries(hospital_cfg, max_attempts=3)
+    fast_retries(hospital_cfg, give_up_after="1s")
     hospital = BridgeService(Controller(load_config(hospital_cfg)), poll_interval=0.05)
     await hospital.start()
     insurer: BridgeService | None = None
@@ -106,7 +107,8 @@ async def test_retries_end_in_dead_letter_and_requeue_delivers(
         states = await wait_states(hospital, [mid])
         assert states[mid] == "dead"
         row = await hospital.controller.db.get_outbox(mid)
-        assert row.attempts == 3 and row.last_error == "transport-error"
+        assert row.last_error == "gave-up:transport-error"
+        assert row.last_answer == "no answer: partner unreachable: ClientConnectorError"
 
         insurer = BridgeService(Controller(load_config(insurer_cfg)), poll_interval=0.05)
         await insurer.start()

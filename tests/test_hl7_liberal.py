@@ -51,3 +51,25 @@ async def test_unread_fields_are_warnings_and_read_fields_are_strict(tmp_path: P
         assert "Bundle" not in ack.decode()
     finally:
         await pair.stop()
+
+
+async def test_a_message_not_meant_for_production_is_refused_and_not_kept(
+        tmp_path: Path) -> None:
+    """MSH-11 (table 0103) says whether a message is production data. A training (T) or
+    debugging (D) message from an HIS test environment must never become a claim: it is
+    refused with AR, 202 at MSH-11, and nothing of it is stored."""
+    pair = await start_intake_pair(tmp_path, tls=False)
+    try:
+        visit = InpatientVisit()
+        store = pair.hospital.controller.store
+        for mode, cid in ((b"T", b"T-1"), (b"D", b"D-1"), (b"", b"E-1"), (b"X^T", b"X-1")):
+            message = visit.a01(cid.decode()).replace(b"|" + cid + b"|P|2.5|",
+                                                      b"|" + cid + b"|" + mode + b"|2.5|")
+            [ack] = await pair.send([message])
+            [err] = _segments(ack, "ERR")
+            assert (msa(ack)[1], err[2], err[3].split("^")[0]) == ("AR", "MSH^1^11^1", "202")
+        assert store.hl7_count() == 0 and intake_db.list_records(store) == []
+        [ack] = await pair.send([visit.a01()])  # the production message is taken
+        assert msa(ack)[1] == "AA"
+    finally:
+        await pair.stop()

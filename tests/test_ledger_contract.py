@@ -300,8 +300,34 @@ def test_expired_lease_recovers_crashed_sending_row(store: Store) -> None:
     store.claim_due("a-to-b", now=T0, lease=timedelta(seconds=30))
     assert store.claim_due("a-to-b", now=T0 + timedelta(seconds=29)) == []
     rows = store.claim_due("a-to-b", now=T0 + timedelta(seconds=30))
-    assert [(r.message_id, r.state, r.attempts) for r in rows] == [
-        ("m1", "sending", 2), ("m2", "sending", 2)]
+    # Taking over a crashed sender's lease is not an attempt (nothing failed), but the
+    # crashed sender may have sent the claim: its fate is unknown from now on.
+    assert [(r.message_id, r.state, r.attempts, r.fate_unknown) for r in rows] == [
+        ("m1", "sending", 1, True), ("m2", "sending", 1, True)]
+
+
+def test_crashes_do_not_spend_attempts_and_unknown_fate_is_kept_until_settled(
+        store: Store) -> None:
+    enqueue(store, "m1")
+    t = T0
+    for _crash in range(5):
+        [row] = store.claim_due("a-to-b", now=t, lease=timedelta(seconds=30))
+        t += timedelta(seconds=30)
+    assert row.attempts == 1 and row.fate_unknown
+    row = store.mark_retry("m1", next_attempt=t, error="transport-error", now=t, audit=None,
+                           answer="HTTP 503")
+    # A later answer that says nothing about the first send does not settle its fate.
+    assert row.fate_unknown and row.last_answer == "HTTP 503" and row.attempts == 1
+    [row] = store.claim_due("a-to-b", now=t)
+    assert row.attempts == 2
+    row = store.mark_dead("m1", error="gave-up", now=t, answer="no answer: refused",
+                          audit=rec("claim.dead", "m1", t, outcome="failure"))
+    assert (row.state, row.last_error, row.last_answer) == ("dead", "gave-up",
+                                                             "no answer: refused")
+    later = t + timedelta(hours=1)
+    row = store.requeue("m1", now=later, audit=rec("claim.requeue", "m1", later))
+    assert row.since == later and row.pending_since == later and row.created == T0
+    assert store.get_outbox("m1") == row
 
 
 def test_expired_leases_and_due_retries_are_claimed_together_in_seq_order(store: Store) -> None:
@@ -368,6 +394,44 @@ def test_failing_receipt_leaves_nothing_written(store: Store) -> None:
                                 payload=b"x", audit=rec("message.receive", "urn:uuid:9"),
                                 make_receipt=lambda e: b"ok", now=T0)
     assert row.audit_seq == head[0] + 1 and store.verify_audit().ok
+
+
+def test_inbox_accept_many_answers_each_request_as_inbox_accept_would(store: Store) -> None:
+    """One transaction for a group of received messages; each is judged on its own: a
+    conflict, a failing receipt or a failing hand-off hook undoes that message only
+    (its audit entry too), and the chain stays whole."""
+    store.inbox_accept(sender="hospital-a", message_id="urn:uuid:1", digest="d1", payload=b"1",
+                       audit=rec("message.receive", "urn:uuid:1"),
+                       make_receipt=lambda e: f"r{e.seq}".encode(), now=T0)
+
+    def boom(entry: AuditEntry) -> bytes:
+        raise RuntimeError("signing key unavailable")
+
+    def hook_fails(tx: Any, row: Any) -> None:
+        tx.append_audit(rec("handoff.queue", row.message_id))
+        raise ValueError("hand-off queue refused it")
+
+    def req(mid: str, dig: str, **kw: Any) -> dict[str, Any]:
+        return {"sender": "hospital-a", "message_id": mid, "digest": dig,
+                "payload": dig.encode(), "audit": rec("message.receive", mid),
+                "make_receipt": lambda e: f"r{e.seq}".encode(), "now": T0, **kw}
+
+    answers = store.inbox_accept_many([
+        req("urn:uuid:2", "d2"), req("urn:uuid:1", "changed"), req("urn:uuid:3", "d3",
+                                                                   make_receipt=boom),
+        req("urn:uuid:1", "d1"), req("urn:uuid:4", "d4", within=hook_fails),
+        req("urn:uuid:5", "d5"),
+    ])
+    kinds = [type(a).__name__ for a in answers]
+    assert kinds == ["tuple", "ConflictError", "RuntimeError", "tuple", "ValueError", "tuple"]
+    new2, dup1, new5 = (a for a in answers if isinstance(a, tuple))
+    assert new2[1] and not dup1[1] and new5[1]
+    assert (new2[0].audit_seq, new2[0].receipt, new5[0].audit_seq, new5[0].receipt) == (
+        2, b"r2", 3, b"r3")  # the undone ones used no audit entry
+    assert store.inbox_count() == 3 and store.inbox_lookup("hospital-a", "urn:uuid:4") is None
+    assert [e.record.subject for e in store.audit_entries()] == [
+        "urn:uuid:1", "urn:uuid:2", "urn:uuid:5"]
+    assert store.verify_audit().ok
 
 
 def _hl7_accept(store: Store, message: bytes = HL7, record: bytes | None = b'{"dataset":"x"}',

@@ -68,3 +68,40 @@ async def test_a_failing_group_fails_every_caller_in_it(tmp_path: Path) -> None:
         assert all(isinstance(a, Exception) for a in answers)
     finally:
         db._executor.shutdown(wait=True)
+
+
+async def test_concurrent_accepts_share_transactions_and_keep_their_own_answers(
+    tmp_path: Path,
+) -> None:
+    sync = SQLiteStore(tmp_path / "s.sqlite")
+    groups: list[int] = []
+    original = sync.inbox_accept_many
+
+    def counting(requests):  # type: ignore[no-untyped-def]
+        groups.append(len(requests))
+        return original(requests)
+
+    sync.inbox_accept_many = counting  # type: ignore[method-assign]
+    db = AsyncStore(sync)
+
+    def accept(mid: str, digest: str) -> object:
+        return db.inbox_accept(
+            sender="hospital-a", message_id=mid, digest=digest, payload=digest.encode(),
+            audit=AuditRecord(time=T0, actor="insurer-b", action="message.receive",
+                              subject=mid),
+            make_receipt=lambda e: f"receipt {e.seq}".encode(), now=T0)
+
+    try:
+        await accept("m0", "d0")
+        calls = [accept(f"m{i}", f"d{i}") for i in range(1, 41)]
+        calls.append(accept("m0", "other"))  # the identity again with other content
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(answers[-1], ConflictError)
+        rows = [a for a in answers[:-1] if isinstance(a, tuple)]
+        assert len(rows) == 40 and all(created for _, created in rows)
+        assert sorted(row.audit_seq for row, _ in rows) == list(range(2, 42))
+        assert all(row.receipt == f"receipt {row.audit_seq}".encode() for row, _ in rows)
+        assert sum(groups) == 42 and len(groups) < 42  # committed together
+        assert (await db.verify_audit()).ok and await db.inbox_count() == 41
+    finally:
+        db.close()

@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.errors import ConfigError, ReplayError, SignatureError
 from bridge.trust.jws import (
@@ -340,3 +342,40 @@ def test_large_bundle_signs_and_verifies(pki: DevPKI, keyring: KeyRing) -> None:
     )
     assert len(orjson.dumps(big)) > 300_000
     verify(wire(big), keyring)
+
+
+_JSON_SCALARS = (
+    st.none() | st.booleans()
+    | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | st.integers(min_value=2**53, max_value=2**64) | st.integers(max_value=-(2**53))
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([0.0, -0.0, 6600.0, 1e-5, 9.99e-6, 1e15, 1e16, 1e21, 1e-7, 250.1, 5e-324])
+    | st.text(alphabet=st.characters(codec="utf-8"), max_size=8)
+    | st.sampled_from(["\ue000", "\U0001f600", "a\u0007\"\\/", "\x7f", "张三"])
+)
+_JSON_VALUES = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(alphabet=st.characters(codec="utf-8"), max_size=4)
+        | st.sampled_from(["\ue000", "\U0001f600", "z", "\uffff", "resourceType"]),
+        inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400)
+@given(_JSON_VALUES)
+def test_canonical_json_is_rfc8785_for_any_json_value(value: Any) -> None:
+    """The fast path (orjson) and RFC 8785 itself agree on every value: the same bytes,
+    or both refuse it."""
+    import rfc8785
+
+    try:
+        expected: bytes | None = bytes(rfc8785.dumps(value))
+    except (rfc8785.CanonicalizationError, TypeError, ValueError):
+        expected = None
+    if expected is None:
+        with pytest.raises(SignatureError):
+            canonical_json(value)
+    else:
+        assert canonical_json(value) == expected

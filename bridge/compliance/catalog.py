@@ -209,6 +209,21 @@ def _t17(f: Facts) -> Assessment:
     return "met", "profiles are checked on receipt; " + why
 
 
+def _u13(f: Facts) -> Assessment:
+    from bridge.errors import BridgeError
+    from bridge.link.intake import site_reader
+
+    try:
+        paths = site_reader(f.config).biometric_paths
+    except BridgeError as exc:
+        return "not met", f"the mapping files in effect do not load: {exc.location}"
+    if not paths:
+        return "not applicable", ("no mapping in effect marks a biometric element (WS 445"
+                                  " defines none); a site overlay marks one biometric: true")
+    return "met", ("replaced by HMAC-SHA-256 digests (intake.biometric_key_file) before any"
+                   " store or link sees them: " + ", ".join(p.text for p in paths))
+
+
 def _t19(f: Facts) -> Assessment:
     encryption = getattr(f.config.store, "encryption", None)
     if encryption is not None:
@@ -216,6 +231,15 @@ def _t19(f: Facts) -> Assessment:
     if f.has_module("bridge.ledger.keys"):
         return "partial", "mutual TLS in transit; no store.encryption key configured"
     return "partial", "mutual TLS in transit; the store is not encrypted"
+
+
+def _t20(f: Facts) -> Assessment:
+    chosen = [f"{link.id}: {link.signature_algorithm}" for link in f.config.links
+              if link.signature_algorithm is not None]
+    links = "; ".join(chosen) if chosen else "every link: the algorithm of [signing]'s key"
+    return "not met", ("no SM2 signer or TLCP (GB/T 38636) suite is available to the stack;"
+                       " signatures use the algorithm chosen per link (" + links + "), and"
+                       " the verifier accepts only those, so an SM2 signer plugs in by name")
 
 
 def _research(what: str) -> Callable[[Facts], Assessment]:
@@ -292,9 +316,8 @@ ITEMS: tuple[Item, ...] = (
          "partner jurisdiction declared; sending abroad refused without an approval", _u12),
     Item("U13", 4163, "生物识别信息的存储是否经过了处理，例如只存储了摘要？",
          "biometric data stored only as digests",
-         "none: no mapped data set (WS 445) carries a biometric element",
-         _always("not applicable", "no mapped data set carries a biometric element; a mapping"
-                 " cannot yet mark one")),
+         "elements a mapping marks biometric: true are replaced by a keyed digest before"
+         " the message is stored, mapped or sent", _u13),
     Item("U14", 4165, "健康医疗数据的传输是否进行了加密处理？",
          "transmission encrypted",
          "mutual TLS on every listener that carries health data",
@@ -369,9 +392,8 @@ ITEMS: tuple[Item, ...] = (
          "mutual TLS; AES-256-GCM encryption at rest", _t19),
     Item("T20", 4272, "密码技术使用是否符合国家密码管理相关要求？",
          "cryptography meets national requirements",
-         "none yet: see the README's national cryptography section",
-         _always("not met", "SM2 signatures and TLCP (GB/T 38636) are not offered by the stack;"
-                 " the signature algorithm is pluggable for when they are")),
+         "signature algorithms registered by JWS alg, chosen per link, verified against the"
+         " link's choice; SM2 and TLCP not offered (README: National cryptography)", _t20),
     Item("D1", 4280, "去标识化数据是否只应用于受控公开共享或领地公开共享？",
          "de-identified data only in controlled or enclave sharing",
          "research profile on a mutual-TLS link bound to an agreement", _d2),

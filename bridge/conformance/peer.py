@@ -177,6 +177,18 @@ class PeerConnection:
         cert = self._conn.get_peer_certificate(as_cryptography=True)
         return cert
 
+    def renegotiate(self) -> bool:
+        """Ask for a TLS 1.2 renegotiation; True when the server completed one."""
+        deadline = time.monotonic() + self.timeout
+        if not self._conn.renegotiate():
+            return False
+        try:
+            self._io(self._conn.do_handshake, deadline=deadline)
+            self.send_raw(b"")
+        except (SSL.Error, OSError, TLSRefused, ConnectionClosed):
+            return False
+        return bool(self._conn.total_renegotiations())
+
     # --- I/O -----------------------------------------------------------------------
 
     def _io(self, fn: Any, *args: Any, deadline: float) -> Any:
@@ -210,6 +222,8 @@ class PeerConnection:
             chunk = b""
         except SSL.Error as exc:
             raise _refusal(exc) from None
+        except TimeoutError:
+            raise  # nothing arrived in time: not a close (TimeoutError is an OSError)
         except OSError:
             chunk = b""
         if not chunk:

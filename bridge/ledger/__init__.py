@@ -75,6 +75,8 @@ class Store(Protocol):
         error: str,
         now: datetime,
         audit: AuditRecord | None,
+        fate_unknown: bool = False,
+        answer: str | None = None,
     ) -> OutboxRow: ...
     def mark_rejected(
         self,
@@ -89,7 +91,13 @@ class Store(Protocol):
         self, message_id: str, *, error: str, now: datetime, audit: AuditRecord
     ) -> OutboxRow: ...
     def mark_dead(
-        self, message_id: str, *, error: str, now: datetime, audit: AuditRecord
+        self,
+        message_id: str,
+        *,
+        error: str,
+        now: datetime,
+        audit: AuditRecord,
+        answer: str | None = None,
     ) -> OutboxRow: ...
     def requeue(self, message_id: str, *, now: datetime, audit: AuditRecord) -> OutboxRow: ...
     def get_outbox(self, message_id: str) -> OutboxRow | None: ...

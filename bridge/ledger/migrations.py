@@ -195,8 +195,25 @@ CREATE INDEX IF NOT EXISTS handoff_line ON handoff (destination, state, sender, 
 CREATE INDEX IF NOT EXISTS handoff_claim ON handoff (sender, message_id);
 """,
     ),
-    # Record pull: the records store, review items, pages received (bridge.ledger.records).
-    # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
+    # Token buckets shared by every process of a store (bridge.ledger.ratelimit): a
+    # partner's request rate is limited across processes, not per process.
+    Migration(
+        name="0860-rate-buckets",
+        sqlite="""
+CREATE TABLE IF NOT EXISTS rate_bucket (
+    bucket  TEXT PRIMARY KEY,
+    tokens  REAL NOT NULL,
+    stamp   REAL NOT NULL
+);
+""",
+        postgres="""
+CREATE TABLE IF NOT EXISTS rate_bucket (
+    bucket  TEXT PRIMARY KEY,
+    tokens  DOUBLE PRECISION NOT NULL,
+    stamp   DOUBLE PRECISION NOT NULL
+);
+""",
+    ),
     # One patient across identifiers: pairs of patient pseudonyms the hospital's own
     # records state belong to one person (bridge.ledger.identity). Append-only, so every
     # process can follow the links by sequence number.
@@ -213,6 +230,50 @@ CREATE TABLE IF NOT EXISTS patient_link (
 CREATE INDEX IF NOT EXISTS patient_link_b ON patient_link (b);
 """,
     ),
+    # Delivery outcomes: whether a claim may have reached the partner without an answer
+    # (its fate is unknown, so it is never given up), what the partner last answered,
+    # and when the give-up clock started (enqueue, or the last requeue).
+    Migration(
+        name="1000-delivery-outcome",
+        sqlite="""
+ALTER TABLE outbox ADD COLUMN fate_unknown INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN last_answer TEXT;
+ALTER TABLE outbox ADD COLUMN since TEXT;
+""",
+        postgres="""
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS fate_unknown INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS last_answer TEXT;
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS since TIMESTAMPTZ;
+""",
+    ),
+    # Sync tracking: the sequence numbers each sender's streams carried into this inbox
+    # (gaps show what never arrived), and per outbound link the partner's last signed
+    # summary of what it holds (bridge.ledger.sync).
+    Migration(
+        name="1001-sync",
+        ddl="""
+CREATE TABLE IF NOT EXISTS sync_inbound (
+    sender      TEXT NOT NULL,
+    stream      TEXT NOT NULL,
+    seq         {bigint} NOT NULL,
+    message_id  TEXT NOT NULL,
+    received    TEXT NOT NULL,
+    PRIMARY KEY (sender, stream, seq)
+);
+CREATE TABLE IF NOT EXISTS sync_outbound (
+    link           TEXT PRIMARY KEY,
+    confirmed_seq  {bigint} NOT NULL,
+    checked        TEXT NOT NULL,
+    compared       {bigint} NOT NULL,
+    missing        {bigint} NOT NULL,
+    resent         {bigint} NOT NULL,
+    mismatched     {bigint} NOT NULL,
+    detail         TEXT
+);
+""",
+    ),
+    # Record pull: the records store, review items, pages received (bridge.ledger.records).
+    # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
     Migration(
         name="1300-pull-records",
         ddl="""

@@ -247,6 +247,7 @@ _OUTBOX_COLS = (
     "message_id, link, seq, partner, payload, digest, state, attempts, next_attempt,"
     " lease_until, last_error, receipt, created, updated"
 )
+_OUTBOX_READ = _OUTBOX_COLS + ", fate_unknown, last_answer, since"
 _INBOX_COLS = "sender, message_id, digest, payload, receipt, audit_seq, received"
 _HL7_COLS = "sender, control_id, digest, message, record, ack, audit_seq, received"
 _AUDIT_COLS = (
@@ -289,6 +290,8 @@ def _outbox_row(r: tuple[Any, ...]) -> OutboxRow:
         digest=r[5], state=OutboxState(r[6]), attempts=int(r[7]), next_attempt=_utc(r[8]),
         lease_until=_utc(r[9]) if r[9] is not None else None, last_error=r[10],
         receipt=_opt_bytes(r[11]), created=_utc(r[12]), updated=_utc(r[13]),
+        fate_unknown=bool(r[14]), last_answer=r[15],
+        since=_utc(r[16]) if r[16] is not None else None,
     )
 
 
@@ -539,7 +542,7 @@ class PostgresStore:
     def _get_outbox(conn: psycopg.Connection[Any], message_id: str, *,
                     for_update: bool = False) -> OutboxRow | None:
         lock = " FOR UPDATE" if for_update else ""
-        r = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE message_id=%s{lock}",
+        r = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE message_id=%s{lock}",
                          (message_id,)).fetchone()
         return _outbox_row(r) if r is not None else None
 
@@ -576,7 +579,7 @@ class PostgresStore:
                 sql.SQL("{}=%s").format(sql.Identifier(c)) for c in cols)
             r = conn.execute(
                 sql.SQL("UPDATE outbox SET {} WHERE message_id=%s RETURNING {}").format(
-                    assignments, sql.SQL(_OUTBOX_COLS)),
+                    assignments, sql.SQL(_OUTBOX_READ)),
                 (*cols.values(), message_id)).fetchone()
             assert r is not None
             if audit is not None:
@@ -630,7 +633,7 @@ class PostgresStore:
                         " SELECT %(mid)s, %(link)s, counter.last_seq, %(partner)s, %(payload)s,"
                         "  %(digest)s, 'queued', 0, %(now)s, NULL, NULL, NULL, %(now)s, %(now)s"
                         " FROM counter"
-                        f" ON CONFLICT (message_id) DO NOTHING RETURNING {_OUTBOX_COLS}",
+                        f" ON CONFLICT (message_id) DO NOTHING RETURNING {_OUTBOX_READ}",
                         {"mid": message_id, "link": link, "partner": partner,
                          "payload": payload, "digest": digest, "now": now},
                     ).fetchone()
@@ -670,7 +673,9 @@ class PostgresStore:
 
         Due means ``queued`` with ``next_attempt <= now``, or ``sending`` with an expired
         lease (its worker crashed or hung: crash recovery). Each claimed row becomes
-        ``sending`` with ``attempts + 1`` and ``lease_until = now + lease``. Rows that
+        ``sending`` with ``lease_until = now + lease``; a claim of a ``queued`` row is an
+        attempt (``attempts + 1``), taking over an expired lease is not but makes the
+        row's fate unknown (see :class:`SQLiteStore`). Rows that
         another process is claiming at this moment are skipped, never waited for nor
         taken twice. The claim is not audited (see :class:`SQLiteStore`).
         """
@@ -684,10 +689,12 @@ class PostgresStore:
                 "     AND ((state='queued' AND next_attempt<=%(now)s)"
                 "       OR (state='sending' AND lease_until<=%(now)s))"
                 "   ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-                " UPDATE outbox AS o SET state='sending', attempts=o.attempts+1,"
+                " UPDATE outbox AS o SET state='sending',"
+                "   attempts=o.attempts + CASE WHEN o.state='queued' THEN 1 ELSE 0 END,"
+                "   fate_unknown=CASE WHEN o.state='sending' THEN 1 ELSE o.fate_unknown END,"
                 "   lease_until=%(until)s, updated=%(now)s, claimed_by=%(worker)s"
                 "  FROM due WHERE o.message_id=due.message_id"
-                f" RETURNING {', '.join('o.' + c.strip() for c in _OUTBOX_COLS.split(','))}",
+                f" RETURNING {', '.join('o.' + c.strip() for c in _OUTBOX_READ.split(','))}",
                 {"link": link, "now": now, "limit": limit, "until": until,
                  "worker": self.worker_id}).fetchall()
             return sorted((_outbox_row(r) for r in rows), key=lambda row: row.seq)
@@ -700,17 +707,22 @@ class PostgresStore:
                                 sets={"receipt": receipt, "lease_until": None})
 
     def mark_retry(self, message_id: str, *, next_attempt: datetime, error: str, now: datetime,
-                   audit: AuditRecord | None) -> OutboxRow:
+                   audit: AuditRecord | None, fate_unknown: bool = False,
+                   answer: str | None = None) -> OutboxRow:
         """A transient failure: ``sending -> queued``, due again at ``next_attempt``.
 
         ``error`` is an error code (no values). ``audit`` may be None to keep routine
-        retries out of the log.
+        retries out of the log. ``fate_unknown`` and ``answer`` as in :class:`SQLiteStore`.
         """
         _require_aware(next_attempt, "next_attempt")
+        sets: dict[str, Any] = {"next_attempt": next_attempt, "last_error": error,
+                                "lease_until": None}
+        if fate_unknown:
+            sets["fate_unknown"] = 1
+        if answer is not None:
+            sets["last_answer"] = answer
         return self._transition("mark_retry", message_id, OutboxState.QUEUED,
-                                allowed_from=_SENDING, now=now, audit=audit,
-                                sets={"next_attempt": next_attempt, "last_error": error,
-                                      "lease_until": None})
+                                allowed_from=_SENDING, now=now, audit=audit, sets=sets)
 
     def mark_rejected(self, message_id: str, *, error: str, receipt: bytes | None, now: datetime,
                       audit: AuditRecord) -> OutboxRow:
@@ -728,11 +740,13 @@ class PostgresStore:
                                 sets={"last_error": error, "lease_until": None})
 
     def mark_dead(self, message_id: str, *, error: str, now: datetime,
-                  audit: AuditRecord) -> OutboxRow:
-        """Retries exhausted: ``sending -> dead``; waits for an operator's requeue."""
+                  audit: AuditRecord, answer: str | None = None) -> OutboxRow:
+        """Given up: ``sending -> dead``; waits for an operator's requeue."""
+        sets: dict[str, Any] = {"last_error": error, "lease_until": None}
+        if answer is not None:
+            sets["last_answer"] = answer
         return self._transition("mark_dead", message_id, OutboxState.DEAD,
-                                allowed_from=_SENDING, now=now, audit=audit,
-                                sets={"last_error": error, "lease_until": None})
+                                allowed_from=_SENDING, now=now, audit=audit, sets=sets)
 
     def requeue(self, message_id: str, *, now: datetime, audit: AuditRecord) -> OutboxRow:
         """Operator's resend of a ``dead`` or ``rejected`` message: back to ``queued``, due now.
@@ -741,7 +755,8 @@ class PostgresStore:
         """
         return self._transition("requeue", message_id, OutboxState.QUEUED, now=now,
                                 audit=audit, allowed_from=REQUEUEABLE,
-                                sets={"next_attempt": now, "attempts": 0, "lease_until": None})
+                                sets={"next_attempt": now, "attempts": 0, "lease_until": None,
+                                      "since": now})
 
     def get_outbox(self, message_id: str) -> OutboxRow | None:
         """The outbox row for ``message_id``, or None."""
@@ -765,10 +780,10 @@ class PostgresStore:
         """Rows of ``link`` in seq order, optionally only those in ``state``."""
         with self._read("list_outbox") as conn:
             if state is None:
-                cur = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE link=%s"
+                cur = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE link=%s"
                                    " ORDER BY seq LIMIT %s", (link, limit))
             else:
-                cur = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE link=%s"
+                cur = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE link=%s"
                                    " AND state=%s ORDER BY seq LIMIT %s",
                                    (link, OutboxState(state).value, limit))
             return [_outbox_row(r) for r in cur]
@@ -875,6 +890,24 @@ class PostgresStore:
                 continue
         raise StoreError("inbox_accept kept racing with concurrent writers",
                          location=f"inbox[{sender}/{message_id}]")
+
+    def inbox_accept_many(
+        self, requests: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[InboxRow, bool] | Exception]:
+        """Several :meth:`inbox_accept` calls, answered in order (the answer or the
+        exception that request would have raised).
+
+        On PostgreSQL each accept keeps its own transaction, as enqueues do: the chain
+        lock and the race handling with other processes are per message, and a commit
+        costs little next to SQLite's flush.
+        """
+        results: list[tuple[InboxRow, bool] | Exception] = []
+        for request in requests:
+            try:
+                results.append(self.inbox_accept(**request))
+            except Exception as exc:  # noqa: BLE001 - that request's own answer
+                results.append(exc)
+        return results
 
     # --- HL7 v2 inbox ---------------------------------------------------------------
 

@@ -163,6 +163,19 @@ class OutboxRow:
     receipt: bytes | None
     created: datetime
     updated: datetime
+    #: The claim may have reached the partner without an answer (a send cut or timed
+    #: out after the request went out, or a lease taken over from a crashed sender).
+    #: Such a claim is never given up: only the partner's answer settles it.
+    fate_unknown: bool = False
+    #: What the partner last answered (``HTTP 503``, ``no answer: ...``); codes, no values.
+    last_answer: str | None = None
+    #: When the give-up clock started: the last requeue, or None for the enqueue.
+    since: datetime | None = None
+
+    @property
+    def pending_since(self) -> datetime:
+        """When the current delivery effort began (enqueue, or the last requeue)."""
+        return self.since if self.since is not None else self.created
 
 
 @dataclass(frozen=True)
@@ -212,6 +225,8 @@ _OUTBOX_COLS = (
     "message_id, link, seq, partner, payload, digest, state, attempts, next_attempt,"
     " lease_until, last_error, receipt, created, updated"
 )
+#: What a row is read with: the columns written at enqueue and those added since.
+_OUTBOX_READ = _OUTBOX_COLS + ", fate_unknown, last_answer, since"
 _INBOX_COLS = "sender, message_id, digest, payload, receipt, audit_seq, received"
 _HL7_COLS = "sender, control_id, digest, message, record, ack, audit_seq, received"
 _AUDIT_COLS = (
@@ -228,6 +243,8 @@ def _outbox_row(r: tuple[Any, ...]) -> OutboxRow:
         lease_until=parse_time(r[9]) if r[9] is not None else None,
         last_error=r[10], receipt=bytes(r[11]) if r[11] is not None else None,
         created=parse_time(r[12]), updated=parse_time(r[13]),
+        fate_unknown=bool(r[14]), last_answer=r[15],
+        since=parse_time(r[16]) if r[16] is not None else None,
     )
 
 
@@ -439,7 +456,7 @@ class SQLiteStore:
 
     @staticmethod
     def _get_outbox(conn: sqlite3.Connection, message_id: str) -> OutboxRow | None:
-        r = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE message_id=?",
+        r = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE message_id=?",
                          (message_id,)).fetchone()
         return _outbox_row(r) if r is not None else None
 
@@ -573,9 +590,11 @@ class SQLiteStore:
 
         Due means ``queued`` with ``next_attempt <= now``, or ``sending`` with an expired
         lease (its worker crashed or hung: crash recovery). Each claimed row becomes
-        ``sending`` with ``attempts + 1`` and ``lease_until = now + lease``. The claim
-        is not audited: it is an internal lease, and the outcome of the attempt is
-        audited by the ``mark_*`` call that ends it.
+        ``sending`` with ``lease_until = now + lease``. A claim of a ``queued`` row is an
+        attempt (``attempts + 1``); taking over an expired lease is not (nothing failed,
+        a sender stopped), but the crashed sender may have sent the claim, so the row's
+        fate becomes unknown. The claim is not audited: it is an internal lease, and the
+        outcome of the attempt is audited by the ``mark_*`` call that ends it.
         """
         t = format_time(now)
         until = format_time(now + lease)
@@ -583,15 +602,20 @@ class SQLiteStore:
             # Two indexed queries rather than one with OR: the OR form makes SQLite walk
             # every row of the link, acked ones included, which grows without bound.
             due = conn.execute(
-                "SELECT seq, message_id FROM outbox WHERE link=? AND state='queued'"
+                "SELECT seq, message_id, 0 FROM outbox WHERE link=? AND state='queued'"
                 " AND next_attempt<=? ORDER BY seq LIMIT ?", (link, t, limit)).fetchall()
             due += conn.execute(
-                "SELECT seq, message_id FROM outbox WHERE link=? AND state='sending'"
+                "SELECT seq, message_id, 1 FROM outbox WHERE link=? AND state='sending'"
                 " AND lease_until<=? ORDER BY seq LIMIT ?", (link, t, limit)).fetchall()
-            ids = [m for _seq, m in sorted(due)[:limit]]
+            chosen = sorted(due)[:limit]
+            ids = [m for _seq, m, _reclaim in chosen]
             conn.executemany(
                 "UPDATE outbox SET state='sending', attempts=attempts+1, lease_until=?,"
-                " updated=? WHERE message_id=?", [(until, t, m) for m in ids])
+                " updated=? WHERE message_id=?",
+                [(until, t, m) for _seq, m, reclaim in chosen if not reclaim])
+            conn.executemany(
+                "UPDATE outbox SET lease_until=?, updated=?, fate_unknown=1 WHERE message_id=?",
+                [(until, t, m) for _seq, m, reclaim in chosen if reclaim])
             rows = [self._get_outbox(conn, m) for m in ids]
             return [r for r in rows if r is not None]
 
@@ -603,16 +627,24 @@ class SQLiteStore:
                                 sets={"receipt": receipt, "lease_until": None})
 
     def mark_retry(self, message_id: str, *, next_attempt: datetime, error: str, now: datetime,
-                   audit: AuditRecord | None) -> OutboxRow:
+                   audit: AuditRecord | None, fate_unknown: bool = False,
+                   answer: str | None = None) -> OutboxRow:
         """A transient failure: ``sending -> queued``, due again at ``next_attempt``.
 
         ``error`` is an error code (no values). ``audit`` may be None to keep routine
         retries out of the log; the final outcome is audited either way.
+        ``fate_unknown`` records that this attempt may have reached the partner (it
+        stays recorded until the claim is settled); ``answer`` is what the partner
+        answered, if anything.
         """
+        sets: dict[str, Any] = {"next_attempt": format_time(next_attempt),
+                                "last_error": error, "lease_until": None}
+        if fate_unknown:
+            sets["fate_unknown"] = 1
+        if answer is not None:
+            sets["last_answer"] = answer
         return self._transition("mark_retry", message_id, OutboxState.QUEUED,
-                                allowed_from=_SENDING, now=now, audit=audit,
-                                sets={"next_attempt": format_time(next_attempt),
-                                      "last_error": error, "lease_until": None})
+                                allowed_from=_SENDING, now=now, audit=audit, sets=sets)
 
     def mark_rejected(self, message_id: str, *, error: str, receipt: bytes | None, now: datetime,
                       audit: AuditRecord) -> OutboxRow:
@@ -630,22 +662,28 @@ class SQLiteStore:
                                 audit=audit, sets={"last_error": error, "lease_until": None})
 
     def mark_dead(self, message_id: str, *, error: str, now: datetime,
-                  audit: AuditRecord) -> OutboxRow:
-        """Retries exhausted: ``sending -> dead``; waits for an operator's requeue."""
+                  audit: AuditRecord, answer: str | None = None) -> OutboxRow:
+        """Given up: ``sending -> dead``; waits for an operator's requeue.
+
+        ``error`` is the reason (a code), ``answer`` what the partner last answered.
+        """
+        sets: dict[str, Any] = {"last_error": error, "lease_until": None}
+        if answer is not None:
+            sets["last_answer"] = answer
         return self._transition("mark_dead", message_id, OutboxState.DEAD,
-                                allowed_from=_SENDING, now=now, audit=audit,
-                                sets={"last_error": error, "lease_until": None})
+                                allowed_from=_SENDING, now=now, audit=audit, sets=sets)
 
     def requeue(self, message_id: str, *, now: datetime, audit: AuditRecord) -> OutboxRow:
         """Operator's resend of a ``dead`` or ``rejected`` message: back to ``queued``, due now.
 
         Keeps the same message id and sequence number, so the receiver deduplicates it
-        if it did in fact hold it. Attempts restart from zero.
+        if it did in fact hold it. Attempts restart from zero, and so does the give-up
+        clock (``since``).
         """
         return self._transition("requeue", message_id, OutboxState.QUEUED, now=now, audit=audit,
                                 allowed_from=REQUEUEABLE,
                                 sets={"next_attempt": format_time(now), "attempts": 0,
-                                      "lease_until": None})
+                                      "lease_until": None, "since": format_time(now)})
 
     def get_outbox(self, message_id: str) -> OutboxRow | None:
         """The outbox row for ``message_id``, or None."""
@@ -669,10 +707,10 @@ class SQLiteStore:
         """Rows of ``link`` in seq order, optionally only those in ``state``."""
         with self._read("list_outbox") as conn:
             if state is None:
-                cur = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE link=?"
+                cur = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE link=?"
                                    " ORDER BY seq LIMIT ?", (link, limit))
             else:
-                cur = conn.execute(f"SELECT {_OUTBOX_COLS} FROM outbox WHERE link=? AND state=?"
+                cur = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE link=? AND state=?"
                                    " ORDER BY seq LIMIT ?", (link, OutboxState(state).value, limit))
             return [_outbox_row(r) for r in cur]
 
@@ -737,26 +775,69 @@ class SQLiteStore:
         or, if it raises, nothing does (the hand-off queue is filled this way).
         """
         with self._tx("inbox_accept") as conn:
-            r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=? AND message_id=?",
-                             (sender, message_id)).fetchone()
-            if r is not None:
-                existing = _inbox_row(r)
-                if existing.digest != digest:
-                    raise ConflictError("message id already received with different content",
-                                        location=f"inbox[{sender}/{message_id}]")
-                return existing, False
-            entry = self._append(conn, audit)
-            receipt = make_receipt(entry)
-            conn.execute(
-                f"INSERT INTO inbox ({_INBOX_COLS}) VALUES (?,?,?,?,?,?,?)",
-                (sender, message_id, digest, payload, receipt, entry.seq, format_time(now)),
-            )
-            row = InboxRow(sender=sender, message_id=message_id, digest=digest,
-                           payload=bytes(payload), receipt=bytes(receipt), audit_seq=entry.seq,
-                           received=parse_time(format_time(now)))
-            if within is not None:
-                within(Tx(conn, dialect="sqlite", store=self, sealer=self.sealer), row)
-            return row, True
+            return self._inbox_accept_in(
+                conn, sender=sender, message_id=message_id, digest=digest, payload=payload,
+                audit=audit, make_receipt=make_receipt, now=now, within=within)
+
+    def inbox_accept_many(
+        self, requests: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[InboxRow, bool] | Exception]:
+        """Several :meth:`inbox_accept` calls in one synced transaction (group commit).
+
+        Each request holds the keyword arguments of :meth:`inbox_accept` and is judged
+        on its own, exactly as :meth:`inbox_accept` would judge it: a conflict, or a
+        ``make_receipt`` or ``within`` that raises, undoes that request only (its audit
+        entry too, through a savepoint) and its answer is that exception. Answers come
+        back in order. One disk flush covers the group; a failure of the store itself
+        fails the whole group, and nothing of it is kept.
+        """
+        results: list[tuple[InboxRow, bool] | Exception] = []
+        with self._tx("inbox_accept_many") as conn:
+            for i, request in enumerate(requests):
+                conn.execute(f"SAVEPOINT accept_{i}")
+                try:
+                    results.append(self._inbox_accept_in(conn, **request))
+                except sqlite3.Error:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - that request's own answer
+                    conn.execute(f"ROLLBACK TO accept_{i}")
+                    results.append(exc)
+                conn.execute(f"RELEASE accept_{i}")
+        return results
+
+    def _inbox_accept_in(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        sender: str,
+        message_id: str,
+        digest: str,
+        payload: bytes,
+        audit: AuditRecord,
+        make_receipt: Callable[[AuditEntry], bytes],
+        now: datetime,
+        within: Callable[[Tx, InboxRow], None] | None = None,
+    ) -> tuple[InboxRow, bool]:
+        r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=? AND message_id=?",
+                         (sender, message_id)).fetchone()
+        if r is not None:
+            existing = _inbox_row(r)
+            if existing.digest != digest:
+                raise ConflictError("message id already received with different content",
+                                    location=f"inbox[{sender}/{message_id}]")
+            return existing, False
+        entry = self._append(conn, audit)
+        receipt = make_receipt(entry)
+        conn.execute(
+            f"INSERT INTO inbox ({_INBOX_COLS}) VALUES (?,?,?,?,?,?,?)",
+            (sender, message_id, digest, payload, receipt, entry.seq, format_time(now)),
+        )
+        row = InboxRow(sender=sender, message_id=message_id, digest=digest,
+                       payload=bytes(payload), receipt=bytes(receipt), audit_seq=entry.seq,
+                       received=parse_time(format_time(now)))
+        if within is not None:
+            within(Tx(conn, dialect="sqlite", store=self, sealer=self.sealer), row)
+        return row, True
 
     # --- HL7 v2 inbox ---------------------------------------------------------------
 

@@ -12,7 +12,8 @@ Invariants the table enforces (each is relied on by the dispatcher and the store
 3. ``acked`` is final. A receipt is the partner's signed word that it holds the
    message; nothing can make that untrue, so no transition leaves ``acked``.
 4. ``rejected`` (a definitive refusal by the partner) is never retried
-   automatically; ``dead`` (retries exhausted) neither. Both leave only through a
+   automatically; ``dead`` (given up after the link's ``give_up_after``, see
+   :func:`should_give_up`) neither. Both leave only through a
    deliberate ``requeue`` by an operator, back to ``queued``.
 5. ``refused`` means our own consent check said no at dispatch (the consent was
    revoked while the message waited). It is reachable from ``queued`` (a sweep on
@@ -61,7 +62,7 @@ TRANSITIONS: dict[tuple[OutboxState, OutboxState], str] = {
     (S, A): "receipt received",
     (S, Q): "transient failure, retry later",
     (S, R): "partner rejected definitively",
-    (S, D): "retry limit reached",
+    (S, D): "given up: pending longer than give_up_after, fate known",
     (S, F): "consent revoked at dispatch",
     (Q, F): "consent revoked while queued",
     (R, Q): "manual requeue",
@@ -136,3 +137,23 @@ def next_attempt(
         raise ValueError("now must be timezone-aware")
     ceiling = backoff_ceiling(attempts, base=base, cap=cap)
     return now + timedelta(seconds=rng.random() * ceiling)
+
+
+def should_give_up(
+    *,
+    pending_since: datetime,
+    now: datetime,
+    give_up_after: timedelta,
+    fate_unknown: bool,
+) -> bool:
+    """Whether a claim that just failed again is dead-lettered (``sending -> dead``).
+
+    Only time decides, never a count of attempts: crashes and outages spend attempts
+    without saying anything about the claim. And never a claim whose fate is unknown
+    (it may have reached the partner without an answer): recording it as dead could
+    contradict a receipt the partner has signed, so it is resent, at the link's pace,
+    until the partner answers.
+    """
+    if fate_unknown:
+        return False
+    return now - pending_since >= give_up_after

@@ -7,10 +7,18 @@ anything is retried:
 
 * a definitive rejection (4xx other than 408/409/429) is recorded and never retried;
 * a transient failure (connection refused or reset, timeout, 408, 409, 429, 5xx) is
-  retried a few times at once with tenacity, then rescheduled in the outbox with
-  exponential backoff and jitter, until the link's attempt limit sends it to dead;
+  retried a few times at once with tenacity, then rescheduled in the outbox;
 * a certificate problem (our certificate refused, theirs not trusted) is a
   configuration fault, not a blip: the link pauses and an operator is told.
+
+Whether the partner is up is the link's business, not each claim's: transient
+failures of the link open its circuit (:mod:`bridge.link.circuit`), which then lets one
+probe through at a time with capped exponential backoff (and no sooner than a
+``Retry-After`` the partner sent); the probe's success closes it and makes the whole
+backlog due at once. A claim is given up (``dead``) only when it has been pending for
+the link's ``give_up_after``, never by a count of attempts, and never while its fate is
+unknown: a claim that may have reached the partner without an answer keeps being
+resent until the partner answers, with its original receipt if it holds the claim.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import logging
 import random
 import ssl
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -40,13 +49,15 @@ from bridge.errors import (
     TransportError,
     TrustError,
 )
-from bridge.ledger.states import next_attempt
+from bridge.ledger.delivery import release_backlog
+from bridge.ledger.states import next_attempt, should_give_up
+from bridge.link.circuit import Circuit, CircuitState
 from bridge.link.node import Controller, _decision_detail, resource_types
+from bridge.link.partner_http import RECEIPT_LIMIT, partner_session, read_answer
 from bridge.logs import claim_event
 from bridge.trust.identity import certificate_identity
 from bridge.trust.jws import digest, payload_digests, sign_bundle
 from bridge.trust.receipts import verify_receipt
-from bridge.trust.tls import client_context
 
 log = logging.getLogger("bridge.dispatcher")
 
@@ -139,6 +150,56 @@ def _is_transient(exc: BaseException) -> bool:
     )
 
 
+def _quick_retry(exc: BaseException) -> bool:
+    # A partner that said when to come back is not asked again at once.
+    return _is_transient(exc) and not (
+        isinstance(exc, BridgeError) and exc.detail.get("retry_after") is not None
+    )
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """True when the request cannot have reached the partner (no connection was made)."""
+    if isinstance(exc, CertificateFault):
+        return True  # refused at the handshake, before a byte of the request
+    connect_timeout = getattr(aiohttp, "ConnectionTimeoutError", None)
+    if connect_timeout is not None and isinstance(exc, connect_timeout):
+        return True
+    return isinstance(exc, aiohttp.ClientConnectorError)
+
+
+def retry_after_seconds(value: str | None, *, now: datetime) -> float | None:
+    """A ``Retry-After`` header (seconds or an HTTP date) as seconds from ``now``.
+
+    Bounded to one hour, so a wrong header cannot stall a link for days; None when
+    absent or unreadable.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(int(value))
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = (when - now).total_seconds()
+    return min(max(seconds, 0.0), 3600.0)
+
+
+def _answer(exc: BridgeError) -> str:
+    """What the partner answered, for the outbox and the operator: codes, never values."""
+    status = exc.detail.get("status")
+    if status is not None:
+        remote = exc.detail.get("remote_code")
+        return f"HTTP {status}" + (f" {remote}" if remote else "")
+    if isinstance(exc, CertificateFault):
+        return "no answer: TLS certificate fault"
+    return f"no answer: {exc.message}"
+
+
 @dataclass
 class LinkStats:
     """Counters for one outbound link, shown by the demo and ``bridge status``."""
@@ -150,6 +211,8 @@ class LinkStats:
     retried: int = 0
     signature_failures: int = 0
     certificate_faults: int = 0
+    #: HTTP requests started (each one is a connection attempt when none is open).
+    requests: int = 0
     latencies: list[float] = field(default_factory=list)
 
 
@@ -183,32 +246,44 @@ class Dispatcher:
         self._sem = asyncio.Semaphore(link.concurrency)
         self._sending: set[asyncio.Task[None]] = set()
         self._enqueued_at: dict[str, float] = {}
+        self.circuit = Circuit(base=link.retry_base_seconds, cap=link.probe_cap_seconds)
+        self.give_up_after = timedelta(seconds=link.give_up_after)
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        tls = self.c.config.tls
-        ctx = client_context(tls.cert, tls.key, tls.ca)
-        partner = self.c.config.partner(self.link.partner)
-        connector = PartnerConnector(
-            expected_partner=partner.id,
-            fingerprints=frozenset(partner.tls_fingerprints),
-            ssl=ctx,
-            limit=self.link.concurrency,
-        )
-        timeout = aiohttp.ClientTimeout(total=self.link.request_timeout_seconds)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        """Open the link's HTTP session and start draining the outbox."""
+        await self.open()
         self._task = asyncio.create_task(self._run(), name=f"dispatch:{self.link.id}")
 
+    def session(self) -> aiohttp.ClientSession:
+        """The link's HTTP session (mutual TLS, partner-bound); :meth:`open` first."""
+        if self._session is None:
+            raise BridgeError("link is not open", location=f"links.{self.link.id}")
+        return self._session
+
+    async def open(self) -> None:
+        """Open the HTTP session only (resends and reconciliation without draining)."""
+        self._session = partner_session(
+            self.c.config, self.link.partner, timeout=self.link.request_timeout_seconds,
+            limit=self.link.concurrency,
+        )
+
     async def stop(self) -> None:
+        """Stop at once: claims in flight are released for the next start to resend.
+
+        Sends in flight are cancelled rather than awaited (a partner that does not
+        answer would hold the stop for the request timeout); each releases its row,
+        with its fate unknown. A cancellation of ``stop`` itself is not swallowed.
+        """
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
+            await asyncio.wait([self._task])
+        sending = list(self._sending)
+        for task in sending:
+            task.cancel()
+        if sending:
+            await asyncio.wait(sending)
         if self._session is not None:
             await self._session.close()
 
@@ -237,11 +312,20 @@ class Dispatcher:
             if free <= 0:
                 await asyncio.wait(self._sending, return_when=asyncio.FIRST_COMPLETED)
                 continue
+            loop_now = asyncio.get_running_loop().time()
+            permits = self.circuit.permits(loop_now)
+            if permits == 0:
+                # The partner is down: nothing goes until the next probe (or an answer
+                # to a request still in flight).
+                wait = self.circuit.wait(loop_now) or self.poll_interval
+                await self._sleep(min(wait, self.poll_interval * 5) if self._sending else wait)
+                continue
+            probe = permits is not None
             try:
                 rows = await self.c.db.claim_due(
                     self.link.id,
                     now=self.c.clock(),
-                    limit=min(free, self.link.batch),
+                    limit=min(free, self.link.batch) if permits is None else 1,
                     lease=self._lease(),
                 )
             except Exception:
@@ -253,8 +337,10 @@ class Dispatcher:
                 continue
             # Consents may have changed in another process since the last batch.
             await self.c.sync_consents()
+            if probe:
+                self.circuit.probe_started()
             for row in rows:
-                task = asyncio.create_task(self._deliver(row))
+                task = asyncio.create_task(self._deliver(row, probe=probe))
                 self._sending.add(task)
                 task.add_done_callback(self._sending.discard)
 
@@ -278,7 +364,7 @@ class Dispatcher:
             return bytes(row.payload)
         signed = sign_bundle(
             payload,
-            c.signer,
+            c.signer_for(self.link.id),
             issuer=c.id,
             audience=self.link.partner,
             message_id=message_id,
@@ -293,7 +379,25 @@ class Dispatcher:
         except TimeoutError:
             pass
 
-    async def _deliver(self, row: Any) -> None:
+    async def _deliver(self, row: Any, *, probe: bool = False) -> None:
+        try:
+            await self._deliver_row(row, probe=probe)
+        except asyncio.CancelledError:
+            # Stopping: give the row back at once (its fate unknown: the request may be
+            # out) instead of leaving it leased until the lease runs out.
+            await asyncio.shield(self._release(row))
+            raise
+
+    async def _release(self, row: Any) -> None:
+        try:
+            await self.c.db.mark_retry(
+                row.message_id, next_attempt=self.c.clock(), error="stopped",
+                now=self.c.clock(), audit=None, fate_unknown=True,
+            )
+        except Exception:  # noqa: BLE001 - settled meanwhile (acked), or the store is gone: the lease recovers it
+            log.debug("claim %s not released at stop", row.message_id)
+
+    async def _deliver_row(self, row: Any, *, probe: bool) -> None:
         c = self.c
         message_id = row.message_id
         try:
@@ -316,7 +420,10 @@ class Dispatcher:
                 )
                 claim_event("refusal", c, self.link, row, code=exc.code, stage="dispatch")
                 return
-            receipt_bytes = await self._post(self._signed_now(payload, message_id, row))
+            receipt_bytes = await self._post(
+                self._signed_now(payload, message_id, row), single=probe, seq=row.seq
+            )
+            self._link_answered()
             receipt = orjson.loads(receipt_bytes)
             try:
                 verified = verify_receipt(
@@ -331,8 +438,10 @@ class Dispatcher:
                 )
             except TrustError as exc:
                 self.stats.signature_failures += 1
+                # The partner answered 200: it may well hold the claim.
                 raise TransportError(
-                    f"receipt failed verification: {exc.code}", location="receipt"
+                    f"receipt failed verification: {exc.code}", location="receipt",
+                    maybe_sent=True, status=200,
                 ) from None
             now = c.clock()
             await c.db.mark_acked(
@@ -355,6 +464,7 @@ class Dispatcher:
             if started is not None:
                 self.stats.latencies.append(asyncio.get_running_loop().time() - started)
         except PartnerRejected as exc:
+            self._link_answered()
             self.stats.rejected += 1
             if exc.detail.get("status") == 403 and "signature" in str(
                 exc.detail.get("remote_code")
@@ -378,11 +488,37 @@ class Dispatcher:
             exc2 = classify_exception(raw)
             if not isinstance(raw, BridgeError):
                 log.debug("delivery of %s failed", message_id, exc_info=raw)
-            await self._reschedule(row, exc2)
+            await self._reschedule(row, exc2, probe=probe)
 
-    async def _reschedule(self, row: Any, exc: BridgeError) -> None:
+    def _link_answered(self) -> None:
+        """The partner answered: the link works; an open circuit closes and the backlog
+        that waited for it is made due at once."""
+        if self.circuit.succeeded():
+            log.info("link %s: partner answers again; sending the backlog", self.link.id)
+            task = asyncio.create_task(self._release_backlog())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _release_backlog(self) -> None:
+        try:
+            await self.c.db.call(release_backlog, self.c.db.sync, self.link.id, now=self.c.clock())
+        except Exception:  # noqa: BLE001 - the rows stay due at their own times
+            log.warning("link %s: backlog could not be made due at once", self.link.id)
+        self._wake.set()
+
+    async def _reschedule(self, row: Any, exc: BridgeError, *, probe: bool = False) -> None:
         c = self.c
         now = c.clock()
+        loop_now = asyncio.get_running_loop().time()
+        retry_after = exc.detail.get("retry_after")
+        link_down = False
+        if _is_transient(exc) and exc.detail.get("status") not in (409, 200):
+            if self.circuit.failed(loop_now, self.rng, retry_after=retry_after, probe=probe):
+                log.warning(
+                    "link %s: partner unavailable (%s); probing it with backoff up to %.1f s",
+                    self.link.id, _answer(exc), self.link.probe_cap_seconds,
+                )
+            link_down = self.circuit.state is not CircuitState.CLOSED
         if isinstance(exc, CertificateFault):
             self.stats.certificate_faults += 1
             if self.paused_reason is None:
@@ -405,31 +541,53 @@ class Dispatcher:
                 )
             self.paused_reason = exc.message
             self._paused_until = asyncio.get_running_loop().time() + self.link.retry_cap_seconds
-        if row.attempts >= self.link.max_attempts:
+        answer = _answer(exc)
+        fate_unknown = bool(row.fate_unknown or exc.detail.get("maybe_sent"))
+        if should_give_up(
+            pending_since=row.pending_since, now=now, give_up_after=self.give_up_after,
+            fate_unknown=fate_unknown,
+        ):
             self.stats.dead += 1
+            reason = f"gave-up:{exc.code}"
             await c.db.mark_dead(
                 row.message_id,
-                error=exc.code,
+                error=reason,
+                answer=answer,
                 now=now,
                 audit=c.audit(
                     "claim.dead",
                     subject=row.message_id,
                     outcome="failure",
                     partner=self.link.partner,
-                    detail=exc.code,
+                    detail=f"{reason}; last answer: {answer}",
                 ),
+            )
+            log.warning(
+                "link %s: claim %s (seq %s) dead-lettered after %.0f s pending: %s;"
+                " last answer: %s. Requeue it with: bridge outbox requeue --id %s",
+                self.link.id, row.message_id, row.seq,
+                (now - row.pending_since).total_seconds(), exc.code, answer, row.message_id,
             )
             claim_event("dead_letter", c, self.link, row, code=exc.code)
             return
         self.stats.retried += 1
-        due = next_attempt(
-            row.attempts,
-            now=now,
-            base=self.link.retry_base_seconds,
-            cap=self.link.retry_cap_seconds,
-            rng=self.rng,
+        if link_down:
+            # The circuit decides when the link is tried again; the row waits for it.
+            due = now
+        else:
+            due = next_attempt(
+                row.attempts,
+                now=now,
+                base=self.link.retry_base_seconds,
+                cap=self.link.retry_cap_seconds,
+                rng=self.rng,
+            )
+        if retry_after is not None:
+            due = max(due, now + timedelta(seconds=retry_after))
+        await c.db.mark_retry(
+            row.message_id, next_attempt=due, error=exc.code, now=now, audit=None,
+            fate_unknown=fate_unknown, answer=answer,
         )
-        await c.db.mark_retry(row.message_id, next_attempt=due, error=exc.code, now=now, audit=None)
         claim_event("retry", c, self.link, row, code=exc.code, now=now, retry_at=due)
 
     async def resend(self, message_id: str) -> bytes:
@@ -460,7 +618,7 @@ class Dispatcher:
         payload = orjson.loads(row.payload)
         await c.sync_consents()
         c.recheck_consent(payload, self.link)
-        receipt_bytes = await self._post(self._signed_now(payload, message_id))
+        receipt_bytes = await self._post(self._signed_now(payload, message_id), seq=row.seq)
         verify_receipt(
             orjson.loads(receipt_bytes),
             c.keyring,
@@ -483,35 +641,67 @@ class Dispatcher:
         )
         return receipt_bytes
 
-    async def _post(self, payload: bytes) -> bytes:
-        """POST once, with a few immediate retries for transient failures."""
+    async def _post(self, payload: bytes, *, single: bool = False, seq: int | None = None) -> bytes:
+        """POST once, with a few immediate retries for transient failures.
+
+        ``single`` (a probe of a partner that is down, or the circuit not closed): one
+        request only. A failure raised from here carries ``maybe_sent`` when any of the
+        requests may have reached the partner.
+        """
         assert self._session is not None
+        tries = 1 if single or self.circuit.state is not CircuitState.CLOSED else self.quick_retries
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.quick_retries),
+            stop=stop_after_attempt(max(tries, 1)),
             wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
-            retry=retry_if_exception(_is_transient),
+            retry=retry_if_exception(_quick_retry),
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                return await self._post_once(payload)
+        maybe_sent = False
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    try:
+                        return await self._post_once(payload, seq)
+                    except BridgeError as exc:
+                        maybe_sent = maybe_sent or bool(exc.detail.get("maybe_sent"))
+                        raise
+        except BridgeError as exc:
+            if maybe_sent:
+                exc.detail["maybe_sent"] = True
+            raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _post_once(self, payload: bytes) -> bytes:
+    async def _post_once(self, payload: bytes, seq: int | None = None) -> bytes:
         assert self._session is not None
+        self.stats.requests += 1
+        headers = {"Content-Type": "application/fhir+json"}
+        if seq is not None:
+            # The claim's place in the link's sequence (PROTOCOL §8a): the receiver
+            # records it and so sees gaps.
+            headers["Bridge-Stream"] = self.link.id
+            headers["Bridge-Sequence"] = str(seq)
         try:
             async with self._session.post(
-                self.url, data=payload, headers={"Content-Type": "application/fhir+json"}
+                self.url, data=payload, headers=headers, allow_redirects=False,
             ) as resp:
-                body = await resp.read()
+                body = await read_answer(resp, RECEIPT_LIMIT)  # a 3xx or an oversize: refused
                 status = resp.status
+                retry_after = retry_after_seconds(
+                    resp.headers.get("Retry-After"), now=self.c.clock()
+                )
         except Exception as exc:  # noqa: BLE001 - every failure is classified, none is swallowed
-            raise classify_exception(exc) from None
+            classified = classify_exception(exc)
+            if not _never_sent(exc):
+                classified.detail["maybe_sent"] = True
+            raise classified from None
         if status == 200:
             return body
         remote_code = _remote_code(body)
         if status in (408, 409, 429) or status >= 500:
-            raise TransportError(f"partner answered {status}", location="HTTP", status=status)
+            raise TransportError(
+                f"partner answered {status}", location="HTTP", status=status,
+                remote_code=remote_code, retry_after=retry_after,
+            )
         raise PartnerRejected(
             f"partner rejected the message with {status}",
             location="HTTP",

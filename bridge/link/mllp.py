@@ -52,12 +52,14 @@ import logging
 import ssl
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from bridge.errors import (
     BridgeError,
+    ConfigError,
     ConflictError,
     MappingError,
     ParseError,
@@ -65,6 +67,7 @@ from bridge.errors import (
     StoreError,
     TrustError,
 )
+from bridge.files import load_or_make_key
 from bridge.ledger import intake as intake_db
 from bridge.link.mllp_framer import Event, FrameTooLarge, MLLPFramer, frame
 from bridge.link.routing import Source, could_route
@@ -72,6 +75,7 @@ from bridge.link.store import GroupCommit
 from bridge.link.tlsgate import RefusalHook, TLSListener
 from bridge.mapping.hl7v2 import HL7Message, HL7Reader, Intake, ack_code_for, build_ack, read_msh
 from bridge.mapping.hl7v2.ack import tolerant_header
+from bridge.mapping.hl7v2.biometric import protect as protect_biometric
 from bridge.mapping.hl7v2.header import MSHHeader
 from bridge.trust.identity import certificate_identity
 
@@ -115,6 +119,10 @@ class MessageHandler(Protocol):
         ``MappingError`` (AE) naming the HL7 location."""
         ...
 
+    def protect(self, message: bytes, header: MSHHeader) -> bytes:
+        """``message`` as it may be stored: biometric elements replaced by their digest."""
+        ...
+
 
 class HeaderOnlyHandler:
     """Takes any message whose MSH is readable, maps nothing (listener tests, or a
@@ -124,22 +132,40 @@ class HeaderOnlyHandler:
         return Intake(message=None, message_type=header.type_and_event, record=None,
                       visit=None, part=None, facility=header.facility_id)
 
+    def protect(self, message: bytes, header: MSHHeader) -> bytes:
+        return message
+
 
 class HL7Handler:
     """The HL7 v2 room's reader: the site's mappings, visits and warnings."""
 
-    def __init__(self, reader: HL7Reader) -> None:
+    def __init__(self, reader: HL7Reader, *, biometric_key_file: Path | None = None) -> None:
         self.reader = reader
+        self._key_file = biometric_key_file
+        self._key: bytes | None = None
 
     def prepare(self, message: bytes, header: MSHHeader) -> Intake:
         return self.reader.intake(message, sender=header.sender)
+
+    def protect(self, message: bytes, header: MSHHeader) -> bytes:
+        paths = self.reader.biometric_paths
+        if not paths:
+            return message
+        if self._key is None:
+            if self._key_file is None:
+                raise ConfigError("a mapping marks a biometric element but no key is configured",
+                                  location="intake.biometric_key_file")
+            self._key = load_or_make_key(self._key_file)
+        return protect_biometric(message, paths, self._key)
 
 
 def default_handler(controller: Controller | None = None) -> MessageHandler:
     """The HL7 v2 room for ``controller`` (its site overlay and organisation)."""
     from bridge.link.intake import site_reader
 
-    return HL7Handler(site_reader(controller.config if controller is not None else None))
+    config = controller.config if controller is not None else None
+    return HL7Handler(site_reader(config),
+                      biometric_key_file=config.intake.biometric_key_file if config else None)
 
 
 # --- the listener ----------------------------------------------------------------------------
@@ -284,6 +310,11 @@ class MLLPListener:
         if not self._facility_allowed(header):
             exc2 = FacilityNotAllowed("sending facility is not allowed here", location="MSH-4")
             return await self._refuse(exc2, header, peer, now)
+        try:
+            # Nothing below (digest, store, mapping) ever sees a biometric value.
+            message = self.handler.protect(message, header)
+        except BridgeError as exc:
+            return await self._refuse(exc, header, peer, now)
         digest = hashlib.sha256(message).hexdigest()
         subject = f"hl7:{header.sender}/{header.control_id}"
         try:

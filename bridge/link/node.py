@@ -12,18 +12,21 @@ import hashlib
 import hmac
 import logging
 import os
-import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from bridge.compliance.agreements import CrossBorderRefused, check_agreement, check_link
 from bridge.compliance.operators import acting_operator
-from bridge.config import BridgeConfig, LinkConfig
+from bridge.config import BridgeConfig, LinkConfig, PartnerConfig
 from bridge.errors import BridgeError, ConfigError, ConflictError, MappingError, PolicyError
+from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditRecord, patient_pseudonym
@@ -46,6 +49,7 @@ from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
 from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
+from bridge.trust.pki import load_certificates
 from bridge.trust.registry import Partner, PartnerRegistry
 
 log = logging.getLogger("bridge.controller")
@@ -69,19 +73,80 @@ class Submitted:
     held_by: tuple[str, ...] = ()
 
 
+def _ca_certificates(path: Path) -> list[x509.Certificate]:
+    """The CA certificates of a PEM bundle (certificates without CA rights skipped)."""
+    found = []
+    for cert in load_certificates(path):
+        try:
+            ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            ca = False
+        if ca:
+            found.append(cert)
+    return found
+
+
+def _partner_issuers(partner: PartnerConfig, several_cas: bool) -> frozenset[bytes]:
+    """DER of the CAs a partner's TLS certificates must come from (``partners.tls_ca``).
+
+    When the trusted bundle holds several CAs, a partner bound to none of them could be
+    impersonated by a certificate from another partner's CA: every partner then needs
+    ``tls_ca`` (or fingerprint pins)."""
+    if partner.tls_ca is None:
+        if several_cas and not partner.tls_fingerprints:
+            raise ConfigError(
+                "[tls] ca holds several CAs: name the CA that issues this partner's"
+                " certificates (or pin them with tls_fingerprints)",
+                location=f"partners.{partner.id}.tls_ca",
+            )
+        return frozenset()
+    cas = _ca_certificates(partner.tls_ca)
+    if not cas:
+        raise ConfigError("file holds no CA certificate", location=f"partners.{partner.id}.tls_ca")
+    return frozenset(c.public_bytes(serialization.Encoding.DER) for c in cas)
+
+
 def _load_pseudonym_key(path: Path) -> bytes:
     """The key that turns patient identifiers into audit pseudonyms; made on first use."""
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key.hex())
-        return key
-    except ValueError:
-        raise ConfigError("audit pseudonym key file is not hex", location=str(path)) from None
+    return load_or_make_key(path, what="audit pseudonym key")
+
+
+def signers_of(config: BridgeConfig) -> tuple[Signer, dict[str, Signer]]:
+    """The [signing] signer and every configured signer by algorithm (``signing.keys``)."""
+    default = Signer.from_files(config.signing.key, config.signing.cert)
+    signers = {default.algorithm: default}
+    for i, extra in enumerate(config.signing.keys):
+        signer = Signer.from_files(extra.key, extra.cert)
+        if signer.algorithm in signers:
+            raise ConfigError(f"a second signing key for {signer.algorithm}",
+                              location=f"signing.keys[{i}]")
+        signers[signer.algorithm] = signer
+    return default, signers
+
+
+def accept_configured_algorithms(config: BridgeConfig, partner_id: str, keyring: KeyRing,
+                                 signers: dict[str, Signer]) -> None:
+    """Narrow what ``partner_id``'s signatures are accepted under to its links' algorithms.
+
+    A link that names an algorithm needs a key of it here and a signing certificate of
+    it from the partner, or nothing on the link could be signed or verified.
+    """
+    chosen: set[str] = set()
+    for link in config.links:
+        alg = link.signature_algorithm
+        if link.partner != partner_id or alg is None:
+            continue
+        location = f"links.{link.id}.signature_algorithm"
+        if alg not in signers:
+            raise ConfigError(f"no signing key for {alg} in [signing] or [[signing.keys]]",
+                              location=location)
+        if not any(keyring.get(kid).algorithm == alg  # type: ignore[union-attr]
+                   for kid in keyring.kids_for(partner_id)):
+            raise ConfigError(f"partner {partner_id} has no {alg} signing certificate",
+                              location=location)
+        chosen.add(alg)
+    if chosen:
+        keyring.accept(partner_id, chosen)
 
 
 def resource_types(bundle: dict[str, Any]) -> list[str]:
@@ -104,18 +169,22 @@ class Controller:
         config.store.path.parent.mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store)
         self.db = AsyncStore(self.store)
-        self.signer = Signer.from_files(config.signing.key, config.signing.cert)
+        self.signer, self.signers = signers_of(config)
         self.keyring = KeyRing()
         partners: list[Partner] = []
+        several_cas = any(p.tls_ca is None and not p.tls_fingerprints for p in config.partners) and (
+            len(_ca_certificates(config.tls.ca)) > 1)
         for p in config.partners:
             for cert in p.signing_certs:
                 self.keyring.add_certificate(p.id, cert)
+            accept_configured_algorithms(config, p.id, self.keyring, self.signers)
             partners.append(
                 Partner(
                     id=p.id,
                     name=p.name or p.id,
                     base_url=p.base_url or "",
                     tls_fingerprints=frozenset(p.tls_fingerprints),
+                    tls_issuers=_partner_issuers(p, several_cas),
                     links=frozenset(link.id for link in config.links if link.partner == p.id),
                 )
             )
@@ -146,7 +215,8 @@ class Controller:
         # Each link counts consents by its own rules on expiry (consent_rules).
         self.link_consents: dict[str, ConsentRegistry] = {
             link.id: LinkConsentView(self.consents, without_end=link.consent_without_end,
-                                     cap_days=link.consent_cap_days)
+                                     cap_days=link.consent_cap_days, partner=link.partner,
+                                     partner_purposes=link.partner_consent_purposes)
             for link in config.links
         }
         # The site's overlay of the mapping files (value sets the FHIR mapping reads too).
@@ -154,6 +224,7 @@ class Controller:
         self.mapping_files = MappingFiles(site.resolve() if site is not None else None)
         # Which of this controller's own systems take the claims it receives.
         self.handoff_routes = routes(config.handoff)
+        self._biometric: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     # --- helpers -------------------------------------------------------------------
 
@@ -184,9 +255,41 @@ class Controller:
             operator=acting_operator(),
         )
 
+    def protect_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A DE record that arrived as JSON with the elements the site's mappings mark
+        biometric replaced by their keyed digest (HL7 v2 messages are digested on intake).
+
+        The shipped mappings mark nothing: without a site overlay there is nothing to do.
+        """
+        if self.config.intake.site is None:
+            return record
+        if self._biometric is None:
+            from bridge.link.intake import site_reader
+            from bridge.mapping.hl7v2.biometric import protect_record
+
+            marked = site_reader(self.config).biometric_elements
+            key = load_or_make_key(self.config.intake.biometric_key_file,
+                                   what="biometric key") if marked else b""
+            self._biometric = lambda r: protect_record(r, marked, key) if marked else r
+        return self._biometric(record)
+
+    def signer_for(self, link_id: str | None) -> Signer:
+        """The signer of ``link_id``: its ``signature_algorithm``'s key, else [signing]'s."""
+        if link_id:
+            chosen = self.config.link(link_id).signature_algorithm
+            if chosen is not None:
+                return self.signers[chosen]
+        return self.signer
+
     def consents_for(self, link: LinkConfig) -> ConsentRegistry:
         """The consent registry as ``link`` counts it (expiry and marketing rules)."""
-        return self.link_consents.get(link.id, self.consents)
+        view = self.link_consents.get(link.id)
+        if view is None:  # a link built after start: the same rules, never the bare registry
+            view = self.link_consents[link.id] = LinkConsentView(
+                self.consents, without_end=link.consent_without_end,
+                cap_days=link.consent_cap_days, partner=link.partner,
+                partner_purposes=link.partner_consent_purposes)
+        return view
 
     def pseudonym(self, identifiers: list[tuple[str, str]]) -> str | None:
         """A keyed pseudonym of the patient's most stable identifier.
@@ -381,7 +484,7 @@ class Controller:
         )
         signed = sign_bundle(
             message,
-            self.signer,
+            self.signer_for(link.id),
             issuer=self.id,
             audience=partner.id,
             message_id=message_id,

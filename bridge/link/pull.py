@@ -21,7 +21,8 @@ Every page is a signed searchset (``Bundle.signature`` as in PROTOCOL §5, ``aud
 partner, ``msgid`` the page's ``Bundle.identifier``); a read is signed in
 ``X-Signature``. The page identity is the audit subject on both sides.
 
-Abuse is bounded per partner: a token bucket (429 with ``Retry-After``), a bulk-query
+Abuse is bounded per partner: a token bucket (429 with ``Retry-After``; shared by every
+process of a PostgreSQL store, :mod:`bridge.ledger.ratelimit`), a bulk-query
 alarm when too many distinct patients are asked about in a window (audited, and kept
 for review), and refusals (400/401/403 with an OperationOutcome naming the parameter
 or header) for anything not understood. Refusals are audited without values.
@@ -52,6 +53,7 @@ from bridge.errors import BridgeError, ConsentDenied, NotFound, ParseError, Poli
 from bridge.errors import UnknownPartner as UnknownPartnerError
 from bridge.ledger import records as rec
 from bridge.ledger.audit import AuditRecord, Outcome, format_time
+from bridge.ledger.ratelimit import take_token
 from bridge.ledger.records import StoredResource
 from bridge.link.pull_source import PullSource, StoreSource
 from bridge.policy.consent import EMERGENCY_PURPOSE, EmergencyOverride
@@ -410,7 +412,7 @@ class PullAPI:
                 UnknownPartnerError("partner has no pull link here", location="links"),
                 request, partner=partner.id, subject=subject,
             )
-        wait = self.guard.admit(link)
+        wait = await self._admit(link)
         if wait > 0:
             self.stats["throttled"] += 1
             count = self.guard.throttled(partner.id)
@@ -430,7 +432,8 @@ class PullAPI:
             purpose, emergency = self._purpose(request, link)
             query = self._query(request, rtype, op, link)
             position = decode_cursor(self._cursor_key, query,
-                                     holder=_cursor_holder(partner.id, purpose))
+                                     holder=_cursor_holder(partner.id, purpose),
+                                     now=self.c.clock().timestamp())
             await self.c.count_abroad(link, f"pull:{uuid.uuid4()}")
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject=subject)
@@ -451,6 +454,20 @@ class PullAPI:
         if op == "read":
             return await self._reply_read(pull, query, answer)
         return await self._reply_bundle(pull, query, answer, request)
+
+    async def _admit(self, link: LinkConfig) -> float:
+        """0 when the link's partner may be answered now, else seconds to wait.
+
+        The bucket is the partner's, whichever process answers: in a PostgreSQL store
+        shared by several processes it lives in the store (one row per partner); a
+        SQLite store serves one process, whose memory holds it."""
+        if self.c.store.dialect == "postgresql":
+            return await self.c.db.call(
+                take_token, self.c.store, bucket=f"pull:{link.partner}",
+                rate=link.pull.rate_per_second, burst=float(link.pull.rate_burst),
+                now=time.time(),
+            )
+        return self.guard.admit(link)
 
     async def _alarm(self, pull: PullRequest, distinct: int) -> None:
         c = self.c
@@ -538,8 +555,10 @@ class PullAPI:
             for ref in sorted(wanted - have):
                 if ref in released_all:
                     includes.append(released_all[ref])
+        expires = c.clock().timestamp() + pull.link.pull.cursor_ttl_seconds
         cursor = (encode_cursor(self._cursor_key, query, snapshot=snapshot, after=last,
-                                holder=_cursor_holder(pull.partner, pull.purpose))
+                                holder=_cursor_holder(pull.partner, pull.purpose),
+                                expires=expires)
                   if more else None)
         return Answer([r for _, r in matches], includes, cursor, person, identifiers, decision,
                       position is None)
@@ -647,7 +666,7 @@ class PullAPI:
         bundle["link"] = links
         if entries:
             bundle["entry"] = entries
-        signed = sign_bundle(bundle, c.signer, issuer=c.id, audience=pull.partner,
+        signed = sign_bundle(bundle, c.signer_for(pull.link.id), issuer=c.id, audience=pull.partner,
                              message_id=identity, now=now)
         body = orjson.dumps(signed)
         await self._audit(pull, query, answer, identity, digest(signed_payload(signed)))
@@ -663,7 +682,8 @@ class PullAPI:
             return web.Response(status=404, body=orjson.dumps(exc.to_operation_outcome()),
                                 content_type=FHIR_JSON, headers={CORRELATION_HEADER: identity})
         body = orjson.dumps(answer.matches[0])
-        signature = sign_detached_bytes(body, c.signer, issuer=c.id, audience=pull.partner,
+        signature = sign_detached_bytes(body, c.signer_for(pull.link.id), issuer=c.id,
+                                        audience=pull.partner,
                                         message_id=identity, now=c.clock())
         await self._audit(pull, query, answer, identity, digest(body))
         return web.Response(body=body, content_type=FHIR_JSON,

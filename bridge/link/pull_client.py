@@ -34,11 +34,11 @@ from bridge.errors import (
 )
 from bridge.files import private_folder, write_private
 from bridge.ledger import records as rec
-from bridge.link.dispatcher import PartnerConnector, classify_exception
+from bridge.link.dispatcher import classify_exception
+from bridge.link.partner_http import PAGE_LIMIT, partner_session, read_answer
 from bridge.link.pull import ACTOR_HEADER, PURPOSE_HEADER, REASON_HEADER
 from bridge.policy.consent import EMERGENCY_PURPOSE, EmergencyOverride
 from bridge.trust.jws import verify_bundle
-from bridge.trust.tls import client_context
 
 if TYPE_CHECKING:
     from bridge.link.node import Controller
@@ -98,24 +98,18 @@ async def pull_patient(
     if emergency is not None:
         headers[ACTOR_HEADER] = quote(emergency.actor)
         headers[REASON_HEADER] = quote(emergency.reason)
-    tls = c.config.tls
-    connector = PartnerConnector(
-        expected_partner=partner.id, fingerprints=frozenset(partner.tls_fingerprints),
-        ssl=client_context(tls.cert, tls.key, tls.ca), limit=1,
-    )
     report = PullReport(link=link.id, partner=partner.id, override=emergency is not None)
     pseudonym = c.pseudonym([identifier])
-    timeout = aiohttp.ClientTimeout(total=link.request_timeout_seconds)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                     headers=headers) as session:
+    async with partner_session(c.config, partner.id, timeout=link.request_timeout_seconds,
+                               headers=headers) as session:
 
         async def page(url: str, params: list[tuple[str, str]] | None) -> dict[str, Any]:
             if not url.startswith(base + "/"):
                 raise SignatureError("a page link leads away from the partner's base URL",
                                      location="Bundle.link.next")
             try:
-                async with session.get(url, params=params) as resp:
-                    body = await resp.read()
+                async with session.get(url, params=params, allow_redirects=False) as resp:
+                    body = await read_answer(resp, PAGE_LIMIT)  # a 3xx or an oversize: refused
                     status = resp.status
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise classify_exception(exc) from None

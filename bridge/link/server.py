@@ -69,7 +69,8 @@ from bridge.link.pull import PullAPI
 from bridge.logs import refusal_event
 from bridge.mapping import patient_identifiers
 from bridge.messages import check_addressing, check_envelope, collection_of, read_json
-from bridge.policy.consent import parse_consent
+from bridge.policy.consent import PARTNER_SOURCE, parse_consent
+from bridge.policy.consent_rules import unbounded_permit
 from bridge.records.fhir import ValidationCache, validation_cache
 from bridge.trust.jws import SignedClaims, payload_digests, verify_bundle, verify_detached_bytes
 from bridge.trust.peercheck import PeerCertificateCheck
@@ -245,6 +246,9 @@ class ReceiverApp:
         app.router.add_get(f"{base}/Consent/{{id}}", consents.read)
         self.pull = PullAPI(self)
         self.pull.register(app, base)
+        from bridge.link.sync import SyncAPI
+
+        SyncAPI(self).register(app, base)
 
         async def flush_refusals(_app: web.Application) -> None:
             await self.peer_refusals.close()
@@ -381,6 +385,9 @@ class ReceiverApp:
             )
         subject = "request"
         try:
+            from bridge.link.sync import read_sequence
+
+            sequence = read_sequence(request.headers)
             if request.content_type not in _ACCEPTED_TYPES:
                 raise UnsupportedMediaType(
                     "media type must be application/fhir+json", location="Content-Type"
@@ -410,7 +417,8 @@ class ReceiverApp:
         flight = self._in_flight[key] = _Flight()
         try:
             return await self._accept(
-                bundle, body, envelope.message_id, partner, link.profile, claims, now
+                bundle, body, envelope.message_id, partner, link.profile, claims, now,
+                sequence=sequence,
             )
         finally:
             del self._in_flight[key]
@@ -447,9 +455,18 @@ class ReceiverApp:
         profile_name: str,
         claims: SignedClaims,
         now: datetime,
+        *,
+        sequence: tuple[str, int] | None = None,
     ) -> web.Response:
         c = self.c
         existing = await c.db.inbox_lookup(partner.id, message_id)
+        if existing is not None and sequence is not None:
+            from bridge.ledger.sync import note_received
+
+            await c.db.call(
+                note_received, c.db.sync, sender=partner.id, stream=sequence[0],
+                seq=sequence[1], message_id=message_id, now=now,
+            )
         if existing is not None:
             # The same content whichever protocol version signed it (PROTOCOL §6.3).
             if existing.digest != claims.payload_digest and existing.digest not in (
@@ -491,6 +508,8 @@ class ReceiverApp:
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject=message_id, patient=patient)
 
+        from bridge.link.sync import recording_hook
+
         def build_receipt(entry: Any) -> bytes:
             receipt = make_receipt(
                 request_message_id=message_id,
@@ -500,7 +519,7 @@ class ReceiverApp:
                 sender=partner.id,
                 audit_seq=entry.seq,
                 audit_hash=entry.hash,
-                signer=c.signer,
+                signer=c.signer_for(_inbound_link_id(c, partner.id)),
                 now=now,
             )
             return orjson.dumps(receipt)
@@ -524,9 +543,12 @@ class ReceiverApp:
                 now=now,
                 # Queued for hand-off to this controller's own systems in the same
                 # transaction: a claim acknowledged with a receipt is always queued.
-                within=queue_hook(
-                    c.handoff_routes, sender=partner.id, link=_inbound_link_id(c, partner.id),
-                    now=now,
+                within=recording_hook(
+                    sequence, sender=partner.id, now=now,
+                    also=queue_hook(
+                        c.handoff_routes, sender=partner.id,
+                        link=_inbound_link_id(c, partner.id), now=now,
+                    ),
                 ),
             )
         except ConflictError as exc:
@@ -710,6 +732,26 @@ class ConsentAPI:
                 "a partner may only submit consents that name itself as the only recipient",
                 location="Consent.provision.actor",
             )
+        # A partner's word is consent for disclosures to itself only where a link says
+        # it collects consents, and only for the purposes the link names (PROTOCOL
+        # P-CON-6).
+        purposes = frozenset(
+            p for link in self.c.config.links if link.partner == partner
+            for p in link.partner_consent_purposes
+        )
+        if not purposes:
+            raise PolicyError(
+                "this controller takes no consents from this partner"
+                " (links.partner_consent_purposes)",
+                location="Consent",
+            )
+        unbounded = unbounded_permit(record.provision, purposes)
+        if unbounded is not None:
+            raise PolicyError(
+                "a partner-submitted consent permits only purposes its links take consents"
+                " for, and names them",
+                location=unbounded,
+            )
         return signature
 
     async def _write(self, request: web.Request, *, consent_id: str | None) -> web.Response:
@@ -741,6 +783,11 @@ class ConsentAPI:
                             location="Consent.id",
                         )
                 source = f"partner:{caller} jws:{signature}"
+                # Marked as the partner's: it counts only where the partner's links
+                # take its consents (bridge.policy.consent_rules).
+                meta = resource.get("meta")
+                resource["meta"] = {**(meta if isinstance(meta, dict) else {}),
+                                    "source": f"{PARTNER_SOURCE}{caller}"}
             stored_id = await c.put_consent(resource, source=source)
         except BridgeError as exc:
             return await self.r._refuse(exc, partner=caller, subject=subject)

@@ -89,7 +89,9 @@ class BridgeService:
                 assert reader is not None
                 self.router = Router(c, reader, submit=self.submit, poll_interval=self._poll)
                 self.mllp = MLLPListener(
-                    c, mllp, handler=HL7Handler(reader), ssl_context=ctx if mllp.tls else None,
+                    c, mllp, handler=HL7Handler(
+                        reader, biometric_key_file=c.config.intake.biometric_key_file),
+                    ssl_context=ctx if mllp.tls else None,
                     on_refused=self._tls_refused, on_routable=self.router.wake,
                 )
                 try:
@@ -106,12 +108,45 @@ class BridgeService:
                 self.ops = ops
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
+        from bridge.link.sync import reconcile_periodically
+
+        self._reconcilers = [
+            asyncio.create_task(reconcile_periodically(d), name=f"reconcile:{d.link.id}")
+            for d in self.dispatchers.values()
+            if d.link.reconcile_interval_seconds > 0
+        ]
         if any(link.agreement and link.direction in ("inbound", "pull-from")
                for link in c.config.links):
             from bridge.link.destruction import destroy_periodically
 
             self._destroyer = asyncio.create_task(destroy_periodically(c), name="destruction")
         await self.handoff.start()
+
+    def reload_certificates(self) -> None:
+        """Load the TLS certificate, key, CA bundle and CRL, and the signing key, again
+        from the configured files (after ``bridge certs rotate`` or ``revoke``): new
+        connections get the new context, every request is checked against the new CRL.
+        A file that cannot be loaded leaves everything as it was, and is logged."""
+        from bridge.errors import BridgeError
+        from bridge.link.tlsgate import probe_presented_certificates
+        from bridge.trust.jws import Signer
+        from bridge.trust.peercheck import PeerCertificateCheck
+
+        c = self.controller
+        tls = c.config.tls
+        try:
+            ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
+            check = PeerCertificateCheck.from_crl_file(tls.crl)
+            signer = Signer.from_files(c.config.signing.key, c.config.signing.cert)
+        except (BridgeError, OSError, ValueError) as exc:
+            log.error("certificates not reloaded: %s", exc)
+            return
+        probe_presented_certificates(ctx)
+        if self._listener is not None:
+            self._listener.ssl_context = ctx
+        self.receiver.peer_check = check
+        c.signer = signer
+        log.info("%s reloaded its certificates, CRL and signing key", c.id)
 
     def _key(self, key: str) -> str:
         source = self.controller.config.source
@@ -151,6 +186,9 @@ class BridgeService:
             self._destroyer.cancel()
             await asyncio.gather(self._destroyer, return_exceptions=True)
             self._destroyer = None
+        for task in getattr(self, "_reconcilers", []):
+            task.cancel()
+        await asyncio.gather(*getattr(self, "_reconcilers", []), return_exceptions=True)
         await self.handoff.stop()
         if self.ops is not None:
             await self.ops.stop()

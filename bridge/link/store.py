@@ -4,8 +4,9 @@ The ledger is plain synchronous code (SQLite or PostgreSQL). All calls go throug
 one worker thread, so the connection is only ever used by that thread and the event
 loop never blocks on a disk flush.
 
-Concurrent enqueues are committed together (group commit): while one transaction is
-being flushed, the enqueues that arrive queue up and go into the next one. Durability
+Concurrent enqueues, and concurrent accepts of received messages, are committed
+together (group commit): while one transaction is being flushed, the calls that arrive
+queue up and go into the next one. Durability
 costs one flush per group instead of one per claim, an idle bridge adds no delay, and
 each caller still gets its own answer.
 """
@@ -71,7 +72,7 @@ class AsyncStore:
     """Every store method, awaitable; ``enqueue`` with group commit when offered."""
 
     #: Methods whose concurrent calls are committed together when the store has ``<name>_many``.
-    GROUPED = ("enqueue",)
+    GROUPED = ("enqueue", "inbox_accept")
 
     def __init__(self, store: Any) -> None:
         self.sync = store

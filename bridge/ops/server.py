@@ -30,7 +30,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -39,6 +38,7 @@ from bridge.config import OperationsConfig
 from bridge.errors import BridgeError, listen_error
 from bridge.logs import event
 from bridge.ops.certs import CertificateInfo, configured_certificates
+from bridge.ops.certs import check as check_certificate
 from bridge.ops.history import DepthHistory
 from bridge.ops.metrics import BridgeMetrics
 from bridge.ops.page import DeadLetterView, HandoffView, LinkView, StatusView, render_status
@@ -226,17 +226,12 @@ class OpsServer:
         return results
 
     def _certificate_check(self, cert: CertificateInfo, now: datetime) -> dict[str, Any]:
-        name = f"certificate:{cert.name}"
-        if cert.problem is not None:
-            return {"check": name, "ok": False, "detail": f"{cert.problem} ({cert.path})"}
-        if not cert.valid_at(now):
-            return {"check": name, "ok": False, "detail": "not valid now"}
-        days = cert.days_left(now) or 0.0
-        ok = days >= self.config.certificate_warning_days
-        detail = f"expires {cert.not_after.isoformat() if cert.not_after else '-'}"
-        if not ok:
-            detail += f", within {self.config.certificate_warning_days} days"
-        return {"check": name, "ok": ok, "detail": detail, "days_left": round(days, 1)}
+        verdict = check_certificate(cert, now, self.config.certificate_warning_days)
+        result: dict[str, Any] = {"check": f"certificate:{cert.name}", "ok": verdict.ok,
+                                  "detail": verdict.detail}
+        if verdict.days_left is not None:
+            result["days_left"] = verdict.days_left
+        return result
 
     def _check_partners(self) -> list[Any]:
         return [
@@ -248,26 +243,19 @@ class OpsServer:
     async def _check_partner(
         self, partner_id: str, base_url: str, fingerprints: frozenset[str]
     ) -> dict[str, Any]:
-        from bridge.link.dispatcher import PartnerConnector, classify_exception
-        from bridge.trust.tls import client_context
+        from bridge.link.dispatcher import classify_exception
+        from bridge.link.partner_http import RECEIPT_LIMIT, partner_session, read_answer
 
         name = f"partner:{partner_id}"
-        tls = self.controller.config.tls
         try:
-            ctx = client_context(tls.cert, tls.key, tls.ca)
+            session = partner_session(self.controller.config, partner_id,
+                                      timeout=self.config.partner_timeout_seconds)
         except (BridgeError, OSError) as exc:
             return {"check": name, "ok": False, "detail": f"cannot build TLS context: {exc}"}
-        connector = PartnerConnector(
-            expected_partner=partner_id, fingerprints=fingerprints, ssl=ctx, limit=1
-        )
-        timeout = aiohttp.ClientTimeout(total=self.config.partner_timeout_seconds)
         url = base_url.rstrip("/") + "/metadata"
         try:
-            async with (
-                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-                session.get(url) as resp,
-            ):
-                await resp.read()
+            async with session, session.get(url, allow_redirects=False) as resp:
+                await read_answer(resp, RECEIPT_LIMIT)
                 status = resp.status
         except Exception as exc:  # noqa: BLE001 - every failure is a not-ready answer
             err = classify_exception(exc)

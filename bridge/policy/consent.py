@@ -100,6 +100,8 @@ SUPPORTED_PURPOSES: frozenset[str] = frozenset(
 SUPPORTED_ACTIONS: frozenset[str] = frozenset({"collect", "access", "use", "disclose", "correct"})
 
 RECIPIENT_ROLE = "IRCP"
+#: ``meta.source`` of a consent a partner submitted, followed by the partner's id.
+PARTNER_SOURCE = "urn:ws-fhir-bridge:partner:"
 EMERGENCY_PURPOSE = "ETREAT"
 
 # China Standard Time: a consent date without a time is a calendar day in China.
@@ -141,6 +143,9 @@ class ConsentRecord:
     provision: Provision
     resource: dict[str, Any] = field(repr=False, compare=False)
     registered_at: datetime | None = None
+    #: The partner that submitted this consent through the consent API (its
+    #: ``meta.source`` is :data:`PARTNER_SOURCE` + the partner id), or None.
+    submitted_by: str | None = None
 
     @property
     def patient_key(self) -> str:
@@ -457,6 +462,11 @@ def _parse_checked(resource: dict[str, Any], *, trusted: bool) -> ConsentRecord:
         raise _bad("a consent without provision permits nothing", "Consent.provision")
     provision = _parse_provision(raw_provision, "Consent.provision", root=True)
     meta = resource.get("meta") or {}
+    source = meta.get("source")
+    submitted_by = (
+        source.removeprefix(PARTNER_SOURCE)
+        if isinstance(source, str) and source.startswith(PARTNER_SOURCE) else None
+    )
     return ConsentRecord(
         id=str(resource["id"]),
         status=str(status),
@@ -465,6 +475,7 @@ def _parse_checked(resource: dict[str, Any], *, trusted: bool) -> ConsentRecord:
         patient=(str(ident["system"]), str(ident["value"])),
         provision=provision,
         resource=resource if trusted else copy.deepcopy(resource),
+        submitted_by=submitted_by,
     )
 
 
@@ -592,6 +603,34 @@ def decide(records: Sequence[ConsentRecord], req: Request, item: Item) -> Verdic
     return verdicts[0][1]
 
 
+def override_deny(records: Sequence[ConsentRecord], req: Request, item: Item) -> Verdict | None:
+    """The deny provision that holds against an emergency override for this item, or None.
+
+    An override stands in for a missing permit, never against a refusal the patient
+    recorded. Every deny provision of the patient's active consents, at any depth,
+    holds when its own conditions match (recipient, purpose if it names one, class,
+    labels, action, data period) within its consent's period: a deny nested in a
+    permit for treatment ("but never my observations") still holds when the override's
+    purpose, emergency treatment, is not the permit's."""
+    for record in sorted(records, key=lambda r: r.id):
+        if record.status != "active" or not _within(req.now, record.provision.period):
+            continue
+        found = _deny_matching(record.provision, req, item)
+        if found is not None:
+            return Verdict("deny", record.id, found, "a deny provision matches")
+    return None
+
+
+def _deny_matching(prov: Provision, req: Request, item: Item) -> str | None:
+    if prov.type == "deny" and _mismatch(prov, req, item) is None:
+        return prov.path
+    for child in prov.children:
+        found = _deny_matching(child, req, item)
+        if found is not None:
+            return found
+    return None
+
+
 def _label_denies(prov: Provision, req: Request, item: Item) -> set[Label]:
     """Labels of deny rules that would apply to ``item`` if it carried them."""
     out: set[Label] = set()
@@ -673,6 +712,7 @@ class ConsentRegistry:
             provision=parsed.provision,
             resource=parsed.resource,
             registered_at=now,
+            submitted_by=parsed.submitted_by,
         )
         old = self._by_id.get(record.id)
         if old is not None and old.patient != record.patient:
@@ -781,6 +821,22 @@ class ConsentRegistry:
         types = frozenset(resource_types)
         if emergency is not None:
             check_override(emergency, purpose)
+            # An override stands in for a missing permit, never against a refusal the
+            # patient recorded: deny provisions hold (GB/T 39725 §7 b 2).
+            records = self.for_patient(patient_identifiers)
+            scheme = default_classification()
+            for rtype in sorted(types):
+                category = scheme.of(rtype).category
+                item = Item(rtype, frozenset({category}) if category else frozenset())
+                verdict = override_deny(records, req, item)
+                if verdict is not None:
+                    raise ConsentDenied(verdict.message, location=verdict.provision_path,
+                                        consent_id=verdict.consent_id)
+            denied_labels: set[Label] = set()
+            for record in records:
+                if record.status == "active":
+                    for rtype in types:
+                        denied_labels |= _label_denies(record.provision, req, Item(rtype))
             return ConsentDecision(
                 consent_id="",
                 version=None,
@@ -790,7 +846,7 @@ class ConsentRegistry:
                 purpose=purpose,
                 resource_types=types,
                 allowed_labels=frozenset({(CONFIDENTIALITY_SYSTEM, "V")}),
-                denied_labels=frozenset(),
+                denied_labels=frozenset(denied_labels),
                 decided_at=req.now,
                 override=emergency,
             )

@@ -74,6 +74,43 @@ def check_registration(record: ConsentRecord, *, refusing_links: Iterable[str] =
         )
 
 
+def unbounded_permit(provision: Provision, allowed: frozenset[str] | set[str],
+                     inherited: frozenset[str] | None = None) -> str | None:
+    """The FHIR path of the first permit provision that can permit a purpose outside
+    ``allowed`` (it names none and neither does any provision above it, or it names
+    one outside), or None when every permit is bounded to ``allowed``.
+
+    A nested provision applies only where every provision above it matches, so the
+    purposes a provision can permit are those named on its path, intersected."""
+    effective = inherited
+    if provision.purposes:
+        effective = (provision.purposes if effective is None
+                     else effective & provision.purposes)
+    if provision.type == "permit" and (effective is None or not effective <= allowed):
+        return f"{provision.path}.purpose"
+    for child in provision.children:
+        found = unbounded_permit(child, allowed, effective)
+        if found is not None:
+            return found
+    return None
+
+
+def counts_as_partner_consent(record: ConsentRecord, *, partner: str | None,
+                              purposes: Iterable[str]) -> bool:
+    """Whether a consent a partner submitted counts on a link (GB/T 39725 §11.7.4.1 b 2).
+
+    A partner's own word is not consent for disclosures to itself unless the link says
+    that partner collects consents for those purposes (``partner_consent_purposes``):
+    a partner-submitted consent counts only on a link to the partner that submitted
+    it, and only when every permit in it is bounded to the link's purposes. Consents
+    of this controller's own systems always count."""
+    if record.submitted_by is None:
+        return True
+    if record.submitted_by != partner:
+        return False
+    return unbounded_permit(record.provision, frozenset(purposes)) is None
+
+
 def recipients_of(provision: Provision) -> set[str]:
     found = set(provision.recipients)
     for child in provision.children:
@@ -120,20 +157,28 @@ class LinkConsentView(ConsentRegistry):
     """
 
     def __init__(self, base: ConsentRegistry, *, without_end: Literal["refuse", "cap"],
-                 cap_days: int) -> None:
+                 cap_days: int, partner: str | None = None,
+                 partner_purposes: Iterable[str] = ()) -> None:
         # Share the base registry's indexes instead of copying them.
         self._base = base
         self._by_id = base._by_id
         self._by_patient = base._by_patient
         self._without_end: Literal["refuse", "cap"] = without_end
         self._cap_days = cap_days
+        self._partner = partner
+        self._partner_purposes = frozenset(partner_purposes)
         self._seen: dict[str, tuple[ConsentRecord, ConsentRecord | None]] = {}
 
     def _view(self, record: ConsentRecord) -> ConsentRecord | None:
         cached = self._seen.get(record.id)
         if cached is not None and cached[0] is record:
             return cached[1]
-        viewed = as_seen_by_link(record, without_end=self._without_end, cap_days=self._cap_days)
+        viewed = (
+            as_seen_by_link(record, without_end=self._without_end, cap_days=self._cap_days)
+            if counts_as_partner_consent(record, partner=self._partner,
+                                         purposes=self._partner_purposes)
+            else None
+        )
         self._seen[record.id] = (record, viewed)
         return viewed
 
@@ -161,7 +206,9 @@ __all__ = [
     "as_seen_by_link",
     "bundled_marketing",
     "check_registration",
+    "counts_as_partner_consent",
     "open_ended",
     "purposes_of",
     "recipients_of",
+    "unbounded_permit",
 ]

@@ -52,6 +52,7 @@ from bridge.policy.consent import (
     build_consent,
     data_instants,
     decide,
+    override_deny,
 )
 from bridge.policy.profile import LinkProfile, drop_unreferenced, omit_in_place
 from bridge.policy.transforms import DeidContext, person_key, pseudonymise_ids
@@ -274,9 +275,12 @@ def _run(
     codes = codes or default_sensitive_codes()
     identifiers = patient_identifiers(collection)
     period = data_period(collection)
-    special_in = _special_classes(
-        [e.get("resource") for e in collection.get("entry") or () if isinstance(e, dict)], codes)
     minimized = profile.minimize(collection, key=key, pseudonymise=False)
+    # Special-disease classes of the whole input, needed only when a department could
+    # leave with the stay (see below).
+    special_in = _special_classes(
+        [e.get("resource") for e in collection.get("entry") or () if isinstance(e, dict)], codes,
+    ) if _has_department(minimized.bundle) else frozenset()
     bundle = minimized.bundle
     removed = list(minimized.removed)
     labels = label_bundle(bundle, codes=codes, types=profile.classes)
@@ -300,7 +304,9 @@ def _run(
         found = memo.get(item)
         if found is None:
             if decision.override is not None:
-                found = Verdict("permit", None, "", "emergency override", decision.allowed_labels)
+                # The override permits what no consent does, except what one denies.
+                found = override_deny(records, req, item) or Verdict(
+                    "permit", None, "", "emergency override", decision.allowed_labels)
             else:
                 found = decide(records, req, item)
             memo[item] = found
@@ -459,6 +465,14 @@ def _run(
     )
 
 
+def _has_department(bundle: dict[str, Any]) -> bool:
+    return any(
+        e["resource"].get("resourceType") == "Encounter"
+        and any(e["resource"].get(d) for d in DEPARTMENT_ELEMENTS)
+        for e in bundle.get("entry") or ()
+    )
+
+
 def _present(bundle: dict[str, Any], paths: Sequence[str]) -> dict[str, set[str]]:
     """For each ``Type.element`` path, the ids of the resources that have the element."""
     out: dict[str, set[str]] = {}
@@ -506,24 +520,35 @@ def _special_classes(
     """Special-disease classes named by any coding anywhere in ``resources`` (with
     ``skip``: leaving out the entries about to be held back, by resource index)."""
     found: set[str] = set()
+    classes_of = codes.classes_of
+
+    def walk(node: Any) -> None:
+        if type(node) is dict:
+            system, code = node.get("system"), node.get("code")
+            if type(system) is str and type(code) is str:
+                hit = classes_of(system, code)
+                if hit:
+                    found.update(hit)
+            for value in node.values():
+                if type(value) is dict or type(value) is list:
+                    walk(value)
+        else:
+            for value in node:
+                if type(value) is dict or type(value) is list:
+                    walk(value)
+
     for index, resource in enumerate(resources):
-        gone = (skip or {}).get(index, [])
-        stack: list[Any] = [resource]
-        if gone and isinstance(resource, dict):
-            stack = [
-                [v for n, v in enumerate(value) if (key, n) not in gone]
-                if isinstance(value, list) else value
-                for key, value in resource.items()
-            ]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, dict):
-                system, code = node.get("system"), node.get("code")
-                if isinstance(system, str) and isinstance(code, str):
-                    found |= codes.classes_of(system, code)
-                stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
-            elif isinstance(node, list):
-                stack.extend(v for v in node if isinstance(v, (dict, list)))
+        if not isinstance(resource, dict):
+            continue
+        gone = (skip or {}).get(index)
+        if not gone:
+            walk(resource)
+            continue
+        for key, value in resource.items():
+            if isinstance(value, list):
+                walk([v for n, v in enumerate(value) if (key, n) not in gone])
+            elif isinstance(value, dict):
+                walk(value)
     return frozenset(found)
 
 
@@ -562,8 +587,8 @@ def recheck(
 ) -> ConsentDecision:
     """Ask the consent question of ``result`` again (at dispatch); raise ConsentDenied if
     the consent was revoked, expired or narrowed since — for any resource type or any
-    labelled piece of what is being sent. A message under an emergency override is
-    not rechecked against consents (the override was the decision)."""
+    labelled piece of what is being sent. A message under an emergency override needs
+    no permit (the override was the decision) but is stopped by a deny provision."""
     decision = registry.require_consent(
         patient_identifiers=list(result.patient_identifiers),
         recipient=result.decision.recipient,
@@ -574,16 +599,16 @@ def recheck(
         action=result.action,
         emergency=result.decision.override,
     )
-    if decision.override is not None:
-        return decision
     req = Request(
         result.decision.recipient, result.decision.purpose, decision.decided_at,
         data_instants(result.data_period), result.action,
     )
     records = registry.for_patient(result.patient_identifiers)
     for item in result.items:
-        v = decide(records, req, item)
-        if not v.permitted:
+        # Under an override only a deny recorded since stops the message.
+        denied = override_deny(records, req, item) if decision.override is not None else None
+        v = denied or decide(records, req, item)
+        if denied is not None or (decision.override is None and not v.permitted):
             raise ConsentDenied(
                 "consent no longer covers data in this message",
                 location=v.provision_path, consent_id=v.consent_id,

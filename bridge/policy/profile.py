@@ -29,10 +29,13 @@ are removed, and so are the repeating elements that such a removal leaves incomp
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from bridge.errors import ConfigError, LoadError
 from bridge.policy._yaml import Key, LocatedYAML, load_located
@@ -536,17 +539,28 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
     return bundle
 
 
+# A reference as orjson writes it: the key "reference" and a string value. Inside a JSON
+# string the quotes are escaped, so text that merely contains these words never matches.
+_REFERENCE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+
+
 def _references(node: Any, out: list[str]) -> None:
-    stack = [node]
-    while stack:
-        cur = stack.pop()
-        if isinstance(cur, dict):
-            ref = cur.get("reference")
-            if isinstance(ref, str):
-                out.append(ref)
-            stack.extend(v for v in cur.values() if isinstance(v, (dict, list)))
-        elif isinstance(cur, list):
-            stack.extend(v for v in cur if isinstance(v, (dict, list)))
+    """Append every ``reference`` string inside ``node`` (one pass over its JSON)."""
+    try:
+        text = orjson.dumps(node)
+    except (TypeError, orjson.JSONEncodeError):  # integers beyond 64 bits: malformed input
+        stack = [node]
+        while stack:
+            cur = stack.pop()
+            if isinstance(cur, dict):
+                if isinstance(cur.get("reference"), str):
+                    out.append(cur["reference"])
+                stack.extend(v for v in cur.values() if isinstance(v, (dict, list)))
+            elif isinstance(cur, list):
+                stack.extend(v for v in cur if isinstance(v, (dict, list)))
+        return
+    for raw in _REFERENCE.findall(text):
+        out.append(raw.decode() if b"\\" not in raw else orjson.loads(b'"' + raw + b'"'))
 
 
 def reachable(bundle: dict[str, Any], focus: Iterable[str] = ()) -> set[int] | None:

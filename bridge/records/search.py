@@ -55,6 +55,7 @@ __all__ = [
     "SearchQuery",
     "UnsupportedParameter",
     "date_range",
+    "CursorExpired",
     "decode_cursor",
     "encode_cursor",
     "parse_everything",
@@ -75,6 +76,15 @@ class UnsupportedParameter(SearchError):
 
     code = "search-unsupported"
     issue_type = "not-supported"
+
+
+class CursorExpired(SearchError):
+    """A page cursor past its lifetime (410): the traversal starts again from the first
+    page, whose answer is asked of consent afresh."""
+
+    code = "cursor-expired"
+    http_status = 410
+    issue_type = "expired"
 
 
 ParamKind = Literal["token", "reference", "date", "number", "string", "special"]
@@ -545,22 +555,33 @@ def parse_everything(
 
 
 def encode_cursor(key: bytes, query: SearchQuery, *, snapshot: int, after: int,
-                  holder: str = "") -> str:
+                  holder: str = "", expires: float | None = None) -> str:
     """An opaque, authenticated page cursor: the snapshot the traversal reads and the
     position after which the next page starts, bound to this query and to ``holder``
     (who asked and why: a traversal continues for the same partner and purpose only).
 
     Encrypted (AES-GCM under ``key``), not only authenticated: the snapshot is a position
     in the whole store, and how it grows between two pulls would count what the source
-    keeps about other patients."""
-    body = orjson.dumps({"s": snapshot, "a": after, "q": query.fingerprint, "h": holder})
+    keeps about other patients.
+
+    ``expires`` (POSIX seconds) is sealed with it: :func:`decode_cursor` refuses the
+    cursor after that instant."""
+    fields: dict[str, Any] = {"s": snapshot, "a": after, "q": query.fingerprint, "h": holder}
+    if expires is not None:
+        fields["e"] = int(expires)
+    body = orjson.dumps(fields)
     nonce = os.urandom(12)
     sealed = AESGCM(_cursor_aead_key(key)).encrypt(nonce, body, b"pull-cursor")
     return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
 
 
-def decode_cursor(key: bytes, query: SearchQuery, *, holder: str = "") -> tuple[int, int] | None:
-    """``(snapshot, after)`` of the query's cursor (None on a first page), or SearchError."""
+def decode_cursor(key: bytes, query: SearchQuery, *, holder: str = "",
+                  now: float | None = None) -> tuple[int, int] | None:
+    """``(snapshot, after)`` of the query's cursor (None on a first page), or SearchError.
+
+    With ``now`` (POSIX seconds) a cursor must carry an expiry that has not passed
+    (:class:`CursorExpired` otherwise, checked only once the cursor is known to be this
+    bridge's, for this query and holder)."""
     token = query.cursor
     if token is None:
         return None
@@ -577,6 +598,9 @@ def decode_cursor(key: bytes, query: SearchQuery, *, holder: str = "") -> tuple[
         raise SearchError("cursor belongs to another query", location="_cursor")
     if data.get("h", "") != holder:
         raise SearchError("cursor was issued for another partner or purpose", location="_cursor")
+    if now is not None and not (isinstance(data.get("e"), int) and now <= data["e"]):
+        raise CursorExpired("cursor has expired; start again from the first page",
+                            location="_cursor")
     return int(data["s"]), int(data["a"])
 
 

@@ -20,8 +20,8 @@ Envelope
 --------
 ``Bundle.signature`` is a FHIR R4 ``Signature`` with ``sigFormat``
 ``application/jose``; ``data`` is base64 of the compact JWS with a detached payload
-(``header..signature``). The protected header names the algorithm (``alg``: ES256 by
-default, Ed25519 available), the key (``kid``: base64url SHA-256 of the signing
+(``header..signature``). The protected header names the algorithm (``alg``: one of
+:mod:`bridge.trust.algorithms`, ES256 by default, Ed25519 available), the key (``kid``: base64url SHA-256 of the signing
 certificate's DER, as ``x5t#S256``) and the replay claims: ``iss`` (signer partner
 id), ``aud`` (receiver partner id), ``iat`` (epoch seconds) and ``msgid``
 (``Bundle.identifier.value``). These six, and nothing else: a ``crit``, ``b64``,
@@ -29,8 +29,9 @@ id), ``aud`` (receiver partner id), ``iat`` (epoch seconds) and ``msgid``
 talked into another payload encoding or an extension it does not implement.
 
 Verification order (PROTOCOL §5.4): the envelope of the signature, the header's
-members (none but the six, all present, each of its type), the key (known, of the TLS
-peer, of the header's algorithm), the signature, ``iss``, ``Signature.who``,
+members (none but the six, all present, each of its type), the algorithm (registered),
+the key (known, of the TLS peer, of the header's algorithm, an algorithm accepted from
+that partner), the signature, ``iss``, ``Signature.who``,
 ``msgid``, the key's validity at ``iat`` — each a ``signature-invalid`` — and only
 then ``aud`` and the time window (``replay-rejected``). An old ``iat`` under a retired key is therefore a bad signature,
 not a replay.
@@ -54,13 +55,10 @@ import orjson
 import rfc8785
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from joserfc import jws
-from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, OKPKey
-from joserfc.registry import HeaderParameter
 
 from bridge.errors import BridgeError, ConfigError, ReplayError, SignatureError
+from bridge.trust import algorithms
+from bridge.trust.algorithms import SignatureAlgorithm
 from bridge.trust.pki import PrivateKey, load_certificate, load_private_key
 
 SIGNATURE_TYPE_SYSTEM = "urn:iso-astm:E1762-95:2013"
@@ -85,20 +83,8 @@ class SigningError(BridgeError):
     issue_type = "exception"
 
 
-# The replay claims travel in the protected header (RFC 7519 §5.3 allows claims there),
-# so they need entries in joserfc's header registry.
-_REGISTRY = jws.JWSRegistry(
-    header_registry={
-        "iss": HeaderParameter("issuer partner id", "str", required=True),
-        "aud": HeaderParameter("audience partner id", "str", required=True),
-        "iat": HeaderParameter("issued at, epoch seconds", "int", required=True),
-        "msgid": HeaderParameter("Bundle.identifier.value", "str", required=True),
-        "kid": HeaderParameter("key id", "str", required=True),
-    },
-    algorithms=["ES256", "Ed25519"],
-)
-# Headers carry two partner ids and a urn:uuid; allow for long ids.
-_REGISTRY.max_header_length = 2048
+# Headers carry two partner ids and a urn:uuid; allow for long ids, not for megabytes.
+_MAX_HEADER_CHARS = 2048
 
 
 def digest(data: bytes) -> str:
@@ -220,20 +206,15 @@ def certificate_kid(cert: x509.Certificate) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
 
 
-def _algorithm_for(key: Any) -> str:
-    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and isinstance(
-        key.curve, ec.SECP256R1
-    ):
-        return "ES256"
-    if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
-        return "Ed25519"
-    raise ValueError("only EC P-256 and Ed25519 keys sign bundles")
+def _b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
-def _jose_key(key: Any) -> ECKey | OKPKey:
-    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
-        return ECKey.import_key(key)
-    return OKPKey.import_key(key)
+def _algorithm_for(key: Any) -> SignatureAlgorithm:
+    algorithm = algorithms.for_key(key)
+    if algorithm is None:
+        raise ValueError(f"only {algorithms.key_kinds()} keys sign bundles")
+    return algorithm
 
 
 def _public_bytes(key: Any) -> bytes:
@@ -251,15 +232,15 @@ class Signer:
     private_key: PrivateKey
     kid: str
     algorithm: str = field(init=False)
-    _jose: ECKey | OKPKey = field(init=False, repr=False, compare=False)
+    _impl: SignatureAlgorithm = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         try:
-            alg = _algorithm_for(self.private_key)
+            impl = _algorithm_for(self.private_key)
         except ValueError as exc:
             raise SigningError(str(exc), location="signer.private_key") from None
-        object.__setattr__(self, "algorithm", alg)
-        object.__setattr__(self, "_jose", _jose_key(self.private_key))
+        object.__setattr__(self, "algorithm", impl.name)
+        object.__setattr__(self, "_impl", impl)
 
     @classmethod
     def from_certificate(cls, private_key: PrivateKey, cert: x509.Certificate) -> Signer:
@@ -287,8 +268,9 @@ class Signer:
     def sign_detached(self, header: dict[str, Any], payload: bytes) -> str:
         """Compact JWS of ``payload`` with the content detached (``header..signature``)."""
         protected = {**header, "alg": self.algorithm, "kid": self.kid}
-        compact = jws.serialize_compact(protected, payload, self._jose, registry=_REGISTRY)
-        return str(jws.detach_content(compact))
+        encoded = _b64url(json.dumps(protected, separators=(",", ":")).encode("utf-8"))
+        signature = self._impl.sign(self.private_key, encoded + b"." + _b64url(payload))
+        return (encoded + b".." + _b64url(signature)).decode("ascii")
 
 
 # --- key ring ------------------------------------------------------------------------------
@@ -300,18 +282,44 @@ class KeyEntry:
 
     kid: str
     partner_id: str
-    public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+    public_key: Any
     algorithm: str
     not_before: datetime
     not_after: datetime
-    jose_key: ECKey | OKPKey = field(repr=False, compare=False)
+    impl: SignatureAlgorithm = field(repr=False, compare=False)
 
 
 class KeyRing:
-    """Maps kid → partner signing key. A partner may hold several keys at once (rotation)."""
+    """Maps kid → partner signing key. A partner may hold several keys at once (rotation).
+
+    By default a partner's signature is accepted under the algorithm of whichever of its
+    keys signed it. :meth:`accept` narrows that to the algorithms the configuration
+    names for the partner: a key of another algorithm, even one still registered for the
+    partner, then signs nothing this ring accepts.
+    """
 
     def __init__(self) -> None:
         self._entries: dict[str, KeyEntry] = {}
+        self._accepted: dict[str, frozenset[str]] = {}
+
+    def accept(self, partner_id: str, names: frozenset[str] | set[str] | list[str]) -> None:
+        """Accept signatures from ``partner_id`` under ``names`` only (JWS ``alg`` values)."""
+        location = f"partners.{partner_id}.signature_algorithms"
+        chosen = frozenset(names)
+        if not chosen:
+            raise ConfigError("at least one signature algorithm is accepted", location=location)
+        unknown = sorted(n for n in chosen if algorithms.get(n) is None)
+        if unknown:
+            raise ConfigError(
+                f"signature algorithm {unknown[0]} is not one of "
+                f"{', '.join(algorithms.names())}",
+                location=location,
+            )
+        self._accepted[partner_id] = chosen
+
+    def accepted(self, partner_id: str) -> frozenset[str] | None:
+        """The algorithms accepted from ``partner_id``, or None when not narrowed."""
+        return self._accepted.get(partner_id)
 
     def add_certificate(
         self, partner_id: str, cert: x509.Certificate | bytes | str | os.PathLike[str]
@@ -337,12 +345,16 @@ class KeyRing:
         else:
             certificate = load_certificate(Path(cert))
             location = os.fspath(cert)
-        public_key = certificate.public_key()
         try:
-            algorithm = _algorithm_for(public_key)
+            public_key = certificate.public_key()
+            impl = _algorithm_for(public_key)
         except ValueError:
             raise ConfigError(
-                "signing certificate key must be EC P-256 or Ed25519", location=location
+                f"signing certificate key must be {algorithms.key_kinds()}", location=location
+            ) from None
+        except Exception:  # noqa: BLE001 - cryptography cannot load this key type at all
+            raise ConfigError(
+                f"signing certificate key must be {algorithms.key_kinds()}", location=location
             ) from None
         try:
             usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -357,11 +369,11 @@ class KeyRing:
         entry = KeyEntry(
             kid=kid,
             partner_id=partner_id,
-            public_key=public_key,  # type: ignore[arg-type]
-            algorithm=algorithm,
+            public_key=public_key,
+            algorithm=impl.name,
             not_before=certificate.not_valid_before_utc,
             not_after=certificate.not_valid_after_utc,
-            jose_key=_jose_key(public_key),
+            impl=impl,
         )
         self._entries[kid] = entry
         return entry
@@ -494,7 +506,8 @@ def verify_bundle(
             "signature data is not base64 of a compact JWS", location=_DATA_LOC
         ) from None
     header = _protected_header(compact, _DATA_LOC)
-    entry = _signing_key(header, keyring, expected_issuer, _DATA_LOC)
+    entry = _signing_key(header, keyring, expected_issuer, _DATA_LOC,
+                         check_time or _recent(header, now, window))
     payload = _verified_payload(
         compact, signed_payload_forms(bundle), entry, expected_issuer, header, _DATA_LOC
     )
@@ -552,7 +565,8 @@ def verify_detached_bytes(
     except (UnicodeEncodeError, AttributeError):
         raise SignatureError("signature is not a compact JWS", location=location) from None
     header = _protected_header(raw, location)
-    entry = _signing_key(header, keyring, expected_issuer, location)
+    entry = _signing_key(header, keyring, expected_issuer, location,
+                         check_time or _recent(header, now, window))
     _verified_payload(raw, (payload,), entry, expected_issuer, header, location)
     return _claims(header, entry, payload, expected_audience, now, window, check_time, location)
 
@@ -596,15 +610,25 @@ def _protected_header(compact: bytes, loc: str) -> dict[str, Any]:
             raise SignatureError(
                 "protected header member has the wrong type", location=f"{loc}#{name}"
             )
-    if header["alg"] not in ("ES256", "Ed25519"):
+    if algorithms.get(header["alg"]) is None:
         raise SignatureError("signature algorithm not allowed", location=f"{loc}#alg")
     return header
 
 
+def _recent(header: dict[str, Any], now: datetime, window: timedelta) -> bool:
+    """Whether the (not yet verified) ``iat`` is within ``window`` of ``now``."""
+    return bool(abs(now.timestamp() - header["iat"]) <= window.total_seconds())
+
+
 def _signing_key(
-    header: dict[str, Any], keyring: KeyRing, expected_issuer: str, loc: str
+    header: dict[str, Any], keyring: KeyRing, expected_issuer: str, loc: str, fresh: bool
 ) -> KeyEntry:
-    """PROTOCOL §5.4 steps 9-11: a known key of the expected partner, of the header's alg."""
+    """PROTOCOL §5.4 steps 10-12: a known key of the expected partner, of the header's
+    alg, and for a new signature (``fresh``: a new message, or evidence signed within
+    the window) an algorithm the configuration accepts from that partner. Older evidence
+    (the original receipt returned to a resend) may predate a change of the link's
+    algorithm: it is held to the algorithm of the key that made it. ``iat`` is not yet
+    verified here; a changed ``iat`` fails the signature at the next step."""
     entry = keyring.get(header["kid"])
     if entry is None:
         raise SignatureError("signing key id is not in the key ring", location=f"{loc}#kid")
@@ -612,6 +636,11 @@ def _signing_key(
         raise SignatureError("signing key belongs to another partner", location=f"{loc}#kid")
     if header["alg"] != entry.algorithm:
         raise SignatureError("signature algorithm does not match the key", location=f"{loc}#alg")
+    accepted = keyring.accepted(expected_issuer)
+    if fresh and accepted is not None and entry.algorithm not in accepted:
+        raise SignatureError(
+            "signature algorithm is not one configured for this partner", location=f"{loc}#alg"
+        )
     return entry
 
 
@@ -623,14 +652,16 @@ def _verified_payload(
     header: dict[str, Any],
     loc: str,
 ) -> bytes:
-    """PROTOCOL §5.4 steps 12-13: the payload form the signature covers, then ``iss``."""
+    """PROTOCOL §5.4 steps 13-14: the payload form the signature covers, then ``iss``."""
+    encoded_header, _, encoded_signature = compact.split(b".")
+    try:
+        if len(encoded_header) > _MAX_HEADER_CHARS or not _B64URL.fullmatch(encoded_signature):
+            raise ValueError("not a signature")
+        signature = base64.urlsafe_b64decode(encoded_signature + b"=" * (-len(encoded_signature) % 4))
+    except (ValueError, binascii.Error):
+        raise SignatureError("signature does not verify", location=loc) from None
     for payload in payloads:
-        try:
-            obj = jws.extract_compact(compact, payload, _REGISTRY)
-            valid = jws.validate_compact(obj, entry.jose_key, [entry.algorithm], _REGISTRY)
-        except (JoseError, ValueError, TypeError):
-            valid = False
-        if valid:
+        if entry.impl.verify(entry.public_key, signature, encoded_header + b"." + _b64url(payload)):
             break
     else:
         raise SignatureError("signature does not verify", location=loc)

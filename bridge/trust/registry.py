@@ -13,14 +13,24 @@ Identity modes:
 ``"fingerprint"``
     The SHA-256 fingerprint alone selects the partner, for operator CAs that cannot
     issue the URI SAN. A URI SAN naming a *different* partner is still refused.
+
+Each partner is bound to the CAs that issue its certificates (``tls_issuers``, from
+``partners.tls_ca``): a certificate any other trusted CA issued is nobody's, even if it
+names the partner. Without that binding, a partner running its own CA could issue a
+certificate naming another partner and be taken for it. The bundle of trusted CAs only
+decides whether a handshake succeeds; which partner a certificate may speak for is
+decided here.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
+
+from cryptography import x509
 
 from bridge.errors import ConfigError, UnknownPartner
 from bridge.trust.identity import certificate_identity
@@ -50,6 +60,9 @@ class Partner:
     tls_fingerprints: frozenset[str] = field(default_factory=frozenset)
     signing_certificates: tuple[str | os.PathLike[str] | bytes, ...] = ()
     links: frozenset[str] = field(default_factory=frozenset)
+    #: DER of the CA certificates that issue this partner's TLS certificates; empty:
+    #: any CA of the bundle (allowed only when the bundle holds one CA, or with pins).
+    tls_issuers: frozenset[bytes] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -59,6 +72,20 @@ class Partner:
         )
         object.__setattr__(self, "links", frozenset(self.links))
         object.__setattr__(self, "signing_certificates", tuple(self.signing_certificates))
+        object.__setattr__(self, "tls_issuers", frozenset(self.tls_issuers))
+
+
+@functools.lru_cache(maxsize=1024)
+def issued_by(leaf_der: bytes, ca_der: bytes) -> bool:
+    """True when the CA certificate ``ca_der`` signed the certificate ``leaf_der`` (its
+    issuer name is the CA's subject and the CA's key verifies the signature)."""
+    try:
+        leaf = x509.load_der_x509_certificate(leaf_der)
+        ca = x509.load_der_x509_certificate(ca_der)
+        leaf.verify_directly_issued_by(ca)
+    except Exception:  # noqa: BLE001 - any failure means "not issued by this CA"
+        return False
+    return True
 
 
 class PartnerRegistry:
@@ -130,6 +157,13 @@ class PartnerRegistry:
                     "certificate is not one pinned for this partner", location=_LOC
                 )
             partner = found
+        if partner.tls_issuers and not any(
+            issued_by(peer_cert_der, ca) for ca in sorted(partner.tls_issuers)
+        ):
+            raise UnknownPartner(
+                "certificate was not issued by a CA configured for this partner",
+                location=f"{_LOC}.issuer",
+            )
         if link is not None and link not in partner.links:
             raise UnknownPartner("partner is not configured for this link", location="link")
         return partner

@@ -40,6 +40,7 @@ from bridge.mapping.hl7v2.schema import check_version, validate
 from bridge.mapping.hl7v2.site import SiteContext, load_facilities
 from bridge.mapping.hl7v2.spec import (
     MessageMapping,
+    Path_,
     field_elements,
     read_fields,
     shipped_mappings,
@@ -54,6 +55,8 @@ __all__ = ["HL7Message", "HL7Reader", "Intake", "MSHHeader", "SiteContext", "ack
 _ALWAYS_READ = frozenset({("MSH", 3), ("MSH", 4), ("MSH", 7), ("MSH", 9), ("MSH", 10),
                           ("MSH", 11), ("MSH", 12), ("MSH", 18)})
 _ELEMENT = re.compile(r"HDSD\d{2}\.\d{2}\.\d{3}")
+#: MSH-11.1 (HL7 table 0103) of the messages intake takes: production data only.
+PRODUCTION = "P"
 
 
 @dataclass
@@ -85,6 +88,35 @@ class HL7Reader:
         self.site = SiteContext(base.organization_code, base.organization_name,
                                 load_facilities(files))
         self._read: dict[tuple[str, str], frozenset[tuple[str, int]]] = {}
+        self.biometric_paths = self._biometric_paths()
+        #: Data set code -> element ids marked biometric (for records that arrive as JSON).
+        self.biometric_elements = self._biometric_elements()
+
+    def _biometric_elements(self) -> dict[str, frozenset[str]]:
+        found: dict[str, set[str]] = {}
+        specs = list(self.mappings.values()) + [
+            part for visit in self.visits.values() for part in visit.parts.values()]
+        for spec in specs:
+            for element in list(spec.elements) + [e for g in spec.groups for e in g.elements]:
+                if element.biometric and spec.dataset is not None:
+                    found.setdefault(spec.dataset, set()).add(element.element)
+        return {dataset: frozenset(ids) for dataset, ids in found.items()}
+
+    def _biometric_paths(self) -> tuple[Path_, ...]:
+        """The paths of every element any mapping marks biometric (message files, those
+        they dispatch to among them, visit parts).
+
+        They apply to every message the listener takes, whatever its type: a segment's
+        field means the same in every message (PID-11 is the patient's address in an
+        ADT^A01 and in a DFT^P03 alike), and a message type that does not read the field
+        still carries it into the stored message.
+        """
+        specs = list(self.mappings.values()) + [
+            part for visit in self.visits.values() for part in visit.parts.values()]
+        paths: list[Path_] = []
+        for spec in specs:
+            paths += [p for p in spec.biometric_paths() if p not in paths]
+        return tuple(paths)
 
     # --- which mapping ----------------------------------------------------------------------
 
@@ -239,6 +271,11 @@ class HL7Reader:
         checked for structure only: problems there become ``warnings``.
         """
         msg = data if isinstance(data, HL7Message) else parse_hl7(data)
+        if msg.msh.value(11, 1, 1) != PRODUCTION:
+            # A training or debugging message (an HIS test system pointed here) must
+            # never become a claim: refused as a message this listener does not take.
+            raise hl7_error(MappingError, "processing id is not P (production)",
+                            Loc("MSH", 1, 11), "202")
         message_type = msg.message_type
         own = self.mapping_for(msg)
         visit = member_of(self.visits, message_type, msg)

@@ -16,7 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from bridge.errors import LoadError
+from bridge.errors import LoadError, MappingError
+from bridge.mapping.hl7v2.biometric import DIGEST_CHARS
 from bridge.mapping.valuesets import ValueSetMap, load_valuesets, valuesets_for
 from bridge.mapping.yamlsrc import SourceMap, load_yaml
 from bridge.records.catalog import DatasetCatalog, load_catalog
@@ -29,7 +30,8 @@ _TOP_KEYS = frozenset({"mapping", "source", "target", "purpose", "required_segme
 _SOURCE_KEYS = frozenset({"standard", "versions", "message", "structure"})
 _TARGET_KEYS = frozenset({"standard", "dataset", "subset", "catalog"})
 _RULE_KEYS = frozenset({"path", "select", "transform", "valueset", "at", "from", "value",
-                        "when", "required", "same_in_every", "each", "until", "context"})
+                        "when", "required", "same_in_every", "each", "until", "context",
+                        "biometric"})
 _GROUP_KEYS = frozenset({"segment", "when", "elements"})
 _SUMS_KEYS = frozenset({"segment", "transaction", "category", "fee_class", "amount", "total",
                         "within", "when"})
@@ -127,6 +129,9 @@ class Rule:
     # (the rule's segments between it and the next one, or a segment in ``until``).
     each: str | None = None
     until: frozenset[str] = frozenset()
+    # The element is biometric data: its paths are replaced by a keyed digest before the
+    # message is stored or mapped (bridge.mapping.hl7v2.biometric).
+    biometric: bool = False
 
 
 @dataclass(slots=True)
@@ -140,6 +145,11 @@ class ElementRules:
     @property
     def required(self) -> bool:
         return any(r.required for r in self.rules)
+
+    @property
+    def biometric(self) -> bool:
+        """One rule marking the element biometric marks it, every rule's paths with it."""
+        return any(r.biometric for r in self.rules)
 
     @property
     def why(self) -> str | None:
@@ -209,6 +219,15 @@ class MessageMapping:
     unused: dict[str, str] = field(default_factory=dict)
     # Every message type the file maps (a visit part may serve several).
     message_types: tuple[str, ...] = ()
+
+    def biometric_paths(self) -> tuple[Path_, ...]:
+        """The HL7 paths read for biometric elements, record level and in groups."""
+        elements = list(self.elements) + [e for g in self.groups for e in g.elements]
+        found: list[Path_] = []
+        for element in elements:
+            if element.biometric:
+                found += [p for r in element.rules for p in r.paths if p not in found]
+        return tuple(found)
 
     def filled(self) -> dict[str, list[str]]:
         """Data-element ids this mapping can fill: record level and per group."""
@@ -433,6 +452,10 @@ class _Loader:
                     raise LoadError("same_in_every reads one segment",
                                     location=data.where("same_in_every"))
                 rule.same_in_every = True
+        if "biometric" in data:
+            if not isinstance(data["biometric"], bool):
+                raise LoadError("biometric must be true or false", location=data.where("biometric"))
+            rule.biometric = data["biometric"]
         for key in ("each", "until"):
             if key in data and not rule.same_in_every:
                 raise LoadError(f"{key} goes with same_in_every: true", location=data.where(key))
@@ -462,8 +485,34 @@ class _Loader:
             if not items:
                 raise LoadError("no rule given", location=data.where(key))
             rules = [self.rule(v, data.where(key), group_segment) for v in items]
-            out.append(ElementRules(eid, data.where(key), rules))
+            element = ElementRules(eid, data.where(key), rules)
+            if element.biometric:
+                self.check_biometric(element, items)
+            out.append(element)
         return out
+
+    def check_biometric(self, element: ElementRules, items: list[Any]) -> None:
+        """A biometric element is read only through paths the digest can replace, and its
+        catalog format holds the digest."""
+        for rule, raw in zip(element.rules, items, strict=True):
+            where = raw.where("biometric") if "biometric" in raw else rule.where
+            if rule.transform != "string" or not rule.paths:
+                raise LoadError("a biometric element is read from a path with transform string"
+                                " (it holds a digest)", location=where)
+            if rule.select is not None:
+                raise LoadError("a biometric element is read from a path without select: every"
+                                " repetition of the field is replaced by its digest",
+                                location=where)
+            if any(p.segment == "MSH" for p in rule.paths):
+                raise LoadError("MSH carries no biometric data", location=where)
+        assert self.catalog is not None
+        try:
+            self.catalog.elements[element.element].check("x" * DIGEST_CHARS)
+        except MappingError:
+            fmt = self.catalog.elements[element.element].format
+            raise LoadError(f"a biometric element holds a {DIGEST_CHARS}-character digest; the"
+                            f" format of {element.element} ({fmt}) does not",
+                            location=element.where) from None
 
     def load(self) -> MessageMapping:
         data = load_yaml(self.path)

@@ -1,0 +1,393 @@
+"""The conformance kit, run as a user runs it: against a real ``bridge serve`` process
+(every case passes, reports written), and against bridges patched here to bring back
+each defect the kit exists to catch (the named case fails, and says why)."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_support import Pair, set_toml_keys, start_pair
+from peer_support import call
+
+from bridge.conformance import kit
+from bridge.demo import free_port, write_configs
+from bridge.trust.lifecycle import revoke
+from bridge.trust.pki import (
+    certificate_pem,
+    init_dev_pki,
+    issue_certificate,
+    load_certificate,
+    load_private_key,
+    private_key_pem,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"header_timeout_seconds": 2.0, "body_timeout_seconds": 2.0,
+        "handshake_timeout_seconds": 2.0}
+
+
+def test_the_kit_imports_nothing_of_the_bridge_outside_its_room() -> None:
+    probe = (
+        "import sys\n"
+        "from bridge.conformance import kit, report\n"
+        "kit.all_cases()\n"
+        "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    modules = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=ROOT
+    ).stdout.split()
+    ours = [m for m in modules if m.startswith("bridge")]
+    assert "bridge.conformance.cases_receiver" in ours
+    assert [m for m in ours if m != "bridge" and not m.startswith("bridge.conformance")] == []
+    assert not {"aiohttp", "joserfc"} & set(modules)
+
+
+def test_every_case_traces_to_requirements_and_has_a_description() -> None:
+    rows = {r["id"]: r for r in csv.DictReader((ROOT / "conformance" /
+                                                "requirements.csv").open(encoding="utf-8"))}
+    cases = kit.all_cases()
+    assert len({c.id for c in cases}) == len(cases)
+    for c in cases:
+        assert re.fullmatch(r"[a-z0-9][a-z0-9.-]+", c.id), c.id
+        assert c.requirements and set(c.requirements) <= set(rows), c.id
+        assert len(c.description) > 40, c.id
+    # A requirement marked untestable from outside has no case claiming to test it, and
+    # every receiver requirement of the claim push without a reason has a case.
+    covered = kit.coverage(kit.load_requirements(), cases)
+    push = ("P-TLS-", "P-MSG-", "P-SIG-", "P-RCV-", "P-RCP-", "P-HTTP-")
+    missing = [
+        rid for rid, row in rows.items()
+        if rid.startswith(push) and row["actor"] in ("receiver", "verifier", "both")
+        and not row["why_not_tested"] and not covered[rid]
+    ]
+    assert missing == []
+
+
+def test_requirements_command_lists_each_requirement_with_its_cases() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bridge", "conformance", "requirements"],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    ).stdout
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "id-sender-mismatch" in lines["P-MSG-6"]
+    assert "tls-no-resumption" in lines["P-TLS-6"]
+    assert "(none:" in lines["P-AUD-4"]
+
+
+# --- against a bridge process ------------------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A receiving bridge as an operator runs it: ``bridge serve`` in its own process."""
+    init_dev_pki(tmp_path / "pki", ["hospital-a", "insurer-b"],
+                 now=datetime.now(UTC) - timedelta(days=1))
+    # A hospital certificate on the CRL, for the revocation case.
+    pki = tmp_path / "pki"
+    cert, key = issue_certificate(
+        load_certificate(pki / "ca.pem"), load_private_key(pki / "ca.key"),  # type: ignore[arg-type]
+        "hospital-a", purpose="tls", now=datetime.now(UTC), partner_id="hospital-a",
+    )
+    (pki / "revoked.pem").write_bytes(certificate_pem(cert))
+    (pki / "revoked.key").write_bytes(private_key_pem(key))
+    revoke(pki, pki / "revoked.pem", now=datetime.now(UTC))
+    _, insurer_cfg = write_configs(tmp_path, free_port(), free_port())
+    set_toml_keys(insurer_cfg, "server", FAST)
+    set_toml_keys(insurer_cfg, "tls", {"crl": "pki/crl.pem"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "serve", "--config", str(insurer_cfg)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        port = re.search(r"port=(\d+)", ready)
+        assert port, ready
+        yield tmp_path, f"https://127.0.0.1:{port.group(1)}/fhir"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _kit_args(root: Path, target: str) -> list[str]:
+    pki = root / "pki"
+    return [
+        "--target", target, "--cert", str(pki / "hospital-a" / "tls.pem"),
+        "--key", str(pki / "hospital-a" / "tls.key"), "--ca", str(pki / "ca.pem"),
+        "--signing-key", str(pki / "hospital-a" / "sign.key"),
+        "--receiver-signing-cert", str(pki / "insurer-b" / "sign.pem"),
+        "--ca-key", str(pki / "ca.key"),
+        "--header-timeout", "2", "--body-timeout", "2", "--handshake-timeout", "2",
+        "--revoked-cert", str(pki / "revoked.pem"), "--revoked-key", str(pki / "revoked.key"),
+    ]
+
+
+@pytest.mark.battery
+def test_the_whole_kit_passes_against_a_bridge_process(served: tuple[Path, str]) -> None:
+    root, target = served
+    junit, page = root / "kit.xml", root / "kit.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "conformance", "run", *_kit_args(root, target),
+         "--junit", str(junit), "--html", str(page), "--quiet"],
+        capture_output=True, text=True, cwd=root, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CONFORMANT:" in done.stdout and "NOT CONFORMANT" not in done.stdout
+    suite = ET.parse(junit).getroot()
+    names = [tc.get("name") for tc in suite.iter("testcase")]
+    assert sorted(names) == sorted(c.id for c in kit.select_cases())
+    assert suite.get("failures") == suite.get("errors") == suite.get("skipped") == "0"
+    text = page.read_text(encoding="utf-8")
+    # One page, nothing fetched from elsewhere; each requirement with its cases and the
+    # exchanges as evidence.
+    assert not re.search(r"<(script|link|img)\b", text)
+    assert 'id="id-sender-mismatch"' in text and "sender-mismatch" in text
+    assert '<tr class="pass"><td>P-MSG-6</td>' in text
+    assert "403 Forbidden" in text
+
+
+def test_a_required_case_failing_is_exit_1_and_a_bad_target_exit_2(
+    served: tuple[Path, str],
+) -> None:
+    root, target = served
+    args = _kit_args(root, target)
+    # The kit's own signing key is not the one the target holds for hospital-a: cases
+    # expecting acceptance fail, and the run says so.
+    stray = root / "stray"
+    init_dev_pki(stray, ["hospital-a"])
+    i = args.index("--signing-key")
+    args[i + 1] = str(stray / "hospital-a" / "sign.key")
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "conformance", "run", *args, "--quiet",
+         "--case", "sig-valid-claim", "--case", "id-sender-mismatch"],
+        capture_output=True, text=True, cwd=root, timeout=60, check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAIL  sig-valid-claim" in done.stdout
+    assert "expected 200 with a receipt, got 403" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "bridge", "conformance", "run", *args, "--case", "no-such-case"],
+        capture_output=True, text=True, cwd=root, timeout=30, check=False,
+    )
+    assert bad.returncode == 2 and "no-such-case" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+# --- against bridges with the defects back -----------------------------------------------
+
+
+def _config(pair: Pair, **changes: Any) -> kit.KitConfig:
+    pki = pair.root / "pki"
+    params: dict[str, Any] = {
+        "target": pair.insurer_url,
+        "cert": pki / "hospital-a" / "tls.pem",
+        "key": pki / "hospital-a" / "tls.key",
+        "ca": pki / "ca.pem",
+        "signing_key": pki / "hospital-a" / "sign.key",
+        "signing_cert": pki / "hospital-a" / "sign.pem",
+        "receiver_signing_cert": pki / "insurer-b" / "sign.pem",
+        "ca_key": pki / "ca.key",
+        "header_timeout": 2.0,
+        "body_timeout": 2.0,
+        "handshake_timeout": 2.0,
+    }
+    params.update(changes)
+    return kit.KitConfig(**params)
+
+
+async def _run(pair: Pair, ids: Sequence[str], **changes: Any) -> dict[str, kit.Result]:
+    results = await call(kit.run, _config(pair, **changes), kit.select_cases(ids))
+    return {r.case.id: r for r in results}
+
+
+@pytest.fixture
+async def patched_pair(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """A pair started after the test's monkeypatches (the listener reads them at start)."""
+    p = await start_pair(tmp_path, start_dispatch=False,
+                         insurer_config={"server": dict(FAST)})
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+async def test_kit_cases_pass_on_this_bridge_in_process(patched_pair: Pair) -> None:
+    ids = ["tls-no-resumption", "tls-resumption-after-expiry", "id-sender-mismatch",
+           "id-wrong-receiver", "id-event", "id-message-identity", "idem-concurrent",
+           "sig-extra-header", "tls-unregistered-partner", "tls-groups-refused",
+           "exh-slow-headers"]
+    results = await _run(patched_pair, ids)
+    assert {k: (r.status, r.detail) for k, r in results.items() if not r.passed} == {}
+
+
+def _fails(results: dict[str, kit.Result], case_id: str, *words: str) -> None:
+    result = results[case_id]
+    assert result.status == "fail", (result.status, result.detail)
+    for word in words:
+        assert word in result.detail, result.detail
+
+
+async def test_defect_1_tls_sessions_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listener keeps OpenSSL's session-id cache, and the per-request certificate
+    # check is gone: a resumed session then carries an expired certificate's claims.
+    from bridge.trust import tls
+    from bridge.trust.identity import certificate_identity
+    from bridge.trust.peercheck import PeerCertificateCheck
+
+    monkeypatch.setattr(tls, "disable_session_cache", lambda ctx: None)
+    monkeypatch.setattr(PeerCertificateCheck, "check",
+                        lambda self, der, now: certificate_identity(der))
+    pair = await start_pair(tmp_path, start_dispatch=False, insurer_config={"server": FAST})
+    try:
+        results = await _run(pair, ["tls-no-resumption", "tls-certificate-per-request",
+                                    "tls-resumption-after-expiry"])
+    finally:
+        await pair.stop()
+    _fails(results, "tls-no-resumption", "resumed a TLS 1.2 session")
+    _fails(results, "tls-certificate-per-request", "expected 401 certificate-rejected")
+    _fails(results, "tls-resumption-after-expiry", "accepted over a session resumed")
+
+
+async def test_defect_2_and_3_message_header_not_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.link import server
+
+    monkeypatch.setattr(server, "check_addressing", lambda envelope, *, peer, receiver: None)
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        results = await _run(pair, ["id-sender-mismatch", "id-wrong-receiver"])
+    finally:
+        await pair.stop()
+    _fails(results, "id-sender-mismatch", "expected 403 sender-mismatch", "got 200")
+    _fails(results, "id-wrong-receiver", "expected 403 wrong-receiver", "got 200")
+
+
+async def test_defect_4_other_events_stored_as_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.link import server
+
+    monkeypatch.setattr(server, "ACCEPTED_EVENTS",
+                        frozenset({"claim-submit", "receipt", "claim-cancel"}))
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        results = await _run(pair, ["id-event"])
+    finally:
+        await pair.stop()
+    _fails(results, "id-event", "expected 400 unsupported-event", "got 200")
+
+
+async def test_defect_5_identities_that_are_not_canonical_uuids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge import messages
+
+    monkeypatch.setattr(messages, "MESSAGE_ID_PATTERN", re.compile(r"urn:[a-z]+:.+"))
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        results = await _run(pair, ["id-message-identity"])
+    finally:
+        await pair.stop()
+    _fails(results, "id-message-identity", "expected 400 parse-error")
+
+
+async def test_defect_6_in_progress_before_the_signature(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The in-progress check moved in front of signature verification: a forged copy of
+    # a message in flight is told 409 instead of 403.
+    from bridge.errors import InFlightError
+    from bridge.link import server
+
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    receiver = pair.insurer.receiver
+    real_verify = server.verify_bundle
+
+    def verify_after_flight_check(bundle: Any, keyring: Any, **kw: Any) -> Any:
+        key = (kw["expected_issuer"], bundle["identifier"]["value"])
+        if key in receiver._in_flight:
+            raise InFlightError("in progress", location="Bundle.identifier")
+        return real_verify(bundle, keyring, **kw)
+
+    monkeypatch.setattr(server, "verify_bundle", verify_after_flight_check)
+    try:
+        results = await _run(pair, ["idem-concurrent"])
+    finally:
+        await pair.stop()
+    _fails(results, "idem-concurrent", "forged copies got", "409")
+
+
+async def test_defect_7_unencoded_payload_jws_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.trust import jws
+
+    monkeypatch.setattr(jws, "_HEADER_TYPES", {**jws._HEADER_TYPES, "crit": list, "b64": bool,
+                                                "typ": str, "x5c": list, "jku": str})
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        results = await _run(pair, ["sig-extra-header"])
+    finally:
+        await pair.stop()
+    _fails(results, "sig-extra-header", "expected 403 signature-invalid at "
+           "Bundle.signature.data#b64")
+
+
+async def test_defect_8_metadata_for_any_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.link import server
+    from bridge.link.capability import capability_statement
+
+    async def open_metadata(self: Any, request: Any) -> Any:
+        return server.web.Response(body=server.orjson.dumps(capability_statement(self.c, None)),
+                                   content_type=server.FHIR_JSON)
+
+    def gate(receiver: Any) -> Any:
+        @server.web.middleware
+        async def no_gate(request: Any, handler: Any) -> Any:
+            return await handler(request)
+
+        return no_gate
+
+    monkeypatch.setattr(server.ReceiverApp, "metadata", open_metadata)
+    monkeypatch.setattr(server, "peer_gate", gate)
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        results = await _run(pair, ["tls-unregistered-partner"])
+    finally:
+        await pair.stop()
+    _fails(results, "tls-unregistered-partner", "expected 401 unknown-partner", "got 200")
+
+
+async def test_defect_9_groups_and_slow_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every group OpenSSL offers, and a header timeout far longer than the one the
+    # operator states to the kit.
+    from bridge.trust import tls
+
+    monkeypatch.setattr(tls, "INTERMEDIATE_GROUPS",
+                        ("X25519", "prime256v1", "secp384r1", "secp521r1", "X448",
+                         "ffdhe2048", "ffdhe3072"))
+    pair = await start_pair(tmp_path, start_dispatch=False,
+                            insurer_config={"server": {"header_timeout_seconds": 30.0}})
+    try:
+        results = await _run(pair, ["tls-groups-refused", "exh-slow-headers"],
+                             header_timeout=1.0)
+    finally:
+        await pair.stop()
+    _fails(results, "tls-groups-refused", "with only P-521 got 200")
+    _fails(results, "exh-slow-headers", "kept its connection")
