@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from bridge.cli import main
 from bridge.config import load_config
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, ProfileError
 from bridge.link.node import Controller
 from bridge.link.research import release
 from bridge.mapping import map_record, patient_identifiers
@@ -130,6 +130,19 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     asyncio.run(run())
     return out
+
+
+def test_one_record_alone_cannot_leave_on_a_research_link(released: dict[str, Any]) -> None:
+    async def run() -> None:
+        controller = Controller(load_config(released["cfg"]))
+        try:
+            with pytest.raises(ProfileError) as info:
+                await controller.submit(inpatient_records(1, seed=977)[0], LINK)
+            assert "research batches only" in info.value.message
+        finally:
+            await controller.close()
+
+    asyncio.run(run())
 
 
 def test_release_reports_k_achieved_and_suppressions(released: dict[str, Any]) -> None:

@@ -25,7 +25,14 @@ from cryptography.hazmat.primitives import serialization
 from bridge.compliance.agreements import CrossBorderRefused, check_agreement, check_link
 from bridge.compliance.operators import acting_operator
 from bridge.config import BridgeConfig, LinkConfig, PartnerConfig
-from bridge.errors import BridgeError, ConfigError, ConflictError, MappingError, PolicyError
+from bridge.errors import (
+    BridgeError,
+    ConfigError,
+    ConflictError,
+    MappingError,
+    PolicyError,
+    ProfileError,
+)
 from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
@@ -461,6 +468,13 @@ class Controller:
         now = self.clock()
         check_link(self.config, link, now)
         if result is None:
+            if self.profiles[link.id].k_anonymity is not None:
+                # A research link releases batches made k-anonymous over persons; one record
+                # on its own would skip that (and the top-coding of great ages).
+                raise ProfileError(
+                    "this link releases research batches only (bridge research release)",
+                    location=f"links.{link.id}.profile",
+                )
             result = self.policy(record, link_id, replaces=replaces, mapped=mapped)
         if not any(
             e.get("resource", {}).get("resourceType") == "Claim" for e in result.bundle["entry"]
