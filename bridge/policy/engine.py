@@ -23,10 +23,13 @@ ask it again before dispatch, because a consent may be revoked while a message w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any, Literal
+
+import orjson
 
 from bridge.errors import ConsentDenied
 from bridge.policy.classify import (
@@ -512,6 +515,11 @@ def _refuse_without(
         )
 
 
+# A code as orjson writes it (a Coding's "code" member, or any other "code"): a superset
+# of the codes a walk would look at, so a filter, never a decision.
+_CODE = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
+
+
 def _special_classes(
     resources: Sequence[Any],
     codes: SensitiveCodes,
@@ -521,6 +529,19 @@ def _special_classes(
     ``skip``: leaving out the entries about to be held back, by resource index)."""
     found: set[str] = set()
     classes_of = codes.classes_of
+    if not skip:
+        # Most stays name no special disease: one pass over the JSON finds every code
+        # value, and none that could be special means nothing to walk.
+        try:
+            text = orjson.dumps(list(resources))
+        except (TypeError, orjson.JSONEncodeError):
+            text = None
+        if text is not None and not any(
+            codes.may_name_a_class(
+                orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode())
+            for raw in set(_CODE.findall(text))
+        ):
+            return frozenset()
 
     def walk(node: Any) -> None:
         if type(node) is dict:

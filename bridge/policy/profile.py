@@ -526,7 +526,15 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
         for entry in entries:
             resource = entry["resource"]
             rtype = str(resource.get("resourceType"))
-            if _clean(resource, rtype, rtype, dropped, removed):
+            # A resource that refers to nothing dropped needs only its completeness
+            # checked, which visits far less of it.
+            gone = dropped
+            if dropped:
+                refs: list[str] = []
+                _references(resource, refs)
+                if dropped.isdisjoint(refs):
+                    gone = set()
+            if _clean(resource, rtype, rtype, gone, removed):
                 keep.append(entry)
             else:
                 removed.append(rtype)
