@@ -157,11 +157,16 @@ def accept_configured_algorithms(config: BridgeConfig, partner_id: str, keyring:
 
 
 def resource_types(bundle: dict[str, Any]) -> list[str]:
+    """The resource types of a bundle's entries (entries without one are not counted:
+    a signed but malformed message is refused later, naming the element, never with a
+    5xx here)."""
+    entries = bundle.get("entry")
     return sorted(
         {
-            str(e["resource"]["resourceType"])
-            for e in bundle.get("entry", [])
+            e["resource"]["resourceType"]
+            for e in (entries if isinstance(entries, list) else [])
             if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            and isinstance(e["resource"].get("resourceType"), str)
         }
     )
 
