@@ -109,7 +109,8 @@ def sent(visit: InpatientVisit, total: float) -> dict[str, Any]:
     return {
         "HDSD00.11.110 姓名 (PID-5)": visit.family + visit.given,
         "HDSD00.11.048 患者身份证件号码 (PID-3 NNCHN)": visit.id_card,
-        "HDSD00.11.006 病案号 (PID-3 MR)": visit.mrn,
+        # The 病案号 is not in table 9: the commercial-insurance profile keeps it home.
+        "HDSD00.11.006 病案号 (PID-3 MR)": None,
         "HDSD00.11.140 住院号 (PID-3 IPN)": [visit.visit],
         "HDSD00.11.085 入院日期时间 (PV1-44)": "2026-03-01T08:30:00+08:00",
         "HDSD00.11.019 出院日期时间 (PV1-45)": "2026-03-09T10:00:00+08:00",

@@ -106,5 +106,5 @@ def test_every_certificate_the_controller_uses_is_reported_within_thirty_days(
     assert listed["tls"]["ok"] is True
     text = bridge("status", "--config", str(site.insurer))
     for name in SHORT:
-        assert f"certificate {name}: expires" in text.stdout
-    assert "certificate tls:" not in text.stdout  # only what needs attention is printed
+        assert f"certificate {name} (" in text.stdout
+    assert "certificate tls (" not in text.stdout  # only what needs attention is printed

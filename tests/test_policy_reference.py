@@ -249,7 +249,7 @@ def requests(draw: st.DrawFn) -> tuple[Request, Item]:
     return req, item
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.integers(0, 3), min_size=0, max_size=3, unique=True).flatmap(
         lambda ids: st.tuples(*(consents(f"c{i}") for i in ids))
@@ -267,7 +267,7 @@ def test_decision_equals_reference_evaluator(resources: tuple[dict[str, Any], ..
     assert (got.outcome, got.consent_id, got.provision_path) == want
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True).flatmap(
         lambda ids: st.tuples(*(consents(f"c{i}") for i in ids))

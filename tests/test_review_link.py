@@ -97,10 +97,10 @@ async def test_a_send_slower_than_the_lease_is_not_claimed_a_second_time(
         sends: list[bytes] = []
         real_post_once = dispatcher._post_once
 
-        async def slow_post_once(payload: bytes) -> bytes:
+        async def slow_post_once(payload: bytes, seq: int | None = None) -> bytes:
             sends.append(payload)
             await release.wait()  # the partner takes its time (within the request timeout)
-            return await real_post_once(payload)
+            return await real_post_once(payload, seq)
 
         dispatcher._post_once = slow_post_once  # type: ignore[method-assign]
         await pair.hospital.start()
