@@ -162,3 +162,25 @@ def test_disclosures_as_balp_audit_events_are_valid_r4(
     errors = [m for r in report["results"] for m in r["messages"]
               if m["severity"] in ("error", "fatal")]
     assert errors == []
+
+
+def test_records_imported_for_pull_link_their_identifiers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record kept for record pull states its patient's identifiers together too."""
+    from pull_support import write_site
+
+    hospital, _, _ = write_site(tmp_path)
+    first, _ = records()
+    folder = tmp_path / "records"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps(first, ensure_ascii=False), encoding="utf-8")
+    assert main(["records", "import", "--config", str(hospital), str(folder)]) == 0
+    capsys.readouterr()
+    e = first["elements"]
+    by_card = disclosures(hospital, HEALTH_CARD, e["HDSD00.11.053"], capsys)
+    by_record = disclosures(hospital, RECORD_NO, e["HDSD00.11.006"], capsys)
+    by_document = disclosures(hospital, ID_DOCUMENT, e["HDSD00.11.048"], capsys)
+    assert len(by_card["linked"]) == 3  # passport, inpatient and record numbers
+    assert {by_card["patient"], *by_card["linked"]} == {by_record["patient"], *by_record["linked"]} \
+        == {by_document["patient"], *by_document["linked"]}
