@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from bridge.cli_agreements import add_agreements_commands
+from bridge.cli_audit import add_audit_commands, cmd_audit_verify
 from bridge.cli_certs import add_certs_lifecycle_commands
 from bridge.cli_common import (
     Parser,
@@ -36,6 +37,7 @@ from bridge.cli_conformance import add_conformance_commands
 from bridge.cli_inbox import add_inbox_commands, handoff_report, print_handoff_status
 from bridge.cli_init import add_init_commands
 from bridge.cli_intake import add_intake_commands
+from bridge.cli_keys import add_keys_commands
 from bridge.cli_mapping import add_mapping_commands
 from bridge.cli_operators import add_operators_commands, guard_commands
 from bridge.cli_outbox import add_outbox_commands
@@ -279,30 +281,6 @@ def _open_store(args: argparse.Namespace) -> Any:
     if config.store.kind == "sqlite" and not config.store.path.exists():
         raise NotFound("no store at this path yet", location=str(config.store.path))
     return open_store(config.store)
-
-
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    with _open_store(args) as store:
-        report = store.verify_audit()
-    if args.json:
-        _print_json(
-            {
-                "ok": report.ok,
-                "entries": report.count,
-                "head": report.head_hash,
-                "first_bad_seq": report.first_bad_seq,
-                "reason": report.reason,
-            }
-        )
-        return 0 if report.ok else 1
-    if report.ok:
-        sys.stdout.write(f"audit chain verified: {report.count} entries, head {report.head_hash}\n")
-        return 0
-    sys.stdout.write(
-        f"audit chain BROKEN at entry {report.first_bad_seq}: {report.reason} "
-        f"({report.count} entries checked)\n"
-    )
-    return 1
 
 
 _DISCLOSURE_ACTIONS = {
@@ -723,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mapping_commands(sub)
     add_intake_commands(sub)
     add_store_commands(sub)
+    add_keys_commands(sub)
     add_pull_commands(sub)
     add_inbox_commands(sub)
 
@@ -769,12 +748,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("audit", help="audit trail")
     asub = a.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
-    av = asub.add_parser("verify", help="check the audit hash chain")
+    av = asub.add_parser("verify", help="check the audit chain, tree, checkpoints and"
+                                        " cosignatures")
     g = av.add_mutually_exclusive_group(required=True)
     g.add_argument("--config", help=_CONFIG_HELP)
     g.add_argument("--store", help="path of a SQLite store file")
     add_json_option(av)
     av.set_defaults(func=cmd_audit_verify)
+    add_audit_commands(asub)
     ad = asub.add_parser(
         "disclosures",
         help="who received what about one patient, and when (table or FHIR AuditEvent)",

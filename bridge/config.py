@@ -156,6 +156,13 @@ class StoreConfig(_Strict):
     db_schema: str = Field(default="bridge", alias="schema",
                            pattern=r"^[a-z_][a-z0-9_]{0,62}$",
                            description="PostgreSQL schema holding this controller's tables")
+    # Encryption at rest (bridge.ledger.seal): the key-encryption key is read from a file
+    # or an environment variable named here, never written in this file.
+    data_key_file: Path | None = Field(
+        default=None, description="file holding the 32-byte key-encryption key (raw, hex or base64)")
+    data_key_env: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="environment variable holding the key-encryption key (hex or base64)")
 
     # The configuration file this section came from, so a store that cannot be opened
     # is reported against the file and key (set by BridgeConfig; not a TOML key).
@@ -922,7 +929,7 @@ def _resolve(data: dict[str, object], base: Path) -> None:
     store = data.setdefault("store", {})
     if isinstance(store, dict):
         store.setdefault("path", "bridge.sqlite")
-    fix(store, ("path",))
+    fix(store, ("path", "data_key_file"))
     audit = data.setdefault("audit", {})
     if isinstance(audit, dict):
         audit.setdefault("pseudonym_key_file", "audit-pseudonym.key")

@@ -5,6 +5,7 @@ signing keys verify while partners list both), and the expiry warning of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -214,3 +215,61 @@ def test_status_warns_30_days_before_a_certificate_expires(tmp_path: Path) -> No
     assert warned.returncode == 1
     assert re.search(r"certificate tls \(.*insurer-b/tls.pem\): expires in (19|20) days",
                      warned.stdout), warned.stdout
+
+
+async def test_outbound_connections_present_a_rotated_certificate_after_reload(
+    tmp_path: Path,
+) -> None:
+    """The dispatcher's TLS certificate is rotated while a claim is being retried: after
+    ``reload_certificates`` (what SIGHUP runs) the retries present the new one."""
+    import asyncio
+
+    from e2e_support import LINK_OUT, consent_for
+    from peer_support import call
+
+    from bridge.config import load_config
+    from bridge.conformance.sender_role import KitReceiver, ReceiverConfig
+    from bridge.link.node import Controller
+    from bridge.link.service import BridgeService
+    from bridge.samples import inpatient_records
+    from bridge.trust.lifecycle import rotate
+
+    init_dev_pki(tmp_path / "pki", ["hospital-a", "insurer-b"])
+    port = free_port()
+    hospital_cfg, _ = write_configs(tmp_path, free_port(), port)
+    text = hospital_cfg.read_text(encoding="utf-8")
+    hospital_cfg.write_text(text.replace(
+        'purpose = "HPAYMT"\n', 'purpose = "HPAYMT"\nrequest_timeout_seconds = 1.0\n'
+        "retry_base_seconds = 0.3\nretry_cap_seconds = 0.6\n", 1), encoding="utf-8")
+    pki = tmp_path / "pki"
+    receiver = KitReceiver(ReceiverConfig(
+        cert=pki / "insurer-b" / "tls.pem", key=pki / "insurer-b" / "tls.key", ca=pki / "ca.pem",
+        signing_key=pki / "insurer-b" / "sign.key", signing_cert=pki / "insurer-b" / "sign.pem",
+        sender_signing_cert=pki / "hospital-a" / "sign.pem", port=port, stall=1.5,
+    ))
+    receiver.start()
+    hospital = BridgeService(Controller(load_config(hospital_cfg)), poll_interval=0.05)
+    await hospital.start()
+    try:
+        record = inpatient_records(1, seed=8)[0]
+        await hospital.controller.put_consent(consent_for(record))
+        await hospital.submit(record, LINK_OUT)
+        arrivals = receiver.observation.arrivals
+        await call(_until, lambda: len(arrivals) >= 1)
+        old = arrivals[0].fingerprint
+        rotate(pki, "hospital-a", "tls", now=datetime.now(UTC))
+        hospital.reload_certificates()
+        seen = len(arrivals)
+        await call(_until, lambda: len(arrivals) >= seen + 2, 15.0)
+        await asyncio.sleep(0)
+    finally:
+        await hospital.stop()
+        receiver.stop()
+    new = x509.load_pem_x509_certificate((pki / "hospital-a" / "tls.pem").read_bytes())
+    from cryptography.hazmat.primitives import serialization
+
+    new_fp = hashlib.sha256(new.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert old != new_fp
+    assert [a.fingerprint for a in arrivals[seen + 1:]] and all(
+        a.fingerprint == new_fp for a in arrivals[seen + 1:]
+    ), [(a.answer, a.fingerprint[:8]) for a in arrivals]

@@ -145,3 +145,30 @@ def test_a_link_algorithm_without_a_key_or_a_partner_certificate_is_refused_at_s
     assert "links[0].signature_algorithm" in check.stderr
     assert "'HS256' is not a signature algorithm" in check.stderr
     assert "Traceback" not in check.stderr
+
+
+@pytest.mark.control("T20")
+def test_everything_sent_to_the_partner_is_signed_under_its_links_algorithm(
+    tmp_path: Path,
+) -> None:
+    site = make_site(tmp_path)
+    for controller in ("hospital-a", "insurer-b"):
+        ed25519_key(site, controller)
+    trust_ed25519_of(site.insurer, "hospital-a")
+    add_signing_key(site.insurer, "insurer-b")
+    add_to_link(site.insurer, 'signature_algorithm = "Ed25519"')
+    insurer = Controller(load_config(site.insurer))
+    try:
+        assert insurer.signer.algorithm == "ES256"  # [signing], for links that name none
+        assert insurer.signer_for("claims-from-hospital-a").algorithm == "Ed25519"  # receipts
+        assert insurer.signer_for_partner("hospital-a").algorithm == "Ed25519"  # sync answers
+        assert insurer.keyring.accepted("hospital-a") == frozenset({"Ed25519"})
+    finally:
+        insurer.store.close()
+    # The compliance report reads the choice from the live configuration.
+    from bridge.compliance.report import build_report, evidence_from_tests
+
+    report = build_report(load_config(site.insurer), evidence_from_tests([]))
+    t20 = next(row for row in report["items"] if row["id"] == "T20")
+    assert t20["status"] == "not met"  # no SM2: the stack cannot offer it
+    assert "claims-from-hospital-a: Ed25519" in t20["why"]

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from pg_support import PGSchema, fresh_schema
 from pull_support import id_card, person_records
 
+from bridge.config import StoreConfig
 from bridge.errors import MappingError
-from bridge.ledger import Store
+from bridge.ledger import Store, open_store
 from bridge.ledger import records as rec
 from bridge.ledger.audit import AuditRecord
 from bridge.ledger.postgres import PostgresStore
@@ -40,10 +41,16 @@ def pg_schema() -> Iterator[PGSchema]:
     yield from fresh_schema()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s: Store = SQLiteStore(tmp_path / "r.db")
+@pytest.fixture(params=["sqlite", "postgresql", "sqlite-encrypted"])
+def store(request: pytest.FixtureRequest, tmp_path: Path,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
+    if request.param == "sqlite-encrypted":
+        # The same behaviour with everything sealed and person keys stored keyed.
+        monkeypatch.setenv("BRIDGE_TEST_RECORDS_KEK", "ab" * 32)
+        s: Store = open_store(StoreConfig(path=tmp_path / "r.db",
+                                          data_key_env="BRIDGE_TEST_RECORDS_KEK"))
+    elif request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "r.db")
     else:
         schema: PGSchema = request.getfixturevalue("pg_schema")
         s = PostgresStore(schema.dsn, schema=schema.schema)

@@ -166,6 +166,24 @@ def test_a_partner_narrowed_to_ed25519_is_refused_under_its_es256_key(
         verify(forged(sign(es_cert, es_key), "Ed25519", lambda data: b"x" * 64), ring)
 
 
+def test_the_partner_registry_builds_a_key_ring_narrowed_to_each_partners_algorithms(
+    ca: tuple[x509.Certificate, Any],
+) -> None:
+    from bridge.trust.pki import certificate_pem
+    from bridge.trust.registry import Partner, PartnerRegistry
+
+    es_cert, es_key = signing_pair(ca, "ES256")
+    ed_cert, ed_key = signing_pair(ca, "Ed25519")
+    pems = (certificate_pem(es_cert), certificate_pem(ed_cert))
+    open_ring = PartnerRegistry([Partner("hospital-a", "A", "", signing_certificates=pems)])
+    narrowed = PartnerRegistry([Partner("hospital-a", "A", "", signing_certificates=pems,
+                                        signature_algorithms=frozenset({"Ed25519"}))])
+    assert verify(sign(es_cert, es_key), open_ring.keyring()).algorithm == "ES256"
+    with pytest.raises(SignatureError, match="not one configured"):
+        verify(sign(es_cert, es_key), narrowed.keyring())
+    assert verify(sign(ed_cert, ed_key), narrowed.keyring()).algorithm == "Ed25519"
+
+
 def test_accepting_an_unregistered_algorithm_is_a_configuration_error() -> None:
     ring = KeyRing()
     with pytest.raises(ConfigError) as bad:

@@ -236,10 +236,13 @@ def _t19(f: Facts) -> Assessment:
 def _t20(f: Facts) -> Assessment:
     chosen = [f"{link.id}: {link.signature_algorithm}" for link in f.config.links
               if link.signature_algorithm is not None]
-    links = "; ".join(chosen) if chosen else "every link: the algorithm of [signing]'s key"
-    return "not met", ("no SM2 signer or TLCP (GB/T 38636) suite is available to the stack;"
-                       " signatures use the algorithm chosen per link (" + links + "), and"
-                       " the verifier accepts only those, so an SM2 signer plugs in by name")
+    missing = "no SM2 signer or TLCP (GB/T 38636) suite is available to the stack; "
+    if not chosen:
+        return "not met", missing + ("every link signs with the algorithm of [signing]'s key and"
+                                     " accepts any partner key's; a link names its algorithm"
+                                     " (signature_algorithm), so an SM2 signer plugs in by name")
+    return "not met", missing + ("links sign with, and accept only, the algorithm they name ("
+                                 + "; ".join(chosen) + "), so an SM2 signer plugs in by name")
 
 
 def _research(what: str) -> Callable[[Facts], Assessment]:

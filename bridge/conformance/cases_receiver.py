@@ -11,7 +11,6 @@ import copy
 import functools
 import gzip
 import json
-import random
 import socket
 import threading
 import time
@@ -424,6 +423,30 @@ def id_signer(ctx: Context) -> None:
     ctx.expect_refusal(answer, 403, "signature-invalid", "Bundle.signature.who")
 
 
+@case("audit-receipt-checkpoint", "Receipts prove their audit entry under a signed checkpoint",
+      family="receipts", requirements=["P-RCP-4", "P-AUD-5", "P-AUD-6"], required=False)
+def audit_receipt_checkpoint(ctx: Context) -> None:
+    """Sends two claims; each receipt carries the target's signed checkpoint of its log
+    ending at the receipt's audit entry, and an inclusion proof of that entry's leaf
+    (SHA-256(0x00 || audit-hash)) under it (RFC 9162); the second checkpoint is larger
+    (needs --receiver-signing-cert)."""
+    from bridge.conformance import auditlog
+    from bridge.conformance.envelope import PeerCheckFailed
+
+    if ctx.receiver_signing is None:
+        raise Skip("needs --receiver-signing-cert to check the checkpoint")
+    trees = []
+    for label in ("first claim", "second claim"):
+        answer = ctx.post(label, ctx.signed())
+        ctx.expect_accepted(answer)
+        try:
+            trees.append(auditlog.receipt_tree(answer.response.json(), ctx.receiver_id,
+                                               ctx.receiver_signing))
+        except (PeerCheckFailed, KeyError, IndexError, ValueError, TypeError) as exc:
+            raise CaseFailed(f"{label}: {exc}") from None
+    ctx.expect(trees[1].size > trees[0].size, "the later receipt's checkpoint is not larger")
+
+
 # --- signatures ---------------------------------------------------------------------------
 
 
@@ -707,8 +730,8 @@ def http_media(ctx: Context) -> None:
 @case("content-invalid-fhir", "A claim that is not valid FHIR R4 gets 422 fhir-invalid",
       family="content", requirements=["P-RCV-1", "P-HTTP-1"])
 def content_invalid(ctx: Context) -> None:
-    """Signed claims with a birth date off the calendar and an element R4 does not have;
-    each 422 fhir-invalid."""
+    """Signed claims with a birth date off the calendar, an element R4 does not have, and
+    an entry whose resource has no resourceType; each 422 fhir-invalid."""
     for label, element, value in (
         ("birthDate 1990-13-45", "birthDate", "1990-13-45"),
         ("element R4 lacks", "kitUnknownElement", True),
@@ -716,6 +739,10 @@ def content_invalid(ctx: Context) -> None:
         message = ctx.claim()
         _resource(message, "Patient")[element] = value
         ctx.expect_refusal(ctx.post(label, ctx.signed(message)), 422, "fhir-invalid")
+    message = ctx.claim()
+    message["entry"][-1]["resource"] = {"reference": "#x"}
+    ctx.expect_refusal(ctx.post("an entry whose resource has no type", ctx.signed(message)),
+                       422, "fhir-invalid")
 
 
 @case("content-profile", "Elements outside the link profile get 403 profile-denied",
@@ -750,24 +777,41 @@ def corr_unknown_prior(ctx: Context) -> None:
 @case("err-no-5xx", "No request the kit can make is answered 5xx", family="content",
       requirements=["P-RCV-6", "P-ERR-1", "P-ERR-2"])
 def err_no_5xx(ctx: Context) -> None:
-    """Forty claims, each with one value somewhere replaced by an odd one (null, empty,
-    huge numbers, wrong types, control characters), half signed after the change; every
-    answer is 200 or a 4xx OperationOutcome that echoes no value."""
-    rng = random.Random(20261205)
-    odd: list[Any] = [None, "", " ", "urn:oid:1.2", 0, -1, 2**52, 1e-300, True, [], {}, [None],
-                      {"resourceType": "Nonexistent"}, "\u0000", "x" * 3000]
+    """Every element of the sample claim in turn (some 650 claims, one change each)
+    given a value of another JSON type, then emptied ("" or null), every other one signed
+    after the change; every answer is 200 or a 4xx OperationOutcome with an error code
+    that echoes no value."""
+    # Each element twice: once with a value of another JSON type, once emptied (a
+    # string "", anything else null), the faults a sender's bug produces.
+    def wrong_type(value: Any) -> Any:
+        if isinstance(value, bool):
+            return "true"
+        if isinstance(value, (int, float)):
+            return "1"
+        if isinstance(value, str):
+            return 0
+        return [] if isinstance(value, dict) else {}
+
+    def emptied(value: Any) -> Any:
+        return "" if isinstance(value, str) else None
+
     peer = ctx.peer()
     conn = peer.connect()
     failures: list[str] = []
+    claim = ctx.claim()
+    paths: list[tuple[tuple[Any, ...], Any]] = []
+    for path in _paths(claim)[1:]:
+        node: Any = claim
+        for step in path:
+            node = node[step]
+        paths += [(path, wrong_type(node)), (path, emptied(node))]
     try:
-        for i in range(40):
+        for i, (path, value) in enumerate(paths):
             message = ctx.claim()
-            paths = _paths(message)[1:]
-            path = rng.choice(paths)
-            node: Any = message
+            node = message
             for step in path[:-1]:
                 node = node[step]
-            node[path[-1]] = copy.deepcopy(rng.choice(odd))
+            node[path[-1]] = copy.deepcopy(value)
             try:
                 body = ctx.signed(message) if i % 2 else message
             except (rfc8785.CanonicalizationError, ValueError):
@@ -784,13 +828,16 @@ def err_no_5xx(ctx: Context) -> None:
             elif response.status != 200 and response.outcome is not None \
                     and response.outcome.code is None:
                 failures.append(f"{where}: {response.status} without an error code (§7)")
+            elif response.status != 200:
+                ctx.expect_no_values(response)
             if response.header("Connection") == "close":
                 conn.close()
                 conn = peer.connect()
     finally:
         conn.close()
-    ctx.note("40 mutated claims", "one odd value each", "; ".join(failures) or "all 200 or 4xx",
-             time.monotonic())
+    ctx.measures["claims_sent"] = len(paths)
+    ctx.note(f"{len(paths)} mutated claims", "one odd value each",
+             "; ".join(failures) or "all 200 or 4xx", time.monotonic())
     ctx.expect(not failures, "; ".join(failures[:3]))
 
 
@@ -833,7 +880,7 @@ def _timed_answer(
     ctx: Context, label: str, raw: bytes, wait: float, *, watch_close: bool = False
 ) -> tuple[Any, float, bool]:
     """Send raw bytes on a new connection; (response or None, seconds, closed within
-    two seconds after the answer, when ``watch_close``)."""
+    four seconds after the answer, when ``watch_close``)."""
     conn = ctx.peer().connect()
     started = time.monotonic()
     conn.timeout = wait
@@ -844,7 +891,7 @@ def _timed_answer(
     except (TLSRefused, ConnectionClosed, TimeoutError) as exc:
         ctx.note(label, _describe(raw), f"{type(exc).__name__}: {exc}", started)
     elapsed = time.monotonic() - started
-    closed = conn.wait_closed(2.0) if response is not None and watch_close else False
+    closed = conn.wait_closed(4.0) if response is not None and watch_close else False
     conn.close()
     if response is not None:
         ctx.note(label, _describe(raw), _response_text(response) + f"\n[closed={closed}]",
@@ -868,17 +915,20 @@ def _request_head(ctx: Context, headers: dict[str, str]) -> bytes:
       family="exhaustion", requirements=["P-HTTP-3"])
 def exh_body_size(ctx: Context) -> None:
     """Declares a body one byte over --max-body (4 MiB by default) and sends none of it:
-    413 payload-too-large must come without waiting for the body, announcing that the
-    connection closes (how soon it does is measured)."""
+    413 payload-too-large must come without waiting for the body, and the connection
+    must close within 4 s (the time it took is measured)."""
     raw = _request_head(ctx, {"Content-Type": P.FHIR_JSON,
                               "Content-Length": str(ctx.config.max_body + 1)})
+    started = time.monotonic()
     response, elapsed, closed = _timed_answer(ctx, "declared over the limit", raw, 10.0,
                                               watch_close=True)
     ctx.measures["answer_s"] = round(elapsed, 3)
-    ctx.measures["closed_within_2s"] = str(closed)
+    ctx.measures["closed_after_s"] = round(time.monotonic() - started, 2)
     ctx.expect(response is not None, "no answer to a declared oversized body")
     ctx.expect_refusal(response, 413, "payload-too-large")
     ctx.expect(response.header("Connection") == "close", "413 without Connection: close")
+    ctx.expect(closed, "the connection was still open 4 s after 413 (held for the body "
+               "the target refused)")
 
 
 @case("exh-compression", "Compressed bodies (and bombs) get 415 without being inflated",

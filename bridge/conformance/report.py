@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import TextIO
 
 from bridge.conformance import protocol as P
-from bridge.conformance.kit import Case, Requirement, Result, conformant, coverage
+from bridge.conformance.kit import (
+    Case,
+    Requirement,
+    Result,
+    all_cases,
+    conformant,
+    coverage,
+)
 
 _MARK = {"pass": "PASS", "fail": "FAIL", "skip": "SKIP", "error": "ERROR"}
 
@@ -114,6 +121,7 @@ def write_html(
     by_case = {r.case.id: r for r in results}
     cases: list[Case] = [r.case for r in results]
     covered = coverage(requirements, cases)
+    everywhere = coverage(requirements, all_cases())
     verdict = "CONFORMANT" if conformant(results) else "NOT CONFORMANT"
     rows = []
     for req in requirements:
@@ -122,7 +130,12 @@ def write_html(
         links = " ".join(
             f'<a href="#{e(r.case.id)}">{e(r.case.id)}</a>&nbsp;({_MARK[r.status]})' for r in run
         )
-        note = "" if run else e(req.why_not_tested or "no case in this run")
+        others = [c.id for c in everywhere.get(req.id, []) if c.id not in by_case]
+        note = "" if run else e(
+            req.why_not_tested
+            or (f"checked by {', '.join(others)} (another role or case selection)"
+                if others else "no case in this run")
+        )
         rows.append(
             f'<tr class="{status}"><td>{e(req.id)}</td><td>{e(req.level)}</td>'
             f"<td>{e(req.actor)}</td><td>{e(req.text)}</td><td>{status}</td>"

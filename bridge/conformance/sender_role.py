@@ -59,6 +59,7 @@ class Arrival:
     headers: dict[str, str]
     body: bytes
     answer: str = ""
+    fingerprint: str = ""  # SHA-256 of the client certificate the connection presented
 
 
 @dataclass
@@ -213,13 +214,17 @@ class KitReceiver:
                 except (ValueError, KeyError, TypeError):
                     identity = None
                 arrival = Arrival(time.monotonic(), identity, partner, "POST", self.path,
-                                  {k.lower(): v for k, v in self.headers.items()}, body)
+                                  {k.lower(): v for k, v in self.headers.items()}, body,
+                                  fingerprint=hashlib.sha256(der or b"").hexdigest())
                 status, answer, extra = kit._answer(arrival)
                 self.send_response(status)
                 self.send_header("Content-Type", P.FHIR_JSON)
                 self.send_header("Content-Length", str(len(answer)))
                 for k, v in extra.items():
                     self.send_header(k, v)
+                # One request per connection: every retry shows a new handshake.
+                self.send_header("Connection", "close")
+                self.close_connection = True
                 self.end_headers()
                 try:
                     self.wfile.write(answer)

@@ -181,17 +181,32 @@ def open_store(config: StoreConfig, *, sealer: Sealer | None = None) -> Store:
     and applies pending migrations. ``sealer`` seals health data at rest.
     """
     from bridge.errors import BridgeError
+    from bridge.ledger.seal import AESGCMSealer, load_kek
 
     try:
+        if sealer is None:
+            where = f"{config.source}: store" if config.source is not None else "store"
+            kek = load_kek(config.data_key_file, config.data_key_env, where=where)
+            sealer = AESGCMSealer(kek) if kek is not None else None
+        store: Store
         if config.kind == "postgresql":
             from bridge.ledger.postgres import PostgresStore
 
             assert config.dsn is not None  # StoreConfig refuses postgresql without a dsn
-            return PostgresStore(config.dsn, schema=config.db_schema, sealer=sealer)
-        from bridge.ledger.sqlite import SQLiteStore
+            store = PostgresStore(config.dsn, schema=config.db_schema, sealer=sealer)
+        else:
+            from bridge.ledger.sqlite import SQLiteStore
 
-        config.path.parent.mkdir(parents=True, exist_ok=True)
-        return SQLiteStore(config.path, sealer=sealer)
+            config.path.parent.mkdir(parents=True, exist_ok=True)
+            store = SQLiteStore(config.path, sealer=sealer)
+        if isinstance(sealer, AESGCMSealer):
+            try:
+                with store.transaction("load data keys") as tx:
+                    sealer.load(tx)
+            except BaseException:
+                store.close()
+                raise
+        return store
     except BridgeError as exc:
         # Name the configuration file beside the key, as configuration errors do.
         if config.source is not None and (exc.location or "").startswith("store."):

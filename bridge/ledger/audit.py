@@ -139,6 +139,10 @@ class AuditEntry:
     record: AuditRecord
     prev_hash: str
     hash: str
+    #: Root of the tree of entries 1..seq, when the store computed it on append.
+    root: bytes | None = field(default=None, compare=False, repr=False)
+    #: Inclusion proof of this entry in that tree (RFC 9162 audit path), likewise.
+    path: tuple[bytes, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,22 @@ def canonical_bytes(prev_hash: str, seq: int, record: AuditRecord) -> bytes:
     body["seq"] = seq
     body["prev_hash"] = prev_hash
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def leaf_of(entry: AuditEntry) -> bytes:
+    """The entry's Merkle leaf hash, from its content (PROTOCOL §9.5).
+
+    ``SHA-256(0x00 || SHA-256(E(n)))``: the leaf input is the entry hash recomputed
+    from the entry, so a stored ``hash`` that no longer matches the content cannot
+    stand in for it, and whoever holds only the hash (a receipt) derives the same leaf
+    with :func:`leaf_from_hash`.
+    """
+    return leaf_from_hash(entry_hash(entry.prev_hash, entry.seq, entry.record))
+
+
+def leaf_from_hash(hash_hex: str) -> bytes:
+    """Merkle leaf hash of the entry whose §9.2 hash is ``hash_hex``."""
+    return hashlib.sha256(b"\x00" + bytes.fromhex(hash_hex)).digest()
 
 
 def entry_hash(prev_hash: str, seq: int, record: AuditRecord) -> str:

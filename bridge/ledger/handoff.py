@@ -195,15 +195,15 @@ def _due(row: HandoffRow, now: datetime) -> bool:
 
 def _inbox_rows(tx: Tx, sender: str, message_ids: list[str]) -> list[InboxRow]:
     """The stored claims of one sender, read in the claiming transaction (one query per
-    line rather than a lookup per claim). The inbox's columns are read as the base
-    stores write them (``bridge.ledger.sqlite`` and ``postgres``): this must follow them
-    if they start sealing the payload."""
+    line rather than a lookup per claim). The payload is sealed as the base stores
+    write it (``bridge.ledger.sqlite`` and ``postgres``, context ``inbox.payload``)."""
     from bridge.ledger.sqlite import InboxRow
 
     marks = ",".join("?" for _ in message_ids)
     return [
-        InboxRow(sender=r[0], message_id=r[1], digest=r[2], payload=bytes(r[3]),
-                 receipt=bytes(r[4]), audit_seq=int(r[5]), received=_as_time(r[6]))
+        InboxRow(sender=r[0], message_id=r[1], digest=r[2],
+                 payload=tx.unseal(r[3], context="inbox.payload") or b"",
+                 receipt=tx.unseal(r[4], context="inbox.receipt") or b"", audit_seq=int(r[5]), received=_as_time(r[6]))
         for r in tx.all(
             "SELECT sender, message_id, digest, payload, receipt, audit_seq, received"
             f" FROM inbox WHERE sender=? AND message_id IN ({marks})",

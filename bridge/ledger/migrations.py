@@ -272,6 +272,75 @@ CREATE TABLE IF NOT EXISTS sync_outbound (
 );
 """,
     ),
+    # The audit tree's checkpoints: issued, cosigned by partners, and partners' ones
+    # witnessed or refused (bridge.ledger.tree).
+    Migration(
+        name="1100-audit-checkpoints",
+        ddl="""
+CREATE TABLE IF NOT EXISTS audit_checkpoint (
+    size     {bigint} PRIMARY KEY,
+    root     TEXT NOT NULL,
+    issued   TEXT NOT NULL,
+    note     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_cosigned (
+    id        {autoid},
+    cosigner  TEXT NOT NULL,
+    size      {bigint} NOT NULL,
+    note      TEXT NOT NULL,
+    received  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_cosigned_size ON audit_cosigned (cosigner, size);
+CREATE TABLE IF NOT EXISTS audit_witness (
+    partner   TEXT NOT NULL,
+    size      {bigint} NOT NULL,
+    root      TEXT NOT NULL,
+    note      TEXT NOT NULL,
+    cosigned  TEXT NOT NULL,
+    PRIMARY KEY (partner, size)
+);
+CREATE TABLE IF NOT EXISTS audit_witness_fault (
+    id        {autoid},
+    partner   TEXT NOT NULL,
+    note      TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    seen      TEXT NOT NULL
+);
+""",
+    ),
+    # Data keys of encryption at rest, wrapped under the key-encryption key
+    # (bridge.ledger.seal).
+    Migration(
+        name="1101-data-keys",
+        ddl="""
+CREATE TABLE IF NOT EXISTS data_key (
+    id       {bigint} PRIMARY KEY,
+    wrapped  {blob} NOT NULL,
+    kek      TEXT NOT NULL,
+    created  TEXT NOT NULL
+);
+""",
+    ),
+    # With encryption at rest a person's lookup key is stored keyed (HMAC) and sealed
+    # beside it; rows written before keep their key in clear and no sealed copy. The
+    # table is created here when 1300 has not run yet (a new store), as 1300 makes it.
+    Migration(
+        name="1102-sealed-person-key",
+        sqlite="""
+CREATE TABLE IF NOT EXISTS pull_person_key (
+    patient_key  TEXT PRIMARY KEY,
+    person       TEXT NOT NULL
+);
+ALTER TABLE pull_person_key ADD COLUMN sealed_key BLOB;
+""",
+        postgres="""
+CREATE TABLE IF NOT EXISTS pull_person_key (
+    patient_key  TEXT PRIMARY KEY,
+    person       TEXT NOT NULL
+);
+ALTER TABLE pull_person_key ADD COLUMN IF NOT EXISTS sealed_key BYTEA;
+""",
+    ),
     # Record pull: the records store, review items, pages received (bridge.ledger.records).
     # IF NOT EXISTS: a store whose migration record was lost gains the step without change.
     Migration(

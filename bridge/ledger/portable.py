@@ -107,8 +107,24 @@ class Tx:
         """
         return self._sealer.seal(data, context=context)
 
+    def blind(self, key: str) -> str:
+        """A lookup key that names a person (``system|value``) as stored and searched.
+
+        With encryption at rest it is a keyed hash (equal keys stay equal, so lookups
+        work; the value cannot be read back: keep a sealed copy beside it if needed).
+        """
+        blind = getattr(self._sealer, "blind", None)
+        return blind(key) if blind is not None else key
+
     def unseal(self, data: bytes | memoryview | None, *, context: str) -> bytes | None:
         """The plain bytes of a value stored with :meth:`seal` (None stays None)."""
         if data is None:
             return None
-        return self._sealer.unseal(bytes(data), context=context)
+        from bridge.ledger.seal import UnknownDataKey
+
+        try:
+            return self._sealer.unseal(bytes(data), context=context)
+        except UnknownDataKey:
+            # Sealed under a data key added since this process loaded its keys.
+            self._sealer.load(self, create=False)  # type: ignore[attr-defined]
+            return self._sealer.unseal(bytes(data), context=context)

@@ -116,8 +116,9 @@ from bridge.ledger.errors import TransitionError, UnknownMessage
 from bridge.ledger.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL
 from bridge.ledger.portable import Tx
 from bridge.ledger.seal import PlainSealer, Sealer
-from bridge.ledger.sqlite import ConsentRow, HL7InboxRow, InboxRow, OutboxRow
+from bridge.ledger.sqlite import ConsentRow, HL7InboxRow, InboxRow, Opener, OutboxRow, _as_is
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
+from bridge.ledger.tree import cache_of
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -284,25 +285,31 @@ def _opt_bytes(value: Any) -> bytes | None:
     return bytes(value) if value is not None else None
 
 
-def _outbox_row(r: tuple[Any, ...]) -> OutboxRow:
+def _outbox_row(r: tuple[Any, ...], open_: Opener = _as_is) -> OutboxRow:
     return OutboxRow(
-        message_id=r[0], link=r[1], seq=int(r[2]), partner=r[3], payload=bytes(r[4]),
+        message_id=r[0], link=r[1], seq=int(r[2]), partner=r[3],
+        payload=open_(bytes(r[4]), "outbox.payload"),
         digest=r[5], state=OutboxState(r[6]), attempts=int(r[7]), next_attempt=_utc(r[8]),
         lease_until=_utc(r[9]) if r[9] is not None else None, last_error=r[10],
-        receipt=_opt_bytes(r[11]), created=_utc(r[12]), updated=_utc(r[13]),
+        receipt=open_(bytes(r[11]), "outbox.receipt") if r[11] is not None else None,
+        created=_utc(r[12]), updated=_utc(r[13]),
         fate_unknown=bool(r[14]), last_answer=r[15],
         since=_utc(r[16]) if r[16] is not None else None,
     )
 
 
-def _inbox_row(r: tuple[Any, ...]) -> InboxRow:
-    return InboxRow(sender=r[0], message_id=r[1], digest=r[2], payload=bytes(r[3]),
-                    receipt=bytes(r[4]), audit_seq=int(r[5]), received=_utc(r[6]))
+def _inbox_row(r: tuple[Any, ...], open_: Opener = _as_is) -> InboxRow:
+    return InboxRow(sender=r[0], message_id=r[1], digest=r[2],
+                    payload=open_(bytes(r[3]), "inbox.payload"),
+                    receipt=open_(bytes(r[4]), "inbox.receipt"), audit_seq=int(r[5]),
+                    received=_utc(r[6]))
 
 
-def _hl7_row(r: tuple[Any, ...]) -> HL7InboxRow:
-    return HL7InboxRow(sender=r[0], control_id=r[1], digest=r[2], message=bytes(r[3]),
-                       record=_opt_bytes(r[4]), ack=bytes(r[5]), audit_seq=int(r[6]),
+def _hl7_row(r: tuple[Any, ...], open_: Opener = _as_is) -> HL7InboxRow:
+    return HL7InboxRow(sender=r[0], control_id=r[1], digest=r[2],
+                       message=open_(bytes(r[3]), "hl7_inbox.message"),
+                       record=open_(bytes(r[4]), "hl7_inbox.record") if r[4] is not None
+                       else None, ack=bytes(r[5]), audit_seq=int(r[6]),
                        received=_utc(r[7]))
 
 
@@ -520,6 +527,12 @@ class PostgresStore:
             raise StoreError("audit chain head row is missing", location=f"{self.location}: "
                              "audit_head")
         entry = chain_entry(str(head[1]), int(head[0]) + 1, record)
+
+        def fetch(after: int) -> list[AuditEntry]:
+            return [_audit_entry(r) for r in conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (after,))]
+
+        entry = cache_of(self).on_append(entry, fetch)
         j = record.to_json_dict()
         # One statement moves the head and inserts the entry: the head lock is held for
         # one round trip fewer, and every process's appends wait on that lock.
@@ -538,13 +551,32 @@ class PostgresStore:
         """Take the chain head lock now (it is held until commit; ``_append`` re-reads it)."""
         conn.execute("SELECT seq FROM audit_head FOR UPDATE")
 
-    @staticmethod
-    def _get_outbox(conn: psycopg.Connection[Any], message_id: str, *,
+    def _opener(self, conn: psycopg.Connection[Any]) -> Opener:
+        """Opens sealed columns read on ``conn`` (see :mod:`bridge.ledger.seal`)."""
+        if isinstance(self.sealer, PlainSealer):
+            return _as_is
+        tx = Tx(conn, dialect="postgresql", store=self, sealer=self.sealer)
+
+        def open_(data: bytes, context: str) -> bytes:
+            return tx.unseal(data, context=context) or b""
+
+        return open_
+
+    def _seal(self, data: bytes, context: str) -> bytes:
+        """``data`` as stored in a health-data column."""
+        return self.sealer.seal(data, context=context)
+
+    def _blind(self, key: str) -> str:
+        """A patient lookup key as stored: keyed by the sealer when it encrypts."""
+        blind = getattr(self.sealer, "blind", None)
+        return blind(key) if blind is not None else key
+
+    def _get_outbox(self, conn: psycopg.Connection[Any], message_id: str, *,
                     for_update: bool = False) -> OutboxRow | None:
         lock = " FOR UPDATE" if for_update else ""
         r = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE message_id=%s{lock}",
                          (message_id,)).fetchone()
-        return _outbox_row(r) if r is not None else None
+        return _outbox_row(r, self._opener(conn)) if r is not None else None
 
     def _transition(
         self,
@@ -575,6 +607,8 @@ class PostgresStore:
                 )
             check_transition(row.state, to_state)
             cols = {"state": to_state.value, "updated": now, **sets}
+            if cols.get("receipt") is not None:
+                cols["receipt"] = self._seal(cols["receipt"], "outbox.receipt")
             assignments = sql.SQL(", ").join(
                 sql.SQL("{}=%s").format(sql.Identifier(c)) for c in cols)
             r = conn.execute(
@@ -584,7 +618,7 @@ class PostgresStore:
             assert r is not None
             if audit is not None:
                 self._append(conn, audit)
-            return _outbox_row(r)
+            return _outbox_row(r, self._opener(conn))
 
     # --- outbox ---------------------------------------------------------------------
 
@@ -635,12 +669,13 @@ class PostgresStore:
                         " FROM counter"
                         f" ON CONFLICT (message_id) DO NOTHING RETURNING {_OUTBOX_READ}",
                         {"mid": message_id, "link": link, "partner": partner,
-                         "payload": payload, "digest": digest, "now": now},
+                         "payload": self._seal(payload, "outbox.payload"), "digest": digest,
+                         "now": now},
                     ).fetchone()
                     if r is None:
                         raise _Raced
                     self._append(conn, audit)
-                    return _outbox_row(r)
+                    return _outbox_row(r, self._opener(conn))
             except _Raced:
                 continue
         raise StoreError("enqueue kept racing with concurrent writers",
@@ -697,7 +732,7 @@ class PostgresStore:
                 f" RETURNING {', '.join('o.' + c.strip() for c in _OUTBOX_READ.split(','))}",
                 {"link": link, "now": now, "limit": limit, "until": until,
                  "worker": self.worker_id}).fetchall()
-            return sorted((_outbox_row(r) for r in rows), key=lambda row: row.seq)
+            return sorted((_outbox_row(r, self._opener(conn)) for r in rows), key=lambda row: row.seq)
 
     def mark_acked(self, message_id: str, *, receipt: bytes, now: datetime,
                    audit: AuditRecord) -> OutboxRow:
@@ -786,7 +821,7 @@ class PostgresStore:
                 cur = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE link=%s"
                                    " AND state=%s ORDER BY seq LIMIT %s",
                                    (link, OutboxState(state).value, limit))
-            return [_outbox_row(r) for r in cur]
+            return [_outbox_row(r, self._opener(conn)) for r in cur]
 
     def highest_contiguous_acked(self, link: str) -> int:
         """Largest n such that seqs 1..n of ``link`` are all acked (0 if seq 1 is not)."""
@@ -806,11 +841,10 @@ class PostgresStore:
         with self._read("inbox_lookup") as conn:
             return self._inbox(conn, sender, message_id)
 
-    @staticmethod
-    def _inbox(conn: psycopg.Connection[Any], sender: str, message_id: str) -> InboxRow | None:
+    def _inbox(self, conn: psycopg.Connection[Any], sender: str, message_id: str) -> InboxRow | None:
         r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=%s AND message_id=%s",
                          (sender, message_id)).fetchone()
-        return _inbox_row(r) if r is not None else None
+        return _inbox_row(r, self._opener(conn)) if r is not None else None
 
     def inbox_count(self, sender: str | None = None) -> int:
         """How many messages the inbox holds (from ``sender``, or from everyone)."""
@@ -877,11 +911,12 @@ class PostgresStore:
                     r = conn.execute(
                         f"INSERT INTO inbox ({_INBOX_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s)"
                         f" ON CONFLICT (sender, message_id) DO NOTHING RETURNING {_INBOX_COLS}",
-                        (sender, message_id, digest, payload, receipt, entry.seq, now),
+                        (sender, message_id, digest, self._seal(payload, "inbox.payload"),
+                         self._seal(receipt, "inbox.receipt"), entry.seq, now),
                     ).fetchone()
                     if r is None:
                         raise _Raced
-                    row = _inbox_row(r)
+                    row = _inbox_row(r, self._opener(conn))
                     if within is not None:
                         within(Tx(conn, dialect="postgresql", store=self, sealer=self.sealer),
                                row)
@@ -911,11 +946,10 @@ class PostgresStore:
 
     # --- HL7 v2 inbox ---------------------------------------------------------------
 
-    @staticmethod
-    def _hl7(conn: psycopg.Connection[Any], sender: str, control_id: str) -> HL7InboxRow | None:
+    def _hl7(self, conn: psycopg.Connection[Any], sender: str, control_id: str) -> HL7InboxRow | None:
         r = conn.execute(f"SELECT {_HL7_COLS} FROM hl7_inbox WHERE sender=%s AND control_id=%s",
                          (sender, control_id)).fetchone()
-        return _hl7_row(r) if r is not None else None
+        return _hl7_row(r, self._opener(conn)) if r is not None else None
 
     def hl7_lookup(self, sender: str, control_id: str) -> HL7InboxRow | None:
         """The stored HL7 message ``(sender, control_id)``, or None."""
@@ -976,11 +1010,13 @@ class PostgresStore:
                     r = conn.execute(
                         f"INSERT INTO hl7_inbox ({_HL7_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
                         f" ON CONFLICT (sender, control_id) DO NOTHING RETURNING {_HL7_COLS}",
-                        (sender, control_id, digest, message, record, ack, entry.seq, now),
+                        (sender, control_id, digest, self._seal(message, "hl7_inbox.message"),
+                         self._seal(record, "hl7_inbox.record") if record is not None else None,
+                         ack, entry.seq, now),
                     ).fetchone()
                     if r is None:
                         raise _Raced
-                    return _hl7_row(r), True
+                    return _hl7_row(r, self._opener(conn)), True
             except _Raced:
                 continue
         raise StoreError("hl7_accept kept racing with concurrent writers", location="MSH-10")
@@ -1031,21 +1067,21 @@ class PostgresStore:
                 "INSERT INTO consent (consent_id, status, resource, updated)"
                 " VALUES (%s,%s,%s,%s) ON CONFLICT (consent_id) DO UPDATE SET"
                 " status=excluded.status, resource=excluded.resource, updated=excluded.updated",
-                (consent_id, status, resource, now))
+                (consent_id, status, self._seal(resource, "consent.resource"), now))
             conn.execute("DELETE FROM consent_patient WHERE consent_id=%s", (consent_id,))
             if keys:
                 with conn.cursor() as cur:
                     cur.executemany(
                         "INSERT INTO consent_patient (consent_id, patient_key) VALUES (%s,%s)",
-                        [(consent_id, k) for k in keys])
+                        [(consent_id, self._blind(k)) for k in keys])
             conn.execute(
                 "INSERT INTO consent_history (consent_id, status, resource, patient_keys,"
                 " changed, audit_seq) VALUES (%s,%s,%s,%s,%s,%s)",
-                (consent_id, status, resource, Jsonb(list(keys)), now, entry.seq))
+                (consent_id, status, self._seal(resource, "consent_history.resource"),
+                 Jsonb([self._blind(k) for k in keys]), now, entry.seq))
             return ConsentRow(consent_id, status, bytes(resource), keys, _utc(now))
 
-    @staticmethod
-    def _consent(conn: psycopg.Connection[Any], consent_id: str) -> ConsentRow | None:
+    def _consent(self, conn: psycopg.Connection[Any], consent_id: str) -> ConsentRow | None:
         r = conn.execute("SELECT consent_id, status, resource, updated FROM consent"
                          " WHERE consent_id=%s", (consent_id,)).fetchone()
         if r is None:
@@ -1053,7 +1089,8 @@ class PostgresStore:
         keys = tuple(str(k) for (k,) in conn.execute(
             "SELECT patient_key FROM consent_patient WHERE consent_id=%s"
             " ORDER BY patient_key COLLATE \"C\"", (consent_id,)))
-        return ConsentRow(r[0], r[1], bytes(r[2]), keys, _utc(r[3]))
+        return ConsentRow(r[0], r[1], self._opener(conn)(bytes(r[2]), "consent.resource"), keys,
+                          _utc(r[3]))
 
     def get_consent(self, consent_id: str) -> ConsentRow | None:
         """The current version of one consent, or None."""
@@ -1063,7 +1100,8 @@ class PostgresStore:
     def list_consents(self) -> list[tuple[str, str, bytes]]:
         """``(consent_id, status, resource)`` of every current consent, by id."""
         with self._read("list_consents") as conn:
-            return [(r[0], r[1], bytes(r[2])) for r in conn.execute(
+            open_ = self._opener(conn)
+            return [(r[0], r[1], open_(bytes(r[2]), "consent.resource")) for r in conn.execute(
                 "SELECT consent_id, status, resource FROM consent"
                 " ORDER BY consent_id COLLATE \"C\"")]
 
@@ -1072,7 +1110,7 @@ class PostgresStore:
         with self._read("consents_for_patient") as conn:
             ids = [str(i) for (i,) in conn.execute(
                 "SELECT consent_id FROM consent_patient WHERE patient_key=%s"
-                " ORDER BY consent_id COLLATE \"C\"", (patient_key,))]
+                " ORDER BY consent_id COLLATE \"C\"", (self._blind(patient_key),))]
             rows = [self._consent(conn, i) for i in ids]
             return [r for r in rows if r is not None]
 
@@ -1084,14 +1122,17 @@ class PostgresStore:
         revoked through another process sharing the store takes effect here too.
         """
         with self._read("consent_changes") as conn:
-            return [(int(r[0]), bytes(r[1])) for r in conn.execute(
+            open_ = self._opener(conn)
+            return [(int(r[0]), open_(bytes(r[1]), "consent_history.resource")) for r in conn.execute(
                 "SELECT id, resource FROM consent_history WHERE id>%s ORDER BY id LIMIT %s",
                 (after, limit))]
 
     def consent_history(self, consent_id: str) -> list[tuple[str, bytes, datetime, int]]:
         """Every version put of ``consent_id``: ``(status, resource, changed, audit_seq)``."""
         with self._read("consent_history") as conn:
-            return [(r[0], bytes(r[1]), _utc(r[2]), int(r[3])) for r in conn.execute(
+            open_ = self._opener(conn)
+            return [(r[0], open_(bytes(r[1]), "consent_history.resource"), _utc(r[2]),
+                     int(r[3])) for r in conn.execute(
                 "SELECT status, resource, changed, audit_seq FROM consent_history"
                 " WHERE consent_id=%s ORDER BY id", (consent_id,))]
 

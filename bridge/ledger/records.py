@@ -68,6 +68,7 @@ __all__ = [
     "snapshot",
 ]
 
+_KEY_CTX = "pull_person_key.sealed_key"
 _RESOURCE_CTX = "pull_resource.body"
 _RECORD_CTX = "pull_record.record"
 _REVIEW_CTX = "pull_review.reason"
@@ -228,11 +229,12 @@ def _merge_patient(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
 
 def _choose_person(tx: Tx, keys: Sequence[str], fallback: str) -> str:
     marks = ",".join("?" * len(keys))
+    stored = {tx.blind(k): k for k in keys}
     held = tx.all(f"SELECT patient_key, person FROM pull_person_key WHERE patient_key IN ({marks})",
-                  list(keys))
+                  list(stored))
     if not held:
         return fallback
-    best = min(held, key=lambda row: _rank(str(row[0])))
+    best = min(held, key=lambda row: _rank(stored[str(row[0])]))
     return str(best[1])
 
 
@@ -248,9 +250,9 @@ def _put(
         return PutResult(str(held[0]), False, 0, tuple(keys))
     person = _choose_person(tx, keys, str(_patient_of(collection)["id"]))
     tx.executemany(
-        "INSERT INTO pull_person_key (patient_key, person) VALUES (?,?)"
+        "INSERT INTO pull_person_key (patient_key, person, sealed_key) VALUES (?,?,?)"
         " ON CONFLICT (patient_key) DO NOTHING",
-        [(k, person) for k in keys],
+        [(tx.blind(k), person, tx.seal(k.encode(), context=_KEY_CTX)) for k in keys],
     )
     stamp = format_time(now)
     row = tx.one(
@@ -546,8 +548,10 @@ def open_patient(
             person = _choose_person(tx, [key], "") or None
         if person is None:
             return snapshot_seq, None
-        rows = tx.all("SELECT patient_key FROM pull_person_key WHERE person=?", (person,))
-        keys = sorted((str(r[0]) for r in rows), key=_rank)
+        rows = tx.all("SELECT patient_key, sealed_key FROM pull_person_key WHERE person=?",
+                      (person,))
+        keys = sorted(((tx.unseal(r[1], context=_KEY_CTX) or b"").decode() if r[1] is not None
+                       else str(r[0]) for r in rows), key=_rank)
         if not keys:
             return snapshot_seq, None
         row = tx.one(

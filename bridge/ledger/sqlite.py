@@ -56,6 +56,7 @@ from bridge.ledger.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL
 from bridge.ledger.portable import Tx
 from bridge.ledger.seal import PlainSealer, Sealer
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
+from bridge.ledger.tree import cache_of
 
 _SENDING = frozenset({OutboxState.SENDING})
 _PENDING = frozenset({OutboxState.QUEUED, OutboxState.SENDING})
@@ -235,27 +236,41 @@ _AUDIT_COLS = (
 )
 
 
-def _outbox_row(r: tuple[Any, ...]) -> OutboxRow:
+#: Opens a sealed column value: ``(stored bytes, context) -> plain bytes``.
+Opener = Callable[[bytes, str], bytes]
+
+
+def _as_is(data: bytes, _context: str) -> bytes:
+    return data
+
+
+def _outbox_row(r: tuple[Any, ...], open_: Opener = _as_is) -> OutboxRow:
     return OutboxRow(
-        message_id=r[0], link=r[1], seq=r[2], partner=r[3], payload=bytes(r[4]),
+        message_id=r[0], link=r[1], seq=r[2], partner=r[3],
+        payload=open_(bytes(r[4]), "outbox.payload"),
         digest=r[5], state=OutboxState(r[6]), attempts=r[7],
         next_attempt=parse_time(r[8]),
         lease_until=parse_time(r[9]) if r[9] is not None else None,
-        last_error=r[10], receipt=bytes(r[11]) if r[11] is not None else None,
+        last_error=r[10],
+        receipt=open_(bytes(r[11]), "outbox.receipt") if r[11] is not None else None,
         created=parse_time(r[12]), updated=parse_time(r[13]),
         fate_unknown=bool(r[14]), last_answer=r[15],
         since=parse_time(r[16]) if r[16] is not None else None,
     )
 
 
-def _inbox_row(r: tuple[Any, ...]) -> InboxRow:
-    return InboxRow(sender=r[0], message_id=r[1], digest=r[2], payload=bytes(r[3]),
-                    receipt=bytes(r[4]), audit_seq=r[5], received=parse_time(r[6]))
+def _inbox_row(r: tuple[Any, ...], open_: Opener = _as_is) -> InboxRow:
+    return InboxRow(sender=r[0], message_id=r[1], digest=r[2],
+                    payload=open_(bytes(r[3]), "inbox.payload"),
+                    receipt=open_(bytes(r[4]), "inbox.receipt"), audit_seq=r[5],
+                    received=parse_time(r[6]))
 
 
-def _hl7_row(r: tuple[Any, ...]) -> HL7InboxRow:
-    return HL7InboxRow(sender=r[0], control_id=r[1], digest=r[2], message=bytes(r[3]),
-                       record=bytes(r[4]) if r[4] is not None else None, ack=bytes(r[5]),
+def _hl7_row(r: tuple[Any, ...], open_: Opener = _as_is) -> HL7InboxRow:
+    return HL7InboxRow(sender=r[0], control_id=r[1], digest=r[2],
+                       message=open_(bytes(r[3]), "hl7_inbox.message"),
+                       record=open_(bytes(r[4]), "hl7_inbox.record") if r[4] is not None
+                       else None, ack=bytes(r[5]),
                        audit_seq=r[6], received=parse_time(r[7]))
 
 
@@ -440,11 +455,16 @@ class SQLiteStore:
             raise StoreError("store is closed", location=str(self.path))
         return self._conn
 
-    @staticmethod
-    def _append(conn: sqlite3.Connection, record: AuditRecord) -> AuditEntry:
+    def _append(self, conn: sqlite3.Connection, record: AuditRecord) -> AuditEntry:
         head = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         prev_seq, prev_hash = (head[0], head[1]) if head is not None else (0, GENESIS_HASH)
         entry = chain_entry(prev_hash, prev_seq + 1, record)
+
+        def fetch(after: int) -> list[AuditEntry]:
+            return [_audit_entry(r) for r in conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>? ORDER BY seq", (after,))]
+
+        entry = cache_of(self).on_append(entry, fetch)
         j = record.to_json_dict()
         conn.execute(
             f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -454,11 +474,30 @@ class SQLiteStore:
         )
         return entry
 
-    @staticmethod
-    def _get_outbox(conn: sqlite3.Connection, message_id: str) -> OutboxRow | None:
+    def _opener(self, conn: sqlite3.Connection) -> Opener:
+        """Opens sealed columns read on ``conn`` (see :mod:`bridge.ledger.seal`)."""
+        if isinstance(self.sealer, PlainSealer):
+            return _as_is
+        tx = Tx(conn, dialect="sqlite", store=self, sealer=self.sealer)
+
+        def open_(data: bytes, context: str) -> bytes:
+            return tx.unseal(data, context=context) or b""
+
+        return open_
+
+    def _seal(self, data: bytes, context: str) -> bytes:
+        """``data`` as stored in a health-data column."""
+        return self.sealer.seal(data, context=context)
+
+    def _blind(self, key: str) -> str:
+        """A patient lookup key as stored: keyed by the sealer when it encrypts."""
+        blind = getattr(self.sealer, "blind", None)
+        return blind(key) if blind is not None else key
+
+    def _get_outbox(self, conn: sqlite3.Connection, message_id: str) -> OutboxRow | None:
         r = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE message_id=?",
                          (message_id,)).fetchone()
-        return _outbox_row(r) if r is not None else None
+        return _outbox_row(r, self._opener(conn)) if r is not None else None
 
     def _transition(
         self,
@@ -490,6 +529,8 @@ class SQLiteStore:
                 )
             check_transition(row.state, to_state)
             cols = {"state": to_state.value, "updated": format_time(now), **sets}
+            if cols.get("receipt") is not None:
+                cols["receipt"] = self._seal(cols["receipt"], "outbox.receipt")
             assignments = ", ".join(f"{c}=?" for c in cols)
             conn.execute(f"UPDATE outbox SET {assignments} WHERE message_id=?",
                          (*cols.values(), message_id))
@@ -570,7 +611,8 @@ class SQLiteStore:
         t = format_time(now)
         conn.execute(
             f"INSERT INTO outbox ({_OUTBOX_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (message_id, link, seq, partner, payload, digest, OutboxState.QUEUED.value, 0,
+            (message_id, link, seq, partner, self._seal(payload, "outbox.payload"), digest,
+             OutboxState.QUEUED.value, 0,
              t, None, None, None, t, t),
         )
         self._append(conn, audit)
@@ -712,7 +754,7 @@ class SQLiteStore:
             else:
                 cur = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE link=? AND state=?"
                                    " ORDER BY seq LIMIT ?", (link, OutboxState(state).value, limit))
-            return [_outbox_row(r) for r in cur]
+            return [_outbox_row(r, self._opener(conn)) for r in cur]
 
     def highest_contiguous_acked(self, link: str) -> int:
         """Largest n such that seqs 1..n of ``link`` are all acked (0 if seq 1 is not)."""
@@ -732,7 +774,7 @@ class SQLiteStore:
         with self._read("inbox_lookup") as conn:
             r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=? AND message_id=?",
                              (sender, message_id)).fetchone()
-            return _inbox_row(r) if r is not None else None
+            return _inbox_row(r, self._opener(conn)) if r is not None else None
 
     def inbox_count(self, sender: str | None = None) -> int:
         """How many messages the inbox holds (from ``sender``, or from everyone)."""
@@ -821,7 +863,7 @@ class SQLiteStore:
         r = conn.execute(f"SELECT {_INBOX_COLS} FROM inbox WHERE sender=? AND message_id=?",
                          (sender, message_id)).fetchone()
         if r is not None:
-            existing = _inbox_row(r)
+            existing = _inbox_row(r, self._opener(conn))
             if existing.digest != digest:
                 raise ConflictError("message id already received with different content",
                                     location=f"inbox[{sender}/{message_id}]")
@@ -830,7 +872,8 @@ class SQLiteStore:
         receipt = make_receipt(entry)
         conn.execute(
             f"INSERT INTO inbox ({_INBOX_COLS}) VALUES (?,?,?,?,?,?,?)",
-            (sender, message_id, digest, payload, receipt, entry.seq, format_time(now)),
+            (sender, message_id, digest, self._seal(payload, "inbox.payload"),
+             self._seal(receipt, "inbox.receipt"), entry.seq, format_time(now)),
         )
         row = InboxRow(sender=sender, message_id=message_id, digest=digest,
                        payload=bytes(payload), receipt=bytes(receipt), audit_seq=entry.seq,
@@ -846,7 +889,7 @@ class SQLiteStore:
         with self._read("hl7_lookup") as conn:
             r = conn.execute(f"SELECT {_HL7_COLS} FROM hl7_inbox WHERE sender=? AND control_id=?",
                              (sender, control_id)).fetchone()
-            return _hl7_row(r) if r is not None else None
+            return _hl7_row(r, self._opener(conn)) if r is not None else None
 
     def hl7_count(self, sender: str | None = None) -> int:
         """How many HL7 messages are stored (from ``sender``, or from everyone)."""
@@ -886,7 +929,7 @@ class SQLiteStore:
             r = conn.execute(f"SELECT {_HL7_COLS} FROM hl7_inbox WHERE sender=? AND control_id=?",
                              (sender, control_id)).fetchone()
             if r is not None:
-                existing = _hl7_row(r)
+                existing = _hl7_row(r, self._opener(conn))
                 if existing.digest != digest:
                     raise ConflictError("duplicate control id with different content",
                                         location="MSH-10")
@@ -895,7 +938,9 @@ class SQLiteStore:
             ack = make_ack(entry)
             conn.execute(
                 f"INSERT INTO hl7_inbox ({_HL7_COLS}) VALUES (?,?,?,?,?,?,?,?)",
-                (sender, control_id, digest, message, record, ack, entry.seq, format_time(now)),
+                (sender, control_id, digest, self._seal(message, "hl7_inbox.message"),
+                 self._seal(record, "hl7_inbox.record") if record is not None else None, ack,
+                 entry.seq, format_time(now)),
             )
             return HL7InboxRow(sender=sender, control_id=control_id, digest=digest,
                                message=bytes(message),
@@ -949,14 +994,15 @@ class SQLiteStore:
                 "INSERT INTO consent (consent_id, status, resource, updated) VALUES (?,?,?,?)"
                 " ON CONFLICT (consent_id) DO UPDATE SET status=excluded.status,"
                 " resource=excluded.resource, updated=excluded.updated",
-                (consent_id, status, resource, t))
+                (consent_id, status, self._seal(resource, "consent.resource"), t))
             conn.execute("DELETE FROM consent_patient WHERE consent_id=?", (consent_id,))
             conn.executemany("INSERT INTO consent_patient (consent_id, patient_key) VALUES (?,?)",
-                             [(consent_id, k) for k in keys])
+                             [(consent_id, self._blind(k)) for k in keys])
             conn.execute(
                 "INSERT INTO consent_history (consent_id, status, resource, patient_keys, changed,"
                 " audit_seq) VALUES (?,?,?,?,?,?)",
-                (consent_id, status, resource, orjson.dumps(list(keys)).decode(), t, entry.seq))
+                (consent_id, status, self._seal(resource, "consent_history.resource"),
+                 orjson.dumps([self._blind(k) for k in keys]).decode(), t, entry.seq))
             return ConsentRow(consent_id, status, bytes(resource), keys, parse_time(t))
 
     def _consent(self, conn: sqlite3.Connection, consent_id: str) -> ConsentRow | None:
@@ -967,7 +1013,8 @@ class SQLiteStore:
         keys = tuple(k for (k,) in conn.execute(
             "SELECT patient_key FROM consent_patient WHERE consent_id=? ORDER BY patient_key",
             (consent_id,)))
-        return ConsentRow(r[0], r[1], bytes(r[2]), keys, parse_time(r[3]))
+        return ConsentRow(r[0], r[1], self._opener(conn)(bytes(r[2]), "consent.resource"), keys,
+                          parse_time(r[3]))
 
     def get_consent(self, consent_id: str) -> ConsentRow | None:
         """The current version of one consent, or None."""
@@ -977,7 +1024,8 @@ class SQLiteStore:
     def list_consents(self) -> list[tuple[str, str, bytes]]:
         """``(consent_id, status, resource)`` of every current consent, by id."""
         with self._read("list_consents") as conn:
-            return [(r[0], r[1], bytes(r[2])) for r in conn.execute(
+            open_ = self._opener(conn)
+            return [(r[0], r[1], open_(bytes(r[2]), "consent.resource")) for r in conn.execute(
                 "SELECT consent_id, status, resource FROM consent ORDER BY consent_id")]
 
     def consents_for_patient(self, patient_key: str) -> list[ConsentRow]:
@@ -985,7 +1033,7 @@ class SQLiteStore:
         with self._read("consents_for_patient") as conn:
             ids = [i for (i,) in conn.execute(
                 "SELECT consent_id FROM consent_patient WHERE patient_key=? ORDER BY consent_id",
-                (patient_key,))]
+                (self._blind(patient_key),))]
             rows = [self._consent(conn, i) for i in ids]
             return [r for r in rows if r is not None]
 
@@ -997,14 +1045,17 @@ class SQLiteStore:
         revoked through another process sharing the store takes effect here too.
         """
         with self._read("consent_changes") as conn:
-            return [(int(r[0]), bytes(r[1])) for r in conn.execute(
+            open_ = self._opener(conn)
+            return [(int(r[0]), open_(bytes(r[1]), "consent_history.resource")) for r in conn.execute(
                 "SELECT id, resource FROM consent_history WHERE id>? ORDER BY id LIMIT ?",
                 (after, limit))]
 
     def consent_history(self, consent_id: str) -> list[tuple[str, bytes, datetime, int]]:
         """Every version put of ``consent_id``: ``(status, resource, changed, audit_seq)``."""
         with self._read("consent_history") as conn:
-            return [(r[0], bytes(r[1]), parse_time(r[2]), int(r[3])) for r in conn.execute(
+            open_ = self._opener(conn)
+            return [(r[0], open_(bytes(r[1]), "consent_history.resource"), parse_time(r[2]),
+                     int(r[3])) for r in conn.execute(
                 "SELECT status, resource, changed, audit_seq FROM consent_history"
                 " WHERE consent_id=? ORDER BY id", (consent_id,))]
 

@@ -226,7 +226,7 @@ def acked_claims(
     """``(seq, message_id, receipt)`` of acknowledged claims of ``link`` after ``after_seq``."""
     with store.read("sync_acked_claims") as tx:
         return [
-            (int(r[0]), r[1], bytes(r[2]))
+            (int(r[0]), r[1], tx.unseal(r[2], context="outbox.receipt") or b"")
             for r in tx.all(
                 "SELECT seq, message_id, receipt FROM outbox WHERE link=? AND state='acked'"
                 " AND seq>? ORDER BY seq LIMIT ?",

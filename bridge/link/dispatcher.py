@@ -58,6 +58,7 @@ from bridge.logs import claim_event
 from bridge.trust.identity import certificate_identity
 from bridge.trust.jws import digest, payload_digests, sign_bundle
 from bridge.trust.receipts import verify_receipt
+from bridge.trust.tls import client_context
 
 log = logging.getLogger("bridge.dispatcher")
 
@@ -242,6 +243,9 @@ class Dispatcher:
         self._paused_until = 0.0
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        # Reloaded in place on SIGHUP (BridgeService.reload_certificates): connections
+        # opened afterwards present the new certificate.
+        self.client_context: Any = None
         self._task: asyncio.Task[None] | None = None
         self._sem = asyncio.Semaphore(link.concurrency)
         self._sending: set[asyncio.Task[None]] = set()
@@ -264,10 +268,23 @@ class Dispatcher:
 
     async def open(self) -> None:
         """Open the HTTP session only (resends and reconciliation without draining)."""
+        tls = self.c.config.tls
+        partner = self.c.config.partner(self.link.partner)
+        self.client_context = client_context(tls.cert, tls.key, partner.tls_ca or tls.ca)
         self._session = partner_session(
             self.c.config, self.link.partner, timeout=self.link.request_timeout_seconds,
-            limit=self.link.concurrency,
+            limit=self.link.concurrency, ssl_context=self.client_context,
         )
+
+    def reload_tls(self) -> None:
+        """Load this bridge's TLS certificate and the partner's CA bundle again into the
+        link's context: connections opened afterwards present the new certificate."""
+        if self.client_context is None:
+            return
+        tls = self.c.config.tls
+        partner = self.c.config.partner(self.link.partner)
+        self.client_context.load_cert_chain(tls.cert, tls.key)
+        self.client_context.load_verify_locations(cafile=str(partner.tls_ca or tls.ca))
 
     async def stop(self) -> None:
         """Stop at once: claims in flight are released for the next start to resend.

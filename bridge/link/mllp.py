@@ -227,6 +227,11 @@ class MLLPListener:
         self.port: int | None = None
         self.stats: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0, "failed": 0}
 
+    def use_context(self, ssl_context: ssl.SSLContext) -> None:
+        """Handshake new connections with ``ssl_context`` (certificates reloaded)."""
+        if self._tls is not None:
+            self._tls.ssl_context = ssl_context
+
     async def start(self) -> int:
         """Listen; returns the bound port (useful with ``port = 0``)."""
         host, port = self.config.host, self.config.port

@@ -36,7 +36,7 @@ from bridge.errors import (
 from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
-from bridge.ledger.audit import AuditRecord, patient_pseudonym
+from bridge.ledger.audit import AuditEntry, AuditRecord, patient_pseudonym
 from bridge.ledger.identity import link_pseudonyms, links_since
 from bridge.link.store import AsyncStore
 from bridge.logs import event, refusal_event
@@ -55,6 +55,7 @@ from bridge.policy.identity import IdentityIndex
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
+from bridge.trust.checkpoint import origin_for, sign_checkpoint
 from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
 from bridge.trust.pki import load_certificates
 from bridge.trust.registry import Partner, PartnerRegistry
@@ -157,15 +158,16 @@ def accept_configured_algorithms(config: BridgeConfig, partner_id: str, keyring:
 
 
 def resource_types(bundle: dict[str, Any]) -> list[str]:
-    """The resource types of a bundle's entries (entries without one are not counted:
-    a signed but malformed message is refused later, naming the element, never with a
-    5xx here)."""
+    """The resource types a bundle's entries name. An entry without one (a malformed
+    message, which FHIR validation refuses) names none: this is asked before that
+    validation, of whatever a sender posted."""
     entries = bundle.get("entry")
     return sorted(
         {
             e["resource"]["resourceType"]
             for e in (entries if isinstance(entries, list) else [])
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            if isinstance(e, dict)
+            and isinstance(e.get("resource"), dict)
             and isinstance(e["resource"].get("resourceType"), str)
         }
     )
@@ -267,6 +269,14 @@ class Controller:
             operator=acting_operator(),
         )
 
+    def receipt_checkpoint(self, entry: AuditEntry, now: datetime) -> dict[str, Any]:
+        """A signed checkpoint of the log ending at ``entry``, and the entry's proof in it."""
+        if entry.root is None:
+            return {}
+        cp = sign_checkpoint(self.signer.private_key, self.id, origin_for(self.id), entry.seq,
+                             entry.root, now)
+        return {"audit_checkpoint": cp.note, "audit_proof": entry.path}
+
     def protect_record(self, record: dict[str, Any]) -> dict[str, Any]:
         """A DE record that arrived as JSON with the elements the site's mappings mark
         biometric replaced by their keyed digest (HL7 v2 messages are digested on intake).
@@ -291,6 +301,14 @@ class Controller:
             chosen = self.config.link(link_id).signature_algorithm
             if chosen is not None:
                 return self.signers[chosen]
+        return self.signer
+
+    def signer_for_partner(self, partner_id: str) -> Signer:
+        """The signer of what goes to ``partner_id`` outside any one link (sync answers):
+        the algorithm its links name (all of them, or none, name one), else [signing]'s."""
+        for link in self.config.links:
+            if link.partner == partner_id and link.signature_algorithm is not None:
+                return self.signers[link.signature_algorithm]
         return self.signer
 
     def consents_for(self, link: LinkConfig) -> ConsentRegistry:

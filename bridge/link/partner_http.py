@@ -19,6 +19,7 @@ answer with :func:`read_answer`:
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 
 import aiohttp
@@ -42,9 +43,10 @@ class PartnerAnswerRefused(TransportError):
 
 def partner_session(
     config: BridgeConfig, partner_id: str, *, timeout: float, limit: int = 1,
-    headers: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None, ssl_context: ssl.SSLContext | None = None,
 ) -> aiohttp.ClientSession:
-    """A client session whose connections reach only ``partner_id``'s servers."""
+    """A client session whose connections reach only ``partner_id``'s servers (through
+    ``ssl_context`` when given, which a caller may reload in place)."""
     # Imported here: the dispatcher imports this module.
     from bridge.link.dispatcher import PartnerConnector
 
@@ -53,7 +55,7 @@ def partner_session(
     connector = PartnerConnector(
         expected_partner=partner.id,
         fingerprints=frozenset(partner.tls_fingerprints),
-        ssl=client_context(tls.cert, tls.key, partner.tls_ca or tls.ca),
+        ssl=ssl_context or client_context(tls.cert, tls.key, partner.tls_ca or tls.ca),
         limit=limit,
     )
     return aiohttp.ClientSession(

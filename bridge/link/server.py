@@ -66,6 +66,7 @@ from bridge.ledger.handoff import queue_hook
 from bridge.link.capability import capability_statement
 from bridge.link.node import Controller, resource_types
 from bridge.link.pull import PullAPI
+from bridge.link.witness import AuditExchangeAPI
 from bridge.logs import refusal_event
 from bridge.mapping import patient_identifiers
 from bridge.messages import check_addressing, check_envelope, collection_of, read_json
@@ -246,6 +247,7 @@ class ReceiverApp:
         app.router.add_get(f"{base}/Consent/{{id}}", consents.read)
         self.pull = PullAPI(self)
         self.pull.register(app, base)
+        AuditExchangeAPI(self).register(app, base)
         from bridge.link.sync import SyncAPI
 
         SyncAPI(self).register(app, base)
@@ -521,6 +523,7 @@ class ReceiverApp:
                 audit_hash=entry.hash,
                 signer=c.signer_for(_inbound_link_id(c, partner.id)),
                 now=now,
+                **c.receipt_checkpoint(entry, now),
             )
             return orjson.dumps(receipt)
 

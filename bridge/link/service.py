@@ -20,6 +20,7 @@ from bridge.link.mllp import HL7Handler, MLLPListener
 from bridge.link.node import Controller, Submitted
 from bridge.link.server import ReceiverApp
 from bridge.link.tlsgate import TLSListener
+from bridge.link.witness import AuditWitness
 from bridge.logs import event
 from bridge.trust.tls import server_context
 
@@ -47,6 +48,7 @@ class BridgeService:
         self.handoff = HandoffService(controller, poll_interval=min(poll_interval, 0.25))
         self.ops: Any = None  # bridge.ops.server.OpsServer when [operations] is configured
         self._destroyer: asyncio.Task[None] | None = None  # destruction after retention
+        self.witness = AuditWitness(controller)  # checkpoints exchanged with partners
 
     async def start(self, *, serve: bool = True) -> None:
         c = self.controller
@@ -67,6 +69,10 @@ class BridgeService:
                 # Content-Encoding is refused (415), never decoded: no decompression
                 # of a body the receiver is about to refuse.
                 auto_decompress=False,
+                # After a 413 or 408 the rest of an unread body is drained for at most
+                # this long before the connection closes (aiohttp's default is 10 s, a
+                # connection held per refused request).
+                lingering_time=2.0,
             )
             await self._runner.setup()
             server = self._runner.server
@@ -121,15 +127,17 @@ class BridgeService:
 
             self._destroyer = asyncio.create_task(destroy_periodically(c), name="destruction")
         await self.handoff.start()
+        await self.witness.start()
 
     def reload_certificates(self) -> None:
         """Load the TLS certificate, key, CA bundle and CRL, and the signing key, again
         from the configured files (after ``bridge certs rotate`` or ``revoke``): new
-        connections get the new context, every request is checked against the new CRL.
+        connections, inbound (HTTPS and HL7) and outbound, get the new certificate, and
+        every request is checked against the new CRL.
         A file that cannot be loaded leaves everything as it was, and is logged."""
         from bridge.errors import BridgeError
+        from bridge.link.node import signers_of
         from bridge.link.tlsgate import probe_presented_certificates
-        from bridge.trust.jws import Signer
         from bridge.trust.peercheck import PeerCertificateCheck
 
         c = self.controller
@@ -137,15 +145,22 @@ class BridgeService:
         try:
             ctx = server_context(tls.cert, tls.key, tls.ca, crl_file=tls.crl)
             check = PeerCertificateCheck.from_crl_file(tls.crl)
-            signer = Signer.from_files(c.config.signing.key, c.config.signing.cert)
+            signer, signers = signers_of(c.config)
         except (BridgeError, OSError, ValueError) as exc:
             log.error("certificates not reloaded: %s", exc)
             return
+        try:
+            for dispatcher in self.dispatchers.values():
+                dispatcher.reload_tls()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("outbound certificates not reloaded: %s", exc)
         probe_presented_certificates(ctx)
         if self._listener is not None:
             self._listener.ssl_context = ctx
+        if self.mllp is not None:
+            self.mllp.use_context(ctx)
         self.receiver.peer_check = check
-        c.signer = signer
+        c.signer, c.signers = signer, signers
         log.info("%s reloaded its certificates, CRL and signing key", c.id)
 
     def _key(self, key: str) -> str:
@@ -182,6 +197,7 @@ class BridgeService:
         return submitted
 
     async def stop(self) -> None:
+        await self.witness.stop()
         if self._destroyer is not None:
             self._destroyer.cancel()
             await asyncio.gather(self._destroyer, return_exceptions=True)

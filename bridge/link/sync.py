@@ -215,7 +215,8 @@ class SyncAPI:
         out = orjson.dumps(answer)
         now = c.clock()
         signature = sign_detached_bytes(
-            out, c.signer, issuer=c.id, audience=partner.id, message_id=correlation, now=now
+            out, c.signer_for_partner(partner.id), issuer=c.id, audience=partner.id,
+            message_id=correlation, now=now
         )
         await c.db.append_audit(
             c.audit(

@@ -141,8 +141,12 @@ def patient_identifiers(bundle: dict[str, Any]) -> list[tuple[str, str]]:
     for entry in bundle.get("entry") or []:
         resource = entry.get("resource") or {}
         if resource.get("resourceType") == "Patient":
-            return [(i["system"], i["value"]) for i in resource.get("identifier", [])
-                    if "system" in i and "value" in i]
+            # Only identifiers with both parts, non-empty: a received Patient may hold
+            # anything FHIR validation lets through (a null list, an empty system).
+            found = resource.get("identifier")
+            return [(i["system"], i["value"]) for i in (found if isinstance(found, list) else [])
+                    if isinstance(i, dict) and isinstance(i.get("system"), str) and i["system"]
+                    and isinstance(i.get("value"), str) and i["value"]]
     raise MappingError("bundle holds no Patient", location="Bundle.entry")
 
 

@@ -10,6 +10,7 @@ certificate. :func:`check` says, the same way for ``/readyz``, the status page a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,7 +111,7 @@ def check(cert: CertificateInfo, now: datetime, warning_days: int) -> Certificat
     detail = f"expires {cert.not_after.isoformat() if cert.not_after else '-'}"
     if not ok:
         detail += f", within {warning_days} days"
-    return CertificateCheck(cert.name, ok, detail, round(days, 1))
+    return CertificateCheck(cert.name, ok, detail, days)
 
 
 #: The warning when the configuration has no [operations] section to set it.
@@ -132,7 +133,9 @@ def certificate_report(config: BridgeConfig, now: datetime | None = None) -> lis
         verdict = check(cert, when, days)
         out.append({"certificate": cert.name, "path": str(cert.path), "subject": cert.subject,
                     "not_after": cert.not_after.isoformat() if cert.not_after else None,
-                    "days_left": verdict.days_left, "ok": verdict.ok, "detail": verdict.detail})
+                    # Whole days, as people count them: 19.9 days left is "19 days".
+                    "days_left": None if verdict.days_left is None else math.floor(verdict.days_left),
+                    "ok": verdict.ok, "detail": verdict.detail})
     return out
 
 

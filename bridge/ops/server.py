@@ -230,7 +230,7 @@ class OpsServer:
         result: dict[str, Any] = {"check": f"certificate:{cert.name}", "ok": verdict.ok,
                                   "detail": verdict.detail}
         if verdict.days_left is not None:
-            result["days_left"] = verdict.days_left
+            result["days_left"] = round(verdict.days_left, 1)
         return result
 
     def _check_partners(self) -> list[Any]:

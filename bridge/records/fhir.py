@@ -73,6 +73,13 @@ def validate_resource(resource: dict[str, Any], *, path: str | None = None) -> N
             f"not valid FHIR R4: {first.get('type', 'invalid')}",
             location=_location(tuple(first.get("loc", ())), prefix),
         ) from None
+    except (TypeError, AttributeError):
+        # A few of the models' own validators fail with TypeError or AttributeError on a
+        # value of the wrong JSON type (a list or a number where a url belongs), which
+        # pydantic does not wrap.
+        raise ValidationError(
+            "not valid FHIR R4: a value of the wrong JSON type", location=prefix
+        ) from None
     _check_codes(resource, prefix)
 
 

@@ -21,7 +21,14 @@ A receipt is a FHIR R4 ``Bundle`` of type ``message`` (a response message):
   urn:ws-fhir-bridge:ext:request-digest       valueString     digest() of the request payload
   urn:ws-fhir-bridge:ext:audit-seq            valueInteger    receiver's audit entry number
   urn:ws-fhir-bridge:ext:audit-hash           valueString     hash of that audit entry
+  urn:ws-fhir-bridge:ext:audit-checkpoint     valueString     receiver's signed checkpoint of
+                                                              its log ending at that entry
+  urn:ws-fhir-bridge:ext:audit-proof          valueString     inclusion proof of the entry in
+                                                              it (base64 hashes, space-separated)
   ==========================================  ==============  ==============================
+
+  The last two make the receipt prove that the entry is in the receiver's log, not
+  only name it: a later checkpoint of that log must extend this one (PROTOCOL §9.6).
 
 * When there are issues, ``entry[1]`` is an ``OperationOutcome`` holding them and
   ``response.details`` refers to it.
@@ -34,14 +41,19 @@ their freshness is not what matters, so senders verify them with ``check_time=Fa
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from bridge.errors import SignatureError
+from bridge.ledger import merkle
+from bridge.ledger.audit import leaf_from_hash
+from bridge.trust.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
 from bridge.trust.jws import (
     PARTNER_SYSTEM,
     KeyRing,
@@ -61,6 +73,8 @@ EXT_REQUEST_MESSAGE_ID = EXT_PREFIX + "request-message-id"
 EXT_REQUEST_DIGEST = EXT_PREFIX + "request-digest"
 EXT_AUDIT_SEQ = EXT_PREFIX + "audit-seq"
 EXT_AUDIT_HASH = EXT_PREFIX + "audit-hash"
+EXT_AUDIT_CHECKPOINT = EXT_PREFIX + "audit-checkpoint"
+EXT_AUDIT_PROOF = EXT_PREFIX + "audit-proof"
 
 #: Namespace of receipt identities (uuid5 of the URL-style name below).
 RECEIPT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ws-fhir-bridge:receipt")
@@ -99,6 +113,8 @@ def make_receipt(
     issues: list[dict[str, Any]] | None = None,
     source_endpoint: str | None = None,
     destination_endpoint: str | None = None,
+    audit_checkpoint: str | None = None,
+    audit_proof: Sequence[bytes] = (),
 ) -> dict[str, Any]:
     """Build and sign the receipt ``receiver`` returns to ``sender`` for one request.
 
@@ -132,6 +148,12 @@ def make_receipt(
         "source": {"endpoint": source_endpoint or f"{PARTNER_SYSTEM}:{receiver}"},
         "response": {"identifier": _response_identifier(request_message_id), "code": outcome},
     }
+    if audit_checkpoint is not None:
+        header["extension"].append({"url": EXT_AUDIT_CHECKPOINT, "valueString": audit_checkpoint})
+        # valueString may not be empty in FHIR: a tree of one entry has no proof to carry.
+        if audit_proof:
+            header["extension"].append({"url": EXT_AUDIT_PROOF, "valueString": " ".join(
+                base64.b64encode(h).decode() for h in audit_proof)})
     entries: list[dict[str, Any]] = [{"fullUrl": f"urn:uuid:{header_id}", "resource": header}]
     if issues:
         outcome_id = str(uuid.uuid5(RECEIPT_NAMESPACE, bare + chr(0) + "OperationOutcome"))
@@ -169,6 +191,8 @@ class Receipt:
     receipt_id: str
     issues: tuple[dict[str, Any], ...]
     claims: SignedClaims
+    #: The receiver's checkpoint that includes the audit entry, when the receipt has one.
+    checkpoint: Checkpoint | None = None
 
 
 def _bad(message: str, location: str) -> SignatureError:
@@ -242,6 +266,7 @@ def verify_receipt(
     seq, audit_hash = ext.get(EXT_AUDIT_SEQ), ext.get(EXT_AUDIT_HASH)
     if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(audit_hash, str):
         raise _bad("receipt lacks the receiver's audit entry", f"{_MH}.extension({EXT_AUDIT_SEQ})")
+    checkpoint = _included(ext, keyring, expected_issuer, seq, audit_hash)
     issues: tuple[dict[str, Any], ...] = ()
     for entry in entries[1:] if isinstance(entries, list) else ():
         resource = entry.get("resource") if isinstance(entry, dict) else None
@@ -256,4 +281,32 @@ def verify_receipt(
         receipt_id=claims.message_id,
         issues=issues,
         claims=claims,
+        checkpoint=checkpoint,
     )
+
+
+def _included(ext: dict[str, Any], keyring: KeyRing, issuer: str, seq: int,
+              audit_hash: str) -> Checkpoint | None:
+    """The receipt's checkpoint, checked to be signed by ``issuer`` and to include entry ``seq``."""
+    note = ext.get(EXT_AUDIT_CHECKPOINT)
+    if note is None:
+        return None
+    where = f"{_MH}.extension({EXT_AUDIT_CHECKPOINT})"
+    if not isinstance(note, str):
+        raise _bad("audit checkpoint must be a string", where)
+    keys = [e.public_key for k in keyring.kids_for(issuer) if (e := keyring.get(k)) is not None]
+    try:
+        cp = verify_checkpoint(note, issuer, keys)
+        proof_text = ext.get(EXT_AUDIT_PROOF) or ""
+        if not isinstance(proof_text, str):
+            raise _bad("audit proof must be a string", f"{_MH}.extension({EXT_AUDIT_PROOF})")
+        proof = [base64.b64decode(p, validate=True) for p in proof_text.split()]
+        leaf = leaf_from_hash(audit_hash)
+    except CheckpointError as exc:
+        raise _bad(f"receipt checkpoint: {exc}", where) from None
+    except (binascii.Error, ValueError):
+        raise _bad("audit proof or hash is not well formed",
+                   f"{_MH}.extension({EXT_AUDIT_PROOF})") from None
+    if cp.size != seq or not merkle.verify_inclusion(seq - 1, cp.size, leaf, proof, cp.root):
+        raise _bad(f"audit entry {seq} is not in the receipt's checkpoint {cp.name}", where)
+    return cp

@@ -60,6 +60,9 @@ class Partner:
     tls_fingerprints: frozenset[str] = field(default_factory=frozenset)
     signing_certificates: tuple[str | os.PathLike[str] | bytes, ...] = ()
     links: frozenset[str] = field(default_factory=frozenset)
+    #: JWS algorithms its signatures are accepted under (its links' choice); empty: the
+    #: algorithm of whichever of its signing certificates made the signature.
+    signature_algorithms: frozenset[str] = field(default_factory=frozenset)
     #: DER of the CA certificates that issue this partner's TLS certificates; empty:
     #: any CA of the bundle (allowed only when the bundle holds one CA, or with pins).
     tls_issuers: frozenset[bytes] = field(default_factory=frozenset)
@@ -72,6 +75,7 @@ class Partner:
         )
         object.__setattr__(self, "links", frozenset(self.links))
         object.__setattr__(self, "signing_certificates", tuple(self.signing_certificates))
+        object.__setattr__(self, "signature_algorithms", frozenset(self.signature_algorithms))
         object.__setattr__(self, "tls_issuers", frozenset(self.tls_issuers))
 
 
@@ -169,9 +173,12 @@ class PartnerRegistry:
         return partner
 
     def keyring(self) -> KeyRing:
-        """A key ring holding every partner's signing certificates (current and next)."""
+        """A key ring holding every partner's signing certificates (current and next),
+        each partner accepted under its ``signature_algorithms`` when it names any."""
         ring = KeyRing()
         for partner in self._partners.values():
             for cert in partner.signing_certificates:
                 ring.add_certificate(partner.id, cert)
+            if partner.signature_algorithms:
+                ring.accept(partner.id, partner.signature_algorithms)
         return ring
