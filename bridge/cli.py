@@ -43,6 +43,7 @@ from bridge.cli_operators import add_operators_commands, guard_commands
 from bridge.cli_outbox import add_outbox_commands
 from bridge.cli_profile import add_profile_commands
 from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_report
+from bridge.cli_research import add_research_commands
 from bridge.cli_store import add_store_commands
 from bridge.cli_sync import add_sync_commands
 from bridge.errors import BridgeError, NotFound, ParseError, UsageError
@@ -240,8 +241,7 @@ def cmd_consent_show(args: argparse.Namespace) -> int:
 
 def cmd_consent_explain(args: argparse.Namespace) -> int:
     """What would be sent on a link today for this record, and why, element by element."""
-    from bridge.mapping import map_record, read_record
-    from bridge.policy.engine import explain
+    from bridge.mapping import read_record
 
     data = read_input(args.file, what="record")
 
@@ -251,15 +251,8 @@ def cmd_consent_explain(args: argparse.Namespace) -> int:
             await controller.sync_consents()
             link = controller.outbound_link(args.link)
             record = read_record(data, source=args.file)
-            now = controller.clock()
-            explanation = explain(
-                map_record(record, now=now),
-                registry=controller.consents_for(link),
-                profile=controller.profiles[link.id],
-                recipient=link.partner,
-                purpose=link.purpose,
-                now=now,
-            )
+            # The same mapping and policy run as a push: what it says is sent, is sent.
+            explanation = controller.explain(record, link.id)
         finally:
             await controller.close()
         if args.json:
@@ -330,31 +323,70 @@ _DISCLOSURE_ACTIONS = {
 }
 
 
+_DCM = "http://dicom.nema.org/resources/ontology/DCM"
+# IHE Basic Audit Log Patterns: the DICOM event type of each kind of entry.
+_BALP_TYPE = {
+    "C": ("110106", "Export"),
+    "E": ("110106", "Export"),
+    "R": ("110110", "Patient Record"),
+    "U": ("110110", "Patient Record"),
+}
+_RECEIVED = frozenset({"message.receive", "record.pull.receive"})
+
+
 def _audit_event(entry: Any, controller: str) -> dict[str, Any]:
-    """One audit entry as a FHIR R4 AuditEvent (ids, codes and pseudonyms only)."""
+    """One audit entry as a FHIR R4 AuditEvent in the shape of IHE Basic Audit Log
+    Patterns (BALP): a DICOM event type, the bridge's own action as subtype, the source
+    and destination agents by role, the patient as a Person entity in the Patient role
+    (by keyed pseudonym) and the message as a system-object entity. Ids, codes and
+    pseudonyms only."""
     record = entry.record
     action, text = _DISCLOSURE_ACTIONS.get(record.action, ("E", record.action))
     outcome = {"success": "0", "failure": "8", "denied": "4"}[record.outcome]
+    code, display = ("110107", "Import") if record.action in _RECEIVED else _BALP_TYPE[action]
     party = {"system": "urn:ws-fhir-bridge:partner", "value": controller}
+    me_role = "110152" if record.action in _RECEIVED else "110153"
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": f"audit-{entry.seq}",
-        "type": {"system": "urn:ws-fhir-bridge:audit-action", "code": record.action},
+        "type": {"system": _DCM, "code": code, "display": display},
+        "subtype": [{"system": "urn:ws-fhir-bridge:audit-action", "code": record.action,
+                     "display": text}],
         "action": action,
         "recorded": record.time.isoformat(),
         "outcome": outcome,
         "outcomeDesc": text + (f" ({record.detail})" if record.detail else ""),
-        "agent": [{"who": {"identifier": party}, "requestor": True}],
-        "source": {"observer": {"identifier": party}},
-        "entity": [{"what": {"identifier": {"value": record.subject}}}],
+        "agent": [{
+            "type": {"coding": [{"system": _DCM, "code": me_role,
+                                 "display": "Destination Role ID" if me_role == "110152"
+                                 else "Source Role ID"}]},
+            "who": {"identifier": party},
+            "requestor": record.action not in _RECEIVED,
+        }],
+        "source": {
+            "observer": {"identifier": party},
+            "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                      "code": "4", "display": "Application Server"}],
+        },
+        "entity": [{
+            "what": {"identifier": {"value": record.subject}},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                     "code": "2", "display": "System Object"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
+                     "code": "20", "display": "Job"},
+        }],
     }
     if record.partner:
+        other_role = "110153" if me_role == "110152" else "110152"
         event["agent"].append(
             {
+                "type": {"coding": [{"system": _DCM, "code": other_role,
+                                     "display": "Source Role ID" if other_role == "110153"
+                                     else "Destination Role ID"}]},
                 "who": {
                     "identifier": {"system": "urn:ws-fhir-bridge:partner", "value": record.partner}
                 },
-                "requestor": False,
+                "requestor": record.action in _RECEIVED,
             }
         )
     if record.patient:
@@ -365,7 +397,11 @@ def _audit_event(entry: Any, controller: str) -> dict[str, Any]:
                         "system": "urn:ws-fhir-bridge:patient-pseudonym",
                         "value": record.patient,
                     }
-                }
+                },
+                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                         "code": "1", "display": "Person"},
+                "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
+                         "code": "1", "display": "Patient"},
             }
         )
     return event
@@ -375,6 +411,7 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
     """Who received what about one patient, and when (GB/T 39725 §7 g)."""
     from bridge.config import load_config
     from bridge.ledger.audit import patient_pseudonym
+    from bridge.ledger.identity import linked_pseudonyms
     from bridge.link.node import _load_pseudonym_key
 
     system, sep, value = args.patient.partition("|")
@@ -385,7 +422,10 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
     key = _load_pseudonym_key(config.audit.pseudonym_key_file)
     pseudonym = patient_pseudonym(key, system, value)
     with store:
-        own = store.audit_by_patient(pseudonym)
+        # One person across identifiers: every pseudonym the hospital's records link
+        # to this one (identity card, passport, inpatient, record and health-card numbers).
+        persons = linked_pseudonyms(store, [pseudonym])
+        own = [e for p in persons for e in store.audit_by_patient(p)]
         subjects = {e.record.subject for e in own}
         # Deliveries and resends name the message, not the patient: follow the message.
         related = [e for e in store.audit_entries() if e.record.subject in subjects]
@@ -406,6 +446,7 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
         _print_json(
             {
                 "patient": pseudonym,
+                "linked": [p for p in persons if p != pseudonym],
                 "entries": [
                     {
                         "seq": e.seq,
@@ -421,7 +462,8 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    sys.stdout.write(f"patient {pseudonym}: {len(entries)} audit entries\n")
+    also = f" (and {len(persons) - 1} linked identifiers)" if len(persons) > 1 else ""
+    sys.stdout.write(f"patient {pseudonym}{also}: {len(entries)} audit entries\n")
     for e in entries:
         r = e.record
         sys.stdout.write(
@@ -764,6 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_agreements_commands(sub)
     add_sync_commands(sub)
     add_profile_commands(sub)
+    add_research_commands(sub)
     add_conformance_commands(sub)
     guard_commands(p)
     return p

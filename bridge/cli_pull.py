@@ -102,7 +102,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_records_import(args: argparse.Namespace) -> int:
-    from bridge.mapping import read_record
+    from bridge.mapping import patient_identifiers, read_record
 
     folder = Path(args.directory)
     if not folder.is_dir():
@@ -146,6 +146,8 @@ def cmd_records_import(args: argparse.Namespace) -> int:
                     from bridge.ledger.records import patient_keys
 
                     patient_keys(collection)
+                    # The record states these identifiers together: one patient.
+                    await controller.link_patient(list(patient_identifiers(collection)))
                 except BridgeError as exc:
                     failed.append(f"{name}: [{exc.code}] {exc}")
                     continue

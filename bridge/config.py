@@ -452,6 +452,15 @@ class LinkConfig(_Strict):
     consent_cap_days: int = Field(
         default=365, ge=1, le=3650, description="life of a consent without an end, on this link"
     )
+    deid_key_file: Path | None = Field(
+        default=None,
+        description="file holding this link's de-identification key (hex, at least 16 bytes)"
+        " for profiles with keyed transforms; the key is never written in the configuration",
+    )
+    deid_key_env: str | None = Field(
+        default=None, pattern=r"^[A-Z_][A-Z0-9_]{0,63}$",
+        description="environment variable holding this link's de-identification key (hex)",
+    )
     partner_consent_purposes: list[str] = Field(
         default_factory=list,
         description=(
@@ -935,6 +944,7 @@ def _resolve(data: dict[str, object], base: Path) -> None:
             # A profile is a shipped name (commercial-insurance) or an operator's own file.
             if isinstance(link, dict) and str(link.get("profile", "")).endswith((".yaml", ".yml")):
                 fix(link, ("profile",))
+            fix(link, ("deid_key_file",))
     partners = data.get("partners")
     if isinstance(partners, list):
         for partner in partners:

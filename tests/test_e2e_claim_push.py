@@ -476,7 +476,9 @@ async def test_disclosure_history_of_one_patient(
     bundle = orjson.loads(capsys.readouterr().out)
     validate_resource(bundle)
     ack = bundle["entry"][-1]["resource"]
-    assert ack["type"]["code"] == "claim.ack" and ack["outcome"] == "0"
+    # BALP: a DICOM event type (Export), the bridge's own action as subtype.
+    assert ack["type"]["code"] == "110106"
+    assert ack["subtype"][0]["code"] == "claim.ack" and ack["outcome"] == "0"
     assert {"system": "urn:ws-fhir-bridge:partner", "value": "insurer-b"} in [
         a["who"]["identifier"] for a in ack["agent"]
     ]

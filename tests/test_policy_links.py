@@ -123,8 +123,11 @@ def test_grade_5_never_travels_on_a_link_without_grade_5(tmp_path: Path) -> None
 
 
 @pytest.mark.control("U8")
-def test_restriction_on_a_data_category_holds_back_diagnoses_everywhere() -> None:
-    insurer = load_link_profile("commercial-insurance")
+def test_restriction_on_a_data_category_holds_back_diagnoses_everywhere(tmp_path: Path) -> None:
+    text = (mappings_dir() / "links" / "commercial-insurance.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "sends-without-diagnoses.yaml"
+    path.write_text(text.replace("refuse_without: [Claim.diagnosis]\n", ""), encoding="utf-8")
+    insurer = load_profile(path)
     restricted = consent()
     restricted["provision"]["provision"] = [
         deny_provision(labels=[(CATEGORY_SYSTEM, "health-status")])
@@ -139,6 +142,12 @@ def test_restriction_on_a_data_category_holds_back_diagnoses_everywhere() -> Non
     denies = {h.provision_path for h in result.record.held_back if h.reason == "deny"}
     assert denies == {"Consent.provision.provision[0]"}
     validate_resource(result.bundle)
+    # The shipped profile does not send a claim without diagnoses: it refuses, naming
+    # the provision that held them back.
+    with pytest.raises(ConsentDenied) as info:
+        run(load_link_profile("commercial-insurance"), registry_with(restricted), bundle)
+    assert "Claim.diagnosis" in info.value.message
+    assert info.value.location == "Consent.provision.provision[0]"
 
 
 def test_restriction_for_one_recipient_leaves_another_alone() -> None:

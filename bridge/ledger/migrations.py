@@ -214,6 +214,22 @@ CREATE TABLE IF NOT EXISTS rate_bucket (
 );
 """,
     ),
+    # One patient across identifiers: pairs of patient pseudonyms the hospital's own
+    # records state belong to one person (bridge.ledger.identity). Append-only, so every
+    # process can follow the links by sequence number.
+    Migration(
+        name="0900-patient-links",
+        ddl="""
+CREATE TABLE IF NOT EXISTS patient_link (
+    seq     {autoid},
+    a       TEXT NOT NULL,
+    b       TEXT NOT NULL,
+    linked  TEXT NOT NULL,
+    UNIQUE (a, b)
+);
+CREATE INDEX IF NOT EXISTS patient_link_b ON patient_link (b);
+""",
+    ),
     # Delivery outcomes: whether a claim may have reached the partner without an answer
     # (its fate is unknown, so it is never given up), what the partner last answered,
     # and when the give-up clock started (enqueue, or the last requeue).

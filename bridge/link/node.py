@@ -11,6 +11,7 @@ import gc
 import hashlib
 import hmac
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,18 +25,33 @@ from cryptography.hazmat.primitives import serialization
 from bridge.compliance.agreements import CrossBorderRefused, check_agreement, check_link
 from bridge.compliance.operators import acting_operator
 from bridge.config import BridgeConfig, LinkConfig, PartnerConfig
-from bridge.errors import ConfigError, ConflictError, MappingError, PolicyError
+from bridge.errors import (
+    BridgeError,
+    ConfigError,
+    ConflictError,
+    MappingError,
+    PolicyError,
+    ProfileError,
+)
 from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditEntry, AuditRecord, patient_pseudonym
+from bridge.ledger.identity import link_pseudonyms, links_since
 from bridge.link.store import AsyncStore
 from bridge.logs import event, refusal_event
 from bridge.mapping import map_record, patient_identifiers
 from bridge.messages import collection_of, message_id_for, wrap_message
 from bridge.policy.consent import ConsentRegistry, parse_consent
 from bridge.policy.consent_rules import LinkConsentView, check_registration, recipients_of
-from bridge.policy.engine import apply_policy, recheck_collection
+from bridge.policy.engine import (
+    Explanation,
+    PolicyResult,
+    apply_policy,
+    explain,
+    recheck_collection,
+)
+from bridge.policy.identity import IdentityIndex
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
@@ -61,6 +77,8 @@ class Submitted:
     removed: tuple[str, ...]
     held_back: tuple[str, ...]
     decided_by: str = ""  # "consent-id@provision path" of the permitting rule
+    # "element path<-consent-id@provision path(reason)" of each thing held back
+    held_by: tuple[str, ...] = ()
 
 
 def _ca_certificates(path: Path) -> list[x509.Certificate]:
@@ -188,7 +206,11 @@ class Controller:
         self.pseudonym_key = _load_pseudonym_key(config.audit.pseudonym_key_file)
         #: Key of the records store's resource ids (see :meth:`pull_collection`).
         self.pull_id_key = hmac.new(self.pseudonym_key, b"pull-resource-id", hashlib.sha256).digest()
-        self.consents = ConsentRegistry()
+        #: Which patient pseudonyms name one person (the hospital's records say so).
+        self.identity = IdentityIndex(
+            lambda system, value: patient_pseudonym(self.pseudonym_key, system, value))
+        self._take_links(links_since(self.store, 0, limit=1_000_000_000))
+        self.consents = ConsentRegistry(self.identity)
         self._consent_cursor = 0
         self._apply_consent_changes(self.store.consent_changes(0, limit=1_000_000_000))
         # The registry lives as long as the process: keep the cyclic collector from
@@ -197,6 +219,12 @@ class Controller:
         gc.freeze()
         self.profiles: dict[str, LinkProfile] = {
             link.id: _profile_for(link.profile_ref()) for link in config.links
+        }
+        # Links whose profile has keyed transforms (research): the key, from the file
+        # or environment variable the configuration names, never from its text.
+        self.deid_keys: dict[str, bytes] = {
+            link.id: load_deid_key(link) for link in config.links
+            if self.profiles[link.id].needs_key
         }
         # Each link counts consents by its own rules on expiry (consent_rules).
         self.link_consents: dict[str, ConsentRegistry] = {
@@ -327,6 +355,20 @@ class Controller:
             self.consents.put(orjson.loads(resource), now=self.clock(), trusted=True)
             self._consent_cursor = max(self._consent_cursor, number)
 
+    def _take_links(self, links: list[tuple[int, str, str]]) -> None:
+        for seq, a, b in links:
+            self.identity.link((a, b))
+            self.identity.cursor = max(self.identity.cursor, seq)
+
+    async def link_patient(self, identifiers: list[tuple[str, str]]) -> None:
+        """Record that these identifiers, stated together by one of the hospital's
+        records, name one person: durable in the store, then in this process."""
+        group = self.identity.of_identifiers(identifiers)
+        if len(set(group)) < 2 or len(self.identity.linked(group[:1]) & set(group)) == len(set(group)):
+            return
+        await self.db.call(link_pseudonyms, self.store, group, now=self.clock())
+        self.identity.link(group)
+
     async def sync_consents(self) -> None:
         """Take in consents put or revoked by any process sharing this store.
 
@@ -334,6 +376,11 @@ class Controller:
         revocation through another bridge process, the CLI or the API takes effect at
         once everywhere, not at the next restart.
         """
+        while True:
+            links = await self.db.call(links_since, self.store, self.identity.cursor)
+            if not links:
+                break
+            self._take_links(links)
         while True:
             changes = await self.db.consent_changes(self._consent_cursor)
             if not changes:
@@ -371,29 +418,87 @@ class Controller:
 
     # --- sending ----------------------------------------------------------------------
 
+    async def link_record(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """Link the identifiers one record states for its patient (see :meth:`link_patient`)
+        and return the record mapped (None, linking nothing, for a record that does not
+        map: its refusal is reported by :meth:`prepare`)."""
+        try:
+            collection = map_record(record, now=self.clock(), files=self.mapping_files)
+            ids = list(patient_identifiers(collection))
+        except (BridgeError, ValueError):
+            return None
+        await self.link_patient(ids)
+        return collection
+
+    def claim_collection(
+        self, record: dict[str, Any], now: datetime, replaces: str | None = None,
+        mapped: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One record mapped as :meth:`prepare` sends it (and :meth:`explain` explains it);
+        ``mapped`` is the record already mapped (it is then used, and marked in place)."""
+        collection = mapped if mapped is not None else map_record(
+            record, now=now, files=self.mapping_files)
+        if replaces is not None:
+            mark_replacing(collection, replaces)
+        return collection
+
+    def explain(self, record: dict[str, Any], link_id: str) -> Explanation:
+        """What :meth:`prepare` would send of ``record`` on ``link_id`` now, element by
+        element, and why: the same mapping, registry, profile and policy run."""
+        link = self.outbound_link(link_id)
+        now = self.clock()
+        return explain(
+            self.claim_collection(record, now),
+            registry=self.consents_for(link),
+            profile=self.profiles[link.id],
+            recipient=self.config.partner(link.partner).id,
+            purpose=link.purpose,
+            now=now,
+            key=self.deid_keys.get(link.id),
+        )
+
+    def policy(
+        self, record: dict[str, Any], link_id: str, *, replaces: str | None = None,
+        mapped: dict[str, Any] | None = None,
+    ) -> PolicyResult:
+        """What of ``record`` may go on ``link_id`` now (raises ConsentDenied)."""
+        link = self.outbound_link(link_id)
+        now = self.clock()
+        check_link(self.config, link, now)
+        return apply_policy(
+            self.claim_collection(record, now, replaces, mapped),
+            registry=self.consents_for(link),
+            profile=self.profiles[link.id],
+            recipient=self.config.partner(link.partner).id,
+            purpose=link.purpose,
+            now=now,
+            key=self.deid_keys.get(link.id),
+        )
+
     def prepare(
-        self, record: dict[str, Any], link_id: str, *, replaces: str | None = None
+        self, record: dict[str, Any], link_id: str, *, replaces: str | None = None,
+        mapped: dict[str, Any] | None = None, result: PolicyResult | None = None,
     ) -> tuple[dict[str, Any], Submitted]:
         """Map, authorise, minimise and sign one record (CPU only; nothing stored).
 
         ``replaces`` is the message identity of a claim this one corrects: the Claim
         then names it in ``Claim.related`` (conformance/PROTOCOL.md, corrected claims).
+        ``result`` is the record's policy result when the caller already has it (a
+        research release, which generalises it across the batch first).
         """
         link = self.outbound_link(link_id)
         partner = self.config.partner(link.partner)
         now = self.clock()
         check_link(self.config, link, now)
-        collection = map_record(record, now=now, files=self.mapping_files)
-        if replaces is not None:
-            mark_replacing(collection, replaces)
-        result = apply_policy(
-            collection,
-            registry=self.consents_for(link),
-            profile=self.profiles[link.id],
-            recipient=partner.id,
-            purpose=link.purpose,
-            now=now,
-        )
+        if result is None:
+            if self.profiles[link.id].k_anonymity is not None:
+                # A research link releases batches made k-anonymous over persons; one record
+                # on its own would skip that (and the top-coding of great ages).
+                raise ProfileError(
+                    "this link releases research batches only (bridge research release)",
+                    location=f"links.{link.id}.profile",
+                )
+            result = self.policy(record, link_id, replaces=replaces, mapped=mapped)
         if not any(
             e.get("resource", {}).get("resourceType") == "Claim" for e in result.bundle["entry"]
         ):
@@ -429,6 +534,7 @@ class Controller:
             removed=tuple(result.removed),
             held_back=tuple(result.held_back),
             decided_by=f"{result.decision.consent_id}@{result.decision.provision_path}",
+            held_by=_held_by(result),
         )
 
     async def submit(
@@ -444,6 +550,7 @@ class Controller:
         link = self.outbound_link(link_id)
         message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
         await self.keep_for_pull(record, source="push")
+        mapped = await self.link_record(record)
         # One trip to the store's thread for both reads: consents changed by any
         # process sharing the store, and whether this claim was queued before.
         changes, queued = await self.db.call(_consents_and_outbox, self.store,
@@ -457,7 +564,7 @@ class Controller:
                 message_id=message_id, link=link.id, created=False, removed=(), held_back=()
             )
         try:
-            signed, submitted = self.prepare(record, link_id, replaces=replaces)
+            signed, submitted = self.prepare(record, link_id, replaces=replaces, mapped=mapped)
             await self.count_abroad(link, submitted.message_id, signed)
         except PolicyError as exc:
             now = self.clock()
@@ -475,6 +582,13 @@ class Controller:
             )
             refusal_event(self, "enqueue", exc, partner=link.partner, subject=message_id)
             raise
+        return await self.enqueue_signed(link, signed, submitted)
+
+    async def enqueue_signed(
+        self, link: LinkConfig, signed: dict[str, Any], submitted: Submitted
+    ) -> Submitted:
+        """Put one prepared, signed message in the outbox with its audit entry."""
+        message_id = submitted.message_id
         payload = orjson.dumps(signed)
         payload_digest = digest(payload)
         now = self.clock()
@@ -496,6 +610,7 @@ class Controller:
                     detail=(
                         f"permit {submitted.decided_by} removed={len(submitted.removed)}"
                         f" held_back={len(submitted.held_back)}"
+                        + (f" held={';'.join(submitted.held_by)}" if submitted.held_by else "")
                     ),
                     now=now,
                 ),
@@ -597,6 +712,48 @@ class Controller:
 
 def _consents_and_outbox(store: Any, cursor: int, message_id: str) -> tuple[Any, Any]:
     return store.consent_changes(cursor), store.get_outbox(message_id)
+
+
+def load_deid_key(link: LinkConfig) -> bytes:
+    """A link's de-identification key (hex) from ``deid_key_file`` or ``deid_key_env``;
+    ConfigError naming the configuration key when it is missing or unusable."""
+    where = f"links.{link.id}"
+    if link.deid_key_file is not None:
+        where, source = f"{where}.deid_key_file", str(link.deid_key_file)
+        try:
+            text = link.deid_key_file.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError("cannot read the de-identification key file", location=where) from None
+    elif link.deid_key_env is not None:
+        where, source = f"{where}.deid_key_env", link.deid_key_env
+        text = os.environ.get(link.deid_key_env, "").strip()
+        if not text:
+            raise ConfigError(f"environment variable {link.deid_key_env} is not set",
+                              location=where)
+    else:
+        raise ConfigError(
+            "this link's profile de-identifies with a key: name its file (deid_key_file)"
+            " or environment variable (deid_key_env)", location=where)
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"the key in {source} is not hexadecimal", location=where) from None
+    if len(key) < 16:
+        raise ConfigError(f"the key in {source} is shorter than 16 bytes", location=where)
+    return key
+
+
+def _held_by(result: PolicyResult) -> tuple[str, ...]:
+    """Each held-back element path with the consent and provision that held it back
+    (``Condition<-c-1@Consent.provision(uncovered)``); what went only because it
+    referred to held-back data says so (``Claim.diagnosis<-(refers to held-back)``).
+    Paths, ids and reasons only, never values."""
+    decided = result.record.held_back if result.record is not None else ()
+    out = [f"{h.element}<-{h.consent_id or '-'}@{h.provision_path or '-'}({h.reason})"
+           for h in decided]
+    own = {h.path for h in decided}
+    out.extend(f"{p}<-(refers to held-back)" for p in result.held_back if p not in own)
+    return tuple(dict.fromkeys(out))
 
 
 def _decision_detail(exc: PolicyError) -> str:

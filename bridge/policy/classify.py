@@ -65,6 +65,7 @@ class SensitiveCodes:
     _memo: dict[tuple[str, str], frozenset[str]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    _any_memo: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def systems(self) -> frozenset[str]:
@@ -89,6 +90,16 @@ class SensitiveCodes:
         found = frozenset(hits)
         if len(self._memo) < 100_000:  # codes repeat; the bound keeps hostile input in check
             self._memo[key] = found
+        return found
+
+    def may_name_a_class(self, code: str) -> bool:
+        """Could this code name a special-disease class under any listed system? (A
+        quick filter: False means no coding with this code is special.)"""
+        found = self._any_memo.get(code)
+        if found is None:
+            found = any(self.classes_of(system, code) for system in self.systems)
+            if len(self._any_memo) < 100_000:
+                self._any_memo[code] = found
         return found
 
     def classes_of_concept(self, concept: Any) -> frozenset[str]:

@@ -66,6 +66,7 @@ from bridge.policy.classify import (
     SENSITIVITY_SYSTEM,
     default_classification,
 )
+from bridge.policy.identity import IdentityIndex
 from bridge.records.fhir import validate_resource
 
 SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
@@ -685,9 +686,13 @@ class ConsentRegistry:
     still waiting for dispatch once they are asked again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, identity: IdentityIndex | None = None) -> None:
         self._by_id: dict[str, ConsentRecord] = {}
         self._by_patient: dict[tuple[str, str], set[str]] = {}
+        #: With an identity index, consents are found by any identifier linked to the
+        #: one they name (one patient across identifiers).
+        self.identity = identity
+        self._by_pseudonym: dict[str, set[str]] = {}
 
     def put(
         self, resource: dict[str, Any], *, now: datetime, trusted: bool = False
@@ -716,8 +721,13 @@ class ConsentRegistry:
                 ids.discard(old.id)
                 if not ids:
                     del self._by_patient[old.patient]
+            if self.identity is not None:
+                self._by_pseudonym.get(self.identity.pseudonym(*old.patient), set()).discard(old.id)
         self._by_id[record.id] = record
         self._by_patient.setdefault(record.patient, set()).add(record.id)
+        if self.identity is not None:
+            self._by_pseudonym.setdefault(
+                self.identity.pseudonym(*record.patient), set()).add(record.id)
         return record
 
     def put_many(
@@ -761,11 +771,18 @@ class ConsentRegistry:
     def for_patient(
         self, patient_identifiers: Sequence[tuple[str, str]]
     ) -> builtins.list[ConsentRecord]:
-        """Consents whose patient matches any of these identifiers (index lookup)."""
+        """Consents whose patient matches any of these identifiers (index lookup), or,
+        with an identity index, any identifier linked to them."""
         seen: dict[str, ConsentRecord] = {}
         for ident in patient_identifiers:
             for cid in sorted(self._by_patient.get((ident[0], ident[1]), ())):
                 seen.setdefault(cid, self._by_id[cid])
+        if self.identity is not None and self._by_pseudonym:
+            linked = self.identity.linked(
+                self.identity.of_identifiers([(i[0], i[1]) for i in patient_identifiers]))
+            for p in sorted(linked):
+                for cid in sorted(self._by_pseudonym.get(p, ())):
+                    seen.setdefault(cid, self._by_id[cid])
         return list(seen.values())
 
     def __len__(self) -> int:

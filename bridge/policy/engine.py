@@ -23,10 +23,13 @@ ask it again before dispatch, because a consent may be revoked while a message w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any, Literal
+
+import orjson
 
 from bridge.errors import ConsentDenied
 from bridge.policy.classify import (
@@ -55,7 +58,7 @@ from bridge.policy.consent import (
     override_deny,
 )
 from bridge.policy.profile import LinkProfile, drop_unreferenced, omit_in_place
-from bridge.policy.transforms import DeidContext, pseudonymise_ids
+from bridge.policy.transforms import DeidContext, person_key, pseudonymise_ids
 
 __all__ = [
     "Decision",
@@ -82,13 +85,20 @@ class HeldBack:
     """One thing consent (or the link's grades) kept back, and what decided it.
 
     ``reason``: ``deny`` (a deny provision matched), ``uncovered`` (grade 5 without a
-    consent naming the class), ``grade`` (the link does not carry grade 5).
+    consent naming the class), ``grade`` (the link does not carry grade 5), ``special``
+    (the department of a stay whose special-disease data this link does not carry).
     """
 
     path: str
     reason: str
     consent_id: str | None
     provision_path: str | None
+    index: int | None = None  # the entry of a repeating element (Claim.diagnosis[1])
+
+    @property
+    def element(self) -> str:
+        """The path with the entry's index, as the audit records it."""
+        return self.path if self.index is None else f"{self.path}[{self.index}]"
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,7 @@ class Decision:
             "categories": list(self.categories),
             "removed": list(self.removed),
             "held_back": [
-                {"path": h.path, "reason": h.reason, "consent": h.consent_id,
+                {"path": h.element, "reason": h.reason, "consent": h.consent_id,
                  "provision": h.provision_path}
                 for h in self.held_back
             ],
@@ -246,6 +256,9 @@ class _Trace:
     item_fate: dict[tuple[str, str, int], HeldBack] = field(default_factory=dict)
     element_fate: dict[tuple[str, str], HeldBack] = field(default_factory=dict)
     sent_ids: set[str] = field(default_factory=set)
+    sent: dict[str, dict[str, Any]] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    held_paths: list[str] = field(default_factory=list)
 
 
 def _run(
@@ -265,9 +278,12 @@ def _run(
     codes = codes or default_sensitive_codes()
     identifiers = patient_identifiers(collection)
     period = data_period(collection)
-    special_in = _special_classes(
-        [e.get("resource") for e in collection.get("entry") or () if isinstance(e, dict)], codes)
     minimized = profile.minimize(collection, key=key, pseudonymise=False)
+    # Special-disease classes of the whole input, needed only when a department could
+    # leave with the stay (see below).
+    special_in = _special_classes(
+        [e.get("resource") for e in collection.get("entry") or () if isinstance(e, dict)], codes,
+    ) if _has_department(minimized.bundle) else frozenset()
     bundle = minimized.bundle
     removed = list(minimized.removed)
     labels = label_bundle(bundle, codes=codes, types=profile.classes)
@@ -300,6 +316,7 @@ def _run(
         return found
 
     held: list[HeldBack] = []
+    entries_before = _present(bundle, profile.refuse_without)
     drop_entries: set[int] = set()
     drop_items: dict[int, list[tuple[str, int]]] = {}
     asked: list[Item] = []
@@ -343,6 +360,7 @@ def _run(
             sensitive = item.sensitive
             fate = judge(item, f"{label.resource_type}.{element}", sensitive)
             if fate is not None:
+                fate = replace(fate, index=index)
                 held.append(fate)
                 drop_items.setdefault(label.index, []).append((element, index))
                 if trace is not None:
@@ -393,8 +411,13 @@ def _run(
         label_bundle(bundle, codes=codes, types=profile.classes)
     removed.extend(grade_paths)
 
+    _refuse_without(profile, entries_before, bundle, held)
     if trace is not None:
         trace.sent_ids = {str(e["resource"].get("id")) for e in bundle["entry"]}
+        trace.sent = {str(e["resource"].get("id")): copy_json(e["resource"])
+                      for e in bundle["entry"]}
+        trace.removed = list(dict.fromkeys(removed))
+        trace.held_paths = list(dict.fromkeys(held_paths))
     if profile.ids == "pseudonym":
         assert key is not None
         pseudonymise_ids(bundle, DeidContext(key, _first_key(identifiers)))
@@ -445,6 +468,58 @@ def _run(
     )
 
 
+def _has_department(bundle: dict[str, Any]) -> bool:
+    return any(
+        e["resource"].get("resourceType") == "Encounter"
+        and any(e["resource"].get(d) for d in DEPARTMENT_ELEMENTS)
+        for e in bundle.get("entry") or ()
+    )
+
+
+def _present(bundle: dict[str, Any], paths: Sequence[str]) -> dict[str, set[str]]:
+    """For each ``Type.element`` path, the ids of the resources that have the element."""
+    out: dict[str, set[str]] = {}
+    for full in paths:
+        rtype, _, element = full.partition(".")
+        out[full] = {
+            str(e["resource"].get("id")) for e in bundle.get("entry") or ()
+            if e["resource"].get("resourceType") == rtype and e["resource"].get(element)
+        }
+    return out
+
+
+def _refuse_without(
+    profile: LinkProfile, before: dict[str, set[str]], bundle: dict[str, Any],
+    held: list[HeldBack],
+) -> None:
+    """Refuse the disclosure when consent held back every entry of an element the
+    profile cannot send without (every diagnosis of a claim): what remains would be
+    unusable to the recipient, and its emptiness would tell that something was
+    withheld (conformance/PROTOCOL.md, "Withheld diagnoses")."""
+    after = _present(bundle, profile.refuse_without)
+    for full, ids in before.items():
+        emptied = ids - after[full]
+        if not emptied:
+            continue
+        rtype = full.partition(".")[0]
+        sent = {str(e["resource"].get("id")) for e in bundle["entry"]
+                if e["resource"].get("resourceType") == rtype}
+        if not emptied & sent:
+            continue  # the resource itself did not go: nothing half-empty is sent
+        fate = next((h for h in held if h.path == full), None) or next(
+            (h for h in held if h.reason != "grade"), None)
+        raise ConsentDenied(
+            f"consent holds back every entry of {full}; the link does not send it without",
+            location=(fate.provision_path if fate and fate.provision_path else full),
+            consent_id=fate.consent_id if fate else None,
+        )
+
+
+# A code as orjson writes it (a Coding's "code" member, or any other "code"): a superset
+# of the codes a walk would look at, so a filter, never a decision.
+_CODE = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
+
+
 def _special_classes(
     resources: Sequence[Any],
     codes: SensitiveCodes,
@@ -453,30 +528,53 @@ def _special_classes(
     """Special-disease classes named by any coding anywhere in ``resources`` (with
     ``skip``: leaving out the entries about to be held back, by resource index)."""
     found: set[str] = set()
+    classes_of = codes.classes_of
+    if not skip:
+        # Most stays name no special disease: one pass over the JSON finds every code
+        # value, and none that could be special means nothing to walk.
+        try:
+            text = orjson.dumps(list(resources))
+        except (TypeError, orjson.JSONEncodeError):
+            text = None
+        if text is not None and not any(
+            codes.may_name_a_class(
+                orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode())
+            for raw in set(_CODE.findall(text))
+        ):
+            return frozenset()
+
+    def walk(node: Any) -> None:
+        if type(node) is dict:
+            system, code = node.get("system"), node.get("code")
+            if type(system) is str and type(code) is str:
+                hit = classes_of(system, code)
+                if hit:
+                    found.update(hit)
+            for value in node.values():
+                if type(value) is dict or type(value) is list:
+                    walk(value)
+        else:
+            for value in node:
+                if type(value) is dict or type(value) is list:
+                    walk(value)
+
     for index, resource in enumerate(resources):
-        gone = (skip or {}).get(index, [])
-        stack: list[Any] = [resource]
-        if gone and isinstance(resource, dict):
-            stack = [
-                [v for n, v in enumerate(value) if (key, n) not in gone]
-                if isinstance(value, list) else value
-                for key, value in resource.items()
-            ]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, dict):
-                system, code = node.get("system"), node.get("code")
-                if isinstance(system, str) and isinstance(code, str):
-                    found |= codes.classes_of(system, code)
-                stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
-            elif isinstance(node, list):
-                stack.extend(v for v in node if isinstance(v, (dict, list)))
+        if not isinstance(resource, dict):
+            continue
+        gone = (skip or {}).get(index)
+        if not gone:
+            walk(resource)
+            continue
+        for key, value in resource.items():
+            if isinstance(value, list):
+                walk([v for n, v in enumerate(value) if (key, n) not in gone])
+            elif isinstance(value, dict):
+                walk(value)
     return frozenset(found)
 
 
 def _first_key(identifiers: Sequence[tuple[str, str]]) -> str:
-    system, value = min(identifiers)
-    return f"{system}|{value}"
+    return person_key(identifiers)
 
 
 def apply_policy(
@@ -602,6 +700,7 @@ class ElementOutcome:
     consent_id: str | None = None
     provision_path: str | None = None
     detail: str | None = None
+    resource_id: str | None = None  # the input resource's id
 
 
 @dataclass(frozen=True)
@@ -672,6 +771,22 @@ def _allowed(profile: LinkProfile, rtype: str, path: str) -> bool:
     return True
 
 
+def _has(resource: dict[str, Any], path: str) -> bool:
+    """Does ``resource`` hold a value at this dotted element path?"""
+    nodes: list[Any] = [resource]
+    for seg in path.split("."):
+        nxt: list[Any] = []
+        for node in nodes:
+            for key in (seg, f"_{seg}"):
+                value = node.get(key) if isinstance(node, dict) else None
+                if isinstance(value, list):
+                    nxt.extend(v for v in value if v not in (None, {}, []))
+                elif value not in (None, {}, [], ""):
+                    nxt.append(value)
+        nodes = nxt
+    return bool(nodes)
+
+
 def explain(
     collection: dict[str, Any],
     *,
@@ -684,9 +799,12 @@ def explain(
     emergency: EmergencyOverride | None = None,
     codes: SensitiveCodes | None = None,
 ) -> Explanation:
-    """Explain, element path by element path, what :func:`apply_policy` would do.
+    """Explain, element path by element path, what :func:`apply_policy` does.
 
-    Never raises ConsentDenied: a refusal is part of the explanation.
+    The explanation is read off the bundle :func:`apply_policy`'s own run produced
+    (before ids are pseudonymised): an element is ``sent`` or ``transformed`` exactly
+    when it is in what would be sent, so the two cannot disagree. Never raises
+    ConsentDenied: a refusal is part of the explanation.
     """
     trace = _Trace()
     refusal: ConsentDenied | None = None
@@ -713,47 +831,72 @@ def explain(
         if refusal is not None:
             rows.append(ElementOutcome(
                 head, "held-back-by-consent", refusal.detail.get("consent_id"),
-                refusal.location, "disclosure refused",
+                refusal.location, "disclosure refused", resource_id=rid,
             ))
             continue
         if not profile.allows_type(rtype):
-            rows.append(ElementOutcome(head, "removed-by-profile", detail="type not in profile"))
+            rows.append(ElementOutcome(head, "removed-by-profile", detail="type not in profile",
+                                       resource_id=rid))
             continue
         fate = trace.entry_fate.get(rid)
         if fate is not None:
-            outcome: ElementFate = (
-                "removed-by-profile" if fate.reason == "grade" else "held-back-by-consent"
-            )
-            rows.append(ElementOutcome(head, outcome, fate.consent_id, fate.provision_path, fate.reason))
+            rows.append(ElementOutcome(head, _outcome(fate), fate.consent_id,
+                                       fate.provision_path, fate.reason, resource_id=rid))
             continue
-        if rid not in trace.sent_ids:
+        sent = trace.sent.get(rid)
+        if sent is None:
+            held = rtype in trace.held_paths
             rows.append(ElementOutcome(
-                head, "removed-by-profile", detail="incomplete after minimizing or held back with a reference",
+                head, "held-back-by-consent" if held else "removed-by-profile",
+                detail="refers only to what was held back, or nothing sent refers to it"
+                if held else "incomplete after minimizing, or nothing sent refers to it",
+                resource_id=rid,
             ))
             continue
         for path in _granular_paths(resource, profile, rtype):
             full = f"{rtype}.{path}"
-            if not _allowed(profile, rtype, path):
-                rows.append(ElementOutcome(f"{head}.{path}", "removed-by-profile"))
-            elif full in profile.transforms:
-                rows.append(ElementOutcome(
-                    f"{head}.{path}", "transformed", detail=profile.transforms[full]
-                ))
-            else:
-                items = sorted(
-                    (i, f) for (r, e, i), f in trace.item_fate.items() if r == rid and e == path
-                )
-                for i, f in items:
-                    outcome = "removed-by-profile" if f.reason == "grade" else "held-back-by-consent"
+            at = f"{head}.{path}"
+            items = sorted(
+                (i, f) for (r, e, i), f in trace.item_fate.items() if r == rid and e == path
+            )
+            for i, f in items:
+                rows.append(ElementOutcome(f"{at}[{i}]", _outcome(f), f.consent_id,
+                                           f.provision_path, f.reason, resource_id=rid))
+            for removed in trace.removed:
+                if removed.startswith(f"{full}["):
                     rows.append(ElementOutcome(
-                        f"{head}.{path}[{i}]", outcome, f.consent_id, f.provision_path, f.reason
-                    ))
-                count = len(resource.get(path) or []) if isinstance(resource.get(path), list) else 1
-                if not items or len(items) < count:
-                    rows.append(ElementOutcome(f"{head}.{path}", "sent"))
+                        f"{at}{removed[len(full):]}", "removed-by-profile",
+                        detail="entry outside the profile's selection", resource_id=rid))
+            if _has(sent, path):
+                outcome: ElementFate = "transformed" if full in profile.transforms else "sent"
+                rows.append(ElementOutcome(at, outcome, detail=profile.transforms.get(full),
+                                           resource_id=rid))
+                continue
+            element_fate = trace.element_fate.get((rid, path))
+            if element_fate is not None:
+                rows.append(ElementOutcome(at, _outcome(element_fate), element_fate.consent_id,
+                                           element_fate.provision_path, element_fate.reason,
+                                           resource_id=rid))
+            elif items:
+                continue  # every entry was held back: listed above, nothing is sent
+            elif not _allowed(profile, rtype, path):
+                rows.append(ElementOutcome(at, "removed-by-profile", resource_id=rid))
+            elif full in trace.held_paths:
+                rows.append(ElementOutcome(
+                    at, "held-back-by-consent",
+                    detail="referred to what was held back", resource_id=rid))
+            else:
+                rows.append(ElementOutcome(
+                    at, "removed-by-profile",
+                    detail="referred to what the profile removed, or empty after minimizing",
+                    resource_id=rid))
     return Explanation(
         permitted=refusal is None,
         decision=result.record if result is not None else None,
         refusal=refusal,
         elements=tuple(rows),
     )
+
+
+def _outcome(fate: HeldBack) -> ElementFate:
+    return "removed-by-profile" if fate.reason in ("grade", "special") else "held-back-by-consent"

@@ -29,10 +29,13 @@ are removed, and so are the repeating elements that such a removal leaves incomp
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from bridge.errors import ConfigError, LoadError
 from bridge.policy._yaml import Key, LocatedYAML, load_located
@@ -46,10 +49,12 @@ from bridge.policy.classify import (
     default_classification,
 )
 from bridge.policy.transforms import (
+    ANCHORED,
     TRANSFORMS,
     DeidContext,
     TransformSpec,
     check_key,
+    person_key,
     pseudonymise_ids,
 )
 from bridge.records.fhir import ElementSpec, element_specs
@@ -125,6 +130,7 @@ class LinkProfile:
     rows: dict[str, tuple[str, ...]] = field(default_factory=dict)
     focus: tuple[str, ...] = ()
     cites: str = ""
+    refuse_without: tuple[str, ...] = ()
 
     @property
     def qualified_name(self) -> str:
@@ -227,17 +233,18 @@ class LinkProfile:
 
 
 def _patient_key(bundle: dict[str, Any]) -> str:
-    """A stable key of the bundle's patient for keyed transforms (first identifier)."""
+    """A stable key of the bundle's patient for keyed transforms: the same for every
+    record of the person (see :func:`~bridge.policy.transforms.person_key`)."""
     for entry in bundle.get("entry") or ():
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
-            idents = sorted(
+            idents = [
                 (str(i.get("system")), str(i.get("value")))
                 for i in resource.get("identifier") or ()
                 if isinstance(i, dict) and i.get("value")
-            )
+            ]
             if idents:
-                return f"{idents[0][0]}|{idents[0][1]}"
+                return person_key(idents)
             return f"Patient/{resource.get('id')}"
     return ""
 
@@ -279,12 +286,29 @@ def _minimize(
         pruned: dict[str, Any] = {k: resource[k] for k in ALWAYS_KEPT if k in resource}
         pruned.update(_prune(resource, tree, rtype, removed, transformed, tf, ctx, ALWAYS_KEPT,
                              profile.matches))
+        if tf is not None:
+            _anchor(pruned, rtype, profile.transforms)
         new_entry["resource"] = pruned
         entries.append(new_entry)
     out["entry"] = entries
     out = _settle(out, _reference_keys(dropped), removed)
     removed.extend(drop_unreferenced(out, profile.focus))
     return MinimizeResult(out, _unique(removed), _unique(transformed))
+
+
+def _anchor(resource: dict[str, Any], rtype: str, transforms: dict[str, str]) -> None:
+    """Put anchored transforms' values in place (see ``transforms.ANCHORED``)."""
+    for element in list(resource):
+        name = transforms.get(f"{rtype}.{element}")
+        source = ANCHORED.get(name or "")
+        if source is None:
+            continue
+        period = resource.get(source)
+        anchor = (period.get("end") or period.get("start")) if isinstance(period, dict) else None
+        if anchor:
+            resource[element] = anchor
+        else:
+            del resource[element]
 
 
 # --- pruning and reference cleaning -------------------------------------------------
@@ -502,7 +526,15 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
         for entry in entries:
             resource = entry["resource"]
             rtype = str(resource.get("resourceType"))
-            if _clean(resource, rtype, rtype, dropped, removed):
+            # A resource that refers to nothing dropped needs only its completeness
+            # checked, which visits far less of it.
+            gone = dropped
+            if dropped:
+                refs: list[str] = []
+                _references(resource, refs)
+                if dropped.isdisjoint(refs):
+                    gone = set()
+            if _clean(resource, rtype, rtype, gone, removed):
                 keep.append(entry)
             else:
                 removed.append(rtype)
@@ -515,17 +547,28 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
     return bundle
 
 
+# A reference as orjson writes it: the key "reference" and a string value. Inside a JSON
+# string the quotes are escaped, so text that merely contains these words never matches.
+_REFERENCE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+
+
 def _references(node: Any, out: list[str]) -> None:
-    stack = [node]
-    while stack:
-        cur = stack.pop()
-        if isinstance(cur, dict):
-            ref = cur.get("reference")
-            if isinstance(ref, str):
-                out.append(ref)
-            stack.extend(v for v in cur.values() if isinstance(v, (dict, list)))
-        elif isinstance(cur, list):
-            stack.extend(v for v in cur if isinstance(v, (dict, list)))
+    """Append every ``reference`` string inside ``node`` (one pass over its JSON)."""
+    try:
+        text = orjson.dumps(node)
+    except (TypeError, orjson.JSONEncodeError):  # integers beyond 64 bits: malformed input
+        stack = [node]
+        while stack:
+            cur = stack.pop()
+            if isinstance(cur, dict):
+                if isinstance(cur.get("reference"), str):
+                    out.append(cur["reference"])
+                stack.extend(v for v in cur.values() if isinstance(v, (dict, list)))
+            elif isinstance(cur, list):
+                stack.extend(v for v in cur if isinstance(v, (dict, list)))
+        return
+    for raw in _REFERENCE.findall(text):
+        out.append(raw.decode() if b"\\" not in raw else orjson.loads(b'"' + raw + b'"'))
 
 
 def reachable(bundle: dict[str, Any], focus: Iterable[str] = ()) -> set[int] | None:
@@ -826,7 +869,7 @@ def load_profile(
             raise doc.error(f"missing key {required}", (required,))
     unknown = set(data) - {
         "profile", "title", "source", "resources", "grades", "levels", "ids", "k_anonymity",
-        "cites", "focus",
+        "cites", "focus", "refuse_without",
     }
     if unknown:
         raise doc.error("unknown key", (min(unknown),))
@@ -873,6 +916,16 @@ def load_profile(
     for i, f in enumerate(focus):
         if f not in (data.get("resources") or {}):
             raise doc.error(f"focus {f} is not a resource of this profile", ("focus", i))
+    refuse_without = data.get("refuse_without", [])
+    if not isinstance(refuse_without, list) or not all(
+        isinstance(r, str) and r.count(".") == 1 for r in refuse_without
+    ):
+        raise doc.error("refuse_without is a list of Type.element paths", ("refuse_without",))
+    for i, r in enumerate(refuse_without):
+        rtype, _, element = r.partition(".")
+        if rtype not in (data.get("resources") or {}):
+            raise doc.error(f"{rtype} is not a resource of this profile", ("refuse_without", i))
+        _resolve_path(doc, rtype, element, ("refuse_without", i))
     matches: dict[str, Match] = {}
     rows: dict[str, tuple[str, ...]] = {}
 
@@ -977,6 +1030,7 @@ def load_profile(
         rows=rows,
         focus=tuple(focus),
         cites=cites,
+        refuse_without=tuple(refuse_without),
     )
 
 

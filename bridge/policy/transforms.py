@@ -157,7 +157,45 @@ def _county_address(value: Any, ctx: DeidContext | None) -> Any:
     return kept or None
 
 
+def _care_end(value: Any, ctx: DeidContext | None) -> Any:
+    # Replaced after pruning by the (shifted) end of the resource's own period: see
+    # ANCHORED below. Until then the value is shifted like any date.
+    return _date_shift(value, ctx)
+
+
 _DATE_TYPES = frozenset({"date", "dateTime", "instant", "Period"})
+
+#: Transforms whose output is anchored to another element of the same resource once it
+#: is pruned: ``care_end`` puts the shifted end (or start) of ``billablePeriod`` in place
+#: of a date that merely records when the message was made (``Claim.created``), since a
+#: shifted "now" next to the real send time (``Bundle.timestamp``, the signature's
+#: ``iat``) would give the shift away.
+ANCHORED: dict[str, str] = {"care_end": "billablePeriod"}
+
+#: Identifier systems in the order the person key of a date shift prefers them: the
+#: identity document first (the same on every record of the person), then the cards,
+#: then the hospital's own numbers, which differ from stay to stay.
+PERSON_KEY_PREFERENCE = (
+    "urn:oid:2.16.156.10011.1.3",  # resident identity card
+    "urn:ws-fhir-bridge:id-document",  # another identity document (passport ...)
+    "urn:oid:2.16.156.10011.1.19",  # health card
+    "urn:oid:2.16.156.10011.1.13",  # medical-record number
+)
+
+
+def person_key(identifiers: Sequence[tuple[str, str]]) -> str:
+    """The ``system|value`` that keys one person's date shift and pseudonymous ids: the
+    most stable identifier (see :data:`PERSON_KEY_PREFERENCE`), never the per-stay
+    inpatient number when a better one exists."""
+
+    def rank(ident: tuple[str, str]) -> tuple[int, str, str]:
+        system, value = ident
+        order = (PERSON_KEY_PREFERENCE.index(system) if system in PERSON_KEY_PREFERENCE
+                 else len(PERSON_KEY_PREFERENCE))
+        return (order, system, value)
+
+    system, value = min(identifiers, key=rank)
+    return f"{system}|{value}"
 
 TRANSFORMS: dict[str, TransformSpec] = {
     spec.name: spec
@@ -166,6 +204,7 @@ TRANSFORMS: dict[str, TransformSpec] = {
         TransformSpec("date_shift", _date_shift, _DATE_TYPES, True, 3),
         TransformSpec("year_only", _year_only, _DATE_TYPES, False, 3),
         TransformSpec("county_address", _county_address, frozenset({"Address"}), False, 3),
+        TransformSpec("care_end", _care_end, frozenset({"dateTime"}), True, 3),
     )
 }
 

@@ -1,0 +1,62 @@
+"""One patient across identifiers, as the store keeps it.
+
+A hospital's record names its patient by several identifiers at once (identity card or
+passport, inpatient number, medical-record number, health card). Each pair of them is a
+statement by the hospital's own records that both name one person; the store keeps
+those statements as pairs of patient pseudonyms (never the identifiers themselves) in
+``patient_link``, append-only. Disclosures and consents are audited under one
+pseudonym each; following the links answers "everything about this person" by any of
+the person's identifiers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from bridge.ledger.audit import format_time
+
+__all__ = ["link_pseudonyms", "linked_pseudonyms", "links_since"]
+
+
+def link_pseudonyms(store: Any, group: Sequence[str], *, now: datetime) -> int:
+    """Record that the pseudonyms of ``group`` name one person; return the new links."""
+    members = sorted(set(group))
+    if len(members) < 2:
+        return 0
+    first = members[0]
+    added = 0
+    with store.transaction("patient_link") as tx:
+        for other in members[1:]:
+            if tx.one("SELECT 1 FROM patient_link WHERE a=? AND b=?", (first, other)) is None:
+                tx.execute("INSERT INTO patient_link (a, b, linked) VALUES (?, ?, ?)"
+                           " ON CONFLICT DO NOTHING", (first, other, format_time(now)))
+                added += 1
+    return added
+
+
+def links_since(store: Any, after: int, *, limit: int = 100_000) -> list[tuple[int, str, str]]:
+    """``(seq, a, b)`` of the links recorded after sequence number ``after``."""
+    with store.read("patient_link") as tx:
+        return [(int(r[0]), str(r[1]), str(r[2])) for r in tx.all(
+            "SELECT seq, a, b FROM patient_link WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit))]
+
+
+def linked_pseudonyms(store: Any, start: Iterable[str]) -> list[str]:
+    """Every pseudonym linked to any of ``start``, directly or through others."""
+    seen = set(start)
+    frontier = list(seen)
+    with store.read("patient_link") as tx:
+        while frontier:
+            nxt: list[str] = []
+            for p in frontier:
+                for (other,) in tx.all(
+                    "SELECT b FROM patient_link WHERE a=? UNION SELECT a FROM patient_link"
+                    " WHERE b=?", (p, p)):
+                    if other not in seen:
+                        seen.add(str(other))
+                        nxt.append(str(other))
+            frontier = nxt
+    return sorted(seen)

@@ -1,0 +1,250 @@
+"""Research release: k-anonymity over persons, with generalisation and suppression
+(GB/T 39725-2020 §10.2 d and e, Appendix G table G.1 quasi identifiers).
+
+A research link releases a batch, never one record at a time: each record first goes
+through :func:`bridge.policy.engine.apply_policy` with the link's de-identification
+profile (pseudonyms, year of birth, county-level address, per-person date shift), then
+:func:`anonymise` makes the batch k-anonymous over **persons** (§10.2 e counts people,
+not stays: one person with five stays is a class of one):
+
+1. every person gets the values of the profile's quasi-identifiers
+   (``k_anonymity.quasi``), generalised to a level of the ladder below;
+2. the lowest level at which at most ``max_suppressed`` of the persons fall in classes
+   of fewer than ``k`` persons is chosen (the top level when none is);
+3. the persons of smaller classes are suppressed, every record of theirs with them, and
+   the report says which records and why.
+
+Generalisation ladder (Appendix G: 出生日期 and 住址 are quasi identifiers to generalise):
+
+=====  ==============================  ==========================================
+level  birth                           address
+=====  ==============================  ==========================================
+0      year of birth                   province, prefecture (city), county
+1      five-year age band              province, prefecture
+2      ten-year age band               province
+=====  ==============================  ==========================================
+
+An age of 89 or more is always top-coded as the band "89 and over" and the year of birth
+is removed (at every level), since the year of birth of the very old identifies them.
+An age band travels as the extension ``urn:ws-fhir-bridge:StructureDefinition/age-band``
+(valueRange in years) on the Patient, in place of ``birthDate``.
+
+Pure code over plain data: no keys, no store.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from bridge.policy.transforms import path_values
+
+__all__ = [
+    "AGE_BAND_URL",
+    "LEVELS",
+    "TOP_AGE",
+    "ReleaseItem",
+    "ReleaseReport",
+    "age_at",
+    "anonymise",
+]
+
+AGE_BAND_URL = "urn:ws-fhir-bridge:StructureDefinition/age-band"
+TOP_AGE = 89
+LEVELS = (
+    ("year of birth", "county"),
+    ("5-year age band", "prefecture"),
+    ("10-year age band", "province"),
+)
+_ADDRESS_DROP = ({"postalCode", "line", "text"},
+                 {"postalCode", "line", "text", "district"},
+                 {"postalCode", "line", "text", "district", "city"})
+
+
+@dataclass(frozen=True)
+class ReleaseItem:
+    """One record ready for release: its position in the batch, the bundle as the
+    profile released it, the person it is about (a keyed pseudonym) and the person's
+    age in years at the time of care (None when unknown)."""
+
+    index: int
+    bundle: dict[str, Any]
+    person: str
+    age: int | None
+
+
+@dataclass
+class ReleaseReport:
+    """What a release did, in counts, levels and record positions (never values)."""
+
+    k: int
+    quasi: tuple[str, ...]
+    records_in: int = 0
+    persons_in: int = 0
+    level: int = 0
+    k_achieved: int = 0
+    records_released: int = 0
+    persons_released: int = 0
+    top_coded: int = 0
+    suppressed: list[tuple[int, str]] = field(default_factory=list)  # (record index, why)
+    refused: list[tuple[int, str]] = field(default_factory=list)  # before anonymising
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "k_required": self.k,
+            "k_achieved": self.k_achieved,
+            "quasi_identifiers": list(self.quasi),
+            "generalisation_level": self.level,
+            "generalisation": {"birth": LEVELS[self.level][0], "address": LEVELS[self.level][1]},
+            "records_in": self.records_in,
+            "persons_in": self.persons_in,
+            "records_released": self.records_released,
+            "persons_released": self.persons_released,
+            "ages_top_coded": self.top_coded,
+            "records_refused": [{"record": i, "why": w} for i, w in self.refused],
+            "records_suppressed": [{"record": i, "why": w} for i, w in self.suppressed],
+        }
+
+    def lines(self) -> list[str]:
+        out = [
+            f"k required {self.k}, k achieved {self.k_achieved} (persons)",
+            f"quasi-identifiers: {', '.join(self.quasi)}",
+            (f"generalisation level {self.level}: {LEVELS[self.level][0]}, "
+             f"address to {LEVELS[self.level][1]}; ages of {TOP_AGE} and over top-coded "
+             f"({self.top_coded} records)"),
+            (f"records: {self.records_in} in, {self.records_released} released, "
+             f"{len(self.suppressed)} suppressed, {len(self.refused)} refused"),
+            f"persons: {self.persons_in} in, {self.persons_released} released",
+        ]
+        out.extend(f"  record {i}: refused: {w}" for i, w in self.refused)
+        out.extend(f"  record {i}: suppressed: {w}" for i, w in self.suppressed)
+        return out
+
+
+def age_at(birth: str | None, when: str | None) -> int | None:
+    """Whole years between two FHIR dates (``YYYY-MM-DD...``); None when unknown."""
+    if not birth or not when or len(birth) < 4 or len(when) < 10:
+        return None
+    try:
+        b = date.fromisoformat(birth[:10]) if len(birth) >= 10 else date(int(birth[:4]), 7, 1)
+        w = date.fromisoformat(when[:10])
+    except ValueError:
+        return None
+    return w.year - b.year - ((w.month, w.day) < (b.month, b.day))
+
+
+def _band(age: int | None, level: int) -> str:
+    if age is None:
+        return "unknown"
+    if age >= TOP_AGE:
+        return f"{TOP_AGE}+"
+    width = 5 if level == 1 else 10
+    low = age // width * width
+    return f"{low}-{min(low + width - 1, TOP_AGE - 1)}"
+
+
+def _quasi(item: ReleaseItem, quasi: Sequence[str], level: int) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for path in quasi:
+        if path == "Patient.birthDate":
+            if level == 0 and (item.age is None or item.age < TOP_AGE):
+                out.append(path_values(item.bundle, path))
+            else:
+                out.append(_band(item.age, max(level, 1)))
+            continue
+        leaf = path.rsplit(".", 1)[-1]
+        if path.startswith("Patient.address.") and leaf in _ADDRESS_DROP[level]:
+            out.append(())
+            continue
+        out.append(path_values(item.bundle, path))
+    return tuple(out)
+
+
+def _generalise(item: ReleaseItem, level: int) -> bool:
+    """Rewrite the Patient of a released bundle to ``level`` in place; True when the age
+    was top-coded."""
+    top = item.age is not None and item.age >= TOP_AGE
+    for entry in item.bundle.get("entry") or ():
+        patient = entry.get("resource")
+        if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
+            continue
+        if level > 0 or top:
+            patient.pop("birthDate", None)
+            patient.pop("_birthDate", None)
+            band = _band(item.age, max(level, 1))
+            if band != "unknown":
+                low, _, high = band.replace("+", "-").partition("-")
+                value: dict[str, Any] = {"low": {"value": int(low), "unit": "a",
+                                                 "system": "http://unitsofmeasure.org",
+                                                 "code": "a"}}
+                if high:
+                    value["high"] = {"value": int(high), "unit": "a",
+                                     "system": "http://unitsofmeasure.org", "code": "a"}
+                patient["extension"] = [
+                    *(e for e in patient.get("extension") or () if e.get("url") != AGE_BAND_URL),
+                    {"url": AGE_BAND_URL, "valueRange": value},
+                ]
+        drop = _ADDRESS_DROP[level]
+        addresses = []
+        for address in patient.get("address") or ():
+            kept = {k: v for k, v in address.items() if k not in drop}
+            if kept:
+                addresses.append(kept)
+        if addresses:
+            patient["address"] = addresses
+        else:
+            patient.pop("address", None)
+    return top
+
+
+def anonymise(
+    items: Sequence[ReleaseItem],
+    *,
+    k: int,
+    quasi: Sequence[str],
+    max_suppressed: float = 0.05,
+    report: ReleaseReport | None = None,
+) -> tuple[list[ReleaseItem], ReleaseReport]:
+    """Make a batch k-anonymous over persons (see the module docstring).
+
+    Returns the released items (their bundles generalised in place) and the report.
+    """
+    if k < 2:
+        raise ValueError("k is at least 2")
+    report = report or ReleaseReport(k=k, quasi=tuple(quasi))
+    report.records_in = len(items) + len(report.refused)
+    first: dict[str, ReleaseItem] = {}
+    for item in items:
+        first.setdefault(item.person, item)
+    report.persons_in = len(first)
+    chosen = len(LEVELS) - 1
+    classes: dict[str, tuple[Any, ...]] = {}
+    for level in range(len(LEVELS)):
+        classes = {p: _quasi(i, quasi, level) for p, i in first.items()}
+        sizes = Counter(classes.values())
+        small = sum(1 for p in classes if sizes[classes[p]] < k)
+        if not first or small <= max_suppressed * len(first):
+            chosen = level
+            break
+    classes = {p: _quasi(i, quasi, chosen) for p, i in first.items()}
+    sizes = Counter(classes.values())
+    report.level = chosen
+    released: list[ReleaseItem] = []
+    for item in items:
+        size = sizes[classes[item.person]]
+        if size < k:
+            report.suppressed.append((item.index, (
+                f"its person is in a class of {size} person{'s' if size != 1 else ''} on the"
+                f" quasi-identifiers at level {chosen} (fewer than {k})")))
+            continue
+        if _generalise(item, chosen):
+            report.top_coded += 1
+        released.append(item)
+    kept = {i.person for i in released}
+    report.records_released = len(released)
+    report.persons_released = len(kept)
+    report.k_achieved = min((sizes[classes[p]] for p in kept), default=0)
+    return released, report
