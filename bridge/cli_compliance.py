@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.cli_common import add_json_option, print_json
+from bridge.files import write_private
 
 
 def cmd_compliance_report(args: argparse.Namespace) -> int:
@@ -25,7 +26,8 @@ def cmd_compliance_report(args: argparse.Namespace) -> int:
     path = Path(args.evidence) if args.evidence else default_evidence_path()
     report = build_report(config, load_evidence(path))
     if args.html:
-        Path(args.html).write_text(render_html(report), encoding="utf-8")
+        # The page names the controller's partners, links and operators: owner only.
+        write_private(Path(args.html), render_html(report).encode("utf-8"))
     if args.json:
         print_json(report)
     elif not args.html:

@@ -126,17 +126,60 @@ def read_json(body: bytes) -> Any:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ParseError(f"malformed JSON at byte {exc.pos}", location=f"body[{exc.pos}]") from None
-    if b'"' in body:  # objects or strings: member names could repeat
+    keys = _shape_keys(value)
+    if b'"' in body and (keys is None or _member_names(body) != keys):
+        # Some object lost a member to a repeated name (orjson keeps the last): read
+        # again, slowly, to name it.
         try:
             json.loads(body, object_pairs_hook=_refuse_duplicates)
         except RecursionError:
-            pass  # the depth check below names it
+            pass  # the depth check names it
         except ValueError as exc:  # only duplicates: orjson accepted the syntax
             if isinstance(exc, ParseError):
                 raise
             raise ParseError("malformed JSON", location="body") from None
-    _check_shape(value)
+    if keys is None:
+        _check_shape(value)  # names where the shape fails
     return value
+
+
+_MEMBER_NAME = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"([ \t\r\n]*:)?')
+_SPACED_NAME = re.compile(rb'"[ \t\r\n]+:')
+
+
+def _member_names(body: bytes) -> int:
+    """How many member names the JSON text ``body`` writes (over all its objects).
+
+    Without a backslash every ``"`` delimits a string, so a name is a ``"`` followed by
+    ``:``; otherwise the strings are tokenised. Compared with the keys the parsed
+    document holds, this says whether any name was repeated within one object.
+    """
+    if b"\\" not in body and _SPACED_NAME.search(body) is None:
+        return body.count(b'":')
+    return sum(1 for colon in _MEMBER_NAME.findall(body) if colon)
+
+
+def _shape_keys(value: Any) -> int | None:
+    """The number of member names in ``value`` if its shape is within I-JSON's limits
+    (nesting, integers), else None (then :func:`_check_shape` names the place)."""
+    keys = 0
+    if not isinstance(value, (dict, list)):
+        return None if isinstance(value, int) and abs(value) > MAX_SAFE_INTEGER else 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return None
+        children = node.values() if isinstance(node, dict) else node
+        if isinstance(node, dict):
+            keys += len(node)
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+            elif (isinstance(child, int) and not isinstance(child, bool)
+                  and abs(child) > MAX_SAFE_INTEGER):
+                return None
+    return keys
 
 
 def _check_shape(value: Any) -> None:

@@ -255,6 +255,26 @@ def test_enqueue_many_answers_each_request_as_enqueue_would(store: Store) -> Non
     assert store.verify_audit().ok
 
 
+def test_mark_acked_many_answers_each_request_as_mark_acked_would(store: Store) -> None:
+    for mid in ("m1", "m2", "m3"):
+        enqueue(store, mid)
+    store.claim_due("a-to-b", now=T0, limit=2)  # m1 and m2 are being sent; m3 waits
+
+    def req(mid: str) -> dict[str, Any]:
+        return {"message_id": mid, "receipt": f"receipt {mid}".encode(), "now": T0,
+                "audit": rec("claim.ack", mid)}
+
+    answers = store.mark_acked_many([req("m1"), req("m3"), req("nope"), req("m2")])
+    assert [type(a).__name__ for a in answers] == [
+        "OutboxRow", "TransitionError", "UnknownMessage", "OutboxRow"]
+    assert [(r.message_id, r.state, r.receipt) for r in answers if not isinstance(
+        r, Exception)] == [("m1", OutboxState.ACKED, b"receipt m1"),
+                           ("m2", OutboxState.ACKED, b"receipt m2")]
+    assert store.get_outbox("m3").state == OutboxState.QUEUED  # type: ignore[union-attr]
+    acks = [e.record.subject for e in store.audit_entries() if e.record.action == "claim.ack"]
+    assert acks == ["m1", "m2"] and store.verify_audit().ok
+
+
 def test_naive_times_are_refused(store: Store) -> None:
     with pytest.raises(ValueError):
         store.enqueue(message_id="m1", link="a-to-b", partner="insurer-b", payload=b"x",

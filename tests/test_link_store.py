@@ -105,3 +105,31 @@ async def test_concurrent_accepts_share_transactions_and_keep_their_own_answers(
         assert (await db.verify_audit()).ok and await db.inbox_count() == 41
     finally:
         db.close()
+
+
+async def test_concurrent_acknowledgements_share_transactions(tmp_path: Path) -> None:
+    sync = SQLiteStore(tmp_path / "s.sqlite")
+    groups: list[int] = []
+    original = sync.mark_acked_many
+
+    def counting(requests):  # type: ignore[no-untyped-def]
+        groups.append(len(requests))
+        return original(requests)
+
+    sync.mark_acked_many = counting  # type: ignore[method-assign]
+    db = AsyncStore(sync)
+    try:
+        for i in range(30):
+            await db.enqueue(**request(f"m{i}", f"p{i}".encode()))
+        await db.claim_due("a-to-b", now=T0, limit=30)
+        answers = await asyncio.gather(*(
+            db.mark_acked(f"m{i}", receipt=b"r", now=T0,
+                          audit=AuditRecord(time=T0, actor="hospital-a", action="claim.ack",
+                                            subject=f"m{i}"))
+            for i in range(30)))
+        assert sorted(a.message_id for a in answers) == sorted(f"m{i}" for i in range(30))
+        assert all(a.state.value == "acked" for a in answers)
+        assert sum(groups) == 30 and len(groups) < 30
+        assert (await db.verify_audit()).ok
+    finally:
+        db.close()

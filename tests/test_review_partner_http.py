@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from e2e_support import LINK_OUT, consent_for, make_workdir
-from test_e2e_delivery import fast_retries, wait_states
+from test_e2e_delivery import fast_retries
 
 from bridge.config import load_config
 from bridge.demo import INSURER, free_port
@@ -194,3 +194,54 @@ async def test_a_partner_answer_is_never_followed_nor_read_past_its_limit(
             assert max(state.sent) < 16 * 1024 * 1024, state.sent
     finally:
         await hospital.stop()
+
+
+def test_the_readiness_check_follows_no_redirect(tmp_path: Path) -> None:
+    """``/readyz`` of a hospital whose insurer answers ``metadata`` with a redirect: not
+    ready, naming the redirect, and the place it points to is never asked."""
+    import json
+    import threading
+
+    from ops_support import http, make_site, serve
+
+    site = make_site(tmp_path)
+    hits: list[str] = []
+    trap_port = free_port()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    runners: list[web.AppRunner] = []
+
+    async def moved(_request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"https://127.0.0.1:{trap_port}/fhir/metadata")
+
+    async def trap(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"resourceType": "CapabilityStatement"})
+
+    async def up() -> None:
+        ctx = _server_ssl(tmp_path)
+        app, trap_app = web.Application(), web.Application()
+        app.router.add_get("/fhir/metadata", moved)
+        trap_app.router.add_get("/fhir/metadata", trap)
+        runners.append(await _serve(app, site.ports["insurer"], ctx))
+        runners.append(await _serve(trap_app, trap_port, ctx))
+        started.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(up(), loop).result(timeout=30)
+    hospital = serve(site.hospital)
+    try:
+        status, body = http(site.ops("hospital") + "/readyz")
+        report = json.loads(body)
+        assert status == 503 and report["ready"] is False
+        check = next(c for c in report["checks"] if c["check"] == "partner:insurer-b")
+        assert not check["ok"] and "partner-answer-refused" in check["detail"], check
+        assert "redirect" in check["detail"]
+        assert hits == []
+    finally:
+        hospital.stop()
+        for runner in runners:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)

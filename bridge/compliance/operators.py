@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from bridge.errors import PolicyError
 from bridge.ledger.audit import ACTING_OPERATOR
+from bridge.trust.identity import pinned
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
@@ -137,7 +138,7 @@ def certificate_operator(config: BridgeConfig, name: str, role: str,
     if op.role != role:
         raise OperatorForbidden("certificate was issued for another role than the operator's",
                                 location=f"operators.{name}.role")
-    if op.fingerprints and fingerprint not in op.fingerprints:
+    if op.fingerprints and not pinned(fingerprint, op.fingerprints):
         raise OperatorForbidden("certificate is not one pinned for this operator",
                                 location=f"operators.{name}.fingerprints")
     return Operator(f"cert:{name}", name, role)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.errors import ConfigError, NotFound, RuntimeFailure, StoreError
+from bridge.files import private_folder, write_private
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
@@ -63,11 +64,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _private_file(path: Path) -> Path:
+    """Create ``path`` empty with mode 600 (refusing a name already taken), for a tool
+    that writes into it afterwards (SQLite's backup, ``pg_dump --file``)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
+
+
 def backup_store(config: BridgeConfig, directory: Path) -> Backup:
     """Write a consistent snapshot of the configured store into ``directory``."""
     from bridge.ledger import open_store
 
-    directory.mkdir(parents=True, exist_ok=True)
+    # A backup holds everything the store does: a new folder is the owner's only, and
+    # every file in it is created with mode 600 before a byte goes in.
+    private_folder(directory)
     if any(directory.iterdir()):
         raise ConfigError("the backup folder is not empty", location=str(directory))
     taken = datetime.now(UTC).isoformat(timespec="seconds")
@@ -75,7 +85,7 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
     if store_cfg.kind == "sqlite":
         if not store_cfg.path.exists():
             raise NotFound("no store at this path yet", location=str(store_cfg.path))
-        target = directory / SQLITE_FILE
+        target = _private_file(directory / SQLITE_FILE)
         source = sqlite3.connect(f"file:{store_cfg.path}?mode=ro", uri=True, timeout=30)
         dest = sqlite3.connect(target)
         try:
@@ -92,7 +102,7 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
             snapshot.close()
         seq, head = (int(row[0]), str(row[1])) if row else (0, "0" * 64)
     else:
-        target = directory / PG_FILE
+        target = _private_file(directory / PG_FILE)
         assert store_cfg.dsn is not None
         run = subprocess.run(
             ["pg_dump", "--format=custom", "--no-owner", f"--schema={store_cfg.db_schema}",
@@ -112,7 +122,7 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
         "audit_seq": seq, "audit_hash": head, "migrations": steps,
         "file": target.name, "sha256": digest,
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    write_private(directory / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
     return Backup(directory, store_cfg.kind, taken, seq, head, digest)
 
 

@@ -222,12 +222,14 @@ def mark_delivered(
     if not rows:
         return 0
     t = format_time(now)
-    marks = ",".join("?" for _ in rows)
+    leases: dict[str, list[int]] = {}
+    for row in rows:  # rows claimed together share one lease: one statement per claim
+        leases.setdefault(_lease(row), []).append(row.id)
     with store.transaction("handoff_delivered", durable=False) as tx:
-        ours = {int(r[0]) for r in tx.all(
+        ours = {int(r[0]) for lease, ids in leases.items() for r in tx.all(
             "UPDATE handoff SET state='delivered', delivered=?, updated=?, lease_until=NULL,"
-            f" last_error=NULL, last_answer=NULL WHERE id IN ({marks}) AND state='sending'"
-            " RETURNING id", (t, t, *(row.id for row in rows)))}
+            f" last_error=NULL, last_answer=NULL WHERE id IN ({','.join('?' for _ in ids)})"
+            " AND state='sending' AND lease_until=? RETURNING id", (t, t, *ids, lease))}
         for row, audit in zip(rows, audits, strict=True):
             if row.id in ours:
                 tx.append_audit(audit)
@@ -253,12 +255,19 @@ def mark_failed(
         sealed = tx.seal(answer, context=_ANSWER_CONTEXT) if answer is not None else None
         cur = tx.execute(
             "UPDATE handoff SET state=?, next_attempt=?, last_error=?, last_answer=?,"
-            " lease_until=NULL, updated=? WHERE id=? AND state='sending'",
+            " lease_until=NULL, updated=? WHERE id=? AND state='sending' AND lease_until=?",
             (state.value, format_time(retry_at) if retry_at is not None else t, error, sealed,
-             t, row.id),
+             t, row.id, _lease(row)),
         )
         if cur.rowcount == 1 and audit is not None:
             tx.append_audit(audit)
+
+
+def _lease(row: HandoffRow) -> str:
+    """The lease a worker holds on a row it claimed, as stored: the fencing token of
+    every update it makes. A worker whose lease expired and was taken by another (its
+    broker connection stalled past the lease) changes nothing of the other's claim."""
+    return format_time(row.lease_until) if row.lease_until is not None else ""
 
 
 def release(store: Store, rows: Sequence[HandoffRow], *, now: datetime) -> None:
@@ -269,8 +278,8 @@ def release(store: Store, rows: Sequence[HandoffRow], *, now: datetime) -> None:
     with store.transaction("handoff_release", durable=False) as tx:
         tx.executemany(
             "UPDATE handoff SET state='queued', attempts=attempts-1, lease_until=NULL,"
-            " updated=? WHERE id=? AND state='sending'",
-            [(t, row.id) for row in rows],
+            " updated=? WHERE id=? AND state='sending' AND lease_until=?",
+            [(t, row.id, _lease(row)) for row in rows],
         )
 
 

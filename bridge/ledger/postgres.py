@@ -741,6 +741,17 @@ class PostgresStore:
                                 allowed_from=_SENDING, now=now, audit=audit,
                                 sets={"receipt": receipt, "lease_until": None})
 
+    def mark_acked_many(self, requests: Sequence[Mapping[str, Any]]) -> list[OutboxRow | BridgeError]:
+        """Several :meth:`mark_acked` calls, answered in order (the row or the error);
+        each keeps its own transaction, as enqueues do on PostgreSQL."""
+        results: list[OutboxRow | BridgeError] = []
+        for request in requests:
+            try:
+                results.append(self.mark_acked(**request))
+            except BridgeError as exc:
+                results.append(exc)
+        return results
+
     def mark_retry(self, message_id: str, *, next_attempt: datetime, error: str, now: datetime,
                    audit: AuditRecord | None, fate_unknown: bool = False,
                    answer: str | None = None) -> OutboxRow:

@@ -518,27 +518,42 @@ class SQLiteStore:
         # The outcome of a send attempt may be replayed after a power loss (see the
         # module docstring); an operator's requeue is an instruction and is synced.
         with self._tx(what, durable=what == "requeue") as conn:
-            row = self._get_outbox(conn, message_id)
-            if row is None:
-                raise UnknownMessage(f"{what}: no outbox row for this message id",
-                                     location=f"outbox[{message_id}]")
-            if row.state not in allowed_from:
-                raise TransitionError(
-                    f"{what} is not allowed from state {row.state.value}",
-                    location=f"outbox[{message_id}].state",
-                )
-            check_transition(row.state, to_state)
-            cols = {"state": to_state.value, "updated": format_time(now), **sets}
-            if cols.get("receipt") is not None:
-                cols["receipt"] = self._seal(cols["receipt"], "outbox.receipt")
-            assignments = ", ".join(f"{c}=?" for c in cols)
-            conn.execute(f"UPDATE outbox SET {assignments} WHERE message_id=?",
-                         (*cols.values(), message_id))
-            if audit is not None:
-                self._append(conn, audit)
-            updated = self._get_outbox(conn, message_id)
-            assert updated is not None
-            return updated
+            return self._transition_in(conn, what, message_id, to_state, now=now, audit=audit,
+                                       sets=sets, allowed_from=allowed_from)
+
+    def _transition_in(
+        self,
+        conn: sqlite3.Connection,
+        what: str,
+        message_id: str,
+        to_state: OutboxState,
+        *,
+        now: datetime,
+        audit: AuditRecord | None,
+        sets: dict[str, Any],
+        allowed_from: frozenset[OutboxState],
+    ) -> OutboxRow:
+        row = self._get_outbox(conn, message_id)
+        if row is None:
+            raise UnknownMessage(f"{what}: no outbox row for this message id",
+                                 location=f"outbox[{message_id}]")
+        if row.state not in allowed_from:
+            raise TransitionError(
+                f"{what} is not allowed from state {row.state.value}",
+                location=f"outbox[{message_id}].state",
+            )
+        check_transition(row.state, to_state)
+        cols = {"state": to_state.value, "updated": format_time(now), **sets}
+        if cols.get("receipt") is not None:
+            cols["receipt"] = self._seal(cols["receipt"], "outbox.receipt")
+        assignments = ", ".join(f"{c}=?" for c in cols)
+        conn.execute(f"UPDATE outbox SET {assignments} WHERE message_id=?",
+                     (*cols.values(), message_id))
+        if audit is not None:
+            self._append(conn, audit)
+        updated = self._get_outbox(conn, message_id)
+        assert updated is not None
+        return updated
 
     # --- outbox ---------------------------------------------------------------------
 
@@ -667,6 +682,25 @@ class SQLiteStore:
         return self._transition("mark_acked", message_id, OutboxState.ACKED,
                                 allowed_from=_SENDING, now=now, audit=audit,
                                 sets={"receipt": receipt, "lease_until": None})
+
+    def mark_acked_many(self, requests: Sequence[Mapping[str, Any]]) -> list[OutboxRow | BridgeError]:
+        """Several :meth:`mark_acked` calls in one transaction, answered in order (the
+        row, or the error that request would have raised; a refused one changes
+        nothing, through a savepoint). One round trip to the store for many receipts."""
+        results: list[OutboxRow | BridgeError] = []
+        with self._tx("mark_acked_many", durable=False) as conn:
+            for i, request in enumerate(requests):
+                conn.execute(f"SAVEPOINT acked_{i}")
+                try:
+                    results.append(self._transition_in(
+                        conn, "mark_acked", request["message_id"], OutboxState.ACKED,
+                        allowed_from=_SENDING, now=request["now"], audit=request["audit"],
+                        sets={"receipt": request["receipt"], "lease_until": None}))
+                except BridgeError as exc:
+                    conn.execute(f"ROLLBACK TO acked_{i}")
+                    results.append(exc)
+                conn.execute(f"RELEASE acked_{i}")
+        return results
 
     def mark_retry(self, message_id: str, *, next_attempt: datetime, error: str, now: datetime,
                    audit: AuditRecord | None, fate_unknown: bool = False,

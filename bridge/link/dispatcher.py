@@ -55,7 +55,7 @@ from bridge.link.circuit import Circuit, CircuitState
 from bridge.link.node import Controller, _decision_detail, resource_types
 from bridge.link.partner_http import RECEIPT_LIMIT, partner_session, read_answer
 from bridge.logs import claim_event
-from bridge.trust.identity import certificate_identity
+from bridge.trust.identity import certificate_identity, pinned
 from bridge.trust.jws import digest, payload_digests, sign_bundle
 from bridge.trust.receipts import verify_receipt
 from bridge.trust.tls import client_context
@@ -101,7 +101,7 @@ class PartnerConnector(aiohttp.TCPConnector):
         if (
             identity is None
             or identity.partner_id != self._expected_partner
-            or (self._fingerprints and identity.fingerprint_sha256 not in self._fingerprints)
+            or (self._fingerprints and not pinned(identity.fingerprint_sha256, self._fingerprints))
         ):
             transport.close()
             raise CertificateFault(

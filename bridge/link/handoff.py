@@ -62,8 +62,13 @@ class DeliveryFailed(Exception):
         self.answer = answer[:_ANSWER_LIMIT] if answer is not None else None
 
 
+class NotAttempted(Exception):
+    """The hand-off was not started: the worker's lease no longer covers it."""
+
+
 class Transport(Protocol):
-    async def send(self, body: bytes, facts: EnvelopeFacts) -> None: ...
+    async def send(self, body: bytes, facts: EnvelopeFacts, *,
+                   publish_by: float | None = None) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -118,7 +123,10 @@ class HTTPTransport:
             )
         return self._session
 
-    async def send(self, body: bytes, facts: EnvelopeFacts) -> None:
+    async def send(self, body: bytes, facts: EnvelopeFacts, *,
+                   publish_by: float | None = None) -> None:
+        # One request bounded by the destination's timeout: the worker starts it only
+        # while its lease covers that timeout (``publish_by`` is checked before).
         session = self._open()
         headers = {"Content-Type": "application/json", **facts.headers(), **self._auth}
         try:
@@ -229,9 +237,16 @@ class AMQPTransport:
         self._exchange = exchange
         return exchange
 
-    async def send(self, body: bytes, facts: EnvelopeFacts) -> None:
+    async def send(self, body: bytes, facts: EnvelopeFacts, *,
+                   publish_by: float | None = None) -> None:
+        """Publish and wait for the confirm. ``publish_by`` (event-loop time) is when the
+        worker's lease stops covering a publish and its confirm: a reconnect (or a wait
+        for another line's reconnect) that ends later publishes nothing, since by then
+        another worker may have taken the claim and handed it over."""
         async with self._connecting:
             exchange = await self._open()
+        if publish_by is not None and asyncio.get_running_loop().time() > publish_by:
+            raise NotAttempted()
         message = aio_pika.Message(
             body,
             content_type="application/json",
@@ -378,7 +393,11 @@ class HandoffWorker:
                     return
                 try:
                     facts, body = self._envelope(item)
-                    await self._send(body, facts)
+                    await self._send(body, facts, publish_by=claimed_at + budget)
+                except NotAttempted:
+                    await c.db.call(queue.release, c.store, [x.row for x in line[i:]],
+                                    now=c.clock())
+                    return
                 except DeliveryFailed as failure:
                     await self._flush(delivered, audits)
                     delivered, audits = [], []
@@ -398,10 +417,10 @@ class HandoffWorker:
         finally:
             await self._flush(delivered, audits)
 
-    async def _send(self, body: bytes, facts: EnvelopeFacts) -> None:
+    async def _send(self, body: bytes, facts: EnvelopeFacts, *, publish_by: float) -> None:
         try:
-            await self.transport.send(body, facts)
-        except DeliveryFailed:
+            await self.transport.send(body, facts, publish_by=publish_by)
+        except (DeliveryFailed, NotAttempted):
             raise
         except Exception as exc:  # noqa: BLE001 - a client failure not classified above
             await self.transport.close()  # its state is unknown: start afresh next time

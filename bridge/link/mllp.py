@@ -77,7 +77,7 @@ from bridge.mapping.hl7v2 import HL7Message, HL7Reader, Intake, ack_code_for, bu
 from bridge.mapping.hl7v2.ack import tolerant_header
 from bridge.mapping.hl7v2.biometric import protect as protect_biometric
 from bridge.mapping.hl7v2.header import MSHHeader
-from bridge.trust.identity import certificate_identity
+from bridge.trust.identity import certificate_identity, pinned
 
 if TYPE_CHECKING:
     from bridge.config import MLLPConfig
@@ -289,12 +289,12 @@ class MLLPListener:
             identity = certificate_identity(der)
         except TrustError:
             return False
-        if identity.fingerprint_sha256 in self.config.allowed_client_fingerprints:
+        if pinned(identity.fingerprint_sha256, self.config.allowed_client_fingerprints):
             return True
         if identity.partner_id != self.c.id:
             return False
         pins = self.c.config.server.local_client_fingerprints
-        return not pins or identity.fingerprint_sha256 in pins
+        return not pins or pinned(identity.fingerprint_sha256, pins)
 
     def _facility_allowed(self, header: MSHHeader) -> bool:
         if not self._allowed:

@@ -444,8 +444,14 @@ class Controller:
         link = self.outbound_link(link_id)
         message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
         await self.keep_for_pull(record, source="push")
-        await self.sync_consents()
-        if await self.db.get_outbox(message_id) is not None:
+        # One trip to the store's thread for both reads: consents changed by any
+        # process sharing the store, and whether this claim was queued before.
+        changes, queued = await self.db.call(_consents_and_outbox, self.store,
+                                             self._consent_cursor, message_id)
+        if changes:
+            self._apply_consent_changes(changes)
+            await self.sync_consents()  # any further page of changes
+        if queued is not None:
             # The same record was submitted before: one claim, however often a HIS retries.
             return Submitted(
                 message_id=message_id, link=link.id, created=False, removed=(), held_back=()
@@ -587,6 +593,10 @@ class Controller:
 
     async def close(self) -> None:
         await self.db.aclose()
+
+
+def _consents_and_outbox(store: Any, cursor: int, message_id: str) -> tuple[Any, Any]:
+    return store.consent_changes(cursor), store.get_outbox(message_id)
 
 
 def _decision_detail(exc: PolicyError) -> str:

@@ -73,6 +73,7 @@ from bridge.messages import check_addressing, check_envelope, collection_of, rea
 from bridge.policy.consent import PARTNER_SOURCE, parse_consent
 from bridge.policy.consent_rules import unbounded_permit
 from bridge.records.fhir import ValidationCache, validation_cache
+from bridge.trust.identity import pinned
 from bridge.trust.jws import SignedClaims, payload_digests, verify_bundle, verify_detached_bytes
 from bridge.trust.peercheck import PeerCertificateCheck
 from bridge.trust.receipts import make_receipt
@@ -280,7 +281,7 @@ class ReceiverApp:
         identity = self.peer_check.check(der, self.c.clock())
         if identity.partner_id == self.c.id:
             pins = self.c.config.server.local_client_fingerprints
-            if pins and identity.fingerprint_sha256 not in pins:
+            if pins and not pinned(identity.fingerprint_sha256, pins):
                 raise UnknownPartner(
                     "certificate names this controller but is not a pinned local client",
                     location="TLS.client-certificate",

@@ -4,7 +4,7 @@ The ledger is plain synchronous code (SQLite or PostgreSQL). All calls go throug
 one worker thread, so the connection is only ever used by that thread and the event
 loop never blocks on a disk flush.
 
-Concurrent enqueues, and concurrent accepts of received messages, are committed
+Concurrent enqueues, accepts of received messages and recorded receipts are committed
 together (group commit): while one transaction is being flushed, the calls that arrive
 queue up and go into the next one. Durability
 costs one flush per group instead of one per claim, an idle bridge adds no delay, and
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -26,14 +27,21 @@ class _GroupCommit:
     """Gather concurrent calls of one store method into one ``<method>_many`` call."""
 
     def __init__(
-        self, owner: AsyncStore, many: Callable[[list[dict[str, Any]]], list[Any]]
+        self, owner: AsyncStore, many: Callable[[list[dict[str, Any]]], list[Any]],
+        single: Callable[..., Any] | None = None,
     ) -> None:
         self._owner = owner
         self._many = many
+        # Positional arguments are named after the single-call method's signature.
+        self._signature = inspect.signature(single) if single is not None else None
         self._pending: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
         self._running = False
 
-    async def __call__(self, **kwargs: Any) -> Any:
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            if self._signature is None:
+                raise TypeError("grouped store calls take keyword arguments")
+            kwargs = dict(self._signature.bind(*args, **kwargs).arguments)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((kwargs, future))
@@ -72,13 +80,13 @@ class AsyncStore:
     """Every store method, awaitable; ``enqueue`` with group commit when offered."""
 
     #: Methods whose concurrent calls are committed together when the store has ``<name>_many``.
-    GROUPED = ("enqueue", "inbox_accept")
+    GROUPED = ("enqueue", "inbox_accept", "mark_acked")
 
     def __init__(self, store: Any) -> None:
         self.sync = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._groups: dict[str, _GroupCommit] = {
-            name: _GroupCommit(self, getattr(store, f"{name}_many"))
+            name: _GroupCommit(self, getattr(store, f"{name}_many"), getattr(store, name))
             for name in self.GROUPED
             if hasattr(store, f"{name}_many")
         }

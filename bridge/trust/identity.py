@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,6 +28,15 @@ class CertIdentity:
     not_before: datetime | None = None  # timezone-aware UTC
     serial_number: int | None = None
     issuer: str | None = None  # the issuer's name, RFC 4514 (to match a CRL)
+
+
+def pinned(fingerprint: str, pins: Iterable[str]) -> bool:
+    """Whether ``fingerprint`` is one of ``pins``, compared in constant time and without
+    stopping at the first match, so the time taken tells nothing about the pins."""
+    found = False
+    for pin in pins:
+        found |= hmac.compare_digest(fingerprint.encode(), pin.encode())
+    return found
 
 
 def fingerprint_sha256(der: bytes) -> str:

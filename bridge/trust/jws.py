@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -506,8 +507,9 @@ def verify_bundle(
             "signature data is not base64 of a compact JWS", location=_DATA_LOC
         ) from None
     header = _protected_header(compact, _DATA_LOC)
-    entry = _signing_key(header, keyring, expected_issuer, _DATA_LOC,
-                         check_time or _recent(header, now, window))
+    entry = _key_or_decoy(header, keyring, expected_issuer, _DATA_LOC,
+                          check_time or _recent(header, now, window), compact,
+                          lambda: signed_payload_forms(bundle))
     payload = _verified_payload(
         compact, signed_payload_forms(bundle), entry, expected_issuer, header, _DATA_LOC
     )
@@ -565,8 +567,8 @@ def verify_detached_bytes(
     except (UnicodeEncodeError, AttributeError):
         raise SignatureError("signature is not a compact JWS", location=location) from None
     header = _protected_header(raw, location)
-    entry = _signing_key(header, keyring, expected_issuer, location,
-                         check_time or _recent(header, now, window))
+    entry = _key_or_decoy(header, keyring, expected_issuer, location,
+                          check_time or _recent(header, now, window), raw, lambda: (payload,))
     _verified_payload(raw, (payload,), entry, expected_issuer, header, location)
     return _claims(header, entry, payload, expected_audience, now, window, check_time, location)
 
@@ -642,6 +644,59 @@ def _signing_key(
             "signature algorithm is not one configured for this partner", location=f"{loc}#alg"
         )
     return entry
+
+
+_DECOYS: dict[str, Any] = {}
+
+
+def _decoy_key(alg: str) -> Any | None:
+    """A throwaway public key for ``alg`` (None for an algorithm it cannot make)."""
+    if alg not in _DECOYS:
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+        _DECOYS[alg] = (
+            ec.generate_private_key(ec.SECP256R1()).public_key() if alg == "ES256"
+            else ed25519.Ed25519PrivateKey.generate().public_key() if alg == "Ed25519"
+            else None
+        )
+    return _DECOYS[alg]
+
+
+def _key_or_decoy(
+    header: dict[str, Any], keyring: KeyRing, expected_issuer: str, loc: str, fresh: bool,
+    compact: bytes, payloads: Callable[[], tuple[bytes, ...]],
+) -> KeyEntry:
+    """:func:`_signing_key`, taking as long when it fails as when it succeeds.
+
+    A key id that is unknown, or another partner's, is refused only after the same
+    signature verification a known key gets (against a throwaway key of the header's
+    algorithm): the time of a refusal does not tell which key ids are registered, nor
+    for whom. The refusal itself is the one §5.4 fixes."""
+    try:
+        return _signing_key(header, keyring, expected_issuer, loc, fresh)
+    except SignatureError:
+        _decoy_verification(header["alg"], compact, payloads)
+        raise
+
+
+def _decoy_verification(alg: str, compact: bytes,
+                        payloads: Callable[[], tuple[bytes, ...]]) -> None:
+    """The work of :func:`_verified_payload`, against a throwaway key; no answer."""
+    impl, decoy = algorithms.get(alg), _decoy_key(alg)
+    if impl is None or decoy is None:
+        return
+    encoded_header, _, encoded_signature = compact.split(b".")
+    try:
+        signature = base64.urlsafe_b64decode(
+            encoded_signature + b"=" * (-len(encoded_signature) % 4))
+        forms = payloads()
+    except (ValueError, binascii.Error, SignatureError):
+        return
+    for payload in forms:
+        try:
+            impl.verify(decoy, signature, encoded_header + b"." + _b64url(payload))
+        except Exception:  # noqa: BLE001, S110 - the answer is already decided
+            pass
 
 
 def _verified_payload(

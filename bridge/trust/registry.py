@@ -33,7 +33,7 @@ from typing import Literal
 from cryptography import x509
 
 from bridge.errors import ConfigError, UnknownPartner
-from bridge.trust.identity import certificate_identity
+from bridge.trust.identity import certificate_identity, pinned
 from bridge.trust.jws import KeyRing
 
 IdentityMode = Literal["san", "fingerprint"]
@@ -156,7 +156,8 @@ class PartnerRegistry:
                 raise UnknownPartner(
                     "certificate names no registered partner", location=f"{_LOC}.SAN"
                 )
-            if found.tls_fingerprints and ident.fingerprint_sha256 not in found.tls_fingerprints:
+            if found.tls_fingerprints and not pinned(ident.fingerprint_sha256,
+                                                     found.tls_fingerprints):
                 raise UnknownPartner(
                     "certificate is not one pinned for this partner", location=_LOC
                 )
