@@ -197,6 +197,10 @@ def check_version(version: str) -> None:
 # Segment texts found faultless, oldest first (a bounded cache, see validate()).
 _CLEAN: dict[tuple[str, str, str], None] = {}
 _CLEAN_MAX = 4096
+#: Field repetitions already found faultless, by version, segment, field and text: the
+#: dates, codes and names an HIS repeats across messages are not taken apart again.
+_CLEAN_FIELDS: dict[tuple[str, str, str, int, str], None] = {}
+_CLEAN_FIELDS_MAX = 16384
 
 #: Fields a mapping reads, as ``(segment id, field number)``; None = every field.
 ReadSet = frozenset[tuple[str, int]]
@@ -263,15 +267,17 @@ def validate(msg: HL7Message, structure: str | None, *, read: ReadSet | None = N
         if key is not None and key in _CLEAN:
             continue
         before = len(checker.warnings) if checker.warnings is not None else 0
-        _check_segment(msg, seg, spec, checker)
+        _check_segment(msg, seg, spec, checker, delimiters)
         if key is not None and (checker.warnings is None or len(checker.warnings) == before):
             if len(_CLEAN) >= _CLEAN_MAX:
                 del _CLEAN[next(iter(_CLEAN))]
             _CLEAN[key] = None
 
 
-def _check_segment(msg: HL7Message, seg: Segment, spec: SegmentSpec, checker: _Checker) -> None:
+def _check_segment(msg: HL7Message, seg: Segment, spec: SegmentSpec, checker: _Checker,
+                   delimiters: str) -> None:
     raw = seg.raw_fields
+    version = msg.version
     nfields = len(spec.fields)
     for number in spec.required:
         if number >= len(raw) or not raw[number] or raw[number] == '""':
@@ -293,12 +299,22 @@ def _check_segment(msg: HL7Message, seg: Segment, spec: SegmentSpec, checker: _C
                 raise hl7_error(MappingError, "field does not repeat",
                                 Loc(seg.name, seg.rep, number, 2), "102")  # the second repetition
             node = fspec.node
-            if node.kind == VARIES and seg.name == "OBX" and number == 5:
+            # OBX-5's data type is named in OBX-2: its text alone does not decide it.
+            remember = not (node.kind == VARIES and seg.name == "OBX" and number == 5)
+            if not remember:
                 node = _obx_value_node(seg)
             for r, rep_text in enumerate(reps, start=1):
-                if rep_text:
-                    _check_node(node, rep_text, d, 0,
-                                (seg.name, seg.rep, number, r if fspec.repeats else 0))
+                if not rep_text:
+                    continue
+                key = (version, delimiters, seg.name, number, rep_text)
+                if remember and key in _CLEAN_FIELDS:
+                    continue
+                _check_node(node, rep_text, d, 0,
+                            (seg.name, seg.rep, number, r if fspec.repeats else 0))
+                if remember:
+                    if len(_CLEAN_FIELDS) >= _CLEAN_FIELDS_MAX:
+                        del _CLEAN_FIELDS[next(iter(_CLEAN_FIELDS))]
+                    _CLEAN_FIELDS[key] = None
         except MappingError as exc:
             checker.problem(exc, seg.name, number)
 
