@@ -26,6 +26,7 @@ Labels are link, partner, stream and state ids only.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,11 +35,14 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from bridge.errors import BridgeError
 from bridge.ledger import tree
 from bridge.ledger.audit import parse_time
 from bridge.ledger.sync import inbound_streams, outbound_progress, outbound_summary
 from bridge.link.circuit import CircuitState
 from bridge.ops.metrics import ScrapeContext, metric_source
+
+log = logging.getLogger("bridge.ops.metrics")
 
 #: The stages of ``bridge_sync_seq``, in the order a claim passes them.
 SYNC_STAGES = ("enqueued", "sent", "acknowledged", "acknowledged_contiguous", "confirmed")
@@ -83,29 +87,35 @@ def link_sync(ctx: ScrapeContext) -> Iterator[Metric]:
         labels=["partner", "stream"],
     )
     dispatchers = getattr(ctx.service, "dispatchers", {}) if ctx.service is not None else {}
-    senders: set[str] = set()
-    for link in ctx.config.links:
-        if link.direction != "outbound":
-            senders.add(link.partner)
-            continue
+    outbound = [link for link in ctx.config.links if link.direction == "outbound"]
+    for link in outbound:
         c = getattr(dispatchers.get(link.id), "circuit", None)
         if c is not None:
             for state in CircuitState:
                 circuit.add_metric([link.id, str(state)], 1 if c.state is state else 0)
             openings.add_metric([link.id], c.opened_total)
-        p = outbound_progress(ctx.store, link.id)
-        summary = outbound_summary(ctx.store, link.id)
-        values = (p["enqueued"], p["sent"], p["acked"], p["acked_contiguous"],
-                  summary.confirmed_seq if summary is not None else 0)
-        for stage, value in zip(SYNC_STAGES, values, strict=True):
-            seq.add_metric([link.id, stage], value)
-        if summary is not None:
-            reconciled.add_metric([link.id], summary.checked.timestamp())
-    for sender in sorted(senders):
-        for s in inbound_streams(ctx.store, sender):
-            highest.add_metric([s.sender, s.stream], s.highest)
-            missing.add_metric([s.sender, s.stream], s.missing)
-    yield from (circuit, openings, seq, reconciled, highest, missing)
+    # The circuit lives in the process: it is reported even when the store does not
+    # answer (bridge_store_up says so).
+    yield from (circuit, openings)
+    try:
+        for link in outbound:
+            p = outbound_progress(ctx.store, link.id)
+            summary = outbound_summary(ctx.store, link.id)
+            values = (p["enqueued"], p["sent"], p["acked"], p["acked_contiguous"],
+                      summary.confirmed_seq if summary is not None else 0)
+            for stage, value in zip(SYNC_STAGES, values, strict=True):
+                seq.add_metric([link.id, stage], value)
+            if summary is not None:
+                reconciled.add_metric([link.id], summary.checked.timestamp())
+        senders = sorted({lk.partner for lk in ctx.config.links if lk.direction != "outbound"})
+        for sender in senders:
+            for s in inbound_streams(ctx.store, sender):
+                highest.add_metric([s.sender, s.stream], s.highest)
+                missing.add_metric([s.sender, s.stream], s.missing)
+    except BridgeError as exc:
+        log.warning("store unavailable for the sync figures of a scrape: %s", exc.code)
+        return
+    yield from (seq, reconciled, highest, missing)
 
 
 # --- what the status page shows --------------------------------------------------------
