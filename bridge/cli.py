@@ -131,15 +131,34 @@ def cmd_push(args: argparse.Namespace) -> int:
         try:
             record = controller.protect_record(read_record(data, source=args.file))
             submitted = await controller.submit(record, args.link)
+            row = None if submitted.created else await controller.db.get_outbox(
+                submitted.message_id
+            )
         finally:
             await controller.close()
-        state = "queued" if submitted.created else "already queued (duplicate suppressed)"
+        settled_badly = row is not None and row.state.value in ("dead", "rejected", "refused")
+        if submitted.created:
+            state = "queued"
+        elif row is not None and settled_badly:
+            state = (
+                f"already in the outbox and {row.state.value} ({row.last_error or '-'});"
+                " nothing new queued"
+                + (
+                    f"; bridge outbox requeue --id {submitted.message_id} puts it back"
+                    if row.state.value != "refused"
+                    else ""
+                )
+            )
+        elif row is not None and row.state.value == "acked":
+            state = "already delivered (duplicate suppressed)"
+        else:
+            state = "already queued (duplicate suppressed)"
         sys.stdout.write(f"{submitted.message_id} {state} on link {submitted.link}\n")
         if submitted.held_back:
             sys.stdout.write(
                 f"held back (not covered by consent): {', '.join(submitted.held_back)}\n"
             )
-        return 0
+        return 1 if settled_badly else 0
 
     return asyncio.run(run())
 

@@ -97,7 +97,7 @@ def cmd_sync_status(args: argparse.Namespace) -> int:
     return 1 if attention else 0
 
 
-async def reconcile_link(config: Any, link_id: str) -> dict[str, Any]:
+async def reconcile_link(config: Any, link_id: str, *, full: bool = False) -> dict[str, Any]:
     """Reconcile one outbound link from this process (no running bridge needed)."""
     from bridge.link.dispatcher import Dispatcher
     from bridge.link.node import Controller
@@ -113,7 +113,7 @@ async def reconcile_link(config: Any, link_id: str) -> dict[str, Any]:
         dispatcher = Dispatcher(controller, link)
         await dispatcher.open()
         try:
-            report = await reconcile(dispatcher)
+            report = await reconcile(dispatcher, full=full)
         finally:
             await dispatcher.stop()
     finally:
@@ -123,7 +123,7 @@ async def reconcile_link(config: Any, link_id: str) -> dict[str, Any]:
 
 def cmd_sync_reconcile(args: argparse.Namespace) -> int:
     config = _load(args)
-    report = asyncio.run(reconcile_link(config, args.link))
+    report = asyncio.run(reconcile_link(config, args.link, full=args.full))
     if args.json:
         _print_json(report)
     else:
@@ -154,7 +154,7 @@ def reconcile_after_restore(config: Any) -> str:
     parts, ok = [], True
     for link in links:
         try:
-            r = asyncio.run(reconcile_link(config, link))
+            r = asyncio.run(reconcile_link(config, link, full=True))
             parts.append(
                 f"{link}: compared {r['compared']}, resent {r['resent']},"
                 f" receipts naming absent audit entries"
@@ -204,6 +204,11 @@ def add_sync_commands(sub: Any) -> None:
     rc = ss.add_parser("reconcile", help="ask the partner what it holds; resend what it lacks")
     rc.add_argument("--config", required=True, help=_CONFIG_HELP)
     rc.add_argument("--link", required=True, help="the outbound link")
+    rc.add_argument(
+        "--full",
+        action="store_true",
+        help="compare every acknowledged claim, not only those past the partner's own summary",
+    )
     add_json_option(rc)
     rc.set_defaults(func=cmd_sync_reconcile)
 

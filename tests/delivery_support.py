@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import time
 from pathlib import Path
@@ -39,6 +40,10 @@ class FaultProxy:
         #: Bytes from the client past which an answer counts as the answer to a request
         #: (a TLS handshake from the client is well under this; a claim well above).
         self.request_bytes = 6000
+        #: In ``cut_responses``: the share of connections whose answer is cut.
+        self.cut_ratio = 1.0
+        self.cuts = 0
+        self._rng = random.Random(7)
         self.accepted: list[float] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -97,7 +102,7 @@ class FaultProxy:
                 writer.transport.abort()
                 return
             self._transports.add(up_writer.transport)
-            cut = self.mode == "cut_responses"
+            cut = self.mode == "cut_responses" and self._rng.random() < self.cut_ratio
             sent = [0]
 
             async def pump(
@@ -110,6 +115,7 @@ class FaultProxy:
                         elif cut and sent[0] > self.request_bytes:
                             # The client has sent more than a handshake (a request) and
                             # the partner answers it: drop the answer and the connection.
+                            self.cuts += 1
                             writer.transport.abort()
                             up_writer.transport.abort()
                             return

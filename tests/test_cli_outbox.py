@@ -157,6 +157,25 @@ def test_requeue_by_id_state_and_since_is_audited_with_the_operator(
     assert all(r is not None and r.pending_since > r.created for r in rows)
 
 
+def test_pushing_a_dead_claim_again_says_so_and_how_to_requeue(
+    hospital: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = _dead_ids(hospital)
+    assert (
+        main(["push", "--config", str(hospital), "--link", LINK, str(tmp_path / "claim-0.json")])
+        == 1
+    )
+    out = capsys.readouterr().out
+    assert f"{dead[0]} already in the outbox and dead (gave-up:transport-error)" in out
+    assert f"bridge outbox requeue --id {dead[0]} puts it back" in out
+    # A claim still waiting is only a suppressed duplicate.
+    assert (
+        main(["push", "--config", str(hospital), "--link", LINK, str(tmp_path / "claim-7.json")])
+        == 0
+    )
+    assert "already queued (duplicate suppressed)" in capsys.readouterr().out
+
+
 def test_requeue_needs_a_selection(hospital: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["outbox", "requeue", "--config", str(hospital)]) == 2
     assert "--id ID" in capsys.readouterr().err

@@ -57,6 +57,24 @@ def inbox(store: Path) -> dict[str, bytes]:
         con.close()
 
 
+def circuit_figures(service: BridgeService) -> dict[str, float]:
+    """The link circuit's metrics as a scrape of the operations port reads them."""
+    from bridge.ops.metrics import ScrapeContext, link_circuit
+
+    ctx = ScrapeContext(
+        config=service.controller.config,
+        store=service.controller.store,
+        now=datetime.now(UTC),
+        service=service,
+    )
+    return {
+        sample.name: sample.value
+        for metric in link_circuit(ctx)
+        for sample in metric.samples
+        if sample.labels.get("link") == LINK_OUT
+    }
+
+
 async def submit_all(hospital: BridgeService, records: list[dict[str, Any]]) -> list[str]:
     ids = []
     for i, record in enumerate(records):
@@ -88,6 +106,10 @@ async def test_an_outage_longer_than_any_attempt_budget_dead_letters_nothing(
         assert set((await states_of(hospital, ids)).values()) <= {"queued", "sending"}
         dispatcher = hospital.dispatchers[LINK_OUT]
         assert dispatcher.circuit.opened_total >= 1 and dispatcher.stats.dead == 0
+        figures = circuit_figures(hospital)
+        assert figures["bridge_link_circuit_open"] == 1.0
+        assert figures["bridge_link_circuit_opened_total"] >= 1
+        assert figures["bridge_link_requests_total"] == dispatcher.stats.requests
 
         insurer = BridgeService(Controller(load_config(insurer_cfg)), poll_interval=0.05)
         await insurer.start()
@@ -97,6 +119,7 @@ async def test_an_outage_longer_than_any_attempt_budget_dead_letters_nothing(
 
         assert await wait_until(all_acked)
         assert sorted(inbox(Path(insurer.controller.config.store.path))) == sorted(ids)
+        assert circuit_figures(hospital)["bridge_link_circuit_open"] == 0.0
     finally:
         await hospital.stop()
         if insurer is not None:

@@ -633,3 +633,66 @@ def test_unknown_schema_version_is_refused(backend: Backend) -> None:
     with pytest.raises(StoreError) as info:
         backend.open()
     assert "schema_version" in (info.value.location or "")
+
+
+# --- delivery and sync bookkeeping (written once for both engines) -------------------
+
+
+def test_backlog_summaries_and_sync_bookkeeping_on_both_engines(store: Store) -> None:
+    from bridge.ledger.delivery import list_claims, problem_claims, release_backlog
+    from bridge.ledger.sync import (
+        acked_claims,
+        held,
+        inbound_streams,
+        outbound_progress,
+        record_received,
+    )
+
+    for m in ("m1", "m2", "m3", "m4"):
+        enqueue(store, m)
+    store.claim_due("a-to-b", now=T0, limit=4)
+    later = T0 + timedelta(hours=1)
+    store.mark_acked("m1", receipt=b"r1", now=T0, audit=rec("claim.ack", "m1"))
+    store.mark_retry("m2", next_attempt=later, error="transport-error", now=T0, audit=None,
+                     answer="HTTP 503")
+    store.mark_retry("m3", next_attempt=later, error="transport-error", now=T0, audit=None)
+    store.mark_dead("m4", error="gave-up:transport-error", answer="no answer: refused", now=T0,
+                    audit=rec("claim.dead", "m4"))
+
+    assert release_backlog(store, "a-to-b", now=T0) == 2
+    assert [r.message_id for r in store.claim_due("a-to-b", now=T0)] == ["m2", "m3"]
+    claims = list_claims(store, link="a-to-b", states=("dead", "sending"))
+    assert [(c.seq, c.state, c.last_error, c.last_answer) for c in claims] == [
+        (2, "sending", "transport-error", "HTTP 503"),
+        (3, "sending", "transport-error", None),
+        (4, "dead", "gave-up:transport-error", "no answer: refused"),
+    ]
+    assert claims[0].pending_since == T0 and claims[0].age_seconds(later) == 3600
+    stuck = problem_claims(store, now=T0 + timedelta(minutes=11))
+    assert [c.message_id for c in stuck] == ["m2", "m3", "m4"]
+    assert [c.message_id for c in problem_claims(store, now=T0)] == ["m4"]
+    assert outbound_progress(store, "a-to-b") == {
+        "enqueued": 4, "sent": 4, "acked": 1, "acked_contiguous": 1}
+    assert acked_claims(store, "a-to-b") == [(1, "m1", b"r1")]
+
+    def make_receipt(entry: AuditEntry) -> bytes:
+        return f"receipt {entry.seq}".encode()
+
+    for seq in (1, 2, 5):
+        mid = f"urn:uuid:{seq}"
+
+        def note(tx: Any, row: Any, seq: int = seq) -> None:
+            record_received(tx, sender="hospital-a", stream="a-to-b", seq=seq,
+                            message_id=row.message_id, now=T0)
+
+        store.inbox_accept(sender="hospital-a", message_id=mid, digest=digest(mid.encode()),
+                           payload=mid.encode(), audit=rec("message.receive", mid),
+                           make_receipt=make_receipt, now=T0, within=note)
+    [stream] = inbound_streams(store)
+    assert (stream.received, stream.highest, stream.contiguous, stream.gaps) == (
+        3, 5, 2, ((3, 4),))
+    found = held(store, "hospital-a", ["urn:uuid:1", "urn:uuid:5", "urn:uuid:9"])
+    assert sorted(found) == ["urn:uuid:1", "urn:uuid:5"]
+    entry = next(e for e in store.audit_entries() if e.seq == found["urn:uuid:5"].audit_seq)
+    assert entry.record.subject == "urn:uuid:5" and found["urn:uuid:5"].audit_hash == entry.hash
+    assert held(store, "clinic-c", ["urn:uuid:1"]) == {}

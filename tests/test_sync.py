@@ -104,7 +104,8 @@ async def test_reconcile_refills_what_a_restored_receiver_lost(
         assert "MISSING 6 (seq 5-10)" in out
 
         report = await reconcile(hospital.dispatchers[LINK_OUT])
-        assert report.compared == 11
+        # The insurer's signed summary holds 1-4 without a gap: 5-11 are compared.
+        assert report.compared == 7
         assert sorted(report.missing) == [5, 6, 7, 8, 9, 10] and report.resent == 6
         # The hospital's receipts for those six name audit entries the insurer no longer
         # holds (they were restored away); they are reported.
@@ -113,7 +114,9 @@ async def test_reconcile_refills_what_a_restored_receiver_lost(
         assert inbox_ids(held) == set(first + later + extra)
 
         # Nothing is processed twice: a second pass finds nothing to resend.
-        again = await reconcile(hospital.dispatchers[LINK_OUT])
+        assert (await reconcile(hospital.dispatchers[LINK_OUT])).compared == 0
+        again = await reconcile(hospital.dispatchers[LINK_OUT], full=True)
+        assert again.compared == 11
         assert again.missing == [] and again.resent == 0 and again.confirmed_seq == 11
         # The resent claims got new receipts at the insurer; the hospital keeps the
         # first ones as evidence, so they are still reported as naming other entries.
@@ -253,3 +256,24 @@ async def test_a_peer_from_the_protocol_sends_with_and_without_sequence_headers(
         assert (stream.stream, stream.highest, stream.gaps) == ("peer-link", 7, ((1, 6),))
     finally:
         await pair.stop()
+
+
+def test_sequence_headers_are_read_strictly() -> None:
+    from bridge.link.sync import SyncError, read_sequence
+
+    assert read_sequence({}) is None
+    assert read_sequence({"Bridge-Stream": "claims-to-b", "Bridge-Sequence": "12"}) == (
+        "claims-to-b",
+        12,
+    )
+    for stream, seq, where in [
+        ("claims-to-b", "²", "Bridge-Sequence"),  # a digit, but not an ASCII one
+        ("claims-to-b", "0", "Bridge-Sequence"),
+        ("claims-to-b", str(2**62), "Bridge-Sequence"),
+        ("Claims To B", "1", "Bridge-Stream"),
+        (None, "1", "Bridge-Stream"),
+    ]:
+        headers = {"Bridge-Sequence": seq} | ({"Bridge-Stream": stream} if stream else {})
+        with pytest.raises(SyncError) as info:
+            read_sequence(headers)
+        assert info.value.location == where

@@ -1009,3 +1009,99 @@ def exh_slow_body(ctx: Context) -> None:
     ctx.expect(response is not None, f"no 408 within {ctx.config.body_timeout + 3.0:.0f} s")
     ctx.expect_refusal(response, 408, "request-timeout")
     ctx.expect(response.header("Connection") == "close", "408 without Connection: close")
+
+
+# --- sync tracking (§8a) -------------------------------------------------------------------
+
+
+@case("sync-sequence-headers", "Claims with, without and with half the sequence headers",
+      family="sync", requirements=["P-SYNC-2"])
+def sync_sequence_headers(ctx: Context) -> None:
+    """Sends a claim carrying Bridge-Stream and Bridge-Sequence (accepted), one without
+    either (a version 1.1 sender: accepted), one with a stream but no number and one with
+    a number that is not a positive integer: 400 sync-invalid naming the header."""
+    stream = f"kit-{uuid.uuid4().hex[:12]}"
+    ctx.expect_accepted(ctx.post("with stream and number", ctx.signed(),
+                                 headers={"Bridge-Stream": stream, "Bridge-Sequence": "1"}))
+    ctx.expect_accepted(ctx.post("without sequence headers", ctx.signed()))
+    ctx.expect_refusal(ctx.post("stream only", ctx.signed(), headers={"Bridge-Stream": stream}),
+                       400, "sync-invalid", "Bridge-Sequence")
+    ctx.expect_refusal(
+        ctx.post("negative number", ctx.signed(),
+                 headers={"Bridge-Stream": stream, "Bridge-Sequence": "-3"}),
+        400, "sync-invalid", "Bridge-Sequence")
+
+
+def _held_query(stream: str, first: int, last: int, identities: list[str]) -> bytes:
+    return json.dumps({"resourceType": "Parameters", "parameter": [
+        {"name": "stream", "valueString": stream},
+        {"name": "from", "valueInteger": first},
+        {"name": "to", "valueInteger": last},
+        *({"name": "identity", "valueString": i} for i in identities),
+    ]}).encode("utf-8")
+
+
+def _check_detached(ctx: Context, compact: str | None, body: bytes, msgid: str) -> None:
+    """§5 detached JWS over the exact body, by the target, for the kit, for ``msgid``."""
+    from bridge.conformance.envelope import (
+        b64url,
+        b64url_decode,
+        certificate_kid,
+        verify_jws_signature,
+    )
+
+    ctx.expect(bool(compact), "no X-Signature on the answer")
+    assert compact is not None
+    parts = compact.split(".")
+    ctx.expect(len(parts) == 3 and parts[1] == "", "X-Signature is not a detached compact JWS")
+    header = json.loads(b64url_decode(parts[0]))
+    cert = ctx.receiver_signing
+    if cert is None:
+        raise Skip("needs --receiver-signing-cert to check the signed answer")
+    ctx.expect(header.get("kid") == certificate_kid(cert), "kid is not the target's signing key")
+    ctx.expect(header.get("iss") == ctx.receiver_id, "iss is not the target")
+    ctx.expect(header.get("aud") == ctx.partner_id, "aud is not the kit")
+    ctx.expect(header.get("msgid") == msgid, "msgid is not the request's X-Correlation-Id")
+    signing_input = parts[0].encode("ascii") + b"." + b64url(body).encode("ascii")
+    ctx.expect(
+        verify_jws_signature(cert.public_key(), str(header.get("alg")), signing_input,
+                             b64url_decode(parts[2])),
+        "X-Signature does not verify over the answer's bytes")
+
+
+@case("sync-held", "$sync-held names what is held, signed for the question asked",
+      family="sync", requirements=["P-SYNC-4", "P-SYNC-5"])
+def sync_held(ctx: Context) -> None:
+    """Sends one claim as number 1 of a new stream, then asks $sync-held about it and a
+    random identity: 200, a Parameters holding the claim only (with its audit-seq), the
+    stream's contiguous number 1, and an X-Signature over the body for the kit with the
+    correlation id as msgid. A range with from after to is 400 sync-invalid naming
+    Parameters.from. A target without the operation (protocol 1.1) is skipped."""
+    stream = f"kit-{uuid.uuid4().hex[:12]}"
+    message = ctx.signed()
+    identity = str(message["identifier"]["value"])
+    ctx.expect_accepted(ctx.post("claim 1 of a new stream", message,
+                                 headers={"Bridge-Stream": stream, "Bridge-Sequence": "1"}))
+    stranger = f"urn:uuid:{uuid.uuid4()}"
+    correlation = f"urn:uuid:{uuid.uuid4()}"
+    headers = {"Content-Type": P.FHIR_JSON, "X-Correlation-Id": correlation}
+    with ctx.peer().connect() as conn:
+        answer = ctx.request("which of these do you hold", conn, "POST", "$sync-held",
+                             _held_query(stream, 1, 1, [identity, stranger]), headers)
+        if answer.status == 404:
+            raise Skip("the target does not offer $sync-held (protocol 1.1)")
+        ctx.expect(answer.status == 200, f"expected 200, got {answer.status}")
+        _check_detached(ctx, answer.header("X-Signature"), answer.body, correlation)
+        params = answer.json().get("parameter", [])
+        held = [{q.get("name"): q for q in p.get("part", [])} for p in params
+                if p.get("name") == "held"]
+        named = [h.get("identity", {}).get("valueString") for h in held]
+        ctx.expect(named == [identity], f"held lists {named}, expected only the claim sent")
+        ctx.expect(isinstance(held[0].get("audit-seq", {}).get("valueInteger"), int),
+                   "held without its audit-seq")
+        contiguous = [p.get("valueInteger") for p in params if p.get("name") == "contiguous"]
+        ctx.expect(contiguous == [1], f"contiguous is {contiguous}, expected [1]")
+        bad = ctx.request("from after to", conn, "POST", "$sync-held",
+                          _held_query(stream, 3, 1, []),
+                          {**headers, "X-Correlation-Id": f"urn:uuid:{uuid.uuid4()}"})
+        ctx.expect_refusal(bad, 400, "sync-invalid", "Parameters.from")

@@ -50,6 +50,7 @@ from bridge.errors import (
     TrustError,
 )
 from bridge.ledger.delivery import release_backlog
+from bridge.ledger.errors import TransitionError
 from bridge.ledger.states import next_attempt, should_give_up
 from bridge.link.circuit import Circuit, CircuitState
 from bridge.link.node import Controller, _decision_detail, resource_types
@@ -399,6 +400,10 @@ class Dispatcher:
     async def _deliver(self, row: Any, *, probe: bool = False) -> None:
         try:
             await self._deliver_row(row, probe=probe)
+        except TransitionError:
+            # Another sender settled the row meanwhile (this one's lease ran out and the
+            # claim was taken over): its outcome stands, the receiver deduplicated.
+            log.info("link %s: seq %s was settled by another sender", self.link.id, row.seq)
         except asyncio.CancelledError:
             # Stopping: give the row back at once (its fate unknown: the request may be
             # out) instead of leaving it leased until the lease runs out.
@@ -502,6 +507,8 @@ class Dispatcher:
             )
             claim_event("rejected", c, self.link, row, code=exc.detail.get("remote_code") or exc.code)
         except Exception as raw:
+            if isinstance(raw, TransitionError):
+                raise
             exc2 = classify_exception(raw)
             if not isinstance(raw, BridgeError):
                 log.debug("delivery of %s failed", message_id, exc_info=raw)

@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -77,7 +78,7 @@ def read_sequence(headers: Any) -> tuple[str, int] | None:
         return None
     if stream is None or not _STREAM.match(stream):
         raise SyncError("stream must be a link id", location=STREAM_HEADER)
-    if raw is None or not raw.isdigit() or not 0 < int(raw) < _MAX_SEQ:
+    if raw is None or not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < _MAX_SEQ:
         raise SyncError("sequence must be a positive integer", location=SEQUENCE_HEADER)
     return stream, int(raw)
 
@@ -306,20 +307,33 @@ async def ask_held(
         ],
     }
     url = dispatcher.url.rsplit("/", 1)[0] + "/$sync-held"
-    try:
-        async with session.post(
-            url,
-            data=orjson.dumps(query),
-            headers={"Content-Type": "application/fhir+json", CORRELATION_HEADER: correlation},
-            allow_redirects=False,
-        ) as resp:
-            body = await read_answer(resp, PAGE_LIMIT)  # a 3xx or an oversize: refused
-            status = resp.status
-            signature = resp.headers.get(SIGNATURE_HEADER, "")
-    except Exception as exc:  # noqa: BLE001 - classified, never swallowed
-        from bridge.link.dispatcher import classify_exception
+    # A receiver busy with the resends of the previous range may answer slowly: wait
+    # longer than for a claim, and ask again a couple of times before giving up.
+    timeout = aiohttp.ClientTimeout(total=max(60.0, dispatcher.link.request_timeout_seconds))
+    for attempt in range(3):
+        try:
+            async with session.post(
+                url,
+                data=orjson.dumps(query),
+                timeout=timeout,
+                headers={"Content-Type": "application/fhir+json", CORRELATION_HEADER: correlation},
+                allow_redirects=False,
+            ) as resp:
+                body = await read_answer(resp, PAGE_LIMIT)  # a 3xx or an oversize: refused
+                status = resp.status
+                signature = resp.headers.get(SIGNATURE_HEADER, "")
+        except Exception as exc:  # noqa: BLE001 - classified, never swallowed
+            from bridge.link.dispatcher import classify_exception
 
-        raise classify_exception(exc) from None
+            failure = classify_exception(exc)
+            if failure.fault != "transient" or attempt == 2:
+                raise failure from None
+            await asyncio.sleep(1.0 + attempt)
+            continue
+        if (status in (408, 429) or status >= 500) and attempt < 2:
+            await asyncio.sleep(1.0 + attempt)
+            continue
+        break
     if status != 200:
         raise TransportError(
             f"partner answered {status} to the sync question",
@@ -349,15 +363,28 @@ async def ask_held(
     return found, int(contiguous or 0)
 
 
-async def reconcile(dispatcher: Dispatcher, *, chunk: int = 500) -> ReconcileReport:
-    """Compare every acknowledged claim of the link with what the partner holds,
+async def reconcile(
+    dispatcher: Dispatcher, *, chunk: int = 500, full: bool = False
+) -> ReconcileReport:
+    """Compare the acknowledged claims of the link with what the partner holds,
     resend what it lacks, report receipts naming audit entries it no longer holds,
-    and keep the partner's summary for ``bridge sync status``."""
+    and keep the partner's summary for ``bridge sync status``.
+
+    By default only the claims past the partner's own summary are compared (it holds
+    every claim up to ``contiguous`` by its signed word; a partner restored from an
+    older backup says a lower number), so a periodic pass costs little however long
+    the link's history. ``full`` compares every acknowledged claim, receipts included.
+    """
     c = dispatcher.c
     link = dispatcher.link.id
     report = ReconcileReport(link)
-    sem = asyncio.Semaphore(max(1, dispatcher.link.concurrency))
+    # Resends go a few at a time: the receiver verifies and stores each one, and a
+    # restored receiver is usually serving new claims meanwhile.
+    sem = asyncio.Semaphore(max(1, min(dispatcher.link.concurrency, 4)))
     after = 0
+    if not full:
+        _found, after = await ask_held(dispatcher, 1, 1, [])
+        report.confirmed_seq = after
 
     async def resend(seq: int, mid: str) -> None:
         async with sem:

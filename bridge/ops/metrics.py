@@ -176,6 +176,38 @@ def link_state(ctx: ScrapeContext) -> Iterator[Metric]:
     yield paused
 
 
+@metric_source
+def link_circuit(ctx: ScrapeContext) -> Iterator[Metric]:
+    """Each outbound link's circuit (bridge.link.circuit): whether the partner is taken
+    to be down, how often that happened, probes and requests sent."""
+    if ctx.service is None:
+        return
+    state = GaugeMetricFamily(
+        "bridge_link_circuit_open",
+        "1 while the partner is taken to be down (circuit open or probing)",
+        labels=["link"],
+    )
+    opened = CounterMetricFamily(
+        "bridge_link_circuit_opened", "Times the link's circuit opened", labels=["link"]
+    )
+    probes = CounterMetricFamily(
+        "bridge_link_probes", "Probe requests sent while the partner was down", labels=["link"]
+    )
+    requests = CounterMetricFamily(
+        "bridge_link_requests", "Claim requests started (each may open a connection)",
+        labels=["link"],
+    )
+    for link_id, dispatcher in sorted(getattr(ctx.service, "dispatchers", {}).items()):
+        circuit = getattr(dispatcher, "circuit", None)
+        if circuit is None:
+            continue
+        state.add_metric([link_id], 0 if circuit.state == "closed" else 1)
+        opened.add_metric([link_id], circuit.opened_total)
+        probes.add_metric([link_id], circuit.probes_total)
+        requests.add_metric([link_id], dispatcher.stats.requests)
+    yield from (state, opened, probes, requests)
+
+
 # --- one controller's registry --------------------------------------------------------------
 
 
