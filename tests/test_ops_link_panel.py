@@ -7,12 +7,18 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
+from e2e_support import make_workdir
 from ops_support import Site, bridge, http, make_site, serve, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import load_config
+from bridge.errors import StoreError
 from bridge.ledger import open_store, tree
+from bridge.link.circuit import Circuit, CircuitState
+from bridge.ops import linkstate  # noqa: F401 - registers the link metric source
+from bridge.ops.metrics import BridgeMetrics
 
 LINK = "claims-to-insurer-b"
 
@@ -155,3 +161,39 @@ def test_circuit_opens_when_the_insurer_stops(tmp_path: Path) -> None:
     finally:
         hospital.stop()
         insurer.stop()
+
+
+class _StoreDown:
+    """A store whose every call fails, as when the database does not answer."""
+
+    def __getattr__(self, name: str) -> object:
+        def fail(*_args: object, **_kwargs: object) -> object:
+            raise StoreError("connection lost", location="store")
+
+        return fail
+
+
+def test_circuit_is_reported_when_the_store_fails_during_a_scrape(tmp_path: Path) -> None:
+    hospital_cfg, _ = make_workdir(tmp_path)
+    config = load_config(hospital_cfg)
+    link = next(lk.id for lk in config.links if lk.direction == "outbound")
+    service = SimpleNamespace(
+        dispatchers={link: SimpleNamespace(circuit=Circuit(state=CircuitState.OPEN))}
+    )
+    metrics = BridgeMetrics(config, _StoreDown(), service=service)
+    try:
+        text = metrics.render().decode()
+    finally:
+        metrics.close()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert _value(samples, "bridge_store_up") == 0
+    assert _value(samples, "bridge_link_circuit_state", link=link, state="open") == 1
+    assert _value(samples, "bridge_link_circuit_state", link=link, state="closed") == 0
+    # The sync figures are left out rather than reported as zeros, and the source
+    # itself does not count as failed.
+    assert not [k for k in samples if k[0] == "bridge_sync_seq"]
+    assert _value(samples, "bridge_metrics_source_errors_total", source="link_sync") is None
