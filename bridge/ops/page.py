@@ -11,8 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from html import escape
+from typing import TYPE_CHECKING
 
 from bridge.ops.certs import CertificateInfo
+
+if TYPE_CHECKING:
+    from bridge.ops.linkstate import CheckpointView, InboundSync, OutboundSync
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ class StatusView:
     notice: str | None = None
     refresh_seconds: int = 30
     handoffs: Sequence[HandoffView] = ()
+    sync_out: Sequence[OutboundSync] = ()
+    sync_in: Sequence[InboundSync] = ()
+    checkpoints: CheckpointView | None = None
 
 
 _STYLE = """
@@ -242,6 +249,104 @@ def _certificates(view: StatusView) -> str:
     )
 
 
+def _when(view: StatusView, at: datetime | None) -> str:
+    if at is None:
+        return "-"
+    seconds = max(0.0, (view.now - at).total_seconds())
+    age = f"{seconds:.0f} s" if seconds < 120 else (
+        f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
+    return f"{_e(at.isoformat(timespec='seconds'))} <span class='muted'>({age} ago)</span>"
+
+
+def _sync(view: StatusView) -> str:
+    if not view.sync_out and not view.sync_in:
+        return ""
+    parts = ["<h2>Circuit and sync</h2>"]
+    if view.sync_out:
+        rows = []
+        for s in view.sync_out:
+            circuit = s.circuit or "not running"
+            cls = {"closed": "ok", "open": "bad", "probing": "warn"}.get(circuit, "muted")
+            if s.confirmed is None:
+                reconcile = "<td class='n' data-field='confirmed'>-</td><td>never reconciled</td>"
+            else:
+                found = (f"missing {s.missing_at_partner}, resent {s.resent}, receipts naming"
+                         f" absent audit entries {s.mismatched}")
+                bad = " bad" if s.missing_at_partner or s.mismatched else ""
+                reconcile = (f"<td class='n' data-field='confirmed'>{s.confirmed}</td>"
+                             f"<td class='{bad.strip()}' data-field='reconciled'>"
+                             f"{_when(view, s.reconciled)}<br>{_e(found)}</td>")
+            rows.append(
+                f"<tr data-sync-link='{_e(s.link)}'><td><code>{_e(s.link)}</code></td>"
+                f"<td>{_e(s.partner)}</td>"
+                f"<td class='{cls}' data-field='circuit'>circuit {_e(circuit)}</td>"
+                f"<td class='n' data-field='seq-enqueued'>{s.enqueued}</td>"
+                f"<td class='n' data-field='seq-sent'>{s.sent}</td>"
+                f"<td class='n' data-field='seq-acknowledged'>{s.acked}</td>"
+                f"<td class='n' data-field='seq-contiguous'>{s.acked_contiguous}</td>"
+                f"{reconcile}</tr>"
+            )
+        parts.append(
+            "<table id='sync-outbound'><tr><th>link</th><th>partner</th><th>circuit</th>"
+            "<th>enqueued up to seq</th><th>sent up to</th><th>acknowledged up to</th>"
+            "<th>acknowledged without a gap up to</th><th>partner confirmed up to</th>"
+            "<th>last reconcile</th></tr>" + "".join(rows) + "</table>"
+        )
+    if view.sync_in:
+        rows = []
+        for i in view.sync_in:
+            rows.append(
+                f"<tr data-stream='{_e(i.sender)}/{_e(i.stream)}'><td><code>{_e(i.link)}</code>"
+                f"</td><td>{_e(i.sender)}</td><td><code>{_e(i.stream)}</code></td>"
+                f"<td class='n'>{i.received}</td><td class='n'>{i.highest}</td>"
+                f"<td class='n'>{i.contiguous}</td>"
+                f"<td class='n{' bad' if i.missing else ''}' data-field='missing'>{i.missing}"
+                "</td></tr>"
+            )
+        parts.append(
+            "<table id='sync-inbound'><tr><th>link</th><th>sender</th><th>stream</th>"
+            "<th>received</th><th>up to seq</th><th>without a gap up to</th><th>missing</th>"
+            "</tr>" + "".join(rows) + "</table>"
+        )
+    parts.append("<p class='muted'>The same figures as <code>bridge sync status</code>;"
+                 " <code>bridge sync reconcile</code> asks the partner again.</p>")
+    return "".join(parts)
+
+
+def _checkpoints(view: StatusView) -> str:
+    cp = view.checkpoints
+    if cp is None:
+        return ""
+    if cp.own_size is None:
+        own = "<p id='own-checkpoint' class='muted'>No checkpoint of this audit log signed yet.</p>"
+    else:
+        behind = cp.audit_entries - cp.own_size
+        own = (f"<p id='own-checkpoint'>Own newest checkpoint covers <b>{cp.own_size}</b>"
+               f" of {cp.audit_entries} audit entries ({behind} not yet covered), signed"
+               f" {_when(view, cp.own_issued)}.</p>")
+    rows = []
+    for p in cp.partners:
+        witnessed = (f"size {p.witnessed_size}, cosigned {_when(view, p.witnessed_at)}"
+                     if p.witnessed_size is not None else "none yet")
+        ours = str(p.cosigned_ours_size) if p.cosigned_ours_size is not None else "none yet"
+        if p.refused:
+            refused = (f"<td class='bad' data-field='refused'>{p.refused} refused, last"
+                       f" {_when(view, p.last_refused_at)}: {_e(p.last_refused_reason)}</td>")
+        else:
+            refused = "<td class='ok' data-field='refused'>none refused</td>"
+        rows.append(
+            f"<tr data-partner='{_e(p.partner)}'><td>{_e(p.partner)}</td>"
+            f"<td data-field='witnessed'>{witnessed}</td>"
+            f"<td class='n' data-field='cosigned-ours'>{_e(ours)}</td>{refused}</tr>"
+        )
+    return (
+        f"<h2>Audit checkpoints</h2>{own}<table id='checkpoints'><tr><th>partner</th>"
+        "<th>partner's newest checkpoint cosigned here</th>"
+        "<th>our newest checkpoint the partner cosigned (size)</th>"
+        "<th>partner checkpoints refused</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
 def render_status(view: StatusView) -> str:
     """The whole page."""
     notice = f"<p class='notice' id='notice'>{_e(view.notice)}</p>" if view.notice else ""
@@ -260,9 +365,9 @@ def render_status(view: StatusView) -> str:
         f"<h1>{_e(view.controller)} <span class='muted'>{_e(view.name)}</span></h1>"
         f"<p class='muted'>ws-fhir-bridge {_e(view.version)} · "
         f"{_e(view.now.isoformat(timespec='seconds'))} · {store}</p>"
-        f"{notice}<h2>Links</h2>{_links_table(view)}"
+        f"{notice}<h2>Links</h2>{_links_table(view)}{_sync(view)}"
         f"<h2>Dead letters</h2>{_dead_letters(view)}{_handoffs(view)}"
-        f"<h2>Certificates</h2>{_certificates(view)}"
+        f"{_checkpoints(view)}<h2>Certificates</h2>{_certificates(view)}"
         "<p class='muted'>Also here: <a href='/readyz'>/readyz</a> ·"
         " <a href='/metrics'>/metrics</a> · <a href='/healthz'>/healthz</a></p>"
         "</body></html>"

@@ -22,6 +22,7 @@ browser happens to show cannot post to it, even through a DNS name that resolves
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import logging
@@ -40,6 +41,7 @@ from bridge.logs import event
 from bridge.ops.certs import CertificateInfo, configured_certificates
 from bridge.ops.certs import check as check_certificate
 from bridge.ops.history import DepthHistory
+from bridge.ops.linkstate import checkpoint_view, circuit_state, sync_views
 from bridge.ops.metrics import BridgeMetrics
 from bridge.ops.page import DeadLetterView, HandoffView, LinkView, StatusView, render_status
 
@@ -283,6 +285,8 @@ class OpsServer:
                     out["received"][link.id] = store.inbox_count(link.partner)
             out["audit"] = store.audit_head()[0]
             out["handoff"] = self._handoff_snapshot()
+            out["sync"] = sync_views(self.controller.config, store)
+            out["checkpoints"] = checkpoint_view(self.controller.config, store)
         except BridgeError as exc:
             log.warning("status page could not read the store: %s", exc.code)
             out["store_ok"] = False
@@ -356,6 +360,10 @@ class OpsServer:
             )
             for r in sorted(snap["dead"], key=lambda r: (r.link, r.seq))
         ]
+        sync_out, sync_in = snap.get("sync", ([], []))
+        sync_out = [
+            dataclasses.replace(s, circuit=circuit_state(self.service, s.link)) for s in sync_out
+        ]
         view = StatusView(
             controller=self.controller.id,
             name=self.controller.config.controller.name,
@@ -372,6 +380,9 @@ class OpsServer:
             csrf_token=self.token,
             notice=_notice(request.query.get("requeued"), request.query.get("refused")),
             handoffs=snap.get("handoff", []),
+            sync_out=sync_out,
+            sync_in=sync_in,
+            checkpoints=snap.get("checkpoints"),
         )
         return web.Response(text=render_status(view), content_type="text/html", charset="utf-8")
 
