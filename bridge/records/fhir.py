@@ -238,7 +238,7 @@ def _primitive_type(annotation: Any) -> str | None:
 # (with the model the library chooses for it), or a list of such; for ``resourceType`` and
 # ``resource_type``, the literal string. Anything else (an unknown key, a string where a
 # complex element belongs: ``FhirBase`` would parse it as JSON) has no shape, and such a
-# resource is always validated fully. Steps 1, 2, 3 and 5 and the recursion of step 4 read
+# resource is accepted only by full validation. Steps 1, 2, 3 and 5 and the recursion of step 4 read
 # only what the shape records (keys, ``None``-ness, list lengths, literal resource types,
 # the model class chosen); a primitive validator never turns a value into ``None``. So two
 # dicts of the same shape are both accepted, or not, unless a primitive value fails its
@@ -431,7 +431,8 @@ class ValidationCache:
     primitive value, literal resource types. Once full validation has accepted a shape, a
     resource of that shape is accepted when each primitive value passes the validator of
     its element in the FHIR models, and its required codes are in their value sets; any
-    refusal is full validation's own. The comment above this class argues the
+    refusal is full validation's first error and location, found without validating the
+    known parts again. The comment above this class argues the
     equivalence; ``tests/test_mapping_validation_cache.py`` checks it on random mutations.
     At most ``max_entries`` shapes are kept; the cache then starts over.
     """
