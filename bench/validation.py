@@ -7,7 +7,10 @@
     (``validate_message``: every entry through the cache, the envelope on its own), against
     full validation of the whole message bundle, and the whole bundle through the cache;
 (c) WS 445.10 record -> validated FHIR collection (``map_record``, which validates through
-    the cache), fresh records.
+    the cache), fresh records;
+(d) the messages of (b) each with one faulty entry (an impossible ``Patient.birthDate``;
+    ``Encounter.status`` missing), refused as the receiver refuses them, against full
+    validation: a refusal must not cost more than an acceptance.
 
 The fast validator is first warmed on records of another seed, as in a bridge that has
 been running for a while; the measured records are new to it (other names, ids, dates and
@@ -27,6 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from bridge.errors import ValidationError
 from bridge.link.server import validate_message
 from bridge.mapping import map_record
 from bridge.messages import wrap_message
@@ -62,6 +66,31 @@ def by_resource_fast(bundle: dict[str, Any]) -> None:
     """Validate a collection entry by entry through the cache, as ``map_record`` does."""
     for i, entry in enumerate(bundle["entry"]):
         validate_resource_cached(entry["resource"], path=f"Bundle.entry[{i}].resource")
+
+
+def refused(fn: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """``fn``, which must refuse its argument."""
+    def run(item: dict[str, Any]) -> None:
+        try:
+            fn(item)
+        except ValidationError:
+            return
+        raise SystemExit("a faulty message was accepted")
+    return run
+
+
+def faulty(bundle: dict[str, Any], fault: str) -> dict[str, Any]:
+    """``bundle`` with one faulty entry (entries are shared with ``bundle``, except that one)."""
+    entries = list(bundle["entry"])
+    rtype = "Patient" if fault == "birthDate" else "Encounter"
+    i = next(i for i, e in enumerate(entries) if e["resource"]["resourceType"] == rtype)
+    resource = dict(entries[i]["resource"])
+    if fault == "birthDate":
+        resource["birthDate"] = "1990-13-45"
+    else:
+        del resource["status"]
+    entries[i] = {**entries[i], "resource": resource}
+    return {**bundle, "entry": entries}
 
 
 def message(collection: dict[str, Any], n: int) -> dict[str, Any]:
@@ -115,6 +144,15 @@ def main() -> None:
     mapped = per_second(lambda r: map_record(r, now=NOW), records, args.runs)
     print("(c) WS 445.10 record -> validated FHIR collection, fresh records (records/s per core)")
     print(f"  map_record                       {mapped:>8,.0f} /s ({1e3 / mapped:.2f} ms)")
+
+    print("(d) message bundle with one faulty entry, refused (messages/s per core, median)")
+    for fault in ("birthDate", "status"):
+        bad = [faulty(m, fault) for m in messages]
+        full_r = per_second(refused(validate_resource), bad, args.runs)
+        fast_r = per_second(refused(validate_message), bad, args.runs)
+        print(f"  {fault:<9} full {1e3 / full_r:.2f} ms, fast validate_message "
+              f"{1e3 / fast_r:.2f} ms  x{fast_r / full_r:.1f}; "
+              f"{fast_m / fast_r:.2f} x the cost of an accepted message")
 
 
 if __name__ == "__main__":

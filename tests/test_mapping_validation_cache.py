@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from bridge.errors import ValidationError
 from bridge.mapping import map_record
 from bridge.messages import wrap_message
+from bridge.records import fhir
 from bridge.records.fhir import ValidationCache, validate_resource
 from bridge.samples import inpatient_records
 from bridge.samples_documents import discharge_records, referral_records, summary_records
@@ -207,3 +208,51 @@ def test_recurring_content_is_not_validated_again() -> None:
         for e in b["entry"]:
             cache.validate(e["resource"])
     assert len(cache) == size
+
+
+def _break_birth_date(m: dict[str, Any]) -> int:
+    m["entry"][2]["resource"]["birthDate"] = "1990-13-45"
+    return 2
+
+
+def _break_two_entries(m: dict[str, Any]) -> int:
+    m["entry"][5]["resource"]["status"] = 7
+    m["entry"][3]["resource"]["period"]["start"] = "2026-02-30"
+    return 3
+
+
+def _identifier_not_a_list(m: dict[str, Any]) -> int:
+    m["entry"][1]["resource"]["identifier"] = {}
+    return 1
+
+
+def _total_is_a_list(m: dict[str, Any]) -> int:
+    m["entry"][5]["resource"]["total"] = [{"value": 1.5, "currency": "CNY"}]
+    return 5
+
+
+def _required_element_dropped(m: dict[str, Any]) -> int:
+    del m["entry"][3]["resource"]["status"]
+    return 3
+
+
+@pytest.mark.parametrize("breaks", [_break_birth_date, _break_two_entries,
+                                    _identifier_not_a_list, _total_is_a_list,
+                                    _required_element_dropped])
+def test_refusal_in_a_known_message_names_the_entry_as_full_validation_does(
+        breaks: Callable[[dict[str, Any]], int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message of known shape with faulty entries is refused without validating the
+    whole message again: the refusal is still full validation's first error, and it names
+    the first faulty entry and its element."""
+    message = copy.deepcopy(_MESSAGES[1])
+    index = breaks(message)
+    full = _outcome(validate_resource, message)
+
+    def whole_message_validated(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the refusal validated the whole message again")
+
+    monkeypatch.setattr(fhir, "validate_resource", whole_message_validated)
+    refused = _outcome(_CACHE.validate, message)
+    assert refused is not None and refused[0] == "refused"
+    assert refused[1].startswith(f"R.entry[{index}].resource.")
+    assert refused == full

@@ -65,8 +65,14 @@ def validate_resource(resource: dict[str, Any], *, path: str | None = None) -> N
     """
     prefix = _prefix(resource, path)
     model = _model_for(resource, prefix)
+    _validate_model(model, resource, prefix)
+    _check_codes(resource, prefix)
+
+
+def _validate_model(model: type[pydantic.BaseModel], data: dict[str, Any], prefix: str) -> None:
+    """Run the models on ``data``; raise the first error as :class:`ValidationError`."""
     try:
-        model.model_validate(resource)
+        model.model_validate(data)
     except pydantic.ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         raise ValidationError(
@@ -80,7 +86,6 @@ def validate_resource(resource: dict[str, Any], *, path: str | None = None) -> N
         raise ValidationError(
             "not valid FHIR R4: a value of the wrong JSON type", location=prefix
         ) from None
-    _check_codes(resource, prefix)
 
 
 def _prefix(resource: Any, path: str | None) -> str:
@@ -233,7 +238,7 @@ def _primitive_type(annotation: Any) -> str | None:
 # (with the model the library chooses for it), or a list of such; for ``resourceType`` and
 # ``resource_type``, the literal string. Anything else (an unknown key, a string where a
 # complex element belongs: ``FhirBase`` would parse it as JSON) has no shape, and such a
-# resource is always validated fully. Steps 1, 2, 3 and 5 and the recursion of step 4 read
+# resource is accepted only by full validation. Steps 1, 2, 3 and 5 and the recursion of step 4 read
 # only what the shape records (keys, ``None``-ness, list lengths, literal resource types,
 # the model class chosen); a primitive validator never turns a value into ``None``. So two
 # dicts of the same shape are both accepted, or not, unless a primitive value fails its
@@ -255,8 +260,12 @@ def _primitive_type(annotation: Any) -> str | None:
 # validation: by step 4 that instance is accepted as it is, exactly as the validated child
 # would have been, and nothing else in the parent reads it; after success every shape in
 # the resource is known. Whenever the fast path would refuse (a primitive fails, the
-# models refuse) the resource is validated fully and that verdict stands, so a refusal
-# and its location are always full validation's own. The binding checks of
+# models refuse), the models run once more on the resource with every child whose shape
+# is known and whose primitives pass standing in the same way, and everything else as
+# received: a valid child adds no error, the other fields report theirs in field order,
+# so the first error and its location are those of full validation, without validating
+# the known parts again (:meth:`ValidationCache._refuse`). If that run accepts, the
+# resource is validated fully and that verdict stands. The binding checks of
 # :func:`_check_codes` run on every accepted resource, as they do after full validation.
 
 _PRIMITIVE, _COMPLEX, _RESOURCE, _LITERAL = range(4)
@@ -379,6 +388,27 @@ def _resource_model(fhir_type: Any, node: dict[str, Any]) -> type | None:
     return _RESOURCE_MODELS[key]
 
 
+_LIST_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _list_fields(model: type) -> frozenset[str]:
+    """The keys (names and aliases) of ``model``'s fields that hold a list."""
+    keys = _LIST_FIELDS.get(model)
+    if keys is None:
+        schemas = _field_schemas(model)
+        found: set[str] = set()
+        for name, info in model.model_fields.items():  # type: ignore[attr-defined]
+            schema = schemas.get(name)
+            while isinstance(schema, dict) and schema.get("type") in ("default", "nullable"):
+                schema = schema.get("schema")
+            if isinstance(schema, dict) and schema.get("type") == "list":
+                found.add(name)
+                if info.alias:
+                    found.add(info.alias)
+        keys = _LIST_FIELDS[model] = frozenset(found)
+    return keys
+
+
 _PLACEHOLDERS: dict[type, Any] = {}
 
 
@@ -401,7 +431,8 @@ class ValidationCache:
     primitive value, literal resource types. Once full validation has accepted a shape, a
     resource of that shape is accepted when each primitive value passes the validator of
     its element in the FHIR models, and its required codes are in their value sets; any
-    refusal is full validation's own. The comment above this class argues the
+    refusal is full validation's first error and location, found without validating the
+    known parts again. The comment above this class argues the
     equivalence; ``tests/test_mapping_validation_cache.py`` checks it on random mutations.
     At most ``max_entries`` shapes are kept; the cache then starts over.
     """
@@ -428,7 +459,8 @@ class ValidationCache:
             self.clear()
         try:
             root = self._shape(resource, model, None)
-        except Exception:  # noqa: BLE001 - no shape, or a primitive failed: full validation decides
+        except Exception:  # noqa: BLE001 - no shape, or a primitive failed: see _refuse
+            self._refuse(resource, model, prefix)
             validate_resource(resource, path=path)
             return
         if root not in self._accepted:
@@ -436,10 +468,54 @@ class ValidationCache:
             self._shape(resource, model, shapes)
             try:
                 model.model_validate(self._skeleton(resource, model, shapes))
-            except Exception:  # noqa: BLE001 - full validation gives the verdict and location
+            except Exception:  # noqa: BLE001 - see _refuse
+                self._refuse(resource, model, prefix)
                 validate_resource(resource, path=path)
             self._accepted.update(shape for _, shape in shapes.values())
         _check_codes(resource, prefix)
+
+    def _refuse(self, resource: dict[str, Any], model: type, prefix: str) -> None:
+        """Raise full validation's first error for a resource the fast path did not accept,
+        without validating its known parts again.
+
+        Every child element whose shape is known and whose primitives pass is valid (the
+        argument above) and stands in as an unvalidated instance; the rest, down to the
+        failing values, stays as it was. A valid child adds no error to what the models
+        report, and the models report the errors of the other fields, in field order,
+        whatever stands in it: so the first error, and its location, are those of full
+        validation. Returns without raising when the models accept the stand-in (something
+        this walk does not cover); the caller then validates fully.
+        """
+        _validate_model(model, self._partial(resource, model), prefix)
+
+    def _partial(self, node: dict[str, Any], model: type) -> dict[str, Any]:
+        table = _fields(model)
+        many = _list_fields(model)
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            field = table.get(key)
+            if field is not None and (field.kind == _COMPLEX or field.kind == _RESOURCE):
+                # A dict where a list belongs, or a list where a dict belongs, is refused
+                # by the field itself: it stays as received.
+                if type(value) is dict and key not in many:
+                    value = self._partial_child(field, value)
+                elif type(value) is list and key in many:
+                    value = [self._partial_child(field, item) if type(item) is dict else item
+                             for item in value]
+            out[key] = value
+        return out
+
+    def _partial_child(self, field: _Field, node: dict[str, Any]) -> Any:
+        model = field.target if field.kind == _COMPLEX else _resource_model(field.target, node)
+        if model is None:
+            return node
+        try:
+            shape = self._shape(node, model, None)
+        except Exception:  # noqa: BLE001 - the failure is below: keep this level as it is
+            return self._partial(node, model)
+        if shape in self._accepted and (field.kind == _RESOURCE or field.extra):
+            return _placeholder(model)
+        return self._partial(node, model)
 
     def _shape(self, node: dict[str, Any], model: type,
                shapes: dict[int, tuple[type, int]] | None) -> int:
