@@ -4,6 +4,7 @@ each defect the kit exists to catch (the named case fails, and says why)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import re
 import subprocess
@@ -322,6 +323,15 @@ async def test_defect_6_in_progress_before_the_signature(
         return real_verify(bundle, keyring, **kw)
 
     monkeypatch.setattr(server, "verify_bundle", verify_after_flight_check)
+    # A slow store keeps the valid copy in flight while the forged copies arrive (a fast
+    # one can finish before they do, and the race the case looks for never happens).
+    real_accept = receiver._accept
+
+    async def slow_accept(*args: Any, **kw: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await real_accept(*args, **kw)
+
+    monkeypatch.setattr(receiver, "_accept", slow_accept)
     try:
         results = await _run(pair, ["idem-concurrent"])
     finally:

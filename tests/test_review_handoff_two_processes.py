@@ -95,7 +95,11 @@ async def test_two_processes_on_one_store_hand_off_in_order(
             assert loop.time() < deadline, "the insurer did not acknowledge every claim"
             await asyncio.sleep(0.05)
         # Every claim is accepted (the hospital holds its receipt); the process that
-        # accepted them dies while it is handing them over, holding a leased batch.
+        # accepted them dies while it is handing them over, holding a leased batch
+        # (the claim system answers slowly, so the stream is still going).
+        while not endpoint.got.ids:
+            assert loop.time() < deadline, "nothing reached the claim system"
+            await asyncio.sleep(0.01)
         first.kill()
         handed_before = len(endpoint.got.ids)
         await wait_for(lambda: endpoint.got.ids == set(ids), 90,
