@@ -27,6 +27,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
+from functools import lru_cache
 from typing import Any, Literal
 
 import orjson
@@ -221,12 +222,19 @@ def data_period(collection: dict[str, Any]) -> tuple[date, date] | None:
     return (min(days), max(days))
 
 
+# Few combinations occur (a category, a class or two, a grade), and every claim asks.
+@lru_cache(maxsize=4096)
 def _labels(categories: frozenset[str], sensitive: frozenset[str], grade: int) -> frozenset[Label]:
     out: set[Label] = {(CATEGORY_SYSTEM, c) for c in categories}
     out |= {(SENSITIVITY_SYSTEM, c) for c in sensitive}
     out.add((CONFIDENTIALITY_SYSTEM, confidentiality(grade)))
     out.add((GRADE_SYSTEM, str(grade)))
     return frozenset(out)
+
+
+@lru_cache(maxsize=256)
+def _categories(category: str) -> frozenset[str]:
+    return frozenset({category}) - {""}
 
 
 def _items_of(label: ResourceLabel) -> tuple[Item, list[tuple[str, int, Item]]]:
@@ -240,10 +248,10 @@ def _items_of(label: ResourceLabel) -> tuple[Item, list[tuple[str, int, Item]]]:
         (
             it.element,
             it.index,
-            Item(label.resource_type, frozenset({it.category}) - {""},
-                 _labels(frozenset({it.category}) - {""}, it.sensitive_classes, it.grade)),
+            Item(label.resource_type, cats, _labels(cats, it.sensitive_classes, it.grade)),
         )
         for it in label.items
+        for cats in (_categories(it.category),)
     ]
     return own, entries
 

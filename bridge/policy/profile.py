@@ -466,6 +466,26 @@ def _complete(obj: dict[str, Any], type_name: str, specs: dict[str, ElementSpec]
     )
 
 
+_VISITS: dict[tuple[str, bool], dict[str, str]] = {}
+
+
+def _visits(type_name: str, specs: dict[str, ElementSpec], dropped: bool) -> dict[str, str]:
+    """The elements of a type the cleaning walk descends into, with their types, cached:
+    every typed element (contained resources aside) when references were dropped, else
+    only those that can be incomplete."""
+    found = _VISITS.get((type_name, dropped))
+    if found is None:
+        found = {}
+        for key, spec in specs.items():
+            if spec.type_name is None or spec.type_name == "Resource":
+                continue
+            if not dropped and (key in _OPAQUE or not _has_requirements(spec.type_name)):
+                continue
+            found[key] = spec.type_name
+        _VISITS[(type_name, dropped)] = found
+    return found
+
+
 def _clean(
     obj: dict[str, Any], type_name: str, path: str, dropped: set[str], removed: list[str]
 ) -> bool:
@@ -477,19 +497,16 @@ def _clean(
     specs = _specs(type_name)
     if specs is None:
         return True
-    for key in list(obj):
-        spec = specs.get(key)
-        if spec is None or spec.type_name is None or spec.type_name == "Resource":
-            continue
-        if not dropped and (key in _OPAQUE or not _has_requirements(spec.type_name)):
-            continue
+    visit = _visits(type_name, specs, bool(dropped))
+    for key in [k for k in obj if k in visit]:
+        child = visit[key]
         value = obj[key]
         if isinstance(value, list):
             kept = [
                 item
                 for item in value
                 if not isinstance(item, dict)
-                or _item_ok(item, spec.type_name, f"{path}.{key}", dropped, removed)
+                or _item_ok(item, child, f"{path}.{key}", dropped, removed)
             ]
             if len(kept) != len(value):
                 removed.append(f"{path}.{key}")
@@ -497,10 +514,11 @@ def _clean(
                 obj[key] = kept
             else:
                 del obj[key]
-        elif isinstance(value, dict):
-            if not _item_ok(value, spec.type_name, f"{path}.{key}", dropped, removed):
-                removed.append(f"{path}.{key}")
-                del obj[key]
+        elif isinstance(value, dict) and not _item_ok(
+            value, child, f"{path}.{key}", dropped, removed
+        ):
+            removed.append(f"{path}.{key}")
+            del obj[key]
     return _complete(obj, type_name, specs)
 
 
@@ -520,6 +538,7 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
     round either omits a resource or stops, so it ends.
     """
     entries: list[dict[str, Any]] = list(bundle.get("entry") or [])
+    needles = _needles(dropped)
     while True:
         keep: list[dict[str, Any]] = []
         newly: list[dict[str, Any]] = []
@@ -529,11 +548,8 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
             # A resource that refers to nothing dropped needs only its completeness
             # checked, which visits far less of it.
             gone = dropped
-            if dropped:
-                refs: list[str] = []
-                _references(resource, refs)
-                if dropped.isdisjoint(refs):
-                    gone = set()
+            if dropped and not _may_refer(resource, dropped, needles):
+                gone = set()
             if _clean(resource, rtype, rtype, gone, removed):
                 keep.append(entry)
             else:
@@ -543,6 +559,7 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
         if not newly:
             break
         dropped = dropped | _reference_keys(newly)
+        needles = _needles(dropped)
     bundle["entry"] = entries
     return bundle
 
@@ -550,6 +567,28 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
 # A reference as orjson writes it: the key "reference" and a string value. Inside a JSON
 # string the quotes are escaped, so text that merely contains these words never matches.
 _REFERENCE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+
+
+def _needles(keys: Iterable[str]) -> tuple[bytes, ...]:
+    """Each reference key as orjson writes it inside a JSON string."""
+    return tuple(orjson.dumps(k)[1:-1] for k in keys)
+
+
+def _may_refer(resource: dict[str, Any], dropped: set[str], needles: tuple[bytes, ...]) -> bool:
+    """Does ``resource`` refer to any key in ``dropped`` (``needles``: their JSON texts)?
+
+    A resource refers to a key only if the key's text occurs in its JSON, so a miss
+    settles it without collecting every reference; a hit is confirmed by the collection.
+    """
+    try:
+        text = orjson.dumps(resource)
+    except (TypeError, orjson.JSONEncodeError):  # integers beyond 64 bits: malformed input
+        refs: list[str] = []
+        _references(resource, refs)
+        return not dropped.isdisjoint(refs)
+    if not any(n in text for n in needles):
+        return False
+    return not dropped.isdisjoint(_decode_refs(_REFERENCE.findall(text)))
 
 
 def _references(node: Any, out: list[str]) -> None:
@@ -567,8 +606,12 @@ def _references(node: Any, out: list[str]) -> None:
             elif isinstance(cur, list):
                 stack.extend(v for v in cur if isinstance(v, (dict, list)))
         return
-    for raw in _REFERENCE.findall(text):
-        out.append(raw.decode() if b"\\" not in raw else orjson.loads(b'"' + raw + b'"'))
+    out.extend(_decode_refs(_REFERENCE.findall(text)))
+
+
+def _decode_refs(found: list[bytes]) -> list[str]:
+    return [raw.decode() if b"\\" not in raw else orjson.loads(b'"' + raw + b'"')
+            for raw in found]
 
 
 def reachable(bundle: dict[str, Any], focus: Iterable[str] = ()) -> set[int] | None:

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 PSEUDONYM_SYSTEM = "urn:ws-fhir-bridge:pseudonym"
@@ -55,7 +55,9 @@ class DeidContext:
     patient: str  # a stable key of the patient, e.g. "system|value" of an identifier
 
     def _mac(self, purpose: str, text: str) -> bytes:
-        return hmac.new(self.key, f"{purpose}\x00{text}".encode(), hashlib.sha256).digest()
+        mac = _keyed(self.key).copy()
+        mac.update(f"{purpose}\x00{text}".encode())
+        return mac.digest()
 
     def pseudonym(self, text: str) -> str:
         """A keyed, irreversible stand-in for ``text`` (hex, 128 bits)."""
@@ -71,6 +73,13 @@ class DeidContext:
         raw = int.from_bytes(self._mac("date-shift", self.patient)[:8], "big")
         days = raw % MAX_SHIFT_DAYS + 1
         return days if (raw >> 32) & 1 else -days
+
+
+@lru_cache(maxsize=16)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """An HMAC-SHA256 already keyed with ``key``: copying it skips the key schedule that
+    every record would otherwise repeat."""
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 Transform = Callable[[Any, DeidContext | None], Any]
@@ -246,15 +255,27 @@ def pseudonymise_ids(bundle: dict[str, Any], ctx: DeidContext) -> None:
 
 def _rewrite_refs(node: Any, mapping: dict[str, str]) -> None:
     if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str) and ref in mapping:
-            node["reference"] = mapping[ref]
-        for value in node.values():
-            if isinstance(value, (dict, list)):
-                _rewrite_refs(value, mapping)
+        _rewrite_object(node, mapping)
     elif isinstance(node, list):
         for value in node:
             _rewrite_refs(value, mapping)
+
+
+def _rewrite_object(node: dict[str, Any], mapping: dict[str, str]) -> None:
+    # Arrays of objects are walked here rather than by a call per element: most array
+    # items are objects or strings, and a call for each costs more than its check.
+    ref = node.get("reference")
+    if isinstance(ref, str) and ref in mapping:
+        node["reference"] = mapping[ref]
+    for value in node.values():
+        if isinstance(value, dict):
+            _rewrite_object(value, mapping)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    _rewrite_object(item, mapping)
+                elif isinstance(item, list):
+                    _rewrite_refs(item, mapping)
 
 
 # --- k-anonymity ----------------------------------------------------------------------
