@@ -14,6 +14,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 from bridge.ops.certs import CertificateInfo
+from bridge.ops.certs import check as check_certificate
 
 if TYPE_CHECKING:
     from bridge.ops.linkstate import CheckpointView, InboundSync, OutboundSync
@@ -228,14 +229,15 @@ def _certificates(view: StatusView) -> str:
     rows = []
     for cert in view.certificates:
         days = cert.days_left(view.now)
-        if cert.problem is not None:
-            status, cls = cert.problem, "bad"
-        elif not cert.valid_at(view.now):
-            status, cls = "not valid now", "bad"
-        elif days is not None and days < view.warning_days:
-            status, cls = f"expires in {days:.0f} days", "warn"
-        else:
+        # The verdict is /readyz's and `bridge status`'s; the page only words it.
+        if check_certificate(cert, view.now, view.warning_days).ok:
             status, cls = "valid", "ok"
+        elif cert.problem is not None:
+            status, cls = cert.problem, "bad"
+        elif not cert.valid_at(view.now) or days is None:
+            status, cls = "not valid now", "bad"
+        else:
+            status, cls = f"expires in {days:.0f} days", "warn"
         after = cert.not_after.date().isoformat() if cert.not_after else "-"
         rows.append(
             f"<tr data-certificate='{_e(cert.name)}'><td>{_e(cert.name)}</td>"
