@@ -192,7 +192,11 @@ async def test_in_progress_answers_come_after_the_signature_and_are_audited(
     assert refused_409 > 0, "the concurrent copies did not overlap; the test proves nothing"
     rows = await audit_of(pair, "message.in-progress", since=before)
     assert rows, "409 answers must be audited"
-    assert len(rows) <= 2  # rate-limited: the first one, then one row with the count
+    # Rate-limited: while one copy is processed (it is answered 200), the copies refused
+    # meanwhile make at most two entries, the first one and one with the count. On a
+    # loaded machine later copies may find the first done and be processed in turn.
+    processed = sum(1 for a in valid if a.status == 200)
+    assert len(rows) <= 2 * processed and len(rows) <= refused_409
     counted = sum(int(_detail_field(r.record.detail, "count")) for r in rows)
     assert counted == refused_409
     assert await pair.insurer.controller.db.inbox_count() == 1

@@ -95,6 +95,83 @@ def test_records_of_one_person_from_two_data_sets_join_one_patient(store: Store)
     assert set(first.patient_keys) | set(second.patient_keys) <= keys
 
 
+def _compartment(store: Store, records: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """What a pull by ID card reads after ``records`` were kept in this order: the
+    resources other than the Patient by (type, id, content), and the Patient's
+    identifiers. Organizations and practitioners are compared by id only: records name
+    them with more or fewer details, and the latest record's version is the current one."""
+    person = rec.find_person(store, ["|".join(id_card(records[0]))])
+    assert person is not None
+    view = _all(store, person, rec.snapshot(store))
+    others = sorted(
+        (r.rtype, r.rid, b"" if r.rtype in ("Organization", "Practitioner") else
+         orjson.dumps({k: v for k, v in r.resource.items() if k != "meta"},
+                      option=orjson.OPT_SORT_KEYS).replace(person.encode(), b"P"))
+        for r in view if r.rtype != "Patient"
+    )
+    (patient,) = [r for r in view if r.rtype == "Patient"]
+    for r in view:
+        for ref in orjson.dumps(r.resource).decode().split('"Patient/')[1:]:
+            assert ref.startswith(f'{person}"'), (r.rtype, "references another patient")
+    return tuple(others), frozenset((i["system"], i["value"]) for i in patient.resource["identifier"])
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (1, 3, 0, 2), (3, 1, 2, 0), (1, 0, 3, 2)])
+def test_the_order_records_arrive_in_does_not_decide_who_is_one_patient(
+    store: Store, tmp_path: Path, order: tuple[int, ...]
+) -> None:
+    # Lab reports name the patient by inpatient number only; the stay that carries both
+    # the number and the ID card may arrive after them (an import before the MLLP feed
+    # was indexed). Every order gives the one patient the arrival order 0-1-2-3 gives.
+    records = person_records(2)
+    reference = SQLiteStore(tmp_path / "reference.db")
+    try:
+        for record in records:
+            _put(reference, record)
+        expected = _compartment(reference, records)
+    finally:
+        reference.close()
+    for i in order:
+        _put(store, records[i])
+    assert _compartment(store, records) == expected
+    assert sum(1 for t, _, _ in expected[0] if t == "Encounter") == 4
+    assert sum(1 for t, _, _ in expected[0] if t == "DiagnosticReport") == 2
+
+
+def test_a_join_leaves_earlier_snapshots_as_they_were(store: Store) -> None:
+    stay, lab, second, _ = person_records(2)
+    first = _put(store, second)
+    apart = _put(store, lab)  # names the first stay's inpatient number only: apart
+    assert apart.person != first.person
+    snap = rec.snapshot(store)
+    before = {(r.rtype, r.rid, r.seq) for r in _all(store, apart.person, snap)}
+    joined = _put(store, stay)
+    assert joined.person == first.person
+    # The old snapshot still reads the lab report's person as it was; the new one reads
+    # its resources under the joined patient, and nothing under the old person.
+    assert {(r.rtype, r.rid, r.seq) for r in _all(store, apart.person, snap)} == before
+    assert _all(store, apart.person, rec.snapshot(store)) == []
+    now_types = {(r.rtype, r.rid) for r in _all(store, joined.person, rec.snapshot(store))}
+    assert {(t, i) for t, i, _ in before if t != "Patient"} <= now_types
+    assert rec.find_person(store, list(apart.patient_keys)) == joined.person
+
+
+def test_two_patients_with_different_id_cards_are_never_joined(store: Store) -> None:
+    stay, lab = person_records(1)
+    other = person_records(1, seed=11, labs=False)[0]
+    a = _put(store, stay)
+    b = _put(store, other)
+    assert a.person != b.person
+    # A record naming the first patient's inpatient number with the second patient's
+    # ID card is a conflict: both persons stay apart with their own resources.
+    elements = dict(other["elements"])
+    elements["HDSD00.11.140"] = stay["elements"]["HDSD00.11.140"]
+    _put(store, {**other, "elements": elements})
+    assert rec.find_person(store, ["|".join(id_card(stay))]) == a.person
+    assert rec.find_person(store, ["|".join(id_card(other))]) == b.person
+    assert _all(store, a.person, rec.snapshot(store))
+
+
 def test_a_record_delivered_twice_is_kept_once(store: Store) -> None:
     (stay,) = person_records(1, labs=False)
     _put(store, stay)

@@ -11,7 +11,10 @@ once, by the same mapping as a pushed claim, and its resources are kept per pati
     joins the person that already holds one of its Patient's identifiers (the most
     stable one by the bridge's identifier preference), so records from different data
     sets, whose Patient ids differ, make one patient; the person id is the first
-    record's Patient id.
+    record's Patient id. A record whose identifiers are held by two persons joins them
+    (the other person's identifiers, records and resources move to the chosen one, as
+    new versions), so the order records arrive in does not decide who is one patient;
+    two persons with different resident ID card numbers are never joined.
 ``pull_resource``
     versions of each resource of a person, keyed by ``(person, type, id)``. References
     between the resources of a record (``urn:uuid:…``) become ``Type/id``, the Patient
@@ -33,6 +36,7 @@ bulk-query alarms) and pages received by a pulling platform live here too.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +51,8 @@ from bridge.records.search import DateFilter, resource_date_range
 if TYPE_CHECKING:
     from bridge.ledger import Store
     from bridge.ledger.portable import Tx
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PatientView",
@@ -227,15 +233,121 @@ def _merge_patient(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
 # --- writing -------------------------------------------------------------------------------
 
 
-def _choose_person(tx: Tx, keys: Sequence[str], fallback: str) -> str:
+def _held_persons(tx: Tx, keys: Sequence[str]) -> dict[str, str]:
+    """``system|value`` → person, for those of ``keys`` some person holds."""
     marks = ",".join("?" * len(keys))
     stored = {tx.blind(k): k for k in keys}
     held = tx.all(f"SELECT patient_key, person FROM pull_person_key WHERE patient_key IN ({marks})",
                   list(stored))
+    return {stored[str(row[0])]: str(row[1]) for row in held}
+
+
+def _choose_person(tx: Tx, keys: Sequence[str], fallback: str) -> str:
+    held = _held_persons(tx, keys) if keys else {}
     if not held:
         return fallback
-    best = min(held, key=lambda row: _rank(stored[str(row[0])]))
-    return str(best[1])
+    return held[min(held, key=_rank)]
+
+
+_ID_CARD = IDENTIFIER_PREFERENCE[0]
+
+
+def _person_keys(tx: Tx, person: str) -> list[str]:
+    rows = tx.all("SELECT sealed_key FROM pull_person_key WHERE person=?", (person,))
+    return [(tx.unseal(r[0], context=_KEY_CTX) or b"").decode() for r in rows if r[0] is not None]
+
+
+def _may_join(tx: Tx, a: str, b: str) -> bool:
+    """False when the two persons hold different resident ID card numbers: a record that
+    names both is a conflict for the hospital to resolve, not a reason to join them."""
+    cards_a = {k for k in _person_keys(tx, a) if k.partition("|")[0] == _ID_CARD}
+    cards_b = {k for k in _person_keys(tx, b) if k.partition("|")[0] == _ID_CARD}
+    return not (cards_a and cards_b and cards_a.isdisjoint(cards_b))
+
+
+def _current(tx: Tx, person: str, rtype: str, rid: str) -> tuple[int, str, bytes] | None:
+    row = tx.one(
+        "SELECT seq, digest, body FROM pull_resource WHERE person=? AND rtype=? AND rid=?"
+        " AND superseded IS NULL" + tx.for_update,
+        (person, rtype, rid),
+    )
+    return None if row is None else (int(row[0]), str(row[1]), row[2])
+
+
+def _write_version(
+    tx: Tx, *, head: int, person: str, resource: dict[str, Any], stamp: str, record_id: int,
+    version: int | None = None,
+) -> int:
+    """Keep ``resource`` as the person's new version of it unless its content is already
+    the current one; returns the new head (unchanged when nothing was written).
+    ``version`` overrides the version number (a resource moved from another person
+    continues its own numbering)."""
+    rtype, rid = str(resource["resourceType"]), str(resource["id"])
+    current = _current(tx, person, rtype, rid)
+    if current is not None and rtype == "Patient":
+        old = orjson.loads(tx.unseal(current[2], context=_RESOURCE_CTX) or b"{}")
+        resource = _merge_patient(resource, old)
+    content = _content_digest(resource)
+    if current is not None and current[1] == content:
+        return head
+    head += 1
+    meta = dict(resource.get("meta") or {})
+    # The resource's own version number, never the store-wide position: a version
+    # released to a partner must not count what the store keeps about others.
+    if version is None:
+        version = 1
+        if current is not None:
+            version += int(tx.one("SELECT COUNT(*) FROM pull_resource WHERE person=? AND rtype=?"
+                                  " AND rid=?", (person, rtype, rid))[0])
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = stamp
+    stored = {**resource, "meta": meta}
+    span = resource_date_range(stored)
+    if current is not None:
+        tx.execute("UPDATE pull_resource SET superseded=? WHERE seq=?", (head, current[0]))
+    tx.execute(
+        "INSERT INTO pull_resource (seq, person, rtype, rid, date_lo, date_hi, last_updated,"
+        " digest, body, record_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (head, person, rtype, rid, span[0] if span else None, span[1] if span else None,
+         stamp, content, tx.seal(orjson.dumps(stored), context=_RESOURCE_CTX), record_id),
+    )
+    return head
+
+
+def _join(tx: Tx, *, head: int, source: str, into: str, stamp: str) -> int:
+    """Move person ``source``'s identifiers, records and current resources to ``into``:
+    each resource as a new version under ``into`` whose Patient reference names
+    ``into``, the old version superseded at the same number. Older snapshots still
+    read both persons as they were. Returns the new head."""
+    tx.execute("UPDATE pull_person_key SET person=? WHERE person=?", (into, source))
+    tx.execute("UPDATE pull_record SET person=? WHERE person=?", (into, source))
+    rows = tx.all(
+        "SELECT seq, rtype, rid, body, record_id FROM pull_resource WHERE person=?"
+        " AND superseded IS NULL ORDER BY seq" + tx.for_update,
+        (source,),
+    )
+    refs = {f"Patient/{source}": f"Patient/{into}"}
+    for seq, rtype, rid, body, record_id in rows:
+        resource = orjson.loads(tx.unseal(body, context=_RESOURCE_CTX) or b"{}")
+        old_version = int((resource.get("meta") or {}).get("versionId") or 1)
+        moved = _rewrite({k: v for k, v in resource.items() if k != "meta"}, refs)
+        version: int | None = old_version + 1
+        if rtype == "Patient":
+            # The joined person's Patient: the chosen one's elements win, every
+            # identifier either was known by stays.
+            moved["id"] = into
+            current = _current(tx, into, "Patient", into)
+            if current is not None:
+                kept = orjson.loads(tx.unseal(current[2], context=_RESOURCE_CTX) or b"{}")
+                moved = _merge_patient({k: v for k, v in kept.items() if k != "meta"}, moved)
+            version = None
+        written = _write_version(tx, head=head, person=into, resource=moved, stamp=stamp,
+                                 record_id=int(record_id), version=version)
+        # The old version ends at a number of its own even when the chosen person
+        # already held the same content (a snapshot never loses what it could read).
+        head = written if written > head else head + 1
+        tx.execute("UPDATE pull_resource SET superseded=? WHERE seq=?", (head, int(seq)))
+    return head
 
 
 def _put(
@@ -245,59 +357,35 @@ def _put(
     keys = patient_keys(collection)
     # The head row is the writers' lock: versions are numbered and committed in order.
     head = int(tx.one("SELECT seq FROM pull_head WHERE id=1" + tx.for_update)[0])
-    held = tx.one("SELECT person FROM pull_record WHERE digest=?", (digest,))
-    if held is not None:
-        return PutResult(str(held[0]), False, 0, tuple(keys))
-    person = _choose_person(tx, keys, str(_patient_of(collection)["id"]))
+    known = tx.one("SELECT person FROM pull_record WHERE digest=?", (digest,))
+    if known is not None:
+        return PutResult(str(known[0]), False, 0, tuple(keys))
+    stamp = format_time(now)
+    start = head
+    held = _held_persons(tx, keys)
+    person = held[min(held, key=_rank)] if held else str(_patient_of(collection)["id"])
+    for other in sorted(set(held.values()) - {person}):
+        if _may_join(tx, person, other):
+            head = _join(tx, head=head, source=other, into=person, stamp=stamp)
+        else:
+            log.warning("a record names two patients with different resident ID cards;"
+                        " they are kept apart (source %s)", source.partition(":")[0])
     tx.executemany(
         "INSERT INTO pull_person_key (patient_key, person, sealed_key) VALUES (?,?,?)"
         " ON CONFLICT (patient_key) DO NOTHING",
         [(tx.blind(k), person, tx.seal(k.encode(), context=_KEY_CTX)) for k in keys],
     )
-    stamp = format_time(now)
     row = tx.one(
         "INSERT INTO pull_record (digest, source, dataset, person, record, received)"
         " VALUES (?,?,?,?,?,?) RETURNING id",
         (digest, source, dataset, person, tx.seal(record, context=_RECORD_CTX), stamp),
     )
     record_id = int(row[0])
-    versions = 0
     for resource in compartment_resources(collection, person):
-        rtype, rid = str(resource["resourceType"]), str(resource["id"])
-        current = tx.one(
-            "SELECT seq, digest, body FROM pull_resource WHERE person=? AND rtype=? AND rid=?"
-            " AND superseded IS NULL" + tx.for_update,
-            (person, rtype, rid),
-        )
-        if current is not None and rtype == "Patient":
-            old = orjson.loads(tx.unseal(current[2], context=_RESOURCE_CTX) or b"{}")
-            resource = _merge_patient(resource, old)
-        content = _content_digest(resource)
-        if current is not None and current[1] == content:
-            continue
-        head += 1
-        versions += 1
-        meta = dict(resource.get("meta") or {})
-        # The resource's own version number, never the store-wide position: a version
-        # released to a partner must not count what the store keeps about others.
-        held = 0
-        if current is not None:
-            held = int(tx.one("SELECT COUNT(*) FROM pull_resource WHERE person=? AND rtype=?"
-                              " AND rid=?", (person, rtype, rid))[0])
-        meta["versionId"] = str(held + 1)
-        meta["lastUpdated"] = stamp
-        stored = {**resource, "meta": meta}
-        span = resource_date_range(stored)
-        if current is not None:
-            tx.execute("UPDATE pull_resource SET superseded=? WHERE seq=?", (head, current[0]))
-        tx.execute(
-            "INSERT INTO pull_resource (seq, person, rtype, rid, date_lo, date_hi, last_updated,"
-            " digest, body, record_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (head, person, rtype, rid, span[0] if span else None, span[1] if span else None,
-             stamp, content, tx.seal(orjson.dumps(stored), context=_RESOURCE_CTX), record_id),
-        )
+        head = _write_version(tx, head=head, person=person, resource=resource, stamp=stamp,
+                              record_id=record_id)
     tx.execute("UPDATE pull_head SET seq=? WHERE id=1", (head,))
-    return PutResult(person, True, versions, tuple(keys))
+    return PutResult(person, True, head - start, tuple(keys))
 
 
 def put_record(
