@@ -170,3 +170,21 @@ async def test_copies_of_one_message_racing_on_many_connections_are_each_audited
         assert sum(e.record.action == "hl7.receive" for e in answered) == 1
     finally:
         await b.service.stop()
+
+
+async def test_a_prescription_order_omp_o09_is_accepted_over_mllp(tmp_path: Path) -> None:
+    # OMP^O09 had no mapping and was answered AR with 200; it is the prescriber's order
+    # of the WS 445.3 prescription that RDE^O11 encodes, and is kept as that record.
+    from test_mllp_listener import PLAIN, exchange, seg, start_bridge
+
+    from bridge.link.mllp_framer import frame
+
+    golden = Path(__file__).parent / "golden" / "hl7v2"
+    message = (golden / "omp_o09-02.hl7").read_bytes()
+    b = await start_bridge(tmp_path, PLAIN.replace("4096", "1048576"))
+    try:
+        [ack] = await exchange(b.port, [frame(message)], 1)
+        assert seg(ack, "MSA")[1:3] == ["AA", "O0900002"]
+        assert b.store.hl7_count() == 1
+    finally:
+        await b.service.stop()

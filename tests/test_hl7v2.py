@@ -389,6 +389,29 @@ def test_drug_without_rxr_is_refused_naming_its_rxe() -> None:
     assert err.detail["hl7_code"] == "100"
 
 
+OMP_TWO = (GOLDEN / "omp_o09-02.hl7").read_bytes()  # rde_o11-02 as the prescriber's order
+
+
+def test_the_order_as_written_gives_the_record_of_the_order_as_encoded() -> None:
+    # OMP^O09 (RXO per drug) and RDE^O11 (RXE per drug) of one prescription are one
+    # WS 445.3 record, with the same rules for the prescription number and the route.
+    assert read_hl7(OMP_TWO) == read_hl7(RDE_TWO)
+    grouped = _set_nth(_set_nth(OMP_TWO, "ORC", 1, 4, "88001"), "ORC", 2, 4, "88001")
+    assert read_hl7(grouped)["elements"]["HDSD00.04.002"] == "88001"
+    err = _refusal(_set_nth(OMP_TWO, "RXR", 2, 1, "IV^^HL70162"))
+    assert err.location == "RXR[2]-1.1" and err.detail["hl7_code"] == "102"
+    segs = _segments(OMP_TWO)
+    last_rxr = max(i for i, s in enumerate(segs) if s.startswith(b"RXR|"))
+    err = _refusal(b"\r".join(segs[:last_rxr] + segs[last_rxr + 1:]) + b"\r")
+    assert err.location == "RXO[2]" and "HDSD00.04.027" in str(err)
+
+
+def test_an_order_without_the_drug_name_is_refused_naming_rxo_1_2() -> None:
+    err = _refusal(_set_nth(OMP_TWO, "RXO", 2, 1, "X0002"))
+    assert err.location is not None and err.location.startswith("RXO[2]-1")
+    assert "HDSD00.04.023" in str(err)
+
+
 def test_same_in_every_is_checked_when_loaded(tmp_path: Path) -> None:
     good = (Path(__file__).parents[1] / "mappings/hl7v2/messages/RDE_O11.yaml").read_text(
         encoding="utf-8")
