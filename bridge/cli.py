@@ -302,113 +302,9 @@ def _open_store(args: argparse.Namespace) -> Any:
     return open_store(config.store)
 
 
-_DISCLOSURE_ACTIONS = {
-    # action -> (FHIR AuditEvent.action, what it records)
-    "consent.put": ("U", "consent registered, amended or revoked"),
-    "claim.enqueue": ("C", "claim queued for disclosure"),
-    "claim.refused": ("E", "disclosure refused"),
-    "claim.ack": ("E", "disclosed; the recipient's signed receipt is held"),
-    "claim.rejected": ("E", "the recipient refused the claim"),
-    "claim.dead": ("E", "delivery abandoned after retries"),
-    "claim.resend": ("E", "sent again; the recipient's receipt is held"),
-    "claim.correct": ("C", "corrected claim queued, naming the claim it replaces"),
-    "message.receive": ("C", "received from a partner"),
-    "handoff.delivered": ("E", "handed to this controller's own system"),
-    "handoff.dead": ("E", "hand-off to this controller's own system abandoned"),
-    "handoff.requeue": ("E", "hand-off requeued by an operator"),
-    "inbox.show": ("R", "read by an operator"),
-    "inbox.export": ("R", "exported by an operator"),
-    "record.pull": ("R", "records released to (or refused) a partner's pull"),
-    "record.pull.receive": ("C", "records pulled from a partner; its signed page is held"),
-}
-
-
-_DCM = "http://dicom.nema.org/resources/ontology/DCM"
-# IHE Basic Audit Log Patterns: the DICOM event type of each kind of entry.
-_BALP_TYPE = {
-    "C": ("110106", "Export"),
-    "E": ("110106", "Export"),
-    "R": ("110110", "Patient Record"),
-    "U": ("110110", "Patient Record"),
-}
-_RECEIVED = frozenset({"message.receive", "record.pull.receive"})
-
-
-def _audit_event(entry: Any, controller: str) -> dict[str, Any]:
-    """One audit entry as a FHIR R4 AuditEvent in the shape of IHE Basic Audit Log
-    Patterns (BALP): a DICOM event type, the bridge's own action as subtype, the source
-    and destination agents by role, the patient as a Person entity in the Patient role
-    (by keyed pseudonym) and the message as a system-object entity. Ids, codes and
-    pseudonyms only."""
-    record = entry.record
-    action, text = _DISCLOSURE_ACTIONS.get(record.action, ("E", record.action))
-    outcome = {"success": "0", "failure": "8", "denied": "4"}[record.outcome]
-    code, display = ("110107", "Import") if record.action in _RECEIVED else _BALP_TYPE[action]
-    party = {"system": "urn:ws-fhir-bridge:partner", "value": controller}
-    me_role = "110152" if record.action in _RECEIVED else "110153"
-    event: dict[str, Any] = {
-        "resourceType": "AuditEvent",
-        "id": f"audit-{entry.seq}",
-        "type": {"system": _DCM, "code": code, "display": display},
-        "subtype": [{"system": "urn:ws-fhir-bridge:audit-action", "code": record.action,
-                     "display": text}],
-        "action": action,
-        "recorded": record.time.isoformat(),
-        "outcome": outcome,
-        "outcomeDesc": text + (f" ({record.detail})" if record.detail else ""),
-        "agent": [{
-            "type": {"coding": [{"system": _DCM, "code": me_role,
-                                 "display": "Destination Role ID" if me_role == "110152"
-                                 else "Source Role ID"}]},
-            "who": {"identifier": party},
-            "requestor": record.action not in _RECEIVED,
-        }],
-        "source": {
-            "observer": {"identifier": party},
-            "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
-                      "code": "4", "display": "Application Server"}],
-        },
-        "entity": [{
-            "what": {"identifier": {"value": record.subject}},
-            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
-                     "code": "2", "display": "System Object"},
-            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
-                     "code": "20", "display": "Job"},
-        }],
-    }
-    if record.partner:
-        other_role = "110153" if me_role == "110152" else "110152"
-        event["agent"].append(
-            {
-                "type": {"coding": [{"system": _DCM, "code": other_role,
-                                     "display": "Source Role ID" if other_role == "110153"
-                                     else "Destination Role ID"}]},
-                "who": {
-                    "identifier": {"system": "urn:ws-fhir-bridge:partner", "value": record.partner}
-                },
-                "requestor": record.action in _RECEIVED,
-            }
-        )
-    if record.patient:
-        event["entity"].append(
-            {
-                "what": {
-                    "identifier": {
-                        "system": "urn:ws-fhir-bridge:patient-pseudonym",
-                        "value": record.patient,
-                    }
-                },
-                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
-                         "code": "1", "display": "Person"},
-                "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
-                         "code": "1", "display": "Patient"},
-            }
-        )
-    return event
-
-
 def cmd_audit_disclosures(args: argparse.Namespace) -> int:
     """Who received what about one patient, and when (GB/T 39725 §7 g)."""
+    from bridge.cli_audit import balp_event
     from bridge.config import load_config
     from bridge.ledger.audit import patient_pseudonym
     from bridge.ledger.identity import linked_pseudonyms
@@ -438,7 +334,7 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
             {
                 "resourceType": "Bundle",
                 "type": "collection",
-                "entry": [{"resource": _audit_event(e, config.controller.id)} for e in entries],
+                "entry": [{"resource": balp_event(e, config.controller.id)} for e in entries],
             }
         )
         return 0

@@ -195,31 +195,54 @@ def cmd_audit_check_proof(args: argparse.Namespace) -> int:
 
 
 _DCM = "http://dicom.nema.org/resources/ontology/DCM"
-#: What an action is in BALP terms: (DICOM event type, AuditEvent.action, our side's role).
-_BALP: dict[str, tuple[tuple[str, str], str, str]] = {
-    "claim.ack": (("110106", "Export"), "R", "source"),
-    "claim.resend": (("110106", "Export"), "R", "source"),
-    "record.pull": (("110106", "Export"), "R", "source"),
-    "message.receive": (("110107", "Import"), "C", "destination"),
-    "record.pull.receive": (("110107", "Import"), "C", "destination"),
+_EXPORT, _IMPORT = ("110106", "Export"), ("110107", "Import")
+_RECORD, _ACTIVITY = ("110110", "Patient Record"), ("110100", "Application Activity")
+
+#: Each audited action as a BALP AuditEvent: (DICOM event type, AuditEvent.action, this
+#: controller's role, what the entry records). Disclosures are exports from the source
+#: (the signed receipt held is action R, as BALP's export pattern), what arrives from a
+#: partner an import at the destination; consent changes and operators' reads are
+#: patient-record events. Actions not listed are application activity.
+_BALP: dict[str, tuple[tuple[str, str], str, str, str]] = {
+    "consent.put": (_RECORD, "U", "source", "consent registered, amended or revoked"),
+    "claim.enqueue": (_EXPORT, "C", "source", "claim queued for disclosure"),
+    "claim.refused": (_EXPORT, "E", "source", "disclosure refused"),
+    "claim.ack": (_EXPORT, "R", "source", "disclosed; the recipient's signed receipt is held"),
+    "claim.rejected": (_EXPORT, "E", "source", "the recipient refused the claim"),
+    "claim.dead": (_EXPORT, "E", "source", "delivery abandoned"),
+    "claim.resend": (_EXPORT, "R", "source", "sent again; the recipient's receipt is held"),
+    "claim.correct": (_EXPORT, "C", "source",
+                      "corrected claim queued, naming the claim it replaces"),
+    "message.receive": (_IMPORT, "C", "destination", "received from a partner"),
+    "handoff.delivered": (_EXPORT, "E", "source", "handed to this controller's own system"),
+    "handoff.dead": (_EXPORT, "E", "source",
+                     "hand-off to this controller's own system abandoned"),
+    "handoff.requeue": (_EXPORT, "E", "source", "hand-off requeued by an operator"),
+    "inbox.show": (_RECORD, "R", "source", "read by an operator"),
+    "inbox.export": (_RECORD, "R", "source", "exported by an operator"),
+    "record.pull": (_EXPORT, "R", "source", "records released to (or refused) a partner's pull"),
+    "record.pull.receive": (_IMPORT, "C", "destination",
+                            "records pulled from a partner; its signed page is held"),
 }
 _ROLE = {"source": ("110153", "Source Role ID"), "destination": ("110152", "Destination Role ID")}
 
 
 def balp_event(entry: Any, controller: str) -> dict[str, Any]:
-    """One audit entry as an IHE BALP-style FHIR R4 AuditEvent.
+    """One audit entry as an IHE BALP-style FHIR R4 AuditEvent (``bridge audit export
+    --fhir`` and ``bridge audit disclosures --fhir`` alike).
 
     A disclosure at the source (``claim.ack``) is a DICOM *Export* with this controller
     in the source role; its receipt at the recipient (``message.receive``) an *Import*
     with the recipient in the destination role. Both name the message identity as an
     entity (system ``urn:ietf:rfc:3986``), so the two sides' events pair up by it; the
-    entry's sequence number and hash ride in ``entity.detail``.
+    entry's sequence number and hash ride in ``entity.detail``. The patient is a Person
+    entity by keyed pseudonym. Ids, codes and pseudonyms only, never values.
     """
     import uuid
 
     record = entry.record
-    (code, display), action, role = _BALP.get(
-        record.action, (("110100", "Application Activity"), "E", "source"))
+    (code, display), action, role, text = _BALP.get(
+        record.action, (_ACTIVITY, "E", "source", record.action))
     party = {"system": "urn:ws-fhir-bridge:partner", "value": controller}
     other_role = "destination" if role == "source" else "source"
     agents: list[dict[str, Any]] = [{
@@ -262,11 +285,12 @@ def balp_event(entry: Any, controller: str) -> dict[str, Any]:
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:ws-fhir-bridge:audit:{controller}:"
                                                  f"{entry.seq}")),
         "type": {"system": _DCM, "code": code, "display": display},
-        "subtype": [{"system": "urn:ws-fhir-bridge:audit-action", "code": record.action}],
+        "subtype": [{"system": "urn:ws-fhir-bridge:audit-action", "code": record.action,
+                     "display": text}],
         "action": action,
         "recorded": record.time.isoformat(),
         "outcome": {"success": "0", "failure": "8", "denied": "4"}[record.outcome],
-        **({"outcomeDesc": record.detail} if record.detail else {}),
+        "outcomeDesc": text + (f" ({record.detail})" if record.detail else ""),
         "agent": agents,
         "source": {"observer": {"identifier": party},
                    "type": [{"system": "http://terminology.hl7.org/CodeSystem/"

@@ -164,6 +164,21 @@ def test_disclosures_as_balp_audit_events_are_valid_r4(
     assert errors == []
 
 
+def test_a_patients_history_and_the_whole_export_describe_an_entry_alike(
+    pushed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One BALP builder: the events of a patient's disclosure history are the very
+    # events the whole-log export writes for those entries.
+    value = pushed["first"]["elements"]["HDSD00.11.053"]
+    assert main(["audit", "disclosures", "--config", str(pushed["cfg"]), "--patient",
+                 f"{HEALTH_CARD}|{value}", "--fhir"]) == 0
+    history = [e["resource"] for e in json.loads(capsys.readouterr().out)["entry"]]
+    assert main(["audit", "export", "--fhir", "--config", str(pushed["cfg"])]) == 0
+    exported = {e["resource"]["id"]: e["resource"]
+                for e in json.loads(capsys.readouterr().out)["entry"]}
+    assert history and all(event == exported[event["id"]] for event in history)
+
+
 def test_records_imported_for_pull_link_their_identifiers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
