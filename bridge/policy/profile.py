@@ -218,8 +218,7 @@ class LinkProfile:
                     location=f"profile {self.qualified_name}",
                 )
             ctx = DeidContext(check_key(key), _patient_key(bundle))
-        work = copy_json(bundle) if copy else bundle
-        result = _minimize(self, work, ctx, transforms=True)
+        result = _minimize(self, bundle, ctx, transforms=True, copy=copy)
         if pseudonymise and self.ids == "pseudonym" and ctx is not None:
             pseudonymise_ids(result.bundle, ctx)
         return result
@@ -229,7 +228,7 @@ class LinkProfile:
 
         For a receiver: nothing is transformed and no key is needed.
         """
-        return _minimize(self, copy_json(bundle), None, transforms=False).removed
+        return _minimize(self, bundle, None, transforms=False, copy=True).removed
 
 
 def _patient_key(bundle: dict[str, Any]) -> str:
@@ -250,8 +249,12 @@ def _patient_key(bundle: dict[str, Any]) -> str:
 
 
 def _minimize(
-    profile: LinkProfile, work: dict[str, Any], ctx: DeidContext | None, *, transforms: bool
+    profile: LinkProfile, work: dict[str, Any], ctx: DeidContext | None, *, transforms: bool,
+    copy: bool,
 ) -> MinimizeResult:
+    """Prune ``work`` to the profile, then (on a copy of what survived, with ``copy``)
+    clean references and drop what is incomplete or unreferenced. Pruning only reads
+    its input, so copying after it copies the part that is sent, not the whole record."""
     removed: list[str] = []
     transformed: list[str] = []
     out: dict[str, Any] = {}
@@ -291,6 +294,8 @@ def _minimize(
         new_entry["resource"] = pruned
         entries.append(new_entry)
     out["entry"] = entries
+    if copy:
+        out = copy_json(out)
     out = _settle(out, _reference_keys(dropped), removed)
     removed.extend(drop_unreferenced(out, profile.focus))
     return MinimizeResult(out, _unique(removed), _unique(transformed))

@@ -32,13 +32,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import cached_property, lru_cache
 from typing import Any
+
+import orjson
 
 PSEUDONYM_SYSTEM = "urn:ws-fhir-bridge:pseudonym"
 MAX_SHIFT_DAYS = 365
@@ -64,8 +65,13 @@ class DeidContext:
         return self._mac("pseudonym", text)[:16].hex()
 
     def pseudonym_uuid(self, text: str) -> str:
-        """A keyed stand-in for a resource id, shaped as a UUID."""
-        return str(uuid.UUID(bytes=self._mac("id", text)[:16], version=4))
+        """A keyed stand-in for a resource id, shaped as a UUID (version 4, RFC 4122
+        variant: the same string ``uuid.UUID(bytes=..., version=4)`` gives)."""
+        raw = bytearray(self._mac("id", text)[:16])
+        raw[6] = (raw[6] & 0x0F) | 0x40
+        raw[8] = (raw[8] & 0x3F) | 0x80
+        h = raw.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     @cached_property
     def shift_days(self) -> int:
@@ -233,10 +239,12 @@ def pseudonymise_ids(bundle: dict[str, Any], ctx: DeidContext) -> None:
 
     Resource ids are derived from source identifiers (uuid5 over the hospital code and
     record number), so they would let anyone holding a record number confirm a match;
-    the stand-ins keep the references of one bundle resolving. Works in place.
+    the stand-ins keep the references of one bundle resolving. Works in place (the
+    entries' resources may be replaced by rewritten equal copies).
     """
     mapping: dict[str, str] = {}
-    for entry in bundle.get("entry") or ():
+    entries = bundle.get("entry") or ()
+    for entry in entries:
         resource = entry.get("resource") or {}
         old = resource.get("id")
         if not isinstance(old, str):
@@ -249,8 +257,43 @@ def pseudonymise_ids(bundle: dict[str, Any], ctx: DeidContext) -> None:
             mapping.setdefault(entry["fullUrl"], f"urn:uuid:{new}")
             entry["fullUrl"] = mapping[entry["fullUrl"]]
         resource["id"] = new
-    for entry in bundle.get("entry") or ():
-        _rewrite_refs(entry.get("resource"), mapping)
+    if not mapping or not _rewrite_text(entries, mapping):
+        for entry in entries:
+            _rewrite_refs(entry.get("resource"), mapping)
+
+
+# A "reference" member with a string value, as orjson writes it. A member name follows
+# "{" or "," outside any string (inside one every quote is escaped), so text that merely
+# contains these words never matches.
+_REFERENCE_MEMBER = re.compile(rb'([{,]"reference":")((?:[^"\\]|\\.)*)"')
+# Only plain JSON values: anything orjson would turn into another value (a datetime, a
+# dataclass, a str subclass) raises instead, and the walk below handles it.
+_PLAIN = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | (
+    orjson.OPT_PASSTHROUGH_SUBCLASS)
+
+
+def _rewrite_text(entries: Any, mapping: dict[str, str]) -> bool:
+    """Rewrite the references of every entry's resource in one pass over their JSON
+    (a walk in Python visits every object; the regex engine only the references).
+    False when the resources are not plain JSON (nothing changed then)."""
+    resources = [entry.get("resource") for entry in entries]
+    try:
+        text = orjson.dumps(resources, option=_PLAIN)
+    except (TypeError, orjson.JSONEncodeError):
+        return False
+    # orjson writes a string one way only, so equal strings have equal texts.
+    encoded = {orjson.dumps(k)[1:-1]: orjson.dumps(v)[1:-1] for k, v in mapping.items()}
+
+    def swap(m: re.Match[bytes]) -> bytes:
+        new = encoded.get(m.group(2))
+        return m.group(0) if new is None else m.group(1) + new + b'"'
+
+    rewritten = _REFERENCE_MEMBER.sub(swap, text)
+    if rewritten != text:
+        for entry, resource in zip(entries, orjson.loads(rewritten), strict=True):
+            if "resource" in entry:
+                entry["resource"] = resource
+    return True
 
 
 def _rewrite_refs(node: Any, mapping: dict[str, str]) -> None:
