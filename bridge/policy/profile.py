@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,35 @@ class LinkProfile:
                 out.setdefault(rtype, []).append(path)
         return out
 
+    @cached_property
+    def _rules(self) -> dict[tuple[str, bool], _Rules]:
+        """Compiled allow trees, per (resource type, with transforms): see :func:`_compile`."""
+        return {}
+
+    def rules(self, resource_type: str, transforms: bool) -> _Rules | None:
+        """The allow tree of a type compiled for pruning (None: the type is not allowed)."""
+        found = self._rules.get((resource_type, transforms))
+        if found is None:
+            tree = self.allowed.get(resource_type)
+            if tree is None:
+                return None
+            tf = ({p: TRANSFORMS[n] for p, n in self.transforms.items()}
+                  if transforms and self.transforms else None)
+            found = _compile(tree, resource_type, tf, self.matches)
+            self._rules[(resource_type, transforms)] = found
+        return found
+
+    @cached_property
+    def anchored(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        """Per resource type, (element, source) of its anchored transforms."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for full, name in self.transforms.items():
+            source = ANCHORED.get(name)
+            rtype, _, element = full.partition(".")
+            if source is not None and "." not in element:
+                out.setdefault(rtype, []).append((element, source))
+        return {k: tuple(v) for k, v in out.items()}
+
     def type_class(self, resource_type: str) -> TypeClass:
         """Classification of a type as this link sends it."""
         return self.classes.get(resource_type) or default_classification().of(resource_type)
@@ -263,9 +293,7 @@ def _minimize(
             out[key] = value
         elif key != "entry":
             removed.append(f"Bundle.{key}")
-    tf: dict[str, TransformSpec] | None = None
-    if transforms and profile.transforms:
-        tf = {path: TRANSFORMS[name] for path, name in profile.transforms.items()}
+    tf = transforms and bool(profile.transforms)
     entries: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
     raw_entries = work.get("entry")
@@ -275,8 +303,8 @@ def _minimize(
             removed.append("Bundle.entry")
             continue
         rtype = str(resource.get("resourceType"))
-        tree = profile.allowed.get(rtype)
-        if tree is None:
+        rules = profile.rules(rtype, transforms)
+        if rules is None:
             removed.append(rtype)
             dropped.append(entry)
             continue
@@ -287,10 +315,9 @@ def _minimize(
         if "fullUrl" in entry:
             new_entry["fullUrl"] = entry["fullUrl"]
         pruned: dict[str, Any] = {k: resource[k] for k in ALWAYS_KEPT if k in resource}
-        pruned.update(_prune(resource, tree, rtype, removed, transformed, tf, ctx, ALWAYS_KEPT,
-                             profile.matches))
-        if tf is not None:
-            _anchor(pruned, rtype, profile.transforms)
+        pruned.update(_prune(resource, rules, rtype, removed, transformed, ctx, ALWAYS_KEPT))
+        if tf:
+            _anchor(pruned, profile.anchored.get(rtype, ()))
         new_entry["resource"] = pruned
         entries.append(new_entry)
     out["entry"] = entries
@@ -301,12 +328,10 @@ def _minimize(
     return MinimizeResult(out, _unique(removed), _unique(transformed))
 
 
-def _anchor(resource: dict[str, Any], rtype: str, transforms: dict[str, str]) -> None:
+def _anchor(resource: dict[str, Any], anchored: tuple[tuple[str, str], ...]) -> None:
     """Put anchored transforms' values in place (see ``transforms.ANCHORED``)."""
-    for element in list(resource):
-        name = transforms.get(f"{rtype}.{element}")
-        source = ANCHORED.get(name or "")
-        if source is None:
+    for element, source in anchored:
+        if element not in resource:
             continue
         period = resource.get(source)
         anchor = (period.get("end") or period.get("start")) if isinstance(period, dict) else None
@@ -318,17 +343,37 @@ def _anchor(resource: dict[str, Any], rtype: str, transforms: dict[str, str]) ->
 
 # --- pruning and reference cleaning -------------------------------------------------
 
+# A compiled allow tree: per allowed element name, (its full path, the selection of its
+# entries, its transform, the compiled tree of its children or None for the whole
+# element). Compiled once per profile and type, so pruning formats no paths and looks
+# up no selections or transforms by path for what it keeps.
+_Rule = tuple[str, "Match | None", "TransformSpec | None", "_Rules | None"]
+_Rules = dict[str, _Rule]
+
+
+def _compile(
+    tree: AllowTree, path: str, tf: dict[str, TransformSpec] | None, matches: dict[str, Match]
+) -> _Rules:
+    out: _Rules = {}
+    for name, sub in tree.items():
+        full = f"{path}.{name}"
+        out[name] = (
+            full,
+            matches.get(full),
+            tf.get(full) if tf is not None else None,
+            None if sub is None else _compile(sub, full, tf, matches),
+        )
+    return out
+
 
 def _prune(
     obj: dict[str, Any],
-    tree: AllowTree,
+    rules: _Rules,
     path: str,
     removed: list[str],
     transformed: list[str],
-    tf: dict[str, TransformSpec] | None,
     ctx: DeidContext | None,
     skip: frozenset[str] = frozenset(),
-    matches: dict[str, Match] | None = None,
 ) -> dict[str, Any]:
     """The allowed part of ``obj``. Values are shared, not copied: the caller owns them."""
     out: dict[str, Any] = {}
@@ -336,47 +381,43 @@ def _prune(
         if key in skip:
             continue
         # A primitive's extension sibling (``_birthDate``) follows its element.
-        base = key.removeprefix("_")
-        if base not in tree:
+        base = key[1:] if key[:1] == "_" else key
+        rule = rules.get(base)
+        if rule is None:
             removed.append(f"{path}.{base}")
             continue
-        match = matches.get(f"{path}.{base}") if matches else None
+        full, match, spec, sub = rule
         if match is not None and key == base:
             entries = value if isinstance(value, list) else [value]
             admitted = [e for e in entries if match.admits(e)]
             for e in entries:
                 if not match.admits(e):
                     what = e.get(match.field) if isinstance(e, dict) else None
-                    removed.append(f"{path}.{base}[{match.field}={what}]")
+                    removed.append(f"{full}[{match.field}={what}]")
             if not admitted:
                 continue
             value = admitted if isinstance(value, list) else admitted[0]
-        if tf is not None:
-            spec = tf.get(f"{path}.{base}")
-            if spec is not None:
-                full = f"{path}.{base}"
-                if key != base:
-                    # Extensions of a transformed primitive could carry the original.
-                    removed.append(f"{path}.{key}")
-                    continue
-                new = spec.fn(value, ctx)
-                if new is None:
-                    removed.append(full)
-                else:
-                    out[key] = new
-                    transformed.append(full)
+        if spec is not None:
+            if key != base:
+                # Extensions of a transformed primitive could carry the original.
+                removed.append(f"{path}.{key}")
                 continue
-        sub = tree[base]
+            new = spec.fn(value, ctx)
+            if new is None:
+                removed.append(full)
+            else:
+                out[key] = new
+                transformed.append(full)
+            continue
         if sub is None:
             out[key] = value
             continue
         if key != base:
             removed.append(f"{path}.{key}")
             continue
-        child_path = f"{path}.{key}"
         if isinstance(value, list):
             items = [
-                _prune(item, sub, child_path, removed, transformed, tf, ctx, matches=matches)
+                _prune(item, sub, full, removed, transformed, ctx)
                 for item in value
                 if isinstance(item, dict)
             ]
@@ -385,12 +426,11 @@ def _prune(
             if kept:
                 out[key] = kept
         elif isinstance(value, dict):
-            pruned = _prune(value, sub, child_path, removed, transformed, tf, ctx,
-                            matches=matches)
+            pruned = _prune(value, sub, full, removed, transformed, ctx)
             if pruned:
                 out[key] = pruned
         else:
-            removed.append(child_path)
+            removed.append(full)
     return out
 
 

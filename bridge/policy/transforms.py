@@ -262,20 +262,18 @@ def pseudonymise_ids(bundle: dict[str, Any], ctx: DeidContext) -> None:
             _rewrite_refs(entry.get("resource"), mapping)
 
 
-# A "reference" member with a string value, as orjson writes it. A member name follows
-# "{" or "," outside any string (inside one every quote is escaped), so text that merely
-# contains these words never matches.
-_REFERENCE_MEMBER = re.compile(rb'([{,]"reference":")((?:[^"\\]|\\.)*)"')
 # Only plain JSON values: anything orjson would turn into another value (a datetime, a
 # dataclass, a str subclass) raises instead, and the walk below handles it.
 _PLAIN = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | (
     orjson.OPT_PASSTHROUGH_SUBCLASS)
+_MEMBER = b'"reference":"'
 
 
 def _rewrite_text(entries: Any, mapping: dict[str, str]) -> bool:
     """Rewrite the references of every entry's resource in one pass over their JSON
-    (a walk in Python visits every object; the regex engine only the references).
-    False when the resources are not plain JSON (nothing changed then)."""
+    (a walk in Python visits every object; this splits the text at the references).
+    False when the resources are not plain JSON, or a reference is written with
+    escapes (nothing changed then: the walk does it)."""
     resources = [entry.get("resource") for entry in entries]
     try:
         text = orjson.dumps(resources, option=_PLAIN)
@@ -283,14 +281,25 @@ def _rewrite_text(entries: Any, mapping: dict[str, str]) -> bool:
         return False
     # orjson writes a string one way only, so equal strings have equal texts.
     encoded = {orjson.dumps(k)[1:-1]: orjson.dumps(v)[1:-1] for k, v in mapping.items()}
-
-    def swap(m: re.Match[bytes]) -> bytes:
-        new = encoded.get(m.group(2))
-        return m.group(0) if new is None else m.group(1) + new + b'"'
-
-    rewritten = _REFERENCE_MEMBER.sub(swap, text)
-    if rewritten != text:
-        for entry, resource in zip(entries, orjson.loads(rewritten), strict=True):
+    parts = text.split(_MEMBER)
+    changed = False
+    for i in range(1, len(parts)):
+        # A member name follows "{" or "," outside any string (inside a string every
+        # quote is escaped): anything else is text that merely contains the words.
+        if parts[i - 1][-1:] not in (b"{", b","):
+            continue
+        part = parts[i]
+        end = part.find(b'"')
+        value = part[:end]
+        if b"\\" in value:
+            return False
+        new = encoded.get(value)
+        if new is not None:
+            parts[i] = new + part[end:]
+            changed = True
+    if changed:
+        rewritten = orjson.loads(_MEMBER.join(parts))
+        for entry, resource in zip(entries, rewritten, strict=True):
             if "resource" in entry:
                 entry["resource"] = resource
     return True
