@@ -27,7 +27,7 @@ so consent can hold back the entry and send the rest (the *items* of a resource)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +218,11 @@ class TypeClass:
     items: frozenset[str] = frozenset()
     sensitive_resource: tuple[str, ...] = ()
     sensitive_items: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+
+    @cached_property
+    def default_element(self) -> ElementClass:
+        """The grade and category of an element without an override."""
+        return ElementClass(self.grade, self.category)
 
     def element(self, path: str) -> ElementClass:
         """Grade and category of a dotted element path (the longest listed prefix decides)."""
@@ -547,12 +552,20 @@ def label_resource(
     own_cats: set[str] = set()
     item_labels: list[ItemLabel] = []
     elements = tc.elements
+    default = tc.default_element
+    items = tc.items
     for key, value in resource.items():
         if key in UNCLASSIFIED:
             continue
-        base = key.removeprefix("_")
-        node = elements.get(base) or ElementClass(tc.grade, tc.category)
-        if base in tc.items and isinstance(value, list) and key == base:
+        base = key[1:] if key[:1] == "_" else key
+        node = elements.get(base) or default
+        if not node.children and base not in items:
+            # No overrides below this element: its own grade and category (what
+            # _value_grade answers without descending).
+            own_cats.add(node.category)
+            own_top = max(own_top, node.grade)
+            continue
+        if base in items and isinstance(value, list) and key == base:
             subpaths = tc.sensitive_items.get(base, ())
             for i, entry in enumerate(value):
                 cats: set[str] = set()

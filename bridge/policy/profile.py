@@ -499,8 +499,11 @@ def _required_of(type_name: str, specs: dict[str, ElementSpec]) -> tuple[
     return found
 
 
+_ABSENT: tuple[Any, ...] = (None, [], {}, "")
+
+
 def _present(obj: dict[str, Any], name: str) -> bool:
-    return obj.get(name) not in (None, [], {}, "")
+    return obj.get(name) not in _ABSENT
 
 
 def _complete(obj: dict[str, Any], type_name: str, specs: dict[str, ElementSpec]) -> bool:
@@ -531,6 +534,26 @@ def _visits(type_name: str, specs: dict[str, ElementSpec], dropped: bool) -> dic
     return found
 
 
+_Plan = tuple[dict[str, str], tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]]
+_PLANS: dict[tuple[str, bool], _Plan | None] = {}
+
+
+def _plan(type_name: str, dropped: bool) -> _Plan | None:
+    """What the cleaning walk needs of a type, cached: the elements it descends into
+    (see :func:`_visits`), the required elements and the required choices. None for a
+    type the model does not know."""
+    key = (type_name, dropped)
+    if key in _PLANS:
+        return _PLANS[key]
+    specs = _specs(type_name)
+    found: _Plan | None = None
+    if specs is not None:
+        required, choices = _required_of(type_name, specs)
+        found = (_visits(type_name, specs, dropped), required, choices)
+    _PLANS[key] = found
+    return found
+
+
 def _clean(
     obj: dict[str, Any], type_name: str, path: str, dropped: set[str], removed: list[str]
 ) -> bool:
@@ -539,10 +562,10 @@ def _clean(
     Works in place; returns False when ``obj`` itself is left incomplete. With nothing
     dropped, only types that can be incomplete are visited.
     """
-    specs = _specs(type_name)
-    if specs is None:
+    plan = _plan(type_name, bool(dropped))
+    if plan is None:
         return True
-    visit = _visits(type_name, specs, bool(dropped))
+    visit, required, choices = plan
     for key in [k for k in obj if k in visit]:
         child = visit[key]
         value = obj[key]
@@ -564,7 +587,17 @@ def _clean(
         ):
             removed.append(f"{path}.{key}")
             del obj[key]
-    return _complete(obj, type_name, specs)
+    # Complete: every required element and one of each required choice present.
+    for name in required:
+        if obj.get(name) in _ABSENT:
+            return False
+    for _, names in choices:
+        for name in names:
+            if obj.get(name) not in _ABSENT:
+                break
+        else:
+            return False
+    return True
 
 
 def _item_ok(
