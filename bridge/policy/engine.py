@@ -58,7 +58,7 @@ from bridge.policy.consent import (
     decide,
     override_deny,
 )
-from bridge.policy.profile import LinkProfile, drop_unreferenced, omit_in_place
+from bridge.policy.profile import LinkProfile, RefCache, drop_unreferenced, omit_in_place
 from bridge.policy.transforms import DeidContext, person_key, pseudonymise_ids
 
 __all__ = [
@@ -408,10 +408,11 @@ def _run(
                 del resource[element]
     grade_paths = [h.path for h in held if h.reason == "grade"]
     if drop_entries or drop_items:
-        cascade = omit_in_place(bundle, drop_entries)
+        refs: RefCache = {}
+        cascade = omit_in_place(bundle, drop_entries, refs)
         # A resource only what was held back referred to (the surgeon of a held-back
         # operation) goes with it.
-        cascade.extend(drop_unreferenced(bundle, profile.focus))
+        cascade.extend(drop_unreferenced(bundle, profile.focus, refs))
         held_paths = [h.path for h in held if h.reason != "grade"]
         # What went with a held-back resource (its references) was held back too.
         extra = [p for p in cascade if p not in grade_paths]

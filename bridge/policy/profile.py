@@ -323,8 +323,9 @@ def _minimize(
     out["entry"] = entries
     if copy:
         out = copy_json(out)
-    out = _settle(out, _reference_keys(dropped), removed)
-    removed.extend(drop_unreferenced(out, profile.focus))
+    refs: RefCache = {}
+    out = _settle(out, _reference_keys(dropped), removed, refs)
+    removed.extend(drop_unreferenced(out, profile.focus, refs))
     return MinimizeResult(out, _unique(removed), _unique(transformed))
 
 
@@ -609,14 +610,35 @@ def _item_ok(
     return _clean(item, type_name, path, dropped, removed)
 
 
-def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> dict[str, Any]:
+# References per resource, kept between the steps of one minimization that ask for them
+# (the cleaning walk, then reachability): id -> (the resource, its references). A step
+# that changes a resource forgets its entry.
+RefCache = dict[int, tuple[dict[str, Any], list[str]]]
+
+
+def _refs_of(resource: Any, cache: RefCache | None) -> list[str]:
+    """Every ``reference`` string inside ``resource`` (cached while it is unchanged)."""
+    if cache is not None:
+        found = cache.get(id(resource))
+        if found is not None and found[0] is resource:
+            return found[1]
+    refs: list[str] = []
+    _references(resource, refs)
+    if cache is not None and isinstance(resource, dict):
+        cache[id(resource)] = (resource, refs)
+    return refs
+
+
+def _settle(
+    bundle: dict[str, Any], dropped: set[str], removed: list[str], refs: RefCache | None = None
+) -> dict[str, Any]:
     """Clean references and omit incomplete resources until nothing changes.
 
     Omitting a resource can leave another one pointing at it, so this repeats; each
     round either omits a resource or stops, so it ends.
     """
     entries: list[dict[str, Any]] = list(bundle.get("entry") or [])
-    needles = _needles(dropped)
+    cache: RefCache = {} if refs is None else refs
     while True:
         keep: list[dict[str, Any]] = []
         newly: list[dict[str, Any]] = []
@@ -626,9 +648,14 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
             # A resource that refers to nothing dropped needs only its completeness
             # checked, which visits far less of it.
             gone = dropped
-            if dropped and not _may_refer(resource, dropped, needles):
+            if dropped and dropped.isdisjoint(_refs_of(resource, cache)):
                 gone = set()
-            if _clean(resource, rtype, rtype, gone, removed):
+            before = len(removed)
+            complete = _clean(resource, rtype, rtype, gone, removed)
+            if len(removed) != before:
+                # Every change the walk makes is listed: its references may be others.
+                cache.pop(id(resource), None)
+            if complete:
                 keep.append(entry)
             else:
                 removed.append(rtype)
@@ -637,7 +664,6 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
         if not newly:
             break
         dropped = dropped | _reference_keys(newly)
-        needles = _needles(dropped)
     bundle["entry"] = entries
     return bundle
 
@@ -645,28 +671,6 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
 # A reference as orjson writes it: the key "reference" and a string value. Inside a JSON
 # string the quotes are escaped, so text that merely contains these words never matches.
 _REFERENCE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
-
-
-def _needles(keys: Iterable[str]) -> tuple[bytes, ...]:
-    """Each reference key as orjson writes it inside a JSON string."""
-    return tuple(orjson.dumps(k)[1:-1] for k in keys)
-
-
-def _may_refer(resource: dict[str, Any], dropped: set[str], needles: tuple[bytes, ...]) -> bool:
-    """Does ``resource`` refer to any key in ``dropped`` (``needles``: their JSON texts)?
-
-    A resource refers to a key only if the key's text occurs in its JSON, so a miss
-    settles it without collecting every reference; a hit is confirmed by the collection.
-    """
-    try:
-        text = orjson.dumps(resource)
-    except (TypeError, orjson.JSONEncodeError):  # integers beyond 64 bits: malformed input
-        refs: list[str] = []
-        _references(resource, refs)
-        return not dropped.isdisjoint(refs)
-    if not any(n in text for n in needles):
-        return False
-    return not dropped.isdisjoint(_decode_refs(_REFERENCE.findall(text)))
 
 
 def _references(node: Any, out: list[str]) -> None:
@@ -692,7 +696,9 @@ def _decode_refs(found: list[bytes]) -> list[str]:
             for raw in found]
 
 
-def reachable(bundle: dict[str, Any], focus: Iterable[str] = ()) -> set[int] | None:
+def reachable(
+    bundle: dict[str, Any], focus: Iterable[str] = (), refs: RefCache | None = None
+) -> set[int] | None:
     """Indices of the entries reachable from the focus by references.
 
     With ``focus`` types, references are followed from the entries of those types
@@ -707,9 +713,7 @@ def reachable(bundle: dict[str, Any], focus: Iterable[str] = ()) -> set[int] | N
             index[k] = i
     edges: list[list[int]] = []
     for entry in entries:
-        refs: list[str] = []
-        _references(entry.get("resource"), refs)
-        edges.append([index[r] for r in refs if r in index])
+        edges.append([index[r] for r in _refs_of(entry.get("resource"), refs) if r in index])
     focus = tuple(focus)
     directed = bool(focus)
     types = set(focus) if focus else {"Patient"}
@@ -735,11 +739,13 @@ def reachable(bundle: dict[str, Any], focus: Iterable[str] = ()) -> set[int] | N
     return seen
 
 
-def drop_unreferenced(bundle: dict[str, Any], focus: Iterable[str] = ()) -> list[str]:
+def drop_unreferenced(
+    bundle: dict[str, Any], focus: Iterable[str] = (), refs: RefCache | None = None
+) -> list[str]:
     """Remove (in place) the entries nothing reachable from the focus refers to — a
     surgeon's Practitioner once the Procedure naming the surgeon was removed — and
     return their resource types."""
-    keep = reachable(bundle, focus)
+    keep = reachable(bundle, focus, refs)
     entries = bundle.get("entry") or []
     if keep is None or len(keep) == len(entries):
         return []
@@ -751,14 +757,17 @@ def drop_unreferenced(bundle: dict[str, Any], focus: Iterable[str] = ()) -> list
     return gone
 
 
-def omit_in_place(bundle: dict[str, Any], indices: set[int]) -> list[str]:
+def omit_in_place(
+    bundle: dict[str, Any], indices: set[int], refs: RefCache | None = None
+) -> list[str]:
     """Remove the entries at ``indices`` from ``bundle`` (in place), clean references to
-    them and omit what that leaves incomplete; return the removed paths."""
+    them and omit what that leaves incomplete; return the removed paths. ``refs`` keeps
+    the references found for a following :func:`drop_unreferenced`."""
     entries = bundle.get("entry") or []
     gone = [e for i, e in enumerate(entries) if i in indices]
     removed = [str((e.get("resource") or {}).get("resourceType")) for e in gone]
     bundle["entry"] = [e for i, e in enumerate(entries) if i not in indices]
-    _settle(bundle, _reference_keys(gone), removed)
+    _settle(bundle, _reference_keys(gone), removed, refs)
     return _unique(removed)
 
 
