@@ -567,13 +567,15 @@ def label_resource(
             continue
         if base in items and isinstance(value, list) and key == base:
             subpaths = tc.sensitive_items.get(base, ())
+            flat = not node.children
             for i, entry in enumerate(value):
-                cats: set[str] = set()
-                g = _value_grade(node, entry, cats)
+                g = node.grade if flat else _value_grade(node, entry, set())
                 found: frozenset[str] = frozenset()
                 for segs in subpaths:
                     for concept in _dig(entry, segs):
-                        found = found | codes.classes_of_concept(concept)
+                        hit = codes.classes_of_concept(concept)
+                        if hit:
+                            found = found | hit
                 if found:
                     g = SENSITIVE_GRADE
                 item_labels.append(ItemLabel(base, i, node.category, g, found))

@@ -56,6 +56,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
+from functools import cached_property
 from typing import Any, Literal
 
 from bridge.errors import ConsentDenied, MappingError
@@ -216,7 +217,7 @@ class Item:
     categories: frozenset[str] = frozenset()
     labels: frozenset[Label] = frozenset()
 
-    @property
+    @cached_property
     def sensitive(self) -> frozenset[str]:
         """The special-disease classes among the labels (need explicit cover)."""
         return frozenset(code for system, code in self.labels if system == SENSITIVITY_SYSTEM)

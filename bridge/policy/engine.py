@@ -529,6 +529,18 @@ def _refuse_without(
 _CODE = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
 
 
+def _code_values(text: bytes) -> set[bytes]:
+    """The raw JSON text of every ``"code"`` member's string value in ``text`` (as
+    ``_CODE`` finds them; splitting at the member is the cheaper way when no value is
+    written with escapes)."""
+    parts = text.split(b'"code":"')
+    values = {part[: part.find(b'"')] for part in parts[1:]}
+    if any(v[-1:] == b"\\" for v in values):
+        # An escaped quote ends a value early: read them exactly.
+        return set(_CODE.findall(text))
+    return values
+
+
 def _special_classes(
     resources: Sequence[Any],
     codes: SensitiveCodes,
@@ -548,7 +560,7 @@ def _special_classes(
         if text is not None and not any(
             codes.may_name_a_class(
                 orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode())
-            for raw in set(_CODE.findall(text))
+            for raw in _code_values(text)
         ):
             return frozenset()
 
