@@ -56,7 +56,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
-from functools import cached_property
 from typing import Any, Literal
 
 from bridge.errors import ConsentDenied, MappingError
@@ -217,7 +216,7 @@ class Item:
     categories: frozenset[str] = frozenset()
     labels: frozenset[Label] = frozenset()
 
-    @cached_property
+    @property
     def sensitive(self) -> frozenset[str]:
         """The special-disease classes among the labels (need explicit cover)."""
         return frozenset(code for system, code in self.labels if system == SENSITIVITY_SYSTEM)
@@ -806,6 +805,7 @@ class ConsentRegistry:
         now: datetime,
         action: str = "disclose",
         emergency: EmergencyOverride | None = None,
+        records: Sequence[ConsentRecord] | None = None,
     ) -> ConsentDecision:
         """Return the decision that permits disclosing these resource types, or raise.
 
@@ -817,14 +817,18 @@ class ConsentRegistry:
 
         ``emergency`` permits without consent — only for purpose ETREAT with an actor
         and a reason (else ConsentDenied); the decision carries the override.
+
+        ``records``: the patient's consents as :meth:`for_patient` gives them, when the
+        caller already asked for them at this moment (they are looked up otherwise).
         """
+        if records is None:
+            records = self.for_patient(patient_identifiers)
         req = Request(recipient, purpose, _utc(now), data_instants(data_period), action)
         types = frozenset(resource_types)
         if emergency is not None:
             check_override(emergency, purpose)
             # An override stands in for a missing permit, never against a refusal the
             # patient recorded: deny provisions hold (GB/T 39725 §7 b 2).
-            records = self.for_patient(patient_identifiers)
             scheme = default_classification()
             for rtype in sorted(types):
                 category = scheme.of(rtype).category
@@ -851,7 +855,6 @@ class ConsentRegistry:
                 decided_at=req.now,
                 override=emergency,
             )
-        records = self.for_patient(patient_identifiers)
         scheme = default_classification()
         verdicts: list[tuple[str, Verdict]] = []
         for rtype in sorted(types):

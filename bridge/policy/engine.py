@@ -296,6 +296,7 @@ def _run(
     removed = list(minimized.removed)
     labels = label_bundle(bundle, codes=codes, types=profile.classes)
     types = frozenset(label.resource_type for label in labels)
+    records = registry.for_patient(identifiers)
     decision = registry.require_consent(
         patient_identifiers=list(identifiers),
         recipient=recipient,
@@ -305,10 +306,10 @@ def _run(
         now=now,
         action=action,
         emergency=emergency,
+        records=records,
     )
 
     req = Request(recipient, purpose, decision.decided_at, data_instants(period), action)
-    records = registry.for_patient(identifiers)
     memo: dict[Item, Verdict] = {}
 
     def verdict(item: Item) -> Verdict:

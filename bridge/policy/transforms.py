@@ -87,7 +87,7 @@ _BLOCK = 64  # SHA-256's block size in bytes
 
 
 @lru_cache(maxsize=16)
-def _keyed(key: bytes) -> tuple[Any, Any]:
+def _keyed(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
     """HMAC-SHA256 (RFC 2104) keyed with ``key``, as its inner and outer SHA-256 states
     after the padded key: copying them skips the key schedule every MAC would repeat,
     and two hashlib copies cost a third of one ``hmac.HMAC.copy``."""
