@@ -48,6 +48,7 @@ _OWN_SYSTEMS = frozenset({CATEGORY_SYSTEM, SENSITIVITY_SYSTEM, GRADE_SYSTEM, CON
 UNCLASSIFIED = frozenset({"resourceType", "id", "meta"})
 
 SENSITIVE_GRADE = 5
+_SHAPES = 4096
 GRADES = frozenset({1, 2, 3, 4, 5})
 
 
@@ -223,6 +224,35 @@ class TypeClass:
     def default_element(self) -> ElementClass:
         """The grade and category of an element without an override."""
         return ElementClass(self.grade, self.category)
+
+    @cached_property
+    def shapes(self) -> dict[tuple[str, ...], tuple[int, frozenset[str], tuple[str, ...]]]:
+        """Per set of element names (a resource's keys, in order), what labelling needs
+        of them: the highest grade and the categories of the elements judged by name
+        alone, and the names that need their values read (items, overrides below)."""
+        return {}
+
+    def shape(self, keys: tuple[str, ...]) -> tuple[int, frozenset[str], tuple[str, ...]]:
+        """See :attr:`shapes` (a few shapes recur: computed once each)."""
+        found = self.shapes.get(keys)
+        if found is None:
+            top = 0
+            cats: set[str] = set()
+            slow: list[str] = []
+            for key in keys:
+                if key in UNCLASSIFIED:
+                    continue
+                base = key[1:] if key[:1] == "_" else key
+                node = self.elements.get(base) or self.default_element
+                if not node.children and base not in self.items:
+                    cats.add(node.category)
+                    top = max(top, node.grade)
+                else:
+                    slow.append(key)
+            found = (top, frozenset(cats), tuple(slow))
+            if len(self.shapes) < _SHAPES:  # the bound keeps odd input in check
+                self.shapes[keys] = found
+        return found
 
     def element(self, path: str) -> ElementClass:
         """Grade and category of a dotted element path (the longest listed prefix decides)."""
@@ -548,23 +578,18 @@ def label_resource(
     ``inherited``: special-disease classes the resource carries because of what it
     summarises (a document's sections, see :func:`label_bundle`), judged as its own."""
     top = 0
-    own_top = 0
-    own_cats: set[str] = set()
+    # Elements without overrides below them are judged by name alone (what
+    # _value_grade answers without descending), once per shape of resource.
+    own_top, flat_cats, slow = tc.shape(tuple(resource))
+    own_cats: set[str] = set(flat_cats)
     item_labels: list[ItemLabel] = []
     elements = tc.elements
     default = tc.default_element
     items = tc.items
-    for key, value in resource.items():
-        if key in UNCLASSIFIED:
-            continue
+    for key in slow:
+        value = resource[key]
         base = key[1:] if key[:1] == "_" else key
         node = elements.get(base) or default
-        if not node.children and base not in items:
-            # No overrides below this element: its own grade and category (what
-            # _value_grade answers without descending).
-            own_cats.add(node.category)
-            own_top = max(own_top, node.grade)
-            continue
         if base in items and isinstance(value, list) and key == base:
             subpaths = tc.sensitive_items.get(base, ())
             flat = not node.children

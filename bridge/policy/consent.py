@@ -591,6 +591,8 @@ def decide(records: Sequence[ConsentRecord], req: Request, item: Item) -> Verdic
     most recently updated permit, then uncovered, then none)."""
     if not records:
         return Verdict("none", None, "Consent", "no consent is registered for this patient")
+    if len(records) == 1:
+        return evaluate_consent(records[0], req, item)  # what the rules below give for one
     ordered = sorted(records, key=lambda r: r.id)
     verdicts = [(r, evaluate_consent(r, req, item)) for r in ordered]
     for _, v in verdicts:
