@@ -27,7 +27,7 @@ so consent can hold back the entry and send the rest (the *items* of a resource)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ _OWN_SYSTEMS = frozenset({CATEGORY_SYSTEM, SENSITIVITY_SYSTEM, GRADE_SYSTEM, CON
 UNCLASSIFIED = frozenset({"resourceType", "id", "meta"})
 
 SENSITIVE_GRADE = 5
+_SHAPES = 4096
 GRADES = frozenset({1, 2, 3, 4, 5})
 
 
@@ -218,6 +219,40 @@ class TypeClass:
     items: frozenset[str] = frozenset()
     sensitive_resource: tuple[str, ...] = ()
     sensitive_items: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+
+    @cached_property
+    def default_element(self) -> ElementClass:
+        """The grade and category of an element without an override."""
+        return ElementClass(self.grade, self.category)
+
+    @cached_property
+    def shapes(self) -> dict[tuple[str, ...], tuple[int, frozenset[str], tuple[str, ...]]]:
+        """Per set of element names (a resource's keys, in order), what labelling needs
+        of them: the highest grade and the categories of the elements judged by name
+        alone, and the names that need their values read (items, overrides below)."""
+        return {}
+
+    def shape(self, keys: tuple[str, ...]) -> tuple[int, frozenset[str], tuple[str, ...]]:
+        """See :attr:`shapes` (a few shapes recur: computed once each)."""
+        found = self.shapes.get(keys)
+        if found is None:
+            top = 0
+            cats: set[str] = set()
+            slow: list[str] = []
+            for key in keys:
+                if key in UNCLASSIFIED:
+                    continue
+                base = key[1:] if key[:1] == "_" else key
+                node = self.elements.get(base) or self.default_element
+                if not node.children and base not in self.items:
+                    cats.add(node.category)
+                    top = max(top, node.grade)
+                else:
+                    slow.append(key)
+            found = (top, frozenset(cats), tuple(slow))
+            if len(self.shapes) < _SHAPES:  # the bound keeps odd input in check
+                self.shapes[keys] = found
+        return found
 
     def element(self, path: str) -> ElementClass:
         """Grade and category of a dotted element path (the longest listed prefix decides)."""
@@ -543,24 +578,29 @@ def label_resource(
     ``inherited``: special-disease classes the resource carries because of what it
     summarises (a document's sections, see :func:`label_bundle`), judged as its own."""
     top = 0
-    own_top = 0
-    own_cats: set[str] = set()
+    # Elements without overrides below them are judged by name alone (what
+    # _value_grade answers without descending), once per shape of resource.
+    own_top, flat_cats, slow = tc.shape(tuple(resource))
+    own_cats: set[str] = set(flat_cats)
     item_labels: list[ItemLabel] = []
     elements = tc.elements
-    for key, value in resource.items():
-        if key in UNCLASSIFIED:
-            continue
-        base = key.removeprefix("_")
-        node = elements.get(base) or ElementClass(tc.grade, tc.category)
-        if base in tc.items and isinstance(value, list) and key == base:
+    default = tc.default_element
+    items = tc.items
+    for key in slow:
+        value = resource[key]
+        base = key[1:] if key[:1] == "_" else key
+        node = elements.get(base) or default
+        if base in items and isinstance(value, list) and key == base:
             subpaths = tc.sensitive_items.get(base, ())
+            flat = not node.children
             for i, entry in enumerate(value):
-                cats: set[str] = set()
-                g = _value_grade(node, entry, cats)
+                g = node.grade if flat else _value_grade(node, entry, set())
                 found: frozenset[str] = frozenset()
                 for segs in subpaths:
                     for concept in _dig(entry, segs):
-                        found = found | codes.classes_of_concept(concept)
+                        hit = codes.classes_of_concept(concept)
+                        if hit:
+                            found = found | hit
                 if found:
                     g = SENSITIVE_GRADE
                 item_labels.append(ItemLabel(base, i, node.category, g, found))

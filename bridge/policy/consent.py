@@ -591,6 +591,8 @@ def decide(records: Sequence[ConsentRecord], req: Request, item: Item) -> Verdic
     most recently updated permit, then uncovered, then none)."""
     if not records:
         return Verdict("none", None, "Consent", "no consent is registered for this patient")
+    if len(records) == 1:
+        return evaluate_consent(records[0], req, item)  # what the rules below give for one
     ordered = sorted(records, key=lambda r: r.id)
     verdicts = [(r, evaluate_consent(r, req, item)) for r in ordered]
     for _, v in verdicts:
@@ -805,6 +807,7 @@ class ConsentRegistry:
         now: datetime,
         action: str = "disclose",
         emergency: EmergencyOverride | None = None,
+        records: Sequence[ConsentRecord] | None = None,
     ) -> ConsentDecision:
         """Return the decision that permits disclosing these resource types, or raise.
 
@@ -816,14 +819,18 @@ class ConsentRegistry:
 
         ``emergency`` permits without consent — only for purpose ETREAT with an actor
         and a reason (else ConsentDenied); the decision carries the override.
+
+        ``records``: the patient's consents as :meth:`for_patient` gives them, when the
+        caller already asked for them at this moment (they are looked up otherwise).
         """
+        if records is None:
+            records = self.for_patient(patient_identifiers)
         req = Request(recipient, purpose, _utc(now), data_instants(data_period), action)
         types = frozenset(resource_types)
         if emergency is not None:
             check_override(emergency, purpose)
             # An override stands in for a missing permit, never against a refusal the
             # patient recorded: deny provisions hold (GB/T 39725 §7 b 2).
-            records = self.for_patient(patient_identifiers)
             scheme = default_classification()
             for rtype in sorted(types):
                 category = scheme.of(rtype).category
@@ -850,7 +857,6 @@ class ConsentRegistry:
                 decided_at=req.now,
                 override=emergency,
             )
-        records = self.for_patient(patient_identifiers)
         scheme = default_classification()
         verdicts: list[tuple[str, Verdict]] = []
         for rtype in sorted(types):

@@ -58,7 +58,7 @@ from bridge.policy.consent import (
     decide,
     override_deny,
 )
-from bridge.policy.profile import LinkProfile, drop_unreferenced, omit_in_place
+from bridge.policy.profile import LinkProfile, RefCache, drop_unreferenced, omit_in_place
 from bridge.policy.transforms import DeidContext, person_key, pseudonymise_ids
 
 __all__ = [
@@ -296,6 +296,7 @@ def _run(
     removed = list(minimized.removed)
     labels = label_bundle(bundle, codes=codes, types=profile.classes)
     types = frozenset(label.resource_type for label in labels)
+    records = registry.for_patient(identifiers)
     decision = registry.require_consent(
         patient_identifiers=list(identifiers),
         recipient=recipient,
@@ -305,10 +306,10 @@ def _run(
         now=now,
         action=action,
         emergency=emergency,
+        records=records,
     )
 
     req = Request(recipient, purpose, decision.decided_at, data_instants(period), action)
-    records = registry.for_patient(identifiers)
     memo: dict[Item, Verdict] = {}
 
     def verdict(item: Item) -> Verdict:
@@ -408,10 +409,11 @@ def _run(
                 del resource[element]
     grade_paths = [h.path for h in held if h.reason == "grade"]
     if drop_entries or drop_items:
-        cascade = omit_in_place(bundle, drop_entries)
+        refs: RefCache = {}
+        cascade = omit_in_place(bundle, drop_entries, refs)
         # A resource only what was held back referred to (the surgeon of a held-back
         # operation) goes with it.
-        cascade.extend(drop_unreferenced(bundle, profile.focus))
+        cascade.extend(drop_unreferenced(bundle, profile.focus, refs))
         held_paths = [h.path for h in held if h.reason != "grade"]
         # What went with a held-back resource (its references) was held back too.
         extra = [p for p in cascade if p not in grade_paths]
@@ -528,6 +530,18 @@ def _refuse_without(
 _CODE = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
 
 
+def _code_values(text: bytes) -> set[bytes]:
+    """The raw JSON text of every ``"code"`` member's string value in ``text`` (as
+    ``_CODE`` finds them; splitting at the member is the cheaper way when no value is
+    written with escapes)."""
+    parts = text.split(b'"code":"')
+    values = {part[: part.find(b'"')] for part in parts[1:]}
+    if any(v[-1:] == b"\\" for v in values):
+        # An escaped quote ends a value early: read them exactly.
+        return set(_CODE.findall(text))
+    return values
+
+
 def _special_classes(
     resources: Sequence[Any],
     codes: SensitiveCodes,
@@ -547,7 +561,7 @@ def _special_classes(
         if text is not None and not any(
             codes.may_name_a_class(
                 orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode())
-            for raw in set(_CODE.findall(text))
+            for raw in _code_values(text)
         ):
             return frozenset()
 

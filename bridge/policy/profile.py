@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,35 @@ class LinkProfile:
                 out.setdefault(rtype, []).append(path)
         return out
 
+    @cached_property
+    def _rules(self) -> dict[tuple[str, bool], _Rules]:
+        """Compiled allow trees, per (resource type, with transforms): see :func:`_compile`."""
+        return {}
+
+    def rules(self, resource_type: str, transforms: bool) -> _Rules | None:
+        """The allow tree of a type compiled for pruning (None: the type is not allowed)."""
+        found = self._rules.get((resource_type, transforms))
+        if found is None:
+            tree = self.allowed.get(resource_type)
+            if tree is None:
+                return None
+            tf = ({p: TRANSFORMS[n] for p, n in self.transforms.items()}
+                  if transforms and self.transforms else None)
+            found = _compile(tree, resource_type, tf, self.matches)
+            self._rules[(resource_type, transforms)] = found
+        return found
+
+    @cached_property
+    def anchored(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        """Per resource type, (element, source) of its anchored transforms."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for full, name in self.transforms.items():
+            source = ANCHORED.get(name)
+            rtype, _, element = full.partition(".")
+            if source is not None and "." not in element:
+                out.setdefault(rtype, []).append((element, source))
+        return {k: tuple(v) for k, v in out.items()}
+
     def type_class(self, resource_type: str) -> TypeClass:
         """Classification of a type as this link sends it."""
         return self.classes.get(resource_type) or default_classification().of(resource_type)
@@ -218,8 +248,7 @@ class LinkProfile:
                     location=f"profile {self.qualified_name}",
                 )
             ctx = DeidContext(check_key(key), _patient_key(bundle))
-        work = copy_json(bundle) if copy else bundle
-        result = _minimize(self, work, ctx, transforms=True)
+        result = _minimize(self, bundle, ctx, transforms=True, copy=copy)
         if pseudonymise and self.ids == "pseudonym" and ctx is not None:
             pseudonymise_ids(result.bundle, ctx)
         return result
@@ -229,7 +258,7 @@ class LinkProfile:
 
         For a receiver: nothing is transformed and no key is needed.
         """
-        return _minimize(self, copy_json(bundle), None, transforms=False).removed
+        return _minimize(self, bundle, None, transforms=False, copy=True).removed
 
 
 def _patient_key(bundle: dict[str, Any]) -> str:
@@ -250,8 +279,12 @@ def _patient_key(bundle: dict[str, Any]) -> str:
 
 
 def _minimize(
-    profile: LinkProfile, work: dict[str, Any], ctx: DeidContext | None, *, transforms: bool
+    profile: LinkProfile, work: dict[str, Any], ctx: DeidContext | None, *, transforms: bool,
+    copy: bool,
 ) -> MinimizeResult:
+    """Prune ``work`` to the profile, then (on a copy of what survived, with ``copy``)
+    clean references and drop what is incomplete or unreferenced. Pruning only reads
+    its input, so copying after it copies the part that is sent, not the whole record."""
     removed: list[str] = []
     transformed: list[str] = []
     out: dict[str, Any] = {}
@@ -260,9 +293,7 @@ def _minimize(
             out[key] = value
         elif key != "entry":
             removed.append(f"Bundle.{key}")
-    tf: dict[str, TransformSpec] | None = None
-    if transforms and profile.transforms:
-        tf = {path: TRANSFORMS[name] for path, name in profile.transforms.items()}
+    tf = transforms and bool(profile.transforms)
     entries: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
     raw_entries = work.get("entry")
@@ -272,8 +303,8 @@ def _minimize(
             removed.append("Bundle.entry")
             continue
         rtype = str(resource.get("resourceType"))
-        tree = profile.allowed.get(rtype)
-        if tree is None:
+        rules = profile.rules(rtype, transforms)
+        if rules is None:
             removed.append(rtype)
             dropped.append(entry)
             continue
@@ -284,24 +315,24 @@ def _minimize(
         if "fullUrl" in entry:
             new_entry["fullUrl"] = entry["fullUrl"]
         pruned: dict[str, Any] = {k: resource[k] for k in ALWAYS_KEPT if k in resource}
-        pruned.update(_prune(resource, tree, rtype, removed, transformed, tf, ctx, ALWAYS_KEPT,
-                             profile.matches))
-        if tf is not None:
-            _anchor(pruned, rtype, profile.transforms)
+        pruned.update(_prune(resource, rules, rtype, removed, transformed, ctx, ALWAYS_KEPT))
+        if tf:
+            _anchor(pruned, profile.anchored.get(rtype, ()))
         new_entry["resource"] = pruned
         entries.append(new_entry)
     out["entry"] = entries
-    out = _settle(out, _reference_keys(dropped), removed)
-    removed.extend(drop_unreferenced(out, profile.focus))
+    if copy:
+        out = copy_json(out)
+    refs: RefCache = {}
+    out = _settle(out, _reference_keys(dropped), removed, refs)
+    removed.extend(drop_unreferenced(out, profile.focus, refs))
     return MinimizeResult(out, _unique(removed), _unique(transformed))
 
 
-def _anchor(resource: dict[str, Any], rtype: str, transforms: dict[str, str]) -> None:
+def _anchor(resource: dict[str, Any], anchored: tuple[tuple[str, str], ...]) -> None:
     """Put anchored transforms' values in place (see ``transforms.ANCHORED``)."""
-    for element in list(resource):
-        name = transforms.get(f"{rtype}.{element}")
-        source = ANCHORED.get(name or "")
-        if source is None:
+    for element, source in anchored:
+        if element not in resource:
             continue
         period = resource.get(source)
         anchor = (period.get("end") or period.get("start")) if isinstance(period, dict) else None
@@ -313,17 +344,37 @@ def _anchor(resource: dict[str, Any], rtype: str, transforms: dict[str, str]) ->
 
 # --- pruning and reference cleaning -------------------------------------------------
 
+# A compiled allow tree: per allowed element name, (its full path, the selection of its
+# entries, its transform, the compiled tree of its children or None for the whole
+# element). Compiled once per profile and type, so pruning formats no paths and looks
+# up no selections or transforms by path for what it keeps.
+_Rule = tuple[str, "Match | None", "TransformSpec | None", "_Rules | None"]
+_Rules = dict[str, _Rule]
+
+
+def _compile(
+    tree: AllowTree, path: str, tf: dict[str, TransformSpec] | None, matches: dict[str, Match]
+) -> _Rules:
+    out: _Rules = {}
+    for name, sub in tree.items():
+        full = f"{path}.{name}"
+        out[name] = (
+            full,
+            matches.get(full),
+            tf.get(full) if tf is not None else None,
+            None if sub is None else _compile(sub, full, tf, matches),
+        )
+    return out
+
 
 def _prune(
     obj: dict[str, Any],
-    tree: AllowTree,
+    rules: _Rules,
     path: str,
     removed: list[str],
     transformed: list[str],
-    tf: dict[str, TransformSpec] | None,
     ctx: DeidContext | None,
     skip: frozenset[str] = frozenset(),
-    matches: dict[str, Match] | None = None,
 ) -> dict[str, Any]:
     """The allowed part of ``obj``. Values are shared, not copied: the caller owns them."""
     out: dict[str, Any] = {}
@@ -331,47 +382,43 @@ def _prune(
         if key in skip:
             continue
         # A primitive's extension sibling (``_birthDate``) follows its element.
-        base = key.removeprefix("_")
-        if base not in tree:
+        base = key[1:] if key[:1] == "_" else key
+        rule = rules.get(base)
+        if rule is None:
             removed.append(f"{path}.{base}")
             continue
-        match = matches.get(f"{path}.{base}") if matches else None
+        full, match, spec, sub = rule
         if match is not None and key == base:
             entries = value if isinstance(value, list) else [value]
             admitted = [e for e in entries if match.admits(e)]
             for e in entries:
                 if not match.admits(e):
                     what = e.get(match.field) if isinstance(e, dict) else None
-                    removed.append(f"{path}.{base}[{match.field}={what}]")
+                    removed.append(f"{full}[{match.field}={what}]")
             if not admitted:
                 continue
             value = admitted if isinstance(value, list) else admitted[0]
-        if tf is not None:
-            spec = tf.get(f"{path}.{base}")
-            if spec is not None:
-                full = f"{path}.{base}"
-                if key != base:
-                    # Extensions of a transformed primitive could carry the original.
-                    removed.append(f"{path}.{key}")
-                    continue
-                new = spec.fn(value, ctx)
-                if new is None:
-                    removed.append(full)
-                else:
-                    out[key] = new
-                    transformed.append(full)
+        if spec is not None:
+            if key != base:
+                # Extensions of a transformed primitive could carry the original.
+                removed.append(f"{path}.{key}")
                 continue
-        sub = tree[base]
+            new = spec.fn(value, ctx)
+            if new is None:
+                removed.append(full)
+            else:
+                out[key] = new
+                transformed.append(full)
+            continue
         if sub is None:
             out[key] = value
             continue
         if key != base:
             removed.append(f"{path}.{key}")
             continue
-        child_path = f"{path}.{key}"
         if isinstance(value, list):
             items = [
-                _prune(item, sub, child_path, removed, transformed, tf, ctx, matches=matches)
+                _prune(item, sub, full, removed, transformed, ctx)
                 for item in value
                 if isinstance(item, dict)
             ]
@@ -380,12 +427,11 @@ def _prune(
             if kept:
                 out[key] = kept
         elif isinstance(value, dict):
-            pruned = _prune(value, sub, child_path, removed, transformed, tf, ctx,
-                            matches=matches)
+            pruned = _prune(value, sub, full, removed, transformed, ctx)
             if pruned:
                 out[key] = pruned
         else:
-            removed.append(child_path)
+            removed.append(full)
     return out
 
 
@@ -454,8 +500,11 @@ def _required_of(type_name: str, specs: dict[str, ElementSpec]) -> tuple[
     return found
 
 
+_ABSENT: tuple[Any, ...] = (None, [], {}, "")
+
+
 def _present(obj: dict[str, Any], name: str) -> bool:
-    return obj.get(name) not in (None, [], {}, "")
+    return obj.get(name) not in _ABSENT
 
 
 def _complete(obj: dict[str, Any], type_name: str, specs: dict[str, ElementSpec]) -> bool:
@@ -486,6 +535,26 @@ def _visits(type_name: str, specs: dict[str, ElementSpec], dropped: bool) -> dic
     return found
 
 
+_Plan = tuple[dict[str, str], tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]]
+_PLANS: dict[tuple[str, bool], _Plan | None] = {}
+
+
+def _plan(type_name: str, dropped: bool) -> _Plan | None:
+    """What the cleaning walk needs of a type, cached: the elements it descends into
+    (see :func:`_visits`), the required elements and the required choices. None for a
+    type the model does not know."""
+    key = (type_name, dropped)
+    if key in _PLANS:
+        return _PLANS[key]
+    specs = _specs(type_name)
+    found: _Plan | None = None
+    if specs is not None:
+        required, choices = _required_of(type_name, specs)
+        found = (_visits(type_name, specs, dropped), required, choices)
+    _PLANS[key] = found
+    return found
+
+
 def _clean(
     obj: dict[str, Any], type_name: str, path: str, dropped: set[str], removed: list[str]
 ) -> bool:
@@ -494,10 +563,10 @@ def _clean(
     Works in place; returns False when ``obj`` itself is left incomplete. With nothing
     dropped, only types that can be incomplete are visited.
     """
-    specs = _specs(type_name)
-    if specs is None:
+    plan = _plan(type_name, bool(dropped))
+    if plan is None:
         return True
-    visit = _visits(type_name, specs, bool(dropped))
+    visit, required, choices = plan
     for key in [k for k in obj if k in visit]:
         child = visit[key]
         value = obj[key]
@@ -519,7 +588,17 @@ def _clean(
         ):
             removed.append(f"{path}.{key}")
             del obj[key]
-    return _complete(obj, type_name, specs)
+    # Complete: every required element and one of each required choice present.
+    for name in required:
+        if obj.get(name) in _ABSENT:
+            return False
+    for _, names in choices:
+        for name in names:
+            if obj.get(name) not in _ABSENT:
+                break
+        else:
+            return False
+    return True
 
 
 def _item_ok(
@@ -531,14 +610,35 @@ def _item_ok(
     return _clean(item, type_name, path, dropped, removed)
 
 
-def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> dict[str, Any]:
+# References per resource, kept between the steps of one minimization that ask for them
+# (the cleaning walk, then reachability): id -> (the resource, its references). A step
+# that changes a resource forgets its entry.
+RefCache = dict[int, tuple[dict[str, Any], list[str]]]
+
+
+def _refs_of(resource: Any, cache: RefCache | None) -> list[str]:
+    """Every ``reference`` string inside ``resource`` (cached while it is unchanged)."""
+    if cache is not None:
+        found = cache.get(id(resource))
+        if found is not None and found[0] is resource:
+            return found[1]
+    refs: list[str] = []
+    _references(resource, refs)
+    if cache is not None and isinstance(resource, dict):
+        cache[id(resource)] = (resource, refs)
+    return refs
+
+
+def _settle(
+    bundle: dict[str, Any], dropped: set[str], removed: list[str], refs: RefCache | None = None
+) -> dict[str, Any]:
     """Clean references and omit incomplete resources until nothing changes.
 
     Omitting a resource can leave another one pointing at it, so this repeats; each
     round either omits a resource or stops, so it ends.
     """
     entries: list[dict[str, Any]] = list(bundle.get("entry") or [])
-    needles = _needles(dropped)
+    cache: RefCache = {} if refs is None else refs
     while True:
         keep: list[dict[str, Any]] = []
         newly: list[dict[str, Any]] = []
@@ -548,9 +648,14 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
             # A resource that refers to nothing dropped needs only its completeness
             # checked, which visits far less of it.
             gone = dropped
-            if dropped and not _may_refer(resource, dropped, needles):
+            if dropped and dropped.isdisjoint(_refs_of(resource, cache)):
                 gone = set()
-            if _clean(resource, rtype, rtype, gone, removed):
+            before = len(removed)
+            complete = _clean(resource, rtype, rtype, gone, removed)
+            if len(removed) != before:
+                # Every change the walk makes is listed: its references may be others.
+                cache.pop(id(resource), None)
+            if complete:
                 keep.append(entry)
             else:
                 removed.append(rtype)
@@ -559,7 +664,6 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
         if not newly:
             break
         dropped = dropped | _reference_keys(newly)
-        needles = _needles(dropped)
     bundle["entry"] = entries
     return bundle
 
@@ -567,28 +671,6 @@ def _settle(bundle: dict[str, Any], dropped: set[str], removed: list[str]) -> di
 # A reference as orjson writes it: the key "reference" and a string value. Inside a JSON
 # string the quotes are escaped, so text that merely contains these words never matches.
 _REFERENCE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
-
-
-def _needles(keys: Iterable[str]) -> tuple[bytes, ...]:
-    """Each reference key as orjson writes it inside a JSON string."""
-    return tuple(orjson.dumps(k)[1:-1] for k in keys)
-
-
-def _may_refer(resource: dict[str, Any], dropped: set[str], needles: tuple[bytes, ...]) -> bool:
-    """Does ``resource`` refer to any key in ``dropped`` (``needles``: their JSON texts)?
-
-    A resource refers to a key only if the key's text occurs in its JSON, so a miss
-    settles it without collecting every reference; a hit is confirmed by the collection.
-    """
-    try:
-        text = orjson.dumps(resource)
-    except (TypeError, orjson.JSONEncodeError):  # integers beyond 64 bits: malformed input
-        refs: list[str] = []
-        _references(resource, refs)
-        return not dropped.isdisjoint(refs)
-    if not any(n in text for n in needles):
-        return False
-    return not dropped.isdisjoint(_decode_refs(_REFERENCE.findall(text)))
 
 
 def _references(node: Any, out: list[str]) -> None:
@@ -606,7 +688,19 @@ def _references(node: Any, out: list[str]) -> None:
             elif isinstance(cur, list):
                 stack.extend(v for v in cur if isinstance(v, (dict, list)))
         return
-    out.extend(_decode_refs(_REFERENCE.findall(text)))
+    out.extend(_decode_refs(_reference_values(text)))
+
+
+def _reference_values(text: bytes) -> list[bytes]:
+    """What ``_REFERENCE.findall`` finds, in order: splitting the text at the member is
+    cheaper, and exact unless a value holds an escaped quote (then the pattern reads)."""
+    parts = text.split(b'"reference":"')
+    if len(parts) == 1:
+        return []
+    values = [part[: part.find(b'"')] for part in parts[1:]]
+    if any(v[-1:] == b"\\" for v in values):
+        return list(_REFERENCE.findall(text))
+    return values
 
 
 def _decode_refs(found: list[bytes]) -> list[str]:
@@ -614,7 +708,9 @@ def _decode_refs(found: list[bytes]) -> list[str]:
             for raw in found]
 
 
-def reachable(bundle: dict[str, Any], focus: Iterable[str] = ()) -> set[int] | None:
+def reachable(
+    bundle: dict[str, Any], focus: Iterable[str] = (), refs: RefCache | None = None
+) -> set[int] | None:
     """Indices of the entries reachable from the focus by references.
 
     With ``focus`` types, references are followed from the entries of those types
@@ -629,9 +725,7 @@ def reachable(bundle: dict[str, Any], focus: Iterable[str] = ()) -> set[int] | N
             index[k] = i
     edges: list[list[int]] = []
     for entry in entries:
-        refs: list[str] = []
-        _references(entry.get("resource"), refs)
-        edges.append([index[r] for r in refs if r in index])
+        edges.append([index[r] for r in _refs_of(entry.get("resource"), refs) if r in index])
     focus = tuple(focus)
     directed = bool(focus)
     types = set(focus) if focus else {"Patient"}
@@ -657,11 +751,13 @@ def reachable(bundle: dict[str, Any], focus: Iterable[str] = ()) -> set[int] | N
     return seen
 
 
-def drop_unreferenced(bundle: dict[str, Any], focus: Iterable[str] = ()) -> list[str]:
+def drop_unreferenced(
+    bundle: dict[str, Any], focus: Iterable[str] = (), refs: RefCache | None = None
+) -> list[str]:
     """Remove (in place) the entries nothing reachable from the focus refers to — a
     surgeon's Practitioner once the Procedure naming the surgeon was removed — and
     return their resource types."""
-    keep = reachable(bundle, focus)
+    keep = reachable(bundle, focus, refs)
     entries = bundle.get("entry") or []
     if keep is None or len(keep) == len(entries):
         return []
@@ -673,14 +769,17 @@ def drop_unreferenced(bundle: dict[str, Any], focus: Iterable[str] = ()) -> list
     return gone
 
 
-def omit_in_place(bundle: dict[str, Any], indices: set[int]) -> list[str]:
+def omit_in_place(
+    bundle: dict[str, Any], indices: set[int], refs: RefCache | None = None
+) -> list[str]:
     """Remove the entries at ``indices`` from ``bundle`` (in place), clean references to
-    them and omit what that leaves incomplete; return the removed paths."""
+    them and omit what that leaves incomplete; return the removed paths. ``refs`` keeps
+    the references found for a following :func:`drop_unreferenced`."""
     entries = bundle.get("entry") or []
     gone = [e for i, e in enumerate(entries) if i in indices]
     removed = [str((e.get("resource") or {}).get("resourceType")) for e in gone]
     bundle["entry"] = [e for i, e in enumerate(entries) if i not in indices]
-    _settle(bundle, _reference_keys(gone), removed)
+    _settle(bundle, _reference_keys(gone), removed, refs)
     return _unique(removed)
 
 

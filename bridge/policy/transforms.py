@@ -30,15 +30,15 @@ quasi-identifier values are shared by at least ``k`` records (§10.2 d: at least
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import cached_property, lru_cache
 from typing import Any
+
+import orjson
 
 PSEUDONYM_SYSTEM = "urn:ws-fhir-bridge:pseudonym"
 MAX_SHIFT_DAYS = 365
@@ -55,17 +55,25 @@ class DeidContext:
     patient: str  # a stable key of the patient, e.g. "system|value" of an identifier
 
     def _mac(self, purpose: str, text: str) -> bytes:
-        mac = _keyed(self.key).copy()
-        mac.update(f"{purpose}\x00{text}".encode())
-        return mac.digest()
+        inner, outer = _keyed(self.key)
+        i = inner.copy()
+        i.update(f"{purpose}\x00{text}".encode())
+        o = outer.copy()
+        o.update(i.digest())
+        return o.digest()
 
     def pseudonym(self, text: str) -> str:
         """A keyed, irreversible stand-in for ``text`` (hex, 128 bits)."""
         return self._mac("pseudonym", text)[:16].hex()
 
     def pseudonym_uuid(self, text: str) -> str:
-        """A keyed stand-in for a resource id, shaped as a UUID."""
-        return str(uuid.UUID(bytes=self._mac("id", text)[:16], version=4))
+        """A keyed stand-in for a resource id, shaped as a UUID (version 4, RFC 4122
+        variant: the same string ``uuid.UUID(bytes=..., version=4)`` gives)."""
+        raw = bytearray(self._mac("id", text)[:16])
+        raw[6] = (raw[6] & 0x0F) | 0x40
+        raw[8] = (raw[8] & 0x3F) | 0x80
+        h = raw.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     @cached_property
     def shift_days(self) -> int:
@@ -75,11 +83,19 @@ class DeidContext:
         return days if (raw >> 32) & 1 else -days
 
 
+_BLOCK = 64  # SHA-256's block size in bytes
+
+
 @lru_cache(maxsize=16)
-def _keyed(key: bytes) -> hmac.HMAC:
-    """An HMAC-SHA256 already keyed with ``key``: copying it skips the key schedule that
-    every record would otherwise repeat."""
-    return hmac.new(key, digestmod=hashlib.sha256)
+def _keyed(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """HMAC-SHA256 (RFC 2104) keyed with ``key``, as its inner and outer SHA-256 states
+    after the padded key: copying them skips the key schedule every MAC would repeat,
+    and two hashlib copies cost a third of one ``hmac.HMAC.copy``."""
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    return (hashlib.sha256(bytes(b ^ 0x36 for b in key)),
+            hashlib.sha256(bytes(b ^ 0x5C for b in key)))
 
 
 Transform = Callable[[Any, DeidContext | None], Any]
@@ -233,10 +249,12 @@ def pseudonymise_ids(bundle: dict[str, Any], ctx: DeidContext) -> None:
 
     Resource ids are derived from source identifiers (uuid5 over the hospital code and
     record number), so they would let anyone holding a record number confirm a match;
-    the stand-ins keep the references of one bundle resolving. Works in place.
+    the stand-ins keep the references of one bundle resolving. Works in place (the
+    entries' resources may be replaced by rewritten equal copies).
     """
     mapping: dict[str, str] = {}
-    for entry in bundle.get("entry") or ():
+    entries = bundle.get("entry") or ()
+    for entry in entries:
         resource = entry.get("resource") or {}
         old = resource.get("id")
         if not isinstance(old, str):
@@ -249,8 +267,52 @@ def pseudonymise_ids(bundle: dict[str, Any], ctx: DeidContext) -> None:
             mapping.setdefault(entry["fullUrl"], f"urn:uuid:{new}")
             entry["fullUrl"] = mapping[entry["fullUrl"]]
         resource["id"] = new
-    for entry in bundle.get("entry") or ():
-        _rewrite_refs(entry.get("resource"), mapping)
+    if not mapping or not _rewrite_text(entries, mapping):
+        for entry in entries:
+            _rewrite_refs(entry.get("resource"), mapping)
+
+
+# Only plain JSON values: anything orjson would turn into another value (a datetime, a
+# dataclass, a str subclass) raises instead, and the walk below handles it.
+_PLAIN = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | (
+    orjson.OPT_PASSTHROUGH_SUBCLASS)
+_MEMBER = b'"reference":"'
+
+
+def _rewrite_text(entries: Any, mapping: dict[str, str]) -> bool:
+    """Rewrite the references of every entry's resource in one pass over their JSON
+    (a walk in Python visits every object; this splits the text at the references).
+    False when the resources are not plain JSON, or a reference is written with
+    escapes (nothing changed then: the walk does it)."""
+    resources = [entry.get("resource") for entry in entries]
+    try:
+        text = orjson.dumps(resources, option=_PLAIN)
+    except (TypeError, orjson.JSONEncodeError):
+        return False
+    # orjson writes a string one way only, so equal strings have equal texts.
+    encoded = {orjson.dumps(k)[1:-1]: orjson.dumps(v)[1:-1] for k, v in mapping.items()}
+    parts = text.split(_MEMBER)
+    changed = False
+    for i in range(1, len(parts)):
+        # A member name follows "{" or "," outside any string (inside a string every
+        # quote is escaped): anything else is text that merely contains the words.
+        if parts[i - 1][-1:] not in (b"{", b","):
+            continue
+        part = parts[i]
+        end = part.find(b'"')
+        value = part[:end]
+        if b"\\" in value:
+            return False
+        new = encoded.get(value)
+        if new is not None:
+            parts[i] = new + part[end:]
+            changed = True
+    if changed:
+        rewritten = orjson.loads(_MEMBER.join(parts))
+        for entry, resource in zip(entries, rewritten, strict=True):
+            if "resource" in entry:
+                entry["resource"] = resource
+    return True
 
 
 def _rewrite_refs(node: Any, mapping: dict[str, str]) -> None:
