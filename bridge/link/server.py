@@ -462,38 +462,10 @@ class ReceiverApp:
         sequence: tuple[str, int] | None = None,
     ) -> web.Response:
         c = self.c
-        existing = await c.db.inbox_lookup(partner.id, message_id)
-        if existing is not None and sequence is not None:
-            from bridge.ledger.sync import note_received
-
-            await c.db.call(
-                note_received, c.db.sync, sender=partner.id, stream=sequence[0],
-                seq=sequence[1], message_id=message_id, now=now,
-            )
-        if existing is not None:
-            # The same content whichever protocol version signed it (PROTOCOL §6.3).
-            if existing.digest != claims.payload_digest and existing.digest not in (
-                payload_digests(bundle)
-            ):
-                return await self._refuse(
-                    ConflictError(
-                        "message identity reused with different content",
-                        location="Bundle.identifier",
-                    ),
-                    partner=partner.id,
-                    subject=message_id,
-                )
-            self.stats["duplicates"] += 1
-            await c.db.append_audit(
-                c.audit(
-                    "message.duplicate",
-                    subject=message_id,
-                    partner=partner.id,
-                    digest_value=claims.payload_digest,
-                )
-            )
-            return web.Response(body=existing.receipt, content_type=FHIR_JSON)
-
+        # A message held already is answered from the inbox before its content is judged
+        # again. Most messages are new, so the content is judged first and the inbox is
+        # asked only when the answer could depend on it: a refusal (a held message gets
+        # its receipt instead), and the accept itself, which finds a held one.
         patient: str | None = None
         try:
             validate_message(bundle)
@@ -509,6 +481,10 @@ class ReceiverApp:
                         location=outside[0],
                     )
         except BridgeError as exc:
+            existing = await c.db.inbox_lookup(partner.id, message_id)
+            if existing is not None:
+                return await self._held(existing, bundle, message_id, partner, claims, now,
+                                        sequence=sequence)
             return await self._refuse(exc, partner=partner.id, subject=message_id, patient=patient)
 
         from bridge.link.sync import recording_hook
@@ -556,17 +532,66 @@ class ReceiverApp:
                 ),
             )
         except ConflictError as exc:
-            # Another process of this receiver stored the same identity meanwhile.
+            # The identity is held with other bytes: the same content signed under the
+            # other protocol version is a duplicate, anything else a conflict.
+            existing = await c.db.inbox_lookup(partner.id, message_id)
+            if existing is not None:
+                return await self._held(existing, bundle, message_id, partner, claims, now,
+                                        sequence=sequence)
             return await self._refuse(exc, partner=partner.id, subject=message_id, patient=patient)
         except StoreError as exc:
             # Nothing was stored and nothing is acknowledged: the sender retries.
             log.error("store failed while accepting %s: %s", message_id, exc)
             return outcome_response(exc)
-        if created:
-            self.stats["accepted"] += 1
-        else:
-            self.stats["duplicates"] += 1
+        if not created:
+            return await self._held(row, bundle, message_id, partner, claims, now,
+                                    sequence=sequence)
+        self.stats["accepted"] += 1
         return web.Response(body=row.receipt, content_type=FHIR_JSON)
+
+    async def _held(
+        self,
+        existing: Any,
+        bundle: dict[str, Any],
+        message_id: str,
+        partner: Partner,
+        claims: SignedClaims,
+        now: datetime,
+        *,
+        sequence: tuple[str, int] | None,
+    ) -> web.Response:
+        """Answer a message whose identity the inbox holds: its original receipt when the
+        content is the same (audited as a duplicate), 422 when it differs."""
+        c = self.c
+        if sequence is not None:
+            from bridge.ledger.sync import note_received
+
+            await c.db.call(
+                note_received, c.db.sync, sender=partner.id, stream=sequence[0],
+                seq=sequence[1], message_id=message_id, now=now,
+            )
+        # The same content whichever protocol version signed it (PROTOCOL §6.3).
+        if existing.digest != claims.payload_digest and existing.digest not in (
+            payload_digests(bundle)
+        ):
+            return await self._refuse(
+                ConflictError(
+                    "message identity reused with different content",
+                    location="Bundle.identifier",
+                ),
+                partner=partner.id,
+                subject=message_id,
+            )
+        self.stats["duplicates"] += 1
+        await c.db.append_audit(
+            c.audit(
+                "message.duplicate",
+                subject=message_id,
+                partner=partner.id,
+                digest_value=claims.payload_digest,
+            )
+        )
+        return web.Response(body=existing.receipt, content_type=FHIR_JSON)
 
 
 def peer_gate(receiver: ReceiverApp) -> Any:
