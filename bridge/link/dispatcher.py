@@ -454,7 +454,7 @@ class Dispatcher:
                     expected_issuer=self.link.partner,
                     expected_audience=c.id,
                     request_message_id=message_id,
-                    request_digest=payload_digests(payload),
+                    request_digest=c.request_digests(payload),
                     now=c.clock(),
                     check_time=False,
                 )

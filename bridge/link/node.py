@@ -56,7 +56,7 @@ from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
 from bridge.trust.checkpoint import origin_for, sign_checkpoint
-from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
+from bridge.trust.jws import KeyRing, Signer, digest, payload_digests, sign_bundle_digests
 from bridge.trust.pki import load_certificates
 from bridge.trust.registry import Partner, PartnerRegistry
 
@@ -239,6 +239,9 @@ class Controller:
         # Which of this controller's own systems take the claims it receives.
         self.handoff_routes = routes(config.handoff)
         self._biometric: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        # The digests of what each message this process signed covers, by its signature
+        # (see :meth:`request_digests`); the oldest are forgotten first.
+        self._signed_digests: dict[str, frozenset[str]] = {}
 
     # --- helpers -------------------------------------------------------------------
 
@@ -519,7 +522,7 @@ class Controller:
             destination_endpoint=str(partner.base_url),
             now=now,
         )
-        signed = sign_bundle(
+        signed, digests = sign_bundle_digests(
             message,
             self.signer_for(link.id),
             issuer=self.id,
@@ -527,6 +530,7 @@ class Controller:
             message_id=message_id,
             now=now,
         )
+        self._remember_digests(signed, digests)
         return signed, Submitted(
             message_id=message_id,
             link=link.id,
@@ -536,6 +540,22 @@ class Controller:
             decided_by=f"{result.decision.consent_id}@{result.decision.provision_path}",
             held_by=_held_by(result),
         )
+
+    def _remember_digests(self, signed: dict[str, Any], digests: frozenset[str]) -> None:
+        if len(self._signed_digests) >= _SIGNED_DIGESTS_MAX:
+            del self._signed_digests[next(iter(self._signed_digests))]
+        self._signed_digests[signed["signature"]["data"]] = digests
+
+    def request_digests(self, payload: dict[str, Any]) -> frozenset[str]:
+        """:func:`payload_digests` of a stored signed message, the digests its receipt may
+        name. A message this process signed is known by its signature, which covers
+        exactly that content (any other content under it fails at the receiver), so its
+        digests are those computed when it was signed; any other is canonicalised again.
+        Each is looked up once: a message is dispatched to be acknowledged once."""
+        signature = payload.get("signature")
+        data = signature.get("data") if isinstance(signature, dict) else None
+        known = self._signed_digests.pop(data, None) if isinstance(data, str) else None
+        return known if known is not None else payload_digests(payload)
 
     async def submit(
         self, record: dict[str, Any], link_id: str, *, replaces: str | None = None
@@ -708,6 +728,10 @@ class Controller:
 
     async def close(self) -> None:
         await self.db.aclose()
+
+
+#: Signed messages whose digests are kept for their dispatch (about 200 bytes each).
+_SIGNED_DIGESTS_MAX = 20_000
 
 
 def _consents_and_outbox(store: Any, cursor: int, message_id: str) -> tuple[Any, Any]:

@@ -493,6 +493,24 @@ def sign_bundle(
     ``role`` chooses the Signature.type code (verification 1.2.840.10065.1.12.1.5
     by default, or author 1.2.840.10065.1.12.1.1).
     """
+    return sign_bundle_digests(
+        bundle, signer, issuer=issuer, audience=audience, message_id=message_id, now=now,
+        role=role,
+    )[0]
+
+
+def sign_bundle_digests(
+    bundle: dict[str, Any],
+    signer: Signer,
+    *,
+    issuer: str,
+    audience: str,
+    message_id: str,
+    now: datetime,
+    role: Literal["verification", "author"] = "verification",
+) -> tuple[dict[str, Any], frozenset[str]]:
+    """:func:`sign_bundle`, and :func:`payload_digests` of the signed bundle, taken from
+    the payload just signed (a receipt for it names one of these)."""
     _aware(now)
     identifier = bundle.get("identifier")
     if not isinstance(identifier, dict) or identifier.get("value") != message_id:
@@ -500,9 +518,10 @@ def sign_bundle(
             "message id must equal Bundle.identifier.value", location="Bundle.identifier.value"
         )
     try:
-        payload = signed_payload(bundle)
+        forms = signed_payload_forms(bundle)
     except SignatureError as exc:
         raise SigningError(exc.message, location=exc.location) from None
+    payload = forms[0]
     iat = int(now.timestamp())
     data = signer.sign_detached(
         {"iss": issuer, "aud": audience, "iat": iat, "msgid": message_id}, payload
@@ -516,7 +535,7 @@ def sign_bundle(
     }
     signed = {k: v for k, v in bundle.items() if k != "signature"}
     signed["signature"] = signature
-    return signed
+    return signed, frozenset(digest(form) for form in forms)
 
 
 def verify_bundle(
