@@ -481,13 +481,15 @@ class Controller:
     def prepare(
         self, record: dict[str, Any], link_id: str, *, replaces: str | None = None,
         mapped: dict[str, Any] | None = None, result: PolicyResult | None = None,
+        message_id: str | None = None,
     ) -> tuple[dict[str, Any], Submitted]:
         """Map, authorise, minimise and sign one record (CPU only; nothing stored).
 
         ``replaces`` is the message identity of a claim this one corrects: the Claim
         then names it in ``Claim.related`` (conformance/PROTOCOL.md, corrected claims).
         ``result`` is the record's policy result when the caller already has it (a
-        research release, which generalises it across the batch first).
+        research release, which generalises it across the batch first);
+        ``message_id`` the record's message identity on this link, when already derived.
         """
         link = self.outbound_link(link_id)
         partner = self.config.partner(link.partner)
@@ -511,7 +513,8 @@ class Controller:
                 "this record yields no Claim to send on a claim link", location="$.dataset"
             )
         check_agreement(self.config, link, now, resource_types=resource_types(result.bundle))
-        message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
+        if message_id is None:
+            message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
         message = wrap_message(
             result.bundle,
             message_id=message_id,
@@ -584,7 +587,8 @@ class Controller:
                 message_id=message_id, link=link.id, created=False, removed=(), held_back=()
             )
         try:
-            signed, submitted = self.prepare(record, link_id, replaces=replaces, mapped=mapped)
+            signed, submitted = self.prepare(record, link_id, replaces=replaces, mapped=mapped,
+                                             message_id=message_id)
             await self.count_abroad(link, submitted.message_id, signed)
         except PolicyError as exc:
             now = self.clock()
