@@ -468,7 +468,7 @@ class ReceiverApp:
         # its receipt instead), and the accept itself, which finds a held one.
         patient: str | None = None
         try:
-            validate_message(bundle)
+            validate_message(bundle, parsed=True)  # as read_json returned it
             # Only a validated bundle is read for its patient: a malformed one is refused
             # (and audited) as invalid FHIR, and one without a Patient as unmappable.
             patient = c.pseudonym(patient_identifiers(bundle))
@@ -683,16 +683,19 @@ def outcome_on_failure(receiver: ReceiverApp) -> Any:
     return outcomes
 
 
-def validate_message(bundle: dict[str, Any], *, cache: ValidationCache | None = None) -> None:
+def validate_message(bundle: dict[str, Any], *, cache: ValidationCache | None = None,
+                     parsed: bool = False) -> None:
     """Validate a received message bundle as FHIR R4, envelope and entries.
 
     The validation cache gives exactly the verdict of full validation (and on refusal
     full validation's own error, naming ``Bundle.entry[i].resource...``), but checks a
     structure it has accepted before only through the primitive validators.
+    ``parsed``: the bundle is what the JSON parser returned (see
+    :meth:`ValidationCache.validate`).
     """
     if not isinstance(bundle.get("entry"), list):
         raise ParseError("message has no entries", location="Bundle.entry")
-    (cache or validation_cache()).validate(bundle)
+    (cache if cache is not None else validation_cache()).validate(bundle, parsed=parsed)
 
 
 def _inbound_link_id(c: Controller, partner_id: str) -> str:
