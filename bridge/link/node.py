@@ -366,11 +366,30 @@ class Controller:
     async def link_patient(self, identifiers: list[tuple[str, str]]) -> None:
         """Record that these identifiers, stated together by one of the hospital's
         records, name one person: durable in the store, then in this process."""
-        group = self.identity.of_identifiers(identifiers)
-        if len(set(group)) < 2 or len(self.identity.linked(group[:1]) & set(group)) == len(set(group)):
+        group = self._unlinked(identifiers)
+        if group is None:
             return
         await self.db.call(link_pseudonyms, self.store, group, now=self.clock())
         self.identity.link(group)
+
+    def _unlinked(self, identifiers: list[tuple[str, str]]) -> list[str] | None:
+        """The pseudonyms of ``identifiers`` when they are not all linked yet, else None."""
+        group = self.identity.of_identifiers(identifiers)
+        if len(set(group)) < 2 or len(self.identity.linked(group[:1]) & set(group)) == len(set(group)):
+            return None
+        return group
+
+    def _mapped_and_unlinked(
+        self, record: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, list[str] | None]:
+        """:meth:`link_record` without the store: the record mapped (None when it does not
+        map) and the pseudonyms its identifiers still need linked (None when none do)."""
+        try:
+            collection = map_record(record, now=self.clock(), files=self.mapping_files)
+            ids = list(patient_identifiers(collection))
+        except (BridgeError, ValueError):
+            return None, None
+        return collection, self._unlinked(ids)
 
     async def sync_consents(self) -> None:
         """Take in consents put or revoked by any process sharing this store.
@@ -573,11 +592,14 @@ class Controller:
         link = self.outbound_link(link_id)
         message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
         await self.keep_for_pull(record, source="push")
-        mapped = await self.link_record(record)
-        # One trip to the store's thread for both reads: consents changed by any
-        # process sharing the store, and whether this claim was queued before.
-        changes, queued = await self.db.call(_consents_and_outbox, self.store,
-                                             self._consent_cursor, message_id)
+        mapped, group = self._mapped_and_unlinked(record)
+        # One trip to the store's thread: the patient links the record states (see
+        # link_patient), then the consents changed by any process sharing the store,
+        # and whether this claim was queued before.
+        changes, queued = await self.db.call(_link_consents_and_outbox, self.store, group,
+                                             self.clock(), self._consent_cursor, message_id)
+        if group is not None:
+            self.identity.link(group)
         if changes:
             self._apply_consent_changes(changes)
             await self.sync_consents()  # any further page of changes
@@ -738,7 +760,10 @@ class Controller:
 _SIGNED_DIGESTS_MAX = 20_000
 
 
-def _consents_and_outbox(store: Any, cursor: int, message_id: str) -> tuple[Any, Any]:
+def _link_consents_and_outbox(store: Any, group: list[str] | None, now: datetime, cursor: int,
+                              message_id: str) -> tuple[Any, Any]:
+    if group is not None:
+        link_pseudonyms(store, group, now=now)
     return store.consent_changes(cursor), store.get_outbox(message_id)
 
 
