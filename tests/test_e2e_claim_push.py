@@ -195,6 +195,31 @@ async def test_revoked_consent_stops_a_queued_claim(tmp_path: Path, records: lis
         await pair.stop()
 
 
+async def test_consent_revoked_by_another_process_stops_a_queued_claim(
+    tmp_path: Path, records: list
+) -> None:
+    """The dispatcher takes in consent changes with the rows it claims: a revocation
+    written through another process sharing the store stops the claim."""
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        hospital = pair.hospital.controller
+        record = records[5]
+        await hospital.put_consent(consent_for(record, consent_id="c-elsewhere"))
+        sub = await hospital.submit(record, LINK_OUT)  # queued; nothing is dispatching yet
+        other = type(hospital)(hospital.config)  # e.g. the CLI, on the same store
+        try:
+            await other.put_consent(
+                consent_for(record, consent_id="c-elsewhere", status="inactive"))
+        finally:
+            await other.close()
+        await pair.hospital.start()
+        row = await wait_final(pair, sub.message_id)
+        assert row.state == "refused"
+        assert inbox_count(store_of(pair, "insurer")) == 0
+    finally:
+        await pair.stop()
+
+
 # --- attacks from outside --------------------------------------------------------------------
 
 

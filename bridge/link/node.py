@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -399,15 +399,28 @@ class Controller:
         once everywhere, not at the next restart.
         """
         while True:
-            links = await self.db.call(links_since, self.store, self.identity.cursor)
-            if not links:
-                break
-            self._take_links(links)
-        while True:
-            changes = await self.db.consent_changes(self._consent_cursor)
-            if not changes:
+            # One trip to the store's thread for both feeds; links are taken first.
+            links, changes = await self.db.call(
+                _links_and_consent_changes, self.store, self.identity.cursor,
+                self._consent_cursor)
+            if not links and not changes:
                 return
+            self._take_links(links)
             self._apply_consent_changes(changes)
+
+    async def claim_due(self, link_id: str, *, now: datetime, limit: int,
+                        lease: timedelta) -> list[Any]:
+        """Claim the rows due on ``link_id`` (the store's ``claim_due``) and, when there
+        are any, take in what :meth:`sync_consents` would, before anyone decides on them:
+        one trip to the store's thread when nothing changed."""
+        rows, links, changes = await self.db.call(
+            _claim_and_feeds, self.store, link_id, now, limit, lease, self.identity.cursor,
+            self._consent_cursor)
+        if links or changes:
+            self._take_links(links)
+            self._apply_consent_changes(changes)
+            await self.sync_consents()  # any further page
+        return list(rows)
 
     async def put_consent(self, resource: dict[str, Any], *, source: str = "local") -> str:
         """Register, amend or revoke (status ``inactive``) a consent; durable before it counts."""
@@ -758,6 +771,19 @@ class Controller:
 
 #: Signed messages whose digests are kept for their dispatch (about 200 bytes each).
 _SIGNED_DIGESTS_MAX = 20_000
+
+
+def _claim_and_feeds(store: Any, link_id: str, now: datetime, limit: int, lease: timedelta,
+                     link_cursor: int, consent_cursor: int) -> tuple[Any, Any, Any]:
+    rows = store.claim_due(link_id, now=now, limit=limit, lease=lease)
+    if not rows:
+        return rows, [], []
+    return (rows, *_links_and_consent_changes(store, link_cursor, consent_cursor))
+
+
+def _links_and_consent_changes(store: Any, link_cursor: int,
+                               consent_cursor: int) -> tuple[Any, Any]:
+    return links_since(store, link_cursor), store.consent_changes(consent_cursor)
 
 
 def _link_consents_and_outbox(store: Any, group: list[str] | None, now: datetime, cursor: int,
