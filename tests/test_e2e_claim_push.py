@@ -195,6 +195,31 @@ async def test_revoked_consent_stops_a_queued_claim(tmp_path: Path, records: lis
         await pair.stop()
 
 
+async def test_consent_revoked_by_another_process_stops_a_queued_claim(
+    tmp_path: Path, records: list
+) -> None:
+    """The dispatcher takes in consent changes with the rows it claims: a revocation
+    written through another process sharing the store stops the claim."""
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        hospital = pair.hospital.controller
+        record = records[5]
+        await hospital.put_consent(consent_for(record, consent_id="c-elsewhere"))
+        sub = await hospital.submit(record, LINK_OUT)  # queued; nothing is dispatching yet
+        other = type(hospital)(hospital.config)  # e.g. the CLI, on the same store
+        try:
+            await other.put_consent(
+                consent_for(record, consent_id="c-elsewhere", status="inactive"))
+        finally:
+            await other.close()
+        await pair.hospital.start()
+        row = await wait_final(pair, sub.message_id)
+        assert row.state == "refused"
+        assert inbox_count(store_of(pair, "insurer")) == 0
+    finally:
+        await pair.stop()
+
+
 # --- attacks from outside --------------------------------------------------------------------
 
 
@@ -482,3 +507,30 @@ async def test_disclosure_history_of_one_patient(
     assert {"system": "urn:ws-fhir-bridge:partner", "value": "insurer-b"} in [
         a["who"]["identifier"] for a in ack["agent"]
     ]
+
+
+async def test_receipt_digests_are_those_of_the_content_signed(
+    tmp_path: Path, records: list
+) -> None:
+    """The digests a receipt is checked against at dispatch are the stored message's own,
+    whether this process signed it (kept from signing) or not (computed again)."""
+    from bridge.trust.jws import payload_digests
+
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        hospital = pair.hospital.controller
+        await hospital.put_consent(consent_for(records[0]))
+        sub = await pair.hospital.submit(records[0], LINK_OUT)
+        row = await hospital.db.get_outbox(sub.message_id)
+        payload = orjson.loads(row.payload)
+        expected = payload_digests(payload)
+        assert hospital.request_digests(payload) == expected  # kept from signing
+        assert hospital.request_digests(payload) == expected  # computed again
+        # A restarted bridge knows nothing of what it signed before, and gets the same.
+        fresh = type(hospital)(hospital.config)
+        try:
+            assert fresh.request_digests(payload) == expected
+        finally:
+            await fresh.close()
+    finally:
+        await pair.stop()

@@ -15,11 +15,13 @@ shape. CI runs a fixed number of examples with a fixed seed (tests/conftest.py);
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,6 +55,19 @@ _ORIGINALS = _RESOURCES + _COLLECTIONS[:6] + _MESSAGES
 _CACHE = ValidationCache()
 for _r in _ORIGINALS:
     _CACHE.validate(_r)
+# The receiver's way: documents as the JSON parser returns them, dicts known by text.
+_PARSED = ValidationCache()
+for _r in _ORIGINALS:
+    _PARSED.validate(orjson.loads(orjson.dumps(_r)), parsed=True)
+
+
+def _as_parsed(resource: dict[str, Any]) -> dict[str, Any] | None:
+    """``resource`` as a JSON parser would return it after the wire; None if it has
+    something JSON cannot carry."""
+    try:
+        return orjson.loads(orjson.dumps(resource))  # type: ignore[no-any-return]
+    except (TypeError, orjson.JSONDecodeError):
+        return None
 
 _ODD_STRINGS = st.sampled_from([
     "", " ", "  x", "x ", "a  b", "\t", "\n", "\x01", "x" * 64, "x" * 65, "x" * 300,
@@ -181,6 +196,12 @@ def test_cached_and_full_validation_agree(pair: tuple[dict[str, Any], dict[str, 
     assert _outcome(_CACHE.validate, mutant) == _outcome(validate_resource, mutant)
     # The cache may have learnt the mutant's shape just now; the twin has that shape.
     assert _outcome(_CACHE.validate, twin) == _outcome(validate_resource, twin)
+    # Parsed JSON, with the dicts met before known by their text: the same verdicts.
+    by_text = functools.partial(_PARSED.validate, parsed=True)
+    for value in (mutant, twin):
+        received = _as_parsed(value)
+        if received is not None:
+            assert _outcome(by_text, received) == _outcome(validate_resource, received)
 
 
 def test_infinite_amount_is_refused_after_a_valid_one() -> None:
@@ -256,3 +277,23 @@ def test_refusal_in_a_known_message_names_the_entry_as_full_validation_does(
     assert refused is not None and refused[0] == "refused"
     assert refused[1].startswith(f"R.entry[{index}].resource.")
     assert refused == full
+
+
+@pytest.mark.parametrize("breaks", [_break_birth_date, _break_two_entries,
+                                    _identifier_not_a_list, _total_is_a_list,
+                                    _required_element_dropped])
+def test_a_received_message_refused_among_known_parts_names_what_full_validation_names(
+        breaks: Callable[[dict[str, Any]], int]) -> None:
+    """Parts met before are known by their text; a faulty part among them is still
+    refused with full validation's first error, and the good message stays accepted."""
+    cache = ValidationCache()
+    good = orjson.loads(orjson.dumps(_MESSAGES[1]))
+    for _ in range(2):
+        cache.validate(copy.deepcopy(good), path="R", parsed=True)
+    message = copy.deepcopy(good)
+    breaks(message)
+    received = orjson.loads(orjson.dumps(message))
+    full = _outcome(validate_resource, received)
+    assert full is not None
+    assert _outcome(functools.partial(cache.validate, parsed=True), received) == full
+    cache.validate(copy.deepcopy(good), path="R", parsed=True)

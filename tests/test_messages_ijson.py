@@ -67,3 +67,41 @@ def test_the_refusal_names_the_member() -> None:
     with pytest.raises(ParseError) as err:
         read_json(b'{"entry": [{"resource": {"id": "x", "id": "secret-value"}}]}')
     assert err.value.location == "body#id" and "secret" not in str(err.value)
+
+
+_PLAIN = (st.none() | st.booleans() | st.integers(-(2**60), 2**60)
+          | st.sampled_from([2**53 - 1, 2**53, -(2**53), 10**15, -(10**16), 1.5, 6600.0, 1e300])
+          | st.text(max_size=6)
+          | st.sampled_from(['":', '\\"', "{[", "]}", "}}}", "1234567890123456789", "null"]))
+_VALUES = st.recursive(
+    _PLAIN,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                max_size=3),
+    max_leaves=30,
+)
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    value = leaf
+    for level in range(depth - 1):
+        value = [value] if level % 2 else {"a": value, "b": "[{"}
+    return value
+
+
+@settings(max_examples=300)
+@given(_VALUES)
+def test_member_count_and_limits_read_from_bytes_match_the_walk(value: Any) -> None:
+    """Member names, nesting and integer limits read from orjson's bytes are what walking
+    the parsed document finds, whatever the strings hold."""
+    from bridge.messages import _shape_keys, _walk_shape_keys
+
+    assert _shape_keys(value) == _walk_shape_keys(value)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 63, 64, 65, 80])
+@pytest.mark.parametrize("leaf", [{}, [], "x", 2**53, "}]"])
+def test_nesting_limit_read_from_bytes_matches_the_walk(depth: int, leaf: Any) -> None:
+    from bridge.messages import _shape_keys, _walk_shape_keys
+
+    value = _nested(depth, leaf)
+    assert _shape_keys(value) == _walk_shape_keys(value)

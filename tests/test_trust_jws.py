@@ -379,3 +379,39 @@ def test_canonical_json_is_rfc8785_for_any_json_value(value: Any) -> None:
             canonical_json(value)
     else:
         assert canonical_json(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"text": "6600.0 and 1e16, -0.0: written in strings, not numbers", "n": 250.1},
+        {"a": [1, 2.5, {"b": -3, "c": 0.00001}], "d": True, "e": False},
+        {"quoted": 'he said "6600.0"', "n": 6600.0},
+        {"null-text": "null", "n": 1.5},
+        {"amount": 6600.0},
+        {"tiny": 1e-7, "huge": 1e16, "zero": -0.0},
+        {"big": 2**53, "ok": 2**53 - 1, "neg": -(2**53) + 1},
+        {"\ue000": 1, "\U0001f600": 2, "z": "张三"},
+        {"value": "\ue000 in a value only"},
+        {"line": "one\ntwo", "n": 1.25},
+        [{"}": "{", "[": "]", ":": ","}, 3.75],
+        "just a string",
+        12,
+    ],
+)
+def test_canonical_json_read_from_orjson_output_matches_rfc8785(value: Any) -> None:
+    """Numbers, literals and member names are judged from orjson's bytes: text that looks
+    like a number or a bracket inside a string changes nothing, and every value outside
+    the shared ground (integral doubles, exponents, big integers, late member names)
+    still comes out as RFC 8785 writes it, or is refused as it refuses it."""
+    import rfc8785
+
+    try:
+        expected: bytes | None = bytes(rfc8785.dumps(value))
+    except (rfc8785.CanonicalizationError, TypeError, ValueError):
+        expected = None
+    if expected is None:
+        with pytest.raises(SignatureError):
+            canonical_json(value)
+    else:
+        assert canonical_json(value) == expected

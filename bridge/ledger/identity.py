@@ -27,7 +27,12 @@ def link_pseudonyms(store: Any, group: Sequence[str], *, now: datetime) -> int:
         return 0
     first = members[0]
     added = 0
-    with store.transaction("patient_link") as tx:
+    # Not synced on its own (like the outbox's bookkeeping): whatever follows from a link
+    # that anyone is told about (an enqueue, a refusal's audit entry, a release) commits
+    # durably after it, and a synced commit carries every earlier one to the disk. A link
+    # lost to a power cut was acted on by nobody, and the record that states it makes it
+    # again when it comes back.
+    with store.transaction("patient_link", durable=False) as tx:
         for other in members[1:]:
             if tx.one("SELECT 1 FROM patient_link WHERE a=? AND b=?", (first, other)) is None:
                 tx.execute("INSERT INTO patient_link (a, b, linked) VALUES (?, ?, ?)"

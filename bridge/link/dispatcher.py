@@ -340,7 +340,9 @@ class Dispatcher:
                 continue
             probe = permits is not None
             try:
-                rows = await self.c.db.claim_due(
+                # Consents may have changed in another process since the last batch:
+                # taken in with the rows, before any of them is decided on.
+                rows = await self.c.claim_due(
                     self.link.id,
                     now=self.c.clock(),
                     limit=min(free, self.link.batch) if permits is None else 1,
@@ -353,8 +355,6 @@ class Dispatcher:
             if not rows:
                 await self._sleep(self.poll_interval)
                 continue
-            # Consents may have changed in another process since the last batch.
-            await self.c.sync_consents()
             if probe:
                 self.circuit.probe_started()
             for row in rows:
@@ -454,7 +454,7 @@ class Dispatcher:
                     expected_issuer=self.link.partner,
                     expected_audience=c.id,
                     request_message_id=message_id,
-                    request_digest=payload_digests(payload),
+                    request_digest=c.request_digests(payload),
                     now=c.clock(),
                     check_time=False,
                 )

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,7 +56,7 @@ from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
 from bridge.trust.checkpoint import origin_for, sign_checkpoint
-from bridge.trust.jws import KeyRing, Signer, digest, sign_bundle
+from bridge.trust.jws import KeyRing, Signer, digest, payload_digests, sign_bundle_digests
 from bridge.trust.pki import load_certificates
 from bridge.trust.registry import Partner, PartnerRegistry
 
@@ -239,6 +239,9 @@ class Controller:
         # Which of this controller's own systems take the claims it receives.
         self.handoff_routes = routes(config.handoff)
         self._biometric: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        # The digests of what each message this process signed covers, by its signature
+        # (see :meth:`request_digests`); the oldest are forgotten first.
+        self._signed_digests: dict[str, frozenset[str]] = {}
 
     # --- helpers -------------------------------------------------------------------
 
@@ -363,11 +366,30 @@ class Controller:
     async def link_patient(self, identifiers: list[tuple[str, str]]) -> None:
         """Record that these identifiers, stated together by one of the hospital's
         records, name one person: durable in the store, then in this process."""
-        group = self.identity.of_identifiers(identifiers)
-        if len(set(group)) < 2 or len(self.identity.linked(group[:1]) & set(group)) == len(set(group)):
+        group = self._unlinked(identifiers)
+        if group is None:
             return
         await self.db.call(link_pseudonyms, self.store, group, now=self.clock())
         self.identity.link(group)
+
+    def _unlinked(self, identifiers: list[tuple[str, str]]) -> list[str] | None:
+        """The pseudonyms of ``identifiers`` when they are not all linked yet, else None."""
+        group = self.identity.of_identifiers(identifiers)
+        if len(set(group)) < 2 or len(self.identity.linked(group[:1]) & set(group)) == len(set(group)):
+            return None
+        return group
+
+    def _mapped_and_unlinked(
+        self, record: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, list[str] | None]:
+        """:meth:`link_record` without the store: the record mapped (None when it does not
+        map) and the pseudonyms its identifiers still need linked (None when none do)."""
+        try:
+            collection = map_record(record, now=self.clock(), files=self.mapping_files)
+            ids = list(patient_identifiers(collection))
+        except (BridgeError, ValueError):
+            return None, None
+        return collection, self._unlinked(ids)
 
     async def sync_consents(self) -> None:
         """Take in consents put or revoked by any process sharing this store.
@@ -377,15 +399,28 @@ class Controller:
         once everywhere, not at the next restart.
         """
         while True:
-            links = await self.db.call(links_since, self.store, self.identity.cursor)
-            if not links:
-                break
-            self._take_links(links)
-        while True:
-            changes = await self.db.consent_changes(self._consent_cursor)
-            if not changes:
+            # One trip to the store's thread for both feeds; links are taken first.
+            links, changes = await self.db.call(
+                _links_and_consent_changes, self.store, self.identity.cursor,
+                self._consent_cursor)
+            if not links and not changes:
                 return
+            self._take_links(links)
             self._apply_consent_changes(changes)
+
+    async def claim_due(self, link_id: str, *, now: datetime, limit: int,
+                        lease: timedelta) -> list[Any]:
+        """Claim the rows due on ``link_id`` (the store's ``claim_due``) and, when there
+        are any, take in what :meth:`sync_consents` would, before anyone decides on them:
+        one trip to the store's thread when nothing changed."""
+        rows, links, changes = await self.db.call(
+            _claim_and_feeds, self.store, link_id, now, limit, lease, self.identity.cursor,
+            self._consent_cursor)
+        if links or changes:
+            self._take_links(links)
+            self._apply_consent_changes(changes)
+            await self.sync_consents()  # any further page
+        return list(rows)
 
     async def put_consent(self, resource: dict[str, Any], *, source: str = "local") -> str:
         """Register, amend or revoke (status ``inactive``) a consent; durable before it counts."""
@@ -478,13 +513,15 @@ class Controller:
     def prepare(
         self, record: dict[str, Any], link_id: str, *, replaces: str | None = None,
         mapped: dict[str, Any] | None = None, result: PolicyResult | None = None,
+        message_id: str | None = None,
     ) -> tuple[dict[str, Any], Submitted]:
         """Map, authorise, minimise and sign one record (CPU only; nothing stored).
 
         ``replaces`` is the message identity of a claim this one corrects: the Claim
         then names it in ``Claim.related`` (conformance/PROTOCOL.md, corrected claims).
         ``result`` is the record's policy result when the caller already has it (a
-        research release, which generalises it across the batch first).
+        research release, which generalises it across the batch first);
+        ``message_id`` the record's message identity on this link, when already derived.
         """
         link = self.outbound_link(link_id)
         partner = self.config.partner(link.partner)
@@ -508,7 +545,8 @@ class Controller:
                 "this record yields no Claim to send on a claim link", location="$.dataset"
             )
         check_agreement(self.config, link, now, resource_types=resource_types(result.bundle))
-        message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
+        if message_id is None:
+            message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
         message = wrap_message(
             result.bundle,
             message_id=message_id,
@@ -519,7 +557,7 @@ class Controller:
             destination_endpoint=str(partner.base_url),
             now=now,
         )
-        signed = sign_bundle(
+        signed, digests = sign_bundle_digests(
             message,
             self.signer_for(link.id),
             issuer=self.id,
@@ -527,6 +565,7 @@ class Controller:
             message_id=message_id,
             now=now,
         )
+        self._remember_digests(signed, digests)
         return signed, Submitted(
             message_id=message_id,
             link=link.id,
@@ -536,6 +575,22 @@ class Controller:
             decided_by=f"{result.decision.consent_id}@{result.decision.provision_path}",
             held_by=_held_by(result),
         )
+
+    def _remember_digests(self, signed: dict[str, Any], digests: frozenset[str]) -> None:
+        if len(self._signed_digests) >= _SIGNED_DIGESTS_MAX:
+            del self._signed_digests[next(iter(self._signed_digests))]
+        self._signed_digests[signed["signature"]["data"]] = digests
+
+    def request_digests(self, payload: dict[str, Any]) -> frozenset[str]:
+        """:func:`payload_digests` of a stored signed message, the digests its receipt may
+        name. A message this process signed is known by its signature, which covers
+        exactly that content (any other content under it fails at the receiver), so its
+        digests are those computed when it was signed; any other is canonicalised again.
+        Each is looked up once: a message is dispatched to be acknowledged once."""
+        signature = payload.get("signature")
+        data = signature.get("data") if isinstance(signature, dict) else None
+        known = self._signed_digests.pop(data, None) if isinstance(data, str) else None
+        return known if known is not None else payload_digests(payload)
 
     async def submit(
         self, record: dict[str, Any], link_id: str, *, replaces: str | None = None
@@ -550,11 +605,14 @@ class Controller:
         link = self.outbound_link(link_id)
         message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
         await self.keep_for_pull(record, source="push")
-        mapped = await self.link_record(record)
-        # One trip to the store's thread for both reads: consents changed by any
-        # process sharing the store, and whether this claim was queued before.
-        changes, queued = await self.db.call(_consents_and_outbox, self.store,
-                                             self._consent_cursor, message_id)
+        mapped, group = self._mapped_and_unlinked(record)
+        # One trip to the store's thread: the patient links the record states (see
+        # link_patient), then the consents changed by any process sharing the store,
+        # and whether this claim was queued before.
+        changes, queued = await self.db.call(_link_consents_and_outbox, self.store, group,
+                                             self.clock(), self._consent_cursor, message_id)
+        if group is not None:
+            self.identity.link(group)
         if changes:
             self._apply_consent_changes(changes)
             await self.sync_consents()  # any further page of changes
@@ -564,7 +622,8 @@ class Controller:
                 message_id=message_id, link=link.id, created=False, removed=(), held_back=()
             )
         try:
-            signed, submitted = self.prepare(record, link_id, replaces=replaces, mapped=mapped)
+            signed, submitted = self.prepare(record, link_id, replaces=replaces, mapped=mapped,
+                                             message_id=message_id)
             await self.count_abroad(link, submitted.message_id, signed)
         except PolicyError as exc:
             now = self.clock()
@@ -710,7 +769,27 @@ class Controller:
         await self.db.aclose()
 
 
-def _consents_and_outbox(store: Any, cursor: int, message_id: str) -> tuple[Any, Any]:
+#: Signed messages whose digests are kept for their dispatch (about 200 bytes each).
+_SIGNED_DIGESTS_MAX = 20_000
+
+
+def _claim_and_feeds(store: Any, link_id: str, now: datetime, limit: int, lease: timedelta,
+                     link_cursor: int, consent_cursor: int) -> tuple[Any, Any, Any]:
+    rows = store.claim_due(link_id, now=now, limit=limit, lease=lease)
+    if not rows:
+        return rows, [], []
+    return (rows, *_links_and_consent_changes(store, link_cursor, consent_cursor))
+
+
+def _links_and_consent_changes(store: Any, link_cursor: int,
+                               consent_cursor: int) -> tuple[Any, Any]:
+    return links_since(store, link_cursor), store.consent_changes(consent_cursor)
+
+
+def _link_consents_and_outbox(store: Any, group: list[str] | None, now: datetime, cursor: int,
+                              message_id: str) -> tuple[Any, Any]:
+    if group is not None:
+        link_pseudonyms(store, group, now=now)
     return store.consent_changes(cursor), store.get_outbox(message_id)
 
 

@@ -462,41 +462,13 @@ class ReceiverApp:
         sequence: tuple[str, int] | None = None,
     ) -> web.Response:
         c = self.c
-        existing = await c.db.inbox_lookup(partner.id, message_id)
-        if existing is not None and sequence is not None:
-            from bridge.ledger.sync import note_received
-
-            await c.db.call(
-                note_received, c.db.sync, sender=partner.id, stream=sequence[0],
-                seq=sequence[1], message_id=message_id, now=now,
-            )
-        if existing is not None:
-            # The same content whichever protocol version signed it (PROTOCOL §6.3).
-            if existing.digest != claims.payload_digest and existing.digest not in (
-                payload_digests(bundle)
-            ):
-                return await self._refuse(
-                    ConflictError(
-                        "message identity reused with different content",
-                        location="Bundle.identifier",
-                    ),
-                    partner=partner.id,
-                    subject=message_id,
-                )
-            self.stats["duplicates"] += 1
-            await c.db.append_audit(
-                c.audit(
-                    "message.duplicate",
-                    subject=message_id,
-                    partner=partner.id,
-                    digest_value=claims.payload_digest,
-                )
-            )
-            return web.Response(body=existing.receipt, content_type=FHIR_JSON)
-
+        # A message held already is answered from the inbox before its content is judged
+        # again. Most messages are new, so the content is judged first and the inbox is
+        # asked only when the answer could depend on it: a refusal (a held message gets
+        # its receipt instead), and the accept itself, which finds a held one.
         patient: str | None = None
         try:
-            validate_message(bundle)
+            validate_message(bundle, parsed=True)  # as read_json returned it
             # Only a validated bundle is read for its patient: a malformed one is refused
             # (and audited) as invalid FHIR, and one without a Patient as unmappable.
             patient = c.pseudonym(patient_identifiers(bundle))
@@ -509,6 +481,10 @@ class ReceiverApp:
                         location=outside[0],
                     )
         except BridgeError as exc:
+            existing = await c.db.inbox_lookup(partner.id, message_id)
+            if existing is not None:
+                return await self._held(existing, bundle, message_id, partner, claims, now,
+                                        sequence=sequence)
             return await self._refuse(exc, partner=partner.id, subject=message_id, patient=patient)
 
         from bridge.link.sync import recording_hook
@@ -556,17 +532,66 @@ class ReceiverApp:
                 ),
             )
         except ConflictError as exc:
-            # Another process of this receiver stored the same identity meanwhile.
+            # The identity is held with other bytes: the same content signed under the
+            # other protocol version is a duplicate, anything else a conflict.
+            existing = await c.db.inbox_lookup(partner.id, message_id)
+            if existing is not None:
+                return await self._held(existing, bundle, message_id, partner, claims, now,
+                                        sequence=sequence)
             return await self._refuse(exc, partner=partner.id, subject=message_id, patient=patient)
         except StoreError as exc:
             # Nothing was stored and nothing is acknowledged: the sender retries.
             log.error("store failed while accepting %s: %s", message_id, exc)
             return outcome_response(exc)
-        if created:
-            self.stats["accepted"] += 1
-        else:
-            self.stats["duplicates"] += 1
+        if not created:
+            return await self._held(row, bundle, message_id, partner, claims, now,
+                                    sequence=sequence)
+        self.stats["accepted"] += 1
         return web.Response(body=row.receipt, content_type=FHIR_JSON)
+
+    async def _held(
+        self,
+        existing: Any,
+        bundle: dict[str, Any],
+        message_id: str,
+        partner: Partner,
+        claims: SignedClaims,
+        now: datetime,
+        *,
+        sequence: tuple[str, int] | None,
+    ) -> web.Response:
+        """Answer a message whose identity the inbox holds: its original receipt when the
+        content is the same (audited as a duplicate), 422 when it differs."""
+        c = self.c
+        if sequence is not None:
+            from bridge.ledger.sync import note_received
+
+            await c.db.call(
+                note_received, c.db.sync, sender=partner.id, stream=sequence[0],
+                seq=sequence[1], message_id=message_id, now=now,
+            )
+        # The same content whichever protocol version signed it (PROTOCOL §6.3).
+        if existing.digest != claims.payload_digest and existing.digest not in (
+            payload_digests(bundle)
+        ):
+            return await self._refuse(
+                ConflictError(
+                    "message identity reused with different content",
+                    location="Bundle.identifier",
+                ),
+                partner=partner.id,
+                subject=message_id,
+            )
+        self.stats["duplicates"] += 1
+        await c.db.append_audit(
+            c.audit(
+                "message.duplicate",
+                subject=message_id,
+                partner=partner.id,
+                digest_value=claims.payload_digest,
+            )
+        )
+        return web.Response(body=existing.receipt, content_type=FHIR_JSON)
 
 
 def peer_gate(receiver: ReceiverApp) -> Any:
@@ -658,16 +683,19 @@ def outcome_on_failure(receiver: ReceiverApp) -> Any:
     return outcomes
 
 
-def validate_message(bundle: dict[str, Any], *, cache: ValidationCache | None = None) -> None:
+def validate_message(bundle: dict[str, Any], *, cache: ValidationCache | None = None,
+                     parsed: bool = False) -> None:
     """Validate a received message bundle as FHIR R4, envelope and entries.
 
     The validation cache gives exactly the verdict of full validation (and on refusal
     full validation's own error, naming ``Bundle.entry[i].resource...``), but checks a
     structure it has accepted before only through the primitive validators.
+    ``parsed``: the bundle is what the JSON parser returned (see
+    :meth:`ValidationCache.validate`).
     """
     if not isinstance(bundle.get("entry"), list):
         raise ParseError("message has no entries", location="Bundle.entry")
-    (cache or validation_cache()).validate(bundle)
+    (cache if cache is not None else validation_cache()).validate(bundle, parsed=parsed)
 
 
 def _inbound_link_id(c: Controller, partner_id: str) -> str:

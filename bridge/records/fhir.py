@@ -15,6 +15,7 @@ from __future__ import annotations
 import typing
 from typing import Any, NamedTuple
 
+import orjson
 import pydantic
 from fhir.resources.R4B import get_fhir_model_class
 from fhir_core.constraints import FHIR_TYPES_MAPS
@@ -420,6 +421,13 @@ def _placeholder(model: type) -> Any:
     return instance
 
 
+# Known dicts by text: at most this many, and a model is judged on its first lookups
+# (kept when at least half of them find a dict met before).
+_TEXT_MAX = 50_000
+_TEXT_TRIAL = 256
+_NEW_TRIAL: list[int] = []
+
+
 class _NoShape(Exception):
     """The resource has something the structure argument does not cover."""
 
@@ -442,23 +450,37 @@ class ValidationCache:
         self._ids: dict[tuple[Any, ...], int] = {}
         self._accepted: set[int] = set()
         self._next = 0
+        # Parsed JSON only (see validate): the shape of a dict by its model and JSON text,
+        # for dicts whose primitives all passed; and, per model, lookups and hits while
+        # it is on trial, or None once it is known to repeat too rarely to be worth it.
+        self._by_text: dict[tuple[type, bytes], int] = {}
+        self._text_trial: dict[type, list[int] | None] = {}
 
     def clear(self) -> None:
         """Forget every shape (numbers already given out are never given again)."""
         self._ids = {}
         self._accepted = set()
+        self._by_text = {}
 
     def __len__(self) -> int:
         return len(self._accepted)
 
-    def validate(self, resource: dict[str, Any], *, path: str | None = None) -> None:
-        """Raise :class:`ValidationError` exactly when :func:`validate_resource` would."""
+    def validate(self, resource: dict[str, Any], *, path: str | None = None,
+                 parsed: bool = False) -> None:
+        """Raise :class:`ValidationError` exactly when :func:`validate_resource` would.
+
+        ``parsed``: ``resource`` is what a JSON parser returned (dicts, lists, strings,
+        numbers, booleans, None only), as a received message is. Its JSON text then
+        says exactly what a dict holds, types included, so a dict met before with the
+        same text and model has the shape found then, its primitives having passed
+        (their verdicts depend on the values alone), and is not walked again.
+        """
         prefix = _prefix(resource, path)
         model = _model_for(resource, prefix)
         if len(self._ids) > self.max_entries:
             self.clear()
         try:
-            root = self._shape(resource, model, None)
+            root = self._shape(resource, model, None, parsed)
         except Exception:  # noqa: BLE001 - no shape, or a primitive failed: see _refuse
             self._refuse(resource, model, prefix)
             validate_resource(resource, path=path)
@@ -518,9 +540,35 @@ class ValidationCache:
         return self._partial(node, model)
 
     def _shape(self, node: dict[str, Any], model: type,
-               shapes: dict[int, tuple[type, int]] | None) -> int:
+               shapes: dict[int, tuple[type, int]] | None, parsed: bool = False) -> int:
         """The number of ``node``'s shape; raises if it has none or a primitive fails its
-        validator. With ``shapes``, also records each dict's model and shape by ``id()``."""
+        validator. With ``shapes``, also records each dict's model and shape by ``id()``.
+        With ``parsed`` (see :meth:`validate`), a dict is first looked up by its text."""
+        if not parsed or shapes is not None:
+            return self._walk(node, model, shapes, parsed)
+        trial = self._text_trial.get(model, _NEW_TRIAL)
+        if trial is None:  # this model's dicts seldom repeat: walking is cheaper
+            return self._walk(node, model, None, True)
+        key = (model, orjson.dumps(node))
+        shape = self._by_text.get(key)
+        if trial is _NEW_TRIAL:
+            trial = self._text_trial[model] = [0, 0]
+        if trial[0] < _TEXT_TRIAL:
+            trial[0] += 1
+            if shape is not None:
+                trial[1] += 1
+            elif trial[0] == _TEXT_TRIAL and trial[1] * 2 < _TEXT_TRIAL:
+                self._text_trial[model] = None
+        if shape is None:
+            shape = self._walk(node, model, None, True)
+            if len(self._by_text) >= _TEXT_MAX:
+                self._by_text = {}
+            self._by_text[key] = shape
+        return shape
+
+    def _walk(self, node: dict[str, Any], model: type,
+              shapes: dict[int, tuple[type, int]] | None, parsed: bool) -> int:
+        """:meth:`_shape` by walking ``node``'s keys and values."""
         # The hot loop of the fast path: plain tuples and locals on purpose.
         table = _TABLES.get(model) or _fields(model)
         sig: list[Any] = [model, tuple(node)]
@@ -558,7 +606,7 @@ class ValidationCache:
                 if child is None:
                     raise _NoShape
                 add(_DICT)
-                add(self._shape(value, child, shapes))
+                add(self._shape(value, child, shapes, parsed))
             elif cls is list:
                 add(_LIST)
                 add(len(value))
@@ -567,7 +615,7 @@ class ValidationCache:
                         child = target if kind == _COMPLEX else _resource_model(target, item)
                         if child is None:
                             raise _NoShape
-                        add(self._shape(item, child, shapes))
+                        add(self._shape(item, child, shapes, parsed))
                     elif item is None:
                         add(None)
                     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Iterable
@@ -84,3 +85,11 @@ def certificate_identity(der: bytes) -> CertIdentity:
         serial_number=cert.serial_number,
         issuer=cert.issuer.rfc4514_string(),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def peer_identity(der: bytes) -> CertIdentity:
+    """:func:`certificate_identity`, read once per certificate: a long-lived connection
+    presents the same certificate for every request (the identity is immutable, and a
+    certificate that cannot be read is refused on every request)."""
+    return certificate_identity(der)

@@ -145,6 +145,42 @@ def _orjson_writes_jcs(obj: Any) -> bool:
     return True
 
 
+# Bytes 0x00-0xED: deleting them leaves only the lead bytes of characters from U+E000 up.
+_BELOW_E000 = bytes(range(0xEE))
+# Structure outside strings becomes blanks: what is left are the number and literal tokens.
+_STRUCTURE = bytes.maketrans(b"{}[]:,", b"      ")
+
+
+def _orjson_output_is_jcs(out: bytes) -> bool:
+    """True when ``out``, orjson's sorted output of some value, is that value's RFC 8785
+    form: the conditions of :func:`_orjson_writes_jcs`, read from the bytes.
+
+    Without a backslash every ``"`` in orjson's output delimits a string (a quote in a
+    string is written ``\\"``), so the text between strings is structure, numbers and
+    literals. A ``null`` may be a NaN or an infinity orjson wrote as null, and a byte
+    from 0xEE up may belong to a member name RFC 8785 orders differently: both are left
+    to the walk, as is any string with an escape. Each number is then read back (orjson
+    writes the shortest form that reads back as the same double) and held to the same
+    ranges as the walk holds the values.
+    """
+    if b"\\" in out or b"null" in out or out.translate(None, _BELOW_E000):
+        return False
+    for token in b"".join(out.split(b'"')[::2]).translate(_STRUCTURE).split():
+        if token == b"true" or token == b"false":
+            continue
+        if b"." in token or b"e" in token or b"E" in token:
+            number = float(token)
+            if not (1e-5 <= abs(number) < 1e15) or number.is_integer():
+                return False
+        elif len(token) > 15 and abs(int(token)) > 2**53 - 1:
+            return False
+    return True
+
+
+def _sorted_orjson(obj: Any) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
 def canonical_json(obj: Any) -> bytes:
     """RFC 8785 canonical JSON of ``obj`` (PROTOCOL §5.1).
 
@@ -152,11 +188,20 @@ def canonical_json(obj: Any) -> bytes:
     standard JSON parser produces it. Raises :class:`SignatureError` for values that
     have no canonical form (``Decimal``, ``datetime``, non-string keys, NaN, lone
     surrogates, integers beyond ±(2^53 - 1)). The common case is written by orjson,
-    which gives the same bytes about eighty times faster (:func:`_orjson_writes_jcs`).
+    which gives the same bytes about eighty times faster; whether it does is read from
+    its output (:func:`_orjson_output_is_jcs`), else from the value
+    (:func:`_orjson_writes_jcs`).
     """
+    return _canonical(obj, None)
+
+
+def _canonical(obj: Any, out: bytes | None) -> bytes:
+    """:func:`canonical_json`, given orjson's sorted output of ``obj`` when already made."""
     try:
-        if _orjson_writes_jcs(obj):
-            return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        if out is None:
+            out = _sorted_orjson(obj)
+        if _orjson_output_is_jcs(out) or _orjson_writes_jcs(obj):
+            return out
         return bytes(rfc8785.dumps(obj))
     except (TypeError, ValueError, rfc8785.CanonicalizationError, RecursionError):
         _reject_non_finite(obj, "$")  # names where a NaN or an infinity is
@@ -187,11 +232,18 @@ def signed_payload(bundle: dict[str, Any]) -> bytes:
 def signed_payload_forms(bundle: dict[str, Any]) -> tuple[bytes, ...]:
     """The payloads a verifier accepts: RFC 8785, then (if it differs) the v1 form."""
     unsigned = {k: v for k, v in bundle.items() if k != "signature"}
-    current = canonical_json(unsigned)
     try:
-        legacy = canonical_json_v1(unsigned)
-    except SignatureError:
-        return (current,)
+        legacy = _sorted_orjson(unsigned)
+    except TypeError:
+        return (canonical_json(unsigned),)
+    # orjson's sorted output is the v1 form (checked for NaN below) and, usually, the
+    # RFC 8785 form as well: written once, used for both.
+    current = _canonical(unsigned, legacy)
+    if b"null" in legacy:
+        try:
+            _reject_non_finite(unsigned, "$")
+        except SignatureError:
+            return (current,)
     return (current,) if legacy == current else (current, legacy)
 
 
@@ -441,6 +493,24 @@ def sign_bundle(
     ``role`` chooses the Signature.type code (verification 1.2.840.10065.1.12.1.5
     by default, or author 1.2.840.10065.1.12.1.1).
     """
+    return sign_bundle_digests(
+        bundle, signer, issuer=issuer, audience=audience, message_id=message_id, now=now,
+        role=role,
+    )[0]
+
+
+def sign_bundle_digests(
+    bundle: dict[str, Any],
+    signer: Signer,
+    *,
+    issuer: str,
+    audience: str,
+    message_id: str,
+    now: datetime,
+    role: Literal["verification", "author"] = "verification",
+) -> tuple[dict[str, Any], frozenset[str]]:
+    """:func:`sign_bundle`, and :func:`payload_digests` of the signed bundle, taken from
+    the payload just signed (a receipt for it names one of these)."""
     _aware(now)
     identifier = bundle.get("identifier")
     if not isinstance(identifier, dict) or identifier.get("value") != message_id:
@@ -448,9 +518,10 @@ def sign_bundle(
             "message id must equal Bundle.identifier.value", location="Bundle.identifier.value"
         )
     try:
-        payload = signed_payload(bundle)
+        forms = signed_payload_forms(bundle)
     except SignatureError as exc:
         raise SigningError(exc.message, location=exc.location) from None
+    payload = forms[0]
     iat = int(now.timestamp())
     data = signer.sign_detached(
         {"iss": issuer, "aud": audience, "iat": iat, "msgid": message_id}, payload
@@ -464,7 +535,7 @@ def sign_bundle(
     }
     signed = {k: v for k, v in bundle.items() if k != "signature"}
     signed["signature"] = signature
-    return signed
+    return signed, frozenset(digest(form) for form in forms)
 
 
 def verify_bundle(

@@ -13,7 +13,6 @@ Pure: certificates and CRLs are read with ``cryptography``; no :mod:`ssl`.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,16 +21,15 @@ from datetime import datetime
 from cryptography import x509
 
 from bridge.errors import CertificateRejected, ConfigError
-from bridge.trust.identity import CertIdentity, certificate_identity
+from bridge.trust.identity import CertIdentity, peer_identity
 
 _LOC = "TLS.client-certificate"
 
 
-@functools.lru_cache(maxsize=1024)
 def _identity(der: bytes) -> CertIdentity:
     # Keyed by the certificate's bytes: a long-lived connection presents the same
     # certificate for every request, so it is parsed once.
-    return certificate_identity(der)
+    return peer_identity(der)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Literal
 from cryptography import x509
 
 from bridge.errors import ConfigError, UnknownPartner
-from bridge.trust.identity import certificate_identity, pinned
+from bridge.trust.identity import peer_identity, pinned
 from bridge.trust.jws import KeyRing
 
 IdentityMode = Literal["san", "fingerprint"]
@@ -137,7 +137,7 @@ class PartnerRegistry:
 
         With ``link`` the partner must also be configured for that link.
         """
-        ident = certificate_identity(peer_cert_der)
+        ident = peer_identity(peer_cert_der)
         if self.identity == "fingerprint":
             partner = self._by_fingerprint.get(ident.fingerprint_sha256)
             if partner is None:
