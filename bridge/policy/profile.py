@@ -571,11 +571,13 @@ def _clean(
         child = visit[key]
         value = obj[key]
         if isinstance(value, list):
+            at = f"{path}.{key}"
             kept = [
                 item
                 for item in value
                 if not isinstance(item, dict)
-                or _item_ok(item, child, f"{path}.{key}", dropped, removed)
+                or (_item_ok(item, child, at, dropped, removed) if child == "Reference"
+                    else _clean(item, child, at, dropped, removed))
             ]
             if len(kept) != len(value):
                 removed.append(f"{path}.{key}")

@@ -279,6 +279,14 @@ _PLAIN = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | (
 _MEMBER = b'"reference":"'
 
 
+def _json_text(text: str) -> bytes:
+    """``text`` as orjson writes it inside a JSON string: UTF-8 as it is, unless it
+    holds a quote, a backslash or a control character (orjson escapes those)."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text.encode()
+    return orjson.dumps(text)[1:-1]
+
+
 def _rewrite_text(entries: Any, mapping: dict[str, str]) -> bool:
     """Rewrite the references of every entry's resource in one pass over their JSON
     (a walk in Python visits every object; this splits the text at the references).
@@ -290,7 +298,7 @@ def _rewrite_text(entries: Any, mapping: dict[str, str]) -> bool:
     except (TypeError, orjson.JSONEncodeError):
         return False
     # orjson writes a string one way only, so equal strings have equal texts.
-    encoded = {orjson.dumps(k)[1:-1]: orjson.dumps(v)[1:-1] for k, v in mapping.items()}
+    encoded = {_json_text(k): _json_text(v) for k, v in mapping.items()}
     parts = text.split(_MEMBER)
     changed = False
     for i in range(1, len(parts)):
