@@ -171,7 +171,7 @@ def _shape_keys(value: Any) -> int | None:
     (nesting, integers), else None (then :func:`_check_shape` names the place).
 
     Read from orjson's compact writing of ``value`` when no string in it has an escape:
-    every ``"`` then delimits a string, so a member name is a ``"`` followed by ``:``;
+    every ``"`` then delimits a string, so a member name is a string followed by ``:``;
     between the strings are the brackets, whose nesting is peeled one level at a time
     (each pass removes every innermost pair), and the numbers. Otherwise the value is
     walked (:func:`_walk_shape_keys`); both give the same answer.
@@ -184,7 +184,8 @@ def _shape_keys(value: Any) -> int | None:
         return _walk_shape_keys(value)
     if b"\\" in out:
         return _walk_shape_keys(value)
-    between = b"".join(out.split(b'"')[::2])
+    parts = out.split(b'"')
+    between = b"".join(parts[::2])
     nesting = between.translate(_AS_BRACES, _NOT_BRACKETS)
     for _ in range(MAX_NESTING):
         nesting = nesting.replace(b"{}", b"")
@@ -197,7 +198,8 @@ def _shape_keys(value: Any) -> int | None:
                 and b"e" not in token and b"E" not in token
                 and abs(int(token)) > MAX_SAFE_INTEGER):
             return None
-    return out.count(b'":')
+    # A member name is a string followed by ":" (a string value may begin with ":" too).
+    return sum(1 for after in parts[2::2] if after[:1] == b":")
 
 
 def _walk_shape_keys(value: Any) -> int | None:

@@ -297,3 +297,47 @@ def test_a_received_message_refused_among_known_parts_names_what_full_validation
     assert full is not None
     assert _outcome(functools.partial(cache.validate, parsed=True), received) == full
     cache.validate(copy.deepcopy(good), path="R", parsed=True)
+
+
+def _received_patient_message(number: int, names: int) -> dict[str, Any]:
+    bundle = {
+        "resourceType": "Bundle",
+        "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:m-{number}"},
+        "type": "message",
+        "timestamp": "2026-03-01T08:30:00+08:00",
+        "entry": [{"fullUrl": f"urn:uuid:p-{number}", "resource": {
+            "resourceType": "Patient", "id": f"p{number}",
+            "name": [{"text": f"name {number} {k} " + "x" * 40, "given": ["a" * 30]}
+                     for k in range(names)]}}],
+    }
+    return orjson.loads(orjson.dumps(bundle))  # as the receiver's parser returns it
+
+
+def test_memory_held_for_received_messages_is_bounded() -> None:
+    """A partner that sends each message twice and then many large distinct ones does not
+    make the receiver's validation cache hold their text without limit."""
+    import gc
+    import tracemalloc
+
+    from bridge.link.server import validate_message
+
+    cache = ValidationCache()
+    tracemalloc.start()
+    try:
+        for number in range(130):  # every message sent twice, as retries do
+            for _ in range(2):
+                validate_message(_received_patient_message(number, 5), cache=cache, parsed=True)
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        received = 0
+        for number in range(1000, 1040):
+            message = _received_patient_message(number, 8000)
+            received += len(orjson.dumps(message))
+            validate_message(message, cache=cache, parsed=True)
+            del message
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert received > 30_000_000
+    assert held < 64 * 1024 * 1024

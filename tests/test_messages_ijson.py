@@ -16,7 +16,7 @@ from bridge.messages import read_json
 _NAMES = st.sampled_from(["a", "b", "resourceType", "\u5f20", 'q"x', "b\\", "e:", "", " "])
 _SCALARS = (st.none() | st.booleans() | st.integers(-(2**40), 2**40)
             | st.floats(allow_nan=False, allow_infinity=False)
-            | st.text(max_size=6) | st.sampled_from(['":', '\\"', "a\":1,\"a", "{}", "[]"]))
+            | st.text(max_size=6) | st.sampled_from(['":', '\\"', "a\":1,\"a", "{}", "[]", ":", ":x"]))
 
 
 def _object_text(draw: Any, depth: int) -> str:
@@ -72,7 +72,7 @@ def test_the_refusal_names_the_member() -> None:
 _PLAIN = (st.none() | st.booleans() | st.integers(-(2**60), 2**60)
           | st.sampled_from([2**53 - 1, 2**53, -(2**53), 10**15, -(10**16), 1.5, 6600.0, 1e300])
           | st.text(max_size=6)
-          | st.sampled_from(['":', '\\"', "{[", "]}", "}}}", "1234567890123456789", "null"]))
+          | st.sampled_from(['":', '\\"', "{[", "]}", "}}}", "1234567890123456789", "null", ":", ":a"]))
 _VALUES = st.recursive(
     _PLAIN,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
@@ -105,3 +105,16 @@ def test_nesting_limit_read_from_bytes_matches_the_walk(depth: int, leaf: Any) -
 
     value = _nested(depth, leaf)
     assert _shape_keys(value) == _walk_shape_keys(value)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"a":1,"a":2,"b":":x","c":"\\u0041"}',
+    b'{"a":1,"\\u0061":2,"b":":"}',
+    b'{"k":[":",":"],"a":{"x":1,"x":2},"e":"\\n"}',
+])
+def test_a_repeated_name_is_refused_when_values_begin_with_a_colon(body: bytes) -> None:
+    """A string value that begins with ":" is not a member name: it cannot make up for
+    a name the parser dropped as repeated."""
+    with pytest.raises(ParseError) as err:
+        read_json(body)
+    assert err.value.message == "a member name appears twice in one object"

@@ -421,9 +421,12 @@ def _placeholder(model: type) -> Any:
     return instance
 
 
-# Known dicts by text: at most this many, and a model is judged on its first lookups
-# (kept when at least half of them find a dict met before).
+# Known dicts by text: at most this many, holding at most this many bytes of text (a
+# received message may be megabytes, and its every dict is known by its whole text),
+# and a model is judged on its first lookups (kept when at least half of them find a
+# dict met before).
 _TEXT_MAX = 50_000
+_TEXT_BYTES_MAX = 32 * 1024 * 1024
 _TEXT_TRIAL = 256
 _NEW_TRIAL: list[int] = []
 
@@ -454,6 +457,7 @@ class ValidationCache:
         # for dicts whose primitives all passed; and, per model, lookups and hits while
         # it is on trial, or None once it is known to repeat too rarely to be worth it.
         self._by_text: dict[tuple[type, bytes], int] = {}
+        self._text_bytes = 0
         self._text_trial: dict[type, list[int] | None] = {}
 
     def clear(self) -> None:
@@ -461,6 +465,7 @@ class ValidationCache:
         self._ids = {}
         self._accepted = set()
         self._by_text = {}
+        self._text_bytes = 0
 
     def __len__(self) -> int:
         return len(self._accepted)
@@ -561,9 +566,13 @@ class ValidationCache:
                 self._text_trial[model] = None
         if shape is None:
             shape = self._walk(node, model, None, True)
-            if len(self._by_text) >= _TEXT_MAX:
+            size = len(key[1])
+            if len(self._by_text) >= _TEXT_MAX or self._text_bytes + size > _TEXT_BYTES_MAX:
                 self._by_text = {}
-            self._by_text[key] = shape
+                self._text_bytes = 0
+            if size <= _TEXT_BYTES_MAX:
+                self._by_text[key] = shape
+                self._text_bytes += size
         return shape
 
     def _walk(self, node: dict[str, Any], model: type,
