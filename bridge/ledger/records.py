@@ -242,11 +242,13 @@ def _held_persons(tx: Tx, keys: Sequence[str]) -> dict[str, str]:
     return {stored[str(row[0])]: str(row[1]) for row in held}
 
 
+def _best_person(held: dict[str, str], fallback: str) -> str:
+    """The person holding the most stable of these identifiers (by the preference)."""
+    return held[min(held, key=_rank)] if held else fallback
+
+
 def _choose_person(tx: Tx, keys: Sequence[str], fallback: str) -> str:
-    held = _held_persons(tx, keys) if keys else {}
-    if not held:
-        return fallback
-    return held[min(held, key=_rank)]
+    return _best_person(_held_persons(tx, keys) if keys else {}, fallback)
 
 
 _ID_CARD = IDENTIFIER_PREFERENCE[0]
@@ -363,7 +365,7 @@ def _put(
     stamp = format_time(now)
     start = head
     held = _held_persons(tx, keys)
-    person = held[min(held, key=_rank)] if held else str(_patient_of(collection)["id"])
+    person = _best_person(held, str(_patient_of(collection)["id"]))
     for other in sorted(set(held.values()) - {person}):
         if _may_join(tx, person, other):
             head = _join(tx, head=head, source=other, into=person, stamp=stamp)

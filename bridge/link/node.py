@@ -366,7 +366,10 @@ class Controller:
     async def link_patient(self, identifiers: list[tuple[str, str]]) -> None:
         """Record that these identifiers, stated together by one of the hospital's
         records, name one person: durable in the store, then in this process."""
-        group = self._unlinked(identifiers)
+        await self._link(self._unlinked(identifiers))
+
+    async def _link(self, group: list[str] | None) -> None:
+        """Store these pseudonyms as one person, then link them in this process."""
         if group is None:
             return
         await self.db.call(link_pseudonyms, self.store, group, now=self.clock())
@@ -457,12 +460,8 @@ class Controller:
         """Link the identifiers one record states for its patient (see :meth:`link_patient`)
         and return the record mapped (None, linking nothing, for a record that does not
         map: its refusal is reported by :meth:`prepare`)."""
-        try:
-            collection = map_record(record, now=self.clock(), files=self.mapping_files)
-            ids = list(patient_identifiers(collection))
-        except (BridgeError, ValueError):
-            return None
-        await self.link_patient(ids)
+        collection, group = self._mapped_and_unlinked(record)
+        await self._link(group)
         return collection
 
     def claim_collection(

@@ -462,10 +462,11 @@ class ReceiverApp:
         sequence: tuple[str, int] | None = None,
     ) -> web.Response:
         c = self.c
-        # A message held already is answered from the inbox before its content is judged
-        # again. Most messages are new, so the content is judged first and the inbox is
-        # asked only when the answer could depend on it: a refusal (a held message gets
-        # its receipt instead), and the accept itself, which finds a held one.
+        # A message held already is answered from the inbox (its receipt, or 422 for other
+        # content under its identity). Most messages are new, so the content is judged
+        # first and the inbox is asked only where the answer could depend on it: on a
+        # refusal (a held message gets its receipt instead), and in the accept itself,
+        # which finds a held one.
         patient: str | None = None
         try:
             validate_message(bundle, parsed=True)  # as read_json returned it

@@ -58,7 +58,13 @@ from bridge.policy.consent import (
     decide,
     override_deny,
 )
-from bridge.policy.profile import LinkProfile, RefCache, drop_unreferenced, omit_in_place
+from bridge.policy.profile import (
+    LinkProfile,
+    RefCache,
+    drop_unreferenced,
+    member_values,
+    omit_in_place,
+)
 from bridge.policy.transforms import DeidContext, person_key, pseudonymise_ids
 
 __all__ = [
@@ -532,14 +538,8 @@ _CODE = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
 
 def _code_values(text: bytes) -> set[bytes]:
     """The raw JSON text of every ``"code"`` member's string value in ``text`` (as
-    ``_CODE`` finds them; splitting at the member is the cheaper way when no value is
-    written with escapes)."""
-    parts = text.split(b'"code":"')
-    values = {part[: part.find(b'"')] for part in parts[1:]}
-    if any(v[-1:] == b"\\" for v in values):
-        # An escaped quote ends a value early: read them exactly.
-        return set(_CODE.findall(text))
-    return values
+    ``_CODE`` finds them, see :func:`member_values`)."""
+    return set(member_values(text, b'"code":"', _CODE))
 
 
 def _special_classes(

@@ -693,16 +693,22 @@ def _references(node: Any, out: list[str]) -> None:
     out.extend(_decode_refs(_reference_values(text)))
 
 
-def _reference_values(text: bytes) -> list[bytes]:
-    """What ``_REFERENCE.findall`` finds, in order: splitting the text at the member is
-    cheaper, and exact unless a value holds an escaped quote (then the pattern reads)."""
-    parts = text.split(b'"reference":"')
+def member_values(text: bytes, member: bytes, pattern: re.Pattern[bytes]) -> list[bytes]:
+    """The raw JSON text of every string value of ``member`` (``b'"name":"'``) in
+    ``text``, in order: what ``pattern.findall`` finds. Splitting the text at the member
+    is cheaper, and exact unless a value holds an escaped quote (then the pattern reads)."""
+    parts = text.split(member)
     if len(parts) == 1:
         return []
     values = [part[: part.find(b'"')] for part in parts[1:]]
     if any(v[-1:] == b"\\" for v in values):
-        return list(_REFERENCE.findall(text))
+        return list(pattern.findall(text))
     return values
+
+
+def _reference_values(text: bytes) -> list[bytes]:
+    """What ``_REFERENCE.findall`` finds (see :func:`member_values`)."""
+    return member_values(text, b'"reference":"', _REFERENCE)
 
 
 def _decode_refs(found: list[bytes]) -> list[str]:

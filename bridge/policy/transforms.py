@@ -30,7 +30,9 @@ quasi-identifier values are shared by at least ``k`` records (§10.2 d: at least
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,25 +57,17 @@ class DeidContext:
     patient: str  # a stable key of the patient, e.g. "system|value" of an identifier
 
     def _mac(self, purpose: str, text: str) -> bytes:
-        inner, outer = _keyed(self.key)
-        i = inner.copy()
-        i.update(f"{purpose}\x00{text}".encode())
-        o = outer.copy()
-        o.update(i.digest())
-        return o.digest()
+        mac = _keyed(self.key).copy()
+        mac.update(f"{purpose}\x00{text}".encode())
+        return mac.digest()
 
     def pseudonym(self, text: str) -> str:
         """A keyed, irreversible stand-in for ``text`` (hex, 128 bits)."""
         return self._mac("pseudonym", text)[:16].hex()
 
     def pseudonym_uuid(self, text: str) -> str:
-        """A keyed stand-in for a resource id, shaped as a UUID (version 4, RFC 4122
-        variant: the same string ``uuid.UUID(bytes=..., version=4)`` gives)."""
-        raw = bytearray(self._mac("id", text)[:16])
-        raw[6] = (raw[6] & 0x0F) | 0x40
-        raw[8] = (raw[8] & 0x3F) | 0x80
-        h = raw.hex()
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        """A keyed stand-in for a resource id, shaped as a UUID."""
+        return str(uuid.UUID(bytes=self._mac("id", text)[:16], version=4))
 
     @cached_property
     def shift_days(self) -> int:
@@ -83,19 +77,11 @@ class DeidContext:
         return days if (raw >> 32) & 1 else -days
 
 
-_BLOCK = 64  # SHA-256's block size in bytes
-
-
 @lru_cache(maxsize=16)
-def _keyed(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
-    """HMAC-SHA256 (RFC 2104) keyed with ``key``, as its inner and outer SHA-256 states
-    after the padded key: copying them skips the key schedule every MAC would repeat,
-    and two hashlib copies cost a third of one ``hmac.HMAC.copy``."""
-    if len(key) > _BLOCK:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(_BLOCK, b"\0")
-    return (hashlib.sha256(bytes(b ^ 0x36 for b in key)),
-            hashlib.sha256(bytes(b ^ 0x5C for b in key)))
+def _keyed(key: bytes) -> hmac.HMAC:
+    """An HMAC-SHA256 already keyed with ``key``: copying it skips the key schedule that
+    every record would otherwise repeat."""
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 Transform = Callable[[Any, DeidContext | None], Any]

@@ -26,12 +26,6 @@ from bridge.trust.identity import CertIdentity, peer_identity
 _LOC = "TLS.client-certificate"
 
 
-def _identity(der: bytes) -> CertIdentity:
-    # Keyed by the certificate's bytes: a long-lived connection presents the same
-    # certificate for every request, so it is parsed once.
-    return peer_identity(der)
-
-
 @dataclass(frozen=True)
 class RevocationList:
     """The revoked serial numbers of one issuer and how long the list is current."""
@@ -63,7 +57,7 @@ class PeerCertificateCheck:
 
     def check(self, der: bytes, now: datetime) -> CertIdentity:
         """The certificate's identity, or :class:`CertificateRejected` naming why not."""
-        identity = _identity(der)
+        identity = peer_identity(der)  # parsed once per certificate
         if identity.not_before is not None and now < identity.not_before:
             raise CertificateRejected("client certificate is not yet valid", location=_LOC)
         if now > identity.not_after:
