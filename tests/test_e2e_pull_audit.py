@@ -209,3 +209,29 @@ async def test_records_from_mllp_push_and_import_are_pulled(site: PullSite, tmp_
     encounters = await client.resources("Encounter").search(patient=patient["id"]).fetch_all()
     reports = await client.resources("DiagnosticReport").search(patient=patient["id"]).fetch_all()
     assert len(encounters) == 4 and len(reports) == 2
+
+
+async def test_records_imported_in_any_order_are_pulled_as_one_patient(
+    site: PullSite, tmp_path: Path
+) -> None:
+    # The second stay (ID card), then a lab report naming the first stay by inpatient
+    # number only, then the first stay stating both: each imported by its own `bridge
+    # records import` process while the hospital serves, then pulled over mutual TLS.
+    # The lab report's person must join the patient found by the ID card.
+    stay, lab, second, _ = person_records(2)
+    await site.controller.put_consent(pull_consent(stay))
+    for i, record in enumerate((second, lab, stay)):
+        folder = tmp_path / f"export-{i}"
+        folder.mkdir()
+        (folder / "record.json").write_bytes(orjson.dumps(record))
+        code, out, err = await bridge_cli("records", "import", "--config",
+                                          str(site.hospital_cfg), str(folder))
+        assert code == 0 and "1 records kept" in out, (out, err)
+    system, value = id_card(stay)
+    from fhirpy import AsyncFHIRClient
+
+    client = AsyncFHIRClient(site.base, aiohttp_config={"ssl": site.ssl()})
+    (patient,) = await client.resources("Patient").search(identifier=f"{system}|{value}").fetch_all()
+    encounters = await client.resources("Encounter").search(patient=patient["id"]).fetch_all()
+    reports = await client.resources("DiagnosticReport").search(patient=patient["id"]).fetch_all()
+    assert (len(encounters), len(reports)) == (3, 1)
