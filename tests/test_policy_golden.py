@@ -1,0 +1,34 @@
+"""The policy stage's outputs do not change: every shipped profile over generated records
+(bundles, removed, held back, transformed, the audit decision, explanations) and a
+10,000-record research release, compared with digests recorded from the reviewed code
+(``tests/policy_golden.py`` writes them). Guards work on the stage's speed, which must
+leave every byte of what is sent as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from policy_golden import GOLDEN, compute
+
+
+@pytest.fixture(scope="module")
+def computed() -> dict[str, dict[str, object]]:
+    return compute()
+
+
+def test_every_case_is_recorded(computed: dict[str, dict[str, object]]) -> None:
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    assert sorted(computed) == sorted(golden)
+
+
+@pytest.mark.parametrize("case", sorted(json.loads(GOLDEN.read_text(encoding="utf-8"))))
+def test_outputs_are_unchanged(case: str, computed: dict[str, dict[str, object]]) -> None:
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))[case]
+    got = computed[case]
+    records, expected = got["records"], golden["records"]
+    assert isinstance(records, list) and isinstance(expected, list)
+    first = next((i for i, (a, b) in enumerate(zip(records, expected)) if a != b), None)
+    assert first is None, f"{case}: output {first} differs from the recorded one"
+    assert len(records) == len(expected)
+    assert got["sha256"] == golden["sha256"]
