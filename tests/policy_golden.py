@@ -30,7 +30,7 @@ from bridge.mapping import map_record, patient_identifiers
 from bridge.policy.consent import ConsentRegistry, build_consent, deny_provision
 from bridge.policy.engine import apply_policy, explain
 from bridge.policy.profile import load_link_profile
-from bridge.policy.research import ReleaseItem, age_at, anonymise
+from bridge.policy.research import ReleaseItem, age_at, anonymise, bundle_of, held
 from bridge.policy.transforms import person_key
 from bridge.samples import inpatient_records
 
@@ -127,8 +127,9 @@ def profile_cases() -> Iterator[tuple[str, list[str]]]:
         yield name, digests
 
 
-def research_release(n: int = RELEASE) -> list[str]:
-    """The research release of ``n`` records: each released bundle, then the report."""
+def research_release(n: int = RELEASE, *, text: bool = False) -> list[str]:
+    """The research release of ``n`` records: each released bundle, then the report.
+    With ``text`` the batch holds its bundles as JSON text, as a link's release does."""
     profile = load_link_profile("research-limited-data-set")
     assert profile.k_anonymity is not None
     collections = [map_record(r, now=NOW) for r in inpatient_records(n, seed=41)]
@@ -149,10 +150,14 @@ def research_release(n: int = RELEASE) -> list[str]:
                        if e["resource"]["resourceType"] == "Patient")
         encounter = next(e["resource"] for e in c["entry"]
                          if e["resource"]["resourceType"] == "Encounter")
-        items.append(ReleaseItem(i, result.bundle, person_key(patient_identifiers(c)),
+        bundle = held(result.bundle) if text else result.bundle
+        items.append(ReleaseItem(i, bundle, person_key(patient_identifiers(c)),
                                  age_at(patient.get("birthDate"), encounter["period"]["start"])))
     released, report = anonymise(items, k=profile.k_anonymity.k, quasi=profile.k_anonymity.quasi)
-    out = [_short(_text([item.index, item.person, item.age, item.bundle])) for item in released]
+    if any(isinstance(item.bundle, bytes) != text for item in released):
+        raise AssertionError("a released bundle is not held as it was given")
+    out = [_short(_text([item.index, item.person, item.age, bundle_of(item)]))
+           for item in released]
     out.append(_short(_text(report.to_dict())))
     return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from policy_golden import GOLDEN, compute
+from policy_golden import GOLDEN, compute, research_release
 
 
 @pytest.fixture(scope="module")
@@ -32,3 +32,10 @@ def test_outputs_are_unchanged(case: str, computed: dict[str, dict[str, object]]
     assert first is None, f"{case}: output {first} differs from the recorded one"
     assert len(records) == len(expected)
     assert got["sha256"] == golden["sha256"]
+
+
+def test_a_release_held_as_text_is_the_same_release() -> None:
+    """A research release whose batch holds its bundles as JSON text (as a link's release
+    does, to spare the garbage collector) releases the same bundles with the same report."""
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))["research-release"]
+    assert research_release(text=True) == golden["records"]

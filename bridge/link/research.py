@@ -12,11 +12,19 @@ at least k - 1 others. :func:`release` with ``send=False`` is the dry run behind
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from bridge.errors import ConfigError, MappingError, PolicyError
 from bridge.mapping import patient_identifiers
-from bridge.policy.research import ReleaseItem, ReleaseReport, age_at, anonymise
+from bridge.policy.research import (
+    ReleaseItem,
+    ReleaseReport,
+    age_at,
+    anonymise,
+    bundle_of,
+    held,
+)
 from bridge.policy.transforms import PSEUDONYM_SYSTEM
 
 if TYPE_CHECKING:
@@ -68,13 +76,15 @@ async def release(
         ]
         await controller.link_patient(ids + released_ids)
         person = controller.pseudonym(ids) or f"record:{index}"
-        items.append(ReleaseItem(index, result.bundle, person, age))
-        results[index] = result
+        # The batch holds each bundle as text until it is sent (see ReleaseItem), and the
+        # result without it.
+        items.append(ReleaseItem(index, held(result.bundle), person, age))
+        results[index] = replace(result, bundle={})
     released, report = anonymise(items, k=report.k, quasi=report.quasi, report=report)
     if send:
         for item in released:
-            signed, submitted = controller.prepare(
-                records[item.index], link.id, result=results[item.index])
+            result = replace(results[item.index], bundle=bundle_of(item))
+            signed, submitted = controller.prepare(records[item.index], link.id, result=result)
             await controller.enqueue_signed(link, signed, submitted)
     await controller.db.append_audit(controller.audit(
         "research.release" if send else "research.report",

@@ -36,9 +36,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any
+
+import orjson
 
 from bridge.policy.transforms import path_values
 
@@ -50,6 +52,8 @@ __all__ = [
     "ReleaseReport",
     "age_at",
     "anonymise",
+    "bundle_of",
+    "held",
 ]
 
 AGE_BAND_URL = "urn:ws-fhir-bridge:StructureDefinition/age-band"
@@ -68,12 +72,31 @@ _ADDRESS_DROP = ({"postalCode", "line", "text"},
 class ReleaseItem:
     """One record ready for release: its position in the batch, the bundle as the
     profile released it, the person it is about (a keyed pseudonym) and the person's
-    age in years at the time of care (None when unknown)."""
+    age in years at the time of care (None when unknown).
+
+    The bundle is a dict, or its JSON text (see :func:`held`): a batch of thousands of
+    bundles held as objects is rescanned by the cyclic garbage collector over and over
+    while the batch grows, and as text it is not. :func:`anonymise` gives back what it
+    was given, text for text."""
 
     index: int
-    bundle: dict[str, Any]
+    bundle: dict[str, Any] | bytes
     person: str
     age: int | None
+
+
+def held(bundle: dict[str, Any]) -> dict[str, Any] | bytes:
+    """``bundle`` as a release batch holds it: its JSON text (the same bundle again when
+    read back), or the bundle itself when it is not plain JSON."""
+    try:
+        return orjson.dumps(bundle)
+    except (TypeError, orjson.JSONEncodeError):
+        return bundle
+
+
+def bundle_of(item: ReleaseItem) -> dict[str, Any]:
+    """The item's bundle as a dict (read back from its text when held as text)."""
+    return orjson.loads(item.bundle) if isinstance(item.bundle, bytes) else item.bundle
 
 
 @dataclass
@@ -146,35 +169,43 @@ def _band(age: int | None, level: int) -> str:
     return f"{low}-{min(low + width - 1, TOP_AGE - 1)}"
 
 
-def _quasi(item: ReleaseItem, quasi: Sequence[str], level: int) -> tuple[Any, ...]:
+def _values(bundle: dict[str, Any], quasi: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """The values of each quasi-identifier path in the bundle, before generalisation."""
+    return tuple(path_values(bundle, path) for path in quasi)
+
+
+def _quasi(
+    values: tuple[tuple[str, ...], ...], age: int | None, quasi: Sequence[str], level: int
+) -> tuple[Any, ...]:
+    """A person's quasi-identifiers generalised to ``level``, from their values."""
     out: list[Any] = []
-    for path in quasi:
+    for path, found in zip(quasi, values, strict=True):
         if path == "Patient.birthDate":
-            if level == 0 and (item.age is None or item.age < TOP_AGE):
-                out.append(path_values(item.bundle, path))
+            if level == 0 and (age is None or age < TOP_AGE):
+                out.append(found)
             else:
-                out.append(_band(item.age, max(level, 1)))
+                out.append(_band(age, max(level, 1)))
             continue
         leaf = path.rsplit(".", 1)[-1]
         if path.startswith("Patient.address.") and leaf in _ADDRESS_DROP[level]:
             out.append(())
             continue
-        out.append(path_values(item.bundle, path))
+        out.append(found)
     return tuple(out)
 
 
-def _generalise(item: ReleaseItem, level: int) -> bool:
+def _generalise(bundle: dict[str, Any], age: int | None, level: int) -> bool:
     """Rewrite the Patient of a released bundle to ``level`` in place; True when the age
     was top-coded."""
-    top = item.age is not None and item.age >= TOP_AGE
-    for entry in item.bundle.get("entry") or ():
+    top = age is not None and age >= TOP_AGE
+    for entry in bundle.get("entry") or ():
         patient = entry.get("resource")
         if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
             continue
         if level > 0 or top:
             patient.pop("birthDate", None)
             patient.pop("_birthDate", None)
-            band = _band(item.age, max(level, 1))
+            band = _band(age, max(level, 1))
             if band != "unknown":
                 low, _, high = band.replace("+", "-").partition("-")
                 value: dict[str, Any] = {"low": {"value": int(low), "unit": "a",
@@ -210,26 +241,29 @@ def anonymise(
 ) -> tuple[list[ReleaseItem], ReleaseReport]:
     """Make a batch k-anonymous over persons (see the module docstring).
 
-    Returns the released items (their bundles generalised in place) and the report.
+    Returns the released items and the report: a bundle held as a dict is generalised in
+    place, one held as text comes back as the generalised text.
     """
     if k < 2:
         raise ValueError("k is at least 2")
     report = report or ReleaseReport(k=k, quasi=tuple(quasi))
     report.records_in = len(items) + len(report.refused)
-    first: dict[str, ReleaseItem] = {}
+    # Each person's quasi-identifier values, read once from their first record; a level
+    # only generalises them.
+    values: dict[str, tuple[tuple[tuple[str, ...], ...], int | None]] = {}
     for item in items:
-        first.setdefault(item.person, item)
-    report.persons_in = len(first)
+        if item.person not in values:
+            values[item.person] = (_values(bundle_of(item), quasi), item.age)
+    report.persons_in = len(values)
     chosen = len(LEVELS) - 1
-    classes: dict[str, tuple[Any, ...]] = {}
     for level in range(len(LEVELS)):
-        classes = {p: _quasi(i, quasi, level) for p, i in first.items()}
+        classes = {p: _quasi(v, age, quasi, level) for p, (v, age) in values.items()}
         sizes = Counter(classes.values())
-        small = sum(1 for p in classes if sizes[classes[p]] < k)
-        if not first or small <= max_suppressed * len(first):
+        small = sum(1 for c in classes.values() if sizes[c] < k)
+        if not values or small <= max_suppressed * len(values):
             chosen = level
             break
-    classes = {p: _quasi(i, quasi, chosen) for p, i in first.items()}
+    classes = {p: _quasi(v, age, quasi, chosen) for p, (v, age) in values.items()}
     sizes = Counter(classes.values())
     report.level = chosen
     released: list[ReleaseItem] = []
@@ -240,7 +274,13 @@ def anonymise(
                 f"its person is in a class of {size} person{'s' if size != 1 else ''} on the"
                 f" quasi-identifiers at level {chosen} (fewer than {k})")))
             continue
-        if _generalise(item, chosen):
+        if isinstance(item.bundle, bytes):
+            bundle = orjson.loads(item.bundle)
+            top = _generalise(bundle, item.age, chosen)
+            item = replace(item, bundle=orjson.dumps(bundle))
+        else:
+            top = _generalise(item.bundle, item.age, chosen)
+        if top:
             report.top_coded += 1
         released.append(item)
     kept = {i.person for i in released}
