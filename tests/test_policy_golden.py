@@ -7,6 +7,10 @@ leave every byte of what is sent as it was."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from policy_golden import GOLDEN, compute, research_release
@@ -39,3 +43,26 @@ def test_a_release_held_as_text_is_the_same_release() -> None:
     does, to spare the garbage collector) releases the same bundles with the same report."""
     golden = json.loads(GOLDEN.read_text(encoding="utf-8"))["research-release"]
     assert research_release(text=True) == golden["records"]
+
+
+_ONE_PROCESS = """
+import hashlib, sys
+sys.path.insert(0, sys.argv[1])
+import policy_golden as G
+G.RECORDS = 30
+print(hashlib.sha256(repr(list(G.profile_cases())).encode()).hexdigest())
+"""
+
+
+def test_outputs_do_not_depend_on_the_hash_seed() -> None:
+    """The same input gives the same bytes in every process: nothing in what is sent
+    follows the order of a set, which changes with the string hash seed."""
+    here = str(Path(__file__).parent)
+    seen = set()
+    for seed in ("1", "2", "3", "4", "5", "6"):
+        out = subprocess.run(
+            [sys.executable, "-c", _ONE_PROCESS, here], capture_output=True, text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed}, check=True, timeout=300,
+        )
+        seen.add(out.stdout.strip())
+    assert len(seen) == 1, f"{len(seen)} different outputs over six hash seeds"

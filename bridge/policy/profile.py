@@ -62,6 +62,9 @@ from bridge.records.fhir import ElementSpec, element_specs
 from bridge.resources import mappings_dir
 
 ALWAYS_KEPT = frozenset({"resourceType", "id", "meta"})
+# The order a minimized resource starts with them: fixed, so the same input gives the
+# same JSON text in every process (a set's order changes with the string hash seed).
+_KEPT_FIRST = ("resourceType", "id", "meta")
 _BUNDLE_KEPT = frozenset({"resourceType", "id", "meta", "type", "identifier", "timestamp"})
 ALL_GRADES = frozenset(GRADES)
 
@@ -314,7 +317,7 @@ def _minimize(
         new_entry: dict[str, Any] = {}
         if "fullUrl" in entry:
             new_entry["fullUrl"] = entry["fullUrl"]
-        pruned: dict[str, Any] = {k: resource[k] for k in ALWAYS_KEPT if k in resource}
+        pruned: dict[str, Any] = {k: resource[k] for k in _KEPT_FIRST if k in resource}
         pruned.update(_prune(resource, rules, rtype, removed, transformed, ctx, ALWAYS_KEPT))
         if tf:
             _anchor(pruned, profile.anchored.get(rtype, ()))
