@@ -231,6 +231,22 @@ def _generalise(bundle: dict[str, Any], age: int | None, level: int) -> bool:
     return top
 
 
+def _patient_text(bundle: dict[str, Any], text: bytes) -> bytes | None:
+    """The JSON text of the bundle's one Patient within the bundle's ``text``, or None
+    when there is not exactly one Patient or its text is not found exactly once. orjson
+    writes a value the same way wherever it stands, so the Patient's own text is the
+    part of the bundle's text that holds it."""
+    found = [
+        e["resource"] for e in bundle.get("entry") or ()
+        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        and e["resource"].get("resourceType") == "Patient"
+    ]
+    if len(found) != 1:
+        return None
+    own = orjson.dumps(found[0])
+    return own if text.count(own) == 1 else None
+
+
 def anonymise(
     items: Sequence[ReleaseItem],
     *,
@@ -249,11 +265,22 @@ def anonymise(
     report = report or ReleaseReport(k=k, quasi=tuple(quasi))
     report.records_in = len(items) + len(report.refused)
     # Each person's quasi-identifier values, read once from their first record; a level
-    # only generalises them.
+    # only generalises them. Of a bundle held as text, the text of its one Patient is
+    # kept: generalising rewrites that part of the text alone.
     values: dict[str, tuple[tuple[tuple[str, ...], ...], int | None]] = {}
-    for item in items:
+    patients: dict[int, bytes] = {}
+    for position, item in enumerate(items):
+        if isinstance(item.bundle, bytes):
+            bundle = orjson.loads(item.bundle)
+            found = _patient_text(bundle, item.bundle)
+            if found is not None:
+                patients[position] = found
+        elif item.person in values:
+            continue
+        else:
+            bundle = item.bundle
         if item.person not in values:
-            values[item.person] = (_values(bundle_of(item), quasi), item.age)
+            values[item.person] = (_values(bundle, quasi), item.age)
     report.persons_in = len(values)
     chosen = len(LEVELS) - 1
     for level in range(len(LEVELS)):
@@ -267,14 +294,22 @@ def anonymise(
     sizes = Counter(classes.values())
     report.level = chosen
     released: list[ReleaseItem] = []
-    for item in items:
+    for position, item in enumerate(items):
         size = sizes[classes[item.person]]
         if size < k:
             report.suppressed.append((item.index, (
                 f"its person is in a class of {size} person{'s' if size != 1 else ''} on the"
                 f" quasi-identifiers at level {chosen} (fewer than {k})")))
             continue
-        if isinstance(item.bundle, bytes):
+        if position in patients:
+            before = patients[position]
+            patient = orjson.loads(before)
+            top = _generalise({"entry": [{"resource": patient}]}, item.age, chosen)
+            after = orjson.dumps(patient)
+            if after != before:
+                assert isinstance(item.bundle, bytes)
+                item = replace(item, bundle=item.bundle.replace(before, after, 1))
+        elif isinstance(item.bundle, bytes):
             bundle = orjson.loads(item.bundle)
             top = _generalise(bundle, item.age, chosen)
             item = replace(item, bundle=orjson.dumps(bundle))
