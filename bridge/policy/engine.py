@@ -292,7 +292,9 @@ def _run(
     codes = codes or default_sensitive_codes()
     identifiers = patient_identifiers(collection)
     period = data_period(collection)
-    minimized = profile.minimize(collection, key=key, pseudonymise=False)
+    # Ids are pseudonymised while minimizing, except for an explanation, which reads the
+    # trace by the input's ids.
+    minimized = profile.minimize(collection, key=key, pseudonymise=trace is None)
     # Special-disease classes of the whole input, needed only when a department could
     # leave with the stay (see below).
     special_in = _special_classes(
@@ -434,7 +436,7 @@ def _run(
                       for e in bundle["entry"]}
         trace.removed = list(dict.fromkeys(removed))
         trace.held_paths = list(dict.fromkeys(held_paths))
-    if profile.ids == "pseudonym":
+    if profile.ids == "pseudonym" and trace is not None:
         assert key is not None
         pseudonymise_ids(bundle, DeidContext(key, _first_key(identifiers)))
 

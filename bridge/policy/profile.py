@@ -57,6 +57,7 @@ from bridge.policy.transforms import (
     check_key,
     person_key,
     pseudonymise_ids,
+    pseudonymised_copy,
 )
 from bridge.records.fhir import ElementSpec, element_specs
 from bridge.resources import mappings_dir
@@ -251,8 +252,10 @@ class LinkProfile:
                     location=f"profile {self.qualified_name}",
                 )
             ctx = DeidContext(check_key(key), _patient_key(bundle))
-        result = _minimize(self, bundle, ctx, transforms=True, copy=copy)
-        if pseudonymise and self.ids == "pseudonym" and ctx is not None:
+        early = pseudonymise and copy and self.ids == "pseudonym" and ctx is not None
+        result = _minimize(self, bundle, ctx, transforms=True, copy=copy,
+                           ids=ctx if early else None)
+        if pseudonymise and not early and self.ids == "pseudonym" and ctx is not None:
             pseudonymise_ids(result.bundle, ctx)
         return result
 
@@ -283,11 +286,15 @@ def _patient_key(bundle: dict[str, Any]) -> str:
 
 def _minimize(
     profile: LinkProfile, work: dict[str, Any], ctx: DeidContext | None, *, transforms: bool,
-    copy: bool,
+    copy: bool, ids: DeidContext | None = None,
 ) -> MinimizeResult:
     """Prune ``work`` to the profile, then (on a copy of what survived, with ``copy``)
     clean references and drop what is incomplete or unreferenced. Pruning only reads
-    its input, so copying after it copies the part that is sent, not the whole record."""
+    its input, so copying after it copies the part that is sent, not the whole record.
+
+    With ``ids`` the copy is made with pseudonymous ids (one pass over the JSON text for
+    both). What is then dropped goes with every reference to it, so the ids of what
+    remains, and the references between them, are what pseudonymising last would give."""
     removed: list[str] = []
     transformed: list[str] = []
     out: dict[str, Any] = {}
@@ -325,7 +332,7 @@ def _minimize(
         entries.append(new_entry)
     out["entry"] = entries
     if copy:
-        out = copy_json(out)
+        out = copy_json(out) if ids is None else pseudonymised_copy(out, ids)
     refs: RefCache = {}
     out = _settle(out, _reference_keys(dropped), removed, refs)
     removed.extend(drop_unreferenced(out, profile.focus, refs))
