@@ -55,9 +55,11 @@ from bridge.policy.transforms import (
     DeidContext,
     TransformSpec,
     check_key,
+    encoded_stand_ins,
+    id_stand_ins,
     person_key,
     pseudonymise_ids,
-    pseudonymised_copy,
+    rewrite_references,
 )
 from bridge.records.fhir import ElementSpec, element_specs
 from bridge.resources import mappings_dir
@@ -331,12 +333,61 @@ def _minimize(
         new_entry["resource"] = pruned
         entries.append(new_entry)
     out["entry"] = entries
-    if copy:
-        out = copy_json(out) if ids is None else pseudonymised_copy(out, ids)
     refs: RefCache = {}
+    if copy:
+        copied = _copy_minimized(out, ids)
+        if copied is None:
+            out = copy_json(out)
+            if ids is not None:
+                pseudonymise_ids(out, ids)
+        else:
+            out, refs = copied
     out = _settle(out, _reference_keys(dropped), removed, refs)
     removed.extend(drop_unreferenced(out, profile.focus, refs))
     return MinimizeResult(out, _unique(removed), _unique(transformed))
+
+
+def _copy_minimized(
+    bundle: dict[str, Any], ids: DeidContext | None
+) -> tuple[dict[str, Any], RefCache] | None:
+    """A deep copy of a pruned bundle (as :func:`copy_json` makes it), with ``ids``
+    pseudonymous ids (as :func:`pseudonymise_ids` then makes them), and the references
+    of each copied resource, read from the JSON text it was copied from rather than by
+    writing it out again. None when the bundle is not plain JSON or a reference is
+    written with escapes (the caller copies and walks instead)."""
+    entries = bundle["entry"]
+    mapping, plan = id_stand_ins(entries, ids) if ids is not None else ({}, None)
+    encoded = encoded_stand_ins(mapping) if mapping else None
+    cache: RefCache = {}
+    out: dict[str, Any] = {}
+    try:
+        rest = orjson.loads(orjson.dumps({k: v for k, v in bundle.items() if k != "entry"}))
+        copied: list[dict[str, Any]] = []
+        for n, entry in enumerate(entries):
+            new_entry: dict[str, Any] = {}
+            for key, value in entry.items():
+                if key != "resource":
+                    new_entry[key] = value if type(value) is str else orjson.loads(orjson.dumps(value))
+                    continue
+                text: bytes | None = orjson.dumps(value)
+                if encoded is not None:
+                    text = rewrite_references(text, encoded)
+                    if text is None:
+                        return None
+                resource = orjson.loads(text)
+                cache[id(resource)] = (resource, _decode_refs(_reference_values(text)))
+                new_entry[key] = resource
+            if plan is not None and plan[n] is not None:
+                new, full = plan[n]
+                if full is not None:
+                    new_entry["fullUrl"] = full
+                new_entry["resource"]["id"] = new
+            copied.append(new_entry)
+    except (TypeError, orjson.JSONEncodeError):
+        return None
+    for key in bundle:
+        out[key] = copied if key == "entry" else rest[key]
+    return out, cache
 
 
 def _anchor(resource: dict[str, Any], anchored: tuple[tuple[str, str], ...]) -> None:

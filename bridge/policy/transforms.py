@@ -230,7 +230,9 @@ def check_key(key: bytes | None) -> bytes:
 # --- resource ids --------------------------------------------------------------------
 
 
-def _id_mapping(entries: Any, ctx: DeidContext) -> tuple[dict[str, str], list[tuple[str, str | None] | None]]:
+def id_stand_ins(
+    entries: Any, ctx: DeidContext
+) -> tuple[dict[str, str], list[tuple[str, str | None] | None]]:
     """The stand-in of every reference form of the entries' resources (``urn:uuid:id``,
     ``Type/id``, the entry's fullUrl), and per entry its new id and fullUrl (None for a
     resource without an id), in entry order: the first entry to claim a fullUrl keeps it."""
@@ -264,48 +266,16 @@ def pseudonymise_ids(bundle: dict[str, Any], ctx: DeidContext) -> None:
     entries' resources may be replaced by rewritten equal copies).
     """
     entries = bundle.get("entry") or ()
-    mapping, plan = _id_mapping(entries, ctx)
+    mapping, plan = id_stand_ins(entries, ctx)
     for entry, ids in zip(entries, plan, strict=True):
         if ids is not None:
             new, full = ids
             if full is not None:
                 entry["fullUrl"] = full
             entry["resource"]["id"] = new
-    if not mapping or _rewrite_text(entries, mapping) is None:
+    if not mapping or not _rewrite_text(entries, mapping):
         for entry in entries:
             _rewrite_refs(entry.get("resource"), mapping)
-
-
-def pseudonymised_copy(bundle: dict[str, Any], ctx: DeidContext) -> dict[str, Any]:
-    """A deep copy of ``bundle`` with its ids pseudonymised: what ``copy_json`` followed
-    by :func:`pseudonymise_ids` gives, with one pass over the JSON text instead of two
-    (the references are rewritten in the text the copy is read from)."""
-    entries = bundle.get("entry") or ()
-    mapping, plan = _id_mapping(entries, ctx)
-    resources = _rewrite_text(entries, mapping, always=True) if mapping else None
-    if resources is None:
-        out = orjson.loads(orjson.dumps(bundle))
-        pseudonymise_ids(out, ctx)
-        return out
-    rest = orjson.loads(orjson.dumps({k: v for k, v in bundle.items() if k != "entry"}))
-    copied: dict[str, Any] = {}
-    for key in bundle:
-        if key != "entry":
-            copied[key] = rest[key]
-            continue
-        new_entries = []
-        for entry, resource, ids in zip(entries, resources, plan, strict=True):
-            new_entry = {}
-            for k, v in entry.items():
-                new_entry[k] = resource if k == "resource" else orjson.loads(orjson.dumps(v))
-            if ids is not None:
-                new, full = ids
-                if full is not None:
-                    new_entry["fullUrl"] = full
-                resource["id"] = new
-            new_entries.append(new_entry)
-        copied[key] = new_entries
-    return copied
 
 
 # Only plain JSON values: anything orjson would turn into another value (a datetime, a
@@ -323,22 +293,16 @@ def _json_text(text: str) -> bytes:
     return orjson.dumps(text)[1:-1]
 
 
-def _rewrite_text(
-    entries: Any, mapping: dict[str, str], *, always: bool = False
-) -> list[Any] | None:
-    """Rewrite the references of every entry's resource in one pass over their JSON
-    (a walk in Python visits every object; this splits the text at the references).
-    None when the resources are not plain JSON, or a reference is written with escapes
-    (nothing changed then: the walk does it). Returns the resources read back from the
-    rewritten text, which replace the entries' own; when no reference changed, the
-    entries are left as they are and, unless ``always``, their own resources returned."""
-    resources = [entry.get("resource") for entry in entries]
-    try:
-        text = orjson.dumps(resources, option=_PLAIN)
-    except (TypeError, orjson.JSONEncodeError):
-        return None
-    # orjson writes a string one way only, so equal strings have equal texts.
-    encoded = {_json_text(k): _json_text(v) for k, v in mapping.items()}
+def encoded_stand_ins(mapping: dict[str, str]) -> dict[bytes, bytes]:
+    """``mapping`` as JSON text: orjson writes a string one way only, so equal strings
+    have equal texts."""
+    return {_json_text(k): _json_text(v) for k, v in mapping.items()}
+
+
+def rewrite_references(text: bytes, encoded: dict[bytes, bytes]) -> bytes | None:
+    """``text`` (JSON as orjson writes it) with every ``reference`` member's value that
+    ``encoded`` names replaced (``text`` itself when none is). None when a reference is
+    written with escapes: the caller walks the objects instead."""
     parts = text.split(_MEMBER)
     changed = False
     for i in range(1, len(parts)):
@@ -355,14 +319,27 @@ def _rewrite_text(
         if new is not None:
             parts[i] = new + part[end:]
             changed = True
-    if changed:
-        rewritten = orjson.loads(_MEMBER.join(parts))
-        if not always:
-            for entry, resource in zip(entries, rewritten, strict=True):
-                if "resource" in entry:
-                    entry["resource"] = resource
-        return list(rewritten)
-    return list(orjson.loads(text)) if always else resources
+    return _MEMBER.join(parts) if changed else text
+
+
+def _rewrite_text(entries: Any, mapping: dict[str, str]) -> bool:
+    """Rewrite the references of every entry's resource in one pass over their JSON
+    (a walk in Python visits every object; this splits the text at the references).
+    False when the resources are not plain JSON, or a reference is written with escapes
+    (nothing changed then: the walk does it)."""
+    resources = [entry.get("resource") for entry in entries]
+    try:
+        text = orjson.dumps(resources, option=_PLAIN)
+    except (TypeError, orjson.JSONEncodeError):
+        return False
+    rewritten = rewrite_references(text, encoded_stand_ins(mapping))
+    if rewritten is None:
+        return False
+    if rewritten is not text:
+        for entry, resource in zip(entries, orjson.loads(rewritten), strict=True):
+            if "resource" in entry:
+                entry["resource"] = resource
+    return True
 
 
 def _rewrite_refs(node: Any, mapping: dict[str, str]) -> None:
