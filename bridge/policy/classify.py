@@ -67,6 +67,7 @@ class SensitiveCodes:
         default_factory=dict, repr=False, compare=False
     )
     _any_memo: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
+    _text_memo: dict[bytes, bool] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def systems(self) -> frozenset[str]:
@@ -101,6 +102,17 @@ class SensitiveCodes:
             found = any(self.classes_of(system, code) for system in self.systems)
             if len(self._any_memo) < 100_000:
                 self._any_memo[code] = found
+        return found
+
+    def may_name_a_class_text(self, raw: bytes) -> bool:
+        """:meth:`may_name_a_class` for a code as it stands in JSON text (the string's
+        content, escapes and all), remembered by that text."""
+        found = self._text_memo.get(raw)
+        if found is None:
+            code = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+            found = self.may_name_a_class(code)
+            if len(self._text_memo) < 100_000:
+                self._text_memo[raw] = found
         return found
 
     def classes_of_concept(self, concept: Any) -> frozenset[str]:

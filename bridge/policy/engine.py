@@ -561,9 +561,7 @@ def _special_classes(
         except (TypeError, orjson.JSONEncodeError):
             text = None
         if text is not None and not any(
-            codes.may_name_a_class(
-                orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode())
-            for raw in _code_values(text)
+            codes.may_name_a_class_text(raw) for raw in _code_values(text)
         ):
             return frozenset()
 
