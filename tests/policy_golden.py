@@ -115,9 +115,11 @@ def profile_cases() -> Iterator[tuple[str, list[str]]]:
         digests = []
         for i, c in enumerate(collections):
             before = orjson.dumps(c)
-            digests.append(_short(_outcome(lambda c=c: apply_policy(
-                c, registry=registry, profile=profile, recipient=recipient, purpose=purpose,
-                now=NOW, key=KEY))))
+            digests.append(_short(_outcome(
+                lambda c=c, registry=registry, profile=profile, recipient=recipient,
+                purpose=purpose: apply_policy(
+                    c, registry=registry, profile=profile, recipient=recipient,
+                    purpose=purpose, now=NOW, key=KEY))))
             if orjson.dumps(c) != before:
                 raise AssertionError(f"apply_policy changed its input (record {i}, {name})")
             if i % 10 == 0:

@@ -369,16 +369,18 @@ def _copy_minimized(
                 if key != "resource":
                     new_entry[key] = value if type(value) is str else orjson.loads(orjson.dumps(value))
                     continue
-                text: bytes | None = orjson.dumps(value)
+                text = orjson.dumps(value)
                 if encoded is not None:
-                    text = rewrite_references(text, encoded)
-                    if text is None:
+                    rewritten = rewrite_references(text, encoded)
+                    if rewritten is None:
                         return None
+                    text = rewritten
                 resource = orjson.loads(text)
                 cache[id(resource)] = (resource, _decode_refs(_reference_values(text)))
                 new_entry[key] = resource
-            if plan is not None and plan[n] is not None:
-                new, full = plan[n]
+            ids_of = plan[n] if plan is not None else None
+            if ids_of is not None:
+                new, full = ids_of
                 if full is not None:
                     new_entry["fullUrl"] = full
                 new_entry["resource"]["id"] = new
