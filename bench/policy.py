@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -157,6 +158,11 @@ def main() -> None:
           f"{per_full / (total / args.max_consents * 1000):.0f}x faster)")
 
 
+def _load() -> str:
+    """The 1-, 5- and 15-minute load averages: the machine is shared."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 class _CollectorClock:
     """A ``gc.callbacks`` entry adding up the CPU time of the collector's passes."""
 
@@ -214,7 +220,8 @@ def research_path(n: int) -> None:
     wall2, cpu2 = time.perf_counter(), time.process_time()
     gc.callbacks.remove(collector)
     gc.unfreeze()
-    print(f"research path, {n:,} WS 445.10 records (research-limited-data-set, keyed):")
+    print(f"research path, {n:,} WS 445.10 records (research-limited-data-set, keyed; "
+          f"load average {_load()}):")
     print(f"  de-identification (apply_policy): {n / (wall1 - wall0):8,.0f} records/s, "
           f"{(cpu1 - cpu0) / n * 1000:.3f} ms CPU each (of which the cyclic garbage "
           f"collector, rescanning the bundles kept for the batch: {collected / n * 1000:.3f} ms)")
@@ -275,7 +282,8 @@ def claim_path_share(n: int) -> None:
                 await controller.close()
 
         submit_cpu, policy_cpu, sent = asyncio.run(run())
-    print(f"claim path, {n} claims submitted ({sent} queued), sender CPU per claim:")
+    print(f"claim path, {n} claims submitted ({sent} queued), sender CPU per claim "
+          f"(load average {_load()}):")
     print(f"  submit (map, link identity, policy, sign, store, audit): "
           f"{submit_cpu / n * 1000:.2f} ms")
     print(f"  policy stage alone (apply_policy): {policy_cpu / n * 1000:.2f} ms "
