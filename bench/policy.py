@@ -180,7 +180,7 @@ class _CollectorClock:
 
 def research_path(n: int) -> None:
     """Records/s through de-identification and k-anonymity over persons."""
-    from bridge.policy.research import ReleaseItem, age_at, anonymise, held
+    from bridge.policy.research import ReleaseItem, age_at, anonymise
     from bridge.policy.transforms import person_key
 
     profile = load_link_profile("research-limited-data-set")
@@ -212,8 +212,9 @@ def research_path(n: int) -> None:
         encounter = next(e["resource"] for e in c["entry"]
                          if e["resource"]["resourceType"] == "Encounter")
         # Held as a link's release holds them (bridge.link.research): as JSON text.
-        items.append(ReleaseItem(i, held(result.bundle), person_key(patient_identifiers(c)),
-                                 age_at(patient.get("birthDate"), encounter["period"]["start"])))
+        items.append(ReleaseItem.as_text(
+            i, result.bundle, person_key(patient_identifiers(c)),
+            age_at(patient.get("birthDate"), encounter["period"]["start"])))
     wall1, cpu1 = time.perf_counter(), time.process_time()
     collected = collector.total
     _released, report = anonymise(items, k=profile.k_anonymity.k,

@@ -30,7 +30,7 @@ from bridge.mapping import map_record, patient_identifiers
 from bridge.policy.consent import ConsentRegistry, build_consent, deny_provision
 from bridge.policy.engine import apply_policy, explain
 from bridge.policy.profile import load_link_profile
-from bridge.policy.research import ReleaseItem, age_at, anonymise, bundle_of, held
+from bridge.policy.research import ReleaseItem, age_at, anonymise, bundle_of
 from bridge.policy.transforms import person_key
 from bridge.samples import inpatient_records
 
@@ -152,9 +152,9 @@ def research_release(n: int = RELEASE, *, text: bool = False) -> list[str]:
                        if e["resource"]["resourceType"] == "Patient")
         encounter = next(e["resource"] for e in c["entry"]
                          if e["resource"]["resourceType"] == "Encounter")
-        bundle = held(result.bundle) if text else result.bundle
-        items.append(ReleaseItem(i, bundle, person_key(patient_identifiers(c)),
-                                 age_at(patient.get("birthDate"), encounter["period"]["start"])))
+        make = ReleaseItem.as_text if text else ReleaseItem
+        items.append(make(i, result.bundle, person_key(patient_identifiers(c)),
+                          age_at(patient.get("birthDate"), encounter["period"]["start"])))
     released, report = anonymise(items, k=profile.k_anonymity.k, quasi=profile.k_anonymity.quasi)
     if any(isinstance(item.bundle, bytes) != text for item in released):
         raise AssertionError("a released bundle is not held as it was given")

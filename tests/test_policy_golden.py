@@ -71,8 +71,8 @@ def test_outputs_do_not_depend_on_the_hash_seed() -> None:
 
 def test_text_and_dict_batches_release_alike() -> None:
     """At every generalisation level, with people of several records, top-coded ages and
-    a bundle of two Patients, a batch held as text releases what the same batch held as
-    dicts releases, and reports the same."""
+    a bundle of two Patients, a batch held as text (with or without its Patients' text
+    alongside) releases what the same batch held as dicts releases, and reports the same."""
     import copy
     from datetime import timedelta
 
@@ -107,18 +107,28 @@ def test_text_and_dict_batches_release_alike() -> None:
     levels = set()
     top_coded = 0
     for k, share in ((2, 1.0), (2, 0.85), (2, 0.7), (5, 0.05)):
-        def batch(text: bool) -> list[ReleaseItem]:
-            return [ReleaseItem(i, held(b) if text else copy.deepcopy(b), f"p{i % 150}",
-                                ages[i % 150]) for i, b in enumerate(bundles)]
+        def batch(how: str) -> list[ReleaseItem]:
+            out = []
+            for i, b in enumerate(bundles):
+                person, age = f"p{i % 150}", ages[i % 150]
+                if how == "dict":
+                    out.append(ReleaseItem(i, copy.deepcopy(b), person, age))
+                elif how == "text":
+                    out.append(ReleaseItem(i, held(b), person, age))
+                else:
+                    out.append(ReleaseItem.as_text(i, b, person, age))
+            return out
+
         quasi = profile.k_anonymity.quasi
-        as_dicts, report_d = anonymise(batch(False), k=k, quasi=quasi, max_suppressed=share)
-        as_text, report_t = anonymise(batch(True), k=k, quasi=quasi, max_suppressed=share)
-        assert report_t.to_dict() == report_d.to_dict()
-        assert [i.index for i in as_text] == [i.index for i in as_dicts]
-        for t, d in zip(as_text, as_dicts, strict=True):
-            assert isinstance(t.bundle, bytes)
-            assert t.bundle == orjson.dumps(d.bundle)
-            assert bundle_of(t) == d.bundle
+        as_dicts, report_d = anonymise(batch("dict"), k=k, quasi=quasi, max_suppressed=share)
+        for how in ("text", "text with its Patient"):
+            as_text, report_t = anonymise(batch(how), k=k, quasi=quasi, max_suppressed=share)
+            assert report_t.to_dict() == report_d.to_dict()
+            assert [i.index for i in as_text] == [i.index for i in as_dicts]
+            for t, d in zip(as_text, as_dicts, strict=True):
+                assert isinstance(t.bundle, bytes)
+                assert t.bundle == orjson.dumps(d.bundle)
+                assert bundle_of(t) == d.bundle
         levels.add(report_d.level)
         top_coded += report_d.top_coded
     assert levels == {0, 1, 2}

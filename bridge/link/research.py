@@ -23,7 +23,6 @@ from bridge.policy.research import (
     age_at,
     anonymise,
     bundle_of,
-    held,
 )
 from bridge.policy.transforms import PSEUDONYM_SYSTEM
 
@@ -78,7 +77,7 @@ async def release(
         person = controller.pseudonym(ids) or f"record:{index}"
         # The batch holds each bundle as text until it is sent (see ReleaseItem), and the
         # result without it.
-        items.append(ReleaseItem(index, held(result.bundle), person, age))
+        items.append(ReleaseItem.as_text(index, result.bundle, person, age))
         results[index] = replace(result, bundle={})
     released, report = anonymise(items, k=report.k, quasi=report.quasi, report=report)
     if send:

@@ -83,6 +83,20 @@ class ReleaseItem:
     bundle: dict[str, Any] | bytes
     person: str
     age: int | None
+    # Of a bundle held as text: its one Patient's JSON text, as it stands within it
+    # (see :meth:`as_text`). anonymise then reads the Patient alone.
+    patient: bytes | None = None
+
+    @classmethod
+    def as_text(
+        cls, index: int, bundle: dict[str, Any], person: str, age: int | None
+    ) -> ReleaseItem:
+        """An item holding ``bundle`` as JSON text (see :func:`held`), with the text of its
+        one Patient when it has exactly one."""
+        text = held(bundle)
+        if not isinstance(text, bytes):
+            return cls(index, text, person, age)
+        return cls(index, text, person, age, _patient_text(bundle, text))
 
 
 def held(bundle: dict[str, Any]) -> dict[str, Any] | bytes:
@@ -269,10 +283,20 @@ def anonymise(
     # kept: generalising rewrites that part of the text alone.
     values: dict[str, tuple[tuple[tuple[str, ...], ...], int | None]] = {}
     patients: dict[int, bytes] = {}
+    patient_only = all(path.startswith("Patient.") for path in quasi)
     for position, item in enumerate(items):
         if isinstance(item.bundle, bytes):
+            own = item.patient
+            if own is not None and item.bundle.count(own) != 1:
+                own = None
+            if own is not None and patient_only:
+                patients[position] = own
+                if item.person not in values:
+                    alone = {"entry": [{"resource": orjson.loads(own)}]}
+                    values[item.person] = (_values(alone, quasi), item.age)
+                continue
             bundle = orjson.loads(item.bundle)
-            found = _patient_text(bundle, item.bundle)
+            found = own or _patient_text(bundle, item.bundle)
             if found is not None:
                 patients[position] = found
         elif item.person in values:
