@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,7 @@ BASE = inpatient_records(40, seed=919)
 
 
 def front_sheet(i: int, *, department: str, diagnoses: list[dict[str, str]],
-                operations: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
+                operations: Sequence[tuple[str, str, str]] = (),
                 health_card: str | None = None, passport: str | None = None) -> dict[str, Any]:
     record = copy.deepcopy(BASE[i])
     e = record["elements"]
@@ -135,38 +135,38 @@ def cases() -> list[Case]:
         ALL_CLASSES, common_codes=["J18.900"]))
     # Malignancy told only by its companions: chemotherapy and radiotherapy sessions,
     # follow-up after treatment, personal history; a chemotherapy infusion (99.25).
-    malignant = dict(
-        department="肿瘤内科",
-        diagnoses=[dx("outpatient", "Z08.x00", "恶性肿瘤治疗后随诊检查"),
-                   dx("main", "Z51.100", "为肿瘤化学治疗疗程"),
-                   dx("other", "Z51.000", "放射治疗疗程"),
-                   dx("other", "Z85.300", "乳房恶性肿瘤个人史"),
-                   dx("other", "I10.x00", "高血压")],
-        operations=[("99.25", "注射或输注癌瘤化学治疗药物", "司马化疗")])
+    malignant = {
+        "department": "肿瘤内科",
+        "diagnoses": [dx("outpatient", "Z08.x00", "恶性肿瘤治疗后随诊检查"),
+                      dx("main", "Z51.100", "为肿瘤化学治疗疗程"),
+                      dx("other", "Z51.000", "放射治疗疗程"),
+                      dx("other", "Z85.300", "乳房恶性肿瘤个人史"),
+                      dx("other", "I10.x00", "高血压")],
+        "operations": [("99.25", "注射或输注癌瘤化学治疗药物", "司马化疗")]}
     malignant_codes = ["Z08", "Z51.1", "Z51.0", "Z85.3", "99.25"]
     malignant_text = ["恶性肿瘤治疗后随诊检查", "为肿瘤化学治疗疗程", "放射治疗疗程",
                       "乳房恶性肿瘤个人史", "注射或输注癌瘤化学治疗药物", "司马化疗", "肿瘤内科"]
     # HIV told by its companions: asymptomatic infection status, laboratory evidence,
     # HIV complicating pregnancy, history of an infectious disease.
-    infectious = dict(
-        department="感染科",
-        diagnoses=[dx("outpatient", "R75.x00", "人类免疫缺陷病毒实验室证据"),
-                   dx("main", "E11.900", "2型糖尿病"),
-                   dx("other", "Z21.x00", "无症状人类免疫缺陷病毒感染状态"),
-                   dx("other", "O98.700", "人类免疫缺陷病毒病并发于妊娠"),
-                   dx("other", "Z86.110", "结核病个人史")])
+    infectious = {
+        "department": "感染科",
+        "diagnoses": [dx("outpatient", "R75.x00", "人类免疫缺陷病毒实验室证据"),
+                      dx("main", "E11.900", "2型糖尿病"),
+                      dx("other", "Z21.x00", "无症状人类免疫缺陷病毒感染状态"),
+                      dx("other", "O98.700", "人类免疫缺陷病毒病并发于妊娠"),
+                      dx("other", "Z86.110", "结核病个人史")]}
     infectious_codes = ["R75", "Z21", "O98.7", "Z86.1"]
     infectious_text = ["人类免疫缺陷病毒实验室证据", "无症状人类免疫缺陷病毒感染状态",
                        "人类免疫缺陷病毒病并发于妊娠", "结核病个人史", "感染科"]
     # A mental disorder with the companions that accompany F-codes: alcohol
     # rehabilitation, history of mental disorder; and psychotherapy (94.3).
-    mental = dict(
-        department="精神科",
-        diagnoses=[dx("main", "J44.100", "慢性阻塞性肺病伴有急性加重"),
-                   dx("other", "F32.900", "抑郁发作"),
-                   dx("other", "Z50.200", "酒精中毒者康复"),
-                   dx("other", "Z86.500", "精神和行为障碍个人史")],
-        operations=[("94.31", "精神分析", "诸葛心理")])
+    mental = {
+        "department": "精神科",
+        "diagnoses": [dx("main", "J44.100", "慢性阻塞性肺病伴有急性加重"),
+                      dx("other", "F32.900", "抑郁发作"),
+                      dx("other", "Z50.200", "酒精中毒者康复"),
+                      dx("other", "Z86.500", "精神和行为障碍个人史")],
+        "operations": [("94.31", "精神分析", "诸葛心理")]}
     mental_codes = ["F32", "Z50.2", "Z86.5", "94.31"]
     mental_text = ["抑郁发作", "酒精中毒者康复", "精神和行为障碍个人史", "精神分析", "诸葛心理",
                    "精神科"]
