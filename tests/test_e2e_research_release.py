@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -325,6 +326,27 @@ def source_of(released: Released, message: dict[str, Any]) -> int:
     return matches[0]
 
 
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def dates_in(message: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(path, value) of every full date in the message's resources but the header."""
+    def walk(node: Any, path: str) -> Iterator[tuple[str, str]]:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{path}.{k}")
+        elif isinstance(node, list):
+            for v in node:
+                yield from walk(v, path)
+        elif isinstance(node, str) and DATE.match(node):
+            yield path, node
+
+    for entry in message["entry"]:
+        resource = entry["resource"]
+        if resource["resourceType"] != "MessageHeader":
+            yield from walk(resource, resource["resourceType"])
+
+
 def person_of(message: dict[str, Any]) -> str:
     """The person's pseudonym on the wire (the keyed stand-in of the identity card)."""
     return str(one(message, "Patient")["identifier"][0]["value"])
@@ -423,6 +445,10 @@ def test_one_date_shift_per_person_across_stays_not_recoverable(released: Releas
             assert shifted_now.isoformat() not in wire, "a shifted 'now' gives the shift away"
         for key in ("HDSD00.11.085", "HDSD00.11.019", "HDSD00.11.127"):
             assert original_day(e[key]).isoformat() not in wire, key
+        # Every date in the resources is a date of the stay moved by the person's shift.
+        stay = {original_day(e[k]) for k in ("HDSD00.11.085", "HDSD00.11.019", "HDSD00.11.127")}
+        for where, value in dates_in(message):
+            assert day(value) - timedelta(days=shift) in stay, where
     # One pseudonym per person, and one shift per person whatever the stay.
     assert all(len(p) == 1 for p in by_owner.values()), by_owner
     assert all(len(s) == 1 for s in shifts.values()), shifts
@@ -508,3 +534,19 @@ def test_departments_of_held_back_diagnoses_are_not_released(released: Released)
         else:
             assert codes == ["J18.900"], codes
             assert departments and set(departments) == {"呼吸内科"}, departments
+
+
+def test_every_released_resource_is_referred_to_from_the_claim(released: Released) -> None:
+    for message in released.wire:
+        [header] = resources(message, "MessageHeader")
+        by_url = {e["fullUrl"]: e["resource"] for e in message["entry"]}
+        [focus] = [f["reference"] for f in header["focus"]]
+        reached, todo = {focus}, [focus]
+        while todo:
+            node = json.dumps(by_url[todo.pop()])
+            for ref in re.findall(r'"reference": "([^"]+)"', node):
+                assert ref in by_url, ref
+                if ref not in reached:
+                    reached.add(ref)
+                    todo.append(ref)
+        assert {by_url[u]["resourceType"] for u in set(by_url) - reached} == {"MessageHeader"}
