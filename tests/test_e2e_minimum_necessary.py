@@ -48,6 +48,8 @@ INPATIENT_NO = "urn:oid:2.16.156.10011.1.12"
 RECORD_NO = "urn:oid:2.16.156.10011.1.13"
 HEALTH_CARD = "urn:oid:2.16.156.10011.1.19"
 SENSITIVITY = "urn:ws-fhir-bridge:sensitivity"
+GRADE = "urn:ws-fhir-bridge:grade"
+CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 
 
 # --- the records ------------------------------------------------------------------------
@@ -407,6 +409,20 @@ def test_companion_codes_stay_home_without_the_class_in_any_position(site: Site,
     assert sorted(claimed) == sorted(on_wire)
     assert {d["condition"]["reference"] for d in encounter["diagnosis"]} == on_wire
     assert "location" not in encounter and "reasonCode" not in encounter
+    # Nor do the labels tell: every resource has the grade and confidentiality of an
+    # ordinary claim's (no grade 5, no very-restricted "V").
+    ordinary = labels_by_type(site.message("plain"))
+    for kind, labels in labels_by_type(message).items():
+        assert labels == ordinary[kind], (kind, labels ^ ordinary[kind])
+
+
+def labels_by_type(message: dict[str, Any]) -> dict[str, set[tuple[str, str]]]:
+    out: dict[str, set[tuple[str, str]]] = {}
+    for r in resources(message):
+        out.setdefault(r["resourceType"], set()).update(
+            (s["system"], s["code"]) for s in r.get("meta", {}).get("security", [])
+            if s["system"] in (GRADE, CONFIDENTIALITY))
+    return out
 
 
 @pytest.mark.parametrize("cls", ["malignant", "infectious", "mental"])
