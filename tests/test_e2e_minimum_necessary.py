@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,10 @@ class Case:
     common_codes: list[str] = field(default_factory=list)
     message_id: str | None = None
     push: subprocess.CompletedProcess[str] | None = None
+    person: str = ""  # the case of the person's first stay, for a later stay
+
+    def __post_init__(self) -> None:
+        self.person = self.person or self.name
 
     @property
     def elements(self) -> dict[str, Any]:
@@ -135,6 +140,16 @@ def cases() -> list[Case]:
                                 health_card="330100HK2026000002",
                                 diagnoses=[dx("main", "J18.900", "肺炎")]),
         ALL_CLASSES, common_codes=["J18.900"]))
+    # The same foreign patient back six weeks later: another inpatient number, the same
+    # passport, record and health-card numbers.
+    again = copy.deepcopy(out[-1].record)
+    e = again["elements"]
+    e["HDSD00.11.140"] += "B"
+    for key in ("HDSD00.11.085", "HDSD00.11.019", "HDSD00.11.127"):
+        moved = datetime.strptime(e[key][:8], "%Y%m%d") + timedelta(days=42)
+        e[key] = moved.strftime("%Y%m%d") + e[key][8:]
+    out.append(Case("passport-again", again, ALL_CLASSES, common_codes=["J18.900"],
+                    person="passport"))
     # Malignancy told only by its companions: chemotherapy and radiotherapy sessions,
     # follow-up after treatment, personal history; a chemotherapy infusion (99.25).
     malignant = {
@@ -320,7 +335,7 @@ def no_dots(code: str) -> str:
 
 def test_only_table_9_identifiers_and_telephones_reach_the_insurer(site: Site) -> None:
     sent = [c for c in site.cases.values() if c.message_id]
-    assert len(sent) == 8
+    assert len(sent) == 9
     for case in sent:
         message = site.message(case.name)
         wire = text_of(message)
@@ -589,9 +604,11 @@ def test_the_history_is_found_by_each_of_the_patients_identifiers(site: Site,
                                                                   case: str) -> None:
     c = site.cases[case]
     e = c.elements
+    stays = [o for o in site.cases.values() if o.person == case]
     document = ID_CARD if e["HDSD00.11.049"] == "01" else ID_DOCUMENT
-    identifiers = [(document, e["HDSD00.11.048"]), (INPATIENT_NO, e["HDSD00.11.140"]),
-                   (RECORD_NO, e["HDSD00.11.006"]), (HEALTH_CARD, e["HDSD00.11.053"])]
+    identifiers = [(document, e["HDSD00.11.048"]), (RECORD_NO, e["HDSD00.11.006"]),
+                   (HEALTH_CARD, e["HDSD00.11.053"])]
+    identifiers += [(INPATIENT_NO, o.elements["HDSD00.11.140"]) for o in stays]
     histories = []
     values = sample_values(site)
     for system, value in identifiers:
@@ -603,21 +620,22 @@ def test_the_history_is_found_by_each_of_the_patients_identifiers(site: Site,
         histories.append([(x["seq"], x["action"], x["subject"]) for x in listed])
     assert all(h == histories[0] for h in histories), histories
     actions = {(a, s) for _, a, s in histories[0]}
-    assert ("claim.enqueue", c.message_id) in actions
-    assert ("claim.ack", c.message_id) in actions
-    assert ("consent.put", c.consent_id) in actions
+    for stay in stays:  # every stay of the person, whichever identifier was asked
+        assert ("claim.enqueue", stay.message_id) in actions
+        assert ("claim.ack", stay.message_id) in actions
+        assert ("consent.put", stay.consent_id) in actions
     # Nobody else's claim is in this patient's history.
-    others = {o.message_id for o in site.cases.values() if o.message_id and o.name != case}
+    others = {o.message_id for o in site.cases.values() if o.message_id and o.person != case}
     assert not others & {s for _, _, s in histories[0]}
     # The same history as FHIR AuditEvents.
-    fhir = disclosures(site, *identifiers[-1], "--fhir")
+    fhir = disclosures(site, *identifiers[2], "--fhir")
     assert fhir.returncode == 0, fhir.stderr
     bundle = json.loads(fhir.stdout)
     events = [x["resource"] for x in bundle["entry"]]
     assert events and {ev["resourceType"] for ev in events} == {"AuditEvent"}
     assert len(events) == len(histories[0])
     named = {ent["what"]["identifier"]["value"] for ev in events for ent in ev["entity"]}
-    assert c.message_id in named
+    assert {stay.message_id for stay in stays} <= named
     for v in values:
         assert v not in fhir.stdout, v
 
