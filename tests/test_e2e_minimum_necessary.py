@@ -544,6 +544,20 @@ def test_consent_explain_says_what_the_insurer_then_received(site: Site, case: s
     said_sent = {source[m["type"]][int(m["index"])]["id"] for e in report["elements"]
                  if e["outcome"] == "sent" and (m := PATH.match(e["path"]))}
     assert set(on_wire) - said_sent <= {r["id"] for r in resources(message, "MessageHeader")}
+    # And every element that arrived was said to be sent (primitive extensions such as
+    # _gender ride with their element).
+    said_elements: dict[str, set[str]] = {}
+    for e in report["elements"]:
+        m = PATH.match(e["path"])
+        if e["outcome"] == "sent" and m and m["element"]:
+            name = re.split(r"[.\[]", m["element"])[0]  # identifier[system=...], address.city
+            said_elements.setdefault(source[m["type"]][int(m["index"])]["id"], set()).add(name)
+    for resource_id, resource in on_wire.items():
+        if resource["resourceType"] == "MessageHeader":
+            continue
+        arrived = {k.lstrip("_") for k in resource} - {"resourceType", "id", "meta"}
+        assert arrived <= said_elements.get(resource_id, set()), (
+            resource["resourceType"], arrived - said_elements.get(resource_id, set()))
     held = outcomes.get("held-back-by-consent", 0)
     assert (held > 0) == case.endswith("-unnamed"), outcomes
 
