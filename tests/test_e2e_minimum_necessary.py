@@ -403,6 +403,7 @@ def test_the_surgeon_does_not_travel_with_or_without_the_operation(site: Site) -
 
 
 @pytest.mark.parametrize("cls", ["malignant", "infectious", "mental"])
+@pytest.mark.control("U3")
 def test_companion_codes_stay_home_without_the_class_in_any_position(site: Site,
                                                                      cls: str) -> None:
     case = site.cases[f"{cls}-unnamed"]
@@ -614,6 +615,7 @@ def sample_values(site: Site) -> list[str]:
 
 
 @pytest.mark.parametrize("case", ["plain", "passport"])
+@pytest.mark.control("U7")
 def test_the_history_is_found_by_each_of_the_patients_identifiers(site: Site,
                                                                   case: str) -> None:
     c = site.cases[case]

@@ -355,6 +355,7 @@ def person_of(message: dict[str, Any]) -> str:
 # --- the tests ----------------------------------------------------------------------------
 
 
+@pytest.mark.control("D8")
 def test_the_key_is_read_from_a_file_or_the_environment_never_the_configuration(
         released: Released) -> None:
     for cfg in (released.hospital_cfg, released.env_cfg):
@@ -372,6 +373,7 @@ def test_the_key_is_read_from_a_file_or_the_environment_never_the_configuration(
     assert "Traceback" not in without.stderr
 
 
+@pytest.mark.control("D8")
 def test_the_research_partner_receives_without_holding_the_key(released: Released) -> None:
     # The recipient validates and stores what it is sent; a de-identification key at the
     # recipient would let it recompute the pseudonyms from identity numbers.
@@ -402,6 +404,7 @@ def test_the_report_states_k_achieved_and_every_suppression(released: Released) 
     assert "nothing sent" not in released.release.stdout
 
 
+@pytest.mark.control("D6")
 def test_at_least_five_persons_share_every_released_combination(released: Released) -> None:
     classes: dict[str, tuple[str, ...]] = {}
     for message in released.wire:
@@ -417,6 +420,7 @@ def test_at_least_five_persons_share_every_released_combination(released: Releas
     assert min(sizes.values()) == released.report_json["k_achieved"]
 
 
+@pytest.mark.control("D4")
 def test_one_date_shift_per_person_across_stays_not_recoverable(released: Released) -> None:
     shifts: dict[str, set[int]] = {}
     by_owner: dict[str, set[str]] = {}
@@ -460,6 +464,7 @@ def test_one_date_shift_per_person_across_stays_not_recoverable(released: Releas
     assert len(set().union(*shifts.values())) > 1, "every person shifted alike"
 
 
+@pytest.mark.control("D3", "D5")
 def test_no_direct_identifier_of_appendix_g_is_released(released: Released) -> None:
     wire = json.dumps(released.wire, ensure_ascii=False)
     for record in released.records:
@@ -487,6 +492,7 @@ def test_no_direct_identifier_of_appendix_g_is_released(released: Released) -> N
         assert "telecom" not in json.dumps(message)
 
 
+@pytest.mark.control("D4")
 def test_no_age_of_89_or_over_is_revealed(released: Released) -> None:
     for message in released.wire:
         index = source_of(released, message)
