@@ -26,7 +26,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -60,6 +59,7 @@ class Person:
     consent: bool = True
     sensitive: tuple[str, str, str] | None = None  # (code, name, department)
     named: tuple[str, ...] = ()  # special-disease classes the research consent names
+    only: bool = False  # the special disease is the stay's only diagnosis
 
 
 def people() -> list[Person]:
@@ -68,6 +68,11 @@ def people() -> list[Person]:
     out += [Person(f"c{i}", "1", 90 + i, PLACE) for i in range(5)]  # men of 90 and over
     out.append(Person("lone", "2", 24, ("北京市", "北京市", "海淀区")))  # alone: suppressed
     out.append(Person("no-consent", "1", 63, PLACE, consent=False))  # refused
+    # A stay whose only diagnosis the consent holds back: refused, as any claim whose
+    # every diagnosis is held back (PROTOCOL P-MSG-10); a stay without a diagnosis in the
+    # extract would tell what consent withholds.
+    out.append(Person("all-held", "1", 64, PLACE, only=True,
+                      sensitive=("Z21.x00", "无症状人类免疫缺陷病毒感染状态", "感染科")))
     # Special diseases the research consent does not name, treated in the department
     # that tells them.
     out[0].sensitive = ("B20.900", "HIV病", "感染科")
@@ -97,7 +102,10 @@ def batch() -> tuple[list[Person], list[dict[str, Any]], list[str]]:
         e["HDSD00.11.102"], e["HDSD00.11.103"], e["HDSD00.11.104"] = person.place
         department = "呼吸内科"
         diagnoses = [{"HDSD00.11.023": "J18.900", "HDSD00.11.024": "肺炎", "HDSD00.11.025": "1"}]
-        if person.sensitive:
+        if person.sensitive and person.only:
+            code, name, department = person.sensitive
+            diagnoses = [{"HDSD00.11.023": code, "HDSD00.11.024": name, "HDSD00.11.025": "1"}]
+        elif person.sensitive:
             code, name, department = person.sensitive
             diagnoses.append({"HDSD00.11.020": code, "HDSD00.11.021": name,
                               "HDSD00.11.022": "1"})
@@ -243,8 +251,9 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Released]:
         added = cli("consent", "add", "--config", str(hospital_cfg), str(path))
         assert added.returncode == 0, added.stderr
 
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(add, [p for p in persons if p.consent]))
+    for person in persons:
+        if person.consent:
+            add(person)
 
     researcher = serve(partner_cfg, root / "research.log")
     hospital = serve(hospital_cfg, root / "hospital.log")
@@ -388,12 +397,13 @@ def test_the_report_states_k_achieved_and_every_suppression(released: Released) 
     assert report["records_in"] == len(released.records)
     lone = released.owners.index("lone")
     refused = released.owners.index("no-consent")
+    all_held = released.owners.index("all-held")
     assert [r["record"] for r in report["records_suppressed"]] == [lone]
     assert "fewer than 5" in report["records_suppressed"][0]["why"]
-    assert [r["record"] for r in report["records_refused"]] == [refused]
-    assert "consent-denied" in report["records_refused"][0]["why"]
-    assert report["records_released"] == len(released.records) - 2 == len(released.wire)
-    assert report["persons_released"] == len(released.persons) - 2
+    assert [r["record"] for r in report["records_refused"]] == sorted([refused, all_held])
+    assert all("consent-denied" in r["why"] for r in report["records_refused"])
+    assert report["records_released"] == len(released.records) - 3 == len(released.wire)
+    assert report["persons_released"] == len(released.persons) - 3
     assert report["ages_top_coded"] == 6  # five men of 90 and over, one with two stays
     for out in (released.report, released.release):
         assert out.returncode == 0, out.stderr
@@ -415,7 +425,7 @@ def test_at_least_five_persons_share_every_released_combination(released: Releas
                  json.dumps(patient.get("address"), sort_keys=True, ensure_ascii=False))
         assert classes.setdefault(person_of(message), quasi) == quasi
     sizes = Counter(classes.values())
-    assert len(classes) == len(released.persons) - 2
+    assert len(classes) == len(released.persons) - 3
     assert min(sizes.values()) >= 5, sizes
     assert min(sizes.values()) == released.report_json["k_achieved"]
 
