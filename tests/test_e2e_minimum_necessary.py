@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -37,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import ALL_CLASSES, consent_for, make_workdir
+from e2e_support import ALL_CLASSES, consent_for, make_workdir, set_toml_keys
 from handoff_support import fast_hospital
 
+from bridge.config import load_config
 from bridge.demo import LINK_OUT
 from bridge.samples import inpatient_records
 
@@ -254,6 +256,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     root = tmp_path_factory.mktemp("minimum")
     hospital_cfg, insurer_cfg = make_workdir(root)
     fast_hospital(hospital_cfg)
+    for cfg, who in ((hospital_cfg, "hospital"), (insurer_cfg, "insurer")):
+        kek = root / f"{who}.kek"  # health data sealed at rest
+        kek.write_bytes(secrets.token_bytes(32))
+        set_toml_keys(cfg, "store", {"data_key_file": str(kek)})
     all_cases = cases()
     for case in all_cases:
         (root / f"{case.name}.json").write_text(json.dumps(case.record, ensure_ascii=False),
@@ -688,3 +694,16 @@ def test_the_enqueue_audit_names_the_provision_and_path_held_back_without_values
     assert export.stdout
     for v in values:
         assert v not in export.stdout, v
+
+
+def test_the_stores_hold_no_value_in_clear_after_the_exchanges(site: Site) -> None:
+    # After pushes, refusals, explanations and history look-ups by every identifier
+    # (the tests above), neither store file nor its write-ahead log shows a value.
+    values = [v.encode() for v in sample_values(site) if len(v.encode()) >= 6]
+    files = [f for cfg in (site.hospital_cfg, site.insurer_cfg)
+             for f in load_config(cfg).store.path.parent.glob("bridge.sqlite*")]
+    assert len(files) >= 2
+    for f in files:
+        data = f.read_bytes()
+        for v in values:
+            assert v not in data, (f.name, v.decode())
