@@ -298,6 +298,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     for log in ("hospital.log", "insurer.log"):
         text = (root / log).read_text(encoding="utf-8")
         assert "Traceback" not in text, log
+        for value in sample_values(all_cases):
+            assert value not in text, (log, value)
 
 
 # --- reading the wire -------------------------------------------------------------------
@@ -605,10 +607,10 @@ def disclosures(site: Site, system: str, value: str, *fmt: str) -> subprocess.Co
                "--patient", f"{system}|{value}", *fmt)
 
 
-def sample_values(site: Site) -> list[str]:
-    """Values of the records a history must never show."""
+def sample_values(site: Site | list[Case]) -> list[str]:
+    """Values of the records a history, log or store must never show."""
     values: set[str] = set()
-    for case in site.cases.values():
+    for case in (site.cases.values() if isinstance(site, Site) else site):
         e = case.elements
         for key in ("HDSD00.11.048", "HDSD00.11.110", "HDSD00.11.140", "HDSD00.11.006",
                     "HDSD00.11.053", "HDSD00.11.026", "HDSD00.11.101", "HDSD00.11.014"):
