@@ -294,6 +294,9 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Released]:
         text = (root / log).read_text(encoding="utf-8")
         assert "Traceback" not in text, log
         assert KEY_HEX not in text, log
+        for record in records:
+            for key in ("HDSD00.11.110", "HDSD00.11.048", "HDSD00.11.140", "HDSD00.11.006"):
+                assert str(record["elements"][key]) not in text, (log, key)
 
 
 # --- reading what arrived -----------------------------------------------------------------
