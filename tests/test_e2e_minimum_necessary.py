@@ -67,7 +67,6 @@ class Case:
     classes: tuple[str, ...]  # special-disease classes the consent names
     sensitive_codes: list[str] = field(default_factory=list)  # ICD-10 and ICD-9-CM-3
     sensitive_text: list[str] = field(default_factory=list)  # names and department
-    sensitive_class: str | None = None
     common_codes: list[str] = field(default_factory=list)
     message_id: str | None = None
     push: subprocess.CompletedProcess[str] | None = None
@@ -198,7 +197,7 @@ def cases() -> list[Case]:
             out.append(Case(
                 f"{cls}-{'named' if consented else 'unnamed'}", front_sheet(n, **shape),  # type: ignore[arg-type]
                 (cls,) if consented else tuple(c for c in ALL_CLASSES if c != cls),
-                sensitive_codes=codes, sensitive_text=text, sensitive_class=cls,
+                sensitive_codes=codes, sensitive_text=text,
                 common_codes=common))
             n += 1
     # Every diagnosis is a companion of a malignancy: nothing may be sent (P-MSG-10).
@@ -207,8 +206,7 @@ def cases() -> list[Case]:
                                 diagnoses=[dx("outpatient", "Z08.x00", "恶性肿瘤治疗后随诊检查"),
                                            dx("main", "Z51.100", "为肿瘤化学治疗疗程")]),
         tuple(c for c in ALL_CLASSES if c != "malignant"),
-        sensitive_codes=["Z08", "Z51.1"], sensitive_text=["为肿瘤化学治疗疗程"],
-        sensitive_class="malignant"))
+        sensitive_codes=["Z08", "Z51.1"], sensitive_text=["为肿瘤化学治疗疗程"]))
     return out
 
 
