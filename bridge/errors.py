@@ -183,6 +183,13 @@ class ConsentDenied(PolicyError):
 
     code = "consent-denied"
 
+    def __str__(self) -> str:
+        # PROTOCOL P-MSG-10: a refusal names the consent as well as the provision that
+        # held the data back (the location), so the operator can find what to change.
+        consent = self.detail.get("consent_id")
+        text = super().__str__()
+        return f"{text}; consent {consent}" if consent else text
+
 
 class ProfileError(PolicyError):
     """The link's minimum-necessary profile does not allow this message."""

@@ -62,21 +62,36 @@ def write_private(path: Path, data: bytes) -> None:
 
 def load_or_make_key(path: Path, *, what: str = "key") -> bytes:
     """The 32-byte key kept as hex in ``path``; a missing file is made (mode 600) with a
-    new random key. Two processes making it at once agree: the second reads the first's."""
+    new random key. Two processes making it at once agree: the second reads the first's.
+
+    The new key is written whole under a temporary name and linked into place, so no
+    process ever reads a key file another is still writing; a file that does not hold a
+    32-byte key is refused, never used (an empty key would pseudonymise under a key
+    anyone has)."""
     try:
-        return bytes.fromhex(path.read_text().strip())
+        text = path.read_text().strip()
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         key = secrets.token_bytes(32)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".bridge-", suffix=".tmp")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:  # mkstemp creates the file with mode 600
+                fh.write(key.hex())
+            os.link(temp, path)  # fails if another process made it first
         except FileExistsError:
             return load_or_make_key(path, what=what)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key.hex())
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
         return key
+    try:
+        key = bytes.fromhex(text)
     except ValueError:
         raise ConfigError(f"{what} file is not hex", location=str(path)) from None
+    if len(key) != 32:
+        raise ConfigError(f"{what} file does not hold a 32-byte key (64 hex digits)",
+                          location=str(path))
+    return key
 
 
 __all__ = ["load_or_make_key", "private_folder", "read_bounded", "write_private"]

@@ -285,6 +285,10 @@ def values_at(bundle: dict[str, Any], path: str) -> list[str]:
     return found
 
 
+RESEARCH_CLASSES = ("sexual-reproductive", "infectious", "mental", "malignant", "genetic",
+                    "anal", "rare", "incurable")
+
+
 def research_batch(n: int) -> list[tuple[dict[str, Any], ConsentRegistry]]:
     out = []
     registry = ConsentRegistry()
@@ -297,6 +301,10 @@ def research_batch(n: int) -> list[tuple[dict[str, Any], ConsentRegistry]]:
             consent_id=f"r-{i}", patient_system=ident["system"], patient_value=ident["value"],
             recipient="research-c", purposes=["HRESCH"], start=date(2020, 1, 1),
             end=date(2030, 1, 1), hospital_partner_id=HOSPITAL,
+            # Every stay of the batch travels, special diseases too: a stay whose every
+            # diagnosis consent held back would be refused (P-MSG-10), and these tests
+            # are about identifiers, dates and k.
+            sensitive_classes=RESEARCH_CLASSES,
         ), now=NOW)
         out.append((collection, registry))
     return out

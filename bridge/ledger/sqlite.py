@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -284,6 +285,24 @@ def _audit_entry(r: tuple[Any, ...]) -> AuditEntry:
 
 
 
+def _switch_to_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
+    """Put the store in WAL mode and return the mode SQLite reports.
+
+    A new file is in rollback-journal mode until the first process switches it; while
+    that process writes, SQLite refuses another's switch at once with SQLITE_BUSY
+    (without its busy handler, to avoid a deadlock), so the switch is retried here for
+    as long as any other statement would wait."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            code = "_".join(str(getattr(exc, "sqlite_errorname", "")).split("_")[:2])
+            if code not in ("SQLITE_BUSY", "SQLITE_LOCKED") or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 #: What an SQLite result code means to an operator (SQLite's own fixed texts say less).
 _SQLITE_PROBLEMS = {
     "SQLITE_BUSY": "another process holds the store locked; try again when it is done",
@@ -325,7 +344,7 @@ class SQLiteStore:
                 check_same_thread=False,
             )
             conn = self._conn
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _switch_to_wal(conn, busy_timeout)
             if str(mode).lower() != "wal":
                 raise StoreError("store could not switch to WAL journal", location=str(self.path))
             conn.execute("PRAGMA synchronous=FULL")

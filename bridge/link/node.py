@@ -221,10 +221,12 @@ class Controller:
             link.id: _profile_for(link.profile_ref()) for link in config.links
         }
         # Links whose profile has keyed transforms (research): the key, from the file
-        # or environment variable the configuration names, never from its text.
+        # or environment variable the configuration names, never from its text. Only
+        # the side that de-identifies holds it: on a receiving link (inbound, pull-from)
+        # the key would let the recipient reverse the keyed pseudonyms it is sent.
         self.deid_keys: dict[str, bytes] = {
             link.id: load_deid_key(link) for link in config.links
-            if self.profiles[link.id].needs_key
+            if self.profiles[link.id].needs_key and link.direction in ("outbound", "pull")
         }
         # Each link counts consents by its own rules on expiry (consent_rules).
         self.link_consents: dict[str, ConsentRegistry] = {
