@@ -156,10 +156,10 @@ def cases() -> list[Case]:
     malignant = {
         "department": "肿瘤内科",
         "diagnoses": [dx("outpatient", "Z08.x00", "恶性肿瘤治疗后随诊检查"),
-                      dx("main", "Z51.100", "为肿瘤化学治疗疗程"),
+                      dx("main", "I10.x00", "高血压"),
+                      dx("other", "Z51.100", "为肿瘤化学治疗疗程"),
                       dx("other", "Z51.000", "放射治疗疗程"),
-                      dx("other", "Z85.300", "乳房恶性肿瘤个人史"),
-                      dx("other", "I10.x00", "高血压")],
+                      dx("other", "Z85.300", "乳房恶性肿瘤个人史")],
         "operations": [("99.25", "注射或输注癌瘤化学治疗药物", "司马化疗")]}
     malignant_codes = ["Z08", "Z51.1", "Z51.0", "Z85.3", "99.25"]
     malignant_text = ["恶性肿瘤治疗后随诊检查", "为肿瘤化学治疗疗程", "放射治疗疗程",
@@ -207,6 +207,15 @@ def cases() -> list[Case]:
                                            dx("main", "Z51.100", "为肿瘤化学治疗疗程")]),
         tuple(c for c in ALL_CLASSES if c != "malignant"),
         sensitive_codes=["Z08", "Z51.1"], sensitive_text=["为肿瘤化学治疗疗程"]))
+    n += 1
+    # The principal diagnosis is a companion of a malignancy, another one is ordinary:
+    # nothing may be sent either (P-MSG-10), nor the ordinary one made principal.
+    out.append(Case(
+        "principal-held", front_sheet(n, department="肿瘤内科",
+                                      diagnoses=[dx("main", "Z51.100", "为肿瘤化学治疗疗程"),
+                                                 dx("other", "I10.x00", "高血压")]),
+        tuple(c for c in ALL_CLASSES if c != "malignant"),
+        sensitive_codes=["Z51.1"], sensitive_text=["为肿瘤化学治疗疗程"]))
     return out
 
 
@@ -431,6 +440,14 @@ def test_companion_codes_stay_home_without_the_class_in_any_position(site: Site,
     assert sorted(claimed) == sorted(on_wire)
     assert {d["condition"]["reference"] for d in encounter["diagnosis"]} == on_wire
     assert "location" not in encounter and "reasonCode" not in encounter
+    # Nor does the numbering tell (P-MSG-10): what is left is numbered 1..n, the
+    # principal diagnosis first, as in a claim from which nothing was held back.
+    assert [d["sequence"] for d in claim["diagnosis"]] == list(
+        range(1, len(claim["diagnosis"]) + 1))
+    kinds = [c["code"] for d in claim["diagnosis"] for t in d["type"] for c in t["coding"]]
+    assert kinds.count("principal") == 1 and kinds[0] == "principal", kinds
+    assert [p["sequence"] for p in claim.get("procedure", [])] == list(
+        range(1, len(claim.get("procedure", [])) + 1))
     # Nor do the labels tell: every resource has the grade and confidentiality of an
     # ordinary claim's (no grade 5, no very-restricted "V").
     ordinary = labels_by_type(site.message("plain"))
@@ -569,9 +586,10 @@ def test_consent_explain_says_what_the_insurer_then_received(site: Site, case: s
     assert (held > 0) == case.endswith("-unnamed"), outcomes
 
 
-def test_a_claim_whose_every_diagnosis_is_held_back_is_refused_and_nothing_arrives(
-        site: Site) -> None:
-    case = site.cases["all-held"]
+@pytest.mark.parametrize("name", ["all-held", "principal-held"])
+def test_a_claim_whose_every_or_principal_diagnosis_is_held_back_is_refused(
+        site: Site, name: str) -> None:
+    case = site.cases[name]
     assert case.push is not None and case.message_id is None
     # PROTOCOL P-MSG-10: refused at enqueue with consent-denied, naming the consent and
     # the provision; never sent without diagnoses nor with a placeholder.
@@ -582,7 +600,9 @@ def test_a_claim_whose_every_diagnosis_is_held_back_is_refused_and_nothing_arriv
     assert "Traceback" not in refusal
     for value in (case.elements["HDSD00.11.048"], case.elements["HDSD00.11.110"], "Z51"):
         assert value not in refusal
-    said = explain(site, "all-held")
+    if name == "principal-held":
+        assert "principal diagnosis" in refusal
+    said = explain(site, name)
     assert said.returncode == 1, said.stdout + said.stderr
     report = json.loads(said.stdout)
     assert report["permitted"] is False

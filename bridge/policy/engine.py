@@ -334,6 +334,8 @@ def _run(
 
     held: list[HeldBack] = []
     entries_before = _present(bundle, profile.refuse_without)
+    principal_before = (_principal_claims(bundle) if "Claim.diagnosis" in profile.refuse_without
+                        else set())
     drop_entries: set[int] = set()
     drop_items: dict[int, list[tuple[str, int]]] = {}
     asked: list[Item] = []
@@ -427,9 +429,11 @@ def _run(
         extra = [p for p in cascade if p not in grade_paths]
         held_paths.extend(extra)
         label_bundle(bundle, codes=codes, types=profile.classes)
+        close_sequence_gaps(bundle)
     removed.extend(grade_paths)
 
     _refuse_without(profile, entries_before, bundle, held)
+    _refuse_without_principal(principal_before, bundle, held)
     if trace is not None:
         trace.sent_ids = {str(e["resource"].get("id")) for e in bundle["entry"]}
         trace.sent = {str(e["resource"].get("id")): copy_json(e["resource"])
@@ -531,6 +535,84 @@ def _refuse_without(
             location=(fate.provision_path if fate and fate.provision_path else full),
             consent_id=fate.consent_id if fate else None,
         )
+
+
+_PRINCIPAL = "principal"
+
+
+def _is_principal(diagnosis: Any) -> bool:
+    return isinstance(diagnosis, dict) and any(
+        isinstance(coding, dict) and coding.get("code") == _PRINCIPAL
+        for kind in diagnosis.get("type") or () if isinstance(kind, dict)
+        for coding in kind.get("coding") or ()
+    )
+
+
+def _principal_claims(bundle: dict[str, Any]) -> set[str]:
+    """Ids of the Claims that state a principal diagnosis."""
+    return {
+        str(e["resource"].get("id")) for e in bundle.get("entry") or ()
+        if e["resource"].get("resourceType") == "Claim"
+        and any(_is_principal(d) for d in e["resource"].get("diagnosis") or ())
+    }
+
+
+def _refuse_without_principal(
+    before: set[str], bundle: dict[str, Any], held: list[HeldBack],
+) -> None:
+    """Refuse a claim whose principal diagnosis consent held back while others remain.
+
+    An insurer settles a stay on its principal diagnosis (主要诊断); a claim that
+    arrives without one, or with a secondary diagnosis promoted in its place, either
+    cannot be settled or states what is not so, and its absence tells that the
+    principal diagnosis was withheld (conformance/PROTOCOL.md P-MSG-10).
+    """
+    if not before:
+        return
+    lost = before - _principal_claims(bundle)
+    sent = {str(e["resource"].get("id")) for e in bundle["entry"]
+            if e["resource"].get("resourceType") == "Claim"}
+    if not lost & sent:
+        return
+    fate = next((h for h in held if h.path == "Claim.diagnosis"), None) or next(
+        (h for h in held if h.reason != "grade"), None)
+    raise ConsentDenied(
+        "consent holds back the principal diagnosis of the claim; the link does not send"
+        " a claim without it",
+        location=(fate.provision_path if fate and fate.provision_path else "Claim.diagnosis"),
+        consent_id=fate.consent_id if fate else None,
+    )
+
+
+def close_sequence_gaps(bundle: dict[str, Any]) -> None:
+    """Number each Claim's remaining diagnoses and procedures 1..n again.
+
+    After consent held some of them back, the numbers left (1, 3, 4) would show that
+    something between them was withheld. The order is kept, and an item's
+    ``diagnosisSequence`` / ``procedureSequence`` follow their entries (a number whose
+    entry went is dropped from the item).
+    """
+    for entry in bundle.get("entry") or ():
+        claim = entry["resource"]
+        if claim.get("resourceType") != "Claim":
+            continue
+        for element, pointer in (("diagnosis", "diagnosisSequence"),
+                                 ("procedure", "procedureSequence")):
+            members = claim.get(element)
+            if not members:
+                continue
+            renumber: dict[Any, int] = {}
+            for n, member in enumerate(members, start=1):
+                if isinstance(member, dict):
+                    renumber[member.get("sequence")] = n
+                    member["sequence"] = n
+            for item in claim.get("item") or ():
+                if isinstance(item, dict) and pointer in item:
+                    kept = [renumber[v] for v in item[pointer] if v in renumber]
+                    if kept:
+                        item[pointer] = kept
+                    else:
+                        del item[pointer]
 
 
 # A code as orjson writes it (a Coding's "code" member, or any other "code"): a superset
