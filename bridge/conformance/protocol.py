@@ -1,4 +1,4 @@
-"""Constants of the exchange protocol, copied from ``conformance/PROTOCOL.md`` (v1.2).
+"""Constants of the exchange protocol, copied from ``conformance/PROTOCOL.md`` (v1.3).
 
 Pure data: the conformance peer builds what it sends from these values and the rules of
 the document, never from the bridge's own code. Each constant names the section that
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 
 # §1 parties
 PARTNER_SYSTEM = "urn:ws-fhir-bridge:partner"
