@@ -169,6 +169,7 @@ def read_batch_response(value: Any, count: int) -> list[tuple[int, Any]]:
         if not isinstance(status, str) or not status[:3].isdigit():
             raise ParseError("entry has no status", location=f"Bundle.entry[{i}].response.status")
         code = int(status[:3])
+        assert isinstance(response, dict)
         out.append((code, entry.get("resource") if code == 200 else response.get("outcome")))
     return out
 

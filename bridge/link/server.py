@@ -502,7 +502,7 @@ class ReceiverApp:
             *(self._batch_entry(partner, link, entry) for entry in entries)
         )
         return web.Response(
-            body=encode_batch_response([(a.status, bytes(a.body)) for a in answers]),
+            body=encode_batch_response([(a.status, a.body) for a in answers]),  # type: ignore[misc]
             content_type=FHIR_JSON,
         )
 
