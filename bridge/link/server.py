@@ -262,6 +262,8 @@ class ReceiverApp:
         app.router.add_post(f"{base}/$process-message", self.process_message)
         if self.c.config.server.max_batch_entries > 0:
             app.router.add_post(base or "/", self.process_batch)
+            if base:
+                app.router.add_post(f"{base}/", self.process_batch)
         app.router.add_get(f"{base}/metadata", self.metadata)
         consents = ConsentAPI(self)
         app.router.add_post(f"{base}/Consent", consents.create)
