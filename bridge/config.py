@@ -94,6 +94,13 @@ class ServerConfig(_Strict):
         gt=0,
         description="a request body not received within this long is answered 408",
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto",
+        description=(
+            "event loop of bridge serve: uvloop when installed (auto), or named; the"
+            " BRIDGE_EVENT_LOOP environment variable overrides it"
+        ),
+    )
     max_batch_entries: int = Field(
         default=64,
         ge=0,

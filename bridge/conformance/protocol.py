@@ -49,6 +49,12 @@ JWS_HEADERS = ("alg", "kid", "iss", "aud", "iat", "msgid")
 JWS_ALGORITHMS = ("ES256", "Ed25519")
 REPLAY_WINDOW_SECONDS = 300
 
+# §6b several claims per request
+BATCH_INTERACTION = "batch"
+BATCH_EXTENSION = "urn:ws-fhir-bridge:ext:message-batch"
+BATCH_STREAM_EXTENSION = "urn:ws-fhir-bridge:ext:bridge-stream"
+BATCH_SEQUENCE_EXTENSION = "urn:ws-fhir-bridge:ext:bridge-sequence"
+
 # §6 receipts
 RECEIPT_NAMESPACE = uuid.UUID("3d3b185e-0ea4-5090-8cf1-41374f3bbbe3")
 EXT_PREFIX = "urn:ws-fhir-bridge:ext:"

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from bridge.link.handshakes import HandshakeAudit, HandshakeHook, classify
 
@@ -106,7 +106,8 @@ class _Gate(asyncio.Protocol):
         self._early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport; uvloop's does not derive from asyncio.Transport.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         # Nothing may be read before start_tls takes over the transport.
         transport.pause_reading()
