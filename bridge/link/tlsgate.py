@@ -104,6 +104,11 @@ class _Gate(asyncio.Protocol):
         # decrypted before the application protocol takes over: keep it for that protocol.
         self._early: list[bytes] = []
         self._early_eof = False
+        # Bytes of the handshake read before the TLS layer took the transport over.
+        # The standard library's loop honours pause_reading() in connection_made; uvloop
+        # starts reading anyway, so the client's first flight can arrive here first.
+        self._raw: list[bytes] = []
+        self._tls_installed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; uvloop's does not derive from asyncio.Transport.
@@ -119,7 +124,25 @@ class _Gate(asyncio.Protocol):
     # reports to this gate; afterwards it reports to the application directly.
 
     def data_received(self, data: bytes) -> None:
-        self._early.append(data)
+        (self._early if self._tls_installed else self._raw).append(data)
+
+    def _replay_raw(self, transport: asyncio.Transport) -> None:
+        """Hand the TLS layer what was read before it took over, ahead of any later
+        read: it runs after start_tls installed its protocol and before that protocol
+        starts the handshake (both are scheduled by start_tls, after this)."""
+        self._tls_installed = True
+        layer = transport.get_protocol()
+        if layer is self:
+            return
+        for chunk in self._raw:
+            view = memoryview(chunk)
+            while view:
+                buffer = layer.get_buffer(len(view))  # type: ignore[attr-defined]
+                n = min(len(buffer), len(view))
+                buffer[:n] = view[:n]
+                layer.buffer_updated(n)  # type: ignore[attr-defined]
+                view = view[n:]
+        self._raw.clear()
 
     def eof_received(self) -> bool | None:
         self._early_eof = True
@@ -132,14 +155,18 @@ class _Gate(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown"
+        upgrade = loop.create_task(loop.start_tls(
+            transport,
+            self,
+            self._listener.ssl_context,
+            server_side=True,
+            ssl_handshake_timeout=self._listener.handshake_timeout,
+        ))
+        # Runs right after start_tls's first step (which swaps the transport's protocol
+        # and schedules the handshake): see _replay_raw.
+        loop.call_soon(self._replay_raw, transport)
         try:
-            tls_transport = await loop.start_tls(
-                transport,
-                self,
-                self._listener.ssl_context,
-                server_side=True,
-                ssl_handshake_timeout=self._listener.handshake_timeout,
-            )
+            tls_transport = await upgrade
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             transport.abort()
             fingerprint = getattr(exc, "presented_sha256", None)
