@@ -38,7 +38,7 @@ def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop
             raise ConfigError("uvloop is asked for but not installed",
                               location="server.event_loop") from None
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop
 
 
 def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:

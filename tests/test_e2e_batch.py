@@ -34,7 +34,7 @@ SEQUENCE = "urn:ws-fhir-bridge:ext:bridge-sequence"
 
 def _peer(root: Path, insurer_cfg: Path) -> Peer:
     pki = root / "pki"
-    port = re.search(r"^port = (\d+)", insurer_cfg.read_text(), re.M)
+    port = re.search(r"^port = (\d+)", insurer_cfg.read_text(), re.MULTILINE)
     assert port is not None
     return Peer(
         base_url=f"https://127.0.0.1:{port.group(1)}/fhir",
@@ -153,7 +153,7 @@ async def test_batch_entries_are_judged_one_by_one(tmp_path: Path) -> None:
 
 
 def _metric(text: str, name: str) -> float:
-    found = re.search(rf"^{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M)
+    found = re.search(rf"^{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.MULTILINE)
     assert found, f"{name} not in /metrics"
     return float(found.group(1))
 

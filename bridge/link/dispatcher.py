@@ -262,6 +262,8 @@ class Dispatcher:
         # and trusted until ``_offer_until`` (event loop time).
         self.offer: BatchOffer | None = None
         self._offer_until = 0.0
+        self._offer_read = False
+        self._offer_task: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -306,6 +308,9 @@ class Dispatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])
+        if self._offer_task is not None:
+            self._offer_task.cancel()
+            await asyncio.wait([self._offer_task])
         sending = list(self._sending)
         for task in sending:
             task.cancel()
@@ -395,21 +400,37 @@ class Dispatcher:
         return groups
 
     async def _per_request(self) -> int:
-        """How many messages go in one request: the partner's batch offer (read again
-        when it is older than ``capability_ttl_seconds``) capped by the link's
-        ``max_batch_entries``; 1 when the partner makes no offer, or its
-        CapabilityStatement cannot be read."""
+        """How many messages go in one request: the partner's batch offer capped by the
+        link's ``max_batch_entries``; 1 when the partner makes no offer, or its
+        CapabilityStatement cannot be read.
+
+        The offer is read again in the background once it is older than
+        ``capability_ttl_seconds`` (the old one holds meanwhile); only the very first
+        read is waited for, and at most a second, so that a partner that does not
+        answer delays nothing.
+        """
         if self.link.max_batch_entries <= 1:
             return 1
         loop = asyncio.get_running_loop()
-        if loop.time() >= self._offer_until:
-            self.offer = await self._read_offer()
-            ttl = self.link.capability_ttl_seconds
-            # A failed read is tried again sooner: the partner may just be restarting.
-            self._offer_until = loop.time() + (ttl if self.offer is not None else min(ttl, 30.0))
+        if loop.time() >= self._offer_until and self._offer_task is None:
+            self._offer_task = loop.create_task(self._refresh_offer())
+            if not self._offer_read:
+                await asyncio.wait({self._offer_task}, timeout=1.0)
         if self.offer is None:
             return 1
         return max(1, min(self.offer.max_entries, self.link.max_batch_entries))
+
+    async def _refresh_offer(self) -> None:
+        try:
+            offer = await self._read_offer()
+        finally:
+            self._offer_task = None
+        self._offer_read = True
+        self.offer = offer
+        ttl = self.link.capability_ttl_seconds
+        # A failed read is tried again sooner: the partner may just be restarting.
+        self._offer_until = (asyncio.get_running_loop().time()
+                             + (ttl if offer is not None else min(ttl, 30.0)))
 
     async def _read_offer(self) -> BatchOffer | None:
         """``GET [base]/metadata`` over the link's own mutual-TLS session: the batch offer
@@ -417,9 +438,11 @@ class Dispatcher:
         if self._session is None:
             return None
         try:
+            # Bounded well below the request timeout: the drain loop waits for it.
             async with self._session.get(
                 self.base_url + "/metadata", headers={"Accept": "application/fhir+json"},
                 allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=min(5.0, self.link.request_timeout_seconds)),
             ) as resp:
                 body = await read_answer(resp, RECEIPT_LIMIT)
                 if resp.status != 200:
@@ -883,7 +906,9 @@ class Dispatcher:
             async for attempt in retrying:
                 with attempt:
                     try:
-                        return await self._post_once(payload, seq, batch=batch)
+                        if batch:
+                            return await self._post_once(payload, None, batch=batch)
+                        return await self._post_once(payload, seq)
                     except BridgeError as exc:
                         maybe_sent = maybe_sent or bool(exc.detail.get("maybe_sent"))
                         raise
