@@ -109,6 +109,7 @@ class _Gate(asyncio.Protocol):
         # starts reading anyway, so the client's first flight can arrive here first.
         self._raw: list[bytes] = []
         self._tls_installed = False
+        self._gone = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; uvloop's does not derive from asyncio.Transport.
@@ -150,6 +151,10 @@ class _Gate(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if not self._tls_installed:
+            # Gone before the TLS layer took over; uvloop's start_tls would then wait
+            # for a handshake that never comes.
+            self._gone.set()
 
     async def _upgrade(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
@@ -165,14 +170,30 @@ class _Gate(asyncio.Protocol):
         # Runs right after start_tls's first step (which swaps the transport's protocol
         # and schedules the handshake): see _replay_raw.
         loop.call_soon(self._replay_raw, transport)
+        gone = loop.create_task(self._gone.wait())
         try:
-            tls_transport = await upgrade
+            await asyncio.wait({upgrade, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not upgrade.done():
+            upgrade.cancel()
+            await asyncio.gather(upgrade, return_exceptions=True)
+            transport.abort()
+            await self._listener.audit.failed(classify(None, address, None))
+            return
+        try:
+            tls_transport = upgrade.result()
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             transport.abort()
             fingerprint = getattr(exc, "presented_sha256", None)
             await self._listener.audit.failed(classify(exc, address, fingerprint))
             return
-        if tls_transport is None:  # connection closed during the handshake
+        ssl_object = tls_transport.get_extra_info("ssl_object") if tls_transport else None
+        if tls_transport is None or ssl_object is None or ssl_object.version() is None:
+            # The connection closed during the handshake (uvloop answers a connection
+            # gone before its first byte with a closed transport rather than an error).
+            if tls_transport is not None:
+                tls_transport.abort()
             await self._listener.audit.failed(classify(None, address, None))
             return
         protocol = self._listener.protocol_factory()
