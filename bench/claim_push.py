@@ -19,6 +19,11 @@ machine's load average before and after.
     python bench/claim_push.py --store postgres --senders 2     # scale-out on one outbox
     python bench/claim_push.py --soak 100000                    # resident size over a long run
     python bench/claim_push.py --profile DIR                    # top 15 functions per side
+    python bench/claim_push.py --batch off --loop asyncio       # one claim per request, stdlib loop
+
+By default both forms are reported, one claim per request first, then batches
+(PROTOCOL §6b); ``--loop`` picks the event loop of both sides (default: the standard
+library's, as ``bridge serve``).
 
 Each sender first pushes a few claims that are not measured (mappings, value sets,
 validation models and TLS sessions load once per process).
@@ -155,6 +160,10 @@ async def sender(config: Path, records_file: Path, share: int, of: int, rate: fl
     if prof:
         prof.disable()
         prof.dump_stats(str(profile))
+    # Requests and the claims that went in batches (warm-up included).
+    stats = [d.stats for d in getattr(service, "dispatchers", {}).values()]
+    done["requests"] = sum(st.requests for st in stats)
+    done["batched"] = sum(st.batched for st in stats)
     await service.stop()
     print(json.dumps(done), flush=True)
 
@@ -205,7 +214,8 @@ def _drop_schemas(schemas: list[str]) -> None:
 
 
 def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", senders: int = 1,
-             profile: Path | None = None, soak_every: int = 0) -> dict[str, Any]:
+             profile: Path | None = None, soak_every: int = 0, batch: bool = True,
+             loop: str = "auto") -> dict[str, Any]:
     from bridge.config import load_config
     from bridge.demo import HOSPITAL, INSURER, LINK_OUT, _full_consent, free_port, write_configs
     from bridge.ledger import open_store
@@ -216,6 +226,11 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
         root = Path(tmp)
         init_dev_pki(root / "pki", [HOSPITAL, INSURER])
         hospital_cfg, insurer_cfg = write_configs(root, free_port(), free_port())
+        if not batch:  # one message per request, as to a partner without batches
+            text = hospital_cfg.read_text(encoding="utf-8")
+            hospital_cfg.write_text(text.replace('purpose = "HPAYMT"\n',
+                                                 'purpose = "HPAYMT"\nmax_batch_entries = 0\n', 1),
+                                    encoding="utf-8")
         schemas: list[str] = []
         if store == "postgres":
             tag = uuid.uuid4().hex[:8]
@@ -234,7 +249,7 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
             await controller.close()
 
         asyncio.run(consents())
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "BRIDGE_EVENT_LOOP": loop}
         insurer_cmd = [sys.executable, "-m", "bridge", "serve", "--config", str(insurer_cfg)]
         if profile and not PY_SPY:
             insurer_cmd[1:1] = ["-m", "cProfile", "-o", str(profile / "receiver.prof")]
@@ -527,12 +542,20 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="cProfile each side of the saturated run; print top 15 each")
     parser.add_argument("--no-stages", action="store_true", help="skip the stage costs")
+    parser.add_argument("--batch", choices=("on", "off", "both"), default="both",
+                        help="several claims per request (PROTOCOL §6b), one per request, or"
+                             " both reported one after the other")
+    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="asyncio",
+                        help="event loop of both sides (BRIDGE_EVENT_LOOP); auto = uvloop if"
+                             " installed")
     parser.add_argument("--sender", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sender:
+        from bridge import eventloop
+
         cfg, records, share, of, rate, *prof = args.sender
-        asyncio.run(sender(Path(cfg), Path(records), int(share), int(of), float(rate),
-                           Path(prof[0]) if prof else None))
+        eventloop.run(sender(Path(cfg), Path(records), int(share), int(of), float(rate),
+                             Path(prof[0]) if prof else None))
         return
     if args.senders > 1 and args.store != "postgres":
         parser.error("--senders above 1 needs --store postgres (one outbox, several processes)")
@@ -559,47 +582,54 @@ def main() -> None:
 
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-    sat = [run_once(args.claims, 0.0, seed, store=args.store, senders=args.senders)
-           for seed in range(args.runs)]
-    med = statistics.median
-    print(f"\nsaturated: {args.claims} claims x {args.runs} runs, store {args.store}, "
-          f"{args.senders} sender process(es)")
-    print(f"  per sender: {[s['senders'] for s in sat]}")
-    print(f"  claims/s  {med(s['rate'] for s in sat):7.1f}   runs "
-          f"{[round(s['rate']) for s in sat]};  lost {sum(s['lost'] for s in sat)}, "
-          f"duplicates at the receiver {sum(s['duplicates'] for s in sat)}, "
-          f"inbox {[s['inbox'] for s in sat]}")
-    for side, stages in (("sender", SENDER_STAGES), ("receiver", RECEIVER_STAGES)):
-        cpu = med(s["cpu_ms"][side] for s in sat)
-        print(f"  {side}: CPU {cpu:6.2f} ms/claim  runs "
-              f"{[round(s['cpu_ms'][side], 2) for s in sat]}")
-        if costs:
-            staged = sum(costs[k] for k in stages)
-            for k in stages:
-                print(f"      {k:<40} {costs[k]:6.3f} ms")
-            print(f"      {'around the stages':<40} {cpu - staged:6.3f} ms"
-                  f"  ({(cpu - staged) / cpu:.0%})")
-    if args.profile:  # one more saturated run, profiled (its CPU figures are not quoted)
-        run_once(args.claims, 0.0, 99, store=args.store, senders=args.senders,
-                 profile=args.profile)
-        for name in sorted(p.name for p in args.profile.glob("*.prof")):
-            print(f"\n  top 15 by own time, {name} (cProfile; share of profiled time, calls):")
-            for row in top_functions(args.profile / name):
-                print("    " + row)
-        for name in sorted(p.name for p in args.profile.glob("*.txt")):
-            print(f"\n  top 15 by own time, {name} (py-spy samples on CPU, all threads):")
-            for row in top_sampled(args.profile / name):
-                print("    " + row)
-    if args.rate:
-        n = int(args.rate * 10)
-        fixed = [run_once(n, args.rate, 10 + seed, store=args.store, senders=args.senders)
-                 for seed in range(args.runs)]
-        print(f"\noffered {args.rate:.0f} claims/s, {n} claims x {args.runs} runs:")
-        print(f"  latency p50 {med(s['p50'] for s in fixed):7.1f} ms   p99 "
-              f"{med(s['p99'] for s in fixed):7.1f} ms   runs "
-              f"{[round(s['p99'], 1) for s in fixed]}")
-        for side in ("sender", "receiver"):
-            print(f"  {side}: CPU {med(s['cpu_ms'][side] for s in fixed):6.2f} ms/claim")
+    variants = {"on": [True], "off": [False], "both": [False, True]}[args.batch]
+    for batched in variants:
+        variant = {"batch": batched, "loop": args.loop}
+        label = "batches (several claims per request)" if batched else "one claim per request"
+        profile_this = args.profile if batched == variants[-1] else None
+        sat = [run_once(args.claims, 0.0, seed, store=args.store, senders=args.senders,
+                        **variant)
+               for seed in range(args.runs)]
+        med = statistics.median
+        print(f"\n== {label} (event loop {args.loop})\nsaturated: {args.claims} claims x "
+              f"{args.runs} runs, store {args.store}, {args.senders} sender process(es)")
+        print(f"  per sender: {[s['senders'] for s in sat]}")
+        print(f"  claims/s  {med(s['rate'] for s in sat):7.1f}   runs "
+              f"{[round(s['rate']) for s in sat]};  lost {sum(s['lost'] for s in sat)}, "
+              f"duplicates at the receiver {sum(s['duplicates'] for s in sat)}, "
+              f"inbox {[s['inbox'] for s in sat]}")
+        for side, stages in (("sender", SENDER_STAGES), ("receiver", RECEIVER_STAGES)):
+            cpu = med(s["cpu_ms"][side] for s in sat)
+            print(f"  {side}: CPU {cpu:6.2f} ms/claim  runs "
+                  f"{[round(s['cpu_ms'][side], 2) for s in sat]}")
+            if costs:
+                staged = sum(costs[k] for k in stages)
+                for k in stages:
+                    print(f"      {k:<40} {costs[k]:6.3f} ms")
+                print(f"      {'around the stages':<40} {cpu - staged:6.3f} ms"
+                      f"  ({(cpu - staged) / cpu:.0%})")
+        if profile_this:  # one more saturated run, profiled (its CPU figures are not quoted)
+            run_once(args.claims, 0.0, 99, store=args.store, senders=args.senders,
+                     profile=profile_this, **variant)
+            for name in sorted(p.name for p in args.profile.glob("*.prof")):
+                print(f"\n  top 15 by own time, {name} (cProfile; share of profiled time, calls):")
+                for row in top_functions(args.profile / name):
+                    print("    " + row)
+            for name in sorted(p.name for p in args.profile.glob("*.txt")):
+                print(f"\n  top 15 by own time, {name} (py-spy samples on CPU, all threads):")
+                for row in top_sampled(args.profile / name):
+                    print("    " + row)
+        if args.rate:
+            n = int(args.rate * 10)
+            fixed = [run_once(n, args.rate, 10 + seed, store=args.store,
+                              senders=args.senders, **variant)
+                     for seed in range(args.runs)]
+            print(f"\noffered {args.rate:.0f} claims/s, {n} claims x {args.runs} runs:")
+            print(f"  latency p50 {med(s['p50'] for s in fixed):7.1f} ms   p99 "
+                  f"{med(s['p99'] for s in fixed):7.1f} ms   runs "
+                  f"{[round(s['p99'], 1) for s in fixed]}")
+            for side in ("sender", "receiver"):
+                print(f"  {side}: CPU {med(s['cpu_ms'][side] for s in fixed):6.2f} ms/claim")
     print(f"\nload average after: {load()}")
 
 

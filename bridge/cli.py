@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -85,6 +86,7 @@ def _controller(config_path: str) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge import eventloop
     from bridge.config import load_config
     from bridge.link.node import Controller
     from bridge.link.service import BridgeService
@@ -110,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         # SIGHUP: load the TLS certificate, key, CA bundle, CRL and signing key again.
         loop.add_signal_handler(signal.SIGHUP, service.reload_certificates)
+        logging.getLogger("bridge.serve").info("event loop: %s", eventloop.loop_name())
         ready = f"ready {service.controller.id} port={service.port}"
         if service.ops is not None:
             ready += f" operations={service.ops.url}"
@@ -118,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await stop.wait()
         await service.stop()
 
-    asyncio.run(run())
+    eventloop.run(run(), config.server.event_loop)
     return 0
 
 

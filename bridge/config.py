@@ -94,6 +94,27 @@ class ServerConfig(_Strict):
         gt=0,
         description="a request body not received within this long is answered 408",
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="asyncio",
+        description=(
+            "event loop of bridge serve: the standard library's (default), uvloop, or auto"
+            " (uvloop when installed); the BRIDGE_EVENT_LOOP environment variable overrides it"
+        ),
+    )
+    max_batch_entries: int = Field(
+        default=64,
+        ge=0,
+        le=1000,
+        description=(
+            "most messages one batch request (POST [base], PROTOCOL §6b) may carry; 0 turns"
+            " the batch capability off (partners then send one message per request)"
+        ),
+    )
+    max_batch_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        gt=1024,
+        description="largest batch request body accepted; each message in it is still bounded by max_body_bytes",
+    )
 
     @field_validator("local_client_fingerprints")
     @classmethod
@@ -435,6 +456,20 @@ class LinkConfig(_Strict):
     )
     concurrency: int = Field(default=16, ge=1, le=256)
     batch: int = Field(default=64, ge=1, le=1000)
+    max_batch_entries: int = Field(
+        default=32,
+        ge=0,
+        le=1000,
+        description=(
+            "most claims sent in one batch request to a partner that offers batches"
+            " (PROTOCOL §6b); 0 sends one message per request"
+        ),
+    )
+    capability_ttl_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="how long the partner's CapabilityStatement (batch offer) is trusted before it is read again",
+    )
     retry_base_seconds: float = Field(default=0.5, gt=0)
     retry_cap_seconds: float = Field(default=300.0, gt=0)
     request_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from hypothesis import settings
 
@@ -16,3 +17,13 @@ pytest_plugins = ["compliance_evidence"]
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+if os.environ.get("BRIDGE_EVENT_LOOP", "").lower() == "uvloop":
+    # The in-process bridges of the tests run on uvloop too; the ``bridge serve``
+    # processes the tests start inherit the variable and run on it as well.
+
+    def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}

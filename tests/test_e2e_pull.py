@@ -367,7 +367,7 @@ async def test_the_default_level_does_not_offer_filters_on_what_it_withholds(tmp
 async def test_capability_statement_is_generated_per_caller(site: PullSite) -> None:
     status, meta, _ = await get(site, "metadata")
     assert status == 200 and meta["fhirVersion"] == "4.0.1"
-    assert meta["extension"][0]["valueString"] == "1.2"
+    assert meta["extension"][0]["valueString"] == "1.3"
     rest = meta["rest"][0]
     types = {r["type"]: r for r in rest["resource"]}
     profile = load_link_profile("regional-interoperability", level="notify")

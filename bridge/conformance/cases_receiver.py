@@ -1105,3 +1105,79 @@ def sync_held(ctx: Context) -> None:
                           _held_query(stream, 3, 1, []),
                           {**headers, "X-Correlation-Id": f"urn:uuid:{uuid.uuid4()}"})
         ctx.expect_refusal(bad, 400, "sync-invalid", "Parameters.from")
+
+
+# --- several claims per request (§6b) ------------------------------------------------------
+
+
+def _batch_offer(meta: Any) -> tuple[int, int] | None:
+    """``(maxEntries, maxBytes)`` of a CapabilityStatement's batch offer, or None."""
+    for rest in (meta or {}).get("rest") or []:
+        if not any(i.get("code") == P.BATCH_INTERACTION for i in rest.get("interaction") or []):
+            continue
+        for ext in rest.get("extension") or []:
+            if ext.get("url") == P.BATCH_EXTENSION:
+                bounds = {e.get("url"): e.get("valueUnsignedInt") for e in ext.get("extension", [])}
+                return int(bounds["maxEntries"]), int(bounds["maxBytes"])
+    return None
+
+
+def _batch_body(messages: list[dict[str, Any]]) -> bytes:
+    return json.dumps({
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "POST", "url": P.PROCESS_MESSAGE}, "resource": m}
+                  for m in messages],
+    }, ensure_ascii=False).encode("utf-8")
+
+
+@case("batch-entries", "A batch: every entry judged alone, answered in order",
+      family="batch", requirements=["P-BAT-1", "P-BAT-2", "P-BAT-3", "P-BAT-4"], required=False)
+def batch_entries(ctx: Context) -> None:
+    """Reads the CapabilityStatement; when it offers batches (P-BAT-1), POSTs ``[base]`` a
+    batch of two good claims around a forged one (changed after signing) and one that
+    names another sender. The answer must be a ``batch-response`` of four entries in
+    order: the good ones 200 with receipts that verify, the forged one 403
+    signature-invalid, the other 403 sender-mismatch. Then a batch one entry over
+    ``maxEntries`` must be 413 payload-too-large at ``Bundle.entry``."""
+    conn = ctx.handshake("metadata")
+    if isinstance(conn, str):
+        raise CaseFailed(f"metadata: {conn}")
+    with conn:
+        response = ctx.request("metadata", conn, "GET", P.METADATA,
+                               headers={"Accept": P.FHIR_JSON})
+        offer = _batch_offer(response.json()) if response.status == 200 else None
+        if offer is None:
+            raise Skip("the target offers no batches (optional, P-BAT-1)")
+        max_entries, _ = offer
+        good = [ctx.signed(), ctx.signed()]
+        forged = ctx.signed()
+        _resource(forged, "Claim")["total"]["value"] = 4321.5
+        stranger = ctx.signed(ctx.claim(sender="kit-stranger"))
+        sent = [good[0], forged, stranger, good[1]]
+        answer = ctx.request("batch of four", conn, "POST", "", _batch_body(sent),
+                             {"Content-Type": P.FHIR_JSON})
+        ctx.expect(answer.status == 200, f"batch answered {answer.status}, expected 200")
+        bundle = answer.json()
+        ctx.expect(isinstance(bundle, dict) and bundle.get("type") == "batch-response",
+                   "the answer is not a batch-response Bundle")
+        entries = bundle.get("entry") or []
+        ctx.expect(len(entries) == len(sent), f"{len(entries)} answer entries for 4 sent")
+        statuses = [str(e.get("response", {}).get("status", ""))[:3] for e in entries]
+        ctx.expect(statuses == ["200", "403", "403", "200"],
+                   f"entry statuses {statuses}, expected 200, 403, 403, 200")
+        codes = [(e["response"].get("outcome") or {}).get("issue", [{}])[0]
+                 .get("details", {}).get("coding", [{}])[0].get("code") for e in entries[1:3]]
+        ctx.expect(codes == ["signature-invalid", "sender-mismatch"],
+                   f"refused entries answered {codes}")
+        if ctx.config.receiver_signing_cert is not None:
+            peer = ctx.peer()
+            for i in (0, 3):
+                try:
+                    peer.check_receipt(sent[i], entries[i].get("resource"))
+                except Exception as exc:  # noqa: BLE001 - reported as the case's failure
+                    raise CaseFailed(f"receipt of entry {i} does not verify: {exc}") from None
+        over = ctx.request("batch over maxEntries", conn, "POST", "",
+                           _batch_body([ctx.signed() for _ in range(max_entries + 1)]),
+                           {"Content-Type": P.FHIR_JSON})
+        ctx.expect_refusal(over, 413, "payload-too-large", "Bundle.entry")

@@ -1,4 +1,4 @@
-"""Constants of the exchange protocol, copied from ``conformance/PROTOCOL.md`` (v1.2).
+"""Constants of the exchange protocol, copied from ``conformance/PROTOCOL.md`` (v1.3).
 
 Pure data: the conformance peer builds what it sends from these values and the rules of
 the document, never from the bridge's own code. Each constant names the section that
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 
 # §1 parties
 PARTNER_SYSTEM = "urn:ws-fhir-bridge:partner"
@@ -48,6 +48,12 @@ SIG_FORMAT = "application/jose"
 JWS_HEADERS = ("alg", "kid", "iss", "aud", "iat", "msgid")
 JWS_ALGORITHMS = ("ES256", "Ed25519")
 REPLAY_WINDOW_SECONDS = 300
+
+# §6b several claims per request
+BATCH_INTERACTION = "batch"
+BATCH_EXTENSION = "urn:ws-fhir-bridge:ext:message-batch"
+BATCH_STREAM_EXTENSION = "urn:ws-fhir-bridge:ext:bridge-stream"
+BATCH_SEQUENCE_EXTENSION = "urn:ws-fhir-bridge:ext:bridge-sequence"
 
 # §6 receipts
 RECEIPT_NAMESPACE = uuid.UUID("3d3b185e-0ea4-5090-8cf1-41374f3bbbe3")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from bridge.batch import batch_capability
 from bridge.conformance.protocol import PROTOCOL_VERSION
 from bridge.records.search import DATE_ELEMENTS, INCLUDES, SEARCH_PARAMS
 
@@ -136,6 +137,18 @@ def capability_statement(controller: Controller, caller: str | None) -> dict[str
                 "documentation": "POST a Bundle of type message; answered with a signed receipt.",
             }
         ]
+        server = controller.config.server
+        if server.max_batch_entries > 1:
+            # Several messages per request (PROTOCOL §6b), within these bounds.
+            rest["interaction"] = [{
+                "code": "batch",
+                "documentation": (
+                    "POST [base] a Bundle of type batch whose entries are signed claim "
+                    "messages, each POST $process-message; answered with a batch-response "
+                    "holding each message's own receipt or OperationOutcome, in order."
+                ),
+            }]
+            rest["extension"] = [batch_capability(server.max_batch_entries, server.max_batch_bytes)]
     pulls = [link for link in links if link.direction == "pull"]
     merged: dict[str, dict[str, Any]] = {}
     for link in pulls:

@@ -41,6 +41,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from bridge.batch import ENTRY_OVERHEAD, BatchOffer, batch_offer, encode_batch, read_batch_response
 from bridge.config import LinkConfig
 from bridge.errors import (
     BridgeError,
@@ -215,6 +216,9 @@ class LinkStats:
     certificate_faults: int = 0
     #: HTTP requests started (each one is a connection attempt when none is open).
     requests: int = 0
+    #: Batch requests sent, and the claims they carried.
+    batches: int = 0
+    batched: int = 0
     latencies: list[float] = field(default_factory=list)
 
 
@@ -235,7 +239,8 @@ class Dispatcher:
         partner = controller.config.partner(link.partner)
         if not partner.base_url:
             raise BridgeError("outbound link has no partner base_url", location=f"links.{link.id}")
-        self.url = partner.base_url.rstrip("/") + "/$process-message"
+        self.base_url = partner.base_url.rstrip("/")
+        self.url = self.base_url + "/$process-message"
         self.poll_interval = poll_interval
         self.quick_retries = quick_retries
         self.rng = rng or random.Random()
@@ -253,6 +258,12 @@ class Dispatcher:
         self._enqueued_at: dict[str, float] = {}
         self.circuit = Circuit(base=link.retry_base_seconds, cap=link.probe_cap_seconds)
         self.give_up_after = timedelta(seconds=link.give_up_after)
+        # The partner's batch offer (PROTOCOL §6b), read from its CapabilityStatement
+        # and trusted until ``_offer_until`` (event loop time).
+        self.offer: BatchOffer | None = None
+        self._offer_until = 0.0
+        self._offer_read = False
+        self._offer_task: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -297,6 +308,9 @@ class Dispatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])
+        if self._offer_task is not None:
+            self._offer_task.cancel()
+            await asyncio.wait([self._offer_task])
         sending = list(self._sending)
         for task in sending:
             task.cancel()
@@ -339,13 +353,17 @@ class Dispatcher:
                 await self._sleep(min(wait, self.poll_interval * 5) if self._sending else wait)
                 continue
             probe = permits is not None
+            # A probe is one message alone; otherwise as many per request as the
+            # partner takes (one where it offers no batches).
+            per_request = 1 if probe else await self._per_request()
             try:
                 # Consents may have changed in another process since the last batch:
                 # taken in with the rows, before any of them is decided on.
                 rows = await self.c.claim_due(
                     self.link.id,
                     now=self.c.clock(),
-                    limit=min(free, self.link.batch) if permits is None else 1,
+                    limit=(min(free * per_request, max(self.link.batch, per_request))
+                           if permits is None else 1),
                     lease=self._lease(),
                 )
             except Exception:
@@ -357,10 +375,83 @@ class Dispatcher:
                 continue
             if probe:
                 self.circuit.probe_started()
-            for row in rows:
-                task = asyncio.create_task(self._deliver(row, probe=probe))
+            for group in self._requests(rows, per_request):
+                if len(group) == 1:
+                    task = asyncio.create_task(self._deliver(group[0], probe=probe))
+                else:
+                    task = asyncio.create_task(self._deliver_batch(group))
                 self._sending.add(task)
                 task.add_done_callback(self._sending.discard)
+
+    def _requests(self, rows: list[Any], per_request: int) -> list[list[Any]]:
+        """The claimed rows cut into requests: at most ``per_request`` messages each,
+        and within the partner's byte bound."""
+        if per_request <= 1 or self.offer is None:
+            return [[row] for row in rows]
+        groups: list[list[Any]] = []
+        size = 0
+        for row in rows:
+            cost = len(row.payload) + ENTRY_OVERHEAD
+            if not groups or len(groups[-1]) >= per_request or size + cost > self.offer.max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(row)
+            size += cost
+        return groups
+
+    async def _per_request(self) -> int:
+        """How many messages go in one request: the partner's batch offer capped by the
+        link's ``max_batch_entries``; 1 when the partner makes no offer, or its
+        CapabilityStatement cannot be read.
+
+        The offer is read again in the background once it is older than
+        ``capability_ttl_seconds`` (the old one holds meanwhile); only the very first
+        read is waited for, and at most a second, so that a partner that does not
+        answer delays nothing.
+        """
+        if self.link.max_batch_entries <= 1:
+            return 1
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._offer_until and self._offer_task is None:
+            self._offer_task = loop.create_task(self._refresh_offer())
+            if not self._offer_read:
+                await asyncio.wait({self._offer_task}, timeout=1.0)
+        if self.offer is None:
+            return 1
+        return max(1, min(self.offer.max_entries, self.link.max_batch_entries))
+
+    async def _refresh_offer(self) -> None:
+        try:
+            offer = await self._read_offer()
+        finally:
+            self._offer_task = None
+        self._offer_read = True
+        self.offer = offer
+        ttl = self.link.capability_ttl_seconds
+        # A failed read is tried again sooner: the partner may just be restarting.
+        self._offer_until = (asyncio.get_running_loop().time()
+                             + (ttl if offer is not None else min(ttl, 30.0)))
+
+    async def _read_offer(self) -> BatchOffer | None:
+        """``GET [base]/metadata`` over the link's own mutual-TLS session: the batch offer
+        of the partner's CapabilityStatement, None when it makes none or the read fails."""
+        if self._session is None:
+            return None
+        try:
+            # Bounded well below the request timeout: the drain loop waits for it.
+            async with self._session.get(
+                self.base_url + "/metadata", headers={"Accept": "application/fhir+json"},
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=min(5.0, self.link.request_timeout_seconds)),
+            ) as resp:
+                body = await read_answer(resp, RECEIPT_LIMIT)
+                if resp.status != 200:
+                    return None
+            return batch_offer(orjson.loads(body))
+        except Exception as exc:  # noqa: BLE001 - any failure: one message per request
+            log.debug("link %s: partner capabilities not read: %s", self.link.id,
+                      type(exc).__name__)
+            return None
 
     def _lease(self) -> timedelta:
         # A claimed row must stay ours for as long as its send can take (every quick
@@ -420,72 +511,99 @@ class Dispatcher:
             log.debug("claim %s not released at stop", row.message_id)
 
     async def _deliver_row(self, row: Any, *, probe: bool) -> None:
+        try:
+            payload = await self._cleared(row)
+            if payload is None:
+                return
+            receipt_bytes = await self._post(
+                self._signed_now(payload, row.message_id, row), single=probe, seq=row.seq
+            )
+            self._link_answered()
+            await self._acknowledge(row, payload, receipt_bytes)
+        except Exception as raw:  # noqa: BLE001 - classified in _settle_failure
+            await self._settle_failure(row, raw, probe=probe)
+
+    async def _cleared(self, row: Any) -> dict[str, Any] | None:
+        """The row's message, with its consent asked again; None (and the row refused)
+        when it no longer holds."""
+        c = self.c
+        message_id = row.message_id
+        payload: dict[str, Any] = orjson.loads(row.payload)
+        try:
+            c.recheck_consent(payload, self.link)
+        except PolicyError as exc:
+            self.stats.refused += 1
+            await c.db.mark_refused(
+                message_id,
+                error=exc.code,
+                now=c.clock(),
+                audit=c.audit(
+                    "claim.refused",
+                    subject=message_id,
+                    outcome="denied",
+                    partner=self.link.partner,
+                    detail=f"dispatch:{_decision_detail(exc)}",
+                ),
+            )
+            claim_event("refusal", c, self.link, row, code=exc.code, stage="dispatch")
+            return None
+        return payload
+
+    async def _acknowledge(self, row: Any, payload: dict[str, Any], receipt_bytes: bytes) -> None:
+        """Verify the partner's receipt for ``row`` and only then mark it acknowledged;
+        a receipt that fails is a :class:`TransportError` with ``maybe_sent``."""
         c = self.c
         message_id = row.message_id
         try:
-            payload = orjson.loads(row.payload)
-            try:
-                c.recheck_consent(payload, self.link)
-            except PolicyError as exc:
-                self.stats.refused += 1
-                await c.db.mark_refused(
-                    message_id,
-                    error=exc.code,
-                    now=c.clock(),
-                    audit=c.audit(
-                        "claim.refused",
-                        subject=message_id,
-                        outcome="denied",
-                        partner=self.link.partner,
-                        detail=f"dispatch:{_decision_detail(exc)}",
-                    ),
-                )
-                claim_event("refusal", c, self.link, row, code=exc.code, stage="dispatch")
-                return
-            receipt_bytes = await self._post(
-                self._signed_now(payload, message_id, row), single=probe, seq=row.seq
-            )
-            self._link_answered()
             receipt = orjson.loads(receipt_bytes)
-            try:
-                verified = verify_receipt(
-                    receipt,
-                    c.keyring,
-                    expected_issuer=self.link.partner,
-                    expected_audience=c.id,
-                    request_message_id=message_id,
-                    request_digest=c.request_digests(payload),
-                    now=c.clock(),
-                    check_time=False,
-                )
-            except TrustError as exc:
-                self.stats.signature_failures += 1
-                # The partner answered 200: it may well hold the claim.
-                raise TransportError(
-                    f"receipt failed verification: {exc.code}", location="receipt",
-                    maybe_sent=True, status=200,
-                ) from None
-            now = c.clock()
-            await c.db.mark_acked(
-                message_id,
-                receipt=receipt_bytes,
-                now=now,
-                audit=c.audit(
-                    "claim.ack",
-                    subject=message_id,
-                    partner=self.link.partner,
-                    categories=resource_types(payload),
-                    digest_value=row.digest,
-                    detail=f"receipt audit seq {verified.audit_seq}",
-                    now=now,
-                ),
+            verified = verify_receipt(
+                receipt,
+                c.keyring,
+                expected_issuer=self.link.partner,
+                expected_audience=c.id,
+                request_message_id=message_id,
+                request_digest=c.request_digests(payload),
+                now=c.clock(),
+                check_time=False,
             )
-            self.stats.acked += 1
-            claim_event("delivery", c, self.link, row, now=now)
-            started = self._enqueued_at.pop(message_id, None)
-            if started is not None:
-                self.stats.latencies.append(asyncio.get_running_loop().time() - started)
-        except PartnerRejected as exc:
+        except (TrustError, orjson.JSONDecodeError) as exc:
+            self.stats.signature_failures += 1
+            code = exc.code if isinstance(exc, TrustError) else "parse-error"
+            # The partner answered 200: it may well hold the claim.
+            raise TransportError(
+                f"receipt failed verification: {code}", location="receipt",
+                maybe_sent=True, status=200,
+            ) from None
+        now = c.clock()
+        await c.db.mark_acked(
+            message_id,
+            receipt=receipt_bytes,
+            now=now,
+            audit=c.audit(
+                "claim.ack",
+                subject=message_id,
+                partner=self.link.partner,
+                categories=resource_types(payload),
+                digest_value=row.digest,
+                detail=f"receipt audit seq {verified.audit_seq}",
+                now=now,
+            ),
+        )
+        self.stats.acked += 1
+        claim_event("delivery", c, self.link, row, now=now)
+        started = self._enqueued_at.pop(message_id, None)
+        if started is not None:
+            self.stats.latencies.append(asyncio.get_running_loop().time() - started)
+
+    async def _settle_failure(self, row: Any, raw: Exception, *, probe: bool) -> None:
+        """A send of ``row`` failed: a definitive refusal is recorded, anything else is
+        rescheduled (or given up) by :meth:`_reschedule`."""
+        c = self.c
+        message_id = row.message_id
+        if isinstance(raw, TransitionError):
+            raise raw
+        if isinstance(raw, PartnerRejected):
+            exc = raw
             self._link_answered()
             self.stats.rejected += 1
             if exc.detail.get("status") == 403 and "signature" in str(
@@ -506,13 +624,114 @@ class Dispatcher:
                 ),
             )
             claim_event("rejected", c, self.link, row, code=exc.detail.get("remote_code") or exc.code)
-        except Exception as raw:
-            if isinstance(raw, TransitionError):
-                raise
-            exc2 = classify_exception(raw)
-            if not isinstance(raw, BridgeError):
-                log.debug("delivery of %s failed", message_id, exc_info=raw)
-            await self._reschedule(row, exc2, probe=probe)
+            return
+        exc2 = classify_exception(raw)
+        if not isinstance(raw, BridgeError):
+            log.debug("delivery of %s failed", message_id, exc_info=raw)
+        await self._reschedule(row, exc2, probe=probe)
+
+    async def _deliver_batch(self, rows: list[Any]) -> None:
+        """Several claimed rows in one batch request (PROTOCOL §6b), each settled on
+        its own entry of the answer exactly as it would be on an answer of its own.
+
+        A failure of the request as a whole reschedules every row as a single
+        request's failure would; a refusal of the batch form itself (a 4xx for the
+        whole request) drops the partner's offer and sends the rows one by one.
+        """
+        # Rows to give back if the link stops meanwhile; releasing one that was
+        # settled already changes nothing.
+        pending = list(rows)
+        try:
+            cleared = []
+            for row in rows:
+                try:
+                    payload = await self._settled_by(row, self._cleared(row))
+                except Exception as raw:  # noqa: BLE001 - the store failing: retried later
+                    await self._settled_by(row, self._settle_failure(row, raw, probe=False))
+                    payload = None
+                if payload is None:
+                    pending.remove(row)
+                else:
+                    cleared.append((row, payload))
+            if not cleared:
+                return
+            if len(cleared) == 1:
+                await self._deliver(cleared[0][0])
+                return
+            body = encode_batch(
+                (self._signed_now(payload, row.message_id, row), self.link.id, row.seq)
+                for row, payload in cleared
+            )
+            try:
+                answer = await self._post(body, batch=len(cleared))
+            except PartnerRejected as exc:
+                # The partner does not take this batch (an offer withdrawn, a bound
+                # lower than offered): one message per request until it is read again.
+                log.info("link %s: partner refused a batch (%s); sending one by one",
+                         self.link.id, _answer(exc))
+                self.offer = None
+                self._offer_until = (asyncio.get_running_loop().time()
+                                     + self.link.capability_ttl_seconds)
+                await asyncio.gather(*(self._deliver(row) for row, _ in cleared))
+                return
+            except Exception as raw:  # noqa: BLE001 - classified in _settle_failure
+                await asyncio.gather(*(
+                    self._settled_by(row, self._settle_failure(row, raw, probe=False))
+                    for row, _ in cleared
+                ))
+                return
+            self._link_answered()
+            self.stats.batches += 1
+            self.stats.batched += len(cleared)
+            try:
+                entries = read_batch_response(orjson.loads(answer), len(cleared))
+            except (BridgeError, orjson.JSONDecodeError):
+                failure = TransportError(
+                    "partner answered 200 with no batch-response", location="batch-response",
+                    maybe_sent=True, status=200,
+                )
+                await asyncio.gather(*(
+                    self._settled_by(row, self._settle_failure(row, failure, probe=False))
+                    for row, _ in cleared
+                ))
+                return
+            await asyncio.gather(*(
+                self._settled_by(row, self._settle_entry(row, payload, status, resource))
+                for (row, payload), (status, resource) in zip(cleared, entries, strict=True)
+            ))
+        except asyncio.CancelledError:
+            # Stopping: give back the rows not yet settled (their fate unknown).
+            await asyncio.shield(asyncio.gather(*(self._release(row) for row in pending)))
+            raise
+
+    async def _settled_by(self, row: Any, step: Any) -> Any:
+        """Run one row's step; another sender having settled the row is not a failure."""
+        try:
+            return await step
+        except TransitionError:
+            log.info("link %s: seq %s was settled by another sender", self.link.id, row.seq)
+            return None
+
+    async def _settle_entry(self, row: Any, payload: dict[str, Any], status: int,
+                            resource: Any) -> None:
+        """One entry of a batch-response, judged as the same answer to a request alone."""
+        try:
+            if status == 200:
+                await self._acknowledge(row, payload, orjson.dumps(resource))
+                return
+            body = orjson.dumps(resource) if resource is not None else b""
+            remote_code = _remote_code(body)
+            if status in (408, 409, 429) or status >= 500:
+                raise TransportError(
+                    f"partner answered {status}", location="HTTP", status=status,
+                    remote_code=remote_code, retry_after=None,
+                )
+            raise PartnerRejected(
+                f"partner rejected the message with {status}", location="HTTP",
+                status=status, remote_code=remote_code, body=body,
+            )
+        except Exception as raw:  # noqa: BLE001 - classified in _settle_failure
+            await self._settle_failure(row, raw, probe=False)
 
     def _link_answered(self) -> None:
         """The partner answered: the link works; an open circuit closes and the backlog
@@ -665,12 +884,14 @@ class Dispatcher:
         )
         return receipt_bytes
 
-    async def _post(self, payload: bytes, *, single: bool = False, seq: int | None = None) -> bytes:
+    async def _post(self, payload: bytes, *, single: bool = False, seq: int | None = None,
+                    batch: int = 0) -> bytes:
         """POST once, with a few immediate retries for transient failures.
 
         ``single`` (a probe of a partner that is down, or the circuit not closed): one
         request only. A failure raised from here carries ``maybe_sent`` when any of the
-        requests may have reached the partner.
+        requests may have reached the partner. ``batch``: ``payload`` is a batch
+        request of that many messages, POSTed to ``[base]``.
         """
         assert self._session is not None
         tries = 1 if single or self.circuit.state is not CircuitState.CLOSED else self.quick_retries
@@ -685,6 +906,8 @@ class Dispatcher:
             async for attempt in retrying:
                 with attempt:
                     try:
+                        if batch:
+                            return await self._post_once(payload, None, batch=batch)
                         return await self._post_once(payload, seq)
                     except BridgeError as exc:
                         maybe_sent = maybe_sent or bool(exc.detail.get("maybe_sent"))
@@ -695,20 +918,22 @@ class Dispatcher:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _post_once(self, payload: bytes, seq: int | None = None) -> bytes:
+    async def _post_once(self, payload: bytes, seq: int | None = None, *, batch: int = 0) -> bytes:
         assert self._session is not None
         self.stats.requests += 1
         headers = {"Content-Type": "application/fhir+json"}
-        if seq is not None:
+        if seq is not None and not batch:
             # The claim's place in the link's sequence (PROTOCOL §8a): the receiver
             # records it and so sees gaps.
             headers["Bridge-Stream"] = self.link.id
             headers["Bridge-Sequence"] = str(seq)
         try:
             async with self._session.post(
-                self.url, data=payload, headers=headers, allow_redirects=False,
+                self.base_url if batch else self.url, data=payload, headers=headers,
+                allow_redirects=False,
             ) as resp:
-                body = await read_answer(resp, RECEIPT_LIMIT)  # a 3xx or an oversize: refused
+                # A 3xx or an oversize: refused.
+                body = await read_answer(resp, RECEIPT_LIMIT * max(batch, 1))
                 status = resp.status
                 retry_after = retry_after_seconds(
                     resp.headers.get("Retry-After"), now=self.c.clock()

@@ -42,6 +42,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from bridge.batch import BatchEntry, encode_batch_response, read_batch
 from bridge.compliance.agreements import check_link
 from bridge.config import ServerConfig
 from bridge.errors import (
@@ -113,12 +114,14 @@ class Peer:
 PEER = web.RequestKey("bridge.peer", Peer)
 
 
-async def read_body(request: web.Request, server: ServerConfig) -> bytes:
+async def read_body(request: web.Request, server: ServerConfig, *, limit: int | None = None) -> bytes:
     """The request body, or 415 (any Content-Encoding), 413 (too large), 408 (too slow).
 
     Content codings are refused rather than decoded (PROTOCOL P-HTTP-2): a receiver
     never inflates what a sender compressed. aiohttp's own decoding is off
     (``auto_decompress=False``), so a refused body is never decompressed either.
+    ``limit``: a bound other than ``server.max_body_bytes`` (a batch request's); the
+    body is then read in chunks and refused as soon as it passes the bound.
     """
     coding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if coding not in ("", "identity"):
@@ -126,15 +129,31 @@ async def read_body(request: web.Request, server: ServerConfig) -> bytes:
             "Content-Encoding is not accepted; send the body as it is",
             location="Content-Encoding",
         )
+    bound = server.max_body_bytes if limit is None else limit
     declared = request.content_length
-    if declared is not None and declared > server.max_body_bytes:
+    if declared is not None and declared > bound:
         # Refused on what it announces, before waiting for a byte of it.
-        raise PayloadTooLarge("body larger than this bridge accepts", location="Content-Length")
+        raise PayloadTooLarge(
+            f"body larger than this bridge accepts ({bound} bytes)", location="Content-Length"
+        )
     try:
         async with asyncio.timeout(server.body_timeout_seconds):
-            return await request.read()
+            if limit is None:
+                return await request.read()
+            # aiohttp's client_max_size bounds request.read() for every route; a batch
+            # route has its own bound, so its body is read here.
+            parts: list[bytes] = []
+            size = 0
+            while chunk := await request.content.read(64 * 1024):
+                size += len(chunk)
+                if size > bound:
+                    raise web.HTTPRequestEntityTooLarge(max_size=bound, actual_size=size)
+                parts.append(chunk)
+            return b"".join(parts)
     except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge("body larger than this bridge accepts", location="body") from None
+        raise PayloadTooLarge(
+            f"body larger than this bridge accepts ({bound} bytes)", location="body"
+        ) from None
     except TimeoutError:
         raise RequestTimeout("the request body did not arrive in time", location="body") from None
     except ConnectionResetError:
@@ -241,6 +260,10 @@ class ReceiverApp:
         base = self.c.config.server.base_path.rstrip("/")
         app[_BASE_PATH] = base
         app.router.add_post(f"{base}/$process-message", self.process_message)
+        if self.c.config.server.max_batch_entries > 0:
+            app.router.add_post(base or "/", self.process_batch)
+            if base:
+                app.router.add_post(f"{base}/", self.process_batch)
         app.router.add_get(f"{base}/metadata", self.metadata)
         consents = ConsentAPI(self)
         app.router.add_post(f"{base}/Consent", consents.create)
@@ -386,7 +409,6 @@ class ReceiverApp:
                 UnknownPartner("partner has no inbound link here", location="links"),
                 request, partner=partner.id, subject="connection",
             )
-        subject = "request"
         try:
             from bridge.link.sync import read_sequence
 
@@ -396,7 +418,27 @@ class ReceiverApp:
                     "media type must be application/fhir+json", location="Content-Type"
                 )
             body = await read_body(request, self.c.config.server)
-            bundle = read_json(body)
+        except BridgeError as exc:
+            return await self._refuse(exc, partner=partner.id, subject="request")
+        return await self._process_one(partner, link, body, sequence)
+
+    async def _process_one(
+        self,
+        partner: Partner,
+        link: Any,
+        body: bytes,
+        sequence: tuple[str, int] | None,
+        bundle: Any = None,
+    ) -> web.Response:
+        """Steps 3 to 9 of a message (PROTOCOL §6.1), posted alone or as a batch entry.
+
+        ``bundle``: the message already parsed (a batch entry); ``body`` is then its
+        serialised form, which is what the inbox keeps.
+        """
+        subject = "request"
+        try:
+            if bundle is None:
+                bundle = read_json(body)
             envelope = check_envelope(bundle, accepted_events=ACCEPTED_EVENTS)
             subject = envelope.message_id
             check_addressing(envelope, peer=partner.id, receiver=self.c.id)
@@ -427,6 +469,82 @@ class ReceiverApp:
             del self._in_flight[key]
             if flight.refused > 1:
                 await self._audit_in_progress(partner.id, envelope.message_id, flight.refused - 1)
+
+    async def process_batch(self, request: web.Request) -> web.Response:
+        """``POST [base]`` with a batch of messages (PROTOCOL §6b).
+
+        The request as a whole is checked for who sends it (as a single message is),
+        its media type, size (``max_batch_bytes``), entry count (``max_batch_entries``)
+        and form; then every entry is processed exactly as a message POSTed alone,
+        concurrently, so that the accepted ones share the store's commit. An entry's
+        refusal never touches another entry; the answer has one entry per request
+        entry, in order, each receipt only after its own commit.
+        """
+        try:
+            partner = self._peer_partner(request)
+        except TrustError as exc:
+            return await self._refuse(exc, partner=None, subject="connection")
+        link = self.c.inbound_link_for(partner.id)
+        if link is None:
+            return await self._refuse_peer(
+                UnknownPartner("partner has no inbound link here", location="links"),
+                request, partner=partner.id, subject="connection",
+            )
+        server = self.c.config.server
+        try:
+            if request.content_type not in _ACCEPTED_TYPES:
+                raise UnsupportedMediaType(
+                    "media type must be application/fhir+json", location="Content-Type"
+                )
+            body = await read_body(request, server, limit=server.max_batch_bytes)
+            entries = read_batch(read_json(body), max_entries=server.max_batch_entries)
+        except BridgeError as exc:
+            return await self._refuse(exc, partner=partner.id, subject="batch")
+        answers = await asyncio.gather(
+            *(self._batch_entry(partner, link, entry) for entry in entries)
+        )
+        return web.Response(
+            body=encode_batch_response([(a.status, a.body) for a in answers]),  # type: ignore[misc]
+            content_type=FHIR_JSON,
+        )
+
+    async def _batch_entry(self, partner: Partner, link: Any, entry: BatchEntry) -> web.Response:
+        """One entry of a batch, answered as :meth:`process_message` would answer it
+        alone; a failure of this entry is this entry's answer only."""
+        from bridge.link.sync import read_sequence
+
+        where = f"Bundle.entry[{entry.index}]"
+        try:
+            if entry.error is not None:
+                raise entry.error
+            try:
+                sequence = read_sequence(entry.headers)
+            except BridgeError as exc:
+                exc.location = f"{where}.extension"
+                raise
+            body = orjson.dumps(entry.message)
+            if len(body) > self.c.config.server.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"message larger than this bridge accepts ({self.c.config.server.max_body_bytes}"
+                    " bytes)", location=f"{where}.resource",
+                )
+        except BridgeError as exc:
+            return await self._refuse(exc, partner=partner.id, subject=f"batch:{where}")
+        try:
+            return await self._process_one(partner, link, body, sequence, entry.message)
+        except BridgeError as exc:
+            log.error("batch entry failed: %s", exc)
+            return outcome_response(exc)
+        except Exception as exc:
+            # As the middleware does for a request alone: logged, audited, a 500.
+            log.exception("unexpected failure handling a batch entry")
+            await self.c.db.append_audit(self.c.audit(
+                "request.failed", subject="batch", outcome="failure",
+                detail=f"{type(exc).__name__}@{where}",
+            ))
+            return outcome_response(
+                InternalError("internal error; nothing was stored", location=where)
+            )
 
     async def _in_progress(self, flight: _Flight, partner: str, message_id: str) -> web.Response:
         """409, audited: the first copy gets its own entry; the rest are counted and

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from bridge.link.handshakes import HandshakeAudit, HandshakeHook, classify
 
@@ -104,9 +104,16 @@ class _Gate(asyncio.Protocol):
         # decrypted before the application protocol takes over: keep it for that protocol.
         self._early: list[bytes] = []
         self._early_eof = False
+        # Bytes of the handshake read before the TLS layer took the transport over.
+        # The standard library's loop honours pause_reading() in connection_made; uvloop
+        # starts reading anyway, so the client's first flight can arrive here first.
+        self._raw: list[bytes] = []
+        self._tls_installed = False
+        self._gone = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport; uvloop's does not derive from asyncio.Transport.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         # Nothing may be read before start_tls takes over the transport.
         transport.pause_reading()
@@ -118,7 +125,25 @@ class _Gate(asyncio.Protocol):
     # reports to this gate; afterwards it reports to the application directly.
 
     def data_received(self, data: bytes) -> None:
-        self._early.append(data)
+        (self._early if self._tls_installed else self._raw).append(data)
+
+    def _replay_raw(self, transport: asyncio.Transport) -> None:
+        """Hand the TLS layer what was read before it took over, ahead of any later
+        read: it runs after start_tls installed its protocol and before that protocol
+        starts the handshake (both are scheduled by start_tls, after this)."""
+        self._tls_installed = True
+        layer = transport.get_protocol()
+        if layer is self:
+            return
+        for chunk in self._raw:
+            view = memoryview(chunk)
+            while view:
+                buffer = layer.get_buffer(len(view))  # type: ignore[attr-defined]
+                n = min(len(buffer), len(view))
+                buffer[:n] = view[:n]
+                layer.buffer_updated(n)  # type: ignore[attr-defined]
+                view = view[n:]
+        self._raw.clear()
 
     def eof_received(self) -> bool | None:
         self._early_eof = True
@@ -126,25 +151,49 @@ class _Gate(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if not self._tls_installed:
+            # Gone before the TLS layer took over; uvloop's start_tls would then wait
+            # for a handshake that never comes.
+            self._gone.set()
 
     async def _upgrade(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown"
+        upgrade = loop.create_task(loop.start_tls(
+            transport,
+            self,
+            self._listener.ssl_context,
+            server_side=True,
+            ssl_handshake_timeout=self._listener.handshake_timeout,
+        ))
+        # Runs right after start_tls's first step (which swaps the transport's protocol
+        # and schedules the handshake): see _replay_raw.
+        loop.call_soon(self._replay_raw, transport)
+        gone = loop.create_task(self._gone.wait())
         try:
-            tls_transport = await loop.start_tls(
-                transport,
-                self,
-                self._listener.ssl_context,
-                server_side=True,
-                ssl_handshake_timeout=self._listener.handshake_timeout,
-            )
+            await asyncio.wait({upgrade, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not upgrade.done():
+            upgrade.cancel()
+            await asyncio.gather(upgrade, return_exceptions=True)
+            transport.abort()
+            await self._listener.audit.failed(classify(None, address, None))
+            return
+        try:
+            tls_transport = upgrade.result()
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             transport.abort()
             fingerprint = getattr(exc, "presented_sha256", None)
             await self._listener.audit.failed(classify(exc, address, fingerprint))
             return
-        if tls_transport is None:  # connection closed during the handshake
+        ssl_object = tls_transport.get_extra_info("ssl_object") if tls_transport else None
+        if tls_transport is None or ssl_object is None or ssl_object.version() is None:
+            # The connection closed during the handshake (uvloop answers a connection
+            # gone before its first byte with a closed transport rather than an error).
+            if tls_transport is not None:
+                tls_transport.abort()
             await self._listener.audit.failed(classify(None, address, None))
             return
         protocol = self._listener.protocol_factory()

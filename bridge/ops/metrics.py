@@ -197,6 +197,13 @@ def link_circuit(ctx: ScrapeContext) -> Iterator[Metric]:
         "bridge_link_requests", "Claim requests started (each may open a connection)",
         labels=["link"],
     )
+    batches = CounterMetricFamily(
+        "bridge_link_batches", "Batch requests sent (several claims in one, PROTOCOL §6b)",
+        labels=["link"],
+    )
+    batched = CounterMetricFamily(
+        "bridge_link_batched_claims", "Claims sent inside batch requests", labels=["link"],
+    )
     for link_id, dispatcher in sorted(getattr(ctx.service, "dispatchers", {}).items()):
         circuit = getattr(dispatcher, "circuit", None)
         if circuit is None:
@@ -205,7 +212,9 @@ def link_circuit(ctx: ScrapeContext) -> Iterator[Metric]:
         opened.add_metric([link_id], circuit.opened_total)
         probes.add_metric([link_id], circuit.probes_total)
         requests.add_metric([link_id], dispatcher.stats.requests)
-    yield from (state, opened, probes, requests)
+        batches.add_metric([link_id], dispatcher.stats.batches)
+        batched.add_metric([link_id], dispatcher.stats.batched)
+    yield from (state, opened, probes, requests, batches, batched)
 
 
 # --- one controller's registry --------------------------------------------------------------
