@@ -138,3 +138,27 @@ def client_ssl(root: Path, who: str | None, *, ca: Path | None = None) -> ssl.SS
 
 
 __all__ = ["LINK_OUT", "Pair", "client_ssl", "consent_for", "start_pair"]
+
+
+ICD10 = "urn:oid:2.16.156.10011.2.3.3.11"
+
+
+def special_as_secondary(record: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a WS 445.10 record whose special-disease principal diagnosis becomes
+    another discharge diagnosis beside an ordinary principal one (胆囊结石), so that
+    consent without the class holds back some diagnoses and the claim still goes
+    (PROTOCOL P-MSG-10 refuses a claim whose principal diagnosis is held back)."""
+    import copy
+
+    from bridge.policy.classify import default_sensitive_codes
+
+    codes = default_sensitive_codes()
+    out = copy.deepcopy(record)
+    for d in out["groups"]["diagnoses"]:
+        if "HDSD00.11.023" in d and codes.classes_of(ICD10, d["HDSD00.11.023"]):
+            d["HDSD00.11.020"] = d.pop("HDSD00.11.023")
+            d["HDSD00.11.021"] = d.pop("HDSD00.11.024")
+            d["HDSD00.11.022"] = d.pop("HDSD00.11.025", "1")
+    out["groups"]["diagnoses"].insert(
+        0, {"HDSD00.11.023": "K80.200", "HDSD00.11.024": "胆囊结石", "HDSD00.11.025": "1"})
+    return out

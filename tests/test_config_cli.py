@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from e2e_support import consent_for, make_workdir
+from e2e_support import consent_for, make_workdir, special_as_secondary
 
 from bridge.cli import main
 from bridge.config import load_config
@@ -184,14 +184,14 @@ def test_consent_explain_shows_what_is_sent_and_held_back(
 
     codes = default_sensitive_codes()
     icd10 = "urn:oid:2.16.156.10011.2.3.3.11"
-    record = next(
+    record = special_as_secondary(next(
         r
         for r in inpatient_records(200, seed=13)
         if any(
             codes.classes_of(icd10, d.get("HDSD00.11.020") or d.get("HDSD00.11.023"))
             for d in r["groups"].get("diagnoses", [])
         )
-    )
+    ))
     record_file = tmp_path / "record.json"
     record_file.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
     explain = [

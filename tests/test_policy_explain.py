@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
-from e2e_support import consent_for, make_workdir
+from e2e_support import consent_for, make_workdir, special_as_secondary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -154,15 +154,7 @@ def test_only_held_back_diagnoses_refuse_the_claim_and_explain_agrees(
 def test_enqueue_audit_names_provision_and_path_of_what_was_held_back(tmp_path: Path) -> None:
     # A special-disease diagnosis beside an ordinary principal one: the claim goes with
     # the rest (a held-back principal diagnosis refuses it, P-MSG-10).
-    record = json.loads(json.dumps(next(
-        r for r in inpatient_records(300, seed=5) if special(r))))
-    for d in record["groups"]["diagnoses"]:
-        if "HDSD00.11.023" in d and CODES.classes_of(ICD10, d["HDSD00.11.023"]):
-            # The special-disease diagnosis becomes another discharge diagnosis.
-            d["HDSD00.11.020"], d["HDSD00.11.021"] = d.pop("HDSD00.11.023"), d.pop("HDSD00.11.024")
-            d["HDSD00.11.022"] = d.pop("HDSD00.11.025", "1")
-    record["groups"]["diagnoses"].insert(
-        0, {"HDSD00.11.023": "K80.200", "HDSD00.11.024": "胆囊结石", "HDSD00.11.025": "1"})
+    record = special_as_secondary(next(r for r in inpatient_records(300, seed=5) if special(r)))
     hospital_cfg, _ = make_workdir(tmp_path)
 
     async def run() -> list[Any]:
