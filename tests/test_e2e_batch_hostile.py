@@ -1,0 +1,173 @@
+"""A hostile or buggy partner against the batch form (PROTOCOL §6b), from outside.
+
+The receiver is a real ``bridge serve`` process with the dev PKI; the client is the
+conformance peer (standard-library TLS and JOSE, written from PROTOCOL.md) posting
+batch Bundles built here by hand. What the receiver stored and audited is read from
+its SQLite store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from ops_support import serve
+from peer_support import call
+from reliability_support import inbox_ids
+from test_e2e_batch import _batch, _code, _insurer, _peer, _post_batch, _statuses
+
+from bridge.conformance.peer import SigningKey
+
+PROCESS = {"method": "POST", "url": "$process-message"}
+
+
+def _audit(store: Path, subject: str | None = None) -> list[tuple[str, str, str]]:
+    con = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT action, subject, detail FROM audit ORDER BY seq").fetchall()
+    finally:
+        con.close()
+    return [r for r in rows if subject is None or r[1] == subject]
+
+
+def _outcome(answer: Any) -> tuple[str, list[str]]:
+    issue = answer["issue"][0]
+    return issue["details"]["coding"][0]["code"], issue.get("expression", [])
+
+
+async def test_entries_are_bound_to_the_tls_peer_and_this_receiver(tmp_path: Path) -> None:
+    _, insurer_cfg = _insurer(tmp_path, max_batch_entries=8, max_batch_bytes=2_000_000)
+    insurer = await asyncio.to_thread(serve, insurer_cfg)
+    store = tmp_path / "insurer-b" / "bridge.sqlite"
+    try:
+        peer = _peer(tmp_path, insurer_cfg)
+        other_key = SigningKey.from_files(tmp_path / "pki" / "clinic-x" / "sign.key",
+                                          tmp_path / "pki" / "clinic-x" / "sign.pem")
+        good = peer.signed_claim()
+        # Signed by another partner's key, under hospital-a's name.
+        alien = peer.claim()
+        from bridge.conformance.envelope import sign_message
+        alien = sign_message(alien, other_key, iss="hospital-a", aud="insurer-b")
+        # Header and signature name clinic-x, sent over hospital-a's connection.
+        as_clinic = sign_message(peer.claim(sender="clinic-x"), other_key,
+                                 iss="clinic-x", aud="insurer-b")
+        elsewhere = peer.signed_claim(receiver="insurer-z", sign={"aud": "insurer-z"})
+        wrong_aud = peer.signed_claim(sign={"aud": "insurer-z"})
+        stale = peer.signed_claim(sign={"iat": int(time.time()) - 7 * 24 * 3600})
+        batch = [good, alien, as_clinic, elsewhere, wrong_aud, stale]
+        with await call(peer.connect) as conn:
+            status, answer = await call(_post_batch, peer, conn, _batch(batch))
+        assert status == 200, answer
+        statuses = _statuses(answer)
+        assert statuses[0] == 200
+        assert all(s == 403 for s in statuses[1:]), statuses
+        for i, entry in enumerate(answer["entry"][1:], start=1):
+            assert "outcome" in entry["response"], i
+        assert inbox_ids(store) == [good["identifier"]["value"]]
+        # Every refused entry is audited like a message refused alone.
+        rejects = [a for a in _audit(store) if a[0] == "message.reject"]
+        assert len(rejects) == 5, rejects
+    finally:
+        await asyncio.to_thread(insurer.stop)
+    assert not [line for line in insurer.log_lines() if "Traceback" in line]
+
+
+async def test_one_identity_twice_in_a_batch(tmp_path: Path) -> None:
+    """Two copies of one message in one batch: one stored copy, one reception audited;
+    the same content gets the one receipt, other content under that identity 422."""
+    _, insurer_cfg = _insurer(tmp_path, max_batch_entries=8, max_batch_bytes=2_000_000)
+    insurer = await asyncio.to_thread(serve, insurer_cfg)
+    store = tmp_path / "insurer-b" / "bridge.sqlite"
+    try:
+        peer = _peer(tmp_path, insurer_cfg)
+        same = peer.signed_claim()
+        first = peer.signed_claim()
+        other = peer.signed_claim(identity=first["identifier"]["value"])
+        with await call(peer.connect) as conn:
+            status, answer = await call(_post_batch, peer, conn, _batch([same, same, first, other]))
+            assert status == 200, answer
+            statuses = _statuses(answer)
+            assert statuses == [200, 200, 200, 422], statuses
+            assert answer["entry"][0]["resource"] == answer["entry"][1]["resource"]
+            assert _code(answer["entry"][3]) == "conflict" or "conflict" in _code(answer["entry"][3])
+            # Replayed in a later batch: the original receipt, nothing stored again.
+            status, again = await call(_post_batch, peer, conn, _batch([same]))
+            assert _statuses(again) == [200]
+            assert again["entry"][0]["resource"] == answer["entry"][0]["resource"]
+        assert sorted(inbox_ids(store)) == sorted(
+            [same["identifier"]["value"], first["identifier"]["value"]])
+        received = [a for a in _audit(store, same["identifier"]["value"])
+                    if a[0] == "message.receive"]
+        assert len(received) == 1
+    finally:
+        await asyncio.to_thread(insurer.stop)
+    assert not [line for line in insurer.log_lines() if "Traceback" in line]
+
+
+async def test_malformed_batches_are_refused_whole_naming_where(tmp_path: Path) -> None:
+    _, insurer_cfg = _insurer(tmp_path, max_batch_entries=4, max_batch_bytes=3_000_000,
+                              max_body_bytes=200_000)
+    insurer = await asyncio.to_thread(serve, insurer_cfg)
+    store = tmp_path / "insurer-b" / "bridge.sqlite"
+    try:
+        peer = _peer(tmp_path, insurer_cfg)
+        msg = peer.signed_claim()
+        ok_entry = {"request": PROCESS, "resource": msg}
+
+        def bundle(**fields: Any) -> bytes:
+            return json.dumps({"resourceType": "Bundle", **fields}).encode()
+
+        cases: list[tuple[bytes, int, str]] = [
+            (bundle(type="transaction", entry=[ok_entry]), 400, "Bundle.type"),
+            (bundle(type="message", entry=[ok_entry]), 400, "Bundle.type"),
+            (bundle(type="batch", entry=[]), 400, "Bundle.entry"),
+            (bundle(type="batch"), 400, "Bundle.entry"),
+            (bundle(type="batch", entry={"a": 1}), 400, "Bundle.entry"),
+            (b'{"resourceType":"Bundle","type":"batch","type":"batch","entry":[]}', 400, ""),
+            (b'{"resourceType":"Bundle","type":"batch","entry":' + b"[" * 5000 + b"]" * 5000
+             + b"}", 400, ""),
+            (b'[1,2]', 400, ""),
+            (b'\xff\xfe', 400, ""),
+        ]
+        for body, want, where in cases:
+            with await call(peer.connect) as conn:
+                status, answer = await call(_post_batch, peer, conn, body)
+            assert status == want, (body[:80], status, answer)
+            assert answer["resourceType"] == "OperationOutcome"
+            if where:
+                assert _outcome(answer)[1] == [where], (body[:80], answer)
+        # Entries that are not a $process-message POST are refused alone, naming them.
+        entries = [
+            {"request": {"method": "PUT", "url": "$process-message"}, "resource": msg},
+            {"request": {"method": "POST", "url": "Claim"}, "resource": msg},
+            {"request": {"method": "POST", "url": "$process-message"}},
+            {"fullUrl": "urn:uuid:1", "request": PROCESS, "resource": msg,
+             "response": {"status": "200 OK"}},
+        ]
+        with await call(peer.connect) as conn:
+            status, answer = await call(
+                _post_batch, peer, conn, bundle(type="batch", entry=entries))
+        assert status == 200, answer
+        statuses = _statuses(answer)
+        assert statuses[:3] == [400, 400, 400], statuses
+        assert _outcome(answer["entry"][0]["response"]["outcome"])[1] == ["Bundle.entry[0].request"]
+        assert _outcome(answer["entry"][2]["response"]["outcome"])[1] == ["Bundle.entry[2].resource"]
+        # A single entry larger than a message alone may be: 413 for it alone.
+        big = peer.claim()
+        big["meta"] = {"tag": [{"code": "x" * 300_000}]}
+        big = peer.sign(big)
+        good = peer.signed_claim()
+        with await call(peer.connect) as conn:
+            status, answer = await call(_post_batch, peer, conn, _batch([big, good]))
+        assert status == 200, answer
+        assert _statuses(answer)[0] == 413
+        assert _outcome(answer["entry"][0]["response"]["outcome"])[1] == ["Bundle.entry[0].resource"]
+        assert _statuses(answer)[1] == 200
+        assert set(inbox_ids(store)) <= {msg["identifier"]["value"], good["identifier"]["value"]}
+    finally:
+        await asyncio.to_thread(insurer.stop)
+    assert not [line for line in insurer.log_lines() if "Traceback" in line]
