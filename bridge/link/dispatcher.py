@@ -47,6 +47,7 @@ from bridge.errors import (
     BridgeError,
     PartnerRejected,
     PolicyError,
+    SignatureError,
     TransportError,
     TrustError,
 )
@@ -556,6 +557,8 @@ class Dispatcher:
         message_id = row.message_id
         try:
             receipt = orjson.loads(receipt_bytes)
+            if not isinstance(receipt, dict):
+                raise SignatureError("receipt is not a signed Bundle", location="receipt")
             verified = verify_receipt(
                 receipt,
                 c.keyring,
@@ -725,6 +728,13 @@ class Dispatcher:
                 raise TransportError(
                     f"partner answered {status}", location="HTTP", status=status,
                     remote_code=remote_code, retry_after=None,
+                )
+            if not 400 <= status < 500:
+                # Neither a receipt nor a refusal (a 1xx, another 2xx, a 3xx): only a
+                # definitive 4xx rejects a claim; the partner may hold this one.
+                raise TransportError(
+                    f"partner answered the entry with {status}", location="batch-response",
+                    maybe_sent=True, status=status, remote_code=remote_code,
                 )
             raise PartnerRejected(
                 f"partner rejected the message with {status}", location="HTTP",
