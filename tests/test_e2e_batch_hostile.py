@@ -9,17 +9,20 @@ its SQLite store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ops_support import serve
 from peer_support import call
 from reliability_support import inbox_ids
 from test_e2e_batch import _batch, _code, _insurer, _peer, _post_batch, _statuses
 
+from bridge.conformance.envelope import sign_message
 from bridge.conformance.peer import SigningKey
 
 PROCESS = {"method": "POST", "url": "$process-message"}
@@ -50,7 +53,6 @@ async def test_entries_are_bound_to_the_tls_peer_and_this_receiver(tmp_path: Pat
         good = peer.signed_claim()
         # Signed by another partner's key, under hospital-a's name.
         alien = peer.claim()
-        from bridge.conformance.envelope import sign_message
         alien = sign_message(alien, other_key, iss="hospital-a", aud="insurer-b")
         # Header and signature name clinic-x, sent over hospital-a's connection.
         as_clinic = sign_message(peer.claim(sender="clinic-x"), other_key,
@@ -171,3 +173,76 @@ async def test_malformed_batches_are_refused_whole_naming_where(tmp_path: Path) 
     finally:
         await asyncio.to_thread(insurer.stop)
     assert not [line for line in insurer.log_lines() if "Traceback" in line]
+
+
+def _inbox(store: Path) -> dict[str, bytes]:
+    con = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)
+    try:
+        return {m: bytes(r) for m, r in con.execute("SELECT message_id, receipt FROM inbox")}
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("when", ["while-reading", "after-commit"])
+async def test_receiver_killed_mid_batch_keeps_each_entry_whole(tmp_path: Path, when: str) -> None:
+    """kill -9 while a batch is being processed: every entry is then either held with
+    its receipt (which a resend gets back, unchanged) or absent; none is received
+    twice, and the audit trail still verifies."""
+    import signal
+
+    from bridge.ledger.sqlite import SQLiteStore
+
+    _, insurer_cfg = _insurer(tmp_path, max_batch_entries=200, max_batch_bytes=16_000_000)
+    store = tmp_path / "insurer-b" / "bridge.sqlite"
+    insurer = await asyncio.to_thread(serve, insurer_cfg)
+    peer = _peer(tmp_path, insurer_cfg)
+    batch = [peer.signed_claim() for _ in range(200)]
+    body = _batch(batch, first_seq=1)
+    try:
+        def send() -> None:
+            # The receiver is killed under it: any failure of the request is expected.
+            with contextlib.suppress(Exception), peer.connect() as conn:
+                _post_batch(peer, conn, body)
+
+        sender = asyncio.ensure_future(asyncio.to_thread(send))
+        held: dict[str, bytes] = {}
+        for _ in range(400 if when == "after-commit" else 0):
+            await asyncio.sleep(0.01)
+            try:
+                held = _inbox(store)
+            except sqlite3.OperationalError:
+                continue
+            if held:
+                break
+        if when == "while-reading":
+            await asyncio.sleep(0.05)
+        insurer.proc.send_signal(signal.SIGKILL)
+        insurer.proc.wait()
+        await sender
+    finally:
+        await asyncio.to_thread(insurer.stop)
+    before = _inbox(store)
+    if when == "after-commit":
+        assert before, "nothing was stored before the kill"
+    insurer = await asyncio.to_thread(serve, insurer_cfg)
+    try:
+        with await call(peer.connect) as conn:
+            status, answer = await call(_post_batch, peer, conn, body)
+    finally:
+        await asyncio.to_thread(insurer.stop)
+    assert status == 200, answer
+    assert _statuses(answer) == [200] * len(batch)
+    for message, entry in zip(batch, answer["entry"], strict=True):
+        identity = message["identifier"]["value"]
+        peer.check_receipt(message, entry["resource"])
+        if identity in before:
+            assert json.loads(before[identity]) == entry["resource"]
+    after = _inbox(store)
+    assert sorted(after) == sorted(m["identifier"]["value"] for m in batch)
+    received: dict[str, int] = {}
+    for action, subject, _ in _audit(store):
+        if action == "message.receive":
+            received[subject] = received.get(subject, 0) + 1
+    assert set(received.values()) == {1}
+    with SQLiteStore(store) as s:
+        assert s.verify_audit().ok

@@ -1,0 +1,120 @@
+"""Hostile and broken TLS clients against a real ``bridge serve`` process (on its
+default event loop, uvloop): bytes that are not TLS, garbage after a ClientHello, a
+reset mid-handshake, a ClientHello sent a byte at a time. Every such connection is
+closed, the handshake timeout holds, the failures are in the audit trail, and the
+listener keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import struct
+import time
+from pathlib import Path
+
+from ops_support import serve
+from peer_support import call
+from test_e2e_batch import _insurer, _peer
+from test_e2e_batch_hostile import _audit
+
+
+def _client_hello() -> bytes:
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True when the server closes (or resets) the connection within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def _attacks(port: int) -> dict[str, bool]:
+    hello = _client_hello()
+    closed: dict[str, bool] = {}
+
+    def conn() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+    with conn() as s:  # plain HTTP to a TLS port
+        s.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\n\r\n")
+        closed["plaintext"] = _closed_within(s, 5)
+    with conn() as s:  # garbage first
+        s.sendall(b"\x00" * 64 + hello)
+        closed["garbage-before"] = _closed_within(s, 5)
+    with conn() as s:  # a ClientHello followed by garbage
+        s.sendall(hello + b"\x17\x03\x03\x00\x10" + b"\xff" * 16 + b"junk" * 100)
+        closed["garbage-after"] = _closed_within(s, 5)
+    with conn() as s:  # a full ClientHello, then silence: the handshake times out
+        s.sendall(hello)
+        closed["silent-after-hello"] = _closed_within(s, 5)
+    s = conn()  # reset in the middle of the ClientHello
+    s.sendall(hello[: len(hello) // 2])
+    time.sleep(0.05)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    closed["reset"] = True
+    with conn() as s:  # slowloris: the ClientHello a byte every 0.1 s, for 3 s
+        gone = False
+        for byte in hello[:30]:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                gone = True
+                break
+            time.sleep(0.1)
+        closed["slowloris"] = gone or _closed_within(s, 0.5)
+    return closed
+
+
+async def test_hostile_handshakes_are_closed_audited_and_the_listener_serves(
+    tmp_path: Path,
+) -> None:
+    _, insurer_cfg = _insurer(tmp_path, handshake_timeout_seconds=0.5)
+    insurer = await asyncio.to_thread(serve, insurer_cfg)
+    store = tmp_path / "insurer-b" / "bridge.sqlite"
+    port = int(_peer(tmp_path, insurer_cfg).base_url.split(":")[2].split("/")[0])
+    try:
+        closed = await asyncio.to_thread(_attacks, port)
+        assert all(closed.values()), closed
+        peer = _peer(tmp_path, insurer_cfg)
+        with await call(peer.connect) as conn:
+            assert (await call(peer.get, conn, "metadata")).status == 200
+        assert insurer.proc.poll() is None
+    finally:
+        await asyncio.to_thread(insurer.stop)
+    tls = [a for a in _audit(store) if a[0].startswith("tls.")]
+    # Each connection is accounted for: the two that were not TLS and the garbage
+    # after a ClientHello refused, the silent one and the slowloris stalled, the reset
+    # one dropped.
+    refused = [a[2] for a in tls if a[0] == "tls.refused"]
+    assert sorted(refused) == sorted(
+        ["not-tls", "not-tls repeated=1", "decryption-failed-or-bad-record-mac"]), tls
+    counts: dict[str, int] = {}
+    for action, _, detail in tls:
+        if action == "tls.incomplete":
+            for part in (detail or "").split():
+                key, _, value = part.partition("=")
+                counts[key] = counts.get(key, 0) + int(value)
+    assert counts.get("stalled") == 2 and counts.get("dropped") == 1, tls
+    log = insurer.log_lines()
+    assert not [line for line in log if "Traceback" in line]
+    expected = os.environ.get("BRIDGE_EVENT_LOOP", "uvloop") or "uvloop"
+    assert [line for line in log if f"event loop: {expected}" in line], log[:5]
