@@ -246,3 +246,67 @@ async def test_receiver_killed_mid_batch_keeps_each_entry_whole(tmp_path: Path, 
     assert set(received.values()) == {1}
     with SQLiteStore(store) as s:
         assert s.verify_audit().ok
+
+
+async def test_batches_from_callers_without_a_link_or_in_the_wrong_form(tmp_path: Path) -> None:
+    """Refused as a whole with an OperationOutcome: a certificate of no partner, this
+    controller's own certificate, another media type, a content coding, a body that
+    stalls; and a receiver that does not offer batches has no batch route."""
+    import dataclasses
+
+    from peer_support import tls_options
+
+    _, insurer_cfg = _insurer(tmp_path, max_batch_entries=4, body_timeout_seconds=1.0)
+    insurer = await asyncio.to_thread(serve, insurer_cfg)
+    store = tmp_path / "insurer-b" / "bridge.sqlite"
+    try:
+        peer = _peer(tmp_path, insurer_cfg)
+        body = _batch([peer.signed_claim()])
+        for who in ("clinic-x", "insurer-b"):
+            stranger = dataclasses.replace(peer, tls=tls_options(tmp_path / "pki", who))
+            try:
+                with await call(stranger.connect) as conn:
+                    status, answer = await call(_post_batch, stranger, conn, body)
+            except Exception as exc:  # noqa: BLE001 - refused at the handshake is fine too
+                status, answer = 0, {"refused": type(exc).__name__}
+            assert status in (0, 401), (who, status, answer)
+            if status:
+                assert answer["resourceType"] == "OperationOutcome"
+        with await call(peer.connect) as conn:
+            path = "/fhir"
+            response = await call(conn.request, "POST", path, body,
+                                  {"Content-Type": "text/plain"})
+            assert response.status == 415
+            assert response.json()["resourceType"] == "OperationOutcome"
+        with await call(peer.connect) as conn:
+            response = await call(conn.request, "POST", path, body,
+                                  {"Content-Type": "application/fhir+json",
+                                   "Content-Encoding": "gzip"})
+            assert response.status == 415
+        with await call(peer.connect) as conn:
+            # Announces a body and sends half of it.
+            head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json"
+                    f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+            await call(conn.send_raw, head + body[: len(body) // 2])
+            response = await call(conn.read_response)
+            assert response.status == 408
+            assert response.json()["resourceType"] == "OperationOutcome"
+    finally:
+        await asyncio.to_thread(insurer.stop)
+    assert inbox_ids(store) == []
+    assert not [line for line in insurer.log_lines() if "Traceback" in line]
+
+    off = tmp_path / "off"
+    _, insurer_cfg = _insurer(off, max_batch_entries=0)
+    insurer = await asyncio.to_thread(serve, insurer_cfg)
+    try:
+        peer = _peer(off, insurer_cfg)
+        with await call(peer.connect) as conn:
+            meta = (await call(peer.get, conn, "metadata")).json()
+            assert "interaction" not in meta["rest"][0]
+            status, answer = await call(_post_batch, peer, conn, _batch([peer.signed_claim()]))
+        assert status in (404, 405), status
+        assert answer["resourceType"] == "OperationOutcome"
+    finally:
+        await asyncio.to_thread(insurer.stop)
+    assert inbox_ids(off / "insurer-b" / "bridge.sqlite") == []
