@@ -156,3 +156,61 @@ async def test_an_answer_without_a_receipt_is_never_given_up(tmp_path: Path) -> 
         receiver.stop()
     assert not {states[m] for m in ids} & {"dead", "rejected", "acked"}, states
     assert receiver.batches >= 4, receiver.batches
+
+
+class WithdrawingReceiver(HostileReceiver):
+    """Offers batches and answers the first one; then no longer offers them and has no
+    batch route (a partner downgraded mid-run)."""
+
+    def capability(self) -> dict[str, Any]:
+        capability = super().capability()
+        if self.batches:
+            del capability["rest"][0]["interaction"], capability["rest"][0]["extension"]
+        return capability
+
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        if method == "POST" and path == "/fhir":
+            with self.lock:
+                withdrawn = self.batches > 0
+                self.batches += 1
+            if withdrawn:
+                return 404, b'{"resourceType":"OperationOutcome","issue":[]}'
+            messages = [e["resource"] for e in json.loads(body)["entry"]]
+            entries = [{"response": {"status": "200 OK"},
+                        "resource": make_receipt(m, receiver="insurer-b", sender="hospital-a",
+                                                 key=self.key)} for m in messages]
+            with self.lock:
+                self.requests.append((path, [m["identifier"]["value"] for m in messages]))
+            return 200, json.dumps({"resourceType": "Bundle", "type": "batch-response",
+                                    "entry": entries}).encode()
+        if method == "POST":
+            with self.lock:
+                self.requests.append((path, [json.loads(body)["identifier"]["value"]]))
+        return super().handle(method, path, body)
+
+
+async def test_a_partner_that_stops_offering_batches_gets_one_by_one(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    init_dev_pki(pki, ["hospital-a", "insurer-b"], now=datetime.now(UTC) - timedelta(days=1))
+    port = free_port()
+    hospital_cfg, _ = write_configs(tmp_path, free_port(), port)
+    link_settings(hospital_cfg, retry_base_seconds=0.1, retry_cap_seconds=0.2,
+                  probe_cap_seconds=0.2, capability_ttl_seconds=0.5)
+    first = await enqueue(hospital_cfg, 4, seed=11)
+    receiver = WithdrawingReceiver(pki, port)
+    receiver.start()
+    hospital = await asyncio.to_thread(serve, hospital_cfg)
+    try:
+        store = tmp_path / "hospital-a" / "bridge.sqlite"
+        await wait_settled(store, first, timeout=30)
+        # More claims after the partner withdrew its offer.
+        later = await enqueue(hospital_cfg, 8, seed=12, first=100)
+        await wait_settled(store, later, timeout=60)
+        states = outbox_states(store)
+    finally:
+        await asyncio.to_thread(hospital.stop)
+        receiver.stop()
+    assert {states[m] for m in first + later} == {"acked"}, states
+    assert receiver.batches >= 1
+    singles = [ids for path, ids in receiver.requests if path.endswith("$process-message")]
+    assert {m for ids in singles for m in ids} >= set(later)
