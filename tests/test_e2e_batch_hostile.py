@@ -169,6 +169,20 @@ async def test_malformed_batches_are_refused_whole_naming_where(tmp_path: Path) 
         assert _statuses(answer)[0] == 413
         assert _outcome(answer["entry"][0]["response"]["outcome"])[1] == ["Bundle.entry[0].resource"]
         assert _statuses(answer)[1] == 200
+        # A chunked body (no Content-Length) past maxBytes: 413 naming the bound,
+        # the connection closed without reading the rest.
+        with await call(peer.connect) as conn:
+            head = (b"POST /fhir HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json"
+                    b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"x" * 65536
+            framed = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+            start = b'{"resourceType":"Bundle","type":"batch","id":"'
+            with contextlib.suppress(Exception):  # the receiver may stop reading
+                await call(conn.send_raw, head + b"%x\r\n" % len(start) + start + b"\r\n"
+                           + framed * 60)
+            response = await call(conn.read_response)
+            assert response.status == 413
+            assert "3000000" in response.json()["issue"][0]["details"]["text"]
         assert set(inbox_ids(store)) <= {msg["identifier"]["value"], good["identifier"]["value"]}
     finally:
         await asyncio.to_thread(insurer.stop)
