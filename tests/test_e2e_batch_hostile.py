@@ -102,9 +102,14 @@ async def test_one_identity_twice_in_a_batch(tmp_path: Path) -> None:
             assert again["entry"][0]["resource"] == answer["entry"][0]["resource"]
         assert sorted(inbox_ids(store)) == sorted(
             [same["identifier"]["value"], first["identifier"]["value"]])
-        received = [a for a in _audit(store, same["identifier"]["value"])
-                    if a[0] == "message.receive"]
-        assert len(received) == 1
+        # Audited as if posted one after the other: one reception, then a duplicate
+        # (and another for the later replay); the other content refused as a conflict.
+        actions = [a[0] for a in _audit(store, same["identifier"]["value"])]
+        assert actions == ["message.receive", "message.duplicate", "message.duplicate"], actions
+        conflict = [(a[0], a[2]) for a in _audit(store, first["identifier"]["value"])]
+        assert conflict[0][0] == "message.receive"
+        assert [a for a, _ in conflict[1:]] == ["message.reject"], conflict
+        assert "conflict" in conflict[1][1] or "Bundle.identifier" in conflict[1][1], conflict
     finally:
         await asyncio.to_thread(insurer.stop)
     assert not [line for line in insurer.log_lines() if "Traceback" in line]
