@@ -7,17 +7,23 @@ listener keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import ssl
 import struct
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from ops_support import serve
-from peer_support import call
+from peer_support import call, issue_tls_certificate
 from test_e2e_batch import _insurer, _peer
 from test_e2e_batch_hostile import _audit
+
+from bridge.conformance.peer import ConnectionClosed, TLSRefused
+from bridge.trust.pki import init_dev_pki
 
 
 def _client_hello() -> bytes:
@@ -95,6 +101,16 @@ async def test_hostile_handshakes_are_closed_audited_and_the_listener_serves(
         closed = await asyncio.to_thread(_attacks, port)
         assert all(closed.values()), closed
         peer = _peer(tmp_path, insurer_cfg)
+        # Client certificates the handshake refuses: expired, and from another CA.
+        expired, expired_key, _ = issue_tls_certificate(
+            tmp_path / "pki", tmp_path / "expired", "hospital-a",
+            issued_at=datetime.now(UTC) - timedelta(days=40), days=30)
+        init_dev_pki(tmp_path / "other-pki", ["hospital-a"], now=datetime.now(UTC))
+        other = tmp_path / "other-pki" / "hospital-a"
+        for cert, key in ((expired, expired_key), (other / "tls.pem", other / "tls.key")):
+            bad = dataclasses.replace(peer, tls=dataclasses.replace(peer.tls, cert=cert, key=key))
+            with pytest.raises((TLSRefused, ConnectionClosed)), await call(bad.connect) as conn:
+                await call(bad.get, conn, "metadata")
         with await call(peer.connect) as conn:
             assert (await call(peer.get, conn, "metadata")).status == 200
         assert insurer.proc.poll() is None
@@ -106,7 +122,8 @@ async def test_hostile_handshakes_are_closed_audited_and_the_listener_serves(
     # one dropped.
     refused = [a[2] for a in tls if a[0] == "tls.refused"]
     assert sorted(refused) == sorted(
-        ["not-tls", "not-tls repeated=1", "decryption-failed-or-bad-record-mac"]), tls
+        ["not-tls", "not-tls repeated=1", "decryption-failed-or-bad-record-mac",
+         "certificate-expired", "unknown-ca"]), tls
     counts: dict[str, int] = {}
     for action, _, detail in tls:
         if action == "tls.incomplete":
