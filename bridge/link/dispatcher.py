@@ -961,6 +961,13 @@ class Dispatcher:
                 f"partner answered {status}", location="HTTP", status=status,
                 remote_code=remote_code, retry_after=retry_after,
             )
+        if not 400 <= status < 500:
+            # Neither a receipt nor a refusal (a 201, a 202 of a server that queues):
+            # only a definitive 4xx rejects a claim; the partner may hold this one.
+            raise TransportError(
+                f"partner answered {status} without a receipt", location="HTTP",
+                maybe_sent=True, status=status, remote_code=remote_code,
+            )
         raise PartnerRejected(
             f"partner rejected the message with {status}",
             location="HTTP",
