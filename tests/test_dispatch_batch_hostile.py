@@ -28,7 +28,8 @@ from bridge.conformance.sender_role import make_receipt
 from bridge.demo import free_port, write_configs
 from bridge.trust.pki import init_dev_pki
 
-MODES = ("swap", "one-for-all", "short", "null", "201", "302", "100", "500", "swap")
+MODES = ("swap", "one-for-all", "short", "null", "201", "302", "100", "500", "fat", "fat",
+         "swap")
 
 
 class HostileReceiver(ScriptedReceiver):
@@ -67,6 +68,11 @@ class HostileReceiver(ScriptedReceiver):
             entries = [{"response": {"status": "200 OK"}, "resource": None} for _ in entries]
         elif mode in ("201", "302", "100"):
             entries = [{"response": {"status": mode}, "resource": r} for r in receipts]
+        elif mode == "fat":
+            # Receipts that still verify (Bundle.signature is outside what is signed)
+            # but each larger than a receipt may be (PROTOCOL P-HTTP-6: 1 MiB).
+            # One such entry: the answer as a whole stays within the batch's bound.
+            entries[0]["resource"]["signature"]["padding"] = "x" * (1024 * 1024 + 1)
         elif mode == "500":
             entries = [{"response": {"status": "500"},
                         "outcome": {"resourceType": "OperationOutcome", "issue": []}}
@@ -94,7 +100,6 @@ async def test_malformed_batch_responses_never_ack_or_refuse(tmp_path: Path) -> 
         await asyncio.to_thread(hospital.stop)
         receiver.stop()
     assert {states[m] for m in ids} == {"acked"}, states
-    assert receiver.batches > len(MODES), receiver.batches
     assert receiver.hostile_ids
     assert {states[m] for m in ids} == {"acked"}, states
     con = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
@@ -103,10 +108,12 @@ async def test_malformed_batch_responses_never_ack_or_refuse(tmp_path: Path) -> 
     finally:
         con.close()
     for message_id in ids:
+        assert len(receipts[message_id]) <= 1024 * 1024
         text = bytes(receipts[message_id]).decode()
         # Each acknowledgement rests on the receipt of its own message.
         assert message_id in text
         assert not [other for other in ids if other != message_id and other in text]
+    assert receiver.batches > len(MODES), receiver.batches
 
 
 class NoReceiptReceiver(HostileReceiver):

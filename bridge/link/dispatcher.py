@@ -56,7 +56,12 @@ from bridge.ledger.errors import TransitionError
 from bridge.ledger.states import next_attempt, should_give_up
 from bridge.link.circuit import Circuit, CircuitState
 from bridge.link.node import Controller, _decision_detail, resource_types
-from bridge.link.partner_http import RECEIPT_LIMIT, partner_session, read_answer
+from bridge.link.partner_http import (
+    RECEIPT_LIMIT,
+    PartnerAnswerRefused,
+    partner_session,
+    read_answer,
+)
 from bridge.logs import claim_event
 from bridge.trust.identity import certificate_identity, pinned
 from bridge.trust.jws import digest, payload_digests, sign_bundle
@@ -719,10 +724,17 @@ class Dispatcher:
                             resource: Any) -> None:
         """One entry of a batch-response, judged as the same answer to a request alone."""
         try:
-            if status == 200:
-                await self._acknowledge(row, payload, orjson.dumps(resource))
-                return
             body = orjson.dumps(resource) if resource is not None else b""
+            if len(body) > RECEIPT_LIMIT:
+                # As an answer of its own would be (PROTOCOL P-HTTP-6): the batch's bound
+                # is the sum, each entry still has a receipt's.
+                raise PartnerAnswerRefused(
+                    f"partner's answer is larger than {RECEIPT_LIMIT} bytes",
+                    location="batch-response", status=status, maybe_sent=True,
+                )
+            if status == 200:
+                await self._acknowledge(row, payload, body)
+                return
             remote_code = _remote_code(body)
             if status in (408, 409, 429) or status >= 500:
                 raise TransportError(
