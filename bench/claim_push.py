@@ -22,8 +22,8 @@ machine's load average before and after.
     python bench/claim_push.py --batch off --loop asyncio       # one claim per request, stdlib loop
 
 By default both forms are reported, one claim per request first, then batches
-(PROTOCOL §6b); ``--loop`` picks the event loop of both sides (default: uvloop when
-installed).
+(PROTOCOL §6b); ``--loop`` picks the event loop of both sides (default: the standard
+library's, as ``bridge serve``).
 
 Each sender first pushes a few claims that are not measured (mappings, value sets,
 validation models and TLS sessions load once per process).
@@ -545,7 +545,7 @@ def main() -> None:
     parser.add_argument("--batch", choices=("on", "off", "both"), default="both",
                         help="several claims per request (PROTOCOL §6b), one per request, or"
                              " both reported one after the other")
-    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="asyncio",
                         help="event loop of both sides (BRIDGE_EVENT_LOOP); auto = uvloop if"
                              " installed")
     parser.add_argument("--sender", nargs="+", help=argparse.SUPPRESS)

@@ -95,10 +95,10 @@ class ServerConfig(_Strict):
         description="a request body not received within this long is answered 408",
     )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
-        default="auto",
+        default="asyncio",
         description=(
-            "event loop of bridge serve: uvloop when installed (auto), or named; the"
-            " BRIDGE_EVENT_LOOP environment variable overrides it"
+            "event loop of bridge serve: the standard library's (default), uvloop, or auto"
+            " (uvloop when installed); the BRIDGE_EVENT_LOOP environment variable overrides it"
         ),
     )
     max_batch_entries: int = Field(

@@ -1,11 +1,14 @@
 """Which event loop a long-running bridge process runs on.
 
-``uvloop`` (libuv) costs less CPU per request than the standard library's loop for
-the same HTTP and TLS work, and is used when it is installed, unless the
-configuration (``[server] event_loop``) or the ``BRIDGE_EVENT_LOOP`` environment
-variable says ``asyncio``. ``uvloop`` asks for it and fails clearly when it is
-missing. The environment variable wins over the configuration: it is how an operator
-switches one process back without editing a shared file.
+The standard library's loop by default; ``uvloop`` (libuv) when the configuration
+(``[server] event_loop``) or the ``BRIDGE_EVENT_LOOP`` environment variable names it,
+and ``auto`` for uvloop when it is installed. Asking for ``uvloop`` without it
+installed fails clearly. The environment variable wins over the configuration: it is
+how an operator switches one process without editing a shared file.
+
+On this project's benchmark (bench/claim_push.py, ``--loop``) uvloop did not show a
+difference in CPU per claim beyond the noise of a shared host, so it is not the
+default; the TLS listener works on both (bridge.link.tlsgate).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ CHOICES = ("auto", "uvloop", "asyncio")
 ENV = "BRIDGE_EVENT_LOOP"
 
 
-def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory(choice: str = "asyncio") -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The factory of the loop ``choice`` names (``BRIDGE_EVENT_LOOP`` overriding it);
     None for the standard library's loop."""
     choice = os.environ.get(ENV, "").strip().lower() or choice
@@ -41,7 +44,7 @@ def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop
     return uvloop.new_event_loop
 
 
-def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
+def run(main: Coroutine[Any, Any, T], choice: str = "asyncio") -> T:
     """``asyncio.run(main)`` on the loop ``choice`` names."""
     with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
         return runner.run(main)

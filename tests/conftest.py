@@ -20,8 +20,8 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 if os.environ.get("BRIDGE_EVENT_LOOP", "").lower() == "uvloop":
-    # The in-process bridges of the tests run on uvloop too (``bridge serve`` processes
-    # the tests start run on it by default, whatever this says).
+    # The in-process bridges of the tests run on uvloop too; the ``bridge serve``
+    # processes the tests start inherit the variable and run on it as well.
 
     def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
         import uvloop
