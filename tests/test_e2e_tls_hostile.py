@@ -1,5 +1,5 @@
-"""Hostile and broken TLS clients against a real ``bridge serve`` process (on its
-default event loop, uvloop): bytes that are not TLS, garbage after a ClientHello, a
+"""Hostile and broken TLS clients against a real ``bridge serve`` process, on uvloop
+and on the standard library's loop: bytes that are not TLS, garbage after a ClientHello, a
 reset mid-handshake, a ClientHello sent a byte at a time. Every such connection is
 closed, the handshake timeout holds, the failures are in the audit trail, and the
 listener keeps serving."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import socket
 import ssl
 import struct
@@ -90,9 +89,11 @@ def _attacks(port: int) -> dict[str, bool]:
     return closed
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 async def test_hostile_handshakes_are_closed_audited_and_the_listener_serves(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str
 ) -> None:
+    monkeypatch.setenv("BRIDGE_EVENT_LOOP", loop)
     _, insurer_cfg = _insurer(tmp_path, handshake_timeout_seconds=0.5)
     insurer = await asyncio.to_thread(serve, insurer_cfg)
     store = tmp_path / "insurer-b" / "bridge.sqlite"
@@ -133,5 +134,4 @@ async def test_hostile_handshakes_are_closed_audited_and_the_listener_serves(
     assert counts.get("stalled") == 2 and counts.get("dropped") == 1, tls
     log = insurer.log_lines()
     assert not [line for line in log if "Traceback" in line]
-    expected = os.environ.get("BRIDGE_EVENT_LOOP", "uvloop") or "uvloop"
-    assert [line for line in log if f"event loop: {expected}" in line], log[:5]
+    assert [line for line in log if f"event loop: {loop}" in line], log[:5]
