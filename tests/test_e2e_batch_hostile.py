@@ -329,3 +329,46 @@ async def test_batches_from_callers_without_a_link_or_in_the_wrong_form(tmp_path
     finally:
         await asyncio.to_thread(insurer.stop)
     assert inbox_ids(off / "insurer-b" / "bridge.sqlite") == []
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    extension: dict[str, Any] = {"url": "urn:example:deep", "valueString": "v"}
+    for _ in range(levels):
+        extension = {"url": "urn:example:deep", "extension": [extension]}
+    return extension
+
+
+async def test_nesting_of_a_message_is_judged_as_alone(tmp_path: Path) -> None:
+    """The batch wraps each message three levels deeper: a message nested as deep as a
+    message alone may be is processed as it would be alone, beside its neighbours; one
+    nested deeper makes the batch body break I-JSON's bound (400 naming where)."""
+    _, insurer_cfg = _insurer(tmp_path, max_batch_entries=4)
+    insurer = await asyncio.to_thread(serve, insurer_cfg)
+    store = tmp_path / "insurer-b" / "bridge.sqlite"
+
+    def deep_claim(levels: int) -> dict[str, Any]:
+        claim = peer.claim()
+        claim["meta"] = {"extension": [_deep(levels)]}
+        return peer.sign(claim)
+
+    try:
+        peer = _peer(tmp_path, insurer_cfg)
+        with await call(peer.connect) as conn:
+            # The deepest nesting a message alone is taken with.
+            levels = 10
+            while (await call(peer.post_message, conn, deep_claim(levels + 1))).status == 200:
+                levels += 1
+            assert (await call(peer.post_message, conn, deep_claim(levels + 1))).status == 400
+            deepest, too_deep, good = deep_claim(levels), deep_claim(levels + 1), peer.signed_claim()
+            status, answer = await call(_post_batch, peer, conn, _batch([good, deepest]))
+            assert status == 200, answer
+            assert _statuses(answer) == [200, 200], answer
+            status, answer = await call(_post_batch, peer, conn, _batch([too_deep]))
+        assert status == 400, answer
+        assert _outcome(answer)[1][0].startswith("$.entry[0].resource.meta"), answer
+        held = set(inbox_ids(store))
+        assert {good["identifier"]["value"], deepest["identifier"]["value"]} <= held
+        assert too_deep["identifier"]["value"] not in held
+    finally:
+        await asyncio.to_thread(insurer.stop)
+    assert not [line for line in insurer.log_lines() if "Traceback" in line]

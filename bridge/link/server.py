@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bridge.batch import BatchEntry, encode_batch_response, read_batch
+from bridge.batch import ENTRY_DEPTH, BatchEntry, encode_batch_response, read_batch
 from bridge.compliance.agreements import check_link
 from bridge.config import ServerConfig
 from bridge.errors import (
@@ -70,7 +70,13 @@ from bridge.link.pull import PullAPI
 from bridge.link.witness import AuditExchangeAPI
 from bridge.logs import refusal_event
 from bridge.mapping import patient_identifiers
-from bridge.messages import check_addressing, check_envelope, collection_of, read_json
+from bridge.messages import (
+    MAX_NESTING,
+    check_addressing,
+    check_envelope,
+    collection_of,
+    read_json,
+)
 from bridge.policy.consent import PARTNER_SOURCE, parse_consent
 from bridge.policy.consent_rules import unbounded_permit
 from bridge.records.fhir import ValidationCache, validation_cache
@@ -497,7 +503,10 @@ class ReceiverApp:
                     "media type must be application/fhir+json", location="Content-Type"
                 )
             body = await read_body(request, server, limit=server.max_batch_bytes)
-            entries = read_batch(read_json(body), max_entries=server.max_batch_entries)
+            # The batch wraps each message three levels deeper: a message nested as deep
+            # as one alone may be is taken; one deeper makes the body deeper than this.
+            entries = read_batch(read_json(body, nesting=MAX_NESTING + ENTRY_DEPTH),
+                                 max_entries=server.max_batch_entries)
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject="batch")
         # Entries are processed concurrently, but two copies of one message identity
