@@ -34,6 +34,9 @@ MAX_ENTRIES = "maxEntries"
 MAX_BYTES = "maxBytes"
 # The byte cost of the batch wrapper around each message, with room for its extensions.
 ENTRY_OVERHEAD = 512
+#: Nesting levels the batch adds above each message (the Bundle, its entry list, the
+#: entry): a batch body may be nested this much deeper than a message alone.
+ENTRY_DEPTH = 3
 
 
 @dataclass(frozen=True)

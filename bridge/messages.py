@@ -114,19 +114,19 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def read_json(body: bytes) -> Any:
+def read_json(body: bytes, *, nesting: int = MAX_NESTING) -> Any:
     """Parse a request body as I-JSON (RFC 7493), or raise :class:`ParseError` (400).
 
     UTF-8 without lone surrogates, no member name twice in one object, nesting at most
-    :data:`MAX_NESTING`, integers within ±(2^53 - 1), no number beyond a double. These
-    are exactly the documents RFC 8785 canonicalises, so a message that passes here has
-    one signed form.
+    :data:`MAX_NESTING` (``nesting``: another bound, for a body that wraps messages),
+    integers within ±(2^53 - 1), no number beyond a double. These are exactly the
+    documents RFC 8785 canonicalises, so a message that passes here has one signed form.
     """
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ParseError(f"malformed JSON at byte {exc.pos}", location=f"body[{exc.pos}]") from None
-    keys = _shape_keys(value)
+    keys = _shape_keys(value, nesting)
     if b'"' in body and (keys is None or _member_names(body) != keys):
         # Some object lost a member to a repeated name (orjson keeps the last): read
         # again, slowly, to name it.
@@ -139,7 +139,7 @@ def read_json(body: bytes) -> Any:
                 raise
             raise ParseError("malformed JSON", location="body") from None
     if keys is None:
-        _check_shape(value)  # names where the shape fails
+        _check_shape(value, nesting)  # names where the shape fails
     return value
 
 
@@ -166,7 +166,7 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
 _STRUCTURE = bytes.maketrans(b"{}[]:,", b"      ")
 
 
-def _shape_keys(value: Any) -> int | None:
+def _shape_keys(value: Any, limit: int = MAX_NESTING) -> int | None:
     """The number of member names in ``value`` if its shape is within I-JSON's limits
     (nesting, integers), else None (then :func:`_check_shape` names the place).
 
@@ -177,17 +177,17 @@ def _shape_keys(value: Any) -> int | None:
     walked (:func:`_walk_shape_keys`); both give the same answer.
     """
     if not isinstance(value, (dict, list)):
-        return _walk_shape_keys(value)
+        return _walk_shape_keys(value, limit)
     try:
         out = orjson.dumps(value)
     except TypeError:
-        return _walk_shape_keys(value)
+        return _walk_shape_keys(value, limit)
     if b"\\" in out:
-        return _walk_shape_keys(value)
+        return _walk_shape_keys(value, limit)
     parts = out.split(b'"')
     between = b"".join(parts[::2])
     nesting = between.translate(_AS_BRACES, _NOT_BRACKETS)
-    for _ in range(MAX_NESTING):
+    for _ in range(limit):
         nesting = nesting.replace(b"{}", b"")
         if not nesting:
             break
@@ -202,7 +202,7 @@ def _shape_keys(value: Any) -> int | None:
     return sum(1 for after in parts[2::2] if after[:1] == b":")
 
 
-def _walk_shape_keys(value: Any) -> int | None:
+def _walk_shape_keys(value: Any, limit: int = MAX_NESTING) -> int | None:
     """:func:`_shape_keys` by walking the value."""
     keys = 0
     if not isinstance(value, (dict, list)):
@@ -210,7 +210,7 @@ def _walk_shape_keys(value: Any) -> int | None:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        if depth > MAX_NESTING:
+        if depth > limit:
             return None
         children = node.values() if isinstance(node, dict) else node
         if isinstance(node, dict):
@@ -224,20 +224,20 @@ def _walk_shape_keys(value: Any) -> int | None:
     return keys
 
 
-def _check_shape(value: Any) -> None:
+def _check_shape(value: Any, limit: int = MAX_NESTING) -> None:
     # Iterative: a document nested deeper than Python's recursion limit is refused here
     # with a 400, not failed later with a RecursionError.
     stack: list[tuple[Any, str, int]] = [(value, "$", 1)]
     while stack:
         node, path, depth = stack.pop()
         if isinstance(node, dict):
-            if depth > MAX_NESTING:
-                raise ParseError(f"nested deeper than {MAX_NESTING} levels", location=path)
+            if depth > limit:
+                raise ParseError(f"nested deeper than {limit} levels", location=path)
             stack.extend((v, f"{path}.{k}", depth + 1) for k, v in node.items()
                          if isinstance(v, (dict, list, int)))
         elif isinstance(node, list):
-            if depth > MAX_NESTING:
-                raise ParseError(f"nested deeper than {MAX_NESTING} levels", location=path)
+            if depth > limit:
+                raise ParseError(f"nested deeper than {limit} levels", location=path)
             stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node)
                          if isinstance(v, (dict, list, int)))
         elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > MAX_SAFE_INTEGER:

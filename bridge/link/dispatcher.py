@@ -47,6 +47,7 @@ from bridge.errors import (
     BridgeError,
     PartnerRejected,
     PolicyError,
+    SignatureError,
     TransportError,
     TrustError,
 )
@@ -55,7 +56,12 @@ from bridge.ledger.errors import TransitionError
 from bridge.ledger.states import next_attempt, should_give_up
 from bridge.link.circuit import Circuit, CircuitState
 from bridge.link.node import Controller, _decision_detail, resource_types
-from bridge.link.partner_http import RECEIPT_LIMIT, partner_session, read_answer
+from bridge.link.partner_http import (
+    RECEIPT_LIMIT,
+    PartnerAnswerRefused,
+    partner_session,
+    read_answer,
+)
 from bridge.logs import claim_event
 from bridge.trust.identity import certificate_identity, pinned
 from bridge.trust.jws import digest, payload_digests, sign_bundle
@@ -556,6 +562,8 @@ class Dispatcher:
         message_id = row.message_id
         try:
             receipt = orjson.loads(receipt_bytes)
+            if not isinstance(receipt, dict):
+                raise SignatureError("receipt is not a signed Bundle", location="receipt")
             verified = verify_receipt(
                 receipt,
                 c.keyring,
@@ -716,15 +724,29 @@ class Dispatcher:
                             resource: Any) -> None:
         """One entry of a batch-response, judged as the same answer to a request alone."""
         try:
-            if status == 200:
-                await self._acknowledge(row, payload, orjson.dumps(resource))
-                return
             body = orjson.dumps(resource) if resource is not None else b""
+            if len(body) > RECEIPT_LIMIT:
+                # As an answer of its own would be (PROTOCOL P-HTTP-6): the batch's bound
+                # is the sum, each entry still has a receipt's.
+                raise PartnerAnswerRefused(
+                    f"partner's answer is larger than {RECEIPT_LIMIT} bytes",
+                    location="batch-response", status=status, maybe_sent=True,
+                )
+            if status == 200:
+                await self._acknowledge(row, payload, body)
+                return
             remote_code = _remote_code(body)
             if status in (408, 409, 429) or status >= 500:
                 raise TransportError(
                     f"partner answered {status}", location="HTTP", status=status,
                     remote_code=remote_code, retry_after=None,
+                )
+            if not 400 <= status < 500:
+                # Neither a receipt nor a refusal (a 1xx, another 2xx, a 3xx): only a
+                # definitive 4xx rejects a claim; the partner may hold this one.
+                raise TransportError(
+                    f"partner answered the entry with {status}", location="batch-response",
+                    maybe_sent=True, status=status, remote_code=remote_code,
                 )
             raise PartnerRejected(
                 f"partner rejected the message with {status}", location="HTTP",
@@ -950,6 +972,13 @@ class Dispatcher:
             raise TransportError(
                 f"partner answered {status}", location="HTTP", status=status,
                 remote_code=remote_code, retry_after=retry_after,
+            )
+        if not 400 <= status < 500:
+            # Neither a receipt nor a refusal (a 201, a 202 of a server that queues):
+            # only a definitive 4xx rejects a claim; the partner may hold this one.
+            raise TransportError(
+                f"partner answered {status} without a receipt", location="HTTP",
+                maybe_sent=True, status=status, remote_code=remote_code,
             )
         raise PartnerRejected(
             f"partner rejected the message with {status}",

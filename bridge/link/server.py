@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bridge.batch import BatchEntry, encode_batch_response, read_batch
+from bridge.batch import ENTRY_DEPTH, BatchEntry, encode_batch_response, read_batch
 from bridge.compliance.agreements import check_link
 from bridge.config import ServerConfig
 from bridge.errors import (
@@ -70,7 +70,13 @@ from bridge.link.pull import PullAPI
 from bridge.link.witness import AuditExchangeAPI
 from bridge.logs import refusal_event
 from bridge.mapping import patient_identifiers
-from bridge.messages import check_addressing, check_envelope, collection_of, read_json
+from bridge.messages import (
+    MAX_NESTING,
+    check_addressing,
+    check_envelope,
+    collection_of,
+    read_json,
+)
 from bridge.policy.consent import PARTNER_SOURCE, parse_consent
 from bridge.policy.consent_rules import unbounded_permit
 from bridge.records.fhir import ValidationCache, validation_cache
@@ -497,21 +503,42 @@ class ReceiverApp:
                     "media type must be application/fhir+json", location="Content-Type"
                 )
             body = await read_body(request, server, limit=server.max_batch_bytes)
-            entries = read_batch(read_json(body), max_entries=server.max_batch_entries)
+            # The batch wraps each message three levels deeper: a message nested as deep
+            # as one alone may be is taken; one deeper makes the body deeper than this.
+            entries = read_batch(read_json(body, nesting=MAX_NESTING + ENTRY_DEPTH),
+                                 max_entries=server.max_batch_entries)
         except BridgeError as exc:
             return await self._refuse(exc, partner=partner.id, subject="batch")
-        answers = await asyncio.gather(
-            *(self._batch_entry(partner, link, entry) for entry in entries)
-        )
+        # Entries are processed concurrently, but two copies of one message identity
+        # in one batch are taken in order: the later copy is judged once the earlier
+        # one is settled, as if posted after it (its original receipt, or 422 for
+        # other content), never told that its own batch neighbour is in flight.
+        last: dict[str, asyncio.Task[web.Response]] = {}
+        tasks: list[asyncio.Task[web.Response]] = []
+        for entry in entries:
+            identity = _entry_identity(entry)
+            before = last.get(identity) if identity is not None else None
+            task = asyncio.ensure_future(self._batch_entry(partner, link, entry, after=before))
+            if identity is not None:
+                last[identity] = task
+            tasks.append(task)
+        answers = await asyncio.gather(*tasks)
         return web.Response(
             body=encode_batch_response([(a.status, a.body) for a in answers]),  # type: ignore[misc]
             content_type=FHIR_JSON,
         )
 
-    async def _batch_entry(self, partner: Partner, link: Any, entry: BatchEntry) -> web.Response:
+    async def _batch_entry(
+        self, partner: Partner, link: Any, entry: BatchEntry,
+        after: asyncio.Task[web.Response] | None = None,
+    ) -> web.Response:
         """One entry of a batch, answered as :meth:`process_message` would answer it
-        alone; a failure of this entry is this entry's answer only."""
+        alone; a failure of this entry is this entry's answer only. ``after``: an
+        earlier entry of the same identity, settled first."""
         from bridge.link.sync import read_sequence
+
+        if after is not None:
+            await asyncio.wait({after})
 
         where = f"Bundle.entry[{entry.index}]"
         try:
@@ -711,6 +738,15 @@ class ReceiverApp:
             )
         )
         return web.Response(body=existing.receipt, content_type=FHIR_JSON)
+
+
+def _entry_identity(entry: BatchEntry) -> str | None:
+    """The message identity a batch entry claims (``Bundle.identifier.value``), before
+    any check: only used to keep two copies of one identity in order."""
+    message = entry.message
+    ident = message.get("identifier") if isinstance(message, dict) else None
+    value = ident.get("value") if isinstance(ident, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def peer_gate(receiver: ReceiverApp) -> Any:
