@@ -371,12 +371,18 @@ def _copy_minimized(
                     continue
                 text = orjson.dumps(value)
                 if encoded is not None:
-                    rewritten = rewrite_references(text, encoded)
+                    # The rewrite reads every reference of what it writes.
+                    found: list[bytes] = []
+                    rewritten = rewrite_references(text, encoded, found)
                     if rewritten is None:
                         return None
                     text = rewritten
+                    if any(v[-1:] == b"\\" for v in found):
+                        found = _reference_values(text)
+                else:
+                    found = _reference_values(text)
                 resource = orjson.loads(text)
-                cache[id(resource)] = (resource, _decode_refs(_reference_values(text)))
+                cache[id(resource)] = (resource, _decode_refs(found))
                 new_entry[key] = resource
             ids_of = plan[n] if plan is not None else None
             if ids_of is not None:
