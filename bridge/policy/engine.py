@@ -636,16 +636,20 @@ def _special_classes(
     found: set[str] = set()
     classes_of = codes.classes_of
     if not skip:
-        # Most stays name no special disease: one pass over the JSON finds every code
-        # value, and none that could be special means nothing to walk.
+        # Most stays name no special disease: one pass over each resource's JSON finds
+        # every code value, and a resource with none that could be special has nothing
+        # to walk (most of a stay that does name one: its Patient, Coverage, ...).
         try:
-            text = orjson.dumps(list(resources))
+            texts = [orjson.dumps(resource) for resource in resources]
         except (TypeError, orjson.JSONEncodeError):
-            text = None
-        if text is not None and not any(
-            codes.may_name_a_class_text(raw) for raw in _code_values(text)
-        ):
-            return frozenset()
+            texts = None
+        if texts is not None:
+            resources = [
+                resource for resource, text in zip(resources, texts, strict=True)
+                if any(codes.may_name_a_class_text(raw) for raw in _code_values(text))
+            ]
+            if not resources:
+                return frozenset()
 
     def walk(node: Any) -> None:
         if type(node) is dict:
