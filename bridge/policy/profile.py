@@ -798,8 +798,12 @@ def reachable(
     entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
     index: dict[str, int] = {}
     for i, entry in enumerate(entries):
-        for k in _reference_keys([entry]):
-            index[k] = i
+        # The keys of _reference_keys, without a set per entry.
+        resource = entry.get("resource") or {}
+        if entry.get("fullUrl"):
+            index[str(entry["fullUrl"])] = i
+        if resource.get("id"):
+            index[f"{resource.get('resourceType')}/{resource['id']}"] = i
     edges: list[list[int]] = []
     for entry in entries:
         edges.append([index[r] for r in _refs_of(entry.get("resource"), refs) if r in index])
