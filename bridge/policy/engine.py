@@ -23,7 +23,6 @@ ask it again before dispatch, because a consent may be revoked while a message w
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
@@ -61,8 +60,8 @@ from bridge.policy.consent import (
 from bridge.policy.profile import (
     LinkProfile,
     RefCache,
+    code_values,
     drop_unreferenced,
-    member_values,
     omit_in_place,
 )
 from bridge.policy.transforms import DeidContext, person_key, pseudonymise_ids
@@ -294,12 +293,18 @@ def _run(
     period = data_period(collection)
     # Ids are pseudonymised while minimizing, except for an explanation, which reads the
     # trace by the input's ids.
-    minimized = profile.minimize(collection, key=key, pseudonymise=trace is None)
+    minimized = profile.minimize(collection, key=key, pseudonymise=trace is None,
+                                 read_codes=_may_send_department(profile))
     # Special-disease classes of the whole input, needed only when a department could
-    # leave with the stay (see below).
-    special_in = _special_classes(
-        [e.get("resource") for e in collection.get("entry") or () if isinstance(e, dict)], codes,
-    ) if _has_department(minimized.bundle) else frozenset()
+    # leave with the stay (see below). Minimizing read the input's codes: most stays
+    # name none that could be special, and then there is nothing to walk.
+    special_in: frozenset[str] = frozenset()
+    if _has_department(minimized.bundle):
+        texts = minimized.code_texts
+        if texts is None or any(codes.may_name_a_class_text(raw) for raw in texts):
+            special_in = _special_classes(
+                [e.get("resource") for e in collection.get("entry") or ()
+                 if isinstance(e, dict)], codes)
     bundle = minimized.bundle
     removed = list(minimized.removed)
     labels = label_bundle(bundle, codes=codes, types=profile.classes)
@@ -490,6 +495,12 @@ def _run(
     )
 
 
+def _may_send_department(profile: LinkProfile) -> bool:
+    """Can an Encounter leave this link with its ward or department?"""
+    rules = profile.rules("Encounter", True)
+    return rules is not None and any(d in rules for d in DEPARTMENT_ELEMENTS)
+
+
 def _has_department(bundle: dict[str, Any]) -> bool:
     return any(
         e["resource"].get("resourceType") == "Encounter"
@@ -615,17 +626,6 @@ def close_sequence_gaps(bundle: dict[str, Any]) -> None:
                         del item[pointer]
 
 
-# A code as orjson writes it (a Coding's "code" member, or any other "code"): a superset
-# of the codes a walk would look at, so a filter, never a decision.
-_CODE = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
-
-
-def _code_values(text: bytes) -> set[bytes]:
-    """The raw JSON text of every ``"code"`` member's string value in ``text`` (as
-    ``_CODE`` finds them, see :func:`member_values`)."""
-    return set(member_values(text, b'"code":"', _CODE))
-
-
 def _special_classes(
     resources: Sequence[Any],
     codes: SensitiveCodes,
@@ -646,7 +646,7 @@ def _special_classes(
         if texts is not None:
             resources = [
                 resource for resource, text in zip(resources, texts, strict=True)
-                if any(codes.may_name_a_class_text(raw) for raw in _code_values(text))
+                if any(codes.may_name_a_class_text(raw) for raw in code_values(text))
             ]
             if not resources:
                 return frozenset()
