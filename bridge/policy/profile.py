@@ -401,8 +401,6 @@ def _copy_minimized(
                     if rewritten is None:
                         return None
                     text = rewritten
-                    if any(v[-1:] == b"\\" for v in found):
-                        found = _reference_values(text)
                 else:
                     found = _reference_values(text)
                 resource = orjson.loads(text)

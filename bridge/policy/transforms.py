@@ -307,10 +307,8 @@ def rewrite_references(
     written with escapes: the caller walks the objects instead.
 
     ``found`` receives, in order, the JSON text of each ``reference`` member's value in
-    the result, so the caller need not split the result again. Text that merely holds
-    the words (never in orjson's output) adds what follows them up to the next quote;
-    a value that ends in a backslash is then the caller's cue to read the result with
-    the full pattern."""
+    the result, so the caller need not split the result again; text that merely holds
+    the words (never in orjson's output) then gives None too."""
     parts = text.split(_MEMBER)
     changed = False
     for i in range(1, len(parts)):
@@ -321,7 +319,7 @@ def rewrite_references(
         # quote is escaped): anything else is text that merely contains the words.
         if parts[i - 1][-1:] not in (b"{", b","):
             if found is not None:
-                found.append(value)
+                return None
             continue
         if b"\\" in value:
             return None
