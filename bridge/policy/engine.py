@@ -433,7 +433,7 @@ def _run(
         # What went with a held-back resource (its references) was held back too.
         extra = [p for p in cascade if p not in grade_paths]
         held_paths.extend(extra)
-        label_bundle(bundle, codes=codes, types=profile.classes)
+        labels = label_bundle(bundle, codes=codes, types=profile.classes)
         close_sequence_gaps(bundle)
     removed.extend(grade_paths)
 
@@ -450,14 +450,9 @@ def _run(
         pseudonymise_ids(bundle, DeidContext(key, _first_key(identifiers)))
 
     final_types = frozenset(str(e["resource"].get("resourceType")) for e in bundle["entry"])
-    categories = sorted(
-        {
-            c["code"]
-            for e in bundle["entry"]
-            for c in e["resource"].get("meta", {}).get("security", ())
-            if c.get("system") == CATEGORY_SYSTEM
-        }
-    )
+    # The category codes the labels wrote into meta.security (the labels are those of
+    # the bundle as it leaves: it is labelled again after anything is held back).
+    categories = sorted(frozenset().union(*(label.categories for label in labels)))
     for t, cid, path in decision.by_type:
         permits.setdefault((cid, path), None)
     by_id = {r.id: r for r in records}
