@@ -179,7 +179,10 @@ class _CollectorClock:
 
 
 def research_path(n: int) -> None:
-    """Records/s through de-identification and k-anonymity over persons."""
+    """Records/s through de-identification and k-anonymity over persons.
+
+    Every consent names every special-disease class: the research profile refuses a
+    stay whose every diagnosis consent holds back, and every record here is released."""
     from bridge.policy.research import ReleaseItem, age_at, anonymise
     from bridge.policy.transforms import person_key
 
@@ -196,7 +199,8 @@ def research_path(n: int) -> None:
         registry.put(build_consent(
             consent_id=f"r-{i}", patient_system=system, patient_value=value,
             recipient="research-c", purposes=["HRESCH"], start=NOW - timedelta(days=900),
-            end=NOW + timedelta(days=300), hospital_partner_id="hospital-a"),
+            end=NOW + timedelta(days=300), sensitive_classes=CLASSES,
+            hospital_partner_id="hospital-a"),
             now=NOW, trusted=True)
     gc.collect()
     gc.freeze()

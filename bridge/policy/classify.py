@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -204,6 +204,18 @@ def default_sensitive_codes() -> SensitiveCodes:
 # --- the classification scheme -------------------------------------------------------
 
 
+class PlainLabel(NamedTuple):
+    """What labelling gives a resource that nothing lifts (see :meth:`TypeClass.plain`):
+    its grade (also its own), confidentiality, categories (also its own, or the type's)
+    and the ``meta.security`` codes it writes, as (system, code) pairs."""
+
+    grade: int
+    confidentiality: str
+    categories: frozenset[str]
+    own_categories: frozenset[str]
+    security: tuple[tuple[str, str], ...]
+
+
 @dataclass(frozen=True)
 class ElementClass:
     """Grade and category of one element, and overrides for some of its children."""
@@ -264,6 +276,30 @@ class TypeClass:
             found = (top, frozenset(cats), tuple(slow))
             if len(self.shapes) < _SHAPES:  # the bound keeps odd input in check
                 self.shapes[keys] = found
+        return found
+
+    @cached_property
+    def plains(self) -> dict[tuple[str, ...], PlainLabel]:
+        """Per set of element names (as :attr:`shapes`), the label of a resource of that
+        shape that nothing lifts: no element needs its value read and no special-disease
+        code or inherited class. Such a label depends on the names alone."""
+        return {}
+
+    def plain(self, keys: tuple[str, ...]) -> PlainLabel:
+        """See :attr:`plains` (for a shape whose ``slow`` names are none)."""
+        found = self.plains.get(keys)
+        if found is None:
+            own_top, flat_cats, _ = self.shape(keys)
+            grade = own_top or self.grade
+            conf = confidentiality(grade)
+            categories = flat_cats - {""}
+            found = PlainLabel(
+                grade, conf, categories,
+                categories or frozenset({self.category}) - {""},
+                _security_codes(conf, grade, categories, frozenset()),
+            )
+            if len(self.plains) < _SHAPES:
+                self.plains[keys] = found
         return found
 
     def element(self, path: str) -> ElementClass:
@@ -592,7 +628,32 @@ def label_resource(
     top = 0
     # Elements without overrides below them are judged by name alone (what
     # _value_grade answers without descending), once per shape of resource.
-    own_top, flat_cats, slow = tc.shape(tuple(resource))
+    keys = tuple(resource)
+    own_top, flat_cats, slow = tc.shape(keys)
+    if not slow and not inherited:
+        # Most resources: only a special-disease code could lift them above what their
+        # element names say, and the label of those names is worked out once.
+        own_sensitive = inherited
+        for name in tc.sensitive_resource:
+            own_sensitive = own_sensitive | codes.classes_of_concept(resource.get(name))
+        if not own_sensitive:
+            plain = tc.plain(keys)
+            if write:
+                _write_security(resource, plain.security)
+            return ResourceLabel(
+                index=index,
+                resource_type=tc.resource_type,
+                id=resource.get("id") if isinstance(resource.get("id"), str) else None,
+                category=tc.category or None,
+                grade=plain.grade,
+                confidentiality=plain.confidentiality,
+                sensitive_classes=frozenset(),
+                categories=plain.categories,
+                own_categories=plain.own_categories,
+                own_sensitive=own_sensitive,
+                items=(),
+                own_grade=plain.grade,
+            )
     own_cats: set[str] = set(flat_cats)
     item_labels: list[ItemLabel] = []
     elements = tc.elements
@@ -620,7 +681,7 @@ def label_resource(
             continue
         g = _value_grade(node, value, own_cats)
         own_top = max(own_top, g)
-    own_sensitive: frozenset[str] = inherited
+    own_sensitive = inherited
     for name in tc.sensitive_resource:
         own_sensitive = own_sensitive | codes.classes_of_concept(resource.get(name))
     if own_sensitive:
@@ -630,20 +691,7 @@ def label_resource(
     categories = frozenset(own_cats).union(it.category for it in item_labels) - {""}
     conf = confidentiality(grade)
     if write:
-        meta = resource.get("meta")
-        if not isinstance(meta, dict):
-            meta = {}
-            resource["meta"] = meta
-        security = [
-            c
-            for c in meta.get("security") or ()
-            if not (isinstance(c, dict) and c.get("system") in _OWN_SYSTEMS)
-        ]
-        security.append({"system": CONFIDENTIALITY_SYSTEM, "code": conf})
-        security.append({"system": GRADE_SYSTEM, "code": str(grade)})
-        security.extend({"system": CATEGORY_SYSTEM, "code": c} for c in sorted(categories))
-        security.extend({"system": SENSITIVITY_SYSTEM, "code": c} for c in sorted(sensitive))
-        meta["security"] = security
+        _write_security(resource, _security_codes(conf, grade, categories, sensitive))
     return ResourceLabel(
         index=index,
         resource_type=tc.resource_type,
@@ -658,6 +706,34 @@ def label_resource(
         items=tuple(item_labels),
         own_grade=own_top or tc.grade,
     )
+
+
+def _security_codes(
+    conf: str, grade: int, categories: frozenset[str], sensitive: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    """The (system, code) pairs a label writes, in the order it writes them."""
+    return (
+        (CONFIDENTIALITY_SYSTEM, conf),
+        (GRADE_SYSTEM, str(grade)),
+        *((CATEGORY_SYSTEM, c) for c in sorted(categories)),
+        *((SENSITIVITY_SYSTEM, c) for c in sorted(sensitive)),
+    )
+
+
+def _write_security(resource: dict[str, Any], codes: tuple[tuple[str, str], ...]) -> None:
+    """Replace the codings of the label systems in ``meta.security`` with ``codes``
+    (codings of other systems are kept, first)."""
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        meta = {}
+        resource["meta"] = meta
+    security = [
+        c
+        for c in meta.get("security") or ()
+        if not (isinstance(c, dict) and c.get("system") in _OWN_SYSTEMS)
+    ]
+    security.extend([{"system": system, "code": code} for system, code in codes])
+    meta["security"] = security
 
 
 def label_bundle(

@@ -23,7 +23,6 @@ ask it again before dispatch, because a consent may be revoked while a message w
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
@@ -61,8 +60,8 @@ from bridge.policy.consent import (
 from bridge.policy.profile import (
     LinkProfile,
     RefCache,
+    code_values,
     drop_unreferenced,
-    member_values,
     omit_in_place,
 )
 from bridge.policy.transforms import DeidContext, person_key, pseudonymise_ids
@@ -294,12 +293,18 @@ def _run(
     period = data_period(collection)
     # Ids are pseudonymised while minimizing, except for an explanation, which reads the
     # trace by the input's ids.
-    minimized = profile.minimize(collection, key=key, pseudonymise=trace is None)
+    minimized = profile.minimize(collection, key=key, pseudonymise=trace is None,
+                                 read_codes=_may_send_department(profile))
     # Special-disease classes of the whole input, needed only when a department could
-    # leave with the stay (see below).
-    special_in = _special_classes(
-        [e.get("resource") for e in collection.get("entry") or () if isinstance(e, dict)], codes,
-    ) if _has_department(minimized.bundle) else frozenset()
+    # leave with the stay (see below). Minimizing read the input's codes: most stays
+    # name none that could be special, and then there is nothing to walk.
+    special_in: frozenset[str] = frozenset()
+    if _has_department(minimized.bundle):
+        texts = minimized.code_texts
+        if texts is None or any(codes.may_name_a_class_text(raw) for raw in texts):
+            special_in = _special_classes(
+                [e.get("resource") for e in collection.get("entry") or ()
+                 if isinstance(e, dict)], codes)
     bundle = minimized.bundle
     removed = list(minimized.removed)
     labels = label_bundle(bundle, codes=codes, types=profile.classes)
@@ -428,7 +433,7 @@ def _run(
         # What went with a held-back resource (its references) was held back too.
         extra = [p for p in cascade if p not in grade_paths]
         held_paths.extend(extra)
-        label_bundle(bundle, codes=codes, types=profile.classes)
+        labels = label_bundle(bundle, codes=codes, types=profile.classes)
         close_sequence_gaps(bundle)
     removed.extend(grade_paths)
 
@@ -445,14 +450,9 @@ def _run(
         pseudonymise_ids(bundle, DeidContext(key, _first_key(identifiers)))
 
     final_types = frozenset(str(e["resource"].get("resourceType")) for e in bundle["entry"])
-    categories = sorted(
-        {
-            c["code"]
-            for e in bundle["entry"]
-            for c in e["resource"].get("meta", {}).get("security", ())
-            if c.get("system") == CATEGORY_SYSTEM
-        }
-    )
+    # The category codes the labels wrote into meta.security (the labels are those of
+    # the bundle as it leaves: it is labelled again after anything is held back).
+    categories = sorted(frozenset().union(*(label.categories for label in labels)))
     for t, cid, path in decision.by_type:
         permits.setdefault((cid, path), None)
     by_id = {r.id: r for r in records}
@@ -488,6 +488,12 @@ def _run(
         items=tuple(dict.fromkeys(i for i in asked if verdict(i).permitted)),
         action=action,
     )
+
+
+def _may_send_department(profile: LinkProfile) -> bool:
+    """Can an Encounter leave this link with its ward or department?"""
+    rules = profile.rules("Encounter", True)
+    return rules is not None and any(d in rules for d in DEPARTMENT_ELEMENTS)
 
 
 def _has_department(bundle: dict[str, Any]) -> bool:
@@ -615,17 +621,6 @@ def close_sequence_gaps(bundle: dict[str, Any]) -> None:
                         del item[pointer]
 
 
-# A code as orjson writes it (a Coding's "code" member, or any other "code"): a superset
-# of the codes a walk would look at, so a filter, never a decision.
-_CODE = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
-
-
-def _code_values(text: bytes) -> set[bytes]:
-    """The raw JSON text of every ``"code"`` member's string value in ``text`` (as
-    ``_CODE`` finds them, see :func:`member_values`)."""
-    return set(member_values(text, b'"code":"', _CODE))
-
-
 def _special_classes(
     resources: Sequence[Any],
     codes: SensitiveCodes,
@@ -636,16 +631,20 @@ def _special_classes(
     found: set[str] = set()
     classes_of = codes.classes_of
     if not skip:
-        # Most stays name no special disease: one pass over the JSON finds every code
-        # value, and none that could be special means nothing to walk.
+        # Most stays name no special disease: one pass over each resource's JSON finds
+        # every code value, and a resource with none that could be special has nothing
+        # to walk (most of a stay that does name one: its Patient, Coverage, ...).
         try:
-            text = orjson.dumps(list(resources))
+            texts = [orjson.dumps(resource) for resource in resources]
         except (TypeError, orjson.JSONEncodeError):
-            text = None
-        if text is not None and not any(
-            codes.may_name_a_class_text(raw) for raw in _code_values(text)
-        ):
-            return frozenset()
+            texts = None
+        if texts is not None:
+            resources = [
+                resource for resource, text in zip(resources, texts, strict=True)
+                if any(codes.may_name_a_class_text(raw) for raw in code_values(text))
+            ]
+            if not resources:
+                return frozenset()
 
     def walk(node: Any) -> None:
         if type(node) is dict:

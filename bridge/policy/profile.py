@@ -83,6 +83,9 @@ class MinimizeResult:
     bundle: dict[str, Any]
     removed: list[str]
     transformed: list[str] = field(default_factory=list)
+    #: With ``read_codes``: the JSON text of every ``code`` member's string value in the
+    #: input's resources, and possibly more (see :func:`code_values`); None when unknown.
+    code_texts: set[bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,7 @@ class LinkProfile:
         key: bytes | None = None,
         copy: bool = True,
         pseudonymise: bool = True,
+        read_codes: bool = False,
     ) -> MinimizeResult:
         """Return a bundle holding only what this profile allows, transformed, and what
         was removed. The input is not changed unless ``copy=False`` (then it is reused).
@@ -245,6 +249,10 @@ class LinkProfile:
         A profile with keyed transforms needs ``key`` (ConfigError otherwise): the
         controller's de-identification key, never stored in the profile. With
         ``pseudonymise=False`` resource ids are left for the caller to replace last.
+
+        With ``read_codes`` the result also holds the codes of the input's resources
+        (``code_texts``), read off the text the copy is made from and off what pruning
+        left out, instead of writing the whole input out again.
         """
         ctx: DeidContext | None = None
         if self.needs_key:
@@ -256,7 +264,7 @@ class LinkProfile:
             ctx = DeidContext(check_key(key), _patient_key(bundle))
         early = pseudonymise and copy and self.ids == "pseudonym" and ctx is not None
         result = _minimize(self, bundle, ctx, transforms=True, copy=copy,
-                           ids=ctx if early else None)
+                           ids=ctx if early else None, read_codes=read_codes)
         if pseudonymise and not early and self.ids == "pseudonym" and ctx is not None:
             pseudonymise_ids(result.bundle, ctx)
         return result
@@ -288,7 +296,7 @@ def _patient_key(bundle: dict[str, Any]) -> str:
 
 def _minimize(
     profile: LinkProfile, work: dict[str, Any], ctx: DeidContext | None, *, transforms: bool,
-    copy: bool, ids: DeidContext | None = None,
+    copy: bool, ids: DeidContext | None = None, read_codes: bool = False,
 ) -> MinimizeResult:
     """Prune ``work`` to the profile, then (on a copy of what survived, with ``copy``)
     clean references and drop what is incomplete or unreferenced. Pruning only reads
@@ -296,7 +304,12 @@ def _minimize(
 
     With ``ids`` the copy is made with pseudonymous ids (one pass over the JSON text for
     both). What is then dropped goes with every reference to it, so the ids of what
-    remains, and the references between them, are what pseudonymising last would give."""
+    remains, and the references between them, are what pseudonymising last would give.
+
+    With ``read_codes`` every value of the input's resources that does not reach the copy
+    as it was (left out, transformed, replaced by an anchor, or in a resource of a type
+    not sent) is kept aside, under its member name, to read codes off."""
+    gone: list[Any] | None = [] if read_codes else None
     removed: list[str] = []
     transformed: list[str] = []
     out: dict[str, Any] = {}
@@ -319,6 +332,8 @@ def _minimize(
         if rules is None:
             removed.append(rtype)
             dropped.append(entry)
+            if gone is not None:
+                gone.append(resource)
             continue
         for key in entry:
             if key not in ("fullUrl", "resource"):
@@ -327,34 +342,43 @@ def _minimize(
         if "fullUrl" in entry:
             new_entry["fullUrl"] = entry["fullUrl"]
         pruned: dict[str, Any] = {k: resource[k] for k in _KEPT_FIRST if k in resource}
-        pruned.update(_prune(resource, rules, rtype, removed, transformed, ctx, ALWAYS_KEPT))
+        pruned.update(
+            _prune(resource, rules, rtype, removed, transformed, ctx, gone, ALWAYS_KEPT))
         if tf:
-            _anchor(pruned, profile.anchored.get(rtype, ()))
+            _anchor(pruned, profile.anchored.get(rtype, ()), gone)
         new_entry["resource"] = pruned
         entries.append(new_entry)
     out["entry"] = entries
     refs: RefCache = {}
+    code_texts: set[bytes] | None = set() if gone is not None and copy else None
     if copy:
-        copied = _copy_minimized(out, ids)
+        copied = _copy_minimized(out, ids, code_texts)
         if copied is None:
+            code_texts = None
             out = copy_json(out)
             if ids is not None:
                 pseudonymise_ids(out, ids)
         else:
             out, refs = copied
+    if code_texts is not None:
+        try:
+            code_texts |= code_values(orjson.dumps(gone))
+        except (TypeError, orjson.JSONEncodeError):
+            code_texts = None
     out = _settle(out, _reference_keys(dropped), removed, refs)
     removed.extend(drop_unreferenced(out, profile.focus, refs))
-    return MinimizeResult(out, _unique(removed), _unique(transformed))
+    return MinimizeResult(out, _unique(removed), _unique(transformed), code_texts)
 
 
 def _copy_minimized(
-    bundle: dict[str, Any], ids: DeidContext | None
+    bundle: dict[str, Any], ids: DeidContext | None, code_texts: set[bytes] | None = None
 ) -> tuple[dict[str, Any], RefCache] | None:
     """A deep copy of a pruned bundle (as :func:`copy_json` makes it), with ``ids``
     pseudonymous ids (as :func:`pseudonymise_ids` then makes them), and the references
     of each copied resource, read from the JSON text it was copied from rather than by
     writing it out again. None when the bundle is not plain JSON or a reference is
-    written with escapes (the caller copies and walks instead)."""
+    written with escapes (the caller copies and walks instead). ``code_texts`` receives
+    the code values of the copied resources (see :func:`code_values`)."""
     entries = bundle["entry"]
     mapping, plan = id_stand_ins(entries, ids) if ids is not None else ({}, None)
     encoded = encoded_stand_ins(mapping) if mapping else None
@@ -371,12 +395,18 @@ def _copy_minimized(
                     continue
                 text = orjson.dumps(value)
                 if encoded is not None:
-                    rewritten = rewrite_references(text, encoded)
+                    # The rewrite reads every reference of what it writes.
+                    found: list[bytes] = []
+                    rewritten = rewrite_references(text, encoded, found)
                     if rewritten is None:
                         return None
                     text = rewritten
+                else:
+                    found = _reference_values(text)
                 resource = orjson.loads(text)
-                cache[id(resource)] = (resource, _decode_refs(_reference_values(text)))
+                cache[id(resource)] = (resource, _decode_refs(found))
+                if code_texts is not None:
+                    code_texts.update(code_values(text))
                 new_entry[key] = resource
             ids_of = plan[n] if plan is not None else None
             if ids_of is not None:
@@ -392,11 +422,16 @@ def _copy_minimized(
     return out, cache
 
 
-def _anchor(resource: dict[str, Any], anchored: tuple[tuple[str, str], ...]) -> None:
-    """Put anchored transforms' values in place (see ``transforms.ANCHORED``)."""
+def _anchor(
+    resource: dict[str, Any], anchored: tuple[tuple[str, str], ...], gone: list[Any] | None
+) -> None:
+    """Put anchored transforms' values in place (see ``transforms.ANCHORED``); the values
+    they replace go to ``gone`` (see :func:`_minimize`)."""
     for element, source in anchored:
         if element not in resource:
             continue
+        if gone is not None:
+            gone.append({element: resource[element]})
         period = resource.get(source)
         anchor = (period.get("end") or period.get("start")) if isinstance(period, dict) else None
         if anchor:
@@ -437,9 +472,11 @@ def _prune(
     removed: list[str],
     transformed: list[str],
     ctx: DeidContext | None,
+    gone: list[Any] | None = None,
     skip: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """The allowed part of ``obj``. Values are shared, not copied: the caller owns them."""
+    """The allowed part of ``obj``. Values are shared, not copied: the caller owns them.
+    With ``gone``, every value left out or transformed goes there under its member name."""
     out: dict[str, Any] = {}
     for key, value in obj.items():
         if key in skip:
@@ -449,6 +486,8 @@ def _prune(
         rule = rules.get(base)
         if rule is None:
             removed.append(f"{path}.{base}")
+            if gone is not None:
+                gone.append({key: value})
             continue
         full, match, spec, sub = rule
         if match is not None and key == base:
@@ -458,10 +497,14 @@ def _prune(
                 if not match.admits(e):
                     what = e.get(match.field) if isinstance(e, dict) else None
                     removed.append(f"{full}[{match.field}={what}]")
+                    if gone is not None:
+                        gone.append({key: e})
             if not admitted:
                 continue
             value = admitted if isinstance(value, list) else admitted[0]
         if spec is not None:
+            if gone is not None:
+                gone.append({key: value})
             if key != base:
                 # Extensions of a transformed primitive could carry the original.
                 removed.append(f"{path}.{key}")
@@ -478,23 +521,29 @@ def _prune(
             continue
         if key != base:
             removed.append(f"{path}.{key}")
+            if gone is not None:
+                gone.append({key: value})
             continue
         if isinstance(value, list):
             items = [
-                _prune(item, sub, full, removed, transformed, ctx)
+                _prune(item, sub, full, removed, transformed, ctx, gone)
                 for item in value
                 if isinstance(item, dict)
             ]
+            if gone is not None and len(items) != len(value):
+                gone.append({key: [item for item in value if not isinstance(item, dict)]})
             # Items pruned to nothing go; their removed children are already listed.
             kept = [item for item in items if item]
             if kept:
                 out[key] = kept
         elif isinstance(value, dict):
-            pruned = _prune(value, sub, full, removed, transformed, ctx)
+            pruned = _prune(value, sub, full, removed, transformed, ctx, gone)
             if pruned:
                 out[key] = pruned
         else:
             removed.append(full)
+            if gone is not None:
+                gone.append({key: value})
     return out
 
 
@@ -774,6 +823,17 @@ def _reference_values(text: bytes) -> list[bytes]:
     return member_values(text, b'"reference":"', _REFERENCE)
 
 
+# A code as orjson writes it (a Coding's "code" member, or any other "code"): a superset
+# of the codes a walk would look at, so a filter, never a decision.
+_CODE = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
+
+
+def code_values(text: bytes) -> set[bytes]:
+    """The raw JSON text of every ``"code"`` member's string value in ``text`` (as
+    ``_CODE`` finds them, see :func:`member_values`)."""
+    return set(member_values(text, b'"code":"', _CODE))
+
+
 def _decode_refs(found: list[bytes]) -> list[str]:
     return [raw.decode() if b"\\" not in raw else orjson.loads(b'"' + raw + b'"')
             for raw in found]
@@ -792,8 +852,12 @@ def reachable(
     entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
     index: dict[str, int] = {}
     for i, entry in enumerate(entries):
-        for k in _reference_keys([entry]):
-            index[k] = i
+        # The keys of _reference_keys, without a set per entry.
+        resource = entry.get("resource") or {}
+        if entry.get("fullUrl"):
+            index[str(entry["fullUrl"])] = i
+        if resource.get("id"):
+            index[f"{resource.get('resourceType')}/{resource['id']}"] = i
     edges: list[list[int]] = []
     for entry in entries:
         edges.append([index[r] for r in _refs_of(entry.get("resource"), refs) if r in index])

@@ -299,26 +299,37 @@ def encoded_stand_ins(mapping: dict[str, str]) -> dict[bytes, bytes]:
     return {_json_text(k): _json_text(v) for k, v in mapping.items()}
 
 
-def rewrite_references(text: bytes, encoded: dict[bytes, bytes]) -> bytes | None:
+def rewrite_references(
+    text: bytes, encoded: dict[bytes, bytes], found: list[bytes] | None = None
+) -> bytes | None:
     """``text`` (JSON as orjson writes it) with every ``reference`` member's value that
     ``encoded`` names replaced (``text`` itself when none is). None when a reference is
-    written with escapes: the caller walks the objects instead."""
+    written with escapes: the caller walks the objects instead.
+
+    ``found`` receives, in order, the JSON text of each ``reference`` member's value in
+    the result, so the caller need not split the result again; text that merely holds
+    the words (never in orjson's output) then gives None too."""
     parts = text.split(_MEMBER)
     changed = False
     for i in range(1, len(parts)):
-        # A member name follows "{" or "," outside any string (inside a string every
-        # quote is escaped): anything else is text that merely contains the words.
-        if parts[i - 1][-1:] not in (b"{", b","):
-            continue
         part = parts[i]
         end = part.find(b'"')
         value = part[:end]
+        # A member name follows "{" or "," outside any string (inside a string every
+        # quote is escaped): anything else is text that merely contains the words.
+        if parts[i - 1][-1:] not in (b"{", b","):
+            if found is not None:
+                return None
+            continue
         if b"\\" in value:
             return None
         new = encoded.get(value)
         if new is not None:
             parts[i] = new + part[end:]
             changed = True
+            value = new
+        if found is not None:
+            found.append(value)
     return _MEMBER.join(parts) if changed else text
 
 
