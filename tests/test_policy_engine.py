@@ -123,9 +123,11 @@ def test_special_disease_held_back_without_explicit_consent(insurer: LinkProfile
     text = json.dumps(result.bundle, ensure_ascii=False)
     assert "B20.000" not in text and hiv_url not in text
     assert len(resources(result.bundle, "Condition")) == 3
-    # The claim keeps its other diagnoses; the one pointing at the held-back condition goes.
+    # The claim keeps its other diagnoses, numbered 1..n again (nothing marks the gap,
+    # P-MSG-10); the one pointing at the held-back condition goes.
     claim = resources(result.bundle, "Claim")[0]
-    assert [d["sequence"] for d in claim["diagnosis"]] == [1, 3, 4]
+    assert [d["sequence"] for d in claim["diagnosis"]] == [1, 2, 3]
+    assert hiv_url not in [d["diagnosisReference"]["reference"] for d in claim["diagnosis"]]
     assert {"Condition", "Claim.diagnosis", "Encounter.diagnosis"} <= set(result.held_back)
     assert "B20" not in json.dumps(result.held_back)
     validate_resource(result.bundle)
