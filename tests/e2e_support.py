@@ -6,7 +6,10 @@ mutual-TLS listener, configured through real TOML files and a real development P
 
 from __future__ import annotations
 
+import os
 import ssl
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -162,3 +165,22 @@ def special_as_secondary(record: dict[str, Any]) -> dict[str, Any]:
     out["groups"]["diagnoses"].insert(
         0, {"HDSD00.11.023": "K80.200", "HDSD00.11.024": "胆囊结石", "HDSD00.11.025": "1"})
     return out
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``bridge ARGS`` as its own process, as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True,
+                          text=True, timeout=120, check=False, env={**os.environ, **(env or {})})
+
+
+def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``bridge serve`` as its own process, its log appended to ``log``; returns once it
+    says ``ready``."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+                                stdout=subprocess.PIPE, stderr=out,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith(b"ready "), log.read_text(encoding="utf-8")
+    return proc

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import ALL_CLASSES, consent_for, make_workdir, set_toml_keys
+from e2e_support import ALL_CLASSES, cli, consent_for, make_workdir, serve, set_toml_keys
 from handoff_support import fast_hospital
 
 from bridge.config import load_config
@@ -222,20 +220,6 @@ def cases() -> list[Case]:
 # --- the processes ----------------------------------------------------------------------
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True,
-                          text=True, timeout=120, check=False)
-
-
-def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bridge", "serve", "--config", str(config)],
-                                stdout=subprocess.PIPE, stderr=out,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith(b"ready "), log.read_text(encoding="utf-8")
-    return proc
 
 
 @dataclass

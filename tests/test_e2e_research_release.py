@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import consent_for, make_workdir
+from e2e_support import cli, consent_for, make_workdir, serve
 
 from bridge.demo import HOSPITAL, free_port
 from bridge.samples import inpatient_records
@@ -130,20 +128,6 @@ def batch() -> tuple[list[Person], list[dict[str, Any]], list[str]]:
 # --- the processes ------------------------------------------------------------------------
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True,
-                          text=True, timeout=120, check=False, env={**os.environ, **(env or {})})
-
-
-def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bridge", "serve", "--config", str(config)],
-                                stdout=subprocess.PIPE, stderr=out,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith(b"ready "), log.read_text(encoding="utf-8")
-    return proc
 
 
 def research_partner(root: Path, port: int) -> Path:

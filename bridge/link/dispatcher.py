@@ -735,23 +735,7 @@ class Dispatcher:
             if status == 200:
                 await self._acknowledge(row, payload, body)
                 return
-            remote_code = _remote_code(body)
-            if status in (408, 409, 429) or status >= 500:
-                raise TransportError(
-                    f"partner answered {status}", location="HTTP", status=status,
-                    remote_code=remote_code, retry_after=None,
-                )
-            if not 400 <= status < 500:
-                # Neither a receipt nor a refusal (a 1xx, another 2xx, a 3xx): only a
-                # definitive 4xx rejects a claim; the partner may hold this one.
-                raise TransportError(
-                    f"partner answered the entry with {status}", location="batch-response",
-                    maybe_sent=True, status=status, remote_code=remote_code,
-                )
-            raise PartnerRejected(
-                f"partner rejected the message with {status}", location="HTTP",
-                status=status, remote_code=remote_code, body=body,
-            )
+            raise _answer_error(status, body, retry_after=None, where="batch-response")
         except Exception as raw:  # noqa: BLE001 - classified in _settle_failure
             await self._settle_failure(row, raw, probe=False)
 
@@ -967,26 +951,30 @@ class Dispatcher:
             raise classified from None
         if status == 200:
             return body
-        remote_code = _remote_code(body)
-        if status in (408, 409, 429) or status >= 500:
-            raise TransportError(
-                f"partner answered {status}", location="HTTP", status=status,
-                remote_code=remote_code, retry_after=retry_after,
-            )
-        if not 400 <= status < 500:
-            # Neither a receipt nor a refusal (a 201, a 202 of a server that queues):
-            # only a definitive 4xx rejects a claim; the partner may hold this one.
-            raise TransportError(
-                f"partner answered {status} without a receipt", location="HTTP",
-                maybe_sent=True, status=status, remote_code=remote_code,
-            )
-        raise PartnerRejected(
-            f"partner rejected the message with {status}",
-            location="HTTP",
-            status=status,
-            remote_code=remote_code,
-            body=body,
+        raise _answer_error(status, body, retry_after=retry_after, where="HTTP")
+
+
+def _answer_error(status: int, body: bytes, *, retry_after: float | None,
+                  where: str) -> BridgeError:
+    """What a non-200 answer to one message means for it (PROTOCOL §7, §8), whether it
+    answered a request alone or an entry of a batch (``where`` names which)."""
+    remote_code = _remote_code(body)
+    if status in (408, 409, 429) or status >= 500:
+        return TransportError(
+            f"partner answered {status}", location="HTTP", status=status,
+            remote_code=remote_code, retry_after=retry_after,
         )
+    if not 400 <= status < 500:
+        # Neither a receipt nor a refusal (a 1xx, a 201, a 202 of a server that queues,
+        # a 3xx): only a definitive 4xx rejects a claim; the partner may hold this one.
+        return TransportError(
+            f"partner answered {status} without a receipt", location=where,
+            maybe_sent=True, status=status, remote_code=remote_code,
+        )
+    return PartnerRejected(
+        f"partner rejected the message with {status}", location="HTTP",
+        status=status, remote_code=remote_code, body=body,
+    )
 
 
 def _remote_code(body: bytes) -> str | None:
