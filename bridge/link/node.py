@@ -38,6 +38,7 @@ from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditEntry, AuditRecord, patient_pseudonym
 from bridge.ledger.identity import link_pseudonyms, links_since
+from bridge.link.clearance import Clearance
 from bridge.link.store import AsyncStore
 from bridge.logs import event, refusal_event
 from bridge.mapping import map_record, patient_identifiers
@@ -244,6 +245,10 @@ class Controller:
         # The digests of what each message this process signed covers, by its signature
         # (see :meth:`request_digests`); the oldest are forgotten first.
         self._signed_digests: dict[str, frozenset[str]] = {}
+        # What each message's consent decision at enqueue rested on, by its signature,
+        # so that dispatch need not ask again when none of it changed (see
+        # bridge/link/clearance.py); the oldest are forgotten first.
+        self._clearances: dict[str, Clearance] = {}
 
     # --- helpers -------------------------------------------------------------------
 
@@ -567,6 +572,11 @@ class Controller:
             now=now,
         )
         self._remember_digests(signed, digests)
+        if result.decision.override is None and self.deid_keys.get(link.id) is None:
+            self._remember_clearance(signed, Clearance.at_enqueue(
+                registry=self.consents_for(link), profile=self.profiles[link.id],
+                identifiers=patient_identifiers(result.bundle),
+                decided_at=result.decision.decided_at))
         return signed, Submitted(
             message_id=message_id,
             link=link.id,
@@ -581,6 +591,11 @@ class Controller:
         if len(self._signed_digests) >= _SIGNED_DIGESTS_MAX:
             del self._signed_digests[next(iter(self._signed_digests))]
         self._signed_digests[signed["signature"]["data"]] = digests
+
+    def _remember_clearance(self, signed: dict[str, Any], clearance: Clearance) -> None:
+        if len(self._clearances) >= _SIGNED_DIGESTS_MAX:
+            del self._clearances[next(iter(self._clearances))]
+        self._clearances[signed["signature"]["data"]] = clearance
 
     def request_digests(self, payload: dict[str, Any]) -> frozenset[str]:
         """:func:`payload_digests` of a stored signed message, the digests its receipt may
@@ -756,14 +771,23 @@ class Controller:
         survives a restart. A consent narrowed meanwhile to exclude a special-disease
         class stops a message that carries that class.
         """
-        check_link(self.config, link, self.clock(), resource_types=resource_types(payload))
+        now = self.clock()
+        check_link(self.config, link, now, resource_types=resource_types(payload))
+        registry, profile = self.consents_for(link), self.profiles[link.id]
+        signature = payload.get("signature")
+        data = signature.get("data") if isinstance(signature, dict) else None
+        cleared = self._clearances.pop(data, None) if isinstance(data, str) else None
+        if cleared is not None and cleared.holds(registry=registry, profile=profile, now=now):
+            # Nothing the enqueue answer rested on has changed: the same question gets
+            # the same answer. Asked once per message: a retry or resend asks in full.
+            return
         recheck_collection(
             collection_of(payload),
-            registry=self.consents_for(link),
-            profile=self.profiles[link.id],
+            registry=registry,
+            profile=profile,
             recipient=link.partner,
             purpose=link.purpose,
-            now=self.clock(),
+            now=now,
         )
 
     async def close(self) -> None:

@@ -1,0 +1,88 @@
+"""When the consent question asked at dispatch is sure to get the answer it got at enqueue.
+
+Every claim is asked its consent question twice: when it is queued (``apply_policy``
+decides what may go) and again when it is dispatched (``recheck_collection`` asks it
+from the signed payload), so that a consent revoked, narrowed or expired while the claim
+waited stops it. The second answer can only differ from the first when something the
+answer depends on has changed in between:
+
+- the consents that concern the patient: any ``put`` (an amendment, a revocation, a new
+  consent) replaces a registry record with a new object, and a patient identifier
+  linked meanwhile brings in the consents filed under it;
+- the instant: a consent or one of its nested provisions starts or ends between the two
+  questions (expiry, a deny provision that takes effect later, a link's cap on
+  open-ended consents, all of which are periods on the records);
+- the registry or the link profile the question is asked against (configuration reload).
+
+A :class:`Clearance` records these at enqueue for the message this process signed, and
+:meth:`Clearance.holds` says whether all of them are unchanged at dispatch. When it
+does, the dispatch answer is the enqueue answer and the question need not be asked
+again; otherwise (or for a message this process did not queue: after a restart, on a
+resend) it is asked in full. The period test is conservative: a consent that ends
+exactly at dispatch is asked again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from bridge.policy.consent import ConsentRecord, ConsentRegistry, Provision
+from bridge.policy.profile import LinkProfile
+
+
+def _provisions(root: Provision) -> Iterable[Provision]:
+    stack = [root]
+    while stack:
+        prov = stack.pop()
+        yield prov
+        stack.extend(prov.children)
+
+
+def next_change(records: Iterable[ConsentRecord], after: datetime) -> datetime | None:
+    """The first instant after ``after`` at which any of these consents, or any of their
+    provisions, starts or ends (None: none does)."""
+    first: datetime | None = None
+    for record in records:
+        for prov in _provisions(record.provision):
+            if prov.period is None:
+                continue
+            for instant in prov.period:
+                if instant is not None and instant > after and (first is None or instant < first):
+                    first = instant
+    return first
+
+
+@dataclass(frozen=True, slots=True)
+class Clearance:
+    """What one message's consent decision at enqueue rested on (see the module text)."""
+
+    registry: ConsentRegistry
+    profile: LinkProfile
+    identifiers: tuple[tuple[str, str], ...]
+    records: tuple[ConsentRecord, ...]
+    decided_at: datetime
+    until: datetime | None
+
+    @classmethod
+    def at_enqueue(cls, *, registry: ConsentRegistry, profile: LinkProfile,
+                   identifiers: Sequence[tuple[str, str]], decided_at: datetime) -> Clearance:
+        records = tuple(registry.for_patient(identifiers))
+        return cls(registry, profile, tuple(identifiers), records, decided_at,
+                   next_change(records, decided_at))
+
+    def holds(self, *, registry: ConsentRegistry, profile: LinkProfile, now: datetime) -> bool:
+        """Would the consent question asked now get the enqueue answer? (The caller
+        finds the clearance by the message's signature, so the payload is the one
+        cleared.)"""
+        if registry is not self.registry or profile is not self.profile:
+            return False
+        if now < self.decided_at or (self.until is not None and now >= self.until):
+            return False
+        current = registry.for_patient(self.identifiers)
+        return len(current) == len(self.records) and all(
+            a is b for a, b in zip(current, self.records, strict=True))
+
+
+__all__ = ["Clearance", "next_change"]

@@ -1,0 +1,248 @@
+"""The consent question at dispatch (P-CON re-check): a message this process queued is
+sent without asking again only when nothing the enqueue answer rested on has changed.
+Whatever changed between enqueue and dispatch (a revocation, a narrowing, a new consent
+with a deny provision, the end of a consent's period, a deny provision taking effect
+later, an identifier linked to a patient with a restricting consent) still stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from e2e_support import consent_for, make_workdir, patient_id
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bridge.config import load_config
+from bridge.errors import ConsentDenied, PolicyError
+from bridge.link.clearance import next_change
+from bridge.link.node import Controller
+from bridge.messages import collection_of
+from bridge.policy.consent import ConsentRegistry, build_consent, deny_provision, parse_consent
+from bridge.policy.engine import recheck_collection
+from bridge.samples import inpatient_records
+
+LINK = "claims-to-insurer-b"
+RECORD_NO = "urn:oid:2.16.156.10011.1.13"  # 病案号
+T0 = datetime.now(UTC).replace(microsecond=0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Controller, Clock]]:
+    hospital_cfg, _ = make_workdir(tmp_path_factory.mktemp("clearance"))
+    clock = Clock()
+    controller = Controller(load_config(hospital_cfg), clock=clock)
+    yield controller, clock
+    asyncio.run(controller.close())
+
+
+def fresh(controller: Controller, clock: Clock, *consents: dict[str, Any]) -> None:
+    """An empty registry (through the controller's own consent path) holding ``consents``."""
+    clock.now = T0
+    controller.consents = ConsentRegistry(controller.identity)
+    controller.link_consents = {}
+    for consent in consents:
+        controller.consents.put(consent, now=T0)
+
+
+def ordinary(seed: int) -> dict[str, Any]:
+    """A record whose claim goes under a consent naming no special-disease class."""
+    record = copy.deepcopy(inpatient_records(1, seed=seed)[0])
+    for diagnosis in record["groups"].get("diagnoses", []):
+        for key in list(diagnosis):
+            if key.endswith((".023", ".020")):
+                diagnosis[key] = "K80.200"
+    return record
+
+
+def consent(record: dict[str, Any], *, consent_id: str = "c-1", end: timedelta = timedelta(days=30),
+            provisions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    system, value = patient_id(record)
+    out = build_consent(
+        consent_id=consent_id, patient_system=system, patient_value=value,
+        recipient="insurer-b", purposes=["HPAYMT"], start=T0 - timedelta(days=1),
+        end=T0 + end, sensitive_classes=(), hospital_partner_id="hospital-a")
+    if provisions:
+        out["provision"]["provision"] = provisions
+    return out
+
+
+def queued(controller: Controller, record: dict[str, Any]) -> dict[str, Any]:
+    signed, _ = controller.prepare(record, LINK)
+    return signed
+
+
+def dispatch(controller: Controller, signed: dict[str, Any]) -> None:
+    controller.recheck_consent(signed, controller.outbound_link(LINK))
+
+
+def test_unchanged_consent_is_not_asked_twice_and_still_passes(hospital: Any) -> None:
+    controller, clock = hospital
+    record = ordinary(1)
+    fresh(controller, clock, consent(record))
+    signed = queued(controller, record)
+    assert controller._clearances  # the enqueue answer was recorded
+    clock.now = T0 + timedelta(minutes=5)
+    dispatch(controller, signed)
+    # Asked once: a second dispatch (a retry) asks in full, and still passes.
+    assert signed["signature"]["data"] not in controller._clearances
+    dispatch(controller, signed)
+
+
+def test_revocation_between_enqueue_and_dispatch_stops_it(hospital: Any) -> None:
+    controller, clock = hospital
+    record = ordinary(2)
+    fresh(controller, clock, consent(record))
+    signed = queued(controller, record)
+    revoked = consent(record)
+    revoked["status"] = "inactive"
+    controller.consents.put(revoked, now=T0)
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, signed)
+
+
+def test_a_new_consent_with_a_deny_provision_stops_it(hospital: Any) -> None:
+    controller, clock = hospital
+    record = ordinary(3)
+    fresh(controller, clock, consent(record))
+    signed = queued(controller, record)
+    controller.consents.put(
+        consent(record, consent_id="c-deny", provisions=[deny_provision(resource_types=["Claim"])]),
+        now=T0)
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, signed)
+
+
+def test_the_end_of_the_consent_period_stops_it(hospital: Any) -> None:
+    controller, clock = hospital
+    record = ordinary(4)
+    fresh(controller, clock, consent(record, end=timedelta(hours=1)))
+    signed = queued(controller, record)
+    clock.now = T0 + timedelta(hours=2)
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, signed)
+
+
+def test_a_deny_provision_taking_effect_later_stops_it(hospital: Any) -> None:
+    controller, clock = hospital
+    record = ordinary(5)
+    later = (T0 + timedelta(hours=1)).isoformat(), (T0 + timedelta(days=9)).isoformat()
+    fresh(controller, clock, consent(
+        record, provisions=[deny_provision(resource_types=["Claim"], period=later)]))
+    signed = queued(controller, record)
+    clock.now = T0 + timedelta(minutes=30)
+    dispatch(controller, signed)  # before the restriction: still sent
+    fresh(controller, clock, consent(
+        record, provisions=[deny_provision(resource_types=["Claim"], period=later)]))
+    signed = queued(controller, record)
+    clock.now = T0 + timedelta(hours=2)
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, signed)
+
+
+def test_an_identifier_linked_meanwhile_brings_its_consents_in(hospital: Any) -> None:
+    """A consent filed under another of the patient's numbers, with a deny provision,
+    counts from the moment the hospital's records link that number to the patient."""
+    controller, clock = hospital
+    record = ordinary(8)
+    other = copy.deepcopy(record)
+    other["elements"]["HDSD00.11.006"] = "MRN-LINKED-LATER"  # 病案号 of the same person
+    fresh(controller, clock, consent(record), build_consent(
+        consent_id="c-other-number", patient_system=RECORD_NO, patient_value="MRN-LINKED-LATER",
+        recipient="insurer-b", purposes=["HPAYMT"], start=T0 - timedelta(days=1),
+        end=T0 + timedelta(days=30), hospital_partner_id="hospital-a") | {
+            "provision": consent(record, provisions=[
+                deny_provision(resource_types=["Claim"])])["provision"]})
+    signed = queued(controller, record)
+    dispatch(controller, queued(controller, record))  # not linked yet: it goes
+    _, group = controller._mapped_and_unlinked(other)
+    assert group
+    controller.identity.link(group)
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, signed)
+
+
+def test_a_clock_set_back_asks_again(hospital: Any) -> None:
+    controller, clock = hospital
+    record = ordinary(6)
+    fresh(controller, clock, consent(record))
+    clock.now = T0 + timedelta(days=2)
+    signed = queued(controller, record)
+    clock.now = T0 - timedelta(days=2)  # before the consent starts
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, signed)
+
+
+def test_next_change_is_the_first_start_or_end_after_the_decision() -> None:
+    record = ordinary(7)
+    starts = (T0 + timedelta(hours=3)).isoformat(), (T0 + timedelta(days=9)).isoformat()
+    parsed = parse_consent(consent(record, end=timedelta(days=4), provisions=[
+        deny_provision(resource_types=["Claim"], period=starts)]))
+    assert next_change([parsed], T0) == T0 + timedelta(hours=3)
+    assert next_change([parsed], T0 + timedelta(hours=4)) == T0 + timedelta(days=4)
+    assert next_change([parsed], T0 + timedelta(days=5)) == T0 + timedelta(days=9)
+    assert next_change([parsed], T0 + timedelta(days=10)) is None
+
+
+KINDS = ["no-classes", "all-classes", "deny-procedures", "deny-later", "deny-now", "short"]
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 20_000), st.sampled_from(KINDS),
+       st.integers(0, 72).map(lambda h: timedelta(hours=h)))
+def test_dispatch_answer_equals_a_full_recheck(
+    hospital: Any, seed: int, kind: str, wait: timedelta,
+) -> None:
+    """Property: for generated records, consents and waits, the dispatch answer (with the
+    enqueue clearance) equals the answer of the consent question asked in full from the
+    payload; at the instant of enqueue the full question always passes."""
+    controller, clock = hospital
+    record = inpatient_records(1, seed=seed)[0]
+    window = (T0 + timedelta(hours=24)).isoformat(), (T0 + timedelta(hours=48)).isoformat()
+    provisions = {
+        "deny-procedures": [deny_provision(resource_types=["Procedure"])],
+        "deny-later": [deny_provision(resource_types=["Claim"], period=window)],
+        "deny-now": [deny_provision(resource_types=["Encounter"])],
+    }.get(kind)
+    if kind == "all-classes":
+        resource = consent_for(record, consent_id="c-all")
+    else:
+        resource = consent(record, provisions=provisions,
+                           end=timedelta(hours=12) if kind == "short" else timedelta(days=30))
+    fresh(controller, clock, resource)
+    try:
+        signed = queued(controller, record)
+    except PolicyError:
+        return
+
+    def full(now: datetime) -> bool:
+        try:
+            recheck_collection(collection_of(signed), registry=controller.consents_for(
+                controller.outbound_link(LINK)), profile=controller.profiles[LINK],
+                recipient="insurer-b", purpose="HPAYMT", now=now)
+        except ConsentDenied:
+            return False
+        return True
+
+    assert full(T0)
+    clock.now = T0 + wait
+    expected = full(clock.now)
+    try:
+        dispatch(controller, signed)
+        got = True
+    except ConsentDenied:
+        got = False
+    assert got == expected
