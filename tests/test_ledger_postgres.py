@@ -30,7 +30,7 @@ from bridge.config import load_config
 from bridge.errors import ConfigError, StoreError
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditEntry, AuditRecord
-from bridge.ledger.postgres import PostgresStore
+from bridge.ledger.postgres import OWNER_GRACE, PostgresStore
 
 T0 = datetime(2026, 3, 1, 0, 30, tzinfo=UTC)
 WORKERS = 4
@@ -151,6 +151,28 @@ def test_concurrent_claims_take_every_message_exactly_once(
     # The work was shared: more than one worker claimed something.
     assert sum(1 for batch in taken if batch) > 1
     assert stores[0].verify_audit().count == 2 * total
+
+
+def test_a_claim_goes_first_to_the_process_that_queued_it(stores: list[PostgresStore]) -> None:
+    """A process running the link's dispatcher keeps the claims it queued for
+    OWNER_GRACE; after that, or for claims queued by a process that dispatches nothing
+    (the CLI), any process takes them, and none is taken twice."""
+    owner, other, cli = stores[0], stores[1], stores[2]
+    owner.dispatch_here("a-to-b")
+    other.dispatch_here("a-to-b")
+    for k in range(3):
+        owner.enqueue(message_id=f"own{k}", link="a-to-b", partner="insurer-b", payload=b"p",
+                      digest="d", audit=rec("claim.enqueue", f"own{k}"), now=T0)
+    cli.enqueue(message_id="cli0", link="a-to-b", partner="insurer-b", payload=b"p",
+                digest="d", audit=rec("claim.enqueue", "cli0"), now=T0)
+    soon = T0 + timedelta(milliseconds=500)
+    assert [r.message_id for r in other.claim_due("a-to-b", now=soon)] == ["cli0"]
+    assert [r.message_id for r in owner.claim_due("a-to-b", now=soon, limit=1)] == ["own0"]
+    # The owner has not come back for the rest within the grace: any process takes them.
+    late = T0 + OWNER_GRACE + timedelta(milliseconds=1)
+    assert [r.message_id for r in other.claim_due("a-to-b", now=late)] == ["own1", "own2"]
+    assert owner.claim_due("a-to-b", now=late) == []
+    assert all(r.attempts == 1 for r in owner.list_outbox("a-to-b", limit=10))
 
 
 def test_concurrent_audit_appends_from_several_stores_form_one_chain(

@@ -445,6 +445,14 @@ CREATE TABLE IF NOT EXISTS store_restore (
 );
 """,
     ),
+    # The process that queued a claim, when it dispatches that link itself: others
+    # leave the claim to it for a moment (bridge.ledger.postgres, OWNER_GRACE). One
+    # SQLite file has one dispatching process, so SQLite records nothing.
+    Migration(
+        name="1502-outbox-owner",
+        sqlite="",
+        postgres="ALTER TABLE outbox ADD COLUMN IF NOT EXISTS enqueued_by TEXT;",
+    ),
 )
 
 

@@ -26,6 +26,17 @@ Claims across processes: ``FOR UPDATE SKIP LOCKED``
     ``outbox.claimed_by`` (``worker_id``) for operators; the lease, not the name,
     decides who may claim next, exactly as in SQLite.
 
+A claim goes first to the process that queued it
+    The process that prepared a claim holds what its dispatch needs in memory (the
+    digests its receipt must name, the consent decision it was queued under), so it
+    sends that claim most cheaply; another process would compute them again. A process
+    that runs the dispatcher of a link (:meth:`PostgresStore.dispatch_here`) writes its
+    ``worker_id`` into ``outbox.enqueued_by`` of the claims it queues on that link, and
+    other processes leave such a claim alone for :data:`OWNER_GRACE` after it falls
+    due. After that anyone takes it: its owner may have stopped, or be busier than the
+    others. A claim queued by a process that dispatches nothing (the CLI) has no owner
+    and is anyone's at once.
+
 Gapless sequence numbers: a counter row per link
     A PostgreSQL ``SEQUENCE`` is not transactional (a rolled-back insert leaves a hole)
     and ``max(seq) + 1`` races between processes. ``enqueue`` instead increments
@@ -349,6 +360,10 @@ def _connect_problem(exc: psycopg.Error) -> str:
     return re.sub(r"\s+", " ", reason.replace("FATAL:", "")).strip()
 
 
+#: How long a due claim is left to the process that queued it (see the module docstring).
+OWNER_GRACE = timedelta(seconds=2)
+
+
 def default_worker_id() -> str:
     """``host:pid:random`` — unique per store instance, readable in ``pg_stat_activity``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -375,6 +390,8 @@ class PostgresStore:
         self.dsn = dsn
         self.schema = schema
         self.worker_id = worker_id or default_worker_id()
+        #: Links whose dispatcher runs in this process (see :meth:`dispatch_here`).
+        self._dispatching: set[str] = set()
         self.location = f"postgresql schema {schema}"
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
@@ -622,6 +639,11 @@ class PostgresStore:
 
     # --- outbox ---------------------------------------------------------------------
 
+    def dispatch_here(self, link: str) -> None:
+        """This process runs ``link``'s dispatcher: the claims it queues on that link go
+        to it first (see the module docstring)."""
+        self._dispatching.add(link)
+
     def enqueue(
         self,
         *,
@@ -663,14 +685,15 @@ class PostgresStore:
                         "  INSERT INTO outbox_link (link, last_seq) VALUES (%(link)s, 1)"
                         "  ON CONFLICT (link) DO UPDATE SET last_seq = outbox_link.last_seq + 1"
                         "  RETURNING last_seq)"
-                        f" INSERT INTO outbox ({_OUTBOX_COLS})"
+                        f" INSERT INTO outbox ({_OUTBOX_COLS}, enqueued_by)"
                         " SELECT %(mid)s, %(link)s, counter.last_seq, %(partner)s, %(payload)s,"
-                        "  %(digest)s, 'queued', 0, %(now)s, NULL, NULL, NULL, %(now)s, %(now)s"
-                        " FROM counter"
+                        "  %(digest)s, 'queued', 0, %(now)s, NULL, NULL, NULL, %(now)s, %(now)s,"
+                        "  %(owner)s FROM counter"
                         f" ON CONFLICT (message_id) DO NOTHING RETURNING {_OUTBOX_READ}",
                         {"mid": message_id, "link": link, "partner": partner,
                          "payload": self._seal(payload, "outbox.payload"), "digest": digest,
-                         "now": now},
+                         "now": now,
+                         "owner": self.worker_id if link in self._dispatching else None},
                     ).fetchone()
                     if r is None:
                         raise _Raced
@@ -721,7 +744,9 @@ class PostgresStore:
                 "WITH due AS ("
                 "  SELECT message_id FROM outbox"
                 "   WHERE link=%(link)s AND state IN ('queued', 'sending')"
-                "     AND ((state='queued' AND next_attempt<=%(now)s)"
+                "     AND ((state='queued' AND next_attempt<=%(now)s"
+                "           AND (enqueued_by IS NULL OR enqueued_by=%(worker)s"
+                "                OR next_attempt<=%(owner_due)s))"
                 "       OR (state='sending' AND lease_until<=%(now)s))"
                 "   ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 " UPDATE outbox AS o SET state='sending',"
@@ -731,7 +756,7 @@ class PostgresStore:
                 "  FROM due WHERE o.message_id=due.message_id"
                 f" RETURNING {', '.join('o.' + c.strip() for c in _OUTBOX_READ.split(','))}",
                 {"link": link, "now": now, "limit": limit, "until": until,
-                 "worker": self.worker_id}).fetchall()
+                 "worker": self.worker_id, "owner_due": now - OWNER_GRACE}).fetchall()
             return sorted((_outbox_row(r, self._opener(conn)) for r in rows), key=lambda row: row.seq)
 
     def mark_acked(self, message_id: str, *, receipt: bytes, now: datetime,

@@ -276,6 +276,9 @@ class Dispatcher:
     async def start(self) -> None:
         """Open the link's HTTP session and start draining the outbox."""
         await self.open()
+        dispatch_here = getattr(self.c.store, "dispatch_here", None)
+        if dispatch_here is not None:  # a store shared by processes: own claims first
+            dispatch_here(self.link.id)
         self._task = asyncio.create_task(self._run(), name=f"dispatch:{self.link.id}")
 
     def session(self) -> aiohttp.ClientSession:
