@@ -246,3 +246,15 @@ def test_dispatch_answer_equals_a_full_recheck(
     except ConsentDenied:
         got = False
     assert got == expected
+
+
+def test_a_consent_ending_at_the_instant_of_enqueue_stops_it_at_dispatch(hospital: Any) -> None:
+    """A period's end is inclusive: a claim queued at the very instant its consent ends
+    is permitted then, and refused by any dispatch after it."""
+    controller, clock = hospital
+    record = ordinary(9)
+    fresh(controller, clock, consent(record, end=timedelta(0)))
+    signed = queued(controller, record)
+    clock.now = T0 + timedelta(minutes=1)
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, signed)
