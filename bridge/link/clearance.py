@@ -41,15 +41,21 @@ def _provisions(root: Provision) -> Iterable[Provision]:
 
 
 def next_change(records: Iterable[ConsentRecord], after: datetime) -> datetime | None:
-    """The first instant after ``after`` at which any of these consents, or any of their
-    provisions, starts or ends (None: none does)."""
+    """From when the answer given at ``after`` may differ: the first start after it, or
+    the first end at or after it, of any of these consents or of their provisions
+    (None: there is none).
+
+    A period contains its end: one ending at ``after`` itself held then and no longer
+    holds an instant later, so its end counts (the question is asked again after it)."""
     first: datetime | None = None
     for record in records:
         for prov in _provisions(record.provision):
             if prov.period is None:
                 continue
-            for instant in prov.period:
-                if instant is not None and instant > after and (first is None or instant < first):
+            start, end = prov.period
+            for instant in (start if start is not None and start > after else None,
+                            end if end is not None and end >= after else None):
+                if instant is not None and (first is None or instant < first):
                     first = instant
     return first
 
