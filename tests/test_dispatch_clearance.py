@@ -258,3 +258,38 @@ def test_a_consent_ending_at_the_instant_of_enqueue_stops_it_at_dispatch(hospita
     clock.now = T0 + timedelta(minutes=1)
     with pytest.raises(ConsentDenied):
         dispatch(controller, signed)
+
+
+def test_a_decision_made_before_a_revocation_is_asked_again_at_dispatch(hospital: Any) -> None:
+    """A policy result decided before the consent was revoked, signed after (as a
+    research release signs each record's result once the batch is generalised): the
+    enqueue answer rested on the consent as it was, so dispatch asks in full."""
+    controller, clock = hospital
+    record = ordinary(10)
+    fresh(controller, clock, consent(record))
+    result = controller.policy(record, LINK)
+    revoked = consent(record)
+    revoked["status"] = "inactive"
+    controller.consents.put(revoked, now=T0)
+    signed, _ = controller.prepare(record, LINK, result=result)
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, signed)
+
+
+def test_a_stored_message_changed_under_its_signature_is_asked_in_full(hospital: Any) -> None:
+    """The outbox row is what is sent (signed again when it has waited): a payload
+    changed in the store under the signature value of a message this process queued,
+    here to name a patient without any consent, is asked about as it is."""
+    controller, clock = hospital
+    record = ordinary(11)
+    fresh(controller, clock, consent(record))
+    signed = queued(controller, record)
+    stored = copy.deepcopy(signed)
+    for entry in stored["entry"]:
+        resource = entry["resource"]
+        if resource.get("resourceType") == "Patient":
+            for ident in resource.get("identifier") or []:
+                ident["value"] = f"{ident['value']}-someone-else"
+    assert stored["signature"]["data"] == signed["signature"]["data"]
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, stored)
