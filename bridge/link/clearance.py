@@ -20,6 +20,12 @@ does, the dispatch answer is the enqueue answer and the question need not be ask
 again; otherwise (or for a message this process did not queue: after a restart, on a
 resend) it is asked in full. The period test is conservative: a consent that ends
 exactly at dispatch is asked again.
+
+The clearance is found by the message's signature value but holds only for the very
+bytes that were queued (their digest): a row changed in the store under that signature
+is sent as it is (signed again when it has waited), so it is asked about as it is.
+It is recorded only when the records it names are those the decision was made on,
+that is when the decision is made as the message is signed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from hashlib import sha256
+from typing import Any
+
+import orjson
 
 from bridge.policy.consent import ConsentRecord, ConsentRegistry, Provision
 from bridge.policy.profile import LinkProfile
@@ -70,25 +80,39 @@ class Clearance:
     records: tuple[ConsentRecord, ...]
     decided_at: datetime
     until: datetime | None
+    payload: bytes
 
     @classmethod
     def at_enqueue(cls, *, registry: ConsentRegistry, profile: LinkProfile,
-                   identifiers: Sequence[tuple[str, str]], decided_at: datetime) -> Clearance:
+                   identifiers: Sequence[tuple[str, str]], decided_at: datetime,
+                   signed: dict[str, Any]) -> Clearance:
+        """``registry.for_patient`` must give what the decision at ``decided_at`` was
+        made on (ask at once); ``signed`` is the message as it is queued."""
         records = tuple(registry.for_patient(identifiers))
         return cls(registry, profile, tuple(identifiers), records, decided_at,
-                   next_change(records, decided_at))
+                   next_change(records, decided_at), _digest(signed))
 
-    def holds(self, *, registry: ConsentRegistry, profile: LinkProfile, now: datetime) -> bool:
-        """Would the consent question asked now get the enqueue answer? (The caller
-        finds the clearance by the message's signature, so the payload is the one
-        cleared.)"""
+    def holds(self, *, registry: ConsentRegistry, profile: LinkProfile, now: datetime,
+              payload: dict[str, Any]) -> bool:
+        """Would the consent question asked now of ``payload`` get the enqueue answer?"""
         if registry is not self.registry or profile is not self.profile:
+            return False
+        if _digest(payload) != self.payload:
             return False
         if now < self.decided_at or (self.until is not None and now >= self.until):
             return False
         current = registry.for_patient(self.identifiers)
         return len(current) == len(self.records) and all(
             a is b for a, b in zip(current, self.records, strict=True))
+
+
+def _digest(message: dict[str, Any]) -> bytes:
+    # The outbox holds the message as orjson writes it, and reads it back to the same
+    # bytes; anything that does not serialise is no message this process queued.
+    try:
+        return sha256(orjson.dumps(message)).digest()
+    except (TypeError, orjson.JSONEncodeError):
+        return b""
 
 
 __all__ = ["Clearance", "next_change"]
