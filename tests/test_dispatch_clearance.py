@@ -196,7 +196,8 @@ def test_next_change_is_the_first_start_or_end_after_the_decision() -> None:
     assert next_change([parsed], T0 + timedelta(days=10)) is None
 
 
-KINDS = ["no-classes", "all-classes", "deny-procedures", "deny-later", "deny-now", "short"]
+KINDS = ["no-classes", "all-classes", "deny-procedures", "deny-later", "deny-now", "short",
+         "ends-at-enqueue"]
 
 
 @settings(max_examples=80, deadline=None,
@@ -220,8 +221,9 @@ def test_dispatch_answer_equals_a_full_recheck(
     if kind == "all-classes":
         resource = consent_for(record, consent_id="c-all")
     else:
-        resource = consent(record, provisions=provisions,
-                           end=timedelta(hours=12) if kind == "short" else timedelta(days=30))
+        end = {"short": timedelta(hours=12), "ends-at-enqueue": timedelta(0)}.get(
+            kind, timedelta(days=30))
+        resource = consent(record, provisions=provisions, end=end)
     fresh(controller, clock, resource)
     try:
         signed = queued(controller, record)
