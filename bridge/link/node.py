@@ -52,6 +52,9 @@ from bridge.policy.engine import (
     explain,
     recheck_collection,
 )
+from bridge.policy.engine import (
+    patient_identifiers as asked_identifiers,  # the payload's, as recheck_collection reads them
+)
 from bridge.policy.identity import IdentityIndex
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
@@ -579,7 +582,7 @@ class Controller:
                 and self.deid_keys.get(link.id) is None):
             self._remember_clearance(signed, Clearance.at_enqueue(
                 registry=self.consents_for(link), profile=self.profiles[link.id],
-                identifiers=patient_identifiers(result.bundle),
+                identifiers=asked_identifiers(result.bundle),
                 decided_at=result.decision.decided_at, signed=signed))
         return signed, Submitted(
             message_id=message_id,
