@@ -97,7 +97,8 @@ class Clearance:
         """Would the consent question asked now of ``payload`` get the enqueue answer?"""
         if registry is not self.registry or profile is not self.profile:
             return False
-        if _digest(payload) != self.payload:
+        digest = _digest(payload)
+        if not digest or digest != self.payload:
             return False
         if now < self.decided_at or (self.until is not None and now >= self.until):
             return False
@@ -108,7 +109,7 @@ class Clearance:
 
 def _digest(message: dict[str, Any]) -> bytes:
     # The outbox holds the message as orjson writes it, and reads it back to the same
-    # bytes; anything that does not serialise is no message this process queued.
+    # bytes; anything that does not serialise (empty: never matches) was not queued.
     try:
         return sha256(orjson.dumps(message)).digest()
     except (TypeError, orjson.JSONEncodeError):
