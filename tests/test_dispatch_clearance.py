@@ -196,7 +196,8 @@ def test_next_change_is_the_first_start_or_end_after_the_decision() -> None:
     assert next_change([parsed], T0 + timedelta(days=10)) is None
 
 
-KINDS = ["no-classes", "all-classes", "deny-procedures", "deny-later", "deny-now", "short"]
+KINDS = ["no-classes", "all-classes", "deny-procedures", "deny-later", "deny-now", "short",
+         "ends-at-enqueue"]
 
 
 @settings(max_examples=80, deadline=None,
@@ -220,8 +221,9 @@ def test_dispatch_answer_equals_a_full_recheck(
     if kind == "all-classes":
         resource = consent_for(record, consent_id="c-all")
     else:
-        resource = consent(record, provisions=provisions,
-                           end=timedelta(hours=12) if kind == "short" else timedelta(days=30))
+        end = {"short": timedelta(hours=12), "ends-at-enqueue": timedelta(0)}.get(
+            kind, timedelta(days=30))
+        resource = consent(record, provisions=provisions, end=end)
     fresh(controller, clock, resource)
     try:
         signed = queued(controller, record)
@@ -246,3 +248,50 @@ def test_dispatch_answer_equals_a_full_recheck(
     except ConsentDenied:
         got = False
     assert got == expected
+
+
+def test_a_consent_ending_at_the_instant_of_enqueue_stops_it_at_dispatch(hospital: Any) -> None:
+    """A period's end is inclusive: a claim queued at the very instant its consent ends
+    is permitted then, and refused by any dispatch after it."""
+    controller, clock = hospital
+    record = ordinary(9)
+    fresh(controller, clock, consent(record, end=timedelta(0)))
+    signed = queued(controller, record)
+    clock.now = T0 + timedelta(minutes=1)
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, signed)
+
+
+def test_a_decision_made_before_a_revocation_is_asked_again_at_dispatch(hospital: Any) -> None:
+    """A policy result decided before the consent was revoked, signed after (as a
+    research release signs each record's result once the batch is generalised): the
+    enqueue answer rested on the consent as it was, so dispatch asks in full."""
+    controller, clock = hospital
+    record = ordinary(10)
+    fresh(controller, clock, consent(record))
+    result = controller.policy(record, LINK)
+    revoked = consent(record)
+    revoked["status"] = "inactive"
+    controller.consents.put(revoked, now=T0)
+    signed, _ = controller.prepare(record, LINK, result=result)
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, signed)
+
+
+def test_a_stored_message_changed_under_its_signature_is_asked_in_full(hospital: Any) -> None:
+    """The outbox row is what is sent (signed again when it has waited): a payload
+    changed in the store under the signature value of a message this process queued,
+    here to name a patient without any consent, is asked about as it is."""
+    controller, clock = hospital
+    record = ordinary(11)
+    fresh(controller, clock, consent(record))
+    signed = queued(controller, record)
+    stored = copy.deepcopy(signed)
+    for entry in stored["entry"]:
+        resource = entry["resource"]
+        if resource.get("resourceType") == "Patient":
+            for ident in resource.get("identifier") or []:
+                ident["value"] = f"{ident['value']}-someone-else"
+    assert stored["signature"]["data"] == signed["signature"]["data"]
+    with pytest.raises(ConsentDenied):
+        dispatch(controller, stored)

@@ -195,6 +195,46 @@ async def test_revoked_consent_stops_a_queued_claim(tmp_path: Path, records: lis
         await pair.stop()
 
 
+async def test_a_queued_claim_changed_in_the_store_is_asked_about_as_it_is(
+    tmp_path: Path, records: list
+) -> None:
+    """The outbox row is what leaves (signed again once it has waited): a row whose
+    payload was changed in the store, keeping the signature value it was queued with,
+    here to name a patient nobody has a consent for, is refused at dispatch."""
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        hospital = pair.hospital.controller
+        record = records[6]
+        await hospital.put_consent(consent_for(record, consent_id="c-stored"))
+        sub = await hospital.submit(record, LINK_OUT)  # queued; nothing is dispatching yet
+        con = sqlite3.connect(store_of(pair, "hospital"))
+        try:
+            (raw,) = con.execute("SELECT payload FROM outbox WHERE message_id=?",
+                                 (sub.message_id,)).fetchone()
+            payload = orjson.loads(raw)
+            for entry in collection_of(payload)["entry"]:
+                resource = entry["resource"]
+                if resource.get("resourceType") == "Patient":
+                    for ident in resource.get("identifier") or []:
+                        ident["value"] = f"{ident['value']}-someone-else"
+            waited = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+            con.execute("UPDATE outbox SET payload=?, created=? WHERE message_id=?",
+                        (orjson.dumps(payload), waited, sub.message_id))
+            con.commit()
+        finally:
+            con.close()
+        await pair.hospital.start()
+        row = await wait_final(pair, sub.message_id)
+        assert inbox_count(store_of(pair, "insurer")) == 0
+        assert row.state == "refused"
+        assert any(
+            a == "claim.refused" and d and d.startswith("dispatch:")
+            for a, _, d in audit_actions(store_of(pair, "hospital"))
+        )
+    finally:
+        await pair.stop()
+
+
 async def test_consent_revoked_by_another_process_stops_a_queued_claim(
     tmp_path: Path, records: list
 ) -> None:

@@ -20,6 +20,12 @@ does, the dispatch answer is the enqueue answer and the question need not be ask
 again; otherwise (or for a message this process did not queue: after a restart, on a
 resend) it is asked in full. The period test is conservative: a consent that ends
 exactly at dispatch is asked again.
+
+The clearance is found by the message's signature value but holds only for the very
+bytes that were queued (their digest): a row changed in the store under that signature
+is sent as it is (signed again when it has waited), so it is asked about as it is.
+It is recorded only when the records it names are those the decision was made on,
+that is when the decision is made as the message is signed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from hashlib import sha256
+from typing import Any
+
+import orjson
 
 from bridge.policy.consent import ConsentRecord, ConsentRegistry, Provision
 from bridge.policy.profile import LinkProfile
@@ -41,15 +51,21 @@ def _provisions(root: Provision) -> Iterable[Provision]:
 
 
 def next_change(records: Iterable[ConsentRecord], after: datetime) -> datetime | None:
-    """The first instant after ``after`` at which any of these consents, or any of their
-    provisions, starts or ends (None: none does)."""
+    """From when the answer given at ``after`` may differ: the first start after it, or
+    the first end at or after it, of any of these consents or of their provisions
+    (None: there is none).
+
+    A period contains its end: one ending at ``after`` itself held then and no longer
+    holds an instant later, so its end counts (the question is asked again after it)."""
     first: datetime | None = None
     for record in records:
         for prov in _provisions(record.provision):
             if prov.period is None:
                 continue
-            for instant in prov.period:
-                if instant is not None and instant > after and (first is None or instant < first):
+            start, end = prov.period
+            for instant in (start if start is not None and start > after else None,
+                            end if end is not None and end >= after else None):
+                if instant is not None and (first is None or instant < first):
                     first = instant
     return first
 
@@ -64,25 +80,40 @@ class Clearance:
     records: tuple[ConsentRecord, ...]
     decided_at: datetime
     until: datetime | None
+    payload: bytes
 
     @classmethod
     def at_enqueue(cls, *, registry: ConsentRegistry, profile: LinkProfile,
-                   identifiers: Sequence[tuple[str, str]], decided_at: datetime) -> Clearance:
+                   identifiers: Sequence[tuple[str, str]], decided_at: datetime,
+                   signed: dict[str, Any]) -> Clearance:
+        """``registry.for_patient`` must give what the decision at ``decided_at`` was
+        made on (ask at once); ``signed`` is the message as it is queued."""
         records = tuple(registry.for_patient(identifiers))
         return cls(registry, profile, tuple(identifiers), records, decided_at,
-                   next_change(records, decided_at))
+                   next_change(records, decided_at), _digest(signed))
 
-    def holds(self, *, registry: ConsentRegistry, profile: LinkProfile, now: datetime) -> bool:
-        """Would the consent question asked now get the enqueue answer? (The caller
-        finds the clearance by the message's signature, so the payload is the one
-        cleared.)"""
+    def holds(self, *, registry: ConsentRegistry, profile: LinkProfile, now: datetime,
+              payload: dict[str, Any]) -> bool:
+        """Would the consent question asked now of ``payload`` get the enqueue answer?"""
         if registry is not self.registry or profile is not self.profile:
+            return False
+        digest = _digest(payload)
+        if not digest or digest != self.payload:
             return False
         if now < self.decided_at or (self.until is not None and now >= self.until):
             return False
         current = registry.for_patient(self.identifiers)
         return len(current) == len(self.records) and all(
             a is b for a, b in zip(current, self.records, strict=True))
+
+
+def _digest(message: dict[str, Any]) -> bytes:
+    # The outbox holds the message as orjson writes it, and reads it back to the same
+    # bytes; anything that does not serialise (empty: never matches) was not queued.
+    try:
+        return sha256(orjson.dumps(message)).digest()
+    except (TypeError, orjson.JSONEncodeError):
+        return b""
 
 
 __all__ = ["Clearance", "next_change"]

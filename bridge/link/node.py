@@ -52,6 +52,9 @@ from bridge.policy.engine import (
     explain,
     recheck_collection,
 )
+from bridge.policy.engine import (
+    patient_identifiers as asked_identifiers,  # the payload's, as recheck_collection reads them
+)
 from bridge.policy.identity import IdentityIndex
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
@@ -533,6 +536,9 @@ class Controller:
         partner = self.config.partner(link.partner)
         now = self.clock()
         check_link(self.config, link, now)
+        # The clearance names the consents as they are now: only a decision made now
+        # rests on them (a caller's result may predate a change).
+        decided_here = result is None
         if result is None:
             if self.profiles[link.id].k_anonymity is not None:
                 # A research link releases batches made k-anonymous over persons; one record
@@ -572,11 +578,12 @@ class Controller:
             now=now,
         )
         self._remember_digests(signed, digests)
-        if result.decision.override is None and self.deid_keys.get(link.id) is None:
+        if (decided_here and result.decision.override is None
+                and self.deid_keys.get(link.id) is None):
             self._remember_clearance(signed, Clearance.at_enqueue(
                 registry=self.consents_for(link), profile=self.profiles[link.id],
-                identifiers=patient_identifiers(result.bundle),
-                decided_at=result.decision.decided_at))
+                identifiers=asked_identifiers(result.bundle),
+                decided_at=result.decision.decided_at, signed=signed))
         return signed, Submitted(
             message_id=message_id,
             link=link.id,
@@ -777,7 +784,8 @@ class Controller:
         signature = payload.get("signature")
         data = signature.get("data") if isinstance(signature, dict) else None
         cleared = self._clearances.pop(data, None) if isinstance(data, str) else None
-        if cleared is not None and cleared.holds(registry=registry, profile=profile, now=now):
+        if cleared is not None and cleared.holds(registry=registry, profile=profile, now=now,
+                                                 payload=payload):
             # Nothing the enqueue answer rested on has changed: the same question gets
             # the same answer. Asked once per message: a retry or resend asks in full.
             return
