@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from e2e_support import consent_for, make_workdir, patient_id
 from hypothesis import HealthCheck, given, settings
@@ -80,7 +81,9 @@ def consent(record: dict[str, Any], *, consent_id: str = "c-1", end: timedelta =
 
 
 def queued(controller: Controller, record: dict[str, Any]) -> dict[str, Any]:
+    """Prepared and written as the outbox writes it (``enqueue_signed``)."""
     signed, _ = controller.prepare(record, LINK)
+    controller.queued_as(signed, orjson.dumps(signed))
     return signed
 
 
@@ -274,6 +277,7 @@ def test_a_decision_made_before_a_revocation_is_asked_again_at_dispatch(hospital
     revoked["status"] = "inactive"
     controller.consents.put(revoked, now=T0)
     signed, _ = controller.prepare(record, LINK, result=result)
+    controller.queued_as(signed, orjson.dumps(signed))
     with pytest.raises(ConsentDenied):
         dispatch(controller, signed)
 

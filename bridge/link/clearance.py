@@ -31,12 +31,9 @@ that is when the decision is made as the message is signed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from hashlib import sha256
-from typing import Any
-
-import orjson
 
 from bridge.policy.consent import ConsentRecord, ConsentRegistry, Provision
 from bridge.policy.profile import LinkProfile
@@ -84,36 +81,31 @@ class Clearance:
 
     @classmethod
     def at_enqueue(cls, *, registry: ConsentRegistry, profile: LinkProfile,
-                   identifiers: Sequence[tuple[str, str]], decided_at: datetime,
-                   signed: dict[str, Any]) -> Clearance:
+                   identifiers: Sequence[tuple[str, str]], decided_at: datetime) -> Clearance:
         """``registry.for_patient`` must give what the decision at ``decided_at`` was
-        made on (ask at once); ``signed`` is the message as it is queued."""
+        made on (ask at once). The clearance holds for nothing until :meth:`queued_as`
+        names the bytes the outbox holds."""
         records = tuple(registry.for_patient(identifiers))
         return cls(registry, profile, tuple(identifiers), records, decided_at,
-                   next_change(records, decided_at), _digest(signed))
+                   next_change(records, decided_at), b"")
+
+    def queued_as(self, payload: bytes) -> Clearance:
+        """This clearance, for the message as it was written to the outbox."""
+        return replace(self, payload=sha256(payload).digest())
 
     def holds(self, *, registry: ConsentRegistry, profile: LinkProfile, now: datetime,
-              payload: dict[str, Any]) -> bool:
-        """Would the consent question asked now of ``payload`` get the enqueue answer?"""
+              payload: bytes) -> bool:
+        """Would the consent question asked now of the message ``payload`` (its bytes as
+        the outbox holds them) get the enqueue answer?"""
         if registry is not self.registry or profile is not self.profile:
             return False
-        digest = _digest(payload)
-        if not digest or digest != self.payload:
+        if not self.payload or sha256(payload).digest() != self.payload:
             return False
         if now < self.decided_at or (self.until is not None and now >= self.until):
             return False
         current = registry.for_patient(self.identifiers)
         return len(current) == len(self.records) and all(
             a is b for a, b in zip(current, self.records, strict=True))
-
-
-def _digest(message: dict[str, Any]) -> bytes:
-    # The outbox holds the message as orjson writes it, and reads it back to the same
-    # bytes; anything that does not serialise (empty: never matches) was not queued.
-    try:
-        return sha256(orjson.dumps(message)).digest()
-    except (TypeError, orjson.JSONEncodeError):
-        return b""
 
 
 __all__ = ["Clearance", "next_change"]

@@ -539,7 +539,7 @@ class Dispatcher:
         message_id = row.message_id
         payload: dict[str, Any] = orjson.loads(row.payload)
         try:
-            c.recheck_consent(payload, self.link)
+            c.recheck_consent(payload, self.link, raw=row.payload)
         except PolicyError as exc:
             self.stats.refused += 1
             await c.db.mark_refused(
@@ -869,7 +869,7 @@ class Dispatcher:
             )
         payload = orjson.loads(row.payload)
         await c.sync_consents()
-        c.recheck_consent(payload, self.link)
+        c.recheck_consent(payload, self.link, raw=row.payload)
         receipt_bytes = await self._post(self._signed_now(payload, message_id), seq=row.seq)
         verify_receipt(
             orjson.loads(receipt_bytes),

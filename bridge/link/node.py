@@ -583,7 +583,7 @@ class Controller:
             self._remember_clearance(signed, Clearance.at_enqueue(
                 registry=self.consents_for(link), profile=self.profiles[link.id],
                 identifiers=asked_identifiers(result.bundle),
-                decided_at=result.decision.decided_at, signed=signed))
+                decided_at=result.decision.decided_at))
         return signed, Submitted(
             message_id=message_id,
             link=link.id,
@@ -603,6 +603,14 @@ class Controller:
         if len(self._clearances) >= _SIGNED_DIGESTS_MAX:
             del self._clearances[next(iter(self._clearances))]
         self._clearances[signed["signature"]["data"]] = clearance
+
+    def queued_as(self, signed: dict[str, Any], payload: bytes) -> None:
+        """``payload`` is how the outbox holds the prepared message ``signed``: its
+        consent decision (see :meth:`recheck_consent`) holds for those bytes only."""
+        signature = signed["signature"]["data"]
+        pending = self._clearances.get(signature)
+        if pending is not None:
+            self._clearances[signature] = pending.queued_as(payload)
 
     def request_digests(self, payload: dict[str, Any]) -> frozenset[str]:
         """:func:`payload_digests` of a stored signed message, the digests its receipt may
@@ -673,6 +681,7 @@ class Controller:
         message_id = submitted.message_id
         payload = orjson.dumps(signed)
         payload_digest = digest(payload)
+        self.queued_as(signed, payload)
         now = self.clock()
         ids = patient_identifiers(signed)
         try:
@@ -769,8 +778,12 @@ class Controller:
         )
         return result.created
 
-    def recheck_consent(self, payload: dict[str, Any], link: LinkConfig) -> None:
+    def recheck_consent(self, payload: dict[str, Any], link: LinkConfig, *,
+                        raw: bytes | None = None) -> None:
         """Ask the consent question again at dispatch; raises ConsentDenied.
+
+        ``raw`` is the message as the outbox holds it (``payload`` is read from it); the
+        question is not asked twice only for the very bytes that were queued.
 
         The question is rebuilt from the signed payload itself (its patient, every
         resource and labelled entry it carries, the span of care it describes), so it
@@ -785,7 +798,7 @@ class Controller:
         data = signature.get("data") if isinstance(signature, dict) else None
         cleared = self._clearances.pop(data, None) if isinstance(data, str) else None
         if cleared is not None and cleared.holds(registry=registry, profile=profile, now=now,
-                                                 payload=payload):
+                                                 payload=_queued_bytes(payload, raw)):
             # Nothing the enqueue answer rested on has changed: the same question gets
             # the same answer. Asked once per message: a retry or resend asks in full.
             return
@@ -896,6 +909,17 @@ def _identifier_rank(identifier: tuple[str, str]) -> tuple[int, str, str]:
     except ValueError:
         rank = len(_IDENTIFIER_PREFERENCE)
     return (rank, system, value)
+
+
+def _queued_bytes(payload: dict[str, Any], raw: bytes | None) -> bytes:
+    """The outbox's bytes of a message: ``raw`` when given, else ``payload`` written as
+    the outbox writes it (empty when it cannot be written: it was never queued)."""
+    if raw is not None:
+        return raw
+    try:
+        return orjson.dumps(payload)
+    except (TypeError, orjson.JSONEncodeError):
+        return b""
 
 
 def _record_digest(record: dict[str, Any]) -> str:
