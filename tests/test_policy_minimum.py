@@ -281,9 +281,12 @@ def test_every_element_on_the_wire_is_allowed_and_referenced(
         result = apply_policy(collection, registry=registry, profile=profile, recipient="x",
                               purpose=purpose, now=NOW, key=KEY)
     except ConsentDenied as exc:
-        # A claim whose only diagnoses are special and not consented is refused whole.
-        assert "every entry of Claim.diagnosis" in exc.message
-        assert not class_consent and profile.refuse_without
+        # Refused whole (P-MSG-10): a claim whose principal diagnosis is special and not
+        # consented, or, where the profile refuses a claim without them, whose every
+        # diagnosis is.
+        assert not class_consent
+        assert "principal diagnosis" in exc.message or (
+            "every entry of Claim.diagnosis" in exc.message and profile.refuse_without)
         return
     check_wire(profile, result.bundle)
     assert profile.check(result.bundle) == []
