@@ -8,6 +8,7 @@ references, element paths, and validation of the output.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,17 @@ from bridge.records.fhir import validate_resource_cached
 # Resource ids are uuid5 values in this namespace, named by the resource type and the
 # source identifiers, so the same record always yields the same ids.
 ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ws-fhir-bridge:resource-id")
+_ID_NAMESPACE_BYTES = ID_NAMESPACE.bytes
+
+
+def _uuid5_text(name: str) -> str:
+    """``str(uuid.uuid5(ID_NAMESPACE, name))``, without building the UUID object (RFC 4122
+    section 4.3: SHA-1 of namespace and name, version 5, variant 10xx)."""
+    digest = bytearray(hashlib.sha1(_ID_NAMESPACE_BYTES + name.encode("utf-8")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 @dataclass(slots=True)
 class RuleContext:
@@ -167,7 +179,7 @@ def _resource_id(spec: ResourceSpec, ctx: RuleContext, prefix: str, index: int |
                 break
             parts.append(value)
         if complete:
-            return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
+            return _uuid5_text("|".join(parts))
     assert first_missing is not None
     raise MappingError(f"identifying data element missing for {spec.type}",
                        location=f"{item_location} {first_missing}" if item_location
@@ -271,12 +283,15 @@ class _Mapper:
 
     def apply(self, built: _Built) -> None:
         ctx = self.ctx(built.item)
+        own_type = built.spec.type
         for rs in built.spec.rules:
-            self.apply_ruleset(rs, self.target(rs, built), ctx, built)
+            t = rs.target_type
+            obj = built.resource if t is None or t == own_type else self.target(rs, built)
+            self.apply_ruleset(rs, obj, ctx, built)
 
     def apply_ruleset(self, rs: RuleSet, obj: dict[str, Any], ctx: RuleContext,
                       built: _Built) -> None:
-        if rs.appends:
+        if rs.segments[-1][1] == APPEND:  # RuleSet.appends, without the property call
             for rule in rs.rules:
                 if rule.each is not None:
                     self.apply_each(rule, rs, obj, ctx)
@@ -318,10 +333,11 @@ class _Mapper:
             where = (f"{built.item_location} {rule.source}" if built.item_location
                      else rule.source)
             raise MappingError("required data element missing", location=where)
-        if not _holds(rule.when, ctx):
+        if rule.when is not None and not _holds(rule.when, ctx):
             return NOTHING
         if rule.has_value:
-            return _copy(rule.value)
+            value = rule.value
+            return _copy(value) if isinstance(value, (dict, list)) else value
         if rule.ref is not None:
             return self.ref(rule.ref, built)
         if rule.obj is not None:
@@ -343,11 +359,15 @@ class _Mapper:
         return tdef.fn(raw, rule, ctx)
 
 
+# Values a fixed value may hold that are kept as they are (not containers).
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+
+
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: v if type(v) in _ATOMS else _copy(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy(v) for v in value]
+        return [v if type(v) in _ATOMS else _copy(v) for v in value]
     return value
 
 
