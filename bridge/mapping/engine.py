@@ -291,22 +291,34 @@ class _Mapper:
 
     def apply_ruleset(self, rs: RuleSet, obj: dict[str, Any], ctx: RuleContext,
                       built: _Built) -> None:
-        if rs.segments[-1][1] == APPEND:  # RuleSet.appends, without the property call
+        segments = rs.segments
+        # A path of one element (``identifier[]``, ``status``) is most rules' case: it is
+        # read and written here, as _peek, _container and _assign would.
+        name, index = segments[0] if len(segments) == 1 else (None, None)
+        if segments[-1][1] == APPEND:  # RuleSet.appends, without the property call
             for rule in rs.rules:
                 if rule.each is not None:
                     self.apply_each(rule, rs, obj, ctx)
                     continue
-                existing = _peek(obj, rs.segments)
+                if name is not None and isinstance(obj, dict):
+                    existing = obj.get(name)
+                    if not isinstance(existing, list):
+                        existing = None
+                else:
+                    existing = _peek(obj, segments)
                 ctx.seq = len(existing) + 1 if existing is not None else 1
                 ctx.target_list = existing
                 value = self.evaluate(rule, ctx, built)
                 if value is not NOTHING:
-                    _container(obj, rs.segments).append(value)
+                    _container(obj, segments).append(value)
             return
         for rule in rs.rules:
             value = self.evaluate(rule, ctx, built)
             if value is not NOTHING:
-                _assign(obj, rs.segments, value)
+                if name is not None and index is None:
+                    obj[name] = value
+                else:
+                    _assign(obj, segments, value)
                 return
 
     def apply_each(self, rule: Rule, rs: RuleSet, obj: dict[str, Any], ctx: RuleContext) -> None:
@@ -350,12 +362,14 @@ class _Mapper:
         assert rule.transform is not None
         tdef = REGISTRY[rule.transform]
         raw: str | None = None
-        if rule.source is not None:
-            raw = ctx.lookup(rule.source)
+        source = rule.source
+        if source is not None:
+            item = ctx.item  # RuleContext.lookup, without the call
+            raw = item[source] if item is not None and source in item else ctx.values.get(source)
             if raw is None:
                 return NOTHING
-            ctx.location = (f"{built.item_location} {rule.source}" if built.item_location
-                            else rule.source)
+            ctx.location = (f"{built.item_location} {source}" if built.item_location
+                            else source)
         return tdef.fn(raw, rule, ctx)
 
 
