@@ -8,7 +8,6 @@ references, element paths, and validation of the output.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,17 +30,6 @@ from bridge.records.fhir import validate_resource_cached
 # Resource ids are uuid5 values in this namespace, named by the resource type and the
 # source identifiers, so the same record always yields the same ids.
 ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ws-fhir-bridge:resource-id")
-_ID_NAMESPACE_BYTES = ID_NAMESPACE.bytes
-
-
-def _uuid5_text(name: str) -> str:
-    """``str(uuid.uuid5(ID_NAMESPACE, name))``, without building the UUID object (RFC 4122
-    section 4.3: SHA-1 of namespace and name, version 5, variant 10xx)."""
-    digest = bytearray(hashlib.sha1(_ID_NAMESPACE_BYTES + name.encode("utf-8")).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 @dataclass(slots=True)
 class RuleContext:
@@ -179,7 +167,7 @@ def _resource_id(spec: ResourceSpec, ctx: RuleContext, prefix: str, index: int |
                 break
             parts.append(value)
         if complete:
-            return _uuid5_text("|".join(parts))
+            return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
     assert first_missing is not None
     raise MappingError(f"identifying data element missing for {spec.type}",
                        location=f"{item_location} {first_missing}" if item_location
