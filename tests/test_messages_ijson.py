@@ -134,3 +134,22 @@ def test_a_repeated_name_is_refused_when_values_begin_with_a_colon(body: bytes) 
     with pytest.raises(ParseError) as err:
         read_json(body)
     assert err.value.message == "a member name appears twice in one object"
+
+
+@pytest.mark.parametrize(("body", "refused"), [
+    (b'{"a":9007199254740991}', False), (b'{"a":-9007199254740991}', False),
+    (b'{"a":9007199254740992}', True), (b'{"a":-9007199254740992}', True),
+    (b'{"a":[1,10000000000000000]}', True), (b'[0,-1234567890123456789]', True),
+    (b'{"a":"9007199254740992"}', False), (b'{"9007199254740992":1}', False),
+    (b'{"a":"x","b":9007199254740993}', True), (b'{"a":1.0e16}', False),
+    (b'{"a":"1234567890","b":123456}', False), (b'[1234567890123456]', False),
+])
+def test_an_integer_beyond_the_bound_is_refused_in_a_compact_body(body: bytes,
+                                                                   refused: bool) -> None:
+    """Compact bodies, digits inside and outside strings, either side of ±(2^53 - 1)."""
+    if refused:
+        with pytest.raises(ParseError) as err:
+            read_json(body)
+        assert err.value.message == "integer beyond ±(2^53 - 1)"
+    else:
+        assert read_json(body) == json.loads(body)
