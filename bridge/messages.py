@@ -126,8 +126,10 @@ def read_json(body: bytes, *, nesting: int = MAX_NESTING) -> Any:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ParseError(f"malformed JSON at byte {exc.pos}", location=f"body[{exc.pos}]") from None
-    keys = _shape_keys(value, nesting)
-    if b'"' in body and (keys is None or _member_names(body) != keys):
+    keys, text = _shape_keys_text(value, nesting)
+    # A body that is the compact writing of what was parsed names every member once (a
+    # lost member would be missing from the writing): only other bodies are counted.
+    if b'"' in body and (keys is None or (text != body and _member_names(body) != keys)):
         # Some object lost a member to a repeated name (orjson keeps the last): read
         # again, slowly, to name it.
         try:
@@ -164,6 +166,10 @@ _AS_BRACES = bytes.maketrans(b"[]", b"{}")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
 # Structure between strings becomes blanks: what is left are numbers and literals.
 _STRUCTURE = bytes.maketrans(b"{}[]:,", b"      ")
+# Digits become "0", everything else a blank: only an integer written with 16 digits or
+# more can lie beyond ±(2^53 - 1).
+_DIGITS_ONLY = bytes(b"0"[0] if b in b"0123456789" else b" "[0] for b in range(256))
+_SIXTEEN_DIGITS = b"0" * 16
 
 
 def _shape_keys(value: Any, limit: int = MAX_NESTING) -> int | None:
@@ -176,30 +182,38 @@ def _shape_keys(value: Any, limit: int = MAX_NESTING) -> int | None:
     (each pass removes every innermost pair), and the numbers. Otherwise the value is
     walked (:func:`_walk_shape_keys`); both give the same answer.
     """
+    return _shape_keys_text(value, limit)[0]
+
+
+def _shape_keys_text(value: Any, limit: int = MAX_NESTING) -> tuple[int | None, bytes | None]:
+    """:func:`_shape_keys`, and the compact text it was read from (None when walked)."""
     if not isinstance(value, (dict, list)):
-        return _walk_shape_keys(value, limit)
+        return _walk_shape_keys(value, limit), None
     try:
         out = orjson.dumps(value)
     except TypeError:
-        return _walk_shape_keys(value, limit)
+        return _walk_shape_keys(value, limit), None
     if b"\\" in out:
-        return _walk_shape_keys(value, limit)
+        return _walk_shape_keys(value, limit), None
     parts = out.split(b'"')
-    between = b"".join(parts[::2])
-    nesting = between.translate(_AS_BRACES, _NOT_BRACKETS)
+    # What lies between the strings; in ``marked`` each run that follows a string starts
+    # with a NUL (which compact JSON never writes outside a string).
+    marked = b"\0".join(parts[::2])
+    nesting = marked.translate(_AS_BRACES, _NOT_BRACKETS)
     for _ in range(limit):
         nesting = nesting.replace(b"{}", b"")
         if not nesting:
             break
     else:
-        return None
-    for token in between.translate(_STRUCTURE).split():
-        if (len(token) > 15 and token[-1:].isdigit() and b"." not in token
-                and b"e" not in token and b"E" not in token
-                and abs(int(token)) > MAX_SAFE_INTEGER):
-            return None
+        return None, out
+    if _SIXTEEN_DIGITS in marked.translate(_DIGITS_ONLY):
+        for token in b"".join(parts[::2]).translate(_STRUCTURE).split():
+            if (len(token) > 15 and token[-1:].isdigit() and b"." not in token
+                    and b"e" not in token and b"E" not in token
+                    and abs(int(token)) > MAX_SAFE_INTEGER):
+                return None, out
     # A member name is a string followed by ":" (a string value may begin with ":" too).
-    return sum(1 for after in parts[2::2] if after[:1] == b":")
+    return marked.count(b"\0:"), out
 
 
 def _walk_shape_keys(value: Any, limit: int = MAX_NESTING) -> int | None:

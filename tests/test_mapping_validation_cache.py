@@ -341,3 +341,48 @@ def test_memory_held_for_received_messages_is_bounded() -> None:
         tracemalloc.stop()
     assert received > 30_000_000
     assert held < 64 * 1024 * 1024
+
+
+def _claim() -> dict[str, Any]:
+    return copy.deepcopy(next(r for r in _RESOURCES if r["resourceType"] == "Claim"))
+
+
+def _put(resource: dict[str, Any], where: str, value: Any) -> None:
+    if where == "sequence":
+        resource["item"][0]["sequence"] = value
+    elif where == "insurance":
+        resource["insurance"][0]["sequence"] = value
+    elif where == "net":
+        resource["item"][0]["net"]["value"] = value
+    elif where == "identifier":
+        resource["identifier"][0]["value"] = value
+    else:
+        resource["total"]["value"] = value
+
+
+# A value that passed one field's validator, then the same value (or one equal to it in
+# Python: True == 1 == 1.0) in the same or another field, where full validation may refuse.
+_REMEMBERED = [(seen, again, value, other)
+               for seen, again in [("sequence", "sequence"), ("net", "sequence"),
+                                   ("total", "insurance"), ("sequence", "identifier"),
+                                   ("net", "identifier"), ("sequence", "net")]
+               for value, other in [(1, True), (1, 1.0), (0, 0), (0, False), (-1, -1),
+                                    (2**31 - 1, 2**31 - 1), (2**31, 2**31), (1, "1"),
+                                    (2**53, 2**53), (2, 2.0), (5, 5.5)]]
+
+
+@pytest.mark.parametrize(("seen", "again", "value", "other"), _REMEMBERED)
+@pytest.mark.parametrize("parsed", [False, True])
+def test_a_remembered_int_is_not_accepted_where_full_validation_refuses(
+        seen: str, again: str, value: Any, other: Any, parsed: bool) -> None:
+    cache = ValidationCache()
+    check = functools.partial(cache.validate, parsed=True) if parsed else cache.validate
+    for where, v in ((seen, value), (again, value), (again, other), (seen, other)):
+        resource = _claim()
+        check(_claim())
+        _put(resource, where, v)
+        if parsed:
+            received = _as_parsed(resource)
+            assert received is not None
+            resource = received
+        assert _outcome(check, resource) == _outcome(validate_resource, resource), (where, v)

@@ -99,7 +99,8 @@ def check_shape(record: Any, *, source: str = "<input>") -> None:
     if not isinstance(elements, dict):
         raise ParseError("elements must be an object", location=f"{source} $.elements")
     for key, value in elements.items():
-        _check_value(value, f"{source} $.elements.{key}")
+        if type(value) not in _PLAIN:
+            _check_value(value, f"{source} $.elements.{key}")
     groups = record.get("groups", {})
     if not isinstance(groups, dict):
         raise ParseError("groups must be an object", location=f"{source} $.groups")
@@ -111,7 +112,12 @@ def check_shape(record: Any, *, source: str = "<input>") -> None:
             if not isinstance(item, dict):
                 raise ParseError("a group item is an object", location=where)
             for key, value in item.items():
-                _check_value(value, f"{where}.{key}")
+                if type(value) not in _PLAIN:
+                    _check_value(value, f"{where}.{key}")
+
+
+# Values that pass _check_value whatever they hold (its other cases are subclasses).
+_PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def _check_value(value: Any, where: str) -> None:

@@ -271,27 +271,42 @@ class _Mapper:
 
     def apply(self, built: _Built) -> None:
         ctx = self.ctx(built.item)
+        own_type = built.spec.type
         for rs in built.spec.rules:
-            self.apply_ruleset(rs, self.target(rs, built), ctx, built)
+            t = rs.target_type
+            obj = built.resource if t is None or t == own_type else self.target(rs, built)
+            self.apply_ruleset(rs, obj, ctx, built)
 
     def apply_ruleset(self, rs: RuleSet, obj: dict[str, Any], ctx: RuleContext,
                       built: _Built) -> None:
-        if rs.appends:
+        segments = rs.segments
+        # A path of one element (``identifier[]``, ``status``) is most rules' case: it is
+        # read and written here, as _peek, _container and _assign would.
+        name, index = segments[0] if len(segments) == 1 else (None, None)
+        if segments[-1][1] == APPEND:  # RuleSet.appends, without the property call
             for rule in rs.rules:
                 if rule.each is not None:
                     self.apply_each(rule, rs, obj, ctx)
                     continue
-                existing = _peek(obj, rs.segments)
+                if name is not None and isinstance(obj, dict):
+                    existing = obj.get(name)
+                    if not isinstance(existing, list):
+                        existing = None
+                else:
+                    existing = _peek(obj, segments)
                 ctx.seq = len(existing) + 1 if existing is not None else 1
                 ctx.target_list = existing
                 value = self.evaluate(rule, ctx, built)
                 if value is not NOTHING:
-                    _container(obj, rs.segments).append(value)
+                    _container(obj, segments).append(value)
             return
         for rule in rs.rules:
             value = self.evaluate(rule, ctx, built)
             if value is not NOTHING:
-                _assign(obj, rs.segments, value)
+                if name is not None and index is None:
+                    obj[name] = value
+                else:
+                    _assign(obj, segments, value)
                 return
 
     def apply_each(self, rule: Rule, rs: RuleSet, obj: dict[str, Any], ctx: RuleContext) -> None:
@@ -318,10 +333,11 @@ class _Mapper:
             where = (f"{built.item_location} {rule.source}" if built.item_location
                      else rule.source)
             raise MappingError("required data element missing", location=where)
-        if not _holds(rule.when, ctx):
+        if rule.when is not None and not _holds(rule.when, ctx):
             return NOTHING
         if rule.has_value:
-            return _copy(rule.value)
+            value = rule.value
+            return _copy(value) if isinstance(value, (dict, list)) else value
         if rule.ref is not None:
             return self.ref(rule.ref, built)
         if rule.obj is not None:
@@ -334,20 +350,26 @@ class _Mapper:
         assert rule.transform is not None
         tdef = REGISTRY[rule.transform]
         raw: str | None = None
-        if rule.source is not None:
-            raw = ctx.lookup(rule.source)
+        source = rule.source
+        if source is not None:
+            item = ctx.item  # RuleContext.lookup, without the call
+            raw = item[source] if item is not None and source in item else ctx.values.get(source)
             if raw is None:
                 return NOTHING
-            ctx.location = (f"{built.item_location} {rule.source}" if built.item_location
-                            else rule.source)
+            ctx.location = (f"{built.item_location} {source}" if built.item_location
+                            else source)
         return tdef.fn(raw, rule, ctx)
+
+
+# Values a fixed value may hold that are kept as they are (not containers).
+_ATOMS = frozenset({str, int, float, bool, type(None)})
 
 
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: v if type(v) in _ATOMS else _copy(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy(v) for v in value]
+        return [v if type(v) in _ATOMS else _copy(v) for v in value]
     return value
 
 

@@ -46,6 +46,17 @@ class TransformDef:
 
 
 def _number(text: str) -> int | float:
+    # Plain decimals (the checked form of an N..p,s element) without Decimal: an integral
+    # value is the int of its whole part, any other the nearest float to the text, which is
+    # what the Decimal conversion gives (both round the same exact value once). Longer
+    # texts than any declared format allows go the Decimal way: int() of a text refuses
+    # more than sys.int_max_str_digits digits, the Decimal conversion does not.
+    whole, dot, frac = text.partition(".")
+    if len(text) <= 64 and whole.isascii() and whole.isdigit() and (
+            not dot or (frac.isascii() and frac.isdigit())):
+        if not frac.strip("0"):
+            return int(whole)
+        return float(text)
     value = Decimal(text)
     if value == value.to_integral_value():
         return int(value)

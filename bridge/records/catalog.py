@@ -52,7 +52,55 @@ class DataElement:
         Numeric codes with a fixed width (``N2``) are zero-padded: source systems often
         drop the padding (``1`` for ``01``), and the code tables store the padded form.
         """
-        where = location or self.id
+        if type(value) is str:
+            text = value.strip()
+        else:
+            text = self._text(value, location or self.id)
+        fmt = self.format
+        if fmt == "D8":
+            _parse_d8(text, location or self.id)
+            return text
+        if fmt == "DT15":
+            _parse_dt15(text, location or self.id)
+            return text
+        if fmt == "T/F":
+            if text not in ("T", "F"):
+                raise MappingError("boolean data element must be T or F",
+                                   location=location or self.id)
+            return text
+        rule = _format_rule(fmt)
+        if rule is None:  # pragma: no cover - the catalog is checked on load
+            raise MappingError("data element has an unknown format", location=location or self.id)
+        kind, lo, hi, scale, lo_n, hi_n, scale_n, digits_n = rule
+        if kind == "N":
+            if scale is not None:
+                where = location or self.id
+                if not _DECIMAL.match(text):
+                    raise MappingError("not a decimal number", location=where)
+                whole, _, frac = text.partition(".")
+                if len(frac) > scale_n:
+                    raise MappingError(f"more than {scale} decimal places", location=where)
+                if len(whole) + len(frac) > digits_n:
+                    raise MappingError("number longer than the declared format", location=where)
+                return text
+            if not _DIGITS.match(text):
+                raise MappingError("not a whole number", location=location or self.id)
+            if hi is None and lo is not None and self.data_type == "S3" and len(text) < lo_n:
+                text = text.zfill(lo_n)
+        n = len(text)
+        if hi is None:
+            if lo is not None and n != lo_n:
+                raise MappingError(f"length must be exactly {lo}", location=location or self.id)
+        elif n > hi_n:
+            raise MappingError(f"longer than the declared maximum of {hi}",
+                               location=location or self.id)
+        elif lo is not None and n < lo_n:
+            raise MappingError(f"shorter than the declared minimum of {lo}",
+                               location=location or self.id)
+        return text
+
+    def _text(self, value: object, where: str) -> str:
+        """A value that is not a plain string, as the text :meth:`check` goes on with."""
         if isinstance(value, bool):
             if self.format != "T/F":
                 raise MappingError("boolean given for a non-boolean data element", location=where)
@@ -60,54 +108,27 @@ class DataElement:
         if isinstance(value, (int, float)):
             if not self.format.startswith("N"):
                 raise MappingError("number given for a text data element", location=where)
-            text = format(Decimal(str(value)), "f")
-        elif isinstance(value, str):
-            text = value.strip()
-        else:
-            raise MappingError("data element value must be a string or number", location=where)
-        fmt = self.format
-        if fmt == "D8":
-            _parse_d8(text, where)
-            return text
-        if fmt == "DT15":
-            _parse_dt15(text, where)
-            return text
-        if fmt == "T/F":
-            if text not in ("T", "F"):
-                raise MappingError("boolean data element must be T or F", location=where)
-            return text
-        match = _FORMAT.match(fmt)
-        if match is None:  # pragma: no cover - the catalog is checked on load
-            raise MappingError("data element has an unknown format", location=where)
-        kind, lo, hi, scale = match["kind"], match["min"], match["max"], match["scale"]
-        if kind == "N":
-            if scale is not None:
-                if not _DECIMAL.match(text):
-                    raise MappingError("not a decimal number", location=where)
-                whole, _, frac = text.partition(".")
-                if len(frac) > int(scale):
-                    raise MappingError(f"more than {scale} decimal places", location=where)
-                if len(whole) + len(frac) > int(hi or lo or 0):
-                    raise MappingError("number longer than the declared format", location=where)
-                return text
-            if not _DIGITS.match(text):
-                raise MappingError("not a whole number", location=where)
-            if hi is None and lo is not None and self.is_code and len(text) < int(lo):
-                text = text.zfill(int(lo))
-        _check_length(text, lo, hi, where)
-        return text
+            return format(Decimal(str(value)), "f")
+        if isinstance(value, str):
+            return value.strip()
+        raise MappingError("data element value must be a string or number", location=where)
 
 
-def _check_length(text: str, lo: str | None, hi: str | None, where: str) -> None:
-    n = len(text)
-    if hi is None:
-        if lo is not None and n != int(lo):
-            raise MappingError(f"length must be exactly {lo}", location=where)
-        return
-    if n > int(hi):
-        raise MappingError(f"longer than the declared maximum of {hi}", location=where)
-    if lo is not None and n < int(lo):
-        raise MappingError(f"shorter than the declared minimum of {lo}", location=where)
+_Rule = tuple[str, str | None, str | None, str | None, int, int, int, int]
+
+
+@lru_cache(maxsize=256)
+def _format_rule(fmt: str) -> _Rule | None:
+    """A format's kind, minimum, maximum and scale as written and as numbers (0 when
+    absent), and the most digits a decimal may have; None for a format :data:`_FORMAT`
+    does not describe."""
+    match = _FORMAT.match(fmt)
+    if match is None:
+        return None
+    lo, hi, scale = match["min"], match["max"], match["scale"]
+    return (match["kind"], lo, hi, scale,
+            int(lo) if lo else 0, int(hi) if hi else 0, int(scale) if scale else 0,
+            int(hi or lo or 0))
 
 
 def _parse_d8(text: str, where: str) -> date:

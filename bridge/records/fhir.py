@@ -119,10 +119,16 @@ def _model_for(resource: Any, prefix: str) -> type[pydantic.BaseModel]:
     return model
 
 
+# The same bindings by resource type, in the order above.
+_CODES_BY_TYPE: dict[str, list[tuple[str, frozenset[str]]]] = {}
+for (_type, _element), _allowed in _REQUIRED_CODES.items():
+    _CODES_BY_TYPE.setdefault(_type, []).append((_element, _allowed))
+
+
 def _check_codes(resource: dict[str, Any], prefix: str) -> None:
     rtype = resource.get("resourceType", "")
-    for (want_type, element), allowed in _REQUIRED_CODES.items():
-        if want_type == rtype and element in resource and resource[element] not in allowed:
+    for element, allowed in _CODES_BY_TYPE.get(rtype, ()) if isinstance(rtype, str) else ():
+        if element in resource and resource[element] not in allowed:
             raise ValidationError("code not in the required value set", location=f"{prefix}.{element}")
     if rtype == "Bundle":
         for i, entry in enumerate(resource.get("entry") or []):
@@ -254,8 +260,8 @@ def _primitive_type(annotation: Any) -> str | None:
 # shape refers to its children's shapes by number (hash consing), numbers are never
 # reused, so a number always means one shape. A resource whose shape is known is checked
 # with the primitive validators only; a validator's verdict depends on the value alone, so
-# strings a validator has already passed (equal strings are the same value) are not run
-# through it again. A resource with a new shape is validated by the models with every
+# strings and ints a validator has already passed (equal strings, or equal ints, are the
+# same value) are not run through it again. A resource with a new shape is validated by the models with every
 # child element whose shape is known (and not a primitive extension,
 # whose content step 5 reads) replaced by an instance of its model class built without
 # validation: by step 4 that instance is accepted as it is, exactly as the validated child
@@ -281,7 +287,7 @@ class _Field(NamedTuple):
     # fhir_core type whose lookup chooses the model; _LITERAL: None.
     target: Any
     # _COMPLEX: whether a known child may stand in as an unvalidated instance (bool);
-    # _PRIMITIVE: the strings the validator has passed, at most _PASSED_MAX (set[str]).
+    # _PRIMITIVE: the strings and ints the validator has passed, at most _PASSED_MAX.
     extra: Any = None
 
 
@@ -582,6 +588,8 @@ class ValidationCache:
         table = _TABLES.get(model) or _fields(model)
         sig: list[Any] = [model, tuple(node)]
         add = sig.append
+        # Children are looked up by text only where this dict would be (see _shape).
+        step = self._shape if parsed and shapes is None else self._walk
         for key, value in node.items():
             field = table.get(key)
             if field is None:
@@ -589,9 +597,11 @@ class ValidationCache:
             kind, target, extra = field
             cls = type(value)
             if kind == _PRIMITIVE:
-                if cls is str:
+                if cls is str or cls is int:
                     # A validator's verdict is a function of the value alone; equal
-                    # strings are the same value, so a passed string need not be re-run.
+                    # strings are the same value, and so are equal ints (a str never
+                    # equals an int; bools and floats, which may equal an int, are not
+                    # kept), so a value that passed need not be run again.
                     if value not in extra:
                         target.validate_python(value)
                         if len(extra) >= _PASSED_MAX:
@@ -615,7 +625,7 @@ class ValidationCache:
                 if child is None:
                     raise _NoShape
                 add(_DICT)
-                add(self._shape(value, child, shapes, parsed))
+                add(step(value, child, shapes, parsed))
             elif cls is list:
                 add(_LIST)
                 add(len(value))
@@ -624,7 +634,7 @@ class ValidationCache:
                         child = target if kind == _COMPLEX else _resource_model(target, item)
                         if child is None:
                             raise _NoShape
-                        add(self._shape(item, child, shapes, parsed))
+                        add(step(item, child, shapes, parsed))
                     elif item is None:
                         add(None)
                     else:
