@@ -142,7 +142,33 @@ def read_json(body: bytes, *, nesting: int = MAX_NESTING) -> Any:
             raise ParseError("malformed JSON", location="body") from None
     if keys is None:
         _check_shape(value, nesting)  # names where the shape fails
+    if _WIDE_EXPONENT.search(text if text is not None else body):
+        # orjson reads an integer beyond 64 bits as a double: written back, it has an
+        # exponent of 18 or more. Whether the body wrote it as an integer is read again.
+        _refuse_wide_integers(body)
     return value
+
+
+# A number with a decimal exponent of 18 or more (where a string merely contains such
+# text, the body is read again for nothing).
+_WIDE_EXPONENT = re.compile(rb"\d[eE]\+?(?:1[89]|[2-9]\d|\d{3,})")
+
+
+def _bounded_int(text: str) -> int:
+    number = int(text)
+    if abs(number) > MAX_SAFE_INTEGER:
+        raise ParseError("integer beyond ±(2^53 - 1)", location="body")
+    return number
+
+
+def _refuse_wide_integers(body: bytes) -> None:
+    """ParseError when ``body`` writes an integer beyond ±(2^53 - 1)."""
+    try:
+        json.loads(body, parse_int=_bounded_int)
+    except ParseError:
+        raise
+    except (ValueError, RecursionError):
+        pass  # what orjson accepted parses; anything else was judged above
 
 
 _MEMBER_NAME = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"([ \t\r\n]*:)?')

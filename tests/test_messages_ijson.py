@@ -153,3 +153,22 @@ def test_an_integer_beyond_the_bound_is_refused_in_a_compact_body(body: bytes,
         assert err.value.message == "integer beyond ±(2^53 - 1)"
     else:
         assert read_json(body) == json.loads(body)
+
+
+@pytest.mark.parametrize(("body", "refused"), [
+    # Beyond 64 bits the JSON parser reads an integer as a double: it is still an integer.
+    (b"[18446744073709551616]", True), (b"[-9223372036854775809]", True),
+    (b'{"a":100000000000000000000000}', True), (b'{"a" : [1, 2, 99999999999999999999999]}', True),
+    (b'{"a\\u0041":{"b":-100000000000000000000}}', True),
+    # Doubles written as such stay doubles, however large; text in strings is text.
+    (b'{"a":1e23}', False), (b'{"a":1.8446744073709552e+19}', False),
+    (b'{"a":100000000000000000000000.0}', False), (b'{"a":"1e+19","b":"7E400"}', False),
+    (b'{"a\\u0041":-1E+30}', False),
+])
+def test_an_integer_beyond_64_bits_is_still_an_integer(body: bytes, refused: bool) -> None:
+    if refused:
+        with pytest.raises(ParseError) as err:
+            read_json(body)
+        assert err.value.message == "integer beyond ±(2^53 - 1)"
+    else:
+        assert read_json(body) == json.loads(body)
