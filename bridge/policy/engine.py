@@ -242,21 +242,22 @@ def _categories(category: str) -> frozenset[str]:
     return frozenset({category}) - {""}
 
 
+# Items are values: the few combinations that occur are made once and shared.
+@lru_cache(maxsize=4096)
+def _item(
+    resource_type: str, categories: frozenset[str], sensitive: frozenset[str], grade: int
+) -> Item:
+    return Item(resource_type, categories, _labels(categories, sensitive, grade))
+
+
 def _items_of(label: ResourceLabel) -> tuple[Item, list[tuple[str, int, Item]]]:
     """The resource's own item and one item per judged entry (element, index, item)."""
-    own = Item(
-        label.resource_type,
-        label.own_categories,
-        _labels(label.own_categories, label.own_sensitive, label.own_grade),
-    )
+    rtype = label.resource_type
+    own = _item(rtype, label.own_categories, label.own_sensitive, label.own_grade)
     entries = [
-        (
-            it.element,
-            it.index,
-            Item(label.resource_type, cats, _labels(cats, it.sensitive_classes, it.grade)),
-        )
+        (it.element, it.index,
+         _item(rtype, _categories(it.category), it.sensitive_classes, it.grade))
         for it in label.items
-        for cats in (_categories(it.category),)
     ]
     return own, entries
 
