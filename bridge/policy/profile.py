@@ -715,6 +715,39 @@ def _clean(
     return True
 
 
+def _sound(obj: dict[str, Any], type_name: str) -> bool:
+    """Would :func:`_clean` with nothing dropped leave ``obj`` as it is and complete?
+
+    Every object that walk visits is complete and no list it visits is empty. Only
+    reads, so the common case (nothing to clean) costs no paths and no new lists."""
+    plan = _plan(type_name, False)
+    if plan is None:
+        return True
+    visit, required, choices = plan
+    for name in required:
+        if obj.get(name) in _ABSENT:
+            return False
+    for _, names in choices:
+        for name in names:
+            if obj.get(name) not in _ABSENT:
+                break
+        else:
+            return False
+    for key, value in obj.items():
+        child = visit.get(key)
+        if child is None:
+            continue
+        if isinstance(value, list):
+            if not value:
+                return False
+            for item in value:
+                if isinstance(item, dict) and not _sound(item, child):
+                    return False
+        elif isinstance(value, dict) and not _sound(value, child):
+            return False
+    return True
+
+
 def _item_ok(
     item: dict[str, Any], type_name: str, path: str, dropped: set[str], removed: list[str]
 ) -> bool:
@@ -761,8 +794,12 @@ def _settle(
             rtype = str(resource.get("resourceType"))
             # A resource that refers to nothing dropped needs only its completeness
             # checked, which visits far less of it.
-            gone = dropped
-            if dropped and dropped.isdisjoint(_refs_of(resource, cache)):
+            if dropped and not dropped.isdisjoint(_refs_of(resource, cache)):
+                gone = dropped
+            elif _sound(resource, rtype):
+                keep.append(entry)
+                continue
+            else:
                 gone = set()
             before = len(removed)
             complete = _clean(resource, rtype, rtype, gone, removed)
