@@ -738,10 +738,12 @@ def label_resource(
     }, index, rid if isinstance(rid, str) else None)
 
 
+@lru_cache(maxsize=4096)
 def _security_codes(
     conf: str, grade: int, categories: frozenset[str], sensitive: frozenset[str]
 ) -> tuple[tuple[str, str], ...]:
-    """The (system, code) pairs a label writes, in the order it writes them."""
+    """The (system, code) pairs a label writes, in the order it writes them (few
+    combinations occur: each is worked out once)."""
     return (
         (CONFIDENTIALITY_SYSTEM, conf),
         (GRADE_SYSTEM, str(grade)),

@@ -56,7 +56,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Any, Literal
 
 from bridge.errors import ConsentDenied, MappingError
@@ -217,10 +217,16 @@ class Item:
     categories: frozenset[str] = frozenset()
     labels: frozenset[Label] = frozenset()
 
-    @cached_property
+    @property
     def sensitive(self) -> frozenset[str]:
         """The special-disease classes among the labels (need explicit cover)."""
-        return frozenset(code for system, code in self.labels if system == SENSITIVITY_SYSTEM)
+        return _sensitive(self.labels)
+
+
+# Few label sets occur, and every item of every disclosure is asked for its classes.
+@lru_cache(maxsize=4096)
+def _sensitive(labels: frozenset[Label]) -> frozenset[str]:
+    return frozenset(code for system, code in labels if system == SENSITIVITY_SYSTEM)
 
 
 Outcome = Literal["permit", "deny", "uncovered", "none"]

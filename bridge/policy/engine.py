@@ -262,6 +262,10 @@ def _items_of(label: ResourceLabel) -> tuple[Item, list[tuple[str, int, Item]]]:
     return own, entries
 
 
+def _path(resource_type: str, element: str | None) -> str:
+    return resource_type if element is None else f"{resource_type}.{element}"
+
+
 @dataclass
 class _Trace:
     """Per input entry (by resource id): what happened to it, for :func:`explain`."""
@@ -344,32 +348,35 @@ def _run(
                         else set())
     drop_entries: set[int] = set()
     drop_items: dict[int, list[tuple[str, int]]] = {}
-    asked: list[Item] = []
     permits: dict[tuple[str, str], None] = {}
     entries = bundle["entry"]
 
     special: list[HeldBack] = []
 
-    def judge(item: Item, path: str, sensitive: frozenset[str]) -> HeldBack | None:
+    permitted: list[Item] = []  # the items asked about and permitted, in order
+
+    def judge(item: Item, rtype: str, element: str | None,
+              sensitive: frozenset[str]) -> HeldBack | None:
+        # The path (Claim.diagnosis) is written only for what is held back.
         if sensitive and not profile.carries_sensitive:
-            fate = HeldBack(path, "grade", None, None)
+            fate = HeldBack(_path(rtype, element), "grade", None, None)
             special.append(fate)
             return fate
-        asked.append(item)
         v = verdict(item)
         if v.permitted:
+            permitted.append(item)
             if v.consent_id:
                 permits[(v.consent_id, v.provision_path)] = None
             return None
-        fate = HeldBack(path, v.outcome, v.consent_id, v.provision_path)
+        fate = HeldBack(_path(rtype, element), v.outcome, v.consent_id, v.provision_path)
         if sensitive:
             special.append(fate)
         return fate
 
     for label in labels:
         own, entry_items = _items_of(label)
-        rid = str(entries[label.index]["resource"].get("id"))
-        fate = judge(own, label.resource_type, label.own_sensitive)
+        rid = str(entries[label.index]["resource"].get("id")) if trace is not None else ""
+        fate = judge(own, label.resource_type, None, label.own_sensitive)
         if fate is not None:
             if label.resource_type == "Patient":
                 raise ConsentDenied(
@@ -383,7 +390,7 @@ def _run(
             continue
         for element, index, item in entry_items:
             sensitive = item.sensitive
-            fate = judge(item, f"{label.resource_type}.{element}", sensitive)
+            fate = judge(item, label.resource_type, element, sensitive)
             if fate is not None:
                 fate = replace(fate, index=index)
                 held.append(fate)
@@ -486,7 +493,7 @@ def _run(
         data_period=period,
         transformed=list(minimized.transformed),
         record=record,
-        items=tuple(dict.fromkeys(i for i in asked if verdict(i).permitted)),
+        items=tuple(dict.fromkeys(permitted)),
         action=action,
     )
 

@@ -387,6 +387,7 @@ def _copy_minimized(
     try:
         rest = orjson.loads(orjson.dumps({k: v for k, v in bundle.items() if k != "entry"}))
         copied: list[dict[str, Any]] = []
+        texts: list[bytes] = []
         for n, entry in enumerate(entries):
             new_entry: dict[str, Any] = {}
             for key, value in entry.items():
@@ -405,8 +406,7 @@ def _copy_minimized(
                     found = _reference_values(text)
                 resource = orjson.loads(text)
                 cache[id(resource)] = (resource, _decode_refs(found))
-                if code_texts is not None:
-                    code_texts.update(code_values(text))
+                texts.append(text)
                 new_entry[key] = resource
             ids_of = plan[n] if plan is not None else None
             if ids_of is not None:
@@ -417,6 +417,9 @@ def _copy_minimized(
             copied.append(new_entry)
     except (TypeError, orjson.JSONEncodeError):
         return None
+    if code_texts is not None:
+        # One read over the resources' texts side by side: a value ends inside its own.
+        code_texts.update(code_values(b"".join(texts)))
     for key in bundle:
         out[key] = copied if key == "entry" else rest[key]
     return out, cache
@@ -850,7 +853,8 @@ def member_values(text: bytes, member: bytes, pattern: re.Pattern[bytes]) -> lis
     if len(parts) == 1:
         return []
     values = [part[: part.find(b'"')] for part in parts[1:]]
-    if any(v[-1:] == b"\\" for v in values):
+    # A value ends at an escaped quote only where the text holds one (rarely).
+    if b'\\"' in text and any(v[-1:] == b"\\" for v in values):
         return list(pattern.findall(text))
     return values
 
