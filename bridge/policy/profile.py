@@ -825,6 +825,7 @@ def _settle(
 # A reference as orjson writes it: the key "reference" and a string value. Inside a JSON
 # string the quotes are escaped, so text that merely contains these words never matches.
 _REFERENCE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+_PLAIN_REFERENCE = re.compile(rb'"reference":"([^"]*)"')
 
 
 def _references(node: Any, out: list[str]) -> None:
@@ -845,34 +846,33 @@ def _references(node: Any, out: list[str]) -> None:
     out.extend(_decode_refs(_reference_values(text)))
 
 
-def member_values(text: bytes, member: bytes, pattern: re.Pattern[bytes]) -> list[bytes]:
-    """The raw JSON text of every string value of ``member`` (``b'"name":"'``) in
-    ``text``, in order: what ``pattern.findall`` finds. Splitting the text at the member
-    is cheaper, and exact unless a value holds an escaped quote (then the pattern reads)."""
-    parts = text.split(member)
-    if len(parts) == 1:
-        return []
-    values = [part[: part.find(b'"')] for part in parts[1:]]
-    # A value ends at an escaped quote only where the text holds one (rarely).
-    if b'\\"' in text and any(v[-1:] == b"\\" for v in values):
-        return list(pattern.findall(text))
-    return values
+def member_values(
+    text: bytes, plain: re.Pattern[bytes], pattern: re.Pattern[bytes]
+) -> list[bytes]:
+    """The raw JSON text of every string value of a member in ``text``, in order: what
+    ``pattern.findall`` finds. ``plain`` is the same member with a value read up to the
+    next quote: where the text holds no escaped quote, that quote ends the value, and
+    ``plain`` finds the same without trying an escape at every character."""
+    if b'\\"' in text:
+        return pattern.findall(text)
+    return plain.findall(text)
 
 
 def _reference_values(text: bytes) -> list[bytes]:
     """What ``_REFERENCE.findall`` finds (see :func:`member_values`)."""
-    return member_values(text, b'"reference":"', _REFERENCE)
+    return member_values(text, _PLAIN_REFERENCE, _REFERENCE)
 
 
 # A code as orjson writes it (a Coding's "code" member, or any other "code"): a superset
 # of the codes a walk would look at, so a filter, never a decision.
 _CODE = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
+_PLAIN_CODE = re.compile(rb'"code":"([^"]*)"')
 
 
 def code_values(text: bytes) -> set[bytes]:
     """The raw JSON text of every ``"code"`` member's string value in ``text`` (as
     ``_CODE`` finds them, see :func:`member_values`)."""
-    return set(member_values(text, b'"code":"', _CODE))
+    return set(member_values(text, _PLAIN_CODE, _CODE))
 
 
 def _decode_refs(found: list[bytes]) -> list[str]:
