@@ -851,9 +851,10 @@ def member_values(
 ) -> list[bytes]:
     """The raw JSON text of every string value of a member in ``text``, in order: what
     ``pattern.findall`` finds. ``plain`` is the same member with a value read up to the
-    next quote: where the text holds no escaped quote, that quote ends the value, and
-    ``plain`` finds the same without trying an escape at every character."""
-    if b'\\"' in text:
+    next quote: where the text holds no escape at all (one byte to look for, so the
+    check costs little), that quote ends the value, and ``plain`` finds the same without
+    trying an escape at every character."""
+    if b"\\" in text:
         return pattern.findall(text)
     return plain.findall(text)
 
