@@ -343,9 +343,6 @@ def _run(
         return found
 
     held: list[HeldBack] = []
-    entries_before = _present(bundle, profile.refuse_without)
-    principal_before = (_principal_claims(bundle) if "Claim.diagnosis" in profile.refuse_without
-                        else set())
     drop_entries: set[int] = set()
     drop_items: dict[int, list[tuple[str, int]]] = {}
     permits: dict[tuple[str, str], None] = {}
@@ -398,6 +395,12 @@ def _run(
                 if trace is not None:
                     trace.item_fate[(rid, element, index)] = fate
 
+    # What the link cannot send without, as it stands before anything is held back (the
+    # judging above changes nothing). When nothing is, nothing can have gone missing.
+    changes = bool(drop_entries or drop_items or special_in)
+    entries_before = _present(bundle, profile.refuse_without) if changes else {}
+    principal_before = (_principal_claims(bundle) if changes
+                        and "Claim.diagnosis" in profile.refuse_without else set())
     if special_in and not special_in <= _special_classes(
             [None if i in drop_entries else e["resource"] for i, e in enumerate(entries)],
             codes, skip=drop_items):

@@ -130,6 +130,9 @@ def _year(text: str) -> str | None:
     return text[:4]
 
 
+# One stay repeats its dates (admission and discharge on the Encounter, the Claim, the
+# diagnoses): each is parsed once.
+@lru_cache(maxsize=4096)
 def _shift(text: str, days: int) -> str | None:
     try:
         if "T" in text:
