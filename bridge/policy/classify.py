@@ -757,8 +757,10 @@ def _write_security(resource: dict[str, Any], codes: tuple[tuple[str, str], ...]
     (codings of other systems are kept, first)."""
     meta = resource.get("meta")
     if not isinstance(meta, dict):
-        meta = {}
-        resource["meta"] = meta
+        # Most resources arrive without meta: nothing to keep.
+        resource["meta"] = {"security": [{"system": system, "code": code}
+                                         for system, code in codes]}
+        return
     security = [
         c
         for c in meta.get("security") or ()

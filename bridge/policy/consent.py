@@ -695,6 +695,12 @@ def data_instants(
     if data_period is None:
         return None
     start, end = data_period
+    return _instants(start, end)
+
+
+# Each span is asked about twice per disclosure, and stays recur.
+@lru_cache(maxsize=4096)
+def _instants(start: date, end: date) -> tuple[datetime, datetime]:
     return (
         utc(datetime.combine(start, time.min, _CST)),
         utc(datetime.combine(end, time.max, _CST)),
@@ -906,7 +912,8 @@ class ConsentRegistry:
         )
         denied: set[Label] = set()
         for record in records:
-            if record.status == "active":
+            # Deny rules are nested provisions: a consent without any has none to apply.
+            if record.status == "active" and record.provision.children:
                 for rtype in types:
                     denied |= _label_denies(record.provision, req, _bare_item(rtype))
         allowed = frozenset().union(*(v.cover for _, v in verdicts))

@@ -877,6 +877,8 @@ def code_values(text: bytes) -> set[bytes]:
 
 
 def _decode_refs(found: list[bytes]) -> list[str]:
+    if b"\\" not in b"".join(found):  # no escapes (most): each value is its text
+        return list(map(bytes.decode, found))
     return [raw.decode() if b"\\" not in raw else orjson.loads(b'"' + raw + b'"')
             for raw in found]
 
