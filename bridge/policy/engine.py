@@ -203,8 +203,14 @@ def patient_identifiers(collection: dict[str, Any]) -> tuple[tuple[str, str], ..
 def _day(value: Any) -> date | None:
     if not isinstance(value, str) or len(value) < 10:
         return None
+    return _date_of(value[:10])
+
+
+# The same days recur (a stay's start and end on its Encounter and its Claim).
+@lru_cache(maxsize=4096)
+def _date_of(text: str) -> date | None:
     try:
-        return date.fromisoformat(value[:10])
+        return date.fromisoformat(text)
     except ValueError:
         return None
 

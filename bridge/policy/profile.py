@@ -718,12 +718,19 @@ def _clean(
     return True
 
 
+# The plans of the walk with nothing dropped, by type alone (it visits many objects).
+_SOUND: dict[str, _Plan | None] = {}
+
+
 def _sound(obj: dict[str, Any], type_name: str) -> bool:
     """Would :func:`_clean` with nothing dropped leave ``obj`` as it is and complete?
 
     Every object that walk visits is complete and no list it visits is empty. Only
     reads, so the common case (nothing to clean) costs no paths and no new lists."""
-    plan = _plan(type_name, False)
+    try:
+        plan = _SOUND[type_name]
+    except KeyError:
+        plan = _SOUND[type_name] = _plan(type_name, False)
     if plan is None:
         return True
     visit, required, choices = plan
