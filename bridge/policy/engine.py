@@ -32,6 +32,7 @@ from typing import Any, Literal
 import orjson
 
 from bridge.errors import ConsentDenied
+from bridge.policy._values import made
 from bridge.policy.classify import (
     CATEGORY_SYSTEM,
     CONFIDENTIALITY_SYSTEM,
@@ -474,7 +475,8 @@ def _run(
         permits.setdefault((cid, path), None)
     by_id = {r.id: r for r in records}
     consent_ids = tuple(sorted({cid for cid, _ in permits if cid}))
-    record = Decision(
+    record = made(
+        Decision,
         outcome="override" if decision.override is not None else "permit",
         recipient=recipient,
         purpose=purpose,
@@ -492,7 +494,8 @@ def _run(
         transformed=tuple(minimized.transformed),
         override=decision.override,
     )
-    return PolicyResult(
+    return made(
+        PolicyResult,
         bundle=bundle,
         decision=decision,
         removed=list(dict.fromkeys(removed)),

@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 
 from bridge.errors import ConfigError, LoadError
+from bridge.policy._values import made
 from bridge.policy._yaml import Key, LocatedYAML, load_located
 from bridge.policy.classify import (
     GRADES,
@@ -367,7 +368,8 @@ def _minimize(
             code_texts = None
     out = _settle(out, _reference_keys(dropped), removed, refs)
     removed.extend(drop_unreferenced(out, profile.focus, refs))
-    return MinimizeResult(out, _unique(removed), _unique(transformed), code_texts)
+    return made(MinimizeResult, bundle=out, removed=_unique(removed),
+                transformed=_unique(transformed), code_texts=code_texts)
 
 
 def _copy_minimized(
