@@ -448,11 +448,14 @@ def _anchor(
 # --- pruning and reference cleaning -------------------------------------------------
 
 # A compiled allow tree: per allowed element name, (its full path, the selection of its
-# entries, its transform, the compiled tree of its children or None for the whole
-# element). Compiled once per profile and type, so pruning formats no paths and looks
-# up no selections or transforms by path for what it keeps.
-_Rule = tuple[str, "Match | None", "TransformSpec | None", "_Rules | None"]
+# entries, its transform, the children or None for the whole element). The children are
+# their compiled tree and the names in it kept whole as they are (no selection, no
+# transform): an object holding only those is kept as it is. Compiled once per profile
+# and type, so pruning formats no paths and looks up no selections or transforms by
+# path for what it keeps.
+_Rule = tuple[str, "Match | None", "TransformSpec | None", "_Children | None"]
 _Rules = dict[str, _Rule]
+_Children = tuple[_Rules, frozenset[str]]
 
 
 def _compile(
@@ -461,12 +464,14 @@ def _compile(
     out: _Rules = {}
     for name, sub in tree.items():
         full = f"{path}.{name}"
-        out[name] = (
-            full,
-            matches.get(full),
-            tf.get(full) if tf is not None else None,
-            None if sub is None else _compile(sub, full, tf, matches),
-        )
+        children: _Children | None = None
+        if sub is not None:
+            rules = _compile(sub, full, tf, matches)
+            children = (rules, frozenset(
+                n for n, (_, match, spec, below) in rules.items()
+                if match is None and spec is None and below is None))
+        out[name] = (full, matches.get(full), tf.get(full) if tf is not None else None,
+                     children)
     return out
 
 
@@ -529,9 +534,11 @@ def _prune(
             if gone is not None:
                 gone.append({key: value})
             continue
+        rules_below, whole = sub
         if isinstance(value, list):
             items = [
-                _prune(item, sub, full, removed, transformed, ctx, gone)
+                dict(item) if item.keys() <= whole
+                else _prune(item, rules_below, full, removed, transformed, ctx, gone)
                 for item in value
                 if isinstance(item, dict)
             ]
@@ -542,7 +549,8 @@ def _prune(
             if kept:
                 out[key] = kept
         elif isinstance(value, dict):
-            pruned = _prune(value, sub, full, removed, transformed, ctx, gone)
+            pruned = (dict(value) if value.keys() <= whole
+                      else _prune(value, rules_below, full, removed, transformed, ctx, gone))
             if pruned:
                 out[key] = pruned
         else:
