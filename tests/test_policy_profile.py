@@ -131,6 +131,28 @@ def test_resource_missing_a_required_element_is_omitted_whole(insurer: LinkProfi
     assert_references_resolve(result.bundle)
 
 
+def test_an_incomplete_entry_goes_and_the_rest_of_the_resource_stays(
+    insurer: LinkProfile,
+) -> None:
+    # Nothing refers to anything removed here: only completeness decides.
+    bundle = claim_bundle()
+    claim = next(e["resource"] for e in bundle["entry"]
+                 if e["resource"]["resourceType"] == "Claim")
+    del claim["diagnosis"][1]["sequence"]
+    claim["procedure"] = []
+    result = insurer.minimize(bundle)
+    sent = next(e["resource"] for e in result.bundle["entry"]
+                if e["resource"]["resourceType"] == "Claim")
+    assert [d["sequence"] for d in sent["diagnosis"]] == [1, 3, 4]
+    assert "procedure" not in sent  # an empty list is not sent
+    assert "Claim.diagnosis" in result.removed
+    assert sent["item"] == claim["item"]
+    whole = insurer.minimize(claim_bundle())
+    assert "Claim.diagnosis" not in whole.removed
+    validate_resource(result.bundle)
+    assert_references_resolve(result.bundle)
+
+
 def assert_references_resolve(bundle: dict[str, Any]) -> None:
     urls = {e["fullUrl"] for e in bundle["entry"]}
 

@@ -214,6 +214,9 @@ class PlainLabel(NamedTuple):
     categories: frozenset[str]
     own_categories: frozenset[str]
     security: tuple[tuple[str, str], ...]
+    #: The fields of the :class:`ResourceLabel` such a resource gets (its index and id
+    #: are the resource's own).
+    fields: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -293,10 +296,24 @@ class TypeClass:
             grade = own_top or self.grade
             conf = confidentiality(grade)
             categories = flat_cats - {""}
+            own_categories = categories or frozenset({self.category}) - {""}
             found = PlainLabel(
-                grade, conf, categories,
-                categories or frozenset({self.category}) - {""},
+                grade, conf, categories, own_categories,
                 _security_codes(conf, grade, categories, frozenset()),
+                {
+                    "index": 0,
+                    "resource_type": self.resource_type,
+                    "id": None,
+                    "category": self.category or None,
+                    "grade": grade,
+                    "confidentiality": conf,
+                    "sensitive_classes": frozenset(),
+                    "categories": categories,
+                    "own_categories": own_categories,
+                    "own_sensitive": frozenset(),
+                    "items": (),
+                    "own_grade": grade,
+                },
             )
             if len(self.plains) < _SHAPES:
                 self.plains[keys] = found
@@ -565,6 +582,30 @@ class Classification:
         return [label for label in self.labels if label.sensitive_classes]
 
 
+def _resource_label(fields: dict[str, Any], index: int, rid: str | None) -> ResourceLabel:
+    """The ResourceLabel with ``fields`` (every field, in the order the class declares
+    them), ``index`` and ``id`` ``rid``: the instance its constructor makes, without
+    setting each field of a frozen dataclass one call at a time (every resource of every
+    bundle is labelled)."""
+    label: ResourceLabel = object.__new__(ResourceLabel)
+    values = label.__dict__
+    values.update(fields)
+    values["index"] = index
+    values["id"] = rid
+    return label
+
+
+def _item_label(
+    element: str, index: int, category: str, grade: int, classes: frozenset[str]
+) -> ItemLabel:
+    """``ItemLabel(element, index, category, grade, classes)``, made as
+    :func:`_resource_label` makes a ResourceLabel."""
+    label: ItemLabel = object.__new__(ItemLabel)
+    label.__dict__.update(element=element, index=index, category=category, grade=grade,
+                          sensitive_classes=classes)
+    return label
+
+
 def confidentiality(grade: int) -> str:
     """v3 Confidentiality code of a grade: N (1-2), R (3-4), V (5)."""
     if grade >= SENSITIVE_GRADE:
@@ -640,20 +681,8 @@ def label_resource(
             plain = tc.plain(keys)
             if write:
                 _write_security(resource, plain.security)
-            return ResourceLabel(
-                index=index,
-                resource_type=tc.resource_type,
-                id=resource.get("id") if isinstance(resource.get("id"), str) else None,
-                category=tc.category or None,
-                grade=plain.grade,
-                confidentiality=plain.confidentiality,
-                sensitive_classes=frozenset(),
-                categories=plain.categories,
-                own_categories=plain.own_categories,
-                own_sensitive=own_sensitive,
-                items=(),
-                own_grade=plain.grade,
-            )
+            rid = resource.get("id")
+            return _resource_label(plain.fields, index, rid if isinstance(rid, str) else None)
     own_cats: set[str] = set(flat_cats)
     item_labels: list[ItemLabel] = []
     elements = tc.elements
@@ -676,7 +705,7 @@ def label_resource(
                             found = found | hit
                 if found:
                     g = SENSITIVE_GRADE
-                item_labels.append(ItemLabel(base, i, node.category, g, found))
+                item_labels.append(_item_label(base, i, node.category, g, found))
                 top = max(top, g)
             continue
         g = _value_grade(node, value, own_cats)
@@ -692,26 +721,29 @@ def label_resource(
     conf = confidentiality(grade)
     if write:
         _write_security(resource, _security_codes(conf, grade, categories, sensitive))
-    return ResourceLabel(
-        index=index,
-        resource_type=tc.resource_type,
-        id=resource.get("id") if isinstance(resource.get("id"), str) else None,
-        category=tc.category or None,
-        grade=grade,
-        confidentiality=conf,
-        sensitive_classes=sensitive,
-        categories=categories,
-        own_categories=frozenset(own_cats) - {""} or frozenset({tc.category}) - {""},
-        own_sensitive=own_sensitive,
-        items=tuple(item_labels),
-        own_grade=own_top or tc.grade,
-    )
+    rid = resource.get("id")
+    return _resource_label({
+        "index": index,
+        "resource_type": tc.resource_type,
+        "id": None,
+        "category": tc.category or None,
+        "grade": grade,
+        "confidentiality": conf,
+        "sensitive_classes": sensitive,
+        "categories": categories,
+        "own_categories": frozenset(own_cats) - {""} or frozenset({tc.category}) - {""},
+        "own_sensitive": own_sensitive,
+        "items": tuple(item_labels),
+        "own_grade": own_top or tc.grade,
+    }, index, rid if isinstance(rid, str) else None)
 
 
+@lru_cache(maxsize=4096)
 def _security_codes(
     conf: str, grade: int, categories: frozenset[str], sensitive: frozenset[str]
 ) -> tuple[tuple[str, str], ...]:
-    """The (system, code) pairs a label writes, in the order it writes them."""
+    """The (system, code) pairs a label writes, in the order it writes them (few
+    combinations occur: each is worked out once)."""
     return (
         (CONFIDENTIALITY_SYSTEM, conf),
         (GRADE_SYSTEM, str(grade)),
@@ -725,8 +757,10 @@ def _write_security(resource: dict[str, Any], codes: tuple[tuple[str, str], ...]
     (codings of other systems are kept, first)."""
     meta = resource.get("meta")
     if not isinstance(meta, dict):
-        meta = {}
-        resource["meta"] = meta
+        # Most resources arrive without meta: nothing to keep.
+        resource["meta"] = {"security": [{"system": system, "code": code}
+                                         for system, code in codes]}
+        return
     security = [
         c
         for c in meta.get("security") or ()

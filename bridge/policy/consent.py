@@ -56,6 +56,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
+from functools import lru_cache
 from typing import Any, Literal
 
 from bridge.errors import ConsentDenied, MappingError
@@ -219,7 +220,13 @@ class Item:
     @property
     def sensitive(self) -> frozenset[str]:
         """The special-disease classes among the labels (need explicit cover)."""
-        return frozenset(code for system, code in self.labels if system == SENSITIVITY_SYSTEM)
+        return _sensitive(self.labels)
+
+
+# Few label sets occur, and every item of every disclosure is asked for its classes.
+@lru_cache(maxsize=4096)
+def _sensitive(labels: frozenset[Label]) -> frozenset[str]:
+    return frozenset(code for system, code in labels if system == SENSITIVITY_SYSTEM)
 
 
 Outcome = Literal["permit", "deny", "uncovered", "none"]
@@ -583,7 +590,24 @@ def evaluate_consent(record: ConsentRecord, req: Request, item: Item) -> Verdict
             "uncovered", record.id, path,
             "special-disease data needs a consent that names its class", cover,
         )
-    return Verdict("permit", record.id, path, "permitted", cover)
+    return _permit(record.id, path, cover)
+
+
+# Verdicts are values; a patient's permits recur for every item they cover.
+@lru_cache(maxsize=4096)
+def _permit(consent_id: str, path: str, cover: frozenset[Label]) -> Verdict:
+    return Verdict("permit", consent_id, path, "permitted", cover)
+
+
+@lru_cache(maxsize=1024)
+def _type_item(resource_type: str, category: str) -> Item:
+    """The item a resource type is asked as: the type with its data category."""
+    return Item(resource_type, frozenset({category}) if category else frozenset())
+
+
+@lru_cache(maxsize=1024)
+def _bare_item(resource_type: str) -> Item:
+    return Item(resource_type)
 
 
 def decide(records: Sequence[ConsentRecord], req: Request, item: Item) -> Verdict:
@@ -671,6 +695,12 @@ def data_instants(
     if data_period is None:
         return None
     start, end = data_period
+    return _instants(start, end)
+
+
+# Each span is asked about twice per disclosure, and stays recur.
+@lru_cache(maxsize=4096)
+def _instants(start: date, end: date) -> tuple[datetime, datetime]:
     return (
         utc(datetime.combine(start, time.min, _CST)),
         utc(datetime.combine(end, time.max, _CST)),
@@ -834,7 +864,7 @@ class ConsentRegistry:
             scheme = default_classification()
             for rtype in sorted(types):
                 category = scheme.of(rtype).category
-                item = Item(rtype, frozenset({category}) if category else frozenset())
+                item = _type_item(rtype, category)
                 verdict = override_deny(records, req, item)
                 if verdict is not None:
                     raise ConsentDenied(verdict.message, location=verdict.provision_path,
@@ -843,7 +873,7 @@ class ConsentRegistry:
             for record in records:
                 if record.status == "active":
                     for rtype in types:
-                        denied_labels |= _label_denies(record.provision, req, Item(rtype))
+                        denied_labels |= _label_denies(record.provision, req, _bare_item(rtype))
             return ConsentDecision(
                 consent_id="",
                 version=None,
@@ -861,8 +891,7 @@ class ConsentRegistry:
         verdicts: list[tuple[str, Verdict]] = []
         for rtype in sorted(types):
             category = scheme.of(rtype).category
-            item = Item(rtype, frozenset({category}) if category else frozenset())
-            verdicts.append((rtype, decide(records, req, item)))
+            verdicts.append((rtype, decide(records, req, _type_item(rtype, category))))
         for wanted in ("deny", "none", "uncovered"):
             for _, v in verdicts:
                 if v.outcome == wanted:
@@ -883,9 +912,10 @@ class ConsentRegistry:
         )
         denied: set[Label] = set()
         for record in records:
-            if record.status == "active":
+            # Deny rules are nested provisions: a consent without any has none to apply.
+            if record.status == "active" and record.provision.children:
                 for rtype in types:
-                    denied |= _label_denies(record.provision, req, Item(rtype))
+                    denied |= _label_denies(record.provision, req, _bare_item(rtype))
         allowed = frozenset().union(*(v.cover for _, v in verdicts))
         return ConsentDecision(
             consent_id=chosen.id,

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import orjson
 
 from bridge.errors import ConsentDenied
+from bridge.policy._values import made
 from bridge.policy.classify import (
     CATEGORY_SYSTEM,
     CONFIDENTIALITY_SYSTEM,
@@ -203,8 +204,14 @@ def patient_identifiers(collection: dict[str, Any]) -> tuple[tuple[str, str], ..
 def _day(value: Any) -> date | None:
     if not isinstance(value, str) or len(value) < 10:
         return None
+    return _date_of(value[:10])
+
+
+# The same days recur (a stay's start and end on its Encounter and its Claim).
+@lru_cache(maxsize=4096)
+def _date_of(text: str) -> date | None:
     try:
-        return date.fromisoformat(value[:10])
+        return date.fromisoformat(text)
     except ValueError:
         return None
 
@@ -242,23 +249,28 @@ def _categories(category: str) -> frozenset[str]:
     return frozenset({category}) - {""}
 
 
+# Items are values: the few combinations that occur are made once and shared.
+@lru_cache(maxsize=4096)
+def _item(
+    resource_type: str, categories: frozenset[str], sensitive: frozenset[str], grade: int
+) -> Item:
+    return Item(resource_type, categories, _labels(categories, sensitive, grade))
+
+
 def _items_of(label: ResourceLabel) -> tuple[Item, list[tuple[str, int, Item]]]:
     """The resource's own item and one item per judged entry (element, index, item)."""
-    own = Item(
-        label.resource_type,
-        label.own_categories,
-        _labels(label.own_categories, label.own_sensitive, label.own_grade),
-    )
+    rtype = label.resource_type
+    own = _item(rtype, label.own_categories, label.own_sensitive, label.own_grade)
     entries = [
-        (
-            it.element,
-            it.index,
-            Item(label.resource_type, cats, _labels(cats, it.sensitive_classes, it.grade)),
-        )
+        (it.element, it.index,
+         _item(rtype, _categories(it.category), it.sensitive_classes, it.grade))
         for it in label.items
-        for cats in (_categories(it.category),)
     ]
     return own, entries
+
+
+def _path(resource_type: str, element: str | None) -> str:
+    return resource_type if element is None else f"{resource_type}.{element}"
 
 
 @dataclass
@@ -338,37 +350,37 @@ def _run(
         return found
 
     held: list[HeldBack] = []
-    entries_before = _present(bundle, profile.refuse_without)
-    principal_before = (_principal_claims(bundle) if "Claim.diagnosis" in profile.refuse_without
-                        else set())
     drop_entries: set[int] = set()
     drop_items: dict[int, list[tuple[str, int]]] = {}
-    asked: list[Item] = []
     permits: dict[tuple[str, str], None] = {}
     entries = bundle["entry"]
 
     special: list[HeldBack] = []
 
-    def judge(item: Item, path: str, sensitive: frozenset[str]) -> HeldBack | None:
+    permitted: list[Item] = []  # the items asked about and permitted, in order
+
+    def judge(item: Item, rtype: str, element: str | None,
+              sensitive: frozenset[str]) -> HeldBack | None:
+        # The path (Claim.diagnosis) is written only for what is held back.
         if sensitive and not profile.carries_sensitive:
-            fate = HeldBack(path, "grade", None, None)
+            fate = HeldBack(_path(rtype, element), "grade", None, None)
             special.append(fate)
             return fate
-        asked.append(item)
         v = verdict(item)
         if v.permitted:
+            permitted.append(item)
             if v.consent_id:
                 permits[(v.consent_id, v.provision_path)] = None
             return None
-        fate = HeldBack(path, v.outcome, v.consent_id, v.provision_path)
+        fate = HeldBack(_path(rtype, element), v.outcome, v.consent_id, v.provision_path)
         if sensitive:
             special.append(fate)
         return fate
 
     for label in labels:
         own, entry_items = _items_of(label)
-        rid = str(entries[label.index]["resource"].get("id"))
-        fate = judge(own, label.resource_type, label.own_sensitive)
+        rid = str(entries[label.index]["resource"].get("id")) if trace is not None else ""
+        fate = judge(own, label.resource_type, None, label.own_sensitive)
         if fate is not None:
             if label.resource_type == "Patient":
                 raise ConsentDenied(
@@ -382,7 +394,7 @@ def _run(
             continue
         for element, index, item in entry_items:
             sensitive = item.sensitive
-            fate = judge(item, f"{label.resource_type}.{element}", sensitive)
+            fate = judge(item, label.resource_type, element, sensitive)
             if fate is not None:
                 fate = replace(fate, index=index)
                 held.append(fate)
@@ -390,6 +402,12 @@ def _run(
                 if trace is not None:
                     trace.item_fate[(rid, element, index)] = fate
 
+    # What the link cannot send without, as it stands before anything is held back (the
+    # judging above changes nothing). When nothing is, nothing can have gone missing.
+    changes = bool(drop_entries or drop_items or special_in)
+    entries_before = _present(bundle, profile.refuse_without) if changes else {}
+    principal_before = (_principal_claims(bundle) if changes
+                        and "Claim.diagnosis" in profile.refuse_without else set())
     if special_in and not special_in <= _special_classes(
             [None if i in drop_entries else e["resource"] for i, e in enumerate(entries)],
             codes, skip=drop_items):
@@ -457,7 +475,8 @@ def _run(
         permits.setdefault((cid, path), None)
     by_id = {r.id: r for r in records}
     consent_ids = tuple(sorted({cid for cid, _ in permits if cid}))
-    record = Decision(
+    record = made(
+        Decision,
         outcome="override" if decision.override is not None else "permit",
         recipient=recipient,
         purpose=purpose,
@@ -475,7 +494,8 @@ def _run(
         transformed=tuple(minimized.transformed),
         override=decision.override,
     )
-    return PolicyResult(
+    return made(
+        PolicyResult,
         bundle=bundle,
         decision=decision,
         removed=list(dict.fromkeys(removed)),
@@ -485,7 +505,7 @@ def _run(
         data_period=period,
         transformed=list(minimized.transformed),
         record=record,
-        items=tuple(dict.fromkeys(i for i in asked if verdict(i).permitted)),
+        items=tuple(dict.fromkeys(permitted)),
         action=action,
     )
 

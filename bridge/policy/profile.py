@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 
 from bridge.errors import ConfigError, LoadError
+from bridge.policy._values import made
 from bridge.policy._yaml import Key, LocatedYAML, load_located
 from bridge.policy.classify import (
     GRADES,
@@ -367,7 +368,8 @@ def _minimize(
             code_texts = None
     out = _settle(out, _reference_keys(dropped), removed, refs)
     removed.extend(drop_unreferenced(out, profile.focus, refs))
-    return MinimizeResult(out, _unique(removed), _unique(transformed), code_texts)
+    return made(MinimizeResult, bundle=out, removed=_unique(removed),
+                transformed=_unique(transformed), code_texts=code_texts)
 
 
 def _copy_minimized(
@@ -387,6 +389,7 @@ def _copy_minimized(
     try:
         rest = orjson.loads(orjson.dumps({k: v for k, v in bundle.items() if k != "entry"}))
         copied: list[dict[str, Any]] = []
+        texts: list[bytes] = []
         for n, entry in enumerate(entries):
             new_entry: dict[str, Any] = {}
             for key, value in entry.items():
@@ -405,8 +408,7 @@ def _copy_minimized(
                     found = _reference_values(text)
                 resource = orjson.loads(text)
                 cache[id(resource)] = (resource, _decode_refs(found))
-                if code_texts is not None:
-                    code_texts.update(code_values(text))
+                texts.append(text)
                 new_entry[key] = resource
             ids_of = plan[n] if plan is not None else None
             if ids_of is not None:
@@ -417,6 +419,9 @@ def _copy_minimized(
             copied.append(new_entry)
     except (TypeError, orjson.JSONEncodeError):
         return None
+    if code_texts is not None:
+        # One read over the resources' texts side by side: a value ends inside its own.
+        code_texts.update(code_values(b"".join(texts)))
     for key in bundle:
         out[key] = copied if key == "entry" else rest[key]
     return out, cache
@@ -443,11 +448,14 @@ def _anchor(
 # --- pruning and reference cleaning -------------------------------------------------
 
 # A compiled allow tree: per allowed element name, (its full path, the selection of its
-# entries, its transform, the compiled tree of its children or None for the whole
-# element). Compiled once per profile and type, so pruning formats no paths and looks
-# up no selections or transforms by path for what it keeps.
-_Rule = tuple[str, "Match | None", "TransformSpec | None", "_Rules | None"]
+# entries, its transform, the children or None for the whole element). The children are
+# their compiled tree and the names in it kept whole as they are (no selection, no
+# transform): an object holding only those is kept as it is. Compiled once per profile
+# and type, so pruning formats no paths and looks up no selections or transforms by
+# path for what it keeps.
+_Rule = tuple[str, "Match | None", "TransformSpec | None", "_Children | None"]
 _Rules = dict[str, _Rule]
+_Children = tuple[_Rules, frozenset[str]]
 
 
 def _compile(
@@ -456,12 +464,14 @@ def _compile(
     out: _Rules = {}
     for name, sub in tree.items():
         full = f"{path}.{name}"
-        out[name] = (
-            full,
-            matches.get(full),
-            tf.get(full) if tf is not None else None,
-            None if sub is None else _compile(sub, full, tf, matches),
-        )
+        children: _Children | None = None
+        if sub is not None:
+            rules = _compile(sub, full, tf, matches)
+            children = (rules, frozenset(
+                n for n, (_, match, spec, below) in rules.items()
+                if match is None and spec is None and below is None))
+        out[name] = (full, matches.get(full), tf.get(full) if tf is not None else None,
+                     children)
     return out
 
 
@@ -524,9 +534,11 @@ def _prune(
             if gone is not None:
                 gone.append({key: value})
             continue
+        rules_below, whole = sub
         if isinstance(value, list):
             items = [
-                _prune(item, sub, full, removed, transformed, ctx, gone)
+                dict(item) if item.keys() <= whole
+                else _prune(item, rules_below, full, removed, transformed, ctx, gone)
                 for item in value
                 if isinstance(item, dict)
             ]
@@ -537,7 +549,8 @@ def _prune(
             if kept:
                 out[key] = kept
         elif isinstance(value, dict):
-            pruned = _prune(value, sub, full, removed, transformed, ctx, gone)
+            pruned = (dict(value) if value.keys() <= whole
+                      else _prune(value, rules_below, full, removed, transformed, ctx, gone))
             if pruned:
                 out[key] = pruned
         else:
@@ -715,6 +728,46 @@ def _clean(
     return True
 
 
+# The plans of the walk with nothing dropped, by type alone (it visits many objects).
+_SOUND: dict[str, _Plan | None] = {}
+
+
+def _sound(obj: dict[str, Any], type_name: str) -> bool:
+    """Would :func:`_clean` with nothing dropped leave ``obj`` as it is and complete?
+
+    Every object that walk visits is complete and no list it visits is empty. Only
+    reads, so the common case (nothing to clean) costs no paths and no new lists."""
+    try:
+        plan = _SOUND[type_name]
+    except KeyError:
+        plan = _SOUND[type_name] = _plan(type_name, False)
+    if plan is None:
+        return True
+    visit, required, choices = plan
+    for name in required:
+        if obj.get(name) in _ABSENT:
+            return False
+    for _, names in choices:
+        for name in names:
+            if obj.get(name) not in _ABSENT:
+                break
+        else:
+            return False
+    for key, value in obj.items():
+        child = visit.get(key)
+        if child is None:
+            continue
+        if isinstance(value, list):
+            if not value:
+                return False
+            for item in value:
+                if isinstance(item, dict) and not _sound(item, child):
+                    return False
+        elif isinstance(value, dict) and not _sound(value, child):
+            return False
+    return True
+
+
 def _item_ok(
     item: dict[str, Any], type_name: str, path: str, dropped: set[str], removed: list[str]
 ) -> bool:
@@ -761,8 +814,12 @@ def _settle(
             rtype = str(resource.get("resourceType"))
             # A resource that refers to nothing dropped needs only its completeness
             # checked, which visits far less of it.
-            gone = dropped
-            if dropped and dropped.isdisjoint(_refs_of(resource, cache)):
+            if dropped and not dropped.isdisjoint(_refs_of(resource, cache)):
+                gone = dropped
+            elif _sound(resource, rtype):
+                keep.append(entry)
+                continue
+            else:
                 gone = set()
             before = len(removed)
             complete = _clean(resource, rtype, rtype, gone, removed)
@@ -785,6 +842,7 @@ def _settle(
 # A reference as orjson writes it: the key "reference" and a string value. Inside a JSON
 # string the quotes are escaped, so text that merely contains these words never matches.
 _REFERENCE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+_PLAIN_REFERENCE = re.compile(rb'"reference":"([^"]*)"')
 
 
 def _references(node: Any, out: list[str]) -> None:
@@ -805,36 +863,39 @@ def _references(node: Any, out: list[str]) -> None:
     out.extend(_decode_refs(_reference_values(text)))
 
 
-def member_values(text: bytes, member: bytes, pattern: re.Pattern[bytes]) -> list[bytes]:
-    """The raw JSON text of every string value of ``member`` (``b'"name":"'``) in
-    ``text``, in order: what ``pattern.findall`` finds. Splitting the text at the member
-    is cheaper, and exact unless a value holds an escaped quote (then the pattern reads)."""
-    parts = text.split(member)
-    if len(parts) == 1:
-        return []
-    values = [part[: part.find(b'"')] for part in parts[1:]]
-    if any(v[-1:] == b"\\" for v in values):
-        return list(pattern.findall(text))
-    return values
+def member_values(
+    text: bytes, plain: re.Pattern[bytes], pattern: re.Pattern[bytes]
+) -> list[bytes]:
+    """The raw JSON text of every string value of a member in ``text``, in order: what
+    ``pattern.findall`` finds. ``plain`` is the same member with a value read up to the
+    next quote: where the text holds no escape at all (one byte to look for, so the
+    check costs little), that quote ends the value, and ``plain`` finds the same without
+    trying an escape at every character."""
+    if b"\\" in text:
+        return pattern.findall(text)
+    return plain.findall(text)
 
 
 def _reference_values(text: bytes) -> list[bytes]:
     """What ``_REFERENCE.findall`` finds (see :func:`member_values`)."""
-    return member_values(text, b'"reference":"', _REFERENCE)
+    return member_values(text, _PLAIN_REFERENCE, _REFERENCE)
 
 
 # A code as orjson writes it (a Coding's "code" member, or any other "code"): a superset
 # of the codes a walk would look at, so a filter, never a decision.
 _CODE = re.compile(rb'"code":"((?:[^"\\]|\\.)*)"')
+_PLAIN_CODE = re.compile(rb'"code":"([^"]*)"')
 
 
 def code_values(text: bytes) -> set[bytes]:
     """The raw JSON text of every ``"code"`` member's string value in ``text`` (as
     ``_CODE`` finds them, see :func:`member_values`)."""
-    return set(member_values(text, b'"code":"', _CODE))
+    return set(member_values(text, _PLAIN_CODE, _CODE))
 
 
 def _decode_refs(found: list[bytes]) -> list[str]:
+    if b"\\" not in b"".join(found):  # no escapes (most): each value is its text
+        return list(map(bytes.decode, found))
     return [raw.decode() if b"\\" not in raw else orjson.loads(b'"' + raw + b'"')
             for raw in found]
 

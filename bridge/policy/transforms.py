@@ -130,6 +130,9 @@ def _year(text: str) -> str | None:
     return text[:4]
 
 
+# One stay repeats its dates (admission and discharge on the Encounter, the Claim, the
+# diagnoses): each is parsed once.
+@lru_cache(maxsize=4096)
 def _shift(text: str, days: int) -> str | None:
     try:
         if "T" in text:
@@ -309,6 +312,8 @@ def rewrite_references(
     ``found`` receives, in order, the JSON text of each ``reference`` member's value in
     the result, so the caller need not split the result again; text that merely holds
     the words (never in orjson's output) then gives None too."""
+    if b"\\" not in text:
+        return _rewrite_plain(text, encoded, found)
     parts = text.split(_MEMBER)
     changed = False
     for i in range(1, len(parts)):
@@ -331,6 +336,41 @@ def rewrite_references(
         if found is not None:
             found.append(value)
     return _MEMBER.join(parts) if changed else text
+
+
+def _rewrite_plain(
+    text: bytes, encoded: dict[bytes, bytes], found: list[bytes] | None
+) -> bytes | None:
+    """:func:`rewrite_references` for a text without escapes (most): every value ends
+    at the next quote, so the text is searched member by member instead of split."""
+    size = len(_MEMBER)
+    pieces: list[bytes] = []
+    start = 0
+    at = text.find(_MEMBER)
+    while at >= 0:
+        begin = at + size
+        if text[at - 1:at] not in (b"{", b","):
+            if found is not None:
+                return None
+            at = text.find(_MEMBER, begin)
+            continue
+        end = text.find(b'"', begin)
+        if end < 0:
+            return None
+        value = text[begin:end]
+        new = encoded.get(value)
+        if new is not None:
+            pieces.append(text[start:begin])
+            pieces.append(new)
+            start = end
+            value = new
+        if found is not None:
+            found.append(value)
+        at = text.find(_MEMBER, begin)
+    if not pieces:
+        return text
+    pieces.append(text[start:])
+    return b"".join(pieces)
 
 
 def _rewrite_text(entries: Any, mapping: dict[str, str]) -> bool:
