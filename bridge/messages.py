@@ -142,16 +142,21 @@ def read_json(body: bytes, *, nesting: int = MAX_NESTING) -> Any:
             raise ParseError("malformed JSON", location="body") from None
     if keys is None:
         _check_shape(value, nesting)  # names where the shape fails
-    if _WIDE_EXPONENT.search(text if text is not None else body):
-        # orjson reads an integer beyond 64 bits as a double: written back, it has an
-        # exponent of 18 or more. Whether the body wrote it as an integer is read again.
+    # orjson reads an integer beyond 64 bits as a double: written back, it is a number
+    # with an exponent of 18 or more. Whether the body wrote it as an integer is read again.
+    if isinstance(value, (dict, list)):
+        writing = text if text is not None else orjson.dumps(value)
+        if _WIDE_DOUBLE.search(writing):
+            _refuse_wide_integers(body)
+    elif isinstance(value, float) and abs(value) >= 2.0**63:
         _refuse_wide_integers(body)
     return value
 
 
-# A number with a decimal exponent of 18 or more (where a string merely contains such
-# text, the body is read again for nothing).
-_WIDE_EXPONENT = re.compile(rb"\d[eE]\+?(?:1[89]|[2-9]\d|\d{3,})")
+# A number with a decimal exponent of 18 or more, standing where orjson's writing puts
+# numbers (after ":", "," or "[", before ",", "]" or "}"). A string that merely contains
+# such text costs a second reading, nothing else.
+_WIDE_DOUBLE = re.compile(rb"[:,\[]-?\d+(?:\.\d+)?e\+?(?:1[89]|[2-9]\d|\d{3,})[,\]}]")
 
 
 def _bounded_int(text: str) -> int:
