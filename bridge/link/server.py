@@ -44,7 +44,7 @@ from aiohttp import web
 
 from bridge.batch import ENTRY_DEPTH, BatchEntry, encode_batch_response, read_batch
 from bridge.compliance.agreements import check_link
-from bridge.config import ServerConfig
+from bridge.config import LinkConfig, ServerConfig
 from bridge.errors import (
     BridgeError,
     CertificateRejected,
@@ -404,10 +404,14 @@ class ReceiverApp:
             body=orjson.dumps(capability_statement(self.c, caller)), content_type=FHIR_JSON
         )
 
-    async def process_message(self, request: web.Request) -> web.Response:
+    async def _inbound_peer(
+        self, request: web.Request
+    ) -> tuple[Partner, LinkConfig] | web.Response:
+        """The calling partner (from its certificate) and its inbound link here, or the
+        refusal to answer: no certificate, no partner or an ambiguous one; no link."""
         try:
             partner = self._peer_partner(request)
-        except TrustError as exc:  # no certificate, no partner, or an ambiguous one
+        except TrustError as exc:
             return await self._refuse(exc, partner=None, subject="connection")
         link = self.c.inbound_link_for(partner.id)
         if link is None:
@@ -415,6 +419,13 @@ class ReceiverApp:
                 UnknownPartner("partner has no inbound link here", location="links"),
                 request, partner=partner.id, subject="connection",
             )
+        return partner, link
+
+    async def process_message(self, request: web.Request) -> web.Response:
+        peer = await self._inbound_peer(request)
+        if isinstance(peer, web.Response):
+            return peer
+        partner, link = peer
         try:
             from bridge.link.sync import read_sequence
 
@@ -486,16 +497,10 @@ class ReceiverApp:
         refusal never touches another entry; the answer has one entry per request
         entry, in order, each receipt only after its own commit.
         """
-        try:
-            partner = self._peer_partner(request)
-        except TrustError as exc:
-            return await self._refuse(exc, partner=None, subject="connection")
-        link = self.c.inbound_link_for(partner.id)
-        if link is None:
-            return await self._refuse_peer(
-                UnknownPartner("partner has no inbound link here", location="links"),
-                request, partner=partner.id, subject="connection",
-            )
+        peer = await self._inbound_peer(request)
+        if isinstance(peer, web.Response):
+            return peer
+        partner, link = peer
         server = self.c.config.server
         try:
             if request.content_type not in _ACCEPTED_TYPES:

@@ -32,7 +32,6 @@ from typing import Any, Literal
 import orjson
 
 from bridge.errors import ConsentDenied
-from bridge.policy._values import made
 from bridge.policy.classify import (
     CATEGORY_SYSTEM,
     CONFIDENTIALITY_SYSTEM,
@@ -475,8 +474,7 @@ def _run(
         permits.setdefault((cid, path), None)
     by_id = {r.id: r for r in records}
     consent_ids = tuple(sorted({cid for cid, _ in permits if cid}))
-    record = made(
-        Decision,
+    record = Decision(
         outcome="override" if decision.override is not None else "permit",
         recipient=recipient,
         purpose=purpose,
@@ -494,8 +492,7 @@ def _run(
         transformed=tuple(minimized.transformed),
         override=decision.override,
     )
-    return made(
-        PolicyResult,
+    return PolicyResult(
         bundle=bundle,
         decision=decision,
         removed=list(dict.fromkeys(removed)),

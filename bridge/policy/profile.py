@@ -30,7 +30,7 @@ are removed, and so are the repeating elements that such a removal leaves incomp
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -39,7 +39,6 @@ from typing import Any
 import orjson
 
 from bridge.errors import ConfigError, LoadError
-from bridge.policy._values import made
 from bridge.policy._yaml import Key, LocatedYAML, load_located
 from bridge.policy.classify import (
     GRADES,
@@ -368,7 +367,7 @@ def _minimize(
             code_texts = None
     out = _settle(out, _reference_keys(dropped), removed, refs)
     removed.extend(drop_unreferenced(out, profile.focus, refs))
-    return made(MinimizeResult, bundle=out, removed=_unique(removed),
+    return MinimizeResult(bundle=out, removed=_unique(removed),
                 transformed=_unique(transformed), code_texts=code_texts)
 
 
@@ -628,16 +627,9 @@ def _required_of(type_name: str, specs: dict[str, ElementSpec]) -> tuple[
 _ABSENT: tuple[Any, ...] = (None, [], {}, "")
 
 
-def _present(obj: dict[str, Any], name: str) -> bool:
-    return obj.get(name) not in _ABSENT
-
-
 def _complete(obj: dict[str, Any], type_name: str, specs: dict[str, ElementSpec]) -> bool:
     """Are all required elements and required choices of this object present?"""
-    required, choices = _required_of(type_name, specs)
-    return all(_present(obj, n) for n in required) and all(
-        any(_present(obj, n) for n in names) for _, names in choices
-    )
+    return _has_required(obj, *_required_of(type_name, specs))
 
 
 _VISITS: dict[tuple[str, bool], dict[str, str]] = {}
@@ -715,7 +707,13 @@ def _clean(
         ):
             removed.append(f"{path}.{key}")
             del obj[key]
-    # Complete: every required element and one of each required choice present.
+    return _has_required(obj, required, choices)
+
+
+def _has_required(obj: dict[str, Any], required: Sequence[str],
+                  choices: Sequence[tuple[str, Sequence[str]]]) -> bool:
+    """Every required element and one of each required choice present (a loop, not
+    generators: it runs for every object the cleaning walk visits)."""
     for name in required:
         if obj.get(name) in _ABSENT:
             return False
@@ -744,15 +742,8 @@ def _sound(obj: dict[str, Any], type_name: str) -> bool:
     if plan is None:
         return True
     visit, required, choices = plan
-    for name in required:
-        if obj.get(name) in _ABSENT:
-            return False
-    for _, names in choices:
-        for name in names:
-            if obj.get(name) not in _ABSENT:
-                break
-        else:
-            return False
+    if not _has_required(obj, required, choices):
+        return False
     for key, value in obj.items():
         child = visit.get(key)
         if child is None:
