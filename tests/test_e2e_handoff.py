@@ -161,7 +161,9 @@ async def test_hand_off_resumes_after_the_endpoint_and_the_broker_go_away(
         await consumer.stop()
         rest = await push(hospital, records[6:12])
         ids = first + rest
-        await wait_for(lambda: insurer.handoff.workers["claims-http"].failing is not None
+        # A request cut by the endpoint's stop fails as http-failed (server disconnected);
+        # every attempt after it finds nothing listening: http-unreachable.
+        await wait_for(lambda: insurer.handoff.workers["claims-http"].failing == "http-unreachable"
                        and insurer.handoff.workers["claims-amqp"].failing is not None,
                        15, "both destinations to be seen failing")
         capsys.readouterr()
