@@ -629,6 +629,51 @@ def decide(records: Sequence[ConsentRecord], req: Request, item: Item) -> Verdic
     return verdicts[0][1]
 
 
+class ConsentQuestion:
+    """One patient's consents asked one request's question (:func:`decide`) about many
+    items: every resource type of a disclosure, then every labelled resource and entry.
+
+    An item reaches the rules only through a few facts, and the answer is worked out
+    once per combination of them that occurs. Its type and §6.1 categories matter only
+    where some provision's ``class`` names them, its labels only where a deny
+    provision's ``securityLabel`` names them, and its special-disease classes through a
+    permit's cover (rule 4). Most consents name no class and deny nothing, so every
+    item without a special-disease class gets the same answer, and a disclosure needs
+    one evaluation for those and one per set of classes it carries.
+    """
+
+    def __init__(self, records: Sequence[ConsentRecord], req: Request) -> None:
+        self.records = records
+        self.req = req
+        classes: set[str] = set()
+        deny_labels: set[Label] = set()
+        stack = [r.provision for r in records]
+        while stack:
+            prov = stack.pop()
+            classes |= prov.classes
+            if prov.type == "deny":
+                deny_labels |= prov.security_labels
+            stack.extend(prov.children)
+        self._classes = frozenset(classes)
+        self._deny_labels = frozenset(deny_labels)
+        self._answers: dict[tuple[Any, ...], Verdict] = {}
+
+    def verdict(self, item: Item) -> Verdict:
+        """``decide(records, req, item)``."""
+        classes = self._classes
+        rtype = item.resource_type
+        key = (
+            rtype if rtype in classes else None,
+            item.categories & classes,
+            item.labels & self._deny_labels,
+            item.sensitive,
+        )
+        found = self._answers.get(key)
+        if found is None:
+            found = self._answers[key] = decide(self.records, self.req, item)
+        return found
+
+
 def override_deny(records: Sequence[ConsentRecord], req: Request, item: Item) -> Verdict | None:
     """The deny provision that holds against an emergency override for this item, or None.
 
@@ -680,6 +725,14 @@ def check_override(emergency: EmergencyOverride, purpose: str) -> None:
         raise ConsentDenied("an emergency override names who invokes it", location="emergency.actor")
     if not isinstance(emergency.reason, str) or not emergency.reason.strip():
         raise ConsentDenied("an emergency override states a reason", location="emergency.reason")
+
+
+def request(
+    recipient: str, purpose: str, now: datetime, data_period: tuple[date, date] | None,
+    action: str = "disclose",
+) -> Request:
+    """The request :meth:`ConsentRegistry.require_consent` asks its question with."""
+    return Request(recipient, purpose, _utc(now), data_instants(data_period), action)
 
 
 def _utc(now: datetime) -> datetime:
@@ -838,6 +891,7 @@ class ConsentRegistry:
         action: str = "disclose",
         emergency: EmergencyOverride | None = None,
         records: Sequence[ConsentRecord] | None = None,
+        question: ConsentQuestion | None = None,
     ) -> ConsentDecision:
         """Return the decision that permits disclosing these resource types, or raise.
 
@@ -852,10 +906,13 @@ class ConsentRegistry:
 
         ``records``: the patient's consents as :meth:`for_patient` gives them, when the
         caller already asked for them at this moment (they are looked up otherwise).
+        ``question``: a :class:`ConsentQuestion` over those records and this request,
+        when the caller goes on to ask about the disclosure's items with it (the answers
+        it works out for the types serve the items too).
         """
         if records is None:
             records = self.for_patient(patient_identifiers)
-        req = Request(recipient, purpose, _utc(now), data_instants(data_period), action)
+        req = request(recipient, purpose, now, data_period, action)
         types = frozenset(resource_types)
         if emergency is not None:
             check_override(emergency, purpose)
@@ -887,11 +944,13 @@ class ConsentRegistry:
                 decided_at=req.now,
                 override=emergency,
             )
+        if question is None or question.records is not records or question.req != req:
+            question = ConsentQuestion(records, req)
         scheme = default_classification()
         verdicts: list[tuple[str, Verdict]] = []
         for rtype in sorted(types):
             category = scheme.of(rtype).category
-            verdicts.append((rtype, decide(records, req, _type_item(rtype, category))))
+            verdicts.append((rtype, question.verdict(_type_item(rtype, category))))
         for wanted in ("deny", "none", "uncovered"):
             for _, v in verdicts:
                 if v.outcome == wanted:

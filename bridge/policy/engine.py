@@ -46,6 +46,7 @@ from bridge.policy.classify import (
 )
 from bridge.policy.consent import (
     ConsentDecision,
+    ConsentQuestion,
     ConsentRegistry,
     EmergencyOverride,
     Item,
@@ -56,6 +57,7 @@ from bridge.policy.consent import (
     data_instants,
     decide,
     override_deny,
+    request,
 )
 from bridge.policy.profile import (
     LinkProfile,
@@ -321,6 +323,10 @@ def _run(
     labels = label_bundle(bundle, codes=codes, types=profile.classes)
     types = frozenset(label.resource_type for label in labels)
     records = registry.for_patient(identifiers)
+    # One question for the types and the labelled items: an answer worked out for one
+    # serves every other the rules cannot tell apart from it.
+    req = request(recipient, purpose, now, period, action)
+    question = ConsentQuestion(records, req)
     decision = registry.require_consent(
         patient_identifiers=list(identifiers),
         recipient=recipient,
@@ -331,9 +337,9 @@ def _run(
         action=action,
         emergency=emergency,
         records=records,
+        question=question,
     )
 
-    req = Request(recipient, purpose, decision.decided_at, data_instants(period), action)
     memo: dict[Item, Verdict] = {}
 
     def verdict(item: Item) -> Verdict:
@@ -344,7 +350,7 @@ def _run(
                 found = override_deny(records, req, item) or Verdict(
                     "permit", None, "", "emergency override", decision.allowed_labels)
             else:
-                found = decide(records, req, item)
+                found = question.verdict(item)
             memo[item] = found
         return found
 
