@@ -656,18 +656,24 @@ class ConsentQuestion:
             stack.extend(prov.children)
         self._classes = frozenset(classes)
         self._deny_labels = frozenset(deny_labels)
-        self._answers: dict[tuple[Any, ...], Verdict] = {}
+        # With neither, the special-disease classes alone tell items apart.
+        self._by_classes_only = not classes and not deny_labels
+        self._answers: dict[Any, Verdict] = {}
 
     def verdict(self, item: Item) -> Verdict:
         """``decide(records, req, item)``."""
-        classes = self._classes
-        rtype = item.resource_type
-        key = (
-            rtype if rtype in classes else None,
-            item.categories & classes,
-            item.labels & self._deny_labels,
-            item.sensitive,
-        )
+        key: Any
+        if self._by_classes_only:
+            key = item.sensitive
+        else:
+            classes = self._classes
+            rtype = item.resource_type
+            key = (
+                rtype if rtype in classes else None,
+                item.categories & classes,
+                item.labels & self._deny_labels,
+                item.sensitive,
+            )
         found = self._answers.get(key)
         if found is None:
             found = self._answers[key] = decide(self.records, self.req, item)

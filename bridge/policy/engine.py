@@ -342,17 +342,15 @@ def _run(
 
     memo: dict[Item, Verdict] = {}
 
-    def verdict(item: Item) -> Verdict:
+    def overridden(item: Item) -> Verdict:
         found = memo.get(item)
         if found is None:
-            if decision.override is not None:
-                # The override permits what no consent does, except what one denies.
-                found = override_deny(records, req, item) or Verdict(
-                    "permit", None, "", "emergency override", decision.allowed_labels)
-            else:
-                found = question.verdict(item)
-            memo[item] = found
+            # The override permits what no consent does, except what one denies.
+            found = memo[item] = override_deny(records, req, item) or Verdict(
+                "permit", None, "", "emergency override", decision.allowed_labels)
         return found
+
+    verdict = question.verdict if decision.override is None else overridden
 
     held: list[HeldBack] = []
     drop_entries: set[int] = set()
