@@ -545,6 +545,8 @@ def _refuse_without(
     profile cannot send without (every diagnosis of a claim): what remains would be
     unusable to the recipient, and its emptiness would tell that something was
     withheld (conformance/PROTOCOL.md, "Withheld diagnoses")."""
+    if not before:
+        return  # nothing was held back (see _run): nothing can have gone missing
     after = _present(bundle, profile.refuse_without)
     for full, ids in before.items():
         emptied = ids - after[full]
