@@ -381,11 +381,14 @@ def _run(
         return fate
 
     for label in labels:
-        own, entry_items = _items_of(label)
+        # The items of _items_of, made one by one: most resources are sent whole, and
+        # what is held back whole has no entries to ask about.
+        rtype = label.resource_type
         rid = str(entries[label.index]["resource"].get("id")) if trace is not None else ""
-        fate = judge(own, label.resource_type, None, label.own_sensitive)
+        own = _item(rtype, label.own_categories, label.own_sensitive, label.own_grade)
+        fate = judge(own, rtype, None, label.own_sensitive)
         if fate is not None:
-            if label.resource_type == "Patient":
+            if rtype == "Patient":
                 raise ConsentDenied(
                     "the patient's own record is held back", location=fate.provision_path or "Patient",
                     consent_id=fate.consent_id,
@@ -395,15 +398,16 @@ def _run(
             if trace is not None:
                 trace.entry_fate[rid] = fate
             continue
-        for element, index, item in entry_items:
-            sensitive = item.sensitive
-            fate = judge(item, label.resource_type, element, sensitive)
+        for it in label.items:
+            item = _item(rtype, _categories(it.category), it.sensitive_classes, it.grade)
+            # An item's special-disease classes are its sensitivity labels (item.sensitive).
+            fate = judge(item, rtype, it.element, it.sensitive_classes)
             if fate is not None:
-                fate = replace(fate, index=index)
+                fate = replace(fate, index=it.index)
                 held.append(fate)
-                drop_items.setdefault(label.index, []).append((element, index))
+                drop_items.setdefault(label.index, []).append((it.element, it.index))
                 if trace is not None:
-                    trace.item_fate[(rid, element, index)] = fate
+                    trace.item_fate[(rid, it.element, it.index)] = fate
 
     # What the link cannot send without, as it stands before anything is held back (the
     # judging above changes nothing). When nothing is, nothing can have gone missing.
