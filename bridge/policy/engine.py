@@ -306,13 +306,15 @@ def _run(
     period = data_period(collection)
     # Ids are pseudonymised while minimizing, except for an explanation, which reads the
     # trace by the input's ids.
+    departments = _may_send_department(profile)
     minimized = profile.minimize(collection, key=key, pseudonymise=trace is None,
-                                 read_codes=_may_send_department(profile))
+                                 read_codes=departments)
     # Special-disease classes of the whole input, needed only when a department could
-    # leave with the stay (see below). Minimizing read the input's codes: most stays
-    # name none that could be special, and then there is nothing to walk.
+    # leave with the stay (see below); on a link whose profile does not allow one,
+    # minimizing left none. Minimizing read the input's codes: most stays name none
+    # that could be special, and then there is nothing to walk.
     special_in: frozenset[str] = frozenset()
-    if _has_department(minimized.bundle):
+    if departments and _has_department(minimized.bundle):
         texts = minimized.code_texts
         if texts is None or any(codes.may_name_a_class_text(raw) for raw in texts):
             special_in = _special_classes(
