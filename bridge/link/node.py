@@ -7,6 +7,7 @@ only enqueues) and by the demo, which runs two of them.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import hmac
@@ -37,9 +38,9 @@ from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditEntry, AuditRecord, patient_pseudonym
-from bridge.ledger.identity import link_pseudonyms, links_since
+from bridge.ledger.identity import link_pseudonyms, link_pseudonyms_many, links_since
 from bridge.link.clearance import Clearance
-from bridge.link.store import AsyncStore
+from bridge.link.store import AsyncStore, GroupCommit
 from bridge.logs import event, refusal_event
 from bridge.mapping import map_record, patient_identifiers
 from bridge.messages import collection_of, message_id_for, wrap_message
@@ -187,6 +188,9 @@ class Controller:
         config.store.path.parent.mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store)
         self.db = AsyncStore(self.store)
+        # What a submission reads before its consent decision (see :meth:`submit`):
+        # concurrent submissions take it in one trip to the store's thread.
+        self._intake = GroupCommit(self.db, functools.partial(_intake_many, self.store))
         self.signer, self.signers = signers_of(config)
         self.keyring = KeyRing()
         partners: list[Partner] = []
@@ -640,10 +644,13 @@ class Controller:
         # One trip to the store's thread: the patient links the record states (see
         # link_patient), then the consents changed by any process sharing the store,
         # and whether this claim was queued before.
-        changes, queued = await self.db.call(_link_consents_and_outbox, self.store, group,
-                                             self.clock(), self._consent_cursor, message_id)
+        changes, queued = await self._intake(group=group, now=self.clock(),
+                                             cursor=self._consent_cursor, message_id=message_id)
         if group is not None:
             self.identity.link(group)
+        # Submissions read together share one answer: the first to come back takes the
+        # changes in, the others only what it has not.
+        changes = [change for change in changes if change[0] > self._consent_cursor]
         if changes:
             self._apply_consent_changes(changes)
             await self.sync_consents()  # any further page of changes
@@ -832,11 +839,21 @@ def _links_and_consent_changes(store: Any, link_cursor: int,
     return links_since(store, link_cursor), store.consent_changes(consent_cursor)
 
 
-def _link_consents_and_outbox(store: Any, group: list[str] | None, now: datetime, cursor: int,
-                              message_id: str) -> tuple[Any, Any]:
-    if group is not None:
-        link_pseudonyms(store, group, now=now)
-    return store.consent_changes(cursor), store.get_outbox(message_id)
+def _intake_many(store: Any, requests: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    """For each submission (``group``, ``now``, ``cursor``, ``message_id``): the patient
+    links its record states stored (see :meth:`Controller.link_patient`), then the
+    consent changes after ``cursor`` and its outbox row (None when it was never queued).
+    Read after every link is stored, in one trip to the store's thread."""
+    linking = [(r["group"], r["now"]) for r in requests if r["group"] is not None]
+    if linking:
+        link_pseudonyms_many(store, linking)
+    changes: dict[int, Any] = {}
+    answers = []
+    for r in requests:
+        if r["cursor"] not in changes:
+            changes[r["cursor"]] = store.consent_changes(r["cursor"])
+        answers.append((changes[r["cursor"]], store.get_outbox(r["message_id"])))
+    return answers
 
 
 def load_deid_key(link: LinkConfig) -> bytes:
