@@ -94,12 +94,15 @@ class Clearance:
         return replace(self, payload=sha256(payload).digest())
 
     def holds(self, *, registry: ConsentRegistry, profile: LinkProfile, now: datetime,
-              payload: bytes) -> bool:
+              payload: bytes, payload_sha256: bytes | None = None) -> bool:
         """Would the consent question asked now of the message ``payload`` (its bytes as
-        the outbox holds them) get the enqueue answer?"""
+        the outbox holds them) get the enqueue answer? ``payload_sha256`` is the SHA-256
+        of those bytes when the caller has computed it already."""
         if registry is not self.registry or profile is not self.profile:
             return False
-        if not self.payload or sha256(payload).digest() != self.payload:
+        if payload_sha256 is None:
+            payload_sha256 = sha256(payload).digest()
+        if not self.payload or payload_sha256 != self.payload:
             return False
         if now < self.decided_at or (self.until is not None and now >= self.until):
             return False

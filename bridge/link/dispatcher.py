@@ -537,9 +537,9 @@ class Dispatcher:
         when it no longer holds."""
         c = self.c
         message_id = row.message_id
-        payload: dict[str, Any] = orjson.loads(row.payload)
+        payload, raw_sha256 = c.queued_message(message_id, row.payload)
         try:
-            c.recheck_consent(payload, self.link, raw=row.payload)
+            c.recheck_consent(payload, self.link, raw=row.payload, raw_sha256=raw_sha256)
         except PolicyError as exc:
             self.stats.refused += 1
             await c.db.mark_refused(

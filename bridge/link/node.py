@@ -256,6 +256,10 @@ class Controller:
         # so that dispatch need not ask again when none of it changed (see
         # bridge/link/clearance.py); the oldest are forgotten first.
         self._clearances: dict[str, Clearance] = {}
+        # The message of each row this process queued, as it signed it, by message id,
+        # with the SHA-256 of the bytes the outbox was given (see :meth:`queued_message`);
+        # the oldest are forgotten first.
+        self._queued_forms: dict[str, tuple[bytes, dict[str, Any]]] = {}
 
     # --- helpers -------------------------------------------------------------------
 
@@ -616,6 +620,21 @@ class Controller:
         if pending is not None:
             self._clearances[signature] = pending.queued_as(payload)
 
+    def queued_message(self, message_id: str, raw: bytes) -> tuple[dict[str, Any], bytes]:
+        """The message an outbox row holds (``raw``, its bytes) and the SHA-256 of those bytes.
+
+        When this process queued the row and it still holds the very bytes written then,
+        the message is the one signed here, which those bytes were written from (the
+        signed message is plain JSON data, read back from its bytes as it was: see
+        tests/test_dispatch_clearance.py); any other is read from the bytes. Each is
+        taken once: a message is dispatched to be acknowledged once, and a retry reads
+        it again."""
+        raw_sha256 = hashlib.sha256(raw).digest()
+        held = self._queued_forms.pop(message_id, None)
+        if held is not None and held[0] == raw_sha256:
+            return held[1], raw_sha256
+        return orjson.loads(raw), raw_sha256
+
     def request_digests(self, payload: dict[str, Any]) -> frozenset[str]:
         """:func:`payload_digests` of a stored signed message, the digests its receipt may
         name. A message this process signed is known by its signature, which covers
@@ -689,6 +708,9 @@ class Controller:
         payload = orjson.dumps(signed)
         payload_digest = digest(payload)
         self.queued_as(signed, payload)
+        if len(self._queued_forms) >= _SIGNED_DIGESTS_MAX:
+            del self._queued_forms[next(iter(self._queued_forms))]
+        self._queued_forms[message_id] = (hashlib.sha256(payload).digest(), signed)
         now = self.clock()
         ids = patient_identifiers(signed)
         try:
@@ -786,11 +808,12 @@ class Controller:
         return result.created
 
     def recheck_consent(self, payload: dict[str, Any], link: LinkConfig, *,
-                        raw: bytes | None = None) -> None:
+                        raw: bytes | None = None, raw_sha256: bytes | None = None) -> None:
         """Ask the consent question again at dispatch; raises ConsentDenied.
 
-        ``raw`` is the message as the outbox holds it (``payload`` is read from it); the
-        question is not asked twice only for the very bytes that were queued.
+        ``raw`` is the message as the outbox holds it (``payload`` is read from it), and
+        ``raw_sha256`` its SHA-256 when already computed; the question is not asked twice
+        only for the very bytes that were queued.
 
         The question is rebuilt from the signed payload itself (its patient, every
         resource and labelled entry it carries, the span of care it describes), so it
@@ -804,8 +827,10 @@ class Controller:
         signature = payload.get("signature")
         data = signature.get("data") if isinstance(signature, dict) else None
         cleared = self._clearances.pop(data, None) if isinstance(data, str) else None
-        if cleared is not None and cleared.holds(registry=registry, profile=profile, now=now,
-                                                 payload=_queued_bytes(payload, raw)):
+        if cleared is not None and cleared.holds(
+                registry=registry, profile=profile, now=now,
+                payload=_queued_bytes(payload, raw),
+                payload_sha256=raw_sha256 if raw is not None else None):
             # Nothing the enqueue answer rested on has changed: the same question gets
             # the same answer. Asked once per message: a retry or resend asks in full.
             return
