@@ -7,8 +7,8 @@ later, an identifier linked to a patient with a restricting consent) still stops
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import copy
+import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any

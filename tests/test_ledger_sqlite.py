@@ -230,15 +230,18 @@ def test_rows_answered_by_writes_are_the_rows_read_back(tmp_path: Path, sealed: 
         same(s.mark_refused("m2", error="consent-denied", now=later,
                              audit=rec("claim.refused", "m2")), "m2")
         assert len(s.claim_due("a-to-b", now=later + timedelta(hours=1))) == 1
-        many = s.mark_acked_many([dict(message_id="m4", receipt=b'{"r":4}', now=later,
-                                       audit=rec("claim.ack", "m4")),
-                                  dict(message_id="m1", receipt=b'{"r":5}', now=later,
-                                       audit=rec("claim.ack", "m1"))])
+        many = s.mark_acked_many([
+            {"message_id": "m4", "receipt": b'{"r":4}', "now": later,
+             "audit": rec("claim.ack", "m4")},
+            {"message_id": "m1", "receipt": b'{"r":5}', "now": later,
+             "audit": rec("claim.ack", "m1")},
+        ])
         same(many[0], "m4")
         assert not isinstance(many[0], Exception) and isinstance(many[1], Exception)
-        rows = s.enqueue_many([dict(message_id=m, link="a-to-b", partner="insurer-b",
-                                    payload=b"[1]", digest=digest(b"[1]"),
-                                    audit=rec("claim.enqueue", m), now=later)
-                               for m in ("m6", "m7")])
+        rows = s.enqueue_many([
+            {"message_id": m, "link": "a-to-b", "partner": "insurer-b", "payload": b"[1]",
+             "digest": digest(b"[1]"), "audit": rec("claim.enqueue", m), "now": later}
+            for m in ("m6", "m7")
+        ])
         same(rows[0], "m6")
         same(rows[1], "m7")

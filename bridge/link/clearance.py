@@ -89,9 +89,11 @@ class Clearance:
         return cls(registry, profile, tuple(identifiers), records, decided_at,
                    next_change(records, decided_at), b"")
 
-    def queued_as(self, payload: bytes) -> Clearance:
-        """This clearance, for the message as it was written to the outbox."""
-        return replace(self, payload=sha256(payload).digest())
+    def queued_as(self, payload: bytes, payload_sha256: bytes | None = None) -> Clearance:
+        """This clearance, for the message as it was written to the outbox
+        (``payload_sha256``: the SHA-256 of those bytes, when the caller has it already)."""
+        return replace(self, payload=payload_sha256 if payload_sha256 is not None
+                       else sha256(payload).digest())
 
     def holds(self, *, registry: ConsentRegistry, profile: LinkProfile, now: datetime,
               payload: bytes, payload_sha256: bytes | None = None) -> bool:

@@ -61,7 +61,7 @@ from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
 from bridge.trust.checkpoint import origin_for, sign_checkpoint
-from bridge.trust.jws import KeyRing, Signer, digest, payload_digests, sign_bundle_digests
+from bridge.trust.jws import KeyRing, Signer, payload_digests, sign_bundle_digests
 from bridge.trust.pki import load_certificates
 from bridge.trust.registry import Partner, PartnerRegistry
 
@@ -612,13 +612,15 @@ class Controller:
             del self._clearances[next(iter(self._clearances))]
         self._clearances[signed["signature"]["data"]] = clearance
 
-    def queued_as(self, signed: dict[str, Any], payload: bytes) -> None:
-        """``payload`` is how the outbox holds the prepared message ``signed``: its
-        consent decision (see :meth:`recheck_consent`) holds for those bytes only."""
+    def queued_as(self, signed: dict[str, Any], payload: bytes,
+                  payload_sha256: bytes | None = None) -> None:
+        """``payload`` is how the outbox holds the prepared message ``signed`` (and
+        ``payload_sha256`` its SHA-256, when already computed): its consent decision
+        (see :meth:`recheck_consent`) holds for those bytes only."""
         signature = signed["signature"]["data"]
         pending = self._clearances.get(signature)
         if pending is not None:
-            self._clearances[signature] = pending.queued_as(payload)
+            self._clearances[signature] = pending.queued_as(payload, payload_sha256)
 
     def queued_message(self, message_id: str, raw: bytes) -> tuple[dict[str, Any], bytes]:
         """The message an outbox row holds (``raw``, its bytes) and the SHA-256 of those bytes.
@@ -706,11 +708,14 @@ class Controller:
         """Put one prepared, signed message in the outbox with its audit entry."""
         message_id = submitted.message_id
         payload = orjson.dumps(signed)
-        payload_digest = digest(payload)
-        self.queued_as(signed, payload)
+        # One hash of the bytes serves the outbox's digest (as :func:`digest` writes it),
+        # the consent clearance and the message kept for dispatch.
+        payload_sha256 = hashlib.sha256(payload).digest()
+        payload_digest = "sha256:" + payload_sha256.hex()
+        self.queued_as(signed, payload, payload_sha256)
         if len(self._queued_forms) >= _SIGNED_DIGESTS_MAX:
             del self._queued_forms[next(iter(self._queued_forms))]
-        self._queued_forms[message_id] = (hashlib.sha256(payload).digest(), signed)
+        self._queued_forms[message_id] = (payload_sha256, signed)
         now = self.clock()
         ids = patient_identifiers(signed)
         try:
