@@ -365,3 +365,28 @@ def test_the_message_dispatched_from_memory_is_the_message_its_bytes_read_back(
     other, other_sha = controller.queued_message(row.message_id, changed)
     assert other is not signed and other_sha == hashlib.sha256(changed).digest()
     assert _exactly(other, orjson.loads(changed))
+
+
+def test_messages_kept_for_dispatch_are_bounded(hospital: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the latest messages queued are kept whole (each is tens of KiB); an older one
+    is read from its bytes at dispatch, and is the same message."""
+    from bridge.link import node
+
+    monkeypatch.setattr(node, "_QUEUED_FORMS_MAX", 2)
+    controller, clock = hospital
+    link = controller.outbound_link(LINK)
+    kept = []
+    for seed in (201, 202, 203):
+        record = ordinary(seed)
+        fresh(controller, clock, consent(record))
+        signed, submitted = controller.prepare(record, LINK)
+        asyncio.run(controller.enqueue_signed(link, signed, submitted))
+        kept.append((submitted.message_id, signed))
+    assert len(controller._queued_forms) == 2
+    for n, (message_id, signed) in enumerate(kept):
+        row = controller.store.get_outbox(message_id)
+        assert row is not None
+        form, _ = controller.queued_message(message_id, row.payload)
+        assert (form is signed) is (n > 0)
+        assert _exactly(form, signed)

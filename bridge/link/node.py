@@ -713,7 +713,7 @@ class Controller:
         payload_sha256 = hashlib.sha256(payload).digest()
         payload_digest = "sha256:" + payload_sha256.hex()
         self.queued_as(signed, payload, payload_sha256)
-        if len(self._queued_forms) >= _SIGNED_DIGESTS_MAX:
+        if len(self._queued_forms) >= _QUEUED_FORMS_MAX:
             del self._queued_forms[next(iter(self._queued_forms))]
         self._queued_forms[message_id] = (payload_sha256, signed)
         now = self.clock()
@@ -854,6 +854,9 @@ class Controller:
 
 #: Signed messages whose digests are kept for their dispatch (about 200 bytes each).
 _SIGNED_DIGESTS_MAX = 20_000
+#: Signed messages kept whole for their dispatch (about 60 KiB each for a claim): enough
+#: for the backlog of a link that keeps up; a longer one is read from the outbox.
+_QUEUED_FORMS_MAX = 512
 
 
 def _claim_and_feeds(store: Any, link_id: str, now: datetime, limit: int, lease: timedelta,
