@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -299,3 +300,93 @@ def test_a_stored_message_changed_under_its_signature_is_asked_in_full(hospital:
     assert stored["signature"]["data"] == signed["signature"]["data"]
     with pytest.raises(ConsentDenied):
         dispatch(controller, stored)
+
+
+def _exactly(a: Any, b: Any) -> bool:
+    """Equal with the same types and member order throughout (``1 == 1.0`` and
+    ``(1,) != [1]`` are not good enough: code reading a message sees types)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_exactly(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_exactly(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def awkward(seed: int) -> dict[str, Any]:
+    """A record with text a JSON round trip could change if anything could: each
+    free-text value (names, addresses) given characters beyond the Basic Multilingual
+    Plane, a quote, a backslash, a line separator and a tab, where the mapping takes it."""
+    from bridge.errors import BridgeError
+    from bridge.mapping import map_record
+
+    record = ordinary(seed)
+    elements = record["elements"]
+    for key, value in list(elements.items()):
+        if not isinstance(value, str) or value.isascii():
+            continue
+        elements[key] = value[:1] + '\U0001f600"\\\u2028\t' + value[1:]
+        try:
+            map_record(record)
+        except BridgeError:
+            elements[key] = value
+    assert elements != ordinary(seed)["elements"]
+    return record
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_message_dispatched_from_memory_is_the_message_its_bytes_read_back(
+        hospital: Any, seed: int) -> None:
+    """Dispatch takes the message this process signed instead of reading the row's bytes
+    again only while the row holds the very bytes it queued; that message is then exactly
+    what reading them gives (types and member order too), so the two ways cannot differ.
+    Bytes changed in the store are read as they are, and a second dispatch (a retry)
+    reads the bytes."""
+    controller, clock = hospital
+    make = awkward if seed % 2 else ordinary
+    record = make(100 + seed)
+    fresh(controller, clock, consent(record))
+    signed, submitted = controller.prepare(record, LINK)
+    link = controller.outbound_link(LINK)
+    asyncio.run(controller.enqueue_signed(link, signed, submitted))
+    row = controller.store.get_outbox(submitted.message_id)
+    assert row is not None
+    form, raw_sha256 = controller.queued_message(row.message_id, row.payload)
+    assert form is signed
+    assert _exactly(form, orjson.loads(row.payload))
+    assert raw_sha256 == hashlib.sha256(row.payload).digest()
+    # Taken once: a retry reads the bytes.
+    again, _ = controller.queued_message(row.message_id, row.payload)
+    assert again is not signed and _exactly(again, form)
+    # Bytes changed under the same message id are read as they are.
+    asyncio.run(controller.enqueue_signed(link, signed, submitted))
+    changed = row.payload.replace(b'"Claim"', b'"Claim" ', 1)
+    other, other_sha = controller.queued_message(row.message_id, changed)
+    assert other is not signed and other_sha == hashlib.sha256(changed).digest()
+    assert _exactly(other, orjson.loads(changed))
+
+
+def test_messages_kept_for_dispatch_are_bounded(hospital: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the latest messages queued are kept whole (each is tens of KiB); an older one
+    is read from its bytes at dispatch, and is the same message."""
+    from bridge.link import node
+
+    monkeypatch.setattr(node, "_QUEUED_FORMS_MAX", 2)
+    controller, clock = hospital
+    link = controller.outbound_link(LINK)
+    kept = []
+    for seed in (201, 202, 203):
+        record = ordinary(seed)
+        fresh(controller, clock, consent(record))
+        signed, submitted = controller.prepare(record, LINK)
+        asyncio.run(controller.enqueue_signed(link, signed, submitted))
+        kept.append((submitted.message_id, signed))
+    assert len(controller._queued_forms) == 2
+    for n, (message_id, signed) in enumerate(kept):
+        row = controller.store.get_outbox(message_id)
+        assert row is not None
+        form, _ = controller.queued_message(message_id, row.payload)
+        assert (form is signed) is (n > 0)
+        assert _exactly(form, signed)

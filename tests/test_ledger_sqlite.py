@@ -189,3 +189,59 @@ def test_crash_loses_nothing_committed(tmp_path: Path) -> None:
         assert [r.message_id for r in recovered] == [f"m{i}" for i in range(1, 6)]
         report = s.verify_audit()
         assert report.ok and report.count == 5
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_rows_answered_by_writes_are_the_rows_read_back(tmp_path: Path, sealed: bool) -> None:
+    """Enqueue and every state change answer with the row they wrote, made from what
+    they wrote rather than read again: it must be exactly what a read finds, through
+    every transition, with an encrypting sealer as without."""
+    from bridge.ledger.seal import AESGCMSealer
+
+    sealer = AESGCMSealer(bytes(range(32))) if sealed else None
+    with SQLiteStore(tmp_path / "ledger.db", sealer=sealer) as s:
+        if sealer is not None:
+            with s.transaction("load data keys") as tx:
+                sealer.load(tx)
+        later = T0 + timedelta(minutes=5, microseconds=123_457)
+
+        def same(answer: object, mid: str) -> None:
+            assert answer == s.get_outbox(mid)
+
+        for mid in ("m1", "m2", "m3", "m4", "m5"):
+            same(s.enqueue(message_id=mid, link="a-to-b", partner="insurer-b",
+                           payload=b'{"x":"\xc3\xa9"}', digest=digest(mid.encode()),
+                           audit=rec("claim.enqueue", mid), now=T0), mid)
+        # The same enqueue again answers with the row that stands.
+        same(s.enqueue(message_id="m1", link="a-to-b", partner="insurer-b", payload=b"{}",
+                       digest=digest(b"m1"), audit=rec("claim.enqueue", "m1"), now=later), "m1")
+        assert len(s.claim_due("a-to-b", now=T0)) == 5
+        same(s.mark_acked("m1", receipt=b'{"r":1}', now=later, audit=rec("claim.ack", "m1")), "m1")
+        same(s.mark_retry("m2", next_attempt=later + timedelta(seconds=7), error="http-503",
+                          now=later, audit=None, fate_unknown=True, answer="HTTP 503"), "m2")
+        same(s.mark_rejected("m3", error="invalid", receipt=None, now=later,
+                             audit=rec("claim.rejected", "m3")), "m3")
+        same(s.mark_dead("m4", error="gave-up:x", answer="no answer: timeout", now=later,
+                         audit=rec("claim.dead", "m4")), "m4")
+        same(s.mark_refused("m5", error="consent-denied", now=later,
+                            audit=rec("claim.refused", "m5")), "m5")
+        same(s.requeue("m4", now=later + timedelta(hours=1), audit=rec("claim.requeue", "m4")),
+             "m4")
+        same(s.mark_refused("m2", error="consent-denied", now=later,
+                             audit=rec("claim.refused", "m2")), "m2")
+        assert len(s.claim_due("a-to-b", now=later + timedelta(hours=1))) == 1
+        many = s.mark_acked_many([
+            {"message_id": "m4", "receipt": b'{"r":4}', "now": later,
+             "audit": rec("claim.ack", "m4")},
+            {"message_id": "m1", "receipt": b'{"r":5}', "now": later,
+             "audit": rec("claim.ack", "m1")},
+        ])
+        same(many[0], "m4")
+        assert not isinstance(many[0], Exception) and isinstance(many[1], Exception)
+        rows = s.enqueue_many([
+            {"message_id": m, "link": "a-to-b", "partner": "insurer-b", "payload": b"[1]",
+             "digest": digest(b"[1]"), "audit": rec("claim.enqueue", m), "now": later}
+            for m in ("m6", "m7")
+        ])
+        same(rows[0], "m6")
+        same(rows[1], "m7")

@@ -17,27 +17,35 @@ from typing import Any
 
 from bridge.ledger.audit import format_time
 
-__all__ = ["link_pseudonyms", "linked_pseudonyms", "links_since"]
+__all__ = ["link_pseudonyms", "link_pseudonyms_many", "linked_pseudonyms", "links_since"]
 
 
 def link_pseudonyms(store: Any, group: Sequence[str], *, now: datetime) -> int:
     """Record that the pseudonyms of ``group`` name one person; return the new links."""
-    members = sorted(set(group))
-    if len(members) < 2:
-        return 0
-    first = members[0]
-    added = 0
+    return link_pseudonyms_many(store, [(group, now)])[0]
+
+
+def link_pseudonyms_many(store: Any, groups: Sequence[tuple[Sequence[str], datetime]]) -> list[int]:
+    """:func:`link_pseudonyms` for several ``(group, now)`` in one transaction (a bridge
+    taking in several records at once links them in one trip); the new links of each."""
+    if all(len(set(group)) < 2 for group, _now in groups):
+        return [0] * len(groups)
+    added: list[int] = []
     # Not synced on its own (like the outbox's bookkeeping): whatever follows from a link
     # that anyone is told about (an enqueue, a refusal's audit entry, a release) commits
     # durably after it, and a synced commit carries every earlier one to the disk. A link
     # lost to a power cut was acted on by nobody, and the record that states it makes it
     # again when it comes back.
     with store.transaction("patient_link", durable=False) as tx:
-        for other in members[1:]:
-            if tx.one("SELECT 1 FROM patient_link WHERE a=? AND b=?", (first, other)) is None:
-                tx.execute("INSERT INTO patient_link (a, b, linked) VALUES (?, ?, ?)"
-                           " ON CONFLICT DO NOTHING", (first, other, format_time(now)))
-                added += 1
+        for group, now in groups:
+            members = sorted(set(group))
+            added.append(0)
+            for other in members[1:]:
+                if tx.one("SELECT 1 FROM patient_link WHERE a=? AND b=?",
+                          (members[0], other)) is None:
+                    tx.execute("INSERT INTO patient_link (a, b, linked) VALUES (?, ?, ?)"
+                               " ON CONFLICT DO NOTHING", (members[0], other, format_time(now)))
+                    added[-1] += 1
     return added
 
 

@@ -229,6 +229,8 @@ _OUTBOX_COLS = (
 )
 #: What a row is read with: the columns written at enqueue and those added since.
 _OUTBOX_READ = _OUTBOX_COLS + ", fate_unknown, last_answer, since"
+#: Where each column of :data:`_OUTBOX_READ` stands in a row read with it.
+_OUTBOX_AT = {name.strip(): i for i, name in enumerate(_OUTBOX_READ.split(","))}
 _INBOX_COLS = "sender, message_id, digest, payload, receipt, audit_seq, received"
 _HL7_COLS = "sender, control_id, digest, message, record, ack, audit_seq, received"
 _AUDIT_COLS = (
@@ -552,10 +554,13 @@ class SQLiteStore:
         sets: dict[str, Any],
         allowed_from: frozenset[OutboxState],
     ) -> OutboxRow:
-        row = self._get_outbox(conn, message_id)
-        if row is None:
+        stored = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE message_id=?",
+                              (message_id,)).fetchone()
+        if stored is None:
             raise UnknownMessage(f"{what}: no outbox row for this message id",
                                  location=f"outbox[{message_id}]")
+        opener = self._opener(conn)
+        row = _outbox_row(stored, opener)
         if row.state not in allowed_from:
             raise TransitionError(
                 f"{what} is not allowed from state {row.state.value}",
@@ -570,9 +575,12 @@ class SQLiteStore:
                      (*cols.values(), message_id))
         if audit is not None:
             self._append(conn, audit)
-        updated = self._get_outbox(conn, message_id)
-        assert updated is not None
-        return updated
+        # The row as it now stands is the row read above with these columns written
+        # (nothing else writes it in this transaction): made here, not read again.
+        after = list(stored)
+        for column, value in cols.items():
+            after[_OUTBOX_AT[column]] = value
+        return _outbox_row(tuple(after), opener)
 
     # --- outbox ---------------------------------------------------------------------
 
@@ -643,16 +651,16 @@ class SQLiteStore:
         seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox WHERE link=?",
                            (link,)).fetchone()[0]
         t = format_time(now)
+        values = (message_id, link, seq, partner, payload, digest, OutboxState.QUEUED.value, 0,
+                  t, None, None, None, t, t)
         conn.execute(
             f"INSERT INTO outbox ({_OUTBOX_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (message_id, link, seq, partner, self._seal(payload, "outbox.payload"), digest,
-             OutboxState.QUEUED.value, 0,
-             t, None, None, None, t, t),
+            (*values[:4], self._seal(payload, "outbox.payload"), *values[5:]),
         )
         self._append(conn, audit)
-        row = self._get_outbox(conn, message_id)
-        assert row is not None
-        return row
+        # The row as stored (the columns added since at their defaults: no fate unknown,
+        # no answer, no requeue), made from what was written rather than read again.
+        return _outbox_row((*values, 0, None, None))
 
     def claim_due(
         self,

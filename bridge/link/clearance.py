@@ -89,17 +89,22 @@ class Clearance:
         return cls(registry, profile, tuple(identifiers), records, decided_at,
                    next_change(records, decided_at), b"")
 
-    def queued_as(self, payload: bytes) -> Clearance:
-        """This clearance, for the message as it was written to the outbox."""
-        return replace(self, payload=sha256(payload).digest())
+    def queued_as(self, payload: bytes, payload_sha256: bytes | None = None) -> Clearance:
+        """This clearance, for the message as it was written to the outbox
+        (``payload_sha256``: the SHA-256 of those bytes, when the caller has it already)."""
+        return replace(self, payload=payload_sha256 if payload_sha256 is not None
+                       else sha256(payload).digest())
 
     def holds(self, *, registry: ConsentRegistry, profile: LinkProfile, now: datetime,
-              payload: bytes) -> bool:
+              payload: bytes, payload_sha256: bytes | None = None) -> bool:
         """Would the consent question asked now of the message ``payload`` (its bytes as
-        the outbox holds them) get the enqueue answer?"""
+        the outbox holds them) get the enqueue answer? ``payload_sha256`` is the SHA-256
+        of those bytes when the caller has computed it already."""
         if registry is not self.registry or profile is not self.profile:
             return False
-        if not self.payload or sha256(payload).digest() != self.payload:
+        if payload_sha256 is None:
+            payload_sha256 = sha256(payload).digest()
+        if not self.payload or payload_sha256 != self.payload:
             return False
         if now < self.decided_at or (self.until is not None and now >= self.until):
             return False

@@ -537,9 +537,9 @@ class Dispatcher:
         when it no longer holds."""
         c = self.c
         message_id = row.message_id
-        payload: dict[str, Any] = orjson.loads(row.payload)
+        payload, raw_sha256 = c.queued_message(message_id, row.payload)
         try:
-            c.recheck_consent(payload, self.link, raw=row.payload)
+            c.recheck_consent(payload, self.link, raw=row.payload, raw_sha256=raw_sha256)
         except PolicyError as exc:
             self.stats.refused += 1
             await c.db.mark_refused(
@@ -558,13 +558,18 @@ class Dispatcher:
             return None
         return payload
 
-    async def _acknowledge(self, row: Any, payload: dict[str, Any], receipt_bytes: bytes) -> None:
+    async def _acknowledge(self, row: Any, payload: dict[str, Any], receipt_bytes: bytes,
+                           read: Any = None) -> None:
         """Verify the partner's receipt for ``row`` and only then mark it acknowledged;
-        a receipt that fails is a :class:`TransportError` with ``maybe_sent``."""
+        a receipt that fails is a :class:`TransportError` with ``maybe_sent``.
+
+        ``read`` is ``receipt_bytes`` as read already, when they were written from a value
+        parsed from JSON (an entry of a batch-response): reading them again gives that
+        same value."""
         c = self.c
         message_id = row.message_id
         try:
-            receipt = orjson.loads(receipt_bytes)
+            receipt = orjson.loads(receipt_bytes) if read is None else read
             if not isinstance(receipt, dict):
                 raise SignatureError("receipt is not a signed Bundle", location="receipt")
             verified = verify_receipt(
@@ -587,7 +592,7 @@ class Dispatcher:
             ) from None
         now = c.clock()
         await c.db.mark_acked(
-            message_id,
+            message_id=message_id,
             receipt=receipt_bytes,
             now=now,
             audit=c.audit(
@@ -736,7 +741,7 @@ class Dispatcher:
                     location="batch-response", status=status, maybe_sent=True,
                 )
             if status == 200:
-                await self._acknowledge(row, payload, body)
+                await self._acknowledge(row, payload, body, resource)
                 return
             raise _answer_error(status, body, retry_after=None, where="batch-response")
         except Exception as raw:  # noqa: BLE001 - classified in _settle_failure

@@ -7,6 +7,7 @@ only enqueues) and by the demo, which runs two of them.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import hmac
@@ -37,9 +38,9 @@ from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditEntry, AuditRecord, patient_pseudonym
-from bridge.ledger.identity import link_pseudonyms, links_since
+from bridge.ledger.identity import link_pseudonyms, link_pseudonyms_many, links_since
 from bridge.link.clearance import Clearance
-from bridge.link.store import AsyncStore
+from bridge.link.store import AsyncStore, GroupCommit
 from bridge.logs import event, refusal_event
 from bridge.mapping import map_record, patient_identifiers
 from bridge.messages import collection_of, message_id_for, wrap_message
@@ -60,7 +61,7 @@ from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
 from bridge.trust.checkpoint import origin_for, sign_checkpoint
-from bridge.trust.jws import KeyRing, Signer, digest, payload_digests, sign_bundle_digests
+from bridge.trust.jws import KeyRing, Signer, payload_digests, sign_bundle_digests
 from bridge.trust.pki import load_certificates
 from bridge.trust.registry import Partner, PartnerRegistry
 
@@ -187,6 +188,9 @@ class Controller:
         config.store.path.parent.mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store)
         self.db = AsyncStore(self.store)
+        # What a submission reads before its consent decision (see :meth:`submit`):
+        # concurrent submissions take it in one trip to the store's thread.
+        self._intake = GroupCommit(self.db, functools.partial(_intake_many, self.store))
         self.signer, self.signers = signers_of(config)
         self.keyring = KeyRing()
         partners: list[Partner] = []
@@ -252,6 +256,10 @@ class Controller:
         # so that dispatch need not ask again when none of it changed (see
         # bridge/link/clearance.py); the oldest are forgotten first.
         self._clearances: dict[str, Clearance] = {}
+        # The message of each row this process queued, as it signed it, by message id,
+        # with the SHA-256 of the bytes the outbox was given (see :meth:`queued_message`);
+        # the oldest are forgotten first.
+        self._queued_forms: dict[str, tuple[bytes, dict[str, Any]]] = {}
 
     # --- helpers -------------------------------------------------------------------
 
@@ -604,13 +612,30 @@ class Controller:
             del self._clearances[next(iter(self._clearances))]
         self._clearances[signed["signature"]["data"]] = clearance
 
-    def queued_as(self, signed: dict[str, Any], payload: bytes) -> None:
-        """``payload`` is how the outbox holds the prepared message ``signed``: its
-        consent decision (see :meth:`recheck_consent`) holds for those bytes only."""
+    def queued_as(self, signed: dict[str, Any], payload: bytes,
+                  payload_sha256: bytes | None = None) -> None:
+        """``payload`` is how the outbox holds the prepared message ``signed`` (and
+        ``payload_sha256`` its SHA-256, when already computed): its consent decision
+        (see :meth:`recheck_consent`) holds for those bytes only."""
         signature = signed["signature"]["data"]
         pending = self._clearances.get(signature)
         if pending is not None:
-            self._clearances[signature] = pending.queued_as(payload)
+            self._clearances[signature] = pending.queued_as(payload, payload_sha256)
+
+    def queued_message(self, message_id: str, raw: bytes) -> tuple[dict[str, Any], bytes]:
+        """The message an outbox row holds (``raw``, its bytes) and the SHA-256 of those bytes.
+
+        When this process queued the row and it still holds the very bytes written then,
+        the message is the one signed here, which those bytes were written from (the
+        signed message is plain JSON data, read back from its bytes as it was: see
+        tests/test_dispatch_clearance.py); any other is read from the bytes. Each is
+        taken once: a message is dispatched to be acknowledged once, and a retry reads
+        it again."""
+        raw_sha256 = hashlib.sha256(raw).digest()
+        held = self._queued_forms.pop(message_id, None)
+        if held is not None and held[0] == raw_sha256:
+            return held[1], raw_sha256
+        return orjson.loads(raw), raw_sha256
 
     def request_digests(self, payload: dict[str, Any]) -> frozenset[str]:
         """:func:`payload_digests` of a stored signed message, the digests its receipt may
@@ -640,10 +665,13 @@ class Controller:
         # One trip to the store's thread: the patient links the record states (see
         # link_patient), then the consents changed by any process sharing the store,
         # and whether this claim was queued before.
-        changes, queued = await self.db.call(_link_consents_and_outbox, self.store, group,
-                                             self.clock(), self._consent_cursor, message_id)
+        changes, queued = await self._intake(group=group, now=self.clock(),
+                                             cursor=self._consent_cursor, message_id=message_id)
         if group is not None:
             self.identity.link(group)
+        # Submissions read together share one answer: the first to come back takes the
+        # changes in, the others only what it has not.
+        changes = [change for change in changes if change[0] > self._consent_cursor]
         if changes:
             self._apply_consent_changes(changes)
             await self.sync_consents()  # any further page of changes
@@ -680,8 +708,14 @@ class Controller:
         """Put one prepared, signed message in the outbox with its audit entry."""
         message_id = submitted.message_id
         payload = orjson.dumps(signed)
-        payload_digest = digest(payload)
-        self.queued_as(signed, payload)
+        # One hash of the bytes serves the outbox's digest (as :func:`digest` writes it),
+        # the consent clearance and the message kept for dispatch.
+        payload_sha256 = hashlib.sha256(payload).digest()
+        payload_digest = "sha256:" + payload_sha256.hex()
+        self.queued_as(signed, payload, payload_sha256)
+        if len(self._queued_forms) >= _QUEUED_FORMS_MAX:
+            del self._queued_forms[next(iter(self._queued_forms))]
+        self._queued_forms[message_id] = (payload_sha256, signed)
         now = self.clock()
         ids = patient_identifiers(signed)
         try:
@@ -779,11 +813,12 @@ class Controller:
         return result.created
 
     def recheck_consent(self, payload: dict[str, Any], link: LinkConfig, *,
-                        raw: bytes | None = None) -> None:
+                        raw: bytes | None = None, raw_sha256: bytes | None = None) -> None:
         """Ask the consent question again at dispatch; raises ConsentDenied.
 
-        ``raw`` is the message as the outbox holds it (``payload`` is read from it); the
-        question is not asked twice only for the very bytes that were queued.
+        ``raw`` is the message as the outbox holds it (``payload`` is read from it), and
+        ``raw_sha256`` its SHA-256 when already computed; the question is not asked twice
+        only for the very bytes that were queued.
 
         The question is rebuilt from the signed payload itself (its patient, every
         resource and labelled entry it carries, the span of care it describes), so it
@@ -797,8 +832,10 @@ class Controller:
         signature = payload.get("signature")
         data = signature.get("data") if isinstance(signature, dict) else None
         cleared = self._clearances.pop(data, None) if isinstance(data, str) else None
-        if cleared is not None and cleared.holds(registry=registry, profile=profile, now=now,
-                                                 payload=_queued_bytes(payload, raw)):
+        if cleared is not None and cleared.holds(
+                registry=registry, profile=profile, now=now,
+                payload=_queued_bytes(payload, raw),
+                payload_sha256=raw_sha256 if raw is not None else None):
             # Nothing the enqueue answer rested on has changed: the same question gets
             # the same answer. Asked once per message: a retry or resend asks in full.
             return
@@ -817,6 +854,9 @@ class Controller:
 
 #: Signed messages whose digests are kept for their dispatch (about 200 bytes each).
 _SIGNED_DIGESTS_MAX = 20_000
+#: Signed messages kept whole for their dispatch (about 60 KiB each for a claim): enough
+#: for the backlog of a link that keeps up; a longer one is read from the outbox.
+_QUEUED_FORMS_MAX = 512
 
 
 def _claim_and_feeds(store: Any, link_id: str, now: datetime, limit: int, lease: timedelta,
@@ -832,11 +872,21 @@ def _links_and_consent_changes(store: Any, link_cursor: int,
     return links_since(store, link_cursor), store.consent_changes(consent_cursor)
 
 
-def _link_consents_and_outbox(store: Any, group: list[str] | None, now: datetime, cursor: int,
-                              message_id: str) -> tuple[Any, Any]:
-    if group is not None:
-        link_pseudonyms(store, group, now=now)
-    return store.consent_changes(cursor), store.get_outbox(message_id)
+def _intake_many(store: Any, requests: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    """For each submission (``group``, ``now``, ``cursor``, ``message_id``): the patient
+    links its record states stored (see :meth:`Controller.link_patient`), then the
+    consent changes after ``cursor`` and its outbox row (None when it was never queued).
+    Read after every link is stored, in one trip to the store's thread."""
+    linking = [(r["group"], r["now"]) for r in requests if r["group"] is not None]
+    if linking:
+        link_pseudonyms_many(store, linking)
+    changes: dict[int, Any] = {}
+    answers = []
+    for r in requests:
+        if r["cursor"] not in changes:
+            changes[r["cursor"]] = store.consent_changes(r["cursor"])
+        answers.append((changes[r["cursor"]], store.get_outbox(r["message_id"])))
+    return answers
 
 
 def load_deid_key(link: LinkConfig) -> bytes:
