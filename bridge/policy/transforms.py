@@ -30,9 +30,7 @@ quasi-identifier values are shared by at least ``k`` records (§10.2 d: at least
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,17 +55,27 @@ class DeidContext:
     patient: str  # a stable key of the patient, e.g. "system|value" of an identifier
 
     def _mac(self, purpose: str, text: str) -> bytes:
-        mac = _keyed(self.key).copy()
+        """HMAC-SHA256 (RFC 2104) of ``purpose``, a NUL and ``text`` under the key."""
+        inner, outer = _keyed(self.key)
+        mac = inner.copy()
         mac.update(f"{purpose}\x00{text}".encode())
-        return mac.digest()
+        out = outer.copy()
+        out.update(mac.digest())
+        return out.digest()
 
     def pseudonym(self, text: str) -> str:
         """A keyed, irreversible stand-in for ``text`` (hex, 128 bits)."""
         return self._mac("pseudonym", text)[:16].hex()
 
     def pseudonym_uuid(self, text: str) -> str:
-        """A keyed stand-in for a resource id, shaped as a UUID."""
-        return str(uuid.UUID(bytes=self._mac("id", text)[:16], version=4))
+        """A keyed stand-in for a resource id, shaped as a UUID: what
+        ``str(uuid.UUID(bytes=mac[:16], version=4))`` gives, written directly (the
+        UUID class checks and converts what is known to fit, once per resource)."""
+        raw = bytearray(self._mac("id", text)[:16])
+        raw[6] = raw[6] & 0x0F | 0x40  # version 4
+        raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+        h = raw.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     @cached_property
     def shift_days(self) -> int:
@@ -77,11 +85,18 @@ class DeidContext:
         return days if (raw >> 32) & 1 else -days
 
 
+_BLOCK = 64  # SHA-256's block size in bytes
+
+
 @lru_cache(maxsize=16)
-def _keyed(key: bytes) -> hmac.HMAC:
-    """An HMAC-SHA256 already keyed with ``key``: copying it skips the key schedule that
-    every record would otherwise repeat."""
-    return hmac.new(key, digestmod=hashlib.sha256)
+def _keyed(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """The inner and outer SHA-256 of HMAC (RFC 2104) with ``key`` already absorbed:
+    copying them skips the key schedule that every record would otherwise repeat, and
+    the hash objects themselves cost less to copy than an ``hmac.HMAC`` (a Python
+    object wrapping them). :func:`hmac.new` gives the same MACs."""
+    block = (hashlib.sha256(key).digest() if len(key) > _BLOCK else key).ljust(_BLOCK, b"\0")
+    return (hashlib.sha256(bytes(b ^ 0x36 for b in block)),
+            hashlib.sha256(bytes(b ^ 0x5C for b in block)))
 
 
 Transform = Callable[[Any, DeidContext | None], Any]
