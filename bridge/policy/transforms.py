@@ -127,21 +127,27 @@ def _pseudonym(value: Any, ctx: DeidContext | None) -> Any:
     return {"system": PSEUDONYM_SYSTEM, "value": ctx.pseudonym(source)}
 
 
-def _map_dates(value: Any, fn: Callable[[str], str | None]) -> Any:
+def _map_dates(value: Any, fn: Callable[[str, int], str | None], days: int) -> Any:
+    """``fn(text, days)`` of every date in ``value`` (a date, a list, a Period); what is
+    not a date, or what ``fn`` refuses, goes."""
     if isinstance(value, str):
-        return fn(value) if _DATE_RE.match(value) else None
+        return fn(value, days) if _DATE_RE.match(value) else None
     if isinstance(value, list):
-        out = [_map_dates(v, fn) for v in value]
+        out = [_map_dates(v, fn, days) for v in value]
         return [v for v in out if v is not None] or None
     if isinstance(value, dict):
         # A Period: its start and end; anything else in it (extensions) goes.
-        kept = {k: _map_dates(value[k], fn) for k in ("start", "end") if k in value}
-        kept = {k: v for k, v in kept.items() if v is not None}
+        kept = {}
+        for k in ("start", "end"):
+            if k in value:
+                moved = _map_dates(value[k], fn, days)
+                if moved is not None:
+                    kept[k] = moved
         return kept or None
     return None
 
 
-def _year(text: str) -> str | None:
+def _year(text: str, days: int) -> str | None:
     return text[:4]
 
 
@@ -164,13 +170,12 @@ def _shift(text: str, days: int) -> str | None:
 
 
 def _year_only(value: Any, ctx: DeidContext | None) -> Any:
-    return _map_dates(value, _year)
+    return _map_dates(value, _year, 0)
 
 
 def _date_shift(value: Any, ctx: DeidContext | None) -> Any:
     assert ctx is not None
-    days = ctx.shift_days
-    return _map_dates(value, lambda text: _shift(text, days))
+    return _map_dates(value, _shift, ctx.shift_days)
 
 
 _COUNTY_KEEP = ("use", "type", "country", "state", "city", "district")
