@@ -773,9 +773,10 @@ def _sound(obj: dict[str, Any], type_name: str) -> bool:
     visit, required, choices = plan
     if not _has_required(obj, required, choices):
         return False
-    for key, value in obj.items():
-        child = visit.get(key)
-        if child is None:
+    # The elements to visit are fewer than an object's members, mostly none at all.
+    for key, child in visit.items():
+        value = obj.get(key)
+        if value is None:
             continue
         if isinstance(value, list):
             if not value:
