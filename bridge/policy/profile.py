@@ -220,6 +220,23 @@ class LinkProfile:
         return found
 
     @cached_property
+    def _pruning(self) -> dict[tuple[str, bool], _Children | None]:
+        """:meth:`rules` with the names a resource keeps whole as they are (see
+        :func:`_compile`), per (resource type, with transforms)."""
+        return {}
+
+    def pruning(self, resource_type: str, transforms: bool) -> _Children | None:
+        """The compiled allow tree of a type and the names it keeps whole as they are
+        (None: the type is not allowed)."""
+        key = (resource_type, transforms)
+        try:
+            return self._pruning[key]
+        except KeyError:
+            rules = self.rules(resource_type, transforms)
+            found = self._pruning[key] = None if rules is None else (rules, _whole(rules))
+            return found
+
+    @cached_property
     def anchored(self) -> dict[str, tuple[tuple[str, str], ...]]:
         """Per resource type, (element, source) of its anchored transforms."""
         out: dict[str, list[tuple[str, str]]] = {}
@@ -328,8 +345,8 @@ def _minimize(
             removed.append("Bundle.entry")
             continue
         rtype = str(resource.get("resourceType"))
-        rules = profile.rules(rtype, transforms)
-        if rules is None:
+        plan = profile.pruning(rtype, transforms)
+        if plan is None:
             removed.append(rtype)
             dropped.append(entry)
             if gone is not None:
@@ -343,7 +360,7 @@ def _minimize(
             new_entry["fullUrl"] = entry["fullUrl"]
         pruned: dict[str, Any] = {k: resource[k] for k in _KEPT_FIRST if k in resource}
         pruned.update(
-            _prune(resource, rules, rtype, removed, transformed, ctx, gone, ALWAYS_KEPT))
+            _prune(resource, plan, rtype, removed, transformed, ctx, gone, ALWAYS_KEPT))
         if tf:
             _anchor(pruned, profile.anchored.get(rtype, ()), gone)
         new_entry["resource"] = pruned
@@ -449,12 +466,21 @@ def _anchor(
 # A compiled allow tree: per allowed element name, (its full path, the selection of its
 # entries, its transform, the children or None for the whole element). The children are
 # their compiled tree and the names in it kept whole as they are (no selection, no
-# transform): an object holding only those is kept as it is. Compiled once per profile
-# and type, so pruning formats no paths and looks up no selections or transforms by
-# path for what it keeps.
+# transform), with their primitives' extension siblings (``_status``): an object holding
+# only those is kept as it is, and pruning copies such a member without looking at its
+# rule. Compiled once per profile and type, so pruning formats no paths and looks up no
+# selections or transforms by path for what it keeps.
 _Rule = tuple[str, "Match | None", "TransformSpec | None", "_Children | None"]
 _Rules = dict[str, _Rule]
 _Children = tuple[_Rules, frozenset[str]]
+
+
+def _whole(rules: _Rules) -> frozenset[str]:
+    """The names of ``rules`` kept whole as they are, and their extension siblings:
+    :func:`_prune` keeps each of those members as it is (see its rule ``sub is None``)."""
+    names = [n for n, (_, match, spec, below) in rules.items()
+             if match is None and spec is None and below is None]
+    return frozenset([*names, *(f"_{n}" for n in names)])
 
 
 def _compile(
@@ -466,9 +492,7 @@ def _compile(
         children: _Children | None = None
         if sub is not None:
             rules = _compile(sub, full, tf, matches)
-            children = (rules, frozenset(
-                n for n, (_, match, spec, below) in rules.items()
-                if match is None and spec is None and below is None))
+            children = (rules, _whole(rules))
         out[name] = (full, matches.get(full), tf.get(full) if tf is not None else None,
                      children)
     return out
@@ -476,7 +500,7 @@ def _compile(
 
 def _prune(
     obj: dict[str, Any],
-    rules: _Rules,
+    plan: _Children,
     path: str,
     removed: list[str],
     transformed: list[str],
@@ -484,10 +508,15 @@ def _prune(
     gone: list[Any] | None = None,
     skip: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """The allowed part of ``obj``. Values are shared, not copied: the caller owns them.
-    With ``gone``, every value left out or transformed goes there under its member name."""
+    """The allowed part of ``obj`` (``plan``: its compiled allow tree and the names kept
+    whole). Values are shared, not copied: the caller owns them. With ``gone``, every
+    value left out or transformed goes there under its member name."""
+    rules, whole = plan
     out: dict[str, Any] = {}
     for key, value in obj.items():
+        if key in whole:
+            out[key] = value
+            continue
         if key in skip:
             continue
         # A primitive's extension sibling (``_birthDate``) follows its element.
@@ -533,11 +562,11 @@ def _prune(
             if gone is not None:
                 gone.append({key: value})
             continue
-        rules_below, whole = sub
+        below = sub[1]
         if isinstance(value, list):
             items = [
-                dict(item) if item.keys() <= whole
-                else _prune(item, rules_below, full, removed, transformed, ctx, gone)
+                dict(item) if item.keys() <= below
+                else _prune(item, sub, full, removed, transformed, ctx, gone)
                 for item in value
                 if isinstance(item, dict)
             ]
@@ -548,8 +577,8 @@ def _prune(
             if kept:
                 out[key] = kept
         elif isinstance(value, dict):
-            pruned = (dict(value) if value.keys() <= whole
-                      else _prune(value, rules_below, full, removed, transformed, ctx, gone))
+            pruned = (dict(value) if value.keys() <= below
+                      else _prune(value, sub, full, removed, transformed, ctx, gone))
             if pruned:
                 out[key] = pruned
         else:
@@ -744,9 +773,10 @@ def _sound(obj: dict[str, Any], type_name: str) -> bool:
     visit, required, choices = plan
     if not _has_required(obj, required, choices):
         return False
-    for key, value in obj.items():
-        child = visit.get(key)
-        if child is None:
+    # The elements to visit are fewer than an object's members, mostly none at all.
+    for key, child in visit.items():
+        value = obj.get(key)
+        if value is None:
             continue
         if isinstance(value, list):
             if not value:

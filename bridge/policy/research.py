@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
@@ -188,23 +188,43 @@ def _values(bundle: dict[str, Any], quasi: Sequence[str]) -> tuple[tuple[str, ..
     return tuple(path_values(bundle, path) for path in quasi)
 
 
-def _quasi(
-    values: tuple[tuple[str, ...], ...], age: int | None, quasi: Sequence[str], level: int
-) -> tuple[Any, ...]:
-    """A person's quasi-identifiers generalised to ``level``, from their values."""
-    out: list[Any] = []
-    for path, found in zip(quasi, values, strict=True):
+# What generalising does to a quasi-identifier path's values: the birth date becomes an
+# age band, an address part is dropped at the levels that drop it, anything else stays.
+_BIRTH, _ADDRESS, _KEPT = range(3)
+
+
+def _kinds(quasi: Sequence[str]) -> tuple[tuple[int, str], ...]:
+    """(kind, address leaf) of each quasi-identifier path, worked out once per batch."""
+    out: list[tuple[int, str]] = []
+    for path in quasi:
+        leaf = path.rsplit(".", 1)[-1]
         if path == "Patient.birthDate":
+            out.append((_BIRTH, leaf))
+        elif path.startswith("Patient.address."):
+            out.append((_ADDRESS, leaf))
+        else:
+            out.append((_KEPT, leaf))
+    return tuple(out)
+
+
+def _quasi(
+    values: tuple[tuple[str, ...], ...], age: int | None, quasi: Sequence[str], level: int,
+    kinds: tuple[tuple[int, str], ...] | None = None,
+) -> tuple[Any, ...]:
+    """A person's quasi-identifiers generalised to ``level``, from their values
+    (``kinds``: :func:`_kinds` of ``quasi``, when the caller has it)."""
+    out: list[Any] = []
+    drop = _ADDRESS_DROP[level]
+    for (kind, leaf), found in zip(kinds or _kinds(quasi), values, strict=True):
+        if kind == _BIRTH:
             if level == 0 and (age is None or age < TOP_AGE):
                 out.append(found)
             else:
                 out.append(_band(age, max(level, 1)))
-            continue
-        leaf = path.rsplit(".", 1)[-1]
-        if path.startswith("Patient.address.") and leaf in _ADDRESS_DROP[level]:
+        elif kind == _ADDRESS and leaf in drop:
             out.append(())
-            continue
-        out.append(found)
+        else:
+            out.append(found)
     return tuple(out)
 
 
@@ -261,6 +281,12 @@ def _patient_text(bundle: dict[str, Any], text: bytes) -> bytes | None:
     return own if text.count(own) == 1 else None
 
 
+def _with_bundle(item: ReleaseItem, bundle: bytes) -> ReleaseItem:
+    """``item`` with another bundle: what ``dataclasses.replace`` gives, made by the
+    constructor (replace looks the fields up again for every item of a batch)."""
+    return ReleaseItem(item.index, bundle, item.person, item.age, item.patient)
+
+
 def anonymise(
     items: Sequence[ReleaseItem],
     *,
@@ -283,6 +309,9 @@ def anonymise(
     # kept: generalising rewrites that part of the text alone.
     values: dict[str, tuple[tuple[tuple[str, ...], ...], int | None]] = {}
     patients: dict[int, bytes] = {}
+    # The Patients read for their person's values, by position: reading only, so the
+    # release below generalises them instead of reading their text again.
+    parsed: dict[int, dict[str, Any]] = {}
     patient_only = all(path.startswith("Patient.") for path in quasi)
     for position, item in enumerate(items):
         if isinstance(item.bundle, bytes):
@@ -292,7 +321,8 @@ def anonymise(
             if own is not None and patient_only:
                 patients[position] = own
                 if item.person not in values:
-                    alone = {"entry": [{"resource": orjson.loads(own)}]}
+                    parsed[position] = patient = orjson.loads(own)
+                    alone = {"entry": [{"resource": patient}]}
                     values[item.person] = (_values(alone, quasi), item.age)
                 continue
             bundle = orjson.loads(item.bundle)
@@ -306,16 +336,15 @@ def anonymise(
         if item.person not in values:
             values[item.person] = (_values(bundle, quasi), item.age)
     report.persons_in = len(values)
-    chosen = len(LEVELS) - 1
-    for level in range(len(LEVELS)):
-        classes = {p: _quasi(v, age, quasi, level) for p, (v, age) in values.items()}
+    kinds = _kinds(quasi)
+    # The classes at the level chosen are those of the last level tried: the first that
+    # suppresses few enough persons, or the top level when none does.
+    for chosen in range(len(LEVELS)):
+        classes = {p: _quasi(v, age, quasi, chosen, kinds) for p, (v, age) in values.items()}
         sizes = Counter(classes.values())
         small = sum(1 for c in classes.values() if sizes[c] < k)
         if not values or small <= max_suppressed * len(values):
-            chosen = level
             break
-    classes = {p: _quasi(v, age, quasi, chosen) for p, (v, age) in values.items()}
-    sizes = Counter(classes.values())
     report.level = chosen
     released: list[ReleaseItem] = []
     for position, item in enumerate(items):
@@ -327,16 +356,16 @@ def anonymise(
             continue
         if position in patients:
             before = patients[position]
-            patient = orjson.loads(before)
+            patient = parsed.pop(position, None) or orjson.loads(before)
             top = _generalise({"entry": [{"resource": patient}]}, item.age, chosen)
             after = orjson.dumps(patient)
             if after != before:
                 assert isinstance(item.bundle, bytes)
-                item = replace(item, bundle=item.bundle.replace(before, after, 1))
+                item = _with_bundle(item, item.bundle.replace(before, after, 1))
         elif isinstance(item.bundle, bytes):
             bundle = orjson.loads(item.bundle)
             top = _generalise(bundle, item.age, chosen)
-            item = replace(item, bundle=orjson.dumps(bundle))
+            item = _with_bundle(item, orjson.dumps(bundle))
         else:
             top = _generalise(item.bundle, item.age, chosen)
         if top:

@@ -30,9 +30,7 @@ quasi-identifier values are shared by at least ``k`` records (§10.2 d: at least
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,17 +55,27 @@ class DeidContext:
     patient: str  # a stable key of the patient, e.g. "system|value" of an identifier
 
     def _mac(self, purpose: str, text: str) -> bytes:
-        mac = _keyed(self.key).copy()
+        """HMAC-SHA256 (RFC 2104) of ``purpose``, a NUL and ``text`` under the key."""
+        inner, outer = _keyed(self.key)
+        mac = inner.copy()
         mac.update(f"{purpose}\x00{text}".encode())
-        return mac.digest()
+        out = outer.copy()
+        out.update(mac.digest())
+        return out.digest()
 
     def pseudonym(self, text: str) -> str:
         """A keyed, irreversible stand-in for ``text`` (hex, 128 bits)."""
         return self._mac("pseudonym", text)[:16].hex()
 
     def pseudonym_uuid(self, text: str) -> str:
-        """A keyed stand-in for a resource id, shaped as a UUID."""
-        return str(uuid.UUID(bytes=self._mac("id", text)[:16], version=4))
+        """A keyed stand-in for a resource id, shaped as a UUID: what
+        ``str(uuid.UUID(bytes=mac[:16], version=4))`` gives, written directly (the
+        UUID class checks and converts what is known to fit, once per resource)."""
+        raw = bytearray(self._mac("id", text)[:16])
+        raw[6] = raw[6] & 0x0F | 0x40  # version 4
+        raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+        h = raw.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     @cached_property
     def shift_days(self) -> int:
@@ -77,11 +85,18 @@ class DeidContext:
         return days if (raw >> 32) & 1 else -days
 
 
+_BLOCK = 64  # SHA-256's block size in bytes
+
+
 @lru_cache(maxsize=16)
-def _keyed(key: bytes) -> hmac.HMAC:
-    """An HMAC-SHA256 already keyed with ``key``: copying it skips the key schedule that
-    every record would otherwise repeat."""
-    return hmac.new(key, digestmod=hashlib.sha256)
+def _keyed(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """The inner and outer SHA-256 of HMAC (RFC 2104) with ``key`` already absorbed:
+    copying them skips the key schedule that every record would otherwise repeat, and
+    the hash objects themselves cost less to copy than an ``hmac.HMAC`` (a Python
+    object wrapping them). :func:`hmac.new` gives the same MACs."""
+    block = (hashlib.sha256(key).digest() if len(key) > _BLOCK else key).ljust(_BLOCK, b"\0")
+    return (hashlib.sha256(bytes(b ^ 0x36 for b in block)),
+            hashlib.sha256(bytes(b ^ 0x5C for b in block)))
 
 
 Transform = Callable[[Any, DeidContext | None], Any]
@@ -112,21 +127,27 @@ def _pseudonym(value: Any, ctx: DeidContext | None) -> Any:
     return {"system": PSEUDONYM_SYSTEM, "value": ctx.pseudonym(source)}
 
 
-def _map_dates(value: Any, fn: Callable[[str], str | None]) -> Any:
+def _map_dates(value: Any, fn: Callable[[str, int], str | None], days: int) -> Any:
+    """``fn(text, days)`` of every date in ``value`` (a date, a list, a Period); what is
+    not a date, or what ``fn`` refuses, goes."""
     if isinstance(value, str):
-        return fn(value) if _DATE_RE.match(value) else None
+        return fn(value, days) if _DATE_RE.match(value) else None
     if isinstance(value, list):
-        out = [_map_dates(v, fn) for v in value]
+        out = [_map_dates(v, fn, days) for v in value]
         return [v for v in out if v is not None] or None
     if isinstance(value, dict):
         # A Period: its start and end; anything else in it (extensions) goes.
-        kept = {k: _map_dates(value[k], fn) for k in ("start", "end") if k in value}
-        kept = {k: v for k, v in kept.items() if v is not None}
+        kept = {}
+        for k in ("start", "end"):
+            if k in value:
+                moved = _map_dates(value[k], fn, days)
+                if moved is not None:
+                    kept[k] = moved
         return kept or None
     return None
 
 
-def _year(text: str) -> str | None:
+def _year(text: str, days: int) -> str | None:
     return text[:4]
 
 
@@ -149,13 +170,12 @@ def _shift(text: str, days: int) -> str | None:
 
 
 def _year_only(value: Any, ctx: DeidContext | None) -> Any:
-    return _map_dates(value, _year)
+    return _map_dates(value, _year, 0)
 
 
 def _date_shift(value: Any, ctx: DeidContext | None) -> Any:
     assert ctx is not None
-    days = ctx.shift_days
-    return _map_dates(value, lambda text: _shift(text, days))
+    return _map_dates(value, _shift, ctx.shift_days)
 
 
 _COUNTY_KEEP = ("use", "type", "country", "state", "city", "district")
