@@ -1,7 +1,7 @@
-"""The keyed stand-ins of de-identification are computed without the standard library's
-wrappers (``hmac.HMAC``, ``uuid.UUID``), which cost more than the work they wrap once per
-resource. These checks hold them to what the wrappers give, for keys of every length
-(a key longer than SHA-256's block is hashed first) and for any text."""
+"""The keyed stand-ins of de-identification: the MAC is HMAC-SHA256 for keys of every
+length (a key longer than SHA-256's block is hashed first) and any text, and the
+pseudonymous ids, written without ``uuid.UUID`` (which costs more than the work it
+wraps, once per resource), are exactly what ``uuid.UUID`` gives."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ quasi-identifier values are shared by at least ``k`` records (§10.2 d: at least
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -56,12 +57,9 @@ class DeidContext:
 
     def _mac(self, purpose: str, text: str) -> bytes:
         """HMAC-SHA256 (RFC 2104) of ``purpose``, a NUL and ``text`` under the key."""
-        inner, outer = _keyed(self.key)
-        mac = inner.copy()
+        mac = _keyed(self.key).copy()
         mac.update(f"{purpose}\x00{text}".encode())
-        out = outer.copy()
-        out.update(mac.digest())
-        return out.digest()
+        return mac.digest()
 
     def pseudonym(self, text: str) -> str:
         """A keyed, irreversible stand-in for ``text`` (hex, 128 bits)."""
@@ -85,18 +83,11 @@ class DeidContext:
         return days if (raw >> 32) & 1 else -days
 
 
-_BLOCK = 64  # SHA-256's block size in bytes
-
-
 @lru_cache(maxsize=16)
-def _keyed(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
-    """The inner and outer SHA-256 of HMAC (RFC 2104) with ``key`` already absorbed:
-    copying them skips the key schedule that every record would otherwise repeat, and
-    the hash objects themselves cost less to copy than an ``hmac.HMAC`` (a Python
-    object wrapping them). :func:`hmac.new` gives the same MACs."""
-    block = (hashlib.sha256(key).digest() if len(key) > _BLOCK else key).ljust(_BLOCK, b"\0")
-    return (hashlib.sha256(bytes(b ^ 0x36 for b in block)),
-            hashlib.sha256(bytes(b ^ 0x5C for b in block)))
+def _keyed(key: bytes) -> hmac.HMAC:
+    """An HMAC-SHA256 already keyed with ``key``: copying it skips the key schedule that
+    every record would otherwise repeat."""
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 Transform = Callable[[Any, DeidContext | None], Any]
