@@ -58,8 +58,6 @@ async def test_concurrent_submissions_see_every_page_of_consent_changes(tmp_path
             *(controller.submit(record, LINK_OUT) for record in records[:2]),
             return_exceptions=True)
         assert [type(a) for a in answers] == [ConsentDenied, ConsentDenied], answers
-        for answer in answers:
-            assert isinstance(answer, ConsentDenied)
     finally:
         await controller.close()
 
