@@ -669,11 +669,12 @@ class Controller:
                                              cursor=self._consent_cursor, message_id=message_id)
         if group is not None:
             self.identity.link(group)
-        # Submissions read together share one answer: the first to come back takes the
-        # changes in, the others only what it has not.
-        changes = [change for change in changes if change[0] > self._consent_cursor]
         if changes:
-            self._apply_consent_changes(changes)
+            # Submissions read together share one answer: the first to come back takes
+            # the changes in, the others only what it has not. Each still reads any
+            # further page itself before it decides: the first may be reading it still.
+            self._apply_consent_changes(
+                [change for change in changes if change[0] > self._consent_cursor])
             await self.sync_consents()  # any further page of changes
         if queued is not None:
             # The same record was submitted before: one claim, however often a HIS retries.
@@ -872,20 +873,24 @@ def _links_and_consent_changes(store: Any, link_cursor: int,
     return links_since(store, link_cursor), store.consent_changes(consent_cursor)
 
 
-def _intake_many(store: Any, requests: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+def _intake_many(store: Any, requests: list[dict[str, Any]]) -> list[Any]:
     """For each submission (``group``, ``now``, ``cursor``, ``message_id``): the patient
     links its record states stored (see :meth:`Controller.link_patient`), then the
     consent changes after ``cursor`` and its outbox row (None when it was never queued).
-    Read after every link is stored, in one trip to the store's thread."""
+    Read after every link is stored, in one trip to the store's thread. A read that
+    fails (a damaged row) is the answer of its own submission only."""
     linking = [(r["group"], r["now"]) for r in requests if r["group"] is not None]
     if linking:
         link_pseudonyms_many(store, linking)
     changes: dict[int, Any] = {}
-    answers = []
+    answers: list[Any] = []
     for r in requests:
-        if r["cursor"] not in changes:
-            changes[r["cursor"]] = store.consent_changes(r["cursor"])
-        answers.append((changes[r["cursor"]], store.get_outbox(r["message_id"])))
+        try:
+            if r["cursor"] not in changes:
+                changes[r["cursor"]] = store.consent_changes(r["cursor"])
+            answers.append((changes[r["cursor"]], store.get_outbox(r["message_id"])))
+        except Exception as exc:  # noqa: BLE001 - that submission's failure, not its neighbours'
+            answers.append(exc)
     return answers
 
 
