@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from bridge.policy.consent import build_consent
@@ -12,7 +12,7 @@ ID_CARD = "urn:oid:2.16.156.10011.1.3"
 INPATIENT_NO = "urn:oid:2.16.156.10011.1.12"
 ICD10 = "urn:oid:2.16.156.10011.2.3.3.11"
 PATIENT_ID = ("urn:oid:2.16.156.10011.1.3", "110101199003071234")
-NOW = datetime(2026, 3, 10, 8, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
 RECIPIENT = "insurer-b"
 HOSPITAL = "hospital-a"
 

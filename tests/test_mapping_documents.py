@@ -84,7 +84,7 @@ def test_golden_set_has_sparse_records_and_several_diagnoses_and_operations() ->
 
 # --- documents ----------------------------------------------------------------------------
 
-_DIV = re.compile(r'^<div xmlns="http://www\.w3\.org/1999/xhtml">.*</div>$', re.S)
+_DIV = re.compile(r'^<div xmlns="http://www\.w3\.org/1999/xhtml">.*</div>$', re.DOTALL)
 
 
 def _sections(node: dict[str, Any]) -> list[dict[str, Any]]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pytest
+from policy_bundles import NOW, PATIENT_ID, RECIPIENT, consent
 
 from bridge.errors import ConsentDenied, MappingError
 from bridge.policy.consent import ConsentRegistry, parse_consent
-from policy_bundles import NOW, PATIENT_ID, RECIPIENT, consent
 
 TYPES = {"Patient", "Encounter", "Condition", "Claim"}
 PERIOD = (date(2026, 3, 1), date(2026, 3, 8))
@@ -70,9 +70,9 @@ def test_expired_and_not_yet_valid_consents_deny() -> None:
         ask(registry)
     assert info.value.location == "Consent.provision.period"
     # The last day of the period counts in China Standard Time.
-    ask(registry, now=datetime(2025, 12, 31, 15, 59, tzinfo=timezone.utc))
+    ask(registry, now=datetime(2025, 12, 31, 15, 59, tzinfo=UTC))
     with pytest.raises(ConsentDenied):
-        ask(registry, now=datetime(2025, 12, 31, 16, 0, 1, tzinfo=timezone.utc))
+        ask(registry, now=datetime(2025, 12, 31, 16, 0, 1, tzinfo=UTC))
 
 
 def test_wrong_recipient_denies() -> None:
@@ -141,7 +141,7 @@ def test_nested_deny_limited_in_time_applies_only_then() -> None:
     registry.put(resource, now=NOW)
     ask(registry)
     with pytest.raises(ConsentDenied):
-        ask(registry, now=datetime(2026, 6, 10, tzinfo=timezone.utc))
+        ask(registry, now=datetime(2026, 6, 10, tzinfo=UTC))
 
 
 def test_deny_root_with_nested_permit() -> None:
@@ -262,8 +262,8 @@ def test_parse_accepts_datetimes_with_zone_and_partial_dates() -> None:
     resource["provision"]["period"] = {"start": "2026-03", "end": "2026-03-10T16:00:00+08:00"}
     record = parse_consent(resource)
     start, end = record.provision.period  # type: ignore[misc]
-    assert start == datetime(2026, 2, 28, 16, 0, tzinfo=timezone.utc)
-    assert end == datetime(2026, 3, 10, 8, 0, tzinfo=timezone.utc)
+    assert start == datetime(2026, 2, 28, 16, 0, tzinfo=UTC)
+    assert end == datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
     assert record.patient == PATIENT_ID
 
 

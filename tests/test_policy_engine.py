@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from policy_bundles import ICD10, NOW, RECIPIENT, claim_bundle, consent, rid
 
 from bridge.errors import ConsentDenied, LoadError
 from bridge.policy.classify import (
@@ -21,7 +22,6 @@ from bridge.policy.consent import ConsentRegistry
 from bridge.policy.engine import apply_policy, recheck
 from bridge.policy.profile import LinkProfile, load_link_profile
 from bridge.records.fhir import validate_resource
-from policy_bundles import ICD10, NOW, RECIPIENT, claim_bundle, consent, rid
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from policy_bundles import claim_bundle, rid
 
 from bridge.errors import LoadError
 from bridge.policy.profile import ALWAYS_KEPT, LinkProfile, load_link_profile, load_profile
 from bridge.records.fhir import element_names, validate_resource
-from policy_bundles import claim_bundle, rid
 
 GOOD = """\
 profile: test-link
