@@ -603,14 +603,10 @@ class Controller:
         )
 
     def _remember_digests(self, signed: dict[str, Any], digests: frozenset[str]) -> None:
-        if len(self._signed_digests) >= _SIGNED_DIGESTS_MAX:
-            del self._signed_digests[next(iter(self._signed_digests))]
-        self._signed_digests[signed["signature"]["data"]] = digests
+        _remember(self._signed_digests, signed["signature"]["data"], digests, _SIGNED_DIGESTS_MAX)
 
     def _remember_clearance(self, signed: dict[str, Any], clearance: Clearance) -> None:
-        if len(self._clearances) >= _SIGNED_DIGESTS_MAX:
-            del self._clearances[next(iter(self._clearances))]
-        self._clearances[signed["signature"]["data"]] = clearance
+        _remember(self._clearances, signed["signature"]["data"], clearance, _SIGNED_DIGESTS_MAX)
 
     def queued_as(self, signed: dict[str, Any], payload: bytes,
                   payload_sha256: bytes | None = None) -> None:
@@ -714,9 +710,7 @@ class Controller:
         payload_sha256 = hashlib.sha256(payload).digest()
         payload_digest = "sha256:" + payload_sha256.hex()
         self.queued_as(signed, payload, payload_sha256)
-        if len(self._queued_forms) >= _QUEUED_FORMS_MAX:
-            del self._queued_forms[next(iter(self._queued_forms))]
-        self._queued_forms[message_id] = (payload_sha256, signed)
+        _remember(self._queued_forms, message_id, (payload_sha256, signed), _QUEUED_FORMS_MAX)
         now = self.clock()
         ids = patient_identifiers(signed)
         try:
@@ -858,6 +852,15 @@ _SIGNED_DIGESTS_MAX = 20_000
 #: Signed messages kept whole for their dispatch (about 60 KiB each for a claim): enough
 #: for the backlog of a link that keeps up; a longer one is read from the outbox.
 _QUEUED_FORMS_MAX = 512
+
+
+def _remember(held: dict[Any, Any], key: Any, value: Any, cap: int) -> None:
+    """Keep ``value`` under ``key`` in ``held``, forgetting the oldest first beyond ``cap``
+    (dicts keep insertion order)."""
+    held.pop(key, None)
+    if len(held) >= cap:
+        del held[next(iter(held))]
+    held[key] = value
 
 
 def _claim_and_feeds(store: Any, link_id: str, now: datetime, limit: int, lease: timedelta,

@@ -37,6 +37,7 @@ from bridge.policy.classify import (
     CONFIDENTIALITY_SYSTEM,
     GRADE_SYSTEM,
     SENSITIVITY_SYSTEM,
+    ItemLabel,
     ResourceLabel,
     SensitiveCodes,
     confidentiality,
@@ -51,10 +52,8 @@ from bridge.policy.consent import (
     EmergencyOverride,
     Item,
     Label,
-    Request,
     Verdict,
     build_consent,
-    data_instants,
     decide,
     override_deny,
     request,
@@ -258,16 +257,20 @@ def _item(
     return Item(resource_type, categories, _labels(categories, sensitive, grade))
 
 
+def _own_item(label: ResourceLabel) -> Item:
+    """The item of a labelled resource as a whole."""
+    return _item(label.resource_type, label.own_categories, label.own_sensitive, label.own_grade)
+
+
+def _entry_item(resource_type: str, it: ItemLabel) -> Item:
+    """The item of one judged entry of a resource (an element's entry)."""
+    return _item(resource_type, _categories(it.category), it.sensitive_classes, it.grade)
+
+
 def _items_of(label: ResourceLabel) -> tuple[Item, list[tuple[str, int, Item]]]:
     """The resource's own item and one item per judged entry (element, index, item)."""
     rtype = label.resource_type
-    own = _item(rtype, label.own_categories, label.own_sensitive, label.own_grade)
-    entries = [
-        (it.element, it.index,
-         _item(rtype, _categories(it.category), it.sensitive_classes, it.grade))
-        for it in label.items
-    ]
-    return own, entries
+    return _own_item(label), [(it.element, it.index, _entry_item(rtype, it)) for it in label.items]
 
 
 def _path(resource_type: str, element: str | None) -> str:
@@ -387,8 +390,7 @@ def _run(
         # what is held back whole has no entries to ask about.
         rtype = label.resource_type
         rid = str(entries[label.index]["resource"].get("id")) if trace is not None else ""
-        own = _item(rtype, label.own_categories, label.own_sensitive, label.own_grade)
-        fate = judge(own, rtype, None, label.own_sensitive)
+        fate = judge(_own_item(label), rtype, None, label.own_sensitive)
         if fate is not None:
             if rtype == "Patient":
                 raise ConsentDenied(
@@ -401,9 +403,8 @@ def _run(
                 trace.entry_fate[rid] = fate
             continue
         for it in label.items:
-            item = _item(rtype, _categories(it.category), it.sensitive_classes, it.grade)
             # An item's special-disease classes are its sensitivity labels (item.sensitive).
-            fate = judge(item, rtype, it.element, it.sensitive_classes)
+            fate = judge(_entry_item(rtype, it), rtype, it.element, it.sensitive_classes)
             if fate is not None:
                 fate = replace(fate, index=it.index)
                 held.append(fate)
@@ -752,10 +753,8 @@ def recheck(
         action=result.action,
         emergency=result.decision.override,
     )
-    req = Request(
-        result.decision.recipient, result.decision.purpose, decision.decided_at,
-        data_instants(result.data_period), result.action,
-    )
+    req = request(result.decision.recipient, result.decision.purpose, decision.decided_at,
+                  result.data_period, result.action)
     records = registry.for_patient(result.patient_identifiers)
     for item in result.items:
         # Under an override only a deny recorded since stops the message.
@@ -802,7 +801,7 @@ def recheck_collection(
         now=now,
         action=action,
     )
-    req = Request(recipient, purpose, decision.decided_at, data_instants(period), action)
+    req = request(recipient, purpose, decision.decided_at, period, action)
     records = registry.for_patient(identifiers)
     for label in labels:
         own, entry_items = _items_of(label)
