@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
-from ops_support import Serve, serve
+from compliance_support import audit_entries
+from ops_support import Serve, bridge, make_site, serve
 from peer_support import call
 from reliability_support import inbox_ids
+from test_compliance_operators import _certificate_auth, _operators
 from test_e2e_batch import _insurer, _peer
 
 _HANG_UPS_PER_KIND = 4
@@ -189,3 +191,51 @@ async def test_a_slow_client_still_connected_keeps_its_whole_body_timeout(
     status, answer, waited = stalled
     assert status == 408, answer
     assert waited >= timeout * 0.95
+
+
+def _operator_hang_up(port: int, ctx: ssl.SSLContext, pause: float,
+                      start: threading.Barrier) -> None:
+    start.wait()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = ctx.wrap_socket(sock, server_hostname="localhost")
+    time.sleep(pause)
+    tls.sendall(b"POST /requeue HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: 500\r\n\r\nmessage_id=")
+    tls.close()
+
+
+def test_operators_hanging_up_mid_form_hold_nothing_on_the_operations_port(
+    tmp_path: Path,
+) -> None:
+    """The operations port over HTTPS (operator certificates) goes through the same TLS
+    listener: an operator's client that leaves mid-form holds no handler (the form has no
+    body timeout of its own), and is no refused attempt counting towards a lockout."""
+    site = make_site(tmp_path)
+    _operators(site.hospital, me_as="key-admin")
+    run = bridge("operators", "issue", "--config", str(site.hospital), "otto",
+                 "--role", "operator")
+    assert run.returncode == 0, run.stderr
+    _certificate_auth(site.hospital)
+    hospital = serve(site.hospital)
+    ctx = ssl.create_default_context(cafile=str(site.root / "pki" / "ca.pem"))
+    ops = site.root / "pki" / "operators"
+    ctx.load_cert_chain(ops / "otto.pem", ops / "otto.key")
+    clients = [pause for pause in _PAUSES for _ in range(6)]
+    start = threading.Barrier(len(clients))
+    threads = [threading.Thread(target=_operator_hang_up,
+                                args=(site.ports["hospital-ops"], ctx, pause, start))
+               for pause in clients]
+    try:
+        before = len(audit_entries(site.hospital))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        time.sleep(0.5)
+        assert hospital.proc.poll() is None
+    finally:
+        took = _stop_seconds(hospital)
+    assert took < 10, f"bridge serve took {took:.1f} s to stop"
+    new = [(e.record.action, e.record.detail) for e in audit_entries(site.hospital)[before:]]
+    assert [a for a in new if a[0].startswith("operator.")] == [], new
