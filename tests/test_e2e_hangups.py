@@ -5,7 +5,9 @@ A client may send a request head and part of its body and then close the connect
 at any moment relative to the TLS handshake and to the receiver starting on the
 request. Such a request holds nothing: the bridge stops promptly (well within the body
 timeout, here 30 s), nothing is audited or stored for it, and it keeps serving. A slow
-client that is still connected keeps its whole body timeout.
+client that is still connected keeps its whole body timeout. The operations port over
+HTTPS, behind the same TLS listener, holds nothing for an operator's client that leaves
+mid-form either.
 """
 
 from __future__ import annotations
