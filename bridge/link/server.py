@@ -767,6 +767,11 @@ def peer_gate(receiver: ReceiverApp) -> Any:
 
     @web.middleware
     async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.transport is None:
+            # The connection ended between the request's head and this handler: aiohttp
+            # ends the body of a request on a lost connection only once its handler has
+            # started (from here on). Nobody waits for an answer; nothing is audited.
+            raise ClientGone()
         try:
             request[PEER] = receiver.identify(request)
         except TrustError as exc:

@@ -5,7 +5,9 @@ certificate, or with one from another CA, is dropped without the application eve
 hearing of it. Every refusal must leave an audit record, so this listener accepts the
 TCP connection, runs ``loop.start_tls`` itself, reports a failed handshake to a
 callback, and only gives a connection whose handshake succeeded to the HTTP (or
-MLLP) protocol. No byte reaches the application before the handshake completes.
+MLLP) protocol. No byte reaches the application before the handshake completes, and
+the protocol handed a connection is told of its end (``connection_lost``) like any
+protocol, also when the client sent its bytes and left before the hand-over.
 
 Failed handshakes are sorted and audited by :mod:`bridge.link.handshakes`: refusals
 with their reason and the fingerprint of the certificate the client presented, stalls
@@ -110,6 +112,11 @@ class _Gate(asyncio.Protocol):
         self._raw: list[bytes] = []
         self._tls_installed = False
         self._gone = asyncio.Event()
+        # The end of the connection, when the TLS layer reported it to this gate: before
+        # the hand-over (kept for the application protocol), or after it, through a call
+        # the TLS layer scheduled while this gate was still its protocol.
+        self._lost: tuple[Exception | None] | None = None
+        self._application: asyncio.BaseProtocol | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; uvloop's does not derive from asyncio.Transport.
@@ -151,10 +158,19 @@ class _Gate(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._application is not None:
+            # Both loops' TLS layers report the end with call_soon, bound to the protocol
+            # of that moment: a loss reported before the hand-over runs after it.
+            self._application.connection_lost(exc)
+            return
         if not self._tls_installed:
             # Gone before the TLS layer took over; uvloop's start_tls would then wait
             # for a handshake that never comes.
             self._gone.set()
+            return
+        # Gone during or right after the handshake, before the hand-over: the
+        # application protocol hears of it after what was received (see _upgrade).
+        self._lost = (exc,)
 
     async def _upgrade(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
@@ -204,6 +220,12 @@ class _Gate(asyncio.Protocol):
         self._early.clear()
         if self._early_eof:
             protocol.eof_received()
+        # Every protocol that was told of a connection is told of its end: a request
+        # that a client sent and left in the same breath has nobody to wait for.
+        if self._lost is not None:
+            protocol.connection_lost(self._lost[0])
+        else:
+            self._application = protocol
 
 
 class TLSListener:

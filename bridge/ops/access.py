@@ -139,6 +139,13 @@ class OperatorGate:
     def middleware(self) -> Any:
         @web.middleware
         async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
+            if request.transport is None:
+                # The connection ended between the request's head and this handler
+                # (see bridge.link.server.peer_gate): nobody to answer, and no refused
+                # attempt to audit or count towards a lockout.
+                gone = web.Response(status=400)
+                gone.force_close()
+                return gone
             key = (request.method, request.path)
             if key in ROUTE_ACTIONS and ROUTE_ACTIONS[key] is None:
                 return await handler(request)  # type: ignore[no-any-return]
