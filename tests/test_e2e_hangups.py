@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import sqlite3
 import ssl
@@ -130,8 +131,80 @@ async def test_clients_hanging_up_mid_body_hold_nothing_and_leave_no_trace(
     new = _audit_actions(store)[len(before):]
     assert new == [], new
     assert inbox_ids(store) == []
-    log = insurer.log_lines()
-    assert not [line for line in log if "Traceback" in line], log
+    assert _troubled(insurer.log_lines()) == []
+
+
+def _troubled(log: list[str]) -> list[str]:
+    """Log lines at warning level or above, or carrying a traceback (the text format
+    writes an exception as ``[Type at frame < frame]``, never as ``Traceback``)."""
+    return [line for line in log
+            if re.match(r"\S+ (WARNING|ERROR|CRITICAL) ", line) or "Traceback" in line]
+
+
+def _send_whole_and_leave(port: int, ctx: ssl.SSLContext, body: bytes, way: str,
+                          start: threading.Barrier) -> None:
+    """Send one complete request at once after the handshake and go away ``way``
+    without reading the answer."""
+    start.wait()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+    tls.sendall(_head(len(body)) + body)
+    if way == "close-notify":
+        try:
+            tls.unwrap().close()
+        except OSError:
+            tls.close()
+    elif way == "reset":
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()
+    else:
+        tls.close()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_a_whole_claim_sent_before_leaving_is_taken_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    """A sender that sends a complete claim and leaves without reading the receipt has
+    no receipt, and sends the claim again (PROTOCOL P-SND-5). Each first copy is stored
+    whole or not at all, without an error in the bridge's log; the copies sent again
+    are answered with verifiable receipts, and every claim is stored once."""
+    monkeypatch.setenv("BRIDGE_EVENT_LOOP", loop)
+    _, insurer_cfg = _insurer(tmp_path, body_timeout_seconds=30)
+    insurer = await asyncio.to_thread(serve, insurer_cfg)
+    store = tmp_path / "insurer-b" / "bridge.sqlite"
+    peer = _peer(tmp_path, insurer_cfg)
+    ctx = _client_context(tmp_path / "pki")
+    ways = [way for way in _WAYS for _ in range(_HANG_UPS_PER_KIND)]
+    messages = [peer.signed_claim() for _ in ways]
+    bodies = [json.dumps(m, ensure_ascii=False).encode("utf-8") for m in messages]
+
+    def leave_all() -> None:
+        start = threading.Barrier(len(ways))
+        threads = [threading.Thread(target=_send_whole_and_leave,
+                                    args=(peer.port, ctx, body, way, start))
+                   for body, way in zip(bodies, ways, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    try:
+        await call(leave_all)
+        await asyncio.sleep(0.5)
+        assert insurer.proc.poll() is None
+        with await call(peer.connect) as conn:
+            for message in messages:
+                answer = await call(peer.post_message, conn, message)
+                assert answer.response.status == 200, answer.outcome
+                assert answer.receipt is not None, answer.receipt_error
+    finally:
+        took = await asyncio.to_thread(_stop_seconds, insurer)
+    assert took < 10, f"bridge serve took {took:.1f} s to stop"
+    assert insurer.proc.returncode == 0
+    identities = sorted(m["identifier"]["value"] for m in messages)
+    assert sorted(inbox_ids(store)) == identities
+    assert _troubled(insurer.log_lines()) == []
 
 
 def _read_status(tls: ssl.SSLSocket) -> tuple[int, bytes]:

@@ -160,8 +160,10 @@ class _Gate(asyncio.Protocol):
         self._transport = None
         if self._application is not None:
             # Both loops' TLS layers report the end with call_soon, bound to the protocol
-            # of that moment: a loss reported before the hand-over runs after it.
-            self._application.connection_lost(exc)
+            # of that moment: a loss reported before the hand-over runs after it, and
+            # possibly before what the application's connection_made started (see
+            # _upgrade), hence once more through the loop.
+            asyncio.get_running_loop().call_soon(self._application.connection_lost, exc)
             return
         if not self._tls_installed:
             # Gone before the TLS layer took over; uvloop's start_tls would then wait
@@ -221,9 +223,12 @@ class _Gate(asyncio.Protocol):
         if self._early_eof:
             protocol.eof_received()
         # Every protocol that was told of a connection is told of its end: a request
-        # that a client sent and left in the same breath has nobody to wait for.
+        # that a client sent and left in the same breath has nobody to wait for. Like
+        # a transport, through the loop: what connection_made started runs first
+        # (aiohttp's request loop on Python 3.11 fails an assertion if its connection
+        # ended before that loop's first step, and logs it as an error).
         if self._lost is not None:
-            protocol.connection_lost(self._lost[0])
+            loop.call_soon(protocol.connection_lost, self._lost[0])
         else:
             self._application = protocol
 
