@@ -121,7 +121,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     path = evidence_file(config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    whole = _whole_suite(config, evidence)
+    # A test that proves an item and never ran (a run stopped at a failure or by hand,
+    # a test deselected by hand) has no outcome to show: the run is not the whole suite's.
+    missing = {k for k, v in evidence["tests"].items() if v["outcome"] == "not run"}
+    whole = _whole_suite(config, evidence) and missing <= evidence["deferred"]
     document: dict[str, Any] = {
         "format": "ws-fhir-bridge control evidence 1",
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -132,7 +135,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         document["profile"] = DEFAULT_PROFILE
         document["deferred"] = sorted(evidence["deferred"])
     elif (_profile(config) == BATTERY_PROFILE and not config.getoption("keyword")
-          and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)):
+          and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+          and not missing & evidence["battery"]):
         document = _with_default_profile(path, document, evidence["battery"])
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(document, indent=1, ensure_ascii=False), encoding="utf-8")
