@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sqlite3
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +331,40 @@ async def test_a_partner_certificate_cannot_inject_hl7(tls_bridge: Bridge, who: 
         e.record for e in tls_bridge.store.audit_entries() if e.record.action == "mllp.refused"
     ]
     assert refused and refused[0].outcome == "denied"
+
+
+def _send_and_leave(port: int, ctx: ssl.SSLContext, message: bytes, way: str) -> None:
+    """Send one whole framed message at once after the handshake and go away ``way``
+    without reading the ACK."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        tls = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+        tls.sendall(frame(message))
+        if way == "close-notify":
+            try:
+                tls.unwrap()
+            except OSError:
+                pass
+        elif way == "reset":
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()
+
+
+async def test_tls_messages_sent_before_leaving_are_taken_once_when_sent_again(
+    tls_bridge: Bridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sender that leaves without its ACK sends the message again: the first copy is
+    stored whole or not at all, the second gets AA, and each message is stored once."""
+    ctx = client_ssl(tls_bridge.root, HOSPITAL)
+    ways = ["close", "close-notify", "reset"] * 4
+    messages = [adt(f"LEFT{n:04d}") for n in range(len(ways))]
+    await asyncio.gather(*(asyncio.to_thread(_send_and_leave, tls_bridge.port, ctx, m, way)
+                           for m, way in zip(messages, ways, strict=True)))
+    await asyncio.sleep(0.3)
+    for n, message in enumerate(messages):
+        [ack] = await exchange(tls_bridge.port, [frame(message)], 1, ssl_context=ctx)
+        assert seg(ack, "MSA")[1:3] == ["AA", f"LEFT{n:04d}"]
+    assert tls_bridge.store.hl7_count() == len(messages)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def _refused(bridge: Bridge, ctx: ssl.SSLContext) -> None:
