@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import uuid
+from datetime import datetime, timedelta
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.policy.transforms import DeidContext
+from bridge.policy.transforms import TRANSFORMS, DeidContext
 
 keys = st.binary(min_size=16, max_size=130)
 texts = st.text(max_size=40)
@@ -51,3 +53,33 @@ def test_one_key_gives_the_same_stand_ins_after_other_keys() -> None:
     DeidContext(a, "p").pseudonym_uuid("y")
     assert DeidContext(a, "p").pseudonym_uuid("x") == first
     assert first == str(uuid.UUID(bytes=reference_mac(a, "id", "x")[:16], version=4))
+
+
+def shifted_by_arithmetic(text: str, days: int) -> str | None:
+    """What a date shift of a dateTime is: the instant moved by whole days, written as
+    ``datetime.isoformat`` writes it (``Z`` kept as ``Z``), or nothing when it is not a
+    valid dateTime or leaves the calendar."""
+    try:
+        moved = (datetime.fromisoformat(text) + timedelta(days=days)).isoformat()
+    except (ValueError, OverflowError):
+        return None
+    return moved.replace("+00:00", "Z") if text.endswith("Z") else moved
+
+
+def test_a_shifted_date_time_is_the_instant_moved_by_whole_days() -> None:
+    # Every written form, valid or not, against the arithmetic: seconds or none,
+    # fractions, Z, offsets (-00:00 is written +00:00 by isoformat), hours and minutes
+    # out of range, a day that does not exist, shifts past the ends of the calendar.
+    forms = itertools.product(
+        ["2024-02-29", "2025-12-31", "0001-01-05", "9999-12-20", "2023-02-30", "2025-05-20"],
+        ["00", "09", "23", "24"], ["00", "59", "60"], ["", ":00", ":07", ":59", ":60"],
+        ["", ".5", ".123456"],
+        ["", "Z", "+08:00", "-05:30", "+00:00", "-00:00", "+23:59", "+24:00", "+0800"],
+    )
+    contexts = [DeidContext(bytes(range(k, k + 32)), "person") for k in range(3)]
+    assert len({ctx.shift_days > 0 for ctx in contexts}) == 2  # both directions
+    for day, hour, minute, second, fraction, zone in forms:
+        text = f"{day}T{hour}:{minute}{second}{fraction}{zone}"
+        for ctx in contexts:
+            expected = shifted_by_arithmetic(text, ctx.shift_days)
+            assert TRANSFORMS["date_shift"].fn(text, ctx) == expected, text

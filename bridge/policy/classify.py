@@ -68,6 +68,8 @@ class SensitiveCodes:
     )
     _any_memo: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
     _text_memo: dict[bytes, bool] = field(default_factory=dict, repr=False, compare=False)
+    # The texts of _text_memo whose answer is True.
+    _text_hits: set[bytes] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def systems(self) -> frozenset[str]:
@@ -113,7 +115,17 @@ class SensitiveCodes:
             found = self.may_name_a_class(code)
             if len(self._text_memo) < 100_000:
                 self._text_memo[raw] = found
+                if found:
+                    self._text_hits.add(raw)
         return found
+
+    def may_name_a_class_in(self, raws: set[bytes]) -> bool:
+        """Could any of these codes (as :meth:`may_name_a_class_text` takes them) name a
+        special-disease class? The codes answered before are settled by set operations."""
+        if not self._text_hits.isdisjoint(raws):
+            return True
+        # What the memory does not hold yet (a set less a dict: one look-up per code).
+        return any(self.may_name_a_class_text(raw) for raw in raws.difference(self._text_memo))
 
     def classes_of_concept(self, concept: Any) -> frozenset[str]:
         """Union of the classes of every coding of a CodeableConcept."""

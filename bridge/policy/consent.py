@@ -56,7 +56,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Literal
 
 from bridge.errors import ConsentDenied, MappingError
@@ -217,9 +217,10 @@ class Item:
     categories: frozenset[str] = frozenset()
     labels: frozenset[Label] = frozenset()
 
-    @property
+    @cached_property
     def sensitive(self) -> frozenset[str]:
-        """The special-disease classes among the labels (need explicit cover)."""
+        """The special-disease classes among the labels (need explicit cover). Worked out
+        once per item: the items of a disclosure are shared values, asked again and again."""
         return _sensitive(self.labels)
 
 

@@ -319,7 +319,7 @@ def _run(
     special_in: frozenset[str] = frozenset()
     if departments and _has_department(minimized.bundle):
         texts = minimized.code_texts
-        if texts is None or any(codes.may_name_a_class_text(raw) for raw in texts):
+        if texts is None or codes.may_name_a_class_in(texts):
             special_in = _special_classes(
                 [e.get("resource") for e in collection.get("entry") or ()
                  if isinstance(e, dict)], codes)
@@ -671,7 +671,7 @@ def _special_classes(
         if texts is not None:
             resources = [
                 resource for resource, text in zip(resources, texts, strict=True)
-                if any(codes.may_name_a_class_text(raw) for raw in code_values(text))
+                if codes.may_name_a_class_in(code_values(text))
             ]
             if not resources:
                 return frozenset()

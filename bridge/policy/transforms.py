@@ -142,12 +142,24 @@ def _year(text: str, days: int) -> str | None:
     return text[:4]
 
 
+# The time of day of a dateTime as ``datetime.isoformat`` writes it: hours, minutes and
+# seconds, then no offset, ``Z`` or an offset in hours and minutes (``-00:00`` aside,
+# which it writes ``+00:00``).
+_PLAIN_TIME = re.compile(r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)?")
+
+
 # One stay repeats its dates (admission and discharge on the Encounter, the Claim, the
 # diagnoses): each is parsed once.
 @lru_cache(maxsize=4096)
 def _shift(text: str, days: int) -> str | None:
     try:
         if "T" in text:
+            time_of_day = text[10:]
+            if _PLAIN_TIME.fullmatch(time_of_day) and not time_of_day.endswith("-00:00"):
+                # Whole days move the date alone: the time of day and the offset stay as
+                # they are written, which is how the arithmetic below writes them too.
+                return (date.fromisoformat(text[:10]) + timedelta(days=days)).isoformat() + (
+                    time_of_day)
             moved = datetime.fromisoformat(text) + timedelta(days=days)
             out = moved.isoformat()
             return out.replace("+00:00", "Z") if text.endswith("Z") else out
@@ -310,6 +322,11 @@ def _json_text(text: str) -> bytes:
 def encoded_stand_ins(mapping: dict[str, str]) -> dict[bytes, bytes]:
     """``mapping`` as JSON text: orjson writes a string one way only, so equal strings
     have equal texts."""
+    # Ids, fullUrls and stand-ins are mostly plain text: one check over all of them
+    # (a character is plain or not wherever it stands) settles the common case.
+    every = "".join(mapping) + "".join(mapping.values())
+    if every.isprintable() and '"' not in every and "\\" not in every:
+        return {k.encode(): v.encode() for k, v in mapping.items()}
     return {_json_text(k): _json_text(v) for k, v in mapping.items()}
 
 
