@@ -538,7 +538,10 @@ class PostgresStore:
     # sees one state, and nothing stays "idle in transaction" afterwards.
     _read = _tx
 
-    def _append(self, conn: psycopg.Connection[Any], record: AuditRecord) -> AuditEntry:
+    def _append(self, conn: psycopg.Connection[Any], record: AuditRecord, *,
+                proof: bool = True) -> AuditEntry:
+        """Append ``record`` to the chain in ``conn``'s transaction. ``proof=False``: the
+        caller needs no root nor inclusion proof (see :meth:`TreeCache.on_append`)."""
         head = conn.execute("SELECT seq, hash FROM audit_head FOR UPDATE").fetchone()
         if head is None:
             raise StoreError("audit chain head row is missing", location=f"{self.location}: "
@@ -549,7 +552,7 @@ class PostgresStore:
             return [_audit_entry(r) for r in conn.execute(
                 f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (after,))]
 
-        entry = cache_of(self).on_append(entry, fetch)
+        entry = cache_of(self).on_append(entry, fetch, proof=proof)
         j = record.to_json_dict()
         # One statement moves the head and inserts the entry: the head lock is held for
         # one round trip fewer, and every process's appends wait on that lock.
@@ -634,7 +637,7 @@ class PostgresStore:
                 (*cols.values(), message_id)).fetchone()
             assert r is not None
             if audit is not None:
-                self._append(conn, audit)
+                self._append(conn, audit, proof=False)
             return _outbox_row(r, self._opener(conn))
 
     # --- outbox ---------------------------------------------------------------------
@@ -697,7 +700,7 @@ class PostgresStore:
                     ).fetchone()
                     if r is None:
                         raise _Raced
-                    self._append(conn, audit)
+                    self._append(conn, audit, proof=False)
                     return _outbox_row(r, self._opener(conn))
             except _Raced:
                 continue
