@@ -33,9 +33,13 @@ A claim goes first to the process that queued it
     that runs the dispatcher of a link (:meth:`PostgresStore.dispatch_here`) writes its
     ``worker_id`` into ``outbox.enqueued_by`` of the claims it queues on that link, and
     other processes leave such a claim alone for :data:`OWNER_GRACE` after it falls
-    due. After that anyone takes it: its owner may have stopped, or be busier than the
-    others. A claim queued by a process that dispatches nothing (the CLI) has no owner
-    and is anyone's at once.
+    due. After that another process takes it with capacity it has to spare: a claim
+    round takes the process's own due claims first and fills what is left of its limit
+    with others' overdue ones, so processes that are all busy do not swap their
+    backlogs (each would then redo the other's work). A claim overdue by
+    :data:`OWNER_HOLD` is anyone's in its turn, spare capacity or not: its owner may
+    have stopped while the others stay busy. A claim queued by a process that
+    dispatches nothing (the CLI) has no owner and is anyone's at once.
 
 Gapless sequence numbers: a counter row per link
     A PostgreSQL ``SEQUENCE`` is not transactional (a rolled-back insert leaves a hole)
@@ -362,6 +366,32 @@ def _connect_problem(exc: psycopg.Error) -> str:
 
 #: How long a due claim is left to the process that queued it (see the module docstring).
 OWNER_GRACE = timedelta(seconds=2)
+#: How long after it fell due another process's claim waits for spare capacity; after
+#: that it is claimed in its turn like an own claim.
+OWNER_HOLD = timedelta(seconds=30)
+
+# A claim round of claim_due: the due rows matching ``{which}``, in seq order, turned to
+# ``sending`` in the same statement. Rows another worker is claiming are skipped.
+_CLAIM = (
+    "WITH due AS ("
+    "  SELECT message_id FROM outbox"
+    "   WHERE link=%(link)s AND state IN ('queued', 'sending') AND ({which})"
+    "   ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+    " UPDATE outbox AS o SET state='sending',"
+    "   attempts=o.attempts + CASE WHEN o.state='queued' THEN 1 ELSE 0 END,"
+    "   fate_unknown=CASE WHEN o.state='sending' THEN 1 ELSE o.fate_unknown END,"
+    "   lease_until=%(until)s, updated=%(now)s, claimed_by=%(worker)s"
+    "  FROM due WHERE o.message_id=due.message_id"
+    " RETURNING " + ", ".join("o." + c.strip() for c in _OUTBOX_READ.split(","))
+)
+# Own claims (or no one's), claims overdue by OWNER_HOLD, and expired leases.
+_CLAIM_FIRST = _CLAIM.replace("{which}", (
+    "(state='queued' AND next_attempt<=%(now)s"
+    "  AND (enqueued_by IS NULL OR enqueued_by=%(worker)s OR next_attempt<=%(held_due)s))"
+    " OR (state='sending' AND lease_until<=%(now)s)"))
+# Then, with what is left of the limit: other processes' claims past OWNER_GRACE.
+_CLAIM_SPARE = _CLAIM.replace("{which}", (
+    "state='queued' AND next_attempt<=%(owner_due)s AND enqueued_by<>%(worker)s"))
 
 
 def default_worker_id() -> str:
@@ -739,27 +769,23 @@ class PostgresStore:
         row's fate unknown (see :class:`SQLiteStore`). Rows that
         another process is claiming at this moment are skipped, never waited for nor
         taken twice. The claim is not audited (see :class:`SQLiteStore`).
+
+        A claim another dispatching process queued is taken after :data:`OWNER_GRACE`
+        only with what the round has left once this process's own due claims are
+        taken, and after :data:`OWNER_HOLD` in its turn (see the module docstring).
         """
         _require_aware(now, "now")
         until = now + lease
+        params = {"link": link, "now": now, "limit": limit, "until": until,
+                  "worker": self.worker_id, "owner_due": now - OWNER_GRACE,
+                  "held_due": now - OWNER_HOLD}
         with self._tx("claim_due") as conn:
-            rows = conn.execute(
-                "WITH due AS ("
-                "  SELECT message_id FROM outbox"
-                "   WHERE link=%(link)s AND state IN ('queued', 'sending')"
-                "     AND ((state='queued' AND next_attempt<=%(now)s"
-                "           AND (enqueued_by IS NULL OR enqueued_by=%(worker)s"
-                "                OR next_attempt<=%(owner_due)s))"
-                "       OR (state='sending' AND lease_until<=%(now)s))"
-                "   ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-                " UPDATE outbox AS o SET state='sending',"
-                "   attempts=o.attempts + CASE WHEN o.state='queued' THEN 1 ELSE 0 END,"
-                "   fate_unknown=CASE WHEN o.state='sending' THEN 1 ELSE o.fate_unknown END,"
-                "   lease_until=%(until)s, updated=%(now)s, claimed_by=%(worker)s"
-                "  FROM due WHERE o.message_id=due.message_id"
-                f" RETURNING {', '.join('o.' + c.strip() for c in _OUTBOX_READ.split(','))}",
-                {"link": link, "now": now, "limit": limit, "until": until,
-                 "worker": self.worker_id, "owner_due": now - OWNER_GRACE}).fetchall()
+            # Own claims first; others' overdue claims only with what is left (see the
+            # module docstring). Rows claimed by the first statement are ``sending`` by
+            # the second, so none is taken twice.
+            rows = conn.execute(_CLAIM_FIRST, params).fetchall()
+            if len(rows) < limit:
+                rows += conn.execute(_CLAIM_SPARE, {**params, "limit": limit - len(rows)}).fetchall()
             return sorted((_outbox_row(r, self._opener(conn)) for r in rows), key=lambda row: row.seq)
 
     def mark_acked(self, message_id: str, *, receipt: bytes, now: datetime,
