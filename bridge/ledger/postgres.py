@@ -1088,10 +1088,13 @@ class PostgresStore:
 
     # --- audit ----------------------------------------------------------------------
 
-    def append_audit(self, record: AuditRecord) -> AuditEntry:
-        """Append one entry on its own (refusals, TLS failures, anything without a row)."""
+    def append_audit(self, record: AuditRecord, *, proof: bool = True) -> AuditEntry:
+        """Append one entry on its own (refusals, TLS failures, anything without a row).
+
+        ``proof=False``: the caller needs no root nor inclusion proof of the entry (see
+        :meth:`bridge.ledger.tree.TreeCache.on_append`)."""
         with self._tx("append_audit") as conn:
-            return self._append(conn, record)
+            return self._append(conn, record, proof=proof)
 
     def audit_entries(self, *, since_seq: int = 0) -> list[AuditEntry]:
         """Entries with ``seq > since_seq`` in chain order."""
