@@ -20,6 +20,13 @@ machine's load average before and after.
     python bench/claim_push.py --soak 100000                    # resident size over a long run
     python bench/claim_push.py --profile DIR                    # top 15 functions per side
     python bench/claim_push.py --batch off --loop asyncio       # one claim per request, stdlib loop
+    BENCH_TALLY=1 python bench/claim_push.py --store postgres --senders 2 --batch on --rate 0
+
+``BENCH_TALLY=1`` (PostgreSQL store) prints, per sender process, for every store
+operation of the measured part its transactions, statements and ledger-thread CPU
+milliseconds, the rows claimed and the claim rounds that came back empty, how many
+claims it dispatched that it had queued itself (and still held) or not, the CPU of
+reading, re-deciding and digesting them, and the senders' CPU per second while idle.
 
 By default both forms are reported, one claim per request first, then batches
 (PROTOCOL §6b); ``--loop`` picks the event loop of both sides (default: the standard
