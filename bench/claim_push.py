@@ -20,6 +20,13 @@ machine's load average before and after.
     python bench/claim_push.py --soak 100000                    # resident size over a long run
     python bench/claim_push.py --profile DIR                    # top 15 functions per side
     python bench/claim_push.py --batch off --loop asyncio       # one claim per request, stdlib loop
+    BENCH_TALLY=1 python bench/claim_push.py --store postgres --senders 2 --batch on --rate 0
+
+``BENCH_TALLY=1`` (PostgreSQL store) prints, per sender process, for every store
+operation of the measured part its transactions, statements and ledger-thread CPU
+milliseconds, the rows claimed and the claim rounds that came back empty, how many
+claims it dispatched that it had queued itself (and still held) or not, the CPU of
+reading, re-deciding and digesting them, and the senders' CPU per second while idle.
 
 By default both forms are reported, one claim per request first, then batches
 (PROTOCOL §6b); ``--loop`` picks the event loop of both sides (default: the standard
@@ -94,6 +101,79 @@ def _pct(values: list[float], q: float) -> float:
 # --- the sender process -----------------------------------------------------------------------
 
 
+def _tally_store(store: Any) -> dict[str, list[float]]:
+    """Count, per store operation of ``store`` (a PostgreSQL store): transactions,
+    statements, rows claimed, empty claims and the ledger thread's CPU milliseconds.
+    Only the measured part is counted (``counting`` is switched on at ``go``)."""
+    import threading
+
+    import psycopg
+
+    tally: dict[str, list[float]] = {}
+    here = threading.local()
+    counting = [False]
+    plain_tx = type(store)._tx
+    plain_execute = psycopg.Connection.execute
+    plain_claim = store.claim_due
+
+    @contextlib.contextmanager
+    def tx(what: str):  # type: ignore[no-untyped-def]
+        t0 = time.thread_time()
+        here.what = what
+        try:
+            with plain_tx(store, what) as conn:
+                yield conn
+        finally:
+            here.what = None
+            if counting[0]:
+                row = tally.setdefault(what, [0, 0, 0.0])
+                row[0] += 1
+                row[2] += (time.thread_time() - t0) * 1000
+
+    def execute(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        if counting[0] and getattr(here, "what", None):
+            tally.setdefault(here.what, [0, 0, 0.0])[1] += 1
+        return plain_execute(conn, *args, **kwargs)
+
+    def claim_due(*args: Any, **kwargs: Any) -> Any:
+        rows = plain_claim(*args, **kwargs)
+        if counting[0]:
+            tally.setdefault("claimed rows", [0, 0, 0.0])[0] += len(rows)
+            if not rows:
+                tally.setdefault("empty claims", [0, 0, 0.0])[0] += 1
+        return rows
+
+    store._tx = store._read = tx
+    store.claim_due = claim_due
+    psycopg.Connection.execute = execute  # type: ignore[method-assign]
+    tally["_counting"] = counting  # type: ignore[assignment]
+    return tally
+
+
+def _tally_dispatch(controller: Any, tally: dict[str, list[float]]) -> None:
+    """Count the claims this process dispatches that it did not queue itself (or no
+    longer holds in memory), and the CPU milliseconds (main thread) spent reading,
+    re-deciding and digesting the messages it dispatches."""
+    counting = tally["_counting"]
+    for name in ("queued_message", "recheck_consent", "request_digests"):
+        plain = getattr(controller, name)
+
+        def timed(*args: Any, _plain: Any = plain, _name: str = name, **kwargs: Any) -> Any:
+            if _name == "queued_message" and counting[0]:
+                held = args[0] in controller._queued_forms
+                tally.setdefault("dispatched, queued here" if held else
+                                 "dispatched, queued elsewhere", [0, 0, 0.0])[0] += 1
+            t0 = time.thread_time()
+            try:
+                return _plain(*args, **kwargs)
+            finally:
+                if counting[0]:
+                    tally.setdefault(f"cpu {_name}", [0, 0, 0.0])[2] += (
+                        time.thread_time() - t0) * 1000
+
+        setattr(controller, name, timed)
+
+
 async def sender(config: Path, records_file: Path, share: int, of: int, rate: float,
                  profile: Path | None) -> None:
     """One hospital bridge: start, say ``ready``; on ``go`` enqueue every ``of``-th record
@@ -110,6 +190,9 @@ async def sender(config: Path, records_file: Path, share: int, of: int, rate: fl
     records = [r for i, r in enumerate(orjson.loads(records_file.read_bytes()))
                if i % of == share]
     service = BridgeService(Controller(load_config(config)), poll_interval=0.2)
+    tally = _tally_store(service.controller.store) if os.environ.get("BENCH_TALLY") else None
+    if tally is not None:
+        _tally_dispatch(service.controller, tally)
     await service.start()
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str] = asyncio.Queue()
@@ -129,7 +212,9 @@ async def sender(config: Path, records_file: Path, share: int, of: int, rate: fl
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
-    done = {"created": 0, "duplicate": 0, "refused": 0}
+    if tally is not None:
+        tally["_counting"][0] = True  # type: ignore[index]
+    done: dict[str, Any] = {"created": 0, "duplicate": 0, "refused": 0}
     in_flight = asyncio.Semaphore(8)
     tasks: set[asyncio.Task[None]] = set()
 
@@ -160,6 +245,9 @@ async def sender(config: Path, records_file: Path, share: int, of: int, rate: fl
     if prof:
         prof.disable()
         prof.dump_stats(str(profile))
+    if tally is not None:
+        tally.pop("_counting")[0] = False  # type: ignore[index]
+        done["store"] = {k: [round(x, 1) for x in v] for k, v in sorted(tally.items())}
     # Requests and the claims that went in batches (warm-up included).
     stats = [d.stats for d in getattr(service, "dispatchers", {}).values()]
     done["requests"] = sum(st.requests for st in stats)
@@ -300,6 +388,11 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
                              "-o", str(profile / f"{side}-{k}.txt")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 time.sleep(1.0)
+            idle = 0.0
+            if os.environ.get("BENCH_TALLY"):  # what the senders spend doing nothing
+                idle0 = sum(cpu_seconds(pid) for pid in pids["sender"])
+                time.sleep(3.0)
+                idle = (sum(cpu_seconds(pid) for pid in pids["sender"]) - idle0) / 3.0
             cpu0 = {side: sum(cpu_seconds(pid) for pid in ps) for side, ps in pids.items()}
             rss: list[dict[str, float]] = []
             started = time.perf_counter()
@@ -363,7 +456,7 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
             "elapsed": elapsed, "rate": acked / elapsed if elapsed else 0.0,
             "cpu_ms": {side: cpu[side] * 1000 / max(acked, 1) for side in cpu},
             "p50": _pct(latencies, 0.5) * 1000, "p99": _pct(latencies, 0.99) * 1000,
-            "rss": rss, "rss_end": rss_end, "senders": done}
+            "rss": rss, "rss_end": rss_end, "senders": done, "idle_ms_per_s": idle * 1000}
 
 
 def _instant(value: Any) -> datetime:
@@ -594,6 +687,8 @@ def main() -> None:
         print(f"\n== {label} (event loop {args.loop})\nsaturated: {args.claims} claims x "
               f"{args.runs} runs, store {args.store}, {args.senders} sender process(es)")
         print(f"  per sender: {[s['senders'] for s in sat]}")
+        if os.environ.get("BENCH_TALLY"):
+            print(f"  idle senders: CPU {[round(s['idle_ms_per_s'], 1) for s in sat]} ms/s")
         print(f"  claims/s  {med(s['rate'] for s in sat):7.1f}   runs "
               f"{[round(s['rate']) for s in sat]};  lost {sum(s['lost'] for s in sat)}, "
               f"duplicates at the receiver {sum(s['duplicates'] for s in sat)}, "

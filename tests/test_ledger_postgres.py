@@ -30,7 +30,7 @@ from bridge.config import load_config
 from bridge.errors import ConfigError, StoreError
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditEntry, AuditRecord
-from bridge.ledger.postgres import OWNER_GRACE, PostgresStore
+from bridge.ledger.postgres import OWNER_GRACE, OWNER_HOLD, PostgresStore
 
 T0 = datetime(2026, 3, 1, 0, 30, tzinfo=UTC)
 WORKERS = 4
@@ -173,6 +173,43 @@ def test_a_claim_goes_first_to_the_process_that_queued_it(stores: list[PostgresS
     assert [r.message_id for r in other.claim_due("a-to-b", now=late)] == ["own1", "own2"]
     assert owner.claim_due("a-to-b", now=late) == []
     assert all(r.attempts == 1 for r in owner.list_outbox("a-to-b", limit=10))
+
+
+def test_a_busy_process_sends_its_own_claims_before_another_processs(
+        stores: list[PostgresStore]) -> None:
+    """Two dispatching processes both behind do not swap backlogs: a claim round takes
+    the process's own due claims first and fills what is left with the other's claims
+    past OWNER_GRACE; past OWNER_HOLD the other's claims go in their turn (its owner may
+    have stopped), and no claim is taken twice."""
+    a, b = stores[0], stores[1]
+    a.dispatch_here("a-to-b")
+    b.dispatch_here("a-to-b")
+    for k in range(3):
+        for store, name in ((a, "a"), (b, "b")):
+            store.enqueue(message_id=f"{name}{k}", link="a-to-b", partner="insurer-b",
+                          payload=b"p", digest="d", audit=rec("claim.enqueue", f"{name}{k}"),
+                          now=T0)
+    late = T0 + OWNER_GRACE + timedelta(seconds=1)
+    long = timedelta(minutes=5)  # no lease runs out in this test
+    # b's claims are overdue for a, but a has its own: those first.
+    assert [r.message_id for r in a.claim_due("a-to-b", now=late, limit=2, lease=long)] == ["a0", "a1"]
+    # The rest of the round's limit takes b's overdue claims, oldest first (a round is
+    # answered in seq order).
+    assert [r.message_id for r in a.claim_due("a-to-b", now=late, limit=3, lease=long)] == [
+        "b0", "b1", "a2"]
+    assert [r.message_id for r in b.claim_due("a-to-b", now=late, lease=long)] == ["b2"]
+    for k in range(3, 5):
+        for store, name in ((a, "a"), (b, "b")):
+            store.enqueue(message_id=f"{name}{k}", link="a-to-b", partner="insurer-b",
+                          payload=b"p", digest="d", audit=rec("claim.enqueue", f"{name}{k}"),
+                          now=T0 + timedelta(seconds=k))
+    # b has stopped: past OWNER_HOLD its claims go in seq order with a's own.
+    held = T0 + timedelta(seconds=3) + OWNER_HOLD
+    assert [r.message_id for r in a.claim_due("a-to-b", now=held, limit=2)] == ["a3", "b3"]
+    assert [r.message_id for r in a.claim_due("a-to-b", now=held)] == ["a4", "b4"]
+    assert b.claim_due("a-to-b", now=held) == []
+    rows = a.list_outbox("a-to-b", limit=20)
+    assert len(rows) == 10 and all(r.state.value == "sending" and r.attempts == 1 for r in rows)
 
 
 def test_concurrent_audit_appends_from_several_stores_form_one_chain(

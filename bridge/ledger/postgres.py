@@ -33,9 +33,13 @@ A claim goes first to the process that queued it
     that runs the dispatcher of a link (:meth:`PostgresStore.dispatch_here`) writes its
     ``worker_id`` into ``outbox.enqueued_by`` of the claims it queues on that link, and
     other processes leave such a claim alone for :data:`OWNER_GRACE` after it falls
-    due. After that anyone takes it: its owner may have stopped, or be busier than the
-    others. A claim queued by a process that dispatches nothing (the CLI) has no owner
-    and is anyone's at once.
+    due. After that another process takes it with capacity it has to spare: a claim
+    round takes the process's own due claims first and fills what is left of its limit
+    with others' overdue ones, so processes that are all busy do not swap their
+    backlogs (each would then redo the other's work). A claim overdue by
+    :data:`OWNER_HOLD` is anyone's in its turn, spare capacity or not: its owner may
+    have stopped while the others stay busy. A claim queued by a process that
+    dispatches nothing (the CLI) has no owner and is anyone's at once.
 
 Gapless sequence numbers: a counter row per link
     A PostgreSQL ``SEQUENCE`` is not transactional (a rolled-back insert leaves a hole)
@@ -362,6 +366,32 @@ def _connect_problem(exc: psycopg.Error) -> str:
 
 #: How long a due claim is left to the process that queued it (see the module docstring).
 OWNER_GRACE = timedelta(seconds=2)
+#: How long after it fell due another process's claim waits for spare capacity; after
+#: that it is claimed in its turn like an own claim.
+OWNER_HOLD = timedelta(seconds=30)
+
+# A claim round of claim_due: the due rows matching ``{which}``, in seq order, turned to
+# ``sending`` in the same statement. Rows another worker is claiming are skipped.
+_CLAIM = (
+    "WITH due AS ("
+    "  SELECT message_id FROM outbox"
+    "   WHERE link=%(link)s AND state IN ('queued', 'sending') AND ({which})"
+    "   ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+    " UPDATE outbox AS o SET state='sending',"
+    "   attempts=o.attempts + CASE WHEN o.state='queued' THEN 1 ELSE 0 END,"
+    "   fate_unknown=CASE WHEN o.state='sending' THEN 1 ELSE o.fate_unknown END,"
+    "   lease_until=%(until)s, updated=%(now)s, claimed_by=%(worker)s"
+    "  FROM due WHERE o.message_id=due.message_id"
+    " RETURNING " + ", ".join("o." + c.strip() for c in _OUTBOX_READ.split(","))
+)
+# Own claims (or no one's), claims overdue by OWNER_HOLD, and expired leases.
+_CLAIM_FIRST = _CLAIM.replace("{which}", (
+    "(state='queued' AND next_attempt<=%(now)s"
+    "  AND (enqueued_by IS NULL OR enqueued_by=%(worker)s OR next_attempt<=%(held_due)s))"
+    " OR (state='sending' AND lease_until<=%(now)s)"))
+# Then, with what is left of the limit: other processes' claims past OWNER_GRACE.
+_CLAIM_SPARE = _CLAIM.replace("{which}", (
+    "state='queued' AND next_attempt<=%(owner_due)s AND enqueued_by<>%(worker)s"))
 
 
 def default_worker_id() -> str:
@@ -538,7 +568,10 @@ class PostgresStore:
     # sees one state, and nothing stays "idle in transaction" afterwards.
     _read = _tx
 
-    def _append(self, conn: psycopg.Connection[Any], record: AuditRecord) -> AuditEntry:
+    def _append(self, conn: psycopg.Connection[Any], record: AuditRecord, *,
+                proof: bool = True) -> AuditEntry:
+        """Append ``record`` to the chain in ``conn``'s transaction. ``proof=False``: the
+        caller needs no root nor inclusion proof (see :meth:`TreeCache.on_append`)."""
         head = conn.execute("SELECT seq, hash FROM audit_head FOR UPDATE").fetchone()
         if head is None:
             raise StoreError("audit chain head row is missing", location=f"{self.location}: "
@@ -549,7 +582,7 @@ class PostgresStore:
             return [_audit_entry(r) for r in conn.execute(
                 f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (after,))]
 
-        entry = cache_of(self).on_append(entry, fetch)
+        entry = cache_of(self).on_append(entry, fetch, proof=proof)
         j = record.to_json_dict()
         # One statement moves the head and inserts the entry: the head lock is held for
         # one round trip fewer, and every process's appends wait on that lock.
@@ -634,7 +667,7 @@ class PostgresStore:
                 (*cols.values(), message_id)).fetchone()
             assert r is not None
             if audit is not None:
-                self._append(conn, audit)
+                self._append(conn, audit, proof=False)
             return _outbox_row(r, self._opener(conn))
 
     # --- outbox ---------------------------------------------------------------------
@@ -697,7 +730,7 @@ class PostgresStore:
                     ).fetchone()
                     if r is None:
                         raise _Raced
-                    self._append(conn, audit)
+                    self._append(conn, audit, proof=False)
                     return _outbox_row(r, self._opener(conn))
             except _Raced:
                 continue
@@ -736,27 +769,23 @@ class PostgresStore:
         row's fate unknown (see :class:`SQLiteStore`). Rows that
         another process is claiming at this moment are skipped, never waited for nor
         taken twice. The claim is not audited (see :class:`SQLiteStore`).
+
+        A claim another dispatching process queued is taken after :data:`OWNER_GRACE`
+        only with what the round has left once this process's own due claims are
+        taken, and after :data:`OWNER_HOLD` in its turn (see the module docstring).
         """
         _require_aware(now, "now")
         until = now + lease
+        params = {"link": link, "now": now, "limit": limit, "until": until,
+                  "worker": self.worker_id, "owner_due": now - OWNER_GRACE,
+                  "held_due": now - OWNER_HOLD}
         with self._tx("claim_due") as conn:
-            rows = conn.execute(
-                "WITH due AS ("
-                "  SELECT message_id FROM outbox"
-                "   WHERE link=%(link)s AND state IN ('queued', 'sending')"
-                "     AND ((state='queued' AND next_attempt<=%(now)s"
-                "           AND (enqueued_by IS NULL OR enqueued_by=%(worker)s"
-                "                OR next_attempt<=%(owner_due)s))"
-                "       OR (state='sending' AND lease_until<=%(now)s))"
-                "   ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-                " UPDATE outbox AS o SET state='sending',"
-                "   attempts=o.attempts + CASE WHEN o.state='queued' THEN 1 ELSE 0 END,"
-                "   fate_unknown=CASE WHEN o.state='sending' THEN 1 ELSE o.fate_unknown END,"
-                "   lease_until=%(until)s, updated=%(now)s, claimed_by=%(worker)s"
-                "  FROM due WHERE o.message_id=due.message_id"
-                f" RETURNING {', '.join('o.' + c.strip() for c in _OUTBOX_READ.split(','))}",
-                {"link": link, "now": now, "limit": limit, "until": until,
-                 "worker": self.worker_id, "owner_due": now - OWNER_GRACE}).fetchall()
+            # Own claims first; others' overdue claims only with what is left (see the
+            # module docstring). Rows claimed by the first statement are ``sending`` by
+            # the second, so none is taken twice.
+            rows = conn.execute(_CLAIM_FIRST, params).fetchall()
+            if len(rows) < limit:
+                rows += conn.execute(_CLAIM_SPARE, {**params, "limit": limit - len(rows)}).fetchall()
             return sorted((_outbox_row(r, self._opener(conn)) for r in rows), key=lambda row: row.seq)
 
     def mark_acked(self, message_id: str, *, receipt: bytes, now: datetime,
@@ -1059,10 +1088,13 @@ class PostgresStore:
 
     # --- audit ----------------------------------------------------------------------
 
-    def append_audit(self, record: AuditRecord) -> AuditEntry:
-        """Append one entry on its own (refusals, TLS failures, anything without a row)."""
+    def append_audit(self, record: AuditRecord, *, proof: bool = True) -> AuditEntry:
+        """Append one entry on its own (refusals, TLS failures, anything without a row).
+
+        ``proof=False``: the caller needs no root nor inclusion proof of the entry (see
+        :meth:`bridge.ledger.tree.TreeCache.on_append`)."""
         with self._tx("append_audit") as conn:
-            return self._append(conn, record)
+            return self._append(conn, record, proof=proof)
 
     def audit_entries(self, *, since_seq: int = 0) -> list[AuditEntry]:
         """Entries with ``seq > since_seq`` in chain order."""

@@ -476,7 +476,10 @@ class SQLiteStore:
             raise StoreError("store is closed", location=str(self.path))
         return self._conn
 
-    def _append(self, conn: sqlite3.Connection, record: AuditRecord) -> AuditEntry:
+    def _append(self, conn: sqlite3.Connection, record: AuditRecord, *,
+                proof: bool = True) -> AuditEntry:
+        """Append ``record`` to the chain in ``conn``'s transaction. ``proof=False``: the
+        caller needs no root nor inclusion proof (see :meth:`TreeCache.on_append`)."""
         head = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         prev_seq, prev_hash = (head[0], head[1]) if head is not None else (0, GENESIS_HASH)
         entry = chain_entry(prev_hash, prev_seq + 1, record)
@@ -485,7 +488,7 @@ class SQLiteStore:
             return [_audit_entry(r) for r in conn.execute(
                 f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>? ORDER BY seq", (after,))]
 
-        entry = cache_of(self).on_append(entry, fetch)
+        entry = cache_of(self).on_append(entry, fetch, proof=proof)
         j = record.to_json_dict()
         conn.execute(
             f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -574,7 +577,7 @@ class SQLiteStore:
         conn.execute(f"UPDATE outbox SET {assignments} WHERE message_id=?",
                      (*cols.values(), message_id))
         if audit is not None:
-            self._append(conn, audit)
+            self._append(conn, audit, proof=False)
         # The row as it now stands is the row read above with these columns written
         # (nothing else writes it in this transaction): made here, not read again.
         after = list(stored)
@@ -657,7 +660,7 @@ class SQLiteStore:
             f"INSERT INTO outbox ({_OUTBOX_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (*values[:4], self._seal(payload, "outbox.payload"), *values[5:]),
         )
-        self._append(conn, audit)
+        self._append(conn, audit, proof=False)
         # The row as stored (the columns added since at their defaults: no fate unknown,
         # no answer, no requeue), made from what was written rather than read again.
         return _outbox_row((*values, 0, None, None))
@@ -1011,10 +1014,13 @@ class SQLiteStore:
 
     # --- audit ----------------------------------------------------------------------
 
-    def append_audit(self, record: AuditRecord) -> AuditEntry:
-        """Append one entry on its own (refusals, TLS failures, anything without a row)."""
+    def append_audit(self, record: AuditRecord, *, proof: bool = True) -> AuditEntry:
+        """Append one entry on its own (refusals, TLS failures, anything without a row).
+
+        ``proof=False``: the caller needs no root nor inclusion proof of the entry (see
+        :meth:`bridge.ledger.tree.TreeCache.on_append`)."""
         with self._tx("append_audit") as conn:
-            return self._append(conn, record)
+            return self._append(conn, record, proof=proof)
 
     def audit_entries(self, *, since_seq: int = 0) -> list[AuditEntry]:
         """Entries with ``seq > since_seq`` in chain order."""

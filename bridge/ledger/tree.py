@@ -128,15 +128,25 @@ class TreeCache:
         rows = [e for e in fetch(0) if e.seq < before]
         return self._extend(0, merkle.Frontier(), rows)
 
-    def on_append(self, entry: AuditEntry, fetch: Fetch) -> AuditEntry:
+    def on_append(self, entry: AuditEntry, fetch: Fetch, *, proof: bool = True) -> AuditEntry:
         """``entry`` with the root of the tree it ends and its inclusion proof in that tree.
 
         Called inside the appending transaction, with the entry just made by
         :func:`bridge.ledger.audit.chain_entry` (its hash is its content's).
+
+        ``proof=False``: the caller has no use for the root and the proof now. An entry
+        that extends the cached tree extends it as usual (cheap, and keeps the cache
+        current); one that does not (another process appended meanwhile) is returned
+        as it is, without reading the other process's entries now: the next append
+        that needs a proof, or :meth:`sync`, reads them all at once. Processes sharing
+        one log would otherwise each reread every entry the others write, one query
+        per append.
         """
         with self._lock:
             frontier = self._linkable(entry.seq - 1, entry.prev_hash)
             if frontier is None:
+                if not proof:
+                    return entry
                 frontier = self._catch_up(entry.seq, entry.prev_hash, fetch)
             path = tuple(frontier.path_for_next())
             root = self._extend(entry.seq - 1, frontier, [entry], fresh=True).root()

@@ -693,7 +693,8 @@ class Controller:
                     patient=self.pseudonym(ids),
                     detail=_decision_detail(exc),
                     now=now,
-                )
+                ),
+                proof=False,
             )
             refusal_event(self, "enqueue", exc, partner=link.partner, subject=message_id)
             raise
