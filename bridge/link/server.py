@@ -698,6 +698,7 @@ class ReceiverApp:
             return await self._held(row, bundle, message_id, partner, claims, now,
                                     sequence=sequence)
         self.stats["accepted"] += 1
+        c.handled()
         return web.Response(body=row.receipt, content_type=FHIR_JSON)
 
     async def _held(
