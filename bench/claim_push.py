@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from gc_clock import CollectorClock
 
 PY_SPY = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -213,7 +214,7 @@ async def sender(config: Path, records_file: Path, share: int, of: int, rate: fl
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
-    collector = _CollectorClock()
+    collector = CollectorClock()
     gc.callbacks.append(collector)
     if tally is not None:
         tally["_counting"][0] = True  # type: ignore[index]
@@ -262,26 +263,6 @@ async def sender(config: Path, records_file: Path, share: int, of: int, rate: fl
     done["batched"] = sum(st.batched for st in stats)
     await service.stop()
     print(json.dumps(done), flush=True)
-
-
-class _CollectorClock:
-    """A ``gc.callbacks`` entry adding up the CPU time of the collector's passes (of the
-    thread each pass runs on: the store's thread may be working meanwhile)."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.passes = [0, 0, 0]
-        self.by_generation = [0.0, 0.0, 0.0]
-        self._start = 0.0
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._start = time.thread_time()
-        else:
-            spent = time.thread_time() - self._start
-            self.total += spent
-            self.passes[info["generation"]] += 1
-            self.by_generation[info["generation"]] += spent
 
 
 # --- one run ---------------------------------------------------------------------------------

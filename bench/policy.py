@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from gc_clock import CollectorClock
 
 from bridge.errors import ConsentDenied
 from bridge.mapping import map_record, patient_identifiers
@@ -181,20 +182,6 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-class _CollectorClock:
-    """A ``gc.callbacks`` entry adding up the CPU time of the collector's passes."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self._start = 0.0
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._start = time.process_time()
-        else:
-            self.total += time.process_time() - self._start
-
-
 def research_path(n: int) -> None:
     """Records/s through de-identification and k-anonymity over persons.
 
@@ -221,7 +208,7 @@ def research_path(n: int) -> None:
             now=NOW, trusted=True)
     gc.collect()
     gc.freeze()
-    collector = _CollectorClock()
+    collector = CollectorClock()
     gc.callbacks.append(collector)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     items = []

@@ -18,7 +18,6 @@ import re
 import socket
 import sqlite3
 import ssl
-import struct
 import subprocess
 import threading
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import pytest
 from compliance_support import audit_entries
+from e2e_support import client_ssl
+from leaving_support import WAYS, leave
 from ops_support import Serve, bridge, make_site, serve
 from peer_support import call
 from reliability_support import inbox_ids
@@ -33,14 +34,7 @@ from test_compliance_operators import _certificate_auth, _operators
 from test_e2e_batch import _insurer, _peer
 
 _HANG_UPS_PER_KIND = 4
-_WAYS = ("close", "close-notify", "reset")
 _PAUSES = (0.0, 0.05)
-
-
-def _client_context(pki: Path) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    ctx.load_cert_chain(pki / "hospital-a" / "tls.pem", pki / "hospital-a" / "tls.key")
-    return ctx
 
 
 def _head(length: int) -> bytes:
@@ -59,21 +53,12 @@ def _hang_up(port: int, ctx: ssl.SSLContext, way: str, pause: float,
     tls = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
     time.sleep(pause)
     tls.sendall(_head(1000) + b'{"resource')
-    if way == "close-notify":
-        try:
-            tls.unwrap().close()
-        except OSError:  # the server may close first
-            tls.close()
-    elif way == "reset":
-        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        tls.close()
-    else:
-        tls.close()
+    leave(tls, way)
 
 
 def _hang_ups(port: int, pki: Path) -> None:
-    ctx = _client_context(pki)
-    clients = [(way, pause) for way in _WAYS for pause in _PAUSES
+    ctx = client_ssl(pki.parent, "hospital-a")
+    clients = [(way, pause) for way in WAYS for pause in _PAUSES
                for _ in range(_HANG_UPS_PER_KIND)]
     start = threading.Barrier(len(clients))
     threads = [threading.Thread(target=_hang_up, args=(port, ctx, way, pause, start))
@@ -149,16 +134,7 @@ def _send_whole_and_leave(port: int, ctx: ssl.SSLContext, body: bytes, way: str,
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     tls = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
     tls.sendall(_head(len(body)) + body)
-    if way == "close-notify":
-        try:
-            tls.unwrap().close()
-        except OSError:
-            tls.close()
-    elif way == "reset":
-        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        tls.close()
-    else:
-        tls.close()
+    leave(tls, way)
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
@@ -174,8 +150,8 @@ async def test_a_whole_claim_sent_before_leaving_is_taken_whole_or_not_at_all(
     insurer = await asyncio.to_thread(serve, insurer_cfg)
     store = tmp_path / "insurer-b" / "bridge.sqlite"
     peer = _peer(tmp_path, insurer_cfg)
-    ctx = _client_context(tmp_path / "pki")
-    ways = [way for way in _WAYS for _ in range(_HANG_UPS_PER_KIND)]
+    ctx = client_ssl(tmp_path, "hospital-a")
+    ways = [way for way in WAYS for _ in range(_HANG_UPS_PER_KIND)]
     messages = [peer.signed_claim() for _ in ways]
     bodies = [json.dumps(m, ensure_ascii=False).encode("utf-8") for m in messages]
 
@@ -240,7 +216,7 @@ async def test_a_slow_client_still_connected_keeps_its_whole_body_timeout(
     _, insurer_cfg = _insurer(tmp_path, body_timeout_seconds=timeout)
     insurer = await asyncio.to_thread(serve, insurer_cfg)
     peer = _peer(tmp_path, insurer_cfg)
-    ctx = _client_context(tmp_path / "pki")
+    ctx = client_ssl(tmp_path, "hospital-a")
     message = peer.signed_claim()
     body = json.dumps(message, ensure_ascii=False).encode("utf-8")
 

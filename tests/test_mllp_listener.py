@@ -7,7 +7,6 @@ import logging
 import socket
 import sqlite3
 import ssl
-import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 from e2e_support import client_ssl, make_workdir
+from leaving_support import WAYS, leave
 
 from bridge.config import load_config
 from bridge.demo import HOSPITAL
@@ -339,14 +339,7 @@ def _send_and_leave(port: int, ctx: ssl.SSLContext, message: bytes, way: str) ->
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         tls = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
         tls.sendall(frame(message))
-        if way == "close-notify":
-            try:
-                tls.unwrap()
-            except OSError:
-                pass
-        elif way == "reset":
-            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        tls.close()
+        leave(tls, way)
 
 
 async def test_tls_messages_sent_before_leaving_are_taken_once_when_sent_again(
@@ -355,7 +348,7 @@ async def test_tls_messages_sent_before_leaving_are_taken_once_when_sent_again(
     """A sender that leaves without its ACK sends the message again: the first copy is
     stored whole or not at all, the second gets AA, and each message is stored once."""
     ctx = client_ssl(tls_bridge.root, HOSPITAL)
-    ways = ["close", "close-notify", "reset"] * 4
+    ways = list(WAYS) * 4
     messages = [adt(f"LEFT{n:04d}") for n in range(len(ways))]
     await asyncio.gather(*(asyncio.to_thread(_send_and_leave, tls_bridge.port, ctx, m, way)
                            for m, way in zip(messages, ways, strict=True)))

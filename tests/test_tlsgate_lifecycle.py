@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import struct
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from e2e_support import client_ssl
+from leaving_support import WAYS, leave
 
 from bridge import eventloop
 from bridge.link.tlsgate import TLSListener
@@ -26,7 +27,6 @@ from bridge.trust.pki import init_dev_pki
 from bridge.trust.tls import server_context
 
 _PER_KIND = 5
-_WAYS = ("close", "close-notify", "reset")
 _PAUSES = (0.0, 0.02)
 
 
@@ -64,25 +64,15 @@ def _send_and_leave(port: int, ctx: ssl.SSLContext, n: int, way: str, pause: flo
     if pause:
         threading.Event().wait(pause)
     tls.sendall(b"hello %d\n" % n)
-    if way == "close-notify":
-        try:
-            tls.unwrap().close()
-        except OSError:
-            tls.close()
-    elif way == "reset":
-        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        tls.close()
-    else:
-        tls.close()
+    leave(tls, way)
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_every_protocol_started_hears_the_end_of_its_connection(tmp_path: Path, loop: str) -> None:
     pki = tmp_path / "pki"
     init_dev_pki(pki, ["insurer-b", "hospital-a"], now=datetime.now(UTC) - timedelta(days=1))
-    client = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    client.load_cert_chain(pki / "hospital-a" / "tls.pem", pki / "hospital-a" / "tls.key")
-    kinds = [(way, pause) for way in _WAYS for pause in _PAUSES for _ in range(_PER_KIND)]
+    client = client_ssl(tmp_path, "hospital-a")
+    kinds = [(way, pause) for way in WAYS for pause in _PAUSES for _ in range(_PER_KIND)]
 
     async def run() -> list[_Recorder]:
         started: list[_Recorder] = []
