@@ -6,6 +6,7 @@ mutual-TLS listener, configured through real TOML files and a real development P
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import subprocess
@@ -138,6 +139,14 @@ def client_ssl(root: Path, who: str | None, *, ca: Path | None = None) -> ssl.SS
     if who is not None:
         ctx.load_cert_chain(root / "pki" / who / "tls.pem", root / "pki" / who / "tls.key")
     return ctx
+
+
+def text_of(message: dict[str, Any]) -> str:
+    """A message that arrived, as text to search for values that must not arrive: without
+    its signature's base64 (a detached JWS of the sender's header, which holds no record
+    value; its random letters would match a short code such as Z21 now and then)."""
+    return json.dumps({k: v for k, v in message.items() if k != "signature"},
+                      ensure_ascii=False)
 
 
 __all__ = ["LINK_OUT", "Pair", "client_ssl", "consent_for", "start_pair"]

@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import ALL_CLASSES, cli, consent_for, make_workdir, serve, set_toml_keys
+from e2e_support import (
+    ALL_CLASSES,
+    cli,
+    consent_for,
+    make_workdir,
+    serve,
+    set_toml_keys,
+    text_of,
+)
 from handoff_support import fast_hospital
 
 from bridge.config import load_config
@@ -299,10 +307,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 def resources(message: dict[str, Any], kind: str | None = None) -> list[dict[str, Any]]:
     return [e["resource"] for e in message["entry"]
             if kind is None or e["resource"]["resourceType"] == kind]
-
-
-def text_of(message: dict[str, Any]) -> str:
-    return json.dumps(message, ensure_ascii=False)
 
 
 def walk(node: Any) -> Iterator[tuple[str, Any]]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import cli, consent_for, make_workdir, serve
+from e2e_support import cli, consent_for, make_workdir, serve, text_of
 
 from bridge.demo import HOSPITAL, free_port
 from bridge.samples import inpatient_records
@@ -463,7 +463,7 @@ def test_one_date_shift_per_person_across_stays_not_recoverable(released: Releas
 
 @pytest.mark.control("D3", "D5")
 def test_no_direct_identifier_of_appendix_g_is_released(released: Released) -> None:
-    wire = json.dumps(released.wire, ensure_ascii=False)
+    wire = "\n".join(text_of(m) for m in released.wire)
     for record in released.records:
         e = record["elements"]
         for key in ("HDSD00.11.110",  # name
@@ -510,7 +510,7 @@ def test_no_age_of_89_or_over_is_revealed(released: Released) -> None:
 
 
 def test_departments_of_held_back_diagnoses_are_not_released(released: Released) -> None:
-    wire = json.dumps(released.wire, ensure_ascii=False)
+    wire = "\n".join(text_of(m) for m in released.wire)
     for person in released.persons.values():
         if person.sensitive and not person.named:
             code, name, department = person.sensitive
