@@ -10,11 +10,13 @@ from pathlib import Path
 from e2e_support import LINK_OUT, consent_for, start_pair
 
 from bridge.errors import PolicyError
-from bridge.link.node import WARM_MESSAGES
+from bridge.link.node import WARM_MESSAGES, YOUNG_OBJECTS
 from bridge.samples import inpatient_records
 
 
 async def test_the_heap_is_frozen_once_after_the_first_claims_are_queued(tmp_path: Path) -> None:
+    saved = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # the interpreter's default
     pair = await start_pair(tmp_path, start_dispatch=False)
     try:
         controller = pair.hospital.controller
@@ -22,6 +24,7 @@ async def test_the_heap_is_frozen_once_after_the_first_claims_are_queued(tmp_pat
         for i, record in enumerate(records):
             await controller.put_consent(consent_for(record, consent_id=f"c-{i}"))
         frozen_at: list[int] = []
+        thresholds: list[tuple[int, int, tuple[int, ...]]] = []
         queued = 0
         before = gc.get_freeze_count()
         for record in records:
@@ -36,9 +39,31 @@ async def test_the_heap_is_frozen_once_after_the_first_claims_are_queued(tmp_pat
             if now > before:
                 frozen_at.append(queued)
             before = now
+            if not thresholds or thresholds[-1][2] != gc.get_threshold():
+                thresholds.append((queued, len(frozen_at), gc.get_threshold()))
         assert queued > WARM_MESSAGES
         # Once, when the WARM_MESSAGES-th claim was queued, and never again.
         assert frozen_at == [WARM_MESSAGES]
+        # The youngest generation's threshold is raised at the same moment; the older
+        # generations' are left as they were.
+        assert thresholds[0][2] == (700, 10, 10)
+        assert [t for t in thresholds if t[2] != (700, 10, 10)] == [
+            (WARM_MESSAGES, 1, (YOUNG_OBJECTS, 10, 10))]
     finally:
+        gc.set_threshold(*saved)
+        await pair.insurer.stop()
+        await pair.hospital.stop()
+
+
+async def test_a_higher_threshold_set_for_the_process_is_not_lowered(tmp_path: Path) -> None:
+    saved = gc.get_threshold()
+    gc.set_threshold(YOUNG_OBJECTS * 4, 20, 30)
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        for _ in range(WARM_MESSAGES + 1):
+            pair.hospital.controller.handled()
+        assert gc.get_threshold() == (YOUNG_OBJECTS * 4, 20, 30)
+    finally:
+        gc.set_threshold(*saved)
         await pair.insurer.stop()
         await pair.hospital.stop()
