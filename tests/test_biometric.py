@@ -184,7 +184,7 @@ def _store_payloads(pair: IntakePair) -> list[bytes]:
             ("intake_record", "SELECT record FROM intake_record WHERE record IS NOT NULL",
              "intake_record.record"),
             ("visit_part", "SELECT part FROM visit_part", "visit_part.part"),
-            ("outbox", "SELECT payload FROM outbox", None),
+            ("outbox", "SELECT payload FROM outbox_payload", None),
         ],
         pair.insurer.controller.store: [("inbox", "SELECT payload FROM inbox", None)],
     }
@@ -290,7 +290,7 @@ def test_a_record_pushed_as_json_has_the_marked_element_digested_too(tmp_path: P
     pushed.unlink()  # the operator's own file is not the bridge's to search
     key = bytes.fromhex((site.root / "biometric.key").read_text().strip())
     with open_store(load_config(site.hospital).store) as store, store.read("outbox") as tx:
-        [(payload,)] = tx.all("SELECT payload FROM outbox")
+        [(payload,)] = tx.all("SELECT payload FROM outbox_payload")
     message = json.loads(bytes(payload))
     patient = next(e["resource"] for e in message["entry"]
                    if e["resource"]["resourceType"] == "Patient")

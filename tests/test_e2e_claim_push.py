@@ -209,7 +209,7 @@ async def test_a_queued_claim_changed_in_the_store_is_asked_about_as_it_is(
         sub = await hospital.submit(record, LINK_OUT)  # queued; nothing is dispatching yet
         con = sqlite3.connect(store_of(pair, "hospital"))
         try:
-            (raw,) = con.execute("SELECT payload FROM outbox WHERE message_id=?",
+            (raw,) = con.execute("SELECT payload FROM outbox_payload WHERE message_id=?",
                                  (sub.message_id,)).fetchone()
             payload = orjson.loads(raw)
             for entry in collection_of(payload)["entry"]:
@@ -218,8 +218,10 @@ async def test_a_queued_claim_changed_in_the_store_is_asked_about_as_it_is(
                     for ident in resource.get("identifier") or []:
                         ident["value"] = f"{ident['value']}-someone-else"
             waited = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-            con.execute("UPDATE outbox SET payload=?, created=? WHERE message_id=?",
-                        (orjson.dumps(payload), waited, sub.message_id))
+            con.execute("UPDATE outbox_payload SET payload=? WHERE message_id=?",
+                        (orjson.dumps(payload), sub.message_id))
+            con.execute("UPDATE outbox SET created=? WHERE message_id=?",
+                        (waited, sub.message_id))
             con.commit()
         finally:
             con.close()

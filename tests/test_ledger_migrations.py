@@ -126,3 +126,44 @@ def test_migration_names_must_be_unique_and_ordered() -> None:
         check_names((Migration("0002-b"), Migration("0001-a")))
     with pytest.raises(ValueError):
         check_names((Migration("0001-a"), Migration("0001-a")))
+
+
+def test_an_outbox_written_before_its_payloads_were_kept_apart_keeps_every_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store queued by a bridge whose outbox rows held their payloads: after the step
+    that keeps payloads apart, every message reads back whole, in its state, with its
+    receipt; the outbox row holds no payload; the next message follows on."""
+    path = tmp_path / "older.db"
+    before = tuple(m for m in MIGRATIONS if m.name < "1503-outbox-payload-apart")
+    monkeypatch.setattr("bridge.ledger.sqlite.MIGRATIONS", before)
+    payloads = {f"m-{i}": bytes([i]) * (30_000 + i) for i in range(3)}
+    SQLiteStore(path).close()
+    t = format_time(NOW)
+    raw = sqlite3.connect(path)
+    assert "payload" in [c[1] for c in raw.execute("PRAGMA table_info(outbox)")]
+    for seq, (mid, payload) in enumerate(payloads.items(), start=1):
+        # As the older bridge wrote a row: the payload in it.
+        raw.execute(
+            "INSERT INTO outbox (message_id, link, seq, partner, payload, digest, state,"
+            " attempts, next_attempt, lease_until, last_error, receipt, created, updated)"
+            " VALUES (?, 'a-to-b', ?, 'insurer-b', ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
+            (mid, seq, payload, f"sha256:{mid}", "acked" if seq == 1 else "queued",
+             int(seq == 1), t, b"signed receipt" if seq == 1 else None, t, t))
+    raw.commit()
+    raw.close()
+    monkeypatch.setattr("bridge.ledger.sqlite.MIGRATIONS", MIGRATIONS)
+    with SQLiteStore(path) as store:
+        assert store.applied_migrations()[-1] >= "1503-outbox-payload-apart"
+        rows = {r.message_id: r for r in store.list_outbox("a-to-b")}
+        assert {m: r.payload for m, r in rows.items()} == payloads
+        assert [(r.seq, r.state.value) for r in rows.values()] == [
+            (1, "acked"), (2, "queued"), (3, "queued")]
+        assert rows["m-0"].receipt == b"signed receipt"
+        store.enqueue(message_id="m-3", link="a-to-b", partner="insurer-b", payload=b"{}",
+                      digest="sha256:m-3", audit=_audit("m-3"), now=NOW)
+        assert [r.seq for r in store.list_outbox("a-to-b")] == [1, 2, 3, 4]
+        assert store.get_outbox("m-3").payload == b"{}"
+    raw = sqlite3.connect(path)
+    assert "payload" not in [c[1] for c in raw.execute("PRAGMA table_info(outbox)")]
+    assert raw.execute("SELECT count(*) FROM outbox_payload").fetchone() == (4,)
+    raw.close()

@@ -78,11 +78,11 @@ async def test_one_unreadable_outbox_row_fails_only_its_own_submission(tmp_path:
         first = await controller.submit(damaged, LINK_OUT)
         assert first.created
         with sqlite3.connect(controller.config.store.path) as conn:
-            (blob,) = conn.execute("SELECT payload FROM outbox WHERE message_id=?",
+            (blob,) = conn.execute("SELECT payload FROM outbox_payload WHERE message_id=?",
                                    (first.message_id,)).fetchone()
             flipped = bytearray(blob)
             flipped[-1] ^= 0x01
-            conn.execute("UPDATE outbox SET payload=? WHERE message_id=?",
+            conn.execute("UPDATE outbox_payload SET payload=? WHERE message_id=?",
                          (bytes(flipped), first.message_id))
         with pytest.raises(Exception):  # noqa: B017 - whatever the store says of the damage
             await controller.db.get_outbox(first.message_id)

@@ -453,6 +453,22 @@ CREATE TABLE IF NOT EXISTS store_restore (
         sqlite="",
         postgres="ALTER TABLE outbox ADD COLUMN IF NOT EXISTS enqueued_by TEXT;",
     ),
+    # SQLite writes a whole row again on every UPDATE, overflow pages included: with the
+    # payload in the outbox row, each change of state (sending, acked) wrote the message
+    # again, about twice its size to the journal each time. Kept apart, it is written
+    # once. PostgreSQL keeps large values out of the row already (TOAST): nothing to do.
+    Migration(
+        name="1503-outbox-payload-apart",
+        sqlite="""
+CREATE TABLE IF NOT EXISTS outbox_payload (
+    message_id  TEXT PRIMARY KEY,
+    payload     BLOB NOT NULL
+);
+INSERT INTO outbox_payload (message_id, payload) SELECT message_id, payload FROM outbox;
+ALTER TABLE outbox DROP COLUMN payload;
+""",
+        postgres="",
+    ),
 )
 
 

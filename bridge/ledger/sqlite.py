@@ -229,6 +229,13 @@ _OUTBOX_COLS = (
 )
 #: What a row is read with: the columns written at enqueue and those added since.
 _OUTBOX_READ = _OUTBOX_COLS + ", fate_unknown, last_answer, since"
+#: Where an outbox row is read from: its payload is kept apart (migration
+#: ``1503-outbox-payload-apart``), written once at enqueue. SQLite writes a whole row
+#: again, overflow pages included, on every UPDATE: with the payload in the row, each
+#: change of state (sending, acked) wrote the message again.
+_OUTBOX_FROM = "outbox JOIN outbox_payload USING (message_id)"
+#: The columns of the outbox table itself (the payload is not one of them).
+_OUTBOX_OWN = _OUTBOX_COLS.replace(" payload,", "")
 #: Where each column of :data:`_OUTBOX_READ` stands in a row read with it.
 _OUTBOX_AT = {name.strip(): i for i, name in enumerate(_OUTBOX_READ.split(","))}
 _INBOX_COLS = "sender, message_id, digest, payload, receipt, audit_seq, received"
@@ -519,7 +526,7 @@ class SQLiteStore:
         return blind(key) if blind is not None else key
 
     def _get_outbox(self, conn: sqlite3.Connection, message_id: str) -> OutboxRow | None:
-        r = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE message_id=?",
+        r = conn.execute(f"SELECT {_OUTBOX_READ} FROM {_OUTBOX_FROM} WHERE message_id=?",
                          (message_id,)).fetchone()
         return _outbox_row(r, self._opener(conn)) if r is not None else None
 
@@ -557,7 +564,7 @@ class SQLiteStore:
         sets: dict[str, Any],
         allowed_from: frozenset[OutboxState],
     ) -> OutboxRow:
-        stored = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE message_id=?",
+        stored = conn.execute(f"SELECT {_OUTBOX_READ} FROM {_OUTBOX_FROM} WHERE message_id=?",
                               (message_id,)).fetchone()
         if stored is None:
             raise UnknownMessage(f"{what}: no outbox row for this message id",
@@ -656,10 +663,10 @@ class SQLiteStore:
         t = format_time(now)
         values = (message_id, link, seq, partner, payload, digest, OutboxState.QUEUED.value, 0,
                   t, None, None, None, t, t)
-        conn.execute(
-            f"INSERT INTO outbox ({_OUTBOX_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (*values[:4], self._seal(payload, "outbox.payload"), *values[5:]),
-        )
+        conn.execute(f"INSERT INTO outbox ({_OUTBOX_OWN}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                     (*values[:4], *values[5:]))
+        conn.execute("INSERT INTO outbox_payload (message_id, payload) VALUES (?,?)",
+                     (message_id, self._seal(payload, "outbox.payload")))
         self._append(conn, audit, proof=False)
         # The row as stored (the columns added since at their defaults: no fate unknown,
         # no answer, no requeue), made from what was written rather than read again.
@@ -813,10 +820,10 @@ class SQLiteStore:
         """Rows of ``link`` in seq order, optionally only those in ``state``."""
         with self._read("list_outbox") as conn:
             if state is None:
-                cur = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE link=?"
+                cur = conn.execute(f"SELECT {_OUTBOX_READ} FROM {_OUTBOX_FROM} WHERE link=?"
                                    " ORDER BY seq LIMIT ?", (link, limit))
             else:
-                cur = conn.execute(f"SELECT {_OUTBOX_READ} FROM outbox WHERE link=? AND state=?"
+                cur = conn.execute(f"SELECT {_OUTBOX_READ} FROM {_OUTBOX_FROM} WHERE link=? AND state=?"
                                    " ORDER BY seq LIMIT ?", (link, OutboxState(state).value, limit))
             return [_outbox_row(r, self._opener(conn)) for r in cur]
 
