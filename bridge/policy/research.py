@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from bridge.policy.transforms import path_values
+from bridge.policy.transforms import path_values, resource_values
 
 __all__ = [
     "AGE_BAND_URL",
@@ -313,6 +313,7 @@ def anonymise(
     # release below generalises them instead of reading their text again.
     parsed: dict[int, dict[str, Any]] = {}
     patient_only = all(path.startswith("Patient.") for path in quasi)
+    below = [path.split(".")[1:] for path in quasi]
     for position, item in enumerate(items):
         if isinstance(item.bundle, bytes):
             own = item.patient
@@ -322,8 +323,8 @@ def anonymise(
                 patients[position] = own
                 if item.person not in values:
                     parsed[position] = patient = orjson.loads(own)
-                    alone = {"entry": [{"resource": patient}]}
-                    values[item.person] = (_values(alone, quasi), item.age)
+                    values[item.person] = (
+                        tuple(resource_values(patient, segs) for segs in below), item.age)
                 continue
             bundle = orjson.loads(item.bundle)
             found = own or _patient_text(bundle, item.bundle)

@@ -457,18 +457,30 @@ def path_values(bundle: dict[str, Any], path: str) -> tuple[str, ...]:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
             continue
-        current: list[Any] = [resource]
-        for seg in segs:
-            nxt: list[Any] = []
-            for value in current:
-                inner = value.get(seg) if isinstance(value, dict) else None
-                if isinstance(inner, list):
-                    nxt.extend(inner)
-                elif inner is not None:
-                    nxt.append(inner)
-            current = nxt
-        found.extend(str(v) for v in current if not isinstance(v, (dict, list)))
+        _collect(resource, segs, found)
     return tuple(sorted(found))
+
+
+def resource_values(resource: dict[str, Any], segs: Sequence[str]) -> tuple[str, ...]:
+    """Sorted string values at the path ``segs`` below one resource (``["address",
+    "city"]`` of a Patient): :func:`path_values` of a bundle holding that resource alone."""
+    found: list[str] = []
+    _collect(resource, segs, found)
+    return tuple(sorted(found))
+
+
+def _collect(resource: dict[str, Any], segs: Sequence[str], found: list[str]) -> None:
+    current: list[Any] = [resource]
+    for seg in segs:
+        nxt: list[Any] = []
+        for value in current:
+            inner = value.get(seg) if isinstance(value, dict) else None
+            if isinstance(inner, list):
+                nxt.extend(inner)
+            elif inner is not None:
+                nxt.append(inner)
+        current = nxt
+    found.extend(str(v) for v in current if not isinstance(v, (dict, list)))
 
 
 def quasi_key(bundle: dict[str, Any], quasi: Sequence[str]) -> tuple[tuple[str, ...], ...]:
