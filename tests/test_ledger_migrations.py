@@ -167,3 +167,18 @@ def test_an_outbox_written_before_its_payloads_were_kept_apart_keeps_every_messa
     assert "payload" not in [c[1] for c in raw.execute("PRAGMA table_info(outbox)")]
     assert raw.execute("SELECT count(*) FROM outbox_payload").fetchone() == (4,)
     raw.close()
+
+
+def test_a_store_whose_record_of_the_payload_step_was_lost_opens_with_its_messages(
+        tmp_path: Path) -> None:
+    path = tmp_path / "lost.db"
+    with SQLiteStore(path) as store:
+        store.enqueue(message_id="m-1", link="a-to-b", partner="insurer-b", payload=b"[1]",
+                      digest="sha256:m-1", audit=_audit("m-1"), now=NOW)
+    raw = sqlite3.connect(path)
+    raw.execute("DELETE FROM schema_migrations WHERE name = '1503-outbox-payload-apart'")
+    raw.commit()
+    raw.close()
+    with SQLiteStore(path) as store:  # the payload column is gone already: nothing to do
+        assert "1503-outbox-payload-apart" in store.applied_migrations()
+        assert store.get_outbox("m-1").payload == b"[1]"

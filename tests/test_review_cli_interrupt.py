@@ -16,6 +16,8 @@ import pytest
 
 HOOK = """
 import builtins, signal, os, sys
+# As at a terminal: a suite started in the background hands its children SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real = builtins.__import__
 def interrupting(name, *args, **kwargs):
     if name == {module!r}:

@@ -60,6 +60,10 @@ class Migration:
     ddl: str = ""
     sqlite: str | None = None
     postgres: str | None = None
+    #: SQLite: a query that returns a row when the step is already in place (a store
+    #: whose migration record was lost); the step is then recorded without running.
+    #: For what IF NOT EXISTS cannot say, such as a column already dropped.
+    sqlite_done_if: str | None = None
 
     def script(self, dialect: Dialect) -> str:
         """The DDL for ``dialect`` with the type placeholders filled in."""
@@ -468,6 +472,8 @@ INSERT INTO outbox_payload (message_id, payload) SELECT message_id, payload FROM
 ALTER TABLE outbox DROP COLUMN payload;
 """,
         postgres="",
+        sqlite_done_if="SELECT 1 WHERE NOT EXISTS"
+                       " (SELECT 1 FROM pragma_table_info('outbox') WHERE name = 'payload')",
     ),
 )
 

@@ -403,7 +403,10 @@ class SQLiteStore:
         for migration in MIGRATIONS:
             if migration.name in applied:
                 continue
-            for statement in _split_script(migration.script("sqlite")):
+            done = migration.sqlite_done_if
+            steps = ([] if done is not None and conn.execute(done).fetchone() is not None
+                     else _split_script(migration.script("sqlite")))
+            for statement in steps:
                 try:
                     conn.execute(statement)
                 except sqlite3.OperationalError as exc:
