@@ -2,6 +2,8 @@
 
 Opening a store applies the steps it lacks (``bridge serve`` does so at start); these
 commands let an operator see and do it before starting, for example after an upgrade.
+``status`` only reads (the store is not changed, and no data key is needed), so it shows
+what an upgrade would apply while older processes still run; ``migrate`` applies it.
 A store written by a newer bridge is refused, naming the step this version does not know.
 """
 
@@ -12,7 +14,7 @@ import sys
 from typing import Any
 
 from bridge.cli_common import add_json_option, print_json
-from bridge.errors import NotFound
+from bridge.errors import NotFound, StoreError
 
 
 def _report(args: argparse.Namespace, *, migrate: bool) -> int:
@@ -23,12 +25,18 @@ def _report(args: argparse.Namespace, *, migrate: bool) -> int:
     config = load_config(args.config)
     if not migrate and config.store.kind == "sqlite" and not config.store.path.exists():
         raise NotFound("no store at this path yet", location=str(config.store.path))
-    with open_store(config.store) as store:
-        applied = store.applied_migrations()
     known = [m.name for m in MIGRATIONS]
-    where = str(config.store.path) if config.store.kind == "sqlite" else (
-        f"postgresql schema {config.store.db_schema}"
-    )
+    if migrate:
+        with open_store(config.store) as store:
+            applied = store.applied_migrations()
+    else:
+        applied = _recorded(config.store)
+        newer = sorted(set(applied) - set(known))
+        if newer:
+            raise StoreError(f"store was upgraded by a newer bridge (migration {newer[-1]});"
+                             " run that version or restore a backup",
+                             location=_where(config.store))
+    where = _where(config.store)
     if args.json:
         print_json({"store": where, "kind": config.store.kind, "applied": applied,
                     "known": known, "up_to_date": applied == known})
@@ -38,6 +46,45 @@ def _report(args: argparse.Namespace, *, migrate: bool) -> int:
     for name in known:
         sys.stdout.write(f"  {'applied' if name in applied else 'pending'}  {name}\n")
     return 0
+
+
+def _where(store: Any) -> str:
+    return str(store.path) if store.kind == "sqlite" else f"postgresql schema {store.db_schema}"
+
+
+def _recorded(store: Any) -> list[str]:
+    """The schema steps a store records, read without applying any."""
+    if store.kind == "sqlite":
+        import sqlite3
+
+        try:
+            conn = sqlite3.connect(f"{store.path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table'"
+                                " AND name='schema_migrations'").fetchone() is None:
+                    return []
+                return [str(n) for (n,) in conn.execute(
+                    "SELECT name FROM schema_migrations ORDER BY name")]
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the store's schema steps ({type(exc).__name__})",
+                             location=str(store.path)) from exc
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(store.dsn, autocommit=True) as conn:
+            table = conn.execute("SELECT to_regclass(%s)",
+                                 (f'"{store.db_schema}".schema_migrations',)).fetchone()
+            if table is None or table[0] is None:
+                return []
+            return [str(n) for (n,) in conn.execute(sql.SQL(
+                "SELECT name FROM {}.schema_migrations ORDER BY name").format(
+                    sql.Identifier(store.db_schema)))]
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot read the store's schema steps ({type(exc).__name__})",
+                         location=_where(store)) from exc
 
 
 def cmd_store_status(args: argparse.Namespace) -> int:

@@ -154,6 +154,8 @@ def test_an_outbox_written_before_its_payloads_were_kept_apart_keeps_every_messa
     monkeypatch.setattr("bridge.ledger.sqlite.MIGRATIONS", MIGRATIONS)
     with SQLiteStore(path) as store:
         assert store.applied_migrations()[-1] >= "1503-outbox-payload-apart"
+        # The copy went through the journal; its space is given back once moved.
+        assert path.with_name(path.name + "-wal").stat().st_size == 0
         rows = {r.message_id: r for r in store.list_outbox("a-to-b")}
         assert {m: r.payload for m, r in rows.items()} == payloads
         assert [(r.seq, r.state.value) for r in rows.values()] == [
@@ -182,3 +184,36 @@ def test_a_store_whose_record_of_the_payload_step_was_lost_opens_with_its_messag
     with SQLiteStore(path) as store:  # the payload column is gone already: nothing to do
         assert "1503-outbox-payload-apart" in store.applied_migrations()
         assert store.get_outbox("m-1").payload == b"[1]"
+
+
+def test_an_outbox_row_whose_payload_row_was_removed_is_reported_not_hidden(
+        tmp_path: Path) -> None:
+    """Damage from outside the bridge (a payload row deleted by hand) is named where it
+    is, and fails only what touches that message."""
+    path = tmp_path / "damaged.db"
+    with SQLiteStore(path) as store:
+        for mid in ("m-1", "m-2"):
+            store.enqueue(message_id=mid, link="a-to-b", partner="insurer-b", payload=b"[1]",
+                          digest=f"sha256:{mid}", audit=_audit(mid), now=NOW)
+    raw = sqlite3.connect(path)
+    raw.execute("DELETE FROM outbox_payload WHERE message_id = 'm-1'")
+    raw.commit()
+    raw.close()
+    with SQLiteStore(path) as store:
+        with pytest.raises(StoreError) as info:
+            store.get_outbox("m-1")
+        assert info.value.location == "outbox[m-1].payload"
+        with pytest.raises(StoreError):
+            store.list_outbox("a-to-b")
+        with pytest.raises(StoreError):  # nothing is taken for sending around it silently
+            store.claim_due("a-to-b", now=NOW, limit=10)
+        assert store.outbox_counts("a-to-b")["queued"] == 2
+        again = store.enqueue_many([
+            {"message_id": "m-1", "link": "a-to-b", "partner": "insurer-b", "payload": b"[1]",
+             "digest": "sha256:m-1", "audit": _audit("m-1"), "now": NOW},
+            {"message_id": "m-3", "link": "a-to-b", "partner": "insurer-b", "payload": b"[3]",
+             "digest": "sha256:m-3", "audit": _audit("m-3"), "now": NOW},
+        ])
+        assert isinstance(again[0], StoreError)
+        assert not isinstance(again[1], Exception)
+        assert store.get_outbox("m-3").payload == b"[3]"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+import pytest
+
 from e2e_support import LINK_OUT, consent_for, start_pair
 
 from bridge.errors import PolicyError
@@ -55,14 +57,18 @@ async def test_the_heap_is_frozen_once_after_the_first_claims_are_queued(tmp_pat
         await pair.hospital.stop()
 
 
-async def test_a_higher_threshold_set_for_the_process_is_not_lowered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chosen", [(YOUNG_OBJECTS * 4, 20, 30), (0, 10, 10)],
+                         ids=["higher", "collection-off"])
+async def test_a_threshold_chosen_for_the_process_is_kept(
+        tmp_path: Path, chosen: tuple[int, int, int]) -> None:
+    """A higher threshold is not lowered, and 0 (automatic collection off) stays off."""
     saved = gc.get_threshold()
-    gc.set_threshold(YOUNG_OBJECTS * 4, 20, 30)
+    gc.set_threshold(*chosen)
     pair = await start_pair(tmp_path, start_dispatch=False)
     try:
         for _ in range(WARM_MESSAGES + 1):
             pair.hospital.controller.handled()
-        assert gc.get_threshold() == (YOUNG_OBJECTS * 4, 20, 30)
+        assert gc.get_threshold() == chosen
     finally:
         gc.set_threshold(*saved)
         await pair.insurer.stop()

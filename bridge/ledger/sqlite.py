@@ -233,7 +233,7 @@ _OUTBOX_READ = _OUTBOX_COLS + ", fate_unknown, last_answer, since"
 #: ``1503-outbox-payload-apart``), written once at enqueue. SQLite writes a whole row
 #: again, overflow pages included, on every UPDATE: with the payload in the row, each
 #: change of state (sending, acked) wrote the message again.
-_OUTBOX_FROM = "outbox JOIN outbox_payload USING (message_id)"
+_OUTBOX_FROM = "outbox LEFT JOIN outbox_payload USING (message_id)"
 #: The columns of the outbox table itself (the payload is not one of them).
 _OUTBOX_OWN = _OUTBOX_COLS.replace(" payload,", "")
 #: Where each column of :data:`_OUTBOX_READ` stands in a row read with it.
@@ -255,6 +255,10 @@ def _as_is(data: bytes, _context: str) -> bytes:
 
 
 def _outbox_row(r: tuple[Any, ...], open_: Opener = _as_is) -> OutboxRow:
+    if r[4] is None:
+        # Written with its row in one transaction: only damage from outside parts them.
+        raise StoreError("outbox row without its payload: the store is damaged",
+                         location=f"outbox[{r[0]}].payload")
     return OutboxRow(
         message_id=r[0], link=r[1], seq=r[2], partner=r[3],
         payload=open_(bytes(r[4]), "outbox.payload"),
@@ -382,14 +386,23 @@ class SQLiteStore:
                         f"store schema version {version} is not {SCHEMA_VERSION}",
                         location=f"{self.path}:schema_version",
                     )
-            self._apply_migrations(conn)
+            moved = self._apply_migrations(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        if moved and exists is not None:
+            # Moving an existing store (1503 copies a table) went through the journal
+            # whole: give the journal's space back now rather than at some later
+            # checkpoint.
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # another process reading: its next checkpoint does it
 
-    def _apply_migrations(self, conn: sqlite3.Connection) -> None:
-        """Apply, in name order, every migration this store has not recorded."""
+    def _apply_migrations(self, conn: sqlite3.Connection) -> int:
+        """Apply, in name order, every migration this store has not recorded; return how
+        many ran."""
         conn.execute(SCHEMA_MIGRATIONS_DDL)
         applied = {name for (name,) in conn.execute("SELECT name FROM schema_migrations")}
         known = {m.name for m in MIGRATIONS}
@@ -400,6 +413,7 @@ class SQLiteStore:
                 " run that version or restore a backup",
                 location=f"{self.path}:schema_migrations",
             )
+        moved = 0
         for migration in MIGRATIONS:
             if migration.name in applied:
                 continue
@@ -416,6 +430,8 @@ class SQLiteStore:
                         raise
             conn.execute("INSERT INTO schema_migrations (name, applied) VALUES (?, datetime('now'))",
                          (migration.name,))
+            moved += 1
+        return moved
 
     def applied_migrations(self) -> list[str]:
         """Names of the migrations this store has applied, in order."""

@@ -273,7 +273,8 @@ class Controller:
         busy sender's CPU. Objects freed by their reference counts are freed as ever.
 
         At the same point the youngest generation's threshold is raised to
-        :data:`YOUNG_OBJECTS` (never lowered). Each claim makes hundreds of containers
+        :data:`YOUNG_OBJECTS` (never lowered, and left at 0, which turns automatic
+        collection off). Each claim makes hundreds of containers
         at every step (its record, bundle, minimised copy, message), nearly all freed by
         their reference counts when the step ends. At the interpreter's default (700) a
         collection ran about once per claim on a busy sender and moved whatever was in
@@ -287,7 +288,8 @@ class Controller:
         if self._handled == WARM_MESSAGES:
             gc.freeze()
             young, *older = gc.get_threshold()
-            if young < YOUNG_OBJECTS:
+            # 0 turns automatic collection off: whoever set it meant it.
+            if 0 < young < YOUNG_OBJECTS:
                 gc.set_threshold(YOUNG_OBJECTS, *older)
 
     def audit(
