@@ -73,6 +73,16 @@ log = logging.getLogger("bridge.dispatcher")
 # A stored signature younger than this is sent as it is; the receiver's window is five
 # minutes, which leaves room for clock skew and a slow first attempt.
 _FRESH_SECONDS = 60.0
+#: Claims queued in this process and not yet taken for sending at which the intake
+#: waits for its dispatcher (see :meth:`Dispatcher.room`): eight requests of 32.
+BACKLOG_HIGH = 256
+#: The longest a claim's intake waits for room.
+INTAKE_HOLD = 0.5
+#: Claims tracked as not yet taken, at most (a partner down for long: nothing is held
+#: then, and the outbox, not this set, keeps them).
+UNTAKEN_TRACKED = 4 * BACKLOG_HIGH
+#: A claim queued longer ago than this no longer counts as waiting to be taken.
+UNTAKEN_SECONDS = 5.0
 
 
 class CertificateFault(BridgeError):
@@ -262,6 +272,11 @@ class Dispatcher:
         self._sem = asyncio.Semaphore(link.concurrency)
         self._sending: set[asyncio.Task[None]] = set()
         self._enqueued_at: dict[str, float] = {}
+        # Claims queued in this process and not yet taken for sending, with when each
+        # was queued, oldest first (see room()); and when the dispatcher last took some
+        # (event loop times).
+        self._untaken: dict[str, float] = {}
+        self._took_at = -1e9
         self.circuit = Circuit(base=link.retry_base_seconds, cap=link.probe_cap_seconds)
         self.give_up_after = timedelta(seconds=link.give_up_after)
         # The partner's batch offer (PROTOCOL §6b), read from its CapabilityStatement
@@ -328,11 +343,44 @@ class Dispatcher:
         if self._session is not None:
             await self._session.close()
 
-    def wake(self, message_id: str | None = None) -> None:
-        """Tell the dispatcher new work is due (enqueue or resend)."""
+    def wake(self, message_id: str | None = None, *, queued: bool = False) -> None:
+        """Tell the dispatcher new work is due (enqueue or resend); ``queued``: the claim
+        ``message_id`` was queued just now (not found queued or sent before)."""
         if message_id is not None:
-            self._enqueued_at.setdefault(message_id, asyncio.get_running_loop().time())
+            now = asyncio.get_running_loop().time()
+            self._enqueued_at.setdefault(message_id, now)
+            if queued and len(self._untaken) < UNTAKEN_TRACKED:
+                self._untaken[message_id] = now
         self._wake.set()
+
+    async def room(self) -> None:
+        """Wait, at most :data:`INTAKE_HOLD` seconds, while this process's dispatcher is
+        behind on this link: :data:`BACKLOG_HIGH` or more claims queued here wait to be
+        taken for sending, while it is taking claims (it took some within the last
+        second) and the partner answers (circuit closed, link not paused).
+
+        The intake and the dispatcher of one process share its CPU. Queued as fast as
+        they come, claims would wait in the outbox while the partner's side has nothing
+        to do, and then be sent while the intake has nothing left to do; at a few
+        hundred waiting, each one queued costs more to send (it is read back from the
+        store rather than kept in memory). Held back a moment, the intake leaves the
+        dispatcher its share and both bridges work at once. A partner that is down or
+        slow to answer holds nothing back: then the outbox takes what comes, as ever.
+        Nothing is refused here, and nothing waits longer than the hold."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INTAKE_HOLD
+        while len(self._untaken) >= BACKLOG_HIGH:
+            now = loop.time()
+            # A claim another process took (a shared store), or one waiting longer than
+            # this, no longer counts: the count may fall short, never run over.
+            untaken = self._untaken
+            while untaken and next(iter(untaken.values())) < now - UNTAKEN_SECONDS:
+                del untaken[next(iter(untaken))]
+            if (len(untaken) < BACKLOG_HIGH or self.paused_reason is not None
+                    or self.circuit.state is not CircuitState.CLOSED
+                    or now - self._took_at >= 1.0 or now >= deadline):
+                return
+            await asyncio.sleep(0.01)
 
     def resume(self) -> None:
         self.paused_reason = None
@@ -382,6 +430,9 @@ class Dispatcher:
             if not rows:
                 await self._sleep(self.poll_interval)
                 continue
+            self._took_at = asyncio.get_running_loop().time()
+            for row in rows:
+                self._untaken.pop(row.message_id, None)
             if probe:
                 self.circuit.probe_started()
             for group in self._requests(rows, per_request):

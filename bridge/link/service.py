@@ -190,10 +190,12 @@ class BridgeService:
     async def submit(
         self, record: dict[str, Any], link_id: str, *, replaces: str | None = None
     ) -> Submitted:
-        submitted = await self.controller.submit(record, link_id, replaces=replaces)
         dispatcher = self.dispatchers.get(link_id)
         if dispatcher is not None:
-            dispatcher.wake(submitted.message_id)
+            await dispatcher.room()
+        submitted = await self.controller.submit(record, link_id, replaces=replaces)
+        if dispatcher is not None:
+            dispatcher.wake(submitted.message_id, queued=submitted.created)
         return submitted
 
     async def stop(self) -> None:
