@@ -277,6 +277,14 @@ class Dispatcher:
         # (event loop times).
         self._untaken: dict[str, float] = {}
         self._took_at = -1e9
+        # Claims taken lately: one may be taken before its submission returns and is
+        # recorded as untaken (it must not be counted then), oldest first.
+        self._taken: dict[str, None] = {}
+        # A store that several processes dispatch from (PostgreSQL): claims queued here
+        # may be taken by another, so what waits here cannot be counted here.
+        self._gated = getattr(controller.store, "dispatch_here", None) is None
+        #: Set when the service stops: nothing waits for a dispatcher about to stop.
+        self.closing = False
         self.circuit = Circuit(base=link.retry_base_seconds, cap=link.probe_cap_seconds)
         self.give_up_after = timedelta(seconds=link.give_up_after)
         # The partner's batch offer (PROTOCOL §6b), read from its CapabilityStatement
@@ -290,6 +298,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         """Open the link's HTTP session and start draining the outbox."""
+        self.closing = False
         await self.open()
         dispatch_here = getattr(self.c.store, "dispatch_here", None)
         if dispatch_here is not None:  # a store shared by processes: own claims first
@@ -349,7 +358,8 @@ class Dispatcher:
         if message_id is not None:
             now = asyncio.get_running_loop().time()
             self._enqueued_at.setdefault(message_id, now)
-            if queued and len(self._untaken) < UNTAKEN_TRACKED:
+            if (queued and self._gated and len(self._untaken) < UNTAKEN_TRACKED
+                    and message_id not in self._taken):
                 self._untaken[message_id] = now
         self._wake.set()
 
@@ -364,19 +374,23 @@ class Dispatcher:
         to do, and then be sent while the intake has nothing left to do; at a few
         hundred waiting, each one queued costs more to send (it is read back from the
         store rather than kept in memory). Held back a moment, the intake leaves the
-        dispatcher its share and both bridges work at once. A partner that is down or
-        slow to answer holds nothing back: then the outbox takes what comes, as ever.
-        Nothing is refused here, and nothing waits longer than the hold."""
+        dispatcher its share and both bridges work at once.
+
+        Nothing is refused here, and nothing waits longer than the hold (per link a
+        record is routed to). Nothing waits while the partner is down (circuit open or
+        probing: the outbox takes what comes, as ever), while the link is paused or the
+        service stops, or on a store several processes dispatch from (another process
+        may take the claims queued here, so this one cannot count what waits)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + INTAKE_HOLD
         while len(self._untaken) >= BACKLOG_HIGH:
             now = loop.time()
-            # A claim another process took (a shared store), or one waiting longer than
-            # this, no longer counts: the count may fall short, never run over.
+            # A claim waiting longer than this no longer counts (it may have gone some
+            # way this process did not see): the count errs on the short side.
             untaken = self._untaken
             while untaken and next(iter(untaken.values())) < now - UNTAKEN_SECONDS:
                 del untaken[next(iter(untaken))]
-            if (len(untaken) < BACKLOG_HIGH or self.paused_reason is not None
+            if (len(untaken) < BACKLOG_HIGH or self.paused_reason is not None or self.closing
                     or self.circuit.state is not CircuitState.CLOSED
                     or now - self._took_at >= 1.0 or now >= deadline):
                 return
@@ -431,8 +445,12 @@ class Dispatcher:
                 await self._sleep(self.poll_interval)
                 continue
             self._took_at = asyncio.get_running_loop().time()
+            taken = self._taken
             for row in rows:
                 self._untaken.pop(row.message_id, None)
+                taken[row.message_id] = None
+            while len(taken) > UNTAKEN_TRACKED:
+                del taken[next(iter(taken))]
             if probe:
                 self.circuit.probe_started()
             for group in self._requests(rows, per_request):

@@ -199,6 +199,8 @@ class BridgeService:
         return submitted
 
     async def stop(self) -> None:
+        for dispatcher in self.dispatchers.values():
+            dispatcher.closing = True  # what the router still submits waits for nothing
         await self.witness.stop()
         if self._destroyer is not None:
             self._destroyer.cancel()
