@@ -280,6 +280,9 @@ class Dispatcher:
         # Claims taken lately: one may be taken before its submission returns and is
         # recorded as untaken (it must not be counted then), oldest first.
         self._taken: dict[str, None] = {}
+        # Set (and replaced) each time the dispatcher takes claims: what waits in room()
+        # looks again then, rather than on a clock.
+        self._took = asyncio.Event()
         # A store that several processes dispatch from (PostgreSQL): claims queued here
         # may be taken by another, so what waits here cannot be counted here.
         self._gated = getattr(controller.store, "dispatch_here", None) is None
@@ -394,7 +397,12 @@ class Dispatcher:
                     or self.circuit.state is not CircuitState.CLOSED
                     or now - self._took_at >= 1.0 or now >= deadline):
                 return
-            await asyncio.sleep(0.01)
+            try:
+                # Woken when claims are taken; a tenth of a second at most, for a
+                # circuit that opened or a service that stops meanwhile.
+                await asyncio.wait_for(self._took.wait(), min(0.1, deadline - now))
+            except TimeoutError:
+                pass
 
     def resume(self) -> None:
         self.paused_reason = None
@@ -451,6 +459,8 @@ class Dispatcher:
                 taken[row.message_id] = None
             while len(taken) > UNTAKEN_TRACKED:
                 del taken[next(iter(taken))]
+            took, self._took = self._took, asyncio.Event()
+            took.set()
             if probe:
                 self.circuit.probe_started()
             for group in self._requests(rows, per_request):
