@@ -195,6 +195,42 @@ async def test_revoked_consent_stops_a_queued_claim(tmp_path: Path, records: lis
         await pair.stop()
 
 
+async def test_the_dispatcher_forgets_each_claim_at_its_final_state(
+    tmp_path: Path, records: list
+) -> None:
+    """Acknowledged, rejected by the partner, or refused at dispatch: a long-running
+    bridge keeps nothing per claim once the claim is settled."""
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        hospital = pair.hospital.controller
+        fine, tampered, revoked = records[30], records[31], records[32]
+        for i, record in enumerate((fine, tampered, revoked)):
+            await hospital.put_consent(consent_for(record, consent_id=f"c-end-{i}"))
+        subs = [await pair.hospital.submit(r, LINK_OUT) for r in (fine, tampered, revoked)]
+        dispatcher = pair.hospital.dispatchers[LINK_OUT]
+        assert {s.message_id for s in subs} <= set(dispatcher._enqueued_at)
+        con = sqlite3.connect(store_of(pair, "hospital"))
+        try:
+            (raw,) = con.execute("SELECT payload FROM outbox_payload WHERE message_id=?",
+                                 (subs[1].message_id,)).fetchone()
+            payload = orjson.loads(raw)
+            claim = next(e["resource"] for e in collection_of(payload)["entry"]
+                         if e["resource"]["resourceType"] == "Claim")
+            claim["total"]["value"] += 10000  # no longer what was signed
+            con.execute("UPDATE outbox_payload SET payload=? WHERE message_id=?",
+                        (orjson.dumps(payload), subs[1].message_id))
+            con.commit()
+        finally:
+            con.close()
+        await hospital.put_consent(consent_for(revoked, consent_id="c-end-2", status="inactive"))
+        await pair.hospital.start()
+        states = [(await wait_final(pair, s.message_id)).state for s in subs]
+        assert states == ["acked", "rejected", "refused"]
+        assert not {s.message_id for s in subs} & set(dispatcher._enqueued_at)
+    finally:
+        await pair.stop()
+
+
 async def test_a_queued_claim_changed_in_the_store_is_asked_about_as_it_is(
     tmp_path: Path, records: list
 ) -> None:

@@ -271,6 +271,8 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._sem = asyncio.Semaphore(link.concurrency)
         self._sending: set[asyncio.Task[None]] = set()
+        # When each claim queued here was queued, for the receipt latency; forgotten at
+        # its final state (acknowledged, rejected, refused, dead-lettered).
         self._enqueued_at: dict[str, float] = {}
         # Claims queued in this process and not yet taken for sending, with when each
         # was queued, oldest first (see room()); and when the dispatcher last took some
@@ -634,6 +636,7 @@ class Dispatcher:
                 ),
             )
             claim_event("refusal", c, self.link, row, code=exc.code, stage="dispatch")
+            self._enqueued_at.pop(message_id, None)
             return None
         return payload
 
@@ -719,6 +722,7 @@ class Dispatcher:
                 ),
             )
             claim_event("rejected", c, self.link, row, code=exc.detail.get("remote_code") or exc.code)
+            self._enqueued_at.pop(message_id, None)
             return
         exc2 = classify_exception(raw)
         if not isinstance(raw, BridgeError):
@@ -905,6 +909,7 @@ class Dispatcher:
                 (now - row.pending_since).total_seconds(), exc.code, answer, row.message_id,
             )
             claim_event("dead_letter", c, self.link, row, code=exc.code)
+            self._enqueued_at.pop(row.message_id, None)
             return
         self.stats.retried += 1
         if link_down:
