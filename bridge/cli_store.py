@@ -19,7 +19,7 @@ from bridge.errors import NotFound, StoreError
 
 def _report(args: argparse.Namespace, *, migrate: bool) -> int:
     from bridge.config import load_config
-    from bridge.ledger import open_store
+    from bridge.ledger import open_store, recorded_migrations
     from bridge.ledger.migrations import MIGRATIONS
 
     config = load_config(args.config)
@@ -30,7 +30,7 @@ def _report(args: argparse.Namespace, *, migrate: bool) -> int:
         with open_store(config.store) as store:
             applied = store.applied_migrations()
     else:
-        applied = _recorded(config.store)
+        applied = recorded_migrations(config.store)
         newer = sorted(set(applied) - set(known))
         if newer:
             raise StoreError(f"store was upgraded by a newer bridge (migration {newer[-1]});"
@@ -50,41 +50,6 @@ def _report(args: argparse.Namespace, *, migrate: bool) -> int:
 
 def _where(store: Any) -> str:
     return str(store.path) if store.kind == "sqlite" else f"postgresql schema {store.db_schema}"
-
-
-def _recorded(store: Any) -> list[str]:
-    """The schema steps a store records, read without applying any."""
-    if store.kind == "sqlite":
-        import sqlite3
-
-        try:
-            conn = sqlite3.connect(f"{store.path.resolve().as_uri()}?mode=ro", uri=True)
-            try:
-                if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table'"
-                                " AND name='schema_migrations'").fetchone() is None:
-                    return []
-                return [str(n) for (n,) in conn.execute(
-                    "SELECT name FROM schema_migrations ORDER BY name")]
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read the store's schema steps ({type(exc).__name__})",
-                             location=str(store.path)) from exc
-    import psycopg
-    from psycopg import sql
-
-    try:
-        with psycopg.connect(store.dsn, autocommit=True) as conn:
-            table = conn.execute("SELECT to_regclass(%s)",
-                                 (f'"{store.db_schema}".schema_migrations',)).fetchone()
-            if table is None or table[0] is None:
-                return []
-            return [str(n) for (n,) in conn.execute(sql.SQL(
-                "SELECT name FROM {}.schema_migrations ORDER BY name").format(
-                    sql.Identifier(store.db_schema)))]
-    except psycopg.Error as exc:
-        raise StoreError(f"cannot read the store's schema steps ({type(exc).__name__})",
-                         location=_where(store)) from exc
 
 
 def cmd_store_status(args: argparse.Namespace) -> int:

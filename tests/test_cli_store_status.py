@@ -95,3 +95,18 @@ def test_status_of_a_store_from_a_newer_bridge_names_the_step(
     assert main(["store", "status", "--config", str(hospital)]) != 0
     err = capsys.readouterr().err
     assert "9999-future" in err and "newer bridge" in err and "Traceback" not in err
+
+
+def test_status_of_a_postgresql_store_that_does_not_answer_names_it_without_the_password(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hospital, _ = make_workdir(tmp_path)
+    text, n = re.subn(r"\[store\]\npath = \"[^\"]*\"\n",
+                      '[store]\nkind = "postgresql"\n'
+                      'dsn = "host=127.0.0.1 port=1 user=postgres password=secret-pw dbname=test"\n'
+                      'schema = "nowhere"\n', hospital.read_text())
+    assert n == 1
+    hospital.write_text(text)
+    assert main(["store", "status", "--config", str(hospital)]) != 0
+    err = capsys.readouterr().err
+    assert "postgresql schema nowhere" in err and "schema steps" in err
+    assert "secret-pw" not in err and "Traceback" not in err

@@ -90,6 +90,24 @@ def store_of(pair: Pair, who: str) -> Path:
     return Path(svc.controller.config.store.path)
 
 
+def rewrite_queued(pair: Pair, message_id: str, change: Any, *, created: str | None = None) -> None:
+    """Change a queued message in the hospital's store, as someone with the file could:
+    ``change`` edits its collection in place; ``created`` backdates the row."""
+    con = sqlite3.connect(store_of(pair, "hospital"))
+    try:
+        (raw,) = con.execute("SELECT payload FROM outbox_payload WHERE message_id=?",
+                             (message_id,)).fetchone()
+        payload = orjson.loads(raw)
+        change(collection_of(payload))
+        con.execute("UPDATE outbox_payload SET payload=? WHERE message_id=?",
+                    (orjson.dumps(payload), message_id))
+        if created is not None:
+            con.execute("UPDATE outbox SET created=? WHERE message_id=?", (created, message_id))
+        con.commit()
+    finally:
+        con.close()
+
+
 # --- the happy path ----------------------------------------------------------------------
 
 
@@ -209,19 +227,13 @@ async def test_the_dispatcher_forgets_each_claim_at_its_final_state(
         subs = [await pair.hospital.submit(r, LINK_OUT) for r in (fine, tampered, revoked)]
         dispatcher = pair.hospital.dispatchers[LINK_OUT]
         assert {s.message_id for s in subs} <= set(dispatcher._enqueued_at)
-        con = sqlite3.connect(store_of(pair, "hospital"))
-        try:
-            (raw,) = con.execute("SELECT payload FROM outbox_payload WHERE message_id=?",
-                                 (subs[1].message_id,)).fetchone()
-            payload = orjson.loads(raw)
-            claim = next(e["resource"] for e in collection_of(payload)["entry"]
+
+        def overcharge(collection: dict[str, Any]) -> None:
+            claim = next(e["resource"] for e in collection["entry"]
                          if e["resource"]["resourceType"] == "Claim")
             claim["total"]["value"] += 10000  # no longer what was signed
-            con.execute("UPDATE outbox_payload SET payload=? WHERE message_id=?",
-                        (orjson.dumps(payload), subs[1].message_id))
-            con.commit()
-        finally:
-            con.close()
+
+        rewrite_queued(pair, subs[1].message_id, overcharge)
         await hospital.put_consent(consent_for(revoked, consent_id="c-end-2", status="inactive"))
         await pair.hospital.start()
         states = [(await wait_final(pair, s.message_id)).state for s in subs]
@@ -243,24 +255,16 @@ async def test_a_queued_claim_changed_in_the_store_is_asked_about_as_it_is(
         record = records[6]
         await hospital.put_consent(consent_for(record, consent_id="c-stored"))
         sub = await hospital.submit(record, LINK_OUT)  # queued; nothing is dispatching yet
-        con = sqlite3.connect(store_of(pair, "hospital"))
-        try:
-            (raw,) = con.execute("SELECT payload FROM outbox_payload WHERE message_id=?",
-                                 (sub.message_id,)).fetchone()
-            payload = orjson.loads(raw)
-            for entry in collection_of(payload)["entry"]:
+
+        def someone_else(collection: dict[str, Any]) -> None:
+            for entry in collection["entry"]:
                 resource = entry["resource"]
                 if resource.get("resourceType") == "Patient":
                     for ident in resource.get("identifier") or []:
                         ident["value"] = f"{ident['value']}-someone-else"
-            waited = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-            con.execute("UPDATE outbox_payload SET payload=? WHERE message_id=?",
-                        (orjson.dumps(payload), sub.message_id))
-            con.execute("UPDATE outbox SET created=? WHERE message_id=?",
-                        (waited, sub.message_id))
-            con.commit()
-        finally:
-            con.close()
+
+        waited = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+        rewrite_queued(pair, sub.message_id, someone_else, created=waited)
         await pair.hospital.start()
         row = await wait_final(pair, sub.message_id)
         assert inbox_count(store_of(pair, "insurer")) == 0

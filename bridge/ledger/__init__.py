@@ -175,6 +175,19 @@ class Store(Protocol):
     ) -> None: ...
 
 
+def recorded_migrations(config: StoreConfig) -> list[str]:
+    """The schema steps the store ``config`` names has recorded, in order, read without
+    applying any and without the data key (``bridge store status``)."""
+    if config.kind == "postgresql":
+        from bridge.ledger.postgres import recorded_migrations as in_schema
+
+        assert config.dsn is not None  # StoreConfig refuses postgresql without a dsn
+        return in_schema(config.dsn, config.db_schema)
+    from bridge.ledger.sqlite import recorded_migrations as in_file
+
+    return in_file(config.path)
+
+
 def open_store(config: StoreConfig, *, sealer: Sealer | None = None) -> Store:
     """Open the store ``config`` names: ``kind = "sqlite"`` (``path``) or
     ``kind = "postgresql"`` (``dsn``, ``schema``). Creates the file or schema if needed

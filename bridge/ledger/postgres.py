@@ -364,6 +364,27 @@ def _connect_problem(exc: psycopg.Error) -> str:
     return re.sub(r"\s+", " ", reason.replace("FATAL:", "")).strip()
 
 
+def recorded_migrations(dsn: str, schema: str, *, connect_timeout: float = 10.0) -> list[str]:
+    """The schema steps ``schema`` records, read without applying any and without the
+    data key (``bridge store status``); empty when the schema has none yet."""
+    try:
+        with psycopg.connect(_with_network_defaults(dsn), autocommit=True,
+                             connect_timeout=max(1, round(connect_timeout))) as conn:
+            table = conn.execute("SELECT to_regclass(%s)",
+                                 (f'"{schema}".schema_migrations',)).fetchone()
+            if table is None or table[0] is None:
+                return []
+            return [str(n) for (n,) in conn.execute(sql.SQL(
+                "SELECT name FROM {}.schema_migrations ORDER BY name").format(
+                    sql.Identifier(schema)))]
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"not a usable PostgreSQL connection string: {_dsn_problem(exc)}",
+                          location="store.dsn") from None
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot read the schema steps: {_connect_problem(exc)}",
+                         location=f"postgresql schema {schema}") from None
+
+
 #: How long a due claim is left to the process that queued it (see the module docstring).
 OWNER_GRACE = timedelta(seconds=2)
 #: How long after it fell due another process's claim waits for spare capacity; after

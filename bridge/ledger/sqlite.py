@@ -250,6 +250,24 @@ _AUDIT_COLS = (
 Opener = Callable[[bytes, str], bytes]
 
 
+def recorded_migrations(path: Path) -> list[str]:
+    """The schema steps the store at ``path`` records, read without applying any and
+    without the data key (``bridge store status``): the file is opened read-only."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table'"
+                            " AND name='schema_migrations'").fetchone() is None:
+                return []
+            return [str(n) for (n,) in conn.execute(
+                "SELECT name FROM schema_migrations ORDER BY name")]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the schema steps: {sqlite_problem(exc)}",
+                         location=str(path)) from exc
+
+
 def _as_is(data: bytes, _context: str) -> bytes:
     return data
 

@@ -55,7 +55,7 @@ from bridge.ledger.delivery import release_backlog
 from bridge.ledger.errors import TransitionError
 from bridge.ledger.states import next_attempt, should_give_up
 from bridge.link.circuit import Circuit, CircuitState
-from bridge.link.node import Controller, _decision_detail, resource_types
+from bridge.link.node import Controller, _decision_detail, _remember, resource_types
 from bridge.link.partner_http import (
     RECEIPT_LIMIT,
     PartnerAnswerRefused,
@@ -455,12 +455,9 @@ class Dispatcher:
                 await self._sleep(self.poll_interval)
                 continue
             self._took_at = asyncio.get_running_loop().time()
-            taken = self._taken
             for row in rows:
                 self._untaken.pop(row.message_id, None)
-                taken[row.message_id] = None
-            while len(taken) > UNTAKEN_TRACKED:
-                del taken[next(iter(taken))]
+                _remember(self._taken, row.message_id, None, UNTAKEN_TRACKED)
             took, self._took = self._took, asyncio.Event()
             took.set()
             if probe:
