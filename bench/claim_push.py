@@ -82,6 +82,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def kernel_seconds(pid: int) -> float:
+    """System (kernel) CPU time of a live process: writes, fsync, TLS sockets."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / CLK_TCK
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -403,6 +409,7 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
                 time.sleep(3.0)
                 idle = (sum(cpu_seconds(pid) for pid in pids["sender"]) - idle0) / 3.0
             cpu0 = {side: sum(cpu_seconds(pid) for pid in ps) for side, ps in pids.items()}
+            sys0 = {side: sum(kernel_seconds(pid) for pid in ps) for side, ps in pids.items()}
             rss: list[dict[str, float]] = []
             started = time.perf_counter()
             for p in procs:
@@ -431,6 +438,8 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
                 spy.wait(timeout=60)
             cpu = {side: sum(cpu_seconds(pid) for pid in ps) - cpu0[side]
                    for side, ps in pids.items()}
+            kernel = {side: sum(kernel_seconds(pid) for pid in ps) - sys0[side]
+                      for side, ps in pids.items()}
             rss_end = {side: sum(rss_mib(pid) for pid in ps) for side, ps in pids.items()}
             with hs.read("bench") as tx:
                 rows = tx.all("SELECT created, updated FROM outbox WHERE state = 'acked'"
@@ -464,6 +473,7 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
             - sum(d["refused"] for d in done),
             "elapsed": elapsed, "rate": acked / elapsed if elapsed else 0.0,
             "cpu_ms": {side: cpu[side] * 1000 / max(acked, 1) for side in cpu},
+            "kernel_ms": {side: kernel[side] * 1000 / max(acked, 1) for side in kernel},
             "p50": _pct(latencies, 0.5) * 1000, "p99": _pct(latencies, 0.99) * 1000,
             "rss": rss, "rss_end": rss_end, "senders": done, "idle_ms_per_s": idle * 1000}
 
@@ -705,7 +715,8 @@ def main() -> None:
         for side, stages in (("sender", SENDER_STAGES), ("receiver", RECEIVER_STAGES)):
             cpu = med(s["cpu_ms"][side] for s in sat)
             print(f"  {side}: CPU {cpu:6.2f} ms/claim  runs "
-                  f"{[round(s['cpu_ms'][side], 2) for s in sat]}")
+                  f"{[round(s['cpu_ms'][side], 2) for s in sat]}  (of which in the kernel "
+                  f"{med(s['kernel_ms'][side] for s in sat):.2f}: writes, fsync, sockets)")
             if costs:
                 staged = sum(costs[k] for k in stages)
                 for k in stages:
