@@ -225,7 +225,7 @@ async def test_kit_cases_pass_on_this_bridge_in_process(patched_pair: Pair) -> N
     ids = ["tls-no-resumption", "tls-resumption-after-expiry", "id-sender-mismatch",
            "id-wrong-receiver", "id-event", "id-message-identity", "idem-concurrent",
            "sig-extra-header", "tls-unregistered-partner", "tls-groups-refused",
-           "exh-slow-headers", "sync-sequence-headers", "sync-held"]
+           "exh-slow-headers", "sync-sequence-headers", "sync-held", "sig-unsigned-content"]
     results = await _run(patched_pair, ids)
     assert {k: (r.status, r.detail) for k, r in results.items() if not r.passed} == {}
 
@@ -353,6 +353,28 @@ async def test_defect_7_unencoded_payload_jws_accepted(
         await pair.stop()
     _fails(results, "sig-extra-header", "expected 403 signature-invalid at "
            "Bundle.signature.data#b64")
+
+
+async def test_unsigned_content_in_the_signature_element_was_stored_as_signed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before PROTOCOL 1.3's step 15 a receiver checked only who's value: an extension,
+    # onBehalfOf or another `when` inside Bundle.signature, which no signature covers,
+    # was accepted and stored with the claim as evidence.
+    from bridge.trust import jws
+
+    def who_value_only(signature: dict[str, Any], header: dict[str, Any]) -> None:
+        who = (signature.get("who") or {}).get("identifier") or {}
+        if who.get("value") != header["iss"]:
+            raise jws.SignatureError("who", location="Bundle.signature.who")
+
+    monkeypatch.setattr(jws, "_exactly_as_signed", who_value_only)
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        results = await _run(pair, ["sig-unsigned-content"])
+    finally:
+        await pair.stop()
+    _fails(results, "sig-unsigned-content", "expected 403 signature-invalid", "got 200")
 
 
 async def test_defect_8_metadata_for_any_certificate(

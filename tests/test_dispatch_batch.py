@@ -13,6 +13,7 @@ import asyncio
 import http.server
 import json
 import socketserver
+import sqlite3
 import ssl
 import threading
 from datetime import UTC, datetime, timedelta
@@ -159,24 +160,46 @@ class ScriptedReceiver:
         self.server.server_close()
 
 
-async def test_each_entry_settled_as_its_own_answer(tmp_path: Path) -> None:
+async def settle_against(
+    tmp_path: Path, make_receiver: Any, *, claims: int, seed: int, timeout: float = 90,
+) -> tuple[Any, list[str], dict[str, str], Path]:
+    """Queue ``claims`` claims at a real hospital bridge, serve them to the receiver
+    ``make_receiver(pki, port)`` makes, and wait until each is settled: the receiver,
+    the claims' identities, their outbox states and the hospital's store."""
     pki = tmp_path / "pki"
     init_dev_pki(pki, ["hospital-a", "insurer-b"], now=datetime.now(UTC) - timedelta(days=1))
     port = free_port()
     hospital_cfg, _ = write_configs(tmp_path, free_port(), port)
     link_settings(hospital_cfg, retry_base_seconds=0.1, retry_cap_seconds=0.2,
                   probe_cap_seconds=0.2)
-    ids = await enqueue(hospital_cfg, 8, seed=3)
-    receiver = ScriptedReceiver(pki, port, max_entries=6)
+    ids = await enqueue(hospital_cfg, claims, seed=seed)
+    receiver = make_receiver(pki, port)
     receiver.start()
     hospital = await asyncio.to_thread(serve, hospital_cfg)
+    store = tmp_path / "hospital-a" / "bridge.sqlite"
     try:
-        store = tmp_path / "hospital-a" / "bridge.sqlite"
-        await wait_settled(store, ids, timeout=60)
+        await wait_settled(store, ids, timeout=timeout)
         states = outbox_states(store)
     finally:
         await asyncio.to_thread(hospital.stop)
         receiver.stop()
+    return receiver, ids, states, store
+
+
+def stored_receipts(store: Path) -> dict[str, bytes]:
+    """The receipt each outbox row of ``store`` holds, by message identity."""
+    con = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    try:
+        return {m: bytes(r) for m, r in con.execute("SELECT message_id, receipt FROM outbox")
+                if r is not None}
+    finally:
+        con.close()
+
+
+async def test_each_entry_settled_as_its_own_answer(tmp_path: Path) -> None:
+    receiver, ids, states, _store = await settle_against(
+        tmp_path, lambda pki, port: ScriptedReceiver(pki, port, max_entries=6),
+        claims=8, seed=3, timeout=60)
     # The first request is a batch within the offer; it failed as a whole and every
     # message in it came again.
     first_path, first_ids = receiver.requests[0]

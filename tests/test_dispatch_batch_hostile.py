@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ from typing import Any
 from delivery_support import link_settings
 from ops_support import serve
 from reliability_support import enqueue, outbox_states, wait_settled
-from test_dispatch_batch import ScriptedReceiver
+from test_dispatch_batch import ScriptedReceiver, settle_against, stored_receipts
 
+from bridge.conformance.envelope import sign_message
 from bridge.conformance.sender_role import make_receipt
 from bridge.demo import free_port, write_configs
 from bridge.trust.pki import init_dev_pki
@@ -69,10 +69,16 @@ class HostileReceiver(ScriptedReceiver):
         elif mode in ("201", "302", "100"):
             entries = [{"response": {"status": mode}, "resource": r} for r in receipts]
         elif mode == "fat":
-            # Receipts that still verify (Bundle.signature is outside what is signed)
-            # but each larger than a receipt may be (PROTOCOL P-HTTP-6: 1 MiB).
+            # A receipt that verifies (signed with the padding in it) but is larger than
+            # a receipt may be (PROTOCOL P-HTTP-6: 1 MiB): only that bound refuses it.
             # One such entry: the answer as a whole stays within the batch's bound.
-            entries[0]["resource"]["signature"]["padding"] = "x" * (1024 * 1024 + 1)
+            fat = {k: v for k, v in receipts[0].items() if k != "signature"}
+            fat["entry"] = [*fat["entry"], {"resource": {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "information", "code": "informational",
+                           "diagnostics": "x" * (1024 * 1024 + 1)}]}}]
+            entries[0]["resource"] = sign_message(fat, self.key, iss="insurer-b",
+                                                  aud="hospital-a")
         elif mode == "500":
             entries = [{"response": {"status": "500"},
                         "outcome": {"resourceType": "OperationOutcome", "issue": []}}
@@ -82,31 +88,12 @@ class HostileReceiver(ScriptedReceiver):
 
 
 async def test_malformed_batch_responses_never_ack_or_refuse(tmp_path: Path) -> None:
-    pki = tmp_path / "pki"
-    init_dev_pki(pki, ["hospital-a", "insurer-b"], now=datetime.now(UTC) - timedelta(days=1))
-    port = free_port()
-    hospital_cfg, _ = write_configs(tmp_path, free_port(), port)
-    link_settings(hospital_cfg, retry_base_seconds=0.1, retry_cap_seconds=0.2,
-                  probe_cap_seconds=0.2)
-    ids = await enqueue(hospital_cfg, 8, seed=5)
-    receiver = HostileReceiver(pki, port)
-    receiver.start()
-    hospital = await asyncio.to_thread(serve, hospital_cfg)
-    try:
-        store = tmp_path / "hospital-a" / "bridge.sqlite"
-        await wait_settled(store, ids, timeout=90)
-        states = outbox_states(store)
-    finally:
-        await asyncio.to_thread(hospital.stop)
-        receiver.stop()
+    receiver, ids, states, store = await settle_against(tmp_path, HostileReceiver, claims=8,
+                                                        seed=5)
     assert {states[m] for m in ids} == {"acked"}, states
     assert receiver.hostile_ids
     assert {states[m] for m in ids} == {"acked"}, states
-    con = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
-    try:
-        receipts = dict(con.execute("SELECT message_id, receipt FROM outbox").fetchall())
-    finally:
-        con.close()
+    receipts = stored_receipts(store)
     for message_id in ids:
         assert len(receipts[message_id]) <= 1024 * 1024
         text = bytes(receipts[message_id]).decode()

@@ -10,6 +10,7 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -235,3 +236,39 @@ async def test_records_imported_in_any_order_are_pulled_as_one_patient(
     encounters = await client.resources("Encounter").search(patient=patient["id"]).fetch_all()
     reports = await client.resources("DiagnosticReport").search(patient=patient["id"]).fetch_all()
     assert (len(encounters), len(reports)) == (3, 1)
+
+
+async def test_a_page_naming_a_member_twice_is_refused_and_not_kept(
+    site: PullSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No signature covers Bundle.signature. A page written with `who` twice, the first
+    # carrying a display, verifies under a parser that keeps the last; kept as it came,
+    # its bytes would say, to a parser that keeps the first, what the hospital never
+    # signed. The platform (`bridge pull`, its own process) must refuse such a page.
+    from bridge.link import pull as source
+
+    real_dumps = source.orjson.dumps
+
+    def twice_named_who(value: Any, *args: Any, **kw: Any) -> bytes:
+        body: bytes = real_dumps(value, *args, **kw)
+        if isinstance(value, dict) and value.get("type") == "searchset":
+            who = real_dumps(value["signature"]["who"])
+            forged = real_dumps({**value["signature"]["who"], "display": "NOT SIGNED"})
+            body = body.replace(b'"who":' + who, b'"who":' + forged + b',"who":' + who, 1)
+        return body
+
+    # The pull source writes its answers with orjson.dumps and nothing else of orjson.
+    monkeypatch.setattr(source, "orjson", SimpleNamespace(dumps=twice_named_who))
+    records = person_records(1)
+    await keep(site, records)
+    await site.controller.put_consent(pull_consent(records[0]))
+    system, value = id_card(records[0])
+    code, _, stderr = await bridge_cli("pull", "--config", str(site.platform_cfg), "--link",
+                                       FROM_LINK, "--patient", f"{system}|{value}")
+    assert code == 1 and "parse-error" in stderr and "Traceback" not in stderr
+    refused = entries(site.root / PLATFORM / "bridge.sqlite", "record.pull.receive")
+    assert [r.outcome for r in refused] == ["denied"]
+    with SQLiteStore(site.root / PLATFORM / "bridge.sqlite") as store:
+        from bridge.ledger.records import received_pages
+
+        assert received_pages(store) == []

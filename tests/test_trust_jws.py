@@ -246,6 +246,8 @@ def test_signed_msgid_differing_from_identifier_is_refused(pki: DevPKI, keyring:
         signed_payload(bundle),
     )
     bundle["signature"] = {
+        "type": [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.5"}],
+        "when": NOW.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "sigFormat": "application/jose",
         "who": {"identifier": {"system": "urn:ws-fhir-bridge:partner", "value": "hospital-a"}},
         "data": base64.b64encode(data.encode()).decode(),
@@ -415,3 +417,66 @@ def test_canonical_json_read_from_orjson_output_matches_rfc8785(value: Any) -> N
             canonical_json(value)
     else:
         assert canonical_json(value) == expected
+
+
+# --- PROTOCOL §5.4 step 15: Bundle.signature holds the table's members and nothing else ---
+# No signature covers Bundle.signature (§5.1 signs the bundle without it): whatever else
+# it carried would be stored and kept as evidence as if the signer had said it.
+
+
+def _signed_for_step_15(pki: DevPKI) -> dict[str, Any]:
+    return sign_bundle(message(), signer(pki, "hospital-a"), issuer="hospital-a",
+                       audience="insurer-b", message_id=MSG, now=NOW)
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    (lambda s: s.update(extension=[{"url": "urn:x", "valueString": "note"}]),
+     "Bundle.signature.extension"),
+    (lambda s: s.update(onBehalfOf={"display": "someone"}), "Bundle.signature.onBehalfOf"),
+    (lambda s: s.update(targetFormat="application/fhir+json"), "Bundle.signature.targetFormat"),
+    (lambda s: s.update(id="s1", zz=1), "Bundle.signature.id"),  # the first in code-point order
+    (lambda s: s.update(type=[*s["type"], {"system": "urn:x", "code": "y"}]),
+     "Bundle.signature.type"),
+    (lambda s: s["type"][0].update(display="Verification Signature"), "Bundle.signature.type"),
+    (lambda s: s["type"][0].update(code="1.2.840.10065.1.12.1.7"), "Bundle.signature.type"),
+    (lambda s: s.pop("type"), "Bundle.signature.type"),
+    (lambda s: s.update(when="2026-03-01T00:29:59Z"), "Bundle.signature.when"),
+    (lambda s: s.update(when="2026-03-01T08:30:00+08:00"), "Bundle.signature.when"),
+    (lambda s: s.pop("when"), "Bundle.signature.when"),
+    (lambda s: s["who"].update(display="Hospital A"), "Bundle.signature.who"),
+    (lambda s: s["who"]["identifier"].update(period={"start": "2020"}), "Bundle.signature.who"),
+    (lambda s: s["who"]["identifier"].update(system="urn:other"), "Bundle.signature.who"),
+    (lambda s: s["who"]["identifier"].update(value="insurer-b"), "Bundle.signature.who"),
+])
+def test_anything_in_the_signature_beyond_the_table_is_refused(
+        pki: DevPKI, keyring: KeyRing, change: Any, where: str) -> None:
+    bundle = _signed_for_step_15(pki)
+    verify(bundle, keyring)  # as signed: it verifies
+    change(bundle["signature"])
+    with pytest.raises(SignatureError) as err:
+        verify(bundle, keyring)
+    assert err.value.location == where
+    # Evidence checked long after the fact is held to the same rule.
+    with pytest.raises(SignatureError):
+        verify(bundle, keyring, check_time=False, now=NOW + timedelta(days=400))
+
+
+def test_the_author_type_and_the_table_members_in_any_order_verify(
+        pki: DevPKI, keyring: KeyRing) -> None:
+    bundle = sign_bundle(message(), signer(pki, "hospital-a"), issuer="hospital-a",
+                         audience="insurer-b", message_id=MSG, now=NOW, role="author")
+    bundle["signature"] = dict(reversed(list(bundle["signature"].items())))
+    assert verify(bundle, keyring).issuer == "hospital-a"
+
+
+def test_a_signing_time_before_the_year_1000_is_judged_at_step_17(
+        pki: DevPKI, keyring: KeyRing) -> None:
+    # Signature.when has a four-digit year (0068-...), so such a signature passes step 15
+    # and is refused where PROTOCOL §5.4 says: no certificate was valid then (#kid).
+    early = datetime(68, 9, 3, 13, 20, tzinfo=UTC)
+    bundle = sign_bundle(message(), signer(pki, "hospital-a"), issuer="hospital-a",
+                         audience="insurer-b", message_id=MSG, now=early)
+    assert bundle["signature"]["when"] == "0068-09-03T13:20:00Z"
+    with pytest.raises(SignatureError) as err:
+        verify(bundle, keyring, check_time=False)
+    assert err.value.location == "Bundle.signature.data#kid"

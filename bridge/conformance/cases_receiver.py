@@ -536,6 +536,35 @@ def sig_extra(ctx: Context) -> None:
     ctx.expect_refusal(answer, 403, "signature-invalid", f"{_SIG}#iat")
 
 
+@case("sig-unsigned-content", "Bundle.signature holding more than §5's table is refused",
+      family="signatures", requirements=["P-SIG-12", "P-SIG-5"])
+def sig_unsigned(ctx: Context) -> None:
+    """No signature covers Bundle.signature, so the kit puts in it, after signing, an
+    extension, an onBehalfOf, a who with a display, a when an hour before iat and a type
+    coding with a display; each 403 signature-invalid at the member (nothing stored: the
+    claim as signed is accepted afterwards)."""
+    signed = ctx.signed()
+    changes: list[tuple[str, str, Any]] = [
+        ("an extension", "extension", lambda s: s.update(
+            extension=[{"url": "urn:kit:note", "valueString": "not signed"}])),
+        ("onBehalfOf", "onBehalfOf", lambda s: s.update(onBehalfOf={"display": "kit"})),
+        ("who with a display", "who", lambda s: s["who"].update(display="kit")),
+        ("when an hour before iat", "when", lambda s: s.update(when=_earlier(s["when"]))),
+        ("type with a display", "type", lambda s: s["type"][0].update(display="kit")),
+    ]
+    for label, member, change in changes:
+        forged = copy.deepcopy(signed)
+        change(forged["signature"])
+        ctx.expect_refusal(ctx.post(f"signature with {label}", forged), 403,
+                           "signature-invalid", f"Bundle.signature.{member}")
+    ctx.expect_accepted(ctx.post("the claim as signed, after the refusals", signed))
+
+
+def _earlier(when: str) -> str:
+    instant = datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ") - timedelta(hours=1)
+    return instant.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @case("sig-replay-window", "iat outside ±300 s is replay-rejected", family="signatures",
       requirements=["P-SIG-8"])
 def sig_replay(ctx: Context) -> None:

@@ -240,6 +240,12 @@ def build_claim(
     return bundle
 
 
+def signature_time(iat: int) -> str:
+    """Signature.when for ``iat`` (§5's table): UTC, seconds, a four-digit year."""
+    t = datetime.fromtimestamp(iat, UTC)
+    return f"{t.year:04d}-{t:%m-%dT%H:%M:%S}Z"
+
+
 def sign_message(
     bundle: Mapping[str, Any],
     key: SigningKey,
@@ -263,7 +269,7 @@ def sign_message(
     signed = {k: v for k, v in bundle.items() if k != "signature"}
     signed["signature"] = {
         "type": [{"system": P.SIGNATURE_TYPE_SYSTEM, "code": role_code}],
-        "when": datetime.fromtimestamp(iat, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "when": signature_time(iat),
         "who": {"identifier": {"system": P.PARTNER_SYSTEM, "value": who or iss}},
         "sigFormat": P.SIG_FORMAT,
         "data": base64.b64encode(compact.encode("ascii")).decode("ascii"),
@@ -382,11 +388,24 @@ def verify_signed_bundle(
         raise PeerCheckFailed("signature does not verify")
     if header["iss"] != issuer:
         raise PeerCheckFailed("iss is not the expected signer")
-    who = ((sig.get("who") or {}).get("identifier") or {}).get("value")
-    if who != header["iss"]:
-        raise PeerCheckFailed("Signature.who differs from iss")
+    extra = sorted(set(sig) - set(P.SIGNATURE_MEMBERS))
+    if extra:  # §5.4 step 15: nothing covers Bundle.signature itself
+        raise PeerCheckFailed(f"Bundle.signature carries {extra[0]!r}, which §5 does not allow")
+    codes = (P.SIGNATURE_TYPE_VERIFICATION, P.SIGNATURE_TYPE_AUTHOR)
+    if sig.get("type") not in [[{"system": P.SIGNATURE_TYPE_SYSTEM, "code": c}] for c in codes]:
+        raise PeerCheckFailed("Signature.type is not one §5 coding")
+    try:
+        when: str | None = signature_time(header["iat"])
+    except (OverflowError, OSError, ValueError):
+        when = None  # not a time: refused after msgid, as §5.4 step 17 comes after 16
+    if when is not None and sig.get("when") != when:
+        raise PeerCheckFailed("Signature.when is not iat")
+    if sig.get("who") != {"identifier": {"system": P.PARTNER_SYSTEM, "value": header["iss"]}}:
+        raise PeerCheckFailed("Signature.who is not exactly the identifier of iss")
     if (bundle.get("identifier") or {}).get("value") != header["msgid"]:
         raise PeerCheckFailed("msgid differs from Bundle.identifier.value")
+    if when is None:
+        raise PeerCheckFailed("iat is not a representable time")
     if header["aud"] != audience:
         raise PeerCheckFailed("aud is not the expected audience")
     return header, payload

@@ -45,6 +45,8 @@ SIGNATURE_TYPE_SYSTEM = "urn:iso-astm:E1762-95:2013"
 SIGNATURE_TYPE_VERIFICATION = "1.2.840.10065.1.12.1.5"
 SIGNATURE_TYPE_AUTHOR = "1.2.840.10065.1.12.1.1"
 SIG_FORMAT = "application/jose"
+#: The members of Bundle.signature, and no other (§5's table; §5.4 step 15).
+SIGNATURE_MEMBERS = ("type", "when", "who", "sigFormat", "data")
 JWS_HEADERS = ("alg", "kid", "iss", "aud", "iat", "msgid")
 JWS_ALGORITHMS = ("ES256", "Ed25519")
 REPLAY_WINDOW_SECONDS = 300

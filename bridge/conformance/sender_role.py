@@ -394,12 +394,14 @@ def snd_envelope(ctx: SenderContext) -> None:
 
 
 @case("snd-signature", "Each claim carries a §5 signature over its RFC 8785 form",
-      family="sender", requirements=["P-SIG-1", "P-SIG-2", "P-SIG-3", "P-KEY-1"], role="sender")
+      family="sender", requirements=["P-SIG-1", "P-SIG-2", "P-SIG-3", "P-SIG-12", "P-KEY-1"],
+      role="sender")
 def snd_signature(ctx: SenderContext) -> None:
     """The signature verifies with the sender's signing certificate over the RFC 8785
     payload only (signers never produce the version 1 form), with exactly the six header
-    members, iss the sender, aud the kit, msgid the identity and iat within 300 s of
-    arrival; the signing certificate is not the TLS certificate."""
+    members, Bundle.signature exactly §5's table (nothing unsigned in it, when = iat), iss
+    the sender, aud the kit, msgid the identity and iat within 300 s of arrival; the
+    signing certificate is not the TLS certificate."""
     for arrival, m in _messages(ctx):
         try:
             header, _ = verify_signed_bundle(

@@ -45,6 +45,7 @@ from bridge.batch import ENTRY_OVERHEAD, BatchOffer, batch_offer, encode_batch, 
 from bridge.config import LinkConfig
 from bridge.errors import (
     BridgeError,
+    ParseError,
     PartnerRejected,
     PolicyError,
     SignatureError,
@@ -63,6 +64,7 @@ from bridge.link.partner_http import (
     read_answer,
 )
 from bridge.logs import claim_event
+from bridge.messages import read_json
 from bridge.trust.identity import certificate_identity, pinned
 from bridge.trust.jws import digest, payload_digests, sign_bundle
 from bridge.trust.receipts import verify_receipt
@@ -648,7 +650,9 @@ class Dispatcher:
         c = self.c
         message_id = row.message_id
         try:
-            receipt = orjson.loads(receipt_bytes) if read is None else read
+            # As I-JSON (no member named twice): the bytes kept as evidence must read as
+            # the receipt verified, whichever parser reads them later.
+            receipt = read_json(receipt_bytes) if read is None else read
             if not isinstance(receipt, dict):
                 raise SignatureError("receipt is not a signed Bundle", location="receipt")
             verified = verify_receipt(
@@ -661,9 +665,9 @@ class Dispatcher:
                 now=c.clock(),
                 check_time=False,
             )
-        except (TrustError, orjson.JSONDecodeError) as exc:
+        except (TrustError, ParseError) as exc:
             self.stats.signature_failures += 1
-            code = exc.code if isinstance(exc, TrustError) else "parse-error"
+            code = exc.code
             # The partner answered 200: it may well hold the claim.
             raise TransportError(
                 f"receipt failed verification: {code}", location="receipt",
@@ -958,7 +962,7 @@ class Dispatcher:
         c.recheck_consent(payload, self.link, raw=row.payload)
         receipt_bytes = await self._post(self._signed_now(payload, message_id), seq=row.seq)
         verify_receipt(
-            orjson.loads(receipt_bytes),
+            read_json(receipt_bytes),
             c.keyring,
             expected_issuer=self.link.partner,
             expected_audience=c.id,

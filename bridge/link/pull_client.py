@@ -37,6 +37,7 @@ from bridge.ledger import records as rec
 from bridge.link.dispatcher import classify_exception
 from bridge.link.partner_http import PAGE_LIMIT, partner_session, read_answer
 from bridge.link.pull import ACTOR_HEADER, PURPOSE_HEADER, REASON_HEADER
+from bridge.messages import read_json
 from bridge.policy.consent import EMERGENCY_PURPOSE, EmergencyOverride
 from bridge.trust.jws import verify_bundle
 
@@ -165,11 +166,12 @@ async def _verify_and_keep(
 ) -> dict[str, Any]:
     now = c.clock()
     try:
-        bundle = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        error: BridgeError = ParseError(f"malformed JSON at byte {exc.pos}", location=f"body[{exc.pos}]")
+        # As I-JSON (no member named twice): the page is kept as it came, and its bytes
+        # must read as the page verified, whichever parser reads them later.
+        bundle = read_json(body)
+    except ParseError as error:
         await _audit_refusal(c, link, partner, error, pseudonym)
-        raise error from None
+        raise
     try:
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or bundle.get(
             "type"

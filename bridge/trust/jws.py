@@ -31,8 +31,8 @@ talked into another payload encoding or an extension it does not implement.
 Verification order (PROTOCOL §5.4): the envelope of the signature, the header's
 members (none but the six, all present, each of its type), the algorithm (registered),
 the key (known, of the TLS peer, of the header's algorithm, an algorithm accepted from
-that partner), the signature, ``iss``, ``Signature.who``,
-``msgid``, the key's validity at ``iat`` — each a ``signature-invalid`` — and only
+that partner), the signature, ``iss``, ``Bundle.signature`` exactly as the table
+says (nothing unsigned in it; ``when`` is ``iat``, ``who`` names ``iss``), ``msgid``, the key's validity at ``iat`` — each a ``signature-invalid`` — and only
 then ``aud`` and the time window (``replay-rejected``). An old ``iat`` under a retired key is therefore a bad signature,
 not a replay.
 """
@@ -467,7 +467,9 @@ class SignedClaims:
 
 
 def _instant(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``now`` as Signature.when writes it: UTC, seconds, a four-digit year."""
+    t = now.astimezone(UTC)
+    return f"{t.year:04d}-{t:%m-%dT%H:%M:%S}Z"
 
 
 def _aware(now: datetime) -> datetime:
@@ -585,11 +587,7 @@ def verify_bundle(
         compact, signed_payload_forms(bundle), entry, expected_issuer, header, _DATA_LOC
     )
     # From here on the header is authentic.
-    who = signature.get("who")
-    who_ident = who.get("identifier") if isinstance(who, dict) else None
-    who_value = who_ident.get("value") if isinstance(who_ident, dict) else None
-    if who_value != header["iss"]:
-        raise SignatureError("Signature.who does not name the signer", location=f"{_SIG_LOC}.who")
+    _exactly_as_signed(signature, header)
     identifier = bundle.get("identifier")
     if not isinstance(identifier, dict) or identifier.get("value") != header["msgid"]:
         raise SignatureError(
@@ -796,6 +794,41 @@ def _verified_payload(
     return payload
 
 
+#: The members of ``Bundle.signature`` (PROTOCOL §5's table, in its order).
+SIGNATURE_MEMBERS = ("type", "when", "who", "sigFormat", "data")
+#: Each value ``Signature.type`` may have: one coding, author or verification.
+_SIGNATURE_TYPE_VALUES = [[{"system": SIGNATURE_TYPE_SYSTEM, "code": code}]
+                          for code in SIGNATURE_TYPES.values()]
+
+
+def _exactly_as_signed(signature: dict[str, Any], header: dict[str, Any]) -> None:
+    """PROTOCOL §5.4 step 15: ``Bundle.signature`` holds what §5's table says and nothing
+    else. No signature covers that element (§5.1 signs the bundle without it), so anything
+    more in it (an extension, ``onBehalfOf``, a ``who`` with more than its identifier, a
+    ``when`` other than ``iat``, another ``type``) would be stored, and kept as evidence,
+    as if the signer had said it. Raises :class:`SignatureError` at the first member that
+    differs: any member outside the table (the first in code-point order), then ``type``,
+    ``when`` and ``who`` in the table's order. ``header`` is authentic."""
+    extra = sorted(k for k in signature if k not in SIGNATURE_MEMBERS)
+    if extra:
+        raise SignatureError(f"Bundle.signature carries {extra[0]!r}, which no signature "
+                             "covers", location=f"{_SIG_LOC}.{extra[0]}")
+    kinds = signature.get("type")
+    if kinds not in _SIGNATURE_TYPE_VALUES:
+        raise SignatureError("Signature.type must be one coding: verification or author",
+                             location=f"{_SIG_LOC}.type")
+    try:
+        when = _instant(datetime.fromtimestamp(header["iat"], UTC))
+    except (OverflowError, OSError, ValueError):
+        when = None  # not a representable time: refused at #iat (step 17)
+    if when is not None and signature.get("when") != when:
+        raise SignatureError("Signature.when must be the signing time (iat)",
+                             location=f"{_SIG_LOC}.when")
+    if signature.get("who") != {"identifier": {"system": PARTNER_SYSTEM, "value": header["iss"]}}:
+        raise SignatureError("Signature.who does not name the signer, or carries more than "
+                             "its identifier", location=f"{_SIG_LOC}.who")
+
+
 def _claims(
     header: dict[str, Any],
     entry: KeyEntry,
@@ -806,7 +839,7 @@ def _claims(
     check_time: bool,
     loc: str,
 ) -> SignedClaims:
-    """PROTOCOL §5.4 steps 16-18: key validity at ``iat`` (a signature fault), then the
+    """PROTOCOL §5.4 steps 17-19: key validity at ``iat`` (a signature fault), then the
     audience and the time window (replay faults)."""
     try:
         issued_at = datetime.fromtimestamp(header["iat"], UTC)
