@@ -44,6 +44,27 @@ def release_backlog(store: Store, link: str, *, now: datetime) -> int:
         return max(cur.rowcount, 0)
 
 
+def release_orphaned(store: Store, *, now: datetime) -> tuple[int, int]:
+    """Make every claim and every hand-off left ``sending`` due now; how many of each.
+
+    Only for a process that holds the store's dispatch lock (``hold_dispatch``), before
+    it sends anything: then whatever is ``sending`` was left by a process that is gone
+    (a crash, ``kill -9``), and waiting for its lease to run out would only delay it.
+    Each is taken again as after its lease ran out: a claim with its fate unknown (it
+    may have reached the partner, who deduplicates it), a hand-off as a new attempt.
+    Its lease no longer being the one it was claimed under, the process that claimed it
+    could not settle it any more either."""
+    with store.transaction("release_orphaned", durable=False) as tx:
+        t = _when(tx, now)
+        claims = tx.execute(
+            "UPDATE outbox SET lease_until=? WHERE state='sending' AND lease_until>?", (t, t))
+        # The hand-off queue writes its times as text on every store.
+        h = format_time(now)
+        handoffs = tx.execute(
+            "UPDATE handoff SET lease_until=? WHERE state='sending' AND lease_until>?", (h, h))
+        return max(claims.rowcount, 0), max(handoffs.rowcount, 0)
+
+
 @dataclass(frozen=True)
 class ClaimSummary:
     """One outbox row as an operator sees it: no payload, no receipt, no health data."""
@@ -150,4 +171,4 @@ def problem_claims(
     ]
 
 
-__all__ = ["ClaimSummary", "list_claims", "problem_claims", "release_backlog"]
+__all__ = ["ClaimSummary", "list_claims", "problem_claims", "release_backlog", "release_orphaned"]

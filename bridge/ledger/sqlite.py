@@ -28,6 +28,8 @@ sort in time order, so ``next_attempt <= now`` is a string comparison in SQL.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -367,6 +369,7 @@ class SQLiteStore:
         self.path = Path(path)
         self.sealer: Sealer = sealer or PlainSealer()
         self._lock = threading.Lock()
+        self._dispatch_lock: int | None = None  # see hold_dispatch
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the module
             # never opens a transaction behind our back.
@@ -1172,12 +1175,43 @@ class SQLiteStore:
 
     # --- lifecycle ------------------------------------------------------------------
 
+    def hold_dispatch(self) -> bool:
+        """Take the lock that marks the one process dispatching from this store, and
+        hold it until the store closes: an exclusive ``flock`` on a file beside it
+        (``<store>.dispatch``). True when this process holds it (again: idempotent),
+        False when another open process does.
+
+        The operating system drops the lock of a process that ends in any way, ``kill
+        -9`` included. So while a process holds it, every claim or hand-off it finds
+        ``sending`` without having sent it was left by a process that is gone, and can
+        go again at once instead of when its lease runs out
+        (:func:`bridge.ledger.delivery.release_orphaned`)."""
+        with self._lock:
+            if self._dispatch_lock is not None:
+                return True
+            where = self.path.with_name(self.path.name + ".dispatch")
+            try:
+                fd = os.open(where, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise StoreError(f"cannot open the dispatch lock ({exc.strerror})",
+                                 location=str(where)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            self._dispatch_lock = fd
+            return True
+
     def close(self) -> None:
         """Close the connection; further calls raise :class:`StoreError`. Idempotent."""
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._dispatch_lock is not None:
+                os.close(self._dispatch_lock)  # and with it the lock
+                self._dispatch_lock = None
 
     def __enter__(self) -> Self:
         return self

@@ -112,6 +112,7 @@ class BridgeService:
                 ops = OpsServer(self, c.config.operations)
                 await ops.start(where=self._key("operations.port"))
                 self.ops = ops
+        await self._take_up_what_was_left()
         for dispatcher in self.dispatchers.values():
             await dispatcher.start()
         from bridge.link.sync import reconcile_periodically
@@ -128,6 +129,27 @@ class BridgeService:
             self._destroyer = asyncio.create_task(destroy_periodically(c), name="destruction")
         await self.handoff.start()
         await self.witness.start()
+
+    async def _take_up_what_was_left(self) -> None:
+        """On a store only one process dispatches from (SQLite), claims and hand-offs a
+        stopped process left ``sending`` go again at once, not when their lease runs out
+        (after ``kill -9``, a minute or more): this process holds the store's dispatch
+        lock, so the process that leased them is gone. A second process on the same
+        file leaves them to the first, which is alive, and says so."""
+        c = self.controller
+        hold = getattr(c.store, "hold_dispatch", None)
+        if hold is None:
+            return  # several processes share the store (PostgreSQL): leases decide
+        if not await c.db.call(hold):
+            log.warning("another bridge process dispatches from %s: what it is sending is"
+                        " left to it", c.config.store.path)
+            return
+        from bridge.ledger.delivery import release_orphaned
+
+        claims, handoffs = await c.db.call(release_orphaned, c.store, now=c.clock())
+        if claims or handoffs:
+            log.info("%d claim(s) and %d hand-off(s) a stopped process was sending go again"
+                     " now", claims, handoffs)
 
     def reload_certificates(self) -> None:
         """Load the TLS certificate, key, CA bundle and CRL, and the signing key, again
