@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import orjson
 
@@ -60,6 +60,8 @@ from bridge.ledger.portable import Tx
 from bridge.ledger.seal import PlainSealer, Sealer
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
 from bridge.ledger.tree import cache_of
+
+T = TypeVar("T")
 
 _SENDING = frozenset({OutboxState.SENDING})
 _PENDING = frozenset({OutboxState.QUEUED, OutboxState.SENDING})
@@ -1175,33 +1177,42 @@ class SQLiteStore:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    def hold_dispatch(self) -> bool:
-        """Take the lock that marks the one process dispatching from this store, and
-        hold it until the store closes: an exclusive ``flock`` on a file beside it
-        (``<store>.dispatch``). True when this process holds it (again: idempotent),
-        False when another open process does.
+    def hold_dispatch(self, when_alone: Callable[[], T]) -> T | None:
+        """Mark this process as one that sends from this store, until the store closes,
+        and run ``when_alone`` first when no other process does; its answer, else None.
 
-        The operating system drops the lock of a process that ends in any way, ``kill
-        -9`` included. So while a process holds it, every claim or hand-off it finds
-        ``sending`` without having sent it was left by a process that is gone, and can
-        go again at once instead of when its lease runs out
-        (:func:`bridge.ledger.delivery.release_orphaned`)."""
+        The mark is a shared ``flock`` on a file beside the store (``<store>.dispatch``),
+        which the operating system drops when a process ends in any way, ``kill -9``
+        included. First an exclusive lock is tried: taken, it says that no other open
+        process holds the mark, so whatever it finds ``sending`` was left by a process
+        that is gone, and ``when_alone`` may send it again at once
+        (:func:`bridge.ledger.delivery.release_orphaned`) before anything here sends.
+        The lock is then shared, so that a process started later, or this one started
+        again while another still sends, leaves alone what the others are sending
+        (their leases decide). Called once per store; later calls return None."""
         with self._lock:
             if self._dispatch_lock is not None:
-                return True
+                return None
             where = self.path.with_name(self.path.name + ".dispatch")
             try:
                 fd = os.open(where, os.O_RDWR | os.O_CREAT, 0o600)
             except OSError as exc:
                 raise StoreError(f"cannot open the dispatch lock ({exc.strerror})",
                                  location=str(where)) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                return False
             self._dispatch_lock = fd
-            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            alone = False
+        else:
+            alone = True
+        try:
+            return when_alone() if alone else None
+        finally:
+            # From exclusive to shared, or shared at once. It waits only while another
+            # process starting at this moment holds it exclusively: for as long as that
+            # one takes to release what was left.
+            fcntl.flock(fd, fcntl.LOCK_SH)
 
     def close(self) -> None:
         """Close the connection; further calls raise :class:`StoreError`. Idempotent."""

@@ -131,25 +131,25 @@ class BridgeService:
         await self.witness.start()
 
     async def _take_up_what_was_left(self) -> None:
-        """On a store only one process dispatches from (SQLite), claims and hand-offs a
-        stopped process left ``sending`` go again at once, not when their lease runs out
-        (after ``kill -9``, a minute or more): this process holds the store's dispatch
-        lock, so the process that leased them is gone. A second process on the same
-        file leaves them to the first, which is alive, and says so."""
+        """On a SQLite store, claims and hand-offs that stopped processes left ``sending``
+        go again at once, not when their lease runs out (after ``kill -9``, a minute or
+        more), when no other process is sending from the store as this one starts (see
+        ``SQLiteStore.hold_dispatch``). While another is, their leases decide: what is
+        ``sending`` may be that one's."""
         c = self.controller
         hold = getattr(c.store, "hold_dispatch", None)
         if hold is None:
-            return  # several processes share the store (PostgreSQL): leases decide
-        if not await c.db.call(hold):
-            log.warning("another bridge process dispatches from %s: what it is sending is"
-                        " left to it", c.config.store.path)
-            return
+            return  # PostgreSQL: processes come and go on one outbox; leases decide
         from bridge.ledger.delivery import release_orphaned
 
-        claims, handoffs = await c.db.call(release_orphaned, c.store, now=c.clock())
-        if claims or handoffs:
+        now = c.clock()
+        moved = await c.db.call(hold, lambda: release_orphaned(c.store, now=now))
+        if moved is None:
+            log.info("another bridge process sends from %s: what is being sent is left to"
+                     " its lease", c.config.store.path)
+        elif any(moved):
             log.info("%d claim(s) and %d hand-off(s) a stopped process was sending go again"
-                     " now", claims, handoffs)
+                     " now", *moved)
 
     def reload_certificates(self) -> None:
         """Load the TLS certificate, key, CA bundle and CRL, and the signing key, again
