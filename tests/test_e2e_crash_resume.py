@@ -18,9 +18,11 @@ handing a claim over with two bridge services on one store.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from handoff_support import ClaimEndpoint, wait_for
@@ -38,6 +40,7 @@ from test_handoff_worker import accept, controller_with_senders
 
 from bridge.config import load_config
 from bridge.demo import free_port
+from bridge.ledger.audit import format_time
 from bridge.ledger.sqlite import SQLiteStore
 from bridge.link.node import Controller
 from bridge.link.service import BridgeService
@@ -186,3 +189,49 @@ async def test_a_restart_while_another_process_sends_leaves_its_hand_off_alone(
         await b.stop()
         await endpoint.stop()
     assert [m for _, m, _ in endpoint.got.raw].count(message_id) == 1
+
+
+async def test_hand_offs_a_stopped_process_was_making_go_again_at_once(tmp_path: Path) -> None:
+    # The hand-off of a received claim to the insurer's claim system, as a process
+    # killed in the middle of it leaves the row: `sending`, leased for another hour.
+    endpoint = ClaimEndpoint(free_port())
+    await endpoint.start()
+    c = controller_with_senders(tmp_path, http_url=endpoint.url)
+    message_id = accept(c, "hospital-a", 1)
+    store = c.config.store.path
+    con = sqlite3.connect(store)
+    try:
+        with con:
+            changed = con.execute(
+                "UPDATE handoff SET state='sending', attempts=1, lease_until=?"
+                " WHERE message_id=?",
+                (format_time(datetime.now(UTC) + timedelta(hours=1)), message_id)).rowcount
+    finally:
+        con.close()
+    assert changed == 1
+    service = BridgeService(c, poll_interval=0.05)
+    await service.start(serve=False)
+    try:
+        await wait_for(lambda: [h for h in _handoffs(store) if h[1] == "delivered"], 15,
+                       "the hand-off delivered")
+    finally:
+        await service.stop()
+        await endpoint.stop()
+    assert [m for _, m, _ in endpoint.got.raw].count(message_id) == 1
+
+
+async def test_workers_started_on_their_own_mark_the_store_as_sent_from(tmp_path: Path) -> None:
+    # Code embedding the bridge may start hand-off workers (or a link's dispatcher)
+    # without BridgeService: they take the shared mark before leasing anything, so a
+    # bridge starting beside them does not take their hand-offs for a dead process's.
+    from bridge.link.handoff import HandoffService
+
+    c = controller_with_senders(tmp_path, http_url=f"http://127.0.0.1:{free_port()}/claims")
+    workers = HandoffService(c, poll_interval=0.05)
+    await workers.start()
+    try:
+        with SQLiteStore(c.config.store.path) as beside:
+            assert beside.hold_dispatch(lambda: "taken up") is None
+    finally:
+        await workers.stop()
+        await c.close()

@@ -63,6 +63,10 @@ from bridge.ledger.tree import cache_of
 
 T = TypeVar("T")
 
+#: Seconds a starting process waits for another that holds the dispatch lock alone
+#: (see :meth:`SQLiteStore.hold_dispatch`).
+DISPATCH_LOCK_WAIT = 10.0
+
 _SENDING = frozenset({OutboxState.SENDING})
 _PENDING = frozenset({OutboxState.QUEUED, OutboxState.SENDING})
 
@@ -1177,42 +1181,61 @@ class SQLiteStore:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    def hold_dispatch(self, when_alone: Callable[[], T]) -> T | None:
+    def hold_dispatch(self, when_alone: Callable[[], T] | None = None) -> T | None:
         """Mark this process as one that sends from this store, until the store closes,
         and run ``when_alone`` first when no other process does; its answer, else None.
 
-        The mark is a shared ``flock`` on a file beside the store (``<store>.dispatch``),
-        which the operating system drops when a process ends in any way, ``kill -9``
-        included. First an exclusive lock is tried: taken, it says that no other open
-        process holds the mark, so whatever it finds ``sending`` was left by a process
-        that is gone, and ``when_alone`` may send it again at once
-        (:func:`bridge.ledger.delivery.release_orphaned`) before anything here sends.
-        The lock is then shared, so that a process started later, or this one started
-        again while another still sends, leaves alone what the others are sending
-        (their leases decide). Called once per store; later calls return None."""
+        The mark is a shared ``flock`` on a file beside the store (``<store>.dispatch``,
+        beside the file a symbolic link leads to), which the operating system drops
+        when a process ends in any way, ``kill -9`` included. Every sender takes it
+        before it leases anything (:class:`~bridge.link.dispatcher.Dispatcher` and the
+        hand-off workers start with it). With ``when_alone``, an exclusive lock is tried
+        first: taken, it says that no other open process holds the mark, so whatever
+        is ``sending`` was left by a process that is gone, and ``when_alone`` may send
+        it again at once (:func:`bridge.ledger.delivery.release_orphaned`). The lock is
+        then shared, so that a process started later, or this one started again while
+        another still sends, leaves what is ``sending`` to its lease. Only the first
+        call of a store does anything; later ones return None.
+
+        Waits at most :data:`DISPATCH_LOCK_WAIT` seconds for another process starting
+        at the same moment to finish taking up what was left, then raises
+        :class:`StoreError` naming the lock file, as it does when the file cannot be
+        opened."""
         with self._lock:
             if self._dispatch_lock is not None:
                 return None
-            where = self.path.with_name(self.path.name + ".dispatch")
+            where = self.path.resolve().with_name(self.path.resolve().name + ".dispatch")
             try:
                 fd = os.open(where, os.O_RDWR | os.O_CREAT, 0o600)
             except OSError as exc:
                 raise StoreError(f"cannot open the dispatch lock ({exc.strerror})",
                                  location=str(where)) from None
             self._dispatch_lock = fd
+        alone = False
+        if when_alone is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass
+            else:
+                alone = True
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            alone = False
-        else:
-            alone = True
-        try:
-            return when_alone() if alone else None
+            return when_alone() if alone and when_alone is not None else None
         finally:
-            # From exclusive to shared, or shared at once. It waits only while another
-            # process starting at this moment holds it exclusively: for as long as that
-            # one takes to release what was left.
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            # From exclusive to shared, or shared now. Another process holds it
+            # exclusively only while it takes up what was left.
+            deadline = time.monotonic() + DISPATCH_LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() >= deadline:
+                        raise StoreError(
+                            "another process has held the dispatch lock alone for over "
+                            f"{DISPATCH_LOCK_WAIT:.0f} seconds (stopped or hung while "
+                            "taking up what was left?)", location=str(where)) from None
+                    time.sleep(0.05)
 
     def close(self) -> None:
         """Close the connection; further calls raise :class:`StoreError`. Idempotent."""

@@ -325,6 +325,10 @@ class HandoffWorker:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        c = self.c
+        hold = getattr(c.store, "hold_dispatch", None)
+        if hold is not None:  # SQLite: marked as sending before it leases anything
+            await c.db.call(hold)
         self._task = asyncio.create_task(self._run(), name=f"handoff:{self.dest.id}")
 
     async def stop(self, grace: float = 5.0) -> None:
