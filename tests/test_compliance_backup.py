@@ -80,12 +80,18 @@ def test_restore_drill_back_to_a_backup_taken_while_serving(
     insurer.stop()
 
 
-def test_a_backup_that_does_not_match_its_manifest_is_not_restored(tmp_path: Path) -> None:
+def _hospital_backed_up(tmp_path: Path) -> tuple[Site, Path]:
+    """A site whose hospital holds one consent, and a backup of the hospital's store."""
     site = make_site(tmp_path)
     assert bridge("consent", "add", "--config", str(site.hospital),
                   str(samples(site) / "consent.json")).returncode == 0
     backup = tmp_path / "backup"
     assert bridge("store", "backup", "--config", str(site.hospital), str(backup)).returncode == 0
+    return site, backup
+
+
+def test_a_backup_that_does_not_match_its_manifest_is_not_restored(tmp_path: Path) -> None:
+    site, backup = _hospital_backed_up(tmp_path)
     copy = backup / "store.sqlite"
     data = bytearray(copy.read_bytes())
     data[-1] ^= 0xFF
@@ -93,4 +99,23 @@ def test_a_backup_that_does_not_match_its_manifest_is_not_restored(tmp_path: Pat
     run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
     assert run.returncode != 0
     assert "does not match its manifest" in run.stderr and "store.sqlite" in run.stderr
+    assert len(audit_entries(site.hospital, "consent.put")) == 1
+
+
+def test_a_store_a_bridge_serves_is_not_restored_under_it(tmp_path: Path) -> None:
+    # Put in place under a running `bridge serve`, the backup would be written over by
+    # a process that still holds the old file: restore refuses while one serves.
+    site, backup = _hospital_backed_up(tmp_path)
+    assert bridge("consent", "add", "--config", str(site.hospital),
+                  str(samples(site) / "consent.json")).returncode == 0
+    hospital = serve(site.hospital)
+    try:
+        run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+    finally:
+        hospital.stop()
+    assert run.returncode != 0
+    assert "is serving this store: stop it first" in run.stderr and "Traceback" not in run.stderr
+    assert len(audit_entries(site.hospital, "consent.put")) == 2  # nothing was put back
+    restored = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+    assert restored.returncode == 0, restored.stderr
     assert len(audit_entries(site.hospital, "consent.put")) == 1

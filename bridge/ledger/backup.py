@@ -167,14 +167,18 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
                          location=str(copy))
     store_cfg = config.store
     if store_cfg.kind == "sqlite":
+        from bridge.ledger.sqlite import nobody_serving
+
         store_cfg.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = store_cfg.path.with_name(store_cfg.path.name + ".restoring")
-        shutil.copyfile(copy, tmp)
-        for suffix in ("-wal", "-shm"):
-            stale = store_cfg.path.with_name(store_cfg.path.name + suffix)
-            if stale.exists():
-                stale.unlink()
-        os.replace(tmp, store_cfg.path)
+        # A bridge serving the store would go on writing to the file replaced under it.
+        with nobody_serving(store_cfg.path):
+            tmp = store_cfg.path.with_name(store_cfg.path.name + ".restoring")
+            shutil.copyfile(copy, tmp)
+            for suffix in ("-wal", "-shm"):
+                stale = store_cfg.path.with_name(store_cfg.path.name + suffix)
+                if stale.exists():
+                    stale.unlink()
+            os.replace(tmp, store_cfg.path)
     else:
         assert store_cfg.dsn is not None
         import psycopg

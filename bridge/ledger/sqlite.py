@@ -1255,6 +1255,30 @@ class SQLiteStore:
         self.close()
 
 
+@contextmanager
+def nobody_serving(path: Path) -> Iterator[None]:
+    """Hold the dispatch lock of the store at ``path`` alone for the duration (see
+    :meth:`SQLiteStore.hold_dispatch`), for what must not run while a bridge process
+    serves the store (putting a backup in its place). Raises :class:`StoreError` when a
+    process holds it; a process starting meanwhile waits, then fails."""
+    real = path.resolve()
+    where = real.with_name(real.name + ".dispatch")
+    try:
+        fd = os.open(where, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open the dispatch lock ({exc.strerror})",
+                         location=str(where)) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreError("a bridge process is serving this store: stop it first",
+                             location=str(path)) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _split_script(script: str) -> list[str]:
     """Split the schema into statements (triggers contain ``;`` inside BEGIN ... END).
 
