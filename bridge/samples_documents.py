@@ -181,7 +181,7 @@ def discharge_records(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
         rng = random.Random(f"ws445.15:{seed}:{i}")
         p = _person(rng)
         prov, city, county, town, street, post, _ = p["place"]
-        code, dname, dept, ward, complaint, op = rng.choice(_CASES)
+        code, _dname, dept, ward, complaint, op = rng.choice(_CASES)
         adm = _admitted(rng)
         stay = rng.randrange(3, 15)
         dis = adm + timedelta(days=stay, hours=2)
@@ -229,7 +229,7 @@ def referral_records(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
         rng = random.Random(f"ws445.16:{seed}:{i}")
         p = _person(rng)
         prov, city, county, town, street, _post, _ = p["place"]
-        code, dname, dept, _ward, complaint, op = rng.choice(_CASES)
+        code, dname, dept, _ward, _complaint, op = rng.choice(_CASES)
         when = _admitted(rng)
         target, target_code = rng.choice(_HOSPITALS)
         el = {

@@ -569,7 +569,7 @@ def test_element_neither_mapped_nor_listed_is_a_load_error(tmp_path: Path) -> No
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
-    path, line = _broken(tmp_path, "      Organization.name: {source", "      Organization.name: [{source")
+    path, _line = _broken(tmp_path, "      Organization.name: {source", "      Organization.name: [{source")
     with pytest.raises(LoadError) as info:
         load_mapping(path, shipped_valuesets())
     assert info.value.location is not None

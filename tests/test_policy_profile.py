@@ -193,7 +193,7 @@ def allowed(path: str, allowed_paths: frozenset[str]) -> bool:
     if head in ALWAYS_KEPT:
         return True
     return any(
-        path == p or path.startswith(p + ".") or path == "_" + p or path.startswith("_" + p + ".")
+        path in (p, "_" + p) or path.startswith((p + ".", "_" + p + "."))
         for p in allowed_paths
     )
 

@@ -157,7 +157,7 @@ def test_a_join_leaves_earlier_snapshots_as_they_were(store: Store) -> None:
 
 
 def test_two_patients_with_different_id_cards_are_never_joined(store: Store) -> None:
-    stay, lab = person_records(1)
+    stay, _lab = person_records(1)
     other = person_records(1, seed=11, labs=False)[0]
     a = _put(store, stay)
     b = _put(store, other)

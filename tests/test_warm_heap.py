@@ -8,7 +8,6 @@ import gc
 from pathlib import Path
 
 import pytest
-
 from e2e_support import LINK_OUT, consent_for, start_pair
 
 from bridge.errors import PolicyError

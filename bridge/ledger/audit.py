@@ -103,7 +103,8 @@ class AuditRecord:
             raise ValueError("AuditRecord.patient must be a pseudonym from patient_pseudonym()")
         cats = self.categories
         if isinstance(cats, str):
-            raise ValueError("AuditRecord.categories must be a list of strings, not a string")
+            raise ValueError(  # noqa: TRY004 - a bad field value, as every check here
+                "AuditRecord.categories must be a list of strings, not a string")
         object.__setattr__(self, "categories", tuple(cats))
         if self.operator is not None and not _OPERATOR.match(self.operator):
             raise ValueError("AuditRecord.operator must be cert:<name> or os:<user>")
