@@ -18,6 +18,7 @@ handing a claim over with two bridge services on one store.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from handoff_support import ClaimEndpoint, wait_for
 from reliability_support import (
     _rows,
@@ -40,6 +42,7 @@ from test_handoff_worker import accept, controller_with_senders
 
 from bridge.config import load_config
 from bridge.demo import free_port
+from bridge.errors import StoreError
 from bridge.ledger.audit import format_time
 from bridge.ledger.sqlite import SQLiteStore
 from bridge.link.node import Controller
@@ -235,3 +238,26 @@ async def test_workers_started_on_their_own_mark_the_store_as_sent_from(tmp_path
     finally:
         await workers.stop()
         await c.close()
+
+
+def test_a_process_stuck_holding_the_lock_alone_is_named_not_waited_for_forever(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another process holds the lock exclusively and never lets go (stopped while it
+    # took up what was left): a starting one fails, naming the lock file, after a
+    # bounded wait, and is not marked; once the other lets go, it starts.
+    import fcntl
+
+    from bridge.ledger import sqlite as store_module
+
+    monkeypatch.setattr(store_module, "DISPATCH_LOCK_WAIT", 0.3)
+    path = tmp_path / "bridge.sqlite"
+    with SQLiteStore(path) as store:
+        stuck = os.open(f"{path}.dispatch", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(stuck, fcntl.LOCK_EX)
+        try:
+            with pytest.raises(StoreError) as err:
+                store.hold_dispatch()
+            assert err.value.location == str(path.resolve()) + ".dispatch"
+        finally:
+            os.close(stuck)
+        assert store.hold_dispatch(lambda: "taken up") == "taken up"

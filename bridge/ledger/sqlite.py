@@ -1204,12 +1204,7 @@ class SQLiteStore:
         with self._lock:
             if self._dispatch_lock is not None:
                 return None
-            where = self.path.resolve().with_name(self.path.resolve().name + ".dispatch")
-            try:
-                fd = os.open(where, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError as exc:
-                raise StoreError(f"cannot open the dispatch lock ({exc.strerror})",
-                                 location=str(where)) from None
+            fd, where = _dispatch_lock_file(self.path)
             self._dispatch_lock = fd
         alone = False
         if when_alone is not None:
@@ -1231,6 +1226,9 @@ class SQLiteStore:
                     break
                 except OSError:
                     if time.monotonic() >= deadline:
+                        with self._lock:  # not marked: a later call tries again
+                            os.close(fd)
+                            self._dispatch_lock = None
                         raise StoreError(
                             "another process has held the dispatch lock alone for over "
                             f"{DISPATCH_LOCK_WAIT:.0f} seconds (stopped or hung while "
@@ -1261,13 +1259,7 @@ def nobody_serving(path: Path) -> Iterator[None]:
     :meth:`SQLiteStore.hold_dispatch`), for what must not run while a bridge process
     serves the store (putting a backup in its place). Raises :class:`StoreError` when a
     process holds it; a process starting meanwhile waits, then fails."""
-    real = path.resolve()
-    where = real.with_name(real.name + ".dispatch")
-    try:
-        fd = os.open(where, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise StoreError(f"cannot open the dispatch lock ({exc.strerror})",
-                         location=str(where)) from None
+    fd, _where = _dispatch_lock_file(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1277,6 +1269,18 @@ def nobody_serving(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _dispatch_lock_file(path: Path) -> tuple[int, Path]:
+    """Open (creating it) the dispatch lock file of the store at ``path``: beside the
+    file itself, where a symbolic link leads. The descriptor, and where it is."""
+    real = path.resolve()
+    where = real.with_name(real.name + ".dispatch")
+    try:
+        return os.open(where, os.O_RDWR | os.O_CREAT, 0o600), where
+    except OSError as exc:
+        raise StoreError(f"cannot open the dispatch lock ({exc.strerror})",
+                         location=str(where)) from None
 
 
 def _split_script(script: str) -> list[str]:

@@ -145,8 +145,8 @@ class BridgeService:
         now = c.clock()
         moved = await c.db.call(hold, lambda: release_orphaned(c.store, now=now))
         if moved is None:
-            log.info("another bridge process sends from %s: what is being sent is left to"
-                     " its lease", c.config.store.path)
+            log.info("%s: another process sends from this store (or this one already"
+                     " did): what is being sent is left to its lease", c.config.store.path)
         elif any(moved):
             log.info("%d claim(s) and %d hand-off(s) a stopped process was sending go again"
                      " now", *moved)
