@@ -230,6 +230,15 @@ async def test_kit_cases_pass_on_this_bridge_in_process(patched_pair: Pair) -> N
     assert {k: (r.status, r.detail) for k, r in results.items() if not r.passed} == {}
 
 
+async def _run_on_a_new_pair(tmp_path: Path, ids: Sequence[str]) -> dict[str, kit.Result]:
+    """The kit's cases ``ids`` against a pair started now (after the test's patches)."""
+    pair = await start_pair(tmp_path, start_dispatch=False)
+    try:
+        return await _run(pair, ids)
+    finally:
+        await pair.stop()
+
+
 def _fails(results: dict[str, kit.Result], case_id: str, *words: str) -> None:
     result = results[case_id]
     assert result.status == "fail", (result.status, result.detail)
@@ -266,11 +275,7 @@ async def test_defect_2_and_3_message_header_not_bound(
     from bridge.link import server
 
     monkeypatch.setattr(server, "check_addressing", lambda envelope, *, peer, receiver: None)
-    pair = await start_pair(tmp_path, start_dispatch=False)
-    try:
-        results = await _run(pair, ["id-sender-mismatch", "id-wrong-receiver"])
-    finally:
-        await pair.stop()
+    results = await _run_on_a_new_pair(tmp_path, ["id-sender-mismatch", "id-wrong-receiver"])
     _fails(results, "id-sender-mismatch", "expected 403 sender-mismatch", "got 200")
     _fails(results, "id-wrong-receiver", "expected 403 wrong-receiver", "got 200")
 
@@ -282,11 +287,7 @@ async def test_defect_4_other_events_stored_as_claims(
 
     monkeypatch.setattr(server, "ACCEPTED_EVENTS",
                         frozenset({"claim-submit", "receipt", "claim-cancel"}))
-    pair = await start_pair(tmp_path, start_dispatch=False)
-    try:
-        results = await _run(pair, ["id-event"])
-    finally:
-        await pair.stop()
+    results = await _run_on_a_new_pair(tmp_path, ["id-event"])
     _fails(results, "id-event", "expected 400 unsupported-event", "got 200")
 
 
@@ -296,11 +297,7 @@ async def test_defect_5_identities_that_are_not_canonical_uuids(
     from bridge import messages
 
     monkeypatch.setattr(messages, "MESSAGE_ID_PATTERN", re.compile(r"urn:[a-z]+:.+"))
-    pair = await start_pair(tmp_path, start_dispatch=False)
-    try:
-        results = await _run(pair, ["id-message-identity"])
-    finally:
-        await pair.stop()
+    results = await _run_on_a_new_pair(tmp_path, ["id-message-identity"])
     _fails(results, "id-message-identity", "expected 400 parse-error")
 
 
@@ -346,11 +343,7 @@ async def test_defect_7_unencoded_payload_jws_accepted(
 
     monkeypatch.setattr(jws, "_HEADER_TYPES", {**jws._HEADER_TYPES, "crit": list, "b64": bool,
                                                 "typ": str, "x5c": list, "jku": str})
-    pair = await start_pair(tmp_path, start_dispatch=False)
-    try:
-        results = await _run(pair, ["sig-extra-header"])
-    finally:
-        await pair.stop()
+    results = await _run_on_a_new_pair(tmp_path, ["sig-extra-header"])
     _fails(results, "sig-extra-header", "expected 403 signature-invalid at "
            "Bundle.signature.data#b64")
 
@@ -369,11 +362,7 @@ async def test_unsigned_content_in_the_signature_element_was_stored_as_signed(
             raise jws.SignatureError("who", location="Bundle.signature.who")
 
     monkeypatch.setattr(jws, "_exactly_as_signed", who_value_only)
-    pair = await start_pair(tmp_path, start_dispatch=False)
-    try:
-        results = await _run(pair, ["sig-unsigned-content"])
-    finally:
-        await pair.stop()
+    results = await _run_on_a_new_pair(tmp_path, ["sig-unsigned-content"])
     _fails(results, "sig-unsigned-content", "expected 403 signature-invalid", "got 200")
 
 
@@ -396,11 +385,7 @@ async def test_defect_8_metadata_for_any_certificate(
 
     monkeypatch.setattr(server.ReceiverApp, "metadata", open_metadata)
     monkeypatch.setattr(server, "peer_gate", gate)
-    pair = await start_pair(tmp_path, start_dispatch=False)
-    try:
-        results = await _run(pair, ["tls-unregistered-partner"])
-    finally:
-        await pair.stop()
+    results = await _run_on_a_new_pair(tmp_path, ["tls-unregistered-partner"])
     _fails(results, "tls-unregistered-partner", "expected 401 unknown-partner", "got 200")
 
 

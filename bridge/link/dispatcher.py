@@ -307,9 +307,7 @@ class Dispatcher:
         """Open the link's HTTP session and start draining the outbox."""
         self.closing = False
         await self.open()
-        hold = getattr(self.c.store, "hold_dispatch", None)
-        if hold is not None:  # SQLite: marked as sending before it leases anything
-            await self.c.db.call(hold)
+        await self.c.hold_dispatch()  # marked as sending before it leases anything
         dispatch_here = getattr(self.c.store, "dispatch_here", None)
         if dispatch_here is not None:  # a store shared by processes: own claims first
             dispatch_here(self.link.id)

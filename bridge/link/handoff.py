@@ -325,10 +325,7 @@ class HandoffWorker:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        c = self.c
-        hold = getattr(c.store, "hold_dispatch", None)
-        if hold is not None:  # SQLite: marked as sending before it leases anything
-            await c.db.call(hold)
+        await self.c.hold_dispatch()  # marked as sending before it leases anything
         self._task = asyncio.create_task(self._run(), name=f"handoff:{self.dest.id}")
 
     async def stop(self, grace: float = 5.0) -> None:

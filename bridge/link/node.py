@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from cryptography import x509
@@ -66,6 +66,8 @@ from bridge.trust.pki import load_certificates
 from bridge.trust.registry import Partner, PartnerRegistry
 
 log = logging.getLogger("bridge.controller")
+
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -873,6 +875,16 @@ class Controller:
             purpose=link.purpose,
             now=now,
         )
+
+    async def hold_dispatch(self, when_alone: Callable[[], T] | None = None) -> T | None:
+        """Mark this process as sending from its store, before it leases anything, and
+        run ``when_alone`` first when no other process sends from it (the store's
+        ``hold_dispatch``, on SQLite); None on a store without the mark (PostgreSQL,
+        where leases alone decide) or when the mark was taken already."""
+        hold = getattr(self.store, "hold_dispatch", None)
+        if hold is None:
+            return None
+        return await self.db.call(hold, when_alone)
 
     async def close(self) -> None:
         await self.db.aclose()

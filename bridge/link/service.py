@@ -137,13 +137,12 @@ class BridgeService:
         ``SQLiteStore.hold_dispatch``). While another is, their leases decide: what is
         ``sending`` may be that one's."""
         c = self.controller
-        hold = getattr(c.store, "hold_dispatch", None)
-        if hold is None:
+        if getattr(c.store, "hold_dispatch", None) is None:
             return  # PostgreSQL: processes come and go on one outbox; leases decide
         from bridge.ledger.delivery import release_orphaned
 
         now = c.clock()
-        moved = await c.db.call(hold, lambda: release_orphaned(c.store, now=now))
+        moved = await c.hold_dispatch(lambda: release_orphaned(c.store, now=now))
         if moved is None:
             log.info("%s: another process sends from this store (or this one already"
                      " did): what is being sent is left to its lease", c.config.store.path)

@@ -32,9 +32,10 @@ Verification order (PROTOCOL §5.4): the envelope of the signature, the header's
 members (none but the six, all present, each of its type), the algorithm (registered),
 the key (known, of the TLS peer, of the header's algorithm, an algorithm accepted from
 that partner), the signature, ``iss``, ``Bundle.signature`` exactly as the table
-says (nothing unsigned in it; ``when`` is ``iat``, ``who`` names ``iss``), ``msgid``, the key's validity at ``iat`` — each a ``signature-invalid`` — and only
-then ``aud`` and the time window (``replay-rejected``). An old ``iat`` under a retired key is therefore a bad signature,
-not a replay.
+says (nothing unsigned in it; ``when`` is ``iat``, ``who`` names ``iss``), ``msgid``,
+the key's validity at ``iat`` — each a ``signature-invalid`` — and only then ``aud``
+and the time window (``replay-rejected``). An old ``iat`` under a retired key is
+therefore a bad signature, not a replay.
 """
 
 from __future__ import annotations
@@ -472,6 +473,12 @@ def _instant(now: datetime) -> str:
     return f"{t.year:04d}-{t:%m-%dT%H:%M:%S}Z"
 
 
+def _signature_when(iat: int) -> str:
+    """Signature.when of a signature made at ``iat`` (PROTOCOL §5's table); raises
+    OverflowError, OSError or ValueError for a time that cannot be represented."""
+    return _instant(datetime.fromtimestamp(iat, UTC))
+
+
 def _aware(now: datetime) -> datetime:
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be a timezone-aware datetime")
@@ -530,7 +537,7 @@ def sign_bundle_digests(
     )
     signature = {
         "type": [{"system": SIGNATURE_TYPE_SYSTEM, "code": SIGNATURE_TYPES[role]}],
-        "when": _instant(datetime.fromtimestamp(iat, UTC)),
+        "when": _signature_when(iat),
         "who": {"identifier": {"system": PARTNER_SYSTEM, "value": issuer}},
         "sigFormat": SIG_FORMAT,
         "data": base64.b64encode(data.encode("ascii")).decode("ascii"),
@@ -818,7 +825,7 @@ def _exactly_as_signed(signature: dict[str, Any], header: dict[str, Any]) -> Non
         raise SignatureError("Signature.type must be one coding: verification or author",
                              location=f"{_SIG_LOC}.type")
     try:
-        when = _instant(datetime.fromtimestamp(header["iat"], UTC))
+        when = _signature_when(header["iat"])
     except (OverflowError, OSError, ValueError):
         when = None  # not a representable time: refused at #iat (step 17)
     if when is not None and signature.get("when") != when:
