@@ -131,7 +131,14 @@ def claim(
     t = format_time(now)
     until = format_time(now + lease)
     lines: list[list[HandoffRow]] = []
+    # PostgreSQL names the worker, whose leases end early when it is gone (see
+    # bridge.ledger.postgres); on SQLite a lock file beside the store tells that.
+    worker = getattr(store, "worker_id", None)
+    claimer = ", claimed_by=?" if worker is not None else ""
     with store.transaction("handoff_claim", durable=False) as tx:
+        take_up_gone = getattr(store, "take_up_gone", None)
+        if take_up_gone is not None:
+            take_up_gone(tx, now)
         heads = tx.all(
             "SELECT sender, MIN(seq) FROM handoff WHERE destination=?"
             " AND state IN ('queued', 'sending') GROUP BY sender ORDER BY sender",
@@ -154,9 +161,10 @@ def claim(
             marks = ",".join("?" for _ in due)
             got = {int(r[0]) for r in tx.all(
                 "UPDATE handoff SET state='sending', attempts=attempts+1, lease_until=?,"
-                f" updated=? WHERE id IN ({marks}) AND ((state='queued' AND next_attempt<=?)"
-                " OR (state='sending' AND lease_until<=?)) RETURNING id",
-                (until, t, *(row.id for row in due), t, t))}
+                f" updated=?{claimer} WHERE id IN ({marks}) AND ((state='queued'"
+                " AND next_attempt<=?) OR (state='sending' AND lease_until<=?)) RETURNING id",
+                (until, t, *((worker,) if worker is not None else ()),
+                 *(row.id for row in due), t, t))}
             taken: list[HandoffRow] = []
             for row in due:
                 if row.id not in got:

@@ -475,6 +475,20 @@ ALTER TABLE outbox DROP COLUMN payload;
         sqlite_done_if="SELECT 1 WHERE NOT EXISTS"
                        " (SELECT 1 FROM pragma_table_info('outbox') WHERE name = 'payload')",
     ),
+    # PostgreSQL: the process handing a claim over, as outbox.claimed_by names the one
+    # sending a claim, and the rows being sent, indexed by their worker, so that a claim
+    # round finds those of a process that is gone without reading the whole table
+    # (bridge.ledger.postgres, take_up_gone). One SQLite file is served by processes
+    # on one host, which a lock file beside it tells apart: SQLite records nothing.
+    Migration(
+        name="1504-claimer-liveness",
+        sqlite="",
+        postgres="""
+ALTER TABLE handoff ADD COLUMN IF NOT EXISTS claimed_by TEXT;
+CREATE INDEX IF NOT EXISTS outbox_sending ON outbox (claimed_by) WHERE state = 'sending';
+CREATE INDEX IF NOT EXISTS handoff_sending ON handoff (claimed_by) WHERE state = 'sending';
+""",
+    ),
 )
 
 

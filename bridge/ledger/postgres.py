@@ -23,8 +23,21 @@ Claims across processes: ``FOR UPDATE SKIP LOCKED``
     claimed and committed fails the re-check of the ``WHERE`` clause that PostgreSQL
     applies to the newest row version, so two dispatchers never take the same row
     while its lease runs. The worker that claimed a row is recorded in
-    ``outbox.claimed_by`` (``worker_id``) for operators; the lease, not the name,
-    decides who may claim next, exactly as in SQLite.
+    ``outbox.claimed_by`` (``worker_id``), and so is the worker handing a claim over
+    in ``handoff.claimed_by``; the lease decides who may claim next, exactly as in
+    SQLite, unless the worker that holds it is gone.
+
+A process that is gone: its session's advisory lock
+    Each store holds, for as long as its connection is open, a shared session-level
+    advisory lock named after its schema and ``worker_id``. The server drops it when
+    the session ends, as it does when the process dies in any way (``kill -9``
+    included: the kernel closes the socket). A claim round looks, at most every
+    :data:`GONE_CHECK_SECONDS`, for rows ``sending`` under a lease that has not run
+    out whose worker holds no such lock. A worker missing at two looks at least
+    :data:`GONE_AFTER_SECONDS` apart is gone: its leases end at once and its claims
+    and hand-offs are taken again, claims with their fate unknown, as after a lease ran
+    out. The wait spares a process whose connection broke (a server restart drops
+    every session) the time to connect again and take its lock once more.
 
 A claim goes first to the process that queued it
     The process that prepared a claim holds what its dispatch needs in memory (the
@@ -103,10 +116,12 @@ uses none of it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -125,6 +140,7 @@ from bridge.ledger.audit import (
     AuditRecord,
     ChainReport,
     chain_entry,
+    format_time,
     verify_chain,
 )
 from bridge.ledger.errors import TransitionError, UnknownMessage
@@ -136,6 +152,8 @@ from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
 from bridge.ledger.tree import cache_of
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+log = logging.getLogger(__name__)
 
 _SENDING = frozenset({OutboxState.SENDING})
 _PENDING = frozenset({OutboxState.QUEUED, OutboxState.SENDING})
@@ -415,6 +433,27 @@ _CLAIM_SPARE = _CLAIM.replace("{which}", (
     "state='queued' AND next_attempt<=%(owner_due)s AND enqueued_by<>%(worker)s"))
 
 
+#: How often a claim round looks for the leases of processes that are gone.
+GONE_CHECK_SECONDS = 1.0
+#: How long a worker's lock must have been missing before its leases end.
+GONE_AFTER_SECONDS = 5.0
+
+# The advisory locks held in this database, as the bigint each was taken with
+# (pg_locks splits it into its high and low 32 bits).
+_LIVE = (
+    "SELECT (classid::bigint << 32) | objid::bigint FROM pg_locks"
+    " WHERE locktype='advisory' AND objsubid=1 AND granted"
+    " AND database=(SELECT oid FROM pg_database WHERE datname=current_database())"
+)
+# Per table, the workers holding a lease that has not run out and no lock. The partial
+# indexes of migration 1504 hold the rows being sent only.
+_MISSING = " UNION ALL ".join(
+    f"SELECT DISTINCT '{table}', claimed_by FROM {table} WHERE state='sending'"
+    " AND claimed_by IS NOT NULL AND claimed_by<>? AND lease_until>?"
+    f" AND hashtextextended(? || claimed_by, 0) NOT IN ({_LIVE})"
+    for table in ("outbox", "handoff"))
+
+
 def default_worker_id() -> str:
     """``host:pid:random`` — unique per store instance, readable in ``pg_stat_activity``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -445,6 +484,9 @@ class PostgresStore:
         self._dispatching: set[str] = set()
         self.location = f"postgresql schema {schema}"
         self._connect_timeout = connect_timeout
+        # Workers seen holding leases without their lock, and since when (monotonic).
+        self._missing: dict[tuple[str, str], float] = {}
+        self._next_gone_check = 0.0
         self._lock = threading.Lock()
         self._closed = False
         self._conn: psycopg.Connection[Any] | None = None
@@ -488,12 +530,47 @@ class PostgresStore:
             # Durability must not depend on the server's default: a commit returns only
             # once it is flushed, so the caller may acknowledge after it.
             conn.execute("SET synchronous_commit TO on")
+            # Alive for as long as this session is (see the module docstring).
+            conn.execute("SELECT pg_advisory_lock_shared(hashtextextended(%s, 0))",
+                         (self._lock_prefix() + self.worker_id,))
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"cannot set up the session ({type(exc).__name__})",
                              location=self.location) from exc
         self._conn = conn
         return conn
+
+    def _lock_prefix(self) -> str:
+        """What a worker id is prefixed with to name its lock (see the module docstring)."""
+        return f"ws-fhir-bridge worker {self.schema} "
+
+    def take_up_gone(self, tx: Tx, now: datetime) -> None:
+        """End the leases of workers that are gone, in ``tx`` (a claim round's transaction:
+        see the module docstring); does nothing when a look was made less than
+        :data:`GONE_CHECK_SECONDS` ago."""
+        seen = time.monotonic()
+        if seen < self._next_gone_check:
+            return
+        self._next_gone_check = seen + GONE_CHECK_SECONDS
+        # The hand-off queue writes its times as text on every store.
+        text = format_time(now)
+        prefix = self._lock_prefix()
+        missing = {(str(table), str(worker)) for table, worker in tx.all(
+            _MISSING, (self.worker_id, now, prefix, self.worker_id, text, prefix))}
+        self._missing = {key: since for key, since in self._missing.items() if key in missing}
+        for key in missing:
+            self._missing.setdefault(key, seen)
+        for (table, worker), since in list(self._missing.items()):
+            if seen - since < GONE_AFTER_SECONDS:
+                continue
+            until: Any = now if table == "outbox" else text
+            ended = tx.execute(
+                f"UPDATE {table} SET lease_until=? WHERE state='sending' AND claimed_by=?"
+                " AND lease_until>?", (until, worker, until)).rowcount
+            del self._missing[(table, worker)]
+            if ended:
+                log.warning("took up %d %s left sending by worker %s, which is gone",
+                            ended, "claims" if table == "outbox" else "hand-offs", worker)
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -801,6 +878,8 @@ class PostgresStore:
                   "worker": self.worker_id, "owner_due": now - OWNER_GRACE,
                   "held_due": now - OWNER_HOLD}
         with self._tx("claim_due") as conn:
+            self.take_up_gone(Tx(conn, dialect="postgresql", store=self, sealer=self.sealer),
+                              now)
             # Own claims first; others' overdue claims only with what is left (see the
             # module docstring). Rows claimed by the first statement are ``sending`` by
             # the second, so none is taken twice.
