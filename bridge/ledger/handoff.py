@@ -136,9 +136,6 @@ def claim(
     worker = getattr(store, "worker_id", None)
     claimer = ", claimed_by=?" if worker is not None else ""
     with store.transaction("handoff_claim", durable=False) as tx:
-        take_up_gone = getattr(store, "take_up_gone", None)
-        if take_up_gone is not None:
-            take_up_gone(tx, now)
         heads = tx.all(
             "SELECT sender, MIN(seq) FROM handoff WHERE destination=?"
             " AND state IN ('queued', 'sending') GROUP BY sender ORDER BY sender",

@@ -28,31 +28,20 @@ Claims across processes: ``FOR UPDATE SKIP LOCKED``
     SQLite, unless the worker that holds it is gone.
 
 A process that is gone: its session's advisory lock
-    Each store holds, for as long as its connection is open, a shared session-level
-    advisory lock named after its schema and ``worker_id``. The server drops it when
-    the session ends, as it does when the process dies in any way (``kill -9``
-    included: the kernel closes the socket). A claim round looks, at most every
-    :data:`GONE_CHECK_SECONDS`, for rows ``sending`` under a lease that has not run
-    out whose worker holds no such lock. A worker missing at two looks at least
-    :data:`GONE_AFTER_SECONDS` apart is gone: its leases end at once and its claims
-    and hand-offs are taken again, claims with their fate unknown, as after a lease ran
-    out. The wait spares a process whose connection broke (a server restart drops
-    every session) the time to connect again and take its lock once more.
-
-A claim goes first to the process that queued it
-    The process that prepared a claim holds what its dispatch needs in memory (the
-    digests its receipt must name, the consent decision it was queued under), so it
-    sends that claim most cheaply; another process would compute them again. A process
-    that runs the dispatcher of a link (:meth:`PostgresStore.dispatch_here`) writes its
-    ``worker_id`` into ``outbox.enqueued_by`` of the claims it queues on that link, and
-    other processes leave such a claim alone for :data:`OWNER_GRACE` after it falls
-    due. After that another process takes it with capacity it has to spare: a claim
-    round takes the process's own due claims first and fills what is left of its limit
-    with others' overdue ones, so processes that are all busy do not swap their
-    backlogs (each would then redo the other's work). A claim overdue by
-    :data:`OWNER_HOLD` is anyone's in its turn, spare capacity or not: its owner may
-    have stopped while the others stay busy. A claim queued by a process that
-    dispatches nothing (the CLI) has no owner and is anyone's at once.
+    Each store keeps a second connection of its own, on which it holds a shared
+    session-level advisory lock named after its schema and ``worker_id``; the server
+    drops it when that session ends, as it does when the process dies in any way
+    (``kill -9`` included: the kernel closes the socket). A thread of the store looks
+    on that connection every :data:`GONE_CHECK_SECONDS` for rows ``sending`` under a
+    lease that has not run out whose worker holds no such lock, and connects again at
+    once (taking its lock again) when the session broke, whatever the rest of the
+    process is doing. A worker missing at every look for :data:`GONE_AFTER_SECONDS` is
+    gone: its leases end, and the next claim round of any process takes its claims
+    (with their fate unknown, as after a lease ran out) and hand-offs. The wait lets a
+    process whose session ended (a server restart ends every one) connect again first;
+    looks that fell further apart than :data:`LOOKS_STALE_SECONDS` (this thread held
+    up, the server unreachable) start the count again. Rows another process is taking
+    up at that moment are skipped, never waited for.
 
 Gapless sequence numbers: a counter row per link
     A PostgreSQL ``SEQUENCE`` is not transactional (a rolled-back insert leaves a hole)
@@ -100,9 +89,10 @@ Schema creation
     ``schema_version`` is checked as in SQLite.
 
 Threading and connections
-    One synchronous connection per store, guarded by a ``threading.Lock`` held for a
-    whole transaction (the async layer calls the store from one worker thread per
-    process). A broken connection (server restart, network cut) makes the current
+    One synchronous connection per store for its work, guarded by a
+    ``threading.Lock`` held for a whole transaction (the async layer calls the store
+    from one worker thread per process), and a second one, the liveness thread's
+    (above). A broken connection (server restart, network cut) makes the current
     call fail with :class:`~bridge.errors.StoreError` (transient); the next call
     connects again. Several processes each open their own store on the same DSN.
 
@@ -123,6 +113,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -433,10 +424,12 @@ _CLAIM_SPARE = _CLAIM.replace("{which}", (
     "state='queued' AND next_attempt<=%(owner_due)s AND enqueued_by<>%(worker)s"))
 
 
-#: How often a claim round looks for the leases of processes that are gone.
+#: How often a store looks for the leases of processes that are gone.
 GONE_CHECK_SECONDS = 1.0
-#: How long a worker's lock must have been missing before its leases end.
+#: How long a worker's lock must have been missing, at every look, before its leases end.
 GONE_AFTER_SECONDS = 5.0
+#: Looks further apart than this do not count as one watch: the count starts again.
+LOOKS_STALE_SECONDS = 3.0
 
 # The advisory locks held in this database, as the bigint each was taken with
 # (pg_locks splits it into its high and low 32 bits).
@@ -457,6 +450,40 @@ _MISSING = " UNION ALL ".join(
 def default_worker_id() -> str:
     """``host:pid:random`` — unique per store instance, readable in ``pg_stat_activity``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _keep_alive(store_ref: weakref.ref[PostgresStore], stop: threading.Event,
+                conn: psycopg.Connection[Any] | None) -> None:
+    """The liveness thread of a store (see the module docstring): hold the worker's
+    lock, connecting again when the session broke, and look for workers that are gone,
+    until the store is closed or collected."""
+    last: float | None = None
+    try:
+        while not stop.is_set():
+            store = store_ref()
+            if store is None:
+                return
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = store._liveness_connection()
+                    last = None
+                if last is not None and time.monotonic() - last > LOOKS_STALE_SECONDS:
+                    store._missing = {}
+                store._look(conn)
+                last = time.monotonic()
+            except (psycopg.Error, StoreError) as exc:
+                # The server is unreachable or restarting (nothing can be claimed then
+                # either), or this look failed: looks start again with the next one.
+                log.debug("liveness look failed (%s)", type(exc).__name__)
+                if conn is not None and conn.broken:
+                    conn.close()
+                    conn = None
+                last = None
+            del store
+            stop.wait(GONE_CHECK_SECONDS)
+    finally:
+        if conn is not None and not conn.closed:
+            conn.close()
 
 
 class PostgresStore:
@@ -484,9 +511,11 @@ class PostgresStore:
         self._dispatching: set[str] = set()
         self.location = f"postgresql schema {schema}"
         self._connect_timeout = connect_timeout
-        # Workers seen holding leases without their lock, and since when (monotonic).
+        # Workers seen holding leases without their lock, and since when (monotonic):
+        # the liveness thread's own.
         self._missing: dict[tuple[str, str], float] = {}
-        self._next_gone_check = 0.0
+        self._alive_stop = threading.Event()
+        self._alive_thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._conn: psycopg.Connection[Any] | None = None
@@ -501,6 +530,19 @@ class PostgresStore:
             except BaseException:
                 self._drop_connection()
                 raise
+        try:
+            alive = self._liveness_connection()  # held before anything is claimed
+        except BaseException:
+            with self._lock:
+                self._closed = True
+                self._drop_connection()
+            raise
+        # The thread holds the store weakly: a store dropped without close() is
+        # collected as before, and its thread then closes the lock's connection.
+        self._alive_thread = threading.Thread(
+            target=_keep_alive, args=(weakref.ref(self), self._alive_stop, alive),
+            name="bridge-store-alive", daemon=True)
+        self._alive_thread.start()
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -530,9 +572,6 @@ class PostgresStore:
             # Durability must not depend on the server's default: a commit returns only
             # once it is flushed, so the caller may acknowledge after it.
             conn.execute("SET synchronous_commit TO on")
-            # Alive for as long as this session is (see the module docstring).
-            conn.execute("SELECT pg_advisory_lock_shared(hashtextextended(%s, 0))",
-                         (self._lock_prefix() + self.worker_id,))
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"cannot set up the session ({type(exc).__name__})",
@@ -544,33 +583,56 @@ class PostgresStore:
         """What a worker id is prefixed with to name its lock (see the module docstring)."""
         return f"ws-fhir-bridge worker {self.schema} "
 
-    def take_up_gone(self, tx: Tx, now: datetime) -> None:
-        """End the leases of workers that are gone, in ``tx`` (a claim round's transaction:
-        see the module docstring); does nothing when a look was made less than
-        :data:`GONE_CHECK_SECONDS` ago."""
+    def _liveness_connection(self) -> psycopg.Connection[Any]:
+        """A connection holding this worker's lock (see the module docstring)."""
+        try:
+            conn = psycopg.connect(
+                _with_network_defaults(self.dsn), autocommit=True,
+                connect_timeout=max(1, round(self._connect_timeout)),
+                application_name=f"ws-fhir-bridge {self.worker_id}"[:63])
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {_connect_problem(exc)}",
+                             location="store.dsn") from None
+        try:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+            conn.execute("SELECT pg_advisory_lock_shared(hashtextextended(%s, 0))",
+                         (self._lock_prefix() + self.worker_id,))
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot take the worker's lock ({type(exc).__name__})",
+                             location=self.location) from None
+        return conn
+
+    def _look(self, conn: psycopg.Connection[Any]) -> None:
+        """One look for workers that are gone, ending the leases of those missing for
+        :data:`GONE_AFTER_SECONDS` (see the module docstring)."""
         seen = time.monotonic()
-        if seen < self._next_gone_check:
-            return
-        self._next_gone_check = seen + GONE_CHECK_SECONDS
+        now = datetime.now(UTC)
         # The hand-off queue writes its times as text on every store.
         text = format_time(now)
         prefix = self._lock_prefix()
-        missing = {(str(table), str(worker)) for table, worker in tx.all(
-            _MISSING, (self.worker_id, now, prefix, self.worker_id, text, prefix))}
-        self._missing = {key: since for key, since in self._missing.items() if key in missing}
-        for key in missing:
-            self._missing.setdefault(key, seen)
-        for (table, worker), since in list(self._missing.items()):
-            if seen - since < GONE_AFTER_SECONDS:
-                continue
-            until: Any = now if table == "outbox" else text
-            ended = tx.execute(
-                f"UPDATE {table} SET lease_until=? WHERE state='sending' AND claimed_by=?"
-                " AND lease_until>?", (until, worker, until)).rowcount
-            del self._missing[(table, worker)]
-            if ended:
-                log.warning("took up %d %s left sending by worker %s, which is gone",
-                            ended, "claims" if table == "outbox" else "hand-offs", worker)
+        with conn.transaction():
+            tx = Tx(conn, dialect="postgresql", store=self, sealer=self.sealer)
+            missing = {(str(table), str(worker)) for table, worker in tx.all(
+                _MISSING, (self.worker_id, now, prefix, self.worker_id, text, prefix))}
+            self._missing = {key: since for key, since in self._missing.items()
+                             if key in missing}
+            for key in missing:
+                self._missing.setdefault(key, seen)
+            # In one order in every process; rows another process is ending at this
+            # moment are skipped rather than waited for.
+            for table, worker in sorted(self._missing):
+                if seen - self._missing[(table, worker)] < GONE_AFTER_SECONDS:
+                    continue
+                until: Any = now if table == "outbox" else text
+                key_column = "message_id" if table == "outbox" else "id"
+                ended = tx.execute(
+                    f"UPDATE {table} SET lease_until=? WHERE {key_column} IN ("
+                    f"SELECT {key_column} FROM {table} WHERE state='sending' AND claimed_by=?"
+                    " AND lease_until>? FOR UPDATE SKIP LOCKED)", (until, worker, until)).rowcount
+                if ended:
+                    log.warning("took up %d %s left sending by worker %s, which is gone",
+                                ended, "claims" if table == "outbox" else "hand-offs", worker)
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -878,8 +940,6 @@ class PostgresStore:
                   "worker": self.worker_id, "owner_due": now - OWNER_GRACE,
                   "held_due": now - OWNER_HOLD}
         with self._tx("claim_due") as conn:
-            self.take_up_gone(Tx(conn, dialect="postgresql", store=self, sealer=self.sealer),
-                              now)
             # Own claims first; others' overdue claims only with what is left (see the
             # module docstring). Rows claimed by the first statement are ``sending`` by
             # the second, so none is taken twice.
@@ -1311,6 +1371,10 @@ class PostgresStore:
         with self._lock:
             self._closed = True
             self._drop_connection()
+        self._alive_stop.set()
+        thread = self._alive_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)  # it closes its connection, and the lock goes with it
 
     def __enter__(self) -> Self:
         return self
