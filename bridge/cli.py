@@ -317,10 +317,9 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
     if not sep or not system or not value:
         raise ParseError("--patient takes SYSTEM|VALUE", location="--patient")
     config = load_config(args.config)
-    store = _open_store(args)
     key = _load_pseudonym_key(config.audit.pseudonym_key_file)
     pseudonym = patient_pseudonym(key, system, value)
-    with store:
+    with _open_store(args) as store:
         # One person across identifiers: every pseudonym the hospital's records link
         # to this one (identity card, passport, inpatient, record and health-card numbers).
         persons = linked_pseudonyms(store, [pseudonym])

@@ -13,6 +13,8 @@ kill is in tests/test_e2e_crash_resume_postgres.py.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +23,7 @@ import pytest
 from pg_support import PGSchema, fresh_schema
 from test_handoff_ledger import accept
 
+from bridge.errors import StoreError
 from bridge.ledger import handoff as q
 from bridge.ledger import postgres
 from bridge.ledger.audit import AuditRecord
@@ -30,7 +33,7 @@ from bridge.ledger.postgres import PostgresStore
 NOW = datetime.now(UTC)
 LEASE = timedelta(minutes=2)
 LINK = "claims-out"
-GONE_AFTER = 0.3
+GONE_AFTER = 1.0
 
 
 @pytest.fixture
@@ -158,6 +161,7 @@ def test_hand_offs_of_a_process_that_is_gone_go_again(pg_schema: PGSchema) -> No
 def test_several_processes_gone_and_several_looking_take_each_claim_once(
     pg_schema: PGSchema, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, "bridge.ledger.postgres")
     senders = [PostgresStore(pg_schema.dsn, schema=pg_schema.schema) for _ in range(2)]
     lookers = [PostgresStore(pg_schema.dsn, schema=pg_schema.schema) for _ in range(2)]
     try:
@@ -176,7 +180,88 @@ def test_several_processes_gone_and_several_looking_take_each_claim_once(
                 taken += _claim(looker)
             time.sleep(0.05)
         assert sorted(taken) == sorted(ids)
-        assert "failed" not in caplog.text and "Deadlock" not in caplog.text
+        assert "cannot hold" not in caplog.text and "Deadlock" not in caplog.text
     finally:
         for store in lookers:
             store.close()
+
+
+def _down_until(store: PostgresStore, up: threading.Event) -> None:
+    """The server unreachable for ``store``'s liveness thread until ``up`` is set."""
+    connect = store._liveness_connection
+
+    def refused() -> object:
+        if not up.is_set():
+            raise StoreError("cannot connect to PostgreSQL (refused)", location="store.dsn")
+        return connect()
+
+    store._liveness_connection = refused  # type: ignore[method-assign]
+
+
+def _end_sessions(pg: PGSchema, store: PostgresStore) -> None:
+    with pg.connect() as admin:
+        for pid in _backends(pg, store.worker_id):
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def _leases_running(pg: PGSchema) -> bool:
+    with pg.connect() as conn:
+        return all(r for (r,) in conn.execute("SELECT lease_until > now() FROM outbox"))
+
+
+def test_what_was_seen_before_an_outage_does_not_count_after_it(
+    pg_schema: PGSchema, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A server restart ends the sessions one after another: the looker saw the sender
+    # missing just before its own session ended, and comes back first.
+    monkeypatch.setattr(postgres, "GONE_AFTER_SECONDS", 2.0)
+    sender = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
+    looker = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
+    try:
+        ids = [_enqueue(sender, n) for n in range(1, 3)]
+        assert _claim(sender) == ids
+        sender_up, looker_up = threading.Event(), threading.Event()
+        _down_until(sender, sender_up)
+        _down_until(looker, looker_up)
+        _end_sessions(pg_schema, sender)
+        deadline = time.monotonic() + 5
+        while not looker._missing:
+            assert time.monotonic() < deadline, "the looker never saw the sender missing"
+            time.sleep(0.01)
+        _end_sessions(pg_schema, looker)
+        time.sleep(3.0)  # both down for longer than the wait
+        looker_up.set()
+        time.sleep(0.3)
+        sender_up.set()  # well within the wait after the looker came back
+        time.sleep(0.5)
+        assert _leases_running(pg_schema)
+    finally:
+        sender.close()
+        looker.close()
+
+
+def test_a_look_held_up_by_a_lock_does_not_count_the_time_it_waited(
+    pg_schema: PGSchema, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(postgres, "GONE_AFTER_SECONDS", 2.0)
+    sender = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
+    looker = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
+    try:
+        ids = [_enqueue(sender, n) for n in range(1, 3)]
+        assert _claim(sender) == ids
+        up = threading.Event()
+        _down_until(sender, up)
+        with pg_schema.connect() as locker, locker.transaction():
+            # A look waits on the table (a migration's ALTER TABLE), and the sender's
+            # session ends while it waits.
+            locker.execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+            time.sleep(2.5)
+            _end_sessions(pg_schema, sender)
+            time.sleep(0.3)
+        time.sleep(0.4)
+        up.set()  # back well within the wait after the held-up look ended
+        time.sleep(0.5)
+        assert _leases_running(pg_schema)
+    finally:
+        sender.close()
+        looker.close()

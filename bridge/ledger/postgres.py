@@ -38,10 +38,14 @@ A process that is gone: its session's advisory lock
     process is doing. A worker missing at every look for :data:`GONE_AFTER_SECONDS` is
     gone: its leases end, and the next claim round of any process takes its claims
     (with their fate unknown, as after a lease ran out) and hand-offs. The wait lets a
-    process whose session ended (a server restart ends every one) connect again first;
-    looks that fell further apart than :data:`LOOKS_STALE_SECONDS` (this thread held
-    up, the server unreachable) start the count again. Rows another process is taking
-    up at that moment are skipped, never waited for.
+    process whose session ended (a server restart ends every one) connect again first.
+    The count starts again after a look that failed (the server unreachable), after
+    looks further apart than :data:`LOOKS_STALE_SECONDS`, and after a look that took
+    that long itself; a worker first found missing by a look counts as missing from
+    the end of that look, so a look held up by a lock counts none of its wait. Rows
+    another process is taking up at that moment are skipped, never waited for; the
+    liveness connection connects within :data:`LIVENESS_CONNECT_SECONDS`, and a thread
+    that cannot hold the lock or look says so at WARNING and keeps trying.
 
 Gapless sequence numbers: a counter row per link
     A PostgreSQL ``SEQUENCE`` is not transactional (a rolled-back insert leaves a hole)
@@ -430,6 +434,8 @@ GONE_CHECK_SECONDS = 1.0
 GONE_AFTER_SECONDS = 5.0
 #: Looks further apart than this do not count as one watch: the count starts again.
 LOOKS_STALE_SECONDS = 3.0
+#: How long the liveness connection may take to connect (well within the wait above).
+LIVENESS_CONNECT_SECONDS = 2
 
 # The advisory locks held in this database, as the bigint each was taken with
 # (pg_locks splits it into its high and low 32 bits).
@@ -455,35 +461,39 @@ def default_worker_id() -> str:
 def _keep_alive(store_ref: weakref.ref[PostgresStore], stop: threading.Event,
                 conn: psycopg.Connection[Any] | None) -> None:
     """The liveness thread of a store (see the module docstring): hold the worker's
-    lock, connecting again when the session broke, and look for workers that are gone,
-    until the store is closed or collected."""
-    last: float | None = None
-    try:
-        while not stop.is_set():
-            store = store_ref()
-            if store is None:
-                return
-            try:
-                if conn is None or conn.closed or conn.broken:
-                    conn = store._liveness_connection()
-                    last = None
-                if last is not None and time.monotonic() - last > LOOKS_STALE_SECONDS:
-                    store._missing = {}
-                store._look(conn)
-                last = time.monotonic()
-            except (psycopg.Error, StoreError) as exc:
-                # The server is unreachable or restarting (nothing can be claimed then
-                # either), or this look failed: looks start again with the next one.
-                log.debug("liveness look failed (%s)", type(exc).__name__)
-                if conn is not None and conn.broken:
-                    conn.close()
-                    conn = None
-                last = None
-            del store
-            stop.wait(GONE_CHECK_SECONDS)
-    finally:
-        if conn is not None and not conn.closed:
-            conn.close()
+    lock, connecting again at once when the session broke, and look for workers that
+    are gone, until the store is closed or collected. Nothing ends it early: a thread
+    that stopped would drop the lock of a process that still runs."""
+    last: float | None = None  # when the last look ended, None after a failure
+    failing = False
+    while not stop.is_set():
+        store = store_ref()
+        if store is None:
+            break
+        try:
+            if conn is None or conn.closed or conn.broken:
+                conn = store._liveness_connection()
+            # What was seen before a failure, or too long ago, is no watch: the count
+            # of every worker missing starts again.
+            if last is None or time.monotonic() - last > LOOKS_STALE_SECONDS:
+                store._missing = {}
+            last = store._look(conn)
+            if failing:
+                log.warning("worker lock held again, looks resumed (%s)", store.location)
+                failing = False
+        except Exception as exc:  # noqa: BLE001 - logged; the thread must go on
+            if not failing:
+                log.warning("cannot hold the worker lock or look for workers that are gone"
+                            " (%s); trying again (%s)", type(exc).__name__, store.location)
+                failing = True
+            if conn is not None and (conn.broken or conn.closed):
+                conn.close()
+                conn = None
+            last = None
+        del store
+        stop.wait(GONE_CHECK_SECONDS if not failing else min(GONE_CHECK_SECONDS, 0.2))
+    if conn is not None and not conn.closed:
+        conn.close()
 
 
 class PostgresStore:
@@ -588,7 +598,8 @@ class PostgresStore:
         try:
             conn = psycopg.connect(
                 _with_network_defaults(self.dsn), autocommit=True,
-                connect_timeout=max(1, round(self._connect_timeout)),
+                connect_timeout=min(LIVENESS_CONNECT_SECONDS,
+                                    max(1, round(self._connect_timeout))),
                 application_name=f"ws-fhir-bridge {self.worker_id}"[:63])
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {_connect_problem(exc)}",
@@ -603,10 +614,15 @@ class PostgresStore:
                              location=self.location) from None
         return conn
 
-    def _look(self, conn: psycopg.Connection[Any]) -> None:
+    def _look(self, conn: psycopg.Connection[Any]) -> float:
         """One look for workers that are gone, ending the leases of those missing for
-        :data:`GONE_AFTER_SECONDS` (see the module docstring)."""
-        seen = time.monotonic()
+        :data:`GONE_AFTER_SECONDS` (see the module docstring); when it ended.
+
+        A worker is counted missing from the end of the look that first found it so
+        to the start of this one: a look held up (a lock, a slow server) says nothing
+        of the time it waited. A look that took longer than :data:`LOOKS_STALE_SECONDS`
+        ends nothing and starts the count again."""
+        started = time.monotonic()
         now = datetime.now(UTC)
         # The hand-off queue writes its times as text on every store.
         text = format_time(now)
@@ -615,14 +631,16 @@ class PostgresStore:
             tx = Tx(conn, dialect="postgresql", store=self, sealer=self.sealer)
             missing = {(str(table), str(worker)) for table, worker in tx.all(
                 _MISSING, (self.worker_id, now, prefix, self.worker_id, text, prefix))}
-            self._missing = {key: since for key, since in self._missing.items()
-                             if key in missing}
-            for key in missing:
-                self._missing.setdefault(key, seen)
+            seen = time.monotonic()
+            if seen - started > LOOKS_STALE_SECONDS:
+                self._missing = {}
+                return seen
+            before = self._missing
+            self._missing = {key: before.get(key, seen) for key in missing}
             # In one order in every process; rows another process is ending at this
             # moment are skipped rather than waited for.
             for table, worker in sorted(self._missing):
-                if seen - self._missing[(table, worker)] < GONE_AFTER_SECONDS:
+                if started - self._missing[(table, worker)] < GONE_AFTER_SECONDS:
                     continue
                 until: Any = now if table == "outbox" else text
                 key_column = "message_id" if table == "outbox" else "id"
@@ -633,6 +651,7 @@ class PostgresStore:
                 if ended:
                     log.warning("took up %d %s left sending by worker %s, which is gone",
                                 ended, "claims" if table == "outbox" else "hand-offs", worker)
+        return time.monotonic()
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
