@@ -209,17 +209,23 @@ def _leases_running(pg: PGSchema) -> bool:
         return all(r for (r,) in conn.execute("SELECT lease_until > now() FROM outbox"))
 
 
+def _sending_and_looking(pg: PGSchema) -> tuple[PostgresStore, PostgresStore]:
+    """Two processes: one holding claims it is sending, one looking."""
+    sender = PostgresStore(pg.dsn, schema=pg.schema)
+    looker = PostgresStore(pg.dsn, schema=pg.schema)
+    ids = [_enqueue(sender, n) for n in range(1, 3)]
+    assert _claim(sender) == ids
+    return sender, looker
+
+
 def test_what_was_seen_before_an_outage_does_not_count_after_it(
     pg_schema: PGSchema, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A server restart ends the sessions one after another: the looker saw the sender
     # missing just before its own session ended, and comes back first.
     monkeypatch.setattr(postgres, "GONE_AFTER_SECONDS", 2.0)
-    sender = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
-    looker = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
+    sender, looker = _sending_and_looking(pg_schema)
     try:
-        ids = [_enqueue(sender, n) for n in range(1, 3)]
-        assert _claim(sender) == ids
         sender_up, looker_up = threading.Event(), threading.Event()
         _down_until(sender, sender_up)
         _down_until(looker, looker_up)
@@ -244,11 +250,8 @@ def test_a_look_held_up_by_a_lock_does_not_count_the_time_it_waited(
     pg_schema: PGSchema, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(postgres, "GONE_AFTER_SECONDS", 2.0)
-    sender = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
-    looker = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
+    sender, looker = _sending_and_looking(pg_schema)
     try:
-        ids = [_enqueue(sender, n) for n in range(1, 3)]
-        assert _claim(sender) == ids
         up = threading.Event()
         _down_until(sender, up)
         with pg_schema.connect() as locker, locker.transaction():
