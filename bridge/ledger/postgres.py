@@ -821,7 +821,10 @@ class PostgresStore:
         """Move one row to ``to_state``; audit in the same transaction.
 
         The row is locked first (``FOR UPDATE``), so the state checked is the state
-        changed even when another process works on the same row.
+        changed even when another process works on the same row. A row being sent
+        that another worker holds now (this one's lease ran out, or ended because this
+        worker seemed gone, and the other took it) is that worker's to settle:
+        :class:`TransitionError`, as for a row already settled.
         """
         _require_aware(now, "now")
         with self._tx(what) as conn:
@@ -841,10 +844,13 @@ class PostgresStore:
             assignments = sql.SQL(", ").join(
                 sql.SQL("{}=%s").format(sql.Identifier(c)) for c in cols)
             r = conn.execute(
-                sql.SQL("UPDATE outbox SET {} WHERE message_id=%s RETURNING {}").format(
+                sql.SQL("UPDATE outbox SET {} WHERE message_id=%s AND (state<>'sending'"
+                        " OR claimed_by IS NULL OR claimed_by=%s) RETURNING {}").format(
                     assignments, sql.SQL(_OUTBOX_READ)),
-                (*cols.values(), message_id)).fetchone()
-            assert r is not None
+                (*cols.values(), message_id, self.worker_id)).fetchone()
+            if r is None:
+                raise TransitionError(f"{what}: another sender holds this claim now",
+                                      location=f"outbox[{message_id}].claimed_by")
             if audit is not None:
                 self._append(conn, audit, proof=False)
             return _outbox_row(r, self._opener(conn))
