@@ -55,8 +55,9 @@ def add_backup_commands(ssub: Any) -> None:
     b.add_argument("directory", metavar="DIRECTORY", help="an empty folder for the backup")
     add_json_option(b)
     b.set_defaults(func=cmd_store_backup)
-    r = ssub.add_parser("restore", help="put a backup in place of the store (on SQLite, refused"
-                                        " while serve runs), then reconcile with the partners")
+    r = ssub.add_parser("restore", help="put a backup in place of the store (refused while a"
+                                        " bridge process serves it), then reconcile with the"
+                                        " partners")
     r.add_argument("--config", required=True, help="the controller's configuration file (TOML)")
     r.add_argument("directory", metavar="DIRECTORY", help="a folder written by store backup")
     add_json_option(r)

@@ -80,9 +80,17 @@ def test_restore_drill_back_to_a_backup_taken_while_serving(
     insurer.stop()
 
 
-def _hospital_backed_up(tmp_path: Path) -> tuple[Site, Path]:
-    """A site whose hospital holds one consent, and a backup of the hospital's store."""
+def _hospital_backed_up(tmp_path: Path, pg: PGSchema | None = None) -> tuple[Site, Path]:
+    """A site whose hospital holds one consent, and a backup of the hospital's store
+    (on the PostgreSQL schema ``pg`` when given)."""
     site = make_site(tmp_path)
+    if pg is not None:
+        text = site.hospital.read_text(encoding="utf-8")
+        old = 'path = "hospital-a/bridge.sqlite"'
+        assert old in text
+        site.hospital.write_text(text.replace(
+            old, f'kind = "postgresql"\ndsn = "{pg.dsn}"\nschema = "{pg.schema}"'),
+            encoding="utf-8")
     assert bridge("consent", "add", "--config", str(site.hospital),
                   str(samples(site) / "consent.json")).returncode == 0
     backup = tmp_path / "backup"
@@ -102,10 +110,13 @@ def test_a_backup_that_does_not_match_its_manifest_is_not_restored(tmp_path: Pat
     assert len(audit_entries(site.hospital, "consent.put")) == 1
 
 
-def test_a_store_a_bridge_serves_is_not_restored_under_it(tmp_path: Path) -> None:
+def test_a_store_a_bridge_serves_is_not_restored_under_it(
+    tmp_path: Path, store_kind: PGSchema | None
+) -> None:
     # Put in place under a running `bridge serve`, the backup would be written over by
-    # a process that still holds the old file: restore refuses while one serves.
-    site, backup = _hospital_backed_up(tmp_path)
+    # a process that still holds the old file (or goes on writing to the schema dropped
+    # and restored under it): restore refuses while one serves.
+    site, backup = _hospital_backed_up(tmp_path, store_kind)
     assert bridge("consent", "add", "--config", str(site.hospital),
                   str(samples(site) / "consent.json")).returncode == 0
     hospital = serve(site.hospital)
@@ -114,7 +125,9 @@ def test_a_store_a_bridge_serves_is_not_restored_under_it(tmp_path: Path) -> Non
     finally:
         hospital.stop()
     assert run.returncode != 0
-    assert "is serving this store: stop it first" in run.stderr and "Traceback" not in run.stderr
+    said = ("a bridge process is serving this store" if store_kind is None
+            else "a bridge process has this store open")
+    assert f"{said}: stop it first" in run.stderr and "Traceback" not in run.stderr
     assert len(audit_entries(site.hospital, "consent.put")) == 2  # nothing was put back
     restored = bridge("store", "restore", "--config", str(site.hospital), str(backup))
     assert restored.returncode == 0, restored.stderr

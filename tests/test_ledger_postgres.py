@@ -438,3 +438,31 @@ def test_connections_carry_network_timeouts_and_the_dsn_keeps_its_own() -> None:
     assert chosen["keepalives"] == "1" and chosen["tcp_user_timeout"] == "60000"
     uri = conninfo_to_dict(_with_network_defaults("postgresql://bridge@db.example/b"))
     assert uri["host"] == "db.example" and uri["keepalives_count"] == "3"
+
+
+def test_a_restore_is_refused_while_a_store_is_open_and_holds_off_stores_opening(
+    pg: PGSchema,
+) -> None:
+    from bridge.ledger.postgres import nobody_using
+
+    store = PostgresStore(pg.dsn, schema=pg.schema)
+    with (pytest.raises(StoreError, match="a bridge process has this store open"),
+          nobody_using(pg.dsn, pg.schema)):
+        pass
+    store.close()
+    with (nobody_using(pg.dsn, pg.schema),
+          pytest.raises(StoreError, match="a restore of this store is under way")):
+        PostgresStore(pg.dsn, schema=pg.schema)
+    PostgresStore(pg.dsn, schema=pg.schema).close()  # and once it is done, it opens
+
+
+def test_a_store_opened_during_a_restore_creates_nothing(pg: PGSchema) -> None:
+    from bridge.ledger.postgres import nobody_using
+
+    with (nobody_using(pg.dsn, pg.schema),
+          pytest.raises(StoreError, match="a restore of this store is under way")):
+        PostgresStore(pg.dsn, schema=pg.schema)
+    with psycopg.connect(pg.dsn) as conn:
+        found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname=%s",
+                             (pg.schema,)).fetchone()
+    assert found is None  # the schema pg_restore is about to write was not made meanwhile

@@ -183,13 +183,17 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
         assert store_cfg.dsn is not None
         import psycopg
 
-        with psycopg.connect(store_cfg.dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{store_cfg.db_schema}" CASCADE')
-        run = subprocess.run(
-            ["pg_restore", "--no-owner", "--exit-on-error", f"--dbname={store_cfg.dsn}",
-             str(copy)],
-            capture_output=True, text=True, check=False,
-        )
+        from bridge.ledger.postgres import nobody_using
+
+        # A bridge using the schema would go on writing to what is dropped under it.
+        with nobody_using(store_cfg.dsn, store_cfg.db_schema):
+            with psycopg.connect(store_cfg.dsn, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{store_cfg.db_schema}" CASCADE')
+            run = subprocess.run(
+                ["pg_restore", "--no-owner", "--exit-on-error", f"--dbname={store_cfg.dsn}",
+                 str(copy)],
+                capture_output=True, text=True, check=False,
+            )
         if run.returncode != 0:
             raise RuntimeFailure(f"pg_restore failed: {run.stderr.strip()[:300]}",
                                  location=f"{store_cfg.source}: store.dsn")

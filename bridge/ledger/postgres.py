@@ -453,6 +453,31 @@ _MISSING = " UNION ALL ".join(
     for table in ("outbox", "handoff"))
 
 
+def _store_lock_name(schema: str) -> str:
+    """The advisory lock every open store of ``schema`` shares (see :func:`nobody_using`)."""
+    return f"ws-fhir-bridge store {schema}"
+
+
+@contextmanager
+def nobody_using(dsn: str, schema: str) -> Iterator[None]:
+    """Hold the lock every open store of ``schema`` shares, alone, for the duration (for
+    what must not run while a bridge process uses the store: putting a backup in its
+    place). Raises :class:`StoreError` when a process has the store open; a store opened
+    meanwhile is refused."""
+    try:
+        conn = psycopg.connect(_with_network_defaults(dsn), autocommit=True)
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to PostgreSQL: {_connect_problem(exc)}",
+                         location="store.dsn") from None
+    with conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                           (_store_lock_name(schema),)).fetchone()
+        if row is None or not row[0]:
+            raise StoreError("a bridge process has this store open: stop it first",
+                             location=f"postgresql schema {schema}")
+        yield
+
+
 def default_worker_id() -> str:
     """``host:pid:random`` — unique per store instance, readable in ``pg_stat_activity``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -529,24 +554,20 @@ class PostgresStore:
         self._lock = threading.Lock()
         self._closed = False
         self._conn: psycopg.Connection[Any] | None = None
+        # The locks first: held before anything is claimed, and before the schema is
+        # created or migrated (a restore under way refuses the store before that).
+        alive = self._liveness_connection()
         with self._lock:
-            conn = self._connection()
             try:
-                self._migrate(conn)
-            except psycopg.Error as exc:
-                self._drop_connection()
-                raise StoreError(f"cannot prepare store schema ({type(exc).__name__})",
-                                 location=self.location) from exc
-            except BaseException:
-                self._drop_connection()
-                raise
-        try:
-            alive = self._liveness_connection()  # held before anything is claimed
-        except BaseException:
-            with self._lock:
+                self._migrate(self._connection())
+            except BaseException as exc:
                 self._closed = True
                 self._drop_connection()
-            raise
+                alive.close()
+                if isinstance(exc, psycopg.Error):
+                    raise StoreError(f"cannot prepare store schema ({type(exc).__name__})",
+                                     location=self.location) from exc
+                raise
         # The thread holds the store weakly: a store dropped without close() is
         # collected as before, and its thread then closes the lock's connection.
         self._alive_thread = threading.Thread(
@@ -601,6 +622,10 @@ class PostgresStore:
                 connect_timeout=min(LIVENESS_CONNECT_SECONDS,
                                     max(1, round(self._connect_timeout))),
                 application_name=f"ws-fhir-bridge {self.worker_id}"[:63])
+        except psycopg.ProgrammingError as exc:
+            # libpq could not read the DSN: a configuration mistake, not an outage.
+            raise ConfigError(f"not a usable PostgreSQL connection string: {_dsn_problem(exc)}",
+                              location="store.dsn") from None
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {_connect_problem(exc)}",
                              location="store.dsn") from None
@@ -608,10 +633,17 @@ class PostgresStore:
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
             conn.execute("SELECT pg_advisory_lock_shared(hashtextextended(%s, 0))",
                          (self._lock_prefix() + self.worker_id,))
+            # The store is open: a restore refuses to replace it meanwhile.
+            row = conn.execute("SELECT pg_try_advisory_lock_shared(hashtextextended(%s, 0))",
+                               (_store_lock_name(self.schema),)).fetchone()
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"cannot take the worker's lock ({type(exc).__name__})",
                              location=self.location) from None
+        if row is None or not row[0]:
+            conn.close()
+            raise StoreError("a restore of this store is under way: start again when it is"
+                             " done", location=self.location)
         return conn
 
     def _look(self, conn: psycopg.Connection[Any]) -> float:
