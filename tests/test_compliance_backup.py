@@ -5,6 +5,8 @@ on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,10 @@ import pytest
 from compliance_support import another_claim, audit_entries, inbox_count, samples
 from ops_support import Site, bridge, make_site, serve, wait_for
 from pg_support import PGSchema, fresh_schema
+
+from bridge.config import load_config
+from bridge.errors import StoreError
+from bridge.ledger.sqlite import SQLiteStore, nobody_serving
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -132,3 +138,28 @@ def test_a_store_a_bridge_serves_is_not_restored_under_it(
     restored = bridge("store", "restore", "--config", str(site.hospital), str(backup))
     assert restored.returncode == 0, restored.stderr
     assert len(audit_entries(site.hospital, "consent.put")) == 1
+
+
+def test_a_store_a_command_has_open_is_not_restored_under_it(tmp_path: Path) -> None:
+    # Not only `bridge serve`: any process with the store open (a `bridge push` queueing
+    # claims, a script through the Python API) would go on writing to the file replaced
+    # under it, and what it reported as queued would be gone.
+    site, backup = _hospital_backed_up(tmp_path)
+    store = load_config(site.hospital).store.path
+    script = ("import sys; from bridge.ledger.sqlite import SQLiteStore;"
+              f" s = SQLiteStore({str(store)!r}); print('open', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+    finally:
+        holder.communicate("")
+    assert run.returncode != 0
+    assert "a bridge process has this store open: stop it first" in run.stderr
+    assert "Traceback" not in run.stderr
+    # And a store is not opened while a restore puts the copy in place.
+    with nobody_serving(store), pytest.raises(StoreError, match="a restore of this store"):
+        SQLiteStore(store)
+    assert bridge("store", "restore", "--config", str(site.hospital),
+                  str(backup)).returncode == 0

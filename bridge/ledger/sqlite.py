@@ -376,6 +376,9 @@ class SQLiteStore:
         self.sealer: Sealer = sealer or PlainSealer()
         self._lock = threading.Lock()
         self._dispatch_lock: int | None = None  # see hold_dispatch
+        # Held while the store is open: a restore refuses to replace the file meanwhile
+        # (see nobody_serving), and a store is not opened while one is under way.
+        self._open_lock: int | None = _hold_open(self.path)
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the module
             # never opens a transaction behind our back.
@@ -390,9 +393,13 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             self._migrate(conn)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store: {sqlite_problem(exc)}",
-                             location=str(self.path)) from exc
+        except BaseException as exc:
+            os.close(self._open_lock)
+            self._open_lock = None
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open store: {sqlite_problem(exc)}",
+                                 location=str(self.path)) from exc
+            raise
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -1244,6 +1251,9 @@ class SQLiteStore:
             if self._dispatch_lock is not None:
                 os.close(self._dispatch_lock)  # and with it the lock
                 self._dispatch_lock = None
+            if self._open_lock is not None:
+                os.close(self._open_lock)
+                self._open_lock = None
 
     def __enter__(self) -> Self:
         return self
@@ -1256,30 +1266,57 @@ class SQLiteStore:
 @contextmanager
 def nobody_serving(path: Path) -> Iterator[None]:
     """Hold the dispatch lock of the store at ``path`` alone for the duration (see
-    :meth:`SQLiteStore.hold_dispatch`), for what must not run while a bridge process
-    serves the store (putting a backup in its place). Raises :class:`StoreError` when a
-    process holds it; a process starting meanwhile waits, then fails."""
+    :meth:`SQLiteStore.hold_dispatch`), and the lock every open store shares, for what
+    must not run while a bridge process serves the store or has it open (putting a
+    backup in its place). Raises :class:`StoreError` naming which; a process starting
+    meanwhile waits, then fails, and a store opened meanwhile is refused."""
     fd, _where = _dispatch_lock_file(path)
+    opened, _ = _lock_file(path, ".open")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise StoreError("a bridge process is serving this store: stop it first",
                              location=str(path)) from None
+        try:
+            fcntl.flock(opened, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreError("a bridge process has this store open: stop it first",
+                             location=str(path)) from None
         yield
     finally:
+        os.close(opened)
         os.close(fd)
+
+
+def _hold_open(path: Path) -> int:
+    """The lock every open store of ``path`` shares, taken (see :func:`nobody_serving`)."""
+    fd, _where = _lock_file(path, ".open")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError("a restore of this store is under way: start again when it is"
+                         " done", location=str(path)) from None
+    return fd
 
 
 def _dispatch_lock_file(path: Path) -> tuple[int, Path]:
     """Open (creating it) the dispatch lock file of the store at ``path``: beside the
     file itself, where a symbolic link leads. The descriptor, and where it is."""
+    return _lock_file(path, ".dispatch")
+
+
+def _lock_file(path: Path, suffix: str) -> tuple[int, Path]:
+    """Open (creating it) the lock file ``suffix`` of the store at ``path`` (see
+    :func:`_dispatch_lock_file`)."""
     real = path.resolve()
-    where = real.with_name(real.name + ".dispatch")
+    where = real.with_name(real.name + suffix)
     try:
         return os.open(where, os.O_RDWR | os.O_CREAT, 0o600), where
     except OSError as exc:
-        raise StoreError(f"cannot open the dispatch lock ({exc.strerror})",
+        what = "dispatch lock" if suffix == ".dispatch" else "store's open lock"
+        raise StoreError(f"cannot open the {what} ({exc.strerror})",
                          location=str(where)) from None
 
 
