@@ -163,3 +163,19 @@ def test_a_store_a_command_has_open_is_not_restored_under_it(tmp_path: Path) -> 
         SQLiteStore(store)
     assert bridge("store", "restore", "--config", str(site.hospital),
                   str(backup)).returncode == 0
+
+
+def test_a_store_dropped_without_closing_lets_a_restore_go_once_collected(
+    tmp_path: Path,
+) -> None:
+    import gc
+
+    path = tmp_path / "bridge.sqlite"
+    store = SQLiteStore(path)
+    store.hold_dispatch()
+    with pytest.raises(StoreError, match="serving this store"), nobody_serving(path):
+        pass
+    del store
+    gc.collect()
+    with nobody_serving(path):  # its locks went with it
+        pass

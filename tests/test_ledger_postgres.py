@@ -466,3 +466,36 @@ def test_a_store_opened_during_a_restore_creates_nothing(pg: PGSchema) -> None:
         found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname=%s",
                              (pg.schema,)).fetchone()
     assert found is None  # the schema pg_restore is about to write was not made meanwhile
+
+
+def test_a_store_whose_sessions_ended_does_not_write_during_a_restore(pg: PGSchema) -> None:
+    from bridge.ledger.postgres import nobody_using
+
+    store = PostgresStore(pg.dsn, schema=pg.schema)
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as admin:
+            pids = [pid for (pid,) in admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name=%s",
+                (f"ws-fhir-bridge {store.worker_id}"[:63],))]
+            assert len(pids) == 2
+            # Only the lock's own session ends: the store's working session still
+            # holds the store's lock, and the restore is refused.
+            [lock_session] = [pid for (pid,) in admin.execute(
+                "SELECT pid FROM pg_locks WHERE locktype='advisory' AND pid = ANY(%s)"
+                " GROUP BY pid HAVING count(*) = 2", (pids,))]  # the worker's and the store's
+            admin.execute("SELECT pg_terminate_backend(%s)", (lock_session,))
+            with (pytest.raises(StoreError, match="has this store open"),
+                  nobody_using(pg.dsn, pg.schema)):
+                pass
+            # Every session of the store ends (a server restart): a restore may begin,
+            # and the store, connecting again, writes nothing while it runs.
+            for pid in pids:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with nobody_using(pg.dsn, pg.schema):
+            with pytest.raises(StoreError):  # the first call meets its ended session
+                store.append_audit(rec("test.write", "x"))
+            with pytest.raises(StoreError, match="a restore of this store is under way"):
+                store.append_audit(rec("test.write", "x"))
+        assert store.append_audit(rec("test.write", "x")).seq >= 1  # and after it, it does
+    finally:
+        store.close()

@@ -30,8 +30,9 @@ from bridge.ledger.audit import AuditRecord
 from bridge.ledger.errors import TransitionError
 from bridge.ledger.postgres import PostgresStore
 
-# The looks compare leases with the time of day: the rows here are claimed now.
-NOW = datetime.now(UTC)
+# The looks compare leases with the time of day: the rows here are queued and claimed
+# at the time of day too (never at a time fixed when the module loads: a lease taken
+# then may have run out by the time a test runs).
 LEASE = timedelta(minutes=2)
 LINK = "claims-out"
 GONE_AFTER = 1.0
@@ -51,8 +52,8 @@ def quick_looks(monkeypatch: pytest.MonkeyPatch) -> None:
 def _enqueue(store: PostgresStore, n: int) -> str:
     mid = f"urn:uuid:00000000-0000-0000-0000-{n:012d}"
     store.enqueue(message_id=mid, link=LINK, partner="insurer-b", payload=b'{"n":%d}' % n,
-                  digest=f"sha256:{n}", now=NOW,
-                  audit=AuditRecord(time=NOW, actor="hospital-a", action="message.enqueue",
+                  digest=f"sha256:{n}", now=(now := datetime.now(UTC)),
+                  audit=AuditRecord(time=now, actor="hospital-a", action="message.enqueue",
                                     subject=mid))
     return mid
 
@@ -134,8 +135,8 @@ def test_hand_offs_of_a_process_that_is_gone_go_again(pg_schema: PGSchema) -> No
     worker = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
     other = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
     try:
-        mid = accept(worker, "hospital-a", 1, now=NOW)
-        [[held]] = q.claim(worker, "claims-http", now=NOW, limit=10, lease=LEASE)
+        mid = accept(worker, "hospital-a", 1, now=datetime.now(UTC))
+        [[held]] = q.claim(worker, "claims-http", now=datetime.now(UTC), limit=10, lease=LEASE)
         assert held.row.message_id == mid
         with pg_schema.connect() as conn:
             assert conn.execute("SELECT claimed_by FROM handoff WHERE destination=%s",

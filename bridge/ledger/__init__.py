@@ -188,10 +188,12 @@ def recorded_migrations(config: StoreConfig) -> list[str]:
     return in_file(config.path)
 
 
-def open_store(config: StoreConfig, *, sealer: Sealer | None = None) -> Store:
+def open_store(config: StoreConfig, *, sealer: Sealer | None = None,
+               restoring: bool = False) -> Store:
     """Open the store ``config`` names: ``kind = "sqlite"`` (``path``) or
     ``kind = "postgresql"`` (``dsn``, ``schema``). Creates the file or schema if needed
-    and applies pending migrations. ``sealer`` seals health data at rest.
+    and applies pending migrations. ``sealer`` seals health data at rest. ``restoring``:
+    for a restore holding the store's locks alone (see :mod:`bridge.ledger.backup`).
     """
     from bridge.errors import BridgeError
     from bridge.ledger.seal import AESGCMSealer, load_kek
@@ -206,12 +208,13 @@ def open_store(config: StoreConfig, *, sealer: Sealer | None = None) -> Store:
             from bridge.ledger.postgres import PostgresStore
 
             assert config.dsn is not None  # StoreConfig refuses postgresql without a dsn
-            store = PostgresStore(config.dsn, schema=config.db_schema, sealer=sealer)
+            store = PostgresStore(config.dsn, schema=config.db_schema, sealer=sealer,
+                                  restoring=restoring)
         else:
             from bridge.ledger.sqlite import SQLiteStore
 
             config.path.parent.mkdir(parents=True, exist_ok=True)
-            store = SQLiteStore(config.path, sealer=sealer)
+            store = SQLiteStore(config.path, sealer=sealer, restoring=restoring)
         if isinstance(sealer, AESGCMSealer):
             try:
                 with store.transaction("load data keys") as tx:

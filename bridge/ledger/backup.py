@@ -26,6 +26,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,6 +127,19 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
     return Backup(directory, store_cfg.kind, taken, seq, head, digest)
 
 
+def _nobody_using(store_cfg: Any) -> AbstractContextManager[None]:
+    """The store's locks, held alone (refused while a bridge process has it open)."""
+    if store_cfg.kind == "sqlite":
+        from bridge.ledger.sqlite import nobody_serving
+
+        store_cfg.path.parent.mkdir(parents=True, exist_ok=True)
+        return nobody_serving(store_cfg.path)
+    from bridge.ledger.postgres import nobody_using
+
+    assert store_cfg.dsn is not None
+    return nobody_using(store_cfg.dsn, store_cfg.db_schema)
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     try:
@@ -166,12 +180,12 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
         raise StoreError("the backup copy does not match its manifest's digest",
                          location=str(copy))
     store_cfg = config.store
-    if store_cfg.kind == "sqlite":
-        from bridge.ledger.sqlite import nobody_serving
-
-        store_cfg.path.parent.mkdir(parents=True, exist_ok=True)
-        # A bridge serving the store would go on writing to the file replaced under it.
-        with nobody_serving(store_cfg.path):
+    # Put in place, checked and recorded while no bridge process has the store open
+    # and none can open it: a process would go on writing to what is replaced under it,
+    # and one starting before the restore is recorded would run on an unchecked store.
+    with _nobody_using(store_cfg):
+        if store_cfg.kind == "sqlite":
+            store_cfg.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = store_cfg.path.with_name(store_cfg.path.name + ".restoring")
             shutil.copyfile(copy, tmp)
             for suffix in ("-wal", "-shm"):
@@ -179,14 +193,10 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
                 if stale.exists():
                     stale.unlink()
             os.replace(tmp, store_cfg.path)
-    else:
-        assert store_cfg.dsn is not None
-        import psycopg
+        else:
+            assert store_cfg.dsn is not None
+            import psycopg
 
-        from bridge.ledger.postgres import nobody_using
-
-        # A bridge using the schema would go on writing to what is dropped under it.
-        with nobody_using(store_cfg.dsn, store_cfg.db_schema):
             with psycopg.connect(store_cfg.dsn, autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{store_cfg.db_schema}" CASCADE')
             run = subprocess.run(
@@ -194,23 +204,23 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
                  str(copy)],
                 capture_output=True, text=True, check=False,
             )
-        if run.returncode != 0:
-            raise RuntimeFailure(f"pg_restore failed: {run.stderr.strip()[:300]}",
-                                 location=f"{store_cfg.source}: store.dsn")
-    with open_store(store_cfg) as store:
-        report = store.verify_audit()
-        if not report.ok:
-            raise StoreError(f"the restored audit chain does not verify: {report.reason}",
-                             location=str(directory))
-        from bridge.compliance.operators import acting_operator
+            if run.returncode != 0:
+                raise RuntimeFailure(f"pg_restore failed: {run.stderr.strip()[:300]}",
+                                     location=f"{store_cfg.source}: store.dsn")
+        with open_store(store_cfg, restoring=True) as store:
+            report = store.verify_audit()
+            if not report.ok:
+                raise StoreError(f"the restored audit chain does not verify: {report.reason}",
+                                 location=str(directory))
+            from bridge.compliance.operators import acting_operator
 
-        record_restore(store, backup_taken=str(manifest["taken"]), audit=AuditRecord(
-            time=datetime.now(UTC), actor=config.controller.id, action="store.restore",
-            subject=f"backup:{manifest['taken']}", digest=f"sha256:{manifest['sha256']}",
-            detail=f"audit head at backup {manifest.get('audit_seq')}",
-            operator=acting_operator(),
-        ))
-        entries = report.count + 1
+            record_restore(store, backup_taken=str(manifest["taken"]), audit=AuditRecord(
+                time=datetime.now(UTC), actor=config.controller.id, action="store.restore",
+                subject=f"backup:{manifest['taken']}", digest=f"sha256:{manifest['sha256']}",
+                detail=f"audit head at backup {manifest.get('audit_seq')}",
+                operator=acting_operator(),
+            ))
+            entries = report.count + 1
     hooks = [hook(config) for hook in AFTER_RESTORE]
     return Restored(str(manifest["taken"]), entries, hooks)
 

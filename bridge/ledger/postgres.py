@@ -458,6 +458,16 @@ def _store_lock_name(schema: str) -> str:
     return f"ws-fhir-bridge store {schema}"
 
 
+_RESTORING = "a restore of this store is under way: start again when it is done"
+
+
+def _store_lock_taken(conn: psycopg.Connection[Any], schema: str) -> bool:
+    """Take the store's shared lock on ``conn``'s session; False when a restore holds it."""
+    row = conn.execute("SELECT pg_try_advisory_lock_shared(hashtextextended(%s, 0))",
+                       (_store_lock_name(schema),)).fetchone()
+    return row is not None and bool(row[0])
+
+
 @contextmanager
 def nobody_using(dsn: str, schema: str) -> Iterator[None]:
     """Hold the lock every open store of ``schema`` shares, alone, for the duration (for
@@ -508,8 +518,10 @@ def _keep_alive(store_ref: weakref.ref[PostgresStore], stop: threading.Event,
                 failing = False
         except Exception as exc:  # noqa: BLE001 - logged; the thread must go on
             if not failing:
+                # Our own errors name no values; a driver's may quote some: its class only.
+                why = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
                 log.warning("cannot hold the worker lock or look for workers that are gone"
-                            " (%s); trying again (%s)", type(exc).__name__, store.location)
+                            " (%s); trying again (%s)", why, store.location)
                 failing = True
             if conn is not None and (conn.broken or conn.closed):
                 conn.close()
@@ -533,8 +545,11 @@ class PostgresStore:
     dialect = "postgresql"
 
     def __init__(self, dsn: str, *, schema: str = "bridge", worker_id: str | None = None,
-                 connect_timeout: float = 10.0, sealer: Sealer | None = None) -> None:
-        """Connect and bring the schema up (creating it if needed)."""
+                 connect_timeout: float = 10.0, sealer: Sealer | None = None,
+                 restoring: bool = False) -> None:
+        """Connect and bring the schema up (creating it if needed). ``restoring``: opened
+        by a restore that holds the store's lock alone (see :func:`nobody_using`)."""
+        self._restoring = restoring
         self.sealer: Sealer = sealer or PlainSealer()
         if not re.match(SCHEMA_PATTERN, schema):
             raise StoreError("schema name must match " + SCHEMA_PATTERN,
@@ -603,10 +618,16 @@ class PostgresStore:
             # Durability must not depend on the server's default: a commit returns only
             # once it is flushed, so the caller may acknowledge after it.
             conn.execute("SET synchronous_commit TO on")
+            # Every session that writes holds the store's lock: a restore holding it
+            # alone (its own store aside) is never written to (see nobody_using).
+            refused = not self._restoring and not _store_lock_taken(conn, self.schema)
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"cannot set up the session ({type(exc).__name__})",
                              location=self.location) from exc
+        if refused:
+            conn.close()
+            raise StoreError(_RESTORING, location=self.location)
         self._conn = conn
         return conn
 
@@ -634,16 +655,14 @@ class PostgresStore:
             conn.execute("SELECT pg_advisory_lock_shared(hashtextextended(%s, 0))",
                          (self._lock_prefix() + self.worker_id,))
             # The store is open: a restore refuses to replace it meanwhile.
-            row = conn.execute("SELECT pg_try_advisory_lock_shared(hashtextextended(%s, 0))",
-                               (_store_lock_name(self.schema),)).fetchone()
+            refused = not self._restoring and not _store_lock_taken(conn, self.schema)
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"cannot take the worker's lock ({type(exc).__name__})",
                              location=self.location) from None
-        if row is None or not row[0]:
+        if refused:
             conn.close()
-            raise StoreError("a restore of this store is under way: start again when it is"
-                             " done", location=self.location)
+            raise StoreError(_RESTORING, location=self.location)
         return conn
 
     def _look(self, conn: psycopg.Connection[Any]) -> float:

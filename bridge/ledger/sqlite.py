@@ -33,6 +33,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -370,15 +371,20 @@ class SQLiteStore:
     dialect = "sqlite"
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 5.0,
-                 sealer: Sealer | None = None) -> None:
-        """Open (creating if needed) the store at ``path`` and bring its schema up."""
+                 sealer: Sealer | None = None, restoring: bool = False) -> None:
+        """Open (creating if needed) the store at ``path`` and bring its schema up.
+
+        ``restoring``: opened by a restore that holds the store's locks alone (see
+        :func:`nobody_serving`), to check and record what it put in place."""
         self.path = Path(path)
         self.sealer: Sealer = sealer or PlainSealer()
         self._lock = threading.Lock()
         self._dispatch_lock: int | None = None  # see hold_dispatch
         # Held while the store is open: a restore refuses to replace the file meanwhile
-        # (see nobody_serving), and a store is not opened while one is under way.
-        self._open_lock: int | None = _hold_open(self.path)
+        # (see nobody_serving), and a store is not opened while one is under way. A
+        # store dropped without close() lets go of it when it is collected.
+        self._open_lock: int | None = None if restoring else _hold_open(self.path)
+        self._let_go = weakref.finalize(self, _close_fds, [self._open_lock])
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the module
             # never opens a transaction behind our back.
@@ -394,7 +400,7 @@ class SQLiteStore:
             conn.execute("PRAGMA foreign_keys=ON")
             self._migrate(conn)
         except BaseException as exc:
-            os.close(self._open_lock)
+            self._let_go()
             self._open_lock = None
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot open store: {sqlite_problem(exc)}",
@@ -1213,6 +1219,8 @@ class SQLiteStore:
                 return None
             fd, where = _dispatch_lock_file(self.path)
             self._dispatch_lock = fd
+            self._let_go.detach()
+            self._let_go = weakref.finalize(self, _close_fds, [self._open_lock, fd])
         alone = False
         if when_alone is not None:
             try:
@@ -1234,8 +1242,11 @@ class SQLiteStore:
                 except OSError:
                     if time.monotonic() >= deadline:
                         with self._lock:  # not marked: a later call tries again
+                            self._let_go.detach()
                             os.close(fd)
                             self._dispatch_lock = None
+                            self._let_go = weakref.finalize(self, _close_fds,
+                                                            [self._open_lock])
                         raise StoreError(
                             "another process has held the dispatch lock alone for over "
                             f"{DISPATCH_LOCK_WAIT:.0f} seconds (stopped or hung while "
@@ -1248,12 +1259,10 @@ class SQLiteStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            if self._dispatch_lock is not None:
-                os.close(self._dispatch_lock)  # and with it the lock
-                self._dispatch_lock = None
-            if self._open_lock is not None:
-                os.close(self._open_lock)
-                self._open_lock = None
+            # The lock files, and with them the locks.
+            self._let_go()
+            self._dispatch_lock = None
+            self._open_lock = None
 
     def __enter__(self) -> Self:
         return self
@@ -1287,6 +1296,12 @@ def nobody_serving(path: Path) -> Iterator[None]:
     finally:
         os.close(opened)
         os.close(fd)
+
+
+def _close_fds(fds: list[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 def _hold_open(path: Path) -> int:
