@@ -696,3 +696,22 @@ def test_backlog_summaries_and_sync_bookkeeping_on_both_engines(store: Store) ->
     entry = next(e for e in store.audit_entries() if e.seq == found["urn:uuid:5"].audit_seq)
     assert entry.record.subject == "urn:uuid:5" and found["urn:uuid:5"].audit_hash == entry.hash
     assert held(store, "clinic-c", ["urn:uuid:1"]) == {}
+
+
+def test_only_the_sender_holding_a_claim_now_settles_it(backend: Backend) -> None:
+    # Two processes on one store: the first one's lease ran out and the other took the
+    # claim. The first one's late answer is not recorded over it.
+    with backend.open() as first, backend.open() as other:
+        enqueue(first, "m1")
+        [row] = first.claim_due("a-to-b", now=T0, lease=timedelta(seconds=1))
+        later = T0 + timedelta(seconds=2)
+        [again] = other.claim_due("a-to-b", now=later, lease=timedelta(minutes=2))
+        assert (row.message_id, again.message_id, again.fate_unknown) == ("m1", "m1", True)
+        with pytest.raises(TransitionError, match="another sender holds this claim"):
+            first.mark_acked("m1", receipt=b"{}", now=later, audit=rec("claim.ack", "m1", later))
+        with pytest.raises(TransitionError, match="another sender holds this claim"):
+            first.mark_retry("m1", next_attempt=later, error="timeout", now=later,
+                             audit=rec("claim.retry", "m1", later))
+        assert first.get_outbox("m1").state == OutboxState.SENDING  # nothing recorded
+        done = other.mark_acked("m1", receipt=b"{}", now=later, audit=rec("claim.ack", "m1", later))
+        assert done.state == OutboxState.ACKED

@@ -27,7 +27,6 @@ from bridge.errors import StoreError
 from bridge.ledger import handoff as q
 from bridge.ledger import postgres
 from bridge.ledger.audit import AuditRecord
-from bridge.ledger.errors import TransitionError
 from bridge.ledger.postgres import PostgresStore
 
 # The looks compare leases with the time of day: the rows here are queued and claimed
@@ -271,30 +270,3 @@ def test_a_look_held_up_by_a_lock_does_not_count_the_time_it_waited(
         sender.close()
         looker.close()
 
-
-def test_a_sender_whose_claim_another_holds_now_cannot_settle_it(pg_schema: PGSchema) -> None:
-    # The first sender's lease ran out (or ended, the sender seeming gone) and the
-    # other took the claim: the first one's late answer is not recorded over it.
-    first = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
-    other = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
-    try:
-        mid = _enqueue(first, 1)
-        start = datetime.now(UTC)
-        [row] = first.claim_due(LINK, now=start, lease=timedelta(seconds=1))
-        later = start + timedelta(seconds=2)
-        [again] = other.claim_due(LINK, now=later, lease=LEASE)
-        assert (row.message_id, again.message_id) == (mid, mid)
-
-        def audit(action: str) -> AuditRecord:
-            return AuditRecord(time=later, actor="hospital-a", action=action, subject=mid)
-
-        with pytest.raises(TransitionError, match="another sender holds this claim"):
-            first.mark_acked(mid, receipt=b"{}", now=later, audit=audit("message.ack"))
-        with pytest.raises(TransitionError, match="another sender holds this claim"):
-            first.mark_retry(mid, next_attempt=later, error="timeout", now=later,
-                             audit=audit("message.retry"))
-        assert other.mark_acked(mid, receipt=b"{}", now=later,
-                                audit=audit("message.ack")).state.value == "acked"
-    finally:
-        first.close()
-        other.close()

@@ -40,6 +40,9 @@ class Store(Protocol):
 
     dialect: str
     sealer: Sealer
+    #: Names this store instance in ``outbox.claimed_by`` (and, on PostgreSQL,
+    #: ``handoff.claimed_by``) of what it is sending.
+    worker_id: str
 
     # tables added by migrations
     def transaction(self, what: str, *, durable: bool = True) -> AbstractContextManager[Tx]: ...

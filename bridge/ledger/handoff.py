@@ -133,7 +133,7 @@ def claim(
     lines: list[list[HandoffRow]] = []
     # PostgreSQL names the worker, whose leases end early when it is gone (see
     # bridge.ledger.postgres); on SQLite a lock file beside the store tells that.
-    worker = getattr(store, "worker_id", None)
+    worker = store.worker_id if store.dialect == "postgresql" else None
     claimer = ", claimed_by=?" if worker is not None else ""
     with store.transaction("handoff_claim", durable=False) as tx:
         heads = tx.all(

@@ -489,6 +489,15 @@ CREATE INDEX IF NOT EXISTS outbox_sending ON outbox (claimed_by) WHERE state = '
 CREATE INDEX IF NOT EXISTS handoff_sending ON handoff (claimed_by) WHERE state = 'sending';
 """,
     ),
+    # SQLite: the process sending a claim, as PostgreSQL has recorded from the start, so
+    # that only the sender holding a claim now records its outcome (two processes on one
+    # file, one lease run out).
+    Migration(
+        name="1505-outbox-claimer-sqlite",
+        sqlite="ALTER TABLE outbox ADD COLUMN claimed_by TEXT;",
+        postgres="",
+        sqlite_done_if="SELECT 1 FROM pragma_table_info('outbox') WHERE name = 'claimed_by'",
+    ),
 )
 
 

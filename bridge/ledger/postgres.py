@@ -111,12 +111,9 @@ uses none of it.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import socket
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -142,7 +139,15 @@ from bridge.ledger.errors import TransitionError, UnknownMessage
 from bridge.ledger.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL
 from bridge.ledger.portable import Tx
 from bridge.ledger.seal import PlainSealer, Sealer
-from bridge.ledger.sqlite import ConsentRow, HL7InboxRow, InboxRow, Opener, OutboxRow, _as_is
+from bridge.ledger.sqlite import (
+    ConsentRow,
+    HL7InboxRow,
+    InboxRow,
+    Opener,
+    OutboxRow,
+    _as_is,
+    default_worker_id,
+)
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
 from bridge.ledger.tree import cache_of
 
@@ -486,11 +491,6 @@ def nobody_using(dsn: str, schema: str) -> Iterator[None]:
             raise StoreError("a bridge process has this store open: stop it first",
                              location=f"postgresql schema {schema}")
         yield
-
-
-def default_worker_id() -> str:
-    """``host:pid:random`` — unique per store instance, readable in ``pg_stat_activity``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def _keep_alive(store_ref: weakref.ref[PostgresStore], stop: threading.Event,

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -378,6 +380,8 @@ class SQLiteStore:
         :func:`nobody_serving`), to check and record what it put in place."""
         self.path = Path(path)
         self.sealer: Sealer = sealer or PlainSealer()
+        #: Names this store in ``outbox.claimed_by`` of the claims it sends.
+        self.worker_id = default_worker_id()
         self._lock = threading.Lock()
         self._dispatch_lock: int | None = None  # see hold_dispatch
         # Held while the store is open: a restore refuses to replace the file meanwhile
@@ -640,8 +644,15 @@ class SQLiteStore:
         if cols.get("receipt") is not None:
             cols["receipt"] = self._seal(cols["receipt"], "outbox.receipt")
         assignments = ", ".join(f"{c}=?" for c in cols)
-        conn.execute(f"UPDATE outbox SET {assignments} WHERE message_id=?",
-                     (*cols.values(), message_id))
+        # A row being sent that another sender holds now (this one's lease ran out and
+        # the other took it) is that sender's to settle.
+        changed = conn.execute(
+            f"UPDATE outbox SET {assignments} WHERE message_id=? AND (state<>'sending'"
+            " OR claimed_by IS NULL OR claimed_by=?)",
+            (*cols.values(), message_id, self.worker_id)).rowcount
+        if not changed:
+            raise TransitionError(f"{what}: another sender holds this claim now",
+                                  location=f"outbox[{message_id}].claimed_by")
         if audit is not None:
             self._append(conn, audit, proof=False)
         # The row as it now stands is the row read above with these columns written
@@ -762,13 +773,14 @@ class SQLiteStore:
                 " AND lease_until<=? ORDER BY seq LIMIT ?", (link, t, limit)).fetchall()
             chosen = sorted(due)[:limit]
             ids = [m for _seq, m, _reclaim in chosen]
+            me = self.worker_id
             conn.executemany(
                 "UPDATE outbox SET state='sending', attempts=attempts+1, lease_until=?,"
-                " updated=? WHERE message_id=?",
-                [(until, t, m) for _seq, m, reclaim in chosen if not reclaim])
+                " updated=?, claimed_by=? WHERE message_id=?",
+                [(until, t, me, m) for _seq, m, reclaim in chosen if not reclaim])
             conn.executemany(
-                "UPDATE outbox SET lease_until=?, updated=?, fate_unknown=1 WHERE message_id=?",
-                [(until, t, m) for _seq, m, reclaim in chosen if reclaim])
+                "UPDATE outbox SET lease_until=?, updated=?, fate_unknown=1, claimed_by=?"
+                " WHERE message_id=?", [(until, t, me, m) for _seq, m, reclaim in chosen if reclaim])
             rows = [self._get_outbox(conn, m) for m in ids]
             return [r for r in rows if r is not None]
 
@@ -1296,6 +1308,12 @@ def nobody_serving(path: Path) -> Iterator[None]:
     finally:
         os.close(opened)
         os.close(fd)
+
+
+def default_worker_id() -> str:
+    """``host:pid:random``: unique per store instance (``outbox.claimed_by``; on
+    PostgreSQL also readable in ``pg_stat_activity``)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def _close_fds(fds: list[int | None]) -> None:
