@@ -52,8 +52,9 @@ def release_orphaned(store: Store, *, now: datetime) -> tuple[int, int]:
     (a crash, ``kill -9``), and waiting for its lease to run out would only delay it.
     Each is taken again as after its lease ran out: a claim with its fate unknown (it
     may have reached the partner, who deduplicates it), a hand-off as a new attempt.
-    Its lease no longer being the one it was claimed under, the process that claimed it
-    could not settle it any more either."""
+    The process that claimed it is gone (``hold_dispatch`` says so); and once another
+    claims it, a late answer from the first would not be recorded anyway (a claim names
+    its sender in ``claimed_by``, a hand-off is settled under its lease)."""
     with store.transaction("release_orphaned", durable=False) as tx:
         t = _when(tx, now)
         claims = tx.execute(
