@@ -179,3 +179,25 @@ def test_a_store_dropped_without_closing_lets_a_restore_go_once_collected(
     gc.collect()
     with nobody_serving(path):  # its locks went with it
         pass
+
+
+def test_no_backup_is_taken_while_a_restore_puts_a_copy_in_place(
+    tmp_path: Path, store_kind: PGSchema | None
+) -> None:
+    # What a backup would copy then is the store being replaced: it is refused, writes
+    # nothing to its folder, and can be taken again once the restore is done.
+    from bridge.ledger.postgres import nobody_using
+
+    site, _backup = _hospital_backed_up(tmp_path, store_kind)
+    cfg = load_config(site.hospital).store
+    again = tmp_path / "again"
+    restoring = (nobody_serving(cfg.path) if store_kind is None
+                 else nobody_using(store_kind.dsn, store_kind.schema))
+    with restoring:
+        run = bridge("store", "backup", "--config", str(site.hospital), str(again))
+    assert run.returncode != 0
+    assert "a restore of this store is under way" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not any(again.iterdir())
+    assert bridge("store", "backup", "--config", str(site.hospital),
+                  str(again)).returncode == 0

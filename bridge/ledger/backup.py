@@ -86,14 +86,19 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
     if store_cfg.kind == "sqlite":
         if not store_cfg.path.exists():
             raise NotFound("no store at this path yet", location=str(store_cfg.path))
-        target = _private_file(directory / SQLITE_FILE)
-        source = sqlite3.connect(f"file:{store_cfg.path}?mode=ro", uri=True, timeout=30)
-        dest = sqlite3.connect(target)
-        try:
-            source.backup(dest, pages=1024)
-        finally:
-            dest.close()
-            source.close()
+        from bridge.ledger.sqlite import in_use
+
+        # Not while a restore puts a copy in place: that would be what is copied (and
+        # nothing is written to the folder then, so the backup can be taken again).
+        with in_use(store_cfg.path):
+            target = _private_file(directory / SQLITE_FILE)
+            source = sqlite3.connect(f"file:{store_cfg.path}?mode=ro", uri=True, timeout=30)
+            dest = sqlite3.connect(target)
+            try:
+                source.backup(dest, pages=1024)
+            finally:
+                dest.close()
+                source.close()
         snapshot = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
         try:
             row = snapshot.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -103,13 +108,16 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
             snapshot.close()
         seq, head = (int(row[0]), str(row[1])) if row else (0, "0" * 64)
     else:
-        target = _private_file(directory / PG_FILE)
+        from bridge.ledger.postgres import in_use as schema_in_use
+
         assert store_cfg.dsn is not None
-        run = subprocess.run(
-            ["pg_dump", "--format=custom", "--no-owner", f"--schema={store_cfg.db_schema}",
-             f"--file={target}", f"--dbname={store_cfg.dsn}"],
-            capture_output=True, text=True, check=False,
-        )
+        with schema_in_use(store_cfg.dsn, store_cfg.db_schema):  # not during a restore
+            target = _private_file(directory / PG_FILE)
+            run = subprocess.run(
+                ["pg_dump", "--format=custom", "--no-owner", f"--schema={store_cfg.db_schema}",
+                 f"--file={target}", f"--dbname={store_cfg.dsn}"],
+                capture_output=True, text=True, check=False,
+            )
         if run.returncode != 0:
             raise RuntimeFailure(f"pg_dump failed: {run.stderr.strip()[:300]}",
                                  location=f"{store_cfg.source}: store.dsn")

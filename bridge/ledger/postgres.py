@@ -473,18 +473,33 @@ def _store_lock_taken(conn: psycopg.Connection[Any], schema: str) -> bool:
     return row is not None and bool(row[0])
 
 
+def _lock_session(dsn: str) -> psycopg.Connection[Any]:
+    """A session of its own for a lock held over a restore or a backup (see below)."""
+    try:
+        return psycopg.connect(_with_network_defaults(dsn), autocommit=True)
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to PostgreSQL: {_connect_problem(exc)}",
+                         location="store.dsn") from None
+
+
+@contextmanager
+def in_use(dsn: str, schema: str) -> Iterator[None]:
+    """Hold the lock every open store of ``schema`` shares, for the duration (for what
+    reads the schema without opening a store: ``pg_dump``). Refused while a restore is
+    under way (see :func:`nobody_using`)."""
+    with _lock_session(dsn) as conn:
+        if not _store_lock_taken(conn, schema):
+            raise StoreError(_RESTORING, location=f"postgresql schema {schema}")
+        yield
+
+
 @contextmanager
 def nobody_using(dsn: str, schema: str) -> Iterator[None]:
     """Hold the lock every open store of ``schema`` shares, alone, for the duration (for
     what must not run while a bridge process uses the store: putting a backup in its
     place). Raises :class:`StoreError` when a process has the store open; a store opened
     meanwhile is refused."""
-    try:
-        conn = psycopg.connect(_with_network_defaults(dsn), autocommit=True)
-    except psycopg.Error as exc:
-        raise StoreError(f"cannot connect to PostgreSQL: {_connect_problem(exc)}",
-                         location="store.dsn") from None
-    with conn:
+    with _lock_session(dsn) as conn:
         row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
                            (_store_lock_name(schema),)).fetchone()
         if row is None or not row[0]:

@@ -1322,6 +1322,18 @@ def _close_fds(fds: list[int | None]) -> None:
             os.close(fd)
 
 
+@contextmanager
+def in_use(path: Path) -> Iterator[None]:
+    """Hold the lock every open store of ``path`` shares, for the duration (for what
+    reads the file without opening a store: a backup). Refused while a restore is under
+    way (see :func:`nobody_serving`)."""
+    fd = _hold_open(path)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def _hold_open(path: Path) -> int:
     """The lock every open store of ``path`` shares, taken (see :func:`nobody_serving`)."""
     fd, _where = _lock_file(path, ".open")
