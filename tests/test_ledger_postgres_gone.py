@@ -86,14 +86,32 @@ def _backends(pg: PGSchema, worker: str) -> set[int]:
             (f"ws-fhir-bridge {worker}"[:63],))}
 
 
+def _end_sessions(pg: PGSchema, store: PostgresStore) -> set[int]:
+    """End every session of ``store`` from the server's side; which they were."""
+    ended = _backends(pg, store.worker_id)
+    with pg.connect() as admin:
+        for pid in ended:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    return ended
+
+
+def _sending_and_looking(
+    pg: PGSchema, claims: int = 2
+) -> tuple[PostgresStore, PostgresStore, list[str]]:
+    """Two processes: one holding ``claims`` claims it is sending, one looking; and the
+    claims."""
+    sender = PostgresStore(pg.dsn, schema=pg.schema)
+    looker = PostgresStore(pg.dsn, schema=pg.schema)
+    ids = [_enqueue(sender, n) for n in range(1, claims + 1)]
+    assert _claim(sender) == ids
+    return sender, looker, ids
+
+
 def test_claims_of_a_process_that_is_gone_are_taken_up_with_their_fate_unknown(
     pg_schema: PGSchema,
 ) -> None:
-    sender = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
-    other = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
+    sender, other, ids = _sending_and_looking(pg_schema, claims=3)
     try:
-        ids = [_enqueue(sender, n) for n in range(1, 4)]
-        assert _claim(sender) == ids
         # While its sender lives, its leases stand, however long the other looks.
         assert _claimed_within(other, GONE_AFTER * 4) == []
         sender.close()  # its session ends, as a killed process's does
@@ -109,18 +127,12 @@ def test_claims_of_a_process_that_is_gone_are_taken_up_with_their_fate_unknown(
 def test_a_live_process_whose_session_ends_keeps_its_leases_without_a_call(
     pg_schema: PGSchema,
 ) -> None:
-    sender = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
-    other = PostgresStore(pg_schema.dsn, schema=pg_schema.schema)
+    sender, other, _ids = _sending_and_looking(pg_schema)
     try:
-        ids = [_enqueue(sender, n) for n in range(1, 3)]
-        assert _claim(sender) == ids
         # The server ends every session of the sender (a restart ends every one). The
         # sender then makes no call at all, as a dispatcher waiting on its sends does.
-        before = _backends(pg_schema, sender.worker_id)
+        before = _end_sessions(pg_schema, sender)
         assert len(before) == 2  # its store's connection and the one holding its lock
-        with pg_schema.connect() as admin:
-            for pid in before:
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         assert _claimed_within(other, GONE_AFTER * 4) == []
         # Its lock is held again, on a session of its own opened meanwhile.
         assert _backends(pg_schema, sender.worker_id) - before
@@ -199,24 +211,9 @@ def _down_until(store: PostgresStore, up: threading.Event) -> None:
     store._liveness_connection = refused  # type: ignore[method-assign]
 
 
-def _end_sessions(pg: PGSchema, store: PostgresStore) -> None:
-    with pg.connect() as admin:
-        for pid in _backends(pg, store.worker_id):
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-
-
 def _leases_running(pg: PGSchema) -> bool:
     with pg.connect() as conn:
         return all(r for (r,) in conn.execute("SELECT lease_until > now() FROM outbox"))
-
-
-def _sending_and_looking(pg: PGSchema) -> tuple[PostgresStore, PostgresStore]:
-    """Two processes: one holding claims it is sending, one looking."""
-    sender = PostgresStore(pg.dsn, schema=pg.schema)
-    looker = PostgresStore(pg.dsn, schema=pg.schema)
-    ids = [_enqueue(sender, n) for n in range(1, 3)]
-    assert _claim(sender) == ids
-    return sender, looker
 
 
 def test_what_was_seen_before_an_outage_does_not_count_after_it(
@@ -225,7 +222,7 @@ def test_what_was_seen_before_an_outage_does_not_count_after_it(
     # A server restart ends the sessions one after another: the looker saw the sender
     # missing just before its own session ended, and comes back first.
     monkeypatch.setattr(postgres, "GONE_AFTER_SECONDS", 2.0)
-    sender, looker = _sending_and_looking(pg_schema)
+    sender, looker, _ids = _sending_and_looking(pg_schema)
     try:
         sender_up, looker_up = threading.Event(), threading.Event()
         _down_until(sender, sender_up)
@@ -251,7 +248,7 @@ def test_a_look_held_up_by_a_lock_does_not_count_the_time_it_waited(
     pg_schema: PGSchema, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(postgres, "GONE_AFTER_SECONDS", 2.0)
-    sender, looker = _sending_and_looking(pg_schema)
+    sender, looker, _ids = _sending_and_looking(pg_schema)
     try:
         up = threading.Event()
         _down_until(sender, up)

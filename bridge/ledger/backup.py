@@ -193,7 +193,6 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
     # and one starting before the restore is recorded would run on an unchecked store.
     with _nobody_using(store_cfg):
         if store_cfg.kind == "sqlite":
-            store_cfg.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = store_cfg.path.with_name(store_cfg.path.name + ".restoring")
             shutil.copyfile(copy, tmp)
             for suffix in ("-wal", "-shm"):

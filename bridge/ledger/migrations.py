@@ -476,10 +476,10 @@ ALTER TABLE outbox DROP COLUMN payload;
                        " (SELECT 1 FROM pragma_table_info('outbox') WHERE name = 'payload')",
     ),
     # PostgreSQL: the process handing a claim over, as outbox.claimed_by names the one
-    # sending a claim, and the rows being sent, indexed by their worker, so that a claim
-    # round finds those of a process that is gone without reading the whole table
-    # (bridge.ledger.postgres, take_up_gone). One SQLite file is served by processes
-    # on one host, which a lock file beside it tells apart: SQLite records nothing.
+    # sending a claim, and the rows being sent, indexed by their worker, so that a
+    # store's liveness look finds those of a process that is gone without reading the
+    # whole table (bridge.ledger.postgres, PostgresStore._look). On SQLite a lock file
+    # beside the store tells whether the processes that sent are gone: nothing here.
     Migration(
         name="1504-claimer-liveness",
         sqlite="",

@@ -473,10 +473,22 @@ def _store_lock_taken(conn: psycopg.Connection[Any], schema: str) -> bool:
     return row is not None and bool(row[0])
 
 
-def _lock_session(dsn: str) -> psycopg.Connection[Any]:
-    """A session of its own for a lock held over a restore or a backup (see below)."""
+def _connect(dsn: str, *, timeout: float | None = None,
+             name: str | None = None) -> psycopg.Connection[Any]:
+    """A new session in autocommit mode (``name``: its ``application_name``). A DSN
+    libpq cannot read is a :class:`ConfigError`, a failed connection a
+    :class:`StoreError` with libpq's reason; neither repeats the DSN."""
+    options: dict[str, Any] = {}
+    if timeout is not None:
+        options["connect_timeout"] = max(1, round(timeout))
+    if name is not None:
+        options["application_name"] = name[:63]
     try:
-        return psycopg.connect(_with_network_defaults(dsn), autocommit=True)
+        return psycopg.connect(_with_network_defaults(dsn), autocommit=True, **options)
+    except psycopg.ProgrammingError as exc:
+        # libpq could not read the DSN: a configuration mistake, not an outage.
+        raise ConfigError(f"not a usable PostgreSQL connection string: {_dsn_problem(exc)}",
+                          location="store.dsn") from None
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to PostgreSQL: {_connect_problem(exc)}",
                          location="store.dsn") from None
@@ -487,7 +499,7 @@ def in_use(dsn: str, schema: str) -> Iterator[None]:
     """Hold the lock every open store of ``schema`` shares, for the duration (for what
     reads the schema without opening a store: ``pg_dump``). Refused while a restore is
     under way (see :func:`nobody_using`)."""
-    with _lock_session(dsn) as conn:
+    with _connect(dsn) as conn:
         if not _store_lock_taken(conn, schema):
             raise StoreError(_RESTORING, location=f"postgresql schema {schema}")
         yield
@@ -499,7 +511,7 @@ def nobody_using(dsn: str, schema: str) -> Iterator[None]:
     what must not run while a bridge process uses the store: putting a backup in its
     place). Raises :class:`StoreError` when a process has the store open; a store opened
     meanwhile is refused."""
-    with _lock_session(dsn) as conn:
+    with _connect(dsn) as conn:
         row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
                            (_store_lock_name(schema),)).fetchone()
         if row is None or not row[0]:
@@ -615,36 +627,12 @@ class PostgresStore:
         if conn is not None and not conn.closed and not conn.broken:
             return conn
         self._drop_connection()
-        try:
-            conn = psycopg.connect(
-                _with_network_defaults(self.dsn), autocommit=True, connect_timeout=max(1, round(self._connect_timeout)),
-                application_name=f"ws-fhir-bridge {self.worker_id}"[:63],
-            )
-        except psycopg.ProgrammingError as exc:
-            # libpq could not read the DSN: a configuration mistake, not an outage.
-            raise ConfigError(f"not a usable PostgreSQL connection string: {_dsn_problem(exc)}",
-                              location="store.dsn") from None
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to PostgreSQL: {_connect_problem(exc)}",
-                             location="store.dsn") from None
-        try:
-            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
-            conn.execute("SET TIME ZONE 'UTC'")
-            # Durability must not depend on the server's default: a commit returns only
-            # once it is flushed, so the caller may acknowledge after it.
-            conn.execute("SET synchronous_commit TO on")
-            # Every session that writes holds the store's lock: a restore holding it
-            # alone (its own store aside) is never written to (see nobody_using).
-            refused = not self._restoring and not _store_lock_taken(conn, self.schema)
-        except psycopg.Error as exc:
-            conn.close()
-            raise StoreError(f"cannot set up the session ({type(exc).__name__})",
-                             location=self.location) from exc
-        if refused:
-            conn.close()
-            raise StoreError(_RESTORING, location=self.location)
-        self._conn = conn
-        return conn
+        # Durability must not depend on the server's default: a commit returns only once
+        # it is flushed, so the caller may acknowledge after it.
+        self._conn = self._session(
+            self._connect_timeout, ("SET TIME ZONE 'UTC'", ()),
+            ("SET synchronous_commit TO on", ()), failing="cannot set up the session")
+        return self._conn
 
     def _lock_prefix(self) -> str:
         """What a worker id is prefixed with to name its lock (see the module docstring)."""
@@ -652,28 +640,27 @@ class PostgresStore:
 
     def _liveness_connection(self) -> psycopg.Connection[Any]:
         """A connection holding this worker's lock (see the module docstring)."""
-        try:
-            conn = psycopg.connect(
-                _with_network_defaults(self.dsn), autocommit=True,
-                connect_timeout=min(LIVENESS_CONNECT_SECONDS,
-                                    max(1, round(self._connect_timeout))),
-                application_name=f"ws-fhir-bridge {self.worker_id}"[:63])
-        except psycopg.ProgrammingError as exc:
-            # libpq could not read the DSN: a configuration mistake, not an outage.
-            raise ConfigError(f"not a usable PostgreSQL connection string: {_dsn_problem(exc)}",
-                              location="store.dsn") from None
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to PostgreSQL: {_connect_problem(exc)}",
-                             location="store.dsn") from None
+        return self._session(
+            min(LIVENESS_CONNECT_SECONDS, self._connect_timeout),
+            ("SELECT pg_advisory_lock_shared(hashtextextended(%s, 0))",
+             (self._lock_prefix() + self.worker_id,)),
+            failing="cannot take the worker's lock")
+
+    def _session(self, timeout: float, *statements: tuple[str, tuple[Any, ...]],
+                 failing: str) -> psycopg.Connection[Any]:
+        """A new session of this store on its schema, set up by ``statements``, holding
+        the store's lock (every session that writes holds it: a restore holding it
+        alone is never written to, see :func:`nobody_using`; the restore's own store
+        aside). ``failing`` says what went wrong when a statement fails."""
+        conn = _connect(self.dsn, timeout=timeout, name=f"ws-fhir-bridge {self.worker_id}")
         try:
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
-            conn.execute("SELECT pg_advisory_lock_shared(hashtextextended(%s, 0))",
-                         (self._lock_prefix() + self.worker_id,))
-            # The store is open: a restore refuses to replace it meanwhile.
+            for statement, params in statements:
+                conn.execute(statement, params)
             refused = not self._restoring and not _store_lock_taken(conn, self.schema)
         except psycopg.Error as exc:
             conn.close()
-            raise StoreError(f"cannot take the worker's lock ({type(exc).__name__})",
+            raise StoreError(f"{failing} ({type(exc).__name__})",
                              location=self.location) from None
         if refused:
             conn.close()

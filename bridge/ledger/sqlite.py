@@ -387,8 +387,8 @@ class SQLiteStore:
         # Held while the store is open: a restore refuses to replace the file meanwhile
         # (see nobody_serving), and a store is not opened while one is under way. A
         # store dropped without close() lets go of it when it is collected.
-        self._open_lock: int | None = None if restoring else _hold_open(self.path)
-        self._let_go = weakref.finalize(self, _close_fds, [self._open_lock])
+        self._lock_files: list[int] = [] if restoring else [_hold_open(self.path)]
+        self._let_go = weakref.finalize(self, _close_fds, self._lock_files)
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the module
             # never opens a transaction behind our back.
@@ -405,7 +405,6 @@ class SQLiteStore:
             self._migrate(conn)
         except BaseException as exc:
             self._let_go()
-            self._open_lock = None
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot open store: {sqlite_problem(exc)}",
                                  location=str(self.path)) from exc
@@ -1231,8 +1230,7 @@ class SQLiteStore:
                 return None
             fd, where = _dispatch_lock_file(self.path)
             self._dispatch_lock = fd
-            self._let_go.detach()
-            self._let_go = weakref.finalize(self, _close_fds, [self._open_lock, fd])
+            self._lock_files.append(fd)  # closed with the others (see __init__)
         alone = False
         if when_alone is not None:
             try:
@@ -1254,11 +1252,9 @@ class SQLiteStore:
                 except OSError:
                     if time.monotonic() >= deadline:
                         with self._lock:  # not marked: a later call tries again
-                            self._let_go.detach()
+                            self._lock_files.remove(fd)
                             os.close(fd)
                             self._dispatch_lock = None
-                            self._let_go = weakref.finalize(self, _close_fds,
-                                                            [self._open_lock])
                         raise StoreError(
                             "another process has held the dispatch lock alone for over "
                             f"{DISPATCH_LOCK_WAIT:.0f} seconds (stopped or hung while "
@@ -1274,7 +1270,6 @@ class SQLiteStore:
             # The lock files, and with them the locks.
             self._let_go()
             self._dispatch_lock = None
-            self._open_lock = None
 
     def __enter__(self) -> Self:
         return self
@@ -1316,10 +1311,10 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _close_fds(fds: list[int | None]) -> None:
-    for fd in fds:
-        if fd is not None:
-            os.close(fd)
+def _close_fds(fds: list[int]) -> None:
+    """Close the store's lock files (once: the list is emptied)."""
+    while fds:
+        os.close(fds.pop())
 
 
 @contextmanager

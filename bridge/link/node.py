@@ -880,7 +880,8 @@ class Controller:
         """Mark this process as sending from its store, before it leases anything, and
         run ``when_alone`` first when no other process sends from it (the store's
         ``hold_dispatch``, on SQLite); None on a store without the mark (PostgreSQL,
-        where leases alone decide) or when the mark was taken already."""
+        where each process's session lock tells the others that it is alive: see
+        :mod:`bridge.ledger.postgres`) or when the mark was taken already."""
         hold = getattr(self.store, "hold_dispatch", None)
         if hold is None:
             return None

@@ -138,7 +138,7 @@ class BridgeService:
         ``sending`` may be that one's."""
         c = self.controller
         if getattr(c.store, "hold_dispatch", None) is None:
-            return  # PostgreSQL: processes come and go on one outbox; leases decide
+            return  # PostgreSQL: each store's thread finds processes that are gone
         from bridge.ledger.delivery import release_orphaned
 
         now = c.clock()
