@@ -16,8 +16,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -468,6 +470,30 @@ def test_a_store_opened_during_a_restore_creates_nothing(pg: PGSchema) -> None:
     assert found is None  # the schema pg_restore is about to write was not made meanwhile
 
 
+def _restore_after_sessions_end(pg: PGSchema, store: PostgresStore) -> ExitStack:
+    """End every session ``store`` has now, then take the restore's lock: the lock of an
+    entered :func:`nobody_using`. The store's liveness thread connects again within a
+    second of finding its session ended, so a try can meet its new session: then that
+    session ends too and the restore tries again, as an operator would."""
+    from bridge.ledger.postgres import nobody_using
+
+    name = f"ws-fhir-bridge {store.worker_id}"[:63]
+    deadline = time.monotonic() + 30
+    with psycopg.connect(pg.dsn, autocommit=True) as admin:
+        while True:
+            # Sessions looked up afresh each time (a reconnect has a new pid); each
+            # termination waits for the session to be gone.
+            admin.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+                          " WHERE application_name=%s", (name,))
+            try:
+                with ExitStack() as stack:
+                    stack.enter_context(nobody_using(pg.dsn, pg.schema))
+                    return stack.pop_all()
+            except StoreError as exc:
+                if "has this store open" not in str(exc) or time.monotonic() > deadline:
+                    raise
+
+
 def test_a_store_whose_sessions_ended_does_not_write_during_a_restore(pg: PGSchema) -> None:
     from bridge.ledger.postgres import nobody_using
 
@@ -487,11 +513,10 @@ def test_a_store_whose_sessions_ended_does_not_write_during_a_restore(pg: PGSche
             with (pytest.raises(StoreError, match="has this store open"),
                   nobody_using(pg.dsn, pg.schema)):
                 pass
-            # Every session of the store ends (a server restart): a restore may begin,
-            # and the store, connecting again, writes nothing while it runs.
-            for pid in pids:
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        with nobody_using(pg.dsn, pg.schema):
+        # Every session of the store ends (a server restart): a restore may begin,
+        # and the store, connecting again, writes nothing while it runs.
+        restore = _restore_after_sessions_end(pg, store)
+        with restore:
             with pytest.raises(StoreError):  # the first call meets its ended session
                 store.append_audit(rec("test.write", "x"))
             with pytest.raises(StoreError, match="a restore of this store is under way"):
