@@ -201,3 +201,113 @@ def test_no_backup_is_taken_while_a_restore_puts_a_copy_in_place(
     assert not any(again.iterdir())
     assert bridge("store", "backup", "--config", str(site.hospital),
                   str(again)).returncode == 0
+
+
+def _tampered_audit(site: Site, pg: PGSchema | None, tamper: bool) -> None:
+    """Change the first audit entry's subject behind the bridge's back (``tamper``), or
+    put it back as it was."""
+    change = ("UPDATE audit SET subject = subject || '-x' WHERE seq = 1" if tamper else
+              "UPDATE audit SET subject = substr(subject, 1, length(subject) - 2)"
+              " WHERE seq = 1")
+    if pg is None:
+        import sqlite3
+
+        con = sqlite3.connect(load_config(site.hospital).store.path)
+        with con:
+            con.execute("DROP TRIGGER IF EXISTS audit_no_update")
+            con.execute(change)
+        con.close()
+    else:
+        with pg.connect() as conn:
+            conn.execute("ALTER TABLE audit DISABLE TRIGGER USER")
+            conn.execute(change)
+            conn.execute("ALTER TABLE audit ENABLE TRIGGER USER")
+
+
+def _left_aside(site: Site, pg: PGSchema | None) -> list[str]:
+    """What a restore kept aside and did not clear away."""
+    if pg is None:
+        store = load_config(site.hospital).store.path
+        return [p.name for p in store.parent.iterdir() if ".before-restore" in p.name]
+    with pg.connect() as conn:
+        return [name for (name,) in conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
+            (f"{pg.schema}%before_restore",))]
+
+
+@pytest.mark.control("T16")
+def test_a_restore_that_fails_leaves_the_store_as_it_was(
+    tmp_path: Path, store_kind: PGSchema | None
+) -> None:
+    # A copy that cannot be put in place (a damaged archive whose manifest was made to
+    # match it), or whose audit chain does not verify, is refused after it was tried:
+    # the store must then be the one that was there, whole, not the copy or a
+    # half-written mix.
+    site, good = _hospital_backed_up(tmp_path, store_kind)
+    _tampered_audit(site, store_kind, tamper=True)
+    forged = tmp_path / "forged"
+    assert bridge("store", "backup", "--config", str(site.hospital),
+                  str(forged)).returncode == 0
+    _tampered_audit(site, store_kind, tamper=False)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    manifest = json.loads((good / "manifest.json").read_text(encoding="utf-8"))
+    whole = (good / manifest["file"]).read_bytes()
+    (damaged / manifest["file"]).write_bytes(whole[: len(whole) * 2 // 3])
+    import hashlib
+
+    manifest["sha256"] = hashlib.sha256(whole[: len(whole) * 2 // 3]).hexdigest()
+    (damaged / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    # The store moves on from the backups: a second consent.
+    assert bridge("consent", "add", "--config", str(site.hospital),
+                  str(samples(site) / "consent.json")).returncode == 0
+
+    for backup, said in ((forged, "the restored audit chain does not verify"),
+                         (damaged, "pg_restore failed" if store_kind else "is corrupt")):
+        run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+        assert run.returncode != 0, backup.name
+        assert said in run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert "the store is as it was before the restore" in run.stderr
+        assert f"{backup / manifest['file']}" in run.stderr  # said of the copy
+        entries = audit_entries(site.hospital)
+        assert [e.record.action for e in entries].count("consent.put") == 2, backup.name
+        assert "store.restore" not in [e.record.action for e in entries]
+        assert _left_aside(site, store_kind) == [], backup.name
+        checked = bridge("audit", "verify", "--config", str(site.hospital))
+        assert checked.returncode == 0, checked.stderr
+
+    restored = bridge("store", "restore", "--config", str(site.hospital), str(good))
+    assert restored.returncode == 0, restored.stderr
+    assert len(audit_entries(site.hospital, "consent.put")) == 1
+    assert _left_aside(site, store_kind) == []
+
+
+def test_a_restore_refuses_while_an_interrupted_one_left_the_store_aside(
+    tmp_path: Path, store_kind: PGSchema | None
+) -> None:
+    # A restore killed between setting the store aside and clearing it away leaves the
+    # only copy of the store as it was before it: the next restore does not go over it,
+    # and the store is not opened as if nothing had happened.
+    site, backup = _hospital_backed_up(tmp_path, store_kind)
+    if store_kind is None:
+        store = load_config(site.hospital).store.path
+        left = store.with_name(store.name + ".before-restore")
+        left.write_bytes(store.read_bytes())
+        named = str(left)
+    else:
+        with store_kind.connect() as conn:
+            conn.execute(f'CREATE SCHEMA "{store_kind.schema}_before_restore"')
+        named = f"schema {store_kind.schema}_before_restore"
+    try:
+        # Neither a restore nor any other command: on PostgreSQL a store opened while
+        # its schema is aside would make a new, empty one in its place.
+        for command in (("store", "restore", "--config", str(site.hospital), str(backup)),
+                        ("audit", "verify", "--config", str(site.hospital))):
+            run = bridge(*command)
+            assert run.returncode != 0, command
+            said = f"an earlier restore was interrupted, and {named} holds the store"
+            assert said in run.stderr and "Traceback" not in run.stderr, run.stderr
+    finally:
+        if store_kind is not None:
+            with store_kind.connect() as conn:
+                conn.execute(f'DROP SCHEMA "{store_kind.schema}_before_restore"')

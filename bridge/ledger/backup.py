@@ -10,9 +10,11 @@
 
 Next to the copy goes ``manifest.json``: the controller, the store kind, when it was
 taken, the audit chain's head at that moment, the schema steps, and the SHA-256 of the
-copy. ``restore`` checks the manifest and the digest, puts the copy in place (SQLite:
-the bridge must be stopped; PostgreSQL: the schema is dropped and restored), verifies
-the audit chain, records the restore, and runs the reconciliation hooks: whatever was
+copy. ``restore`` checks the manifest and the digest, puts the copy in place while no
+bridge process has the store open (SQLite: in one rename; PostgreSQL: ``pg_restore`` in
+one transaction), verifies the audit chain, records the restore, and runs the
+reconciliation hooks. The store as it was is kept aside until the copy is checked and
+the restore recorded, and put back if anything before that fails. Whatever was
 exchanged after the backup is known to the partners, and reconciliation with each of
 them brings it back (or reports it).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -32,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bridge.errors import ConfigError, NotFound, RuntimeFailure, StoreError
+from bridge.errors import BridgeError, ConfigError, NotFound, RuntimeFailure, StoreError
 from bridge.files import private_folder, write_private
 
 if TYPE_CHECKING:
@@ -119,7 +122,7 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
                 capture_output=True, text=True, check=False,
             )
         if run.returncode != 0:
-            raise RuntimeFailure(f"pg_dump failed: {run.stderr.strip()[:300]}",
+            raise RuntimeFailure(f"pg_dump failed: {_first_line(run.stderr)}",
                                  location=f"{store_cfg.source}: store.dsn")
         # The head the dump holds is not read back from the dump; it is at least this.
         with open_store(store_cfg) as store:
@@ -146,6 +149,132 @@ def _nobody_using(store_cfg: Any) -> AbstractContextManager[None]:
 
     assert store_cfg.dsn is not None
     return nobody_using(store_cfg.dsn, store_cfg.db_schema)
+
+
+class _SqliteAside:
+    """The store file as it was, kept aside (a hard link) while a copy takes its place.
+
+    The store's path names a whole database at every moment: the copy replaces it in
+    one rename. The store's write-ahead log goes aside with it (a log beside the copy
+    would be read as the copy's). :meth:`put_back` undoes the steps taken, whichever
+    failed."""
+
+    def __init__(self, path: Path) -> None:
+        from bridge.ledger.sqlite import INTERRUPTED_RESTORE, aside_path
+
+        # Where a link leads: the copy takes the place of the file, not of the link.
+        self.path = path.resolve()
+        self.aside = aside_path(path)
+        self.tmp = self.path.with_name(self.path.name + ".restoring")
+        self.kept = False  # the store as it was is linked aside
+        self.logs: list[str] = []  # its logs moved aside
+        self.placed = False  # the copy is in its place
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{self.aside}{suffix}").exists():
+                raise StoreError(INTERRUPTED_RESTORE.format(aside=self.aside),
+                                 location=str(path))
+
+    def put_copy_in_place(self, copy: Path) -> None:
+        shutil.copyfile(copy, self.tmp)
+        if self.path.exists():
+            try:
+                os.link(self.path, self.aside)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(self.path, self.aside)
+            self.kept = True
+        for suffix in ("-wal", "-shm"):
+            if Path(f"{self.path}{suffix}").exists():
+                os.replace(f"{self.path}{suffix}", f"{self.aside}{suffix}")
+                self.logs.append(suffix)
+        os.replace(self.tmp, self.path)
+        self.placed = True
+
+    def put_back(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+        if self.placed:
+            for suffix in ("-wal", "-shm"):  # the copy's own
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        for suffix in self.logs:
+            os.replace(f"{self.aside}{suffix}", f"{self.path}{suffix}")
+        if self.kept:
+            if self.placed:
+                os.replace(self.aside, self.path)
+            else:
+                self.aside.unlink()
+        elif self.placed:
+            self.path.unlink(missing_ok=True)
+
+    def let_go(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.aside}{suffix}").unlink(missing_ok=True)
+
+
+class _SchemaAside:
+    """The store's schema as it was, renamed aside while ``pg_restore`` writes the copy
+    in one transaction (a failed ``pg_restore`` writes nothing)."""
+
+    def __init__(self, dsn: str, schema: str, location: str) -> None:
+        from bridge.ledger.postgres import aside_schema
+        from bridge.ledger.sqlite import INTERRUPTED_RESTORE
+
+        self.dsn, self.schema, self.location = dsn, schema, location
+        self.aside = aside_schema(schema)
+        self.kept = False  # the schema as it was is renamed aside
+        self.tried = False  # pg_restore ran
+        if self._exists(self.aside):
+            raise StoreError(INTERRUPTED_RESTORE.format(aside=f"schema {self.aside}"),
+                             location=f"postgresql schema {schema}")
+
+    def _exists(self, schema: str) -> bool:
+        from bridge.ledger.postgres import connect
+
+        with connect(self.dsn) as conn:
+            return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                                (schema,)).fetchone() is not None
+
+    def _ddl(self, *statements: tuple[str, ...]) -> None:
+        """Run ``(template, name, ...)`` statements in one transaction, each template's
+        ``{}`` filled with the quoted schema names that follow it."""
+        from psycopg import sql
+
+        from bridge.ledger.postgres import connect
+
+        with connect(self.dsn) as conn, conn.transaction():
+            for template, *names in statements:
+                conn.execute(sql.SQL(template).format(*map(sql.Identifier, names)))
+
+    def put_copy_in_place(self, copy: Path) -> None:
+        if self._exists(self.schema):
+            self._ddl(("ALTER SCHEMA {} RENAME TO {}", self.schema, self.aside))
+            self.kept = True
+        self.tried = True
+        run = subprocess.run(
+            ["pg_restore", "--no-owner", "--single-transaction", "--exit-on-error",
+             f"--dbname={self.dsn}", str(copy)],
+            capture_output=True, text=True, check=False,
+        )
+        if run.returncode != 0:
+            raise RuntimeFailure(f"pg_restore failed: {_first_line(run.stderr)}",
+                                 location=self.location)
+
+    def put_back(self) -> None:
+        statements: list[tuple[str, ...]] = []
+        if self.tried:
+            statements.append(("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
+        if self.kept:
+            statements.append(("ALTER SCHEMA {} RENAME TO {}", self.aside, self.schema))
+        if statements:
+            self._ddl(*statements)
+
+    def let_go(self) -> None:
+        self._ddl(("DROP SCHEMA IF EXISTS {} CASCADE", self.aside))
+
+
+def _first_line(stderr: str) -> str:
+    """What a PostgreSQL tool said first, with what it quoted left out: a value of a
+    row it could not write is quoted, and no error of the bridge carries health data."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return re.sub(r"\"[^\"]*\"|'[^']*'", "(…)", lines[0] if lines else "")[:300] or "(no reason)"
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -191,43 +320,40 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
     # Put in place, checked and recorded while no bridge process has the store open
     # and none can open it: a process would go on writing to what is replaced under it,
     # and one starting before the restore is recorded would run on an unchecked store.
+    # The store as it was is kept aside until the copy is checked and the restore
+    # recorded; whatever fails before that puts it back, so a failed restore leaves the
+    # store as it was, not half-written.
     with _nobody_using(store_cfg):
-        if store_cfg.kind == "sqlite":
-            tmp = store_cfg.path.with_name(store_cfg.path.name + ".restoring")
-            shutil.copyfile(copy, tmp)
-            for suffix in ("-wal", "-shm"):
-                stale = store_cfg.path.with_name(store_cfg.path.name + suffix)
-                if stale.exists():
-                    stale.unlink()
-            os.replace(tmp, store_cfg.path)
-        else:
-            assert store_cfg.dsn is not None
-            import psycopg
+        aside = _SqliteAside(store_cfg.path) if store_cfg.kind == "sqlite" else _SchemaAside(
+            str(store_cfg.dsn), store_cfg.db_schema, f"{store_cfg.source}: store.dsn")
+        try:
+            aside.put_copy_in_place(copy)
+            with open_store(store_cfg, restoring=True) as store:
+                report = store.verify_audit()
+                if not report.ok:
+                    raise StoreError(
+                        f"the restored audit chain does not verify: {report.reason}",
+                        location=str(directory))
+                from bridge.compliance.operators import acting_operator
 
-            with psycopg.connect(store_cfg.dsn, autocommit=True) as conn:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{store_cfg.db_schema}" CASCADE')
-            run = subprocess.run(
-                ["pg_restore", "--no-owner", "--exit-on-error", f"--dbname={store_cfg.dsn}",
-                 str(copy)],
-                capture_output=True, text=True, check=False,
-            )
-            if run.returncode != 0:
-                raise RuntimeFailure(f"pg_restore failed: {run.stderr.strip()[:300]}",
-                                     location=f"{store_cfg.source}: store.dsn")
-        with open_store(store_cfg, restoring=True) as store:
-            report = store.verify_audit()
-            if not report.ok:
-                raise StoreError(f"the restored audit chain does not verify: {report.reason}",
-                                 location=str(directory))
-            from bridge.compliance.operators import acting_operator
-
-            record_restore(store, backup_taken=str(manifest["taken"]), audit=AuditRecord(
-                time=datetime.now(UTC), actor=config.controller.id, action="store.restore",
-                subject=f"backup:{manifest['taken']}", digest=f"sha256:{manifest['sha256']}",
-                detail=f"audit head at backup {manifest.get('audit_seq')}",
-                operator=acting_operator(),
-            ))
-            entries = report.count + 1
+                record_restore(store, backup_taken=str(manifest["taken"]), audit=AuditRecord(
+                    time=datetime.now(UTC), actor=config.controller.id,
+                    action="store.restore", subject=f"backup:{manifest['taken']}",
+                    digest=f"sha256:{manifest['sha256']}",
+                    detail=f"audit head at backup {manifest.get('audit_seq')}",
+                    operator=acting_operator(),
+                ))
+                entries = report.count + 1
+        except BridgeError as exc:
+            aside.put_back()
+            # Said of the copy, not of the store it was tried in place of.
+            raise type(exc)(f"the backup copy was not put in place, and the store is as it"
+                            f" was before the restore: {exc.message}",
+                            location=str(copy)) from None
+        except BaseException:
+            aside.put_back()
+            raise
+        aside.let_go()
     hooks = [hook(config) for hook in AFTER_RESTORE]
     return Restored(str(manifest["taken"]), entries, hooks)
 

@@ -110,6 +110,7 @@ uses none of it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -140,6 +141,7 @@ from bridge.ledger.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL
 from bridge.ledger.portable import Tx
 from bridge.ledger.seal import PlainSealer, Sealer
 from bridge.ledger.sqlite import (
+    INTERRUPTED_RESTORE,
     ConsentRow,
     HL7InboxRow,
     InboxRow,
@@ -151,7 +153,8 @@ from bridge.ledger.sqlite import (
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
 from bridge.ledger.tree import cache_of
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "aside_schema", "connect", "in_use",
+           "nobody_using"]
 
 log = logging.getLogger(__name__)
 
@@ -458,6 +461,15 @@ _MISSING = " UNION ALL ".join(
     for table in ("outbox", "handoff"))
 
 
+def aside_schema(schema: str) -> str:
+    """The name under which a restore keeps ``schema`` as it was until the copy
+    restored in its place is checked and the restore recorded (see
+    ``bridge.ledger.backup``); within PostgreSQL's 63 bytes whatever the schema's."""
+    if len(schema) <= 47:
+        return f"{schema}_before_restore"
+    return f"{schema[:38]}_{hashlib.sha256(schema.encode()).hexdigest()[:8]}_before_restore"
+
+
 def _store_lock_name(schema: str) -> str:
     """The advisory lock every open store of ``schema`` shares (see :func:`nobody_using`)."""
     return f"ws-fhir-bridge store {schema}"
@@ -473,7 +485,7 @@ def _store_lock_taken(conn: psycopg.Connection[Any], schema: str) -> bool:
     return row is not None and bool(row[0])
 
 
-def _connect(dsn: str, *, timeout: float | None = None,
+def connect(dsn: str, *, timeout: float | None = None,
              name: str | None = None) -> psycopg.Connection[Any]:
     """A new session in autocommit mode (``name``: its ``application_name``). A DSN
     libpq cannot read is a :class:`ConfigError`, a failed connection a
@@ -499,7 +511,7 @@ def in_use(dsn: str, schema: str) -> Iterator[None]:
     """Hold the lock every open store of ``schema`` shares, for the duration (for what
     reads the schema without opening a store: ``pg_dump``). Refused while a restore is
     under way (see :func:`nobody_using`)."""
-    with _connect(dsn) as conn:
+    with connect(dsn) as conn:
         if not _store_lock_taken(conn, schema):
             raise StoreError(_RESTORING, location=f"postgresql schema {schema}")
         yield
@@ -511,7 +523,7 @@ def nobody_using(dsn: str, schema: str) -> Iterator[None]:
     what must not run while a bridge process uses the store: putting a backup in its
     place). Raises :class:`StoreError` when a process has the store open; a store opened
     meanwhile is refused."""
-    with _connect(dsn) as conn:
+    with connect(dsn) as conn:
         row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
                            (_store_lock_name(schema),)).fetchone()
         if row is None or not row[0]:
@@ -601,6 +613,8 @@ class PostgresStore:
         alive = self._liveness_connection()
         with self._lock:
             try:
+                if not restoring:
+                    self._refuse_if_set_aside(self._connection())
                 self._migrate(self._connection())
             except BaseException as exc:
                 self._closed = True
@@ -634,6 +648,15 @@ class PostgresStore:
             ("SET synchronous_commit TO on", ()), failing="cannot set up the session")
         return self._conn
 
+    def _refuse_if_set_aside(self, conn: psycopg.Connection[Any]) -> None:
+        """Refuse a store that a restore killed part way set aside (see
+        :func:`aside_schema`): opened, a new empty schema would take its place."""
+        aside = aside_schema(self.schema)
+        if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                        (aside,)).fetchone() is not None:
+            raise StoreError(INTERRUPTED_RESTORE.format(aside=f"schema {aside}"),
+                             location=self.location)
+
     def _lock_prefix(self) -> str:
         """What a worker id is prefixed with to name its lock (see the module docstring)."""
         return f"ws-fhir-bridge worker {self.schema} "
@@ -652,7 +675,7 @@ class PostgresStore:
         the store's lock (every session that writes holds it: a restore holding it
         alone is never written to, see :func:`nobody_using`; the restore's own store
         aside). ``failing`` says what went wrong when a statement fails."""
-        conn = _connect(self.dsn, timeout=timeout, name=f"ws-fhir-bridge {self.worker_id}")
+        conn = connect(self.dsn, timeout=timeout, name=f"ws-fhir-bridge {self.worker_id}")
         try:
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
             for statement, params in statements:

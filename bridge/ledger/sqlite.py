@@ -390,6 +390,9 @@ class SQLiteStore:
         self._lock_files: list[int] = [] if restoring else [_hold_open(self.path)]
         self._let_go = weakref.finalize(self, _close_fds, self._lock_files)
         try:
+            if not restoring and aside_path(self.path).exists():
+                raise StoreError(INTERRUPTED_RESTORE.format(aside=aside_path(self.path)),
+                                 location=str(self.path))
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the module
             # never opens a transaction behind our back.
             self._conn: sqlite3.Connection | None = sqlite3.connect(
@@ -1327,6 +1330,19 @@ def in_use(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+#: Said when a restore was killed part way (see ``bridge.ledger.backup``).
+INTERRUPTED_RESTORE = (
+    "an earlier restore was interrupted, and {aside} holds the store as it was before it:"
+    " put it back in the store's place, or move it away (or drop it) and restore again")
+
+
+def aside_path(path: Path) -> Path:
+    """Where a restore keeps the store at ``path`` as it was until the copy put in its
+    place is checked and the restore recorded (see ``bridge.ledger.backup``)."""
+    real = path.resolve()
+    return real.with_name(real.name + ".before-restore")
 
 
 def _hold_open(path: Path) -> int:
