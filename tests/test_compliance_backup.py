@@ -5,6 +5,7 @@ on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -253,10 +254,14 @@ def test_a_restore_that_fails_leaves_the_store_as_it_was(
     damaged.mkdir()
     manifest = json.loads((good / "manifest.json").read_text(encoding="utf-8"))
     whole = (good / manifest["file"]).read_bytes()
-    (damaged / manifest["file"]).write_bytes(whole[: len(whole) * 2 // 3])
+    # SQLite: the file cut short. PostgreSQL: the archive's table of contents whole (so
+    # pg_restore starts) and its last table's data zeroed (so it fails part way).
+    bad = (whole[: len(whole) * 2 // 3] if store_kind is None
+           else whole[: -len(whole) // 50] + bytes(len(whole) // 50))
+    (damaged / manifest["file"]).write_bytes(bad)
     import hashlib
 
-    manifest["sha256"] = hashlib.sha256(whole[: len(whole) * 2 // 3]).hexdigest()
+    manifest["sha256"] = hashlib.sha256(bad).hexdigest()
     (damaged / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     # The store moves on from the backups: a second consent.
     assert bridge("consent", "add", "--config", str(site.hospital),
@@ -305,9 +310,156 @@ def test_a_restore_refuses_while_an_interrupted_one_left_the_store_aside(
                         ("audit", "verify", "--config", str(site.hospital))):
             run = bridge(*command)
             assert run.returncode != 0, command
-            said = f"an earlier restore was interrupted, and {named} holds the store"
+            said = ("an earlier restore was interrupted, and the store as it was before it"
+                    f" is kept aside in {named}")
             assert said in run.stderr and "Traceback" not in run.stderr, run.stderr
     finally:
         if store_kind is not None:
             with store_kind.connect() as conn:
                 conn.execute(f'DROP SCHEMA "{store_kind.schema}_before_restore"')
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+
+
+def _committed_and_killed(store: Path) -> None:
+    """A process commits an audit entry and is killed before anything checkpoints the
+    store's log: the entry is in ``<store>-wal`` alone."""
+    run = _python(f"""
+import os
+from datetime import UTC, datetime
+from bridge.ledger.sqlite import SQLiteStore
+from bridge.ledger.audit import AuditRecord
+s = SQLiteStore({str(store)!r})
+s._conn.execute('PRAGMA wal_autocheckpoint=0')
+s.append_audit(AuditRecord(time=datetime.now(UTC), actor='x', action='test.committed',
+                           subject='s'))
+os.kill(os.getpid(), 9)
+""")
+    assert run.returncode == -9, run.stderr
+    assert Path(f"{store}-wal").stat().st_size > 0
+
+
+def _restore_killed(config: Path, backup: Path, *, after_swap: bool) -> None:
+    """``bridge store restore`` killed (SIGKILL) just before, or just after, the copy
+    takes the store's place."""
+    run = _python(f"""
+import os, signal
+import bridge.ledger.backup as backup
+real = os.replace
+def replace(src, dst, *args, **kwargs):
+    if str(src).endswith('.restoring'):
+        if {after_swap!r}:
+            real(src, dst, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *args, **kwargs)
+backup.os.replace = replace
+from bridge.cli import main
+main(['store', 'restore', '--config', {str(config)!r}, {str(backup)!r}])
+""")
+    assert run.returncode == -9, run.stderr
+
+
+@pytest.mark.parametrize("after_swap", [False, True])
+def test_a_restore_killed_part_way_loses_nothing_committed(
+    tmp_path: Path, after_swap: bool
+) -> None:
+    site, backup = _hospital_backed_up(tmp_path)
+    store = load_config(site.hospital).store.path
+    _committed_and_killed(store)  # what the store holds only in its log
+    _restore_killed(site.hospital, backup, after_swap=after_swap)
+    aside = store.with_name(store.name + ".before-restore")
+    if not after_swap:
+        # The copy never took the store's place: the store is as it was, and opens
+        # (what the restore set aside put back).
+        assert aside.exists()
+        assert len(audit_entries(site.hospital, "test.committed")) == 1
+        assert not aside.exists()
+        return
+    # The copy took its place unchecked: neither opened nor backed up, nor restored over.
+    for command in (("audit", "verify"), ("store", "backup"), ("store", "restore")):
+        extra = [str(tmp_path / "again")] if command[1] == "backup" else (
+            [str(backup)] if command[1] == "restore" else [])
+        run = bridge(*command, "--config", str(site.hospital), *extra)
+        assert run.returncode != 0, command
+        assert f"is kept aside in {aside}:" in run.stderr, run.stderr
+    assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
+    # Put back as the message says, the store holds what was committed.
+    assert [p.name for p in store.parent.glob("*.before-restore*")] == [aside.name]
+    os.replace(aside, store)
+    assert len(audit_entries(site.hospital, "test.committed")) == 1
+
+
+def test_a_restore_whose_setting_aside_fails_leaves_the_store_whole(tmp_path: Path) -> None:
+    # On a file system without hard links the store is copied aside; a copy cut short
+    # (the disk full) must not be left to be taken for the store as it was.
+    site, backup = _hospital_backed_up(tmp_path)
+    store = load_config(site.hospital).store.path
+    run = _python(f"""
+import errno, sys
+import bridge.ledger.backup as backup
+def link(src, dst):
+    raise PermissionError(errno.EPERM, 'Operation not permitted')
+def copy2(src, dst):
+    with open(src, 'rb') as fh, open(dst, 'wb') as out:
+        out.write(fh.read()[:1000])
+    raise OSError(errno.ENOSPC, 'No space left on device', str(dst))
+backup.os.link = link
+backup.shutil.copy2 = copy2
+from bridge.cli import main
+sys.exit(main(['store', 'restore', '--config', {str(site.hospital)!r}, {str(backup)!r}]))
+""")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert ("the store is as it was before the restore: No space left on device"
+            in run.stderr)
+    assert sorted(p.name for p in store.parent.glob("bridge.sqlite.*")) == [
+        "bridge.sqlite.dispatch", "bridge.sqlite.open"]
+    assert len(audit_entries(site.hospital, "consent.put")) == 1
+
+
+def test_a_backup_of_another_schema_is_not_restored_over_the_configured_one(
+    tmp_path: Path,
+) -> None:
+    # Restored, a dump of schema A into the configuration of schema B would put A back
+    # and leave B to be made anew, empty.
+    for pg in fresh_schema():
+        site, backup = _hospital_backed_up(tmp_path, pg)
+        other = f"{pg.schema}_b"
+        text = site.hospital.read_text(encoding="utf-8")
+        site.hospital.write_text(text.replace(f'schema = "{pg.schema}"',
+                                              f'schema = "{other}"'), encoding="utf-8")
+        try:
+            assert bridge("consent", "add", "--config", str(site.hospital),
+                          str(samples(site) / "consent.json")).returncode == 0
+            run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+            assert run.returncode == 2 and "Traceback" not in run.stderr
+            assert f"the backup is of schema {pg.schema}, not of the configured {other}" in (
+                run.stderr)
+            # A manifest of an earlier version names no schema: the archive says it.
+            manifest = json.loads((backup / "manifest.json").read_text(encoding="utf-8"))
+            del manifest["schema"]
+            (backup / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+            run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+            assert run.returncode == 2, run.stderr
+            assert f"the backup copy holds schema {pg.schema}, not the configured {other}" in (
+                run.stderr)
+            assert len(audit_entries(site.hospital, "consent.put")) == 1  # B's own
+        finally:
+            with pg.connect() as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{other}" CASCADE')
+
+
+def test_a_restore_refused_for_its_configuration_names_the_configuration(
+    tmp_path: Path,
+) -> None:
+    site, backup = _hospital_backed_up(tmp_path)
+    text = site.hospital.read_text(encoding="utf-8")
+    site.hospital.write_text(text.replace(
+        'path = "hospital-a/bridge.sqlite"',
+        'path = "hospital-a/bridge.sqlite"\ndata_key_env = "BRIDGE_TEST_UNSET_KEY"'),
+        encoding="utf-8")
+    run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+    assert run.returncode == 2 and "store.data_key_env" in run.stderr, run.stderr
+    assert "backup copy" not in run.stderr

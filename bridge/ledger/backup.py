@@ -9,10 +9,12 @@
   repeatable-read snapshot.
 
 Next to the copy goes ``manifest.json``: the controller, the store kind, when it was
-taken, the audit chain's head at that moment, the schema steps, and the SHA-256 of the
-copy. ``restore`` checks the manifest and the digest, puts the copy in place while no
+taken, the audit chain's head in the copy, the schema steps, on PostgreSQL the schema,
+and the SHA-256 of the copy. ``restore`` checks the manifest and the digest (and that a
+dump holds the configured schema alone), puts the copy in place while no
 bridge process has the store open (SQLite: in one rename; PostgreSQL: ``pg_restore`` in
-one transaction), verifies the audit chain, records the restore, and runs the
+one transaction), verifies the audit chain and that it ends at the manifest's head,
+records the restore, and runs the
 reconciliation hooks. The store as it was is kept aside until the copy is checked and
 the restore recorded, and put back if anything before that fails. Whatever was
 exchanged after the backup is known to the partners, and reconciliation with each of
@@ -111,29 +113,42 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
             snapshot.close()
         seq, head = (int(row[0]), str(row[1])) if row else (0, "0" * 64)
     else:
-        from bridge.ledger.postgres import in_use as schema_in_use
+        from psycopg import sql
+
+        from bridge.ledger.postgres import connect
 
         assert store_cfg.dsn is not None
-        with schema_in_use(store_cfg.dsn, store_cfg.db_schema):  # not during a restore
+        schema = sql.Identifier(store_cfg.db_schema)
+        # Opened first: brought up to date, and not during a restore. The dump reads a
+        # snapshot the head and the steps are read in, so the manifest says what the
+        # dump holds (a restore checks its head against it).
+        with open_store(store_cfg), connect(store_cfg.dsn) as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            exported = conn.execute("SELECT pg_export_snapshot()").fetchone()
+            row = conn.execute(sql.SQL("SELECT seq, hash FROM {}.audit ORDER BY seq DESC"
+                                       " LIMIT 1").format(schema)).fetchone()
+            steps = [str(n) for (n,) in conn.execute(sql.SQL(
+                "SELECT name FROM {}.schema_migrations ORDER BY name").format(schema))]
             target = _private_file(directory / PG_FILE)
             run = subprocess.run(
                 ["pg_dump", "--format=custom", "--no-owner", f"--schema={store_cfg.db_schema}",
-                 f"--file={target}", f"--dbname={store_cfg.dsn}"],
+                 f"--snapshot={exported[0] if exported else ''}", f"--file={target}",
+                 f"--dbname={store_cfg.dsn}"],
                 capture_output=True, text=True, check=False,
             )
         if run.returncode != 0:
+            target.unlink(missing_ok=True)
             raise RuntimeFailure(f"pg_dump failed: {_first_line(run.stderr)}",
                                  location=f"{store_cfg.source}: store.dsn")
-        # The head the dump holds is not read back from the dump; it is at least this.
-        with open_store(store_cfg) as store:
-            seq, head = store.audit_head()
-            steps = list(store.applied_migrations())
+        seq, head = (int(row[0]), str(row[1])) if row else (0, "0" * 64)
     digest = _sha256(target)
     manifest = {
         "controller": config.controller.id, "kind": store_cfg.kind, "taken": taken,
         "audit_seq": seq, "audit_hash": head, "migrations": steps,
         "file": target.name, "sha256": digest,
     }
+    if store_cfg.kind == "postgresql":
+        manifest["schema"] = store_cfg.db_schema  # and the head is the dump's own
     write_private(directory / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
     return Backup(directory, store_cfg.kind, taken, seq, head, digest)
 
@@ -151,6 +166,42 @@ def _nobody_using(store_cfg: Any) -> AbstractContextManager[None]:
     return nobody_using(store_cfg.dsn, store_cfg.db_schema)
 
 
+def _check_head(head: tuple[int, str], manifest: dict[str, Any], directory: Path) -> None:
+    """The restored audit chain ends where the manifest says the backup's did. A backup
+    of PostgreSQL without the schema in its manifest read its head after the dump, so
+    that the dump's is at most it (and some entry when it names one)."""
+    seq, digest = head
+    want_seq, want = int(manifest.get("audit_seq") or 0), str(manifest.get("audit_hash"))
+    exact = manifest["kind"] == "sqlite" or "schema" in manifest
+    if (seq, digest) == (want_seq, want) or (
+            not exact and seq <= want_seq and (seq > 0 or want_seq == 0)):
+        return
+    raise StoreError(f"the restored audit chain ends at entry {seq}, and the manifest says"
+                     f" the backup's ended at entry {want_seq}",
+                     location=str(directory / MANIFEST))
+
+
+def _check_archive_schema(copy: Path, manifest: dict[str, Any], schema: str) -> None:
+    """A dump holds one schema, and it is the configured one: restored, another would
+    leave the configured schema empty (checked in the manifest and in the archive)."""
+    named = manifest.get("schema")
+    if named is not None and named != schema:
+        raise ConfigError(f"the backup is of schema {named}, not of the configured {schema}",
+                          location=str(copy.parent / MANIFEST))
+    run = subprocess.run(["pg_restore", "--list", str(copy)], capture_output=True,
+                         text=True, check=False)
+    if run.returncode != 0:
+        raise RuntimeFailure(f"pg_restore cannot read the backup copy: {_first_line(run.stderr)}",
+                             location=str(copy))
+    # A table of contents line: "<id>; <oid> <oid> SCHEMA - <name> <owner>".
+    schemas = [m.group(1) for m in re.finditer(r"^\d+; \d+ \d+ SCHEMA - (\S+)", run.stdout,
+                                                re.MULTILINE)]
+    if schemas != [schema]:
+        held = ", ".join(schemas) or "none"
+        raise ConfigError(f"the backup copy holds schema {held}, not the configured {schema}"
+                          " alone", location=str(copy))
+
+
 class _SqliteAside:
     """The store file as it was, kept aside (a hard link) while a copy takes its place.
 
@@ -160,8 +211,9 @@ class _SqliteAside:
     failed."""
 
     def __init__(self, path: Path) -> None:
-        from bridge.ledger.sqlite import INTERRUPTED_RESTORE, aside_path
+        from bridge.ledger.sqlite import aside_path, settle_aside
 
+        settle_aside(path)  # refused while an interrupted restore keeps a store aside
         # Where a link leads: the copy takes the place of the file, not of the link.
         self.path = path.resolve()
         self.aside = aside_path(path)
@@ -169,18 +221,29 @@ class _SqliteAside:
         self.kept = False  # the store as it was is linked aside
         self.logs: list[str] = []  # its logs moved aside
         self.placed = False  # the copy is in its place
-        for suffix in ("", "-wal", "-shm"):
-            if Path(f"{self.aside}{suffix}").exists():
-                raise StoreError(INTERRUPTED_RESTORE.format(aside=self.aside),
-                                 location=str(path))
 
     def put_copy_in_place(self, copy: Path) -> None:
         shutil.copyfile(copy, self.tmp)
         if self.path.exists():
+            # What the log holds goes into the file first, so that the file set aside
+            # is the whole store (a damaged store keeps its log beside it instead).
+            try:
+                con = sqlite3.connect(self.path, timeout=5)
+                try:
+                    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    con.close()
+            except sqlite3.Error:
+                pass
             try:
                 os.link(self.path, self.aside)
-            except OSError:  # a filesystem without hard links
-                shutil.copy2(self.path, self.aside)
+            except OSError:  # a filesystem without hard links: a whole copy, or none
+                partial = self.aside.with_name(self.aside.name + ".partial")
+                try:
+                    shutil.copy2(self.path, partial)
+                    os.replace(partial, self.aside)
+                finally:
+                    partial.unlink(missing_ok=True)
             self.kept = True
         for suffix in ("-wal", "-shm"):
             if Path(f"{self.path}{suffix}").exists():
@@ -205,7 +268,7 @@ class _SqliteAside:
             self.path.unlink(missing_ok=True)
 
     def let_go(self) -> None:
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("-wal", "-shm", ""):  # the file last: it says what is left
             Path(f"{self.aside}{suffix}").unlink(missing_ok=True)
 
 
@@ -214,16 +277,14 @@ class _SchemaAside:
     in one transaction (a failed ``pg_restore`` writes nothing)."""
 
     def __init__(self, dsn: str, schema: str, location: str) -> None:
-        from bridge.ledger.postgres import aside_schema
-        from bridge.ledger.sqlite import INTERRUPTED_RESTORE
+        from bridge.ledger.postgres import aside_schema, connect, refuse_if_set_aside
 
         self.dsn, self.schema, self.location = dsn, schema, location
         self.aside = aside_schema(schema)
         self.kept = False  # the schema as it was is renamed aside
         self.tried = False  # pg_restore ran
-        if self._exists(self.aside):
-            raise StoreError(INTERRUPTED_RESTORE.format(aside=f"schema {self.aside}"),
-                             location=f"postgresql schema {schema}")
+        with connect(dsn) as conn:
+            refuse_if_set_aside(conn, schema)
 
     def _exists(self, schema: str) -> bool:
         from bridge.ledger.postgres import connect
@@ -256,6 +317,9 @@ class _SchemaAside:
         if run.returncode != 0:
             raise RuntimeFailure(f"pg_restore failed: {_first_line(run.stderr)}",
                                  location=self.location)
+        if not self._exists(self.schema):
+            raise StoreError("the backup copy restored no schema of the configured name",
+                             location=f"postgresql schema {self.schema}")
 
     def put_back(self) -> None:
         statements: list[tuple[str, ...]] = []
@@ -317,6 +381,16 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
         raise StoreError("the backup copy does not match its manifest's digest",
                          location=str(copy))
     store_cfg = config.store
+    if store_cfg.kind == "postgresql":
+        _check_archive_schema(copy, manifest, store_cfg.db_schema)
+    # What could fail for reasons of the configuration fails before the store is
+    # touched, naming where it is configured.
+    from bridge.compliance.operators import acting_operator
+    from bridge.ledger.seal import AESGCMSealer, load_kek
+
+    kek = load_kek(store_cfg.data_key_file, store_cfg.data_key_env,
+                   where=f"{store_cfg.source}: store" if store_cfg.source else "store")
+    operator = acting_operator()
     # Put in place, checked and recorded while no bridge process has the store open
     # and none can open it: a process would go on writing to what is replaced under it,
     # and one starting before the restore is recorded would run on an unchecked store.
@@ -328,28 +402,31 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
             str(store_cfg.dsn), store_cfg.db_schema, f"{store_cfg.source}: store.dsn")
         try:
             aside.put_copy_in_place(copy)
-            with open_store(store_cfg, restoring=True) as store:
+            with open_store(store_cfg, restoring=True,
+                            sealer=AESGCMSealer(kek) if kek is not None else None) as store:
                 report = store.verify_audit()
                 if not report.ok:
                     raise StoreError(
                         f"the restored audit chain does not verify: {report.reason}",
                         location=str(directory))
-                from bridge.compliance.operators import acting_operator
-
+                _check_head(store.audit_head(), manifest, directory)
                 record_restore(store, backup_taken=str(manifest["taken"]), audit=AuditRecord(
                     time=datetime.now(UTC), actor=config.controller.id,
                     action="store.restore", subject=f"backup:{manifest['taken']}",
                     digest=f"sha256:{manifest['sha256']}",
                     detail=f"audit head at backup {manifest.get('audit_seq')}",
-                    operator=acting_operator(),
+                    operator=operator,
                 ))
                 entries = report.count + 1
-        except BridgeError as exc:
+        except (BridgeError, OSError) as exc:
             aside.put_back()
-            # Said of the copy, not of the store it was tried in place of.
-            raise type(exc)(f"the backup copy was not put in place, and the store is as it"
-                            f" was before the restore: {exc.message}",
-                            location=str(copy)) from None
+            if isinstance(exc, BridgeError):
+                why = f"{exc.message} (at {exc.location})" if exc.location else exc.message
+                kind: type[BridgeError] = type(exc)
+            else:  # the file system's reason only: its message may quote a path
+                why, kind = exc.strerror or type(exc).__name__, RuntimeFailure
+            raise kind("the backup copy was not put in place, and the store is as it was"
+                       f" before the restore: {why}", location=str(copy)) from None
         except BaseException:
             aside.put_back()
             raise

@@ -154,7 +154,7 @@ from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
 from bridge.ledger.tree import cache_of
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "aside_schema", "connect", "in_use",
-           "nobody_using"]
+           "nobody_using", "refuse_if_set_aside"]
 
 log = logging.getLogger(__name__)
 
@@ -470,6 +470,21 @@ def aside_schema(schema: str) -> str:
     return f"{schema[:38]}_{hashlib.sha256(schema.encode()).hexdigest()[:8]}_before_restore"
 
 
+def _schema_exists(conn: psycopg.Connection[Any], schema: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                        (schema,)).fetchone() is not None
+
+
+def refuse_if_set_aside(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Refuse ``schema`` while a restore killed part way has it set aside (see
+    :func:`aside_schema`): opened, a new empty schema would take its place, and a backup
+    would copy that."""
+    aside = aside_schema(schema)
+    if _schema_exists(conn, aside):
+        raise StoreError(INTERRUPTED_RESTORE.format(aside=f"schema {aside}"),
+                         location=f"postgresql schema {schema}")
+
+
 def _store_lock_name(schema: str) -> str:
     """The advisory lock every open store of ``schema`` shares (see :func:`nobody_using`)."""
     return f"ws-fhir-bridge store {schema}"
@@ -514,6 +529,7 @@ def in_use(dsn: str, schema: str) -> Iterator[None]:
     with connect(dsn) as conn:
         if not _store_lock_taken(conn, schema):
             raise StoreError(_RESTORING, location=f"postgresql schema {schema}")
+        refuse_if_set_aside(conn, schema)
         yield
 
 
@@ -613,8 +629,10 @@ class PostgresStore:
         alive = self._liveness_connection()
         with self._lock:
             try:
-                if not restoring:
-                    self._refuse_if_set_aside(self._connection())
+                if restoring:
+                    self._require_schema(self._connection())
+                else:
+                    refuse_if_set_aside(self._connection(), self.schema)
                 self._migrate(self._connection())
             except BaseException as exc:
                 self._closed = True
@@ -648,13 +666,11 @@ class PostgresStore:
             ("SET synchronous_commit TO on", ()), failing="cannot set up the session")
         return self._conn
 
-    def _refuse_if_set_aside(self, conn: psycopg.Connection[Any]) -> None:
-        """Refuse a store that a restore killed part way set aside (see
-        :func:`aside_schema`): opened, a new empty schema would take its place."""
-        aside = aside_schema(self.schema)
-        if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
-                        (aside,)).fetchone() is not None:
-            raise StoreError(INTERRUPTED_RESTORE.format(aside=f"schema {aside}"),
+    def _require_schema(self, conn: psycopg.Connection[Any]) -> None:
+        """A restore's store is the schema the restore put in place: none there is a
+        copy of something else, never a reason to make a new, empty one."""
+        if not _schema_exists(conn, self.schema):
+            raise StoreError("the restored copy holds no schema of this name",
                              location=self.location)
 
     def _lock_prefix(self) -> str:

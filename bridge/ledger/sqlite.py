@@ -29,6 +29,7 @@ sort in time order, so ``next_attempt <= now`` is a string comparison in SQL.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import sqlite3
@@ -63,6 +64,8 @@ from bridge.ledger.portable import Tx
 from bridge.ledger.seal import PlainSealer, Sealer
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
 from bridge.ledger.tree import cache_of
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -390,9 +393,8 @@ class SQLiteStore:
         self._lock_files: list[int] = [] if restoring else [_hold_open(self.path)]
         self._let_go = weakref.finalize(self, _close_fds, self._lock_files)
         try:
-            if not restoring and aside_path(self.path).exists():
-                raise StoreError(INTERRUPTED_RESTORE.format(aside=aside_path(self.path)),
-                                 location=str(self.path))
+            if not restoring:
+                settle_aside(self.path)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the module
             # never opens a transaction behind our back.
             self._conn: sqlite3.Connection | None = sqlite3.connect(
@@ -1327,6 +1329,7 @@ def in_use(path: Path) -> Iterator[None]:
     way (see :func:`nobody_serving`)."""
     fd = _hold_open(path)
     try:
+        settle_aside(path)
         yield
     finally:
         os.close(fd)
@@ -1334,15 +1337,47 @@ def in_use(path: Path) -> Iterator[None]:
 
 #: Said when a restore was killed part way (see ``bridge.ledger.backup``).
 INTERRUPTED_RESTORE = (
-    "an earlier restore was interrupted, and {aside} holds the store as it was before it:"
-    " put it back in the store's place, or move it away (or drop it) and restore again")
+    "an earlier restore was interrupted, and the store as it was before it is kept aside"
+    " in {aside}: put it back in the store's place, or move it away (or drop it) and"
+    " restore again")
+
+_LOGS = ("-wal", "-shm")
 
 
 def aside_path(path: Path) -> Path:
     """Where a restore keeps the store at ``path`` as it was until the copy put in its
-    place is checked and the restore recorded (see ``bridge.ledger.backup``)."""
+    place is checked and the restore recorded (see ``bridge.ledger.backup``); its log
+    files beside it, named as SQLite names them."""
     real = path.resolve()
     return real.with_name(real.name + ".before-restore")
+
+
+def settle_aside(path: Path) -> None:
+    """Refuse the store at ``path`` while a restore killed part way keeps it aside
+    (:class:`StoreError` naming every file kept), unless the copy had not yet taken
+    its place: the store is then where it was, and what was set aside (a second link
+    to it, and its log files) is put back."""
+    aside = aside_path(path)
+    left = [p for p in (aside, *(Path(f"{aside}{s}") for s in _LOGS)) if p.exists()]
+    if not left:
+        return
+    real = path.resolve()
+    logs = [s for s in _LOGS if Path(f"{aside}{s}").exists()]
+    try:
+        untouched = (aside.exists() and real.exists() and os.path.samefile(aside, real)
+                     and not any(Path(f"{real}{s}").exists() for s in logs))
+        if untouched:
+            for suffix in logs:
+                os.replace(f"{aside}{suffix}", f"{real}{suffix}")
+            aside.unlink()
+            real.with_name(real.name + ".restoring").unlink(missing_ok=True)
+            log.warning("a restore interrupted before its copy took the store's place had"
+                        " set the store aside; put back (%s)", real)
+            return
+    except FileNotFoundError:
+        return  # another process put it back at this moment
+    kept = " with ".join(str(p) for p in left)
+    raise StoreError(INTERRUPTED_RESTORE.format(aside=kept), location=str(path))
 
 
 def _hold_open(path: Path) -> int:
