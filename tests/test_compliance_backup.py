@@ -229,7 +229,8 @@ def _left_aside(site: Site, pg: PGSchema | None) -> list[str]:
     """What a restore kept aside and did not clear away."""
     if pg is None:
         store = load_config(site.hospital).store.path
-        return [p.name for p in store.parent.iterdir() if ".before-restore" in p.name]
+        return [p.name for p in store.parent.iterdir()
+                if ".before-restore" in p.name or ".restoring" in p.name]
     with pg.connect() as conn:
         return [name for (name,) in conn.execute(
             "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
@@ -287,36 +288,6 @@ def test_a_restore_that_fails_leaves_the_store_as_it_was(
     assert _left_aside(site, store_kind) == []
 
 
-def test_a_restore_refuses_while_an_interrupted_one_left_the_store_aside(
-    tmp_path: Path, store_kind: PGSchema | None
-) -> None:
-    # A restore killed between setting the store aside and clearing it away leaves the
-    # only copy of the store as it was before it: the next restore does not go over it,
-    # and the store is not opened as if nothing had happened.
-    site, backup = _hospital_backed_up(tmp_path, store_kind)
-    if store_kind is None:
-        store = load_config(site.hospital).store.path
-        left = store.with_name(store.name + ".before-restore")
-        left.write_bytes(store.read_bytes())
-        named = str(left)
-    else:
-        with store_kind.connect() as conn:
-            conn.execute(f'CREATE SCHEMA "{store_kind.schema}_before_restore"')
-        named = f"schema {store_kind.schema}_before_restore"
-    try:
-        # Neither a restore nor any other command: on PostgreSQL a store opened while
-        # its schema is aside would make a new, empty one in its place.
-        for command in (("store", "restore", "--config", str(site.hospital), str(backup)),
-                        ("audit", "verify", "--config", str(site.hospital))):
-            run = bridge(*command)
-            assert run.returncode != 0, command
-            said = ("an earlier restore was interrupted, and the store as it was before it"
-                    f" is kept aside in {named}")
-            assert said in run.stderr and "Traceback" not in run.stderr, run.stderr
-    finally:
-        if store_kind is not None:
-            with store_kind.connect() as conn:
-                conn.execute(f'DROP SCHEMA "{store_kind.schema}_before_restore"')
 
 
 def _python(code: str) -> subprocess.CompletedProcess[str]:
@@ -342,81 +313,143 @@ os.kill(os.getpid(), 9)
     assert Path(f"{store}-wal").stat().st_size > 0
 
 
-def _restore_killed(config: Path, backup: Path, *, after_swap: bool) -> None:
-    """``bridge store restore`` killed (SIGKILL) just before, or just after, the copy
-    takes the store's place."""
+def _restore_killed(config: Path, backup: Path, module: str, name: str, match: str) -> None:
+    """``bridge store restore`` killed (SIGKILL) right after its call of ``module.name``
+    whose first argument's text (a command's words joined) holds ``match``."""
     run = _python(f"""
 import os, signal
-import bridge.ledger.backup as backup
-real = os.replace
-def replace(src, dst, *args, **kwargs):
-    if str(src).endswith('.restoring'):
-        if {after_swap!r}:
-            real(src, dst, *args, **kwargs)
+import {module} as patched
+real = patched.{name}
+def call(first, *args, **kwargs):
+    done = real(first, *args, **kwargs)
+    if {match!r} in (" ".join(first) if isinstance(first, list) else str(first)):
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(src, dst, *args, **kwargs)
-backup.os.replace = replace
+    return done
+patched.{name} = call
 from bridge.cli import main
 main(['store', 'restore', '--config', {str(config)!r}, {str(backup)!r}])
 """)
     assert run.returncode == -9, run.stderr
 
 
-@pytest.mark.parametrize("after_swap", [False, True])
-def test_a_restore_killed_part_way_loses_nothing_committed(
-    tmp_path: Path, after_swap: bool
+def test_a_restore_killed_before_its_copy_takes_the_place_loses_nothing(
+    tmp_path: Path,
 ) -> None:
+    # The copy is checked, and the restore recorded in it, beside the store; killed
+    # then, the store is as it was, with what it held only in its log.
     site, backup = _hospital_backed_up(tmp_path)
     store = load_config(site.hospital).store.path
-    _committed_and_killed(store)  # what the store holds only in its log
-    _restore_killed(site.hospital, backup, after_swap=after_swap)
-    aside = store.with_name(store.name + ".before-restore")
-    if not after_swap:
-        # The copy never took the store's place: the store is as it was, and opens
-        # (what the restore set aside put back).
-        assert aside.exists()
-        assert len(audit_entries(site.hospital, "test.committed")) == 1
-        assert not aside.exists()
-        return
-    # The copy took its place unchecked: neither opened nor backed up, nor restored over.
-    for command in (("audit", "verify"), ("store", "backup"), ("store", "restore")):
-        extra = [str(tmp_path / "again")] if command[1] == "backup" else (
-            [str(backup)] if command[1] == "restore" else [])
-        run = bridge(*command, "--config", str(site.hospital), *extra)
-        assert run.returncode != 0, command
-        assert f"is kept aside in {aside}:" in run.stderr, run.stderr
-    assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
-    # Put back as the message says, the store holds what was committed.
-    assert [p.name for p in store.parent.glob("*.before-restore*")] == [aside.name]
-    os.replace(aside, store)
-    assert len(audit_entries(site.hospital, "test.committed")) == 1
+    _committed_and_killed(store)
+    before = [(e.seq, e.hash) for e in audit_entries(site.hospital)]
+    _committed_and_killed(store)
+    _restore_killed(site.hospital, backup, "bridge.ledger.backup", "_fold_log", ".restoring")
+    assert (store.parent / "bridge.sqlite.restoring").exists()
+    after = [(e.seq, e.hash) for e in audit_entries(site.hospital)]
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+    assert _left_aside(site, None) == []  # cleared away by the first to open it
+    assert bridge("audit", "verify", "--config", str(site.hospital)).returncode == 0
 
 
-def test_a_restore_whose_setting_aside_fails_leaves_the_store_whole(tmp_path: Path) -> None:
-    # On a file system without hard links the store is copied aside; a copy cut short
-    # (the disk full) must not be left to be taken for the store as it was.
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_restore_killed_once_its_copy_took_the_place_is_done(
+    tmp_path: Path, fresh: bool
+) -> None:
+    # The rename is the restore's commit: what took the store's place was checked and
+    # the restore recorded, on a store that was there and on one that was not (a new
+    # host).
     site, backup = _hospital_backed_up(tmp_path)
     store = load_config(site.hospital).store.path
-    run = _python(f"""
-import errno, sys
-import bridge.ledger.backup as backup
-def link(src, dst):
-    raise PermissionError(errno.EPERM, 'Operation not permitted')
-def copy2(src, dst):
-    with open(src, 'rb') as fh, open(dst, 'wb') as out:
-        out.write(fh.read()[:1000])
-    raise OSError(errno.ENOSPC, 'No space left on device', str(dst))
-backup.os.link = link
-backup.shutil.copy2 = copy2
-from bridge.cli import main
-sys.exit(main(['store', 'restore', '--config', {str(site.hospital)!r}, {str(backup)!r}]))
-""")
-    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
-    assert ("the store is as it was before the restore: No space left on device"
-            in run.stderr)
-    assert sorted(p.name for p in store.parent.glob("bridge.sqlite.*")) == [
-        "bridge.sqlite.dispatch", "bridge.sqlite.open"]
-    assert len(audit_entries(site.hospital, "consent.put")) == 1
+    if fresh:
+        for path in store.parent.glob(store.name + "*"):
+            path.unlink()
+    else:
+        _committed_and_killed(store)
+    _restore_killed(site.hospital, backup, "os", "replace",
+                    ".restoring")
+    actions = [e.record.action for e in audit_entries(site.hospital)]
+    assert actions.count("store.restore") == 1 and "test.committed" not in actions
+    assert _left_aside(site, None) == []
+    assert bridge("audit", "verify", "--config", str(site.hospital)).returncode == 0
+
+
+def test_a_schema_a_killed_restore_set_aside_is_refused_until_settled(
+    tmp_path: Path,
+) -> None:
+    # pg_restore has committed the copy, unchecked; the schema as it was (or, on a
+    # new server, an empty one) stands aside. No process runs on the copy nor backs it
+    # up, and the message says how to go on.
+    for pg in fresh_schema():
+        for fresh in (False, True):
+            site, backup = _hospital_backed_up(tmp_path / str(fresh), pg)
+            if fresh:
+                with pg.connect() as conn:
+                    conn.execute(f'DROP SCHEMA "{pg.schema}" CASCADE')
+            _restore_killed(site.hospital, backup, "subprocess", "run",
+                            "--single-transaction")
+            aside = f"{pg.schema}_before_restore"
+            for command in (("audit", "verify"), ("store", "restore", str(backup)),
+                            ("store", "backup", str(tmp_path / f"again-{fresh}"))):
+                run = bridge(*command[:2], "--config", str(site.hospital), *command[2:])
+                assert run.returncode != 0 and "Traceback" not in run.stderr, command
+                assert (f"a restore was killed part way, and schema {aside} holds the store"
+                        f" as it was before it" in run.stderr), run.stderr
+            # As the message says, to restore again: drop the schema set aside first.
+            with pg.connect() as conn:
+                conn.execute(f'DROP SCHEMA "{aside}" CASCADE')
+            run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+            assert run.returncode == 0, run.stderr
+            assert len(audit_entries(site.hospital, "store.restore")) == 1
+            with pg.connect() as conn:
+                conn.execute(f'DROP SCHEMA "{pg.schema}" CASCADE')
+
+
+def test_a_restored_store_keeps_the_mode_of_the_one_it_replaced(tmp_path: Path) -> None:
+    import stat
+
+    site, backup = _hospital_backed_up(tmp_path)
+    store = load_config(site.hospital).store.path
+    os.chmod(store, 0o600)
+    run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+    assert run.returncode == 0, run.stderr
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+
+
+def test_a_backup_of_a_schema_that_is_not_there_is_refused_not_made(tmp_path: Path) -> None:
+    for pg in fresh_schema():
+        site, _backup = _hospital_backed_up(tmp_path, pg)
+        with pg.connect() as conn:
+            conn.execute(f'DROP SCHEMA "{pg.schema}" CASCADE')
+        run = bridge("store", "backup", "--config", str(site.hospital), str(tmp_path / "b"))
+        assert run.returncode != 0 and "no store in this schema yet" in run.stderr
+        with pg.connect() as conn:
+            assert conn.execute("SELECT 1 FROM pg_namespace WHERE nspname=%s",
+                                (pg.schema,)).fetchone() is None
+
+
+def test_a_backup_outlasting_the_servers_idle_transaction_timeout_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The session holding the dump's snapshot waits in its transaction while pg_dump
+    # runs; a server's idle_in_transaction_session_timeout must not end it.
+    import shutil as sh
+
+    for pg in fresh_schema():
+        site, _backup = _hospital_backed_up(tmp_path, pg)
+        text = site.hospital.read_text(encoding="utf-8")
+        dsn = f"{pg.dsn} options='-c idle_in_transaction_session_timeout=500'"
+        site.hospital.write_text(text.replace(f'dsn = "{pg.dsn}"', f'dsn = "{dsn}"'),
+                                 encoding="utf-8")
+        shim = tmp_path / "bin"
+        shim.mkdir()
+        real = sh.which("pg_dump")
+        (shim / "pg_dump").write_text(
+            "#!/bin/sh\n" + f'{real} "$@"; rc=$?\nsleep 1.5\nexit $rc\n')
+        (shim / "pg_dump").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{shim}:{os.environ['PATH']}")
+        again = tmp_path / "again"
+        run = bridge("store", "backup", "--config", str(site.hospital), str(again))
+        assert run.returncode == 0, run.stderr
+        assert sorted(p.name for p in again.iterdir()) == ["manifest.json", "store.pgdump"]
 
 
 def test_a_backup_of_another_schema_is_not_restored_over_the_configured_one(
@@ -463,3 +496,25 @@ def test_a_restore_refused_for_its_configuration_names_the_configuration(
     run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
     assert run.returncode == 2 and "store.data_key_env" in run.stderr, run.stderr
     assert "backup copy" not in run.stderr
+
+
+def test_processes_opening_a_store_a_killed_restore_left_all_open_it(tmp_path: Path) -> None:
+    # Several processes starting at once each find what a restore killed before its
+    # swap left (a link to the store aside): one clears it away, and none is refused.
+    site, _backup = _hospital_backed_up(tmp_path)
+    store = load_config(site.hospital).store.path
+    aside = store.with_name(store.name + ".before-restore")
+    opener = (f"import time, sys; from bridge.ledger.sqlite import SQLiteStore;"
+              f" time.sleep(max(0, float(sys.argv[1]) - time.time()));"
+              f" SQLiteStore({str(store)!r}).close(); print('open')")
+    import time
+
+    for _ in range(5):
+        os.link(store, aside)
+        start = f"{time.time() + 1.0}"
+        openers = [subprocess.Popen([sys.executable, "-c", opener, start],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for _ in range(4)]
+        said = [p.communicate(timeout=60) for p in openers]
+        assert all(out.strip() == "open" for out, _err in said), said
+        assert not aside.exists()

@@ -11,14 +11,12 @@
 Next to the copy goes ``manifest.json``: the controller, the store kind, when it was
 taken, the audit chain's head in the copy, the schema steps, on PostgreSQL the schema,
 and the SHA-256 of the copy. ``restore`` checks the manifest and the digest (and that a
-dump holds the configured schema alone), puts the copy in place while no
-bridge process has the store open (SQLite: in one rename; PostgreSQL: ``pg_restore`` in
-one transaction), verifies the audit chain and that it ends at the manifest's head,
-records the restore, and runs the
-reconciliation hooks. The store as it was is kept aside until the copy is checked and
-the restore recorded, and put back if anything before that fails. Whatever was
-exchanged after the backup is known to the partners, and reconciliation with each of
-them brings it back (or reports it).
+dump holds the configured schema alone), and while no bridge process has the store open
+puts the copy in place, verifies its audit chain and that it ends at the manifest's
+head, and records the restore; then it runs the reconciliation hooks. A failure at any
+point leaves the store as it was (see :class:`_SqliteRestore`, :class:`_SchemaRestore`).
+Whatever was exchanged after the backup is known to the partners, and reconciliation
+with each of them brings it back (or reports it).
 """
 
 from __future__ import annotations
@@ -113,33 +111,51 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
             snapshot.close()
         seq, head = (int(row[0]), str(row[1])) if row else (0, "0" * 64)
     else:
+        import psycopg
         from psycopg import sql
 
         from bridge.ledger.postgres import connect
 
         assert store_cfg.dsn is not None
+        where = f"postgresql schema {store_cfg.db_schema}"
+        with connect(store_cfg.dsn) as conn:
+            if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                            (store_cfg.db_schema,)).fetchone() is None:
+                raise NotFound("no store in this schema yet", location=where)
         schema = sql.Identifier(store_cfg.db_schema)
-        # Opened first: brought up to date, and not during a restore. The dump reads a
-        # snapshot the head and the steps are read in, so the manifest says what the
-        # dump holds (a restore checks its head against it).
-        with open_store(store_cfg), connect(store_cfg.dsn) as conn, conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            exported = conn.execute("SELECT pg_export_snapshot()").fetchone()
-            row = conn.execute(sql.SQL("SELECT seq, hash FROM {}.audit ORDER BY seq DESC"
-                                       " LIMIT 1").format(schema)).fetchone()
-            steps = [str(n) for (n,) in conn.execute(sql.SQL(
-                "SELECT name FROM {}.schema_migrations ORDER BY name").format(schema))]
-            target = _private_file(directory / PG_FILE)
-            run = subprocess.run(
-                ["pg_dump", "--format=custom", "--no-owner", f"--schema={store_cfg.db_schema}",
-                 f"--snapshot={exported[0] if exported else ''}", f"--file={target}",
-                 f"--dbname={store_cfg.dsn}"],
-                capture_output=True, text=True, check=False,
-            )
-        if run.returncode != 0:
+        target = directory / PG_FILE
+        try:
+            # Opened first: brought up to date, and not during a restore. The dump reads
+            # a snapshot the head and the steps are read in, so the manifest says what
+            # the dump holds (a restore checks its head against it). The session holding
+            # the snapshot waits for the dump: no server timeout may end it meanwhile.
+            with open_store(store_cfg), connect(store_cfg.dsn) as conn, conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+                conn.execute("SET LOCAL statement_timeout = 0")
+                exported = conn.execute("SELECT pg_export_snapshot()").fetchone()
+                row = conn.execute(sql.SQL("SELECT seq, hash FROM {}.audit ORDER BY seq DESC"
+                                           " LIMIT 1").format(schema)).fetchone()
+                steps = [str(n) for (n,) in conn.execute(sql.SQL(
+                    "SELECT name FROM {}.schema_migrations ORDER BY name").format(schema))]
+                _private_file(target)
+                run = subprocess.run(
+                    ["pg_dump", "--format=custom", "--no-owner",
+                     f"--schema={store_cfg.db_schema}",
+                     f"--snapshot={exported[0] if exported else ''}", f"--file={target}",
+                     f"--dbname={store_cfg.dsn}"],
+                    capture_output=True, text=True, check=False,
+                )
+                if run.returncode != 0:
+                    raise RuntimeFailure(f"pg_dump failed: {_first_line(run.stderr)}",
+                                         location=f"{store_cfg.source}: store.dsn")
+        except psycopg.Error as exc:
             target.unlink(missing_ok=True)
-            raise RuntimeFailure(f"pg_dump failed: {_first_line(run.stderr)}",
-                                 location=f"{store_cfg.source}: store.dsn")
+            raise StoreError(f"the backup's snapshot failed ({type(exc).__name__})",
+                             location=where) from None
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
         seq, head = (int(row[0]), str(row[1])) if row else (0, "0" * 64)
     digest = _sha256(target)
     manifest = {
@@ -202,89 +218,106 @@ def _check_archive_schema(copy: Path, manifest: dict[str, Any], schema: str) -> 
                           " alone", location=str(copy))
 
 
-class _SqliteAside:
-    """The store file as it was, kept aside (a hard link) while a copy takes its place.
+class _SqliteRestore:
+    """A restore of an SQLite store, whose commit is one rename.
 
-    The store's path names a whole database at every moment: the copy replaces it in
-    one rename. The store's write-ahead log goes aside with it (a log beside the copy
-    would be read as the copy's). :meth:`put_back` undoes the steps taken, whichever
-    failed."""
+    The copy is checked, and the restore recorded in it, beside the store (``.restoring``)
+    and its log folded into the file; only then does it take the store's place, in one
+    rename. Until that rename the store is where it was. A log the store could not fold
+    into its file is kept aside (``.before-restore-wal``, with a link to the file it
+    belongs to) for the moment of the swap; :func:`~bridge.ledger.sqlite.settle_aside`
+    clears away what a restore killed at any point left."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, store_cfg: Any) -> None:
         from bridge.ledger.sqlite import aside_path, settle_aside
 
-        settle_aside(path)  # refused while an interrupted restore keeps a store aside
+        self.cfg = store_cfg
+        settle_aside(store_cfg.path)  # what a killed restore left
         # Where a link leads: the copy takes the place of the file, not of the link.
-        self.path = path.resolve()
-        self.aside = aside_path(path)
+        self.path: Path = store_cfg.path.resolve()
+        self.aside = aside_path(store_cfg.path)
         self.tmp = self.path.with_name(self.path.name + ".restoring")
-        self.kept = False  # the store as it was is linked aside
-        self.logs: list[str] = []  # its logs moved aside
-        self.placed = False  # the copy is in its place
 
-    def put_copy_in_place(self, copy: Path) -> None:
-        shutil.copyfile(copy, self.tmp)
+    def run(self, copy: Path, checked: Callable[[Any], int]) -> int:
+        try:
+            # The store's own mode when there is one (else the owner's only).
+            mode = self.path.stat().st_mode & 0o777 if self.path.exists() else 0o600
+            os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            os.chmod(self.tmp, mode)
+            shutil.copyfile(copy, self.tmp)
+            entries = checked(self.cfg.model_copy(update={"path": self.tmp}))
+            _fold_log(self.tmp, required=True)
+            self._swap()
+        except BaseException:
+            self._clear(self.tmp)
+            raise
+        self._clear(self.aside)
+        return entries
+
+    def _swap(self) -> None:
+        """Put the checked copy in the store's place. A log the store could not fold
+        into its file (a damaged store) must not be read as the copy's: it goes aside,
+        with a link to the file it belongs to, until the rename is done."""
+        logs: list[str] = []
+        present: list[str] = []
         if self.path.exists():
-            # What the log holds goes into the file first, so that the file set aside
-            # is the whole store (a damaged store keeps its log beside it instead).
-            try:
-                con = sqlite3.connect(self.path, timeout=5)
-                try:
-                    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                finally:
-                    con.close()
-            except sqlite3.Error:
-                pass
-            try:
+            _fold_log(self.path, required=False)
+            present = [s for s in ("-wal", "-shm") if Path(f"{self.path}{s}").exists()]
+            if present:
                 os.link(self.path, self.aside)
-            except OSError:  # a filesystem without hard links: a whole copy, or none
-                partial = self.aside.with_name(self.aside.name + ".partial")
-                try:
-                    shutil.copy2(self.path, partial)
-                    os.replace(partial, self.aside)
-                finally:
-                    partial.unlink(missing_ok=True)
-            self.kept = True
-        for suffix in ("-wal", "-shm"):
-            if Path(f"{self.path}{suffix}").exists():
+        try:
+            for suffix in present:
                 os.replace(f"{self.path}{suffix}", f"{self.aside}{suffix}")
-                self.logs.append(suffix)
-        os.replace(self.tmp, self.path)
-        self.placed = True
+                logs.append(suffix)
+            os.replace(self.tmp, self.path)  # the restore's commit
+        except BaseException:
+            for suffix in logs:
+                os.replace(f"{self.aside}{suffix}", f"{self.path}{suffix}")
+            self.aside.unlink(missing_ok=True)
+            raise
 
-    def put_back(self) -> None:
-        self.tmp.unlink(missing_ok=True)
-        if self.placed:
-            for suffix in ("-wal", "-shm"):  # the copy's own
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-        for suffix in self.logs:
-            os.replace(f"{self.aside}{suffix}", f"{self.path}{suffix}")
-        if self.kept:
-            if self.placed:
-                os.replace(self.aside, self.path)
-            else:
-                self.aside.unlink()
-        elif self.placed:
-            self.path.unlink(missing_ok=True)
-
-    def let_go(self) -> None:
+    @staticmethod
+    def _clear(path: Path) -> None:
         for suffix in ("-wal", "-shm", ""):  # the file last: it says what is left
-            Path(f"{self.aside}{suffix}").unlink(missing_ok=True)
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-class _SchemaAside:
-    """The store's schema as it was, renamed aside while ``pg_restore`` writes the copy
-    in one transaction (a failed ``pg_restore`` writes nothing)."""
+def _fold_log(path: Path, *, required: bool) -> None:
+    """Fold the write-ahead log of the SQLite file at ``path`` into the file, leaving
+    none beside it. ``required``: a failure is an error (else it is left as it is)."""
+    try:
+        con = sqlite3.connect(path, timeout=5)
+        try:
+            busy, _log, _done = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        if required:
+            raise StoreError(f"cannot fold the copy's log into it ({type(exc).__name__})",
+                             location=str(path)) from None
+        return
+    if busy and required:
+        raise StoreError("cannot fold the copy's log into it (busy)", location=str(path))
 
-    def __init__(self, dsn: str, schema: str, location: str) -> None:
+
+class _SchemaRestore:
+    """A restore of a PostgreSQL store: the schema as it was renamed aside while
+    ``pg_restore`` writes the copy in one transaction (a failed ``pg_restore`` writes
+    nothing), then checked and the restore recorded; any failure puts it back. Where
+    there was no schema, an empty one stands aside instead, so that a restore killed
+    part way leaves a mark whichever way: the stores refuse a schema set aside (see
+    :func:`~bridge.ledger.postgres.refuse_if_set_aside`)."""
+
+    def __init__(self, store_cfg: Any) -> None:
         from bridge.ledger.postgres import aside_schema, connect, refuse_if_set_aside
 
-        self.dsn, self.schema, self.location = dsn, schema, location
-        self.aside = aside_schema(schema)
-        self.kept = False  # the schema as it was is renamed aside
-        self.tried = False  # pg_restore ran
-        with connect(dsn) as conn:
-            refuse_if_set_aside(conn, schema)
+        self.cfg = store_cfg
+        self.dsn: str = store_cfg.dsn
+        self.schema: str = store_cfg.db_schema
+        self.location = f"{store_cfg.source}: store.dsn"
+        self.aside = aside_schema(self.schema)
+        with connect(self.dsn) as conn:
+            refuse_if_set_aside(conn, self.schema)
 
     def _exists(self, schema: str) -> bool:
         from bridge.ledger.postgres import connect
@@ -304,34 +337,30 @@ class _SchemaAside:
             for template, *names in statements:
                 conn.execute(sql.SQL(template).format(*map(sql.Identifier, names)))
 
-    def put_copy_in_place(self, copy: Path) -> None:
-        if self._exists(self.schema):
-            self._ddl(("ALTER SCHEMA {} RENAME TO {}", self.schema, self.aside))
-            self.kept = True
-        self.tried = True
-        run = subprocess.run(
-            ["pg_restore", "--no-owner", "--single-transaction", "--exit-on-error",
-             f"--dbname={self.dsn}", str(copy)],
-            capture_output=True, text=True, check=False,
-        )
-        if run.returncode != 0:
-            raise RuntimeFailure(f"pg_restore failed: {_first_line(run.stderr)}",
-                                 location=self.location)
-        if not self._exists(self.schema):
-            raise StoreError("the backup copy restored no schema of the configured name",
-                             location=f"postgresql schema {self.schema}")
-
-    def put_back(self) -> None:
-        statements: list[tuple[str, ...]] = []
-        if self.tried:
-            statements.append(("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
-        if self.kept:
-            statements.append(("ALTER SCHEMA {} RENAME TO {}", self.aside, self.schema))
-        if statements:
-            self._ddl(*statements)
-
-    def let_go(self) -> None:
-        self._ddl(("DROP SCHEMA IF EXISTS {} CASCADE", self.aside))
+    def run(self, copy: Path, checked: Callable[[Any], int]) -> int:
+        kept = self._exists(self.schema)
+        self._ddl(("ALTER SCHEMA {} RENAME TO {}", self.schema, self.aside) if kept
+                  else ("CREATE SCHEMA {}", self.aside))
+        try:
+            run = subprocess.run(
+                ["pg_restore", "--no-owner", "--single-transaction", "--exit-on-error",
+                 f"--dbname={self.dsn}", str(copy)],
+                capture_output=True, text=True, check=False,
+            )
+            if run.returncode != 0:
+                raise RuntimeFailure(f"pg_restore failed: {_first_line(run.stderr)}",
+                                     location=self.location)
+            if not self._exists(self.schema):
+                raise StoreError("the backup copy restored no schema of the configured name",
+                                 location=f"postgresql schema {self.schema}")
+            entries = checked(self.cfg)
+        except BaseException:
+            self._ddl(("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
+                      ("ALTER SCHEMA {} RENAME TO {}", self.aside, self.schema) if kept
+                      else ("DROP SCHEMA {}", self.aside))
+            raise
+        self._ddl(("DROP SCHEMA {} CASCADE", self.aside))
+        return entries
 
 
 def _first_line(stderr: str) -> str:
@@ -397,29 +426,31 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
     # The store as it was is kept aside until the copy is checked and the restore
     # recorded; whatever fails before that puts it back, so a failed restore leaves the
     # store as it was, not half-written.
+    sealer = AESGCMSealer(kek) if kek is not None else None
+
+    def checked(cfg: Any) -> int:
+        """Open what was put in place (``cfg``), check it and record the restore; the
+        number of audit entries then."""
+        with open_store(cfg, restoring=True, sealer=sealer) as store:
+            report = store.verify_audit()
+            if not report.ok:
+                raise StoreError(f"the restored audit chain does not verify: {report.reason}",
+                                 location=str(directory))
+            _check_head(store.audit_head(), manifest, directory)
+            record_restore(store, backup_taken=str(manifest["taken"]), audit=AuditRecord(
+                time=datetime.now(UTC), actor=config.controller.id, action="store.restore",
+                subject=f"backup:{manifest['taken']}", digest=f"sha256:{manifest['sha256']}",
+                detail=f"audit head at backup {manifest.get('audit_seq')}", operator=operator,
+            ))
+            return report.count + 1
+
     with _nobody_using(store_cfg):
-        aside = _SqliteAside(store_cfg.path) if store_cfg.kind == "sqlite" else _SchemaAside(
-            str(store_cfg.dsn), store_cfg.db_schema, f"{store_cfg.source}: store.dsn")
         try:
-            aside.put_copy_in_place(copy)
-            with open_store(store_cfg, restoring=True,
-                            sealer=AESGCMSealer(kek) if kek is not None else None) as store:
-                report = store.verify_audit()
-                if not report.ok:
-                    raise StoreError(
-                        f"the restored audit chain does not verify: {report.reason}",
-                        location=str(directory))
-                _check_head(store.audit_head(), manifest, directory)
-                record_restore(store, backup_taken=str(manifest["taken"]), audit=AuditRecord(
-                    time=datetime.now(UTC), actor=config.controller.id,
-                    action="store.restore", subject=f"backup:{manifest['taken']}",
-                    digest=f"sha256:{manifest['sha256']}",
-                    detail=f"audit head at backup {manifest.get('audit_seq')}",
-                    operator=operator,
-                ))
-                entries = report.count + 1
+            if store_cfg.kind == "sqlite":
+                entries = _SqliteRestore(store_cfg).run(copy, checked)
+            else:
+                entries = _SchemaRestore(store_cfg).run(copy, checked)
         except (BridgeError, OSError) as exc:
-            aside.put_back()
             if isinstance(exc, BridgeError):
                 why = f"{exc.message} (at {exc.location})" if exc.location else exc.message
                 kind: type[BridgeError] = type(exc)
@@ -427,10 +458,6 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
                 why, kind = exc.strerror or type(exc).__name__, RuntimeFailure
             raise kind("the backup copy was not put in place, and the store is as it was"
                        f" before the restore: {why}", location=str(copy)) from None
-        except BaseException:
-            aside.put_back()
-            raise
-        aside.let_go()
     hooks = [hook(config) for hook in AFTER_RESTORE]
     return Restored(str(manifest["taken"]), entries, hooks)
 

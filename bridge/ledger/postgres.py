@@ -141,7 +141,6 @@ from bridge.ledger.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL
 from bridge.ledger.portable import Tx
 from bridge.ledger.seal import PlainSealer, Sealer
 from bridge.ledger.sqlite import (
-    INTERRUPTED_RESTORE,
     ConsentRow,
     HL7InboxRow,
     InboxRow,
@@ -477,12 +476,15 @@ def _schema_exists(conn: psycopg.Connection[Any], schema: str) -> bool:
 
 def refuse_if_set_aside(conn: psycopg.Connection[Any], schema: str) -> None:
     """Refuse ``schema`` while a restore killed part way has it set aside (see
-    :func:`aside_schema`): opened, a new empty schema would take its place, and a backup
-    would copy that."""
+    :func:`aside_schema`): what is in its place was not checked, or is missing (and
+    opened, a new empty schema would take its place)."""
     aside = aside_schema(schema)
     if _schema_exists(conn, aside):
-        raise StoreError(INTERRUPTED_RESTORE.format(aside=f"schema {aside}"),
-                         location=f"postgresql schema {schema}")
+        raise StoreError(
+            f"a restore was killed part way, and schema {aside} holds the store as it was"
+            f" before it (empty when there was none): to keep that, drop schema {schema}"
+            f" (if any) and rename {aside} to {schema}; to restore again, drop {aside}"
+            " first", location=f"postgresql schema {schema}")
 
 
 def _store_lock_name(schema: str) -> str:

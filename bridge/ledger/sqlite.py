@@ -1335,49 +1335,62 @@ def in_use(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-#: Said when a restore was killed part way (see ``bridge.ledger.backup``).
-INTERRUPTED_RESTORE = (
-    "an earlier restore was interrupted, and the store as it was before it is kept aside"
-    " in {aside}: put it back in the store's place, or move it away (or drop it) and"
-    " restore again")
-
 _LOGS = ("-wal", "-shm")
 
 
 def aside_path(path: Path) -> Path:
-    """Where a restore keeps the store at ``path`` as it was until the copy put in its
-    place is checked and the restore recorded (see ``bridge.ledger.backup``); its log
-    files beside it, named as SQLite names them."""
+    """Where a restore keeps a link to the store at ``path`` for the moment its copy
+    takes the store's place, with any log the store could not fold into its file beside
+    it (named as SQLite names logs); see ``bridge.ledger.backup``."""
     real = path.resolve()
     return real.with_name(real.name + ".before-restore")
 
 
 def settle_aside(path: Path) -> None:
-    """Refuse the store at ``path`` while a restore killed part way keeps it aside
-    (:class:`StoreError` naming every file kept), unless the copy had not yet taken
-    its place: the store is then where it was, and what was set aside (a second link
-    to it, and its log files) is put back."""
-    aside = aside_path(path)
-    left = [p for p in (aside, *(Path(f"{aside}{s}") for s in _LOGS)) if p.exists()]
-    if not left:
-        return
+    """Clear away what a restore of the store at ``path`` killed part way left (see
+    ``bridge.ledger.backup``): its copy being checked beside the store, and the link to
+    the store it keeps aside for the moment of the swap, with any log. Until the swap
+    (one rename) the store is where it was: what was set aside goes back. After it, the
+    copy in the store's place was checked and the restore recorded: what was set aside
+    goes. Called before a store is opened or read, by processes that may run at once:
+    one at a time, under a lock of its own, and at the cost of a few ``stat`` calls when
+    there is nothing to do."""
     real = path.resolve()
-    logs = [s for s in _LOGS if Path(f"{aside}{s}").exists()]
+    aside = aside_path(path)
+    tmp = real.with_name(real.name + ".restoring")
+    names = [Path(f"{base}{s}") for base in (aside, tmp) for s in ("", *_LOGS)]
+    if not any(p.exists() for p in names):
+        return
+    fd, _where = _lock_file(path, ".settle")
     try:
-        untouched = (aside.exists() and real.exists() and os.path.samefile(aside, real)
-                     and not any(Path(f"{real}{s}").exists() for s in logs))
-        if untouched:
-            for suffix in logs:
-                os.replace(f"{aside}{suffix}", f"{real}{suffix}")
-            aside.unlink()
-            real.with_name(real.name + ".restoring").unlink(missing_ok=True)
-            log.warning("a restore interrupted before its copy took the store's place had"
-                        " set the store aside; put back (%s)", real)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for suffix in (*_LOGS, ""):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        if not aside.exists():
+            for suffix in _LOGS:  # a log without its file is of no use
+                Path(f"{aside}{suffix}").unlink(missing_ok=True)
             return
-    except FileNotFoundError:
-        return  # another process put it back at this moment
-    kept = " with ".join(str(p) for p in left)
-    raise StoreError(INTERRUPTED_RESTORE.format(aside=kept), location=str(path))
+        if real.exists() and os.path.samefile(aside, real):
+            # Killed before the swap: the store is in its place, and its log goes back.
+            for suffix in _LOGS:
+                if Path(f"{aside}{suffix}").exists():
+                    if Path(f"{real}{suffix}").exists():
+                        raise StoreError(
+                            f"a restore killed part way left the store's log aside in"
+                            f" {aside}{suffix}, and another beside the store: keep the"
+                            " one that belongs to the store", location=str(path))
+                    os.replace(f"{aside}{suffix}", f"{real}{suffix}")
+            aside.unlink()
+            log.warning("a restore killed before its copy took the store's place left"
+                        " the store as it was; cleared away what it had set aside (%s)", real)
+        else:
+            # Killed after the swap: the restore is done.
+            for suffix in (*_LOGS, ""):
+                Path(f"{aside}{suffix}").unlink(missing_ok=True)
+            log.warning("a restore killed after its copy took the store's place had"
+                        " finished; cleared away the store it had set aside (%s)", real)
+    finally:
+        os.close(fd)
 
 
 def _hold_open(path: Path) -> int:
