@@ -518,3 +518,18 @@ def test_processes_opening_a_store_a_killed_restore_left_all_open_it(tmp_path: P
         said = [p.communicate(timeout=60) for p in openers]
         assert all(out.strip() == "open" for out, _err in said), said
         assert not aside.exists()
+
+
+def test_a_restored_store_keeps_its_owner(tmp_path: Path) -> None:
+    # Run as root (an operator's shell) for a store a service account owns, the
+    # restored store must stay that account's, or the service cannot open it.
+    site, backup = _hospital_backed_up(tmp_path)
+    store = load_config(site.hospital).store.path
+    owner = 65534 if os.geteuid() == 0 else os.geteuid()
+    os.chown(store, owner, owner if os.geteuid() == 0 else os.getegid())
+    before = store.stat()
+    run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+    assert run.returncode == 0, run.stderr
+    after = store.stat()
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid) == (
+        owner, before.st_gid)

@@ -241,9 +241,13 @@ class _SqliteRestore:
     def run(self, copy: Path, checked: Callable[[Any], int]) -> int:
         try:
             # The store's own mode when there is one (else the owner's only).
-            mode = self.path.stat().st_mode & 0o777 if self.path.exists() else 0o600
+            was = self.path.stat() if self.path.exists() else None
+            mode = was.st_mode & 0o777 if was is not None else 0o600
             os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
             os.chmod(self.tmp, mode)
+            if was is not None and os.geteuid() == 0:
+                # Run as root for a store a service account owns: it stays the owner's.
+                os.chown(self.tmp, was.st_uid, was.st_gid)
             shutil.copyfile(copy, self.tmp)
             entries = checked(self.cfg.model_copy(update={"path": self.tmp}))
             _fold_log(self.tmp, required=True)
@@ -258,7 +262,6 @@ class _SqliteRestore:
         """Put the checked copy in the store's place. A log the store could not fold
         into its file (a damaged store) must not be read as the copy's: it goes aside,
         with a link to the file it belongs to, until the rename is done."""
-        logs: list[str] = []
         present: list[str] = []
         if self.path.exists():
             _fold_log(self.path, required=False)
@@ -268,12 +271,18 @@ class _SqliteRestore:
         try:
             for suffix in present:
                 os.replace(f"{self.path}{suffix}", f"{self.aside}{suffix}")
-                logs.append(suffix)
             os.replace(self.tmp, self.path)  # the restore's commit
         except BaseException:
-            for suffix in logs:
-                os.replace(f"{self.aside}{suffix}", f"{self.path}{suffix}")
-            self.aside.unlink(missing_ok=True)
+            # Undone from what the file system holds, not from the steps counted: an
+            # interrupt (Ctrl-C) can be raised after a rename it stopped was done.
+            if not self.tmp.exists():
+                raise  # renamed: the restore is done, and the store set aside goes
+            for suffix in present:
+                log = Path(f"{self.aside}{suffix}")
+                if log.exists() and not Path(f"{self.path}{suffix}").exists():
+                    os.replace(log, f"{self.path}{suffix}")
+            if not any(Path(f"{self.aside}{s}").exists() for s in present):
+                self.aside.unlink(missing_ok=True)
             raise
 
     @staticmethod

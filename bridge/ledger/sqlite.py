@@ -266,7 +266,14 @@ Opener = Callable[[bytes, str], bytes]
 
 def recorded_migrations(path: Path) -> list[str]:
     """The schema steps the store at ``path`` records, read without applying any and
-    without the data key (``bridge store status``): the file is opened read-only."""
+    without the data key (``bridge store status``): the file is opened read-only, not
+    while a restore is under way, and after what a killed one left is cleared away (a
+    reader would read the file without a log set aside)."""
+    with in_use(path):
+        return _recorded_in(path)
+
+
+def _recorded_in(path: Path) -> list[str]:
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
@@ -1419,7 +1426,8 @@ def _lock_file(path: Path, suffix: str) -> tuple[int, Path]:
     try:
         return os.open(where, os.O_RDWR | os.O_CREAT, 0o600), where
     except OSError as exc:
-        what = "dispatch lock" if suffix == ".dispatch" else "store's open lock"
+        what = {".dispatch": "dispatch lock", ".settle": "lock of what a restore left"}.get(
+            suffix, "store's open lock")
         raise StoreError(f"cannot open the {what} ({exc.strerror})",
                          location=str(where)) from None
 
