@@ -72,6 +72,8 @@ def fresh_schema() -> Iterator[PGSchema]:
         yield PGSchema(dsn, schema)
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-                sql.Identifier(schema)))
+            # With what a restore may have set aside (bridge.ledger.postgres.aside_schema).
+            for name in (schema, f"{schema}-before-restore"):
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                    sql.Identifier(name)))
 

@@ -234,7 +234,7 @@ def _left_aside(site: Site, pg: PGSchema | None) -> list[str]:
     with pg.connect() as conn:
         return [name for (name,) in conn.execute(
             "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
-            (f"{pg.schema}%before_restore",))]
+            (f"{pg.schema}%before-restore",))]
 
 
 @pytest.mark.control("T16")
@@ -386,12 +386,12 @@ def test_a_schema_a_killed_restore_set_aside_is_refused_until_settled(
                     conn.execute(f'DROP SCHEMA "{pg.schema}" CASCADE')
             _restore_killed(site.hospital, backup, "subprocess", "run",
                             "--single-transaction")
-            aside = f"{pg.schema}_before_restore"
+            aside = f"{pg.schema}-before-restore"
             for command in (("audit", "verify"), ("store", "restore", str(backup)),
                             ("store", "backup", str(tmp_path / f"again-{fresh}"))):
                 run = bridge(*command[:2], "--config", str(site.hospital), *command[2:])
                 assert run.returncode != 0 and "Traceback" not in run.stderr, command
-                assert (f"a restore was killed part way, and schema {aside} holds the store"
+                assert (f'a restore was killed part way, and schema "{aside}" holds the store'
                         f" as it was before it" in run.stderr), run.stderr
             # As the message says, to restore again: drop the schema set aside first.
             with pg.connect() as conn:

@@ -218,6 +218,10 @@ def _check_archive_schema(copy: Path, manifest: dict[str, Any], schema: str) -> 
                           " alone", location=str(copy))
 
 
+class RestoredNotCleared(RuntimeFailure):
+    """The restore is done and recorded; what it set aside could not be cleared away."""
+
+
 class _SqliteRestore:
     """A restore of an SQLite store, whose commit is one rename.
 
@@ -337,14 +341,25 @@ class _SchemaRestore:
 
     def _ddl(self, *statements: tuple[str, ...]) -> None:
         """Run ``(template, name, ...)`` statements in one transaction, each template's
-        ``{}`` filled with the quoted schema names that follow it."""
+        ``{}`` filled with the quoted schema names that follow it (a ``%s`` with the
+        last)."""
+        import psycopg
         from psycopg import sql
 
         from bridge.ledger.postgres import connect
 
-        with connect(self.dsn) as conn, conn.transaction():
-            for template, *names in statements:
-                conn.execute(sql.SQL(template).format(*map(sql.Identifier, names)))
+        try:
+            with connect(self.dsn) as conn, conn.transaction():
+                for template, *names in statements:
+                    if "%s" in template:
+                        conn.execute(sql.SQL(template.replace("%s", "{}")).format(
+                            *map(sql.Identifier, names[:-1]), sql.Literal(names[-1])))
+                    else:
+                        conn.execute(sql.SQL(template).format(*map(sql.Identifier, names)))
+        except psycopg.Error as exc:
+            raise StoreError(f"{statements[0][0].split(' {}')[0].lower()} failed"
+                             f" ({type(exc).__name__})",
+                             location=f"postgresql schema {self.schema}") from None
 
     def run(self, copy: Path, checked: Callable[[Any], int]) -> int:
         kept = self._exists(self.schema)
@@ -363,12 +378,31 @@ class _SchemaRestore:
                 raise StoreError("the backup copy restored no schema of the configured name",
                                  location=f"postgresql schema {self.schema}")
             entries = checked(self.cfg)
-        except BaseException:
-            self._ddl(("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
-                      ("ALTER SCHEMA {} RENAME TO {}", self.aside, self.schema) if kept
-                      else ("DROP SCHEMA {}", self.aside))
+        except BaseException as exc:
+            try:
+                self._ddl(("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
+                          ("ALTER SCHEMA {} RENAME TO {}", self.aside, self.schema) if kept
+                          else ("DROP SCHEMA {}", self.aside))
+            except StoreError as undo:
+                why = exc.message if isinstance(exc, BridgeError) else type(exc).__name__
+                raise StoreError(
+                    f"the restore failed ({why}), and putting the store back failed too"
+                    f' ({undo.message}): schema "{self.aside}" holds the store as it was',
+                    location=f"postgresql schema {self.schema}") from None
             raise
-        self._ddl(("DROP SCHEMA {} CASCADE", self.aside))
+        # Recorded: whatever happens now, the restore is done, and the schema set aside
+        # says so (a lock on one of its tables can hold up dropping it).
+        from bridge.ledger.postgres import RESTORE_DONE
+
+        try:
+            self._ddl(("COMMENT ON SCHEMA {} IS %s", self.aside, RESTORE_DONE))
+            self._ddl(("DROP SCHEMA {} CASCADE", self.aside))
+        except StoreError as exc:
+            raise RestoredNotCleared(
+                f'the restore is done and recorded, but schema "{self.aside}", the store as'
+                f" it was before it, could not be dropped ({exc.message}): drop it"
+                f' (DROP SCHEMA "{self.aside}" CASCADE) before starting the bridge',
+                location=f"postgresql schema {self.schema}") from None
         return entries
 
 
@@ -459,6 +493,8 @@ def restore_store(config: BridgeConfig, directory: Path) -> Restored:
                 entries = _SqliteRestore(store_cfg).run(copy, checked)
             else:
                 entries = _SchemaRestore(store_cfg).run(copy, checked)
+        except RestoredNotCleared:
+            raise
         except (BridgeError, OSError) as exc:
             if isinstance(exc, BridgeError):
                 why = f"{exc.message} (at {exc.location})" if exc.location else exc.message

@@ -152,8 +152,8 @@ from bridge.ledger.sqlite import (
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
 from bridge.ledger.tree import cache_of
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore", "aside_schema", "connect", "in_use",
-           "nobody_using", "refuse_if_set_aside"]
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "aside_schema", "connect", "nobody_using",
+           "refuse_if_set_aside"]
 
 log = logging.getLogger(__name__)
 
@@ -463,10 +463,15 @@ _MISSING = " UNION ALL ".join(
 def aside_schema(schema: str) -> str:
     """The name under which a restore keeps ``schema`` as it was until the copy
     restored in its place is checked and the restore recorded (see
-    ``bridge.ledger.backup``); within PostgreSQL's 63 bytes whatever the schema's."""
+    ``bridge.ledger.backup``). It holds hyphens, which no configured schema may: it is
+    never another store's. Within PostgreSQL's 63 bytes whatever the schema's."""
     if len(schema) <= 47:
-        return f"{schema}_before_restore"
-    return f"{schema[:38]}_{hashlib.sha256(schema.encode()).hexdigest()[:8]}_before_restore"
+        return f"{schema}-before-restore"
+    return f"{schema[:38]}-{hashlib.sha256(schema.encode()).hexdigest()[:8]}-before-restore"
+
+
+#: The comment a restore puts on the schema it set aside once the restore is recorded.
+RESTORE_DONE = "ws-fhir-bridge: restore done"
 
 
 def _schema_exists(conn: psycopg.Connection[Any], schema: str) -> bool:
@@ -475,16 +480,24 @@ def _schema_exists(conn: psycopg.Connection[Any], schema: str) -> bool:
 
 
 def refuse_if_set_aside(conn: psycopg.Connection[Any], schema: str) -> None:
-    """Refuse ``schema`` while a restore killed part way has it set aside (see
-    :func:`aside_schema`): what is in its place was not checked, or is missing (and
-    opened, a new empty schema would take its place)."""
+    """Refuse ``schema`` while a restore has it set aside (see :func:`aside_schema`):
+    killed part way, what is in its place was not checked, or is missing (and opened, a
+    new empty schema would take its place); done, it could not drop the old store."""
     aside = aside_schema(schema)
-    if _schema_exists(conn, aside):
-        raise StoreError(
-            f"a restore was killed part way, and schema {aside} holds the store as it was"
-            f" before it (empty when there was none): to keep that, drop schema {schema}"
-            f" (if any) and rename {aside} to {schema}; to restore again, drop {aside}"
-            " first", location=f"postgresql schema {schema}")
+    row = conn.execute("SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace"
+                       " WHERE nspname = %s", (aside,)).fetchone()
+    if row is None:
+        return
+    where = f"postgresql schema {schema}"
+    if row[0] == RESTORE_DONE:
+        raise StoreError(f'a restore of this store is done and recorded, and schema "{aside}"'
+                         f" still holds the store as it was before it: drop it"
+                         f' (DROP SCHEMA "{aside}" CASCADE)', location=where)
+    raise StoreError(
+        f'a restore was killed part way, and schema "{aside}" holds the store as it was'
+        f" before it (empty when there was none): to keep that, drop schema {schema}"
+        f' (if any) and rename "{aside}" to {schema}; to restore again, drop "{aside}"'
+        " first", location=where)
 
 
 def _store_lock_name(schema: str) -> str:
@@ -524,30 +537,21 @@ def connect(dsn: str, *, timeout: float | None = None,
 
 
 @contextmanager
-def in_use(dsn: str, schema: str) -> Iterator[None]:
-    """Hold the lock every open store of ``schema`` shares, for the duration (for what
-    reads the schema without opening a store: ``pg_dump``). Refused while a restore is
-    under way (see :func:`nobody_using`)."""
-    with connect(dsn) as conn:
-        if not _store_lock_taken(conn, schema):
-            raise StoreError(_RESTORING, location=f"postgresql schema {schema}")
-        refuse_if_set_aside(conn, schema)
-        yield
-
-
-@contextmanager
 def nobody_using(dsn: str, schema: str) -> Iterator[None]:
     """Hold the lock every open store of ``schema`` shares, alone, for the duration (for
     what must not run while a bridge process uses the store: putting a backup in its
     place). Raises :class:`StoreError` when a process has the store open; a store opened
     meanwhile is refused."""
-    with connect(dsn) as conn:
+    conn = connect(dsn)
+    try:
         row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
                            (_store_lock_name(schema),)).fetchone()
         if row is None or not row[0]:
             raise StoreError("a bridge process has this store open: stop it first",
                              location=f"postgresql schema {schema}")
         yield
+    finally:
+        _let_go(conn)  # a store opened right after is not refused
 
 
 def _keep_alive(store_ref: weakref.ref[PostgresStore], stop: threading.Event,
@@ -587,7 +591,22 @@ def _keep_alive(store_ref: weakref.ref[PostgresStore], stop: threading.Event,
         del store
         stop.wait(GONE_CHECK_SECONDS if not failing else min(GONE_CHECK_SECONDS, 0.2))
     if conn is not None and not conn.closed:
+        _let_go(conn)
+
+
+def _let_go(conn: psycopg.Connection[Any]) -> None:
+    """Close ``conn``, its session's locks let go first: the server ends a session a
+    moment after its client closes it, and a restore tried at once must not find the
+    locks of a process that has stopped."""
+    try:
+        if not conn.closed and not conn.broken:
+            conn.execute("SELECT pg_advisory_unlock_all()")
+    except psycopg.Error:
+        pass
+    try:
         conn.close()
+    except psycopg.Error:
+        pass
 
 
 class PostgresStore:
@@ -626,6 +645,8 @@ class PostgresStore:
         self._lock = threading.Lock()
         self._closed = False
         self._conn: psycopg.Connection[Any] | None = None
+        # The schema's oid once it is opened: every later session checks it (_session).
+        self._schema_oid: int | None = None
         # The locks first: held before anything is claimed, and before the schema is
         # created or migrated (a restore under way refuses the store before that).
         alive = self._liveness_connection()
@@ -636,6 +657,9 @@ class PostgresStore:
                 else:
                     refuse_if_set_aside(self._connection(), self.schema)
                 self._migrate(self._connection())
+                row = self._connection().execute(
+                    "SELECT oid FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone()
+                self._schema_oid = int(row[0]) if row is not None else None
             except BaseException as exc:
                 self._closed = True
                 self._drop_connection()
@@ -706,6 +730,24 @@ class PostgresStore:
         if refused:
             conn.close()
             raise StoreError(_RESTORING, location=self.location)
+        if self._schema_oid is not None:
+            # A session of a store already open: the schema must be the one it opened.
+            # A restore run while this process was cut off from the server (its
+            # sessions ended, so their locks went) put another in its place, or set it
+            # aside; this process's state is of the store before it.
+            try:
+                row = conn.execute("SELECT oid FROM pg_namespace WHERE nspname = %s",
+                                   (self.schema,)).fetchone()
+                if not self._restoring:
+                    refuse_if_set_aside(conn, self.schema)
+            except BaseException:
+                conn.close()
+                raise
+            if row is None or int(row[0]) != self._schema_oid:
+                conn.close()
+                raise StoreError("the store was restored or replaced while this process was"
+                                 " cut off from the server: start it again",
+                                 location=self.location)
         return conn
 
     def _look(self, conn: psycopg.Connection[Any]) -> float:
@@ -749,10 +791,7 @@ class PostgresStore:
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg.Error:
-                pass
+            _let_go(self._conn)
             self._conn = None
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
