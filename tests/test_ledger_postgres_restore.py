@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from compliance_support import audit_entries
 from ops_support import bridge
 from pg_support import PGSchema, fresh_schema
@@ -25,6 +26,11 @@ from bridge.ledger import open_store
 from bridge.ledger import postgres as pgmod
 from bridge.ledger.audit import AuditRecord
 from bridge.ledger.postgres import PostgresStore, aside_schema
+
+
+@pytest.fixture
+def pg() -> Iterator[PGSchema]:
+    yield from fresh_schema()
 
 
 def _write(store: Any) -> str:
@@ -64,87 +70,92 @@ def _cut_off(store: Any, pg: PGSchema) -> Iterator[Callable[[], None]]:
         pgmod.connect = real  # type: ignore[assignment]
 
 
+def _write_after_cut_off(pg: PGSchema, site: Any, meanwhile: Callable[[], None]) -> str:
+    """A store open (a bridge process), cut off from the server while ``meanwhile``
+    runs, then connected again: what its next write says."""
+    serving = open_store(load_config(site.hospital).store)
+    try:
+        with _cut_off(serving, pg) as mend:
+            meanwhile()
+            mend()
+            return _write(serving)
+    finally:
+        serving.close()
+
+
 def test_a_process_cut_off_while_a_restore_ran_does_not_write_into_the_restored_store(
-    tmp_path: Path,
+    tmp_path: Path, pg: PGSchema
 ) -> None:
     # Cut off, the process holds no lock, so the restore runs; connected again, its
     # state is of the store before the restore, and it must not go on in the new one.
-    for pg in fresh_schema():
-        site, backup = _hospital_backed_up(tmp_path, pg)
-        serving = open_store(load_config(site.hospital).store)
-        try:
-            with _cut_off(serving, pg) as mend:
-                run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
-                assert run.returncode == 0, run.stderr
-                mend()
-                said = _write(serving)
-        finally:
-            serving.close()
-        assert "the store was restored or replaced while this process was cut off" in said
-        actions = [e.record.action for e in audit_entries(site.hospital)]
-        assert "stale.write" not in actions and actions[-1] != "stale.write"
+    site, backup = _hospital_backed_up(tmp_path, pg)
+
+    def restore() -> None:
+        run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+        assert run.returncode == 0, run.stderr
+
+    said = _write_after_cut_off(pg, site, restore)
+    assert "the store was restored or replaced while this process was cut off" in said
+    actions = [e.record.action for e in audit_entries(site.hospital)]
+    assert "stale.write" not in actions
 
 
 def test_a_process_cut_off_while_a_restore_was_killed_does_not_write_into_its_copy(
-    tmp_path: Path,
+    tmp_path: Path, pg: PGSchema
 ) -> None:
     import subprocess
 
-    for pg in fresh_schema():
-        site, backup = _hospital_backed_up(tmp_path, pg)
-        serving = open_store(load_config(site.hospital).store)
-        try:
-            with _cut_off(serving, pg) as mend:
-                # What a restore killed after pg_restore committed leaves.
-                with psycopg.connect(pg.dsn, autocommit=True) as conn:
-                    conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
-                        sql.Identifier(pg.schema), sql.Identifier(aside_schema(pg.schema))))
-                assert subprocess.run(
-                    ["pg_restore", "--no-owner", "--single-transaction", f"--dbname={pg.dsn}",
-                     str(backup / "store.pgdump")], check=False).returncode == 0
-                mend()
-                said = _write(serving)
-        finally:
-            serving.close()
-        assert "a restore was killed part way" in said, said
+    site, backup = _hospital_backed_up(tmp_path, pg)
+
+    def killed_restore() -> None:
+        # What a restore killed after pg_restore committed leaves.
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                sql.Identifier(pg.schema), sql.Identifier(aside_schema(pg.schema))))
+        assert subprocess.run(
+            ["pg_restore", "--no-owner", "--single-transaction", f"--dbname={pg.dsn}",
+             str(backup / "store.pgdump")], check=False).returncode == 0
+
+    said = _write_after_cut_off(pg, site, killed_restore)
+    assert "a restore was killed part way" in said, said
 
 
-def test_a_restore_whose_old_store_cannot_be_dropped_says_it_is_done(tmp_path: Path) -> None:
+def test_a_restore_whose_old_store_cannot_be_dropped_says_it_is_done(
+    tmp_path: Path, pg: PGSchema
+) -> None:
     # A reader (a report, a whole-database pg_dump) holds a lock on a table of the store
     # the restore set aside, and the role's lock_timeout ends the wait for it: the
     # restore is recorded all the same, and says what is left to do.
-    for pg in fresh_schema():
-        slow = PGSchema(f"{pg.dsn} options='-c lock_timeout=1000'", pg.schema)
-        site, backup = _hospital_backed_up(tmp_path, slow)
-        reader = psycopg.connect(pg.dsn)  # not in autocommit: its lock stays
-        reader.execute(sql.SQL("SELECT count(*) FROM {}.consent").format(
-            sql.Identifier(pg.schema)))
-        try:
-            run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
-        finally:
-            reader.rollback()
-            reader.close()
-        aside = aside_schema(pg.schema)
-        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
-        assert f'the restore is done and recorded, but schema "{aside}"' in run.stderr
-        assert "not put in place" not in run.stderr
-        verify = bridge("audit", "verify", "--config", str(site.hospital))
-        assert verify.returncode != 0
-        assert (f'a restore of this store is done and recorded, and schema "{aside}" still'
-                " holds the store as it was before it: drop it" in verify.stderr)
+    slow = PGSchema(f"{pg.dsn} options='-c lock_timeout=1000'", pg.schema)
+    site, backup = _hospital_backed_up(tmp_path, slow)
+    reader = psycopg.connect(pg.dsn)  # not in autocommit: its lock stays
+    reader.execute(sql.SQL("SELECT count(*) FROM {}.consent").format(
+        sql.Identifier(pg.schema)))
+    try:
+        run = bridge("store", "restore", "--config", str(site.hospital), str(backup))
+    finally:
+        reader.rollback()
+        reader.close()
+    aside = aside_schema(pg.schema)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f'the restore is done and recorded, but schema "{aside}"' in run.stderr
+    assert "not put in place" not in run.stderr
+    verify = bridge("audit", "verify", "--config", str(site.hospital))
+    assert verify.returncode != 0
+    assert (f'a restore of this store is done and recorded, and schema "{aside}" still'
+            " holds the store as it was before it: drop it" in verify.stderr)
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(aside)))
+    assert len(audit_entries(site.hospital, "store.restore")) == 1
+
+
+def test_a_schema_named_like_a_store_set_aside_is_another_store(pg: PGSchema) -> None:
+    other = f"{pg.schema}_before_restore"  # a valid schema of another controller
+    try:
+        PostgresStore(pg.dsn, schema=other).close()
+        PostgresStore(pg.dsn, schema=pg.schema).close()  # not refused
+    finally:
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(aside)))
-        assert len(audit_entries(site.hospital, "store.restore")) == 1
-
-
-def test_a_schema_named_like_a_store_set_aside_is_another_store() -> None:
-    for pg in fresh_schema():
-        other = f"{pg.schema}_before_restore"  # a valid schema of another controller
-        try:
-            PostgresStore(pg.dsn, schema=other).close()
-            PostgresStore(pg.dsn, schema=pg.schema).close()  # not refused
-        finally:
-            with psycopg.connect(pg.dsn, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-                    sql.Identifier(other)))
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(other)))
 
