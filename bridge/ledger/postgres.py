@@ -591,13 +591,14 @@ def _keep_alive(store_ref: weakref.ref[PostgresStore], stop: threading.Event,
         del store
         stop.wait(GONE_CHECK_SECONDS if not failing else min(GONE_CHECK_SECONDS, 0.2))
     if conn is not None and not conn.closed:
-        _let_go(conn)
+        conn.close()  # without a round trip (see PostgresStore._drop_connection)
 
 
 def _let_go(conn: psycopg.Connection[Any]) -> None:
     """Close ``conn``, its session's locks let go first: the server ends a session a
-    moment after its client closes it, and a restore tried at once must not find the
-    locks of a process that has stopped."""
+    moment after its client closes it, and a store opened at once must not find the
+    lock of a restore that is done. For the restore's own session, which has just
+    answered; a store's sessions close without a round trip."""
     try:
         if not conn.closed and not conn.broken:
             conn.execute("SELECT pg_advisory_unlock_all()")
@@ -790,8 +791,13 @@ class PostgresStore:
         return time.monotonic()
 
     def _drop_connection(self) -> None:
+        # Closed without a round trip: a stop must not wait on a server that does not
+        # answer. The server lets the session's locks go as it ends the session.
         if self._conn is not None:
-            _let_go(self._conn)
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
             self._conn = None
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
