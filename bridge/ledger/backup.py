@@ -114,13 +114,12 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
         import psycopg
         from psycopg import sql
 
-        from bridge.ledger.postgres import connect
+        from bridge.ledger.postgres import connect, schema_oid
 
         assert store_cfg.dsn is not None
         where = f"postgresql schema {store_cfg.db_schema}"
         with connect(store_cfg.dsn) as conn:
-            if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
-                            (store_cfg.db_schema,)).fetchone() is None:
+            if schema_oid(conn, store_cfg.db_schema) is None:
                 raise NotFound("no store in this schema yet", location=where)
         schema = sql.Identifier(store_cfg.db_schema)
         target = directory / PG_FILE
@@ -333,38 +332,31 @@ class _SchemaRestore:
             refuse_if_set_aside(conn, self.schema)
 
     def _exists(self, schema: str) -> bool:
-        from bridge.ledger.postgres import connect
+        from bridge.ledger.postgres import connect, schema_oid
 
         with connect(self.dsn) as conn:
-            return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
-                                (schema,)).fetchone() is not None
+            return schema_oid(conn, schema) is not None
 
-    def _ddl(self, *statements: tuple[str, ...]) -> None:
-        """Run ``(template, name, ...)`` statements in one transaction, each template's
-        ``{}`` filled with the quoted schema names that follow it (a ``%s`` with the
-        last)."""
+    def _ddl(self, what: str, *statements: Any) -> None:
+        """Run ``statements`` (composed SQL) in one transaction; ``what`` they do names
+        a failure."""
         import psycopg
-        from psycopg import sql
 
         from bridge.ledger.postgres import connect
 
         try:
             with connect(self.dsn) as conn, conn.transaction():
-                for template, *names in statements:
-                    if "%s" in template:
-                        conn.execute(sql.SQL(template.replace("%s", "{}")).format(
-                            *map(sql.Identifier, names[:-1]), sql.Literal(names[-1])))
-                    else:
-                        conn.execute(sql.SQL(template).format(*map(sql.Identifier, names)))
+                for statement in statements:
+                    conn.execute(statement)
         except psycopg.Error as exc:
-            raise StoreError(f"{statements[0][0].split(' {}')[0].lower()} failed"
-                             f" ({type(exc).__name__})",
+            raise StoreError(f"{what} failed ({type(exc).__name__})",
                              location=f"postgresql schema {self.schema}") from None
 
     def run(self, copy: Path, checked: Callable[[Any], int]) -> int:
         kept = self._exists(self.schema)
-        self._ddl(("ALTER SCHEMA {} RENAME TO {}", self.schema, self.aside) if kept
-                  else ("CREATE SCHEMA {}", self.aside))
+        self._ddl("setting the store aside",
+                  _named("ALTER SCHEMA {} RENAME TO {}", self.schema, self.aside) if kept
+                  else _named("CREATE SCHEMA {}", self.aside))
         try:
             run = subprocess.run(
                 ["pg_restore", "--no-owner", "--single-transaction", "--exit-on-error",
@@ -380,9 +372,10 @@ class _SchemaRestore:
             entries = checked(self.cfg)
         except BaseException as exc:
             try:
-                self._ddl(("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
-                          ("ALTER SCHEMA {} RENAME TO {}", self.aside, self.schema) if kept
-                          else ("DROP SCHEMA {}", self.aside))
+                self._ddl("putting the store back",
+                          _named("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
+                          _named("ALTER SCHEMA {} RENAME TO {}", self.aside, self.schema)
+                          if kept else _named("DROP SCHEMA {}", self.aside))
             except StoreError as undo:
                 why = exc.message if isinstance(exc, BridgeError) else type(exc).__name__
                 raise StoreError(
@@ -392,11 +385,15 @@ class _SchemaRestore:
             raise
         # Recorded: whatever happens now, the restore is done, and the schema set aside
         # says so (a lock on one of its tables can hold up dropping it).
+        from psycopg import sql
+
         from bridge.ledger.postgres import RESTORE_DONE
 
         try:
-            self._ddl(("COMMENT ON SCHEMA {} IS %s", self.aside, RESTORE_DONE))
-            self._ddl(("DROP SCHEMA {} CASCADE", self.aside))
+            self._ddl("marking the restore done", sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
+                sql.Identifier(self.aside), sql.Literal(RESTORE_DONE)))
+            self._ddl("dropping the store set aside",
+                      _named("DROP SCHEMA {} CASCADE", self.aside))
         except StoreError as exc:
             raise RestoredNotCleared(
                 f'the restore is done and recorded, but schema "{self.aside}", the store as'
@@ -404,6 +401,13 @@ class _SchemaRestore:
                 f' (DROP SCHEMA "{self.aside}" CASCADE) before starting the bridge',
                 location=f"postgresql schema {self.schema}") from None
         return entries
+
+
+def _named(template: str, *schemas: str) -> Any:
+    """``template`` with its ``{}`` filled by the quoted schema names."""
+    from psycopg import sql
+
+    return sql.SQL(template).format(*map(sql.Identifier, schemas))
 
 
 def _first_line(stderr: str) -> str:

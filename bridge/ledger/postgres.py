@@ -153,7 +153,7 @@ from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
 from bridge.ledger.tree import cache_of
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "aside_schema", "connect", "nobody_using",
-           "refuse_if_set_aside"]
+           "refuse_if_set_aside", "schema_oid"]
 
 log = logging.getLogger(__name__)
 
@@ -474,9 +474,12 @@ def aside_schema(schema: str) -> str:
 RESTORE_DONE = "ws-fhir-bridge: restore done"
 
 
-def _schema_exists(conn: psycopg.Connection[Any], schema: str) -> bool:
-    return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
-                        (schema,)).fetchone() is not None
+def schema_oid(conn: psycopg.Connection[Any], schema: str) -> int | None:
+    """The oid of ``schema``, None when there is none: a schema made anew (a restore)
+    has another."""
+    row = conn.execute("SELECT oid FROM pg_namespace WHERE nspname = %s",
+                       (schema,)).fetchone()
+    return int(row[0]) if row is not None else None
 
 
 def refuse_if_set_aside(conn: psycopg.Connection[Any], schema: str) -> None:
@@ -658,9 +661,7 @@ class PostgresStore:
                 else:
                     refuse_if_set_aside(self._connection(), self.schema)
                 self._migrate(self._connection())
-                row = self._connection().execute(
-                    "SELECT oid FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone()
-                self._schema_oid = int(row[0]) if row is not None else None
+                self._schema_oid = schema_oid(self._connection(), self.schema)
             except BaseException as exc:
                 self._closed = True
                 self._drop_connection()
@@ -696,7 +697,7 @@ class PostgresStore:
     def _require_schema(self, conn: psycopg.Connection[Any]) -> None:
         """A restore's store is the schema the restore put in place: none there is a
         copy of something else, never a reason to make a new, empty one."""
-        if not _schema_exists(conn, self.schema):
+        if schema_oid(conn, self.schema) is None:
             raise StoreError("the restored copy holds no schema of this name",
                              location=self.location)
 
@@ -737,14 +738,13 @@ class PostgresStore:
             # sessions ended, so their locks went) put another in its place, or set it
             # aside; this process's state is of the store before it.
             try:
-                row = conn.execute("SELECT oid FROM pg_namespace WHERE nspname = %s",
-                                   (self.schema,)).fetchone()
+                oid = schema_oid(conn, self.schema)
                 if not self._restoring:
                     refuse_if_set_aside(conn, self.schema)
             except BaseException:
                 conn.close()
                 raise
-            if row is None or int(row[0]) != self._schema_oid:
+            if oid != self._schema_oid:
                 conn.close()
                 raise StoreError("the store was restored or replaced while this process was"
                                  " cut off from the server: start it again",
