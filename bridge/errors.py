@@ -31,6 +31,10 @@ class BridgeError(Exception):
     # change what they typed or wrote), 1 for a runtime failure (something outside the
     # command did not work: a store, a partner, a port someone else holds).
     exit_status: ClassVar[int] = 2
+    # The location is this machine's own (a file, a store, a configuration key): it goes
+    # to the operator (logs, the command line) and never into an OperationOutcome, which
+    # a partner reads.
+    local_location: ClassVar[bool] = False
 
     def __init__(self, message: str, *, location: str | None = None, **detail: Any) -> None:
         super().__init__(message)
@@ -53,7 +57,7 @@ class BridgeError(Exception):
                 "text": self.message,
             },
         }
-        if self.location:
+        if self.location and not self.local_location:
             issue["expression"] = [self.location]
         return {"resourceType": "OperationOutcome", "issue": [issue]}
 
@@ -65,6 +69,7 @@ class ConfigError(BridgeError):
     """A configuration file is missing, unreadable or names something wrong."""
 
     code = "config-invalid"
+    local_location = True
 
 
 class UsageError(BridgeError):
@@ -78,6 +83,7 @@ class RuntimeFailure(BridgeError):
     """The command was well formed but could not be carried out (exit status 1)."""
 
     code = "runtime-failure"
+    local_location = True
     exit_status = 1
 
 
@@ -104,6 +110,7 @@ class LoadError(BridgeError):
     """A mapping, value-set, profile or catalog file in ``mappings/`` is invalid."""
 
     code = "mapping-file-invalid"
+    local_location = True
 
 
 # --- input --------------------------------------------------------------------------
@@ -314,6 +321,7 @@ class StoreError(BridgeError):
     """The durable store failed; nothing was acknowledged."""
 
     code = "store-error"
+    local_location = True
     http_status = 503
     fault = "transient"
     issue_type = "transient"

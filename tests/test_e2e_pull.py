@@ -285,7 +285,7 @@ async def test_a_link_may_answer_403_instead_and_still_reveals_nothing(tmp_path:
 @pytest.mark.parametrize(
     ("path", "params", "headers", "status", "where"),
     [
-        ("Encounter", {"patient": "{pid}", "foo": "1"}, {}, 400, "foo"),
+        ("Encounter", {"patient": "{pid}", "foo": "1"}, {}, 400, "query[1]"),
         ("Encounter", {"patient": "{pid}", "date": "ge2024-13-40"}, {}, 400, "date"),
         ("Encounter", {"patient": "{pid}", "_count": "100000"}, {}, 400, "_count"),
         ("Encounter", [("patient", "{pid}"), ("patient", "Patient/other")], {}, 400, "patient"),

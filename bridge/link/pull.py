@@ -65,9 +65,11 @@ from bridge.records.search import (
     SERVED_TYPES,
     SearchQuery,
     UnsupportedParameter,
+    check_format,
     check_id,
     decode_cursor,
     encode_cursor,
+    param_label,
     parse_everything,
     parse_search,
 )
@@ -309,11 +311,14 @@ class PullAPI:
 
     def register(self, app: web.Application, base: str) -> None:
         """Add the pull routes under ``base``; start indexing the HL7 inbox with the app."""
-        app.router.add_get(f"{base}/Patient", self.search)
-        app.router.add_get(f"{base}/Patient/{{id}}", self.read)
-        app.router.add_get(f"{base}/Patient/{{id}}/$everything", self.everything)
+        # GET only: a HEAD would run the pull (sign, audit a release, file an override for
+        # review) for a page the client never receives.
+        app.router.add_get(f"{base}/Patient", self.search, allow_head=False)
+        app.router.add_get(f"{base}/Patient/{{id}}", self.read, allow_head=False)
+        app.router.add_get(f"{base}/Patient/{{id}}/$everything", self.everything,
+                           allow_head=False)
         for rtype in SEARCHABLE:
-            app.router.add_get(f"{base}/{rtype}", self.search)
+            app.router.add_get(f"{base}/{rtype}", self.search, allow_head=False)
         if self.store_source is not None and self.serves:
             store_source = self.store_source
 
@@ -381,9 +386,11 @@ class PullAPI:
         profile = self.c.profiles[link.id]
         pull = link.pull
         if op == "read":
-            if params and any(k not in ("_format", "_pretty") for k, _ in params):
-                name = next(k for k, _ in params if k not in ("_format", "_pretty"))
-                raise UnsupportedParameter("a read takes no search parameters", location=name)
+            for position, (name, _) in enumerate(params):
+                if name not in ("_format", "_pretty"):
+                    raise UnsupportedParameter("a read takes no search parameters",
+                                               location=param_label(name, position))
+            check_format(params)
             pid = check_id(request.match_info["id"], where="Patient.id")
             return SearchQuery("Patient", "read", 1, patient=pid, ids=(pid,))
         if op == "everything":

@@ -55,9 +55,11 @@ __all__ = [
     "SearchError",
     "SearchQuery",
     "UnsupportedParameter",
+    "check_format",
     "date_range",
     "decode_cursor",
     "encode_cursor",
+    "param_label",
     "parse_everything",
     "parse_search",
     "resource_date_range",
@@ -356,21 +358,81 @@ def _date_filter(name: str, raw: str) -> DateFilter:
 # --- parsing -------------------------------------------------------------------------------
 
 
+#: Names a refusal may repeat: FHIR R4's common search parameters, those of the types
+#: served and $everything's (what a client means to send). A name is otherwise what the client wrote, which
+#: may be a value: a client that percent-encodes the ``=`` sends
+#: ``identifier=SYSTEM|VALUE`` as a name, and ``Patient/ID?VALUE`` sends a bare value.
+_NAMEABLE = frozenset({
+    "_id", "_lastUpdated", "_tag", "_profile", "_security", "_source", "_text", "_content",
+    "_list", "_has", "_type", "_query", "_filter", "_sort", "_count", "_include",
+    "_revinclude", "_summary", "_total", "_elements", "_contained", "_containedType",
+    "_format", "_pretty", "_since", "_at", "_cursor",
+    "identifier", "patient", "subject", "encounter", "code", "category", "status", "date",
+    "name", "family", "given", "birthdate", "gender", "address", "telecom", "phone", "email",
+    "active", "organization", "general-practitioner", "link", "deceased",
+    "clinical-status", "verification-status", "severity", "onset-date", "abatement-date",
+    "recorded-date", "body-site", "evidence", "asserter", "stage",
+    "class", "type", "period", "length", "location", "participant", "practitioner",
+    "service-provider", "reason-code", "reason-reference", "episode-of-care", "account",
+    "diagnosis", "based-on", "performer", "result", "issued", "conclusion", "specimen",
+    "value-quantity", "value-concept", "value-string", "value-date", "component-code",
+    "combo-code", "combo-value-quantity", "data-absent-reason", "has-member", "derived-from",
+    "focus", "method", "device", "medication", "intent", "authoredon", "requester",
+    "priority", "author", "title", "section", "attester", "related-id", "related-ref",
+    "confidentiality", "description", "relatesto", "security-label", "setting",
+    "custodian", "contenttype", "format", "language", "facility", "event", "reason",
+    "partof", "instantiates-canonical",
+    # Patient/$everything's own parameters in R4.
+    "start", "end",
+    *(name for params in SEARCH_PARAMS.values() for name in params),
+    *EVERYTHING_PARAMS,
+})
+
+
+def param_label(name: str, position: int) -> str:
+    """How a refusal names the query parameter ``name`` at ``position`` (from 0): the
+    name when it is a search parameter's (a modifier or a chain reduced to the name before
+    it), else its position, ``query[N]``: never text of the client's that may be a value
+    (PROTOCOL P-PULL-19)."""
+    if name in _NAMEABLE:
+        return name
+    base = re.split(r"[:.]", name, maxsplit=1)[0]
+    return base if base in _NAMEABLE else f"query[{position}]"
+
+
 def _check_names(
     params: Sequence[tuple[str, str]], allowed: dict[str, ParamKind], rtype: str
 ) -> None:
-    for name, _ in params:
+    for position, (name, _) in enumerate(params):
         base, colon, _modifier = name.partition(":")
+        where = param_label(name, position)
         if base == "_revinclude":
-            raise UnsupportedParameter("_revinclude is not supported", location=name)
+            raise UnsupportedParameter("_revinclude is not supported", location=where)
         if colon:
-            raise UnsupportedParameter("search modifiers are not supported", location=name)
+            raise UnsupportedParameter("search modifiers are not supported", location=where)
         if "." in base:
-            raise UnsupportedParameter("chained search is not supported", location=name)
+            raise UnsupportedParameter("chained search is not supported", location=where)
         if base not in allowed:
             raise UnsupportedParameter(
-                f"search parameter not supported for {rtype}", location=name
+                f"search parameter not supported for {rtype}", location=where
             )
+    _bound_repeats(params)
+
+
+#: How often one parameter may stand in a query. A date parameter's values are ANDed: a
+#: range is two, and no meaningful query needs more than a few; each is a comparison the
+#: store makes, so a query repeating one without bound is refused here, naming it, and
+#: never reaches the store.
+MAX_REPEATS = 8
+
+
+def _bound_repeats(params: Sequence[tuple[str, str]]) -> None:
+    seen: dict[str, int] = {}
+    for name, _ in params:
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > MAX_REPEATS:
+            raise SearchError(f"a parameter may be given at most {MAX_REPEATS} times",
+                              location=name)
 
 
 def _single(params: Sequence[tuple[str, str]], name: str) -> str | None:
@@ -397,7 +459,9 @@ def _count(params: Sequence[tuple[str, str]], *, default: int, limit: int) -> in
     return count
 
 
-def _format(params: Sequence[tuple[str, str]]) -> None:
+def check_format(params: Sequence[tuple[str, str]]) -> None:
+    """Refuse a ``_format`` other than JSON, a ``_pretty`` other than true or false, or
+    either given twice (SearchError naming it)."""
     fmt = _single(params, "_format")
     if fmt is not None and fmt not in _FORMATS:
         raise SearchError("only JSON is served", location="_format")
@@ -473,7 +537,7 @@ def parse_search(
         raise UnsupportedParameter("resource type not served", location=rtype)
     allowed = {k: v for k, v in declared.items() if offered is None or k in set(offered)}
     _check_names(params, allowed, rtype)
-    _format(params)
+    check_format(params)
     count = _count(params, default=default_count, limit=max_count)
     cursor = _single(params, "_cursor")
     last_updated = tuple(_date_filter("_lastUpdated", v) for k, v in params if k == "_lastUpdated")
@@ -526,7 +590,7 @@ def parse_everything(
     """Validate ``GET [base]/Patient/{id}/$everything?...`` (``types``: what the link serves)."""
     served = set(types)
     _check_names(params, EVERYTHING_PARAMS, "Patient/$everything")
-    _format(params)
+    check_format(params)
     count = _count(params, default=default_count, limit=max_count)
     since = _single(params, "_since")
     last_updated: tuple[DateFilter, ...] = ()
