@@ -10,8 +10,8 @@ client can send by mistake or on purpose:
   P-PULL-19: refusals carry no value from the request);
 - a date parameter repeated without bound is refused as the client's mistake, naming the
   parameter, instead of failing in the store and telling the partner where the store is;
-- a HEAD request runs no pull: nothing is signed, audited as released, or filed for
-  review that the platform never received;
+- a HEAD request runs no pull (nor a consent read or a checkpoint): nothing is signed,
+  audited as released, or filed for review that the platform never received;
 - a read refuses a ``_format`` or ``_pretty`` it does not serve, as a search does
   (P-PULL-5: a parameter is never ignored).
 """
@@ -142,7 +142,7 @@ async def test_head_runs_no_pull(site: PullSite, headers: dict[str, str]) -> Non
     _record, pid = await consented(site)
     before = len(audit_texts(site))
     for path in (f"Patient/{pid}/$everything", f"Patient/{pid}", f"Observation?patient={pid}",
-                 f"Patient?_id={pid}"):
+                 f"Patient?_id={pid}", "Consent/pull-1", "$audit-checkpoint"):
         status, body = await request(site, path, method="HEAD", headers=headers)
         assert status == 405, (path, status)
         assert body == b""

@@ -274,7 +274,9 @@ class ReceiverApp:
         consents = ConsentAPI(self)
         app.router.add_post(f"{base}/Consent", consents.create)
         app.router.add_put(f"{base}/Consent/{{id}}", consents.update)
-        app.router.add_get(f"{base}/Consent/{{id}}", consents.read)
+        # GET only on what answers with records or signs (a HEAD would do the work and
+        # audit it for an answer nobody receives); metadata answers HEAD too.
+        app.router.add_get(f"{base}/Consent/{{id}}", consents.read, allow_head=False)
         self.pull = PullAPI(self)
         self.pull.register(app, base)
         AuditExchangeAPI(self).register(app, base)

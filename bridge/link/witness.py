@@ -143,7 +143,7 @@ class AuditExchangeAPI:
         self.c = receiver.c
 
     def register(self, app: web.Application, base: str) -> None:
-        app.router.add_get(f"{base}/$audit-checkpoint", self.checkpoint)
+        app.router.add_get(f"{base}/$audit-checkpoint", self.checkpoint, allow_head=False)
         app.router.add_post(f"{base}/$audit-cosign", self.cosign)
 
     async def checkpoint(self, request: web.Request) -> web.Response:
