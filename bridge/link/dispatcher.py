@@ -30,6 +30,7 @@ import ssl
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Any
 
 import aiohttp
@@ -1071,12 +1072,39 @@ def _answer_error(status: int, body: bytes, *, retry_after: float | None,
     )
 
 
+#: What a refusal's code becomes when it is not one of the protocol's (PROTOCOL §7).
+UNLISTED_CODE = "unlisted-code"
+
+
+@lru_cache(maxsize=1)
+def protocol_codes() -> frozenset[str]:
+    """The error codes a partner may answer with (PROTOCOL §7, P-ERR-4): those of this
+    bridge's own errors, the claim path's and record pull's."""
+    import bridge.records.search
+    import bridge.trust.checkpoint  # noqa: F401 - their errors are the protocol's too
+
+    modules = {BridgeError.__module__, "bridge.records.search", "bridge.trust.checkpoint"}
+    found: set[str] = set()
+    stack: list[type[BridgeError]] = [BridgeError]
+    while stack:
+        cls = stack.pop()
+        if cls.__module__ in modules:
+            found.add(cls.code)
+        stack.extend(cls.__subclasses__())
+    return frozenset(found)
+
+
 def _remote_code(body: bytes) -> str | None:
+    """The code of a partner's OperationOutcome, as the outbox, the audit trail, the log
+    and the status page keep it: one of the protocol's codes, else ``unlisted-code``.
+    The partner wrote it, and its text could be anything (a value, a name, thousands of
+    characters); the answer itself is kept whole as the outbox's evidence."""
     try:
         outcome = orjson.loads(body)
-        return str(outcome["issue"][0]["details"]["coding"][0]["code"])
+        code = outcome["issue"][0]["details"]["coding"][0]["code"]
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
         return None
+    return code if isinstance(code, str) and code in protocol_codes() else UNLISTED_CODE
 
 
 __all__ = ["CertificateFault", "Dispatcher", "LinkStats", "classify_exception"]
