@@ -13,7 +13,10 @@ evidence, as before.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import pkgutil
+import re
 import ssl
 from pathlib import Path
 
@@ -23,8 +26,11 @@ from aiohttp import web
 from e2e_support import LINK_OUT, consent_for, make_workdir
 from test_e2e_delivery import fast_retries
 
+import bridge
 from bridge.config import load_config
 from bridge.demo import INSURER
+from bridge.errors import BridgeError
+from bridge.link.dispatcher import protocol_codes
 from bridge.link.node import Controller
 from bridge.link.service import BridgeService
 from bridge.samples import inpatient_records
@@ -57,6 +63,9 @@ async def _refusing_insurer(root: Path, port: int, code: str) -> web.AppRunner:
     (HOSTILE, "unlisted-code"),
     (ID_NUMBER, "unlisted-code"),
     ("fhir-invalid", "fhir-invalid"),
+    # Codes of the protocol answered outside §7's table (§9.4, §8a).
+    ("agreement-refused", "agreement-refused"),
+    ("sync-invalid", "sync-invalid"),
 ])
 async def test_a_partner_code_is_kept_only_when_it_is_the_protocols(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, answered: str, kept: str
@@ -88,3 +97,23 @@ async def test_a_partner_code_is_kept_only_when_it_is_the_protocols(
     if kept == "unlisted-code":
         assert ID_NUMBER not in caplog.text
         assert ID_NUMBER not in (row.last_error or "")
+
+
+def test_every_code_the_protocol_names_is_kept() -> None:
+    """A code PROTOCOL.md names, and that one of the bridge's errors answers with, is one
+    a sender keeps: none is lost to ``unlisted-code`` because its error class lives in a
+    module the list was not made from."""
+    for module in pkgutil.walk_packages(bridge.__path__, "bridge."):
+        if module.name != "bridge.__main__":  # the command line, run on import
+            importlib.import_module(module.name)
+    defined: dict[str, str] = {}
+    stack: list[type[BridgeError]] = [BridgeError]
+    while stack:
+        cls = stack.pop()
+        defined[cls.code] = cls.__module__
+        stack.extend(cls.__subclasses__())
+    text = (Path(__file__).resolve().parents[1] / "conformance" / "PROTOCOL.md").read_text(
+        encoding="utf-8")
+    named = set(re.findall(r"`(?:\d{3} )?([a-z]+(?:-[a-z]+)+)`", text)) & set(defined)
+    assert {"agreement-refused", "sync-invalid", "rate-limited", "fhir-invalid"} <= named
+    assert named - protocol_codes() == set()

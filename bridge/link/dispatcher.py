@@ -1078,17 +1078,20 @@ UNLISTED_CODE = "unlisted-code"
 
 @lru_cache(maxsize=1)
 def protocol_codes() -> frozenset[str]:
-    """The error codes a partner may answer with (PROTOCOL §7, P-ERR-4): those of this
-    bridge's own errors, the claim path's and record pull's."""
+    """The error codes a partner may answer with (PROTOCOL §7, P-ERR-4): the codes of
+    this bridge's own errors, wherever the protocol answers with them (the claim path,
+    sync, agreements, audit checkpoints, record pull)."""
+    import bridge.compliance.agreements
+    import bridge.link.pull
+    import bridge.link.sync
     import bridge.records.search
-    import bridge.trust.checkpoint  # noqa: F401 - their errors are the protocol's too
+    import bridge.trust.checkpoint  # noqa: F401 - imported for their errors' codes
 
-    modules = {BridgeError.__module__, "bridge.records.search", "bridge.trust.checkpoint"}
     found: set[str] = set()
     stack: list[type[BridgeError]] = [BridgeError]
     while stack:
         cls = stack.pop()
-        if cls.__module__ in modules:
+        if cls.__module__.startswith("bridge."):
             found.add(cls.code)
         stack.extend(cls.__subclasses__())
     return frozenset(found)

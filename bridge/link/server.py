@@ -825,10 +825,13 @@ def outcome_on_failure(receiver: ReceiverApp) -> Any:
                 raise
             # The path is whatever the client sent: named by its route, never echoed.
             err = BridgeError(exc.reason or "request refused", location=_route_name(request))
+            # A 405 says which methods the resource answers (RFC 9110 §15.5.6).
+            allow = exc.headers.get("Allow")
             return web.Response(
                 status=exc.status,
                 body=orjson.dumps(err.to_operation_outcome()),
                 content_type=FHIR_JSON,
+                headers={"Allow": allow} if allow is not None else None,
             )
         except ClientGone:
             log.debug("%s %s: the client went away mid-request", request.method,

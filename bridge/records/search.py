@@ -416,23 +416,27 @@ def _check_names(
             raise UnsupportedParameter(
                 f"search parameter not supported for {rtype}", location=where
             )
-    _bound_repeats(params)
+    _bound_dates(params, allowed)
 
 
-#: How often one parameter may stand in a query. A date parameter's values are ANDed: a
-#: range is two, and no meaningful query needs more than a few; each is a comparison the
-#: store makes, so a query repeating one without bound is refused here, naming it, and
-#: never reaches the store.
-MAX_REPEATS = 8
+#: How often one date parameter may stand in a query. Its values are ANDed: a range is
+#: two, and no meaningful query needs more than a few; each is a comparison the store
+#: makes, so a query repeating one without bound is refused here, naming it, and never
+#: reaches the store. (Other parameters repeat harmlessly: a repeated ``_type`` adds
+#: types, a repeated ``patient`` must name the same one.)
+MAX_DATE_REPEATS = 8
 
 
-def _bound_repeats(params: Sequence[tuple[str, str]]) -> None:
+def _bound_dates(params: Sequence[tuple[str, str]], allowed: dict[str, ParamKind]) -> None:
     seen: dict[str, int] = {}
     for name, _ in params:
+        if allowed.get(name) != "date":
+            continue
         seen[name] = seen.get(name, 0) + 1
-        if seen[name] > MAX_REPEATS:
-            raise SearchError(f"a parameter may be given at most {MAX_REPEATS} times",
-                              location=name)
+        if seen[name] > MAX_DATE_REPEATS:
+            raise SearchError(
+                f"a date parameter may be given at most {MAX_DATE_REPEATS} times",
+                location=name)
 
 
 def _single(params: Sequence[tuple[str, str]], name: str) -> str | None:
