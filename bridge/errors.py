@@ -13,6 +13,7 @@ logged and sent to partners, and must not carry health data.
 from __future__ import annotations
 
 import errno
+import re
 from typing import Any, ClassVar, Literal
 
 Fault = Literal["peer", "local", "transient"]
@@ -326,3 +327,42 @@ class StoreError(BridgeError):
     fault = "transient"
     issue_type = "transient"
     exit_status = 1
+
+
+# --- naming where in a client's JSON ----------------------------------------------------
+
+# How FHIR writes an element's name (``birthDate``, ``valueQuantity``) and a primitive's
+# extension sibling (``_birthDate``): ASCII letters and digits, a letter first.
+_ELEMENT_NAME = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}")
+#: The longest JSON path an error names; a deeper one is cut, marked with "...".
+MAX_PATH = 200
+
+
+def member_label(name: str) -> str:
+    """How an error names a member of a client's JSON object: its name when it is written
+    as FHIR element names are, else ``*``. The name is the client's text: a member named
+    after a patient (``"张三 330108…": 1``) is a value, not a place."""
+    return name if _ELEMENT_NAME.fullmatch(name) else "*"
+
+
+def bounded_path(path: str) -> str:
+    """``path`` cut to :data:`MAX_PATH` characters (deep nesting makes long paths, and
+    an error's location goes into the audit trail)."""
+    return path if len(path) <= MAX_PATH else path[: MAX_PATH - 3] + "..."
+
+
+# A system URI or a code as a profile selects by it (``urn:oid:2.16.156.10011.1.13``,
+# ``mobile``): no spaces, no run of six digits or more (which a record number or an ID
+# number has, and an OID's arcs do not).
+_SELECTOR = re.compile(r"[A-Za-z0-9:._/\-]{1,100}")
+_DIGIT_RUN = re.compile(r"[0-9]{6}")
+
+
+def value_label(value: Any) -> str:
+    """How an error or a removed path names the value a selection was made by (the
+    system of an identifier left out): as it is when it reads as a system or a code,
+    else ``*``: the value is the sender's text."""
+    text = str(value)
+    if _SELECTOR.fullmatch(text) and not _DIGIT_RUN.search(text):
+        return text
+    return "*"

@@ -27,6 +27,8 @@ from bridge.errors import (
     SenderMismatch,
     UnsupportedEvent,
     WrongReceiver,
+    bounded_path,
+    member_label,
 )
 
 EVENT_SYSTEM = "urn:ws-fhir-bridge:event"
@@ -106,9 +108,10 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for name, _ in pairs:
             if name in seen:
-                # Member names are element names, not values: naming one is safe.
+                # Named only when written as an element name is (see member_label).
                 raise ParseError(
-                    "a member name appears twice in one object", location=f"body#{name[:64]}"
+                    "a member name appears twice in one object",
+                    location=f"body#{member_label(name)}",
                 )
             seen.add(name)
     return result
@@ -277,16 +280,18 @@ def _check_shape(value: Any, limit: int = MAX_NESTING) -> None:
         node, path, depth = stack.pop()
         if isinstance(node, dict):
             if depth > limit:
-                raise ParseError(f"nested deeper than {limit} levels", location=path)
-            stack.extend((v, f"{path}.{k}", depth + 1) for k, v in node.items()
+                raise ParseError(f"nested deeper than {limit} levels",
+                                 location=bounded_path(path))
+            stack.extend((v, f"{path}.{member_label(k)}", depth + 1) for k, v in node.items()
                          if isinstance(v, (dict, list, int)))
         elif isinstance(node, list):
             if depth > limit:
-                raise ParseError(f"nested deeper than {limit} levels", location=path)
+                raise ParseError(f"nested deeper than {limit} levels",
+                                 location=bounded_path(path))
             stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node)
                          if isinstance(v, (dict, list, int)))
         elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > MAX_SAFE_INTEGER:
-            raise ParseError("integer beyond ±(2^53 - 1)", location=path)
+            raise ParseError("integer beyond ±(2^53 - 1)", location=bounded_path(path))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from bridge.errors import (
 )
 from bridge.files import private_folder, write_private
 from bridge.ledger import records as rec
-from bridge.link.dispatcher import classify_exception
+from bridge.link.dispatcher import UNLISTED_CODE, classify_exception, protocol_codes
 from bridge.link.partner_http import PAGE_LIMIT, partner_session, read_answer
 from bridge.link.pull import ACTOR_HEADER, PURPOSE_HEADER, REASON_HEADER
 from bridge.messages import read_json
@@ -150,14 +150,26 @@ async def pull_patient(
 
 
 def _refusal_text(status: int, body: bytes) -> str:
+    """What a partner's refusal says, for this side's operator: its code when it is one
+    of the protocol's, and its location when it reads as one (PROTOCOL P-ERR-4). The rest
+    is the partner's text, which could be anything."""
     try:
         outcome = orjson.loads(body)
         issue = outcome["issue"][0]
         code = issue["details"]["coding"][0]["code"]
         where = (issue.get("expression") or ["-"])[0]
-        return f"the partner refused ({code} at {where})"
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
         return f"the partner answered HTTP {status}"
+    code = code if isinstance(code, str) and code in protocol_codes() else UNLISTED_CODE
+    where = where if isinstance(where, str) and _LOCATION.fullmatch(where) and not (
+        _DIGIT_RUN.search(where)) else "-"
+    return f"the partner refused ({code} at {where})"
+
+
+# A location as the protocol's refusals write them: a FHIR path (Bundle.entry[1].resource),
+# a JSON path ($.a), a body offset (body[12]), a parameter or header name.
+_LOCATION = re.compile(r"[A-Za-z_$][A-Za-z0-9_$#.:\[\]\-]{0,199}")
+_DIGIT_RUN = re.compile(r"[0-9]{6}")
 
 
 async def _verify_and_keep(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -877,6 +878,17 @@ def _inbound_link_id(c: Controller, partner_id: str) -> str:
 # --- consents ----------------------------------------------------------------------------
 
 
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def _consent_subject(consent_id: Any) -> str:
+    """The audit subject of a consent write: ``Consent/ID`` when the id is a FHIR id,
+    else ``Consent`` (the text is the caller's, not yet checked, and could be anything)."""
+    if isinstance(consent_id, str) and _FHIR_ID.fullmatch(consent_id):
+        return f"Consent/{consent_id}"
+    return "Consent"
+
+
 class ConsentAPI:
     """``POST/PUT/GET [base]/Consent``: register, amend, revoke and read consents.
 
@@ -963,14 +975,14 @@ class ConsentAPI:
             caller = self.r._caller(request)
         except TrustError as exc:  # no certificate, no partner, or an ambiguous one
             return await self.r._refuse(exc, partner=None, subject="consent")
-        subject = f"Consent/{consent_id}" if consent_id else "Consent"
+        subject = _consent_subject(consent_id)
         try:
             body, resource = await self._read_consent(request)
             if consent_id is None:
                 resource.setdefault("id", uuid.uuid4().hex)
             elif resource.get("id") != consent_id:
                 raise ParseError("Consent.id differs from the id in the URL", location="Consent.id")
-            subject = f"Consent/{resource['id']}"
+            subject = _consent_subject(resource["id"])
             source = "local"
             if caller is not None:
                 signature = self._check_partner_submission(request, caller, body, resource)

@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from bridge.errors import ConfigError, LoadError
+from bridge.errors import ConfigError, LoadError, member_label, value_label
 from bridge.policy._yaml import Key, LocatedYAML, load_located
 from bridge.policy.classify import (
     GRADES,
@@ -334,7 +334,7 @@ def _minimize(
         if key in _BUNDLE_KEPT:
             out[key] = value
         elif key != "entry":
-            removed.append(f"Bundle.{key}")
+            removed.append(f"Bundle.{member_label(key)}")
     tf = transforms and bool(profile.transforms)
     entries: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
@@ -347,14 +347,14 @@ def _minimize(
         rtype = str(resource.get("resourceType"))
         plan = profile.pruning(rtype, transforms)
         if plan is None:
-            removed.append(rtype)
+            removed.append(member_label(rtype))
             dropped.append(entry)
             if gone is not None:
                 gone.append(resource)
             continue
         for key in entry:
             if key not in ("fullUrl", "resource"):
-                removed.append(f"Bundle.entry.{key}")
+                removed.append(f"Bundle.entry.{member_label(key)}")
         new_entry: dict[str, Any] = {}
         if "fullUrl" in entry:
             new_entry["fullUrl"] = entry["fullUrl"]
@@ -523,7 +523,7 @@ def _prune(
         base = key[1:] if key[:1] == "_" else key
         rule = rules.get(base)
         if rule is None:
-            removed.append(f"{path}.{base}")
+            removed.append(f"{path}.{member_label(base)}")
             if gone is not None:
                 gone.append({key: value})
             continue
@@ -534,7 +534,7 @@ def _prune(
             for e in entries:
                 if not match.admits(e):
                     what = e.get(match.field) if isinstance(e, dict) else None
-                    removed.append(f"{full}[{match.field}={what}]")
+                    removed.append(f"{full}[{match.field}={value_label(what)}]")
                     if gone is not None:
                         gone.append({key: e})
             if not admitted:

@@ -23,7 +23,7 @@ from fhir_core.types import FhirBase, FhirElementOrResourceBase
 from pydantic._internal._validators import import_string
 from pydantic_core import SchemaValidator
 
-from bridge.errors import ValidationError
+from bridge.errors import ValidationError, bounded_path, member_label
 
 # Required bindings that the models leave unchecked but partners rely on.
 _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
@@ -50,13 +50,15 @@ _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
 
 
 def _location(loc: tuple[Any, ...], prefix: str) -> str:
+    """The FHIR path of a model error's location. A member the models do not know is the
+    client's text, named as :func:`~bridge.errors.member_label` names it."""
     path = prefix
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
         else:
-            path += f".{part}"
-    return path
+            path += f".{member_label(str(part))}"
+    return bounded_path(path)
 
 
 def validate_resource(resource: dict[str, Any], *, path: str | None = None) -> None:

@@ -183,9 +183,10 @@ def verify_checkpoint(note: str, name: str, keys: Sequence[PublicKey], *,
     The origin must be ``name``'s: a checkpoint of one log cannot stand for another.
     """
     cp = parse_checkpoint(note, where=where)
-    where = f"checkpoint {cp.name}"
     if cp.origin != origin_for(name):
-        raise CheckpointError(f"checkpoint is not of {name}'s log", location=where)
+        # Named by its place only: the origin it states is the sender's text.
+        raise CheckpointError(f"checkpoint is not of {name}'s log", location=f"{where} line 1")
+    where = f"checkpoint {cp.name}"
     body, sigs = _split_note(note, where)
     for signer, raw in sigs:
         if signer != name:
