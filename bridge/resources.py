@@ -86,8 +86,9 @@ class MappingFiles:
         """Every file of the site directory and whether it overrides or adds.
 
         Raises :class:`~bridge.errors.ConfigError` naming a file the site may not overlay
-        (a catalog, a WS 445 mapping, a link profile, a misspelt folder). Hidden files and
-        ``*.md`` notes are ignored.
+        (a catalog, a WS 445 mapping, a link profile, a misspelt folder), or anything but a
+        regular file where an overlay file belongs (a folder named ``his-charge-item.yaml``,
+        a dangling link). Hidden files and ``*.md`` notes are ignored.
         """
         from bridge.errors import ConfigError
 
@@ -96,13 +97,22 @@ class MappingFiles:
         if not self.site.is_dir():
             raise ConfigError("site directory does not exist", location=str(self.site))
         out: list[Overlay] = []
-        for path in sorted(p for p in self.site.rglob("*") if p.is_file()):
+        for path in sorted(self.site.rglob("*")):
             relative = path.relative_to(self.site).as_posix()
             if any(part.startswith(".") for part in relative.split("/")) \
                     or relative.endswith(".md"):
                 continue
             folder, _, name = relative.rpartition("/")
-            if not any(folder == f and Path(name).match(pattern) for f, pattern in OVERLAYABLE):
+            overlayable = any(folder == f and Path(name).match(pattern)
+                              for f, pattern in OVERLAYABLE)
+            if path.is_dir() and not overlayable:
+                continue  # a folder: its files are checked one by one
+            if overlayable and not path.is_file():
+                # A folder, a dangling link or a device where an overlay file belongs
+                # would be passed over by the loaders, and the shipped file used unsaid.
+                raise ConfigError("not a regular file: an overlay must be a YAML file",
+                                  location=str(path))
+            if not overlayable:
                 raise ConfigError(
                     "not a file a site may overlay (value sets, identifier type codes, HL7 "
                     "message mappings, visit assembly, charge items, facilities)",

@@ -110,3 +110,81 @@ def test_serve_refuses_to_start_with_a_broken_overlay(tmp_path: Path,
     assert "listening" not in err  # refused before anything listens
     [line] = [x for x in err.splitlines() if x.startswith("error [")]
     assert line.startswith("error [config-invalid]: ") and f"{broken}:2 GZZS" in line
+
+
+def _fee_class_overlay(site: Path) -> tuple[Path, int]:
+    """A site whose fee-class table names a row that is not a front-sheet element."""
+    folder = site / "hl7v2" / "valuesets"
+    folder.mkdir(parents=True)
+    text = (ROOT / "mappings" / "hl7v2" / "valuesets" / "his-fee-category.yaml").read_text(
+        encoding="utf-8")
+    assert 'target: "HDSD00.11.147"' in text
+    overlay = folder / "his-fee-category.yaml"
+    overlay.write_text(text.replace('target: "HDSD00.11.147"', 'target: "XDSD00.11.147"', 1),
+                       encoding="utf-8")
+    [line] = [i for i, row in enumerate(text.splitlines(), 1) if "HDSD00.11.147" in row]
+    return overlay, line
+
+
+def test_a_broken_fee_class_overlay_is_named_at_the_overlay_not_the_shipped_mapping(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    overlay, line = _fee_class_overlay(tmp_path / "site")
+    assert main(["mappings", "check", "--site", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error [config-invalid]: ")
+    assert f"{overlay}:{line} target" in err
+    assert "DFT_P03.yaml" not in err
+
+
+def test_serve_names_a_broken_fee_class_overlay(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    hospital_cfg, _ = make_workdir(tmp_path)
+    overlay, line = _fee_class_overlay(tmp_path / "site")
+    with hospital_cfg.open("a", encoding="utf-8") as fh:
+        fh.write('\n[mllp]\nhost = "127.0.0.1"\nport = 0\ntls = false\n[intake]\nsite = "site"\n')
+    assert main(["serve", "--config", str(hospital_cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "listening" not in err
+    [error] = [x for x in err.splitlines() if x.startswith("error [")]
+    assert f"{overlay}:{line} target" in error and "DFT_P03.yaml" not in error
+
+
+def test_an_identifier_type_overlay_losing_a_selected_target_names_its_concepts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "site" / "hl7v2" / "valuesets"
+    folder.mkdir(parents=True)
+    text = (ROOT / "mappings" / "hl7v2" / "valuesets" / "hl70203-identifier-type.yaml"
+            ).read_text(encoding="utf-8")
+    overlay = folder / "hl70203-identifier-type.yaml"
+    overlay.write_text(text.replace("target: inpatient-number", "target: inpatient-numbr"),
+                       encoding="utf-8")
+    [line] = [i for i, row in enumerate(text.splitlines(), 1) if row.startswith("concepts:")]
+    assert main(["mappings", "check", "--site", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err
+    assert f"{overlay}:{line} concepts" in err and "inpatient-number" in err
+
+
+@pytest.mark.parametrize("relative", ["hl7v2/valuesets/his-charge-item.yaml",
+                                      "hl7v2/facilities.yaml",
+                                      "valuesets/cv02-01-101-id-document-type.yaml"])
+def test_a_folder_where_an_overlay_file_belongs_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], relative: str) -> None:
+    hospital_cfg, _ = make_workdir(tmp_path)
+    (tmp_path / "site" / relative).mkdir(parents=True)
+    assert main(["mappings", "check", "--site", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error [config-invalid]: ") and str(tmp_path / "site" / relative) in err
+    with hospital_cfg.open("a", encoding="utf-8") as fh:
+        fh.write('\n[mllp]\nhost = "127.0.0.1"\nport = 0\ntls = false\n[intake]\nsite = "site"\n')
+    assert main(["serve", "--config", str(hospital_cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "listening" not in err and str(tmp_path / "site" / relative) in err
+
+
+def test_a_dangling_link_where_an_overlay_file_belongs_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "site" / "hl7v2" / "valuesets"
+    folder.mkdir(parents=True)
+    (folder / "his-charge-item.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    assert main(["mappings", "check", "--site", str(tmp_path / "site")]) == 2
+    assert str(folder / "his-charge-item.yaml") in capsys.readouterr().err

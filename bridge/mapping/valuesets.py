@@ -59,7 +59,10 @@ class ValueSetMap:
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def where(self, code: str | None = None, key: str = "code") -> str:
-        """``file:line key`` of a concept (or the file) for errors found by its users."""
+        """``file:line key`` of a concept for errors found by its users; without a code,
+        the file's ``concepts`` list (with ``key="concepts"``) or the file itself."""
+        if code is None and key == "concepts" and self.lines.get("") and self.file:
+            return f"{self.file}:{self.lines['']} concepts"
         if code is None or code not in self.lines:
             return self.file or self.id
         return f"{self.file}:{self.lines[code]} {key}"
@@ -142,6 +145,10 @@ def load_valueset(path: Path) -> ValueSetMap:
     concepts: dict[str, Concept] = {}
     lines: dict[str, int] = {}
     raw_concepts = data.get("concepts", SourceList())
+    if "concepts" in data:
+        # The line of the list itself, for a mistake about the table as a whole (no code
+        # has the target a mapping selects by), under the key "" (no code is empty).
+        lines[""] = data.key_lines.get("concepts", data.line)
     if not isinstance(raw_concepts, list):
         raise LoadError("concepts must be a list", location=data.where("concepts"))
     if unmapped == "error" and not raw_concepts:

@@ -358,7 +358,7 @@ class _Loader:
         unknown = sorted(codes - known)
         if unknown:
             raise LoadError(f"no code of the table has the target {', '.join(unknown)}, which "
-                            f"{where} selects by", location=vs.where())
+                            f"{where} selects by", location=vs.where(key="concepts"))
 
     def rule(self, data: Any, where: str, group_segment: str | None) -> Rule:
         if not isinstance(data, SourceMap):
@@ -606,7 +606,7 @@ class _Loader:
             if fee_class is None:
                 raise LoadError("unknown value set", location=data.where("fee_class"))
             for concept in fee_class.concepts.values():
-                self.element_id(concept.target, data.where("fee_class"))
+                self.element_id(concept.target, fee_class.where(concept.code, "target"))
             for concept in vs.concepts.values():
                 if (concept.target or concept.code) not in fee_class.concepts:
                     raise LoadError(f"the charge item names no fee class of {fee_class.id} "
@@ -614,7 +614,7 @@ class _Loader:
                                     location=vs.where(concept.code, "target"))
         else:
             for concept in vs.concepts.values():
-                self.element_id(concept.target, _where(cat, "valueset"))
+                self.element_id(concept.target, vs.where(concept.code, "target"))
         transaction: Path_ | None = None
         tvs: ValueSetMap | None = None
         if "transaction" in data:
