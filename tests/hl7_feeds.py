@@ -84,8 +84,11 @@ class InpatientVisit:
         finally:
             self.family = saved
 
-    def dft(self, cid: str, charges: list[Charge], ts: str = "20260305120000") -> bytes:
-        ft1 = [f"FT1|{i}|{cid}-{i}||{c.date}|{c.date}|{c.kind}|{c.item}^{c.name}^L|||1|{c.amount}"
+    def dft(self, cid: str, charges: list[Charge], ts: str = "20260305120000", *,
+            transactions: str | None = None) -> bytes:
+        """FT1-2 is ``<transactions>-<n>`` (by default the message's control id)."""
+        ids = transactions or cid
+        ft1 = [f"FT1|{i}|{ids}-{i}||{c.date}|{c.date}|{c.kind}|{c.item}^{c.name}^L|||1|{c.amount}"
                for i, c in enumerate(charges, start=1)]
         return _join(self._msh("DFT^P03^DFT_P03", cid, ts), f"EVN|P03|{ts}", self._pid(),
                      self._pv1(discharged=False), *ft1)

@@ -97,6 +97,63 @@ async def test_a_stay_sent_over_mllp_arrives_at_the_insurer_as_one_claim(tmp_pat
         await pair.stop()
 
 
+def _front_sheet(pair: IntakePair) -> dict[str, Any]:
+    store = pair.hospital.controller.store
+    [record] = [r for r in intake_db.list_records(store) if r.kind == "visit"]
+    return dict(orjson.loads(intake_db.record_of(store, record.id) or b"{}"))
+
+
+async def test_a_dft_resent_under_a_new_control_id_is_counted_once(tmp_path: Path) -> None:
+    pair = await start_intake_pair(tmp_path)
+    try:
+        visit = InpatientVisit()
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        charges = standard_charges()  # 21540.50 in FT1-2 D1-1 ... D1-8
+        # The HIS's resend button: the same DFT under a new MSH-10, FT1-2 unchanged.
+        resent = visit.dft("D1R", charges, transactions="D1")
+        acks = await pair.send([visit.a01(), visit.dft("D1", charges), resent, visit.a03()])
+        assert [msa(a)[1] for a in acks] == ["AA"] * 4
+        await eventually(lambda: len(claims_at(pair)) == 1)
+        await asyncio.sleep(0.5)
+        [message] = claims_at(pair)
+        assert claim_of(message)["total"] == {"value": 21540.5, "currency": "CNY"}
+        assert _front_sheet(pair)["elements"]["HDSD00.11.142"] == "21540.50"  # 住院总费用
+    finally:
+        await pair.stop()
+
+
+async def test_a_credit_under_the_charges_id_subtracts_and_a_changed_resend_is_refused(
+        tmp_path: Path) -> None:
+    pair = await start_intake_pair(tmp_path)
+    try:
+        visit = InpatientVisit()
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        # A credit reversing the bed fee (FT1-2 D1-1) under the charge's own id.
+        credit = visit.dft("D2", [Charge("01", "300.00", kind="CD")], ts="20260306120000",
+                           transactions="D1")
+        # The bed fee's transaction again, saying another amount.
+        changed = visit.dft("D3", [Charge("01", "360.00")], ts="20260307120000",
+                            transactions="D1")
+        # The same transaction twice in one message, once changed.
+        twice = visit.dft("D4", [Charge("02", "1.00"), Charge("02", "2.00")],
+                          ts="20260307130000").replace(b"|D4-2|", b"|D4-1|")
+        acks = await pair.send([visit.a01(), visit.dft("D1", standard_charges()), credit,
+                                changed, twice, visit.a03()])
+        assert [msa(a)[1] for a in acks] == ["AA", "AA", "AA", "AE", "AE", "AA"]
+        assert [(err(a)[2], err(a)[3].split("^")[0]) for a in acks[3:5]] == [
+            ("FT1^1^2^1", "205"), ("FT1^2^2^1", "205")]
+        assert all("FT1-2" in err(a)[8] and b"360" not in a for a in acks[3:5])
+        await eventually(lambda: len(claims_at(pair)) == 1)
+        await asyncio.sleep(0.5)
+        [message] = claims_at(pair)
+        assert claim_of(message)["total"] == {"value": 21240.5, "currency": "CNY"}
+        assert _front_sheet(pair)["elements"]["HDSD00.11.147"] == "0.00"  # 一般医疗服务费, credited
+        [row] = intake_db.list_visits(pair.hospital.controller.store)
+        assert row.parts == 4  # the refused DFTs left nothing behind
+    finally:
+        await pair.stop()
+
+
 async def test_a_correction_after_discharge_is_a_new_claim_naming_the_one_it_replaces(
         tmp_path: Path) -> None:
     pair = await start_intake_pair(tmp_path)

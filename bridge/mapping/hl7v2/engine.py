@@ -7,6 +7,7 @@ declared formats. Every refusal names the HL7 location (``PID[1]-7``), never the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -365,19 +366,39 @@ def _element(er: ElementRules, ctx: _Ctx, catalog: DatasetCatalog,
     return None
 
 
-def fee_sums(spec: SumSpec, ctx: _Ctx) -> tuple[dict[str, Decimal], Decimal, int]:
-    """Signed sums per data element of one message's fee segments, its grand total, and
-    how many segments were counted.
+@dataclass(frozen=True, slots=True)
+class FeeLine:
+    """One fee segment as counted: the rows its amount adds to, signed.
+
+    ``transaction`` is the sender's transaction id (``FT1-2``, when the mapping's sums name
+    one and the segment carries it) and ``kind`` its table 0017 type (``CG``, ``CD``,
+    ``AJ``): together they identify the transaction, so a copy of it is counted once.
+    """
+
+    transaction: str
+    kind: str
+    rows: tuple[str, ...]
+    amount: Decimal
+    where: Loc  # the transaction id's field (the segment when there is none)
+
+    def same(self, other: FeeLine) -> bool:
+        return self.rows == other.rows and self.amount == other.amount
+
+
+def fee_lines(spec: SumSpec, ctx: _Ctx) -> list[FeeLine]:
+    """The counted fee segments of one message, a repeated transaction once.
 
     The fee class comes from the category (``FT1-7.1``, the charge item) through the
     charge-item table and the fee-class table; the transaction type (``FT1-6``, HL7 table
     0017) decides the sign: a charge adds, a credit subtracts its amount whatever sign it
     was sent with, an adjustment adds as signed, a payment is not a charge. An "of
-    which" row also adds to its parent row; the grand total counts each amount once.
+    which" row also adds to its parent row; the grand total (``total``) counts each
+    amount once. A segment repeating the transaction id and type of an earlier one is
+    the same transaction: left out when it says the same, refused (table 0357 code 205)
+    when its amount or fee row differs.
     """
-    totals: dict[str, Decimal] = {}
-    grand = Decimal(0)
-    counted = 0
+    lines: list[FeeLine] = []
+    seen: dict[tuple[str, str], FeeLine] = {}
     for seg in ctx.msg.segment_list(spec.segment):
         inner = ctx.inner(seg)
         if not _holds(spec.when, inner):
@@ -419,13 +440,49 @@ def fee_sums(spec: SumSpec, ctx: _Ctx) -> tuple[dict[str, Decimal], Decimal, int
             raise hl7_error(MappingError, "amount is not a number", aloc.loc(), "102")
         if kind == "CD":
             amount = -abs(amount)
-        totals[element] = totals.get(element, Decimal(0)) + amount
+        transaction, where = "", Loc(seg.name, seg.rep)
+        if spec.transaction_id is not None:
+            transaction, iloc = inner.read(spec.transaction_id, seg)
+            where = iloc.loc()
         parent = spec.within.get(element)
-        if parent is not None:
-            totals[parent] = totals.get(parent, Decimal(0)) + amount
-        grand += amount
-        counted += 1
-    return totals, grand, counted
+        rows = (element,) + ((parent,) if parent is not None else ()) \
+            + ((spec.total,) if spec.total else ())
+        line = FeeLine(transaction, kind, rows, amount, where)
+        if transaction:
+            earlier = seen.get((transaction, kind))
+            if earlier is not None:
+                if not earlier.same(line):
+                    raise conflicting_transaction(spec, where)
+                continue
+            seen[(transaction, kind)] = line
+        lines.append(line)
+    return lines
+
+
+def conflicting_transaction(spec: SumSpec, where: Loc | str) -> MappingError:
+    """The refusal of a transaction sent again with another amount or fee row."""
+    field = spec.transaction_id.text if spec.transaction_id is not None else spec.segment
+    error = hl7_error(MappingError, f"transaction {field} was sent before with another "
+                      "amount or charge item: a transaction is not changed by sending it "
+                      "again; post a credit (FT1-6 CD) and a new charge under a new "
+                      f"{field}", where, "205")
+    assert isinstance(error, MappingError)
+    return error
+
+
+def fee_sums(spec: SumSpec, ctx: _Ctx) -> tuple[dict[str, Decimal], Decimal, int]:
+    """Signed sums per data element of one message's fee segments (see
+    :func:`fee_lines`), its grand total, and how many segments were counted."""
+    totals: dict[str, Decimal] = {}
+    grand = Decimal(0)
+    lines = fee_lines(spec, ctx)
+    for line in lines:
+        for row in line.rows:
+            if row == spec.total:
+                continue
+            totals[row] = totals.get(row, Decimal(0)) + line.amount
+        grand += line.amount
+    return totals, grand, len(lines)
 
 
 def _sums(spec: SumSpec, ctx: _Ctx, catalog: DatasetCatalog) -> dict[str, str]:

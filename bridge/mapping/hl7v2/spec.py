@@ -33,8 +33,8 @@ _RULE_KEYS = frozenset({"path", "select", "transform", "valueset", "at", "from",
                         "when", "required", "same_in_every", "each", "until", "context",
                         "biometric"})
 _GROUP_KEYS = frozenset({"segment", "when", "elements"})
-_SUMS_KEYS = frozenset({"segment", "transaction", "category", "fee_class", "amount", "total",
-                        "within", "when"})
+_SUMS_KEYS = frozenset({"segment", "transaction", "transaction_id", "category", "fee_class",
+                        "amount", "total", "within", "when"})
 _WHEN_KEYS = frozenset({"path", "present", "in", "not_in", "valueset"})
 _SELECT_KEYS = frozenset({"path", "in", "valueset"})
 
@@ -176,7 +176,9 @@ class SumSpec:
     ``fee_class`` maps the fee class to the data element (without ``fee_class`` the
     category's targets are the elements themselves). ``transaction`` reads the HL7 table
     0017 type (``FT1-6``): charges add, credits subtract, adjustments add as signed,
-    payments are not charges and are left out.
+    payments are not charges and are left out. ``transaction_id`` reads the sender's
+    transaction id (``FT1-2``): with its type it identifies a transaction, counted once per
+    visit and sender however often it is sent.
     """
 
     where: str
@@ -190,6 +192,7 @@ class SumSpec:
     fee_class: ValueSetMap | None = None
     transaction: Path_ | None = None
     transaction_valueset: ValueSetMap | None = None
+    transaction_id: Path_ | None = None
 
     def element_for(self, concept_target: str) -> str | None:
         """The data element a category's target adds to (through ``fee_class``)."""
@@ -629,6 +632,12 @@ class _Loader:
                                     location=tvs.where(concept.code, "target"))
             if transaction.segment != seg:
                 raise LoadError("sums read their own segment", location=_where(tdata, "path"))
+        transaction_id: Path_ | None = None
+        if "transaction_id" in data:
+            transaction_id = parse_path(data["transaction_id"], data.where("transaction_id"))
+            if transaction_id.segment != seg:
+                raise LoadError("sums read their own segment",
+                                location=data.where("transaction_id"))
         amount = parse_path(data.get("amount"), _where(data, "amount"))
         if category.segment != seg or amount.segment != seg:
             raise LoadError("sums read their own segment", location=data.where("segment"))
@@ -641,7 +650,8 @@ class _Loader:
                     parent, raw.where(child))
         when = self.when(data["when"], data.where("when"), seg) if "when" in data else None
         return SumSpec(data.where(), seg, category, vs, amount, total, within, when,
-                       fee_class=fee_class, transaction=transaction, transaction_valueset=tvs)
+                       fee_class=fee_class, transaction=transaction, transaction_valueset=tvs,
+                       transaction_id=transaction_id)
 
 
 @lru_cache(maxsize=8)
@@ -691,7 +701,8 @@ def read_fields(spec: MessageMapping) -> frozenset[tuple[str, int]]:
         when(group.when)
         rules(group.elements)
     if spec.sums is not None:
-        for p in (spec.sums.category, spec.sums.amount, spec.sums.transaction):
+        for p in (spec.sums.category, spec.sums.amount, spec.sums.transaction,
+                  spec.sums.transaction_id):
             path(p)
         when(spec.sums.when)
     if spec.dispatch is not None:
@@ -731,7 +742,8 @@ def field_elements(spec: MessageMapping) -> dict[tuple[str, int], list[str]]:
     if spec.sums is not None:
         classes = spec.sums.fee_class or spec.sums.valueset
         rows = sorted({c.target or c.code for c in classes.concepts.values()})
-        for p in (spec.sums.category, spec.sums.amount, spec.sums.transaction):
+        for p in (spec.sums.category, spec.sums.amount, spec.sums.transaction,
+                  spec.sums.transaction_id):
             for element in ([spec.sums.total] if spec.sums.total else rows[:1]):
                 add(p, element)
     return out

@@ -11,10 +11,13 @@ message completes the visit and how the parts are put together; the format is in
 - :func:`assemble` puts the parts of one visit together. It sorts them by a total
   order of their own content (event time, message-type precedence, control id), so
   the same set of messages gives the same record whatever order they arrived in, and
-  it counts each message once (sender and MSH-10), so a duplicate changes nothing;
+  it counts each message once (sender and MSH-10), so a duplicate changes nothing, and
+  each charge transaction once (sender, FT1-2 transaction id and FT1-6 type), so a
+  DFT^P03 resent under a new MSH-10 changes nothing either;
 - :func:`check_filing` refuses a part that cannot belong to the visit as known so far
   (another patient, a discharge before the admission, a message after the visit
-  closed), naming the HL7 field.
+  closed, a transaction sent before with another amount or fee row), naming the HL7
+  field.
 
 State (which parts a visit has, whether it is complete) lives in the ledger; nothing
 here does I/O.
@@ -33,8 +36,9 @@ import orjson
 from bridge.errors import LoadError, MappingError
 from bridge.mapping.hl7v2.engine import (
     MappingContext,
+    conflicting_transaction,
     element_label,
-    fee_sums,
+    fee_lines,
     holds,
     local_time,
     map_message,
@@ -268,8 +272,11 @@ class VisitPart:
     completes: bool
     elements: dict[str, str]
     groups: dict[str, list[dict[str, str]]]
-    fees: dict[str, str]  # element -> signed sum of this message, two decimals
+    fees: dict[str, str]  # element -> signed sum of the FT1s without FT1-2, two decimals
     provenance: dict[str, str]  # element (or "$.groups.g[i] element") -> HL7 location
+    # The FT1s with a transaction id, each counted once per visit and sender:
+    # {"id": FT1-2, "type": CG|CD|AJ, "amount": signed, "rows": [elements], "at": Loc}.
+    charges: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.__dict__, option=orjson.OPT_SORT_KEYS)
@@ -299,14 +306,20 @@ def make_part(spec: VisitSpec, msg: HL7Message, message_type: str, *, sender: st
     trace: dict[str, str] = {}
     record = map_message(mapping, msg, context=context, trace=trace, sums=False)
     fees: dict[str, str] = {}
+    charges: list[dict[str, Any]] = []
     if mapping.sums is not None:
-        totals, grand, counted = fee_sums(mapping.sums, MappingContext(msg, None, context))
-        if counted:
-            if mapping.sums.total:
-                totals[mapping.sums.total] = grand
-            fees = {e: format(v.quantize(Decimal("0.01")), "f") for e, v in totals.items()}
-            for element in fees:
-                trace.setdefault(element, f"{mapping.sums.segment}-{mapping.sums.amount.field}")
+        totals: dict[str, Decimal] = {}
+        for line in fee_lines(mapping.sums, MappingContext(msg, None, context)):
+            if line.transaction:
+                charges.append({"id": line.transaction, "type": line.kind,
+                                "amount": format(line.amount, "f"), "rows": list(line.rows),
+                                "at": list(line.where)})
+            else:
+                for row in line.rows:
+                    totals[row] = totals.get(row, Decimal(0)) + line.amount
+            for row in line.rows:
+                trace.setdefault(row, f"{mapping.sums.segment}-{mapping.sums.amount.field}")
+        fees = {e: format(v.quantize(Decimal("0.01")), "f") for e, v in totals.items()}
     number = record["elements"].get(spec.number)
     if not number:  # pragma: no cover - the part files require the number
         raise hl7_error(MappingError, f"required for {spec.label(spec.number)} but missing",
@@ -317,7 +330,7 @@ def make_part(spec: VisitSpec, msg: HL7Message, message_type: str, *, sender: st
         kind=spec.kind, facility=facility, number=str(number), sender=sender,
         control_id=msg.control_id, message_type=message_type, event_time=event_time(msg),
         completes=completes, elements={k: str(v) for k, v in record["elements"].items()},
-        groups=record["groups"], fees=fees, provenance=trace)
+        groups=record["groups"], fees=fees, provenance=trace, charges=charges)
 
 
 # --- assembly ------------------------------------------------------------------------------
@@ -352,10 +365,22 @@ def assemble(spec: VisitSpec, parts: list[VisitPart]) -> tuple[dict[str, Any], d
             if not eid.startswith("$.") and eid not in elements:
                 provenance.setdefault(eid, f"{part.message_type} {where}")
     fees: dict[str, Decimal] = {}
+    counted: set[tuple[str, str, str]] = set()
     for part in ordered:
         for eid, amount in part.fees.items():
             fees[eid] = fees.get(eid, Decimal(0)) + Decimal(amount)
             provenance[eid] = f"{part.message_type} {part.provenance.get(eid, '')}".rstrip()
+        for charge in part.charges:
+            # A transaction is counted once, from the first part that carries it: filing
+            # refused any copy that says otherwise (check_filing).
+            key = (part.sender, str(charge["id"]), str(charge["type"]))
+            if key in counted:
+                continue
+            counted.add(key)
+            for eid in charge["rows"]:
+                fees[eid] = fees.get(eid, Decimal(0)) + Decimal(charge["amount"])
+                provenance[eid] = f"{part.message_type} " \
+                                  f"{part.provenance.get(eid, '')}".rstrip()
     for eid, total in fees.items():
         elements[eid] = format(total.quantize(Decimal("0.01")), "f")
     groups: dict[str, list[dict[str, str]]] = {}
@@ -405,6 +430,8 @@ class VisitSummary:
     admitted: str | None = None
     discharged: str | None = None
     completed: bool = False
+    # Each charge transaction filed so far ("sender\x1fFT1-2\x1ftype") -> [amount, rows...].
+    charges: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.__dict__, option=orjson.OPT_SORT_KEYS)
@@ -426,11 +453,13 @@ def check_filing(spec: VisitSpec, summary: VisitSummary | None, part: VisitPart,
     Refused (``MappingError`` with the HL7 location and table 0357 code): a part naming
     another patient than the visit's earlier messages; a discharge before the visit's
     admission or an admission after its discharge; any message dated more than
-    ``correction_days`` after the visit's discharge (the visit is closed).
+    ``correction_days`` after the visit's discharge (the visit is closed); a charge
+    transaction (FT1-2 and FT1-6, from the same sender) filed before with another amount
+    or fee row (205, naming FT1-2).
     """
     after = VisitSummary(number=part.number) if summary is None else VisitSummary(
         summary.number, dict(summary.patient), summary.admitted, summary.discharged,
-        summary.completed)
+        summary.completed, dict(summary.charges))
     for element in spec.patient:
         value = part.elements.get(element)
         known = after.patient.get(element)
@@ -455,6 +484,16 @@ def check_filing(spec: VisitSpec, summary: VisitSummary | None, part: VisitPart,
             raise hl7_error(MappingError, f"the visit closed {correction_days} days after "
                             "its discharge; corrections after that are not taken",
                             Loc("MSH", 1, 7), "102")
+    sums = spec.parts[part.message_type].sums if part.message_type in spec.parts else None
+    for charge in part.charges:
+        key = f"{part.sender}\x1f{charge['id']}\x1f{charge['type']}"
+        said = [str(charge["amount"]), *charge["rows"]]
+        filed = after.charges.get(key)
+        if filed is None:
+            after.charges[key] = said
+        elif Decimal(filed[0]) != Decimal(said[0]) or filed[1:] != said[1:]:
+            assert sums is not None
+            raise conflicting_transaction(sums, Loc(*charge["at"]))
     for element in spec.patient:
         if part.elements.get(element):
             after.patient.setdefault(element, part.elements[element])
