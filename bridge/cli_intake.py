@@ -1,21 +1,24 @@
-"""Command line for HL7 v2 intake: ``bridge intake list|visits|show``.
+"""Command line for HL7 v2 intake: ``bridge intake list|visits|show|retry``.
 
 What the HIS sent and what became of it: every record intake keeps (a message's own
 record, or a visit assembled from several), its routing state and where it went, and
-the visits with their parts. Health data is shown only by ``show --record``.
+the visits with their parts. Health data is shown only by ``show --record``. ``retry``
+puts refused or unrouted records back to be routed again, under the consents and
+routing rules in effect now.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from bridge.cli_common import add_json_option
 from bridge.cli_common import print_json as _print_json
-from bridge.errors import NotFound
+from bridge.errors import NotFound, UsageError
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -106,6 +109,41 @@ def cmd_intake_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_intake_retry(args: argparse.Namespace) -> int:
+    """Put refused or unrouted records back to be routed again (audited, one by one)."""
+    from bridge.compliance.operators import acting_operator
+    from bridge.config import load_config
+    from bridge.ledger import intake as intake_db
+    from bridge.ledger.audit import AuditRecord
+
+    states = tuple(s for s, chosen in (("refused", args.all_refused),
+                                       ("unrouted", args.all_unrouted)) if chosen)
+    if not args.records and not states:
+        raise UsageError("name records, or give --all-refused or --all-unrouted",
+                         location="bridge intake retry")
+    config = load_config(args.config)
+    now = datetime.now(UTC)
+    operator = acting_operator()
+
+    def audit(row: intake_db.RecordRow) -> AuditRecord:
+        return AuditRecord(time=now, actor=config.controller.id, action="intake.retry",
+                           subject=row.source, categories=[row.dataset], outcome="success",
+                           detail=f"from {row.state}", operator=operator)
+
+    with _store(args) as store:
+        rows = intake_db.retry(store, records=list(args.records), states=states, now=now,
+                               audit=audit)
+    if args.json:
+        _print_json({"retried": [{"id": r.id, "source": r.source, "was": r.state}
+                                 for r in rows]})
+        return 0
+    for r in rows:
+        sys.stdout.write(f"{r.id}\t{r.source}\twas {r.state}\n")
+    sys.stdout.write(f"{len(rows)} record(s) put back to be routed; a running bridge serve "
+                     "routes them now (bridge intake list shows the outcome)\n")
+    return 0
+
+
 def add_intake_commands(sub: Any) -> None:
     """Register ``bridge intake`` on the main parser's subcommands."""
     p = sub.add_parser("intake", help="HL7 v2 intake: records, visits and where they went")
@@ -129,6 +167,15 @@ def add_intake_commands(sub: Any) -> None:
                     help="include the record itself (health data)")
     sh.add_argument("record", help="the record's id or source (visit:12, hl7:SENDER/ID)")
     sh.set_defaults(func=cmd_intake_show)
+    rt = isub.add_parser("retry", help="route refused or unrouted records again, under the "
+                         "consents and routing rules in effect now (audited)")
+    rt.add_argument("--config", required=True, help="the controller's configuration file")
+    rt.add_argument("records", nargs="*", metavar="RECORD",
+                    help="a record's id or source (visit:12, hl7:SENDER/ID)")
+    rt.add_argument("--all-refused", action="store_true", help="every refused record")
+    rt.add_argument("--all-unrouted", action="store_true", help="every unrouted record")
+    add_json_option(rt)
+    rt.set_defaults(func=cmd_intake_retry)
 
 
 __all__ = ["add_intake_commands"]

@@ -275,6 +275,85 @@ async def test_records_no_rule_matches_are_kept_and_listed(
         await pair.stop()
 
 
+async def test_a_refused_visit_is_routed_again_by_an_operator_under_current_consents(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pair = await start_intake_pair(tmp_path)
+    try:
+        visit = InpatientVisit()
+        acks = await pair.send([visit.a01(), visit.dft("D1", standard_charges()), visit.a03()])
+        assert [msa(a)[1] for a in acks] == ["AA"] * 3
+        store = pair.hospital.controller.store
+        config = str(pair.hospital.controller.config.source)
+
+        def record() -> intake_db.RecordRow:
+            [row] = [r for r in intake_db.list_records(store) if r.kind == "visit"]
+            return row
+
+        def audited(action: str) -> list[str]:
+            return [e.record.subject for e in store.audit_entries() if e.record.action == action]
+
+        await eventually(lambda: record().state == "refused")
+        source = record().source
+        assert "consent-denied" in (record().detail or "")
+        # Deny by default: a retry without a consent is refused again, and audited.
+        assert main(["intake", "retry", "--config", config, source]) == 0
+        assert source in capsys.readouterr().out
+        await eventually(lambda: len(audited("intake.refused")) == 2)
+        await eventually(lambda: record().state == "refused")
+        # Recording the consent and the HIS resending the discharge (its stored AA comes
+        # back) route nothing by themselves.
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        assert await pair.send([visit.a03()]) == [acks[2]]
+        await asyncio.sleep(0.5)
+        assert record().state == "refused" and claims_at(pair) == []
+        assert main(["intake", "retry", "--config", config, "--all-refused", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["retried"] == [
+            {"id": record().id, "source": source, "was": "refused"}]
+        await eventually(lambda: len(claims_at(pair)) == 1)
+        await eventually(lambda: record().state == "routed")
+        assert audited("intake.retry") == [source, source]
+        assert len(audited("intake.refused")) == 2
+        # What cannot be retried is named, and nothing changes.
+        assert main(["intake", "retry", "--config", config, source]) == 2
+        assert "routed" in capsys.readouterr().err
+        assert main(["intake", "retry", "--config", config, "visit:99999", source]) == 2
+        assert "no such intake record" in capsys.readouterr().err
+        assert main(["intake", "retry", "--config", config]) == 2
+        assert "--all-refused" in capsys.readouterr().err
+        assert audited("intake.retry") == [source, source]
+        await asyncio.sleep(0.3)
+        assert len(claims_at(pair)) == 1
+    finally:
+        await pair.stop()
+
+
+async def test_an_unrouted_record_is_routed_again_after_a_rule_is_added(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pair = await start_intake_pair(tmp_path, routes="")
+    visit = InpatientVisit()
+    try:
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        await pair.send([visit.a01(), visit.dft("D1", standard_charges()), visit.a03()])
+        store = pair.hospital.controller.store
+        await eventually(lambda: {r.state for r in intake_db.list_records(store)} == {"unrouted"})
+    finally:
+        await pair.hospital.stop()
+    config = Path(pair.hospital.controller.config.source)
+    config.write_text(config.read_text(encoding="utf-8") + CLAIMS_ROUTE, encoding="utf-8")
+    hospital = BridgeService(Controller(load_config(config)), poll_interval=0.05)
+    await hospital.start()
+    pair.hospital = hospital
+    try:
+        assert main(["intake", "retry", "--config", str(config), "--all-unrouted"]) == 0
+        assert "3 record(s) put back" in capsys.readouterr().out
+        await eventually(lambda: len(claims_at(pair)) == 1)
+        store = hospital.controller.store
+        await eventually(lambda: sorted(r.state for r in intake_db.list_records(store)) == [
+            "routed", "unrouted", "unrouted"])  # only the visit's data set has a rule now
+    finally:
+        await pair.stop()
+
+
 async def test_one_record_feeds_every_link_a_rule_names(tmp_path: Path) -> None:
     routes = f'''
 [[links]]

@@ -28,6 +28,10 @@ Record states (``intake_record.state``)::
     incomplete  a completed visit whose record cannot be built yet (what is missing,
                 named at its HL7 field, is in ``detail``); new messages retry it
 
+Nothing moves a ``refused`` or ``unrouted`` record by itself: an operator puts it back
+to ``pending`` (:func:`retry`, ``bridge intake retry``), and it is routed again under
+the consents and routing rules in effect then.
+
 Invariants: a message is accepted once per (sender, control id) and every answer to it
 is audited in the transaction that decides it; a part, its visit and the record to
 route are written in the transaction that accepts the message, or not at all; a
@@ -41,7 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from bridge.errors import ConflictError
+from bridge.errors import ConflictError, NotFound, UsageError
 from bridge.ledger.audit import format_time
 from bridge.mapping.hl7v2.visit import VisitPart, VisitSpec, VisitSummary, check_filing
 
@@ -378,6 +382,54 @@ def finish(store: Store, row: RecordRow, *, state: str, detail: str | None,
         if audit is not None:
             tx.append_audit(audit)
         return not moved
+
+
+#: States an operator may put back to be routed again (:func:`retry`).
+RETRYABLE = ("refused", "unrouted")
+
+
+def retry(store: Store, *, records: list[str], states: tuple[str, ...] = (), now: datetime,
+          audit: Callable[[RecordRow], AuditRecord]) -> list[RecordRow]:
+    """Put records back to be routed again; returns them as they were.
+
+    ``records`` names records by id or source (``visit:12``, ``hl7:SENDER/ID``); every
+    record in one of ``states`` is added. Each must be in a :data:`RETRYABLE` state: an
+    unknown one raises :class:`~bridge.errors.NotFound`, one in another state
+    :class:`~bridge.errors.UsageError`, naming it, and nothing is changed. Each record
+    becomes ``pending`` at a new version with its ``audit`` entry, all in one transaction;
+    the router then takes it as it takes new content: consent and routing rules are
+    checked again, and a link that refuses it leaves it ``refused`` again, audited.
+    """
+    for state in states:
+        if state not in RETRYABLE:
+            raise UsageError(f"only {' or '.join(RETRYABLE)} records are routed again",
+                                 location=state)
+    stamp = format_time(now)
+    with store.transaction("intake_retry") as tx:
+        taken: dict[int, RecordRow] = {}
+        for name in records:
+            column = "id" if name.isdigit() else "source"
+            found = tx.one(f"SELECT {_RECORD_COLS} FROM intake_record WHERE {column}=?"
+                           f"{tx.for_update}", (int(name) if name.isdigit() else name,))
+            if found is None:
+                raise NotFound("no such intake record", location=name)
+            row = _record_row(found)
+            if row.state not in RETRYABLE:
+                raise UsageError(f"the record is {row.state}; only "
+                                     f"{' or '.join(RETRYABLE)} records are routed again",
+                                     location=name)
+            taken[row.id] = row
+        for state in states:
+            for found in tx.all(f"SELECT {_RECORD_COLS} FROM intake_record WHERE state=?"
+                                f" ORDER BY id{tx.for_update}", (state,)):
+                row = _record_row(found)
+                taken.setdefault(row.id, row)
+        for row in sorted(taken.values(), key=lambda r: r.id):
+            tx.execute("UPDATE intake_record SET state='pending', detail=NULL,"
+                       " version=version+1, lease_until=NULL, updated=? WHERE id=?",
+                       (stamp, row.id))
+            tx.append_audit(audit(row))
+        return sorted(taken.values(), key=lambda r: r.id)
 
 
 # --- listing -----------------------------------------------------------------------------------
