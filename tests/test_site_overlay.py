@@ -188,3 +188,19 @@ def test_a_dangling_link_where_an_overlay_file_belongs_is_refused(
     (folder / "his-charge-item.yaml").symlink_to(tmp_path / "nowhere.yaml")
     assert main(["mappings", "check", "--site", str(tmp_path / "site")]) == 2
     assert str(folder / "his-charge-item.yaml") in capsys.readouterr().err
+
+
+def test_a_fee_class_overlay_dropping_a_class_the_charge_items_use_names_the_overlay(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "site" / "hl7v2" / "valuesets"
+    folder.mkdir(parents=True)
+    text = (ROOT / "mappings" / "hl7v2" / "valuesets" / "his-fee-category.yaml").read_text(
+        encoding="utf-8")
+    row = '  - {code: "13", display: "西药费", target: "HDSD00.11.098", equivalence: equivalent}\n'
+    assert row in text
+    overlay = folder / "his-fee-category.yaml"
+    overlay.write_text(text.replace(row, ""), encoding="utf-8")
+    [line] = [i for i, r in enumerate(text.splitlines(), 1) if r.startswith("concepts:")]
+    assert main(["mappings", "check", "--site", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err
+    assert f"{overlay}:{line} concepts" in err and "his-charge-item.yaml" in err

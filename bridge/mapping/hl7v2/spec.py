@@ -612,8 +612,11 @@ class _Loader:
                 self.element_id(concept.target, fee_class.where(concept.code, "target"))
             for concept in vs.concepts.values():
                 if (concept.target or concept.code) not in fee_class.concepts:
+                    # Either table may be the site's: the message names the fee classes'
+                    # file too, the location the charge item's.
                     raise LoadError(f"the charge item names no fee class of {fee_class.id} "
-                                    f"(as {_where(cat, 'valueset')} reads it)",
+                                    f"(as {_where(cat, 'valueset')} reads it; the fee "
+                                    f"classes are at {fee_class.where(key='concepts')})",
                                     location=vs.where(concept.code, "target"))
         else:
             for concept in vs.concepts.values():
