@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 import pytest
 
 from bridge.errors import ConflictError, MappingError, ParseError
+from bridge.link.mllp_framer import frame
 from bridge.mapping.hl7v2.ack import build_ack, error_location
-from bridge.mapping.hl7v2.header import read_msh
+from bridge.mapping.hl7v2.header import header_from_fields, read_msh
 
 NOW = datetime(2026, 3, 1, 0, 30, tzinfo=UTC)
 
@@ -115,3 +116,31 @@ def test_error_location_forms() -> None:
     assert error_location("MSH") == "MSH^1"
     assert error_location("HDSD00.11.023") == ""
     assert error_location(None) == ""
+
+
+@pytest.mark.parametrize("number", [3, 4, 5, 6, 9, 10, 11, 12])
+@pytest.mark.parametrize("byte", ["\x0b", "\x1c"])
+@pytest.mark.parametrize("code", ["AA", "AE", "AR"])
+def test_no_echoed_msh_field_makes_an_ack_unframeable(number: int, byte: str, code: str) -> None:
+    fields = ["MSH", "|", "^~\\&", "HIS", "HOSP-A", "BRIDGE", "HOSP-A", "20260301", "",
+              "ADT^A01^ADT_A01", "MSG-1", "P", "2.5", "", "", "", "", "", "UNICODE UTF-8"]
+    # MSH-9 is echoed by its trigger event (MSH-9.2) only.
+    fields[number] = fields[9].replace("A01", "A0" + byte + "1", 1) if number == 9 \
+        else fields[number] + byte
+    header = header_from_fields(fields, "UNICODE UTF-8")
+    error = None if code == "AA" else ParseError("refused", location=f"MSH-{number}")
+    ack = build_ack(header, code, error=error, now=NOW)
+    assert frame(ack).count(b"\x1c") == 1 and b"\x0b" not in ack
+    assert b"\\X%02X\\" % ord(byte) in ack
+
+
+@pytest.mark.parametrize("delimiters", [("\x1c", "^~\\&"), ("|", "^~\\\x1c"), ("\x0b", "^~\\&")])
+def test_framing_bytes_as_delimiters_never_reach_an_ack(delimiters: tuple[str, str]) -> None:
+    sep, enc = delimiters
+    raw = f"MSH{sep}{enc}{sep}HIS{sep}H{sep}{sep}{sep}2026{sep}{sep}ADT^A01{sep}ID-1{sep}P{sep}2.5"
+    with pytest.raises(ParseError):
+        read_msh(raw.encode())
+    ack = build_ack(raw.encode(), "AR", error=ParseError("bad", location="MSH-1"), now=NOW)
+    frame(ack)
+    fields = ["MSH", sep, enc, "HIS", "H", "", "", "2026", "", "ADT^A01", "ID-1", "P", "2.5"]
+    frame(build_ack(header_from_fields(fields, ""), "AA", now=NOW))

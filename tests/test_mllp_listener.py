@@ -218,6 +218,52 @@ async def test_oversized_frame_gets_ar_and_the_connection_carries_on(bridge: Bri
     assert bridge.store.hl7_count() == 1
 
 
+@pytest.mark.parametrize(("field", "sent", "held"), [
+    ("10", b"|MSG00001|", b"|MSG00001\x1c|"),
+    ("12", b"|P|2.5|", b"|P|2.5\x1c|"),
+    ("4", b"|HIS|HOSP-A|", b"|HIS|HOSP-A\x1c|"),
+    ("3", b"|HIS|HOSP-A|", b"|\x1cHIS|HOSP-A|"),
+])
+async def test_msh_field_holding_a_framing_byte_is_refused_ar_and_always_answered(
+    bridge: Bridge, field: str, sent: bytes, held: bytes
+) -> None:
+    # An FS not followed by CR is content to the framer; the ACK echoes MSH fields, so
+    # the message is refused before anything is stored, and the answer can be framed.
+    message = ADT.replace(sent, held, 1)
+    for _ in range(2):  # a resend is answered the same way
+        [ack] = await exchange(bridge.port, [frame(message)], 1)
+        assert b"\x1c" not in ack and b"\x0b" not in ack
+        assert seg(ack, "MSA")[1] == "AR"
+        assert seg(ack, "ERR")[2] == f"MSH^1^{field}^1" and seg(ack, "ERR")[3].startswith("102^")
+    if field == "10" and b"\x1c" in held:
+        assert seg(ack, "MSA")[2] == "MSG00001\\X1C\\"
+    assert bridge.store.hl7_count() == 0
+    [ok] = await exchange(bridge.port, [frame(adt("AFTER-1"))], 1)
+    assert seg(ok, "MSA")[1:3] == ["AA", "AFTER-1"]
+
+
+async def test_an_answer_that_cannot_be_framed_closes_the_connection_saying_why(
+    bridge: Bridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = bridge.service.mllp
+    assert listener is not None
+
+    async def unframeable(event: object, peer: str) -> bytes:
+        return b"MSH|^~\\&|B|H\rMSA|AA|\x1c\r"
+
+    listener.handle = unframeable  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="bridge.mllp")
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    try:
+        writer.write(frame(ADT))
+        assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # closed, not hung
+    finally:
+        writer.close()
+    reasons = [r.getMessage() for r in caplog.records if r.name == "bridge.mllp"]
+    assert any("closed: the answer could not be built (ValueError)" in m for m in reasons)
+    assert not any("张" in m or "MSG00001" in m for m in reasons)
+
+
 async def test_store_that_cannot_commit_gets_no_aa(bridge: Bridge) -> None:
     # The commit itself fails (after the audit append and the ACK were built).
     raw = sqlite3.connect(bridge.store.path)

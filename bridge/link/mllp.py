@@ -25,7 +25,8 @@ ACK rule (original acknowledgement mode). The code is the error's ``ack_code``:
 * **AA** — stored durably with its audit entry. Never sent for anything else.
 * **AR** — the message as such is refused and resending the same bytes cannot
   change that: unreadable (no MSH, MSH-9/MSH-10 missing, unknown MSH-18 character
-  set), rejected by the full parser (``ParseError``), larger than
+  set, an MSH field holding an MLLP framing byte: VT, or an FS the framer kept as
+  content because no CR followed it), rejected by the full parser (``ParseError``), larger than
   ``max_message_bytes``, from a sending facility not allowed, or of a message type,
   event, processing id or version not supported (HL7 errors 200-203, whatever the
   error class: HL7 v2 answers those with AR).
@@ -34,6 +35,11 @@ ACK rule (original acknowledgement mode). The code is the error's ``ack_code``:
   discharge before the admission, a visit closed), the control id was already used
   for different content (ERR-3 ``205``), or the bridge failed (store or handler
   failure, ERR-3 ``207``; nothing was stored and the same message may be sent again).
+
+An answer always leaves: no field echoed from MSH can end its frame (see
+:func:`~bridge.mapping.hl7v2.ack.build_ack`), and if an answer still cannot be built or
+framed, the connection is closed with a logged reason (the exception's type, never its
+text) and the peer sends again.
 
 Every AE/AR carries an ERR segment naming the location (ERR-2 for an HL7 location,
 ERR-8 text naming the data element it was needed for) and an HL7 table 0357 code
@@ -574,13 +580,18 @@ class _MLLPConnection(asyncio.Protocol):
                     self._paused = False
                     self.transport.resume_reading()
                 try:
-                    ack = await self.listener.handle(event, self.peer)
+                    wire = frame(await self.listener.handle(event, self.peer))
                 except Exception as exc:  # noqa: BLE001 - a bug must not leave the peer waiting
-                    log.error("MLLP connection %s failed: %s", self.peer, type(exc).__name__)
+                    # Closing tells the peer to send again; the log says why, by type only
+                    # (an exception's text can carry values from the message).
+                    log.error("MLLP connection %s closed: the answer could not be built (%s)",
+                              self.peer, type(exc).__name__)
                     break
                 if self.transport is None:
                     break
-                self.transport.write(frame(ack))
+                self.transport.write(wire)
+        except Exception as exc:  # noqa: BLE001 - never an unretrieved task exception
+            log.error("MLLP connection %s closed: %s", self.peer, type(exc).__name__)
         finally:
             if self.transport is not None:
                 self.transport.close()

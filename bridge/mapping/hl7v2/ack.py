@@ -11,7 +11,10 @@ table 0357 code, ERR-4 the severity, ERR-7 the bridge's own error code and ERR-8
 text, which names the location and the data element the field was needed for. Up to
 v2.4 the location and code share ERR-1 (ELD) and MSA-3 carries the text. The ACK is
 written with the message's own delimiters and encoded in its MSH-18 character set. No
-ACK ever carries a value from the message other than MSH's own routing fields.
+ACK ever carries a value from the message other than MSH's own routing fields, and an
+echoed field never carries an MLLP framing byte (VT, FS): one is written as its HL7
+hexadecimal escape (``\\X1C\\``), and delimiters that are control bytes are replaced by
+HL7's defaults, so every ACK can be framed.
 
 Which code answers an error (:func:`ack_code_for`): AR when the message as such cannot
 be taken here (unreadable, unsupported type, event, processing id or version: table
@@ -27,7 +30,14 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Literal
 
 from bridge.errors import BridgeError, ConflictError, MappingError, ParseError
-from bridge.mapping.hl7v2.header import MSHHeader, codec_for, header_from_fields, read_msh
+from bridge.mapping.hl7v2.header import (
+    FRAMING_BYTES,
+    MSHHeader,
+    codec_for,
+    header_from_fields,
+    read_msh,
+    usable_delimiter,
+)
 
 if TYPE_CHECKING:
     from bridge.mapping.hl7v2.message import HL7Message
@@ -108,8 +118,24 @@ def escape(text: str, field_separator: str = "|", encoding: str = "^~\\&") -> st
     enc = (encoding + "^~\\&"[len(encoding):])[:4]
     comp, rep, esc, sub = enc[0], enc[1], enc[2], enc[3]
     table = {esc: f"{esc}E{esc}", field_separator: f"{esc}F{esc}", comp: f"{esc}S{esc}",
-             rep: f"{esc}R{esc}", sub: f"{esc}T{esc}", "\r": " ", "\n": " "}
+             rep: f"{esc}R{esc}", sub: f"{esc}T{esc}", "\r": " ", "\n": " ",
+             "\x0b": f"{esc}X0B{esc}", "\x1c": f"{esc}X1C{esc}"}
     return "".join(table.get(ch, ch) for ch in text)
+
+
+_FRAMING_TEXT = re.compile(FRAMING_BYTES.pattern.decode("ascii"))
+
+
+def _echo(text: str, escape_char: str) -> str:
+    """A field of the original MSH, already in its escaped form, made safe to write back.
+
+    The field is echoed as sent, except that an MLLP framing byte (VT, FS) becomes the
+    HL7 hexadecimal escape of that byte, so no echoed field can end the ACK's frame.
+    """
+    if not _FRAMING_TEXT.search(text):
+        return text
+    return _FRAMING_TEXT.sub(lambda m: f"{escape_char}X{ord(m.group()):02X}{escape_char}"
+                             if escape_char else "", text)
 
 
 def ack_control_id(original_control_id: str) -> str:
@@ -133,15 +159,15 @@ def tolerant_header(data: bytes | str) -> MSHHeader | None:
         pass
     first = raw.lstrip(b"\x0b\r\n \t").replace(b"\r\n", b"\r").replace(b"\n", b"\r")
     first = first.split(b"\r", 1)[0]
-    if not first.startswith(b"MSH") or len(first) < 8 or first[3] > 0x7F \
-            or chr(first[3]).isalnum():
+    if not first.startswith(b"MSH") or len(first) < 8 or not usable_delimiter(first[3]):
         return None
     sep = first[3:4]
     parts = first.split(sep)
     fields = ["MSH", sep.decode("ascii")]
     for raw_field in parts[1:]:
         fields.append(raw_field.decode("ascii") if raw_field.isascii() else "")
-    if len(fields) < 3 or not 2 <= len(fields[2]) <= 5:
+    if len(fields) < 3 or not 2 <= len(fields[2]) <= 5 \
+            or not all(usable_delimiter(ord(c)) for c in fields[2]):
         return None
     return header_from_fields(fields, "")
 
@@ -182,26 +208,30 @@ def build_ack(source: HL7Message | MSHHeader | bytes | str | None,
         header = header_from_fields(list(source.msh.raw_fields), source.charset)
     sep = header.field_separator if header else "|"
     enc = header.encoding_characters if header else "^~\\&"
+    if not all(len(c.encode("utf-8")) == 1 and usable_delimiter(ord(c)) for c in sep + enc):
+        # Delimiters no ACK can be framed with: answer with HL7's defaults.
+        sep, enc = "|", "^~\\&"
     comp = enc[:1] or "^"
     sub = enc[3:4] or "&"
-    version = (header.version_id if header else "") or "2.5"
+    esc = enc[2:3]
+    version = _echo((header.version_id if header else "") or "2.5", esc)
     charset = header.charset if header else ""
     try:
         codec = codec_for(charset)
     except ParseError:
         codec, charset = "utf-8", ""
-    control_id = header.control_id if header else ""
+    control_id = _echo(header.control_id, esc) if header else ""
     stamp = now.astimezone(CHINA_STANDARD_TIME).strftime("%Y%m%d%H%M%S") + "+0800"
-    trigger = header.trigger_event if header else ""
+    trigger = _echo(header.trigger_event, esc) if header else ""
     msh = ["MSH", enc,
-           header.receiving_application if header else "",
-           header.receiving_facility if header else "",
-           header.sending_application if header else "",
-           header.sending_facility if header else "",
+           _echo(header.receiving_application, esc) if header else "",
+           _echo(header.receiving_facility, esc) if header else "",
+           _echo(header.sending_application, esc) if header else "",
+           _echo(header.sending_facility, esc) if header else "",
            stamp, "",
            comp.join(["ACK", trigger, "ACK"]) if trigger else "ACK",
            escape(ack_control_id(control_id), sep, enc),
-           (header.processing_id if header else "") or "P",
+           _echo((header.processing_id if header else "") or "P", esc),
            version]
     if charset:
         msh += [""] * 5 + [charset]

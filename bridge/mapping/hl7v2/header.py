@@ -106,6 +106,18 @@ class MSHHeader:
 
 _SEGMENT_SPLIT = re.compile(rb"\r\n|\r|\n")
 
+#: The MLLP start and end block bytes (VT, FS): never data in a field the bridge echoes.
+FRAMING_BYTES = re.compile(rb"[\x0b\x1c]")
+
+
+def usable_delimiter(byte: int) -> bool:
+    """May ``byte`` be an HL7 delimiter (MSH-1, MSH-2)? Printable ASCII, not a letter or digit.
+
+    Control bytes are refused: a VT or FS delimiter would end the MLLP frame of every
+    answer written with it, CR and LF end segments.
+    """
+    return 0x21 <= byte <= 0x7E and not chr(byte).isalnum()
+
 
 def first_segment(message: bytes) -> bytes:
     """The first segment of a message; CR, LF and CRLF all end a segment."""
@@ -116,19 +128,21 @@ def read_msh(message: bytes) -> MSHHeader:
     """Read MSH of ``message`` without the full parser.
 
     Raises :class:`bridge.errors.ParseError` naming the MSH field at fault (never its
-    value) when the message does not start with a usable MSH segment or lacks MSH-9
-    or MSH-10.
+    value) when the message does not start with a usable MSH segment, lacks MSH-9
+    or MSH-10, or holds an MLLP framing byte (VT, FS) in an MSH field: the ACK echoes
+    MSH, and such a message is refused before anything of it is stored.
     """
     seg = first_segment(message.lstrip(b"\x0b\r\n \t"))
     if not seg.startswith(b"MSH") or len(seg) < 8:
         raise ParseError("message does not start with an MSH segment", location="MSH",
                          hl7_code="100")
     sep = seg[3:4]
-    if sep.isalnum() or sep in (b"\r", b"\n", b" ") or sep[0] > 0x7F:
+    if not usable_delimiter(sep[0]):
         raise ParseError("unusable field separator", location="MSH-1", hl7_code="102")
     parts = seg.split(sep)
     encoding = parts[1]
-    if not 2 <= len(encoding) <= 5 or sep in encoding or not encoding.isascii():
+    if not 2 <= len(encoding) <= 5 or sep in encoding \
+            or not all(usable_delimiter(b) for b in encoding):
         raise ParseError("unusable encoding characters", location="MSH-2", hl7_code="102")
     # MSH-18 is read first, as bytes, because it says how to decode the rest.
     # MSH-18 may repeat; the first repetition is the character set of the message.
@@ -140,6 +154,10 @@ def read_msh(message: bytes) -> MSHHeader:
     codec = codec_for(charset)
     fields: list[str] = ["MSH", sep.decode("ascii")]
     for number, raw in enumerate(parts[1:], start=2):
+        if FRAMING_BYTES.search(raw):
+            # An ACK echoes MSH fields: one holding VT or FS could not be framed back.
+            raise ParseError("an MLLP framing byte (VT or FS) inside the field",
+                             location=f"MSH-{number}", hl7_code="102")
         try:
             fields.append(raw.decode(codec))
         except UnicodeDecodeError:
