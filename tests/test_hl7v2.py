@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import LoadError, MappingError, ParseError
-from bridge.mapping.hl7v2 import build_ack, hl7_to_record, parse_hl7, read_hl7
+from bridge.mapping.hl7v2 import build_ack, hl7_to_record, parse_hl7, read_hl7, read_msh
 from bridge.mapping.hl7v2.spec import hl7_valuesets, load_message_mapping
 
 GOLDEN = Path(__file__).parent / "golden" / "hl7v2"
@@ -74,6 +74,31 @@ def test_gbk_message_declared_gb18030_decodes() -> None:
     record = read_hl7(text.encode("gbk"))
     assert record == read_hl7(ADT)
     assert parse_hl7(text.encode("gbk")).charset == "GB 18030"
+
+
+def _trail_byte_char(codec: str, trail: str) -> str:
+    """A CJK character whose two-byte ``codec`` form ends in the delimiter ``trail``."""
+    return next(ch for ch in map(chr, range(0x4E00, 0x9FA6))
+                if len(b := ch.encode(codec)) == 2 and b[1] == ord(trail))
+
+
+@pytest.mark.parametrize("codec,charset", [("gbk", "GBK"), ("gb18030", "GB 18030-2000")])
+@pytest.mark.parametrize("trail", ["|", "^", "~", "\\"])
+def test_multibyte_characters_holding_a_delimiter_byte_are_read_whole(
+        codec: str, charset: str, trail: str) -> None:
+    ch = _trail_byte_char(codec, trail)
+    text = ADT.decode("utf-8").replace("UNICODE UTF-8", charset)
+    text = text.replace("杭州市滨江区第一人民医院", f"{ch}莞市人民醫院", 1).replace("王", ch, 1)
+    data = text.encode(codec)
+    assert ch.encode(codec)[1:] == trail.encode() and trail.encode() in data.split(b"\r")[0][9:]
+    msg = parse_hl7(data)
+    assert msg.charset == charset and msg.control_id == "A0100001"
+    assert msg.sending_facility == f"{ch}莞市人民醫院"
+    assert msg.get("PID-5.1") == ch
+    header = read_msh(data)
+    assert (header.charset, header.control_id, header.type_and_event, header.version) == (
+        charset, "A0100001", "ADT^A01", "2.5")
+    assert header.facility_id == f"{ch}莞市人民醫院"
 
 
 def test_gbk_bytes_declared_utf8_name_msh18_and_field() -> None:

@@ -144,3 +144,16 @@ def test_framing_bytes_as_delimiters_never_reach_an_ack(delimiters: tuple[str, s
     frame(ack)
     fields = ["MSH", sep, enc, "HIS", "H", "", "", "2026", "", "ADT^A01", "ID-1", "P", "2.5"]
     frame(build_ack(header_from_fields(fields, ""), "AA", now=NOW))
+
+
+def test_an_unreadable_gbk_msh_never_echoes_a_shifted_field() -> None:
+    # 東 is 96 7C in GBK; with a character set the bridge does not read, the bytes are
+    # split without decoding and every field after 東 is uncertain: none is echoed.
+    raw = "MSH|^~\\&|HIS|東莞^1^L|B|H|2026||ADT^A01|GBK-9|P|2.5||||||KOI8-R".encode("gbk")
+    with pytest.raises(ParseError) as info:
+        read_msh(raw)
+    assert info.value.location == "MSH-18"
+    ack = build_ack(raw, "AR", error=info.value, now=NOW)
+    msa = segments(ack)[1]
+    assert msa[:2] == ["MSA", "AR"] and msa[2] in ("", "GBK-9")
+    assert "ADT" not in msa[2] and "2026" not in ack.decode().split("\r")[1]

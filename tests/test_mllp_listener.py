@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 from e2e_support import client_ssl, make_workdir
+from hl7_feeds import InpatientVisit
 from leaving_support import WAYS, leave
 
 from bridge.config import load_config
@@ -531,6 +532,28 @@ async def test_real_room_unreadable_message_gets_ar(tmp_path: Path) -> None:
         err = seg(ack, "ERR")
         assert err[2].startswith("PID^1^3") and err[3].endswith("^HL70357")
         assert b.store.hl7_count() == 0
+    finally:
+        await b.service.stop()
+
+
+@pytest.mark.parametrize("facility", ["东莞市人民医院", "東莞市人民醫院"])
+async def test_real_room_takes_gbk_whatever_bytes_its_characters_are_made_of(
+    tmp_path: Path, facility: str
+) -> None:
+    # In GBK 東 is 96 7C: its trail byte is the field separator. Simplified or
+    # traditional, the message is the same to the HIS and gets the same answer.
+    assert ("東".encode("gbk")[1:] == b"|") and b"|" not in "东".encode("gbk")
+    visit = InpatientVisit(facility=f"{facility}^47011235-7^L")
+    message = visit.a01(cid="GBK-1").decode("utf-8").replace("UNICODE UTF-8", "GBK")
+    b = await start_bridge(tmp_path, PLAIN.replace("4096", "1048576"))
+    try:
+        [ack] = await exchange(b.port, [frame(message.encode("gbk"))], 1)
+        segments = ack.decode("gbk").split("\r")
+        msa = next(s for s in segments if s.startswith("MSA|")).split("|")
+        assert msa[1:3] == ["AA", "GBK-1"], segments
+        assert segments[0].split("|")[5] == f"{facility}^47011235-7^L"  # MSH-6 = their MSH-4
+        row = b.store.hl7_lookup(f"HIS|{facility}^47011235-7^L", "GBK-1")
+        assert row is not None and row.record is not None
     finally:
         await b.service.stop()
 

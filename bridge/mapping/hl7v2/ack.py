@@ -27,6 +27,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
+from itertools import pairwise
 from typing import TYPE_CHECKING, Literal
 
 from bridge.errors import BridgeError, ConflictError, MappingError, ParseError
@@ -150,7 +151,9 @@ def tolerant_header(data: bytes | str) -> MSHHeader | None:
 
     When MSH itself does not decode in its declared character set, the fields that are
     plain ASCII are kept (MSH-9, MSH-10, MSH-12 usually are) and the others left empty,
-    so the answer names the message without echoing bytes it could not read.
+    so the answer names the message without echoing bytes it could not read. Fields
+    after a separator that may be the trail byte of a multi-byte character are left
+    empty too: their numbering cannot be trusted.
     """
     raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     try:
@@ -164,8 +167,12 @@ def tolerant_header(data: bytes | str) -> MSHHeader | None:
     sep = first[3:4]
     parts = first.split(sep)
     fields = ["MSH", sep.decode("ascii")]
-    for raw_field in parts[1:]:
-        fields.append(raw_field.decode("ascii") if raw_field.isascii() else "")
+    shifted = False
+    for before, raw_field in pairwise(parts):
+        # A separator right after a byte >= 0x81 may be a GBK trail byte: from there on
+        # the field count is uncertain, so nothing further is echoed.
+        shifted = shifted or (bool(before) and before[-1] >= 0x81)
+        fields.append(raw_field.decode("ascii") if raw_field.isascii() and not shifted else "")
     if len(fields) < 3 or not 2 <= len(fields[2]) <= 5 \
             or not all(usable_delimiter(ord(c)) for c in fields[2]):
         return None

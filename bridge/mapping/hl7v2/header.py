@@ -108,6 +108,51 @@ _SEGMENT_SPLIT = re.compile(rb"\r\n|\r|\n")
 
 #: The MLLP start and end block bytes (VT, FS): never data in a field the bridge echoes.
 FRAMING_BYTES = re.compile(rb"[\x0b\x1c]")
+_FRAMING_TEXT = re.compile("[\x0b\x1c]")
+
+#: Each codec the bridge reads, once, in the order a self-consistent MSH-18 is looked for.
+_CODECS = tuple(dict.fromkeys(CHARSETS.values()))
+
+
+def _declared(text: str, sep: str) -> str:
+    """MSH-18's first repetition's first component in a decoded (or naively read) MSH."""
+    fields = text.split(sep)
+    if len(fields) < 18:
+        return ""
+    encoding = fields[1]
+    rep, comp = encoding[1:2] or "~", encoding[:1] or "^"
+    return fields[17].split(rep)[0].split(comp)[0].strip()
+
+
+def msh_charset(segment: bytes) -> tuple[str, str]:
+    """The character set MSH-18 of ``segment`` (a raw MSH segment) declares, and its codec.
+
+    MSH-18 says how to decode the bytes, but the fields can only be counted after
+    decoding: in GBK and GB 18030 a character's trail byte may be ``|``, ``^``, ``~`` or
+    ``\\`` (``東`` is ``96 7C``), so splitting the bytes first shifts every later field.
+    The reading taken is the one that agrees with itself: decoded with codec C, MSH-18
+    names C. The plain byte reading is tried first (it is right whenever no multi-byte
+    character holds a delimiter byte), then every codec the bridge reads. When no
+    reading agrees, a reading that names a character set the bridge does not read
+    raises :class:`ParseError` (103) naming MSH-18; otherwise the plain reading's name
+    is returned with its codec, so decoding fails where the bytes are wrong.
+    """
+    sep = segment[3:4].decode("latin-1")
+    naive = _declared(segment.decode("latin-1"), sep)
+    first = CHARSETS.get(naive.upper())
+    readings: list[str] = []
+    for codec in ((first,) if first else ()) + _CODECS:
+        try:
+            text = segment.decode(codec)
+        except UnicodeDecodeError:
+            continue
+        declared = _declared(text, sep)
+        if CHARSETS.get(declared.upper()) == codec:
+            return declared, codec
+        readings.append(declared)
+    for declared in readings:
+        codec_for(declared)  # a reading naming a character set the bridge does not read
+    return naive, codec_for(naive)
 
 
 def usable_delimiter(byte: int) -> bool:
@@ -139,30 +184,25 @@ def read_msh(message: bytes) -> MSHHeader:
     sep = seg[3:4]
     if not usable_delimiter(sep[0]):
         raise ParseError("unusable field separator", location="MSH-1", hl7_code="102")
-    parts = seg.split(sep)
-    encoding = parts[1]
+    # MSH-2 comes before any text field, so it is ASCII and splits safely as bytes.
+    encoding = seg[4:].split(sep, 1)[0]
     if not 2 <= len(encoding) <= 5 or sep in encoding \
             or not all(usable_delimiter(b) for b in encoding):
         raise ParseError("unusable encoding characters", location="MSH-2", hl7_code="102")
-    # MSH-18 is read first, as bytes, because it says how to decode the rest.
-    # MSH-18 may repeat; the first repetition is the character set of the message.
-    rep, comp = encoding[1:2] or b"~", encoding[:1]
-    charset_raw = parts[17].split(rep)[0].split(comp)[0] if len(parts) > 17 else b""
-    if not charset_raw.isascii():
-        raise ParseError("unusable character set", location="MSH-18", hl7_code="103")
-    charset = charset_raw.decode("ascii")
-    codec = codec_for(charset)
-    fields: list[str] = ["MSH", sep.decode("ascii")]
-    for number, raw in enumerate(parts[1:], start=2):
-        if FRAMING_BYTES.search(raw):
+    charset, codec = msh_charset(seg)
+    try:
+        text = seg.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise ParseError("bytes not valid in the declared character set",
+                         location=f"MSH-{seg[:exc.start].count(sep) + 1}",
+                         hl7_code="102") from None
+    # Split only after decoding: a GBK or GB 18030 trail byte may equal a delimiter.
+    fields: list[str] = ["MSH", sep.decode("ascii"), *text[4:].split(sep.decode("ascii"))]
+    for number, value in enumerate(fields[2:], start=2):
+        if _FRAMING_TEXT.search(value):
             # An ACK echoes MSH fields: one holding VT or FS could not be framed back.
             raise ParseError("an MLLP framing byte (VT or FS) inside the field",
                              location=f"MSH-{number}", hl7_code="102")
-        try:
-            fields.append(raw.decode(codec))
-        except UnicodeDecodeError:
-            raise ParseError("bytes not valid in the declared character set",
-                             location=f"MSH-{number}", hl7_code="102") from None
 
     def field(number: int) -> str:
         return fields[number] if number < len(fields) else ""

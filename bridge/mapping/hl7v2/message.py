@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from bridge.errors import MappingError, ParseError
-from bridge.mapping.hl7v2.header import CHARSETS
+from bridge.mapping.hl7v2.header import CHARSETS, msh_charset
 
 # Without MSH-18, HL7 assumes ASCII; Chinese feeds that omit it send UTF-8, which is a
 # superset of ASCII, so UTF-8 accepts both without guessing at GBK.
@@ -316,25 +316,24 @@ def parse_hl7(data: bytes | str) -> HL7Message:
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         raw = _strip_frame(bytes(data))
-        # The MSH segment up to MSH-18 is ASCII in every character set we read; GBK trail
-        # bytes can equal "|" inside a Chinese MSH-4, which the recheck below catches.
+        # Delimiters (MSH-1, MSH-2) come before any text field: ASCII in every
+        # character set we read. The fields are split only after the whole message is
+        # decoded, because a GBK or GB 18030 trail byte may equal a delimiter.
         end = min((i for i in (raw.find(b"\r"), raw.find(b"\n")) if i >= 0), default=len(raw))
-        head = raw[:end].decode("latin-1")
-        delims = _delimiters(head)
-        charset = _charset_field(head, delims.field)
-        codec = _codec(charset)
+        delims = _delimiters(raw[:end].decode("latin-1"))
+        try:
+            codec = msh_charset(raw[:end])[1]
+        except ParseError:
+            raise hl7_error(ParseError, "MSH-18 names a character set the bridge does not read",
+                            Loc("MSH", 1, 18), "103") from None
         try:
             text = raw.decode(codec)
         except UnicodeDecodeError as exc:
             raise _decode_failure(raw, exc.start, delims.field.encode("latin-1"),
-                                  charset) from None
+                                  _charset_field(raw[:end].decode("latin-1"),
+                                                 delims.field)) from None
         first = text.split("\r", 1)[0].split("\n", 1)[0]
-        declared = _charset_field(first, delims.field)
-        if declared != charset:
-            charset, recheck = declared, _codec(declared)
-            if recheck != codec:
-                raise hl7_error(ParseError, "MSH-18 cannot be read unambiguously",
-                                Loc("MSH", 1, 18), "102")
+        charset = _charset_field(first, delims.field)
     elif isinstance(data, str):
         text = data.strip("\x0b\x1c\r\n \t")
         end = min((i for i in (text.find("\r"), text.find("\n")) if i >= 0), default=len(text))
