@@ -558,6 +558,25 @@ class MLLPConfig(_Strict):
     port: int = Field(default=2575, ge=0, le=65535, description="0 picks a free port")
     tls: bool = True
     max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    frame_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description=(
+            "a frame whose start block arrived this long ago without its end block is"
+            " dropped and the connection closed (a peer that stalls or trickles a message)"
+        ),
+    )
+    idle_timeout_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description=(
+            "a connection with no frame in progress that has received nothing and been"
+            " answered nothing this long is closed; 0 (the default) keeps it open, as HIS"
+            " interfaces hold one connection open between messages"
+        ),
+    )
     allowed_facilities: list[str] = Field(
         default_factory=list,
         description="MSH-4 values (whole field or its first component) accepted; empty = any",

@@ -70,6 +70,20 @@ def test_fs_not_followed_by_cr_is_content() -> None:
     assert f.feed(b"C\x1c\r") == [body]
 
 
+def test_each_frame_start_is_counted_however_the_bytes_arrive() -> None:
+    # A listener times each frame from its start block: a restart (VT inside a frame)
+    # and a frame following another in the same chunk are new frames.
+    wire = frame(b"MSH|A") + b"\x0bMSH|partial" + frame(b"MSH|B") + b"\x0bMSH|C"
+    for size in (len(wire), 7, 1):
+        framer = MLLPFramer()
+        seen = []
+        for i in range(0, len(wire), size):
+            framer.feed(wire[i:i + size])
+            seen.append(framer.frames_started)
+        assert framer.frames_started == 4 and framer.in_frame
+        assert seen == sorted(seen)
+
+
 def test_empty_frames_are_not_messages() -> None:
     f = MLLPFramer()
     assert f.feed(b"\x0b\x1c\r" + frame(ORU)) == [ORU]

@@ -265,6 +265,111 @@ async def test_an_answer_that_cannot_be_framed_closes_the_connection_saying_why(
     assert not any("张" in m or "MSG00001" in m for m in reasons)
 
 
+async def _header_only_bridge(root: Path, extra: str) -> Bridge:
+    b = await start_bridge(root, PLAIN + extra)
+    assert b.service.mllp is not None
+    b.service.mllp.handler = HeaderOnlyHandler()
+    return b
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """True when the bridge closes the connection within ``seconds`` (reading ACKs away)."""
+    try:
+        while await asyncio.wait_for(reader.read(65536), timeout=seconds):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+@pytest.mark.parametrize("trickle", [False, True])
+async def test_a_frame_not_ended_in_time_is_dropped_and_the_connection_closed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, trickle: bool
+) -> None:
+    b = await _header_only_bridge(tmp_path, "frame_timeout_seconds = 0.5\n")
+    caplog.set_level(logging.INFO, logger="bridge.mllp")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        partial = frame(adt("SLOW-1"))[:-2]  # no end block
+        if trickle:  # a byte at a time keeps the line busy, not the frame alive
+            for i in range(8):
+                writer.write(partial[i:i + 1])
+                await asyncio.sleep(0.1)
+            partial = partial[8:]
+        writer.write(partial)
+        assert await _closed_within(reader, 10)
+        assert loop.time() - began >= 0.5
+        writer.close()
+        assert b.store.hl7_count() == 0
+        reasons = [r.getMessage() for r in caplog.records if r.name == "bridge.mllp"]
+        assert any("a frame was not ended within 0.5 s" in m for m in reasons)
+        assert not any("SLOW-1" in m or "张" in m for m in reasons)
+        [ack] = await exchange(b.port, [frame(adt("FAST-1"))], 1)  # others carry on
+        assert seg(ack, "MSA")[1:3] == ["AA", "FAST-1"]
+    finally:
+        await b.service.stop()
+
+
+async def test_a_connection_idle_between_messages_stays_open_by_default(tmp_path: Path) -> None:
+    b = await _header_only_bridge(tmp_path, "frame_timeout_seconds = 0.3\n")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+        framer = MLLPFramer()
+        for n in range(2):
+            writer.write(frame(adt(f"IDLE-{n}")))
+            [ack] = framer.feed(await asyncio.wait_for(reader.read(65536), timeout=10))
+            assert seg(ack, "MSA")[1:3] == ["AA", f"IDLE-{n}"]
+            # Longer than the frame timeout, with no frame in progress: kept open.
+            assert not await _closed_within(reader, 1.0)
+        writer.close()
+    finally:
+        await b.service.stop()
+
+
+async def test_a_connection_idle_past_the_idle_timeout_is_closed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = await _header_only_bridge(tmp_path, "idle_timeout_seconds = 0.5\n")
+    caplog.set_level(logging.INFO, logger="bridge.mllp")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+        framer = MLLPFramer()
+        loop = asyncio.get_running_loop()
+        for n in range(3):  # messages closer together than the timeout keep it open
+            writer.write(frame(adt(f"BUSY-{n}")))
+            [ack] = framer.feed(await asyncio.wait_for(reader.read(65536), timeout=10))
+            assert seg(ack, "MSA")[1] == "AA"
+            await asyncio.sleep(0.25)
+        answered = loop.time()
+        assert await _closed_within(reader, 10)
+        assert loop.time() - answered >= 0.2
+        writer.close()
+        assert any("idle for 0.5 s" in r.getMessage() for r in caplog.records)
+    finally:
+        await b.service.stop()
+
+
+@pytest.mark.parametrize("line", [
+    "frame_timeout_seconds = 0", "frame_timeout_seconds = -1", "frame_timeout_seconds = 7200",
+    "idle_timeout_seconds = -5", 'idle_timeout_seconds = "long"',
+])
+def test_timeouts_out_of_range_are_config_errors_naming_file_and_key(
+    tmp_path: Path, line: str
+) -> None:
+    hospital_cfg, _ = make_workdir(tmp_path)
+    with hospital_cfg.open("a", encoding="utf-8") as fh:
+        fh.write("\n[mllp]\n" + PLAIN + line + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(hospital_cfg)
+    key = line.split(" ", 1)[0]
+    assert str(hospital_cfg) in str(info.value.location)
+    assert f"mllp.{key}" in str(info.value.location)
+
+
 async def test_store_that_cannot_commit_gets_no_aa(bridge: Bridge) -> None:
     # The commit itself fails (after the audit append and the ACK were built).
     raw = sqlite3.connect(bridge.store.path)

@@ -20,6 +20,13 @@ order the messages arrived. Each message goes:
    on another connection gets the same ACK and an audit entry of its own;
 6. when something became routable, the router is woken (:mod:`bridge.link.intake`).
 
+Timeouts (``[mllp]``): a frame must end within ``frame_timeout_seconds`` of its start
+block, else it is dropped and the connection closed (a stalled or trickling peer holds
+no memory for long); a connection with nothing in progress is closed after
+``idle_timeout_seconds`` without a byte in or an ACK out, when that is set (by default
+it is not: HIS interfaces keep one connection open between messages). The frame clock
+stops while reading is paused for a backlog, which is the bridge's doing, not the peer's.
+
 ACK rule (original acknowledgement mode). The code is the error's ``ack_code``:
 
 * **AA** — stored durably with its audit entry. Never sent for anything else.
@@ -514,6 +521,15 @@ class _MLLPConnection(asyncio.Protocol):
         self.peer = "unknown"
         self._paused = False
         self._closing = False
+        # Timeouts (loop time): a frame is timed from its start block, so a peer that
+        # trickles bytes cannot hold it open; idleness from the last byte in or ACK out.
+        self._frame_timeout = listener.config.frame_timeout_seconds
+        self._idle_timeout = listener.config.idle_timeout_seconds
+        self._frame_seen = 0
+        self._frame_began: float | None = None
+        self._last_activity = 0.0
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; uvloop's does not derive from asyncio.Transport.
@@ -540,16 +556,78 @@ class _MLLPConnection(asyncio.Protocol):
             )
             return
         self.listener._connections.add(self)
-        self.worker = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._last_activity = loop.time()
+        self.worker = loop.create_task(self._run())
+        self._schedule()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
         for event in self.framer.events(data):
             self.queue.put_nowait(event)
+        now = asyncio.get_running_loop().time()
+        self._last_activity = now
+        if not self.framer.in_frame:
+            self._frame_began = None
+        elif self.framer.frames_started != self._frame_seen:
+            self._frame_seen = self.framer.frames_started
+            self._frame_began = now
         if self.queue.qsize() >= _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
+        self._schedule()
+
+    # --- timeouts ----------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Arm the timer for the nearest deadline (frame or idle), if any."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._closing:
+            return
+        deadlines = []
+        if self._frame_began is not None and not self._paused:
+            deadlines.append(self._frame_began + self._frame_timeout)
+        if self._idle_timeout > 0:
+            deadlines.append(self._last_activity + self._idle_timeout)
+        if deadlines:
+            self._timer = asyncio.get_running_loop().call_at(min(deadlines), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._closing or self.transport is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._frame_began is not None and not self._paused \
+                and now >= self._frame_began + self._frame_timeout:
+            # A half-received frame held past its time: drop it and the connection, so
+            # stalled or trickling peers cannot hold memory (at most max_message_bytes
+            # each) for ever. The peer resends the whole message on a new connection.
+            log.warning("MLLP connection %s closed: a frame was not ended within %s s"
+                        " (%d bytes held)", self.peer, self._frame_timeout,
+                        self.framer.buffered)
+            self._close(abort=True)
+            return
+        if self._idle_timeout > 0 and now >= self._last_activity + self._idle_timeout:
+            if self._busy or not self.queue.empty() or self.framer.in_frame:
+                self._last_activity = now  # answering is activity: wait a full period more
+            else:
+                log.info("MLLP connection %s closed: idle for %s s", self.peer,
+                         self._idle_timeout)
+                self._close(abort=False)
+                return
+        self._schedule()
+
+    def _close(self, *, abort: bool) -> None:
+        self._closing = True
+        self.queue.put_nowait(None)
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def eof_received(self) -> bool:
         # Answer what was received, then close (see _run). Plain TCP can keep its write
@@ -559,6 +637,9 @@ class _MLLPConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.transport = None
         self.listener._connections.discard(self)
         self.queue.put_nowait(None)
@@ -566,6 +647,9 @@ class _MLLPConnection(asyncio.Protocol):
     def shutdown(self) -> None:
         """Stop after the message in hand; unanswered messages will be resent by the peer."""
         self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.pause_reading()
         self.queue.put_nowait(None)
@@ -579,6 +663,11 @@ class _MLLPConnection(asyncio.Protocol):
                 if self._paused and self.queue.qsize() <= _LOW_WATER and self.transport is not None:
                     self._paused = False
                     self.transport.resume_reading()
+                    if self._frame_began is not None:
+                        # The frame could not progress while reading was paused.
+                        self._frame_began = asyncio.get_running_loop().time()
+                    self._schedule()
+                self._busy = True
                 try:
                     wire = frame(await self.listener.handle(event, self.peer))
                 except Exception as exc:  # noqa: BLE001 - a bug must not leave the peer waiting
@@ -587,9 +676,12 @@ class _MLLPConnection(asyncio.Protocol):
                     log.error("MLLP connection %s closed: the answer could not be built (%s)",
                               self.peer, type(exc).__name__)
                     break
+                finally:
+                    self._busy = False
                 if self.transport is None:
                     break
                 self.transport.write(wire)
+                self._last_activity = asyncio.get_running_loop().time()
         except Exception as exc:  # noqa: BLE001 - never an unretrieved task exception
             log.error("MLLP connection %s closed: %s", self.peer, type(exc).__name__)
         finally:

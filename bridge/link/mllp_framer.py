@@ -91,6 +91,9 @@ class MLLPFramer:
         self.empty_frames = 0
         #: Frames discarded for exceeding ``max_message_bytes``.
         self.oversized_frames = 0
+        #: Start blocks seen that began a frame: changes whenever a new frame begins, so a
+        #: caller can time each frame from its start.
+        self.frames_started = 0
 
     @property
     def in_frame(self) -> bool:
@@ -148,6 +151,7 @@ class MLLPFramer:
                     return out
                 self.discarded_bytes += start - i
                 self._inside = True
+                self.frames_started += 1
                 self._buf.clear()
                 i = start + 1
                 continue
@@ -156,6 +160,7 @@ class MLLPFramer:
             if restart >= 0:
                 # A new frame begins before this one ended: the peer gave up on it.
                 self.aborted_frames += 1
+                self.frames_started += 1
                 self.discarded_bytes += len(self._buf) + (restart - i)
                 self._buf.clear()
                 i = restart + 1
