@@ -101,6 +101,54 @@ def test_multibyte_characters_holding_a_delimiter_byte_are_read_whole(
     assert header.facility_id == f"{ch}莞市人民醫院"
 
 
+def _with_pid5(value: str, charset: str = "UNICODE UTF-8", codec: str = "utf-8") -> bytes:
+    text = ("MSH|^~\\&|HIS|H|B|H|20260301||ADT^A01|E-1|P|2.5||||||" + charset + "\r"
+            "PID|1||123^^^H^MR||" + value + "||19800101|M\r")
+    return text.encode(codec)
+
+
+@pytest.mark.parametrize("sent,read", [
+    ("\\F\\\\S\\\\T\\\\R\\\\E\\", "|^&~\\"),
+    ("\\XE78E8B\\", "王"),
+    ("\\Xe78e8b\\\\X4A\\", "王J"),
+    ("\\H\\建\\N\\国", "建国"),
+    ("a\\.br\\b\\.ce\\c", "a\nb\nc"),
+    ("a\\.sp\\b\\.sp 3\\c", "a\nb\n\n\nc"),
+    ("a\\.sk 2\\b\\.sk\\c", "a  b c"),
+    ("\\.fi\\a\\.nf\\\\.in +4\\\\.ti -2\\b", "ab"),
+])
+def test_hl7_escapes_are_read(sent: str, read: str) -> None:
+    assert parse_hl7(_with_pid5(sent)).get("PID-5.1") == read
+
+
+@pytest.mark.parametrize("codec,charset", [("gbk", "GBK"), ("gb18030", "GB 18030-2000")])
+def test_hex_escapes_are_bytes_in_the_message_character_set(codec: str, charset: str) -> None:
+    hexed = "王".encode(codec).hex().upper()
+    message = parse_hl7(_with_pid5(f"\\X{hexed}\\^建国", charset, codec))
+    assert (message.get("PID-5.1"), message.get("PID-5.2")) == ("王", "建国")
+
+
+@pytest.mark.parametrize("sent", [
+    "\\Z42\\王",  # locally defined
+    "\\C2842\\王",  # ISO 2022 single-byte character set switch
+    "\\M244142\\王",  # ISO 2022 multi-byte character set switch
+    "\\Q\\王",  # no such escape
+    "\\\\王",  # empty escape
+    "\\XE78E\\王",  # hex data that is not a whole character
+    "\\XE7G\\王",  # not hex
+    "\\XFF\\王",  # not UTF-8
+    "\\.sp 999\\王",  # far more line breaks than a text field can mean
+    "王\\F",  # no closing escape character
+])
+def test_unreadable_escapes_are_refused_naming_the_field_not_the_value(sent: str) -> None:
+    message = parse_hl7(_with_pid5(sent))
+    with pytest.raises(MappingError) as info:
+        message.get("PID-5.1")
+    assert str(info.value.location).startswith("PID[1]-5[1].1")
+    assert info.value.detail["hl7_code"] == "102"
+    assert "王" not in str(info.value) and sent not in str(info.value)
+
+
 def test_gbk_bytes_declared_utf8_name_msh18_and_field() -> None:
     data = ADT.decode("utf-8").encode("gbk")  # MSH-18 still says UNICODE UTF-8
     err = _refusal(data)

@@ -20,6 +20,7 @@ from leaving_support import WAYS, leave
 from bridge.config import load_config
 from bridge.demo import HOSPITAL
 from bridge.errors import ConfigError, MappingError, ParseError
+from bridge.ledger import intake as intake_db
 from bridge.ledger.sqlite import SQLiteStore
 from bridge.link.mllp import HeaderOnlyHandler, HL7Handler, default_handler
 from bridge.link.mllp_framer import MLLPFramer, frame
@@ -661,6 +662,33 @@ async def test_real_room_takes_gbk_whatever_bytes_its_characters_are_made_of(
         assert row is not None and row.record is not None
     finally:
         await b.service.stop()
+
+
+async def test_real_room_reads_hex_and_formatting_escapes_and_refuses_others_ae(
+    tmp_path: Path,
+) -> None:
+    # PID-5 as some HIS write it: 王 as hex data in the message's UTF-8, the given
+    # name with highlighting around one character.
+    read = InpatientVisit(family="\\XE78E8B\\", given="\\H\\建\\N\\国").a01(cid="ESC-1")
+    unreadable = InpatientVisit(family="\\Z42\\王", prefix="V2").a01(cid="ESC-2")
+    b = await start_bridge(tmp_path, PLAIN.replace("4096", "1048576"))
+    try:
+        ok, refused = await exchange(b.port, [frame(read) + frame(unreadable)], 2)
+        assert seg(ok, "MSA")[1:3] == ["AA", "ESC-1"]
+        [visit] = intake_db.list_visits(b.store)
+        [part] = intake_db.visit_parts(b.store, visit.id)
+        assert part.elements["HDSD00.11.110"] == "王建国"
+        assert seg(refused, "MSA")[1:3] == ["AE", "ESC-2"]
+        err = seg(refused, "ERR")
+        assert err[2].startswith("PID^1^5") and err[3].startswith("102^")
+        assert "Z42" not in refused.decode() and "王" not in refused.decode()
+        assert b.store.hl7_lookup(f"HIS|{visit_facility()}", "ESC-2") is None
+    finally:
+        await b.service.stop()
+
+
+def visit_facility() -> str:
+    return InpatientVisit().facility
 
 
 GOLDEN = Path(__file__).parent / "golden" / "hl7v2"

@@ -13,6 +13,10 @@ Character sets: MSH-18 names the encoding of the bytes (``UNICODE UTF-8``,
 raise :class:`~bridge.errors.ParseError` naming MSH-18 and the segment and field where
 decoding failed. Segments may be separated by CR, LF or CRLF.
 
+Values are unescaped when read (:meth:`Delimiters.unescape` lists every HL7 v2.5 escape
+sequence and what becomes of it); an escape the bridge cannot read is refused naming the
+field, never passed on as text.
+
 Locations use the form ``PID[1]-5[1].1``: segment and its repetition, field, the field's
 repetition (shown for repeating fields), component and subcomponent. Errors never carry
 the values found.
@@ -21,7 +25,7 @@ the values found.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from bridge.errors import MappingError, ParseError
@@ -32,6 +36,10 @@ from bridge.mapping.hl7v2.header import CHARSETS, msh_charset
 DEFAULT_CHARSET = "UNICODE UTF-8"
 
 _ESCAPE_RE_CACHE: dict[tuple[str, ...], re.Pattern[str]] = {}
+_HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+")
+# Formatting commands (FT data type): a name, then an optional signed number.
+_FORMATTING = re.compile(r"\.(br|sp|sk|ce|fi|nf|in|ti) ?([+-]?\d{1,4})?")
+_MAX_FORMAT_REPEAT = 100
 
 
 class Loc(NamedTuple):
@@ -68,31 +76,91 @@ def hl7_error(cls: type[ParseError | MappingError], message: str, loc: Loc | str
 
 @dataclass(frozen=True, slots=True)
 class Delimiters:
-    """The separators declared in MSH-1 and MSH-2."""
+    """The separators declared in MSH-1 and MSH-2, and the codec of MSH-18.
+
+    The codec is what hexadecimal escapes (``\\Xhh..\\``) are decoded with: their bytes
+    are in the message's own character set.
+    """
 
     field: str = "|"
     component: str = "^"
     repetition: str = "~"
     escape: str = "\\"
     subcomponent: str = "&"
+    codec: str = "utf-8"
 
     @property
     def encoding_characters(self) -> str:
         return self.component + self.repetition + self.escape + self.subcomponent
 
-    def unescape(self, text: str) -> str:
-        """Replace the escape sequences for the delimiters (``\\F\\``, ``\\S\\`` ...)."""
-        if not self.escape or self.escape not in text:
-            return text
+    def unescape(self, text: str, where: Loc | str | None = None) -> str:
+        """``text`` with its HL7 escape sequences (v2.5 section 2.7) read.
+
+        ====================  ==============================================================
+        sequence              read as
+        ====================  ==============================================================
+        ``F S T R E``         the field, component, subcomponent, repetition and escape
+                              characters
+        ``Xhh..``             the bytes ``hh..`` decoded in the message's character set
+        ``H``, ``N``          dropped (highlighting on, normal text: display only)
+        ``.br``, ``.ce``      a line break (centring is display only)
+        ``.sp n``             ``n`` line breaks (one when ``n`` is absent)
+        ``.sk n``             ``n`` spaces (one when ``n`` is absent)
+        ``.fi .nf .in .ti``   dropped (fill mode and indents are display only)
+        ``Cxxyy``, ``Mxxyyzz``  refused: ISO 2022 character set switches; the bridge reads
+                              the one character set MSH-18 names
+        ``Zxx..``             refused: a locally defined escape means nothing here
+        anything else         refused, as is an escape character with no closing one
+        ====================  ==============================================================
+
+        A refusal raises :class:`~bridge.errors.MappingError` (HL7 code 102) naming
+        ``where`` (the segment and field), never the text.
+        """
         e = self.escape
-        key = (self.field, self.component, self.repetition, e, self.subcomponent)
+        if not e or e not in text:
+            return text
+        key = (e,)
         pattern = _ESCAPE_RE_CACHE.get(key)
         if pattern is None:
-            pattern = re.compile(re.escape(e) + r"([FSTRE])" + re.escape(e))
+            pattern = re.compile(re.escape(e) + "([^" + re.escape(e) + "]*)" + re.escape(e))
             _ESCAPE_RE_CACHE[key] = pattern
         table = {"F": self.field, "S": self.component, "T": self.subcomponent,
-                 "R": self.repetition, "E": e}
-        return pattern.sub(lambda m: table[m.group(1)], text)
+                 "R": self.repetition, "E": e, "H": "", "N": ""}
+
+        def read(m: re.Match[str]) -> str:
+            body = m.group(1)
+            plain = table.get(body)
+            if plain is not None:
+                return plain
+            if body[:1] == "X" and _HEX.fullmatch(body[1:]):
+                try:
+                    return bytes.fromhex(body[1:]).decode(self.codec)
+                except UnicodeDecodeError:
+                    raise self._unreadable("hexadecimal escape not valid in the message's "
+                                           "character set", where) from None
+            command = _FORMATTING.fullmatch(body)
+            if command is not None:
+                name, number = command.group(1), command.group(2)
+                count = int(number) if number else 1
+                if name in ("br", "ce"):
+                    return "\n"
+                if name == "sp" and count <= _MAX_FORMAT_REPEAT:
+                    return "\n" * count
+                if name == "sk" and count <= _MAX_FORMAT_REPEAT:
+                    return " " * count
+                if name in ("fi", "nf", "in", "ti"):
+                    return ""
+            raise self._unreadable("an escape sequence the bridge does not read", where)
+
+        if e in pattern.sub("", text):
+            raise self._unreadable("an escape character without its closing one", where)
+        return pattern.sub(read, text)
+
+    @staticmethod
+    def _unreadable(message: str, where: Loc | str | None) -> MappingError:
+        if where is None:
+            return MappingError(message, hl7_code="102")
+        return hl7_error(MappingError, message, where, "102")  # type: ignore[return-value]
 
     def escape_text(self, text: str) -> str:
         """Escape delimiters in a value written into a message."""
@@ -172,7 +240,9 @@ class Segment:
             text = subs[subcomponent - 1]
         elif subcomponent != 1:
             return ""
-        return d.unescape(text) if d.escape in text else text
+        if d.escape not in text:
+            return text
+        return d.unescape(text, Loc(self.name, self.rep, n, rep, component, subcomponent))
 
 
 class HL7Message:
@@ -334,12 +404,14 @@ def parse_hl7(data: bytes | str) -> HL7Message:
                                                  delims.field)) from None
         first = text.split("\r", 1)[0].split("\n", 1)[0]
         charset = _charset_field(first, delims.field)
+        delims = replace(delims, codec=codec)
     elif isinstance(data, str):
         text = data.strip("\x0b\x1c\r\n \t")
         end = min((i for i in (text.find("\r"), text.find("\n")) if i >= 0), default=len(text))
         delims = _delimiters(text[:end])
         charset = _charset_field(text[:end], delims.field)
         codec = _codec(charset)
+        delims = replace(delims, codec=codec)
     else:
         raise TypeError("parse_hl7 takes bytes or str")
 

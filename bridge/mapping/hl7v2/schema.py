@@ -355,7 +355,7 @@ def _check_node(node: Node, text: str, d: Any, depth: int, where: tuple[Any, ...
         raise hl7_error(MappingError, "subcomponents in a component that has none",
                         Loc(*where), "102")
     if d.escape in text:
-        text = d.unescape(text)
+        text = d.unescape(text, Loc(*where))
     if text == '""':
         return
     kind = node.kind
