@@ -568,15 +568,19 @@ class _MLLPConnection(asyncio.Protocol):
             self.queue.put_nowait(event)
         now = asyncio.get_running_loop().time()
         self._last_activity = now
+        began = False
         if not self.framer.in_frame:
             self._frame_began = None
         elif self.framer.frames_started != self._frame_seen:
             self._frame_seen = self.framer.frames_started
             self._frame_began = now
+            began = True
         if self.queue.qsize() >= _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._schedule()
+        # Deadlines that moved later need no new timer: one firing early re-arms itself.
+        if began or self._timer is None:
+            self._schedule()
 
     # --- timeouts ----------------------------------------------------------------------
 
