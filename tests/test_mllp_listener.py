@@ -237,8 +237,9 @@ async def test_msh_field_holding_a_framing_byte_is_refused_ar_and_always_answere
         assert b"\x1c" not in ack and b"\x0b" not in ack
         assert seg(ack, "MSA")[1] == "AR"
         assert seg(ack, "ERR")[2] == f"MSH^1^{field}^1" and seg(ack, "ERR")[3].startswith("102^")
-    if field == "10" and b"\x1c" in held:
+    if field == "10":
         assert seg(ack, "MSA")[2] == "MSG00001\\X1C\\"
+        assert seg(ack, "MSH")[9] == "ACKMSG00001\\X1C\\"
     assert bridge.store.hl7_count() == 0
     [ok] = await exchange(bridge.port, [frame(adt("AFTER-1"))], 1)
     assert seg(ok, "MSA")[1:3] == ["AA", "AFTER-1"]

@@ -237,7 +237,7 @@ def build_ack(source: HL7Message | MSHHeader | bytes | str | None,
            _echo(header.sending_facility, esc) if header else "",
            stamp, "",
            comp.join(["ACK", trigger, "ACK"]) if trigger else "ACK",
-           escape(ack_control_id(control_id), sep, enc),
+           escape(ack_control_id(header.control_id if header else ""), sep, enc),
            _echo((header.processing_id if header else "") or "P", esc),
            version]
     if charset:
