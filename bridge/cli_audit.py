@@ -53,16 +53,18 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from bridge.ledger import tree
+    from bridge.ledger.audit import read_chain
     from bridge.ledger.logcheck import verify_log
 
     store, config = _open(args)
     with store:
-        entries = store.audit_entries()
+        entries, damaged = read_chain(store.audit_entries)
         own = [note for _, note in tree.own_checkpoints(store)]
         cosigned = [(c, note) for c, _, note in tree.cosigned_checkpoints(store)]
         name = config.controller.id if config else (entries[0].record.actor if entries else "")
     report = verify_log(entries, own, cosigned, name=name,
-                        keys_for=_keys_for_config(config) if config else None)
+                        keys_for=_keys_for_config(config) if config else None,
+                        damaged=damaged)
     if args.json:
         print_json({
             "ok": report.ok, "entries": report.entries, "head": report.head_hash,

@@ -23,7 +23,7 @@ from pg_support import PGSchema, fresh_schema
 from bridge.config import StoreConfig
 from bridge.errors import ConflictError, StoreError
 from bridge.ledger import Store, open_store
-from bridge.ledger.audit import AuditEntry, AuditRecord, patient_pseudonym
+from bridge.ledger.audit import AuditEntry, AuditEntryDamaged, AuditRecord, patient_pseudonym
 from bridge.ledger.errors import TransitionError, UnknownMessage
 from bridge.ledger.postgres import PostgresStore
 from bridge.ledger.sqlite import SQLiteStore
@@ -540,6 +540,47 @@ def test_tampering_names_the_entry(backend: Backend, how: str) -> None:
     with backend.open() as s:
         report = s.verify_audit()
         assert not report.ok and report.count == k - 1 and report.first_bad_seq == k
+
+
+#: Stored values the bridge never writes, one column each: a clear resident ID, an outcome
+#: and an operator outside their rules, categories that are not a list. A time that is
+#: not a time can only be stored where the column is text (SQLite).
+_FOREIGN_VALUES = [
+    ("patient", "'330108197706081354'", None),
+    ("outcome", "'ok'", None),
+    ("operator", "''", None),
+    ("actor", "''", None),
+    ("categories", "'5'", None),
+    ("time", "'yesterday'", "sqlite"),
+    ("categories", "'Claim'", "sqlite"),
+    ("detail", "X'00'", "sqlite"),
+]
+
+
+@pytest.mark.parametrize(("column", "value", "only"), _FOREIGN_VALUES)
+def test_a_value_the_bridge_never_writes_names_the_entry_and_column(
+        backend: Backend, column: str, value: str, only: str | None) -> None:
+    if only is not None and backend.kind != only:
+        pytest.skip(f"the {backend.kind} column's type refuses the value itself")
+    with backend.open() as s:
+        for i in range(1, 7):
+            enqueue(s, f"m{i}", t=T0 + timedelta(seconds=i))
+    k = 4
+    backend.execute(*[(g, ()) for g in backend.drop_audit_guards],
+                    (f"UPDATE audit SET {column}={value} WHERE seq=?", (k,)))
+    with backend.open() as s:
+        report = s.verify_audit()
+        assert (report.ok, report.count, report.first_bad_seq) == (False, k - 1, k)
+        assert report.reason is not None and f"entry {k} {column} " in report.reason
+        # A patient column edited away from the pseudonym is no longer found by it.
+        reads = [s.audit_entries] + ([] if column == "patient"
+                                     else [lambda: s.audit_by_patient(PATIENT)])
+        for read in reads:
+            with pytest.raises(AuditEntryDamaged) as caught:
+                read()
+            assert (caught.value.seq, caught.value.column) == (k, column)
+            assert "330108197706081354" not in str(caught.value)
+        assert [e.seq for e in s.audit_entries(since_seq=k)] == [5, 6]
 
 
 def test_both_stores_build_the_identical_chain(tmp_path: Path) -> None:

@@ -21,13 +21,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
+
+from bridge.errors import BridgeError
 
 GENESIS_HASH = "0" * 64
 # Bumped if the hashed form ever changes, so old chains still verify by their own rules.
@@ -61,6 +63,44 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
 
+#: The fields :func:`field_problem` checks, in the order a record reports them.
+_CHECKED_FIELDS = ("time", "actor", "action", "subject", "partner", "patient", "categories",
+                   "outcome", "detail", "digest", "operator")
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` as the record field ``name``, or None.
+
+    One set of rules for a record being made and for one read back from a store: a value
+    these rules refuse was never written by the bridge, so a stored one that breaks them
+    was changed outside it. The text names the rule, never the value.
+    """
+    if name == "time":
+        if not isinstance(value, datetime):
+            return "must be a time"
+        if value.tzinfo is None or value.utcoffset() is None:
+            return "must be timezone-aware"
+        return None
+    if name in ("actor", "action", "subject"):
+        return None if isinstance(value, str) and value else "must be non-empty text"
+    if name == "categories":
+        ok = isinstance(value, tuple | list) and all(isinstance(c, str) for c in value)
+        return None if ok else "must be a list of strings"
+    if name == "outcome":
+        return None if value in OUTCOMES else "must be success, failure or denied"
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return "must be text or empty"
+    if name == "patient" and not value.startswith(PSEUDONYM_PREFIX):
+        # Refuse anything that is not a pseudonym: the log is kept for years and
+        # exported to partners, so a clear identifier must never reach it.
+        return "must be a pseudonym from patient_pseudonym()"
+    if name == "operator" and not _OPERATOR.match(value):
+        return "must be cert:<name> or os:<user>"
+    return None
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     """What happened, as the caller states it. The chain fields are added on append.
@@ -91,23 +131,14 @@ class AuditRecord:
     operator: str | None = field(default_factory=_acting_operator)
 
     def __post_init__(self) -> None:
-        if self.time.tzinfo is None or self.time.utcoffset() is None:
-            raise ValueError("AuditRecord.time must be timezone-aware")
-        if not self.actor or not self.action or not self.subject:
-            raise ValueError("AuditRecord.actor, action and subject must be non-empty")
-        if self.outcome not in OUTCOMES:
-            raise ValueError("AuditRecord.outcome must be success, failure or denied")
-        if self.patient is not None and not self.patient.startswith(PSEUDONYM_PREFIX):
-            # Refuse anything that is not a pseudonym: the log is kept for years and
-            # exported to partners, so a clear identifier must never reach it.
-            raise ValueError("AuditRecord.patient must be a pseudonym from patient_pseudonym()")
-        cats = self.categories
-        if isinstance(cats, str):
+        if isinstance(self.categories, str):
             raise ValueError(  # noqa: TRY004 - a bad field value, as every check here
                 "AuditRecord.categories must be a list of strings, not a string")
-        object.__setattr__(self, "categories", tuple(cats))
-        if self.operator is not None and not _OPERATOR.match(self.operator):
-            raise ValueError("AuditRecord.operator must be cert:<name> or os:<user>")
+        object.__setattr__(self, "categories", tuple(self.categories))
+        for name in _CHECKED_FIELDS:
+            problem = field_problem(name, getattr(self, name))
+            if problem is not None:
+                raise ValueError(f"AuditRecord.{name} {problem}")
 
     def to_json_dict(self) -> dict[str, Any]:
         """The record as JSON-ready values (time as a UTC ISO string).
@@ -164,6 +195,84 @@ class ChainReport:
     reason: str | None = None
 
 
+#: The audit table's columns, in the order a store selects them (:func:`stored_entry`).
+AUDIT_COLUMNS = ("seq", "time", "actor", "action", "subject", "partner", "patient",
+                 "categories", "outcome", "detail", "digest", "prev_hash", "hash", "operator")
+
+
+class AuditEntryDamaged(BridgeError):
+    """A stored audit entry holds a value the bridge never writes: it was changed outside
+    the bridge (or the store is damaged).
+
+    Names the entry and the column, never the value found there. ``before`` holds the
+    entries read before it, so a verification can still say whether an earlier entry
+    breaks the chain first (:func:`read_chain`, :func:`verify_chain`).
+    """
+
+    code = "audit-entry-damaged"
+    exit_status = 1
+    local_location = True
+
+    def __init__(self, seq: int, column: str, before: Sequence[AuditEntry] = ()) -> None:
+        self.seq, self.column, self.before = seq, column, tuple(before)
+        self.reason = (f"entry {seq} {column} is not a value the bridge writes:"
+                       " the entry was changed outside the bridge")
+        super().__init__(f"audit chain BROKEN at entry {seq}: {self.reason}",
+                         location=f"audit entry {seq}, column {column}")
+
+
+def stored_entry(row: Sequence[Any], *, read_time: Callable[[Any], datetime],
+                 read_categories: Callable[[Any], Any]) -> AuditEntry:
+    """The entry a store row holds (columns in :data:`AUDIT_COLUMNS` order).
+
+    ``read_time`` and ``read_categories`` turn the store's own representation of those
+    two columns into a datetime and a list. Every column is checked by the rules a new
+    record obeys (:func:`field_problem`); one that breaks them raises
+    :class:`AuditEntryDamaged` naming it, whatever the store's driver raised.
+    """
+    values = dict(zip(AUDIT_COLUMNS, row, strict=True))
+    seq = int(values["seq"])
+    fields: dict[str, Any] = {}
+    for name in _CHECKED_FIELDS:
+        raw = values[name]
+        try:
+            value = (read_time(raw) if name == "time"
+                     else read_categories(raw) if name == "categories" else raw)
+        except (ValueError, TypeError, OverflowError):
+            raise AuditEntryDamaged(seq, name) from None
+        if field_problem(name, value) is not None:
+            raise AuditEntryDamaged(seq, name)
+        fields[name] = value
+    for name in ("prev_hash", "hash"):
+        if not isinstance(values[name], str):
+            raise AuditEntryDamaged(seq, name)
+    return AuditEntry(seq=seq, record=AuditRecord(**fields), prev_hash=values["prev_hash"],
+                      hash=values["hash"])
+
+
+def stored_entries(rows: Iterable[Sequence[Any]],
+                   read: Callable[[Sequence[Any]], AuditEntry]) -> list[AuditEntry]:
+    """``read`` over ``rows``; a damaged row raises :class:`AuditEntryDamaged` carrying the
+    entries before it."""
+    entries: list[AuditEntry] = []
+    for row in rows:
+        try:
+            entries.append(read(row))
+        except AuditEntryDamaged as exc:
+            raise AuditEntryDamaged(exc.seq, exc.column, before=entries) from None
+    return entries
+
+
+def read_chain(read: Callable[[], Sequence[AuditEntry]]
+               ) -> tuple[list[AuditEntry], AuditEntryDamaged | None]:
+    """``(entries, None)`` from ``read()``, or the entries before a damaged one and the
+    damage, for :func:`verify_chain` to report in chain order."""
+    try:
+        return list(read()), None
+    except AuditEntryDamaged as exc:
+        return list(exc.before), exc
+
+
 def canonical_bytes(prev_hash: str, seq: int, record: AuditRecord) -> bytes:
     """The exact bytes an entry's hash is computed over."""
     body = record.to_json_dict()
@@ -205,12 +314,15 @@ def verify_chain(
     *,
     anchor_seq: int = 0,
     anchor_hash: str = GENESIS_HASH,
+    damaged: AuditEntryDamaged | None = None,
 ) -> ChainReport:
     """Check that ``entries`` (in stored order) form an unbroken chain after the anchor.
 
     The default anchor is the genesis (seq 0, 64 zeros), so the whole log is checked
     from entry 1. To check only a tail, pass the last entry already trusted (for
-    example a cosigned checkpoint) as ``anchor_seq``/``anchor_hash``.
+    example a cosigned checkpoint) as ``anchor_seq``/``anchor_hash``. ``damaged`` is the
+    stored entry that could not be read after ``entries`` (:func:`read_chain`): unless
+    the chain breaks earlier, it is where the chain breaks.
     """
     prev_seq, prev_hash = anchor_seq, anchor_hash
     count = 0
@@ -231,6 +343,12 @@ def verify_chain(
                                f"entry {entry.seq} content does not match its hash")
         prev_seq, prev_hash = entry.seq, entry.hash
         count += 1
+    if damaged is not None:
+        expected = prev_seq + 1
+        if damaged.seq != expected:
+            return ChainReport(False, count, prev_hash, expected,
+                               f"entry {expected} missing (next entry is {damaged.seq})")
+        return ChainReport(False, count, prev_hash, damaged.seq, damaged.reason)
     return ChainReport(True, count, prev_hash)
 
 

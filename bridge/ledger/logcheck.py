@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bridge.ledger import merkle
-from bridge.ledger.audit import AuditEntry, leaf_from_hash, verify_chain
+from bridge.ledger.audit import AuditEntry, AuditEntryDamaged, leaf_from_hash, verify_chain
 from bridge.trust.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -50,14 +50,17 @@ def verify_log(
     *,
     name: str,
     keys_for: KeysFor | None = None,
+    damaged: AuditEntryDamaged | None = None,
 ) -> LogReport:
     """Check ``entries`` against the chain rule, then every checkpoint and cosignature.
 
     ``checkpoints`` are this controller's notes, ``cosigned`` ``(cosigner, note)`` pairs;
     ``keys_for(name)`` gives the public keys of a controller (this one included). Without
-    it, signatures are not checked (``signatures_checked`` says which).
+    it, signatures are not checked (``signatures_checked`` says which). ``damaged`` is
+    the stored entry after ``entries`` that could not be read
+    (:func:`bridge.ledger.audit.read_chain`).
     """
-    chain = verify_chain(entries)
+    chain = verify_chain(entries, damaged=damaged)
     if not chain.ok:
         return LogReport(False, chain.count, chain.head_hash, b"", first_bad_seq=chain.first_bad_seq,
                          reason=chain.reason)

@@ -128,12 +128,16 @@ from psycopg.types.json import Jsonb
 
 from bridge.errors import BridgeError, ConfigError, ConflictError, StoreError
 from bridge.ledger.audit import (
+    AUDIT_COLUMNS,
     GENESIS_HASH,
     AuditEntry,
     AuditRecord,
     ChainReport,
     chain_entry,
     format_time,
+    read_chain,
+    stored_entries,
+    stored_entry,
     verify_chain,
 )
 from bridge.ledger.errors import TransitionError, UnknownMessage
@@ -286,10 +290,7 @@ _OUTBOX_COLS = (
 _OUTBOX_READ = _OUTBOX_COLS + ", fate_unknown, last_answer, since"
 _INBOX_COLS = "sender, message_id, digest, payload, receipt, audit_seq, received"
 _HL7_COLS = "sender, control_id, digest, message, record, ack, audit_seq, received"
-_AUDIT_COLS = (
-    "seq, time, actor, action, subject, partner, patient, categories, outcome, detail,"
-    " digest, prev_hash, hash, operator"
-)
+_AUDIT_COLS = ", ".join(AUDIT_COLUMNS)
 
 
 class _Raced(Exception):
@@ -348,12 +349,13 @@ def _hl7_row(r: tuple[Any, ...], open_: Opener = _as_is) -> HL7InboxRow:
                        received=_utc(r[7]))
 
 
-def _audit_entry(r: tuple[Any, ...]) -> AuditEntry:
-    record = AuditRecord(
-        time=_utc(r[1]), actor=r[2], action=r[3], subject=r[4], partner=r[5], patient=r[6],
-        categories=tuple(r[7]), outcome=r[8], detail=r[9], digest=r[10], operator=r[13],
-    )
-    return AuditEntry(seq=int(r[0]), record=record, prev_hash=r[11], hash=r[12])
+def _as_list(value: Any) -> Any:
+    # jsonb comes back decoded; stored_entry checks it is a list of strings.
+    return value
+
+
+def _audit_entry(r: Sequence[Any]) -> AuditEntry:
+    return stored_entry(r, read_time=_utc, read_categories=_as_list)
 
 
 def _require_aware(value: datetime, name: str) -> datetime:
@@ -897,8 +899,9 @@ class PostgresStore:
         entry = chain_entry(str(head[1]), int(head[0]) + 1, record)
 
         def fetch(after: int) -> list[AuditEntry]:
-            return [_audit_entry(r) for r in conn.execute(
-                f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (after,))]
+            return stored_entries(conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (after,)),
+                _audit_entry)
 
         entry = cache_of(self).on_append(entry, fetch, proof=proof)
         j = record.to_json_dict()
@@ -1423,18 +1426,21 @@ class PostgresStore:
     def audit_entries(self, *, since_seq: int = 0) -> list[AuditEntry]:
         """Entries with ``seq > since_seq`` in chain order."""
         with self._read("audit_entries") as conn:
-            return [_audit_entry(r) for r in conn.execute(
-                f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (since_seq,))]
+            return stored_entries(conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (since_seq,)),
+                _audit_entry)
 
     def audit_by_patient(self, patient: str) -> list[AuditEntry]:
         """Entries about one patient pseudonym (``patient_pseudonym(...)``), in chain order."""
         with self._read("audit_by_patient") as conn:
-            return [_audit_entry(r) for r in conn.execute(
-                f"SELECT {_AUDIT_COLS} FROM audit WHERE patient=%s ORDER BY seq", (patient,))]
+            return stored_entries(conn.execute(
+                f"SELECT {_AUDIT_COLS} FROM audit WHERE patient=%s ORDER BY seq", (patient,)),
+                _audit_entry)
 
     def verify_audit(self) -> ChainReport:
         """Verify the whole chain from genesis (see :func:`bridge.ledger.audit.verify_chain`)."""
-        return verify_chain(self.audit_entries())
+        entries, damaged = read_chain(self.audit_entries)
+        return verify_chain(entries, damaged=damaged)
 
     def audit_head(self) -> tuple[int, str]:
         """``(seq, hash)`` of the last entry; ``(0, 64 zeros)`` for an empty log."""
