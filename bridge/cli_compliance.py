@@ -24,7 +24,8 @@ def cmd_compliance_report(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     path = Path(args.evidence) if args.evidence else default_evidence_path()
-    report = build_report(config, load_evidence(path))
+    audit, unread = _audit_log_facts(config)
+    report = build_report(config, load_evidence(path), audit=audit, audit_unread=unread)
     if args.html:
         # The page names the controller's partners, links and operators: owner only.
         write_private(Path(args.html), render_html(report).encode("utf-8"))
@@ -35,6 +36,22 @@ def cmd_compliance_report(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(f"report written to {args.html}\n")
     return 0
+
+
+def _audit_log_facts(config: Any) -> tuple[Any, str]:
+    """``(facts, "")`` from the configured store, or ``(None, why not)``: a store not made
+    yet is not created by a report."""
+    from bridge.compliance.report import audit_log_facts
+    from bridge.errors import BridgeError
+    from bridge.ledger import open_store
+
+    if config.store.kind == "sqlite" and not config.store.path.exists():
+        return None, "the store does not exist yet"
+    try:
+        with open_store(config.store) as store:
+            return audit_log_facts(store), ""
+    except BridgeError as exc:
+        return None, f"the store could not be read ({exc.code})"
 
 
 def add_compliance_commands(sub: Any) -> None:

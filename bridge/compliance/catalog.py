@@ -10,7 +10,6 @@ evidence (``@pytest.mark.control``), see :mod:`bridge.compliance.report`.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 from collections.abc import Callable
@@ -29,10 +28,29 @@ RECEIVING = ("inbound", "pull-from")
 
 
 @dataclass(frozen=True)
+class AuditLogFacts:
+    """What the store holds of its audit log's protection: this controller's signed
+    checkpoints and the partners that cosigned one."""
+
+    checkpoints: int
+    cosignatures: int
+    cosigners: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Facts:
-    """What an assessment may read: the live configuration and the host it runs on."""
+    """What an assessment may read: the live configuration, the host it runs on and, when
+    it could be read, the store's audit log (``audit``; None with the reason in
+    ``audit_unread``).
+
+    Assessments read fields and call functions by name in code, never a module,
+    attribute or configuration key named in a string: a rename is then a type error,
+    not an item that silently can no longer be met.
+    """
 
     config: BridgeConfig
+    audit: AuditLogFacts | None = None
+    audit_unread: str = "the store was not read"
 
     def links(self, *directions: str) -> list[LinkConfig]:
         return [link for link in self.config.links if link.direction in directions]
@@ -46,12 +64,6 @@ class Facts:
     def certificate_auth(self) -> bool:
         ops = self.config.operations
         return ops is not None and ops.auth == "certificate"
-
-    def has_module(self, name: str) -> bool:
-        try:
-            return importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            return False
 
 
 @dataclass(frozen=True)
@@ -187,9 +199,19 @@ def _t8(f: Facts) -> Assessment:
 
 
 def _t10(f: Facts) -> Assessment:
-    if f.has_module("bridge.ledger.auditlog"):
-        return "met", "hash chain and Merkle tree, signed checkpoints cosigned by partners"
-    return "partial", "hash chain and append-only triggers; no cosigned checkpoints yet"
+    kept = "hash chain, append-only triggers and bridge store backup"
+    audit = f.audit
+    if audit is None:
+        return "partial", f"{kept}; checkpoints and cosignatures unknown: {f.audit_unread}"
+    if audit.cosignatures:
+        return "met", (f"{kept}; Merkle tree with {audit.checkpoints} signed checkpoints,"
+                       f" {audit.cosignatures} cosigned by partners ("
+                       + ", ".join(audit.cosigners) + ")")
+    if audit.checkpoints:
+        return "partial", (f"{kept}; {audit.checkpoints} signed checkpoints, none cosigned by"
+                           " a partner yet (a partner cosigns when its configuration gives"
+                           " this controller's base_url)")
+    return "partial", f"{kept}; no checkpoint signed yet"
 
 
 def _t12(f: Facts) -> Assessment:
@@ -225,12 +247,13 @@ def _u13(f: Facts) -> Assessment:
 
 
 def _t19(f: Facts) -> Assessment:
-    encryption = getattr(f.config.store, "encryption", None)
-    if encryption is not None:
-        return "met", "mutual TLS in transit; AES-256-GCM at rest"
-    if f.has_module("bridge.ledger.keys"):
-        return "partial", "mutual TLS in transit; no store.encryption key configured"
-    return "partial", "mutual TLS in transit; the store is not encrypted"
+    store = f.config.store
+    if store.data_key_file is not None:
+        return "met", "mutual TLS in transit; AES-256-GCM at rest (key in store.data_key_file)"
+    if store.data_key_env is not None:
+        return "met", "mutual TLS in transit; AES-256-GCM at rest (key in store.data_key_env)"
+    return "partial", ("mutual TLS in transit; the store is not encrypted (no"
+                       " store.data_key_file or store.data_key_env)")
 
 
 def _t20(f: Facts) -> Assessment:
@@ -436,4 +459,4 @@ ITEMS: tuple[Item, ...] = (
 BY_ID = {item.id: item for item in ITEMS}
 assert len(ITEMS) == 45 and len(BY_ID) == 45
 
-__all__ = ["BY_ID", "ITEMS", "Assessment", "Facts", "Item", "Status"]
+__all__ = ["BY_ID", "ITEMS", "Assessment", "AuditLogFacts", "Facts", "Item", "Status"]

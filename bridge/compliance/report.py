@@ -16,7 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bridge.compliance.catalog import ITEMS, Facts
+from bridge.compliance.catalog import ITEMS, AuditLogFacts, Facts
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
@@ -76,9 +76,22 @@ def evidence_from_tests(tests: list[dict[str, Any]], *, source: str | None = Non
     return evidence
 
 
-def build_report(config: BridgeConfig, evidence: Evidence) -> dict[str, Any]:
-    """The report as data (the text, JSON and HTML forms render this)."""
-    facts = Facts(config)
+def audit_log_facts(store: Any) -> AuditLogFacts:
+    """Checkpoints and partners' cosignatures held by an open store."""
+    from bridge.ledger import tree
+
+    cosigned = tree.cosigned_checkpoints(store)
+    return AuditLogFacts(checkpoints=len(tree.own_checkpoints(store)),
+                         cosignatures=len(cosigned),
+                         cosigners=tuple(sorted({c for c, _, _ in cosigned})))
+
+
+def build_report(config: BridgeConfig, evidence: Evidence, *,
+                 audit: AuditLogFacts | None = None,
+                 audit_unread: str = "the store was not read") -> dict[str, Any]:
+    """The report as data (the text, JSON and HTML forms render this). ``audit``: what the
+    store holds of its audit log's protection, or None with the reason."""
+    facts = Facts(config, audit, audit_unread)
     items: list[dict[str, Any]] = []
     for item in ITEMS:
         status, why = item.assess(facts)
@@ -173,5 +186,5 @@ or failed in that run.</p>
 """
 
 
-__all__ = ["Evidence", "build_report", "default_evidence_path", "evidence_from_tests",
+__all__ = ["Evidence", "audit_log_facts", "build_report", "default_evidence_path", "evidence_from_tests",
            "load_evidence", "render_html", "render_text"]
