@@ -543,6 +543,8 @@ class LinkConfig(_Strict):
 
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+#: A Host header's value: a DNS name, an IPv4 address or a bracketed IPv6 one, and a port.
+_HOST_NAME = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))(:[0-9]{1,5})?")
 
 
 class MLLPConfig(_Strict):
@@ -772,6 +774,13 @@ class OperationsConfig(_Strict):
     )
     host: str = Field(default="127.0.0.1", description="listen address; loopback unless allow_remote")
     port: int = Field(default=9464, ge=0, le=65535, description="0 picks a free port")
+    host_names: list[str] = Field(
+        default_factory=list,
+        description=(
+            "with auth = loopback, the Host names the port also answers to (a reverse"
+            " proxy's name, NAME or NAME:PORT) besides loopback names and the listen address"
+        ),
+    )
     sample_seconds: float = Field(
         default=15.0, ge=0.05, le=600, description="how often queue depth is sampled for the chart"
     )
@@ -802,6 +811,17 @@ class OperationsConfig(_Strict):
     idle_timeout_seconds: float = Field(
         default=300.0, gt=0, le=3600, description="an idle operator connection is closed after this"
     )
+
+    @field_validator("host_names")
+    @classmethod
+    def _host_names(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for name in value:
+            if not _HOST_NAME.fullmatch(name):
+                raise ValueError("each entry is a host name or address, optionally with :PORT")
+        if value and not info.data.get("allow_remote"):
+            raise ValueError("names other than loopback are for a port behind a proxy:"
+                             " set allow_remote = true as well")
+        return [name.lower() for name in value]
 
     @field_validator("host")
     @classmethod

@@ -13,10 +13,14 @@
                         ``message_id`` and ``token``); loopback peers only, audited
 ======================  ==================================================================
 
-The requeue form carries a token made when the port opens, and the request's ``Host``
-must be this port on a loopback name: a web page from elsewhere that the operator's
-browser happens to show cannot post to it, even through a DNS name that resolves to
-127.0.0.1.
+With ``auth = "loopback"`` (plain HTTP) every route answers only a request whose ``Host``
+names this port by a loopback name, the listen address or one of ``host_names``; any
+other gets 403. A web page from elsewhere that the operator's browser shows can reach the
+port through a DNS name of its own that resolves to 127.0.0.1 (DNS rebinding), but the
+browser then sends that name, so the page can neither read the status page and metrics
+nor post. With ``auth = "certificate"`` the browser checks the port's TLS certificate
+against the name it asked for, which does the same. The requeue form also carries a
+token made when the port opens.
 """
 
 from __future__ import annotations
@@ -52,6 +56,30 @@ _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 _STORE_WAIT_SECONDS = 5.0
 
 
+def accepted_hosts(config: OperationsConfig, port: int) -> frozenset[str]:
+    """Every ``Host`` header value (lower case) that names the port listening on ``port``:
+    a loopback name or the listen address (unless a wildcard) with this port, or without
+    one when it is HTTP's default; each of ``host_names`` as given, and one given without
+    a port also with this port (a reverse proxy may pass on its own public name)."""
+    names = set(_LOOPBACK_NAMES)
+    listen = config.host.lower()
+    if listen not in ("0.0.0.0", "::", ""):
+        names.add(f"[{listen}]" if ":" in listen else listen)
+    accepted = {f"{name}:{port}" for name in names}
+    if port == 80:
+        accepted |= names
+    for name in config.host_names:
+        accepted.add(name)
+        if name.endswith("]") or ":" not in name:
+            accepted.add(f"{name}:{port}")
+    return frozenset(accepted)
+
+
+def host_allowed(header: str | None, accepted: frozenset[str]) -> bool:
+    """Whether a ``Host`` header is one of ``accepted`` (:func:`accepted_hosts`)."""
+    return bool(header) and str(header).strip().lower() in accepted
+
+
 def _is_loopback(address: str | None) -> bool:
     if not address:
         return False
@@ -78,6 +106,7 @@ class OpsServer:
         self._runner: web.AppRunner | None = None
         self._sampler: asyncio.Task[None] | None = None
         self._tls: Any = None  # the TLS listener with auth = "certificate"
+        self._accepted_hosts: frozenset[str] = frozenset()  # set once the port is known
 
     @property
     def url(self) -> str:
@@ -93,6 +122,8 @@ class OpsServer:
             from bridge.ops.access import OperatorGate
 
             middlewares.append(OperatorGate(self.controller, self.config).middleware())
+        else:
+            middlewares.append(self._host_gate)
         app = web.Application(client_max_size=64 * 1024, middlewares=middlewares)
         app.on_response_prepare.append(_protect)
         app.router.add_get("/healthz", self.healthz)
@@ -118,6 +149,7 @@ class OpsServer:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        self._accepted_hosts = accepted_hosts(self.config, self.port)
         self._sampler = asyncio.create_task(self._sample_forever(), name="ops:sampler")
         log.info("operations port on %s", self.url)
 
@@ -386,6 +418,17 @@ class OpsServer:
         )
         return web.Response(text=render_status(view), content_type="text/html", charset="utf-8")
 
+    @web.middleware
+    async def _host_gate(self, request: web.Request,
+                         handler: Any) -> web.StreamResponse:
+        """Plain HTTP: answer only a ``Host`` that names this port (see the module
+        docstring); the refusal says which key lets another name in."""
+        if not host_allowed(request.headers.get("Host"), self._accepted_hosts):
+            return web.Response(status=403, text="this port answers only to its own address"
+                                " and loopback names (operations.host_names adds others)\n")
+        response: web.StreamResponse = await handler(request)
+        return response
+
     # --- requeue ------------------------------------------------------------------------------
 
     def _local_request(self, request: web.Request) -> bool:
@@ -394,8 +437,9 @@ class OpsServer:
             return True
         if not _is_loopback(request.remote):
             return False
-        host = request.headers.get("Host", "")
-        return host in {f"{name}:{self.port}" for name in _LOOPBACK_NAMES}
+        # The Host was checked by _host_gate; a requeue takes a loopback name only.
+        return host_allowed(request.headers.get("Host"),
+                            frozenset(f"{name}:{self.port}" for name in _LOOPBACK_NAMES))
 
     async def requeue(self, request: web.Request) -> web.StreamResponse:
         if not self._local_request(request):
