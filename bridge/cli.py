@@ -452,6 +452,9 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
     report["certificates"] = certificate_report(config)
     if any(not c["ok"] for c in report["certificates"]):
         report["attention"] = True
+    from bridge.cli_audit import witness_report
+
+    report["witness"] = witness_report(config, store)
     return report
 
 
@@ -496,6 +499,10 @@ def _print_status(report: dict[str, Any]) -> None:
         + ("verified" if audit["ok"] else f"BROKEN at entry {audit['first_bad_seq']}")
         + f", {audit['entries']} entries; inbox {report['inbox']} messages\n"
     )
+    from bridge.cli_audit import witness_lines
+
+    for line in witness_lines(report.get("witness", [])):
+        sys.stdout.write(f"  {line}\n")
     if report.get("intake"):
         sys.stdout.write(
             "  intake: " + ", ".join(f"{state} {n}" for state, n in report["intake"].items())

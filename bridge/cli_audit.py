@@ -51,6 +51,47 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any]:
     return _open_store(args), config
 
 
+def witness_report(config: Any, store: Any) -> list[dict[str, Any]]:
+    """Per linked partner: whether this controller checks the partner's audit log (it
+    needs the partner's ``base_url``), the newest of the partner's checkpoints cosigned
+    here, and the newest of ours the partner cosigned (sizes in entries, None if none)."""
+    from bridge.ledger import tree
+
+    ours: dict[str, int] = {}
+    for cosigner, size, _ in tree.cosigned_checkpoints(store):
+        ours[cosigner] = max(ours.get(cosigner, 0), size)
+    linked = {link.partner for link in config.links}
+    rows = []
+    for partner in config.partners:
+        if partner.id not in linked:
+            continue
+        theirs = tree.last_witnessed(store, partner.id)
+        rows.append({"partner": partner.id, "witnessed": partner.base_url is not None,
+                     "their_checkpoint": theirs[0] if theirs else None,
+                     "cosigned_ours": ours.get(partner.id)})
+    return rows
+
+
+def witness_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What :func:`witness_report` means, one line per partner."""
+    lines = []
+    for row in rows:
+        p = row["partner"]
+        ours = (f"it cosigned this log's checkpoint of {row['cosigned_ours']} entries"
+                if row["cosigned_ours"] is not None
+                else "it has cosigned none of this log's checkpoints")
+        if not row["witnessed"]:
+            lines.append(f"NOT WITNESSED {p}: its audit log is not checked here (no base_url"
+                         f" for {p} in [[partners]]), so a cut or rewritten tail goes"
+                         f" unnoticed; {ours}")
+            continue
+        theirs = (f"its checkpoint of {row['their_checkpoint']} entries cosigned"
+                  if row["their_checkpoint"] is not None
+                  else "none of its checkpoints cosigned yet")
+        lines.append(f"witness {p}: its audit log is checked here, {theirs}; {ours}")
+    return lines
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from bridge.ledger import tree
     from bridge.ledger.audit import read_chain
@@ -62,6 +103,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         own = [note for _, note in tree.own_checkpoints(store)]
         cosigned = [(c, note) for c, _, note in tree.cosigned_checkpoints(store)]
         name = config.controller.id if config else (entries[0].record.actor if entries else "")
+        witness = witness_report(config, store) if config else None
     report = verify_log(entries, own, cosigned, name=name,
                         keys_for=_keys_for_config(config) if config else None,
                         damaged=damaged)
@@ -72,9 +114,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             "checkpoints": report.checkpoints, "cosignatures": report.cosignatures,
             "signatures_checked": report.signatures_checked,
             "first_bad_seq": report.first_bad_seq, "bad_checkpoint": report.bad_checkpoint,
-            "reason": report.reason,
+            "reason": report.reason, "witness": witness,
         })
         return 0 if report.ok else 1
+    _write_verify(report)
+    unknown = ("witness: not shown (give --config to see which partners check this log"
+               " and which logs this controller checks)")
+    for line in witness_lines(witness) if witness is not None else [unknown]:
+        sys.stdout.write(line + "\n")
+    return 0 if report.ok else 1
+
+
+def _write_verify(report: Any) -> None:
     if report.ok:
         sys.stdout.write(f"audit chain verified: {report.entries} entries, head {report.head_hash}\n")
         sys.stdout.write(
@@ -82,15 +133,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             f" checkpoints and {report.cosignatures} cosignatures match"
             + ("" if report.signatures_checked else " (signatures not checked: give --config)")
             + "\n")
-        return 0
-    if report.bad_checkpoint is None:
+    elif report.bad_checkpoint is None:
         sys.stdout.write(f"audit chain BROKEN at entry {report.first_bad_seq}: {report.reason} "
                          f"({report.entries} entries checked)\n")
     else:
         where = f" (from entry {report.first_bad_seq})" if report.first_bad_seq else ""
         sys.stdout.write(f"audit checkpoint FAILED: {report.bad_checkpoint}{where}:"
                          f" {report.reason}\n")
-    return 1
 
 
 def _signer_for(config: Any) -> Any:

@@ -5,7 +5,9 @@ development PKI in ``DIR/pki`` (made on the first ``init``, reused after) and ea
 its own configuration (``DIR/hospital.toml``, ``DIR/insurer.toml``,
 ``DIR/platform.toml``), store and audit key (``DIR/<controller id>/``) and samples
 (``DIR/<controller id>/samples/``). A controller initialised after its partner reads
-the partner's port from the partner's configuration, so the two find each other.
+the partner's port from the partner's configuration, and gives the partner's
+configuration its own address, so the two find each other both ways: each fetches and
+cosigns the other's audit checkpoints (the witness), whichever was initialised first.
 
 Samples, all invented people:
 
@@ -23,6 +25,8 @@ Samples, all invented people:
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -144,7 +148,7 @@ purpose = "{purpose}"
     return text
 
 
-def _receiver_config(role: Role, port: int, ops_port: int) -> str:
+def _receiver_config(root: Path, role: Role, port: int, ops_port: int) -> str:
     hospital = ROLES["hospital"]
     profile, purpose, link = (
         ("commercial-insurance", "HPAYMT", "claims-from-hospital-a")
@@ -158,6 +162,7 @@ def _receiver_config(role: Role, port: int, ops_port: int) -> str:
 [[partners]]
 id = "{hospital.controller}"
 name = "{hospital.title}"
+base_url = "https://127.0.0.1:{_partner_port(root, hospital)}/fhir"  # to witness its audit log
 signing_certs = ["pki/{hospital.controller}/sign.pem"]
 
 [[links]]
@@ -168,6 +173,37 @@ profile = "{profile}"
 purpose = "{purpose}"
 """
     )
+
+
+#: The address ``bridge init`` writes for a partner on this machine.
+_LOCAL_BASE_URL = re.compile(r'^base_url = "https://127\.0\.0\.1:[0-9]+/fhir"(.*)$', re.MULTILINE)
+
+
+def _point_partner_here(config: Path, controller: str, port: int) -> bool:
+    """In a partner's configuration made by ``bridge init``, set the ``base_url`` of its
+    ``[[partners]]`` entry for ``controller`` to this machine's ``port``. An address the
+    operator wrote (not on 127.0.0.1) is left alone. True when the entry now reaches
+    ``port``."""
+    text = config.read_text(encoding="utf-8")
+    # Tables start at a line opening with "["; find the partner entry naming controller.
+    starts = [m.start() for m in re.finditer(r"^\[", text, re.MULTILINE)] + [len(text)]
+    url = f'base_url = "https://127.0.0.1:{port}/fhir"'
+    for begin, end in itertools.pairwise(starts):
+        block = text[begin:end]
+        if not block.startswith("[[partners]]") or not re.search(
+                rf'^id = "{re.escape(controller)}"\s*$', block, re.MULTILINE):
+            continue
+        if _LOCAL_BASE_URL.search(block):
+            new = _LOCAL_BASE_URL.sub(lambda m: url + m.group(1), block, count=1)
+        elif re.search(r"^base_url\s*=", block, re.MULTILINE):
+            return False
+        else:
+            new = re.sub(r"^(id = .*\n(?:name = .*\n)?)", lambda m: m.group(1) + url + "\n",
+                         block, count=1, flags=re.MULTILINE)
+        if new != block:
+            config.write_text(text[:begin] + new + text[end:], encoding="utf-8")
+        return True
+    return False
 
 
 def _consent(
@@ -261,13 +297,21 @@ def cmd_init(args: argparse.Namespace) -> int:
     text = (
         _hospital_config(root, port, ops_port, partners)
         if role.name == "hospital"
-        else _receiver_config(role, port, ops_port)
+        else _receiver_config(root, role, port, ops_port)
     )
     config_path.write_text(text, encoding="utf-8")
     samples = _samples(role, root / role.controller / "samples", datetime.now(UTC))
     from bridge.config import load_config
 
     load_config(config_path)  # what was written must load; a failure here is a bug
+    # The partners initialised here before learn this controller's address, so each side
+    # fetches and cosigns the other's checkpoints.
+    pointed = []
+    for name in (partners if role.name == "hospital" else ["hospital"]):
+        other = root / f"{ROLES[name].name}.toml"
+        if other.is_file() and _point_partner_here(other, role.controller, port):
+            load_config(other)
+            pointed.append(other)
     out = sys.stdout
     out.write(f"{role.controller} ({role.name}) initialised in {root}\n")
     out.write(f"  configuration  {config_path}\n")
@@ -276,6 +320,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     out.write(f"  operations     http://127.0.0.1:{ops_port}/ (status page, /metrics)\n")
     for path in samples:
         out.write(f"  sample         {path}\n")
+    for path in pointed:
+        out.write(f"  partner        {path} reaches {role.controller} on port {port}"
+                  " (each checks the other's audit log)\n")
     return 0
 
 
