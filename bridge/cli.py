@@ -406,7 +406,8 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
     chain = store.verify_audit()
     report: dict[str, Any] = {
         "controller": config.controller.id,
-        "audit": {"ok": chain.ok, "entries": chain.count, "first_bad_seq": chain.first_bad_seq},
+        "audit": {"ok": chain.ok, "entries": chain.count, "first_bad_seq": chain.first_bad_seq,
+                  "reason": chain.reason},
         "inbox": store.inbox_count(),
         "links": [],
         "attention": not chain.ok,
@@ -496,7 +497,8 @@ def _print_status(report: dict[str, Any]) -> None:
     audit = report["audit"]
     sys.stdout.write(
         f"{report['controller']}: audit chain "
-        + ("verified" if audit["ok"] else f"BROKEN at entry {audit['first_bad_seq']}")
+        + ("verified" if audit["ok"]
+           else f"BROKEN at entry {audit['first_bad_seq']} ({audit.get('reason')})")
         + f", {audit['entries']} entries; inbox {report['inbox']} messages\n"
     )
     from bridge.cli_audit import witness_lines
