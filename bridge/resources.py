@@ -6,6 +6,7 @@ they are the top-level folders of the repository.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,7 @@ class MappingFiles:
         if not self.site.is_dir():
             raise ConfigError("site directory does not exist", location=str(self.site))
         out: list[Overlay] = []
-        for path in sorted(self.site.rglob("*")):
+        for path in _everything_under(self.site):
             relative = path.relative_to(self.site).as_posix()
             if any(part.startswith(".") for part in relative.split("/")) \
                     or relative.endswith(".md"):
@@ -120,6 +121,22 @@ class MappingFiles:
             action = "overrides" if (self.shipped / relative).is_file() else "adds"
             out.append(Overlay(relative, path, action))
         return out
+
+
+def _everything_under(root: Path) -> list[Path]:
+    """Every path below ``root``, sorted, through linked folders too (the loaders follow
+    them, so the check must; ``Path.rglob`` does not), each real folder once (a link
+    back up does not loop)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found.extend(Path(folder) / name for name in [*dirs, *files])
+    return sorted(found)
 
 
 SHIPPED = MappingFiles()

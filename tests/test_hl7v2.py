@@ -126,6 +126,9 @@ def test_hex_escapes_are_bytes_in_the_message_character_set(codec: str, charset:
     hexed = "王".encode(codec).hex().upper()
     message = parse_hl7(_with_pid5(f"\\X{hexed}\\^建国", charset, codec))
     assert (message.get("PID-5.1"), message.get("PID-5.2")) == ("王", "建国")
+    # A tab and line breaks are text.
+    message = parse_hl7(_with_pid5("王\\X09\\建\\X0D0A\\国", charset, codec))
+    assert message.get("PID-5.1") == "王\t建\r\n国"
 
 
 @pytest.mark.parametrize("sent", [
@@ -137,6 +140,10 @@ def test_hex_escapes_are_bytes_in_the_message_character_set(codec: str, charset:
     "\\XE78E\\王",  # hex data that is not a whole character
     "\\XE7G\\王",  # not hex
     "\\XFF\\王",  # not UTF-8
+    "王\\X00\\王",  # NUL: no text, and FHIR strings may not hold it
+    "王\\X1C\\王",  # an MLLP framing byte
+    "王\\X0B\\王",  # the other one
+    "王\\X7F\\王",  # DEL
     "\\.sp 999\\王",  # far more line breaks than a text field can mean
     "王\\F",  # no closing escape character
 ])

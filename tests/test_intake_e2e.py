@@ -318,6 +318,10 @@ async def test_a_refused_visit_is_routed_again_by_an_operator_under_current_cons
         assert "routed" in capsys.readouterr().err
         assert main(["intake", "retry", "--config", config, "visit:99999", source]) == 2
         assert "no such intake record" in capsys.readouterr().err
+        # Digits that are no record number are looked up as a source, not a crash.
+        for odd in ("¹", "99999999999999999999999"):
+            assert main(["intake", "retry", "--config", config, odd]) == 2
+            assert "no such intake record" in capsys.readouterr().err
         assert main(["intake", "retry", "--config", config]) == 2
         assert "--all-refused" in capsys.readouterr().err
         assert audited("intake.retry") == [source, source]

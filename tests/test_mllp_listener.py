@@ -286,9 +286,9 @@ async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
     return True
 
 
-@pytest.mark.parametrize("trickle", [False, True])
+@pytest.mark.parametrize("how", ["whole", "trickle", "restart"])
 async def test_a_frame_not_ended_in_time_is_dropped_and_the_connection_closed(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, trickle: bool
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     b = await _header_only_bridge(tmp_path, "frame_timeout_seconds = 0.5\n")
     caplog.set_level(logging.INFO, logger="bridge.mllp")
@@ -297,13 +297,22 @@ async def test_a_frame_not_ended_in_time_is_dropped_and_the_connection_closed(
         loop = asyncio.get_running_loop()
         began = loop.time()
         partial = frame(adt("SLOW-1"))[:-2]  # no end block
-        if trickle:  # a byte at a time keeps the line busy, not the frame alive
+        if how == "trickle":  # a byte at a time keeps the line busy, not the frame alive
             for i in range(8):
                 writer.write(partial[i:i + 1])
                 await asyncio.sleep(0.1)
             partial = partial[8:]
-        writer.write(partial)
-        assert await _closed_within(reader, 10)
+        if how == "restart":
+            # A start block abandoning the unended frame does not start the clock again:
+            # restarting it every 0.2 s for 4 s, the peer is cut off after about 0.5 s.
+            closed = False
+            while not closed and loop.time() - began < 4:
+                writer.write(partial)
+                closed = await _closed_within(reader, 0.2)
+            assert closed and loop.time() - began < 2.5, loop.time() - began
+        else:
+            writer.write(partial)
+            assert await _closed_within(reader, 10)
         assert loop.time() - began >= 0.5
         writer.close()
         assert b.store.hl7_count() == 0

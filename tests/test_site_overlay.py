@@ -204,3 +204,24 @@ def test_a_fee_class_overlay_dropping_a_class_the_charge_items_use_names_the_ove
     assert main(["mappings", "check", "--site", str(tmp_path / "site")]) == 2
     err = capsys.readouterr().err
     assert f"{overlay}:{line} concepts" in err and "his-charge-item.yaml" in err
+
+
+def test_a_linked_folder_of_the_site_is_checked_as_a_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The loaders read a site's files through a linked folder, so the check does too:
+    its overlays are listed, and a file no site may overlay in it is refused."""
+    shared = tmp_path / "shared-valuesets"
+    shared.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "mappings" / "hl7v2" / "valuesets"
+                / "his-charge-item.yaml", shared / "his-charge-item.yaml")
+    (tmp_path / "site" / "hl7v2").mkdir(parents=True)
+    (tmp_path / "site" / "hl7v2" / "valuesets").symlink_to(shared, target_is_directory=True)
+    # A link back up does not make the walk loop.
+    (shared / "again").symlink_to(tmp_path / "site", target_is_directory=True)
+    assert main(["mappings", "check", "--site", str(tmp_path / "site")]) == 0
+    out = capsys.readouterr().out
+    assert "hl7v2/valuesets/his-charge-item.yaml" in out and "0 file(s)" not in out
+    (shared / "notes.txt").write_text("which codes are ours\n", encoding="utf-8")
+    assert main(["mappings", "check", "--site", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err
+    assert "not a file a site may overlay" in err and "notes.txt" in err

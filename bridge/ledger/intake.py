@@ -408,9 +408,11 @@ def retry(store: Store, *, records: list[str], states: tuple[str, ...] = (), now
     with store.transaction("intake_retry") as tx:
         taken: dict[int, RecordRow] = {}
         for name in records:
-            column = "id" if name.isdigit() else "source"
+            # A record's number (ASCII digits that fit the column), else its source.
+            numbered = name.isascii() and name.isdigit() and len(name) <= 18
+            column = "id" if numbered else "source"
             found = tx.one(f"SELECT {_RECORD_COLS} FROM intake_record WHERE {column}=?"
-                           f"{tx.for_update}", (int(name) if name.isdigit() else name,))
+                           f"{tx.for_update}", (int(name) if numbered else name,))
             if found is None:
                 raise NotFound("no such intake record", location=name)
             row = _record_row(found)

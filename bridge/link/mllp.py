@@ -22,7 +22,8 @@ order the messages arrived. Each message goes:
 
 Timeouts (``[mllp]``): a frame must end within ``frame_timeout_seconds`` of its start
 block, else it is dropped and the connection closed (a stalled or trickling peer holds
-no memory for long); a connection with nothing in progress is closed after
+no memory for long; a start block abandoning an unended frame does not start the clock
+again, so a peer cannot hold a connection by restarting its frame); a connection with nothing in progress is closed after
 ``idle_timeout_seconds`` without a byte in or an ACK out, when that is set (by default
 it is not: HIS interfaces keep one connection open between messages). The frame clock
 stops while reading is paused for a backlog, which is the bridge's doing, not the peer's.
@@ -525,7 +526,7 @@ class _MLLPConnection(asyncio.Protocol):
         # trickles bytes cannot hold it open; idleness from the last byte in or ACK out.
         self._frame_timeout = listener.config.frame_timeout_seconds
         self._idle_timeout = listener.config.idle_timeout_seconds
-        self._frame_seen = 0
+        self._frames_ended_seen = 0
         self._frame_began: float | None = None
         self._last_activity = 0.0
         self._busy = False
@@ -569,12 +570,15 @@ class _MLLPConnection(asyncio.Protocol):
         now = asyncio.get_running_loop().time()
         self._last_activity = now
         began = False
+        ended = self.framer.frames_ended
         if not self.framer.in_frame:
             self._frame_began = None
-        elif self.framer.frames_started != self._frame_seen:
-            self._frame_seen = self.framer.frames_started
+        elif self._frame_began is None or ended != self._frames_ended_seen:
+            # A frame began after the last one ended (a start block abandoning an unended
+            # frame does not restart the clock).
             self._frame_began = now
             began = True
+        self._frames_ended_seen = ended
         if self.queue.qsize() >= _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()

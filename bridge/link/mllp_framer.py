@@ -94,6 +94,11 @@ class MLLPFramer:
         #: Start blocks seen that began a frame: changes whenever a new frame begins, so a
         #: caller can time each frame from its start.
         self.frames_started = 0
+        #: Frames ended by their end block (empty ones too): changes whenever a frame ends.
+        #: A start block that abandons an unended frame does not change it, so a caller
+        #: timing frames from the last one ended gives a peer that keeps restarting its
+        #: frame no more time than one that never ends it.
+        self.frames_ended = 0
 
     @property
     def in_frame(self) -> bool:
@@ -206,6 +211,7 @@ class MLLPFramer:
 
     def _finish(self, out: list[Event]) -> None:
         self._inside = False
+        self.frames_ended += 1
         if self._buf:
             out.append(bytes(self._buf))
             self._buf.clear()

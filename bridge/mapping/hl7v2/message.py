@@ -36,6 +36,7 @@ from bridge.mapping.hl7v2.header import CHARSETS, msh_charset
 DEFAULT_CHARSET = "UNICODE UTF-8"
 
 _ESCAPE_RE_CACHE: dict[tuple[str, ...], re.Pattern[str]] = {}
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+")
 # Formatting commands (FT data type): a name, then an optional signed number.
 _FORMATTING = re.compile(r"\.(br|sp|sk|ce|fi|nf|in|ti) ?([+-]?\d{1,4})?")
@@ -101,7 +102,9 @@ class Delimiters:
         ====================  ==============================================================
         ``F S T R E``         the field, component, subcomponent, repetition and escape
                               characters
-        ``Xhh..``             the bytes ``hh..`` decoded in the message's character set
+        ``Xhh..``             the bytes ``hh..`` decoded in the message's character set;
+                              refused when they make a control character other than a
+                              tab or a line break
         ``H``, ``N``          dropped (highlighting on, normal text: display only)
         ``.br``, ``.ce``      a line break (centring is display only)
         ``.sp n``             ``n`` line breaks (one when ``n`` is absent)
@@ -134,10 +137,16 @@ class Delimiters:
                 return plain
             if body[:1] == "X" and _HEX.fullmatch(body[1:]):
                 try:
-                    return bytes.fromhex(body[1:]).decode(self.codec)
+                    decoded = bytes.fromhex(body[1:]).decode(self.codec)
                 except UnicodeDecodeError:
                     raise self._unreadable("hexadecimal escape not valid in the message's "
                                            "character set", where) from None
+                if _CONTROL.search(decoded):
+                    # NUL, the MLLP framing bytes and the like are no text: FHIR strings
+                    # may not hold them (a tab and line breaks they may).
+                    raise self._unreadable("hexadecimal escape of a control character",
+                                           where)
+                return decoded
             command = _FORMATTING.fullmatch(body)
             if command is not None:
                 name, number = command.group(1), command.group(2)
