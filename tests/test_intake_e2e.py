@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,114 @@ async def test_a_credit_under_the_charges_id_subtracts_and_a_changed_resend_is_r
         assert _front_sheet(pair)["elements"]["HDSD00.11.147"] == "0.00"  # 一般医疗服务费, credited
         [row] = intake_db.list_visits(pair.hospital.controller.store)
         assert row.parts == 4  # the refused DFTs left nothing behind
+    finally:
+        await pair.stop()
+
+
+def _errs(ack: bytes) -> list[list[str]]:
+    return [s.split("|") for s in ack.decode().split("\r") if s.startswith("ERR|")]
+
+
+async def test_a_copy_of_a_counted_transaction_is_answered_with_a_warning_and_a_changed_one_refused(
+        tmp_path: Path) -> None:
+    pair = await start_intake_pair(tmp_path)
+    try:
+        visit = InpatientVisit()
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        # The bed fee (FT1-2 D1-1, 300.00) is credited 100.00 under its own id, then two
+        # more credits are sent under the same id: 100.00 (a copy of the first, as the
+        # HIS's resend would be) and 50.00 (another transaction needing its own FT1-2).
+        credits = [visit.dft(cid, [Charge("01", amount, kind="CD")], ts=ts, transactions="D1")
+                   for cid, amount, ts in (("D2", "100.00", "20260306120000"),
+                                           ("D3", "100.00", "20260307120000"),
+                                           ("D4", "50.00", "20260307130000"))]
+        # Its own FT1-2: counted.
+        own = visit.dft("D5", [Charge("01", "50.00", kind="CD")], ts="20260307140000")
+        acks = await pair.send([visit.a01(), visit.dft("D1", standard_charges()), *credits,
+                                own, visit.a03()])
+        assert [msa(a)[1] for a in acks] == ["AA", "AA", "AA", "AA", "AE", "AA", "AA"]
+        assert _errs(acks[2]) == [] and _errs(acks[5]) == []
+        [warning] = _errs(acks[3])
+        assert (warning[2], warning[3].split("^")[0], warning[4], warning[7]) == (
+            "FT1^1^2^1", "205", "W", "transaction-counted")
+        assert "already counted" in warning[8] and "its own FT1-2" in warning[8]
+        assert (err(acks[4])[2], err(acks[4])[3].split("^")[0]) == ("FT1^1^2^1", "205")
+        assert "each transaction needs its own FT1-2" in err(acks[4])[8]
+        [stored] = intake_db.warnings_of(pair.hospital.controller.store,
+                                         f"HIS|{visit.facility}", "D3")
+        assert stored.startswith("FT1[1]-2 205 transaction-counted: ")
+        await eventually(lambda: len(claims_at(pair)) == 1)
+        await asyncio.sleep(0.5)
+        [message] = claims_at(pair)
+        assert claim_of(message)["total"] == {"value": 21390.5, "currency": "CNY"}
+        assert _front_sheet(pair)["elements"]["HDSD00.11.147"] == "150.00"  # 一般医疗服务费
+    finally:
+        await pair.stop()
+
+
+async def test_a_copy_repeated_within_one_dft_is_counted_once_with_a_warning(
+        tmp_path: Path) -> None:
+    pair = await start_intake_pair(tmp_path)
+    try:
+        visit = InpatientVisit()
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        twice = visit.dft("D2", [Charge("02", "1.00"), Charge("02", "1.00")],
+                          ts="20260306120000").replace(b"|D2-2|", b"|D2-1|")
+        acks = await pair.send([visit.a01(), twice])
+        assert [msa(a)[1] for a in acks] == ["AA", "AA"]
+        [warning] = _errs(acks[1])
+        assert (warning[2], warning[4], warning[7]) == ("FT1^2^2^1", "W", "transaction-counted")
+    finally:
+        await pair.stop()
+
+
+def _as_filed_before_transactions(pair: IntakePair) -> None:
+    """Rewrite the store's visits as the version without transaction ids filed them:
+    every FT1 summed in the part's ``fees``, no ``charges`` in parts or summaries."""
+    store = pair.hospital.controller.store
+    with store.transaction("legacy") as tx:
+        for visit_id, sender, control_id, sealed in tx.all(
+                "SELECT visit_id, sender, control_id, part FROM visit_part"):
+            part = orjson.loads(tx.unseal(sealed, context="visit_part.part") or b"")
+            fees = {e: Decimal(v) for e, v in part["fees"].items()}
+            for charge in part.pop("charges"):
+                for row in charge["rows"]:
+                    fees[row] = fees.get(row, Decimal(0)) + Decimal(charge["amount"])
+            part["fees"] = {e: format(v.quantize(Decimal("0.01")), "f")
+                            for e, v in fees.items()}
+            tx.execute("UPDATE visit_part SET part=? WHERE visit_id=? AND sender=? AND"
+                       " control_id=?", (tx.seal(orjson.dumps(part), context="visit_part.part"),
+                                         visit_id, sender, control_id))
+        for visit_id, sealed in tx.all("SELECT id, summary FROM visit"):
+            summary = orjson.loads(tx.unseal(sealed, context="visit.summary") or b"")
+            del summary["charges"]
+            tx.execute("UPDATE visit SET summary=? WHERE id=?",
+                       (tx.seal(orjson.dumps(summary), context="visit.summary"), visit_id))
+
+
+async def test_a_stay_filed_before_transaction_ids_counts_a_dft_resent_after_once(
+        tmp_path: Path) -> None:
+    pair = await start_intake_pair(tmp_path)
+    try:
+        visit = InpatientVisit()
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        acks = await pair.send([visit.a01(), visit.dft("D1", standard_charges())])
+        assert [msa(a)[1] for a in acks] == ["AA", "AA"]
+        _as_filed_before_transactions(pair)
+        # The HIS's resend button after the upgrade: FT1-2 D1-1 ... D1-8 again, and a
+        # changed copy of one of them.
+        resent = visit.dft("D1R", standard_charges(), transactions="D1")
+        changed = visit.dft("D3", [Charge("01", "360.00")], ts="20260307120000",
+                            transactions="D1")
+        acks = await pair.send([resent, changed, visit.a03()])
+        assert [msa(a)[1] for a in acks] == ["AA", "AE", "AA"]
+        assert (err(acks[1])[2], err(acks[1])[3].split("^")[0]) == ("FT1^1^2^1", "205")
+        await eventually(lambda: len(claims_at(pair)) == 1)
+        await asyncio.sleep(0.5)
+        [message] = claims_at(pair)
+        assert claim_of(message)["total"] == {"value": 21540.5, "currency": "CNY"}
+        assert _front_sheet(pair)["elements"]["HDSD00.11.142"] == "21540.50"  # 住院总费用
+        assert [w[7] for w in _errs(acks[0])] == ["transaction-counted"] * 8
     finally:
         await pair.stop()
 

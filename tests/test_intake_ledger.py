@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import orjson
@@ -56,8 +57,9 @@ def _audit(action: str, subject: str) -> AuditRecord:
 
 def accept(store: Store, message: bytes, *, digest: str | None = None,
            correction_days: int = 30) -> intake_db.Accepted:
-    taken = READER.intake(message)
-    sender, control = "HIS|HOSP", taken.message.control_id  # type: ignore[union-attr]
+    sender = "HIS|HOSP"
+    taken = READER.intake(message, sender=sender)  # as the listener reads it
+    control = taken.message.control_id  # type: ignore[union-attr]
     filing = (intake_db.Filing(taken.visit, taken.part, correction_days)
               if taken.visit is not None and taken.part is not None else None)
     own = None
@@ -69,7 +71,7 @@ def accept(store: Store, message: bytes, *, digest: str | None = None,
         message=message, record=orjson.dumps(taken.record) if taken.record else None,
         warnings=taken.warnings, audit=_audit("hl7.receive", control),
         duplicate_audit=_audit("hl7.duplicate", control),
-        make_ack=lambda entry: f"ACK {control} {entry.seq}".encode(),
+        make_ack=lambda entry, warnings: f"ACK {control} {entry.seq}".encode(),
         filing=filing, own=own, now=NOW)
 
 
@@ -190,3 +192,33 @@ def test_visits_and_parts_survive_reopening(tmp_path: Path) -> None:
         accept(again, visit.a03())
         [row] = intake_db.claim_pending(again, now=NOW)
         assert len(intake_db.visit_parts(again, int(row.source[6:]))) == 3
+
+
+def test_a_visit_filed_without_transactions_is_taken_over_at_its_next_part(
+        store: Store) -> None:
+    visit = InpatientVisit()
+    accept(store, visit.a01())
+    accept(store, visit.dft("D1", standard_charges()))
+    # As a version that kept no transaction ids filed them: every FT1 in the part's fees.
+    with store.transaction("legacy") as tx:
+        [(visit_id, control_id, sealed)] = tx.all(
+            "SELECT visit_id, control_id, part FROM visit_part WHERE message_type=?",
+            ("DFT^P03",))
+        part = orjson.loads(tx.unseal(sealed, context="visit_part.part") or b"")
+        fees: dict[str, Decimal] = {}
+        for charge in part.pop("charges"):
+            for element in charge["rows"]:
+                fees[element] = fees.get(element, Decimal(0)) + Decimal(charge["amount"])
+        part["fees"] = {e: format(v, ".2f") for e, v in fees.items()}
+        tx.execute("UPDATE visit_part SET part=? WHERE control_id=?",
+                   (tx.seal(orjson.dumps(part), context="visit_part.part"), control_id))
+        [(sealed,)] = tx.all("SELECT summary FROM visit")
+        summary = orjson.loads(tx.unseal(sealed, context="visit.summary") or b"")
+        del summary["charges"]
+        tx.execute("UPDATE visit SET summary=?",
+                   (tx.seal(orjson.dumps(summary), context="visit.summary"),))
+    accept(store, visit.dft("D1R", standard_charges(), transactions="D1"))
+    [row] = intake_db.list_visits(store)
+    assert len(row.summary.charges) == 8
+    parts = {p.control_id: p for p in intake_db.visit_parts(store, int(visit_id))}
+    assert parts["D1"].charges == parts["D1R"].charges and len(parts["D1"].charges) == 8

@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,14 @@ from hypothesis import strategies as st
 from bridge.errors import MappingError
 from bridge.mapping import map_record
 from bridge.mapping.hl7v2 import HL7Reader, parse_hl7
-from bridge.mapping.hl7v2.visit import VisitPart, VisitSummary, assemble, check_filing
+from bridge.mapping.hl7v2.visit import (
+    VisitPart,
+    VisitSummary,
+    adopt_parts,
+    assemble,
+    check_filing,
+    upgrade_part,
+)
 
 ROOT = Path(__file__).parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "visits"
@@ -172,3 +181,41 @@ def test_a_registration_is_held_and_the_message_with_the_visit_end_completes_it(
     record, _ = assemble(spec_of(parts), parts)
     assert record["dataset"] == "WS445.2"
     assert record["elements"]["HDSD00.03.023"] == "20260302T093500"
+
+
+def _legacy(part: VisitPart) -> VisitPart:
+    """``part`` as a version without transaction ids filed it: every FT1 in ``fees``."""
+    fees: dict[str, Decimal] = {e: Decimal(v) for e, v in part.fees.items()}
+    for charge in part.charges:
+        for row in charge["rows"]:
+            fees[row] = fees.get(row, Decimal(0)) + Decimal(charge["amount"])
+    return replace(part, charges=[], fees={e: format(v, ".2f") for e, v in fees.items()})
+
+
+def test_parts_filed_without_transactions_are_taken_over_from_their_messages() -> None:
+    visit = InpatientVisit()
+    d1 = visit.dft("D1", [Charge("01", "300.00"), Charge("02", "20.00")])
+    d1r = visit.dft("D1R", [Charge("01", "300.00"), Charge("02", "20.00")], transactions="D1")
+    changed = visit.dft("D2", [Charge("01", "360.00")], transactions="D1")
+    taken = [READER.intake(m) for m in (visit.a01(), d1, d1r, changed)]
+    spec = taken[0].visit
+    assert spec is not None
+    parts = [t.part for t in taken]
+    assert all(p is not None for p in parts)
+    filed = [_legacy(p) for p in parts if p is not None]
+    messages = [t.message for t in taken]
+    upgraded = [upgrade_part(spec, p, m) for p, m in zip(filed, messages, strict=True)]
+    assert [u == p for u, p in zip(upgraded, parts, strict=True)] == [True] * 4
+    # The message is gone, or maps to other sums than the part was filed with.
+    assert upgrade_part(spec, filed[1], None) is None
+    assert upgrade_part(spec, replace(filed[1], fees={"HDSD00.11.142": "1.00"}),
+                        messages[1]) is None
+    summary = VisitSummary(number=visit.visit)
+    after, out = adopt_parts(summary, list(zip(filed, upgraded, strict=True)))
+    # D1R repeats D1's transactions (counted once); D2 contradicts one of them, which
+    # that version took: it stays as filed, its amount counted once per message.
+    assert out == [parts[0], parts[1], parts[2], None]
+    assert len(after.charges) == 2
+    kept = [p if p is not None else f for p, f in zip(out, filed, strict=True)]
+    record, _ = assemble(spec, kept)
+    assert record["elements"]["HDSD00.11.142"] == "680.00"  # 320.00 once, 360.00 as filed

@@ -11,7 +11,11 @@ Tables
     ``visit``: one row per visit, keyed by a digest of kind, organisation and visit
     number; ``summary`` is what filing checks need (sealed).
     ``visit_part``: what each message contributed to its visit, once per (sender,
-    control id).
+    control id). A part filed by a version that kept no charge transactions (its JSON
+    has no ``charges``) is taken over the next time a message is filed with its visit:
+    its transactions are re-derived from the message ``hl7_inbox`` keeps
+    (:func:`~bridge.mapping.hl7v2.visit.upgrade_part`), so a transaction resent after
+    the upgrade is counted once.
     ``intake_record``: what is to be routed: a message's own record
     (``hl7:<sender>/<control id>``) or a visit (``visit:<id>``). ``version`` grows when
     there is something new to route; ``routed_version`` is the version last routed.
@@ -41,13 +45,24 @@ record's ``routed_version`` only moves to the version its content was routed at.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from bridge.errors import ConflictError, NotFound, UsageError
+import orjson
+
+from bridge.errors import BridgeError, ConflictError, NotFound, UsageError
 from bridge.ledger.audit import format_time
-from bridge.mapping.hl7v2.visit import VisitPart, VisitSpec, VisitSummary, check_filing
+from bridge.mapping.hl7v2.message import parse_hl7
+from bridge.mapping.hl7v2.visit import (
+    VisitPart,
+    VisitSpec,
+    VisitSummary,
+    adopt_parts,
+    check_filing,
+    upgrade_part,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -55,6 +70,8 @@ if TYPE_CHECKING:
     from bridge.ledger import Store
     from bridge.ledger.audit import AuditEntry, AuditRecord
     from bridge.ledger.portable import Tx
+
+log = logging.getLogger("bridge.intake")
 
 STATES = ("held", "pending", "routed", "unrouted", "refused", "incomplete")
 
@@ -93,8 +110,6 @@ def lookup(store: Store, sender: str, control_id: str) -> Stored | None:
 
 def stored_record(store: Store, sender: str, control_id: str) -> dict[str, Any] | None:
     """The DE record stored with a message (None for a part of a visit or none)."""
-    import orjson
-
     with store.read("hl7_record") as tx:
         row = tx.one("SELECT record FROM hl7_inbox WHERE sender=? AND control_id=?",
                      (sender, control_id))
@@ -132,7 +147,7 @@ class Accepted:
 
 def accept(store: Store, *, sender: str, control_id: str, digest: str, message: bytes,
            record: bytes | None, warnings: list[str], audit: AuditRecord,
-           duplicate_audit: AuditRecord, make_ack: Callable[[AuditEntry], bytes],
+           duplicate_audit: AuditRecord, make_ack: Callable[[AuditEntry, list[str]], bytes],
            filing: Filing | None, own: OwnRecord | None, now: datetime) -> Accepted:
     """Accept one HL7 message, in one transaction, or write nothing.
 
@@ -144,7 +159,8 @@ def accept(store: Store, *, sender: str, control_id: str, digest: str, message: 
       (naming the HL7 field) and nothing is written;
     - otherwise: the audit entry, the message, its record, the ACK, the visit part (and
       visit) and the record to route are committed together, and only then may the
-      caller send the AA.
+      caller send the AA. ``make_ack`` is given the audit entry and the message's
+      warnings: ``warnings`` and those of filing (a charge transaction already counted).
     """
     with store.transaction("hl7_accept") as tx:
         _lock_for_answer(tx)
@@ -177,7 +193,7 @@ def accept_many(store: Store, requests: list[dict[str, Any]]) -> list[Accepted |
 
 def _accept_in(tx: Tx, *, sender: str, control_id: str, digest: str, message: bytes,
                record: bytes | None, warnings: list[str], audit: AuditRecord,
-               duplicate_audit: AuditRecord, make_ack: Callable[[AuditEntry], bytes],
+               duplicate_audit: AuditRecord, make_ack: Callable[[AuditEntry, list[str]], bytes],
                filing: Filing | None, own: OwnRecord | None, now: datetime) -> Accepted:
     stamp = format_time(now)
     row = tx.one("SELECT digest, ack FROM hl7_inbox WHERE sender=? AND control_id=?",
@@ -189,8 +205,9 @@ def _accept_in(tx: Tx, *, sender: str, control_id: str, digest: str, message: by
         tx.append_audit(duplicate_audit)
         return Accepted(bytes(row[1]), created=False, route=False)
     route = False
+    warnings = list(warnings)
     if filing is not None:
-        route = _file(tx, filing, stamp)
+        route = _file(tx, filing, stamp, warnings)
     if own is not None:
         tx.execute(
             "INSERT INTO intake_record (source, kind, message_type, dataset, facility,"
@@ -201,7 +218,7 @@ def _accept_in(tx: Tx, *, sender: str, control_id: str, digest: str, message: by
              tx.seal(own.record, context="intake_record.record"), stamp, stamp))
         route = route or own.state == "pending"
     entry = tx.append_audit(audit)
-    ack = make_ack(entry)
+    ack = make_ack(entry, warnings)
     received: Any = stamp if tx.dialect == "sqlite" else now
     tx.execute(
         "INSERT INTO hl7_inbox (sender, control_id, digest, message, record, ack,"
@@ -215,15 +232,23 @@ def _accept_in(tx: Tx, *, sender: str, control_id: str, digest: str, message: by
     return Accepted(ack, created=True, route=route)
 
 
-def _file(tx: Tx, filing: Filing, stamp: str) -> bool:
-    """File a part with its visit; True when the visit has something new to route."""
+def _file(tx: Tx, filing: Filing, stamp: str, warnings: list[str]) -> bool:
+    """File a part with its visit; True when the visit has something new to route.
+
+    Filing's warnings (a transaction already counted) are appended to ``warnings``.
+    """
     part = filing.part
     key = visit_key(part.kind, part.facility, part.number)
     row = tx.one(f"SELECT id, summary, completed FROM visit WHERE key_digest=?{tx.for_update}",
                  (key,))
-    summary = VisitSummary.from_json(tx.unseal(row[1], context="visit.summary") or b"{}") \
-        if row is not None else None
-    after = check_filing(filing.spec, summary, part, correction_days=filing.correction_days)
+    summary = None
+    if row is not None:
+        data = tx.unseal(row[1], context="visit.summary") or b"{}"
+        summary = VisitSummary.from_json(data)
+        if "charges" not in orjson.loads(data):
+            summary = _adopt(tx, filing.spec, int(row[0]), summary)
+    after = check_filing(filing.spec, summary, part, correction_days=filing.correction_days,
+                         warnings=warnings)
     sealed = tx.seal(after.to_json(), context="visit.summary")
     if row is None:
         visit_id = tx.one(
@@ -257,6 +282,49 @@ def _file(tx: Tx, filing: Filing, stamp: str) -> bool:
             " message_type=CASE WHEN ? = 1 THEN ? ELSE message_type END WHERE id=?",
             (stamp, int(part.completes), part.message_type, existing[0]))
     return after.completed
+
+
+def _adopt(tx: Tx, spec: VisitSpec, visit_id: int, summary: VisitSummary) -> VisitSummary:
+    """Take over a visit filed by a version that kept no charge transactions.
+
+    Each of its parts without ``charges`` is re-derived from its stored message and
+    rewritten (:func:`~bridge.mapping.hl7v2.visit.adopt_parts`); the summary returned
+    knows every transaction. A part that cannot be re-derived stays as filed, counted
+    once per message as before, and is logged (by visit and control id): a copy of
+    one of its transactions sent now would be counted again.
+    """
+    rows = tx.all("SELECT p.sender, p.control_id, p.part, m.message, m.id FROM visit_part p"
+                  " LEFT JOIN hl7_inbox m ON m.sender=p.sender AND m.control_id=p.control_id"
+                  " WHERE p.visit_id=?", (visit_id,))
+    # In the order they were filed: a transaction counts from the first part carrying it.
+    rows = sorted(rows, key=lambda r: (r[4] is None, int(r[4] or 0), str(r[1])))
+    parts: list[tuple[VisitPart, VisitPart | None]] = []
+    legacy: list[tuple[str, str]] = []
+    for sender, control_id, sealed, message, _ in rows:
+        data = tx.unseal(sealed, context="visit_part.part") or b"{}"
+        if "charges" in orjson.loads(data):
+            continue  # filed already with its transactions
+        filed = VisitPart.from_json(data)
+        msg = None
+        if message is not None:
+            try:
+                msg = parse_hl7(tx.unseal(message, context="hl7_inbox.message") or b"")
+            except BridgeError:
+                msg = None
+        parts.append((filed, upgrade_part(spec, filed, msg)))
+        legacy.append((str(sender), str(control_id)))
+    after, upgraded = adopt_parts(summary, parts)
+    for (sender, control_id), part in zip(legacy, upgraded, strict=True):
+        if part is None:
+            log.warning("visit %s: the part of %s was filed without its charge transactions"
+                        " and cannot be re-derived from its message; its charges count as"
+                        " filed, and a copy of them sent again would count twice",
+                        visit_id, control_id)
+            continue
+        tx.execute("UPDATE visit_part SET part=? WHERE visit_id=? AND sender=? AND"
+                   " control_id=?", (tx.seal(part.to_json(), context="visit_part.part"),
+                                     visit_id, sender, control_id))
+    return after
 
 
 # --- routing -----------------------------------------------------------------------------------

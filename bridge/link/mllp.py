@@ -376,8 +376,9 @@ class MLLPListener:
         duplicate = c.audit("hl7.duplicate", subject=subject, digest_value=digest, now=now)
         source = taken.message if taken.message is not None else header
 
-        def make_ack(entry: Any) -> bytes:
-            return build_ack(source, "AA", now=now, warnings=taken.warnings)
+        def make_ack(entry: Any, warnings: list[str]) -> bytes:
+            # The message's warnings and filing's (a charge transaction already counted).
+            return build_ack(source, "AA", now=now, warnings=warnings)
 
         record_bytes = (orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
                         if record is not None else None)

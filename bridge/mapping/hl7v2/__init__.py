@@ -268,7 +268,8 @@ class HL7Reader:
         (``visits/``) also gets its part of the visit's record, and when its own mapping
         targets the visit's data set (DFT^P03, an outpatient ADT^A04) the part is all
         there is (its own record would be incomplete). Fields no mapping reads are
-        checked for structure only: problems there become ``warnings``.
+        checked for structure only: problems there become ``warnings``, as does a
+        charge transaction repeated within the message (counted once).
         """
         msg = data if isinstance(data, HL7Message) else parse_hl7(data)
         if msg.msh.value(11, 1, 1) != PRODUCTION:
@@ -290,7 +291,7 @@ class HL7Reader:
         if visit is not None:
             part = make_part(visit, msg, message_type,
                              sender=sender or f"{msg.msh.raw(3)}|{msg.msh.raw(4)}",
-                             facility=facility, context=context)
+                             facility=facility, context=context, warnings=warnings)
         return Intake(msg, message_type, record, visit, part, facility, warnings)
 
 

@@ -187,7 +187,9 @@ def _old_version(version: str) -> bool:
     return parts < (2, 5)
 
 
-_WARNING = re.compile(r"^(\S+) (\d{3}): (.*)$")
+# ``location code: text`` (a field no mapping reads), or ``location code application-code:
+# text`` (another warning, such as a transaction already counted); ERR-7 says which.
+_WARNING = re.compile(r"^(\S+) (\d{3})(?: ([a-z][a-z-]*))?: (.*)$")
 
 
 def build_ack(source: HL7Message | MSHHeader | bytes | str | None,
@@ -199,8 +201,10 @@ def build_ack(source: HL7Message | MSHHeader | bytes | str | None,
     :class:`~bridge.errors.BridgeError` that caused the refusal: its HL7 location and
     table 0357 code go into ERR. ``source`` may be a parsed message, an MSH read on its
     own, raw bytes (whatever of MSH can be read is used) or None (nothing readable).
-    ``warnings`` (``location code: text``, problems in fields no mapping reads) go into
-    an AA as ERR segments of severity W, from v2.5 on, where ERR can say so.
+    ``warnings`` (``location code: text``, problems in fields no mapping reads, ERR-7
+    ``field-not-read``; or ``location code application-code: text``, ERR-7 the
+    application code) go into an AA as ERR segments of severity W, from v2.5 on, where
+    ERR can say so.
     """
     if code not in ("AA", "AE", "AR"):
         raise ValueError("ACK code must be AA, AE or AR")
@@ -271,7 +275,7 @@ def build_ack(source: HL7Message | MSHHeader | bytes | str | None,
             segments.append(sep.join([
                 "ERR", "", erl,
                 comp.join([m.group(2), escape(ERROR_TEXT[m.group(2)], sep, enc), "HL70357"]),
-                "W", "", "", "field-not-read", escape(m.group(3), sep, enc)]))
+                "W", "", "", m.group(3) or "field-not-read", escape(m.group(4), sep, enc)]))
     return ("\r".join(segments) + "\r").encode(codec, errors="replace")
 
 

@@ -385,7 +385,8 @@ class FeeLine:
         return self.rows == other.rows and self.amount == other.amount
 
 
-def fee_lines(spec: SumSpec, ctx: _Ctx) -> list[FeeLine]:
+def fee_lines(spec: SumSpec, ctx: _Ctx, *,
+              copies: list[FeeLine] | None = None) -> list[FeeLine]:
     """The counted fee segments of one message, a repeated transaction once.
 
     The fee class comes from the category (``FT1-7.1``, the charge item) through the
@@ -394,8 +395,9 @@ def fee_lines(spec: SumSpec, ctx: _Ctx) -> list[FeeLine]:
     was sent with, an adjustment adds as signed, a payment is not a charge. An "of
     which" row also adds to its parent row; the grand total (``total``) counts each
     amount once. A segment repeating the transaction id and type of an earlier one is
-    the same transaction: left out when it says the same, refused (table 0357 code 205)
-    when its amount or fee row differs.
+    the same transaction: left out when it says the same (and appended to ``copies``,
+    so the sender can be told), refused (table 0357 code 205) when its amount or fee row
+    differs.
     """
     lines: list[FeeLine] = []
     seen: dict[tuple[str, str], FeeLine] = {}
@@ -453,6 +455,8 @@ def fee_lines(spec: SumSpec, ctx: _Ctx) -> list[FeeLine]:
             if earlier is not None:
                 if not earlier.same(line):
                     raise conflicting_transaction(spec, where)
+                if copies is not None:
+                    copies.append(line)
                 continue
             seen[(transaction, kind)] = line
         lines.append(line)
@@ -461,13 +465,29 @@ def fee_lines(spec: SumSpec, ctx: _Ctx) -> list[FeeLine]:
 
 def conflicting_transaction(spec: SumSpec, where: Loc | str) -> MappingError:
     """The refusal of a transaction sent again with another amount or fee row."""
-    field = spec.transaction_id.text if spec.transaction_id is not None else spec.segment
+    field = _id_field(spec)
     error = hl7_error(MappingError, f"transaction {field} was sent before with another "
-                      "amount or charge item: a transaction is not changed by sending it "
-                      "again; post a credit (FT1-6 CD) and a new charge under a new "
-                      f"{field}", where, "205")
+                      f"amount or charge item: each transaction needs its own {field}, and "
+                      "a transaction is not changed by sending it again; post a credit "
+                      f"(FT1-6 CD) and a new charge, each under a new {field}", where, "205")
     assert isinstance(error, MappingError)
     return error
+
+
+#: ERR-7 of the warning that a transaction was a copy of one already counted.
+TRANSACTION_COUNTED = "transaction-counted"
+
+
+def copied_transaction(spec: SumSpec, where: Loc | str) -> str:
+    """The warning (``location code application-code: text``, for the ACK's ERR of
+    severity W) that a transaction is a copy of one already counted and was left out."""
+    field = _id_field(spec)
+    return (f"{where} 205 {TRANSACTION_COUNTED}: transaction {field} already counted; not "
+            f"counted again (a new transaction needs its own {field})")
+
+
+def _id_field(spec: SumSpec) -> str:
+    return spec.transaction_id.text if spec.transaction_id is not None else spec.segment
 
 
 def fee_sums(spec: SumSpec, ctx: _Ctx) -> tuple[dict[str, Decimal], Decimal, int]:

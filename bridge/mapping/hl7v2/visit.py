@@ -17,7 +17,11 @@ message completes the visit and how the parts are put together; the format is in
 - :func:`check_filing` refuses a part that cannot belong to the visit as known so far
   (another patient, a discharge before the admission, a message after the visit
   closed, a transaction sent before with another amount or fee row), naming the HL7
-  field.
+  field, and warns of a transaction sent again as it was (counted once);
+- :func:`upgrade_part` and :func:`adopt_parts` take over the parts a version without
+  transaction ids filed (all their FT1s summed in ``fees``): their transactions are
+  re-derived from the stored message, so a transaction resent after the upgrade is
+  recognised as a copy.
 
 State (which parts a visit has, whether it is complete) lives in the ledger; nothing
 here does I/O.
@@ -25,7 +29,7 @@ here does I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
@@ -33,10 +37,11 @@ from typing import Any
 
 import orjson
 
-from bridge.errors import LoadError, MappingError
+from bridge.errors import BridgeError, LoadError, MappingError
 from bridge.mapping.hl7v2.engine import (
     MappingContext,
     conflicting_transaction,
+    copied_transaction,
     element_label,
     fee_lines,
     holds,
@@ -299,27 +304,44 @@ def event_time(msg: HL7Message) -> str:
     return ""
 
 
+def _fees(mapping: MessageMapping, msg: HL7Message, context: dict[str, str],
+          trace: dict[str, str], warnings: list[str] | None,
+          ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """The signed sums of ``msg``'s FT1s without a transaction id, and its transactions."""
+    fees: dict[str, str] = {}
+    charges: list[dict[str, Any]] = []
+    if mapping.sums is None:
+        return fees, charges
+    totals: dict[str, Decimal] = {}
+    copies: list[Any] = []
+    for line in fee_lines(mapping.sums, MappingContext(msg, None, context), copies=copies):
+        if line.transaction:
+            charges.append({"id": line.transaction, "type": line.kind,
+                            "amount": format(line.amount, "f"), "rows": list(line.rows),
+                            "at": list(line.where)})
+        else:
+            for row in line.rows:
+                totals[row] = totals.get(row, Decimal(0)) + line.amount
+        for row in line.rows:
+            trace.setdefault(row, f"{mapping.sums.segment}-{mapping.sums.amount.field}")
+    if warnings is not None:
+        warnings.extend(copied_transaction(mapping.sums, line.where) for line in copies)
+    fees = {e: format(v.quantize(Decimal("0.01")), "f") for e, v in totals.items()}
+    return fees, charges
+
+
 def make_part(spec: VisitSpec, msg: HL7Message, message_type: str, *, sender: str,
-              facility: str, context: dict[str, str]) -> VisitPart:
-    """Map ``msg`` to its part of a ``spec`` visit; refusals name the HL7 field."""
+              facility: str, context: dict[str, str],
+              warnings: list[str] | None = None) -> VisitPart:
+    """Map ``msg`` to its part of a ``spec`` visit; refusals name the HL7 field.
+
+    A transaction repeated as it was within ``msg`` is counted once and, with
+    ``warnings`` (a list), said there (``location 205 transaction-counted: text``).
+    """
     mapping = spec.parts[message_type]
     trace: dict[str, str] = {}
     record = map_message(mapping, msg, context=context, trace=trace, sums=False)
-    fees: dict[str, str] = {}
-    charges: list[dict[str, Any]] = []
-    if mapping.sums is not None:
-        totals: dict[str, Decimal] = {}
-        for line in fee_lines(mapping.sums, MappingContext(msg, None, context)):
-            if line.transaction:
-                charges.append({"id": line.transaction, "type": line.kind,
-                                "amount": format(line.amount, "f"), "rows": list(line.rows),
-                                "at": list(line.where)})
-            else:
-                for row in line.rows:
-                    totals[row] = totals.get(row, Decimal(0)) + line.amount
-            for row in line.rows:
-                trace.setdefault(row, f"{mapping.sums.segment}-{mapping.sums.amount.field}")
-        fees = {e: format(v.quantize(Decimal("0.01")), "f") for e, v in totals.items()}
+    fees, charges = _fees(mapping, msg, context, trace, warnings)
     number = record["elements"].get(spec.number)
     if not number:  # pragma: no cover - the part files require the number
         raise hl7_error(MappingError, f"required for {spec.label(spec.number)} but missing",
@@ -331,6 +353,67 @@ def make_part(spec: VisitSpec, msg: HL7Message, message_type: str, *, sender: st
         control_id=msg.control_id, message_type=message_type, event_time=event_time(msg),
         completes=completes, elements={k: str(v) for k, v in record["elements"].items()},
         groups=record["groups"], fees=fees, provenance=trace, charges=charges)
+
+
+def upgrade_part(spec: VisitSpec, part: VisitPart, msg: HL7Message | None) -> VisitPart | None:
+    """``part`` as filed by a version that kept no transactions (every FT1 summed in
+    ``fees``), with its transactions re-derived from ``msg``, the message it was made
+    of; None when they cannot be: the message is gone or no longer maps, or it maps to
+    other sums than the part was filed with (the charge-item table changed since).
+    """
+    mapping = spec.parts.get(part.message_type)
+    if mapping is None or mapping.sums is None:
+        return replace(part, charges=[])
+    if msg is None:
+        return None
+    try:
+        fees, charges = _fees(mapping, msg, {}, {}, None)
+    except BridgeError:
+        return None
+    derived = {e: Decimal(v) for e, v in fees.items()}
+    for charge in charges:
+        for row in charge["rows"]:
+            derived[row] = derived.get(row, Decimal(0)) + Decimal(charge["amount"])
+    cent = Decimal("0.01")
+    if any(Decimal(part.fees.get(e, "0")).quantize(cent) != derived.get(e, Decimal(0))
+           .quantize(cent) for e in set(part.fees) | set(derived)):
+        return None
+    return replace(part, fees=fees, charges=charges)
+
+
+def adopt_parts(summary: VisitSummary, parts: list[tuple[VisitPart, VisitPart | None]],
+                ) -> tuple[VisitSummary, list[VisitPart | None]]:
+    """A visit a version without transaction ids filed, taken over.
+
+    ``parts`` are its parts in the order they were filed, each with its
+    :func:`upgrade_part` (None when it could not be upgraded). Returns the summary with
+    every transaction known, and per part the part to store instead (None: it stays as
+    filed, its FT1s counted once per message as before). A part whose transactions
+    contradict one filed before it (the same FT1-2 and type with another amount or fee
+    row, which that version took) stays as filed too, so no amount it was counted with
+    is dropped; a part repeating them as they were is upgraded, and each transaction is
+    then counted once.
+    """
+    after = replace(summary, patient=dict(summary.patient), charges=dict(summary.charges))
+    out: list[VisitPart | None] = []
+    for _filed, upgraded in parts:
+        if upgraded is None:
+            out.append(None)
+            continue
+        said = {f"{upgraded.sender}\x1f{c['id']}\x1f{c['type']}": [str(c["amount"]), *c["rows"]]
+                for c in upgraded.charges}
+        if any(key in after.charges and not _same(after.charges[key], value)
+               for key, value in said.items()):
+            out.append(None)
+            continue
+        for key, value in said.items():
+            after.charges.setdefault(key, value)
+        out.append(upgraded)
+    return after, out
+
+
+def _same(filed: list[str], said: list[str]) -> bool:
+    return Decimal(filed[0]) == Decimal(said[0]) and filed[1:] == said[1:]
 
 
 # --- assembly ------------------------------------------------------------------------------
@@ -447,7 +530,7 @@ def _where(part: VisitPart, element: str, fallback: Loc) -> Loc | str:
 
 
 def check_filing(spec: VisitSpec, summary: VisitSummary | None, part: VisitPart, *,
-                 correction_days: int) -> VisitSummary:
+                 correction_days: int, warnings: list[str] | None = None) -> VisitSummary:
     """Check ``part`` against the visit as known so far; return the visit after it.
 
     Refused (``MappingError`` with the HL7 location and table 0357 code): a part naming
@@ -455,7 +538,9 @@ def check_filing(spec: VisitSpec, summary: VisitSummary | None, part: VisitPart,
     admission or an admission after its discharge; any message dated more than
     ``correction_days`` after the visit's discharge (the visit is closed); a charge
     transaction (FT1-2 and FT1-6, from the same sender) filed before with another amount
-    or fee row (205, naming FT1-2).
+    or fee row (205, naming FT1-2). A transaction filed before as it is now is a copy,
+    counted once: with ``warnings`` (a list) that is said there, naming FT1-2, so a
+    sender that meant a new transaction learns that it needs its own FT1-2.
     """
     after = VisitSummary(number=part.number) if summary is None else VisitSummary(
         summary.number, dict(summary.patient), summary.admitted, summary.discharged,
@@ -491,9 +576,12 @@ def check_filing(spec: VisitSpec, summary: VisitSummary | None, part: VisitPart,
         filed = after.charges.get(key)
         if filed is None:
             after.charges[key] = said
-        elif Decimal(filed[0]) != Decimal(said[0]) or filed[1:] != said[1:]:
-            assert sums is not None
+            continue
+        assert sums is not None
+        if not _same(filed, said):
             raise conflicting_transaction(sums, Loc(*charge["at"]))
+        if warnings is not None:
+            warnings.append(copied_transaction(sums, Loc(*charge["at"])))
     for element in spec.patient:
         if part.elements.get(element):
             after.patient.setdefault(element, part.elements[element])
