@@ -198,8 +198,12 @@ def _point_partner_here(config: Path, controller: str, port: int) -> bool:
         elif re.search(r"^base_url\s*=", block, re.MULTILINE):
             return False
         else:
-            new = re.sub(r"^(id = .*\n(?:name = .*\n)?)", lambda m: m.group(1) + url + "\n",
-                         block, count=1, flags=re.MULTILINE)
+            # After the id (and a name following it); the id may be the file's last line.
+            new = re.sub(r"^(id = [^\n]*(?:\n|\Z)(?:name = [^\n]*(?:\n|\Z))?)",
+                         lambda m: m.group(1) + ("" if m.group(1).endswith("\n") else "\n")
+                         + url + "\n", block, count=1, flags=re.MULTILINE)
+        if new == block and url not in block:
+            return False
         if new != block:
             config.write_text(text[:begin] + new + text[end:], encoding="utf-8")
         return True

@@ -87,3 +87,50 @@ def test_every_command_reading_the_chain_reports_the_edit(
         done = cli(*args)
         assert done.returncode == 1, (args, done.stdout, done.stderr)
         assert_names_entry_2(done.stdout + done.stderr, column)
+
+
+async def test_a_damaged_entry_does_not_stop_the_receiver_taking_claims(tmp_path: Path) -> None:
+    """One edited row in the insurer's log: its verification says so, and the insurer,
+    started again on that store, still takes claims and answers them with receipts."""
+    import asyncio
+
+    from e2e_support import LINK_OUT, consent_for, make_workdir
+
+    from bridge.config import load_config
+    from bridge.link.node import Controller
+    from bridge.link.service import BridgeService
+    from bridge.samples import inpatient_records
+
+    hospital_cfg, insurer_cfg = make_workdir(tmp_path)
+    records = inpatient_records(2, seed=19)
+
+    async def deliver(hospital: BridgeService, record: dict) -> str:
+        await hospital.controller.put_consent(consent_for(record, consent_id=f"c-{len(record)}"))
+        mid = (await hospital.submit(record, LINK_OUT)).message_id
+        for _ in range(400):
+            row = await hospital.controller.db.get_outbox(mid)
+            if row is not None and row.state in ("acked", "rejected", "dead"):
+                return str(row.state)
+            await asyncio.sleep(0.05)
+        return str(row.state if row else None)
+
+    hospital = BridgeService(Controller(load_config(hospital_cfg)), poll_interval=0.05)
+    insurer = BridgeService(Controller(load_config(insurer_cfg)), poll_interval=0.05)
+    await insurer.start()
+    await hospital.start()
+    try:
+        assert await deliver(hospital, records[0]) == "acked"
+        await insurer.stop()
+        raw = sqlite3.connect(tmp_path / "insurer-b" / "bridge.sqlite")
+        raw.execute("DROP TRIGGER audit_no_update")
+        raw.execute("""UPDATE audit SET categories='{"Claim":1}' WHERE seq=1""")
+        raw.commit()
+        raw.close()
+        insurer = BridgeService(Controller(load_config(insurer_cfg)), poll_interval=0.05)
+        await insurer.start()
+        assert await deliver(hospital, records[1]) == "acked"
+    finally:
+        await hospital.stop()
+        await insurer.stop()
+    done = cli("audit", "verify", "--config", str(insurer_cfg))
+    assert done.returncode == 1 and "audit chain BROKEN at entry 1" in done.stdout, done.stdout

@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import json
 import re
+import sqlite3
 import typing
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,18 @@ async def test_t10_is_met_once_a_partner_cosigned_a_checkpoint(tmp_path: Path) -
     verify = cli("audit", "verify", "--config", str(pair.insurer_cfg))
     assert "1 cosignatures match" in verify.stdout, verify.stdout
 
+    # The same store, its append-only triggers dropped: not met, naming them.
+    store = pair.root / "insurer-b" / "bridge.sqlite"
+    raw = sqlite3.connect(store)
+    raw.execute("DROP TRIGGER audit_no_delete")
+    raw.commit()
+    t10 = (await asyncio.to_thread(_report, pair.insurer_cfg))["T10"]
+    assert t10["status"] == "not met" and "audit_no_delete" in t10["why"], t10
+    # ... and an entry edited: not met, whatever cosignatures the store holds.
+    raw.execute("DROP TRIGGER audit_no_update")
+    raw.execute("""UPDATE audit SET categories='{"Claim":1}' WHERE seq=1""")
+    raw.commit()
+    raw.close()
+    t10 = (await asyncio.to_thread(_report, pair.insurer_cfg))["T10"]
+    assert t10["status"] == "not met" and "does not verify" in t10["why"], t10
+    assert "entry 1" in t10["why"]

@@ -113,3 +113,26 @@ def test_verify_and_status_say_when_a_partner_log_is_not_witnessed(tmp_path: Pat
         verify.stdout + verify.stderr)
     status = bridge("status", "--config", str(config))
     assert "NOT WITNESSED hospital-a" in status.stdout, status.stdout + status.stderr
+
+
+def test_a_partner_entry_ending_the_file_is_pointed_here(tmp_path: Path) -> None:
+    """A partner's configuration edited by hand so that the entry's id is its last line,
+    without a line end: init writes the address there, and says so only when it did."""
+    import tomllib
+
+    from bridge.cli_init import _point_partner_here
+
+    config = tmp_path / "insurer.toml"
+    for text in ('[controller]\nid = "insurer-b"\n\n[[partners]]\nid = "hospital-a"',
+                 '[[partners]]\nid = "hospital-a"\nname = "H"',
+                 '[[partners]]\nid = "hospital-a"\n\n[store]\npath = "x"\n'):
+        config.write_text(text, encoding="utf-8")
+        assert _point_partner_here(config, "hospital-a", 18483)
+        written = tomllib.loads(config.read_text(encoding="utf-8"))
+        [entry] = written["partners"]
+        assert entry["base_url"] == "https://127.0.0.1:18483/fhir", config.read_text()
+    # An address the operator wrote elsewhere is left alone, and nothing is claimed.
+    config.write_text('[[partners]]\nid = "hospital-a"\nbase_url = "https://his.example/fhir"\n',
+                      encoding="utf-8")
+    assert not _point_partner_here(config, "hospital-a", 18483)
+    assert "his.example" in config.read_text(encoding="utf-8")

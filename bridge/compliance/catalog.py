@@ -35,6 +35,10 @@ class AuditLogFacts:
     checkpoints: int
     cosignatures: int
     cosigners: tuple[str, ...]
+    # The chain verified from genesis (None: it does not; the text says where it breaks),
+    # and the append-only triggers the audit table still has.
+    chain_broken: str | None = None
+    guards: frozenset[str] = frozenset({"audit_no_update", "audit_no_delete"})
 
 
 @dataclass(frozen=True)
@@ -198,11 +202,21 @@ def _t8(f: Facts) -> Assessment:
     return "partial", "every exchange and refusal is audited; people are named by host account"
 
 
+#: The triggers that keep the audit table append-only (both stores' schemas).
+AUDIT_GUARDS = frozenset({"audit_no_update", "audit_no_delete"})
+
+
 def _t10(f: Facts) -> Assessment:
     kept = "hash chain, append-only triggers and bridge store backup"
     audit = f.audit
     if audit is None:
         return "partial", f"{kept}; checkpoints and cosignatures unknown: {f.audit_unread}"
+    if audit.chain_broken is not None:
+        return "not met", f"the audit chain does not verify: {audit.chain_broken}"
+    missing = sorted(AUDIT_GUARDS - audit.guards)
+    if missing:
+        return "not met", ("the audit table's append-only triggers are gone ("
+                           + ", ".join(missing) + ")")
     if audit.cosignatures:
         return "met", (f"{kept}; Merkle tree with {audit.checkpoints} signed checkpoints,"
                        f" {audit.cosignatures} cosigned by partners ("

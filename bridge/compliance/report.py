@@ -77,13 +77,18 @@ def evidence_from_tests(tests: list[dict[str, Any]], *, source: str | None = Non
 
 
 def audit_log_facts(store: Any) -> AuditLogFacts:
-    """Checkpoints and partners' cosignatures held by an open store."""
+    """Checkpoints and partners' cosignatures held by an open store, whether its chain
+    verifies from genesis (read whole: a report is not made often) and which of its
+    append-only triggers remain."""
     from bridge.ledger import tree
 
     cosigned = tree.cosigned_checkpoints(store)
+    chain = store.verify_audit()
+    broken = None if chain.ok else f"entry {chain.first_bad_seq}: {chain.reason}"
     return AuditLogFacts(checkpoints=len(tree.own_checkpoints(store)),
                          cosignatures=len(cosigned),
-                         cosigners=tuple(sorted({c for c, _, _ in cosigned})))
+                         cosigners=tuple(sorted({c for c, _, _ in cosigned})),
+                         chain_broken=broken, guards=store.audit_guards())
 
 
 def build_report(config: BridgeConfig, evidence: Evidence, *,

@@ -231,14 +231,17 @@ def stored_entry(row: Sequence[Any], *, read_time: Callable[[Any], datetime],
     :class:`AuditEntryDamaged` naming it, whatever the store's driver raised.
     """
     values = dict(zip(AUDIT_COLUMNS, row, strict=True))
-    seq = int(values["seq"])
+    if type(values["seq"]) is not int:
+        # Numbered after the entry before it by stored_entries.
+        raise AuditEntryDamaged(0, "seq")
+    seq = values["seq"]
     fields: dict[str, Any] = {}
     for name in _CHECKED_FIELDS:
         raw = values[name]
         try:
             value = (read_time(raw) if name == "time"
                      else read_categories(raw) if name == "categories" else raw)
-        except (ValueError, TypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError, AttributeError):
             raise AuditEntryDamaged(seq, name) from None
         if field_problem(name, value) is not None:
             raise AuditEntryDamaged(seq, name)
@@ -259,8 +262,36 @@ def stored_entries(rows: Iterable[Sequence[Any]],
         try:
             entries.append(read(row))
         except AuditEntryDamaged as exc:
-            raise AuditEntryDamaged(exc.seq, exc.column, before=entries) from None
+            seq = exc.seq or (entries[-1].seq + 1 if entries else 1)
+            raise AuditEntryDamaged(seq, exc.column, before=entries) from None
     return entries
+
+
+def tree_entries(rows: Iterable[Sequence[Any]],
+                 read: Callable[[Sequence[Any]], AuditEntry]) -> list[AuditEntry]:
+    """``read`` over ``rows`` for the Merkle tree of a process appending to the log: a
+    damaged row stands as an entry whose content is :data:`DAMAGED` (so its leaf is not
+    the one the row had when it was appended), instead of stopping every later append.
+    The chain check reports the damage (:func:`verify_chain`), and a partner comparing
+    this log with the checkpoints it cosigned sees it differ."""
+    entries: list[AuditEntry] = []
+    for row in rows:
+        try:
+            entries.append(read(row))
+        except AuditEntryDamaged as exc:
+            values = dict(zip(AUDIT_COLUMNS, row, strict=True))
+            seq = exc.seq or (entries[-1].seq + 1 if entries else 1)
+            prev_hash, stored = values["prev_hash"], values["hash"]
+            entries.append(AuditEntry(
+                seq=seq, record=DAMAGED,
+                prev_hash=prev_hash if isinstance(prev_hash, str) else "",
+                hash=stored if isinstance(stored, str) else ""))
+    return entries
+
+
+#: The content a damaged entry stands for in the Merkle tree (see :func:`tree_entries`).
+DAMAGED = AuditRecord(time=datetime(1970, 1, 1, tzinfo=UTC), actor="-",
+                      action="audit.entry-damaged", subject="-", operator=None)
 
 
 def read_chain(read: Callable[[], Sequence[AuditEntry]]

@@ -138,6 +138,7 @@ from bridge.ledger.audit import (
     read_chain,
     stored_entries,
     stored_entry,
+    tree_entries,
     verify_chain,
 )
 from bridge.ledger.errors import TransitionError, UnknownMessage
@@ -899,7 +900,8 @@ class PostgresStore:
         entry = chain_entry(str(head[1]), int(head[0]) + 1, record)
 
         def fetch(after: int) -> list[AuditEntry]:
-            return stored_entries(conn.execute(
+            # A damaged entry does not stop the appends after it (see tree_entries).
+            return tree_entries(conn.execute(
                 f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>%s ORDER BY seq", (after,)),
                 _audit_entry)
 
@@ -1441,6 +1443,15 @@ class PostgresStore:
         """Verify the whole chain from genesis (see :func:`bridge.ledger.audit.verify_chain`)."""
         entries, damaged = read_chain(self.audit_entries)
         return verify_chain(entries, damaged=damaged)
+
+    def audit_guards(self) -> frozenset[str]:
+        """The names of the append-only triggers the audit table has (see the schema)."""
+        with self._read("audit_guards") as conn:
+            return frozenset(str(r[0]) for r in conn.execute(
+                "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relname = 'audit' AND NOT t.tgisinternal",
+                (self.schema,)).fetchall())
 
     def audit_head(self) -> tuple[int, str]:
         """``(seq, hash)`` of the last entry; ``(0, 64 zeros)`` for an empty log."""

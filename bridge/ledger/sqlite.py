@@ -60,6 +60,7 @@ from bridge.ledger.audit import (
     read_chain,
     stored_entries,
     stored_entry,
+    tree_entries,
     verify_chain,
 )
 from bridge.ledger.errors import TransitionError, UnknownMessage
@@ -562,7 +563,8 @@ class SQLiteStore:
         entry = chain_entry(prev_hash, prev_seq + 1, record)
 
         def fetch(after: int) -> list[AuditEntry]:
-            return stored_entries(conn.execute(
+            # A damaged entry does not stop the appends after it (see tree_entries).
+            return tree_entries(conn.execute(
                 f"SELECT {_AUDIT_COLS} FROM audit WHERE seq>? ORDER BY seq", (after,)),
                 _audit_entry)
 
@@ -1126,6 +1128,12 @@ class SQLiteStore:
         """Verify the whole chain from genesis (see :func:`bridge.ledger.audit.verify_chain`)."""
         entries, damaged = read_chain(self.audit_entries)
         return verify_chain(entries, damaged=damaged)
+
+    def audit_guards(self) -> frozenset[str]:
+        """The names of the append-only triggers the audit table has (see the schema)."""
+        with self._read("audit_guards") as conn:
+            return frozenset(str(r[0]) for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='trigger' AND tbl_name='audit'"))
 
     def audit_head(self) -> tuple[int, str]:
         """``(seq, hash)`` of the last entry; ``(0, 64 zeros)`` for an empty log."""
