@@ -108,6 +108,12 @@ def msa(ack: bytes) -> list[str]:
     raise AssertionError("no MSA segment")
 
 
+def after_header(ack: bytes) -> str:
+    """The ACK without its MSH: what it says about the message, not its own time and id."""
+    return "\r".join(segment for segment in ack.decode("utf-8", "replace").split("\r")
+                     if not segment.startswith("MSH|"))
+
+
 def err(ack: bytes) -> list[str]:
     for segment in ack.decode("utf-8", "replace").split("\r"):
         if segment.startswith("ERR|"):
