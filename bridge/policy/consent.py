@@ -899,6 +899,7 @@ class ConsentRegistry:
         emergency: EmergencyOverride | None = None,
         records: Sequence[ConsentRecord] | None = None,
         question: ConsentQuestion | None = None,
+        hold_uncovered: bool = False,
     ) -> ConsentDecision:
         """Return the decision that permits disclosing these resource types, or raise.
 
@@ -916,6 +917,9 @@ class ConsentRegistry:
         ``question``: a :class:`ConsentQuestion` over those records and this request,
         when the caller goes on to ask about the disclosure's items with it (the answers
         it works out for the types serve the items too).
+        ``hold_uncovered``: once the Patient is permitted, a type that no permitting
+        provision's ``class`` names does not refuse the disclosure (the caller holds its
+        resources back); the decision's ``resource_types`` are then the others.
         """
         if records is None:
             records = self.for_patient(patient_identifiers)
@@ -958,6 +962,12 @@ class ConsentRegistry:
         for rtype in sorted(types):
             category = scheme.of(rtype).category
             verdicts.append((rtype, question.verdict(_type_item(rtype, category))))
+        if hold_uncovered and any(t == "Patient" and v.permitted for t, v in verdicts):
+            # A consent permits the Patient for this recipient, purpose, time and data
+            # period: those conditions hold for every type alike, so a type none permits
+            # is one no permitting provision's class names. It is held back, not refused.
+            verdicts = [(t, v) for t, v in verdicts if v.outcome != "none"]
+            types = frozenset(t for t, _ in verdicts)
         for wanted in ("deny", "none", "uncovered"):
             for _, v in verdicts:
                 if v.outcome == wanted:

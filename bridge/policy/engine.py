@@ -343,6 +343,7 @@ def _run(
         emergency=emergency,
         records=records,
         question=question,
+        hold_uncovered=profile.uncovered_types == "hold",
     )
 
     memo: dict[Item, Verdict] = {}

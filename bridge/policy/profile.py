@@ -124,6 +124,10 @@ class LinkProfile:
     :class:`Match`); ``rows`` gives, per allowed full path, the rows of the source
     table (``cites``) that justify it; ``focus`` names the resource types everything
     sent must be reachable from by references (empty: the Patient's connected part).
+    ``uncovered_types`` is what a consent whose ``provision.class`` leaves out a type of
+    the disclosure does: ``refuse`` the disclosure (a claim is one unit), or ``hold``
+    back that type's resources and send the rest (a record pull: a patient may share
+    laboratory results and nothing else). The Patient itself is never held back.
     """
 
     name: str
@@ -141,6 +145,7 @@ class LinkProfile:
     focus: tuple[str, ...] = ()
     cites: str = ""
     refuse_without: tuple[str, ...] = ()
+    uncovered_types: str = "refuse"
 
     @property
     def qualified_name(self) -> str:
@@ -1228,7 +1233,7 @@ def load_profile(
             raise doc.error(f"missing key {required}", (required,))
     unknown = set(data) - {
         "profile", "title", "source", "resources", "grades", "levels", "ids", "k_anonymity",
-        "cites", "focus", "refuse_without",
+        "cites", "focus", "refuse_without", "uncovered_types",
     }
     if unknown:
         raise doc.error("unknown key", (min(unknown),))
@@ -1285,6 +1290,9 @@ def load_profile(
         if rtype not in (data.get("resources") or {}):
             raise doc.error(f"{rtype} is not a resource of this profile", ("refuse_without", i))
         _resolve_path(doc, rtype, element, ("refuse_without", i))
+    uncovered_types = data.get("uncovered_types", "refuse")
+    if uncovered_types not in ("refuse", "hold"):
+        raise doc.error("uncovered_types is refuse or hold", ("uncovered_types",))
     matches: dict[str, Match] = {}
     rows: dict[str, tuple[str, ...]] = {}
 
@@ -1390,6 +1398,7 @@ def load_profile(
         focus=tuple(focus),
         cites=cites,
         refuse_without=tuple(refuse_without),
+        uncovered_types=str(uncovered_types),
     )
 
 
