@@ -356,6 +356,19 @@ def bounded_path(path: str) -> str:
 # number has, and an OID's arcs do not).
 _SELECTOR = re.compile(r"[A-Za-z0-9:._/\-]{1,100}")
 _DIGIT_RUN = re.compile(r"[0-9]{6}")
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def has_digit_run(text: str) -> bool:
+    """Does ``text`` hold six digits in a row, as a record number, an ID number or a
+    telephone number does (and an OID's arcs, a FHIR path or an offset do not)? Text
+    that does is not repeated in an error, a log or a refusal."""
+    return _DIGIT_RUN.search(text) is not None
+
+
+def is_fhir_id(value: object) -> bool:
+    """Is ``value`` a FHIR id (R4 ``id``: 1-64 of ``A-Z a-z 0-9 - .``), the whole text?"""
+    return isinstance(value, str) and _FHIR_ID.fullmatch(value) is not None
 
 
 def value_label(value: Any) -> str:
@@ -363,6 +376,6 @@ def value_label(value: Any) -> str:
     system of an identifier left out): as it is when it reads as a system or a code,
     else ``*``: the value is the sender's text."""
     text = str(value)
-    if _SELECTOR.fullmatch(text) and not _DIGIT_RUN.search(text):
+    if _SELECTOR.fullmatch(text) and not has_digit_run(text):
         return text
     return "*"

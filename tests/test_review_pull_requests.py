@@ -13,7 +13,9 @@ client can send by mistake or on purpose:
 - a HEAD request runs no pull (nor a consent read or a checkpoint): nothing is signed,
   audited as released, or filed for review that the platform never received;
 - a read refuses a ``_format`` or ``_pretty`` it does not serve, as a search does
-  (P-PULL-5: a parameter is never ignored).
+  (P-PULL-5: a parameter is never ignored);
+- an id followed by a line break is not a FHIR id (400), where it was looked up as the id
+  before it and ``$everything`` served that patient's record.
 """
 
 from __future__ import annotations
@@ -188,3 +190,16 @@ async def test_a_read_refuses_a_format_it_does_not_serve(
     assert orjson.loads(body)["issue"][0]["expression"] == [named]
     status, body = await request(site, f"Patient/{pid}?_format=json&_pretty=true")
     assert status == 200 and orjson.loads(body)["resourceType"] == "Patient"
+
+
+@pytest.mark.parametrize("path", ["Patient/{pid}%0A", "Patient/{pid}%0A/$everything",
+                                  "Patient?_id=x%0A"])
+async def test_an_id_with_a_line_break_after_it_is_not_a_fhir_id(site: PullSite, path: str) -> None:
+    # A FHIR id is the whole text: one that ends in a line break is refused as the
+    # client's mistake (400 naming the id), never looked up as if it were the id before it.
+    _record, pid = await consented(site)
+    status, body = await request(site, path.format(pid=pid))
+    assert status == 400, body
+    issue = orjson.loads(body)["issue"][0]
+    assert issue["details"]["text"] == "not a FHIR id"
+    assert issue["expression"][0] in ("Patient.id", "_id")

@@ -31,6 +31,7 @@ from bridge.errors import (
     PartnerRejected,
     ProfileError,
     SignatureError,
+    has_digit_run,
 )
 from bridge.files import private_folder, write_private
 from bridge.ledger import records as rec
@@ -162,14 +163,13 @@ def _refusal_text(status: int, body: bytes) -> str:
         return f"the partner answered HTTP {status}"
     code = code if isinstance(code, str) and code in protocol_codes() else UNLISTED_CODE
     where = where if isinstance(where, str) and _LOCATION.fullmatch(where) and not (
-        _DIGIT_RUN.search(where)) else "-"
+        has_digit_run(where)) else "-"
     return f"the partner refused ({code} at {where})"
 
 
 # A location as the protocol's refusals write them: a FHIR path (Bundle.entry[1].resource),
 # a JSON path ($.a), a body offset (body[12]), a parameter or header name.
 _LOCATION = re.compile(r"[A-Za-z_$][A-Za-z0-9_$#.:\[\]\-]{0,199}")
-_DIGIT_RUN = re.compile(r"[0-9]{6}")
 
 
 async def _verify_and_keep(

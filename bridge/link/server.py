@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -63,6 +62,7 @@ from bridge.errors import (
     TrustError,
     UnknownPartner,
     UnsupportedMediaType,
+    is_fhir_id,
 )
 from bridge.ledger.handoff import queue_hook
 from bridge.link.capability import capability_statement
@@ -878,13 +878,10 @@ def _inbound_link_id(c: Controller, partner_id: str) -> str:
 # --- consents ----------------------------------------------------------------------------
 
 
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-
-
 def _consent_subject(consent_id: Any) -> str:
     """The audit subject of a consent write: ``Consent/ID`` when the id is a FHIR id,
     else ``Consent`` (the text is the caller's, not yet checked, and could be anything)."""
-    if isinstance(consent_id, str) and _FHIR_ID.fullmatch(consent_id):
+    if is_fhir_id(consent_id):
         return f"Consent/{consent_id}"
     return "Consent"
 

@@ -41,7 +41,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bridge.errors import ParseError
+from bridge.errors import ParseError, is_fhir_id
 from bridge.instants import LATEST, shifted, utc
 
 __all__ = [
@@ -491,17 +491,14 @@ def patient_reference(raw: str, *, where: str, base: str | None = None) -> str:
         if "://" not in value and len(parts) != 2:
             raise SearchError("the reference must be to a Patient", location=where)
         value = parts[-1]
-    if not _ID_RE.match(value):
+    if not is_fhir_id(value):
         raise SearchError("not a FHIR id", location=where)
     return value
 
 
-_ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-
-
 def check_id(raw: str, *, where: str) -> str:
     """A FHIR id, or SearchError naming ``where``."""
-    if not _ID_RE.match(raw):
+    if not is_fhir_id(raw):
         raise SearchError("not a FHIR id", location=where)
     return raw
 

@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from bridge.errors import SignatureError
+from bridge.errors import SignatureError, is_fhir_id
 from bridge.ledger import merkle
 from bridge.ledger.audit import leaf_from_hash
 from bridge.trust.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
@@ -79,7 +78,6 @@ EXT_AUDIT_PROOF = EXT_PREFIX + "audit-proof"
 #: Namespace of receipt identities (uuid5 of the URL-style name below).
 RECEIPT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ws-fhir-bridge:receipt")
 
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _INT32_MAX = 2**31 - 1
 _MH = "Bundle.entry[0].resource"
 
@@ -91,7 +89,7 @@ def receipt_id(request_message_id: str, receiver: str) -> str:
 
 def _response_identifier(request_message_id: str) -> str:
     bare = request_message_id.removeprefix("urn:uuid:")
-    if not _FHIR_ID.fullmatch(bare):
+    if not is_fhir_id(bare):
         raise SigningError(
             "request message id cannot be expressed as a FHIR id",
             location="MessageHeader.response.identifier",
