@@ -30,7 +30,7 @@ from bridge.files import read_bounded
 _ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*\Z")
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -656,7 +656,7 @@ class RouteConfig(_Strict):
         import re
 
         for item in value:
-            if not re.match(_MESSAGE_TYPE, item):
+            if not re.fullmatch(_MESSAGE_TYPE, item):
                 raise ValueError("message types look like ADT^A03")
         return value
 
@@ -666,7 +666,7 @@ class RouteConfig(_Strict):
         import re
 
         for item in value:
-            if not re.match(_DATASET, item):
+            if not re.fullmatch(_DATASET, item):
                 raise ValueError("data sets look like WS445.10")
         return value
 

@@ -59,7 +59,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 }
 
 
-_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 
 
 class OperatorForbidden(PolicyError):

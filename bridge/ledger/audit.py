@@ -39,7 +39,7 @@ PSEUDONYM_PREFIX = "pp:"
 Outcome = Literal["success", "failure", "denied"]
 OUTCOMES: frozenset[str] = frozenset({"success", "failure", "denied"})
 # Who acted: an operator certificate's name or a host user, never free text.
-_OPERATOR = re.compile(r"^(cert|os):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_OPERATOR = re.compile(r"^(cert|os):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 
 #: The operator acting in the current task (``cert:<name>``, ``os:<user>``), or None for
 #: the bridge itself. A record made without an explicit ``operator`` takes it from here,

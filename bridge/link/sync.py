@@ -58,9 +58,9 @@ SIGNATURE_HEADER = "X-Signature"
 CORRELATION_HEADER = "X-Correlation-Id"
 #: Identities asked about in one request.
 MAX_IDENTITIES = 1000
-_STREAM = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_STREAM = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 _UUID = re.compile(
-    r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[1-5][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+    r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[1-5][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z"
 )
 _MAX_SEQ = 2**62
 

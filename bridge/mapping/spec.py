@@ -22,7 +22,7 @@ from bridge.records.catalog import DatasetCatalog, load_catalog
 from bridge.records.fhir import element_specs
 
 APPEND = -1
-_SEGMENT = re.compile(r"^(?P<name>_?[a-zA-Z][A-Za-z0-9]*)(?:\[(?P<index>\d*)\])?$")
+_SEGMENT = re.compile(r"^(?P<name>_?[a-zA-Z][A-Za-z0-9]*)(?:\[(?P<index>\d*)\])?\Z")
 _RESOURCE_TYPES = frozenset(
     {"Patient", "Encounter", "Condition", "Procedure", "Coverage", "Claim", "Organization",
      "Practitioner", "Composition", "Observation", "AllergyIntolerance", "Immunization",
@@ -34,7 +34,7 @@ _TOP_KEYS = frozenset(
     {"mapping", "source", "target", "purpose", "resources", "groups", "ordered", "unmapped"}
 )
 _RESOURCE_KEYS = frozenset({"type", "name", "id_from", "id_within", "when", "rules"})
-_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*\Z")
 _GROUP_KEYS = frozenset({"name", "elements", "one_of", "min_items", "resources"})
 _RULE_KEYS = frozenset(
     {"source", "transform", "value", "ref", "object", "when", "required", "each"}

@@ -107,7 +107,7 @@ EMERGENCY_PURPOSE = "ETREAT"
 
 # China Standard Time: a consent date without a time is a calendar day in China.
 _CST = timezone(timedelta(hours=8))
-_DATETIME_RE = re.compile(r"^([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2})(T.+)?)?)?$")
+_DATETIME_RE = re.compile(r"^([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2})(T.+)?)?)?\Z")
 
 Span = tuple[datetime | None, datetime | None]
 Label = tuple[str, str]

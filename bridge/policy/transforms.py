@@ -45,7 +45,7 @@ PSEUDONYM_SYSTEM = "urn:ws-fhir-bridge:pseudonym"
 MAX_SHIFT_DAYS = 365
 MIN_KEY_BYTES = 16
 
-_DATE_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T.+)?)?)?$")
+_DATE_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T.+)?)?)?\Z")
 
 
 @dataclass(frozen=True)

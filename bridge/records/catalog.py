@@ -26,9 +26,9 @@ from bridge.resources import mappings_dir
 
 # A (alphabetic), AN (alphanumeric) or N (numeric), optional minimum, ``..`` and maximum,
 # optional decimal scale: ``A..50``, ``AN10``, ``N1..3``, ``N..10,2``.
-_FORMAT = re.compile(r"^(?P<kind>AN|A|N)(?P<min>\d+)?(?:\.\.(?P<max>\d+))?(?:,(?P<scale>\d+))?$")
-_DIGITS = re.compile(r"^\d+$")
-_DECIMAL = re.compile(r"^\d+(?:\.\d+)?$")
+_FORMAT = re.compile(r"^(?P<kind>AN|A|N)(?P<min>[0-9]+)?(?:\.\.(?P<max>[0-9]+))?(?:,(?P<scale>[0-9]+))?\Z")
+_DIGITS = re.compile(r"^[0-9]+\Z")
+_DECIMAL = re.compile(r"^[0-9]+(?:\.[0-9]+)?\Z")
 
 
 @dataclass(frozen=True, slots=True)

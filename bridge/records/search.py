@@ -171,7 +171,7 @@ _FOREVER = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 _DATE_RE = re.compile(
     r"^(?P<y>[0-9]{4})(?:-(?P<m>[0-9]{2})(?:-(?P<d>[0-9]{2})"
     r"(?:T(?P<H>[0-9]{2}):(?P<M>[0-9]{2})(?::(?P<S>[0-9]{2})(?P<f>\.[0-9]{1,9})?)?"
-    r"(?P<z>Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?$"
+    r"(?P<z>Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?\Z"
 )
 
 
@@ -596,7 +596,7 @@ def parse_everything(
     since = _single(params, "_since")
     last_updated: tuple[DateFilter, ...] = ()
     if since is not None:
-        if "T" not in since or not (since.endswith("Z") or re.search(r"[+-][0-9]{2}:[0-9]{2}$", since)):
+        if "T" not in since or not (since.endswith("Z") or re.search(r"[+-][0-9]{2}:[0-9]{2}\Z", since)):
             raise SearchError("_since is an instant with a time zone", location="_since")
         last_updated = (_date_filter("_since", "ge" + since),)
         # ge on an instant: everything updated at or after it.

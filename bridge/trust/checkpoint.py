@@ -46,8 +46,8 @@ from bridge.ledger import merkle
 ORIGIN_PREFIX = "ws-fhir-bridge/audit/"
 COSIGNATURE_PREFIX = "cosignature/v1\n"
 _DASH = "\u2014 "
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-_TIME = re.compile(r"^time (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00)$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
+_TIME = re.compile(r"^time (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00)\Z")
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey

@@ -66,7 +66,7 @@ ERROR_TEXT: dict[str, str] = {
 UNSUPPORTED = frozenset({"200", "201", "202", "203"})
 
 _LOCATION = re.compile(
-    r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+))?(?:\.(\d+))?)?$"
+    r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+))?(?:\.(\d+))?)?\Z"
 )
 
 
@@ -189,7 +189,7 @@ def _old_version(version: str) -> bool:
 
 # ``location code: text`` (a field no mapping reads), or ``location code application-code:
 # text`` (another warning, such as a transaction already counted); ERR-7 says which.
-_WARNING = re.compile(r"^(\S+) (\d{3})(?: ([a-z][a-z-]*))?: (.*)$")
+_WARNING = re.compile(r"^(\S+) (\d{3})(?: ([a-z][a-z-]*))?: (.*)\Z")
 
 
 def build_ack(source: HL7Message | MSHHeader | bytes | str | None,

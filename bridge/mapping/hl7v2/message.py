@@ -448,7 +448,7 @@ def parse_hl7(data: bytes | str) -> HL7Message:
     return HL7Message(segments, delims, charset or DEFAULT_CHARSET, codec)
 
 
-_SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+_SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}\Z")
 
 
 def describe(msg: HL7Message) -> dict[str, Any]:

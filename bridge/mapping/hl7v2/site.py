@@ -17,7 +17,7 @@ from bridge.errors import LoadError
 from bridge.mapping.yamlsrc import SourceMap, load_yaml
 from bridge.resources import SHIPPED, MappingFiles
 
-_CODE = re.compile(r"^[0-9A-Za-z-]{1,10}$")
+_CODE = re.compile(r"^[0-9A-Za-z-]{1,10}\Z")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from bridge.records.catalog import DatasetCatalog, load_catalog
 from bridge.resources import SHIPPED, MappingFiles, mappings_dir
 
 _PATH = re.compile(r"^(?P<seg>[A-Z][A-Z0-9]{2})-(?P<field>[1-9]\d*)"
-                   r"(?:\.(?P<comp>[1-9]\d*)(?:\.(?P<sub>[1-9]\d*))?)?$")
+                   r"(?:\.(?P<comp>[1-9]\d*)(?:\.(?P<sub>[1-9]\d*))?)?\Z")
 _TOP_KEYS = frozenset({"mapping", "source", "target", "purpose", "required_segments",
                        "elements", "groups", "sums", "dispatch", "unused"})
 _SOURCE_KEYS = frozenset({"standard", "versions", "message", "structure"})
