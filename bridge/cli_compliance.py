@@ -41,12 +41,13 @@ def cmd_compliance_report(args: argparse.Namespace) -> int:
 def _audit_log_facts(config: Any) -> tuple[Any, str]:
     """``(facts, "")`` from the configured store, or ``(None, why not)``: a store not made
     yet is not created by a report."""
+    from bridge.compliance.catalog import NO_STORE_YET
     from bridge.compliance.report import audit_log_facts
     from bridge.errors import BridgeError
     from bridge.ledger import open_store
 
     if config.store.kind == "sqlite" and not config.store.path.exists():
-        return None, "the store does not exist yet"
+        return None, NO_STORE_YET
     try:
         with open_store(config.store) as store:
             return audit_log_facts(store), ""

@@ -98,8 +98,8 @@ def test_every_command_the_catalog_names_exists() -> None:
             assert words[2] in following, " ".join(words)
 
 
-def _report(config: Path) -> dict[str, Any]:
-    run = cli("compliance", "report", "--config", str(config), "--json")
+def _report(config: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    run = cli("compliance", "report", "--config", str(config), "--json", env=env)
     assert run.returncode == 0, run.stderr
     return {row["id"]: row for row in json.loads(run.stdout)["items"]}
 
@@ -111,11 +111,18 @@ def test_t19_follows_the_store_data_key(tmp_path: Path) -> None:
     plain = config.read_text(encoding="utf-8")
     t19 = _report(config)["T19"]
     assert t19["status"] == "partial" and "not encrypted" in t19["why"]
+    kek = "ab" * 32
+    (tmp_path / "hospital-a" / "kek.hex").write_text(kek, encoding="ascii")
     for key in ('data_key_file = "hospital-a/kek.hex"', 'data_key_env = "BRIDGE_KEK"'):
         config.write_text(plain.replace("[store]\n", f"[store]\n{key}\n", 1), encoding="utf-8")
-        t19 = _report(config)["T19"]
+        t19 = _report(config, {"BRIDGE_KEK": kek})["T19"]
         assert t19["status"] == "met", (key, t19)
         assert key.split(" =")[0] in t19["why"]
+    # The key named but not at hand: what a store holds cannot be checked.
+    made = cli("keys", "rotate-data-key", "--config", str(config), env={"BRIDGE_KEK": kek})
+    assert made.returncode == 0, made.stderr
+    t19 = _report(config, {"BRIDGE_KEK": ""})["T19"]
+    assert t19["status"] == "partial" and "not checked" in t19["why"], t19
 
 
 async def test_t10_is_met_once_a_partner_cosigned_a_checkpoint(tmp_path: Path) -> None:

@@ -39,6 +39,13 @@ class AuditLogFacts:
     # and the append-only triggers the audit table still has.
     chain_broken: str | None = None
     guards: frozenset[str] = frozenset({"audit_no_update", "audit_no_delete"})
+    # Values the store holds plain, and patient lookup keys in clear, per table.column:
+    # written before encryption at rest was turned on (bridge.ledger.sealing).
+    plain_values: tuple[tuple[str, int], ...] = ()
+
+
+#: ``Facts.audit_unread`` for a store not made yet (it holds nothing, plain or sealed).
+NO_STORE_YET = "the store does not exist yet"
 
 
 @dataclass(frozen=True)
@@ -262,10 +269,19 @@ def _u13(f: Facts) -> Assessment:
 
 def _t19(f: Facts) -> Assessment:
     store = f.config.store
-    if store.data_key_file is not None:
-        return "met", "mutual TLS in transit; AES-256-GCM at rest (key in store.data_key_file)"
-    if store.data_key_env is not None:
-        return "met", "mutual TLS in transit; AES-256-GCM at rest (key in store.data_key_env)"
+    where = ("store.data_key_file" if store.data_key_file is not None
+             else "store.data_key_env" if store.data_key_env is not None else None)
+    if where is not None:
+        if f.audit is None and f.audit_unread != NO_STORE_YET:
+            return "partial", (f"mutual TLS in transit; AES-256-GCM at rest (key in {where});"
+                               f" what the store holds from before was not checked:"
+                               f" {f.audit_unread}")
+        if f.audit is not None and f.audit.plain_values:
+            held = ", ".join(f"{n} in {column}" for column, n in f.audit.plain_values)
+            return "partial", (f"mutual TLS in transit; AES-256-GCM at rest (key in {where}),"
+                               f" but values written before it are stored plain ({held}):"
+                               f" bridge keys seal-stored seals them")
+        return "met", f"mutual TLS in transit; AES-256-GCM at rest (key in {where})"
     return "partial", ("mutual TLS in transit; the store is not encrypted (no"
                        " store.data_key_file or store.data_key_env)")
 

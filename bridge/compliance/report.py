@@ -78,9 +78,10 @@ def evidence_from_tests(tests: list[dict[str, Any]], *, source: str | None = Non
 
 def audit_log_facts(store: Any) -> AuditLogFacts:
     """Checkpoints and partners' cosignatures held by an open store, whether its chain
-    verifies from genesis (read whole: a report is not made often) and which of its
-    append-only triggers remain."""
+    verifies from genesis (read whole: a report is not made often), which of its
+    append-only triggers remain, and what it holds plain."""
     from bridge.ledger import tree
+    from bridge.ledger.sealing import plain_values
 
     cosigned = tree.cosigned_checkpoints(store)
     chain = store.verify_audit()
@@ -88,7 +89,8 @@ def audit_log_facts(store: Any) -> AuditLogFacts:
     return AuditLogFacts(checkpoints=len(tree.own_checkpoints(store)),
                          cosignatures=len(cosigned),
                          cosigners=tuple(sorted({c for c, _, _ in cosigned})),
-                         chain_broken=broken, guards=store.audit_guards())
+                         chain_broken=broken, guards=store.audit_guards(),
+                         plain_values=tuple(sorted(plain_values(store).items())))
 
 
 def build_report(config: BridgeConfig, evidence: Evidence, *,
