@@ -429,3 +429,115 @@ async def test_a_refused_body_holding_its_connection_is_caught(
     finally:
         await pair.stop()
     _fails(results, "exh-body-size", "still open 4 s after 413")
+
+
+# --- receivers that passed the kit before its cases were sharpened -------------------------
+
+
+async def test_a_replay_window_wider_than_the_protocols_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A window of 50 minutes behind and 9 ahead: the probes an hour old and ten minutes
+    # ahead are still refused, the ones just outside ±300 s are not.
+    from bridge.trust import jws
+
+    real = jws._claims
+
+    def wide(header: Any, entry: Any, payload: Any, audience: Any, now: Any, window: Any,
+             check_time: bool, loc: str) -> Any:
+        return real(header, entry, payload, audience, now, timedelta(minutes=9), check_time, loc)
+
+    monkeypatch.setattr(jws, "_claims", wide)
+    results = await _run_on_a_new_pair(tmp_path, ["sig-replay-window"])
+    _fails(results, "sig-replay-window", "expected 403 replay-rejected", "got 200")
+    assert results["sig-replay-window"].evidence[-1].label.startswith("iat 315 s")
+
+
+async def test_addressing_checked_only_against_known_parties_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A receiver that takes any party it knows as sender or receiver.
+    from bridge.link import server
+    from bridge.messages import check_addressing
+
+    known = {"hospital-a", "insurer-b"}
+
+    def loose(envelope: Any, *, peer: str, receiver: str) -> None:
+        check_addressing(envelope, peer=envelope.sender if envelope.sender in known else peer,
+                         receiver=envelope.receiver if envelope.receiver in known else receiver)
+
+    monkeypatch.setattr(server, "check_addressing", loose)
+    results = await _run_on_a_new_pair(tmp_path, ["id-sender-mismatch", "id-wrong-receiver"])
+    _fails(results, "id-sender-mismatch", "expected 403 sender-mismatch", "got 200")
+    _fails(results, "id-wrong-receiver", "expected 403 wrong-receiver", "got 200")
+    # The probes naming an unknown party were refused: the known ones were not.
+    assert results["id-sender-mismatch"].evidence[-1].label == "sender names the target itself"
+    assert results["id-wrong-receiver"].evidence[-1].label == "addressed to the sender itself"
+
+
+async def test_a_sequence_number_without_its_stream_ignored_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.link import sync
+
+    real = sync.read_sequence
+
+    def lenient(headers: Any) -> Any:
+        return None if "Bridge-Stream" not in headers else real(headers)
+
+    monkeypatch.setattr(sync, "read_sequence", lenient)
+    results = await _run_on_a_new_pair(tmp_path, ["sync-sequence-headers"])
+    _fails(results, "sync-sequence-headers", "expected 400 sync-invalid at Bridge-Stream")
+    assert results["sync-sequence-headers"].evidence[-1].label == "number only"
+
+
+async def test_a_receipt_naming_the_digest_of_the_other_form_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receipt's request-digest is that of appendix A's form for a claim signed over
+    # RFC 8785's (the sample claim's integral decimals make the two differ).
+    import dataclasses
+
+    from bridge.conformance.envelope import sha256_digest, signed_payload, v1_canonical
+    from bridge.link import server
+
+    real = server.verify_bundle
+
+    def other_form(bundle: Any, *args: Any, **kwargs: Any) -> Any:
+        claims = real(bundle, *args, **kwargs)
+        return dataclasses.replace(
+            claims, payload_digest=sha256_digest(signed_payload(bundle, v1_canonical)))
+
+    monkeypatch.setattr(server, "verify_bundle", other_form)
+    results = await _run_on_a_new_pair(tmp_path, ["sig-valid-claim"])
+    _fails(results, "sig-valid-claim", "request-digest is not the digest of what was sent")
+
+
+async def test_an_accepted_claim_receipted_fatal_error_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.link import server
+
+    real = server.make_receipt
+    monkeypatch.setattr(server, "make_receipt",
+                        lambda **kwargs: real(**{**kwargs, "outcome": "fatal-error"}))
+    results = await _run_on_a_new_pair(tmp_path, ["sig-valid-claim"])
+    _fails(results, "sig-valid-claim", "says fatal-error, not ok")
+
+
+def test_a_failed_optional_case_checking_a_shall_is_not_conformant() -> None:
+    # tls-revoked runs only when the kit is given a revoked certificate; once run, a
+    # receiver that accepted that certificate (P-TLS-2, a SHALL) is not conformant. A
+    # skipped one, or a failed SHOULD, leaves the verdict alone.
+    by_id = {c.id: c for c in kit.CASES}
+    passed = kit.Result(by_id["sig-valid-claim"], "pass", "", 0.1)
+
+    def result(case_id: str, status: str) -> kit.Result:
+        return kit.Result(by_id[case_id], status, "", 0.1)
+
+    assert not by_id["tls-revoked"].required
+    assert not kit.conformant([passed, result("tls-revoked", "fail")])
+    assert not kit.conformant([passed, result("batch-entries", "error")])
+    assert kit.conformant([passed, result("tls-revoked", "skip")])
+    assert kit.conformant([passed, result("tls-handshake-timeout", "fail")])  # a SHOULD
+    assert not kit.conformant([result("sig-valid-claim", "skip")])

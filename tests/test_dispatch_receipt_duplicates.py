@@ -1,4 +1,5 @@
-"""A receipt whose JSON names a member twice is not evidence (PROTOCOL §5, P-SIG-12).
+"""A receipt whose JSON names a member twice is not evidence (PROTOCOL §5, P-SIG-12), and
+one that does not say ok is not delivery (P-RCP-5).
 
 No signature covers ``Bundle.signature``; a receipt written with ``who`` twice, the
 first carrying a ``display``, verifies under a parser that keeps the last of the two,
@@ -73,3 +74,31 @@ async def test_a_receipt_naming_a_member_twice_is_not_acknowledged(tmp_path: Pat
     for message_id in ids:
         assert UNSIGNED.encode() not in receipts[message_id]
         assert receipts[message_id].count(b'"who"') == 1
+
+
+class NotOkReceiver(DuplicatingReceiver):
+    """Answers each claim first with a signed receipt saying ``fatal-error``, then with
+    one saying ``transient-error``, then with an ``ok`` one."""
+
+    def answer(self, message: dict[str, Any]) -> tuple[int, bytes]:
+        identity = message["identifier"]["value"]
+        with self.lock:
+            nth = self.seen.get(identity, 0)
+            self.seen[identity] = nth + 1
+        outcome = ("fatal-error", "transient-error", "ok")[min(nth, 2)]
+        receipt = make_receipt(message, receiver="insurer-b", sender="hospital-a",
+                               key=self.key, outcome=outcome)
+        return 200, json.dumps(receipt).encode()
+
+
+async def test_a_signed_receipt_that_does_not_say_ok_is_not_delivery(tmp_path: Path) -> None:
+    # PROTOCOL P-RCP-5: only a receipt saying ok acknowledges; the claim stays due and
+    # is sent again with its identity until one does.
+    receiver, ids, states, store = await settle_against(tmp_path, NotOkReceiver,
+                                                        claims=3, seed=9)
+    assert {states[m] for m in ids} == {"acked"}, states
+    assert all(receiver.seen[m] == 3 for m in ids), receiver.seen
+    receipts = stored_receipts(store)
+    for message_id in ids:
+        code = json.loads(receipts[message_id])["entry"][0]["resource"]["response"]["code"]
+        assert code == "ok"

@@ -367,22 +367,28 @@ def tls_handshake_timeout(ctx: Context) -> None:
 @case("id-sender-mismatch", "MessageHeader.sender must be the TLS peer", family="identity",
       requirements=["P-MSG-6"])
 def id_sender(ctx: Context) -> None:
-    """Signs correctly as itself a claim whose MessageHeader.sender names another partner;
-    403 sender-mismatch."""
-    message = ctx.claim()
-    _header(message)["sender"]["identifier"]["value"] = "kit-someone-else"
-    answer = ctx.post("sender names another partner", ctx.signed(message))
-    ctx.expect_refusal(answer, 403, "sender-mismatch", f"{_MH}.sender")
+    """Signs correctly as itself a claim whose MessageHeader.sender names another party:
+    one the target does not know, and the target itself (a party it knows); each 403
+    sender-mismatch (a target that checks only that the sender is known fails)."""
+    for label, other in (("an unknown party", "kit-someone-else"),
+                         ("the target itself", ctx.receiver_id)):
+        message = ctx.claim()
+        _header(message)["sender"]["identifier"]["value"] = other
+        answer = ctx.post(f"sender names {label}", ctx.signed(message))
+        ctx.expect_refusal(answer, 403, "sender-mismatch", f"{_MH}.sender")
 
 
 @case("id-wrong-receiver", "MessageHeader.destination[0].receiver must be the target",
       family="identity", requirements=["P-MSG-7"])
 def id_receiver(ctx: Context) -> None:
-    """A claim addressed to a third partner; 403 wrong-receiver."""
-    message = ctx.claim()
-    _header(message)["destination"][0]["receiver"]["identifier"]["value"] = "kit-third-party"
-    answer = ctx.post("addressed to a third partner", ctx.signed(message))
-    ctx.expect_refusal(answer, 403, "wrong-receiver", f"{_MH}.destination[0].receiver")
+    """A claim addressed to a third party the target does not know, and one addressed to
+    the kit itself (a partner the target knows); each 403 wrong-receiver."""
+    for label, other in (("a third party", "kit-third-party"),
+                         ("the sender itself", ctx.partner_id)):
+        message = ctx.claim()
+        _header(message)["destination"][0]["receiver"]["identifier"]["value"] = other
+        answer = ctx.post(f"addressed to {label}", ctx.signed(message))
+        ctx.expect_refusal(answer, 403, "wrong-receiver", f"{_MH}.destination[0].receiver")
 
 
 @case("id-event", "Only claim-submit is accepted at $process-message", family="identity",
@@ -451,7 +457,7 @@ def audit_receipt_checkpoint(ctx: Context) -> None:
 
 
 @case("sig-valid-claim", "A correct claim is accepted with a signed receipt", family="receipts",
-      requirements=["P-MSG-1", "P-SIG-1", "P-SIG-2", "P-SIG-3", "P-RCP-1", "P-RCP-2",
+      requirements=["P-MSG-1", "P-SIG-1", "P-SIG-2", "P-SIG-3", "P-RCP-1", "P-RCP-2", "P-RCP-5",
                     "P-RCV-1"])
 def sig_valid(ctx: Context) -> None:
     """Sends the sample claim (RFC 8785 signed payload, the six §5.2 header members); the
@@ -568,19 +574,28 @@ def _earlier(when: str) -> str:
 @case("sig-replay-window", "iat outside ±300 s is replay-rejected", family="signatures",
       requirements=["P-SIG-8"])
 def sig_replay(ctx: Context) -> None:
-    """iat up to an hour old (within the signing certificate's validity) and ten minutes
-    ahead: 403 replay-rejected at #iat; two minutes old: accepted."""
+    """iat up to an hour old (within the signing certificate's validity), ten minutes
+    ahead, and 15 s beyond either edge of the ±300 s window: 403 replay-rejected at #iat;
+    two minutes old, and 15 s inside either edge: accepted (a window wider or narrower
+    than the protocol's fails)."""
     now = int(time.time())
     # An old iat must fall in the signing certificate's validity, or step 17 (a
     # certificate not valid then: signature-invalid) rightly comes first.
     born = int(ctx.signing.certificate.not_valid_before_utc.timestamp())
     old = max(now - 3600, born + 1)
-    if old > now - P.REPLAY_WINDOW_SECONDS - 5:
+    window, margin = P.REPLAY_WINDOW_SECONDS, 15
+    if old > now - window - margin - 5:
         raise Skip("the kit's signing certificate is younger than the replay window")
-    for label, iat in (("long past", old), ("ten minutes ahead", now + 600)):
+    outside = (("long past", old), ("ten minutes ahead", now + 600),
+               (f"{window + margin} s old", now - window - margin),
+               (f"{window + margin} s ahead", now + window + margin))
+    for label, iat in outside:
         answer = ctx.post(f"iat {label}", ctx.signed(iat=iat))
         ctx.expect_refusal(answer, 403, "replay-rejected", f"{_SIG}#iat")
-    ctx.expect_accepted(ctx.post("iat two minutes old", ctx.signed(iat=now - 120)))
+    inside = (("two minutes old", now - 120), (f"{window - margin} s old", now - window + margin),
+              (f"{window - margin} s ahead", now + window - margin))
+    for label, iat in inside:
+        ctx.expect_accepted(ctx.post(f"iat {label}", ctx.signed(iat=iat)))
 
 
 @case("sig-audience", "aud must be the target; msgid the message identity",
@@ -1047,18 +1062,28 @@ def exh_slow_body(ctx: Context) -> None:
       family="sync", requirements=["P-SYNC-2"])
 def sync_sequence_headers(ctx: Context) -> None:
     """Sends a claim carrying Bridge-Stream and Bridge-Sequence (accepted), one without
-    either (a version 1.1 sender: accepted), one with a stream but no number and one with
-    a number that is not a positive integer: 400 sync-invalid naming the header."""
+    either (a version 1.1 sender: accepted); then claims with a stream but no number, a
+    number but no stream, a stream not in the form of a partner id, and numbers that are
+    not positive integers below 2^62 (-3, 0, abc, 2^62): each 400 sync-invalid naming
+    the header at fault."""
     stream = f"kit-{uuid.uuid4().hex[:12]}"
     ctx.expect_accepted(ctx.post("with stream and number", ctx.signed(),
                                  headers={"Bridge-Stream": stream, "Bridge-Sequence": "1"}))
     ctx.expect_accepted(ctx.post("without sequence headers", ctx.signed()))
     ctx.expect_refusal(ctx.post("stream only", ctx.signed(), headers={"Bridge-Stream": stream}),
                        400, "sync-invalid", "Bridge-Sequence")
+    ctx.expect_refusal(ctx.post("number only", ctx.signed(), headers={"Bridge-Sequence": "2"}),
+                       400, "sync-invalid", "Bridge-Stream")
     ctx.expect_refusal(
-        ctx.post("negative number", ctx.signed(),
-                 headers={"Bridge-Stream": stream, "Bridge-Sequence": "-3"}),
-        400, "sync-invalid", "Bridge-Sequence")
+        ctx.post("stream not a partner id", ctx.signed(),
+                 headers={"Bridge-Stream": "Kit Stream!", "Bridge-Sequence": "2"}),
+        400, "sync-invalid", "Bridge-Stream")
+    for label, number in (("negative number", "-3"), ("zero", "0"), ("not a number", "abc"),
+                          ("2^62", str(2**62))):
+        ctx.expect_refusal(
+            ctx.post(label, ctx.signed(),
+                     headers={"Bridge-Stream": stream, "Bridge-Sequence": number}),
+            400, "sync-invalid", "Bridge-Sequence")
 
 
 def _held_query(stream: str, first: int, last: int, identities: list[str]) -> bytes:

@@ -9,8 +9,8 @@ records every exchange as evidence for the reports.
 A case passes when it returns, fails on :class:`CaseFailed` (the message says what the
 target did against what the protocol asks), is skipped on :class:`Skip` (something the
 kit was not given, such as the CA key for the certificate matrix) and errs on anything
-else. A run is conformant when every required case passed; a skipped required case is
-not a pass.
+else. A run is conformant when every required case passed (a skipped required case is
+not a pass) and no other case that ran failed on a SHALL requirement.
 
 Like the peer, the kit imports nothing of the bridge outside this folder.
 """
@@ -421,6 +421,10 @@ class Context:
         )
         if self.receiver_signing is not None:
             self.expect(answer.receipt is not None, f"receipt: {answer.receipt_error}")
+            assert answer.receipt is not None
+            self.expect(answer.receipt.outcome == "ok",
+                        f"an accepted claim's receipt says {answer.receipt.outcome}, not ok"
+                        " (P-RCP-5)")
 
     def require_ca_key(self) -> tuple[x509.Certificate, Any]:
         if self.config.ca_key is None:
@@ -567,8 +571,26 @@ def run_sender(
     return results
 
 
-def conformant(results: Sequence[Result]) -> bool:
-    return all(r.passed for r in results if r.case.required)
+def conformant(results: Sequence[Result],
+               requirements: Sequence[Requirement] | None = None) -> bool:
+    """Every required case passed, and no case that ran failed (or erred) on a SHALL.
+
+    A case is not required when it checks only what a target may leave out (a SHOULD,
+    a capability it does not offer) or needs an option the kit may not be given (the
+    revoked certificate): its *skip* is no failure. Once it ran, though, a failure of a
+    SHALL requirement it checks is one (a receiver that ignores its CRL is not
+    conformant because the case is optional)."""
+    levels = {r.id: r.level for r in (
+        requirements if requirements is not None else load_requirements())}
+    for r in results:
+        if r.passed:
+            continue
+        if r.case.required:
+            return False
+        if r.status in ("fail", "error") and any(
+                levels.get(q) == "SHALL" for q in r.case.requirements):
+            return False
+    return True
 
 
 def coverage(

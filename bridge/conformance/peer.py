@@ -443,7 +443,12 @@ class Peer:
     def sign(self, bundle: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
         params: dict[str, Any] = {"iss": self.partner_id, "aud": self.receiver_id}
         params.update(changes)
-        return sign_message(bundle, self.signing_key, **params)
+        signed = sign_message(bundle, self.signing_key, **params)
+        # The digest a receipt must name is that of the form this signature covers.
+        form = params.get("canonical")
+        _SIGNED_DIGESTS[signed["signature"]["data"]] = sha256_digest(
+            signed_payload(signed, form) if form is not None else signed_payload(signed))
+        return signed
 
     def signed_claim(
         self, *, sign: Mapping[str, Any] | None = None, **changes: Any
@@ -488,10 +493,7 @@ class Peer:
             receiver=self.receiver_id,
             sender=self.partner_id,
             request_message_id=identity,
-            request_digests=[
-                sha256_digest(signed_payload(message)),
-                sha256_digest(signed_payload(message, v1_canonical)),
-            ],
+            request_digests=_digests_of(message),
         )
 
     def send(self, message: Mapping[str, Any] | bytes, **kwargs: Any) -> Answer:
@@ -501,6 +503,21 @@ class Peer:
 
     def get(self, conn: PeerConnection, tail: str) -> HTTPResponse:
         return conn.request("GET", self.path(tail), headers={"Accept": P.FHIR_JSON})
+
+
+#: Signature data (``Bundle.signature.data``) -> the digest of the payload form it
+#: covers, for every message a peer signed: a receipt names exactly that digest.
+_SIGNED_DIGESTS: dict[str, str] = {}
+
+
+def _digests_of(message: Mapping[str, Any]) -> list[str]:
+    """The request digests a receipt for ``message`` may name: that of the form the peer
+    signed it over; either form for a message signed elsewhere (a hand-made one)."""
+    data = (message.get("signature") or {}).get("data")
+    if isinstance(data, str) and data in _SIGNED_DIGESTS:
+        return [_SIGNED_DIGESTS[data]]
+    return [sha256_digest(signed_payload(message)),
+            sha256_digest(signed_payload(message, v1_canonical))]
 
 
 def now_epoch() -> int:

@@ -40,7 +40,7 @@ def write_table(results: Sequence[Result], out: TextIO, *, target: str) -> None:
     out.write(f"conformance run against {target} (protocol {P.PROTOCOL_VERSION})\n")
     for r in results:
         reqs = ",".join(r.case.requirements)
-        optional = "" if r.case.required else " (SHOULD)"
+        optional = "" if r.case.required else " (may be skipped)"
         line = f"{_MARK[r.status]:<5} {r.case.id:<{width}} {r.seconds:6.2f}s  {reqs}{optional}"
         out.write(line + "\n")
         if r.detail:
@@ -152,7 +152,7 @@ def write_html(
         measures = ", ".join(f"{e(k)}={e(str(v))}" for k, v in r.measures.items())
         sections.append(
             f'<tr class="{r.status}" id="{e(r.case.id)}"><td>{e(r.case.id)}</td>'
-            f"<td>{_MARK[r.status]}{'' if r.case.required else ' (SHOULD)'}</td>"
+            f"<td>{_MARK[r.status]}{'' if r.case.required else ' (may be skipped)'}</td>"
             f"<td><b>{e(r.case.title)}</b><br>{e(r.case.description)}"
             f"{'<br><b>' + e(r.detail) + '</b>' if r.detail else ''}"
             f"{'<br>' + measures if measures else ''}{evidence}</td>"

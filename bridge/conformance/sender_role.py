@@ -110,9 +110,10 @@ def _outcome(status: int, code: str, text: str) -> bytes:
 
 
 def make_receipt(
-    request: dict[str, Any], *, receiver: str, sender: str, key: SigningKey
+    request: dict[str, Any], *, receiver: str, sender: str, key: SigningKey,
+    outcome: str = "ok",
 ) -> dict[str, Any]:
-    """A signed §6.2 receipt answering ``request``."""
+    """A signed §6.2 receipt answering ``request`` (``outcome``: its response.code)."""
     request_id = str(request["identifier"]["value"])
     identity = P.receipt_identity(request_id, receiver)
     header = {
@@ -124,7 +125,7 @@ def make_receipt(
                          "receiver": {"identifier": {"system": P.PARTNER_SYSTEM,
                                                      "value": sender}}}],
         "source": {"endpoint": P.PARTNER_URI_PREFIX + receiver},
-        "response": {"identifier": request_id.removeprefix("urn:uuid:"), "code": "ok"},
+        "response": {"identifier": request_id.removeprefix("urn:uuid:"), "code": outcome},
         "extension": [
             {"url": P.EXT_REQUEST_MESSAGE_ID, "valueString": request_id},
             {"url": P.EXT_REQUEST_DIGEST,

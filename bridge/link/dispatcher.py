@@ -675,6 +675,13 @@ class Dispatcher:
                 f"receipt failed verification: {code}", location="receipt",
                 maybe_sent=True, status=200,
             ) from None
+        if verified.outcome != "ok":
+            # A signed receipt that does not say ok acknowledges nothing (PROTOCOL
+            # P-RCP-5): the claim stays due, and is sent again with its identity.
+            raise TransportError(
+                f"receipt says {verified.outcome}, not ok", location="receipt.response.code",
+                maybe_sent=True, status=200,
+            )
         now = c.clock()
         await c.db.mark_acked(
             message_id=message_id,
