@@ -332,6 +332,7 @@ main(['store', 'restore', '--config', {str(config)!r}, {str(backup)!r}])
     assert run.returncode == -9, run.stderr
 
 
+@pytest.mark.battery  # a restore killed in a process of its own
 def test_a_restore_killed_before_its_copy_takes_the_place_loses_nothing(
     tmp_path: Path,
 ) -> None:
@@ -350,6 +351,7 @@ def test_a_restore_killed_before_its_copy_takes_the_place_loses_nothing(
     assert bridge("audit", "verify", "--config", str(site.hospital)).returncode == 0
 
 
+@pytest.mark.battery  # a restore killed in a process of its own
 @pytest.mark.parametrize("fresh", [False, True])
 def test_a_restore_killed_once_its_copy_took_the_place_is_done(
     tmp_path: Path, fresh: bool
@@ -372,6 +374,7 @@ def test_a_restore_killed_once_its_copy_took_the_place_is_done(
     assert bridge("audit", "verify", "--config", str(site.hospital)).returncode == 0
 
 
+@pytest.mark.battery  # a restore killed in a process of its own
 def test_a_schema_a_killed_restore_set_aside_is_refused_until_settled(
     tmp_path: Path,
 ) -> None:
@@ -498,6 +501,7 @@ def test_a_restore_refused_for_its_configuration_names_the_configuration(
     assert "backup copy" not in run.stderr
 
 
+@pytest.mark.battery  # a restore killed in a process of its own
 def test_processes_opening_a_store_a_killed_restore_left_all_open_it(tmp_path: Path) -> None:
     # Several processes starting at once each find what a restore killed before its
     # swap left (a link to the store aside): one clears it away, and none is refused.

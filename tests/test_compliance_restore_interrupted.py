@@ -19,6 +19,9 @@ from test_compliance_backup import _committed_and_killed, _hospital_backed_up, _
 
 from bridge.config import load_config
 
+# Ten restores killed or interrupted in processes of their own: the battery profile.
+pytestmark = pytest.mark.battery
+
 
 def _restore_stopped(config: Path, backup: Path, *, nth: int, sig: int) -> int:
     """Run the restore with the store's log not foldable, sending ``sig`` to itself

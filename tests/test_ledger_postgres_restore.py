@@ -83,6 +83,7 @@ def _write_after_cut_off(pg: PGSchema, site: Any, meanwhile: Callable[[], None])
         serving.close()
 
 
+@pytest.mark.battery  # restores beside a process cut off from the server
 def test_a_process_cut_off_while_a_restore_ran_does_not_write_into_the_restored_store(
     tmp_path: Path, pg: PGSchema
 ) -> None:
@@ -100,6 +101,7 @@ def test_a_process_cut_off_while_a_restore_ran_does_not_write_into_the_restored_
     assert "stale.write" not in actions
 
 
+@pytest.mark.battery  # restores beside a process cut off from the server
 def test_a_process_cut_off_while_a_restore_was_killed_does_not_write_into_its_copy(
     tmp_path: Path, pg: PGSchema
 ) -> None:
@@ -120,6 +122,7 @@ def test_a_process_cut_off_while_a_restore_was_killed_does_not_write_into_its_co
     assert "a restore was killed part way" in said, said
 
 
+@pytest.mark.battery  # restores beside a process cut off from the server
 def test_a_restore_whose_old_store_cannot_be_dropped_says_it_is_done(
     tmp_path: Path, pg: PGSchema
 ) -> None:
