@@ -7,6 +7,11 @@ those statements as pairs of patient pseudonyms (never the identifiers themselve
 ``patient_link``, append-only. Disclosures and consents are audited under one
 pseudonym each; following the links answers "everything about this person" by any of
 the person's identifiers.
+
+The pseudonyms that are of a resident ID card number are noted apart, in
+``patient_id_card``: a person holds one such number for life (GB 11643), so two of
+them can never name one person, and a record stating one beside an identifier of a
+person who holds another is refused (:class:`bridge.policy.identity.IdentityIndex`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any
 
 from bridge.ledger.audit import format_time
 
-__all__ = ["link_pseudonyms", "link_pseudonyms_many", "linked_pseudonyms", "links_since"]
+__all__ = ["id_cards_since", "link_pseudonyms", "link_pseudonyms_many", "linked_pseudonyms",
+           "links_since"]
 
 
 def link_pseudonyms(store: Any, group: Sequence[str], *, now: datetime) -> int:
@@ -25,9 +31,11 @@ def link_pseudonyms(store: Any, group: Sequence[str], *, now: datetime) -> int:
     return link_pseudonyms_many(store, [(group, now)])[0]
 
 
-def link_pseudonyms_many(store: Any, groups: Sequence[tuple[Sequence[str], datetime]]) -> list[int]:
+def link_pseudonyms_many(store: Any, groups: Sequence[tuple[Sequence[str], datetime]],
+                         *, id_cards: Sequence[str] = ()) -> list[int]:
     """:func:`link_pseudonyms` for several ``(group, now)`` in one transaction (a bridge
-    taking in several records at once links them in one trip); the new links of each."""
+    taking in several records at once links them in one trip); the new links of each.
+    ``id_cards``: pseudonyms of the groups that are of a resident ID card number."""
     if all(len(set(group)) < 2 for group, _now in groups):
         return [0] * len(groups)
     added: list[int] = []
@@ -46,7 +54,19 @@ def link_pseudonyms_many(store: Any, groups: Sequence[tuple[Sequence[str], datet
                     tx.execute("INSERT INTO patient_link (a, b, linked) VALUES (?, ?, ?)"
                                " ON CONFLICT DO NOTHING", (members[0], other, format_time(now)))
                     added[-1] += 1
+        stamp = format_time(groups[0][1])
+        for card in sorted(set(id_cards)):
+            tx.execute("INSERT INTO patient_id_card (pseudonym, noted) VALUES (?, ?)"
+                       " ON CONFLICT DO NOTHING", (card, stamp))
     return added
+
+
+def id_cards_since(store: Any, after: int, *, limit: int = 100_000) -> list[tuple[int, str]]:
+    """``(seq, pseudonym)`` of the resident ID card pseudonyms noted after ``after``."""
+    with store.read("patient_id_card") as tx:
+        return [(int(r[0]), str(r[1])) for r in tx.all(
+            "SELECT seq, pseudonym FROM patient_id_card WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit))]
 
 
 def links_since(store: Any, after: int, *, limit: int = 100_000) -> list[tuple[int, str, str]]:

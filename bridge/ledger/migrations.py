@@ -498,6 +498,19 @@ CREATE INDEX IF NOT EXISTS handoff_sending ON handoff (claimed_by) WHERE state =
         postgres="",
         sqlite_done_if="SELECT 1 FROM pragma_table_info('outbox') WHERE name = 'claimed_by'",
     ),
+    # The patient pseudonyms that are of a resident ID card number (bridge.ledger.identity):
+    # a person holds at most one, so a record naming another beside one of the person's
+    # identifiers is refused rather than joining two people.
+    Migration(
+        name="1506-patient-id-card",
+        ddl="""
+CREATE TABLE IF NOT EXISTS patient_id_card (
+    seq        {autoid},
+    pseudonym  TEXT NOT NULL UNIQUE,
+    noted      TEXT NOT NULL
+);
+""",
+    ),
 )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import orjson
 from cryptography import x509
@@ -38,7 +38,11 @@ from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
 from bridge.ledger.audit import AuditEntry, AuditRecord, patient_pseudonym
-from bridge.ledger.identity import link_pseudonyms, link_pseudonyms_many, links_since
+from bridge.ledger.identity import (
+    id_cards_since,
+    link_pseudonyms_many,
+    links_since,
+)
 from bridge.link.clearance import Clearance
 from bridge.link.store import AsyncStore, GroupCommit
 from bridge.logs import event, refusal_event
@@ -56,7 +60,7 @@ from bridge.policy.engine import (
 from bridge.policy.engine import (
     patient_identifiers as asked_identifiers,  # the payload's, as recheck_collection reads them
 )
-from bridge.policy.identity import IdentityIndex
+from bridge.policy.identity import ID_CARD_SYSTEM, IdentityIndex
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
@@ -220,6 +224,7 @@ class Controller:
         self.identity = IdentityIndex(
             lambda system, value: patient_pseudonym(self.pseudonym_key, system, value))
         self._take_links(links_since(self.store, 0, limit=1_000_000_000))
+        self._take_id_cards(id_cards_since(self.store, 0, limit=1_000_000_000))
         self.consents = ConsentRegistry(self.identity)
         self._consent_cursor = 0
         self._apply_consent_changes(self.store.consent_changes(0, limit=1_000_000_000))
@@ -412,28 +417,54 @@ class Controller:
             self.identity.link((a, b))
             self.identity.cursor = max(self.identity.cursor, seq)
 
+    def _take_id_cards(self, cards: list[tuple[int, str]]) -> None:
+        self.identity.note_id_cards(p for _, p in cards)
+        if cards:
+            self.identity.card_cursor = max(self.identity.card_cursor, cards[-1][0])
+
     async def link_patient(self, identifiers: list[tuple[str, str]]) -> None:
         """Record that these identifiers, stated together by one of the hospital's
-        records, name one person: durable in the store, then in this process."""
+        records, name one person: durable in the store, then in this process.
+        MappingError when they would make one person of two resident ID card holders."""
         await self._link(self._unlinked(identifiers))
 
-    async def _link(self, group: list[str] | None) -> None:
+    async def _link(self, group: PatientLink | None) -> None:
         """Store these pseudonyms as one person, then link them in this process."""
         if group is None:
             return
-        await self.db.call(link_pseudonyms, self.store, group, now=self.clock())
-        self.identity.link(group)
+        await self.db.call(link_pseudonyms_many, self.store, [(group.pseudonyms, self.clock())],
+                           id_cards=group.id_cards)
+        self._linked(group)
 
-    def _unlinked(self, identifiers: list[tuple[str, str]]) -> list[str] | None:
-        """The pseudonyms of ``identifiers`` when they are not all linked yet, else None."""
+    def _linked(self, group: PatientLink) -> None:
+        self.identity.note_id_cards(group.id_cards)
+        self.identity.link(group.pseudonyms)
+
+    def _unlinked(self, identifiers: list[tuple[str, str]]) -> PatientLink | None:
+        """The pseudonyms of ``identifiers`` when they are not all linked yet, else None.
+
+        A person holds one resident ID card number for life: identifiers that would
+        join holders of two different ones (a medical-record number reused, a record
+        keyed to the wrong patient) are refused, naming the identifier system, so that
+        no consent of one of them ever covers the other."""
         group = self.identity.of_identifiers(identifiers)
-        if len(set(group)) < 2 or len(self.identity.linked(group[:1]) & set(group)) == len(set(group)):
+        cards = [p for (system, _), p in zip(identifiers, group, strict=True)
+                 if system == _ID_CARD]
+        if len(set(group)) < 2:
             return None
-        return group
+        if self.identity.joins_two_id_cards(group, cards):
+            raise MappingError(
+                f"the record's resident ID card number ({_ID_CARD}) is not the one the"
+                " patient its other identifiers name already holds: a record cannot join two"
+                " people; correct the patient's identifiers at the source",
+                location="Patient.identifier")
+        if len(self.identity.linked(group[:1]) & set(group)) == len(set(group)):
+            return None
+        return PatientLink(tuple(group), tuple(dict.fromkeys(cards)))
 
     def _mapped_and_unlinked(
         self, record: dict[str, Any]
-    ) -> tuple[dict[str, Any] | None, list[str] | None]:
+    ) -> tuple[dict[str, Any] | None, PatientLink | None]:
         """:meth:`link_record` without the store: the record mapped (None when it does not
         map) and the pseudonyms its identifiers still need linked (None when none do)."""
         try:
@@ -452,12 +483,13 @@ class Controller:
         """
         while True:
             # One trip to the store's thread for both feeds; links are taken first.
-            links, changes = await self.db.call(
+            (links, cards), changes = await self.db.call(
                 _links_and_consent_changes, self.store, self.identity.cursor,
-                self._consent_cursor)
-            if not links and not changes:
+                self._consent_cursor, self.identity.card_cursor)
+            if not links and not changes and not cards:
                 return
             self._take_links(links)
+            self._take_id_cards(cards)
             self._apply_consent_changes(changes)
 
     async def claim_due(self, link_id: str, *, now: datetime, limit: int,
@@ -465,11 +497,12 @@ class Controller:
         """Claim the rows due on ``link_id`` (the store's ``claim_due``) and, when there
         are any, take in what :meth:`sync_consents` would, before anyone decides on them:
         one trip to the store's thread when nothing changed."""
-        rows, links, changes = await self.db.call(
+        rows, (links, cards), changes = await self.db.call(
             _claim_and_feeds, self.store, link_id, now, limit, lease, self.identity.cursor,
-            self._consent_cursor)
-        if links or changes:
+            self._consent_cursor, self.identity.card_cursor)
+        if links or changes or cards:
             self._take_links(links)
+            self._take_id_cards(cards)
             self._apply_consent_changes(changes)
             await self.sync_consents()  # any further page
         return list(rows)
@@ -695,7 +728,7 @@ class Controller:
         changes, queued = await self._intake(group=group, now=self.clock(),
                                              cursor=self._consent_cursor, message_id=message_id)
         if group is not None:
-            self.identity.link(group)
+            self._linked(group)
         if changes:
             # Submissions read together share one answer: the first to come back takes
             # the changes in, the others only what it has not. Each still reads any
@@ -914,16 +947,27 @@ def _remember(held: dict[Any, Any], key: Any, value: Any, cap: int) -> None:
 
 
 def _claim_and_feeds(store: Any, link_id: str, now: datetime, limit: int, lease: timedelta,
-                     link_cursor: int, consent_cursor: int) -> tuple[Any, Any, Any]:
+                     link_cursor: int, consent_cursor: int,
+                     card_cursor: int) -> tuple[Any, Any, Any]:
     rows = store.claim_due(link_id, now=now, limit=limit, lease=lease)
     if not rows:
-        return rows, [], []
-    return (rows, *_links_and_consent_changes(store, link_cursor, consent_cursor))
+        return rows, ([], []), []
+    return (rows, *_links_and_consent_changes(store, link_cursor, consent_cursor, card_cursor))
 
 
-def _links_and_consent_changes(store: Any, link_cursor: int,
-                               consent_cursor: int) -> tuple[Any, Any]:
-    return links_since(store, link_cursor), store.consent_changes(consent_cursor)
+def _links_and_consent_changes(store: Any, link_cursor: int, consent_cursor: int,
+                               card_cursor: int) -> tuple[Any, Any]:
+    """``((links, ID card pseudonyms), consent changes)`` after the cursors."""
+    return ((links_since(store, link_cursor), id_cards_since(store, card_cursor)),
+            store.consent_changes(consent_cursor))
+
+
+class PatientLink(NamedTuple):
+    """Pseudonyms of identifiers one record states for its patient, to be linked, and
+    which of them are of a resident ID card number."""
+
+    pseudonyms: tuple[str, ...]
+    id_cards: tuple[str, ...]
 
 
 def _intake_many(store: Any, requests: list[dict[str, Any]]) -> list[Any]:
@@ -932,9 +976,10 @@ def _intake_many(store: Any, requests: list[dict[str, Any]]) -> list[Any]:
     consent changes after ``cursor`` and its outbox row (None when it was never queued).
     Read after every link is stored, in one trip to the store's thread. A read that
     fails (a damaged row) is the answer of its own submission only."""
-    linking = [(r["group"], r["now"]) for r in requests if r["group"] is not None]
+    linking = [(r["group"].pseudonyms, r["now"]) for r in requests if r["group"] is not None]
     if linking:
-        link_pseudonyms_many(store, linking)
+        link_pseudonyms_many(store, linking, id_cards=[
+            card for r in requests if r["group"] is not None for card in r["group"].id_cards])
     changes: dict[int, Any] = {}
     answers: list[Any] = []
     for r in requests:
@@ -1001,8 +1046,9 @@ def _profile_for(name: str) -> LinkProfile:
     return load_link_profile(name)
 
 
+_ID_CARD = ID_CARD_SYSTEM
 _IDENTIFIER_PREFERENCE = (
-    "urn:oid:2.16.156.10011.1.3",  # resident ID card
+    _ID_CARD,  # resident ID card
     "urn:oid:2.16.156.10011.1.19",  # health card
     "urn:ws-fhir-bridge:id-document",  # passport and other ID documents
     "urn:oid:2.16.156.10011.1.13",  # medical record number

@@ -864,14 +864,21 @@ class ConsentRegistry:
         self, patient_identifiers: Sequence[tuple[str, str]]
     ) -> builtins.list[ConsentRecord]:
         """Consents whose patient matches any of these identifiers (index lookup), or,
-        with an identity index, any identifier linked to them."""
+        with an identity index, any identifier linked to them. ConsentDenied when those
+        hold two resident ID card numbers (two people)."""
         seen: dict[str, ConsentRecord] = {}
         for ident in patient_identifiers:
             for cid in sorted(self._by_patient.get((ident[0], ident[1]), ())):
                 seen.setdefault(cid, self._by_id[cid])
         if self.identity is not None and self._by_pseudonym:
-            linked = self.identity.linked(
-                self.identity.of_identifiers([(i[0], i[1]) for i in patient_identifiers]))
+            pairs = [(i[0], i[1]) for i in patient_identifiers]
+            linked = self.identity.linked(self.identity.of_identifiers(pairs))
+            if self.identity.names_two_people(pairs, linked):
+                # Another person's consent must never cover this data: identifiers that
+                # name holders of two resident ID card numbers are nobody's.
+                raise ConsentDenied(
+                    "the patient's identifiers name two people (two resident ID card"
+                    " numbers): correct them at the source", location="Patient.identifier")
             for p in sorted(linked):
                 for cid in sorted(self._by_pseudonym.get(p, ())):
                     seen.setdefault(cid, self._by_id[cid])

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["IdentityIndex"]
+__all__ = ["ID_CARD_SYSTEM", "IdentityIndex"]
+
+#: The resident ID card number (居民身份证号, GB 11643): one per person, for life.
+ID_CARD_SYSTEM = "urn:oid:2.16.156.10011.1.3"
 
 
 class IdentityIndex:
@@ -22,7 +25,28 @@ class IdentityIndex:
         self.pseudonym = pseudonym
         self._parent: dict[str, str] = {}
         self._members: dict[str, set[str]] = {}
+        self._cards: set[str] = set()  # pseudonyms of resident ID card numbers
         self.cursor = 0  # the last store link taken in
+        self.card_cursor = 0  # the last resident ID card pseudonym taken in
+
+    def note_id_cards(self, pseudonyms: Iterable[str]) -> None:
+        """These pseudonyms are of resident ID card numbers (one per person)."""
+        self._cards.update(pseudonyms)
+
+    def joins_two_id_cards(self, pseudonyms: Iterable[str], id_cards: Iterable[str]) -> bool:
+        """Would linking ``pseudonyms`` (of which ``id_cards`` are of resident ID card
+        numbers) make one person of holders of two different ID card numbers?"""
+        items = list(pseudonyms)
+        cards = set(id_cards) | {p for p in self.linked(items) if p in self._cards}
+        return len(cards) > 1
+
+    def names_two_people(self, identifiers: Sequence[tuple[str, str]],
+                         linked: Iterable[str]) -> bool:
+        """Do ``identifiers``, with ``linked`` (the pseudonyms linked to them), hold two
+        different resident ID card numbers?"""
+        cards = {self.pseudonym(s, v) for s, v in identifiers if s == ID_CARD_SYSTEM}
+        cards.update(p for p in linked if p in self._cards)
+        return len(cards) > 1
 
     def _root(self, p: str) -> str:
         parent = self._parent.get(p, p)
