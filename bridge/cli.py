@@ -453,9 +453,11 @@ def _status_report(config: Any, store: Any) -> dict[str, Any]:
     report["certificates"] = certificate_report(config)
     if any(not c["ok"] for c in report["certificates"]):
         report["attention"] = True
-    from bridge.cli_audit import witness_report
+    from bridge.cli_audit import witness_inconsistent, witness_report
 
     report["witness"] = witness_report(config, store)
+    if witness_inconsistent(report["witness"]):
+        report["attention"] = True
     return report
 
 

@@ -66,10 +66,18 @@ def witness_report(config: Any, store: Any) -> list[dict[str, Any]]:
         if partner.id not in linked:
             continue
         theirs = tree.last_witnessed(store, partner.id)
+        faults, reason, seen = tree.open_faults(store, partner.id)
         rows.append({"partner": partner.id, "witnessed": partner.base_url is not None,
                      "their_checkpoint": theirs[0] if theirs else None,
-                     "cosigned_ours": ours.get(partner.id)})
+                     "cosigned_ours": ours.get(partner.id),
+                     "refused_checkpoints": faults, "last_refusal": reason,
+                     "last_refused_at": seen})
     return rows
+
+
+def witness_inconsistent(rows: list[dict[str, Any]] | None) -> list[str]:
+    """The partners whose audit log failed its check here since it was last cosigned."""
+    return [r["partner"] for r in rows or () if r.get("refused_checkpoints")]
 
 
 def witness_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -89,6 +97,12 @@ def witness_lines(rows: list[dict[str, Any]]) -> list[str]:
                   if row["their_checkpoint"] is not None
                   else "none of its checkpoints cosigned yet")
         lines.append(f"witness {p}: its audit log is checked here, {theirs}; {ours}")
+        if row.get("refused_checkpoints"):
+            lines.append(
+                f"PARTNER LOG INCONSISTENT {p}: {row['refused_checkpoints']} of its checkpoints"
+                f" refused since the last one cosigned here (newest at {row['last_refused_at']}:"
+                f" {row['last_refusal']}); its log was cut or rewritten, or it was restored"
+                f" from a backup: settle it with {p}'s operators")
     return lines
 
 
@@ -115,14 +129,17 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             "signatures_checked": report.signatures_checked,
             "first_bad_seq": report.first_bad_seq, "bad_checkpoint": report.bad_checkpoint,
             "reason": report.reason, "witness": witness,
+            "partners_inconsistent": witness_inconsistent(witness),
         })
-        return 0 if report.ok else 1
+        return 0 if report.ok and not witness_inconsistent(witness) else 1
     _write_verify(report)
     unknown = ("witness: not shown (give --config to see which partners check this log"
                " and which logs this controller checks)")
     for line in witness_lines(witness) if witness is not None else [unknown]:
         sys.stdout.write(line + "\n")
-    return 0 if report.ok else 1
+    # A partner's log that failed its check is audit evidence gone wrong as surely as
+    # this log's own chain breaking.
+    return 0 if report.ok and not witness_inconsistent(witness) else 1
 
 
 def _write_verify(report: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-from e2e_support import LINK_OUT, Pair, consent_for, start_pair
+from e2e_support import LINK_OUT, Pair, cli, consent_for, start_pair
 
 from bridge.cli import main as cli_main
 from bridge.config import load_config
@@ -126,8 +126,22 @@ async def test_checkpoints_are_cosigned_and_a_restored_older_store_is_caught(
         assert metrics["bridge_audit_partner_cosigned_size"][("insurer-b",)] == witnessed[0]
     finally:
         await pair.stop()
-    assert cli_main(["audit", "verify", "--config", str(pair.hospital_cfg)]) == 0
-    assert "1 cosignatures match" in capsys.readouterr().out
+    # The hospital's own chain verifies, but the partner's log failing its check is audit
+    # evidence gone wrong: verify and status say so and exit 1, as the operator's cron
+    # or monitoring reads them.
+    verify = cli("audit", "verify", "--config", str(pair.hospital_cfg))
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    assert "1 cosignatures match" in verify.stdout
+    assert "PARTNER LOG INCONSISTENT insurer-b: 1 of its checkpoints refused" in verify.stdout
+    status = cli("status", "--config", str(pair.hospital_cfg), "--json")
+    assert status.returncode == 1, status.stdout + status.stderr
+    [row] = orjson.loads(status.stdout)["witness"]
+    assert row["partner"] == "insurer-b" and row["refused_checkpoints"] == 1
+    assert row["last_refusal"] and "insurer-b" in row["last_refusal"]
+    text = cli("status", "--config", str(pair.hospital_cfg))
+    assert text.returncode == 1 and "PARTNER LOG INCONSISTENT insurer-b" in text.stdout
+    # The insurer found nothing wrong with the hospital's log.
+    assert cli("audit", "verify", "--config", str(pair.insurer_cfg)).returncode == 0
 
     # BALP-style export: the hospital's Export of each claim pairs with the insurer's
     # Import by the message identity (the export validates against R4 as it is written).

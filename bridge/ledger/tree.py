@@ -279,6 +279,23 @@ def keep_witnessed(store: Any, partner: str, size: int, root: bytes, note: str,
                    (partner, size, root.hex(), note, format_time(now)))
 
 
+def open_faults(store: Any, partner: str) -> tuple[int, str | None, str | None]:
+    """The checkpoints of ``partner`` refused since the last one cosigned here:
+    ``(count, reason of the newest, when it was seen)``. A partner whose log was cut or
+    rewritten stays here until someone settles it: its later checkpoints do not extend
+    the one cosigned before."""
+    with store.read("open_faults") as tx:
+        last = tx.one("SELECT MAX(cosigned) FROM audit_witness WHERE partner=?", (partner,))
+        since = str(last[0]) if last is not None and last[0] is not None else ""
+        count = tx.one("SELECT COUNT(*) FROM audit_witness_fault WHERE partner=? AND seen>?",
+                       (partner, since))
+        newest = tx.one("SELECT reason, seen FROM audit_witness_fault WHERE partner=? AND"
+                        " seen>? ORDER BY id DESC LIMIT 1", (partner, since))
+    if newest is None:
+        return 0, None, None
+    return int(count[0]), str(newest[0]), str(newest[1])
+
+
 def keep_fault(store: Any, partner: str, note: str, reason: str, now: datetime) -> None:
     """Keep a partner checkpoint we refused, as evidence."""
     with store.transaction("keep_witness_fault") as tx:
