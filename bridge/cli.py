@@ -47,7 +47,7 @@ from bridge.cli_pull import add_pull_commands, print_pull_status, pull_status_re
 from bridge.cli_research import add_research_commands
 from bridge.cli_store import add_store_commands
 from bridge.cli_sync import add_sync_commands
-from bridge.errors import BridgeError, NotFound, ParseError, UsageError
+from bridge.errors import BridgeError, NotFound, ParseError, PayloadTooLarge, UsageError
 
 
 def _fail(exc: BridgeError) -> int:
@@ -133,6 +133,13 @@ def cmd_push(args: argparse.Namespace) -> int:
     async def run() -> int:
         controller = _controller(args.config)
         try:
+            limit = controller.outbound_link(args.link).max_message_bytes
+            if len(data) > limit:
+                # Mapped, a record only grows: it cannot make a claim the link sends.
+                raise PayloadTooLarge(
+                    f"the record is {len(data)} bytes, more than link {args.link} sends in"
+                    f" one claim ({limit}, links.{args.link}.max_message_bytes)",
+                    location=args.file)
             record = controller.protect_record(read_record(data, source=args.file))
             submitted = await controller.submit(record, args.link)
             row = None if submitted.created else await controller.db.get_outbox(

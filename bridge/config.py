@@ -454,6 +454,16 @@ class LinkConfig(_Strict):
             " and resends what it lacks; 0 turns it off"
         ),
     )
+    max_message_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=16 * 1024,
+        le=64 * 1024 * 1024,
+        description=(
+            "largest signed claim queued on this link (the partner's body limit: 4 MiB by"
+            " default, PROTOCOL P-HTTP-3); a record that maps to more, or is itself larger,"
+            " is refused when it is pushed, naming this key"
+        ),
+    )
     concurrency: int = Field(default=16, ge=1, le=256)
     batch: int = Field(default=64, ge=1, le=1000)
     max_batch_entries: int = Field(

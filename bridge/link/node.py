@@ -31,6 +31,7 @@ from bridge.errors import (
     ConfigError,
     ConflictError,
     MappingError,
+    PayloadTooLarge,
     PolicyError,
     ProfileError,
 )
@@ -770,6 +771,11 @@ class Controller:
         """Put one prepared, signed message in the outbox with its audit entry."""
         message_id = submitted.message_id
         payload = orjson.dumps(signed)
+        if len(payload) > link.max_message_bytes:
+            raise PayloadTooLarge(
+                f"the signed claim is {len(payload)} bytes, more than this link sends"
+                f" ({link.max_message_bytes}, the partner's body limit); nothing was queued",
+                location=f"links.{link.id}.max_message_bytes")
         # One hash of the bytes serves the outbox's digest (as :func:`digest` writes it),
         # the consent clearance and the message kept for dispatch.
         payload_sha256 = hashlib.sha256(payload).digest()
