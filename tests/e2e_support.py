@@ -182,6 +182,13 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           text=True, timeout=120, check=False, env={**os.environ, **(env or {})})
 
 
+def queued_count(config: Path) -> int:
+    """How many claims ``bridge outbox list`` shows for this configuration."""
+    listed = cli("outbox", "list", "--config", str(config), "--json")
+    assert listed.returncode == 0, listed.stderr
+    return len(json.loads(listed.stdout))
+
+
 def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """``bridge serve`` as its own process, its log appended to ``log``; returns once it
     says ``ready``."""

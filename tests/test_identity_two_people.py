@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import cli
+from e2e_support import cli, queued_count
 
 ID_CARD_SYSTEM = "urn:oid:2.16.156.10011.1.3"  # 居民身份证号 (WS/T 500)
 
@@ -56,12 +56,6 @@ def _write(path: Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def _queued(config: Path) -> int:
-    listed = cli("outbox", "list", "--config", str(config), "--json")
-    assert listed.returncode == 0, listed.stderr
-    return len(json.loads(listed.stdout))
-
-
 def test_a_record_naming_another_id_card_beside_a_known_record_number_is_refused(
         hospital: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     config, record = hospital
@@ -89,11 +83,11 @@ def test_a_record_naming_another_id_card_beside_a_known_record_number_is_refused
     assert stranger not in pushed.stderr + pushed.stdout
     assert record["elements"]["HDSD00.11.006"] not in pushed.stderr
     assert "Traceback" not in pushed.stderr
-    assert _queued(config) == 1  # only the first patient's claim
+    assert queued_count(config) == 1  # only the first patient's claim
 
     # Sent again, or with the inpatient number the refused record named: still refused.
     again = cli("push", "--config", str(config), "--link", "claims-to-insurer-b", str(path))
-    assert again.returncode == 2 and _queued(config) == 1
+    assert again.returncode == 2 and queued_count(config) == 1
 
 
 def test_the_same_persons_later_stay_still_goes(
@@ -108,4 +102,4 @@ def test_the_same_persons_later_stay_still_goes(
     path = _write(tmp_path / "later-stay.json", later)
     pushed = cli("push", "--config", str(config), "--link", "claims-to-insurer-b", str(path))
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-    assert _queued(config) == 2
+    assert queued_count(config) == 2

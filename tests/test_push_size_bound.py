@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import cli
+from e2e_support import cli, queued_count
 
 LINK = "claims-to-insurer-b"
 LIMIT = 16 * 1024
@@ -45,12 +45,6 @@ def _with_diagnoses(record: dict[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
-def _queued(config: Path) -> int:
-    listed = cli("outbox", "list", "--config", str(config), "--json")
-    assert listed.returncode == 0, listed.stderr
-    return len(json.loads(listed.stdout))
-
-
 def test_a_record_mapping_to_a_claim_over_the_links_bound_is_refused(
         hospital: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     config, record = hospital
@@ -63,11 +57,11 @@ def test_a_record_mapping_to_a_claim_over_the_links_bound_is_refused(
     assert "payload-too-large" in pushed.stderr
     assert f"links.{LINK}.max_message_bytes" in pushed.stderr
     assert "脂肪肝" not in pushed.stderr and "Traceback" not in pushed.stderr
-    assert _queued(config) == 0
+    assert queued_count(config) == 0
     # The sample record itself is within the bound and goes.
     sample = tmp_path / "hospital-a" / "samples" / "claim-1.json"
     assert cli("push", "--config", str(config), "--link", LINK, str(sample)).returncode == 0
-    assert _queued(config) == 1
+    assert queued_count(config) == 1
 
 
 def test_a_record_file_over_the_links_bound_is_refused_before_it_is_read(
@@ -81,4 +75,4 @@ def test_a_record_file_over_the_links_bound_is_refused_before_it_is_read(
     assert pushed.returncode == 2, pushed.stdout + pushed.stderr
     assert "payload-too-large" in pushed.stderr and str(path) in pushed.stderr
     assert f"links.{LINK}.max_message_bytes" in pushed.stderr
-    assert _queued(config) == 0
+    assert queued_count(config) == 0
