@@ -47,7 +47,25 @@ class Serve:
 
 
 def serve(config: Path, *extra: str, timeout: float = 60) -> Serve:
-    """Start ``bridge serve`` and wait for its ``ready`` line (stderr goes to a file)."""
+    """Start ``bridge serve`` and wait for its ``ready`` line (stderr goes to a file).
+
+    The configured port was free when the test chose it; between a process stopping and
+    the next starting on it, any outgoing connection on the host may hold the same
+    number as its local port for a moment. A start refused as port-in-use is tried again
+    for up to ten seconds (the bridge itself refuses at once, as an operator wants)."""
+    for _ in range(20):
+        try:
+            return _serve_once(config, *extra, timeout=timeout)
+        except _PortBusy:
+            time.sleep(0.5)
+    return _serve_once(config, *extra, timeout=timeout)
+
+
+class _PortBusy(AssertionError):
+    pass
+
+
+def _serve_once(config: Path, *extra: str, timeout: float) -> Serve:
     log = config.with_suffix(f".{len(list(config.parent.glob(config.stem + '.*.log')))}.log")
     err = log.open("w", encoding="utf-8")
     proc = subprocess.Popen(
@@ -63,7 +81,11 @@ def serve(config: Path, *extra: str, timeout: float = 60) -> Serve:
     line = proc.stdout.readline()
     if not line.startswith("ready") or time.monotonic() > deadline:
         proc.kill()
-        raise AssertionError(f"bridge serve did not start: {line!r} {log.read_text()}")
+        proc.wait()
+        said = log.read_text()
+        if "[port-in-use]" in said:
+            raise _PortBusy(f"bridge serve did not start: {said}")
+        raise AssertionError(f"bridge serve did not start: {line!r} {said}")
     return Serve(proc, line.strip(), log)
 
 
