@@ -541,3 +541,10 @@ def test_a_failed_optional_case_checking_a_shall_is_not_conformant() -> None:
     assert kit.conformant([passed, result("tls-revoked", "skip")])
     assert kit.conformant([passed, result("tls-handshake-timeout", "fail")])  # a SHOULD
     assert not kit.conformant([result("sig-valid-claim", "skip")])
+
+
+async def test_err_no_5xx_passes_on_this_bridge_with_every_unsigned_claim_refused(
+        patched_pair: Pair) -> None:
+    # Of the ~650 mutated claims, none is answered 5xx and none unsigned accepted.
+    results = await _run(patched_pair, ["err-no-5xx"])
+    assert results["err-no-5xx"].passed, results["err-no-5xx"].detail
