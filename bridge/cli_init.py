@@ -296,6 +296,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise UsageError("--partners is for the hospital role", location="bridge init --partners")
     port = role.port if args.port is None else args.port
     ops_port = role.ops_port if args.ops_port is None else args.ops_port
+    if ops_port and ops_port == port:
+        raise UsageError(
+            f"--ops-port {ops_port} is the server port as well (--port); the operations"
+            " port needs a port of its own", location="bridge init --ops-port",
+        )
     root.mkdir(parents=True, exist_ok=True)
     pki = _pki(root, role.controller)
     text = (

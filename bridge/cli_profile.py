@@ -51,9 +51,9 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
 
 
 def cmd_profile_list(args: argparse.Namespace) -> int:
-    from bridge.resources import mappings_dir
+    from bridge.resources import installed_link_profiles
 
-    names = sorted(p.stem for p in (mappings_dir() / "links").glob("*.yaml"))
+    names = installed_link_profiles()
     if args.json:
         print_json(names)
         return 0

@@ -44,6 +44,33 @@ def parse_duration(value: object) -> object:
     return value
 
 
+def https_url(value: str) -> str:
+    """A URL the exchange reaches over mutual TLS: scheme https, a host, a valid port."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme != "https" or not parts.hostname or port == -1:
+        raise ValueError("must be an https URL with a host (https://host:port/fhir):"
+                         " partners talk mutual TLS")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold a user name or password")
+    return value
+
+
+def known_purpose(value: str) -> str:
+    """A purpose of use (v3 PurposeOfUse) this bridge understands, or an error listing them."""
+    from bridge.policy.consent import SUPPORTED_PURPOSES
+
+    if value not in SUPPORTED_PURPOSES:
+        raise ValueError(f"{value!r} is not a purpose of use this bridge knows (one of"
+                         f" {', '.join(sorted(SUPPORTED_PURPOSES))})")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -120,6 +147,11 @@ class ServerConfig(_Strict):
     @classmethod
     def _normalise(cls, value: list[str]) -> list[str]:
         return [v.lower().replace(":", "") for v in value]
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        return None if value is None else https_url(value)
 
     def base_url(self) -> str:
         if self.public_url:
@@ -283,6 +315,13 @@ class PartnerConfig(_Strict):
     def _lower(cls, value: list[str]) -> list[str]:
         return [v.lower().replace(":", "") for v in value]
 
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        # A mistyped address would otherwise be found only by a claim retried until it
+        # is given up, as a transport error.
+        return None if value is None else https_url(value)
+
     @property
     def abroad(self) -> bool:
         return self.jurisdiction != MAINLAND
@@ -307,6 +346,11 @@ class AgreementConfig(_Strict):
         ge=1, le=36500,
         description="days the recipient keeps received data before it is destroyed",
     )
+
+    @field_validator("purposes")
+    @classmethod
+    def _known_purposes(cls, value: list[str]) -> list[str]:
+        return [known_purpose(p) for p in value]
 
     @model_validator(mode="after")
     def _span(self) -> AgreementConfig:
@@ -532,6 +576,18 @@ class LinkConfig(_Strict):
                 f"{value!r} is not a signature algorithm (one of {', '.join(algorithms.names())})"
             )
         return value
+
+    @field_validator("purpose")
+    @classmethod
+    def _known_purpose(cls, value: str) -> str:
+        # A misspelt purpose would otherwise refuse every record as not permitted by
+        # the patient's consent.
+        return known_purpose(value)
+
+    @field_validator("partner_consent_purposes")
+    @classmethod
+    def _known_purposes(cls, value: list[str]) -> list[str]:
+        return [known_purpose(p) for p in value]
 
     @field_validator("give_up_after", mode="before")
     @classmethod
@@ -869,6 +925,7 @@ class BridgeConfig(_Strict):
     @model_validator(mode="after")
     def _cross_check(self) -> BridgeConfig:
         self.store._source = self.source
+        self._check_ports()
         partner_ids = [p.id for p in self.partners]
         if len(set(partner_ids)) != len(partner_ids):
             raise ValueError("partners: duplicate partner id")
@@ -897,6 +954,7 @@ class BridgeConfig(_Strict):
                 )
             if link.agreement is not None:
                 self._check_agreement(i, link)
+            _check_profile(i, link)
             if any(other.partner == link.partner and (other.signature_algorithm is None) != (
                     link.signature_algorithm is None) for other in self.links):
                 # What the partner's signatures are accepted under is one list.
@@ -923,6 +981,20 @@ class BridgeConfig(_Strict):
                 if link_id not in outbound:
                     raise ValueError(f"routes[{i}].links[{j}]: no outbound link with that id")
         return self
+
+    def _check_ports(self) -> None:
+        """Each listener has a port of its own (0 asks for a free one, so never clashes):
+        two on one port would leave the second unable to start, blaming another process."""
+        listeners = [("server.port", self.server.port)]
+        if self.operations is not None:
+            listeners.append(("operations.port", self.operations.port))
+        if self.mllp is not None:
+            listeners.append(("mllp.port", self.mllp.port))
+        for n, (key, port) in enumerate(listeners):
+            for other, other_port in listeners[n + 1:]:
+                if port and port == other_port:
+                    raise ValueError(f"{key}: {port} is also {other}; each listener needs a"
+                                     " port of its own")
 
     def _check_agreement(self, i: int, link: LinkConfig) -> None:
         agreement = next((a for a in self.agreements if a.id == link.agreement), None)
@@ -982,6 +1054,33 @@ class BridgeConfig(_Strict):
 
     def store_path(self) -> Path:
         return self.store.path
+
+
+def _check_profile(i: int, link: LinkConfig) -> None:
+    """Load the profile of ``links[i]`` as the controller will, so that a misspelt name,
+    a level the profile lacks or a profile file with a mistake is reported against this
+    file and key (and stops every command that reads the file), not by a bridge that
+    cannot start."""
+    from bridge.errors import LoadError
+    from bridge.policy.profile import load_link_profile, load_profile
+    from bridge.resources import installed_link_profiles
+
+    ref = link.profile_ref()
+    try:
+        if ref.endswith((".yaml", ".yml")):
+            if not Path(ref).is_file():
+                raise ValueError(f"links[{i}].profile: no profile file at {ref}")
+            load_profile(Path(ref))
+            return
+        installed = installed_link_profiles()
+        if ref.split(":", 1)[0] not in installed:
+            raise ValueError(
+                f"links[{i}].profile: no installed link profile {link.profile!r} (installed:"
+                f" {', '.join(installed)}; or the path of a .yaml file)"
+            )
+        load_link_profile(ref)
+    except LoadError as exc:
+        raise ValueError(f"links[{i}].profile: {exc.message}; see {exc.location}") from None
 
 
 def _resolve(data: dict[str, object], base: Path) -> None:

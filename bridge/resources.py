@@ -29,6 +29,11 @@ def conformance_dir() -> Path:
     return data_dir("conformance")
 
 
+def installed_link_profiles() -> list[str]:
+    """The names of the link profiles that ship with the bridge (``mappings/links``)."""
+    return sorted(p.stem for p in (mappings_dir() / "links").glob("*.yaml"))
+
+
 # --- site overlays -----------------------------------------------------------------------------
 
 #: Files of ``mappings/`` a site directory may overlay: (folder, file name pattern).
