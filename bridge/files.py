@@ -46,6 +46,15 @@ def private_folder(path: Path) -> Path:
     return path
 
 
+def create_private(path: Path) -> Path:
+    """Create ``path`` empty with mode 600, refusing a name already taken
+    (:class:`FileExistsError`), for a tool that writes into it afterwards (SQLite, whose
+    write-ahead log and shared memory files take the mode of the database file;
+    ``pg_dump --file``)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` as ``path`` with mode 600: to a new file beside it, renamed over
     the name, so no half-written file is ever left under it."""
@@ -94,4 +103,4 @@ def load_or_make_key(path: Path, *, what: str = "key") -> bytes:
     return key
 
 
-__all__ = ["load_or_make_key", "private_folder", "read_bounded", "write_private"]
+__all__ = ["create_private", "load_or_make_key", "private_folder", "read_bounded", "write_private"]

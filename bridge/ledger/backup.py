@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.errors import BridgeError, ConfigError, NotFound, RuntimeFailure, StoreError
-from bridge.files import private_folder, write_private
+from bridge.files import create_private, private_folder, write_private
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
@@ -68,13 +68,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _private_file(path: Path) -> Path:
-    """Create ``path`` empty with mode 600 (refusing a name already taken), for a tool
-    that writes into it afterwards (SQLite's backup, ``pg_dump --file``)."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    return path
-
-
 def backup_store(config: BridgeConfig, directory: Path) -> Backup:
     """Write a consistent snapshot of the configured store into ``directory``."""
     from bridge.ledger import open_store
@@ -94,7 +87,7 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
         # Not while a restore puts a copy in place: that would be what is copied (and
         # nothing is written to the folder then, so the backup can be taken again).
         with in_use(store_cfg.path):
-            target = _private_file(directory / SQLITE_FILE)
+            target = create_private(directory / SQLITE_FILE)
             source = sqlite3.connect(f"file:{store_cfg.path}?mode=ro", uri=True, timeout=30)
             dest = sqlite3.connect(target)
             try:
@@ -137,7 +130,7 @@ def backup_store(config: BridgeConfig, directory: Path) -> Backup:
                                            " LIMIT 1").format(schema)).fetchone()
                 steps = [str(n) for (n,) in conn.execute(sql.SQL(
                     "SELECT name FROM {}.schema_migrations ORDER BY name").format(schema))]
-                _private_file(target)
+                create_private(target)
                 run = subprocess.run(
                     ["pg_dump", "--format=custom", "--no-owner",
                      f"--schema={store_cfg.db_schema}",

@@ -28,6 +28,7 @@ sort in time order, so ``next_attempt <= now`` is a string comparison in SQL.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -48,6 +49,7 @@ from typing import Any, Self, TypeVar
 import orjson
 
 from bridge.errors import BridgeError, ConflictError, StoreError
+from bridge.files import create_private
 from bridge.ledger.audit import (
     AUDIT_COLUMNS,
     GENESIS_HASH,
@@ -399,6 +401,11 @@ class SQLiteStore:
         try:
             if not restoring:
                 settle_aside(self.path)
+            # The store holds health data: a new one is the owner's only. SQLite would
+            # make the file with the process's umask (644 under the usual 022), and its
+            # -wal and -shm files take the file's mode; a store already there keeps its own.
+            with contextlib.suppress(OSError):  # there already; or SQLite says why not
+                create_private(self.path)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the module
             # never opens a transaction behind our back.
             self._conn: sqlite3.Connection | None = sqlite3.connect(
