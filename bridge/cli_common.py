@@ -16,8 +16,8 @@ import orjson
 
 from bridge.errors import BridgeError, NotFound, ParseError, UsageError
 from bridge.files import read_bounded
+from bridge.messages import PROTOCOL_VERSION
 
-PROTOCOL_VERSION = "1"
 FHIR_VERSION = "4.0.1"
 
 
@@ -116,6 +116,8 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
 
 
 __all__ = [
+    "FHIR_VERSION",
+    "PROTOCOL_VERSION",
     "BridgeError",
     "Parser",
     "add_json_option",

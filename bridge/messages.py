@@ -31,6 +31,12 @@ from bridge.errors import (
     member_label,
 )
 
+#: The version of the exchange protocol (``conformance/PROTOCOL.md``) this bridge
+#: speaks, as its CapabilityStatement, ``bridge --version`` and the build-info metric
+#: state it. The conformance kit keeps a copy of its own (``bridge.conformance.protocol``),
+#: taken from the document rather than from the code it tests.
+PROTOCOL_VERSION = "1.3"
+
 EVENT_SYSTEM = "urn:ws-fhir-bridge:event"
 PARTNER_SYSTEM = "urn:ws-fhir-bridge:partner"
 MESSAGE_NAMESPACE = uuid.UUID("4d0c7a0e-6b53-5d1f-9a57-2b1e1f0e6a10")

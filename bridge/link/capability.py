@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from bridge.batch import batch_capability
-from bridge.conformance.protocol import PROTOCOL_VERSION
+from bridge.messages import PROTOCOL_VERSION
 from bridge.records.search import DATE_ELEMENTS, INCLUDES, SEARCH_PARAMS
 
 if TYPE_CHECKING:
