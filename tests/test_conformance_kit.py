@@ -548,3 +548,26 @@ async def test_err_no_5xx_passes_on_this_bridge_with_every_unsigned_claim_refuse
     # Of the ~650 mutated claims, none is answered 5xx and none unsigned accepted.
     results = await _run(patched_pair, ["err-no-5xx"])
     assert results["err-no-5xx"].passed, results["err-no-5xx"].detail
+
+
+async def test_a_held_identity_answered_before_its_signature_is_checked_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A receiver that answers a message identity it holds from its inbox without
+    # checking the new request's signature: the original receipt for anyone's bytes.
+    from bridge.link import server
+
+    real = server.verify_bundle
+    held: dict[str, Any] = {}
+
+    def cached(bundle: Any, *args: Any, **kwargs: Any) -> Any:
+        identity = (bundle.get("identifier") or {}).get("value")
+        if identity in held:
+            return held[identity]
+        held[identity] = claims = real(bundle, *args, **kwargs)
+        return claims
+
+    monkeypatch.setattr(server, "verify_bundle", cached)
+    results = await _run_on_a_new_pair(tmp_path, ["idem-same-content"])
+    _fails(results, "idem-same-content", "expected 403 signature-invalid", "got 200")
+    assert results["idem-same-content"].evidence[-1].label == "again, unsigned"

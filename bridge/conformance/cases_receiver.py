@@ -7,6 +7,7 @@ target ends it (they never flood). Case ids are stable; reports and CI jobs name
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import gzip
@@ -616,14 +617,33 @@ def sig_audience(ctx: Context) -> None:
       family="idempotency", requirements=["P-RCV-4"])
 def idem_same(ctx: Context) -> None:
     """Sends one claim twice, the second time re-signed (a new iat, same content); both
-    answers are 200 and the second carries the first receipt byte for byte."""
+    answers are 200 and the second carries the first receipt byte for byte. Then the
+    same content again unsigned, with its signature damaged, and signed 50 minutes ago:
+    a held identity is answered from the inbox only after the signature and its time
+    are checked (403 signature-invalid, signature-invalid, replay-rejected)."""
     message = ctx.claim()
-    first = ctx.post("first", ctx.signed(message))
+    signed = ctx.signed(message)
+    first = ctx.post("first", signed)
     ctx.expect_accepted(first)
     again = ctx.post("again, re-signed", ctx.signed(message, iat=int(time.time()) - 5))
     ctx.expect_accepted(again)
     ctx.expect(again.response.body == first.response.body,
                "the repeated message got a receipt other than the original")
+    ctx.expect_refusal(ctx.post("again, unsigned", message), 403, "signature-invalid",
+                       "Bundle.signature")
+    damaged = copy.deepcopy(signed)
+    compact = base64.b64decode(damaged["signature"]["data"]).decode("ascii")
+    head, _, sig = compact.rpartition(".")
+    sig = sig[:-2] + ("AA" if sig[-2:] != "AA" else "BA")
+    damaged["signature"]["data"] = base64.b64encode(f"{head}.{sig}".encode()).decode()
+    ctx.expect_refusal(ctx.post("again, signature damaged", damaged), 403,
+                       "signature-invalid")
+    now = int(time.time())
+    born = int(ctx.signing.certificate.not_valid_before_utc.timestamp())
+    stale = max(now - 3000, born + 1)
+    if stale < now - P.REPLAY_WINDOW_SECONDS - 30:
+        ctx.expect_refusal(ctx.post("again, signed long ago", ctx.signed(message, iat=stale)),
+                           403, "replay-rejected", f"{_SIG}#iat")
 
 
 @case("idem-different-content", "The same identity with other content gets 422",
