@@ -571,3 +571,31 @@ async def test_a_held_identity_answered_before_its_signature_is_checked_is_caugh
     results = await _run_on_a_new_pair(tmp_path, ["idem-same-content"])
     _fails(results, "idem-same-content", "expected 403 signature-invalid", "got 200")
     assert results["idem-same-content"].evidence[-1].label == "again, unsigned"
+
+
+async def test_content_profile_passes_on_this_bridge_for_every_selection_rule(
+        patched_pair: Pair) -> None:
+    results = await _run(patched_pair, ["content-profile"])
+    assert results["content-profile"].passed, results["content-profile"].detail
+    labels = [e.label for e in results["content-profile"].evidence]
+    assert "Patient.identifier (medical-record number)" in labels
+    assert "Patient.telecom (e-mail)" in labels
+
+
+async def test_a_profile_check_blind_to_selection_by_system_kind_or_url_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receiver checks which elements arrive but not which entries of them: an
+    # identifier of another system, an e-mail, an extension of another URL pass.
+    from bridge.policy.profile import LinkProfile
+
+    real = LinkProfile.check
+
+    def elements_only(self: LinkProfile, bundle: dict[str, Any]) -> list[str]:
+        return [p for p in real(self, bundle) if "[system=" not in p and "[url=" not in p]
+
+    monkeypatch.setattr(LinkProfile, "check", elements_only)
+    results = await _run_on_a_new_pair(tmp_path, ["content-profile"])
+    _fails(results, "content-profile", "expected 403 profile-denied", "got 200")
+    assert results["content-profile"].evidence[-1].label == (
+        "Patient.identifier (medical-record number)")

@@ -812,13 +812,31 @@ def content_invalid(ctx: Context) -> None:
 @case("content-profile", "Elements outside the link profile get 403 profile-denied",
       family="content", requirements=["P-MSG-8"])
 def content_profile(ctx: Context) -> None:
-    """A claim whose Patient carries a photo and a contact person, which the
-    commercial-insurance profile (GB/T 39725 table 9) does not release; 403
-    profile-denied."""
-    message = ctx.claim()
-    patient = _resource(message, "Patient")
-    patient["photo"] = [{"contentType": "image/png", "data": "iVBORw0KGgo="}]
-    ctx.expect_refusal(ctx.post("Patient.photo", ctx.signed(message)), 403, "profile-denied")
+    """Claims whose Patient carries, one at a time, what the commercial-insurance profile
+    (GB/T 39725 table 9) does not release: a photo, a contact person, a street address
+    line, a medical-record number (an identifier of a system not listed), an e-mail
+    address (a telecom of a kind not listed) and an extension of a URL not listed; each
+    403 profile-denied (a receiver that checks elements but not the selection of their
+    entries by system, kind or URL fails)."""
+    probes: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
+        ("Patient.photo", lambda p: p.__setitem__(
+            "photo", [{"contentType": "image/png", "data": "iVBORw0KGgo="}])),
+        ("Patient.contact", lambda p: p.__setitem__(
+            "contact", [{"name": {"text": "kit contact"}}])),
+        ("Patient.address.line", lambda p: p.setdefault(
+            "address", [{"country": "CN"}])[0].__setitem__("line", ["kit street 1"])),
+        ("Patient.identifier (medical-record number)", lambda p: p.setdefault(
+            "identifier", []).append({"system": "urn:oid:2.16.156.10011.1.13",
+                                      "value": "KIT-MRN-0001"})),
+        ("Patient.telecom (e-mail)", lambda p: p.setdefault("telecom", []).append(
+            {"system": "email", "value": "kit@example.invalid"})),
+        ("Patient.extension (URL not listed)", lambda p: p.setdefault(
+            "extension", []).append({"url": "urn:kit:not-listed", "valueString": "x"})),
+    ]
+    for label, change in probes:
+        message = ctx.claim()
+        change(_resource(message, "Patient"))
+        ctx.expect_refusal(ctx.post(label, ctx.signed(message)), 403, "profile-denied")
 
 
 @case("corr-unknown-prior", "A corrected claim whose replaced claim is unknown is accepted",
