@@ -599,3 +599,24 @@ async def test_a_profile_check_blind_to_selection_by_system_kind_or_url_is_caugh
     _fails(results, "content-profile", "expected 403 profile-denied", "got 200")
     assert results["content-profile"].evidence[-1].label == (
         "Patient.identifier (medical-record number)")
+
+
+async def test_a_receiver_taking_chunked_bodies_past_its_limit_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The declared length is still checked; a chunked body is read up to 64 times the
+    # limit (aiohttp's client_max_size raised).
+    from aiohttp import web
+
+    real = web.Application
+
+    def roomy(*args: Any, **kwargs: Any) -> Any:
+        if "client_max_size" in kwargs:
+            kwargs["client_max_size"] *= 64
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(web, "Application", roomy)
+    results = await _run_on_a_new_pair(tmp_path, ["exh-body-size"])
+    result = results["exh-body-size"]
+    assert not result.passed, result.detail
+    assert result.evidence[-1].label == "chunked over the limit"

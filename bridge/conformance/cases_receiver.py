@@ -1000,7 +1000,8 @@ def _request_head(ctx: Context, headers: dict[str, str]) -> bytes:
 def exh_body_size(ctx: Context) -> None:
     """Declares a body one byte over --max-body (4 MiB by default) and sends none of it:
     413 payload-too-large must come without waiting for the body, and the connection
-    must close within 4 s (the time it took is measured)."""
+    must close within 4 s (the time it took is measured). Then a body sent chunked, no
+    length declared, that runs one byte over: 413 payload-too-large as well."""
     raw = _request_head(ctx, {"Content-Type": P.FHIR_JSON,
                               "Content-Length": str(ctx.config.max_body + 1)})
     started = time.monotonic()
@@ -1013,6 +1014,40 @@ def exh_body_size(ctx: Context) -> None:
     ctx.expect(response.header("Connection") == "close", "413 without Connection: close")
     ctx.expect(closed, "the connection was still open 4 s after 413 (held for the body "
                "the target refused)")
+    _chunked_over_the_limit(ctx)
+
+
+def _chunked_over_the_limit(ctx: Context) -> None:
+    """A body sent chunked (no length declared) that runs one byte past --max-body: the
+    target must count what arrives, answer 413 payload-too-large and close, not take it
+    whole."""
+    conn = ctx.peer().connect()
+    conn.timeout = 30.0
+    started = time.monotonic()
+    head = _request_head(ctx, {"Content-Type": P.FHIR_JSON, "Transfer-Encoding": "chunked"})
+    body = b"{" + b" " * ctx.config.max_body + b"}"
+    response = None
+    try:
+        conn.send_raw(head)
+        step = 256 * 1024
+        for at in range(0, len(body), step):
+            piece = body[at:at + step]
+            conn.send_raw(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        conn.send_raw(b"0\r\n\r\n")
+    except (TLSRefused, ConnectionClosed):
+        pass  # the target stopped reading: its answer is what counts
+    try:
+        response = conn.read_response()
+    except (TLSRefused, ConnectionClosed, TimeoutError) as exc:
+        ctx.note("chunked over the limit", f"{len(body)} body bytes, chunked",
+                 f"{type(exc).__name__}: {exc}", started)
+    finally:
+        conn.close()
+    ctx.expect(response is not None, "no answer to a chunked body over the limit")
+    assert response is not None
+    ctx.note("chunked over the limit", f"{len(body)} body bytes, chunked",
+             _response_text(response), started)
+    ctx.expect_refusal(response, 413, "payload-too-large")
 
 
 @case("exh-compression", "Compressed bodies (and bombs) get 415 without being inflated",
