@@ -720,9 +720,13 @@ class Controller:
         identity then depends on the claim it replaces as well as on the record.
         """
         link = self.outbound_link(link_id)
+        mapped, group = self._mapped_and_unlinked(record)
+        if mapped is None:
+            # A record that does not map is refused before it is hashed or kept, naming
+            # the element: only a record that maps is sure to have a JSON writing.
+            map_record(record, now=self.clock(), files=self.mapping_files)
         message_id = message_id_for(self.id, link.id, _source_key(record, replaces))
         await self.keep_for_pull(record, source="push")
-        mapped, group = self._mapped_and_unlinked(record)
         # One trip to the store's thread: the patient links the record states (see
         # link_patient), then the consents changed by any process sharing the store,
         # and whether this claim was queued before.
@@ -871,8 +875,8 @@ class Controller:
             return False
         from bridge.ledger.records import put_record
 
+        collection = self.pull_collection(record)  # first: what does not map is not written
         raw = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-        collection = self.pull_collection(record)
         result = await self.db.call(
             put_record, self.store, record=raw, dataset=str(record.get("dataset", "")),
             source=source, collection=collection, now=self.clock(),

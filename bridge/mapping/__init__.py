@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import sys
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
+
+import orjson
 
 from bridge.errors import LoadError, MappingError, ParseError
 from bridge.mapping.engine import map_with
@@ -70,20 +74,63 @@ def read_record(data: bytes | str, *, source: str = "<input>") -> dict[str, Any]
     """Parse a DE record from JSON and check its shape.
 
     Malformed JSON raises :class:`ParseError` naming ``source:line:column``; a wrong
-    shape raises it naming the JSON path (``$.groups.diagnoses[2]``). Element values
-    are checked later, by :func:`map_record`, against the data set's declared formats.
+    shape raises it naming the JSON path (``$.groups.diagnoses[2]``). A member named
+    twice in one object (a data element given two values), nesting no record has, and a
+    lone surrogate in a string are refused too, as I-JSON (RFC 7493) refuses them. Element
+    values are checked later, by :func:`map_record`, against the data set's declared
+    formats.
     """
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
         raise ParseError("input is not UTF-8", location=f"{source}@byte {exc.start}") from None
     try:
-        record = json.loads(text)
+        record = json.loads(text, parse_int=_integer,
+                            object_pairs_hook=functools.partial(_one_value_per_name, source))
     except json.JSONDecodeError as exc:
         raise ParseError(f"malformed JSON: {exc.msg}",
                          location=f"{source}:{exc.lineno}:{exc.colno}") from None
+    except RecursionError:
+        # A record is four levels deep; the parser gives up long before the stack does.
+        raise ParseError("malformed JSON: nested far deeper than a DE record",
+                         location=source) from None
     check_shape(record, source=source)
     return record  # type: ignore[no-any-return]
+
+
+class _LongInteger:
+    """An integer written with more digits than Python converts (see
+    :func:`sys.get_int_max_str_digits`): longer than any declared format, refused by
+    :func:`check_shape` where it stands."""
+
+    __slots__ = ()
+
+
+_LONG_INTEGER = _LongInteger()
+
+
+def _integer(digits: str) -> int | _LongInteger:
+    if len(digits.lstrip("-")) > sys.get_int_max_str_digits() > 0:
+        return _LONG_INTEGER
+    return int(digits)
+
+
+# How a member name is shown in an error: a data element identifier or a key as the
+# format writes them; anything else could be a value (a name typed as a key).
+_MEMBER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+
+
+def _one_value_per_name(source: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                label = name if _MEMBER_NAME.fullmatch(name) else "*"
+                raise ParseError("a member name appears twice in one object",
+                                 location=f"{source} {label}")
+            seen.add(name)
+    return result
 
 
 def check_shape(record: Any, *, source: str = "<input>") -> None:
@@ -114,8 +161,40 @@ def check_shape(record: Any, *, source: str = "<input>") -> None:
             for key, value in item.items():
                 if type(value) not in _PLAIN:
                     _check_value(value, f"{where}.{key}")
+    _check_text(record, source)
 
 
+def _check_text(record: dict[str, Any], source: str) -> None:
+    """ParseError naming the place of a lone surrogate (a string that is no Unicode text,
+    which JSON's ``\\ud800`` escape can write): no such string can be hashed, stored or
+    sent. One write of the whole record proves the common case; only a record that cannot
+    be written is walked (its integers too wide to write are left to the formats)."""
+    try:
+        orjson.dumps(record)
+    except TypeError:
+        pass
+    else:
+        return
+    places: list[tuple[str, Any]] = [(f"{source} $.dataset", record["dataset"])]
+    for key, value in record["elements"].items():
+        places += [(f"{source} $.elements", key), (f"{source} $.elements.{key}", value)]
+    for name, items in record.get("groups", {}).items():
+        places.append((f"{source} $.groups", name))
+        for i, item in enumerate(items):
+            for key, value in item.items():
+                where = f"{source} $.groups.{name}[{i}]"
+                places += [(where, key), (f"{where}.{key}", value)]
+    for where, text in places:
+        if isinstance(text, str) and not _is_unicode(text):
+            raise ParseError("text with a lone surrogate (not Unicode)", location=where)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 # Values that pass _check_value whatever they hold (its other cases are subclasses).
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 
@@ -123,6 +202,8 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 def _check_value(value: Any, where: str) -> None:
     if value is None or isinstance(value, (str, int, float, bool)):
         return
+    if value is _LONG_INTEGER:
+        raise ParseError("number longer than the declared format", location=where)
     raise ParseError("element values are strings, numbers or booleans", location=where)
 
 

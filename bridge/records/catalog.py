@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from bridge.errors import LoadError, MappingError
+from bridge.messages import MAX_SAFE_INTEGER
 from bridge.resources import mappings_dir
 
 # A (alphabetic), AN (alphanumeric) or N (numeric), optional minimum, ``..`` and maximum,
@@ -51,7 +52,17 @@ class DataElement:
 
         Numeric codes with a fixed width (``N2``) are zero-padded: source systems often
         drop the padding (``1`` for ``01``), and the code tables store the padded form.
+        An integer beyond ±(2^53 - 1) is refused even where the format is wide enough
+        (``N..30``): JSON readers round it (I-JSON, RFC 7493), so the record would not
+        read back as it was sent; such a number is given as text.
         """
+        text = self._checked(value, location)
+        if type(value) is int and not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            raise MappingError("integer beyond ±(2^53 - 1): give it as text",
+                               location=location or self.id)
+        return text
+
+    def _checked(self, value: object, location: str | None) -> str:
         if type(value) is str:
             text = value.strip()
         else:
@@ -108,7 +119,12 @@ class DataElement:
         if isinstance(value, (int, float)):
             if not self.format.startswith("N"):
                 raise MappingError("number given for a text data element", location=where)
-            return format(Decimal(str(value)), "f")
+            try:
+                written = str(value)
+            except ValueError:  # more digits than Python writes: longer than any format
+                raise MappingError("number longer than the declared format",
+                                   location=where) from None
+            return format(Decimal(written), "f")
         if isinstance(value, str):
             return value.strip()
         raise MappingError("data element value must be a string or number", location=where)
