@@ -7,27 +7,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 from typing import Any
 
-from bridge.cli_common import add_json_option, print_json
-from bridge.errors import ParseError
+from bridge.cli_common import add_json_option, print_json, read_input
 
 
 def _records(files: list[str]) -> list[dict[str, Any]]:
-    import orjson
-
-    from bridge.mapping import read_record
+    from bridge.mapping import read_records
 
     out: list[dict[str, Any]] = []
     for name in files:
-        try:
-            data = orjson.loads(Path(name).read_bytes())
-        except orjson.JSONDecodeError as exc:
-            raise ParseError("not JSON", location=f"{name}:{exc.pos}") from None
-        for i, item in enumerate(data if isinstance(data, list) else [data]):
-            where = f"{name}[{i}]" if isinstance(data, list) else name
-            out.append(read_record(orjson.dumps(item), source=where))
+        out += read_records(read_input(name, what="records file"), source=name)
     return out
 
 

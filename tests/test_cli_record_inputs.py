@@ -111,3 +111,19 @@ def test_a_folder_run_names_a_file_nested_too_deep_and_maps_the_others(site: Pat
     assert "a-deep.json: [parse-error] malformed JSON: nested" in said, said
     assert "b-twice.json: [parse-error] a member name appears twice" in said, said
     assert "3 files: 1 mapped, 2 refused" in said, said
+
+
+def test_a_research_batch_file_is_read_as_records_are(site: Path) -> None:
+    batch = site / "batch.json"
+    claim = json.dumps(_claim(site))
+    twice = CASES["element-twice"][0](site)
+    batch.write_text(f"[{claim}, {twice}]", encoding="utf-8")
+    command = ("research", "report", "--config", "site/hospital.toml", "--link",
+               "claims-to-insurer-b")
+    run = bridge(*command, str(batch), cwd=site)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error [parse-error]: a member name appears twice in one "
+                                 f"object (at {batch} HDSD00.11.110)"), run.stderr
+    run = bridge(*command, str(site / "site"), cwd=site)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error [usage]: records file is a folder"), run.stderr

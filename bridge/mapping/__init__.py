@@ -2,7 +2,8 @@
 
 Public API:
 
-- :func:`read_record` parses and shape-checks a DE record from JSON.
+- :func:`read_record` parses and shape-checks a DE record from JSON (:func:`read_records`
+  one or an array of them).
 - :func:`map_record` turns a DE record into a FHIR R4 ``collection`` Bundle.
 - :func:`patient_identifiers` lists the Patient's identifiers in such a Bundle.
 - :func:`unused_elements` lists what a record carried that the mapping holds back, and why.
@@ -37,6 +38,7 @@ __all__ = [
     "mapping_for",
     "patient_identifiers",
     "read_record",
+    "read_records",
     "shipped_mappings",
     "unmap_bundle",
     "unused_elements",
@@ -80,13 +82,31 @@ def read_record(data: bytes | str, *, source: str = "<input>") -> dict[str, Any]
     values are checked later, by :func:`map_record`, against the data set's declared
     formats.
     """
+    record = _parse(data, source)
+    check_shape(record, source=source)
+    return record  # type: ignore[no-any-return]
+
+
+def read_records(data: bytes | str, *, source: str = "<input>") -> list[dict[str, Any]]:
+    """A file of DE records: one record, or a JSON array of them (each read as
+    :func:`read_record` reads one; an error names the item as ``source[i]``)."""
+    parsed = _parse(data, source)
+    if not isinstance(parsed, list):
+        check_shape(parsed, source=source)
+        return [parsed]
+    for i, item in enumerate(parsed):
+        check_shape(item, source=f"{source}[{i}]")
+    return parsed
+
+
+def _parse(data: bytes | str, source: str) -> Any:
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
         raise ParseError("input is not UTF-8", location=f"{source}@byte {exc.start}") from None
     try:
-        record = json.loads(text, parse_int=_integer,
-                            object_pairs_hook=functools.partial(_one_value_per_name, source))
+        return json.loads(text, parse_int=_integer,
+                          object_pairs_hook=functools.partial(_one_value_per_name, source))
     except json.JSONDecodeError as exc:
         raise ParseError(f"malformed JSON: {exc.msg}",
                          location=f"{source}:{exc.lineno}:{exc.colno}") from None
@@ -94,8 +114,6 @@ def read_record(data: bytes | str, *, source: str = "<input>") -> dict[str, Any]
         # A record is four levels deep; the parser gives up long before the stack does.
         raise ParseError("malformed JSON: nested far deeper than a DE record",
                          location=source) from None
-    check_shape(record, source=source)
-    return record  # type: ignore[no-any-return]
 
 
 class _LongInteger:
