@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bridge.cli_common import add_json_option, non_negative_int
+from bridge.cli_common import add_json_option, dns_name, ip_address, validity_days
 from bridge.cli_common import print_json as _print_json
 
 
@@ -88,11 +88,11 @@ def add_certs_lifecycle_commands(csub: Any) -> None:
     """Add the lifecycle commands to the ``bridge certs`` parser's subcommands."""
 
     def san(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dns", action="append", help="DNS name in the TLS certificate "
+        p.add_argument("--dns", action="append", type=dns_name, help="DNS name in the TLS certificate "
                        "(repeatable; default localhost)")
-        p.add_argument("--ip", action="append", help="IP address in the TLS certificate "
+        p.add_argument("--ip", action="append", type=ip_address, help="IP address in the TLS certificate "
                        "(repeatable; default 127.0.0.1)")
-        p.add_argument("--days", type=non_negative_int, default=825,
+        p.add_argument("--days", type=validity_days, default=825,
                        help="validity in days (default 825)")
 
     i = csub.add_parser("issue", help="issue TLS and signing certificates for a controller "
@@ -109,13 +109,13 @@ def add_certs_lifecycle_commands(csub: Any) -> None:
     r = csub.add_parser("revoke", help="revoke a certificate and re-sign the CRL")
     r.add_argument("directory", metavar="DIRECTORY", help="the PKI folder holding the CA")
     r.add_argument("certificate", metavar="CERT", help="the certificate to revoke (PEM)")
-    r.add_argument("--crl-days", type=non_negative_int, default=7,
+    r.add_argument("--crl-days", type=validity_days, default=7,
                    help="days until the CRL's nextUpdate (default 7)")
     r.set_defaults(func=cmd_certs_revoke)
 
     c = csub.add_parser("crl", help="re-sign the CRL (before its nextUpdate passes)")
     c.add_argument("directory", metavar="DIRECTORY", help="the PKI folder holding the CA")
-    c.add_argument("--crl-days", type=non_negative_int, default=7,
+    c.add_argument("--crl-days", type=validity_days, default=7,
                    help="days until the CRL's nextUpdate (default 7)")
     c.set_defaults(func=cmd_certs_crl)
 

@@ -8,6 +8,7 @@ turns them into one line on stderr and the error's exit status.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -108,6 +109,45 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+#: The longest validity a certificate or CRL is given: a hundred years (a date beyond
+#: year 9999 has no X.509 form, and nothing a bridge issues should outlive its operators).
+MAX_VALIDITY_DAYS = 36500
+
+
+def validity_days(text: str) -> int:
+    """argparse type: days of validity, zero to :data:`MAX_VALIDITY_DAYS`."""
+    value = non_negative_int(text)
+    if value > MAX_VALIDITY_DAYS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_VALIDITY_DAYS} days (a hundred years)")
+    return value
+
+
+def ip_address(text: str) -> str:
+    """argparse type: an IPv4 or IPv6 address, as a certificate names one."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+
+
+# A host name as RFC 1123 writes one (labels of letters, digits and inner hyphens, at most
+# 63 characters each), optionally a wildcard for the leftmost label.
+_DNS_NAME = re.compile(
+    r"(?:\*\.)?(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+
+
+def dns_name(text: str) -> str:
+    """argparse type: a DNS name for a certificate (``bridge.example.org``,
+    ``*.example.org``), at most 253 characters."""
+    if len(text) > 253 or not _DNS_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a DNS name: {text!r}")
+    return text
+
+
 def add_json_option(parser: argparse.ArgumentParser) -> None:
     """The ``--json`` flag every listing command takes."""
     parser.add_argument(
@@ -121,11 +161,14 @@ __all__ = [
     "BridgeError",
     "Parser",
     "add_json_option",
+    "dns_name",
     "folder_argument",
+    "ip_address",
     "non_negative_float",
     "non_negative_int",
     "print_json",
     "read_input",
     "read_json",
+    "validity_days",
     "version_text",
 ]

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bridge.cli_common import add_json_option, print_json
+from bridge.cli_common import add_json_option, print_json, validity_days
 from bridge.errors import ConfigError, NotFound, UsageError
 
 #: (command, subcommand) -> the action it needs (bridge.compliance.operators.PERMISSIONS).
@@ -255,7 +255,8 @@ def add_operators_commands(sub: Any) -> None:
     i.add_argument("--out", help="folder for NAME.pem and NAME.key (default: operators/ beside"
                                  " the CA)")
     i.add_argument("--ca-key", help="the CA's private key (default: the CA file with .key)")
-    i.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    i.add_argument("--days", type=validity_days, default=365,
+                   help="validity in days (default 365)")
     add_json_option(i)
     i.set_defaults(func=cmd_operators_issue)
     ls = osub.add_parser("list", help="configured operators and roles (and which one you are)")
