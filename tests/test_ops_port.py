@@ -201,6 +201,35 @@ def test_requeue_is_refused_without_the_form_token_or_from_another_host(tmp_path
         hospital.stop()
 
 
+def test_a_requeue_form_that_cannot_be_read_is_refused_naming_the_form(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    hospital = serve(site.hospital)
+    try:
+        url = site.ops("hospital") + "/requeue"
+        _s, page = http(site.ops("hospital") + "/")
+        token = form_token(page).encode()
+        boundary = "b0undary"
+        multipart = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        file_field = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"message_id\"; "
+                      f"filename=\"m.txt\"\r\n\r\nurn:uuid:x\r\n--{boundary}--\r\n").encode()
+        for body, headers in [
+            (b"message_id=urn%3Auuid%3Ax&token=" + token + b"&note=\xff\xfe", {}),
+            (b"\xff", {}),
+            (file_field, multipart),
+            (b"no boundary here", multipart),
+        ]:
+            status, answer = http(url, data=body, headers=headers)
+            assert status == 400, (status, answer)
+            assert answer.startswith("the requeue form is not read"), answer
+        # The page still answers, and a form that can be read still is.
+        good = urllib.parse.urlencode({"message_id": "urn:uuid:x", "token": token.decode()})
+        status, page = http(url, data=good.encode())
+        assert status == 200 and "Requeue refused: unknown-message" in page
+        assert not [line for line in hospital.log_lines() if "Traceback" in line]
+    finally:
+        hospital.stop()
+
+
 def test_the_operations_port_stays_on_loopback_unless_allowed(tmp_path: Path) -> None:
     site = make_site(tmp_path)
     text = site.hospital.read_text(encoding="utf-8")

@@ -444,9 +444,14 @@ class OpsServer:
     async def requeue(self, request: web.Request) -> web.StreamResponse:
         if not self._local_request(request):
             return web.Response(status=403, text="requeue is for a local operator only\n")
-        form = await request.post()
-        token = str(form.get("token", ""))
-        message_id = str(form.get("message_id", ""))
+        try:
+            form = await request.post()
+        except ValueError:  # not UTF-8 (UnicodeDecodeError), or a broken multipart body
+            form = None
+        token, message_id = (form.get("token", ""), form.get("message_id", "")) if form else ("", "")
+        if form is None or not isinstance(token, str) or not isinstance(message_id, str):
+            return web.Response(status=400, text="the requeue form is not read: its fields "
+                                "token and message_id are URL-encoded UTF-8 text\n")
         if not hmac.compare_digest(token.encode(), self.token.encode()):
             return web.Response(status=403, text="stale or missing form token; reload the page\n")
         c = self.controller
