@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from bridge.cli_common import add_json_option, print_json
+from bridge.cli_common import add_json_option, output_file, print_json, read_input
 from bridge.errors import NotFound, ParseError, RuntimeFailure, UsageError
 
 _CONFIG_HELP = "the controller's configuration file (TOML)"
@@ -233,12 +233,11 @@ def cmd_audit_check_proof(args: argparse.Namespace) -> int:
     from bridge.trust.pki import load_certificate
 
     path = Path(args.file)
+    data = read_input(path, what="proof file (FILE)")
     try:
-        doc = orjson.loads(path.read_bytes())
+        doc = orjson.loads(data)
         note, seq, entry, proof_text = doc["checkpoint"], doc["seq"], doc["entry"], doc["proof"]
         proof = [base64.b64decode(p, validate=True) for p in proof_text]
-    except FileNotFoundError:
-        raise NotFound("no such file", location=str(path)) from None
     except (orjson.JSONDecodeError, KeyError, TypeError, binascii.Error):
         raise ParseError("not an inclusion proof (checkpoint, seq, entry, proof)",
                          location=str(path)) from None
@@ -251,7 +250,12 @@ def cmd_audit_check_proof(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         sys.stdout.write(f"proof FAILED: {exc} ({exc.location})\n")
         return 1
-    if orjson.loads(entry).get("seq") != seq:
+    try:
+        stated = orjson.loads(entry).get("seq")
+    except (orjson.JSONDecodeError, AttributeError):
+        raise ParseError("entry is not an audit entry (a JSON object)",
+                         location=f"{path} $.entry") from None
+    if stated != seq:
         sys.stdout.write(f"proof FAILED: the entry is not entry {seq}\n")
         return 1
     leaf = merkle.leaf_hash(hashlib.sha256(entry.encode()).digest())
@@ -373,6 +377,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
     if not args.fhir:
         raise UsageError("only --fhir export is offered", location="--fhir")
+    out = output_file(args.out, option="--out") if args.out else None
     store, config = _open(args)
     with store:
         entries = store.audit_entries(since_seq=args.since)
@@ -386,10 +391,10 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     }
     validate_resource(bundle)
     data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n"
-    if args.out:
+    if out is not None:
         from bridge.files import write_private
 
-        write_private(Path(args.out), data)
+        write_private(out, data)
         sys.stdout.write(f"{len(entries)} AuditEvents written to {args.out}\n")
     else:
         sys.stdout.write(data.decode())

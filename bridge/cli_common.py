@@ -87,6 +87,27 @@ def folder_argument(path: str | Path, *, option: str) -> Path:
     return folder
 
 
+def output_folder(path: str | Path, *, option: str) -> Path:
+    """A folder the command writes into: made when missing, but only inside a folder that
+    exists (a mistyped path grows no tree of folders); a path naming a file is refused."""
+    folder = folder_argument(path, option=option)
+    if not folder.exists() and not folder.parent.is_dir():
+        raise UsageError(f"{option}: the folder to make it in does not exist",
+                         location=str(folder.parent))
+    return folder
+
+
+def output_file(path: str | Path, *, option: str) -> Path:
+    """A file the command writes (replacing one there): its folder must exist, and the
+    path must not name a folder."""
+    file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"{option} is a folder, not a file", location=str(file))
+    if not file.parent.is_dir():
+        raise UsageError(f"{option}: no such folder", location=str(file.parent))
+    return file
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer of zero or more."""
     try:
@@ -166,6 +187,8 @@ __all__ = [
     "ip_address",
     "non_negative_float",
     "non_negative_int",
+    "output_file",
+    "output_folder",
     "print_json",
     "read_input",
     "read_json",

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bridge.cli_common import add_json_option, print_json
+from bridge.cli_common import add_json_option, output_file, print_json
 from bridge.files import write_private
 
 
@@ -22,13 +22,14 @@ def cmd_compliance_report(args: argparse.Namespace) -> int:
     )
     from bridge.config import load_config
 
+    html = output_file(args.html, option="--html") if args.html else None
     config = load_config(args.config)
     path = Path(args.evidence) if args.evidence else default_evidence_path()
     audit, unread = _audit_log_facts(config)
     report = build_report(config, load_evidence(path), audit=audit, audit_unread=unread)
-    if args.html:
+    if html is not None:
         # The page names the controller's partners, links and operators: owner only.
-        write_private(Path(args.html), render_html(report).encode("utf-8"))
+        write_private(html, render_html(report).encode("utf-8"))
     if args.json:
         print_json(report)
     elif not args.html:

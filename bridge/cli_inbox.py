@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import orjson
 
-from bridge.cli_common import add_json_option, folder_argument, non_negative_int
+from bridge.cli_common import add_json_option, non_negative_int, output_folder
 from bridge.cli_common import print_json as _print_json
 from bridge.errors import ConfigError, NotFound, ParseError, UsageError
 from bridge.files import private_folder, write_private
@@ -214,8 +214,8 @@ def cmd_inbox_export(args: argparse.Namespace) -> int:
     from bridge.ledger.audit import format_time
     from bridge.ledger.handoff import list_inbox
 
+    target = output_folder(args.to, option="--to") if args.to else None
     config, store, f = _open(args)
-    target = folder_argument(args.to, option="--to") if args.to else None
     if target is not None:
         private_folder(target)
     count = 0

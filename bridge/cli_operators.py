@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bridge.cli_common import add_json_option, print_json, validity_days
+from bridge.cli_common import add_json_option, output_folder, print_json, validity_days
 from bridge.errors import ConfigError, NotFound, UsageError
 
 #: (command, subcommand) -> the action it needs (bridge.compliance.operators.PERMISSIONS).
@@ -188,7 +188,7 @@ def cmd_operators_issue(args: argparse.Namespace) -> int:
         ca_cert, ca_key, controller=config.controller.id, name=op.name, role=op.role,
         now=datetime.now(UTC), days=args.days,
     )
-    out = Path(args.out) if args.out else ca_path.parent / "operators"
+    out = output_folder(args.out, option="--out") if args.out else ca_path.parent / "operators"
     out.mkdir(parents=True, exist_ok=True)
     cert_file, key_file = out / f"{op.name}.pem", out / f"{op.name}.key"
     _write_public(cert_file, certificate_pem(cert))

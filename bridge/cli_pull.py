@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from bridge.cli_common import MAX_INPUT_BYTES
+from bridge.cli_common import MAX_INPUT_BYTES, output_folder
 from bridge.errors import BridgeError, NotFound, ParseError, UsageError
 from bridge.files import read_bounded
 
@@ -56,12 +56,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
                              location="--emergency-actor/--emergency-reason")
         emergency = EmergencyOverride(actor=args.emergency_actor, reason=args.emergency_reason)
 
+    out = output_folder(args.out, option="--out") if args.out else None
+
     async def run() -> Any:
         controller = _controller(args.config)
         try:
             return await pull_patient(
                 controller, args.link, identifier, since=args.since,
-                out=Path(args.out) if args.out else None, count=args.count,
+                out=out, count=args.count,
                 purpose=args.purpose, emergency=emergency,
             )
         finally:

@@ -27,6 +27,14 @@ def bridge(*args: str, cwd: Path | None = None, timeout: float = 120) -> subproc
     )
 
 
+def init_site(root: Path, role: str = "hospital") -> Path:
+    """``bridge init ROLE site`` in ``root`` on ports chosen by the system (``root`` is
+    returned: commands run there name ``site/hospital.toml``)."""
+    made = bridge("init", role, "site", "--port", "0", "--ops-port", "0", cwd=root)
+    assert made.returncode == 0, made.stderr
+    return root
+
+
 @dataclass
 class Serve:
     proc: subprocess.Popen[str]
@@ -151,4 +159,5 @@ def form_token(page: str) -> str:
     return found.group(1)
 
 
-__all__ = ["Serve", "Site", "bridge", "form_token", "http", "make_site", "serve", "wait_for"]
+__all__ = ["Serve", "Site", "bridge", "form_token", "http", "init_site", "make_site", "serve",
+           "wait_for"]

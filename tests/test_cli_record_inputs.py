@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ops_support import bridge
+from ops_support import bridge, init_site
 
 ROOT = Path(__file__).resolve().parent
 
@@ -19,10 +19,7 @@ ROOT = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A hospital made by ``bridge init`` (its samples, its empty outbox)."""
-    root = tmp_path_factory.mktemp("records")
-    made = bridge("init", "hospital", str(root / "site"), "--port", "0", "--ops-port", "0")
-    assert made.returncode == 0, made.stderr
-    return root
+    return init_site(tmp_path_factory.mktemp("records"))
 
 
 def _claim(site: Path) -> dict[str, Any]:
