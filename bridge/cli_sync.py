@@ -2,7 +2,11 @@
 
 ``status`` shows, per outbound link, the last sequence number enqueued, sent and
 acknowledged, and what the partner confirmed in its last signed summary; per sender
-of an inbound link, what arrived and the gaps in its sequence. ``reconcile`` asks the
+of an inbound link, what arrived and the gaps in its sequence. It exits 1 when a number
+is missing or held twice, when receipts name audit entries the partner no longer holds,
+or when this side's numbering and the partner's disagree: numbers given to new claims
+after the partner was known to hold them, or numbers the partner holds under more than
+one message identity (PROTOCOL P-SYNC-7, P-SYNC-8). ``reconcile`` asks the
 partner which acknowledged claims it holds and resends the ones it lacks. A restore of
 the store (``bridge store restore``) runs it for every outbound link.
 """
@@ -32,7 +36,13 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def sync_report(config: Any, store: Any) -> dict[str, Any]:
-    from bridge.ledger.sync import inbound_streams, outbound_progress, outbound_summary
+    from bridge.ledger.sync import (
+        inbound_streams,
+        outbound_progress,
+        outbound_summary,
+        ranges,
+        reused_numbers,
+    )
 
     out: dict[str, Any] = {"outbound": [], "inbound": []}
     for link in config.links:
@@ -44,6 +54,9 @@ def sync_report(config: Any, store: Any) -> dict[str, Any]:
                     "partner": link.partner,
                     **outbound_progress(store, link.id),
                     "partner_summary": summary.to_json() if summary is not None else None,
+                    # Numbers given again, and numbers the partner holds twice.
+                    "reused": ranges(reused_numbers(store, summary)) if summary else [],
+                    "collisions": ranges(summary.collisions) if summary else [],
                 }
             )
         elif link.direction == "inbound":
@@ -55,13 +68,18 @@ def sync_report(config: Any, store: Any) -> dict[str, Any]:
 
 def cmd_sync_status(args: argparse.Namespace) -> int:
     from bridge.ledger import open_store
+    from bridge.ledger.sync import spans
 
     config = _load(args)
     with open_store(config.store) as store:
         report = sync_report(config, store)
-    attention = any(s["missing"] for s in report["inbound"]) or any(
-        (o["partner_summary"] or {}).get("receipts_naming_absent_audit_entries")
-        for o in report["outbound"]
+    attention = (
+        any(s["missing"] or s["collisions"] for s in report["inbound"])
+        or any(
+            (o["partner_summary"] or {}).get("receipts_naming_absent_audit_entries")
+            for o in report["outbound"]
+        )
+        or any(o["reused"] or o["collisions"] for o in report["outbound"])
     )
     if args.json:
         _print_json(report)
@@ -82,14 +100,36 @@ def cmd_sync_status(args: argparse.Namespace) -> int:
                 f" receipts naming absent audit entries"
                 f" {s['receipts_naming_absent_audit_entries']})"
             )
+            if s["partner_highest"] > o["enqueued"]:
+                line += (
+                    f"; the partner holds up to seq {s['partner_highest']}: new claims are"
+                    f" numbered after it"
+                )
+        if o["reused"]:
+            line += (
+                f"; NUMBERED AGAIN seq {spans(o['reused'])}: given to new claims after the"
+                " partner confirmed holding these numbers"
+            )
+        if o["collisions"]:
+            line += (
+                f"; the partner holds seq {spans(o['collisions'])} under more than one"
+                " message identity"
+            )
         sys.stdout.write(line + "\n")
     for i in report["inbound"]:
-        gaps = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in i["gaps"][:20])
+        gaps = spans(i["gaps"][:20])
         more = f" and {len(i['gaps']) - 20} more" if len(i["gaps"]) > 20 else ""
         sys.stdout.write(
             f"{i['link']} ← {i['sender']} stream {i['stream']}: received {i['received']},"
             f" up to seq {i['highest']}, without a gap up to {i['contiguous']}"
             + (f"; MISSING {i['missing']} (seq {gaps}{more})" if i["missing"] else "")
+            + (
+                f"; COLLISION seq {', '.join(str(n) for n in i['collisions'][:20])}"
+                + (f" and {len(i['collisions']) - 20} more" if len(i["collisions"]) > 20 else "")
+                + " received under two message identities or more"
+                if i["collisions"]
+                else ""
+            )
             + "\n"
         )
     if not report["outbound"] and not report["inbound"]:
@@ -158,7 +198,8 @@ def reconcile_after_restore(config: Any) -> str:
             parts.append(
                 f"{link}: compared {r['compared']}, resent {r['resent']},"
                 f" receipts naming absent audit entries"
-                f" {r['receipts_naming_absent_audit_entries']}"
+                f" {r['receipts_naming_absent_audit_entries']}, the partner holds up to seq"
+                f" {r['partner_highest']} (new claims are numbered after it)"
             )
             ok = ok and not r["failed"]
         except BridgeError as exc:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ops_support import Site
+from ops_support import Site, bridge, make_site
 
 from bridge.config import load_config
 from bridge.ledger import open_store
@@ -79,6 +79,16 @@ def audit_entries(config: Path, action: str | None = None) -> list[Any]:
     return [e for e in entries if action is None or e.record.action == action]
 
 
+def consenting_site(root: Path) -> Site:
+    """A site made with ``bridge init`` in ``root`` whose hospital holds the consent of
+    the sample patient."""
+    site = make_site(root)
+    run = bridge("consent", "add", "--config", str(site.hospital),
+                 str(samples(site) / "consent.json"))
+    assert run.returncode == 0, run.stderr
+    return site
+
+
 def outbox_states(config: Path) -> dict[str, int]:
     with open_store(load_config(config).store) as store:
         return dict(store.outbox_counts())
@@ -90,4 +100,4 @@ def inbox_count(config: Path) -> int:
 
 
 __all__ = ["CST", "add_to_link", "agreement", "another_claim", "append", "audit_entries",
-           "bind_agreement", "inbox_count", "instant", "outbox_states", "samples"]
+           "bind_agreement", "consenting_site", "inbox_count", "instant", "outbox_states", "samples"]

@@ -12,7 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from compliance_support import another_claim, audit_entries, inbox_count, samples
+from compliance_support import (
+    another_claim,
+    audit_entries,
+    consenting_site,
+    inbox_count,
+    samples,
+)
 from ops_support import Site, bridge, make_site, serve, wait_for
 from pg_support import PGSchema, fresh_schema
 
@@ -50,10 +56,8 @@ def _push(site: Site, claim: Path) -> None:
 def test_restore_drill_back_to_a_backup_taken_while_serving(
     tmp_path: Path, store_kind: PGSchema | None
 ) -> None:
-    site = make_site(tmp_path)
+    site = consenting_site(tmp_path)
     _insurer_on(site, store_kind)
-    assert bridge("consent", "add", "--config", str(site.hospital),
-                  str(samples(site) / "consent.json")).returncode == 0
     insurer = serve(site.insurer)
     hospital = serve(site.hospital)
     backup = tmp_path / "backup"

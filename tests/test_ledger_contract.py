@@ -745,6 +745,53 @@ def test_backlog_summaries_and_sync_bookkeeping_on_both_engines(store: Store) ->
     assert held(store, "clinic-c", ["urn:uuid:1"]) == {}
 
 
+def test_numbers_after_the_partners_highest_and_collisions_on_both_engines(
+    store: Store,
+) -> None:
+    # PROTOCOL P-SYNC-7 and P-SYNC-8: a store that learns its partner holds numbers
+    # beyond its own (it was restored from a backup) numbers new claims after them; a
+    # receiver keeps a number that arrives under a second identity apart.
+    from bridge.ledger.sync import (
+        OutboundSummary,
+        inbound_streams,
+        outbound_summary,
+        record_received,
+        reused_numbers,
+        save_outbound,
+    )
+
+    for m in ("m1", "m2", "m3", "m4"):
+        enqueue(store, m)
+    saved = save_outbound(store, OutboundSummary(
+        "a-to-b", 6, T0, 4, 0, 0, 0, None, partner_highest=7, collisions=(6, 5)))
+    assert (saved.partner_highest, saved.own_highest, saved.collisions) == (7, 4, (5, 6))
+    assert outbound_summary(store, "a-to-b") == saved
+    enqueue(store, "m8")
+    enqueue(store, "other", link="a-to-c")
+    assert [store.get_outbox(m).seq for m in ("m8", "other")] == [8, 1]
+    assert reused_numbers(store, saved) == []
+    # A partner that says only its contiguous number: that number is the floor.
+    older = save_outbound(store, OutboundSummary("a-to-c", 3, T0, 0, 0, 0, 0, None))
+    assert older.partner_highest == 3 and older.own_highest == 1
+    enqueue(store, "next", link="a-to-c")
+    assert store.get_outbox("next").seq == 4
+
+    def arrive(mid: str, seq: int) -> bool:
+        with store.transaction("test") as tx:
+            return record_received(tx, sender="hospital-a", stream="a-to-b", seq=seq,
+                                   message_id=mid, now=T0)
+
+    assert [arrive(f"urn:uuid:{n}", n) for n in (1, 2, 3)] == [True, True, True]
+    assert arrive("urn:uuid:2", 2)  # the same claim again
+    assert not arrive("urn:uuid:other-2", 2)
+    assert not arrive("urn:uuid:other-2", 2)  # its resend is not counted again
+    assert not arrive("urn:uuid:third-2", 2)
+    [stream] = inbound_streams(store)
+    assert (stream.received, stream.highest, stream.contiguous, stream.collisions) == (
+        5, 3, 3, (2,))
+    assert stream.to_json()["collisions"] == [2]
+
+
 def test_only_the_sender_holding_a_claim_now_settles_it(backend: Backend) -> None:
     # Two processes on one store: the first one's lease ran out and the other took the
     # claim. The first one's late answer is not recorded over it.

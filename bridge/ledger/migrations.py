@@ -276,6 +276,26 @@ CREATE TABLE IF NOT EXISTS sync_outbound (
 );
 """,
     ),
+    # Sync tracking, numbering: per number received, the other message identities that
+    # arrived as that number after the first (a sender restored from a backup gave it
+    # again), as a JSON list; per outbound link, the highest number the partner holds
+    # (new claims are numbered after it), this side's highest when that was learnt, and
+    # the numbers the partner holds twice, as JSON ranges (bridge.ledger.sync).
+    Migration(
+        name="1002-sync-numbering",
+        sqlite="""
+ALTER TABLE sync_inbound ADD COLUMN others TEXT;
+ALTER TABLE sync_outbound ADD COLUMN partner_highest INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sync_outbound ADD COLUMN own_highest INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sync_outbound ADD COLUMN collisions TEXT;
+""",
+        postgres="""
+ALTER TABLE sync_inbound ADD COLUMN IF NOT EXISTS others TEXT;
+ALTER TABLE sync_outbound ADD COLUMN IF NOT EXISTS partner_highest BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE sync_outbound ADD COLUMN IF NOT EXISTS own_highest BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE sync_outbound ADD COLUMN IF NOT EXISTS collisions TEXT;
+""",
+    ),
     # The audit tree's checkpoints: issued, cosigned by partners, and partners' ones
     # witnessed or refused (bridge.ledger.tree).
     Migration(

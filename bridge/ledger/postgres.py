@@ -53,7 +53,10 @@ Gapless sequence numbers: a counter row per link
     ``outbox_link.last_seq`` with ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` in
     the transaction that inserts the row. The update locks the link's counter row
     until commit, so concurrent enqueues on one link take turns, and a rollback
-    returns the number: sequence numbers are unique and gapless per link.
+    returns the number: sequence numbers are unique and gapless per link. The counter
+    starts again above the highest number the partner was last seen to hold
+    (``sync_outbound.partner_highest``), which a store restored from a backup learns
+    from the partner: the numbers the partner holds are not given again.
 
 One audit chain: a head row locked for update
     ``audit_head`` holds one row, the ``(seq, hash)`` of the last entry. Every append
@@ -1020,7 +1023,8 @@ class PostgresStore:
         """Store a signed message for delivery on ``link``; it is due immediately.
 
         Assigns the next sequence number of the link (1, 2, 3, ...), gapless and unique
-        across processes. Enqueuing the same ``message_id`` again with the same
+        across processes, after the highest one the partner was last seen to hold
+        (``sync_outbound``; PROTOCOL P-SYNC-7). Enqueuing the same ``message_id`` again with the same
         ``digest`` returns the existing row and writes nothing (safe to retry after a
         crash); with a different digest, link or partner it raises
         :class:`bridge.errors.ConflictError`. ``digest`` is stored as given.
@@ -1043,9 +1047,13 @@ class PostgresStore:
                             return existing
                     # The counter row of the link is locked by the upsert until commit.
                     r = conn.execute(
-                        "WITH counter AS ("
-                        "  INSERT INTO outbox_link (link, last_seq) VALUES (%(link)s, 1)"
-                        "  ON CONFLICT (link) DO UPDATE SET last_seq = outbox_link.last_seq + 1"
+                        "WITH floor AS (SELECT COALESCE((SELECT partner_highest"
+                        "  FROM sync_outbound WHERE link = %(link)s), 0) AS seq),"
+                        " counter AS ("
+                        "  INSERT INTO outbox_link (link, last_seq)"
+                        "  SELECT %(link)s, floor.seq + 1 FROM floor"
+                        "  ON CONFLICT (link) DO UPDATE SET last_seq ="
+                        "  GREATEST(outbox_link.last_seq, (SELECT seq FROM floor)) + 1"
                         "  RETURNING last_seq)"
                         f" INSERT INTO outbox ({_OUTBOX_COLS}, enqueued_by)"
                         " SELECT %(mid)s, %(link)s, counter.last_seq, %(partner)s, %(payload)s,"

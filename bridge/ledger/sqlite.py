@@ -694,7 +694,8 @@ class SQLiteStore:
     ) -> OutboxRow:
         """Store a signed message for delivery on ``link``; it is due immediately.
 
-        Assigns the next sequence number of the link (1, 2, 3, ...). Enqueuing the same
+        Assigns the next sequence number of the link (1, 2, 3, ...), after the highest
+        one the partner was last seen to hold (``sync_outbound``). Enqueuing the same
         ``message_id`` again with the same ``digest`` returns the existing row and
         writes nothing (safe to retry after a crash); with a different digest, link or
         partner it raises
@@ -745,8 +746,13 @@ class SQLiteStore:
                 raise ConflictError("message id already enqueued with different content",
                                     location=f"outbox[{message_id}]")
             return existing
-        seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox WHERE link=?",
-                           (link,)).fetchone()[0]
+        # After this store's highest number on the link and after the highest the
+        # partner was last seen to hold (a store restored from a backup lacks the claims
+        # numbered since): a number is never given again (PROTOCOL P-SYNC-7).
+        seq = conn.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(seq) FROM outbox WHERE link=?), 0),"
+            " COALESCE((SELECT partner_highest FROM sync_outbound WHERE link=?), 0)) + 1",
+            (link, link)).fetchone()[0]
         t = format_time(now)
         values = (message_id, link, seq, partner, payload, digest, OutboxState.QUEUED.value, 0,
                   t, None, None, None, t, t)

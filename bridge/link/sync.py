@@ -3,18 +3,23 @@
 
 Every claim a sender posts carries ``Bridge-Stream`` (its outbound link id) and
 ``Bridge-Sequence`` (the claim's number on that link, consecutive from 1). The receiver
-records them with the claim, so it sees gaps in a sender's sequence.
+records them with the claim, so it sees gaps in a sender's sequence, and numbers that
+arrive twice under different identities (collisions: the claim is still accepted on its
+identity, and the number is reported, P-SYNC-8).
 
 ``POST [base]/$sync-held`` takes a ``Parameters`` naming a stream, a sequence range and
 the claim identities the sender has in it; the receiver answers with a ``Parameters``
 listing those it holds (each with the audit entry it holds for it) and the highest
-sequence it holds on that stream without a gap, signed with a detached JWS over the
+sequence it holds on that stream without a gap, the highest it holds at all and the
+numbers it holds under more than one identity, signed with a detached JWS over the
 body (``X-Signature``, ``msgid`` = the request's ``X-Correlation-Id``).
 
 Reconciliation, at the sender: walk the acknowledged claims of a link in ranges, ask
 the partner which it holds, resend those it lacks (the claim keeps its identity, so a
 claim the partner did hold is answered with its original receipt and stored once), and
-report receipts that name audit entries the partner no longer holds.
+report receipts that name audit entries the partner no longer holds. The partner's
+highest number becomes the floor of the link's numbering, so a sender restored from a
+backup numbers its new claims after the ones the partner holds (P-SYNC-7).
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from bridge.ledger.sync import (
     OutboundSummary,
     acked_claims,
     held,
+    inbound_stream,
+    ranges,
     record_received,
     save_outbound,
-    stream_contiguous,
+    spans,
 )
 from bridge.link.partner_http import PAGE_LIMIT, read_answer
 from bridge.trust.jws import sign_detached_bytes, verify_detached_bytes
@@ -58,6 +65,8 @@ SIGNATURE_HEADER = "X-Signature"
 CORRELATION_HEADER = "X-Correlation-Id"
 #: Identities asked about in one request.
 MAX_IDENTITIES = 1000
+#: Colliding numbers named in one answer.
+MAX_COLLISIONS = 1000
 _STREAM = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 _UUID = re.compile(
     r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[1-5][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z"
@@ -91,18 +100,30 @@ def recording_hook(
         return also
 
     def hook(tx: Tx, row: InboxRow) -> None:
-        record_received(
+        if not record_received(
             tx,
             sender=sender,
             stream=sequence[0],
             seq=sequence[1],
             message_id=row.message_id,
             now=now,
-        )
+        ):
+            warn_collision(sender, *sequence)
         if also is not None:
             also(tx, row)
 
     return hook
+
+
+def warn_collision(sender: str, stream: str, seq: int) -> None:
+    """Tell the operator that a number of a stream arrived under a second identity."""
+    log.warning(
+        "%s stream %s: seq %s received under more than one message identity (the claim"
+        " is accepted on its identity; bridge sync status lists the numbers)",
+        sender,
+        stream,
+        seq,
+    )
 
 
 def _param(params: dict[str, Any], name: str) -> list[Any]:
@@ -188,7 +209,9 @@ class SyncAPI:
         except BridgeError as exc:
             return await app._refuse(exc, partner=partner.id, subject="sync", action="sync.refused")
         found = await c.db.call(held, c.db.sync, partner.id, ids)
-        contiguous = await c.db.call(stream_contiguous, c.db.sync, partner.id, stream)
+        state = await c.db.call(inbound_stream, c.db.sync, partner.id, stream)
+        contiguous = state.contiguous if state is not None else 0
+        collisions = state.collisions[:MAX_COLLISIONS] if state is not None else ()
         answer = {
             "resourceType": "Parameters",
             "parameter": [
@@ -196,6 +219,8 @@ class SyncAPI:
                 {"name": "from", "valueInteger": first},
                 {"name": "to", "valueInteger": last},
                 {"name": "contiguous", "valueInteger": contiguous},
+                {"name": "highest", "valueInteger": state.highest if state is not None else 0},
+                *({"name": "collision", "valueInteger": n} for n in collisions),
                 *(
                     {
                         "name": "held",
@@ -225,7 +250,8 @@ class SyncAPI:
                 subject=correlation,
                 partner=partner.id,
                 detail=f"stream {stream} seq {first}-{last}: asked {len(ids)}, held {len(found)},"
-                f" contiguous {contiguous}",
+                f" contiguous {contiguous}"
+                + (f", numbers received twice {len(collisions)}" if collisions else ""),
                 now=now,
             )
         )
@@ -249,29 +275,43 @@ class ReconcileReport:
     #: (absent, or another entry now).
     mismatched: list[int] = field(default_factory=list)
     confirmed_seq: int = 0
+    #: The highest number the partner holds on the stream; new claims come after it.
+    partner_highest: int = 0
+    #: Numbers the partner holds under more than one message identity.
+    collisions: set[int] = field(default_factory=set)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "link": self.link,
             "compared": self.compared,
             "missing": len(self.missing),
-            "missing_seqs": _ranges(self.missing),
+            "missing_seqs": ranges(self.missing),
             "resent": self.resent,
             "failed": self.failed,
             "receipts_naming_absent_audit_entries": len(self.mismatched),
-            "mismatched_seqs": _ranges(self.mismatched),
+            "mismatched_seqs": ranges(self.mismatched),
             "confirmed_seq": self.confirmed_seq,
+            "partner_highest": self.partner_highest,
+            "collisions": ranges(self.collisions),
         }
 
+    def heard(self, answer: HeldAnswer) -> None:
+        """Take in the stream's figures from one of the partner's answers."""
+        self.confirmed_seq = answer.contiguous
+        self.partner_highest = max(self.partner_highest, answer.highest, answer.contiguous)
+        self.collisions.update(answer.collisions)
 
-def _ranges(seqs: list[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for s in sorted(seqs):
-        if out and out[-1][1] == s - 1:
-            out[-1][1] = s
-        else:
-            out.append([s, s])
-    return out
+
+@dataclass(frozen=True)
+class HeldAnswer:
+    """The partner's signed answer about a stream (P-SYNC-5, P-SYNC-9)."""
+
+    #: identity -> (audit-seq, audit-hash) of the claims asked about that it holds
+    found: dict[str, tuple[int, str | None]]
+    contiguous: int
+    #: 0 when the partner does not say (an older bridge): ``contiguous`` stands for it.
+    highest: int
+    collisions: tuple[int, ...]
 
 
 def _receipt_audit(receipt: bytes) -> tuple[int | None, str | None]:
@@ -293,7 +333,17 @@ def _receipt_audit(receipt: bytes) -> tuple[int | None, str | None]:
 async def ask_held(
     dispatcher: Dispatcher, first: int, last: int, identities: list[str]
 ) -> tuple[dict[str, tuple[int, str | None]], int]:
-    """Ask the partner which of ``identities`` it holds; verify its signed answer."""
+    """Ask the partner which of ``identities`` it holds; verify its signed answer.
+    Returns those it holds and the stream's contiguous number."""
+    answer = await ask_stream(dispatcher, first, last, identities)
+    return answer.found, answer.contiguous
+
+
+async def ask_stream(
+    dispatcher: Dispatcher, first: int, last: int, identities: list[str]
+) -> HeldAnswer:
+    """Ask the partner which of ``identities`` it holds and what it holds of the
+    stream; verify its signed answer."""
     c = dispatcher.c
     session = dispatcher.session()
     correlation = f"urn:uuid:{uuid.uuid4()}"
@@ -359,8 +409,21 @@ async def ask_held(
         seq = parts.get("audit-seq", {}).get("valueInteger")
         if isinstance(mid, str) and isinstance(seq, int):
             found[mid] = (seq, parts.get("audit-hash", {}).get("valueString"))
-    contiguous = next((p.get("valueInteger") for p in _param(answer, "contiguous")), 0)
-    return found, int(contiguous or 0)
+    return HeldAnswer(
+        found,
+        _integer(answer, "contiguous"),
+        _integer(answer, "highest"),
+        tuple(
+            p["valueInteger"]
+            for p in _param(answer, "collision")
+            if type(p.get("valueInteger")) is int and 0 < p["valueInteger"] < _MAX_SEQ
+        ),
+    )
+
+
+def _integer(params: dict[str, Any], name: str) -> int:
+    value = next((p.get("valueInteger") for p in _param(params, name)), 0)
+    return value if type(value) is int and 0 <= value < _MAX_SEQ else 0
 
 
 async def reconcile(
@@ -383,8 +446,9 @@ async def reconcile(
     sem = asyncio.Semaphore(max(1, min(dispatcher.link.concurrency, 4)))
     after = 0
     if not full:
-        _found, after = await ask_held(dispatcher, 1, 1, [])
-        report.confirmed_seq = after
+        first = await ask_stream(dispatcher, 1, 1, [])
+        report.heard(first)
+        after = first.contiguous
 
     async def resend(seq: int, mid: str) -> None:
         async with sem:
@@ -399,10 +463,9 @@ async def reconcile(
         rows = await c.db.call(acked_claims, c.db.sync, link, after_seq=after, limit=chunk)
         if not rows:
             break
-        found, contiguous = await ask_held(
-            dispatcher, rows[0][0], rows[-1][0], [m for _s, m, _r in rows]
-        )
-        report.confirmed_seq = contiguous
+        answer = await ask_stream(dispatcher, rows[0][0], rows[-1][0], [m for _s, m, _r in rows])
+        found = answer.found
+        report.heard(answer)
         report.compared += len(rows)
         lacking = []
         for seq, mid, receipt in rows:
@@ -417,11 +480,11 @@ async def reconcile(
                 report.mismatched.append(seq)
         await asyncio.gather(*(resend(seq, mid) for seq, mid in lacking))
         after = rows[-1][0]
-    if report.resent:
-        # The partner's summary after the resends.
-        _found, report.confirmed_seq = await ask_held(dispatcher, 1, max(after, 1), [])
+    if report.resent or (full and not report.compared):
+        # The partner's summary after the resends (or at all, when nothing was compared).
+        report.heard(await ask_stream(dispatcher, 1, max(after, 1), []))
     now = c.clock()
-    await c.db.call(
+    saved = await c.db.call(
         save_outbound,
         c.db.sync,
         OutboundSummary(
@@ -433,6 +496,9 @@ async def reconcile(
             report.resent,
             len(report.mismatched),
             None,
+            report.partner_highest,
+            0,
+            tuple(report.collisions),
         ),
     )
     await c.db.append_audit(
@@ -443,10 +509,31 @@ async def reconcile(
             outcome="success" if not report.failed else "failure",
             detail=f"compared {report.compared}, missing {len(report.missing)}, resent"
             f" {report.resent}, failed {report.failed}, receipts naming absent audit entries"
-            f" {len(report.mismatched)}, partner contiguous {report.confirmed_seq}",
+            f" {len(report.mismatched)}, partner contiguous {report.confirmed_seq}, partner"
+            f" highest {report.partner_highest}"
+            + (
+                f", numbers the partner holds twice {len(report.collisions)}"
+                if report.collisions
+                else ""
+            ),
             now=now,
         )
     )
+    if saved.partner_highest > saved.own_highest:
+        log.warning(
+            "link %s: the partner holds up to seq %d, this store up to %d (restored from a"
+            " backup?): new claims are numbered from %d",
+            link,
+            saved.partner_highest,
+            saved.own_highest,
+            saved.partner_highest + 1,
+        )
+    if report.collisions:
+        log.warning(
+            "link %s: the partner holds seq %s under more than one message identity",
+            link,
+            spans(ranges(report.collisions)),
+        )
     if report.missing or report.mismatched:
         log.warning(
             "link %s: reconciliation found %d claims the partner lacked (resent %d) and %d"
@@ -480,11 +567,14 @@ __all__ = [
     "CORRELATION_HEADER",
     "SEQUENCE_HEADER",
     "STREAM_HEADER",
+    "HeldAnswer",
     "ReconcileReport",
     "SyncAPI",
     "ask_held",
+    "ask_stream",
     "read_sequence",
     "reconcile",
     "reconcile_periodically",
     "recording_hook",
+    "warn_collision",
 ]
