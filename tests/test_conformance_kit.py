@@ -225,7 +225,8 @@ async def test_kit_cases_pass_on_this_bridge_in_process(patched_pair: Pair) -> N
     ids = ["tls-no-resumption", "tls-resumption-after-expiry", "id-sender-mismatch",
            "id-wrong-receiver", "id-event", "id-message-identity", "idem-concurrent",
            "sig-extra-header", "tls-unregistered-partner", "tls-groups-refused",
-           "exh-slow-headers", "sync-sequence-headers", "sync-held", "sig-unsigned-content"]
+           "exh-slow-headers", "sync-sequence-headers", "sync-held", "sync-collision",
+           "sync-collision-reported", "sig-unsigned-content"]
     results = await _run(patched_pair, ids)
     assert {k: (r.status, r.detail) for k, r in results.items() if not r.passed} == {}
 

@@ -1236,6 +1236,62 @@ def sync_held(ctx: Context) -> None:
         ctx.expect_refusal(bad, 400, "sync-invalid", "Parameters.from")
 
 
+def _sync_answer(ctx: Context, stream: str, identities: list[str]) -> list[dict[str, Any]]:
+    """The parameters of the target's signed $sync-held answer about ``identities`` of
+    ``stream`` numbers 1-1 (skipped when the target has no $sync-held)."""
+    correlation = f"urn:uuid:{uuid.uuid4()}"
+    headers = {"Content-Type": P.FHIR_JSON, "X-Correlation-Id": correlation}
+    with ctx.peer().connect() as conn:
+        answer = ctx.request("which of these do you hold", conn, "POST", "$sync-held",
+                             _held_query(stream, 1, 1, identities), headers)
+    if answer.status == 404:
+        raise Skip("the target does not offer $sync-held (protocol 1.1)")
+    ctx.expect(answer.status == 200, f"expected 200, got {answer.status}")
+    _check_detached(ctx, answer.header("X-Signature"), answer.body, correlation)
+    params: list[dict[str, Any]] = answer.json().get("parameter", [])
+    return params
+
+
+def _two_claims_numbered_1(ctx: Context) -> tuple[str, list[str]]:
+    """Two claims of a new stream, both sent as its number 1 (a sender restored from a
+    backup numbering again): each must be accepted on its identity (P-SYNC-8)."""
+    stream = f"kit-{uuid.uuid4().hex[:12]}"
+    identities = []
+    for what in ("claim 1 of a new stream", "another claim as number 1 again"):
+        message = ctx.signed()
+        identities.append(str(message["identifier"]["value"]))
+        ctx.expect_accepted(ctx.post(what, message,
+                                     headers={"Bridge-Stream": stream, "Bridge-Sequence": "1"}))
+    return stream, identities
+
+
+@case("sync-collision", "a number received twice: both claims accepted on their identity",
+      family="sync", requirements=["P-SYNC-8"])
+def sync_collision(ctx: Context) -> None:
+    """Sends two claims of a new stream, each as number 1: both are accepted (200 with a
+    receipt; a claim is accepted on its identity, not its number), and $sync-held lists
+    both identities as held."""
+    stream, identities = _two_claims_numbered_1(ctx)
+    params = _sync_answer(ctx, stream, identities)
+    named = sorted(q.get("valueString") for p in params if p.get("name") == "held"
+                   for q in p.get("part", []) if q.get("name") == "identity")
+    ctx.expect(named == sorted(identities), "$sync-held does not list both claims as held")
+
+
+@case("sync-collision-reported", "$sync-held names the highest number and numbers held twice",
+      family="sync", requirements=["P-SYNC-9"], required=False)
+def sync_collision_reported(ctx: Context) -> None:
+    """Sends two claims of a new stream, each as number 1, then asks $sync-held: the
+    answer says `highest` 1 and has one `collision` 1 (a SHOULD: a target that does not
+    say so is reported, and stays conformant)."""
+    stream, identities = _two_claims_numbered_1(ctx)
+    params = _sync_answer(ctx, stream, identities)
+    highest = [p.get("valueInteger") for p in params if p.get("name") == "highest"]
+    collisions = [p.get("valueInteger") for p in params if p.get("name") == "collision"]
+    ctx.expect(highest == [1], f"highest is {highest}, expected [1]")
+    ctx.expect(collisions == [1], f"collision is {collisions}, expected [1]")
+
+
 # --- several claims per request (§6b) ------------------------------------------------------
 
 
