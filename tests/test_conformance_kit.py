@@ -621,3 +621,37 @@ async def test_a_receiver_taking_chunked_bodies_past_its_limit_is_caught(
     result = results["exh-body-size"]
     assert not result.passed, result.detail
     assert result.evidence[-1].label == "chunked over the limit"
+
+
+async def test_a_certificate_naming_two_partners_taken_as_the_first_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A receiver that binds a certificate naming two partners to the first it lists.
+    from cryptography import x509 as x
+
+    from bridge.errors import UnknownPartner
+    from bridge.trust import identity, tls
+
+    real = identity.certificate_identity
+
+    def first_named(der: bytes) -> Any:
+        try:
+            return real(der)
+        except UnknownPartner:
+            cert = x.load_der_x509_certificate(der)
+            uris = tuple(cert.extensions.get_extension_for_class(
+                x.SubjectAlternativeName).value.get_values_for_type(x.UniformResourceIdentifier))
+            named = [u.removeprefix(identity.PARTNER_URI_PREFIX) for u in uris
+                     if u.startswith(identity.PARTNER_URI_PREFIX)]
+            return identity.CertIdentity(
+                fingerprint_sha256=identity.fingerprint_sha256(der), common_name=None,
+                dns_names=(), uri_sans=uris, partner_id=named[0],
+                not_after=cert.not_valid_after_utc, not_before=cert.not_valid_before_utc,
+                serial_number=cert.serial_number, issuer=cert.issuer.rfc4514_string())
+
+    monkeypatch.setattr(identity, "certificate_identity", first_named)
+    monkeypatch.setattr(tls, "certificate_identity", first_named)
+    identity.peer_identity.cache_clear()
+    results = await _run_on_a_new_pair(tmp_path, ["tls-unregistered-partner"])
+    _fails(results, "tls-unregistered-partner", "expected 401 unknown-partner")
+    assert results["tls-unregistered-partner"].evidence[-1].label.startswith("two-partners")

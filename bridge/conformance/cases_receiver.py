@@ -251,12 +251,16 @@ def tls_revoked(ctx: Context) -> None:
 @case("tls-unregistered-partner", "A trusted certificate of no registered partner gets 401",
       family="identity", requirements=["P-TLS-8"])
 def tls_unregistered(ctx: Context) -> None:
-    """Presents certificates of the target's CA naming an unregistered partner and naming
-    none (needs --ca-key); metadata and $process-message must answer 401 unknown-partner
-    and close the connection."""
-    for name, partner in (("unregistered", f"kit-unregistered-{uuid.uuid4().hex[:8]}"),
-                          ("no-partner", None)):
-        cert, key, _ = ctx.mint(name, partner)
+    """Presents certificates of the target's CA naming an unregistered partner, naming
+    none, and naming the kit's own partner id beside another (needs --ca-key): a
+    certificate naming two partners names none. Metadata and $process-message must
+    answer 401 unknown-partner and close the connection."""
+    other = f"kit-other-{uuid.uuid4().hex[:8]}"
+    for name, partner, also in (
+            ("unregistered", f"kit-unregistered-{uuid.uuid4().hex[:8]}", ()),
+            ("no-partner", None, ()),
+            ("two-partners", ctx.partner_id, (other,))):
+        cert, key, _ = ctx.mint(name, partner, also=also)
         for route in ("metadata", "$process-message"):
             conn = ctx.handshake(f"{name}: handshake", cert=cert, key=key)
             ctx.expect(not isinstance(conn, str), f"{name}: handshake failed ({conn}); the "

@@ -8,6 +8,7 @@ and RFC 5280, so a target that checks strictly refuses them only for the fault m
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -68,16 +69,18 @@ def issue_tls(
     not_before: datetime,
     not_after: datetime,
     host: str = "localhost",
+    also: Sequence[str] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A client/server TLS certificate (EC P-256) naming ``partner_id`` (or no partner)."""
+    """A client/server TLS certificate (EC P-256) naming ``partner_id`` (or no partner),
+    and the partners ``also`` names besides."""
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
     try:
         sans.append(x509.IPAddress(ipaddress.ip_address(host)))
     except ValueError:
         sans.append(x509.DNSName(host))
-    if partner_id is not None:
-        sans.append(x509.UniformResourceIdentifier(P.PARTNER_URI_PREFIX + partner_id))
+    for named in ([partner_id] if partner_id is not None else []) + list(also):
+        sans.append(x509.UniformResourceIdentifier(P.PARTNER_URI_PREFIX + named))
     ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()

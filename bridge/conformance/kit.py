@@ -441,8 +441,10 @@ class Context:
         not_before: datetime | None = None,
         not_after: datetime | None = None,
         own_ca: bool = False,
+        also: Sequence[str] = (),
     ) -> tuple[Path, Path, x509.Certificate]:
-        """A TLS certificate for ``partner_id`` from the target's CA (or the kit's own)."""
+        """A TLS certificate for ``partner_id`` (and the partners ``also`` names) from the
+        target's CA (or the kit's own)."""
         from bridge.conformance.certs import issue_tls, new_ca
 
         if own_ca:
@@ -455,7 +457,7 @@ class Context:
             ca, ca_key, partner_id,
             not_before=not_before or now - timedelta(minutes=5),
             not_after=not_after or now + timedelta(days=1),
-            host=self.config.server_name or self.host,
+            host=self.config.server_name or self.host, also=also,
         )
         cert_file, key_file = self.scratch / f"{name}.pem", self.scratch / f"{name}.key"
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
