@@ -512,6 +512,15 @@ class Controller:
         """Register, amend or revoke (status ``inactive``) a consent; durable before it counts."""
         now = self.clock()
         record = parse_consent(resource)
+        await self.sync_consents()
+        held = self.consents.get(record.id)
+        if held is not None and held.patient != record.patient:
+            # An amendment that named someone else would take the consent from its
+            # patient without a word: the patient's consent is withdrawn by revoking it.
+            raise MappingError(
+                f"consent {record.id} is another patient's: a consent's patient cannot"
+                " change (revoke it, status inactive, and register a new consent)",
+                location="Consent.patient")
         recipients = recipients_of(record.provision)
         check_registration(record, refusing_links=[
             link.id for link in self.config.links
