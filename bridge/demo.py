@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bridge.errors import BridgeError, ConsentDenied
+from bridge.errors import BridgeError, ConsentDenied, UsageError
 
 HOSPITAL = "hospital-a"
 INSURER = "insurer-b"
@@ -474,6 +474,11 @@ def run_demo(
     console = Console(stderr=False)
     temp = workdir is None
     root = Path(tempfile.mkdtemp(prefix="bridge-demo-")) if workdir is None else workdir
+    if not temp and root.is_dir() and any(root.iterdir()):
+        # Stores left by an earlier run would be counted as this run's claims.
+        raise UsageError("the demo starts from an empty folder and this one holds an"
+                         " earlier run's files: give another folder, or remove it",
+                         location="--workdir")
     root.mkdir(parents=True, exist_ok=True)
     try:
         result = asyncio.run(_run(claims, root, seed, rate, console, quiet))

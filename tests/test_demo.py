@@ -41,3 +41,13 @@ def test_demo_pushes_claims_and_loses_none(tmp_path: Path) -> None:
     # The work folder holds what an operator would need to look further.
     assert (tmp_path / "hospital.toml").exists() and (tmp_path / "insurer.log").exists()
     assert (tmp_path / "pki" / "ca.pem").exists()
+    # Run again in the same folder: refused, naming --workdir, instead of counting the
+    # earlier run's stores as this run's claims and reporting claims lost.
+    again = subprocess.run(
+        [sys.executable, "-m", "bridge", "demo", "--claims", "1", "--quiet", "--workdir",
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "--workdir" in again.stderr and "earlier run" in again.stderr
+    assert "FAILED" not in again.stdout and "Traceback" not in again.stderr
