@@ -544,9 +544,10 @@ def test_a_failed_optional_case_checking_a_shall_is_not_conformant() -> None:
     assert not kit.conformant([result("sig-valid-claim", "skip")])
 
 
-async def test_err_no_5xx_passes_on_this_bridge_with_every_unsigned_claim_refused(
+async def test_err_no_5xx_passes_on_this_bridge_with_every_odd_claim_refused(
         patched_pair: Pair) -> None:
-    # Of the ~650 mutated claims, none is answered 5xx and none unsigned accepted.
+    # Each of the ~650 mutated claims (unsigned, or not valid FHIR: a value of another
+    # JSON type, or an empty one) is refused 4xx.
     results = await _run(patched_pair, ["err-no-5xx"])
     assert results["err-no-5xx"].passed, results["err-no-5xx"].detail
 
@@ -655,3 +656,15 @@ async def test_a_certificate_naming_two_partners_taken_as_the_first_is_caught(
     results = await _run_on_a_new_pair(tmp_path, ["tls-unregistered-partner"])
     _fails(results, "tls-unregistered-partner", "expected 401 unknown-partner")
     assert results["tls-unregistered-partner"].evidence[-1].label.startswith("two-partners")
+
+
+async def test_a_receiver_taking_empty_values_as_absent_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The models read null, "", [] and {} as an element left out: without the check on
+    # the received bytes, such a claim is stored and receipted as it came.
+    from bridge.link import server
+
+    monkeypatch.setattr(server, "empty_value", lambda body, data: None)
+    results = await _run_on_a_new_pair(tmp_path, ["err-no-5xx"])
+    _fails(results, "err-no-5xx", "200 for a claim that is not valid FHIR")

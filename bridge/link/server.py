@@ -62,6 +62,7 @@ from bridge.errors import (
     TrustError,
     UnknownPartner,
     UnsupportedMediaType,
+    ValidationError,
     is_fhir_id,
 )
 from bridge.ledger.handoff import queue_hook
@@ -80,7 +81,7 @@ from bridge.messages import (
 )
 from bridge.policy.consent import PARTNER_SOURCE, parse_consent
 from bridge.policy.consent_rules import unbounded_permit
-from bridge.records.fhir import ValidationCache, validation_cache
+from bridge.records.fhir import ValidationCache, empty_value, validation_cache
 from bridge.trust.identity import pinned
 from bridge.trust.jws import SignedClaims, payload_digests, verify_bundle, verify_detached_bytes
 from bridge.trust.peercheck import PeerCertificateCheck
@@ -622,6 +623,10 @@ class ReceiverApp:
         # which finds a held one.
         patient: str | None = None
         try:
+            empty = empty_value(body, bundle)
+            if empty is not None:
+                raise ValidationError("not valid FHIR R4: an empty value (null, \"\", [] or {})",
+                                      location=empty)
             validate_message(bundle, parsed=True)  # as read_json returned it
             # Only a validated bundle is read for its patient: a malformed one is refused
             # (and audited) as invalid FHIR, and one without a Patient as unmappable.

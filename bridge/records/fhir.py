@@ -12,6 +12,7 @@ the bridge depends on.
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Any, NamedTuple
 
@@ -89,6 +90,42 @@ def _validate_model(model: type[pydantic.BaseModel], data: dict[str, Any], prefi
         raise ValidationError(
             "not valid FHIR R4: a value of the wrong JSON type", location=prefix
         ) from None
+
+
+# A member or array item that is "", [] or {}, or a member that is null: FHIR JSON has no
+# empty values (null only as a placeholder inside an array of primitives). Read on the
+# bytes first (in C); only a body where it may be is walked to name the place.
+_MAYBE_EMPTY = re.compile(rb'[:\[,]\s*(?:""|\[\s*\]|\{\s*\})|:\s*null')
+
+
+def empty_value(body: bytes, data: Any, prefix: str = "Bundle") -> str | None:
+    """The FHIR path of the first empty value in ``data`` (``body`` parsed), or None."""
+    if _MAYBE_EMPTY.search(body) is None:
+        return None
+    found = _first_empty(data, prefix)
+    return bounded_path(found) if found is not None else None
+
+
+def _first_empty(node: Any, path: str) -> str | None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{member_label(str(key))}"
+            if value is None or value == "" or value == [] or value == {}:
+                return where
+            if isinstance(value, (dict, list)):
+                found = _first_empty(value, where)
+                if found is not None:
+                    return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            where = f"{path}[{i}]"
+            if value == "" or value == [] or value == {}:
+                return where
+            if isinstance(value, (dict, list)):
+                found = _first_empty(value, where)
+                if found is not None:
+                    return found
+    return None
 
 
 def _prefix(resource: Any, path: str | None) -> str:
