@@ -141,7 +141,12 @@ def cmd_push(args: argparse.Namespace) -> int:
                     f" one claim ({limit}, links.{args.link}.max_message_bytes)",
                     location=args.file)
             record = controller.protect_record(read_record(data, source=args.file))
-            submitted = await controller.submit(record, args.link)
+            if args.replaces is not None:
+                prior = await controller.db.get_outbox(args.replaces)
+                if prior is None or prior.link != args.link:
+                    raise UsageError(f"no claim {args.replaces} was queued on link {args.link}",
+                                     location="--replaces")
+            submitted = await controller.submit(record, args.link, replaces=args.replaces)
             row = None if submitted.created else await controller.db.get_outbox(
                 submitted.message_id
             )
@@ -631,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--config", required=True, help=_CONFIG_HELP)
     pu.add_argument("--link", required=True, help="id of an outbound link in the configuration")
     pu.add_argument("file", help="a WS 445 record (JSON)")
+    pu.add_argument("--replaces", metavar="MESSAGE_ID", default=None,
+                    help="send the record as a corrected claim of the one queued or sent on"
+                         " this link under MESSAGE_ID (Claim.related, prior)")
     pu.set_defaults(func=cmd_push)
 
     add_mapping_commands(sub)
