@@ -192,12 +192,7 @@ class Controller:
         self.config = config
         self.id = config.controller.id
         self.clock = clock
-        config.store.path.parent.mkdir(parents=True, exist_ok=True)
-        self.store = open_store(config.store)
-        self.db = AsyncStore(self.store)
-        # What a submission reads before its consent decision (see :meth:`submit`):
-        # concurrent submissions take it in one trip to the store's thread.
-        self._intake = GroupCommit(self.db, functools.partial(_intake_many, self.store))
+        # Keys and certificates first: a start refused for one of them makes no store.
         self.signer, self.signers = signers_of(config)
         self.keyring = KeyRing()
         partners: list[Partner] = []
@@ -218,6 +213,12 @@ class Controller:
                 )
             )
         self.partners = PartnerRegistry(partners)
+        config.store.path.parent.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(config.store)
+        self.db = AsyncStore(self.store)
+        # What a submission reads before its consent decision (see :meth:`submit`):
+        # concurrent submissions take it in one trip to the store's thread.
+        self._intake = GroupCommit(self.db, functools.partial(_intake_many, self.store))
         self.pseudonym_key = _load_pseudonym_key(config.audit.pseudonym_key_file)
         #: Key of the records store's resource ids (see :meth:`pull_collection`).
         self.pull_id_key = hmac.new(self.pseudonym_key, b"pull-resource-id", hashlib.sha256).digest()
