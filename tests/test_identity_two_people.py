@@ -16,6 +16,7 @@ consent explain`` and ``bridge outbox list``, each as its own process.
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,18 @@ def _write(path: Path, record: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.mark.parametrize("linked_before_upgrade", [False, True])
 def test_a_record_naming_another_id_card_beside_a_known_record_number_is_refused(
-        hospital: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+        hospital: tuple[Path, dict[str, Any]], tmp_path: Path,
+        linked_before_upgrade: bool) -> None:
     config, record = hospital
+    if linked_before_upgrade:
+        # A store whose patients were linked before ID card numbers were noted apart:
+        # the consent, registered under the ID card, still tells which one it is.
+        db = sqlite3.connect(tmp_path / "hospital-a" / "bridge.sqlite")
+        with db:
+            db.execute("DELETE FROM patient_id_card")
+        db.close()
     other = json.loads(json.dumps(record))
     elements = other["elements"]
     stranger = id_number("11010119850315123")

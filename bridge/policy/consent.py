@@ -67,7 +67,7 @@ from bridge.policy.classify import (
     SENSITIVITY_SYSTEM,
     default_classification,
 )
-from bridge.policy.identity import IdentityIndex
+from bridge.policy.identity import ID_CARD_SYSTEM, IdentityIndex
 from bridge.records.fhir import validate_resource
 
 SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
@@ -78,7 +78,6 @@ PARTNER_SYSTEM = "urn:ws-fhir-bridge:partner"
 RESOURCE_TYPES_SYSTEM = "http://hl7.org/fhir/resource-types"
 CONSENT_CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentcategorycodes"
 ACT_CODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
-ID_CARD_SYSTEM = "urn:oid:2.16.156.10011.1.3"
 
 #: PurposeOfUse codes (v3-ActReason) this bridge understands. Unknown codes are
 #: rejected when a consent is registered, so a typo cannot silently widen or narrow it.
@@ -818,8 +817,13 @@ class ConsentRegistry:
         self._by_id[record.id] = record
         self._by_patient.setdefault(record.patient, set()).add(record.id)
         if self.identity is not None:
-            self._by_pseudonym.setdefault(
-                self.identity.pseudonym(*record.patient), set()).add(record.id)
+            pseudonym = self.identity.pseudonym(*record.patient)
+            self._by_pseudonym.setdefault(pseudonym, set()).add(record.id)
+            if record.patient[0] == ID_CARD_SYSTEM:
+                # A consent names its patient's resident ID card number: known as one
+                # here, so no record can join another holder to this person (stores
+                # linked before ID card numbers were noted apart included).
+                self.identity.note_id_cards((pseudonym,))
         return record
 
     def put_many(
