@@ -142,12 +142,14 @@ def cmd_push(args: argparse.Namespace) -> int:
         controller = _controller(args.config)
         try:
             limit = controller.outbound_link(args.link).max_message_bytes
-            if len(data) > limit:
-                # Mapped, a record only grows: it cannot make a claim the link sends.
+            if len(data) > 2 * limit:
+                # A claim is several times the size of the record it maps (one Condition
+                # per diagnosis, and so on): a record file more than twice the bound,
+                # white space and escapes allowed for, is refused before it is read.
                 raise PayloadTooLarge(
-                    f"the record is {len(data)} bytes, more than link {args.link} sends in"
-                    f" one claim ({limit}, links.{args.link}.max_message_bytes)",
-                    location=args.file)
+                    f"the record is {len(data)} bytes, more than twice what link"
+                    f" {args.link} sends in one claim ({limit},"
+                    f" links.{args.link}.max_message_bytes)", location=args.file)
             record = controller.protect_record(read_record(data, source=args.file))
             if args.replaces is not None:
                 prior = await controller.db.get_outbox(args.replaces)

@@ -504,8 +504,8 @@ class LinkConfig(_Strict):
         le=64 * 1024 * 1024,
         description=(
             "largest signed claim queued on this link (the partner's body limit: 4 MiB by"
-            " default, PROTOCOL P-HTTP-3); a record that maps to more, or is itself larger,"
-            " is refused when it is pushed, naming this key"
+            " default, PROTOCOL P-HTTP-3); a record that maps to more, or whose file is more"
+            " than twice as large, is refused when it is pushed, naming this key"
         ),
     )
     concurrency: int = Field(default=16, ge=1, le=256)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from delivery_support import link_settings
 from e2e_support import client_ssl, make_workdir
 
 from bridge.config import load_config
@@ -59,8 +60,12 @@ class IntakePair:
 
 
 async def start_intake_pair(root: Path, *, routes: str = CLAIMS_ROUTE, tls: bool = True,
-                            intake: str = "", start_insurer: bool = True) -> IntakePair:
+                            intake: str = "", start_insurer: bool = True,
+                            link: dict[str, Any] | None = None) -> IntakePair:
+    """``link``: keys added to the hospital's outbound link."""
     hospital_cfg, insurer_cfg = make_workdir(root)
+    if link:
+        link_settings(hospital_cfg, **link)
     mllp = 'host = "127.0.0.1"\nport = 0\n' + ("tls = true\n" if tls else "tls = false\n")
     with hospital_cfg.open("a", encoding="utf-8") as fh:
         fh.write(f"\n[mllp]\n{mllp}\n[intake]\n{intake}\n{routes}")

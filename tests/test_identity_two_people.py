@@ -113,3 +113,36 @@ def test_the_same_persons_later_stay_still_goes(
     pushed = cli("push", "--config", str(config), "--link", "claims-to-insurer-b", str(path))
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     assert queued_count(config) == 2
+
+
+def test_a_research_batch_reports_a_record_joining_two_people_as_refused(
+        tmp_path: Path) -> None:
+    # One record of the batch names another resident ID card number beside a consenting
+    # patient's record number: it is refused in the report, the rest is reported.
+    from e2e_support import consent_for, make_workdir
+    from test_e2e_research_release import KEY_HEX, LINK, RESEARCHER, research_link
+
+    from bridge.demo import free_port
+    from bridge.samples import inpatient_records
+
+    hospital_cfg, _ = make_workdir(tmp_path)
+    (tmp_path / "research.key").write_text(KEY_HEX + "\n", encoding="ascii")
+    hospital_cfg.write_text(hospital_cfg.read_text(encoding="utf-8") + research_link(
+        'deid_key_file = "research.key"', free_port()), encoding="utf-8")
+    first = inpatient_records(1, seed=83)[0]
+    consent = consent_for(first, consent_id="research-1", recipient=RESEARCHER,
+                          purposes=("HRESCH",))
+    (tmp_path / "consent.json").write_text(json.dumps(consent, ensure_ascii=False),
+                                           encoding="utf-8")
+    assert cli("consent", "add", "--config", str(hospital_cfg),
+               str(tmp_path / "consent.json")).returncode == 0
+    other = json.loads(json.dumps(first))
+    other["elements"]["HDSD00.11.048"] = id_number("11010119850315123")
+    other["elements"]["HDSD00.11.140"] = "ZY-OTHER-0009"
+    batch = tmp_path / "batch.json"
+    batch.write_text(json.dumps([first, other], ensure_ascii=False), encoding="utf-8")
+    report = cli("research", "report", "--config", str(hospital_cfg), "--link", LINK,
+                 "--json", str(batch))
+    assert report.returncode == 0, report.stdout + report.stderr
+    refused = json.loads(report.stdout)["records_refused"]
+    assert refused == [{"record": 1, "why": "mapping-error at Patient.identifier"}]

@@ -551,3 +551,33 @@ async def test_a_visit_survives_kill_9_of_the_hospital_bridge(tmp_path: Path) ->
             except subprocess.TimeoutExpired:
                 proc.kill()
         await insurer.stop()
+
+
+async def test_a_visit_whose_claim_is_larger_than_the_link_sends_is_refused_once(
+        tmp_path: Path) -> None:
+    # The claim the stay maps to is over the link's max_message_bytes: the visit is
+    # refused for that link with the reason, once, and the routing pass goes on; it is
+    # not left pending to be tried again after every lease.
+    pair = await start_intake_pair(tmp_path, link={"max_message_bytes": 16384})
+    try:
+        visit = InpatientVisit()
+        await pair.hospital.controller.put_consent(consent(visit.id_card))
+        extra = "".join(f"\rDG1|{n}||I10.x00^高血压^ICD10||20260309|F|||||||||{n}"
+                        for n in range(4, 60))
+        a03 = visit.a03().rstrip(b"\r") + extra.encode() + b"\r"
+        acks = await pair.send([visit.a01(), visit.dft("D1", standard_charges()), a03])
+        assert [msa(a)[1] for a in acks] == ["AA", "AA", "AA"]
+        store = pair.hospital.controller.store
+
+        def refused() -> bool:
+            return any(r.kind == "visit" and r.state == "refused"
+                       for r in intake_db.list_records(store))
+
+        await eventually(refused)
+        [record] = [r for r in intake_db.list_records(store) if r.kind == "visit"]
+        assert record.detail is not None and "payload-too-large" in record.detail
+        [delivery] = intake_db.deliveries(store, record.id)
+        assert delivery.state == "refused" and delivery.message_id == ""
+        assert claims_at(pair) == []
+    finally:
+        await pair.stop()

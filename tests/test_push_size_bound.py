@@ -2,8 +2,8 @@
 refused by the partner (413) after the sender spent its memory and the partner's.
 
 ``links.<id>.max_message_bytes`` (the partner's body limit, 4 MiB by default, PROTOCOL
-P-HTTP-3) bounds the signed claim; a record file larger than it cannot map to a claim
-within it and is refused before it is read as JSON. Each refusal names the file or the
+P-HTTP-3) bounds the signed claim; a record file more than twice as large (a claim is
+several times the record it maps) is refused before it is read as JSON. Each refusal names the file or the
 configuration key, exits 2 and queues nothing. Driven with ``bridge push`` as its own
 process.
 """
@@ -68,9 +68,9 @@ def test_a_record_file_over_the_links_bound_is_refused_before_it_is_read(
         hospital: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     config, record = hospital
     path = tmp_path / "huge.json"
-    path.write_text(json.dumps(_with_diagnoses(record, 400), ensure_ascii=False),
+    path.write_text(json.dumps(_with_diagnoses(record, 900), ensure_ascii=False),
                     encoding="utf-8")
-    assert path.stat().st_size > LIMIT
+    assert path.stat().st_size > 2 * LIMIT
     pushed = cli("push", "--config", str(config), "--link", LINK, str(path))
     assert pushed.returncode == 2, pushed.stdout + pushed.stderr
     assert "payload-too-large" in pushed.stderr and str(path) in pushed.stderr

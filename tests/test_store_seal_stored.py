@@ -177,3 +177,31 @@ def test_sealing_needs_the_key_named_and_says_which_setting(tmp_path: Path) -> N
     assert run.returncode != 0
     assert "data_key_file" in run.stderr and str(config) in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_every_column_the_store_seals_is_one_seal_stored_knows() -> None:
+    # Every context a value is sealed under in the ledger (a literal, or a module
+    # constant naming one) is a column bridge keys seal-stored seals, and T19 counts.
+    import ast
+
+    from bridge.ledger import sealing
+
+    known = {f"{t}.{c}" for t, c in sealing.SEALED_COLUMNS}
+    found: set[str] = set()
+    for path in Path(sealing.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        constants = {t.id: n.value.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                     and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+                     for t in n.targets if isinstance(t, ast.Name)}
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            name = getattr(call.func, "attr", getattr(call.func, "id", ""))
+            if name not in ("seal", "_seal"):
+                continue
+            args = [k.value for k in call.keywords if k.arg == "context"] + call.args[1:2]
+            for arg in args:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    found.add(arg.value)
+                elif isinstance(arg, ast.Name) and arg.id in constants:
+                    found.add(constants[arg.id])
+    assert len(found) > 10, found
+    assert found <= known, sorted(found - known)

@@ -39,6 +39,7 @@ SEALED_COLUMNS: tuple[tuple[str, str], ...] = (
     ("visit", "summary"), ("visit_part", "part"),
     ("handoff", "last_answer"),
     ("pull_person_key", "sealed_key"), ("pull_resource", "body"), ("pull_record", "record"),
+    ("pull_review", "reason"), ("pull_received", "body"),
 )
 #: Columns holding a patient lookup key (``system|value`` in clear, ``bk:...`` keyed).
 LOOKUP_KEYS: tuple[tuple[str, str, str | None], ...] = (

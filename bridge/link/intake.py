@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from bridge.errors import BridgeError, ConfigError, LoadError, MappingError, PolicyError
+from bridge.errors import (
+    BridgeError,
+    ConfigError,
+    LoadError,
+    MappingError,
+    PayloadTooLarge,
+    PolicyError,
+)
 from bridge.ledger import intake as intake_db
 from bridge.link.routing import Source, links_for
 from bridge.mapping.hl7v2 import HL7Reader, SiteContext, parse_hl7
@@ -163,7 +170,9 @@ class Router:
             replaces = latest.message_id if latest is not None else None
             try:
                 submitted = await self._submit(record, link, replaces=replaces)
-            except PolicyError as exc:
+            except (PolicyError, PayloadTooLarge) as exc:
+                # Refused for this link (consent, or a claim larger than the link sends):
+                # another try gives the same answer.
                 refused.append(f"{link}: {exc.code}")
                 await self._delivery(row, link, "", digest, replaces, "refused",
                                      f"{exc.code}@{exc.location or '-'}")

@@ -53,7 +53,11 @@ async def release(
     items: list[ReleaseItem] = []
     results: dict[int, Any] = {}
     for index, record in enumerate(records):
-        mapped = await controller.link_record(record)
+        try:
+            mapped = await controller.link_record(record)
+        except MappingError as exc:  # identifiers that would join two people
+            report.refused.append((index, f"{exc.code} at {exc.location or '-'}"))
+            continue
         if mapped is None:
             report.refused.append((index, "the record does not map"))
             continue
@@ -73,7 +77,11 @@ async def release(
             for i in _first(result.bundle, "Patient").get("identifier") or ()
             if i.get("system") == PSEUDONYM_SYSTEM
         ]
-        await controller.link_patient(ids + released_ids)
+        try:
+            await controller.link_patient(ids + released_ids)
+        except MappingError as exc:
+            report.refused.append((index, f"{exc.code} at {exc.location or '-'}"))
+            continue
         person = controller.pseudonym(ids) or f"record:{index}"
         # The batch holds each bundle as text until it is sent (see ReleaseItem), and the
         # result without it.
