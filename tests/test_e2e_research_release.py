@@ -450,6 +450,9 @@ def test_one_date_shift_per_person_across_stays_not_recoverable(released: Releas
         stay = {original_day(e[k]) for k in ("HDSD00.11.085", "HDSD00.11.019", "HDSD00.11.127")}
         for where, value in dates_in(message):
             assert day(value) - timedelta(days=shift) in stay, where
+            # To the day: a time of day to the second would pick out the stay in the
+            # original records, however far its day moved.
+            assert "T" not in value, where
     # One pseudonym per person, and one shift per person whatever the stay.
     assert all(len(p) == 1 for p in by_owner.values()), by_owner
     assert all(len(s) == 1 for s in shifts.values()), shifts

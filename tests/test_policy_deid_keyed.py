@@ -56,17 +56,17 @@ def test_one_key_gives_the_same_stand_ins_after_other_keys() -> None:
 
 
 def shifted_by_arithmetic(text: str, days: int) -> str | None:
-    """What a date shift of a dateTime is: the instant moved by whole days, written as
-    ``datetime.isoformat`` writes it (``Z`` kept as ``Z``), or nothing when it is not a
-    valid dateTime or leaves the calendar."""
+    """What a date shift of a dateTime is: the day of the instant, as written, moved by
+    whole days, its time of day dropped (to the second, an admission and a discharge time
+    would pick out the stay in the original records), or nothing when it is not a valid
+    dateTime or leaves the calendar."""
     try:
-        moved = (datetime.fromisoformat(text) + timedelta(days=days)).isoformat()
+        return (datetime.fromisoformat(text) + timedelta(days=days)).date().isoformat()
     except (ValueError, OverflowError):
         return None
-    return moved.replace("+00:00", "Z") if text.endswith("Z") else moved
 
 
-def test_a_shifted_date_time_is_the_instant_moved_by_whole_days() -> None:
+def test_a_shifted_date_time_is_the_day_moved_by_whole_days_without_its_time() -> None:
     # Every written form, valid or not, against the arithmetic: seconds or none,
     # fractions, Z, offsets (-00:00 is written +00:00 by isoformat), hours and minutes
     # out of range, a day that does not exist, shifts past the ends of the calendar.

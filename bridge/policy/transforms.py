@@ -152,17 +152,14 @@ _PLAIN_TIME = re.compile(r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:Z|[+-](?:[01]\d|
 # diagnoses): each is parsed once.
 @lru_cache(maxsize=4096)
 def _shift(text: str, days: int) -> str | None:
+    """``text`` moved by ``days``, to the day: a time of day is dropped. Kept to the
+    second, an admission and a discharge time would pick out the stay in the original
+    records whatever the shift (the length of stay in days survives)."""
     try:
         if "T" in text:
-            time_of_day = text[10:]
-            if _PLAIN_TIME.fullmatch(time_of_day) and not time_of_day.endswith("-00:00"):
-                # Whole days move the date alone: the time of day and the offset stay as
-                # they are written, which is how the arithmetic below writes them too.
-                return (date.fromisoformat(text[:10]) + timedelta(days=days)).isoformat() + (
-                    time_of_day)
-            moved = datetime.fromisoformat(text) + timedelta(days=days)
-            out = moved.isoformat()
-            return out.replace("+00:00", "Z") if text.endswith("Z") else out
+            if _PLAIN_TIME.fullmatch(text[10:]) is None:
+                datetime.fromisoformat(text)  # not a time of day: ValueError
+            return (date.fromisoformat(text[:10]) + timedelta(days=days)).isoformat()
         parts = text.split("-")
         first = date(int(parts[0]), int(parts[1]) if len(parts) > 1 else 1,
                      int(parts[2]) if len(parts) > 2 else 1)
@@ -200,7 +197,9 @@ def _care_end(value: Any, ctx: DeidContext | None) -> Any:
     return _date_shift(value, ctx)
 
 
-_DATE_TYPES = frozenset({"date", "dateTime", "instant", "Period"})
+# Dates a transform may cut to the day (or the year). An instant must keep its time of
+# day (FHIR), so neither applies to one.
+_DATE_TYPES = frozenset({"date", "dateTime", "Period"})
 
 #: Transforms whose output is anchored to another element of the same resource once it
 #: is pruned: ``care_end`` puts the shifted end (or start) of ``billablePeriod`` in place
