@@ -105,7 +105,7 @@ async def test_a_damaged_entry_does_not_stop_the_receiver_taking_claims(tmp_path
     records = inpatient_records(2, seed=19)
 
     async def deliver(hospital: BridgeService, record: dict) -> str:
-        await hospital.controller.put_consent(consent_for(record, consent_id=f"c-{len(record)}"))
+        await hospital.controller.put_consent(consent_for(record, consent_id=f"c-{records.index(record)}"))
         mid = (await hospital.submit(record, LINK_OUT)).message_id
         for _ in range(400):
             row = await hospital.controller.db.get_outbox(mid)
