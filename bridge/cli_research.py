@@ -43,6 +43,10 @@ def cmd_research(args: argparse.Namespace) -> int:
         sys.stdout.write(f"research batch {verb} {args.link}\n")
         for line in report.lines():
             sys.stdout.write(line + "\n")
+    if report.records_in and not report.records_released:
+        # A batch none of which can be released is a problem to look at, not a release.
+        sys.stderr.write("nothing in the batch can be released (see the report)\n")
+        return 1
     return 0
 
 

@@ -54,7 +54,9 @@ async def release(
     results: dict[int, Any] = {}
     for index, record in enumerate(records):
         try:
-            mapped = await controller.link_record(record)
+            # A report changes nothing: the record's identifiers are checked, not linked.
+            mapped = (await controller.link_record(record) if send
+                      else controller._mapped_and_unlinked(record)[0])
         except MappingError as exc:  # identifiers that would join two people
             report.refused.append((index, f"{exc.code} at {exc.location or '-'}"))
             continue
@@ -77,11 +79,12 @@ async def release(
             for i in _first(result.bundle, "Patient").get("identifier") or ()
             if i.get("system") == PSEUDONYM_SYSTEM
         ]
-        try:
-            await controller.link_patient(ids + released_ids)
-        except MappingError as exc:
-            report.refused.append((index, f"{exc.code} at {exc.location or '-'}"))
-            continue
+        if send:
+            try:
+                await controller.link_patient(ids + released_ids)
+            except MappingError as exc:
+                report.refused.append((index, f"{exc.code} at {exc.location or '-'}"))
+                continue
         person = controller.pseudonym(ids) or f"record:{index}"
         # The batch holds each bundle as text until it is sent (see ReleaseItem), and the
         # result without it.
@@ -92,13 +95,19 @@ async def release(
         for item in released:
             result = replace(results[item.index], bundle=bundle_of(item))
             signed, submitted = controller.prepare(records[item.index], link.id, result=result)
-            await controller.enqueue_signed(link, signed, submitted)
+            done = await controller.enqueue_signed(link, signed, submitted)
+            if done.created:
+                report.queued.append(done.message_id)
+            else:
+                report.already_queued.append(item.index)
     await controller.db.append_audit(controller.audit(
         "research.release" if send else "research.report",
         subject=f"link:{link.id}",
         partner=link.partner,
         detail=(f"k={report.k} achieved={report.k_achieved} level={report.level}"
                 f" records_in={report.records_in} released={report.records_released}"
-                f" suppressed={len(report.suppressed)} refused={len(report.refused)}"),
+                f" suppressed={len(report.suppressed)} refused={len(report.refused)}"
+                + (f" queued={len(report.queued)} already_queued={len(report.already_queued)}"
+                   if send else "")),
     ))
     return report

@@ -128,6 +128,10 @@ class ReleaseReport:
     top_coded: int = 0
     suppressed: list[tuple[int, str]] = field(default_factory=list)  # (record index, why)
     refused: list[tuple[int, str]] = field(default_factory=list)  # before anonymising
+    # Released records whose message was queued already (an earlier release, or a record
+    # repeated in the batch): sent once, not again. Set by a release that sends.
+    already_queued: list[int] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)  # message identities queued now
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +147,8 @@ class ReleaseReport:
             "ages_top_coded": self.top_coded,
             "records_refused": [{"record": i, "why": w} for i, w in self.refused],
             "records_suppressed": [{"record": i, "why": w} for i, w in self.suppressed],
+            "records_already_queued": list(self.already_queued),
+            "messages_queued": list(self.queued),
         }
 
     def lines(self) -> list[str]:
@@ -158,6 +164,9 @@ class ReleaseReport:
         ]
         out.extend(f"  record {i}: refused: {w}" for i, w in self.refused)
         out.extend(f"  record {i}: suppressed: {w}" for i, w in self.suppressed)
+        if self.queued or self.already_queued:
+            out.append(f"messages queued: {len(self.queued)}; released records already"
+                       f" queued before (sent once): {len(self.already_queued)}")
         return out
 
 
