@@ -288,9 +288,13 @@ def cmd_inbox_requeue(args: argparse.Namespace) -> int:
                     now=now, link_for=lambda sender: inbound.get(sender, ""), audit=queued,
                 )
     if args.json:
-        _print_json({"requeued": [_handoff_json(r) | {"sender": r.sender,
-                                                      "messageId": r.message_id} for r in rows],
-                     "queued": added})
+        # Each hand-off as it is now (queued, due at once), with the state it was taken
+        # from; ``queued`` counts those queued by --missing, ``requeuedCount`` the others.
+        _print_json({"requeued": [_handoff_json(r) | {
+                         "sender": r.sender, "messageId": r.message_id,
+                         "state": "queued", "requeuedFrom": r.state.value,
+                         "nextAttempt": now.isoformat()} for r in rows],
+                     "requeuedCount": len(rows), "queued": added})
     else:
         for r in rows:
             sys.stdout.write(f"requeued {r.destination} seq {r.seq} from {r.sender}"

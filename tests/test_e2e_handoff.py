@@ -235,8 +235,13 @@ async def test_a_claim_the_system_refuses_is_dead_lettered_and_requeued_by_an_op
         assert "last answer: HTTP 422 Unprocessable" in shown
         assert "--- message" in shown and "--- receipt" in shown
 
-        assert cli_main(["inbox", "requeue", "--config", cfg, "--destination", "claims-http"]) == 0
-        assert "1 hand-offs requeued" in capsys.readouterr().out
+        assert cli_main(["inbox", "requeue", "--config", cfg, "--destination", "claims-http",
+                         "--json"]) == 0
+        requeued = json.loads(capsys.readouterr().out)
+        # As it is now, and where it was taken from (a script reading it sees it requeued).
+        assert requeued["requeuedCount"] == 1 and requeued["queued"] == 0
+        assert [(r["messageId"], r["state"], r["requeuedFrom"])
+                for r in requeued["requeued"]] == [(dead, "queued", "dead")]
         await wait_for(lambda: endpoint.got.ids == {dead, *behind}, 20, "the requeued claim")
         assert endpoint.got.order[-1][1] == dead  # handed over late, with its own sequence
         assert endpoint.got.order[-1][2] == 1
@@ -356,7 +361,7 @@ async def test_a_destination_added_later_gets_the_claims_received_before_it(
     capsys.readouterr()
     assert cli_main(["inbox", "requeue", "--config", str(insurer_cfg), "--missing",
                      "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"requeued": [], "queued": 2}
+    assert json.loads(capsys.readouterr().out) == {"requeued": [], "requeuedCount": 0, "queued": 2}
     insurer = await start(insurer_cfg)
     try:
         late = await push(hospital, records[9:10])

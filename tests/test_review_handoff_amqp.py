@@ -95,3 +95,42 @@ async def test_a_queue_deleted_under_a_live_connection_is_declared_again(
         await hospital.stop()
         insurer.stop()
         await consumer.stop()
+
+
+async def test_a_broker_refusing_the_user_is_named_as_such_not_as_unreachable(
+    tmp_path: Path, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A wrong password: the broker answers and refuses. The operator sees amqp-refused
+    # (a setting to fix), where a broker that is down is amqp-unreachable.
+    import json
+
+    from e2e_support import cli
+
+    hospital_cfg, insurer_cfg = make_workdir(tmp_path)
+    fast_hospital(hospital_cfg)
+    monkeypatch.setenv("BRIDGE_TEST_AMQP_PASSWORD", "not-the-password")
+    add_destinations(insurer_cfg, amqp_url="amqp://127.0.0.1:5672/", queue=queue_name,
+                     extra='username = "guest"\npassword_env = "BRIDGE_TEST_AMQP_PASSWORD"\n')
+    insurer = Serve(insurer_cfg, tmp_path / "insurer.log")
+    await insurer.start()
+    hospital = BridgeService(Controller(load_config(hospital_cfg)), poll_interval=0.05)
+    await hospital.start()
+    try:
+        record = inpatient_records(1, seed=57)[0]
+        await hospital.controller.put_consent(consent_for(record, consent_id="c-0"))
+        await hospital.submit(record, LINK_OUT)
+
+        def errors() -> list[str]:
+            listed = cli("inbox", "list", "--config", str(insurer_cfg), "--json")
+            return [h.get("lastError") or "" for e in json.loads(listed.stdout or "[]")
+                    for h in e.get("handoffs", [])]
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not any(errors()):
+            assert asyncio.get_running_loop().time() < deadline, "no hand-off attempt"
+            await asyncio.sleep(0.3)
+        assert errors() == ["amqp-refused"], errors()
+        assert "not-the-password" not in (tmp_path / "insurer.log").read_text()
+    finally:
+        await hospital.stop()
+        insurer.stop()

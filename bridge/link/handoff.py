@@ -48,6 +48,12 @@ from bridge.logs import event
 from bridge.ops.metrics import ScrapeContext, metric_source
 
 log = logging.getLogger("bridge.handoff")
+#: A broker's refusal of the user, its password or the virtual host (wrong credentials, no
+#: permission, a virtual host that does not exist).
+_AMQP_REFUSALS = (aiormq.exceptions.AuthenticationError,
+                  aiormq.exceptions.ProbableAuthenticationError,
+                  aiormq.exceptions.ConnectionNotAllowed,
+                  aiormq.exceptions.ChannelAccessRefused)
 
 _ANSWER_LIMIT = 2048
 
@@ -213,7 +219,11 @@ class AMQPTransport:
             )
         except (TimeoutError, ConnectionError, OSError, aiormq.exceptions.AMQPError) as exc:
             await self.close()
-            raise DeliveryFailed("amqp-unreachable", _amqp_answer(exc)) from None
+            # The broker answered and refused this user or virtual host: a setting to fix,
+            # not a broker that is down.
+            refused = isinstance(exc, _AMQP_REFUSALS)
+            raise DeliveryFailed("amqp-refused" if refused else "amqp-unreachable",
+                                 _amqp_answer(exc)) from None
         try:
             channel = await self._connection.channel(publisher_confirms=True,
                                                      on_return_raises=True)
