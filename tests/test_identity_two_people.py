@@ -141,8 +141,11 @@ def test_a_research_batch_reports_a_record_joining_two_people_as_refused(
     other["elements"]["HDSD00.11.140"] = "ZY-OTHER-0009"
     batch = tmp_path / "batch.json"
     batch.write_text(json.dumps([first, other], ensure_ascii=False), encoding="utf-8")
-    report = cli("research", "report", "--config", str(hospital_cfg), "--link", LINK,
-                 "--json", str(batch))
-    assert report.returncode == 0, report.stdout + report.stderr
-    refused = json.loads(report.stdout)["records_refused"]
-    assert refused == [{"record": 1, "why": "mapping-error at Patient.identifier"}]
+    for verb in ("report", "release"):
+        # One person is fewer than k: nothing is released (exit 1), and the report says
+        # why of each record; the report judges the batch as the release does.
+        done = cli("research", verb, "--config", str(hospital_cfg), "--link", LINK,
+                   "--json", str(batch))
+        assert done.returncode == 1, done.stdout + done.stderr
+        refused = json.loads(done.stdout)["records_refused"]
+        assert refused == [{"record": 1, "why": "mapping-error at Patient.identifier"}], verb

@@ -5,7 +5,7 @@ patient restrictions, explanations and the audit record."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -337,8 +337,9 @@ def test_no_direct_identifier_of_appendix_g_survives(research: LinkProfile) -> N
         validate_resource(result.bundle)
 
 
-def _at(value: str) -> datetime:
-    return datetime.fromisoformat(value)
+def _day(text: str) -> date:
+    """The day a FHIR date or dateTime names, as written."""
+    return date.fromisoformat(text[:10])
 
 
 @pytest.mark.control("D4")
@@ -348,14 +349,18 @@ def test_date_shift_keeps_intervals_and_is_per_patient(research: LinkProfile) ->
         result = run(research, registry, collection, recipient="research-c", purpose="HRESCH", key=KEY)
         before = resources(collection, "Encounter")[0]["period"]
         after = resources(result.bundle, "Encounter")[0]["period"]
-        assert _at(after["end"]) - _at(after["start"]) == _at(before["end"]) - _at(before["start"])
-        shift = _at(after["start"]) - _at(before["start"])
+        # Kept to the day (a time of day would pick out the stay): intervals in days.
+        assert "T" not in after["start"] and "T" not in after["end"]
+        assert _day(after["end"]) - _day(after["start"]) == (
+            _day(before["end"]) - _day(before["start"]))
+        shift = _day(after["start"]) - _day(before["start"])
         assert shift != timedelta(0) and abs(shift) <= timedelta(days=365)
         for proc_in, proc_out in zip(resources(collection, "Procedure"),
                                      resources(result.bundle, "Procedure"), strict=True):
-            assert _at(proc_out["performedDateTime"]) - _at(proc_in["performedDateTime"]) == shift
+            assert _day(proc_out["performedDateTime"]) - _day(proc_in["performedDateTime"]) == shift
         claim_in, claim_out = resources(collection, "Claim")[0], resources(result.bundle, "Claim")[0]
-        assert _at(claim_out["billablePeriod"]["start"]) - _at(claim_in["billablePeriod"]["start"]) == shift
+        assert _day(claim_out["billablePeriod"]["start"]) - _day(
+            claim_in["billablePeriod"]["start"]) == shift
         shifts.add(shift)
         # The same key gives the same pseudonyms and shifts on a second run.
         again = run(research, registry, collection, recipient="research-c", purpose="HRESCH", key=KEY)

@@ -11,6 +11,7 @@ at least k - 1 others. :func:`release` with ``send=False`` is the dry run behind
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -49,14 +50,32 @@ async def release(
         raise ConfigError("this link's profile has no k_anonymity rule: not a research release",
                           location=f"links.{link.id}.profile")
     await controller.sync_consents()
+    if not send:
+        # A report changes nothing, yet judges each record as the release would: the
+        # records' identifiers are linked in a copy of the identity index, never stored.
+        real = controller.identity
+        controller.identity = controller.consents.identity = copy.deepcopy(real)
+        try:
+            return await _release(controller, records, link, profile, send=False)
+        finally:
+            controller.identity = controller.consents.identity = real
+    return await _release(controller, records, link, profile, send=True)
+
+
+async def _release(controller: Controller, records: Sequence[dict[str, Any]],
+                   link: Any, profile: Any, *, send: bool) -> ReleaseReport:
+    assert profile.k_anonymity is not None
     report = ReleaseReport(k=profile.k_anonymity.k, quasi=profile.k_anonymity.quasi)
     items: list[ReleaseItem] = []
     results: dict[int, Any] = {}
     for index, record in enumerate(records):
         try:
-            # A report changes nothing: the record's identifiers are checked, not linked.
-            mapped = (await controller.link_record(record) if send
-                      else controller._mapped_and_unlinked(record)[0])
+            if send:
+                mapped = await controller.link_record(record)
+            else:  # linked in the report's copy of the index only (see release)
+                mapped, group = controller._mapped_and_unlinked(record)
+                if group is not None:
+                    controller._linked(group)
         except MappingError as exc:  # identifiers that would join two people
             report.refused.append((index, f"{exc.code} at {exc.location or '-'}"))
             continue
