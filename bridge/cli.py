@@ -99,13 +99,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         static={"controller": config.controller.id},
     )
 
-    # What serving needs from files, checked before the store is opened (or made): a
-    # start refused for a certificate leaves no new store behind.
-    from bridge.link.node import signers_of
+    # The listener's certificate and key, checked before the store is opened (or made):
+    # a start refused for one of them leaves no new store behind. (The controller reads
+    # its signing keys before its store too.)
     from bridge.trust.tls import server_context
 
     server_context(config.tls.cert, config.tls.key, config.tls.ca, crl_file=config.tls.crl)
-    signers_of(config)
 
     async def run() -> None:
         service = BridgeService(Controller(config))

@@ -451,12 +451,12 @@ class Controller:
         no consent of one of them ever covers the other."""
         group = self.identity.of_identifiers(identifiers)
         cards = [p for (system, _), p in zip(identifiers, group, strict=True)
-                 if system == _ID_CARD]
+                 if system == ID_CARD_SYSTEM]
         if len(set(group)) < 2:
             return None
-        if self.identity.joins_two_id_cards(group, cards):
+        if self.identity.two_id_cards(self.identity.linked(group), cards):
             raise MappingError(
-                f"the record's resident ID card number ({_ID_CARD}) is not the one the"
+                f"the record's resident ID card number ({ID_CARD_SYSTEM}) is not the one the"
                 " patient its other identifiers name already holds: a record cannot join two"
                 " people; correct the patient's identifiers at the source",
                 location="Patient.identifier")
@@ -1066,9 +1066,8 @@ def _profile_for(name: str) -> LinkProfile:
     return load_link_profile(name)
 
 
-_ID_CARD = ID_CARD_SYSTEM
 _IDENTIFIER_PREFERENCE = (
-    _ID_CARD,  # resident ID card
+    ID_CARD_SYSTEM,  # resident ID card
     "urn:oid:2.16.156.10011.1.19",  # health card
     "urn:ws-fhir-bridge:id-document",  # passport and other ID documents
     "urn:oid:2.16.156.10011.1.13",  # medical record number

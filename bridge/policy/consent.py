@@ -876,8 +876,11 @@ class ConsentRegistry:
                 seen.setdefault(cid, self._by_id[cid])
         if self.identity is not None and self._by_pseudonym:
             pairs = [(i[0], i[1]) for i in patient_identifiers]
-            linked = self.identity.linked(self.identity.of_identifiers(pairs))
-            if self.identity.names_two_people(pairs, linked):
+            pseudonyms = self.identity.of_identifiers(pairs)
+            linked = self.identity.linked(pseudonyms)
+            cards = [p for (system, _), p in zip(pairs, pseudonyms, strict=True)
+                     if system == ID_CARD_SYSTEM]
+            if self.identity.two_id_cards(linked, cards):
                 # Another person's consent must never cover this data: identifiers that
                 # name holders of two resident ID card numbers are nobody's.
                 raise ConsentDenied(

@@ -33,18 +33,11 @@ class IdentityIndex:
         """These pseudonyms are of resident ID card numbers (one per person)."""
         self._cards.update(pseudonyms)
 
-    def joins_two_id_cards(self, pseudonyms: Iterable[str], id_cards: Iterable[str]) -> bool:
-        """Would linking ``pseudonyms`` (of which ``id_cards`` are of resident ID card
-        numbers) make one person of holders of two different ID card numbers?"""
-        items = list(pseudonyms)
-        cards = set(id_cards) | {p for p in self.linked(items) if p in self._cards}
-        return len(cards) > 1
-
-    def names_two_people(self, identifiers: Sequence[tuple[str, str]],
-                         linked: Iterable[str]) -> bool:
-        """Do ``identifiers``, with ``linked`` (the pseudonyms linked to them), hold two
-        different resident ID card numbers?"""
-        cards = {self.pseudonym(s, v) for s, v in identifiers if s == ID_CARD_SYSTEM}
+    def two_id_cards(self, linked: Iterable[str], id_cards: Iterable[str]) -> bool:
+        """Do ``linked`` (pseudonyms and every one linked to them) and ``id_cards`` (those
+        of them known from the record to be of resident ID card numbers) hold two
+        different ID card numbers, that is, two people?"""
+        cards = set(id_cards)
         cards.update(p for p in linked if p in self._cards)
         return len(cards) > 1
 
