@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import os
 import pstats
@@ -55,6 +56,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,14 @@ def _tally_dispatch(controller: Any, tally: dict[str, list[float]]) -> None:
         setattr(controller, name, timed)
 
 
+def _share(path: Path, share: int, of: int) -> Iterator[dict[str, Any]]:
+    """Every ``of``-th record of a JSON-lines file, from the ``share``-th, read lazily."""
+    with path.open("rb") as lines:
+        for i, line in enumerate(lines):
+            if i % of == share:
+                yield orjson.loads(line)
+
+
 async def sender(config: Path, records_file: Path, share: int, of: int, rate: float,
                  profile: Path | None) -> None:
     """One hospital bridge: start, say ``ready``; on ``go`` enqueue every ``of``-th record
@@ -195,8 +205,9 @@ async def sender(config: Path, records_file: Path, share: int, of: int, rate: fl
     from bridge.link.node import Controller
     from bridge.link.service import BridgeService
 
-    records = [r for i, r in enumerate(orjson.loads(records_file.read_bytes()))
-               if i % of == share]
+    # Read one at a time, so the process's resident size is the bridge's own, not that
+    # of the run's records (a --soak of 100,000 holds about 1 GiB of them).
+    records = _share(records_file, share, of)
     service = BridgeService(Controller(load_config(config)), poll_interval=0.2)
     tally = _tally_store(service.controller.store) if os.environ.get("BENCH_TALLY") else None
     if tally is not None:
@@ -209,12 +220,11 @@ async def sender(config: Path, records_file: Path, share: int, of: int, rate: fl
     # Warm-up: the first claims load mappings, value sets, validation models and TLS
     # sessions once per process; they are not what a running bridge spends per claim.
     assert (await lines.get()).strip() == "warm"
-    for record in records[:WARM_UP]:
+    for record in itertools.islice(records, WARM_UP):
         try:
             await service.submit(record, LINK_OUT)
         except PolicyError:
             pass
-    records = records[WARM_UP:]
     print("warm", flush=True)
     assert (await lines.get()).strip() == "go"
     prof = cProfile.Profile() if profile else None
@@ -341,8 +351,10 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
             _use_postgres(hospital_cfg, schemas[0])
             _use_postgres(insurer_cfg, schemas[1])
         records = _records(claims, seed)
-        records_file = root / "records.json"
-        records_file.write_bytes(orjson.dumps(records))
+        records_file = root / "records.jsonl"
+        with records_file.open("wb") as out:
+            for record in records:
+                out.write(orjson.dumps(record) + b"\n")
 
         async def consents() -> None:
             controller = Controller(load_config(hospital_cfg))
@@ -429,6 +441,8 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
                 while soak_every and counts.get("acked", 0) - warm >= step:
                     rss.append({"claims": counts["acked"] - warm,
                                 **{side: sum(rss_mib(pid) for pid in ps)
+                                   for side, ps in pids.items()},
+                                **{f"{side}_cpu": sum(cpu_seconds(pid) for pid in ps)
                                    for side, ps in pids.items()}})
                     step += soak_every
                 time.sleep(0.05)
@@ -680,9 +694,18 @@ def main() -> None:
         print(f"soak: {r['acked']} claims in {r['elapsed']:.0f} s, lost {r['lost']};"
               f" CPU ms/claim sender {r['cpu_ms']['sender']:.2f},"
               f" receiver {r['cpu_ms']['receiver']:.2f}")
-        print("  claims      sender RSS MiB   receiver RSS MiB")
+        # CPU per claim over each step: a cost that grew with the store's size shows here.
+        print("  claims      sender RSS MiB   receiver RSS MiB   CPU ms/claim since the last"
+              " line: sender, receiver")
+        last: dict[str, Any] | None = None
         for s in r["rss"]:
-            print(f"  {s['claims']:>8}   {s['sender']:10.1f}   {s['receiver']:10.1f}")
+            step_cpu = ""
+            if last is not None:
+                n = max(s["claims"] - last["claims"], 1)
+                step_cpu = (f"   {(s['sender_cpu'] - last['sender_cpu']) * 1000 / n:6.2f}"
+                            f"   {(s['receiver_cpu'] - last['receiver_cpu']) * 1000 / n:6.2f}")
+            print(f"  {s['claims']:>8}   {s['sender']:10.1f}   {s['receiver']:10.1f}{step_cpu}")
+            last = s
         first = r["rss"][len(r["rss"]) // 10] if r["rss"] else None
         if first:
             for side in ("sender", "receiver"):

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import random
 import ssl
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -238,7 +239,13 @@ class LinkStats:
     #: Batch requests sent, and the claims they carried.
     batches: int = 0
     batched: int = 0
-    latencies: list[float] = field(default_factory=list)
+    #: Seconds from enqueue to verified receipt of the latest deliveries this process
+    #: made (at most LATENCIES_KEPT: a bridge that runs for months keeps no more).
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCIES_KEPT))
+
+
+#: How many of the latest delivery latencies a link's statistics keep.
+LATENCIES_KEPT = 10_000
 
 
 class Dispatcher:
