@@ -14,6 +14,9 @@ records, with the CPU time per record (the batch holds its bundles as JSON text,
 link's release does); and the share of the policy stage in the sender's
 CPU per claim (``Controller.submit``: mapping, policy, signing, store and audit).
 
+Then the consent lookup of one claim for a patient with 1 to 10,000 linked stays
+(``--only stays``).
+
 Prints figures only; asserts nothing about time. The machine is shared and noisy:
 figures are medians.
 
@@ -71,8 +74,11 @@ def main() -> None:
     parser.add_argument("--max-consents", type=int, default=100_000)
     parser.add_argument("--research-records", type=int, default=10_000)
     parser.add_argument("--claim-records", type=int, default=200)
-    parser.add_argument("--only", choices=["policy", "research", "share"], default=None)
+    parser.add_argument("--only", choices=["policy", "research", "share", "stays"],
+                        default=None)
     args = parser.parse_args()
+    if args.only in (None, "stays"):
+        lookup_by_stays()
     if args.only in (None, "research"):
         research_path(args.research_records)
     if args.only in (None, "share"):
@@ -243,6 +249,30 @@ def research_path(n: int) -> None:
     print(f"  released {report.records_released:,}, suppressed {len(report.suppressed):,}, "
           f"k achieved {report.k_achieved}, generalisation level {report.level}")
     print(f"  (mapping the same records, for scale: {n / mapping:,.0f} records/s)\n")
+
+
+def lookup_by_stays() -> None:
+    """The consent lookup of one claim (``ConsentRegistry.for_patient``, which also checks
+    that the identifiers name one person) for a patient whose medical-record number is
+    linked to 1, 100, 1,000 or 10,000 inpatient numbers: a bridge links every stay's
+    number to the patient, so a long-running bridge holds patients with many."""
+    from bridge.policy.identity import IdentityIndex
+
+    mrn, stay = "urn:oid:2.16.156.10011.1.13", "urn:oid:2.16.156.10011.1.12"
+    print(f"consent lookup of one claim, by the patient's number of linked stays "
+          f"(load average {_load()}), median microseconds:")
+    for stays in (1, 100, 1_000, 10_000):
+        index = IdentityIndex(lambda system, value: f"{system}|{value}")
+        registry = ConsentRegistry(index)
+        registry.put(_consent(0, mrn, "M-1"), now=NOW, trusted=True)
+        for n in range(stays):
+            index.link([f"{mrn}|M-1", f"{stay}|ZY-{n}"])
+        ask = [(stay, f"ZY-{stays - 1}"), (mrn, "M-1")]
+        assert len(registry.for_patient(ask)) == 1
+        micro = _median_ms(lambda ask=ask, r=registry: [r.for_patient(ask) for _ in range(100)],
+                           25) * 10
+        print(f"  {stays:>6} stays: {micro:8.1f} us")
+    print()
 
 
 def claim_path_share(n: int) -> None:

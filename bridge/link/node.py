@@ -454,13 +454,13 @@ class Controller:
                  if system == ID_CARD_SYSTEM]
         if len(set(group)) < 2:
             return None
-        if self.identity.two_id_cards(self.identity.linked(group), cards):
+        if self.identity.two_id_cards(group, cards):
             raise MappingError(
                 f"the record's resident ID card number ({ID_CARD_SYSTEM}) is not the one the"
                 " patient its other identifiers name already holds: a record cannot join two"
                 " people; correct the patient's identifiers at the source",
                 location="Patient.identifier")
-        if len(self.identity.linked(group[:1]) & set(group)) == len(set(group)):
+        if self.identity.one_person(group):
             return None
         return PatientLink(tuple(group), tuple(dict.fromkeys(cards)))
 

@@ -780,10 +780,24 @@ class ConsentRegistry:
     def __init__(self, identity: IdentityIndex | None = None) -> None:
         self._by_id: dict[str, ConsentRecord] = {}
         self._by_patient: dict[tuple[str, str], set[str]] = {}
-        #: With an identity index, consents are found by any identifier linked to the
-        #: one they name (one patient across identifiers).
-        self.identity = identity
         self._by_pseudonym: dict[str, set[str]] = {}
+        self._identity: IdentityIndex | None = None
+        self.identity = identity
+
+    @property
+    def identity(self) -> IdentityIndex | None:
+        """With an identity index, consents are found by any identifier linked to the
+        one they name (one patient across identifiers)."""
+        return self._identity
+
+    @identity.setter
+    def identity(self, index: IdentityIndex | None) -> None:
+        # The index keeps, per person, the pseudonyms consents are registered under: an
+        # index put in place (a copy for a dry run, then the original back) learns them.
+        self._identity = index
+        if index is not None:
+            for pseudonym in self._by_pseudonym:
+                index.mark(pseudonym)
 
     def put(
         self, resource: dict[str, Any], *, now: datetime, trusted: bool = False
@@ -819,6 +833,7 @@ class ConsentRegistry:
         if self.identity is not None:
             pseudonym = self.identity.pseudonym(*record.patient)
             self._by_pseudonym.setdefault(pseudonym, set()).add(record.id)
+            self.identity.mark(pseudonym)
             if record.patient[0] == ID_CARD_SYSTEM:
                 # A consent names its patient's resident ID card number: known as one
                 # here, so no record can join another holder to this person (stores
@@ -877,16 +892,16 @@ class ConsentRegistry:
         if self.identity is not None and self._by_pseudonym:
             pairs = [(i[0], i[1]) for i in patient_identifiers]
             pseudonyms = self.identity.of_identifiers(pairs)
-            linked = self.identity.linked(pseudonyms)
             cards = [p for (system, _), p in zip(pairs, pseudonyms, strict=True)
                      if system == ID_CARD_SYSTEM]
-            if self.identity.two_id_cards(linked, cards):
+            if self.identity.two_id_cards(pseudonyms, cards):
                 # Another person's consent must never cover this data: identifiers that
                 # name holders of two resident ID card numbers are nobody's.
                 raise ConsentDenied(
                     "the patient's identifiers name two people (two resident ID card"
                     " numbers): correct them at the source", location="Patient.identifier")
-            for p in sorted(linked):
+            # The linked pseudonyms a consent is registered under (see put).
+            for p in sorted(self.identity.marked(pseudonyms)):
                 for cid in sorted(self._by_pseudonym.get(p, ())):
                     seen.setdefault(cid, self._by_id[cid])
         return list(seen.values())

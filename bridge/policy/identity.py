@@ -19,27 +19,55 @@ ID_CARD_SYSTEM = "urn:oid:2.16.156.10011.1.3"
 
 class IdentityIndex:
     """Pseudonyms linked into persons. ``pseudonym(system, value)`` is the controller's
-    keyed patient pseudonym, so identifiers are never kept here in the clear."""
+    keyed patient pseudonym, so identifiers are never kept here in the clear.
+
+    Each person keeps two small sets that the questions asked on every claim need: the
+    pseudonyms of its resident ID card numbers, and those under which a consent is
+    registered (:meth:`mark`). A question about a person then costs what those sets
+    hold, not what the person's whole history of stays does: a patient with hundreds of
+    inpatient numbers is asked about as fast as one with a single stay.
+    """
 
     def __init__(self, pseudonym: Callable[[str, str], str]) -> None:
         self.pseudonym = pseudonym
         self._parent: dict[str, str] = {}
-        self._members: dict[str, set[str]] = {}
-        self._cards: set[str] = set()  # pseudonyms of resident ID card numbers
+        self._size: dict[str, int] = {}  # per person (by its root): how many pseudonyms
+        self._cards: dict[str, set[str]] = {}  # per person: its ID card pseudonyms
+        self._marked: dict[str, set[str]] = {}  # per person: pseudonyms holding consents
         self.cursor = 0  # the last store link taken in
         self.card_cursor = 0  # the last resident ID card pseudonym taken in
 
     def note_id_cards(self, pseudonyms: Iterable[str]) -> None:
         """These pseudonyms are of resident ID card numbers (one per person)."""
-        self._cards.update(pseudonyms)
+        for p in pseudonyms:
+            self._cards.setdefault(self._root(p), set()).add(p)
 
-    def two_id_cards(self, linked: Iterable[str], id_cards: Iterable[str]) -> bool:
-        """Do ``linked`` (pseudonyms and every one linked to them) and ``id_cards`` (those
-        of them known from the record to be of resident ID card numbers) hold two
-        different ID card numbers, that is, two people?"""
+    def mark(self, pseudonym: str) -> None:
+        """A consent is registered under this pseudonym (see :meth:`marked`)."""
+        self._marked.setdefault(self._root(pseudonym), set()).add(pseudonym)
+
+    def marked(self, pseudonyms: Iterable[str]) -> set[str]:
+        """The marked pseudonyms of the persons these pseudonyms belong to."""
+        out: set[str] = set()
+        for root in {self._root(p) for p in pseudonyms}:
+            out |= self._marked.get(root, set())
+        return out
+
+    def two_id_cards(self, pseudonyms: Iterable[str], id_cards: Iterable[str]) -> bool:
+        """Do the persons of ``pseudonyms`` together with ``id_cards`` (pseudonyms known
+        from a record to be of resident ID card numbers) hold two different ID card
+        numbers, that is, two people?"""
         cards = set(id_cards)
-        cards.update(p for p in linked if p in self._cards)
+        for root in {self._root(p) for p in pseudonyms}:
+            cards |= self._cards.get(root, set())
         return len(cards) > 1
+
+    def one_person(self, pseudonyms: Sequence[str]) -> bool:
+        """Are these pseudonyms all linked into one person already?"""
+        if not pseudonyms:
+            return True
+        root = self._root(pseudonyms[0])
+        return all(self._root(p) == root for p in pseudonyms[1:])
 
     def _root(self, p: str) -> str:
         parent = self._parent.get(p, p)
@@ -61,24 +89,20 @@ class IdentityIndex:
             if other == root:
                 continue
             changed = True
-            a = self._members.pop(root, {root})
-            b = self._members.pop(other, {other})
-            # The larger group keeps its root.
-            if len(a) < len(b):
-                root, other, a, b = other, root, b, a
+            a = self._size.pop(root, 1)
+            b = self._size.pop(other, 1)
+            # The larger group keeps its root (the paths to it stay short).
+            if a < b:
+                root, other = other, root
             self._parent[other] = root
             self._parent.setdefault(root, root)
-            self._members[root] = a | b
+            self._size[root] = a + b
+            for table in (self._cards, self._marked):
+                moved = table.pop(other, None)
+                if moved:
+                    table.setdefault(root, set()).update(moved)
         return changed
 
     def of_identifiers(self, identifiers: Sequence[tuple[str, str]]) -> list[str]:
         """The pseudonyms of these identifiers, in order."""
         return [self.pseudonym(s, v) for s, v in identifiers]
-
-    def linked(self, pseudonyms: Iterable[str]) -> frozenset[str]:
-        """Every pseudonym of the persons these pseudonyms belong to."""
-        out: set[str] = set()
-        for p in pseudonyms:
-            root = self._root(p)
-            out |= self._members.get(root, {p})
-        return frozenset(out)

@@ -1,0 +1,95 @@
+"""One patient across identifiers: consents and ID card numbers follow every link,
+whichever side of a merge they were noted on, and an index put in place learns them."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from bridge.errors import ConsentDenied
+from bridge.policy.consent import ConsentRegistry, build_consent
+from bridge.policy.identity import ID_CARD_SYSTEM, IdentityIndex
+
+NOW = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
+MRN = "urn:oid:2.16.156.10011.1.13"
+STAY = "urn:oid:2.16.156.10011.1.12"
+
+
+def pseudonym(system: str, value: str) -> str:
+    return "p:" + hashlib.sha256(f"{system}|{value}".encode()).hexdigest()[:24]
+
+
+def consent(cid: str, system: str, value: str) -> dict:
+    return build_consent(
+        consent_id=cid, patient_system=system, patient_value=value, recipient="insurer-b",
+        purposes=["HPAYMT"], start=NOW - timedelta(days=30), end=NOW + timedelta(days=30),
+        hospital_partner_id="hospital-a")
+
+
+def link(index: IdentityIndex, *identifiers: tuple[str, str]) -> None:
+    index.link(index.of_identifiers(list(identifiers)))
+
+
+def ids(records: list) -> set[str]:
+    return {r.id for r in records}
+
+
+@pytest.mark.parametrize("consent_first", [True, False])
+def test_a_consent_is_found_by_every_stay_of_a_patient_with_many(consent_first: bool) -> None:
+    index = IdentityIndex(pseudonym)
+    registry = ConsentRegistry(index)
+    if consent_first:
+        registry.put(consent("c-1", MRN, "M1"), now=NOW)
+    # Many stays joined one by one, then a second group of stays (its own, larger,
+    # history) joined to the first through one more record: the group holding the
+    # consent is the smaller one in that last merge.
+    for n in range(5):
+        link(index, (MRN, "M1"), (STAY, f"ZY-a{n}"))
+    for n in range(12):
+        link(index, (STAY, "ZY-b0"), (STAY, f"ZY-b{n + 1}"))
+    link(index, (STAY, "ZY-b7"), (STAY, "ZY-a3"))
+    if not consent_first:
+        registry.put(consent("c-1", MRN, "M1"), now=NOW)
+    for stay in ("ZY-a0", "ZY-a4", "ZY-b0", "ZY-b12"):
+        assert ids(registry.for_patient([(STAY, stay)])) == {"c-1"}, stay
+    # Someone never linked to the patient finds nothing.
+    assert registry.for_patient([(STAY, "ZY-other")]) == []
+    assert index.one_person(index.of_identifiers([(MRN, "M1"), (STAY, "ZY-b12")]))
+    assert not index.one_person(index.of_identifiers([(MRN, "M1"), (STAY, "ZY-other")]))
+
+
+def test_two_id_card_numbers_are_seen_across_a_merge_either_way() -> None:
+    index = IdentityIndex(pseudonym)
+    registry = ConsentRegistry(index)
+    link(index, (ID_CARD_SYSTEM, "110101199001011234"), (MRN, "M1"))
+    index.note_id_cards(index.of_identifiers([(ID_CARD_SYSTEM, "110101199001011234")]))
+    for n in range(6):  # the other person's group is the larger one
+        link(index, (ID_CARD_SYSTEM, "110101198002023456"), (STAY, f"ZY-{n}"))
+    index.note_id_cards(index.of_identifiers([(ID_CARD_SYSTEM, "110101198002023456")]))
+    one, other = index.of_identifiers([(MRN, "M1")]), index.of_identifiers([(STAY, "ZY-3")])
+    assert not index.two_id_cards(one, [])
+    assert not index.two_id_cards(other, [])
+    assert index.two_id_cards(one + other, [])
+    # Once a bad record has joined them, nobody's consent covers either.
+    link(index, (MRN, "M1"), (STAY, "ZY-0"))
+    assert index.two_id_cards(other, [])
+    registry.put(consent("c-1", MRN, "M1"), now=NOW)
+    with pytest.raises(ConsentDenied):
+        registry.for_patient([(STAY, "ZY-5")])
+
+
+def test_an_index_put_in_place_learns_the_consents_registered_meanwhile() -> None:
+    real = IdentityIndex(pseudonym)
+    registry = ConsentRegistry(real)
+    registry.put(consent("c-1", MRN, "M1"), now=NOW)
+    # A dry run works on a copy; a consent arrives meanwhile and lands in the copy.
+    registry.identity = copy.deepcopy(real)
+    registry.put(consent("c-2", MRN, "M2"), now=NOW)
+    registry.identity = real
+    link(real, (MRN, "M2"), (STAY, "ZY-9"))
+    link(real, (MRN, "M1"), (STAY, "ZY-1"))
+    assert ids(registry.for_patient([(STAY, "ZY-9")])) == {"c-2"}
+    assert ids(registry.for_patient([(STAY, "ZY-1")])) == {"c-1"}
