@@ -12,7 +12,6 @@ the bridge depends on.
 
 from __future__ import annotations
 
-import re
 import typing
 from typing import Any, NamedTuple
 
@@ -94,13 +93,22 @@ def _validate_model(model: type[pydantic.BaseModel], data: dict[str, Any], prefi
 
 # A member or array item that is "", [] or {}, or a member that is null: FHIR JSON has no
 # empty values (null only as a placeholder inside an array of primitives). Read on the
-# bytes first (in C); only a body where it may be is walked to name the place.
-_MAYBE_EMPTY = re.compile(rb'[:\[,]\s*(?:""|\[\s*\]|\{\s*\})|:\s*null')
+# bytes first, by substring searches (memchr speed: a regular expression over a 12 KB
+# claim took 0.15-0.3 ms, a tenth of the receiver's CPU per claim); only a body where
+# one may be is walked to name the place. "" and null are written so whatever the
+# spacing; an empty array or object is [] or {}, or an opener followed by JSON
+# whitespace (which the bridge's own senders never write).
+_MAYBE_EMPTY = (b'""', b"null", b"[]", b"{}",
+                *(opener + space for opener in (b"[", b"{") for space in (b" ", b"\t", b"\n", b"\r")))
+
+
+def _may_hold_empty(body: bytes) -> bool:
+    return any(token in body for token in _MAYBE_EMPTY)
 
 
 def empty_value(body: bytes, data: Any, prefix: str = "Bundle") -> str | None:
     """The FHIR path of the first empty value in ``data`` (``body`` parsed), or None."""
-    if _MAYBE_EMPTY.search(body) is None:
+    if not _may_hold_empty(body):
         return None
     found = _first_empty(data, prefix)
     return bounded_path(found) if found is not None else None
