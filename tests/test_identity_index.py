@@ -93,3 +93,26 @@ def test_an_index_put_in_place_learns_the_consents_registered_meanwhile() -> Non
     link(real, (MRN, "M1"), (STAY, "ZY-1"))
     assert ids(registry.for_patient([(STAY, "ZY-9")])) == {"c-2"}
     assert ids(registry.for_patient([(STAY, "ZY-1")])) == {"c-1"}
+
+
+def test_a_registry_given_an_index_later_finds_its_consents_through_it() -> None:
+    registry = ConsentRegistry()
+    registry.put(consent("c-1", ID_CARD_SYSTEM, "110101199001011234"), now=NOW)
+    index = IdentityIndex(pseudonym)
+    link(index, (ID_CARD_SYSTEM, "110101199001011234"), (MRN, "M1"))
+    registry.identity = index
+    assert ids(registry.for_patient([(MRN, "M1")])) == {"c-1"}
+    # The consent's ID card number is known as one: a second one is another person.
+    with pytest.raises(ConsentDenied):
+        registry.for_patient([(MRN, "M1"), (ID_CARD_SYSTEM, "110101198002023456")])
+
+
+def test_an_id_card_named_by_a_consent_during_a_dry_run_is_known_after_it() -> None:
+    real = IdentityIndex(pseudonym)
+    registry = ConsentRegistry(real)
+    registry.identity = copy.deepcopy(real)
+    registry.put(consent("c-1", ID_CARD_SYSTEM, "110101199001011234"), now=NOW)
+    registry.identity = real
+    link(real, (ID_CARD_SYSTEM, "110101199001011234"), (MRN, "M1"))
+    with pytest.raises(ConsentDenied):
+        registry.for_patient([(MRN, "M1"), (ID_CARD_SYSTEM, "110101198002023456")])

@@ -792,12 +792,25 @@ class ConsentRegistry:
 
     @identity.setter
     def identity(self, index: IdentityIndex | None) -> None:
-        # The index keeps, per person, the pseudonyms consents are registered under: an
-        # index put in place (a copy for a dry run, then the original back) learns them.
+        # The index keeps, per person, the pseudonyms consents are registered under and
+        # the ID card numbers they name: an index put in place (a copy for a dry run,
+        # then the original back; one given to a registry that had none) learns them
+        # from every consent registered.
         self._identity = index
+        self._by_pseudonym = {}
         if index is not None:
-            for pseudonym in self._by_pseudonym:
-                index.mark(pseudonym)
+            for record in self._by_id.values():
+                self._index_pseudonym(index, record)
+
+    def _index_pseudonym(self, index: IdentityIndex, record: ConsentRecord) -> None:
+        pseudonym = index.pseudonym(*record.patient)
+        self._by_pseudonym.setdefault(pseudonym, set()).add(record.id)
+        index.mark(pseudonym)
+        if record.patient[0] == ID_CARD_SYSTEM:
+            # A consent names its patient's resident ID card number: known as one
+            # here, so no record can join another holder to this person (stores
+            # linked before ID card numbers were noted apart included).
+            index.note_id_cards((pseudonym,))
 
     def put(
         self, resource: dict[str, Any], *, now: datetime, trusted: bool = False
@@ -831,14 +844,7 @@ class ConsentRegistry:
         self._by_id[record.id] = record
         self._by_patient.setdefault(record.patient, set()).add(record.id)
         if self.identity is not None:
-            pseudonym = self.identity.pseudonym(*record.patient)
-            self._by_pseudonym.setdefault(pseudonym, set()).add(record.id)
-            self.identity.mark(pseudonym)
-            if record.patient[0] == ID_CARD_SYSTEM:
-                # A consent names its patient's resident ID card number: known as one
-                # here, so no record can join another holder to this person (stores
-                # linked before ID card numbers were noted apart included).
-                self.identity.note_id_cards((pseudonym,))
+            self._index_pseudonym(self.identity, record)
         return record
 
     def put_many(
