@@ -30,6 +30,7 @@ from bridge.errors import (
     bounded_path,
     member_label,
 )
+from bridge.uuids import uuid5_text
 
 #: The version of the exchange protocol (``conformance/PROTOCOL.md``) this bridge
 #: speaks, as its CapabilityStatement, ``bridge --version`` and the build-info metric
@@ -60,7 +61,7 @@ def message_id_for(sender: str, link: str, source_key: str) -> str:
 
     Re-submitting a record therefore cannot create a second claim at the receiver.
     """
-    return "urn:uuid:" + str(uuid.uuid5(MESSAGE_NAMESPACE, f"{sender}\x1f{link}\x1f{source_key}"))
+    return "urn:uuid:" + uuid5_text(MESSAGE_NAMESPACE, f"{sender}\x1f{link}\x1f{source_key}")
 
 
 def wrap_message(
@@ -82,7 +83,7 @@ def wrap_message(
         for e in entries
         if e.get("resource", {}).get("resourceType") == focus_type and "fullUrl" in e
     ]
-    header_id = str(uuid.uuid5(MESSAGE_NAMESPACE, message_id + "#header"))
+    header_id = uuid5_text(MESSAGE_NAMESPACE, message_id + "#header")
     header: dict[str, Any] = {
         "resourceType": "MessageHeader",
         "id": header_id,

@@ -26,6 +26,7 @@ from bridge.mapping.spec import (
 from bridge.mapping.transforms import NOTHING, REGISTRY
 from bridge.mapping.valuesets import ValueSetMap
 from bridge.records.fhir import validate_resource_cached
+from bridge.uuids import uuid5_text
 
 # Resource ids are uuid5 values in this namespace, named by the resource type and the
 # source identifiers, so the same record always yields the same ids.
@@ -167,7 +168,7 @@ def _resource_id(spec: ResourceSpec, ctx: RuleContext, prefix: str, index: int |
                 break
             parts.append(value)
         if complete:
-            return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
+            return uuid5_text(ID_NAMESPACE, "|".join(parts))
     assert first_missing is not None
     raise MappingError(f"identifying data element missing for {spec.type}",
                        location=f"{item_location} {first_missing}" if item_location

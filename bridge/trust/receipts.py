@@ -62,6 +62,7 @@ from bridge.trust.jws import (
     sign_bundle,
     verify_bundle,
 )
+from bridge.uuids import uuid5_text
 
 Outcome = Literal["ok", "fatal-error", "transient-error"]
 OUTCOMES: frozenset[str] = frozenset({"ok", "fatal-error", "transient-error"})
@@ -84,7 +85,7 @@ _MH = "Bundle.entry[0].resource"
 
 def receipt_id(request_message_id: str, receiver: str) -> str:
     """The receipt identity (``urn:uuid:…``) for a request at ``receiver``."""
-    return f"urn:uuid:{uuid.uuid5(RECEIPT_NAMESPACE, request_message_id + chr(0) + receiver)}"
+    return f"urn:uuid:{uuid5_text(RECEIPT_NAMESPACE, request_message_id + chr(0) + receiver)}"
 
 
 def _response_identifier(request_message_id: str) -> str:
@@ -125,7 +126,7 @@ def make_receipt(
         raise SigningError("audit sequence out of FHIR integer range", location=EXT_AUDIT_SEQ)
     own_id = receipt_id(request_message_id, receiver)
     bare = own_id.removeprefix("urn:uuid:")
-    header_id = str(uuid.uuid5(RECEIPT_NAMESPACE, bare + chr(0) + "MessageHeader"))
+    header_id = uuid5_text(RECEIPT_NAMESPACE, bare + chr(0) + "MessageHeader")
     header: dict[str, Any] = {
         "resourceType": "MessageHeader",
         "id": header_id,
@@ -154,7 +155,7 @@ def make_receipt(
                 base64.b64encode(h).decode() for h in audit_proof)})
     entries: list[dict[str, Any]] = [{"fullUrl": f"urn:uuid:{header_id}", "resource": header}]
     if issues:
-        outcome_id = str(uuid.uuid5(RECEIPT_NAMESPACE, bare + chr(0) + "OperationOutcome"))
+        outcome_id = uuid5_text(RECEIPT_NAMESPACE, bare + chr(0) + "OperationOutcome")
         entries.append(
             {
                 "fullUrl": f"urn:uuid:{outcome_id}",
