@@ -17,7 +17,7 @@ machine's load average before and after.
 
     python bench/claim_push.py [--claims 2000] [--rate 100] [--runs 1]
     python bench/claim_push.py --store postgres --senders 2     # scale-out on one outbox
-    python bench/claim_push.py --soak 100000                    # resident size over a long run
+    python bench/claim_push.py --soak 100000                    # resident size and CPU per claim over a long run
     python bench/claim_push.py --profile DIR                    # top 15 functions per side
     python bench/claim_push.py --batch off --loop asyncio       # one claim per request, stdlib loop
     BENCH_TALLY=1 python bench/claim_push.py --store postgres --senders 2 --batch on --rate 0
