@@ -11,8 +11,8 @@ def test_latencies_keep_only_the_latest_deliveries() -> None:
         stats.latencies.append(float(n))
     assert len(stats.latencies) == LATENCIES_KEPT
     # The newest are the ones kept, in order: a p99 read off them is the recent one.
-    assert list(stats.latencies)[-1] == float(LATENCIES_KEPT * 3 + 6)
-    assert list(stats.latencies)[0] == float(LATENCIES_KEPT * 2 + 7)
+    assert stats.latencies[-1] == float(LATENCIES_KEPT * 3 + 6)
+    assert stats.latencies[0] == float(LATENCIES_KEPT * 2 + 7)
 
 
 def test_each_link_keeps_its_own_latencies() -> None:
