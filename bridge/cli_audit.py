@@ -22,6 +22,7 @@ import orjson
 
 from bridge.cli_common import add_json_option, output_file, print_json, read_input
 from bridge.errors import NotFound, ParseError, RuntimeFailure, UsageError
+from bridge.uuids import uuid5_text
 
 _CONFIG_HELP = "the controller's configuration file (TOML)"
 
@@ -354,8 +355,8 @@ def balp_event(entry: Any, controller: str) -> dict[str, Any]:
         })
     return {
         "resourceType": "AuditEvent",
-        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:ws-fhir-bridge:audit:{controller}:"
-                                                 f"{entry.seq}")),
+        "id": uuid5_text(uuid.NAMESPACE_URL, f"urn:ws-fhir-bridge:audit:{controller}:"
+                                             f"{entry.seq}"),
         "type": {"system": _DCM, "code": code, "display": display},
         "subtype": [{"system": "urn:ws-fhir-bridge:audit-action", "code": record.action,
                      "display": text}],

@@ -61,7 +61,7 @@ from bridge.policy.engine import (
 from bridge.policy.engine import (
     patient_identifiers as asked_identifiers,  # the payload's, as recheck_collection reads them
 )
-from bridge.policy.identity import ID_CARD_SYSTEM, IdentityIndex
+from bridge.policy.identity import ID_CARD_SYSTEM, IdentityIndex, id_card_pseudonyms
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
 from bridge.policy.transforms import DeidContext, pseudonymise_ids
 from bridge.resources import MappingFiles
@@ -450,8 +450,7 @@ class Controller:
         keyed to the wrong patient) are refused, naming the identifier system, so that
         no consent of one of them ever covers the other."""
         group = self.identity.of_identifiers(identifiers)
-        cards = [p for (system, _), p in zip(identifiers, group, strict=True)
-                 if system == ID_CARD_SYSTEM]
+        cards = id_card_pseudonyms(identifiers, group)
         if len(set(group)) < 2:
             return None
         if self.identity.two_id_cards(group, cards):

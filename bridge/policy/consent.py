@@ -67,7 +67,7 @@ from bridge.policy.classify import (
     SENSITIVITY_SYSTEM,
     default_classification,
 )
-from bridge.policy.identity import ID_CARD_SYSTEM, IdentityIndex
+from bridge.policy.identity import ID_CARD_SYSTEM, IdentityIndex, id_card_pseudonyms
 from bridge.records.fhir import validate_resource
 
 SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
@@ -898,9 +898,7 @@ class ConsentRegistry:
         if self.identity is not None and self._by_pseudonym:
             pairs = [(i[0], i[1]) for i in patient_identifiers]
             pseudonyms = self.identity.of_identifiers(pairs)
-            cards = [p for (system, _), p in zip(pairs, pseudonyms, strict=True)
-                     if system == ID_CARD_SYSTEM]
-            if self.identity.two_id_cards(pseudonyms, cards):
+            if self.identity.two_id_cards(pseudonyms, id_card_pseudonyms(pairs, pseudonyms)):
                 # Another person's consent must never cover this data: identifiers that
                 # name holders of two resident ID card numbers are nobody's.
                 raise ConsentDenied(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["ID_CARD_SYSTEM", "IdentityIndex"]
+__all__ = ["ID_CARD_SYSTEM", "IdentityIndex", "id_card_pseudonyms"]
 
 #: The resident ID card number (居民身份证号, GB 11643): one per person, for life.
 ID_CARD_SYSTEM = "urn:oid:2.16.156.10011.1.3"
@@ -106,3 +106,11 @@ class IdentityIndex:
     def of_identifiers(self, identifiers: Sequence[tuple[str, str]]) -> list[str]:
         """The pseudonyms of these identifiers, in order."""
         return [self.pseudonym(s, v) for s, v in identifiers]
+
+
+def id_card_pseudonyms(identifiers: Sequence[tuple[str, str]],
+                       pseudonyms: Sequence[str]) -> list[str]:
+    """Those of ``pseudonyms`` (of ``identifiers``, in order) that are of resident ID card
+    numbers: what :meth:`IdentityIndex.two_id_cards` takes as a record's own."""
+    return [p for (system, _), p in zip(identifiers, pseudonyms, strict=True)
+            if system == ID_CARD_SYSTEM]
