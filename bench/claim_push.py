@@ -294,11 +294,23 @@ def _records(claims: int, seed: int) -> list[dict[str, Any]]:
     while len(out) < claims:
         out += inpatient_records(min(5000, claims - len(out)), seed=seed * 1000 + chunk)
         chunk += 1
-    cards = [r["elements"]["HDSD00.11.048"] for r in out[:PATIENTS]]
+    # A patient keeps one identity document, one medical record number (病案号, for life
+    # at a hospital) and one health card across stays; each stay has its own inpatient
+    # number (住院号). The bridge's identity index then grows by one pseudonym per stay,
+    # as at a hospital, not by a new 病案号 and health card on every claim.
+    people = [{k: r["elements"].get(k) for k in _PERSON_ELEMENTS} for r in out[:PATIENTS]]
     for i, r in enumerate(out):
-        r["elements"]["HDSD00.11.048"] = cards[i % len(cards)]
+        for k, v in people[i % len(people)].items():
+            if v is None:
+                r["elements"].pop(k, None)
+            else:
+                r["elements"][k] = v
         r["elements"]["HDSD00.11.140"] = f"ZY{seed:03d}{i:09d}"  # one claim per visit
     return out
+
+
+#: The identity document's type and number, the 病案号 and the health card number.
+_PERSON_ELEMENTS = ("HDSD00.11.049", "HDSD00.11.048", "HDSD00.11.006", "HDSD00.11.053")
 
 
 def _use_postgres(config: Path, schema: str) -> None:
