@@ -16,6 +16,32 @@ __all__ = ["ID_CARD_SYSTEM", "IdentityIndex", "id_card_pseudonyms"]
 #: The resident ID card number (居民身份证号, GB 11643): one per person, for life.
 ID_CARD_SYSTEM = "urn:oid:2.16.156.10011.1.3"
 
+_PREFIX = "pp:"  # bridge.ledger.audit.PSEUDONYM_PREFIX, then 32 hex digits
+_KEY_LENGTH = len(_PREFIX) + 32
+
+# The index holds every pseudonym the hospital's records ever linked: one more per stay,
+# for as long as the bridge runs. Each is held as its 16 bytes rather than its 35
+# characters of text (49 bytes of object instead of 84).
+Key = bytes | str
+
+
+def _key(pseudonym: str) -> Key:
+    """How the index holds ``pseudonym``: the 16 bytes a controller's pseudonym writes
+    in hex, or the text itself for any other (two keys are equal exactly when the
+    pseudonyms are)."""
+    if len(pseudonym) == _KEY_LENGTH and pseudonym.startswith(_PREFIX):
+        hexdigits = pseudonym[len(_PREFIX):]
+        # Lower-case hex only, as hexdigest writes it: bytes.fromhex also reads
+        # upper case and spaces, and two spellings must not become one key.
+        if hexdigits.islower() or hexdigits.isdigit():
+            try:
+                raw = bytes.fromhex(hexdigits)
+            except ValueError:
+                return pseudonym
+            if len(raw) == 16:  # 32 digits, no spaces
+                return raw
+    return pseudonym
+
 
 class IdentityIndex:
     """Pseudonyms linked into persons. ``pseudonym(system, value)`` is the controller's
@@ -30,26 +56,27 @@ class IdentityIndex:
 
     def __init__(self, pseudonym: Callable[[str, str], str]) -> None:
         self.pseudonym = pseudonym
-        self._parent: dict[str, str] = {}
-        self._size: dict[str, int] = {}  # per person (by its root): how many pseudonyms
-        self._cards: dict[str, set[str]] = {}  # per person: its ID card pseudonyms
-        self._marked: dict[str, set[str]] = {}  # per person: pseudonyms holding consents
+        self._parent: dict[Key, Key] = {}
+        self._size: dict[Key, int] = {}  # per person (by its root): how many pseudonyms
+        self._cards: dict[Key, set[Key]] = {}  # per person: its ID card pseudonyms
+        self._marked: dict[Key, set[str]] = {}  # per person: pseudonyms holding consents
         self.cursor = 0  # the last store link taken in
         self.card_cursor = 0  # the last resident ID card pseudonym taken in
 
     def note_id_cards(self, pseudonyms: Iterable[str]) -> None:
         """These pseudonyms are of resident ID card numbers (one per person)."""
         for p in pseudonyms:
-            self._cards.setdefault(self._root(p), set()).add(p)
+            k = _key(p)
+            self._cards.setdefault(self._root(k), set()).add(k)
 
     def mark(self, pseudonym: str) -> None:
         """A consent is registered under this pseudonym (see :meth:`marked`)."""
-        self._marked.setdefault(self._root(pseudonym), set()).add(pseudonym)
+        self._marked.setdefault(self._root(_key(pseudonym)), set()).add(pseudonym)
 
     def marked(self, pseudonyms: Iterable[str]) -> set[str]:
         """The marked pseudonyms of the persons these pseudonyms belong to."""
         out: set[str] = set()
-        for root in {self._root(p) for p in pseudonyms}:
+        for root in {self._root(_key(p)) for p in pseudonyms}:
             out |= self._marked.get(root, set())
         return out
 
@@ -57,8 +84,8 @@ class IdentityIndex:
         """Do the persons of ``pseudonyms`` together with ``id_cards`` (pseudonyms known
         from a record to be of resident ID card numbers) hold two different ID card
         numbers, that is, two people?"""
-        cards = set(id_cards)
-        for root in {self._root(p) for p in pseudonyms}:
+        cards = {_key(c) for c in id_cards}
+        for root in {self._root(_key(p)) for p in pseudonyms}:
             cards |= self._cards.get(root, set())
         return len(cards) > 1
 
@@ -66,20 +93,22 @@ class IdentityIndex:
         """Are these pseudonyms all linked into one person already?"""
         if not pseudonyms:
             return True
-        root = self._root(pseudonyms[0])
-        return all(self._root(p) == root for p in pseudonyms[1:])
+        root = self._root(_key(pseudonyms[0]))
+        return all(self._root(_key(p)) == root for p in pseudonyms[1:])
 
-    def _root(self, p: str) -> str:
+    def _root(self, p: Key) -> Key:
+        """The root of ``p``'s person: the very object the index holds for it (a new
+        key equal to it would be kept once more under every pseudonym linked to it)."""
         parent = self._parent.get(p, p)
         while parent != p:
             grand = self._parent.get(parent, parent)
             self._parent[p] = grand
             p, parent = parent, grand
-        return p
+        return parent
 
     def link(self, pseudonyms: Iterable[str]) -> bool:
         """Join these pseudonyms into one person; True when anything changed."""
-        items = list(dict.fromkeys(pseudonyms))
+        items = list(dict.fromkeys(map(_key, pseudonyms)))
         if len(items) < 2:
             return False
         changed = False
@@ -97,10 +126,12 @@ class IdentityIndex:
             self._parent[other] = root
             self._parent.setdefault(root, root)
             self._size[root] = a + b
-            for table in (self._cards, self._marked):
-                moved = table.pop(other, None)
-                if moved:
-                    table.setdefault(root, set()).update(moved)
+            cards = self._cards.pop(other, None)
+            if cards:
+                self._cards.setdefault(root, set()).update(cards)
+            marked = self._marked.pop(other, None)
+            if marked:
+                self._marked.setdefault(root, set()).update(marked)
         return changed
 
     def of_identifiers(self, identifiers: Sequence[tuple[str, str]]) -> list[str]:
