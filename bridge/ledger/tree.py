@@ -1,4 +1,4 @@
-"""The audit tree of a store: leaves kept in memory, roots at every append, checkpoints.
+"""The audit tree of a store: leaves kept in a file, roots at every append, checkpoints.
 
 :class:`TreeCache` follows a store's audit table. Each append (inside its transaction)
 asks it for the root of the tree that ends with the new entry, so a receipt can carry
@@ -7,6 +7,13 @@ seen linked: an entry extends the cached tree only when its ``prev_hash`` is the
 the cache holds for the entry before it; otherwise the cache rereads the entries from
 the last point it can link to (another process appended meanwhile, or a transaction
 rolled back), and from the start when even that fails (a store replaced underneath).
+
+The leaves (32 bytes per entry, hashed from the entries' content once) are what a
+consistency proof for a partner (``$audit-checkpoint``) is built from. A bridge that
+runs for years appends millions of entries, so they are kept in an unnamed temporary
+file (:class:`LeafFile`, in ``TMPDIR``, gone when the process ends), not in the process's
+memory: what stays in memory is the recent frontiers, a few kilobytes whatever the
+log's length. A restarted process rebuilds the file from the store's entries.
 
 The tables added here (migration ``1100-audit-checkpoints``):
 
@@ -20,6 +27,8 @@ The tables added here (migration ``1100-audit-checkpoints``):
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -76,12 +85,50 @@ class Leaves(Sequence[bytes]):
         self._data += leaf
 
 
+class LeafFile:
+    """Leaf hashes (32 bytes each) in an unnamed temporary file, for as long as the
+    process holds it: :class:`Leaves`' appends and truncation, and :meth:`snapshot`."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 - held for life
+        self._fd = self._file.fileno()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, leaf: bytes) -> None:
+        if len(leaf) != 32:
+            raise ValueError("a leaf hash is 32 bytes")
+        os.pwrite(self._fd, leaf, self._count * 32)
+        self._count += 1
+
+    def truncate(self, size: int) -> None:
+        if size < self._count:
+            os.ftruncate(self._fd, size * 32)
+            self._count = size
+
+    def snapshot(self) -> Leaves:
+        """Every leaf, read into memory (for one proof: the file keeps growing)."""
+        size = self._count * 32
+        data = bytearray()
+        while len(data) < size:
+            chunk = os.pread(self._fd, min(size - len(data), 1 << 24), len(data))
+            if not chunk:
+                raise OSError("the audit tree's leaf file is shorter than its count")
+            data += chunk
+        return Leaves(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class TreeCache:
     """The leaves and recent frontiers of one store's audit tree (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.leaves = Leaves()
+        self.leaves = LeafFile()
         # size -> (hash of entry `size`, frontier of the tree of that size)
         self._recent: dict[int, tuple[str, merkle.Frontier]] = {0: (GENESIS_HASH,
                                                                       merkle.Frontier())}
@@ -169,13 +216,13 @@ class TreeCache:
             if linked:
                 f = self._extend(start, self._recent[start][1], rows[1:] if start else rows)
                 self._drop_after(len(self.leaves))
-                return len(self.leaves), f.root(), Leaves(self.leaves._data)
+                return len(self.leaves), f.root(), self.leaves.snapshot()
         rows = store.audit_entries(since_seq=0)
         with self._lock:
             self._recent = {0: (GENESIS_HASH, merkle.Frontier())}
             f = self._extend(0, merkle.Frontier(), rows)
             self._drop_after(len(self.leaves))
-            return len(self.leaves), f.root(), Leaves(self.leaves._data)
+            return len(self.leaves), f.root(), self.leaves.snapshot()
 
     def _drop_after(self, size: int) -> None:
         self.leaves.truncate(size)
