@@ -103,3 +103,4 @@ def test_the_tree_cache_does_not_grow_with_the_log() -> None:
     snap = cache.leaves.snapshot()
     assert len(snap) == 24_000 and list(snap) == leaves
     assert merkle.root(snap[:]) == merkle.root(leaves)
+    cache.close()

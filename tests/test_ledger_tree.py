@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -65,3 +66,29 @@ def test_checkpoints_are_issued_after_100_entries_or_60_seconds(backend: Backend
         leaves = [leaf_of(e) for e in s.audit_entries()]
         assert size == cp.size == 101 and cp.root == merkle.root(leaves)
         assert [n for n, _ in tree.own_checkpoints(s)] == [1, 101]
+
+
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_closed_store_lets_go_of_its_leaf_file(backend: Backend) -> None:
+    """Each store keeps its audit tree's leaves in an unnamed file: closing the store
+    closes it, so a process that opens and closes stores for years holds no more files
+    than it has stores open; a store opened again reads its tree back from its entries."""
+    with backend.open() as s:
+        s.append_audit(rec("message.receive", "warm"))
+    before = _open_files()
+    kept = []  # referenced to the end: only close may let go of the files
+    for i in range(30):
+        s = backend.open()
+        s.append_audit(rec("message.receive", f"s{i}"))
+        s.close()
+        kept.append(s)
+    assert _open_files() - before < 5
+    with backend.open() as s:
+        entry = s.append_audit(rec("message.receive", "again"))
+        leaves = [leaf_of(e) for e in s.audit_entries()]
+        assert entry.root == merkle.root(leaves)
+        size, root, cached = tree.cache_of(s).sync(s)
+        assert (size, root, list(cached)) == (len(leaves), merkle.root(leaves), leaves)

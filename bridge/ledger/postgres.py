@@ -158,7 +158,7 @@ from bridge.ledger.sqlite import (
     default_worker_id,
 )
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
-from bridge.ledger.tree import cache_of
+from bridge.ledger.tree import cache_of, close_cache
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "aside_schema", "connect", "nobody_using",
            "refuse_if_set_aside", "schema_oid"]
@@ -1560,6 +1560,7 @@ class PostgresStore:
         with self._lock:
             self._closed = True
             self._drop_connection()
+            close_cache(self)  # the audit tree's leaf file
         self._alive_stop.set()
         thread = self._alive_thread
         if thread is not None and thread is not threading.current_thread():

@@ -70,7 +70,7 @@ from bridge.ledger.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL
 from bridge.ledger.portable import Tx
 from bridge.ledger.seal import PlainSealer, Sealer
 from bridge.ledger.states import REQUEUEABLE, OutboxState, check_transition
-from bridge.ledger.tree import cache_of
+from bridge.ledger.tree import cache_of, close_cache
 
 log = logging.getLogger(__name__)
 
@@ -1303,6 +1303,7 @@ class SQLiteStore:
             # The lock files, and with them the locks.
             self._let_go()
             self._dispatch_lock = None
+            close_cache(self)  # the audit tree's leaf file
 
     def __enter__(self) -> Self:
         return self

@@ -11,9 +11,11 @@ rolled back), and from the start when even that fails (a store replaced undernea
 The leaves (32 bytes per entry, hashed from the entries' content once) are what a
 consistency proof for a partner (``$audit-checkpoint``) is built from. A bridge that
 runs for years appends millions of entries, so they are kept in an unnamed temporary
-file (:class:`LeafFile`, in ``TMPDIR``, gone when the process ends), not in the process's
-memory: what stays in memory is the recent frontiers, a few kilobytes whatever the
-log's length. A restarted process rebuilds the file from the store's entries.
+file (:class:`LeafFile`), not in the process's memory: what stays in memory is the
+recent frontiers, a few kilobytes whatever the log's length. The file is made beside an
+SQLite store's database (``TMPDIR`` is often a memory file system), and in ``TMPDIR``
+for a PostgreSQL store; it goes when the store closes or the process ends, and a
+restarted process rebuilds it from the store's entries.
 
 The tables added here (migration ``1100-audit-checkpoints``):
 
@@ -32,6 +34,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, overload
 
 from bridge.ledger import merkle
@@ -89,8 +92,15 @@ class LeafFile:
     """Leaf hashes (32 bytes each) in an unnamed temporary file, for as long as the
     process holds it: :class:`Leaves`' appends and truncation, and :meth:`snapshot`."""
 
-    def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 - held for life
+    def __init__(self, directory: str | None = None) -> None:
+        # Held until close (the store's): an unnamed file goes with its descriptor.
+        try:
+            self._file = tempfile.TemporaryFile(buffering=0, dir=directory)  # noqa: SIM115
+        except OSError:
+            if directory is None:
+                raise
+            # A directory this process cannot write in (a store opened to be read).
+            self._file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115
         self._fd = self._file.fileno()
         self._count = 0
 
@@ -100,7 +110,13 @@ class LeafFile:
     def append(self, leaf: bytes) -> None:
         if len(leaf) != 32:
             raise ValueError("a leaf hash is 32 bytes")
-        os.pwrite(self._fd, leaf, self._count * 32)
+        offset = self._count * 32
+        written = 0
+        while written < 32:  # a short write (a signal, a full disk) is taken up again
+            n = os.pwrite(self._fd, leaf[written:], offset + written)
+            if n <= 0:
+                raise OSError("the audit tree's leaf file takes no more bytes")
+            written += n
         self._count += 1
 
     def truncate(self, size: int) -> None:
@@ -126,9 +142,9 @@ class LeafFile:
 class TreeCache:
     """The leaves and recent frontiers of one store's audit tree (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str | None = None) -> None:
         self._lock = threading.Lock()
-        self.leaves = LeafFile()
+        self.leaves = LeafFile(directory)
         # size -> (hash of entry `size`, frontier of the tree of that size)
         self._recent: dict[int, tuple[str, merkle.Frontier]] = {0: (GENESIS_HASH,
                                                                       merkle.Frontier())}
@@ -205,6 +221,16 @@ class TreeCache:
         The store is read without the cache's lock held (an append holds the store's
         lock, then the cache's).
         """
+        size, root, leaves = self._sync(store, snapshot=True)
+        assert leaves is not None
+        return size, root, leaves
+
+    def head(self, store: Any) -> tuple[int, bytes]:
+        """:meth:`sync` without reading the leaves back: ``(size, root)``."""
+        size, root, _ = self._sync(store, snapshot=False)
+        return size, root
+
+    def _sync(self, store: Any, *, snapshot: bool) -> tuple[int, bytes, Leaves | None]:
         with self._lock:
             start = max(self._recent)
             known = self._recent[start][0]
@@ -216,13 +242,19 @@ class TreeCache:
             if linked:
                 f = self._extend(start, self._recent[start][1], rows[1:] if start else rows)
                 self._drop_after(len(self.leaves))
-                return len(self.leaves), f.root(), self.leaves.snapshot()
+                return (len(self.leaves), f.root(),
+                        self.leaves.snapshot() if snapshot else None)
         rows = store.audit_entries(since_seq=0)
         with self._lock:
             self._recent = {0: (GENESIS_HASH, merkle.Frontier())}
             f = self._extend(0, merkle.Frontier(), rows)
             self._drop_after(len(self.leaves))
-            return len(self.leaves), f.root(), self.leaves.snapshot()
+            return len(self.leaves), f.root(), self.leaves.snapshot() if snapshot else None
+
+    def close(self) -> None:
+        """Let go of the leaf file (the store is closing)."""
+        with self._lock:
+            self.leaves.close()
 
     def _drop_after(self, size: int) -> None:
         self.leaves.truncate(size)
@@ -231,12 +263,23 @@ class TreeCache:
 
 
 def cache_of(store: Any) -> TreeCache:
-    """The store's tree cache (created on first use)."""
+    """The store's tree cache (created on first use). Its leaf file is made beside an
+    SQLite store's database (``TMPDIR`` is often a memory file system), in ``TMPDIR``
+    for a PostgreSQL store."""
     cache = getattr(store, "_tree_cache", None)
     if cache is None:
-        cache = TreeCache()
+        path = getattr(store, "path", None)
+        cache = TreeCache(str(path.parent) if isinstance(path, Path) else None)
         store._tree_cache = cache
     return cache
+
+
+def close_cache(store: Any) -> None:
+    """Close the store's tree cache, if it has one (the store is closing): its leaf
+    file goes. A store used again after that builds a new one from its entries."""
+    cache = store.__dict__.pop("_tree_cache", None)
+    if cache is not None:
+        cache.close()
 
 
 # --- checkpoints -----------------------------------------------------------------------
@@ -279,7 +322,7 @@ def issue_checkpoint(store: Any, sign: Callable[[int, bytes, datetime], str],
     entry ``size`` still has the hash the tree was built from.
     """
     cache = cache_of(store)
-    size, root, _leaves = cache.sync(store)
+    size, root = cache.head(store)
     if size == 0:
         return None
     last = latest_checkpoint(store)
