@@ -225,11 +225,25 @@ class Controller:
         #: Which patient pseudonyms name one person (the hospital's records say so).
         self.identity = IdentityIndex(
             lambda system, value: patient_pseudonym(self.pseudonym_key, system, value))
-        self._take_links(links_since(self.store, 0, limit=1_000_000_000))
-        self._take_id_cards(id_cards_since(self.store, 0, limit=1_000_000_000))
+        # Read page by page: a store of years holds millions of links, and reading them
+        # at once would hold them all as rows beside the index being built from them.
+        while len(links := links_since(self.store, self.identity.cursor,
+                                       limit=STARTUP_PAGE)):
+            self._take_links(links)
+            if len(links) < STARTUP_PAGE:
+                break
+        while len(cards := id_cards_since(self.store, self.identity.card_cursor,
+                                          limit=STARTUP_PAGE)):
+            self._take_id_cards(cards)
+            if len(cards) < STARTUP_PAGE:
+                break
         self.consents = ConsentRegistry(self.identity)
         self._consent_cursor = 0
-        self._apply_consent_changes(self.store.consent_changes(0, limit=1_000_000_000))
+        while len(changes := self.store.consent_changes(self._consent_cursor,
+                                                        limit=STARTUP_PAGE)):
+            self._apply_consent_changes(changes)
+            if len(changes) < STARTUP_PAGE:
+                break
         # The registry lives as long as the process: keep the cyclic collector from
         # rescanning it on every full collection.
         gc.collect()
@@ -943,6 +957,8 @@ class Controller:
         await self.db.aclose()
 
 
+#: Rows read at a time when a controller starts: patient links, ID card notes, consents.
+STARTUP_PAGE = 50_000
 #: Signed messages whose digests are kept for their dispatch (about 200 bytes each).
 _SIGNED_DIGESTS_MAX = 20_000
 #: Signed messages kept whole for their dispatch (about 60 KiB each for a claim): enough
