@@ -12,6 +12,7 @@ import hashlib
 import tracemalloc
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,12 +54,8 @@ def test_the_leaf_file_holds_what_the_in_memory_leaves_hold(steps: list[tuple[st
 def test_a_leaf_is_32_bytes() -> None:
     file = LeafFile()
     try:
-        try:
+        with pytest.raises(ValueError, match="32 bytes"):
             file.append(b"short")
-        except ValueError as exc:
-            assert "32 bytes" in str(exc)
-        else:
-            raise AssertionError("a 5-byte leaf was taken")
         assert len(file) == 0
     finally:
         file.close()

@@ -225,25 +225,20 @@ class Controller:
         #: Which patient pseudonyms name one person (the hospital's records say so).
         self.identity = IdentityIndex(
             lambda system, value: patient_pseudonym(self.pseudonym_key, system, value))
-        # Read page by page: a store of years holds millions of links, and reading them
-        # at once would hold them all as rows beside the index being built from them.
-        while len(links := links_since(self.store, self.identity.cursor,
-                                       limit=STARTUP_PAGE)):
-            self._take_links(links)
-            if len(links) < STARTUP_PAGE:
-                break
-        while len(cards := id_cards_since(self.store, self.identity.card_cursor,
-                                          limit=STARTUP_PAGE)):
-            self._take_id_cards(cards)
-            if len(cards) < STARTUP_PAGE:
-                break
         self.consents = ConsentRegistry(self.identity)
         self._consent_cursor = 0
-        while len(changes := self.store.consent_changes(self._consent_cursor,
-                                                        limit=STARTUP_PAGE)):
-            self._apply_consent_changes(changes)
-            if len(changes) < STARTUP_PAGE:
+        # Read as sync_consents reads, page by page: a store of years holds millions of
+        # links, and reading them at once would hold them all as rows beside the index
+        # being built from them.
+        while True:
+            (links, cards), changes = _links_and_consent_changes(
+                self.store, self.identity.cursor, self._consent_cursor,
+                self.identity.card_cursor, limit=STARTUP_PAGE)
+            if not links and not cards and not changes:
                 break
+            self._take_links(links)
+            self._take_id_cards(cards)
+            self._apply_consent_changes(changes)
         # The registry lives as long as the process: keep the cyclic collector from
         # rescanning it on every full collection.
         gc.collect()
@@ -991,10 +986,16 @@ def _claim_and_feeds(store: Any, link_id: str, now: datetime, limit: int, lease:
 
 
 def _links_and_consent_changes(store: Any, link_cursor: int, consent_cursor: int,
-                               card_cursor: int) -> tuple[Any, Any]:
-    """``((links, ID card pseudonyms), consent changes)`` after the cursors."""
-    return ((links_since(store, link_cursor), id_cards_since(store, card_cursor)),
-            store.consent_changes(consent_cursor))
+                               card_cursor: int, *, limit: int | None = None
+                               ) -> tuple[Any, Any]:
+    """``((links, ID card pseudonyms), consent changes)`` after the cursors; ``limit``
+    rows of each at most (each feed's own page size without)."""
+    if limit is None:
+        return ((links_since(store, link_cursor), id_cards_since(store, card_cursor)),
+                store.consent_changes(consent_cursor))
+    return ((links_since(store, link_cursor, limit=limit),
+             id_cards_since(store, card_cursor, limit=limit)),
+            store.consent_changes(consent_cursor, limit=limit))
 
 
 class PatientLink(NamedTuple):

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+from bridge.ledger.audit import PSEUDONYM_PREFIX
+
 __all__ = ["ID_CARD_SYSTEM", "IdentityIndex", "id_card_pseudonyms"]
 
 #: The resident ID card number (居民身份证号, GB 11643): one per person, for life.
 ID_CARD_SYSTEM = "urn:oid:2.16.156.10011.1.3"
 
-_PREFIX = "pp:"  # bridge.ledger.audit.PSEUDONYM_PREFIX, then 32 hex digits
-_KEY_LENGTH = len(_PREFIX) + 32
+_KEY_LENGTH = len(PSEUDONYM_PREFIX) + 32
 
 # The index holds every pseudonym the hospital's records ever linked: one more per stay,
 # for as long as the bridge runs. Each is held as its 16 bytes rather than its 35
@@ -26,20 +27,19 @@ Key = bytes | str
 
 
 def _key(pseudonym: str) -> Key:
-    """How the index holds ``pseudonym``: the 16 bytes a controller's pseudonym writes
-    in hex, or the text itself for any other (two keys are equal exactly when the
-    pseudonyms are)."""
-    if len(pseudonym) == _KEY_LENGTH and pseudonym.startswith(_PREFIX):
-        hexdigits = pseudonym[len(_PREFIX):]
-        # Lower-case hex only, as hexdigest writes it: bytes.fromhex also reads
-        # upper case and spaces, and two spellings must not become one key.
-        if hexdigits.islower() or hexdigits.isdigit():
-            try:
-                raw = bytes.fromhex(hexdigits)
-            except ValueError:
-                return pseudonym
-            if len(raw) == 16:  # 32 digits, no spaces
-                return raw
+    """How the index holds ``pseudonym``: the 16 bytes of a controller's pseudonym
+    (:func:`~bridge.ledger.audit.patient_pseudonym`), or the text itself for any other.
+    Only the text that writes those bytes back exactly becomes them (``bytes.fromhex``
+    also reads upper case and spaces), so two keys are equal exactly when the
+    pseudonyms are."""
+    if len(pseudonym) == _KEY_LENGTH and pseudonym.startswith(PSEUDONYM_PREFIX):
+        hexdigits = pseudonym[len(PSEUDONYM_PREFIX):]
+        try:
+            raw = bytes.fromhex(hexdigits)
+        except ValueError:
+            return pseudonym
+        if raw.hex() == hexdigits:
+            return raw
     return pseudonym
 
 
