@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from policy_golden import GOLDEN, compute, research_release
+from policy_golden import GOLDEN, compute, profile_cases, research_release
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,20 @@ def test_outputs_are_unchanged(case: str, computed: dict[str, dict[str, object]]
     assert first is None, f"{case}: output {first} differs from the recorded one"
     assert len(records) == len(expected)
     assert got["sha256"] == golden["sha256"]
+
+
+def test_a_collection_given_up_is_disclosed_the_same() -> None:
+    """A bridge's claim path gives ``apply_policy`` the collection it mapped for the
+    claim (``owned``), which the policy then works on in place instead of copying what
+    it sends: every profile's outcomes and explanations are still the recorded ones."""
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    cases = dict(profile_cases(owned=True))
+    assert sorted(cases) == sorted(k for k in golden if k != "research-release")
+    for case, digests in cases.items():
+        expected = golden[case]["records"]
+        first = next((i for i, (a, b) in enumerate(zip(digests, expected)) if a != b), None)
+        assert first is None, f"{case}: output {first} differs from the recorded one"
+        assert len(digests) == len(expected)
 
 
 def test_a_release_held_as_text_is_the_same_release() -> None:

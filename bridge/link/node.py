@@ -596,7 +596,10 @@ class Controller:
         self, record: dict[str, Any], link_id: str, *, replaces: str | None = None,
         mapped: dict[str, Any] | None = None,
     ) -> PolicyResult:
-        """What of ``record`` may go on ``link_id`` now (raises ConsentDenied)."""
+        """What of ``record`` may go on ``link_id`` now (raises ConsentDenied).
+
+        ``mapped`` is the record already mapped, which the caller gives up: the policy
+        works on it in place (see :func:`~bridge.policy.engine.apply_policy`, ``owned``)."""
         link = self.outbound_link(link_id)
         now = self.clock()
         check_link(self.config, link, now)
@@ -608,6 +611,9 @@ class Controller:
             purpose=link.purpose,
             now=now,
             key=self.deid_keys.get(link.id),
+            # The collection is mapped for this decision, or handed over by the caller
+            # (``mapped``), who reads nothing of it afterwards.
+            owned=True,
         )
 
     def prepare(

@@ -303,6 +303,7 @@ def _run(
     emergency: EmergencyOverride | None,
     action: str,
     trace: _Trace | None,
+    owned: bool = False,
 ) -> PolicyResult:
     codes = codes or default_sensitive_codes()
     identifiers = patient_identifiers(collection)
@@ -310,8 +311,13 @@ def _run(
     # Ids are pseudonymised while minimizing, except for an explanation, which reads the
     # trace by the input's ids.
     departments = _may_send_department(profile)
+    # A collection the caller gives up is worked on in place (see apply_policy), unless
+    # minimizing makes its copy for more than keeping the input as it was: to write
+    # pseudonymous ids in the same pass, or to read the codes of what it leaves out (the
+    # input is read again below, for the classes a department may tell).
+    copy = not owned or departments or (profile.ids == "pseudonym" and key is not None)
     minimized = profile.minimize(collection, key=key, pseudonymise=trace is None,
-                                 read_codes=departments)
+                                 read_codes=departments, copy=copy)
     # Special-disease classes of the whole input, needed only when a department could
     # leave with the stay (see below); on a link whose profile does not allow one,
     # minimizing left none. Minimizing read the input's codes: most stays name none
@@ -723,17 +729,25 @@ def apply_policy(
     key: bytes | None = None,
     emergency: EmergencyOverride | None = None,
     action: str = "disclose",
+    owned: bool = False,
 ) -> PolicyResult:
     """Return the bundle that may be disclosed, or raise ConsentDenied.
 
     ``key`` is the controller's de-identification key, needed by profiles with keyed
     transforms (ConfigError without it). ``emergency`` is an explicit, audited
     override for purpose ETREAT (see :class:`~bridge.policy.consent.EmergencyOverride`);
-    it never applies by default. The input is not changed. See the module docstring.
+    it never applies by default. See the module docstring.
+
+    The input is not changed, unless ``owned``: the caller gives the collection up (it
+    reads nothing of it afterwards), and no object in it appears twice or belongs to
+    anything else (:func:`~bridge.mapping.map_record` makes each collection so). The
+    policy then works on it in place instead of on a copy of what it sends, and the
+    result shares its values. What is disclosed is the same either way.
     """
     return _run(
         collection, registry=registry, profile=profile, recipient=recipient, purpose=purpose,
         now=now, codes=codes, key=key, emergency=emergency, action=action, trace=None,
+        owned=owned,
     )
 
 
