@@ -594,6 +594,7 @@ def stage_costs(samples: int = 300) -> dict[str, float]:
             recipient="insurer-b",
             purpose="HPAYMT",
             now=now,
+            owned=True,  # as Controller.policy gives it the collection it mapped
         )
         t2 = time.perf_counter()
         mid = f"urn:uuid:00000000-0000-4000-8000-{n:012d}"
