@@ -570,7 +570,8 @@ class Controller:
         mapped: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One record mapped as :meth:`prepare` sends it (and :meth:`explain` explains it);
-        ``mapped`` is the record already mapped (it is then used, and marked in place)."""
+        ``mapped`` is the record already mapped (it is then used, and marked in place; a
+        collection given to :meth:`policy` is changed there too, and not to be read again)."""
         collection = mapped if mapped is not None else map_record(
             record, now=now, files=self.mapping_files)
         if replaces is not None:
@@ -625,6 +626,8 @@ class Controller:
 
         ``replaces`` is the message identity of a claim this one corrects: the Claim
         then names it in ``Claim.related`` (conformance/PROTOCOL.md, corrected claims).
+        ``mapped`` is the record already mapped, which the caller gives up: the policy
+        changes it in place (see :meth:`policy`), so the caller must not read it again.
         ``result`` is the record's policy result when the caller already has it (a
         research release, which generalises it across the batch first);
         ``message_id`` the record's message identity on this link, when already derived.
