@@ -442,21 +442,28 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
                 p.stdin.flush()
             enqueuing = {p.stdout.fileno(): p for p in procs if p.stdout is not None}
             step = soak_every
+            # The most claims waiting at the sender since the last soak line: a sender
+            # keeps up to _QUEUED_FORMS_MAX signed messages whole for their dispatch, so
+            # its resident size follows the largest backlog it has had.
+            backlog = 0
             while True:
                 # Senders say "enqueued" when they have queued their share.
                 ready, _, _ = select.select(list(enqueuing), [], [], 0)
                 for fd in ready:
                     enqueuing.pop(fd).stdout.readline()  # type: ignore[union-attr]
                 counts = hs.outbox_counts(LINK_OUT)
-                if not enqueuing and counts.get("queued", 0) + counts.get("sending", 0) == 0:
+                waiting = counts.get("queued", 0) + counts.get("sending", 0)
+                if not enqueuing and waiting == 0:
                     break
+                backlog = max(backlog, waiting)
                 while soak_every and counts.get("acked", 0) - warm >= step:
-                    rss.append({"claims": counts["acked"] - warm,
+                    rss.append({"claims": counts["acked"] - warm, "backlog": backlog,
                                 **{side: sum(rss_mib(pid) for pid in ps)
                                    for side, ps in pids.items()},
                                 **{f"{side}_cpu": sum(cpu_seconds(pid) for pid in ps)
                                    for side, ps in pids.items()}})
                     step += soak_every
+                    backlog = waiting
                 # A soak's outbox grows to 100,000 rows, and counting them is work on
                 # the shared cores: it is asked less often.
                 time.sleep(0.5 if soak_every else 0.05)
@@ -711,7 +718,8 @@ def main() -> None:
               f" receiver {r['cpu_ms']['receiver']:.2f}")
         # CPU per claim over each step: a cost that grew with the store's size shows here.
         print("  claims      sender RSS MiB   receiver RSS MiB   CPU ms/claim since the last"
-              " line: sender, receiver")
+              " line: sender, receiver;   most claims waiting at the sender since the last"
+              " line (polled every 0.5 s)")
         last: dict[str, Any] | None = None
         for s in r["rss"]:
             step_cpu = ""
@@ -719,7 +727,8 @@ def main() -> None:
                 n = max(s["claims"] - last["claims"], 1)
                 step_cpu = (f"   {(s['sender_cpu'] - last['sender_cpu']) * 1000 / n:6.2f}"
                             f"   {(s['receiver_cpu'] - last['receiver_cpu']) * 1000 / n:6.2f}")
-            print(f"  {s['claims']:>8}   {s['sender']:10.1f}   {s['receiver']:10.1f}{step_cpu}")
+            print(f"  {s['claims']:>8}   {s['sender']:10.1f}   {s['receiver']:10.1f}{step_cpu}"
+                  f"   {s['backlog']:>8,}")
             last = s
         first = r["rss"][len(r["rss"]) // 10] if r["rss"] else None
         if first:
