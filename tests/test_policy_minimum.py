@@ -17,7 +17,7 @@ from policy_bundles import HOSPITAL, NOW, claim_bundle, consent, ref
 from bridge.cli import main
 from bridge.errors import ConsentDenied, LoadError
 from bridge.mapping import map_record
-from bridge.policy.classify import default_sensitive_codes
+from bridge.policy.classify import copy_json, default_sensitive_codes
 from bridge.policy.consent import ConsentRegistry, build_consent
 from bridge.policy.engine import apply_policy
 from bridge.policy.profile import LinkProfile, load_link_profile, load_profile
@@ -108,9 +108,12 @@ def test_the_surgeon_never_travels_unreferenced(insurer: LinkProfile) -> None:
     assert "Practitioner" in result.removed
 
 
-def test_a_held_back_operation_takes_its_surgeon_with_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("owned", [False, True], ids=["copied", "given up"])
+def test_a_held_back_operation_takes_its_surgeon_with_it(tmp_path: Path, owned: bool) -> None:
     """On a link that may carry surgeons, holding back the operation that names one
-    (a special-disease treatment without class consent) removes the surgeon too."""
+    (a special-disease treatment without class consent) removes the surgeon too; also
+    when the policy works on the collection in place (``owned``, as the claim path
+    gives it the collection it mapped), each time on a collection of its own."""
     text = (mappings_dir() / "links" / "commercial-insurance.yaml").read_text(encoding="utf-8")
     text = text.replace(
         '      - {path: extension, urls: ["urn:ws-fhir-bridge:StructureDefinition/anaesthesia-method"],',
@@ -124,13 +127,16 @@ def test_a_held_back_operation_takes_its_surgeon_with_it(tmp_path: Path) -> None
     procedure = resources(bundle, "Procedure")[0]
     registry = ConsentRegistry()
     registry.put(consent(), now=NOW)
-    sent = apply_policy(bundle, registry=registry, profile=profile, recipient="insurer-b",
-                        purpose="HPAYMT", now=NOW)
+    def given(bundle: dict[str, Any]) -> dict[str, Any]:
+        return copy_json(bundle) if owned else bundle
+
+    sent = apply_policy(given(bundle), registry=registry, profile=profile,
+                        recipient="insurer-b", purpose="HPAYMT", now=NOW, owned=owned)
     assert [p["name"][0]["text"] for p in resources(sent.bundle, "Practitioner")] == ["王医生"]
     # The same operation coded as a special-disease treatment (chemotherapy, 99.25).
     procedure["code"]["coding"][0]["code"] = "99.25"
-    held = apply_policy(bundle, registry=registry, profile=profile, recipient="insurer-b",
-                        purpose="HPAYMT", now=NOW)
+    held = apply_policy(given(bundle), registry=registry, profile=profile,
+                        recipient="insurer-b", purpose="HPAYMT", now=NOW, owned=owned)
     assert not resources(held.bundle, "Procedure")
     assert not resources(held.bundle, "Practitioner")
     assert "王医生" not in json.dumps(held.bundle, ensure_ascii=False)
