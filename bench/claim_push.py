@@ -467,7 +467,7 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
             step = soak_every
             # The most claims waiting at the sender since the last soak line: a sender
             # keeps up to _QUEUED_FORMS_MAX signed messages whole for their dispatch, so
-            # its resident size follows the largest backlog it has had.
+            # a long backlog would raise its resident size.
             backlog = 0
             while True:
                 # Senders say "enqueued" when they have queued their share.

@@ -311,13 +311,10 @@ def _run(
     # Ids are pseudonymised while minimizing, except for an explanation, which reads the
     # trace by the input's ids.
     departments = _may_send_department(profile)
-    # A collection the caller gives up is worked on in place (see apply_policy), unless
-    # minimizing makes its copy for more than keeping the input as it was: to write
-    # pseudonymous ids in the same pass, or to read the codes of what it leaves out (the
-    # input is read again below, for the classes a department may tell).
-    copy = not owned or departments or (profile.ids == "pseudonym" and key is not None)
+    # A collection the caller gives up is worked on in place (see apply_policy); reading
+    # codes keeps the copy, so the input is as it was when read again below.
     minimized = profile.minimize(collection, key=key, pseudonymise=trace is None,
-                                 read_codes=departments, copy=copy)
+                                 read_codes=departments, owned=owned)
     # Special-disease classes of the whole input, needed only when a department could
     # leave with the stay (see below); on a link whose profile does not allow one,
     # minimizing left none. Minimizing read the input's codes: most stays name none

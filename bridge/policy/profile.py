@@ -261,12 +261,15 @@ class LinkProfile:
         bundle: dict[str, Any],
         *,
         key: bytes | None = None,
-        copy: bool = True,
+        owned: bool = False,
         pseudonymise: bool = True,
         read_codes: bool = False,
     ) -> MinimizeResult:
         """Return a bundle holding only what this profile allows, transformed, and what
-        was removed. The input is not changed unless ``copy=False`` (then it is reused).
+        was removed. The input is not changed, unless ``owned``: the caller gives it up
+        (see :func:`~bridge.policy.engine.apply_policy`), and it is then worked on in
+        place, except where the copy does more than keep the input as it was (it writes
+        pseudonymous ids in its own pass, and reads ``code_texts``).
 
         A profile with keyed transforms needs ``key`` (ConfigError otherwise): the
         controller's de-identification key, never stored in the profile. With
@@ -284,12 +287,12 @@ class LinkProfile:
                     location=f"profile {self.qualified_name}",
                 )
             ctx = DeidContext(check_key(key), _patient_key(bundle))
-        early = pseudonymise and copy and self.ids == "pseudonym" and ctx is not None
-        result = _minimize(self, bundle, ctx, transforms=True, copy=copy,
-                           ids=ctx if early else None, read_codes=read_codes)
-        if pseudonymise and not early and self.ids == "pseudonym" and ctx is not None:
-            pseudonymise_ids(result.bundle, ctx)
-        return result
+        # Pseudonymous ids are written in the copy's pass, so a bundle that gets them is
+        # copied even when given up.
+        ids = ctx if pseudonymise and self.ids == "pseudonym" else None
+        return _minimize(self, bundle, ctx, transforms=True,
+                         copy=not owned or ids is not None or read_codes,
+                         ids=ids, read_codes=read_codes)
 
     def check(self, bundle: dict[str, Any]) -> list[str]:
         """Paths of ``bundle`` outside this profile (empty when it conforms).
