@@ -9,11 +9,13 @@ import pytest
 
 from bridge.ledger.audit import (
     GENESIS_HASH,
+    PSEUDONYM_MEMO,
     AuditEntry,
     AuditRecord,
     chain_entry,
     entry_hash,
     patient_pseudonym,
+    pseudonymizer,
     verify_chain,
 )
 
@@ -120,6 +122,24 @@ def test_pseudonym_is_keyed_and_system_scoped() -> None:
     assert p != patient_pseudonym(KEY, "urn:oid:2.16.156.10011.1.13", "110101199001011234")
     with pytest.raises(ValueError):
         patient_pseudonym(b"short", "urn:oid:2.16.156.10011.1.3", "x")
+
+
+def test_a_pseudonymizer_gives_what_patient_pseudonym_gives_beyond_its_memory() -> None:
+    """The keyed function a controller uses (which remembers recent identifiers) names
+    every identifier as patient_pseudonym does, also once it has forgotten one, and
+    refuses what patient_pseudonym refuses."""
+    of = pseudonymizer(KEY)
+    systems = ["urn:oid:2.16.156.10011.1.3", "urn:oid:2.16.156.10011.1.13"]
+    asked = [(systems[i % 2], f"{110101199001010000 + i}") for i in range(PSEUDONYM_MEMO * 2 + 7)]
+    for system, value in asked + asked[:20] + asked[-20:]:
+        assert of(system, value) == patient_pseudonym(KEY, system, value)
+    assert of(*asked[0]) != pseudonymizer(b"j" * 32)(*asked[0])
+    with pytest.raises(ValueError):
+        pseudonymizer(b"short")
+    with pytest.raises(ValueError):
+        of("", "x")
+    with pytest.raises(ValueError):
+        of(systems[0], "")
 
 
 def test_record_refuses_clear_identifier_and_naive_time() -> None:

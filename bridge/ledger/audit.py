@@ -398,3 +398,38 @@ def patient_pseudonym(key: bytes, system: str, value: str) -> str:
     # NUL cannot occur in a URI or an identifier, so the join is unambiguous.
     mac = hmac.new(key, system.encode() + b"\x00" + value.encode(), hashlib.sha256)
     return PSEUDONYM_PREFIX + mac.hexdigest()[:32]
+
+
+#: How many identifiers a :func:`pseudonymizer` remembers the pseudonyms of.
+PSEUDONYM_MEMO = 256
+
+
+def pseudonymizer(key: bytes) -> Callable[[str, str], str]:
+    """:func:`patient_pseudonym` under one key, as a function of ``(system, value)``.
+
+    One claim asks for the pseudonyms of its patient's identifiers several times (to
+    link them, to find the patient's consents, for the audit entry), so the function
+    remembers those of the last :data:`PSEUDONYM_MEMO` identifiers asked about: the
+    identifiers of the records being worked on, which the process holds anyway. The
+    HMAC is keyed once, not per call.
+    """
+    if len(key) < 16:
+        raise ValueError("pseudonym key must be at least 16 bytes")
+    keyed = hmac.new(key, digestmod=hashlib.sha256)
+    memo: dict[tuple[str, str], str] = {}
+
+    def pseudonym(system: str, value: str) -> str:
+        found = memo.get((system, value))
+        if found is not None:
+            return found
+        if not system or not value:
+            raise ValueError("pseudonym system and value must be non-empty")
+        mac = keyed.copy()
+        mac.update(system.encode() + b"\x00" + value.encode())
+        made = PSEUDONYM_PREFIX + mac.hexdigest()[:32]
+        if len(memo) >= PSEUDONYM_MEMO:
+            memo.clear()
+        memo[(system, value)] = made
+        return made
+
+    return pseudonym

@@ -38,7 +38,7 @@ from bridge.errors import (
 from bridge.files import load_or_make_key
 from bridge.handoff import routes
 from bridge.ledger import open_store
-from bridge.ledger.audit import AuditEntry, AuditRecord, patient_pseudonym
+from bridge.ledger.audit import AuditEntry, AuditRecord, pseudonymizer
 from bridge.ledger.identity import (
     id_cards_since,
     link_pseudonyms_many,
@@ -223,8 +223,8 @@ class Controller:
         #: Key of the records store's resource ids (see :meth:`pull_collection`).
         self.pull_id_key = hmac.new(self.pseudonym_key, b"pull-resource-id", hashlib.sha256).digest()
         #: Which patient pseudonyms name one person (the hospital's records say so).
-        self.identity = IdentityIndex(
-            lambda system, value: patient_pseudonym(self.pseudonym_key, system, value))
+        self._pseudonym = pseudonymizer(self.pseudonym_key)
+        self.identity = IdentityIndex(self._pseudonym)
         self.consents = ConsentRegistry(self.identity)
         self._consent_cursor = 0
         # Read as sync_consents reads, page by page: a store of years holds millions of
@@ -400,7 +400,7 @@ class Controller:
         if not identifiers:
             return None
         system, value = min(identifiers, key=_identifier_rank)
-        return patient_pseudonym(self.pseudonym_key, system, value)
+        return self._pseudonym(system, value)
 
     def outbound_link(self, link_id: str) -> LinkConfig:
         link = self.config.link(link_id)

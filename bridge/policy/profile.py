@@ -772,6 +772,13 @@ def _sound(obj: dict[str, Any], type_name: str) -> bool:
 
     Every object that walk visits is complete and no list it visits is empty. Only
     reads, so the common case (nothing to clean) costs no paths and no new lists."""
+    return _all_sound((obj,), type_name)
+
+
+def _all_sound(items: Sequence[Any], type_name: str) -> bool:
+    """:func:`_sound` of every object in ``items``, of type ``type_name`` (a list's
+    entries are many, a claim's items most of all: the plan is looked up once for all of
+    them; the elements to visit are fewer than an object's members, mostly none)."""
     try:
         plan = _SOUND[type_name]
     except KeyError:
@@ -779,21 +786,20 @@ def _sound(obj: dict[str, Any], type_name: str) -> bool:
     if plan is None:
         return True
     visit, required, choices = plan
-    if not _has_required(obj, required, choices):
-        return False
-    # The elements to visit are fewer than an object's members, mostly none at all.
-    for key, child in visit.items():
-        value = obj.get(key)
-        if value is None:
+    for item in items:
+        if not isinstance(item, dict):
             continue
-        if isinstance(value, list):
-            if not value:
-                return False
-            for item in value:
-                if isinstance(item, dict) and not _sound(item, child):
-                    return False
-        elif isinstance(value, dict) and not _sound(value, child):
+        if not _has_required(item, required, choices):
             return False
+        for key, child in visit.items():
+            value = item.get(key)
+            if value is None:
+                continue
+            if isinstance(value, list):
+                if not value or not _all_sound(value, child):
+                    return False
+            elif isinstance(value, dict) and not _all_sound((value,), child):
+                return False
     return True
 
 
@@ -818,8 +824,15 @@ def _refs_of(resource: Any, cache: RefCache | None) -> list[str]:
         found = cache.get(id(resource))
         if found is not None and found[0] is resource:
             return found[1]
-    refs: list[str] = []
-    _references(resource, refs)
+    try:
+        text = orjson.dumps(resource)
+    except (TypeError, orjson.JSONEncodeError):
+        refs: list[str] = []
+        _references(resource, refs)
+    else:
+        # Without a single escape in the text (most), each value is its own text.
+        refs = ([raw.decode() for raw in _PLAIN_REFERENCE.findall(text)]
+                if b"\\" not in text else _decode_refs(_REFERENCE.findall(text)))
     if cache is not None and isinstance(resource, dict):
         cache[id(resource)] = (resource, refs)
     return refs
@@ -948,9 +961,6 @@ def reachable(
             index[str(entry["fullUrl"])] = i
         if resource.get("id"):
             index[f"{resource.get('resourceType')}/{resource['id']}"] = i
-    edges: list[list[int]] = []
-    for entry in entries:
-        edges.append([index[r] for r in _refs_of(entry.get("resource"), refs) if r in index])
     focus = tuple(focus)
     directed = bool(focus)
     types = set(focus) if focus else {"Patient"}
@@ -960,12 +970,27 @@ def reachable(
     ]
     if not roots:
         return None
-    if not directed:
-        back: list[list[int]] = [[] for _ in entries]
-        for i, targets in enumerate(edges):
-            for t in targets:
-                back[t].append(i)
-        edges = [a + b for a, b in zip(edges, back)]
+    if directed:
+        # Only what is reached is read for its references, and once every entry is
+        # reached there is nothing left to find (a claim names most of its bundle).
+        seen = set(roots)
+        stack = list(roots)
+        while stack and len(seen) < len(entries):
+            for r in _refs_of(entries[stack.pop()].get("resource"), refs):
+                t = index.get(r)
+                if t is not None and t not in seen:
+                    seen.add(t)
+                    stack.append(t)
+        return seen
+    edges: list[list[int]] = []
+    for entry in entries:
+        edges.append([index[r] for r in _refs_of(entry.get("resource"), refs) if r in index])
+    # Without a focus the part connected to the Patient, in either direction.
+    back: list[list[int]] = [[] for _ in entries]
+    for i, targets in enumerate(edges):
+        for t in targets:
+            back[t].append(i)
+    edges = [a + b for a, b in zip(edges, back)]
     seen = set(roots)
     stack = list(roots)
     while stack:
