@@ -13,7 +13,6 @@ logged and sent to partners, and must not carry health data.
 from __future__ import annotations
 
 import errno
-import functools
 import re
 from typing import Any, ClassVar, Literal
 
@@ -376,13 +375,7 @@ def value_label(value: Any) -> str:
     """How an error or a removed path names the value a selection was made by (the
     system of an identifier left out): as it is when it reads as a system or a code,
     else ``*``: the value is the sender's text."""
-    return _text_label(value if type(value) is str else str(value))
-
-
-@functools.lru_cache(maxsize=256)
-def _text_label(text: str) -> str:
-    """:func:`value_label` of a text (a profile removes the same few identifier systems
-    from every record: each is judged once)."""
+    text = str(value)
     if _SELECTOR.fullmatch(text) and not has_digit_run(text):
         return text
     return "*"

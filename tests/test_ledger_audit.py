@@ -10,6 +10,7 @@ import pytest
 from bridge.ledger.audit import (
     GENESIS_HASH,
     PSEUDONYM_MEMO,
+    PSEUDONYM_MEMO_TEXT,
     AuditEntry,
     AuditRecord,
     chain_entry,
@@ -136,10 +137,14 @@ def test_a_pseudonymizer_gives_what_patient_pseudonym_gives_beyond_its_memory() 
     assert of(*asked[0]) != pseudonymizer(b"j" * 32)(*asked[0])
     with pytest.raises(ValueError):
         pseudonymizer(b"short")
-    with pytest.raises(ValueError):
-        of("", "x")
-    with pytest.raises(ValueError):
-        of(systems[0], "")
+    for system, value in [("", "x"), (systems[0], ""), (None, "x"), (systems[0], None)]:
+        with pytest.raises(ValueError):
+            of(system, value)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            patient_pseudonym(KEY, system, value)  # type: ignore[arg-type]
+    # An identifier too long to be remembered is named all the same, every time.
+    long = (systems[0], "9" * (PSEUDONYM_MEMO_TEXT + 1))
+    assert of(*long) == of(*long) == patient_pseudonym(KEY, *long)
 
 
 def test_record_refuses_clear_identifier_and_naive_time() -> None:

@@ -402,6 +402,9 @@ def patient_pseudonym(key: bytes, system: str, value: str) -> str:
 
 #: How many identifiers a :func:`pseudonymizer` remembers the pseudonyms of.
 PSEUDONYM_MEMO = 256
+#: The longest identifier (system and value together, in characters) it remembers:
+#: identifiers are short, and a partner's message may hold anything up to its body limit.
+PSEUDONYM_MEMO_TEXT = 256
 
 
 def pseudonymizer(key: bytes) -> Callable[[str, str], str]:
@@ -409,9 +412,11 @@ def pseudonymizer(key: bytes) -> Callable[[str, str], str]:
 
     One claim asks for the pseudonyms of its patient's identifiers several times (to
     link them, to find the patient's consents, for the audit entry), so the function
-    remembers those of the last :data:`PSEUDONYM_MEMO` identifiers asked about: the
-    identifiers of the records being worked on, which the process holds anyway. The
-    HMAC is keyed once, not per call.
+    remembers those of the last :data:`PSEUDONYM_MEMO` identifiers asked about, in
+    process memory only, as the records being worked on are held there; an identifier
+    longer than :data:`PSEUDONYM_MEMO_TEXT` is not remembered. The key is read once:
+    the function keeps using it for as long as it lives. The HMAC is keyed once, not
+    per call.
     """
     if len(key) < 16:
         raise ValueError("pseudonym key must be at least 16 bytes")
@@ -419,17 +424,18 @@ def pseudonymizer(key: bytes) -> Callable[[str, str], str]:
     memo: dict[tuple[str, str], str] = {}
 
     def pseudonym(system: str, value: str) -> str:
+        if not system or not value:
+            raise ValueError("pseudonym system and value must be non-empty")
         found = memo.get((system, value))
         if found is not None:
             return found
-        if not system or not value:
-            raise ValueError("pseudonym system and value must be non-empty")
         mac = keyed.copy()
         mac.update(system.encode() + b"\x00" + value.encode())
         made = PSEUDONYM_PREFIX + mac.hexdigest()[:32]
-        if len(memo) >= PSEUDONYM_MEMO:
-            memo.clear()
-        memo[(system, value)] = made
+        if len(system) + len(value) <= PSEUDONYM_MEMO_TEXT:
+            if len(memo) >= PSEUDONYM_MEMO:
+                memo.clear()
+            memo[(system, value)] = made
         return made
 
     return pseudonym

@@ -222,8 +222,10 @@ class Controller:
         self.pseudonym_key = _load_pseudonym_key(config.audit.pseudonym_key_file)
         #: Key of the records store's resource ids (see :meth:`pull_collection`).
         self.pull_id_key = hmac.new(self.pseudonym_key, b"pull-resource-id", hashlib.sha256).digest()
-        #: Which patient pseudonyms name one person (the hospital's records say so).
+        # The patient pseudonym function, keyed once: the key is fixed for the
+        # controller's life (it must stay the same for as long as the audit log is kept).
         self._pseudonym = pseudonymizer(self.pseudonym_key)
+        #: Which patient pseudonyms name one person (the hospital's records say so).
         self.identity = IdentityIndex(self._pseudonym)
         self.consents = ConsentRegistry(self.identity)
         self._consent_cursor = 0

@@ -45,7 +45,9 @@ def _key(pseudonym: str) -> Key:
 
 class IdentityIndex:
     """Pseudonyms linked into persons. ``pseudonym(system, value)`` is the controller's
-    keyed patient pseudonym, so identifiers are never kept here in the clear.
+    keyed patient pseudonym, so the index never keeps identifiers in the clear (the
+    controller's function remembers the last few it was asked about, see
+    :func:`~bridge.ledger.audit.pseudonymizer`).
 
     Each person keeps two small sets that the questions asked on every claim need: the
     pseudonyms of its resident ID card numbers, and those under which a consent is
