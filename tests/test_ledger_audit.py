@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -118,6 +120,10 @@ def test_tail_verifies_from_an_anchor() -> None:
 def test_pseudonym_is_keyed_and_system_scoped() -> None:
     p = patient_pseudonym(KEY, "urn:oid:2.16.156.10011.1.3", "110101199001011234")
     assert p.startswith("pp:") and len(p) == 35 and "110101199001011234" not in p
+    # The audit format: the first 32 hex digits of HMAC-SHA256(key, system NUL value).
+    expected = hmac.new(KEY, b"urn:oid:2.16.156.10011.1.3\x00110101199001011234",
+                        hashlib.sha256).hexdigest()[:32]
+    assert p == "pp:" + expected
     assert p == patient_pseudonym(KEY, "urn:oid:2.16.156.10011.1.3", "110101199001011234")
     assert p != patient_pseudonym(b"j" * 32, "urn:oid:2.16.156.10011.1.3", "110101199001011234")
     assert p != patient_pseudonym(KEY, "urn:oid:2.16.156.10011.1.13", "110101199001011234")

@@ -64,9 +64,7 @@ def test_the_copy_is_a_copy_then_pseudonymised_ids(bundle: dict[str, Any], ids: 
     for entry, original in zip(out["entry"], bundle["entry"], strict=True):
         resource = entry["resource"]
         assert resource is not original["resource"]
-        found: list[str] = []
-        _references(resource, found)
-        assert refs[id(resource)] == (resource, found)
+        assert refs[id(resource)] == (resource, _references(resource))
 
 
 def test_plain_bundles_take_the_one_pass_copy() -> None:

@@ -88,8 +88,7 @@ def test_references_and_codes_read_off_the_text_are_those_of_the_objects(value: 
         # A member name holding a quote is not FHIR; the text readings may then see
         # a "reference" member where there is none (never miss one).
         return
-    found: list[str] = []
-    _references(value, found)
+    found = _references(value)
     expected: list[str] = []
     walk_references(value, expected)
     assert found == expected

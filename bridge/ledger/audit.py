@@ -391,13 +391,7 @@ def patient_pseudonym(key: bytes, system: str, value: str) -> str:
     the pseudonym cannot be computed from a guessed identifier. The key is the
     controller's own secret and must stay the same for as long as the log is kept.
     """
-    if len(key) < 16:
-        raise ValueError("pseudonym key must be at least 16 bytes")
-    if not system or not value:
-        raise ValueError("pseudonym system and value must be non-empty")
-    # NUL cannot occur in a URI or an identifier, so the join is unambiguous.
-    mac = hmac.new(key, system.encode() + b"\x00" + value.encode(), hashlib.sha256)
-    return PSEUDONYM_PREFIX + mac.hexdigest()[:32]
+    return pseudonymizer(key)(system, value)
 
 
 #: How many identifiers a :func:`pseudonymizer` remembers the pseudonyms of.
@@ -408,7 +402,8 @@ PSEUDONYM_MEMO_TEXT = 256
 
 
 def pseudonymizer(key: bytes) -> Callable[[str, str], str]:
-    """:func:`patient_pseudonym` under one key, as a function of ``(system, value)``.
+    """:func:`patient_pseudonym` under one key, as a function of ``(system, value)``
+    (it computes every patient pseudonym).
 
     One claim asks for the pseudonyms of its patient's identifiers several times (to
     link them, to find the patient's consents, for the audit entry), so the function
@@ -430,6 +425,7 @@ def pseudonymizer(key: bytes) -> Callable[[str, str], str]:
         if found is not None:
             return found
         mac = keyed.copy()
+        # NUL cannot occur in a URI or an identifier, so the join is unambiguous.
         mac.update(system.encode() + b"\x00" + value.encode())
         made = PSEUDONYM_PREFIX + mac.hexdigest()[:32]
         if len(system) + len(value) <= PSEUDONYM_MEMO_TEXT:

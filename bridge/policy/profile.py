@@ -824,15 +824,7 @@ def _refs_of(resource: Any, cache: RefCache | None) -> list[str]:
         found = cache.get(id(resource))
         if found is not None and found[0] is resource:
             return found[1]
-    try:
-        text = orjson.dumps(resource)
-    except (TypeError, orjson.JSONEncodeError):
-        refs: list[str] = []
-        _references(resource, refs)
-    else:
-        # Without a single escape in the text (most), each value is its own text.
-        refs = ([raw.decode() for raw in _PLAIN_REFERENCE.findall(text)]
-                if b"\\" not in text else _decode_refs(_REFERENCE.findall(text)))
+    refs = _references(resource)
     if cache is not None and isinstance(resource, dict):
         cache[id(resource)] = (resource, refs)
     return refs
@@ -887,11 +879,12 @@ _REFERENCE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
 _PLAIN_REFERENCE = re.compile(rb'"reference":"([^"]*)"')
 
 
-def _references(node: Any, out: list[str]) -> None:
-    """Append every ``reference`` string inside ``node`` (one pass over its JSON)."""
+def _references(node: Any) -> list[str]:
+    """Every ``reference`` string inside ``node`` (one pass over its JSON)."""
     try:
         text = orjson.dumps(node)
     except (TypeError, orjson.JSONEncodeError):  # integers beyond 64 bits: malformed input
+        out: list[str] = []
         stack = [node]
         while stack:
             cur = stack.pop()
@@ -901,8 +894,10 @@ def _references(node: Any, out: list[str]) -> None:
                 stack.extend(v for v in cur.values() if isinstance(v, (dict, list)))
             elif isinstance(cur, list):
                 stack.extend(v for v in cur if isinstance(v, (dict, list)))
-        return
-    out.extend(_decode_refs(_reference_values(text)))
+        return out
+    if b"\\" not in text:  # no escape anywhere (most): each value is its own text
+        return [raw.decode() for raw in _PLAIN_REFERENCE.findall(text)]
+    return _decode_refs(_REFERENCE.findall(text))
 
 
 def member_values(
