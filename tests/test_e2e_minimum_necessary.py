@@ -369,21 +369,26 @@ def test_only_table_9_identifiers_and_telephones_reach_the_insurer(site: Site) -
 # --- 2. nothing arrives that nothing refers to ------------------------------------------
 
 
+def unreached_from_focus(message_id: str, message: dict[str, Any]) -> set[str]:
+    """The types of the resources of a message that its Claim, the header's focus, does
+    not reach by references (the header aside); a dangling reference fails."""
+    [header] = resources(message, "MessageHeader")
+    by_url = {e["fullUrl"]: e["resource"] for e in message["entry"]}
+    [focus] = [f["reference"] for f in header["focus"]]
+    assert by_url[focus]["resourceType"] == "Claim"
+    reached, todo = {focus}, [focus]
+    while todo:
+        for ref in references(by_url[todo.pop()]):
+            assert ref in by_url, (message_id, "dangling reference", ref)
+            if ref not in reached:
+                reached.add(ref)
+                todo.append(ref)
+    return {by_url[u]["resourceType"] for u in by_url if u not in reached} - {"MessageHeader"}
+
+
 def test_every_resource_on_the_wire_is_referred_to_from_the_focus(site: Site) -> None:
     for message_id, message in site.wire.items():
-        [header] = resources(message, "MessageHeader")
-        by_url = {e["fullUrl"]: e["resource"] for e in message["entry"]}
-        [focus] = [f["reference"] for f in header["focus"]]
-        assert by_url[focus]["resourceType"] == "Claim"
-        reached, todo = {focus}, [focus]
-        while todo:
-            for ref in references(by_url[todo.pop()]):
-                assert ref in by_url, (message_id, "dangling reference", ref)
-                if ref not in reached:
-                    reached.add(ref)
-                    todo.append(ref)
-        unreached = {by_url[u]["resourceType"] for u in by_url if u not in reached} - {
-            "MessageHeader"}
+        unreached = unreached_from_focus(message_id, message)
         assert not unreached, (message_id, unreached)
         assert not resources(message, "Practitioner"), message_id
 
