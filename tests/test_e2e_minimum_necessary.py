@@ -244,6 +244,27 @@ class Site:
         return self.wire[message_id]
 
 
+def push_and_read(
+    hospital_cfg: Path, insurer_cfg: Path, files: dict[str, Path]
+) -> tuple[dict[str, subprocess.CompletedProcess[str]], dict[str, dict[str, Any]]]:
+    """``bridge push`` each record file (by name); wait until every claim accepted has
+    reached the insurer; return the pushes by name and, by message id, the Bundle the
+    insurer holds (``bridge inbox show``)."""
+    pushes = {name: cli("push", "--config", str(hospital_cfg), "--link", LINK_OUT, str(path))
+              for name, path in files.items()}
+    expected = {p.stdout.split()[0] for p in pushes.values() if p.returncode == 0}
+    deadline = time.monotonic() + 60
+    while {row["messageId"] for row in inbox(insurer_cfg)} != expected:
+        assert time.monotonic() < deadline, "the claims did not all reach the insurer"
+        time.sleep(0.3)
+    wire = {}
+    for message_id in expected:
+        shown = cli("inbox", "show", message_id, "--config", str(insurer_cfg), "--json")
+        assert shown.returncode == 0, shown.stderr
+        wire[message_id] = json.loads(shown.stdout)["message"]
+    return pushes, wire
+
+
 def inbox(insurer_cfg: Path) -> list[dict[str, Any]]:
     listed = cli("inbox", "list", "--config", str(insurer_cfg), "--json")
     assert listed.returncode == 0, listed.stderr
@@ -272,21 +293,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     insurer = serve(insurer_cfg, root / "insurer.log")
     hospital = serve(hospital_cfg, root / "hospital.log")
     try:
+        pushes, wire = push_and_read(hospital_cfg, insurer_cfg,
+                                     {c.name: root / f"{c.name}.json" for c in all_cases})
         for case in all_cases:
-            case.push = cli("push", "--config", str(hospital_cfg), "--link", LINK_OUT,
-                            str(root / f"{case.name}.json"))
+            case.push = pushes[case.name]
             if case.push.returncode == 0:
                 case.message_id = case.push.stdout.split()[0]
-        expected = {c.message_id for c in all_cases if c.message_id}
-        deadline = time.monotonic() + 60
-        while {row["messageId"] for row in inbox(insurer_cfg)} != expected:
-            assert time.monotonic() < deadline, "the claims did not all reach the insurer"
-            time.sleep(0.3)
-        wire = {}
-        for message_id in expected:
-            shown = cli("inbox", "show", message_id, "--config", str(insurer_cfg), "--json")
-            assert shown.returncode == 0, shown.stderr
-            wire[message_id] = json.loads(shown.stdout)["message"]
         yield Site(root, hospital_cfg, insurer_cfg, {c.name: c for c in all_cases}, wire)
     finally:
         codes = []

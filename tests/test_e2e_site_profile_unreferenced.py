@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,14 @@ from typing import Any
 import pytest
 from e2e_support import ALL_CLASSES, cli, consent_for, make_workdir, serve, text_of
 from handoff_support import fast_hospital
-from test_e2e_minimum_necessary import dx, front_sheet, inbox, resources, unreached_from_focus
+from test_e2e_minimum_necessary import (
+    dx,
+    front_sheet,
+    push_and_read,
+    resources,
+    unreached_from_focus,
+)
 
-from bridge.demo import LINK_OUT
 from bridge.resources import mappings_dir
 
 SHIPPED = "commercial-insurance"
@@ -96,22 +100,11 @@ def arrived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Arrived]:
     insurer = serve(insurer_cfg, root / "insurer.log")
     hospital = serve(hospital_cfg, root / "hospital.log")
     try:
-        ids: dict[str, str] = {}
-        for name in records:
-            pushed = cli("push", "--config", str(hospital_cfg), "--link", LINK_OUT,
-                         str(root / f"{name}.json"))
-            assert pushed.returncode == 0, pushed.stderr
-            ids[name] = pushed.stdout.split()[0]
-        deadline = time.monotonic() + 60
-        while {row["messageId"] for row in inbox(insurer_cfg)} != set(ids.values()):
-            assert time.monotonic() < deadline, "the claims did not both reach the insurer"
-            time.sleep(0.3)
-        wire = {}
-        for name, message_id in ids.items():
-            shown = cli("inbox", "show", message_id, "--config", str(insurer_cfg), "--json")
-            assert shown.returncode == 0, shown.stderr
-            wire[name] = json.loads(shown.stdout)["message"]
-        yield Arrived(**wire)
+        pushes, wire = push_and_read(hospital_cfg, insurer_cfg,
+                                     {name: root / f"{name}.json" for name in records})
+        for push in pushes.values():
+            assert push.returncode == 0, push.stderr
+        yield Arrived(**{name: wire[push.stdout.split()[0]] for name, push in pushes.items()})
     finally:
         codes = []
         for proc in (hospital, insurer):
