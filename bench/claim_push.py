@@ -27,6 +27,11 @@ machine's load average before and after.
     python bench/claim_push.py --batch off --loop asyncio       # one claim per request, stdlib loop
     BENCH_TALLY=1 python bench/claim_push.py --store postgres --senders 2 --batch on --rate 0
 
+``BENCH_POLICY_PHASES=1`` prints, per sender process, where the policy stage's CPU goes
+in the running sender: each part of ``apply_policy`` timed on its thread while the stage
+runs (eight timed calls a claim, about 9 microseconds: 1-2 % of the stage, then inside
+the in-sender figure as well).
+
 ``BENCH_TALLY=1`` (PostgreSQL store) prints, per sender process, for every store
 operation of the measured part its transactions, statements and ledger-thread CPU
 milliseconds, the rows claimed and the claim rounds that came back empty, how many
@@ -189,6 +194,60 @@ def _tally_dispatch(controller: Any, tally: dict[str, list[float]]) -> None:
         setattr(controller, name, timed)
 
 
+# The parts of the policy stage (apply_policy) BENCH_POLICY_PHASES times: (phase, module,
+# name) of the functions it calls. A method is timed on the class of the link's consent
+# registry (see _time_policy_phases).
+_POLICY_PHASES = (
+    ("patient identifiers, data period", "bridge.policy.engine", "patient_identifiers"),
+    ("patient identifiers, data period", "bridge.policy.engine", "data_period"),
+    ("settle (references to what is dropped, completeness)", "bridge.policy.profile",
+     "_settle"),
+    ("unreferenced (reachable from the focus)", "bridge.policy.profile",
+     "drop_unreferenced"),
+    ("unreferenced (reachable from the focus)", "bridge.policy.engine", "drop_unreferenced"),
+    ("label (classify, meta.security)", "bridge.policy.engine", "label_bundle"),
+    ("consents of the patient (for_patient)", None, "for_patient"),
+    ("consent decision for the types (require_consent)", None, "require_consent"),
+)
+_MINIMISE = "minimise (prune, copy, transforms)"
+
+
+def _time_policy_phases(registry_class: type, inside: list[bool]) -> dict[str, float]:
+    """Wrap the functions apply_policy calls (see _POLICY_PHASES) and
+    ``LinkProfile.minimize`` with CPU timers on the calling thread, counting only while
+    ``inside[0]`` (the stage is running: the same functions serve the dispatcher's
+    recheck too). Returns the CPU seconds of each phase without the phases timed inside
+    it (minimise without settle and unreferenced)."""
+    import importlib
+
+    from bridge.policy.profile import LinkProfile
+
+    spent: dict[str, float] = {}
+    running: list[str] = []
+
+    def timer(phase: str, plain: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not inside[0]:
+                return plain(*args, **kwargs)
+            running.append(phase)
+            t0 = time.thread_time()
+            try:
+                return plain(*args, **kwargs)
+            finally:
+                took = time.thread_time() - t0
+                running.pop()
+                spent[phase] = spent.get(phase, 0.0) + took
+                if running:
+                    spent[running[-1]] = spent.get(running[-1], 0.0) - took
+        return timed
+
+    for phase, module, name in _POLICY_PHASES:
+        owner: Any = importlib.import_module(module) if module else registry_class
+        setattr(owner, name, timer(phase, getattr(owner, name)))
+    LinkProfile.minimize = timer(_MINIMISE, LinkProfile.minimize)  # type: ignore[method-assign]
+    return spent
+
+
 def _share(path: Path, share: int, of: int) -> Iterator[dict[str, Any]]:
     """Every ``of``-th record of a JSON-lines file, from the ``share``-th, read lazily."""
     with path.open("rb") as lines:
@@ -239,13 +298,19 @@ async def sender(config: Path, records_file: Path, share: int, of: int, rate: fl
 
     policy_cpu = [0.0]
     apply_policy = node_module.apply_policy
+    inside = [False]  # the stage is running (BENCH_POLICY_PHASES)
+    phases = (_time_policy_phases(type(service.controller.consents_for(
+        service.controller.outbound_link(LINK_OUT))), inside)
+        if os.environ.get("BENCH_POLICY_PHASES") else None)
 
     def timed_policy(*args: Any, **kwargs: Any) -> Any:
+        inside[0] = True
         started = time.thread_time()
         try:
             return apply_policy(*args, **kwargs)
         finally:
             policy_cpu[0] += time.thread_time() - started
+            inside[0] = False
 
     node_module.apply_policy = timed_policy  # type: ignore[assignment]
     prof = cProfile.Profile() if profile else None
@@ -289,6 +354,8 @@ async def sender(config: Path, records_file: Path, share: int, of: int, rate: fl
     gc.callbacks.remove(collector)
     node_module.apply_policy = apply_policy  # type: ignore[assignment]
     done["policy_cpu_s"] = round(policy_cpu[0], 4)
+    if phases is not None:
+        done["policy_phases_s"] = {k: round(v, 4) for k, v in phases.items()}
     # CPU seconds of the cyclic garbage collector's passes in the measured part.
     done["gc_cpu_s"] = round(collector.total, 3)
     done["gc_passes"] = collector.passes
@@ -533,9 +600,25 @@ def run_once(claims: int, rate: float, seed: int, *, store: str = "sqlite", send
             "cpu_ms": {side: cpu[side] * 1000 / max(acked, 1) for side in cpu},
             "policy_share": sum(d.get("policy_cpu_s", 0.0) for d in done) / cpu["sender"]
             if cpu.get("sender") else 0.0,
+            "policy_ms": sum(d.get("policy_cpu_s", 0.0) for d in done) * 1000 / max(acked, 1),
+            "policy_phases_ms": _phases_per_claim(done, acked),
             "kernel_ms": {side: kernel[side] * 1000 / max(acked, 1) for side in kernel},
             "p50": _pct(latencies, 0.5) * 1000, "p99": _pct(latencies, 0.99) * 1000,
             "rss": rss, "rss_end": rss_end, "senders": done, "idle_ms_per_s": idle * 1000}
+
+
+def _phases_per_claim(done: list[dict[str, Any]], claims: int) -> dict[str, float]:
+    """CPU milliseconds per claim of each policy phase, over every sender (empty without
+    BENCH_POLICY_PHASES); what the stage spends outside them is ``the rest``."""
+    spent: dict[str, float] = {}
+    for d in done:
+        for phase, seconds in (d.get("policy_phases_s") or {}).items():
+            spent[phase] = spent.get(phase, 0.0) + seconds
+    if not spent:
+        return {}
+    total = sum(d.get("policy_cpu_s", 0.0) for d in done)
+    spent["the rest (items judged, held back, decision record)"] = total - sum(spent.values())
+    return {k: v * 1000 / max(claims, 1) for k, v in spent.items()}
 
 
 def _instant(value: Any) -> datetime:
@@ -804,6 +887,15 @@ def main() -> None:
                 print(f"      policy stage measured in the sender itself (apply_policy's CPU"
                       f" on its thread): {med(shares):.1%} of the sender's CPU, runs "
                       f"{[f'{x:.1%}' for x in shares]} (target <= 10 %)")
+                if any(s["policy_phases_ms"] for s in sat):
+                    stage = med(s["policy_ms"] for s in sat)
+                    print(f"      where it goes in the sender ({stage:.3f} ms/claim; median of"
+                          f" the runs, timers included):")
+                    names = dict.fromkeys(k for s in sat for k in s["policy_phases_ms"])
+                    for k in sorted(names, key=lambda n: -med(
+                            s["policy_phases_ms"].get(n, 0.0) for s in sat)):
+                        ms = med(s["policy_phases_ms"].get(k, 0.0) for s in sat)
+                        print(f"        {k:<54} {ms:6.3f} ms  {ms / stage:6.1%}")
         if profile_this:  # one more saturated run, profiled (its CPU figures are not quoted)
             run_once(args.claims, 0.0, 99, store=args.store, senders=args.senders,
                      profile=profile_this, **variant)
