@@ -153,6 +153,40 @@ def test_an_incomplete_entry_goes_and_the_rest_of_the_resource_stays(
     assert_references_resolve(result.bundle)
 
 
+@pytest.mark.parametrize("value", [None, "", [], {}])
+def test_a_required_element_that_is_empty_counts_as_missing(
+    insurer: LinkProfile, value: Any
+) -> None:
+    # Null, an empty string, an empty list or an empty object holds nothing: the
+    # Coverage lacks its required status, goes, and takes the Claim that needs it along.
+    bundle = claim_bundle()
+    coverage = next(e["resource"] for e in bundle["entry"]
+                    if e["resource"]["resourceType"] == "Coverage")
+    coverage["status"] = value
+    result = insurer.minimize(bundle)
+    types = {e["resource"]["resourceType"] for e in result.bundle["entry"]}
+    assert "Coverage" not in types and "Claim" not in types
+    assert "Coverage" in result.removed
+
+
+@pytest.mark.parametrize("value", [0, False, 0.0])
+def test_a_required_element_holding_zero_or_false_is_present(
+    insurer: LinkProfile, value: Any
+) -> None:
+    # Zero and false are values (a completeness check is not a truth test): the entry
+    # stays as it is, whatever its type's own rules make of it elsewhere.
+    bundle = claim_bundle()
+    claim = next(e["resource"] for e in bundle["entry"]
+                 if e["resource"]["resourceType"] == "Claim")
+    claim["diagnosis"][0]["sequence"] = value
+    result = insurer.minimize(bundle)
+    sent = next(e["resource"] for e in result.bundle["entry"]
+                if e["resource"]["resourceType"] == "Claim")
+    assert sent["diagnosis"][0]["sequence"] == value
+    assert type(sent["diagnosis"][0]["sequence"]) is type(value)
+    assert "Claim.diagnosis" not in result.removed
+
+
 def assert_references_resolve(bundle: dict[str, Any]) -> None:
     urls = {e["fullUrl"] for e in bundle["entry"]}
 

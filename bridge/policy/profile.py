@@ -662,6 +662,10 @@ def _required_of(type_name: str, specs: dict[str, ElementSpec]) -> tuple[
 
 
 _ABSENT: tuple[Any, ...] = (None, [], {}, "")
+# The types of the empty values of _ABSENT besides None: a value ``v`` is one of _ABSENT
+# exactly when ``v is None or (not v and isinstance(v, _EMPTIED))`` (0 and false are
+# values), which asks no equality of the values present, most of them.
+_EMPTIED = (list, dict, str)
 
 
 def _complete(obj: dict[str, Any], type_name: str, specs: dict[str, ElementSpec]) -> bool:
@@ -752,11 +756,13 @@ def _has_required(obj: dict[str, Any], required: Sequence[str],
     """Every required element and one of each required choice present (a loop, not
     generators: it runs for every object the cleaning walk visits)."""
     for name in required:
-        if obj.get(name) in _ABSENT:
+        value = obj.get(name)
+        if value is None or (not value and isinstance(value, _EMPTIED)):
             return False
     for _, names in choices:
         for name in names:
-            if obj.get(name) not in _ABSENT:
+            value = obj.get(name)
+            if not (value is None or (not value and isinstance(value, _EMPTIED))):
                 break
         else:
             return False
