@@ -371,11 +371,22 @@ def is_fhir_id(value: object) -> bool:
     return isinstance(value, str) and _FHIR_ID.fullmatch(value) is not None
 
 
+# Texts value_label names as they are (systems and codes, never a value): the same few
+# recur on every record a profile selects from. Bounded; what is named ``*`` is not kept.
+_SELECTORS_SEEN: set[str] = set()
+_SELECTORS_SEEN_MAX = 4096
+
+
 def value_label(value: Any) -> str:
     """How an error or a removed path names the value a selection was made by (the
     system of an identifier left out): as it is when it reads as a system or a code,
     else ``*``: the value is the sender's text."""
     text = str(value)
+    if text in _SELECTORS_SEEN:
+        return text
     if _SELECTOR.fullmatch(text) and not has_digit_run(text):
+        if len(_SELECTORS_SEEN) >= _SELECTORS_SEEN_MAX:
+            _SELECTORS_SEEN.clear()
+        _SELECTORS_SEEN.add(text)
         return text
     return "*"

@@ -468,6 +468,7 @@ def _run(
         labels = label_bundle(bundle, codes=codes, types=profile.classes)
         close_sequence_gaps(bundle)
     removed.extend(grade_paths)
+    removed = list(dict.fromkeys(removed))
 
     _refuse_without(profile, entries_before, bundle, held)
     _refuse_without_principal(principal_before, bundle, held)
@@ -475,7 +476,7 @@ def _run(
         trace.sent_ids = {str(e["resource"].get("id")) for e in bundle["entry"]}
         trace.sent = {str(e["resource"].get("id")): copy_json(e["resource"])
                       for e in bundle["entry"]}
-        trace.removed = list(dict.fromkeys(removed))
+        trace.removed = list(removed)
         trace.held_paths = list(dict.fromkeys(held_paths))
     if profile.ids == "pseudonym" and trace is not None:
         assert key is not None
@@ -502,7 +503,7 @@ def _run(
         ),
         provisions=tuple(sorted((c, p) for c, p in permits if c)),
         categories=tuple(categories),
-        removed=tuple(dict.fromkeys(removed)),
+        removed=tuple(removed),
         held_back=tuple(held),
         transformed=tuple(minimized.transformed),
         override=decision.override,
@@ -510,7 +511,7 @@ def _run(
     return PolicyResult(
         bundle=bundle,
         decision=decision,
-        removed=list(dict.fromkeys(removed)),
+        removed=removed,
         held_back=list(dict.fromkeys(held_paths)),
         patient_identifiers=identifiers,
         resource_types=final_types,
