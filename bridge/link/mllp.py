@@ -13,7 +13,11 @@ order the messages arrived. Each message goes:
    refused;
 4. the :class:`MessageHandler` (the HL7 v2 room's reader, with the site's overlay)
    parses, checks and maps it: its own record, its part of a visit, and warnings
-   about fields no mapping reads (a few hundred microseconds, on the event loop);
+   about fields no mapping reads. The work is linear in the message's size: a few
+   hundred microseconds for a usual message, done on the event loop; a message of
+   ``_INLINE_BYTES`` or more (up to ``max_message_bytes``, which may take a second) is
+   read on a thread of the listener's own, so the other connections, the partner port
+   and the operations port are answered meanwhile;
 5. message, record, visit part, the record to route, ACK and audit entry are
    committed in one transaction (:func:`bridge.ledger.intake.accept`; SQLite
    ``synchronous=FULL``), and only then is the AA sent; a copy that raced with it
@@ -65,9 +69,10 @@ import hashlib
 import logging
 import ssl
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import orjson
 
@@ -103,6 +108,13 @@ log = logging.getLogger("bridge.mllp")
 # the high mark, so a client that does not wait for ACKs cannot fill memory.
 _HIGH_WATER = 64
 _LOW_WATER = 16
+
+# Messages this large or larger are read (biometric digests, parse, check, map) on the
+# listener's reading thread instead of the event loop. Below it the work takes well
+# under a millisecond and a thread hop would cost more than it spares the loop.
+_INLINE_BYTES = 64 * 1024
+
+T = TypeVar("T")
 
 WakeHook = Callable[[], None]
 
@@ -240,6 +252,8 @@ class MLLPListener:
                                                                     controller.store))
         self.port: int | None = None
         self.stats: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0, "failed": 0}
+        # One thread reads large messages, one at a time (see _INLINE_BYTES).
+        self._reading: ThreadPoolExecutor | None = None
 
     def use_context(self, ssl_context: ssl.SSLContext) -> None:
         """Handshake new connections with ``ssl_context`` (certificates reloaded)."""
@@ -285,6 +299,9 @@ class MLLPListener:
             _done, pending = await asyncio.wait(workers, timeout=5.0)
             for task in pending:
                 task.cancel()
+        if self._reading is not None:
+            self._reading.shutdown(wait=False)
+            self._reading = None
 
     # --- one message --------------------------------------------------------------------
 
@@ -331,13 +348,13 @@ class MLLPListener:
             return await self._refuse(exc2, header, peer, now)
         try:
             # Nothing below (digest, store, mapping) ever sees a biometric value.
-            message = self.handler.protect(message, header)
+            message = await self._read(len(message), self.handler.protect, message, header)
         except BridgeError as exc:
             return await self._refuse(exc, header, peer, now)
         digest = hashlib.sha256(message).hexdigest()
         subject = f"hl7:{header.sender}/{header.control_id}"
         try:
-            taken = self.handler.prepare(message, header)
+            taken = await self._read(len(message), self.handler.prepare, message, header)
         except BridgeError as exc:
             # A copy of a message accepted before keeps its answer, even if it would
             # not be accepted today (a site overlay changed since).
@@ -352,6 +369,16 @@ class MLLPListener:
             )
             return await self._refuse(failure, header, peer, now)
         return await self._accept(taken, message, header, digest, peer, now)
+
+    async def _read(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: on the event loop for a message under ``_INLINE_BYTES``, else on
+        the listener's reading thread (the loop keeps answering other peers meanwhile)."""
+        if size < _INLINE_BYTES:
+            return fn(*args)
+        if self._reading is None:
+            self._reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hl7-read")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reading, functools.partial(fn, *args))
 
     async def _accept(self, taken: Intake, message: bytes, header: MSHHeader, digest: str,
                       peer: str, now: datetime) -> bytes:

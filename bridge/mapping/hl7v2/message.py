@@ -188,7 +188,7 @@ class Segment:
     repetitions, components and subcomponents on demand.
     """
 
-    __slots__ = ("_delims", "index", "line", "name", "raw_fields", "rep")
+    __slots__ = ("_delims", "_split", "index", "line", "name", "raw_fields", "rep")
 
     def __init__(self, name: str, rep: int, index: int, raw_fields: list[str],
                  delims: Delimiters, line: str = "") -> None:
@@ -198,6 +198,11 @@ class Segment:
         self.raw_fields = raw_fields  # raw_fields[n] is field n (MSH: shifted, see below)
         self._delims = delims
         self.line = line  # the segment as received (for the validation cache)
+        # Field number -> (the raw text split, its repetitions). Rules and conditions read
+        # a repeating field one repetition at a time; splitting the field again for each
+        # would make a field of n repetitions cost n^2. The raw text is kept beside its
+        # split so a field rewritten in place (biometric digests) is split afresh.
+        self._split: dict[int, tuple[str, list[str]]] | None = None
 
     def __repr__(self) -> str:  # never shows values
         return f"<Segment {self.name}[{self.rep}] with {len(self.raw_fields) - 1} fields>"
@@ -218,7 +223,19 @@ class Segment:
             return []
         if self.name == "MSH" and n <= 2:
             return [text]
-        return text.split(self._delims.repetition)
+        return list(self._repetitions(n, text))
+
+    def _repetitions(self, n: int, text: str) -> list[str]:
+        """Field ``n`` (whose raw text is ``text``) split into repetitions, split once."""
+        split = self._split
+        if split is None:
+            split = self._split = {}
+        cached = split.get(n)
+        if cached is not None and cached[0] is text:
+            return cached[1]
+        reps = text.split(self._delims.repetition)
+        split[n] = (text, reps)
+        return reps
 
     def value(self, n: int, rep: int = 1, component: int = 1, subcomponent: int = 1) -> str:
         """The unescaped value at ``n[rep].component.subcomponent`` or ``""``."""
@@ -229,7 +246,7 @@ class Segment:
         if self.name == "MSH" and n <= 2:
             return text
         if d.repetition in text:
-            reps = text.split(d.repetition)
+            reps = self._repetitions(n, text)
             if rep > len(reps):
                 return ""
             text = reps[rep - 1]

@@ -202,6 +202,16 @@ _CLEAN_MAX = 4096
 _CLEAN_FIELDS: dict[tuple[str, str, str, int, str], None] = {}
 _CLEAN_FIELDS_MAX = 16384
 
+def _forget_oldest(cache: dict[Any, None]) -> None:
+    """Drop the oldest entry of a bounded cache. Messages are read on the event loop and
+    (large ones) on the MLLP listener's reading thread: another thread may have dropped
+    the same entry, or changed the cache, in between, and either is fine."""
+    try:
+        del cache[next(iter(cache))]
+    except (KeyError, RuntimeError, StopIteration):
+        pass
+
+
 #: Fields a mapping reads, as ``(segment id, field number)``; None = every field.
 ReadSet = frozenset[tuple[str, int]]
 
@@ -270,7 +280,7 @@ def validate(msg: HL7Message, structure: str | None, *, read: ReadSet | None = N
         _check_segment(msg, seg, spec, checker, delimiters)
         if key is not None and (checker.warnings is None or len(checker.warnings) == before):
             if len(_CLEAN) >= _CLEAN_MAX:
-                del _CLEAN[next(iter(_CLEAN))]
+                _forget_oldest(_CLEAN)
             _CLEAN[key] = None
 
 
@@ -313,7 +323,7 @@ def _check_segment(msg: HL7Message, seg: Segment, spec: SegmentSpec, checker: _C
                             (seg.name, seg.rep, number, r if fspec.repeats else 0))
                 if remember:
                     if len(_CLEAN_FIELDS) >= _CLEAN_FIELDS_MAX:
-                        del _CLEAN_FIELDS[next(iter(_CLEAN_FIELDS))]
+                        _forget_oldest(_CLEAN_FIELDS)
                     _CLEAN_FIELDS[key] = None
         except MappingError as exc:
             checker.problem(exc, seg.name, number)
