@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.link.mllp_framer import FrameTooLarge, MLLPFramer, frame
+from bridge.link.mllp_framer import FrameTooLarge, MissingStartBlock, MLLPFramer, frame
 
 ADT = (
     "MSH|^~\\&|HIS|HOSP-A^2.16.156.10011.1.5^ISO|BRIDGE|HOSP-A|20260301083000+0800||ADT^A01^ADT_A01|"
@@ -84,10 +84,53 @@ def test_each_frame_start_is_counted_however_the_bytes_arrive() -> None:
         assert seen == sorted(seen)
 
 
-def test_empty_frames_are_not_messages() -> None:
+def test_an_empty_frame_is_a_message_to_answer() -> None:
+    # Its sender waits for an answer as for any other frame (the listener refuses it AR).
     f = MLLPFramer()
-    assert f.feed(b"\x0b\x1c\r" + frame(ORU)) == [ORU]
+    assert f.feed(b"\x0b\x1c\r" + frame(ORU)) == [b"", ORU]
     assert f.empty_frames == 1
+
+
+def _events(wire: bytes, size: int) -> list[object]:
+    """Events of ``wire`` fed ``size`` bytes at a time, errors as (type, head)."""
+    f = MLLPFramer()
+    out: list[object] = []
+    for i in range(0, len(wire), size):
+        for event in f.events(wire[i:i + size]):
+            out.append(event if isinstance(event, bytes) else (type(event), event.head))
+    return out
+
+
+@pytest.mark.parametrize("size", [10_000, 7, 2, 1])
+def test_a_message_without_its_start_block_is_an_error_to_answer(size: int) -> None:
+    # An HIS that forgets the VT still ends its message and waits for the answer.
+    wire = b"\r\n" + ORU + b"\x1c\r" + frame(ADT) + ORU + b"\x1c\r"
+    assert _events(wire, size) == [(MissingStartBlock, b"\r\n" + ORU), ADT,
+                                   (MissingStartBlock, ORU)]
+    error = MLLPFramer().events(ORU + b"\x1c\r")[0]
+    assert isinstance(error, MissingStartBlock) and error.ack_code == "AR"
+    with pytest.raises(MissingStartBlock):
+        MLLPFramer().feed(ORU + b"\x1c\r")
+
+
+def test_only_the_first_bytes_of_a_message_without_start_block_are_held() -> None:
+    f = MLLPFramer()
+    for _ in range(100):
+        assert f.events(b"OBX|1|ST|X||" + b"y" * 1000 + b"\r") == []
+    assert f.holds_unframed
+    [error] = f.events(b"\x1c\r")
+    assert isinstance(error, MissingStartBlock) and len(error.head) == MLLPFramer.HEAD_BYTES
+    assert not f.holds_unframed
+
+
+def test_framing_the_peer_got_wrong_without_an_answer_is_counted() -> None:
+    f = MLLPFramer()
+    assert f.events(b"GET / HTTP/1.1\r\n\r\n" + frame(ORU)) == [ORU]
+    assert f.unframed_dropped == 1
+    assert f.events(b"\r\n\x1c\r") == []  # an end block with nothing before it
+    assert f.stray_end_blocks == 1 and f.unframed_messages == 0
+    assert f.events(b"\x1c") == [] and f.events(b"\x0b") == []  # a lone FS, then a frame
+    assert f.unframed_dropped == 2
 
 
 def test_oversized_frame_raises_then_resynchronises_on_the_next_start_block() -> None:
@@ -110,8 +153,9 @@ def test_oversized_frame_is_detected_before_it_ends_and_memory_stays_bounded() -
     events = f.events(b"B" * 60)
     assert len(events) == 1 and isinstance(events[0], FrameTooLarge)
     assert f.buffered == 0
-    # The rest of the oversized frame is noise until the next start block.
+    # The rest of the oversized frame is dropped up to its end block: it was answered.
     assert f.events(b"C" * 500 + b"\x1c\r") == []
+    assert f.unframed_messages == 0 and f.stray_end_blocks == 0
     assert f.events(frame(b"MSH|ok")) == [b"MSH|ok"]
 
 
@@ -154,3 +198,17 @@ def test_framer_module_is_free_of_io_imports() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@given(st.lists(st.tuples(st.booleans(),
+                          st.binary(min_size=1, max_size=200).filter(
+                              lambda b: b"\x0b" not in b and b"\x1c" not in b and b.strip())),
+                min_size=1, max_size=5),
+       st.integers(min_value=1, max_value=50))
+def test_messages_with_and_without_start_block_come_out_the_same_in_any_chunks(
+    messages: list[tuple[bool, bytes]], size: int
+) -> None:
+    wire = b"".join(frame(m) if framed else m + b"\x1c\r" for framed, m in messages)
+    expected = [m if framed else (MissingStartBlock, m) for framed, m in messages]
+    assert _events(wire, size) == expected
+    assert _events(wire, len(wire)) == expected

@@ -186,6 +186,70 @@ async def test_unparseable_bytes_get_ar_with_err_and_nothing_is_stored(bridge: B
     assert bridge.actions() == ["hl7.reject", "hl7.reject"]
 
 
+@pytest.mark.parametrize("wire", [
+    pytest.param(b"\x0b\x1c\r", id="empty frame"),
+    pytest.param(b"\x0b \r\n\x1c\r", id="whitespace-only frame"),
+])
+async def test_a_frame_without_a_message_gets_ar_with_err_and_a_log_line(
+    bridge: Bridge, caplog: pytest.LogCaptureFixture, wire: bytes
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.mllp")
+    acks = await exchange(bridge.port, [wire + frame(adt("NEXT-1"))], 2)
+    assert seg(acks[0], "MSA")[1:3] == ["AR", ""]
+    err = seg(acks[0], "ERR")
+    assert err[3].startswith("100^") and "MSH" in err[8]
+    assert seg(acks[1], "MSA")[1:3] == ["AA", "NEXT-1"]  # the connection carries on in step
+    assert bridge.actions() == ["hl7.reject", "hl7.receive"]
+    assert any("HL7 message refused" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_message_without_its_start_block_gets_ar_naming_the_framing(
+    bridge: Bridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.mllp")
+    unframed = adt("NOVT-1") + b"\x1c\r"
+    acks = await exchange(bridge.port, [unframed + frame(adt("NEXT-2"))], 2)
+    assert seg(acks[0], "MSA")[1:3] == ["AR", "NOVT-1"]
+    err = seg(acks[0], "ERR")
+    assert err[7] == "mllp-no-start-block" and "start block" in err[8]
+    assert seg(acks[1], "MSA")[1:3] == ["AA", "NEXT-2"]
+    assert bridge.store.hl7_lookup("HIS|HOSP-A", "NOVT-1") is None
+    rejects = [e.record for e in bridge.store.audit_entries() if e.record.action == "hl7.reject"]
+    assert [r.detail for r in rejects] == ["mllp-no-start-block@MLLP frame"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "bridge.mllp"]
+    assert any("HL7 message refused" in m and "start block" in m for m in lines)
+    assert not any("张" in m or "1234567" in m for m in lines)
+
+
+async def test_framing_that_cannot_be_answered_is_logged_never_its_bytes(
+    bridge: Bridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.mllp")
+    # A frame abandoned by a new start block, bytes with neither start nor end block,
+    # an end block after nothing: none of them is a message the peer waits on.
+    wire = (b"\x0b" + adt("LOST-1")[:40] + frame(adt("OK-1")) + adt("LOST-2") + b"\r\n"
+            + frame(adt("OK-2")) + b"\r\x1c\r")
+    acks = await exchange(bridge.port, [wire], 2)
+    assert [seg(a, "MSA")[1:3] for a in acks] == [["AA", "OK-1"], ["AA", "OK-2"]]
+    # A frame, and then bytes outside any, the peer closes without ending.
+    for tail in (b"\x0b" + adt("CUT-1")[:60], adt("CUT-2")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        writer.write(tail)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), timeout=10) == b""
+        writer.close()
+    await asyncio.sleep(0.1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "bridge.mllp"]
+    warned = "\n".join(m for m in lines if "MLLP connection" in m)
+    assert "frame(s) abandoned by a new start block" in warned
+    assert "run(s) of bytes outside any frame dropped" in warned
+    assert "end block(s) (FS CR) outside any frame ignored" in warned
+    assert "closed by the peer with a frame not ended" in warned
+    assert "closed by the peer after bytes outside any frame" in warned
+    assert not any(x in warned for x in ("LOST", "CUT", "张", "HOSP-A", "MSH"))
+    assert bridge.store.hl7_count() == 2
+
+
 async def test_message_split_over_many_tcp_writes(bridge: Bridge) -> None:
     wire = frame(adt("SPLIT-1"))
     chunks = [wire[i : i + 7] for i in range(0, len(wire), 7)]

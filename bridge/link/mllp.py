@@ -39,7 +39,8 @@ ACK rule (original acknowledgement mode). The code is the error's ``ack_code``:
   change that: unreadable (no MSH, MSH-9/MSH-10 missing, unknown MSH-18 character
   set, an MSH field holding an MLLP framing byte: VT, or an FS the framer kept as
   content because no CR followed it), rejected by the full parser (``ParseError``), larger than
-  ``max_message_bytes``, from a sending facility not allowed, or of a message type,
+  ``max_message_bytes``, framed wrongly but ended (an empty frame; a message sent without
+  its start block, ERR-7 ``mllp-no-start-block``), from a sending facility not allowed, or of a message type,
   event, processing id or version not supported (HL7 errors 200-203, whatever the
   error class: HL7 v2 answers those with AR).
 * **AE** — the message was read but not accepted: a field a mapping reads is wrong
@@ -47,6 +48,11 @@ ACK rule (original acknowledgement mode). The code is the error's ``ack_code``:
   discharge before the admission, a visit closed), the control id was already used
   for different content (ERR-3 ``205``), or the bridge failed (store or handler
   failure, ERR-3 ``207``; nothing was stored and the same message may be sent again).
+
+Framing the peer got wrong that ends no message has nothing to answer: a frame abandoned
+by a new start block, bytes with neither start nor end block, an end block after nothing,
+a frame or such bytes left when the peer closes. Each is logged with the connection and
+a count, never the bytes.
 
 An answer always leaves: no field echoed from MSH can end its frame (see
 :func:`~bridge.mapping.hl7v2.ack.build_ack`), and if an answer still cannot be built or
@@ -88,7 +94,7 @@ from bridge.errors import (
 )
 from bridge.files import load_or_make_key
 from bridge.ledger import intake as intake_db
-from bridge.link.mllp_framer import Event, FrameTooLarge, MLLPFramer, frame
+from bridge.link.mllp_framer import Event, FrameTooLarge, MissingStartBlock, MLLPFramer, frame
 from bridge.link.routing import Source, could_route
 from bridge.link.store import GroupCommit
 from bridge.link.tlsgate import RefusalHook, TLSListener
@@ -336,7 +342,7 @@ class MLLPListener:
         """Answer one framed message (or framing error) with the bytes of its ACK."""
         c = self.c
         now = c.clock()
-        if isinstance(event, FrameTooLarge):
+        if isinstance(event, (FrameTooLarge, MissingStartBlock)):
             return await self._refuse(event, tolerant_header(event.head), peer, now)
         message = event
         try:
@@ -555,6 +561,7 @@ class _MLLPConnection(asyncio.Protocol):
         self._frame_timeout = listener.config.frame_timeout_seconds
         self._idle_timeout = listener.config.idle_timeout_seconds
         self._frames_ended_seen = 0
+        self._anomalies_seen = (0, 0, 0)
         self._frame_began: float | None = None
         self._last_activity = 0.0
         self._busy = False
@@ -595,6 +602,7 @@ class _MLLPConnection(asyncio.Protocol):
             return
         for event in self.framer.events(data):
             self.queue.put_nowait(event)
+        self._log_anomalies()
         now = asyncio.get_running_loop().time()
         self._last_activity = now
         began = False
@@ -613,6 +621,26 @@ class _MLLPConnection(asyncio.Protocol):
         # Deadlines that moved later need no new timer: one firing early re-arms itself.
         if began or self._timer is None:
             self._schedule()
+
+    def _log_anomalies(self) -> None:
+        """Log framing the peer got wrong that has no answer of its own (what is answered,
+        an empty frame or a message without its start block, is logged as a refusal):
+        counts only, never the bytes."""
+        f = self.framer
+        now = (f.aborted_frames, f.unframed_dropped, f.stray_end_blocks)
+        if now == self._anomalies_seen:
+            return
+        aborted, dropped, ends = (a - b for a, b in zip(now, self._anomalies_seen, strict=True))
+        self._anomalies_seen = now
+        problems = []
+        if aborted:
+            problems.append(f"{aborted} frame(s) abandoned by a new start block (VT)")
+        if dropped:
+            problems.append(f"{dropped} run(s) of bytes outside any frame dropped"
+                            " (no start block before them, no end block after them)")
+        if ends:
+            problems.append(f"{ends} end block(s) (FS CR) outside any frame ignored")
+        log.warning("MLLP connection %s: %s", self.peer, "; ".join(problems))
 
     # --- timeouts ----------------------------------------------------------------------
 
@@ -672,6 +700,15 @@ class _MLLPConnection(asyncio.Protocol):
         return self.transport is not None and self.transport.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closing:
+            # The peer closed: what it left unfinished can have no answer.
+            if self.framer.in_frame and self.framer.buffered:
+                log.warning("MLLP connection %s closed by the peer with a frame not ended"
+                            " (no end block, FS CR; %d bytes dropped)", self.peer,
+                            self.framer.buffered)
+            if self.framer.holds_unframed:
+                log.warning("MLLP connection %s closed by the peer after bytes outside any"
+                            " frame (no start block, VT, nor end block, FS CR)", self.peer)
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()

@@ -13,21 +13,31 @@ Framer rules (state table; ``OUTSIDE`` is the start state):
 ==========  ===================  ==========================================================
 state       byte(s)              action
 ==========  ===================  ==========================================================
-OUTSIDE     VT                   start a frame -> INSIDE
-OUTSIDE     anything else        discard, count in ``discarded_bytes``
-INSIDE      FS CR                emit the frame (empty frames are counted, not emitted)
-                                 -> OUTSIDE
+OUTSIDE     VT                   start a frame -> INSIDE; bytes other than whitespace
+                                 held outside are dropped, counted in ``unframed_dropped``
+OUTSIDE     FS CR                after bytes other than whitespace: emit
+                                 :class:`MissingStartBlock` (the peer sent a message
+                                 without its VT and waits for its answer); else count
+                                 in ``stray_end_blocks``
+OUTSIDE     anything else        discard, count in ``discarded_bytes`` (the first
+                                 ``HEAD_BYTES`` are kept for a MissingStartBlock)
+INSIDE      FS CR                emit the frame, an empty one too (the peer waits for an
+                                 answer to it as to any other) -> OUTSIDE
 INSIDE      FS then not CR       FS is content (a strict peer never sends it) -> INSIDE
 INSIDE      VT                   the peer restarted a frame: drop the partial frame,
                                  count it in ``aborted_frames`` -> INSIDE (new frame)
-INSIDE      content over limit   emit :class:`FrameTooLarge` once, discard -> OUTSIDE
-                                 (resynchronise on the next VT)
+INSIDE      content over limit   emit :class:`FrameTooLarge` once, discard -> SKIPPING
+SKIPPING    FS CR                the oversized frame ended (answered already) -> OUTSIDE
+SKIPPING    VT                   as OUTSIDE (the oversized frame was abandoned)
+SKIPPING    anything else        discard
 ==========  ===================  ==========================================================
 
 Invariants: a message is emitted only after its FS CR arrived; the emitted bytes
 never contain the VT or the FS CR; the framer never holds more than
-``max_message_bytes`` (+1) bytes of a frame; events come out in the order their
-frames ended on the wire.
+``max_message_bytes`` (+1) bytes of a frame, nor more than ``HEAD_BYTES`` outside one;
+events come out in the order their frames ended on the wire; every end block the
+peer sent after content gives exactly one event (a message, :class:`FrameTooLarge` or
+:class:`MissingStartBlock`), so the peer gets one answer for each message it sent.
 
 The framer knows nothing of HL7 itself: reading MSH, error codes and acknowledgements
 belong to the HL7 v2 room (:mod:`bridge.mapping.hl7v2.header`, :mod:`bridge.mapping.hl7v2.ack`).
@@ -35,7 +45,7 @@ belong to the HL7 v2 room (:mod:`bridge.mapping.hl7v2.header`, :mod:`bridge.mapp
 
 from __future__ import annotations
 
-from bridge.errors import PayloadTooLarge
+from bridge.errors import ParseError, PayloadTooLarge
 
 VT = 0x0B  # start block
 FS = 0x1C  # end block
@@ -65,7 +75,25 @@ class FrameTooLarge(PayloadTooLarge):
         self.messages: list[bytes] = []
 
 
-Event = bytes | FrameTooLarge
+class MissingStartBlock(ParseError):
+    """Bytes other than whitespace ended by an end block (FS CR) outside any frame: a
+    message sent without its start block (VT). It is answered (AR) rather than dropped,
+    because its sender waits for the answer.
+
+    ``head`` keeps the first bytes (at most :attr:`MLLPFramer.HEAD_BYTES`), so the
+    answer can name MSH-10 when an MSH is there; ``messages`` as for
+    :class:`FrameTooLarge`.
+    """
+
+    code = "mllp-no-start-block"
+
+    def __init__(self, message: str, *, head: bytes = b"") -> None:
+        super().__init__(message, location="MLLP frame")
+        self.head = head
+        self.messages: list[bytes] = []
+
+
+Event = bytes | FrameTooLarge | MissingStartBlock
 
 
 class MLLPFramer:
@@ -81,14 +109,25 @@ class MLLPFramer:
         self.max_message_bytes = max_message_bytes
         self._inside = False
         self._fs_pending = False  # INSIDE and the last byte seen was FS
+        self._skipping = False  # the rest of an oversized frame, up to its end block
+        self._stray_fs = False  # OUTSIDE and the last byte seen was FS
+        self._stray_head = bytearray()  # the first bytes held outside any frame
+        self._stray_content = False  # bytes other than whitespace held outside any frame
         self._buf = bytearray()
         self._pending: list[Event] = []
         #: Bytes seen outside any frame (noise, keep-alives, the tail of an oversized frame).
         self.discarded_bytes = 0
         #: Frames cut short by a new VT.
         self.aborted_frames = 0
-        #: Frames of zero length (VT FS CR): not emitted.
+        #: Frames of zero length (VT FS CR): emitted as ``b""`` like any other message.
         self.empty_frames = 0
+        #: Messages sent without a start block, emitted as :class:`MissingStartBlock`.
+        self.unframed_messages = 0
+        #: Runs of bytes other than whitespace outside any frame that no end block
+        #: ended (dropped at the next start block).
+        self.unframed_dropped = 0
+        #: End blocks outside any frame with nothing but whitespace before them.
+        self.stray_end_blocks = 0
         #: Frames discarded for exceeding ``max_message_bytes``.
         self.oversized_frames = 0
         #: Start blocks seen that began a frame: changes whenever a new frame begins, so a
@@ -110,12 +149,19 @@ class MLLPFramer:
         """Bytes of the current, unfinished frame held by the framer."""
         return len(self._buf) + (1 if self._fs_pending else 0)
 
+    @property
+    def holds_unframed(self) -> bool:
+        """True while bytes other than whitespace were received outside any frame and
+        neither an end block nor a start block followed them yet."""
+        return self._stray_content
+
     # --- decoding ------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return the messages completed by them, in wire order.
 
-        An oversized frame raises :class:`FrameTooLarge` at the point where it occurs:
+        An oversized frame raises :class:`FrameTooLarge` (a message without its start
+        block :class:`MissingStartBlock`) at the point where it occurs:
         the messages completed before it in this call are in the exception's
         ``messages``; whatever followed it is kept and returned by the next call
         (``feed(b"")`` collects it). Use :meth:`events` to get messages and errors in
@@ -125,7 +171,7 @@ class MLLPFramer:
         self._pending = []
         messages: list[bytes] = []
         for i, event in enumerate(events):
-            if isinstance(event, FrameTooLarge):
+            if not isinstance(event, bytes):
                 self._pending = events[i + 1 :]
                 event.messages = messages
                 raise event
@@ -133,7 +179,7 @@ class MLLPFramer:
         return messages
 
     def events(self, data: bytes) -> list[Event]:
-        """Like :meth:`feed`, but oversized frames appear in the list, in order, instead of raising."""
+        """Like :meth:`feed`, but framing errors appear in the list, in order, instead of raising."""
         events = self._pending + self._decode(data)
         self._pending = []
         return events
@@ -148,16 +194,20 @@ class MLLPFramer:
                 i = 1
             else:
                 self._append(b"\x1c", out)
+        elif self._stray_fs and n:
+            self._stray_fs = False
+            if data[0] == CR:
+                self._end_outside(out)
+                i = 1
+            else:
+                self._outside(b"\x1c")
         while i < n:
             if not self._inside:
                 start = data.find(START_BLOCK, i)
+                self._scan_outside(data, i, start if start >= 0 else n, out)
                 if start < 0:
-                    self.discarded_bytes += n - i
                     return out
-                self.discarded_bytes += start - i
-                self._inside = True
-                self.frames_started += 1
-                self._buf.clear()
+                self._begin_frame()
                 i = start + 1
                 continue
             end = data.find(b"\x1c", i)
@@ -199,6 +249,7 @@ class MLLPFramer:
             self.oversized_frames += 1
             self._buf.clear()
             self._inside = False
+            self._skipping = True
             out.append(
                 FrameTooLarge(
                     f"MLLP frame larger than {self.max_message_bytes} bytes",
@@ -212,11 +263,68 @@ class MLLPFramer:
     def _finish(self, out: list[Event]) -> None:
         self._inside = False
         self.frames_ended += 1
-        if self._buf:
-            out.append(bytes(self._buf))
-            self._buf.clear()
-        else:
+        if not self._buf:
             self.empty_frames += 1
+        out.append(bytes(self._buf))
+        self._buf.clear()
+
+    # --- outside any frame -----------------------------------------------------------------
+
+    def _begin_frame(self) -> None:
+        if self._stray_content:
+            self.unframed_dropped += 1
+        self._reset_stray()
+        self._skipping = False
+        self._inside = True
+        self.frames_started += 1
+        self._buf.clear()
+
+    def _scan_outside(self, data: bytes, i: int, stop: int, out: list[Event]) -> None:
+        """Take ``data[i:stop]``, bytes outside any frame (``stop``: a start block or the end)."""
+        while True:
+            end = data.find(END_BLOCK, i, stop)
+            if end < 0:
+                break
+            self._outside(data[i:end])
+            self._end_outside(out)
+            i = end + 2
+        if stop == len(data) and i < stop and data[stop - 1] == FS:
+            # The CR that would make it an end block may come with the next bytes.
+            self._outside(data[i : stop - 1])
+            self._stray_fs = True
+        else:
+            self._outside(data[i:stop])
+
+    def _outside(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.discarded_bytes += len(chunk)
+        if self._skipping:
+            return
+        room = self.HEAD_BYTES - len(self._stray_head)
+        if room > 0:
+            self._stray_head += chunk[:room]
+        if not self._stray_content and chunk.strip():
+            self._stray_content = True
+
+    def _end_outside(self, out: list[Event]) -> None:
+        """An end block (FS CR) outside any frame."""
+        self.discarded_bytes += 2
+        if self._skipping:
+            self._skipping = False  # the oversized frame ended; it was answered already
+            return
+        if self._stray_content:
+            self.unframed_messages += 1
+            out.append(MissingStartBlock("MLLP start block (VT) missing before the message",
+                                         head=bytes(self._stray_head)))
+        else:
+            self.stray_end_blocks += 1
+        self._reset_stray()
+
+    def _reset_stray(self) -> None:
+        self._stray_head.clear()
+        self._stray_content = False
+        self._stray_fs = False
 
     # --- encoding ------------------------------------------------------------------------
 
