@@ -127,7 +127,7 @@ def cmd_intake_retry(args: argparse.Namespace) -> int:
 
     def audit(row: intake_db.RecordRow) -> AuditRecord:
         return AuditRecord(time=now, actor=config.controller.id, action="intake.retry",
-                           subject=row.source, categories=[row.dataset], outcome="success",
+                           subject=row.label, categories=[row.dataset], outcome="success",
                            detail=f"from {row.state}", operator=operator)
 
     with _store(args) as store:

@@ -54,6 +54,7 @@ import orjson
 
 from bridge.errors import BridgeError, ConflictError, NotFound, UsageError
 from bridge.ledger.audit import format_time
+from bridge.mapping.hl7v2.header import id_label, message_label
 from bridge.mapping.hl7v2.message import parse_hl7
 from bridge.mapping.hl7v2.visit import (
     VisitPart,
@@ -319,7 +320,7 @@ def _adopt(tx: Tx, spec: VisitSpec, visit_id: int, summary: VisitSummary) -> Vis
             log.warning("visit %s: the part of %s was filed without its charge transactions"
                         " and cannot be re-derived from its message; its charges count as"
                         " filed, and a copy of them sent again would count twice",
-                        visit_id, control_id)
+                        visit_id, id_label(str(control_id)))
             continue
         tx.execute("UPDATE visit_part SET part=? WHERE visit_id=? AND sender=? AND"
                    " control_id=?", (tx.seal(part.to_json(), context="visit_part.part"),
@@ -344,6 +345,22 @@ class RecordRow:
     routed_version: int
     created: str
     updated: str
+
+    @property
+    def label(self) -> str:
+        """The record as the audit trail and logs name it: ``visit:12``, or
+        ``hl7:MSH-3|MSH-4/MSH-10`` of its message with each field named by
+        :func:`~bridge.mapping.hl7v2.header.id_label` (``source`` is the sender's text)."""
+        return source_label(self.source)
+
+
+def source_label(source: str) -> str:
+    """:attr:`RecordRow.label` of a record's ``source``."""
+    if source.startswith("hl7:"):
+        sender, _, control_id = source[4:].rpartition("/")
+        return "hl7:" + message_label(sender, control_id)
+    kind, _, number = source.partition(":")
+    return source if kind == "visit" and number.isascii() and number.isdigit() else "*"
 
 
 _RECORD_COLS = ("id, source, kind, message_type, dataset, facility, state, detail, version,"

@@ -63,7 +63,10 @@ Every AE/AR carries an ERR segment naming the location (ERR-2 for an HL7 locatio
 ERR-8 text naming the data element it was needed for) and an HL7 table 0357 code
 (ERR-3), never a value from the message. An AA may carry ERR segments of severity W
 for fields no mapping reads that break their data type (from v2.5 on).
-Every outcome is audited (``hl7.receive``, ``hl7.duplicate``, ``hl7.reject``);
+Every outcome is audited (``hl7.receive``, ``hl7.duplicate``, ``hl7.reject``), with the
+message named ``hl7:MSH-3|MSH-4/MSH-10`` in its subject and in log lines; each of those
+fields as sent only when it reads as a plain code or control id, else by a digest
+(:func:`~bridge.mapping.hl7v2.header.id_label`): they are the sender's text;
 refused TLS handshakes are audited by the TLS gate as ``tls.refused``.
 """
 
@@ -101,7 +104,7 @@ from bridge.link.tlsgate import RefusalHook, TLSListener
 from bridge.mapping.hl7v2 import HL7Message, HL7Reader, Intake, ack_code_for, build_ack, read_msh
 from bridge.mapping.hl7v2.ack import tolerant_header
 from bridge.mapping.hl7v2.biometric import protect as protect_biometric
-from bridge.mapping.hl7v2.header import MSHHeader
+from bridge.mapping.hl7v2.header import MSHHeader, id_label, message_label
 from bridge.trust.identity import certificate_identity, pinned
 
 if TYPE_CHECKING:
@@ -358,7 +361,7 @@ class MLLPListener:
         except BridgeError as exc:
             return await self._refuse(exc, header, peer, now)
         digest = hashlib.sha256(message).hexdigest()
-        subject = f"hl7:{header.sender}/{header.control_id}"
+        subject = f"hl7:{header.label}"
         try:
             taken = await self._read(len(message), self.handler.prepare, message, header)
         except BridgeError as exc:
@@ -389,9 +392,9 @@ class MLLPListener:
     async def _accept(self, taken: Intake, message: bytes, header: MSHHeader, digest: str,
                       peer: str, now: datetime) -> bytes:
         c = self.c
-        subject = f"hl7:{header.sender}/{header.control_id}"
+        subject = f"hl7:{header.label}"
         record = taken.record
-        categories = [f"HL7v2:{taken.message_type}"]
+        categories = [f"HL7v2:{id_label(taken.message_type)}"]
         if taken.dataset:
             categories.append(taken.dataset)
         if taken.visit is not None:
@@ -478,7 +481,7 @@ class MLLPListener:
         await self._audit(
             self.c.audit(
                 "hl7.duplicate",
-                subject=f"hl7:{header.sender}/{header.control_id}",
+                subject=f"hl7:{header.label}",
                 digest_value=digest,
                 now=now,
             )
@@ -498,9 +501,9 @@ class MLLPListener:
             source = tolerant_header(bytes(source)) or None
         subject = f"peer:{peer}"
         if isinstance(source, MSHHeader):
-            subject = f"hl7:{source.sender}/{source.control_id}"
+            subject = f"hl7:{source.label}"
         elif source is not None:
-            subject = f"hl7:{_sender_of(source)}"
+            subject = f"hl7:{_label_of(source)}"
         log.info("HL7 message refused (%s): %s", subject, exc)
         await self._audit(
             self.c.audit(
@@ -516,11 +519,11 @@ class MLLPListener:
     async def _failed(self, exc: BridgeError, header: MSHHeader, now: datetime) -> bytes:
         """Our side failed (store, ACK builder): never AA; AE 207 so the sender tries again."""
         self.stats["failed"] += 1
-        log.error("HL7 message %s not stored: %s", header.control_id, exc.code)
+        log.error("HL7 message %s not stored: %s", header.label, exc.code)
         await self._audit(
             self.c.audit(
                 "hl7.reject",
-                subject=f"hl7:{header.sender}/{header.control_id}",
+                subject=f"hl7:{header.label}",
                 outcome="failure",
                 detail=f"{exc.code}@{exc.location or '-'}",
                 now=now,
@@ -537,11 +540,10 @@ class MLLPListener:
             log.error("could not audit an HL7 outcome: %s", exc.code)
 
 
-def _sender_of(source: Any) -> str:
-    msh = getattr(source, "msh", None)
-    if msh is None:
-        return "-"
-    return f"{msh.raw(3)}|{msh.raw(4)}/{msh.raw(10)}"
+def _label_of(source: HL7Message) -> str:
+    """A parsed message named as :attr:`MSHHeader.label` names it."""
+    msh = source.msh
+    return message_label(f"{msh.raw(3)}|{msh.raw(4)}", msh.raw(10))
 
 
 class _MLLPConnection(asyncio.Protocol):

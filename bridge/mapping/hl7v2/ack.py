@@ -23,7 +23,6 @@ be taken here (unreadable, unsupported type, event, processing id or version: ta
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -37,6 +36,7 @@ from bridge.mapping.hl7v2.header import (
     codec_for,
     header_from_fields,
     read_msh,
+    text_digest,
     usable_delimiter,
 )
 
@@ -143,7 +143,7 @@ def ack_control_id(original_control_id: str) -> str:
     """MSH-10 of the ACK: ``ACK`` + the original id, or a digest of it when too long."""
     if len(original_control_id) <= 17:
         return "ACK" + original_control_id
-    return "ACK" + hashlib.sha256(original_control_id.encode()).hexdigest()[:17].upper()
+    return "ACK" + text_digest(original_control_id)
 
 
 def tolerant_header(data: bytes | str) -> MSHHeader | None:

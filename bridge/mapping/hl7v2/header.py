@@ -9,10 +9,11 @@ decoding each field with the declared character set, and raises
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
-from bridge.errors import ParseError
+from bridge.errors import ParseError, has_digit_run
 
 #: HL7 table 0211 character sets -> Python codecs (with the spellings Chinese HIS use).
 #: Without MSH-18, HL7 assumes ASCII; Chinese feeds that omit it send UTF-8, which is a
@@ -45,6 +46,37 @@ def codec_for(charset: str) -> str:
                          location="MSH-18", hl7_code="103") from None
 
 
+# An application or facility code (HD, components included: ``HIS``,
+# ``HOSP-A^2.16.156.10011.1.5^ISO``), a message type (``ADT^A01``) or a control id
+# (``MSG00001``) as interfaces write them: no spaces, no control characters, no letters
+# beyond ASCII.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._\-^&:]{1,64}")
+
+
+def text_digest(text: str) -> str:
+    """17 upper-case hex digits of the SHA-256 of ``text``: how an ACK's MSH-10 names a
+    control id too long to repeat, and how logs name sender text that is not a plain id."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:17].upper()
+
+
+def id_label(text: str) -> str:
+    """How logs and the audit trail name a sender's identifier (MSH-3, MSH-4, MSH-9,
+    MSH-10): as sent when it reads as a plain code or control id, else ``#`` and its
+    :func:`text_digest`. The field is the sender's text: an HIS that puts a patient's
+    name, an ID number (any run of six digits or more) or terminal control sequences
+    there must not have them copied into a log line or an audit entry."""
+    if not text or (_PLAIN_ID.fullmatch(text) and not has_digit_run(text)):
+        return text
+    return "#" + text_digest(text)
+
+
+def message_label(sender: str, control_id: str) -> str:
+    """``MSH-3|MSH-4/MSH-10`` of a stored message (``sender`` is ``MSH-3|MSH-4``), each
+    part named by :func:`id_label`."""
+    application, _, facility = sender.partition("|")
+    return f"{id_label(application)}|{id_label(facility)}/{id_label(control_id)}"
+
+
 @dataclass(frozen=True)
 class MSHHeader:
     """What an answer needs from MSH, before (or without) the full parser.
@@ -75,6 +107,12 @@ class MSHHeader:
     def sender(self) -> str:
         """The deduplication key of the sending system: ``MSH-3|MSH-4``."""
         return f"{self.sending_application}|{self.sending_facility}"
+
+    @property
+    def label(self) -> str:
+        """``MSH-3|MSH-4/MSH-10`` as logs and the audit trail may name the message
+        (see :func:`id_label`)."""
+        return message_label(self.sender, self.control_id)
 
     @property
     def facility_id(self) -> str:

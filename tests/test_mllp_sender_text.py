@@ -1,0 +1,114 @@
+"""What an HIS writes in MSH-3, MSH-4 and MSH-10 never reaches a log line or the audit trail
+unless it reads as a plain code or control id.
+
+Those fields are the sender's text: an interface that puts a patient's name and ID
+number in the sending application or the control id, or terminal control sequences in
+the facility, must not have them copied into the bridge's logs or audit entries. A
+plain ``HIS|HOSP-A/MSG00001`` is kept as sent; anything else is named by a digest (the
+same one an ACK's MSH-10 carries for a control id too long to repeat). A real hospital
+bridge with its HL7 v2 reader, MLLP on a real socket; every path that names a message:
+accepted, resent, refused by the reader, refused by its visit, unreadable MSH.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from hl7_feeds import InpatientVisit
+from intake_support import msa, start_intake_pair
+
+from bridge.ledger import intake as intake_db
+from bridge.mapping.hl7v2.header import id_label, message_label, text_digest
+
+NAME_AND_ID = "张三 1101011990030745"  # MSH-3.1 holds at most 20 characters
+ID_IN_CID = "张三110101199003074512"
+ANSI = "F\x1b[31mRED\x1b[0m"
+LEAKS = ("张三", "1101011990030745", "\x1b", "[31m", "ZY2026000101", "\u676d\u5dde")
+
+
+def _msh(message: bytes, *, app: str | None = None, facility: str | None = None,
+         cid: str | None = None, processing: str | None = None) -> bytes:
+    head, _, rest = message.partition(b"\r")
+    fields = head.decode("utf-8").split("|")
+    for number, value in ((3, app), (4, facility), (10, cid), (11, processing)):
+        if value is not None:
+            fields[number - 1] = value
+    return "|".join(fields).encode("utf-8") + b"\r" + rest
+
+
+async def test_sender_text_in_msh_reaches_neither_logs_nor_audit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bridge")
+    pair = await start_intake_pair(tmp_path, tls=False, start_insurer=False)
+    try:
+        visit = InpatientVisit()
+        admission = _msh(visit.a01(), app=NAME_AND_ID, cid=ID_IN_CID)
+        [accepted] = await pair.send([admission])
+        assert msa(accepted)[1] == "AA"
+        [again] = await pair.send([admission])  # the stored answer, audited as a copy
+        assert again == accepted
+        # Another patient admitted to the same stay: refused by its visit.
+        other_patient = InpatientVisit(mrn="BA0009999").a01("ZY2026000101")
+        [visit_refused] = await pair.send([_msh(other_patient, app=NAME_AND_ID)])
+        assert msa(visit_refused)[1] == "AE"
+        # A test system's message (MSH-11 T), as the outside tester sent it.
+        [test_refused] = await pair.send([_msh(visit.a01("D3"), facility=ANSI,
+                                               processing="T")])
+        assert msa(test_refused)[1] == "AR"
+        # MSH itself unreadable (an FS inside MSH-12): named from what can be read.
+        unreadable = _msh(visit.a01(ID_IN_CID + "X"), app=NAME_AND_ID).replace(
+            b"|2.5|", b"|2.5\x1c|", 1)
+        [msh_refused] = await pair.send([unreadable])
+        assert msa(msh_refused)[1] == "AR"
+        plain = _msh(InpatientVisit(visit="ZY2026000202").a01("MSG00001"), facility="HOSP-A")
+        [plain_ack] = await pair.send([plain])
+        assert msa(plain_ack)[1] == "AA"
+
+        entries = [e.record for e in pair.hospital.controller.store.audit_entries()
+                   if e.record.action.startswith("hl7.")]
+        assert [r.action for r in entries] == ["hl7.receive", "hl7.duplicate", "hl7.reject",
+                                               "hl7.reject", "hl7.reject", "hl7.receive"]
+        written = [" ".join([r.subject, r.detail or "", *r.categories]) for r in entries]
+        written += [r.getMessage() for r in caplog.records]
+        for text in written:
+            assert not any(leak in text for leak in LEAKS), text
+        # Named by digests a reader can compute from what the HIS sent; the ACK's MSH-10
+        # carries the same digest of the control id.
+        hidden = message_label(f"{NAME_AND_ID}|{visit.facility}", ID_IN_CID)
+        assert hidden == f"#{text_digest(NAME_AND_ID)}|#{text_digest(visit.facility)}" \
+                         f"/#{text_digest(ID_IN_CID)}"
+        assert entries[0].subject == entries[1].subject == f"hl7:{hidden}"
+        assert accepted.split(b"|")[9] == f"ACK{text_digest(ID_IN_CID)}".encode()
+        assert entries[2].subject == "hl7:" + message_label(f"{NAME_AND_ID}|{visit.facility}",
+                                                            "ZY2026000101")
+        assert entries[3].subject == f"hl7:HIS|#{text_digest(ANSI)}/D3"
+        assert entries[5].subject == "hl7:HIS|HOSP-A/MSG00001"  # plain ids are kept
+        refusals = [r.getMessage() for r in caplog.records
+                    if r.getMessage().startswith("HL7 message refused")]
+        assert len(refusals) == 3
+        assert any(f"hl7:HIS|#{text_digest(ANSI)}/D3" in m for m in refusals)
+    finally:
+        await pair.stop()
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    ("HIS", True), ("HOSP-A^2.16.156.10011.1.5^ISO", True), ("MSG00001", True),
+    ("ADT^A01", True), ("", True),
+    ("ZY2026000101", False),  # a run of six digits or more: a record or ID number
+    ("张三", False), ("HIS 1", False), ("A\x1b[0m", False), ("A\tB", False), ("x" * 65, False),
+])
+def test_which_sender_ids_are_written_as_sent(text: str, kept: bool) -> None:
+    assert (id_label(text) == text) is kept
+    if not kept:
+        assert id_label(text) == "#" + text_digest(text)
+
+
+def test_an_intake_record_is_named_by_the_same_rule() -> None:
+    assert intake_db.source_label("visit:12") == "visit:12"
+    assert intake_db.source_label(f"hl7:{NAME_AND_ID}|H/{ID_IN_CID}") == \
+        f"hl7:#{text_digest(NAME_AND_ID)}|H/#{text_digest(ID_IN_CID)}"
+    assert intake_db.source_label("hl7:HIS|HOSP-A/MSG00001") == "hl7:HIS|HOSP-A/MSG00001"
+    assert intake_db.source_label("visit:张三") == "*"
