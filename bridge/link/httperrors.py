@@ -9,6 +9,8 @@ client sent, a patient's identifier in a query string among them.
 :func:`answering_malformed_requests` wraps the listener's protocol factory so that such
 a request gets ``400 parse-error`` as a FHIR OperationOutcome (PROTOCOL P-ERR-1) naming
 no value, the connection is closed, and the log line names the exception's type only.
+Another port answers in its own form by passing a subclass of :class:`MalformedRequests`
+that overrides :meth:`~MalformedRequests.refusal` (the operations port answers plain text).
 """
 
 from __future__ import annotations
@@ -22,17 +24,23 @@ from aiohttp.web_protocol import RequestHandler
 
 from bridge.errors import BridgeError, InternalError, ParseError
 
-__all__ = ["answering_malformed_requests"]
+__all__ = ["MalformedRequests", "answering_malformed_requests"]
 
 log = logging.getLogger("bridge.server")
 
 FHIR_JSON = "application/fhir+json"
 
 
-class _Handler(RequestHandler):
+class MalformedRequests(RequestHandler):
     """aiohttp's request handler, answering what it cannot read as the bridge answers."""
 
     __slots__ = ()
+
+    def refusal(self, status: int, error: BridgeError) -> web.Response:
+        """The answer (the partner port's: a FHIR OperationOutcome); ``error`` is the
+        bridge's own, naming no byte of the request."""
+        return web.Response(status=status, body=orjson.dumps(error.to_operation_outcome()),
+                            content_type=FHIR_JSON)
 
     def handle_error(
         self,
@@ -53,24 +61,23 @@ class _Handler(RequestHandler):
             error = InternalError("internal error; nothing was stored", location="request")
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; the connection is dropped")
-        response = web.Response(
-            status=status, body=orjson.dumps(error.to_operation_outcome()),
-            content_type=FHIR_JSON,
-        )
+        response = self.refusal(status, error)
         response.force_close()
         return response
 
 
 def answering_malformed_requests(
     factory: Callable[[], RequestHandler],
+    handler_class: type[MalformedRequests] = MalformedRequests,
 ) -> Callable[[], RequestHandler]:
-    """``factory`` (an aiohttp server), its handlers answering unreadable requests with an
-    OperationOutcome and logging no byte of them."""
+    """``factory`` (an aiohttp server), its handlers answering unreadable requests with
+    ``handler_class``'s :meth:`~MalformedRequests.refusal` (an OperationOutcome unless
+    told otherwise) and logging no byte of them."""
 
     def make() -> RequestHandler:
         handler = factory()
-        # Same slots, one method more: the handler aiohttp made, answering as the bridge.
-        handler.__class__ = _Handler
+        # Same slots, methods of its own: the handler aiohttp made, answering as the bridge.
+        handler.__class__ = handler_class
         return handler
 
     return make
