@@ -9,7 +9,7 @@
                         one entry per check.
 ``GET /metrics``        Prometheus text format (:mod:`bridge.ops.metrics`)
 ``GET /``               the status page (:mod:`bridge.ops.page`)
-``POST /requeue``       put one dead or rejected claim back in the queue (form fields
+``POST /requeue``       put one dead or rejected claim back in the queue (URL-encoded fields
                         ``message_id`` and ``token``); loopback peers only, audited
 ======================  ==================================================================
 
@@ -21,6 +21,11 @@ browser then sends that name, so the page can neither read the status page and m
 nor post. With ``auth = "certificate"`` the browser checks the port's TLS certificate
 against the name it asked for, which does the same. The requeue form also carries a
 token made when the port opens.
+
+What a request sends is never repeated back or logged: a request the HTTP parser cannot
+read gets ``400`` with a fixed text (:class:`PlainRefusals`), a requeue body that is not
+the page's form gets ``400`` naming the form, and the status page shows a notice only
+from the bridge's own set (:data:`NOTICES`), chosen by its name in the query.
 """
 
 from __future__ import annotations
@@ -32,15 +37,19 @@ import ipaddress
 import logging
 import secrets
 import time
+import urllib.parse
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError, _ErrInfo
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from bridge.config import OperationsConfig
 from bridge.errors import BridgeError, listen_error
+from bridge.link.httperrors import MalformedRequests, answering_malformed_requests
 from bridge.logs import event
 from bridge.ops.certs import CertificateInfo, configured_certificates
 from bridge.ops.certs import check as check_certificate
@@ -80,6 +89,44 @@ def host_allowed(header: str | None, accepted: frozenset[str]) -> bool:
     return bool(header) and str(header).strip().lower() in accepted
 
 
+class PlainRefusals(MalformedRequests):
+    """The operations port's answer to a request its HTTP parser cannot read (or that
+    fails in the HTTP layer): the bridge's own sentence as plain text, no byte of the
+    request (see :mod:`bridge.link.httperrors`)."""
+
+    __slots__ = ()
+
+    def refusal(self, status: int, error: BridgeError) -> web.Response:
+        return web.Response(status=status, text=f"{error.message}\n")
+
+    def data_received(self, data: bytes) -> None:
+        """As aiohttp's, and when the parser fails inside a body (a chunk size that is not
+        a number), that body's reader fails too: aiohttp's compiled parser queues its
+        refusal behind the request it was reading, whose handler would otherwise wait for
+        the rest of the body until the client gives up."""
+        super().data_received(data)
+        if not any(isinstance(msg, _ErrInfo) for msg, _payload in self._messages):
+            return
+        bodies = [payload for msg, payload in self._messages if not isinstance(msg, _ErrInfo)]
+        if self._current_request is not None:
+            bodies.append(self._current_request.content)
+        for body in bodies:
+            if not body.is_eof() and body.exception() is None:
+                body.set_exception(RequestPayloadError("the request body could not be read"))
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """What aiohttp logs with a traceback (a body that breaks off while the handler
+        is done with it and its rest is read away, say), logged by the exception's type
+        only: the message of a parser's exception quotes the bytes it failed on."""
+        exc = kw.get("exc_info")
+        kind = type(exc).__name__ if isinstance(exc, BaseException) else "-"
+        what = str(args[0]) if args else "failure"
+        if isinstance(exc, HttpProcessingError | RequestPayloadError):
+            log.info("unreadable request on the operations port (%s: %s)", what, kind)
+        else:
+            log.error("operations port failed in the HTTP layer (%s: %s)", what, kind)
+
+
 def _is_loopback(address: str | None) -> bool:
     if not address:
         return False
@@ -106,6 +153,7 @@ class OpsServer:
         self._runner: web.AppRunner | None = None
         self._sampler: asyncio.Task[None] | None = None
         self._tls: Any = None  # the TLS listener with auth = "certificate"
+        self._listener: asyncio.Server | None = None  # the plain HTTP one otherwise
         self._accepted_hosts: frozenset[str] = frozenset()  # set once the port is known
 
     @property
@@ -124,6 +172,7 @@ class OpsServer:
             middlewares.append(OperatorGate(self.controller, self.config).middleware())
         else:
             middlewares.append(self._host_gate)
+        middlewares.append(_unreadable_body)
         app = web.Application(client_max_size=64 * 1024, middlewares=middlewares)
         app.on_response_prepare.append(_protect)
         app.router.add_get("/healthz", self.healthz)
@@ -139,16 +188,18 @@ class OpsServer:
             return
         self._runner = web.AppRunner(self.build(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        assert self._runner.server is not None
+        loop = asyncio.get_running_loop()
         try:
-            await site.start()
+            self._listener = await loop.create_server(
+                answering_malformed_requests(self._runner.server, PlainRefusals),
+                self.config.host, self.config.port, reuse_address=True,
+            )
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None
             raise listen_error(exc, self.config.host, self.config.port, where) from None
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        self.port = int(self._listener.sockets[0].getsockname()[1])
         self._accepted_hosts = accepted_hosts(self.config, self.port)
         self._sampler = asyncio.create_task(self._sample_forever(), name="ops:sampler")
         log.info("operations port on %s", self.url)
@@ -164,7 +215,8 @@ class OpsServer:
                                      keepalive_timeout=self.config.idle_timeout_seconds)
         await self._runner.setup()
         assert self._runner.server is not None
-        self._tls = TLSListener(self._runner.server, ctx, on_refused=self.service._tls_refused)
+        self._tls = TLSListener(answering_malformed_requests(self._runner.server, PlainRefusals),
+                                ctx, on_refused=self.service._tls_refused)
         try:
             self.port = await self._tls.start(self.config.host, self.config.port)
         except OSError as exc:
@@ -185,9 +237,14 @@ class OpsServer:
             except asyncio.CancelledError:
                 pass
             self._sampler = None
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
         self.metrics.close()
 
     # --- queue depth history ----------------------------------------------------------------
@@ -410,7 +467,7 @@ class OpsServer:
             certificates=configured_certificates(self.controller.config),
             warning_days=self.config.certificate_warning_days,
             csrf_token=self.token,
-            notice=_notice(request.query.get("requeued"), request.query.get("refused")),
+            notice=NOTICES.get(request.query.get("notice", "")),
             handoffs=snap.get("handoff", []),
             sync_out=sync_out,
             sync_in=sync_in,
@@ -444,20 +501,17 @@ class OpsServer:
     async def requeue(self, request: web.Request) -> web.StreamResponse:
         if not self._local_request(request):
             return web.Response(status=403, text="requeue is for a local operator only\n")
-        try:
-            form = await request.post()
-        except ValueError:  # not UTF-8 (UnicodeDecodeError), or a broken multipart body
-            form = None
-        token, message_id = (form.get("token", ""), form.get("message_id", "")) if form else ("", "")
-        if form is None or not isinstance(token, str) or not isinstance(message_id, str):
+        form = await _requeue_form(request)
+        if form is None:
             return web.Response(status=400, text="the requeue form is not read: its fields "
-                                "token and message_id are URL-encoded UTF-8 text\n")
+                                "token and message_id are URL-encoded UTF-8 text, each once\n")
+        token, message_id = form
         if not hmac.compare_digest(token.encode(), self.token.encode()):
             return web.Response(status=403, text="stale or missing form token; reload the page\n")
         c = self.controller
         row = await c.db.get_outbox(message_id) if message_id else None
         if row is None:
-            raise web.HTTPSeeOther("/?refused=unknown-message")
+            raise web.HTTPSeeOther("/?notice=unknown-message")
         try:
             await c.db.requeue(
                 message_id,
@@ -470,7 +524,9 @@ class OpsServer:
                 ),
             )
         except BridgeError as exc:
-            raise web.HTTPSeeOther(f"/?refused={exc.code}") from None
+            log.warning("requeue refused by the store: %s", exc.code)
+            raise web.HTTPSeeOther(f"/?notice={_REFUSAL_NOTICES.get(exc.code, 'store-refused')}"
+                                   ) from None
         event(
             "requeue",
             controller=c.id,
@@ -484,7 +540,7 @@ class OpsServer:
         dispatcher = getattr(self.service, "dispatchers", {}).get(row.link)
         if dispatcher is not None:
             dispatcher.wake(message_id)
-        raise web.HTTPSeeOther(f"/?requeued={row.seq}")
+        raise web.HTTPSeeOther("/?notice=requeued")
 
 
 # The page is never shown inside another site's frame (where a disguised page could
@@ -505,13 +561,69 @@ async def _protect(request: web.Request, response: web.StreamResponse) -> None:
         response.headers.setdefault(name, value)
 
 
-def _notice(requeued: str | None, refused: str | None) -> str | None:
-    if requeued and requeued.isdigit():
-        return f"Claim seq {requeued} requeued; the dispatcher sends it again now."
-    if refused:
-        code = "".join(ch for ch in refused if ch.isalnum() or ch == "-")[:60]
-        return f"Requeue refused: {code}."
-    return None
+#: The notices the status page shows, by the name a requeue's redirect gives in
+#: ``?notice=``. Only these texts appear: a name not here shows no notice, so a link
+#: from elsewhere cannot put words of its own on the operator's page.
+NOTICES: dict[str, str] = {
+    "requeued": "Claim requeued; the dispatcher sends it again now.",
+    "unknown-message": "Requeue refused: unknown-message (no claim in the outbox has this"
+                       " message id).",
+    "not-requeueable": "Requeue refused: not-requeueable (the claim is no longer dead or"
+                       " rejected; the page shows its state now).",
+    "store-refused": "Requeue refused: the store did not take the change (the log names"
+                     " why).",
+}
+
+#: The notice for a requeue the store refused, by the refusal's code.
+_REFUSAL_NOTICES = {
+    "outbox-unknown-message": "unknown-message",
+    "outbox-illegal-transition": "not-requeueable",
+}
+
+_FORM_TYPES = ("", "application/x-www-form-urlencoded")
+_FORM_FIELDS = ("token", "message_id")
+
+
+async def _requeue_form(request: web.Request) -> tuple[str, str] | None:
+    """The ``token`` and ``message_id`` of a requeue form, or None when the body is not
+    the status page's form: URL-encoded UTF-8 text with each of the two fields once."""
+    if request.content_type not in _FORM_TYPES:
+        return None
+    if (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):
+        return None
+    # Bytes the HTTP parser cannot read (broken chunks, compressed bytes that do not
+    # expand) raise here and are answered by _unreadable_body.
+    body = await request.read()
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                                       errors="strict", max_num_fields=len(_FORM_FIELDS) + 4)
+    except ValueError:  # not UTF-8, an escape that is not, or too many fields
+        return None
+    fields: dict[str, list[str]] = {}
+    for name, value in pairs:
+        fields.setdefault(name, []).append(value)
+    values = [fields.get(name, []) for name in _FORM_FIELDS]
+    if any(len(v) != 1 for v in values):
+        return None
+    return values[0][0], values[1][0]
+
+
+@web.middleware
+async def _unreadable_body(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A request whose body aiohttp's parser fails on while a handler reads it (a chunk
+    size that is not a number, compressed bytes that do not expand, a multipart part
+    whose head breaks off) gets ``400`` with a fixed text, the exception's message (which
+    quotes the bytes) neither answered nor logged. Only the parser's own errors are
+    answered so: any other failure stays a failure (500, logged)."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        log.info("unreadable request body from %s refused (%s)", request.remote,
+                 type(exc).__name__)
+        refused = web.Response(status=400, text="the request body could not be read\n")
+        refused.force_close()
+        return refused
+    return response
 
 
 def _version() -> str:
