@@ -211,8 +211,30 @@ def _time(record: logging.LogRecord) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
+# Characters that would end a text line early, move the cursor, recolour a terminal
+# (ESC) or reorder what a reader sees (bidirectional controls): C0, DEL, C1, the
+# Unicode line and paragraph separators and the bidi embeddings, overrides and isolates.
+_UNSAFE = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F),
+           *range(0x2066, 0x206A)]
+_ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _UNSAFE}
+# The same in a JSON line, as JSON escapes (the value read back is unchanged): orjson
+# escapes C0 itself and writes the others as they are.
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _UNSAFE if c >= 0x20}
+
+
+def escape_line(text: str) -> str:
+    """``text`` with every character that could start a new line, move the cursor or
+    send a terminal escape written as a ``\\xNN`` or ``\\uNNNN`` escape: whatever a field
+    holds, one record is one line and a reader sees it as written."""
+    return text.translate(_ESCAPES)
+
+
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, event or message, then the fields."""
+    """One JSON object per line: time, level, logger, event or message, then the fields.
+
+    Line and paragraph separators, C1 and bidirectional controls are written as JSON
+    escapes, as orjson writes C0: a reader splitting on any line break, or a terminal
+    showing the line, sees one line as written."""
 
     def __init__(self, static: dict[str, str] | None = None) -> None:
         super().__init__()
@@ -235,11 +257,16 @@ class JSONFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             line["error_type"] = record.exc_info[0].__name__
             line["stack"] = _frames(record.exc_info)
-        return orjson.dumps(line).decode()
+        return orjson.dumps(line).decode().translate(_JSON_ESCAPES)
 
 
 class TextFormatter(logging.Formatter):
-    """``time LEVEL event key=value ...`` for events; ``time LEVEL logger: message`` else."""
+    """``time LEVEL event key=value ...`` for events; ``time LEVEL logger: message`` else.
+
+    Each record is one line: a control character in any field or message (a sender's
+    text that slipped into an error, say) is escaped (:func:`escape_line`), so it can
+    neither forge a line nor drive the terminal the log is read on.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         head = f"{_time(record)} {record.levelname:<7}"
@@ -253,7 +280,7 @@ class TextFormatter(logging.Formatter):
             text += f" [{record.exc_info[0].__name__} at " + " < ".join(
                 reversed(_frames(record.exc_info))
             ) + "]"
-        return text.rstrip()
+        return escape_line(text.rstrip())
 
 
 _HANDLER_NAME = "bridge-log"
@@ -299,6 +326,7 @@ __all__ = [
     "JSONFormatter",
     "TextFormatter",
     "claim_event",
+    "escape_line",
     "event",
     "refusal_event",
     "setup_logging",

@@ -105,3 +105,45 @@ def test_a_registered_source_is_scraped_and_a_broken_one_is_counted(tmp_path: Pa
     # Only this controller's events count.
     assert samples[("bridge_deliveries_total", (("link", "claims-to-insurer-b"),))] == 1
     assert samples[("bridge_store_up", ())] == 1
+
+
+FORGED = "x\n2026-12-07T00:00:00.000Z WARNING forged line\r\x1b[2J\u2028\u202eend"
+
+
+@pytest.fixture
+def text_log() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = setup_logging(fmt="text", level="info", stream=stream)
+    try:
+        yield stream
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def test_a_text_line_stays_one_line_whatever_a_field_holds(text_log: io.StringIO) -> None:
+    """A control character that slipped into a field, a message or an argument never
+    starts a line, moves the cursor or reaches the terminal: it is written escaped."""
+    event("refusal", controller="insurer-b", path=f"X-Signature#{FORGED}", code="c")
+    logging.getLogger("bridge.server").info("refused %s: %s", "request", FORGED)
+    try:
+        raise ValueError(FORGED)
+    except ValueError:
+        logging.getLogger("bridge.server").exception("failed at %s", FORGED)
+    written = text_log.getvalue()
+    lines = written.splitlines()
+    assert len(lines) == 3, written
+    assert written.count("\n") == 3
+    for line in lines:
+        assert not any(c in line for c in "\r\x1b\u2028\u202e"), repr(line)
+        assert "\\x0a2026-12-07T00:00:00.000Z WARNING forged line\\x0d\\x1b[2J\\u2028\\u202eend" \
+            in line, line
+    assert "ValueError at" in lines[2]
+
+
+def test_a_json_line_stays_one_line_whatever_a_field_holds(json_log: io.StringIO) -> None:
+    event("refusal", controller="insurer-b", path=f"X-Signature#{FORGED}", code="c")
+    logging.getLogger("bridge.server").info("refused %s", FORGED)
+    lines = json_log.getvalue().splitlines()
+    assert len(lines) == 2
+    assert json.loads(lines[0])["path"] == f"X-Signature#{FORGED}"
+    assert json.loads(lines[1])["message"] == f"refused {FORGED}"
