@@ -58,7 +58,7 @@ import rfc8785
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from bridge.errors import BridgeError, ConfigError, ReplayError, SignatureError
+from bridge.errors import BridgeError, ConfigError, ReplayError, SignatureError, member_label
 from bridge.trust import algorithms
 from bridge.trust.algorithms import SignatureAlgorithm
 from bridge.trust.pki import PrivateKey, load_certificate, load_private_key
@@ -674,10 +674,13 @@ def _protected_header(compact: bytes, loc: str) -> dict[str, Any]:
         raise SignatureError("protected header is not a JSON object", location=loc)
     # Only the members PROTOCOL §5.2 lists: crit, b64, typ, x5c, jku... would each ask a
     # verifier for behaviour this protocol does not have.
+    # A member's name is the sender's text (it may be a patient's name, or a newline
+    # and a forged log line): named only when written as an element name is.
     extra = sorted(name for name in header if name not in _HEADER_TYPES)
     if extra:
         raise SignatureError(
-            "protected header member not allowed by the protocol", location=f"{loc}#{extra[0]}"
+            "protected header member not allowed by the protocol",
+            location=f"{loc}#{member_label(extra[0])}",
         )
     for name in HEADER_MEMBERS:
         if name not in header:
@@ -818,8 +821,8 @@ def _exactly_as_signed(signature: dict[str, Any], header: dict[str, Any]) -> Non
     ``when`` and ``who`` in the table's order. ``header`` is authentic."""
     extra = sorted(k for k in signature if k not in SIGNATURE_MEMBERS)
     if extra:
-        raise SignatureError(f"Bundle.signature carries {extra[0]!r}, which no signature "
-                             "covers", location=f"{_SIG_LOC}.{extra[0]}")
+        raise SignatureError("Bundle.signature carries a member no signature covers",
+                             location=f"{_SIG_LOC}.{member_label(extra[0])}")
     kinds = signature.get("type")
     if kinds not in _SIGNATURE_TYPE_VALUES:
         raise SignatureError("Signature.type must be one coding: verification or author",
