@@ -934,6 +934,10 @@ class BridgeConfig(_Strict):
             if link.id in seen_links:
                 raise ValueError(f"links[{i}].id: duplicate link id")
             seen_links.add(link.id)
+            if link.direction == "outbound" and re.search(r"[0-9]{6}", link.id):
+                # The id travels as the claims' stream (PROTOCOL P-SYNC-1), which a receiver
+                # refuses with six digits in a row (the form of a record or ID number).
+                raise ValueError(f"links[{i}].id: an outbound link id has no six digits in a row")
             if link.partner not in partner_ids:
                 raise ValueError(f"links[{i}].partner: no partner with that id")
             partner = next(p for p in self.partners if p.id == link.partner)

@@ -1140,15 +1140,21 @@ def exh_slow_body(ctx: Context) -> None:
 # --- sync tracking (§8a) -------------------------------------------------------------------
 
 
+def _new_stream() -> str:
+    """A stream the target has not seen: ``kit-`` and twelve random letters (a stream
+    with six digits in a row is malformed, P-SYNC-2)."""
+    return "kit-" + uuid.uuid4().hex[:12].translate(str.maketrans("0123456789", "ghijklmnop"))
+
+
 @case("sync-sequence-headers", "Claims with, without and with half the sequence headers",
       family="sync", requirements=["P-SYNC-2"])
 def sync_sequence_headers(ctx: Context) -> None:
     """Sends a claim carrying Bridge-Stream and Bridge-Sequence (accepted), one without
     either (a version 1.1 sender: accepted); then claims with a stream but no number, a
-    number but no stream, a stream not in the form of a partner id, and numbers that are
-    not positive integers below 2^62 (-3, 0, abc, 2^62): each 400 sync-invalid naming
-    the header at fault."""
-    stream = f"kit-{uuid.uuid4().hex[:12]}"
+    number but no stream, a stream not in the form of a partner id or with six digits in
+    a row, and numbers that are not positive integers below 2^62 (-3, 0, abc, 2^62):
+    each 400 sync-invalid naming the header at fault."""
+    stream = _new_stream()
     ctx.expect_accepted(ctx.post("with stream and number", ctx.signed(),
                                  headers={"Bridge-Stream": stream, "Bridge-Sequence": "1"}))
     ctx.expect_accepted(ctx.post("without sequence headers", ctx.signed()))
@@ -1159,6 +1165,10 @@ def sync_sequence_headers(ctx: Context) -> None:
     ctx.expect_refusal(
         ctx.post("stream not a partner id", ctx.signed(),
                  headers={"Bridge-Stream": "Kit Stream!", "Bridge-Sequence": "2"}),
+        400, "sync-invalid", "Bridge-Stream")
+    ctx.expect_refusal(
+        ctx.post("stream with six digits in a row", ctx.signed(),
+                 headers={"Bridge-Stream": "kit-110101199003074512", "Bridge-Sequence": "2"}),
         400, "sync-invalid", "Bridge-Stream")
     for label, number in (("negative number", "-3"), ("zero", "0"), ("not a number", "abc"),
                           ("2^62", str(2**62))):
@@ -1213,7 +1223,7 @@ def sync_held(ctx: Context) -> None:
     stream's contiguous number 1, and an X-Signature over the body for the kit with the
     correlation id as msgid. A range with from after to is 400 sync-invalid naming
     Parameters.from. A target without the operation (protocol 1.1) is skipped."""
-    stream = f"kit-{uuid.uuid4().hex[:12]}"
+    stream = _new_stream()
     message = ctx.signed()
     identity = str(message["identifier"]["value"])
     ctx.expect_accepted(ctx.post("claim 1 of a new stream", message,
@@ -1262,7 +1272,7 @@ def _sync_answer(ctx: Context, stream: str, identities: list[str]) -> list[dict[
 def _two_claims_numbered_1(ctx: Context) -> tuple[str, list[str]]:
     """Two claims of a new stream, both sent as its number 1 (a sender restored from a
     backup numbering again): each must be accepted on its identity (P-SYNC-8)."""
-    stream = f"kit-{uuid.uuid4().hex[:12]}"
+    stream = _new_stream()
     identities = []
     for what in ("claim 1 of a new stream", "another claim as number 1 again"):
         message = ctx.signed()

@@ -35,7 +35,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from bridge.errors import BridgeError, ParseError, TransportError, TrustError
+from bridge.errors import (
+    BridgeError,
+    ParseError,
+    TransportError,
+    TrustError,
+    has_digit_run,
+    member_label,
+)
 from bridge.ledger.sync import (
     OutboundSummary,
     acked_claims,
@@ -72,24 +79,73 @@ _UUID = re.compile(
     r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[1-5][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z"
 )
 _MAX_SEQ = 2**62
+#: Streams a receiver takes from one partner (P-SYNC-10): a sender has one per outbound
+#: link to this receiver. Each stream is a row of ``bridge sync status`` and a series of
+#: the operations port's metrics, so a partner cannot make more of them at will.
+MAX_STREAMS_PER_PARTNER = 32
+#: The parameters of ``$sync-held`` (P-SYNC-4); any other is refused by name.
+HELD_PARAMETERS = frozenset({"stream", "from", "to", "identity"})
 
 
 class SyncError(ParseError):
     code = "sync-invalid"
 
 
+def is_stream_name(text: object) -> bool:
+    """Is ``text`` written as a link id is (P-SYNC-1: a partner id's form), and not a
+    record number, an ID number or a telephone number (six digits in a row)?"""
+    return isinstance(text, str) and bool(_STREAM.match(text)) and not has_digit_run(text)
+
+
 def read_sequence(headers: Any) -> tuple[str, int] | None:
     """The ``(stream, seq)`` a claim request carries, None when it carries neither
-    (a version 1.1 sender); a malformed or half pair is refused naming the header."""
+    (a version 1.1 sender); a malformed or half pair is refused naming the header.
+    Whether the receiver takes the stream from this partner is :class:`KnownStreams`'."""
     stream = headers.get(STREAM_HEADER)
     raw = headers.get(SEQUENCE_HEADER)
     if stream is None and raw is None:
         return None
-    if stream is None or not _STREAM.match(stream):
+    if stream is None or not is_stream_name(stream):
         raise SyncError("stream must be a link id", location=STREAM_HEADER)
     if raw is None or not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < _MAX_SEQ:
         raise SyncError("sequence must be a positive integer", location=SEQUENCE_HEADER)
     return stream, int(raw)
+
+
+def _recorded_streams(store: Any, sender: str) -> list[str]:
+    with store.read("sync_streams_of") as tx:
+        return [str(r[0]) for r in tx.all(
+            "SELECT DISTINCT stream FROM sync_inbound WHERE sender=?", (sender,))]
+
+
+class KnownStreams:
+    """The streams a receiver takes from each partner (P-SYNC-10): those it has recorded
+    claims of, and new ones while the partner has fewer than ``limit``. A stream is
+    the sender's link id; a partner naming a new one per claim would otherwise grow
+    the receiver's sync records, status and metrics without end.
+
+    A new stream is counted from the first claim that names it, whether or not that
+    claim is then stored: the bound holds even for claims refused later or in flight
+    together. A restart counts again from what the store recorded.
+    """
+
+    def __init__(self, limit: int = MAX_STREAMS_PER_PARTNER) -> None:
+        self.limit = limit
+        self._known: dict[str, set[str]] = {}
+
+    async def admit(self, db: Any, sender: str, stream: str) -> None:
+        """Take ``stream`` from ``sender``, or raise :class:`SyncError` naming the header."""
+        known = self._known.get(sender)
+        if known is None:
+            recorded = await db.call(_recorded_streams, db.sync, sender)
+            known = self._known.setdefault(sender, set(recorded))
+        if stream in known:
+            return
+        if len(known) >= self.limit:
+            raise SyncError(
+                f"this receiver takes at most {self.limit} streams from one partner, and"
+                " this one is new", location=STREAM_HEADER)
+        known.add(stream)
 
 
 def recording_hook(
@@ -141,12 +197,17 @@ def _query(body: bytes) -> tuple[str, int, int, list[str]]:
         raise SyncError("body is not JSON", location="Parameters") from None
     if not isinstance(params, dict) or params.get("resourceType") != "Parameters":
         raise SyncError("body must be a Parameters resource", location="Parameters")
+    listed = params.get("parameter")
+    if listed is not None and not isinstance(listed, list):
+        raise SyncError("parameter must be a list", location="Parameters.parameter")
+    for i, p in enumerate(listed or []):
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+            raise SyncError("a parameter must have a name", location=f"Parameters.parameter[{i}]")
+        if p["name"] not in HELD_PARAMETERS:
+            # Named as an element name is, or ``*``: the name is the sender's text.
+            raise SyncError("unknown parameter", location=f"Parameters.{member_label(p['name'])}")
     streams = _param(params, "stream")
-    if (
-        len(streams) != 1
-        or not isinstance(streams[0].get("valueString"), str)
-        or not _STREAM.match(streams[0]["valueString"])
-    ):
+    if len(streams) != 1 or not is_stream_name(streams[0].get("valueString")):
         raise SyncError("one stream (a link id) is required", location="Parameters.stream")
     bounds = []
     for name in ("from", "to"):
@@ -568,6 +629,7 @@ __all__ = [
     "SEQUENCE_HEADER",
     "STREAM_HEADER",
     "HeldAnswer",
+    "KnownStreams",
     "ReconcileReport",
     "SyncAPI",
     "ask_held",
