@@ -11,12 +11,21 @@ a request gets ``400 parse-error`` as a FHIR OperationOutcome (PROTOCOL P-ERR-1)
 no value, the connection is closed, and the log line names the exception's type only.
 Another port answers in its own form by passing a subclass of :class:`MalformedRequests`
 that overrides :meth:`~MalformedRequests.refusal` (the operations port answers plain text).
+
+aiohttp also answers one request it did parse before any middleware runs: a request
+whose ``Expect`` header is not ``100-continue`` gets ``417`` with a ``text/plain`` body
+quoting the header (``Unknown Expect: ...``), on every route and on paths no route
+serves. Every HTTP error aiohttp raises outside the middlewares is answered here naming
+where (``Expect``, or the route), never what was sent: handed to the application's
+:data:`REFUSAL` hook, which audits and logs it as the refusal it is (the partner port's
+OperationOutcome), or, on a port without one, logged and answered in the port's own form
+(:meth:`~MalformedRequests.refusal`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -24,11 +33,60 @@ from aiohttp.web_protocol import RequestHandler
 
 from bridge.errors import BridgeError, InternalError, ParseError
 
-__all__ = ["MalformedRequests", "answering_malformed_requests"]
+__all__ = ["REFUSAL", "ExpectationFailed", "MalformedRequests", "answering_malformed_requests"]
 
 log = logging.getLogger("bridge.server")
 
 FHIR_JSON = "application/fhir+json"
+
+#: ``refuse(request, error) -> response``: how the application answers, audits and logs
+#: a refusal made before its middlewares ran (an ``Expect`` it does not understand).
+Refuse = Callable[[web.Request, BridgeError], Awaitable[web.StreamResponse]]
+REFUSAL: web.AppKey[Refuse] = web.AppKey("bridge.refusal")
+
+
+class ExpectationFailed(BridgeError):
+    """An ``Expect`` header other than ``100-continue`` (RFC 9110 §10.1.1)."""
+
+    code = "expectation-failed"
+    http_status = 417
+    fault = "peer"
+    issue_type = "not-supported"
+
+
+class _RefusedBeforeRouting(BridgeError):
+    """Another HTTP error aiohttp raised outside the middlewares; its status is kept."""
+
+    code = "request-refused"
+    http_status = 400
+    fault = "peer"
+    issue_type = "processing"
+
+
+def _error_for(status: int) -> BridgeError:
+    if status == 417:
+        return ExpectationFailed("only 'Expect: 100-continue' is understood", location="Expect")
+    return _RefusedBeforeRouting("request refused", location="request")
+
+
+async def _answer_http_error(
+    request: web.BaseRequest, exc: web.HTTPException,
+    own: Callable[[int, BridgeError], web.Response],
+) -> web.StreamResponse:
+    """The bridge's answer to an HTTP error aiohttp raised before the middlewares: the
+    application's :data:`REFUSAL` hook's, else the port's own form (``own``)."""
+    error = _error_for(exc.status)
+    refuse = request.app.get(REFUSAL) if isinstance(request, web.Request) else None
+    response: web.StreamResponse
+    if refuse is not None and isinstance(request, web.Request):
+        response = await refuse(request, error)
+    else:
+        log.info("request from %s refused (%s, %d)", request.remote, error.code, exc.status)
+        response = own(exc.status, error)
+    response.set_status(exc.status)
+    # The body the client announced may follow regardless: the connection is not reused.
+    response.force_close()
+    return response
 
 
 class MalformedRequests(RequestHandler):
@@ -41,6 +99,25 @@ class MalformedRequests(RequestHandler):
         bridge's own, naming no byte of the request."""
         return web.Response(status=status, body=orjson.dumps(error.to_operation_outcome()),
                             content_type=FHIR_JSON)
+
+    async def _handle_request(
+        self,
+        request: web.BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's request handling, with an HTTP error raised outside the middlewares
+        (the ``Expect`` check) answered as the bridge answers (see the module)."""
+
+        async def answering(req: web.BaseRequest) -> web.StreamResponse:
+            try:
+                return await request_handler(req)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                return await _answer_http_error(req, exc, self.refusal)
+
+        return await super()._handle_request(request, start_time, answering)
 
     def handle_error(
         self,

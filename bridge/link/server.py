@@ -63,14 +63,16 @@ from bridge.errors import (
     UnknownPartner,
     UnsupportedMediaType,
     ValidationError,
+    bounded_path,
     is_fhir_id,
 )
 from bridge.ledger.handoff import queue_hook
 from bridge.link.capability import capability_statement
+from bridge.link.httperrors import REFUSAL
 from bridge.link.node import Controller, resource_types
 from bridge.link.pull import PullAPI
 from bridge.link.witness import AuditExchangeAPI
-from bridge.logs import refusal_event
+from bridge.logs import escape_line, refusal_event
 from bridge.mapping import patient_identifiers
 from bridge.messages import (
     MAX_NESTING,
@@ -108,6 +110,14 @@ def outcome_response(exc: BridgeError) -> web.Response:
         # The connection's certificate is no longer good, or its stream is mid-body.
         response.force_close()
     return response
+
+
+def refusal_detail(exc: BridgeError) -> str:
+    """``code@location`` of a refusal, as its audit entry keeps it: the location is
+    built by the bridge from element names and labels (never from a sender's text), and
+    is cut to :data:`~bridge.errors.MAX_PATH` characters with any control character
+    escaped all the same, because the audit log keeps what it is given for good."""
+    return f"{exc.code}@{bounded_path(escape_line(exc.location or '-'))}"
 
 
 @dataclass(frozen=True)
@@ -259,6 +269,9 @@ class ReceiverApp:
         self.stats: dict[str, int] = {"accepted": 0, "duplicates": 0, "rejected": 0}
         self.peer_check = PeerCertificateCheck.from_crl_file(controller.config.tls.crl)
         self.peer_refusals = PeerRefusals(self._audit_peer_refusal)
+        from bridge.link.sync import KnownStreams
+
+        self.streams = KnownStreams()
 
     def build(self) -> web.Application:
         app = web.Application(
@@ -267,6 +280,7 @@ class ReceiverApp:
         )
         base = self.c.config.server.base_path.rstrip("/")
         app[_BASE_PATH] = base
+        app[REFUSAL] = self.refuse_request
         app.router.add_post(f"{base}/$process-message", self.process_message)
         if self.c.config.server.max_batch_entries > 0:
             app.router.add_post(base or "/", self.process_batch)
@@ -358,7 +372,7 @@ class ReceiverApp:
                 outcome="denied" if isinstance(exc, (TrustError, PolicyError)) else "failure",
                 partner=partner,
                 patient=patient,
-                detail=f"{exc.code}@{exc.location or '-'}",
+                detail=refusal_detail(exc),
             )
         )
         log.info("refused %s from %s: %s", subject, partner or "unknown partner", exc)
@@ -379,7 +393,7 @@ class ReceiverApp:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         fingerprint = f"sha256:{hashlib.sha256(der).hexdigest()}" if der else None
         subject = subject or _route_name(request)
-        detail = f"{exc.code}@{exc.location or '-'}"
+        detail = refusal_detail(exc)
         if await self.peer_refusals.refused(detail, fingerprint, subject, partner):
             # Logged as audited: once per certificate and error in a window.
             log.info("refused %s from %s: %s", subject, partner or "a certificate of no partner",
@@ -388,6 +402,20 @@ class ReceiverApp:
         response = outcome_response(exc)
         response.force_close()
         return response
+
+    async def refuse_request(self, request: web.Request, exc: BridgeError) -> web.Response:
+        """Answer, audit and log a refusal of ``request`` made outside a handler's own
+        checks (an ``Expect`` it does not understand, an error a handler raised): as the
+        handlers refuse, naming the partner when the connection's certificate is one's."""
+        try:
+            peer = self._peer(request)
+        except TrustError as trust:
+            return await self._refuse_peer(trust, request)
+        if isinstance(exc, TrustError):
+            return await self._refuse_peer(
+                exc, request, partner=peer.partner.id if peer.partner else None)
+        return await self._refuse(exc, partner=peer.partner.id if peer.partner else None,
+                                  subject=_route_name(request))
 
     async def _audit_peer_refusal(
         self, detail: str, fingerprint: str | None, subject: str, partner: str | None
@@ -434,6 +462,8 @@ class ReceiverApp:
             from bridge.link.sync import read_sequence
 
             sequence = read_sequence(request.headers)
+            if sequence is not None:
+                await self.streams.admit(self.c.db, partner.id, sequence[0])
             if request.content_type not in _ACCEPTED_TYPES:
                 raise UnsupportedMediaType(
                     "media type must be application/fhir+json", location="Content-Type"
@@ -555,6 +585,8 @@ class ReceiverApp:
                 raise entry.error
             try:
                 sequence = read_sequence(entry.headers)
+                if sequence is not None:
+                    await self.streams.admit(self.c.db, partner.id, sequence[0])
             except BridgeError as exc:
                 exc.location = f"{where}.extension"
                 raise
@@ -845,10 +877,13 @@ def outcome_on_failure(receiver: ReceiverApp) -> Any:
             response = web.Response(status=400)
             response.force_close()
             return response
-        except BridgeError as exc:  # e.g. the store failing: 503, the sender retries later
+        except BridgeError as exc:
+            if exc.http_status < 500:
+                # The request's fault, not this bridge's: a refusal like any other.
+                return await receiver.refuse_request(request, exc)
+            # E.g. the store failing: 503, the sender retries later.
             log.error("%s %s failed: %s", request.method, _route_name(request), exc)
-            if exc.http_status >= 500:
-                await record_failure(request, exc.code)
+            await record_failure(request, exc.code)
             return outcome_response(exc)
         except Exception as exc:
             log.exception("unexpected failure handling %s %s", request.method, _route_name(request))

@@ -35,7 +35,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from bridge.errors import BridgeError, ParseError, PartnerRejected
+from bridge.errors import BridgeError, NotFound, ParseError, PartnerRejected, member_label
 from bridge.ledger import merkle, tree
 from bridge.ops.metrics import ScrapeContext, metric_source
 from bridge.trust.checkpoint import (
@@ -60,6 +60,18 @@ log = logging.getLogger("bridge.witness")
 FHIR_JSON = "application/fhir+json"
 #: How often partners' checkpoints are fetched, and own checkpoints considered.
 INTERVAL_SECONDS = 30.0
+#: The query parameters of ``$audit-checkpoint`` (PROTOCOL §9.7); any other is refused.
+CHECKPOINT_PARAMETERS = frozenset({"from"})
+
+
+class NoCheckpoint(NotFound):
+    """This controller has issued no checkpoint yet: its audit log is empty (P-AUD-11).
+
+    A normal state of a new bridge, not a fault of either side: the caller has nothing
+    to check yet and asks again in its next round.
+    """
+
+    code = "no-checkpoint"
 
 
 def _parameters(**values: str | None) -> bytes:
@@ -82,6 +94,16 @@ def _read_parameters(body: bytes, where: str) -> dict[str, str]:
                              location=f"Parameters.parameter[{i}]")
         out[p["name"]] = p["valueString"]
     return out
+
+
+def _outcome_code(body: bytes) -> str | None:
+    """The error code of an OperationOutcome answer (PROTOCOL P-ERR-1), None if it has none."""
+    try:
+        doc = orjson.loads(body)
+        code = doc["issue"][0]["details"]["coding"][0]["code"]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _proof_text(proof: list[bytes]) -> str | None:
@@ -126,13 +148,29 @@ def checkpoint_answer(store: Any, sign: Any, now: Any, from_size: int) -> bytes:
         tree.issue_checkpoint(store, sign, now)
         latest = tree.latest_checkpoint(store)
     if latest is None:
-        raise PartnerRejected("the audit log is empty", location="$audit-checkpoint")
+        raise NoCheckpoint("no checkpoint yet: the audit log is empty",
+                           location="$audit-checkpoint")
     size, _, _, note = latest
     proof: list[bytes] = []
     if from_size <= size:
         _, _, leaves = tree.cache_of(store).sync(store)
         proof = merkle.consistency_proof(from_size, leaves[:size])
     return _parameters(checkpoint=note, consistency=_proof_text(proof))
+
+
+def _from_size(query: Any) -> int:
+    """``from`` of ``$audit-checkpoint`` (0 when absent): one tree size, no other parameter.
+    A parameter is named as an element name is, or ``*``: its name is the caller's text."""
+    for name in query:
+        if name not in CHECKPOINT_PARAMETERS:
+            raise ParseError("unknown parameter", location=member_label(name))
+    values = query.getall("from", ["0"])
+    if len(values) != 1:
+        raise ParseError("from is given more than once", location="from")
+    text = values[0]
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise ParseError("from must be a tree size (a whole number)", location="from")
+    return int(text)
 
 
 class AuditExchangeAPI:
@@ -147,12 +185,23 @@ class AuditExchangeAPI:
         app.router.add_post(f"{base}/$audit-cosign", self.cosign)
 
     async def checkpoint(self, request: web.Request) -> web.Response:
-        self.receiver._peer_partner(request)
-        text = request.query.get("from", "0")
-        if not text.isdigit() or len(text) > 18:
-            raise ParseError("from must be a tree size (a whole number)", location="from")
+        partner = self.receiver._peer_partner(request)
+        try:
+            from_size = _from_size(request.query)
+        except ParseError as exc:
+            # The partner's bad question: refused, audited and logged as a refusal.
+            return await self.receiver._refuse(exc, partner=partner.id,
+                                               subject="$audit-checkpoint")
         c = self.c
-        body = await c.db.call(checkpoint_answer, c.store, own_signer(c), c.clock(), int(text))
+        try:
+            body = await c.db.call(checkpoint_answer, c.store, own_signer(c), c.clock(),
+                                   from_size)
+        except NoCheckpoint as exc:
+            log.info("%s asked for an audit checkpoint: none yet (the audit log is empty)",
+                     partner.id)
+            return web.Response(status=exc.http_status,
+                                body=orjson.dumps(exc.to_operation_outcome()),
+                                content_type=FHIR_JSON)
         return web.Response(body=body, content_type=FHIR_JSON)
 
     async def cosign(self, request: web.Request) -> web.Response:
@@ -304,6 +353,10 @@ class AuditWitness:
                     body, status = await resp.read(), resp.status
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise classify_exception(exc) from None
+            if status == NoCheckpoint.http_status and _outcome_code(body) == NoCheckpoint.code:
+                # The partner's log is empty (a new bridge): nothing to check yet.
+                log.info("partner %s has no audit checkpoint yet (its log is empty)", partner.id)
+                return WitnessResult(partner.id)
             if status != 200:
                 raise PartnerRejected(f"checkpoint request answered {status}",
                                       location=f"HTTP {status}")
