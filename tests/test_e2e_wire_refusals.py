@@ -135,6 +135,7 @@ async def test_a_signature_header_member_is_named_as_star(insurer: Insurer) -> N
     rejects = [e for e in _audit(store) if e[0] == "message.reject"]
     assert ("signature-invalid@Bundle.signature.data#*" in [d for _a, _s, d in rejects]), rejects
     assert ("signature-invalid@X-Signature#*" in [d for _a, _s, d in rejects]), rejects
+    assert ("signature-invalid@Bundle.signature.*" in [d for _a, _s, d in rejects]), rejects
 
 
 async def test_an_unknown_expect_is_an_operation_outcome_and_audited(insurer: Insurer) -> None:
@@ -259,13 +260,21 @@ async def test_a_fresh_bridge_has_no_checkpoint_yet_and_a_bad_query_is_the_calle
     assert twice.status == 400 and _outcome(twice.body) == ("parse-error", ["from"])
     assert other.status == 400 and _outcome(other.body) == ("parse-error", ["*"])
     assert named.status == 400 and _outcome(named.body) == ("parse-error", ["size"])
+    with await call(peer.connect) as conn:
+        cosign = await call(_post, conn, peer, "$audit-cosign", json.dumps(
+            {"resourceType": "Parameters", "parameter": [
+                {"name": "checkpoint", "valueString": "x"},
+                {"name": FORGED, "valueString": ID_NUMBER}]}).encode())
+    assert cosign[0] == 400 and _outcome(cosign[1]) == ("parse-error", ["Parameters.*"])
     # The refusals are audited: the log is no longer empty, and has a checkpoint.
     assert after.status == 200, after.body
     assert json.loads(after.body)["parameter"][0]["name"] == "checkpoint"
     process.stop()
-    _assert_nothing_sent_kept(process, store, bad.body, other.body)
+    _assert_nothing_sent_kept(process, store, bad.body, other.body, cosign[1])
     assert [e[2] for e in _audit(store) if e[1] == "$audit-checkpoint"] == [
         "parse-error@from", "parse-error@from", "parse-error@*", "parse-error@size"]
+    assert [e[2] for e in _audit(store) if e[1] == "$audit-cosign"] == [
+        "parse-error@Parameters.*"]
     log = process.log_lines()
     assert not [line for line in log if " ERROR " in line], log
     assert [line for line in log if "no-checkpoint" in line or "none yet" in line], log

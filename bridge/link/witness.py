@@ -208,6 +208,9 @@ class AuditExchangeAPI:
         partner = self.receiver._peer_partner(request)
         c = self.c
         params = _read_parameters(await request.read(), "Parameters")
+        for name in params:
+            if name != "checkpoint":
+                raise ParseError("unknown parameter", location=f"Parameters.{member_label(name)}")
         note = params.get("checkpoint")
         if note is None:
             raise ParseError("no checkpoint parameter", location="Parameters.parameter")
