@@ -128,6 +128,17 @@ class ServerConfig(_Strict):
             " (uvloop when installed); the BRIDGE_EVENT_LOOP environment variable overrides it"
         ),
     )
+    max_streams_per_partner: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description=(
+            "most sync streams (a partner's outbound links to this controller, PROTOCOL"
+            " P-SYNC-10) taken from one partner; a claim naming a new one past it is 400"
+            " sync-invalid. Each is a row of bridge sync status and a series of the metrics;"
+            " a conformance kit run names four new ones"
+        ),
+    )
     max_batch_entries: int = Field(
         default=64,
         ge=0,

@@ -40,6 +40,8 @@ NAME = "张三"
 ID_NUMBER = "110101199003074512"
 FORGED = f"x\n2026-12-07T00:00:00.000Z WARNING forged line {NAME} {ID_NUMBER}"
 FHIR_JSON = "application/fhir+json"
+#: Sync streams the insurer takes from one partner in these tests (server.max_streams_per_partner).
+STREAMS = 6
 
 
 def _audit(store: Path) -> list[tuple[str, str, str]]:
@@ -86,7 +88,8 @@ class Insurer:
 def insurer(tmp_path: Path) -> Iterator[Insurer]:
     """The insurer as ``bridge serve``, fresh; the peer is hospital-a."""
     hospital_cfg, insurer_cfg = _insurer(tmp_path, max_batch_entries=4,
-                                         max_batch_bytes=2_000_000)
+                                         max_batch_bytes=2_000_000,
+                                         max_streams_per_partner=STREAMS)
     process = serve(insurer_cfg)
     try:
         yield Insurer(process, _peer(tmp_path, insurer_cfg),
@@ -165,15 +168,16 @@ async def test_an_unknown_expect_is_an_operation_outcome_and_audited(insurer: In
 
 
 async def test_streams_are_link_ids_and_bounded_per_partner(insurer: Insurer) -> None:
-    """A stream that is an ID number is refused; a partner gets at most 32 streams, and
-    a 33rd is refused naming the header, alone and in a batch; none of it is a metric."""
+    """A stream that is an ID number is refused; a partner gets at most the configured
+    number of streams, and one more is refused naming the header, alone and in a batch;
+    none of it is a metric."""
     process, peer, store = insurer.process, insurer.peer, insurer.store
     with await call(peer.connect) as conn:
         refused = await call(peer.post_message, conn, peer.signed_claim(),
                              headers={"Bridge-Stream": ID_NUMBER, "Bridge-Sequence": "1"})
         assert refused.response.status == 400
         assert _outcome(refused.response.body) == ("sync-invalid", ["Bridge-Stream"])
-        for n in range(32):
+        for n in range(STREAMS):
             taken = await call(peer.post_message, conn, peer.signed_claim(),
                                headers={"Bridge-Stream": f"link-{n}", "Bridge-Sequence": "1"})
             assert taken.response.status == 200, (n, taken.response.body)
@@ -181,12 +185,12 @@ async def test_streams_are_link_ids_and_bounded_per_partner(insurer: Insurer) ->
                            headers={"Bridge-Stream": "link-3", "Bridge-Sequence": "2"})
         assert again.response.status == 200
         extra = await call(peer.post_message, conn, peer.signed_claim(),
-                           headers={"Bridge-Stream": "link-32", "Bridge-Sequence": "1"})
+                           headers={"Bridge-Stream": f"link-{STREAMS}", "Bridge-Sequence": "1"})
         assert extra.response.status == 400
         assert _outcome(extra.response.body) == ("sync-invalid", ["Bridge-Stream"])
         status, answer = await call(_post_batch, peer, conn,
                                     _batch([peer.signed_claim()], first_seq=1))
-    # The batch helper names its entries' stream claims-out, a 33rd stream.
+    # The batch helper names its entries' stream claims-out, one stream too many.
     assert status == 200 and _statuses(answer) == [400], answer
     outcome = answer["entry"][0]["response"]["outcome"]["issue"][0]
     assert outcome["details"]["coding"][0]["code"] == "sync-invalid"
@@ -195,7 +199,7 @@ async def test_streams_are_link_ids_and_bounded_per_partner(insurer: Insurer) ->
     assert code == 200
     streams = {line.split('stream="')[1].split('"')[0] for line in metrics.splitlines()
                if line.startswith("bridge_sync_inbound_highest_seq{")}
-    assert streams == {f"link-{n}" for n in range(32)}, streams
+    assert streams == {f"link-{n}" for n in range(STREAMS)}, streams
     process.stop()
     _assert_nothing_sent_kept(process, store, refused.response.body)
 

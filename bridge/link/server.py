@@ -271,7 +271,7 @@ class ReceiverApp:
         self.peer_refusals = PeerRefusals(self._audit_peer_refusal)
         from bridge.link.sync import KnownStreams
 
-        self.streams = KnownStreams()
+        self.streams = KnownStreams(controller.config.server.max_streams_per_partner)
 
     def build(self) -> web.Application:
         app = web.Application(

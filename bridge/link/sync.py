@@ -79,10 +79,12 @@ _UUID = re.compile(
     r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[1-5][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z"
 )
 _MAX_SEQ = 2**62
-#: Streams a receiver takes from one partner (P-SYNC-10): a sender has one per outbound
-#: link to this receiver. Each stream is a row of ``bridge sync status`` and a series of
-#: the operations port's metrics, so a partner cannot make more of them at will.
-MAX_STREAMS_PER_PARTNER = 32
+#: Streams a receiver takes from one partner by default (P-SYNC-10; the configuration's
+#: ``server.max_streams_per_partner``): a sender has one per outbound link to this
+#: receiver, and a conformance kit run names four new ones. Each stream is a row of
+#: ``bridge sync status`` and a series of the operations port's metrics, so a partner
+#: cannot make more of them at will.
+MAX_STREAMS_PER_PARTNER = 256
 #: The parameters of ``$sync-held`` (P-SYNC-4); any other is refused by name.
 HELD_PARAMETERS = frozenset({"stream", "from", "to", "identity"})
 
