@@ -7,12 +7,19 @@ import in one place means a switch of model package touches one file.
 
 ``fhir.resources`` does not check required code bindings, minimum list cardinality or
 invariants (see the library notes); :func:`validate_resource` adds the binding checks
-the bridge depends on.
+the bridge depends on. The models also coerce (pydantic's lax mode: the number 1.5
+becomes a dateTime, ``"true"`` a boolean, ``"1"`` an integer) and allow ids of 255
+characters; :func:`validate_resource` holds every primitive to its one JSON form and
+ids to FHIR's 64 characters, and checks invariant per-1 (a Period does not end before
+it starts) on every Period.
 """
 
 from __future__ import annotations
 
+import re
 import typing
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 import orjson
@@ -64,11 +71,15 @@ def _location(loc: tuple[Any, ...], prefix: str) -> str:
 def validate_resource(resource: dict[str, Any], *, path: str | None = None) -> None:
     """Validate one resource (a Bundle validates its entries too); raise on the first problem.
 
-    The error names the FHIR path (``Bundle.entry[3].resource.status``), never the value.
+    The models run first; then every primitive is held to its JSON form, every id to 64
+    characters and every Period to invariant per-1 (:func:`_check_forms`), and required
+    codes to their value sets. The error names the FHIR path
+    (``Bundle.entry[3].resource.status``), never the value.
     """
     prefix = _prefix(resource, path)
     model = _model_for(resource, prefix)
     _validate_model(model, resource, prefix)
+    _check_forms(resource, model, prefix)
     _check_codes(resource, prefix)
 
 
@@ -85,7 +96,8 @@ def _validate_model(model: type[pydantic.BaseModel], data: dict[str, Any], prefi
     except (TypeError, AttributeError):
         # A few of the models' own validators fail with TypeError or AttributeError on a
         # value of the wrong JSON type (a list or a number where a url belongs), which
-        # pydantic does not wrap.
+        # pydantic does not wrap. The JSON forms name where such a value is.
+        _check_forms(data, model, prefix)
         raise ValidationError(
             "not valid FHIR R4: a value of the wrong JSON type", location=prefix
         ) from None
@@ -182,6 +194,188 @@ def _check_codes(resource: dict[str, Any], prefix: str) -> None:
             inner = entry.get("resource")
             if isinstance(inner, dict):
                 _check_codes(inner, f"{prefix}.entry[{i}].resource")
+
+# --- JSON forms, ids and invariant per-1 ----------------------------------------------
+#
+# FHIR's JSON gives each primitive one form: boolean is a JSON boolean; integer,
+# unsignedInt and positiveInt are JSON numbers without a fraction (a float such as 1.0
+# is not one); decimal is a JSON number; every other primitive (date, dateTime, instant,
+# time, code, id, uri, string, ...) is a JSON string. The models are lax, so the form
+# is checked here, by the Python class a JSON parser gives each form.
+
+#: FHIR R4 ids are 1 to 64 characters (the models allow 255).
+ID_MAX_LENGTH = 64
+
+_BOOLEAN_FORM: tuple[type, ...] = (bool,)
+_INTEGER_FORM: tuple[type, ...] = (int,)
+_NUMBER_FORM: tuple[type, ...] = (int, float, Decimal)
+_STRING_FORM: tuple[type, ...] = (str,)
+_FORM_NAMES = {_BOOLEAN_FORM: "a JSON boolean", _INTEGER_FORM: "a JSON integer",
+               _NUMBER_FORM: "a JSON number", _STRING_FORM: "a JSON string"}
+_INTEGER_TYPES = frozenset({"integer", "positiveInt", "unsignedInt"})
+
+
+class _Form(NamedTuple):
+    """What one element's value must be: for a primitive, the Python classes of its JSON
+    form and its FHIR type; for a complex element, its model class (``resource``: the
+    fhir_core type whose lookup by ``resourceType`` chooses the class)."""
+
+    classes: tuple[type, ...] | None
+    fhir_type: str
+    child: Any = None
+    resource: bool = False
+
+
+_FORMS: dict[type, dict[str, _Form]] = {}
+
+
+def _forms(model: type) -> dict[str, _Form]:
+    """The form of every element of ``model``, by JSON name and by field name."""
+    table = _FORMS.get(model)
+    if table is not None:
+        return table
+    table = {}
+    for name, info in model.model_fields.items():  # type: ignore[attr-defined]
+        form = _form_of(info.annotation)
+        if form is None:
+            continue
+        table[name] = form
+        if info.alias:
+            table[info.alias] = form
+    _FORMS[model] = table
+    return table
+
+
+def _form_of(annotation: Any) -> _Form | None:
+    walked = _walk_annotation(annotation)
+    fhir_types = {t for t in walked if isinstance(t, type) and issubclass(t, FhirBase)}
+    if fhir_types:
+        if len(fhir_types) != 1:
+            return None
+        fhir_type = fhir_types.pop()
+        if issubclass(fhir_type, FhirElementOrResourceBase):
+            return _Form(None, "Resource", fhir_type, True)
+        return _Form(None, "Element", fhir_type.get_model_klass())
+    primitive = _primitive_type(annotation)
+    if primitive is None:
+        if bool in walked:
+            return _Form(_BOOLEAN_FORM, "boolean")
+        return _Form(_STRING_FORM, "string") if str in walked else None
+    if primitive in _INTEGER_TYPES:
+        return _Form(_INTEGER_FORM, primitive)
+    if primitive == "decimal":
+        return _Form(_NUMBER_FORM, primitive)
+    return _Form(_STRING_FORM, primitive)
+
+
+def _check_forms(node: dict[str, Any], model: type, path: str) -> None:
+    """Raise for the first primitive (in document order) not in its JSON form, id over
+    64 characters, or Period ending before it starts, in ``node`` (valid by the models)."""
+    forms = _forms(model)
+    for key, value in node.items():
+        form = forms.get(key)
+        if form is None:
+            continue
+        where = f"{path}.{key}"
+        many = type(value) is list
+        for i, item in enumerate(value if many else (value,)):
+            if item is None:
+                continue
+            at = f"{where}[{i}]" if many else where
+            if form.classes is not None:
+                _check_primitive(item, form, at)
+            elif type(item) is dict:
+                child = _resource_model(form.child, item) if form.resource else form.child
+                if child is not None:
+                    _check_forms(item, child, at)
+    if model is _PERIOD and _reversed_period(node):
+        raise ValidationError("a Period ends before it starts (FHIR invariant per-1)",
+                              location=bounded_path(path))
+
+
+def _check_primitive(value: Any, form: _Form, where: str) -> None:
+    if type(value) not in typing.cast(tuple[type, ...], form.classes):
+        raise ValidationError(
+            f"not valid FHIR R4: a {form.fhir_type} is written as "
+            f"{_FORM_NAMES[typing.cast(tuple[type, ...], form.classes)]}",
+            location=bounded_path(where))
+    if form.fhir_type == "id" and len(value) > ID_MAX_LENGTH:
+        raise ValidationError(
+            f"not valid FHIR R4: an id is at most {ID_MAX_LENGTH} characters",
+            location=bounded_path(where))
+
+
+def _forms_hold(node: dict[str, Any], model: type) -> bool:
+    """Whether each primitive directly in ``node`` has its JSON form (children not read)."""
+    forms = _forms(model)
+    for key, value in node.items():
+        form = forms.get(key)
+        if form is None or form.classes is None or value is None:
+            continue
+        classes = form.classes
+        if type(value) is list:
+            if any(item is not None and type(item) not in classes for item in value):
+                return False
+        elif type(value) not in classes:
+            return False
+    return True
+
+
+class _IdValidator:
+    """The models' validator of an ``id`` element, and FHIR's 64-character bound."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: SchemaValidator) -> None:
+        self._inner = inner
+
+    def validate_python(self, value: Any) -> Any:
+        result = self._inner.validate_python(value)
+        for item in value if type(value) is list else (value,):
+            if type(item) is str and len(item) > ID_MAX_LENGTH:
+                raise ValueError("id too long")
+        return result
+
+
+_PERIOD = get_fhir_model_class("Period")
+
+# A FHIR date or dateTime: year, month, day, then the time with its zone.
+_DATE_TIME = re.compile(
+    r"([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2})"
+    r"(?:T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?(Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?\Z")
+
+
+def _reversed_period(node: dict[str, Any]) -> bool:
+    """Whether a Period's end is before its start (invariant per-1), compared as FHIRPath
+    compares dateTimes: two with a time as instants; otherwise year, month and day in
+    turn, as far as both are given (``2026`` and ``2026-01-05`` cannot be ordered, and
+    pass). A value the models would not take is left to them."""
+    start, end = node.get("start"), node.get("end")
+    if type(start) is not str or type(end) is not str:
+        return False
+    a, b = _DATE_TIME.match(start), _DATE_TIME.match(end)
+    if a is None or b is None:
+        return False
+    if a.group(4) and b.group(4):
+        try:
+            return _instant(a) > _instant(b)
+        except ValueError:
+            return False
+    first = [int(g) for g in a.groups()[:3] if g]
+    last = [int(g) for g in b.groups()[:3] if g]
+    shared = min(len(first), len(last))
+    return first[:shared] > last[:shared]
+
+
+def _instant(m: re.Match[str]) -> datetime:
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    tz = UTC  # a time without a zone is refused by the models; compared as UTC here
+    if zone and zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
+    return datetime(int(year), int(month), int(day), int(hour), int(minute),
+                    min(int(second), 59), micro, tzinfo=tz)
 
 
 class ElementSpec(NamedTuple):
@@ -390,7 +584,10 @@ def _classify(annotation: Any, schema: Any, config: Any) -> _Field | None:
     if not fhir_types:
         if not isinstance(schema, dict):
             return None
-        return _Field(_PRIMITIVE, SchemaValidator(schema, config), set())
+        validator: Any = SchemaValidator(schema, config)
+        if _primitive_type(annotation) == "id":
+            validator = _IdValidator(validator)
+        return _Field(_PRIMITIVE, validator, set())
     if len(set(fhir_types)) != 1 or not _is_fhir_element_schema(schema):
         return None
     fhir_type = fhir_types[0]
@@ -690,9 +887,15 @@ class ValidationCache:
                 add(None)
             else:
                 raise _NoShape
+        if model is _PERIOD and _reversed_period(node):
+            raise _NoShape  # invariant per-1: a verdict on the values, not the shape
         signature = tuple(sig)
         shape: int | None = self._ids.get(signature)
         if shape is None:
+            # The JSON form of each primitive is a matter of its Python class, which the
+            # signature records: checked once per new signature.
+            if not _forms_hold(node, model):
+                raise _NoShape
             shape = self._ids[signature] = self._next
             self._next += 1
         if shapes is not None and shapes.setdefault(id(node), (model, shape))[1] != shape:
