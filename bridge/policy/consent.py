@@ -59,13 +59,16 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from functools import cached_property, lru_cache
 from typing import Any, Literal
 
-from bridge.errors import ConsentDenied, MappingError
+from bridge.errors import ConsentDenied, MappingError, bounded_path, member_label
 from bridge.instants import utc
 from bridge.policy.classify import (
     CATEGORY_SYSTEM,
     CONFIDENTIALITY_SYSTEM,
+    GRADE_SYSTEM,
+    GRADES,
     SENSITIVITY_SYSTEM,
     default_classification,
+    default_sensitive_codes,
 )
 from bridge.policy.identity import ID_CARD_SYSTEM, IdentityIndex, id_card_pseudonyms
 from bridge.records.fhir import validate_resource
@@ -430,8 +433,9 @@ def parse_consent(resource: dict[str, Any], *, trusted: bool = False) -> Consent
     Raises :class:`~bridge.errors.MappingError` (422) naming the FHIR path of the first
     problem: not valid FHIR, scope other than patient-privacy, no category, a patient
     that is not a logical reference by identifier, a period ending before it starts,
-    an unsupported purpose or action, a provision using ``code`` or ``data``, or a
-    permit without a recipient (IRCP) actor.
+    an unsupported purpose or action, a provision using ``code`` or ``data``, a
+    permit without a recipient (IRCP) actor, or a code in one of the label systems the
+    bridge matches that is not on its list (:func:`own_code_lists`).
 
     ``trusted=True`` is for consents this bridge validated before and stored itself:
     it skips the FHIR model validation (the costly part) and takes ownership of
@@ -442,11 +446,50 @@ def parse_consent(resource: dict[str, Any], *, trusted: bool = False) -> Consent
         raise _bad("not a Consent resource", "Consent.resourceType")
     if not trusted:
         validate_resource(resource)
+        _check_own_codes(resource, "Consent")
     try:
         return _parse_checked(resource, trusted=trusted)
     except (AttributeError, TypeError, KeyError):
         # Only reachable on the trusted path, where the model did not check the shapes.
         raise _bad("not a valid Consent", "Consent") from None
+
+
+#: v3-Confidentiality (http://terminology.hl7.org/CodeSystem/v3-Confidentiality).
+CONFIDENTIALITY_CODES: frozenset[str] = frozenset({"U", "L", "M", "N", "R", "V"})
+
+
+@lru_cache(maxsize=1)
+def own_code_lists() -> dict[str, tuple[frozenset[str], str]]:
+    """The code systems whose codes the bridge writes and matches in labels, each with
+    its codes (from the installed policy files) and what the codes are called."""
+    return {
+        SENSITIVITY_SYSTEM: (frozenset(default_sensitive_codes().titles),
+                             "the special-disease classes"),
+        CATEGORY_SYSTEM: (frozenset(default_classification().categories),
+                          "the data categories"),
+        GRADE_SYSTEM: (frozenset(str(g) for g in GRADES), "the grades 1-5"),
+        CONFIDENTIALITY_SYSTEM: (CONFIDENTIALITY_CODES, "the v3 confidentiality codes"),
+    }
+
+
+def _check_own_codes(node: Any, path: str) -> None:
+    """Refuse a coding anywhere in ``node`` whose system is one the bridge matches
+    labels in (:func:`own_code_lists`) and whose code is not on that system's list: a
+    typo there would silently fail to cover, or to hold back, what it names. The error
+    names the path, never the code (it may be anything a client sent)."""
+    if isinstance(node, dict):
+        system = node.get("system")
+        if isinstance(system, str) and "code" in node:
+            known = own_code_lists().get(system)
+            if known is not None and node["code"] not in known[0]:
+                raise _bad(f"code is not one of {known[1]} of {system}",
+                           bounded_path(f"{path}.code"))
+        for key, value in node.items():
+            if isinstance(value, (dict, list)):
+                _check_own_codes(value, f"{path}.{member_label(str(key))}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_own_codes(item, f"{path}[{i}]")
 
 
 def _parse_checked(resource: dict[str, Any], *, trusted: bool) -> ConsentRecord:
