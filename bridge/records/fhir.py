@@ -16,9 +16,10 @@ it starts) on every Period.
 
 from __future__ import annotations
 
+import functools
 import re
 import typing
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -356,6 +357,9 @@ def _reversed_period(node: dict[str, Any]) -> bool:
     a, b = _DATE_TIME.match(start), _DATE_TIME.match(end)
     if a is None or b is None:
         return False
+    if len(start) == len(end) and a.group(8) == b.group(8):
+        # The same precision, fraction digits and zone: the text orders as time does.
+        return start > end
     if a.group(4) and b.group(4):
         try:
             return _instant(a) > _instant(b)
@@ -370,12 +374,16 @@ def _reversed_period(node: dict[str, Any]) -> bool:
 def _instant(m: re.Match[str]) -> datetime:
     year, month, day, hour, minute, second, fraction, zone = m.groups()
     micro = int((fraction or "0")[:6].ljust(6, "0"))
-    tz = UTC  # a time without a zone is refused by the models; compared as UTC here
-    if zone and zone != "Z":
-        sign = -1 if zone[0] == "-" else 1
-        tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
     return datetime(int(year), int(month), int(day), int(hour), int(minute),
-                    min(int(second), 59), micro, tzinfo=tz)
+                    min(int(second), 59), micro, tzinfo=_zone(zone))
+
+
+@functools.lru_cache(maxsize=256)
+def _zone(zone: str | None) -> tzinfo:
+    if not zone or zone == "Z":
+        return UTC  # a time without a zone is refused by the models; compared as UTC here
+    sign = -1 if zone[0] == "-" else 1
+    return timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
 
 
 class ElementSpec(NamedTuple):
