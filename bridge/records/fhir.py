@@ -523,6 +523,15 @@ def _primitive_type(annotation: Any) -> str | None:
 # the known parts again (:meth:`ValidationCache._refuse`). If that run accepts, the
 # resource is validated fully and that verdict stands. The binding checks of
 # :func:`_check_codes` run on every accepted resource, as they do after full validation.
+#
+# Full validation then holds each primitive to its JSON form, ids to 64 characters and
+# Periods to per-1 (:func:`_check_forms`). A form is a matter of the value's Python
+# class, which the shape records: a dict's primitives are checked when its signature is
+# first met, and a signature that fails is never numbered. The id bound is part of the
+# id elements' validators here, so a remembered id passed it. Per-1 reads the values and
+# runs on every Period walked (a Period known by its text passed it before). A failure
+# of any of them makes the walk fail, and the refusal is found as above: the models
+# accept, so full validation runs and names the first such problem.
 
 _PRIMITIVE, _COMPLEX, _RESOURCE, _LITERAL = range(4)
 # Markers in a shape: a dict follows, a list of n items follows.
