@@ -33,7 +33,9 @@ from test_review_config_mistakes import _edit, _init, _refused
 from bridge.config import load_config
 from bridge.conformance.envelope import JWSOptions, sign_detached
 from bridge.conformance.peer import Peer, PeerConnection
+from bridge.errors import MAX_PATH, ParseError
 from bridge.link.node import Controller
+from bridge.link.server import refusal_detail
 from bridge.link.witness import AuditWitness
 
 NAME = "张三"
@@ -159,12 +161,47 @@ async def test_an_unknown_expect_is_an_operation_outcome_and_audited(insurer: In
             peer.base_url + "/$process-message", data=json.dumps(peer.signed_claim()),
             headers={"Content-Type": FHIR_JSON}, ssl=tls, expect100=True) as answer:
         assert answer.status == 200, await answer.text()
+    # A certificate that is no partner's is refused as such, Expect or not.
+    stranger = client_ssl(insurer.config.parent, "clinic-x")
+    async with aiohttp.ClientSession() as session, session.post(
+            peer.base_url + "/$process-message", data=b"{}", ssl=stranger,
+            headers={"Content-Type": FHIR_JSON, "Expect": "bogus"}) as answer:
+        assert answer.status == 401, await answer.text()
+        assert _outcome(await answer.read())[0] == "unknown-partner"
     process.stop()
     _assert_nothing_sent_kept(process, store, *answers)
     refused = [e for e in _audit(store) if e[2] == "expectation-failed@Expect"]
     assert len(refused) == 3, _audit(store)
     assert [e[1] for e in refused] == ["$process-message", "metadata", "unrouted"]
     assert sum("expectation-failed" in line for line in process.log_lines()) >= 3
+
+
+async def test_a_body_that_breaks_off_is_refused_at_once(insurer: Insurer) -> None:
+    """A chunked claim whose chunk size is not a number (an ID number in its place) is
+    answered 400 parse-error at once, naming the body, rather than left waiting for the
+    rest; nothing of it is logged or audited."""
+    process, peer, store = insurer.process, insurer.peer, insurer.store
+    tls = client_ssl(insurer.config.parent, "hospital-a")
+    reader, writer = await asyncio.open_connection(peer.host, peer.port, ssl=tls,
+                                                   server_hostname="localhost")
+    try:
+        writer.write(f"POST {peer.path('$process-message')} HTTP/1.1\r\nHost: {peer.host}\r\n"
+                     f"Content-Type: {FHIR_JSON}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     .encode())
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(f"{ID_NUMBER}zz\r\n".encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(1 << 16), timeout=10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert _outcome(body) == ("parse-error", ["body"]), body
+    process.stop()
+    _assert_nothing_sent_kept(process, store, answer)
+    # The rest of the body read away fails as well: logged by its type, as the peer's.
+    assert not [line for line in process.log_lines() if "Traceback" in line or " ERROR " in line]
 
 
 async def test_streams_are_link_ids_and_bounded_per_partner(insurer: Insurer) -> None:
@@ -295,3 +332,12 @@ def test_an_outbound_link_id_with_six_digits_in_a_row_is_a_configuration_error(
     _edit(config, f'id = "{link.group(1)}"', 'id = "claims-20261207"')
     line = _refused(config, "links[0].id")
     assert "six digits" in line
+
+
+def test_a_refusal_detail_is_one_bounded_line() -> None:
+    """What an audit entry keeps of a refusal: its code and place, with any control
+    character escaped and the place cut to the bound, whatever a location came to hold."""
+    detail = refusal_detail(ParseError("x", location=f"body#{FORGED}{'a' * 400}"))
+    assert detail.startswith("parse-error@body#x\\x0a2026-12-07")
+    assert "\n" not in detail and len(detail) <= len("parse-error@") + MAX_PATH
+    assert detail.endswith("...")

@@ -114,6 +114,27 @@ def test_a_request_the_parser_cannot_read_gets_a_fixed_400(ops: tuple[Serve, int
     assert_nothing_repeated(hospital, *answers)
 
 
+def test_an_unknown_expect_gets_a_fixed_417(ops: tuple[Serve, int]) -> None:
+    """An Expect the port does not understand is refused in the port's own words, on
+    any path and method, never quoting the header."""
+    hospital, port = ops
+    expect = f"{ID_NUMBER} {NAME}".encode().decode("latin-1")
+    answers = []
+    for method, target in (("GET", b"/healthz"), ("GET", b"/nowhere"),
+                           ("POST", b"/requeue")):
+        status, head, body = exchange(port, request(port, method, target, b"x=1",
+                                                    Expect=expect))
+        assert status == 417, (target, head, body)
+        assert b"text/plain" in head.lower()
+        assert body == b"only 'Expect: 100-continue' is understood\n", body
+        answers.append(head + body)
+    # Other refusals are aiohttp's own, unchanged: a 405 names the methods allowed.
+    status, head, _ = exchange(port, request(port, "POST", b"/metrics", b"x=1"))
+    assert status == 405 and b"allow: get,head" in head.lower(), head
+    assert http(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    assert_nothing_repeated(hospital, *answers)
+
+
 def test_a_requeue_body_that_cannot_be_read_gets_400_naming_the_form(
     ops: tuple[Serve, int],
 ) -> None:

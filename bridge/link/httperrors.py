@@ -15,21 +15,23 @@ that overrides :meth:`~MalformedRequests.refusal` (the operations port answers p
 aiohttp also answers one request it did parse before any middleware runs: a request
 whose ``Expect`` header is not ``100-continue`` gets ``417`` with a ``text/plain`` body
 quoting the header (``Unknown Expect: ...``), on every route and on paths no route
-serves. Every HTTP error aiohttp raises outside the middlewares is answered here naming
-where (``Expect``, or the route), never what was sent: handed to the application's
-:data:`REFUSAL` hook, which audits and logs it as the refusal it is (the partner port's
-OperationOutcome), or, on a port without one, logged and answered in the port's own form
-(:meth:`~MalformedRequests.refusal`).
+serves. That refusal is answered here naming ``Expect``, never what was sent: handed to
+the application's :data:`REFUSAL` hook, which audits and logs it as the refusal it is (the
+partner port's OperationOutcome), or, on a port without one, logged and answered in the
+port's own form (:meth:`~MalformedRequests.refusal`). Every other HTTP error a request
+meets is raised inside the application, where its middlewares answer it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from bridge.errors import BridgeError, InternalError, ParseError
 
@@ -54,36 +56,20 @@ class ExpectationFailed(BridgeError):
     issue_type = "not-supported"
 
 
-class _RefusedBeforeRouting(BridgeError):
-    """Another HTTP error aiohttp raised outside the middlewares; its status is kept."""
-
-    code = "request-refused"
-    http_status = 400
-    fault = "peer"
-    issue_type = "processing"
-
-
-def _error_for(status: int) -> BridgeError:
-    if status == 417:
-        return ExpectationFailed("only 'Expect: 100-continue' is understood", location="Expect")
-    return _RefusedBeforeRouting("request refused", location="request")
-
-
-async def _answer_http_error(
-    request: web.BaseRequest, exc: web.HTTPException,
-    own: Callable[[int, BridgeError], web.Response],
+async def _answer_expectation(
+    request: web.BaseRequest, own: Callable[[int, BridgeError], web.Response],
 ) -> web.StreamResponse:
-    """The bridge's answer to an HTTP error aiohttp raised before the middlewares: the
-    application's :data:`REFUSAL` hook's, else the port's own form (``own``)."""
-    error = _error_for(exc.status)
+    """The bridge's answer to an ``Expect`` aiohttp refused before the middlewares: the
+    application's :data:`REFUSAL` hook's (with the status of what it decided: a
+    certificate that is no partner's is still 401), else the port's own form (``own``)."""
+    error = ExpectationFailed("only 'Expect: 100-continue' is understood", location="Expect")
     refuse = request.app.get(REFUSAL) if isinstance(request, web.Request) else None
     response: web.StreamResponse
     if refuse is not None and isinstance(request, web.Request):
         response = await refuse(request, error)
     else:
-        log.info("request from %s refused (%s, %d)", request.remote, error.code, exc.status)
-        response = own(exc.status, error)
-    response.set_status(exc.status)
+        log.info("request from %s refused (%s)", request.remote, error.code)
+        response = own(error.http_status, error)
     # The body the client announced may follow regardless: the connection is not reused.
     response.force_close()
     return response
@@ -106,18 +92,48 @@ class MalformedRequests(RequestHandler):
         start_time: float | None,
         request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
     ) -> tuple[web.StreamResponse, bool]:
-        """aiohttp's request handling, with an HTTP error raised outside the middlewares
-        (the ``Expect`` check) answered as the bridge answers (see the module)."""
+        """aiohttp's request handling, with the ``Expect`` refusal it raises outside the
+        middlewares answered as the bridge answers (see the module)."""
 
         async def answering(req: web.BaseRequest) -> web.StreamResponse:
             try:
                 return await request_handler(req)
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                return await _answer_http_error(req, exc, self.refusal)
+            except web.HTTPExpectationFailed:
+                return await _answer_expectation(req, self.refusal)
 
         return await super()._handle_request(request, start_time, answering)
+
+    #: How log lines name the port, and the logger they go to.
+    port_name = "the partner port"
+    port_log = log
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """What aiohttp logs with a traceback (a body that breaks off while the handler
+        is done with it and its rest is read away, say), logged by the exception's type
+        only: the message of a parser's exception quotes the bytes it failed on."""
+        exc = kw.get("exc_info")
+        kind = type(exc).__name__ if isinstance(exc, BaseException) else "-"
+        what = str(args[0]) if args else "failure"
+        if isinstance(exc, HttpProcessingError | RequestPayloadError):
+            self.port_log.info("unreadable request on %s (%s: %s)", self.port_name, what, kind)
+        else:
+            self.port_log.error("%s failed in the HTTP layer (%s: %s)", self.port_name, what,
+                                kind)
+
+    def data_received(self, data: bytes) -> None:
+        """As aiohttp's, and when the parser fails inside a body (a chunk size that is not
+        a number), that body's reader fails too: aiohttp's compiled parser queues its
+        refusal behind the request it was reading, whose handler would otherwise wait for
+        the rest of the body until the client gives up."""
+        super().data_received(data)
+        if not any(isinstance(msg, _ErrInfo) for msg, _payload in self._messages):
+            return
+        bodies = [payload for msg, payload in self._messages if not isinstance(msg, _ErrInfo)]
+        if self._current_request is not None:
+            bodies.append(self._current_request.content)
+        for body in bodies:
+            if not body.is_eof() and body.exception() is None:
+                body.set_exception(RequestPayloadError("the request body could not be read"))
 
     def handle_error(
         self,

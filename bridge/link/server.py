@@ -41,6 +41,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from bridge.batch import ENTRY_DEPTH, BatchEntry, encode_batch_response, read_batch
 from bridge.compliance.agreements import check_link
@@ -174,6 +175,10 @@ async def read_body(request: web.Request, server: ServerConfig, *, limit: int | 
         ) from None
     except TimeoutError:
         raise RequestTimeout("the request body did not arrive in time", location="body") from None
+    except RequestPayloadError:
+        # The parser failed inside the body (a chunk size that is not a number, say):
+        # the client's bytes, refused naming none of them.
+        raise ParseError("the request body could not be read", location="body") from None
     except ConnectionResetError:
         # The client hung up mid-body: its failure, not the receiver's. Nobody is left
         # to answer, and nothing is audited (a row per dropped connection would let any

@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError, _ErrInfo
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from bridge.config import OperationsConfig
@@ -95,36 +95,12 @@ class PlainRefusals(MalformedRequests):
     request (see :mod:`bridge.link.httperrors`)."""
 
     __slots__ = ()
+    port_name = "the operations port"
+    port_log = log
 
     def refusal(self, status: int, error: BridgeError) -> web.Response:
         return web.Response(status=status, text=f"{error.message}\n")
 
-    def data_received(self, data: bytes) -> None:
-        """As aiohttp's, and when the parser fails inside a body (a chunk size that is not
-        a number), that body's reader fails too: aiohttp's compiled parser queues its
-        refusal behind the request it was reading, whose handler would otherwise wait for
-        the rest of the body until the client gives up."""
-        super().data_received(data)
-        if not any(isinstance(msg, _ErrInfo) for msg, _payload in self._messages):
-            return
-        bodies = [payload for msg, payload in self._messages if not isinstance(msg, _ErrInfo)]
-        if self._current_request is not None:
-            bodies.append(self._current_request.content)
-        for body in bodies:
-            if not body.is_eof() and body.exception() is None:
-                body.set_exception(RequestPayloadError("the request body could not be read"))
-
-    def log_exception(self, *args: Any, **kw: Any) -> None:
-        """What aiohttp logs with a traceback (a body that breaks off while the handler
-        is done with it and its rest is read away, say), logged by the exception's type
-        only: the message of a parser's exception quotes the bytes it failed on."""
-        exc = kw.get("exc_info")
-        kind = type(exc).__name__ if isinstance(exc, BaseException) else "-"
-        what = str(args[0]) if args else "failure"
-        if isinstance(exc, HttpProcessingError | RequestPayloadError):
-            log.info("unreadable request on the operations port (%s: %s)", what, kind)
-        else:
-            log.error("operations port failed in the HTTP layer (%s: %s)", what, kind)
 
 
 def _is_loopback(address: str | None) -> bool:
