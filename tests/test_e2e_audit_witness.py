@@ -159,3 +159,37 @@ async def test_checkpoints_are_cosigned_and_a_restored_older_store_is_caught(
     # The claims received after the copy was taken are gone from the restored insurer's
     # log; the hospital's Export events still name them.
     assert set(later) <= exported and not set(later) & imported
+
+
+async def test_a_partner_log_emptied_after_a_cosigned_checkpoint_is_caught(
+        tmp_path: Path, records: list[dict[str, Any]]) -> None:
+    """A new partner's empty log is nothing to check yet (PROTOCOL P-AUD-11); the same
+    answer from a partner whose checkpoints this side has cosigned means its log was
+    wiped or replaced by an empty one, and is recorded as a fault."""
+    pair = await start_pair(tmp_path)
+    try:
+        fresh = await pair.hospital.witness.run_once()
+        assert [(r.cosigned, r.fault) for r in fresh] == [(False, None)]
+        await deliver(pair, records[:2], "e")
+        first = await pair.hospital.witness.run_once()
+        assert first[0].cosigned and first[0].fault is None
+        hs = pair.hospital.controller.store
+        witnessed = tree.last_witnessed(hs, "insurer-b")
+        assert witnessed is not None and witnessed[0] > 0
+        await pair.insurer.stop()
+        db = Path(pair.insurer.controller.config.store.path)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        pair.insurer = BridgeService(Controller(load_config(pair.insurer_cfg)),
+                                     poll_interval=0.05)
+        await pair.insurer.start()
+        caught = await pair.hospital.witness.run_once()
+        assert not caught[0].cosigned
+        assert caught[0].fault and "empty" in caught[0].fault, caught
+        entries = await pair.hospital.controller.db.audit_entries()
+        alarm = [e for e in entries if e.record.action == "audit.partner-inconsistent"]
+        assert len(alarm) == 1 and alarm[0].record.partner == "insurer-b"
+        assert alarm[0].record.detail == "checkpoint-invalid@checkpoint size"
+        assert tree.last_witnessed(hs, "insurer-b") == witnessed
+    finally:
+        await pair.stop()

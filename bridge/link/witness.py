@@ -357,9 +357,18 @@ class AuditWitness:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise classify_exception(exc) from None
             if status == NoCheckpoint.http_status and _outcome_code(body) == NoCheckpoint.code:
-                # The partner's log is empty (a new bridge): nothing to check yet.
-                log.info("partner %s has no audit checkpoint yet (its log is empty)", partner.id)
-                return WitnessResult(partner.id)
+                if previous is None:
+                    # The partner's log is empty (a new bridge): nothing to check yet.
+                    log.info("partner %s has no audit checkpoint yet (its log is empty)",
+                             partner.id)
+                    return WitnessResult(partner.id)
+                # A log this side saw checkpoints of is empty now: it was wiped or
+                # replaced (P-AUD-11), which no append-only log does.
+                emptied = CheckpointError(
+                    f"the partner's audit log is empty, after a checkpoint of size"
+                    f" {previous.size}", location="checkpoint size")
+                await self._fault(partner.id, "", emptied)
+                return WitnessResult(partner.id, fault=f"{emptied}")
             if status != 200:
                 raise PartnerRejected(f"checkpoint request answered {status}",
                                       location=f"HTTP {status}")
