@@ -341,8 +341,10 @@ MAX_PATH = 200
 def member_label(name: str) -> str:
     """How an error names a member of a client's JSON object: its name when it is written
     as FHIR element names are, else ``*``. The name is the client's text: a member named
-    after a patient (``"张三 330108…": 1``) is a value, not a place."""
-    return name if _ELEMENT_NAME.fullmatch(name) else "*"
+    after a patient (``"张三 330108…": 1``) is a value, not a place, and so is one that
+    spells a number in element-name form (``id110101199003074512``): no element name
+    holds six digits in a row."""
+    return name if _ELEMENT_NAME.fullmatch(name) and not has_digit_run(name) else "*"
 
 
 def bounded_path(path: str) -> str:

@@ -102,6 +102,11 @@ def test_fhir_validation_names_an_unknown_member_by_its_place() -> None:
     with pytest.raises(ValidationError) as info:
         validate_resource(patient)
     assert info.value.location == "Patient.identifier[0].*"
+    # A name in element-name form that spells a number is a value too.
+    patient["identifier"] = [{"system": "urn:x", f"id{ID_NUMBER}": "1"}]
+    with pytest.raises(ValidationError) as info:
+        validate_resource(patient)
+    assert info.value.location == "Patient.identifier[0].*"
     # A member written as an element name is named (it is a FHIR name, misspelt).
     patient["identifier"] = [{"system": "urn:x", "vaule": "1"}]
     with pytest.raises(ValidationError) as info:
