@@ -107,7 +107,12 @@ def test_a_registered_source_is_scraped_and_a_broken_one_is_counted(tmp_path: Pa
     assert samples[("bridge_store_up", ())] == 1
 
 
-FORGED = "x\n2026-12-07T00:00:00.000Z WARNING forged line\r\x1b[2J\u2028\u202eend"
+# A line break, a carriage return, a terminal escape (C0), the C1 next line and control
+# sequence introducer, the line and paragraph separators, a bidirectional override and
+# an isolate; the Chinese text is text and stays as it is.
+FORGED = ("x\n2026-12-07T00:00:00.000Z WARNING forged line\r\x1b[2J\u2028\u202eend"
+          "\x85\x9b2J\u2029\u2066张三\u2069")
+UNSAFE = "\n\r\x1b\x85\x9b\u2028\u2029\u202e\u2066\u2069"
 
 
 @pytest.fixture
@@ -134,9 +139,9 @@ def test_a_text_line_stays_one_line_whatever_a_field_holds(text_log: io.StringIO
     assert len(lines) == 3, written
     assert written.count("\n") == 3
     for line in lines:
-        assert not any(c in line for c in "\r\x1b\u2028\u202e"), repr(line)
-        assert "\\x0a2026-12-07T00:00:00.000Z WARNING forged line\\x0d\\x1b[2J\\u2028\\u202eend" \
-            in line, line
+        assert not any(c in line for c in UNSAFE), repr(line)
+        assert ("\\x0a2026-12-07T00:00:00.000Z WARNING forged line\\x0d\\x1b[2J\\u2028\\u202eend"
+                "\\x85\\x9b2J\\u2029\\u2066张三\\u2069") in line, line
     assert "ValueError at" in lines[2]
 
 
@@ -145,5 +150,7 @@ def test_a_json_line_stays_one_line_whatever_a_field_holds(json_log: io.StringIO
     logging.getLogger("bridge.server").info("refused %s", FORGED)
     lines = json_log.getvalue().splitlines()
     assert len(lines) == 2
+    assert not any(c in line for line in lines for c in UNSAFE), lines
+    assert "张三" in lines[0]  # text is written as it is, not escaped
     assert json.loads(lines[0])["path"] == f"X-Signature#{FORGED}"
     assert json.loads(lines[1])["message"] == f"refused {FORGED}"

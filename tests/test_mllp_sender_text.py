@@ -16,9 +16,10 @@ import logging
 from pathlib import Path
 
 import pytest
-from hl7_feeds import InpatientVisit
-from intake_support import msa, start_intake_pair
+from hl7_feeds import InpatientVisit, OutpatientVisit
+from intake_support import eventually, msa, start_intake_pair
 
+from bridge.demo import LINK_OUT
 from bridge.ledger import intake as intake_db
 from bridge.mapping.hl7v2.header import id_label, message_label, text_digest
 
@@ -112,3 +113,36 @@ def test_an_intake_record_is_named_by_the_same_rule() -> None:
         f"hl7:#{text_digest(NAME_AND_ID)}|H/#{text_digest(ID_IN_CID)}"
     assert intake_db.source_label("hl7:HIS|HOSP-A/MSG00001") == "hl7:HIS|HOSP-A/MSG00001"
     assert intake_db.source_label("visit:张三") == "*"
+
+
+async def test_a_record_refused_at_routing_is_named_by_the_same_rule(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outpatient visit whose messages carry a name and ID numbers in MSH-3 and
+    MSH-10, routed under the message that ended it and refused there (no consent): the
+    routing's audit entry and log lines name the record (a visit, by its number) and
+    carry nothing the HIS wrote in MSH."""
+    caplog.set_level(logging.DEBUG, logger="bridge")
+    routes = f"""
+[[routes]]
+dataset = ["WS445.2"]
+links = ["{LINK_OUT}"]
+"""
+    pair = await start_intake_pair(tmp_path, tls=False, routes=routes)
+    try:
+        visit = OutpatientVisit()
+        sent = [_msh(visit.registration(), app=NAME_AND_ID, cid=f"{ID_IN_CID[:-2]}01"),
+                _msh(visit.end(), app=NAME_AND_ID, cid=f"{ID_IN_CID[:-2]}02")]
+        assert [msa(a)[1] for a in await pair.send(sent)] == ["AA", "AA"]
+        store = pair.hospital.controller.store
+        await eventually(lambda: intake_db.list_records(store)[0].state == "refused")
+        [record] = intake_db.list_records(store)
+        [entry] = [e.record for e in store.audit_entries() if e.record.action == "intake.refused"]
+        assert entry.subject == record.label
+        entries = [e.record for e in store.audit_entries()]
+        written = [" ".join([r.subject, r.detail or "", *r.categories]) for r in entries]
+        written += [r.getMessage() for r in caplog.records]
+        for text in written:
+            assert not any(leak in text for leak in LEAKS), text
+    finally:
+        await pair.stop()
