@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import BridgeError, ConfigError, has_digit_run
 from bridge.files import read_bounded
 
 _ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -945,7 +945,7 @@ class BridgeConfig(_Strict):
             if link.id in seen_links:
                 raise ValueError(f"links[{i}].id: duplicate link id")
             seen_links.add(link.id)
-            if link.direction == "outbound" and re.search(r"[0-9]{6}", link.id):
+            if link.direction == "outbound" and has_digit_run(link.id):
                 # The id travels as the claims' stream (PROTOCOL P-SYNC-1), which a receiver
                 # refuses with six digits in a row (the form of a record or ID number).
                 raise ValueError(f"links[{i}].id: an outbound link id has no six digits in a row")
