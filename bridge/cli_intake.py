@@ -122,6 +122,7 @@ def cmd_intake_retry(args: argparse.Namespace) -> int:
         raise UsageError("name records, or give --all-refused or --all-unrouted",
                          location="bridge intake retry")
     config = load_config(args.config)
+    _use_label_key(config)
     now = datetime.now(UTC)
     operator = acting_operator()
 
@@ -141,6 +142,36 @@ def cmd_intake_retry(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{r.id}\t{r.source}\twas {r.state}\n")
     sys.stdout.write(f"{len(rows)} record(s) put back to be routed; a running bridge serve "
                      "routes them now (bridge intake list shows the outcome)\n")
+    return 0
+
+
+def _use_label_key(config: Any) -> None:
+    """Name sender text as this bridge's logs and audit entries name it (its key)."""
+    from bridge.link.node import _load_pseudonym_key
+    from bridge.mapping.hl7v2.header import use_label_key
+
+    use_label_key(_load_pseudonym_key(config.audit.pseudonym_key_file))
+
+
+def cmd_intake_label(args: argparse.Namespace) -> int:
+    """How this bridge's logs and audit entries name an HIS's MSH field (MSH-3, MSH-4,
+    MSH-10): as sent when it is a plain id, else ``#`` and a digest keyed with the
+    bridge's own key, which only this command can work out from the text."""
+    from bridge.config import load_config
+    from bridge.mapping.hl7v2.header import id_label
+
+    config = load_config(args.config)
+    if not config.audit.pseudonym_key_file.exists():
+        # A key made here would name nothing the bridge wrote.
+        raise NotFound("no audit pseudonym key yet: the bridge makes it when it first starts",
+                       location="audit.pseudonym_key_file")
+    _use_label_key(config)
+    labels = [id_label(text) for text in args.texts]
+    if args.json:
+        _print_json([{"label": label} for label in labels])
+        return 0
+    for label in labels:
+        sys.stdout.write(f"{label}\n")
     return 0
 
 
@@ -176,6 +207,13 @@ def add_intake_commands(sub: Any) -> None:
     rt.add_argument("--all-unrouted", action="store_true", help="every unrouted record")
     add_json_option(rt)
     rt.set_defaults(func=cmd_intake_retry)
+    lb = isub.add_parser("label", help="how logs and audit entries name an HIS's MSH-3, "
+                         "MSH-4 or MSH-10 (a keyed digest unless it is a plain id)")
+    lb.add_argument("--config", required=True, help="the controller's configuration file")
+    lb.add_argument("texts", nargs="+", metavar="TEXT",
+                    help="a field as the HIS sent it (MSH-10: MSG00001)")
+    add_json_option(lb)
+    lb.set_defaults(func=cmd_intake_label)
 
 
 __all__ = ["add_intake_commands"]

@@ -4,29 +4,43 @@ unless it reads as a plain code or control id.
 Those fields are the sender's text: an interface that puts a patient's name and ID
 number in the sending application or the control id, or terminal control sequences in
 the facility, must not have them copied into the bridge's logs or audit entries. A
-plain ``HIS|HOSP-A/MSG00001`` is kept as sent; anything else is named by a digest (the
-same one an ACK's MSH-10 carries for a control id too long to repeat). A real hospital
+plain ``HIS|HOSP-A/MSG00001`` is kept as sent; anything else is named by a digest keyed
+with the bridge's own key (an unkeyed digest of an ID number gives the number back to
+whoever hashes every number), which ``bridge intake label`` works out for an operator.
+The ACK's MSH-10 keeps the plain digest of a control id too long to repeat: it goes back
+to the HIS that sent the id. A real hospital
 bridge with its HL7 v2 reader, MLLP on a real socket; every path that names a message:
 accepted, resent, refused by the reader, refused by its visit, unreadable MSH.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
+from e2e_support import cli
 from hl7_feeds import InpatientVisit, OutpatientVisit
 from intake_support import eventually, msa, start_intake_pair
 
 from bridge.demo import LINK_OUT
 from bridge.ledger import intake as intake_db
-from bridge.mapping.hl7v2.header import id_label, message_label, text_digest
+from bridge.mapping.hl7v2.header import id_label, text_digest, use_label_key
 
 NAME_AND_ID = "张三 1101011990030745"  # MSH-3.1 holds at most 20 characters
 ID_IN_CID = "张三110101199003074512"
 ANSI = "F\x1b[31mRED\x1b[0m"
 LEAKS = ("张三", "1101011990030745", "\x1b", "[31m", "ZY2026000101", "\u676d\u5dde")
+# The plain SHA-256 digests of that text: anyone can compute them from a guess.
+UNKEYED = tuple(text_digest(t) for t in (NAME_AND_ID, ID_IN_CID, ANSI, "ZY2026000101"))
+
+
+def _labels(config: Path, *texts: str) -> list[str]:
+    """The labels ``bridge intake label`` gives, as an operator runs it."""
+    done = cli("intake", "label", "--config", str(config), "--json", *texts)
+    assert done.returncode == 0, done.stderr
+    return [item["label"] for item in json.loads(done.stdout)]
 
 
 def _msh(message: bytes, *, app: str | None = None, facility: str | None = None,
@@ -75,22 +89,24 @@ async def test_sender_text_in_msh_reaches_neither_logs_nor_audit(
         written = [" ".join([r.subject, r.detail or "", *r.categories]) for r in entries]
         written += [r.getMessage() for r in caplog.records]
         for text in written:
-            assert not any(leak in text for leak in LEAKS), text
-        # Named by digests a reader can compute from what the HIS sent; the ACK's MSH-10
-        # carries the same digest of the control id.
-        hidden = message_label(f"{NAME_AND_ID}|{visit.facility}", ID_IN_CID)
-        assert hidden == f"#{text_digest(NAME_AND_ID)}|#{text_digest(visit.facility)}" \
-                         f"/#{text_digest(ID_IN_CID)}"
-        assert entries[0].subject == entries[1].subject == f"hl7:{hidden}"
+            assert not any(leak in text for leak in LEAKS + UNKEYED), text
+        # Named by keyed digests that only the bridge's key gives: the operator's command
+        # works them out from what the HIS sent.
+        config = pair.hospital.controller.config.source
+        assert config is not None
+        app, facility, cid, ansi, record_no = _labels(
+            config, NAME_AND_ID, visit.facility, ID_IN_CID, ANSI, "ZY2026000101")
+        assert all(len(label) == 18 and label[0] == "#" for label in (app, facility, cid))
+        assert entries[0].subject == entries[1].subject == f"hl7:{app}|{facility}/{cid}"
+        # The ACK's MSH-10 carries the plain digest of the control id back to the HIS.
         assert accepted.split(b"|")[9] == f"ACK{text_digest(ID_IN_CID)}".encode()
-        assert entries[2].subject == "hl7:" + message_label(f"{NAME_AND_ID}|{visit.facility}",
-                                                            "ZY2026000101")
-        assert entries[3].subject == f"hl7:HIS|#{text_digest(ANSI)}/D3"
+        assert entries[2].subject == f"hl7:{app}|{facility}/{record_no}"
+        assert entries[3].subject == f"hl7:HIS|{ansi}/D3"
         assert entries[5].subject == "hl7:HIS|HOSP-A/MSG00001"  # plain ids are kept
         refusals = [r.getMessage() for r in caplog.records
                     if r.getMessage().startswith("HL7 message refused")]
         assert len(refusals) == 3
-        assert any(f"hl7:HIS|#{text_digest(ANSI)}/D3" in m for m in refusals)
+        assert any(f"hl7:HIS|{ansi}/D3" in m for m in refusals)
     finally:
         await pair.stop()
 
@@ -104,13 +120,28 @@ async def test_sender_text_in_msh_reaches_neither_logs_nor_audit(
 def test_which_sender_ids_are_written_as_sent(text: str, kept: bool) -> None:
     assert (id_label(text) == text) is kept
     if not kept:
-        assert id_label(text) == "#" + text_digest(text)
+        label = id_label(text)
+        assert label != "#" + text_digest(text)
+        assert len(label) == 18 and label[0] == "#" and label[1:].isalnum()
+
+
+def test_a_label_depends_on_the_key_and_on_nothing_else() -> None:
+    """The same text under the same key is one label (a restart names it alike); under
+    another installation's key it is another, and different texts differ."""
+    first, second = bytes(range(32)), bytes(range(1, 33))
+    use_label_key(first)
+    a = id_label(ID_IN_CID)
+    assert id_label(ID_IN_CID) == a != id_label(ID_IN_CID[:-1] + "3")
+    use_label_key(second)
+    assert id_label(ID_IN_CID) != a
+    use_label_key(first)
+    assert id_label(ID_IN_CID) == a
 
 
 def test_an_intake_record_is_named_by_the_same_rule() -> None:
     assert intake_db.source_label("visit:12") == "visit:12"
     assert intake_db.source_label(f"hl7:{NAME_AND_ID}|H/{ID_IN_CID}") == \
-        f"hl7:#{text_digest(NAME_AND_ID)}|H/#{text_digest(ID_IN_CID)}"
+        f"hl7:{id_label(NAME_AND_ID)}|H/{id_label(ID_IN_CID)}"
     assert intake_db.source_label("hl7:HIS|HOSP-A/MSG00001") == "hl7:HIS|HOSP-A/MSG00001"
     assert intake_db.source_label("visit:张三") == "*"
 
@@ -142,7 +173,21 @@ links = ["{LINK_OUT}"]
         entries = [e.record for e in store.audit_entries()]
         written = [" ".join([r.subject, r.detail or "", *r.categories]) for r in entries]
         written += [r.getMessage() for r in caplog.records]
+        unkeyed = tuple(text_digest(m.split(b"|")[9].decode()) for m in sent)
         for text in written:
-            assert not any(leak in text for leak in LEAKS), text
+            assert not any(leak in text for leak in LEAKS + UNKEYED + unkeyed), text
     finally:
         await pair.stop()
+
+
+def test_the_label_command_needs_the_bridge_key(tmp_path: Path) -> None:
+    """Before the bridge has made its key there is nothing to name text under: the
+    command refuses, naming the setting, and makes no key of its own."""
+    from e2e_support import make_workdir
+
+    hospital, _ = make_workdir(tmp_path)
+    done = cli("intake", "label", "--config", str(hospital), ID_IN_CID)
+    assert done.returncode != 0
+    assert "audit.pseudonym_key_file" in done.stderr and "Traceback" not in done.stderr
+    assert ID_IN_CID not in done.stderr + done.stdout
+    assert not list(tmp_path.rglob("audit-pseudonym.key"))

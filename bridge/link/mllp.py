@@ -65,8 +65,9 @@ ERR-8 text naming the data element it was needed for) and an HL7 table 0357 code
 for fields no mapping reads that break their data type (from v2.5 on).
 Every outcome is audited (``hl7.receive``, ``hl7.duplicate``, ``hl7.reject``), with the
 message named ``hl7:MSH-3|MSH-4/MSH-10`` in its subject and in log lines; each of those
-fields as sent only when it reads as a plain code or control id, else by a digest
-(:func:`~bridge.mapping.hl7v2.header.id_label`): they are the sender's text;
+fields as sent only when it reads as a plain code or control id, else by a digest keyed
+with the bridge's own key (:func:`~bridge.mapping.hl7v2.header.id_label`; ``bridge intake
+label`` gives an operator the label of a text): they are the sender's text;
 refused TLS handshakes are audited by the TLS gate as ``tls.refused``.
 """
 
@@ -104,7 +105,7 @@ from bridge.link.tlsgate import RefusalHook, TLSListener
 from bridge.mapping.hl7v2 import HL7Message, HL7Reader, Intake, ack_code_for, build_ack, read_msh
 from bridge.mapping.hl7v2.ack import tolerant_header
 from bridge.mapping.hl7v2.biometric import protect as protect_biometric
-from bridge.mapping.hl7v2.header import MSHHeader, id_label, message_label
+from bridge.mapping.hl7v2.header import MSHHeader, id_label, message_label, use_label_key
 from bridge.trust.identity import certificate_identity, pinned
 
 if TYPE_CHECKING:
@@ -247,6 +248,8 @@ class MLLPListener:
             raise ValueError("an MLLP listener with tls needs an ssl_context")
         self.c = controller
         self.config = config
+        # Sender text from MSH is named in logs and audit entries under the bridge's key.
+        use_label_key(controller.pseudonym_key)
         self.handler = handler if handler is not None else default_handler(controller)
         self._ssl_context = ssl_context if config.tls else None
         self._on_refused = on_refused

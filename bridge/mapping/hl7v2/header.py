@@ -10,7 +10,9 @@ decoding each field with the declared character set, and raises
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
+import secrets
 from dataclasses import dataclass
 
 from bridge.errors import ParseError, has_digit_run
@@ -55,19 +57,46 @@ _PLAIN_ID = re.compile(r"[A-Za-z0-9._\-^&:]{1,64}")
 
 def text_digest(text: str) -> str:
     """17 upper-case hex digits of the SHA-256 of ``text``: how an ACK's MSH-10 names a
-    control id too long to repeat, and how logs name sender text that is not a plain id."""
+    control id too long to repeat (the ACK goes back to the system that sent the id)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:17].upper()
+
+
+# The key of the digests that name sender text in logs and the audit trail. An unkeyed
+# digest of an ID number gives the number back to anyone who tries every number (a
+# resident ID card number has well under 2**40 plausible values), so each is keyed: by
+# the bridge's own key (use_label_key), until then by one made for this process alone.
+_label_key: list[bytes] = [secrets.token_bytes(32)]
+
+#: What the label key is derived from the audit pseudonym key with (HMAC-SHA256).
+LABEL_KEY_INFO = b"hl7-sender-text-label"
+
+
+def use_label_key(pseudonym_key: bytes) -> None:
+    """Name sender text under this installation's key, derived from its audit pseudonym
+    key (``audit.pseudonym_key_file``): the same text gets the same label in every log
+    line and audit entry, across restarts, and nobody without the key can tell which
+    text a label names. A process runs one bridge: the controller with an HL7 v2
+    listener, and the ``bridge intake`` commands, set it from their configuration."""
+    _label_key[0] = hmac.new(pseudonym_key, LABEL_KEY_INFO, hashlib.sha256).digest()
+
+
+def label_digest(text: str) -> str:
+    """17 upper-case hex digits of the HMAC-SHA256 of ``text`` under the label key (see
+    :func:`use_label_key`): how logs and the audit trail name sender text that is not a
+    plain id."""
+    return hmac.new(_label_key[0], text.encode("utf-8"), hashlib.sha256).hexdigest()[:17].upper()
 
 
 def id_label(text: str) -> str:
     """How logs and the audit trail name a sender's identifier (MSH-3, MSH-4, MSH-9,
     MSH-10): as sent when it reads as a plain code or control id, else ``#`` and its
-    :func:`text_digest`. The field is the sender's text: an HIS that puts a patient's
+    :func:`label_digest`. The field is the sender's text: an HIS that puts a patient's
     name, an ID number (any run of six digits or more) or terminal control sequences
-    there must not have them copied into a log line or an audit entry."""
+    there must not have them copied into a log line or an audit entry, nor a digest
+    that trying every ID number would undo."""
     if not text or (_PLAIN_ID.fullmatch(text) and not has_digit_run(text)):
         return text
-    return "#" + text_digest(text)
+    return "#" + label_digest(text)
 
 
 def message_label(sender: str, control_id: str) -> str:
