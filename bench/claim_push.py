@@ -198,8 +198,7 @@ def _tally_dispatch(controller: Any, tally: dict[str, list[float]]) -> None:
 # name) of the functions it calls. A method is timed on the class of the link's consent
 # registry (see _time_policy_phases).
 _POLICY_PHASES = (
-    ("patient identifiers, data period", "bridge.policy.engine", "patient_identifiers"),
-    ("patient identifiers, data period", "bridge.policy.engine", "data_period"),
+    ("patient identifiers, data period", "bridge.policy.engine", "_question_facts"),
     ("settle (references to what is dropped, completeness)", "bridge.policy.profile",
      "_settle"),
     ("unreferenced (reachable from the focus)", "bridge.policy.profile",

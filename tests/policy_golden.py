@@ -104,8 +104,9 @@ def profile_cases(*, owned: bool = False) -> Iterator[tuple[str, list[str]]]:
     """Per profile, the digest of each record's outcome (and of some explanations).
 
     With ``owned`` each record is mapped again and given up to ``apply_policy``
-    (``owned=True``), as a bridge's claim path gives it the record it mapped: the
-    policy works on that collection in place, and must disclose the same."""
+    (``owned=True``, ``complete=True``), as a bridge's claim path gives it the record
+    it mapped (and so validated): the policy works on that collection in place, knows
+    its resources complete, and must disclose the same."""
     records = inpatient_records(RECORDS, seed=7)
     collections = [map_record(r, now=NOW) for r in records]
     for name, recipient, purpose in PROFILES:
@@ -124,7 +125,7 @@ def profile_cases(*, owned: bool = False) -> Iterator[tuple[str, list[str]]]:
                 lambda given=given, registry=registry, profile=profile, recipient=recipient,
                 purpose=purpose: apply_policy(
                     given, registry=registry, profile=profile, recipient=recipient,
-                    purpose=purpose, now=NOW, key=KEY, owned=owned))))
+                    purpose=purpose, now=NOW, key=KEY, owned=owned, complete=owned))))
             if orjson.dumps(c) != before:
                 raise AssertionError(f"apply_policy changed its input (record {i}, {name})")
             if i % 10 == 0:

@@ -242,8 +242,11 @@ def _mutate(change) -> dict[str, Any]:
         (lambda r: r.update(category=[{"text": "no coding"}]), "Consent.category"),
         (lambda r: r.update(patient={"reference": "Patient/1"}), "Consent.patient.identifier"),
         (lambda r: r["provision"].pop("purpose"), "Consent.provision.purpose"),
-        (lambda r: r["provision"].update(provision=[{"class": []}]),
+        (lambda r: r["provision"].update(provision=[{"period": {"start": "2026-01-01"}}]),
          "Consent.provision.provision[0].type"),
+        # An empty array is no FHIR JSON: refused where it is, before any consent rule.
+        (lambda r: r["provision"].update(provision=[{"class": []}]),
+         "Consent.provision.provision[0].class"),
         (lambda r: r.update(status="bogus"), "Consent.status"),
     ],
 )

@@ -605,8 +605,9 @@ class Controller:
     ) -> PolicyResult:
         """What of ``record`` may go on ``link_id`` now (raises ConsentDenied).
 
-        ``mapped`` is the record already mapped, which the caller gives up: the policy
-        works on it in place (see :func:`~bridge.policy.engine.apply_policy`, ``owned``)."""
+        ``mapped`` is the record already mapped (by :func:`~bridge.mapping.map_record`,
+        which validates it), which the caller gives up: the policy works on it in place
+        (see :func:`~bridge.policy.engine.apply_policy`, ``owned`` and ``complete``)."""
         link = self.outbound_link(link_id)
         now = self.clock()
         check_link(self.config, link, now)
@@ -621,6 +622,8 @@ class Controller:
             # The collection is mapped for this decision, or handed over by the caller
             # (``mapped``), who reads nothing of it afterwards.
             owned=True,
+            # Mapped, so validated: every resource holds its required elements.
+            complete=True,
         )
 
     def prepare(

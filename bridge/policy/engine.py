@@ -234,6 +234,39 @@ def data_period(collection: dict[str, Any]) -> tuple[date, date] | None:
     return (min(days), max(days))
 
 
+def _question_facts(
+    collection: dict[str, Any],
+) -> tuple[tuple[tuple[str, str], ...], tuple[date, date] | None]:
+    """``(patient_identifiers(collection), data_period(collection))``, raising as the
+    first does, in one pass over the entries (every disclosure's consent question asks
+    both; tests hold the two ways to the same answers)."""
+    patients: list[dict[str, Any]] = []
+    days: list[date] = []
+    for entry in collection.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            continue
+        rtype = resource.get("resourceType")
+        if rtype == "Patient":
+            patients.append(resource)
+        elif rtype == "Encounter" or rtype == "Claim":
+            for element in ("period", "billablePeriod"):
+                period = resource.get(element)
+                if isinstance(period, dict):
+                    days.extend(d for d in (_day(period.get("start")), _day(period.get("end")))
+                                if d)
+    if len(patients) != 1:
+        return patient_identifiers(collection), None  # raises, naming the problem
+    found = tuple(
+        (str(i["system"]), str(i["value"]))
+        for i in patients[0].get("identifier") or []
+        if isinstance(i, dict) and i.get("system") and i.get("value")
+    )
+    if not found:
+        return patient_identifiers(collection), None  # raises, naming the problem
+    return found, ((min(days), max(days)) if days else None)
+
+
 # Few combinations occur (a category, a class or two, a grade), and every claim asks.
 @lru_cache(maxsize=4096)
 def _labels(categories: frozenset[str], sensitive: frozenset[str], grade: int) -> frozenset[Label]:
@@ -304,17 +337,17 @@ def _run(
     action: str,
     trace: _Trace | None,
     owned: bool = False,
+    complete: bool = False,
 ) -> PolicyResult:
     codes = codes or default_sensitive_codes()
-    identifiers = patient_identifiers(collection)
-    period = data_period(collection)
+    identifiers, period = _question_facts(collection)
     # Ids are pseudonymised while minimizing, except for an explanation, which reads the
     # trace by the input's ids.
     departments = _may_send_department(profile)
     # A collection the caller gives up is worked on in place (see apply_policy); reading
     # codes keeps the copy, so the input is as it was when read again below.
     minimized = profile.minimize(collection, key=key, pseudonymise=trace is None,
-                                 read_codes=departments, owned=owned)
+                                 read_codes=departments, owned=owned, complete=complete)
     # Special-disease classes of the whole input, needed only when a department could
     # leave with the stay (see below); on a link whose profile does not allow one,
     # minimizing left none. Minimizing read the input's codes: most stays name none
@@ -389,12 +422,35 @@ def _run(
             special.append(fate)
         return fate
 
+    # Verdicts already given for this disclosure: most items recur (a stay's Conditions,
+    # its diagnoses), and a permitted one needs nothing more than its verdict.
+    given: dict[Item, Verdict] = {}
+    carries = profile.carries_sensitive
+
+    def permitted_now(item: Item, sensitive: frozenset[str]) -> bool:
+        # judge's answer when it is None, without its call (see judge).
+        if sensitive and not carries:
+            return False
+        v = given.get(item)
+        if v is None:
+            v = given[item] = verdict(item)
+        if not v.permitted:
+            return False
+        permitted.append(item)
+        if v.consent_id:
+            permits[(v.consent_id, v.provision_path)] = None
+        return True
+
     for label in labels:
         # The items of _items_of, made one by one: most resources are sent whole, and
         # what is held back whole has no entries to ask about.
         rtype = label.resource_type
-        rid = str(entries[label.index]["resource"].get("id")) if trace is not None else ""
-        fate = judge(_own_item(label), rtype, None, label.own_sensitive)
+        item = _own_item(label)
+        if permitted_now(item, label.own_sensitive):
+            fate = None
+        else:
+            rid = str(entries[label.index]["resource"].get("id")) if trace is not None else ""
+            fate = judge(item, rtype, None, label.own_sensitive)
         if fate is not None:
             if rtype == "Patient":
                 raise ConsentDenied(
@@ -408,12 +464,16 @@ def _run(
             continue
         for it in label.items:
             # An item's special-disease classes are its sensitivity labels (item.sensitive).
-            fate = judge(_entry_item(rtype, it), rtype, it.element, it.sensitive_classes)
+            entry_item = _entry_item(rtype, it)
+            if permitted_now(entry_item, it.sensitive_classes):
+                continue
+            fate = judge(entry_item, rtype, it.element, it.sensitive_classes)
             if fate is not None:
                 fate = replace(fate, index=it.index)
                 held.append(fate)
                 drop_items.setdefault(label.index, []).append((it.element, it.index))
                 if trace is not None:
+                    rid = str(entries[label.index]["resource"].get("id"))
                     trace.item_fate[(rid, it.element, it.index)] = fate
 
     # What the link cannot send without, as it stands before anything is held back (the
@@ -482,7 +542,9 @@ def _run(
         assert key is not None
         pseudonymise_ids(bundle, DeidContext(key, _first_key(identifiers)))
 
-    final_types = frozenset(str(e["resource"].get("resourceType")) for e in bundle["entry"])
+    # Nothing held back: the entries are those labelled above, whose types are ``types``.
+    final_types = (types if not (drop_entries or drop_items) else
+                   frozenset(str(e["resource"].get("resourceType")) for e in bundle["entry"]))
     # The category codes the labels wrote into meta.security (the labels are those of
     # the bundle as it leaves: it is labelled again after anything is held back).
     categories = sorted(frozenset().union(*(label.categories for label in labels)))
@@ -728,6 +790,7 @@ def apply_policy(
     emergency: EmergencyOverride | None = None,
     action: str = "disclose",
     owned: bool = False,
+    complete: bool = False,
 ) -> PolicyResult:
     """Return the bundle that may be disclosed, or raise ConsentDenied.
 
@@ -741,11 +804,18 @@ def apply_policy(
     anything else (:func:`~bridge.mapping.map_record` makes each collection so). The
     policy then works on it in place instead of on a copy of what it sends, and the
     result shares its values. What is disclosed is the same either way.
+
+    ``complete``: the caller vouches that every resource of the collection passed FHIR
+    validation (:func:`~bridge.records.fhir.validate_resource`, as
+    :func:`~bridge.mapping.map_record` validates what it makes), so each holds its
+    required elements, none empty; a resource the profile leaves as it was then needs no
+    walk to find it complete (see :meth:`LinkProfile.minimize`). What is disclosed is the
+    same either way.
     """
     return _run(
         collection, registry=registry, profile=profile, recipient=recipient, purpose=purpose,
         now=now, codes=codes, key=key, emergency=emergency, action=action, trace=None,
-        owned=owned,
+        owned=owned, complete=complete,
     )
 
 

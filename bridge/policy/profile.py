@@ -264,6 +264,7 @@ class LinkProfile:
         owned: bool = False,
         pseudonymise: bool = True,
         read_codes: bool = False,
+        complete: bool = False,
     ) -> MinimizeResult:
         """Return a bundle holding only what this profile allows, transformed, and what
         was removed. The input is not changed, unless ``owned``: the caller gives it up
@@ -278,6 +279,12 @@ class LinkProfile:
         With ``read_codes`` the result also holds the codes of the input's resources
         (``code_texts``), read off the text the copy is made from and off what pruning
         left out, instead of writing the whole input out again.
+
+        ``complete``: the caller vouches that every resource passed FHIR validation
+        (:func:`~bridge.records.fhir.validate_resource`), which refuses empty values, so
+        each holds its required elements, none empty. A resource that pruning then
+        leaves as it was (nothing removed or transformed in it) is as complete as that,
+        and is not walked again to find out.
         """
         ctx: DeidContext | None = None
         if self.needs_key:
@@ -292,7 +299,7 @@ class LinkProfile:
         ids = ctx if pseudonymise and self.ids == "pseudonym" else None
         return _minimize(self, bundle, ctx, transforms=True,
                          copy=not owned or ids is not None or read_codes,
-                         ids=ids, read_codes=read_codes)
+                         ids=ids, read_codes=read_codes, complete=complete)
 
     def check(self, bundle: dict[str, Any]) -> list[str]:
         """Paths of ``bundle`` outside this profile (empty when it conforms).
@@ -322,6 +329,7 @@ def _patient_key(bundle: dict[str, Any]) -> str:
 def _minimize(
     profile: LinkProfile, work: dict[str, Any], ctx: DeidContext | None, *, transforms: bool,
     copy: bool, ids: DeidContext | None = None, read_codes: bool = False,
+    complete: bool = False,
 ) -> MinimizeResult:
     """Prune ``work`` to the profile, then (on a copy of what survived, with ``copy``)
     clean references and drop what is incomplete or unreferenced. Pruning only reads
@@ -333,7 +341,11 @@ def _minimize(
 
     With ``read_codes`` every value of the input's resources that does not reach the copy
     as it was (left out, transformed, replaced by an anchor, or in a resource of a type
-    not sent) is kept aside, under its member name, to read codes off."""
+    not sent) is kept aside, under its member name, to read codes off.
+
+    With ``complete`` (see :meth:`LinkProfile.minimize`) a resource pruning left as it
+    was is known to be complete: every change pruning makes is listed in ``removed`` or
+    ``transformed`` (or is an anchor put in place), so one with none listed has none."""
     gone: list[Any] | None = [] if read_codes else None
     removed: list[str] = []
     transformed: list[str] = []
@@ -344,6 +356,7 @@ def _minimize(
         elif key != "entry":
             removed.append(f"Bundle.{member_label(key)}")
     tf = transforms and bool(profile.transforms)
+    intact: list[bool] = []  # with ``complete``: per entry sent, whether pruning left it as it was
     entries: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
     raw_entries = work.get("entry")
@@ -366,11 +379,13 @@ def _minimize(
         new_entry: dict[str, Any] = {}
         if "fullUrl" in entry:
             new_entry["fullUrl"] = entry["fullUrl"]
+        changes = len(removed) + len(transformed)
         pruned: dict[str, Any] = {k: resource[k] for k in _KEPT_FIRST if k in resource}
         pruned.update(
             _prune(resource, plan, rtype, removed, transformed, ctx, gone, ALWAYS_KEPT))
-        if tf:
-            _anchor(pruned, profile.anchored.get(rtype, ()), gone)
+        anchored = tf and _anchor(pruned, profile.anchored.get(rtype, ()), gone)
+        if complete:
+            intact.append(not anchored and len(removed) + len(transformed) == changes)
         new_entry["resource"] = pruned
         entries.append(new_entry)
     out["entry"] = entries
@@ -390,7 +405,9 @@ def _minimize(
             code_texts |= code_values(orjson.dumps(gone))
         except (TypeError, orjson.JSONEncodeError):
             code_texts = None
-    out = _settle(out, _reference_keys(dropped), removed, refs)
+    known = ({id(e["resource"]) for e, whole in zip(out["entry"], intact, strict=True) if whole}
+             if complete else None)
+    out = _settle(out, _reference_keys(dropped), removed, refs, known)
     removed.extend(drop_unreferenced(out, profile.focus, refs))
     return MinimizeResult(bundle=out, removed=_unique(removed),
                 transformed=_unique(transformed), code_texts=code_texts)
@@ -453,12 +470,14 @@ def _copy_minimized(
 
 def _anchor(
     resource: dict[str, Any], anchored: tuple[tuple[str, str], ...], gone: list[Any] | None
-) -> None:
+) -> bool:
     """Put anchored transforms' values in place (see ``transforms.ANCHORED``); the values
-    they replace go to ``gone`` (see :func:`_minimize`)."""
+    they replace go to ``gone`` (see :func:`_minimize`). Whether any was."""
+    changed = False
     for element, source in anchored:
         if element not in resource:
             continue
+        changed = True
         if gone is not None:
             gone.append({element: resource[element]})
         period = resource.get(source)
@@ -467,6 +486,7 @@ def _anchor(
             resource[element] = anchor
         else:
             del resource[element]
+    return changed
 
 
 # --- pruning and reference cleaning -------------------------------------------------
@@ -578,8 +598,11 @@ def _prune(
                 for item in value
                 if isinstance(item, dict)
             ]
-            if gone is not None and len(items) != len(value):
-                gone.append({key: [item for item in value if not isinstance(item, dict)]})
+            if len(items) != len(value):
+                # What is not an object where objects belong (invalid input) goes, listed.
+                removed.append(full)
+                if gone is not None:
+                    gone.append({key: [item for item in value if not isinstance(item, dict)]})
             # Items pruned to nothing go; their removed children are already listed.
             kept = [item for item in items if item]
             if kept:
@@ -837,12 +860,15 @@ def _refs_of(resource: Any, cache: RefCache | None) -> list[str]:
 
 
 def _settle(
-    bundle: dict[str, Any], dropped: set[str], removed: list[str], refs: RefCache | None = None
+    bundle: dict[str, Any], dropped: set[str], removed: list[str], refs: RefCache | None = None,
+    known: set[int] | None = None,
 ) -> dict[str, Any]:
     """Clean references and omit incomplete resources until nothing changes.
 
     Omitting a resource can leave another one pointing at it, so this repeats; each
-    round either omits a resource or stops, so it ends.
+    round either omits a resource or stops, so it ends. ``known``: ids of resources
+    known to be complete as they are (see :func:`_minimize`); one that refers to
+    nothing dropped needs no walk.
     """
     entries: list[dict[str, Any]] = list(bundle.get("entry") or [])
     cache: RefCache = {} if refs is None else refs
@@ -856,7 +882,7 @@ def _settle(
             # checked, which visits far less of it.
             if dropped and not dropped.isdisjoint(_refs_of(resource, cache)):
                 gone = dropped
-            elif _sound(resource, rtype):
+            elif (known is not None and id(resource) in known) or _sound(resource, rtype):
                 keep.append(entry)
                 continue
             else:
@@ -864,8 +890,11 @@ def _settle(
             before = len(removed)
             complete = _clean(resource, rtype, rtype, gone, removed)
             if len(removed) != before:
-                # Every change the walk makes is listed: its references may be others.
+                # Every change the walk makes is listed: its references may be others, and
+                # what was known of it as it was no longer holds.
                 cache.pop(id(resource), None)
+                if known is not None:
+                    known.discard(id(resource))
             if complete:
                 keep.append(entry)
             else:

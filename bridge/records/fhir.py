@@ -73,14 +73,20 @@ def validate_resource(resource: dict[str, Any], *, path: str | None = None) -> N
     """Validate one resource (a Bundle validates its entries too); raise on the first problem.
 
     The models run first; then every primitive is held to its JSON form, every id to 64
-    characters and every Period to invariant per-1 (:func:`_check_forms`), and required
-    codes to their value sets. The error names the FHIR path
+    characters and every Period to invariant per-1 (:func:`_check_forms`); no value may be
+    empty ("", [], {}, or null outside an array of primitives: FHIR JSON has none, and
+    what passes holds every required element it names); and required codes are held to
+    their value sets. The error names the FHIR path
     (``Bundle.entry[3].resource.status``), never the value.
     """
     prefix = _prefix(resource, path)
     model = _model_for(resource, prefix)
     _validate_model(model, resource, prefix)
     _check_forms(resource, model, prefix)
+    empty = _first_empty(resource, prefix)
+    if empty is not None:
+        raise ValidationError("not valid FHIR R4: an empty value (FHIR JSON has none)",
+                              location=bounded_path(empty))
     _check_codes(resource, prefix)
 
 
@@ -304,6 +310,27 @@ def _check_primitive(value: Any, form: _Form, where: str) -> None:
         raise ValidationError(
             f"not valid FHIR R4: an id is at most {ID_MAX_LENGTH} characters",
             location=bounded_path(where))
+
+
+def _holds_empty(node: dict[str, Any]) -> bool:
+    """Whether a member of ``node`` is null, [] or {}, or an array of complex values holds a
+    null (what :func:`_first_empty` finds directly in ``node``, strings aside)."""
+    for value in node.values():
+        if value is None:
+            return True
+        cls = type(value)
+        if cls is list:
+            if not value:
+                return True
+            for item in value:
+                if type(item) is dict:
+                    if not item:
+                        return True
+                elif item is None:
+                    continue
+        elif cls is dict and not value:
+            return True
+    return False
 
 
 def _forms_hold(node: dict[str, Any], model: type) -> bool:
@@ -862,8 +889,11 @@ class ValidationCache:
                     # A validator's verdict is a function of the value alone; equal
                     # strings are the same value, and so are equal ints (a str never
                     # equals an int; bools and floats, which may equal an int, are not
-                    # kept), so a value that passed need not be run again.
+                    # kept), so a value that passed need not be run again. An empty
+                    # string is never kept: it is refused whatever the validator says.
                     if value not in extra:
+                        if value == "":
+                            raise _NoShape
                         target.validate_python(value)
                         if len(extra) >= _PASSED_MAX:
                             extra.clear()
@@ -872,6 +902,8 @@ class ValidationCache:
                     continue
                 target.validate_python(value)
                 if cls is list:
+                    if "" in value:
+                        raise _NoShape  # an empty string in an array of primitives
                     add(_LIST)
                     add(len(value))
                     sig.extend(map(type, value))
@@ -910,8 +942,10 @@ class ValidationCache:
         shape: int | None = self._ids.get(signature)
         if shape is None:
             # The JSON form of each primitive is a matter of its Python class, which the
-            # signature records: checked once per new signature.
-            if not _forms_hold(node, model):
+            # signature records: checked once per new signature. So is an empty value
+            # other than a string: an empty object, an empty array (its length), a null
+            # member (null is recorded as such, in an array of primitives too).
+            if not node or not _forms_hold(node, model) or _holds_empty(node):
                 raise _NoShape
             shape = self._ids[signature] = self._next
             self._next += 1
