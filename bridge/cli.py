@@ -99,11 +99,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         static={"controller": config.controller.id},
     )
 
-    # The listener's certificate and key, checked before the store is opened (or made):
-    # a start refused for one of them leaves no new store behind. (The controller reads
-    # its signing keys before its store too.)
+    # The files the configuration names, then the listener's certificate and key, checked
+    # before the store is opened (or made): a start refused for one of them leaves no new
+    # store behind, and names the configuration key. (The controller reads its signing
+    # keys before its store too.)
+    from bridge.config import check_input_files
     from bridge.trust.tls import server_context
 
+    check_input_files(config)
     server_context(config.tls.cert, config.tls.key, config.tls.ca, crl_file=config.tls.crl)
 
     async def run() -> None:

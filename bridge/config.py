@@ -1158,6 +1158,35 @@ def _resolve(data: dict[str, object], base: Path) -> None:
 _MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
+def input_files(config: BridgeConfig) -> list[tuple[str, Path]]:
+    """Every file the configuration names that a running bridge reads and never makes:
+    ``(key, path)``, the key as the file spells it (``tls.cert``, ``partners[0].tls_ca``)."""
+    out: list[tuple[str, Path]] = [
+        ("tls.ca", config.tls.ca), ("tls.cert", config.tls.cert), ("tls.key", config.tls.key),
+        ("signing.cert", config.signing.cert), ("signing.key", config.signing.key),
+    ]
+    if config.tls.crl is not None:
+        out.append(("tls.crl", config.tls.crl))
+    for i, extra in enumerate(config.signing.keys):
+        out += [(f"signing.keys[{i}].cert", extra.cert), (f"signing.keys[{i}].key", extra.key)]
+    for i, partner in enumerate(config.partners):
+        out += [(f"partners[{i}].signing_certs[{j}]", cert)
+                for j, cert in enumerate(partner.signing_certs)]
+        if partner.tls_ca is not None:
+            out.append((f"partners[{i}].tls_ca", partner.tls_ca))
+    return out
+
+
+def check_input_files(config: BridgeConfig) -> None:
+    """Refuse a configuration naming a file that is not there (or not a file), naming
+    the configuration file and key, and the path (see :func:`input_files`)."""
+    for key, path in input_files(config):
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(f"{key} names {path}, which {what}",
+                              location=f"{config.source or 'configuration'}: {key}")
+
+
 def load_config(path: str | Path) -> BridgeConfig:
     """Read and validate a controller configuration file."""
     file = Path(path)
