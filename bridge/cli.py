@@ -356,13 +356,11 @@ def cmd_audit_disclosures(args: argparse.Namespace) -> int:
     entries = sorted({e.seq: e for e in [*own, *related]
                       if e.record.action != "disclosures.read"}.values(), key=lambda e: e.seq)
     if args.fhir:
-        _print_json(
-            {
-                "resourceType": "Bundle",
-                "type": "collection",
-                "entry": [{"resource": balp_event(e, config.controller.id)} for e in entries],
-            }
-        )
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "collection"}
+        if entries:  # FHIR JSON has no empty array: no history, no entry
+            bundle["entry"] = [{"resource": balp_event(e, config.controller.id)}
+                               for e in entries]
+        _print_json(bundle)
         return 0
     if args.json:
         _print_json(

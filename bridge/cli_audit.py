@@ -384,12 +384,10 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         entries = store.audit_entries(since_seq=args.since)
         controller = config.controller.id if config else (
             entries[0].record.actor if entries else "")
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "collection",
-        "entry": [{"fullUrl": f"urn:uuid:{ev['id']}", "resource": ev}
-                  for ev in (balp_event(e, controller) for e in entries)],
-    }
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "collection"}
+    if entries:  # FHIR JSON has no empty array: nothing to export, no entry
+        bundle["entry"] = [{"fullUrl": f"urn:uuid:{ev['id']}", "resource": ev}
+                           for ev in (balp_event(e, controller) for e in entries)]
     validate_resource(bundle)
     data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n"
     if out is not None:

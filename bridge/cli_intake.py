@@ -122,16 +122,18 @@ def cmd_intake_retry(args: argparse.Namespace) -> int:
         raise UsageError("name records, or give --all-refused or --all-unrouted",
                          location="bridge intake retry")
     config = load_config(args.config)
-    _use_label_key(config)
     now = datetime.now(UTC)
     operator = acting_operator()
 
     def audit(row: intake_db.RecordRow) -> AuditRecord:
         return AuditRecord(time=now, actor=config.controller.id, action="intake.retry",
-                           subject=row.label, categories=[row.dataset], outcome="success",
+                           subject=row.label(), categories=[row.dataset], outcome="success",
                            detail=f"from {row.state}", operator=operator)
 
     with _store(args) as store:
+        # Records are named in the audit trail under the bridge's key (there is a store,
+        # so the bridge has run and made it).
+        _use_label_key(config)
         rows = intake_db.retry(store, records=list(args.records), states=states, now=now,
                                audit=audit)
     if args.json:

@@ -169,7 +169,7 @@ links = ["{LINK_OUT}"]
         await eventually(lambda: intake_db.list_records(store)[0].state == "refused")
         [record] = intake_db.list_records(store)
         [entry] = [e.record for e in store.audit_entries() if e.record.action == "intake.refused"]
-        assert entry.subject == record.label
+        assert entry.subject == record.label(pair.hospital.controller.label_key)
         entries = [e.record for e in store.audit_entries()]
         written = [" ".join([r.subject, r.detail or "", *r.categories]) for r in entries]
         written += [r.getMessage() for r in caplog.records]

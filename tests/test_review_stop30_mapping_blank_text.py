@@ -31,3 +31,17 @@ def test_blank_free_text_does_not_make_an_empty_fhir_value(blank: str) -> None:
     for entry in collection["entry"]:
         for note in entry["resource"].get("note") or []:
             assert note.get("text")
+
+
+def test_a_blank_required_element_is_named_as_missing() -> None:
+    """Blank text where a required element belongs is refused as that data element
+    missing (the HIS's own terms), not as an empty FHIR value the bridge wrote."""
+    from bridge.errors import MappingError
+    from bridge.samples import inpatient_records
+
+    record = copy.deepcopy(inpatient_records(1, seed=3)[0])
+    record["elements"]["HDSD00.11.118"] = " \u3000 "
+    with pytest.raises(MappingError) as info:
+        map_record(record, now=NOW)
+    assert info.value.location == "HDSD00.11.118"
+    assert "missing" in str(info.value)

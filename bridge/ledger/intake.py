@@ -346,19 +346,19 @@ class RecordRow:
     created: str
     updated: str
 
-    @property
-    def label(self) -> str:
+    def label(self, key: bytes | None = None) -> str:
         """The record as the audit trail and logs name it: ``visit:12``, or
         ``hl7:MSH-3|MSH-4/MSH-10`` of its message with each field named by
-        :func:`~bridge.mapping.hl7v2.header.id_label` (``source`` is the sender's text)."""
-        return source_label(self.source)
+        :func:`~bridge.mapping.hl7v2.header.id_label` under ``key``, the bridge's label
+        key (``source`` is the sender's text)."""
+        return source_label(self.source, key)
 
 
-def source_label(source: str) -> str:
-    """:attr:`RecordRow.label` of a record's ``source``."""
+def source_label(source: str, key: bytes | None = None) -> str:
+    """:meth:`RecordRow.label` of a record's ``source``."""
     if source.startswith("hl7:"):
         sender, _, control_id = source[4:].rpartition("/")
-        return "hl7:" + message_label(sender, control_id)
+        return "hl7:" + message_label(sender, control_id, key)
     kind, _, number = source.partition(":")
     return source if kind == "visit" and number.isascii() and number.isdigit() else "*"
 

@@ -218,9 +218,9 @@ class Router:
         if replaces is not None and state == "queued":
             audit = c.audit("claim.correct", subject=message_id,
                             partner=c.config.link(link).partner,
-                            detail=f"replaces {replaces} ({row.label})")
+                            detail=f"replaces {replaces} ({row.label(c.label_key)})")
         elif state == "refused":
-            audit = c.audit("intake.refused", subject=row.label, outcome="denied",
+            audit = c.audit("intake.refused", subject=row.label(c.label_key), outcome="denied",
                             detail=f"{link}: {detail}")
         await c.db.call(intake_db.add_delivery, c.store, record_id=row.id, link=link,
                         message_id=message_id, digest=digest, replaces=replaces, state=state,
@@ -231,7 +231,7 @@ class Router:
         c = self.c
         audit = None
         if action is not None:
-            audit = c.audit(action, subject=row.label, outcome="failure"
+            audit = c.audit(action, subject=row.label(c.label_key), outcome="failure"
                             if state == "incomplete" else "success",
                             categories=[row.dataset], detail=detail)
         done = await c.db.call(intake_db.finish, c.store, row, state=state, detail=detail,

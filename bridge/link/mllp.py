@@ -105,7 +105,7 @@ from bridge.link.tlsgate import RefusalHook, TLSListener
 from bridge.mapping.hl7v2 import HL7Message, HL7Reader, Intake, ack_code_for, build_ack, read_msh
 from bridge.mapping.hl7v2.ack import tolerant_header
 from bridge.mapping.hl7v2.biometric import protect as protect_biometric
-from bridge.mapping.hl7v2.header import MSHHeader, id_label, message_label, use_label_key
+from bridge.mapping.hl7v2.header import MSHHeader, id_label, message_label
 from bridge.trust.identity import certificate_identity, pinned
 
 if TYPE_CHECKING:
@@ -249,7 +249,7 @@ class MLLPListener:
         self.c = controller
         self.config = config
         # Sender text from MSH is named in logs and audit entries under the bridge's key.
-        use_label_key(controller.pseudonym_key)
+        self._label_key = controller.label_key
         self.handler = handler if handler is not None else default_handler(controller)
         self._ssl_context = ssl_context if config.tls else None
         self._on_refused = on_refused
@@ -364,7 +364,7 @@ class MLLPListener:
         except BridgeError as exc:
             return await self._refuse(exc, header, peer, now)
         digest = hashlib.sha256(message).hexdigest()
-        subject = f"hl7:{header.label}"
+        subject = f"hl7:{header.label(self._label_key)}"
         try:
             taken = await self._read(len(message), self.handler.prepare, message, header)
         except BridgeError as exc:
@@ -395,9 +395,9 @@ class MLLPListener:
     async def _accept(self, taken: Intake, message: bytes, header: MSHHeader, digest: str,
                       peer: str, now: datetime) -> bytes:
         c = self.c
-        subject = f"hl7:{header.label}"
+        subject = f"hl7:{header.label(self._label_key)}"
         record = taken.record
-        categories = [f"HL7v2:{id_label(taken.message_type)}"]
+        categories = [f"HL7v2:{id_label(taken.message_type, self._label_key)}"]
         if taken.dataset:
             categories.append(taken.dataset)
         if taken.visit is not None:
@@ -484,7 +484,7 @@ class MLLPListener:
         await self._audit(
             self.c.audit(
                 "hl7.duplicate",
-                subject=f"hl7:{header.label}",
+                subject=f"hl7:{header.label(self._label_key)}",
                 digest_value=digest,
                 now=now,
             )
@@ -504,9 +504,9 @@ class MLLPListener:
             source = tolerant_header(bytes(source)) or None
         subject = f"peer:{peer}"
         if isinstance(source, MSHHeader):
-            subject = f"hl7:{source.label}"
+            subject = f"hl7:{source.label(self._label_key)}"
         elif source is not None:
-            subject = f"hl7:{_label_of(source)}"
+            subject = f"hl7:{_label_of(source, self._label_key)}"
         log.info("HL7 message refused (%s): %s", subject, exc)
         await self._audit(
             self.c.audit(
@@ -522,11 +522,11 @@ class MLLPListener:
     async def _failed(self, exc: BridgeError, header: MSHHeader, now: datetime) -> bytes:
         """Our side failed (store, ACK builder): never AA; AE 207 so the sender tries again."""
         self.stats["failed"] += 1
-        log.error("HL7 message %s not stored: %s", header.label, exc.code)
+        log.error("HL7 message %s not stored: %s", header.label(self._label_key), exc.code)
         await self._audit(
             self.c.audit(
                 "hl7.reject",
-                subject=f"hl7:{header.label}",
+                subject=f"hl7:{header.label(self._label_key)}",
                 outcome="failure",
                 detail=f"{exc.code}@{exc.location or '-'}",
                 now=now,
@@ -543,10 +543,10 @@ class MLLPListener:
             log.error("could not audit an HL7 outcome: %s", exc.code)
 
 
-def _label_of(source: HL7Message) -> str:
-    """A parsed message named as :attr:`MSHHeader.label` names it."""
+def _label_of(source: HL7Message, key: bytes) -> str:
+    """A parsed message named as :meth:`MSHHeader.label` names it."""
     msh = source.msh
-    return message_label(f"{msh.raw(3)}|{msh.raw(4)}", msh.raw(10))
+    return message_label(f"{msh.raw(3)}|{msh.raw(4)}", msh.raw(10), key)
 
 
 class _MLLPConnection(asyncio.Protocol):

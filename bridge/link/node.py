@@ -48,7 +48,7 @@ from bridge.link.clearance import Clearance
 from bridge.link.store import AsyncStore, GroupCommit
 from bridge.logs import event, refusal_event
 from bridge.mapping import map_record, patient_identifiers
-from bridge.mapping.hl7v2.header import use_label_key
+from bridge.mapping.hl7v2.header import label_key_of, use_label_key
 from bridge.messages import collection_of, message_id_for, wrap_message
 from bridge.policy.consent import ConsentRegistry, parse_consent
 from bridge.policy.consent_rules import LinkConsentView, check_registration, recipients_of
@@ -221,8 +221,11 @@ class Controller:
         # concurrent submissions take it in one trip to the store's thread.
         self._intake = GroupCommit(self.db, functools.partial(_intake_many, self.store))
         self.pseudonym_key = _load_pseudonym_key(config.audit.pseudonym_key_file)
+        #: The key sender text from MSH is named under in logs and audit entries (see
+        #: :func:`~bridge.mapping.hl7v2.header.id_label`).
+        self.label_key = label_key_of(self.pseudonym_key)
         if config.mllp is not None:
-            # Sender text from MSH is named in logs and audit entries under this key.
+            # And the key of what names such text without being given one.
             use_label_key(self.pseudonym_key)
         #: Key of the records store's resource ids (see :meth:`pull_collection`).
         self.pull_id_key = hmac.new(self.pseudonym_key, b"pull-resource-id", hashlib.sha256).digest()

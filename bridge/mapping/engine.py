@@ -77,7 +77,9 @@ def check_record(spec: MappingSpec, record: dict[str, Any]) -> tuple[dict[str, s
                                "(it is part of a group)", location=eid)
         if raw is None or raw == "":
             continue
-        values[eid] = element.check(raw)
+        value = element.check(raw)
+        if value != "":  # blank text (spaces, an ideographic space) is no value
+            values[eid] = value
     for earlier, later in spec.ordered:
         a, b = values.get(earlier), values.get(later)
         # D8 against DT15 compares the dates; two DT15 values compare to the second.
@@ -99,7 +101,9 @@ def check_record(spec: MappingSpec, record: dict[str, Any]) -> tuple[dict[str, s
                     raise MappingError(f"data element is not part of group {name}", location=eid)
                 if raw is None or raw == "":
                     continue
-                out[eid] = element.check(raw)
+                value = element.check(raw)
+                if value != "":  # blank text is no value (see above)
+                    out[eid] = value
             if group.one_of:
                 present = [e for e in group.one_of if e in out]
                 if len(present) != 1:

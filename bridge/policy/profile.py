@@ -777,19 +777,29 @@ def _clean(
 def _has_required(obj: dict[str, Any], required: Sequence[str],
                   choices: Sequence[tuple[str, Sequence[str]]]) -> bool:
     """Every required element and one of each required choice present (a loop, not
-    generators: it runs for every object the cleaning walk visits)."""
+    generators: it runs for every object the cleaning walk visits). A primitive given
+    only by its extension sibling (``_status`` with a data-absent-reason, no ``status``)
+    is present, as FHIR validation takes it."""
     for name in required:
         value = obj.get(name)
-        if value is None or (not value and isinstance(value, _EMPTIED)):
+        if (value is None or (not value and isinstance(value, _EMPTIED))) and _absent(
+                obj.get("_" + name)):
             return False
     for _, names in choices:
         for name in names:
             value = obj.get(name)
             if not (value is None or (not value and isinstance(value, _EMPTIED))):
                 break
+            if not _absent(obj.get("_" + name)):
+                break
         else:
             return False
     return True
+
+
+def _absent(value: Any) -> bool:
+    """Is ``value`` one of the absent values (None, "", [], {})?"""
+    return value is None or (not value and isinstance(value, _EMPTIED))
 
 
 # The plans of the walk with nothing dropped, by type alone (it visits many objects).

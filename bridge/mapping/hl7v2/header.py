@@ -71,39 +71,48 @@ _label_key: list[bytes] = [secrets.token_bytes(32)]
 LABEL_KEY_INFO = b"hl7-sender-text-label"
 
 
+def label_key_of(pseudonym_key: bytes) -> bytes:
+    """The label key of a bridge whose audit pseudonym key is ``pseudonym_key``."""
+    return hmac.new(pseudonym_key, LABEL_KEY_INFO, hashlib.sha256).digest()
+
+
 def use_label_key(pseudonym_key: bytes) -> None:
     """Name sender text under this installation's key, derived from its audit pseudonym
-    key (``audit.pseudonym_key_file``): the same text gets the same label in every log
-    line and audit entry, across restarts, and nobody without the key can tell which
-    text a label names. A process runs one bridge: the controller with an HL7 v2
-    listener, and the ``bridge intake`` commands, set it from their configuration."""
-    _label_key[0] = hmac.new(pseudonym_key, LABEL_KEY_INFO, hashlib.sha256).digest()
+    key (``audit.pseudonym_key_file``), wherever no key is given: the same text gets
+    the same label in every log line and audit entry, across restarts, and nobody
+    without the key can tell which text a label names. The HL7 v2 listener and the
+    intake router give their own bridge's key (:func:`label_key_of`) to every label
+    they make, so two bridges in one process each name text under their own; this is
+    the key of what names text without one (the ``bridge intake`` commands)."""
+    _label_key[0] = label_key_of(pseudonym_key)
 
 
-def label_digest(text: str) -> str:
-    """17 upper-case hex digits of the HMAC-SHA256 of ``text`` under the label key (see
-    :func:`use_label_key`): how logs and the audit trail name sender text that is not a
-    plain id."""
-    return hmac.new(_label_key[0], text.encode("utf-8"), hashlib.sha256).hexdigest()[:17].upper()
+def label_digest(text: str, key: bytes | None = None) -> str:
+    """17 upper-case hex digits of the HMAC-SHA256 of ``text`` under ``key`` (a
+    bridge's :func:`label_key_of`; without it, the key :func:`use_label_key` set):
+    how logs and the audit trail name sender text that is not a plain id."""
+    return hmac.new(key if key is not None else _label_key[0], text.encode("utf-8"),
+                    hashlib.sha256).hexdigest()[:17].upper()
 
 
-def id_label(text: str) -> str:
+def id_label(text: str, key: bytes | None = None) -> str:
     """How logs and the audit trail name a sender's identifier (MSH-3, MSH-4, MSH-9,
     MSH-10): as sent when it reads as a plain code or control id, else ``#`` and its
-    :func:`label_digest`. The field is the sender's text: an HIS that puts a patient's
-    name, an ID number (any run of six digits or more) or terminal control sequences
-    there must not have them copied into a log line or an audit entry, nor a digest
-    that trying every ID number would undo."""
+    :func:`label_digest` under ``key``. The field is the sender's text: an HIS that puts
+    a patient's name, an ID number (any run of six digits or more) or terminal control
+    sequences there must not have them copied into a log line or an audit entry, nor a
+    digest that trying every ID number would undo."""
     if not text or (_PLAIN_ID.fullmatch(text) and not has_digit_run(text)):
         return text
-    return "#" + label_digest(text)
+    return "#" + label_digest(text, key)
 
 
-def message_label(sender: str, control_id: str) -> str:
+def message_label(sender: str, control_id: str, key: bytes | None = None) -> str:
     """``MSH-3|MSH-4/MSH-10`` of a stored message (``sender`` is ``MSH-3|MSH-4``), each
-    part named by :func:`id_label`."""
+    part named by :func:`id_label` under ``key``."""
     application, _, facility = sender.partition("|")
-    return f"{id_label(application)}|{id_label(facility)}/{id_label(control_id)}"
+    return (f"{id_label(application, key)}|{id_label(facility, key)}"
+            f"/{id_label(control_id, key)}")
 
 
 @dataclass(frozen=True)
@@ -137,11 +146,10 @@ class MSHHeader:
         """The deduplication key of the sending system: ``MSH-3|MSH-4``."""
         return f"{self.sending_application}|{self.sending_facility}"
 
-    @property
-    def label(self) -> str:
+    def label(self, key: bytes | None = None) -> str:
         """``MSH-3|MSH-4/MSH-10`` as logs and the audit trail may name the message
-        (see :func:`id_label`)."""
-        return message_label(self.sender, self.control_id)
+        (see :func:`id_label`; ``key``: the bridge's label key)."""
+        return message_label(self.sender, self.control_id, key)
 
     @property
     def facility_id(self) -> str:
