@@ -70,6 +70,8 @@ def test_a_consent_without_an_expiry_is_refused_or_capped_per_link() -> None:
     # Without a start, the consent's dateTime is where the year begins.
     no_start = _consent(["HPAYMT"], end=False, given="2025-01-01")
     del no_start["provision"]["period"]["start"]
+    if not no_start["provision"]["period"]:
+        del no_start["provision"]["period"]  # FHIR JSON has no empty object
     registry.put(no_start, now=NOW)
     assert verdict(capped, NOW) == "none"
 

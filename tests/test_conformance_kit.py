@@ -662,9 +662,13 @@ async def test_a_receiver_taking_empty_values_as_absent_is_caught(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The models read null, "", [] and {} as an element left out: without the check on
-    # the received bytes, such a claim is stored and receipted as it came.
+    # the received bytes and validation's own rule against empty values, such a claim is
+    # stored and receipted as it came.
     from bridge.link import server
+    from bridge.records import fhir
 
     monkeypatch.setattr(server, "empty_value", lambda body, data: None)
+    monkeypatch.setattr(fhir, "_first_empty", lambda node, path: None)
+    monkeypatch.setattr(fhir, "_holds_empty", lambda node: False)
     results = await _run_on_a_new_pair(tmp_path, ["err-no-5xx"])
     _fails(results, "err-no-5xx", "200 for a claim that is not valid FHIR")
