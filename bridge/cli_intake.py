@@ -125,15 +125,17 @@ def cmd_intake_retry(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     operator = acting_operator()
 
+    key = b""  # the bridge's label key, read once the store is found
+
     def audit(row: intake_db.RecordRow) -> AuditRecord:
         return AuditRecord(time=now, actor=config.controller.id, action="intake.retry",
-                           subject=row.label(), categories=[row.dataset], outcome="success",
-                           detail=f"from {row.state}", operator=operator)
+                           subject=row.label(key), categories=[row.dataset],
+                           outcome="success", detail=f"from {row.state}", operator=operator)
 
     with _store(args) as store:
         # Records are named in the audit trail under the bridge's key (there is a store,
         # so the bridge has run and made it).
-        _use_label_key(config)
+        key = _label_key(config)
         rows = intake_db.retry(store, records=list(args.records), states=states, now=now,
                                audit=audit)
     if args.json:
@@ -147,12 +149,12 @@ def cmd_intake_retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def _use_label_key(config: Any) -> None:
-    """Name sender text as this bridge's logs and audit entries name it (its key)."""
+def _label_key(config: Any) -> bytes:
+    """The key this bridge's logs and audit entries name sender text under."""
     from bridge.link.node import _load_pseudonym_key
-    from bridge.mapping.hl7v2.header import use_label_key
+    from bridge.mapping.hl7v2.header import label_key_of
 
-    use_label_key(_load_pseudonym_key(config.audit.pseudonym_key_file))
+    return label_key_of(_load_pseudonym_key(config.audit.pseudonym_key_file))
 
 
 def cmd_intake_label(args: argparse.Namespace) -> int:
@@ -167,8 +169,8 @@ def cmd_intake_label(args: argparse.Namespace) -> int:
         # A key made here would name nothing the bridge wrote.
         raise NotFound("no audit pseudonym key yet: the bridge makes it when it first starts",
                        location="audit.pseudonym_key_file")
-    _use_label_key(config)
-    labels = [id_label(text) for text in args.texts]
+    key = _label_key(config)
+    labels = [id_label(text, key) for text in args.texts]
     if args.json:
         _print_json([{"label": label} for label in labels])
         return 0

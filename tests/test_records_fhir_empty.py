@@ -31,13 +31,11 @@ def _resource(rtype: str) -> dict[str, Any]:
                               if e["resource"]["resourceType"] == rtype))
 
 
-def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
-    def change(resource: dict[str, Any]) -> None:
-        node: Any = resource
-        for step in path[:-1]:
-            node = node[step]
-        node[path[-1]] = value
-    return change
+def _put(resource: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    node: Any = resource
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
 
 
 CASES = [
@@ -75,7 +73,7 @@ def test_an_empty_value_is_refused_where_it_is(rtype: str, path: tuple[Any, ...]
     cache.validate(copy.deepcopy(valid))
     received.validate(orjson.loads(orjson.dumps(valid)), parsed=True)
     resource = _resource(rtype)
-    _set(path, value)(resource)
+    _put(resource, path, value)
     full = _outcome(validate_resource, resource)
     assert full is not None and full[1] == where
     if value != [""]:  # an empty given name is refused by the models' own pattern first

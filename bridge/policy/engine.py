@@ -178,13 +178,17 @@ class PolicyResult:
 
 def patient_identifiers(collection: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     """(system, value) of every identifier of the collection's one Patient."""
-    patients = [
+    return _identifiers_of([
         e["resource"]
         for e in collection.get("entry") or []
         if isinstance(e, dict)
         and isinstance(e.get("resource"), dict)
         and e["resource"].get("resourceType") == "Patient"
-    ]
+    ])
+
+
+def _identifiers_of(patients: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """:func:`patient_identifiers` of a collection whose Patients are ``patients``."""
     if len(patients) != 1:
         raise ConsentDenied(
             "a disclosure must concern exactly one patient", location="Bundle.entry.resource"
@@ -216,22 +220,23 @@ def _date_of(text: str) -> date | None:
         return None
 
 
+def _add_days(resource: dict[str, Any], days: list[date]) -> None:
+    """The days of an Encounter's or a Claim's period (Encounter.period,
+    Claim.billablePeriod), added to ``days``."""
+    for element in ("period", "billablePeriod"):
+        period = resource.get(element)
+        if isinstance(period, dict):
+            days.extend(d for d in (_day(period.get("start")), _day(period.get("end"))) if d)
+
+
 def data_period(collection: dict[str, Any]) -> tuple[date, date] | None:
     """The span of care the collection describes (Encounter.period, Claim.billablePeriod)."""
     days: list[date] = []
     for entry in collection.get("entry") or []:
         resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict):
-            continue
-        if resource.get("resourceType") not in ("Encounter", "Claim"):
-            continue
-        for element in ("period", "billablePeriod"):
-            period = resource.get(element)
-            if isinstance(period, dict):
-                days.extend(d for d in (_day(period.get("start")), _day(period.get("end"))) if d)
-    if not days:
-        return None
-    return (min(days), max(days))
+        if isinstance(resource, dict) and resource.get("resourceType") in ("Encounter", "Claim"):
+            _add_days(resource, days)
+    return (min(days), max(days)) if days else None
 
 
 def _question_facts(
@@ -239,7 +244,7 @@ def _question_facts(
 ) -> tuple[tuple[tuple[str, str], ...], tuple[date, date] | None]:
     """``(patient_identifiers(collection), data_period(collection))``, raising as the
     first does, in one pass over the entries (every disclosure's consent question asks
-    both; tests hold the two ways to the same answers)."""
+    both)."""
     patients: list[dict[str, Any]] = []
     days: list[date] = []
     for entry in collection.get("entry") or []:
@@ -250,21 +255,8 @@ def _question_facts(
         if rtype == "Patient":
             patients.append(resource)
         elif rtype == "Encounter" or rtype == "Claim":
-            for element in ("period", "billablePeriod"):
-                period = resource.get(element)
-                if isinstance(period, dict):
-                    days.extend(d for d in (_day(period.get("start")), _day(period.get("end")))
-                                if d)
-    if len(patients) != 1:
-        return patient_identifiers(collection), None  # raises, naming the problem
-    found = tuple(
-        (str(i["system"]), str(i["value"]))
-        for i in patients[0].get("identifier") or []
-        if isinstance(i, dict) and i.get("system") and i.get("value")
-    )
-    if not found:
-        return patient_identifiers(collection), None  # raises, naming the problem
-    return found, ((min(days), max(days)) if days else None)
+            _add_days(resource, days)
+    return _identifiers_of(patients), ((min(days), max(days)) if days else None)
 
 
 # Few combinations occur (a category, a class or two, a grade), and every claim asks.
@@ -404,6 +396,8 @@ def _run(
 
     permitted: list[Item] = []  # the items asked about and permitted, in order
 
+    given: dict[Item, Verdict] = {}  # the verdicts of this disclosure's items
+
     def judge(item: Item, rtype: str, element: str | None,
               sensitive: frozenset[str]) -> HeldBack | None:
         # The path (Claim.diagnosis) is written only for what is held back.
@@ -411,7 +405,11 @@ def _run(
             fate = HeldBack(_path(rtype, element), "grade", None, None)
             special.append(fate)
             return fate
-        v = verdict(item)
+        # Most items recur in a disclosure (a stay's Conditions, its diagnoses): each
+        # is asked once.
+        v = given.get(item)
+        if v is None:
+            v = given[item] = verdict(item)
         if v.permitted:
             permitted.append(item)
             if v.consent_id:
@@ -422,35 +420,12 @@ def _run(
             special.append(fate)
         return fate
 
-    # Verdicts already given for this disclosure: most items recur (a stay's Conditions,
-    # its diagnoses), and a permitted one needs nothing more than its verdict.
-    given: dict[Item, Verdict] = {}
-    carries = profile.carries_sensitive
-
-    def permitted_now(item: Item, sensitive: frozenset[str]) -> bool:
-        # judge's answer when it is None, without its call (see judge).
-        if sensitive and not carries:
-            return False
-        v = given.get(item)
-        if v is None:
-            v = given[item] = verdict(item)
-        if not v.permitted:
-            return False
-        permitted.append(item)
-        if v.consent_id:
-            permits[(v.consent_id, v.provision_path)] = None
-        return True
-
     for label in labels:
         # The items of _items_of, made one by one: most resources are sent whole, and
         # what is held back whole has no entries to ask about.
         rtype = label.resource_type
-        item = _own_item(label)
-        if permitted_now(item, label.own_sensitive):
-            fate = None
-        else:
-            rid = str(entries[label.index]["resource"].get("id")) if trace is not None else ""
-            fate = judge(item, rtype, None, label.own_sensitive)
+        rid = str(entries[label.index]["resource"].get("id")) if trace is not None else ""
+        fate = judge(_own_item(label), rtype, None, label.own_sensitive)
         if fate is not None:
             if rtype == "Patient":
                 raise ConsentDenied(
@@ -464,16 +439,12 @@ def _run(
             continue
         for it in label.items:
             # An item's special-disease classes are its sensitivity labels (item.sensitive).
-            entry_item = _entry_item(rtype, it)
-            if permitted_now(entry_item, it.sensitive_classes):
-                continue
-            fate = judge(entry_item, rtype, it.element, it.sensitive_classes)
+            fate = judge(_entry_item(rtype, it), rtype, it.element, it.sensitive_classes)
             if fate is not None:
                 fate = replace(fate, index=it.index)
                 held.append(fate)
                 drop_items.setdefault(label.index, []).append((it.element, it.index))
                 if trace is not None:
-                    rid = str(entries[label.index]["resource"].get("id"))
                     trace.item_fate[(rid, it.element, it.index)] = fate
 
     # What the link cannot send without, as it stands before anything is held back (the

@@ -313,21 +313,16 @@ def _check_primitive(value: Any, form: _Form, where: str) -> None:
 
 
 def _holds_empty(node: dict[str, Any]) -> bool:
-    """Whether a member of ``node`` is null, [] or {}, or an array of complex values holds a
-    null (what :func:`_first_empty` finds directly in ``node``, strings aside)."""
+    """Whether a member of ``node`` is null, [] or {}, or an array holds {} (what
+    :func:`_first_empty` finds directly in ``node``, strings aside; a null in an array
+    is its business, as there)."""
     for value in node.values():
         if value is None:
             return True
         cls = type(value)
         if cls is list:
-            if not value:
+            if not value or any(type(item) is dict and not item for item in value):
                 return True
-            for item in value:
-                if type(item) is dict:
-                    if not item:
-                        return True
-                elif item is None:
-                    continue
         elif cls is dict and not value:
             return True
     return False

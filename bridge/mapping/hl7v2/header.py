@@ -83,7 +83,7 @@ def use_label_key(pseudonym_key: bytes) -> None:
     without the key can tell which text a label names. The HL7 v2 listener and the
     intake router give their own bridge's key (:func:`label_key_of`) to every label
     they make, so two bridges in one process each name text under their own; this is
-    the key of what names text without one (the ``bridge intake`` commands)."""
+    the key of what names text without one (a visit's log line in the intake ledger)."""
     _label_key[0] = label_key_of(pseudonym_key)
 
 
